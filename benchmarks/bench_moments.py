@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Streaming moments (mean + covariance) and masked per-concept signal moments: edpairs against
+what a user would write instead, in the same run on the same data.
+
+  moments:         edpairs.ops.moments  vs  numpy.cov  vs  torch.cov
+  signal moments:  edpairs.ops.signal_moments  vs  torch (Z = X W - b, M = Z > 0, X^T M and X^T (M*Z))
+
+Results are checked against float64 before timing. With --device cuda the GPU rates are
+printed next to the machine's measured GEMM rate when gpu_check.sh passes --gemm-tflops.
+
+    python benchmarks/bench_moments.py
+    python benchmarks/bench_moments.py --device cuda --sizes 1000000,512,256
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine_info, print_table, time_fn, write_json  # noqa: E402
+
+
+def rel_err(a, b) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def to_numpy(a):
+    return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--sizes", nargs="+", default=["200000,512,256"], help="N,D,I triples")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--json", default="benchmarks/out/moments_{device}.json")
+    args = p.parse_args()
+
+    import torch
+
+    import edpairs as edp
+
+    dev = args.device
+    tdtype = getattr(torch, args.dtype)
+    if dev.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rows, results = [], []
+    for size in args.sizes:
+        N, D, I = (int(v) for v in size.split(","))
+        rng = np.random.default_rng(0)
+        Xn = (rng.standard_normal((N, D), dtype=np.float32) + 5.0).astype(np.float32)
+        W = (rng.standard_normal((D, I)) / np.sqrt(D)).astype(np.float32)
+        b = (5.0 * W.sum(0) + 0.3).astype(np.float32)
+        X = torch.from_numpy(Xn).to(device=dev, dtype=tdtype)
+        Wt, bt = torch.from_numpy(W).to(dev), torch.from_numpy(b).to(dev)
+
+        # float64 references on a sample (full float64 products on the CPU would dominate the run).
+        sample = Xn[: min(N, 50000)].astype(np.float64)
+        ref_cov = np.cov(sample, rowvar=False)
+        Z = sample @ W - b
+        M = Z > 0
+        ref_sxz = (np.where(M, Z, 0.0).T @ sample)
+
+        mom_flops = N * D * D  # symmetric rank-N update: D^2/2 entries, 2 flops each
+        sig_flops = 2.0 * N * D * I * 3  # Z = XW, then X^T [M, M*Z]
+        cases = {
+            "moments": {
+                "edpairs": lambda: edp.ops.moments(X, check_finite=False).cov,
+                "torch.cov": lambda: torch.cov(X.float().T),
+                **({"numpy.cov": lambda: np.cov(Xn, rowvar=False)} if dev == "cpu" and args.dtype == "float32" else {}),
+            },
+            "signal_moments": {
+                "edpairs": lambda: edp.ops.signal_moments(X, Wt, bt, check_finite=False).sum_xz,
+                "torch": lambda: _torch_signal(X.float(), Wt, bt)[1],
+            },
+        }
+        checks = {
+            "moments": lambda f: rel_err(to_numpy(_on_sample(f, X, 50000, edp, torch, "moments")), ref_cov),
+            "signal_moments": lambda f: rel_err(to_numpy(_on_sample(f, X, 50000, edp, torch, "signal", Wt, bt)), ref_sxz),
+        }
+        for op, methods in cases.items():
+            base = None
+            flops = mom_flops if op == "moments" else sig_flops
+            for name, fn in methods.items():
+                err = checks[op](name)
+                t = time_fn(fn, dev, repeat=args.repeat, warmup=1)
+                base = base or t["median_s"]
+                rows.append({"op": op, "N,D,I": size, "method": name, "ms": f"{t['median_s'] * 1e3:.1f}",
+                             "GFLOP/s": f"{flops / t['median_s'] / 1e9:.1f}",
+                             "time vs edpairs": f"{t['median_s'] / base:.2f}x", "rel err (sample)": f"{err:.1e}"})
+                results.append({"op": op, "size": [N, D, I], "method": name, "rel_err_sample": err, **t})
+    write_json(args.json.format(device=dev.replace(":", "")),
+               {"benchmark": "moments", "device": dev, "dtype": args.dtype, "machine": machine_info(), "results": results})
+    print_table(rows, ["op", "N,D,I", "method", "ms", "GFLOP/s", "time vs edpairs", "rel err (sample)"])
+
+
+def _torch_signal(X, W, b):
+    Z = X @ W - b
+    M = (Z > 0).to(X.dtype)
+    return X.T @ M, X.T @ (M * Z)
+
+
+def _on_sample(method, X, n, edp, torch, op, W=None, b=None):
+    Xs = X[:n]
+    if op == "moments":
+        if method == "edpairs":
+            return edp.ops.moments(Xs).cov
+        if method == "numpy.cov":
+            return np.cov(Xs.cpu().float().numpy(), rowvar=False)
+        return torch.cov(Xs.float().T)
+    if method == "edpairs":
+        return edp.ops.signal_moments(Xs, W, b).sum_xz
+    return _torch_signal(Xs.float(), W, b)[1].T
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+// Spherical centroid update on the CPU: normalised cluster sums, empty clusters keep their
+// previous centroid (the estimator re-seeds them).
+#include "cpu_common.h"
+#include "edpairs/ops.h"
+
+namespace edpairs {
+
+void normalize_centroids_cpu(const NormalizeArgs& a, Stream) {
+  const int64_t k = a.sums.size(0), D = a.sums.size(1);
+  const double* sums = a.sums.ptr<const double>();
+  const int64_t* counts = a.counts.ptr<const int64_t>();
+  const float* previous = a.previous.ptr<const float>();
+  float* out = a.out.ptr<float>();
+  cpu::parallel_for(k, [&](int64_t j, int) {
+    const double* s = sums + j * D;
+    double sq = 0;
+    for (int64_t d = 0; d < D; ++d) sq += s[d] * s[d];
+    float* o = out + j * D;
+    if (counts[j] > 0 && sq > 0) {
+      const double inv = 1.0 / std::sqrt(sq);
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<float>(s[d] * inv);
+    } else {
+      const float* p = previous + j * D;
+      std::copy(p, p + D, o);
+    }
+  });
+}
+
+}  // namespace edpairs

@@ -1,0 +1,167 @@
+// Masked per-concept statistics on the CPU. Per superblock of rows: (1) Z = X~ W with the
+// detector epilogue (mask, per-concept count / sum z / sum z^2), writing [M, M*Z] straight
+// into packed panels; (2) one masked product X~^T [M, M*Z] over output macro-tiles, float32
+// over the superblock and float64 across superblocks.
+#include "cpu_common.h"
+#include "edpairs/ops.h"
+
+namespace edpairs {
+namespace cpu {
+namespace {
+
+constexpr int64_t MC = 72;       // rows per phase-1 task
+constexpr int64_t R = 7 * MC;    // rows per superblock (float32 depth of phase 2)
+constexpr int64_t TM = 96;       // phase-2 macro-tile rows (over D)
+constexpr int64_t TN = 128;      // phase-2 macro-tile columns (over 2I)
+
+int64_t depth_chunk(int64_t D) {
+  int64_t chunks = ceil_div(D, 512);
+  return round_up(ceil_div(D, chunks), 8);
+}
+
+}  // namespace
+}  // namespace cpu
+
+void signal_moments_cpu(const SignalMomentsArgs& a, Stream) {
+  using namespace cpu;
+  const Matrix X = matrix_of(a.x), W = matrix_of(a.w);
+  const int64_t N = X.rows, D = X.cols, I = W.cols, I2 = 2 * I;
+  const float* center = optional_f32(a.center);
+  const float* b = a.b.ptr<const float>();
+  if (a.check_finite) {
+    require_finite_vector(a.center, "center");
+    require_finite_vector(a.b, "b");
+  }
+
+  // z = w . x~ + (w . center - b): the constant is formed in float64 once.
+  const float* w = a.w.ptr<const float>();
+  std::vector<float> zoff(static_cast<size_t>(I));
+  for (int64_t i = 0; i < I; ++i) {
+    double v = -static_cast<double>(b[i]);
+    if (center)
+      for (int64_t d = 0; d < D; ++d) v += static_cast<double>(w[d * W.s0 + i * W.s1]) * center[d];
+    zoff[static_cast<size_t>(i)] = static_cast<float>(v);
+  }
+
+  // W packed as the B operand of phase 1: depth chunk pc at pc*Ipad, panels of kc x NR.
+  const int64_t Ipad = round_up(I, NR), KC = depth_chunk(D);
+  Buffer<float> Wp = aligned_buffer<float>(D * Ipad);
+  float wflag = 0.f;
+  for (int64_t pc = 0; pc < D; pc += KC) {
+    const int64_t kc = std::min(KC, D - pc);
+    for (int64_t jr = 0; jr < Ipad; jr += NR) wflag += pack_b_cols(W, nullptr, pc, jr, kc, Wp.get() + pc * Ipad + jr * kc);
+  }
+  if (a.check_finite) require_finite(wflag, "W");
+
+  const int64_t a_panels = ceil_div(D, MR), z_panels = ceil_div(I2, NR);
+  Buffer<float> Acols = aligned_buffer<float>(a_panels * MR * R);  // X~ of the superblock, transposed panels
+  Buffer<float> Zp = aligned_buffer<float>(z_panels * NR * R);      // [M, M*Z] of the superblock, B panels
+  std::vector<double> S(static_cast<size_t>(D * I2), 0.0);          // X~^T [M, M*Z], float64
+
+  const int threads1 = parallel_width(R / MC);
+  struct Phase1State {
+    Buffer<float> Ap, Ct;
+    std::vector<int64_t> count;
+    std::vector<double> sz, szz;
+  };
+  std::vector<Phase1State> st(static_cast<size_t>(threads1));
+  for (auto& s : st) {
+    s.Ap = aligned_buffer<float>(MC * D);
+    s.Ct = aligned_buffer<float>(MC * Ipad);
+    s.count.assign(static_cast<size_t>(I), 0);
+    s.sz.assign(static_cast<size_t>(I), 0.0);
+    s.szz.assign(static_cast<size_t>(I), 0.0);
+  }
+  FiniteFlags flags(threads1);
+
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  for (int64_t i0 = 0; i0 < D; i0 += TM)
+    for (int64_t j0 = 0; j0 < I2; j0 += TN) tiles.emplace_back(i0, j0);
+  const int threads2 = parallel_width(static_cast<int64_t>(tiles.size()));
+  std::vector<Buffer<float>> tile_acc;
+  for (int t = 0; t < threads2; ++t) tile_acc.push_back(aligned_buffer<float>(TM * TN));
+  const MicroKernel kernel = micro_kernel();
+
+  for (int64_t r0 = 0; r0 < N; r0 += R) {
+    const int64_t rows = std::min(R, N - r0);
+    // Phase 1: tasks of MC rows; each packs its rows for both phases and applies the detector.
+    parallel_for(ceil_div(rows, MC), [&](int64_t task, int thread) {
+      Phase1State& s = st[static_cast<size_t>(thread)];
+      const int64_t t0 = task * MC, mc = std::min(MC, rows - t0), mpad = round_up(mc, MR);
+      float flag = 0.f;
+      for (int64_t pc = 0; pc < D; pc += KC) {
+        const int64_t kc = std::min(KC, D - pc);
+        for (int64_t ir = 0; ir < mpad; ir += MR)
+          flag += pack_a_rows(X, center, r0 + t0 + ir, pc, kc, s.Ap.get() + ir * D + pc * MR);
+      }
+      flags.add(thread, flag);
+      for (int64_t ic = 0; ic < a_panels; ++ic)
+        pack_a_cols(X, center, r0 + t0, ic * MR, mc, Acols.get() + ic * MR * R + t0 * MR);
+      for (int64_t pc = 0; pc < D; pc += KC) {
+        const int64_t kc = std::min(KC, D - pc);
+        for (int64_t jr = 0; jr < Ipad; jr += NR)
+          for (int64_t ir = 0; ir < mpad; ir += MR)
+            kernel(kc, s.Ap.get() + ir * D + pc * MR, Wp.get() + pc * Ipad + jr * kc, s.Ct.get() + ir * Ipad + jr, Ipad, pc > 0);
+      }
+      for (int64_t r = 0; r < mc; ++r) {
+        const float* zrow = s.Ct.get() + r * Ipad;
+        for (int64_t c = 0; c < round_up(I2, NR); ++c) {
+          // Column c of [M, M*Z] at row t0 + r of the superblock, in B-panel layout.
+          float v = 0.f;
+          if (c < I2) {
+            const int64_t i = c < I ? c : c - I;
+            const float z = zrow[i] + zoff[static_cast<size_t>(i)];
+            if (z > 0) v = c < I ? 1.f : z;
+          }
+          Zp[(c / NR) * NR * R + (t0 + r) * NR + (c % NR)] = v;
+        }
+        for (int64_t i = 0; i < I; ++i) {
+          const float z = zrow[i] + zoff[static_cast<size_t>(i)];
+          if (z > 0) {
+            s.count[static_cast<size_t>(i)] += 1;
+            s.sz[static_cast<size_t>(i)] += z;
+            s.szz[static_cast<size_t>(i)] += static_cast<double>(z) * z;
+          }
+        }
+      }
+    }, threads1);
+    // Phase 2: S += X~^T [M, M*Z] over this superblock.
+    parallel_for(static_cast<int64_t>(tiles.size()), [&](int64_t t, int thread) {
+      const int64_t i0 = tiles[static_cast<size_t>(t)].first, j0 = tiles[static_cast<size_t>(t)].second;
+      const int64_t tm = std::min(TM, round_up(D - i0, MR)), tn = std::min(TN, round_up(I2 - j0, NR));
+      float* acc = tile_acc[static_cast<size_t>(thread)].get();
+      for (int64_t jr = 0; jr < tn; jr += NR)
+        for (int64_t ir = 0; ir < tm; ir += MR)
+          kernel(rows, Acols.get() + (i0 + ir) * R, Zp.get() + (j0 + jr) * R, acc + ir * TN + jr, TN, false);
+      const int64_t iend = std::min(tm, D - i0), jend = std::min(tn, I2 - j0);
+      for (int64_t i = 0; i < iend; ++i) {
+        double* dst = S.data() + (i0 + i) * I2 + j0;
+        const float* src = acc + i * TN;
+        for (int64_t j = 0; j < jend; ++j) dst[j] += src[j];
+      }
+    }, threads2);
+  }
+  if (a.check_finite) require_finite(flags.combined(), "X");
+
+  int64_t* count = a.count.ptr<int64_t>();
+  double* sum_x = a.sum_x.ptr<double>();
+  double* sum_z = a.sum_z.ptr<double>();
+  double* sum_zz = a.sum_zz.ptr<double>();
+  double* sum_xz = a.sum_xz.ptr<double>();
+  for (int64_t i = 0; i < I; ++i) {
+    count[i] = 0;
+    sum_z[i] = 0;
+    sum_zz[i] = 0;
+    for (const auto& s : st) {
+      count[i] += s.count[static_cast<size_t>(i)];
+      sum_z[i] += s.sz[static_cast<size_t>(i)];
+      sum_zz[i] += s.szz[static_cast<size_t>(i)];
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      sum_x[i * D + d] = S[static_cast<size_t>(d * I2 + i)];
+      sum_xz[i * D + d] = S[static_cast<size_t>(d * I2 + I + i)];
+    }
+  }
+}
+
+}  // namespace edpairs

@@ -1,0 +1,319 @@
+// CUDA implementation of the fused cosine assignment (ops.h §1): per row the label of the
+// centroid of highest s_j * (x~_n . c_j), its score and, optionally, per-cluster sums of
+// r_n x~_n and counts, without ever materialising the N x k score matrix.
+//
+// One block owns kRows rows of x and loops over all centroids in tiles of kCents; each tile is
+// a small GEMM over D in slices of kStep staged in shared memory, 4 x 4 outputs per thread.
+// The row norms (first centroid tile) and the tile's centroid norms are summed from the same
+// shared slices, so no extra pass and no scratch buffer is needed.
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "cuda_check.cuh"
+#include "dtype_load.cuh"
+#include "edpairs/ops.h"
+#include "gram.cuh"
+
+namespace edpairs {
+namespace {
+
+using cuda_detail::accumulate_4x4;
+using cuda_detail::minus_center;
+
+constexpr int kThreads = 256;  // 16 x 16: ty picks 4 rows, tx picks 4 centroids
+constexpr int kRows = 64;      // rows of x per block (BM)
+constexpr int kCents = 64;     // centroids per tile (BN)
+constexpr int kStep = 16;      // slice of D staged in shared memory (BK)
+constexpr int kPad = 4;        // keeps float4 alignment, halves bank conflicts of the stores
+
+struct AssignParams {
+  const void* x;             // (N, D), row stride x_stride, unit column stride
+  int64_t x_stride;
+  int64_t n;
+  int d;
+  int k;
+  const float* centroids;    // (k, D) contiguous
+  const float* center;       // (D,) or null
+  const float* row_scale;    // (N,) or null
+  const float* col_scale;    // (k,) or null
+  int64_t* labels;           // (N,)
+  float* scores;             // (N,)
+  double* sums;              // (k, D) or null (zeroed before the launch)
+  unsigned long long* counts;  // (k,) or null (zeroed before the launch)
+};
+
+// Is (v1, i1) better than (v0, i0)? Larger value, then smaller index: the tie rule of ops.h.
+__device__ __forceinline__ bool better(float v1, int i1, float v0, int i0) {
+  return v1 > v0 || (v1 == v0 && i1 < i0);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) assign_kernel(const AssignParams p) {
+  __shared__ __align__(16) float xs[kStep][kRows + kPad];   // xs[kk][m] = x~[row0 + m][k0 + kk]
+  __shared__ __align__(16) float cs[kStep][kCents + kPad];  // cs[kk][c] = C[j0 + c][k0 + kk]
+  __shared__ float row_scale_s[kRows];                      // r_n of the block's rows
+  __shared__ float col_scale_s[kCents];                     // s_j of the current tile
+  __shared__ float best_s[kRows];                           // best s_j * dot of each row
+  __shared__ int label_s[kRows];
+  __shared__ int order_s[kRows];                            // rows sorted by (label, row)
+
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const int tid = static_cast<int>(threadIdx.x);
+  const int tx = tid % 16;
+  const int ty = tid / 16;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int rows = static_cast<int>(p.n - row0 < kRows ? p.n - row0 : kRows);  // 1..kRows
+
+  // Loading: thread (ld_m, ld_k) reads element k0 + ld_k of rows ld_m + 16 s, s = 0..3, so a
+  // half-warp reads kStep consecutive elements of one row.
+  const int ld_k = tid % kStep;
+  const int ld_m = tid / kStep;  // 0..15
+
+  // Threads 0..63 sum the squares of row `tid` (first tile only); threads 64..127 those of
+  // centroid `tid - 64` of each tile. One thread per row/centroid, increasing kk: the sums are
+  // deterministic and identical for identical centroids.
+  const bool sums_row_norm = p.row_scale == nullptr && tid < kRows;
+  const bool sums_col_norm = p.col_scale == nullptr && tid >= kRows && tid < kRows + kCents;
+
+  // Running best of this thread's 4 rows over the tiles seen so far. Every thread of the 16
+  // sharing a row holds the same copy (the butterfly below ends equal in all lanes).
+  float run_val[4];
+  int run_idx[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    run_val[i] = -INFINITY;
+    run_idx[i] = 0;
+  }
+  float row_sq = 0.f;
+
+  for (int j0 = 0; j0 < p.k; j0 += kCents) {
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+    }
+    float col_sq = 0.f;
+
+    for (int k0 = 0; k0 < p.d; k0 += kStep) {
+      const int kcol = k0 + ld_k;
+      const bool k_in = kcol < p.d;
+      const float ctr = (k_in && p.center != nullptr) ? p.center[kcol] : 0.f;
+#pragma unroll
+      for (int s = 0; s < kRows / 16; ++s) {
+        const int m = ld_m + 16 * s;
+        float v = 0.f;
+        if (k_in && m < rows) v = minus_center(x[(row0 + m) * p.x_stride + kcol], ctr);
+        xs[ld_k][m] = v;
+        const int j = j0 + m;
+        float c = 0.f;
+        if (k_in && j < p.k) c = p.centroids[static_cast<int64_t>(j) * p.d + kcol];
+        cs[ld_k][m] = c;
+      }
+      __syncthreads();
+
+      accumulate_4x4(acc, xs, cs, 4 * ty, 4 * tx);
+      if (sums_row_norm && j0 == 0) {
+#pragma unroll
+        for (int kk = 0; kk < kStep; ++kk) row_sq = fmaf(xs[kk][tid], xs[kk][tid], row_sq);
+      }
+      if (sums_col_norm) {
+        const int c = tid - kRows;
+#pragma unroll
+        for (int kk = 0; kk < kStep; ++kk) col_sq = fmaf(cs[kk][c], cs[kk][c], col_sq);
+      }
+      __syncthreads();  // xs / cs are overwritten by the next slice
+    }
+
+    // Scales of this tile's centroids and, on the first tile, of the block's rows. The readers
+    // of the previous tile's col_scale_s have all passed the barriers of the D loop above.
+    if (tid >= kRows && tid < kRows + kCents) {
+      const int c = tid - kRows;
+      const int j = j0 + c;
+      float sj = 0.f;
+      if (j < p.k) {
+        if (p.col_scale != nullptr) {
+          sj = p.col_scale[j];
+        } else {
+          sj = col_sq > 0.f ? 1.f / sqrtf(col_sq) : 0.f;
+        }
+      }
+      col_scale_s[c] = sj;
+    }
+    if (j0 == 0 && tid < kRows) {
+      float r = 0.f;
+      if (tid < rows) {
+        if (p.row_scale != nullptr) {
+          r = p.row_scale[row0 + tid];
+        } else {
+          r = row_sq > 0.f ? 1.f / sqrtf(row_sq) : 0.f;
+        }
+      }
+      row_scale_s[tid] = r;
+    }
+    __syncthreads();
+
+    // Fold this tile into the running best of each row: own 4 centroids in increasing j with a
+    // strict '>', then the 16 threads of the row (lanes of one half-warp) by a butterfly that
+    // prefers the lower index on equal values. All indices of this tile exceed those of earlier
+    // tiles, so a strict '>' against the running best keeps the smallest index.
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float bv = -INFINITY;
+      int bi = INT_MAX;
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        const int c = 4 * tx + jj;
+        if (j0 + c < p.k) {
+          const float v = col_scale_s[c] * acc[i][jj];
+          if (v > bv) {
+            bv = v;
+            bi = j0 + c;
+          }
+        }
+      }
+#pragma unroll
+      for (int offset = 8; offset > 0; offset >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, offset);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, offset);
+        if (better(ov, oi, bv, bi)) {
+          bv = ov;
+          bi = oi;
+        }
+      }
+      if (bv > run_val[i]) {
+        run_val[i] = bv;
+        run_idx[i] = bi;
+      }
+    }
+  }
+
+  if (tx == 0) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      best_s[4 * ty + i] = run_val[i];
+      label_s[4 * ty + i] = run_idx[i];
+    }
+  }
+  __syncthreads();
+
+  if (tid < rows) {
+    const float r = row_scale_s[tid];
+    int label = 0;
+    float score = 0.f;
+    if (r > 0.f) {  // r == 0 (a zero row, or a zero row_scale): label 0, score 0
+      label = label_s[tid];
+      score = r * best_s[tid];
+    }
+    p.labels[row0 + tid] = label;
+    p.scores[row0 + tid] = score;
+    label_s[tid] = label;  // only this thread touches entry tid until the barrier below
+  }
+
+  if (p.sums == nullptr) return;  // uniform over the block
+  __syncthreads();
+
+  // Group the block's rows by label (a rank sort of at most 64 keys (label, row)), so that each
+  // distinct label costs one float64 atomic per column instead of one per row: with few
+  // clusters, per-row atomics would all collide on the same addresses.
+  if (tid < rows) {
+    const int label = label_s[tid];
+    int rank = 0;
+    int same = 0;
+    bool first = true;
+    for (int m = 0; m < rows; ++m) {
+      const int l = label_s[m];
+      rank += (l < label || (l == label && m < tid)) ? 1 : 0;
+      if (l == label) {
+        ++same;
+        if (m < tid) first = false;
+      }
+    }
+    order_s[rank] = tid;
+    if (first && p.counts != nullptr) {
+      atomicAdd(p.counts + label, static_cast<unsigned long long>(same));
+    }
+  }
+  __syncthreads();
+
+  // Threads stride over the columns (coalesced); each walks the sorted rows in order, so the
+  // block's contribution to every sums entry is deterministic.
+  for (int d = tid; d < p.d; d += kThreads) {
+    const float ctr = p.center != nullptr ? p.center[d] : 0.f;
+    double acc = 0.0;
+    bool any = false;
+    for (int q = 0; q < rows; ++q) {
+      const int m = order_s[q];
+      const int label = label_s[m];
+      const float r = row_scale_s[m];
+      if (r > 0.f) {  // zero rows add nothing
+        const float v = minus_center(x[(row0 + m) * p.x_stride + d], ctr);  // as in the tiles
+        acc += static_cast<double>(r) * static_cast<double>(v);
+        any = true;
+      }
+      const bool group_ends = q + 1 == rows || label_s[order_s[q + 1]] != label;
+      if (group_ends) {
+        if (any) atomicAdd(p.sums + static_cast<int64_t>(label) * p.d + d, acc);
+        acc = 0.0;
+        any = false;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void assign_cuda(const AssignArgs& args, Stream stream) {
+  const TensorView& x = args.x;
+  cuda_detail::DeviceGuard guard(x.device_id);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+
+  const int64_t n = x.size(0);
+  const int64_t d = x.size(1);
+  const int64_t k = args.centroids.size(0);
+  if (d < 1 || d > cuda_detail::kMaxExtent || k < 1 || k > cuda_detail::kMaxExtent) {
+    fail("assign: need 1 <= D, k <= 2^30, got x " + x.shape_str() + " and centroids " +
+         args.centroids.shape_str());
+  }
+
+  AssignParams p{};
+  p.x = x.data;
+  p.x_stride = x.stride(0);
+  p.n = n;
+  p.d = static_cast<int>(d);
+  p.k = static_cast<int>(k);
+  p.centroids = args.centroids.ptr<const float>();
+  p.center = args.center.present ? args.center.ptr<const float>() : nullptr;
+  p.row_scale = args.row_scale.present ? args.row_scale.ptr<const float>() : nullptr;
+  p.col_scale = args.col_scale.present ? args.col_scale.ptr<const float>() : nullptr;
+  p.labels = args.labels.ptr<int64_t>();
+  p.scores = args.scores.ptr<float>();
+  p.sums = args.sums.present ? args.sums.ptr<double>() : nullptr;
+  p.counts = (args.sums.present && args.counts.present)
+                 ? reinterpret_cast<unsigned long long*>(args.counts.ptr<int64_t>())
+                 : nullptr;
+
+  // The kernel accumulates with atomics, so the outputs start at zero (also when N == 0).
+  if (p.sums != nullptr) {
+    EDPAIRS_CUDA_CHECK(cudaMemsetAsync(p.sums, 0, static_cast<size_t>(k * d) * sizeof(double), s));
+  }
+  if (p.counts != nullptr) {
+    EDPAIRS_CUDA_CHECK(cudaMemsetAsync(p.counts, 0, static_cast<size_t>(k) * sizeof(int64_t), s));
+  }
+  if (n == 0) return;
+
+  const int64_t blocks = cuda_detail::ceil_div(n, kRows);
+  if (blocks > INT_MAX) fail("assign: too many rows for one launch: N = " + std::to_string(n));
+
+  cuda_detail::dispatch_input_dtype(x, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    assign_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(p);
+    EDPAIRS_CUDA_CHECK(cudaGetLastError());
+  });
+}
+
+}  // namespace edpairs

@@ -1,0 +1,79 @@
+// Error checking, device selection and small host queries shared by the CUDA sources.
+// Every runtime call and every kernel launch goes through EDPAIRS_CUDA_CHECK, which turns a
+// failure into edpairs::CudaError carrying file:line and CUDA's own message.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "edpairs/errors.h"
+
+namespace edpairs {
+namespace cuda_detail {
+
+[[noreturn]] inline void throw_cuda_error(cudaError_t err, const char* expr, const char* file,
+                                          int line) {
+  // Clear the (non-sticky) error so that the next launch check of an unrelated call does not
+  // report it a second time.
+  (void)cudaGetLastError();
+  throw CudaError(std::string(file) + ":" + std::to_string(line) + ": " + expr + " failed: " +
+                  cudaGetErrorString(err) + " (" + cudaGetErrorName(err) + ")");
+}
+
+}  // namespace cuda_detail
+}  // namespace edpairs
+
+#define EDPAIRS_CUDA_CHECK(expr)                                                    \
+  do {                                                                              \
+    const cudaError_t edpairs_cuda_err_ = (expr);                                   \
+    if (edpairs_cuda_err_ != cudaSuccess) {                                         \
+      ::edpairs::cuda_detail::throw_cuda_error(edpairs_cuda_err_, #expr, __FILE__, \
+                                               __LINE__);                           \
+    }                                                                               \
+  } while (0)
+
+namespace edpairs {
+namespace cuda_detail {
+
+// Makes `device` current for the lifetime of the guard and restores the caller's device after,
+// so that an op on cuda:1 leaves a caller working on cuda:0 where it was.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    EDPAIRS_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (previous_ != device) {
+      EDPAIRS_CUDA_CHECK(cudaSetDevice(device));
+      changed_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    // A destructor must not throw; a failure here would already have failed the op itself.
+    if (changed_) (void)cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool changed_ = false;
+};
+
+// Number of SMs of the current device (sizes grids so that enough blocks run at once).
+inline int multiprocessor_count() {
+  int device = 0;
+  int sms = 0;
+  EDPAIRS_CUDA_CHECK(cudaGetDevice(&device));
+  EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms > 0 ? sms : 1;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Largest D, k, I (and 2I) the kernels accept: they index columns with int and step past the
+// end by at most one tile, which must not overflow.
+constexpr int64_t kMaxExtent = int64_t{1} << 30;
+
+}  // namespace cuda_detail
+}  // namespace edpairs

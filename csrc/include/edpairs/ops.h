@@ -1,0 +1,117 @@
+// The kernel families of edpairs. Each op has a CPU and a CUDA implementation with the same
+// signature and the same semantics; the bindings validate arguments and pick one.
+//
+// Conventions shared by every op:
+//  * `x` (N, D) may be float32, float64, float16 or bfloat16; arithmetic is float32 with
+//    float64 accumulation across blocks of rows (see each op). On CUDA, x.stride(1) == 1.
+//  * Small parameter arrays (centroids, W, b, center, scales) are float32 and contiguous.
+//  * Outputs are written, never accumulated into: each op overwrites its outputs.
+//  * `stream` is a cudaStream_t for the CUDA implementation (work is queued on it, no
+//    synchronisation); the CPU implementation ignores it.
+//  * CPU implementations check x and the parameters for NaN/Inf while packing them when
+//    `check_finite` is set and throw std::invalid_argument naming the argument. CUDA
+//    implementations never check (a check needs a device->host synchronisation); the Python
+//    layer does it there when asked.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "edpairs/tensor_view.h"
+
+namespace edpairs {
+
+using Stream = void*;
+
+// ---------------------------------------------------------------------------------------
+// 1. Fused cosine assignment (+ accumulation).
+//
+// For row n let x~_n = x_n - center (center = 0 when absent) and
+//   r_n = row_scale[n]                if given (must be >= 0),
+//         1 / ||x~_n||                otherwise (0 when x~_n = 0),
+//   s_j = col_scale[j]                if given,
+//         1 / ||c_j||                 otherwise (0 for a zero centroid),
+//   dot_nj = x~_n . c_j,  score_nj = r_n * s_j * dot_nj.
+// labels[n] = the smallest j maximising s_j * dot_nj when r_n > 0, and 0 when r_n == 0;
+// scores[n] = score_{n, labels[n]} (so a zero row gets label 0 and score 0, never NaN).
+// With the default scales score_nj is the cosine similarity of x~_n and c_j.
+// When `sums` is present: sums[j] = sum over {n : labels[n] = j} of r_n * x~_n (float64) and
+// counts[j] = #{n : labels[n] = j}; a zero row counts towards cluster 0 and adds nothing.
+// X is read once; no N x k matrix is ever materialised.
+struct AssignArgs {
+  TensorView x;          // (N, D)
+  TensorView centroids;  // (k, D) float32, k >= 1
+  TensorView center;     // optional (D,) float32
+  TensorView row_scale;  // optional (N,) float32, >= 0
+  TensorView col_scale;  // optional (k,) float32
+  TensorView labels;     // out (N,) int64
+  TensorView scores;     // out (N,) float32
+  TensorView sums;       // optional out (k, D) float64
+  TensorView counts;     // optional out (k,) int64; present exactly when sums is
+  bool check_finite = true;
+};
+void assign_cpu(const AssignArgs& args, Stream stream);
+void assign_cuda(const AssignArgs& args, Stream stream);
+
+// ---------------------------------------------------------------------------------------
+// 2. Spherical centroid update.
+// out[j] = sums[j] / ||sums[j]|| when counts[j] > 0 and ||sums[j]|| > 0; otherwise
+// out[j] = previous[j] unchanged (an empty or degenerate cluster; the caller re-seeds it).
+struct NormalizeArgs {
+  TensorView sums;      // (k, D) float64
+  TensorView counts;    // (k,) int64
+  TensorView previous;  // (k, D) float32
+  TensorView out;       // out (k, D) float32
+};
+void normalize_centroids_cpu(const NormalizeArgs& args, Stream stream);
+void normalize_centroids_cuda(const NormalizeArgs& args, Stream stream);
+
+// ---------------------------------------------------------------------------------------
+// 3a. Moments of one chunk: mean[d] = (1/N) sum_n x_nd (float64) and the centred scatter
+// m2 = sum_n (x_n - mean)(x_n - mean)^T (float64, symmetric, both triangles written).
+// Products are float32 on centred values, summed in float32 over blocks of at most 512 rows
+// and in float64 across blocks. Chunks merge exactly in float64 (Chan et al.),
+// which the Python layer does. N >= 1.
+struct MomentsArgs {
+  TensorView x;     // (N, D)
+  TensorView mean;  // out (D,) float64
+  TensorView m2;    // out (D, D) float64
+  bool check_finite = true;
+};
+void moments_cpu(const MomentsArgs& args, Stream stream);
+void moments_cuda(const MomentsArgs& args, Stream stream);
+
+// ---------------------------------------------------------------------------------------
+// 3b. Masked per-concept statistics (DESIGN 2, stage 4).
+// z_ni = w_i . x_n - b_i (w_i = column i of W), positives P_i = {n : z_ni > 0};
+// with x~_n = x_n - center (center = 0 when absent):
+//   count[i]  = |P_i|               sum_z[i]  = sum_{P_i} z_ni
+//   sum_x[i]  = sum_{P_i} x~_n      sum_zz[i] = sum_{P_i} z_ni^2
+//   sum_xz[i] = sum_{P_i} x~_n z_ni
+// computed as one masked product x~^T [M, M * Z] per block of rows (M = Z > 0), float32
+// within a block, float64 across blocks.
+struct SignalMomentsArgs {
+  TensorView x;          // (N, D)
+  TensorView w;          // (D, I) float32
+  TensorView b;          // (I,) float32
+  TensorView center;     // optional (D,) float32
+  TensorView count;      // out (I,) int64
+  TensorView sum_x;      // out (I, D) float64
+  TensorView sum_z;      // out (I,) float64
+  TensorView sum_zz;     // out (I,) float64
+  TensorView sum_xz;     // out (I, D) float64
+  TensorView workspace;  // CUDA only: (R, 2I) float32 scratch; rows are processed R at a time
+  bool check_finite = true;
+};
+void signal_moments_cpu(const SignalMomentsArgs& args, Stream stream);
+void signal_moments_cuda(const SignalMomentsArgs& args, Stream stream);
+
+// ---------------------------------------------------------------------------------------
+// Runtime information.
+int cpu_num_threads();               // threads the CPU kernels use
+void cpu_set_num_threads(int n);     // n >= 1
+std::string cpu_kernel_isa();        // "avx2+fma" or "generic", chosen at run time
+int cuda_device_count();             // 0 when CUDA was not built, or no driver / GPU
+std::string cuda_runtime_version();  // "" when CUDA was not built
+
+}  // namespace edpairs

@@ -1,0 +1,53 @@
+"""edpairs: encoding-decoding direction pairs of the concepts a layer of a deep vision network
+represents, with C++/CUDA kernels under an array-agnostic Python API."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import ops, reference
+from .errors import BackendUnavailable, CudaError
+
+__all__ = [
+    "BackendUnavailable",
+    "CudaError",
+    "__version__",
+    "build_info",
+    "cuda_device_count",
+    "get_num_threads",
+    "ops",
+    "reference",
+    "set_num_threads",
+]
+
+
+def build_info() -> dict:
+    """What this build of edpairs contains: ``version``, ``cuda`` (were the CUDA kernels
+    compiled), ``cuda_mode`` (the EDPAIRS_CUDA setting of the build), ``archs`` (CUDA
+    architectures), ``cuda_version`` (nvcc), ``cpu_kernel`` (the CPU micro-kernel picked for
+    this machine), ``num_threads`` and ``compiler``. Makes no CUDA call."""
+    from ._backend import lib
+
+    return dict(lib().build_info())
+
+
+def cuda_device_count() -> int:
+    """GPUs visible to edpairs' CUDA kernels (0 when CUDA was not built or no driver / GPU)."""
+    from ._backend import lib
+
+    return int(lib().cuda_device_count())
+
+
+def get_num_threads() -> int:
+    """Threads the CPU kernels use (default: the CPUs this process may run on, or
+    ``EDPAIRS_NUM_THREADS``)."""
+    from ._backend import lib
+
+    return int(lib().num_threads())
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the number of threads of the CPU kernels (n >= 1)."""
+    from ._backend import lib
+
+    lib().set_num_threads(int(n))

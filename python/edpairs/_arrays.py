@@ -1,0 +1,180 @@
+"""Array-library plumbing: which library an array comes from (numpy, torch, cupy), allocating
+outputs there on the same device, DLPack export, and the caller's current CUDA stream.
+
+The kernels see every array through DLPack; results are allocated here in the caller's
+library, so they come back as the same kind of array on the same device."""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLOAT_INPUTS = ("float32", "float64", "float16", "bfloat16")
+
+
+def _module_root(x) -> str:
+    return type(x).__module__.split(".", 1)[0]
+
+
+class Namespace:
+    """Library-specific operations for arrays of one library (numpy, torch or cupy)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        if name == "torch":
+            import torch
+
+            self.mod = torch
+        elif name == "cupy":
+            import cupy
+
+            self.mod = cupy
+        else:
+            self.mod = np
+
+    # ---- inspection -----------------------------------------------------------------
+    def dtype_name(self, x) -> str:
+        return str(x.dtype).replace("torch.", "")
+
+    def is_cuda(self, x) -> bool:
+        if self.name == "torch":
+            return x.device.type == "cuda"
+        return self.name == "cupy"
+
+    def device(self, x) -> str:
+        if self.name == "torch":
+            return str(x.device)
+        if self.name == "cupy":
+            return f"cuda:{x.device.id}"
+        return "cpu"
+
+    def stream(self, x) -> int:
+        """The caller's current stream on x's device (0 on CPU)."""
+        if self.name == "torch" and x.device.type == "cuda":
+            return int(self.mod.cuda.current_stream(x.device).cuda_stream)
+        if self.name == "cupy":
+            with x.device:
+                return int(self.mod.cuda.get_current_stream().ptr)
+        return 0
+
+    # ---- creation and conversion ----------------------------------------------------
+    def _dtype(self, name: str):
+        return getattr(self.mod, name)
+
+    def empty(self, shape, dtype: str, like):
+        if self.name == "torch":
+            return self.mod.empty(tuple(shape), dtype=self._dtype(dtype), device=like.device)
+        if self.name == "cupy":
+            with like.device:
+                return self.mod.empty(tuple(shape), dtype=dtype)
+        return np.empty(tuple(shape), dtype=dtype)
+
+    def zeros(self, shape, dtype: str, like):
+        out = self.empty(shape, dtype, like)
+        out[...] = 0
+        return out
+
+    def asarray(self, x, like):
+        """x (any array library or a sequence) as an array of this library on like's device."""
+        if _module_root(x) == self.name:
+            return x
+        if self.name == "numpy":
+            if _module_root(x) == "torch":
+                if x.device.type != "cpu":
+                    raise ValueError(f"got an array on {x.device} next to numpy arrays; put all arrays on the same device")
+                return x.detach().numpy()
+            if _module_root(x) == "cupy":
+                raise ValueError("got a cupy (CUDA) array next to numpy arrays; put all arrays on the same device")
+            return np.asarray(x)
+        if hasattr(x, "__dlpack__"):
+            if self.name == "torch" and _module_root(x) == "numpy":
+                out = self.mod.from_numpy(np.ascontiguousarray(x))
+            else:
+                try:
+                    out = self.mod.from_dlpack(x)
+                except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+                    raise ValueError(
+                        f"could not bring a {_module_root(x)} array next to {self.name} arrays on "
+                        f"{self.device(like)} ({exc}); put all arrays on the same device"
+                    ) from exc
+        else:
+            out = self.mod.asarray(np.asarray(x))
+        return out
+
+    def astype(self, x, dtype: str):
+        if self.dtype_name(x) == dtype:
+            return x
+        if self.name == "torch":
+            return x.to(self._dtype(dtype))
+        return x.astype(dtype)
+
+    def contiguous(self, x):
+        if self.name == "torch":
+            return x.contiguous()
+        return self.mod.ascontiguousarray(x)
+
+    def as_float32_contiguous(self, x):
+        if self.name == "torch":
+            return x.detach().to(self.mod.float32).contiguous()
+        if self.name == "cupy":
+            return self.mod.ascontiguousarray(x, dtype=self.mod.float32)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def contiguous_rows(self, x):
+        """x with unit stride along its last dimension (a copy only when needed)."""
+        if self.name == "torch":
+            x = x.detach()
+            return x if x.dim() < 2 or x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
+        if x.ndim < 2 or x.shape[-1] <= 1 or x.strides[-1] == x.itemsize:
+            return x
+        return self.mod.ascontiguousarray(x)
+
+    def detach(self, x):
+        if self.name == "torch":
+            x = x.detach()
+            if x.is_conj():
+                x = x.resolve_conj()
+            if x.is_neg():
+                x = x.resolve_neg()
+        return x
+
+    # ---- checks ---------------------------------------------------------------------
+    def all_finite(self, x) -> bool:
+        if self.name == "torch":
+            return bool(self.mod.isfinite(x).all())
+        return bool(self.mod.isfinite(x).all())
+
+    def all_nonnegative(self, x) -> bool:
+        return bool((x >= 0).all())
+
+    # ---- DLPack ---------------------------------------------------------------------
+    def capsule(self, x):
+        if x is None:
+            return None
+        if self.name == "numpy":
+            try:
+                return x.__dlpack__(max_version=(1, 0))
+            except TypeError:  # numpy < 2.1
+                return x.__dlpack__()
+        # We launch on the producer's current stream, so no cross-stream sync is needed.
+        stream = -1 if self.is_cuda(x) else None
+        try:
+            return x.__dlpack__(stream=stream, max_version=(1, 0))
+        except TypeError:
+            return x.__dlpack__(stream=stream)
+
+
+def namespace_of(x) -> Namespace:
+    root = _module_root(x)
+    if root in ("torch", "cupy"):
+        return Namespace(root)
+    return Namespace("numpy")
+
+
+def as_array(x, name: str):
+    """x itself if it is a numpy / torch / cupy array, else numpy's view of it."""
+    if _module_root(x) in ("numpy", "torch", "cupy") and hasattr(x, "shape"):
+        return x
+    try:
+        return np.asarray(x)
+    except Exception as exc:  # noqa: BLE001 - report what arrived
+        raise TypeError(f"{name} must be an array (numpy, torch or cupy), got {type(x).__name__}") from exc

@@ -1,0 +1,300 @@
+"""The kernels as plain functions on arrays: numpy, torch (CPU or CUDA) or cupy in, the same
+library and device out. CUDA work is queued on the caller's current stream.
+
+Every function checks its inputs for NaN/Inf unless ``check_finite=False``. On the CPU the
+check is free (the kernels do it while reading); on CUDA it costs one device-to-host
+synchronisation, so pass ``check_finite=False`` to keep a CUDA pipeline asynchronous."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional
+
+from ._arrays import FLOAT_INPUTS, Namespace, as_array, namespace_of
+from ._backend import lib
+
+__all__ = [
+    "Assignment",
+    "Moments",
+    "SignalMoments",
+    "assign",
+    "cosine_assign",
+    "moments",
+    "normalize_centroids",
+    "signal_moments",
+    "spherical_kmeans_step",
+]
+
+_NONFINITE = (
+    "{} contains NaN or Inf (or values beyond the float32 range); "
+    "clean the input or pass check_finite=False to skip this check"
+)
+
+
+def _data(X, name: str = "X"):
+    """X as a 2-D float array of its own library, ready for the kernels."""
+    X = as_array(X, name)
+    xp = namespace_of(X)
+    X = xp.detach(X)
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(X.shape)}")
+    if xp.dtype_name(X) not in FLOAT_INPUTS:
+        raise ValueError(
+            f"{name} dtype not supported: expected float32, float64, float16 or bfloat16, got {xp.dtype_name(X)}"
+        )
+    if xp.is_cuda(X):
+        X = xp.contiguous_rows(X)
+    return X, xp
+
+
+def _param(value, xp: Namespace, like, name: str):
+    """A small parameter array as contiguous float32 in X's library (None stays None)."""
+    if value is None:
+        return None
+    return xp.as_float32_contiguous(xp.asarray(as_array(value, name), like))
+
+
+def _check_finite_cuda(xp: Namespace, arrays) -> None:
+    # The CPU kernels check while packing; on CUDA the check is a library reduction.
+    for name, a in arrays:
+        if a is not None and xp.is_cuda(a) and not xp.all_finite(a):
+            raise ValueError(_NONFINITE.format(name))
+
+
+class Assignment(NamedTuple):
+    """Result of :func:`assign`: labels (N,) int64, scores (N,) float32, and when accumulated
+    sums (k, D) float64 (sum of r_n (x_n - center) per cluster) and counts (k,) int64."""
+
+    labels: Any
+    scores: Any
+    sums: Any = None
+    counts: Any = None
+
+
+def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: bool = True,
+           check_finite: bool = True) -> Assignment:
+    """Fused cosine assignment of the rows of X (N, D) to the centroids C (k, D).
+
+    For x~ = x - center, r_n = row_scale[n] (default 1/||x~_n||, 0 for a zero row) and
+    s_j = col_scale[j] (default 1/||c_j||), the score of row n for centroid j is
+    r_n s_j x~_n . c_j (the cosine with the defaults). ``labels[n]`` is the lowest index of
+    the highest score (0 for a row with r_n = 0, whose score is 0) and ``scores[n]`` that
+    score. With ``accumulate`` also returns per-cluster sums of r_n x~_n and counts, computed
+    in the same read of X; no (N, k) matrix is ever formed.
+    """
+    X, xp = _data(X)
+    N, D = X.shape
+    C = _param(C, xp, X, "C")
+    if C.ndim != 2:
+        raise ValueError(f"C must be 2-D (k, D), got shape {tuple(C.shape)}")
+    center = _param(center, xp, X, "center")
+    row_scale = _param(row_scale, xp, X, "row_scale")
+    col_scale = _param(col_scale, xp, X, "col_scale")
+    if check_finite:
+        _check_finite_cuda(xp, [("X", X), ("C", C), ("center", center), ("row_scale", row_scale), ("col_scale", col_scale)])
+        if row_scale is not None and not xp.all_nonnegative(row_scale):
+            raise ValueError("row_scale must be >= 0 (it scales the norm of each row)")
+    k = C.shape[0]
+    labels = xp.empty((N,), "int64", X)
+    scores = xp.empty((N,), "float32", X)
+    sums = xp.empty((k, D), "float64", X) if accumulate else None
+    counts = xp.empty((k,), "int64", X) if accumulate else None
+    c = xp.capsule
+    lib().assign(c(X), c(C), c(center), c(row_scale), c(col_scale), c(labels), c(scores), c(sums), c(counts),
+                 bool(check_finite), xp.stream(X))
+    return Assignment(labels, scores, sums, counts)
+
+
+def cosine_assign(X, C, *, center=None, row_scale=None, col_scale=None, check_finite: bool = True):
+    """Index of the most cosine-similar centroid for each row of X, and that cosine.
+
+    Returns ``(labels, scores)``: int64 (N,) and float32 (N,), in X's library and device.
+    Ties go to the lowest centroid index; a zero row gets label 0 and score 0 (never NaN);
+    a zero centroid scores 0 against every row. See :func:`assign` for the optional scales.
+    """
+    out = assign(X, C, center=center, row_scale=row_scale, col_scale=col_scale, accumulate=False,
+                 check_finite=check_finite)
+    return out.labels, out.scores
+
+
+def normalize_centroids(sums, counts, previous):
+    """Unit centroids from cluster sums: ``sums[j] / ||sums[j]||`` where ``counts[j] > 0`` and the
+    sum is non-zero, else ``previous[j]`` unchanged (the caller decides how to re-seed)."""
+    sums = as_array(sums, "sums")
+    xp = namespace_of(sums)
+    sums = xp.detach(sums)
+    if sums.ndim != 2:
+        raise ValueError(f"sums must be 2-D (k, D), got shape {tuple(sums.shape)}")
+    sums = xp.contiguous(xp.astype(sums, "float64"))
+    counts = xp.contiguous(xp.astype(xp.asarray(as_array(counts, "counts"), sums), "int64"))
+    previous = _param(previous, xp, sums, "previous")
+    out = xp.empty(tuple(sums.shape), "float32", sums)
+    c = xp.capsule
+    lib().normalize_centroids(c(sums), c(counts), c(previous), c(out), xp.stream(sums))
+    return out
+
+
+def _unit_rows(xp: Namespace, C):
+    norms = (C * C).sum(1) ** 0.5
+    safe = norms + (norms == 0)  # zero rows stay zero
+    return xp.as_float32_contiguous(C / safe[:, None])
+
+
+def spherical_kmeans_step(X, C, *, check_finite: bool = True):
+    """One spherical k-means iteration: assign every row of X to its most cosine-similar
+    centroid and replace each centroid by the normalised sum of its members' unit vectors.
+
+    Returns ``(centroids, labels, counts)``: float32 (k, D) unit rows, int64 (N,), int64 (k,).
+    An empty cluster (count 0) keeps its previous centroid, normalised; re-seeding is the
+    estimator's job (:class:`edpairs.SphericalKMeans`).
+    """
+    X, xp = _data(X)
+    C = _param(C, xp, X, "C")
+    res = assign(X, C, accumulate=True, check_finite=check_finite)
+    centroids = normalize_centroids(res.sums, res.counts, _unit_rows(xp, C))
+    return centroids, res.labels, res.counts
+
+
+# ---------------------------------------------------------------------------------------
+# Moments
+
+
+@dataclass
+class Moments:
+    """Streaming, mergeable moments of rows: count ``n``, ``mean`` (D,) and the centred
+    scatter ``m2`` (D, D) = sum (x - mean)(x - mean)^T, float64 in the data's library.
+
+    ``update(X)`` adds a chunk, ``merge(other)`` combines two partial states exactly as if
+    their rows had been seen together (Chan, Golub & LeVeque's pairwise update)."""
+
+    n: int = 0
+    mean: Any = None
+    m2: Any = None
+
+    @property
+    def cov(self):
+        """Unbiased covariance ``m2 / (n - 1)``."""
+        return self.covariance(ddof=1)
+
+    def covariance(self, ddof: int = 1):
+        if self.n - ddof < 1:
+            raise ValueError(f"the covariance with ddof={ddof} needs more than {ddof} rows, got n={self.n}")
+        return self.m2 / (self.n - ddof)
+
+    def update(self, X, *, check_finite: bool = True) -> "Moments":
+        """Adds the rows of X in place; returns self."""
+        merged = self.merge(moments(X, check_finite=check_finite))
+        self.n, self.mean, self.m2 = merged.n, merged.mean, merged.m2
+        return self
+
+    def merge(self, other: "Moments") -> "Moments":
+        """A new state holding the rows of both."""
+        if not isinstance(other, Moments):
+            raise TypeError(f"can only merge Moments with Moments, got {type(other).__name__}")
+        if other.n == 0:
+            return Moments(self.n, self.mean, self.m2)
+        if self.n == 0:
+            return Moments(other.n, other.mean, other.m2)
+        if tuple(self.mean.shape) != tuple(other.mean.shape):
+            raise ValueError(f"cannot merge moments of {self.mean.shape[0]} and {other.mean.shape[0]} columns")
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.n / n)
+        m2 = self.m2 + other.m2 + (delta[:, None] * delta[None, :]) * (self.n * other.n / n)
+        return Moments(n, mean, m2)
+
+
+def moments(X, *, check_finite: bool = True) -> Moments:
+    """Count, mean and centred scatter of the rows of X (N, D), one pass of the kernels.
+
+    Products are float32 on centred values, accumulated in float32 over at most 512 rows
+    and in float64 beyond; the mean is float64. Merge chunk results with :meth:`Moments.merge`.
+    """
+    X, xp = _data(X)
+    N, D = X.shape
+    if D < 1:
+        raise ValueError(f"X must have at least one column, got shape {tuple(X.shape)}")
+    if N == 0:
+        return Moments(0, None, None)
+    if check_finite:
+        _check_finite_cuda(xp, [("X", X)])
+    mean = xp.empty((D,), "float64", X)
+    m2 = xp.empty((D, D), "float64", X)
+    c = xp.capsule
+    lib().moments(c(X), c(mean), c(m2), bool(check_finite), xp.stream(X))
+    return Moments(int(N), mean, m2)
+
+
+# ---------------------------------------------------------------------------------------
+# Signal moments
+
+
+@dataclass
+class SignalMoments:
+    """Per-concept statistics over each detector's positives P_i = {n : w_i.x_n - b_i > 0}
+    (DESIGN section 2, stage 4), with x~ = x - center:
+
+    ``count`` (I,) int64, ``sum_x`` (I, D) = sum x~, ``sum_z`` (I,), ``sum_zz`` (I,),
+    ``sum_xz`` (I, D) = sum x~ z, all float64 except count. States over the same W, b and
+    center add up: ``merge`` / ``update`` stream over chunks."""
+
+    count: Any
+    sum_x: Any
+    sum_z: Any
+    sum_zz: Any
+    sum_xz: Any
+    center: Optional[Any] = None
+
+    def merge(self, other: "SignalMoments") -> "SignalMoments":
+        if not isinstance(other, SignalMoments):
+            raise TypeError(f"can only merge SignalMoments with SignalMoments, got {type(other).__name__}")
+        if tuple(self.sum_x.shape) != tuple(other.sum_x.shape):
+            raise ValueError(f"cannot merge statistics of shapes {tuple(self.sum_x.shape)} and {tuple(other.sum_x.shape)}")
+        if (self.center is None) != (other.center is None) or (
+            self.center is not None and not bool((self.center == other.center).all())
+        ):
+            raise ValueError("cannot merge signal moments taken about different centers")
+        return SignalMoments(self.count + other.count, self.sum_x + other.sum_x, self.sum_z + other.sum_z,
+                             self.sum_zz + other.sum_zz, self.sum_xz + other.sum_xz, self.center)
+
+    def update(self, X, W, b, *, check_finite: bool = True) -> "SignalMoments":
+        """Adds the rows of X (same W, b and center) in place; returns self."""
+        merged = self.merge(signal_moments(X, W, b, center=self.center, check_finite=check_finite))
+        self.count, self.sum_x, self.sum_z, self.sum_zz, self.sum_xz = (
+            merged.count, merged.sum_x, merged.sum_z, merged.sum_zz, merged.sum_xz)
+        return self
+
+
+def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace_rows: int = 32768) -> SignalMoments:
+    """Masked per-concept statistics of the rows of X (N, D) for detectors ``z = X @ W - b``
+    (W is (D, I), b is (I,)), over each detector's positives ``z > 0`` only: one masked
+    product ``X~^T [M, M*Z]`` per block of rows, no (D, D) matrix.
+
+    ``center`` (D,) shifts x before the sums (z always uses the raw x); pass the data mean to
+    keep the later covariance arithmetic well conditioned. ``workspace_rows`` bounds the
+    scratch memory on CUDA (rows x 2I float32).
+    """
+    X, xp = _data(X)
+    N, D = X.shape
+    W = _param(W, xp, X, "W")
+    if W.ndim != 2:
+        raise ValueError(f"W must be 2-D (D, I), got shape {tuple(W.shape)}")
+    I = W.shape[1]
+    b = _param(b, xp, X, "b")
+    center = _param(center, xp, X, "center")
+    if check_finite:
+        _check_finite_cuda(xp, [("X", X), ("W", W), ("b", b), ("center", center)])
+    count = xp.empty((I,), "int64", X)
+    sum_x = xp.empty((I, D), "float64", X)
+    sum_z = xp.empty((I,), "float64", X)
+    sum_zz = xp.empty((I,), "float64", X)
+    sum_xz = xp.empty((I, D), "float64", X)
+    workspace = None
+    if xp.is_cuda(X):
+        if workspace_rows < 1:
+            raise ValueError(f"workspace_rows must be >= 1, got {workspace_rows}")
+        workspace = xp.empty((max(1, min(int(workspace_rows), max(N, 1))), 2 * I), "float32", X)
+    c = xp.capsule
+    lib().signal_moments(c(X), c(W), c(b), c(center), c(count), c(sum_x), c(sum_z), c(sum_zz), c(sum_xz),
+                         c(workspace), bool(check_finite), xp.stream(X))
+    return SignalMoments(count, sum_x, sum_z, sum_zz, sum_xz, center)

@@ -1,0 +1,147 @@
+"""normalize_centroids and spherical_kmeans_step against the reference: unit rows, empty
+clusters keep their previous (normalised) centroid, counts add up to N."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _helpers import (
+    examples,
+    as_lib,
+    check_kmeans_step,
+    f64,
+    library_of,
+    make_centroids,
+    make_rows,
+    to_numpy,
+)
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edpairs import ops
+from edpairs import reference as ref
+
+# ---------------------------------------------------------------------------------------
+# normalize_centroids
+
+
+def _normalize_case(rng, k, D):
+    sums = rng.standard_normal((k, D)) * 10.0 ** rng.integers(-3, 4, size=(k, 1))
+    counts = rng.integers(0, 5, size=k).astype(np.int64)
+    sums[rng.random(k) < 0.2] = 0  # degenerate: counted rows but a zero sum
+    previous = rng.standard_normal((k, D)).astype(np.float32) * 3  # deliberately not unit
+    return sums, counts, previous
+
+
+@examples(30)
+@given(k=st.integers(1, 40), D=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
+def test_normalize_centroids_matches_reference(xp, k, D, seed):
+    sums, counts, previous = _normalize_case(np.random.default_rng(seed), k, D)
+    out = ops.normalize_centroids(as_lib(sums, xp), as_lib(counts, xp), as_lib(previous, xp))
+    assert library_of(out) == xp
+    got = to_numpy(out)
+    assert got.dtype == np.float32 and got.shape == (k, D)
+    want = ref.normalize_centroids(sums, counts, previous)
+    np.testing.assert_allclose(got, want, rtol=2e-7, atol=1e-7)
+    live = (counts > 0) & (np.linalg.norm(sums, axis=1) > 0)
+    np.testing.assert_allclose(np.linalg.norm(got[live].astype(np.float64), axis=1), 1.0, atol=1e-6)
+    # Empty or degenerate clusters: previous, bit for bit (not re-normalised).
+    np.testing.assert_array_equal(got[~live], previous[~live])
+
+
+def test_normalize_centroids_table(xp):
+    sums = np.array([[3.0, 4.0], [3.0, 4.0], [0.0, 0.0], [1e-30, 0.0], [-2.0, 0.0]])
+    counts = np.array([2, 0, 5, 1, 1])
+    previous = np.array([[9, 9], [0.5, 0.5], [7, -7], [1, 2], [0, 0]], np.float32)
+    out = to_numpy(ops.normalize_centroids(as_lib(sums, xp), as_lib(counts, xp), as_lib(previous, xp)))
+    want = np.array([[0.6, 0.8], [0.5, 0.5], [7, -7], [1, 0], [-1, 0]], np.float32)
+    np.testing.assert_allclose(out, want, rtol=1e-7, atol=0)
+
+
+def test_normalize_centroids_accepts_float32_sums_and_int32_counts(xp, rng):
+    sums, counts, previous = _normalize_case(rng, 6, 5)
+    out = ops.normalize_centroids(as_lib(sums.astype(np.float32), xp), as_lib(counts.astype(np.int32), xp),
+                                  as_lib(previous.astype(np.float64), xp))
+    want = ref.normalize_centroids(sums.astype(np.float32), counts, previous)
+    np.testing.assert_allclose(to_numpy(out), want, rtol=2e-7, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------
+# spherical_kmeans_step
+
+
+@examples(30)
+@given(N=st.integers(1, 150), D=st.integers(1, 24), k=st.integers(1, 30), seed=st.integers(0, 2**32 - 1),
+       dups=st.integers(0, 2), zero_rows=st.integers(0, 2))
+def test_spherical_kmeans_step_matches_reference(xp, N, D, k, seed, dups, zero_rows):
+    rng = np.random.default_rng(seed)
+    C = make_centroids(rng, k, D, duplicates=dups) * 5  # not unit: the step normalises
+    X = make_rows(rng, N, D, C=C, zero_rows=zero_rows)
+    result = ops.spherical_kmeans_step(as_lib(X, xp), as_lib(C, xp))
+    assert all(library_of(a) == xp for a in result)
+    check_kmeans_step(result, X, C)
+
+
+def test_empty_cluster_keeps_previous_centroid_normalised(xp, rng):
+    D = 6
+    X = (np.abs(rng.standard_normal((200, D))) + 0.1).astype(np.float32)  # positive orthant
+    C = make_centroids(rng, 5, D)
+    C[:2] = np.abs(C[:2]) + 0.1  # these attract everything
+    C[2] = -5 * np.ones(D)  # far from all data: cosine < 0 with every row, never chosen
+    C[3] = -np.abs(C[3]) - 0.1
+    C[4] = C[0]  # exact duplicate of centroid 0: loses every tie, stays empty
+    centroids, labels, counts = (to_numpy(a) for a in ops.spherical_kmeans_step(as_lib(X, xp), as_lib(C, xp)))
+    assert counts[2] == 0 and counts[3] == 0 and counts[4] == 0, counts
+    assert counts.sum() == 200
+    for j in (2, 3, 4):
+        np.testing.assert_allclose(centroids[j], C[j] / np.linalg.norm(f64(C[j])), rtol=1e-6, atol=1e-7)
+    check_kmeans_step((centroids, labels, counts), X, C)
+
+
+def test_zero_centroid_stays_zero_when_empty(xp, rng):
+    X = (np.abs(rng.standard_normal((50, 4))) + 0.1).astype(np.float32)
+    C = np.stack([np.ones(4), np.zeros(4), -np.ones(4)]).astype(np.float32)
+    centroids, labels, counts = (to_numpy(a) for a in ops.spherical_kmeans_step(as_lib(X, xp), as_lib(C, xp)))
+    np.testing.assert_array_equal(counts, [50, 0, 0])
+    np.testing.assert_array_equal(centroids[1], 0)
+    assert not np.isnan(centroids).any()
+    np.testing.assert_allclose(centroids[2], -0.5, rtol=1e-6)
+
+
+def test_spherical_kmeans_step_zero_rows_count_in_cluster_0(xp, rng):
+    C = make_centroids(rng, 3, 5)
+    X = make_rows(rng, 30, 5, C=C)
+    X[[4, 9]] = 0
+    centroids, labels, counts = ops.spherical_kmeans_step(as_lib(X, xp), as_lib(C, xp))
+    assert (to_numpy(labels)[[4, 9]] == 0).all()
+    check_kmeans_step((centroids, labels, counts), X, C)
+
+
+def test_spherical_kmeans_step_iterates_to_a_fixed_point(xp, rng):
+    """Repeated steps on well-separated blobs converge; every step stays consistent."""
+    D, k = 8, 4
+    centers = make_centroids(rng, k, D)
+    X = np.concatenate([c + 0.05 * rng.standard_normal((100, D)) for c in centers]).astype(np.float32)
+    C = (centers + 0.3 * rng.standard_normal((k, D))).astype(np.float32)
+    Cx = as_lib(C, xp)
+    for _ in range(6):
+        result = ops.spherical_kmeans_step(as_lib(X, xp), Cx)
+        check_kmeans_step(result, X, to_numpy(Cx))
+        Cx = result[0]
+    labels = to_numpy(result[1])
+    np.testing.assert_array_equal(np.sort(np.bincount(labels, minlength=k)), [100] * k)
+
+
+def test_spherical_kmeans_step_no_rows(xp):
+    C = np.array([[3.0, 4.0], [0.0, 0.0]], np.float32)
+    centroids, labels, counts = ops.spherical_kmeans_step(as_lib(np.zeros((0, 2), np.float32), xp), as_lib(C, xp))
+    np.testing.assert_array_equal(to_numpy(counts), [0, 0])
+    assert to_numpy(labels).shape == (0,)
+    np.testing.assert_allclose(to_numpy(centroids), [[0.6, 0.8], [0, 0]], rtol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+def test_spherical_kmeans_step_input_dtypes(xp, dtype, rng):
+    C = make_centroids(rng, 5, 7)
+    X = as_lib(make_rows(rng, 120, 7, C=C), xp, dtype)
+    check_kmeans_step(ops.spherical_kmeans_step(X, as_lib(C, xp)), f64(X), C)
