@@ -245,14 +245,28 @@ float pack_a_rows(const Matrix& m, const float* center, int64_t r0, int64_t c0, 
                   double* row_sumsq) {
   return with_loader(m.dtype, [&](auto load) { return pack_panel<MR>(m, load, center, r0, c0, kc, false, Ap, row_sumsq); });
 }
-float pack_a_cols(const Matrix& m, const float* center, int64_t r0, int64_t c0, int64_t kc, float* Ap) {
-  return with_loader(m.dtype, [&](auto load) { return pack_panel<MR>(m, load, center, r0, c0, kc, true, Ap); });
-}
 float pack_b_rows(const Matrix& m, const float* center, int64_t r0, int64_t c0, int64_t kc, float* Bp) {
   return with_loader(m.dtype, [&](auto load) { return pack_panel<NR>(m, load, center, r0, c0, kc, false, Bp); });
 }
 float pack_b_cols(const Matrix& m, const float* center, int64_t r0, int64_t c0, int64_t kc, float* Bp) {
   return with_loader(m.dtype, [&](auto load) { return pack_panel<NR>(m, load, center, r0, c0, kc, true, Bp); });
+}
+
+float pack_column_panels(const Matrix& m, const float* center, int64_t r0, int64_t rows, int64_t p0,
+                         int64_t ld, float* Ap, float* Bp, float* row) {
+  const int64_t D = m.cols, a_panels = ceil_div(D, MR), b_panels = ceil_div(D, NR);
+  std::fill(row + D, row + round_up(D, NR), 0.f);  // the zero columns of the last panels
+  float check = 0.f;
+  for (int64_t r = 0; r < rows; ++r) {
+    load_row(m, center, r0 + r, 0, D, row);
+    for (int64_t d = 0; d < D; ++d) check += row[d] * 0.f;
+    const int64_t p = p0 + r;
+    if (Ap)
+      for (int64_t q = 0; q < a_panels; ++q) std::memcpy(Ap + q * MR * ld + p * MR, row + q * MR, MR * sizeof(float));
+    if (Bp)
+      for (int64_t q = 0; q < b_panels; ++q) std::memcpy(Bp + q * NR * ld + p * NR, row + q * NR, NR * sizeof(float));
+  }
+  return check;
 }
 
 void load_row(const Matrix& m, const float* center, int64_t r, int64_t c0, int64_t n, float* out) {

@@ -44,13 +44,11 @@ inline Matrix matrix_of(const TensorView& v) {
 // subtracted along the operand's columns. Each returns a value that is NaN iff a packed
 // element was NaN or +-Inf (or overflowed float32): `finite_check(...)` tests it.
 //   pack_a_rows: Ap[p*MR + i] = M[r0+i, c0+p] - center[c0+p],  i < MR, p < kc
-//   pack_a_cols: Ap[p*MR + i] = M[r0+p, c0+i] - center[c0+i]   (A from a transposed operand)
 //   pack_b_rows: Bp[p*NR + j] = M[r0+j, c0+p] - center[c0+p],  j < NR
 //   pack_b_cols: Bp[p*NR + j] = M[r0+p, c0+j] - center[c0+j]
 // pack_a_rows also adds each packed row's sum of squares into row_sumsq[i] when given.
 float pack_a_rows(const Matrix& m, const float* center, int64_t r0, int64_t c0, int64_t kc, float* Ap,
                   double* row_sumsq = nullptr);
-float pack_a_cols(const Matrix& m, const float* center, int64_t r0, int64_t c0, int64_t kc, float* Ap);
 float pack_b_rows(const Matrix& m, const float* center, int64_t r0, int64_t c0, int64_t kc, float* Bp);
 float pack_b_cols(const Matrix& m, const float* center, int64_t r0, int64_t c0, int64_t kc, float* Bp);
 
@@ -60,6 +58,13 @@ inline bool finite_check(float flag) { return flag == flag; }
 // best to it and best_j to j0 + (the first j attaining it). NaN values never win.
 using ArgmaxFold = void (*)(const float* c, const float* scale, int64_t n, int64_t j0, float& best, int64_t& best_j);
 ArgmaxFold argmax_fold();
+
+// Rows [r0, r0 + rows) of m, centred, into column panels, reading each row once: the A panel
+// of columns [q*MR, q*MR + MR) sits at Ap + q*MR*ld with element (row r0+p, column q*MR+i) at
+// (p0 + p)*MR + i; B panels likewise with NR (either pointer may be null). Columns beyond
+// m.cols are zero. `row` is scratch of round_up(m.cols, NR) floats. Returns the finite flag.
+float pack_column_panels(const Matrix& m, const float* center, int64_t r0, int64_t rows, int64_t p0,
+                         int64_t ld, float* Ap, float* Bp, float* row);
 
 // Row r of m, columns [c0, c0+n), converted to float32 (and centred) into out.
 void load_row(const Matrix& m, const float* center, int64_t r, int64_t c0, int64_t n, float* out);

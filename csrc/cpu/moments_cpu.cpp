@@ -12,6 +12,7 @@ constexpr int64_t kRowsPerTask = 2048;  // pass 1
 constexpr int64_t R = 512;              // rows per superblock in pass 2 (float32 depth)
 constexpr int64_t TM = 96;              // macro-tile rows (multiple of MR)
 constexpr int64_t TN = 128;             // macro-tile columns (multiple of NR)
+constexpr int64_t kPackRows = 64;       // rows per packing task
 
 void column_sums(const Matrix& X, bool check_finite, double* sums) {
   const int64_t N = X.rows, D = X.cols, tasks = ceil_div(N, kRowsPerTask);
@@ -67,14 +68,17 @@ void moments_cpu(const MomentsArgs& a, Stream) {
   for (int t = 0; t < threads; ++t) tile_acc.push_back(aligned_buffer<float>(TM * TN));
   const MicroKernel kernel = micro_kernel();
 
+  const int pack_threads = parallel_width(R / kPackRows);
+  std::vector<Buffer<float>> row_scratch;
+  for (int t = 0; t < pack_threads; ++t) row_scratch.push_back(aligned_buffer<float>(round_up(D, NR)));
+
   for (int64_t r0 = 0; r0 < N; r0 += R) {
     const int64_t rows = std::min(R, N - r0);
-    parallel_for(a_panels + b_panels, [&](int64_t task, int) {
-      if (task < a_panels)
-        pack_a_cols(X, center.data(), r0, task * MR, rows, Ap.get() + task * MR * R);
-      else
-        pack_b_cols(X, center.data(), r0, (task - a_panels) * NR, rows, Bp.get() + (task - a_panels) * NR * R);
-    });
+    parallel_for(ceil_div(rows, kPackRows), [&](int64_t task, int thread) {
+      const int64_t p0 = task * kPackRows;
+      pack_column_panels(X, center.data(), r0 + p0, std::min(kPackRows, rows - p0), p0, R, Ap.get(), Bp.get(),
+                         row_scratch[static_cast<size_t>(thread)].get());
+    }, pack_threads);
     parallel_for(static_cast<int64_t>(tiles.size()), [&](int64_t t, int thread) {
       const int64_t i0 = tiles[static_cast<size_t>(t)].first, j0 = tiles[static_cast<size_t>(t)].second;
       const int64_t tm = std::min(TM, round_up(D - i0, MR)), tn = std::min(TN, round_up(D - j0, NR));

@@ -60,7 +60,7 @@ void signal_moments_cpu(const SignalMomentsArgs& a, Stream) {
 
   const int threads1 = parallel_width(R / MC);
   struct Phase1State {
-    Buffer<float> Ap, Ct;
+    Buffer<float> Ap, Ct, row;
     std::vector<int64_t> count;
     std::vector<double> sz, szz;
   };
@@ -68,6 +68,7 @@ void signal_moments_cpu(const SignalMomentsArgs& a, Stream) {
   for (auto& s : st) {
     s.Ap = aligned_buffer<float>(MC * D);
     s.Ct = aligned_buffer<float>(MC * Ipad);
+    s.row = aligned_buffer<float>(std::max(round_up(D, NR), round_up(I2, NR)));
     s.count.assign(static_cast<size_t>(I), 0);
     s.sz.assign(static_cast<size_t>(I), 0.0);
     s.szz.assign(static_cast<size_t>(I), 0.0);
@@ -95,34 +96,29 @@ void signal_moments_cpu(const SignalMomentsArgs& a, Stream) {
           flag += pack_a_rows(X, center, r0 + t0 + ir, pc, kc, s.Ap.get() + ir * D + pc * MR);
       }
       flags.add(thread, flag);
-      for (int64_t ic = 0; ic < a_panels; ++ic)
-        pack_a_cols(X, center, r0 + t0, ic * MR, mc, Acols.get() + ic * MR * R + t0 * MR);
+      pack_column_panels(X, center, r0 + t0, mc, t0, R, Acols.get(), nullptr, s.row.get());
       for (int64_t pc = 0; pc < D; pc += KC) {
         const int64_t kc = std::min(KC, D - pc);
         for (int64_t jr = 0; jr < Ipad; jr += NR)
           for (int64_t ir = 0; ir < mpad; ir += MR)
             kernel(kc, s.Ap.get() + ir * D + pc * MR, Wp.get() + pc * Ipad + jr * kc, s.Ct.get() + ir * Ipad + jr, Ipad, pc > 0);
       }
+      float* zm = s.row.get();  // [M, M*Z] of one row, padded to whole B panels
       for (int64_t r = 0; r < mc; ++r) {
         const float* zrow = s.Ct.get() + r * Ipad;
-        for (int64_t c = 0; c < round_up(I2, NR); ++c) {
-          // Column c of [M, M*Z] at row t0 + r of the superblock, in B-panel layout.
-          float v = 0.f;
-          if (c < I2) {
-            const int64_t i = c < I ? c : c - I;
-            const float z = zrow[i] + zoff[static_cast<size_t>(i)];
-            if (z > 0) v = c < I ? 1.f : z;
-          }
-          Zp[(c / NR) * NR * R + (t0 + r) * NR + (c % NR)] = v;
-        }
+        std::fill(zm + I2, zm + round_up(I2, NR), 0.f);
         for (int64_t i = 0; i < I; ++i) {
           const float z = zrow[i] + zoff[static_cast<size_t>(i)];
-          if (z > 0) {
+          const bool positive = z > 0;
+          zm[i] = positive ? 1.f : 0.f;
+          zm[I + i] = positive ? z : 0.f;
+          if (positive) {
             s.count[static_cast<size_t>(i)] += 1;
             s.sz[static_cast<size_t>(i)] += z;
             s.szz[static_cast<size_t>(i)] += static_cast<double>(z) * z;
           }
         }
+        for (int64_t q = 0; q < z_panels; ++q) std::memcpy(Zp.get() + q * NR * R + (t0 + r) * NR, zm + q * NR, NR * sizeof(float));
       }
     }, threads1);
     // Phase 2: S += X~^T [M, M*Z] over this superblock.
