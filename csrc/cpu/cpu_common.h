@@ -25,9 +25,7 @@ inline void require_finite(float flag, const char* name) {
 inline void require_finite_vector(const TensorView& v, const char* name) {
   if (!v.present) return;
   const float* p = v.ptr<const float>();
-  float flag = 0.f;
-  for (int64_t i = 0; i < v.numel(); ++i) flag += p[i] * 0.f;
-  require_finite(flag, name);
+  require_finite(nonfinite_flag(p, v.numel()), name);
 }
 
 // Per-thread flags combined after a parallel pass.

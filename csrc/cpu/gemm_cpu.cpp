@@ -83,41 +83,56 @@ auto with_loader(DType t, F&& f) {
 
 // Copies a (rows x kc) slice with element (i, p) = M[r0 + i*ri + p*rp, c0 + i*ci + p*cp] into
 // dst[p*W + i] (W = panel width), zero beyond the operand, centre subtracted along columns.
+// Row r of m, columns [c0, c0+n), converted into out (unit-stride fast path vectorises).
+template <class L>
+inline void convert_row(const Matrix& m, const L& load, int64_t r, int64_t c0, int64_t n, float* __restrict out) {
+  const int64_t base = r * m.s0 + c0 * m.s1;
+  if (m.s1 == 1) {
+    for (int64_t p = 0; p < n; ++p) out[p] = load(m.data, base + p);
+  } else {
+    for (int64_t p = 0; p < n; ++p) out[p] = load(m.data, base + p * m.s1);
+  }
+}
+
+inline void subtract(float* __restrict v, const float* __restrict c, int64_t n) {
+  for (int64_t p = 0; p < n; ++p) v[p] -= c[p];
+}
+
+// Copies a slice of m into a panel of width W: dst[p*W + i], zero beyond the operand, centre
+// subtracted along columns. Rows case: i walks rows r0+i and p walks columns c0+p; columns
+// case: i walks columns c0+i and p walks rows r0+p.
 template <int W, class L>
 float pack_panel(const Matrix& m, const L& load, const float* center, int64_t r0, int64_t c0,
                  int64_t kc, bool panel_runs_down_rows, float* dst, double* row_sumsq = nullptr) {
   float check = 0.f;
   if (!panel_runs_down_rows) {
-    // Panel index i walks rows r0+i; depth p walks columns c0+p.
-    int64_t valid = std::min<int64_t>(W, m.rows - r0);
-    for (int64_t i = 0; i < W; ++i) {
-      if (i >= valid) {
-        for (int64_t p = 0; p < kc; ++p) dst[p * W + i] = 0.f;
-        continue;
+    // Convert whole row segments first (vectorisable), then interleave them into the panel.
+    constexpr int64_t kChunk = 256;
+    alignas(64) float tmp[W][kChunk];
+    const int64_t valid = std::min<int64_t>(W, m.rows - r0);
+    for (int64_t p0 = 0; p0 < kc; p0 += kChunk) {
+      const int64_t n = std::min(kChunk, kc - p0);
+      for (int64_t i = 0; i < W; ++i) {
+        if (i >= valid) {
+          std::fill(tmp[i], tmp[i] + n, 0.f);
+          continue;
+        }
+        convert_row(m, load, r0 + i, c0 + p0, n, tmp[i]);
+        if (center) subtract(tmp[i], center + c0 + p0, n);
+        check += nonfinite_flag(tmp[i], n);
+        if (row_sumsq) row_sumsq[i] += sum_squares(tmp[i], n);
       }
-      int64_t base = (r0 + i) * m.s0 + c0 * m.s1;
-      float sq = 0.f;
-      for (int64_t p = 0; p < kc; ++p) {
-        float v = load(m.data, base + p * m.s1);
-        if (center) v -= center[c0 + p];
-        check += v * 0.f;
-        sq += v * v;
-        dst[p * W + i] = v;
-      }
-      if (row_sumsq) row_sumsq[i] += sq;
+      float* out = dst + p0 * W;
+      for (int64_t p = 0; p < n; ++p)
+        for (int i = 0; i < W; ++i) out[p * W + i] = tmp[i][p];
     }
   } else {
-    // Panel index i walks columns c0+i; depth p walks rows r0+p.
-    int64_t valid = std::min<int64_t>(W, m.cols - c0);
+    const int64_t valid = std::min<int64_t>(W, m.cols - c0);
     for (int64_t p = 0; p < kc; ++p) {
-      int64_t base = (r0 + p) * m.s0 + c0 * m.s1;
       float* out = dst + p * W;
-      for (int64_t i = 0; i < valid; ++i) {
-        float v = load(m.data, base + i * m.s1);
-        if (center) v -= center[c0 + i];
-        check += v * 0.f;
-        out[i] = v;
-      }
+      convert_row(m, load, r0 + p, c0, valid, out);
+      if (center) subtract(out, center + c0, valid);
+      check += nonfinite_flag(out, valid);
       for (int64_t i = valid; i < W; ++i) out[i] = 0.f;
     }
   }
@@ -259,7 +274,7 @@ float pack_column_panels(const Matrix& m, const float* center, int64_t r0, int64
   float check = 0.f;
   for (int64_t r = 0; r < rows; ++r) {
     load_row(m, center, r0 + r, 0, D, row);
-    for (int64_t d = 0; d < D; ++d) check += row[d] * 0.f;
+    check += nonfinite_flag(row, D);
     const int64_t p = p0 + r;
     if (Ap)
       for (int64_t q = 0; q < a_panels; ++q) std::memcpy(Ap + q * MR * ld + p * MR, row + q * MR, MR * sizeof(float));
@@ -271,8 +286,8 @@ float pack_column_panels(const Matrix& m, const float* center, int64_t r0, int64
 
 void load_row(const Matrix& m, const float* center, int64_t r, int64_t c0, int64_t n, float* out) {
   with_loader(m.dtype, [&](auto load) {
-    int64_t base = r * m.s0 + c0 * m.s1;
-    for (int64_t i = 0; i < n; ++i) out[i] = load(m.data, base + i * m.s1) - (center ? center[c0 + i] : 0.f);
+    convert_row(m, load, r, c0, n, out);
+    if (center) subtract(out, center + c0, n);
     return 0;
   });
 }

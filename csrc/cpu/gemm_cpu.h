@@ -54,6 +54,30 @@ float pack_b_cols(const Matrix& m, const float* center, int64_t r0, int64_t c0, 
 
 inline bool finite_check(float flag) { return flag == flag; }
 
+// NaN iff some v[i] is NaN or +-Inf. Eight independent lanes: the loop vectorises without
+// reassociating floating-point sums.
+inline float nonfinite_flag(const float* v, int64_t n) {
+  float lanes[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) lanes[j] += v[i + j] * 0.f;
+  float flag = 0.f;
+  for (; i < n; ++i) flag += v[i] * 0.f;
+  for (float l : lanes) flag += l;
+  return flag;
+}
+
+// Sum of squares in float64, four independent lanes.
+inline double sum_squares(const float* v, int64_t n) {
+  double lanes[4] = {};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int j = 0; j < 4; ++j) lanes[j] += static_cast<double>(v[i + j]) * v[i + j];
+  double s = 0;
+  for (; i < n; ++i) s += static_cast<double>(v[i]) * v[i];
+  return s + lanes[0] + lanes[1] + lanes[2] + lanes[3];
+}
+
 // Folds v_j = scale[j] * c[j], j < n, into a running argmax: when max_j v_j > best, sets
 // best to it and best_j to j0 + (the first j attaining it). NaN values never win.
 using ArgmaxFold = void (*)(const float* c, const float* scale, int64_t n, int64_t j0, float& best, int64_t& best_j);

@@ -25,10 +25,8 @@ void column_sums(const Matrix& X, bool check_finite, double* sums) {
     float flag = 0.f;
     for (int64_t n = task * kRowsPerTask; n < std::min(N, (task + 1) * kRowsPerTask); ++n) {
       load_row(X, nullptr, n, 0, D, row.data());
-      for (int64_t d = 0; d < D; ++d) {
-        acc[d] += row[static_cast<size_t>(d)];
-        flag += row[static_cast<size_t>(d)] * 0.f;
-      }
+      for (int64_t d = 0; d < D; ++d) acc[d] += row[static_cast<size_t>(d)];
+      flag += nonfinite_flag(row.data(), D);
     }
     flags.add(thread, flag);
   }, threads);

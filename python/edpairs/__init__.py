@@ -5,19 +5,26 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import ops, reference
+from . import metrics, ops, reference, synthetic
+from .cluster import SphericalKMeans, Whitener
 from .errors import BackendUnavailable, CudaError
+from .pairs import EDPairs
 
 __all__ = [
     "BackendUnavailable",
     "CudaError",
+    "EDPairs",
+    "SphericalKMeans",
+    "Whitener",
     "__version__",
     "build_info",
     "cuda_device_count",
     "get_num_threads",
+    "metrics",
     "ops",
     "reference",
     "set_num_threads",
+    "synthetic",
 ]
 
 

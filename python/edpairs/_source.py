@@ -1,0 +1,136 @@
+"""Data sources for the estimators: one in-memory array, or a re-iterable collection of (n, D)
+chunks (a list, or a callable that returns a fresh iterator), read pass after pass. Every
+estimator streams through chunks, so data larger than memory fits the same way."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, List, Optional
+
+import numpy as np
+
+from ._arrays import FLOAT_INPUTS, as_array, namespace_of
+
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+class ChunkSource:
+    """Re-iterable (n_i, D) chunks with a known number of columns.
+
+    ``data`` may be a 2-D array (numpy, torch, cupy), a list/tuple of 2-D arrays, or a
+    zero-argument callable returning an iterator of 2-D arrays. A one-shot iterator or
+    generator is refused: fitting reads the data several times."""
+
+    def __init__(self, data, *, chunk_rows: Optional[int] = None, name: str = "X"):
+        self.name = name
+        self._array = None
+        self._chunks: Optional[List] = None
+        self._factory: Optional[Callable[[], Iterator]] = None
+        if callable(data) and not hasattr(data, "shape"):
+            self._factory = data
+        elif isinstance(data, (list, tuple)):
+            if len(data) == 0:
+                raise ValueError(f"{name} is an empty list of chunks")
+            self._chunks = [self._check(as_array(c, name)) for c in data]
+        elif hasattr(data, "__next__") or (hasattr(data, "__iter__") and not hasattr(data, "shape") and not isinstance(data, np.ndarray)):
+            raise TypeError(
+                f"{name} is a one-shot iterator; fitting reads the data several times: pass an array, "
+                "a list of chunks, or a callable that returns a fresh iterator of chunks"
+            )
+        else:
+            self._array = self._check(as_array(data, name))
+        first = self._array if self._array is not None else (self._chunks[0] if self._chunks else None)
+        self.n_features: Optional[int] = None if first is None else int(first.shape[1])
+        if self._array is not None:
+            self.n_samples: Optional[int] = int(self._array.shape[0])
+            itemsize = np.dtype("float32").itemsize if namespace_of(self._array).name != "numpy" else self._array.itemsize
+            per_row = max(1, int(self._array.shape[1]) * max(itemsize, 2))
+            self.chunk_rows = chunk_rows or max(1, DEFAULT_CHUNK_BYTES // per_row)
+        elif self._chunks is not None:
+            self.n_samples = int(sum(c.shape[0] for c in self._chunks))
+            self.chunk_rows = chunk_rows
+        else:
+            self.n_samples = None
+            self.chunk_rows = chunk_rows
+
+    @property
+    def in_memory(self) -> bool:
+        """True for a single in-memory array (labels of all rows can be kept)."""
+        return self._array is not None
+
+    @property
+    def array(self):
+        return self._array
+
+    def _check(self, X):
+        xp = namespace_of(X)
+        if X.ndim != 2:
+            raise ValueError(f"{self.name} chunks must be 2-D (n, D), got shape {tuple(X.shape)}")
+        if xp.dtype_name(X) not in FLOAT_INPUTS:
+            raise ValueError(
+                f"{self.name} dtype not supported: expected float32, float64, float16 or bfloat16, got {xp.dtype_name(X)}"
+            )
+        if getattr(self, "n_features", None) is not None and X.shape[1] != self.n_features:
+            raise ValueError(f"{self.name} chunks must all have {self.n_features} columns, got shape {tuple(X.shape)}")
+        return X
+
+    def __iter__(self) -> Iterator:
+        if self._array is not None:
+            N = self._array.shape[0]
+            step = self.chunk_rows
+            for s in range(0, N, step):
+                yield self._array[s:s + step]
+            return
+        it = iter(self._chunks) if self._chunks is not None else iter(self._factory())
+        total = 0
+        for chunk in it:
+            chunk = self._check(as_array(chunk, self.name))
+            if self.n_features is None:
+                self.n_features = int(chunk.shape[1])
+            if chunk.shape[0] == 0:
+                continue
+            total += int(chunk.shape[0])
+            if self.chunk_rows and chunk.shape[0] > self.chunk_rows:
+                for s in range(0, chunk.shape[0], self.chunk_rows):
+                    yield chunk[s:s + self.chunk_rows]
+            else:
+                yield chunk
+        if self.n_samples is None:
+            self.n_samples = total
+        elif total != self.n_samples:
+            raise ValueError(
+                f"{self.name} changed between passes: {self.n_samples} rows before, {total} now; "
+                "a callable source must return the same chunks every time"
+            )
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """Rows at the given sorted global indices, as float64 numpy (for seeding on a sample)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((rows.size, self.n_features), dtype=np.float64)
+        if self._array is not None:
+            return _to_numpy64(self._array[_index_for(self._array, rows)])
+        offset, k = 0, 0
+        for chunk in self:
+            n = chunk.shape[0]
+            j = np.searchsorted(rows, offset + n, side="left")
+            if j > k:
+                out[k:j] = _to_numpy64(chunk[_index_for(chunk, rows[k:j] - offset)])
+                k = j
+            offset += n
+            if k == rows.size:
+                break
+        return out
+
+
+def _index_for(X, idx: np.ndarray):
+    xp = namespace_of(X)
+    if xp.name == "numpy":
+        return idx
+    return xp.mod.asarray(idx) if xp.name == "cupy" else xp.mod.as_tensor(idx, device=X.device)
+
+
+def _to_numpy64(a) -> np.ndarray:
+    if hasattr(a, "detach"):
+        return a.detach().float().cpu().numpy().astype(np.float64)
+    if type(a).__module__.startswith("cupy"):
+        return a.get().astype(np.float64)
+    return np.asarray(a, dtype=np.float64)

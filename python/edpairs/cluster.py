@@ -1,0 +1,363 @@
+"""Directional clustering (DESIGN section 2, stage 2): spherical k-means over streamed chunks on
+the fused assignment kernel, in raw coordinates (:class:`SphericalKMeans`) or in whitened
+coordinates z = P(x - mean) without ever materialising z (:class:`Whitener`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+
+from . import ops
+from ._arrays import namespace_of
+from ._progress import Progress
+from ._source import ChunkSource, _to_numpy64
+
+__all__ = ["SphericalKMeans", "Whitener"]
+
+
+def _host64(a) -> np.ndarray:
+    return _to_numpy64(a)
+
+
+def _unit_rows(M: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(M, axis=1, keepdims=True)
+    return np.divide(M, n, out=np.zeros_like(M), where=n > 0)
+
+
+@dataclass
+class Whitener:
+    """z = P (x - mean) with Cov(z) = I on the retained rank: P = L^{-1/2} U^T over the
+    eigenvalues L of the covariance above ``rtol * max(L)`` (directions where the data does
+    not vary are dropped instead of blown up)."""
+
+    mean: np.ndarray         # (D,) float64
+    P: np.ndarray            # (r, D) float64
+    eigenvalues: np.ndarray  # (r,) retained eigenvalues, descending
+
+    @classmethod
+    def from_covariance(cls, mean, cov, *, rtol: float = 1e-5) -> "Whitener":
+        mean = np.asarray(mean, dtype=np.float64)
+        cov = np.asarray(cov, dtype=np.float64)
+        cov = 0.5 * (cov + cov.T)
+        vals, vecs = np.linalg.eigh(cov)
+        order = np.argsort(vals)[::-1]
+        vals, vecs = vals[order], vecs[:, order]
+        if not vals.size or vals[0] <= 0:
+            raise ValueError("the data is constant (zero covariance): there are no directions to find")
+        keep = vals > rtol * vals[0]
+        vals, vecs = vals[keep], vecs[:, keep]
+        # Fix the eigenvector signs so that results do not depend on the LAPACK build.
+        signs = np.sign(vecs[np.argmax(np.abs(vecs), axis=0), np.arange(vecs.shape[1])])
+        vecs = vecs * signs
+        return cls(mean, (vecs / np.sqrt(vals)).T, vals)
+
+    @property
+    def rank(self) -> int:
+        return int(self.P.shape[0])
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        return (np.asarray(X, dtype=np.float64) - self.mean) @ self.P.T
+
+
+class _Geometry:
+    """Where cosines are measured. Plain: between raw rows and centroids. Whitened: between
+    z = P(x - mean) and unit whitened centroids c, computed on raw rows as
+    (x - mean) . (P^T c) / ||P(x - mean)||; the per-row norms are cached per chunk."""
+
+    def __init__(self, whitener: Optional[Whitener] = None):
+        self.whitener = whitener
+        self._row_scale: List = []
+
+    @property
+    def dim(self) -> Optional[int]:
+        return None if self.whitener is None else self.whitener.rank
+
+    def filters(self, C: np.ndarray) -> np.ndarray:
+        """Raw-space filters (k, D) for clustering-space unit centroids C."""
+        return C if self.whitener is None else C @ self.whitener.P
+
+    def center(self):
+        return None if self.whitener is None else self.whitener.mean.astype(np.float32)
+
+    def col_scale(self, k: int):
+        return None if self.whitener is None else np.ones(k, np.float32)
+
+    def row_scale(self, index: int, chunk):
+        if self.whitener is None:
+            return None
+        while len(self._row_scale) <= index:
+            self._row_scale.append(None)
+        if self._row_scale[index] is None:
+            xp = namespace_of(chunk)
+            P = xp.asarray(self.whitener.P.astype(np.float32), chunk)
+            mu = xp.asarray(self.whitener.mean.astype(np.float32), chunk)
+            x = xp.astype(chunk, "float32") if xp.dtype_name(chunk) != "float32" else chunk
+            norms = (((x - mu) @ P.T) ** 2).sum(1) ** 0.5
+            self._row_scale[index] = xp.contiguous(xp.astype(1.0 / (norms + (norms == 0)) * (norms > 0), "float32"))
+        return self._row_scale[index]
+
+    def centroids_from_sums(self, sums: np.ndarray) -> np.ndarray:
+        return _unit_rows(sums if self.whitener is None else sums @ self.whitener.P.T)
+
+    def embed(self, rows: np.ndarray) -> np.ndarray:
+        """Unit vectors in clustering space for raw rows (float64)."""
+        return _unit_rows(rows if self.whitener is None else self.whitener.transform(rows))
+
+
+def _kmeanspp(E: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-means++ on unit vectors E (m, r): the spherical distance 1 - cos plays the role
+    of the squared Euclidean distance (||a - b||^2 = 2(1 - cos) for unit vectors)."""
+    m = E.shape[0]
+    valid = np.flatnonzero(np.linalg.norm(E, axis=1) > 0)
+    if valid.size == 0:
+        raise ValueError("every row is zero (after centring): cosines are undefined")
+    trials = 2 + int(math.log(k))
+    centers = np.empty((k, E.shape[1]))
+    first = rng.choice(valid)
+    centers[0] = E[first]
+    closest = np.clip(1.0 - E @ E[first], 0.0, None)
+    closest[np.linalg.norm(E, axis=1) == 0] = 0.0
+    for c in range(1, k):
+        potential = closest.sum()
+        if potential <= 1e-12:  # fewer distinct directions than clusters: duplicate, re-seeded later
+            centers[c] = E[rng.choice(valid)]
+            continue
+        cand = rng.choice(m, size=trials, p=closest / potential)
+        dist = np.clip(1.0 - E[cand] @ E.T, 0.0, None)
+        new = np.minimum(closest[None, :], dist)
+        best = int(np.argmin(new.sum(1)))
+        centers[c] = E[cand[best]]
+        closest = new[best]
+    return centers
+
+
+@dataclass
+class _LloydResult:
+    centers: np.ndarray  # (k, r) unit, clustering space
+    mean_cosine: float
+    counts: np.ndarray
+    n_iter: int
+    labels: Optional[object] = None  # in-memory data only: labels of the final centres
+
+
+def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter: int, tol: float,
+           check_finite: bool, progress: Progress, keep_labels: bool) -> _LloydResult:
+    """Full-batch spherical k-means, streaming the chunks once per iteration, then one more
+    pass to label every row with the final centres."""
+    k = C.shape[0]
+    previous = None
+    n_iter = 0
+    for it in range(max_iter + 1):
+        final = it == max_iter
+        F = geometry.filters(C).astype(np.float32)
+        col_scale = geometry.col_scale(k)
+        sums = np.zeros((k, source.n_features))
+        counts = np.zeros(k, np.int64)
+        total, n = 0.0, 0
+        worst_scores, worst_rows = [], []
+        labels = [] if keep_labels else None
+        for index, chunk in enumerate(source):
+            res = ops.assign(chunk, F, center=geometry.center(), row_scale=geometry.row_scale(index, chunk),
+                             col_scale=col_scale, accumulate=True, check_finite=check_finite and it == 0)
+            sums += _host64(res.sums)
+            counts += _host64(res.counts).astype(np.int64)
+            scores = _host64(res.scores)
+            total += float(scores.sum())
+            n += scores.size
+            if keep_labels:
+                labels.append(res.labels)
+            m = min(k, scores.size)
+            low = np.argpartition(scores, m - 1)[:m] if m < scores.size else np.arange(scores.size)
+            worst_scores.append(scores[low])
+            worst_rows.append(_host64(chunk[low if namespace_of(chunk).name == "numpy" else _device_index(chunk, low)]))
+        mean_cosine = total / max(n, 1)
+        new = geometry.centroids_from_sums(sums)
+        empty = (counts == 0) | (np.linalg.norm(new, axis=1) == 0)
+        new[empty] = C[empty]
+        if empty.any():
+            # Re-seed empty clusters from the worst-fit rows (lowest cosine to their centre).
+            scores_all = np.concatenate(worst_scores)
+            rows_all = np.concatenate(worst_rows)
+            order = np.argsort(scores_all, kind="stable")
+            E = geometry.embed(rows_all[order])
+            E = E[np.linalg.norm(E, axis=1) > 0]
+            for j, e in zip(np.flatnonzero(empty), E):
+                new[j] = e
+        progress.update(1, note=f"mean cos {mean_cosine:.5f}")
+        converged = previous is not None and abs(mean_cosine - previous) <= tol * max(abs(previous), 1e-12) and not empty.any()
+        if final or converged:
+            # This pass assigned rows to C (not to `new`): C and these labels belong together.
+            lab = None
+            if keep_labels:
+                lab = labels[0] if len(labels) == 1 else _concat(labels)
+            return _LloydResult(C, mean_cosine, counts, n_iter, lab)
+        previous = mean_cosine
+        C = new
+        n_iter += 1
+    raise AssertionError("unreachable")
+
+
+def _device_index(chunk, idx):
+    xp = namespace_of(chunk)
+    return xp.mod.asarray(idx) if xp.name == "cupy" else xp.mod.as_tensor(idx, device=chunk.device)
+
+
+def _concat(parts):
+    xp = namespace_of(parts[0])
+    if xp.name == "torch":
+        return xp.mod.cat(parts)
+    return xp.mod.concatenate(parts)
+
+
+def _seed_sample(source: ChunkSource, geometry: _Geometry, size: int, rng: np.random.Generator) -> np.ndarray:
+    N = source.n_samples
+    rows = np.sort(rng.choice(N, size=min(N, size), replace=False))
+    return geometry.embed(source.gather(rows))
+
+
+def _count_rows(source: ChunkSource) -> None:
+    if source.n_samples is None:
+        for _ in source:
+            pass
+
+
+def cluster(source: ChunkSource, n_clusters: int, *, geometry: _Geometry, init="k-means++", n_init: int = 1,
+            max_iter: int = 100, tol: float = 1e-6, init_size: Optional[int] = None, random_state=None,
+            check_finite: bool = True, progress: Optional[bool] = None, keep_labels: bool = False,
+            desc: str = "spherical k-means") -> _LloydResult:
+    """Spherical k-means on a chunk source with restarts; the best mean cosine wins."""
+    _count_rows(source)
+    N = source.n_samples
+    if n_clusters < 1:
+        raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
+    if n_clusters > N:
+        raise ValueError(f"n_clusters={n_clusters} is larger than the number of rows N={N}")
+    rng = np.random.default_rng(random_state)
+    best = None
+    with Progress(total=None, desc=desc, enabled=progress, unit=" iterations") as bar:
+        for restart in range(n_init if isinstance(init, str) else 1):
+            if isinstance(init, str):
+                size = init_size or max(20 * n_clusters, 4096)
+                E = _seed_sample(source, geometry, size, rng)
+                if init == "k-means++":
+                    C0 = _kmeanspp(E, n_clusters, rng)
+                elif init == "random":
+                    live = np.flatnonzero(np.linalg.norm(E, axis=1) > 0)
+                    C0 = E[rng.choice(live, size=n_clusters, replace=live.size < n_clusters)]
+                else:
+                    raise ValueError(f"init must be 'k-means++', 'random' or an array of centroids, got {init!r}")
+            else:
+                C0 = _unit_rows(_host64(init))
+                dim = geometry.dim or source.n_features
+                if C0.shape != (n_clusters, dim):
+                    raise ValueError(f"init centroids must have shape ({n_clusters}, {dim}), got {C0.shape}")
+            bar.set_description(f"{desc} (restart {restart + 1})" if n_init > 1 else desc)
+            res = _lloyd(source, geometry, C0, max_iter=max_iter, tol=tol, check_finite=check_finite,
+                         progress=bar, keep_labels=keep_labels)
+            if best is None or res.mean_cosine > best.mean_cosine:
+                best = res
+    return best
+
+
+class SphericalKMeans:
+    """Spherical k-means: rows are compared by cosine similarity and each centroid is the
+    normalised sum of its members' unit vectors. Runs on edpairs' fused assignment kernel
+    (CPU or CUDA), streams over chunks, never forms the N x k score matrix.
+
+    ``fit`` takes an (N, D) array (numpy, torch, cupy) or a re-iterable of chunks (a list, or a
+    callable returning a fresh iterator); with chunks it performs exactly the same Lloyd
+    iterations as on their concatenation. ``partial_fit`` is the online (mini-batch) variant.
+
+    Fitted attributes: ``cluster_centers_`` (k, D) unit rows in the data's library and
+    device, ``labels_`` (in-memory data only), ``counts_``, ``mean_cosine_``, ``inertia_``
+    (sum over rows of 1 - cos, lower is better, like scikit-learn's), ``n_iter_``.
+    """
+
+    def __init__(self, n_clusters: int = 8, *, init="k-means++", n_init: int = 1, max_iter: int = 100,
+                 tol: float = 1e-6, init_size: Optional[int] = None, random_state=None, check_finite: bool = True,
+                 progress: Optional[bool] = None, chunk_rows: Optional[int] = None):
+        self.n_clusters = n_clusters
+        self.init = init
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.init_size = init_size
+        self.random_state = random_state
+        self.check_finite = check_finite
+        self.progress = progress
+        self.chunk_rows = chunk_rows
+
+    def _validate(self) -> None:
+        if not isinstance(self.n_clusters, (int, np.integer)) or self.n_clusters < 1:
+            raise ValueError(f"n_clusters must be a positive integer, got {self.n_clusters!r}")
+        if self.n_init < 1 or self.max_iter < 1:
+            raise ValueError(f"n_init and max_iter must be >= 1, got {self.n_init} and {self.max_iter}")
+        if self.tol < 0:
+            raise ValueError(f"tol must be >= 0, got {self.tol}")
+
+    def fit(self, X, y=None) -> "SphericalKMeans":
+        self._validate()
+        source = ChunkSource(X, chunk_rows=self.chunk_rows)
+        res = cluster(source, int(self.n_clusters), geometry=_Geometry(), init=self.init, n_init=self.n_init,
+                      max_iter=self.max_iter, tol=self.tol, init_size=self.init_size, random_state=self.random_state,
+                      check_finite=self.check_finite, progress=self.progress, keep_labels=source.in_memory)
+        like = source.array if source.in_memory else next(iter(source))
+        xp = namespace_of(like)
+        self.cluster_centers_ = xp.asarray(res.centers.astype(np.float32), like)
+        self.labels_ = res.labels
+        self.counts_ = res.counts
+        self.mean_cosine_ = float(res.mean_cosine)
+        self.inertia_ = float((1.0 - res.mean_cosine) * source.n_samples)
+        self.n_iter_ = res.n_iter
+        self.n_features_in_ = source.n_features
+        self._sums = None
+        return self
+
+    def partial_fit(self, X, y=None) -> "SphericalKMeans":
+        """One online step on a batch: assign it to the current centroids and move each centroid
+        to the normalised running sum of every unit vector assigned to it so far."""
+        self._validate()
+        X, xp = ops._data(X)
+        if not hasattr(self, "cluster_centers_") or getattr(self, "_sums", None) is None:
+            if X.shape[0] < self.n_clusters:
+                raise ValueError(f"the first batch needs at least n_clusters={self.n_clusters} rows, got {X.shape[0]}")
+            rng = np.random.default_rng(self.random_state)
+            E = _unit_rows(_host64(X))
+            C = _kmeanspp(E, self.n_clusters, rng) if self.init == "k-means++" else _unit_rows(_host64(self.init)) \
+                if not isinstance(self.init, str) else E[rng.choice(E.shape[0], self.n_clusters, replace=False)]
+            self._sums = np.zeros((self.n_clusters, X.shape[1]))
+            self.counts_ = np.zeros(self.n_clusters, np.int64)
+            self._centers = C
+            self.n_features_in_ = X.shape[1]
+        elif X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} columns but the model was fitted on {self.n_features_in_}")
+        res = ops.assign(X, self._centers.astype(np.float32), accumulate=True, check_finite=self.check_finite)
+        self._sums += _host64(res.sums)
+        self.counts_ += _host64(res.counts).astype(np.int64)
+        new = _unit_rows(self._sums)
+        live = (self.counts_ > 0) & (np.linalg.norm(new, axis=1) > 0)
+        self._centers = np.where(live[:, None], new, self._centers)
+        self.cluster_centers_ = xp.asarray(self._centers.astype(np.float32), X)
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "cluster_centers_"):
+            raise ValueError("this SphericalKMeans is not fitted yet: call fit or partial_fit first")
+
+    def predict(self, X):
+        """Index of the most cosine-similar centroid of each row (X's library and device)."""
+        self._check_fitted()
+        X, xp = ops._data(X)
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} columns but the model was fitted on {self.n_features_in_}")
+        return ops.cosine_assign(X, _host64(self.cluster_centers_).astype(np.float32), check_finite=self.check_finite)[0]
+
+    def score(self, X) -> float:
+        """Mean cosine of the rows of X to their nearest centroid (higher is better)."""
+        self._check_fitted()
+        X, xp = ops._data(X)
+        scores = ops.cosine_assign(X, _host64(self.cluster_centers_).astype(np.float32), check_finite=self.check_finite)[1]
+        return float(_host64(scores).mean()) if X.shape[0] else float("nan")

@@ -1,0 +1,412 @@
+"""The EDPairs estimator (DESIGN section 2, stages 1, 2 and 4): decoding directions (filters and
+thresholds) from directional clustering in whitened coordinates, encoding directions (signal
+vectors) from the positives of each detector, refined jointly so that each filter reads its
+own signal with gain 1 and the others with 0. Every stage streams over chunks."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Optional
+
+import numpy as np
+
+from . import ops
+from ._arrays import namespace_of
+from ._progress import Progress
+from ._source import ChunkSource, _to_numpy64
+from .cluster import Whitener, _Geometry, _unit_rows, cluster
+
+__all__ = ["EDPairs", "positives_signal_vectors", "whole_data_signal_vectors"]
+
+FORMAT = "edpairs.pairs"
+FORMAT_VERSION = 1
+METHODS = ("centroid", "discriminant", "biorthogonal")
+
+
+def positives_signal_vectors(stats: ops.SignalMoments, *, min_count: int = 2):
+    """s_i = Cov_P(x, z_i) / Var_P(z_i) over the positives P_i of each detector (stage 4).
+
+    Returns (S (I, D) float64, ok (I,) bool); rows with fewer than ``min_count`` positives or
+    no variance of z among them are zero and flagged False."""
+    n = _to_numpy64(stats.count)
+    sx, sz, szz, sxz = (_to_numpy64(a) for a in (stats.sum_x, stats.sum_z, stats.sum_zz, stats.sum_xz))
+    safe = np.maximum(n, 1)
+    mean_x = sx / safe[:, None]
+    mean_z = sz / safe
+    var_z = szz / safe - mean_z**2
+    cov_xz = sxz / safe[:, None] - mean_x * mean_z[:, None]
+    ok = (n >= min_count) & (var_z > 1e-12 * np.maximum(szz / safe, 1e-300))
+    S = np.zeros_like(cov_xz)
+    S[ok] = cov_xz[ok] / var_z[ok, None]
+    return S, ok
+
+
+def whole_data_signal_vectors(W: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """The classic estimator s = Cov w / (w^T Cov w) (PatternNet / LEACE), rows of W (I, D)."""
+    W = np.asarray(W, dtype=np.float64)
+    CW = W @ np.asarray(cov, dtype=np.float64)  # (I, D): rows Cov w_i (Cov is symmetric)
+    return CW / np.einsum("id,id->i", CW, W)[:, None]
+
+
+class EDPairs:
+    """Encoding-decoding direction pairs of the concepts a layer represents.
+
+    Parameters
+    ----------
+    n_concepts : number of concepts I to find.
+    method : how decoding directions are formed from the whitened clusters —
+        ``"centroid"`` (default; measured best on ground truth, see benchmarks/README.md):
+        the raw-space filters ``P^T c_i`` of the whitened centroids;
+        ``"discriminant"``: closed-form ``Cov^+ (mu_i - mu)`` from the cluster means;
+        ``"biorthogonal"``: centroid filters, then alternating ``W <- (W S^T)^+ W`` with
+        positives-only re-estimation of the signal vectors S (each filter reads its own signal
+        with gain 1 and the others with 0). With mutually exclusive concepts the cluster
+        filters span one dimension less than the concepts, which this cannot restore.
+    whiten : cluster in whitened coordinates (True) or merely standardised ones.
+    signal : ``"positives"`` (stage 4 estimator, default) or ``"whole"`` (``Cov w / w^T Cov w``).
+    n_init, max_iter, tol, init_size : spherical k-means restarts, iterations, relative
+        tolerance on the mean cosine, rows sampled for k-means++ seeding.
+    refine_iter, refine_tol : biorthogonal iterations and their stopping tolerance.
+    random_state : seed; the same seed gives the same pairs, for an array or its chunks.
+    progress : progress display on stderr (default: only when stderr is a terminal).
+    metadata : JSON-serialisable description (model, layer, preprocessing) kept with the pairs.
+
+    Fitted attributes (numpy float32): ``decoding_`` (I, D), ``bias_`` (I,), ``encoding_`` (I, D),
+    ``mean_`` (D,), ``n_positives_`` (I,), ``whitener_``, ``cluster_centers_`` (whitened),
+    ``n_samples_``. ``detect``, ``latent_factors`` and ``decode`` return X's library/device.
+    """
+
+    def __init__(self, n_concepts: int, *, method: str = "centroid", whiten: bool = True,
+                 signal: str = "positives", n_init: int = 3, max_iter: int = 100, tol: float = 1e-6,
+                 init_size: Optional[int] = None, refine_iter: int = 20, refine_tol: float = 1e-5,
+                 whiten_rtol: float = 1e-5, random_state=None, check_finite: bool = True,
+                 progress: Optional[bool] = None, chunk_rows: Optional[int] = None, metadata: Optional[dict] = None):
+        self.n_concepts = n_concepts
+        self.method = method
+        self.whiten = whiten
+        self.signal = signal
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.init_size = init_size
+        self.refine_iter = refine_iter
+        self.refine_tol = refine_tol
+        self.whiten_rtol = whiten_rtol
+        self.random_state = random_state
+        self.check_finite = check_finite
+        self.progress = progress
+        self.chunk_rows = chunk_rows
+        self.metadata = metadata
+
+    # ---- fitting ------------------------------------------------------------------------
+    def _validate(self) -> None:
+        if not isinstance(self.n_concepts, (int, np.integer)) or self.n_concepts < 1:
+            raise ValueError(f"n_concepts must be a positive integer, got {self.n_concepts!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.signal not in ("positives", "whole"):
+            raise ValueError(f"signal must be 'positives' or 'whole', got {self.signal!r}")
+        if self.refine_iter < 0:
+            raise ValueError(f"refine_iter must be >= 0, got {self.refine_iter}")
+        if self.metadata is not None:
+            try:
+                json.dumps(self.metadata)
+            except TypeError as exc:
+                raise ValueError(f"metadata must be JSON-serialisable: {exc}") from exc
+
+    def fit(self, X, head=None) -> "EDPairs":
+        """Fits the pairs on X: an (N, D) array (numpy, torch, cupy) or a re-iterable of chunks
+        (a list, or a callable returning a fresh iterator of (n, D) arrays)."""
+        self._validate()
+        if head is not None:
+            raise NotImplementedError(
+                "fitting with the network head (Uncertainty Region Alignment, DESIGN section 2 stage 5) is not "
+                "available in this version; call fit(X) without head"
+            )
+        source = ChunkSource(X, chunk_rows=self.chunk_rows)
+        I = int(self.n_concepts)
+        with Progress(total=None, desc="edpairs: moments", enabled=self.progress, unit=" chunks") as bar:
+            mom = ops.Moments()
+            for chunk in source:
+                mom.update(chunk, check_finite=self.check_finite)
+                bar.update(1)
+        if mom.n == 0:
+            raise ValueError("X has no rows")
+        if I > mom.n:
+            raise ValueError(f"n_concepts={I} is larger than the number of rows N={mom.n}")
+        mean, cov = _to_numpy64(mom.mean), _to_numpy64(mom.covariance(ddof=0))
+        if self.whiten:
+            whitener = Whitener.from_covariance(mean, cov, rtol=self.whiten_rtol)
+        else:
+            std = np.sqrt(np.clip(np.diag(cov), 0, None))
+            if not (std > 0).any():
+                raise ValueError("the data is constant (zero covariance): there are no directions to find")
+            inv = np.divide(1.0, std, out=np.zeros_like(std), where=std > 1e-12 * std.max())
+            whitener = Whitener(mean, np.diag(inv)[inv > 0], std[inv > 0] ** 2)
+        geometry = _Geometry(whitener)
+        clusters = cluster(source, I, geometry=geometry, n_init=self.n_init, max_iter=self.max_iter, tol=self.tol,
+                           init_size=self.init_size, random_state=self.random_state, check_finite=False,
+                           progress=self.progress, keep_labels=False, desc="edpairs: clustering")
+        C = clusters.centers
+        F = geometry.filters(C).astype(np.float32)
+        member_labels = _MemberLabels(geometry, F)
+
+        with Progress(total=None, desc="edpairs: pairs", enabled=self.progress, unit=" passes") as bar:
+            W = geometry.filters(C)
+            if self.method == "discriminant":
+                sums, counts = member_labels.member_sums(source)
+                mu = sums / np.maximum(counts, 1)[:, None]  # cluster means of x - mean
+                W = mu @ np.linalg.pinv(cov, hermitian=True, rcond=1e-10)
+            W = _normalise_rows(W)
+            b = _thresholds(source, W, member_labels, mean, cov)
+            bar.update(1)
+            S, n_pos = self._signal(source, W, b, mean, cov)
+            bar.update(1)
+            self.n_refine_ = 0
+            if self.method == "biorthogonal":
+                for _ in range(self.refine_iter):
+                    # (W S^T)^{-1} W; a pseudo-inverse, since with mutually exclusive concepts the
+                    # cluster filters span one dimension less than the concepts (they sum to ~0).
+                    W_new = np.linalg.pinv(W @ S.T, rcond=1e-3) @ W
+                    change = np.abs(W_new - W).max() / max(np.abs(W).max(), 1e-300)
+                    W = W_new
+                    b = _thresholds(source, W, member_labels, mean, cov)
+                    S, n_pos = self._signal(source, W, b, mean, cov)
+                    self.n_refine_ += 1
+                    bar.update(2, note=f"change {change:.2e}")
+                    if change < self.refine_tol:
+                        break
+        # Convention: unit encoding directions, filters scaled to read them with gain 1, so
+        # latent factors are in units of the encoding direction (as the model x = S alpha + ...).
+        norms = np.linalg.norm(S, axis=1)
+        norms[norms == 0] = 1.0
+        self.decoding_ = (W * norms[:, None]).astype(np.float32)
+        self.bias_ = (b * norms).astype(np.float32)
+        self.encoding_ = (S / norms[:, None]).astype(np.float32)
+        self.mean_ = mean.astype(np.float32)
+        self.n_positives_ = n_pos
+        self.whitener_ = whitener
+        self.cluster_centers_ = C.astype(np.float32)
+        self.cluster_mean_cosine_ = float(clusters.mean_cosine)
+        self.n_samples_ = int(mom.n)
+        self.n_features_in_ = int(source.n_features)
+        self._covariance = cov
+        return self
+
+    def _signal(self, source, W, b, mean, cov):
+        stats = None
+        for chunk in source:
+            s = ops.signal_moments(chunk, W.T.astype(np.float32), b.astype(np.float32),
+                                   center=mean.astype(np.float32), check_finite=False)
+            stats = s if stats is None else stats.merge(s)
+        n_pos = _to_numpy64(stats.count).astype(np.int64)
+        if self.signal == "whole":
+            return whole_data_signal_vectors(W, cov), n_pos
+        S, ok = positives_signal_vectors(stats)
+        if not ok.all():  # too few positives for the stage-4 estimator: fall back to the whole data
+            S[~ok] = whole_data_signal_vectors(W[~ok], cov)
+        return S, n_pos
+
+    # ---- use ----------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "decoding_"):
+            raise ValueError("this EDPairs is not fitted yet: call fit first (or EDPairs.load)")
+
+    def _project(self, X, name="X"):
+        """z = X W^T in X's library (float32), after checking X."""
+        self._check_fitted()
+        X, xp = ops._data(X, name)
+        if X.shape[1] != self.decoding_.shape[1]:
+            raise ValueError(
+                f"{name} has {X.shape[1]} columns but the pairs were fitted on D={self.decoding_.shape[1]}: "
+                f"got shape {tuple(X.shape)}"
+            )
+        if self.check_finite and not xp.all_finite(X):
+            raise ValueError(f"{name} contains NaN or Inf; clean the input or set check_finite=False")
+        Xf = xp.astype(X, "float32")
+        return Xf @ xp.asarray(self.decoding_.T.copy(), X), xp, X
+
+    def decode(self, X):
+        """Decoded values z = W x (N, I), before the threshold."""
+        return self._project(X)[0]
+
+    def detect(self, X, *, hard: bool = False):
+        """Memberships y = sigmoid(W x - b) (N, I); with ``hard=True`` the booleans W x > b."""
+        z, xp, X = self._project(X)
+        z = z - xp.asarray(self.bias_, X)
+        if hard:
+            return z > 0
+        return 1.0 / (1.0 + (-z).exp()) if xp.name == "torch" else 1.0 / (1.0 + xp.mod.exp(-z))
+
+    def latent_factors(self, X):
+        """Centred latent factors alpha_i = (w_i . x - w_i . mean) / (w_i . s_i), (N, I)."""
+        z, xp, X = self._project(X)
+        W = self.decoding_.astype(np.float64)
+        offset = W @ self.mean_.astype(np.float64)
+        gain = np.einsum("id,id->i", W, self.encoding_.astype(np.float64))
+        return (z - xp.asarray(offset.astype(np.float32), X)) / xp.asarray(gain.astype(np.float32), X)
+
+    # ---- persistence --------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Writes the fitted pairs to one .npz file (arrays + JSON metadata), atomically."""
+        self._check_fitted()
+        from . import __version__
+
+        meta = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "edpairs_version": __version__,
+            "n_concepts": int(self.decoding_.shape[0]), "n_features": int(self.decoding_.shape[1]),
+            "n_samples": self.n_samples_, "params": self.get_params(), "metadata": self.metadata,
+        }
+        arrays = {
+            "decoding": self.decoding_, "bias": self.bias_, "encoding": self.encoding_, "mean": self.mean_,
+            "n_positives": np.asarray(self.n_positives_, np.int64), "whitening": self.whitener_.P,
+            "whitening_eigenvalues": self.whitener_.eigenvalues, "whitening_mean": self.whitener_.mean,
+            "cluster_centers": self.cluster_centers_,
+            "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+        }
+        path = os.fspath(path)
+        if not path.endswith(".npz"):
+            raise ValueError(f"the pairs file must end in .npz, got {path!r}")
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".edpairs-", suffix=".npz", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path) -> "EDPairs":
+        """Reads pairs written by :meth:`save`, checking the format, version and shapes."""
+        path = os.fspath(path)
+        try:
+            data = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+            raise ValueError(f"{path!r} is not an edpairs pairs file (not a readable .npz: {exc})") from exc
+        with data:
+            if "meta" not in data.files:
+                raise ValueError(f"{path!r} is not an edpairs pairs file (no metadata record)")
+            try:
+                meta = json.loads(bytes(data["meta"]).decode())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{path!r} has a corrupted metadata record: {exc}") from exc
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path!r} is not an edpairs pairs file (format {meta.get('format')!r})")
+            if int(meta.get("format_version", -1)) > FORMAT_VERSION:
+                raise ValueError(
+                    f"{path!r} was written by edpairs {meta.get('edpairs_version')} in format version "
+                    f"{meta.get('format_version')}; this edpairs reads up to version {FORMAT_VERSION}: upgrade edpairs"
+                )
+            need = ("decoding", "bias", "encoding", "mean", "n_positives", "whitening", "whitening_eigenvalues",
+                    "whitening_mean", "cluster_centers")
+            missing = [k for k in need if k not in data.files]
+            if missing:
+                raise ValueError(f"{path!r} is missing arrays {missing}")
+            arr = {k: data[k] for k in need}
+        I, D = int(meta["n_concepts"]), int(meta["n_features"])
+        expected = {"decoding": (I, D), "bias": (I,), "encoding": (I, D), "mean": (D,), "n_positives": (I,),
+                    "whitening_mean": (D,)}
+        for k, shape in expected.items():
+            if arr[k].shape != shape:
+                raise ValueError(f"{path!r}: {k} has shape {arr[k].shape}, expected {shape} for I={I}, D={D}")
+        if arr["whitening"].ndim != 2 or arr["whitening"].shape[1] != D:
+            raise ValueError(f"{path!r}: whitening has shape {arr['whitening'].shape}, expected (r, {D})")
+        params = dict(meta.get("params") or {})
+        params.pop("n_concepts", None)
+        self = cls(I, **{k: v for k, v in params.items() if k in cls._param_names()})
+        self.metadata = meta.get("metadata")
+        self.decoding_, self.bias_, self.encoding_ = arr["decoding"], arr["bias"], arr["encoding"]
+        self.mean_, self.n_positives_ = arr["mean"], arr["n_positives"]
+        self.whitener_ = Whitener(arr["whitening_mean"], arr["whitening"], arr["whitening_eigenvalues"])
+        self.cluster_centers_ = arr["cluster_centers"]
+        self.n_samples_ = meta.get("n_samples")
+        self.n_features_in_ = D
+        return self
+
+    @staticmethod
+    def _param_names():
+        return ("method", "whiten", "signal", "n_init", "max_iter", "tol", "init_size", "refine_iter", "refine_tol",
+                "whiten_rtol", "random_state", "check_finite", "progress", "chunk_rows", "metadata")
+
+    def get_params(self) -> dict:
+        params = {"n_concepts": int(self.n_concepts)}
+        for k in self._param_names():
+            v = getattr(self, k)
+            params[k] = v if isinstance(v, (type(None), bool, int, float, str, dict, list)) else repr(v)
+        return params
+
+    def __repr__(self) -> str:
+        return f"EDPairs(n_concepts={self.n_concepts}, method={self.method!r})"
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+def _normalise_rows(W: np.ndarray) -> np.ndarray:
+    return _unit_rows(np.asarray(W, dtype=np.float64))
+
+
+class _MemberLabels:
+    """Cluster membership of each row under the final centroids, recomputed per chunk with the
+    assignment kernel (labels do not depend on positive row scales, so none are needed)."""
+
+    def __init__(self, geometry: _Geometry, F: np.ndarray):
+        self.geometry, self.F = geometry, F
+
+    def labels(self, chunk):
+        ones = None
+        xp = namespace_of(chunk)
+        ones = xp.zeros((chunk.shape[0],), "float32", chunk) + 1
+        return ops.assign(chunk, self.F, center=self.geometry.center(), row_scale=ones,
+                          col_scale=self.geometry.col_scale(self.F.shape[0]), accumulate=False, check_finite=False).labels
+
+    def member_sums(self, source):
+        """Per-cluster sums of x - mean and counts (unweighted)."""
+        k, D = self.F.shape
+        sums, counts = np.zeros((k, D)), np.zeros(k, np.int64)
+        for chunk in source:
+            xp = namespace_of(chunk)
+            ones = xp.zeros((chunk.shape[0],), "float32", chunk) + 1
+            res = ops.assign(chunk, self.F, center=self.geometry.center(), row_scale=ones,
+                             col_scale=self.geometry.col_scale(k), accumulate=True, check_finite=False)
+            sums += _to_numpy64(res.sums)
+            counts += _to_numpy64(res.counts).astype(np.int64)
+        return sums, counts
+
+
+def _thresholds(source, W: np.ndarray, members: _MemberLabels, mean: np.ndarray, cov: np.ndarray,
+                bins: int = 4096) -> np.ndarray:
+    """Per detector, the threshold along w_i that best reproduces its cluster (highest IoU
+    between {w_i . x > b_i} and the cluster's members), from streamed histograms of w_i . x."""
+    I = W.shape[0]
+    center = W @ mean
+    sd = np.sqrt(np.maximum(np.einsum("id,de,ie->i", W, cov, W), 1e-30))
+    lo, hi = center - 8 * sd, center + 8 * sd
+    pos = np.zeros((I, bins), np.int64)
+    neg = np.zeros((I, bins), np.int64)
+    W32 = W.astype(np.float32)
+    for chunk in source:
+        xp = namespace_of(chunk)
+        z = _to_numpy64(xp.astype(chunk, "float32") @ xp.asarray(W32.T.copy(), chunk))  # (n, I)
+        labels = _to_numpy64(members.labels(chunk)).astype(np.int64)
+        idx = np.clip(((z - lo) / (hi - lo) * bins).astype(np.int64), 0, bins - 1)
+        for i in range(I):
+            member = labels == i
+            pos[i] += np.bincount(idx[member, i], minlength=bins)
+            neg[i] += np.bincount(idx[~member, i], minlength=bins)
+    # Threshold at the lower edge of bin k: detections are the rows in bins >= k.
+    tp = np.cumsum(pos[:, ::-1], axis=1)[:, ::-1]
+    fp = np.cumsum(neg[:, ::-1], axis=1)[:, ::-1]
+    fn = pos.sum(1, keepdims=True) - tp
+    iou = tp / np.maximum(tp + fp + fn, 1)
+    best = np.argmax(iou, axis=1)
+    return lo + best * (hi - lo) / bins

@@ -1,0 +1,428 @@
+"""Synthetic layers with known ground truth, drawn from the model of a layer
+``x_p = S alpha_p + D beta_p + mu`` (DESIGN section 1): true encoding directions, distractors,
+ideal filters and thresholds, concept memberships, latent factors, image classes and a linear
+head trained on them. Used to measure how well edpairs recovers what it claims to recover."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Optional
+
+import numpy as np
+
+__all__ = ["LinearHead", "SyntheticLayer", "fit_head", "large", "make_layer", "published"]
+
+# Rows generated per block: keeps the float64 temporaries in cache (measured ~1.7x faster
+# than 16K-row blocks at D=256).
+_CHUNK = 4096
+
+
+def _few_blas_threads():
+    """Limits BLAS to one thread where threadpoolctl is installed (a no-op otherwise).
+
+    The products here are thin (inner dimension I + F, or a few dozen classes): threads buy
+    little on them, and on a machine shared with other work OpenBLAS's spinning threads
+    slowed them down ten-fold and more in our measurements."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _is_torch(x) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+class LinearHead:
+    """A frozen linear classifier on a layer's feature maps: the logits of an image are the
+    mean of its patch features times ``weight.T`` plus ``bias``.
+
+    ``head(features)`` takes ``(n_images, h, w, D)`` or ``(n_images, h*w, D)`` features as a
+    numpy array (computed in float64, float64 logits) or a torch tensor (computed in the
+    tensor's dtype and device, differentiable with respect to the features), and returns the
+    ``(n_images, n_classes)`` logits in the same library. ``accuracy_`` is the training
+    accuracy."""
+
+    def __init__(self, weight, bias, accuracy: float = float("nan")):
+        self.weight = np.asarray(weight, dtype=np.float64)
+        self.bias = np.asarray(bias, dtype=np.float64)
+        if self.weight.ndim != 2 or self.bias.shape != (self.weight.shape[0],):
+            raise ValueError(f"weight must be (n_classes, D) and bias (n_classes,), got "
+                             f"{self.weight.shape} and {self.bias.shape}")
+        self.accuracy_ = float(accuracy)
+
+    @property
+    def n_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def _check(self, shape) -> None:
+        if len(shape) not in (3, 4) or shape[-1] != self.weight.shape[1]:
+            raise ValueError(f"features must be (n_images, h, w, {self.weight.shape[1]}) or "
+                             f"(n_images, h*w, {self.weight.shape[1]}), got {tuple(shape)}; "
+                             f"flat (N, D) patch rows can be viewed per image with layer.images()")
+
+    def __call__(self, features):
+        self._check(tuple(features.shape))
+        if _is_torch(features):
+            import torch
+
+            w = torch.as_tensor(self.weight, dtype=features.dtype, device=features.device)
+            b = torch.as_tensor(self.bias, dtype=features.dtype, device=features.device)
+            pooled = features.flatten(1, -2).mean(dim=1)
+            return pooled @ w.T + b
+        x = np.asarray(features)
+        pooled = x.reshape(x.shape[0], -1, x.shape[-1]).mean(axis=1, dtype=np.float64)
+        return pooled @ self.weight.T + self.bias
+
+    def predict(self, features):
+        """The predicted class of each image (argmax of the logits)."""
+        logits = self(features)
+        return logits.argmax(dim=1) if _is_torch(logits) else logits.argmax(axis=1)
+
+    def __repr__(self) -> str:
+        return (f"LinearHead(n_classes={self.weight.shape[0]}, n_features={self.weight.shape[1]}, "
+                f"accuracy_={self.accuracy_:.4f})")
+
+
+def fit_head(pooled, y, n_classes: int, *, l2: float = 1e-3, maxiter: int = 500) -> LinearHead:
+    """Multinomial logistic regression on pooled (per-image, ``(n_images, D)``) features.
+
+    Minimises mean cross-entropy + ``l2/2 * ||V||^2`` over standardised features with
+    L-BFGS-B, then folds the standardisation into ``weight`` / ``bias`` so the head applies to
+    raw features. Deterministic (zero initialisation)."""
+    pooled = np.asarray(pooled, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    if pooled.ndim != 2 or pooled.shape[0] == 0:
+        raise ValueError(f"pooled must be (n_images, D) with n_images >= 1, got shape {pooled.shape}")
+    if y.shape != (pooled.shape[0],) or y.min() < 0 or y.max() >= n_classes:
+        raise ValueError(f"y must hold one label in [0, {n_classes}) per image")
+    if not np.all(np.isfinite(pooled)):
+        raise ValueError("pooled must be finite")
+    with _few_blas_threads():
+        return _fit_head(pooled, y, int(n_classes), float(l2), int(maxiter))
+
+
+def _fit_head(pooled, y, n_classes, l2, maxiter):
+    from scipy.optimize import minimize
+
+    n, d = pooled.shape
+    mean = pooled.mean(axis=0)
+    std = pooled.std(axis=0)
+    # Constant coordinates carry no information; leave them unscaled instead of dividing by 0.
+    std = np.where(std > 1e-12 * max(1.0, float(np.abs(mean).max())), std, 1.0)
+    Z = (pooled - mean) / std
+    # The L2-regularised optimum has its rows in the row space of Z (representer theorem), so
+    # fitting in an orthonormal basis of that space is exact, and cheaper when the pooled
+    # features are low-rank (noise-free layers span only I + F dimensions).
+    evals, evecs = np.linalg.eigh(Z.T @ Z)
+    keep = evals > 1e-10 * max(float(evals[-1]), 1e-300)
+    basis = evecs[:, keep].T if keep.sum() < 0.8 * d else np.eye(d)
+    Z = Z @ basis.T
+    d = Z.shape[1]
+    rows = np.arange(n)
+
+    def loss(theta):
+        V = theta[: n_classes * d].reshape(n_classes, d)
+        logits = Z @ V.T
+        logits += theta[n_classes * d:]
+        top = logits.max(axis=1, keepdims=True)
+        e = np.exp(logits - top)
+        total = e.sum(axis=1, keepdims=True)
+        value = float(np.mean(np.log(total[:, 0]) + top[:, 0] - logits[rows, y])) + 0.5 * l2 * float(np.sum(V * V))
+        g = e / total
+        g[rows, y] -= 1.0
+        g /= n
+        grad = np.concatenate([(g.T @ Z + l2 * V).ravel(), g.sum(axis=0)])
+        return value, grad
+
+    res = minimize(loss, np.zeros(n_classes * (d + 1)), jac=True, method="L-BFGS-B",
+                   options={"maxiter": maxiter})
+    V = res.x[: n_classes * d].reshape(n_classes, d) @ basis
+    c = res.x[n_classes * d:]
+    weight = V / std
+    bias = c - weight @ mean
+    head = LinearHead(weight, bias)
+    head.accuracy_ = float(np.mean((pooled @ weight.T + bias).argmax(axis=1) == y))
+    return head
+
+
+@dataclass(eq=False)
+class SyntheticLayer:
+    """A layer drawn from ``x_p = S alpha_p + D beta_p + mu`` with everything that generated it.
+
+    ``X`` is ``(N, D)`` with ``N = n_images * h * w``, image-major and row-major over the grid
+    (``images()`` views it as ``(n_images, h, w, D)``). ``W`` are the ideal (minimum-norm)
+    filters: ``W @ S.T = I`` and ``W @ distractors.T = 0`` whenever ``[S; distractors]`` has
+    full row rank (always when ``I + F <= D``). ``b = W @ offset + boundary``, where
+    ``boundary`` is the midpoint of ``absent[1]`` and ``present[0]`` (2.5 in the published
+    setting), so on noise-free data ``W x - b = alpha - boundary`` and ``W x > b`` is
+    exactly the membership when the ranges do not overlap."""
+
+    X: np.ndarray
+    S: np.ndarray
+    distractors: np.ndarray
+    offset: np.ndarray
+    W: np.ndarray
+    b: np.ndarray
+    membership: np.ndarray
+    alpha: np.ndarray
+    beta: np.ndarray
+    image: np.ndarray
+    position: np.ndarray
+    grid: tuple
+    y: np.ndarray
+    classes: list
+    head: Optional[LinearHead] = None
+    boundary: float = 2.5
+    params: dict = field(default_factory=dict, repr=False)
+
+    def images(self) -> np.ndarray:
+        """``X`` viewed (no copy) as ``(n_images, h, w, D)``."""
+        h, w = self.grid
+        return self.X.reshape(self.n_images, h, w, self.X.shape[1])
+
+    @property
+    def n_images(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def n_concepts(self) -> int:
+        return int(self.S.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"SyntheticLayer(N={self.X.shape[0]}, D={self.X.shape[1]}, concepts={self.S.shape[0]}, "
+                f"distractors={self.distractors.shape[0]}, grid={self.grid}, "
+                f"n_images={self.n_images}, classes={len(self.classes)})")
+
+
+# ---- argument checks ---------------------------------------------------------------------
+
+
+def _count(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _range(name, value):
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a (low, high) pair of numbers, got {value!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if lo > hi:
+        raise ValueError(f"{name} must have low <= high, got {value!r}")
+    return lo, hi
+
+
+def _classes(classes, n_concepts, membership):
+    if classes is None:
+        if n_concepts <= 4 and n_concepts >= 2:
+            return [tuple(c) for c in combinations(range(n_concepts), 2)]
+        return [(i,) for i in range(n_concepts)]
+    try:
+        out = [tuple(int(i) for i in c) for c in classes]
+    except TypeError:
+        raise ValueError(f"classes must be a list of tuples of concept indices, got {classes!r}") from None
+    if not out:
+        raise ValueError("classes must hold at least one class")
+    for c in out:
+        if any(i < 0 or i >= n_concepts for i in c):
+            raise ValueError(f"classes: concept index out of range [0, {n_concepts}) in class {c}")
+        if len(set(c)) != len(c):
+            raise ValueError(f"classes: class {c} repeats a concept")
+        if not c and membership == "exclusive":
+            raise ValueError("classes: a class without concepts cannot fill patches with exclusive membership")
+    return out
+
+
+# ---- generation --------------------------------------------------------------------------
+
+
+def _directions(rng, n, d, max_cosine):
+    """n unit vectors in R^d; pairwise cosines sqrt(c_a c_b) <= max_cosine when n + 1 <= d."""
+    if n == 0:
+        return np.zeros((0, d))
+    if n + 1 <= d:
+        q, _ = np.linalg.qr(rng.standard_normal((d, n + 1)))
+        g, u = q[:, :n].T, q[:, n]
+        c = rng.uniform(0.0, max_cosine, size=n)
+        v = np.sqrt(1.0 - c)[:, None] * g + np.sqrt(c)[:, None] * u[None, :]
+    else:
+        v = rng.standard_normal((n, d))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _patch_slots(rng, n_images, n_patches, sizes):
+    """For each patch, which of its class's concepts (an index into the class tuple) it holds:
+    every concept of the class at a random position when the grid has room, the other patches
+    uniformly among the class's concepts."""
+    kmax = int(sizes.max())
+    k = sizes[:, None]
+    # A random permutation of positions per image (rank of each position) ...
+    rank = np.argsort(np.argsort(rng.random((n_images, n_patches)), axis=1), axis=1)
+    # ... and a random order of the class's concepts per image (padding slots sort last).
+    keys = rng.random((n_images, kmax))
+    keys[np.arange(kmax)[None, :] >= k] = 2.0
+    order = np.argsort(keys, axis=1)
+    fill = np.floor(rng.random((n_images, n_patches)) * k).astype(np.int64)
+    first = np.take_along_axis(order, np.minimum(rank, kmax - 1), axis=1)
+    return np.where(rank < np.minimum(k, n_patches), first, fill)
+
+
+def make_layer(n_images=20000, n_features=16, n_concepts=3, n_distractors=2, *, grid=(1, 2),
+               offset=10.0, max_cosine=0.5, present=(2.5, 5.0), absent=(0.0, 2.5),
+               distractor_range=(0.0, 5.0), membership="exclusive", p_present=0.2, noise=0.0,
+               classes=None, train_head=True, dtype=np.float32, seed=None) -> SyntheticLayer:
+    """Draws a layer ``x_p = S alpha_p + D beta_p + mu (+ noise)`` with known ground truth.
+
+    Directions: when ``I + F + 1 <= D``, ``v_k = sqrt(1 - c_k) g_k + sqrt(c_k) u`` with
+    orthonormal ``g_k, u`` and ``c_k ~ U(0, max_cosine)``, so pairwise cosines are
+    ``sqrt(c_a c_b) <= max_cosine``; otherwise unit Gaussian directions. The first ``I`` are
+    ``S``, the rest the distractors.
+
+    Membership ``"exclusive"``: one concept per patch, chosen among the image's class concepts
+    (each of them in at least one patch when the grid has room); ``"sparse"``: each concept
+    present independently with probability ``p_present``, the class's concepts forced into at
+    least one patch of the image. Present concepts get ``alpha ~ U(present)``, absent ones
+    ``alpha ~ U(absent)``, distractors ``beta ~ U(distractor_range)``; ``offset`` is a scalar
+    (``offset * ones(D)``) or a ``(D,)`` vector; ``noise`` is the std of isotropic Gaussian
+    noise. ``classes`` (list of concept tuples; default all pairs when ``2 <= I <= 4``, else
+    one class per concept) define the images' labels ``y``; ``train_head`` fits a
+    :class:`LinearHead` on the mean-pooled features. Reproducible from ``seed``."""
+    n_images = _count("n_images", n_images, 1)
+    d = _count("n_features", n_features, 1)
+    n_concepts = _count("n_concepts", n_concepts, 1)
+    n_distractors = _count("n_distractors", n_distractors, 0)
+    try:
+        h, w = (int(g) for g in grid)
+    except (TypeError, ValueError):
+        raise ValueError(f"grid must be an (h, w) pair of integers, got {grid!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"grid must have h >= 1 and w >= 1, got {grid!r}")
+    present = _range("present", present)
+    absent = _range("absent", absent)
+    distractor_range = _range("distractor_range", distractor_range)
+    if not (0.0 <= float(max_cosine) < 1.0):
+        raise ValueError(f"max_cosine must be in [0, 1), got {max_cosine!r}")
+    if membership not in ("exclusive", "sparse"):
+        raise ValueError(f"membership must be 'exclusive' or 'sparse', got {membership!r}")
+    if not (0.0 <= float(p_present) <= 1.0):
+        raise ValueError(f"p_present must be in [0, 1], got {p_present!r}")
+    if not (float(noise) >= 0.0 and np.isfinite(noise)):
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise ValueError(f"dtype must be a floating type, got {dtype}")
+    mu = np.asarray(offset, dtype=np.float64)
+    if mu.ndim == 0:
+        mu = np.full(d, float(mu))
+    if mu.shape != (d,) or not np.all(np.isfinite(mu)):
+        raise ValueError(f"offset must be a finite scalar or a ({d},) vector, got shape {mu.shape}")
+    classes = _classes(classes, n_concepts, membership)
+    with _few_blas_threads():
+        return _make_layer(n_images, d, n_concepts, n_distractors, h, w, mu, float(max_cosine),
+                           present, absent, distractor_range, membership, float(p_present),
+                           float(noise), classes, bool(train_head), dtype, seed)
+
+
+def _make_layer(n_images, d, n_concepts, n_distractors, h, w, mu, max_cosine, present, absent,
+                distractor_range, membership, p_present, noise, classes, train_head, dtype, seed):
+    rng = np.random.default_rng(seed)
+    n_patches = h * w
+    n = n_images * n_patches
+
+    V = _directions(rng, n_concepts + n_distractors, d, float(max_cosine))
+    S, Dst = V[:n_concepts], V[n_concepts:]
+    # Minimum-norm ideal filters: rows of the pseudo-inverse of [S; D]^T that read the concepts.
+    W = np.linalg.pinv(V.T)[:n_concepts]
+    boundary = 0.5 * (absent[1] + present[0])
+    b = W @ mu + boundary
+
+    y = rng.integers(0, len(classes), size=n_images)
+    sizes = np.array([len(c) for c in classes], dtype=np.int64)
+    kmax = max(int(sizes.max()), 1)
+    table = np.zeros((len(classes), kmax), dtype=np.int64)
+    for ci, c in enumerate(classes):
+        table[ci, : len(c)] = c
+
+    if membership == "exclusive":
+        slots = _patch_slots(rng, n_images, n_patches, sizes[y])
+        concept = table[y[:, None], slots].reshape(n)
+        memb = np.zeros((n, n_concepts), dtype=bool)
+        memb[np.arange(n), concept] = True
+    else:
+        memb3 = rng.random((n_images, n_patches, n_concepts)) < float(p_present)
+        # Force each class concept into one random patch of images that lack it entirely.
+        pos = rng.integers(0, n_patches, size=(n_images, kmax))
+        for j in range(kmax):
+            img = np.flatnonzero(sizes[y] > j)
+            con = table[y[img], j]
+            missing = ~memb3[img, :, con].any(axis=1)
+            memb3[img[missing], pos[img[missing], j], con[missing]] = True
+        memb = memb3.reshape(n, n_concepts)
+
+    alpha = rng.random((n, n_concepts))
+    alpha *= np.where(memb, present[1] - present[0], absent[1] - absent[0])
+    alpha += np.where(memb, present[0], absent[0])
+    beta = rng.uniform(distractor_range[0], distractor_range[1], size=(n, n_distractors))
+
+    X = np.empty((n, d), dtype=dtype)
+    for start in range(0, n, _CHUNK):
+        sl = slice(start, min(start + _CHUNK, n))
+        block = alpha[sl] @ S
+        block += beta[sl] @ Dst
+        block += mu
+        if noise > 0:
+            block += float(noise) * rng.standard_normal(block.shape)
+        X[sl] = block
+
+    image = np.repeat(np.arange(n_images, dtype=np.int64), n_patches)
+    cell = np.tile(np.arange(n_patches, dtype=np.int64), n_images)
+    position = np.stack([cell // w, cell % w], axis=1)
+
+    layer = SyntheticLayer(
+        X=X, S=S, distractors=Dst, offset=mu, W=W, b=b, membership=memb, alpha=alpha, beta=beta,
+        image=image, position=position, grid=(h, w), y=y.astype(np.int64), classes=classes,
+        head=None, boundary=boundary,
+        params=dict(n_images=n_images, n_features=d, n_concepts=n_concepts,
+                    n_distractors=n_distractors, grid=(h, w), max_cosine=float(max_cosine),
+                    present=present, absent=absent, distractor_range=distractor_range,
+                    membership=membership, p_present=float(p_present), noise=float(noise),
+                    dtype=dtype.name, seed=seed),
+    )
+    if train_head:
+        pooled = X.reshape(n_images, n_patches, d).mean(axis=1, dtype=np.float64)
+        layer.head = _fit_head(pooled, layer.y, len(classes), 1e-3, 500)
+    return layer
+
+
+def published(n_images=20000, *, seed=None, **overrides) -> SyntheticLayer:
+    """The published synthetic setting: D=16, I=3 concepts, F=2 distractors, offset 10,
+    alpha present U(2.5, 5) / absent U(0, 2.5), beta U(0, 5), pairwise cosines up to 0.5,
+    exclusive membership, images of 1x2 patches, classes (c0, c1), (c0, c2), (c1, c2)."""
+    kwargs = dict(n_features=16, n_concepts=3, n_distractors=2, grid=(1, 2), offset=10.0,
+                  max_cosine=0.5, present=(2.5, 5.0), absent=(0.0, 2.5),
+                  distractor_range=(0.0, 5.0), membership="exclusive",
+                  classes=[(0, 1), (0, 2), (1, 2)])
+    kwargs.update(overrides)
+    return make_layer(n_images, seed=seed, **kwargs)
+
+
+def large(n_images=12500, *, seed=None, **overrides) -> SyntheticLayer:
+    """A larger layer: D=256, I=32 concepts, F=64 distractors, pairwise cosines up to 0.5,
+    exclusive membership, 4x4 grids (12,500 images = 200,000 patches), one class per concept."""
+    kwargs = dict(n_features=256, n_concepts=32, n_distractors=64, grid=(4, 4), max_cosine=0.5,
+                  membership="exclusive", classes=[(i,) for i in range(32)])
+    kwargs.update(overrides)
+    if "n_concepts" in overrides and "classes" not in overrides:
+        kwargs["classes"] = [(i,) for i in range(int(overrides["n_concepts"]))]
+    return make_layer(n_images, seed=seed, **kwargs)

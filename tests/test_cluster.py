@@ -1,0 +1,161 @@
+"""SphericalKMeans: recovery of planted directional clusters, streaming equals batch,
+reproducibility, empty-cluster re-seeding, the online variant, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edpairs as edp
+from edpairs.cluster import Whitener
+
+
+def planted(rng, n=6000, d=24, k=6, spread=0.35):
+    centers = rng.standard_normal((k, d))
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    labels = rng.integers(0, k, n)
+    X = centers[labels] + spread * rng.standard_normal((n, d)) / np.sqrt(d)
+    return X.astype(np.float32), labels, centers
+
+
+def matched_accuracy(pred, true, k):
+    from scipy.optimize import linear_sum_assignment
+
+    M = np.zeros((k, k))
+    np.add.at(M, (np.asarray(pred), true), 1)
+    r, c = linear_sum_assignment(-M)
+    return M[r, c].sum() / len(true)
+
+
+def test_recovers_planted_clusters(rng):
+    X, labels, centers = planted(rng)
+    km = edp.SphericalKMeans(6, random_state=0).fit(X)
+    assert matched_accuracy(km.labels_, labels, 6) > 0.99
+    cos = np.abs(np.asarray(km.cluster_centers_) @ centers.T).max(1)
+    assert cos.min() > 0.99
+    assert np.allclose(np.linalg.norm(km.cluster_centers_, axis=1), 1, atol=1e-5)
+    assert km.counts_.sum() == len(X)
+    assert 0 < km.mean_cosine_ <= 1 and km.inertia_ == pytest.approx((1 - km.mean_cosine_) * len(X))
+
+
+def test_labels_are_the_assignment_to_the_final_centres(rng):
+    X, _, _ = planted(rng)
+    km = edp.SphericalKMeans(6, random_state=1, max_iter=3).fit(X)
+    assert np.array_equal(np.asarray(km.labels_), np.asarray(km.predict(X)))
+
+
+def test_streaming_over_chunks_equals_one_fit(rng):
+    X, _, _ = planted(rng, n=5000)
+    a = edp.SphericalKMeans(6, random_state=3, n_init=2).fit(X)
+    chunks = [X[:1234], X[1234:4000], X[4000:]]
+    b = edp.SphericalKMeans(6, random_state=3, n_init=2).fit(chunks)
+    c = edp.SphericalKMeans(6, random_state=3, n_init=2).fit(lambda: iter(chunks))
+    for other in (b, c):
+        np.testing.assert_allclose(np.asarray(other.cluster_centers_), np.asarray(a.cluster_centers_), atol=1e-6)
+        assert other.n_iter_ == a.n_iter_
+        assert other.labels_ is None  # not kept for streamed data
+    np.testing.assert_array_equal(b.predict(X), a.labels_)
+
+
+def test_same_seed_same_result_other_seed_other_start(rng):
+    X, _, _ = planted(rng, k=8)
+    a = edp.SphericalKMeans(8, random_state=5, max_iter=1).fit(X)
+    b = edp.SphericalKMeans(8, random_state=5, max_iter=1).fit(X)
+    c = edp.SphericalKMeans(8, random_state=6, max_iter=1).fit(X)
+    assert np.array_equal(np.asarray(a.cluster_centers_), np.asarray(b.cluster_centers_))
+    assert not np.array_equal(np.asarray(a.cluster_centers_), np.asarray(c.cluster_centers_))
+
+
+def test_empty_cluster_is_reseeded_from_the_worst_fit_rows(rng):
+    X, _, centers = planted(rng, k=3, n=3000)
+    far = -np.ones((1, X.shape[1]), np.float32)  # a start that attracts nobody...
+    init = np.vstack([centers[:2], far]).astype(np.float32)
+    X = X[np.asarray(edp.ops.cosine_assign(X, centers.astype(np.float32))[0]) != 2]  # ...since cluster 2 is gone
+    X = np.vstack([X, rng.standard_normal((30, X.shape[1])).astype(np.float32)])  # a few outliers
+    km = edp.SphericalKMeans(3, init=init, max_iter=5).fit(X)
+    assert (km.counts_ > 0).all()
+
+
+def test_whitened_geometry_matches_explicit_whitening(rng):
+    """Clustering in whitened coordinates without materialising them equals clustering the
+    explicitly whitened data."""
+    from edpairs.cluster import _Geometry, cluster
+    from edpairs._source import ChunkSource
+
+    A = rng.standard_normal((12, 12))
+    X, _, _ = planted(rng, d=12)
+    X = (X @ A + 3.0).astype(np.float32)
+    m = edp.ops.moments(X)
+    wh = Whitener.from_covariance(m.mean, m.covariance(ddof=0))
+    Z = wh.transform(X).astype(np.float32)
+    init = Z[:6] / np.linalg.norm(Z[:6], axis=1, keepdims=True)
+    res = cluster(ChunkSource(X), 6, geometry=_Geometry(wh), init=init, max_iter=20, keep_labels=True)
+    ref = edp.SphericalKMeans(6, init=init, max_iter=20).fit(Z)
+    assert np.mean(np.asarray(res.labels) == np.asarray(ref.labels_)) > 0.999
+    np.testing.assert_allclose(res.centers, np.asarray(ref.cluster_centers_), atol=1e-4)
+
+
+def test_whitener_drops_directions_without_variance(rng):
+    B = rng.standard_normal((3, 10))
+    X = rng.standard_normal((500, 3)) @ B + 5.0
+    m = edp.ops.moments(X)
+    wh = Whitener.from_covariance(m.mean, m.covariance(ddof=0))
+    assert wh.rank == 3
+    Z = wh.transform(X)
+    # The moments kernel multiplies in float32: whitening is exact to float32 precision.
+    np.testing.assert_allclose(np.cov(Z, rowvar=False, ddof=0), np.eye(3), atol=1e-5)
+    with pytest.raises(ValueError, match="constant"):
+        Whitener.from_covariance(np.zeros(4), np.zeros((4, 4)))
+
+
+def test_partial_fit_learns_the_clusters_online(rng):
+    X, labels, _ = planted(rng, n=8000)
+    km = edp.SphericalKMeans(6, random_state=0)
+    for s in range(0, len(X), 1000):
+        km.partial_fit(X[s:s + 1000])
+    assert matched_accuracy(km.predict(X), labels, 6) > 0.97
+    assert km.counts_.sum() == len(X)
+
+
+def test_torch_in_torch_out(rng):
+    torch = pytest.importorskip("torch")
+    X, _, _ = planted(rng)
+    km = edp.SphericalKMeans(6, random_state=0).fit(torch.from_numpy(X))
+    assert isinstance(km.cluster_centers_, torch.Tensor) and isinstance(km.labels_, torch.Tensor)
+    ref = edp.SphericalKMeans(6, random_state=0).fit(X)
+    np.testing.assert_allclose(km.cluster_centers_.numpy(), ref.cluster_centers_, atol=1e-6)
+    assert isinstance(km.predict(torch.from_numpy(X)), torch.Tensor)
+
+
+@pytest.mark.parametrize(
+    "kwargs, data, match",
+    [
+        ({"n_clusters": 0}, None, "n_clusters"),
+        ({"n_clusters": 50}, "small", "larger than the number of rows"),
+        ({"n_clusters": 3, "init": "nonsense"}, None, "init must be"),
+        ({"n_clusters": 3, "init": np.ones((2, 24), np.float32)}, None, "init centroids must have shape"),
+    ],
+)
+def test_bad_arguments(rng, kwargs, data, match):
+    X, _, _ = planted(rng, n=200)
+    if data == "small":
+        X = X[:10]
+    with pytest.raises(ValueError, match=match):
+        edp.SphericalKMeans(**kwargs).fit(X)
+
+
+def test_bad_data(rng):
+    X, _, _ = planted(rng, n=200)
+    Y = X.copy()
+    Y[5, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        edp.SphericalKMeans(3).fit(Y)
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        edp.SphericalKMeans(3).fit(iter([X]))
+    with pytest.raises(ValueError, match="columns"):
+        edp.SphericalKMeans(3).fit([X, X[:, :5]])
+    with pytest.raises(ValueError, match="not fitted"):
+        edp.SphericalKMeans(3).predict(X)
+    km = edp.SphericalKMeans(3, random_state=0).fit(X)
+    with pytest.raises(ValueError, match="columns"):
+        km.predict(X[:, :5])
