@@ -7,6 +7,11 @@ import os
 import warnings
 import zlib
 
+# Tests use small arrays, where torch's and OpenBLAS's thread pools cost more than they give
+# (several times slower on a loaded 2-core machine). edpairs' own pool is unaffected
+# (EDPAIRS_NUM_THREADS), so the kernels still run multi-threaded.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings

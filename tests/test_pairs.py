@@ -110,6 +110,14 @@ def test_every_method_recovers_the_detectors(published, method):
     assert r["mean_iou"] >= 0.95
 
 
+def test_optional_gradient_refinement_runs_and_keeps_the_conventions(published):
+    pytest.importorskip("torch")
+    model = edp.EDPairs(3, random_state=0, gradient={"epochs": 1, "batch_size": 4096, "seed": 0}).fit(published.X)
+    assert np.isfinite(model.decoding_).all() and np.isfinite(model.encoding_).all()
+    np.testing.assert_allclose(np.linalg.norm(model.encoding_, axis=1), 1, atol=1e-5)
+    assert model.get_params()["gradient"]["epochs"] == 1
+
+
 def test_torch_in_torch_out(medium):
     torch = pytest.importorskip("torch")
     X = torch.from_numpy(medium.X)

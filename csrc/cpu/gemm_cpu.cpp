@@ -284,6 +284,21 @@ float pack_column_panels(const Matrix& m, const float* center, int64_t r0, int64
   return check;
 }
 
+void add_macro_tile(int64_t depth, const float* Ap, const float* Bp, int64_t ld, int64_t i0, int64_t j0,
+                    int64_t rows, int64_t cols, double* out, int64_t ldo, float* acc) {
+  const MicroKernel kernel = micro_kernel();
+  const int64_t tm = std::min(TM, round_up(rows - i0, MR)), tn = std::min(TN, round_up(cols - j0, NR));
+  for (int64_t jr = 0; jr < tn; jr += NR)
+    for (int64_t ir = 0; ir < tm; ir += MR)
+      kernel(depth, Ap + (i0 + ir) * ld, Bp + (j0 + jr) * ld, acc + ir * TN + jr, TN, false);
+  const int64_t iend = std::min(tm, rows - i0), jend = std::min(tn, cols - j0);
+  for (int64_t i = 0; i < iend; ++i) {
+    double* dst = out + (i0 + i) * ldo + j0;
+    const float* src = acc + i * TN;
+    for (int64_t j = 0; j < jend; ++j) dst[j] += src[j];
+  }
+}
+
 void load_row(const Matrix& m, const float* center, int64_t r, int64_t c0, int64_t n, float* out) {
   with_loader(m.dtype, [&](auto load) {
     convert_row(m, load, r, c0, n, out);

@@ -90,6 +90,17 @@ ArgmaxFold argmax_fold();
 float pack_column_panels(const Matrix& m, const float* center, int64_t r0, int64_t rows, int64_t p0,
                          int64_t ld, float* Ap, float* Bp, float* row);
 
+// Macro-tiles of products of column panels (moments, signal moments).
+constexpr int64_t TM = 96;   // macro-tile rows (a multiple of MR)
+constexpr int64_t TN = 128;  // macro-tile columns (a multiple of NR)
+
+// out[i0+i, j0+j] += sum_{p < depth} A[p, i0+i] * B[p, j0+j] over the macro-tile at (i0, j0),
+// i < rows - i0, j < cols - j0, from column panels as pack_column_panels lays them out (stride
+// ld): float32 micro-tiles summed over the depth, then added into float64 `out` (row stride
+// ldo). `acc` is TM x TN scratch.
+void add_macro_tile(int64_t depth, const float* Ap, const float* Bp, int64_t ld, int64_t i0, int64_t j0,
+                    int64_t rows, int64_t cols, double* out, int64_t ldo, float* acc);
+
 // Row r of m, columns [c0, c0+n), converted to float32 (and centred) into out.
 void load_row(const Matrix& m, const float* center, int64_t r, int64_t c0, int64_t n, float* out);
 

@@ -10,8 +10,6 @@ namespace {
 
 constexpr int64_t kRowsPerTask = 2048;  // pass 1
 constexpr int64_t R = 512;              // rows per superblock in pass 2 (float32 depth)
-constexpr int64_t TM = 96;              // macro-tile rows (multiple of MR)
-constexpr int64_t TN = 128;             // macro-tile columns (multiple of NR)
 constexpr int64_t kPackRows = 64;       // rows per packing task
 
 void column_sums(const Matrix& X, bool check_finite, double* sums) {
@@ -64,7 +62,6 @@ void moments_cpu(const MomentsArgs& a, Stream) {
   const int threads = parallel_width(static_cast<int64_t>(tiles.size()));
   std::vector<Buffer<float>> tile_acc;
   for (int t = 0; t < threads; ++t) tile_acc.push_back(aligned_buffer<float>(TM * TN));
-  const MicroKernel kernel = micro_kernel();
 
   const int pack_threads = parallel_width(R / kPackRows);
   std::vector<Buffer<float>> row_scratch;
@@ -78,18 +75,8 @@ void moments_cpu(const MomentsArgs& a, Stream) {
                          row_scratch[static_cast<size_t>(thread)].get());
     }, pack_threads);
     parallel_for(static_cast<int64_t>(tiles.size()), [&](int64_t t, int thread) {
-      const int64_t i0 = tiles[static_cast<size_t>(t)].first, j0 = tiles[static_cast<size_t>(t)].second;
-      const int64_t tm = std::min(TM, round_up(D - i0, MR)), tn = std::min(TN, round_up(D - j0, NR));
-      float* acc = tile_acc[static_cast<size_t>(thread)].get();
-      for (int64_t jr = 0; jr < tn; jr += NR)
-        for (int64_t ir = 0; ir < tm; ir += MR)
-          kernel(rows, Ap.get() + (i0 + ir) * R, Bp.get() + (j0 + jr) * R, acc + ir * TN + jr, TN, false);
-      const int64_t iend = std::min(tm, D - i0), jend = std::min(tn, D - j0);
-      for (int64_t i = 0; i < iend; ++i) {
-        double* dst = m2 + (i0 + i) * D + j0;
-        const float* src = acc + i * TN;
-        for (int64_t j = 0; j < jend; ++j) dst[j] += src[j];
-      }
+      const auto [i0, j0] = tiles[static_cast<size_t>(t)];
+      add_macro_tile(rows, Ap.get(), Bp.get(), R, i0, j0, D, D, m2, D, tile_acc[static_cast<size_t>(thread)].get());
     }, threads);
   }
 

@@ -11,8 +11,6 @@ namespace {
 
 constexpr int64_t MC = 72;       // rows per phase-1 task
 constexpr int64_t R = 7 * MC;    // rows per superblock (float32 depth of phase 2)
-constexpr int64_t TM = 96;       // phase-2 macro-tile rows (over D)
-constexpr int64_t TN = 128;      // phase-2 macro-tile columns (over 2I)
 
 int64_t depth_chunk(int64_t D) {
   int64_t chunks = ceil_div(D, 512);
@@ -123,18 +121,8 @@ void signal_moments_cpu(const SignalMomentsArgs& a, Stream) {
     }, threads1);
     // Phase 2: S += X~^T [M, M*Z] over this superblock.
     parallel_for(static_cast<int64_t>(tiles.size()), [&](int64_t t, int thread) {
-      const int64_t i0 = tiles[static_cast<size_t>(t)].first, j0 = tiles[static_cast<size_t>(t)].second;
-      const int64_t tm = std::min(TM, round_up(D - i0, MR)), tn = std::min(TN, round_up(I2 - j0, NR));
-      float* acc = tile_acc[static_cast<size_t>(thread)].get();
-      for (int64_t jr = 0; jr < tn; jr += NR)
-        for (int64_t ir = 0; ir < tm; ir += MR)
-          kernel(rows, Acols.get() + (i0 + ir) * R, Zp.get() + (j0 + jr) * R, acc + ir * TN + jr, TN, false);
-      const int64_t iend = std::min(tm, D - i0), jend = std::min(tn, I2 - j0);
-      for (int64_t i = 0; i < iend; ++i) {
-        double* dst = S.data() + (i0 + i) * I2 + j0;
-        const float* src = acc + i * TN;
-        for (int64_t j = 0; j < jend; ++j) dst[j] += src[j];
-      }
+      const auto [i0, j0] = tiles[static_cast<size_t>(t)];
+      add_macro_tile(rows, Acols.get(), Zp.get(), R, i0, j0, D, I2, S.data(), I2, tile_acc[static_cast<size_t>(thread)].get());
     }, threads2);
   }
   if (a.check_finite) require_finite(flags.combined(), "X");

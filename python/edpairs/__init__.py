@@ -5,7 +5,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import metrics, ops, reference, synthetic
+from . import metrics, ops, reference, refine, synthetic
 from .cluster import SphericalKMeans, Whitener
 from .errors import BackendUnavailable, CudaError
 from .pairs import EDPairs
@@ -23,6 +23,7 @@ __all__ = [
     "metrics",
     "ops",
     "reference",
+    "refine",
     "set_num_threads",
     "synthetic",
 ]

@@ -5,6 +5,7 @@ own signal with gain 1 and the others with 0. Every stage streams over chunks.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -69,6 +70,10 @@ class EDPairs:
     n_init, max_iter, tol, init_size : spherical k-means restarts, iterations, relative
         tolerance on the mean cosine, rows sampled for k-means++ seeding.
     refine_iter, refine_tol : biorthogonal iterations and their stopping tolerance.
+    gradient : optional gradient refinement of the detectors with the published losses
+        (DESIGN section 2 stage 3, :mod:`edpairs.refine`): ``True`` for the default
+        :class:`edpairs.refine.RefineConfig`, or a config / dict of its fields. Off by default:
+        on the synthetic ground truth it lowered IoU and cosines (benchmarks/README.md).
     random_state : seed; the same seed gives the same pairs, for an array or its chunks.
     progress : progress display on stderr (default: only when stderr is a terminal).
     metadata : JSON-serialisable description (model, layer, preprocessing) kept with the pairs.
@@ -80,7 +85,7 @@ class EDPairs:
 
     def __init__(self, n_concepts: int, *, method: str = "centroid", whiten: bool = True,
                  signal: str = "positives", n_init: int = 3, max_iter: int = 100, tol: float = 1e-6,
-                 init_size: Optional[int] = None, refine_iter: int = 20, refine_tol: float = 1e-5,
+                 init_size: Optional[int] = None, refine_iter: int = 20, refine_tol: float = 1e-5, gradient=None,
                  whiten_rtol: float = 1e-5, random_state=None, check_finite: bool = True,
                  progress: Optional[bool] = None, chunk_rows: Optional[int] = None, metadata: Optional[dict] = None):
         self.n_concepts = n_concepts
@@ -93,6 +98,7 @@ class EDPairs:
         self.init_size = init_size
         self.refine_iter = refine_iter
         self.refine_tol = refine_tol
+        self.gradient = gradient
         self.whiten_rtol = whiten_rtol
         self.random_state = random_state
         self.check_finite = check_finite
@@ -162,6 +168,9 @@ class EDPairs:
             W = _normalise_rows(W)
             b = _thresholds(source, W, member_labels, mean, cov)
             bar.update(1)
+            if self.gradient:
+                W, b = self._gradient_refine(source, W, b)
+                bar.update(1, note="gradient refinement")
             S, n_pos = self._signal(source, W, b, mean, cov)
             bar.update(1)
             self.n_refine_ = 0
@@ -194,6 +203,19 @@ class EDPairs:
         self.n_features_in_ = int(source.n_features)
         self._covariance = cov
         return self
+
+    def _gradient_refine(self, source, W, b):
+        from .refine import RefineConfig, refine_detectors
+
+        config = self.gradient
+        if config is True:
+            config = RefineConfig(seed=self.random_state if isinstance(self.random_state, int) else None)
+        elif isinstance(config, dict):
+            config = RefineConfig(**config)
+        data = source.array if source.in_memory else (lambda: iter(source))
+        res = refine_detectors(data, W.T.astype(np.float32), b.astype(np.float32), config=config,
+                               progress=self.progress)
+        return _to_numpy64(res.W).T, _to_numpy64(res.b)
 
     def _signal(self, source, W, b, mean, cov):
         stats = None
@@ -335,12 +357,14 @@ class EDPairs:
     @staticmethod
     def _param_names():
         return ("method", "whiten", "signal", "n_init", "max_iter", "tol", "init_size", "refine_iter", "refine_tol",
-                "whiten_rtol", "random_state", "check_finite", "progress", "chunk_rows", "metadata")
+                "gradient", "whiten_rtol", "random_state", "check_finite", "progress", "chunk_rows", "metadata")
 
     def get_params(self) -> dict:
         params = {"n_concepts": int(self.n_concepts)}
         for k in self._param_names():
             v = getattr(self, k)
+            if dataclasses.is_dataclass(v) and not isinstance(v, type):
+                v = dataclasses.asdict(v)
             params[k] = v if isinstance(v, (type(None), bool, int, float, str, dict, list)) else repr(v)
         return params
 
