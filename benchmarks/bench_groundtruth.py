@@ -22,11 +22,14 @@ How each method's directions and detectors are read
   edpairs (centroid | discriminant | biorthogonal)  EDPairs(I, method=...).fit(X):
              decoding_ = filters, encoding_ = patterns, detect(X, hard=True) = detectors with
              edpairs' OWN thresholds (no oracle). Matched to concepts by IoU (Hungarian).
-  edpairs + gradient refinement  the default EDPairs fit, then edpairs.refine.refine_detectors
-             (stage 3, default RefineConfig, seed = data seed) on decoding_.T / bias_; signal
-             vectors recomputed on the refined detectors' positives (ops.signal_moments +
-             pairs.positives_signal_vectors, whole-data estimator where a detector has too few
-             positives), rescaled to unit encoding directions as EDPairs does. Own thresholds.
+  edpairs + gradient refinement  EDPairs(I, gradient=True): the default fit with the stage-3
+             gradient refinement (edpairs.refine, default RefineConfig, seed = data seed) of
+             its detectors before the signal vectors are estimated on their positives. With an
+             edpairs whose EDPairs has no `gradient` option, the same by hand:
+             refine_detectors on decoding_.T / bias_, signal vectors on the refined detectors'
+             positives (ops.signal_moments + pairs.positives_signal_vectors, whole-data
+             estimator where a detector has too few positives), rescaled to unit encoding
+             directions as EDPairs does. Own thresholds. Skipped without edpairs.refine.
   PCA        sklearn PCA, ALL D components; each component is both filter and pattern.
   ICA        sklearn FastICA(n_components=r, whiten="unit-variance") with r = rank of the
              centred data (= I + F here: the number of true sources); unmixing rows
@@ -100,13 +103,16 @@ class Fitted:
     matched by IoU) or raw components (``filters``/``patterns`` with more rows than concepts,
     matched by |cos| of patterns, oracle thresholds)."""
 
-    def __init__(self, filters, patterns, *, detections=None, latent=None, n_iter=None, note=""):
+    def __init__(self, filters, patterns, *, detections=None, latent=None, n_iter=None, note="", converged=True,
+                 stats=None):
         self.filters = np.asarray(filters, dtype=np.float64)
         self.patterns = np.asarray(patterns, dtype=np.float64)
         self.detections = detections
         self.latent = latent
         self.n_iter = n_iter
         self.note = note
+        self.converged = converged
+        self.stats = stats or {}
 
 
 def _check_finite(name: str, **arrays) -> None:
@@ -139,10 +145,23 @@ def refine_available() -> bool:
     return hasattr(refine, "refine_detectors")
 
 
-def fit_edpairs_refined(X, I, seed):
-    """Default EDPairs, then stage-3 gradient refinement of its detectors, then stage-4 signal
-    vectors on the refined detectors, in EDPairs' convention (unit encoding, gain 1)."""
+def builtin_gradient() -> bool:
+    import inspect
+
     import edpairs as edp
+
+    return "gradient" in inspect.signature(edp.EDPairs).parameters
+
+
+def fit_edpairs_refined(X, I, seed):
+    """Default EDPairs with stage-3 gradient refinement of its detectors before the stage-4
+    signal vectors: EDPairs(I, gradient=True) where the estimator offers it; otherwise by hand:
+    refine the fitted decoding_ / bias_, then signal vectors on the refined detectors, in
+    EDPairs' convention (unit encoding, gain 1)."""
+    import edpairs as edp
+
+    if builtin_gradient():
+        return edp.EDPairs(I, random_state=seed, progress=False, gradient=True).fit(X)
     from edpairs import ops
     from edpairs.pairs import positives_signal_vectors, whole_data_signal_vectors
     from edpairs.refine import RefineConfig, refine_detectors
@@ -178,7 +197,7 @@ def read_refined(r, X) -> Fitted:
 def fit_pca(X, I, seed, rank):
     from sklearn.decomposition import PCA
 
-    m = PCA(n_components=None, svd_solver="full", random_state=seed).fit(X)
+    m = PCA(n_components=None, random_state=seed).fit(X)
     return Fitted(m.components_, m.components_)
 
 
@@ -187,9 +206,9 @@ def fit_ica(X, I, seed, rank):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        m = FastICA(n_components=rank, whiten="unit-variance", max_iter=400, random_state=seed).fit(X)
-    note = "did not converge" if any("converge" in str(w.message) for w in caught) else ""
-    return Fitted(m.components_, m.mixing_.T, n_iter=m.n_iter_, note=note)
+        m = FastICA(n_components=rank, whiten="unit-variance", random_state=seed).fit(X)
+    note = f"did not converge in {m.n_iter_} iterations" if any("converge" in str(w.message) for w in caught) else ""
+    return Fitted(m.components_, m.mixing_.T, n_iter=m.n_iter_, note=note, converged=not note)
 
 
 def fit_nmf(X, I, seed, rank):
@@ -198,10 +217,10 @@ def fit_nmf(X, I, seed, rank):
     Xs = X - X.min(axis=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        m = NMF(n_components=rank + 1, init="nndsvda", max_iter=400, random_state=seed).fit(Xs)
-    note = "did not converge" if any("converge" in str(w.message).lower() for w in caught) else ""
+        m = NMF(n_components=rank + 1, init="nndsvda", random_state=seed).fit(Xs)
+    note = f"did not converge in {m.n_iter_} iterations" if any("converge" in str(w.message).lower() for w in caught) else ""
     H = m.components_.astype(np.float64)
-    return Fitted(np.linalg.pinv(H).T, H, n_iter=m.n_iter_, note=note)
+    return Fitted(np.linalg.pinv(H).T, H, n_iter=m.n_iter_, note=note, converged=not note)
 
 
 def fit_kmeans(X, I, seed, rank):
@@ -258,7 +277,8 @@ def fit_sae(X, I, seed, rank, *, epochs=10, l1=0.2, batch_size=256, lr=1e-3, exp
     # The encoder reads (x - mean)/scale - b_dec: in raw coordinates its filter directions are
     # the encoder rows (a global scale changes no direction).
     return Fitted(enc.weight.detach().double().numpy(), W_dec.detach().double().numpy().T,
-                  n_iter=epochs, note=f"R2 {r2:.3f}, L0 {l0:.1f}, dead {dead}/{k}")
+                  n_iter=epochs, note=f"R2 {r2:.3f}, L0 {l0:.1f}, dead {dead}/{k}",
+                  stats={"R2": r2, "L0": l0, "dead": dead})
 
 
 BASELINE_FITS: Dict[str, Callable] = {
@@ -344,6 +364,7 @@ def score(layer, fitted: Fitted, span, mean) -> Dict[str, object]:
         "cos_encoding": r["cos_encoding"].tolist(), "cos_decoding": r["cos_decoding"].tolist(),
         "iou": r["iou"].tolist(), "oracle_thresholds": oracle, "n_components": int(fitted.filters.shape[0]),
         "n_iter": None if fitted.n_iter is None else int(fitted.n_iter), "note": fitted.note,
+        "converged": bool(fitted.converged), "stats": fitted.stats,
     }
     for key in ("mean_cos_encoding", "mean_cos_decoding", "mean_iou"):
         v = out[key]
@@ -378,14 +399,17 @@ def make_preset(name: str, seed: int, n_images: Optional[int]):
     return getattr(synthetic, name)(seed=seed, train_head=False, **kw)
 
 
-def run_one(method: str, layer, seed: int, rank: int, args) -> Fitted:
+def run_one(method: str, layer, seed: int, rank: int, args):
+    import edpairs as edp
+
     X = layer.X
     I = layer.n_concepts
     if method.startswith("edpairs:"):
         p = fit_edpairs(X, I, seed, method.split(":", 1)[1])
         return p, read_edpairs
     if method == "edpairs+refine":
-        return fit_edpairs_refined(X, I, seed), read_refined
+        r = fit_edpairs_refined(X, I, seed)
+        return r, (read_edpairs if isinstance(r, edp.EDPairs) else read_refined)
     if method == "sae":
         return fit_sae(X, I, seed, rank, epochs=args.sae_epochs, l1=args.sae_l1), None
     return BASELINE_FITS[method](X, I, seed, rank), None
@@ -399,6 +423,34 @@ def fmt(values: List[Optional[float]], digits: int = 3) -> str:
     if len(vals) == 1:
         return f"{m:.{digits}f}"
     return f"{m:.{digits}f} [{max(vals) - min(vals):.{digits}f}]"
+
+
+def table_note(rs: List[dict]) -> str:
+    parts = []
+    bad = sum(not r["converged"] for r in rs)
+    if bad:
+        parts.append(f"did not converge ({bad}/{len(rs)} runs)")
+    keys = rs[0]["stats"].keys()
+    if keys:
+        k = rs[0]["n_components"]
+        mean = {key: statistics.fmean(r["stats"][key] for r in rs) for key in keys}
+        parts.append(", ".join(f"{key} {mean[key]:.3g}" + (f"/{k}" if key in ("L0", "dead") else "") for key in keys))
+    return "; ".join(parts)
+
+
+def warm_imports(methods) -> None:
+    """Imports each method's library before anything is timed (import time is no fit time)."""
+    if any(m in ("pca", "ica", "nmf") for m in methods):
+        import sklearn.decomposition  # noqa: F401
+    if "kmeans" in methods:
+        import sklearn.cluster  # noqa: F401
+    if any(m in ("sae", "edpairs+refine") for m in methods):
+        import torch
+
+        a = torch.ones(64, 64, requires_grad=True)  # first-use initialisation of torch's CPU kernels
+        (torch.relu(a @ a) ** 2).sum().backward()
+    if "edpairs+refine" in methods:
+        import edpairs.refine  # noqa: F401
 
 
 def main() -> None:
@@ -435,6 +487,7 @@ def main() -> None:
         methods.remove("edpairs+refine")
         notes.append("edpairs + gradient refinement: skipped (edpairs.refine.refine_detectors is not available)")
     default_method = edp.EDPairs(1).method
+    warm_imports(methods)
 
     t_start = time.perf_counter()
     results = []
@@ -477,7 +530,7 @@ def main() -> None:
                 "cos(w)": fmt([r["mean_cos_decoding"] for r in rs]), "IoU": fmt([r["mean_iou"] for r in rs]),
                 "latent RMSE": fmt([r["mean_latent_rmse"] for r in rs]),
                 "fit s": fmt([r["fit_s"] for r in rs], 2), "comps": rs[0]["n_components"],
-                "note": "; ".join(sorted({r["note"] for r in rs if r["note"]})),
+                "note": table_note(rs),
             })
         print()
         print(f"== {preset}: seeds {seeds}; mean over seeds [max - min] ==")
@@ -500,7 +553,8 @@ def main() -> None:
                      ("mean_cos_decoding", "mean cos(w)", 0.90))
             for key, label, goal in goals:
                 v = mean_of(ed, key)
-                per = ", ".join(f"{m.split(':')[-1]} {mean_of(m, key):.3f}" for m in methods if m.startswith("edpairs"))
+                per = ", ".join(f"{m.split(':')[-1].replace('edpairs+refine', 'gradient')} {mean_of(m, key):.3f}"
+                                for m in methods if m.startswith("edpairs"))
                 print(f"goal {label} >= {goal:.2f}: {v:.3f} ({'met' if v >= goal else 'NOT met'}) "
                       f"[edpairs rows: {per}]")
     for note in notes:

@@ -121,6 +121,12 @@ class ChunkSource:
         return out
 
 
+def row_blocks(X, rows: int = 32768):
+    """Slices of at most `rows` rows: bounds the temporaries of library-side products."""
+    for s in range(0, X.shape[0], rows):
+        yield X[s:s + rows]
+
+
 def _index_for(X, idx: np.ndarray):
     xp = namespace_of(X)
     if xp.name == "numpy":

@@ -13,7 +13,7 @@ import numpy as np
 from . import ops
 from ._arrays import namespace_of
 from ._progress import Progress
-from ._source import ChunkSource, _to_numpy64
+from ._source import ChunkSource, _to_numpy64, row_blocks
 
 __all__ = ["SphericalKMeans", "Whitener"]
 
@@ -94,9 +94,11 @@ class _Geometry:
             xp = namespace_of(chunk)
             P = xp.asarray(self.whitener.P.astype(np.float32), chunk)
             mu = xp.asarray(self.whitener.mean.astype(np.float32), chunk)
-            x = xp.astype(chunk, "float32") if xp.dtype_name(chunk) != "float32" else chunk
-            norms = (((x - mu) @ P.T) ** 2).sum(1) ** 0.5
-            self._row_scale[index] = xp.contiguous(xp.astype(1.0 / (norms + (norms == 0)) * (norms > 0), "float32"))
+            parts = []
+            for block in row_blocks(chunk):
+                norms = (((xp.astype(block, "float32") - mu) @ P.T) ** 2).sum(1) ** 0.5
+                parts.append(xp.astype(1.0 / (norms + (norms == 0)) * (norms > 0), "float32"))
+            self._row_scale[index] = xp.contiguous(parts[0] if len(parts) == 1 else _concat(parts))
         return self._row_scale[index]
 
     def centroids_from_sums(self, sums: np.ndarray) -> np.ndarray:

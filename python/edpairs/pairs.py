@@ -16,7 +16,7 @@ import numpy as np
 from . import ops
 from ._arrays import namespace_of
 from ._progress import Progress
-from ._source import ChunkSource, _to_numpy64
+from ._source import ChunkSource, _to_numpy64, row_blocks
 from .cluster import Whitener, _Geometry, _unit_rows, cluster
 
 __all__ = ["EDPairs", "positives_signal_vectors", "whole_data_signal_vectors"]
@@ -418,10 +418,10 @@ def _thresholds(source, W: np.ndarray, members: _MemberLabels, mean: np.ndarray,
     pos = np.zeros((I, bins), np.int64)
     neg = np.zeros((I, bins), np.int64)
     W32 = W.astype(np.float32)
-    for chunk in source:
-        xp = namespace_of(chunk)
-        z = _to_numpy64(xp.astype(chunk, "float32") @ xp.asarray(W32.T.copy(), chunk))  # (n, I)
-        labels = _to_numpy64(members.labels(chunk)).astype(np.int64)
+    for block in (b for chunk in source for b in row_blocks(chunk)):
+        xp = namespace_of(block)
+        z = _to_numpy64(xp.astype(block, "float32") @ xp.asarray(W32.T.copy(), block))  # (n, I)
+        labels = _to_numpy64(members.labels(block)).astype(np.int64)
         idx = np.clip(((z - lo) / (hi - lo) * bins).astype(np.int64), 0, bins - 1)
         for i in range(I):
             member = labels == i
