@@ -117,6 +117,14 @@ def test_partial_fit_learns_the_clusters_online(rng):
     assert km.counts_.sum() == len(X)
 
 
+def test_partial_fit_accepts_initial_centroids(rng):
+    X, labels, centers = planted(rng, n=3000)
+    km = edp.SphericalKMeans(6, init=centers.astype(np.float32)).partial_fit(X[:1000])
+    assert matched_accuracy(km.predict(X), labels, 6) > 0.99
+    with pytest.raises(ValueError, match="init centroids must have shape"):
+        edp.SphericalKMeans(6, init=centers[:2]).partial_fit(X)
+
+
 def test_torch_in_torch_out(rng):
     torch = pytest.importorskip("torch")
     X, _, _ = planted(rng)

@@ -328,8 +328,16 @@ class SphericalKMeans:
                 raise ValueError(f"the first batch needs at least n_clusters={self.n_clusters} rows, got {X.shape[0]}")
             rng = np.random.default_rng(self.random_state)
             E = _unit_rows(_host64(X))
-            C = _kmeanspp(E, self.n_clusters, rng) if self.init == "k-means++" else _unit_rows(_host64(self.init)) \
-                if not isinstance(self.init, str) else E[rng.choice(E.shape[0], self.n_clusters, replace=False)]
+            if not isinstance(self.init, str):
+                C = _unit_rows(_host64(self.init))
+                if C.shape != (self.n_clusters, X.shape[1]):
+                    raise ValueError(f"init centroids must have shape ({self.n_clusters}, {X.shape[1]}), got {C.shape}")
+            elif self.init == "k-means++":
+                C = _kmeanspp(E, self.n_clusters, rng)
+            elif self.init == "random":
+                C = E[rng.choice(E.shape[0], self.n_clusters, replace=False)]
+            else:
+                raise ValueError(f"init must be 'k-means++', 'random' or an array of centroids, got {self.init!r}")
             self._sums = np.zeros((self.n_clusters, X.shape[1]))
             self.counts_ = np.zeros(self.n_clusters, np.int64)
             self._centers = C

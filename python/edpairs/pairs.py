@@ -201,7 +201,6 @@ class EDPairs:
         self.cluster_mean_cosine_ = float(clusters.mean_cosine)
         self.n_samples_ = int(mom.n)
         self.n_features_in_ = int(source.n_features)
-        self._covariance = cov
         return self
 
     def _gradient_refine(self, source, W, b):
