@@ -29,7 +29,7 @@ fi
 python3 -c "import edpairs, json; i = edpairs.build_info(); print(json.dumps(i)); assert i['cuda'] and edpairs.cuda_device_count() > 0"
 
 step "CUDA tests"
-python3 -m pytest -q -m "$MARK" tests/test_cuda.py tests/test_errors.py tests/test_build.py -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -25 || status=1
+python3 -m pytest -q -m "$MARK" tests/test_cuda.py tests/test_cuda_estimators.py tests/test_errors.py tests/test_build.py -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -25 || status=1
 
 step "ceilings"
 python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" || status=1

@@ -1,0 +1,54 @@
+"""The estimators on CUDA arrays (marked cuda; skipped without a CUDA build and a GPU): results in
+the caller's library and device, and the same recovery as on the CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edpairs as edp
+from test_cuda import _BUILT, _NO_GPU
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not _BUILT, reason="edpairs was built without CUDA kernels (build_info()['cuda'] is False)"),
+    pytest.mark.skipif(_NO_GPU is not None, reason=_NO_GPU or ""),
+]
+
+
+@pytest.fixture(scope="module")
+def layer():
+    return edp.synthetic.make_layer(n_images=5000, n_features=64, n_concepts=8, n_distractors=8, grid=(2, 4),
+                                    train_head=False, seed=0)
+
+
+def _scores(layer, model, X):
+    det = model.detect(X, hard=True)
+    det = det.cpu().numpy() if hasattr(det, "cpu") else np.asarray(det)
+    return edp.metrics.recovery(layer, decoding=model.decoding_, encoding=model.encoding_, detections=det)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_edpairs_on_torch_cuda_matches_the_cpu_fit(layer, dtype):
+    import torch
+
+    X = torch.from_numpy(layer.X).to("cuda", getattr(torch, dtype))
+    gpu = edp.EDPairs(8, random_state=0).fit(X)
+    cpu = edp.EDPairs(8, random_state=0).fit(X.float().cpu().numpy())
+    out = gpu.latent_factors(X[:100])
+    assert out.device.type == "cuda" and out.shape == (100, 8)
+    g, c = _scores(layer, gpu, X), _scores(layer, cpu, layer.X)
+    assert g["mean_iou"] >= c["mean_iou"] - 0.01
+    assert g["mean_cos_encoding"] >= c["mean_cos_encoding"] - 0.01
+    assert g["mean_cos_decoding"] >= c["mean_cos_decoding"] - 0.01
+
+
+def test_spherical_kmeans_on_torch_cuda(layer):
+    import torch
+
+    X = torch.from_numpy(layer.X).to("cuda")
+    km = edp.SphericalKMeans(8, random_state=0).fit(X)
+    assert km.cluster_centers_.device.type == "cuda" and km.labels_.device.type == "cuda"
+    ref = edp.SphericalKMeans(8, random_state=0).fit(layer.X)
+    agree = (km.labels_.cpu().numpy() == np.asarray(ref.labels_)).mean()
+    assert agree > 0.999
