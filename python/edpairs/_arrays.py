@@ -163,6 +163,26 @@ class Namespace:
             return x.__dlpack__(stream=stream)
 
 
+def on_device_of(a, like):
+    """A numpy array (or None) as an array of like's library on like's device: how estimators
+    hand their small host-side parameters to kernels running where the data lives. (The
+    functions of edpairs.ops refuse host parameters next to CUDA data instead: there a mix-up is
+    more likely a mistake than an intent.)"""
+    if a is None:
+        return None
+    root = _module_root(like)
+    if root == "torch":
+        import torch
+
+        return torch.as_tensor(np.ascontiguousarray(a), device=like.device)
+    if root == "cupy":
+        import cupy
+
+        with like.device:
+            return cupy.asarray(a)
+    return a
+
+
 def namespace_of(x) -> Namespace:
     root = _module_root(x)
     if root in ("torch", "cupy"):

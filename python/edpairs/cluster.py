@@ -11,7 +11,7 @@ from typing import List, Optional
 import numpy as np
 
 from . import ops
-from ._arrays import namespace_of
+from ._arrays import namespace_of, on_device_of
 from ._progress import Progress
 from ._source import ChunkSource, _to_numpy64, row_blocks
 
@@ -92,8 +92,8 @@ class _Geometry:
             self._row_scale.append(None)
         if self._row_scale[index] is None:
             xp = namespace_of(chunk)
-            P = xp.asarray(self.whitener.P.astype(np.float32), chunk)
-            mu = xp.asarray(self.whitener.mean.astype(np.float32), chunk)
+            P = on_device_of(self.whitener.P.astype(np.float32), chunk)
+            mu = on_device_of(self.whitener.mean.astype(np.float32), chunk)
             parts = []
             for block in row_blocks(chunk):
                 norms = (((xp.astype(block, "float32") - mu) @ P.T) ** 2).sum(1) ** 0.5
@@ -162,8 +162,8 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
         worst_scores, worst_rows = [], []
         labels = [] if keep_labels else None
         for index, chunk in enumerate(source):
-            res = ops.assign(chunk, F, center=geometry.center(), row_scale=geometry.row_scale(index, chunk),
-                             col_scale=col_scale, accumulate=True, check_finite=check_finite and it == 0)
+            res = ops.assign(chunk, on_device_of(F, chunk), center=on_device_of(geometry.center(), chunk),
+                             row_scale=geometry.row_scale(index, chunk), col_scale=on_device_of(col_scale, chunk), accumulate=True, check_finite=check_finite and it == 0)
             sums += _host64(res.sums)
             counts += _host64(res.counts).astype(np.int64)
             scores = _host64(res.scores)
@@ -308,7 +308,7 @@ class SphericalKMeans:
                       check_finite=self.check_finite, progress=self.progress, keep_labels=source.in_memory)
         like = source.array if source.in_memory else next(iter(source))
         xp = namespace_of(like)
-        self.cluster_centers_ = xp.asarray(res.centers.astype(np.float32), like)
+        self.cluster_centers_ = on_device_of(res.centers.astype(np.float32), like)
         self.labels_ = res.labels
         self.counts_ = res.counts
         self.mean_cosine_ = float(res.mean_cosine)
@@ -344,13 +344,14 @@ class SphericalKMeans:
             self.n_features_in_ = X.shape[1]
         elif X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} columns but the model was fitted on {self.n_features_in_}")
-        res = ops.assign(X, self._centers.astype(np.float32), accumulate=True, check_finite=self.check_finite)
+        res = ops.assign(X, on_device_of(self._centers.astype(np.float32), X), accumulate=True,
+                         check_finite=self.check_finite)
         self._sums += _host64(res.sums)
         self.counts_ += _host64(res.counts).astype(np.int64)
         new = _unit_rows(self._sums)
         live = (self.counts_ > 0) & (np.linalg.norm(new, axis=1) > 0)
         self._centers = np.where(live[:, None], new, self._centers)
-        self.cluster_centers_ = xp.asarray(self._centers.astype(np.float32), X)
+        self.cluster_centers_ = on_device_of(self._centers.astype(np.float32), X)
         return self
 
     def _check_fitted(self) -> None:
@@ -363,11 +364,13 @@ class SphericalKMeans:
         X, xp = ops._data(X)
         if X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} columns but the model was fitted on {self.n_features_in_}")
-        return ops.cosine_assign(X, _host64(self.cluster_centers_).astype(np.float32), check_finite=self.check_finite)[0]
+        C = on_device_of(_host64(self.cluster_centers_).astype(np.float32), X)
+        return ops.cosine_assign(X, C, check_finite=self.check_finite)[0]
 
     def score(self, X) -> float:
         """Mean cosine of the rows of X to their nearest centroid (higher is better)."""
         self._check_fitted()
         X, xp = ops._data(X)
-        scores = ops.cosine_assign(X, _host64(self.cluster_centers_).astype(np.float32), check_finite=self.check_finite)[1]
+        C = on_device_of(_host64(self.cluster_centers_).astype(np.float32), X)
+        scores = ops.cosine_assign(X, C, check_finite=self.check_finite)[1]
         return float(_host64(scores).mean()) if X.shape[0] else float("nan")

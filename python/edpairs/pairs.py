@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from . import ops
-from ._arrays import namespace_of
+from ._arrays import namespace_of, on_device_of
 from ._progress import Progress
 from ._source import ChunkSource, _to_numpy64, row_blocks
 from .cluster import Whitener, _Geometry, _unit_rows, cluster
@@ -219,8 +219,9 @@ class EDPairs:
     def _signal(self, source, W, b, mean, cov):
         stats = None
         for chunk in source:
-            s = ops.signal_moments(chunk, W.T.astype(np.float32), b.astype(np.float32),
-                                   center=mean.astype(np.float32), check_finite=False)
+            s = ops.signal_moments(chunk, on_device_of(W.T.astype(np.float32), chunk),
+                                   on_device_of(b.astype(np.float32), chunk),
+                                   center=on_device_of(mean.astype(np.float32), chunk), check_finite=False)
             stats = s if stats is None else stats.merge(s)
         n_pos = _to_numpy64(stats.count).astype(np.int64)
         if self.signal == "whole":
@@ -247,7 +248,7 @@ class EDPairs:
         if self.check_finite and not xp.all_finite(X):
             raise ValueError(f"{name} contains NaN or Inf; clean the input or set check_finite=False")
         Xf = xp.astype(X, "float32")
-        return Xf @ xp.asarray(self.decoding_.T.copy(), X), xp, X
+        return Xf @ on_device_of(self.decoding_.T, X), xp, X
 
     def decode(self, X):
         """Decoded values z = W x (N, I), before the threshold."""
@@ -256,7 +257,7 @@ class EDPairs:
     def detect(self, X, *, hard: bool = False):
         """Memberships y = sigmoid(W x - b) (N, I); with ``hard=True`` the booleans W x > b."""
         z, xp, X = self._project(X)
-        z = z - xp.asarray(self.bias_, X)
+        z = z - on_device_of(self.bias_, X)
         if hard:
             return z > 0
         return 1.0 / (1.0 + (-z).exp()) if xp.name == "torch" else 1.0 / (1.0 + xp.mod.exp(-z))
@@ -267,7 +268,7 @@ class EDPairs:
         W = self.decoding_.astype(np.float64)
         offset = W @ self.mean_.astype(np.float64)
         gain = np.einsum("id,id->i", W, self.encoding_.astype(np.float64))
-        return (z - xp.asarray(offset.astype(np.float32), X)) / xp.asarray(gain.astype(np.float32), X)
+        return (z - on_device_of(offset.astype(np.float32), X)) / on_device_of(gain.astype(np.float32), X)
 
     # ---- persistence --------------------------------------------------------------------
     def save(self, path) -> None:
@@ -389,8 +390,9 @@ class _MemberLabels:
         ones = None
         xp = namespace_of(chunk)
         ones = xp.zeros((chunk.shape[0],), "float32", chunk) + 1
-        return ops.assign(chunk, self.F, center=self.geometry.center(), row_scale=ones,
-                          col_scale=self.geometry.col_scale(self.F.shape[0]), accumulate=False, check_finite=False).labels
+        return ops.assign(chunk, on_device_of(self.F, chunk), center=on_device_of(self.geometry.center(), chunk),
+                          row_scale=ones, col_scale=on_device_of(self.geometry.col_scale(self.F.shape[0]), chunk),
+                          accumulate=False, check_finite=False).labels
 
     def member_sums(self, source):
         """Per-cluster sums of x - mean and counts (unweighted)."""
@@ -399,8 +401,9 @@ class _MemberLabels:
         for chunk in source:
             xp = namespace_of(chunk)
             ones = xp.zeros((chunk.shape[0],), "float32", chunk) + 1
-            res = ops.assign(chunk, self.F, center=self.geometry.center(), row_scale=ones,
-                             col_scale=self.geometry.col_scale(k), accumulate=True, check_finite=False)
+            res = ops.assign(chunk, on_device_of(self.F, chunk), center=on_device_of(self.geometry.center(), chunk),
+                             row_scale=ones, col_scale=on_device_of(self.geometry.col_scale(k), chunk),
+                             accumulate=True, check_finite=False)
             sums += _to_numpy64(res.sums)
             counts += _to_numpy64(res.counts).astype(np.int64)
         return sums, counts
@@ -419,7 +422,7 @@ def _thresholds(source, W: np.ndarray, members: _MemberLabels, mean: np.ndarray,
     W32 = W.astype(np.float32)
     for block in (b for chunk in source for b in row_blocks(chunk)):
         xp = namespace_of(block)
-        z = _to_numpy64(xp.astype(block, "float32") @ xp.asarray(W32.T.copy(), block))  # (n, I)
+        z = _to_numpy64(xp.astype(block, "float32") @ on_device_of(W32.T, block))  # (n, I)
         labels = _to_numpy64(members.labels(block)).astype(np.int64)
         idx = np.clip(((z - lo) / (hi - lo) * bins).astype(np.int64), 0, bins - 1)
         for i in range(I):
