@@ -81,8 +81,6 @@ auto with_loader(DType t, F&& f) {
   }
 }
 
-// Copies a (rows x kc) slice with element (i, p) = M[r0 + i*ri + p*rp, c0 + i*ci + p*cp] into
-// dst[p*W + i] (W = panel width), zero beyond the operand, centre subtracted along columns.
 // Row r of m, columns [c0, c0+n), converted into out (unit-stride fast path vectorises).
 template <class L>
 inline void convert_row(const Matrix& m, const L& load, int64_t r, int64_t c0, int64_t n, float* __restrict out) {

@@ -163,9 +163,18 @@ class Namespace:
             return x.__dlpack__(stream=stream)
 
 
+def to_numpy64(a) -> np.ndarray:
+    """Any array (numpy, torch on any device and dtype, cupy) as a float64 numpy array on the host."""
+    if hasattr(a, "detach"):
+        return a.detach().float().cpu().numpy().astype(np.float64)
+    if _module_root(a) == "cupy":
+        return a.get().astype(np.float64)
+    return np.asarray(a, dtype=np.float64)
+
+
 def on_device_of(a, like):
     """A numpy array (or None) as an array of like's library on like's device: how estimators
-    hand their small host-side parameters to kernels running where the data lives. (The
+    hand their small host-side parameters (and row indices) to the data's device. (The
     functions of edpairs.ops refuse host parameters next to CUDA data instead: there a mix-up is
     more likely a mistake than an intent.)"""
     if a is None:

@@ -8,7 +8,7 @@ from typing import Callable, Iterator, List, Optional
 
 import numpy as np
 
-from ._arrays import FLOAT_INPUTS, as_array, namespace_of
+from ._arrays import FLOAT_INPUTS, as_array, namespace_of, on_device_of, to_numpy64
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
@@ -40,6 +40,7 @@ class ChunkSource:
             self._array = self._check(as_array(data, name))
         first = self._array if self._array is not None else (self._chunks[0] if self._chunks else None)
         self.n_features: Optional[int] = None if first is None else int(first.shape[1])
+        self.like = first  # an array of the data's library and device (known after a first pass otherwise)
         if self._array is not None:
             self.n_samples: Optional[int] = int(self._array.shape[0])
             itemsize = np.dtype("float32").itemsize if namespace_of(self._array).name != "numpy" else self._array.itemsize
@@ -86,6 +87,8 @@ class ChunkSource:
             chunk = self._check(as_array(chunk, self.name))
             if self.n_features is None:
                 self.n_features = int(chunk.shape[1])
+            if self.like is None:
+                self.like = chunk
             if chunk.shape[0] == 0:
                 continue
             total += int(chunk.shape[0])
@@ -107,13 +110,13 @@ class ChunkSource:
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((rows.size, self.n_features), dtype=np.float64)
         if self._array is not None:
-            return _to_numpy64(self._array[_index_for(self._array, rows)])
+            return to_numpy64(self._array[on_device_of(rows, self._array)])
         offset, k = 0, 0
         for chunk in self:
             n = chunk.shape[0]
             j = np.searchsorted(rows, offset + n, side="left")
             if j > k:
-                out[k:j] = _to_numpy64(chunk[_index_for(chunk, rows[k:j] - offset)])
+                out[k:j] = to_numpy64(chunk[on_device_of(rows[k:j] - offset, chunk)])
                 k = j
             offset += n
             if k == rows.size:
@@ -125,18 +128,3 @@ def row_blocks(X, rows: int = 32768):
     """Slices of at most `rows` rows: bounds the temporaries of library-side products."""
     for s in range(0, X.shape[0], rows):
         yield X[s:s + rows]
-
-
-def _index_for(X, idx: np.ndarray):
-    xp = namespace_of(X)
-    if xp.name == "numpy":
-        return idx
-    return xp.mod.asarray(idx) if xp.name == "cupy" else xp.mod.as_tensor(idx, device=X.device)
-
-
-def _to_numpy64(a) -> np.ndarray:
-    if hasattr(a, "detach"):
-        return a.detach().float().cpu().numpy().astype(np.float64)
-    if type(a).__module__.startswith("cupy"):
-        return a.get().astype(np.float64)
-    return np.asarray(a, dtype=np.float64)

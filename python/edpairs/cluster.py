@@ -11,15 +11,11 @@ from typing import List, Optional
 import numpy as np
 
 from . import ops
-from ._arrays import namespace_of, on_device_of
+from ._arrays import namespace_of, on_device_of, to_numpy64
 from ._progress import Progress
-from ._source import ChunkSource, _to_numpy64, row_blocks
+from ._source import ChunkSource, row_blocks
 
 __all__ = ["SphericalKMeans", "Whitener"]
-
-
-def _host64(a) -> np.ndarray:
-    return _to_numpy64(a)
 
 
 def _unit_rows(M: np.ndarray) -> np.ndarray:
@@ -159,32 +155,34 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
         sums = np.zeros((k, source.n_features))
         counts = np.zeros(k, np.int64)
         total, n = 0.0, 0
-        worst_scores, worst_rows = [], []
+        worst_scores, worst_index = [], []  # per chunk, its k lowest scores and their global rows
         labels = [] if keep_labels else None
         for index, chunk in enumerate(source):
             res = ops.assign(chunk, on_device_of(F, chunk), center=on_device_of(geometry.center(), chunk),
-                             row_scale=geometry.row_scale(index, chunk), col_scale=on_device_of(col_scale, chunk), accumulate=True, check_finite=check_finite and it == 0)
-            sums += _host64(res.sums)
-            counts += _host64(res.counts).astype(np.int64)
-            scores = _host64(res.scores)
-            total += float(scores.sum())
-            n += scores.size
+                             row_scale=geometry.row_scale(index, chunk), col_scale=on_device_of(col_scale, chunk),
+                             accumulate=True, check_finite=check_finite and it == 0)
+            sums += to_numpy64(res.sums)
+            counts += to_numpy64(res.counts).astype(np.int64)
+            scores = to_numpy64(res.scores)
             if keep_labels:
                 labels.append(res.labels)
             m = min(k, scores.size)
             low = np.argpartition(scores, m - 1)[:m] if m < scores.size else np.arange(scores.size)
             worst_scores.append(scores[low])
-            worst_rows.append(_host64(chunk[low if namespace_of(chunk).name == "numpy" else _device_index(chunk, low)]))
+            worst_index.append(n + low)
+            total += float(scores.sum())
+            n += scores.size
         mean_cosine = total / max(n, 1)
         new = geometry.centroids_from_sums(sums)
         empty = (counts == 0) | (np.linalg.norm(new, axis=1) == 0)
         new[empty] = C[empty]
         if empty.any():
-            # Re-seed empty clusters from the worst-fit rows (lowest cosine to their centre).
-            scores_all = np.concatenate(worst_scores)
-            rows_all = np.concatenate(worst_rows)
-            order = np.argsort(scores_all, kind="stable")
-            E = geometry.embed(rows_all[order])
+            # Re-seed empty clusters from the worst-fit rows (lowest cosine to their centre); the
+            # rows are read only now, which is rare.
+            scores_all, index_all = np.concatenate(worst_scores), np.concatenate(worst_index)
+            worst = index_all[np.argsort(scores_all, kind="stable")[:k]]
+            rows = source.gather(np.sort(worst))
+            E = geometry.embed(rows[np.searchsorted(np.sort(worst), worst)])
             E = E[np.linalg.norm(E, axis=1) > 0]
             for j, e in zip(np.flatnonzero(empty), E):
                 new[j] = e
@@ -200,11 +198,6 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
         C = new
         n_iter += 1
     raise AssertionError("unreachable")
-
-
-def _device_index(chunk, idx):
-    xp = namespace_of(chunk)
-    return xp.mod.asarray(idx) if xp.name == "cupy" else xp.mod.as_tensor(idx, device=chunk.device)
 
 
 def _concat(parts):
@@ -252,7 +245,7 @@ def cluster(source: ChunkSource, n_clusters: int, *, geometry: _Geometry, init="
                 else:
                     raise ValueError(f"init must be 'k-means++', 'random' or an array of centroids, got {init!r}")
             else:
-                C0 = _unit_rows(_host64(init))
+                C0 = _unit_rows(to_numpy64(init))
                 dim = geometry.dim or source.n_features
                 if C0.shape != (n_clusters, dim):
                     raise ValueError(f"init centroids must have shape ({n_clusters}, {dim}), got {C0.shape}")
@@ -306,9 +299,7 @@ class SphericalKMeans:
         res = cluster(source, int(self.n_clusters), geometry=_Geometry(), init=self.init, n_init=self.n_init,
                       max_iter=self.max_iter, tol=self.tol, init_size=self.init_size, random_state=self.random_state,
                       check_finite=self.check_finite, progress=self.progress, keep_labels=source.in_memory)
-        like = source.array if source.in_memory else next(iter(source))
-        xp = namespace_of(like)
-        self.cluster_centers_ = on_device_of(res.centers.astype(np.float32), like)
+        self.cluster_centers_ = on_device_of(res.centers.astype(np.float32), source.like)
         self.labels_ = res.labels
         self.counts_ = res.counts
         self.mean_cosine_ = float(res.mean_cosine)
@@ -327,9 +318,9 @@ class SphericalKMeans:
             if X.shape[0] < self.n_clusters:
                 raise ValueError(f"the first batch needs at least n_clusters={self.n_clusters} rows, got {X.shape[0]}")
             rng = np.random.default_rng(self.random_state)
-            E = _unit_rows(_host64(X))
+            E = _unit_rows(to_numpy64(X))
             if not isinstance(self.init, str):
-                C = _unit_rows(_host64(self.init))
+                C = _unit_rows(to_numpy64(self.init))
                 if C.shape != (self.n_clusters, X.shape[1]):
                     raise ValueError(f"init centroids must have shape ({self.n_clusters}, {X.shape[1]}), got {C.shape}")
             elif self.init == "k-means++":
@@ -346,8 +337,8 @@ class SphericalKMeans:
             raise ValueError(f"X has {X.shape[1]} columns but the model was fitted on {self.n_features_in_}")
         res = ops.assign(X, on_device_of(self._centers.astype(np.float32), X), accumulate=True,
                          check_finite=self.check_finite)
-        self._sums += _host64(res.sums)
-        self.counts_ += _host64(res.counts).astype(np.int64)
+        self._sums += to_numpy64(res.sums)
+        self.counts_ += to_numpy64(res.counts).astype(np.int64)
         new = _unit_rows(self._sums)
         live = (self.counts_ > 0) & (np.linalg.norm(new, axis=1) > 0)
         self._centers = np.where(live[:, None], new, self._centers)
@@ -364,13 +355,13 @@ class SphericalKMeans:
         X, xp = ops._data(X)
         if X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} columns but the model was fitted on {self.n_features_in_}")
-        C = on_device_of(_host64(self.cluster_centers_).astype(np.float32), X)
+        C = on_device_of(to_numpy64(self.cluster_centers_).astype(np.float32), X)
         return ops.cosine_assign(X, C, check_finite=self.check_finite)[0]
 
     def score(self, X) -> float:
         """Mean cosine of the rows of X to their nearest centroid (higher is better)."""
         self._check_fitted()
         X, xp = ops._data(X)
-        C = on_device_of(_host64(self.cluster_centers_).astype(np.float32), X)
+        C = on_device_of(to_numpy64(self.cluster_centers_).astype(np.float32), X)
         scores = ops.cosine_assign(X, C, check_finite=self.check_finite)[1]
-        return float(_host64(scores).mean()) if X.shape[0] else float("nan")
+        return float(to_numpy64(scores).mean()) if X.shape[0] else float("nan")

@@ -14,9 +14,9 @@ from typing import Optional
 import numpy as np
 
 from . import ops
-from ._arrays import namespace_of, on_device_of
+from ._arrays import namespace_of, on_device_of, to_numpy64
 from ._progress import Progress
-from ._source import ChunkSource, _to_numpy64, row_blocks
+from ._source import ChunkSource, row_blocks
 from .cluster import Whitener, _Geometry, _unit_rows, cluster
 
 __all__ = ["EDPairs", "positives_signal_vectors", "whole_data_signal_vectors"]
@@ -31,8 +31,8 @@ def positives_signal_vectors(stats: ops.SignalMoments, *, min_count: int = 2):
 
     Returns (S (I, D) float64, ok (I,) bool); rows with fewer than ``min_count`` positives or
     no variance of z among them are zero and flagged False."""
-    n = _to_numpy64(stats.count)
-    sx, sz, szz, sxz = (_to_numpy64(a) for a in (stats.sum_x, stats.sum_z, stats.sum_zz, stats.sum_xz))
+    n = to_numpy64(stats.count)
+    sx, sz, szz, sxz = (to_numpy64(a) for a in (stats.sum_x, stats.sum_z, stats.sum_zz, stats.sum_xz))
     safe = np.maximum(n, 1)
     mean_x = sx / safe[:, None]
     mean_z = sz / safe
@@ -142,7 +142,7 @@ class EDPairs:
             raise ValueError("X has no rows")
         if I > mom.n:
             raise ValueError(f"n_concepts={I} is larger than the number of rows N={mom.n}")
-        mean, cov = _to_numpy64(mom.mean), _to_numpy64(mom.covariance(ddof=0))
+        mean, cov = to_numpy64(mom.mean), to_numpy64(mom.covariance(ddof=0))
         if self.whiten:
             whitener = Whitener.from_covariance(mean, cov, rtol=self.whiten_rtol)
         else:
@@ -156,16 +156,15 @@ class EDPairs:
                            init_size=self.init_size, random_state=self.random_state, check_finite=False,
                            progress=self.progress, keep_labels=False, desc="edpairs: clustering")
         C = clusters.centers
-        F = geometry.filters(C).astype(np.float32)
-        member_labels = _MemberLabels(geometry, F)
+        W = geometry.filters(C)
+        member_labels = _MemberLabels(geometry, W.astype(np.float32))
 
         with Progress(total=None, desc="edpairs: pairs", enabled=self.progress, unit=" passes") as bar:
-            W = geometry.filters(C)
             if self.method == "discriminant":
                 sums, counts = member_labels.member_sums(source)
                 mu = sums / np.maximum(counts, 1)[:, None]  # cluster means of x - mean
                 W = mu @ np.linalg.pinv(cov, hermitian=True, rcond=1e-10)
-            W = _normalise_rows(W)
+            W = _unit_rows(W)
             b = _thresholds(source, W, member_labels, mean, cov)
             bar.update(1)
             if self.gradient:
@@ -214,7 +213,7 @@ class EDPairs:
         data = source.array if source.in_memory else (lambda: iter(source))
         res = refine_detectors(data, W.T.astype(np.float32), b.astype(np.float32), config=config,
                                progress=self.progress)
-        return _to_numpy64(res.W).T, _to_numpy64(res.b)
+        return to_numpy64(res.W).T, to_numpy64(res.b)
 
     def _signal(self, source, W, b, mean, cov):
         stats = None
@@ -223,7 +222,7 @@ class EDPairs:
                                    on_device_of(b.astype(np.float32), chunk),
                                    center=on_device_of(mean.astype(np.float32), chunk), check_finite=False)
             stats = s if stats is None else stats.merge(s)
-        n_pos = _to_numpy64(stats.count).astype(np.int64)
+        n_pos = to_numpy64(stats.count).astype(np.int64)
         if self.signal == "whole":
             return whole_data_signal_vectors(W, cov), n_pos
         S, ok = positives_signal_vectors(stats)
@@ -375,37 +374,42 @@ class EDPairs:
 # ---- helpers ------------------------------------------------------------------------------
 
 
-def _normalise_rows(W: np.ndarray) -> np.ndarray:
-    return _unit_rows(np.asarray(W, dtype=np.float64))
+def _blocks(source):
+    """The rows of every chunk in blocks that bound library-side temporaries, in a fixed order."""
+    return (block for chunk in source for block in row_blocks(chunk))
 
 
 class _MemberLabels:
-    """Cluster membership of each row under the final centroids, recomputed per chunk with the
-    assignment kernel (labels do not depend on positive row scales, so none are needed)."""
+    """Cluster membership of each row under the final centroids, from the assignment kernel
+    (labels do not depend on positive row scales, so unit ones serve); computed once per block
+    and kept on the host (8 bytes a row) for the later passes."""
 
     def __init__(self, geometry: _Geometry, F: np.ndarray):
         self.geometry, self.F = geometry, F
+        self._labels: list = []
 
-    def labels(self, chunk):
-        ones = None
-        xp = namespace_of(chunk)
-        ones = xp.zeros((chunk.shape[0],), "float32", chunk) + 1
-        return ops.assign(chunk, on_device_of(self.F, chunk), center=on_device_of(self.geometry.center(), chunk),
-                          row_scale=ones, col_scale=on_device_of(self.geometry.col_scale(self.F.shape[0]), chunk),
-                          accumulate=False, check_finite=False).labels
+    def _assign(self, block, accumulate: bool):
+        xp = namespace_of(block)
+        ones = xp.zeros((block.shape[0],), "float32", block) + 1
+        return ops.assign(block, on_device_of(self.F, block), center=on_device_of(self.geometry.center(), block),
+                          row_scale=ones, col_scale=on_device_of(self.geometry.col_scale(self.F.shape[0]), block),
+                          accumulate=accumulate, check_finite=False)
+
+    def labels(self, index: int, block) -> np.ndarray:
+        if index == len(self._labels):
+            self._labels.append(to_numpy64(self._assign(block, False).labels).astype(np.int64))
+        return self._labels[index]
 
     def member_sums(self, source):
         """Per-cluster sums of x - mean and counts (unweighted)."""
         k, D = self.F.shape
         sums, counts = np.zeros((k, D)), np.zeros(k, np.int64)
-        for chunk in source:
-            xp = namespace_of(chunk)
-            ones = xp.zeros((chunk.shape[0],), "float32", chunk) + 1
-            res = ops.assign(chunk, on_device_of(self.F, chunk), center=on_device_of(self.geometry.center(), chunk),
-                             row_scale=ones, col_scale=on_device_of(self.geometry.col_scale(k), chunk),
-                             accumulate=True, check_finite=False)
-            sums += _to_numpy64(res.sums)
-            counts += _to_numpy64(res.counts).astype(np.int64)
+        for index, block in enumerate(_blocks(source)):
+            res = self._assign(block, True)
+            sums += to_numpy64(res.sums)
+            counts += to_numpy64(res.counts).astype(np.int64)
+            if index == len(self._labels):
+                self._labels.append(to_numpy64(res.labels).astype(np.int64))
         return sums, counts
 
 
@@ -417,18 +421,18 @@ def _thresholds(source, W: np.ndarray, members: _MemberLabels, mean: np.ndarray,
     center = W @ mean
     sd = np.sqrt(np.maximum(np.einsum("id,de,ie->i", W, cov, W), 1e-30))
     lo, hi = center - 8 * sd, center + 8 * sd
-    pos = np.zeros((I, bins), np.int64)
-    neg = np.zeros((I, bins), np.int64)
+    pos = np.zeros(I * bins, np.int64)  # members of cluster i, by bin of w_i . x
+    every = np.zeros(I * bins, np.int64)  # all rows, by bin of w_i . x
     W32 = W.astype(np.float32)
-    for block in (b for chunk in source for b in row_blocks(chunk)):
+    offsets = np.arange(I) * bins
+    for index, block in enumerate(_blocks(source)):
         xp = namespace_of(block)
-        z = _to_numpy64(xp.astype(block, "float32") @ on_device_of(W32.T, block))  # (n, I)
-        labels = _to_numpy64(members.labels(block)).astype(np.int64)
+        z = to_numpy64(xp.astype(block, "float32") @ on_device_of(W32.T, block))  # (n, I)
+        labels = members.labels(index, block)
         idx = np.clip(((z - lo) / (hi - lo) * bins).astype(np.int64), 0, bins - 1)
-        for i in range(I):
-            member = labels == i
-            pos[i] += np.bincount(idx[member, i], minlength=bins)
-            neg[i] += np.bincount(idx[~member, i], minlength=bins)
+        every += np.bincount((idx + offsets).ravel(), minlength=I * bins)
+        pos += np.bincount(labels * bins + idx[np.arange(len(labels)), labels], minlength=I * bins)
+    pos, neg = pos.reshape(I, bins), (every - pos).reshape(I, bins)
     # Threshold at the lower edge of bin k: detections are the rows in bins >= k.
     tp = np.cumsum(pos[:, ::-1], axis=1)[:, ::-1]
     fp = np.cumsum(neg[:, ::-1], axis=1)[:, ::-1]

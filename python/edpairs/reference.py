@@ -5,18 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._arrays import to_numpy64
+
 
 def _f64(a):
-    if a is None:
-        return None
-    if hasattr(a, "detach"):  # torch
-        a = a.detach().cpu()
-        if str(a.dtype) == "torch.bfloat16":
-            a = a.float()
-        a = a.numpy()
-    elif type(a).__module__.startswith("cupy"):
-        a = a.get()
-    return np.asarray(a, dtype=np.float64)
+    return None if a is None else to_numpy64(a)
 
 
 def _row_norm_inverse(M):

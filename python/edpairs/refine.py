@@ -29,12 +29,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+
+from ._progress import Progress
 
 __all__ = [
     "LOSS_TERMS",
@@ -540,41 +540,6 @@ def _pick_device(*arrays):
 
 
 # ---------------------------------------------------------------------------------------
-# Progress display
-
-
-class _Progress:
-    """One self-overwriting line on stderr: epoch, batch, last epoch loss, learning rate."""
-
-    def __init__(self, enabled: bool | None, epochs: int):
-        if enabled is None:
-            enabled = bool(getattr(sys.stderr, "isatty", lambda: False)())
-        self.enabled, self.epochs = bool(enabled), epochs
-        self.last, self.loss, self.width = 0.0, None, 0
-
-    def update(self, epoch: int, batch: int, lr: float, loss: float | None = None, force: bool = False):
-        if not self.enabled:
-            return
-        if loss is not None:
-            self.loss = loss
-        now = time.monotonic()
-        if not force and now - self.last < 0.2:  # redrawing costs more than a small batch
-            return
-        self.last = now
-        text = f"refine: epoch {epoch}/{self.epochs}  batch {batch}  lr {lr:.2e}"
-        if self.loss is not None:
-            text += f"  loss {self.loss:.5g}"
-        sys.stderr.write("\r" + text.ljust(self.width))
-        sys.stderr.flush()
-        self.width = len(text)
-
-    def close(self):
-        if self.enabled and self.width:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
-# ---------------------------------------------------------------------------------------
 # Refinement
 
 
@@ -644,7 +609,7 @@ def refine_detectors(
     best, bad_epochs = math.inf, 0
     history = []
     names = list(LOSS_TERMS) + (["extra"] if extra_loss is not None else [])
-    bar = _Progress(progress, cfg.epochs)
+    bar = Progress(desc="refine", enabled=progress, unit=" batches")
 
     def current():
         margin_inv = torch.exp(-log_margin)
@@ -679,12 +644,15 @@ def refine_detectors(
                 row = torch.stack([total.detach()] + [terms[name].detach() for name in names])
                 sums += row.to(torch.float64) * n
                 count += n
-                bar.update(epoch + 1, k + 1, lr)
+                if k == 0:
+                    bar.set_description(f"refine: epoch {epoch + 1}/{cfg.epochs}")
+                bar.update(1, note=f"lr {lr:.2e}")
             values = (sums / count).tolist()
             record = {"epoch": epoch, "lr": lr, "total": values[0]}
             record.update(zip(names, values[1:]))
             history.append(record)
-            bar.update(epoch + 1, k + 1, lr, loss=values[0], force=True)
+            bar.note = f"lr {lr:.2e} loss {values[0]:.5g}"
+            bar.set_description(f"refine: epoch {epoch + 1}/{cfg.epochs}")
             if not math.isfinite(values[0]):
                 raise FloatingPointError(f"refinement diverged in epoch {epoch} (loss {values[0]}); lower config.lr")
             # Halve the rate when the epoch loss stalls (relative improvement below 1e-4).
