@@ -14,6 +14,7 @@ from . import ops
 from ._arrays import namespace_of, on_device_of, to_numpy64
 from ._progress import Progress
 from ._source import ChunkSource, row_blocks
+from .distributed import Reducer, reducer
 
 __all__ = ["SphericalKMeans", "Whitener"]
 
@@ -142,9 +143,10 @@ class _LloydResult:
 
 
 def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter: int, tol: float,
-           check_finite: bool, progress: Progress, keep_labels: bool) -> _LloydResult:
+           check_finite: bool, progress: Progress, keep_labels: bool, red: Reducer, offset: int = 0) -> _LloydResult:
     """Full-batch spherical k-means, streaming the chunks once per iteration, then one more
-    pass to label every row with the final centres."""
+    pass to label every row with the final centres. With several processes (``red``), each
+    reads its own rows (global indices from ``offset``) and every sum is all-reduced."""
     k = C.shape[0]
     previous = None
     n_iter = 0
@@ -169,9 +171,13 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
             m = min(k, scores.size)
             low = np.argpartition(scores, m - 1)[:m] if m < scores.size else np.arange(scores.size)
             worst_scores.append(scores[low])
-            worst_index.append(n + low)
+            worst_index.append(offset + n + low)
             total += float(scores.sum())
             n += scores.size
+        if red.active:
+            sums = red.sum(sums)
+            counts = red.sum(counts)
+            total, n = red.sum(np.array([total]))[0], int(red.sum(np.array([n], np.int64))[0])
         mean_cosine = total / max(n, 1)
         new = geometry.centroids_from_sums(sums)
         empty = (counts == 0) | (np.linalg.norm(new, axis=1) == 0)
@@ -180,8 +186,20 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
             # Re-seed empty clusters from the worst-fit rows (lowest cosine to their centre); the
             # rows are read only now, which is rare.
             scores_all, index_all = np.concatenate(worst_scores), np.concatenate(worst_index)
-            worst = index_all[np.argsort(scores_all, kind="stable")[:k]]
-            rows = source.gather(np.sort(worst))
+            if red.active:  # every rank's k worst (padded to k), then the same choice everywhere
+                pad = k - scores_all.size if scores_all.size < k else 0
+                part = np.argsort(scores_all, kind="stable")[:k]
+                mine = np.stack([np.concatenate([scores_all[part], np.full(pad, np.inf)]),
+                                 np.concatenate([index_all[part], np.full(pad, -1)]).astype(np.float64)])
+                every = np.concatenate(red.gather(mine), axis=1)
+                every = every[:, np.isfinite(every[0])]
+                scores_all, index_all = every[0], every[1].astype(np.int64)
+                order = np.lexsort((index_all, scores_all))
+            else:
+                order = np.argsort(scores_all, kind="stable")
+            worst = index_all[order[:k]]
+            rows = (red.rows(source, np.sort(worst), offset, source.n_features) if red.active
+                    else source.gather(np.sort(worst)))
             E = geometry.embed(rows[np.searchsorted(np.sort(worst), worst)])
             E = E[np.linalg.norm(E, axis=1) > 0]
             for j, e in zip(np.flatnonzero(empty), E):
@@ -207,9 +225,11 @@ def _concat(parts):
     return xp.mod.concatenate(parts)
 
 
-def _seed_sample(source: ChunkSource, geometry: _Geometry, size: int, rng: np.random.Generator) -> np.ndarray:
-    N = source.n_samples
+def _seed_sample(source: ChunkSource, geometry: _Geometry, size: int, rng: np.random.Generator, *,
+                 red: Reducer, offset: int, N: int) -> np.ndarray:
     rows = np.sort(rng.choice(N, size=min(N, size), replace=False))
+    if red.active:
+        return geometry.embed(red.rows(source, rows, offset, source.n_features))
     return geometry.embed(source.gather(rows))
 
 
@@ -222,10 +242,11 @@ def _count_rows(source: ChunkSource) -> None:
 def cluster(source: ChunkSource, n_clusters: int, *, geometry: _Geometry, init="k-means++", n_init: int = 1,
             max_iter: int = 100, tol: float = 1e-6, init_size: Optional[int] = None, random_state=None,
             check_finite: bool = True, progress: Optional[bool] = None, keep_labels: bool = False,
-            desc: str = "spherical k-means") -> _LloydResult:
-    """Spherical k-means on a chunk source with restarts; the best mean cosine wins."""
+            desc: str = "spherical k-means", red: Reducer = reducer(None)) -> _LloydResult:
+    """Spherical k-means on a chunk source with restarts; the best mean cosine wins. With a
+    reducer over several processes the rows are the union of the ranks' sources."""
     _count_rows(source)
-    N = source.n_samples
+    offset, N = red.offset(source.n_samples) if red.active else (0, source.n_samples)
     if n_clusters < 1:
         raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
     if n_clusters > N:
@@ -236,7 +257,7 @@ def cluster(source: ChunkSource, n_clusters: int, *, geometry: _Geometry, init="
         for restart in range(n_init if isinstance(init, str) else 1):
             if isinstance(init, str):
                 size = init_size or max(20 * n_clusters, 4096)
-                E = _seed_sample(source, geometry, size, rng)
+                E = _seed_sample(source, geometry, size, rng, red=red, offset=offset, N=N)
                 if init == "k-means++":
                     C0 = _kmeanspp(E, n_clusters, rng)
                 elif init == "random":
@@ -251,7 +272,7 @@ def cluster(source: ChunkSource, n_clusters: int, *, geometry: _Geometry, init="
                     raise ValueError(f"init centroids must have shape ({n_clusters}, {dim}), got {C0.shape}")
             bar.set_description(f"{desc} (restart {restart + 1})" if n_init > 1 else desc)
             res = _lloyd(source, geometry, C0, max_iter=max_iter, tol=tol, check_finite=check_finite,
-                         progress=bar, keep_labels=keep_labels)
+                         progress=bar, keep_labels=keep_labels, red=red, offset=offset)
             if best is None or res.mean_cosine > best.mean_cosine:
                 best = res
     return best
@@ -293,17 +314,22 @@ class SphericalKMeans:
         if self.tol < 0:
             raise ValueError(f"tol must be >= 0, got {self.tol}")
 
-    def fit(self, X, y=None) -> "SphericalKMeans":
+    def fit(self, X, y=None, *, process_group=None) -> "SphericalKMeans":
+        """Fits on X. ``process_group`` (a ``torch.distributed`` group, or True for the default
+        one): X holds this rank's rows, and every rank gets the fit of all ranks' rows (see
+        :mod:`edpairs.distributed`); ``labels_`` are this rank's."""
         self._validate()
+        red = reducer(process_group)
         source = ChunkSource(X, chunk_rows=self.chunk_rows)
         res = cluster(source, int(self.n_clusters), geometry=_Geometry(), init=self.init, n_init=self.n_init,
                       max_iter=self.max_iter, tol=self.tol, init_size=self.init_size, random_state=self.random_state,
-                      check_finite=self.check_finite, progress=self.progress, keep_labels=source.in_memory)
+                      check_finite=self.check_finite, progress=self.progress if red.rank == 0 else False,
+                      keep_labels=source.in_memory, red=red)
         self.cluster_centers_ = on_device_of(res.centers.astype(np.float32), source.like)
         self.labels_ = res.labels
         self.counts_ = res.counts
         self.mean_cosine_ = float(res.mean_cosine)
-        self.inertia_ = float((1.0 - res.mean_cosine) * source.n_samples)
+        self.inertia_ = float((1.0 - res.mean_cosine) * int(red.sum(np.array([source.n_samples], np.int64))[0]))
         self.n_iter_ = res.n_iter
         self.n_features_in_ = source.n_features
         self._sums = None

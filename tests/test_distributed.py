@@ -1,0 +1,76 @@
+"""Fits over two processes (torch.distributed, gloo on CPU, spawned here) equal the fit of one
+process on the union of the ranks' rows."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import edpairs as edp
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():
+    pytest.skip("torch.distributed is not available in this torch build", allow_module_level=True)
+
+WORKER = textwrap.dedent("""
+    import sys, numpy as np, torch.distributed as dist
+    import edpairs as edp
+    rank, world, rdv, out, what = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    dist.init_process_group("gloo", init_method="file://" + rdv, rank=rank, world_size=world)
+    X = np.load(sys.argv[6])
+    mine = np.array_split(X, world)[rank]
+    chunks = [mine[: len(mine) // 3], mine[len(mine) // 3:]]  # ranks stream chunks too
+    if what == "kmeans":
+        km = edp.SphericalKMeans(6, random_state=0, n_init=2, progress=False).fit(chunks, process_group=True)
+        np.savez(out, C=km.cluster_centers_, n_iter=km.n_iter_, counts=km.counts_, labels=np.zeros(0))
+    dist.destroy_process_group()
+""")
+
+
+def _run_ranks(tmp_path, what: str, X: np.ndarray, world: int = 2) -> list:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    data = tmp_path / "X.npy"
+    np.save(data, X)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), str(tmp_path / "rdv"),
+                               str(tmp_path / f"out{r}.npz"), what, str(data)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(world)]
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a rank did not finish in 240 s")
+        assert p.returncode == 0, out.decode(errors="replace")[-3000:]
+    return [dict(np.load(tmp_path / f"out{r}.npz")) for r in range(world)]
+
+
+def _layer_rows():
+    layer = edp.synthetic.make_layer(n_images=2500, n_features=16, n_concepts=4, n_distractors=2, grid=(2, 2),
+                                     seed=0)
+    return layer.X.astype(np.float32)
+
+
+def test_spherical_kmeans_two_processes_equal_one(tmp_path):
+    X = _layer_rows()
+    one = edp.SphericalKMeans(6, random_state=0, n_init=2, progress=False).fit(X)
+    for r, res in enumerate(_run_ranks(tmp_path, "kmeans", X)):
+        np.testing.assert_allclose(res["C"], one.cluster_centers_, atol=1e-5, err_msg=f"rank {r}")
+        assert int(res["n_iter"]) == one.n_iter_
+        np.testing.assert_array_equal(res["counts"], one.counts_)
+
+
+def test_process_group_without_init_is_a_clear_error():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        edp.SphericalKMeans(2).fit(np.random.default_rng(0).standard_normal((10, 3)), process_group=True)
