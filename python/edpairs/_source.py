@@ -1,6 +1,7 @@
 """Data sources for the estimators: one in-memory array, or a re-iterable collection of (n, D)
-chunks (a list, or a callable that returns a fresh iterator), read pass after pass. Every
-estimator streams through chunks, so data larger than memory fits the same way."""
+chunks (a list, a callable that returns a fresh iterator, or an object with a ``chunks()``
+method such as :class:`edpairs.store.ActivationStore`), read pass after pass. Every estimator
+streams through chunks, so data larger than memory fits the same way."""
 
 from __future__ import annotations
 
@@ -16,16 +17,20 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 class ChunkSource:
     """Re-iterable (n_i, D) chunks with a known number of columns.
 
-    ``data`` may be a 2-D array (numpy, torch, cupy), a list/tuple of 2-D arrays, or a
-    zero-argument callable returning an iterator of 2-D arrays. A one-shot iterator or
-    generator is refused: fitting reads the data several times."""
+    ``data`` may be a 2-D array (numpy, torch, cupy), a list/tuple of 2-D arrays, a
+    zero-argument callable returning an iterator of 2-D arrays, or any object with a
+    ``chunks()`` method returning a fresh iterator of 2-D arrays on every call (the chunk
+    source protocol; :class:`edpairs.store.ActivationStore` implements it). A one-shot
+    iterator or generator is refused: fitting reads the data several times."""
 
     def __init__(self, data, *, chunk_rows: Optional[int] = None, name: str = "X"):
         self.name = name
         self._array = None
         self._chunks: Optional[List] = None
         self._factory: Optional[Callable[[], Iterator]] = None
-        if callable(data) and not hasattr(data, "shape"):
+        if not hasattr(data, "shape") and callable(getattr(data, "chunks", None)):
+            self._factory = data.chunks
+        elif callable(data) and not hasattr(data, "shape"):
             self._factory = data
         elif isinstance(data, (list, tuple)):
             if len(data) == 0:

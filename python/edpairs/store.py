@@ -1,0 +1,518 @@
+"""An on-disk store of a layer's activations: a folder of memory-mapped ``.npy`` shards plus a
+JSON sidecar keyed by model, layer, preprocessing and dtype. Extraction writes atomically,
+resumes where it stopped, and the store streams into ``EDPairs.fit`` like any chunk source.
+
+Folder layout::
+
+    store.json            the sidecar (key, grid, D, one entry per finished shard)
+    shard-00000.npy       rows = images_in_shard * prod(grid), D columns, float16 or float32
+
+Shards hold whole images in data order: shard ``k`` covers images
+``[k * images_per_shard, min((k + 1) * images_per_shard, n_images))``. Rows are image-major,
+so in a complete store row ``r`` is image ``r // prod(grid)`` at grid position
+``r % prod(grid)`` (``np.unravel_index(position, grid)`` gives the (row, column) of a map);
+:meth:`ActivationStore.locate` answers it for any store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from math import prod
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from . import _layout
+
+__all__ = ["ActivationStore", "StoreCorrupted", "StoreIncomplete", "StoreKeyMismatch", "extract", "model_fingerprint"]
+
+SIDECAR = "store.json"
+FORMAT = "edpairs.activation-store"
+VERSION = 1
+_DTYPES = ("float16", "float32")
+
+
+class StoreCorrupted(RuntimeError):
+    """A shard is missing, truncated or fails its checksum."""
+
+
+class StoreIncomplete(RuntimeError):
+    """The extraction that wrote the store did not finish."""
+
+
+class StoreKeyMismatch(ValueError):
+    """The folder holds a store of another model, layer, preprocessing or dtype."""
+
+
+def _shard_name(k: int) -> str:
+    return f"shard-{k:05d}.npy"
+
+
+def _crc32_file(path: str, block: int = 16 * 2**20) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(block)
+            if not b:
+                break
+            crc = zlib.crc32(b, crc)
+    return f"crc32:{crc:08x}"
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _write_shard_atomic(path: str, array: np.ndarray) -> tuple:
+    """Writes ``array`` as ``.npy`` to a temporary file, fsyncs and renames it; returns
+    (checksum of the file's bytes, size in bytes). The checksum is computed from the bytes
+    handed to the file, so the data is not read back."""
+    import io
+
+    array = np.ascontiguousarray(array)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    header = header.getvalue()
+    data = memoryview(array).cast("B")
+    crc = zlib.crc32(data, zlib.crc32(header))
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(header)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return f"crc32:{crc:08x}", len(header) + data.nbytes
+
+
+def model_fingerprint(model, name: Optional[str] = None) -> dict:
+    """``{"name", "params"}``: the model's name (default: its class) and a SHA-256 of its
+    state_dict (names, dtypes, shapes and bytes), so a store is tied to exact weights."""
+    import torch
+
+    h = hashlib.sha256()
+    for k, t in model.state_dict().items():
+        if not torch.is_tensor(t):
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    cls = type(model)
+    return {"name": name or f"{cls.__module__}.{cls.__qualname__}", "params": "sha256:" + h.hexdigest()}
+
+
+def _json_value(value, what: str):
+    try:
+        return json.loads(json.dumps(value, sort_keys=True))
+    except TypeError as exc:
+        raise TypeError(f"{what} must be JSON-serialisable (a string or a dict of plain values), "
+                        f"got {type(value).__name__}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class ActivationStore:
+    """An existing activation store (see the module docstring for the folder layout).
+
+    ``verify=True`` checks each shard's checksum the first time it is read by this object
+    (:meth:`verify` checks all at once); sizes are always checked. A store whose extraction did
+    not finish raises :class:`StoreIncomplete` when read unless ``allow_partial=True``.
+
+    Also a fit source: ``edp.EDPairs(8).fit(store)`` streams :meth:`chunks`."""
+
+    def __init__(self, path, *, verify: bool = True, allow_partial: bool = False):
+        self.path = os.fspath(path)
+        self.verify_checksums = verify
+        self.allow_partial = allow_partial
+        sidecar = os.path.join(self.path, SIDECAR)
+        if not os.path.isfile(sidecar):
+            raise FileNotFoundError(
+                f"{self.path} is not an activation store (no {SIDECAR}); create one with "
+                "edpairs.store.extract(model, layer, data, path, ...)"
+            )
+        with open(sidecar) as f:
+            meta = json.load(f)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{sidecar} is not an edpairs activation store sidecar")
+        if int(meta.get("version", 0)) > VERSION:
+            raise ValueError(f"{sidecar} has format version {meta['version']}; this edpairs reads up to {VERSION}")
+        self._meta = meta
+        self._verified: set = set()
+        self._index()
+
+    def _index(self) -> None:
+        shards = self._meta.get("shards", {})
+        self._shards = sorted(((int(k), v) for k, v in shards.items()), key=lambda kv: kv[0])
+        rows = np.array([v["rows"] for _, v in self._shards], dtype=np.int64)
+        self._row_start = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+        self._image_start = np.array([v["images"][0] for _, v in self._shards], dtype=np.int64)
+
+    # -- description
+    @property
+    def key(self) -> dict:
+        """What the store was extracted with: model (name, parameter hash), layer,
+        preprocessing, dtype, layout, images_per_shard, n_images_expected."""
+        return dict(self._meta["key"])
+
+    @property
+    def grid(self) -> tuple:
+        return tuple(self._meta.get("grid") or ())
+
+    @property
+    def layout(self) -> Optional[str]:
+        return self._meta.get("layout")
+
+    @property
+    def n_features(self) -> int:
+        return int(self._meta["n_features"])
+
+    @property
+    def patches_per_image(self) -> int:
+        return _layout.patches_per_image(self.grid)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._meta["key"]["dtype"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._meta.get("complete"))
+
+    @property
+    def n_images(self) -> int:
+        """Images in the finished shards."""
+        return int(sum(v["images"][1] - v["images"][0] for _, v in self._shards))
+
+    @property
+    def n_patches(self) -> int:
+        return int(self._row_start[-1])
+
+    @property
+    def shard_files(self) -> list:
+        return [os.path.join(self.path, v["file"]) for _, v in self._shards]
+
+    def __len__(self) -> int:
+        return len(self._shards)
+
+    def __repr__(self) -> str:
+        k = self._meta["key"]
+        state = "complete" if self.complete else "INCOMPLETE"
+        return (f"ActivationStore({self.path!r}: {k['model']['name']} {k['layer']!r}, {self.n_images} images x "
+                f"{self.grid} x {self._meta.get('n_features')} {k['dtype']}, {len(self)} shards, {state})")
+
+    # -- reading
+    def _check_complete(self) -> None:
+        if not self.complete and not self.allow_partial:
+            expected = self._meta["key"].get("n_images_expected")
+            of = f" of {expected}" if expected else ""
+            raise StoreIncomplete(
+                f"activation store {self.path} is incomplete: the extraction stopped after {len(self)} shards "
+                f"({self.n_images}{of} images). Resume it by re-running edpairs.store.extract with the same "
+                "arguments, or open it with ActivationStore(path, allow_partial=True) to read the finished shards"
+            )
+
+    def _fix_hint(self) -> str:
+        return ("rebuild it with store.repair(model, data) or by re-running edpairs.store.extract with the same "
+                "arguments (finished shards are verified and those that fail are rebuilt)")
+
+    def _check_shard(self, k: int, entry: dict, checksum: bool) -> None:
+        path = os.path.join(self.path, entry["file"])
+        if not os.path.isfile(path):
+            raise StoreCorrupted(f"shard {path} of activation store {self.path} is missing; {self._fix_hint()}")
+        size = os.path.getsize(path)
+        if size != entry["bytes"]:
+            raise StoreCorrupted(
+                f"shard {path} of activation store {self.path} is truncated or altered: expected {entry['bytes']} "
+                f"bytes, found {size}; {self._fix_hint()}"
+            )
+        if checksum and k not in self._verified:
+            found = _crc32_file(path)
+            if found != entry["checksum"]:
+                raise StoreCorrupted(
+                    f"shard {path} of activation store {self.path} is corrupted: checksum expected "
+                    f"{entry['checksum']}, found {found}; {self._fix_hint()}"
+                )
+            self._verified.add(k)
+
+    def _load(self, k: int, entry: dict) -> np.ndarray:
+        self._check_shard(k, entry, self.verify_checksums)
+        path = os.path.join(self.path, entry["file"])
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        if arr.shape != (entry["rows"], self.n_features) or arr.dtype != self.dtype:
+            raise StoreCorrupted(
+                f"shard {path} of activation store {self.path} holds {arr.dtype} {arr.shape}, expected "
+                f"{self.dtype} {(entry['rows'], self.n_features)}; {self._fix_hint()}"
+            )
+        return arr
+
+    def shard(self, i: int) -> np.ndarray:
+        """The ``i``-th finished shard, memory-mapped, ``(rows, D)`` in the stored dtype."""
+        k, entry = self._shards[i]
+        return self._load(k, entry)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """A fresh iterator over the shards as memory-mapped ``(rows, D)`` arrays in the stored
+        dtype (float16 or float32; edpairs' kernels read both)."""
+        self._check_complete()
+        return (self._load(k, entry) for k, entry in self._shards)
+
+    def images(self, batch_images: Optional[int] = None) -> Iterator[np.ndarray]:
+        """A fresh iterator over channel-last ``(n, *grid, D)`` arrays: one per shard, or batches
+        of ``batch_images`` images (never crossing a shard)."""
+        self._check_complete()
+        grid, d, ppi = self.grid, self.n_features, self.patches_per_image
+
+        def gen():
+            for k, entry in self._shards:
+                arr = self._load(k, entry)
+                n = entry["rows"] // ppi
+                step = batch_images or n
+                for s in range(0, n, step):
+                    yield arr[s * ppi:min(n, s + step) * ppi].reshape(-1, *grid, d)
+
+        return gen()
+
+    def locate(self, rows):
+        """``(image, position)`` int64 arrays for global row indices (rows counted over the
+        finished shards in order): the image's index in the data and the flat grid position."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_patches):
+            raise IndexError(f"rows must be in [0, {self.n_patches}), got [{rows.min()}, {rows.max()}]")
+        i = np.searchsorted(self._row_start, rows, side="right") - 1
+        local = rows - self._row_start[i]
+        ppi = self.patches_per_image
+        return self._image_start[i] + local // ppi, local % ppi
+
+    def verify(self, *, raise_on_error: bool = True) -> list:
+        """Checks every finished shard's size and checksum now. Returns the messages of the
+        shards that fail (raises :class:`StoreCorrupted` on the first one by default)."""
+        problems = []
+        for k, entry in self._shards:
+            self._verified.discard(k)
+            try:
+                self._check_shard(k, entry, True)
+            except StoreCorrupted as exc:
+                if raise_on_error:
+                    raise
+                problems.append(str(exc))
+        return problems
+
+    def repair(self, model, data, **kwargs) -> "ActivationStore":
+        """Rebuilds missing, truncated or corrupted shards (and finishes an interrupted
+        extraction) by running :func:`extract` with this store's key; ``data`` must be the
+        data it was extracted from. Returns the repaired store."""
+        k = self._meta["key"]
+        store = extract(model, k["layer"], data, self.path, images_per_shard=k["images_per_shard"], dtype=k["dtype"],
+                        preprocessing=k["preprocessing"], layout=k["layout"], model_name=k["model"]["name"], **kwargs)
+        self.__init__(self.path, verify=self.verify_checksums, allow_partial=self.allow_partial)
+        return store
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: stored {a!r}, requested {b!r}")
+    return out
+
+
+def _clear(path: str) -> None:
+    for name in os.listdir(path):
+        if name == SIDECAR or (name.startswith("shard-") and (name.endswith(".npy") or ".npy.tmp" in name)) \
+                or name.startswith(SIDECAR + ".tmp"):
+            os.remove(os.path.join(path, name))
+
+
+def extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtype: str = "float16",
+            preprocessing=None, batch_size: int = 32, layout: Optional[str] = None, autocast=None, device=None,
+            model_name: Optional[str] = None, progress: Optional[bool] = None, overwrite: bool = False,
+            verify: bool = True, on_shard: Optional[Callable[[int, str], None]] = None) -> ActivationStore:
+    """Captures ``layer`` of ``model`` over ``data`` into the store at ``path``, creating it or
+    resuming it, and returns the :class:`ActivationStore`.
+
+    ``data``: a tensor of images, a map-style torch Dataset, a DataLoader or any iterable of
+    batches (as for :func:`edpairs.capture.iter_activations`); it must yield the same images
+    in the same order on every run. ``preprocessing``: a string or dict describing how the
+    images were prepared (part of the key). ``dtype``: "float16" or "float32".
+
+    Resuming: a folder holding a store with the same key keeps its finished shards (verified
+    with their checksums when ``verify``; failing ones are rebuilt) and only the missing
+    images go through the model: tensors and datasets load only the batches that cover them,
+    other iterables are read but their other batches skipped before the model. A different
+    key raises :class:`StoreKeyMismatch` naming what differs (``overwrite=True`` replaces the
+    store). Shard boundaries depend only on image indices, and batches are cut at multiples of
+    ``batch_size``, so an interrupted and resumed extraction writes the same bytes as an
+    uninterrupted one with the same ``batch_size``. Every shard is written to a temporary
+    file, fsynced and renamed, then the sidecar is replaced atomically; ``on_shard(k, file)``
+    is called after that."""
+    import torch
+
+    from .capture import iter_activations, n_images_of
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    if int(images_per_shard) < 1 or int(batch_size) < 1:
+        raise ValueError(f"images_per_shard and batch_size must be >= 1, got {images_per_shard}, {batch_size}")
+    ips = int(images_per_shard)
+    path = os.fspath(path)
+    n_expected = n_images_of(data)
+    key = {
+        "model": model_fingerprint(model, model_name),
+        "layer": layer,
+        "preprocessing": _json_value(preprocessing, "preprocessing"),
+        "dtype": dtype,
+        "layout": layout,
+        "images_per_shard": ips,
+        "n_images_expected": n_expected,
+    }
+    os.makedirs(path, exist_ok=True)
+    sidecar = os.path.join(path, SIDECAR)
+    meta = None
+    if os.path.isfile(sidecar):
+        with open(sidecar) as f:
+            meta = json.load(f)
+        if meta.get("key") != key:
+            if not overwrite:
+                diff = "; ".join(_differences(meta.get("key", {}), key))
+                raise StoreKeyMismatch(
+                    f"{path} holds an activation store extracted with other settings ({diff}); use another folder, "
+                    "or extract(..., overwrite=True) to replace it"
+                )
+            meta = None
+            _clear(path)
+    elif any(n.endswith(".npy") for n in os.listdir(path)):
+        if not overwrite:
+            raise StoreKeyMismatch(f"{path} holds .npy files but no {SIDECAR}; use an empty folder or overwrite=True")
+        _clear(path)
+    if meta is None:
+        meta = {"format": FORMAT, "version": VERSION, "key": key, "grid": None, "layout": None, "n_features": None,
+                "batch_size": int(batch_size), "shards": {}, "complete": False, "n_images": None}
+        _write_json_atomic(sidecar, meta)
+    # Leftovers of an interrupted write.
+    for name in os.listdir(path):
+        if ".tmp" in name and (name.startswith("shard-") or name.startswith(SIDECAR)):
+            os.remove(os.path.join(path, name))
+
+    # Keep the finished shards that pass verification.
+    store = ActivationStore(path, verify=verify, allow_partial=True)
+    finished = {}
+    for k, entry in store._shards:
+        try:
+            store._check_shard(k, entry, verify)
+            finished[k] = entry
+        except StoreCorrupted:
+            fp = os.path.join(path, entry["file"])
+            if os.path.exists(fp):
+                os.remove(fp)
+    # The number of images: known from the data, or from an earlier complete run over it.
+    n_known = n_expected if n_expected is not None else meta.get("n_images")
+    n_shards = None if n_known is None else -(-n_known // ips)
+    if len(finished) != len(meta["shards"]):
+        meta["shards"] = {str(k): v for k, v in finished.items()}
+        meta["complete"] = False
+        _write_json_atomic(sidecar, meta)
+    if meta["complete"] and n_shards is not None and all(k in finished for k in range(n_shards)):
+        return ActivationStore(path, verify=verify)
+
+    def needed(k: int) -> bool:
+        return k not in finished and (n_shards is None or k < n_shards)
+
+    def wanted(s: int, e: int) -> bool:
+        return any(needed(k) for k in range(s // ips, (e - 1) // ips + 1))
+
+    out_dtype = torch.float16 if dtype == "float16" else torch.float32
+    buffers: dict = {}  # shard -> [rows array, images filled]
+    seen = [0]
+
+    def flush(k: int, n_images_in_shard: int) -> None:
+        arr = buffers.pop(k)[0][:n_images_in_shard * ppi]
+        name = _shard_name(k)
+        checksum, nbytes = _write_shard_atomic(os.path.join(path, name), arr)
+        meta["shards"][str(k)] = {"file": name, "rows": int(arr.shape[0]),
+                                  "images": [k * ips, k * ips + n_images_in_shard], "checksum": checksum,
+                                  "bytes": int(nbytes)}
+        _write_json_atomic(sidecar, meta)
+        if on_shard is not None:
+            on_shard(k, os.path.join(path, name))
+
+    ppi = None
+    for act in iter_activations(model, layer, data, layout=layout, batch_size=batch_size, autocast=autocast,
+                                device=device, dtype=out_dtype, progress=progress, _wanted=wanted, _seen=seen):
+        values = act.values
+        grid = tuple(int(g) for g in values.shape[1:-1])
+        d = int(values.shape[-1])
+        if ppi is None:
+            if meta["grid"] is None:
+                meta["grid"], meta["n_features"] = list(grid), d
+                meta["layout"] = layout or {2: "nchw", 1: "nlc", 0: "nc"}[len(grid)]
+            elif tuple(meta["grid"]) != grid or meta["n_features"] != d:
+                raise StoreKeyMismatch(
+                    f"{path}: the layer now gives grid {grid} x {d}, the store holds {tuple(meta['grid'])} x "
+                    f"{meta['n_features']}; use overwrite=True"
+                )
+            ppi = _layout.patches_per_image(grid)
+        rows = values.numpy().reshape(-1, d)
+        s, e = int(act.index[0]), int(act.index[-1]) + 1
+        for k in range(s // ips, (e - 1) // ips + 1):
+            if not needed(k):
+                continue
+            lo, hi = max(s, k * ips), min(e, (k + 1) * ips)
+            if k not in buffers:
+                buffers[k] = [np.empty((ips * ppi, d), dtype=dtype), 0]
+            buf = buffers[k]
+            buf[0][(lo - k * ips) * ppi:(hi - k * ips) * ppi] = rows[(lo - s) * ppi:(hi - s) * ppi]
+            buf[1] += hi - lo
+            full = ips if n_known is None else min(ips, n_known - k * ips)
+            if buf[1] == full:
+                flush(k, full)
+    n_seen = seen[0]
+    if n_seen == 0:
+        raise ValueError("data held no images")
+    if n_known is not None and n_seen != n_known:
+        raise ValueError(f"data yielded {n_seen} images, expected {n_known}; it must yield the same images on every run")
+    n_shards = -(-n_seen // ips)
+    for k in sorted(buffers):  # the last, partial shard of an iterable of unknown length
+        filled = buffers[k][1]
+        if k == n_shards - 1 and filled == n_seen - k * ips:
+            flush(k, filled)
+        else:
+            raise ValueError(f"data changed between runs: shard {k} got {filled} images")
+    missing = [k for k in range(n_shards) if str(k) not in meta["shards"]]
+    if missing:
+        raise ValueError(f"data ended before shards {missing} were filled ({n_seen} images); it must yield the same "
+                         "images on every run")
+    meta["complete"], meta["n_images"] = True, n_seen
+    _write_json_atomic(sidecar, meta)
+    return ActivationStore(path, verify=verify)
