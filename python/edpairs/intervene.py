@@ -1,0 +1,572 @@
+"""Interventions at a layer along the encoding directions of fitted pairs (DESIGN section 3):
+remove a concept, set its decoded value, or remove a set of concepts jointly — as plain
+functions on activation arrays (torch tensors or numpy arrays) and as a forward-hook context
+manager that edits a torch model's layer output in the forward pass.
+
+For one feature vector ``x`` (a position of the layer's map), concept ``i`` with unit encoding
+direction ``s_i`` (``encoding_``), filter ``w_i`` (``decoding_``), threshold ``b_i``
+(``bias_``) and data mean ``m`` (``mean_``), with the latent factor
+``a_i = w_i.(x - m) / (w_i.s_i)``:
+
+* remove: ``x' = x - g * k * s_i``, gate ``g = sigmoid(w_i.x - b_i)`` (``gate=False``: 1),
+  ``k = a_i`` by default ("to the mean": the concept's latent factor moves to that of the
+  mean, i.e. ``w_i.x'`` becomes ``w_i.m`` where the gate is 1) or a given number. With
+  ``gate=False`` and the default scale this is ``x' = x - s_i w_i.(x - m) / (w_i.s_i)``:
+  for the whole-data signal vector ``s = Cov w / (w^T Cov w)`` of ``z = w.x`` it is exactly
+  LEACE's eraser ``x - Cov w (w^T Cov w)^-1 w^T (x - m)`` (``EDPairs(signal="whole")``).
+  Several concepts are removed independently, each from the input's decoded values; when the
+  filters read each other's encoding directions use :func:`remove_joint`.
+* set: ``x' = x + s_i (t - w_i.x) / (w_i.s_i)``: the decoded value becomes ``t``, the edit moves
+  only along ``s_i``. Several concepts are set jointly,
+  ``x' = x + S_J (W_J S_J^T)^-1 (t - W_J x)``, so that every decoded value is its target even
+  when the filters read the other encoding directions.
+* joint removal of a set J: ``x' = x - S_J (W_J S_J^T)^-1 W_J (x - m)`` (rows of ``W_J`` and
+  ``S_J`` are the concepts' filters and encoding directions); with ``gate=True`` each joint
+  latent factor is multiplied by its concept's gate.
+
+``(W_J S_J^T)^-1`` is a pseudo-inverse (relative cutoff 1e-6 of the largest singular value):
+when the matrix is singular (two concepts with the same encoding direction) the common part is
+removed once, and a joint ``set`` reaches the targets in the least-squares sense.
+
+Edits compute in float32 (float64 for float64 input) on the array's device; float16 / bfloat16
+inputs are upcast internally and the result cast back; torch edits are differentiable.
+
+Example::
+
+    import edpairs as edp
+    from edpairs.intervene import intervene, remove, set_value
+
+    pairs = edp.EDPairs(8).fit(features)             # (N*H*W, C) patches of model.layer3
+    with intervene(model, "layer3", pairs, remove=[2]) as iv:   # gated removal of concept 2
+        logits = model(images)
+    print(iv.positions, iv.gate_mean, iv.gated_positions)       # diagnostics of that forward
+    with intervene(model, "layer3", pairs, set={5: 4.0}, remove=[1, 3], joint=True):
+        logits = model(images)
+
+    fmap = model_features(images)                    # (N, C, H, W)
+    edited = remove(fmap, pairs, [2], gate=False, layout="nchw")
+    edited = set_value(fmap, pairs, {5: target_map}, layout="nchw")  # target_map (N, H, W)
+"""
+
+from __future__ import annotations
+
+import builtins
+import difflib
+import numbers
+from collections import OrderedDict
+
+import numpy as np
+
+from ._layout import LAYOUTS, channel_last, from_channel_last, infer_layout
+
+__all__ = ["Intervention", "intervene", "remove", "remove_joint", "set_value"]
+
+_PINV_RCOND = 1e-6
+
+
+# ---- the pairs, converted once per device and dtype --------------------------------------
+def _host(a, name: str) -> np.ndarray:
+    if hasattr(a, "detach"):
+        a = a.detach().cpu().double().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+class _Pairs:
+    """Host float64 copies of the pairs' arrays, with per-(library, device, dtype) and per-set
+    caches of what the edits need."""
+
+    def __init__(self, pairs):
+        missing = [a for a in ("decoding_", "encoding_", "mean_") if getattr(pairs, a, None) is None]
+        if missing:
+            raise ValueError(f"pairs must have fitted attributes decoding_ (I, D), encoding_ (I, D), mean_ (D,) "
+                             f"and bias_ (I,) (an edpairs.EDPairs after fit); missing {missing}")
+        W, S, mean = (_host(getattr(pairs, a), a) for a in ("decoding_", "encoding_", "mean_"))
+        bias = getattr(pairs, "bias_", None)
+        if W.ndim != 2 or S.shape != W.shape or mean.shape != (W.shape[1],):
+            raise ValueError(f"pairs must have decoding_ (I, D), encoding_ (I, D) and mean_ (D,); got "
+                             f"{W.shape}, {S.shape} and {mean.shape}")
+        self.bias = None if bias is None else _host(bias, "bias_")
+        if self.bias is not None and self.bias.shape != (W.shape[0],):
+            raise ValueError(f"pairs.bias_ must have shape (I,) = ({W.shape[0]},), got {self.bias.shape}")
+        if not (np.isfinite(W).all() and np.isfinite(S).all() and np.isfinite(mean).all()):
+            raise ValueError("the pairs contain NaN or Inf")
+        self.W, self.S, self.mean = W, S, mean
+        self.n_concepts, self.n_features = W.shape
+        self.offset = W @ mean                       # (I,) decoded value of the mean
+        self.gain = np.einsum("id,id->i", W, S)      # (I,) w_i . s_i (1 for EDPairs)
+        self._sets = {}
+        self._devices = {}
+
+    def check_concepts(self, concepts, what: str) -> tuple:
+        out = []
+        for c in concepts:
+            if isinstance(c, (bool, np.bool_)) or not isinstance(c, numbers.Integral):
+                raise TypeError(f"{what}: concept indices must be integers, got {c!r}")
+            c = int(c)
+            if not 0 <= c < self.n_concepts:
+                raise IndexError(f"{what}: concept index {c} is out of range for pairs with "
+                                 f"{self.n_concepts} concepts (valid: 0..{self.n_concepts - 1})")
+            out.append(c)
+        if len(set(out)) != len(out):
+            raise ValueError(f"{what}: concept indices must be distinct, got {out}")
+        return tuple(out)
+
+    def host_set(self, J: tuple) -> dict:
+        """Host arrays for the concepts J: W_J, S_J (|J|, D), offsets, gains, biases and
+        (W_J S_J^T)^+ transposed, so that row-vector latent factors are (z - offset) @ inv_t."""
+        got = self._sets.get(J)
+        if got is None:
+            idx = list(J)
+            W, S = self.W[idx], self.S[idx]
+            gain = self.gain[idx]
+            unread = np.abs(gain) <= 1e-12 * np.linalg.norm(W, axis=1) * np.linalg.norm(S, axis=1)
+            if unread.any():
+                raise ValueError(f"concepts {[J[k] for k in np.flatnonzero(unread)]}: the filter does not read "
+                                 f"its own encoding direction (w_i . s_i = 0), so the edit is undefined")
+            inv_t = np.linalg.pinv(W @ S.T, rcond=_PINV_RCOND).T
+            got = dict(W=W, S=S, offset=self.offset[idx], gain=gain, inv_t=inv_t,
+                       bias=None if self.bias is None else self.bias[idx])
+            self._sets[J] = got
+        return got
+
+    def device_set(self, J: tuple, lib: "_Lib", like) -> dict:
+        key = (J, lib.key(like))
+        got = self._devices.get(key)
+        if got is None:
+            got = {k: (None if v is None else lib.constant(v, like)) for k, v in self.host_set(J).items()}
+            self._devices[key] = got
+        return got
+
+
+_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_CACHE_SIZE = 8
+
+
+def _pairs_of(pairs) -> _Pairs:
+    """The converted pairs, cached while the pairs' arrays are the same objects (a refit
+    assigns new arrays; arrays changed in place are not noticed)."""
+    if isinstance(pairs, _Pairs):
+        return pairs
+    arrays = tuple(getattr(pairs, a, None) for a in ("decoding_", "encoding_", "mean_", "bias_"))
+    key = (id(pairs),) + tuple(id(a) for a in arrays)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is pairs and all(x is y for x, y in zip(hit[1], arrays)):
+        _CACHE.move_to_end(key)
+        return hit[2]
+    converted = _Pairs(pairs)
+    _CACHE[key] = (pairs, arrays, converted)
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return converted
+
+
+# ---- array libraries ---------------------------------------------------------------------
+class _Lib:
+    """The few operations the edits need, for torch tensors or numpy arrays."""
+
+    def __init__(self, x):
+        root = type(x).__module__.split(".", 1)[0]
+        if root == "torch":
+            import torch
+
+            self.torch = torch
+            self.name = "torch"
+        elif isinstance(x, np.ndarray):
+            self.torch = None
+            self.name = "numpy"
+        else:
+            raise TypeError(f"activations must be a torch tensor or a numpy array, got {type(x).__name__}")
+
+    def check_float(self, x) -> None:
+        ok = x.is_floating_point() if self.name == "torch" else np.issubdtype(x.dtype, np.floating)
+        if not ok:
+            raise TypeError(f"activations must be floating point, got dtype {x.dtype}")
+
+    def compute_dtype(self, x):
+        if self.name == "torch":
+            return self.torch.float64 if x.dtype == self.torch.float64 else self.torch.float32
+        return np.float64 if x.dtype == np.float64 else np.float32
+
+    def key(self, like):
+        if self.name == "torch":
+            return ("torch", str(like.device), str(like.dtype))
+        return ("numpy", "cpu", str(like.dtype))
+
+    def constant(self, a: np.ndarray, like):
+        if self.name == "torch":
+            return self.torch.as_tensor(a, dtype=like.dtype, device=like.device)
+        return np.asarray(a, dtype=like.dtype)
+
+    def cast(self, x, dtype):
+        if self.name == "torch":
+            return x.to(dtype)
+        return x.astype(dtype, copy=False)
+
+    def sigmoid(self, z):
+        if self.name == "torch":
+            return self.torch.sigmoid(z)
+        with np.errstate(over="ignore"):
+            return 1.0 / (1.0 + np.exp(-z))
+
+    def relu(self, x):
+        return x.clamp(min=0) if self.name == "torch" else np.maximum(x, 0)
+
+    def target(self, t, like, positions_shape, concept: int):
+        """A target (number or per-position map) as a (P,) vector of like's kind."""
+        if isinstance(t, numbers.Real) and not isinstance(t, bool):
+            return None, float(t)
+        if self.name == "torch":
+            t = self.torch.as_tensor(t).to(dtype=like.dtype, device=like.device)
+            if t.ndim == 0:
+                return None, float(t)
+            broadcast = self.torch.broadcast_to
+        else:
+            t = np.asarray(t, dtype=like.dtype)
+            if t.ndim == 0:
+                return None, float(t)
+            broadcast = np.broadcast_to
+        try:
+            t = broadcast(t, positions_shape)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"set: the target of concept {concept} has shape {tuple(t.shape)}, which does not "
+                             f"broadcast to the positions {tuple(positions_shape)} of the activations") from None
+        return t.reshape(-1), None
+
+    def restore_memory_format(self, out, x):
+        """The edited array in the memory order of the input (a permuted result otherwise
+        breaks a later ``.view``)."""
+        if self.name == "torch":
+            if x.is_contiguous():
+                return out.contiguous()
+            if x.ndim == 4 and x.is_contiguous(memory_format=self.torch.channels_last):
+                return out.contiguous(memory_format=self.torch.channels_last)
+            return out
+        return np.ascontiguousarray(out) if x.flags.c_contiguous else out
+
+
+class _NoAutocast:
+    """Edits compute in float32 even inside an autocast region (a forward hook runs there)."""
+
+    def __init__(self, lib: _Lib, x):
+        self.ctx = None
+        if lib.name == "torch":
+            torch = lib.torch
+            try:
+                enabled = torch.is_autocast_enabled(x.device.type)
+            except TypeError:  # torch < 2.4
+                enabled = torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+            if enabled:
+                self.ctx = torch.autocast(device_type=x.device.type, enabled=False)
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+        return False
+
+
+# ---- the edit ----------------------------------------------------------------------------
+def _as_concepts(concepts) -> list:
+    if concepts is None:
+        return []
+    if isinstance(concepts, numbers.Integral) and not isinstance(concepts, bool):
+        return [concepts]
+    return list(concepts)
+
+
+def _scales(scale, J: tuple):
+    """Per-concept removal amounts: (to_mean (|J|,) bool, k (|J|,) float)."""
+    def one(v, c):
+        if v is None or (isinstance(v, str) and v == "mean"):
+            return True, 0.0
+        if isinstance(v, numbers.Real) and not isinstance(v, bool):
+            return False, float(v)
+        raise ValueError(f"remove: scale of concept {c} must be a number or 'mean' (the default: to the "
+                         f"mean's latent factor), got {v!r}")
+
+    if isinstance(scale, dict):
+        unknown = sorted(set(scale) - set(J))
+        if unknown:
+            raise ValueError(f"remove: scale given for concepts {unknown} that are not removed ({list(J)})")
+        pairs = [one(scale.get(c), c) for c in J]
+    else:
+        pairs = [one(scale, c) for c in J]
+    return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+
+def _edit(x, pairs, *, remove=(), gate=True, scale=None, joint=False, targets=None, relu=False,
+          layout=None, infer_layout_from_shape=False, stats=None):
+    """Applies removal (then set) to x. ``layout=None`` reads the last axis as channels unless
+    ``infer_layout_from_shape`` (the hook: 4-D -> nchw, 3-D -> nlc, 2-D -> nc)."""
+    lib = _Lib(x)
+    lib.check_float(x)
+    P = _pairs_of(pairs)
+    J_remove = P.check_concepts(_as_concepts(remove), "remove")
+    targets = {} if targets is None else dict(targets)
+    J_set = P.check_concepts(list(targets), "set")
+    both = sorted(set(J_remove) & set(J_set))
+    if both:
+        raise ValueError(f"concepts {both} are both removed and set; give each concept one edit")
+    if joint and scale is not None:
+        raise ValueError("joint removal moves the concepts to the mean's latent factors; scale applies only "
+                         "to independent removal (joint=False)")
+    if J_remove and gate and P.bias is None:
+        raise ValueError("gated removal needs the pairs' thresholds bias_; pass gate=False or pairs with bias_")
+
+    if layout is not None or infer_layout_from_shape:
+        layout = infer_layout(tuple(x.shape), layout)
+        cl = channel_last(x, layout)
+    else:
+        if x.ndim < 1:
+            raise ValueError(f"activations must have a channel axis, got shape {tuple(x.shape)}")
+        cl = x
+    D = int(cl.shape[-1])
+    if D != P.n_features:
+        where = f"layout {layout!r}" if layout is not None else "channels on the last axis"
+        hint = ""
+        if layout is None and x.ndim == 4 and int(x.shape[1]) == P.n_features:
+            hint = "; for (N, C, H, W) maps pass layout='nchw'"
+        raise ValueError(f"the pairs have D={P.n_features} channels but the activations have {D} "
+                         f"({where}, shape {tuple(x.shape)}){hint}")
+    positions_shape = tuple(cl.shape[:-1])
+
+    with _NoAutocast(lib, x):
+        rows_in = lib.cast(cl.reshape(-1, D), lib.compute_dtype(x))  # (P, D)
+        rows = rows_in
+        if J_remove:
+            T = P.device_set(J_remove, lib, rows)
+            z = rows @ T["W"].T                                  # (P, |J|) decoded values
+            if joint:
+                amount = (z - T["offset"]) @ T["inv_t"]          # joint latent factors
+            else:
+                amount = (z - T["offset"]) / T["gain"]           # latent factors
+                to_mean, k = _scales(scale, J_remove)
+                if not to_mean.all():
+                    keep = lib.constant(to_mean.astype(np.float64), rows)
+                    amount = amount * keep + lib.constant(k, rows)
+            g = lib.sigmoid(z - T["bias"]) if gate else None
+            if g is not None:
+                amount = amount * g
+            rows = rows - amount @ T["S"]
+            if stats is not None and g is not None:
+                stats["concepts"] = J_remove
+                stats["gate_mean"] = _detached(g.mean(0))
+                stats["gated"] = _detached((g > 0.5).sum(0))
+        if J_set:
+            T = P.device_set(J_set, lib, rows)
+            z = rows @ T["W"].T
+            cols, fixed = [], []
+            for c in J_set:
+                vec, num = lib.target(targets[c], rows, positions_shape, c)
+                cols.append(vec)
+                fixed.append(num)
+            if all(v is None for v in cols):
+                t = lib.constant(np.array(fixed), rows)                # (|J|,) broadcast over positions
+            else:
+                full = [v if v is not None else z[:, k] * 0 + f for k, (v, f) in enumerate(zip(cols, fixed))]
+                t = lib.torch.stack(full, 1) if lib.name == "torch" else np.stack(full, 1)  # (P, |J|)
+            rows = rows + ((t - z) @ T["inv_t"]) @ T["S"]
+        if relu:
+            rows = lib.relu(rows)
+        if stats is not None:
+            stats["positions"] = int(rows.shape[0])
+            shift = rows - rows_in
+            stats["mean_shift"] = _detached(((shift * shift).sum(1) ** 0.5).mean())
+        out = lib.cast(rows, x.dtype).reshape(tuple(cl.shape))
+    if layout is not None:
+        out = from_channel_last(out, layout)
+    return lib.restore_memory_format(out, x)
+
+
+def _detached(a):
+    return a.detach() if hasattr(a, "detach") else a
+
+
+# ---- plain functions ---------------------------------------------------------------------
+def remove(x, pairs, concepts, *, gate=True, scale=None, relu=False, layout=None):
+    """Removes concepts from activations x: ``x' = x - g * k * s_i`` for each concept i (each
+    computed from x), gate ``g = sigmoid(w_i.x - b_i)`` (1 with ``gate=False``).
+
+    x: a torch tensor or numpy array, channel-last ``(..., D)`` rows, or a layer output in
+    ``layout`` ("nchw", "nhwc", "nlc", "nc"). pairs: an :class:`edpairs.EDPairs` or any object
+    with ``decoding_``, ``bias_``, ``encoding_``, ``mean_``. concepts: an index or indices.
+    scale: ``None`` / ``"mean"`` (default: k is the concept's centred latent factor, so the
+    decoded value moves to the mean's where the gate is 1; with ``gate=False`` this is LEACE
+    for whole-data signal vectors), a number k in units of the unit encoding direction
+    (the published toy used 450 with unnormalised vectors), or a dict {concept: number |
+    "mean"}. relu: clamp at 0 afterwards (non-negative layers). Returns an array of x's kind,
+    dtype, device and layout."""
+    return _edit(x, pairs, remove=_as_concepts(concepts), gate=gate, scale=scale, relu=relu, layout=layout)
+
+
+def set_value(x, pairs, targets: dict, *, relu=False, layout=None):
+    """Sets decoded values: ``x' = x + s_i (t_i - w_i.x) / (w_i.s_i)``, jointly for several
+    concepts (``x + S_J (W_J S_J^T)^+ (t - W_J x)``), so that ``w_i.x' = t_i``. targets:
+    {concept: t}, t a number or a per-position map broadcastable to x's positions (x's shape
+    without the channel axis, e.g. (N, H, W) for "nchw"). relu: clamp at 0 afterwards (which
+    can undo part of the edit)."""
+    if not isinstance(targets, dict):
+        raise TypeError(f"set_value: targets must be a dict {{concept: target}}, got {type(targets).__name__}")
+    return _edit(x, pairs, targets=targets, relu=relu, layout=layout)
+
+
+def remove_joint(x, pairs, concepts, *, gate=False, relu=False, layout=None):
+    """Removes a set J of concepts jointly: ``x' = x - S_J (W_J S_J^T)^+ W_J (x - m)`` (rows of
+    W_J, S_J: the concepts' filters and encoding directions; a pseudo-inverse when singular),
+    which leaves ``W_J x' = W_J m``. gate=True multiplies each joint latent factor by its
+    concept's gate ``sigmoid(w_i.x - b_i)``."""
+    return _edit(x, pairs, remove=_as_concepts(concepts), gate=gate, joint=True, relu=relu, layout=layout)
+
+
+# ---- the model hook ----------------------------------------------------------------------
+def _find_module(model, layer):
+    if not isinstance(layer, str):
+        if hasattr(layer, "register_forward_hook"):
+            if not any(m is layer for m in model.modules()):
+                raise ValueError(f"the module {type(layer).__name__} given as layer is not part of the model")
+            return layer
+        raise TypeError(f"layer must be a dotted module name (str) or a module, got {type(layer).__name__}")
+    try:
+        return model.get_submodule(layer)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
+        hint = f"close names: {close}" if close else f"valid names include: {names[:10]}"
+        raise ValueError(f"the model has no module {layer!r}; {hint}") from None
+
+
+def _declared_channels(module):
+    for attr in ("out_channels", "out_features", "num_features"):
+        v = getattr(module, attr, None)
+        if isinstance(v, int):
+            return attr, v
+    return None, None
+
+
+class Intervention:
+    """An edit of a model's layer output while active (use :func:`intervene`). After each
+    forward it holds diagnostics of the last edit: ``calls`` (forwards edited),
+    ``positions`` (feature vectors edited), ``gate_mean`` {concept: mean gate} and
+    ``gated_positions`` {concept: positions with gate > 0.5} (gated removal only),
+    ``mean_shift`` (mean L2 norm of the edit per position)."""
+
+    def __init__(self, model, layer, pairs, *, remove=(), set=None, gate=None, scale=None, joint=False,
+                 relu=False, layout=None):
+        if gate is None:  # the defaults of remove (gated) and remove_joint (not gated)
+            gate = not joint
+        self.module = _find_module(model, layer)
+        self.layer = layer if isinstance(layer, str) else type(layer).__name__
+        self._pairs = _Pairs(pairs)  # a snapshot: the edit uses the pairs as they were here
+        self.remove = self._pairs.check_concepts(_as_concepts(remove), "remove")
+        self.targets = {} if set is None else dict(set)
+        self._pairs.check_concepts(list(self.targets), "set")
+        if not self.remove and not self.targets:
+            raise ValueError("intervene: nothing to do; give remove=[...] and/or set={concept: target}")
+        both = sorted(builtins.set(self.remove) & builtins.set(self.targets))
+        if both:
+            raise ValueError(f"concepts {both} are both removed and set; give each concept one edit")
+        if joint and scale is not None:
+            raise ValueError("joint removal moves the concepts to the mean's latent factors; scale applies only "
+                             "to independent removal (joint=False)")
+        if self.remove and gate and self._pairs.bias is None:
+            raise ValueError("gated removal needs the pairs' thresholds bias_; pass gate=False or pairs with bias_")
+        if layout is not None and layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        attr, declared = _declared_channels(self.module)
+        if declared is not None and declared != self._pairs.n_features:
+            raise ValueError(f"the pairs have D={self._pairs.n_features} channels but layer {self.layer!r} "
+                             f"({type(self.module).__name__}) has {attr}={declared}")
+        _scales(scale, self.remove)  # validates
+        self.gate, self.scale, self.joint, self.relu, self.layout = gate, scale, joint, relu, layout
+        self._handle = None
+        self.calls = 0
+        self._stats = {}
+
+    # diagnostics, converted on access (no device synchronisation inside the forward)
+    @property
+    def positions(self) -> int:
+        return int(self._stats.get("positions", 0))
+
+    @property
+    def gate_mean(self) -> dict:
+        g = self._stats.get("gate_mean")
+        return {} if g is None else {c: float(v) for c, v in zip(self._stats["concepts"], g.tolist())}
+
+    @property
+    def gated_positions(self) -> dict:
+        g = self._stats.get("gated")
+        return {} if g is None else {c: int(v) for c, v in zip(self._stats["concepts"], g.tolist())}
+
+    @property
+    def mean_shift(self) -> float:
+        d = self._stats.get("mean_shift")
+        return float("nan") if d is None else float(d)
+
+    @property
+    def active(self) -> bool:
+        return self._handle is not None
+
+    def _hook(self, module, inputs, output):
+        first = output
+        if isinstance(output, (tuple, list)):
+            if not output or not hasattr(output[0], "dtype"):
+                raise TypeError(f"layer {self.layer!r} returns a {type(output).__name__} without a tensor first; "
+                                f"intervene edits a tensor output (or the first element of a tuple)")
+            first = output[0]
+        stats = {}
+        try:
+            edited = _edit(first, self._pairs, remove=self.remove, gate=self.gate, scale=self.scale,
+                           joint=self.joint, targets=self.targets, relu=self.relu, layout=self.layout,
+                           infer_layout_from_shape=True, stats=stats)
+        except ValueError as exc:
+            raise ValueError(f"intervene at layer {self.layer!r}: {exc}") from None
+        self.calls += 1
+        self._stats = stats
+        if first is output:
+            return edited
+        return type(output)([edited, *output[1:]]) if isinstance(output, list) else (edited, *output[1:])
+
+    def __enter__(self) -> "Intervention":
+        if self._handle is not None:
+            raise RuntimeError("this Intervention is already active")
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def close(self) -> None:
+        """Removes the hook (idempotent)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    def __repr__(self) -> str:
+        what = []
+        if self.remove:
+            what.append(f"remove={list(self.remove)}{' (joint)' if self.joint else ''}")
+        if self.targets:
+            what.append(f"set={sorted(self.targets)}")
+        return (f"Intervention(layer={self.layer!r}, {', '.join(what)}, gate={self.gate}, "
+                f"active={self.active}, calls={self.calls})")
+
+
+def intervene(model, layer, pairs, remove=(), set=None, gate=None, scale=None, joint=False, relu=False,
+              layout=None) -> Intervention:
+    """A context manager that edits the output of ``layer`` (a dotted module name, e.g.
+    ``"layer4"`` or ``"_blocks.15"``, or the module) in every forward pass of ``model`` while
+    active: removes the concepts ``remove`` (independently, or jointly with ``joint=True``),
+    then sets the decoded values ``set={concept: target}`` (numbers or per-position maps).
+    ``gate`` (default: True for independent removal, False for joint removal, as in
+    :func:`remove` and :func:`remove_joint`), ``scale`` and ``relu`` as in :func:`remove`;
+    ``layout`` of the layer output (default from its rank: 4-D "nchw", 3-D "nlc",
+    2-D "nc"). The hook is removed on exit, also on an exception; contexts nest (inner edits
+    apply after outer ones on the same layer). Returns the :class:`Intervention`, whose
+    attributes describe the last forward's edit. Model parameters are never touched; the edit
+    is differentiable."""
+    return Intervention(model, layer, pairs, remove=remove, set=set, gate=gate, scale=scale, joint=joint,
+                        relu=relu, layout=layout)

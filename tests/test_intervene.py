@@ -1,0 +1,458 @@
+"""Interventions along encoding directions (edpairs.intervene): removal against the LEACE oracle
+(concept-erasure), set, joint removal, gating, the forward-hook context manager, layouts and
+low-precision inputs, and the errors."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edpairs import synthetic  # noqa: E402
+from edpairs.intervene import Intervention, intervene, remove, remove_joint, set_value  # noqa: E402
+from edpairs.pairs import whole_data_signal_vectors  # noqa: E402
+
+
+def _pairs(W, S, mean, bias=None):
+    W = np.asarray(W, np.float64)
+    return SimpleNamespace(decoding_=W.astype(np.float32), encoding_=np.asarray(S, np.float32),
+                           mean_=np.asarray(mean, np.float32),
+                           bias_=np.zeros(len(W), np.float32) if bias is None else np.asarray(bias, np.float32))
+
+
+def _random_pairs(D, I, seed=0, gain_one=False):
+    rng = np.random.default_rng(seed)
+    S = rng.standard_normal((I, D))
+    S /= np.linalg.norm(S, axis=1, keepdims=True)
+    W = rng.standard_normal((I, D)) + 2 * S  # filters that read their own direction clearly
+    if gain_one:
+        W /= np.einsum("id,id->i", W, S)[:, None]
+    return _pairs(W, S, rng.standard_normal(D), rng.standard_normal(I))
+
+
+def _whole_data_pairs(X, U):
+    """Pairs-like object: filters U, whole-data signal vectors Cov u / (u^T Cov u), mean of X
+    (float64 moments, like EDPairs; ddof cancels in the signal vector)."""
+    X64 = X.astype(np.float64)
+    mean = X64.mean(0)
+    cov = np.cov(X64.T, ddof=0)
+    return _pairs(U, whole_data_signal_vectors(U, cov), mean)
+
+
+def _leace(X, z, dtype):
+    from concept_erasure import LeaceEraser
+
+    Xt = torch.from_numpy(X).to(dtype)
+    zt = torch.from_numpy(z).to(dtype)[:, None]
+    return LeaceEraser.fit(Xt, zt, shrinkage=False)
+
+
+def _as32(eraser):
+    from concept_erasure import LeaceEraser
+
+    return LeaceEraser(eraser.proj_left.float(), eraser.proj_right.float(), eraser.bias.float())
+
+
+def _filters(layer, D, extra=2, seed=0):
+    """The layer's ideal filters plus random directions (any u defines a z = u^T x)."""
+    rng = np.random.default_rng(seed)
+    return np.vstack([layer.W, rng.standard_normal((extra, D))])
+
+
+# ---- (a) the LEACE oracle ---------------------------------------------------------------
+def test_remove_equals_leace_fitted_in_float32():
+    pytest.importorskip("concept_erasure")
+    layer = synthetic.published(2000, seed=1, offset=0.0, noise=0.3, train_head=False)
+    X = layer.X
+    U = _filters(layer, X.shape[1])
+    pairs = _whole_data_pairs(X, U)
+    Xt = torch.from_numpy(X)
+    worst = 0.0
+    for i, u in enumerate(pairs.decoding_):
+        eraser = _leace(X, X @ u, torch.float32)  # fit and apply in float32
+        ours = remove(Xt, pairs, [i], gate=False)
+        assert ours.dtype == torch.float32
+        worst = max(worst, (ours - eraser(Xt)).abs().max().item())
+        # the removal is not trivial: it moves the data by O(1)
+        assert (ours - Xt).abs().max().item() > 0.3
+    assert worst <= 1e-4, worst
+
+
+def test_remove_equals_leace_on_the_published_layer():
+    """On the published layer (offset 10) LEACE's own float32 fit drifts ~1e-4..5e-4 from its
+    float64 fit (float32 accumulation of uncentred data), so the oracle is LEACE's eraser fitted
+    on float64 statistics, applied in float32 to the float32 data, as ours is."""
+    pytest.importorskip("concept_erasure")
+    layer = synthetic.published(2000, seed=0, train_head=False)
+    X = layer.X
+    U = _filters(layer, X.shape[1])
+    pairs = _whole_data_pairs(X, U)
+    Xt = torch.from_numpy(X)
+    worst = 0.0
+    for i, u in enumerate(pairs.decoding_):
+        eraser = _as32(_leace(X, X.astype(np.float64) @ u.astype(np.float64), torch.float64))
+        worst = max(worst, (remove(Xt, pairs, [i], gate=False) - eraser(Xt)).abs().max().item())
+    assert worst <= 1e-4, worst
+
+
+def test_remove_equals_leace_with_edpairs_whole_data_signal():
+    pytest.importorskip("concept_erasure")
+    from edpairs import EDPairs
+
+    layer = synthetic.published(2000, seed=2, train_head=False)
+    X = layer.X
+    pairs = EDPairs(3, signal="whole", n_init=1, random_state=0, progress=False).fit(X)
+    Xt = torch.from_numpy(X)
+    for i, u in enumerate(pairs.decoding_):
+        eraser = _as32(_leace(X, X.astype(np.float64) @ u.astype(np.float64), torch.float64))
+        ours = remove(Xt, pairs, i, gate=False)
+        assert (ours - eraser(Xt)).abs().max().item() <= 1e-4
+        # after removal the concept's decoded value is that of the mean everywhere
+        decoded = ours.double() @ torch.from_numpy(u).double()
+        assert (decoded - float(u.astype(np.float64) @ pairs.mean_.astype(np.float64))).abs().max() <= 1e-4
+
+
+# ---- (b) set ----------------------------------------------------------------------------
+def test_set_value_reaches_the_target_along_the_encoding_direction():
+    pairs = _random_pairs(12, 4, seed=3)
+    rng = np.random.default_rng(4)
+    X = torch.from_numpy((rng.standard_normal((500, 12)) * 3).astype(np.float32))
+    out = set_value(X, pairs, {2: 1.75})
+    w = torch.from_numpy(pairs.decoding_[2]).double()
+    s = torch.from_numpy(pairs.encoding_[2]).double()
+    assert ((out.double() @ w) - 1.75).abs().max().item() <= 1e-4
+    delta = (out - X).double()
+    along = delta @ s  # unit s: the component along s; the rest must vanish
+    assert (delta - along[:, None] * s).abs().max().item() <= 1e-5
+
+
+def test_set_value_with_a_per_position_map_and_several_concepts():
+    pairs = _random_pairs(8, 3, seed=5)
+    rng = np.random.default_rng(6)
+    X = torch.from_numpy(rng.standard_normal((2, 8, 3, 4)).astype(np.float32))  # nchw
+    target = torch.from_numpy(rng.standard_normal((2, 3, 4)).astype(np.float32))
+    out = set_value(X, pairs, {0: target, 2: -0.5}, layout="nchw")
+    assert out.shape == X.shape and out.is_contiguous()
+    Wt = torch.from_numpy(pairs.decoding_).double()
+    decoded = torch.einsum("nchw,ic->nihw", out.double(), Wt)
+    assert (decoded[:, 0] - target).abs().max().item() <= 1e-4
+    assert (decoded[:, 2] + 0.5).abs().max().item() <= 1e-4  # jointly: both reach their targets
+    # (H, W) maps broadcast over images
+    out2 = set_value(X, pairs, {1: target[0]}, layout="nchw")
+    decoded2 = torch.einsum("nchw,ic->nihw", out2.double(), Wt)
+    assert (decoded2[:, 1] - target[0]).abs().max().item() <= 1e-4
+    # numpy activations with a numpy map and a number
+    out3 = set_value(X.numpy(), pairs, {0: target.numpy(), 1: 2.0}, layout="nchw")
+    decoded3 = np.einsum("nchw,ic->nihw", out3.astype(np.float64), pairs.decoding_.astype(np.float64))
+    assert np.abs(decoded3[:, 0] - target.numpy()).max() <= 1e-4 and np.abs(decoded3[:, 1] - 2.0).max() <= 1e-4
+
+
+# ---- (c) joint removal ------------------------------------------------------------------
+def test_remove_joint_leaves_the_mean_decoded_values_and_predicts_the_others():
+    pairs = _random_pairs(10, 5, seed=7)
+    rng = np.random.default_rng(8)
+    X = (rng.standard_normal((300, 10)) * 2 + 1).astype(np.float32)
+    J = [0, 3]
+    out = remove_joint(torch.from_numpy(X), pairs, J).double().numpy()
+    W, S, m = (a.astype(np.float64) for a in (pairs.decoding_, pairs.encoding_, pairs.mean_))
+    X64 = X.astype(np.float64)
+    assert np.abs(out @ W[J].T - W[J] @ m).max() <= 1e-4
+    alpha = np.linalg.solve(W[J] @ S[J].T, W[J] @ (X64 - m).T).T  # (N, |J|) joint latent factors
+    expected = X64 @ W.T - alpha @ S[J] @ W.T
+    others = [1, 2, 4]
+    assert np.abs(out @ W[others].T - expected[:, others]).max() <= 1e-4
+    # independent removal does not zero the joint decoded values when filters read each other
+    single = remove(torch.from_numpy(X), pairs, J, gate=False).double().numpy()
+    assert np.abs(single @ W[J].T - W[J] @ m).max() > 1e-2
+
+
+def test_remove_joint_with_a_singular_set_uses_the_pseudo_inverse():
+    base = _random_pairs(6, 2, seed=9)
+    # two concepts with the same encoding direction and the same filter: W_J S_J^T is singular
+    pairs = _pairs(np.vstack([base.decoding_[0]] * 2), np.vstack([base.encoding_[0]] * 2), base.mean_)
+    X = torch.from_numpy(np.random.default_rng(10).standard_normal((50, 6)).astype(np.float32))
+    out = remove_joint(X, pairs, [0, 1])
+    assert torch.isfinite(out).all()
+    ref = remove(X, pairs, [0], gate=False)  # the common part is removed once
+    assert (out - ref).abs().max().item() <= 1e-4
+
+
+# ---- (d) gating and scale ---------------------------------------------------------------
+def test_gate_leaves_absent_positions_and_removes_present_ones():
+    pairs = _random_pairs(8, 2, seed=11, gain_one=True)
+    w, s = pairs.decoding_[0].astype(np.float64), pairs.encoding_[0].astype(np.float64)
+    b = float(pairs.bias_[0])
+    rng = np.random.default_rng(12)
+    base = rng.standard_normal((40, 8))
+    base -= np.outer(base @ w, s)  # decoded value 0 (gain 1)
+    X = np.vstack([base + np.outer(np.full(40, b - 30), s),   # far below threshold
+                   base + np.outer(np.full(40, b + 30), s)])  # far above
+    X = X.astype(np.float32)
+    out = remove(torch.from_numpy(X), pairs, [0]).numpy()
+    assert np.abs(out[:40] - X[:40]).max() <= 1e-6 * 40
+    # gate ~1 and scale "to the mean": decoded value becomes the mean's
+    assert np.abs(out[40:] @ w - w @ pairs.mean_.astype(np.float64)).max() <= 1e-3
+    # a number k: x - g k s, the gate ~1 above threshold
+    out_k = remove(torch.from_numpy(X), pairs, [0], scale=5.0).numpy()
+    assert np.abs(out_k[40:] - (X[40:] - 5.0 * s)).max() <= 1e-4
+    assert np.abs(out_k[:40] - X[:40]).max() <= 1e-6 * 40
+    # per-concept scales; relu clamps
+    out_d = remove(X, pairs, [0, 1], gate=False, scale={0: 2.0, 1: "mean"}, relu=True)
+    assert isinstance(out_d, np.ndarray) and out_d.min() >= 0
+
+
+def test_gated_removal_formula():
+    pairs = _random_pairs(7, 3, seed=13)
+    X = np.random.default_rng(14).standard_normal((64, 7)).astype(np.float32)
+    out = remove(X, pairs, [1, 2], gate=True)
+    W, S, b, m = (a.astype(np.float64) for a in (pairs.decoding_, pairs.encoding_, pairs.bias_, pairs.mean_))
+    X64 = X.astype(np.float64)
+    z = X64 @ W.T
+    gate = 1 / (1 + np.exp(-(z - b)))
+    alpha = (z - W @ m) / np.einsum("id,id->i", W, S)
+    expected = X64 - (gate * alpha)[:, [1, 2]] @ S[[1, 2]]
+    assert np.abs(out - expected).max() <= 1e-4
+
+
+# ---- (e) the context manager on a model -------------------------------------------------
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(8, 6, 3, padding=1))
+        self.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, 4))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return _Net().eval()
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_intervene_edits_the_layer_output(net):
+    pairs = _random_pairs(6, 3, seed=15)
+    x = torch.randn(3, 3, 8, 8)
+    before = _params(net)
+    with torch.no_grad():
+        clean = net(x)
+        feats = net.features(x)
+        for kwargs, edit in [
+            (dict(remove=[1]), lambda f: remove(f, pairs, [1], layout="nchw")),
+            (dict(remove=[0, 2], gate=False, scale=3.0), lambda f: remove(f, pairs, [0, 2], gate=False, scale=3.0,
+                                                                          layout="nchw")),
+            (dict(remove=[0, 1], joint=True), lambda f: remove_joint(f, pairs, [0, 1], layout="nchw")),
+            (dict(set={2: 1.5}), lambda f: set_value(f, pairs, {2: 1.5}, layout="nchw")),
+            (dict(remove=[0], set={1: -1.0}, gate=False),
+             lambda f: set_value(remove(f, pairs, [0], gate=False, layout="nchw"), pairs, {1: -1.0}, layout="nchw")),
+        ]:
+            with intervene(net, "features.2", pairs, **kwargs) as iv:
+                assert isinstance(iv, Intervention) and iv.active
+                hooked = net(x)
+            assert not iv.active
+            manual = net.head(edit(feats))
+            assert torch.allclose(hooked, manual, atol=1e-6, rtol=0), kwargs
+            assert not torch.allclose(hooked, clean, atol=1e-4)
+            assert iv.calls == 1 and iv.positions == 3 * 8 * 8 and iv.mean_shift > 0
+        assert torch.equal(net(x), clean)  # hooks gone
+    assert not net.features[2]._forward_hooks
+    after = _params(net)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_intervene_diagnostics_nesting_and_exceptions(net):
+    pairs = _random_pairs(6, 3, seed=16)
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        feats = net.features(x)
+        with intervene(net, "features.2", pairs, remove=[0, 2]) as outer:
+            with intervene(net, "features.2", pairs, set={1: 0.25}):
+                nested = net(x)
+            single = net(x)
+        g = torch.sigmoid(torch.einsum("nchw,ic->nhwi", feats, torch.from_numpy(pairs.decoding_))
+                          - torch.from_numpy(pairs.bias_))
+        assert outer.gate_mean.keys() == {0, 2}
+        assert abs(outer.gate_mean[2] - g[..., 2].mean().item()) <= 1e-5
+        assert outer.gated_positions[0] == int((g[..., 0] > 0.5).sum())
+        manual = net.head(set_value(remove(feats, pairs, [0, 2], layout="nchw"), pairs, {1: 0.25}, layout="nchw"))
+        assert torch.allclose(nested, manual, atol=1e-6, rtol=0)
+        assert torch.allclose(single, net.head(remove(feats, pairs, [0, 2], layout="nchw")), atol=1e-6, rtol=0)
+        with pytest.raises(RuntimeError, match="boom"):
+            with intervene(net, "features.2", pairs, remove=[1]):
+                net(x)
+                raise RuntimeError("boom")
+    assert not net.features[2]._forward_hooks
+    assert "Intervention(layer='features.2'" in repr(outer)
+
+
+def test_intervene_is_differentiable_and_works_under_autocast(net):
+    pairs = _random_pairs(6, 3, seed=17)
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    with intervene(net, "features.2", pairs, remove=[1], set={0: 2.0}):
+        net(x).sum().backward()
+    grad_hooked = x.grad.clone()
+    x.grad = None
+    f = net.features(x)
+    net.head(set_value(remove(f, pairs, [1], layout="nchw"), pairs, {0: 2.0}, layout="nchw")).sum().backward()
+    assert torch.allclose(grad_hooked, x.grad, atol=1e-5)
+    assert all(p.grad is not None for p in net.parameters())  # gradients reach the weights, unchanged
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with intervene(net, "features.2", pairs, remove=[1]):
+            out = net(x)
+    assert torch.isfinite(out).all()
+
+
+class _Tokens(torch.nn.Module):
+    """A token model whose block returns a tuple (as many transformer blocks do)."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(5, 6)
+
+        def forward(self, x):
+            return self.proj(x), "aux"
+
+    def __init__(self):
+        super().__init__()
+        self.block = self.Block()
+        self.fc = torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        h, aux = self.block(x)
+        assert aux == "aux"
+        return self.fc(h.mean(1))
+
+
+def test_intervene_on_token_sequences_and_tuple_outputs():
+    torch.manual_seed(1)
+    model = _Tokens()
+    pairs = _random_pairs(6, 2, seed=28)
+    x = torch.randn(3, 7, 5)  # (N, L, C) tokens
+    target = torch.randn(3, 7)
+    with torch.no_grad(), intervene(model, "block", pairs, set={1: target}, remove=0) as iv:
+        hooked = model(x)
+    with torch.no_grad():
+        h = model.block.proj(x)
+        manual = model.fc(set_value(remove(h, pairs, [0]), pairs, {1: target}).mean(1))
+    assert torch.allclose(hooked, manual, atol=1e-6, rtol=0)
+    assert iv.positions == 21
+
+
+# ---- (f) layouts, dtypes, numpy ---------------------------------------------------------
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "nlc", "nc"])
+def test_layouts_agree_with_channel_last_rows(layout):
+    pairs = _random_pairs(5, 3, seed=18)
+    rng = np.random.default_rng(19)
+    shape_cl = {"nchw": (2, 3, 4, 5), "nhwc": (2, 3, 4, 5), "nlc": (2, 7, 5), "nc": (6, 5)}[layout]
+    cl = torch.from_numpy(rng.standard_normal(shape_cl).astype(np.float32))
+    x = cl.permute(0, 3, 1, 2).contiguous() if layout == "nchw" else cl
+    for fn in (lambda a, **k: remove(a, pairs, [0, 2], **k), lambda a, **k: remove_joint(a, pairs, [1, 2], **k),
+               lambda a, **k: set_value(a, pairs, {1: 0.5}, **k)):
+        out = fn(x, layout=layout)
+        ref = fn(cl.reshape(-1, 5)).reshape(shape_cl)
+        out_cl = out.permute(0, 2, 3, 1) if layout == "nchw" else out
+        assert out.shape == x.shape and out.is_contiguous()
+        assert torch.allclose(out_cl, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_tensors(dtype):
+    dt = getattr(torch, dtype)
+    pairs = _random_pairs(16, 4, seed=20)
+    x32 = torch.from_numpy(np.random.default_rng(21).standard_normal((4, 16, 3, 3)).astype(np.float32))
+    x = x32.to(dt)
+    for fn in (lambda a: remove(a, pairs, [1, 3], layout="nchw"),
+               lambda a: set_value(a, pairs, {2: 1.0}, layout="nchw"),
+               lambda a: remove_joint(a, pairs, [0, 1], layout="nchw")):
+        out = fn(x)
+        assert out.dtype == dt
+        ref = fn(x.float())  # the same edit computed in float32 on the same (rounded) input
+        eps = torch.finfo(dt).eps
+        assert (out.float() - ref).abs().max().item() <= eps * max(1.0, ref.abs().max().item())
+
+
+def test_numpy_inputs_match_torch():
+    pairs = _random_pairs(9, 3, seed=22)
+    X = np.random.default_rng(23).standard_normal((2, 9, 4, 4)).astype(np.float32)
+    for dtype in (np.float32, np.float64, np.float16):
+        x = X.astype(dtype)
+        out = remove(x, pairs, [0, 1], layout="nchw")
+        assert isinstance(out, np.ndarray) and out.dtype == dtype and out.shape == x.shape
+        assert out.flags.c_contiguous
+        ref = remove(torch.from_numpy(x.astype(np.float32)), pairs, [0, 1], layout="nchw").numpy()
+        tol = 1e-5 if dtype != np.float16 else 4e-3
+        assert np.abs(out.astype(np.float32) - ref).max() <= tol * max(1.0, np.abs(ref).max())
+    out64 = set_value(X.astype(np.float64), pairs, {2: 3.0}, layout="nchw")
+    decoded = np.einsum("nchw,c->nhw", out64, pairs.decoding_[2].astype(np.float64))
+    assert np.abs(decoded - 3.0).max() <= 1e-10  # float64 input computes in float64
+
+
+def test_converted_pairs_follow_a_refit():
+    pairs = _random_pairs(4, 2, seed=24)
+    X = np.random.default_rng(25).standard_normal((10, 4)).astype(np.float32)
+    first = remove(X, pairs, [0], gate=False)
+    assert np.array_equal(remove(X, pairs, [0], gate=False), first)  # cached conversion
+    pairs.encoding_ = _random_pairs(4, 2, seed=26).encoding_  # a refit assigns new arrays
+    assert not np.allclose(remove(X, pairs, [0], gate=False), first)
+
+
+# ---- (g) errors --------------------------------------------------------------------------
+def test_errors(net):
+    pairs = _random_pairs(6, 3, seed=27)
+    X = torch.randn(4, 6)
+    with pytest.raises(IndexError, match="out of range for pairs with 3 concepts"):
+        remove(X, pairs, [3])
+    with pytest.raises(IndexError, match="concept index -1"):
+        set_value(X, pairs, {-1: 0.0})
+    with pytest.raises(TypeError, match="integers"):
+        remove(X, pairs, [1.5])
+    with pytest.raises(ValueError, match="distinct"):
+        remove(X, pairs, [1, 1])
+    with pytest.raises(ValueError, match=r"D=6 channels but the activations have 5"):
+        remove(torch.randn(4, 5), pairs, [0])
+    with pytest.raises(ValueError, match="layout='nchw'"):
+        remove(torch.randn(2, 6, 3, 3), pairs, [0])
+    with pytest.raises(ValueError, match="layout must be one of"):
+        remove(torch.randn(2, 6, 3, 3), pairs, [0], layout="ncwh")
+    with pytest.raises(ValueError, match="expects a 4-D output"):
+        remove(X, pairs, [0], layout="nchw")
+    with pytest.raises(TypeError, match="floating point"):
+        remove(torch.ones(4, 6, dtype=torch.int64), pairs, [0])
+    with pytest.raises(ValueError, match="does not broadcast"):
+        set_value(torch.randn(2, 6, 3, 3), pairs, {0: torch.zeros(4, 4)}, layout="nchw")
+    with pytest.raises(ValueError, match="scale"):
+        remove(X, pairs, [0], scale="max")
+    with pytest.raises(ValueError, match="missing"):
+        remove(X, SimpleNamespace(decoding_=pairs.decoding_), [0])
+    no_bias = SimpleNamespace(decoding_=pairs.decoding_, encoding_=pairs.encoding_, mean_=pairs.mean_)
+    with pytest.raises(ValueError, match="bias_"):
+        remove(X, no_bias, [0])
+    assert remove(X, no_bias, [0], gate=False).shape == X.shape
+    with pytest.raises(ValueError, match="no module 'features.3'.*'features.2'"):
+        intervene(net, "features.3", pairs, remove=[0])
+    with pytest.raises(ValueError, match="no module 'haed'.*'head'"):
+        intervene(net, "haed", pairs, remove=[0])
+    with pytest.raises(ValueError, match=r"D=6 channels but layer 'features.0' \(Conv2d\) has out_channels=8"):
+        intervene(net, "features.0", pairs, remove=[0])
+    with pytest.raises(ValueError, match="both removed and set"):
+        intervene(net, "features.2", pairs, remove=[0], set={0: 1.0})
+    with pytest.raises(ValueError, match="joint"):
+        intervene(net, "features.2", pairs, remove=[0], joint=True, scale=2.0)
+    with pytest.raises(ValueError, match="nothing to do"):
+        intervene(net, "features.2", pairs)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        intervene(net, "features.2", pairs, remove=[0], layout="chw")
+    # a channel mismatch found only in the forward (a module without a declared width)
+    with intervene(net, "features.1", pairs, remove=[0]), pytest.raises(ValueError, match="features.1.*D=6.*8"):
+        net(torch.randn(1, 3, 4, 4))
+    assert not net.features[1]._forward_hooks
