@@ -456,3 +456,24 @@ def test_errors(net):
     with intervene(net, "features.1", pairs, remove=[0]), pytest.raises(ValueError, match="features.1.*D=6.*8"):
         net(torch.randn(1, 3, 4, 4))
     assert not net.features[1]._forward_hooks
+
+
+# ---- CUDA (plain torch; needs a GPU, not edpairs' CUDA build) ----------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
+def test_intervene_on_cuda_with_autocast(net):
+    pairs = _random_pairs(6, 3, seed=29)
+    model = net.cuda()
+    x = torch.randn(4, 3, 8, 8, device="cuda")
+    feats = model.features(x)
+    out = remove(feats, pairs, [1], layout="nchw")
+    assert out.device == feats.device and out.dtype == torch.float32
+    ref = remove(feats.cpu(), pairs, [1], layout="nchw")
+    assert torch.allclose(out.cpu(), ref, atol=1e-5, rtol=0)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        half = model.features(x)
+        with intervene(model, "features.2", pairs, remove=[1], set={0: 2.0}) as iv:
+            hooked = model(x)
+        manual = model.head(set_value(remove(half, pairs, [1], layout="nchw"), pairs, {0: 2.0}, layout="nchw"))
+    assert half.dtype == torch.float16 and torch.allclose(hooked.float(), manual.float(), atol=1e-3, rtol=0)
+    assert iv.positions == 4 * 8 * 8 and 0 <= iv.gate_mean[1] <= 1

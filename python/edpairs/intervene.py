@@ -28,8 +28,11 @@ direction ``s_i`` (``encoding_``), filter ``w_i`` (``decoding_``), threshold ``b
 when the matrix is singular (two concepts with the same encoding direction) the common part is
 removed once, and a joint ``set`` reaches the targets in the least-squares sense.
 
-Edits compute in float32 (float64 for float64 input) on the array's device; float16 / bfloat16
-inputs are upcast internally and the result cast back; torch edits are differentiable.
+Edits compute in float32 (float64 for float64 input) on the array's device, also inside an
+autocast region; float16 / bfloat16 inputs are upcast internally and the result cast back;
+torch edits are differentiable. The functions read the last axis as channels unless ``layout``
+is given; the hook infers the layout from the output's rank (4-D "nchw", 3-D "nlc", 2-D "nc")
+and edits the first element of a tuple output.
 
 Example::
 
