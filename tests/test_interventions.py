@@ -1,4 +1,4 @@
-"""Interventions along encoding directions (edpairs.intervene): removal against the LEACE oracle
+"""Interventions along encoding directions (edpairs.interventions): removal against the LEACE oracle
 (concept-erasure), set, joint removal, gating, the forward-hook context manager, layouts and
 low-precision inputs, and the errors."""
 
@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from edpairs import synthetic  # noqa: E402
-from edpairs.intervene import Intervention, intervene, remove, remove_joint, set_value  # noqa: E402
+from edpairs.interventions import Intervention, intervene, remove, remove_joint, set_value  # noqa: E402
 from edpairs.pairs import whole_data_signal_vectors  # noqa: E402
 
 

@@ -37,7 +37,7 @@ and edits the first element of a tuple output.
 Example::
 
     import edpairs as edp
-    from edpairs.intervene import intervene, remove, set_value
+    from edpairs.interventions import intervene, remove, set_value
 
     pairs = edp.EDPairs(8).fit(features)             # (N*H*W, C) patches of model.layer3
     with intervene(model, "layer3", pairs, remove=[2]) as iv:   # gated removal of concept 2
