@@ -122,7 +122,7 @@ void dispatch(const Args& args, Device device, uintptr_t stream, OpFn<Args> cpu,
 
 void assign(py::handle x_, py::handle c_, py::handle center_, py::handle row_scale_, py::handle col_scale_,
             py::handle labels_, py::handle scores_, py::handle sums_, py::handle counts_, bool check_finite,
-            uintptr_t stream) {
+            const std::string& precision, uintptr_t stream) {
   auto x = ImportedArray::from_capsule(x_, "X", false);
   auto c = ImportedArray::from_capsule(c_, "C", false);
   auto center = ImportedArray::from_capsule(center_, "center", false);
@@ -144,6 +144,13 @@ void assign(py::handle x_, py::handle c_, py::handle center_, py::handle row_sca
   a.sums = sums.view();
   a.counts = counts.view();
   a.check_finite = check_finite;
+  if (precision == "tf32") {
+    a.precision = edpairs::AssignPrecision::TensorCore;
+  } else if (precision == "float32") {
+    a.precision = edpairs::AssignPrecision::Float32;
+  } else {
+    fail("precision must be 'tf32' or 'float32', got '" + precision + "'");
+  }
 
   expect_rank(a.x, "X", 2, "(N, D)");
   expect_input_dtype(a.x, "X");
@@ -368,7 +375,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("assign", &assign, py::arg("x"), py::arg("c"), py::arg("center"), py::arg("row_scale"), py::arg("col_scale"),
         py::arg("labels"), py::arg("scores"), py::arg("sums"), py::arg("counts"), py::arg("check_finite"),
-        py::arg("stream"));
+        py::arg("precision"), py::arg("stream"));
   m.def("normalize_centroids", &normalize_centroids, py::arg("sums"), py::arg("counts"), py::arg("previous"),
         py::arg("out"), py::arg("stream"));
   m.def("moments", &moments, py::arg("x"), py::arg("mean"), py::arg("m2"), py::arg("check_finite"), py::arg("stream"));

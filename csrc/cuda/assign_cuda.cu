@@ -15,6 +15,8 @@
 
 #include "cuda_check.cuh"
 #include "dtype_load.cuh"
+#include "assign_sums.cuh"
+#include "assign_tc.cuh"
 #include "edpairs/ops.h"
 #include "gram.cuh"
 
@@ -217,52 +219,8 @@ __global__ void __launch_bounds__(kThreads) assign_kernel(const AssignParams p) 
   if (p.sums == nullptr) return;  // uniform over the block
   __syncthreads();
 
-  // Group the block's rows by label (a rank sort of at most 64 keys (label, row)), so that each
-  // distinct label costs one float64 atomic per column instead of one per row: with few
-  // clusters, per-row atomics would all collide on the same addresses.
-  if (tid < rows) {
-    const int label = label_s[tid];
-    int rank = 0;
-    int same = 0;
-    bool first = true;
-    for (int m = 0; m < rows; ++m) {
-      const int l = label_s[m];
-      rank += (l < label || (l == label && m < tid)) ? 1 : 0;
-      if (l == label) {
-        ++same;
-        if (m < tid) first = false;
-      }
-    }
-    order_s[rank] = tid;
-    if (first && p.counts != nullptr) {
-      atomicAdd(p.counts + label, static_cast<unsigned long long>(same));
-    }
-  }
-  __syncthreads();
-
-  // Threads stride over the columns (coalesced); each walks the sorted rows in order, so the
-  // block's contribution to every sums entry is deterministic.
-  for (int d = tid; d < p.d; d += kThreads) {
-    const float ctr = p.center != nullptr ? p.center[d] : 0.f;
-    double acc = 0.0;
-    bool any = false;
-    for (int q = 0; q < rows; ++q) {
-      const int m = order_s[q];
-      const int label = label_s[m];
-      const float r = row_scale_s[m];
-      if (r > 0.f) {  // zero rows add nothing
-        const float v = minus_center(x[(row0 + m) * p.x_stride + d], ctr);  // as in the tiles
-        acc += static_cast<double>(r) * static_cast<double>(v);
-        any = true;
-      }
-      const bool group_ends = q + 1 == rows || label_s[order_s[q + 1]] != label;
-      if (group_ends) {
-        if (any) atomicAdd(p.sums + static_cast<int64_t>(label) * p.d + d, acc);
-        acc = 0.0;
-        any = false;
-      }
-    }
-  }
+  cuda_detail::add_block_sums<kThreads>(x, p.x_stride, p.d, p.center, p.sums, p.counts, row0, rows,
+                                        label_s, row_scale_s, order_s, tid);
 }
 
 }  // namespace
@@ -305,6 +263,11 @@ void assign_cuda(const AssignArgs& args, Stream stream) {
     EDPAIRS_CUDA_CHECK(cudaMemsetAsync(p.counts, 0, static_cast<size_t>(k) * sizeof(int64_t), s));
   }
   if (n == 0) return;
+
+  if (args.precision == AssignPrecision::TensorCore && x.dtype != DType::Float64) {
+    cuda_detail::assign_tensor_core(args, s);
+    return;
+  }
 
   const int64_t blocks = cuda_detail::ceil_div(n, kRows);
   if (blocks > INT_MAX) fail("assign: too many rows for one launch: N = " + std::to_string(n));

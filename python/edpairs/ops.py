@@ -71,8 +71,17 @@ class Assignment(NamedTuple):
     counts: Any = None
 
 
+PRECISIONS = ("tf32", "float32")
+
+
+def _precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
 def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: bool = True,
-           check_finite: bool = True) -> Assignment:
+           check_finite: bool = True, precision: str = "tf32") -> Assignment:
     """Fused cosine assignment of the rows of X (N, D) to the centroids C (k, D).
 
     For x~ = x - center, r_n = row_scale[n] (default 1/||x~_n||, 0 for a zero row) and
@@ -81,7 +90,16 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     the highest score (0 for a row with r_n = 0, whose score is 0) and ``scores[n]`` that
     score. With ``accumulate`` also returns per-cluster sums of r_n x~_n and counts, computed
     in the same read of X; no (N, k) matrix is ever formed.
+
+    ``precision`` matters on CUDA only (the CPU kernels are always exact float32):
+    ``"tf32"`` (default) computes the products on tensor cores with float32 accumulation,
+    TF32 operands for float32 X and the input's own precision for float16 / bfloat16 X (the
+    centroids are rounded to it); ``"float32"`` uses exact float32 arithmetic. With tensor
+    cores a label can differ from the exact one only where two centroids' scores are within
+    about 1e-3 (TF32) or 1e-2 (bfloat16) of each other relative to the row's scale; scores
+    carry a relative error of the same order. float64 X always takes the exact path.
     """
+    precision = _precision(precision)
     X, xp = _data(X)
     N, D = X.shape
     C = _param(C, xp, X, "C")
@@ -101,19 +119,21 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     counts = xp.empty((k,), "int64", X) if accumulate else None
     c = xp.capsule
     lib().assign(c(X), c(C), c(center), c(row_scale), c(col_scale), c(labels), c(scores), c(sums), c(counts),
-                 bool(check_finite), xp.stream(X))
+                 bool(check_finite), precision, xp.stream(X))
     return Assignment(labels, scores, sums, counts)
 
 
-def cosine_assign(X, C, *, center=None, row_scale=None, col_scale=None, check_finite: bool = True):
+def cosine_assign(X, C, *, center=None, row_scale=None, col_scale=None, check_finite: bool = True,
+                  precision: str = "tf32"):
     """Index of the most cosine-similar centroid for each row of X, and that cosine.
 
     Returns ``(labels, scores)``: int64 (N,) and float32 (N,), in X's library and device.
     Ties go to the lowest centroid index; a zero row gets label 0 and score 0 (never NaN);
-    a zero centroid scores 0 against every row. See :func:`assign` for the optional scales.
+    a zero centroid scores 0 against every row. See :func:`assign` for the optional scales
+    and ``precision``.
     """
     out = assign(X, C, center=center, row_scale=row_scale, col_scale=col_scale, accumulate=False,
-                 check_finite=check_finite)
+                 check_finite=check_finite, precision=precision)
     return out.labels, out.scores
 
 
@@ -140,17 +160,17 @@ def _unit_rows(xp: Namespace, C):
     return xp.as_float32_contiguous(C / safe[:, None])
 
 
-def spherical_kmeans_step(X, C, *, check_finite: bool = True):
+def spherical_kmeans_step(X, C, *, check_finite: bool = True, precision: str = "tf32"):
     """One spherical k-means iteration: assign every row of X to its most cosine-similar
     centroid and replace each centroid by the normalised sum of its members' unit vectors.
 
     Returns ``(centroids, labels, counts)``: float32 (k, D) unit rows, int64 (N,), int64 (k,).
     An empty cluster (count 0) keeps its previous centroid, normalised; re-seeding is the
-    estimator's job (:class:`edpairs.SphericalKMeans`).
+    estimator's job (:class:`edpairs.SphericalKMeans`). ``precision`` as in :func:`assign`.
     """
     X, xp = _data(X)
     C = _param(C, xp, X, "C")
-    res = assign(X, C, accumulate=True, check_finite=check_finite)
+    res = assign(X, C, accumulate=True, check_finite=check_finite, precision=precision)
     centroids = normalize_centroids(res.sums, res.counts, _unit_rows(xp, C))
     return centroids, res.labels, res.counts
 

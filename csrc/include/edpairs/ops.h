@@ -38,6 +38,19 @@ using Stream = void*;
 // When `sums` is present: sums[j] = sum over {n : labels[n] = j} of r_n * x~_n (float64) and
 // counts[j] = #{n : labels[n] = j}; a zero row counts towards cluster 0 and adds nothing.
 // X is read once; no N x k matrix is ever materialised.
+//
+// `precision` picks the arithmetic of the products x~_n . c_j on CUDA (the CPU is always
+// exact float32 and ignores it):
+//  * Float32: float32 FMAs on CUDA cores (any input dtype).
+//  * TensorCore: tensor-core products with float32 accumulation: TF32 for float32 x (each
+//    operand rounded to 10 mantissa bits), float16 / bfloat16 x in their own precision with
+//    the centroids rounded to that dtype. The centering is applied after the product
+//    (x~.c = x.c - center.c, the second term in float64), the row norms stay float32 on the
+//    centred rows. Labels may differ from exact float32 where two centroids' scores differ by
+//    less than about 1e-3 (TF32) or 1e-2 (bfloat16) of the row's score scale. float64 x always
+//    takes the Float32 path.
+enum class AssignPrecision : uint8_t { Float32, TensorCore };
+
 struct AssignArgs {
   TensorView x;          // (N, D)
   TensorView centroids;  // (k, D) float32, k >= 1
@@ -49,6 +62,7 @@ struct AssignArgs {
   TensorView sums;       // optional out (k, D) float64
   TensorView counts;     // optional out (k,) int64; present exactly when sums is
   bool check_finite = true;
+  AssignPrecision precision = AssignPrecision::Float32;
 };
 void assign_cpu(const AssignArgs& args, Stream stream);
 void assign_cuda(const AssignArgs& args, Stream stream);

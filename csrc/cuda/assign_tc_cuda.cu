@@ -1,0 +1,554 @@
+// Tensor-core fused cosine assignment (ops.h §1 with AssignPrecision::TensorCore): the products
+// x . c_j on mma.sync (TF32 m16n8k8 for float32 x, m16n8k16 for float16 / bfloat16 x, float32
+// accumulation), the argmax folded into the epilogue of every centroid tile, never an N x k
+// matrix.
+//
+// Two launches on the caller's stream:
+//  1. prepare_centroids: the centroids rounded to the operand type (TF32 bits in float32
+//     storage, or float16 / bfloat16), zero-padded to (k_pad, d_pad) so the main kernel never
+//     bounds-checks them; per centroid the scale s_j (col_scale or 1/||c_j||, 0 for padding)
+//     and the offset o_j = center . c~_j (float64 sum), so that x~ . c~ = x . c~ - o_j.
+//  2. assign_tc_kernel: a block owns kRows rows of x and loops over all centroid tiles of
+//     kCents; each tile is a kRows x kCents x d_pad product, streamed through shared memory in
+//     slices of 128 bytes per row with a kStages-deep cp.async pipeline. 8 warps as 2 (rows) x 4
+//     (centroids), each a 64 x 32 warp tile of 4 x 4 mma tiles. The row norms of the centred
+//     rows are summed in float32 from the shared slices during the first centroid tile. After the
+//     last tile the block writes labels / scores and adds its rows into the cluster sums
+//     (add_block_sums, shared with the float32 kernel).
+//
+// Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k8 / m16n8k16"), with
+// g = lane / 4 and t = lane % 4, counting in 32-bit words w of a row of the operand (one TF32
+// element, or two consecutive 16-bit elements):
+//   A (16 x 8 words, row-major): reg r holds (row g + 8 (r % 2), word t + 4 (r / 2));
+//   B (8 x 8 words, stored as C[n][k]): reg r holds (n = g, word t + 4 r);
+//   C (16 x 8): reg r holds (row g + 8 (r / 2), col 2 t + r % 2).
+// benchmarks/emulate_assign_tc.py replays this kernel's indexing with those layouts in numpy.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "assign_sums.cuh"
+#include "assign_tc.cuh"
+#include "cuda_check.cuh"
+#include "dtype_load.cuh"
+
+namespace edpairs {
+namespace cuda_detail {
+namespace {
+
+constexpr int kRows = 128;                 // rows of x per block
+constexpr int kCents = 128;                // centroids per tile
+constexpr int kThreads = 256;              // 8 warps: 2 along rows x 4 along centroids
+constexpr int kStages = 3;                 // cp.async pipeline depth
+constexpr int kSliceBytes = 128;           // bytes of one row per slice (BK elements)
+constexpr int kPitchWords = 36;            // row pitch in shared memory: 128 + 16 bytes
+constexpr int kTileWords = (kRows + kCents) * kPitchWords;  // one stage: x tile then C tile
+constexpr int kSmemBytes = kStages * kTileWords * 4;        // 110592 bytes
+constexpr int kWarpRows = 64;              // warp tile: 64 rows ...
+constexpr int kWarpCents = 32;             // ... x 32 centroids
+
+template <class T>
+constexpr int slice_elems() { return kSliceBytes / static_cast<int>(sizeof(T)); }
+
+// Raw bits of an element, for the unaligned (element-by-element) loader.
+template <class T>
+using Bits = typename std::conditional<sizeof(T) == 4, uint32_t, uint16_t>::type;
+
+__device__ __forceinline__ uint32_t to_tf32(float v) {
+  uint32_t out;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(out) : "f"(v));
+  return out;
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared; bytes past src_bytes (0..16) are zero-filled.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// d += a * b on one 16 x 8 tile.
+template <class T>
+struct Mma;
+
+template <>
+struct Mma<float> {  // m16n8k8, TF32
+  static constexpr int kWordsPerStep = 8;
+  __device__ static __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+    asm(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+template <>
+struct Mma<__half> {  // m16n8k16, float16
+  static constexpr int kWordsPerStep = 8;
+  __device__ static __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+template <>
+struct Mma<__nv_bfloat16> {  // m16n8k16, bfloat16
+  static constexpr int kWordsPerStep = 8;
+  __device__ static __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+// A fragment word: TF32 operands are rounded here (x arrives as float32 bits); 16-bit pairs
+// are used as stored.
+template <class T>
+__device__ __forceinline__ uint32_t a_word(const uint32_t* w) {
+  return *w;
+}
+template <>
+__device__ __forceinline__ uint32_t a_word<float>(const uint32_t* w) {
+  return to_tf32(__uint_as_float(*w));
+}
+
+// Centroid element rounded to the operand type, as raw bits in the workspace.
+__device__ __forceinline__ void store_operand(float* dst, float v, float& rounded) {
+  const uint32_t bits = to_tf32(v);
+  rounded = __uint_as_float(bits);
+  *dst = rounded;
+}
+__device__ __forceinline__ void store_operand(__half* dst, float v, float& rounded) {
+  const __half h = __float2half_rn(v);
+  rounded = __half2float(h);
+  *dst = h;
+}
+__device__ __forceinline__ void store_operand(__nv_bfloat16* dst, float v, float& rounded) {
+  const __nv_bfloat16 h = __float2bfloat16_rn(v);
+  rounded = __bfloat162float(h);
+  *dst = h;
+}
+
+// One warp per (padded) centroid row j: cw[j] = c~_j zero-padded to d_pad, s[j], o[j].
+template <class T>
+__global__ void __launch_bounds__(256)
+    prepare_centroids(const float* __restrict__ c, const int k, const int d, const int k_pad,
+                      const int d_pad, const float* __restrict__ center,
+                      const float* __restrict__ col_scale, T* __restrict__ cw,
+                      float* __restrict__ s_out, float* __restrict__ o_out) {
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int j = static_cast<int>(blockIdx.x) * 8 + warp;
+  if (j >= k_pad) return;  // no barriers in this kernel
+  T* row = cw + static_cast<int64_t>(j) * d_pad;
+  double sq = 0.0;
+  double off = 0.0;
+  for (int col = lane; col < d_pad; col += 32) {
+    const float v = (j < k && col < d) ? c[static_cast<int64_t>(j) * d + col] : 0.f;
+    float rounded;
+    store_operand(row + col, v, rounded);
+    sq += static_cast<double>(v) * static_cast<double>(v);
+    if (center != nullptr && col < d) {
+      off += static_cast<double>(center[col]) * static_cast<double>(rounded);
+    }
+  }
+#pragma unroll
+  for (int step = 16; step > 0; step >>= 1) {
+    sq += __shfl_xor_sync(0xffffffffu, sq, step);
+    off += __shfl_xor_sync(0xffffffffu, off, step);
+  }
+  if (lane == 0) {
+    float sj = 0.f;
+    if (j < k) {
+      if (col_scale != nullptr) {
+        sj = col_scale[j];
+      } else {
+        sj = sq > 0.0 ? static_cast<float>(1.0 / sqrt(sq)) : 0.f;
+      }
+    }
+    s_out[j] = sj;
+    o_out[j] = j < k ? static_cast<float>(off) : 0.f;
+  }
+}
+
+struct TcParams {
+  const void* x;  // (N, D), row stride x_stride, unit column stride
+  int64_t x_stride;
+  int64_t n;
+  int d;
+  int k;
+  int d_pad;              // multiple of the slice width
+  int k_tiles;            // k_pad / kCents
+  const void* cw;         // (k_pad, d_pad) operand-type centroids
+  const float* col_s;     // (k_pad,)
+  const float* col_o;     // (k_pad,)
+  const float* center;    // (D,) or null
+  const float* row_scale; // (N,) or null
+  int64_t* labels;
+  float* scores;
+  double* sums;               // (k, D) or null (zeroed before the launch)
+  unsigned long long* counts; // (k,) or null (zeroed before the launch)
+};
+
+// Is (v1, i1) better than (v0, i0)? Larger value, then smaller index: the tie rule of ops.h.
+__device__ __forceinline__ bool better(float v1, int i1, float v0, int i0) {
+  return v1 > v0 || (v1 == v0 && i1 < i0);
+}
+
+// Issues the loads of slice kt (columns kt * BK ..) of the block's rows and of centroid tile j0
+// into `stage`. Thread tid moves 16-byte chunk tid % 8 of rows tid / 8 + 32 i, i = 0..3, of
+// both the x tile and the C tile.
+template <class T, bool kAligned>
+__device__ __forceinline__ void load_stage(const TcParams& p, uint32_t* stage, int kt, int j0,
+                                           int64_t row0, int tid) {
+  constexpr int kElems = slice_elems<T>();
+  constexpr int kChunkElems = 16 / static_cast<int>(sizeof(T));
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ cw = static_cast<const T*>(p.cw);
+  const int chunk = tid % 8;
+  const int col = kt * kElems + chunk * kChunkElems;  // first column of this chunk
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = tid / 8 + 32 * i;
+    uint32_t* dst_a = stage + r * kPitchWords + chunk * 4;
+    uint32_t* dst_c = stage + (kRows + r) * kPitchWords + chunk * 4;
+    const int64_t grow = row0 + r;
+    if constexpr (kAligned) {
+      int valid = 0;  // elements of this chunk inside x
+      if (grow < p.n) valid = p.d - col < kChunkElems ? (p.d - col > 0 ? p.d - col : 0) : kChunkElems;
+      const T* src = valid > 0 ? x + grow * p.x_stride + col : x;
+      cp_async_16(smem_addr(dst_a), src, valid * static_cast<int>(sizeof(T)));
+    } else {
+      Bits<T>* dst = reinterpret_cast<Bits<T>*>(dst_a);
+      const Bits<T>* src = reinterpret_cast<const Bits<T>*>(x);
+#pragma unroll
+      for (int e = 0; e < kChunkElems; ++e) {
+        Bits<T> v = 0;
+        if (grow < p.n && col + e < p.d) v = src[grow * p.x_stride + col + e];
+        dst[e] = v;
+      }
+    }
+    cp_async_16(smem_addr(dst_c), cw + static_cast<int64_t>(j0 + r) * p.d_pad + col, 16);
+  }
+}
+
+template <class T, bool kAligned>
+__global__ void __launch_bounds__(kThreads, 1) assign_tc_kernel(const TcParams p) {
+  extern __shared__ __align__(16) uint32_t smem[];
+  __shared__ float row_scale_s[kRows];
+  __shared__ int label_s[kRows];
+  __shared__ int order_s[kRows];
+  __shared__ float red_val[4][kRows];
+  __shared__ int red_idx[4][kRows];
+
+  constexpr int kElems = slice_elems<T>();
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  const int warp_m = warp / 4;  // 0..1: rows warp_m * 64 ..
+  const int warp_n = warp % 4;  // 0..3: centroids warp_n * 32 .. of each tile
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int rows = static_cast<int>(p.n - row0 < kRows ? p.n - row0 : kRows);  // 1..kRows
+  const int k_steps = p.d_pad / kElems;
+
+  // Row norms: thread tid sums half tid % 2 of each slice of row tid / 2 (first tile only).
+  const bool sums_row_norm = p.row_scale == nullptr;
+  const int norm_row = tid / 2;
+  const int norm_half = tid % 2;
+  float row_sq = 0.f;
+
+  // Running best of this thread's 8 rows (mi, h) over the tiles so far, for its warp_n slice.
+  float run_val[4][2];
+  int run_idx[4][2];
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      run_val[mi][h] = -INFINITY;
+      run_idx[mi][h] = 0;
+    }
+  }
+
+  for (int tile = 0; tile < p.k_tiles; ++tile) {
+    const int j0 = tile * kCents;
+    float acc[4][4][4];
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+      for (int nj = 0; nj < 4; ++nj) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[mi][nj][r] = 0.f;
+      }
+    }
+
+    // Prologue: slices 0 .. kStages - 2. One commit group per slice, empty groups included, so
+    // that wait_group<kStages - 2> at step kt always means "slice kt has landed".
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < k_steps) load_stage<T, kAligned>(p, smem + s * kTileWords, s, j0, row0, tid);
+      cp_async_commit();
+    }
+
+    for (int kt = 0; kt < k_steps; ++kt) {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();  // slice kt visible to all; everyone is done with slice kt - 1's stage
+      {
+        const int next = kt + kStages - 1;
+        if (next < k_steps) {
+          load_stage<T, kAligned>(p, smem + (next % kStages) * kTileWords, next, j0, row0, tid);
+        }
+        cp_async_commit();
+      }
+      const uint32_t* xs = smem + (kt % kStages) * kTileWords;
+      const uint32_t* cs = xs + kRows * kPitchWords;
+
+#pragma unroll
+      for (int ks = 0; ks < kSliceBytes / 4 / Mma<T>::kWordsPerStep; ++ks) {
+        const int w = ks * Mma<T>::kWordsPerStep + t;  // word column of reg 0
+        uint32_t a[4][4];
+        uint32_t b[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi) {
+          const uint32_t* base = xs + (warp_m * kWarpRows + mi * 16 + g) * kPitchWords + w;
+          a[mi][0] = a_word<T>(base);
+          a[mi][1] = a_word<T>(base + 8 * kPitchWords);
+          a[mi][2] = a_word<T>(base + 4);
+          a[mi][3] = a_word<T>(base + 8 * kPitchWords + 4);
+        }
+#pragma unroll
+        for (int nj = 0; nj < 4; ++nj) {
+          const uint32_t* base = cs + (warp_n * kWarpCents + nj * 8 + g) * kPitchWords + w;
+          b[nj][0] = base[0];
+          b[nj][1] = base[4];
+        }
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+          for (int nj = 0; nj < 4; ++nj) Mma<T>::run(acc[mi][nj], a[mi], b[nj]);
+        }
+      }
+
+      if (sums_row_norm && tile == 0) {
+        const T* xr = reinterpret_cast<const T*>(xs + norm_row * kPitchWords);
+        const int e0 = norm_half * (kElems / 2);
+#pragma unroll 8
+        for (int e = e0; e < e0 + kElems / 2; ++e) {
+          const int col = kt * kElems + e;
+          if (col < p.d) {
+            const float v = to_float(xr[e]) - (p.center != nullptr ? p.center[col] : 0.f);
+            row_sq = fmaf(v, v, row_sq);
+          }
+        }
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the next tile's prologue overwrites the stages
+
+    // Fold this tile into the running best: own 8 columns in increasing order (strict '>'),
+    // then the 4 lanes of the quad that share the rows, with the tie rule.
+    float s_col[4][2];
+    float o_col[4][2];
+#pragma unroll
+    for (int nj = 0; nj < 4; ++nj) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = j0 + warp_n * kWarpCents + nj * 8 + 2 * t + e;  // < k_pad
+        s_col[nj][e] = p.col_s[col];
+        o_col[nj][e] = p.col_o[col];
+      }
+    }
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float bv = -INFINITY;
+        int bi = INT_MAX;
+#pragma unroll
+        for (int nj = 0; nj < 4; ++nj) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = j0 + warp_n * kWarpCents + nj * 8 + 2 * t + e;
+            if (col < p.k) {
+              const float v = s_col[nj][e] * (acc[mi][nj][2 * h + e] - o_col[nj][e]);
+              if (v > bv) {
+                bv = v;
+                bi = col;
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int off = 1; off <= 2; off <<= 1) {
+          const float ov = __shfl_xor_sync(0xffffffffu, bv, off);
+          const int oi = __shfl_xor_sync(0xffffffffu, bi, off);
+          if (better(ov, oi, bv, bi)) {
+            bv = ov;
+            bi = oi;
+          }
+        }
+        if (better(bv, bi, run_val[mi][h], run_idx[mi][h])) {
+          run_val[mi][h] = bv;
+          run_idx[mi][h] = bi;
+        }
+      }
+    }
+  }
+
+  // Merge the 4 warp_n slices of every row; row scales.
+  if (t == 0) {
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = warp_m * kWarpRows + mi * 16 + g + 8 * h;
+        red_val[warp_n][r] = run_val[mi][h];
+        red_idx[warp_n][r] = run_idx[mi][h];
+      }
+    }
+  }
+  const float sq_total = row_sq + __shfl_xor_sync(0xffffffffu, row_sq, 1);  // both halves
+  if (norm_half == 0) {
+    float r = 0.f;
+    if (norm_row < rows) {
+      if (p.row_scale != nullptr) {
+        r = p.row_scale[row0 + norm_row];
+      } else {
+        r = sq_total > 0.f ? 1.f / sqrtf(sq_total) : 0.f;
+      }
+    }
+    row_scale_s[norm_row] = r;
+  }
+  __syncthreads();
+
+  if (tid < rows) {
+    float bv = red_val[0][tid];
+    int bi = red_idx[0][tid];
+#pragma unroll
+    for (int wn = 1; wn < 4; ++wn) {
+      if (better(red_val[wn][tid], red_idx[wn][tid], bv, bi)) {
+        bv = red_val[wn][tid];
+        bi = red_idx[wn][tid];
+      }
+    }
+    const float r = row_scale_s[tid];
+    int label = 0;
+    float score = 0.f;
+    if (r > 0.f) {  // r == 0 (a zero row, or a zero row_scale): label 0, score 0
+      label = bi >= 0 && bi < p.k ? bi : 0;  // bi stays 0 when every score was NaN
+      score = r * bv;
+    }
+    p.labels[row0 + tid] = label;
+    p.scores[row0 + tid] = score;
+    label_s[tid] = label;
+  }
+
+  if (p.sums == nullptr) return;  // uniform over the block
+  __syncthreads();
+  add_block_sums<kThreads>(static_cast<const T*>(p.x), p.x_stride, p.d, p.center, p.sums,
+                           p.counts, row0, rows, label_s, row_scale_s, order_s, tid);
+}
+
+template <class T>
+void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
+  const int64_t n = args.x.size(0);
+  const int64_t d = args.x.size(1);
+  const int64_t k = args.centroids.size(0);
+  constexpr int kElems = slice_elems<T>();
+  const int64_t d_pad = ceil_div(d, kElems) * kElems;
+  const int64_t k_pad = ceil_div(k, kCents) * kCents;
+  const int64_t blocks = ceil_div(n, kRows);
+  if (blocks > INT_MAX || d_pad > INT_MAX || k_pad > INT_MAX) {
+    fail("assign: too large for one launch: x " + args.x.shape_str() + ", centroids " +
+         args.centroids.shape_str());
+  }
+
+  // Workspace: centroids (k_pad, d_pad) of T, then s and o (k_pad floats each); freed in stream
+  // order after the kernel.
+  const size_t cw_bytes = static_cast<size_t>(k_pad) * static_cast<size_t>(d_pad) * sizeof(T);
+  const size_t bytes = cw_bytes + 2 * static_cast<size_t>(k_pad) * sizeof(float);
+  void* ws = nullptr;
+  EDPAIRS_CUDA_CHECK(cudaMallocAsync(&ws, bytes, s));
+  T* cw = static_cast<T*>(ws);
+  float* col_s = reinterpret_cast<float*>(static_cast<char*>(ws) + cw_bytes);
+  float* col_o = col_s + k_pad;
+
+  prepare_centroids<T><<<static_cast<unsigned>(ceil_div(k_pad, 8)), 256, 0, s>>>(
+      args.centroids.ptr<const float>(), static_cast<int>(k), static_cast<int>(d),
+      static_cast<int>(k_pad), static_cast<int>(d_pad), p.center,
+      args.col_scale.present ? args.col_scale.ptr<const float>() : nullptr, cw, col_s, col_o);
+  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+
+  p.d_pad = static_cast<int>(d_pad);
+  p.k_tiles = static_cast<int>(k_pad / kCents);
+  p.cw = cw;
+  p.col_s = col_s;
+  p.col_o = col_o;
+
+  // 16-byte cp.async of x needs 16-byte aligned rows.
+  const bool aligned = reinterpret_cast<uintptr_t>(p.x) % 16 == 0 &&
+                       (p.x_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  auto kernel = aligned ? assign_tc_kernel<T, true> : assign_tc_kernel<T, false>;
+  EDPAIRS_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, s>>>(p);
+  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+  EDPAIRS_CUDA_CHECK(cudaFreeAsync(ws, s));
+}
+
+}  // namespace
+
+void assign_tensor_core(const AssignArgs& args, cudaStream_t stream) {
+  TcParams p{};
+  p.x = args.x.data;
+  p.x_stride = args.x.stride(0);
+  p.n = args.x.size(0);
+  p.d = static_cast<int>(args.x.size(1));
+  p.k = static_cast<int>(args.centroids.size(0));
+  p.center = args.center.present ? args.center.ptr<const float>() : nullptr;
+  p.row_scale = args.row_scale.present ? args.row_scale.ptr<const float>() : nullptr;
+  p.labels = args.labels.ptr<int64_t>();
+  p.scores = args.scores.ptr<float>();
+  p.sums = args.sums.present ? args.sums.ptr<double>() : nullptr;
+  p.counts = (args.sums.present && args.counts.present)
+                 ? reinterpret_cast<unsigned long long*>(args.counts.ptr<int64_t>())
+                 : nullptr;
+  if (p.n < 1) return;
+  switch (args.x.dtype) {
+    case DType::Float32: launch<float>(args, p, stream); return;
+    case DType::Float16: launch<__half>(args, p, stream); return;
+    case DType::BFloat16: launch<__nv_bfloat16>(args, p, stream); return;
+    default:
+      fail(std::string("assign (tensor cores): x must be float32, float16 or bfloat16, got ") +
+           dtype_name(args.x.dtype));
+  }
+}
+
+}  // namespace cuda_detail
+}  // namespace edpairs

@@ -1,0 +1,345 @@
+"""A numpy replay of the tensor-core assignment kernel (csrc/cuda/assign_tc_cuda.cu) that runs
+without a GPU: the kernel's own index arithmetic (cp.async chunk mapping into the padded shared
+tiles, the 3-stage ring, the fragment loads, the epilogue's accumulator -> (row, centroid)
+belief, the quad shuffles and the cross-warp merge, the row-norm split) against the operand
+layouts of mma.sync as the PTX ISA defines them. A mistake in any of the kernel's index
+formulas lands values in the wrong place and shows up as labels / scores that differ from
+numpy. The products themselves are float64 here (the tensor cores round differently), on the
+operands rounded exactly as the kernel rounds them (TF32 round-to-nearest-away, float16 and
+bfloat16 round-to-nearest-even)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+# Constants of assign_tc_cuda.cu.
+ROWS, CENTS, THREADS, STAGES = 128, 128, 256, 3
+SLICE_BYTES, PITCH_WORDS = 128, 36
+TILE_WORDS = (ROWS + CENTS) * PITCH_WORDS
+WARP_ROWS, WARP_CENTS = 64, 32
+ITEM = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+LANE = np.arange(32)
+
+# ---- the PTX ISA's operand layouts (the truth the kernel must match) ----------------------
+# In 32-bit words of an operand row (one TF32 element or two 16-bit elements):
+#   A (16 x 8 words): reg r of lane l holds (row l//4 + 8 (r%2), word l%4 + 4 (r//2))
+#   B (8 n x 8 words): reg r holds (n l//4, word l%4 + 4 r)
+#   C (16 x 8): reg r holds (row l//4 + 8 (r//2), col 2 (l%4) + r%2)
+_R4 = np.arange(4)
+_R2 = np.arange(2)
+A_ROW = LANE[:, None] // 4 + 8 * (_R4[None, :] % 2)
+A_WORD = LANE[:, None] % 4 + 4 * (_R4[None, :] // 2)
+B_N = np.broadcast_to(LANE[:, None] // 4, (32, 2))
+B_WORD = LANE[:, None] % 4 + 4 * _R2[None, :]
+C_ROW = LANE[:, None] // 4 + 8 * (_R4[None, :] // 2)
+C_COL = 2 * (LANE[:, None] % 4) + _R4[None, :] % 2
+
+
+def test_ptx_layouts_cover_each_element_once():
+    assert len(set(zip(A_ROW.ravel(), A_WORD.ravel()))) == 16 * 8
+    assert len(set(zip(B_N.ravel(), B_WORD.ravel()))) == 8 * 8
+    assert len(set(zip(C_ROW.ravel(), C_COL.ravel()))) == 16 * 8
+
+
+# ---- rounding as the kernel does it ---------------------------------------------------------
+
+
+def round_tf32(v):
+    """cvt.rna.tf32.f32: nearest, ties away from zero, 10 explicit mantissa bits."""
+    b = np.asarray(v, np.float32).view(np.uint32).astype(np.uint64)
+    b = ((b + 0x1000) & 0xFFFFE000).astype(np.uint32)
+    return b.view(np.float32)
+
+
+def round_bf16(v):
+    b = np.asarray(v, np.float32).view(np.uint32).astype(np.uint64)
+    b = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    return b.view(np.float32)
+
+
+def round_operand(v, dtype):
+    v = np.asarray(v, np.float32)
+    if dtype == "float32":
+        return round_tf32(v)
+    if dtype == "float16":
+        return v.astype(np.float16).astype(np.float32)
+    return round_bf16(v)
+
+
+def better(v1, i1, v0, i0):
+    return (v1 > v0) | ((v1 == v0) & (i1 < i0))
+
+
+# ---- the replay -----------------------------------------------------------------------------
+
+
+def emulate(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, col_scale=None, aligned=True):
+    """labels, scores, row scales as assign_tc_kernel computes them. x_buf: flat float32 values
+    of x (already representable in `dtype`), row n at x_buf[n * x_stride:]."""
+    item = ITEM[dtype]
+    elems = SLICE_BYTES // item          # BK
+    chunk_elems = 16 // item
+    epw = 4 // item                      # elements per 32-bit word
+    k = C.shape[0]
+    d_pad = -(-d // elems) * elems
+    k_pad = -(-k // CENTS) * CENTS
+    k_tiles = k_pad // CENTS
+    k_steps = d_pad // elems
+
+    # prepare_centroids
+    cw = np.zeros((k_pad, d_pad), np.float32)
+    cw[:k, :d] = round_operand(C, dtype)
+    sq = (C.astype(np.float64) ** 2).sum(1)
+    s = np.zeros(k_pad, np.float32)
+    if col_scale is not None:
+        s[:k] = col_scale
+    else:
+        s[:k] = np.where(sq > 0, 1 / np.sqrt(np.where(sq > 0, sq, 1)), 0).astype(np.float32)
+    o = np.zeros(k_pad, np.float32)
+    if center is not None:
+        o[:k] = (cw[:k, :d].astype(np.float64) @ center.astype(np.float64)).astype(np.float32)
+
+    labels = np.full(n, -1, np.int64)
+    scores = np.full(n, np.nan, np.float32)
+    rscale_all = np.full(n, np.nan, np.float32)
+    tid = np.arange(THREADS)
+    warp = np.arange(8)
+    warp_m, warp_n = warp // 4, warp % 4
+    g, t = LANE // 4, LANE % 4
+
+    for block in range(-(-n // ROWS)):
+        row0 = block * ROWS
+        rows = min(n - row0, ROWS)
+        # shared memory in elements: stage words * epw
+        smem = np.full(STAGES * TILE_WORDS * epw, np.nan)
+        run_val = np.full((8, 32, 4, 2), -np.inf)
+        run_idx = np.zeros((8, 32, 4, 2), np.int64)
+        row_sq = np.zeros(THREADS, np.float32)
+
+        def load_stage(stage, kt, j0):
+            chunk = tid % 8
+            col = kt * elems + chunk * chunk_elems
+            for i in range(4):
+                r = tid // 8 + 32 * i
+                dst_a = (stage + r * PITCH_WORDS + chunk * 4) * epw  # element offsets
+                dst_c = (stage + (ROWS + r) * PITCH_WORDS + chunk * 4) * epw
+                grow = row0 + r
+                for th in range(THREADS):
+                    if aligned:
+                        valid = 0
+                        if grow[th] < n:
+                            rem = d - col[th]
+                            valid = (rem if rem > 0 else 0) if rem < chunk_elems else chunk_elems
+                        vals = np.zeros(chunk_elems)
+                        base = grow[th] * x_stride + col[th]
+                        vals[:valid] = x_buf[base:base + valid]
+                    else:
+                        vals = np.zeros(chunk_elems)
+                        for e in range(chunk_elems):
+                            if grow[th] < n and col[th] + e < d:
+                                vals[e] = x_buf[grow[th] * x_stride + col[th] + e]
+                    smem[dst_a[th]:dst_a[th] + chunk_elems] = vals
+                    crow = j0 + r[th]
+                    smem[dst_c[th]:dst_c[th] + chunk_elems] = cw[crow, col[th]:col[th] + chunk_elems]
+
+        def words(flat_word_idx):
+            """Register contents (..., epw) of the given word addresses."""
+            idx = flat_word_idx[..., None] * epw + np.arange(epw)
+            return smem[idx]
+
+        for tile in range(k_tiles):
+            j0 = tile * CENTS
+            acc = np.zeros((8, 32, 4, 4, 4))  # warp, lane, mi, nj, r
+            for s_ in range(STAGES - 1):
+                if s_ < k_steps:
+                    load_stage(s_ * TILE_WORDS, s_, j0)
+            for kt in range(k_steps):
+                nxt = kt + STAGES - 1
+                if nxt < k_steps:
+                    load_stage((nxt % STAGES) * TILE_WORDS, nxt, j0)
+                xs = (kt % STAGES) * TILE_WORDS
+                cs = xs + ROWS * PITCH_WORDS
+                for ks in range(SLICE_BYTES // 4 // 8):
+                    w = ks * 8 + t  # (32,)
+                    # a[warp, mi, lane, reg] word addresses, as the kernel computes them
+                    mi = np.arange(4)
+                    base_a = xs + (warp_m[:, None, None] * WARP_ROWS + mi[None, :, None] * 16 + g[None, None, :]) \
+                        * PITCH_WORDS + w[None, None, :]
+                    addr_a = np.stack([base_a, base_a + 8 * PITCH_WORDS, base_a + 4, base_a + 8 * PITCH_WORDS + 4], -1)
+                    a = words(addr_a)  # (8, 4, 32, 4, epw)
+                    if dtype == "float32":
+                        a = round_tf32(a).astype(np.float64)
+                    nj = np.arange(4)
+                    base_b = cs + (warp_n[:, None, None] * WARP_CENTS + nj[None, :, None] * 8 + g[None, None, :]) \
+                        * PITCH_WORDS + w[None, None, :]
+                    addr_b = np.stack([base_b, base_b + 4], -1)
+                    b = words(addr_b)  # (8, 4, 32, 2, epw)
+                    # Matrices per the PTX layouts.
+                    A = np.full((8, 4, 16, 8, epw), np.nan)
+                    A[:, :, A_ROW, A_WORD] = a
+                    B = np.full((8, 4, 8, 8, epw), np.nan)
+                    B[:, :, B_N, B_WORD] = b
+                    A = A.reshape(8, 4, 16, 8 * epw)
+                    B = B.reshape(8, 4, 8, 8 * epw)
+                    D = np.einsum("wmik,wnjk->wmnij", A, B)  # (8, 4 mi, 4 nj, 16, 8)
+                    acc += np.transpose(D[:, :, :, C_ROW, C_COL], (0, 3, 1, 2, 4))
+                if row_scale is None and tile == 0:
+                    norm_row, half = tid // 2, tid % 2
+                    for th in range(THREADS):
+                        for e in range(half[th] * (elems // 2), (half[th] + 1) * (elems // 2)):
+                            col = kt * elems + e
+                            if col < d:
+                                v = np.float32(smem[(xs + norm_row[th] * PITCH_WORDS) * epw + e])
+                                if center is not None:
+                                    v = np.float32(v - center[col])
+                                row_sq[th] = np.float32(row_sq[th] + np.float32(v * v))
+            # epilogue of the tile: each thread's own 8 columns in increasing order (strict >)
+            tile_val = np.full((8, 32, 4, 2), -np.inf)
+            tile_idx = np.full((8, 32, 4, 2), np.iinfo(np.int32).max)
+            for wp in range(8):
+                for ln in range(32):
+                    tt = ln % 4
+                    for m in range(4):
+                        for h in range(2):
+                            bv, bi = -np.inf, np.iinfo(np.int32).max
+                            for nj in range(4):
+                                for e in range(2):
+                                    col = j0 + warp_n[wp] * WARP_CENTS + nj * 8 + 2 * tt + e
+                                    if col < k:
+                                        v = np.float32(s[col] * np.float32(np.float32(acc[wp, ln, m, nj, 2 * h + e]) - o[col]))
+                                        if v > bv:
+                                            bv, bi = v, col
+                            tile_val[wp, ln, m, h], tile_idx[wp, ln, m, h] = bv, bi
+            # quad shuffles (xor 1, 2) with the tie rule, then the running best
+            for wp in range(8):
+                for m in range(4):
+                    for h in range(2):
+                        vals, idxs = tile_val[wp, :, m, h], tile_idx[wp, :, m, h]
+                        for off in (1, 2):
+                            ov, oi = vals[LANE ^ off], idxs[LANE ^ off]
+                            take = better(ov, oi, vals, idxs)
+                            vals, idxs = np.where(take, ov, vals), np.where(take, oi, idxs)
+                        take = better(vals, idxs, run_val[wp, :, m, h], run_idx[wp, :, m, h])
+                        run_val[wp, :, m, h] = np.where(take, vals, run_val[wp, :, m, h])
+                        run_idx[wp, :, m, h] = np.where(take, idxs, run_idx[wp, :, m, h])
+        # merge across warp_n and write
+        red_val = np.full((4, ROWS), np.nan)
+        red_idx = np.full((4, ROWS), -7)
+        for wp in range(8):
+            for ln in range(32):
+                if ln % 4 != 0:
+                    continue
+                for m in range(4):
+                    for h in range(2):
+                        r = warp_m[wp] * WARP_ROWS + m * 16 + ln // 4 + 8 * h
+                        red_val[warp_n[wp], r] = run_val[wp, ln, m, h]
+                        red_idx[warp_n[wp], r] = run_idx[wp, ln, m, h]
+        sq_total = row_sq + row_sq[tid ^ 1]
+        row_scale_s = np.full(ROWS, np.nan, np.float32)
+        for th in range(0, THREADS, 2):
+            nr = th // 2
+            r = np.float32(0)
+            if nr < rows:
+                if row_scale is not None:
+                    r = np.float32(row_scale[row0 + nr])
+                else:
+                    r = np.float32(1 / np.sqrt(np.float32(sq_total[th]))) if sq_total[th] > 0 else np.float32(0)
+            row_scale_s[nr] = r
+        for th in range(rows):
+            bv, bi = red_val[0, th], red_idx[0, th]
+            for wn in range(1, 4):
+                if better(red_val[wn, th], red_idx[wn, th], bv, bi):
+                    bv, bi = red_val[wn, th], red_idx[wn, th]
+            r = row_scale_s[th]
+            label, score = 0, np.float32(0)
+            if r > 0:
+                label = bi if 0 <= bi < k else 0
+                score = np.float32(r * bv)
+            labels[row0 + th] = label
+            scores[row0 + th] = score
+            rscale_all[row0 + th] = r
+    return labels, scores, rscale_all
+
+
+
+def _case(rng, n, d, k, dtype, stride_pad=0, duplicates=0, zero_rows=0, center=False, scales=False):
+    C = rng.standard_normal((k, d)).astype(np.float32)
+    if duplicates:
+        for j in rng.choice(np.arange(1, k), size=min(duplicates, k - 1), replace=False):
+            C[j] = C[rng.integers(0, j)]
+    X = (2.0 * C[rng.integers(0, k, n)] + rng.standard_normal((n, d))).astype(np.float32)
+    if center:
+        X += 3.0
+    X[rng.choice(n, size=min(zero_rows, n), replace=False)] = 3.0 if center else 0.0
+    X = round_operand(X, dtype) if dtype != "float32" else X
+    stride = d + stride_pad
+    # NaN between rows and nothing past the last one: a read outside the rows shows up.
+    buf = np.full(n * stride, np.nan, np.float32)
+    for i in range(n):
+        buf[i * stride:i * stride + d] = X[i]
+    kw = {}
+    if center:
+        kw["center"] = np.full(d, 3.0, np.float32)
+    if scales:
+        kw["row_scale"] = (rng.random(n) * (rng.random(n) > 0.2)).astype(np.float32)
+        kw["col_scale"] = (rng.standard_normal(k) * 2).astype(np.float32)
+    return X, C, buf, stride, kw
+
+
+def _reference(X, C, dtype, center=None, row_scale=None, col_scale=None):
+    """float64 scores of the rounded operands (what exact tensor-core products would give)."""
+    Cr = round_operand(C, dtype).astype(np.float64)
+    Xr = (round_tf32(X) if dtype == "float32" else X).astype(np.float64)
+    Xc = X.astype(np.float64) - (center if center is not None else 0)
+    dots = Xr @ Cr.T - (Cr @ center if center is not None else 0)
+    r = row_scale.astype(np.float64) if row_scale is not None else np.where(
+        (Xc ** 2).sum(1) > 0, 1 / np.sqrt(np.maximum((Xc ** 2).sum(1), 1e-300)), 0)
+    s = col_scale.astype(np.float64) if col_scale is not None else 1 / np.sqrt((C.astype(np.float64) ** 2).sum(1))
+    return r, dots * s[None, :]
+
+
+SHAPES = [
+    # n, d, k, dtype, stride_pad, extras
+    (1, 1, 1, "float32", 0, {}),
+    (5, 3, 2, "float32", 0, {}),
+    (130, 37, 131, "float32", 0, dict(duplicates=20, zero_rows=4)),
+    (129, 70, 129, "bfloat16", 0, dict(duplicates=10, zero_rows=3)),
+    (70, 65, 40, "float16", 3, dict(zero_rows=2)),
+    (140, 33, 260, "float32", 5, dict(center=True, zero_rows=3)),
+    (60, 96, 20, "bfloat16", 0, dict(scales=True)),
+    (100, 130, 7, "float32", 0, dict(scales=True, center=True)),
+    (40, 300, 150, "float32", 1, dict(duplicates=5, zero_rows=1)),
+    (50, 200, 30, "bfloat16", 2, dict(center=True)),
+    (30, 513, 3, "float16", 0, {}),
+]
+
+
+@pytest.mark.parametrize("n,d,k,dtype,stride_pad,extras", SHAPES)
+@pytest.mark.parametrize("aligned", [True, False])
+def test_emulated_tensor_core_kernel_matches_numpy(n, d, k, dtype, stride_pad, extras, aligned):
+    if not aligned and (n, d) != (130, 37) and (n, d) != (70, 65):
+        pytest.skip("the unaligned loader is replayed on two shapes (slow in numpy)")
+    rng = np.random.default_rng(n * 1000 + d * 10 + k)
+    X, C, buf, stride, kw = _case(rng, n, d, k, dtype, stride_pad, **extras)
+    labels, scores, r = emulate(buf, n, d, stride, C, dtype, aligned=aligned, **kw)
+    r_ref, S = _reference(X, C, dtype, **kw)
+    # Every row written.
+    assert (labels >= 0).all() and np.isfinite(scores).all()
+    np.testing.assert_allclose(r, r_ref, rtol=1e-5, atol=0)
+    live = r_ref > 0
+    assert (labels[~live] == 0).all() and (scores[~live] == 0).all()
+    best = S.max(axis=1)
+    scale = np.abs(S).max(axis=1) + 1e-30
+    chosen = S[np.arange(n), labels]
+    # Labels: the best centroid up to float32 rounding of the epilogue (operands are rounded
+    # exactly as the kernel rounds them, so no tensor-core tolerance is needed here) ...
+    ok = chosen >= best - 1e-6 * scale
+    assert ok[live].all(), (np.flatnonzero(live & ~ok)[:10], labels[live & ~ok][:10], np.argmax(S, 1)[live & ~ok][:10])
+    # ... and among exact duplicate centroids (same row, same scale) the lowest index.
+    key = [C[j].tobytes() + (kw["col_scale"][j].tobytes() if "col_scale" in kw else b"") for j in range(k)]
+    first = {}
+    lowest = np.array([first.setdefault(kk, j) for j, kk in enumerate(key)])
+    assert (lowest[labels[live]] == labels[live]).all()
+    np.testing.assert_allclose(scores[live], (r_ref * chosen)[live], rtol=1e-5, atol=1e-6)
