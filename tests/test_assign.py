@@ -351,3 +351,18 @@ def test_nonfinite_input_unchecked_does_not_raise(xp, rng):
     # Finite rows are unaffected by the bad ones.
     good = np.setdiff1d(np.arange(20), [3, 5])
     check_labels_scores(to_numpy(res.labels)[good], to_numpy(res.scores)[good], X[good], C)
+
+
+def test_precision_is_ignored_on_the_cpu_and_validated(rng):
+    """The CPU kernels are always exact float32: precision='tf32' (the default) and 'float32'
+    give identical results; anything else is a ValueError."""
+    C = make_centroids(rng, 17, 23, duplicates=2)
+    X = make_rows(rng, 400, 23, C=C, zero_rows=2)
+    a = ops.assign(X, C, precision="tf32")
+    b = ops.assign(X, C, precision="float32")
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+    with pytest.raises(ValueError, match="precision"):
+        ops.assign(X, C, precision="bf16")
+    with pytest.raises(ValueError, match="precision"):
+        ops.spherical_kmeans_step(X, C, precision="TF32")

@@ -14,6 +14,7 @@ from _helpers import (
     SIGNAL_FIELDS,
     TOL,
     Tol,
+    expected_sums_counts,
     as_lib,
     assert_results_agree,
     assert_scatter_close,
@@ -112,7 +113,7 @@ def assert_on_device(arrays, like):
 def test_torch_cuda_assign_matches_reference_and_cpu(torch, dtype, case):
     X, C, _ = case
     Xg = gpu(X, "torch", dtype)
-    res = ops.assign(Xg, gpu(C))
+    res = ops.assign(Xg, gpu(C), precision="float32")
     assert_on_device(res, Xg)
     assert [str(a.dtype) for a in res] == ["torch.int64", "torch.float32", "torch.float64", "torch.int64"]
     Xr = f64(Xg)  # the values the kernel saw (rounded input)
@@ -120,7 +121,7 @@ def test_torch_cuda_assign_matches_reference_and_cpu(torch, dtype, case):
     check_duplicate_rows_agree(Xr, res.labels, res.scores)
     cpu = ops.assign(Xg.cpu(), C)
     assert_results_agree(res, cpu, Xr, C, tol=TOL[dtype])
-    labels, scores = ops.cosine_assign(Xg, gpu(C))
+    labels, scores = ops.cosine_assign(Xg, gpu(C), precision="float32")
     np.testing.assert_array_equal(to_numpy(labels), to_numpy(res.labels))
     np.testing.assert_array_equal(to_numpy(scores), to_numpy(res.scores))
 
@@ -135,7 +136,7 @@ def test_torch_cuda_assign_options_match_reference(torch, case):
     col_scale = (rng.standard_normal(C.shape[0]) * 2).astype(np.float32)
     for kw in (dict(center=center), dict(row_scale=row_scale), dict(col_scale=col_scale),
                dict(center=center, row_scale=row_scale, col_scale=col_scale)):
-        res = ops.assign(gpu(X), gpu(C), **{k: gpu(v) for k, v in kw.items()})
+        res = ops.assign(gpu(X), gpu(C), precision="float32", **{k: gpu(v) for k, v in kw.items()})
         check_assignment(res, X, C, **kw)
         cpu = ops.assign(X, C, **kw)
         assert_results_agree(res, cpu, X, C, **kw)
@@ -194,7 +195,7 @@ def test_torch_cuda_spherical_kmeans_step_and_normalize(torch, dtype, rng):
         C = make_centroids(rng, k, D, duplicates=1) * 3
         X = make_rows(rng, N, D, C=C, zero_rows=1 if N > 1 else 0)
         Xg = gpu(X, "torch", dtype)
-        result = ops.spherical_kmeans_step(Xg, gpu(C))
+        result = ops.spherical_kmeans_step(Xg, gpu(C), precision="float32")
         assert_on_device(result, Xg)
         check_kmeans_step(result, f64(Xg), C)
     sums = rng.standard_normal((6, 5))
@@ -212,7 +213,7 @@ def test_cupy_ops_match_reference_and_cpu(cupy, dtype, rng):
     X = make_rows(rng, 1500, 24, C=C, zero_rows=3, duplicate_rows=5)
     Xg = gpu(X, "cupy", dtype)
     Xr = f64(Xg)
-    res = ops.assign(Xg, gpu(C, "cupy"))
+    res = ops.assign(Xg, gpu(C, "cupy"), precision="float32")
     assert all(isinstance(a, cupy.ndarray) for a in res)
     assert [str(a.dtype) for a in res] == ["int64", "float32", "float64", "int64"]
     check_assignment(res, Xr, C, tol=TOL[dtype])
@@ -227,7 +228,7 @@ def test_cupy_ops_match_reference_and_cpu(cupy, dtype, rng):
     sm = ops.signal_moments(Xsg, gpu(W, "cupy"), gpu(b, "cupy"), center=gpu(c, "cupy"))
     assert all(isinstance(getattr(sm, f), cupy.ndarray) for f in SIGNAL_FIELDS)
     check_signal_moments(sm, f64(Xsg), W, b, center=c)
-    result = ops.spherical_kmeans_step(Xg, gpu(C, "cupy"))
+    result = ops.spherical_kmeans_step(Xg, gpu(C, "cupy"), precision="float32")
     assert all(isinstance(a, cupy.ndarray) for a in result)
     check_kmeans_step(result, Xr, C)
 
@@ -243,7 +244,7 @@ def test_torch_cuda_noncontiguous_inputs(torch, layout, rng):
     Xg = with_layout(X, layout, "torch", device=DEVICE)
     assert Xg.device.type == "cuda"
     Xv = layout_values(X, layout)
-    check_assignment(ops.assign(Xg, with_layout(C, "transposed", "torch", device=DEVICE)), Xv, C)
+    check_assignment(ops.assign(Xg, with_layout(C, "transposed", "torch", device=DEVICE), precision="float32"), Xv, C)
     check_moments(ops.moments(Xg), Xv)
     Xs, W, b, c = make_signal_data(rng, 300, 21, 4, center=True)
     sm = ops.signal_moments(with_layout(Xs, layout, "torch", device=DEVICE), with_layout(W, "transposed", "torch", device=DEVICE),
@@ -256,7 +257,7 @@ def test_cupy_noncontiguous_inputs(cupy, layout, rng):
     C = make_centroids(rng, 9, 21)
     X = make_rows(rng, 500, 21, C=C)
     Xg = with_layout(X, layout, "cupy")
-    check_assignment(ops.assign(Xg, gpu(C, "cupy")), X, C)
+    check_assignment(ops.assign(Xg, gpu(C, "cupy"), precision="float32"), X, C)
     check_moments(ops.moments(Xg), X)
 
 
@@ -284,7 +285,7 @@ CUDA_EDGE = _cuda_edge_cases()
 def test_torch_cuda_assign_edge_cases(torch, name):
     X, C = CUDA_EDGE[name]
     tol = TOL["float32"] if X.shape[1] <= 512 else Tol(score=3e-5, margin=3e-4, sums=1e-5)
-    res = ops.assign(gpu(X), gpu(C))
+    res = ops.assign(gpu(X), gpu(C), precision="float32")
     check_assignment(res, X, C, tol=tol)
     check_duplicate_rows_agree(X, res.labels, res.scores)
     assert_results_agree(res, ops.assign(X, C), X, C, tol=tol)
@@ -393,9 +394,9 @@ def test_torch_ops_run_on_the_current_stream(torch, rng):
         dep = _busy(torch, lib="torch")
         Xg.copy_(src + 0 * dep)  # the final values, written only after the long chain
         Xsg.copy_(srcs + 0 * dep)
-        out = (ops.assign(Xg, Cg, check_finite=False), ops.moments(Xg, check_finite=False),
+        out = (ops.assign(Xg, Cg, check_finite=False, precision="float32"), ops.moments(Xg, check_finite=False),
                ops.signal_moments(Xsg, Wg, bg, center=cg, check_finite=False),
-               ops.spherical_kmeans_step(Xg, Cg, check_finite=False))
+               ops.spherical_kmeans_step(Xg, Cg, check_finite=False, precision="float32"))
     torch.cuda.synchronize()
     _check_stream_results(out, X, C, Xs, W, b, c)
 
@@ -411,9 +412,9 @@ def test_cupy_ops_run_on_the_current_stream(cupy, rng):
         dep = _busy(cupy, lib="cupy")
         Xg[...] = src + 0 * dep
         Xsg[...] = srcs + 0 * dep
-        out = (ops.assign(Xg, Cg, check_finite=False), ops.moments(Xg, check_finite=False),
+        out = (ops.assign(Xg, Cg, check_finite=False, precision="float32"), ops.moments(Xg, check_finite=False),
                ops.signal_moments(Xsg, Wg, bg, center=cg, check_finite=False),
-               ops.spherical_kmeans_step(Xg, Cg, check_finite=False))
+               ops.spherical_kmeans_step(Xg, Cg, check_finite=False, precision="float32"))
     s.synchronize()
     cupy.cuda.Device().synchronize()
     _check_stream_results(out, X, C, Xs, W, b, c)
@@ -478,7 +479,7 @@ def test_cupy_with_numpy_parameters(cupy, rng):
     X = make_rows(rng, 20, 4)
     C = make_centroids(rng, 3, 4)
     try:
-        res = ops.assign(gpu(X, "cupy"), C)
+        res = ops.assign(gpu(X, "cupy"), C, precision="float32")
     except ValueError as exc:
         assert "cuda:0" in str(exc), str(exc)
     else:
@@ -504,10 +505,10 @@ def test_torch_cuda_large_assign(torch):
     rng = np.random.default_rng(2024)
     C = make_centroids(rng, 100, 64, duplicates=3, zeros=1)
     X = make_rows(rng, 300_000, 64, C=C, zero_rows=50, duplicate_rows=100)
-    res = ops.assign(gpu(X), gpu(C))
+    res = ops.assign(gpu(X), gpu(C), precision="float32")
     check_assignment(res, X, C)
     assert to_numpy(res.counts).sum() == 300_000
-    res16 = ops.assign(gpu(X, dtype="float16"), gpu(C))
+    res16 = ops.assign(gpu(X, dtype="float16"), gpu(C), precision="float32")
     check_assignment(res16, f64(gpu(X, dtype="float16")), C, tol=TOL["float16"])
 
 
@@ -530,4 +531,218 @@ def test_torch_cuda_large_kmeans_step(torch):
     rng = np.random.default_rng(2026)
     C = make_centroids(rng, 100, 64)
     X = make_rows(rng, 300_000, 64, C=C)
-    check_kmeans_step(ops.spherical_kmeans_step(gpu(X), gpu(C)), X, C)
+    check_kmeans_step(ops.spherical_kmeans_step(gpu(X), gpu(C), precision="float32"), X, C)
+
+
+# ---------------------------------------------------------------------------------------
+# Tensor-core assignment (precision="tf32", the CUDA default): TF32 products for float32 X,
+# float16 / bfloat16 products for 16-bit X (centroids rounded to X's dtype), float32
+# accumulation. Error model: each product x_i c_i carries a relative error of at most u (both
+# operands rounded: 2^-10 for TF32; the centroid only, X being exact in its dtype: 2^-9 for
+# bfloat16, 2^-11 for float16), so a score's error is at most u r_n s_j sum_i |x_i||c_i| (x raw,
+# not centred: the centring is subtracted after the product) plus float32 accumulation noise.
+# A label may differ from the float64 reference only where the reference's best and the chosen
+# centroid are within both error bounds of each other.
+
+TC_UNIT = {"float32": 2.0 ** -10, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -9}
+
+
+def _poisoned_tc_assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate=True):
+    """ops.assign with precision='tf32' through the binding, into outputs filled with garbage
+    first (labels -7, scores NaN, sums NaN, counts -7): an element the kernel never writes shows."""
+    import torch
+
+    from edpairs._arrays import namespace_of
+    from edpairs._backend import lib
+
+    N, D = X.shape
+    k = C.shape[0]
+    dev = X.device
+    labels = torch.full((N,), -7, dtype=torch.int64, device=dev)
+    scores = torch.full((N,), float("nan"), dtype=torch.float32, device=dev)
+    sums = torch.full((k, D), float("nan"), dtype=torch.float64, device=dev) if accumulate else None
+    counts = torch.full((k,), -7, dtype=torch.int64, device=dev) if accumulate else None
+    xp = namespace_of(X)
+    c = xp.capsule
+    lib().assign(c(X), c(C), c(center), c(row_scale), c(col_scale), c(labels), c(scores), c(sums), c(counts),
+                 False, "tf32", xp.stream(X))
+    return ops.Assignment(labels, scores, sums, counts)
+
+
+def check_tc_assignment(res, X, C, dtype, *, center=None, row_scale=None, col_scale=None, sums=True):
+    """Labels / scores / sums / counts of a tensor-core assignment vs float64, within the error
+    model above. X: the values the kernel saw (float64 numpy)."""
+    X, C = f64(X), f64(C)
+    labels, scores = to_numpy(res.labels), to_numpy(res.scores)
+    N, k = X.shape[0], C.shape[0]
+    assert labels.dtype == np.int64 and scores.dtype == np.float32
+    assert np.all((labels >= 0) & (labels < k)), f"label out of range or unwritten: {labels[(labels < 0) | (labels >= k)][:10]}"
+    assert np.all(np.isfinite(scores)), "NaN/Inf (or unwritten) score"
+    Xc = X - (f64(center) if center is not None else 0)
+    norms = np.linalg.norm(Xc, axis=1)
+    r = f64(row_scale) if row_scale is not None else np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    cn = np.linalg.norm(C, axis=1)
+    s = f64(col_scale) if col_scale is not None else np.divide(1.0, cn, out=np.zeros_like(cn), where=cn > 0)
+    S = r[:, None] * (Xc @ C.T) * s[None, :]
+    bound = TC_UNIT[dtype] * np.abs(r)[:, None] * (np.abs(X) @ np.abs(C).T) * np.abs(s)[None, :]
+    noise = 2e-5 * np.abs(r)[:, None] * (norms[:, None] + np.linalg.norm(X, axis=1)[:, None]) * (np.abs(s) * cn)[None, :]
+    bound = 2.0 * bound + noise + 1e-30  # a factor 2 of slack over the first-order model
+    dead = r == 0
+    assert np.all(labels[dead] == 0) and np.all(scores[dead] == 0), "rows with r_n = 0 must get label 0, score 0"
+    live = np.flatnonzero(~dead)
+    if live.size:
+        Sl, Bl, got = S[live], bound[live], labels[live]
+        ref = np.argmax(Sl, axis=1)
+        rows = np.arange(live.size)
+        best, chosen = Sl[rows, ref], Sl[rows, got]
+        wrong = chosen < best - Bl[rows, ref] - Bl[rows, got]
+        assert not wrong.any(), (
+            f"labels off beyond the tensor-core error bound: rows {live[wrong][:10]}, got {got[wrong][:10]}, "
+            f"expected {ref[wrong][:10]}, gaps {(best - chosen)[wrong][:10]}, bounds {(Bl[rows, ref] + Bl[rows, got])[wrong][:10]}")
+        err = np.abs(scores[live].astype(np.float64) - chosen)
+        far = err > Bl[rows, got]
+        assert not far.any(), f"scores off: rows {live[far][:10]}, err {err[far][:10]}, bound {Bl[rows, got][far][:10]}"
+    if sums and res.sums is not None:
+        sums_k, counts = to_numpy(res.sums), to_numpy(res.counts)
+        exp_sums, exp_counts, abs_sums = expected_sums_counts(labels, r, Xc, k)
+        np.testing.assert_array_equal(counts, exp_counts)
+        assert np.all(np.isfinite(sums_k)), "NaN (unwritten) sums"
+        err = np.abs(sums_k - exp_sums)
+        assert np.all(err <= 1e-5 * abs_sums + 1e-12), f"sums off by {err.max()}"
+    return S
+
+
+TC_DTYPES = ["float32", "float16", "bfloat16"]
+
+# (N, D, k): ragged against the 128-row / 128-centroid tiles and the 128-byte slices.
+TC_SHAPES = [(1, 1, 1), (3, 5, 2), (127, 31, 7), (129, 33, 129), (300, 64, 128), (513, 100, 300),
+             (1000, 257, 65), (260, 512, 1024), (2000, 7, 3)]
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES)
+@pytest.mark.parametrize("shape", TC_SHAPES, ids=[f"{n}x{d}x{k}" for n, d, k in TC_SHAPES])
+def test_tensor_core_assign_matches_reference(torch, dtype, shape):
+    N, D, k = shape
+    rng = np.random.default_rng(N * 7 + D * 131 + k)
+    C = make_centroids(rng, k, D, duplicates=min(3, k - 1), zeros=1 if k > 2 else 0)
+    X = make_rows(rng, N, D, C=C, zero_rows=min(2, N - 1), duplicate_rows=min(3, N - 1))
+    Xg = gpu(X, "torch", dtype)
+    res = _poisoned_tc_assign(Xg, gpu(C))
+    check_tc_assignment(res, f64(Xg), C, dtype)
+    # The public function with its default precision takes the same path.
+    pub = ops.assign(Xg, gpu(C))
+    np.testing.assert_array_equal(to_numpy(pub.labels), to_numpy(res.labels))
+    np.testing.assert_array_equal(to_numpy(pub.scores), to_numpy(res.scores))
+    np.testing.assert_array_equal(to_numpy(pub.counts), to_numpy(res.counts))
+    # Without accumulation: the same labels and scores, nothing else written.
+    la, sc = ops.cosine_assign(Xg, gpu(C))
+    np.testing.assert_array_equal(to_numpy(la), to_numpy(res.labels))
+    np.testing.assert_array_equal(to_numpy(sc), to_numpy(res.scores))
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES)
+def test_tensor_core_assign_options(torch, dtype, rng):
+    for N, D, k in [(300, 37, 20), (700, 130, 150)]:
+        C = make_centroids(rng, k, D)
+        X = make_rows(rng, N, D, C=C) + 0.5
+        Xg = gpu(X, "torch", dtype)
+        Xr = f64(Xg)
+        center = (rng.standard_normal(D) * 0.3 + 0.5).astype(np.float32)
+        row_scale = (rng.random(N) * (rng.random(N) > 0.2)).astype(np.float32)
+        col_scale = (rng.standard_normal(k) * 2).astype(np.float32)
+        for kw in (dict(center=center), dict(row_scale=row_scale), dict(col_scale=col_scale),
+                   dict(center=center, row_scale=row_scale, col_scale=col_scale)):
+            res = _poisoned_tc_assign(Xg, gpu(C), **{key: gpu(v) for key, v in kw.items()})
+            check_tc_assignment(res, Xr, C, dtype, **kw)
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES)
+@pytest.mark.parametrize("layout", ["padded_aligned", "row_stride_odd", "offset_start"])
+def test_tensor_core_assign_strided_rows(torch, dtype, layout, rng):
+    """Rows with a stride: 16-byte aligned rows with a ragged last chunk (cp.async with partial
+    zero fill), and unaligned rows (the element-wise loader)."""
+    N, D, k = 400, 45, 70
+    cols = 48 if layout == "padded_aligned" else 49
+    C = make_centroids(rng, k, D)
+    big = make_rows(rng, N + 1, cols, C=np.pad(C, ((0, 0), (0, cols - D))))
+    T = gpu(big, "torch", dtype)
+    Xg = T[1:, 1:D + 1] if layout == "offset_start" else T[:N, :D]
+    assert Xg.stride(1) == 1 and not Xg.is_contiguous()
+    res = _poisoned_tc_assign(Xg, gpu(C))
+    check_tc_assignment(res, f64(Xg), C, dtype)
+    dense = _poisoned_tc_assign(Xg.contiguous(), gpu(C))
+    np.testing.assert_array_equal(to_numpy(res.labels), to_numpy(dense.labels))
+    np.testing.assert_array_equal(to_numpy(res.scores), to_numpy(dense.scores))
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES)
+def test_tensor_core_agrees_with_exact_float32(torch, dtype, rng):
+    """Both CUDA paths on clustered data of the benchmark's shape family: labels agree except
+    where the exact scores of the two choices are within the tensor-core bound."""
+    N, D, k = 20000, 512, 256
+    Cn = rng.standard_normal((k, D)).astype(np.float32)
+    Cn /= np.linalg.norm(Cn, axis=1, keepdims=True)
+    X = (3.0 * Cn[rng.integers(0, k, N)] + rng.standard_normal((N, D))).astype(np.float32)
+    Xg = gpu(X, "torch", dtype)
+    tc = ops.assign(Xg, gpu(Cn))
+    exact = ops.assign(Xg, gpu(Cn), precision="float32")
+    S = check_tc_assignment(tc, f64(Xg), Cn, dtype)
+    lt, le = to_numpy(tc.labels), to_numpy(exact.labels)
+    agree = (lt == le).mean()
+    assert agree > 0.999, agree
+    rows = np.arange(N)
+    assert np.all(np.abs(S[rows, lt] - S[rows, le]) < 0.02)
+
+
+def test_tensor_core_spherical_kmeans_step(torch, rng):
+    for dtype in TC_DTYPES:
+        C = make_centroids(rng, 70, 37) * 3
+        X = make_rows(rng, 3000, 37, C=C, zero_rows=2)
+        Xg = gpu(X, "torch", dtype)
+        cents, labels, counts = ops.spherical_kmeans_step(Xg, gpu(C))
+        res = ops.assign(Xg, gpu(C))
+        np.testing.assert_array_equal(to_numpy(labels), to_numpy(res.labels))
+        np.testing.assert_array_equal(to_numpy(counts), to_numpy(res.counts))
+        expected = ref.normalize_centroids(to_numpy(res.sums), to_numpy(res.counts),
+                                           C / np.linalg.norm(C, axis=1, keepdims=True))
+        np.testing.assert_allclose(to_numpy(cents), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tensor_core_float64_input_takes_the_exact_path(torch, rng):
+    C = make_centroids(rng, 9, 21)
+    X = make_rows(rng, 500, 21, C=C)
+    res = ops.assign(gpu(X, "torch", "float64"), gpu(C))
+    check_assignment(res, X, C)
+
+
+def test_tensor_core_runs_on_the_current_stream(torch, rng):
+    X, C, _, _, _, _ = _stream_inputs(rng)
+    src, Cg = gpu(X), gpu(C)
+    Xg = torch.zeros_like(src)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        dep = _busy(torch, lib="torch")
+        Xg.copy_(src + 0 * dep)
+        res = ops.assign(Xg, Cg, check_finite=False)
+        step = ops.spherical_kmeans_step(Xg, Cg, check_finite=False)
+    torch.cuda.synchronize()
+    check_tc_assignment(res, X, C, "float32")
+    np.testing.assert_array_equal(to_numpy(step[1]), to_numpy(res.labels))
+
+
+def test_precision_is_validated(torch, rng):
+    X, C = gpu(make_rows(rng, 10, 4)), gpu(make_centroids(rng, 3, 4))
+    with pytest.raises(ValueError, match="precision"):
+        ops.assign(X, C, precision="fp8")
+
+
+@pytest.mark.slow
+def test_tensor_core_large(torch):
+    rng = np.random.default_rng(77)
+    C = make_centroids(rng, 1000, 128, duplicates=3)
+    X = make_rows(rng, 200_000, 128, C=C, zero_rows=10)
+    for dtype in TC_DTYPES:
+        Xg = gpu(X, "torch", dtype)
+        res = _poisoned_tc_assign(Xg, gpu(C))
+        check_tc_assignment(res, f64(Xg), C, dtype)
