@@ -2,7 +2,9 @@
 """One spherical k-means iteration (assign + centroid update): edpairs against the tools a
 user would pick instead, in the same run on the same data.
 
-  edpairs  edpairs.ops.spherical_kmeans_step (fused assignment + per-cluster sums)
+  edpairs      edpairs.ops.spherical_kmeans_step (fused assignment + per-cluster sums; on CUDA
+               tensor cores: TF32 for float32 data, the data's own dtype for 16-bit data)
+  edpairs-f32  the same with precision="float32" (exact float32 products; CUDA only differs)
   faiss    faiss.Kmeans(d, k, spherical=True, niter=1).train (faiss-cpu, or faiss GPU with --device cuda)
   torch    normalise, matmul, max, index_add, bincount, normalise (the plain torch loop)
 
@@ -47,8 +49,8 @@ def make_data(N: int, D: int, k: int, seed: int = 0):
     return X, C0
 
 
-def label_agreement(labels: np.ndarray, X: np.ndarray, C: np.ndarray) -> float:
-    """Fraction of the first CHECK_ROWS labels that pick a float64-best centroid (within 1e-4)."""
+def label_agreement(labels: np.ndarray, X: np.ndarray, C: np.ndarray, tol: float = 1e-4) -> float:
+    """Fraction of the first CHECK_ROWS labels that pick a float64-best centroid (within tol)."""
     from edpairs import reference
 
     Xs = X[:CHECK_ROWS].astype(np.float64)
@@ -56,13 +58,27 @@ def label_agreement(labels: np.ndarray, X: np.ndarray, C: np.ndarray) -> float:
     Cn = C.astype(np.float64) / np.linalg.norm(C.astype(np.float64), axis=1, keepdims=True)
     Xn = Xs / np.linalg.norm(Xs, axis=1, keepdims=True)
     chosen = np.einsum("nd,nd->n", Xn, Cn[np.asarray(labels[:CHECK_ROWS], dtype=np.int64)])
-    return float(np.mean(chosen >= ref_scores - 1e-4))
+    return float(np.mean(chosen >= ref_scores - tol))
+
+
+def sums_rel_err(sums, counts, labels, X) -> float:
+    """||sums - float64 sums of the unit rows by the method's own labels|| / ||float64 sums||, and
+    counts checked against the labels (inf when they disagree)."""
+    Xs = X[:CHECK_ROWS].astype(np.float64)
+    Xn = Xs / np.linalg.norm(Xs, axis=1, keepdims=True)
+    labels = np.asarray(labels[:CHECK_ROWS], dtype=np.int64)
+    k = len(counts)
+    ref = np.zeros((k, X.shape[1]))
+    np.add.at(ref, labels, Xn)
+    if not np.array_equal(np.bincount(labels, minlength=k), np.asarray(counts)):
+        return float("inf")
+    return float(np.linalg.norm(np.asarray(sums) - ref) / np.linalg.norm(ref))
 
 
 # ---- methods (run inside a worker process) -----------------------------------------------
 
 
-def run_edpairs(X, C0, device, dtype):
+def run_edpairs(X, C0, device, dtype, precision="tf32"):
     import edpairs as edp
 
     if device == "cpu":
@@ -76,10 +92,25 @@ def run_edpairs(X, C0, device, dtype):
 
         Xd = torch.from_numpy(X).to(device=device, dtype=getattr(torch, dtype))
         Cd = torch.from_numpy(C0).to(device)
-    step = lambda: edp.ops.spherical_kmeans_step(Xd, Cd, check_finite=False)  # noqa: E731
-    labels = edp.ops.cosine_assign(Xd[:CHECK_ROWS], Cd)[0]
-    labels = labels.cpu().numpy() if hasattr(labels, "cpu") else labels
-    return step, labels
+    step = lambda: edp.ops.spherical_kmeans_step(Xd, Cd, check_finite=False, precision=precision)  # noqa: E731
+    res = edp.ops.assign(Xd[:CHECK_ROWS], Cd, precision=precision)
+    host = lambda a: a.cpu().numpy() if hasattr(a, "cpu") else np.asarray(a)  # noqa: E731
+    labels = host(res.labels)
+    err = sums_rel_err(host(res.sums), host(res.counts), labels, _rounded(X[:CHECK_ROWS], dtype))
+    return step, labels, {"sums_rel_err": err}
+
+
+def _rounded(X, dtype):
+    """X as the kernels see it (rounded to the benchmark dtype), float32."""
+    if dtype == "float32":
+        return X
+    import torch
+
+    return torch.from_numpy(X).to(getattr(torch, dtype)).float().numpy()
+
+
+def run_edpairs_f32(X, C0, device, dtype):
+    return run_edpairs(X, C0, device, dtype, precision="float32")
 
 
 def run_torch(X, C0, device, dtype):
@@ -103,7 +134,7 @@ def run_torch(X, C0, device, dtype):
 
     with torch.no_grad():
         labels = (F.normalize(Xd[:CHECK_ROWS], dim=1) @ F.normalize(Cd, dim=1).T).argmax(1).cpu().numpy()
-    return step, labels
+    return step, labels, {}
 
 
 def run_faiss(X, C0, device, dtype):
@@ -126,25 +157,27 @@ def run_faiss(X, C0, device, dtype):
     index = faiss.IndexFlatIP(D)
     index.add(C0)
     labels = index.search(X[:CHECK_ROWS], 1)[1][:, 0]
-    return step, labels
+    return step, labels, {}
 
 
-METHODS = {"edpairs": run_edpairs, "faiss": run_faiss, "torch": run_torch}
+METHODS = {"edpairs": run_edpairs, "edpairs-f32": run_edpairs_f32, "faiss": run_faiss, "torch": run_torch}
 
 
 def worker(args) -> None:
     N, D, k = args.size
     X, C0 = make_data(N, D, k, seed=args.seed)
     try:
-        step, labels = METHODS[args.worker](X, C0, args.device, args.dtype)
+        step, labels, extra = METHODS[args.worker](X, C0, args.device, args.dtype)
     except (ImportError, RuntimeError) as exc:
         print(json.dumps({"skipped": f"{type(exc).__name__}: {exc}"}))
         return
-    agreement = label_agreement(labels, X, C0)
+    Xseen = _rounded(X[:CHECK_ROWS], args.dtype)
+    agreement = label_agreement(labels, Xseen, C0)
+    extra["label_agreement_2e-3"] = label_agreement(labels, Xseen, C0, tol=2e-3)
     base = reset_peak_rss()  # the window includes the first call: allocator caches hide later ones
     timing = time_fn(step, args.device, repeat=args.repeat, warmup=1)
     extra_mib = max(0, peak_rss_kib() - base) / 1024
-    out = dict(timing, extra_peak_mib=round(extra_mib, 1), label_agreement=agreement)
+    out = dict(timing, extra_peak_mib=round(extra_mib, 1), label_agreement=agreement, **extra)
     if args.device.startswith("cuda"):
         import torch
 
@@ -191,6 +224,8 @@ def main() -> None:
                     "time vs edpairs": f"{r['median_s'] / base:.2f}x" if base else "",
                     "extra peak MiB": r["extra_peak_mib"],
                     "labels ok": f"{r['label_agreement']:.4f}",
+                    "ok@2e-3": f"{r.get('label_agreement_2e-3', float('nan')):.4f}",
+                    "sums err": f"{r['sums_rel_err']:.1e}" if "sums_rel_err" in r else "",
                 })
             else:
                 row["ms/iter"] = r.get("skipped") or r.get("error")
@@ -199,7 +234,8 @@ def main() -> None:
     payload = {"benchmark": "spherical k-means iteration", "device": args.device, "dtype": args.dtype,
                "repeat": args.repeat, "machine": machine_info(), "results": results}
     write_json(args.json.format(device=args.device.replace(":", "")), payload)
-    print_table(rows, ["N,D,k", "method", "ms/iter", "GFLOP/s", "time vs edpairs", "extra peak MiB", "labels ok"])
+    print_table(rows, ["N,D,k", "method", "ms/iter", "GFLOP/s", "time vs edpairs", "extra peak MiB", "labels ok",
+                       "ok@2e-3", "sums err"])
     for size in args.sizes:
         r = {x["method"]: x for x in results if ",".join(map(str, x["size"])) == size}
         e = r.get("edpairs", {}).get("median_s")

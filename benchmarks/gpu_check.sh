@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build edpairs with its CUDA kernels, run the CUDA tests, measure
-# the card's ceilings, run the GPU benchmarks; JSON and logs under $OUT, a short table last.
+# the card's ceilings, run the GPU benchmarks (each with a correctness check against float64
+# before timing); JSON and logs under $OUT, the goals of issue 6 as a short table last.
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
+# Files under $OUT (the device returns at most 8): log.txt, build.log, cuda_tests.xml,
+# ceilings.json, kmeans_cuda_f32.json, kmeans_cuda_bf16.json, moments_cuda.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out/gpu}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-# At most 8 files come back from a device call: JSON, the build log, the test report, one log.
 exec > >(tee "$OUT/log.txt") 2>&1
 status=0
-step() { echo "== $*"; }
+step() { echo "== $* ($(date -u +%H:%M:%S))"; }
 
 step "device"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 
 # Knobs: ARCHS (CUDA architectures to build; the card's own by default, to build fast),
 # SLOW=1 (also the slow CUDA tests), REPEAT (timed repetitions per benchmark).
@@ -21,43 +23,88 @@ ARCHS="${ARCHS:-90}"
 REPEAT="${REPEAT:-5}"
 MARK="cuda and not slow"
 [ "${SLOW:-0}" = 1 ] && MARK="cuda"
+# test_build checks that the build lists exactly the architectures asked for here.
+export EDPAIRS_CUDA_ARCHITECTURES="$ARCHS"
 
 step "build (EDPAIRS_CUDA=ON, archs $ARCHS, editable, no network)"
-if ! EDPAIRS_CUDA=ON EDPAIRS_CUDA_ARCHITECTURES="$ARCHS" python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+if ! EDPAIRS_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=16 timeout 420 python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
 fi
 python3 -c "import edpairs, json; i = edpairs.build_info(); print(json.dumps(i)); assert i['cuda'] and edpairs.cuda_device_count() > 0"
 
 step "CUDA tests"
-python3 -m pytest -q -m "$MARK" tests/test_cuda.py tests/test_cuda_estimators.py tests/test_errors.py tests/test_build.py -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -25 || status=1
+timeout 300 python3 -m pytest -q -m "$MARK" tests/test_cuda.py tests/test_cuda_estimators.py tests/test_errors.py tests/test_build.py \
+  -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -30
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 step "ceilings"
-python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" || status=1
+timeout 120 python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" || status=1
 
-step "spherical k-means iteration"
-python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs,torch,faiss --repeat "$REPEAT" \
+step "spherical k-means iteration (float32 data: tensor cores TF32 / exact float32 / torch TF32)"
+timeout 300 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs,edpairs-f32,torch --repeat "$REPEAT" \
   --sizes 1000000,512,1024 1000000,512,64 --json "$OUT/kmeans_cuda_f32.json" || status=1
-python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --methods edpairs,torch --repeat "$REPEAT" \
+step "spherical k-means iteration (bfloat16 data)"
+timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --methods edpairs,edpairs-f32,torch --repeat "$REPEAT" \
   --sizes 1000000,512,1024 --json "$OUT/kmeans_cuda_bf16.json" || status=1
 
 step "moments and signal moments"
-python3 benchmarks/bench_moments.py --device cuda --sizes 1000000,512,256 --repeat "$REPEAT" \
+timeout 200 python3 benchmarks/bench_moments.py --device cuda --sizes 1000000,512,256 --repeat "$REPEAT" \
   --json "$OUT/moments_cuda.json" || status=1
 
-step "summary"
+step "summary against the goals of issue 6"
 python3 - "$OUT" <<'PY'
-import json, sys, os
+import json, os, sys
 out = sys.argv[1]
 def load(name):
     path = os.path.join(out, name)
-    return json.load(open(path)) if os.path.exists(path) else None
+    try:
+        return json.load(open(path))
+    except (OSError, ValueError):
+        return None
 c = load("ceilings.json") or {}
-print(f"ceilings: copy {c.get('copy_GBps', 0):.0f} GB/s, tf32 {c.get('gemm_tf32_TFLOPs', 0):.0f}, "
-      f"bf16 {c.get('gemm_bf16_TFLOPs', 0):.0f}, fp32 {c.get('gemm_fp32_TFLOPs', 0):.0f} TFLOP/s")
-for name in ("kmeans_cuda_f32.json", "kmeans_cuda_bf16.json", "moments_cuda.json"):
-    r = load(name)
-    for row in (r or {}).get("results", []):
-        if "median_s" in row:
-            print(f"{name:22s} {row.get('op', 'kmeans'):15s} {str(row['size']):18s} {row['method']:10s} {row['median_s'] * 1e3:8.2f} ms")
+copy, tf32, bf16 = c.get("copy_GBps", 0), c.get("gemm_tf32_TFLOPs", 0), c.get("gemm_bf16_TFLOPs", 0)
+print(f"device: {(c.get('machine') or {}).get('gpu', '?')}")
+print(f"ceilings: copy {copy:.0f} GB/s, tf32 {tf32:.0f}, bf16 {bf16:.0f}, fp32 {c.get('gemm_fp32_TFLOPs', 0):.0f} TFLOP/s")
+rows = []
+def kmeans(name):
+    r = load(name) or {}
+    return {(tuple(x["size"]), x["method"]): x for x in r.get("results", [])}
+f32, b16 = kmeans("kmeans_cuda_f32.json"), kmeans("kmeans_cuda_bf16.json")
+print(f"{'file':10s} {'N,D,k':18s} {'method':12s} {'ms':>8s} {'TFLOP/s':>8s} {'labels ok':>9s} {'ok@2e-3':>8s} {'sums err':>9s}")
+for tag, table in (("f32", f32), ("bf16", b16)):
+    for (size, method), x in sorted(table.items()):
+        if "median_s" not in x:
+            print(f"{tag:10s} {str(size):18s} {method:12s} {str(x.get('skipped') or x.get('error'))[:60]}")
+            continue
+        n, d, k = size
+        tfl = 2 * n * d * k / x["median_s"] / 1e12
+        print(f"{tag:10s} {','.join(map(str, size)):18s} {method:12s} {x['median_s'] * 1e3:8.2f} {tfl:8.1f} "
+              f"{x.get('label_agreement', float('nan')):9.4f} {x.get('label_agreement_2e-3', float('nan')):8.4f} "
+              f"{x.get('sums_rel_err', float('nan')):9.1e}")
+def t(table, size, method):
+    return (table.get((size, method)) or {}).get("median_s")
+big, small = (1000000, 512, 1024), (1000000, 512, 64)
+goals = []
+e, tt = t(f32, big, "edpairs"), t(f32, big, "torch")
+if e and tt:
+    goals.append(("k=1024 f32: torch TF32 / edpairs TF32 time", tt / e, 2.0))
+    goals.append(("k=1024 f32: edpairs TF32 rate / TF32 GEMM rate", 2 * 1e6 * 512 * 1024 / e / 1e12 / tf32 if tf32 else 0, 0.6))
+e, tt = t(b16, big, "edpairs"), t(b16, big, "torch")
+if e and tt:
+    goals.append(("k=1024 bf16: torch bf16 / edpairs time", tt / e, 1.5))
+e = t(f32, small, "edpairs")
+if e:
+    goals.append(("k=64 f32: one read of X (GB/s) / copy GB/s", 1e6 * 512 * 4 / e / 1e9 / copy if copy else 0, 0.7))
+m = load("moments_cuda.json") or {}
+for x in m.get("results", []):
+    if x.get("method") == "edpairs" and "median_s" in x:
+        n, d, i = x["size"]
+        flops = n * d * d if x["op"] == "moments" else 2.0 * n * d * i * 3
+        goals.append((f"{x['op']}: edpairs rate / TF32 GEMM rate", flops / x["median_s"] / 1e12 / tf32 if tf32 else 0, 0.5))
+print()
+print(f"{'goal (issue 6)':52s} {'measured':>9s} {'goal':>6s}  met")
+for name, value, goal in goals:
+    print(f"{name:52s} {value:9.2f} {goal:6.2f}  {'yes' if value >= goal else 'NO'}")
 PY
+step "done (status $status)"
 exit $status
