@@ -190,7 +190,7 @@ def test_bad_inputs(rng, medium):
         edp.EDPairs(2).fit(np.ones((100, 8), np.float32))
     with pytest.raises(ValueError, match="method"):
         edp.EDPairs(2, method="magic").fit(X)
-    with pytest.raises(NotImplementedError, match="head"):
+    with pytest.raises(ValueError, match="with a head, X must hold whole images"):  # URA: tests/test_ura.py
         edp.EDPairs(2).fit(X, head=lambda z: z)
     with pytest.raises(ValueError, match="not fitted"):
         edp.EDPairs(2).detect(X)

@@ -122,15 +122,41 @@ class EDPairs:
             except TypeError as exc:
                 raise ValueError(f"metadata must be JSON-serialisable: {exc}") from exc
 
-    def fit(self, X, head=None) -> "EDPairs":
+    def fit(self, X, head=None, ura=None) -> "EDPairs":
         """Fits the pairs on X: an (N, D) array (numpy, torch, cupy) or a re-iterable of chunks
-        (a list, or a callable returning a fresh iterator of (n, D) arrays)."""
+        (a list, or a callable returning a fresh iterator of (n, D) arrays).
+
+        With ``head`` (the network after the layer, features -> logits; see :mod:`edpairs.ura`
+        for its contract), stages 1-4 run on the patches and then Uncertainty Region Alignment
+        (DESIGN section 2 stage 5) aligns the detectors and signal vectors with the head's
+        uncertainty region. X must then hold whole images: a (n_images, h, w, D) or
+        (n_images, P, D) channel-last array (numpy or torch), or an object whose ``images()``
+        returns a fresh iterator of such arrays (its ``chunks()``, where it has one, feeds
+        stages 1-4). ``ura``: a :class:`edpairs.ura.URAConfig` or a dict of its fields (default
+        settings when None; ``False`` skips URA; the seed defaults to ``random_state``). ``ura_`` then holds the per-stage loss history
+        (None when URA did not run)."""
         self._validate()
-        if head is not None:
-            raise NotImplementedError(
-                "fitting with the network head (Uncertainty Region Alignment, DESIGN section 2 stage 5) is not "
-                "available in this version; call fit(X) without head"
-            )
+        images = None
+        self.ura_ = None
+        if head is not None and ura is not False:
+            from .ura import ImageSource, URAConfig
+
+            if not callable(head):
+                raise TypeError(f"head must be callable (features -> logits), got {type(head).__name__}")
+            seed = self.random_state if isinstance(self.random_state, (int, np.integer)) else None
+            if isinstance(ura, dict):
+                ura = URAConfig(**{"seed": seed, **ura})
+            elif ura is None or ura is True:
+                ura = URAConfig(seed=seed)
+            elif not isinstance(ura, URAConfig):
+                raise TypeError(f"ura must be a URAConfig, a dict of its fields, None or False, got {type(ura).__name__}")
+            ura.validate()
+            images = ImageSource(X)
+            X = images.patches()
+        elif head is not None:  # ura=False: the same fit on the patches, without URA
+            from .ura import ImageSource
+
+            X = ImageSource(X).patches()
         source = ChunkSource(X, chunk_rows=self.chunk_rows)
         I = int(self.n_concepts)
         with Progress(total=None, desc="edpairs: moments", enabled=self.progress, unit=" chunks") as bar:
@@ -186,6 +212,10 @@ class EDPairs:
                     bar.update(2, note=f"change {change:.2e}")
                     if change < self.refine_tol:
                         break
+            if images is not None:
+                W, b, S, n_pos = self._align(images, head, ura, source, W, b, S, n_pos, whitener, mean, cov,
+                                             member_labels)
+                bar.update(1, note="URA")
         # Convention: unit encoding directions, filters scaled to read them with gain 1, so
         # latent factors are in units of the encoding direction (as the model x = S alpha + ...).
         norms = np.linalg.norm(S, axis=1)
@@ -214,6 +244,25 @@ class EDPairs:
         res = refine_detectors(data, W.T.astype(np.float32), b.astype(np.float32), config=config,
                                progress=self.progress)
         return to_numpy64(res.W).T, to_numpy64(res.b)
+
+    def _align(self, images, head, config, source, W, b, S, n_pos, whitener, mean, cov, member_labels):
+        from .ura import align
+
+        counts = {"n_pos": n_pos}
+
+        def signal(W_new, b_new):
+            S_new, counts["n_pos"] = self._signal(source, W_new, b_new, mean, cov)
+            return S_new
+
+        def thresholds(W_new):
+            return _thresholds(source, W_new, member_labels, mean, cov)
+
+        res = align(images, head, W, b, S, whitener=whitener, signal=signal, thresholds=thresholds, config=config,
+                    progress=self.progress)
+        if not config.resignal and config.constrained_epochs:  # counts of the final detectors
+            counts["n_pos"] = self._signal(source, res.W, res.b, mean, cov)[1]
+        self.ura_ = res.history
+        return res.W, res.b, res.S, counts["n_pos"]
 
     def _signal(self, source, W, b, mean, cov):
         stats = None

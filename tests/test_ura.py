@@ -1,0 +1,250 @@
+"""Uncertainty Region Alignment (edpairs.ura, EDPairs.fit(X, head=...)): recovery on the
+published synthetic preset with its head, the shifts, the frozen head, inputs and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edpairs as edp
+
+torch = pytest.importorskip("torch")
+from edpairs.ura import URAConfig, align, entropy, filter_signal_orthogonality, shift  # noqa: E402
+
+FAST = dict(unconstrained_epochs=2, constrained_epochs=2, batch_images=256)
+
+
+def score(layer, model):
+    return edp.metrics.recovery(layer, decoding=model.decoding_, encoding=model.encoding_,
+                                detections=np.asarray(model.detect(layer.X, hard=True)),
+                                latent=np.asarray(model.latent_factors(layer.X)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def published():
+    return edp.synthetic.published(seed=0)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return edp.synthetic.published(n_images=1500, seed=1)
+
+
+@pytest.fixture(scope="module")
+def fits(published):
+    """The same fit without and with URA (default configuration)."""
+    base = edp.EDPairs(3, random_state=0).fit(published.X)
+    aligned = edp.EDPairs(3, random_state=0).fit(published.images(), head=published.head)
+    return score(published, base), score(published, aligned), aligned
+
+
+class TorchHead(torch.nn.Module):
+    """A torch head with the LinearHead's weights, plus a batch norm (buffers that a forward
+    in train mode would update) in front of the classifier."""
+
+    def __init__(self, linear_head):
+        super().__init__()
+        D = linear_head.weight.shape[1]
+        self.norm = torch.nn.BatchNorm1d(D, affine=False)
+        self.norm.running_var.fill_(1.0)
+        self.fc = torch.nn.Linear(D, linear_head.n_classes)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.as_tensor(linear_head.weight, dtype=torch.float32))
+            self.fc.bias.copy_(torch.as_tensor(linear_head.bias, dtype=torch.float32))
+
+    def forward(self, features):
+        return self.fc(self.norm(features.flatten(1, -2).mean(1)))
+
+
+# ---- recovery -----------------------------------------------------------------------------
+
+
+def test_published_preset_every_detector_iou_at_least_095_with_ura(fits):
+    _, with_ura, model = fits
+    assert np.all(with_ura["iou"] >= 0.95), with_ura["iou"]
+    assert set(model.ura_) == {"unconstrained", "constrained"}
+
+
+def test_ura_improves_on_the_same_fit_without_it(fits):
+    without, with_ura, _ = fits
+    assert with_ura["mean_cos_decoding"] > without["mean_cos_decoding"] + 0.02
+    assert with_ura["mean_cos_encoding"] > without["mean_cos_encoding"] + 0.05
+    assert with_ura["mean_latent_rmse"] < without["mean_latent_rmse"] - 0.03
+    assert with_ura["mean_iou"] > without["mean_iou"] - 0.01
+
+
+@pytest.mark.xfail(strict=True, reason="the issue's goal is not reached: the head barely reads the missing "
+                                        "'sum of concepts' direction (edpairs.ura docstring, benchmarks/README.md)")
+def test_published_preset_signal_vector_and_latent_goals(fits):
+    _, with_ura, _ = fits
+    assert with_ura["mean_cos_encoding"] >= 0.98
+    assert with_ura["mean_latent_rmse"] <= 0.26
+
+
+def test_ura_history_records_the_entropy_rising(fits):
+    model = fits[2]
+    first = model.ura_["unconstrained"]
+    assert first[-1]["entropy"] > first[0]["entropy"]
+    assert model.ura_["constrained"][-1]["orthogonality"] < model.ura_["constrained"][0]["orthogonality"]
+
+
+def test_without_head_no_ura_and_conventions_kept(fits, published):
+    base = edp.EDPairs(3, random_state=0).fit(published.X)
+    assert base.ura_ is None
+    model = fits[2]
+    np.testing.assert_allclose(np.linalg.norm(model.encoding_, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.einsum("id,id->i", model.decoding_, model.encoding_), 1, atol=1e-4)
+
+
+# ---- the pieces ---------------------------------------------------------------------------
+
+
+def test_shifts_land_on_every_hyperplane(rng):
+    X = torch.as_tensor(rng.standard_normal((50, 6)))
+    W = torch.as_tensor(rng.standard_normal((3, 6)))
+    b = torch.as_tensor(rng.standard_normal(3))
+    S = torch.as_tensor(rng.standard_normal((3, 6)))
+    for dx in (shift(X, W, b), shift(X, W, b, S)):
+        torch.testing.assert_close((X - dx) @ W.T, b.expand(50, 3), rtol=0, atol=1e-9)
+    # The unconstrained shift is the shortest (in W's row space); the constrained one moves along S only.
+    dx = shift(X, W, b)
+    Q, _ = torch.linalg.qr(W.T)
+    torch.testing.assert_close(dx, dx @ Q @ Q.T, rtol=0, atol=1e-9)
+    dx = shift(X, W, b, S)
+    Q, _ = torch.linalg.qr(S.T)
+    torch.testing.assert_close(dx, dx @ Q @ Q.T, rtol=0, atol=1e-9)
+
+
+def test_entropy_and_orthogonality_values():
+    assert float(entropy(torch.zeros(1, 4))) == pytest.approx(np.log(4))
+    W = torch.eye(3, 5, dtype=torch.float64)
+    assert float(filter_signal_orthogonality(W, 2 * W)) == pytest.approx(0.0, abs=1e-5)
+    S = torch.ones(3, 5, dtype=torch.float64)
+    assert float(filter_signal_orthogonality(W, S)) == pytest.approx(1 / np.sqrt(5), rel=1e-6)
+
+
+def test_head_parameters_and_buffers_unchanged_and_mode_restored(small):
+    head = TorchHead(small.head)
+    head.train()
+    for p in head.fc.parameters():
+        assert p.requires_grad
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    model = edp.EDPairs(3, random_state=0).fit(small.images(), head=head, ura=FAST)
+    assert model.ura_ is not None
+    after = head.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k  # bit-identical
+    assert head.training and head.norm.training
+    assert all(p.requires_grad for p in head.fc.parameters())
+    assert all(p.grad is None for p in head.parameters())
+
+
+def test_torch_images_and_determinism(small):
+    a = edp.EDPairs(3, random_state=0).fit(small.images(), head=small.head, ura=FAST)
+    b = edp.EDPairs(3, random_state=0).fit(small.images(), head=small.head, ura=FAST)
+    for name in ("decoding_", "bias_", "encoding_"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    # Torch input: stages 1-4 agree to float32 rounding, but the entropy is nearly flat along
+    # the direction the head does not read, so those differences are not damped by URA:
+    # compare the recovery, not the arrays.
+    t = edp.EDPairs(3, random_state=0).fit(torch.from_numpy(small.images()), head=small.head, ura=FAST)
+    ra, rt = score(small, a), score(small, t)
+    for key in ("mean_iou", "mean_cos_decoding", "mean_cos_encoding"):
+        assert abs(ra[key] - rt[key]) < 0.1, (key, ra[key], rt[key])
+    flat = edp.EDPairs(3, random_state=0).fit(small.images().reshape(small.n_images, -1, 16), head=small.head,
+                                              ura=FAST)
+    assert abs(score(small, flat)["mean_iou"] - ra["mean_iou"]) < 0.05
+
+
+def test_image_store_like_object(small):
+    class Store:
+        def __init__(self, images):
+            self._images = images
+
+        def images(self):
+            return iter([self._images[:700], self._images[700:]])
+
+        def chunks(self):
+            return iter([a.reshape(-1, a.shape[-1]) for a in self.images()])
+
+    model = edp.EDPairs(3, random_state=0).fit(Store(small.images()), head=small.head, ura=FAST)
+    r = score(small, model)
+    assert r["mean_iou"] > 0.9
+    no_chunks = Store(small.images())
+    no_chunks.chunks = None  # only images(): patches come from the images
+    assert edp.EDPairs(3, random_state=0).fit(no_chunks, head=small.head, ura=FAST).ura_ is not None
+
+
+def test_ura_false_is_the_fit_on_the_patches(small):
+    a = edp.EDPairs(3, random_state=0).fit(small.images(), head=small.head, ura=False)
+    b = edp.EDPairs(3, random_state=0).fit(small.X)
+    assert a.ura_ is None
+    np.testing.assert_array_equal(a.decoding_, b.decoding_)
+
+
+def test_save_load_after_ura(small, tmp_path):
+    model = edp.EDPairs(3, random_state=0).fit(small.images(), head=small.head, ura=FAST)
+    path = tmp_path / "pairs.npz"
+    model.save(path)
+    loaded = edp.EDPairs.load(path)
+    for name in ("decoding_", "bias_", "encoding_", "mean_"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(model, name))
+
+
+def test_align_directly_returns_raw_detectors(small):
+    base = edp.EDPairs(3, random_state=0).fit(small.X)
+    res = align(small.images(), small.head, base.decoding_, base.bias_, base.encoding_, whitener=base.whitener_,
+                config=URAConfig(seed=0, **FAST))
+    assert res.W.shape == (3, 16) and res.b.shape == (3,) and res.S.shape == (3, 16)
+    assert np.isfinite(res.W).all() and np.isfinite(res.S).all()
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+
+def test_head_with_flat_patches_is_refused(small):
+    with pytest.raises(ValueError, match=r"\(n_images, h, w, D\).*layer.images\(\)"):
+        edp.EDPairs(3).fit(small.X, head=small.head)
+
+
+def test_head_returning_non_logits_is_refused(small):
+    with pytest.raises(ValueError, match="2-D"):
+        edp.EDPairs(3, random_state=0).fit(small.images(), head=lambda f: f.mean((1, 2, 3)), ura=FAST)
+
+
+def test_head_raising_names_the_shapes(small):
+    def head(features):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match=r"shape \(256, 1, 2, 16\)"):
+        edp.EDPairs(3, random_state=0).fit(small.images(), head=head, ura=FAST)
+
+
+def test_bad_ura_settings(small):
+    with pytest.raises(ValueError, match="kappa"):
+        edp.EDPairs(3).fit(small.images(), head=small.head, ura={"kappa": (0.9, 0.5)})
+    with pytest.raises(ValueError, match="regularizer"):
+        edp.EDPairs(3).fit(small.images(), head=small.head, ura={"regularizer": "bogus"})
+    with pytest.raises(TypeError, match="ura must be"):
+        edp.EDPairs(3).fit(small.images(), head=small.head, ura=3)
+    with pytest.raises(TypeError, match="head must be callable"):
+        edp.EDPairs(3).fit(small.images(), head=3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_published_preset_other_seeds(seed):
+    layer = edp.synthetic.published(seed=seed)
+    without = score(layer, edp.EDPairs(3, random_state=0).fit(layer.X))
+    with_ura = score(layer, edp.EDPairs(3, random_state=0).fit(layer.images(), head=layer.head))
+    assert np.all(with_ura["iou"] >= 0.95), with_ura["iou"]
+    assert with_ura["mean_cos_encoding"] > without["mean_cos_encoding"]
+    assert with_ura["mean_latent_rmse"] < without["mean_latent_rmse"]
