@@ -5,6 +5,8 @@ user would pick instead, in the same run on the same data.
   edpairs      edpairs.ops.spherical_kmeans_step (fused assignment + per-cluster sums; on CUDA
                tensor cores: TF32 for float32 data, the data's own dtype for 16-bit data)
   edpairs-f32  the same with precision="float32" (exact float32 products; CUDA only differs)
+  edpairs-blk  edpairs with the cluster sums as per-block atomics inside the assignment kernel
+               instead of the sorted segmented pass (EDPAIRS_ASSIGN_SUMS=block; CUDA only differs)
   faiss    faiss.Kmeans(d, k, spherical=True, niter=1).train (faiss-cpu, or faiss GPU with --device cuda)
   torch    normalise, matmul, max, index_add, bincount, normalise (the plain torch loop)
 
@@ -160,7 +162,9 @@ def run_faiss(X, C0, device, dtype):
     return step, labels, {}
 
 
-METHODS = {"edpairs": run_edpairs, "edpairs-f32": run_edpairs_f32, "faiss": run_faiss, "torch": run_torch}
+METHODS = {"edpairs": run_edpairs, "edpairs-f32": run_edpairs_f32, "edpairs-blk": run_edpairs, "faiss": run_faiss,
+           "torch": run_torch}
+METHOD_ENV = {"edpairs-blk": {"EDPAIRS_ASSIGN_SUMS": "block"}}
 
 
 def worker(args) -> None:
@@ -208,7 +212,7 @@ def main() -> None:
         for method in args.methods.split(","):
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--size", size, "--device",
                    args.device, "--dtype", args.dtype, "--repeat", str(args.repeat), "--seed", str(args.seed)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **METHOD_ENV.get(method, {})})
             if proc.returncode != 0:
                 per_method[method] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
             else:

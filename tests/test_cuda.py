@@ -708,6 +708,23 @@ def test_tensor_core_spherical_kmeans_step(torch, rng):
         np.testing.assert_allclose(to_numpy(cents), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", TC_DTYPES)
+def test_tensor_core_block_sums_equal_sorted_sums(torch, dtype, rng, monkeypatch):
+    """The two ways of accumulating cluster sums (sorted segmented pass, the default; per-block
+    atomics in the assignment kernel) give the same labels, counts and sums."""
+    C = make_centroids(rng, 150, 40)
+    X = make_rows(rng, 5000, 40, C=C, zero_rows=3)
+    Xg = gpu(X, "torch", dtype)
+    monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", "sorted")
+    a = _poisoned_tc_assign(Xg, gpu(C), center=gpu(np.full(40, 0.1, np.float32)))
+    monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", "block")
+    b = _poisoned_tc_assign(Xg, gpu(C), center=gpu(np.full(40, 0.1, np.float32)))
+    check_tc_assignment(b, f64(Xg), C, dtype, center=np.full(40, 0.1, np.float32))
+    np.testing.assert_array_equal(to_numpy(a.labels), to_numpy(b.labels))
+    np.testing.assert_array_equal(to_numpy(a.counts), to_numpy(b.counts))
+    np.testing.assert_allclose(to_numpy(a.sums), to_numpy(b.sums), rtol=1e-10, atol=1e-10)
+
+
 def test_tensor_core_float64_input_takes_the_exact_path(torch, rng):
     C = make_centroids(rng, 9, 21)
     X = make_rows(rng, 500, 21, C=C)

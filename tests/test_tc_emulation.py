@@ -343,3 +343,72 @@ def test_emulated_tensor_core_kernel_matches_numpy(n, d, k, dtype, stride_pad, e
     lowest = np.array([first.setdefault(kk, j) for j, kk in enumerate(key)])
     assert (lowest[labels[live]] == labels[live]).all()
     np.testing.assert_allclose(scores[live], (r_ref * chosen)[live], rtol=1e-5, atol=1e-6)
+
+
+# ---- the sorted cluster-sum pass (histogram, scan, scatter, segmented sums) -----------------
+SCAN_THREADS, SEG_ROWS, SEG_THREADS, SEG_COLS = 1024, 256, 128, 4
+
+
+def emulate_sorted_sums(x_buf, n, d, x_stride, labels, rscale, k, center=None):
+    counts = np.bincount(labels, minlength=k).astype(np.int64)  # histogram_kernel
+    # scan_kernel: thread tid sums counts[tid*per : ...], thread 0 scans the partials serially.
+    per = (k + SCAN_THREADS - 1) // SCAN_THREADS
+    part = np.zeros(SCAN_THREADS, np.int64)
+    for tid in range(SCAN_THREADS):
+        b, e = tid * per, min(tid * per + per, k)
+        part[tid] = counts[b:e].sum() if b < e else 0
+    part = np.concatenate([[0], np.cumsum(part)[:-1]])
+    cursor = np.zeros(k, np.int64)
+    for tid in range(SCAN_THREADS):
+        run = part[tid]
+        for l in range(tid * per, min(tid * per + per, k)):
+            cursor[l] = run
+            run += counts[l]
+    # scatter_kernel, in an arbitrary order (the atomics' order is not defined)
+    perm = np.full(n, -1)
+    for i in np.random.default_rng(0).permutation(n):
+        perm[cursor[labels[i]]] = i
+        cursor[labels[i]] += 1
+    assert (perm >= 0).all()
+    sums = np.zeros((k, d))
+    for block in range(-(-n // SEG_ROWS)):
+        q0 = block * SEG_ROWS
+        count = min(n - q0, SEG_ROWS)
+        row_s = perm[q0:q0 + count]
+        label_s = labels[row_s]
+        r_s = rscale[row_s]
+        for tid in range(SEG_THREADS):
+            for c0 in range(0, d, SEG_THREADS * SEG_COLS):
+                cols = [c0 + tid + SEG_THREADS * u for u in range(SEG_COLS)]
+                acc = [0.0] * SEG_COLS
+                anyl = False
+                for q in range(count):
+                    if r_s[q] > 0:
+                        for u, c in enumerate(cols):
+                            if c < d:
+                                v = np.float32(x_buf[row_s[q] * x_stride + c] - (center[c] if center is not None else 0))
+                                acc[u] += float(r_s[q]) * float(v)
+                        anyl = True
+                    if q + 1 == count or label_s[q + 1] != label_s[q]:
+                        if anyl:
+                            for u, c in enumerate(cols):
+                                if c < d:
+                                    sums[label_s[q], c] += acc[u]
+                                acc[u] = 0.0
+                        anyl = False
+    return sums, counts
+
+
+@pytest.mark.parametrize("n,d,k", [(1, 1, 1), (300, 5, 3), (600, 130, 1030), (257, 600, 40)])
+def test_emulated_sorted_sums_match_numpy(n, d, k):
+    rng = np.random.default_rng(n + d + k)
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    labels = rng.integers(0, k, n) if k > 40 else np.minimum(rng.geometric(0.3, n) - 1, k - 1)
+    rscale = (rng.random(n) * (rng.random(n) > 0.1)).astype(np.float32)
+    center = rng.standard_normal(d).astype(np.float32)
+    sums, counts = emulate_sorted_sums(X.ravel(), n, d, d, labels, rscale, k, center=center)
+    ref = np.zeros((k, d))
+    live = rscale > 0
+    np.add.at(ref, labels[live], rscale[live, None].astype(np.float64) * (X - center)[live].astype(np.float64))
+    np.testing.assert_array_equal(counts, np.bincount(labels, minlength=k))
+    np.testing.assert_allclose(sums, ref, rtol=1e-12, atol=1e-12)

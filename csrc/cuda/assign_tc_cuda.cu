@@ -30,6 +30,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -211,8 +212,9 @@ struct TcParams {
   const float* row_scale; // (N,) or null
   int64_t* labels;
   float* scores;
-  double* sums;               // (k, D) or null (zeroed before the launch)
+  double* sums;               // (k, D) or null (zeroed before the launch): block sums in-kernel
   unsigned long long* counts; // (k,) or null (zeroed before the launch)
+  float* row_scale_out;       // (N,) or null: r_n of every row, for the sorted sums pass
 };
 
 // Is (v1, i1) better than (v0, i0)? Larger value, then smaller index: the tie rule of ops.h.
@@ -466,6 +468,7 @@ __global__ void __launch_bounds__(kThreads, 1) assign_tc_kernel(const TcParams p
     }
     p.labels[row0 + tid] = label;
     p.scores[row0 + tid] = score;
+    if (p.row_scale_out != nullptr) p.row_scale_out[row0 + tid] = r;
     label_s[tid] = label;
   }
 
@@ -473,6 +476,124 @@ __global__ void __launch_bounds__(kThreads, 1) assign_tc_kernel(const TcParams p
   __syncthreads();
   add_block_sums<kThreads>(static_cast<const T*>(p.x), p.x_stride, p.d, p.center, p.sums,
                            p.counts, row0, rows, label_s, row_scale_s, order_s, tid);
+}
+
+// ---- cluster sums as a sorted segmented reduction (a second, memory-bound read of x) ------
+// counts[l] = #rows labelled l (histogram), offsets = exclusive scan of counts, rows scattered
+// to perm in label order, then each block sums a contiguous range of perm column by column in
+// float64 and flushes one atomic per (label, column) at each label change: about
+// (N / kSegRows + k) * D atomics instead of one per (block, label, column).
+
+constexpr int kSegRows = 256;     // sorted positions per block of the segmented sum
+constexpr int kSegThreads = 128;  // columns in flight per block (x kSegCols)
+constexpr int kSegCols = 4;
+constexpr int kScanThreads = 1024;
+
+__global__ void histogram_kernel(const int64_t* __restrict__ labels, const int64_t n,
+                                 unsigned long long* __restrict__ counts) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) atomicAdd(counts + labels[i], 1ull);
+}
+
+// cursor[l] = sum_{l' < l} counts[l'] (one block; k may exceed the block size).
+__global__ void __launch_bounds__(kScanThreads)
+    scan_kernel(const unsigned long long* __restrict__ counts, const int k,
+                int* __restrict__ cursor) {
+  __shared__ long long part[kScanThreads];
+  const int tid = static_cast<int>(threadIdx.x);
+  const int per = (k + kScanThreads - 1) / kScanThreads;
+  const int begin = tid * per;
+  const int end = begin + per < k ? begin + per : k;
+  long long sum = 0;
+  for (int l = begin; l < end; ++l) sum += static_cast<long long>(counts[l]);
+  part[tid] = sum;
+  __syncthreads();
+  if (tid == 0) {  // 1024 partials, serially: negligible next to the passes over x
+    long long run = 0;
+    for (int i = 0; i < kScanThreads; ++i) {
+      const long long v = part[i];
+      part[i] = run;
+      run += v;
+    }
+  }
+  __syncthreads();
+  long long run = part[tid];
+  for (int l = begin; l < end; ++l) {
+    cursor[l] = static_cast<int>(run);
+    run += static_cast<long long>(counts[l]);
+  }
+}
+
+__global__ void scatter_kernel(const int64_t* __restrict__ labels, const int64_t n,
+                               int* __restrict__ cursor, int* __restrict__ perm) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) perm[atomicAdd(cursor + labels[i], 1)] = static_cast<int>(i);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kSegThreads)
+    segmented_sums_kernel(const T* __restrict__ x, const int64_t x_stride, const int64_t n,
+                          const int d, const float* __restrict__ center,
+                          const int64_t* __restrict__ labels, const float* __restrict__ rscale,
+                          const int* __restrict__ perm, double* __restrict__ sums) {
+  __shared__ int row_s[kSegRows];
+  __shared__ int label_s[kSegRows];
+  __shared__ float r_s[kSegRows];
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kSegRows;
+  const int count = static_cast<int>(n - q0 < kSegRows ? n - q0 : kSegRows);  // 1..kSegRows
+  for (int q = tid; q < count; q += kSegThreads) {
+    const int row = perm[q0 + q];
+    row_s[q] = row;
+    label_s[q] = static_cast<int>(labels[row]);
+    r_s[q] = rscale[row];
+  }
+  __syncthreads();
+  for (int c0 = 0; c0 < d; c0 += kSegThreads * kSegCols) {
+    float ctr[kSegCols];
+    double acc[kSegCols];
+#pragma unroll
+    for (int u = 0; u < kSegCols; ++u) {
+      const int c = c0 + tid + kSegThreads * u;
+      ctr[u] = (center != nullptr && c < d) ? center[c] : 0.f;
+      acc[u] = 0.0;
+    }
+    bool any = false;
+    for (int q = 0; q < count; ++q) {
+      const float r = r_s[q];
+      if (r > 0.f) {  // zero rows add nothing
+        const T* xr = x + static_cast<int64_t>(row_s[q]) * x_stride;
+#pragma unroll
+        for (int u = 0; u < kSegCols; ++u) {
+          const int c = c0 + tid + kSegThreads * u;
+          if (c < d) {
+            acc[u] += static_cast<double>(r) * static_cast<double>(minus_center(xr[c], ctr[u]));
+          }
+        }
+        any = true;
+      }
+      const int label = label_s[q];
+      if (q + 1 == count || label_s[q + 1] != label) {
+        if (any) {
+#pragma unroll
+          for (int u = 0; u < kSegCols; ++u) {
+            const int c = c0 + tid + kSegThreads * u;
+            if (c < d) atomicAdd(sums + static_cast<int64_t>(label) * d + c, acc[u]);
+            acc[u] = 0.0;
+          }
+        }
+        any = false;
+      }
+    }
+  }
+}
+
+// Which way the tensor-core path accumulates cluster sums: "sorted" (default; the segmented
+// reduction above) or "block" (per-block atomics in the assignment kernel). EDPAIRS_ASSIGN_SUMS
+// exists so that the benchmarks can measure both.
+inline bool use_sorted_sums() {
+  const char* v = std::getenv("EDPAIRS_ASSIGN_SUMS");
+  return !(v != nullptr && std::string(v) == "block");
 }
 
 template <class T>
@@ -491,13 +612,19 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
 
   // Workspace: centroids (k_pad, d_pad) of T, then s and o (k_pad floats each); freed in stream
   // order after the kernel.
+  // With sorted sums also: row scales (N floats), perm (N ints), cursor (k_pad ints).
+  const bool sorted = p.sums != nullptr && n <= INT_MAX && use_sorted_sums();
   const size_t cw_bytes = static_cast<size_t>(k_pad) * static_cast<size_t>(d_pad) * sizeof(T);
-  const size_t bytes = cw_bytes + 2 * static_cast<size_t>(k_pad) * sizeof(float);
+  size_t bytes = cw_bytes + 2 * static_cast<size_t>(k_pad) * sizeof(float);
+  if (sorted) bytes += 2 * static_cast<size_t>(n) * 4 + static_cast<size_t>(k_pad) * 4;
   void* ws = nullptr;
   EDPAIRS_CUDA_CHECK(cudaMallocAsync(&ws, bytes, s));
   T* cw = static_cast<T*>(ws);
   float* col_s = reinterpret_cast<float*>(static_cast<char*>(ws) + cw_bytes);
   float* col_o = col_s + k_pad;
+  float* rscale = col_o + k_pad;                     // sorted only
+  int* perm = reinterpret_cast<int*>(rscale + n);    // sorted only
+  int* cursor = perm + n;                            // sorted only
 
   prepare_centroids<T><<<static_cast<unsigned>(ceil_div(k_pad, 8)), 256, 0, s>>>(
       args.centroids.ptr<const float>(), static_cast<int>(k), static_cast<int>(d),
@@ -517,8 +644,29 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
   auto kernel = aligned ? assign_tc_kernel<T, true> : assign_tc_kernel<T, false>;
   EDPAIRS_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  double* sums = p.sums;
+  unsigned long long* counts = p.counts;
+  if (sorted) {  // the assignment kernel only labels; the passes below accumulate
+    p.sums = nullptr;
+    p.counts = nullptr;
+    p.row_scale_out = rscale;
+  }
   kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, s>>>(p);
   EDPAIRS_CUDA_CHECK(cudaGetLastError());
+
+  if (sorted) {
+    const unsigned row_blocks = static_cast<unsigned>(ceil_div(n, 256));
+    histogram_kernel<<<row_blocks, 256, 0, s>>>(p.labels, n, counts);
+    EDPAIRS_CUDA_CHECK(cudaGetLastError());
+    scan_kernel<<<1, kScanThreads, 0, s>>>(counts, static_cast<int>(k), cursor);
+    EDPAIRS_CUDA_CHECK(cudaGetLastError());
+    scatter_kernel<<<row_blocks, 256, 0, s>>>(p.labels, n, cursor, perm);
+    EDPAIRS_CUDA_CHECK(cudaGetLastError());
+    segmented_sums_kernel<T><<<static_cast<unsigned>(ceil_div(n, kSegRows)), kSegThreads, 0, s>>>(
+        static_cast<const T*>(p.x), p.x_stride, n, static_cast<int>(d), p.center, p.labels, rscale,
+        perm, sums);
+    EDPAIRS_CUDA_CHECK(cudaGetLastError());
+  }
   EDPAIRS_CUDA_CHECK(cudaFreeAsync(ws, s));
 }
 
