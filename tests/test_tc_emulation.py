@@ -14,10 +14,15 @@ import numpy as np
 import pytest
 
 # Constants of assign_tc_cuda.cu.
-ROWS, CENTS, THREADS, STAGES = 128, 128, 256, 3
+ROWS, CENTS, STAGES = 128, 128, 3
+WARPS_M, WARPS_N = 2, 2
+WARPS = WARPS_M * WARPS_N
+THREADS = 32 * WARPS
 SLICE_BYTES, PITCH_WORDS = 128, 36
 TILE_WORDS = (ROWS + CENTS) * PITCH_WORDS
-WARP_ROWS, WARP_CENTS = 64, 32
+WARP_ROWS, WARP_CENTS = ROWS // WARPS_M, CENTS // WARPS_N
+MI, NJ = WARP_ROWS // 16, WARP_CENTS // 8
+LOAD_ROWS = THREADS // 8
 ITEM = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 LANE = np.arange(32)
@@ -105,8 +110,8 @@ def emulate(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, col_sc
     scores = np.full(n, np.nan, np.float32)
     rscale_all = np.full(n, np.nan, np.float32)
     tid = np.arange(THREADS)
-    warp = np.arange(8)
-    warp_m, warp_n = warp // 4, warp % 4
+    warp = np.arange(WARPS)
+    warp_m, warp_n = warp // WARPS_N, warp % WARPS_N
     g, t = LANE // 4, LANE % 4
 
     for block in range(-(-n // ROWS)):
@@ -114,15 +119,15 @@ def emulate(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, col_sc
         rows = min(n - row0, ROWS)
         # shared memory in elements: stage words * epw
         smem = np.full(STAGES * TILE_WORDS * epw, np.nan)
-        run_val = np.full((8, 32, 4, 2), -np.inf)
-        run_idx = np.zeros((8, 32, 4, 2), np.int64)
+        run_val = np.full((WARPS, 32, MI, 2), -np.inf)
+        run_idx = np.zeros((WARPS, 32, MI, 2), np.int64)
         row_sq = np.zeros(THREADS, np.float32)
 
         def load_stage(stage, kt, j0):
             chunk = tid % 8
             col = kt * elems + chunk * chunk_elems
-            for i in range(4):
-                r = tid // 8 + 32 * i
+            for i in range(ROWS // LOAD_ROWS):
+                r = tid // 8 + LOAD_ROWS * i
                 dst_a = (stage + r * PITCH_WORDS + chunk * 4) * epw  # element offsets
                 dst_c = (stage + (ROWS + r) * PITCH_WORDS + chunk * 4) * epw
                 grow = row0 + r
@@ -151,7 +156,7 @@ def emulate(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, col_sc
 
         for tile in range(k_tiles):
             j0 = tile * CENTS
-            acc = np.zeros((8, 32, 4, 4, 4))  # warp, lane, mi, nj, r
+            acc = np.zeros((WARPS, 32, MI, NJ, 4))  # warp, lane, mi, nj, r
             for s_ in range(STAGES - 1):
                 if s_ < k_steps:
                     load_stage(s_ * TILE_WORDS, s_, j0)
@@ -164,47 +169,46 @@ def emulate(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, col_sc
                 for ks in range(SLICE_BYTES // 4 // 8):
                     w = ks * 8 + t  # (32,)
                     # a[warp, mi, lane, reg] word addresses, as the kernel computes them
-                    mi = np.arange(4)
+                    mi = np.arange(MI)
                     base_a = xs + (warp_m[:, None, None] * WARP_ROWS + mi[None, :, None] * 16 + g[None, None, :]) \
                         * PITCH_WORDS + w[None, None, :]
                     addr_a = np.stack([base_a, base_a + 8 * PITCH_WORDS, base_a + 4, base_a + 8 * PITCH_WORDS + 4], -1)
-                    a = words(addr_a)  # (8, 4, 32, 4, epw)
+                    a = words(addr_a)  # (WARPS, MI, 32, 4, epw)
                     if dtype == "float32":
                         a = round_tf32(a).astype(np.float64)
-                    nj = np.arange(4)
+                    nj = np.arange(NJ)
                     base_b = cs + (warp_n[:, None, None] * WARP_CENTS + nj[None, :, None] * 8 + g[None, None, :]) \
                         * PITCH_WORDS + w[None, None, :]
                     addr_b = np.stack([base_b, base_b + 4], -1)
-                    b = words(addr_b)  # (8, 4, 32, 2, epw)
+                    b = words(addr_b)  # (WARPS, NJ, 32, 2, epw)
                     # Matrices per the PTX layouts.
-                    A = np.full((8, 4, 16, 8, epw), np.nan)
+                    A = np.full((WARPS, MI, 16, 8, epw), np.nan)
                     A[:, :, A_ROW, A_WORD] = a
-                    B = np.full((8, 4, 8, 8, epw), np.nan)
+                    B = np.full((WARPS, NJ, 8, 8, epw), np.nan)
                     B[:, :, B_N, B_WORD] = b
-                    A = A.reshape(8, 4, 16, 8 * epw)
-                    B = B.reshape(8, 4, 8, 8 * epw)
-                    D = np.einsum("wmik,wnjk->wmnij", A, B)  # (8, 4 mi, 4 nj, 16, 8)
+                    A = A.reshape(WARPS, MI, 16, 8 * epw)
+                    B = B.reshape(WARPS, NJ, 8, 8 * epw)
+                    D = np.einsum("wmik,wnjk->wmnij", A, B)  # (WARPS, MI, NJ, 16, 8)
                     acc += np.transpose(D[:, :, :, C_ROW, C_COL], (0, 3, 1, 2, 4))
                 if row_scale is None and tile == 0:
-                    norm_row, half = tid // 2, tid % 2
-                    for th in range(THREADS):
-                        for e in range(half[th] * (elems // 2), (half[th] + 1) * (elems // 2)):
+                    for th in range(THREADS):  # thread th: row th, the whole slice in order
+                        for e in range(elems):
                             col = kt * elems + e
                             if col < d:
-                                v = np.float32(smem[(xs + norm_row[th] * PITCH_WORDS) * epw + e])
+                                v = np.float32(smem[(xs + th * PITCH_WORDS) * epw + e])
                                 if center is not None:
                                     v = np.float32(v - center[col])
                                 row_sq[th] = np.float32(row_sq[th] + np.float32(v * v))
             # epilogue of the tile: each thread's own 8 columns in increasing order (strict >)
-            tile_val = np.full((8, 32, 4, 2), -np.inf)
-            tile_idx = np.full((8, 32, 4, 2), np.iinfo(np.int32).max)
-            for wp in range(8):
+            tile_val = np.full((WARPS, 32, MI, 2), -np.inf)
+            tile_idx = np.full((WARPS, 32, MI, 2), np.iinfo(np.int32).max)
+            for wp in range(WARPS):
                 for ln in range(32):
                     tt = ln % 4
-                    for m in range(4):
+                    for m in range(MI):
                         for h in range(2):
                             bv, bi = -np.inf, np.iinfo(np.int32).max
-                            for nj in range(4):
+                            for nj in range(NJ):
                                 for e in range(2):
                                     col = j0 + warp_n[wp] * WARP_CENTS + nj * 8 + 2 * tt + e
                                     if col < k:
@@ -213,8 +217,8 @@ def emulate(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, col_sc
                                             bv, bi = v, col
                             tile_val[wp, ln, m, h], tile_idx[wp, ln, m, h] = bv, bi
             # quad shuffles (xor 1, 2) with the tie rule, then the running best
-            for wp in range(8):
-                for m in range(4):
+            for wp in range(WARPS):
+                for m in range(MI):
                     for h in range(2):
                         vals, idxs = tile_val[wp, :, m, h], tile_idx[wp, :, m, h]
                         for off in (1, 2):
@@ -225,31 +229,29 @@ def emulate(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, col_sc
                         run_val[wp, :, m, h] = np.where(take, vals, run_val[wp, :, m, h])
                         run_idx[wp, :, m, h] = np.where(take, idxs, run_idx[wp, :, m, h])
         # merge across warp_n and write
-        red_val = np.full((4, ROWS), np.nan)
-        red_idx = np.full((4, ROWS), -7)
-        for wp in range(8):
+        red_val = np.full((WARPS_N, ROWS), np.nan)
+        red_idx = np.full((WARPS_N, ROWS), -7)
+        for wp in range(WARPS):
             for ln in range(32):
                 if ln % 4 != 0:
                     continue
-                for m in range(4):
+                for m in range(MI):
                     for h in range(2):
                         r = warp_m[wp] * WARP_ROWS + m * 16 + ln // 4 + 8 * h
                         red_val[warp_n[wp], r] = run_val[wp, ln, m, h]
                         red_idx[warp_n[wp], r] = run_idx[wp, ln, m, h]
-        sq_total = row_sq + row_sq[tid ^ 1]
         row_scale_s = np.full(ROWS, np.nan, np.float32)
-        for th in range(0, THREADS, 2):
-            nr = th // 2
+        for th in range(THREADS):
             r = np.float32(0)
-            if nr < rows:
+            if th < rows:
                 if row_scale is not None:
-                    r = np.float32(row_scale[row0 + nr])
+                    r = np.float32(row_scale[row0 + th])
                 else:
-                    r = np.float32(1 / np.sqrt(np.float32(sq_total[th]))) if sq_total[th] > 0 else np.float32(0)
-            row_scale_s[nr] = r
+                    r = np.float32(1 / np.sqrt(np.float32(row_sq[th]))) if row_sq[th] > 0 else np.float32(0)
+            row_scale_s[th] = r
         for th in range(rows):
             bv, bi = red_val[0, th], red_idx[0, th]
-            for wn in range(1, 4):
+            for wn in range(1, WARPS_N):
                 if better(red_val[wn, th], red_idx[wn, th], bv, bi):
                     bv, bi = red_val[wn, th], red_idx[wn, th]
             r = row_scale_s[th]

@@ -10,8 +10,9 @@
 //     and the offset o_j = center . c~_j (float64 sum), so that x~ . c~ = x . c~ - o_j.
 //  2. assign_tc_kernel: a block owns kRows rows of x and loops over all centroid tiles of
 //     kCents; each tile is a kRows x kCents x d_pad product, streamed through shared memory in
-//     slices of 128 bytes per row with a kStages-deep cp.async pipeline. 8 warps as 2 (rows) x 4
-//     (centroids), each a 64 x 32 warp tile of 4 x 4 mma tiles. The row norms of the centred
+//     slices of 128 bytes per row with a kStages-deep cp.async pipeline. 4 warps as 2 (rows) x 2
+//     (centroids), each a 64 x 64 warp tile of 4 x 8 mma tiles (0.125 shared-memory bytes per
+//     TF32 multiply-add; two blocks per multiprocessor). The row norms of the centred
 //     rows are summed in float32 from the shared slices during the first centroid tile. After the
 //     last tile the block writes labels / scores and adds its rows into the cluster sums
 //     (add_block_sums, shared with the float32 kernel).
@@ -45,14 +46,21 @@ namespace {
 
 constexpr int kRows = 128;                 // rows of x per block
 constexpr int kCents = 128;                // centroids per tile
-constexpr int kThreads = 256;              // 8 warps: 2 along rows x 4 along centroids
+constexpr int kWarpsM = 2;                 // warps along rows ...
+constexpr int kWarpsN = 2;                 // ... and along centroids
+constexpr int kThreads = 32 * kWarpsM * kWarpsN;
 constexpr int kStages = 3;                 // cp.async pipeline depth
 constexpr int kSliceBytes = 128;           // bytes of one row per slice (BK elements)
 constexpr int kPitchWords = 36;            // row pitch in shared memory: 128 + 16 bytes
 constexpr int kTileWords = (kRows + kCents) * kPitchWords;  // one stage: x tile then C tile
 constexpr int kSmemBytes = kStages * kTileWords * 4;        // 110592 bytes
-constexpr int kWarpRows = 64;              // warp tile: 64 rows ...
-constexpr int kWarpCents = 32;             // ... x 32 centroids
+constexpr int kWarpRows = kRows / kWarpsM;    // warp tile: 64 rows ...
+constexpr int kWarpCents = kCents / kWarpsN;  // ... x 64 centroids
+constexpr int kMi = kWarpRows / 16;        // mma tiles per warp along rows
+constexpr int kNj = kWarpCents / 8;        // ... and along centroids
+constexpr int kLoadRows = kThreads / 8;    // rows one pass of the loader covers (8 chunks a row)
+static_assert(kRows == kThreads, "one thread per row for the row norms and the final merge");
+static_assert(kRows % kLoadRows == 0 && kCents == kRows, "the loader moves equal x and C tiles");
 
 template <class T>
 constexpr int slice_elems() { return kSliceBytes / static_cast<int>(sizeof(T)); }
@@ -223,8 +231,8 @@ __device__ __forceinline__ bool better(float v1, int i1, float v0, int i0) {
 }
 
 // Issues the loads of slice kt (columns kt * BK ..) of the block's rows and of centroid tile j0
-// into `stage`. Thread tid moves 16-byte chunk tid % 8 of rows tid / 8 + 32 i, i = 0..3, of
-// both the x tile and the C tile.
+// into `stage`. Thread tid moves 16-byte chunk tid % 8 of rows tid / 8 + kLoadRows i of both
+// the x tile and the C tile.
 template <class T, bool kAligned>
 __device__ __forceinline__ void load_stage(const TcParams& p, uint32_t* stage, int kt, int j0,
                                            int64_t row0, int tid) {
@@ -234,9 +242,10 @@ __device__ __forceinline__ void load_stage(const TcParams& p, uint32_t* stage, i
   const T* __restrict__ cw = static_cast<const T*>(p.cw);
   const int chunk = tid % 8;
   const int col = kt * kElems + chunk * kChunkElems;  // first column of this chunk
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int r = tid / 8 + 32 * i;
+  // Unrolled for the asynchronous copies; the element-wise fallback loops (registers).
+#pragma unroll(kAligned ? kRows / kLoadRows : 1)
+  for (int i = 0; i < kRows / kLoadRows; ++i) {
+    const int r = tid / 8 + kLoadRows * i;
     uint32_t* dst_a = stage + r * kPitchWords + chunk * 4;
     uint32_t* dst_c = stage + (kRows + r) * kPitchWords + chunk * 4;
     const int64_t grow = row0 + r;
@@ -260,37 +269,36 @@ __device__ __forceinline__ void load_stage(const TcParams& p, uint32_t* stage, i
 }
 
 template <class T, bool kAligned>
-__global__ void __launch_bounds__(kThreads, 1) assign_tc_kernel(const TcParams p) {
+__global__ void __launch_bounds__(kThreads, 2) assign_tc_kernel(const TcParams p) {
   extern __shared__ __align__(16) uint32_t smem[];
   __shared__ float row_scale_s[kRows];
   __shared__ int label_s[kRows];
   __shared__ int order_s[kRows];
-  __shared__ float red_val[4][kRows];
-  __shared__ int red_idx[4][kRows];
+  // Cross-warp merge of the running bests: in the pipeline's memory, free after the last tile.
+  float (*red_val)[kRows] = reinterpret_cast<float (*)[kRows]>(smem);
+  int (*red_idx)[kRows] = reinterpret_cast<int (*)[kRows]>(smem + kWarpsN * kRows);
 
   constexpr int kElems = slice_elems<T>();
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid % 32;
   const int warp = tid / 32;
-  const int warp_m = warp / 4;  // 0..1: rows warp_m * 64 ..
-  const int warp_n = warp % 4;  // 0..3: centroids warp_n * 32 .. of each tile
+  const int warp_m = warp / kWarpsN;  // rows warp_m * kWarpRows ..
+  const int warp_n = warp % kWarpsN;  // centroids warp_n * kWarpCents .. of each tile
   const int g = lane / 4;
   const int t = lane % 4;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const int rows = static_cast<int>(p.n - row0 < kRows ? p.n - row0 : kRows);  // 1..kRows
   const int k_steps = p.d_pad / kElems;
 
-  // Row norms: thread tid sums half tid % 2 of each slice of row tid / 2 (first tile only).
+  // Row norms: thread tid sums row tid of each slice, in column order (first tile only).
   const bool sums_row_norm = p.row_scale == nullptr;
-  const int norm_row = tid / 2;
-  const int norm_half = tid % 2;
   float row_sq = 0.f;
 
-  // Running best of this thread's 8 rows (mi, h) over the tiles so far, for its warp_n slice.
-  float run_val[4][2];
-  int run_idx[4][2];
+  // Running best of this thread's rows (mi, h) over the tiles so far, for its warp_n slice.
+  float run_val[kMi][2];
+  int run_idx[kMi][2];
 #pragma unroll
-  for (int mi = 0; mi < 4; ++mi) {
+  for (int mi = 0; mi < kMi; ++mi) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       run_val[mi][h] = -INFINITY;
@@ -300,11 +308,11 @@ __global__ void __launch_bounds__(kThreads, 1) assign_tc_kernel(const TcParams p
 
   for (int tile = 0; tile < p.k_tiles; ++tile) {
     const int j0 = tile * kCents;
-    float acc[4][4][4];
+    float acc[kMi][kNj][4];
 #pragma unroll
-    for (int mi = 0; mi < 4; ++mi) {
+    for (int mi = 0; mi < kMi; ++mi) {
 #pragma unroll
-      for (int nj = 0; nj < 4; ++nj) {
+      for (int nj = 0; nj < kNj; ++nj) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[mi][nj][r] = 0.f;
       }
@@ -334,10 +342,10 @@ __global__ void __launch_bounds__(kThreads, 1) assign_tc_kernel(const TcParams p
 #pragma unroll
       for (int ks = 0; ks < kSliceBytes / 4 / Mma<T>::kWordsPerStep; ++ks) {
         const int w = ks * Mma<T>::kWordsPerStep + t;  // word column of reg 0
-        uint32_t a[4][4];
-        uint32_t b[4][2];
+        uint32_t a[kMi][4];
+        uint32_t b[kNj][2];
 #pragma unroll
-        for (int mi = 0; mi < 4; ++mi) {
+        for (int mi = 0; mi < kMi; ++mi) {
           const uint32_t* base = xs + (warp_m * kWarpRows + mi * 16 + g) * kPitchWords + w;
           a[mi][0] = a_word<T>(base);
           a[mi][1] = a_word<T>(base + 8 * kPitchWords);
@@ -345,23 +353,22 @@ __global__ void __launch_bounds__(kThreads, 1) assign_tc_kernel(const TcParams p
           a[mi][3] = a_word<T>(base + 8 * kPitchWords + 4);
         }
 #pragma unroll
-        for (int nj = 0; nj < 4; ++nj) {
+        for (int nj = 0; nj < kNj; ++nj) {
           const uint32_t* base = cs + (warp_n * kWarpCents + nj * 8 + g) * kPitchWords + w;
           b[nj][0] = base[0];
           b[nj][1] = base[4];
         }
 #pragma unroll
-        for (int mi = 0; mi < 4; ++mi) {
+        for (int mi = 0; mi < kMi; ++mi) {
 #pragma unroll
-          for (int nj = 0; nj < 4; ++nj) Mma<T>::run(acc[mi][nj], a[mi], b[nj]);
+          for (int nj = 0; nj < kNj; ++nj) Mma<T>::run(acc[mi][nj], a[mi], b[nj]);
         }
       }
 
       if (sums_row_norm && tile == 0) {
-        const T* xr = reinterpret_cast<const T*>(xs + norm_row * kPitchWords);
-        const int e0 = norm_half * (kElems / 2);
+        const T* xr = reinterpret_cast<const T*>(xs + tid * kPitchWords);
 #pragma unroll 8
-        for (int e = e0; e < e0 + kElems / 2; ++e) {
+        for (int e = 0; e < kElems; ++e) {
           const int col = kt * kElems + e;
           if (col < p.d) {
             const float v = to_float(xr[e]) - (p.center != nullptr ? p.center[col] : 0.f);
@@ -373,12 +380,12 @@ __global__ void __launch_bounds__(kThreads, 1) assign_tc_kernel(const TcParams p
     cp_async_wait<0>();
     __syncthreads();  // the next tile's prologue overwrites the stages
 
-    // Fold this tile into the running best: own 8 columns in increasing order (strict '>'),
+    // Fold this tile into the running best: own 2 kNj columns in increasing order (strict '>'),
     // then the 4 lanes of the quad that share the rows, with the tie rule.
-    float s_col[4][2];
-    float o_col[4][2];
+    float s_col[kNj][2];
+    float o_col[kNj][2];
 #pragma unroll
-    for (int nj = 0; nj < 4; ++nj) {
+    for (int nj = 0; nj < kNj; ++nj) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int col = j0 + warp_n * kWarpCents + nj * 8 + 2 * t + e;  // < k_pad
@@ -387,13 +394,13 @@ __global__ void __launch_bounds__(kThreads, 1) assign_tc_kernel(const TcParams p
       }
     }
 #pragma unroll
-    for (int mi = 0; mi < 4; ++mi) {
+    for (int mi = 0; mi < kMi; ++mi) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         float bv = -INFINITY;
         int bi = INT_MAX;
 #pragma unroll
-        for (int nj = 0; nj < 4; ++nj) {
+        for (int nj = 0; nj < kNj; ++nj) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int col = j0 + warp_n * kWarpCents + nj * 8 + 2 * t + e;
@@ -423,10 +430,11 @@ __global__ void __launch_bounds__(kThreads, 1) assign_tc_kernel(const TcParams p
     }
   }
 
-  // Merge the 4 warp_n slices of every row; row scales.
+  // Merge the kWarpsN slices of every row; row scales. (The stages are free: every thread has
+  // passed the barrier after its last read of them.)
   if (t == 0) {
 #pragma unroll
-    for (int mi = 0; mi < 4; ++mi) {
+    for (int mi = 0; mi < kMi; ++mi) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = warp_m * kWarpRows + mi * 16 + g + 8 * h;
@@ -435,17 +443,16 @@ __global__ void __launch_bounds__(kThreads, 1) assign_tc_kernel(const TcParams p
       }
     }
   }
-  const float sq_total = row_sq + __shfl_xor_sync(0xffffffffu, row_sq, 1);  // both halves
-  if (norm_half == 0) {
+  {
     float r = 0.f;
-    if (norm_row < rows) {
+    if (tid < rows) {
       if (p.row_scale != nullptr) {
-        r = p.row_scale[row0 + norm_row];
+        r = p.row_scale[row0 + tid];
       } else {
-        r = sq_total > 0.f ? 1.f / sqrtf(sq_total) : 0.f;
+        r = row_sq > 0.f ? 1.f / sqrtf(row_sq) : 0.f;
       }
     }
-    row_scale_s[norm_row] = r;
+    row_scale_s[tid] = r;
   }
   __syncthreads();
 
@@ -453,7 +460,7 @@ __global__ void __launch_bounds__(kThreads, 1) assign_tc_kernel(const TcParams p
     float bv = red_val[0][tid];
     int bi = red_idx[0][tid];
 #pragma unroll
-    for (int wn = 1; wn < 4; ++wn) {
+    for (int wn = 1; wn < kWarpsN; ++wn) {
       if (better(red_val[wn][tid], red_idx[wn][tid], bv, bi)) {
         bv = red_val[wn][tid];
         bi = red_idx[wn][tid];
@@ -644,6 +651,9 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
   auto kernel = aligned ? assign_tc_kernel<T, true> : assign_tc_kernel<T, false>;
   EDPAIRS_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  // Two blocks per multiprocessor need (nearly) all of its memory as shared memory.
+  EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                          cudaSharedmemCarveoutMaxShared));
   double* sums = p.sums;
   unsigned long long* counts = p.counts;
   if (sorted) {  // the assignment kernel only labels; the passes below accumulate
