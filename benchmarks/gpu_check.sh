@@ -41,10 +41,10 @@ step "ceilings"
 timeout 120 python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" || status=1
 
 step "spherical k-means iteration (float32 data: tensor cores TF32 / exact float32 / torch TF32)"
-timeout 330 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs,edpairs-blk,edpairs-f32,torch --repeat "$REPEAT" \
+timeout 330 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs,edpairs-blk,edpairs-1sm,edpairs-f32,torch --repeat "$REPEAT" \
   --sizes 1000000,512,1024 1000000,512,64 --json "$OUT/kmeans_cuda_f32.json" || status=1
 step "spherical k-means iteration (bfloat16 data)"
-timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --methods edpairs,torch --repeat "$REPEAT" \
+timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --methods edpairs,edpairs-1sm,torch --repeat "$REPEAT" \
   --sizes 1000000,512,1024 --json "$OUT/kmeans_cuda_bf16.json" || status=1
 
 step "moments and signal moments"

@@ -603,6 +603,16 @@ inline bool use_sorted_sums() {
   return !(v != nullptr && std::string(v) == "block");
 }
 
+// Shared memory the assignment kernel asks for. Two blocks per SM by default; with
+// EDPAIRS_ASSIGN_BLOCKS_PER_SM=1 one (by asking for more than half of the SM's memory), which
+// halves the rows of x in flight: 132 blocks x 128 rows x 2 KB (D = 512, float32) = 33 MB stay
+// in the 50 MB L2 between the re-reads for successive centroid tiles, 264 blocks (67 MB) do
+// not. A benchmark knob until measurements pick one.
+inline int assign_smem_bytes() {
+  const char* v = std::getenv("EDPAIRS_ASSIGN_BLOCKS_PER_SM");
+  return (v != nullptr && std::string(v) == "1") ? 160 * 1024 : kSmemBytes;
+}
+
 template <class T>
 void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
   const int64_t n = args.x.size(0);
@@ -649,8 +659,9 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
   const bool aligned = reinterpret_cast<uintptr_t>(p.x) % 16 == 0 &&
                        (p.x_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
   auto kernel = aligned ? assign_tc_kernel<T, true> : assign_tc_kernel<T, false>;
+  const int smem_bytes = assign_smem_bytes();
   EDPAIRS_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   // Two blocks per multiprocessor need (nearly) all of its memory as shared memory.
   EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                           cudaSharedmemCarveoutMaxShared));
@@ -661,7 +672,7 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
     p.counts = nullptr;
     p.row_scale_out = rscale;
   }
-  kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, s>>>(p);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes, s>>>(p);
   EDPAIRS_CUDA_CHECK(cudaGetLastError());
 
   if (sorted) {
