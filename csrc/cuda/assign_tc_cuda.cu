@@ -627,15 +627,22 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
          args.centroids.shape_str());
   }
 
-  // Workspace: centroids (k_pad, d_pad) of T, then s and o (k_pad floats each); freed in stream
-  // order after the kernel.
+  // Workspace: centroids (k_pad, d_pad) of T, then s and o (k_pad floats each).
   // With sorted sums also: row scales (N floats), perm (N ints), cursor (k_pad ints).
   const bool sorted = p.sums != nullptr && n <= INT_MAX && use_sorted_sums();
   const size_t cw_bytes = static_cast<size_t>(k_pad) * static_cast<size_t>(d_pad) * sizeof(T);
   size_t bytes = cw_bytes + 2 * static_cast<size_t>(k_pad) * sizeof(float);
   if (sorted) bytes += 2 * static_cast<size_t>(n) * 4 + static_cast<size_t>(k_pad) * 4;
-  void* ws = nullptr;
-  EDPAIRS_CUDA_CHECK(cudaMallocAsync(&ws, bytes, s));
+  // Freed in stream order when this function returns, also when a launch check throws.
+  struct Workspace {
+    void* ptr = nullptr;
+    cudaStream_t stream;
+    ~Workspace() {
+      if (ptr != nullptr) (void)cudaFreeAsync(ptr, stream);
+    }
+  } workspace{nullptr, s};
+  EDPAIRS_CUDA_CHECK(cudaMallocAsync(&workspace.ptr, bytes, s));
+  void* ws = workspace.ptr;
   T* cw = static_cast<T*>(ws);
   float* col_s = reinterpret_cast<float*>(static_cast<char*>(ws) + cw_bytes);
   float* col_o = col_s + k_pad;
@@ -688,6 +695,7 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
         perm, sums);
     EDPAIRS_CUDA_CHECK(cudaGetLastError());
   }
+  workspace.ptr = nullptr;
   EDPAIRS_CUDA_CHECK(cudaFreeAsync(ws, s));
 }
 
