@@ -629,13 +629,13 @@ def test_tensor_core_assign_matches_reference(torch, dtype, shape):
     Xg = gpu(X, "torch", dtype)
     res = _poisoned_tc_assign(Xg, gpu(C))
     check_tc_assignment(res, f64(Xg), C, dtype)
-    # The public function with its default precision takes the same path.
-    pub = ops.assign(Xg, gpu(C))
+    # The public function takes the same path.
+    pub = ops.assign(Xg, gpu(C), precision="tf32")
     np.testing.assert_array_equal(to_numpy(pub.labels), to_numpy(res.labels))
     np.testing.assert_array_equal(to_numpy(pub.scores), to_numpy(res.scores))
     np.testing.assert_array_equal(to_numpy(pub.counts), to_numpy(res.counts))
     # Without accumulation: the same labels and scores, nothing else written.
-    la, sc = ops.cosine_assign(Xg, gpu(C))
+    la, sc = ops.cosine_assign(Xg, gpu(C), precision="tf32")
     np.testing.assert_array_equal(to_numpy(la), to_numpy(res.labels))
     np.testing.assert_array_equal(to_numpy(sc), to_numpy(res.scores))
 
@@ -684,7 +684,7 @@ def test_tensor_core_agrees_with_exact_float32(torch, dtype, rng):
     Cn /= np.linalg.norm(Cn, axis=1, keepdims=True)
     X = (8.0 * Cn[rng.integers(0, k, N)] + rng.standard_normal((N, D))).astype(np.float32)
     Xg = gpu(X, "torch", dtype)
-    tc = ops.assign(Xg, gpu(Cn))
+    tc = ops.assign(Xg, gpu(Cn), precision="tf32")
     exact = ops.assign(Xg, gpu(Cn), precision="float32")
     S = check_tc_assignment(tc, f64(Xg), Cn, dtype)
     lt, le = to_numpy(tc.labels), to_numpy(exact.labels)
@@ -699,8 +699,8 @@ def test_tensor_core_spherical_kmeans_step(torch, rng):
         C = make_centroids(rng, 70, 37) * 3
         X = make_rows(rng, 3000, 37, C=C, zero_rows=2)
         Xg = gpu(X, "torch", dtype)
-        cents, labels, counts = ops.spherical_kmeans_step(Xg, gpu(C))
-        res = ops.assign(Xg, gpu(C))
+        cents, labels, counts = ops.spherical_kmeans_step(Xg, gpu(C), precision="tf32")
+        res = ops.assign(Xg, gpu(C), precision="tf32")
         np.testing.assert_array_equal(to_numpy(labels), to_numpy(res.labels))
         np.testing.assert_array_equal(to_numpy(counts), to_numpy(res.counts))
         expected = ref.normalize_centroids(to_numpy(res.sums), to_numpy(res.counts),
@@ -728,7 +728,7 @@ def test_tensor_core_block_sums_equal_sorted_sums(torch, dtype, rng, monkeypatch
 def test_tensor_core_float64_input_takes_the_exact_path(torch, rng):
     C = make_centroids(rng, 9, 21)
     X = make_rows(rng, 500, 21, C=C)
-    res = ops.assign(gpu(X, "torch", "float64"), gpu(C))
+    res = ops.assign(gpu(X, "torch", "float64"), gpu(C), precision="tf32")
     check_assignment(res, X, C)
 
 
@@ -741,8 +741,8 @@ def test_tensor_core_runs_on_the_current_stream(torch, rng):
     with torch.cuda.stream(s):
         dep = _busy(torch, lib="torch")
         Xg.copy_(src + 0 * dep)
-        res = ops.assign(Xg, Cg, check_finite=False)
-        step = ops.spherical_kmeans_step(Xg, Cg, check_finite=False)
+        res = ops.assign(Xg, Cg, check_finite=False, precision="tf32")
+        step = ops.spherical_kmeans_step(Xg, Cg, check_finite=False, precision="tf32")
     torch.cuda.synchronize()
     check_tc_assignment(res, X, C, "float32")
     np.testing.assert_array_equal(to_numpy(step[1]), to_numpy(res.labels))

@@ -7,6 +7,7 @@ synchronisation, so pass ``check_finite=False`` to keep a CUDA pipeline asynchro
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
@@ -73,15 +74,24 @@ class Assignment(NamedTuple):
 
 PRECISIONS = ("tf32", "float32")
 
+#: Precision of the assignment's products on CUDA when a call does not name one: "tf32"
+#: (tensor cores) unless the environment variable EDPAIRS_PRECISION says "float32". Data whose
+#: rows share a large offset bunch all cosines together (e.g. 95% of the rows of a ReLU layer
+#: within 1e-3 of their runner-up), where TF32 changes labels that exact float32 keeps; pass
+#: precision="float32" there.
+DEFAULT_PRECISION = os.environ.get("EDPAIRS_PRECISION", "tf32")
 
-def _precision(precision: str) -> str:
+
+def _precision(precision: Optional[str]) -> str:
+    if precision is None:
+        precision = DEFAULT_PRECISION
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return precision
 
 
 def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: bool = True,
-           check_finite: bool = True, precision: str = "tf32") -> Assignment:
+           check_finite: bool = True, precision: Optional[str] = None) -> Assignment:
     """Fused cosine assignment of the rows of X (N, D) to the centroids C (k, D).
 
     For x~ = x - center, r_n = row_scale[n] (default 1/||x~_n||, 0 for a zero row) and
@@ -92,7 +102,8 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     in the same read of X; no (N, k) matrix is ever formed.
 
     ``precision`` matters on CUDA only (the CPU kernels are always exact float32):
-    ``"tf32"`` (default) computes the products on tensor cores with float32 accumulation,
+    ``"tf32"`` (the default, see :data:`DEFAULT_PRECISION`) computes the products on tensor
+    cores with float32 accumulation,
     TF32 operands for float32 X and the input's own precision for float16 / bfloat16 X (the
     centroids are rounded to it); ``"float32"`` uses exact float32 arithmetic. With tensor
     cores a label can differ from the exact one only where two centroids' scores are within
@@ -124,7 +135,7 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
 
 
 def cosine_assign(X, C, *, center=None, row_scale=None, col_scale=None, check_finite: bool = True,
-                  precision: str = "tf32"):
+                  precision: Optional[str] = None):
     """Index of the most cosine-similar centroid for each row of X, and that cosine.
 
     Returns ``(labels, scores)``: int64 (N,) and float32 (N,), in X's library and device.
@@ -160,7 +171,7 @@ def _unit_rows(xp: Namespace, C):
     return xp.as_float32_contiguous(C / safe[:, None])
 
 
-def spherical_kmeans_step(X, C, *, check_finite: bool = True, precision: str = "tf32"):
+def spherical_kmeans_step(X, C, *, check_finite: bool = True, precision: Optional[str] = None):
     """One spherical k-means iteration: assign every row of X to its most cosine-similar
     centroid and replace each centroid by the normalised sum of its members' unit vectors.
 
