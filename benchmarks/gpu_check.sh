@@ -35,7 +35,13 @@ python3 -c "import edpairs, json; i = edpairs.build_info(); print(json.dumps(i))
 step "CUDA tests"
 timeout 300 python3 -m pytest -q -m "$MARK" tests/test_cuda.py tests/test_cuda_estimators.py tests/test_errors.py tests/test_build.py \
   -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -30
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
+if [ "${PIPESTATUS[0]}" != 0 ]; then
+  status=1
+  # The estimators call ops with the default precision (TF32 on CUDA); on data whose rows share a
+  # large offset TF32 changes labels exact float32 keeps. Tell a precision effect from a bug:
+  step "estimator tests again with EDPAIRS_PRECISION=float32 (diagnostic)"
+  EDPAIRS_PRECISION=float32 timeout 120 python3 -m pytest -q -m "$MARK" tests/test_cuda_estimators.py -p no:cacheprovider 2>&1 | tail -5
+fi
 
 step "ceilings"
 timeout 120 python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" || status=1
