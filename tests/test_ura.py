@@ -30,7 +30,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def published():
-    return edp.synthetic.published(seed=0)
+    # 5,000 images (10,000 patches) keep the test fast; the goals hold at the preset's
+    # 20,000 too (benchmarks/bench_ura.py).
+    return edp.synthetic.published(n_images=5000, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +77,12 @@ def test_published_preset_every_detector_iou_at_least_095_with_ura(fits):
 
 def test_ura_improves_on_the_same_fit_without_it(fits):
     without, with_ura, _ = fits
-    assert with_ura["mean_cos_decoding"] > without["mean_cos_decoding"] + 0.02
-    assert with_ura["mean_cos_encoding"] > without["mean_cos_encoding"] + 0.05
-    assert with_ura["mean_latent_rmse"] < without["mean_latent_rmse"] - 0.03
-    assert with_ura["mean_iou"] > without["mean_iou"] - 0.01
+    assert with_ura["mean_cos_decoding"] > without["mean_cos_decoding"] + 0.05
+    assert with_ura["mean_cos_encoding"] > without["mean_cos_encoding"] + 0.2
+    assert with_ura["mean_latent_rmse"] < without["mean_latent_rmse"] - 0.2
+    assert with_ura["mean_iou"] > without["mean_iou"]
 
 
-@pytest.mark.xfail(strict=True, reason="the issue's goal is not reached: the head barely reads the missing "
-                                        "'sum of concepts' direction (edpairs.ura docstring, benchmarks/README.md)")
 def test_published_preset_signal_vector_and_latent_goals(fits):
     _, with_ura, _ = fits
     assert with_ura["mean_cos_encoding"] >= 0.98
@@ -239,12 +239,19 @@ def test_bad_ura_settings(small):
         edp.EDPairs(3).fit(small.images(), head=3)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_published_preset_other_seeds(seed):
-    layer = edp.synthetic.published(seed=seed)
+    layer = edp.synthetic.published(n_images=5000, seed=seed)
     without = score(layer, edp.EDPairs(3, random_state=0).fit(layer.X))
     with_ura = score(layer, edp.EDPairs(3, random_state=0).fit(layer.images(), head=layer.head))
     assert np.all(with_ura["iou"] >= 0.95), with_ura["iou"]
+    assert with_ura["mean_cos_encoding"] >= 0.98
+    assert with_ura["mean_latent_rmse"] <= 0.26
     assert with_ura["mean_cos_encoding"] > without["mean_cos_encoding"]
-    assert with_ura["mean_latent_rmse"] < without["mean_latent_rmse"]
+
+
+@pytest.mark.slow
+def test_published_preset_full_size():
+    layer = edp.synthetic.published(seed=0)
+    r = score(layer, edp.EDPairs(3, random_state=0).fit(layer.images(), head=layer.head))
+    assert np.all(r["iou"] >= 0.95) and r["mean_cos_encoding"] >= 0.98 and r["mean_latent_rmse"] <= 0.26
