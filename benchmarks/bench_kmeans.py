@@ -169,9 +169,30 @@ METHODS = {"edpairs": run_edpairs, "edpairs-f32": run_edpairs_f32, "edpairs-blk"
 METHOD_ENV = {"edpairs-blk": {"EDPAIRS_ASSIGN_SUMS": "block"}, "edpairs-1sm": {"EDPAIRS_ASSIGN_BLOCKS_PER_SM": "1"}}
 
 
+def cached_data(N: int, D: int, k: int, seed: int):
+    """make_data, generated once per machine and size: every method runs in its own process,
+    and drawing 1M x 512 normals costs seconds each time."""
+    import tempfile
+
+    stem = os.path.join(tempfile.gettempdir(), f"edpairs_bench_kmeans_{N}_{D}_{k}_{seed}")
+    try:
+        return np.load(stem + "_X.npy"), np.load(stem + "_C.npy")
+    except (OSError, ValueError):
+        pass
+    X, C0 = make_data(N, D, k, seed=seed)
+    for name, a in (("_X.npy", X), ("_C.npy", C0)):
+        tmp = f"{stem}{name}.tmp{os.getpid()}.npy"
+        try:
+            np.save(tmp, a)
+            os.replace(tmp, stem + name)
+        except OSError:  # no room: just do without the cache
+            pass
+    return X, C0
+
+
 def worker(args) -> None:
     N, D, k = args.size
-    X, C0 = make_data(N, D, k, seed=args.seed)
+    X, C0 = cached_data(N, D, k, seed=args.seed)
     try:
         step, labels, extra = METHODS[args.worker](X, C0, args.device, args.dtype)
     except (ImportError, RuntimeError) as exc:
