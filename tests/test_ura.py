@@ -197,6 +197,7 @@ def test_save_load_after_ura(small, tmp_path):
     loaded = edp.EDPairs.load(path)
     for name in ("decoding_", "bias_", "encoding_", "mean_"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(model, name))
+    assert loaded.ura_ == model.ura_
 
 
 def test_align_directly_returns_raw_detectors(small):

@@ -1,7 +1,9 @@
-"""The EDPairs estimator (DESIGN section 2, stages 1, 2 and 4): decoding directions (filters and
-thresholds) from directional clustering in whitened coordinates, encoding directions (signal
-vectors) from the positives of each detector, refined jointly so that each filter reads its
-own signal with gain 1 and the others with 0. Every stage streams over chunks."""
+"""The EDPairs estimator (DESIGN section 2, stages 1, 2 and 4, and 5 with a head): decoding
+directions (filters and thresholds) from directional clustering in whitened coordinates,
+encoding directions (signal vectors) from the positives of each detector, refined jointly so
+that each filter reads its own signal with gain 1 and the others with 0; with the network head,
+Uncertainty Region Alignment (:mod:`edpairs.ura`). Every stage but URA streams over chunks;
+URA streams over batches of whole images."""
 
 from __future__ import annotations
 
@@ -80,7 +82,9 @@ class EDPairs:
 
     Fitted attributes (numpy float32): ``decoding_`` (I, D), ``bias_`` (I,), ``encoding_`` (I, D),
     ``mean_`` (D,), ``n_positives_`` (I,), ``whitener_``, ``cluster_centers_`` (whitened),
-    ``n_samples_``. ``detect``, ``latent_factors`` and ``decode`` return X's library/device.
+    ``n_samples_``; ``ura_``: the per-stage loss history of Uncertainty Region Alignment when
+    ``fit`` was given a head (None otherwise). ``detect``, ``latent_factors`` and ``decode``
+    return X's library/device.
     """
 
     def __init__(self, n_concepts: int, *, method: str = "centroid", whiten: bool = True,
@@ -133,8 +137,8 @@ class EDPairs:
         (n_images, P, D) channel-last array (numpy or torch), or an object whose ``images()``
         returns a fresh iterator of such arrays (its ``chunks()``, where it has one, feeds
         stages 1-4). ``ura``: a :class:`edpairs.ura.URAConfig` or a dict of its fields (default
-        settings when None; ``False`` skips URA; the seed defaults to ``random_state``). ``ura_`` then holds the per-stage loss history
-        (None when URA did not run)."""
+        settings when None; ``False`` skips URA; the seed defaults to ``random_state``).
+        ``ura_`` then holds the per-stage loss history (None when URA did not run)."""
         self._validate()
         images = None
         self.ura_ = None
@@ -149,7 +153,8 @@ class EDPairs:
             elif ura is None or ura is True:
                 ura = URAConfig(seed=seed)
             elif not isinstance(ura, URAConfig):
-                raise TypeError(f"ura must be a URAConfig, a dict of its fields, None or False, got {type(ura).__name__}")
+                raise TypeError(
+                    f"ura must be a URAConfig, a dict of its fields, None or False, got {type(ura).__name__}")
             ura.validate()
             images = ImageSource(X)
             X = images.patches()
@@ -329,6 +334,8 @@ class EDPairs:
             "n_concepts": int(self.decoding_.shape[0]), "n_features": int(self.decoding_.shape[1]),
             "n_samples": self.n_samples_, "params": self.get_params(), "metadata": self.metadata,
         }
+        if getattr(self, "ura_", None):
+            meta["ura"] = self.ura_  # per-stage loss history (plain floats); older readers ignore it
         arrays = {
             "decoding": self.decoding_, "bias": self.bias_, "encoding": self.encoding_, "mean": self.mean_,
             "n_positives": np.asarray(self.n_positives_, np.int64), "whitening": self.whitener_.P,
@@ -400,6 +407,7 @@ class EDPairs:
         self.cluster_centers_ = arr["cluster_centers"]
         self.n_samples_ = meta.get("n_samples")
         self.n_features_in_ = D
+        self.ura_ = meta.get("ura")
         return self
 
     @staticmethod

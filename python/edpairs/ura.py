@@ -103,14 +103,19 @@ class URAConfig:
     weights, ``stage_unconstrained`` / ``stage_constrained``, :class:`edpairs.refine.RefineConfig`
     or dicts of its fields), ``"memberships"`` (binary cross-entropy of ``σ(fidelity_scale ·
     (W x − b) / sd)`` to the memberships at the start, weight ``fidelity``) or ``"none"``.
-    ``resignal``: re-estimate the signal vectors by the stage-4 estimator after the constrained
+    ``exclusivity`` / ``sharpness``: weight and sharpness ``k`` of the ``"exclusive"``
+    regulariser (soft count of firing detectors per patch against one; ``k`` in whitened
+    units). ``resignal``: re-estimate the signal vectors by the stage-4 estimator after the constrained
     stage too (else the trained ``Ŝ`` are kept). ``thresholds``: ``"clusters"`` re-fits each
     threshold along the aligned filter to best reproduce its stage-2 cluster (as stage 2 does;
     measured: URA's own thresholds lost IoU after the constrained stage), ``"ura"`` keeps
     URA's. ``seed`` makes image order and κ reproducible.
 
-    The published relative weights (DESIGN §7: URA 0.25 against sparsity 2.6, max activation
-    2.8, margin 0.6, inactive 5.0, ...) are the defaults; the published epoch counts (800 and
+    The entropy weight is the published 0.25 (DESIGN §7, against sparsity 2.6, max activation
+    2.8, margin 0.6, inactive 5.0, ...; those are the defaults of ``regularizer="stage"``);
+    ``exclusivity=10`` was chosen by measurement (with 1 the entropy term held the detectors
+    short of the truth on the published preset: cos(ŝ, s) 0.98-0.99 instead of 0.996). The
+    published epoch counts (800 and
     2000 + 2000 over ~63K images) are far longer than synthetic presets need: the defaults
     here converge on them in seconds (benchmarks/bench_ura.py)."""
 
@@ -179,7 +184,8 @@ class URAConfig:
         if self.regularizer not in REGULARIZERS:
             raise ValueError(f"URAConfig.regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}")
         if self.plateau_patience is not None and (not _is_int(self.plateau_patience) or self.plateau_patience < 0):
-            raise ValueError(f"URAConfig.plateau_patience must be an integer >= 0 or None, got {self.plateau_patience!r}")
+            raise ValueError(
+                f"URAConfig.plateau_patience must be an integer >= 0 or None, got {self.plateau_patience!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"URAConfig.seed must be an integer or None, got {self.seed!r}")
         for cfg in self.stage_configs():
@@ -311,7 +317,8 @@ class ImageSource:
 def _check_images(a, name):
     shape = tuple(int(s) for s in getattr(a, "shape", ()))
     if len(shape) not in (3, 4):
-        raise ValueError(f"{name}.images() must yield (n_images, h, w, D) or (n_images, P, D) arrays, got shape {shape}")
+        raise ValueError(
+            f"{name}.images() must yield (n_images, h, w, D) or (n_images, P, D) arrays, got shape {shape}")
     return a
 
 
@@ -393,6 +400,9 @@ def align(images, head, W, b, S, *, whitener, signal: Optional[Callable] = None,
     :class:`edpairs.cluster.Whitener` (the coordinates of the optimisation). ``signal(W, b)``:
     the stage-4 estimator, returning (I, D) signal vectors for raw detectors (used between the
     stages and, with ``config.resignal``, at the end); without it the given ``S`` is used.
+    The constrained stage starts from ``signal``'s estimate for the unconstrained stage's
+    detectors; without ``signal`` it starts from the given ``S`` (measured: recovery then
+    depends on the platform's rounding; :meth:`edpairs.EDPairs.fit` always passes it).
     ``thresholds(W)``: the stage-2 threshold rule, (I,) thresholds for raw filters, applied to
     the aligned filters when ``config.thresholds == "clusters"``.
     ``device``: where to compute (default: the head's, else the images', else the CPU)."""
