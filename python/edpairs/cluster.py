@@ -5,6 +5,7 @@ coordinates z = P(x - mean) without ever materialising z (:class:`Whitener`)."""
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -143,14 +144,17 @@ class _LloydResult:
 
 
 def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter: int, tol: float,
-           check_finite: bool, progress: Progress, keep_labels: bool, red: Reducer, offset: int = 0) -> _LloydResult:
+           check_finite: bool, progress: Progress, keep_labels: bool, red: Reducer, offset: int = 0,
+           start: int = 0, previous: Optional[float] = None, save=None) -> _LloydResult:
     """Full-batch spherical k-means, streaming the chunks once per iteration, then one more
     pass to label every row with the final centres. With several processes (``red``), each
-    reads its own rows (global indices from ``offset``) and every sum is all-reduced."""
+    reads its own rows (global indices from ``offset``) and every sum is all-reduced.
+    ``start``/``previous``: resume at iteration ``start`` (C are that iteration's centres,
+    ``previous`` the mean cosine before them); ``save(C, previous, n_iter)`` is called with
+    the state after every pass that does not end the fit."""
     k = C.shape[0]
-    previous = None
-    n_iter = 0
-    for it in range(max_iter + 1):
+    n_iter = start
+    for it in range(start, max_iter + 1):
         final = it == max_iter
         F = geometry.filters(C).astype(np.float32)
         col_scale = geometry.col_scale(k)
@@ -215,6 +219,8 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
         previous = mean_cosine
         C = new
         n_iter += 1
+        if save is not None:
+            save(C, previous, n_iter)
     raise AssertionError("unreachable")
 
 
@@ -242,9 +248,11 @@ def _count_rows(source: ChunkSource) -> None:
 def cluster(source: ChunkSource, n_clusters: int, *, geometry: _Geometry, init="k-means++", n_init: int = 1,
             max_iter: int = 100, tol: float = 1e-6, init_size: Optional[int] = None, random_state=None,
             check_finite: bool = True, progress: Optional[bool] = None, keep_labels: bool = False,
-            desc: str = "spherical k-means", red: Reducer = reducer(None)) -> _LloydResult:
+            desc: str = "spherical k-means", red: Reducer = reducer(None), checkpoint=None) -> _LloydResult:
     """Spherical k-means on a chunk source with restarts; the best mean cosine wins. With a
-    reducer over several processes the rows are the union of the ranks' sources."""
+    reducer over several processes the rows are the union of the ranks' sources. With a
+    :class:`edpairs.checkpoint.Checkpoint` the state is saved after every pass (stage
+    "cluster") and a saved state of that stage is resumed."""
     _count_rows(source)
     offset, N = red.offset(source.n_samples) if red.active else (0, source.n_samples)
     if n_clusters < 1:
@@ -253,9 +261,32 @@ def cluster(source: ChunkSource, n_clusters: int, *, geometry: _Geometry, init="
         raise ValueError(f"n_clusters={n_clusters} is larger than the number of rows N={N}")
     rng = np.random.default_rng(random_state)
     best = None
+    first, resume = 0, None
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None and saved[0] == "cluster":
+        _, meta, arrays = saved
+        rng.bit_generator.state = meta["rng"]
+        first, resume = int(meta["restart"]), (arrays["C"], meta["previous"], int(meta["n_iter"]))
+        if "best_centers" in arrays:
+            best = _LloydResult(arrays["best_centers"], float(meta["best_mean_cosine"]), arrays["best_counts"],
+                                int(meta["best_n_iter"]))
+
+    def saver(restart):
+        def save(C, previous, n_iter):
+            meta = {"rng": rng.bit_generator.state, "restart": restart, "previous": previous, "n_iter": n_iter}
+            arrays = {"C": C}
+            if best is not None:
+                meta.update(best_mean_cosine=best.mean_cosine, best_n_iter=best.n_iter)
+                arrays.update(best_centers=best.centers, best_counts=best.counts)
+            checkpoint.save("cluster", meta, arrays)
+        return None if checkpoint is None else save
+
     with Progress(total=None, desc=desc, enabled=progress, unit=" iterations") as bar:
-        for restart in range(n_init if isinstance(init, str) else 1):
-            if isinstance(init, str):
+        for restart in range(first, n_init if isinstance(init, str) else 1):
+            start, previous = 0, None
+            if resume is not None and restart == first:
+                C0, previous, start = resume
+            elif isinstance(init, str):
                 size = init_size or max(20 * n_clusters, 4096)
                 E = _seed_sample(source, geometry, size, rng, red=red, offset=offset, N=N)
                 if init == "k-means++":
@@ -272,9 +303,13 @@ def cluster(source: ChunkSource, n_clusters: int, *, geometry: _Geometry, init="
                     raise ValueError(f"init centroids must have shape ({n_clusters}, {dim}), got {C0.shape}")
             bar.set_description(f"{desc} (restart {restart + 1})" if n_init > 1 else desc)
             res = _lloyd(source, geometry, C0, max_iter=max_iter, tol=tol, check_finite=check_finite,
-                         progress=bar, keep_labels=keep_labels, red=red, offset=offset)
+                         progress=bar, keep_labels=keep_labels, red=red, offset=offset, start=start,
+                         previous=previous, save=saver(restart))
             if best is None or res.mean_cosine > best.mean_cosine:
                 best = res
+        if keep_labels and best.labels is None:  # the best restart ran before a resume: label the rows again
+            best.labels = _lloyd(source, geometry, best.centers, max_iter=0, tol=tol, check_finite=False,
+                                 progress=bar, keep_labels=True, red=red, offset=offset).labels
     return best
 
 
@@ -306,6 +341,10 @@ class SphericalKMeans:
         self.progress = progress
         self.chunk_rows = chunk_rows
 
+    def _params(self) -> dict:
+        return {"n_clusters": self.n_clusters, "n_init": self.n_init, "max_iter": self.max_iter, "tol": self.tol,
+                "init_size": self.init_size, "random_state": self.random_state, "chunk_rows": self.chunk_rows}
+
     def _validate(self) -> None:
         if not isinstance(self.n_clusters, (int, np.integer)) or self.n_clusters < 1:
             raise ValueError(f"n_clusters must be a positive integer, got {self.n_clusters!r}")
@@ -314,17 +353,30 @@ class SphericalKMeans:
         if self.tol < 0:
             raise ValueError(f"tol must be >= 0, got {self.tol}")
 
-    def fit(self, X, y=None, *, process_group=None) -> "SphericalKMeans":
+    def fit(self, X, y=None, *, process_group=None, checkpoint=None) -> "SphericalKMeans":
         """Fits on X. ``process_group`` (a ``torch.distributed`` group, or True for the default
         one): X holds this rank's rows, and every rank gets the fit of all ranks' rows (see
-        :mod:`edpairs.distributed`); ``labels_`` are this rank's."""
+        :mod:`edpairs.distributed`); ``labels_`` are this rank's. ``checkpoint``: a file path
+        (or :class:`edpairs.checkpoint.Checkpoint`) where the state is saved after every pass;
+        a fit killed mid-way and called again resumes there (see :mod:`edpairs.checkpoint`).
+        With several processes give each rank its own path."""
         self._validate()
         red = reducer(process_group)
         source = ChunkSource(X, chunk_rows=self.chunk_rows)
+        ckpt = None
+        if checkpoint is not None:
+            from .checkpoint import Checkpoint, data_fingerprint
+
+            init = self.init if isinstance(self.init, str) else zlib.crc32(np.ascontiguousarray(to_numpy64(self.init)).tobytes())
+            key = {"fit": "SphericalKMeans", "data": data_fingerprint(source), "rank": red.rank,
+                   **self._params(), "init": init}
+            ckpt = Checkpoint.of(checkpoint, key)
         res = cluster(source, int(self.n_clusters), geometry=_Geometry(), init=self.init, n_init=self.n_init,
                       max_iter=self.max_iter, tol=self.tol, init_size=self.init_size, random_state=self.random_state,
                       check_finite=self.check_finite, progress=self.progress if red.rank == 0 else False,
-                      keep_labels=source.in_memory, red=red)
+                      keep_labels=source.in_memory, red=red, checkpoint=ckpt)
+        if ckpt is not None:
+            ckpt.done()
         self.cluster_centers_ = on_device_of(res.centers.astype(np.float32), source.like)
         self.labels_ = res.labels
         self.counts_ = res.counts

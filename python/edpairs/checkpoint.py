@@ -1,0 +1,108 @@
+"""Checkpoints of long fits: the state of a fit saved atomically between passes over the data,
+so that a fit killed mid-way resumes where it stopped and ends with the same result as an
+uninterrupted fit.
+
+``SphericalKMeans.fit(X, checkpoint="km.ckpt")`` and ``EDPairs.fit(X, checkpoint=...)`` save
+after every pass (one file, replaced atomically) and, when the file exists, resume from it.
+The file records what the fit depends on (its parameters and the data's shape and a
+fingerprint of its first rows); a checkpoint of another fit is refused with a clear error
+rather than silently mixed in. It is removed when the fit completes."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Optional
+
+import numpy as np
+
+from ._io import write_atomic
+
+__all__ = ["Checkpoint", "CheckpointMismatch"]
+
+FORMAT = "edpairs-checkpoint"
+VERSION = 1
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint file belongs to a different fit (other parameters or data)."""
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+class Checkpoint:
+    """One checkpoint file for one fit, identified by ``key`` (a JSON-able dict).
+
+    ``load()`` returns the saved ``(stage, meta, arrays)`` or None when there is no file;
+    ``save(stage, meta, arrays)`` replaces the file atomically; ``done()`` removes it.
+    ``on_save(stage, meta)`` (optional) is called after each save — a hook for progress and
+    for tests that interrupt a fit."""
+
+    def __init__(self, path, key: dict, *, on_save: Optional[Callable[[str, dict], None]] = None):
+        self.path = os.fspath(path)
+        self.key = _jsonable(key)
+        self.on_save = on_save
+
+    @classmethod
+    def of(cls, checkpoint, key: dict) -> Optional["Checkpoint"]:
+        """``checkpoint`` as given to a fit: None, a path, or a Checkpoint (its key is set)."""
+        if checkpoint is None:
+            return None
+        if isinstance(checkpoint, Checkpoint):
+            checkpoint.key = _jsonable(key)
+            return checkpoint
+        return cls(checkpoint, key)
+
+    def load(self):
+        if not os.path.exists(self.path):
+            return None
+        try:
+            with np.load(self.path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+            header = json.loads(arrays.pop("__meta__").tobytes().decode())
+        except Exception as exc:
+            raise CheckpointMismatch(
+                f"{self.path} is not a readable edpairs checkpoint ({type(exc).__name__}: {exc}); "
+                "delete it to start the fit afresh"
+            ) from exc
+        if header.get("format") != FORMAT or int(header.get("version", 0)) != VERSION:
+            raise CheckpointMismatch(f"{self.path} is not an edpairs checkpoint of version {VERSION}")
+        if header["key"] != self.key:
+            diff = sorted(k for k in set(header["key"]) | set(self.key) if header["key"].get(k) != self.key.get(k))
+            raise CheckpointMismatch(
+                f"{self.path} holds the checkpoint of another fit (differs in: {', '.join(diff)}); "
+                "delete it, or give this fit another checkpoint path"
+            )
+        return header["stage"], header["meta"], arrays
+
+    def save(self, stage: str, meta: dict, arrays: dict) -> None:
+        header = {"format": FORMAT, "version": VERSION, "key": self.key, "stage": stage, "meta": _jsonable(meta)}
+        payload = dict(arrays, __meta__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
+        write_atomic(self.path, lambda f: np.savez(f, **payload))
+        if self.on_save is not None:
+            self.on_save(stage, header["meta"])
+
+    def done(self) -> None:
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+def data_fingerprint(source) -> dict:
+    """Rows, columns and a checksum of the first rows of a chunk source (cheap: one chunk)."""
+    import zlib
+
+    from ._arrays import to_numpy64
+
+    first = next(iter(source))
+    head = np.ascontiguousarray(to_numpy64(first[: min(256, first.shape[0])]))
+    return {"rows": source.n_samples, "columns": source.n_features, "head_crc32": zlib.crc32(head.tobytes())}

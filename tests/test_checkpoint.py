@@ -1,0 +1,85 @@
+"""A fit killed between passes (SIGKILL, in a subprocess) and called again resumes from its
+checkpoint and ends with the same result as an uninterrupted fit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import edpairs as edp
+from edpairs.checkpoint import Checkpoint, CheckpointMismatch
+
+WORKER = textwrap.dedent("""
+    import os, signal, sys, numpy as np, edpairs as edp
+    from edpairs.checkpoint import Checkpoint
+    what, data, path, kill_at, out = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+    X = np.load(data)
+    saves = [0]
+    def on_save(stage, meta):
+        saves[0] += 1
+        if saves[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    ckpt = Checkpoint(path, {}, on_save=on_save)
+    chunks = [X[: len(X) // 2], X[len(X) // 2:]]
+    if what == "kmeans":
+        km = edp.SphericalKMeans(7, n_init=3, random_state=0, progress=False).fit(chunks, checkpoint=ckpt)
+        np.savez(out, C=km.cluster_centers_, n_iter=km.n_iter_, counts=km.counts_, saves=saves[0])
+    else:
+        p = edp.EDPairs(5, n_init=2, random_state=0, progress=False).fit(chunks, checkpoint=ckpt)
+        np.savez(out, W=p.decoding_, b=p.bias_, S=p.encoding_, saves=saves[0])
+""")
+
+
+def _run(tmp_path, what, X, ckpt, kill_at, out):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    data = tmp_path / "X.npy"
+    np.save(data, X)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run([sys.executable, str(script), what, str(data), str(ckpt), str(kill_at), str(out)],
+                          env=env, capture_output=True, timeout=240)
+
+
+def _rows():
+    return edp.synthetic.make_layer(n_images=2500, n_features=16, n_concepts=5, grid=(2, 2), seed=1).X.astype(np.float32)
+
+
+@pytest.mark.parametrize("kill_at", [2, 9])  # inside the first restart, and in a later one
+def test_kmeans_killed_and_resumed_equals_uninterrupted(tmp_path, kill_at):
+    X = _rows()
+    full = _run(tmp_path, "kmeans", X, tmp_path / "a.ckpt", 0, tmp_path / "full.npz")
+    assert full.returncode == 0, full.stderr.decode()[-2000:]
+    killed = _run(tmp_path, "kmeans", X, tmp_path / "b.ckpt", kill_at, tmp_path / "never.npz")
+    assert killed.returncode == -9 and (tmp_path / "b.ckpt").exists() and not (tmp_path / "never.npz").exists()
+    resumed = _run(tmp_path, "kmeans", X, tmp_path / "b.ckpt", 0, tmp_path / "resumed.npz")
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    a, b = np.load(tmp_path / "full.npz"), np.load(tmp_path / "resumed.npz")
+    np.testing.assert_array_equal(a["C"], b["C"])
+    assert int(a["n_iter"]) == int(b["n_iter"])
+    np.testing.assert_array_equal(a["counts"], b["counts"])
+    assert int(b["saves"]) < int(a["saves"])  # the resumed run did not start over
+    assert not (tmp_path / "b.ckpt").exists()  # removed once the fit completed
+
+
+def test_checkpoint_of_another_fit_is_refused(tmp_path):
+    X = _rows()
+    path = tmp_path / "k.ckpt"
+    Checkpoint(path, {"fit": "something else"}).save("cluster", {}, {"C": np.zeros((2, 2))})
+    with pytest.raises(CheckpointMismatch, match="another fit"):
+        edp.SphericalKMeans(3, random_state=0).fit(X, checkpoint=path)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointMismatch, match="delete it"):
+        edp.SphericalKMeans(3, random_state=0).fit(X, checkpoint=path)
+
+
+def test_checkpointed_fit_equals_plain_fit(tmp_path):
+    X = _rows()
+    plain = edp.SphericalKMeans(4, n_init=2, random_state=3).fit(X)
+    ck = edp.SphericalKMeans(4, n_init=2, random_state=3).fit(X, checkpoint=tmp_path / "c.ckpt")
+    np.testing.assert_array_equal(plain.cluster_centers_, ck.cluster_centers_)
+    np.testing.assert_array_equal(plain.labels_, ck.labels_)
