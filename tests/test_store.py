@@ -242,3 +242,11 @@ def test_unknown_length_iterable_and_tokens(tmp_path):
     assert store.grid == (7,) and store.layout == "nlc" and len(store) == 3 and store.n_images == 11
     np.testing.assert_array_equal(np.concatenate(list(store.images())),
                                   capture(model, "1", x).astype(np.float16))
+
+
+def test_shuffled_loader_refused(setup, tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(setup["images"]), batch_size=4, shuffle=True)
+    with pytest.raises(ValueError, match="shuffle=False"):
+        extract(setup["model"], LAYER, loader, tmp_path, **setup["ARGS"])

@@ -388,6 +388,11 @@ def extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtype
         raise ValueError(f"images_per_shard and batch_size must be >= 1, got {images_per_shard}, {batch_size}")
     ips = int(images_per_shard)
     path = os.fspath(path)
+    from torch.utils.data import DataLoader, RandomSampler
+
+    if isinstance(data, DataLoader) and isinstance(data.sampler, RandomSampler):
+        raise ValueError("extract needs the images in the same order on every run (shards are cut by image index); "
+                         "pass a DataLoader with shuffle=False, or the Dataset itself")
     n_expected = n_images_of(data)
     key = {
         "model": model_fingerprint(model, model_name),
