@@ -33,15 +33,15 @@ fi
 python3 -c "import edpairs, json; i = edpairs.build_info(); print(json.dumps(i)); assert i['cuda'] and edpairs.cuda_device_count() > 0"
 
 step "CUDA tests"
-timeout 300 python3 -m pytest -q -m "$MARK" tests/test_cuda.py tests/test_cuda_estimators.py tests/test_errors.py tests/test_build.py \
-  -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -30
-if [ "${PIPESTATUS[0]}" != 0 ]; then
-  status=1
-  # The estimators call ops with the default precision (TF32 on CUDA); on data whose rows share a
-  # large offset TF32 changes labels exact float32 keeps. Tell a precision effect from a bug:
-  step "estimator tests again with EDPAIRS_PRECISION=float32 (diagnostic)"
-  EDPAIRS_PRECISION=float32 timeout 120 python3 -m pytest -q -m "$MARK" tests/test_cuda_estimators.py -p no:cacheprovider 2>&1 | tail -5
-fi
+# Every test marked cuda (any file; those needing packages the device lacks skip), plus the
+# error and build tests.
+timeout 300 python3 -m pytest -q -m "$MARK" tests/ -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -30
+[ "${PIPESTATUS[0]}" != 0 ] && status=1
+timeout 200 python3 -m pytest -q tests/test_errors.py tests/test_build.py -p no:cacheprovider 2>&1 | tail -5
+[ "${PIPESTATUS[0]}" != 0 ] && status=1
+# Information only: the estimators with TF32 as the float32 default (EDPAIRS_PRECISION=tf32).
+step "estimator tests with EDPAIRS_PRECISION=tf32 (information, not a gate)"
+EDPAIRS_PRECISION=tf32 timeout 120 python3 -m pytest -q -m "$MARK" tests/test_cuda_estimators.py -p no:cacheprovider 2>&1 | tail -5
 
 step "ceilings"
 timeout 120 python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" || status=1

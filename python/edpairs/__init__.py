@@ -5,12 +5,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import metrics, ops, reference, refine, synthetic
+from . import capture, distributed, interventions, metrics, ops, reference, refine, store, synthetic
+from .capture import split_model
 from .cluster import SphericalKMeans, Whitener
 from .errors import BackendUnavailable, CudaError
+from .interventions import intervene
 from .pairs import EDPairs
+from .store import ActivationStore, extract
 
 __all__ = [
+    "ActivationStore",
     "BackendUnavailable",
     "CudaError",
     "EDPairs",
@@ -18,14 +22,22 @@ __all__ = [
     "Whitener",
     "__version__",
     "build_info",
+    "capture",
     "cuda_device_count",
+    "distributed",
+    "extract",
     "get_num_threads",
+    "intervene",
+    "interventions",
     "metrics",
     "ops",
     "reference",
     "refine",
     "set_num_threads",
+    "split_model",
+    "store",
     "synthetic",
+    "zoo",
 ]
 
 
@@ -59,3 +71,13 @@ def set_num_threads(n: int) -> None:
     from ._backend import lib
 
     lib().set_num_threads(int(n))
+
+
+def __getattr__(name):
+    # edpairs.zoo imports torch (its dataset is a torch Dataset): loaded on first use, so that
+    # `import edpairs` stays free of torch for numpy-only users.
+    if name == "zoo":
+        import importlib
+
+        return importlib.import_module(".zoo", __name__)
+    raise AttributeError(f"module 'edpairs' has no attribute {name!r}")
