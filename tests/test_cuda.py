@@ -584,7 +584,10 @@ def check_tc_assignment(res, X, C, dtype, *, center=None, row_scale=None, col_sc
     cn = np.linalg.norm(C, axis=1)
     s = f64(col_scale) if col_scale is not None else np.divide(1.0, cn, out=np.zeros_like(cn), where=cn > 0)
     S = r[:, None] * (Xc @ C.T) * s[None, :]
-    bound = TC_UNIT[dtype] * np.abs(r)[:, None] * (np.abs(X) @ np.abs(C).T) * np.abs(s)[None, :]
+    # The centroids are rounded to the operand precision for the product x.c and for the
+    # centre's term center.c alike, so both magnitudes enter the bound.
+    absX = np.abs(X) + (np.abs(f64(center)) if center is not None else 0.0)
+    bound = TC_UNIT[dtype] * np.abs(r)[:, None] * (absX @ np.abs(C).T) * np.abs(s)[None, :]
     noise = 2e-5 * np.abs(r)[:, None] * (norms[:, None] + np.linalg.norm(X, axis=1)[:, None]) * (np.abs(s) * cn)[None, :]
     bound = 2.0 * bound + noise + 1e-30  # a factor 2 of slack over the first-order model
     dead = r == 0
