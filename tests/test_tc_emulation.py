@@ -414,3 +414,248 @@ def test_emulated_sorted_sums_match_numpy(n, d, k):
     np.add.at(ref, labels[live], rscale[live, None].astype(np.float64) * (X - center)[live].astype(np.float64))
     np.testing.assert_array_equal(counts, np.bincount(labels, minlength=k))
     np.testing.assert_allclose(sums, ref, rtol=1e-12, atol=1e-12)
+
+
+# ---- the fused small-k kernel (assign_tc_fused_kernel + reduce_fused_partials) -------------
+# A persistent block loops over 128-row tiles: phase 1 (8 warps of 16 rows x 64 centroids, the
+# argmax), a rank sort by label, phase 2 (the rows streamed again through the ring, each warp
+# adding the label groups that begin in its 16 sorted positions into float32 shared sums), then
+# per-block partials added in block order.
+F_CENTS, F_WARPS = 64, 8
+F_THREADS = 32 * F_WARPS
+F_WARP_ROWS = ROWS // F_WARPS
+F_NJ = F_CENTS // 8
+F_TILE_WORDS = (ROWS + F_CENTS) * PITCH_WORDS
+F_LOAD_ROWS = F_THREADS // 8
+F_PIPE_BYTES = STAGES * F_TILE_WORDS * 4
+
+
+def test_fused_kernel_constants():
+    assert F_WARP_ROWS == 16 and F_PIPE_BYTES == 82944
+    # k = 64, D = 512 float32 sums next to the pipeline and the static arrays fit Hopper's 227 KB.
+    assert F_PIPE_BYTES + 64 * 512 * 4 + 6 * ROWS * 4 + F_CENTS * 4 <= 227 * 1024
+
+
+def emulate_fused(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, col_scale=None, grid=2):
+    """labels, scores, sums (float64 after the reduction), counts, and how often each (row,
+    column) was added (must be once for every live row) as the fused kernel computes them."""
+    item = ITEM[dtype]
+    elems = SLICE_BYTES // item
+    chunk_elems = 16 // item
+    epw = 4 // item
+    k = C.shape[0]
+    assert k <= F_CENTS and (x_stride * item) % 16 == 0
+    d_pad = -(-d // elems) * elems
+    k_steps = d_pad // elems
+    cw = np.zeros((F_CENTS, d_pad), np.float32)
+    cw[:k, :d] = round_operand(C, dtype)
+    sq = (C.astype(np.float64) ** 2).sum(1)
+    s = np.zeros(F_CENTS, np.float32)
+    s[:k] = col_scale if col_scale is not None else np.where(sq > 0, 1 / np.sqrt(np.where(sq > 0, sq, 1)), 0)
+    o = np.zeros(F_CENTS, np.float32)
+    if center is not None:
+        o[:k] = (cw[:k, :d].astype(np.float64) @ center.astype(np.float64)).astype(np.float32)
+    n_tiles = -(-n // ROWS)
+    grid = min(grid, n_tiles)
+    labels = np.full(n, -1, np.int64)
+    scores = np.full(n, np.nan, np.float32)
+    cover = np.zeros((n, d), np.int64)
+    part_sums = np.full((grid, k * d), np.nan, np.float32)
+    part_counts = np.full((grid, k), -1, np.int64)
+    tid = np.arange(F_THREADS)
+    g, t = LANE // 4, LANE % 4
+
+    for block in range(grid):
+        smem = np.full(STAGES * F_TILE_WORDS * epw, np.nan)  # stale between tiles, as on the GPU
+        sums_s = np.zeros(k * d, np.float32)
+        counts_s = np.zeros(F_CENTS, np.int64)
+        for tile in range(block, n_tiles, grid):
+            row0 = tile * ROWS
+            rows = min(n - row0, ROWS)
+
+            def load(stage, kt, with_c):  # fused_load_stage
+                chunk = tid % 8
+                col = kt * elems + chunk * chunk_elems
+                for i in range(ROWS // F_LOAD_ROWS):
+                    r = tid // 8 + F_LOAD_ROWS * i
+                    for th in range(F_THREADS):
+                        grow = row0 + r[th]
+                        valid = 0
+                        if grow < n:
+                            rem = d - col[th]
+                            valid = (rem if rem > 0 else 0) if rem < chunk_elems else chunk_elems
+                        vals = np.zeros(chunk_elems)
+                        base = grow * x_stride + col[th]
+                        vals[:valid] = x_buf[base:base + valid]
+                        dst = (stage + r[th] * PITCH_WORDS + chunk[th] * 4) * epw
+                        smem[dst:dst + chunk_elems] = vals
+                if with_c:
+                    for i in range(F_CENTS // F_LOAD_ROWS):
+                        r = tid // 8 + F_LOAD_ROWS * i
+                        for th in range(F_THREADS):
+                            dst = (stage + (ROWS + r[th]) * PITCH_WORDS + chunk[th] * 4) * epw
+                            smem[dst:dst + chunk_elems] = cw[r[th], col[th]:col[th] + chunk_elems]
+
+            def words(idx):
+                return smem[idx[..., None] * epw + np.arange(epw)]
+
+            # phase 1
+            acc = np.zeros((F_WARPS, 32, F_NJ, 4))
+            row_sq = np.zeros(ROWS, np.float32)
+            for s_ in range(STAGES - 1):
+                if s_ < k_steps:
+                    load(s_ * F_TILE_WORDS, s_, True)
+            for kt in range(k_steps):
+                if kt + STAGES - 1 < k_steps:
+                    load(((kt + STAGES - 1) % STAGES) * F_TILE_WORDS, kt + STAGES - 1, True)
+                xs = (kt % STAGES) * F_TILE_WORDS
+                cs = xs + ROWS * PITCH_WORDS
+                for ks in range(SLICE_BYTES // 4 // 8):
+                    w = ks * 8 + t
+                    base_a = xs + (np.arange(F_WARPS)[:, None] * F_WARP_ROWS + g[None, :]) * PITCH_WORDS + w[None, :]
+                    a = words(np.stack([base_a, base_a + 8 * PITCH_WORDS, base_a + 4, base_a + 8 * PITCH_WORDS + 4], -1))
+                    if dtype == "float32":
+                        a = round_tf32(a).astype(np.float64)
+                    base_b = cs + (np.arange(F_NJ)[:, None] * 8 + g[None, :]) * PITCH_WORDS + w[None, :]
+                    b = words(np.stack([base_b, base_b + 4], -1))  # (F_NJ, 32, 2, epw)
+                    A = np.full((F_WARPS, 16, 8, epw), np.nan)
+                    A[:, A_ROW, A_WORD] = a
+                    B = np.full((F_NJ, 8, 8, epw), np.nan)
+                    B[:, B_N, B_WORD] = b
+                    D = np.einsum("wik,njk->wnij", A.reshape(F_WARPS, 16, -1), B.reshape(F_NJ, 8, -1))
+                    acc += np.transpose(D[:, :, C_ROW, C_COL], (0, 2, 1, 3))
+                if row_scale is None:
+                    for th in range(ROWS):
+                        for e in range(elems):
+                            col = kt * elems + e
+                            if col < d:
+                                v = np.float32(smem[(xs + th * PITCH_WORDS) * epw + e])
+                                if center is not None:
+                                    v = np.float32(v - center[col])
+                                row_sq[th] = np.float32(row_sq[th] + np.float32(v * v))
+            best_val = np.full(ROWS, np.nan)
+            best_idx = np.full(ROWS, -7)
+            for wp in range(F_WARPS):
+                for h in range(2):
+                    vals = np.full(32, -np.inf)
+                    idxs = np.full(32, np.iinfo(np.int32).max)
+                    for ln in range(32):
+                        for nj in range(F_NJ):
+                            for e in range(2):
+                                col = nj * 8 + 2 * (ln % 4) + e
+                                if col < k:
+                                    v = np.float32(s[col] * np.float32(np.float32(acc[wp, ln, nj, 2 * h + e]) - o[col]))
+                                    if v > vals[ln]:
+                                        vals[ln], idxs[ln] = v, col
+                    for off in (1, 2):
+                        ov, oi = vals[LANE ^ off], idxs[LANE ^ off]
+                        take = better(ov, oi, vals, idxs)
+                        vals, idxs = np.where(take, ov, vals), np.where(take, oi, idxs)
+                    for ln in range(0, 32, 4):
+                        r = wp * F_WARP_ROWS + ln // 4 + 8 * h
+                        best_val[r], best_idx[r] = vals[ln], idxs[ln]
+            rs = np.zeros(ROWS, np.float32)
+            for th in range(rows):
+                if row_scale is not None:
+                    rs[th] = row_scale[row0 + th]
+                else:
+                    rs[th] = np.float32(1 / np.sqrt(row_sq[th])) if row_sq[th] > 0 else 0
+            label_s = np.zeros(ROWS, np.int64)
+            for th in range(rows):
+                label, score = 0, np.float32(0)
+                if rs[th] > 0:
+                    label = best_idx[th] if 0 <= best_idx[th] < k else 0
+                    score = np.float32(rs[th] * best_val[th])
+                labels[row0 + th], scores[row0 + th] = label, score
+                label_s[th] = label
+            # rank sort
+            order = np.full(ROWS, -1)
+            sorted_label = np.full(ROWS, -1)
+            for th in range(rows):
+                lab = label_s[th]
+                m = np.arange(rows)
+                rank = int(((label_s[:rows] < lab) | ((label_s[:rows] == lab) & (m < th))).sum())
+                order[rank], sorted_label[rank] = th, lab
+                if not ((label_s[:rows] == lab) & (m < th)).any():
+                    counts_s[lab] += int((label_s[:rows] == lab).sum())
+            # phase 2
+            for s_ in range(STAGES - 1):
+                if s_ < k_steps:
+                    load(s_ * F_TILE_WORDS, s_, False)
+            for kt in range(k_steps):
+                if kt + STAGES - 1 < k_steps:
+                    load(((kt + STAGES - 1) % STAGES) * F_TILE_WORDS, kt + STAGES - 1, False)
+                xs = (kt % STAGES) * F_TILE_WORDS
+                col0 = kt * elems + LANE * epw  # (32,)
+                ctr = np.zeros((32, epw), np.float32)
+                for e in range(epw):
+                    ok = col0 + e < d
+                    if center is not None:
+                        ctr[ok, e] = center[col0[ok] + e]
+                for wp in range(F_WARPS):
+                    q_begin = wp * F_WARP_ROWS
+                    q_seg_end = min(q_begin + F_WARP_ROWS, rows)
+                    q = q_begin
+                    while q < q_seg_end and q > 0 and sorted_label[q] == sorted_label[q - 1]:
+                        q += 1
+                    if q >= q_seg_end:
+                        q = rows
+                    part = np.zeros((32, epw), np.float32)
+                    while q < rows:
+                        lab = sorted_label[q]
+                        if q >= q_seg_end and lab != sorted_label[q - 1]:
+                            break
+                        m = order[q]
+                        r = rs[m]
+                        if r > 0:
+                            v = (words(xs + m * PITCH_WORDS + LANE).astype(np.float32) - ctr).astype(np.float32)
+                            part = (part + np.float32(r) * v).astype(np.float32)
+                            for e in range(epw):
+                                ok = col0 + e < d
+                                cover[row0 + m, col0[ok] + e] += 1
+                        if q + 1 == rows or sorted_label[q + 1] != lab:
+                            for e in range(epw):
+                                ok = col0 + e < d
+                                sums_s[lab * d + col0[ok] + e] += part[ok, e]
+                            part[:] = 0
+                        q += 1
+        part_sums[block] = sums_s
+        part_counts[block] = counts_s[:k]
+    sums = part_sums.astype(np.float64).sum(0).reshape(k, d)
+    counts = part_counts.sum(0)
+    return labels, scores, sums, counts, cover
+
+
+FUSED_SHAPES = [
+    # n, d, k, dtype, stride_pad, extras, grid
+    (1, 1, 1, "float32", 3, {}, 1),
+    (300, 37, 5, "float32", 3, dict(duplicates=2, zero_rows=4), 2),
+    (260, 70, 64, "bfloat16", 2, dict(duplicates=10, zero_rows=3), 2),
+    (200, 65, 1, "float16", 7, {}, 1),
+    (129, 33, 40, "float32", 3, dict(center=True, zero_rows=3), 2),
+    (150, 96, 20, "bfloat16", 0, dict(scales=True), 3),
+    (140, 130, 7, "float32", 2, dict(scales=True, center=True), 1),
+]
+
+
+@pytest.mark.parametrize("n,d,k,dtype,stride_pad,extras,grid", FUSED_SHAPES)
+def test_emulated_fused_kernel_matches_numpy(n, d, k, dtype, stride_pad, extras, grid):
+    rng = np.random.default_rng(n * 7 + d * 3 + k)
+    X, C, buf, stride, kw = _case(rng, n, d, k, dtype, stride_pad, **extras)
+    labels, scores, sums, counts, cover = emulate_fused(buf, n, d, stride, C, dtype, grid=grid, **kw)
+    r_ref, S = _reference(X, C, dtype, **kw)
+    assert (labels >= 0).all() and np.isfinite(scores).all()
+    live = r_ref > 0
+    assert (labels[~live] == 0).all() and (scores[~live] == 0).all()
+    best = S.max(axis=1)
+    scale = np.abs(S).max(axis=1) + 1e-30
+    chosen = S[np.arange(n), labels]
+    assert (chosen >= best - 1e-6 * scale)[live].all()
+    np.testing.assert_allclose(scores[live], (r_ref * chosen)[live], rtol=1e-5, atol=1e-6)
+    # Every live row added exactly once to every column, the others never.
+    assert (cover[live] == 1).all() and (cover[~live] == 0).all()
+    np.testing.assert_array_equal(counts, np.bincount(labels, minlength=k))
+    Xc = X.astype(np.float64) - (kw["center"] if "center" in kw else 0)
+    ref = np.zeros((k, d))
+    np.add.at(ref, labels[live], r_ref[live, None].astype(np.float32).astype(np.float64) * Xc[live])
+    np.testing.assert_allclose(sums, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())

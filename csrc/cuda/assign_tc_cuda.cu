@@ -595,12 +595,343 @@ __global__ void __launch_bounds__(kSegThreads)
   }
 }
 
-// Which way the tensor-core path accumulates cluster sums: "sorted" (default; the segmented
-// reduction above) or "block" (per-block atomics in the assignment kernel). EDPAIRS_ASSIGN_SUMS
-// exists so that the benchmarks can measure both.
-inline bool use_sorted_sums() {
+// ---- small k: cluster sums fused into the assignment, one read of x from DRAM -------------
+// For k <= kFCents with k x D float32 sums that fit in shared memory next to the pipeline
+// (D <= 576 at k = 64 on Hopper's 227 KB): a persistent grid (one block per multiprocessor),
+// each block looping over 128-row tiles:
+//  phase 1: the kRows x kFCents product through the cp.async ring (x and centroid slices),
+//           8 warps of 16 rows x 64 centroids, no padding tile; argmax, labels, scores;
+//  phase 2: the rows are ranked by label (as add_block_sums does) and the same 128 rows are
+//           streamed through the ring a second time (x slices only: from L2, which still holds
+//           them - 132 blocks x 256 KB = 34 MB in flight), each warp adding the label groups
+//           that begin in its 16 sorted positions into the block's float32 sums in shared
+//           memory (one writer per label and tile: no atomics, a fixed order);
+//  end:     the block writes its k x D float32 partial sums and its counts to a workspace; a
+//           second kernel adds the partials of all blocks in block order in float64.
+// x is read once from DRAM; the centroid slices and the second pass come from L2.
+constexpr int kFCents = 64;                       // centroids of the only tile (k <= 64)
+constexpr int kFWarps = 8;                        // warps, each 16 rows x all 64 centroids
+constexpr int kFThreads = 32 * kFWarps;
+constexpr int kFWarpRows = kRows / kFWarps;       // 16
+constexpr int kFNj = kFCents / 8;                 // mma tiles per warp along centroids
+constexpr int kFTileWords = (kRows + kFCents) * kPitchWords;
+constexpr int kFPipeBytes = kStages * kFTileWords * 4;  // 82944 bytes
+constexpr int kFLoadRows = kFThreads / 8;         // rows one loader pass covers
+static_assert(kFWarpRows == 16 && kRows % kFLoadRows == 0 && kFCents % kFLoadRows == 0,
+              "fused kernel tiling");
+
+struct FusedParams {
+  TcParams p;
+  int n_tiles;            // ceil(n / kRows)
+  float* part_sums;       // (gridDim.x, k, d) float32
+  unsigned* part_counts;  // (gridDim.x, k)
+};
+
+// Slice kt of the block's rows (and, with kWithC, of the centroid tile) into `stage`.
+template <class T, bool kWithC>
+__device__ __forceinline__ void fused_load_stage(const TcParams& p, uint32_t* stage, int kt,
+                                                 int64_t row0, int tid) {
+  constexpr int kElems = slice_elems<T>();
+  constexpr int kChunkElems = 16 / static_cast<int>(sizeof(T));
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ cw = static_cast<const T*>(p.cw);
+  const int chunk = tid % 8;
+  const int col = kt * kElems + chunk * kChunkElems;
+#pragma unroll
+  for (int i = 0; i < kRows / kFLoadRows; ++i) {
+    const int r = tid / 8 + kFLoadRows * i;
+    const int64_t grow = row0 + r;
+    int valid = 0;
+    if (grow < p.n) valid = p.d - col < kChunkElems ? (p.d - col > 0 ? p.d - col : 0) : kChunkElems;
+    const T* src = valid > 0 ? x + grow * p.x_stride + col : x;
+    cp_async_16(smem_addr(stage + r * kPitchWords + chunk * 4), src,
+                valid * static_cast<int>(sizeof(T)));
+  }
+  if constexpr (kWithC) {
+#pragma unroll
+    for (int i = 0; i < kFCents / kFLoadRows; ++i) {
+      const int r = tid / 8 + kFLoadRows * i;
+      cp_async_16(smem_addr(stage + (kRows + r) * kPitchWords + chunk * 4),
+                  cw + static_cast<int64_t>(r) * p.d_pad + col, 16);
+    }
+  }
+}
+
+// The two elements (16-bit x) or one element (float32 x) of a shared word, centred.
+template <class T>
+__device__ __forceinline__ void word_values(const uint32_t* w, float c0, float c1, float (&v)[2]) {
+  if constexpr (sizeof(T) == 4) {
+    v[0] = __uint_as_float(*w) - c0;
+    v[1] = 0.f;
+  } else {
+    const T* e = reinterpret_cast<const T*>(w);
+    v[0] = to_float(e[0]) - c0;
+    v[1] = to_float(e[1]) - c1;
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kFThreads, 1) assign_tc_fused_kernel(const FusedParams fp) {
+  extern __shared__ __align__(16) uint32_t smem[];
+  float* sums_s = reinterpret_cast<float*>(smem + kFPipeBytes / 4);  // (k, d) float32
+  __shared__ float best_val_s[kRows];
+  __shared__ int best_idx_s[kRows];
+  __shared__ float row_scale_s[kRows];
+  __shared__ int label_s[kRows];
+  __shared__ int order_s[kRows];         // sorted position -> row of the tile
+  __shared__ int sorted_label_s[kRows];  // sorted position -> label
+  __shared__ unsigned counts_s[kFCents];
+
+  const TcParams& p = fp.p;
+  constexpr int kElems = slice_elems<T>();
+  constexpr int kEpw = 4 / static_cast<int>(sizeof(T));  // elements per 32-bit word
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int k_steps = p.d_pad / kElems;
+  const int kd = p.k * p.d;
+  for (int i = tid; i < kd; i += kFThreads) sums_s[i] = 0.f;
+  for (int i = tid; i < kFCents; i += kFThreads) counts_s[i] = 0u;
+  // (made visible by the first barrier of the loop below)
+
+  for (int tile = static_cast<int>(blockIdx.x); tile < fp.n_tiles; tile += static_cast<int>(gridDim.x)) {
+    const int64_t row0 = static_cast<int64_t>(tile) * kRows;
+    const int rows = static_cast<int>(p.n - row0 < kRows ? p.n - row0 : kRows);
+
+    // ---- phase 1: products and argmax -------------------------------------------------
+    float acc[kFNj][4];
+#pragma unroll
+    for (int nj = 0; nj < kFNj; ++nj) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[nj][r] = 0.f;
+    }
+    float row_sq = 0.f;
+    const bool sums_row_norm = p.row_scale == nullptr;
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < k_steps) fused_load_stage<T, true>(p, smem + s * kFTileWords, s, row0, tid);
+      cp_async_commit();
+    }
+    for (int kt = 0; kt < k_steps; ++kt) {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();
+      {
+        const int next = kt + kStages - 1;
+        if (next < k_steps) {
+          fused_load_stage<T, true>(p, smem + (next % kStages) * kFTileWords, next, row0, tid);
+        }
+        cp_async_commit();
+      }
+      const uint32_t* xs = smem + (kt % kStages) * kFTileWords;
+      const uint32_t* cs = xs + kRows * kPitchWords;
+#pragma unroll
+      for (int ks = 0; ks < kSliceBytes / 4 / Mma<T>::kWordsPerStep; ++ks) {
+        const int w = ks * Mma<T>::kWordsPerStep + t;
+        uint32_t a[4];
+        {
+          const uint32_t* base = xs + (warp * kFWarpRows + g) * kPitchWords + w;
+          a[0] = a_word<T>(base);
+          a[1] = a_word<T>(base + 8 * kPitchWords);
+          a[2] = a_word<T>(base + 4);
+          a[3] = a_word<T>(base + 8 * kPitchWords + 4);
+        }
+#pragma unroll
+        for (int nj = 0; nj < kFNj; ++nj) {
+          const uint32_t* base = cs + (nj * 8 + g) * kPitchWords + w;
+          const uint32_t b[2] = {base[0], base[4]};
+          Mma<T>::run(acc[nj], a, b);
+        }
+      }
+      if (sums_row_norm && tid < kRows) {
+        const T* xr = reinterpret_cast<const T*>(xs + tid * kPitchWords);
+#pragma unroll 8
+        for (int e = 0; e < kElems; ++e) {
+          const int col = kt * kElems + e;
+          if (col < p.d) {
+            const float v = to_float(xr[e]) - (p.center != nullptr ? p.center[col] : 0.f);
+            row_sq = fmaf(v, v, row_sq);
+          }
+        }
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // phase 2's prologue overwrites the stages
+
+    // Best of each row over the 64 centroids: own columns in increasing order, then the quad.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float bv = -INFINITY;
+      int bi = INT_MAX;
+#pragma unroll
+      for (int nj = 0; nj < kFNj; ++nj) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = nj * 8 + 2 * t + e;
+          if (col < p.k) {
+            const float v = p.col_s[col] * (acc[nj][2 * h + e] - p.col_o[col]);
+            if (v > bv) {
+              bv = v;
+              bi = col;
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int off = 1; off <= 2; off <<= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, off);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, off);
+        if (better(ov, oi, bv, bi)) {
+          bv = ov;
+          bi = oi;
+        }
+      }
+      if (t == 0) {
+        const int r = warp * kFWarpRows + g + 8 * h;
+        best_val_s[r] = bv;
+        best_idx_s[r] = bi;
+      }
+    }
+    if (tid < kRows) {
+      float r = 0.f;
+      if (tid < rows) {
+        if (p.row_scale != nullptr) {
+          r = p.row_scale[row0 + tid];
+        } else {
+          r = row_sq > 0.f ? 1.f / sqrtf(row_sq) : 0.f;
+        }
+      }
+      row_scale_s[tid] = r;
+    }
+    __syncthreads();
+    if (tid < rows) {
+      const float bv = best_val_s[tid];
+      const int bi = best_idx_s[tid];
+      const float r = row_scale_s[tid];
+      int label = 0;
+      float score = 0.f;
+      if (r > 0.f) {
+        label = bi >= 0 && bi < p.k ? bi : 0;
+        score = r * bv;
+      }
+      p.labels[row0 + tid] = label;
+      p.scores[row0 + tid] = score;
+      label_s[tid] = label;
+    }
+    __syncthreads();
+    // Rank sort by (label, row); the first row of each label adds the label's count.
+    if (tid < rows) {
+      const int label = label_s[tid];
+      int rank = 0;
+      int same = 0;
+      bool first = true;
+      for (int m = 0; m < rows; ++m) {
+        const int l = label_s[m];
+        rank += (l < label || (l == label && m < tid)) ? 1 : 0;
+        if (l == label) {
+          ++same;
+          if (m < tid) first = false;
+        }
+      }
+      order_s[rank] = tid;
+      sorted_label_s[rank] = label;
+      if (first) counts_s[label] += static_cast<unsigned>(same);
+    }
+    // (the first barrier of phase 2 publishes order_s / sorted_label_s)
+
+    // ---- phase 2: the rows again (L2), label groups into the shared sums ----------------
+    // Warp w owns the groups that start at sorted positions [16 w, 16 w + 16) and walks each
+    // to its end (possibly past its 16 positions); lane = word of the slice.
+    int q_begin = warp * kFWarpRows;
+    const int q_seg_end = q_begin + kFWarpRows < rows ? q_begin + kFWarpRows : rows;
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < k_steps) fused_load_stage<T, false>(p, smem + s * kFTileWords, s, row0, tid);
+      cp_async_commit();
+    }
+    for (int kt = 0; kt < k_steps; ++kt) {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();
+      {
+        const int next = kt + kStages - 1;
+        if (next < k_steps) {
+          fused_load_stage<T, false>(p, smem + (next % kStages) * kFTileWords, next, row0, tid);
+        }
+        cp_async_commit();
+      }
+      const uint32_t* xs = smem + (kt % kStages) * kFTileWords;
+      const int col0 = kt * kElems + lane * kEpw;  // first column of this lane's word
+      float ctr[2] = {0.f, 0.f};
+      if (p.center != nullptr) {
+        if (col0 < p.d) ctr[0] = p.center[col0];
+        if (kEpw == 2 && col0 + 1 < p.d) ctr[1] = p.center[col0 + 1];
+      }
+      int q = q_begin;
+      // Skip the tail of a group that began in the previous warp's positions.
+      while (q < q_seg_end && q > 0 && sorted_label_s[q] == sorted_label_s[q - 1]) ++q;
+      if (q >= q_seg_end) q = rows;  // no group begins here
+      float part[2] = {0.f, 0.f};
+      for (; q < rows; ++q) {
+        const int label = sorted_label_s[q];
+        if (q >= q_seg_end && label != sorted_label_s[q - 1]) break;  // the next warp's group
+        const int m = order_s[q];
+        const float r = row_scale_s[m];
+        if (r > 0.f) {  // zero rows add nothing
+          float v[2];
+          word_values<T>(xs + m * kPitchWords + lane, ctr[0], ctr[1], v);
+          part[0] = fmaf(r, v[0], part[0]);
+          part[1] = fmaf(r, v[1], part[1]);
+        }
+        if (q + 1 == rows || sorted_label_s[q + 1] != label) {
+          float* dst = sums_s + label * p.d + col0;
+          if (col0 < p.d) dst[0] += part[0];
+          if (kEpw == 2 && col0 + 1 < p.d) dst[1] += part[1];
+          part[0] = 0.f;
+          part[1] = 0.f;
+        }
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the next tile's prologue overwrites the stages and the sorted arrays
+  }
+
+  // The block's partials, for the deterministic reduction.
+  float* dst = fp.part_sums + static_cast<int64_t>(blockIdx.x) * kd;
+  for (int i = tid; i < kd; i += kFThreads) dst[i] = sums_s[i];
+  for (int i = tid; i < p.k; i += kFThreads) {
+    fp.part_counts[static_cast<int64_t>(blockIdx.x) * p.k + i] = counts_s[i];
+  }
+}
+
+// sums[i] += sum over blocks b (in order) of part[b][i], in float64; the same for counts.
+__global__ void reduce_fused_partials(const float* __restrict__ part_sums,
+                                      const unsigned* __restrict__ part_counts, const int blocks,
+                                      const int kd, const int k, double* __restrict__ sums,
+                                      unsigned long long* __restrict__ counts) {
+  const int i = static_cast<int>(blockIdx.x) * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
+  if (i < kd) {
+    double acc = 0.0;
+    for (int b = 0; b < blocks; ++b) acc += static_cast<double>(part_sums[static_cast<int64_t>(b) * kd + i]);
+    sums[i] += acc;
+  }
+  if (counts != nullptr && i < k) {
+    unsigned long long c = 0;
+    for (int b = 0; b < blocks; ++b) c += part_counts[static_cast<int64_t>(b) * k + i];
+    counts[i] += c;
+  }
+}
+
+// Which way the tensor-core path accumulates cluster sums (EDPAIRS_ASSIGN_SUMS): "sorted"
+// (default; the segmented reduction above), "block" (per-block atomics in the assignment
+// kernel) or "fused" (the small-k kernel above where it applies, else "sorted"). The knob
+// exists so that the benchmarks measure each and a failure on a device can be isolated.
+enum class SumsMode { Sorted, Block, Fused };
+inline SumsMode sums_mode() {
   const char* v = std::getenv("EDPAIRS_ASSIGN_SUMS");
-  return !(v != nullptr && std::string(v) == "block");
+  if (v != nullptr && std::string(v) == "block") return SumsMode::Block;
+  if (v != nullptr && std::string(v) == "fused") return SumsMode::Fused;
+  return SumsMode::Sorted;
 }
 
 // Shared memory the assignment kernel asks for. Two blocks per SM by default; with
@@ -613,8 +944,96 @@ inline int assign_smem_bytes() {
   return (v != nullptr && std::string(v) == "1") ? 160 * 1024 : kSmemBytes;
 }
 
+// Static shared memory of the fused kernel (best, row scale, label, order, sorted label
+// arrays and the counts), kept out of the dynamic budget.
+constexpr int kFStaticBytes = 6 * kRows * 4 + kFCents * 4;
+
+// Runs the fused small-k path and returns true where it applies (EDPAIRS_ASSIGN_SUMS=fused,
+// sums requested, k <= 64, 16-byte aligned rows, the k x D sums fit in shared memory);
+// returns false, having launched nothing, otherwise.
+template <class T>
+bool launch_fused(const AssignArgs& args, TcParams p, cudaStream_t s) {
+  if (p.sums == nullptr || sums_mode() != SumsMode::Fused) return false;
+  const int64_t n = args.x.size(0);
+  const int64_t d = args.x.size(1);
+  const int64_t k = args.centroids.size(0);
+  if (k > kFCents) return false;
+  const bool aligned = reinterpret_cast<uintptr_t>(p.x) % 16 == 0 &&
+                       (p.x_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  if (!aligned) return false;
+  int device = 0;
+  EDPAIRS_CUDA_CHECK(cudaGetDevice(&device));
+  int optin = 0;
+  int sms = 0;
+  EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t smem_bytes = kFPipeBytes + k * d * 4;
+  if (smem_bytes + kFStaticBytes > optin) return false;
+  const int64_t n_tiles = ceil_div(n, kRows);
+  if (n_tiles > INT_MAX) return false;
+  constexpr int kElems = slice_elems<T>();
+  const int64_t d_pad = ceil_div(d, kElems) * kElems;
+  const int64_t k_pad = kFCents;
+  const int64_t grid = n_tiles < sms ? n_tiles : sms;  // persistent: one block per SM
+
+  // Workspace: centroids (k_pad, d_pad) of T, s and o (k_pad floats each), partial sums
+  // (grid, k, d) float32, partial counts (grid, k).
+  const size_t cw_bytes = static_cast<size_t>(k_pad * d_pad) * sizeof(T);
+  const size_t part_elems = static_cast<size_t>(grid * k * d);
+  const size_t bytes = cw_bytes + 2 * static_cast<size_t>(k_pad) * 4 + part_elems * 4 +
+                       static_cast<size_t>(grid * k) * 4;
+  struct Workspace {
+    void* ptr = nullptr;
+    cudaStream_t stream;
+    ~Workspace() {
+      if (ptr != nullptr) (void)cudaFreeAsync(ptr, stream);
+    }
+  } workspace{nullptr, s};
+  EDPAIRS_CUDA_CHECK(cudaMallocAsync(&workspace.ptr, bytes, s));
+  void* ws = workspace.ptr;
+  T* cw = static_cast<T*>(ws);
+  float* col_s = reinterpret_cast<float*>(static_cast<char*>(ws) + cw_bytes);
+  float* col_o = col_s + k_pad;
+  float* part_sums = col_o + k_pad;
+  unsigned* part_counts = reinterpret_cast<unsigned*>(part_sums + part_elems);
+
+  prepare_centroids<T><<<static_cast<unsigned>(ceil_div(k_pad, 8)), 256, 0, s>>>(
+      args.centroids.ptr<const float>(), static_cast<int>(k), static_cast<int>(d),
+      static_cast<int>(k_pad), static_cast<int>(d_pad), p.center,
+      args.col_scale.present ? args.col_scale.ptr<const float>() : nullptr, cw, col_s, col_o);
+  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+
+  FusedParams fp{};
+  fp.p = p;
+  fp.p.d_pad = static_cast<int>(d_pad);
+  fp.p.k_tiles = 1;
+  fp.p.cw = cw;
+  fp.p.col_s = col_s;
+  fp.p.col_o = col_o;
+  fp.p.row_scale_out = nullptr;
+  fp.n_tiles = static_cast<int>(n_tiles);
+  fp.part_sums = part_sums;
+  fp.part_counts = part_counts;
+  auto kernel = assign_tc_fused_kernel<T>;
+  EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem_bytes)));
+  EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                          cudaSharedmemCarveoutMaxShared));
+  kernel<<<static_cast<unsigned>(grid), kFThreads, static_cast<size_t>(smem_bytes), s>>>(fp);
+  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+  const int kd = static_cast<int>(k * d);
+  const int reduce_items = kd > k ? kd : static_cast<int>(k);
+  reduce_fused_partials<<<static_cast<unsigned>(ceil_div(reduce_items, 256)), 256, 0, s>>>(
+      part_sums, part_counts, static_cast<int>(grid), kd, static_cast<int>(k), p.sums, p.counts);
+  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+  workspace.ptr = nullptr;
+  EDPAIRS_CUDA_CHECK(cudaFreeAsync(ws, s));
+  return true;
+}
+
 template <class T>
 void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
+  if (launch_fused<T>(args, p, s)) return;
   const int64_t n = args.x.size(0);
   const int64_t d = args.x.size(1);
   const int64_t k = args.centroids.size(0);
@@ -629,7 +1048,7 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
 
   // Workspace: centroids (k_pad, d_pad) of T, then s and o (k_pad floats each).
   // With sorted sums also: row scales (N floats), perm (N ints), cursor (k_pad ints).
-  const bool sorted = p.sums != nullptr && n <= INT_MAX && use_sorted_sums();
+  const bool sorted = p.sums != nullptr && n <= INT_MAX && sums_mode() != SumsMode::Block;
   const size_t cw_bytes = static_cast<size_t>(k_pad) * static_cast<size_t>(d_pad) * sizeof(T);
   size_t bytes = cw_bytes + 2 * static_cast<size_t>(k_pad) * sizeof(float);
   if (sorted) bytes += 2 * static_cast<size_t>(n) * 4 + static_cast<size_t>(k_pad) * 4;
