@@ -7,6 +7,10 @@ user would pick instead, in the same run on the same data.
   edpairs-f32  the same with precision="float32" (exact float32 products; CUDA only differs)
   edpairs-blk  edpairs with the cluster sums as per-block atomics inside the assignment kernel
                instead of the sorted segmented pass (EDPAIRS_ASSIGN_SUMS=block; CUDA only differs)
+  edpairs-fused  edpairs with the cluster sums fused into a persistent small-k assignment kernel
+               (k <= 64, k x D float32 sums in shared memory; one read of X from DRAM, a second
+               of each tile from L2; EDPAIRS_ASSIGN_SUMS=fused; the sorted pass where it does
+               not apply; CUDA only differs)
   edpairs-1sm  edpairs with one assignment block per SM instead of two (fewer rows of X in
                flight, so the re-reads per centroid tile stay in L2; EDPAIRS_ASSIGN_BLOCKS_PER_SM=1)
   faiss    faiss.Kmeans(d, k, spherical=True, niter=1).train (faiss-cpu, or faiss GPU with --device cuda)
@@ -165,8 +169,8 @@ def run_faiss(X, C0, device, dtype):
 
 
 METHODS = {"edpairs": run_edpairs, "edpairs-f32": run_edpairs_f32, "edpairs-blk": run_edpairs,
-           "edpairs-1sm": run_edpairs, "faiss": run_faiss, "torch": run_torch}
-METHOD_ENV = {"edpairs-blk": {"EDPAIRS_ASSIGN_SUMS": "block"}, "edpairs-1sm": {"EDPAIRS_ASSIGN_BLOCKS_PER_SM": "1"}}
+           "edpairs-1sm": run_edpairs, "edpairs-fused": run_edpairs, "faiss": run_faiss, "torch": run_torch}
+METHOD_ENV = {"edpairs-blk": {"EDPAIRS_ASSIGN_SUMS": "block"}, "edpairs-fused": {"EDPAIRS_ASSIGN_SUMS": "fused"}, "edpairs-1sm": {"EDPAIRS_ASSIGN_BLOCKS_PER_SM": "1"}}
 
 
 def cached_data(N: int, D: int, k: int, seed: int):

@@ -766,3 +766,79 @@ def test_tensor_core_large(torch):
         Xg = gpu(X, "torch", dtype)
         res = _poisoned_tc_assign(Xg, gpu(C))
         check_tc_assignment(res, f64(Xg), C, dtype)
+
+
+# (N, D, k) for the fused small-k sums: ragged tiles, one tile, k = 1 (one label group per
+# tile, walked by one warp), k = 64 (the largest), a grid smaller than the tiles (persistent
+# loop), and the benchmark's D = 512 (the largest that fits next to the pipeline at k = 64 on
+# Hopper; falls back to the sorted pass where shared memory is smaller).
+FUSED_SHAPES = [(1, 1, 1), (127, 31, 7), (300, 64, 1), (1000, 100, 64), (5000, 40, 33), (200_000, 64, 64),
+                (20_000, 512, 64)]
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES)
+@pytest.mark.parametrize("N,D,k", FUSED_SHAPES)
+@pytest.mark.parametrize("variant", ["plain", "center", "scales", "strided"])
+def test_tensor_core_fused_sums(torch, dtype, N, D, k, variant, rng, monkeypatch):
+    """EDPAIRS_ASSIGN_SUMS=fused (cluster sums in the assignment kernel, one read of x): labels
+    and scores within the tensor-core error model, every output written, counts exact, sums
+    within float32 accumulation of float64 ones, and the same labels / counts as the sorted
+    pass."""
+    if variant != "plain" and N > 5000:
+        pytest.skip("the variants run on the small shapes")
+    C = make_centroids(rng, k, D)
+    X = make_rows(rng, N, D, C=C, zero_rows=min(3, N - 1))
+    kw = {}
+    if variant == "center":
+        kw["center"] = (0.1 * rng.standard_normal(D)).astype(np.float32)
+    if variant == "scales":
+        kw["row_scale"] = (rng.random(N) * (rng.random(N) > 0.1)).astype(np.float32)
+        kw["col_scale"] = (1 + rng.random(k)).astype(np.float32)
+    if variant == "strided":  # rows 16-byte aligned with a gap: still the fused path
+        wide = torch.zeros((N, D + 8), dtype=getattr(torch, dtype), device=DEVICE)
+        wide[:, :D] = gpu(X, "torch", dtype)
+        Xg = wide[:, :D]
+    else:
+        Xg = gpu(X, "torch", dtype)
+    gkw = {name: gpu(v) for name, v in kw.items()}
+    monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", "fused")
+    fused = _poisoned_tc_assign(Xg, gpu(C), **gkw)
+    check_tc_assignment(fused, f64(Xg), C, dtype, **kw)
+    monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", "sorted")
+    sorted_ = _poisoned_tc_assign(Xg, gpu(C), **gkw)
+    np.testing.assert_array_equal(to_numpy(fused.labels), to_numpy(sorted_.labels))
+    np.testing.assert_array_equal(to_numpy(fused.counts), to_numpy(sorted_.counts))
+    a, b = to_numpy(fused.sums), to_numpy(sorted_.sums)
+    assert np.abs(a - b).max() <= 1e-5 * (np.abs(b).max() + 1e-30)
+    # Run to run: the fused sums are deterministic (a fixed order everywhere).
+    monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", "fused")
+    again = _poisoned_tc_assign(Xg, gpu(C), **gkw)
+    np.testing.assert_array_equal(to_numpy(again.sums), a)
+
+
+@pytest.mark.parametrize("N,D,k", [(3000, 37, 65), (3000, 4096, 64)])
+def test_tensor_core_fused_sums_falls_back(torch, N, D, k, rng, monkeypatch):
+    """Where the fused kernel does not apply (k > 64; k x D sums larger than shared memory;
+    rows not 16-byte aligned), EDPAIRS_ASSIGN_SUMS=fused takes the sorted pass: same results."""
+    C = make_centroids(rng, k, D)
+    X = make_rows(rng, N, D, C=C, zero_rows=2)
+    monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", "fused")
+    res = _poisoned_tc_assign(gpu(X), gpu(C))
+    check_tc_assignment(res, X, C, "float32")
+    wide = torch.zeros((N, D + 1), dtype=torch.float32, device=DEVICE)
+    wide[:, :D] = gpu(X)
+    res = _poisoned_tc_assign(wide[:, :D], gpu(C))  # unaligned rows
+    check_tc_assignment(res, X, C, "float32")
+
+
+def test_tensor_core_fused_kmeans_step(torch, rng, monkeypatch):
+    """spherical_kmeans_step with the fused sums equals the step with the sorted sums."""
+    C = make_centroids(rng, 50, 96) * 3
+    X = make_rows(rng, 20_000, 96, C=C, zero_rows=2)
+    monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", "fused")
+    c1, l1, n1 = ops.spherical_kmeans_step(gpu(X), gpu(C), precision="tf32")
+    monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", "sorted")
+    c2, l2, n2 = ops.spherical_kmeans_step(gpu(X), gpu(C), precision="tf32")
+    np.testing.assert_array_equal(to_numpy(l1), to_numpy(l2))
+    np.testing.assert_array_equal(to_numpy(n1), to_numpy(n2))
+    np.testing.assert_allclose(to_numpy(c1), to_numpy(c2), rtol=1e-5, atol=1e-6)
