@@ -11,7 +11,7 @@ import edpairs as edp
 torch = pytest.importorskip("torch")
 from edpairs.ura import URAConfig, align, entropy, filter_signal_orthogonality, shift  # noqa: E402
 
-FAST = dict(unconstrained_epochs=2, constrained_epochs=2, batch_images=256)
+FAST = dict(unconstrained_epochs=2, constrained_epochs=2, batch_images=256, min_steps=0)
 
 
 def score(layer, model):
@@ -206,6 +206,33 @@ def test_align_directly_returns_raw_detectors(small):
                 config=URAConfig(seed=0, **FAST))
     assert res.W.shape == (3, 16) and res.b.shape == (3,) and res.S.shape == (3, 16)
     assert np.isfinite(res.W).all() and np.isfinite(res.S).all()
+
+
+@pytest.mark.parametrize("regularizer", ["exclusive", "memberships", "stage", "none"])
+def test_every_regularizer_runs(small, regularizer):
+    model = edp.EDPairs(3, random_state=0).fit(small.images(), head=small.head,
+                                               ura={**FAST, "regularizer": regularizer})
+    assert np.isfinite(model.decoding_).all() and np.isfinite(model.encoding_).all()
+    assert np.isfinite(model.ura_["constrained"][-1]["total"])
+
+
+@pytest.mark.cuda
+def test_head_on_cuda(small):
+    """URA runs where the head is (stages 1-4 on the host's numpy patches)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU visible to torch")
+    head = TorchHead(small.head).cuda()
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    cpu = edp.EDPairs(3, random_state=0).fit(small.images(), head=TorchHead(small.head), ura=FAST)
+    gpu = edp.EDPairs(3, random_state=0).fit(small.images(), head=head, ura=FAST)
+    for k, v in before.items():
+        assert torch.equal(v, head.state_dict()[k]), k
+    rc, rg = score(small, cpu), score(small, gpu)
+    assert abs(rc["mean_iou"] - rg["mean_iou"]) < 0.05
+    images = torch.from_numpy(small.images()).cuda()
+    model = edp.EDPairs(3, random_state=0).fit(images, head=head, ura=FAST) if edp.build_info()["cuda"] else None
+    if model is not None:
+        assert np.isfinite(model.decoding_).all()
 
 
 # ---- errors -------------------------------------------------------------------------------
