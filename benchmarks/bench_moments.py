@@ -2,7 +2,9 @@
 """Streaming moments (mean + covariance) and masked per-concept signal moments: edpairs against
 what a user would write instead, in the same run on the same data.
 
-  moments:         edpairs.ops.moments  vs  numpy.cov  vs  torch.cov
+  moments:         edpairs.ops.moments  vs  numpy.cov  vs  torch.cov; on CUDA also edpairs-tf32
+                   (EDPAIRS_MOMENTS=tf32: the opt-in tensor-core scatter, TF32 products of the
+                   centred rows, float32 per block, float64 between blocks)
   signal moments:  edpairs.ops.signal_moments  vs  torch (Z = X W - b, M = Z > 0, X^T M and X^T (M*Z))
 
 Results are checked against float64 before timing. With --device cuda the GPU rates are
@@ -73,6 +75,8 @@ def main() -> None:
         cases = {
             "moments": {
                 "edpairs": lambda: edp.ops.moments(X, check_finite=False).cov,
+                **({"edpairs-tf32": _with_env("EDPAIRS_MOMENTS", "tf32", lambda: edp.ops.moments(X, check_finite=False).cov)}
+                   if dev.startswith("cuda") else {}),
                 "torch.cov": lambda: torch.cov(X.float().T),
                 **({"numpy.cov": lambda: np.cov(Xn, rowvar=False)} if dev == "cpu" and args.dtype == "float32" else {}),
             },
@@ -107,11 +111,31 @@ def _torch_signal(X, W, b):
     return X.T @ M, X.T @ (M * Z)
 
 
+def _with_env(var, value, fn):
+    """fn run with the environment variable var set to value (the kernels read their knobs at
+    each call)."""
+
+    def run():
+        old = os.environ.get(var)
+        os.environ[var] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[var]
+            else:
+                os.environ[var] = old
+
+    return run
+
+
 def _on_sample(method, X, n, edp, torch, op, W=None, b=None):
     Xs = X[:n]
     if op == "moments":
         if method == "edpairs":
             return edp.ops.moments(Xs).cov
+        if method == "edpairs-tf32":
+            return _with_env("EDPAIRS_MOMENTS", "tf32", lambda: edp.ops.moments(Xs).cov)()
         if method == "numpy.cov":
             return np.cov(Xs.cpu().float().numpy(), rowvar=False)
         return torch.cov(Xs.float().T)

@@ -47,11 +47,11 @@ step "ceilings"
 timeout 120 python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" || status=1
 
 step "spherical k-means iteration (float32 data: tensor cores TF32 / exact float32 / torch TF32)"
-timeout 330 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs,edpairs-blk,edpairs-1sm,edpairs-f32,torch --repeat "$REPEAT" \
+timeout 330 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs,edpairs-fused,edpairs-blk,edpairs-1sm,edpairs-f32,torch --repeat "$REPEAT" \
   --sizes 1000000,512,1024 1000000,512,64 --json "$OUT/kmeans_cuda_f32.json" || status=1
 step "spherical k-means iteration (bfloat16 data)"
-timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --methods edpairs,edpairs-1sm,torch --repeat "$REPEAT" \
-  --sizes 1000000,512,1024 --json "$OUT/kmeans_cuda_bf16.json" || status=1
+timeout 260 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --methods edpairs,edpairs-fused,edpairs-1sm,torch --repeat "$REPEAT" \
+  --sizes 1000000,512,1024 1000000,512,64 --json "$OUT/kmeans_cuda_bf16.json" || status=1
 
 step "moments and signal moments"
 timeout 200 python3 benchmarks/bench_moments.py --device cuda --sizes 1000000,512,256 --repeat "$REPEAT" \
@@ -76,15 +76,15 @@ def kmeans(name):
     r = load(name) or {}
     return {(tuple(x["size"]), x["method"]): x for x in r.get("results", [])}
 f32, b16 = kmeans("kmeans_cuda_f32.json"), kmeans("kmeans_cuda_bf16.json")
-print(f"{'file':10s} {'N,D,k':18s} {'method':12s} {'ms':>8s} {'TFLOP/s':>8s} {'labels ok':>9s} {'ok@2e-3':>8s} {'sums err':>9s}")
+print(f"{'file':10s} {'N,D,k':18s} {'method':14s} {'ms':>8s} {'TFLOP/s':>8s} {'labels ok':>9s} {'ok@2e-3':>8s} {'sums err':>9s}")
 for tag, table in (("f32", f32), ("bf16", b16)):
     for (size, method), x in sorted(table.items()):
         if "median_s" not in x:
-            print(f"{tag:10s} {str(size):18s} {method:12s} {str(x.get('skipped') or x.get('error'))[:60]}")
+            print(f"{tag:10s} {str(size):18s} {method:14s} {str(x.get('skipped') or x.get('error'))[:60]}")
             continue
         n, d, k = size
         tfl = 2 * n * d * k / x["median_s"] / 1e12
-        print(f"{tag:10s} {','.join(map(str, size)):18s} {method:12s} {x['median_s'] * 1e3:8.2f} {tfl:8.1f} "
+        print(f"{tag:10s} {','.join(map(str, size)):18s} {method:14s} {x['median_s'] * 1e3:8.2f} {tfl:8.1f} "
               f"{x.get('label_agreement', float('nan')):9.4f} {x.get('label_agreement_2e-3', float('nan')):8.4f} "
               f"{x.get('sums_rel_err', float('nan')):9.1e}")
 def t(table, size, method):
@@ -98,15 +98,24 @@ if e and tt:
 e, tt = t(b16, big, "edpairs"), t(b16, big, "torch")
 if e and tt:
     goals.append(("k=1024 bf16: torch bf16 / edpairs time", tt / e, 1.5))
-e = t(f32, small, "edpairs")
-if e:
-    goals.append(("k=64 f32: one read of X (GB/s) / copy GB/s", 1e6 * 512 * 4 / e / 1e9 / copy if copy else 0, 0.7))
+for method in ("edpairs", "edpairs-fused"):
+    e = t(f32, small, method)
+    if e:
+        goals.append((f"k=64 f32 {method}: one read of X (GB/s) / copy GB/s", 1e6 * 512 * 4 / e / 1e9 / copy if copy else 0, 0.7))
+e, tt = t(f32, small, "edpairs-fused"), t(f32, small, "torch")
+if e and tt:
+    goals.append(("k=64 f32: torch TF32 / edpairs-fused time (information)", tt / e, 1.0))
 m = load("moments_cuda.json") or {}
+print(f"{'op':16s} {'N,D,I':18s} {'method':14s} {'ms':>8s} {'rel err':>9s}")
 for x in m.get("results", []):
-    if x.get("method") == "edpairs" and "median_s" in x:
+    if "median_s" in x:
+        print(f"{x['op']:16s} {','.join(map(str, x['size'])):18s} {x['method']:14s} {x['median_s'] * 1e3:8.2f} "
+              f"{x.get('rel_err_sample', float('nan')):9.1e}")
+for x in m.get("results", []):
+    if x.get("method") in ("edpairs", "edpairs-tf32") and "median_s" in x:
         n, d, i = x["size"]
         flops = n * d * d if x["op"] == "moments" else 2.0 * n * d * i * 3
-        goals.append((f"{x['op']}: edpairs rate / TF32 GEMM rate", flops / x["median_s"] / 1e12 / tf32 if tf32 else 0, 0.5))
+        goals.append((f"{x['op']}: {x['method']} rate / TF32 GEMM rate", flops / x["median_s"] / 1e12 / tf32 if tf32 else 0, 0.5))
 print()
 print(f"{'goal (issue 6)':52s} {'measured':>9s} {'goal':>6s}  met")
 for name, value, goal in goals:

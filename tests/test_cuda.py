@@ -842,3 +842,49 @@ def test_tensor_core_fused_kmeans_step(torch, rng, monkeypatch):
     np.testing.assert_array_equal(to_numpy(l1), to_numpy(l2))
     np.testing.assert_array_equal(to_numpy(n1), to_numpy(n2))
     np.testing.assert_allclose(to_numpy(c1), to_numpy(c2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("N,D", [(1, 1), (70, 5), (1000, 130), (5000, 257), (100_000, 512)])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_moments_tf32_opt_in(torch, N, D, layout, rng, monkeypatch):
+    """EDPAIRS_MOMENTS=tf32 (tensor-core scatter, float32 x): mean exact, m2 symmetric, every
+    entry written, within TF32 rounding of the float64 scatter on offset data (the centring
+    comes before the rounding)."""
+    X = (rng.standard_normal((N, D)) * (1 + rng.random(D)) + 40.0).astype(np.float32)
+    if layout == "strided":
+        wide = torch.zeros((N, D + 4), dtype=torch.float32, device=DEVICE)
+        wide[:, :D] = gpu(X)
+        Xg = wide[:, :D]
+    else:
+        Xg = gpu(X)
+    monkeypatch.setenv("EDPAIRS_MOMENTS", "tf32")
+    m = ops.moments(Xg)
+    mean, m2 = to_numpy(m.mean), to_numpy(m.m2)
+    X64 = X.astype(np.float64)
+    ref_mean = X64.mean(0)
+    ref = (X64 - ref_mean).T @ (X64 - ref_mean)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-12, atol=1e-12)
+    assert np.isfinite(m2).all()
+    np.testing.assert_array_equal(m2, m2.T)
+    # TF32 keeps 11 significant bits: a product's relative error is below 2^-10; summed terms
+    # of both signs can cancel, so the bound is on the sum of |terms| (the diagonal's scale).
+    Xc = np.abs(X64 - ref_mean)
+    bound = 2.0 ** -9 * (Xc.T @ Xc) + 1e-6 * np.abs(ref).max()
+    assert np.all(np.abs(m2 - ref) <= bound), np.abs(m2 - ref).max()
+    if N > 1:
+        assert np.linalg.norm(m2 - ref) <= 3e-3 * np.linalg.norm(ref)
+
+
+def test_moments_tf32_falls_back_to_exact(torch, rng, monkeypatch):
+    """Where the tensor-core scatter does not apply (16-bit or float64 x, rows not 16-byte
+    aligned) EDPAIRS_MOMENTS=tf32 keeps the exact float32 kernel: equal to the default."""
+    X = rng.standard_normal((3000, 37)).astype(np.float32) + 5
+    wide = torch.zeros((3000, 38), dtype=torch.float32, device=DEVICE)
+    wide[:, :37] = gpu(X)
+    for Xg in (wide[:, :37], gpu(X, "torch", "float64"), gpu(X, "torch", "bfloat16")):
+        monkeypatch.setenv("EDPAIRS_MOMENTS", "tf32")
+        a = ops.moments(Xg)
+        monkeypatch.setenv("EDPAIRS_MOMENTS", "float32")
+        b = ops.moments(Xg)
+        np.testing.assert_array_equal(to_numpy(a.mean), to_numpy(b.mean))
+        np.testing.assert_allclose(to_numpy(a.m2), to_numpy(b.m2), rtol=1e-12, atol=1e-9)

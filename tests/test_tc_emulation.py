@@ -659,3 +659,132 @@ def test_emulated_fused_kernel_matches_numpy(n, d, k, dtype, stride_pad, extras,
     ref = np.zeros((k, d))
     np.add.at(ref, labels[live], r_ref[live, None].astype(np.float32).astype(np.float64) * Xc[live])
     np.testing.assert_allclose(sums, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+
+
+# ---- the opt-in TF32 scatter of `moments` (moments_tf32_kernel, EDPAIRS_MOMENTS=tf32) --------
+G_TILE, G_THREADS, G_SLICE, G_PITCH, G_STAGES = 128, 128, 32, 136, 3
+G_STAGE_WORDS = 2 * G_SLICE * G_PITCH
+
+
+def test_moments_tf32_fragment_loads_are_conflict_free():
+    g, t = LANE // 4, LANE % 4
+    for base in (0, 8, 4 * G_PITCH, 4 * G_PITCH + 8):
+        assert len(set(((t * G_PITCH + g + base) % 32).tolist())) == 32
+
+
+def emulate_moments_tf32(x_buf, n, d, x_stride, mean, rows_per_split):
+    """m2 (upper tiles as the kernel adds them, then mirrored) with every index formula of the
+    kernel; shared memory starts as NaN in every block so a read of an unwritten word shows."""
+    assert x_stride % 4 == 0 and rows_per_split % G_SLICE == 0
+    tiles = -(-d // G_TILE)
+    splits = -(-n // rows_per_split)
+    m2 = np.zeros((d, d))
+    tid = np.arange(G_THREADS)
+    chunk = tid % 32
+    g, t = LANE // 4, LANE % 4
+    for tile_p in range(tiles):
+        for tile_q in range(tile_p, tiles):
+            diag = tile_p == tile_q
+            p0, q0 = tile_p * G_TILE, tile_q * G_TILE
+            operands = 1 if diag else 2
+            valid_cols, hi, lo = [], [], []
+            for o in range(2):
+                c0 = (p0 if o == 0 else q0) + 4 * chunk
+                valid_cols.append(np.clip(d - c0, 0, 4))
+                m = np.array([[mean[c + e] if e < v else 0.0 for e in range(4)] for c, v in zip(c0, valid_cols[o])])
+                h = m.astype(np.float32)
+                hi.append(h)
+                lo.append((m - h.astype(np.float64)).astype(np.float32))
+            for split in range(splits):
+                n_begin = split * rows_per_split
+                n_end = min(n, n_begin + rows_per_split)
+                steps = -(-(n_end - n_begin) // G_SLICE)
+                smem = np.full(G_STAGES * G_STAGE_WORDS, np.nan, np.float32)
+                acc = np.zeros((4, 32, 4, 8, 4))  # warp, lane, mi, nj, reg
+
+                def load(step, stage):
+                    r0 = n_begin + step * G_SLICE
+                    for o in range(operands):
+                        c0 = (p0 if o == 0 else q0) + 4 * chunk
+                        for i in range(G_SLICE // 4):
+                            r = tid // 32 + 4 * i
+                            for th in range(G_THREADS):
+                                nn = r0 + r[th]
+                                valid = valid_cols[o][th] if nn < n_end else 0
+                                vals = np.zeros(4, np.float32)
+                                vals[:valid] = x_buf[nn * x_stride + c0[th]: nn * x_stride + c0[th] + valid]
+                                w = stage + (o * G_SLICE + r[th]) * G_PITCH + 4 * chunk[th]
+                                smem[w:w + 4] = vals
+
+                def centre(step, stage):
+                    r0 = n_begin + step * G_SLICE
+                    for o in range(operands):
+                        for i in range(G_SLICE // 4):
+                            r = tid // 32 + 4 * i
+                            for th in range(G_THREADS):
+                                if r0 + r[th] < n_end:
+                                    w = stage + (o * G_SLICE + r[th]) * G_PITCH + 4 * chunk[th]
+                                    v = (smem[w:w + 4] - hi[o][th]) - lo[o][th]
+                                    v[np.arange(4) >= valid_cols[o][th]] = 0
+                                    smem[w:w + 4] = round_tf32(v)
+
+                for s_ in range(G_STAGES - 1):
+                    if s_ < steps:
+                        load(s_, s_ * G_STAGE_WORDS)
+                for step in range(steps):
+                    stage = (step % G_STAGES) * G_STAGE_WORDS
+                    centre(step, stage)
+                    if step + G_STAGES - 1 < steps:
+                        load(step + G_STAGES - 1, ((step + G_STAGES - 1) % G_STAGES) * G_STAGE_WORDS)
+                    as_, bs = stage, stage if diag else stage + G_SLICE * G_PITCH
+                    for ks in range(G_SLICE // 8):
+                        arow = as_ + (ks * 8 + t) * G_PITCH  # (32,)
+                        brow = bs + (ks * 8 + t) * G_PITCH
+                        for warp in range(4):
+                            wm, wn = warp // 2, warp % 2
+                            for mi in range(4):
+                                pc = wm * 64 + mi * 16 + g
+                                a = np.stack([smem[arow + pc], smem[arow + pc + 8], smem[arow + 4 * G_PITCH + pc],
+                                              smem[arow + 4 * G_PITCH + pc + 8]], -1).astype(np.float64)
+                                A = np.full((16, 8), np.nan)
+                                A[A_ROW, A_WORD] = a
+                                for nj in range(8):
+                                    qc = wn * 64 + nj * 8 + g
+                                    b = np.stack([smem[brow + qc], smem[brow + 4 * G_PITCH + qc]], -1).astype(np.float64)
+                                    B = np.full((8, 8), np.nan)  # [n][k]
+                                    B[B_N, B_WORD] = b
+                                    D = A @ B.T
+                                    acc[warp, :, mi, nj, :] += D[C_ROW, C_COL]
+                for warp in range(4):
+                    wm, wn = warp // 2, warp % 2
+                    for mi in range(4):
+                        for nj in range(8):
+                            for r in range(4):
+                                pp = p0 + wm * 64 + mi * 16 + g + 8 * (r // 2)
+                                qq = q0 + wn * 64 + nj * 8 + 2 * t + r % 2
+                                ok = (pp < d) & (qq < d)
+                                np.add.at(m2, (pp[ok], qq[ok]), acc[warp, ok, mi, nj, r])
+    iu = np.triu_indices(d, 1)
+    m2[iu[1], iu[0]] = m2[iu]  # mirror_upper_kernel
+    return m2
+
+
+@pytest.mark.parametrize("n,d,stride_pad,rows_per_split", [(1, 1, 3, 32), (70, 5, 3, 32), (100, 130, 2, 64),
+                                                           (40, 260, 0, 32)])
+def test_emulated_moments_tf32_matches_numpy(n, d, stride_pad, rows_per_split):
+    rng = np.random.default_rng(n + d)
+    X = (rng.standard_normal((n, d)) + 50.0).astype(np.float32)  # offset data: centring matters
+    stride = d + stride_pad
+    buf = np.full(n * stride + 8, np.nan, np.float32)
+    for i in range(n):
+        buf[i * stride:i * stride + d] = X[i]
+    mean = X.astype(np.float64).mean(0)
+    m2 = emulate_moments_tf32(buf, n, d, stride, mean, rows_per_split)
+    hi = mean.astype(np.float32)
+    lo = (mean - hi).astype(np.float32)
+    Xr = round_tf32((X - hi) - lo).astype(np.float64)
+    ref = Xr.T @ Xr
+    assert np.isfinite(m2).all()
+    np.testing.assert_allclose(m2, ref, rtol=1e-10, atol=1e-10 * np.abs(ref).max())
+    exact = (X - mean).T @ (X - mean)
+    assert np.abs(m2 - exact).max() <= 2e-3 * np.abs(exact).max()
