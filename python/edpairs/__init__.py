@@ -5,7 +5,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import capture, distributed, interventions, metrics, ops, reference, refine, store, synthetic
+from . import capture, distributed, interventions, metrics, ops, reference, refine, store, synthetic, ura
 from .capture import split_model
 from .cluster import SphericalKMeans, Whitener
 from .errors import BackendUnavailable, CudaError
@@ -37,6 +37,7 @@ __all__ = [
     "split_model",
     "store",
     "synthetic",
+    "ura",
     "zoo",
 ]
 

@@ -546,8 +546,11 @@ def _stage(source, head, C, t, G, P, Pinv, mean, cfg, stage_cfg, epochs, lr, gen
                 orth = filter_signal_orthogonality(Wr, Sr)
                 terms["orthogonality"] = orth
                 total = total + cfg.orthogonality * orth
-            opt.zero_grad(set_to_none=True)
-            total.backward()
+            # Gradients of URA's own parameters only: a head that is a plain callable (e.g. a
+            # model split's tail) gets no .grad written onto the network's parameters.
+            params = [p for group in opt.param_groups for p in group["params"]]
+            for p, g in zip(params, torch.autograd.grad(total, params, allow_unused=True)):
+                p.grad = g
             opt.step()
             terms["total"] = total
             for key, v in terms.items():
