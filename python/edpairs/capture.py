@@ -189,7 +189,7 @@ def _split_item(item):
 
 
 def _is_map_dataset(data) -> bool:
-    torch = _torch()
+    _torch()
     from torch.utils.data import DataLoader, Dataset, IterableDataset
 
     if isinstance(data, DataLoader) or isinstance(data, IterableDataset):
@@ -197,7 +197,7 @@ def _is_map_dataset(data) -> bool:
     return isinstance(data, Dataset) and hasattr(data, "__len__")
 
 
-def n_images_of(data, batch_size: Optional[int] = None) -> Optional[int]:
+def n_images_of(data) -> Optional[int]:
     """The number of images ``data`` yields, when it can be known without reading it."""
     torch = _torch()
     from torch.utils.data import DataLoader

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import zlib
-from math import prod
 from typing import Callable, Iterator, Optional
 
 import numpy as np
