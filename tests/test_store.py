@@ -250,3 +250,16 @@ def test_shuffled_loader_refused(setup, tmp_path):
     loader = DataLoader(TensorDataset(setup["images"]), batch_size=4, shuffle=True)
     with pytest.raises(ValueError, match="shuffle=False"):
         extract(setup["model"], LAYER, loader, tmp_path, **setup["ARGS"])
+
+
+def test_any_object_with_chunks_is_a_fit_source():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 8)).astype(np.float32)
+
+    class Source:
+        def chunks(self):
+            return iter([X[:120], X[120:]])
+
+    a = edp.SphericalKMeans(3, random_state=0).fit(Source())
+    b = edp.SphericalKMeans(3, random_state=0).fit([X[:120], X[120:]])
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
