@@ -263,3 +263,12 @@ def test_any_object_with_chunks_is_a_fit_source():
     a = edp.SphericalKMeans(3, random_state=0).fit(Source())
     b = edp.SphericalKMeans(3, random_state=0).fit([X[:120], X[120:]])
     np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+
+
+def test_one_writer_per_store(setup, tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    with open(tmp_path / ".lock", "w") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(RuntimeError, match="another process is extracting"):
+            extract(setup["model"], LAYER, setup["images"], tmp_path, **setup["ARGS"])
+    assert extract(setup["model"], LAYER, setup["images"], tmp_path, **setup["ARGS"]).complete

@@ -15,6 +15,7 @@ so in a complete store row ``r`` is image ``r // prod(grid)`` at grid position
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from . import _layout
 __all__ = ["ActivationStore", "StoreCorrupted", "StoreIncomplete", "StoreKeyMismatch", "extract", "model_fingerprint"]
 
 SIDECAR = "store.json"
+LOCKFILE = ".lock"
 FORMAT = "edpairs.activation-store"
 VERSION = 1
 _DTYPES = ("float16", "float32")
@@ -354,9 +356,30 @@ def _clear(path: str) -> None:
             os.remove(os.path.join(path, name))
 
 
+@contextlib.contextmanager
+def _exclusive(path: str):
+    """An advisory lock on the store's folder for one extraction at a time (released by the OS
+    when the process ends, even when killed)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock on this platform: no lock
+        yield
+        return
+    fd = os.open(os.path.join(path, LOCKFILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise RuntimeError(f"another process is extracting into {path}; wait for it to finish or use "
+                               "another folder (one writer per store)") from exc
+        yield
+    finally:
+        os.close(fd)
+
+
 def extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtype: str = "float16",
-            preprocessing=None, batch_size: Optional[int] = None, layout: Optional[str] = None, autocast=None, device=None,
-            model_name: Optional[str] = None, progress: Optional[bool] = None, overwrite: bool = False,
+            preprocessing=None, batch_size: Optional[int] = None, layout: Optional[str] = None, autocast=None,
+            device=None, model_name: Optional[str] = None, progress: Optional[bool] = None, overwrite: bool = False,
             verify: bool = True, on_shard: Optional[Callable[[int, str], None]] = None) -> ActivationStore:
     """Captures ``layer`` of ``model`` over ``data`` into the store at ``path``, creating it or
     resuming it, and returns the :class:`ActivationStore`.
@@ -370,13 +393,28 @@ def extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtype
     with their checksums when ``verify``; failing ones are rebuilt) and only the missing
     images go through the model: tensors and datasets load only the batches that cover them,
     other iterables are read but their other batches skipped before the model
-    (``batch_size`` defaults to the first run's, else 32). A different
-    key raises :class:`StoreKeyMismatch` naming what differs (``overwrite=True`` replaces the
-    store). Shard boundaries depend only on image indices, and batches are cut at multiples of
+    (``batch_size`` defaults to the first run's, else 32). A different key raises
+    :class:`StoreKeyMismatch` naming what differs (``overwrite=True`` replaces the store).
+    Shard boundaries depend only on image indices, and batches are cut at multiples of
     ``batch_size``, so an interrupted and resumed extraction writes the same bytes as an
     uninterrupted one with the same ``batch_size``. Every shard is written to a temporary
     file, fsynced and renamed, then the sidecar is replaced atomically; ``on_shard(k, file)``
-    is called after that."""
+    is called after that. One extraction at a time per folder (a file lock); memory: one
+    shard buffer (``images_per_shard * prod(grid) * D`` values, two while a batch straddles a
+    shard boundary) plus one batch."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    with _exclusive(path):
+        return _extract(model, layer, data, path, images_per_shard=images_per_shard, dtype=dtype,
+                        preprocessing=preprocessing, batch_size=batch_size, layout=layout, autocast=autocast,
+                        device=device, model_name=model_name, progress=progress, overwrite=overwrite, verify=verify,
+                        on_shard=on_shard)
+
+
+def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtype: str = "float16",
+            preprocessing=None, batch_size: Optional[int] = None, layout: Optional[str] = None, autocast=None, device=None,
+            model_name: Optional[str] = None, progress: Optional[bool] = None, overwrite: bool = False,
+            verify: bool = True, on_shard: Optional[Callable[[int, str], None]] = None) -> ActivationStore:
     import torch
 
     from .capture import iter_activations, n_images_of
