@@ -170,6 +170,16 @@ def test_modes_restored_no_grad_and_parameters_unchanged():
     assert same_state(before, state(model))  # eval mode: BatchNorm statistics untouched
 
 
+def test_caller_code_between_batches_keeps_its_grad_mode_modes_and_model():
+    model = seq_model()
+    model.train()
+    x = torch.randn(6, 3, 8, 8)
+    for act in iter_activations(model, "2", x, batch_size=2):
+        assert torch.is_grad_enabled() and model.training
+        out = model(x[:2])  # the caller may use the model between batches: no hook, no early stop
+        assert out.shape == (2, 5) and out.requires_grad
+
+
 def test_dtypes_autocast_and_patches():
     model = seq_model().eval()
     x = torch.randn(5, 3, 8, 8)

@@ -312,26 +312,31 @@ def iter_activations(model, layer: str, batches, *, layout: Optional[str] = None
     device = torch.device(device) if device is not None else _model_device(model)
     out_dtype = torch.float32 if dtype is None else (getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     total = n_images_of(batches)
-    tap = _LayerTap(module, layer, stop_after)
     bar = Progress(total=total, desc=f"capture {layer}", enabled=progress, unit=" images")
     try:
-        with torch.no_grad(), _eval_mode(model):
-            for batch in _iter_batches(batches, batch_size, _wanted, _seen):
-                images, labels = batch.load()
-                if isinstance(images, np.ndarray):
-                    images = torch.from_numpy(images)
-                images = images.to(device, non_blocking=True)
-                with _autocast_context(device, autocast):
-                    out = tap.run(model, images)
-                lay = _layout.infer_layout(out.shape, layout)
-                values = _layout.channel_last(out, lay).to(dtype=out_dtype)
-                if not keep_on_device:
-                    values = values.to("cpu")
-                values = values.contiguous()
-                bar.update(batch.n)
-                yield Activations(values, np.arange(batch.start, batch.start + batch.n, dtype=np.int64), labels)
+        for batch in _iter_batches(batches, batch_size, _wanted, _seen):
+            images, labels = batch.load()
+            if isinstance(images, np.ndarray):
+                images = torch.from_numpy(images)
+            # Hook, no_grad and eval mode only around the forward pass: while the caller holds a
+            # batch, its own code runs with its grad mode and model modes, and without the hook.
+            tap = _LayerTap(module, layer, stop_after)
+            try:
+                with torch.no_grad(), _eval_mode(model):
+                    images = images.to(device, non_blocking=True)
+                    with _autocast_context(device, autocast):
+                        out = tap.run(model, images)
+                    lay = _layout.infer_layout(out.shape, layout)
+                    values = _layout.channel_last(out, lay).to(dtype=out_dtype)
+                    if not keep_on_device:
+                        values = values.to("cpu")
+                    values = values.contiguous()
+            finally:
+                tap.remove()
+            del out
+            bar.update(batch.n)
+            yield Activations(values, np.arange(batch.start, batch.start + batch.n, dtype=np.int64), labels)
     finally:
-        tap.remove()
         bar.close()
 
 
