@@ -428,10 +428,12 @@ F_NJ = F_CENTS // 8
 F_TILE_WORDS = (ROWS + F_CENTS) * PITCH_WORDS
 F_LOAD_ROWS = F_THREADS // 8
 F_PIPE_BYTES = STAGES * F_TILE_WORDS * 4
+F2_STAGE_WORDS = ROWS * PITCH_WORDS  # phase 2: x slices only, as many as fit the ring memory
+F2_STAGES = F_PIPE_BYTES // 4 // F2_STAGE_WORDS
 
 
 def test_fused_kernel_constants():
-    assert F_WARP_ROWS == 16 and F_PIPE_BYTES == 82944
+    assert F_WARP_ROWS == 16 and F_PIPE_BYTES == 82944 and F2_STAGES == 4
     # k = 64, D = 512 float32 sums next to the pipeline and the static arrays fit Hopper's 227 KB.
     assert F_PIPE_BYTES + 64 * 512 * 4 + 6 * ROWS * 4 + F_CENTS * 4 <= 227 * 1024
 
@@ -578,14 +580,14 @@ def emulate_fused(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, 
                 order[rank], sorted_label[rank] = th, lab
                 if not ((label_s[:rows] == lab) & (m < th)).any():
                     counts_s[lab] += int((label_s[:rows] == lab).sum())
-            # phase 2
-            for s_ in range(STAGES - 1):
+            # phase 2 (its prologue was issued before the argmax: no data dependence on it)
+            for s_ in range(F2_STAGES - 1):
                 if s_ < k_steps:
-                    load(s_ * F_TILE_WORDS, s_, False)
+                    load(s_ * F2_STAGE_WORDS, s_, False)
             for kt in range(k_steps):
-                if kt + STAGES - 1 < k_steps:
-                    load(((kt + STAGES - 1) % STAGES) * F_TILE_WORDS, kt + STAGES - 1, False)
-                xs = (kt % STAGES) * F_TILE_WORDS
+                if kt + F2_STAGES - 1 < k_steps:
+                    load(((kt + F2_STAGES - 1) % F2_STAGES) * F2_STAGE_WORDS, kt + F2_STAGES - 1, False)
+                xs = (kt % F2_STAGES) * F2_STAGE_WORDS
                 col0 = kt * elems + LANE * epw  # (32,)
                 ctr = np.zeros((32, epw), np.float32)
                 for e in range(epw):

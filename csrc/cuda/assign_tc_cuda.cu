@@ -602,8 +602,9 @@ __global__ void __launch_bounds__(kSegThreads)
 //  phase 1: the kRows x kFCents product through the cp.async ring (x and centroid slices),
 //           8 warps of 16 rows x 64 centroids, no padding tile; argmax, labels, scores;
 //  phase 2: the rows are ranked by label (as add_block_sums does) and the same 128 rows are
-//           streamed through the ring a second time (x slices only: from L2, which still holds
-//           them - 132 blocks x 256 KB = 34 MB in flight), each warp adding the label groups
+//           streamed through the ring memory a second time (x slices only, 4 stages, the
+//           prologue issued before the argmax: from L2, which still holds them - 132 blocks x
+//           256 KB = 34 MB in flight), each warp adding the label groups
 //           that begin in its 16 sorted positions into the block's float32 sums in shared
 //           memory (one writer per label and tile: no atomics, a fixed order);
 //  end:     the block writes its k x D float32 partial sums and its counts to a workspace; a
@@ -617,6 +618,10 @@ constexpr int kFNj = kFCents / 8;                 // mma tiles per warp along ce
 constexpr int kFTileWords = (kRows + kFCents) * kPitchWords;
 constexpr int kFPipeBytes = kStages * kFTileWords * 4;  // 82944 bytes
 constexpr int kFLoadRows = kFThreads / 8;         // rows one loader pass covers
+// Phase 2 moves x slices only (18 KB): the same memory holds 4 of them, 3 in flight.
+constexpr int kF2StageWords = kRows * kPitchWords;
+constexpr int kF2Stages = kFPipeBytes / 4 / kF2StageWords;  // 4
+static_assert(kF2Stages >= 3, "phase 2 ring");
 static_assert(kFWarpRows == 16 && kRows % kFLoadRows == 0 && kFCents % kFLoadRows == 0,
               "fused kernel tiling");
 
@@ -759,6 +764,13 @@ __global__ void __launch_bounds__(kFThreads, 1) assign_tc_fused_kernel(const Fus
     cp_async_wait<0>();
     __syncthreads();  // phase 2's prologue overwrites the stages
 
+    // Phase 2's prologue now, so that its L2 reads overlap the argmax and the rank sort.
+#pragma unroll
+    for (int s = 0; s < kF2Stages - 1; ++s) {
+      if (s < k_steps) fused_load_stage<T, false>(p, smem + s * kF2StageWords, s, row0, tid);
+      cp_async_commit();
+    }
+
     // Best of each row over the 64 centroids: own columns in increasing order, then the quad.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -845,22 +857,17 @@ __global__ void __launch_bounds__(kFThreads, 1) assign_tc_fused_kernel(const Fus
     // to its end (possibly past its 16 positions); lane = word of the slice.
     int q_begin = warp * kFWarpRows;
     const int q_seg_end = q_begin + kFWarpRows < rows ? q_begin + kFWarpRows : rows;
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (s < k_steps) fused_load_stage<T, false>(p, smem + s * kFTileWords, s, row0, tid);
-      cp_async_commit();
-    }
     for (int kt = 0; kt < k_steps; ++kt) {
-      cp_async_wait<kStages - 2>();
+      cp_async_wait<kF2Stages - 2>();
       __syncthreads();
       {
-        const int next = kt + kStages - 1;
+        const int next = kt + kF2Stages - 1;
         if (next < k_steps) {
-          fused_load_stage<T, false>(p, smem + (next % kStages) * kFTileWords, next, row0, tid);
+          fused_load_stage<T, false>(p, smem + (next % kF2Stages) * kF2StageWords, next, row0, tid);
         }
         cp_async_commit();
       }
-      const uint32_t* xs = smem + (kt % kStages) * kFTileWords;
+      const uint32_t* xs = smem + (kt % kF2Stages) * kF2StageWords;
       const int col0 = kt * kElems + lane * kEpw;  // first column of this lane's word
       float ctr[2] = {0.f, 0.f};
       if (p.center != nullptr) {
