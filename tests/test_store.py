@@ -272,3 +272,14 @@ def test_one_writer_per_store(setup, tmp_path):
         with pytest.raises(RuntimeError, match="another process is extracting"):
             extract(setup["model"], LAYER, setup["images"], tmp_path, **setup["ARGS"])
     assert extract(setup["model"], LAYER, setup["images"], tmp_path, **setup["ARGS"]).complete
+
+
+def test_values_beyond_float16_or_not_finite_are_refused(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Identity())
+    x = torch.ones(3, 2, 2, 2)
+    with pytest.raises(ValueError, match="beyond float16's range.*dtype='float32'"):
+        extract(model, "0", x * 1e5, tmp_path / "a", images_per_shard=2)
+    assert extract(model, "0", x * 1e5, tmp_path / "b", images_per_shard=2, dtype="float32").complete
+    x[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or Inf values for images 0\.\.2"):
+        extract(model, "0", x, tmp_path / "c", images_per_shard=2)

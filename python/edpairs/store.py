@@ -498,7 +498,7 @@ def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtyp
     def wanted(s: int, e: int) -> bool:
         return any(needed(k) for k in range(s // ips, (e - 1) // ips + 1))
 
-    out_dtype = torch.float16 if dtype == "float16" else torch.float32
+    f16_max = float(np.finfo(np.float16).max)
     buffers: dict = {}  # shard -> [rows array, images filled]
     seen = [0]
 
@@ -515,7 +515,7 @@ def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtyp
 
     ppi = None
     for act in iter_activations(model, layer, data, layout=layout, batch_size=batch_size, autocast=autocast,
-                                device=device, dtype=out_dtype, progress=progress, _wanted=wanted, _seen=seen):
+                                device=device, dtype=torch.float32, progress=progress, _wanted=wanted, _seen=seen):
         values = act.values
         grid = tuple(int(g) for g in values.shape[1:-1])
         d = int(values.shape[-1])
@@ -531,6 +531,13 @@ def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtyp
             ppi = _layout.patches_per_image(grid)
         rows = values.numpy().reshape(-1, d)
         s, e = int(act.index[0]), int(act.index[-1]) + 1
+        # Stored numbers must be the activations: no NaN/Inf, no float16 overflow to inf.
+        peak = float(np.abs(rows).max(initial=0.0))
+        if not np.isfinite(peak):
+            raise ValueError(f"layer {layer!r} gave NaN or Inf values for images {s}..{e - 1}; nothing of them was stored")
+        if dtype == "float16" and peak > f16_max:
+            raise ValueError(f"layer {layer!r} gave values up to {peak:.4g} for images {s}..{e - 1}, beyond float16's "
+                             f"range ({f16_max:.0f}); extract with dtype='float32'")
         for k in range(s // ips, (e - 1) // ips + 1):
             if not needed(k):
                 continue
