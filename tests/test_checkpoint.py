@@ -83,3 +83,19 @@ def test_checkpointed_fit_equals_plain_fit(tmp_path):
     ck = edp.SphericalKMeans(4, n_init=2, random_state=3).fit(X, checkpoint=tmp_path / "c.ckpt")
     np.testing.assert_array_equal(plain.cluster_centers_, ck.cluster_centers_)
     np.testing.assert_array_equal(plain.labels_, ck.labels_)
+
+
+def test_edpairs_killed_and_resumed_equals_uninterrupted(tmp_path):
+    X = _rows()
+    full = _run(tmp_path, "pairs", X, tmp_path / "a.ckpt", 0, tmp_path / "full.npz")
+    assert full.returncode == 0, full.stderr.decode()[-2000:]
+    for kill_at in (1, 4, int(np.load(tmp_path / "full.npz")["saves"])):  # after the moments, mid-clustering, clustered
+        ckpt = tmp_path / f"k{kill_at}.ckpt"
+        killed = _run(tmp_path, "pairs", X, ckpt, kill_at, tmp_path / "never.npz")
+        assert killed.returncode == -9 and ckpt.exists()
+        resumed = _run(tmp_path, "pairs", X, ckpt, 0, tmp_path / "resumed.npz")
+        assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+        a, b = np.load(tmp_path / "full.npz"), np.load(tmp_path / "resumed.npz")
+        for name in ("W", "b", "S"):
+            np.testing.assert_array_equal(a[name], b[name], err_msg=f"killed after save {kill_at}: {name}")
+        assert not ckpt.exists()

@@ -28,7 +28,10 @@ WORKER = textwrap.dedent("""
     chunks = [mine[: len(mine) // 3], mine[len(mine) // 3:]]  # ranks stream chunks too
     if what == "kmeans":
         km = edp.SphericalKMeans(6, random_state=0, n_init=2, progress=False).fit(chunks, process_group=True)
-        np.savez(out, C=km.cluster_centers_, n_iter=km.n_iter_, counts=km.counts_, labels=np.zeros(0))
+        np.savez(out, C=km.cluster_centers_, n_iter=km.n_iter_, counts=km.counts_)
+    else:
+        p = edp.EDPairs(4, method=what, random_state=0, progress=False).fit(chunks, process_group=True)
+        np.savez(out, W=p.decoding_, b=p.bias_, S=p.encoding_, mean=p.mean_, n=p.n_samples_, pos=p.n_positives_)
     dist.destroy_process_group()
 """)
 
@@ -74,3 +77,20 @@ def test_process_group_without_init_is_a_clear_error():
         pytest.skip("a process group is already initialised in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         edp.SphericalKMeans(2).fit(np.random.default_rng(0).standard_normal((10, 3)), process_group=True)
+
+
+@pytest.mark.parametrize("method", ["centroid", "discriminant"])
+def test_edpairs_two_processes_equal_one(tmp_path, method):
+    X = _layer_rows()
+    one = edp.EDPairs(4, method=method, random_state=0, progress=False).fit(X)
+    for r, res in enumerate(_run_ranks(tmp_path, method, X)):
+        for name, ref in (("W", one.decoding_), ("b", one.bias_), ("S", one.encoding_), ("mean", one.mean_)):
+            np.testing.assert_allclose(res[name], ref, atol=1e-5, rtol=1e-5, err_msg=f"rank {r}: {name}")
+        assert int(res["n"]) == one.n_samples_
+        np.testing.assert_array_equal(res["pos"], one.n_positives_)
+
+
+def test_edpairs_process_group_with_head_is_refused():
+    X = _layer_rows()
+    with pytest.raises(NotImplementedError, match="process_group"):
+        edp.EDPairs(2).fit(X.reshape(-1, 4, 16), head=lambda f: f.mean(1), process_group=True)

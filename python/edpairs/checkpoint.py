@@ -43,7 +43,8 @@ def _jsonable(value):
 class Checkpoint:
     """One checkpoint file for one fit, identified by ``key`` (a JSON-able dict).
 
-    ``load()`` returns the saved ``(stage, meta, arrays)`` or None when there is no file;
+    ``load()`` returns the saved ``(stage, {"meta": ..., "carried": ...}, arrays)`` or None
+    when there is no file;
     ``save(stage, meta, arrays)`` replaces the file atomically; ``done()`` removes it.
     ``on_save(stage, meta)`` (optional) is called after each save — a hook for progress and
     for tests that interrupt a fit."""
@@ -52,6 +53,12 @@ class Checkpoint:
         self.path = os.fspath(path)
         self.key = _jsonable(key)
         self.on_save = on_save
+        self._carried_meta, self._carried_arrays = {}, {}
+
+    def carry(self, meta: dict, arrays: dict) -> None:
+        """State saved with every later save (e.g. the moments every stage after them needs);
+        ``load`` returns it in ``meta["carried"]`` and among the arrays."""
+        self._carried_meta, self._carried_arrays = _jsonable(meta), dict(arrays)
 
     @classmethod
     def of(cls, checkpoint, key: dict) -> Optional["Checkpoint"]:
@@ -83,11 +90,13 @@ class Checkpoint:
                 f"{self.path} holds the checkpoint of another fit (differs in: {', '.join(diff)}); "
                 "delete it, or give this fit another checkpoint path"
             )
-        return header["stage"], header["meta"], arrays
+        return header["stage"], {"meta": header["meta"], "carried": header.get("carried", {})}, arrays
 
     def save(self, stage: str, meta: dict, arrays: dict) -> None:
-        header = {"format": FORMAT, "version": VERSION, "key": self.key, "stage": stage, "meta": _jsonable(meta)}
-        payload = dict(arrays, __meta__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
+        header = {"format": FORMAT, "version": VERSION, "key": self.key, "stage": stage, "meta": _jsonable(meta),
+                  "carried": self._carried_meta}
+        payload = dict(self._carried_arrays, **arrays)
+        payload["__meta__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
         write_atomic(self.path, lambda f: np.savez(f, **payload))
         if self.on_save is not None:
             self.on_save(stage, header["meta"])

@@ -264,7 +264,7 @@ def cluster(source: ChunkSource, n_clusters: int, *, geometry: _Geometry, init="
     first, resume = 0, None
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None and saved[0] == "cluster":
-        _, meta, arrays = saved
+        meta, arrays = saved[1]["meta"], saved[2]
         rng.bit_generator.state = meta["rng"]
         first, resume = int(meta["restart"]), (arrays["C"], meta["previous"], int(meta["n_iter"]))
         if "best_centers" in arrays:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import tempfile
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -19,7 +20,8 @@ from . import ops
 from ._arrays import namespace_of, on_device_of, to_numpy64
 from ._progress import Progress
 from ._source import ChunkSource, row_blocks
-from .cluster import Whitener, _Geometry, _unit_rows, cluster
+from .cluster import Whitener, _count_rows, _Geometry, _unit_rows, cluster
+from .distributed import merge_moments, reducer
 
 __all__ = ["EDPairs", "positives_signal_vectors", "whole_data_signal_vectors"]
 
@@ -126,7 +128,7 @@ class EDPairs:
             except TypeError as exc:
                 raise ValueError(f"metadata must be JSON-serialisable: {exc}") from exc
 
-    def fit(self, X, head=None, ura=None) -> "EDPairs":
+    def fit(self, X, head=None, ura=None, *, process_group=None, checkpoint=None) -> "EDPairs":
         """Fits the pairs on X: an (N, D) array (numpy, torch, cupy) or a re-iterable of chunks
         (a list, or a callable returning a fresh iterator of (n, D) arrays).
 
@@ -138,8 +140,20 @@ class EDPairs:
         returns a fresh iterator of such arrays (its ``chunks()``, where it has one, feeds
         stages 1-4). ``ura``: a :class:`edpairs.ura.URAConfig` or a dict of its fields (default
         settings when None; ``False`` skips URA; the seed defaults to ``random_state``).
-        ``ura_`` then holds the per-stage loss history (None when URA did not run)."""
+        ``ura_`` then holds the per-stage loss history (None when URA did not run).
+
+        ``process_group`` (a ``torch.distributed`` group, or True for the default one): X holds
+        this rank's rows, every statistic is all-reduced, and every rank ends with the pairs of
+        one process fitted on all ranks' rows in rank order (:mod:`edpairs.distributed`; not
+        with ``head`` or ``gradient`` yet). ``checkpoint``: a file path (one per rank) where
+        the state is saved atomically after the moments and after every clustering pass; a fit
+        killed mid-way and called again with the same arguments resumes there
+        (:mod:`edpairs.checkpoint`); the file is removed when the fit completes."""
         self._validate()
+        if process_group not in (None, False) and (head is not None or self.gradient):
+            raise NotImplementedError("process_group is not supported with head= (URA) or gradient= yet; "
+                                      "fit the detectors with process_group and no head, or fit on one process")
+        red = reducer(process_group)
         images = None
         self.ura_ = None
         if head is not None and ura is not False:
@@ -164,16 +178,27 @@ class EDPairs:
             X = ImageSource(X).patches()
         source = ChunkSource(X, chunk_rows=self.chunk_rows)
         I = int(self.n_concepts)
-        with Progress(total=None, desc="edpairs: moments", enabled=self.progress, unit=" chunks") as bar:
-            mom = ops.Moments()
-            for chunk in source:
-                mom.update(chunk, check_finite=self.check_finite)
-                bar.update(1)
-        if mom.n == 0:
-            raise ValueError("X has no rows")
-        if I > mom.n:
-            raise ValueError(f"n_concepts={I} is larger than the number of rows N={mom.n}")
-        mean, cov = to_numpy64(mom.mean), to_numpy64(mom.covariance(ddof=0))
+        progress = self.progress if red.rank == 0 else False
+        ckpt, saved = self._checkpoint(checkpoint, source, red, head is not None)
+        if saved is not None:
+            n_rows, mean, cov = int(saved[1]["carried"]["n"]), saved[2]["mean"], saved[2]["cov"]
+            _count_rows(source)
+        else:
+            with Progress(total=None, desc="edpairs: moments", enabled=progress, unit=" chunks") as bar:
+                mom = ops.Moments()
+                for chunk in source:
+                    mom.update(chunk, check_finite=self.check_finite)
+                    bar.update(1)
+            n_rows, mean, m2 = merge_moments(red, mom.n, to_numpy64(mom.mean) if mom.n else np.zeros(source.n_features),
+                                             to_numpy64(mom.m2) if mom.n else np.zeros((source.n_features,) * 2))
+            if n_rows == 0:
+                raise ValueError("X has no rows")
+            cov = m2 / n_rows
+            if ckpt is not None:
+                ckpt.carry({"n": n_rows}, {"mean": mean, "cov": cov})
+                ckpt.save("moments", {}, {})
+        if I > n_rows:
+            raise ValueError(f"n_concepts={I} is larger than the number of rows N={n_rows}")
         if self.whiten:
             whitener = Whitener.from_covariance(mean, cov, rtol=self.whiten_rtol)
         else:
@@ -183,25 +208,34 @@ class EDPairs:
             inv = np.divide(1.0, std, out=np.zeros_like(std), where=std > 1e-12 * std.max())
             whitener = Whitener(mean, np.diag(inv)[inv > 0], std[inv > 0] ** 2)
         geometry = _Geometry(whitener)
-        clusters = cluster(source, I, geometry=geometry, n_init=self.n_init, max_iter=self.max_iter, tol=self.tol,
-                           init_size=self.init_size, random_state=self.random_state, check_finite=False,
-                           progress=self.progress, keep_labels=False, desc="edpairs: clustering")
-        C = clusters.centers
+        if saved is not None and saved[0] == "clustered":
+            C, mean_cosine = saved[2]["C"], float(saved[1]["meta"]["mean_cosine"])
+        else:
+            clusters = cluster(source, I, geometry=geometry, n_init=self.n_init, max_iter=self.max_iter, tol=self.tol,
+                               init_size=self.init_size, random_state=self.random_state, check_finite=False,
+                               progress=progress, keep_labels=False, desc="edpairs: clustering", red=red,
+                               checkpoint=ckpt)
+            C, mean_cosine = clusters.centers, float(clusters.mean_cosine)
+            if ckpt is not None:
+                ckpt.save("clustered", {"mean_cosine": mean_cosine}, {"C": C})
         W = geometry.filters(C)
         member_labels = _MemberLabels(geometry, W.astype(np.float32))
 
-        with Progress(total=None, desc="edpairs: pairs", enabled=self.progress, unit=" passes") as bar:
+        with Progress(total=None, desc="edpairs: pairs", enabled=progress, unit=" passes") as bar:
             if self.method == "discriminant":
                 sums, counts = member_labels.member_sums(source)
+                sums, counts = red.sum(sums), red.sum(counts)
                 mu = sums / np.maximum(counts, 1)[:, None]  # cluster means of x - mean
-                W = mu @ np.linalg.pinv(cov, hermitian=True, rcond=1e-10)
+                # The same rank cut as the whitening: directions where the data barely varies carry no
+                # discriminant signal, only rounding (fits of one array and of its chunks agreed only there).
+                W = mu @ np.linalg.pinv(cov, hermitian=True, rcond=self.whiten_rtol)
             W = _unit_rows(W)
-            b = _thresholds(source, W, member_labels, mean, cov)
+            b = _thresholds(source, W, member_labels, mean, cov, red=red)
             bar.update(1)
             if self.gradient:
                 W, b = self._gradient_refine(source, W, b)
                 bar.update(1, note="gradient refinement")
-            S, n_pos = self._signal(source, W, b, mean, cov)
+            S, n_pos = self._signal(source, W, b, mean, cov, red)
             bar.update(1)
             self.n_refine_ = 0
             if self.method == "biorthogonal":
@@ -211,8 +245,8 @@ class EDPairs:
                     W_new = np.linalg.pinv(W @ S.T, rcond=1e-3) @ W
                     change = np.abs(W_new - W).max() / max(np.abs(W).max(), 1e-300)
                     W = W_new
-                    b = _thresholds(source, W, member_labels, mean, cov)
-                    S, n_pos = self._signal(source, W, b, mean, cov)
+                    b = _thresholds(source, W, member_labels, mean, cov, red=red)
+                    S, n_pos = self._signal(source, W, b, mean, cov, red)
                     self.n_refine_ += 1
                     bar.update(2, note=f"change {change:.2e}")
                     if change < self.refine_tol:
@@ -232,10 +266,27 @@ class EDPairs:
         self.n_positives_ = n_pos
         self.whitener_ = whitener
         self.cluster_centers_ = C.astype(np.float32)
-        self.cluster_mean_cosine_ = float(clusters.mean_cosine)
-        self.n_samples_ = int(mom.n)
+        self.cluster_mean_cosine_ = mean_cosine
+        self.n_samples_ = n_rows
         self.n_features_in_ = int(source.n_features)
+        if ckpt is not None:
+            ckpt.done()
         return self
+
+    def _checkpoint(self, checkpoint, source, red, with_head: bool):
+        """The fit's Checkpoint (None without one) and its saved state (None when fresh)."""
+        if checkpoint is None:
+            return None, None
+        from .checkpoint import Checkpoint, data_fingerprint
+
+        params = {k: v for k, v in self.get_params().items() if k not in ("progress", "metadata")}
+        key = {"fit": "EDPairs", "data": data_fingerprint(source), "rank": red.rank, "world": red.world_size,
+               "head": with_head, **params}
+        ckpt = Checkpoint.of(checkpoint, key)
+        saved = ckpt.load()
+        if saved is not None:
+            ckpt.carry({"n": saved[1]["carried"]["n"]}, {"mean": saved[2]["mean"], "cov": saved[2]["cov"]})
+        return ckpt, saved
 
     def _gradient_refine(self, source, W, b):
         from .refine import RefineConfig, refine_detectors
@@ -269,13 +320,16 @@ class EDPairs:
         self.ura_ = res.history
         return res.W, res.b, res.S, counts["n_pos"]
 
-    def _signal(self, source, W, b, mean, cov):
+    def _signal(self, source, W, b, mean, cov, red=None):
         stats = None
         for chunk in source:
             s = ops.signal_moments(chunk, on_device_of(W.T.astype(np.float32), chunk),
                                    on_device_of(b.astype(np.float32), chunk),
                                    center=on_device_of(mean.astype(np.float32), chunk), check_finite=False)
             stats = s if stats is None else stats.merge(s)
+        if red is not None and red.active:  # sums around the same (global) centre: all-reduce them
+            stats = SimpleNamespace(**{f: red.sum(to_numpy64(getattr(stats, f)))
+                                       for f in ("count", "sum_x", "sum_z", "sum_zz", "sum_xz")})
         n_pos = to_numpy64(stats.count).astype(np.int64)
         if self.signal == "whole":
             return whole_data_signal_vectors(W, cov), n_pos
@@ -471,7 +525,7 @@ class _MemberLabels:
 
 
 def _thresholds(source, W: np.ndarray, members: _MemberLabels, mean: np.ndarray, cov: np.ndarray,
-                bins: int = 4096) -> np.ndarray:
+                bins: int = 4096, red=None) -> np.ndarray:
     """Per detector, the threshold along w_i that best reproduces its cluster (highest IoU
     between {w_i . x > b_i} and the cluster's members), from streamed histograms of w_i . x."""
     I = W.shape[0]
@@ -489,6 +543,8 @@ def _thresholds(source, W: np.ndarray, members: _MemberLabels, mean: np.ndarray,
         idx = np.clip(((z - lo) / (hi - lo) * bins).astype(np.int64), 0, bins - 1)
         every += np.bincount((idx + offsets).ravel(), minlength=I * bins)
         pos += np.bincount(labels * bins + idx[np.arange(len(labels)), labels], minlength=I * bins)
+    if red is not None and red.active:
+        pos, every = red.sum(pos), red.sum(every)
     pos, neg = pos.reshape(I, bins), (every - pos).reshape(I, bins)
     # Threshold at the lower edge of bin k: detections are the rows in bins >= k.
     tp = np.cumsum(pos[:, ::-1], axis=1)[:, ::-1]
