@@ -5,7 +5,9 @@ what a user would write instead, in the same run on the same data.
   moments:         edpairs.ops.moments  vs  numpy.cov  vs  torch.cov; on CUDA also edpairs-tf32
                    (EDPAIRS_MOMENTS=tf32: the opt-in tensor-core scatter, TF32 products of the
                    centred rows, float32 per block, float64 between blocks)
-  signal moments:  edpairs.ops.signal_moments  vs  torch (Z = X W - b, M = Z > 0, X^T M and X^T (M*Z))
+  signal moments:  edpairs.ops.signal_moments  vs  torch (Z = X W - b, M = Z > 0, X^T M and X^T (M*Z));
+                   on CUDA also edpairs-tf32 (EDPAIRS_SIGNAL_MOMENTS=tf32: the masked product on
+                   tensor cores, TF32 operands, float32 per block, float64 between blocks)
 
 Results are checked against float64 before timing. With --device cuda the GPU rates are
 printed next to the machine's measured GEMM rate when gpu_check.sh passes --gemm-tflops.
@@ -82,6 +84,9 @@ def main() -> None:
             },
             "signal_moments": {
                 "edpairs": lambda: edp.ops.signal_moments(X, Wt, bt, check_finite=False).sum_xz,
+                **({"edpairs-tf32": _with_env("EDPAIRS_SIGNAL_MOMENTS", "tf32",
+                                              lambda: edp.ops.signal_moments(X, Wt, bt, check_finite=False).sum_xz)}
+                   if dev.startswith("cuda") else {}),
                 "torch": lambda: _torch_signal(X.float(), Wt, bt)[1],
             },
         }
@@ -141,6 +146,8 @@ def _on_sample(method, X, n, edp, torch, op, W=None, b=None):
         return torch.cov(Xs.float().T)
     if method == "edpairs":
         return edp.ops.signal_moments(Xs, W, b).sum_xz
+    if method == "edpairs-tf32":
+        return _with_env("EDPAIRS_SIGNAL_MOMENTS", "tf32", lambda: edp.ops.signal_moments(Xs, W, b).sum_xz)()
     return _torch_signal(Xs.float(), W, b)[1].T
 
 

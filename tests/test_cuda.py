@@ -888,3 +888,31 @@ def test_moments_tf32_falls_back_to_exact(torch, rng, monkeypatch):
         b = ops.moments(Xg)
         np.testing.assert_array_equal(to_numpy(a.mean), to_numpy(b.mean))
         np.testing.assert_allclose(to_numpy(a.m2), to_numpy(b.m2), rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("N,D,I", [(1, 3, 2), (300, 37, 70), (5000, 130, 64), (50_000, 512, 256)])
+@pytest.mark.parametrize("center", [False, True])
+def test_signal_moments_tf32_opt_in(torch, N, D, I, center, rng, monkeypatch):
+    """EDPAIRS_SIGNAL_MOMENTS=tf32 (kernel B on tensor cores): count, sum_z, sum_zz as the exact
+    path (kernel A is shared), sum_x and sum_xz within TF32 rounding of it, every entry written."""
+    X = (rng.standard_normal((N, D)) + 1.0).astype(np.float32)
+    W = (rng.standard_normal((D, I)) / np.sqrt(D)).astype(np.float32)
+    b = (rng.standard_normal(I) * 0.3).astype(np.float32)
+    c = (0.5 * rng.standard_normal(D)).astype(np.float32) if center else None
+    args = (gpu(X), gpu(W), gpu(b))
+    monkeypatch.setenv("EDPAIRS_SIGNAL_MOMENTS", "float32")
+    exact = ops.signal_moments(*args, center=gpu(c))
+    monkeypatch.setenv("EDPAIRS_SIGNAL_MOMENTS", "tf32")
+    fast = ops.signal_moments(*args, center=gpu(c))
+    np.testing.assert_array_equal(to_numpy(fast.count), to_numpy(exact.count))
+    np.testing.assert_allclose(to_numpy(fast.sum_z), to_numpy(exact.sum_z), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(fast.sum_zz), to_numpy(exact.sum_zz), rtol=1e-12, atol=1e-12)
+    Xc = np.abs(X.astype(np.float64) - (c if center else 0))
+    Z = X.astype(np.float64) @ W - b  # z uses the raw x
+    absM = (Z > -1e-3).astype(np.float64)  # masks as far as float32 rounding can move them
+    scale_x = absM.T @ Xc
+    scale_xz = (absM * np.abs(Z)).T @ Xc
+    for got, want, scale in ((fast.sum_x, exact.sum_x, scale_x), (fast.sum_xz, exact.sum_xz, scale_xz)):
+        got, want = to_numpy(got), to_numpy(want)
+        assert np.isfinite(got).all()
+        assert np.all(np.abs(got - want) <= 2.0 ** -9 * scale + 1e-6 * (np.abs(want).max() + 1e-30))

@@ -663,41 +663,46 @@ def test_emulated_fused_kernel_matches_numpy(n, d, k, dtype, stride_pad, extras,
     np.testing.assert_allclose(sums, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
-# ---- the opt-in TF32 scatter of `moments` (moments_tf32_kernel, EDPAIRS_MOMENTS=tf32) --------
+# ---- the opt-in TF32 "A^T B" of `moments` / `signal_moments` (gram_tf32_kernel, gram_tc.cuh) --
 G_TILE, G_THREADS, G_SLICE, G_PITCH, G_STAGES = 128, 128, 32, 136, 3
 G_STAGE_WORDS = 2 * G_SLICE * G_PITCH
 
 
-def test_moments_tf32_fragment_loads_are_conflict_free():
+def test_gram_tf32_fragment_loads_are_conflict_free():
     g, t = LANE // 4, LANE % 4
     for base in (0, 8, 4 * G_PITCH, 4 * G_PITCH + 8):
         assert len(set(((t * G_PITCH + g + base) % 32).tolist())) == 32
 
 
-def emulate_moments_tf32(x_buf, n, d, x_stride, mean, rows_per_split):
-    """m2 (upper tiles as the kernel adds them, then mirrored) with every index formula of the
-    kernel; shared memory starts as NaN in every block so a read of an unwritten word shows."""
-    assert x_stride % 4 == 0 and rows_per_split % G_SLICE == 0
-    tiles = -(-d // G_TILE)
-    splits = -(-n // rows_per_split)
-    m2 = np.zeros((d, d))
+def emulate_gram_tf32(ops, n, rows_per_split, symmetric):
+    """C (P x Q) as gram_tf32_kernel adds it, with every index formula of the kernel. ops: two
+    (buf, ld, cols, offsets or None) operands (float32 flat buffers, float64 offsets); shared
+    memory starts as NaN in every block so a read of an unwritten word shows."""
+    assert rows_per_split % G_SLICE == 0
+    P, Q = ops[0][2], ops[1][2]
+    tiles_p, tiles_q = -(-P // G_TILE), -(-Q // G_TILE)
+    out = np.zeros((P, Q))
     tid = np.arange(G_THREADS)
     chunk = tid % 32
     g, t = LANE // 4, LANE % 4
-    for tile_p in range(tiles):
-        for tile_q in range(tile_p, tiles):
-            diag = tile_p == tile_q
+    for tile_p in range(tiles_p):
+        for tile_q in range(tiles_q):
+            if symmetric and tile_q < tile_p:
+                continue
+            shared = symmetric and tile_p == tile_q
             p0, q0 = tile_p * G_TILE, tile_q * G_TILE
-            operands = 1 if diag else 2
+            operands = 1 if shared else 2
             valid_cols, hi, lo = [], [], []
             for o in range(2):
+                _, _, cols, off = ops[o]
                 c0 = (p0 if o == 0 else q0) + 4 * chunk
-                valid_cols.append(np.clip(d - c0, 0, 4))
-                m = np.array([[mean[c + e] if e < v else 0.0 for e in range(4)] for c, v in zip(c0, valid_cols[o])])
+                valid_cols.append(np.clip(cols - c0, 0, 4))
+                m = np.array([[(off[c + e] if off is not None else 0.0) if e < v else 0.0 for e in range(4)]
+                              for c, v in zip(c0, valid_cols[o])])
                 h = m.astype(np.float32)
                 hi.append(h)
                 lo.append((m - h.astype(np.float64)).astype(np.float32))
-            for split in range(splits):
+            for split in range(-(-n // rows_per_split)):
                 n_begin = split * rows_per_split
                 n_end = min(n, n_begin + rows_per_split)
                 steps = -(-(n_end - n_begin) // G_SLICE)
@@ -707,14 +712,15 @@ def emulate_moments_tf32(x_buf, n, d, x_stride, mean, rows_per_split):
                 def load(step, stage):
                     r0 = n_begin + step * G_SLICE
                     for o in range(operands):
+                        buf, ld = ops[o][0], ops[o][1]
                         c0 = (p0 if o == 0 else q0) + 4 * chunk
                         for i in range(G_SLICE // 4):
                             r = tid // 32 + 4 * i
                             for th in range(G_THREADS):
-                                nn = r0 + r[th]
-                                valid = valid_cols[o][th] if nn < n_end else 0
+                                row = r0 + r[th]
+                                valid = valid_cols[o][th] if row < n_end else 0
                                 vals = np.zeros(4, np.float32)
-                                vals[:valid] = x_buf[nn * x_stride + c0[th]: nn * x_stride + c0[th] + valid]
+                                vals[:valid] = buf[row * ld + c0[th]: row * ld + c0[th] + valid]
                                 w = stage + (o * G_SLICE + r[th]) * G_PITCH + 4 * chunk[th]
                                 smem[w:w + 4] = vals
 
@@ -738,7 +744,7 @@ def emulate_moments_tf32(x_buf, n, d, x_stride, mean, rows_per_split):
                     centre(step, stage)
                     if step + G_STAGES - 1 < steps:
                         load(step + G_STAGES - 1, ((step + G_STAGES - 1) % G_STAGES) * G_STAGE_WORDS)
-                    as_, bs = stage, stage if diag else stage + G_SLICE * G_PITCH
+                    as_, bs = stage, stage if shared else stage + G_SLICE * G_PITCH
                     for ks in range(G_SLICE // 8):
                         arow = as_ + (ks * 8 + t) * G_PITCH  # (32,)
                         brow = bs + (ks * 8 + t) * G_PITCH
@@ -755,8 +761,7 @@ def emulate_moments_tf32(x_buf, n, d, x_stride, mean, rows_per_split):
                                     b = np.stack([smem[brow + qc], smem[brow + 4 * G_PITCH + qc]], -1).astype(np.float64)
                                     B = np.full((8, 8), np.nan)  # [n][k]
                                     B[B_N, B_WORD] = b
-                                    D = A @ B.T
-                                    acc[warp, :, mi, nj, :] += D[C_ROW, C_COL]
+                                    acc[warp, :, mi, nj, :] += (A @ B.T)[C_ROW, C_COL]
                 for warp in range(4):
                     wm, wn = warp // 2, warp % 2
                     for mi in range(4):
@@ -764,11 +769,22 @@ def emulate_moments_tf32(x_buf, n, d, x_stride, mean, rows_per_split):
                             for r in range(4):
                                 pp = p0 + wm * 64 + mi * 16 + g + 8 * (r // 2)
                                 qq = q0 + wn * 64 + nj * 8 + 2 * t + r % 2
-                                ok = (pp < d) & (qq < d)
-                                np.add.at(m2, (pp[ok], qq[ok]), acc[warp, ok, mi, nj, r])
-    iu = np.triu_indices(d, 1)
-    m2[iu[1], iu[0]] = m2[iu]  # mirror_upper_kernel
-    return m2
+                                ok = (pp < P) & (qq < Q)
+                                np.add.at(out, (pp[ok], qq[ok]), acc[warp, ok, mi, nj, r])
+    return out
+
+
+def _padded_buffer(X, ld):
+    buf = np.full(X.shape[0] * ld + 8, np.nan, np.float32)
+    for i in range(X.shape[0]):
+        buf[i * ld:i * ld + X.shape[1]] = X[i]
+    return buf
+
+
+def _tf32_centred(X, off):
+    hi = off.astype(np.float32)
+    lo = (off - hi.astype(np.float64)).astype(np.float32)
+    return round_tf32((X - hi) - lo).astype(np.float64)
 
 
 @pytest.mark.parametrize("n,d,stride_pad,rows_per_split", [(1, 1, 3, 32), (70, 5, 3, 32), (100, 130, 2, 64),
@@ -777,16 +793,35 @@ def test_emulated_moments_tf32_matches_numpy(n, d, stride_pad, rows_per_split):
     rng = np.random.default_rng(n + d)
     X = (rng.standard_normal((n, d)) + 50.0).astype(np.float32)  # offset data: centring matters
     stride = d + stride_pad
-    buf = np.full(n * stride + 8, np.nan, np.float32)
-    for i in range(n):
-        buf[i * stride:i * stride + d] = X[i]
+    buf = _padded_buffer(X, stride)
     mean = X.astype(np.float64).mean(0)
-    m2 = emulate_moments_tf32(buf, n, d, stride, mean, rows_per_split)
-    hi = mean.astype(np.float32)
-    lo = (mean - hi).astype(np.float32)
-    Xr = round_tf32((X - hi) - lo).astype(np.float64)
+    op = (buf, stride, d, mean)
+    m2 = emulate_gram_tf32([op, op], n, rows_per_split, symmetric=True)
+    iu = np.triu_indices(d, 1)
+    m2[iu[1], iu[0]] = m2[iu]  # mirror_upper_kernel
+    Xr = _tf32_centred(X, mean)
     ref = Xr.T @ Xr
     assert np.isfinite(m2).all()
     np.testing.assert_allclose(m2, ref, rtol=1e-10, atol=1e-10 * np.abs(ref).max())
     exact = (X - mean).T @ (X - mean)
     assert np.abs(m2 - exact).max() <= 2e-3 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("n,d,concepts,stride_pad", [(1, 3, 2, 1), (90, 37, 70, 3), (70, 140, 2, 0)])
+def test_emulated_signal_tf32_matches_numpy(n, d, concepts, stride_pad):
+    """Kernel B of signal_moments: [M, M Z]^T x~ with the workspace (n, 2I) and x centred on a
+    float32 centre; the output's first I rows are sum_x, the others sum_xz."""
+    rng = np.random.default_rng(n * 3 + d + concepts)
+    X = (rng.standard_normal((n, d)) + 2.0).astype(np.float32)
+    center = rng.standard_normal(d).astype(np.float32)
+    Z = rng.standard_normal((n, concepts)).astype(np.float32)
+    M = (Z > 0).astype(np.float32)
+    ws = np.concatenate([M, M * Z], 1)
+    ws_ld = 2 * concepts + (-2 * concepts) % 4  # the kernel needs ld % 4 == 0; pad the emulation
+    stride = d + stride_pad + (-(d + stride_pad)) % 4
+    out = emulate_gram_tf32([(_padded_buffer(ws, ws_ld), ws_ld, 2 * concepts, None),
+                             (_padded_buffer(X, stride), stride, d, center.astype(np.float64))],
+                            n, 32, symmetric=False)
+    ref = round_tf32(ws).astype(np.float64).T @ _tf32_centred(X, center.astype(np.float64))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-10 * max(np.abs(ref).max(), 1e-30))

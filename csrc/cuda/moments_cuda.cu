@@ -17,6 +17,7 @@
 #include "dtype_load.cuh"
 #include "edpairs/ops.h"
 #include "gram.cuh"
+#include "gram_tc.cuh"
 
 namespace edpairs {
 namespace {
@@ -117,209 +118,8 @@ __global__ void __launch_bounds__(kMirrorTile * kMirrorRows)
 }
 
 
-// ---- opt-in TF32 tensor-core scatter (EDPAIRS_MOMENTS=tf32; float32 x, 16-byte aligned rows)
-// m2 tiles of 128 x 128 on or above the diagonal, each block summing a contiguous range of
-// rows: slices of 32 rows of x (columns p0.. and q0.., 512 bytes per row) through a 3-stage
-// cp.async ring; each thread centres the chunks it copied on the float64 mean (as a float
-// pair, so the subtraction keeps the mean's precision) and rounds them to TF32 in place before
-// the barrier that publishes the slice; 4 warps of 64 x 64 on mma.sync m16n8k8 with the rows of
-// x as the reduction dimension. float32 accumulation over the block's range (TF32 rounding
-// dominates its error), then one float64 atomic per entry and block. Shared tiles are stored
-// [row n][column] with a pitch of 136 words: the fragment loads (lanes g + 8 t apart) hit 32
-// distinct banks.
-constexpr int kTcTile = 128;
-constexpr int kTcThreads = 128;
-constexpr int kTcSliceRows = 32;
-constexpr int kTcPitch = kTcTile + 8;                        // words
-constexpr int kTcStageWords = 2 * kTcSliceRows * kTcPitch;   // A slice then B slice
-constexpr int kTcStages = 3;
-constexpr int kTcSmemBytes = kTcStages * kTcStageWords * 4;  // 104448
-constexpr int kTcChunkRows = kTcThreads / 32;                // rows one loader pass covers
-
-__device__ __forceinline__ uint32_t tf32_bits(float v) {
-  uint32_t out;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(out) : "f"(v));
-  return out;
-}
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
-struct TcGramParams {
-  const float* x;
-  int64_t x_stride;
-  int64_t n;
-  int d;
-  int tiles;              // ceil(d / 128)
-  int64_t rows_per_split; // multiple of kTcSliceRows
-  const double* mean;
-  double* m2;
-};
-
-__global__ void __launch_bounds__(kTcThreads, 2) moments_tf32_kernel(const TcGramParams p) {
-  extern __shared__ __align__(16) uint32_t smem[];
-  const int tile_p = static_cast<int>(blockIdx.x) / p.tiles;
-  const int tile_q = static_cast<int>(blockIdx.x) % p.tiles;
-  if (tile_q < tile_p) return;  // whole block, before any barrier
-  const bool diag = tile_p == tile_q;  // B = A: one slice loaded, read twice
-  const int p0 = tile_p * kTcTile;
-  const int q0 = tile_q * kTcTile;
-  const int64_t n_begin = static_cast<int64_t>(blockIdx.y) * p.rows_per_split;
-  if (n_begin >= p.n) return;
-  const int64_t n_end = p.n < n_begin + p.rows_per_split ? p.n : n_begin + p.rows_per_split;
-  const int steps = static_cast<int>((n_end - n_begin + kTcSliceRows - 1) / kTcSliceRows);
-
-  const int tid = static_cast<int>(threadIdx.x);
-  const int lane = tid % 32;
-  const int warp = tid / 32;
-  const int warp_m = warp / 2;  // p rows warp_m * 64 ..
-  const int warp_n = warp % 2;  // q cols warp_n * 64 ..
-  const int g = lane / 4;
-  const int t = lane % 4;
-
-  // Loader: thread tid copies 16-byte chunk c = tid % 32 (columns 4c .. 4c + 3) of slice rows
-  // tid / 32 + 4 i, for A (columns p0 + ..) and, off the diagonal, B (q0 + ..).
-  const int chunk = tid % 32;
-  float mean_hi[2][4];
-  float mean_lo[2][4];
-  int valid_cols[2];
-#pragma unroll
-  for (int o = 0; o < 2; ++o) {
-    const int c0 = (o == 0 ? p0 : q0) + 4 * chunk;
-    const int rem = p.d - c0;
-    valid_cols[o] = rem < 0 ? 0 : (rem < 4 ? rem : 4);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const double m = e < valid_cols[o] ? p.mean[c0 + e] : 0.0;
-      mean_hi[o][e] = static_cast<float>(m);
-      mean_lo[o][e] = static_cast<float>(m - static_cast<double>(mean_hi[o][e]));
-    }
-  }
-  const int operands = diag ? 1 : 2;
-
-  auto load = [&](int step, uint32_t* stage) {
-    const int64_t r0 = n_begin + static_cast<int64_t>(step) * kTcSliceRows;
-#pragma unroll
-    for (int o = 0; o < 2; ++o) {
-      if (o >= operands) break;
-      const int c0 = (o == 0 ? p0 : q0) + 4 * chunk;
-#pragma unroll
-      for (int i = 0; i < kTcSliceRows / kTcChunkRows; ++i) {
-        const int r = tid / 32 + kTcChunkRows * i;
-        const int64_t n = r0 + r;
-        const int valid = n < n_end ? valid_cols[o] : 0;
-        const float* src = valid > 0 ? p.x + n * p.x_stride + c0 : p.x;
-        cp_async_16(static_cast<uint32_t>(__cvta_generic_to_shared(
-                        stage + (o * kTcSliceRows + r) * kTcPitch + 4 * chunk)),
-                    src, valid * 4);
-      }
-    }
-  };
-  // Centre and round this thread's own chunks of a landed slice (rows past n_end stay 0).
-  auto centre = [&](int step, uint32_t* stage) {
-    const int64_t r0 = n_begin + static_cast<int64_t>(step) * kTcSliceRows;
-#pragma unroll
-    for (int o = 0; o < 2; ++o) {
-      if (o >= operands) break;
-#pragma unroll
-      for (int i = 0; i < kTcSliceRows / kTcChunkRows; ++i) {
-        const int r = tid / 32 + kTcChunkRows * i;
-        if (r0 + r < n_end) {
-          uint32_t* w = stage + (o * kTcSliceRows + r) * kTcPitch + 4 * chunk;
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float v = e < valid_cols[o] ? (__uint_as_float(w[e]) - mean_hi[o][e]) - mean_lo[o][e] : 0.f;
-            w[e] = tf32_bits(v);
-          }
-        }
-      }
-    }
-  };
-
-  float acc[4][8][4];
-#pragma unroll
-  for (int mi = 0; mi < 4; ++mi) {
-#pragma unroll
-    for (int nj = 0; nj < 8; ++nj) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[mi][nj][r] = 0.f;
-    }
-  }
-#pragma unroll
-  for (int s = 0; s < kTcStages - 1; ++s) {
-    if (s < steps) load(s, smem + s * kTcStageWords);
-    cp_async_commit();
-  }
-  for (int step = 0; step < steps; ++step) {
-    uint32_t* stage = smem + (step % kTcStages) * kTcStageWords;
-    cp_async_wait<kTcStages - 2>();
-    centre(step, stage);
-    __syncthreads();  // slice `step` centred and visible; the stage of step - 1 is free
-    {
-      const int next = step + kTcStages - 1;
-      if (next < steps) load(next, smem + (next % kTcStages) * kTcStageWords);
-      cp_async_commit();
-    }
-    const uint32_t* as = stage;
-    const uint32_t* bs = diag ? stage : stage + kTcSliceRows * kTcPitch;
-#pragma unroll
-    for (int ks = 0; ks < kTcSliceRows / 8; ++ks) {
-      const uint32_t* arow = as + (ks * 8 + t) * kTcPitch;
-      const uint32_t* brow = bs + (ks * 8 + t) * kTcPitch;
-      uint32_t a[4][4];
-      uint32_t b[8][2];
-#pragma unroll
-      for (int mi = 0; mi < 4; ++mi) {
-        const int pc = warp_m * 64 + mi * 16 + g;
-        a[mi][0] = arow[pc];
-        a[mi][1] = arow[pc + 8];
-        a[mi][2] = arow[4 * kTcPitch + pc];
-        a[mi][3] = arow[4 * kTcPitch + pc + 8];
-      }
-#pragma unroll
-      for (int nj = 0; nj < 8; ++nj) {
-        const int qc = warp_n * 64 + nj * 8 + g;
-        b[nj][0] = brow[qc];
-        b[nj][1] = brow[4 * kTcPitch + qc];
-      }
-#pragma unroll
-      for (int mi = 0; mi < 4; ++mi) {
-#pragma unroll
-        for (int nj = 0; nj < 8; ++nj) {
-          asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-              "{%8,%9}, {%0,%1,%2,%3};\n"
-              : "+f"(acc[mi][nj][0]), "+f"(acc[mi][nj][1]), "+f"(acc[mi][nj][2]), "+f"(acc[mi][nj][3])
-              : "r"(a[mi][0]), "r"(a[mi][1]), "r"(a[mi][2]), "r"(a[mi][3]), "r"(b[nj][0]), "r"(b[nj][1]));
-        }
-      }
-    }
-  }
-  cp_async_wait<0>();
-
-#pragma unroll
-  for (int mi = 0; mi < 4; ++mi) {
-#pragma unroll
-    for (int nj = 0; nj < 8; ++nj) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int pp = p0 + warp_m * 64 + mi * 16 + g + 8 * (r / 2);
-        const int qq = q0 + warp_n * 64 + nj * 8 + 2 * t + r % 2;
-        if (pp < p.d && qq < p.d) {
-          atomicAdd(p.m2 + static_cast<int64_t>(pp) * p.d + qq, static_cast<double>(acc[mi][nj][r]));
-        }
-      }
-    }
-  }
-}
-
 // Which scatter kernel `moments` uses: "float32" (default; exact float32 products, gram_kernel)
-// or "tf32" (EDPAIRS_MOMENTS=tf32: the tensor-core kernel above for float32 x with 16-byte
+// or "tf32" (EDPAIRS_MOMENTS=tf32: gram_tf32_kernel of gram_tc.cuh for float32 x with 16-byte
 // aligned rows, the exact kernel otherwise). Opt-in until the device run measures it.
 inline bool use_tf32_moments() {
   const char* v = std::getenv("EDPAIRS_MOMENTS");
@@ -377,26 +177,19 @@ void moments_cuda(const MomentsArgs& args, Stream stream) {
     EDPAIRS_CUDA_CHECK(cudaGetLastError());
 
     if constexpr (std::is_same<T, float>::value) {
-      const bool aligned = reinterpret_cast<uintptr_t>(xp) % 16 == 0 && x.stride(0) % 4 == 0;
-      if (use_tf32_moments() && aligned && tiles * tiles <= INT_MAX) {
-        const int64_t tc_tiles = ceil_div(d, kTcTile);
-        const int64_t tc_upper = tc_tiles * (tc_tiles + 1) / 2;
-        // Row ranges: about 4 blocks per SM over the upper tiles, each range at least 4 slices
-        // and a whole number of them.
-        int64_t splits_tc = std::max<int64_t>(1, ceil_div(4 * static_cast<int64_t>(sms), tc_upper));
-        splits_tc = std::min<int64_t>(splits_tc, std::max<int64_t>(1, ceil_div(n, 4 * kTcSliceRows)));
-        splits_tc = std::min<int64_t>(splits_tc, 65535);
-        int64_t per = ceil_div(ceil_div(n, splits_tc), kTcSliceRows) * kTcSliceRows;
-        splits_tc = ceil_div(n, per);
-        TcGramParams tp{xp, x.stride(0), n, di, static_cast<int>(tc_tiles), per, mean, m2};
-        EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(moments_tf32_kernel,
-                                                cudaFuncAttributeMaxDynamicSharedMemorySize, kTcSmemBytes));
-        EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(moments_tf32_kernel,
-                                                cudaFuncAttributePreferredSharedMemoryCarveout,
+      if (use_tf32_moments() && cuda_detail::tcg_aligned(xp, x.stride(0))) {
+        using cuda_detail::kTcgTile;
+        const int64_t tc_tiles = ceil_div(d, kTcgTile);
+        const int64_t per = cuda_detail::gram_tf32_rows_per_split(n, tc_tiles * (tc_tiles + 1) / 2, sms);
+        const cuda_detail::TcgOperand op{xp, x.stride(0), di, mean, nullptr};
+        auto kernel = cuda_detail::gram_tf32_kernel<AddToM2>;
+        EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                cuda_detail::kTcgSmemBytes));
+        EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                                 cudaSharedmemCarveoutMaxShared));
-        moments_tf32_kernel<<<dim3(static_cast<unsigned>(tc_tiles * tc_tiles),
-                                   static_cast<unsigned>(splits_tc)),
-                              kTcThreads, kTcSmemBytes, s>>>(tp);
+        kernel<<<dim3(static_cast<unsigned>(tc_tiles * tc_tiles), static_cast<unsigned>(ceil_div(n, per))),
+                 cuda_detail::kTcgThreads, cuda_detail::kTcgSmemBytes, s>>>(
+            op, op, AddToM2{m2, di}, n, static_cast<int>(tc_tiles), per, true);
         EDPAIRS_CUDA_CHECK(cudaGetLastError());
         return;
       }

@@ -12,12 +12,15 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "cuda_check.cuh"
 #include "dtype_load.cuh"
 #include "edpairs/ops.h"
 #include "gram.cuh"
+#include "gram_tc.cuh"
 
 namespace edpairs {
 namespace {
@@ -216,6 +219,15 @@ struct AddToSignalSums {  // C: (2I, D) -> rows < I into sum_x, the others into 
   }
 };
 
+// Which kernel computes kernel B: "float32" (default; exact float32 products, gram_kernel) or
+// "tf32" (EDPAIRS_SIGNAL_MOMENTS=tf32: gram_tf32_kernel of gram_tc.cuh, for float32 x with
+// 16-byte aligned rows and a 16-byte aligned workspace, the exact kernel otherwise). Opt-in
+// until the device run measures it; kernel A stays float32 (the masks are exact either way).
+inline bool use_tf32_signal() {
+  const char* v = std::getenv("EDPAIRS_SIGNAL_MOMENTS");
+  return v != nullptr && std::string(v) == "tf32";
+}
+
 }  // namespace
 
 void signal_moments_cuda(const SignalMomentsArgs& args, Stream stream) {
@@ -288,6 +300,27 @@ void signal_moments_cuda(const SignalMomentsArgs& args, Stream stream) {
       signal_z_kernel<T><<<z_grid, kThreads, 0, s>>>(zp);
       EDPAIRS_CUDA_CHECK(cudaGetLastError());
 
+      if constexpr (std::is_same<T, float>::value) {
+        if (use_tf32_signal() && cuda_detail::tcg_aligned(x_step, x.stride(0)) &&
+            cuda_detail::tcg_aligned(zp.workspace, 2 * concepts)) {
+          using cuda_detail::kTcgTile;
+          const int64_t tc_p = ceil_div(2 * concepts, kTcgTile);
+          const int64_t tc_q = ceil_div(d, kTcgTile);
+          const int64_t per = cuda_detail::gram_tf32_rows_per_split(rows, tc_p * tc_q, sms);
+          const cuda_detail::TcgOperand opa{zp.workspace, 2 * concepts, 2 * ii, nullptr, nullptr};
+          const cuda_detail::TcgOperand opb{x_step, x.stride(0), di, nullptr, zp.center};
+          auto kernel = cuda_detail::gram_tf32_kernel<AddToSignalSums>;
+          EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                  cuda_detail::kTcgSmemBytes));
+          EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                                  cudaSharedmemCarveoutMaxShared));
+          kernel<<<dim3(static_cast<unsigned>(tc_p * tc_q), static_cast<unsigned>(ceil_div(rows, per))),
+                   cuda_detail::kTcgThreads, cuda_detail::kTcgSmemBytes, s>>>(
+              opa, opb, AddToSignalSums{sum_x, sum_xz, ii, di}, rows, static_cast<int>(tc_q), per, false);
+          EDPAIRS_CUDA_CHECK(cudaGetLastError());
+          continue;
+        }
+      }
       const WorkspaceRows masks{zp.workspace, 2 * concepts};
       const CentredRows<T> centred{x_step, x.stride(0), zp.center};
       const int splits = cuda_detail::gram_row_splits(rows, tiles_p * tiles_q, sms);
