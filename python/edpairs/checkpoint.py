@@ -112,6 +112,8 @@ def data_fingerprint(source) -> dict:
 
     from ._arrays import to_numpy64
 
-    first = next(iter(source))
+    first = next(iter(source), None)
+    if first is None:  # e.g. a rank that holds no rows
+        return {"rows": 0, "columns": source.n_features, "head_crc32": 0}
     head = np.ascontiguousarray(to_numpy64(first[: min(256, first.shape[0])]))
     return {"rows": source.n_samples, "columns": source.n_features, "head_crc32": zlib.crc32(head.tobytes())}

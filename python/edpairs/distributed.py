@@ -14,9 +14,11 @@ the same on every rank as one process on the concatenation of the ranks' rows in
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
-__all__ = ["Reducer", "reducer"]
+__all__ = ["Reducer", "StoreShard", "merge_moments", "reducer", "shard_dataset", "shard_range", "shard_store"]
 
 
 class Reducer:
@@ -126,3 +128,52 @@ def merge_moments(red: Reducer, n: int, mean: np.ndarray, scatter: np.ndarray):
         total_n = n_ab
     return int(total_n), total_mean, total_scatter
 
+
+
+def shard_range(n: int, rank: int, world_size: int) -> range:
+    """The contiguous block of ``range(n)`` that rank ``rank`` of ``world_size`` reads. Blocks are
+    in rank order, so the ranks' rows concatenated in rank order are the data in its order —
+    which is what makes a distributed fit equal the single-process fit."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    per, extra = divmod(int(n), world_size)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (rank < extra))
+
+
+def _rank_world(process_group, rank, world_size):
+    if rank is not None and world_size is not None:
+        return int(rank), int(world_size)
+    red = reducer(True if process_group is None else process_group)
+    return red.rank, red.world_size
+
+
+class StoreShard:
+    """The shards of an activation store that one rank reads (a fit source: ``chunks()``)."""
+
+    def __init__(self, store, shards: range):
+        self.store, self.shards = store, shards
+
+    def chunks(self):
+        self.store._check_complete()
+        return (self.store.shard(i) for i in self.shards)
+
+    def __repr__(self) -> str:
+        return f"StoreShard({self.store.path!r}, shards {self.shards.start}..{self.shards.stop - 1})"
+
+
+def shard_store(store, process_group=None, *, rank: Optional[int] = None, world_size: Optional[int] = None):
+    """This rank's part of an :class:`edpairs.store.ActivationStore`: a contiguous block of its
+    shards (see :func:`shard_range`), to pass to ``fit(..., process_group=...)``. ``rank`` /
+    ``world_size`` default to the process group's (the default group when None)."""
+    rank, world_size = _rank_world(process_group, rank, world_size)
+    return StoreShard(store, shard_range(len(store), rank, world_size))
+
+
+def shard_dataset(dataset, process_group=None, *, rank: Optional[int] = None, world_size: Optional[int] = None):
+    """This rank's contiguous block of a map-style dataset (a ``torch.utils.data.Subset``), for
+    capturing activations on every rank without overlap and in data order."""
+    from torch.utils.data import Subset
+
+    rank, world_size = _rank_world(process_group, rank, world_size)
+    return Subset(dataset, list(shard_range(len(dataset), rank, world_size)))
