@@ -6,7 +6,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import capture, distributed, interventions, metrics, ops, reference, refine, store, synthetic, ura
-from .capture import split_model
+from .capture import iter_activations, layer_names, split_model
 from .cluster import SphericalKMeans, Whitener
 from .errors import BackendUnavailable, CudaError
 from .interventions import intervene
@@ -29,6 +29,8 @@ __all__ = [
     "get_num_threads",
     "intervene",
     "interventions",
+    "iter_activations",
+    "layer_names",
     "metrics",
     "ops",
     "reference",
