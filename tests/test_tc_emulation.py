@@ -503,7 +503,7 @@ def emulate_fused(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, 
 
             # phase 1
             acc = np.zeros((F_WARPS, 32, F_NJ, 4))
-            row_sq = np.zeros(ROWS, np.float32)
+            row_sq = np.zeros(F_THREADS, np.float32)  # thread th: row th % 128, half th // 128
             for s_ in range(STAGES - 1):
                 if s_ < k_steps:
                     load(s_ * F_TILE_WORDS, s_, True)
@@ -527,14 +527,16 @@ def emulate_fused(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, 
                     D = np.einsum("wik,njk->wnij", A.reshape(F_WARPS, 16, -1), B.reshape(F_NJ, 8, -1))
                     acc += np.transpose(D[:, :, C_ROW, C_COL], (0, 2, 1, 3))
                 if row_scale is None:
-                    for th in range(ROWS):
-                        for e in range(elems):
+                    for th in range(F_THREADS):
+                        half = th // ROWS
+                        for e in range(half * (elems // 2), (half + 1) * (elems // 2)):
                             col = kt * elems + e
                             if col < d:
-                                v = np.float32(smem[(xs + th * PITCH_WORDS) * epw + e])
+                                v = np.float32(smem[(xs + (th % ROWS) * PITCH_WORDS) * epw + e])
                                 if center is not None:
                                     v = np.float32(v - center[col])
                                 row_sq[th] = np.float32(row_sq[th] + np.float32(v * v))
+            row_sq = (row_sq[:ROWS] + row_sq[ROWS:]).astype(np.float32)  # the halves merged
             best_val = np.full(ROWS, np.nan)
             best_idx = np.full(ROWS, -7)
             for wp in range(F_WARPS):

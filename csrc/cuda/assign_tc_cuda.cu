@@ -749,10 +749,11 @@ __global__ void __launch_bounds__(kFThreads, 1) assign_tc_fused_kernel(const Fus
           Mma<T>::run(acc[nj], a, b);
         }
       }
-      if (sums_row_norm && tid < kRows) {
-        const T* xr = reinterpret_cast<const T*>(xs + tid * kPitchWords);
+      if (sums_row_norm) {  // all 8 warps: row tid % 128, half tid / 128 of the slice
+        const int half = tid / kRows;
+        const T* xr = reinterpret_cast<const T*>(xs + (tid % kRows) * kPitchWords);
 #pragma unroll 8
-        for (int e = 0; e < kElems; ++e) {
+        for (int e = half * (kElems / 2); e < (half + 1) * (kElems / 2); ++e) {
           const int col = kt * kElems + e;
           if (col < p.d) {
             const float v = to_float(xr[e]) - (p.center != nullptr ? p.center[col] : 0.f);
@@ -762,7 +763,10 @@ __global__ void __launch_bounds__(kFThreads, 1) assign_tc_fused_kernel(const Fus
       }
     }
     cp_async_wait<0>();
-    __syncthreads();  // phase 2's prologue overwrites the stages
+    if (tid >= kRows) best_val_s[tid - kRows] = row_sq;  // the second halves, merged below
+    __syncthreads();  // phase 2's prologue overwrites the stages; the halves are visible
+    if (tid < kRows) row_sq += best_val_s[tid];
+    __syncthreads();  // best_val_s is written next
 
     // Phase 2's prologue now, so that its L2 reads overlap the argmax and the rank sort.
 #pragma unroll
