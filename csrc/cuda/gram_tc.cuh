@@ -219,10 +219,11 @@ __global__ void __launch_bounds__(kTcgThreads, 2)
   }
 }
 
-// Rows per block of gram_tf32_kernel: about 4 blocks per SM over `tiles` output tiles, each
-// range at least 4 slices and a whole number of them.
+// Rows per block of gram_tf32_kernel: at most two full waves of two blocks per SM over `tiles`
+// output tiles (rounded down: 530 blocks on 264 slots would take three waves, 520 take two),
+// each range at least 4 slices and a whole number of them.
 inline int64_t gram_tf32_rows_per_split(int64_t rows, int64_t tiles, int multiprocessors) {
-  int64_t splits = std::max<int64_t>(1, (4 * static_cast<int64_t>(multiprocessors) + tiles - 1) / tiles);
+  int64_t splits = std::max<int64_t>(1, 4 * static_cast<int64_t>(multiprocessors) / tiles);
   splits = std::min<int64_t>(splits, std::max<int64_t>(1, (rows + 4 * kTcgSliceRows - 1) / (4 * kTcgSliceRows)));
   splits = std::min<int64_t>(splits, 65535);
   const int64_t per = (rows + splits - 1) / splits;
