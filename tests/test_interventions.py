@@ -438,9 +438,9 @@ def test_errors(net):
     with pytest.raises(ValueError, match="bias_"):
         remove(X, no_bias, [0])
     assert remove(X, no_bias, [0], gate=False).shape == X.shape
-    with pytest.raises(ValueError, match="no module 'features.3'.*'features.2'"):
+    with pytest.raises(ValueError, match="no module named 'features.3'.*features.2"):
         intervene(net, "features.3", pairs, remove=[0])
-    with pytest.raises(ValueError, match="no module 'haed'.*'head'"):
+    with pytest.raises(ValueError, match="no module named 'haed'.*head"):
         intervene(net, "haed", pairs, remove=[0])
     with pytest.raises(ValueError, match=r"D=6 channels but layer 'features.0' \(Conv2d\) has out_channels=8"):
         intervene(net, "features.0", pairs, remove=[0])

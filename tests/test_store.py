@@ -131,7 +131,7 @@ def test_killed_extraction_resumes_to_identical_bytes(setup, reference, tmp_path
         list(ActivationStore(path).chunks())
     assert ActivationStore(path, allow_partial=True).n_images == 18
     # Debris of a write cut short: a temporary file and an unlisted shard.
-    (path / "shard-00003.npy.tmp999").write_bytes(b"partial")
+    (path / ".shard-00003.npy.k2j4x9.tmp").write_bytes(b"partial")  # an interrupted write_atomic
     (path / "shard-00003.npy").write_bytes(b"garbage")
 
     counter = Counter(setup["model"])

@@ -29,11 +29,16 @@ def _torch():
 # Modules by dotted name
 
 
-def find_module(model, layer: str):
+def find_module(model, layer):
     """The submodule of ``model`` at the dotted path ``layer`` (``"_blocks.15"``, ``"layer4"``,
-    ``"blocks.8.mlp"``); a wrong name raises :class:`LayerNotFound` (a KeyError) listing the closest valid names."""
+    ``"blocks.8.mlp"``), or ``layer`` itself when it is a module of ``model``; a wrong name
+    raises :class:`LayerNotFound` (a KeyError) listing the closest valid names."""
     if not isinstance(layer, str):
-        raise TypeError(f"layer must be a dotted module name (str), got {type(layer).__name__}")
+        if hasattr(layer, "register_forward_hook"):
+            if not any(m is layer for m in model.modules()):
+                raise ValueError(f"the module {type(layer).__name__} given as layer is not part of the model")
+            return layer
+        raise TypeError(f"layer must be a dotted module name (str) or a module, got {type(layer).__name__}")
     modules = dict(model.named_modules())
     if layer in modules:
         return modules[layer]
@@ -98,8 +103,8 @@ def _eval_mode(model):
             m.training = flag
 
 
-class LayerNotFound(KeyError):
-    """No module of that dotted name (a KeyError whose message is not quoted)."""
+class LayerNotFound(KeyError, ValueError):
+    """No module of that dotted name (a KeyError and a ValueError; the message is not quoted)."""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""

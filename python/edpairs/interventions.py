@@ -54,13 +54,13 @@ Example::
 from __future__ import annotations
 
 import builtins
-import difflib
 import numbers
 from collections import OrderedDict
 
 import numpy as np
 
 from ._layout import LAYOUTS, channel_last, from_channel_last, infer_layout
+from .capture import find_module
 
 __all__ = ["Intervention", "intervene", "remove", "remove_joint", "set_value"]
 
@@ -425,22 +425,6 @@ def remove_joint(x, pairs, concepts, *, gate=False, relu=False, layout=None):
 
 
 # ---- the model hook ----------------------------------------------------------------------
-def _find_module(model, layer):
-    if not isinstance(layer, str):
-        if hasattr(layer, "register_forward_hook"):
-            if not any(m is layer for m in model.modules()):
-                raise ValueError(f"the module {type(layer).__name__} given as layer is not part of the model")
-            return layer
-        raise TypeError(f"layer must be a dotted module name (str) or a module, got {type(layer).__name__}")
-    try:
-        return model.get_submodule(layer)
-    except AttributeError:
-        names = [n for n, _ in model.named_modules() if n]
-        close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
-        hint = f"close names: {close}" if close else f"valid names include: {names[:10]}"
-        raise ValueError(f"the model has no module {layer!r}; {hint}") from None
-
-
 def _declared_channels(module):
     for attr in ("out_channels", "out_features", "num_features"):
         v = getattr(module, attr, None)
@@ -460,7 +444,7 @@ class Intervention:
                  relu=False, layout=None):
         if gate is None:  # the defaults of remove (gated) and remove_joint (not gated)
             gate = not joint
-        self.module = _find_module(model, layer)
+        self.module = find_module(model, layer)
         self.layer = layer if isinstance(layer, str) else type(layer).__name__
         self._pairs = _Pairs(pairs)  # a snapshot: the edit uses the pairs as they were here
         self.remove = self._pairs.check_concepts(_as_concepts(remove), "remove")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from types import SimpleNamespace
 from typing import Optional
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from . import ops
 from ._arrays import namespace_of, on_device_of, to_numpy64
+from ._io import write_atomic
 from ._progress import Progress
 from ._source import ChunkSource, row_blocks
 from .cluster import Whitener, _count_rows, _Geometry, _unit_rows, cluster
@@ -400,18 +400,7 @@ class EDPairs:
         path = os.fspath(path)
         if not path.endswith(".npz"):
             raise ValueError(f"the pairs file must end in .npz, got {path!r}")
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".edpairs-", suffix=".npz", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path) -> "EDPairs":

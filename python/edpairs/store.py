@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from . import _layout
+from ._io import write_atomic
 
 __all__ = ["ActivationStore", "StoreCorrupted", "StoreIncomplete", "StoreKeyMismatch", "extract", "model_fingerprint"]
 
@@ -62,34 +63,18 @@ def _crc32_file(path: str, block: int = 16 * 2**20) -> str:
     return f"crc32:{crc:08x}"
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    def write(f):
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+    write_atomic(path, write, mode="w")
 
 
 def _write_shard_atomic(path: str, array: np.ndarray) -> tuple:
-    """Writes ``array`` as ``.npy`` to a temporary file, fsyncs and renames it; returns
-    (checksum of the file's bytes, size in bytes). The checksum is computed from the bytes
-    handed to the file, so the data is not read back."""
+    """Writes ``array`` as ``.npy`` atomically; returns (checksum of the file's bytes, size in
+    bytes). The checksum is computed from the bytes handed to the file, so the data is not
+    read back."""
     import io
 
     array = np.ascontiguousarray(array)
@@ -97,15 +82,13 @@ def _write_shard_atomic(path: str, array: np.ndarray) -> tuple:
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
     header = header.getvalue()
     data = memoryview(array).cast("B")
-    crc = zlib.crc32(data, zlib.crc32(header))
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+
+    def write(f):
         f.write(header)
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+    write_atomic(path, write)
+    crc = zlib.crc32(data, zlib.crc32(header))
     return f"crc32:{crc:08x}", len(header) + data.nbytes
 
 
@@ -349,10 +332,14 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list:
     return out
 
 
+def _is_temporary(name: str) -> bool:
+    """A leftover of an interrupted atomic write (edpairs._io.write_atomic's naming)."""
+    return name.endswith(".tmp") and (name.startswith(".shard-") or name.startswith("." + SIDECAR))
+
+
 def _clear(path: str) -> None:
     for name in os.listdir(path):
-        if name == SIDECAR or (name.startswith("shard-") and (name.endswith(".npy") or ".npy.tmp" in name)) \
-                or name.startswith(SIDECAR + ".tmp"):
+        if name == SIDECAR or (name.startswith("shard-") and name.endswith(".npy")) or _is_temporary(name):
             os.remove(os.path.join(path, name))
 
 
@@ -468,7 +455,7 @@ def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtyp
         _write_json_atomic(sidecar, meta)
     # Leftovers of an interrupted write.
     for name in os.listdir(path):
-        if ".tmp" in name and (name.startswith("shard-") or name.startswith(SIDECAR)):
+        if _is_temporary(name):
             os.remove(os.path.join(path, name))
 
     # Keep the finished shards that pass verification.
