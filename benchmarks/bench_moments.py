@@ -3,10 +3,10 @@
 what a user would write instead, in the same run on the same data.
 
   moments:         edpairs.ops.moments  vs  numpy.cov  vs  torch.cov; on CUDA also edpairs-tf32
-                   (EDPAIRS_MOMENTS=tf32: the opt-in tensor-core scatter, TF32 products of the
+                   (precision="tf32": the opt-in tensor-core scatter, TF32 products of the
                    centred rows, float32 per block, float64 between blocks)
   signal moments:  edpairs.ops.signal_moments  vs  torch (Z = X W - b, M = Z > 0, X^T M and X^T (M*Z));
-                   on CUDA also edpairs-tf32 (EDPAIRS_SIGNAL_MOMENTS=tf32: the masked product on
+                   on CUDA also edpairs-tf32 (precision="tf32": the masked product on
                    tensor cores, TF32 operands, float32 per block, float64 between blocks)
 
 Results are checked against float64 before timing. With --device cuda the GPU rates are
@@ -77,15 +77,15 @@ def main() -> None:
         cases = {
             "moments": {
                 "edpairs": lambda: edp.ops.moments(X, check_finite=False).cov,
-                **({"edpairs-tf32": _with_env("EDPAIRS_MOMENTS", "tf32", lambda: edp.ops.moments(X, check_finite=False).cov)}
+                **({"edpairs-tf32": lambda: edp.ops.moments(X, check_finite=False, precision="tf32").cov}
                    if dev.startswith("cuda") else {}),
                 "torch.cov": lambda: torch.cov(X.float().T),
                 **({"numpy.cov": lambda: np.cov(Xn, rowvar=False)} if dev == "cpu" and args.dtype == "float32" else {}),
             },
             "signal_moments": {
                 "edpairs": lambda: edp.ops.signal_moments(X, Wt, bt, check_finite=False).sum_xz,
-                **({"edpairs-tf32": _with_env("EDPAIRS_SIGNAL_MOMENTS", "tf32",
-                                              lambda: edp.ops.signal_moments(X, Wt, bt, check_finite=False).sum_xz)}
+                **({"edpairs-tf32": lambda: edp.ops.signal_moments(X, Wt, bt, check_finite=False,
+                                                                   precision="tf32").sum_xz}
                    if dev.startswith("cuda") else {}),
                 "torch": lambda: _torch_signal(X.float(), Wt, bt)[1],
             },
@@ -116,38 +116,20 @@ def _torch_signal(X, W, b):
     return X.T @ M, X.T @ (M * Z)
 
 
-def _with_env(var, value, fn):
-    """fn run with the environment variable var set to value (the kernels read their knobs at
-    each call)."""
-
-    def run():
-        old = os.environ.get(var)
-        os.environ[var] = value
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ[var]
-            else:
-                os.environ[var] = old
-
-    return run
-
-
 def _on_sample(method, X, n, edp, torch, op, W=None, b=None):
     Xs = X[:n]
     if op == "moments":
         if method == "edpairs":
             return edp.ops.moments(Xs).cov
         if method == "edpairs-tf32":
-            return _with_env("EDPAIRS_MOMENTS", "tf32", lambda: edp.ops.moments(Xs).cov)()
+            return edp.ops.moments(Xs, precision="tf32").cov
         if method == "numpy.cov":
             return np.cov(Xs.cpu().float().numpy(), rowvar=False)
         return torch.cov(Xs.float().T)
     if method == "edpairs":
         return edp.ops.signal_moments(Xs, W, b).sum_xz
     if method == "edpairs-tf32":
-        return _with_env("EDPAIRS_SIGNAL_MOMENTS", "tf32", lambda: edp.ops.signal_moments(Xs, W, b).sum_xz)()
+        return edp.ops.signal_moments(Xs, W, b, precision="tf32").sum_xz
     return _torch_signal(Xs.float(), W, b)[1].T
 
 

@@ -916,3 +916,27 @@ def test_signal_moments_tf32_opt_in(torch, N, D, I, center, rng, monkeypatch):
         got, want = to_numpy(got), to_numpy(want)
         assert np.isfinite(got).all()
         assert np.all(np.abs(got - want) <= 2.0 ** -9 * scale + 1e-6 * (np.abs(want).max() + 1e-30))
+
+
+def test_moments_precision_argument(torch, rng, monkeypatch):
+    """precision='tf32' of ops.moments / ops.signal_moments takes the same kernels as the
+    environment knobs; precision='float32' (the default) the exact ones; others are refused."""
+    X = (rng.standard_normal((20_000, 96)) + 3).astype(np.float32)
+    W = (rng.standard_normal((96, 40)) / 10).astype(np.float32)
+    b = (rng.standard_normal(40) * 0.1).astype(np.float32)
+    monkeypatch.delenv("EDPAIRS_MOMENTS", raising=False)
+    monkeypatch.delenv("EDPAIRS_SIGNAL_MOMENTS", raising=False)
+    arg = ops.moments(gpu(X), precision="tf32")
+    sig_arg = ops.signal_moments(gpu(X), gpu(W), gpu(b), precision="tf32")
+    exact = ops.moments(gpu(X))
+    monkeypatch.setenv("EDPAIRS_MOMENTS", "tf32")
+    monkeypatch.setenv("EDPAIRS_SIGNAL_MOMENTS", "tf32")
+    env = ops.moments(gpu(X))
+    sig_env = ops.signal_moments(gpu(X), gpu(W), gpu(b))
+    np.testing.assert_allclose(to_numpy(arg.m2), to_numpy(env.m2), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(to_numpy(sig_arg.sum_xz), to_numpy(sig_env.sum_xz), rtol=1e-12, atol=1e-9)
+    assert not np.array_equal(to_numpy(arg.m2), to_numpy(exact.m2))  # TF32 rounding shows
+    with pytest.raises(ValueError, match="precision"):
+        ops.moments(gpu(X), precision="fp8")
+    with pytest.raises(ValueError, match="precision"):
+        ops.signal_moments(gpu(X), gpu(W), gpu(b), precision="bf16")

@@ -120,6 +120,13 @@ void dispatch(const Args& args, Device device, uintptr_t stream, OpFn<Args> cpu,
 
 // ---- ops --------------------------------------------------------------------------------
 
+// "tf32" or "float32" (the names ops.py passes) -> AssignPrecision.
+edpairs::AssignPrecision parse_precision(const std::string& precision) {
+  if (precision == "tf32") return edpairs::AssignPrecision::TensorCore;
+  if (precision != "float32") fail("precision must be 'tf32' or 'float32', got '" + precision + "'");
+  return edpairs::AssignPrecision::Float32;
+}
+
 void assign(py::handle x_, py::handle c_, py::handle center_, py::handle row_scale_, py::handle col_scale_,
             py::handle labels_, py::handle scores_, py::handle sums_, py::handle counts_, bool check_finite,
             const std::string& precision, uintptr_t stream) {
@@ -144,13 +151,7 @@ void assign(py::handle x_, py::handle c_, py::handle center_, py::handle row_sca
   a.sums = sums.view();
   a.counts = counts.view();
   a.check_finite = check_finite;
-  if (precision == "tf32") {
-    a.precision = edpairs::AssignPrecision::TensorCore;
-  } else if (precision == "float32") {
-    a.precision = edpairs::AssignPrecision::Float32;
-  } else {
-    fail("precision must be 'tf32' or 'float32', got '" + precision + "'");
-  }
+  a.precision = parse_precision(precision);
 
   expect_rank(a.x, "X", 2, "(N, D)");
   expect_input_dtype(a.x, "X");
@@ -221,7 +222,8 @@ void normalize_centroids(py::handle sums_, py::handle counts_, py::handle previo
   dispatch<edpairs::NormalizeArgs>(a, a.sums.device, stream, &edpairs::normalize_centroids_cpu, EDPAIRS_CUDA_FN(normalize_centroids_cuda));
 }
 
-void moments(py::handle x_, py::handle mean_, py::handle m2_, bool check_finite, uintptr_t stream) {
+void moments(py::handle x_, py::handle mean_, py::handle m2_, bool check_finite, uintptr_t stream,
+             const std::string& precision) {
   auto x = ImportedArray::from_capsule(x_, "X", false);
   auto mean = ImportedArray::from_capsule(mean_, "mean", true);
   auto m2 = ImportedArray::from_capsule(m2_, "m2", true);
@@ -230,6 +232,7 @@ void moments(py::handle x_, py::handle mean_, py::handle m2_, bool check_finite,
   a.mean = mean.view();
   a.m2 = m2.view();
   a.check_finite = check_finite;
+  a.precision = parse_precision(precision);
   expect_rank(a.x, "X", 2, "(N, D)");
   expect_input_dtype(a.x, "X");
   const int64_t N = a.x.shape[0], D = a.x.shape[1];
@@ -247,7 +250,8 @@ void moments(py::handle x_, py::handle mean_, py::handle m2_, bool check_finite,
 
 void signal_moments(py::handle x_, py::handle w_, py::handle b_, py::handle center_, py::handle count_,
                     py::handle sum_x_, py::handle sum_z_, py::handle sum_zz_, py::handle sum_xz_,
-                    py::handle workspace_, bool check_finite, uintptr_t stream) {
+                    py::handle workspace_, bool check_finite, uintptr_t stream,
+                    const std::string& precision) {
   auto x = ImportedArray::from_capsule(x_, "X", false);
   auto w = ImportedArray::from_capsule(w_, "W", false);
   auto b = ImportedArray::from_capsule(b_, "b", false);
@@ -270,6 +274,7 @@ void signal_moments(py::handle x_, py::handle w_, py::handle b_, py::handle cent
   a.sum_xz = sum_xz.view();
   a.workspace = workspace.view();
   a.check_finite = check_finite;
+  a.precision = parse_precision(precision);
   expect_rank(a.x, "X", 2, "(N, D)");
   expect_input_dtype(a.x, "X");
   expect_rank(a.w, "W", 2, "(D, I)");
@@ -378,10 +383,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("precision"), py::arg("stream"));
   m.def("normalize_centroids", &normalize_centroids, py::arg("sums"), py::arg("counts"), py::arg("previous"),
         py::arg("out"), py::arg("stream"));
-  m.def("moments", &moments, py::arg("x"), py::arg("mean"), py::arg("m2"), py::arg("check_finite"), py::arg("stream"));
+  m.def("moments", &moments, py::arg("x"), py::arg("mean"), py::arg("m2"), py::arg("check_finite"), py::arg("stream"),
+        py::arg("precision") = "float32");
   m.def("signal_moments", &signal_moments, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("center"),
         py::arg("count"), py::arg("sum_x"), py::arg("sum_z"), py::arg("sum_zz"), py::arg("sum_xz"),
-        py::arg("workspace"), py::arg("check_finite"), py::arg("stream"));
+        py::arg("workspace"), py::arg("check_finite"), py::arg("stream"), py::arg("precision") = "float32");
   m.def("build_info", &build_info);
   m.def("cuda_device_count", &cuda_device_count);
   m.def("num_threads", [] { return edpairs::cpu_num_threads(); });

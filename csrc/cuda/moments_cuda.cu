@@ -118,8 +118,9 @@ __global__ void __launch_bounds__(kMirrorTile * kMirrorRows)
 }
 
 
-// Which scatter kernel `moments` uses: "float32" (default; exact float32 products, gram_kernel)
-// or "tf32" (EDPAIRS_MOMENTS=tf32: gram_tf32_kernel of gram_tc.cuh for float32 x with 16-byte
+// Which scatter kernel `moments` uses: exact float32 products (gram_kernel; the default) or, with
+// precision TensorCore or EDPAIRS_MOMENTS=tf32 (a knob to switch it without code), TF32 ones
+// (gram_tf32_kernel of gram_tc.cuh for float32 x with 16-byte
 // aligned rows, the exact kernel otherwise). Opt-in until the device run measures it.
 inline bool use_tf32_moments() {
   const char* v = std::getenv("EDPAIRS_MOMENTS");
@@ -177,7 +178,8 @@ void moments_cuda(const MomentsArgs& args, Stream stream) {
     EDPAIRS_CUDA_CHECK(cudaGetLastError());
 
     if constexpr (std::is_same<T, float>::value) {
-      if (use_tf32_moments() && cuda_detail::tcg_aligned(xp, x.stride(0))) {
+      if ((args.precision == AssignPrecision::TensorCore || use_tf32_moments()) &&
+          cuda_detail::tcg_aligned(xp, x.stride(0))) {
         using cuda_detail::kTcgTile;
         const int64_t tc_tiles = ceil_div(d, kTcgTile);
         const int64_t per = cuda_detail::gram_tf32_rows_per_split(n, tc_tiles * (tc_tiles + 1) / 2, sms);

@@ -219,8 +219,8 @@ struct AddToSignalSums {  // C: (2I, D) -> rows < I into sum_x, the others into 
   }
 };
 
-// Which kernel computes kernel B: "float32" (default; exact float32 products, gram_kernel) or
-// "tf32" (EDPAIRS_SIGNAL_MOMENTS=tf32: gram_tf32_kernel of gram_tc.cuh, for float32 x with
+// Which kernel computes kernel B: exact float32 products (gram_kernel; the default) or, with
+// precision TensorCore or EDPAIRS_SIGNAL_MOMENTS=tf32 (a knob), TF32 ones (gram_tf32_kernel of gram_tc.cuh, for float32 x with
 // 16-byte aligned rows and a 16-byte aligned workspace, the exact kernel otherwise). Opt-in
 // until the device run measures it; kernel A stays float32 (the masks are exact either way).
 inline bool use_tf32_signal() {
@@ -301,7 +301,8 @@ void signal_moments_cuda(const SignalMomentsArgs& args, Stream stream) {
       EDPAIRS_CUDA_CHECK(cudaGetLastError());
 
       if constexpr (std::is_same<T, float>::value) {
-        if (use_tf32_signal() && cuda_detail::tcg_aligned(x_step, x.stride(0)) &&
+        if ((args.precision == AssignPrecision::TensorCore || use_tf32_signal()) &&
+            cuda_detail::tcg_aligned(x_step, x.stride(0)) &&
             cuda_detail::tcg_aligned(zp.workspace, 2 * concepts)) {
           using cuda_detail::kTcgTile;
           const int64_t tc_p = ceil_div(2 * concepts, kTcgTile);

@@ -238,12 +238,22 @@ class Moments:
         return Moments(n, mean, m2)
 
 
-def moments(X, *, check_finite: bool = True) -> Moments:
+def _product_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def moments(X, *, check_finite: bool = True, precision: str = "float32") -> Moments:
     """Count, mean and centred scatter of the rows of X (N, D), one pass of the kernels.
 
     Products are float32 on centred values, accumulated in float32 over at most 512 rows
     and in float64 beyond; the mean is float64. Merge chunk results with :meth:`Moments.merge`.
+    ``precision="tf32"`` (CUDA, float32 X with 16-byte aligned rows; exact elsewhere) takes the
+    products of the centred rows on tensor cores with TF32 operands (relative error ~1e-4,
+    float32 within a block of rows, float64 across blocks); the CPU is always exact.
     """
+    precision = _product_precision(precision)
     X, xp = _data(X)
     N, D = X.shape
     if D < 1:
@@ -255,7 +265,7 @@ def moments(X, *, check_finite: bool = True) -> Moments:
     mean = xp.empty((D,), "float64", X)
     m2 = xp.empty((D, D), "float64", X)
     c = xp.capsule
-    lib().moments(c(X), c(mean), c(m2), bool(check_finite), xp.stream(X))
+    lib().moments(c(X), c(mean), c(m2), bool(check_finite), xp.stream(X), precision=precision)
     return Moments(int(N), mean, m2)
 
 
@@ -299,15 +309,19 @@ class SignalMoments:
         return self
 
 
-def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace_rows: int = 32768) -> SignalMoments:
+def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace_rows: int = 32768,
+                   precision: str = "float32") -> SignalMoments:
     """Masked per-concept statistics of the rows of X (N, D) for detectors ``z = X @ W - b``
     (W is (D, I), b is (I,)), over each detector's positives ``z > 0`` only: one masked
     product ``X~^T [M, M*Z]`` per block of rows, no (D, D) matrix.
 
     ``center`` (D,) shifts x before the sums (z always uses the raw x); pass the data mean to
     keep the later covariance arithmetic well conditioned. ``workspace_rows`` bounds the
-    scratch memory on CUDA (rows x 2I float32).
+    scratch memory on CUDA (rows x 2I float32). ``precision="tf32"`` (CUDA, float32 X with
+    16-byte aligned rows; exact elsewhere) takes the masked product on tensor cores with TF32
+    operands; z and the masks stay exact float32, so counts and the z sums do not change.
     """
+    precision = _product_precision(precision)
     X, xp = _data(X)
     N, D = X.shape
     W = _param(W, xp, X, "W")
@@ -330,5 +344,5 @@ def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace
         workspace = xp.empty((max(1, min(int(workspace_rows), max(N, 1))), 2 * I), "float32", X)
     c = xp.capsule
     lib().signal_moments(c(X), c(W), c(b), c(center), c(count), c(sum_x), c(sum_z), c(sum_zz), c(sum_xz),
-                         c(workspace), bool(check_finite), xp.stream(X))
+                         c(workspace), bool(check_finite), xp.stream(X), precision=precision)
     return SignalMoments(count, sum_x, sum_z, sum_zz, sum_xz, center)

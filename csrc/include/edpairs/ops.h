@@ -91,6 +91,10 @@ struct MomentsArgs {
   TensorView mean;  // out (D,) float64
   TensorView m2;    // out (D, D) float64
   bool check_finite = true;
+  // CUDA only: TensorCore computes the scatter with TF32 products of the centred rows (float32
+  // x with 16-byte aligned rows; the exact float32 kernel otherwise), float32 within a block,
+  // float64 across blocks. The CPU is always exact float32.
+  AssignPrecision precision = AssignPrecision::Float32;
 };
 void moments_cpu(const MomentsArgs& args, Stream stream);
 void moments_cuda(const MomentsArgs& args, Stream stream);
@@ -116,6 +120,9 @@ struct SignalMomentsArgs {
   TensorView sum_xz;     // out (I, D) float64
   TensorView workspace;  // CUDA only: (R, 2I) float32 scratch; rows are processed R at a time
   bool check_finite = true;
+  // CUDA only: TensorCore computes x~^T [M, M * Z] with TF32 operands (float32 x with 16-byte
+  // aligned rows and 2I % 4 == 0; exact otherwise); z and the masks stay exact float32.
+  AssignPrecision precision = AssignPrecision::Float32;
 };
 void signal_moments_cpu(const SignalMomentsArgs& args, Stream stream);
 void signal_moments_cuda(const SignalMomentsArgs& args, Stream stream);
