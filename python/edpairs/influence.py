@@ -1,0 +1,342 @@
+"""Global influence of concepts on a network's classes (DESIGN section 3): perturb a layer along
+each encoding direction and count, per class, how often the class probability rises
+(RCAV-style sign-test score), with significance against noise directions from label-permuted
+detectors, Bonferroni-corrected over concepts x classes.
+
+Definitions (what :func:`influence` computes):
+
+* Perturbation. For concept ``i`` with encoding direction ``s_i`` and filter ``w_i``, every
+  position of every image moves by ``delta_i = strength * s_i / (w_i . s_i)``: ``strength`` is in
+  units of the concept's latent factor (the decoded value ``w_i . x`` rises by exactly
+  ``strength``). For :class:`edpairs.EDPairs` (unit ``s_i``, gain-1 filters) this is
+  ``strength * s_i``, a step of Euclidean length ``strength``.
+* Score. ``score[i, k] = (n_up - n_down) / n`` over the ``n`` images scored for class ``k``,
+  where an image counts as up (down) when its log-probability of class ``k`` (log-softmax of the
+  head's logits, float64) is higher (lower) after the perturbation; ties count neither. Without
+  ties this is ``2 * (fraction of images whose class-k probability rises) - 1``, in [-1, 1].
+  ``labels=None`` scores every class on all images; with ``labels`` (one class per image) class
+  ``k`` is scored on the images of class ``k`` only (the TCAV / RCAV convention).
+* Null. For each concept, ``n_noise`` noise directions, each the encoding direction of a
+  detector fitted on label-permuted data: the concept's hard memberships (``detect > 0.5``) on
+  a row sample of the patches (at most ``max_rows``, images x positions) are shuffled across
+  those patches; a detector is fitted to the shuffled labels by the closed-form discriminant
+  ``w = Cov^+ (mean_P - mean_N)`` (P the shuffled positives, N the rest, Cov the sample's
+  covariance); its encoding direction is the stage-4 positives-only estimator
+  ``Cov_P(x, z) / Var_P(z)``, ``z = w . x``, over P. Each is scaled to the Euclidean length of the
+  concept's own step and scored like it.
+* p-values. ``pvalue="normal"`` (default): two-sided, from a normal fit to the noise scores,
+  ``z = (score - mean) / sd`` with ``sd`` floored at ``1 / n`` (the score's resolution). With
+  100 noise directions an exact permutation p-value cannot go below 1/101, which Bonferroni over
+  more than five tests can never call significant: hence the parametric fit by default.
+  ``pvalue="empirical"``: ``(1 + #{noise with |score - mean| >= |observed - mean|}) / (n_noise + 1)``.
+  Bonferroni: ``p_adj = min(1, p * I * K)``; significant when ``p_adj < alpha``.
+
+On a head that is linear in the layer (the synthetic :class:`edpairs.synthetic.LinearHead`), the
+logits move by the same vector for every image, so *every* direction, noise included, tends to
+move a class's probability the same way on all images: noise scores spread over [-1, 1] and the
+test is conservative. Measured numbers in benchmarks/README.md ("Reading bench_actmax.py").
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["InfluenceResult", "influence", "plot_influence", "noise_directions"]
+
+
+def _host(a) -> np.ndarray:
+    if hasattr(a, "detach"):
+        a = a.detach().cpu().double().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def _is_torch(x) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+@dataclass
+class InfluenceResult:
+    """Influence of each concept (rows) on each class (columns).
+
+    ``scores`` (I, K) RCAV sign-test scores in [-1, 1]; ``pvalues`` / ``pvalues_adjusted``
+    (Bonferroni over I x K) and ``significant`` (I, K); ``null_mean`` / ``null_std`` (I, K) and
+    ``null_scores`` (I, n_noise, K) of the noise directions; ``n_scored`` (K,) images scored per
+    class; ``concepts`` / ``classes`` names; the settings used."""
+
+    scores: np.ndarray
+    pvalues: np.ndarray
+    pvalues_adjusted: np.ndarray
+    significant: np.ndarray
+    null_mean: np.ndarray
+    null_std: np.ndarray
+    null_scores: np.ndarray
+    n_scored: np.ndarray
+    concepts: List[str]
+    classes: List[str]
+    strength: float
+    alpha: float
+    pvalue: str
+    settings: dict = field(default_factory=dict)
+
+    def to_records(self) -> List[dict]:
+        """One dict per (concept, class): concept, class, score, p, p_adjusted, significant,
+        null_mean, null_std, n_images — a tidy table."""
+        rows = []
+        for i, c in enumerate(self.concepts):
+            for k, name in enumerate(self.classes):
+                rows.append(dict(concept=c, concept_index=i, class_=name, class_index=k,
+                                 score=float(self.scores[i, k]), p=float(self.pvalues[i, k]),
+                                 p_adjusted=float(self.pvalues_adjusted[i, k]),
+                                 significant=bool(self.significant[i, k]),
+                                 null_mean=float(self.null_mean[i, k]), null_std=float(self.null_std[i, k]),
+                                 n_images=int(self.n_scored[k])))
+        return rows
+
+    def to_pandas(self):
+        """The tidy table as a pandas DataFrame (column ``class`` for the class name)."""
+        try:
+            import pandas as pd
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("to_pandas needs pandas (pip install pandas); to_records() needs nothing") from exc
+        return pd.DataFrame(self.to_records()).rename(columns={"class_": "class"})
+
+    def __repr__(self) -> str:
+        I, K = self.scores.shape
+        return (f"InfluenceResult(concepts={I}, classes={K}, significant={int(self.significant.sum())}, "
+                f"strength={self.strength}, alpha={self.alpha}, pvalue={self.pvalue!r})")
+
+
+# ---- noise directions --------------------------------------------------------------------
+def noise_directions(X, memberships, n_noise: int, *, rng, rcond: float = 1e-6) -> np.ndarray:
+    """Unit encoding directions of detectors fitted on label-permuted data (see the module
+    docstring): X (N, D) patches, memberships (N,) bool of one concept. Returns (n_noise, D)."""
+    X = np.asarray(X, dtype=np.float64)
+    N, D = X.shape
+    n_pos = int(np.clip(int(np.asarray(memberships).sum()), 2, max(N - 2, 2)))
+    mean = X.mean(0)
+    Xc = X - mean
+    cov = Xc.T @ Xc / max(N - 1, 1)
+    cov_pinv = np.linalg.pinv(cov, rcond=rcond, hermitian=True)
+    # Shuffled labels: each row of M picks n_pos random patches as positives.
+    M = np.zeros((n_noise, N))
+    for j in range(n_noise):
+        M[j, rng.choice(N, n_pos, replace=False)] = 1.0
+    mean_P = M @ Xc / n_pos                                  # (n_noise, D), relative to the mean
+    mean_N = -mean_P * n_pos / (N - n_pos)                   # the rest sum to minus the positives
+    Wn = (mean_P - mean_N) @ cov_pinv                        # discriminant filters (cov is symmetric)
+    Z = Xc @ Wn.T                                            # (N, n_noise) decoded values
+    zbar = (M * Z.T).sum(1) / n_pos                          # (n_noise,) mean of z over P
+    Zc = (Z - zbar) * M.T                                    # centred over P, 0 elsewhere
+    var_z = (Zc * Zc).sum(0)                                 # (n_noise,)
+    S = (Xc.T @ Zc).T / np.maximum(var_z, 1e-300)[:, None]   # Cov_P(x, z) / Var_P(z)
+    norms = np.linalg.norm(S, axis=1, keepdims=True)
+    return S / np.maximum(norms, 1e-300)
+
+
+# ---- scoring -----------------------------------------------------------------------------
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    top = logits.max(axis=1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+
+
+class _Scorer:
+    """Evaluates the head on the features shifted by one vector, in batches of images, and
+    returns the per-image sign of the change of every class's log-probability."""
+
+    def __init__(self, head, features, batch_size: int):
+        self.head, self.features, self.batch_size = head, features, batch_size
+        self.torch = _is_torch(features)
+        self.base = self._log_probs(None)
+
+    def _call(self, f):
+        if self.torch:
+            import torch
+
+            with torch.no_grad():
+                return _host(self.head(f))
+        return _host(self.head(f))
+
+    def _log_probs(self, delta) -> np.ndarray:
+        out = []
+        n = int(self.features.shape[0])
+        for start in range(0, n, self.batch_size):
+            f = self.features[start:start + self.batch_size]
+            if delta is not None:
+                if self.torch:
+                    import torch
+
+                    f = f + torch.as_tensor(delta, dtype=f.dtype, device=f.device)
+                else:
+                    f = f + delta.astype(f.dtype, copy=False)
+            logits = self._call(f)
+            if logits.ndim != 2 or logits.shape[0] != f.shape[0]:
+                raise ValueError(f"head must return (n_images, n_classes) logits, got shape {logits.shape} "
+                                 f"for {f.shape[0]} images")
+            out.append(_log_softmax(logits))
+        return np.concatenate(out)
+
+    def signs(self, delta) -> np.ndarray:
+        return np.sign(self._log_probs(delta) - self.base)  # (n, K)
+
+
+def _scores(signs: np.ndarray, masks: Optional[np.ndarray]) -> np.ndarray:
+    if masks is None:
+        return signs.mean(0)
+    # masks (n, K): image scored for class k
+    return (signs * masks).sum(0) / np.maximum(masks.sum(0), 1)
+
+
+def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 100, alpha: float = 0.05,
+              labels=None, batch_size: int = 64, concepts: Optional[Sequence[int]] = None,
+              concept_names: Optional[Sequence[str]] = None, class_names: Optional[Sequence[str]] = None,
+              pvalue: str = "normal", max_rows: int = 10000, seed=0) -> InfluenceResult:
+    """RCAV-style influence of each concept on each class, with significance (module docstring).
+
+    head: features -> (n, K) logits (numpy or torch, e.g. a
+    :class:`edpairs.synthetic.LinearHead` or ``split_model(model, layer).head``). features:
+    the images' channel-last layer activations ``(n, h, w, D)`` (or ``(n, L, D)``), numpy or
+    torch; the head is called on slices of it, shifted. pairs: fitted pairs (``decoding_``,
+    ``bias_``, ``encoding_``). labels: optional (n,) class of each image: class ``k`` is then
+    scored on its own images. concepts: the concepts to score (default all). ``n_noise=0``
+    skips the null (p-values NaN, nothing significant). Deterministic for a given ``seed``."""
+    if pvalue not in ("normal", "empirical"):
+        raise ValueError(f"pvalue must be 'normal' or 'empirical', got {pvalue!r}")
+    if not (0 < alpha < 1):
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    if n_noise < 0 or batch_size < 1:
+        raise ValueError(f"n_noise must be >= 0 and batch_size >= 1, got {n_noise} and {batch_size}")
+    if not hasattr(features, "shape") or len(features.shape) < 2:
+        raise ValueError("features must be an (n_images, h, w, D) or (n_images, L, D) channel-last array")
+    W, S, b = (_host(getattr(pairs, a)) for a in ("decoding_", "encoding_", "bias_"))
+    I, D = W.shape
+    if int(features.shape[-1]) != D:
+        raise ValueError(f"the pairs have D={D} channels but features have shape {tuple(features.shape)} "
+                         f"(channel-last expected)")
+    if not _is_torch(features):
+        features = np.asarray(features)
+    n = int(features.shape[0])
+    idx = list(range(I)) if concepts is None else [int(c) for c in concepts]
+    if any(not 0 <= c < I for c in idx):
+        raise IndexError(f"concepts must lie in [0, {I}), got {idx}")
+
+    scorer = _Scorer(head, features, int(batch_size))
+    K = scorer.base.shape[1]
+    masks = None
+    if labels is not None:
+        labels = _host(labels).astype(np.int64).ravel()
+        if labels.shape != (n,) or labels.min() < 0 or labels.max() >= K:
+            raise ValueError(f"labels must hold one class in [0, {K}) per image ({n} images)")
+        masks = (labels[:, None] == np.arange(K)[None, :]).astype(np.float64)
+    n_scored = np.full(K, n) if masks is None else masks.sum(0).astype(np.int64)
+    min_scored = max(int(n_scored.min()), 1)
+
+    gain = np.einsum("id,id->i", W, S)
+    if np.any(np.abs(gain) < 1e-12):
+        raise ValueError("a filter does not read its own encoding direction (w_i . s_i = 0)")
+    steps = strength * S / gain[:, None]                         # (I, D) per-concept perturbation
+
+    rng = np.random.default_rng(seed)
+    rows = memb = None
+    if n_noise > 0:
+        flat = _host(features.reshape(-1, D)) if _is_torch(features) else np.asarray(features).reshape(-1, D)
+        take = rng.choice(flat.shape[0], min(max_rows, flat.shape[0]), replace=False)
+        rows = np.asarray(flat[np.sort(take)], dtype=np.float64)
+        memb = (rows @ W.T - b) > 0                               # hard memberships (rows, I)
+
+    Iq = len(idx)
+    scores = np.zeros((Iq, K))
+    null = np.full((Iq, n_noise, K), np.nan)
+    for r, i in enumerate(idx):
+        scores[r] = _scores(scorer.signs(steps[i]), masks)
+        if n_noise:
+            length = float(np.linalg.norm(steps[i]))
+            for j, v in enumerate(noise_directions(rows, memb[:, i], n_noise, rng=rng)):
+                null[r, j] = _scores(scorer.signs(length * v), masks)
+
+    if n_noise:
+        mean = null.mean(1)
+        sd = null.std(1, ddof=1) if n_noise > 1 else np.zeros_like(mean)
+        sd = np.maximum(sd, 1.0 / min_scored)
+        if pvalue == "normal":
+            from scipy.stats import norm
+
+            p = 2.0 * norm.sf(np.abs(scores - mean) / sd)
+        else:
+            extreme = np.abs(null - mean[:, None, :]) >= np.abs(scores - mean)[:, None, :] - 1e-12
+            p = (1.0 + extreme.sum(1)) / (n_noise + 1.0)
+        p_adj = np.minimum(1.0, p * Iq * K)
+        significant = p_adj < alpha
+    else:
+        mean = sd = p = p_adj = np.full((Iq, K), np.nan)
+        significant = np.zeros((Iq, K), dtype=bool)
+
+    names_c = [str(concept_names[i]) for i in idx] if concept_names is not None else [f"concept {i}" for i in idx]
+    names_k = [str(c) for c in class_names] if class_names is not None else [f"class {k}" for k in range(K)]
+    if len(names_k) != K:
+        raise ValueError(f"class_names has {len(names_k)} names for {K} classes")
+    return InfluenceResult(scores=scores, pvalues=p, pvalues_adjusted=p_adj, significant=significant,
+                           null_mean=mean, null_std=sd, null_scores=null, n_scored=n_scored,
+                           concepts=names_c, classes=names_k, strength=float(strength), alpha=float(alpha),
+                           pvalue=pvalue, settings=dict(n_noise=int(n_noise), n_images=n, concepts=idx,
+                                                        labels=labels is not None, max_rows=int(max_rows),
+                                                        seed=seed))
+
+
+# ---- plots -------------------------------------------------------------------------------
+def save_figure(fig, path) -> None:
+    """Saves a figure as PNG atomically (a temporary file in the same folder, then renamed)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=fig.dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _figure(**kwargs):
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    return Figure(**kwargs)
+
+
+def plot_influence(result: InfluenceResult, path=None, *, max_classes: int = 40):
+    """Heatmap of the scores (concepts x classes, diverging colours in [-1, 1]); significant
+    cells marked with a star. With more than ``max_classes`` classes only the classes with a
+    significant cell (else the largest |score|) are shown. Returns a matplotlib Figure; saved
+    atomically as PNG when ``path`` is given."""
+    scores = result.scores
+    cols = np.arange(scores.shape[1])
+    if len(cols) > max_classes:
+        key = result.significant.any(0) * 10 + np.abs(scores).max(0)
+        cols = np.sort(np.argsort(-key, kind="stable")[:max_classes])
+    data = scores[:, cols]
+    I, K = data.shape
+    fig = _figure(figsize=(max(4.0, 0.45 * K + 2.5), max(2.5, 0.4 * I + 1.5)), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(data, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    for r in range(I):
+        for c, k in enumerate(cols):
+            if result.significant[r, k]:
+                ax.text(c, r, "*", ha="center", va="center", fontsize=12, color="black")
+    ax.set_xticks(range(K))
+    ax.set_xticklabels([result.classes[k] for k in cols], rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(I))
+    ax.set_yticklabels(result.concepts, fontsize=8)
+    ax.set_title(f"influence (RCAV score, strength {result.strength:g}); * p_Bonf < {result.alpha:g}", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if path is not None:
+        save_figure(fig, path)
+    return fig

@@ -1,0 +1,158 @@
+"""Global influence (edpairs.influence) on synthetic layers whose head is known (issue 5, item 4).
+
+The true class-concept relation of a linear head with class weights w_k: adding ``s_i`` at every
+position moves the logits by ``Delta_k = w_k . s_i`` (times the step), the same for every image.
+The log-probability of class k then rises on *every* image when ``Delta_k`` is the largest of all
+classes and falls on every image when it is the smallest (between the two its sign depends on the
+image's competing classes). So the relation is +1 / -1 for those cells (``unambiguous``), and the
+centred effect ``(w_k - mean_j w_j) . s_i`` gives the sign elsewhere (the direction in which the
+head moves class k against the average class). A significant influence must have that sign."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import edpairs as edp
+from edpairs import influence as inf_mod
+from edpairs.influence import influence, plot_influence
+
+
+def truth(head, S):
+    """(I, K): +1 / -1 where the concept's logit effect on class k is the largest / smallest of
+    all classes, 0 elsewhere; and the sign of the centred effect."""
+    effect = S @ head.weight.T                                       # (I, K)
+    unamb = np.zeros_like(effect)
+    unamb[np.arange(len(S)), effect.argmax(1)] = 1
+    unamb[np.arange(len(S)), effect.argmin(1)] = -1
+    centred = np.sign(effect - effect.mean(1, keepdims=True))
+    return unamb, centred
+
+
+def gt_pairs(layer):
+    return SimpleNamespace(decoding_=layer.W, encoding_=layer.S, bias_=layer.b, mean_=layer.offset)
+
+
+@pytest.fixture(scope="module")
+def layer():
+    return edp.synthetic.published(2000, seed=0)
+
+
+def test_scores_are_the_sign_test_by_hand(layer):
+    feats = layer.images()[:200]
+    res = influence(layer.head, feats, gt_pairs(layer), n_noise=0)
+    logits = layer.head(feats)
+    lp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    moved = layer.head(feats + 5.0 * layer.S[1] / (layer.W[1] @ layer.S[1]))
+    lp1 = moved - np.log(np.exp(moved).sum(1, keepdims=True))
+    up, down = (lp1 > lp).mean(0), (lp1 < lp).mean(0)
+    np.testing.assert_allclose(res.scores[1], up - down, atol=1e-12)
+    assert np.isnan(res.pvalues).all() and not res.significant.any()
+
+
+@pytest.fixture(scope="module")
+def fitted(layer):
+    """EDPairs with a short URA schedule (0.3 s; without URA the encoding directions of this preset
+    sit at cos ~0.7 from the truth, see bench_ura.py), and the true direction of each fitted concept."""
+    from scipy.optimize import linear_sum_assignment
+
+    ura = dict(unconstrained_epochs=2, constrained_epochs=2, min_steps=20)
+    pairs = edp.EDPairs(3, random_state=0, progress=False).fit(layer.images(), head=layer.head, ura=ura)
+    cos = np.abs(pairs.encoding_ @ layer.S.T)                       # (fitted, true), unit rows
+    rows, cols = linear_sum_assignment(-cos)
+    assert cos[rows, cols].min() > 0.9, cos
+    return pairs, layer.S[cols[np.argsort(rows)]]
+
+
+@pytest.mark.parametrize("which", ["ground truth", "fitted"])
+@pytest.mark.parametrize("labels", [False, True])
+def test_significant_influences_match_the_heads_relations(layer, fitted, which, labels):
+    pairs, S_true = fitted if which == "fitted" else (gt_pairs(layer), layer.S)
+    res = influence(layer.head, layer.images(), pairs, n_noise=20, labels=layer.y if labels else None, seed=0)
+    unamb, centred = truth(layer.head, S_true)
+    # Where the head's relation is unambiguous, every image moves the same way: score exactly +-1.
+    # (Exactly +-1 with the true directions; with fitted ones, whose effects rank the classes
+    # slightly differently where margins are thin, at least the sign.)
+    cells = unamb != 0
+    if which == "ground truth":
+        np.testing.assert_array_equal(res.scores[cells], unamb[cells])
+    else:
+        np.testing.assert_array_equal(np.sign(res.scores[cells]), unamb[cells])
+    sig = res.significant
+    assert np.all(np.sign(res.scores[sig]) == centred[sig])
+    assert res.scores.shape == res.pvalues.shape == (3, 3)
+    assert np.all((res.pvalues_adjusted >= res.pvalues) & (res.pvalues_adjusted <= 1))
+
+
+def test_significance_against_noise_the_head_cannot_see(layer, monkeypatch):
+    """A head that reads the concepts only through the ideal filters, with noise directions in
+    those filters' null space: the noise moves no logit (ties, score 0), so every concept cell
+    with a non-zero score is significant, with the sign of the head's relation."""
+    A = np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])  # classes (c0, c1), (c0, c2), (c1, c2)
+    W, b = layer.W, layer.b
+
+    def head(F):  # logit_k = sum of the class's concepts' mean decoded values, rounded (blind to 1e-15)
+        z = np.asarray(F, np.float64).reshape(len(F), -1, F.shape[-1]).mean(1) @ W.T - b
+        return np.round(z @ A.T, 9)
+
+    _, _, vt = np.linalg.svd(W)
+    blind = vt[W.shape[0]:]                                          # unit rows with W @ v = 0
+
+    def fake_noise(X, memberships, n_noise, *, rng, rcond=1e-6):
+        return blind[rng.integers(0, len(blind), n_noise)]
+
+    monkeypatch.setattr(inf_mod, "noise_directions", fake_noise)
+    feats = layer.images().astype(np.float64)  # float32 rounding of x + delta would move the logits
+    res = influence(head, feats, gt_pairs(layer), n_noise=10)
+    assert np.all(res.null_scores == 0)
+    effect = np.eye(3) @ A.T                                         # W s_i = e_i: concept i moves class k by A[k, i]
+    centred = np.sign(effect - effect.mean(1, keepdims=True))
+    assert res.significant.sum() >= 6
+    assert np.all(np.sign(res.scores[res.significant]) == centred[res.significant])
+    # Empirical p-values cannot go below 1 / (n_noise + 1): Bonferroni over 9 tests then finds nothing.
+    emp = influence(head, feats, gt_pairs(layer), n_noise=10, pvalue="empirical")
+    assert emp.pvalues.min() == pytest.approx(1 / 11) and not emp.significant.any()
+
+
+def test_noise_directions_are_label_permuted_encoding_directions(layer):
+    rng = np.random.default_rng(0)
+    X = layer.X[:4000].astype(np.float64)
+    memb = layer.membership[:4000, 0]
+    V = inf_mod.noise_directions(X, memb, 5, rng=rng)
+    assert V.shape == (5, 16)
+    np.testing.assert_allclose(np.linalg.norm(V, axis=1), 1.0, atol=1e-12)
+    # They lie in the data's span (covariance-shaped), not along the concept more than chance.
+    Xc = X - X.mean(0)
+    _, sv, vt = np.linalg.svd(Xc, full_matrices=False)
+    span = vt[sv > 1e-6 * sv[0]]
+    np.testing.assert_allclose(np.linalg.norm(V @ span.T, axis=1), 1.0, atol=1e-6)
+
+
+def test_table_plot_and_torch_features(layer, tmp_path):
+    feats = layer.images()[:300]
+    res = influence(layer.head, feats, gt_pairs(layer), n_noise=5, class_names=["a", "b", "c"],
+                    concept_names=["x", "y", "z"])
+    recs = res.to_records()
+    assert len(recs) == 9 and recs[0]["concept"] == "x" and recs[0]["class_"] == "a"
+    pd = pytest.importorskip("pandas")
+    df = res.to_pandas()
+    assert isinstance(df, pd.DataFrame) and "class" in df.columns and len(df) == 9
+    path = tmp_path / "influence.png"
+    fig = plot_influence(res, path=path)
+    assert fig.axes and path.exists() and path.stat().st_size > 1000
+    torch = pytest.importorskip("torch")
+    res_t = influence(layer.head, torch.from_numpy(np.ascontiguousarray(feats)).double(), gt_pairs(layer),
+                      n_noise=5)
+    np.testing.assert_allclose(res_t.scores, res.scores)
+    np.testing.assert_allclose(res_t.null_scores, res.null_scores)
+
+
+def test_bad_arguments(layer):
+    with pytest.raises(ValueError, match="channels"):
+        influence(layer.head, layer.images()[:10, :, :, :8], gt_pairs(layer))
+    with pytest.raises(ValueError, match="labels"):
+        influence(layer.head, layer.images()[:10], gt_pairs(layer), labels=np.zeros(3), n_noise=0)
+    with pytest.raises(ValueError, match="pvalue"):
+        influence(layer.head, layer.images()[:10], gt_pairs(layer), pvalue="exact")
