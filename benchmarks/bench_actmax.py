@@ -11,6 +11,7 @@ Columns
   cos(d,w)    cos(delta, w_i), the decoding direction (filter)
   cos(d,pat)  cos(delta, Cov w_i), the whole-data pattern of the same filter
   obj0, obj1  mean decoded value w_i . x before and after
+  natural     the largest mean decoded value over the photos (the stop target with --stop natural)
 
     PYTHONPATH=python python benchmarks/bench_actmax.py                  # 8 concepts, 48 steps
     PYTHONPATH=python python benchmarks/bench_actmax.py --steps 16 --concepts 4 --no-ura   # quick
@@ -43,6 +44,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--start", choices=["noise", "photo"], default="noise")
     ap.add_argument("--no-ura", action="store_true")
+    ap.add_argument("--stop", choices=["steps", "natural"], default="steps",
+                    help="natural: stop once the objective reaches the largest mean decoded value of the photos")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu-2core-epyc",
                                                   "actmax.json"))
@@ -76,6 +79,7 @@ def main() -> None:
           f"cos(s_i, w_i) {[round(float(np.dot(W[i], pairs.encoding_[i]) / np.linalg.norm(W[i]) / np.linalg.norm(pairs.encoding_[i])), 3) for i in range(args.concepts)]}",
           flush=True)
 
+    natural = (flat @ W.T).reshape(acts.shape[0], -1, W.shape[0]).mean(1).max(0)   # (I,) per-image mean, max
     start = None
     if args.start == "photo":
         start = data[0][0][None]
@@ -84,17 +88,20 @@ def main() -> None:
         t = time.perf_counter()
         r = activation_maximisation(split, LAYER, pairs, i, steps=args.steps, lr=args.lr, jitter=args.jitter,
                                     blur_every=args.blur_every, start=start,
-                                    shape=(1, 3, args.size, args.size), seed=args.seed + i)
+                                    shape=(1, 3, args.size, args.size), seed=args.seed + i,
+                                    target=float(natural[i]) if args.stop == "natural" else None)
         cos_pat = float(r.delta @ pattern[i] / (np.linalg.norm(r.delta) * np.linalg.norm(pattern[i])))
         run = dict(concept=i, cos_encoding=r.cos_encoding, cos_decoding=r.cos_decoding, cos_pattern=cos_pat,
                    objective_start=r.objective_start, objective_final=r.objective_final,
                    delta_norm=float(np.linalg.norm(r.delta)), positive_rate=float(rates[i]),
+                   natural_max=float(natural[i]), steps_taken=len(r.history),
                    seconds=time.perf_counter() - t)
         runs.append(run)
         rows.append({"concept": i, "cos(d,s)": f"{r.cos_encoding:.3f}", "cos(d,w)": f"{r.cos_decoding:.3f}",
                      "cos(d,pat)": f"{cos_pat:.3f}", "s closer": "yes" if r.closer_to_encoding else "no",
                      "obj0": f"{r.objective_start:.2f}", "obj1": f"{r.objective_final:.2f}",
-                     "pos rate": f"{rates[i]:.3f}", "s": f"{run['seconds']:.0f}"})
+                     "natural": f"{natural[i]:.2f}", "steps": len(r.history), "pos rate": f"{rates[i]:.3f}",
+                     "s": f"{run['seconds']:.0f}"})
         print(rows[-1], flush=True)
     untouched = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     frac = float(np.mean([r["cos_encoding"] > r["cos_decoding"] for r in runs]))
@@ -110,7 +117,8 @@ def main() -> None:
                           "settings": {k: v for k, v in vars(args).items() if k != "out"}, "ura": URA,
                           "n_images": int(acts.shape[0]), "runs": runs, "summary": summary})
     print()
-    print_table(rows, ["concept", "cos(d,s)", "cos(d,w)", "cos(d,pat)", "s closer", "obj0", "obj1", "pos rate", "s"])
+    print_table(rows, ["concept", "cos(d,s)", "cos(d,w)", "cos(d,pat)", "s closer", "obj0", "obj1", "natural", "steps",
+                        "pos rate", "s"])
     print(f"\nfraction of concepts with cos(delta, s_i) > cos(delta, w_i): {frac:.3f} "
           f"({sum(r['cos_encoding'] > r['cos_decoding'] for r in runs)}/{len(runs)}); "
           f"s_i beats the whole-data pattern: {frac_pat:.3f}; objective raised: {raised:.3f}; "

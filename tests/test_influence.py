@@ -15,9 +15,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+import importlib
+
 import edpairs as edp
-from edpairs import influence as inf_mod
 from edpairs.influence import influence, plot_influence
+
+# The module itself (edpairs.influence may be re-exported as the function at the top level).
+inf_mod = importlib.import_module("edpairs.influence")
 
 
 def truth(head, S):

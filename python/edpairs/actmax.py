@@ -71,11 +71,13 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 def activation_maximisation(split_or_model, layer, pairs, concept: int, *, steps: int = 64, lr: float = 0.05,
                             jitter: int = 8, blur_every: int = 4, blur_sigma: float = 1.0,
                             objective: str = "mean", start=None, shape=(1, 3, 224, 224), init_std: float = 0.1,
-                            clamp=(-1.0, 1.0), seed: int = 0) -> ActMaxResult:
+                            clamp=(-1.0, 1.0), target: Optional[float] = None, seed: int = 0) -> ActMaxResult:
     """Optimises an input to raise concept ``concept``'s decoded value at ``layer`` (module
     docstring). split_or_model: a torch model or a split (``features(images,
     channel_last=True)``). start: the starting input (default: Gaussian noise of ``init_std``
     with ``shape``, seeded). clamp: (low, high) input range, or None. Returns an
+    ``target``: stop as soon as the objective (measured on the jittered input) reaches it, e.g.
+    the largest value natural images give, to keep the representation near the data. Returns an
     :class:`ActMaxResult` with ``cos_encoding = cos(delta, s_i)``, ``cos_decoding =
     cos(delta, w_i)``, the objective before and after, ``delta`` (D,) and the final image."""
     import torch
@@ -114,6 +116,9 @@ def activation_maximisation(split_or_model, layer, pairs, concept: int, *, steps
         xin = x.detach().requires_grad_(True)
         shifted = torch.roll(xin, shifts=(dy, dx), dims=(-2, -1)) if (dy or dx) else xin
         val = value(features(shifted))
+        if target is not None and float(val.detach()) >= target:
+            history.append(float(val.detach()))
+            break
         (g,) = torch.autograd.grad(val, xin)
         with torch.no_grad():
             x = x + lr * g / g.abs().mean().clamp_min(1e-12)
