@@ -75,9 +75,10 @@ def main() -> None:
     W = pairs.decoding_.astype(np.float64)
     pattern = W @ cov
     rates = np.asarray(pairs.detect(flat.astype(np.float32), hard=True)).mean(0)
+    cos_sw = [float(W[i] @ pairs.encoding_[i] / np.linalg.norm(W[i]) / np.linalg.norm(pairs.encoding_[i]))
+              for i in range(args.concepts)]
     print(f"fit {fit_s:.1f}s on {acts.shape[0]} images ({'no URA' if args.no_ura else 'URA'}); "
-          f"cos(s_i, w_i) {[round(float(np.dot(W[i], pairs.encoding_[i]) / np.linalg.norm(W[i]) / np.linalg.norm(pairs.encoding_[i])), 3) for i in range(args.concepts)]}",
-          flush=True)
+          f"cos(s_i, w_i) {[round(c, 3) for c in cos_sw]}", flush=True)
 
     natural = (flat @ W.T).reshape(acts.shape[0], -1, W.shape[0]).mean(1).max(0)   # (I,) per-image mean, max
     start = None
@@ -90,7 +91,7 @@ def main() -> None:
                                     blur_every=args.blur_every, start=start,
                                     shape=(1, 3, args.size, args.size), seed=args.seed + i,
                                     target=float(natural[i]) if args.stop == "natural" else None)
-        cos_pat = float(r.delta @ pattern[i] / (np.linalg.norm(r.delta) * np.linalg.norm(pattern[i])))
+        cos_pat = float(r.delta @ pattern[i] / max(np.linalg.norm(r.delta) * np.linalg.norm(pattern[i]), 1e-300))
         run = dict(concept=i, cos_encoding=r.cos_encoding, cos_decoding=r.cos_decoding, cos_pattern=cos_pat,
                    objective_start=r.objective_start, objective_final=r.objective_final,
                    delta_norm=float(np.linalg.norm(r.delta)), positive_rate=float(rates[i]),
@@ -104,15 +105,18 @@ def main() -> None:
                      "s": f"{run['seconds']:.0f}"})
         print(rows[-1], flush=True)
     untouched = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    frac = float(np.mean([r["cos_encoding"] > r["cos_decoding"] for r in runs]))
-    frac_pat = float(np.mean([r["cos_encoding"] > r["cos_pattern"] for r in runs]))
+    # A run that never stepped (the start already reached the stop target) has no direction.
+    moved = [r for r in runs if r["delta_norm"] > 0]
+    frac = float(np.mean([r["cos_encoding"] > r["cos_decoding"] for r in moved])) if moved else float("nan")
+    frac_pat = float(np.mean([r["cos_encoding"] > r["cos_pattern"] for r in moved])) if moved else float("nan")
     raised = float(np.mean([r["objective_final"] > r["objective_start"] for r in runs]))
-    summary = dict(fraction_closer_to_encoding=frac, fraction_encoding_beats_pattern=frac_pat,
+    summary = dict(concepts_moved=len(moved), fraction_closer_to_encoding=frac,
+                   fraction_encoding_beats_pattern=frac_pat,
                    fraction_objective_raised=raised, parameters_untouched=untouched,
                    mean_cos_encoding=float(np.mean([r["cos_encoding"] for r in runs])),
                    mean_cos_decoding=float(np.mean([r["cos_decoding"] for r in runs])),
                    mean_cos_pattern=float(np.mean([r["cos_pattern"] for r in runs])),
-                   total_s=time.perf_counter() - t0, fit_s=fit_s)
+                   total_s=time.perf_counter() - t0, fit_s=fit_s, cos_encoding_decoding=cos_sw)
     write_json(args.out, {"benchmark": "actmax", "machine": machine_info(), "layer": LAYER,
                           "settings": {k: v for k, v in vars(args).items() if k != "out"}, "ura": URA,
                           "n_images": int(acts.shape[0]), "runs": runs, "summary": summary})
@@ -120,7 +124,7 @@ def main() -> None:
     print_table(rows, ["concept", "cos(d,s)", "cos(d,w)", "cos(d,pat)", "s closer", "obj0", "obj1", "natural", "steps",
                         "pos rate", "s"])
     print(f"\nfraction of concepts with cos(delta, s_i) > cos(delta, w_i): {frac:.3f} "
-          f"({sum(r['cos_encoding'] > r['cos_decoding'] for r in runs)}/{len(runs)}); "
+          f"({sum(r['cos_encoding'] > r['cos_decoding'] for r in moved)}/{len(moved)} concepts moved); "
           f"s_i beats the whole-data pattern: {frac_pat:.3f}; objective raised: {raised:.3f}; "
           f"parameters untouched: {untouched}; total {summary['total_s']:.0f}s")
     print(f"wrote {args.out}")

@@ -105,7 +105,8 @@ def main() -> None:
                                seconds=secs, fit_s=fit_s if vname != "true pairs" else 0.0,
                                head_accuracy=layer.head.accuracy_)
                     runs.append(row)
-                    table.append({"preset": preset, "seed": seed, "pairs": vname, "labels": "class k" if labels else "all",
+                    table.append({"preset": preset, "seed": seed, "pairs": vname,
+                                  "labels": "class k" if labels else "all",
                                   "cos(s)": f"{row['mean_cos_s']:.3f}",
                                   "sig": f"{row['significant']}/{row['cells']}",
                                   "sig agree": f"{row['significant_agree']}/{row['significant']}",
