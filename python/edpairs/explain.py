@@ -81,8 +81,14 @@ def explain(model_or_split, layer, image, pairs, *, class_index: Optional[int] =
         logits = split.head(feats)[0].double().cpu().numpy()
         k = int(np.argmax(logits)) if class_index is None else int(class_index)
         h, w, D = (int(s) for s in feats.shape[1:])
-        y = pairs.detect(feats.reshape(-1, D).float())
-        y = torch.as_tensor(y).reshape(h, w, -1).permute(2, 0, 1).float()  # (I, h, w)
+        # Memberships sigmoid(W x - b) from the arrays, so any object with the pairs' attributes works.
+        W = torch.as_tensor(np.asarray(pairs.decoding_, dtype=np.float32), device=feats.device)
+        b = torch.as_tensor(np.asarray(pairs.bias_, dtype=np.float32), device=feats.device)
+        if W.shape[1] != D:
+            raise ValueError(f"the pairs have D={W.shape[1]} channels but layer {layer!r} gives {D} "
+                             f"(features of shape {tuple(feats.shape)})")
+        y = torch.sigmoid(feats.reshape(-1, D).float() @ W.T - b)
+        y = y.reshape(h, w, -1).permute(2, 0, 1)                  # (I, h, w)
         up = torch.nn.functional.interpolate(y[None], size=tuple(x.shape[-2:]), mode="bilinear",
                                              align_corners=False)[0].clamp(0, 1)
         grid = y.cpu().numpy()
