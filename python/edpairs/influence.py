@@ -29,7 +29,9 @@ Definitions (what :func:`influence` computes):
   100 noise directions an exact permutation p-value cannot go below 1/101, which Bonferroni over
   more than five tests can never call significant: hence the parametric fit by default.
   ``pvalue="empirical"``: ``(1 + #{noise with |score - mean| >= |observed - mean|}) / (n_noise + 1)``.
-  Bonferroni: ``p_adj = min(1, p * I * K)``; significant when ``p_adj < alpha``.
+  Bonferroni: ``p_adj = min(1, p * I * K)``; significant when ``p_adj < alpha``. The normal fit
+  rests on the noise directions' spread: use tens of them (100 by default); with a handful the
+  spread is underestimated and far too many cells come out significant.
 
 On a head that is linear in the layer (the synthetic :class:`edpairs.synthetic.LinearHead`), the
 logits move by the same vector for every image, so *every* direction, noise included, tends to
