@@ -5,16 +5,28 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import capture, distributed, interventions, metrics, ops, reference, refine, store, synthetic, ura
+from . import (actmax, capture, distributed, explain, influence, interventions, metrics, ops, reference, refine, store,
+               synthetic, ura)
+from .actmax import activation_maximisation
 from .capture import iter_activations, layer_names, split_model
 from .cluster import SphericalKMeans, Whitener
 from .errors import BackendUnavailable, CudaError
+from .explain import Explanation, plot_explanation
+from .influence import InfluenceResult, plot_influence
 from .interventions import intervene
 from .pairs import EDPairs
 from .store import ActivationStore, extract
 
 __all__ = [
     "ActivationStore",
+    "Explanation",
+    "InfluenceResult",
+    "activation_maximisation",
+    "actmax",
+    "explain",
+    "influence",
+    "plot_explanation",
+    "plot_influence",
     "BackendUnavailable",
     "CudaError",
     "EDPairs",
