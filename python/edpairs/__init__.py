@@ -27,7 +27,9 @@ __all__ = [
     "influence",
     "plot_explanation",
     "plot_influence",
+    "probe",
     "BackendUnavailable",
+    "CorrectedModel",
     "CudaError",
     "EDPairs",
     "SphericalKMeans",
@@ -35,6 +37,7 @@ __all__ = [
     "__version__",
     "build_info",
     "capture",
+    "correct",
     "cuda_device_count",
     "distributed",
     "extract",
@@ -88,11 +91,17 @@ def set_num_threads(n: int) -> None:
     lib().set_num_threads(int(n))
 
 
+_LAZY = {"zoo": ("zoo", None), "correct": ("correct", None), "CorrectedModel": ("correct", "CorrectedModel"),
+         "probe": ("probe", None)}
+
+
 def __getattr__(name):
-    # edpairs.zoo imports torch (its dataset is a torch Dataset): loaded on first use, so that
-    # `import edpairs` stays free of torch for numpy-only users.
-    if name == "zoo":
+    # Modules that import torch when imported (torch Datasets / Modules at module level) load on
+    # first use, so that `import edpairs` stays free of torch for numpy-only users.
+    if name in _LAZY:
         import importlib
 
-        return importlib.import_module(".zoo", __name__)
+        module, attr = _LAZY[name]
+        mod = importlib.import_module(f".{module}", __name__)
+        return mod if attr is None else getattr(mod, attr)
     raise AttributeError(f"module 'edpairs' has no attribute {name!r}")
