@@ -160,12 +160,21 @@ def main():
                            "concepts": len(res.summary["concepts_covered"]),
                            "mean IoU": round(res.summary["mean_iou"], 3)}
                     rows.append(row)
+                    print(f"  {layer} seed {seed} {name:21s} {row['rule']:8s} S1 {row['S1']:.3f} S2 {row['S2']:.3f}",
+                          flush=True)
                     runs.append(dict(row, fit_s=timings.get(name), dissect_s=time.perf_counter() - t,
                                      labels=res.labels, best_iou=[round(float(u), 4) for u in res.best_iou],
                                      thresholds=[float(v) for v in res.thresholds]))
+            report(args, rows, runs, probe, torch.__version__)
             print(f"seed {seed} {layer}: probe {t_probe:.1f} s, capture {t_capture:.1f} s, "
                   f"fits {', '.join(f'{k} {v:.1f} s' for k, v in timings.items())}", flush=True)
 
+    report(args, rows, runs, probe, torch.__version__, final=True)
+
+
+def report(args, rows, runs, probe, torch_version, final=False):
+    """Summary over the seeds done so far; writes the JSON (after every layer, so an interrupted
+    run keeps what it measured) and, at the end, prints the tables."""
     # Mean over seeds per (layer, method, rule).
     summary = {}
     for r in rows:
@@ -188,10 +197,12 @@ def main():
                 margins.append({"layer": layer, "seed": seed, "edpairs": name, "S2": got[name],
                                 "best baseline": best, "baseline S2": got[best],
                                 "margin": round(got[name] - got[best], 3)})
-    write_json(args.out, {"benchmark": "dissection", "machine": machine_info(), "torch": torch.__version__,
+    write_json(args.out, {"benchmark": "dissection", "machine": machine_info(), "torch": torch_version,
                           "args": vars(args), "concepts": list(probe.concepts),
                           "coverage": [round(float(v), 4) for v in probe.coverage()],
-                          "runs": runs, "summary": table, "s2_margins": margins})
+                          "runs": runs, "summary": table, "s2_margins": margins, "complete": final})
+    if not final:
+        return
     print_table(table, ["layer", "method", "rule", "seeds", "S1 mean", "S1 sd", "S2 mean", "S2 sd", "S2 per seed"])
     print()
     print_table(margins, ["layer", "seed", "edpairs", "S2", "best baseline", "baseline S2", "margin"])
