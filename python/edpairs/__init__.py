@@ -5,8 +5,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import (actmax, capture, distributed, explain, influence, interventions, metrics, ops, reference, refine, store,
-               synthetic, ura)
+from . import (actmax, capture, dissect, distributed, explain, influence, interventions, metrics, ops, reference, refine,
+               store, synthetic, ura)
 from .actmax import activation_maximisation
 from .capture import iter_activations, layer_names, split_model
 from .cluster import SphericalKMeans, Whitener
@@ -39,6 +39,7 @@ __all__ = [
     "capture",
     "correct",
     "cuda_device_count",
+    "dissect",
     "distributed",
     "extract",
     "get_num_threads",
