@@ -207,3 +207,12 @@ def as_array(x, name: str):
         return np.asarray(x)
     except Exception as exc:  # noqa: BLE001 - report what arrived
         raise TypeError(f"{name} must be an array (numpy, torch or cupy), got {type(x).__name__}") from exc
+
+
+def require_torch(what: str):
+    """``torch``, or an ImportError saying that ``what`` needs it and how to install it."""
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - torch is installed wherever the tests run
+        raise ImportError(f'{what} needs PyTorch: pip install "edpairs[torch]"') from exc
+    return torch

@@ -12,17 +12,14 @@ from typing import Callable, Iterator, NamedTuple, Optional
 import numpy as np
 
 from . import _layout
+from ._arrays import require_torch
 from ._progress import Progress
 
 __all__ = ["Activations", "LayerNotFound", "ModelSplit", "SplitError", "capture", "find_module", "iter_activations", "layer_names", "split_model"]
 
 
 def _torch():
-    try:
-        import torch
-    except ImportError as exc:  # pragma: no cover - torch is an optional dependency
-        raise ImportError('edpairs model integration needs PyTorch: pip install "edpairs[torch]"') from exc
-    return torch
+    return require_torch("edpairs model integration")
 
 
 # ---------------------------------------------------------------------------------------------

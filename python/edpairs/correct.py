@@ -28,6 +28,7 @@ import json
 import numbers
 import os
 
+from ._arrays import require_torch
 from .interventions import Intervention, _as_concepts
 
 __all__ = ["CorrectedModel"]
@@ -37,11 +38,7 @@ _SETTINGS_VERSION = 1
 
 
 def _torch():
-    try:
-        import torch
-    except ImportError as exc:  # pragma: no cover - torch is an optional dependency
-        raise ImportError('edpairs.correct needs PyTorch: pip install "edpairs[torch]"') from exc
-    return torch
+    return require_torch("edpairs.correct")
 
 
 def _layer_name(model, layer) -> str:

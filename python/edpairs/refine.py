@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ._arrays import require_torch
 from ._progress import Progress
 
 __all__ = [
@@ -61,11 +62,7 @@ _SMALL = 1e-30
 
 
 def _torch():
-    try:
-        import torch
-    except ImportError as exc:  # pragma: no cover - torch is a test dependency
-        raise ImportError("edpairs.refine needs PyTorch: pip install torch") from exc
-    return torch
+    return require_torch("edpairs.refine")
 
 
 # ---------------------------------------------------------------------------------------

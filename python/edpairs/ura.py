@@ -70,6 +70,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ._arrays import require_torch
 from ._progress import Progress
 
 __all__ = ["ImageSource", "URAConfig", "URAResult", "align", "entropy", "filter_signal_orthogonality",
@@ -79,11 +80,7 @@ REGULARIZERS = ("exclusive", "memberships", "stage", "none")
 
 
 def _torch():
-    try:
-        import torch
-    except ImportError as exc:  # pragma: no cover - torch is needed for URA
-        raise ImportError("Uncertainty Region Alignment (edpairs.ura) needs PyTorch: pip install torch") from exc
-    return torch
+    return require_torch("Uncertainty Region Alignment (edpairs.ura)")
 
 
 # ---------------------------------------------------------------------------------------
