@@ -70,3 +70,14 @@ def restore_threads():
     before = edpairs.get_num_threads()
     yield before
     edpairs.set_num_threads(before)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch limited to one thread for the test (its pool costs more than it gives on small
+    models on a loaded 2-core machine); the previous count is restored."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

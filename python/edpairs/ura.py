@@ -72,6 +72,7 @@ import numpy as np
 
 from ._arrays import require_torch
 from ._progress import Progress
+from .refine import _is_int, _is_real
 
 __all__ = ["ImageSource", "URAConfig", "URAResult", "align", "entropy", "filter_signal_orthogonality",
            "shift"]
@@ -190,14 +191,6 @@ class URAConfig:
             raise ValueError(f"URAConfig.seed must be an integer or None, got {self.seed!r}")
         for cfg in self.stage_configs():
             cfg.validate()
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 @dataclass
