@@ -574,7 +574,7 @@ def check_tc_assignment(res, X, C, dtype, *, center=None, row_scale=None, col_sc
     model above. X: the values the kernel saw (float64 numpy)."""
     X, C = f64(X), f64(C)
     labels, scores = to_numpy(res.labels), to_numpy(res.scores)
-    N, k = X.shape[0], C.shape[0]
+    k = C.shape[0]
     assert labels.dtype == np.int64 and scores.dtype == np.float32
     assert np.all((labels >= 0) & (labels < k)), f"label out of range or unwritten: {labels[(labels < 0) | (labels >= k)][:10]}"
     assert np.all(np.isfinite(scores)), "NaN/Inf (or unwritten) score"

@@ -460,7 +460,7 @@ def _sequential_tail(model, layer: str):
 
 
 def _fx_tail(model, layer: str):
-    torch = _torch()
+    _torch()  # a clear error when torch is missing
     import torch.fx as fx
 
     class _KeepLayer(fx.Tracer):

@@ -6,7 +6,7 @@ shapes drawn on top, every pixel labelled with the concepts visible there."""
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 
