@@ -1,0 +1,320 @@
+"""The HTML report (edpairs.report): a folder that opens offline, with the atlas patches being the
+highest-membership cells of distinct images, report.json equal to the inputs, escaped user
+strings, atomic writes (no temporary folder left, an existing report replaced only on request)
+and clear errors; and, where a chromium binary exists, the page rendered in a headless browser
+with every image loaded."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+import edpairs as edp  # noqa: E402
+from edpairs import report as rp  # noqa: E402
+from edpairs.explain import Explanation  # noqa: E402
+from edpairs.influence import influence as run_influence  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+N, GRID, SIDE = 12, (4, 4), 32   # images, layer grid, image pixels
+
+
+def _images(member: np.ndarray) -> np.ndarray:
+    """(n, SIDE, SIDE, 3) uint8: each cell coloured by its memberships, plus a gradient."""
+    n, h, w, I = member.shape
+    rgb = np.zeros((n, h, w, 3))
+    rgb[..., : min(I, 3)] = member[..., :3]
+    cells = np.repeat(np.repeat(rgb, SIDE // h, axis=1), SIDE // w, axis=2)
+    ramp = np.linspace(0, 0.3, SIDE)[None, :, None, None]
+    return np.clip(255 * (0.7 * cells + ramp), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    layer = edp.synthetic.make_layer(N, n_features=8, n_concepts=3, n_distractors=1, grid=GRID,
+                                     membership="sparse", p_present=0.3, seed=0)
+    pairs = edp.EDPairs(3, random_state=0, progress=False).fit(layer.X)
+    acts = layer.images()                                               # (n, h, w, D)
+    member = np.asarray(pairs.detect(acts.reshape(-1, 8))).reshape(N, *GRID, 3)
+    return layer, pairs, acts, member, _images(member)
+
+
+def _dissection(pairs, acts):
+    pytest.importorskip("torch")
+    from edpairs.dissect import dissect
+
+    rng = np.random.default_rng(0)
+    maps = np.asarray(pairs.decode(acts.reshape(-1, acts.shape[-1]))).reshape(*acts.shape[:3], -1)
+    masks = rng.random((len(acts), 2, 16, 16)) < 0.4
+    return dissect(maps, masks, ["red", "green"], rule="given", thresholds=pairs.bias_)
+
+
+def _explanation(member, index, class_index=1):
+    grid = member[index].transpose(2, 0, 1)                             # (I, h, w)
+    up = np.repeat(np.repeat(grid, SIDE // GRID[0], axis=1), SIDE // GRID[1], axis=2)
+    present = [int(i) for i in np.flatnonzero((grid > 0.5).any(axis=(1, 2)))]
+    logits = np.array([0.1, 2.0, -1.0])
+    return Explanation(maps=up, grid_maps=grid, present=present, contributions={i: 0.5 - i for i in present},
+                       predicted=class_index, logit=float(logits[class_index]), logits=logits, removed_logits={})
+
+
+@pytest.fixture(scope="module")
+def full(setup, tmp_path_factory):
+    """A report with every section, written once."""
+    layer, pairs, acts, member, images = setup
+    dissection = _dissection(pairs, acts)
+    result = run_influence(layer.head, acts, pairs, n_noise=8, seed=0, alpha=0.5)
+    classes = ["cat", "dog", "car"]
+    interventions = [dict(name="img 3", image=images[3], concept=1,
+                          map=np.kron(member[3, :, :, 1], np.ones((SIDE // GRID[0], SIDE // GRID[1]))),
+                          before=[("dog", 0.7), ("cat", 0.2), ("car", 0.1)],
+                          after=[("cat", 0.6), ("dog", 0.3), ("car", 0.1)], note="gated removal"),
+                     dict(name="img 4", image=images[4], concept=0, map=None,
+                          before=[("cat", 0.9)], after=[("cat", 0.8)])]
+    out = tmp_path_factory.mktemp("full") / "report"
+    t0 = time.perf_counter()
+    index = rp.write_report(out, pairs, images, acts, class_names=classes, dissection=dissection,
+                            influence=result, meta={"model": "synthetic", "layer": "x"}, top_k=5,
+                            explanations=[dict(name="img 0", image=images[0], explanation=_explanation(member, 0))],
+                            interventions=interventions)
+    seconds = time.perf_counter() - t0
+    with open(out / "report.json", encoding="utf-8") as f:
+        data = json.load(f)
+    return dict(out=out, index=index, data=data, dissection=dissection, influence=result, seconds=seconds,
+                html=(out / "index.html").read_text(encoding="utf-8"))
+
+
+def _no_temp_left(parent, base="report"):
+    return [p for p in os.listdir(parent) if p.startswith(f".{base}.")]
+
+
+def test_full_report_is_complete_and_self_contained(full):
+    out = full["out"]
+    assert full["index"] == os.path.join(str(out), "index.html") and os.path.isfile(full["index"])
+    assert rp.check_report(out) == []
+    assert _no_temp_left(out.parent) == []
+    html = full["html"]
+    # The atlas: I * min(top_k, n) thumbnails, one example map per concept.
+    assert len(re.findall(r'<img [^>]*class="patch"', html)) == 3 * 5
+    assert len(os.listdir(out / "atlas")) == 3 * 5 + 3
+    for section in ("atlas", "influence", "dissection", "explanations", "interventions"):
+        assert f'id="{section}"' in html
+    assert 'href="report.json"' in html and "brokenImages" in html
+    assert not re.search(r'(src|href)="(https?:|file:|/)', html)
+    assert "synthetic" in html and "gated removal" in html
+
+
+def test_report_json_equals_the_inputs(full):
+    data, d, res = full["data"], full["dissection"], full["influence"]
+    assert data["n_images"] == N and data["grid"] == list(GRID) and data["n_concepts"] == 3
+    np.testing.assert_allclose([c["iou"] for c in data["concepts"]], d.best_iou)
+    assert [c["label"] for c in data["concepts"]] == d.labels
+    assert data["concept_names"][0] == f"concept 0 · {d.labels[0]} (IoU {d.best_iou[0]:.2f})"
+    assert data["dissection"]["summary"]["S1"] == pytest.approx(d.summary["S1"])
+    assert data["dissection"]["summary"]["S2"] == pytest.approx(d.summary["S2"])
+    inf = data["influence"]
+    np.testing.assert_allclose(inf["scores"], res.scores)
+    assert np.array_equal(np.array(inf["significant"]), res.significant)
+    cells = {(c["concept"], c["class_index"]) for c in inf["significant_cells"]}
+    assert cells == {(int(i), int(k)) for i, k in zip(*np.nonzero(res.significant))}
+    for c in inf["significant_cells"]:
+        assert c["score"] == pytest.approx(res.scores[c["concept"], c["class_index"]])
+        assert c["p_adjusted"] == pytest.approx(res.pvalues_adjusted[c["concept"], c["class_index"]])
+    for c in data["concepts"]:  # significant classes listed first on each card
+        flags = [t["significant"] for t in c["top_classes"]]
+        assert flags == sorted(flags, reverse=True)
+    iv = data["interventions"]
+    assert iv[0]["before"] == [["dog", 0.7], ["cat", 0.2], ["car", 0.1]] and iv[1]["map_file"] is None
+    ex = data["explanations"][0]
+    assert ex["predicted_name"] == "dog" and ex["logit"] == pytest.approx(2.0)
+
+
+def test_top_patches_are_the_highest_cells_of_distinct_images(setup, full):
+    _, _, _, member, _ = setup
+    for c in full["data"]["concepts"]:
+        i = c["index"]
+        # Independently: each image's best cell, images by decreasing best membership.
+        best = [(float(member[j, :, :, i].max()), j) for j in range(N)]
+        expected = sorted(best, key=lambda t: (-t[0], t[1]))[:5]
+        got = [(p["membership"], p["image"]) for p in c["patches"]]
+        assert [j for _, j in got] == [j for _, j in expected]
+        np.testing.assert_allclose([y for y, _ in got], [y for y, _ in expected], rtol=1e-6)
+        assert len({p["image"] for p in c["patches"]}) == len(c["patches"])
+        for p in c["patches"]:
+            assert member[p["image"], p["row"], p["col"], i] == pytest.approx(member[p["image"], :, :, i].max())
+        # The example map is on the image the concept covers most.
+        assert c["map"]["image"] == int(np.argmax(member[:, :, :, i].mean(axis=(1, 2))))
+
+
+def test_patch_crop_outlines_the_cell():
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[8:16, 16:24] = 200                            # cell (1, 2) of a 4 x 4 grid
+    thumb = rp._patch(image, (4, 4), 1, 2, 2.0, side_out=64)
+    assert thumb.shape == (64, 64, 3) and thumb.dtype == np.uint8
+    outline = np.all(thumb == rp.OUTLINE, axis=-1)
+    assert outline.any() and (thumb[..., 0] == 200).any()
+    # The crop is 16 px around the cell's centre (20, 12): the cell spans 16..48 of the thumb.
+    rows, cols = np.nonzero(outline)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (16, 47, 16, 47)
+    corner = rp._patch(image, (4, 4), 0, 0, 2.0, side_out=64)  # clamped at the border, still square
+    assert corner.shape == (64, 64, 3)
+
+
+def test_user_strings_are_escaped(setup, tmp_path):
+    _, pairs, acts, _, images = setup
+    evil = "<script>alert(1)</script>"
+    rp.write_report(tmp_path / "r", pairs, images, acts, title=f"t {evil}", concept_names=[evil, "a&b", "c"],
+                    meta={"<b>key</b>": evil}, top_k=2)
+    html = (tmp_path / "r" / "index.html").read_text(encoding="utf-8")
+    assert evil not in html and "<b>key</b>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "a&amp;b" in html
+    assert html.count("<script>") == 1                  # only the report's own load check
+    assert rp.check_report(tmp_path / "r") == []
+    # Without a dissection the default names are "concept i"; top_k above n gives n patches.
+    rp.write_report(tmp_path / "s", pairs, images[:3], acts[:3], top_k=10)
+    data = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert data["concept_names"] == ["concept 0", "concept 1", "concept 2"]
+    assert [len(c["patches"]) for c in data["concepts"]] == [3, 3, 3]
+
+
+def test_existing_folder_needs_overwrite(setup, tmp_path):
+    _, pairs, acts, _, images = setup
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(FileExistsError, match=r"overwrite=True.*--overwrite"):
+        rp.write_report(out, pairs, images[:4], acts[:4], top_k=2)
+    assert (out / "keep.txt").read_text() == "old" and _no_temp_left(tmp_path) == []
+    rp.write_report(out, pairs, images[:4], acts[:4], top_k=2, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "index.html").exists()
+    assert _no_temp_left(tmp_path) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()                                       # an empty folder is not "existing work"
+    rp.write_report(empty, pairs, images[:4], acts[:4], top_k=2)
+    assert rp.check_report(empty) == []
+
+
+def test_failure_mid_write_leaves_no_temp_and_keeps_the_old_report(setup, tmp_path, monkeypatch):
+    _, pairs, acts, _, images = setup
+    out = tmp_path / "report"
+    rp.write_report(out, pairs, images[:4], acts[:4], top_k=2)
+    before = sorted(os.listdir(out))
+    calls = []
+
+    def failing(path, rgb):
+        calls.append(path)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return original(path, rgb)
+
+    original = rp._write_png
+    monkeypatch.setattr(rp, "_write_png", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        rp.write_report(out, pairs, images, acts, overwrite=True)
+    assert sorted(os.listdir(out)) == before and rp.check_report(out) == []
+    assert _no_temp_left(tmp_path) == []
+    with pytest.raises(RuntimeError, match="disk full"):   # a fresh path: nothing created
+        calls.clear()
+        rp.write_report(tmp_path / "fresh", pairs, images, acts)
+    assert not (tmp_path / "fresh").exists() and _no_temp_left(tmp_path, "fresh") == []
+
+
+def test_check_report_finds_broken_links_and_pngs(setup, tmp_path):
+    _, pairs, acts, _, images = setup
+    out = tmp_path / "r"
+    rp.write_report(out, pairs, images[:4], acts[:4], top_k=2)
+    os.remove(out / "atlas" / "concept000_top00.png")
+    (out / "atlas" / "concept001_top00.png").write_bytes(b"not a png")
+    index = out / "index.html"
+    index.write_text(index.read_text(encoding="utf-8").replace(
+        "</body>", '<a href="https://example.com/x">x</a><img src="../secret.png" alt="s" width="1" height="1">'
+                   '<a href="#nowhere">n</a></body>'), encoding="utf-8")
+    problems = "\n".join(rp.check_report(out))
+    assert "concept000_top00.png" in problems and "missing file" in problems
+    assert "concept001_top00.png is not a readable PNG" in problems
+    assert "absolute link" in problems and "leaves the report folder" in problems
+    assert "missing anchor" in problems
+    assert rp.check_report(tmp_path / "nothing") == [f"{tmp_path / 'nothing' / 'index.html'} is missing"]
+
+
+def _bad(setup, **change):
+    _, pairs, acts, _, images = setup
+    args = dict(pairs=pairs, images=images[:4], activations=acts[:4])
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (lambda s: dict(images=s[4][:4].astype(np.float32)), TypeError, "uint8"),
+    (lambda s: dict(images=s[4][:4, :, :, 0]), ValueError, r"\(n, H, W, 3\).*\(4, 32, 32\)"),
+    (lambda s: dict(activations=s[2][:4].reshape(4, 16, 8)), ValueError, r"\(n, h, w, D\).*\(4, 16, 8\)"),
+    (lambda s: dict(activations=s[2][:3]), ValueError, "same number|4 images"),
+    (lambda s: dict(activations=s[2][:4, :, :, :5]), ValueError, "D=8"),
+    (lambda s: dict(pairs=object()), TypeError, "fitted pairs"),
+    (lambda s: dict(concept_names=["a", "b"]), ValueError, "3 names, got 2"),
+    (lambda s: dict(top_k=0), ValueError, "top_k"),
+    (lambda s: dict(patch_scale=-1.0), ValueError, "patch_scale"),
+    (lambda s: dict(meta=["x"]), TypeError, "meta"),
+    (lambda s: dict(interventions=[dict(name="x", image=s[4][0], concept=7, before=[], after=[])]),
+     ValueError, r"concept.*\[0, 3\)"),
+    (lambda s: dict(interventions=[dict(name="x", image=s[4][0], concept=0, map=np.ones((5, 5)), before=[],
+                                        after=[])]), ValueError, r"\(H, W\)"),
+    (lambda s: dict(explanations=[dict(name="x", image=s[4][0])]), TypeError, "explanation"),
+], ids=["dtype", "images-3d", "acts-3d", "n-mismatch", "D-mismatch", "pairs", "names", "top_k",
+        "patch_scale", "meta", "intervention-concept", "intervention-map", "explanation-keys"])
+def test_wrong_inputs_raise_clear_errors(setup, tmp_path, change, error, message):
+    args = _bad(setup, **change(setup))
+    pairs, images, acts = args.pop("pairs"), args.pop("images"), args.pop("activations")
+    with pytest.raises(error, match=message):
+        rp.write_report(tmp_path / "r", pairs, images, acts, **args)
+    assert os.listdir(tmp_path) == []
+
+
+def test_dissection_of_other_detectors_is_rejected(setup, tmp_path):
+    _, pairs, acts, _, images = setup
+    d = _dissection(pairs, acts)
+    d.best_iou, d.best_concept = d.best_iou[:2], d.best_concept[:2]
+    with pytest.raises(ValueError, match="K=2 detectors but the pairs have I=3"):
+        rp.write_report(tmp_path / "r", pairs, images, acts, dissection=d)
+
+
+def test_torch_inputs(setup, tmp_path):
+    torch = pytest.importorskip("torch")
+    _, pairs, acts, _, images = setup
+    rp.write_report(tmp_path / "r", pairs, torch.from_numpy(images[:4]), torch.from_numpy(acts[:4]), top_k=2)
+    assert rp.check_report(tmp_path / "r") == []
+
+
+def test_without_matplotlib(setup, tmp_path, monkeypatch):
+    _, pairs, acts, _, images = setup
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r'pip install matplotlib.*edpairs\[models\]'):
+        rp.write_report(tmp_path / "r", pairs, images[:3], acts[:3])
+    assert os.listdir(tmp_path) == []
+
+
+def _render_script():
+    path = os.path.join(HERE, "..", "benchmarks", "render_report.py")
+    spec = importlib.util.spec_from_file_location("render_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_renders_in_headless_chromium(full, tmp_path):
+    render = _render_script()
+    binary = render.find_chromium()
+    if binary is None:
+        pytest.skip("no chromium / chromium-browser / google-chrome on PATH: the browser check needs one")
+    result = render.render(full["out"], screenshot=tmp_path / "shot.png", chromium=binary)
+    assert result["problems"] == [], result
+    assert result["broken_images"] == 0 and result["images_total"] == 3 * 5 + 3 + 1 + 1 + 3
+    assert result["screenshot_colours"] > 8
