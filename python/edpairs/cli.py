@@ -212,7 +212,8 @@ def cmd_fit(args) -> int:
             from .capture import capture
 
             with log.step(f"capturing {layer} on {len(inputs)} images"):
-                source = capture(model, layer, inputs, batch_size=args.batch_size, progress=False if args.quiet else None)
+                source = capture(model, layer, inputs, batch_size=args.batch_size,
+                                 progress=False if args.quiet else None)
                 log.say(f"activations {tuple(source.shape[1:])} per image")
     if getattr(source, "ndim", 4) != 4 and args.ura:
         raise UserError(f"URA needs a spatial layer; {layer} gives {tuple(source.shape)}; pass --no-ura")
@@ -252,7 +253,8 @@ def cmd_report(args) -> int:
 
         class_names = imagenet_class_names()
     inputs = pipeline.analyse(model, layer, pairs, images, probe=probe, class_names=class_names,
-                              n_noise=args.noise, normalisation=_normalisation(args, name), log=log, seed=args.seed)
+                              explain_images=pipeline.first_views(data), n_noise=args.noise,
+                              normalisation=_normalisation(args, name), log=log, seed=args.seed)
     inputs.meta.update(model=name, layer=layer, pairs=os.path.abspath(args.pairs), images=len(images))
     index = pipeline.write(args.out, pairs, inputs, title=args.title or f"edpairs report: {name} {layer}",
                            overwrite=args.overwrite, log=log)

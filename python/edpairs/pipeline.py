@@ -18,8 +18,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["DEMO_LAYER", "NORMALISATIONS", "Log", "ReportInputs", "analyse", "demo", "display_images", "fit_pairs",
-           "image_dataset", "load_images", "load_model", "model_input"]
+__all__ = ["DEMO_LAYER", "NORMALISATIONS", "Log", "ReportInputs", "analyse", "demo", "display_images", "first_views",
+           "fit_pairs", "image_dataset", "load_images", "load_model", "model_input"]
 
 DEMO_MODEL = "efficientnet-lite0"
 DEMO_LAYER = "_blocks.15"
@@ -188,6 +188,12 @@ def image_dataset(paths: Optional[Sequence[str]] = None, *, crops_per_photo: int
                         images=load_images(paths) if paths else None)
 
 
+def first_views(dataset, n: int = 4) -> list:
+    """``[(index, name)]`` of the evaluation crop (view 0) of the first ``n`` images of a
+    :class:`edpairs.zoo.PhotoDataset`."""
+    return [(p * dataset.crops_per_photo, dataset.names[p]) for p in range(min(n, len(dataset.names)))]
+
+
 def _stack(dataset, indices=None):
     import torch
 
@@ -247,8 +253,8 @@ def _top5(logits: np.ndarray, class_names) -> list:
 
 
 def analyse(model, layer: str, pairs, images, *, activations=None, probe=None, probe_activations=None,
-            class_names=None, n_explain: int = 4, n_noise: int = 50, normalisation: str = "efficientnet-lite",
-            log: Optional[Log] = None, seed: int = 0) -> ReportInputs:
+            class_names=None, explain_images: Optional[Sequence] = None, n_noise: int = 50,
+            normalisation: str = "efficientnet-lite", log: Optional[Log] = None, seed: int = 0) -> ReportInputs:
     """Runs the analyses the report shows.
 
     ``images``: EfficientNet-Lite inputs (n, 3, H, W) in [-1, 1] (shown in the report; the
@@ -257,7 +263,8 @@ def analyse(model, layer: str, pairs, images, *, activations=None, probe=None, p
     (dissection: thresholds and labels from its even images, IoU on the odd ones), with its
     activations ``probe_activations`` (captured when None). Influence: every image, the head of
     the model split at the layer, ``n_noise`` noise directions. Explanations and a gated
-    removal of each explained image's strongest concept: the first ``n_explain`` images."""
+    removal of each explained image's strongest concept: ``explain_images``, a list of image
+    indices or ``(index, name)`` pairs (default: the first four images)."""
     import torch
 
     from .capture import capture, split_model
@@ -289,11 +296,14 @@ def analyse(model, layer: str, pairs, images, *, activations=None, probe=None, p
         out.influence = influence(split.head, out.activations, pairs, n_noise=n_noise, seed=seed,
                                   class_names=class_names, batch_size=32)
         log.say(f"{int(out.influence.significant.sum())} significant (concept, class) cells")
-    n_explain = min(n_explain, len(images))
-    with log.step(f"explaining {n_explain} predictions and removing their strongest concept"):
-        for j in range(n_explain):
+    if explain_images is None:
+        explain_images = range(min(4, len(images)))
+    chosen = [(int(e), f"image {int(e)}") if np.isscalar(e) else (int(e[0]), str(e[1])) for e in explain_images]
+    with log.step(f"explaining {len(chosen)} predictions and removing their strongest concept"):
+        for j, name in chosen:
+            if not 0 <= j < len(images):
+                raise IndexError(f"explain_images: image {j} out of range for {len(images)} images")
             expl = explain(split, layer, images[j], pairs)
-            name = f"image {j}"
             out.explanations.append(dict(name=name, image=shown[j], explanation=expl))
             if not expl.present:
                 continue
@@ -358,14 +368,15 @@ def demo(out_dir: str = "edpairs-demo", *, layer: str = DEMO_LAYER, n_concepts: 
     fit_acts = np.concatenate([acts, probe_acts[0::2]])  # the probe set's odd images score the dissection
     with lg.step(f"fitting {n_concepts} pairs on {len(fit_acts)} images"
                  + (" with URA through the network's head" if ura else "")):
-        pairs = fit_pairs(model, layer, fit_acts, n_concepts, ura=ura, model_name=DEMO_MODEL, preprocessing=data.preprocessing, seed=seed, progress=False)
+        pairs = fit_pairs(model, layer, fit_acts, n_concepts, ura=ura, model_name=DEMO_MODEL,
+                          preprocessing=data.preprocessing, seed=seed, progress=False)
     class_names = zoo.imagenet_class_names()
     inputs = analyse(model, layer, pairs, images, activations=acts, probe=probe, probe_activations=probe_acts,
-                     class_names=class_names, n_noise=n_noise, log=lg, seed=seed)
+                     class_names=class_names, explain_images=first_views(data), n_noise=n_noise, log=lg, seed=seed)
     inputs.meta.update(model=DEMO_MODEL, layer=layer, photos=", ".join(data.names), crops_per_photo=crops_per_photo,
                        probe_images=len(probe), fit_images=int(len(fit_acts)), ura=bool(ura), seed=seed)
     index = write(out_dir, pairs, inputs, title=f"edpairs demo: EfficientNet-Lite0 {layer}", overwrite=overwrite,
-                  log=lg, **{"step seconds": dict(lg.times)})
+                  log=lg, steps="; ".join(f"{k}: {v:.1f} s" for k, v in lg.times.items()))
     if log:
         print(f"report: {index}  ({lg.elapsed:.0f} s in all; open it in a browser)", file=sys.stderr)
     return index
