@@ -262,3 +262,87 @@ def test_bad_arguments(kwargs, name):
     args.update(kwargs)
     with pytest.raises(ValueError, match=name):
         synthetic.make_layer(**args)
+
+
+# ---- PresenceHead ------------------------------------------------------------------------
+
+
+def test_presence_head_reads_concepts_through_the_ideal_filters(pub64):
+    head = synthetic.PresenceHead.from_layer(pub64, width=0.5)
+    # Default weight: +4 where the class holds the concept, -4 elsewhere (classes (0,1), (0,2), (1,2)).
+    np.testing.assert_array_equal(head.weight, 4.0 * np.array([[1, 1, -1], [1, -1, 1], [-1, 1, 1]]))
+    assert head.accuracy_ >= 0.99 and np.mean(head.predict(pub64.images()) == pub64.y) == head.accuracy_
+    # By hand: ramp of alpha - boundary, pooled over the 2 patches.
+    x = pub64.images()[:300]
+    alpha = pub64.alpha.reshape(pub64.n_images, 2, 3)[:300]
+    g = np.clip((alpha - pub64.boundary) / 0.5 + 0.5, 0, 1).mean(1)
+    np.testing.assert_allclose(head.presence(x), g, atol=1e-9)
+    np.testing.assert_allclose(head(x), g @ head.weight.T, atol=1e-8)
+    np.testing.assert_allclose(head(x.reshape(300, 2, 16)), head(x))
+    sig = synthetic.PresenceHead.from_layer(pub64, width=0.5, detector="sigmoid")
+    np.testing.assert_allclose(sig.presence(x), (1 / (1 + np.exp(-8 * (alpha - pub64.boundary)))).mean(1), atol=1e-9)
+    # A direction the filters do not read changes nothing; the flat parts of the ramp ignore small moves.
+    _, _, vt = np.linalg.svd(pub64.W)
+    np.testing.assert_allclose(head(x + 3.0 * vt[-1]), head(x), atol=1e-9)
+
+
+@pytest.mark.parametrize("detector", ["ramp", "sigmoid"])
+def test_presence_head_relations_are_what_a_step_does(pub64, detector):
+    """relations(): moving every position along s_i raises class k's log-probability on every image
+    that moves when weight[k, i] is the column's largest entry, lowers it when the smallest; an
+    entry in between has no relation (0) and goes either way; a constant column moves nothing."""
+    weight = np.array([[4.0, 4.0, -4.0], [1.0, -4.0, 4.0], [-4.0, 2.0, 4.0]])
+    head = synthetic.PresenceHead(pub64.W, pub64.b, weight, width=0.5, detector=detector)
+    rel = head.relations()
+    np.testing.assert_array_equal(rel, np.array([[1, 0, -1], [1, -1, 0], [-1, 1, 1]]))
+    x = pub64.images()[:2000]
+
+    def log_softmax(z):
+        top = z.max(1, keepdims=True)
+        return z - top - np.log(np.exp(z - top).sum(1, keepdims=True))
+
+    base = log_softmax(head(x))
+    for i in range(3):
+        moved = np.sign(log_softmax(head(x + 5.0 * pub64.S[i])) - base)       # (n, K)
+        for k in range(3):
+            if rel[i, k]:
+                assert np.all(moved[:, k] * rel[i, k] >= 0) and np.mean(moved[:, k] != 0) > 0.99
+            else:
+                assert (moved[:, k] > 0).mean() > 0.1 and (moved[:, k] < 0).mean() > 0.1
+    flat = synthetic.PresenceHead(pub64.W, pub64.b, np.array([[1.0, 2.0], [1.0, -1.0]]) @ np.eye(2, 3),
+                                  width=0.5, detector=detector)
+    np.testing.assert_array_equal(flat.relations(), [[0, 0], [1, -1], [0, 0]])  # weight columns 0, 2 constant
+    np.testing.assert_allclose(log_softmax(flat(x + 5.0 * pub64.S[0] + 5.0 * pub64.S[2])), log_softmax(flat(x)),
+                               atol=1e-12)
+
+
+def test_presence_head_numpy_and_torch_agree(pub64):
+    torch = pytest.importorskip("torch")
+    head = synthetic.PresenceHead.from_layer(pub64, width=0.5, detector="sigmoid")
+    x = pub64.images()[:256]
+    t = torch.from_numpy(np.ascontiguousarray(x)).requires_grad_(True)
+    out = head(t)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float64
+    np.testing.assert_allclose(out.detach().numpy(), head(x), rtol=1e-10, atol=1e-10)
+    out[:, 0].sum().backward()
+    assert t.grad is not None and torch.isfinite(t.grad).all()
+    ramp = synthetic.PresenceHead.from_layer(pub64, width=0.5)
+    out32 = ramp(torch.from_numpy(x.astype(np.float32)).reshape(256, 2, 16))
+    assert out32.dtype == torch.float32
+    np.testing.assert_allclose(out32.numpy(), ramp(x), atol=1e-4)
+
+
+def test_presence_head_bad_arguments(pub64):
+    W, b = pub64.W, pub64.b
+    with pytest.raises(ValueError, match="weight"):
+        synthetic.PresenceHead(W, b, np.ones((3, 2)))
+    with pytest.raises(ValueError, match="thresholds"):
+        synthetic.PresenceHead(W, b[:2], np.ones((3, 3)))
+    with pytest.raises(ValueError, match="bias"):
+        synthetic.PresenceHead(W, b, np.ones((3, 3)), bias=np.ones(2))
+    with pytest.raises(ValueError, match="width"):
+        synthetic.PresenceHead(W, b, np.ones((3, 3)), width=0.0)
+    with pytest.raises(ValueError, match="detector"):
+        synthetic.PresenceHead(W, b, np.ones((3, 3)), detector="step")
+    with pytest.raises(ValueError, match="features"):
+        synthetic.PresenceHead(W, b, np.ones((3, 3)))(pub64.X[:10])

@@ -33,10 +33,20 @@ Definitions (what :func:`influence` computes):
   rests on the noise directions' spread: use tens of them (100 by default); with a handful the
   spread is underestimated and far too many cells come out significant.
 
-On a head that is linear in the layer (the synthetic :class:`edpairs.synthetic.LinearHead`), the
-logits move by the same vector for every image, so *every* direction, noise included, tends to
-move a class's probability the same way on all images: noise scores spread over [-1, 1] and the
-test is conservative. Measured numbers in benchmarks/README.md ("Reading bench_actmax.py").
+When the test has power (measured on synthetic layers with known heads, bench_influence.py).
+The sign test counts every image that moves, however little, so a noise direction is quiet only
+where it moves no image at all. On a head linear in the layer (the synthetic
+:class:`edpairs.synthetic.LinearHead`) the logits move by the same vector for every image, so every
+direction, noise included, moves a class's probability the same way on all images: noise scores
+spread over [-1, 1] (sd 0.6-0.9) and nothing is significant. Smooth detectors
+(:class:`edpairs.synthetic.PresenceHead` with ``detector="sigmoid"``) never leave an image
+untouched either (sd ~0.8). Ramp detectors (the PresenceHead default, flat away from the
+threshold) leave an image untouched when a direction's projection on every filter stays inside
+the margin between the patches and the thresholds: on a layer with such a margin and concepts a
+small share of the variance every cell was significant with the head's sign (null sd ~0.04); on
+the published and large presets (no margin; on the published one the label-permuted directions
+are concept mixtures of the step's own size) nothing was, though the scores' signs matched the
+head wherever the pairs' steps move mainly their own concept.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["LinearHead", "SyntheticLayer", "fit_head", "large", "make_layer", "published"]
+__all__ = ["LinearHead", "PresenceHead", "SyntheticLayer", "fit_head", "large", "make_layer", "published"]
 
 # Rows generated per block: keeps the float64 temporaries in cache (measured ~1.7x faster
 # than 16K-row blocks at D=256).
@@ -87,6 +87,145 @@ class LinearHead:
     def __repr__(self) -> str:
         return (f"LinearHead(n_classes={self.weight.shape[0]}, n_features={self.weight.shape[1]}, "
                 f"accuracy_={self.accuracy_:.4f})")
+
+
+class PresenceHead:
+    """A frozen classifier that reads a layer only through concept detectors: the logits of an
+    image are ``logit_k = sum_i weight[k, i] * g_i + bias_k``, where ``g_i`` is the mean over
+    positions of a detector ``d(u_{p,i})``, ``u_{p,i} = filters[i] . x_p - thresholds[i]``: the
+    pooled presence of concept ``i``. ``detector="ramp"`` (default) is
+    ``clip(u / width + 1/2, 0, 1) = relu(u / width + 1/2) - relu(u / width - 1/2)``, a detector
+    built of ReLUs like a network's own units, exactly flat more than ``width / 2`` from the
+    threshold; ``"sigmoid"`` is ``sigmoid(4 u / width)`` (the same slope at the threshold, never
+    flat).
+
+    Why this head (influence, DESIGN section 3): a known head under which the RCAV sign test can
+    mean something. A head linear in the layer moves every image's logits by the same vector for
+    any direction, so every direction, label-permuted noise included, moves a class's
+    probability the same way on (almost) all images. Here a direction acts through detectors:
+    its effect differs from image to image, and with the ramp a direction that brings no patch
+    into a detector's ramp changes nothing at all (a tie). Whether the noise directions of
+    :func:`edpairs.influence.influence` stay that quiet depends on the layer (their projections
+    on the filters against the detectors' margin): measured in benchmarks/bench_influence.py.
+
+    The true relation (:meth:`relations`). With :meth:`from_layer` the filters are the layer's
+    ideal filters, ``filters[j] . s_i = delta_ij``, so moving every position by ``t * s_i``
+    (``t > 0``) changes ``g_i`` by ``dg_i >= 0`` on every image (the detector is nondecreasing)
+    and no other ``g_j``: the logits move by ``dz = dg_i * weight[:, i]``. The class-``k``
+    log-probability changes by ``dz_k - [lse(z + dz) - lse(z)]
+    = dg_i * (weight[k, i] - sum_j pbar_j weight[j, i])`` with ``pbar`` the softmax averaged
+    along the step, a strictly positive, image-dependent probability vector. So on every image
+    that moves at all (``dg_i > 0``) the probability of class ``k`` rises when ``weight[k, i]``
+    is the largest entry of column ``i`` and falls when it is the smallest (unless the column
+    is constant); for an entry in between the sign depends on the image: no true relation.
+    With the default two-valued weight (``+scale`` where class ``k`` holds concept ``i``,
+    ``-scale`` elsewhere) every cell is a column's largest or smallest entry, and the relation
+    is ``sign(weight)`` everywhere.
+
+    ``head(features)`` takes ``(n_images, h, w, D)`` or ``(n_images, h*w, D)`` features as a numpy
+    array (float64 logits) or a torch tensor (its dtype and device, differentiable), like
+    :class:`LinearHead`. ``accuracy_`` is the accuracy on the layer it was built from."""
+
+    def __init__(self, filters, thresholds, weight, bias=None, *, width: float = 1.0,
+                 detector: str = "ramp", accuracy: float = float("nan")):
+        self.filters = np.asarray(filters, dtype=np.float64)
+        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        self.weight = np.asarray(weight, dtype=np.float64)
+        if self.filters.ndim != 2 or self.thresholds.shape != (self.filters.shape[0],):
+            raise ValueError(f"filters must be (n_concepts, D) and thresholds (n_concepts,), got "
+                             f"{self.filters.shape} and {self.thresholds.shape}")
+        if self.weight.ndim != 2 or self.weight.shape[1] != self.filters.shape[0]:
+            raise ValueError(f"weight must be (n_classes, {self.filters.shape[0]}), got {self.weight.shape}")
+        self.bias = np.zeros(self.weight.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
+        if self.bias.shape != (self.weight.shape[0],):
+            raise ValueError(f"bias must be ({self.weight.shape[0]},), got {self.bias.shape}")
+        if not (float(width) > 0 and np.isfinite(width)):
+            raise ValueError(f"width must be a finite number > 0, got {width!r}")
+        if detector not in ("ramp", "sigmoid"):
+            raise ValueError(f"detector must be 'ramp' or 'sigmoid', got {detector!r}")
+        self.width = float(width)
+        self.detector = detector
+        self.accuracy_ = float(accuracy)
+
+    @classmethod
+    def from_layer(cls, layer: "SyntheticLayer", weight=None, *, scale: float = 4.0, width: float = 1.0,
+                   detector: str = "ramp") -> "PresenceHead":
+        """The head on a :class:`SyntheticLayer`'s ideal filters ``W`` and thresholds ``b`` (so
+        ``u = alpha - boundary`` on noise-free data). ``weight`` (n_classes, n_concepts) defaults
+        to ``scale * (2 A - 1)``, ``A[k, i] = 1`` when class ``k`` holds concept ``i``;
+        ``accuracy_`` is measured on the layer's images when there is one weight row per class."""
+        if weight is None:
+            A = np.zeros((len(layer.classes), layer.n_concepts))
+            for k, c in enumerate(layer.classes):
+                A[k, list(c)] = 1.0
+            weight = float(scale) * (2.0 * A - 1.0)
+        head = cls(layer.W, layer.b, weight, width=width, detector=detector)
+        if head.n_classes == len(layer.classes):
+            head.accuracy_ = float(np.mean(head.predict(layer.images()) == layer.y))
+        return head
+
+    @property
+    def n_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def _check(self, shape) -> None:
+        D = self.filters.shape[1]
+        if len(shape) not in (3, 4) or shape[-1] != D:
+            raise ValueError(f"features must be (n_images, h, w, {D}) or (n_images, h*w, {D}), got {tuple(shape)}; "
+                             f"flat (N, D) patch rows can be viewed per image with layer.images()")
+
+    def presence(self, features):
+        """``(n_images, n_concepts)`` pooled presence ``g`` of each concept, in [0, 1]."""
+        self._check(tuple(features.shape))
+        if _is_torch(features):
+            import torch
+
+            w = torch.as_tensor(self.filters, dtype=features.dtype, device=features.device)
+            t = torch.as_tensor(self.thresholds, dtype=features.dtype, device=features.device)
+            u = (features.flatten(1, -2) @ w.T - t) / self.width
+            d = torch.clamp(u + 0.5, 0.0, 1.0) if self.detector == "ramp" else torch.sigmoid(4.0 * u)
+            return d.mean(dim=1)
+        x = np.asarray(features)
+        u = x.reshape(x.shape[0], -1, x.shape[-1]).astype(np.float64, copy=False) @ self.filters.T
+        u -= self.thresholds
+        u /= self.width
+        if self.detector == "ramp":
+            d = np.clip(u + 0.5, 0.0, 1.0)
+        else:
+            from scipy.special import expit
+
+            d = expit(4.0 * u)
+        return d.mean(axis=1)
+
+    def __call__(self, features):
+        g = self.presence(features)
+        if _is_torch(g):
+            import torch
+
+            w = torch.as_tensor(self.weight, dtype=g.dtype, device=g.device)
+            b = torch.as_tensor(self.bias, dtype=g.dtype, device=g.device)
+            return g @ w.T + b
+        return g @ self.weight.T + self.bias
+
+    def predict(self, features):
+        """The predicted class of each image (argmax of the logits)."""
+        logits = self(features)
+        return logits.argmax(dim=1) if _is_torch(logits) else logits.argmax(axis=1)
+
+    def relations(self) -> np.ndarray:
+        """``(n_concepts, n_classes)`` true influence of each concept on each class's probability
+        (class docstring): +1 where ``weight[k, i]`` is the largest entry of column ``i``, -1
+        where it is the smallest, 0 where the sign depends on the image (an entry in between,
+        or a constant column)."""
+        W = self.weight
+        top, bottom = W.max(axis=0, keepdims=True), W.min(axis=0, keepdims=True)
+        spread = top > bottom
+        rel = np.where((W == top) & spread, 1, 0) - np.where((W == bottom) & spread, 1, 0)
+        return rel.T.astype(np.int64)
+
+    def __repr__(self) -> str:
+        return (f"PresenceHead(n_classes={self.weight.shape[0]}, n_concepts={self.weight.shape[1]}, "
+                f"detector={self.detector!r}, width={self.width:g}, accuracy_={self.accuracy_:.4f})")
 
 
 def fit_head(pooled, y, n_classes: int, *, l2: float = 1e-3, maxiter: int = 500) -> LinearHead:
