@@ -4,7 +4,7 @@
 # before timing); JSON and logs under $OUT, the goals of issue 6 as a short table last.
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
 # Files under $OUT (the device returns at most 8): log.txt, build.log, cuda_tests.xml,
-# ceilings.json, kmeans_cuda_f32.json, kmeans_cuda_bf16.json, moments_cuda.json.
+# ceilings.json, kmeans_cuda_f32.json, kmeans_cuda_bf16.json, moments_cuda.json, stream_cuda.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out/gpu}"
@@ -56,6 +56,9 @@ timeout 260 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --
 step "moments and signal moments"
 timeout 200 python3 benchmarks/bench_moments.py --device cuda --sizes 1000000,512,256 --repeat "$REPEAT" \
   --json "$OUT/moments_cuda.json" || status=1
+
+step "host data streamed to the GPU (DeviceChunks vs .to per chunk vs the pinned copy rate)"
+timeout 240 python3 benchmarks/bench_stream.py --gib 4 --repeat 3 --json "$OUT/stream_cuda.json" || status=1
 
 step "summary against the goals of issue 6"
 python3 - "$OUT" <<'PY'
@@ -120,6 +123,10 @@ for x in m.get("results", []):
         n, d, i = x["size"]
         flops = n * d * d if x["op"] == "moments" else 2.0 * n * d * i * 3
         goals.append((f"{x['op']}: {x['method']} rate / TF32 GEMM rate", flops / x["median_s"] / 1e12 / tf32 if tf32 else 0, 0.5))
+st = {x["method"]: x for x in (load("stream_cuda.json") or {}).get("results", [])}
+for method in ("moments DeviceChunks", "k-means pass DeviceChunks"):
+    if method in st:
+        goals.append((f"streamed {method.split(' Device')[0]}: host GB/s / pinned H2D GB/s", st[method]["ratio_to_ceiling"], 0.8))
 print()
 print(f"{'goal (issue 6)':62s} {'measured':>9s} {'goal':>6s}  met")
 for name, value, goal in goals:

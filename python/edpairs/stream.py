@@ -1,0 +1,155 @@
+"""Host data streamed to a GPU with the copies overlapped with compute (DESIGN section 4, issue
+6): :class:`DeviceChunks` wraps any fit source held in host memory — an array, a list of
+chunks, a callable, an :class:`edpairs.store.ActivationStore` — and yields it as CUDA tensors,
+so ``EDPairs(...).fit(DeviceChunks(store))`` runs the kernels on the GPU on data larger than
+GPU memory.
+
+How the copies overlap (CUDA): host chunks are cut into pieces of about ``chunk_bytes``; each
+piece is copied into one of ``buffers`` pinned host buffers, then to the matching device buffer
+on a separate copy stream (``non_blocking``). The piece after the one being handed out is
+staged before it is handed out, so its transfer runs while the caller's kernels work on the
+current one. Events order everything without a device-wide synchronisation:
+
+* the caller's (current) stream waits for a piece's copy event before the piece is handed out;
+* a device buffer is refilled only after the caller's stream has passed the point where the
+  caller finished queuing work on it (an event recorded when the caller asks for the next
+  piece);
+* a pinned buffer is overwritten on the host only after the copy that read it has completed.
+
+So a piece is valid until the caller asks for the next one; a caller that keeps a piece longer
+must copy it (``.clone()``). The estimators only keep results computed from each chunk.
+
+On a non-CUDA device (``device="cpu"``) the pieces are plain torch tensors of the host data:
+the same code path minus the streams, which is what the CPU tests check."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from ._arrays import require_torch
+from ._source import ChunkSource
+
+__all__ = ["DeviceChunks"]
+
+
+def _host_numpy(chunk) -> np.ndarray:
+    if hasattr(chunk, "detach"):
+        return chunk.detach().cpu().numpy()
+    if type(chunk).__module__.startswith("cupy"):
+        return chunk.get()
+    return np.asarray(chunk)
+
+
+class DeviceChunks:
+    """A fit source that streams host ``data`` to ``device`` (default: the current CUDA device).
+
+    ``dtype``: the dtype on the device (a torch dtype or its name; default: the host dtype,
+    float16 stores stay float16 — the kernels read it natively). ``chunk_bytes``: the size of
+    one transfer (host chunks are cut into pieces of at most this many bytes, at least one
+    row). ``buffers``: pinned / device buffer pairs in rotation (2 = double buffering).
+    Implements the chunk-source protocol (``chunks()``), and passes ``images()`` through when
+    the wrapped source has it (URA reads whole images, on the host)."""
+
+    def __init__(self, data, device=None, *, dtype=None, chunk_bytes: int = 64 * 2**20, buffers: int = 2):
+        torch = require_torch("DeviceChunks")
+        if buffers < 2:
+            raise ValueError(f"buffers must be >= 2 (one in use, one being filled), got {buffers}")
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        self.source = ChunkSource(data)
+        self._data = data
+        self.device = torch.device(device) if device is not None else torch.device("cuda")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("DeviceChunks: no CUDA device is available to torch; pass device='cpu' to read "
+                               "the data as CPU tensors")
+        if isinstance(dtype, str):
+            if not hasattr(torch, dtype):
+                raise ValueError(f"unknown dtype {dtype!r}")
+            dtype = getattr(torch, dtype)
+        self.dtype = dtype
+        self.chunk_bytes, self.buffers = int(chunk_bytes), int(buffers)
+        self.n_features = self.source.n_features
+        self.bytes_copied = 0
+
+    def __repr__(self) -> str:
+        return (f"DeviceChunks(device={str(self.device)!r}, dtype={self.dtype}, chunk_bytes={self.chunk_bytes}, "
+                f"buffers={self.buffers})")
+
+    def images(self, *args, **kwargs):
+        if not callable(getattr(self._data, "images", None)):
+            raise AttributeError(f"{type(self._data).__name__} has no images(): URA needs whole images")
+        return self._data.images(*args, **kwargs)
+
+    def _pieces(self) -> Iterator[np.ndarray]:
+        for chunk in self.source:
+            host = _host_numpy(chunk)
+            rows = max(1, self.chunk_bytes // max(1, host.shape[1] * host.itemsize))
+            for s in range(0, host.shape[0], rows):
+                yield host[s:s + rows]
+
+    def chunks(self):
+        """A fresh iterator of (n, D) torch tensors on the device (see the module docstring for
+        how long each stays valid)."""
+        torch = require_torch("DeviceChunks")
+        if self.device.type != "cuda":
+            for piece in self._pieces():
+                t = torch.from_numpy(np.ascontiguousarray(piece)).to(self.device)
+                yield t if self.dtype is None else t.to(self.dtype)
+            return
+        yield from self._cuda_chunks(torch)
+
+    def _cuda_chunks(self, torch):
+        device = self.device
+        compute = torch.cuda.current_stream(device)
+        copy = torch.cuda.Stream(device)
+        slots = [dict(pinned=None, dev=None, copied=None, consumed=None) for _ in range(self.buffers)]
+
+        def stage(piece: np.ndarray, slot: dict):
+            n, D = piece.shape
+            host_dtype = torch.from_numpy(piece[:0]).dtype
+            if slot["copied"] is not None:
+                slot["copied"].synchronize()          # the pinned buffer's last transfer has read it
+            if slot["pinned"] is None or slot["pinned"].shape[0] < n or slot["pinned"].dtype != host_dtype:
+                slot["pinned"] = torch.empty((n, D), dtype=host_dtype, pin_memory=True)
+                slot["dev"] = None
+            slot["pinned"][:n].numpy()[...] = piece    # one host copy into page-locked memory
+            dev_dtype = self.dtype or host_dtype
+            with torch.cuda.stream(copy):
+                if slot["consumed"] is not None:
+                    copy.wait_event(slot["consumed"])  # the caller's work on the old contents is done
+                if slot["dev"] is None or slot["dev"].shape[0] < n or slot["dev"].dtype != dev_dtype:
+                    slot["dev"] = torch.empty((slot["pinned"].shape[0], D), dtype=dev_dtype, device=device)
+                out = slot["dev"][:n]
+                if dev_dtype == host_dtype:
+                    out.copy_(slot["pinned"][:n], non_blocking=True)
+                else:
+                    out.copy_(slot["pinned"][:n].to(device, non_blocking=True))
+                ev = torch.cuda.Event()
+                ev.record(copy)
+                slot["copied"] = ev
+            self.bytes_copied += piece.nbytes
+            return out
+
+        pieces = self._pieces()
+        first = next(pieces, None)
+        if first is None:
+            return
+        k = 0
+        current = stage(first, slots[0])
+        while current is not None:
+            slot = slots[k % self.buffers]
+            nxt = next(pieces, None)
+            upcoming = stage(nxt, slots[(k + 1) % self.buffers]) if nxt is not None else None
+            compute.wait_event(slot["copied"])
+            # The tensor was allocated on the copy stream and is used on the caller's: tell the
+            # caching allocator, so its memory is not reused before the caller's work is done.
+            current.record_stream(compute)
+            yield current
+            done = torch.cuda.Event()
+            done.record(compute)
+            slot["consumed"] = done
+            current = upcoming
+            k += 1
+        torch.cuda.current_stream(device).wait_stream(copy)

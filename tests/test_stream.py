@@ -1,0 +1,97 @@
+"""edpairs.stream.DeviceChunks: host data handed to the estimators piece by piece on a device.
+On the CPU the same pieces as plain tensors (the fits agree with fits of the host data); on a
+GPU (marked cuda) the pieces cross through pinned buffers on a copy stream while the caller's
+stream computes, and the results equal those of the data already on the device."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import edpairs as edp  # noqa: E402
+from edpairs.stream import DeviceChunks  # noqa: E402
+from test_cuda import _BUILT, _NO_GPU  # noqa: E402
+
+
+
+def cuda(test):
+    """Marked cuda; skipped without a CUDA build and a visible GPU."""
+    for mark in (pytest.mark.cuda, pytest.mark.skipif(not _BUILT, reason="edpairs was built without CUDA kernels"),
+                 pytest.mark.skipif(_NO_GPU is not None, reason=_NO_GPU or "")):
+        test = mark(test)
+    return test
+
+
+@pytest.fixture(scope="module")
+def layer():
+    return edp.synthetic.make_layer(n_images=1500, n_features=32, n_concepts=6, n_distractors=4, grid=(2, 2),
+                                    train_head=False, seed=1)
+
+
+def test_pieces_cover_the_data_in_order_and_respect_the_size(layer):
+    X = layer.X
+    src = DeviceChunks([X[:1000], X[1000:]], device="cpu", chunk_bytes=300 * X.shape[1] * 4)
+    pieces = list(src.chunks())
+    assert all(isinstance(p, torch.Tensor) and p.device.type == "cpu" for p in pieces)
+    assert max(p.shape[0] for p in pieces) == 300
+    np.testing.assert_array_equal(torch.cat(pieces).numpy(), X)
+    again = torch.cat(list(src.chunks())).numpy()  # re-iterable: the fits read it several times
+    np.testing.assert_array_equal(again, X)
+    half = DeviceChunks(X, device="cpu", dtype="float16")
+    assert all(p.dtype == torch.float16 for p in half.chunks())
+
+
+def test_fits_through_device_chunks_match_the_host_fit(layer, tmp_path):
+    X = layer.X
+    host = edp.EDPairs(6, random_state=0, progress=False).fit(X)
+    streamed = edp.EDPairs(6, random_state=0, progress=False).fit(
+        DeviceChunks(X, device="cpu", chunk_bytes=997 * X.shape[1] * 4))
+    np.testing.assert_allclose(streamed.decoding_, host.decoding_, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(streamed.encoding_, host.encoding_, rtol=1e-4, atol=1e-5)
+    km = edp.SphericalKMeans(6, random_state=0).fit(X)
+    km_s = edp.SphericalKMeans(6, random_state=0).fit(DeviceChunks(X, device="cpu", chunk_bytes=4096))
+    np.testing.assert_allclose(np.asarray(km_s.cluster_centers_), km.cluster_centers_, atol=1e-5)
+    assert km_s.n_iter_ == km.n_iter_
+
+
+def test_bad_arguments(layer):
+    with pytest.raises(ValueError, match="buffers must be >= 2"):
+        DeviceChunks(layer.X, device="cpu", buffers=1)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        DeviceChunks(layer.X, device="cpu", chunk_bytes=0)
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        DeviceChunks(iter([layer.X]), device="cpu")
+    with pytest.raises(AttributeError, match="URA needs whole images"):
+        DeviceChunks(layer.X, device="cpu").images()
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device='cpu'"):
+            DeviceChunks(layer.X)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [None, "float32"])
+def test_cuda_pieces_survive_slow_consumers(layer, dtype):
+    """Small pieces and a slow kernel on the caller's stream after each: if a buffer were
+    refilled before the caller's work on it had run, the per-piece sums would be wrong."""
+    X16 = layer.X.astype(np.float16)
+    src = DeviceChunks(X16, chunk_bytes=64 * X16.shape[1] * 2, dtype=dtype)
+    big = torch.randn(2048, 2048, device="cuda")
+    sums = []
+    for p in src.chunks():
+        for _ in range(3):
+            big = big @ big / 2048.0                 # keeps the stream busy while copies run
+        sums.append(p.double().sum(0))
+    got = torch.stack(sums).sum(0).cpu().numpy()
+    np.testing.assert_allclose(got, X16.astype(np.float64).sum(0), rtol=1e-9)
+    assert src.bytes_copied == X16.nbytes
+
+
+@cuda
+def test_cuda_fit_from_host_chunks_matches_the_device_fit(layer):
+    X = layer.X
+    on_device = edp.EDPairs(6, random_state=0, progress=False).fit(torch.from_numpy(X).cuda())
+    streamed = edp.EDPairs(6, random_state=0, progress=False).fit(DeviceChunks(X, chunk_bytes=200 * X.shape[1] * 4))
+    np.testing.assert_allclose(streamed.decoding_, on_device.decoding_, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(streamed.encoding_, on_device.encoding_, rtol=1e-4, atol=1e-5)
