@@ -190,3 +190,25 @@ def test_bad_arguments(layer):
         influence(layer.head, layer.images()[:10], gt_pairs(layer), labels=np.zeros(3), n_noise=0)
     with pytest.raises(ValueError, match="pvalue"):
         influence(layer.head, layer.images()[:10], gt_pairs(layer), pvalue="exact")
+
+
+def test_a_subset_of_classes_is_the_same_columns_with_a_smaller_family(layer):
+    images, pairs = layer.images()[:300], gt_pairs(layer)
+    labels = layer.y[:300]
+    full = influence(layer.head, images, pairs, n_noise=20, seed=3)
+    sub = influence(layer.head, images, pairs, n_noise=20, seed=3, classes=[2, 0])
+    np.testing.assert_array_equal(sub.scores, full.scores[:, [2, 0]])
+    np.testing.assert_array_equal(sub.null_scores, full.null_scores[:, :, [2, 0]])
+    K = full.scores.shape[1]
+    # Bonferroni over concepts x the scored classes only.
+    np.testing.assert_allclose(sub.pvalues_adjusted, np.minimum(1.0, full.pvalues[:, [2, 0]] * 3 * 2))
+    assert K > 2 and sub.class_indices == [2, 0] and sub.classes == ["class 2", "class 0"]
+    assert [r["class_index"] for r in sub.to_records()[:2]] == [2, 0]
+    by_class = influence(layer.head, images, pairs, n_noise=5, seed=3, classes=[1], labels=labels)
+    assert by_class.n_scored.tolist() == [int((labels == 1).sum())] and by_class.n_scored[0] > 0
+    with pytest.raises(ValueError, match="classes must be distinct"):
+        influence(layer.head, images[:10], pairs, n_noise=0, classes=[0, 0])
+    with pytest.raises(ValueError, match="classes must be distinct"):
+        influence(layer.head, images[:10], pairs, n_noise=0, classes=[K])
+    with pytest.raises(ValueError, match="class_names has 2 names"):
+        influence(layer.head, images[:10], pairs, n_noise=0, class_names=["a", "b"])

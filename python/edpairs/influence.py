@@ -80,7 +80,8 @@ class InfluenceResult:
     ``scores`` (I, K) RCAV sign-test scores in [-1, 1]; ``pvalues`` / ``pvalues_adjusted``
     (Bonferroni over I x K) and ``significant`` (I, K); ``null_mean`` / ``null_std`` (I, K) and
     ``null_scores`` (I, n_noise, K) of the noise directions; ``n_scored`` (K,) images scored per
-    class; ``concepts`` / ``classes`` names; the settings used."""
+    class; ``concepts`` / ``classes`` names and ``class_indices`` (the head's index of each
+    column); the settings used."""
 
     scores: np.ndarray
     pvalues: np.ndarray
@@ -96,6 +97,7 @@ class InfluenceResult:
     alpha: float
     pvalue: str
     settings: dict = field(default_factory=dict)
+    class_indices: List[int] = field(default_factory=list)
 
     def to_records(self) -> List[dict]:
         """One dict per (concept, class): concept, class, score, p, p_adjusted, significant,
@@ -103,7 +105,8 @@ class InfluenceResult:
         rows = []
         for i, c in enumerate(self.concepts):
             for k, name in enumerate(self.classes):
-                rows.append(dict(concept=c, concept_index=i, class_=name, class_index=k,
+                index = self.class_indices[k] if self.class_indices else k
+                rows.append(dict(concept=c, concept_index=i, class_=name, class_index=index,
                                  score=float(self.scores[i, k]), p=float(self.pvalues[i, k]),
                                  p_adjusted=float(self.pvalues_adjusted[i, k]),
                                  significant=bool(self.significant[i, k]),
@@ -194,8 +197,11 @@ class _Scorer:
             out.append(_log_softmax(logits))
         return np.concatenate(out)
 
+    cols = None  # the scored classes (all when None)
+
     def signs(self, delta) -> np.ndarray:
-        return np.sign(self._log_probs(delta) - self.base)  # (n, K)
+        d = self._log_probs(delta) - self.base
+        return np.sign(d if self.cols is None else d[:, self.cols])  # (n, K scored)
 
 
 def _scores(signs: np.ndarray, masks: Optional[np.ndarray]) -> np.ndarray:
@@ -207,7 +213,8 @@ def _scores(signs: np.ndarray, masks: Optional[np.ndarray]) -> np.ndarray:
 
 def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 100, alpha: float = 0.05,
               labels=None, batch_size: int = 64, concepts: Optional[Sequence[int]] = None,
-              concept_names: Optional[Sequence[str]] = None, class_names: Optional[Sequence[str]] = None,
+              classes: Optional[Sequence[int]] = None, concept_names: Optional[Sequence[str]] = None,
+              class_names: Optional[Sequence[str]] = None,
               pvalue: str = "normal", max_rows: int = 10000, seed=0) -> InfluenceResult:
     """RCAV-style influence of each concept on each class, with significance (module docstring).
 
@@ -216,7 +223,9 @@ def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 10
     the images' channel-last layer activations ``(n, h, w, D)`` (or ``(n, L, D)``), numpy or
     torch; the head is called on slices of it, shifted. pairs: fitted pairs (``decoding_``,
     ``bias_``, ``encoding_``). labels: optional (n,) class of each image: class ``k`` is then
-    scored on its own images. concepts: the concepts to score (default all). ``n_noise=0``
+    scored on its own images. concepts: the concepts to score (default all). classes: the class
+    indices to score (default all; probabilities still come from every logit) — the result's
+    columns, and the Bonferroni family is concepts x these classes. ``n_noise=0``
     skips the null (p-values NaN, nothing significant). Deterministic for a given ``seed``."""
     if pvalue not in ("normal", "empirical"):
         raise ValueError(f"pvalue must be 'normal' or 'empirical', got {pvalue!r}")
@@ -239,13 +248,20 @@ def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 10
         raise IndexError(f"concepts must lie in [0, {I}), got {idx}")
 
     scorer = _Scorer(head, features, int(batch_size))
-    K = scorer.base.shape[1]
+    K_all = scorer.base.shape[1]
+    cols = np.arange(K_all) if classes is None else np.asarray(classes, dtype=np.int64).ravel()
+    if cols.size == 0 or cols.min() < 0 or cols.max() >= K_all or len(np.unique(cols)) != cols.size:
+        raise ValueError(f"classes must be distinct class indices in [0, {K_all}), got {list(cols)[:10]}")
+    scorer.cols = cols
+    K = int(cols.size)
+    if class_names is not None and len(class_names) != K_all:
+        raise ValueError(f"class_names has {len(class_names)} names for {K_all} classes")
     masks = None
     if labels is not None:
         labels = _host(labels).astype(np.int64).ravel()
-        if labels.shape != (n,) or labels.min() < 0 or labels.max() >= K:
-            raise ValueError(f"labels must hold one class in [0, {K}) per image ({n} images)")
-        masks = (labels[:, None] == np.arange(K)[None, :]).astype(np.float64)
+        if labels.shape != (n,) or labels.min() < 0 or labels.max() >= K_all:
+            raise ValueError(f"labels must hold one class in [0, {K_all}) per image ({n} images)")
+        masks = (labels[:, None] == cols[None, :]).astype(np.float64)
     n_scored = np.full(K, n) if masks is None else masks.sum(0).astype(np.int64)
     min_scored = max(int(n_scored.min()), 1)
 
@@ -290,15 +306,14 @@ def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 10
         significant = np.zeros((Iq, K), dtype=bool)
 
     names_c = [str(concept_names[i]) for i in idx] if concept_names is not None else [f"concept {i}" for i in idx]
-    names_k = [str(c) for c in class_names] if class_names is not None else [f"class {k}" for k in range(K)]
-    if len(names_k) != K:
-        raise ValueError(f"class_names has {len(names_k)} names for {K} classes")
+    names_k = [str(class_names[k]) if class_names is not None else f"class {k}" for k in cols]
     return InfluenceResult(scores=scores, pvalues=p, pvalues_adjusted=p_adj, significant=significant,
                            null_mean=mean, null_std=sd, null_scores=null, n_scored=n_scored,
                            concepts=names_c, classes=names_k, strength=float(strength), alpha=float(alpha),
                            pvalue=pvalue, settings=dict(n_noise=int(n_noise), n_images=n, concepts=idx,
                                                         labels=labels is not None, max_rows=int(max_rows),
-                                                        seed=seed))
+                                                        seed=seed),
+                           class_indices=[int(k) for k in cols])
 
 
 # ---- plots -------------------------------------------------------------------------------

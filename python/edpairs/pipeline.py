@@ -262,9 +262,10 @@ def analyse(model, layer: str, pairs, images, *, activations=None, probe=None, p
     channel-last layer activations (captured when None). ``probe``: an :class:`edpairs.probe.ProbeSet`
     (dissection: thresholds and labels from its even images, IoU on the odd ones), with its
     activations ``probe_activations`` (captured when None). Influence: every image, the head of
-    the model split at the layer, ``n_noise`` noise directions. Explanations and a gated
-    removal of each explained image's strongest concept: ``explain_images``, a list of image
-    indices or ``(index, name)`` pairs (default: the first four images)."""
+    the model split at the layer, ``n_noise`` noise directions, on the classes predicted for
+    the images. Explanations and a gated removal of each explained image's strongest concept:
+    ``explain_images``, a list of image indices or ``(index, name)`` pairs (default: the first
+    four images)."""
     import torch
 
     from .capture import capture, split_model
@@ -292,10 +293,17 @@ def analyse(model, layer: str, pairs, images, *, activations=None, probe=None, p
             out.dissection = dissect(maps, probe.masks, probe.concepts)
             s = out.dissection.summary
             log.say(f"S1 {s['S1']:.3f}  S2 {s['S2']:.3f}")
-    with log.step(f"influence of {I} concepts on the classes ({n_noise} noise directions)"):
-        out.influence = influence(split.head, out.activations, pairs, n_noise=n_noise, seed=seed,
+    # Influence on the classes the network predicts for these images (every image scored for
+    # each): the Bonferroni family is concepts x those classes, not x every class of the head.
+    with torch.no_grad():
+        predicted = np.concatenate([split.head(torch.from_numpy(out.activations[s:s + 32])).argmax(1).numpy()
+                                    for s in range(0, len(out.activations), 32)])
+    classes = np.unique(predicted)
+    with log.step(f"influence of {I} concepts on the {len(classes)} predicted classes ({n_noise} noise directions)"):
+        out.influence = influence(split.head, out.activations, pairs, n_noise=n_noise, seed=seed, classes=classes,
                                   class_names=class_names, batch_size=32)
-        log.say(f"{int(out.influence.significant.sum())} significant (concept, class) cells")
+        log.say(f"{int(out.influence.significant.sum())} of {out.influence.significant.size} (concept, class) "
+                f"cells significant")
     if explain_images is None:
         explain_images = range(min(4, len(images)))
     chosen = [(int(e), f"image {int(e)}") if np.isscalar(e) else (int(e[0]), str(e[1])) for e in explain_images]
