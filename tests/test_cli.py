@@ -175,6 +175,12 @@ def test_demo_writes_a_report_that_renders(tmp_path, one_torch_thread):
     with open(os.path.join(out, "report.json")) as f:
         record = json.load(f)
     assert len(record["interventions"]) >= 1
+    # Influence on the predicted classes only, named through the head's class indices.
+    names = edp.zoo.imagenet_class_names()
+    inf = record["influence"]
+    if names is not None:
+        assert inf["classes"] == [names[k] for k in inf["class_indices"]]
+    assert 1 <= len(inf["class_indices"]) <= 8  # at most one per image (8 images)
     render = _render_script()
     if render is None or render.find_chromium() is None:
         pytest.skip("no Chromium here: the report was checked for links but not rendered")

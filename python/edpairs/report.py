@@ -128,10 +128,18 @@ def _influence_rows(result, I: int, class_names) -> List[int]:
     if len(rows) != scores.shape[0] or any(not 0 <= i < I for i in rows):
         raise ValueError(f"the influence result scores concepts {rows} ({scores.shape[0]} rows) but the pairs "
                          f"have I={I} concepts")
-    if class_names is not None and len(class_names) != scores.shape[1]:
-        raise ValueError(f"class_names has {len(class_names)} names but the influence result has "
-                         f"{scores.shape[1]} classes")
+    columns = _influence_columns(result)
+    if class_names is not None and (len(columns) != scores.shape[1] or max(columns) >= len(class_names)):
+        raise ValueError(f"class_names has {len(class_names)} names but the influence result scores classes "
+                         f"{columns[:10]}{' ...' if len(columns) > 10 else ''}")
     return rows
+
+
+def _influence_columns(result) -> List[int]:
+    """The head's class index of each column of ``result.scores`` (all classes in order unless
+    the result scored a subset, ``class_indices``)."""
+    indices = getattr(result, "class_indices", None)
+    return [int(k) for k in indices] if indices else list(range(np.asarray(result.scores).shape[1]))
 
 
 def _check_explanations(explanations, I: int, class_names) -> list:
@@ -479,13 +487,15 @@ def write_report(out_dir, pairs, images, activations, *, title: str = "edpairs r
         os.mkdir(os.path.join(tmp, "atlas"))
         influence_by_concept = {}
         if influence is not None:
-            classes = class_names if class_names is not None else [str(c) for c in influence.classes]
+            columns = _influence_columns(influence)
+            classes = ([class_names[k] for k in columns] if class_names is not None
+                       else [str(c) for c in influence.classes])
             scores = np.asarray(influence.scores, dtype=np.float64)
             sig = np.asarray(influence.significant, dtype=bool)
             padj = np.asarray(influence.pvalues_adjusted, dtype=np.float64)
             for r, i in enumerate(rows_of):
                 order = sorted(range(scores.shape[1]), key=lambda k: (not sig[r, k], -abs(scores[r, k]), k))
-                influence_by_concept[i] = [dict(class_index=k, class_name=classes[k], score=scores[r, k],
+                influence_by_concept[i] = [dict(class_index=columns[k], class_name=classes[k], score=scores[r, k],
                                                 p_adjusted=padj[r, k], significant=bool(sig[r, k]))
                                            for k in order[:TOP_CLASSES]]
         tops = top_patches(member, int(top_k))
@@ -600,11 +610,12 @@ def _influence_data(result, rows_of, concept_names, classes) -> dict:
     scores = np.asarray(result.scores, dtype=np.float64)
     sig = np.asarray(result.significant, dtype=bool)
     padj = np.asarray(result.pvalues_adjusted, dtype=np.float64)
-    cells = [dict(concept=rows_of[r], concept_name=concept_names[rows_of[r]], class_index=int(k),
+    columns = _influence_columns(result)
+    cells = [dict(concept=rows_of[r], concept_name=concept_names[rows_of[r]], class_index=columns[k],
                   class_name=classes[k], score=scores[r, k], p_adjusted=padj[r, k])
              for r, k in zip(*np.nonzero(sig))]
     cells.sort(key=lambda c: (c["p_adjusted"], -abs(c["score"])))
-    return dict(file="influence.png", concepts=rows_of, classes=list(classes), scores=scores,
+    return dict(file="influence.png", concepts=rows_of, classes=list(classes), class_indices=columns, scores=scores,
                 pvalues=np.asarray(result.pvalues, dtype=np.float64), pvalues_adjusted=padj, significant=sig,
                 strength=float(result.strength), alpha=float(result.alpha), pvalue=str(result.pvalue),
                 significant_cells=cells)
