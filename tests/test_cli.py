@@ -199,3 +199,15 @@ def _render_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_bench_checks_then_times(capsys):
+    rc, out, _ = _run(capsys, "bench", "--size", "3000,32,16", "--repeat", "1")
+    assert rc == 0
+    assert "labels at the float64 best: 1.0000" in out
+    table = out.strip().splitlines()[2:]
+    assert [line.split()[-4 if line.endswith("x") else -3] for line in table] == [
+        "edpairs", "torch", "edpairs", "numpy.cov", "torch.cov"]
+    assert all(float(line.split()[-1][:-1]) > 0 for line in table if line.endswith("x"))
+    rc, _, err = _run(capsys, "bench", "--size", "3000,32")
+    assert rc == 2 and "--size must be N,D,k" in err

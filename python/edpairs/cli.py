@@ -1,7 +1,8 @@
 """The ``edpairs`` command line: ``demo`` (the whole path on a real network, no arguments
 needed), ``fit`` (model + layer + images or an activation store -> a pairs file), ``report``
-(pairs -> an HTML report folder), ``layers`` (the layer names of a model), ``selfcheck`` (every
-kernel against the float64 reference, on the CPU and, where present, the GPU) and ``info``.
+(pairs -> an HTML report folder), ``layers`` (the layer names of a model), ``bench`` (the
+kernels against torch / numpy on this machine), ``selfcheck`` (every kernel against the float64
+reference, on the CPU and, where present, the GPU) and ``info``.
 
 Expected failures (a wrong layer name, an unreadable image, a missing package, an existing
 output) print one ``edpairs <command>: error: ...`` line and exit with status 2."""
@@ -295,6 +296,97 @@ def cmd_layers(args) -> int:
     return 0
 
 
+def _median_time(fn, device: str, repeat: int) -> float:
+    def sync():
+        if device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+    fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def cmd_bench(args) -> int:
+    """One spherical k-means iteration and the moments, edpairs against the torch / numpy code a
+    user would write, on this machine; the results are checked before timing."""
+    import edpairs as edp
+
+    try:
+        N, D, k = (int(v) for v in args.size.split(","))
+    except ValueError:
+        raise UserError(f"--size must be N,D,k (e.g. 200000,256,256), got {args.size!r}") from None
+    torch = None
+    try:
+        import torch
+    except ImportError:
+        if args.device == "cuda":
+            raise UserError('--device cuda needs torch: pip install "edpairs[torch]"') from None
+    if args.device == "cuda" and not (edp.build_info()["cuda"] and torch.cuda.is_available()):
+        raise UserError("--device cuda needs a CUDA build of edpairs and a visible GPU (edpairs info)")
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((k, D)).astype(np.float32)
+    X = (3 * centers[rng.integers(0, k, N)] / np.sqrt(D) + rng.standard_normal((N, D), dtype=np.float32) / np.sqrt(D))
+    C = X[rng.choice(N, k, replace=False)].copy()
+    C /= np.linalg.norm(C, axis=1, keepdims=True)
+    if args.device == "cuda":
+        Xd, Cd = torch.from_numpy(X).cuda(), torch.from_numpy(C).cuda()
+    else:
+        Xd, Cd = X, C
+    rows = []
+    # Correctness first: the chosen centroid's exact cosine is the float64 best on a sample.
+    sample = 2000
+    lab = edp.ops.cosine_assign(Xd[:sample], Cd)[0]
+    lab = lab.cpu().numpy() if hasattr(lab, "cpu") else np.asarray(lab)
+    Xn = X[:sample].astype(np.float64)
+    Xn /= np.linalg.norm(Xn, axis=1, keepdims=True)
+    cos = Xn @ C.astype(np.float64).T
+    ok = float(np.mean(cos[np.arange(sample), lab] >= cos.max(1) - 1e-5))
+    t_e = _median_time(lambda: edp.ops.spherical_kmeans_step(Xd, Cd, check_finite=False), args.device, args.repeat)
+    rows.append(("k-means iteration", "edpairs", t_e, 2.0 * N * D * k))
+    if torch is not None:
+        import torch.nn.functional as F
+
+        Xt, Ct = torch.as_tensor(Xd), torch.as_tensor(Cd)
+
+        def torch_step():
+            Xn_ = F.normalize(Xt, dim=1)
+            lab_ = (Xn_ @ F.normalize(Ct, dim=1).T).argmax(1)
+            sums = torch.zeros_like(Ct).index_add_(0, lab_, Xn_)
+            return F.normalize(sums, dim=1), torch.bincount(lab_, minlength=k)
+
+        t_t = _median_time(torch_step, args.device, args.repeat)
+        rows.append(("k-means iteration", "torch", t_t, 2.0 * N * D * k))
+    t_m = _median_time(lambda: edp.ops.moments(Xd, check_finite=False), args.device, args.repeat)
+    rows.append(("moments (mean + cov)", "edpairs", t_m, 1.0 * N * D * D))
+    if args.device == "cpu":
+        rows.append(("moments (mean + cov)", "numpy.cov",
+                     _median_time(lambda: np.cov(X, rowvar=False), "cpu", args.repeat), 1.0 * N * D * D))
+    if torch is not None:
+        Xt = torch.as_tensor(Xd)
+        rows.append(("moments (mean + cov)", "torch.cov",
+                     _median_time(lambda: torch.cov(Xt.T), args.device, args.repeat), 1.0 * N * D * D))
+    info = edp.build_info()
+    print(f"edpairs bench on {args.device}: N={N} D={D} k={k} float32, median of {args.repeat} "
+          f"(cpu kernel {info['cpu_kernel']}, {info['num_threads']} threads); labels at the float64 best: {ok:.4f}")
+    print(f"{'op':22s} {'method':10s} {'ms':>10s} {'GFLOP/s':>9s} {'edpairs speed-up':>17s}")
+    best = {op: t for op, m, t, _ in rows if m == "edpairs"}
+    for op, method, t, flops in rows:
+        ratio = "" if method == "edpairs" else f"{t / best[op]:.2f}x"
+        print(f"{op:22s} {method:10s} {t * 1e3:10.2f} {flops / t / 1e9:9.1f} {ratio:>17s}")
+    if ok < 0.999:
+        print("FAILED: labels disagree with the float64 reference")
+        return 1
+    return 0
+
+
 def _parser():
     parser = argparse.ArgumentParser(
         prog="edpairs",
@@ -363,13 +455,22 @@ def _parser():
     p.add_argument("--shapes", action="store_true", help="run one zero image to show each output shape")
     p.add_argument("--size", type=int, default=224, help="image size for --shapes")
 
+    p = sub.add_parser("bench", help="time edpairs' kernels against torch / numpy on this machine",
+                       description="One spherical k-means iteration and the streaming moments, edpairs against "
+                                   "the torch loop (normalise, matmul, argmax, index_add) and numpy.cov / torch.cov, "
+                                   "checked against float64 first. The full benchmarks (faiss, GPU ceilings) live "
+                                   "in the repository's benchmarks/ folder.")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--size", default="200000,256,256", help="N,D,k (default 200000,256,256)")
+    p.add_argument("--repeat", type=int, default=3)
+
     p = sub.add_parser("selfcheck", help="check every kernel against the float64 reference (CPU, and GPU if present)")
     p.add_argument("--seed", type=int, default=0)
     sub.add_parser("info", help="print what this build contains (JSON)")
     return parser
 
 
-COMMANDS = {"fit": cmd_fit, "report": cmd_report, "demo": cmd_demo, "layers": cmd_layers}
+COMMANDS = {"fit": cmd_fit, "report": cmd_report, "demo": cmd_demo, "layers": cmd_layers, "bench": cmd_bench}
 
 
 def main(argv=None) -> int:
