@@ -6,7 +6,7 @@ images only; thresholds and labels come from the fit half, IoUs from the other h
 (:mod:`edpairs.dissect`).
 
     OMP_NUM_THREADS=1 PYTHONPATH=python python benchmarks/bench_dissection.py \
-        --images 384 --layers _blocks.12 _blocks.15 --seeds 0 1 2
+        --images 384 --layers _blocks.12 _blocks.15 _blocks.10 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -69,12 +69,17 @@ def directions(A_fit, K, seed, with_ura=None):
     X = A_fit.reshape(-1, D).astype(np.float64)
     mean, std = X.mean(0), X.std(0) + 1e-6
     Xs = (X - mean) / std
-    out, timings = {}, {}
+    out, timings, shrinkage = {}, {}, {}
 
-    for name, kw in (("edpairs", {}), ("edpairs whiten=False", {"whiten": False})):
+    # "edpairs": the defaults (whitening of the sample covariance, rank cut only); "oas": the
+    # covariance shrunk by the Oracle Approximating Shrinkage closed form of (n rows, Cov);
+    # "shrink=0.5": halfway to its scaled identity (Cov + mean eigenvalue * I, up to scale).
+    for name, kw in (("edpairs", {}), ("edpairs oas", {"whiten_shrinkage": "oas"}),
+                     ("edpairs shrink=0.5", {"whiten_shrinkage": 0.5}), ("edpairs whiten=False", {"whiten": False})):
         t = time.perf_counter()
         pairs = edp.EDPairs(K, random_state=seed, progress=False, **kw).fit(X.astype(np.float32))
         timings[name] = time.perf_counter() - t
+        shrinkage[name] = round(float(pairs.whitener_.shrinkage), 6)
         out[name] = (lambda A, pairs=pairs: np.asarray(pairs.decode(A.reshape(-1, D))).reshape(*A.shape[:-1], K),
                      pairs.bias_.copy())
     if with_ura is not None:
@@ -105,7 +110,7 @@ def directions(A_fit, K, seed, with_ura=None):
 
     R = np.random.default_rng(seed).standard_normal((K, D))
     out["random"] = (lambda A: (((A.reshape(-1, D) - mean) / std) @ R.T).reshape(*A.shape[:-1], K), None)
-    return out, timings
+    return out, timings, shrinkage
 
 
 def main():
@@ -146,7 +151,7 @@ def main():
         for layer in args.layers:
             A = acts[layer]
             head = split_model(model, layer).head if args.ura else None
-            methods, timings = directions(A[fit], K, seed, head)
+            methods, timings, shrinkage = directions(A[fit], K, seed, head)
             for name, (score_fn, own) in methods.items():
                 maps = score_fn(A).astype(np.float32)
                 rules = [r for r in args.rules if r != "own"] + (["given"] if own is not None and "own" in args.rules else [])
@@ -163,11 +168,13 @@ def main():
                     print(f"  {layer} seed {seed} {name:21s} {row['rule']:8s} S1 {row['S1']:.3f} S2 {row['S2']:.3f}",
                           flush=True)
                     runs.append(dict(row, fit_s=timings.get(name), dissect_s=time.perf_counter() - t,
+                                     whitening_shrinkage=shrinkage.get(name),
                                      labels=res.labels, best_iou=[round(float(u), 4) for u in res.best_iou],
                                      thresholds=[float(v) for v in res.thresholds]))
             report(args, rows, runs, probe, torch.__version__)
             print(f"seed {seed} {layer}: probe {t_probe:.1f} s, capture {t_capture:.1f} s, "
-                  f"fits {', '.join(f'{k} {v:.1f} s' for k, v in timings.items())}", flush=True)
+                  f"fits {', '.join(f'{k} {v:.1f} s' for k, v in timings.items())}; "
+                  f"whitening shrinkage {shrinkage}", flush=True)
 
     report(args, rows, runs, probe, torch.__version__, final=True)
 

@@ -137,6 +137,8 @@ def test_save_load_round_trips_exactly(tmp_path, medium):
         assert np.array_equal(getattr(loaded, name), getattr(model, name)), name
     assert loaded.metadata == {"model": "synthetic", "layer": "x"}
     assert loaded.method == model.method and loaded.n_concepts == 8
+    assert loaded.get_params() == model.get_params()  # whiten_rtol / whiten_shrinkage included
+    assert loaded.whitener_.shrinkage == model.whitener_.shrinkage
     X = medium.X[:500]
     assert np.array_equal(np.asarray(loaded.detect(X)), np.asarray(model.detect(X)))
     assert not list(tmp_path.glob(".edpairs-*"))  # no temporary file left behind

@@ -25,32 +25,91 @@ def _unit_rows(M: np.ndarray) -> np.ndarray:
     return np.divide(M, n, out=np.zeros_like(M), where=n > 0)
 
 
+def oas_shrinkage(n_samples: int, cov) -> float:
+    """Oracle Approximating Shrinkage intensity (Chen, Wiesel, Eldar & Hero 2010) of a sample
+    covariance S of ``n_samples`` rows toward ``tr(S) / D * I``, from (n, S) alone:
+    rho = min(1, (tr(S^2) + tr(S)^2) / ((n + 1) (tr(S^2) - tr(S)^2 / D))), the form
+    scikit-learn's ``OAS`` uses (its ``shrinkage_``).
+    It treats the rows as independent draws; for correlated rows (the patches of one image)
+    the effective n is smaller and this under-estimates the shrinkage."""
+    cov = np.asarray(cov, dtype=np.float64)
+    D = cov.shape[0]
+    n = float(n_samples)
+    if D < 2 or n < 1:
+        return 0.0 if D < 2 else 1.0
+    tr = float(np.trace(cov))
+    tr2 = float(np.sum(cov * cov))  # tr(S^2) for symmetric S
+    den = (n + 1.0) * (tr2 - tr * tr / D)
+    if den <= 1e-12 * tr2:  # already a multiple of the identity: nothing to shrink
+        return 0.0
+    return float(min(1.0, max(0.0, (tr2 + tr * tr) / den)))
+
+
+def resolve_shrinkage(shrinkage, cov, n_samples: Optional[int] = None) -> float:
+    """The shrinkage intensity alpha in [0, 1] for a ``shrinkage`` setting: a number (used
+    as is), None (0) or ``"oas"`` (:func:`oas_shrinkage`, needs ``n_samples``)."""
+    if shrinkage is None:
+        return 0.0
+    if isinstance(shrinkage, str):
+        if shrinkage.lower() != "oas":
+            raise ValueError(f'whitening shrinkage must be "oas", a number in [0, 1] or None, got {shrinkage!r}')
+        if n_samples is None:
+            raise ValueError('shrinkage="oas" needs n_samples (the number of rows behind the covariance)')
+        return oas_shrinkage(n_samples, cov)
+    if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float, np.integer, np.floating)):
+        raise ValueError(f'whitening shrinkage must be "oas", a number in [0, 1] or None, got {shrinkage!r}')
+    alpha = float(shrinkage)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"whitening shrinkage must be in [0, 1], got {alpha}")
+    return alpha
+
+
 @dataclass
 class Whitener:
     """z = P (x - mean) with Cov(z) = I on the retained rank: P = L^{-1/2} U^T over the
     eigenvalues L of the covariance above ``rtol * max(L)`` (directions where the data does
-    not vary are dropped instead of blown up)."""
+    not vary are dropped instead of blown up).
+
+    With ``shrinkage`` alpha > 0 the retained eigenvalues are first shrunk toward their
+    scaled-identity target, L <- (1 - alpha) L + alpha tr(Cov) / D (the covariance
+    (1 - alpha) Cov + alpha (tr Cov / D) I on the retained subspace), so that directions of small
+    variance are amplified by at most sqrt(D / (alpha tr Cov)) instead of 1 / sqrt(L).
+    ``shrinkage="oas"`` takes alpha from the Oracle Approximating Shrinkage closed form
+    (:func:`oas_shrinkage`), a function of (n, Cov) only, so it works on merged streaming or
+    distributed moments."""
 
     mean: np.ndarray         # (D,) float64
     P: np.ndarray            # (r, D) float64
-    eigenvalues: np.ndarray  # (r,) retained eigenvalues, descending
+    eigenvalues: np.ndarray  # (r,) retained eigenvalues, descending (after shrinkage)
+    shrinkage: float = 0.0   # the alpha that was applied
 
     @classmethod
-    def from_covariance(cls, mean, cov, *, rtol: float = 1e-5) -> "Whitener":
+    def from_covariance(cls, mean, cov, *, rtol: float = 1e-5, shrinkage=0.0,
+                        n_samples: Optional[int] = None) -> "Whitener":
         mean = np.asarray(mean, dtype=np.float64)
         cov = np.asarray(cov, dtype=np.float64)
         cov = 0.5 * (cov + cov.T)
+        alpha = resolve_shrinkage(shrinkage, cov, n_samples)
         vals, vecs = np.linalg.eigh(cov)
         order = np.argsort(vals)[::-1]
         vals, vecs = vals[order], vecs[:, order]
         if not vals.size or vals[0] <= 0:
             raise ValueError("the data is constant (zero covariance): there are no directions to find")
+        # The rank cut is on the sample spectrum: a direction with no variance holds no data to
+        # whiten, whatever the shrinkage (the regularised eigenvalue would only scale rounding).
         keep = vals > rtol * vals[0]
         vals, vecs = vals[keep], vecs[:, keep]
+        if alpha > 0:
+            vals = (1.0 - alpha) * vals + alpha * (np.trace(cov) / cov.shape[0])
         # Fix the eigenvector signs so that results do not depend on the LAPACK build.
         signs = np.sign(vecs[np.argmax(np.abs(vecs), axis=0), np.arange(vecs.shape[1])])
         vecs = vecs * signs
-        return cls(mean, (vecs / np.sqrt(vals)).T, vals)
+        return cls(mean, (vecs / np.sqrt(vals)).T, vals, float(alpha))
+
+    def inverse_covariance(self) -> np.ndarray:
+        """P^T P (D, D): the pseudo-inverse of the (regularised, rank-cut) covariance that
+        defines this whitening."""
+        return self.P.T @ self.P
 
     @property
     def rank(self) -> int:

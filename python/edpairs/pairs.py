@@ -20,7 +20,7 @@ from ._arrays import namespace_of, on_device_of, to_numpy64
 from ._io import write_atomic
 from ._progress import Progress
 from ._source import ChunkSource, row_blocks
-from .cluster import Whitener, _count_rows, _Geometry, _unit_rows, cluster
+from .cluster import Whitener, _count_rows, _Geometry, _unit_rows, cluster, resolve_shrinkage
 from .distributed import merge_moments, reducer
 
 __all__ = ["EDPairs", "positives_signal_vectors", "whole_data_signal_vectors"]
@@ -70,6 +70,21 @@ class EDPairs:
         with gain 1 and the others with 0). With mutually exclusive concepts the cluster
         filters span one dimension less than the concepts, which this cannot restore.
     whiten : cluster in whitened coordinates (True) or merely standardised ones.
+    whiten_rtol : rank cut of the whitening: eigenvalues of the covariance at or below
+        ``whiten_rtol * max`` are directions where the data does not vary; they are dropped
+        (the discriminant method's pseudo-inverse uses the same cut).
+    whiten_shrinkage : regularisation of the covariance that the whitening (and the
+        discriminant method's inverse) uses, ``(1 - a) Cov + a (tr Cov / D) I`` on the retained
+        rank: None or 0 (default): the sample covariance; ``"oas"``: ``a`` from the Oracle
+        Approximating Shrinkage closed form of (n rows, Cov)
+        (:func:`edpairs.cluster.oas_shrinkage`; about (1 + effective rank) / n, so it matters
+        only when rows are few for the dimension); a number in [0, 1] fixes ``a``. Measured
+        (benchmarks/bench_groundtruth.py, bench_dissection.py): "oas" leaves the ground truth
+        unchanged and gives a ~ 0.01 on EfficientNet-Lite0 layers (no measurable effect);
+        a = 0.5 loses the large synthetic preset entirely (IoU 0.92 -> 0.02: its distractors
+        out-vary its concepts). The encoding directions and thresholds use the sample
+        covariance: shrinkage regularises an inverse, not the data's own spread.
+        ``whitener_.shrinkage`` holds the ``a`` applied.
     signal : ``"positives"`` (stage 4 estimator, default) or ``"whole"`` (``Cov w / w^T Cov w``).
     n_init, max_iter, tol, init_size : spherical k-means restarts, iterations, relative
         tolerance on the mean cosine, rows sampled for k-means++ seeding.
@@ -92,7 +107,7 @@ class EDPairs:
     def __init__(self, n_concepts: int, *, method: str = "centroid", whiten: bool = True,
                  signal: str = "positives", n_init: int = 3, max_iter: int = 100, tol: float = 1e-6,
                  init_size: Optional[int] = None, refine_iter: int = 20, refine_tol: float = 1e-5, gradient=None,
-                 whiten_rtol: float = 1e-5, random_state=None, check_finite: bool = True,
+                 whiten_rtol: float = 1e-5, whiten_shrinkage=None, random_state=None, check_finite: bool = True,
                  progress: Optional[bool] = None, chunk_rows: Optional[int] = None, metadata: Optional[dict] = None):
         self.n_concepts = n_concepts
         self.method = method
@@ -106,6 +121,7 @@ class EDPairs:
         self.refine_tol = refine_tol
         self.gradient = gradient
         self.whiten_rtol = whiten_rtol
+        self.whiten_shrinkage = whiten_shrinkage
         self.random_state = random_state
         self.check_finite = check_finite
         self.progress = progress
@@ -120,6 +136,7 @@ class EDPairs:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.signal not in ("positives", "whole"):
             raise ValueError(f"signal must be 'positives' or 'whole', got {self.signal!r}")
+        resolve_shrinkage(self.whiten_shrinkage, np.eye(2), 1)  # raises on a bad setting
         if self.refine_iter < 0:
             raise ValueError(f"refine_iter must be >= 0, got {self.refine_iter}")
         if self.metadata is not None:
@@ -199,8 +216,11 @@ class EDPairs:
                 ckpt.save("moments", {}, {})
         if I > n_rows:
             raise ValueError(f"n_concepts={I} is larger than the number of rows N={n_rows}")
+        # The regularised covariance: the whitening's, and the discriminant method's inverse.
+        regularised = Whitener.from_covariance(mean, cov, rtol=self.whiten_rtol, shrinkage=self.whiten_shrinkage,
+                                               n_samples=n_rows)
         if self.whiten:
-            whitener = Whitener.from_covariance(mean, cov, rtol=self.whiten_rtol)
+            whitener = regularised
         else:
             std = np.sqrt(np.clip(np.diag(cov), 0, None))
             if not (std > 0).any():
@@ -226,9 +246,10 @@ class EDPairs:
                 sums, counts = member_labels.member_sums(source)
                 sums, counts = red.sum(sums), red.sum(counts)
                 mu = sums / np.maximum(counts, 1)[:, None]  # cluster means of x - mean
-                # The same rank cut as the whitening: directions where the data barely varies carry no
-                # discriminant signal, only rounding (fits of one array and of its chunks agreed only there).
-                W = mu @ np.linalg.pinv(cov, hermitian=True, rcond=self.whiten_rtol)
+                # The whitening's regularised inverse, with its rank cut: directions where the data
+                # barely varies carry no discriminant signal, only rounding (fits of one array and
+                # of its chunks agreed only there), and shrinkage bounds what noise directions get.
+                W = (mu @ regularised.P.T) @ regularised.P
             W = _unit_rows(W)
             b = _thresholds(source, W, member_labels, mean, cov, red=red)
             bar.update(1)
@@ -387,6 +408,7 @@ class EDPairs:
             "format": FORMAT, "format_version": FORMAT_VERSION, "edpairs_version": __version__,
             "n_concepts": int(self.decoding_.shape[0]), "n_features": int(self.decoding_.shape[1]),
             "n_samples": self.n_samples_, "params": self.get_params(), "metadata": self.metadata,
+            "whitening_shrinkage": float(getattr(self.whitener_, "shrinkage", 0.0)),
         }
         if getattr(self, "ura_", None):
             meta["ura"] = self.ura_  # per-stage loss history (plain floats); older readers ignore it
@@ -442,11 +464,13 @@ class EDPairs:
             raise ValueError(f"{path!r}: whitening has shape {arr['whitening'].shape}, expected (r, {D})")
         params = dict(meta.get("params") or {})
         params.pop("n_concepts", None)
+        params.setdefault("whiten_shrinkage", None)  # files from before the option: no shrinkage
         self = cls(I, **{k: v for k, v in params.items() if k in cls._param_names()})
         self.metadata = meta.get("metadata")
         self.decoding_, self.bias_, self.encoding_ = arr["decoding"], arr["bias"], arr["encoding"]
         self.mean_, self.n_positives_ = arr["mean"], arr["n_positives"]
-        self.whitener_ = Whitener(arr["whitening_mean"], arr["whitening"], arr["whitening_eigenvalues"])
+        self.whitener_ = Whitener(arr["whitening_mean"], arr["whitening"], arr["whitening_eigenvalues"],
+                                  float(meta.get("whitening_shrinkage", 0.0)))
         self.cluster_centers_ = arr["cluster_centers"]
         self.n_samples_ = meta.get("n_samples")
         self.n_features_in_ = D
@@ -456,7 +480,8 @@ class EDPairs:
     @staticmethod
     def _param_names():
         return ("method", "whiten", "signal", "n_init", "max_iter", "tol", "init_size", "refine_iter", "refine_tol",
-                "gradient", "whiten_rtol", "random_state", "check_finite", "progress", "chunk_rows", "metadata")
+                "gradient", "whiten_rtol", "whiten_shrinkage", "random_state", "check_finite", "progress", "chunk_rows",
+                "metadata")
 
     def get_params(self) -> dict:
         params = {"n_concepts": int(self.n_concepts)}
