@@ -408,6 +408,9 @@ def _parser():
         p.add_argument("--normalisation", choices=("efficientnet-lite", "imagenet"),
                        help="how pixels become model inputs (default: efficientnet-lite for efficientnet-lite0, "
                             "imagenet mean/std otherwise)")
+        flags(p)
+
+    def flags(p):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--overwrite", action="store_true", help="replace an existing output")
         p.add_argument("--quiet", action="store_true", help="no step lines or progress bars")
@@ -423,9 +426,7 @@ def _parser():
     p.add_argument("--concepts", type=int, default=16, help="number of concepts (default 16)")
     p.add_argument("--no-ura", dest="ura", action="store_false", help="skip URA (faster, detectors less aligned)")
     p.add_argument("--quick", action="store_true", help="fewer images and noise directions (about a minute)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
-    p.add_argument("--quiet", action="store_true", help="no step lines")
+    flags(p)
 
     p = sub.add_parser("fit", help="fit pairs at a layer: model + images (or an activation store) -> pairs .npz",
                        description="Captures the layer on the images (optionally into a resumable on-disk store), "

@@ -38,6 +38,13 @@ def _is_torch(x) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
+def _check_features(shape, D: int) -> None:
+    """Heads take whole images: channel-last (n_images, h, w, D) or (n_images, h*w, D)."""
+    if len(shape) not in (3, 4) or shape[-1] != D:
+        raise ValueError(f"features must be (n_images, h, w, {D}) or (n_images, h*w, {D}), got {tuple(shape)}; "
+                         f"flat (N, D) patch rows can be viewed per image with layer.images()")
+
+
 class LinearHead:
     """A frozen linear classifier on a layer's feature maps: the logits of an image are the
     mean of its patch features times ``weight.T`` plus ``bias``.
@@ -61,10 +68,7 @@ class LinearHead:
         return self.weight.shape[0]
 
     def _check(self, shape) -> None:
-        if len(shape) not in (3, 4) or shape[-1] != self.weight.shape[1]:
-            raise ValueError(f"features must be (n_images, h, w, {self.weight.shape[1]}) or "
-                             f"(n_images, h*w, {self.weight.shape[1]}), got {tuple(shape)}; "
-                             f"flat (N, D) patch rows can be viewed per image with layer.images()")
+        _check_features(shape, self.weight.shape[1])
 
     def __call__(self, features):
         self._check(tuple(features.shape))
@@ -169,10 +173,7 @@ class PresenceHead:
         return self.weight.shape[0]
 
     def _check(self, shape) -> None:
-        D = self.filters.shape[1]
-        if len(shape) not in (3, 4) or shape[-1] != D:
-            raise ValueError(f"features must be (n_images, h, w, {D}) or (n_images, h*w, {D}), got {tuple(shape)}; "
-                             f"flat (N, D) patch rows can be viewed per image with layer.images()")
+        _check_features(shape, self.filters.shape[1])
 
     def presence(self, features):
         """``(n_images, n_concepts)`` pooled presence ``g`` of each concept, in [0, 1]."""
