@@ -318,3 +318,18 @@ def test_report_renders_in_headless_chromium(full, tmp_path):
     assert result["problems"] == [], result
     assert result["broken_images"] == 0 and result["images_total"] == 3 * 5 + 3 + 1 + 1 + 3
     assert result["screenshot_colours"] > 8
+
+
+def test_weak_detectors_stay_unlabelled(tmp_path, setup):
+    """A concept is named after its probe concept only at IoU >= label_min_iou."""
+    layer, pairs, acts, member, images = setup
+    dissection = _dissection(pairs, acts)
+    best = np.asarray(dissection.best_iou)
+    cut = float(np.sort(best)[1])  # one concept below the cut, two at or above it
+    rp.write_report(tmp_path / "r", pairs, images, acts, dissection=dissection, label_min_iou=cut, progress=False)
+    with open(tmp_path / "r" / "report.json", encoding="utf-8") as f:
+        names = json.load(f)["concept_names"]
+    assert [("IoU" in name) for name in names] == [bool(b >= cut) for b in best]
+    assert sum("IoU" in name for name in names) == 2
+    html = (tmp_path / "r" / "index.html").read_text(encoding="utf-8")
+    assert html.count("unlabelled: best probe concept") == 1

@@ -422,7 +422,7 @@ def _parser():
                                    "influence, explain, remove a concept; writes an HTML report. About 5 minutes "
                                    "on 2 CPU cores.")
     p.add_argument("--out", default="edpairs-demo", help="report folder (default edpairs-demo)")
-    p.add_argument("--layer", default="_blocks.15", help="layer of EfficientNet-Lite0 (default _blocks.15)")
+    p.add_argument("--layer", default="_blocks.12", help="layer of EfficientNet-Lite0 (default _blocks.12)")
     p.add_argument("--concepts", type=int, default=16, help="number of concepts (default 16)")
     p.add_argument("--no-ura", dest="ura", action="store_false", help="skip URA (faster, detectors less aligned)")
     p.add_argument("--quick", action="store_true", help="fewer images and noise directions (about a minute)")

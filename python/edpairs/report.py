@@ -415,7 +415,7 @@ def _publish(tmp: str, out_dir: str) -> None:
 def write_report(out_dir, pairs, images, activations, *, title: str = "edpairs report", concept_names=None,
                  class_names=None, dissection=None, influence=None, explanations=(), interventions=(),
                  meta: Optional[dict] = None, top_k: int = 8, patch_scale: float = 2.0, overwrite: bool = False,
-                 progress: Optional[bool] = None) -> str:
+                 progress: Optional[bool] = None, label_min_iou: float = 0.1) -> str:
     """Writes an offline HTML report of fitted concept pairs to the folder ``out_dir``.
 
     images: (n, H, W, 3) uint8 display images; activations: their (n, h, w, D) channel-last
@@ -427,7 +427,10 @@ def write_report(out_dir, pairs, images, activations, *, title: str = "edpairs r
     ``before``, ``after``, ``note``) and a ``meta`` dict shown in the header. Each atlas card
     shows the ``top_k`` cells of highest membership, at most one per image, cropped
     ``patch_scale`` cells wide. The folder is built next to ``out_dir`` and renamed into place;
-    an existing non-empty ``out_dir`` needs ``overwrite=True``. Returns the path of index.html."""
+    an existing non-empty ``out_dir`` needs ``overwrite=True``. With a dissection, a concept is
+    named after its best probe concept only when that IoU reaches ``label_min_iou`` (a detector
+    firing everywhere already scores the largest concept's coverage, ~0.06 on the probe set);
+    the label and IoU are shown either way. Returns the path of index.html."""
     t_start = time.perf_counter()
     _require_matplotlib()
     images, activations, I = _check_inputs(pairs, images, activations)
@@ -455,7 +458,8 @@ def write_report(out_dir, pairs, images, activations, *, title: str = "edpairs r
         labels = [str(s) for s in dissection.labels]
         best_iou = np.asarray(dissection.best_iou, dtype=np.float64).ravel()
     if concept_names is None:
-        concept_names = ([f"concept {i} · {labels[i]} (IoU {best_iou[i]:.2f})" for i in range(I)]
+        concept_names = ([f"concept {i} · {labels[i]} (IoU {best_iou[i]:.2f})" if best_iou[i] >= label_min_iou
+                          else f"concept {i}" for i in range(I)]
                          if dissection is not None else [f"concept {i}" for i in range(I)])
 
     out_dir = os.path.abspath(os.fspath(out_dir))
@@ -514,7 +518,7 @@ def write_report(out_dir, pairs, images, activations, *, title: str = "edpairs r
                        map=dict(image=best_img, coverage=float(coverage[best_img, i]),
                                 max_membership=float(member[best_img, :, :, i].max()), file=rel))
             if dissection is not None:
-                rec.update(label=labels[i], iou=float(best_iou[i]))
+                rec.update(label=labels[i], iou=float(best_iou[i]), labelled=bool(best_iou[i] >= label_min_iou))
             if i in influence_by_concept:
                 rec["top_classes"] = influence_by_concept[i]
             concepts.append(rec)
@@ -672,8 +676,11 @@ class _Page:
             m = c["map"]
             alt = f'{c["name"]}: membership map on image {m["image"]} (mean membership {m["coverage"]:.3f})'
             info = []
-            if "label" in c:
+            if "label" in c and c.get("labelled", True):
                 info.append(f'<div>label <b>{_e(c["label"])}</b>, IoU {_num(c["iou"])}</div>')
+            elif "label" in c:
+                info.append(f'<div class="muted">unlabelled: best probe concept {_e(c["label"])}, IoU '
+                            f'{_num(c["iou"])}</div>')
             if "top_classes" in c:
                 items = []
                 for t in c["top_classes"]:
