@@ -38,6 +38,9 @@ __all__ = [
     "build_info",
     "capture",
     "correct",
+    "pipeline",
+    "report",
+    "stream",
     "cuda_device_count",
     "dissect",
     "distributed",
@@ -93,7 +96,8 @@ def set_num_threads(n: int) -> None:
 
 
 _LAZY = {"zoo": ("zoo", None), "correct": ("correct", None), "CorrectedModel": ("correct", "CorrectedModel"),
-         "probe": ("probe", None)}
+         "probe": ("probe", None), "report": ("report", None), "pipeline": ("pipeline", None),
+         "stream": ("stream", None)}
 
 
 def __getattr__(name):

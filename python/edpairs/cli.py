@@ -419,7 +419,7 @@ def _parser():
                        description="Runs everything on EfficientNet-Lite0 (ImageNet weights shipped in a package), "
                                    "the photos shipped in scikit-image/scikit-learn/matplotlib and a generated probe "
                                    "set with exact concept masks: capture a layer, fit the pairs with URA, dissect, "
-                                   "influence, explain, remove a concept; writes an HTML report. About 5 minutes "
+                                   "influence, explain, remove a concept; writes an HTML report. About 2 minutes "
                                    "on 2 CPU cores.")
     p.add_argument("--out", default="edpairs-demo", help="report folder (default edpairs-demo)")
     p.add_argument("--layer", default="_blocks.12", help="layer of EfficientNet-Lite0 (default _blocks.12)")
