@@ -91,6 +91,8 @@ def test_fit_then_report(tiny, capsys, one_torch_thread):
     assert rc == 2 and "--overwrite" in err and _read(pairs_file) == before
     rc, _, err = _run(capsys, "report", "--pairs", pairs_file, "--out", out, "--quiet")
     assert rc == 2 and "--overwrite" in err and check_report(out) == []
+    rc, _, err = _run(capsys, "report", "--pairs", pairs_file, "--out", pairs_file, "--quiet")
+    assert rc == 2 and "is a file, not a folder" in err
 
 
 def test_fit_with_ura_and_through_a_store(tiny, capsys, one_torch_thread):

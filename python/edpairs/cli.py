@@ -169,6 +169,13 @@ def _check_output(path: str, overwrite: bool, what: str) -> None:
         raise UserError(f"the folder of {what} {path!r} does not exist ({parent})")
 
 
+def _check_report_folder(path: str, overwrite: bool) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--out {path!r} is a file, not a folder: name a folder for the report")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise UserError(f"the report folder {path!r} exists; pass --overwrite to replace it (or --out another)")
+
+
 def cmd_fit(args) -> int:
     import torch
 
@@ -239,8 +246,7 @@ def cmd_report(args) -> int:
         raise UserError(f"no pairs file {args.pairs!r} (make one with: edpairs fit ... --out {args.pairs})")
     pairs = EDPairs.load(args.pairs)
     meta = pairs.metadata or {}
-    if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise UserError(f"the report folder {args.out!r} exists; pass --overwrite to replace it")
+    _check_report_folder(args.out, args.overwrite)
     with log.step("loading the model"):
         model, name, layer = _model_and_layer(args, meta)
     torch.manual_seed(args.seed)
@@ -266,8 +272,7 @@ def cmd_report(args) -> int:
 def cmd_demo(args) -> int:
     from . import pipeline
 
-    if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise UserError(f"the report folder {args.out!r} exists; pass --overwrite to replace it (or --out another)")
+    _check_report_folder(args.out, args.overwrite)
     kwargs = dict(layer=args.layer, n_concepts=args.concepts, ura=args.ura, seed=args.seed, overwrite=args.overwrite,
                   log=not args.quiet)
     if args.quick:
