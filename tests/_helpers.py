@@ -24,6 +24,17 @@ from hypothesis import strategies as st
 
 from edpairs import reference as ref
 
+
+def worker_env(**extra) -> dict:
+    """The environment of a test's worker subprocess: it imports the edpairs this test process
+    imported (the installed package, or the checkout's python/ in a development run) and
+    nothing else that happens to sit on this process's sys.path."""
+    import edpairs
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(edpairs.__file__)))
+    path = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
 # ---------------------------------------------------------------------------------------
 # Hypothesis budget: each property test states its example count; the "thorough" profile
 # (EDPAIRS_HYPOTHESIS_PROFILE=thorough) multiplies it by 10.

@@ -3,7 +3,6 @@ checkpoint and ends with the same result as an uninterrupted fit."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ import pytest
 
 import edpairs as edp
 from edpairs.checkpoint import Checkpoint, CheckpointMismatch
+from _helpers import worker_env
 
 WORKER = textwrap.dedent("""
     import os, signal, sys, numpy as np, edpairs as edp
@@ -40,7 +40,7 @@ def _run(tmp_path, what, X, ckpt, kill_at, out):
     script.write_text(WORKER)
     data = tmp_path / "X.npy"
     np.save(data, X)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    env = worker_env(OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(script), what, str(data), str(ckpt), str(kill_at), str(out)],
                           env=env, capture_output=True, timeout=240)
 

@@ -3,15 +3,16 @@ process on the union of the ranks' rows."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
 
 import edpairs as edp
+from _helpers import worker_env
 
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
@@ -41,19 +42,25 @@ def _run_ranks(tmp_path, what: str, X: np.ndarray, world: int = 2) -> list:
     script.write_text(WORKER)
     data = tmp_path / "X.npy"
     np.save(data, X)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    env = worker_env(OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), str(tmp_path / "rdv"),
                                str(tmp_path / f"out{r}.npz"), what, str(data)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for r in range(world)]
+    deadline = time.monotonic() + 240
+    # Wait for every rank, but stop at the first failure: the others would wait at the
+    # rendezvous for it until the timeout.
+    while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     for p in procs:
-        try:
-            out, _ = p.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a rank did not finish in 240 s")
-        assert p.returncode == 0, out.decode(errors="replace")[-3000:]
+        if p.poll() is None:
+            p.kill()
+    outputs = [p.communicate()[0].decode(errors="replace") for p in procs]
+    for r, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, (f"rank {r} (exit {p.returncode}; killed when it outlived a failed rank "
+                                   f"or 240 s):\n{out[-3000:]}")
     return [dict(np.load(tmp_path / f"out{r}.npz")) for r in range(world)]
 
 

@@ -19,6 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import edpairs as edp  # noqa: E402
+from _helpers import worker_env  # noqa: E402
 from edpairs.capture import capture  # noqa: E402
 from edpairs.store import (  # noqa: E402
     ActivationStore,
@@ -124,7 +125,7 @@ def test_killed_extraction_resumes_to_identical_bytes(setup, reference, tmp_path
         extract(model, {LAYER!r}, images, {str(path)!r}, on_shard=on_shard, **ARGS)
         raise SystemExit("not killed")
     """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), OMP_NUM_THREADS="1")
+    env = worker_env(OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     with pytest.raises(StoreIncomplete, match=r"stopped after 3 shards \(18 of 40 images\).*same arguments"):
