@@ -211,7 +211,7 @@ def cmd_fit(args) -> int:
             preprocessing = dict(data.preprocessing, normalisation=norm)
             log.say(f"{len(data)} views of {len(data.names)} images" +
                     ("" if args.images else " (the photos shipped in packages)"))
-        inputs = pipeline.model_input(pipeline._stack(data), norm)
+        inputs = pipeline.model_input(pipeline.images_of(data), norm)
         if args.store:
             with log.step(f"capturing {layer} into the store {args.store} (resumable)"):
                 source = extract(model, layer, inputs, args.store, preprocessing=preprocessing, model_name=name,
@@ -252,7 +252,7 @@ def cmd_report(args) -> int:
     torch.manual_seed(args.seed)
     with log.step("reading the images"):
         data = pipeline.image_dataset(args.images, crops_per_photo=_crops(args), seed=args.seed)
-        images = pipeline._stack(data)
+        images = pipeline.images_of(data)
         probe = make_probe_set(args.probe, seed=args.seed) if args.probe else None
     class_names = None
     if name == "efficientnet-lite0":

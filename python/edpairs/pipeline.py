@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = ["DEMO_LAYER", "NORMALISATIONS", "Log", "ReportInputs", "analyse", "demo", "display_images", "first_views",
-           "fit_pairs", "image_dataset", "load_images", "load_model", "model_input"]
+           "fit_pairs", "image_dataset", "images_of", "load_images", "load_model", "model_input"]
 
 DEMO_MODEL = "efficientnet-lite0"
 # _blocks.12 (7 x 7 x 192): where edpairs' detectors matched the probe set's concepts best
@@ -197,11 +197,11 @@ def first_views(dataset, n: int = 4) -> list:
     return [(p * dataset.crops_per_photo, dataset.names[p]) for p in range(min(n, len(dataset.names)))]
 
 
-def _stack(dataset, indices=None):
+def images_of(dataset):
+    """All the images of a map-style dataset of ``(image, label)`` items, stacked (n, 3, H, W)."""
     import torch
 
-    idx = range(len(dataset)) if indices is None else indices
-    return torch.stack([dataset[i][0] for i in idx])
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def demo(out_dir: str = "edpairs-demo", *, layer: str = DEMO_LAYER, n_concepts: 
         model = zoo.efficientnet_lite0()
     with lg.step("preparing the shipped photos and the probe set"):
         data = zoo.PhotoDataset(crops_per_photo=crops_per_photo, seed=seed)
-        images = _stack(data)
+        images = images_of(data)
         probe = make_probe_set(n_probe, seed=seed)
         lg.say(f"{len(data)} photo crops of {len(data.names)} photos ({', '.join(data.names)}); "
                f"{len(probe)} probe images with {len(probe.concepts)} concepts")
