@@ -56,6 +56,18 @@ def test_fits_through_device_chunks_match_the_host_fit(layer, tmp_path):
     assert km_s.n_iter_ == km.n_iter_
 
 
+def test_an_activation_store_streams_through(layer, tmp_path):
+    """Store shards are read-only memory maps: streamed as copies, no warning, same fit."""
+    torch_x = torch.from_numpy(layer.images()).permute(0, 3, 1, 2).contiguous()   # (n, D, h, w) "images"
+    model = torch.nn.Sequential(torch.nn.Identity())
+    store = edp.extract(model, "0", torch_x, tmp_path / "store", images_per_shard=400, dtype="float32",
+                        progress=False)
+    host = edp.EDPairs(6, random_state=0, progress=False).fit(store)
+    streamed = edp.EDPairs(6, random_state=0, progress=False).fit(DeviceChunks(store, device="cpu"))
+    np.testing.assert_allclose(streamed.decoding_, host.decoding_, rtol=1e-5, atol=1e-6)
+    assert sum(int(p.shape[0]) for p in DeviceChunks(store, device="cpu").chunks()) == layer.X.shape[0]
+
+
 def test_bad_arguments(layer):
     with pytest.raises(ValueError, match="buffers must be >= 2"):
         DeviceChunks(layer.X, device="cpu", buffers=1)

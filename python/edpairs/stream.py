@@ -95,7 +95,7 @@ class DeviceChunks:
         torch = require_torch("DeviceChunks")
         if self.device.type != "cuda":
             for piece in self._pieces():
-                t = torch.from_numpy(np.ascontiguousarray(piece)).to(self.device)
+                t = torch.from_numpy(np.array(piece)).to(self.device)  # a copy: store shards are read-only maps
                 yield t if self.dtype is None else t.to(self.dtype)
             return
         yield from self._cuda_chunks(torch)
@@ -108,7 +108,7 @@ class DeviceChunks:
 
         def stage(piece: np.ndarray, slot: dict):
             n, D = piece.shape
-            host_dtype = torch.from_numpy(piece[:0]).dtype
+            host_dtype = torch.from_numpy(np.empty(0, piece.dtype)).dtype  # (piece may be a read-only map)
             if slot["copied"] is not None:
                 slot["copied"].synchronize()          # the pinned buffer's last transfer has read it
             if slot["pinned"] is None or slot["pinned"].shape[0] < n or slot["pinned"].dtype != host_dtype:
