@@ -30,7 +30,7 @@ import dataclasses
 import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -60,6 +60,28 @@ _STATS_BLOCK_ELEMENTS = 1 << 22
 _EXP_FLOOR = -60.0
 _SMALL = 1e-30
 
+
+
+class PlateauHalving:
+    """Halves an optimiser's learning rate when the epoch loss stalls: after more than
+    ``patience`` epochs without a relative improvement of 1e-4 over the best (None: never).
+    :meth:`step` takes the epoch's loss and returns the rate for the next epoch."""
+
+    def __init__(self, opt, lr: float, patience: Optional[int]):
+        self.opt, self.lr, self.patience = opt, float(lr), patience
+        self.best, self.bad = math.inf, 0
+
+    def step(self, loss: float) -> float:
+        if self.best == math.inf or loss < self.best - 1e-4 * abs(self.best):
+            self.best, self.bad = loss, 0
+        else:
+            self.bad += 1
+            if self.patience is not None and self.bad > self.patience:
+                self.lr *= 0.5
+                for group in self.opt.param_groups:
+                    group["lr"] = self.lr
+                self.bad = 0
+        return self.lr
 
 def _torch():
     return require_torch("edpairs.refine")
@@ -603,7 +625,7 @@ def refine_detectors(
         gen.manual_seed(int(cfg.seed))
     opt = torch.optim.Adam([u, offset, log_margin], lr=cfg.lr)
     lr = float(cfg.lr)
-    best, bad_epochs = math.inf, 0
+    plateau = PlateauHalving(opt, lr, cfg.plateau_patience)
     history = []
     names = list(LOSS_TERMS) + (["extra"] if extra_loss is not None else [])
     bar = Progress(desc="refine", enabled=progress, unit=" batches")
@@ -652,16 +674,7 @@ def refine_detectors(
             bar.set_description(f"refine: epoch {epoch + 1}/{cfg.epochs}")
             if not math.isfinite(values[0]):
                 raise FloatingPointError(f"refinement diverged in epoch {epoch} (loss {values[0]}); lower config.lr")
-            # Halve the rate when the epoch loss stalls (relative improvement below 1e-4).
-            if best == math.inf or values[0] < best - 1e-4 * abs(best):
-                best, bad_epochs = values[0], 0
-            else:
-                bad_epochs += 1
-                if cfg.plateau_patience is not None and bad_epochs > cfg.plateau_patience:
-                    lr *= 0.5
-                    for group in opt.param_groups:
-                        group["lr"] = lr
-                    bad_epochs = 0
+            lr = plateau.step(values[0])
     finally:
         bar.close()
 

@@ -72,7 +72,7 @@ import numpy as np
 
 from ._arrays import require_torch
 from ._progress import Progress
-from .refine import _is_int, _is_real
+from .refine import PlateauHalving, _is_int, _is_real
 
 __all__ = ["ImageSource", "URAConfig", "URAResult", "align", "entropy", "filter_signal_orthogonality",
            "shift"]
@@ -488,7 +488,7 @@ def _stage(source, head, C, t, G, P, Pinv, mean, cfg, stage_cfg, epochs, lr, gen
     weights = stage_cfg.weights() if cfg.regularizer == "stage" else {}
     stage_cfg = dataclasses.replace(stage_cfg, rho=stage_cfg.resolved_rho(I))
     k_lo, k_hi = (float(k) for k in cfg.kappa)
-    best, bad = math.inf, 0
+    plateau = PlateauHalving(opt, lr, cfg.plateau_patience)
     records = []
     steps = 0
     epoch = 0
@@ -553,15 +553,7 @@ def _stage(source, head, C, t, G, P, Pinv, mean, cfg, stage_cfg, epochs, lr, gen
         if not math.isfinite(record["total"]):
             raise FloatingPointError(f"URA diverged in the {name} stage, epoch {epoch} (loss {record['total']}); "
                                      "lower the learning rate")
-        if record["total"] < best - 1e-4 * abs(best) or best == math.inf:
-            best, bad = record["total"], 0
-        else:
-            bad += 1
-            if cfg.plateau_patience is not None and bad > cfg.plateau_patience:
-                lr *= 0.5
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                bad = 0
+        lr = plateau.step(record["total"])
         epoch += 1
     out_G = None if G is None else G.detach().double()
     return C.detach().double(), t.detach().double(), out_G, records
