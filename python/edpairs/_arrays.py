@@ -163,6 +163,19 @@ class Namespace:
             return x.__dlpack__(stream=stream)
 
 
+def to_host(a) -> np.ndarray:
+    """Any array (numpy, torch on any device, cupy) as a numpy array on the host, its dtype kept
+    (torch bfloat16, which numpy lacks, becomes float32)."""
+    if hasattr(a, "detach"):
+        a = a.detach().cpu()
+        if str(a.dtype) == "torch.bfloat16":
+            a = a.float()
+        return a.numpy()
+    if _module_root(a) == "cupy":
+        return a.get()
+    return np.asarray(a)
+
+
 def to_numpy64(a) -> np.ndarray:
     """Any array (numpy, torch on any device and dtype, cupy) as a float64 numpy array on the host."""
     if hasattr(a, "detach"):

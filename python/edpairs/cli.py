@@ -17,19 +17,13 @@ import time
 
 import numpy as np
 
+from ._arrays import to_host
+
 
 def _max_rel(a, b) -> float:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300)) if a.size else 0.0
-
-
-def _host(a):
-    if hasattr(a, "detach"):
-        return a.detach().cpu().numpy()
-    if type(a).__module__.startswith("cupy"):
-        return a.get()
-    return np.asarray(a)
 
 
 def _checks(device: str, seed: int):
@@ -54,29 +48,29 @@ def _checks(device: str, seed: int):
 
     t0 = time.perf_counter()
     res = edp.ops.assign(Xd, C)
-    labels = _host(res.labels)
-    ref_labels, ref_scores, _, _ = reference.assign(X, _host(C))
+    labels = to_host(res.labels)
+    ref_labels, ref_scores, _, _ = reference.assign(X, to_host(C))
     # Labels may differ only on float32 near-ties: compare the chosen centroid's exact score.
     Xn = X.astype(np.float64) / np.linalg.norm(X.astype(np.float64), axis=1, keepdims=True)
-    Ch = _host(C).astype(np.float64)
+    Ch = to_host(C).astype(np.float64)
     Cn = Ch / np.linalg.norm(Ch, axis=1, keepdims=True)
     chosen = np.einsum("nd,nd->n", Xn, Cn[labels])
     yield "cosine_assign (labels: best score)", float(np.abs(chosen - ref_scores).max()), 1e-5
-    yield "cosine_assign (scores)", float(np.abs(_host(res.scores) - ref_scores).max()), 1e-5
+    yield "cosine_assign (scores)", float(np.abs(to_host(res.scores) - ref_scores).max()), 1e-5
     sums = np.zeros((k, D))
     np.add.at(sums, labels, Xn)
-    yield "assign (cluster sums)", _max_rel(_host(res.sums), sums), 1e-5
+    yield "assign (cluster sums)", _max_rel(to_host(res.sums), sums), 1e-5
     cents, _, counts = edp.ops.spherical_kmeans_step(Xd, C)
     ref_c = reference.normalize_centroids(sums, np.bincount(labels, minlength=k), Cn)
-    yield "spherical_kmeans_step", _max_rel(_host(cents), ref_c), 1e-5
+    yield "spherical_kmeans_step", _max_rel(to_host(cents), ref_c), 1e-5
     m = edp.ops.moments(Xd)
     _, ref_mean, ref_m2 = reference.moments(X)
-    yield "moments (mean)", _max_rel(_host(m.mean), ref_mean), 1e-6
-    yield "moments (covariance)", _max_rel(_host(m.m2), ref_m2), 1e-5
+    yield "moments (mean)", _max_rel(to_host(m.mean), ref_mean), 1e-6
+    yield "moments (covariance)", _max_rel(to_host(m.m2), ref_m2), 1e-5
     s = edp.ops.signal_moments(Xd, W, b, center=X.mean(0))
-    ref = reference.signal_moments(X, _host(W), _host(b), center=X.mean(0))
-    yield "signal_moments (count)", _max_rel(_host(s.count), ref["count"]), 1e-3
-    yield "signal_moments (sum_xz)", _max_rel(_host(s.sum_xz), ref["sum_xz"]), 1e-4
+    ref = reference.signal_moments(X, to_host(W), to_host(b), center=X.mean(0))
+    yield "signal_moments (count)", _max_rel(to_host(s.count), ref["count"]), 1e-3
+    yield "signal_moments (sum_xz)", _max_rel(to_host(s.sum_xz), ref["sum_xz"]), 1e-4
     yield f"(all ops on {device}: {time.perf_counter() - t0:.2f} s)", 0.0, 1.0
 
 

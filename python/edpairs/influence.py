@@ -59,13 +59,13 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from ._arrays import to_host
+
 __all__ = ["InfluenceResult", "influence", "plot_influence", "noise_directions"]
 
 
 def _host(a) -> np.ndarray:
-    if hasattr(a, "detach"):
-        a = a.detach().cpu().double().numpy()
-    return np.asarray(a, dtype=np.float64)
+    return np.asarray(to_host(a), dtype=np.float64)
 
 
 def _is_torch(x) -> bool:

@@ -59,6 +59,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from ._arrays import to_host
 from ._layout import LAYOUTS, channel_last, from_channel_last, infer_layout
 from .capture import find_module
 
@@ -68,10 +69,8 @@ _PINV_RCOND = 1e-6
 
 
 # ---- the pairs, converted once per device and dtype --------------------------------------
-def _host(a, name: str) -> np.ndarray:
-    if hasattr(a, "detach"):
-        a = a.detach().cpu().double().numpy()
-    return np.asarray(a, dtype=np.float64)
+def _host(a) -> np.ndarray:
+    return np.asarray(to_host(a), dtype=np.float64)
 
 
 class _Pairs:
@@ -83,12 +82,12 @@ class _Pairs:
         if missing:
             raise ValueError(f"pairs must have fitted attributes decoding_ (I, D), encoding_ (I, D), mean_ (D,) "
                              f"and bias_ (I,) (an edpairs.EDPairs after fit); missing {missing}")
-        W, S, mean = (_host(getattr(pairs, a), a) for a in ("decoding_", "encoding_", "mean_"))
+        W, S, mean = (_host(getattr(pairs, a)) for a in ("decoding_", "encoding_", "mean_"))
         bias = getattr(pairs, "bias_", None)
         if W.ndim != 2 or S.shape != W.shape or mean.shape != (W.shape[1],):
             raise ValueError(f"pairs must have decoding_ (I, D), encoding_ (I, D) and mean_ (D,); got "
                              f"{W.shape}, {S.shape} and {mean.shape}")
-        self.bias = None if bias is None else _host(bias, "bias_")
+        self.bias = None if bias is None else _host(bias)
         if self.bias is not None and self.bias.shape != (W.shape[0],):
             raise ValueError(f"pairs.bias_ must have shape (I,) = ({W.shape[0]},), got {self.bias.shape}")
         if not (np.isfinite(W).all() and np.isfinite(S).all() and np.isfinite(mean).all()):

@@ -28,18 +28,10 @@ from typing import Iterator
 
 import numpy as np
 
-from ._arrays import require_torch
+from ._arrays import require_torch, to_host
 from ._source import ChunkSource
 
 __all__ = ["DeviceChunks"]
-
-
-def _host_numpy(chunk) -> np.ndarray:
-    if hasattr(chunk, "detach"):
-        return chunk.detach().cpu().numpy()
-    if type(chunk).__module__.startswith("cupy"):
-        return chunk.get()
-    return np.asarray(chunk)
 
 
 class DeviceChunks:
@@ -84,7 +76,7 @@ class DeviceChunks:
 
     def _pieces(self) -> Iterator[np.ndarray]:
         for chunk in self.source:
-            host = _host_numpy(chunk)
+            host = to_host(chunk)
             rows = max(1, self.chunk_bytes // max(1, host.shape[1] * host.itemsize))
             for s in range(0, host.shape[0], rows):
                 yield host[s:s + rows]
