@@ -10,6 +10,8 @@ from typing import List, Tuple
 
 import numpy as np
 
+from .zoo import _dataset_base
+
 __all__ = ["COLOURS", "CONCEPTS", "SHAPES", "TEXTURES", "ProbeDataset", "ProbeSet", "make_probe_set"]
 
 # Named colours (RGB). Colour regions and shapes use exactly these; textures are achromatic
@@ -65,14 +67,6 @@ class ProbeSet:
     def coverage(self) -> np.ndarray:
         """Fraction of all pixels labelled with each concept, (n_concepts,)."""
         return self.masks.mean(axis=(0, 2, 3))
-
-
-def _dataset_base():
-    try:
-        from torch.utils.data import Dataset
-    except ImportError:  # pragma: no cover
-        return object
-    return Dataset
 
 
 class ProbeDataset(_dataset_base()):

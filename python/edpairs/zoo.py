@@ -190,7 +190,9 @@ def imagenet_class_names() -> Optional[List[str]]:
         return None
 
 
-def _photo_dataset_base():
+def _dataset_base():
+    """torch's map-style Dataset class (object without torch), the base of the datasets here and
+    in :mod:`edpairs.probe`."""
     try:
         from torch.utils.data import Dataset
     except ImportError:  # pragma: no cover
@@ -198,7 +200,7 @@ def _photo_dataset_base():
     return Dataset
 
 
-class PhotoDataset(_photo_dataset_base()):
+class PhotoDataset(_dataset_base()):
     """A map-style torch Dataset of ``crops_per_photo`` views of each photo of :func:`photos`
     (or of the given ``images``): view 0 is the evaluation crop of :func:`preprocess`, the
     others seeded random crops (``scale`` of the area, aspect ratio in [3/4, 4/3]) flipped
