@@ -2,16 +2,22 @@
 """One spherical k-means iteration (assign + centroid update): edpairs against the tools a
 user would pick instead, in the same run on the same data.
 
-  edpairs      edpairs.ops.spherical_kmeans_step (fused assignment + per-cluster sums; on CUDA
-               tensor cores: TF32 for float32 data, the data's own dtype for 16-bit data)
-  edpairs-f32  the same with precision="float32" (exact float32 products; CUDA only differs)
-  edpairs-blk  edpairs with the cluster sums as per-block atomics inside the assignment kernel
-               instead of the sorted segmented pass (EDPAIRS_ASSIGN_SUMS=block; CUDA only differs)
-  edpairs-fused  edpairs with the cluster sums fused into a persistent small-k assignment kernel
+  edpairs      edpairs.ops.spherical_kmeans_step with TF32 products on CUDA. On the CPU the
+               fused kernel (assignment + per-cluster sums). On CUDA, torch float32 data takes
+               the default library-product route (edpairs._gemm: cuBLAS scores of 16384 rows
+               at a time, an edpairs argmax kernel, the sorted sums pass); 16-bit data the
+               tensor-core kernel in its own dtype
+  edpairs-r8192, edpairs-r32768  the route with 8192 / 32768 rows per step
+  edpairs-kernel  the fused tensor-core kernel instead of the route (EDPAIRS_GEMM_ROUTE=kernel)
+  edpairs-f32  precision="float32" (exact float32 products: cuBLAS SGEMM on the route)
+  edpairs-kernel-f32  precision="float32" on edpairs' SIMT kernel
+  edpairs-blk  edpairs-kernel with the cluster sums as per-block atomics inside the assignment
+               kernel instead of the sorted segmented pass (EDPAIRS_ASSIGN_SUMS=block; CUDA only differs)
+  edpairs-fused  edpairs-kernel with the cluster sums fused into a persistent small-k assignment kernel
                (k <= 64, k x D float32 sums in shared memory; one read of X from DRAM, a second
                of each tile from L2; EDPAIRS_ASSIGN_SUMS=fused; the sorted pass where it does
                not apply; CUDA only differs)
-  edpairs-1sm  edpairs with one assignment block per SM instead of two (fewer rows of X in
+  edpairs-1sm  edpairs-kernel with one assignment block per SM instead of two (fewer rows of X in
                flight, so the re-reads per centroid tile stay in L2; EDPAIRS_ASSIGN_BLOCKS_PER_SM=1)
   faiss    faiss.Kmeans(d, k, spherical=True, niter=1).train (faiss-cpu, or faiss GPU with --device cuda)
   torch    normalise, matmul, max, index_add, bincount, normalise (the plain torch loop)
@@ -168,9 +174,17 @@ def run_faiss(X, C0, device, dtype):
     return step, labels, {}
 
 
-METHODS = {"edpairs": run_edpairs, "edpairs-f32": run_edpairs_f32, "edpairs-blk": run_edpairs,
-           "edpairs-1sm": run_edpairs, "edpairs-fused": run_edpairs, "faiss": run_faiss, "torch": run_torch}
-METHOD_ENV = {"edpairs-blk": {"EDPAIRS_ASSIGN_SUMS": "block"}, "edpairs-fused": {"EDPAIRS_ASSIGN_SUMS": "fused"}, "edpairs-1sm": {"EDPAIRS_ASSIGN_BLOCKS_PER_SM": "1"}}
+KERNEL = {"EDPAIRS_GEMM_ROUTE": "kernel"}
+METHODS = {"edpairs": run_edpairs, "edpairs-f32": run_edpairs_f32, "edpairs-r8192": run_edpairs,
+           "edpairs-r32768": run_edpairs, "edpairs-kernel": run_edpairs, "edpairs-kernel-f32": run_edpairs_f32,
+           "edpairs-blk": run_edpairs, "edpairs-1sm": run_edpairs, "edpairs-fused": run_edpairs, "faiss": run_faiss,
+           "torch": run_torch}
+METHOD_ENV = {"edpairs-r8192": {"EDPAIRS_GEMM_ASSIGN_ROWS": "8192"},
+              "edpairs-r32768": {"EDPAIRS_GEMM_ASSIGN_ROWS": "32768"},
+              "edpairs-kernel": KERNEL, "edpairs-kernel-f32": KERNEL,
+              "edpairs-blk": {**KERNEL, "EDPAIRS_ASSIGN_SUMS": "block"},
+              "edpairs-fused": {**KERNEL, "EDPAIRS_ASSIGN_SUMS": "fused"},
+              "edpairs-1sm": {**KERNEL, "EDPAIRS_ASSIGN_BLOCKS_PER_SM": "1"}}
 
 
 def cached_data(N: int, D: int, k: int, seed: int):

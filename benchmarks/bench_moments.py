@@ -2,12 +2,14 @@
 """Streaming moments (mean + covariance) and masked per-concept signal moments: edpairs against
 what a user would write instead, in the same run on the same data.
 
-  moments:         edpairs.ops.moments  vs  numpy.cov  vs  torch.cov; on CUDA also edpairs-tf32
-                   (precision="tf32": the opt-in tensor-core scatter, TF32 products of the
-                   centred rows, float32 per block, float64 between blocks)
-  signal moments:  edpairs.ops.signal_moments  vs  torch (Z = X W - b, M = Z > 0, X^T M and X^T (M*Z));
-                   on CUDA also edpairs-tf32 (precision="tf32": the masked product on
-                   tensor cores, TF32 operands, float32 per block, float64 between blocks)
+  moments:         edpairs.ops.moments  vs  numpy.cov  vs  torch.cov
+  signal moments:  edpairs.ops.signal_moments  vs  torch (Z = X W - b, M = Z > 0, X^T M and X^T (M*Z))
+
+On CUDA (torch tensors) the edpairs rows are: "edpairs" / "edpairs-tf32", the default route
+(edpairs._gemm: cuBLAS products of --workspace-rows rows at a time, exact float32 / TF32
+operands, float64 between steps; "-rN" rows for the other step sizes) and "edpairs-kernel" /
+"edpairs-kernel-tf32", edpairs' own CUDA kernels (EDPAIRS_GEMM_ROUTE=kernel: SIMT exact, or the
+tensor-core scatter / masked product with TF32 operands).
 
 Results are checked against float64 before timing. With --device cuda the GPU rates are
 printed next to the machine's measured GEMM rate when gpu_check.sh passes --gemm-tflops.
@@ -45,6 +47,8 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", default=["200000,512,256"], help="N,D,I triples")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", default="benchmarks/out/moments_{device}.json")
+    p.add_argument("--workspace-rows", type=int, nargs="+", default=[32768],
+                   help="CUDA: rows per step of the cuBLAS route (the first is the plain 'edpairs' row)")
     args = p.parse_args()
 
     import torch
@@ -74,25 +78,27 @@ def main() -> None:
 
         mom_flops = N * D * D  # symmetric rank-N update: D^2/2 entries, 2 flops each
         sig_flops = 2.0 * N * D * I * 3  # Z = XW, then X^T [M, M*Z]
+        cuda = dev.startswith("cuda")
+        edp_methods = _edpairs_methods(cuda, args.workspace_rows)
         cases = {
             "moments": {
-                "edpairs": lambda: edp.ops.moments(X, check_finite=False).cov,
-                **({"edpairs-tf32": lambda: edp.ops.moments(X, check_finite=False, precision="tf32").cov}
-                   if dev.startswith("cuda") else {}),
+                **{name: (lambda kw=kw, env=env: _edp(edp, env, edp.ops.moments, X, check_finite=False, **kw).cov)
+                   for name, (kw, env) in edp_methods.items()},
                 "torch.cov": lambda: torch.cov(X.float().T),
                 **({"numpy.cov": lambda: np.cov(Xn, rowvar=False)} if dev == "cpu" and args.dtype == "float32" else {}),
             },
             "signal_moments": {
-                "edpairs": lambda: edp.ops.signal_moments(X, Wt, bt, check_finite=False).sum_xz,
-                **({"edpairs-tf32": lambda: edp.ops.signal_moments(X, Wt, bt, check_finite=False,
-                                                                   precision="tf32").sum_xz}
-                   if dev.startswith("cuda") else {}),
+                **{name: (lambda kw=kw, env=env: _edp(edp, env, edp.ops.signal_moments, X, Wt, bt, check_finite=False,
+                                                      **kw).sum_xz)
+                   for name, (kw, env) in edp_methods.items()},
                 "torch": lambda: _torch_signal(X.float(), Wt, bt)[1],
             },
         }
         checks = {
-            "moments": lambda f: rel_err(to_numpy(_on_sample(f, X, 50000, edp, torch, "moments")), ref_cov),
-            "signal_moments": lambda f: rel_err(to_numpy(_on_sample(f, X, 50000, edp, torch, "signal", Wt, bt)), ref_sxz),
+            "moments": lambda f: rel_err(to_numpy(_on_sample(f, X, 50000, edp, torch, "moments", methods=edp_methods)),
+                                         ref_cov),
+            "signal_moments": lambda f: rel_err(to_numpy(_on_sample(f, X, 50000, edp, torch, "signal", Wt, bt,
+                                                                    methods=edp_methods)), ref_sxz),
         }
         for op, methods in cases.items():
             base = None
@@ -110,26 +116,52 @@ def main() -> None:
     print_table(rows, ["op", "N,D,I", "method", "ms", "GFLOP/s", "time vs edpairs", "rel err (sample)"])
 
 
+def _edpairs_methods(cuda: bool, workspace_rows):
+    """edpairs variants: name -> (keyword arguments, EDPAIRS_GEMM_ROUTE). On CUDA the default
+    route (cuBLAS products, exact float32 / TF32) at each --workspace-rows, and the kernels."""
+    if not cuda:
+        return {"edpairs": ({}, None)}
+    out = {}
+    for i, rows in enumerate(workspace_rows):
+        tag = "" if i == 0 else f"-r{rows}"
+        out[f"edpairs{tag}"] = ({"workspace_rows": rows}, "gemm")
+        out[f"edpairs-tf32{tag}"] = ({"workspace_rows": rows, "precision": "tf32"}, "gemm")
+    out["edpairs-kernel"] = ({}, "kernel")
+    out["edpairs-kernel-tf32"] = ({"precision": "tf32"}, "kernel")
+    return out
+
+
+def _edp(edp, env, fn, *args, **kw):
+    if env is None:
+        return fn(*args, **kw)
+    before = os.environ.get("EDPAIRS_GEMM_ROUTE")
+    os.environ["EDPAIRS_GEMM_ROUTE"] = env
+    try:
+        return fn(*args, **kw)
+    finally:
+        if before is None:
+            os.environ.pop("EDPAIRS_GEMM_ROUTE", None)
+        else:
+            os.environ["EDPAIRS_GEMM_ROUTE"] = before
+
+
 def _torch_signal(X, W, b):
     Z = X @ W - b
     M = (Z > 0).to(X.dtype)
     return X.T @ M, X.T @ (M * Z)
 
 
-def _on_sample(method, X, n, edp, torch, op, W=None, b=None):
+def _on_sample(method, X, n, edp, torch, op, W=None, b=None, methods=None):
     Xs = X[:n]
+    if method in methods:
+        kw, env = methods[method]
+        if op == "moments":
+            return _edp(edp, env, edp.ops.moments, Xs, **kw).cov
+        return _edp(edp, env, edp.ops.signal_moments, Xs, W, b, **kw).sum_xz
     if op == "moments":
-        if method == "edpairs":
-            return edp.ops.moments(Xs).cov
-        if method == "edpairs-tf32":
-            return edp.ops.moments(Xs, precision="tf32").cov
         if method == "numpy.cov":
             return np.cov(Xs.cpu().float().numpy(), rowvar=False)
         return torch.cov(Xs.float().T)
-    if method == "edpairs":
-        return edp.ops.signal_moments(Xs, W, b).sum_xz
-    if method == "edpairs-tf32":
-        return edp.ops.signal_moments(Xs, W, b, precision="tf32").sum_xz
     return _torch_signal(Xs.float(), W, b)[1].T
 
 

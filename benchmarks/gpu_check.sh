@@ -3,8 +3,9 @@
 # the card's ceilings, run the GPU benchmarks (each with a correctness check against float64
 # before timing); JSON and logs under $OUT, the goals of issue 6 as a short table last.
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
-# Files under $OUT (the device returns at most 8): log.txt, build.log, cuda_tests.xml,
-# ceilings.json, kmeans_cuda_f32.json, kmeans_cuda_bf16.json, moments_cuda.json, stream_cuda.json.
+# Files under $OUT (the device returns at most 8): log.txt, cuda_tests.xml, ceilings.json,
+# kmeans_cuda_f32.json, kmeans_cuda_bf16.json, moments_cuda.json, stream_cuda.json,
+# route_parts.json (build.log too when the build fails, in place of the later files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out/gpu}"
@@ -27,8 +28,8 @@ MARK="cuda and not slow"
 export EDPAIRS_CUDA_ARCHITECTURES="$ARCHS"
 
 step "build (EDPAIRS_CUDA=ON, archs $ARCHS, editable, no network)"
-if ! EDPAIRS_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=16 timeout 420 python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+if ! EDPAIRS_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=16 timeout 420 python3 -m pip install --no-build-isolation --no-deps -e . >/tmp/edpairs_build.log 2>&1; then
+  cp /tmp/edpairs_build.log "$OUT/build.log"; tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
 fi
 python3 -c "import edpairs, json; i = edpairs.build_info(); print(json.dumps(i)); assert i['cuda'] and edpairs.cuda_device_count() > 0"
 
@@ -46,16 +47,19 @@ EDPAIRS_PRECISION=tf32 timeout 120 python3 -m pytest -q -m "$MARK" tests/test_cu
 step "ceilings"
 timeout 120 python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" || status=1
 
-step "spherical k-means iteration (float32 data: tensor cores TF32 / exact float32 / torch TF32)"
-timeout 330 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs,edpairs-fused,edpairs-blk,edpairs-1sm,edpairs-f32,torch --repeat "$REPEAT" \
+step "spherical k-means iteration (float32 data: cuBLAS route / tensor-core kernel, TF32 and exact; torch TF32)"
+timeout 420 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs,edpairs-r8192,edpairs-r32768,edpairs-kernel,edpairs-f32,edpairs-kernel-f32,torch --repeat "$REPEAT" \
   --sizes 1000000,512,1024 1000000,512,64 --json "$OUT/kmeans_cuda_f32.json" || status=1
 step "spherical k-means iteration (bfloat16 data)"
-timeout 260 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --methods edpairs,edpairs-fused,edpairs-1sm,torch --repeat "$REPEAT" \
+timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --methods edpairs,torch --repeat "$REPEAT" \
   --sizes 1000000,512,1024 1000000,512,64 --json "$OUT/kmeans_cuda_bf16.json" || status=1
 
 step "moments and signal moments"
-timeout 200 python3 benchmarks/bench_moments.py --device cuda --sizes 1000000,512,256 --repeat "$REPEAT" \
-  --json "$OUT/moments_cuda.json" || status=1
+timeout 240 python3 benchmarks/bench_moments.py --device cuda --sizes 1000000,512,256 --repeat "$REPEAT" \
+  --workspace-rows 32768 8192 131072 --json "$OUT/moments_cuda.json" || status=1
+
+step "where the route's time goes (each piece alone)"
+timeout 120 python3 benchmarks/bench_route_parts.py --json "$OUT/route_parts.json" || status=1
 
 step "host data streamed to the GPU (DeviceChunks vs .to per chunk vs the pinned copy rate)"
 timeout 240 python3 benchmarks/bench_stream.py --gib 4 --repeat 3 --json "$OUT/stream_cuda.json" || status=1
@@ -94,35 +98,40 @@ def t(table, size, method):
     return (table.get((size, method)) or {}).get("median_s")
 big, small = (1000000, 512, 1024), (1000000, 512, 64)
 goals = []
-e, tt = t(f32, big, "edpairs"), t(f32, big, "torch")
-if e and tt:
-    goals.append(("k=1024 f32: torch TF32 / edpairs TF32 time", tt / e, 2.0))
-    goals.append(("k=1024 f32: edpairs TF32 rate / TF32 GEMM rate", 2 * 1e6 * 512 * 1024 / e / 1e12 / tf32 if tf32 else 0, 0.6))
+tt = t(f32, big, "torch")
+for method in ("edpairs", "edpairs-r8192", "edpairs-r32768", "edpairs-kernel"):
+    e = t(f32, big, method)
+    if e and tt:
+        goals.append((f"k=1024 f32 {method}: torch TF32 / edpairs TF32 time", tt / e, 2.0))
+        goals.append((f"k=1024 f32 {method}: rate / TF32 GEMM rate", 2 * 1e6 * 512 * 1024 / e / 1e12 / tf32 if tf32 else 0, 0.6))
 e, tt = t(b16, big, "edpairs"), t(b16, big, "torch")
 if e and tt:
     goals.append(("k=1024 bf16: torch bf16 / edpairs time", tt / e, 1.5))
-for method in ("edpairs", "edpairs-fused"):
+for method in ("edpairs", "edpairs-r8192", "edpairs-r32768", "edpairs-kernel"):
     e = t(f32, small, method)
     if e:
         goals.append((f"k=64 f32 {method}: one read of X (GB/s) / copy GB/s", 1e6 * 512 * 4 / e / 1e9 / copy if copy else 0, 0.7))
-for method in ("edpairs", "edpairs-fused"):
-    e = t(b16, small, method)
-    if e:
-        goals.append((f"k=64 bf16 {method}: one read of X / copy (information)", 1e6 * 512 * 2 / e / 1e9 / copy if copy else 0, 0.7))
-e, tt = t(f32, small, "edpairs-fused"), t(f32, small, "torch")
-if e and tt:
-    goals.append(("k=64 f32: torch TF32 / edpairs-fused time (information)", tt / e, 1.0))
+e = t(b16, small, "edpairs")
+if e:
+    goals.append(("k=64 bf16 edpairs: one read of X / copy (information)", 1e6 * 512 * 2 / e / 1e9 / copy if copy else 0, 0.7))
 m = load("moments_cuda.json") or {}
-print(f"{'op':16s} {'N,D,I':18s} {'method':14s} {'ms':>8s} {'rel err':>9s}")
+print(f"{'op':16s} {'N,D,I':18s} {'method':22s} {'ms':>8s} {'rel err':>9s}")
 for x in m.get("results", []):
     if "median_s" in x:
-        print(f"{x['op']:16s} {','.join(map(str, x['size'])):18s} {x['method']:14s} {x['median_s'] * 1e3:8.2f} "
+        print(f"{x['op']:16s} {','.join(map(str, x['size'])):18s} {x['method']:22s} {x['median_s'] * 1e3:8.2f} "
               f"{x.get('rel_err_sample', float('nan')):9.1e}")
+fp32 = c.get("gemm_fp32_TFLOPs", 0)
 for x in m.get("results", []):
-    if x.get("method") in ("edpairs", "edpairs-tf32") and "median_s" in x:
+    if x.get("method", "").startswith("edpairs") and "median_s" in x:
         n, d, i = x["size"]
         flops = n * d * d if x["op"] == "moments" else 2.0 * n * d * i * 3
-        goals.append((f"{x['op']}: {x['method']} rate / TF32 GEMM rate", flops / x["median_s"] / 1e12 / tf32 if tf32 else 0, 0.5))
+        rate = flops / x["median_s"] / 1e12
+        if "tf32" in x["method"]:
+            goals.append((f"{x['op']}: {x['method']} rate / TF32 GEMM rate", rate / tf32 if tf32 else 0, 0.5))
+        else:
+            goals.append((f"{x['op']}: {x['method']} rate / fp32 GEMM rate (exact)", rate / fp32 if fp32 else 0, 0.5))
+for x in (load("route_parts.json") or {}).get("results", []):
+    print(f"{x['group']:14s} {x['piece']:40s} {x['ms']:8.3f} ms  {x.get('note', '')}")
 st = {x["method"]: x for x in (load("stream_cuda.json") or {}).get("results", [])}
 for method in ("moments DeviceChunks", "k-means pass DeviceChunks"):
     if method in st:

@@ -5,6 +5,9 @@ large inputs. Skipped unless edpairs was built with CUDA and a GPU is visible.""
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 from _helpers import (
@@ -80,6 +83,41 @@ def cupy():
     return pytest.importorskip("cupy")
 
 
+ROUTES = ["gemm", "kernel"]
+
+
+@contextmanager
+def gemm_route(name):
+    """EDPAIRS_GEMM_ROUTE=name inside the block (for hypothesis tests, which refuse
+    function-scoped fixtures such as monkeypatch)."""
+    before = os.environ.get("EDPAIRS_GEMM_ROUTE")
+    os.environ["EDPAIRS_GEMM_ROUTE"] = name
+    try:
+        yield
+    finally:
+        os.environ["EDPAIRS_GEMM_ROUTE"] = before if before is not None else "kernel"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernel_route_by_default():
+    """This module tests edpairs' own CUDA kernels: torch tensors would otherwise take the
+    cuBLAS route of edpairs._gemm. Tests that take ``route`` run on both."""
+    before = os.environ.get("EDPAIRS_GEMM_ROUTE")
+    os.environ["EDPAIRS_GEMM_ROUTE"] = "kernel"
+    yield
+    if before is None:
+        os.environ.pop("EDPAIRS_GEMM_ROUTE", None)
+    else:
+        os.environ["EDPAIRS_GEMM_ROUTE"] = before
+
+
+@pytest.fixture(params=ROUTES)
+def route(request, monkeypatch):
+    """The CUDA route of assign / moments / signal moments for torch tensors (EDPAIRS_GEMM_ROUTE)."""
+    monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", request.param)
+    return request.param
+
+
 def gpu(a, lib="torch", dtype=None):
     """numpy a on the GPU in lib ('torch' or 'cupy')."""
     if a is None:
@@ -107,43 +145,47 @@ def assert_on_device(arrays, like):
 # Every op vs the reference and vs the CPU kernels
 
 
+@pytest.mark.parametrize("route_name", ROUTES)
 @pytest.mark.parametrize("dtype", TORCH_DTYPES)
 @examples(25)
 @given(case=assign_cases())
-def test_torch_cuda_assign_matches_reference_and_cpu(torch, dtype, case):
-    X, C, _ = case
-    Xg = gpu(X, "torch", dtype)
-    res = ops.assign(Xg, gpu(C), precision="float32")
-    assert_on_device(res, Xg)
-    assert [str(a.dtype) for a in res] == ["torch.int64", "torch.float32", "torch.float64", "torch.int64"]
-    Xr = f64(Xg)  # the values the kernel saw (rounded input)
-    check_assignment(res, Xr, C, tol=TOL[dtype])
-    check_duplicate_rows_agree(Xr, res.labels, res.scores)
-    cpu = ops.assign(Xg.cpu(), C)
-    assert_results_agree(res, cpu, Xr, C, tol=TOL[dtype])
-    labels, scores = ops.cosine_assign(Xg, gpu(C), precision="float32")
-    np.testing.assert_array_equal(to_numpy(labels), to_numpy(res.labels))
-    np.testing.assert_array_equal(to_numpy(scores), to_numpy(res.scores))
+def test_torch_cuda_assign_matches_reference_and_cpu(torch, route_name, dtype, case):
+    with gemm_route(route_name):
+        X, C, _ = case
+        Xg = gpu(X, "torch", dtype)
+        res = ops.assign(Xg, gpu(C), precision="float32")
+        assert_on_device(res, Xg)
+        assert [str(a.dtype) for a in res] == ["torch.int64", "torch.float32", "torch.float64", "torch.int64"]
+        Xr = f64(Xg)  # the values the kernel saw (rounded input)
+        check_assignment(res, Xr, C, tol=TOL[dtype])
+        check_duplicate_rows_agree(Xr, res.labels, res.scores)
+        cpu = ops.assign(Xg.cpu(), C)
+        assert_results_agree(res, cpu, Xr, C, tol=TOL[dtype])
+        labels, scores = ops.cosine_assign(Xg, gpu(C), precision="float32")
+        np.testing.assert_array_equal(to_numpy(labels), to_numpy(res.labels))
+        np.testing.assert_array_equal(to_numpy(scores), to_numpy(res.scores))
 
 
+@pytest.mark.parametrize("route_name", ROUTES)
 @examples(25)
 @given(case=assign_cases())
-def test_torch_cuda_assign_options_match_reference(torch, case):
-    X, C, rng = case
-    N, D = X.shape
-    center = rng.standard_normal(D).astype(np.float32)
-    row_scale = (rng.random(N) * (rng.random(N) > 0.2)).astype(np.float32)
-    col_scale = (rng.standard_normal(C.shape[0]) * 2).astype(np.float32)
-    for kw in (dict(center=center), dict(row_scale=row_scale), dict(col_scale=col_scale),
-               dict(center=center, row_scale=row_scale, col_scale=col_scale)):
-        res = ops.assign(gpu(X), gpu(C), precision="float32", **{k: gpu(v) for k, v in kw.items()})
-        check_assignment(res, X, C, **kw)
-        cpu = ops.assign(X, C, **kw)
-        assert_results_agree(res, cpu, X, C, **kw)
+def test_torch_cuda_assign_options_match_reference(torch, route_name, case):
+    with gemm_route(route_name):
+        X, C, rng = case
+        N, D = X.shape
+        center = rng.standard_normal(D).astype(np.float32)
+        row_scale = (rng.random(N) * (rng.random(N) > 0.2)).astype(np.float32)
+        col_scale = (rng.standard_normal(C.shape[0]) * 2).astype(np.float32)
+        for kw in (dict(center=center), dict(row_scale=row_scale), dict(col_scale=col_scale),
+                   dict(center=center, row_scale=row_scale, col_scale=col_scale)):
+            res = ops.assign(gpu(X), gpu(C), precision="float32", **{k: gpu(v) for k, v in kw.items()})
+            check_assignment(res, X, C, **kw)
+            cpu = ops.assign(X, C, **kw)
+            assert_results_agree(res, cpu, X, C, **kw)
 
 
 @pytest.mark.parametrize("dtype", TORCH_DTYPES)
-def test_torch_cuda_moments_match_reference_and_cpu(torch, dtype, rng):
+def test_torch_cuda_moments_match_reference_and_cpu(torch, route, dtype, rng):
     for N, D in [(1, 3), (2, 1), (511, 7), (513, 16), (3000, 33), (1000, 130)]:
         X = (rng.standard_normal((N, D)) @ rng.standard_normal((D, D)) + 5).astype(np.float32)
         Xg = gpu(X, "torch", dtype)
@@ -162,7 +204,7 @@ def test_torch_cuda_moments_match_reference_and_cpu(torch, dtype, rng):
 
 @pytest.mark.parametrize("dtype", TORCH_DTYPES)
 @pytest.mark.parametrize("center", [False, True])
-def test_torch_cuda_signal_moments_match_reference_and_cpu(torch, dtype, center, rng):
+def test_torch_cuda_signal_moments_match_reference_and_cpu(torch, route, dtype, center, rng):
     for N, D, I in [(1, 3, 1), (70, 9, 17), (2000, 40, 8), (600, 100, 70)]:
         X, W, b, c = make_signal_data(rng, N, D, I, center=center)
         Xg = gpu(X, "torch", dtype)
@@ -177,7 +219,7 @@ def test_torch_cuda_signal_moments_match_reference_and_cpu(torch, dtype, center,
 
 
 @pytest.mark.parametrize("workspace_rows", [1, 7, 1000, 32768])
-def test_torch_cuda_signal_moments_workspace_steps(torch, workspace_rows, rng):
+def test_torch_cuda_signal_moments_workspace_steps(torch, route, workspace_rows, rng):
     X, W, b, c = make_signal_data(rng, 3001, 20, 6, center=True)
     sm = ops.signal_moments(gpu(X), gpu(W), gpu(b), center=gpu(c), workspace_rows=workspace_rows)
     check_signal_moments(sm, X, W, b, center=c)
@@ -190,7 +232,7 @@ def test_torch_cuda_signal_moments_rejects_an_empty_workspace(torch, rng):
 
 
 @pytest.mark.parametrize("dtype", TORCH_DTYPES)
-def test_torch_cuda_spherical_kmeans_step_and_normalize(torch, dtype, rng):
+def test_torch_cuda_spherical_kmeans_step_and_normalize(torch, route, dtype, rng):
     for N, D, k in [(1, 4, 3), (300, 16, 5), (2000, 37, 70)]:
         C = make_centroids(rng, k, D, duplicates=1) * 3
         X = make_rows(rng, N, D, C=C, zero_rows=1 if N > 1 else 0)
@@ -238,7 +280,7 @@ def test_cupy_ops_match_reference_and_cpu(cupy, dtype, rng):
 
 
 @pytest.mark.parametrize("layout", [lay for lay in LAYOUTS if lay != "negative_row_stride"])
-def test_torch_cuda_noncontiguous_inputs(torch, layout, rng):
+def test_torch_cuda_noncontiguous_inputs(torch, route, layout, rng):
     C = make_centroids(rng, 9, 21)
     X = make_rows(rng, 700, 21, C=C)
     Xg = with_layout(X, layout, "torch", device=DEVICE)
@@ -282,7 +324,7 @@ CUDA_EDGE = _cuda_edge_cases()
 
 
 @pytest.mark.parametrize("name", list(CUDA_EDGE), ids=_ids(CUDA_EDGE))
-def test_torch_cuda_assign_edge_cases(torch, name):
+def test_torch_cuda_assign_edge_cases(torch, route, name):
     X, C = CUDA_EDGE[name]
     tol = TOL["float32"] if X.shape[1] <= 512 else Tol(score=3e-5, margin=3e-4, sums=1e-5)
     res = ops.assign(gpu(X), gpu(C), precision="float32")
@@ -292,7 +334,7 @@ def test_torch_cuda_assign_edge_cases(torch, name):
 
 
 @pytest.mark.parametrize("op", ["assign", "cosine_assign", "moments", "signal_moments", "spherical_kmeans_step"])
-def test_torch_cuda_no_rows(torch, op):
+def test_torch_cuda_no_rows(torch, route, op):
     """N = 0 on CUDA: empty labels / scores, zero sums and counts, n = 0."""
     X = gpu(np.zeros((0, 5), np.float32))
     C = gpu(np.ones((3, 5), np.float32))
@@ -317,7 +359,7 @@ def test_torch_cuda_no_rows(torch, op):
         np.testing.assert_allclose(to_numpy(cents), np.full((3, 5), 1 / np.sqrt(5)), rtol=1e-6)
 
 
-def test_torch_cuda_outputs_are_overwritten_not_accumulated(torch, rng):
+def test_torch_cuda_outputs_are_overwritten_not_accumulated(torch, route, rng):
     """Repeated calls (the caching allocator hands back the same memory) give the same sums."""
     C = make_centroids(rng, 10, 12)
     X = gpu(make_rows(rng, 5000, 12, C=C))
@@ -331,7 +373,7 @@ def test_torch_cuda_outputs_are_overwritten_not_accumulated(torch, rng):
         np.testing.assert_allclose(to_numpy(m1.m2), to_numpy(m2.m2), rtol=1e-12, atol=1e-12)
 
 
-def test_torch_cuda_moments_update_and_merge(torch, rng):
+def test_torch_cuda_moments_update_and_merge(torch, route, rng):
     from edpairs.ops import Moments
 
     X = (rng.standard_normal((4000, 9)) + 100).astype(np.float32)
@@ -383,7 +425,7 @@ def _check_stream_results(out, X, C, Xs, W, b, c):
     assert to_numpy(kcounts).sum() == len(X)
 
 
-def test_torch_ops_run_on_the_current_stream(torch, rng):
+def test_torch_ops_run_on_the_current_stream(torch, route, rng):
     X, C, Xs, W, b, c = _stream_inputs(rng)
     src, srcs = gpu(X), gpu(Xs)
     Cg, Wg, bg, cg = gpu(C), gpu(W), gpu(b), gpu(c)
@@ -424,7 +466,7 @@ def test_cupy_ops_run_on_the_current_stream(cupy, rng):
 # Errors on CUDA
 
 
-def test_check_finite_on_cuda_raises(torch, rng):
+def test_check_finite_on_cuda_raises(torch, route, rng):
     X = make_rows(rng, 50, 4)
     C = make_centroids(rng, 3, 4)
     Xn = X.copy()
@@ -501,7 +543,7 @@ def test_mismatched_gpus_raise(torch, rng):
 
 
 @pytest.mark.slow
-def test_torch_cuda_large_assign(torch):
+def test_torch_cuda_large_assign(torch, route):
     rng = np.random.default_rng(2024)
     C = make_centroids(rng, 100, 64, duplicates=3, zeros=1)
     X = make_rows(rng, 300_000, 64, C=C, zero_rows=50, duplicate_rows=100)
@@ -513,7 +555,7 @@ def test_torch_cuda_large_assign(torch):
 
 
 @pytest.mark.slow
-def test_torch_cuda_large_moments_and_signal_moments(torch):
+def test_torch_cuda_large_moments_and_signal_moments(torch, route):
     rng = np.random.default_rng(2025)
     X = (rng.standard_normal((300_000, 64)) + 10).astype(np.float32)
     check_moments(ops.moments(gpu(X)), X)
@@ -527,7 +569,7 @@ def test_torch_cuda_large_moments_and_signal_moments(torch):
 
 
 @pytest.mark.slow
-def test_torch_cuda_large_kmeans_step(torch):
+def test_torch_cuda_large_kmeans_step(torch, route):
     rng = np.random.default_rng(2026)
     C = make_centroids(rng, 100, 64)
     X = make_rows(rng, 300_000, 64, C=C)
@@ -679,7 +721,7 @@ def test_tensor_core_assign_strided_rows(torch, dtype, layout, rng):
 
 
 @pytest.mark.parametrize("dtype", TC_DTYPES)
-def test_tensor_core_agrees_with_exact_float32(torch, dtype, rng):
+def test_tensor_core_agrees_with_exact_float32(torch, route, dtype, rng):
     """Both CUDA paths on clustered data of the benchmark's shape family: labels agree except
     where the exact scores of the two choices are within the tensor-core bound."""
     N, D, k = 20000, 512, 256
@@ -697,7 +739,7 @@ def test_tensor_core_agrees_with_exact_float32(torch, dtype, rng):
     assert np.all(np.abs(S[rows, lt] - S[rows, le]) < 0.02)
 
 
-def test_tensor_core_spherical_kmeans_step(torch, rng):
+def test_tensor_core_spherical_kmeans_step(torch, route, rng):
     for dtype in TC_DTYPES:
         C = make_centroids(rng, 70, 37) * 3
         X = make_rows(rng, 3000, 37, C=C, zero_rows=2)
@@ -735,7 +777,7 @@ def test_tensor_core_float64_input_takes_the_exact_path(torch, rng):
     check_assignment(res, X, C)
 
 
-def test_tensor_core_runs_on_the_current_stream(torch, rng):
+def test_tensor_core_runs_on_the_current_stream(torch, route, rng):
     X, C, _, _, _, _ = _stream_inputs(rng)
     src, Cg = gpu(X), gpu(C)
     Xg = torch.zeros_like(src)
@@ -862,6 +904,7 @@ def test_moments_tf32_opt_in(torch, N, D, layout, rng, monkeypatch):
     """EDPAIRS_MOMENTS=tf32 (tensor-core scatter, float32 x): mean exact, m2 symmetric, every
     entry written, within TF32 rounding of the float64 scatter on offset data (the centring
     comes before the rounding)."""
+    monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "kernel")  # the tensor-core kernels, not cuBLAS
     X = (rng.standard_normal((N, D)) * (1 + rng.random(D)) + 40.0).astype(np.float32)
     # Rows 16-byte aligned (the kernel's condition; ragged D padded), a gap for "strided".
     wide = torch.zeros((N, -(-D // 4) * 4 + (4 if layout == "strided" else 0)), dtype=torch.float32, device=DEVICE)
@@ -888,6 +931,7 @@ def test_moments_tf32_opt_in(torch, N, D, layout, rng, monkeypatch):
 def test_moments_tf32_falls_back_to_exact(torch, rng, monkeypatch):
     """Where the tensor-core scatter does not apply (16-bit or float64 x, rows not 16-byte
     aligned) EDPAIRS_MOMENTS=tf32 keeps the exact float32 kernel: equal to the default."""
+    monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "kernel")  # the tensor-core kernels, not cuBLAS
     X = rng.standard_normal((3000, 37)).astype(np.float32) + 5
     wide = torch.zeros((3000, 38), dtype=torch.float32, device=DEVICE)
     wide[:, :37] = gpu(X)
@@ -905,6 +949,7 @@ def test_moments_tf32_falls_back_to_exact(torch, rng, monkeypatch):
 def test_signal_moments_tf32_opt_in(torch, N, D, I, center, rng, monkeypatch):
     """EDPAIRS_SIGNAL_MOMENTS=tf32 (kernel B on tensor cores): count, sum_z, sum_zz as the exact
     path (kernel A is shared), sum_x and sum_xz within TF32 rounding of it, every entry written."""
+    monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "kernel")  # the tensor-core kernels, not cuBLAS
     X = (rng.standard_normal((N, D)) + 1.0).astype(np.float32)
     W = (rng.standard_normal((D, I)) / np.sqrt(D)).astype(np.float32)
     b = (rng.standard_normal(I) * 0.3).astype(np.float32)
@@ -933,6 +978,7 @@ def test_signal_moments_tf32_opt_in(torch, N, D, I, center, rng, monkeypatch):
 def test_moments_precision_argument(torch, rng, monkeypatch):
     """precision='tf32' of ops.moments / ops.signal_moments takes the same kernels as the
     environment knobs; precision='float32' (the default) the exact ones; others are refused."""
+    monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "kernel")  # the tensor-core kernels, not cuBLAS
     X = (rng.standard_normal((20_000, 96)) + 3).astype(np.float32)
     W = (rng.standard_normal((96, 40)) / 10).astype(np.float32)
     b = (rng.standard_normal(40) * 0.1).astype(np.float32)

@@ -317,6 +317,177 @@ void signal_moments(py::handle x_, py::handle w_, py::handle b_, py::handle cent
   dispatch<edpairs::SignalMomentsArgs>(a, a.x.device, stream, &edpairs::signal_moments_cpu, EDPAIRS_CUDA_FN(signal_moments_cuda));
 }
 
+// ---- the library-product route's pieces (edpairs/_gemm.py) ---------------------------------
+// The per-step kernels come as plans: the arrays are imported and checked once per call, and
+// run() then costs a microsecond or two per block of rows, which matters when the route takes
+// a million rows a few thousand at a time.
+
+// v with its first dimension narrowed to [first, first + rows) (a view, no copy).
+TensorView narrow_rows(TensorView v, int64_t first, int64_t rows) {
+  if (v.present) {
+    v.data = static_cast<char*>(v.data) + first * v.strides[0] * static_cast<int64_t>(element_size(v.dtype));
+    v.shape[0] = rows;
+  }
+  return v;
+}
+
+void expect_step(int64_t first, int64_t rows, int64_t limit, const char* what) {
+  if (first < 0 || rows < 0 || first + rows > limit)
+    fail(std::string(what) + ": rows [" + std::to_string(first) + ", " + std::to_string(first + rows) +
+         ") outside [0, " + std::to_string(limit) + ")");
+}
+
+class SignalMasksPlan {
+ public:
+  SignalMasksPlan(py::handle z, py::handle out, py::handle count, py::handle sum_z, py::handle sum_zz)
+      : z_(ImportedArray::from_capsule(z, "z", false)),
+        out_(ImportedArray::from_capsule(out, "out", true)),
+        count_(ImportedArray::from_capsule(count, "count", true)),
+        sum_z_(ImportedArray::from_capsule(sum_z, "sum_z", true)),
+        sum_zz_(ImportedArray::from_capsule(sum_zz, "sum_zz", true)) {
+    a_.z = z_.view();
+    a_.out = out_.view();
+    a_.count = count_.view();
+    a_.sum_z = sum_z_.view();
+    a_.sum_zz = sum_zz_.view();
+    expect_rank(a_.z, "z", 2, "(R, I)");
+    expect_dtype(a_.z, "z", DType::Float32);
+    const int64_t R = a_.z.shape[0], I = a_.z.shape[1];
+    expect_shape(a_.out, "out", {R, 2 * I}, {"R", "2*I"});
+    expect_dtype(a_.out, "out", DType::Float32);
+    expect_shape(a_.count, "count", {I}, {"I"});
+    expect_dtype(a_.count, "count", DType::Int64);
+    expect_shape(a_.sum_z, "sum_z", {I}, {"I"});
+    expect_dtype(a_.sum_z, "sum_z", DType::Float64);
+    expect_shape(a_.sum_zz, "sum_zz", {I}, {"I"});
+    expect_dtype(a_.sum_zz, "sum_zz", DType::Float64);
+    for (auto [v, name] : {std::pair<const TensorView*, const char*>{&a_.z, "z"}, {&a_.out, "out"},
+                           {&a_.count, "count"}, {&a_.sum_z, "sum_z"}, {&a_.sum_zz, "sum_zz"}})
+      expect_contiguous(*v, name);
+    expect_same_device({{&a_.z, "z"}, {&a_.out, "out"}, {&a_.count, "count"}, {&a_.sum_z, "sum_z"},
+                        {&a_.sum_zz, "sum_zz"}});
+  }
+  // The first `rows` rows of z and out.
+  void run(int64_t rows, uintptr_t stream) {
+    expect_step(0, rows, a_.z.shape[0], "signal_masks");
+    edpairs::SignalMasksArgs a = a_;
+    a.z.shape[0] = rows;
+    a.out.shape[0] = rows;
+    dispatch<edpairs::SignalMasksArgs>(a, a.z.device, stream, &edpairs::signal_masks_cpu,
+                                       EDPAIRS_CUDA_FN(signal_masks_cuda));
+  }
+
+ private:
+  ImportedArray z_, out_, count_, sum_z_, sum_zz_;
+  edpairs::SignalMasksArgs a_;
+};
+
+class ArgmaxRowsPlan {
+ public:
+  ArgmaxRowsPlan(py::handle scores, py::handle x, py::handle center, py::handle row_scale, py::handle labels,
+                 py::handle best, py::handle rscale)
+      : scores_(ImportedArray::from_capsule(scores, "scores", false)),
+        x_(ImportedArray::from_capsule(x, "X", false)),
+        center_(ImportedArray::from_capsule(center, "center", false)),
+        row_scale_(ImportedArray::from_capsule(row_scale, "row_scale", false)),
+        labels_(ImportedArray::from_capsule(labels, "labels", true)),
+        best_(ImportedArray::from_capsule(best, "best", true)),
+        rscale_(ImportedArray::from_capsule(rscale, "rscale", true)) {
+    a_.scores = scores_.view();
+    a_.x = x_.view();
+    a_.center = center_.view();
+    a_.row_scale = row_scale_.view();
+    a_.labels = labels_.view();
+    a_.best = best_.view();
+    a_.rscale = rscale_.view();
+    expect_rank(a_.scores, "scores", 2, "(R, k)");
+    expect_dtype(a_.scores, "scores", DType::Float32);
+    expect_contiguous(a_.scores, "scores");
+    expect_rank(a_.x, "X", 2, "(N, D)");
+    expect_input_dtype(a_.x, "X");
+    expect_cuda_rows(a_.x, "X");
+    const int64_t N = a_.x.shape[0], D = a_.x.shape[1];
+    if (a_.scores.shape[1] < 1) fail("scores must have at least one column, got " + a_.scores.shape_str());
+    if (a_.center.present) {
+      expect_shape(a_.center, "center", {D}, {"D"});
+      expect_dtype(a_.center, "center", DType::Float32);
+    }
+    if (a_.row_scale.present) {
+      expect_shape(a_.row_scale, "row_scale", {N}, {"N"});
+      expect_dtype(a_.row_scale, "row_scale", DType::Float32);
+    }
+    expect_shape(a_.labels, "labels", {N}, {"N"});
+    expect_dtype(a_.labels, "labels", DType::Int64);
+    expect_shape(a_.best, "best", {N}, {"N"});
+    expect_dtype(a_.best, "best", DType::Float32);
+    expect_shape(a_.rscale, "rscale", {N}, {"N"});
+    expect_dtype(a_.rscale, "rscale", DType::Float32);
+    for (const TensorView* v : {&a_.center, &a_.row_scale, &a_.labels, &a_.best, &a_.rscale})
+      if (v->present) expect_contiguous(*v, "an output or parameter array");
+    expect_same_device({{&a_.scores, "scores"}, {&a_.x, "X"}, {&a_.center, "center"}, {&a_.row_scale, "row_scale"},
+                        {&a_.labels, "labels"}, {&a_.best, "best"}, {&a_.rscale, "rscale"}});
+  }
+  // Rows [first, first + rows) of X against the first `rows` rows of scores.
+  void run(int64_t first, int64_t rows, uintptr_t stream) {
+    expect_step(first, rows, a_.x.shape[0], "argmax_rows");
+    expect_step(0, rows, a_.scores.shape[0], "argmax_rows (scores)");
+    edpairs::ArgmaxRowsArgs a = a_;
+    a.scores.shape[0] = rows;
+    a.x = narrow_rows(a_.x, first, rows);
+    a.row_scale = narrow_rows(a_.row_scale, first, rows);
+    a.labels = narrow_rows(a_.labels, first, rows);
+    a.best = narrow_rows(a_.best, first, rows);
+    a.rscale = narrow_rows(a_.rscale, first, rows);
+    dispatch<edpairs::ArgmaxRowsArgs>(a, a.x.device, stream, &edpairs::argmax_rows_cpu,
+                                      EDPAIRS_CUDA_FN(argmax_rows_cuda));
+  }
+
+ private:
+  ImportedArray scores_, x_, center_, row_scale_, labels_, best_, rscale_;
+  edpairs::ArgmaxRowsArgs a_;
+};
+
+void cluster_sums(py::handle x_, py::handle labels_, py::handle rscale_, py::handle center_, py::handle sums_,
+                  py::handle counts_, uintptr_t stream) {
+  auto x = ImportedArray::from_capsule(x_, "X", false);
+  auto labels = ImportedArray::from_capsule(labels_, "labels", false);
+  auto rscale = ImportedArray::from_capsule(rscale_, "rscale", false);
+  auto center = ImportedArray::from_capsule(center_, "center", false);
+  auto sums = ImportedArray::from_capsule(sums_, "sums", true);
+  auto counts = ImportedArray::from_capsule(counts_, "counts", true);
+  edpairs::ClusterSumsArgs a;
+  a.x = x.view();
+  a.labels = labels.view();
+  a.rscale = rscale.view();
+  a.center = center.view();
+  a.sums = sums.view();
+  a.counts = counts.view();
+  expect_rank(a.x, "X", 2, "(N, D)");
+  expect_input_dtype(a.x, "X");
+  expect_cuda_rows(a.x, "X");
+  const int64_t N = a.x.shape[0], D = a.x.shape[1];
+  expect_rank(a.sums, "sums", 2, "(k, D)");
+  const int64_t k = a.sums.shape[0];
+  expect_shape(a.sums, "sums", {k, D}, {"k", "D"});
+  expect_dtype(a.sums, "sums", DType::Float64);
+  expect_shape(a.counts, "counts", {k}, {"k"});
+  expect_dtype(a.counts, "counts", DType::Int64);
+  expect_shape(a.labels, "labels", {N}, {"N"});
+  expect_dtype(a.labels, "labels", DType::Int64);
+  expect_shape(a.rscale, "rscale", {N}, {"N"});
+  expect_dtype(a.rscale, "rscale", DType::Float32);
+  if (a.center.present) {
+    expect_shape(a.center, "center", {D}, {"D"});
+    expect_dtype(a.center, "center", DType::Float32);
+  }
+  for (const TensorView* v : {&a.labels, &a.rscale, &a.center, &a.sums, &a.counts})
+    if (v->present) expect_contiguous(*v, "an output or parameter array");
+  expect_same_device({{&a.x, "X"}, {&a.labels, "labels"}, {&a.rscale, "rscale"}, {&a.center, "center"},
+                      {&a.sums, "sums"}, {&a.counts, "counts"}});
+  dispatch<edpairs::ClusterSumsArgs>(a, a.x.device, stream, &edpairs::cluster_sums_cpu,
+                                     EDPAIRS_CUDA_FN(cluster_sums_cuda));
+}
+
 py::dict build_info() {
   py::dict info;
   info["version"] = EDPAIRS_VERSION;
@@ -388,6 +559,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("signal_moments", &signal_moments, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("center"),
         py::arg("count"), py::arg("sum_x"), py::arg("sum_z"), py::arg("sum_zz"), py::arg("sum_xz"),
         py::arg("workspace"), py::arg("check_finite"), py::arg("stream"), py::arg("precision") = "float32");
+  py::class_<SignalMasksPlan>(m, "SignalMasks")
+      .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle>(), py::arg("z"), py::arg("out"),
+           py::arg("count"), py::arg("sum_z"), py::arg("sum_zz"))
+      .def("run", &SignalMasksPlan::run, py::arg("rows"), py::arg("stream"));
+  py::class_<ArgmaxRowsPlan>(m, "ArgmaxRows")
+      .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle>(),
+           py::arg("scores"), py::arg("x"), py::arg("center"), py::arg("row_scale"), py::arg("labels"),
+           py::arg("best"), py::arg("rscale"))
+      .def("run", &ArgmaxRowsPlan::run, py::arg("first"), py::arg("rows"), py::arg("stream"));
+  m.def("cluster_sums", &cluster_sums, py::arg("x"), py::arg("labels"), py::arg("rscale"), py::arg("center"),
+        py::arg("sums"), py::arg("counts"), py::arg("stream"));
   m.def("build_info", &build_info);
   m.def("cuda_device_count", &cuda_device_count);
   m.def("num_threads", [] { return edpairs::cpu_num_threads(); });

@@ -1158,4 +1158,51 @@ void assign_tensor_core(const AssignArgs& args, cudaStream_t stream) {
 }
 
 }  // namespace cuda_detail
+
+// The sorted cluster sums above on their own, for labels formed elsewhere (the assignment's
+// library-product route, ops.h 3d).
+void cluster_sums_cuda(const ClusterSumsArgs& a, Stream stream) {
+  using namespace cuda_detail;
+  const int64_t n = a.x.size(0), d = a.x.size(1), k = a.sums.size(0);
+  DeviceGuard guard(a.x.device_id);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  auto* counts = reinterpret_cast<unsigned long long*>(a.counts.ptr<int64_t>());
+  double* sums = a.sums.ptr<double>();
+  EDPAIRS_CUDA_CHECK(cudaMemsetAsync(sums, 0, static_cast<size_t>(k * d) * sizeof(double), s));
+  EDPAIRS_CUDA_CHECK(cudaMemsetAsync(counts, 0, static_cast<size_t>(k) * sizeof(int64_t), s));
+  if (n == 0) return;
+  if (n > INT_MAX || k > INT_MAX || d > INT_MAX) {
+    fail("cluster_sums: too large for one launch: x " + a.x.shape_str() + ", sums " + a.sums.shape_str());
+  }
+  struct Workspace {
+    void* ptr = nullptr;
+    cudaStream_t stream;
+    ~Workspace() {
+      if (ptr != nullptr) (void)cudaFreeAsync(ptr, stream);
+    }
+  } workspace{nullptr, s};
+  EDPAIRS_CUDA_CHECK(cudaMallocAsync(&workspace.ptr, static_cast<size_t>(n + k) * sizeof(int), s));
+  int* perm = static_cast<int*>(workspace.ptr);
+  int* cursor = perm + n;
+  const int64_t* labels = a.labels.ptr<const int64_t>();
+  const unsigned row_blocks = static_cast<unsigned>(ceil_div(n, 256));
+  histogram_kernel<<<row_blocks, 256, 0, s>>>(labels, n, counts);
+  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+  scan_kernel<<<1, kScanThreads, 0, s>>>(counts, static_cast<int>(k), cursor);
+  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+  scatter_kernel<<<row_blocks, 256, 0, s>>>(labels, n, cursor, perm);
+  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+  const float* center = a.center.present ? a.center.ptr<const float>() : nullptr;
+  dispatch_input_dtype(a.x, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    segmented_sums_kernel<T><<<static_cast<unsigned>(ceil_div(n, kSegRows)), kSegThreads, 0, s>>>(
+        static_cast<const T*>(a.x.data), a.x.stride(0), n, static_cast<int>(d), center, labels,
+        a.rscale.ptr<const float>(), perm, sums);
+    EDPAIRS_CUDA_CHECK(cudaGetLastError());
+  });
+  void* ws = workspace.ptr;
+  workspace.ptr = nullptr;
+  EDPAIRS_CUDA_CHECK(cudaFreeAsync(ws, s));
+}
+
 }  // namespace edpairs

@@ -335,4 +335,64 @@ void signal_moments_cuda(const SignalMomentsArgs& args, Stream stream) {
   });
 }
 
+// ---- the detector epilogue alone (ops.h 3c), for the library-product route ----------------
+
+namespace {
+
+constexpr int kMaskThreads = 256;  // concepts per block (consecutive threads: coalesced rows)
+constexpr int kMaskRows = 64;      // rows per block: one float64 atomic per concept and block
+
+// Grid: x over blocks of kMaskThreads concepts, y over blocks of kMaskRows rows (looping when
+// there are more row blocks than gridDim.y).
+__global__ void __launch_bounds__(kMaskThreads)
+signal_masks_kernel(const float* __restrict__ z, const int64_t rows, const int concepts,
+                    float* __restrict__ out, unsigned long long* __restrict__ count,
+                    double* __restrict__ sum_z, double* __restrict__ sum_zz) {
+  const int i = blockIdx.x * kMaskThreads + threadIdx.x;
+  if (i >= concepts) return;
+  const int64_t width = 2 * static_cast<int64_t>(concepts);
+  for (int64_t r0 = static_cast<int64_t>(blockIdx.y) * kMaskRows; r0 < rows;
+       r0 += static_cast<int64_t>(gridDim.y) * kMaskRows) {
+    const int64_t r1 = r0 + kMaskRows < rows ? r0 + kMaskRows : rows;
+    unsigned long long c = 0;
+    double s = 0.0, ss = 0.0;
+#pragma unroll 8
+    for (int64_t r = r0; r < r1; ++r) {
+      const float v = z[r * concepts + i];
+      const bool positive = v > 0.0f;
+      out[r * width + i] = positive ? 1.0f : 0.0f;
+      out[r * width + concepts + i] = positive ? v : 0.0f;
+      if (positive) {
+        ++c;
+        s += v;
+        ss += static_cast<double>(v) * v;
+      }
+    }
+    if (c != 0) {
+      atomicAdd(count + i, c);
+      atomicAdd(sum_z + i, s);
+      atomicAdd(sum_zz + i, ss);
+    }
+  }
+}
+
+}  // namespace
+
+void signal_masks_cuda(const SignalMasksArgs& a, Stream stream) {
+  const int64_t rows = a.z.size(0), concepts = a.z.size(1);
+  if (rows < 1) return;
+  if (concepts < 1 || 2 * concepts > cuda_detail::kMaxExtent) {
+    fail("signal_masks: need 1 <= I <= 2^29, got z " + a.z.shape_str());
+  }
+  cuda_detail::DeviceGuard guard(a.z.device_id);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const dim3 grid(static_cast<unsigned>(ceil_div(concepts, kMaskThreads)),
+                  static_cast<unsigned>(std::min<int64_t>(ceil_div(rows, kMaskRows), 65535)));
+  signal_masks_kernel<<<grid, kMaskThreads, 0, s>>>(
+      a.z.ptr<const float>(), rows, static_cast<int>(concepts), a.out.ptr<float>(),
+      reinterpret_cast<unsigned long long*>(a.count.ptr<int64_t>()), a.sum_z.ptr<double>(),
+      a.sum_zz.ptr<double>());
+  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+}
+
 }  // namespace edpairs

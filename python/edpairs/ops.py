@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
 from ._arrays import FLOAT_INPUTS, Namespace, as_array, namespace_of
+from . import _gemm
 from ._backend import lib
 
 __all__ = [
@@ -112,6 +113,12 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     cores a label can differ from the exact one only where two centroids' scores are within
     about 1e-3 (TF32) or 1e-2 (bfloat16) of each other relative to the row's scale; scores
     carry a relative error of the same order. float64 X always takes the exact path.
+
+    torch CUDA float32 X takes the library-product route (edpairs._gemm;
+    ``EDPAIRS_GEMM_ROUTE=kernel`` keeps edpairs' fused kernels): cuBLAS forms the scores of
+    EDPAIRS_GEMM_ASSIGN_ROWS rows at a time (default 16384; a (rows, k) float32 block, never
+    the whole (N, k) matrix) in the precision asked for, an edpairs kernel takes each row's
+    argmax and norm, and the sums come from one sorted pass over X.
     """
     X, xp = _data(X)
     precision = _precision(precision, X)
@@ -131,6 +138,11 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     scores = xp.empty((N,), "float32", X)
     sums = xp.empty((k, D), "float64", X) if accumulate else None
     counts = xp.empty((k,), "int64", X) if accumulate else None
+    shapes_ok = k >= 1 and D >= 1 and C.shape[1] == D and (col_scale is None or tuple(col_scale.shape) == (k,))
+    if shapes_ok and _gemm.assign_applies(X, xp):  # (the kernels' bindings word the shape errors)
+        _gemm.assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, precision=precision,
+                     rows=_gemm.assign_rows(), lib=lib())
+        return Assignment(labels, scores, sums, counts)
     c = xp.capsule
     lib().assign(c(X), c(C), c(center), c(row_scale), c(col_scale), c(labels), c(scores), c(sums), c(counts),
                  bool(check_finite), precision, xp.stream(X))
@@ -244,7 +256,8 @@ def _product_precision(precision: str) -> str:
     return precision
 
 
-def moments(X, *, check_finite: bool = True, precision: str = "float32") -> Moments:
+def moments(X, *, check_finite: bool = True, precision: str = "float32",
+            workspace_rows: int = 32768) -> Moments:
     """Count, mean and centred scatter of the rows of X (N, D), one pass of the kernels.
 
     Products are float32 on centred values, accumulated in float32 over at most 512 rows
@@ -252,16 +265,28 @@ def moments(X, *, check_finite: bool = True, precision: str = "float32") -> Mome
     ``precision="tf32"`` (CUDA, float32 X with 16-byte aligned rows; exact elsewhere) takes the
     products of the centred rows on tensor cores with TF32 operands (relative error ~1e-4,
     float32 within a block of rows, float64 across blocks); the CPU is always exact.
+
+    torch CUDA tensors of float32, float16 or bfloat16 take the library-product route
+    (edpairs._gemm; ``EDPAIRS_GEMM_ROUTE=kernel`` keeps edpairs' own kernels): the products
+    are cuBLAS matrix products of ``workspace_rows`` centred rows at a time (float32
+    accumulation over those rows, exact float32 operands by default, TF32 with
+    ``precision="tf32"``), added in float64; the scratch is ``workspace_rows x D`` float32.
     """
     precision = _product_precision(precision)
     X, xp = _data(X)
     N, D = X.shape
     if D < 1:
         raise ValueError(f"X must have at least one column, got shape {tuple(X.shape)}")
+    if workspace_rows < 1:
+        raise ValueError(f"workspace_rows must be >= 1, got {workspace_rows}")
     if N == 0:
         return Moments(0, None, None)
     if check_finite:
         _check_finite_cuda(xp, [("X", X)])
+    if _gemm.applies(X, xp):
+        mean, m2 = _gemm.moments(X, precision=_gemm.knob_precision(precision, "EDPAIRS_MOMENTS"),
+                                 rows=int(workspace_rows))
+        return Moments(int(N), mean, m2)
     mean = xp.empty((D,), "float64", X)
     m2 = xp.empty((D, D), "float64", X)
     c = xp.capsule
@@ -320,6 +345,14 @@ def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace
     scratch memory on CUDA (rows x 2I float32). ``precision="tf32"`` (CUDA, float32 X with
     16-byte aligned rows; exact elsewhere) takes the masked product on tensor cores with TF32
     operands; z and the masks stay exact float32, so counts and the z sums do not change.
+
+    torch CUDA tensors of float32, float16 or bfloat16 take the library-product route
+    (edpairs._gemm; ``EDPAIRS_GEMM_ROUTE=kernel`` keeps edpairs' own kernels): ``Z = X~ W - b'``
+    and ``X~^T [M, M*Z]`` are cuBLAS products of ``workspace_rows`` rows at a time, the masks
+    and the z sums an edpairs kernel, the steps added in float64; scratch ``workspace_rows x
+    (3I + D)`` float32. There ``precision="tf32"`` rounds the operands of both products to
+    TF32, so z, and with it the mask of a row whose z is within TF32 rounding (~1e-3 of
+    sum |w x|) of 0, may differ from the exact path.
     """
     precision = _product_precision(precision)
     X, xp = _data(X)
@@ -337,10 +370,14 @@ def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace
     sum_z = xp.empty((I,), "float64", X)
     sum_zz = xp.empty((I,), "float64", X)
     sum_xz = xp.empty((I, D), "float64", X)
+    if workspace_rows < 1:
+        raise ValueError(f"workspace_rows must be >= 1, got {workspace_rows}")
+    if _gemm.applies(X, xp):
+        fields = _gemm.signal_moments(X, W, b, center, rows=int(workspace_rows), lib=lib(),
+                                      precision=_gemm.knob_precision(precision, "EDPAIRS_SIGNAL_MOMENTS"))
+        return SignalMoments(*fields, center)
     workspace = None
     if xp.is_cuda(X):
-        if workspace_rows < 1:
-            raise ValueError(f"workspace_rows must be >= 1, got {workspace_rows}")
         workspace = xp.empty((max(1, min(int(workspace_rows), max(N, 1))), 2 * I), "float32", X)
     c = xp.capsule
     lib().signal_moments(c(X), c(W), c(b), c(center), c(count), c(sum_x), c(sum_z), c(sum_zz), c(sum_xz),

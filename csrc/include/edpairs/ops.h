@@ -127,6 +127,52 @@ struct SignalMomentsArgs {
 void signal_moments_cpu(const SignalMomentsArgs& args, Stream stream);
 void signal_moments_cuda(const SignalMomentsArgs& args, Stream stream);
 
+// 3c. The detector epilogue of signal moments on its own, for the library-product route
+// (edpairs/_gemm.py: Z = X~ W - b' and [M, M*Z]^T X~ through the array library's matrix
+// product): for z (R, I) float32,
+//   out[r] = [M_r, M_r * z_r] with M_ri = (z_ri > 0),  (R, 2I) float32
+//   count[i] += |{r : z_ri > 0}|, sum_z[i] += sum of those z_ri, sum_zz[i] += their squares
+// (float64; count int64). All arrays contiguous and on one device.
+struct SignalMasksArgs {
+  TensorView z;       // (R, I) float32
+  TensorView out;     // out (R, 2I) float32
+  TensorView count;   // in/out (I,) int64
+  TensorView sum_z;   // in/out (I,) float64
+  TensorView sum_zz;  // in/out (I,) float64
+};
+void signal_masks_cpu(const SignalMasksArgs& args, Stream stream);
+void signal_masks_cuda(const SignalMasksArgs& args, Stream stream);
+
+// 3d. The assignment's pieces on the library-product route (edpairs/_gemm.py), where the
+// library forms scores[n, j] = s_j (x_n - center) . c_j for a block of rows:
+//  argmax_rows: r_n = row_scale[n] when given, else 1 / ||x_n - center|| (0 for a zero row);
+//    labels[n] = the lowest j maximising scores[n, j], best[n] = r_n * scores[n, labels[n]]
+//    (label 0 and best 0 where r_n == 0), rscale[n] = r_n. Rows of x may be strided.
+//  cluster_sums: sums[j] = sum of rscale[n] (x_n - center) over the rows labelled j (float64),
+//    counts[j] = those rows (a row with rscale 0 counts and adds nothing); labels in [0, k).
+struct ArgmaxRowsArgs {
+  TensorView scores;     // (R, k) float32, contiguous
+  TensorView x;          // (R, D)
+  TensorView center;     // optional (D,) float32
+  TensorView row_scale;  // optional (R,) float32
+  TensorView labels;     // out (R,) int64
+  TensorView best;       // out (R,) float32
+  TensorView rscale;     // out (R,) float32
+};
+void argmax_rows_cpu(const ArgmaxRowsArgs& args, Stream stream);
+void argmax_rows_cuda(const ArgmaxRowsArgs& args, Stream stream);
+
+struct ClusterSumsArgs {
+  TensorView x;       // (N, D)
+  TensorView labels;  // (N,) int64
+  TensorView rscale;  // (N,) float32
+  TensorView center;  // optional (D,) float32
+  TensorView sums;    // out (k, D) float64
+  TensorView counts;  // out (k,) int64
+};
+void cluster_sums_cpu(const ClusterSumsArgs& args, Stream stream);
+void cluster_sums_cuda(const ClusterSumsArgs& args, Stream stream);
+
 // ---------------------------------------------------------------------------------------
 // Runtime information.
 int cpu_num_threads();               // threads the CPU kernels use

@@ -28,6 +28,21 @@ inline bool is_floating(DType t) {
   return t == DType::Float32 || t == DType::Float64 || t == DType::Float16 || t == DType::BFloat16;
 }
 
+// Bytes per element (0 for an unsupported dtype).
+inline int element_size(DType t) {
+  switch (t) {
+    case DType::Float64:
+    case DType::Int64: return 8;
+    case DType::Float32:
+    case DType::Int32: return 4;
+    case DType::Float16:
+    case DType::BFloat16: return 2;
+    case DType::UInt8:
+    case DType::Bool: return 1;
+    default: return 0;
+  }
+}
+
 constexpr int kMaxDims = 4;
 
 struct TensorView {

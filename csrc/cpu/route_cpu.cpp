@@ -1,0 +1,74 @@
+// CPU versions of the assignment's pieces on the library-product route (ops.h 3d). On CUDA
+// they run between cuBLAS products; here they serve CPU torch tensors that call the route's
+// code directly (its tests) and are the reference the CUDA versions are checked against.
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "cpu_common.h"
+#include "edpairs/ops.h"
+
+namespace edpairs {
+
+void argmax_rows_cpu(const ArgmaxRowsArgs& a, Stream) {
+  using namespace cpu;
+  const Matrix X = matrix_of(a.x);
+  const int64_t R = a.scores.size(0), k = a.scores.size(1), D = X.cols;
+  const float* center = optional_f32(a.center);
+  const float* row_scale = optional_f32(a.row_scale);
+  const float* scores = a.scores.ptr<const float>();
+  int64_t* labels = a.labels.ptr<int64_t>();
+  float* best = a.best.ptr<float>();
+  float* rscale = a.rscale.ptr<float>();
+  parallel_for(R, [&](int64_t r, int) {
+    float rs;
+    if (row_scale != nullptr) {
+      rs = row_scale[r];
+    } else {
+      std::vector<float> row(static_cast<size_t>(D));
+      load_row(X, center, r, 0, D, row.data());
+      float ss = 0.f;
+      for (float v : row) ss += v * v;
+      rs = ss > 0.f ? 1.0f / std::sqrt(ss) : 0.f;
+    }
+    const float* sr = scores + r * k;
+    int64_t bi = 0;
+    float bv = sr[0];
+    for (int64_t j = 1; j < k; ++j) {
+      if (sr[j] > bv) {
+        bv = sr[j];
+        bi = j;
+      }
+    }
+    labels[r] = rs > 0.f ? bi : 0;
+    best[r] = rs > 0.f ? rs * bv : 0.f;
+    rscale[r] = rs;
+  });
+}
+
+void cluster_sums_cpu(const ClusterSumsArgs& a, Stream) {
+  using namespace cpu;
+  const Matrix X = matrix_of(a.x);
+  const int64_t N = X.rows, D = X.cols, k = a.sums.size(0);
+  const float* center = optional_f32(a.center);
+  const int64_t* labels = a.labels.ptr<const int64_t>();
+  const float* rscale = a.rscale.ptr<const float>();
+  double* sums = a.sums.ptr<double>();
+  int64_t* counts = a.counts.ptr<int64_t>();
+  std::fill(sums, sums + k * D, 0.0);
+  std::fill(counts, counts + k, int64_t{0});
+  std::vector<float> row(static_cast<size_t>(D));
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t j = labels[n];
+    if (j < 0 || j >= k)
+      fail("cluster_sums: labels must lie in [0, " + std::to_string(k) + "), got " + std::to_string(j) +
+           " at row " + std::to_string(n));
+    counts[j] += 1;
+    const double r = rscale[n];
+    if (r == 0.0) continue;
+    load_row(X, center, n, 0, D, row.data());
+    for (int64_t d = 0; d < D; ++d) sums[j * D + d] += r * static_cast<double>(row[static_cast<size_t>(d)]);
+  }
+}
+
+}  // namespace edpairs

@@ -1,0 +1,435 @@
+"""The library-product route of moments and signal moments (edpairs._gemm): its algebra on
+CPU torch tensors (the same functions the CUDA route runs, with torch's CPU products), the
+detector-epilogue binding on the CPU, and on a GPU the route against the float64 reference,
+the kernel route and the CPU epilogue; the TF32 flag restored after every call."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _helpers import (
+    TOL,
+    assert_results_agree,
+    assert_scatter_close,
+    check_assignment,
+    check_moments,
+    check_signal_moments,
+    make_centroids,
+    make_rows,
+    make_signal_data,
+    to_numpy,
+)
+
+import edpairs
+from edpairs import _gemm, ops
+from edpairs._backend import lib
+
+torch = pytest.importorskip("torch")
+
+
+def t(a):
+    return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+
+
+# ---------------------------------------------------------------------------------------
+# The route's algebra on CPU torch tensors
+
+
+@pytest.mark.parametrize("rows", [1, 7, 500, 10_000])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_route_moments_match_reference(rows, dtype, rng):
+    X = (rng.standard_normal((1201, 23)) @ rng.standard_normal((23, 23)) + 50).astype(np.float32)
+    Xt = t(X).to(getattr(torch, dtype))
+    mean, m2 = _gemm.moments(Xt, precision="float32", rows=rows)
+    assert mean.dtype == torch.float64 and m2.dtype == torch.float64
+    check_moments(ops.Moments(1201, mean, m2), Xt.double().numpy())
+
+
+def test_route_moments_strided_rows(rng):
+    X = (rng.standard_normal((300, 12)) + 3).astype(np.float32)
+    wide = torch.zeros((300, 16))
+    wide[:, :12] = t(X)
+    mean, m2 = _gemm.moments(wide[:, :12], precision="float32", rows=64)
+    check_moments(ops.Moments(300, mean, m2), X)
+
+
+@pytest.mark.parametrize("rows", [1, 13, 4000])
+@pytest.mark.parametrize("center", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_route_signal_moments_match_reference(rows, center, dtype, rng):
+    X, W, b, c = make_signal_data(rng, 900, 17, 9, center=center, offset=3.0)
+    Xt = t(X).to(getattr(torch, dtype))
+    Xv = Xt.double().numpy()
+    keep = np.ones(len(Xv), bool)
+    if dtype != "float32":  # rounding X to bfloat16 moves z: keep the rows still safe
+        from _helpers import near_zero_rows
+
+        keep = ~near_zero_rows(Xv, W, b, c)
+        Xt, Xv = Xt[torch.from_numpy(keep)], Xv[keep]
+    fields = _gemm.signal_moments(Xt, t(W), t(b), t(c), precision="float32", rows=rows, lib=lib())
+    check_signal_moments(ops.SignalMoments(*fields, t(c)), Xv, W, b, center=c)
+
+
+def test_route_signal_moments_equal_the_cpu_kernel(rng):
+    X, W, b, c = make_signal_data(rng, 2000, 40, 16, center=True)
+    fields = _gemm.signal_moments(t(X), t(W), t(b), t(c), precision="float32", rows=333, lib=lib())
+    cpu = ops.signal_moments(X, W, b, center=c)
+    for name, got in zip(("count", "sum_x", "sum_z", "sum_zz", "sum_xz"), fields):
+        want = getattr(cpu, name)
+        if name == "count":
+            np.testing.assert_array_equal(got.numpy(), want)
+        else:
+            np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_route_rejects_an_empty_step(rng):
+    with pytest.raises(ValueError, match="workspace_rows"):
+        _gemm.moments(t(rng.standard_normal((5, 2)).astype(np.float32)), precision="float32", rows=0)
+
+
+def test_route_knob(monkeypatch):
+    X = torch.zeros((4, 3))
+    monkeypatch.delenv("EDPAIRS_GEMM_ROUTE", raising=False)
+    assert _gemm.route() == "gemm"
+    from edpairs._arrays import namespace_of
+
+    assert not _gemm.applies(X, namespace_of(X))  # CPU tensors keep the CPU kernels
+    monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "cublas")
+    with pytest.raises(ValueError, match="EDPAIRS_GEMM_ROUTE must be one of"):
+        _gemm.route()
+
+
+@pytest.mark.parametrize("before", [False, True])
+@pytest.mark.parametrize("precision", ["float32", "tf32"])
+def test_matmul_precision_restores_the_flag(before, precision):
+    matmul = torch.backends.cuda.matmul
+    old = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = before
+        with _gemm.matmul_precision(torch, precision):
+            assert matmul.allow_tf32 == (precision == "tf32")
+        assert matmul.allow_tf32 == before
+        with pytest.raises(KeyError):
+            with _gemm.matmul_precision(torch, precision):
+                raise KeyError("inside")
+        assert matmul.allow_tf32 == before
+    finally:
+        matmul.allow_tf32 = old
+
+
+def test_knob_precision(monkeypatch):
+    monkeypatch.delenv("EDPAIRS_MOMENTS", raising=False)
+    assert _gemm.knob_precision("float32", "EDPAIRS_MOMENTS") == "float32"
+    assert _gemm.knob_precision("tf32", "EDPAIRS_MOMENTS") == "tf32"
+    monkeypatch.setenv("EDPAIRS_MOMENTS", "tf32")
+    assert _gemm.knob_precision("float32", "EDPAIRS_MOMENTS") == "tf32"
+
+
+# ---------------------------------------------------------------------------------------
+# The detector epilogue (lib().signal_masks) on the CPU
+
+
+def _masks_reference(z, count, sum_z, sum_zz):
+    m = z > 0
+    out = np.concatenate([m.astype(np.float32), np.where(m, z, 0).astype(np.float32)], axis=1)
+    zz = np.where(m, z.astype(np.float64), 0)
+    return out, count + m.sum(0), sum_z + zz.sum(0), sum_zz + (zz * zz).sum(0)
+
+
+def _run_masks(z, count, sum_z, sum_zz, device="cpu"):
+    from edpairs._arrays import Namespace
+
+    c = Namespace("torch").capsule
+    zt = t(z).to(device)
+    out = torch.full((z.shape[0], 2 * z.shape[1]), float("nan"), device=device)  # poisoned
+    ct, st, sst = (t(a.copy()).to(device) for a in (count, sum_z, sum_zz))  # not the caller's arrays
+    plan = lib().SignalMasks(c(zt), c(out), c(ct), c(st), c(sst))
+    plan.run(z.shape[0], 0 if device == "cpu" else int(torch.cuda.current_stream().cuda_stream))
+    return out.cpu().numpy(), ct.cpu().numpy(), st.cpu().numpy(), sst.cpu().numpy()
+
+
+def test_signal_masks_adds_to_the_sums(rng):
+    z = rng.standard_normal((37, 5)).astype(np.float32)
+    z[3, :] = 0.0  # exactly zero is not a positive
+    z[4, 0] = -0.0
+    count, sum_z, sum_zz = np.array([1, 0, 2, 0, 5]), np.full(5, 0.5), np.full(5, 0.25)
+    got = _run_masks(z, count, sum_z, sum_zz)
+    want = _masks_reference(z, count, sum_z, sum_zz)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-12)
+    np.testing.assert_allclose(got[3], want[3], rtol=1e-12)
+
+
+def test_signal_masks_checks_its_arrays():
+    from edpairs._arrays import Namespace
+
+    c = Namespace("torch").capsule
+    z = torch.zeros((4, 3))
+    good = dict(out=torch.zeros((4, 6)), count=torch.zeros(3, dtype=torch.int64),
+                sum_z=torch.zeros(3, dtype=torch.float64), sum_zz=torch.zeros(3, dtype=torch.float64))
+    for name, bad, msg in [("out", torch.zeros((4, 5)), "out must have shape"),
+                           ("count", torch.zeros(3), "count must be int64"),
+                           ("sum_zz", torch.zeros(4, dtype=torch.float64), "sum_zz must have shape")]:
+        args = dict(good, **{name: bad})
+        with pytest.raises(ValueError, match=msg):
+            lib().SignalMasks(c(z), c(args["out"]), c(args["count"]), c(args["sum_z"]), c(args["sum_zz"]))
+    plan = lib().SignalMasks(c(z), *(c(good[n]) for n in ("out", "count", "sum_z", "sum_zz")))
+    with pytest.raises(ValueError, match=r"rows \[0, 5\) outside \[0, 4\)"):
+        plan.run(5, 0)
+
+
+# ---------------------------------------------------------------------------------------
+# The assignment's pieces and the assignment on the route (CPU torch)
+
+
+def _route_assign(X, C, center=None, row_scale=None, col_scale=None, rows=333, accumulate=True, precision="float32"):
+    N, D = X.shape
+    k = C.shape[0]
+    dev = X.device
+    labels = torch.full((N,), -7, dtype=torch.int64, device=dev)  # poisoned
+    scores = torch.full((N,), float("nan"), device=dev)
+    sums = torch.full((k, D), float("nan"), dtype=torch.float64, device=dev) if accumulate else None
+    counts = torch.full((k,), -7, dtype=torch.int64, device=dev) if accumulate else None
+    _gemm.assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, precision=precision, rows=rows,
+                 lib=lib())
+    return ops.Assignment(labels, scores, sums, counts)
+
+
+@pytest.mark.parametrize("rows", [1, 64, 333, 10_000])
+def test_route_assign_matches_reference_and_cpu(rows, rng):
+    C = make_centroids(rng, 70, 37, duplicates=3, zeros=1)
+    X = make_rows(rng, 3001, 37, C=C, zero_rows=3, duplicate_rows=20)
+    res = _route_assign(t(X), t(C), rows=rows)
+    check_assignment(res, X, C)
+    assert_results_agree(res, ops.assign(X, C), X, C)
+
+
+def test_route_assign_options(rng):
+    C = make_centroids(rng, 40, 19, duplicates=2)
+    X = make_rows(rng, 2000, 19, C=C, zero_rows=2)
+    center = rng.standard_normal(19).astype(np.float32)
+    row_scale = (rng.random(2000) * (rng.random(2000) > 0.2)).astype(np.float32)
+    col_scale = (rng.standard_normal(40) * 2).astype(np.float32)
+    for kw in (dict(center=center), dict(row_scale=row_scale), dict(col_scale=col_scale),
+               dict(center=center, row_scale=row_scale, col_scale=col_scale)):
+        res = _route_assign(t(X), t(C), **{k: t(v) for k, v in kw.items()}, rows=500)
+        check_assignment(res, X, C, **kw)
+        assert_results_agree(res, ops.assign(X, C, **kw), X, C, **kw)
+
+
+def test_route_assign_strided_rows_without_sums(rng):
+    C = make_centroids(rng, 9, 10)
+    X = make_rows(rng, 500, 10, C=C)
+    wide = torch.zeros((500, 13))
+    wide[:, :10] = t(X)
+    res = _route_assign(wide[:, :10], t(C), rows=77, accumulate=False)
+    want = ops.assign(X, C, accumulate=False)
+    np.testing.assert_array_equal(res.labels.numpy(), want.labels)
+    np.testing.assert_allclose(res.scores.numpy(), want.scores, rtol=1e-5, atol=1e-6)
+
+
+def _argmax(scores, X, center=None, row_scale=None, first=0, rows=None):
+    from edpairs._arrays import Namespace
+
+    c = Namespace("torch").capsule
+    N = X.shape[0]
+    labels = torch.full((N,), -7, dtype=torch.int64, device=X.device)
+    best = torch.full((N,), float("nan"), device=X.device)
+    rscale = torch.full((N,), float("nan"), device=X.device)
+    plan = lib().ArgmaxRows(c(scores), c(X), c(center), c(row_scale), c(labels), c(best), c(rscale))
+    stream = 0 if X.device.type == "cpu" else int(torch.cuda.current_stream().cuda_stream)
+    plan.run(first, scores.shape[0] if rows is None else rows, stream)
+    return labels.cpu().numpy(), best.cpu().numpy(), rscale.cpu().numpy()
+
+
+def test_argmax_rows_first_maximum_and_zero_rows():
+    scores = torch.tensor([[1.0, 3.0, 3.0, 2.0], [5.0, 5.0, 5.0, 5.0], [-2.0, -1.0, -1.0, -3.0], [0.0, 9.0, 0.0, 0.0]])
+    X = torch.tensor([[3.0, 4.0], [0.0, 1.0], [1.0, 0.0], [0.0, 0.0]])  # the last row is zero
+    labels, best, rscale = _argmax(scores, X)
+    np.testing.assert_array_equal(labels, [1, 0, 1, 0])
+    np.testing.assert_allclose(best, [3.0 / 5, 5.0, -1.0, 0.0])
+    np.testing.assert_allclose(rscale, [0.2, 1.0, 1.0, 0.0])
+    labels, best, _ = _argmax(scores, X, row_scale=torch.tensor([2.0, 0.0, 1.0, 1.0]))
+    np.testing.assert_array_equal(labels, [1, 0, 1, 1])  # row 1 has r = 0; row 3 is scored
+    np.testing.assert_allclose(best, [6.0, 0.0, -1.0, 9.0])
+
+
+def test_argmax_rows_steps_write_only_their_rows(rng):
+    X = t(rng.standard_normal((10, 3)).astype(np.float32))
+    scores = t(rng.standard_normal((4, 6)).astype(np.float32))
+    labels, best, _ = _argmax(scores, X, first=5, rows=4)
+    assert np.all(labels[:5] == -7) and labels[9] == -7 and np.isnan(best[:5]).all()
+    np.testing.assert_array_equal(labels[5:9], scores.numpy().argmax(1))
+    with pytest.raises(ValueError, match=r"rows \[8, 12\) outside \[0, 10\)"):
+        _argmax(scores, X, first=8, rows=4)
+
+
+def test_cluster_sums_checks_labels_on_the_cpu(rng):
+    from edpairs._arrays import Namespace
+
+    c = Namespace("torch").capsule
+    X = t(rng.standard_normal((5, 3)).astype(np.float32))
+    labels = torch.tensor([0, 1, 2, 1, 3])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got 3 at row 4"):
+        lib().cluster_sums(c(X), c(labels), c(torch.ones(5)), None, c(torch.empty((3, 3), dtype=torch.float64)),
+                           c(torch.empty(3, dtype=torch.int64)), 0)
+
+
+# ---------------------------------------------------------------------------------------
+# On a GPU
+
+_BUILT = bool(edpairs.build_info()["cuda"])
+_GPU = _BUILT and edpairs.cuda_device_count() > 0 and torch.cuda.is_available()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _GPU, reason="needs edpairs built with CUDA and a GPU")
+@pytest.mark.parametrize("rows,concepts", [(1, 1), (1000, 17), (70_000, 256), (4_500_000, 1)])
+def test_signal_masks_cuda_equals_cpu(rows, concepts, rng):
+    """Every output written (poisoned first), counts exact; the last shape has more row blocks
+    than one grid dimension holds (65535 x 64 rows), so the blocks loop."""
+    z = rng.standard_normal((rows, concepts)).astype(np.float32)
+    z[:: 7] = 0.0
+    count, sum_z, sum_zz = np.arange(concepts), np.ones(concepts), np.ones(concepts)
+    got = _run_masks(z, count, sum_z, sum_zz, device="cuda")
+    want = _run_masks(z, count, sum_z, sum_zz)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-9)
+    np.testing.assert_allclose(got[3], want[3], rtol=1e-9)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _GPU, reason="needs edpairs built with CUDA and a GPU")
+@pytest.mark.parametrize("before", [False, True])
+def test_cuda_route_exact_and_tf32(before, rng, monkeypatch):
+    """The route on CUDA: exact float32 by default whatever torch's TF32 flag says (and the flag
+    unchanged afterwards), TF32 on request; both near the float64 reference and the kernels."""
+    monkeypatch.delenv("EDPAIRS_MOMENTS", raising=False)
+    monkeypatch.delenv("EDPAIRS_SIGNAL_MOMENTS", raising=False)
+    matmul = torch.backends.cuda.matmul
+    old = matmul.allow_tf32
+    matmul.allow_tf32 = before
+    try:
+        X = (rng.standard_normal((60_000, 96)) * (1 + rng.random(96)) + 20).astype(np.float32)
+        Xg = t(X).cuda()
+        monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "gemm")
+        exact = ops.moments(Xg, workspace_rows=8192)
+        fast = ops.moments(Xg, precision="tf32", workspace_rows=8192)
+        assert matmul.allow_tf32 == before
+        check_moments(exact, X)
+        X64 = X.astype(np.float64)
+        ref = (X64 - X64.mean(0)).T @ (X64 - X64.mean(0))
+        assert_scatter_close(to_numpy(fast.m2), ref, rtol=3e-3)
+        assert not np.array_equal(to_numpy(fast.m2), to_numpy(exact.m2))  # TF32 rounding shows
+        monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "kernel")
+        kernel = ops.moments(Xg)
+        assert_scatter_close(to_numpy(exact.m2), to_numpy(kernel.m2), rtol=5e-6)
+
+        Xs, W, b, c = make_signal_data(rng, 40_000, 64, 48, center=True, offset=2.0)
+        args = (t(Xs).cuda(), t(W).cuda(), t(b).cuda())
+        monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "gemm")
+        sm = ops.signal_moments(*args, center=t(c).cuda(), workspace_rows=5000)
+        assert matmul.allow_tf32 == before
+        check_signal_moments(sm, Xs, W, b, center=c)
+        sm32 = ops.signal_moments(*args, center=t(c).cuda(), precision="tf32")
+        assert matmul.allow_tf32 == before
+        # TF32 z can flip rows within its rounding of 0; the rest within TF32 rounding.
+        n_flip = np.abs(to_numpy(sm32.count) - to_numpy(sm.count))
+        assert n_flip.max() <= 0.002 * len(Xs), n_flip.max()
+        for name in ("sum_x", "sum_xz"):
+            got, want = to_numpy(getattr(sm32, name)), to_numpy(getattr(sm, name))
+            assert np.linalg.norm(got - want) <= 5e-3 * np.linalg.norm(want), name
+        monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "kernel")
+        kern = ops.signal_moments(*args, center=t(c).cuda())
+        np.testing.assert_array_equal(to_numpy(kern.count), to_numpy(sm.count))
+    finally:
+        matmul.allow_tf32 = old
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _GPU, reason="needs edpairs built with CUDA and a GPU")
+def test_cuda_route_runs_on_the_callers_stream(rng, monkeypatch):
+    """Queued behind work already on a side stream: the result sees that work."""
+    monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "gemm")
+    X = (rng.standard_normal((20_000, 64)) + 1).astype(np.float32)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        Xg = torch.zeros((20_000, 64), device="cuda")
+        for _ in range(20):  # keep the stream busy before the data lands
+            Xg.mul_(1.0)
+        Xg.copy_(t(X).cuda(non_blocking=False))
+        m = ops.moments(Xg, check_finite=False)
+        s.synchronize()
+    check_moments(m, X)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _GPU, reason="needs edpairs built with CUDA and a GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+@pytest.mark.parametrize("rows,k,D", [(1, 1, 1), (1000, 70, 37), (50_000, 1024, 64)])
+def test_argmax_rows_cuda_equals_cpu(dtype, rows, k, D, rng):
+    """Integer scores (many exact ties: the lowest index must win), zero rows, a center and a
+    row scale with zeros; every output written (poisoned first)."""
+    scores = t(rng.integers(-3, 4, (rows, k)).astype(np.float32))
+    X = t(rng.standard_normal((rows, D)).astype(np.float32)).to(getattr(torch, dtype))
+    X[::5] = 0
+    center = t(rng.standard_normal(D).astype(np.float32) * 0.1)
+    row_scale = t((rng.random(rows) * (rng.random(rows) > 0.3)).astype(np.float32))
+    for kw in (dict(), dict(center=center), dict(row_scale=row_scale)):
+        got = _argmax(scores.cuda(), X.cuda(), **{n: v.cuda() for n, v in kw.items()})
+        want = _argmax(scores, X, **kw)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_allclose(got[1], want[1], rtol=2e-6, atol=1e-7)
+        np.testing.assert_allclose(got[2], want[2], rtol=2e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _GPU, reason="needs edpairs built with CUDA and a GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_cluster_sums_cuda_equals_cpu(dtype, rng):
+    from edpairs._arrays import Namespace
+
+    c = Namespace("torch").capsule
+    for N, D, k in [(1, 1, 1), (3000, 37, 70), (200_000, 130, 1024)]:
+        X = t(rng.standard_normal((N, D)).astype(np.float32)).to(getattr(torch, dtype))
+        labels = t(rng.integers(0, k, N))
+        rscale = t((rng.random(N) * (rng.random(N) > 0.1)).astype(np.float32))
+        center = t(rng.standard_normal(D).astype(np.float32))
+        out = []
+        for dev in ("cpu", "cuda"):
+            sums = torch.full((k, D), float("nan"), dtype=torch.float64, device=dev)
+            counts = torch.full((k,), -7, dtype=torch.int64, device=dev)
+            stream = 0 if dev == "cpu" else int(torch.cuda.current_stream().cuda_stream)
+            lib().cluster_sums(c(X.to(dev)), c(labels.to(dev)), c(rscale.to(dev)), c(center.to(dev)), c(sums),
+                               c(counts), stream)
+            out.append((sums.cpu().numpy(), counts.cpu().numpy()))
+        np.testing.assert_array_equal(out[1][1], out[0][1])
+        np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _GPU, reason="needs edpairs built with CUDA and a GPU")
+def test_cuda_route_assign_tf32_within_the_tensor_core_bound(rng, monkeypatch):
+    """The route's TF32 assignment obeys the tensor-core kernel's error model (test_cuda's
+    check_tc_assignment), with a center, scales and strided rows; exact float32 by default."""
+    from test_cuda import check_tc_assignment
+
+    monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "gemm")
+    monkeypatch.setenv("EDPAIRS_GEMM_ASSIGN_ROWS", "1000")
+    C = make_centroids(rng, 300, 130, duplicates=3, zeros=1)
+    X = make_rows(rng, 7000, 130, C=C, zero_rows=3) + 0.5
+    wide = torch.zeros((7000, 136), device="cuda")
+    wide[:, :130] = t(X).cuda()
+    Xg = wide[:, :130]
+    center = (rng.standard_normal(130) * 0.3 + 0.5).astype(np.float32)
+    row_scale = (rng.random(7000) * (rng.random(7000) > 0.2)).astype(np.float32)
+    col_scale = (rng.standard_normal(300) * 2).astype(np.float32)
+    for kw in (dict(), dict(center=center), dict(center=center, row_scale=row_scale, col_scale=col_scale)):
+        g = {n: t(v).cuda() for n, v in kw.items()}
+        res = ops.assign(Xg, t(C).cuda(), precision="tf32", **g)
+        check_tc_assignment(res, X.astype(np.float64), C, "float32", **kw)
+        exact = ops.assign(Xg, t(C).cuda(), **g)
+        check_assignment(exact, X, C, **kw)
+        assert_results_agree(exact, ops.assign(X, C, **kw), X, C, tol=TOL["float32"], **kw)
