@@ -4,10 +4,11 @@ user would pick instead, in the same run on the same data.
 
   edpairs      edpairs.ops.spherical_kmeans_step with TF32 products on CUDA. On the CPU the
                fused kernel (assignment + per-cluster sums). On CUDA, torch float32 data takes
-               the default library-product route (edpairs._gemm: cuBLAS scores of 16384 rows
-               at a time, an edpairs argmax kernel, the sorted sums pass); 16-bit data the
-               tensor-core kernel in its own dtype
-  edpairs-r8192, edpairs-r32768  the route with 8192 / 32768 rows per step
+               the library-product route for k >= 129 (edpairs._gemm: cuBLAS dots of 32768 rows
+               at a time, an edpairs argmax kernel, the sorted sums pass) and the fused
+               tensor-core kernel below; 16-bit data the tensor-core kernel in its own dtype
+  edpairs-gemm  the route at every k (EDPAIRS_GEMM_ROUTE=gemm)
+  edpairs-r8192, edpairs-r16384  the route with 8192 / 16384 rows per step
   edpairs-kernel  the fused tensor-core kernel instead of the route (EDPAIRS_GEMM_ROUTE=kernel)
   edpairs-f32  precision="float32" (exact float32 products: cuBLAS SGEMM on the route)
   edpairs-kernel-f32  precision="float32" on edpairs' SIMT kernel
@@ -175,12 +176,15 @@ def run_faiss(X, C0, device, dtype):
 
 
 KERNEL = {"EDPAIRS_GEMM_ROUTE": "kernel"}
-METHODS = {"edpairs": run_edpairs, "edpairs-f32": run_edpairs_f32, "edpairs-r8192": run_edpairs,
-           "edpairs-r32768": run_edpairs, "edpairs-kernel": run_edpairs, "edpairs-kernel-f32": run_edpairs_f32,
+METHODS = {"edpairs": run_edpairs, "edpairs-f32": run_edpairs_f32, "edpairs-gemm": run_edpairs,
+           "edpairs-r8192": run_edpairs, "edpairs-r16384": run_edpairs, "edpairs-kernel": run_edpairs,
+           "edpairs-kernel-f32": run_edpairs_f32,
            "edpairs-blk": run_edpairs, "edpairs-1sm": run_edpairs, "edpairs-fused": run_edpairs, "faiss": run_faiss,
            "torch": run_torch}
-METHOD_ENV = {"edpairs-r8192": {"EDPAIRS_GEMM_ASSIGN_ROWS": "8192"},
-              "edpairs-r32768": {"EDPAIRS_GEMM_ASSIGN_ROWS": "32768"},
+GEMM = {"EDPAIRS_GEMM_ROUTE": "gemm"}
+METHOD_ENV = {"edpairs-gemm": GEMM,
+              "edpairs-r8192": {**GEMM, "EDPAIRS_GEMM_ASSIGN_ROWS": "8192"},
+              "edpairs-r16384": {**GEMM, "EDPAIRS_GEMM_ASSIGN_ROWS": "16384"},
               "edpairs-kernel": KERNEL, "edpairs-kernel-f32": KERNEL,
               "edpairs-blk": {**KERNEL, "EDPAIRS_ASSIGN_SUMS": "block"},
               "edpairs-fused": {**KERNEL, "EDPAIRS_ASSIGN_SUMS": "fused"},

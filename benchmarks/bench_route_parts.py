@@ -80,21 +80,21 @@ def main() -> None:
 
     for k in args.ks:
         C = torch.randn((k, D), device=dev, generator=g)
-        Cs = C / C.norm(dim=1, keepdim=True)
         for rows in args.rows:
             block = torch.empty((rows, k), device=dev)
 
             def scores_only():
                 with _gemm.matmul_precision(torch, "tf32"):
                     for first in range(0, N, rows):
-                        torch.mm(X[first:first + rows], Cs.T, out=block[: min(rows, N - first)])
+                        torch.mm(X[first:first + rows], C.T, out=block[: min(rows, N - first)])
 
             add(f"assign k={k}", f"scores, {rows}-row steps", timed(torch, scores_only, args.repeat),
                 f"{2 * N * D * k / 1e12:.2f} TFLOP")
             labels = torch.empty(N, dtype=torch.int64, device=dev)
             best = torch.empty(N, device=dev)
             rscale = torch.empty(N, device=dev)
-            plan = lib().ArgmaxRows(c(block), c(X), None, None, c(labels), c(best), c(rscale))
+            plan = lib().ArgmaxRows(c(block), c(torch.ones(k, device=dev)), c(X), None, None, c(labels), c(best),
+                                    c(rscale))
 
             def argmax_only():
                 for first in range(0, N, rows):

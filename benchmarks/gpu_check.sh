@@ -48,7 +48,7 @@ step "ceilings"
 timeout 120 python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" || status=1
 
 step "spherical k-means iteration (float32 data: cuBLAS route / tensor-core kernel, TF32 and exact; torch TF32)"
-timeout 420 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs,edpairs-r8192,edpairs-r32768,edpairs-kernel,edpairs-f32,edpairs-kernel-f32,torch --repeat "$REPEAT" \
+timeout 420 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs,edpairs-gemm,edpairs-r16384,edpairs-kernel,edpairs-f32,edpairs-kernel-f32,torch --repeat "$REPEAT" \
   --sizes 1000000,512,1024 1000000,512,64 --json "$OUT/kmeans_cuda_f32.json" || status=1
 step "spherical k-means iteration (bfloat16 data)"
 timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --methods edpairs,torch --repeat "$REPEAT" \
@@ -99,7 +99,7 @@ def t(table, size, method):
 big, small = (1000000, 512, 1024), (1000000, 512, 64)
 goals = []
 tt = t(f32, big, "torch")
-for method in ("edpairs", "edpairs-r8192", "edpairs-r32768", "edpairs-kernel"):
+for method in ("edpairs", "edpairs-r16384", "edpairs-kernel"):
     e = t(f32, big, method)
     if e and tt:
         goals.append((f"k=1024 f32 {method}: torch TF32 / edpairs TF32 time", tt / e, 2.0))
@@ -107,7 +107,7 @@ for method in ("edpairs", "edpairs-r8192", "edpairs-r32768", "edpairs-kernel"):
 e, tt = t(b16, big, "edpairs"), t(b16, big, "torch")
 if e and tt:
     goals.append(("k=1024 bf16: torch bf16 / edpairs time", tt / e, 1.5))
-for method in ("edpairs", "edpairs-r8192", "edpairs-r32768", "edpairs-kernel"):
+for method in ("edpairs", "edpairs-gemm", "edpairs-kernel"):
     e = t(f32, small, method)
     if e:
         goals.append((f"k=64 f32 {method}: one read of X (GB/s) / copy GB/s", 1e6 * 512 * 4 / e / 1e9 / copy if copy else 0, 0.7))

@@ -50,5 +50,20 @@ def test_spherical_kmeans_on_torch_cuda(layer):
     km = edp.SphericalKMeans(8, random_state=0).fit(X)
     assert km.cluster_centers_.device.type == "cuda" and km.labels_.device.type == "cuda"
     ref = edp.SphericalKMeans(8, random_state=0).fit(layer.X)
-    agree = (km.labels_.cpu().numpy() == np.asarray(ref.labels_)).mean()
-    assert agree > 0.999
+    got, want = km.labels_.cpu().numpy(), np.asarray(ref.labels_)
+    # This raw-space layer bunches every cosine near 0.9988: 0.2% of the rows have their
+    # runner-up within 1e-6 under the CPU fit's centroids, so any other float32 summation order
+    # (cuBLAS on the default route, the SIMT kernel) relabels some of them. The fits must agree
+    # exactly wherever float32 can tell the choices apart (margin > 1e-5), reach the same
+    # objective, and agree on nearly every row.
+    Xn = layer.X.astype(np.float64)
+    Xn /= np.linalg.norm(Xn, axis=1, keepdims=True)
+    C_cpu = np.asarray(ref.cluster_centers_, dtype=np.float64)
+    C_gpu = km.cluster_centers_.double().cpu().numpy()
+    top2 = np.sort(Xn @ C_cpu.T, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-5
+    np.testing.assert_array_equal(got[clear], want[clear])
+    assert (got == want).mean() > 0.995
+    objective = lambda C, labels: (Xn * C[labels]).sum(1).mean()  # noqa: E731
+    assert abs(objective(C_gpu, got) - objective(C_cpu, want)) < 1e-6
+    np.testing.assert_allclose(C_gpu, C_cpu, atol=1e-3)

@@ -70,6 +70,18 @@ def test_route_signal_moments_match_reference(rows, center, dtype, rng):
     check_signal_moments(ops.SignalMoments(*fields, t(c)), Xv, W, b, center=c)
 
 
+@pytest.mark.parametrize("rows", [4096, 4100, 20_000])
+def test_route_batched_blocks(rows, rng, monkeypatch):
+    """Steps of >= 2 BLOCK_ROWS rows run one batched product over blocks plus the remainder."""
+    monkeypatch.setattr(_gemm, "BLOCK_ROWS", 1000)
+    X = (rng.standard_normal((9001, 19)) + 7).astype(np.float32)
+    mean, m2 = _gemm.moments(t(X), precision="float32", rows=rows)
+    check_moments(ops.Moments(9001, mean, m2), X)
+    Xs, W, b, c = make_signal_data(rng, 9001, 19, 5, center=True)
+    fields = _gemm.signal_moments(t(Xs), t(W), t(b), t(c), precision="float32", rows=rows, lib=lib())
+    check_signal_moments(ops.SignalMoments(*fields, t(c)), Xs, W, b, center=c)
+
+
 def test_route_signal_moments_equal_the_cpu_kernel(rng):
     X, W, b, c = make_signal_data(rng, 2000, 40, 16, center=True)
     fields = _gemm.signal_moments(t(X), t(W), t(b), t(c), precision="float32", rows=333, lib=lib())
@@ -97,6 +109,28 @@ def test_route_knob(monkeypatch):
     monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "cublas")
     with pytest.raises(ValueError, match="EDPAIRS_GEMM_ROUTE must be one of"):
         _gemm.route()
+
+
+def test_which_assignments_take_the_route(monkeypatch):
+    class CudaLike:  # a torch CUDA float32 namespace, without a GPU
+        name = "torch"
+
+        def is_cuda(self, x):
+            return True
+
+        def dtype_name(self, x):
+            return "float32"
+
+    X, xp = torch.zeros((4, 3)), CudaLike()
+    monkeypatch.delenv("EDPAIRS_GEMM_ROUTE", raising=False)
+    assert _gemm.assign_applies(X, xp, 64, "float32")  # exact: always the route
+    assert not _gemm.assign_applies(X, xp, 64, "tf32")  # small k, TF32: the fused kernel
+    assert _gemm.assign_applies(X, xp, _gemm.TF32_MIN_K, "tf32")
+    monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "gemm")
+    assert _gemm.assign_applies(X, xp, 64, "tf32")
+    monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "kernel")
+    assert not _gemm.assign_applies(X, xp, 1024, "float32")
+    assert not _gemm.assign_applies(torch.zeros((0, 3)), xp, 1024, "float32")  # no rows
 
 
 @pytest.mark.parametrize("before", [False, True])
@@ -229,7 +263,7 @@ def test_route_assign_strided_rows_without_sums(rng):
     np.testing.assert_allclose(res.scores.numpy(), want.scores, rtol=1e-5, atol=1e-6)
 
 
-def _argmax(scores, X, center=None, row_scale=None, first=0, rows=None):
+def _argmax(scores, X, center=None, row_scale=None, first=0, rows=None, col_scale=None):
     from edpairs._arrays import Namespace
 
     c = Namespace("torch").capsule
@@ -237,7 +271,9 @@ def _argmax(scores, X, center=None, row_scale=None, first=0, rows=None):
     labels = torch.full((N,), -7, dtype=torch.int64, device=X.device)
     best = torch.full((N,), float("nan"), device=X.device)
     rscale = torch.full((N,), float("nan"), device=X.device)
-    plan = lib().ArgmaxRows(c(scores), c(X), c(center), c(row_scale), c(labels), c(best), c(rscale))
+    if col_scale is None:
+        col_scale = torch.ones(scores.shape[1], device=X.device)
+    plan = lib().ArgmaxRows(c(scores), c(col_scale), c(X), c(center), c(row_scale), c(labels), c(best), c(rscale))
     stream = 0 if X.device.type == "cpu" else int(torch.cuda.current_stream().cuda_stream)
     plan.run(first, scores.shape[0] if rows is None else rows, stream)
     return labels.cpu().numpy(), best.cpu().numpy(), rscale.cpu().numpy()
@@ -253,6 +289,10 @@ def test_argmax_rows_first_maximum_and_zero_rows():
     labels, best, _ = _argmax(scores, X, row_scale=torch.tensor([2.0, 0.0, 1.0, 1.0]))
     np.testing.assert_array_equal(labels, [1, 0, 1, 1])  # row 1 has r = 0; row 3 is scored
     np.testing.assert_allclose(best, [6.0, 0.0, -1.0, 9.0])
+    # The column scale multiplies the dots before the argmax (0 silences a column).
+    labels, best, _ = _argmax(scores, X, col_scale=torch.tensor([1.0, 0.5, 0.0, 2.0]))
+    np.testing.assert_array_equal(labels, [3, 3, 2, 0])  # row 3 is zero: label 0
+    np.testing.assert_allclose(best, [4.0 / 5, 10.0, 0.0, 0.0])
 
 
 def test_argmax_rows_steps_write_only_their_rows(rng):
@@ -377,7 +417,8 @@ def test_argmax_rows_cuda_equals_cpu(dtype, rows, k, D, rng):
     X[::5] = 0
     center = t(rng.standard_normal(D).astype(np.float32) * 0.1)
     row_scale = t((rng.random(rows) * (rng.random(rows) > 0.3)).astype(np.float32))
-    for kw in (dict(), dict(center=center), dict(row_scale=row_scale)):
+    col_scale = t((rng.standard_normal(k) * (rng.random(k) > 0.1)).astype(np.float32))
+    for kw in (dict(), dict(center=center), dict(row_scale=row_scale), dict(col_scale=col_scale)):
         got = _argmax(scores.cuda(), X.cuda(), **{n: v.cuda() for n, v in kw.items()})
         want = _argmax(scores, X, **kw)
         np.testing.assert_array_equal(got[0], want[0])

@@ -107,3 +107,23 @@ def test_cuda_fit_from_host_chunks_matches_the_device_fit(layer):
     streamed = edp.EDPairs(6, random_state=0, progress=False).fit(DeviceChunks(X, chunk_bytes=200 * X.shape[1] * 4))
     np.testing.assert_allclose(streamed.decoding_, on_device.decoding_, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(streamed.encoding_, on_device.encoding_, rtol=1e-4, atol=1e-5)
+
+
+def test_pinned_staging_copy_splits_rows_over_threads(rng):
+    """The staging copy into pinned memory, split over a thread pool, equals a plain copy for
+    piece sizes that do and do not divide evenly (and small pieces copy in one go)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edpairs.stream import _copy_rows
+
+    with ThreadPoolExecutor(3) as pool:
+        for rows, cols in [(5, 3), (4099, 1024), (12_289, 256)]:
+            src = rng.standard_normal((rows, cols)).astype(np.float32)
+            dst = np.full_like(src, np.nan)
+            _copy_rows(dst, src, pool, 3)
+            np.testing.assert_array_equal(dst, src)
+    dst = np.zeros((7, 2))
+    _copy_rows(dst, np.ones((7, 2)), None, 1)
+    assert (dst == 1).all()
+    with pytest.raises(ValueError, match="copy_threads must be >= 1"):
+        DeviceChunks(np.zeros((4, 2), np.float32), device="cpu", copy_threads=0)

@@ -384,9 +384,10 @@ class SignalMasksPlan {
 
 class ArgmaxRowsPlan {
  public:
-  ArgmaxRowsPlan(py::handle scores, py::handle x, py::handle center, py::handle row_scale, py::handle labels,
-                 py::handle best, py::handle rscale)
+  ArgmaxRowsPlan(py::handle scores, py::handle col_scale, py::handle x, py::handle center, py::handle row_scale,
+                 py::handle labels, py::handle best, py::handle rscale)
       : scores_(ImportedArray::from_capsule(scores, "scores", false)),
+        col_scale_(ImportedArray::from_capsule(col_scale, "col_scale", false)),
         x_(ImportedArray::from_capsule(x, "X", false)),
         center_(ImportedArray::from_capsule(center, "center", false)),
         row_scale_(ImportedArray::from_capsule(row_scale, "row_scale", false)),
@@ -394,6 +395,7 @@ class ArgmaxRowsPlan {
         best_(ImportedArray::from_capsule(best, "best", true)),
         rscale_(ImportedArray::from_capsule(rscale, "rscale", true)) {
     a_.scores = scores_.view();
+    a_.col_scale = col_scale_.view();
     a_.x = x_.view();
     a_.center = center_.view();
     a_.row_scale = row_scale_.view();
@@ -408,6 +410,8 @@ class ArgmaxRowsPlan {
     expect_cuda_rows(a_.x, "X");
     const int64_t N = a_.x.shape[0], D = a_.x.shape[1];
     if (a_.scores.shape[1] < 1) fail("scores must have at least one column, got " + a_.scores.shape_str());
+    expect_shape(a_.col_scale, "col_scale", {a_.scores.shape[1]}, {"k"});
+    expect_dtype(a_.col_scale, "col_scale", DType::Float32);
     if (a_.center.present) {
       expect_shape(a_.center, "center", {D}, {"D"});
       expect_dtype(a_.center, "center", DType::Float32);
@@ -422,9 +426,9 @@ class ArgmaxRowsPlan {
     expect_dtype(a_.best, "best", DType::Float32);
     expect_shape(a_.rscale, "rscale", {N}, {"N"});
     expect_dtype(a_.rscale, "rscale", DType::Float32);
-    for (const TensorView* v : {&a_.center, &a_.row_scale, &a_.labels, &a_.best, &a_.rscale})
+    for (const TensorView* v : {&a_.col_scale, &a_.center, &a_.row_scale, &a_.labels, &a_.best, &a_.rscale})
       if (v->present) expect_contiguous(*v, "an output or parameter array");
-    expect_same_device({{&a_.scores, "scores"}, {&a_.x, "X"}, {&a_.center, "center"}, {&a_.row_scale, "row_scale"},
+    expect_same_device({{&a_.scores, "scores"}, {&a_.col_scale, "col_scale"}, {&a_.x, "X"}, {&a_.center, "center"}, {&a_.row_scale, "row_scale"},
                         {&a_.labels, "labels"}, {&a_.best, "best"}, {&a_.rscale, "rscale"}});
   }
   // Rows [first, first + rows) of X against the first `rows` rows of scores.
@@ -443,7 +447,7 @@ class ArgmaxRowsPlan {
   }
 
  private:
-  ImportedArray scores_, x_, center_, row_scale_, labels_, best_, rscale_;
+  ImportedArray scores_, col_scale_, x_, center_, row_scale_, labels_, best_, rscale_;
   edpairs::ArgmaxRowsArgs a_;
 };
 
@@ -564,8 +568,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("count"), py::arg("sum_z"), py::arg("sum_zz"))
       .def("run", &SignalMasksPlan::run, py::arg("rows"), py::arg("stream"));
   py::class_<ArgmaxRowsPlan>(m, "ArgmaxRows")
-      .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle>(),
-           py::arg("scores"), py::arg("x"), py::arg("center"), py::arg("row_scale"), py::arg("labels"),
+      .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle>(),
+           py::arg("scores"), py::arg("col_scale"), py::arg("x"), py::arg("center"), py::arg("row_scale"), py::arg("labels"),
            py::arg("best"), py::arg("rscale"))
       .def("run", &ArgmaxRowsPlan::run, py::arg("first"), py::arg("rows"), py::arg("stream"));
   m.def("cluster_sums", &cluster_sums, py::arg("x"), py::arg("labels"), py::arg("rscale"), py::arg("center"),

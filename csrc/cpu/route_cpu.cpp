@@ -17,6 +17,7 @@ void argmax_rows_cpu(const ArgmaxRowsArgs& a, Stream) {
   const float* center = optional_f32(a.center);
   const float* row_scale = optional_f32(a.row_scale);
   const float* scores = a.scores.ptr<const float>();
+  const float* s = a.col_scale.ptr<const float>();
   int64_t* labels = a.labels.ptr<int64_t>();
   float* best = a.best.ptr<float>();
   float* rscale = a.rscale.ptr<float>();
@@ -33,10 +34,11 @@ void argmax_rows_cpu(const ArgmaxRowsArgs& a, Stream) {
     }
     const float* sr = scores + r * k;
     int64_t bi = 0;
-    float bv = sr[0];
+    float bv = sr[0] * s[0];
     for (int64_t j = 1; j < k; ++j) {
-      if (sr[j] > bv) {
-        bv = sr[j];
+      const float v = sr[j] * s[j];
+      if (v > bv) {
+        bv = v;
         bi = j;
       }
     }

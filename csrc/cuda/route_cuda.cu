@@ -25,7 +25,8 @@ constexpr unsigned kFull = 0xffffffffu;
 
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-argmax_rows_kernel(const float* __restrict__ scores, const int k, const T* __restrict__ x,
+argmax_rows_kernel(const float* __restrict__ scores, const float* __restrict__ col_scale,
+                   const int k, const T* __restrict__ x,
                    const int64_t x_stride, const int d, const float* __restrict__ center,
                    const float* __restrict__ row_scale, const int64_t rows,
                    int64_t* __restrict__ labels, float* __restrict__ best,
@@ -52,7 +53,7 @@ argmax_rows_kernel(const float* __restrict__ scores, const int k, const T* __res
     float bv = -INFINITY;
     int bi = INT_MAX;
     for (int j = lane; j < k; j += 32) {  // a lane's indices increase: '>' keeps its first max
-      const float v = sr[j];
+      const float v = sr[j] * col_scale[j];
       if (v > bv) {
         bv = v;
         bi = j;
@@ -91,7 +92,8 @@ void argmax_rows_cuda(const ArgmaxRowsArgs& a, Stream stream) {
   cuda_detail::dispatch_input_dtype(a.x, [&](auto tag) {
     using T = typename decltype(tag)::type;
     argmax_rows_kernel<T><<<grid, kThreads, 0, s>>>(
-        a.scores.ptr<const float>(), static_cast<int>(k), static_cast<const T*>(a.x.data),
+        a.scores.ptr<const float>(), a.col_scale.ptr<const float>(), static_cast<int>(k),
+        static_cast<const T*>(a.x.data),
         a.x.stride(0), static_cast<int>(d), a.center.present ? a.center.ptr<const float>() : nullptr,
         a.row_scale.present ? a.row_scale.ptr<const float>() : nullptr, rows,
         a.labels.ptr<int64_t>(), a.best.ptr<float>(), a.rscale.ptr<float>());

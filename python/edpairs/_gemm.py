@@ -6,15 +6,16 @@ as torch matrix products (cuBLAS: float32 accumulation, TF32 or exact float32 op
 call's precision asks, whatever the process-wide TF32 setting), and everything else is an
 edpairs kernel or an elementwise step; the steps' results are added in float64.
 
-* moments: a first read for the float64 column sums (the mean), then per step
-  ``X~ = x - mean32`` (mean32 the float32 rounding of the mean) and ``X~^T X~``; the scatter
-  about the float64 mean follows exactly from the one about mean32:
-  ``sum (x - mean)(x - mean)^T = sum X~ X~^T - N d d^T`` with ``d = mean - mean32``.
+* moments: per step ``X~ = x - shift`` (shift: the float32 mean of the first step's rows), the
+  column sums of X~ (float32 per step, float64 across) and ``X~^T X~``; the mean and the
+  scatter about it follow exactly: ``mean = shift + d`` and
+  ``sum (x - mean)(x - mean)^T = sum X~ X~^T - N d d^T`` with ``d = sum X~ / N``.
 * signal moments: per step ``Z = X~ W - b'`` (``b' = b - center . W`` in float64; z of the raw
   x, as the kernels form it), the detector epilogue (``lib().signal_masks``: ``[M, M * Z]``
   with ``M = Z > 0``, counts and the z sums in float64) and ``[M, M * Z]^T X~``.
 
-``kernel`` (``EDPAIRS_GEMM_ROUTE=kernel``) keeps edpairs' own CUDA kernels (cupy arrays and
+The products over a step's rows run batched over blocks of BLOCK_ROWS rows (float32 over a
+block, float64 across blocks). ``kernel`` (``EDPAIRS_GEMM_ROUTE=kernel``) keeps edpairs' own CUDA kernels (cupy arrays and
 float64 data always take them). Why a route through the library: our tensor-core scatter and
 masked product run at 11% and 5% of cuBLAS's rate on an H200 (benchmarks/results/h200), while
 these products are plain GEMMs; the route keeps the float64 merging, the masks and the centring
@@ -33,11 +34,12 @@ GEMM_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def route() -> str:
-    """The CUDA route for moments and signal moments of torch tensors (EDPAIRS_GEMM_ROUTE)."""
-    value = os.environ.get("EDPAIRS_GEMM_ROUTE", "gemm")
-    if value not in ROUTES:
-        raise ValueError(f"EDPAIRS_GEMM_ROUTE must be one of {ROUTES}, got {value!r}")
-    return value
+    """The CUDA route for moments and signal moments of torch tensors (EDPAIRS_GEMM_ROUTE:
+    "auto", the default, and "gemm" take the route, "kernel" edpairs' own kernels)."""
+    value = os.environ.get("EDPAIRS_GEMM_ROUTE", "auto")
+    if value not in ROUTES + ("auto",):
+        raise ValueError(f"EDPAIRS_GEMM_ROUTE must be one of {ROUTES + ('auto',)}, got {value!r}")
+    return "kernel" if value == "kernel" else "gemm"
 
 
 def applies(X, xp) -> bool:
@@ -83,25 +85,62 @@ def _steps(n: int, rows: int):
         yield first, min(n, first + rows)
 
 
+#: Rows per product of a batched step: a step's product A^T B over many rows is split into
+#: A_b^T B_b over blocks of this many rows, one batched product (cuBLAS runs a (D, D) output
+#: with a long reduction on few tiles; a batch of short ones fills the GPU), the blocks' float32
+#: results then added in float64.
+BLOCK_ROWS = 2048
+
+
+class _BatchedProduct:
+    """acc (float64, (P, Q)) += A^T B for A (r, P), B (r, Q) of up to ``rows`` rows, as one
+    batched product over blocks of BLOCK_ROWS rows plus a plain product for the remainder."""
+
+    def __init__(self, torch, P: int, Q: int, rows: int, device):
+        self.torch = torch
+        blocks = max(1, rows // BLOCK_ROWS)
+        self.out = torch.empty((blocks, P, Q), dtype=torch.float32, device=device)
+        self.acc = torch.zeros((P, Q), dtype=torch.float64, device=device)
+
+    def add(self, A, B):
+        torch = self.torch
+        r = A.shape[0]
+        blocks = r // BLOCK_ROWS if r >= 2 * BLOCK_ROWS else 0
+        if blocks:
+            cut = blocks * BLOCK_ROWS
+            a = A[:cut].unflatten(0, (blocks, BLOCK_ROWS))
+            b = B[:cut].unflatten(0, (blocks, BLOCK_ROWS))
+            out = self.out[:blocks]
+            torch.bmm(a.transpose(1, 2), b, out=out)
+            self.acc += out.sum(0, dtype=torch.float64)
+            A, B = A[cut:], B[cut:]
+        if A.shape[0]:
+            out = self.out[0]
+            torch.mm(A.T, B, out=out)
+            self.acc += out
+
+
 def moments(X, *, precision: str, rows: int):
     """(mean (D,), m2 (D, D)) float64 of the rows of X (torch, N >= 1) on the route above."""
     import torch
 
     N, D = X.shape
-    mean = X.sum(0, dtype=torch.float64) / N
-    shift = mean.to(torch.float32)
-    d = mean - shift.to(torch.float64)
-    m2 = torch.zeros((D, D), dtype=torch.float64, device=X.device)
     step = min(rows, N)
+    # The shift: the float32 mean of the first step's rows, so that the centred values are
+    # small; the exact mean follows from the float64 sums of the centred values.
+    shift = (X[:step].sum(0, dtype=torch.float64) / step).to(torch.float32)
+    colsum = torch.zeros((D,), dtype=torch.float64, device=X.device)
     work = torch.empty((step, D), dtype=torch.float32, device=X.device)
-    gram = torch.empty((D, D), dtype=torch.float32, device=X.device)
+    gram = _BatchedProduct(torch, D, D, step, X.device)
     with matmul_precision(torch, precision):
         for first, last in _steps(N, rows):
             xt = work[: last - first]
             torch.sub(X[first:last], shift, out=xt)
-            torch.mm(xt.T, xt, out=gram)
-            m2 += gram
-    m2 -= N * torch.outer(d, d)
+            colsum += xt.sum(0)
+            gram.add(xt, xt)
+    d = colsum / N  # mean - shift
+    mean = shift.to(torch.float64) + d
+    m2 = gram.acc - N * torch.outer(d, d)
     # Both triangles come from one product; make them bit-for-bit equal.
     m2 = (m2 + m2.T) * 0.5
     return mean, m2
@@ -129,8 +168,7 @@ def signal_moments(X, W, b, center, *, precision: str, rows: int, lib):
     work = torch.empty((step, D), dtype=torch.float32, device=dev) if copy else None
     z = torch.empty((step, I), dtype=torch.float32, device=dev)
     masks = torch.empty((step, 2 * I), dtype=torch.float32, device=dev)
-    prod = torch.empty((2 * I, D), dtype=torch.float32, device=dev)
-    acc = torch.zeros((2 * I, D), dtype=torch.float64, device=dev)
+    product = _BatchedProduct(torch, 2 * I, D, step, dev)
     count = torch.zeros((I,), dtype=torch.int64, device=dev)
     sum_z = torch.zeros((I,), dtype=torch.float64, device=dev)
     sum_zz = torch.zeros((I,), dtype=torch.float64, device=dev)
@@ -152,15 +190,22 @@ def signal_moments(X, W, b, center, *, precision: str, rows: int, lib):
             zt, mt = z[:r], masks[:r]
             torch.addmm(neg_bias, xt, W, out=zt)
             epilogue.run(r, stream)
-            torch.mm(mt.T, xt, out=prod)
-            acc += prod
+            product.add(mt, xt)
+    acc = product.acc
     return count, acc[:I].contiguous(), sum_z, sum_zz, acc[I:].contiguous()
 
 
+#: Smallest k for which TF32 assignments take the route: below it the fused tensor-core kernel
+#: (one centroid tile, X read once) was faster on an H200 (k = 64: 2.6 ms vs 3.4 ms), above it
+#: the route (k = 1024: 6.5 ms vs 8.3 ms); exact float32 takes the route at every k (k = 64:
+#: 4.7 ms vs 4.9 ms, k = 1024: 25 ms vs 48 ms). benchmarks/results/h200/README.md.
+TF32_MIN_K = 129
+
+
 def assign_rows() -> int:
-    """Rows per step of the assignment on this route (EDPAIRS_GEMM_ASSIGN_ROWS, default 16384):
-    the step's (rows, k) float32 scores should stay in L2 between the product and the argmax."""
-    value = os.environ.get("EDPAIRS_GEMM_ASSIGN_ROWS", "16384")
+    """Rows per step of the assignment on this route (EDPAIRS_GEMM_ASSIGN_ROWS, default 32768,
+    the fastest of 8192 / 16384 / 32768 at k = 1024 on an H200)."""
+    value = os.environ.get("EDPAIRS_GEMM_ASSIGN_ROWS", "32768")
     try:
         rows = int(value)
     except ValueError:
@@ -170,51 +215,54 @@ def assign_rows() -> int:
     return rows
 
 
-def assign_applies(X, xp) -> bool:
-    """Whether ops.assign takes this route: a torch CUDA float32 X with at least one row, unless
-    EDPAIRS_GEMM_ROUTE=kernel (16-bit X keeps the tensor-core kernel, which already runs at the
-    bf16 product's rate)."""
-    return xp.name == "torch" and xp.is_cuda(X) and xp.dtype_name(X) == "float32" and X.shape[0] > 0 \
-        and route() == "gemm"
+def assign_applies(X, xp, k: int, precision: str) -> bool:
+    """Whether ops.assign takes this route: a torch CUDA float32 X with at least one row, exact
+    float32 products or k >= TF32_MIN_K, unless EDPAIRS_GEMM_ROUTE is "kernel" ("gemm" forces
+    the route at every k). 16-bit X keeps the tensor-core kernel, which runs at the bf16
+    product's rate."""
+    if not (xp.name == "torch" and xp.is_cuda(X) and xp.dtype_name(X) == "float32" and X.shape[0] > 0):
+        return False
+    value = os.environ.get("EDPAIRS_GEMM_ROUTE", "auto")
+    if value not in ROUTES + ("auto",):
+        raise ValueError(f"EDPAIRS_GEMM_ROUTE must be one of {ROUTES + ('auto',)}, got {value!r}")
+    if value != "auto":
+        return value == "gemm"
+    return precision == "float32" or k >= TF32_MIN_K
 
 
 def assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, *, precision: str, rows: int, lib):
-    """ops.assign on the route: per step of ``rows`` rows, cuBLAS forms the (rows, k) scores
-    ``x . (s_j c_j) - center . (s_j c_j)`` (the centre's term in float64, after the product, as
-    the tensor-core kernel does), then ``ArgmaxRows`` takes each row's first maximum and its
-    norm; the cluster sums follow in one sorted pass over X (``cluster_sums``). Fills labels,
-    scores and, when given, sums and counts in place."""
+    """ops.assign on the route: per step of ``rows`` rows, cuBLAS forms the (rows, k) dots
+    ``x . c_j - center . c_j`` (the centre's term in float64, after the product, as the
+    tensor-core kernel does), then ``ArgmaxRows`` scales them by s_j (after the product, as
+    the kernels do) and takes each row's first maximum and its norm; the cluster sums follow in
+    one sorted pass over X (``cluster_sums``). Fills labels, scores and, when given, sums and
+    counts in place."""
     import torch
 
     from ._arrays import Namespace
 
     N = X.shape[0]
     k = C.shape[0]
-    C64 = C.to(torch.float64)
     if col_scale is None:
-        norms = torch.linalg.vector_norm(C64, dim=1)
-        s = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
-    else:
-        s = col_scale.to(torch.float64)
-    Cs64 = C64 * s[:, None]
-    Cs = Cs64.to(torch.float32)
-    neg_o = None if center is None else (-(Cs64 @ center.to(torch.float64))).to(torch.float32)
+        norms = torch.linalg.vector_norm(C.to(torch.float64), dim=1)
+        col_scale = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0).to(torch.float32)
+    neg_o = None if center is None else (-(C.to(torch.float64) @ center.to(torch.float64))).to(torch.float32)
     step = min(rows, N)
     block = torch.empty((step, k), dtype=torch.float32, device=X.device)
     rscale = torch.empty((N,), dtype=torch.float32, device=X.device)
     xp = Namespace("torch")
     c = xp.capsule
     stream = xp.stream(X)
-    argmax = lib.ArgmaxRows(c(block), c(X), c(center), c(row_scale), c(labels), c(scores), c(rscale))
-    CsT = Cs.T
+    argmax = lib.ArgmaxRows(c(block), c(col_scale), c(X), c(center), c(row_scale), c(labels), c(scores), c(rscale))
+    CT = C.T
     with matmul_precision(torch, precision):
         for first, last in _steps(N, rows):
             r = last - first
             bt = block[:r]
             if neg_o is None:
-                torch.mm(X[first:last], CsT, out=bt)
+                torch.mm(X[first:last], CT, out=bt)
             else:
-                torch.addmm(neg_o, X[first:last], CsT, out=bt)
+                torch.addmm(neg_o, X[first:last], CT, out=bt)
             argmax.run(first, r, stream)
     if sums is not None:
         lib.cluster_sums(c(X), c(labels), c(rscale), c(center), c(sums), c(counts), stream)

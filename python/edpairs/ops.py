@@ -139,7 +139,7 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     sums = xp.empty((k, D), "float64", X) if accumulate else None
     counts = xp.empty((k,), "int64", X) if accumulate else None
     shapes_ok = k >= 1 and D >= 1 and C.shape[1] == D and (col_scale is None or tuple(col_scale.shape) == (k,))
-    if shapes_ok and _gemm.assign_applies(X, xp):  # (the kernels' bindings word the shape errors)
+    if shapes_ok and _gemm.assign_applies(X, xp, k, precision):  # (the kernels' bindings word the shape errors)
         _gemm.assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, precision=precision,
                      rows=_gemm.assign_rows(), lib=lib())
         return Assignment(labels, scores, sums, counts)

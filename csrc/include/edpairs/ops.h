@@ -144,14 +144,16 @@ void signal_masks_cpu(const SignalMasksArgs& args, Stream stream);
 void signal_masks_cuda(const SignalMasksArgs& args, Stream stream);
 
 // 3d. The assignment's pieces on the library-product route (edpairs/_gemm.py), where the
-// library forms scores[n, j] = s_j (x_n - center) . c_j for a block of rows:
-//  argmax_rows: r_n = row_scale[n] when given, else 1 / ||x_n - center|| (0 for a zero row);
-//    labels[n] = the lowest j maximising scores[n, j], best[n] = r_n * scores[n, labels[n]]
+// library forms dots[n, j] = x_n . c_j - center . c_j for a block of rows:
+//  argmax_rows: with the score s_j dots[n, j] (s = col_scale, applied after the product as the
+//    kernels do) and r_n = row_scale[n] when given, else 1 / ||x_n - center|| (0 for a zero
+//    row): labels[n] = the lowest j maximising the score, best[n] = r_n times that score
 //    (label 0 and best 0 where r_n == 0), rscale[n] = r_n. Rows of x may be strided.
 //  cluster_sums: sums[j] = sum of rscale[n] (x_n - center) over the rows labelled j (float64),
 //    counts[j] = those rows (a row with rscale 0 counts and adds nothing); labels in [0, k).
 struct ArgmaxRowsArgs {
-  TensorView scores;     // (R, k) float32, contiguous
+  TensorView scores;     // (R, k) float32, contiguous: the dots
+  TensorView col_scale;  // (k,) float32
   TensorView x;          // (R, D)
   TensorView center;     // optional (D,) float32
   TensorView row_scale;  // optional (R,) float32
