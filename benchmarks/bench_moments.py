@@ -6,8 +6,8 @@ what a user would write instead, in the same run on the same data.
   signal moments:  edpairs.ops.signal_moments  vs  torch (Z = X W - b, M = Z > 0, X^T M and X^T (M*Z))
 
 On CUDA (torch tensors) the edpairs rows are: "edpairs" / "edpairs-tf32", the default route
-(edpairs._gemm: cuBLAS products of --workspace-rows rows at a time, exact float32 / TF32
-operands, float64 between steps; "-rN" rows for the other step sizes) and "edpairs-kernel" /
+(edpairs._gemm: cuBLAS products of 131072 rows at a time, exact float32 / TF32 operands,
+float64 between steps; "-rN" rows for each --workspace-rows N) and "edpairs-kernel" /
 "edpairs-kernel-tf32", edpairs' own CUDA kernels (EDPAIRS_GEMM_ROUTE=kernel: SIMT exact, or the
 tensor-core scatter / masked product with TF32 operands).
 
@@ -47,8 +47,8 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", default=["200000,512,256"], help="N,D,I triples")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", default="benchmarks/out/moments_{device}.json")
-    p.add_argument("--workspace-rows", type=int, nargs="+", default=[32768],
-                   help="CUDA: rows per step of the cuBLAS route (the first is the plain 'edpairs' row)")
+    p.add_argument("--workspace-rows", type=int, nargs="*", default=[],
+                   help="CUDA: more step sizes of the cuBLAS route to time next to its default")
     args = p.parse_args()
 
     import torch
@@ -118,14 +118,14 @@ def main() -> None:
 
 def _edpairs_methods(cuda: bool, workspace_rows):
     """edpairs variants: name -> (keyword arguments, EDPAIRS_GEMM_ROUTE). On CUDA the default
-    route (cuBLAS products, exact float32 / TF32) at each --workspace-rows, and the kernels."""
+    route (cuBLAS products, exact float32 / TF32; its default step, then "-rN" rows for each
+    --workspace-rows N) and the kernels."""
     if not cuda:
         return {"edpairs": ({}, None)}
-    out = {}
-    for i, rows in enumerate(workspace_rows):
-        tag = "" if i == 0 else f"-r{rows}"
-        out[f"edpairs{tag}"] = ({"workspace_rows": rows}, "gemm")
-        out[f"edpairs-tf32{tag}"] = ({"workspace_rows": rows, "precision": "tf32"}, "gemm")
+    out = {"edpairs": ({}, "gemm"), "edpairs-tf32": ({"precision": "tf32"}, "gemm")}
+    for rows in workspace_rows:
+        out[f"edpairs-r{rows}"] = ({"workspace_rows": rows}, "gemm")
+        out[f"edpairs-tf32-r{rows}"] = ({"workspace_rows": rows, "precision": "tf32"}, "gemm")
     out["edpairs-kernel"] = ({}, "kernel")
     out["edpairs-kernel-tf32"] = ({"precision": "tf32"}, "kernel")
     return out

@@ -14,8 +14,8 @@ edpairs kernel or an elementwise step; the steps' results are added in float64.
   x, as the kernels form it), the detector epilogue (``lib().signal_masks``: ``[M, M * Z]``
   with ``M = Z > 0``, counts and the z sums in float64) and ``[M, M * Z]^T X~``.
 
-The products over a step's rows run batched over blocks of BLOCK_ROWS rows (float32 over a
-block, float64 across blocks). ``kernel`` (``EDPAIRS_GEMM_ROUTE=kernel``) keeps edpairs' own CUDA kernels (cupy arrays and
+The moments' product over a step's rows runs batched over blocks of BLOCK_ROWS rows (float32
+over a block, float64 across blocks). ``kernel`` (``EDPAIRS_GEMM_ROUTE=kernel``) keeps edpairs' own CUDA kernels (cupy arrays and
 float64 data always take them). Why a route through the library: our tensor-core scatter and
 masked product run at 11% and 5% of cuBLAS's rate on an H200 (benchmarks/results/h200), while
 these products are plain GEMMs; the route keeps the float64 merging, the masks and the centring
@@ -85,11 +85,18 @@ def _steps(n: int, rows: int):
         yield first, min(n, first + rows)
 
 
-#: Rows per product of a batched step: a step's product A^T B over many rows is split into
-#: A_b^T B_b over blocks of this many rows, one batched product (cuBLAS runs a (D, D) output
-#: with a long reduction on few tiles; a batch of short ones fills the GPU), the blocks' float32
-#: results then added in float64.
+#: Rows per product of a batched step of the moments: a step's X~^T X~ is split into blocks of
+#: this many rows, one batched product, the blocks' float32 results added in float64 (float32
+#: over at most this many rows). Measured on an H200 together with dropping the float64 pre-pass
+#: for the mean: the TF32 moments went from 6.9 to 6.3 ms at 131072-row steps; the same
+#: batching made the signal moments' product slower, which therefore stays one product per step.
 BLOCK_ROWS = 2048
+
+#: Rows per step of the moments and signal moments on this route when the call does not say
+#: (workspace_rows=None): the fastest measured on an H200 (131072 vs 32768: TF32 moments 6.3 vs
+#: 7.4 ms, TF32 signal moments 4.4 vs 6.2 ms; float32 scratch of rows x D, and rows x 3I more
+#: for the signal moments: 0.7 GB at D = 512, I = 256).
+DEFAULT_ROWS = 131072
 
 
 class _BatchedProduct:
@@ -168,7 +175,8 @@ def signal_moments(X, W, b, center, *, precision: str, rows: int, lib):
     work = torch.empty((step, D), dtype=torch.float32, device=dev) if copy else None
     z = torch.empty((step, I), dtype=torch.float32, device=dev)
     masks = torch.empty((step, 2 * I), dtype=torch.float32, device=dev)
-    product = _BatchedProduct(torch, 2 * I, D, step, dev)
+    prod = torch.empty((2 * I, D), dtype=torch.float32, device=dev)
+    acc = torch.zeros((2 * I, D), dtype=torch.float64, device=dev)
     count = torch.zeros((I,), dtype=torch.int64, device=dev)
     sum_z = torch.zeros((I,), dtype=torch.float64, device=dev)
     sum_zz = torch.zeros((I,), dtype=torch.float64, device=dev)
@@ -190,8 +198,8 @@ def signal_moments(X, W, b, center, *, precision: str, rows: int, lib):
             zt, mt = z[:r], masks[:r]
             torch.addmm(neg_bias, xt, W, out=zt)
             epilogue.run(r, stream)
-            product.add(mt, xt)
-    acc = product.acc
+            torch.mm(mt.T, xt, out=prod)  # not batched: on an H200 batching was 0.3-1.1 ms slower here
+            acc += prod
     return count, acc[:I].contiguous(), sum_z, sum_zz, acc[I:].contiguous()
 
 

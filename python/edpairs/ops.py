@@ -257,7 +257,7 @@ def _product_precision(precision: str) -> str:
 
 
 def moments(X, *, check_finite: bool = True, precision: str = "float32",
-            workspace_rows: int = 32768) -> Moments:
+            workspace_rows: Optional[int] = None) -> Moments:
     """Count, mean and centred scatter of the rows of X (N, D), one pass of the kernels.
 
     Products are float32 on centred values, accumulated in float32 over at most 512 rows
@@ -268,16 +268,17 @@ def moments(X, *, check_finite: bool = True, precision: str = "float32",
 
     torch CUDA tensors of float32, float16 or bfloat16 take the library-product route
     (edpairs._gemm; ``EDPAIRS_GEMM_ROUTE=kernel`` keeps edpairs' own kernels): the products
-    are cuBLAS matrix products of ``workspace_rows`` centred rows at a time (float32
-    accumulation over those rows, exact float32 operands by default, TF32 with
-    ``precision="tf32"``), added in float64; the scratch is ``workspace_rows x D`` float32.
+    are cuBLAS matrix products of ``workspace_rows`` centred rows at a time (default
+    131072), batched over blocks of 2048 rows (float32 accumulation over a block, exact float32
+    operands by default, TF32 with ``precision="tf32"``), added in float64; the scratch is
+    ``workspace_rows x D`` float32.
     """
     precision = _product_precision(precision)
     X, xp = _data(X)
     N, D = X.shape
     if D < 1:
         raise ValueError(f"X must have at least one column, got shape {tuple(X.shape)}")
-    if workspace_rows < 1:
+    if workspace_rows is not None and workspace_rows < 1:
         raise ValueError(f"workspace_rows must be >= 1, got {workspace_rows}")
     if N == 0:
         return Moments(0, None, None)
@@ -285,7 +286,7 @@ def moments(X, *, check_finite: bool = True, precision: str = "float32",
         _check_finite_cuda(xp, [("X", X)])
     if _gemm.applies(X, xp):
         mean, m2 = _gemm.moments(X, precision=_gemm.knob_precision(precision, "EDPAIRS_MOMENTS"),
-                                 rows=int(workspace_rows))
+                                 rows=_gemm.DEFAULT_ROWS if workspace_rows is None else int(workspace_rows))
         return Moments(int(N), mean, m2)
     mean = xp.empty((D,), "float64", X)
     m2 = xp.empty((D, D), "float64", X)
@@ -334,7 +335,7 @@ class SignalMoments:
         return self
 
 
-def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace_rows: int = 32768,
+def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace_rows: Optional[int] = None,
                    precision: str = "float32") -> SignalMoments:
     """Masked per-concept statistics of the rows of X (N, D) for detectors ``z = X @ W - b``
     (W is (D, I), b is (I,)), over each detector's positives ``z > 0`` only: one masked
@@ -342,7 +343,8 @@ def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace
 
     ``center`` (D,) shifts x before the sums (z always uses the raw x); pass the data mean to
     keep the later covariance arithmetic well conditioned. ``workspace_rows`` bounds the
-    scratch memory on CUDA (rows x 2I float32). ``precision="tf32"`` (CUDA, float32 X with
+    scratch memory on CUDA (rows x 2I float32; default 32768 rows on the kernels, 131072 on the
+    library-product route below). ``precision="tf32"`` (CUDA, float32 X with
     16-byte aligned rows; exact elsewhere) takes the masked product on tensor cores with TF32
     operands; z and the masks stay exact float32, so counts and the z sums do not change.
 
@@ -370,15 +372,17 @@ def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace
     sum_z = xp.empty((I,), "float64", X)
     sum_zz = xp.empty((I,), "float64", X)
     sum_xz = xp.empty((I, D), "float64", X)
-    if workspace_rows < 1:
+    if workspace_rows is not None and workspace_rows < 1:
         raise ValueError(f"workspace_rows must be >= 1, got {workspace_rows}")
     if _gemm.applies(X, xp):
-        fields = _gemm.signal_moments(X, W, b, center, rows=int(workspace_rows), lib=lib(),
+        rows = _gemm.DEFAULT_ROWS if workspace_rows is None else int(workspace_rows)
+        fields = _gemm.signal_moments(X, W, b, center, rows=rows, lib=lib(),
                                       precision=_gemm.knob_precision(precision, "EDPAIRS_SIGNAL_MOMENTS"))
         return SignalMoments(*fields, center)
     workspace = None
     if xp.is_cuda(X):
-        workspace = xp.empty((max(1, min(int(workspace_rows), max(N, 1))), 2 * I), "float32", X)
+        rows = 32768 if workspace_rows is None else int(workspace_rows)
+        workspace = xp.empty((max(1, min(rows, max(N, 1))), 2 * I), "float32", X)
     c = xp.capsule
     lib().signal_moments(c(X), c(W), c(b), c(center), c(count), c(sum_x), c(sum_z), c(sum_zz), c(sum_xz),
                          c(workspace), bool(check_finite), xp.stream(X), precision=precision)
