@@ -595,6 +595,49 @@ __global__ void __launch_bounds__(kSegThreads)
   }
 }
 
+// The sorted sums of rows already labelled: counts (k, zeroed by the caller) by histogram,
+// cursor (k ints) by scan, perm (n ints) by scatter, then the segmented float64 sums into
+// sums (k x d, zeroed by the caller).
+template <class T>
+void launch_sorted_sums(const T* x, const int64_t x_stride, const int64_t n, const int d, const int k,
+                        const float* center, const int64_t* labels, const float* rscale, int* perm,
+                        int* cursor, unsigned long long* counts, double* sums, const cudaStream_t s) {
+  const unsigned row_blocks = static_cast<unsigned>(ceil_div(n, 256));
+  histogram_kernel<<<row_blocks, 256, 0, s>>>(labels, n, counts);
+  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+  scan_kernel<<<1, kScanThreads, 0, s>>>(counts, k, cursor);
+  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+  scatter_kernel<<<row_blocks, 256, 0, s>>>(labels, n, cursor, perm);
+  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+  segmented_sums_kernel<T><<<static_cast<unsigned>(ceil_div(n, kSegRows)), kSegThreads, 0, s>>>(
+      x, x_stride, n, d, center, labels, rscale, perm, sums);
+  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+}
+
+// Scratch memory from the stream-ordered allocator: freed in stream order when the owner goes
+// out of scope (also when a launch check throws), or by free() with its error checked.
+class StreamScratch {
+ public:
+  StreamScratch(const size_t bytes, const cudaStream_t s) : stream_(s) {
+    EDPAIRS_CUDA_CHECK(cudaMallocAsync(&ptr_, bytes, s));
+  }
+  ~StreamScratch() {
+    if (ptr_ != nullptr) (void)cudaFreeAsync(ptr_, stream_);
+  }
+  StreamScratch(const StreamScratch&) = delete;
+  StreamScratch& operator=(const StreamScratch&) = delete;
+  void* get() const { return ptr_; }
+  void free() {
+    void* p = ptr_;
+    ptr_ = nullptr;
+    EDPAIRS_CUDA_CHECK(cudaFreeAsync(p, stream_));
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  cudaStream_t stream_;
+};
+
 // ---- small k: cluster sums fused into the assignment, one read of x from DRAM -------------
 // For k <= kFCents with k x D float32 sums that fit in shared memory next to the pipeline
 // (D <= 576 at k = 64 on Hopper's 227 KB): a persistent grid (one block per multiprocessor),
@@ -993,15 +1036,8 @@ bool launch_fused(const AssignArgs& args, TcParams p, cudaStream_t s) {
   const size_t part_elems = static_cast<size_t>(grid * k * d);
   const size_t bytes = cw_bytes + 2 * static_cast<size_t>(k_pad) * 4 + part_elems * 4 +
                        static_cast<size_t>(grid * k) * 4;
-  struct Workspace {
-    void* ptr = nullptr;
-    cudaStream_t stream;
-    ~Workspace() {
-      if (ptr != nullptr) (void)cudaFreeAsync(ptr, stream);
-    }
-  } workspace{nullptr, s};
-  EDPAIRS_CUDA_CHECK(cudaMallocAsync(&workspace.ptr, bytes, s));
-  void* ws = workspace.ptr;
+  StreamScratch workspace(bytes, s);
+  void* ws = workspace.get();
   T* cw = static_cast<T*>(ws);
   float* col_s = reinterpret_cast<float*>(static_cast<char*>(ws) + cw_bytes);
   float* col_o = col_s + k_pad;
@@ -1037,8 +1073,7 @@ bool launch_fused(const AssignArgs& args, TcParams p, cudaStream_t s) {
   reduce_fused_partials<<<static_cast<unsigned>(ceil_div(reduce_items, 256)), 256, 0, s>>>(
       part_sums, part_counts, static_cast<int>(grid), kd, static_cast<int>(k), p.sums, p.counts);
   EDPAIRS_CUDA_CHECK(cudaGetLastError());
-  workspace.ptr = nullptr;
-  EDPAIRS_CUDA_CHECK(cudaFreeAsync(ws, s));
+  workspace.free();
   return true;
 }
 
@@ -1063,16 +1098,8 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
   const size_t cw_bytes = static_cast<size_t>(k_pad) * static_cast<size_t>(d_pad) * sizeof(T);
   size_t bytes = cw_bytes + 2 * static_cast<size_t>(k_pad) * sizeof(float);
   if (sorted) bytes += 2 * static_cast<size_t>(n) * 4 + static_cast<size_t>(k_pad) * 4;
-  // Freed in stream order when this function returns, also when a launch check throws.
-  struct Workspace {
-    void* ptr = nullptr;
-    cudaStream_t stream;
-    ~Workspace() {
-      if (ptr != nullptr) (void)cudaFreeAsync(ptr, stream);
-    }
-  } workspace{nullptr, s};
-  EDPAIRS_CUDA_CHECK(cudaMallocAsync(&workspace.ptr, bytes, s));
-  void* ws = workspace.ptr;
+  StreamScratch workspace(bytes, s);
+  void* ws = workspace.get();
   T* cw = static_cast<T*>(ws);
   float* col_s = reinterpret_cast<float*>(static_cast<char*>(ws) + cw_bytes);
   float* col_o = col_s + k_pad;
@@ -1113,20 +1140,10 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
   EDPAIRS_CUDA_CHECK(cudaGetLastError());
 
   if (sorted) {
-    const unsigned row_blocks = static_cast<unsigned>(ceil_div(n, 256));
-    histogram_kernel<<<row_blocks, 256, 0, s>>>(p.labels, n, counts);
-    EDPAIRS_CUDA_CHECK(cudaGetLastError());
-    scan_kernel<<<1, kScanThreads, 0, s>>>(counts, static_cast<int>(k), cursor);
-    EDPAIRS_CUDA_CHECK(cudaGetLastError());
-    scatter_kernel<<<row_blocks, 256, 0, s>>>(p.labels, n, cursor, perm);
-    EDPAIRS_CUDA_CHECK(cudaGetLastError());
-    segmented_sums_kernel<T><<<static_cast<unsigned>(ceil_div(n, kSegRows)), kSegThreads, 0, s>>>(
-        static_cast<const T*>(p.x), p.x_stride, n, static_cast<int>(d), p.center, p.labels, rscale,
-        perm, sums);
-    EDPAIRS_CUDA_CHECK(cudaGetLastError());
+    launch_sorted_sums<T>(static_cast<const T*>(p.x), p.x_stride, n, static_cast<int>(d), static_cast<int>(k),
+                          p.center, p.labels, rscale, perm, cursor, counts, sums, s);
   }
-  workspace.ptr = nullptr;
-  EDPAIRS_CUDA_CHECK(cudaFreeAsync(ws, s));
+  workspace.free();
 }
 
 }  // namespace
@@ -1174,35 +1191,17 @@ void cluster_sums_cuda(const ClusterSumsArgs& a, Stream stream) {
   if (n > INT_MAX || k > INT_MAX || d > INT_MAX) {
     fail("cluster_sums: too large for one launch: x " + a.x.shape_str() + ", sums " + a.sums.shape_str());
   }
-  struct Workspace {
-    void* ptr = nullptr;
-    cudaStream_t stream;
-    ~Workspace() {
-      if (ptr != nullptr) (void)cudaFreeAsync(ptr, stream);
-    }
-  } workspace{nullptr, s};
-  EDPAIRS_CUDA_CHECK(cudaMallocAsync(&workspace.ptr, static_cast<size_t>(n + k) * sizeof(int), s));
-  int* perm = static_cast<int*>(workspace.ptr);
+  StreamScratch workspace(static_cast<size_t>(n + k) * sizeof(int), s);
+  int* perm = static_cast<int*>(workspace.get());
   int* cursor = perm + n;
-  const int64_t* labels = a.labels.ptr<const int64_t>();
-  const unsigned row_blocks = static_cast<unsigned>(ceil_div(n, 256));
-  histogram_kernel<<<row_blocks, 256, 0, s>>>(labels, n, counts);
-  EDPAIRS_CUDA_CHECK(cudaGetLastError());
-  scan_kernel<<<1, kScanThreads, 0, s>>>(counts, static_cast<int>(k), cursor);
-  EDPAIRS_CUDA_CHECK(cudaGetLastError());
-  scatter_kernel<<<row_blocks, 256, 0, s>>>(labels, n, cursor, perm);
-  EDPAIRS_CUDA_CHECK(cudaGetLastError());
   const float* center = a.center.present ? a.center.ptr<const float>() : nullptr;
   dispatch_input_dtype(a.x, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    segmented_sums_kernel<T><<<static_cast<unsigned>(ceil_div(n, kSegRows)), kSegThreads, 0, s>>>(
-        static_cast<const T*>(a.x.data), a.x.stride(0), n, static_cast<int>(d), center, labels,
-        a.rscale.ptr<const float>(), perm, sums);
-    EDPAIRS_CUDA_CHECK(cudaGetLastError());
+    launch_sorted_sums<T>(static_cast<const T*>(a.x.data), a.x.stride(0), n, static_cast<int>(d),
+                          static_cast<int>(k), center, a.labels.ptr<const int64_t>(), a.rscale.ptr<const float>(),
+                          perm, cursor, counts, sums, s);
   });
-  void* ws = workspace.ptr;
-  workspace.ptr = nullptr;
-  EDPAIRS_CUDA_CHECK(cudaFreeAsync(ws, s));
+  workspace.free();
 }
 
 }  // namespace edpairs

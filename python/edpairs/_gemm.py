@@ -1,25 +1,30 @@
-"""Moments and signal moments on CUDA through the array library's matrix product (cuBLAS).
+"""The library-product route on CUDA: the products of ``assign``, ``moments`` and
+``signal_moments`` for torch CUDA tensors go to cuBLAS (through torch), the rest to edpairs
+kernels.
 
-The library-product route (``EDPAIRS_GEMM_ROUTE=gemm``, the default for torch CUDA tensors of
-float32, float16 or bfloat16): the rows are taken ``rows`` at a time; per step the products run
-as torch matrix products (cuBLAS: float32 accumulation, TF32 or exact float32 operands as the
-call's precision asks, whatever the process-wide TF32 setting), and everything else is an
-edpairs kernel or an elementwise step; the steps' results are added in float64.
+The rows are taken ``rows`` at a time; per step the products run as torch matrix products
+(cuBLAS: float32 accumulation, TF32 or exact float32 operands as the call's precision asks,
+whatever the process-wide TF32 setting), everything else is an edpairs kernel or an elementwise
+step, and the steps' results are added in float64.
 
+* assign: the dots ``x . c_j - center . c_j`` of a step (the centre's term in float64, after
+  the product, as the tensor-core kernel does), then ``ArgmaxRows`` (scale s_j after the
+  product, norms, first maximum), then one sorted pass over X for the cluster sums
+  (``cluster_sums``). Taken for float32 X with exact products or k >= TF32_MIN_K.
 * moments: per step ``X~ = x - shift`` (shift: the float32 mean of the first step's rows), the
-  column sums of X~ (float32 per step, float64 across) and ``X~^T X~``; the mean and the
-  scatter about it follow exactly: ``mean = shift + d`` and
+  column sums of X~ (float32 per step, float64 across) and ``X~^T X~`` (batched over blocks of
+  BLOCK_ROWS rows); the mean and the scatter about it follow exactly: ``mean = shift + d`` and
   ``sum (x - mean)(x - mean)^T = sum X~ X~^T - N d d^T`` with ``d = sum X~ / N``.
-* signal moments: per step ``Z = X~ W - b'`` (``b' = b - center . W`` in float64; z of the raw
-  x, as the kernels form it), the detector epilogue (``lib().signal_masks``: ``[M, M * Z]``
-  with ``M = Z > 0``, counts and the z sums in float64) and ``[M, M * Z]^T X~``.
+* signal moments: per step ``Z = X~ W - b'`` (``b' = b - center . W`` in float64, as the kernels
+  form z), the detector epilogue (``SignalMasks``: ``[M, M * Z]`` with ``M = Z > 0``, counts and
+  the z sums in float64) and ``[M, M * Z]^T X~``. Float32, float16 and bfloat16 X (moments too).
 
-The moments' product over a step's rows runs batched over blocks of BLOCK_ROWS rows (float32
-over a block, float64 across blocks). ``kernel`` (``EDPAIRS_GEMM_ROUTE=kernel``) keeps edpairs' own CUDA kernels (cupy arrays and
-float64 data always take them). Why a route through the library: our tensor-core scatter and
-masked product run at 11% and 5% of cuBLAS's rate on an H200 (benchmarks/results/h200), while
-these products are plain GEMMs; the route keeps the float64 merging, the masks and the centring
-of the kernels and hands the products to cuBLAS.
+EDPAIRS_GEMM_ROUTE: "auto" (default) as above, "gemm" the route for every assignment too,
+"kernel" edpairs' own CUDA kernels for everything (cupy arrays and float64 data always take
+them). Why a route through the library: edpairs' tensor-core kernels ran the products at 31%
+(assignment), 11% (scatter) and 5% (masked product) of cuBLAS's TF32 rate on an H200, and the
+products are plain GEMMs; benchmarks/results/h200/README.md has the measurements that set the
+defaults here.
 
 The precision switch sets torch's cuBLAS TF32 flag for the duration of the call and restores
 it: not thread-safe against another thread that changes or relies on that flag meanwhile."""
