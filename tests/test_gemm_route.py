@@ -82,6 +82,26 @@ def test_route_batched_blocks(rows, rng, monkeypatch):
     check_signal_moments(ops.SignalMoments(*fields, t(c)), Xs, W, b, center=c)
 
 
+def test_route_scratch_bounds(rng, monkeypatch):
+    """Wide rows get shorter default steps; the batched product splits its blocks over several
+    calls and the assignment its dots over shorter steps when the scratch bound says so, with
+    the same results."""
+    assert _gemm.default_rows(512) == _gemm.DEFAULT_ROWS
+    assert _gemm.default_rows(512 + 3 * 256) == _gemm.DEFAULT_ROWS
+    assert _gemm.default_rows(4096 + 3 * 4096) == 2**30 // (4 * 16384)
+    assert _gemm.default_rows(10**9) == 1024
+    X = (rng.standard_normal((9001, 19)) + 7).astype(np.float32)
+    monkeypatch.setattr(_gemm, "BLOCK_ROWS", 500)
+    monkeypatch.setattr(_gemm, "SCRATCH_BYTES", 16 * 19 * 19 * 2)  # two blocks per batched call
+    mean, m2 = _gemm.moments(t(X), precision="float32", rows=9001)
+    check_moments(ops.Moments(9001, mean, m2), X)
+    C = make_centroids(rng, 40, 19)
+    Xa = make_rows(rng, 3000, 19, C=C)
+    monkeypatch.setattr(_gemm, "SCRATCH_BYTES", 4 * 40 * 100)  # steps of 100 rows
+    res = _route_assign(t(Xa), t(C), rows=5000)
+    check_assignment(res, Xa, C)
+
+
 def test_route_signal_moments_equal_the_cpu_kernel(rng):
     X, W, b, c = make_signal_data(rng, 2000, 40, 16, center=True)
     fields = _gemm.signal_moments(t(X), t(W), t(b), t(c), precision="float32", rows=333, lib=lib())

@@ -103,6 +103,18 @@ BLOCK_ROWS = 2048
 #: for the signal moments: 0.7 GB at D = 512, I = 256).
 DEFAULT_ROWS = 131072
 
+#: Bytes of scratch the route allocates per call when the caller does not bound it: the step
+#: rows shrink below DEFAULT_ROWS for wide rows, so that D = 4096 or I = 4096 do not ask for
+#: gigabytes (131072 rows at D = 512, I = 256 fit), and the batched products' outputs and the
+#: assignment's (rows, k) block stay within it too.
+SCRATCH_BYTES = 2**30
+
+
+def default_rows(floats_per_row: int) -> int:
+    """Rows per step when the call leaves it open: DEFAULT_ROWS, fewer where a step's float32
+    scratch (floats_per_row per row) would pass SCRATCH_BYTES, never under 1024."""
+    return int(min(DEFAULT_ROWS, max(1024, SCRATCH_BYTES // (4 * max(1, floats_per_row)))))
+
 
 class _BatchedProduct:
     """acc (float64, (P, Q)) += A^T B for A (r, P), B (r, Q) of up to ``rows`` rows, as one
@@ -110,22 +122,25 @@ class _BatchedProduct:
 
     def __init__(self, torch, P: int, Q: int, rows: int, device):
         self.torch = torch
-        blocks = max(1, rows // BLOCK_ROWS)
-        self.out = torch.empty((blocks, P, Q), dtype=torch.float32, device=device)
+        # Blocks per batched call: as many as the step has, within a quarter of SCRATCH_BYTES.
+        self.per_call = max(1, min(rows // BLOCK_ROWS, SCRATCH_BYTES // (16 * P * Q)))
+        self.out = torch.empty((self.per_call, P, Q), dtype=torch.float32, device=device)
         self.acc = torch.zeros((P, Q), dtype=torch.float64, device=device)
 
     def add(self, A, B):
         torch = self.torch
         r = A.shape[0]
         blocks = r // BLOCK_ROWS if r >= 2 * BLOCK_ROWS else 0
-        if blocks:
-            cut = blocks * BLOCK_ROWS
-            a = A[:cut].unflatten(0, (blocks, BLOCK_ROWS))
-            b = B[:cut].unflatten(0, (blocks, BLOCK_ROWS))
-            out = self.out[:blocks]
+        while blocks:
+            n = min(blocks, self.per_call)
+            cut = n * BLOCK_ROWS
+            a = A[:cut].unflatten(0, (n, BLOCK_ROWS))
+            b = B[:cut].unflatten(0, (n, BLOCK_ROWS))
+            out = self.out[:n]
             torch.bmm(a.transpose(1, 2), b, out=out)
             self.acc += out.sum(0, dtype=torch.float64)
             A, B = A[cut:], B[cut:]
+            blocks -= n
         if A.shape[0]:
             out = self.out[0]
             torch.mm(A.T, B, out=out)
@@ -256,6 +271,7 @@ def assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, *, 
 
     N = X.shape[0]
     k = C.shape[0]
+    rows = max(1, min(rows, SCRATCH_BYTES // (4 * k)))  # the (rows, k) block of dots
     if col_scale is None:
         norms = torch.linalg.vector_norm(C.to(torch.float64), dim=1)
         col_scale = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0).to(torch.float32)
