@@ -428,8 +428,9 @@ class ArgmaxRowsPlan {
     expect_dtype(a_.rscale, "rscale", DType::Float32);
     for (const TensorView* v : {&a_.col_scale, &a_.center, &a_.row_scale, &a_.labels, &a_.best, &a_.rscale})
       if (v->present) expect_contiguous(*v, "an output or parameter array");
-    expect_same_device({{&a_.scores, "scores"}, {&a_.col_scale, "col_scale"}, {&a_.x, "X"}, {&a_.center, "center"}, {&a_.row_scale, "row_scale"},
-                        {&a_.labels, "labels"}, {&a_.best, "best"}, {&a_.rscale, "rscale"}});
+    expect_same_device({{&a_.scores, "scores"}, {&a_.col_scale, "col_scale"}, {&a_.x, "X"}, {&a_.center, "center"},
+                        {&a_.row_scale, "row_scale"}, {&a_.labels, "labels"}, {&a_.best, "best"},
+                        {&a_.rscale, "rscale"}});
   }
   // Rows [first, first + rows) of X against the first `rows` rows of scores.
   void run(int64_t first, int64_t rows, uintptr_t stream) {
@@ -569,8 +570,8 @@ PYBIND11_MODULE(_C, m) {
       .def("run", &SignalMasksPlan::run, py::arg("rows"), py::arg("stream"));
   py::class_<ArgmaxRowsPlan>(m, "ArgmaxRows")
       .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle>(),
-           py::arg("scores"), py::arg("col_scale"), py::arg("x"), py::arg("center"), py::arg("row_scale"), py::arg("labels"),
-           py::arg("best"), py::arg("rscale"))
+           py::arg("scores"), py::arg("col_scale"), py::arg("x"), py::arg("center"), py::arg("row_scale"),
+           py::arg("labels"), py::arg("best"), py::arg("rscale"))
       .def("run", &ArgmaxRowsPlan::run, py::arg("first"), py::arg("rows"), py::arg("stream"));
   m.def("cluster_sums", &cluster_sums, py::arg("x"), py::arg("labels"), py::arg("rscale"), py::arg("center"),
         py::arg("sums"), py::arg("counts"), py::arg("stream"));

@@ -269,9 +269,10 @@ def moments(X, *, check_finite: bool = True, precision: str = "float32",
     torch CUDA tensors of float32, float16 or bfloat16 take the library-product route
     (edpairs._gemm; ``EDPAIRS_GEMM_ROUTE=kernel`` keeps edpairs' own kernels): the products
     are cuBLAS matrix products of ``workspace_rows`` centred rows at a time (default 131072,
-    fewer for rows wider than 2048 columns: about 1 GB of scratch at most), batched over blocks of 2048 rows (float32 accumulation over a block, exact float32
-    operands by default, TF32 with ``precision="tf32"``), added in float64; the scratch is
-    ``workspace_rows x D`` float32.
+    fewer for rows wider than 2048 columns: about 1 GB of scratch at most), batched over
+    blocks of 2048 rows (float32 accumulation over a block, exact float32 operands by default,
+    TF32 with ``precision="tf32"``), added in float64; the scratch is ``workspace_rows x D``
+    float32.
     """
     precision = _product_precision(precision)
     X, xp = _data(X)
@@ -344,9 +345,10 @@ def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace
     ``center`` (D,) shifts x before the sums (z always uses the raw x); pass the data mean to
     keep the later covariance arithmetic well conditioned. ``workspace_rows`` bounds the
     scratch memory on CUDA (rows x 2I float32; default 32768 rows on the kernels, 131072 on the
-    library-product route below, fewer there when D + 3I > 2048: about 1 GB of scratch at most). ``precision="tf32"`` (CUDA, float32 X with
-    16-byte aligned rows; exact elsewhere) takes the masked product on tensor cores with TF32
-    operands; z and the masks stay exact float32, so counts and the z sums do not change.
+    library-product route below, fewer there when D + 3I > 2048: about 1 GB of scratch at
+    most). ``precision="tf32"`` (CUDA, float32 X with 16-byte aligned rows; exact elsewhere)
+    takes the masked product on tensor cores with TF32 operands; z and the masks stay exact
+    float32, so counts and the z sums do not change.
 
     torch CUDA tensors of float32, float16 or bfloat16 take the library-product route
     (edpairs._gemm; ``EDPAIRS_GEMM_ROUTE=kernel`` keeps edpairs' own kernels): ``Z = X~ W - b'``
