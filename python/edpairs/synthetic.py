@@ -45,7 +45,36 @@ def _check_features(shape, D: int) -> None:
                          f"flat (N, D) patch rows can be viewed per image with layer.images()")
 
 
-class LinearHead:
+class _Head:
+    """What both heads share: logits ``x @ weight.T + bias`` of per-image values ``x`` in
+    their library, the class count, the argmax, and the check of the features' shape against
+    ``_n_features``."""
+
+    _n_features: int
+
+    @property
+    def n_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def _check(self, shape) -> None:
+        _check_features(shape, self._n_features)
+
+    def _logits(self, x):
+        if _is_torch(x):
+            import torch
+
+            w = torch.as_tensor(self.weight, dtype=x.dtype, device=x.device)
+            b = torch.as_tensor(self.bias, dtype=x.dtype, device=x.device)
+            return x @ w.T + b
+        return x @ self.weight.T + self.bias
+
+    def predict(self, features):
+        """The predicted class of each image (argmax of the logits)."""
+        logits = self(features)
+        return logits.argmax(dim=1) if _is_torch(logits) else logits.argmax(axis=1)
+
+
+class LinearHead(_Head):
     """A frozen linear classifier on a layer's feature maps: the logits of an image are the
     mean of its patch features times ``weight.T`` plus ``bias``.
 
@@ -64,36 +93,22 @@ class LinearHead:
         self.accuracy_ = float(accuracy)
 
     @property
-    def n_classes(self) -> int:
-        return self.weight.shape[0]
-
-    def _check(self, shape) -> None:
-        _check_features(shape, self.weight.shape[1])
+    def _n_features(self) -> int:
+        return self.weight.shape[1]
 
     def __call__(self, features):
         self._check(tuple(features.shape))
         if _is_torch(features):
-            import torch
-
-            w = torch.as_tensor(self.weight, dtype=features.dtype, device=features.device)
-            b = torch.as_tensor(self.bias, dtype=features.dtype, device=features.device)
-            pooled = features.flatten(1, -2).mean(dim=1)
-            return pooled @ w.T + b
+            return self._logits(features.flatten(1, -2).mean(dim=1))
         x = np.asarray(features)
-        pooled = x.reshape(x.shape[0], -1, x.shape[-1]).mean(axis=1, dtype=np.float64)
-        return pooled @ self.weight.T + self.bias
-
-    def predict(self, features):
-        """The predicted class of each image (argmax of the logits)."""
-        logits = self(features)
-        return logits.argmax(dim=1) if _is_torch(logits) else logits.argmax(axis=1)
+        return self._logits(x.reshape(x.shape[0], -1, x.shape[-1]).mean(axis=1, dtype=np.float64))
 
     def __repr__(self) -> str:
         return (f"LinearHead(n_classes={self.weight.shape[0]}, n_features={self.weight.shape[1]}, "
                 f"accuracy_={self.accuracy_:.4f})")
 
 
-class PresenceHead:
+class PresenceHead(_Head):
     """A frozen classifier that reads a layer only through concept detectors: the logits of an
     image are ``logit_k = sum_i weight[k, i] * g_i + bias_k``, where ``g_i`` is the mean over
     positions of a detector ``d(u_{p,i})``, ``u_{p,i} = filters[i] . x_p - thresholds[i]``: the
@@ -169,11 +184,8 @@ class PresenceHead:
         return head
 
     @property
-    def n_classes(self) -> int:
-        return self.weight.shape[0]
-
-    def _check(self, shape) -> None:
-        _check_features(shape, self.filters.shape[1])
+    def _n_features(self) -> int:
+        return self.filters.shape[1]
 
     def presence(self, features):
         """``(n_images, n_concepts)`` pooled presence ``g`` of each concept, in [0, 1]."""
@@ -199,19 +211,7 @@ class PresenceHead:
         return d.mean(axis=1)
 
     def __call__(self, features):
-        g = self.presence(features)
-        if _is_torch(g):
-            import torch
-
-            w = torch.as_tensor(self.weight, dtype=g.dtype, device=g.device)
-            b = torch.as_tensor(self.bias, dtype=g.dtype, device=g.device)
-            return g @ w.T + b
-        return g @ self.weight.T + self.bias
-
-    def predict(self, features):
-        """The predicted class of each image (argmax of the logits)."""
-        logits = self(features)
-        return logits.argmax(dim=1) if _is_torch(logits) else logits.argmax(axis=1)
+        return self._logits(self.presence(features))
 
     def relations(self) -> np.ndarray:
         """``(n_concepts, n_classes)`` true influence of each concept on each class's probability
