@@ -95,20 +95,18 @@ def gemm_route(name):
     try:
         yield
     finally:
-        os.environ["EDPAIRS_GEMM_ROUTE"] = before if before is not None else "kernel"
+        if before is None:
+            os.environ.pop("EDPAIRS_GEMM_ROUTE", None)
+        else:
+            os.environ["EDPAIRS_GEMM_ROUTE"] = before
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _kernel_route_by_default():
     """This module tests edpairs' own CUDA kernels: torch tensors would otherwise take the
     cuBLAS route of edpairs._gemm. Tests that take ``route`` run on both."""
-    before = os.environ.get("EDPAIRS_GEMM_ROUTE")
-    os.environ["EDPAIRS_GEMM_ROUTE"] = "kernel"
-    yield
-    if before is None:
-        os.environ.pop("EDPAIRS_GEMM_ROUTE", None)
-    else:
-        os.environ["EDPAIRS_GEMM_ROUTE"] = before
+    with gemm_route("kernel"):
+        yield
 
 
 @pytest.fixture(params=ROUTES)

@@ -1,6 +1,7 @@
 // CPU versions of the assignment's pieces on the library-product route (ops.h 3d). On CUDA
 // they run between cuBLAS products; here they serve CPU torch tensors that call the route's
 // code directly (its tests) and are the reference the CUDA versions are checked against.
+#include <algorithm>
 #include <limits>
 #include <string>
 #include <vector>
@@ -21,30 +22,33 @@ void argmax_rows_cpu(const ArgmaxRowsArgs& a, Stream) {
   int64_t* labels = a.labels.ptr<int64_t>();
   float* best = a.best.ptr<float>();
   float* rscale = a.rscale.ptr<float>();
-  parallel_for(R, [&](int64_t r, int) {
-    float rs;
-    if (row_scale != nullptr) {
-      rs = row_scale[r];
-    } else {
-      std::vector<float> row(static_cast<size_t>(D));
-      load_row(X, center, r, 0, D, row.data());
-      float ss = 0.f;
-      for (float v : row) ss += v * v;
-      rs = ss > 0.f ? 1.0f / std::sqrt(ss) : 0.f;
-    }
-    const float* sr = scores + r * k;
-    int64_t bi = 0;
-    float bv = sr[0] * s[0];
-    for (int64_t j = 1; j < k; ++j) {
-      const float v = sr[j] * s[j];
-      if (v > bv) {
-        bv = v;
-        bi = j;
+  constexpr int64_t kBlock = 256;  // rows per task: one row buffer per task, not per row
+  parallel_for((R + kBlock - 1) / kBlock, [&](int64_t task, int) {
+    std::vector<float> row(row_scale != nullptr ? 0 : static_cast<size_t>(D));
+    for (int64_t r = task * kBlock; r < std::min(R, (task + 1) * kBlock); ++r) {
+      float rs;
+      if (row_scale != nullptr) {
+        rs = row_scale[r];
+      } else {
+        load_row(X, center, r, 0, D, row.data());
+        float ss = 0.f;
+        for (float v : row) ss += v * v;
+        rs = ss > 0.f ? 1.0f / std::sqrt(ss) : 0.f;
       }
+      const float* sr = scores + r * k;
+      int64_t bi = 0;
+      float bv = sr[0] * s[0];
+      for (int64_t j = 1; j < k; ++j) {
+        const float v = sr[j] * s[j];
+        if (v > bv) {
+          bv = v;
+          bi = j;
+        }
+      }
+      labels[r] = rs > 0.f ? bi : 0;
+      best[r] = rs > 0.f ? rs * bv : 0.f;
+      rscale[r] = rs;
     }
-    labels[r] = rs > 0.f ? bi : 0;
-    best[r] = rs > 0.f ? rs * bv : 0.f;
-    rscale[r] = rs;
   });
 }
 

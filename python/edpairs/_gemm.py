@@ -38,13 +38,18 @@ ROUTES = ("gemm", "kernel")
 GEMM_DTYPES = ("float32", "float16", "bfloat16")
 
 
-def route() -> str:
-    """The CUDA route for moments and signal moments of torch tensors (EDPAIRS_GEMM_ROUTE:
-    "auto", the default, and "gemm" take the route, "kernel" edpairs' own kernels)."""
+def _knob() -> str:
+    """EDPAIRS_GEMM_ROUTE, checked: "auto" (default), "gemm" or "kernel"."""
     value = os.environ.get("EDPAIRS_GEMM_ROUTE", "auto")
     if value not in ROUTES + ("auto",):
         raise ValueError(f"EDPAIRS_GEMM_ROUTE must be one of {ROUTES + ('auto',)}, got {value!r}")
-    return "kernel" if value == "kernel" else "gemm"
+    return value
+
+
+def route() -> str:
+    """The CUDA route for moments and signal moments of torch tensors (EDPAIRS_GEMM_ROUTE:
+    "auto", the default, and "gemm" take the route, "kernel" edpairs' own kernels)."""
+    return "kernel" if _knob() == "kernel" else "gemm"
 
 
 def applies(X, xp) -> bool:
@@ -250,9 +255,7 @@ def assign_applies(X, xp, k: int, precision: str) -> bool:
     product's rate."""
     if not (xp.name == "torch" and xp.is_cuda(X) and xp.dtype_name(X) == "float32" and X.shape[0] > 0):
         return False
-    value = os.environ.get("EDPAIRS_GEMM_ROUTE", "auto")
-    if value not in ROUTES + ("auto",):
-        raise ValueError(f"EDPAIRS_GEMM_ROUTE must be one of {ROUTES + ('auto',)}, got {value!r}")
+    value = _knob()
     if value != "auto":
         return value == "gemm"
     return precision == "float32" or k >= TF32_MIN_K
