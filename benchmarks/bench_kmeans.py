@@ -20,6 +20,9 @@ user would pick instead, in the same run on the same data.
                not apply; CUDA only differs)
   edpairs-1sm  edpairs-kernel with one assignment block per SM instead of two (fewer rows of X in
                flight, so the re-reads per centroid tile stay in L2; EDPAIRS_ASSIGN_BLOCKS_PER_SM=1)
+  edpairs-wgmma  edpairs-kernel labelling on Hopper's warpgroup MMA (assign_wgmma_cuda.cu, 128 rows x
+               256-centroid tiles, the argmax in the epilogue; EDPAIRS_ASSIGN_KERNEL=wgmma; skipped
+               unless the build has sm_90a and the GPU is compute capability 9.0)
   faiss    faiss.Kmeans(d, k, spherical=True, niter=1).train (faiss-cpu, or faiss GPU with --device cuda)
   torch    normalise, matmul, max, index_add, bincount, normalise (the plain torch loop)
 
@@ -179,7 +182,8 @@ KERNEL = {"EDPAIRS_GEMM_ROUTE": "kernel"}
 METHODS = {"edpairs": run_edpairs, "edpairs-f32": run_edpairs_f32, "edpairs-gemm": run_edpairs,
            "edpairs-r8192": run_edpairs, "edpairs-r16384": run_edpairs, "edpairs-kernel": run_edpairs,
            "edpairs-kernel-f32": run_edpairs_f32,
-           "edpairs-blk": run_edpairs, "edpairs-1sm": run_edpairs, "edpairs-fused": run_edpairs, "faiss": run_faiss,
+           "edpairs-blk": run_edpairs, "edpairs-1sm": run_edpairs, "edpairs-fused": run_edpairs,
+           "edpairs-wgmma": run_edpairs, "faiss": run_faiss,
            "torch": run_torch}
 GEMM = {"EDPAIRS_GEMM_ROUTE": "gemm"}
 METHOD_ENV = {"edpairs-gemm": GEMM,
@@ -188,7 +192,22 @@ METHOD_ENV = {"edpairs-gemm": GEMM,
               "edpairs-kernel": KERNEL, "edpairs-kernel-f32": KERNEL,
               "edpairs-blk": {**KERNEL, "EDPAIRS_ASSIGN_SUMS": "block"},
               "edpairs-fused": {**KERNEL, "EDPAIRS_ASSIGN_SUMS": "fused"},
-              "edpairs-1sm": {**KERNEL, "EDPAIRS_ASSIGN_BLOCKS_PER_SM": "1"}}
+              "edpairs-1sm": {**KERNEL, "EDPAIRS_ASSIGN_BLOCKS_PER_SM": "1"},
+              "edpairs-wgmma": {**KERNEL, "EDPAIRS_ASSIGN_KERNEL": "wgmma"}}
+
+
+def wgmma_unavailable(device: str) -> str | None:
+    """Why edpairs-wgmma would silently be the mma kernel here (None where wgmma runs)."""
+    import edpairs
+
+    if not device.startswith("cuda"):
+        return "the wgmma kernel is CUDA only"
+    if not edpairs.build_info().get("wgmma"):
+        return "this build has no sm_90a code"
+    import torch
+
+    cap = torch.cuda.get_device_capability()
+    return None if cap == (9, 0) else f"the wgmma kernel needs compute capability 9.0, this GPU is {cap}"
 
 
 def cached_data(N: int, D: int, k: int, seed: int):
@@ -214,6 +233,9 @@ def cached_data(N: int, D: int, k: int, seed: int):
 
 def worker(args) -> None:
     N, D, k = args.size
+    if args.worker == "edpairs-wgmma" and (why := wgmma_unavailable(args.device)):
+        print(json.dumps({"skipped": why}))
+        return
     X, C0 = cached_data(N, D, k, seed=args.seed)
     try:
         step, labels, extra = METHODS[args.worker](X, C0, args.device, args.dtype)

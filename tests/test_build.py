@@ -31,6 +31,8 @@ def test_build_info_keys_and_types():
     assert isinstance(info["archs"], list) and all(isinstance(a, str) for a in info["archs"])
     assert info["cpu_kernel"] in ("avx2+fma", "generic"), info["cpu_kernel"]
     assert info["num_threads"] == edpairs.get_num_threads()
+    # The wgmma kernel is built exactly when the CUDA build targets compute capability 9.0.
+    assert info["wgmma"] is (info["cuda"] and "90" in info["archs"]), info
 
 
 def test_cuda_mode_on_means_cuda_was_compiled_for_80_and_90():

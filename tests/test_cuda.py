@@ -109,6 +109,27 @@ def _kernel_route_by_default():
         yield
 
 
+def _wgmma_skip_reason():
+    """Why the wgmma labelling kernel cannot run here (None where it can)."""
+    if not edpairs.build_info().get("wgmma"):
+        return "this build has no sm_90a code (90 not among its CUDA architectures)"
+    import torch
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        return f"the wgmma kernel runs on compute capability 9.0 only, this GPU is {torch.cuda.get_device_capability()}"
+    return None
+
+
+@pytest.fixture(params=["mma", "wgmma"])
+def assign_kernel(request, monkeypatch):
+    """The tensor-core labelling kernel (EDPAIRS_ASSIGN_KERNEL): mma.sync, or Hopper's wgmma where
+    this build and GPU have it (skipped elsewhere: it would silently be the mma kernel)."""
+    if request.param == "wgmma" and (reason := _wgmma_skip_reason()):
+        pytest.skip(reason)
+    monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", request.param)
+    return request.param
+
+
 @pytest.fixture(params=ROUTES)
 def route(request, monkeypatch):
     """The CUDA route of assign / moments / signal moments for torch tensors (EDPAIRS_GEMM_ROUTE)."""
@@ -664,7 +685,7 @@ TC_SHAPES = [(1, 1, 1), (3, 5, 2), (127, 31, 7), (129, 33, 129), (300, 64, 128),
 
 @pytest.mark.parametrize("dtype", TC_DTYPES)
 @pytest.mark.parametrize("shape", TC_SHAPES, ids=[f"{n}x{d}x{k}" for n, d, k in TC_SHAPES])
-def test_tensor_core_assign_matches_reference(torch, dtype, shape):
+def test_tensor_core_assign_matches_reference(torch, assign_kernel, dtype, shape):
     N, D, k = shape
     rng = np.random.default_rng(N * 7 + D * 131 + k)
     C = make_centroids(rng, k, D, duplicates=min(3, k - 1), zeros=1 if k > 2 else 0)
@@ -684,7 +705,7 @@ def test_tensor_core_assign_matches_reference(torch, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", TC_DTYPES)
-def test_tensor_core_assign_options(torch, dtype, rng):
+def test_tensor_core_assign_options(torch, assign_kernel, dtype, rng):
     for N, D, k in [(300, 37, 20), (700, 130, 150)]:
         C = make_centroids(rng, k, D)
         X = make_rows(rng, N, D, C=C) + 0.5
@@ -701,7 +722,7 @@ def test_tensor_core_assign_options(torch, dtype, rng):
 
 @pytest.mark.parametrize("dtype", TC_DTYPES)
 @pytest.mark.parametrize("layout", ["padded_aligned", "row_stride_odd", "offset_start"])
-def test_tensor_core_assign_strided_rows(torch, dtype, layout, rng):
+def test_tensor_core_assign_strided_rows(torch, assign_kernel, dtype, layout, rng):
     """Rows with a stride: 16-byte aligned rows with a ragged last chunk (cp.async with partial
     zero fill), and unaligned rows (the element-wise loader)."""
     N, D, k = 400, 45, 70
@@ -719,7 +740,7 @@ def test_tensor_core_assign_strided_rows(torch, dtype, layout, rng):
 
 
 @pytest.mark.parametrize("dtype", TC_DTYPES)
-def test_tensor_core_agrees_with_exact_float32(torch, route, dtype, rng):
+def test_tensor_core_agrees_with_exact_float32(torch, route, assign_kernel, dtype, rng):
     """Both CUDA paths on clustered data of the benchmark's shape family: labels agree except
     where the exact scores of the two choices are within the tensor-core bound."""
     N, D, k = 20000, 512, 256
@@ -768,6 +789,39 @@ def test_tensor_core_block_sums_equal_sorted_sums(torch, dtype, rng, monkeypatch
     np.testing.assert_allclose(to_numpy(a.sums), to_numpy(b.sums), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", TC_DTYPES)
+def test_wgmma_kernel_agrees_with_the_mma_kernel(torch, dtype, monkeypatch):
+    """EDPAIRS_ASSIGN_KERNEL=wgmma against the mma.sync kernel on the benchmark's row width and
+    four centroid tiles with a ragged last one (k = 1000), with a centre and the sorted sums:
+    both within the tensor-core model, labels equal wherever the two kernels' scores leave
+    room, counts summing to N and the sums of equal labels equal."""
+    if reason := _wgmma_skip_reason():
+        pytest.skip(reason)
+    rng = np.random.default_rng(909)
+    N, D, k = 30_000, 512, 1000
+    C = make_centroids(rng, k, D, duplicates=3)
+    X = make_rows(rng, N, D, C=C, zero_rows=5) + 0.25
+    center = np.full(D, 0.25, np.float32)
+    Xg = gpu(X, "torch", dtype)
+    runs = {}
+    for kernel in ("mma", "wgmma"):
+        monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", kernel)
+        runs[kernel] = _poisoned_tc_assign(Xg, gpu(C), center=gpu(center))
+        S = check_tc_assignment(runs[kernel], f64(Xg), C, dtype, center=center)
+    a, b = (to_numpy(runs[key].labels) for key in ("mma", "wgmma"))
+    rows = np.arange(N)
+    gap = np.abs(S[rows, a] - S[rows, b])
+    assert (a == b).mean() > 0.99 and np.all((a == b) | (gap < 5e-3)), (a != b).sum()
+    assert int(to_numpy(runs["wgmma"].counts).sum()) == N
+
+
+def test_assign_kernel_knob_is_validated(torch, monkeypatch, rng):
+    monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", "hgmma")
+    X, C = gpu(make_rows(rng, 300, 16)), gpu(make_centroids(rng, 5, 16))
+    with pytest.raises(Exception, match="EDPAIRS_ASSIGN_KERNEL must be 'mma' or 'wgmma', got 'hgmma'"):
+        ops.assign(X, C, precision="tf32")
+
+
 def test_tensor_core_float64_input_takes_the_exact_path(torch, rng):
     C = make_centroids(rng, 9, 21)
     X = make_rows(rng, 500, 21, C=C)
@@ -775,7 +829,7 @@ def test_tensor_core_float64_input_takes_the_exact_path(torch, rng):
     check_assignment(res, X, C)
 
 
-def test_tensor_core_runs_on_the_current_stream(torch, route, rng):
+def test_tensor_core_runs_on_the_current_stream(torch, route, assign_kernel, rng):
     X, C, _, _, _, _ = _stream_inputs(rng)
     src, Cg = gpu(X), gpu(C)
     Xg = torch.zeros_like(src)

@@ -290,10 +290,11 @@ def _case(rng, n, d, k, dtype, stride_pad=0, duplicates=0, zero_rows=0, center=F
     return X, C, buf, stride, kw
 
 
-def _reference(X, C, dtype, center=None, row_scale=None, col_scale=None):
-    """float64 scores of the rounded operands (what exact tensor-core products would give)."""
+def _reference(X, C, dtype, center=None, row_scale=None, col_scale=None, x_round=round_tf32):
+    """float64 scores of the rounded operands (what exact tensor-core products would give);
+    x_round: how the kernel's tensor cores see float32 x."""
     Cr = round_operand(C, dtype).astype(np.float64)
-    Xr = (round_tf32(X) if dtype == "float32" else X).astype(np.float64)
+    Xr = (x_round(X) if dtype == "float32" else X).astype(np.float64)
     Xc = X.astype(np.float64) - (center if center is not None else 0)
     dots = Xr @ Cr.T - (Cr @ center if center is not None else 0)
     r = row_scale.astype(np.float64) if row_scale is not None else np.where(
@@ -827,3 +828,263 @@ def test_emulated_signal_tf32_matches_numpy(n, d, concepts, stride_pad):
     ref = round_tf32(ws).astype(np.float64).T @ _tf32_centred(X, center.astype(np.float64))
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-10 * max(np.abs(ref).max(), 1e-30))
+
+
+# ---- the wgmma labelling kernel (assign_wgmma_cuda.cu, EDPAIRS_ASSIGN_KERNEL=wgmma) ----------
+# Two warpgroups of 64 rows share 256-centroid tiles; 128-byte slices of x and of the tile land
+# through a 4-stage cp.async ring two iterations ahead, in the 128-byte swizzle that the wgmma
+# operand descriptors read (K-major, 8-row groups 1024 bytes apart). The hardware's reading of a
+# descriptor is modelled by `sw128_address`; the accumulator layout by `wgmma_d_layout`.
+W_ROWS, W_CENTS, W_THREADS, W_STAGES, W_AHEAD = 128, 256, 256, 4, 2
+W_X_TILE = W_ROWS * SLICE_BYTES
+W_C_TILE = W_CENTS * SLICE_BYTES
+W_STAGE = W_X_TILE + W_C_TILE
+W_LOAD_ROWS = W_THREADS // 8
+W_ACC = W_CENTS // 2
+
+
+def w_swizzled(r, c):
+    """The kernel's `swizzled`: byte offset of chunk c (16 bytes) of row r in an operand tile."""
+    return (r >> 3) * 1024 + (r & 7) * 128 + ((c ^ (r & 7)) << 4)
+
+
+def sw128_address(start, m, kbyte):
+    """Where the tensor cores read byte kbyte (of the K direction) of row m of a K-major operand
+    whose descriptor starts at `start`, with the 128-byte swizzle and a stride byte offset of
+    1024 (PTX ISA, "Shared memory matrix layout"): the address is formed without the swizzle,
+    then its bits 4-6 are XORed with its bits 7-9."""
+    logical = start + (m // 8) * 1024 + (m % 8) * 128 + kbyte
+    return logical ^ (((logical >> 7) & 7) << 4)
+
+
+def wgmma_d_layout():
+    """(row, column) of accumulator register i of lane l of warp v of a warpgroup, m64n256."""
+    v = np.arange(4)[:, None, None]
+    lane = np.arange(32)[None, :, None]
+    i = np.arange(W_ACC)[None, None, :]
+    return np.broadcast_arrays(16 * v + lane // 4 + 8 * ((i // 2) % 2), 8 * (i // 4) + 2 * (lane % 4) + i % 2)
+
+
+def _w_loader():
+    """(tid, pass) -> (row, chunk) of the kernel's load_iteration, for x (4 passes) and C (8)."""
+    tid = np.arange(W_THREADS)
+    rows_x = tid[:, None] // 8 + W_LOAD_ROWS * np.arange(W_ROWS // W_LOAD_ROWS)[None, :]
+    rows_c = tid[:, None] // 8 + W_LOAD_ROWS * np.arange(W_CENTS // W_LOAD_ROWS)[None, :]
+    return rows_x, rows_c, tid % 8
+
+
+def test_wgmma_layouts_and_ring():
+    row, col = wgmma_d_layout()
+    assert len(set(zip(row.ravel(), col.ravel()))) == 64 * 256 and row.max() == 63 and col.max() == 255
+    rows_x, rows_c, chunk = _w_loader()
+    for rows, tile in ((rows_x, W_X_TILE), (rows_c, W_C_TILE)):
+        off = w_swizzled(rows, chunk[:, None])
+        assert len(set(off.ravel())) == off.size and off.max() + 16 <= tile and (off % 16 == 0).all()
+        # Each quarter warp (8 consecutive threads) copies 128 contiguous bytes of one row into 8
+        # distinct 16-byte bank groups.
+        q = off.reshape(W_THREADS // 8, 8, -1)
+        assert (np.sort((q // 16) % 8, axis=1) == np.arange(8)[None, :, None]).all()
+        assert (rows.reshape(W_THREADS // 8, 8, -1) == rows.reshape(W_THREADS // 8, 8, -1)[:, :1]).all()
+    assert W_STAGE % 1024 == 0 and W_X_TILE // 2 % 1024 == 0  # descriptor bases stay 1024-aligned
+    # The ring: iteration it reads stage it % S while the batch of it - 1 may still be in flight;
+    # the copies issued in it go to (it + AHEAD) % S, which must be neither.
+    for it in range(64):
+        w = (it + W_AHEAD) % W_STAGES
+        assert w != it % W_STAGES and w != (it - 1) % W_STAGES
+
+
+def test_wgmma_descriptors_read_what_the_loader_wrote():
+    """Tag every 16-byte chunk the loader stores with its (row, chunk), then read each wgmma step's
+    operands through the descriptor model: row m, K byte b of step s must be chunk 2 s + b // 16
+    of the warpgroup's row (x) or of centroid m (C)."""
+    rows_x, rows_c, chunk = _w_loader()
+    for rows, ops_rows, starts in ((rows_x, 64, [0, W_X_TILE // 2]), (rows_c, 256, [0])):
+        tag_row = np.full(W_C_TILE // 16, -1)
+        tag_chunk = np.full(W_C_TILE // 16, -1)
+        off = w_swizzled(rows, chunk[:, None]) // 16
+        tag_row[off] = rows
+        tag_chunk[off] = np.broadcast_to(chunk[:, None], rows.shape)
+        m = np.arange(ops_rows)[:, None]
+        b = np.arange(32)[None, :]
+        for wg, start in enumerate(starts):
+            for s in range(SLICE_BYTES // 32):
+                addr = sw128_address(start + 32 * s, m, b)
+                assert (tag_row[addr // 16] == wg * 64 * (len(starts) == 2) + m).all()
+                assert (tag_chunk[addr // 16] == 2 * s + b // 16).all()
+                assert (addr % 16 == b % 16).all()
+
+
+def round_tf32_truncate(v):
+    """What the tensor cores use of a float32 operand read as TF32: the low 13 bits dropped."""
+    b = np.asarray(v, np.float32).view(np.uint32) & np.uint32(0xFFFFE000)
+    return b.view(np.float32)
+
+
+def emulate_wgmma(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, col_scale=None):
+    """labels, scores, row scales as assign_wgmma_kernel computes them (prepare_centroids as in
+    `emulate`, with k padded to 256)."""
+    item = ITEM[dtype]
+    elems = SLICE_BYTES // item
+    chunk_elems = 16 // item
+    k = C.shape[0]
+    d_pad = -(-d // elems) * elems
+    k_pad = -(-k // W_CENTS) * W_CENTS
+    k_steps = d_pad // elems
+    total = (k_pad // W_CENTS) * k_steps
+    cw = np.zeros((k_pad, d_pad), np.float32)
+    cw[:k, :d] = round_operand(C, dtype)
+    sq = (C.astype(np.float64) ** 2).sum(1)
+    s_col = np.zeros(k_pad, np.float32)
+    s_col[:k] = col_scale if col_scale is not None else np.where(sq > 0, 1 / np.sqrt(np.where(sq > 0, sq, 1)), 0)
+    o_col = np.zeros(k_pad, np.float32)
+    if center is not None:
+        o_col[:k] = (cw[:k, :d].astype(np.float64) @ center.astype(np.float64)).astype(np.float32)
+    rows_x, rows_c, chunk = _w_loader()
+    d_row, d_col = wgmma_d_layout()
+    lane = np.arange(32)
+    t = lane % 4
+    labels = np.full(n, -1, np.int64)
+    scores = np.full(n, np.nan, np.float32)
+    rscale_all = np.full(n, np.nan, np.float32)
+
+    for block in range(-(-n // W_ROWS)):
+        row0 = block * W_ROWS
+        smem = np.full(W_STAGES * W_STAGE // item, np.nan)  # in elements of x's dtype
+
+        def load(stage, it):
+            tile, kt = divmod(it, k_steps)
+            col = kt * elems + chunk * chunk_elems  # (THREADS,)
+            e = np.arange(chunk_elems)
+            for rows, base, src in ((rows_x, 0, None), (rows_c, W_X_TILE, cw)):
+                dst = (stage * W_STAGE + base + w_swizzled(rows, chunk[:, None])) // item
+                cols = col[:, None, None] + e[None, None, :]
+                if src is None:  # x: zero-filled past row n and column d
+                    grow = row0 + rows[:, :, None]
+                    ok = (grow < n) & (cols < d)
+                    vals = np.where(ok, x_buf[np.where(ok, grow * x_stride + cols, 0)], 0.0)
+                else:
+                    vals = src[tile * W_CENTS + rows[:, :, None], cols]
+                smem[dst[:, :, None] + e[None, None, :]] = vals
+
+        row_sq = np.zeros((W_THREADS, W_ROWS // W_LOAD_ROWS), np.float32)
+        run_val = np.full((2, 4, 32, 2), -np.inf, np.float32)  # wg, warp, lane, h
+        run_idx = np.zeros((2, 4, 32, 2), np.int64)
+        acc = np.zeros((2, 64, W_CENTS))  # per warpgroup, as a matrix (float64 products)
+        for it in range(min(W_AHEAD, total)):
+            load(it % W_STAGES, it)
+        for it in range(total):
+            stage = it % W_STAGES
+            tile, kt = divmod(it, k_steps)
+            if row_scale is None and tile == 0:  # own chunks, element order, float32 fma
+                for i in range(W_ROWS // W_LOAD_ROWS):
+                    base = (stage * W_STAGE + w_swizzled(rows_x[:, i], chunk)) // item
+                    for u in range(chunk_elems):
+                        col = kt * elems + chunk * chunk_elems + u
+                        v = smem[base + u].astype(np.float32)
+                        if center is not None:
+                            v = (v - np.where(col < d, center[np.minimum(col, d - 1)], 0)).astype(np.float32)
+                        upd = (np.float64(v) * v + row_sq[:, i]).astype(np.float32)
+                        row_sq[:, i] = np.where(col < d, upd, row_sq[:, i])
+            if it + W_AHEAD < total:
+                load((it + W_AHEAD) % W_STAGES, it + W_AHEAD)
+            kk = np.arange(32 // item)
+            for s in range(SLICE_BYTES // 32):
+                cstart = stage * W_STAGE + W_X_TILE + 32 * s
+                B = smem[sw128_address(cstart, np.arange(W_CENTS)[:, None], kk[None, :] * item) // item]
+                for wg in range(2):
+                    A = smem[sw128_address(stage * W_STAGE + wg * (W_X_TILE // 2) + 32 * s,
+                                           np.arange(64)[:, None], kk[None, :] * item) // item]
+                    if dtype == "float32":
+                        A = round_tf32_truncate(A).astype(np.float64)
+                    prod = A @ B.T
+                    acc[wg] = prod if (kt == 0 and s == 0) else acc[wg] + prod
+            if kt == k_steps - 1:  # epilogue: registers per the D layout
+                j0 = tile * W_CENTS
+                for wg in range(2):
+                    regs = acc[wg][d_row, d_col].astype(np.float32)  # (4, 32, 128)
+                    bv = np.full((4, 32, 2), -np.inf, np.float32)
+                    bi = np.full((4, 32, 2), np.iinfo(np.int32).max, np.int64)
+                    for j in range(W_CENTS // 8):
+                        for e in range(2):
+                            col = j0 + 8 * j + 2 * t + e  # (32,)
+                            live = col < k
+                            for h in range(2):
+                                v = (s_col[col] * (regs[:, :, 4 * j + 2 * h + e] - o_col[col])).astype(np.float32)
+                                take = live[None, :] & (v > bv[:, :, h])
+                                bv[:, :, h] = np.where(take, v, bv[:, :, h])
+                                bi[:, :, h] = np.where(take, col[None, :], bi[:, :, h])
+                    for off in (1, 2):
+                        ov, oi = bv[:, lane ^ off], bi[:, lane ^ off]
+                        take = better(ov, oi, bv, bi)
+                        bv, bi = np.where(take, ov, bv), np.where(take, oi, bi)
+                    take = better(bv, bi, run_val[wg], run_idx[wg])
+                    run_val[wg] = np.where(take, bv, run_val[wg])
+                    run_idx[wg] = np.where(take, bi, run_idx[wg])
+        # row scales: butterfly over the 8 threads of a row (xor 1, 2, 4), float32
+        tot = row_sq.copy()
+        tid = np.arange(W_THREADS)
+        for off in (1, 2, 4):
+            tot = (tot + tot[tid ^ off]).astype(np.float32)
+        row_scale_s = np.full(W_ROWS, np.nan, np.float32)
+        for i in range(W_ROWS // W_LOAD_ROWS):
+            r = rows_x[::8, i]
+            sq_r = tot[::8, i]
+            if row_scale is not None:
+                rs = np.where(row0 + r < n, row_scale[np.minimum(row0 + r, n - 1)], 0)
+            else:
+                rs = np.where(sq_r > 0, 1 / np.sqrt(np.where(sq_r > 0, sq_r, 1)), 0)
+            row_scale_s[r] = np.where(row0 + r < n, rs, 0).astype(np.float32)
+        for wg in range(2):
+            for v in range(4):
+                for ln in range(0, 32, 4):
+                    for h in range(2):
+                        r = wg * 64 + v * 16 + ln // 4 + 8 * h
+                        if row0 + r >= n:
+                            continue
+                        rs = row_scale_s[r]
+                        label, score = 0, np.float32(0)
+                        if rs > 0:
+                            b = run_idx[wg, v, ln, h]
+                            label = b if 0 <= b < k else 0
+                            score = np.float32(rs * run_val[wg, v, ln, h])
+                        labels[row0 + r], scores[row0 + r], rscale_all[row0 + r] = label, score, rs
+    return labels, scores, rscale_all
+
+
+W_SHAPES = [
+    # n, d, k, dtype, stride_pad, extras: ragged against 128 rows, 256 centroids, 128-byte slices
+    (1, 1, 1, "float32", 0, {}),
+    (130, 37, 300, "float32", 3, dict(duplicates=20, zero_rows=4)),
+    (129, 70, 257, "bfloat16", 0, dict(duplicates=10, zero_rows=3)),
+    (70, 65, 40, "float16", 5, dict(zero_rows=2, center=True)),
+    (200, 100, 520, "float32", 0, dict(scales=True, center=True)),
+    (40, 300, 150, "float32", 1, dict(duplicates=5, zero_rows=1, center=True)),
+]
+
+
+@pytest.mark.parametrize("n,d,k,dtype,stride_pad,extras", W_SHAPES)
+def test_emulated_wgmma_kernel_matches_numpy(n, d, k, dtype, stride_pad, extras):
+    rng = np.random.default_rng(n * 997 + d * 13 + k)
+    X, C, buf, stride, kw = _case(rng, n, d, k, dtype, stride_pad, **extras)
+    # 16-byte aligned rows, as the kernel requires: pad the stride to 16 bytes.
+    item = ITEM[dtype]
+    stride16 = -(-stride * item // 16) * 16 // item
+    buf = np.full(n * stride16, np.nan, np.float32)
+    for i in range(n):
+        buf[i * stride16:i * stride16 + d] = X[i]
+    labels, scores, r = emulate_wgmma(buf, n, d, stride16, C, dtype, **kw)
+    r_ref, S = _reference(X, C, dtype, x_round=round_tf32_truncate, **kw)
+    assert (labels >= 0).all() and np.isfinite(scores).all()
+    np.testing.assert_allclose(r, r_ref, rtol=1e-5, atol=0)
+    live = r_ref > 0
+    assert (labels[~live] == 0).all() and (scores[~live] == 0).all()
+    best = S.max(axis=1)
+    scale = np.abs(S).max(axis=1) + 1e-30
+    chosen = S[np.arange(n), labels]
+    ok = chosen >= best - 1e-6 * scale
+    assert ok[live].all(), (np.flatnonzero(live & ~ok)[:10], labels[live & ~ok][:10], np.argmax(S, 1)[live & ~ok][:10])
+    key = [C[j].tobytes() + (kw["col_scale"][j].tobytes() if "col_scale" in kw else b"") for j in range(k)]
+    first = {}
+    lowest = np.array([first.setdefault(kk, j) for j, kk in enumerate(key)])
+    assert (lowest[labels[live]] == labels[live]).all()
+    np.testing.assert_allclose(scores[live], (r_ref * chosen)[live], rtol=1e-5, atol=1e-6)

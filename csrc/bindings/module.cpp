@@ -520,6 +520,11 @@ py::dict build_info() {
 #else
   info["archs"] = std::vector<std::string>{};
 #endif
+#ifdef EDPAIRS_HAVE_WGMMA
+  info["wgmma"] = true;
+#else
+  info["wgmma"] = false;
+#endif
   info["cpu_kernel"] = edpairs::cpu_kernel_isa();
   info["num_threads"] = edpairs::cpu_num_threads();
   info["compiler"] = EDPAIRS_CXX_COMPILER;

@@ -37,6 +37,7 @@
 
 #include "assign_sums.cuh"
 #include "assign_tc.cuh"
+#include "assign_wgmma.cuh"
 #include "cuda_check.cuh"
 #include "dtype_load.cuh"
 
@@ -998,6 +999,29 @@ inline int assign_smem_bytes() {
   return (v != nullptr && std::string(v) == "1") ? 160 * 1024 : kSmemBytes;
 }
 
+// Which kernel labels the rows of the tensor-core path (EDPAIRS_ASSIGN_KERNEL): "mma" (default;
+// assign_tc_kernel above, mma.sync, every architecture of the build) or "wgmma"
+// (assign_wgmma_cuda.cu, Hopper's warpgroup MMA: where the build has sm_90a, the device has
+// compute capability 9.0 and x's rows are 16-byte aligned; the mma kernel elsewhere). Opt-in
+// until a device run has measured it.
+inline bool wgmma_requested() {
+  const char* v = std::getenv("EDPAIRS_ASSIGN_KERNEL");
+  if (v == nullptr || *v == '\0' || std::string(v) == "mma") return false;
+  if (std::string(v) == "wgmma") return true;
+  fail(std::string("EDPAIRS_ASSIGN_KERNEL must be 'mma' or 'wgmma', got '") + v + "'");
+}
+inline bool wgmma_device() {
+#ifdef EDPAIRS_HAVE_WGMMA
+  int device = 0, major = 0, minor = 0;
+  EDPAIRS_CUDA_CHECK(cudaGetDevice(&device));
+  EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
+}
+
 // Static shared memory of the fused kernel (best, row scale, label, order, sorted label
 // arrays and the counts), kept out of the dynamic budget.
 constexpr int kFStaticBytes = 6 * kRows * 4 + kFCents * 4;
@@ -1084,8 +1108,15 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
   const int64_t d = args.x.size(1);
   const int64_t k = args.centroids.size(0);
   constexpr int kElems = slice_elems<T>();
+  // 16-byte cp.async of x needs 16-byte aligned rows.
+  const bool aligned = reinterpret_cast<uintptr_t>(p.x) % 16 == 0 &&
+                       (p.x_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  const bool sorted = p.sums != nullptr && n <= INT_MAX && sums_mode() != SumsMode::Block;
+  // The wgmma kernel only labels: sums, where asked, come from the sorted pass.
+  const bool wgmma = wgmma_requested() && aligned && (p.sums == nullptr || sorted) && wgmma_device();
+  const int64_t cent_tile = wgmma ? kWgmmaCents : kCents;
   const int64_t d_pad = ceil_div(d, kElems) * kElems;
-  const int64_t k_pad = ceil_div(k, kCents) * kCents;
+  const int64_t k_pad = ceil_div(k, cent_tile) * cent_tile;
   const int64_t blocks = ceil_div(n, kRows);
   if (blocks > INT_MAX || d_pad > INT_MAX || k_pad > INT_MAX) {
     fail("assign: too large for one launch: x " + args.x.shape_str() + ", centroids " +
@@ -1094,7 +1125,6 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
 
   // Workspace: centroids (k_pad, d_pad) of T, then s and o (k_pad floats each).
   // With sorted sums also: row scales (N floats), perm (N ints), cursor (k_pad ints).
-  const bool sorted = p.sums != nullptr && n <= INT_MAX && sums_mode() != SumsMode::Block;
   const size_t cw_bytes = static_cast<size_t>(k_pad) * static_cast<size_t>(d_pad) * sizeof(T);
   size_t bytes = cw_bytes + 2 * static_cast<size_t>(k_pad) * sizeof(float);
   if (sorted) bytes += 2 * static_cast<size_t>(n) * 4 + static_cast<size_t>(k_pad) * 4;
@@ -1114,21 +1144,11 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
   EDPAIRS_CUDA_CHECK(cudaGetLastError());
 
   p.d_pad = static_cast<int>(d_pad);
-  p.k_tiles = static_cast<int>(k_pad / kCents);
+  p.k_tiles = static_cast<int>(k_pad / cent_tile);
   p.cw = cw;
   p.col_s = col_s;
   p.col_o = col_o;
 
-  // 16-byte cp.async of x needs 16-byte aligned rows.
-  const bool aligned = reinterpret_cast<uintptr_t>(p.x) % 16 == 0 &&
-                       (p.x_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
-  auto kernel = aligned ? assign_tc_kernel<T, true> : assign_tc_kernel<T, false>;
-  const int smem_bytes = assign_smem_bytes();
-  EDPAIRS_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-  // Two blocks per multiprocessor need (nearly) all of its memory as shared memory.
-  EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                          cudaSharedmemCarveoutMaxShared));
   double* sums = p.sums;
   unsigned long long* counts = p.counts;
   if (sorted) {  // the assignment kernel only labels; the passes below accumulate
@@ -1136,8 +1156,23 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
     p.counts = nullptr;
     p.row_scale_out = rscale;
   }
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes, s>>>(p);
-  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+  if (wgmma) {
+#ifdef EDPAIRS_HAVE_WGMMA
+    const WgmmaAssignParams w{p.x, p.x_stride, p.n, p.d, p.k, p.d_pad, p.k_tiles, p.cw, p.col_s, p.col_o,
+                              p.center, p.row_scale, p.labels, p.scores, p.row_scale_out};
+    launch_assign_wgmma(w, args.x.dtype, s);
+#endif
+  } else {
+    auto kernel = aligned ? assign_tc_kernel<T, true> : assign_tc_kernel<T, false>;
+    const int smem_bytes = assign_smem_bytes();
+    EDPAIRS_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+    // Two blocks per multiprocessor need (nearly) all of its memory as shared memory.
+    EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                            cudaSharedmemCarveoutMaxShared));
+    kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes, s>>>(p);
+    EDPAIRS_CUDA_CHECK(cudaGetLastError());
+  }
 
   if (sorted) {
     launch_sorted_sums<T>(static_cast<const T*>(p.x), p.x_stride, n, static_cast<int>(d), static_cast<int>(k),

@@ -66,7 +66,8 @@ __all__ = [
 def build_info() -> dict:
     """What this build of edpairs contains: ``version``, ``cuda`` (were the CUDA kernels
     compiled), ``cuda_mode`` (the EDPAIRS_CUDA setting of the build), ``archs`` (CUDA
-    architectures), ``cuda_version`` (nvcc), ``cpu_kernel`` (the CPU micro-kernel picked for
+    architectures), ``cuda_version`` (nvcc), ``wgmma`` (was the Hopper wgmma assignment
+    kernel, sm_90a, compiled: with 90 among the architectures), ``cpu_kernel`` (the CPU micro-kernel picked for
     this machine), ``num_threads`` and ``compiler``. Makes no CUDA call."""
     from ._backend import lib
 

@@ -1,0 +1,41 @@
+// Entry point of the wgmma (sm_90a) labelling kernel, assign_wgmma_cuda.cu. That file is built
+// for sm_90a only (a separate target; EDPAIRS_HAVE_WGMMA is defined where it was built), so the
+// caller checks for a compute capability 9.0 device before launching it.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "edpairs/tensor_view.h"
+
+namespace edpairs {
+namespace cuda_detail {
+
+constexpr int kWgmmaRows = 128;   // rows of x per block (two warpgroups of 64)
+constexpr int kWgmmaCents = 256;  // centroids per tile: k is padded to a multiple of this
+
+struct WgmmaAssignParams {
+  const void* x;            // (n, d), row stride x_stride elements, 16-byte aligned rows
+  int64_t x_stride;
+  int64_t n;
+  int d;
+  int k;
+  int d_pad;                // multiple of the 128-byte slice, in elements
+  int k_tiles;              // k_pad / kWgmmaCents
+  const void* cw;           // (k_pad, d_pad) centroids rounded to the operand type
+  const float* col_s;       // (k_pad,) s_j, 0 for padding
+  const float* col_o;       // (k_pad,) o_j = center . c~_j
+  const float* center;      // (d,) or null
+  const float* row_scale;   // (n,) or null: the row norms are computed
+  int64_t* labels;          // (n,)
+  float* scores;            // (n,)
+  float* row_scale_out;     // (n,) or null: r_n of every row, for the sorted sums pass
+};
+
+// Labels, scores (and row_scale_out) of every row on `stream`; x of `dtype` (float32: TF32
+// products; float16 / bfloat16: 16-bit products), float32 accumulation.
+void launch_assign_wgmma(const WgmmaAssignParams& p, DType dtype, cudaStream_t stream);
+
+}  // namespace cuda_detail
+}  // namespace edpairs
