@@ -904,14 +904,15 @@ def test_tensor_core_fused_sums(torch, dtype, N, D, k, variant, rng, monkeypatch
     np.testing.assert_array_equal(to_numpy(fused.counts), to_numpy(sorted_.counts))
     a, b = to_numpy(fused.sums), to_numpy(sorted_.sums)
     assert np.abs(a - b).max() <= 1e-5 * (np.abs(b).max() + 1e-30)
-    # Run to run: the fused sums are deterministic (a fixed order everywhere); where the kernel
-    # does not fit this card's shared memory the sorted pass ran (float64 atomics: not bitwise).
+    # Run to run: labels and counts identical; the sums differ only by the order of the float32
+    # shared-memory atomics inside a block (fused kernel) or of the float64 atomics (the sorted
+    # pass, where the fused kernel does not fit this card's shared memory).
     monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", "fused")
     again = _poisoned_tc_assign(Xg, gpu(C), **gkw)
-    if _fused_applies(torch, k, D):
-        np.testing.assert_array_equal(to_numpy(again.sums), a)
-    else:
-        np.testing.assert_allclose(to_numpy(again.sums), a, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(to_numpy(again.labels), to_numpy(fused.labels))
+    np.testing.assert_array_equal(to_numpy(again.counts), to_numpy(fused.counts))
+    tol = 1e-5 if _fused_applies(torch, k, D) else 1e-12
+    assert np.abs(to_numpy(again.sums) - a).max() <= tol * (np.abs(a).max() + 1e-30)
 
 
 def _fused_applies(torch, k, D):
@@ -919,7 +920,7 @@ def _fused_applies(torch, k, D):
     sums and static arrays in the block's shared memory) on the current card."""
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     optin = getattr(props, "shared_memory_per_block_optin", 0) or (232448 if props.major >= 9 else 166912)
-    return k <= 64 and 82944 + 4 * k * D + 3328 <= optin
+    return k <= 64 and 82944 + 4 * k * D + 2304 <= optin
 
 
 @pytest.mark.parametrize("N,D,k", [(3000, 37, 65), (3000, 4096, 64)])

@@ -419,9 +419,9 @@ def test_emulated_sorted_sums_match_numpy(n, d, k):
 
 # ---- the fused small-k kernel (assign_tc_fused_kernel + reduce_fused_partials) -------------
 # A persistent block loops over 128-row tiles: phase 1 (8 warps of 16 rows x 64 centroids, the
-# argmax), a rank sort by label, phase 2 (the rows streamed again through the ring, each warp
-# adding the label groups that begin in its 16 sorted positions into float32 shared sums), then
-# per-block partials added in block order.
+# argmax), phase 2 (the rows streamed again through the ring, warp w adding rows w, w + 8, ..
+# into the float32 shared sums of their labels with shared-memory atomics), then per-block
+# partials added in block order.
 F_CENTS, F_WARPS = 64, 8
 F_THREADS = 32 * F_WARPS
 F_WARP_ROWS = ROWS // F_WARPS
@@ -436,7 +436,7 @@ F2_STAGES = F_PIPE_BYTES // 4 // F2_STAGE_WORDS
 def test_fused_kernel_constants():
     assert F_WARP_ROWS == 16 and F_PIPE_BYTES == 82944 and F2_STAGES == 4
     # k = 64, D = 512 float32 sums next to the pipeline and the static arrays fit Hopper's 227 KB.
-    assert F_PIPE_BYTES + 64 * 512 * 4 + 6 * ROWS * 4 + F_CENTS * 4 <= 227 * 1024
+    assert F_PIPE_BYTES + 64 * 512 * 4 + 4 * ROWS * 4 + F_CENTS * 4 <= 227 * 1024
 
 
 def emulate_fused(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, col_scale=None, grid=2):
@@ -573,16 +573,8 @@ def emulate_fused(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, 
                     score = np.float32(rs[th] * best_val[th])
                 labels[row0 + th], scores[row0 + th] = label, score
                 label_s[th] = label
-            # rank sort
-            order = np.full(ROWS, -1)
-            sorted_label = np.full(ROWS, -1)
-            for th in range(rows):
-                lab = label_s[th]
-                m = np.arange(rows)
-                rank = int(((label_s[:rows] < lab) | ((label_s[:rows] == lab) & (m < th))).sum())
-                order[rank], sorted_label[rank] = th, lab
-                if not ((label_s[:rows] == lab) & (m < th)).any():
-                    counts_s[lab] += int((label_s[:rows] == lab).sum())
+            for th in range(rows):  # atomicAdd(counts_s + label, 1)
+                counts_s[label_s[th]] += 1
             # phase 2 (its prologue was issued before the argmax: no data dependence on it)
             for s_ in range(F2_STAGES - 1):
                 if s_ < k_steps:
@@ -592,38 +584,23 @@ def emulate_fused(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, 
                     load(((kt + F2_STAGES - 1) % F2_STAGES) * F2_STAGE_WORDS, kt + F2_STAGES - 1, False)
                 xs = (kt % F2_STAGES) * F2_STAGE_WORDS
                 col0 = kt * elems + LANE * epw  # (32,)
+                live_lane = col0 < d
                 ctr = np.zeros((32, epw), np.float32)
                 for e in range(epw):
                     ok = col0 + e < d
                     if center is not None:
                         ctr[ok, e] = center[col0[ok] + e]
-                for wp in range(F_WARPS):
-                    q_begin = wp * F_WARP_ROWS
-                    q_seg_end = min(q_begin + F_WARP_ROWS, rows)
-                    q = q_begin
-                    while q < q_seg_end and q > 0 and sorted_label[q] == sorted_label[q - 1]:
-                        q += 1
-                    if q >= q_seg_end:
-                        q = rows
-                    part = np.zeros((32, epw), np.float32)
-                    while q < rows:
-                        lab = sorted_label[q]
-                        if q >= q_seg_end and lab != sorted_label[q - 1]:
-                            break
-                        m = order[q]
+                for wp in range(F_WARPS):  # rows wp, wp + 8, ..; shared atomics (float32)
+                    for m in range(wp, rows, F_WARPS):
                         r = rs[m]
                         if r > 0:
                             v = (words(xs + m * PITCH_WORDS + LANE).astype(np.float32) - ctr).astype(np.float32)
-                            part = (part + np.float32(r) * v).astype(np.float32)
+                            add = (np.float32(r) * v).astype(np.float32)
                             for e in range(epw):
-                                ok = col0 + e < d
+                                ok = live_lane & (col0 + e < d)
+                                idx = label_s[m] * d + col0[ok] + e
+                                sums_s[idx] = (sums_s[idx] + add[ok, e]).astype(np.float32)
                                 cover[row0 + m, col0[ok] + e] += 1
-                        if q + 1 == rows or sorted_label[q + 1] != lab:
-                            for e in range(epw):
-                                ok = col0 + e < d
-                                sums_s[lab * d + col0[ok] + e] += part[ok, e]
-                            part[:] = 0
-                        q += 1
         part_sums[block] = sums_s
         part_counts[block] = counts_s[:k]
     sums = part_sums.astype(np.float64).sum(0).reshape(k, d)
