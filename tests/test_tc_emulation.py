@@ -504,7 +504,8 @@ def emulate_fused(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, 
 
             # phase 1
             acc = np.zeros((F_WARPS, 32, F_NJ, 4))
-            row_sq = np.zeros(F_THREADS, np.float32)  # thread th: row th % 128, half th // 128
+            # row norms: thread th sums its own chunk th % 8 of rows th // 8 + 32 i
+            row_part = np.zeros((F_THREADS, ROWS // F_LOAD_ROWS), np.float32)
             for s_ in range(STAGES - 1):
                 if s_ < k_steps:
                     load(s_ * F_TILE_WORDS, s_, True)
@@ -528,16 +529,21 @@ def emulate_fused(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, 
                     D = np.einsum("wik,njk->wnij", A.reshape(F_WARPS, 16, -1), B.reshape(F_NJ, 8, -1))
                     acc += np.transpose(D[:, :, C_ROW, C_COL], (0, 2, 1, 3))
                 if row_scale is None:
-                    for th in range(F_THREADS):
-                        half = th // ROWS
-                        for e in range(half * (elems // 2), (half + 1) * (elems // 2)):
-                            col = kt * elems + e
-                            if col < d:
-                                v = np.float32(smem[(xs + (th % ROWS) * PITCH_WORDS) * epw + e])
-                                if center is not None:
-                                    v = np.float32(v - center[col])
-                                row_sq[th] = np.float32(row_sq[th] + np.float32(v * v))
-            row_sq = (row_sq[:ROWS] + row_sq[ROWS:]).astype(np.float32)  # the halves merged
+                    for i in range(ROWS // F_LOAD_ROWS):
+                        for u in range(chunk_elems):
+                            col = kt * elems + (tid % 8) * chunk_elems + u  # (F_THREADS,)
+                            ok = col < d
+                            v = smem[(xs + (tid // 8 + F_LOAD_ROWS * i) * PITCH_WORDS + (tid % 8) * 4) * epw + u]
+                            v = v.astype(np.float32)
+                            if center is not None:
+                                v = (v - np.where(ok, center[np.minimum(col, d - 1)], 0)).astype(np.float32)
+                            upd = (np.float64(v) * v + row_part[:, i]).astype(np.float32)
+                            row_part[:, i] = np.where(ok, upd, row_part[:, i])
+            for off in (1, 2, 4):  # butterfly over the 8 threads of a row
+                row_part = (row_part + row_part[tid ^ off]).astype(np.float32)
+            row_sq = np.zeros(ROWS, np.float32)
+            for i in range(ROWS // F_LOAD_ROWS):
+                row_sq[tid[::8] // 8 + F_LOAD_ROWS * i] = row_part[::8, i]
             best_val = np.full(ROWS, np.nan)
             best_idx = np.full(ROWS, -7)
             for wp in range(F_WARPS):

@@ -783,7 +783,11 @@ __global__ void __launch_bounds__(kFThreads, 1) assign_tc_fused_kernel(const Fus
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[nj][r] = 0.f;
     }
-    float row_sq = 0.f;
+    // Row norms from the thread's own copies (chunk tid % 8 of rows tid / 8 + 32 i): 16-byte
+    // reads a quarter warp shares one row of, no bank conflicts.
+    float row_part[kRows / kFLoadRows];
+#pragma unroll
+    for (int i = 0; i < kRows / kFLoadRows; ++i) row_part[i] = 0.f;
     const bool sums_row_norm = p.row_scale == nullptr;
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
@@ -820,23 +824,40 @@ __global__ void __launch_bounds__(kFThreads, 1) assign_tc_fused_kernel(const Fus
           Mma<T>::run(acc[nj], a, b);
         }
       }
-      if (sums_row_norm) {  // all 8 warps: row tid % 128, half tid / 128 of the slice
-        const int half = tid / kRows;
-        const T* xr = reinterpret_cast<const T*>(xs + (tid % kRows) * kPitchWords);
-#pragma unroll 8
-        for (int e = half * (kElems / 2); e < (half + 1) * (kElems / 2); ++e) {
-          const int col = kt * kElems + e;
-          if (col < p.d) {
-            const float v = to_float(xr[e]) - (p.center != nullptr ? p.center[col] : 0.f);
-            row_sq = fmaf(v, v, row_sq);
+      if (sums_row_norm) {
+        constexpr int kChunkElems = 16 / static_cast<int>(sizeof(T));
+        const int col0 = kt * kElems + (tid % 8) * kChunkElems;
+        float ctr[kChunkElems];
+#pragma unroll
+        for (int u = 0; u < kChunkElems; ++u) {
+          ctr[u] = (p.center != nullptr && col0 + u < p.d) ? p.center[col0 + u] : 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < kRows / kFLoadRows; ++i) {
+          const uint4 raw = *reinterpret_cast<const uint4*>(xs + (tid / 8 + kFLoadRows * i) * kPitchWords + (tid % 8) * 4);
+          const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+          for (int u = 0; u < kChunkElems; ++u) {
+            if (col0 + u < p.d) {
+              const float v = to_float(e[u]) - ctr[u];
+              row_part[i] = fmaf(v, v, row_part[i]);
+            }
           }
         }
       }
     }
     cp_async_wait<0>();
-    if (tid >= kRows) best_val_s[tid - kRows] = row_sq;  // the second halves, merged below
-    __syncthreads();  // phase 2's prologue overwrites the stages; the halves are visible
-    if (tid < kRows) row_sq += best_val_s[tid];
+    // Each row's 8 partials (lanes 8 m .. 8 m + 7 of a warp) summed, into best_val_s.
+#pragma unroll
+    for (int i = 0; i < kRows / kFLoadRows; ++i) {
+      float sq = row_part[i];
+#pragma unroll
+      for (int off = 1; off < 8; off <<= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+      if (tid % 8 == 0) best_val_s[tid / 8 + kFLoadRows * i] = sq;
+    }
+    __syncthreads();  // phase 2's prologue overwrites the stages; the sums are visible
+    float row_sq = 0.f;
+    if (tid < kRows) row_sq = best_val_s[tid];
     __syncthreads();  // best_val_s is written next
 
     // Phase 2's prologue now, so that its L2 reads overlap the argmax and the rank sort.
