@@ -19,9 +19,12 @@ step "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 
 # Knobs: ARCHS (CUDA architectures to build; the card's own by default, to build fast),
-# SLOW=1 (also the slow CUDA tests), REPEAT (timed repetitions per benchmark).
+# SLOW=1 (also the slow CUDA tests), REPEAT (timed repetitions per benchmark), SKIP (a list of
+# optional steps to leave out when device time is short: estimators, route_parts, stream).
 ARCHS="${ARCHS:-90}"
 REPEAT="${REPEAT:-5}"
+SKIP="${SKIP:-}"
+skipped() { case " $SKIP " in *" $1 "*) echo "(skipped: SKIP has $1)"; return 0;; esac; return 1; }
 MARK="cuda and not slow"
 [ "${SLOW:-0}" = 1 ] && MARK="cuda"
 # test_build checks that the build lists exactly the architectures asked for here.
@@ -46,27 +49,27 @@ timeout 200 python3 -m pytest -q tests/test_errors.py tests/test_build.py -p no:
 [ "${PIPESTATUS[0]}" != 0 ] && status=1
 # Information only: the estimators with TF32 as the float32 default (EDPAIRS_PRECISION=tf32).
 step "estimator tests with EDPAIRS_PRECISION=tf32 (information, not a gate)"
-EDPAIRS_PRECISION=tf32 timeout 120 python3 -m pytest -q -m "$MARK" tests/test_cuda_estimators.py -p no:cacheprovider 2>&1 | tail -5
+skipped estimators || EDPAIRS_PRECISION=tf32 timeout 120 python3 -m pytest -q -m "$MARK" tests/test_cuda_estimators.py -p no:cacheprovider 2>&1 | tail -5
 
 step "ceilings"
 timeout 120 python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" || status=1
 
 step "spherical k-means iteration (float32 data: cuBLAS route / tensor-core kernel, TF32 and exact; torch TF32)"
-timeout 420 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs,edpairs-gemm,edpairs-r16384,edpairs-kernel,edpairs-wgmma,edpairs-f32,edpairs-kernel-f32,torch --repeat "$REPEAT" \
+timeout 420 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs,edpairs-gemm,edpairs-r16384,edpairs-kernel,edpairs-wgmma,edpairs-fused,edpairs-f32,edpairs-kernel-f32,torch --repeat "$REPEAT" \
   --sizes 1000000,512,1024 1000000,512,64 --json "$OUT/kmeans_cuda_f32.json" || status=1
 step "spherical k-means iteration (bfloat16 data)"
-timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --methods edpairs,edpairs-wgmma,torch --repeat "$REPEAT" \
+timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --methods edpairs,edpairs-wgmma,edpairs-fused,torch --repeat "$REPEAT" \
   --sizes 1000000,512,1024 1000000,512,64 --json "$OUT/kmeans_cuda_bf16.json" || status=1
 
 step "moments and signal moments"
 timeout 240 python3 benchmarks/bench_moments.py --device cuda --sizes 1000000,512,256 --repeat "$REPEAT" \
-  --workspace-rows 32768 --json "$OUT/moments_cuda.json" || status=1
+  --workspace-rows 32768 262144 --json "$OUT/moments_cuda.json" || status=1
 
 step "where the route's time goes (each piece alone)"
-timeout 120 python3 benchmarks/bench_route_parts.py --json "$OUT/route_parts.json" || status=1
+skipped route_parts || timeout 120 python3 benchmarks/bench_route_parts.py --json "$OUT/route_parts.json" || status=1
 
 step "host data streamed to the GPU (DeviceChunks vs .to per chunk vs the pinned copy rate)"
-timeout 240 python3 benchmarks/bench_stream.py --gib 4 --repeat 3 --json "$OUT/stream_cuda.json" || status=1
+skipped stream || timeout 240 python3 benchmarks/bench_stream.py --gib 4 --repeat 3 --json "$OUT/stream_cuda.json" || status=1
 
 step "summary against the goals of issue 6"
 python3 - "$OUT" <<'PY'
@@ -113,7 +116,7 @@ for method in ("edpairs", "edpairs-wgmma"):
     e = t(b16, big, method)
     if e and tt:
         goals.append((f"k=1024 bf16 {method}: torch bf16 / edpairs time", tt / e, 1.5))
-for method in ("edpairs", "edpairs-gemm", "edpairs-kernel", "edpairs-wgmma"):
+for method in ("edpairs", "edpairs-gemm", "edpairs-kernel", "edpairs-fused", "edpairs-wgmma"):
     e = t(f32, small, method)
     if e:
         goals.append((f"k=64 f32 {method}: one read of X (GB/s) / copy GB/s", 1e6 * 512 * 4 / e / 1e9 / copy if copy else 0, 0.7))
