@@ -7,7 +7,8 @@ what a user would write instead, in the same run on the same data.
 
 On CUDA (torch tensors) the edpairs rows are: "edpairs" / "edpairs-tf32", the default route
 (edpairs._gemm: cuBLAS products of 131072 rows at a time, exact float32 / TF32 operands,
-float64 between steps; "-rN" rows for each --workspace-rows N) and "edpairs-kernel" /
+float64 between steps; "-rN" rows for each --workspace-rows N, "-bN" for each --block-rows N:
+the moments' product in blocks of N rows, 0 = one product per step) and "edpairs-kernel" /
 "edpairs-kernel-tf32", edpairs' own CUDA kernels (EDPAIRS_GEMM_ROUTE=kernel: SIMT exact, or the
 tensor-core scatter / masked product with TF32 operands).
 
@@ -49,6 +50,9 @@ def main() -> None:
     p.add_argument("--json", default="benchmarks/out/moments_{device}.json")
     p.add_argument("--workspace-rows", type=int, nargs="*", default=[],
                    help="CUDA: more step sizes of the cuBLAS route to time next to its default")
+    p.add_argument("--block-rows", type=int, nargs="*", default=[],
+                   help="CUDA: rows per block of the moments' batched product to time next to the default "
+                        "(EDPAIRS_GEMM_BLOCK_ROWS; 0 = one product per step; the signal moments ignore it)")
     args = p.parse_args()
 
     import torch
@@ -79,7 +83,7 @@ def main() -> None:
         mom_flops = N * D * D  # symmetric rank-N update: D^2/2 entries, 2 flops each
         sig_flops = 2.0 * N * D * I * 3  # Z = XW, then X^T [M, M*Z]
         cuda = dev.startswith("cuda")
-        edp_methods = _edpairs_methods(cuda, args.workspace_rows)
+        edp_methods = _edpairs_methods(cuda, args.workspace_rows, args.block_rows)
         cases = {
             "moments": {
                 **{name: (lambda kw=kw, env=env: _edp(edp, env, edp.ops.moments, X, check_finite=False, **kw).cov)
@@ -116,33 +120,39 @@ def main() -> None:
     print_table(rows, ["op", "N,D,I", "method", "ms", "GFLOP/s", "time vs edpairs", "rel err (sample)"])
 
 
-def _edpairs_methods(cuda: bool, workspace_rows):
-    """edpairs variants: name -> (keyword arguments, EDPAIRS_GEMM_ROUTE). On CUDA the default
-    route (cuBLAS products, exact float32 / TF32; its default step, then "-rN" rows for each
-    --workspace-rows N) and the kernels."""
+def _edpairs_methods(cuda: bool, workspace_rows, block_rows=()):
+    """edpairs variants: name -> (keyword arguments, environment). On CUDA the default route
+    (cuBLAS products, exact float32 / TF32; its default step, then "-rN" rows for each
+    --workspace-rows N and "-bN" for each --block-rows N) and the kernels."""
     if not cuda:
-        return {"edpairs": ({}, None)}
-    out = {"edpairs": ({}, "gemm"), "edpairs-tf32": ({"precision": "tf32"}, "gemm")}
+        return {"edpairs": ({}, {})}
+    gemm = {"EDPAIRS_GEMM_ROUTE": "gemm"}
+    out = {"edpairs": ({}, gemm), "edpairs-tf32": ({"precision": "tf32"}, gemm)}
     for rows in workspace_rows:
-        out[f"edpairs-r{rows}"] = ({"workspace_rows": rows}, "gemm")
-        out[f"edpairs-tf32-r{rows}"] = ({"workspace_rows": rows, "precision": "tf32"}, "gemm")
-    out["edpairs-kernel"] = ({}, "kernel")
-    out["edpairs-kernel-tf32"] = ({"precision": "tf32"}, "kernel")
+        out[f"edpairs-r{rows}"] = ({"workspace_rows": rows}, gemm)
+        out[f"edpairs-tf32-r{rows}"] = ({"workspace_rows": rows, "precision": "tf32"}, gemm)
+    for rows in block_rows:
+        env = {**gemm, "EDPAIRS_GEMM_BLOCK_ROWS": str(rows)}
+        out[f"edpairs-b{rows}"] = ({}, env)
+        out[f"edpairs-tf32-b{rows}"] = ({"precision": "tf32"}, env)
+    kernel = {"EDPAIRS_GEMM_ROUTE": "kernel"}
+    out["edpairs-kernel"] = ({}, kernel)
+    out["edpairs-kernel-tf32"] = ({"precision": "tf32"}, kernel)
     return out
 
 
 def _edp(edp, env, fn, *args, **kw):
-    if env is None:
-        return fn(*args, **kw)
-    before = os.environ.get("EDPAIRS_GEMM_ROUTE")
-    os.environ["EDPAIRS_GEMM_ROUTE"] = env
+    """fn(*args, **kw) with the environment variables of `env` set for the call."""
+    before = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
     try:
         return fn(*args, **kw)
     finally:
-        if before is None:
-            os.environ.pop("EDPAIRS_GEMM_ROUTE", None)
-        else:
-            os.environ["EDPAIRS_GEMM_ROUTE"] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _torch_signal(X, W, b):

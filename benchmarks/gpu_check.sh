@@ -63,7 +63,7 @@ timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --
 
 step "moments and signal moments"
 timeout 240 python3 benchmarks/bench_moments.py --device cuda --sizes 1000000,512,256 --repeat "$REPEAT" \
-  --workspace-rows 32768 262144 --json "$OUT/moments_cuda.json" || status=1
+  --workspace-rows 32768 262144 --block-rows 0 8192 --json "$OUT/moments_cuda.json" || status=1
 
 step "where the route's time goes (each piece alone)"
 skipped route_parts || timeout 120 python3 benchmarks/bench_route_parts.py --json "$OUT/route_parts.json" || status=1

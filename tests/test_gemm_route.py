@@ -40,7 +40,7 @@ def t(a):
 def test_route_moments_match_reference(rows, dtype, rng):
     X = (rng.standard_normal((1201, 23)) @ rng.standard_normal((23, 23)) + 50).astype(np.float32)
     Xt = t(X).to(getattr(torch, dtype))
-    mean, m2 = _gemm.moments(Xt, precision="float32", rows=rows)
+    mean, m2 = _gemm.moments(Xt, precision="float32", rows=rows, lib=lib())
     assert mean.dtype == torch.float64 and m2.dtype == torch.float64
     check_moments(ops.Moments(1201, mean, m2), Xt.double().numpy())
 
@@ -49,7 +49,7 @@ def test_route_moments_strided_rows(rng):
     X = (rng.standard_normal((300, 12)) + 3).astype(np.float32)
     wide = torch.zeros((300, 16))
     wide[:, :12] = t(X)
-    mean, m2 = _gemm.moments(wide[:, :12], precision="float32", rows=64)
+    mean, m2 = _gemm.moments(wide[:, :12], precision="float32", rows=64, lib=lib())
     check_moments(ops.Moments(300, mean, m2), X)
 
 
@@ -75,11 +75,25 @@ def test_route_batched_blocks(rows, rng, monkeypatch):
     """Steps of >= 2 BLOCK_ROWS rows run one batched product over blocks plus the remainder."""
     monkeypatch.setattr(_gemm, "BLOCK_ROWS", 1000)
     X = (rng.standard_normal((9001, 19)) + 7).astype(np.float32)
-    mean, m2 = _gemm.moments(t(X), precision="float32", rows=rows)
+    mean, m2 = _gemm.moments(t(X), precision="float32", rows=rows, lib=lib())
     check_moments(ops.Moments(9001, mean, m2), X)
     Xs, W, b, c = make_signal_data(rng, 9001, 19, 5, center=True)
     fields = _gemm.signal_moments(t(Xs), t(W), t(b), t(c), precision="float32", rows=rows, lib=lib())
     check_signal_moments(ops.SignalMoments(*fields, t(c)), Xs, W, b, center=c)
+
+
+@pytest.mark.parametrize("knob", ["0", "700", "100000"])
+def test_route_block_rows_knob(knob, rng, monkeypatch):
+    """EDPAIRS_GEMM_BLOCK_ROWS: 0 = one product per step, else blocks of that many rows (more
+    than a step: one product); the moments are the same."""
+    monkeypatch.setenv("EDPAIRS_GEMM_BLOCK_ROWS", knob)
+    assert _gemm.block_rows() == int(knob)
+    X = (rng.standard_normal((5003, 11)) + 9).astype(np.float32)
+    mean, m2 = _gemm.moments(t(X), precision="float32", rows=3000, lib=lib())
+    check_moments(ops.Moments(5003, mean, m2), X)
+    monkeypatch.setenv("EDPAIRS_GEMM_BLOCK_ROWS", "-2")
+    with pytest.raises(ValueError, match="EDPAIRS_GEMM_BLOCK_ROWS must be a non-negative integer, got '-2'"):
+        _gemm.moments(t(X), precision="float32", rows=3000, lib=lib())
 
 
 def test_route_scratch_bounds(rng, monkeypatch):
@@ -93,7 +107,7 @@ def test_route_scratch_bounds(rng, monkeypatch):
     X = (rng.standard_normal((9001, 19)) + 7).astype(np.float32)
     monkeypatch.setattr(_gemm, "BLOCK_ROWS", 500)
     monkeypatch.setattr(_gemm, "SCRATCH_BYTES", 16 * 19 * 19 * 2)  # two blocks per batched call
-    mean, m2 = _gemm.moments(t(X), precision="float32", rows=9001)
+    mean, m2 = _gemm.moments(t(X), precision="float32", rows=9001, lib=lib())
     check_moments(ops.Moments(9001, mean, m2), X)
     C = make_centroids(rng, 40, 19)
     Xa = make_rows(rng, 3000, 19, C=C)
@@ -116,7 +130,7 @@ def test_route_signal_moments_equal_the_cpu_kernel(rng):
 
 def test_route_rejects_an_empty_step(rng):
     with pytest.raises(ValueError, match="workspace_rows"):
-        _gemm.moments(t(rng.standard_normal((5, 2)).astype(np.float32)), precision="float32", rows=0)
+        _gemm.moments(t(rng.standard_normal((5, 2)).astype(np.float32)), precision="float32", rows=0, lib=lib())
 
 
 def test_route_knob(monkeypatch):
@@ -336,6 +350,50 @@ def test_cluster_sums_checks_labels_on_the_cpu(rng):
                            c(torch.empty(3, dtype=torch.int64)), 0)
 
 
+def _centre(X, shift, first=0, rows=None, colsum=True, out_rows=None):
+    """CentreRows into a poisoned out (and colsum starting at 1.0, to show it accumulates)."""
+    from edpairs._arrays import Namespace
+
+    c = Namespace("torch").capsule
+    rows = X.shape[0] - first if rows is None else rows
+    out = torch.full((rows if out_rows is None else out_rows, X.shape[1]), float("nan"), device=X.device)
+    cs = torch.ones(X.shape[1], dtype=torch.float64, device=X.device) if colsum else None
+    plan = lib().CentreRows(c(X), c(shift), c(out), c(cs))
+    stream = 0 if X.device.type == "cpu" else int(torch.cuda.current_stream().cuda_stream)
+    plan.run(first, rows, stream)
+    return out.cpu().numpy(), None if cs is None else cs.cpu().numpy()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_centre_rows_values_and_column_sums(dtype, rng):
+    X = t((rng.standard_normal((700, 13)) + 40).astype(np.float32)).to(getattr(torch, dtype))
+    shift = t(rng.standard_normal(13).astype(np.float32) + 40)
+    out, cs = _centre(X, shift, first=100, rows=550, out_rows=600)
+    want = (X[100:650].float() - shift).numpy()
+    np.testing.assert_array_equal(out[:550], want)  # float32 subtraction, exactly
+    assert np.isnan(out[550:]).all()  # only the step's rows are written
+    np.testing.assert_allclose(cs, 1.0 + want.astype(np.float64).sum(0), rtol=1e-12, atol=1e-9)
+    out2, cs2 = _centre(X, shift, colsum=False)
+    assert cs2 is None and np.array_equal(out2, (X.float() - shift).numpy())
+
+
+def test_centre_rows_checks(rng):
+    from edpairs._arrays import Namespace
+
+    c = Namespace("torch").capsule
+    X = t(rng.standard_normal((10, 4)).astype(np.float32))
+    with pytest.raises(ValueError, match="shift"):
+        lib().CentreRows(c(X), c(torch.zeros(5)), c(torch.empty((10, 4))), None)
+    with pytest.raises(ValueError, match="out"):
+        lib().CentreRows(c(X), c(torch.zeros(4)), c(torch.empty((10, 5))), None)
+    with pytest.raises(ValueError, match="colsum"):
+        lib().CentreRows(c(X), c(torch.zeros(4)), c(torch.empty((10, 4))), c(torch.zeros(4)))
+    with pytest.raises(ValueError, match=r"rows \[8, 12\) outside \[0, 10\)"):
+        _centre(X, torch.zeros(4), first=8, rows=4)
+    with pytest.raises(ValueError, match=r"centre_rows \(out\)"):
+        _centre(X, torch.zeros(4), first=0, rows=6, out_rows=5)
+
+
 # ---------------------------------------------------------------------------------------
 # On a GPU
 
@@ -444,6 +502,27 @@ def test_argmax_rows_cuda_equals_cpu(dtype, rows, k, D, rng):
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_allclose(got[1], want[1], rtol=2e-6, atol=1e-7)
         np.testing.assert_allclose(got[2], want[2], rtol=2e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _GPU, reason="needs edpairs built with CUDA and a GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
+@pytest.mark.parametrize("rows,D,layout", [(1, 1, "dense"), (1000, 37, "dense"), (300_000, 512, "dense"),
+                                           (5000, 128, "strided4"), (5000, 128, "offset1"), (2000, 1030, "dense")])
+def test_centre_rows_cuda_equals_cpu(dtype, rows, D, layout, rng):
+    """The vector path (D % 4 == 0, 16-byte aligned rows) and the element-wise one (ragged D,
+    rows starting off 16 bytes), several row blocks and column blocks; out poisoned first."""
+    cols = D + (4 if layout == "strided4" else 1 if layout == "offset1" else 0)
+    big = t((rng.standard_normal((rows, cols)) * 3 + 20).astype(np.float32)).to(getattr(torch, dtype))
+    X = big[:, 1:D + 1] if layout == "offset1" else big[:, :D]
+    shift = t(rng.standard_normal(D).astype(np.float32) + 20)
+    want = _centre(X, shift, first=rows // 3)
+    got = _centre(X.cuda(), shift.cuda(), first=rows // 3)
+    if dtype == "float64":  # CUDA subtracts in float64 then rounds; the CPU rounds x first
+        np.testing.assert_allclose(got[0], want[0], rtol=0, atol=4e-6)
+    else:
+        np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-10, atol=1e-9)
 
 
 @pytest.mark.cuda

@@ -452,6 +452,51 @@ class ArgmaxRowsPlan {
   edpairs::ArgmaxRowsArgs a_;
 };
 
+class CentreRowsPlan {
+ public:
+  CentreRowsPlan(py::handle x, py::handle shift, py::handle out, py::handle colsum)
+      : x_(ImportedArray::from_capsule(x, "X", false)),
+        shift_(ImportedArray::from_capsule(shift, "shift", false)),
+        out_(ImportedArray::from_capsule(out, "out", true)),
+        colsum_(ImportedArray::from_capsule(colsum, "colsum", true)) {
+    a_.x = x_.view();
+    a_.shift = shift_.view();
+    a_.out = out_.view();
+    a_.colsum = colsum_.view();
+    expect_rank(a_.x, "X", 2, "(N, D)");
+    expect_input_dtype(a_.x, "X");
+    expect_cuda_rows(a_.x, "X");
+    const int64_t D = a_.x.shape[1];
+    expect_shape(a_.shift, "shift", {D}, {"D"});
+    expect_dtype(a_.shift, "shift", DType::Float32);
+    expect_rank(a_.out, "out", 2, "(R, D)");
+    expect_shape(a_.out, "out", {a_.out.shape[0], D}, {"R", "D"});
+    expect_dtype(a_.out, "out", DType::Float32);
+    if (a_.colsum.present) {
+      expect_shape(a_.colsum, "colsum", {D}, {"D"});
+      expect_dtype(a_.colsum, "colsum", DType::Float64);
+    }
+    for (auto [v, name] : {std::pair<const TensorView*, const char*>{&a_.shift, "shift"}, {&a_.out, "out"},
+                           {&a_.colsum, "colsum"}})
+      if (v->present) expect_contiguous(*v, name);
+    expect_same_device({{&a_.x, "X"}, {&a_.shift, "shift"}, {&a_.out, "out"}, {&a_.colsum, "colsum"}});
+  }
+  // Rows [first, first + rows) of X into the first `rows` rows of out.
+  void run(int64_t first, int64_t rows, uintptr_t stream) {
+    expect_step(first, rows, a_.x.shape[0], "centre_rows");
+    expect_step(0, rows, a_.out.shape[0], "centre_rows (out)");
+    edpairs::CentreRowsArgs a = a_;
+    a.x = narrow_rows(a_.x, first, rows);
+    a.out.shape[0] = rows;
+    dispatch<edpairs::CentreRowsArgs>(a, a.x.device, stream, &edpairs::centre_rows_cpu,
+                                      EDPAIRS_CUDA_FN(centre_rows_cuda));
+  }
+
+ private:
+  ImportedArray x_, shift_, out_, colsum_;
+  edpairs::CentreRowsArgs a_;
+};
+
 void cluster_sums(py::handle x_, py::handle labels_, py::handle rscale_, py::handle center_, py::handle sums_,
                   py::handle counts_, uintptr_t stream) {
   auto x = ImportedArray::from_capsule(x_, "X", false);
@@ -578,6 +623,10 @@ PYBIND11_MODULE(_C, m) {
            py::arg("scores"), py::arg("col_scale"), py::arg("x"), py::arg("center"), py::arg("row_scale"),
            py::arg("labels"), py::arg("best"), py::arg("rscale"))
       .def("run", &ArgmaxRowsPlan::run, py::arg("first"), py::arg("rows"), py::arg("stream"));
+  py::class_<CentreRowsPlan>(m, "CentreRows")
+      .def(py::init<py::handle, py::handle, py::handle, py::handle>(), py::arg("x"), py::arg("shift"), py::arg("out"),
+           py::arg("colsum"))
+      .def("run", &CentreRowsPlan::run, py::arg("first"), py::arg("rows"), py::arg("stream"));
   m.def("cluster_sums", &cluster_sums, py::arg("x"), py::arg("labels"), py::arg("rscale"), py::arg("center"),
         py::arg("sums"), py::arg("counts"), py::arg("stream"));
   m.def("build_info", &build_info);

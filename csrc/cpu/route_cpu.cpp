@@ -77,4 +77,30 @@ void cluster_sums_cpu(const ClusterSumsArgs& a, Stream) {
   }
 }
 
+void centre_rows_cpu(const CentreRowsArgs& a, Stream) {
+  using namespace cpu;
+  const Matrix X = matrix_of(a.x);
+  const int64_t R = X.rows, D = X.cols;
+  const float* shift = a.shift.ptr<const float>();
+  float* out = a.out.ptr<float>();
+  double* colsum = a.colsum.present ? a.colsum.ptr<double>() : nullptr;
+  constexpr int64_t kBlock = 256;  // rows per task; the tasks' column sums are added in order
+  const int64_t tasks = (R + kBlock - 1) / kBlock;
+  std::vector<double> part(colsum != nullptr ? static_cast<size_t>(tasks * D) : 0, 0.0);
+  parallel_for(tasks, [&](int64_t task, int) {
+    for (int64_t r = task * kBlock; r < std::min(R, (task + 1) * kBlock); ++r) {
+      float* o = out + r * D;
+      load_row(X, shift, r, 0, D, o);
+      if (colsum != nullptr) {
+        double* p = part.data() + task * D;
+        for (int64_t d = 0; d < D; ++d) p[d] += static_cast<double>(o[d]);
+      }
+    }
+  });
+  if (colsum != nullptr) {
+    for (int64_t t = 0; t < tasks; ++t)
+      for (int64_t d = 0; d < D; ++d) colsum[d] += part[static_cast<size_t>(t * D + d)];
+  }
+}
+
 }  // namespace edpairs

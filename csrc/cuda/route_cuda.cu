@@ -1,4 +1,5 @@
-// argmax_rows on CUDA (ops.h 3d): the per-row half of the assignment on the library-product
+// The library-product route's per-row kernels: argmax_rows (ops.h 3d) and centre_rows (3e).
+// argmax_rows on CUDA: the per-row half of the assignment on the library-product
 // route, run on each block of scores right after cuBLAS formed it (still in L2 when the block
 // is a few tens of MB). One warp per row: the row norm from x (unless row_scale is given),
 // then the first maximum of the row's k scores, lanes striding the row (coalesced).
@@ -8,6 +9,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda_check.cuh"
 #include "dtype_load.cuh"
@@ -77,7 +79,87 @@ argmax_rows_kernel(const float* __restrict__ scores, const float* __restrict__ c
   }
 }
 
+// centre_rows (ops.h 3e): a block owns kCentreRows rows and kCentreThreads groups of 4
+// columns; each thread walks its rows, reading its 4 elements (16 bytes for float32: coalesced
+// across the warp), writing the 4 centred floats (one 16-byte store where out's rows allow) and
+// summing them in float64, then adds its 4 sums to colsum (kCentreRows rows per atomic).
+constexpr int kCentreThreads = 128;
+constexpr int kCentreRows = 128;
+
+template <class T, bool kVec>
+__global__ void __launch_bounds__(kCentreThreads)
+centre_rows_kernel(const T* __restrict__ x, const int64_t x_stride, const int64_t rows, const int d,
+                   const float* __restrict__ shift, float* __restrict__ out, double* __restrict__ colsum) {
+  const int c0 = (static_cast<int>(blockIdx.y) * kCentreThreads + static_cast<int>(threadIdx.x)) * 4;
+  if (c0 >= d) return;  // no barriers in this kernel
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kCentreRows;
+  const int64_t r1 = r0 + kCentreRows < rows ? r0 + kCentreRows : rows;
+  float s[4];
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+#pragma unroll
+  for (int u = 0; u < 4; ++u) s[u] = c0 + u < d ? shift[c0 + u] : 0.f;
+#pragma unroll 4
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * x_stride + c0;
+    float* o = out + r * d + c0;
+    float v[4];
+    if constexpr (kVec) {  // d % 4 == 0, 16-byte aligned rows of x (float32) and of out
+      if constexpr (std::is_same<T, float>::value) {
+        const float4 q = *reinterpret_cast<const float4*>(xr);
+        v[0] = q.x - s[0], v[1] = q.y - s[1], v[2] = q.z - s[2], v[3] = q.w - s[3];
+      } else {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) v[u] = minus_center(xr[u], s[u]);
+      }
+      *reinterpret_cast<float4*>(o) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        v[u] = c0 + u < d ? minus_center(xr[u], s[u]) : 0.f;
+        if (c0 + u < d) o[u] = v[u];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) acc[u] += static_cast<double>(v[u]);
+  }
+  if (colsum != nullptr) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (c0 + u < d) atomicAdd(colsum + c0 + u, acc[u]);
+  }
+}
+
 }  // namespace
+
+void centre_rows_cuda(const CentreRowsArgs& a, Stream stream) {
+  const int64_t rows = a.x.size(0), d = a.x.size(1);
+  if (rows < 1 || d < 1) return;
+  if (d > INT_MAX - 4 * kCentreThreads) fail("centre_rows: D too large: x " + a.x.shape_str());
+  cuda_detail::DeviceGuard guard(a.x.device_id);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int64_t row_blocks = ceil_div(rows, kCentreRows);
+  const int64_t col_blocks = ceil_div(d, 4 * kCentreThreads);
+  if (row_blocks > INT_MAX || col_blocks > 65535) fail("centre_rows: too large for one launch: x " + a.x.shape_str());
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(col_blocks));
+  float* out = a.out.ptr<float>();
+  double* colsum = a.colsum.present ? a.colsum.ptr<double>() : nullptr;
+  cuda_detail::dispatch_input_dtype(a.x, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* x = static_cast<const T*>(a.x.data);
+    const int64_t align = std::is_same<T, float>::value ? 16 : static_cast<int64_t>(sizeof(T));
+    const bool vec = d % 4 == 0 && reinterpret_cast<uintptr_t>(x) % align == 0 &&
+                     (a.x.stride(0) * static_cast<int64_t>(sizeof(T))) % align == 0 &&
+                     reinterpret_cast<uintptr_t>(out) % 16 == 0;
+    if (vec) {
+      centre_rows_kernel<T, true><<<grid, kCentreThreads, 0, s>>>(x, a.x.stride(0), rows, static_cast<int>(d),
+                                                                   a.shift.ptr<const float>(), out, colsum);
+    } else {
+      centre_rows_kernel<T, false><<<grid, kCentreThreads, 0, s>>>(x, a.x.stride(0), rows, static_cast<int>(d),
+                                                                    a.shift.ptr<const float>(), out, colsum);
+    }
+    EDPAIRS_CUDA_CHECK(cudaGetLastError());
+  });
+}
 
 void argmax_rows_cuda(const ArgmaxRowsArgs& a, Stream stream) {
   const int64_t rows = a.scores.size(0), k = a.scores.size(1), d = a.x.size(1);

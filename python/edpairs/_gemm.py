@@ -121,26 +121,46 @@ def default_rows(floats_per_row: int) -> int:
     return int(min(DEFAULT_ROWS, max(1024, SCRATCH_BYTES // (4 * max(1, floats_per_row)))))
 
 
+def block_rows() -> int:
+    """Rows per block of the moments' batched product: EDPAIRS_GEMM_BLOCK_ROWS, default
+    BLOCK_ROWS; 0 = one product per step (a knob for the device measurements)."""
+    value = os.environ.get("EDPAIRS_GEMM_BLOCK_ROWS")
+    if value is None:
+        return BLOCK_ROWS
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = -1
+    if rows < 0:
+        raise ValueError(f"EDPAIRS_GEMM_BLOCK_ROWS must be a non-negative integer, got {value!r}")
+    return rows
+
+
 class _BatchedProduct:
     """acc (float64, (P, Q)) += A^T B for A (r, P), B (r, Q) of up to ``rows`` rows, as one
-    batched product over blocks of BLOCK_ROWS rows plus a plain product for the remainder."""
+    batched product over blocks of block_rows() rows plus a plain product for the remainder
+    (block_rows() == 0: one plain product)."""
 
     def __init__(self, torch, P: int, Q: int, rows: int, device):
         self.torch = torch
+        self.block = block_rows()
         # Blocks per batched call: as many as the step has, within a quarter of SCRATCH_BYTES.
-        self.per_call = max(1, min(rows // BLOCK_ROWS, SCRATCH_BYTES // (16 * P * Q)))
+        self.per_call = max(1, min(rows // max(1, self.block), SCRATCH_BYTES // (16 * P * Q)))
+        if not self.block:
+            self.per_call = 1
         self.out = torch.empty((self.per_call, P, Q), dtype=torch.float32, device=device)
         self.acc = torch.zeros((P, Q), dtype=torch.float64, device=device)
 
     def add(self, A, B):
         torch = self.torch
         r = A.shape[0]
-        blocks = r // BLOCK_ROWS if r >= 2 * BLOCK_ROWS else 0
+        block = self.block
+        blocks = r // block if block and r >= 2 * block else 0
         while blocks:
             n = min(blocks, self.per_call)
-            cut = n * BLOCK_ROWS
-            a = A[:cut].unflatten(0, (n, BLOCK_ROWS))
-            b = B[:cut].unflatten(0, (n, BLOCK_ROWS))
+            cut = n * block
+            a = A[:cut].unflatten(0, (n, block))
+            b = B[:cut].unflatten(0, (n, block))
             out = self.out[:n]
             torch.bmm(a.transpose(1, 2), b, out=out)
             self.acc += out.sum(0, dtype=torch.float64)
@@ -152,9 +172,11 @@ class _BatchedProduct:
             self.acc += out
 
 
-def moments(X, *, precision: str, rows: int):
+def moments(X, *, precision: str, rows: int, lib):
     """(mean (D,), m2 (D, D)) float64 of the rows of X (torch, N >= 1) on the route above."""
     import torch
+
+    from ._arrays import Namespace
 
     N, D = X.shape
     step = min(rows, N)
@@ -164,11 +186,15 @@ def moments(X, *, precision: str, rows: int):
     colsum = torch.zeros((D,), dtype=torch.float64, device=X.device)
     work = torch.empty((step, D), dtype=torch.float32, device=X.device)
     gram = _BatchedProduct(torch, D, D, step, X.device)
+    xp = Namespace("torch")
+    c = xp.capsule
+    stream = xp.stream(X)
+    # One pass per step writes the centred rows and adds their float64 column sums (centre_rows).
+    centre = lib.CentreRows(c(X), c(shift), c(work), c(colsum))
     with matmul_precision(torch, precision):
         for first, last in _steps(N, rows):
             xt = work[: last - first]
-            torch.sub(X[first:last], shift, out=xt)
-            colsum += xt.sum(0)
+            centre.run(first, last - first, stream)
             gram.add(xt, xt)
     d = colsum / N  # mean - shift
     mean = shift.to(torch.float64) + d

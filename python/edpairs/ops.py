@@ -287,7 +287,8 @@ def moments(X, *, check_finite: bool = True, precision: str = "float32",
         _check_finite_cuda(xp, [("X", X)])
     if _gemm.applies(X, xp):
         mean, m2 = _gemm.moments(X, precision=_gemm.knob_precision(precision, "EDPAIRS_MOMENTS"),
-                                 rows=_gemm.default_rows(D) if workspace_rows is None else int(workspace_rows))
+                                 rows=_gemm.default_rows(D) if workspace_rows is None else int(workspace_rows),
+                                 lib=lib())
         return Moments(int(N), mean, m2)
     mean = xp.empty((D,), "float64", X)
     m2 = xp.empty((D, D), "float64", X)

@@ -175,6 +175,20 @@ struct ClusterSumsArgs {
 void cluster_sums_cpu(const ClusterSumsArgs& args, Stream stream);
 void cluster_sums_cuda(const ClusterSumsArgs& args, Stream stream);
 
+// 3e. The centring pass of the moments on the library-product route: for rows x (R, D) of any
+// input dtype (strided rows), shift (D,) float32,
+//   out[r] = x_r - shift  (float32, contiguous),  colsum[d] += sum_r out[r, d]  (float64,
+//   optional)
+// in one read of x, so that the library's Gram product and the mean come from one pass.
+struct CentreRowsArgs {
+  TensorView x;       // (R, D)
+  TensorView shift;   // (D,) float32
+  TensorView out;     // out (R, D) float32, contiguous
+  TensorView colsum;  // optional in/out (D,) float64
+};
+void centre_rows_cpu(const CentreRowsArgs& args, Stream stream);
+void centre_rows_cuda(const CentreRowsArgs& args, Stream stream);
+
 // ---------------------------------------------------------------------------------------
 // Runtime information.
 int cpu_num_threads();               // threads the CPU kernels use
