@@ -77,6 +77,22 @@ def better(v1, i1, v0, i0):
     return (v1 > v0) | ((v1 == v0) & (i1 < i0))
 
 
+def prepare_centroids(C, dtype, k_pad, d_pad, center=None, col_scale=None):
+    """What the kernels' prepare_centroids writes: the centroids rounded to the operand type and
+    zero-padded to (k_pad, d_pad), s_j (col_scale or 1 / ||c_j||, 0 for padding) and
+    o_j = center . c~_j."""
+    k, d = C.shape
+    cw = np.zeros((k_pad, d_pad), np.float32)
+    cw[:k, :d] = round_operand(C, dtype)
+    sq = (C.astype(np.float64) ** 2).sum(1)
+    s = np.zeros(k_pad, np.float32)
+    s[:k] = col_scale if col_scale is not None else np.where(sq > 0, 1 / np.sqrt(np.where(sq > 0, sq, 1)), 0)
+    o = np.zeros(k_pad, np.float32)
+    if center is not None:
+        o[:k] = (cw[:k, :d].astype(np.float64) @ center.astype(np.float64)).astype(np.float32)
+    return cw, s, o
+
+
 # ---- the replay -----------------------------------------------------------------------------
 
 
@@ -93,18 +109,7 @@ def emulate(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, col_sc
     k_tiles = k_pad // CENTS
     k_steps = d_pad // elems
 
-    # prepare_centroids
-    cw = np.zeros((k_pad, d_pad), np.float32)
-    cw[:k, :d] = round_operand(C, dtype)
-    sq = (C.astype(np.float64) ** 2).sum(1)
-    s = np.zeros(k_pad, np.float32)
-    if col_scale is not None:
-        s[:k] = col_scale
-    else:
-        s[:k] = np.where(sq > 0, 1 / np.sqrt(np.where(sq > 0, sq, 1)), 0).astype(np.float32)
-    o = np.zeros(k_pad, np.float32)
-    if center is not None:
-        o[:k] = (cw[:k, :d].astype(np.float64) @ center.astype(np.float64)).astype(np.float32)
+    cw, s, o = prepare_centroids(C, dtype, k_pad, d_pad, center, col_scale)
 
     labels = np.full(n, -1, np.int64)
     scores = np.full(n, np.nan, np.float32)
@@ -327,7 +332,13 @@ def test_emulated_tensor_core_kernel_matches_numpy(n, d, k, dtype, stride_pad, e
     rng = np.random.default_rng(n * 1000 + d * 10 + k)
     X, C, buf, stride, kw = _case(rng, n, d, k, dtype, stride_pad, **extras)
     labels, scores, r = emulate(buf, n, d, stride, C, dtype, aligned=aligned, **kw)
-    r_ref, S = _reference(X, C, dtype, **kw)
+    _check_replay(labels, scores, r, _reference(X, C, dtype, **kw), C, kw)
+
+
+def _check_replay(labels, scores, r, reference, C, kw):
+    """A replay's labels, scores and row scales against `_reference` (r_ref, S)."""
+    r_ref, S = reference
+    n, k = S.shape
     # Every row written.
     assert (labels >= 0).all() and np.isfinite(scores).all()
     np.testing.assert_allclose(r, r_ref, rtol=1e-5, atol=0)
@@ -450,14 +461,7 @@ def emulate_fused(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, 
     assert k <= F_CENTS and (x_stride * item) % 16 == 0
     d_pad = -(-d // elems) * elems
     k_steps = d_pad // elems
-    cw = np.zeros((F_CENTS, d_pad), np.float32)
-    cw[:k, :d] = round_operand(C, dtype)
-    sq = (C.astype(np.float64) ** 2).sum(1)
-    s = np.zeros(F_CENTS, np.float32)
-    s[:k] = col_scale if col_scale is not None else np.where(sq > 0, 1 / np.sqrt(np.where(sq > 0, sq, 1)), 0)
-    o = np.zeros(F_CENTS, np.float32)
-    if center is not None:
-        o[:k] = (cw[:k, :d].astype(np.float64) @ center.astype(np.float64)).astype(np.float32)
+    cw, s, o = prepare_centroids(C, dtype, F_CENTS, d_pad, center, col_scale)
     n_tiles = -(-n // ROWS)
     grid = min(grid, n_tiles)
     labels = np.full(n, -1, np.int64)
@@ -914,14 +918,7 @@ def emulate_wgmma(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, 
     k_pad = -(-k // W_CENTS) * W_CENTS
     k_steps = d_pad // elems
     total = (k_pad // W_CENTS) * k_steps
-    cw = np.zeros((k_pad, d_pad), np.float32)
-    cw[:k, :d] = round_operand(C, dtype)
-    sq = (C.astype(np.float64) ** 2).sum(1)
-    s_col = np.zeros(k_pad, np.float32)
-    s_col[:k] = col_scale if col_scale is not None else np.where(sq > 0, 1 / np.sqrt(np.where(sq > 0, sq, 1)), 0)
-    o_col = np.zeros(k_pad, np.float32)
-    if center is not None:
-        o_col[:k] = (cw[:k, :d].astype(np.float64) @ center.astype(np.float64)).astype(np.float32)
+    cw, s_col, o_col = prepare_centroids(C, dtype, k_pad, d_pad, center, col_scale)
     rows_x, rows_c, chunk = _w_loader()
     d_row, d_col = wgmma_d_layout()
     lane = np.arange(32)
@@ -1056,18 +1053,4 @@ def test_emulated_wgmma_kernel_matches_numpy(n, d, k, dtype, stride_pad, extras)
     for i in range(n):
         buf[i * stride16:i * stride16 + d] = X[i]
     labels, scores, r = emulate_wgmma(buf, n, d, stride16, C, dtype, **kw)
-    r_ref, S = _reference(X, C, dtype, x_round=round_tf32_truncate, **kw)
-    assert (labels >= 0).all() and np.isfinite(scores).all()
-    np.testing.assert_allclose(r, r_ref, rtol=1e-5, atol=0)
-    live = r_ref > 0
-    assert (labels[~live] == 0).all() and (scores[~live] == 0).all()
-    best = S.max(axis=1)
-    scale = np.abs(S).max(axis=1) + 1e-30
-    chosen = S[np.arange(n), labels]
-    ok = chosen >= best - 1e-6 * scale
-    assert ok[live].all(), (np.flatnonzero(live & ~ok)[:10], labels[live & ~ok][:10], np.argmax(S, 1)[live & ~ok][:10])
-    key = [C[j].tobytes() + (kw["col_scale"][j].tobytes() if "col_scale" in kw else b"") for j in range(k)]
-    first = {}
-    lowest = np.array([first.setdefault(kk, j) for j, kk in enumerate(key)])
-    assert (lowest[labels[live]] == labels[live]).all()
-    np.testing.assert_allclose(scores[live], (r_ref * chosen)[live], rtol=1e-5, atol=1e-6)
+    _check_replay(labels, scores, r, _reference(X, C, dtype, x_round=round_tf32_truncate, **kw), C, kw)

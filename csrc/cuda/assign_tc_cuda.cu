@@ -38,6 +38,7 @@
 #include "assign_sums.cuh"
 #include "assign_tc.cuh"
 #include "assign_wgmma.cuh"
+#include "cp_async.cuh"
 #include "cuda_check.cuh"
 #include "dtype_load.cuh"
 
@@ -74,23 +75,6 @@ __device__ __forceinline__ uint32_t to_tf32(float v) {
   uint32_t out;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(out) : "f"(v));
   return out;
-}
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared; bytes past src_bytes (0..16) are zero-filled.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
 // d += a * b on one 16 x 8 tile.

@@ -47,6 +47,7 @@
 #include <type_traits>
 
 #include "assign_wgmma.cuh"
+#include "cp_async.cuh"
 #include "cuda_check.cuh"
 #include "dtype_load.cuh"
 
@@ -78,15 +79,6 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t saddr) {
          (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
 }
 
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
@@ -216,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, 1) assign_wgmma_kernel(const WgmmaAs
   __shared__ float row_scale_s[kWgmmaRows];
   constexpr int kElems = kSliceBytes / static_cast<int>(sizeof(T));
   constexpr int kChunkElems = 16 / static_cast<int>(sizeof(T));
-  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t raw = smem_addr(smem_raw);
   const uint32_t ring = (raw + 1023u) & ~1023u;  // stages at ring + s * kStageBytes
   const unsigned char* ring_ptr = smem_raw + (ring - raw);
 

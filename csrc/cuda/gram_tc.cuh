@@ -17,6 +17,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cp_async.cuh"
+
 namespace edpairs {
 namespace cuda_detail {
 
@@ -43,15 +45,6 @@ __device__ __forceinline__ uint32_t tcg_tf32(float v) {
   uint32_t out;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(out) : "f"(v));
   return out;
-}
-__device__ __forceinline__ void tcg_cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void tcg_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void tcg_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
 // Grid: x = tile_p * tiles_q + tile_q, y = row range (rows_per_split rows, a multiple of 32).
@@ -118,7 +111,7 @@ __global__ void __launch_bounds__(kTcgThreads, 2)
         const int64_t row = r0 + r;
         const int valid = row < n_end ? valid_cols[o] : 0;
         const float* src = valid > 0 ? op.data + row * op.ld + c0 : op.data;
-        tcg_cp_async_16(static_cast<uint32_t>(__cvta_generic_to_shared(
+        cp_async_16(static_cast<uint32_t>(__cvta_generic_to_shared(
                             stage + (o * kTcgSliceRows + r) * kTcgPitch + 4 * chunk)),
                         src, valid * 4);
       }
@@ -157,17 +150,17 @@ __global__ void __launch_bounds__(kTcgThreads, 2)
 #pragma unroll
   for (int s = 0; s < kTcgStages - 1; ++s) {
     if (s < steps) load(s, smem + s * kTcgStageWords);
-    tcg_commit();
+    cp_async_commit();
   }
   for (int step = 0; step < steps; ++step) {
     uint32_t* stage = smem + (step % kTcgStages) * kTcgStageWords;
-    tcg_wait<kTcgStages - 2>();
+    cp_async_wait<kTcgStages - 2>();
     centre(step, stage);
     __syncthreads();  // slice `step` centred and visible; the stage of step - 1 is free
     {
       const int next = step + kTcgStages - 1;
       if (next < steps) load(next, smem + (next % kTcgStages) * kTcgStageWords);
-      tcg_commit();
+      cp_async_commit();
     }
     const uint32_t* as = stage;
     const uint32_t* bs = shared_operand ? stage : stage + kTcgSliceRows * kTcgPitch;
@@ -203,7 +196,7 @@ __global__ void __launch_bounds__(kTcgThreads, 2)
       }
     }
   }
-  tcg_wait<0>();
+  cp_async_wait<0>();
 
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi) {
