@@ -142,9 +142,11 @@ for x in m.get("results", []):
 for x in (load("route_parts.json") or {}).get("results", []):
     print(f"{x['group']:14s} {x['piece']:40s} {x['ms']:8.3f} ms  {x.get('note', '')}")
 st = {x["method"]: x for x in (load("stream_cuda.json") or {}).get("results", [])}
-for method in ("moments DeviceChunks", "k-means pass DeviceChunks"):
+for method in ("moments DeviceChunks", "k-means pass DeviceChunks", "moments DeviceChunks registered",
+               "k-means pass DeviceChunks registered"):
     if method in st:
-        goals.append((f"streamed {method.split(' Device')[0]}: host GB/s / pinned H2D GB/s", st[method]["ratio_to_ceiling"], 0.8))
+        goals.append((f"streamed {method.replace(' DeviceChunks', '')}: host GB/s / pinned H2D GB/s",
+                      st[method]["ratio_to_ceiling"], 0.8))
 print()
 print(f"{'goal (issue 6)':62s} {'measured':>9s} {'goal':>6s}  met")
 for name, value, goal in goals:

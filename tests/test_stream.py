@@ -127,3 +127,52 @@ def test_pinned_staging_copy_splits_rows_over_threads(rng):
     assert (dst == 1).all()
     with pytest.raises(ValueError, match="copy_threads must be >= 1"):
         DeviceChunks(np.zeros((4, 2), np.float32), device="cpu", copy_threads=0)
+
+
+def test_register_needs_arrays_that_stay_in_memory(layer):
+    with pytest.raises(TypeError, match=r"register=True\) needs data that stays in memory"):
+        DeviceChunks(lambda: iter([layer.X]), device="cpu", register=True)
+    src = DeviceChunks([layer.X[:10], layer.X[10:]], device="cpu", register=True)
+    assert src.register and "register=True" in repr(src)
+    src.close()  # nothing registered on the CPU path: a no-op
+
+
+def test_page_spans_merge_views_and_keep_apart_what_is_apart():
+    from edpairs.stream import _page_spans
+
+    page = 4096
+    X = np.zeros((1000, 37), np.float32)  # 148,000 bytes: views of it share pages
+    base = X.__array_interface__["data"][0]
+    views = [X[s:s + 77] for s in range(0, 1000, 77)]
+    (ptr, size, ro), = _page_spans(views, page)
+    assert ptr == base // page * page and ptr + size >= base + X.nbytes and size % page == 0
+    assert size - X.nbytes < 2 * page and not ro
+    # A strided view (every other row, reversed) spans the same pages.
+    (p2, s2, _), = _page_spans([X[::-2]], page)
+    assert p2 == ptr and p2 + s2 >= base + X.nbytes - 37 * 4
+    # Separate allocations far apart stay separate spans; a read-only one is flagged.
+    A, B = np.ones(10 * page, np.uint8), np.ones(10 * page, np.uint8)
+    B.flags.writeable = False
+    spans = _page_spans([A, B, np.zeros(0)], page)
+    assert len(spans) == 2 and sorted(ro for _, _, ro in spans) == [False, True]
+    assert all(p % page == 0 and s % page == 0 for p, s, _ in spans)
+
+
+@cuda
+def test_cuda_registered_source_streams_the_same_and_unregisters(layer):
+    """register=True: pieces straight from the page-locked host array equal the staged ones
+    (also for a converting dtype and a non-contiguous piece, which is staged), and close()
+    unregisters (a second unregister then fails)."""
+    X = np.ascontiguousarray(layer.X)
+    for dtype in (None, "float16"):
+        staged = torch.cat([p.clone() for p in DeviceChunks(X, chunk_bytes=100 * X.shape[1] * 4, dtype=dtype).chunks()])
+        with DeviceChunks([X[:333], X[333:]], chunk_bytes=100 * X.shape[1] * 4, dtype=dtype, register=True) as src:
+            direct = torch.cat([p.clone() for p in src.chunks()])
+            again = torch.cat([p.clone() for p in src.chunks()])  # registered once, two passes
+            spans = list(src._registered)
+        assert torch.equal(direct, staged) and torch.equal(again, staged)
+    assert spans and all(int(torch.cuda.cudart().cudaHostUnregister(p)) != 0 for p, _ in spans)
+    strided = X[:, ::2]
+    with DeviceChunks(strided, register=True) as src:
+        got = torch.cat([p.clone() for p in src.chunks()]).cpu().numpy()
+    np.testing.assert_array_equal(got, strided)

@@ -21,12 +21,19 @@ current one. Events order everything without a device-wide synchronisation:
 So a piece is valid until the caller asks for the next one; a caller that keeps a piece longer
 must copy it (``.clone()``). The estimators only keep results computed from each chunk.
 
+With ``register=True`` (an array or a list / tuple of arrays in memory) the host arrays are
+page-locked where they are (``cudaHostRegister``, once, on the first pass; released by
+``close()``), and contiguous pieces go to the device straight from them: no staging copy,
+which otherwise bounds the stream at the host's memcpy rate. Registering costs time once (the
+kernel locks every page), so it pays over several passes (k-means iterations, a fit).
+
 On a non-CUDA device (``device="cpu"``) the pieces are plain torch tensors of the host data:
 the same code path minus the streams, which is what the CPU tests check."""
 
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
@@ -46,13 +53,19 @@ class DeviceChunks:
     one transfer (host chunks are cut into pieces of at most this many bytes, at least one
     row). ``buffers``: pinned / device buffer pairs in rotation (2 = double buffering).
     ``copy_threads``: threads that copy a piece into pinned memory together (default: up to 8,
-    one per CPU core).
+    one per CPU core). ``register``: page-lock ``data`` in place instead of staging copies
+    (see the module docstring); then ``close()`` (or a ``with`` block) unregisters it.
     Implements the chunk-source protocol (``chunks()``), and passes ``images()`` through when
     the wrapped source has it (URA reads whole images, on the host)."""
 
     def __init__(self, data, device=None, *, dtype=None, chunk_bytes: int = 64 * 2**20, buffers: int = 2,
-                 copy_threads: int = None):
+                 copy_threads: int = None, register: bool = False):
+        self._registered = None  # the registered (pointer, bytes) spans, after the first pass
         torch = require_torch("DeviceChunks")
+        if register and not _host_arrays(data):
+            raise TypeError("DeviceChunks(register=True) needs data that stays in memory: a numpy array or a list / "
+                            f"tuple of numpy arrays, got {type(data).__name__}")
+        self.register = bool(register)
         if buffers < 2:
             raise ValueError(f"buffers must be >= 2 (one in use, one being filled), got {buffers}")
         if chunk_bytes < 1:
@@ -79,7 +92,50 @@ class DeviceChunks:
 
     def __repr__(self) -> str:
         return (f"DeviceChunks(device={str(self.device)!r}, dtype={self.dtype}, chunk_bytes={self.chunk_bytes}, "
-                f"buffers={self.buffers})")
+                f"buffers={self.buffers}, register={self.register})")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        """Unregisters the host memory that ``register=True`` page-locked (a no-op otherwise);
+        a later pass registers it again."""
+        spans, self._registered = self._registered, None
+        if not spans:
+            return
+        import torch
+
+        failed = [ptr for ptr, _ in spans if int(torch.cuda.cudart().cudaHostUnregister(ptr)) != 0]
+        if failed:
+            raise RuntimeError(f"DeviceChunks.close: cudaHostUnregister failed for {len(failed)} of {len(spans)} spans")
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 (interpreter shutdown: nothing left to tell)
+            pass
+
+    def _register(self, torch) -> None:
+        """Page-locks the host arrays of ``data`` (their page spans, merged), once."""
+        if self._registered is not None:
+            return
+        cudart = torch.cuda.cudart()
+        done = []
+        try:
+            for ptr, size, read_only in _page_spans(_host_arrays(self._data), os.sysconf("SC_PAGE_SIZE")):
+                err = int(cudart.cudaHostRegister(ptr, size, 8 if read_only else 0))  # 8: cudaHostRegisterReadOnly
+                if err != 0:
+                    raise RuntimeError(f"DeviceChunks(register=True): cudaHostRegister of {size} bytes failed with "
+                                       f"CUDA error {err}; use register=False (staged copies)")
+                done.append((ptr, size))
+        except BaseException:
+            for ptr, _ in done:
+                cudart.cudaHostUnregister(ptr)
+            raise
+        self._registered = done
 
     def images(self, *args, **kwargs):
         if not callable(getattr(self._data, "images", None)):
@@ -117,26 +173,34 @@ class DeviceChunks:
                 pool.shutdown(wait=True)
 
     def _cuda_pieces(self, torch, device, compute, copy, slots, pool):
+        if self.register:
+            self._register(torch)
+
         def stage(piece: np.ndarray, slot: dict):
             n, D = piece.shape
             host_dtype = torch.from_numpy(np.empty(0, piece.dtype)).dtype  # (piece may be a read-only map)
-            if slot["copied"] is not None:
-                slot["copied"].synchronize()          # the pinned buffer's last transfer has read it
-            if slot["pinned"] is None or slot["pinned"].shape[0] < n or slot["pinned"].dtype != host_dtype:
-                slot["pinned"] = torch.empty((n, D), dtype=host_dtype, pin_memory=True)
-                slot["dev"] = None
-            _copy_rows(slot["pinned"][:n].numpy(), piece, pool, self.copy_threads)  # into page-locked memory
+            if self.register and piece.flags.c_contiguous:
+                with warnings.catch_warnings():  # a read-only array: torch only reads it
+                    warnings.simplefilter("ignore", UserWarning)
+                    src = torch.from_numpy(piece)  # page-locked in place: the copy reads it directly
+            else:
+                if slot["copied"] is not None:
+                    slot["copied"].synchronize()      # the pinned buffer's last transfer has read it
+                if slot["pinned"] is None or slot["pinned"].shape[0] < n or slot["pinned"].dtype != host_dtype:
+                    slot["pinned"] = torch.empty((n, D), dtype=host_dtype, pin_memory=True)
+                _copy_rows(slot["pinned"][:n].numpy(), piece, pool, self.copy_threads)  # into page-locked memory
+                src = slot["pinned"][:n]
             dev_dtype = self.dtype or host_dtype
             with torch.cuda.stream(copy):
                 if slot["consumed"] is not None:
                     copy.wait_event(slot["consumed"])  # the caller's work on the old contents is done
                 if slot["dev"] is None or slot["dev"].shape[0] < n or slot["dev"].dtype != dev_dtype:
-                    slot["dev"] = torch.empty((slot["pinned"].shape[0], D), dtype=dev_dtype, device=device)
+                    slot["dev"] = torch.empty((n, D), dtype=dev_dtype, device=device)
                 out = slot["dev"][:n]
                 if dev_dtype == host_dtype:
-                    out.copy_(slot["pinned"][:n], non_blocking=True)
+                    out.copy_(src, non_blocking=True)
                 else:
-                    out.copy_(slot["pinned"][:n].to(device, non_blocking=True))
+                    out.copy_(src.to(device, non_blocking=True))
                 ev = torch.cuda.Event()
                 ev.record(copy)
                 slot["copied"] = ev
@@ -164,6 +228,42 @@ class DeviceChunks:
             current = upcoming
             k += 1
         torch.cuda.current_stream(device).wait_stream(copy)
+
+
+def _host_arrays(data) -> list:
+    """The numpy arrays of `data` when it is one or a list / tuple of them, else []."""
+    if isinstance(data, np.ndarray):
+        return [data]
+    if isinstance(data, (list, tuple)) and data and all(isinstance(a, np.ndarray) for a in data):
+        return list(data)
+    return []
+
+
+def _page_spans(arrays, page: int) -> list:
+    """(pointer, bytes, read_only) spans covering the memory of `arrays`, widened to whole pages
+    and merged where they touch or overlap (views of one array, chunks sharing a page):
+    cudaHostRegister refuses a page registered twice."""
+    spans = []
+    for a in arrays:
+        if a.size == 0:
+            continue
+        lo = hi = a.__array_interface__["data"][0]
+        for n, st in zip(a.shape, a.strides):  # the lowest and highest byte a strided view touches
+            if st < 0:
+                lo += (n - 1) * st
+            else:
+                hi += (n - 1) * st
+        hi += a.itemsize
+        spans.append([lo // page * page, -(-hi // page) * page, not a.flags.writeable])
+    spans.sort()
+    merged = []
+    for lo, hi, ro in spans:
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+            merged[-1][2] = merged[-1][2] or ro
+        else:
+            merged.append([lo, hi, ro])
+    return [(lo, hi - lo, ro) for lo, hi, ro in merged]
 
 
 def _copy_rows(dst: np.ndarray, src: np.ndarray, pool, threads: int) -> None:
