@@ -8,7 +8,9 @@ what a user would write instead, in the same run on the same data.
 On CUDA (torch tensors) the edpairs rows are: "edpairs" / "edpairs-tf32", the default route
 (edpairs._gemm: cuBLAS products of 131072 rows at a time, exact float32 / TF32 operands,
 float64 between steps; "-rN" rows for each --workspace-rows N, "-bN" for each --block-rows N:
-the moments' product in blocks of N rows, 0 = one product per step) and "edpairs-kernel" /
+the moments' product in blocks of N rows, 0 = one product per step; "edpairs-tf32-wgmma": the
+centred Gram on Hopper's wgmma, EDPAIRS_GEMM_GRAM=wgmma, where the build and GPU have it) and
+"edpairs-kernel" /
 "edpairs-kernel-tf32", edpairs' own CUDA kernels (EDPAIRS_GEMM_ROUTE=kernel: SIMT exact, or the
 tensor-core scatter / masked product with TF32 operands).
 
@@ -135,10 +137,20 @@ def _edpairs_methods(cuda: bool, workspace_rows, block_rows=()):
         env = {**gemm, "EDPAIRS_GEMM_BLOCK_ROWS": str(rows)}
         out[f"edpairs-b{rows}"] = ({}, env)
         out[f"edpairs-tf32-b{rows}"] = ({"precision": "tf32"}, env)
+    if _wgmma_gram_available():  # the centred Gram on wgmma (TF32; the signal moments ignore it)
+        out["edpairs-tf32-wgmma"] = ({"precision": "tf32"}, {**gemm, "EDPAIRS_GEMM_GRAM": "wgmma"})
     kernel = {"EDPAIRS_GEMM_ROUTE": "kernel"}
     out["edpairs-kernel"] = ({}, kernel)
     out["edpairs-kernel-tf32"] = ({"precision": "tf32"}, kernel)
     return out
+
+
+def _wgmma_gram_available() -> bool:
+    import torch
+
+    import edpairs
+
+    return bool(edpairs.build_info().get("wgmma")) and torch.cuda.get_device_capability() == (9, 0)
 
 
 def _edp(edp, env, fn, *args, **kw):

@@ -394,6 +394,58 @@ def test_centre_rows_checks(rng):
         _centre(X, torch.zeros(4), first=0, rows=6, out_rows=5)
 
 
+def _centred_gram(X, shift, poison=-3.0):
+    """lib.centred_gram into m2 poisoned below the diagonal (must stay) and 1.0 above (added
+    to), colsum starting at 1.0."""
+    from edpairs._arrays import Namespace
+
+    c = Namespace("torch").capsule
+    D = X.shape[1]
+    m2 = torch.triu(torch.ones((D, D), dtype=torch.float64)) + torch.tril(torch.full((D, D), poison, dtype=torch.float64), -1)
+    m2 = m2.to(X.device)
+    colsum = torch.ones(D, dtype=torch.float64, device=X.device)
+    stream = 0 if X.device.type == "cpu" else int(torch.cuda.current_stream().cuda_stream)
+    lib().centred_gram(c(X), c(shift), c(m2), c(colsum), stream)
+    return m2.cpu().numpy(), colsum.cpu().numpy()
+
+
+def test_centred_gram_cpu_adds_the_upper_triangle(rng):
+    X = (rng.standard_normal((300, 12)) + 5).astype(np.float32)
+    shift = (X.mean(0) + 0.1).astype(np.float32)
+    m2, colsum = _centred_gram(t(X), t(shift))
+    Xc = (X - shift).astype(np.float64)
+    iu, il = np.triu_indices(12), np.tril_indices(12, -1)
+    np.testing.assert_allclose(m2[iu], 1.0 + (Xc.T @ Xc)[iu], rtol=1e-12)
+    assert (m2[il] == -3.0).all()
+    np.testing.assert_allclose(colsum, 1.0 + Xc.sum(0), rtol=1e-12, atol=1e-9)
+    from edpairs._arrays import Namespace
+
+    c = Namespace("torch").capsule
+    with pytest.raises(ValueError, match="m2"):
+        lib().centred_gram(c(t(X)), c(t(shift)), c(torch.zeros((12, 11), dtype=torch.float64)),
+                           c(torch.zeros(12, dtype=torch.float64)), 0)
+    with pytest.raises(ValueError, match="float32"):
+        lib().centred_gram(c(t(X).double()), c(t(shift)), c(torch.zeros((12, 12), dtype=torch.float64)),
+                           c(torch.zeros(12, dtype=torch.float64)), 0)
+
+
+def test_route_moments_through_the_centred_gram(rng, monkeypatch):
+    """The moments' algebra around centred_gram (the mean from the column sums, the mirrored
+    upper triangle), run here with its CPU version; and the knob is checked."""
+    monkeypatch.setattr(_gemm, "gram_wgmma_applies", lambda X, precision: True)
+    X = (rng.standard_normal((2003, 16)) @ rng.standard_normal((16, 16)) + 20).astype(np.float32)
+    mean, m2 = _gemm.moments(t(X), precision="tf32", rows=500, lib=lib())
+    check_moments(ops.Moments(2003, mean, m2), X)
+    assert torch.equal(m2, m2.T)
+    monkeypatch.undo()
+    monkeypatch.setenv("EDPAIRS_GEMM_GRAM", "cutlass")
+    with pytest.raises(ValueError, match="EDPAIRS_GEMM_GRAM must be 'cublas' or 'wgmma', got 'cutlass'"):
+        _gemm.gram_wgmma_applies(t(X), "tf32")
+    monkeypatch.setenv("EDPAIRS_GEMM_GRAM", "wgmma")
+    assert not _gemm.gram_wgmma_applies(t(X), "tf32")  # a CPU tensor
+    assert not _gemm.gram_wgmma_applies(t(X), "float32")  # exact products are cuBLAS's
+
+
 # ---------------------------------------------------------------------------------------
 # On a GPU
 
@@ -573,3 +625,61 @@ def test_cuda_route_assign_tf32_within_the_tensor_core_bound(rng, monkeypatch):
         exact = ops.assign(Xg, t(C).cuda(), **g)
         check_assignment(exact, X, C, **kw)
         assert_results_agree(exact, ops.assign(X, C, **kw), X, C, tol=TOL["float32"], **kw)
+
+
+def _wgmma_gram_skip():
+    if not _GPU:
+        return "needs edpairs built with CUDA and a GPU"
+    if not edpairs.build_info().get("wgmma"):
+        return "this build has no sm_90a code"
+    if torch.cuda.get_device_capability() != (9, 0):
+        return "the wgmma kernels run on compute capability 9.0 only"
+    return None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_wgmma_gram_skip() is not None, reason=str(_wgmma_gram_skip()))
+@pytest.mark.parametrize("N,D,layout", [(1, 4, "dense"), (33, 12, "dense"), (1000, 132, "dense"),
+                                        (5000, 256, "strided"), (200_000, 512, "dense"), (3000, 1028, "dense")])
+def test_centred_gram_wgmma_within_tf32_of_the_cpu(N, D, layout, rng):
+    """The wgmma Gram against the CPU's float64 products of the same centred values: every upper
+    entry added once within the TF32 bound (truncated operands: 2 x 2^-10 per product, a factor
+    2 of slack), nothing below the diagonal touched, column sums to float32 rounding."""
+    cols = D + (4 if layout == "strided" else 0)
+    big = t((rng.standard_normal((N, cols)) * (1 + rng.random(cols)) + 40).astype(np.float32))
+    X = big[:, :D]
+    shift = X[: min(N, 1000)].double().mean(0).float()
+    want_m2, want_cs = _centred_gram(X, shift)
+    got_m2, got_cs = _centred_gram(X.cuda(), shift.cuda())
+    Xc = (X - shift).double().numpy()
+    absg = np.abs(Xc).T @ np.abs(Xc)
+    iu, il = np.triu_indices(D), np.tril_indices(D, -1)
+    err = np.abs(got_m2 - want_m2)[iu]
+    assert np.all(err <= 4 * 2.0 ** -10 * absg[iu] + 1e-6 * absg.max()), err.max()
+    assert (got_m2[il] == -3.0).all()
+    np.testing.assert_allclose(got_cs, want_cs, rtol=1e-6, atol=1e-6 * np.abs(Xc).sum(0).max())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_wgmma_gram_skip() is not None, reason=str(_wgmma_gram_skip()))
+def test_moments_with_the_wgmma_gram(rng, monkeypatch):
+    """ops.moments with EDPAIRS_GEMM_GRAM=wgmma: the kernel path is taken and the moments are
+    within TF32 of float64 (relative Frobenius error <= 1e-3; the mean from float32 sums of 32
+    centred values at a time, to 1e-5 on values of spread ~8); misaligned rows stay on cuBLAS."""
+    monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "gemm")
+    monkeypatch.setenv("EDPAIRS_GEMM_GRAM", "wgmma")
+    X = (rng.standard_normal((100_000, 64)) @ rng.standard_normal((64, 64)) + 30).astype(np.float32)
+    Xg = t(X).cuda()
+    assert _gemm.gram_wgmma_applies(Xg, "tf32")
+    got = ops.moments(Xg, precision="tf32")
+    Xd = X.astype(np.float64)
+    mean = Xd.mean(0)
+    cov = (Xd - mean).T @ (Xd - mean)
+    np.testing.assert_allclose(got.mean.cpu().numpy(), mean, rtol=0, atol=1e-5)
+    m2 = got.m2.cpu().numpy()
+    assert np.linalg.norm(m2 - cov) <= 1e-3 * np.linalg.norm(cov)
+    wide = torch.zeros((100_000, 65), device="cuda")
+    wide[:, 1:] = Xg
+    assert not _gemm.gram_wgmma_applies(wide[:, 1:], "tf32")  # rows off 16 bytes
+    other = ops.moments(wide[:, 1:], precision="tf32")
+    assert np.linalg.norm(other.m2.cpu().numpy() - cov) <= 1e-3 * np.linalg.norm(cov)

@@ -1054,3 +1054,109 @@ def test_emulated_wgmma_kernel_matches_numpy(n, d, k, dtype, stride_pad, extras)
         buf[i * stride16:i * stride16 + d] = X[i]
     labels, scores, r = emulate_wgmma(buf, n, d, stride16, C, dtype, **kw)
     _check_replay(labels, scores, r, _reference(X, C, dtype, x_round=round_tf32_truncate, **kw), C, kw)
+
+
+# ---- the centred Gram on wgmma (gram_wgmma_cuda.cu, EDPAIRS_GEMM_GRAM=wgmma) ----------------
+# Tiles of 128 x 128 features on or above the diagonal; slices of 32 rows go through registers
+# (lane = row, a warp's float4 feature groups q = warp + 8 j) into K-major swizzled tiles (row =
+# feature, K = the slice's row), A for the tile's row features, B for its column features.
+G2_TILE, G2_SLICE, G2_THREADS = 128, 32, 256
+G2_A = G2_TILE * SLICE_BYTES
+G2_STAGE = 2 * G2_A
+G2_GROUPS_PER_WARP = (2 * G2_TILE // 4) // (G2_THREADS // 32)
+
+
+def g2_element_offset(r, k):
+    """The kernel's element_offset: element (row r, K column k) of a swizzled float32 tile."""
+    return w_swizzled(r, k >> 2) + (k & 3) * 4
+
+
+def g2_tiles(D):
+    n_t = -(-D // G2_TILE)
+    return [(ti, tj) for ti in range(n_t) for tj in range(ti, n_t)]
+
+
+def test_centred_gram_stores_are_conflict_free_and_cover_the_tiles():
+    lane = np.arange(32)
+    for r in range(G2_TILE):  # one feature: the 32 lanes (rows) fill the 32 words of its 128 bytes
+        off = g2_element_offset(r, lane)
+        assert sorted((off // 4) % 32) == list(range(32)) and len(set(off // 128)) == 1
+    warp = np.arange(8)[:, None]
+    q = warp + 8 * np.arange(G2_GROUPS_PER_WARP)[None, :]
+    assert sorted(q.ravel()) == list(range(2 * G2_TILE // 4))  # every feature group, once
+    assert [len(g2_tiles(D)) for D in (4, 128, 132, 512)] == [1, 1, 3, 10]
+
+
+def emulate_centred_gram(X, shift, splits=2):
+    """(upper m2 (D, D) with NaN below the diagonal where nothing was written, colsum) as the
+    kernel computes them: the loads, the transposed stores, the descriptors' reads, the D layout,
+    the epilogue's indices; products in float64 of the TF32-truncated centred values."""
+    N, D = X.shape
+    m2 = np.full((D, D), np.nan)
+    m2[np.triu_indices(D)] = 0.0
+    colsum = np.zeros(D)
+    d_row, d_col = wgmma_d_layout()
+    d_row, d_col = d_row[:, :, :64], d_col[:, :, :64]  # m64n128: the first 64 registers' layout
+    assert d_col.max() == 127
+    lane = np.arange(32)
+    slices = -(-N // G2_SLICE)
+    for ti, tj in g2_tiles(D):
+        for split in range(splits):
+            s_begin, s_end = slices * split // splits, slices * (split + 1) // splits
+            if s_end == s_begin:
+                continue
+            acc = np.zeros((2, 64, 128))
+            col_acc = np.zeros(G2_TILE)
+            for sl in range(s_begin, s_end):
+                smem = np.full(G2_STAGE // 4, np.nan)
+                row = sl * G2_SLICE + lane
+                for warp in range(8):
+                    for j in range(G2_GROUPS_PER_WARP):
+                        qq = warp + 8 * j
+                        in_a = qq < G2_TILE // 4
+                        r0 = 4 * qq if in_a else 4 * (qq - G2_TILE // 4)
+                        f = (ti if in_a else tj) * G2_TILE + r0
+                        for u in range(4):
+                            ok = (row < N) & (f < D)
+                            v = np.where(ok, X[np.minimum(row, N - 1), min(f + u, D - 1)] - shift[min(f + u, D - 1)], 0)
+                            off = (0 if in_a else G2_A) + g2_element_offset(r0 + u, lane)
+                            smem[off // 4] = v.astype(np.float32)
+                kk = np.arange(8)[None, :]
+                for s in range(4):
+                    B = smem[sw128_address(G2_A + 32 * s, np.arange(G2_TILE)[:, None], kk * 4) // 4]
+                    for wg in range(2):
+                        A = smem[sw128_address(wg * (G2_A // 2) + 32 * s, np.arange(64)[:, None], kk * 4) // 4]
+                        acc[wg] += round_tf32_truncate(A).astype(np.float64) @ round_tf32_truncate(B).astype(np.float64).T
+                if ti == 0:  # thread t < 128: B row t, 8 swizzled chunks
+                    for t in range(G2_TILE):
+                        vals = np.concatenate([smem[(G2_A + w_swizzled(t, c)) // 4:][:4] for c in range(8)])
+                        col_acc[t] += np.float32(vals.astype(np.float32).sum(dtype=np.float32))
+            for wg in range(2):
+                regs = acc[wg][d_row, d_col]
+                v = np.arange(4)[:, None, None]
+                g, t4 = (lane // 4)[None, :, None], (lane % 4)[None, :, None]
+                i = np.arange(64)[None, None, :]
+                d1 = ti * G2_TILE + 64 * wg + 16 * v + g + 8 * ((i // 2) % 2)
+                d2 = tj * G2_TILE + 8 * (i // 4) + 2 * t4 + i % 2
+                d1, d2 = np.broadcast_arrays(d1, d2)
+                keep = (d1 < D) & (d2 < D) & (d2 >= d1)
+                np.add.at(m2, (d1[keep], d2[keep]), regs[keep].astype(np.float32))
+            if ti == 0:
+                f = tj * G2_TILE + np.arange(G2_TILE)
+                colsum[f[f < D]] += col_acc[f < D]
+    return m2, colsum
+
+
+@pytest.mark.parametrize("N,D,splits", [(1, 4, 1), (70, 12, 2), (100, 132, 3), (65, 256, 2)])
+def test_emulated_centred_gram_matches_numpy(N, D, splits):
+    rng = np.random.default_rng(N + D)
+    X = (rng.standard_normal((N, D)) * 2 + 30).astype(np.float32)
+    shift = (X[: min(N, 40)].astype(np.float64).mean(0)).astype(np.float32)
+    m2, colsum = emulate_centred_gram(X, shift, splits)
+    Xc = (X - shift).astype(np.float32)
+    T = round_tf32_truncate(Xc).astype(np.float64)
+    iu = np.triu_indices(D)
+    assert np.isnan(m2[np.tril_indices(D, -1)]).all()  # below the diagonal: untouched
+    ref = T.T @ T
+    np.testing.assert_allclose(m2[iu], ref[iu], rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(colsum, Xc.astype(np.float64).sum(0), rtol=1e-5, atol=1e-4)

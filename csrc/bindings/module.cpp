@@ -497,6 +497,34 @@ class CentreRowsPlan {
   edpairs::CentreRowsArgs a_;
 };
 
+void centred_gram(py::handle x_, py::handle shift_, py::handle m2_, py::handle colsum_, uintptr_t stream) {
+  auto x = ImportedArray::from_capsule(x_, "X", false);
+  auto shift = ImportedArray::from_capsule(shift_, "shift", false);
+  auto m2 = ImportedArray::from_capsule(m2_, "m2", true);
+  auto colsum = ImportedArray::from_capsule(colsum_, "colsum", true);
+  edpairs::CentredGramArgs a;
+  a.x = x.view();
+  a.shift = shift.view();
+  a.m2 = m2.view();
+  a.colsum = colsum.view();
+  expect_rank(a.x, "X", 2, "(N, D)");
+  expect_dtype(a.x, "X", DType::Float32);
+  expect_cuda_rows(a.x, "X");
+  const int64_t D = a.x.shape[1];
+  expect_shape(a.shift, "shift", {D}, {"D"});
+  expect_dtype(a.shift, "shift", DType::Float32);
+  expect_shape(a.m2, "m2", {D, D}, {"D", "D"});
+  expect_dtype(a.m2, "m2", DType::Float64);
+  expect_shape(a.colsum, "colsum", {D}, {"D"});
+  expect_dtype(a.colsum, "colsum", DType::Float64);
+  for (auto [v, name] : {std::pair<const TensorView*, const char*>{&a.shift, "shift"}, {&a.m2, "m2"},
+                         {&a.colsum, "colsum"}})
+    expect_contiguous(*v, name);
+  expect_same_device({{&a.x, "X"}, {&a.shift, "shift"}, {&a.m2, "m2"}, {&a.colsum, "colsum"}});
+  dispatch<edpairs::CentredGramArgs>(a, a.x.device, stream, &edpairs::centred_gram_cpu,
+                                     EDPAIRS_CUDA_FN(centred_gram_cuda));
+}
+
 void cluster_sums(py::handle x_, py::handle labels_, py::handle rscale_, py::handle center_, py::handle sums_,
                   py::handle counts_, uintptr_t stream) {
   auto x = ImportedArray::from_capsule(x_, "X", false);
@@ -627,6 +655,8 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<py::handle, py::handle, py::handle, py::handle>(), py::arg("x"), py::arg("shift"), py::arg("out"),
            py::arg("colsum"))
       .def("run", &CentreRowsPlan::run, py::arg("first"), py::arg("rows"), py::arg("stream"));
+  m.def("centred_gram", &centred_gram, py::arg("x"), py::arg("shift"), py::arg("m2"), py::arg("colsum"),
+        py::arg("stream"));
   m.def("cluster_sums", &cluster_sums, py::arg("x"), py::arg("labels"), py::arg("rscale"), py::arg("center"),
         py::arg("sums"), py::arg("counts"), py::arg("stream"));
   m.def("build_info", &build_info);

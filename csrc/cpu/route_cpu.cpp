@@ -103,4 +103,24 @@ void centre_rows_cpu(const CentreRowsArgs& a, Stream) {
   }
 }
 
+void centred_gram_cpu(const CentredGramArgs& a, Stream) {
+  using namespace cpu;
+  const Matrix X = matrix_of(a.x);
+  const int64_t N = X.rows, D = X.cols;
+  const float* shift = a.shift.ptr<const float>();
+  double* m2 = a.m2.ptr<double>();
+  double* colsum = a.colsum.ptr<double>();
+  std::vector<float> xc(static_cast<size_t>(N * D));  // the centred rows, float32 as on the GPU
+  parallel_for(N, [&](int64_t n, int) { load_row(X, shift, n, 0, D, xc.data() + n * D); });
+  parallel_for(D, [&](int64_t d1, int) {  // task d1 owns row d1 of m2
+    for (int64_t n = 0; n < N; ++n) {
+      const float* r = xc.data() + n * D;
+      const double v = r[d1];
+      for (int64_t d2 = d1; d2 < D; ++d2) m2[d1 * D + d2] += v * static_cast<double>(r[d2]);
+    }
+  });
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t d = 0; d < D; ++d) colsum[d] += static_cast<double>(xc[static_cast<size_t>(n * D + d)]);
+}
+
 }  // namespace edpairs

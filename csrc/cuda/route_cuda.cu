@@ -1,4 +1,5 @@
-// The library-product route's per-row kernels: argmax_rows (ops.h 3d) and centre_rows (3e).
+// The library-product route's kernels: argmax_rows (ops.h 3d), centre_rows (3e) and the
+// dispatch of centred_gram (3f, on wgmma: gram_wgmma_cuda.cu).
 // argmax_rows on CUDA: the per-row half of the assignment on the library-product
 // route, run on each block of scores right after cuBLAS formed it (still in L2 when the block
 // is a few tens of MB). One warp per row: the row norm from x (unless row_scale is given),
@@ -9,10 +10,12 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "cuda_check.cuh"
 #include "dtype_load.cuh"
+#include "gram_wgmma.cuh"
 #include "edpairs/ops.h"
 
 namespace edpairs {
@@ -159,6 +162,32 @@ void centre_rows_cuda(const CentreRowsArgs& a, Stream stream) {
     }
     EDPAIRS_CUDA_CHECK(cudaGetLastError());
   });
+}
+
+void centred_gram_cuda(const CentredGramArgs& a, Stream stream) {
+  const int64_t n = a.x.size(0), d = a.x.size(1);
+  if (n < 1 || d < 1) return;
+#ifdef EDPAIRS_HAVE_WGMMA
+  cuda_detail::DeviceGuard guard(a.x.device_id);
+  int major = 0, minor = 0;
+  EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, a.x.device_id));
+  EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, a.x.device_id));
+  if (major != 9 || minor != 0) {
+    fail("centred_gram runs on compute capability 9.0 (Hopper) only, this GPU is " + std::to_string(major) + "." +
+         std::to_string(minor));
+  }
+  if (d % 4 != 0 || d > INT_MAX || reinterpret_cast<uintptr_t>(a.x.data) % 16 != 0 || a.x.stride(0) % 4 != 0 ||
+      reinterpret_cast<uintptr_t>(a.shift.data) % 16 != 0) {
+    fail("centred_gram needs D % 4 == 0 and 16-byte aligned rows of x and shift, got x " + a.x.shape_str() +
+         " with row stride " + std::to_string(a.x.stride(0)));
+  }
+  cuda_detail::WgmmaGramParams p{a.x.ptr<const float>(), a.x.stride(0), n, static_cast<int>(d),
+                                 a.shift.ptr<const float>(), a.m2.ptr<double>(), a.colsum.ptr<double>()};
+  cuda_detail::launch_centred_gram_wgmma(p, static_cast<cudaStream_t>(stream));
+#else
+  (void)stream;
+  fail("centred_gram: this build has no sm_90a code (90 was not among its CUDA architectures)");
+#endif
 }
 
 void argmax_rows_cuda(const ArgmaxRowsArgs& a, Stream stream) {

@@ -172,6 +172,26 @@ class _BatchedProduct:
             self.acc += out
 
 
+def gram_wgmma_applies(X, precision: str) -> bool:
+    """Whether moments() forms the centred Gram with edpairs' wgmma kernel (centred_gram, ops.h
+    3f: the centring on the way into shared memory, no centred copy, only the tiles on or above
+    the diagonal) instead of cuBLAS: EDPAIRS_GEMM_GRAM=wgmma (opt-in until a device run has
+    measured it; default "cublas"), TF32 products, a float32 X with 16-byte aligned rows and
+    D % 4 == 0, a build with sm_90a and a compute capability 9.0 GPU."""
+    value = os.environ.get("EDPAIRS_GEMM_GRAM", "cublas")
+    if value not in ("cublas", "wgmma"):
+        raise ValueError(f"EDPAIRS_GEMM_GRAM must be 'cublas' or 'wgmma', got {value!r}")
+    if value != "wgmma" or precision != "tf32":
+        return False
+    import torch
+
+    from . import build_info
+
+    return (X.dtype == torch.float32 and X.device.type == "cuda" and X.shape[1] % 4 == 0 and X.stride(1) == 1
+            and X.stride(0) % 4 == 0 and X.data_ptr() % 16 == 0 and bool(build_info().get("wgmma"))
+            and torch.cuda.get_device_capability(X.device) == (9, 0))
+
+
 def moments(X, *, precision: str, rows: int, lib):
     """(mean (D,), m2 (D, D)) float64 of the rows of X (torch, N >= 1) on the route above."""
     import torch
@@ -184,11 +204,13 @@ def moments(X, *, precision: str, rows: int, lib):
     # small; the exact mean follows from the float64 sums of the centred values.
     shift = (X[:step].sum(0, dtype=torch.float64) / step).to(torch.float32)
     colsum = torch.zeros((D,), dtype=torch.float64, device=X.device)
-    work = torch.empty((step, D), dtype=torch.float32, device=X.device)
-    gram = _BatchedProduct(torch, D, D, step, X.device)
     xp = Namespace("torch")
     c = xp.capsule
     stream = xp.stream(X)
+    if gram_wgmma_applies(X, precision):
+        return _centred_gram_moments(X, shift, colsum, lib, c, stream)
+    work = torch.empty((step, D), dtype=torch.float32, device=X.device)
+    gram = _BatchedProduct(torch, D, D, step, X.device)
     # One pass per step writes the centred rows and adds their float64 column sums (centre_rows).
     centre = lib.CentreRows(c(X), c(shift), c(work), c(colsum))
     with matmul_precision(torch, precision):
@@ -202,6 +224,18 @@ def moments(X, *, precision: str, rows: int, lib):
     # Both triangles come from one product; make them bit-for-bit equal.
     m2 = (m2 + m2.T) * 0.5
     return mean, m2
+
+
+def _centred_gram_moments(X, shift, colsum, lib, c, stream):
+    """moments() through lib.centred_gram: one pass over X, the upper triangle mirrored."""
+    import torch
+
+    N, D = X.shape
+    upper = torch.zeros((D, D), dtype=torch.float64, device=X.device)
+    lib.centred_gram(c(X), c(shift), c(upper), c(colsum), stream)
+    d = colsum / N  # mean - shift
+    m2 = torch.triu(upper) + torch.triu(upper, 1).T - N * torch.outer(d, d)
+    return shift.to(torch.float64) + d, m2
 
 
 def signal_moments(X, W, b, center, *, precision: str, rows: int, lib):

@@ -189,6 +189,22 @@ struct CentreRowsArgs {
 void centre_rows_cpu(const CentreRowsArgs& args, Stream stream);
 void centre_rows_cuda(const CentreRowsArgs& args, Stream stream);
 
+// 3f. The centred Gram of float32 rows in one pass (the TF32 moments on Hopper's wgmma): for x
+// (N, D) float32 with 16-byte aligned rows and D % 4 == 0, shift (D,) float32,
+//   m2[d1][d2] += sum_n (x_nd1 - shift_d1)(x_nd2 - shift_d2)  for d1 <= d2 (others untouched),
+//   colsum[d] += sum_n (x_nd - shift_d)                        (float64, contiguous)
+// CUDA: TF32 products of the centred values, float32 within a block's rows, float64 across
+// blocks; compute capability 9.0 with a build that has sm_90a only. CPU: float64 products of
+// the float32 centred values (the reference the CUDA tests compare with).
+struct CentredGramArgs {
+  TensorView x;       // (N, D) float32
+  TensorView shift;   // (D,) float32
+  TensorView m2;      // in/out (D, D) float64
+  TensorView colsum;  // in/out (D,) float64
+};
+void centred_gram_cpu(const CentredGramArgs& args, Stream stream);
+void centred_gram_cuda(const CentredGramArgs& args, Stream stream);
+
 // ---------------------------------------------------------------------------------------
 // Runtime information.
 int cpu_num_threads();               // threads the CPU kernels use
