@@ -212,3 +212,17 @@ def test_a_subset_of_classes_is_the_same_columns_with_a_smaller_family(layer):
         influence(layer.head, images[:10], pairs, n_noise=0, classes=[K])
     with pytest.raises(ValueError, match="class_names has 2 names"):
         influence(layer.head, images[:10], pairs, n_noise=0, class_names=["a", "b"])
+
+
+def test_the_predicted_classes_come_from_the_scoring_pass(layer):
+    """classes="predicted" scores the classes the head predicts for some image, as if they had
+    been listed (analyse uses it instead of a head pass of its own)."""
+    images, pairs = layer.images()[:200], gt_pairs(layer)
+    predicted = np.unique(np.asarray(layer.head(images)).argmax(1))
+    auto = influence(layer.head, images, pairs, n_noise=5, seed=1, classes="predicted")
+    listed = influence(layer.head, images, pairs, n_noise=5, seed=1, classes=predicted)
+    assert auto.class_indices == predicted.tolist()
+    np.testing.assert_array_equal(auto.scores, listed.scores)
+    np.testing.assert_array_equal(auto.pvalues_adjusted, listed.pvalues_adjusted)
+    with pytest.raises(ValueError, match="classes must be class indices or 'predicted', got 'all'"):
+        influence(layer.head, images[:10], pairs, n_noise=0, classes="all")

@@ -224,8 +224,10 @@ def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 10
     torch; the head is called on slices of it, shifted. pairs: fitted pairs (``decoding_``,
     ``bias_``, ``encoding_``). labels: optional (n,) class of each image: class ``k`` is then
     scored on its own images. concepts: the concepts to score (default all). classes: the class
-    indices to score (default all; probabilities still come from every logit) — the result's
-    columns, and the Bonferroni family is concepts x these classes. ``n_noise=0``
+    indices to score (default all; probabilities still come from every logit), or
+    ``"predicted"``: the classes the head predicts for some image, read off the same pass that
+    scores the unshifted features — the result's columns, and the Bonferroni family is
+    concepts x these classes. ``n_noise=0``
     skips the null (p-values NaN, nothing significant). Deterministic for a given ``seed``."""
     if pvalue not in ("normal", "empirical"):
         raise ValueError(f"pvalue must be 'normal' or 'empirical', got {pvalue!r}")
@@ -249,7 +251,12 @@ def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 10
 
     scorer = _Scorer(head, features, int(batch_size))
     K_all = scorer.base.shape[1]
-    cols = np.arange(K_all) if classes is None else np.asarray(classes, dtype=np.int64).ravel()
+    if isinstance(classes, str):
+        if classes != "predicted":
+            raise ValueError(f"classes must be class indices or 'predicted', got {classes!r}")
+        cols = np.unique(scorer.base.argmax(1))
+    else:
+        cols = np.arange(K_all) if classes is None else np.asarray(classes, dtype=np.int64).ravel()
     if cols.size == 0 or cols.min() < 0 or cols.max() >= K_all or len(np.unique(cols)) != cols.size:
         raise ValueError(f"classes must be distinct class indices in [0, {K_all}), got {list(cols)[:10]}")
     scorer.cols = cols

@@ -298,15 +298,11 @@ def analyse(model, layer: str, pairs, images, *, activations=None, probe=None, p
             log.say(f"S1 {s['S1']:.3f}  S2 {s['S2']:.3f}")
     # Influence on the classes the network predicts for these images (every image scored for
     # each): the Bonferroni family is concepts x those classes, not x every class of the head.
-    with torch.no_grad():
-        predicted = np.concatenate([split.head(torch.from_numpy(out.activations[s:s + 32])).argmax(1).numpy()
-                                    for s in range(0, len(out.activations), 32)])
-    classes = np.unique(predicted)
-    with log.step(f"influence of {I} concepts on the {len(classes)} predicted classes ({n_noise} noise directions)"):
-        out.influence = influence(split.head, out.activations, pairs, n_noise=n_noise, seed=seed, classes=classes,
-                                  class_names=class_names, batch_size=32)
-        log.say(f"{int(out.influence.significant.sum())} of {out.influence.significant.size} (concept, class) "
-                f"cells significant")
+    with log.step(f"influence of {I} concepts on the predicted classes ({n_noise} noise directions)"):
+        out.influence = influence(split.head, out.activations, pairs, n_noise=n_noise, seed=seed,
+                                  classes="predicted", class_names=class_names, batch_size=32)
+        log.say(f"{len(out.influence.class_indices)} predicted classes; {int(out.influence.significant.sum())} of "
+                f"{out.influence.significant.size} (concept, class) cells significant")
     if explain_images is None:
         explain_images = range(min(4, len(images)))
     chosen = [(int(e), f"image {int(e)}") if np.isscalar(e) else (int(e[0]), str(e[1])) for e in explain_images]
