@@ -23,6 +23,8 @@ user would pick instead, in the same run on the same data.
   edpairs-wgmma  edpairs-kernel labelling on Hopper's warpgroup MMA (assign_wgmma_cuda.cu, 128 rows x
                256-centroid tiles, the argmax in the epilogue; EDPAIRS_ASSIGN_KERNEL=wgmma; skipped
                unless the build has sm_90a and the GPU is compute capability 9.0)
+  edpairs-wgmma-tma  the same with TMA loads and each centroid tile multicast to a cluster of two
+               blocks (half the L2 traffic for the centroids; float32; EDPAIRS_ASSIGN_KERNEL=wgmma-tma)
   faiss    faiss.Kmeans(d, k, spherical=True, niter=1).train (faiss-cpu, or faiss GPU with --device cuda)
   torch    normalise, matmul, max, index_add, bincount, normalise (the plain torch loop)
 
@@ -183,7 +185,7 @@ METHODS = {"edpairs": run_edpairs, "edpairs-f32": run_edpairs_f32, "edpairs-gemm
            "edpairs-r8192": run_edpairs, "edpairs-r16384": run_edpairs, "edpairs-kernel": run_edpairs,
            "edpairs-kernel-f32": run_edpairs_f32,
            "edpairs-blk": run_edpairs, "edpairs-1sm": run_edpairs, "edpairs-fused": run_edpairs,
-           "edpairs-wgmma": run_edpairs, "faiss": run_faiss,
+           "edpairs-wgmma": run_edpairs, "edpairs-wgmma-tma": run_edpairs, "faiss": run_faiss,
            "torch": run_torch}
 GEMM = {"EDPAIRS_GEMM_ROUTE": "gemm"}
 METHOD_ENV = {"edpairs-gemm": GEMM,
@@ -193,7 +195,8 @@ METHOD_ENV = {"edpairs-gemm": GEMM,
               "edpairs-blk": {**KERNEL, "EDPAIRS_ASSIGN_SUMS": "block"},
               "edpairs-fused": {**KERNEL, "EDPAIRS_ASSIGN_SUMS": "fused"},
               "edpairs-1sm": {**KERNEL, "EDPAIRS_ASSIGN_BLOCKS_PER_SM": "1"},
-              "edpairs-wgmma": {**KERNEL, "EDPAIRS_ASSIGN_KERNEL": "wgmma"}}
+              "edpairs-wgmma": {**KERNEL, "EDPAIRS_ASSIGN_KERNEL": "wgmma"},
+              "edpairs-wgmma-tma": {**KERNEL, "EDPAIRS_ASSIGN_KERNEL": "wgmma-tma"}}
 
 
 def wgmma_unavailable(device: str) -> str | None:
@@ -233,7 +236,7 @@ def cached_data(N: int, D: int, k: int, seed: int):
 
 def worker(args) -> None:
     N, D, k = args.size
-    if args.worker == "edpairs-wgmma" and (why := wgmma_unavailable(args.device)):
+    if args.worker.startswith("edpairs-wgmma") and (why := wgmma_unavailable(args.device)):
         print(json.dumps({"skipped": why}))
         return
     X, C0 = cached_data(N, D, k, seed=args.seed)

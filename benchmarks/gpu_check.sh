@@ -57,7 +57,7 @@ step "ceilings"
 timeout 120 python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" || status=1
 
 step "spherical k-means iteration (float32 data: cuBLAS route / tensor-core kernel, TF32 and exact; torch TF32)"
-timeout 420 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs,edpairs-gemm,edpairs-r16384,edpairs-kernel,edpairs-wgmma,edpairs-fused,edpairs-f32,edpairs-kernel-f32,torch --repeat "$REPEAT" \
+timeout 420 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs,edpairs-gemm,edpairs-r16384,edpairs-kernel,edpairs-wgmma,edpairs-wgmma-tma,edpairs-fused,edpairs-f32,edpairs-kernel-f32,torch --repeat "$REPEAT" \
   --sizes 1000000,512,1024 1000000,512,64 --json "$OUT/kmeans_cuda_f32.json" || status=1
 step "spherical k-means iteration (bfloat16 data)"
 timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --methods edpairs,edpairs-wgmma,edpairs-fused,torch --repeat "$REPEAT" \
@@ -108,7 +108,7 @@ def t(table, size, method):
 big, small = (1000000, 512, 1024), (1000000, 512, 64)
 goals = []
 tt = t(f32, big, "torch")
-for method in ("edpairs", "edpairs-r16384", "edpairs-kernel", "edpairs-wgmma"):
+for method in ("edpairs", "edpairs-r16384", "edpairs-kernel", "edpairs-wgmma", "edpairs-wgmma-tma"):
     e = t(f32, big, method)
     if e and tt:
         goals.append((f"k=1024 f32 {method}: torch TF32 / edpairs TF32 time", tt / e, 2.0))

@@ -120,11 +120,12 @@ def _wgmma_skip_reason():
     return None
 
 
-@pytest.fixture(params=["mma", "wgmma"])
+@pytest.fixture(params=["mma", "wgmma", "wgmma-tma"])
 def assign_kernel(request, monkeypatch):
-    """The tensor-core labelling kernel (EDPAIRS_ASSIGN_KERNEL): mma.sync, or Hopper's wgmma where
-    this build and GPU have it (skipped elsewhere: it would silently be the mma kernel)."""
-    if request.param == "wgmma" and (reason := _wgmma_skip_reason()):
+    """The tensor-core labelling kernel (EDPAIRS_ASSIGN_KERNEL): mma.sync, or Hopper's wgmma
+    (wgmma-tma: TMA loads, centroid tiles multicast to block pairs; float32 x) where this build
+    and GPU have it (skipped elsewhere: it would silently be the mma kernel)."""
+    if request.param != "mma" and (reason := _wgmma_skip_reason()):
         pytest.skip(reason)
     monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", request.param)
     return request.param
@@ -789,8 +790,9 @@ def test_tensor_core_block_sums_equal_sorted_sums(torch, dtype, rng, monkeypatch
     np.testing.assert_allclose(to_numpy(a.sums), to_numpy(b.sums), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("kernel", ["wgmma", "wgmma-tma"])
 @pytest.mark.parametrize("dtype", TC_DTYPES)
-def test_wgmma_kernel_agrees_with_the_mma_kernel(torch, dtype, monkeypatch):
+def test_wgmma_kernel_agrees_with_the_mma_kernel(torch, dtype, kernel, monkeypatch):
     """EDPAIRS_ASSIGN_KERNEL=wgmma against the mma.sync kernel on the benchmark's row width and
     four centroid tiles with a ragged last one (k = 1000), with a centre and the sorted sums:
     both within the tensor-core model, labels equal wherever the two kernels' scores leave
@@ -804,21 +806,21 @@ def test_wgmma_kernel_agrees_with_the_mma_kernel(torch, dtype, monkeypatch):
     center = np.full(D, 0.25, np.float32)
     Xg = gpu(X, "torch", dtype)
     runs = {}
-    for kernel in ("mma", "wgmma"):
-        monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", kernel)
-        runs[kernel] = _poisoned_tc_assign(Xg, gpu(C), center=gpu(center))
-        S = check_tc_assignment(runs[kernel], f64(Xg), C, dtype, center=center)
-    a, b = (to_numpy(runs[key].labels) for key in ("mma", "wgmma"))
+    for name in ("mma", kernel):
+        monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", name)
+        runs[name] = _poisoned_tc_assign(Xg, gpu(C), center=gpu(center))
+        S = check_tc_assignment(runs[name], f64(Xg), C, dtype, center=center)
+    a, b = (to_numpy(runs[key].labels) for key in ("mma", kernel))
     rows = np.arange(N)
     gap = np.abs(S[rows, a] - S[rows, b])
     assert (a == b).mean() > 0.99 and np.all((a == b) | (gap < 5e-3)), (a != b).sum()
-    assert int(to_numpy(runs["wgmma"].counts).sum()) == N
+    assert int(to_numpy(runs[kernel].counts).sum()) == N
 
 
 def test_assign_kernel_knob_is_validated(torch, monkeypatch, rng):
     monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", "hgmma")
     X, C = gpu(make_rows(rng, 300, 16)), gpu(make_centroids(rng, 5, 16))
-    with pytest.raises(Exception, match="EDPAIRS_ASSIGN_KERNEL must be 'mma' or 'wgmma', got 'hgmma'"):
+    with pytest.raises(Exception, match="EDPAIRS_ASSIGN_KERNEL must be 'mma', 'wgmma' or 'wgmma-tma', got 'hgmma'"):
         ops.assign(X, C, precision="tf32")
 
 

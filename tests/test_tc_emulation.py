@@ -1160,3 +1160,49 @@ def test_emulated_centred_gram_matches_numpy(N, D, splits):
     ref = T.T @ T
     np.testing.assert_allclose(m2[iu], ref[iu], rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     np.testing.assert_allclose(colsum, Xc.astype(np.float64).sum(0), rtol=1e-5, atol=1e-4)
+
+
+# ---- the wgmma-tma kernel's mbarrier protocol (assign_wgmma_tma_cuda.cu) ---------------------
+def test_wgmma_tma_barrier_protocol_never_deadlocks_or_overwrites():
+    """A step-by-step model of two blocks of a cluster: each producer, before refilling stage
+    it % S for iteration it >= S, waits for phase it // S - 1 of its `empty` barrier (4 arrivals:
+    2 consumer warpgroups x 2 blocks); each consumer waits for phase it // S of `full` (the own
+    producer's arrive plus the bytes of both producers' copies), and after iteration it releases
+    the stage of it - 1 on both blocks. Random interleavings must finish, never refill a stage
+    a consumer still reads, and never let a consumer read a stage not yet filled for it."""
+    S, total = 4, 23
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        prod = [0, 0]                          # next iteration each producer issues
+        cons = [[0, 0], [0, 0]]                # [block][warpgroup]: next iteration to consume
+        empty_arrivals = [[0] * total for _ in range(2)]   # per block, per iteration released
+        filled = [[set() for _ in range(S)] for _ in range(2)]  # (iteration, source) landed
+        steps = 0
+        while any(p < total for p in prod) or any(c < total for b in cons for c in b):
+            steps += 1
+            assert steps < 10_000, "deadlock"
+            actors = [("p", b) for b in range(2) if prod[b] < total]
+            actors += [("c", b, w) for b in range(2) for w in range(2) if cons[b][w] < total]
+            a = actors[rng.integers(len(actors))]
+            if a[0] == "p":
+                b = a[1]
+                it = prod[b]
+                s = it % S
+                if it >= S and empty_arrivals[b][it - S] < 4:
+                    continue                   # waiting on empty (phase it // S - 1)
+                # The refill is safe: every consumer of both blocks is past iteration it - S.
+                assert all(cons[x][w] > it - S for x in range(2) for w in range(2)) or it < S
+                for x in range(2):             # own x tile + own half of C into both blocks
+                    filled[x][s] = {e for e in filled[x][s] if e[0] == it}
+                    filled[x][s] |= {(it, b)}
+                prod[b] += 1
+            else:
+                _, b, w = a
+                it = cons[b][w]
+                s = it % S
+                if {(it, 0), (it, 1)} - filled[b][s] or prod[b] <= it:
+                    continue                   # waiting on full (phase it // S)
+                if it > 0:
+                    for x in range(2):
+                        empty_arrivals[x][it - 1] += 1
+                cons[b][w] += 1

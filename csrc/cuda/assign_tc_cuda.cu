@@ -1009,15 +1009,18 @@ inline int assign_smem_bytes() {
 }
 
 // Which kernel labels the rows of the tensor-core path (EDPAIRS_ASSIGN_KERNEL): "mma" (default;
-// assign_tc_kernel above, mma.sync, every architecture of the build) or "wgmma"
+// assign_tc_kernel above, mma.sync, every architecture of the build), "wgmma"
 // (assign_wgmma_cuda.cu, Hopper's warpgroup MMA: where the build has sm_90a, the device has
-// compute capability 9.0 and x's rows are 16-byte aligned; the mma kernel elsewhere). Opt-in
-// until a device run has measured it.
-inline bool wgmma_requested() {
+// compute capability 9.0 and x's rows are 16-byte aligned; the mma kernel elsewhere) or
+// "wgmma-tma" (assign_wgmma_tma_cuda.cu for float32 x: TMA loads, the centroid tile multicast
+// to clusters of two blocks; "wgmma" for 16-bit x). Opt-in until a device run has measured them.
+enum class LabelKernel { Mma, Wgmma, WgmmaTma };
+inline LabelKernel label_kernel() {
   const char* v = std::getenv("EDPAIRS_ASSIGN_KERNEL");
-  if (v == nullptr || *v == '\0' || std::string(v) == "mma") return false;
-  if (std::string(v) == "wgmma") return true;
-  fail(std::string("EDPAIRS_ASSIGN_KERNEL must be 'mma' or 'wgmma', got '") + v + "'");
+  if (v == nullptr || *v == '\0' || std::string(v) == "mma") return LabelKernel::Mma;
+  if (std::string(v) == "wgmma") return LabelKernel::Wgmma;
+  if (std::string(v) == "wgmma-tma") return LabelKernel::WgmmaTma;
+  fail(std::string("EDPAIRS_ASSIGN_KERNEL must be 'mma', 'wgmma' or 'wgmma-tma', got '") + v + "'");
 }
 inline bool wgmma_device() {
 #ifdef EDPAIRS_HAVE_WGMMA
@@ -1122,7 +1125,9 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
                        (p.x_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
   const bool sorted = p.sums != nullptr && n <= INT_MAX && sums_mode() != SumsMode::Block;
   // The wgmma kernel only labels: sums, where asked, come from the sorted pass.
-  const bool wgmma = wgmma_requested() && aligned && (p.sums == nullptr || sorted) && wgmma_device();
+  const LabelKernel choice = label_kernel();
+  const bool wgmma = choice != LabelKernel::Mma && aligned && (p.sums == nullptr || sorted) && wgmma_device();
+  const bool tma = wgmma && choice == LabelKernel::WgmmaTma && std::is_same<T, float>::value;
   const int64_t cent_tile = wgmma ? kWgmmaCents : kCents;
   const int64_t d_pad = ceil_div(d, kElems) * kElems;
   const int64_t k_pad = ceil_div(k, cent_tile) * cent_tile;
@@ -1169,7 +1174,11 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
 #ifdef EDPAIRS_HAVE_WGMMA
     const WgmmaAssignParams w{p.x, p.x_stride, p.n, p.d, p.k, p.d_pad, p.k_tiles, p.cw, p.col_s, p.col_o,
                               p.center, p.row_scale, p.labels, p.scores, p.row_scale_out};
-    launch_assign_wgmma(w, args.x.dtype, s);
+    if (tma) {
+      launch_assign_wgmma_tma(w, s);
+    } else {
+      launch_assign_wgmma(w, args.x.dtype, s);
+    }
 #endif
   } else {
     auto kernel = aligned ? assign_tc_kernel<T, true> : assign_tc_kernel<T, false>;

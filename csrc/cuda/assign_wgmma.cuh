@@ -37,5 +37,9 @@ struct WgmmaAssignParams {
 // products; float16 / bfloat16: 16-bit products), float32 accumulation.
 void launch_assign_wgmma(const WgmmaAssignParams& p, DType dtype, cudaStream_t stream);
 
+// The same for float32 x with the operands loaded by the TMA and the centroid tile multicast
+// to clusters of two blocks (assign_wgmma_tma_cuda.cu).
+void launch_assign_wgmma_tma(const WgmmaAssignParams& p, cudaStream_t stream);
+
 }  // namespace cuda_detail
 }  // namespace edpairs
