@@ -56,8 +56,11 @@ skipped estimators || EDPAIRS_PRECISION=tf32 timeout 120 python3 -m pytest -q -m
 step "ceilings"
 timeout 120 python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" || status=1
 
-step "spherical k-means iteration (float32 data: cuBLAS route / tensor-core kernel, TF32 and exact; torch TF32)"
-timeout 420 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs,edpairs-gemm,edpairs-r16384,edpairs-kernel,edpairs-wgmma,edpairs-wgmma-tma,edpairs-fused,edpairs-f32,edpairs-kernel-f32,torch --repeat "$REPEAT" \
+# The route's step variants and the exact float32 paths (edpairs-gemm, -r16384, -f32,
+# -kernel-f32: run4, unchanged since) are left out to keep the call inside its time; add them
+# with KMEANS_EXTRA=edpairs-gemm,edpairs-f32,...
+step "spherical k-means iteration (float32 data: cuBLAS route / tensor-core kernels, TF32; torch TF32)"
+timeout 420 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs,edpairs-kernel,edpairs-wgmma,edpairs-wgmma-tma,edpairs-fused,torch${KMEANS_EXTRA:+,$KMEANS_EXTRA} --repeat "$REPEAT" \
   --sizes 1000000,512,1024 1000000,512,64 --json "$OUT/kmeans_cuda_f32.json" || status=1
 step "spherical k-means iteration (bfloat16 data)"
 timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --methods edpairs,edpairs-wgmma,edpairs-fused,torch --repeat "$REPEAT" \
@@ -65,7 +68,7 @@ timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --
 
 step "moments and signal moments"
 timeout 240 python3 benchmarks/bench_moments.py --device cuda --sizes 1000000,512,256 --repeat "$REPEAT" \
-  --workspace-rows 32768 262144 --block-rows 0 8192 --json "$OUT/moments_cuda.json" || status=1
+  --workspace-rows 262144 --block-rows 0 8192 --json "$OUT/moments_cuda.json" || status=1
 
 step "where the route's time goes (each piece alone)"
 skipped route_parts || timeout 120 python3 benchmarks/bench_route_parts.py --json "$OUT/route_parts.json" || status=1
