@@ -42,6 +42,7 @@
 #include "cp_async.cuh"
 #include "cuda_check.cuh"
 #include "dtype_load.cuh"
+#include "assign_wgmma_epilogue.cuh"
 #include "wgmma.cuh"
 
 namespace edpairs {
@@ -60,11 +61,6 @@ constexpr int kLoadRows = kThreads / 8;   // rows one loader pass covers
 constexpr int kAcc = kWgmmaAcc;
 static_assert(kAhead <= kStages - 2, "a load may only overwrite the stage of iteration it - 2");
 static_assert(kWgmmaRows % kLoadRows == 0 && kWgmmaCents % kLoadRows == 0, "loader passes");
-
-// Is (v1, i1) better than (v0, i0)? Larger value, then smaller index (ops.h's tie rule).
-__device__ __forceinline__ bool better(float v1, int i1, float v0, int i0) {
-  return v1 > v0 || (v1 == v0 && i1 < i0);
-}
 
 // Issues the copies of iteration `it` (centroid tile it / k_steps, slice it % k_steps) into
 // stage `stage` (shared address): chunk tid % 8 of x rows and centroid rows tid / 8 + 32 i.
@@ -175,44 +171,7 @@ __global__ void __launch_bounds__(kThreads, 1) assign_wgmma_kernel(const WgmmaAs
     if (kt == k_steps - 1) {  // the tile is complete: fold it into the running best
       wgmma_wait<0>();
       fence_accumulators(acc);
-      const int j0 = tile * kWgmmaCents;
-      float bv[2] = {-INFINITY, -INFINITY};
-      int bi[2] = {INT_MAX, INT_MAX};
-#pragma unroll
-      for (int j = 0; j < kWgmmaCents / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = j0 + 8 * j + 2 * t + e;  // < k_pad
-          if (col < p.k) {
-            const float sj = p.col_s[col];
-            const float oj = p.col_o[col];
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const float v = sj * (acc[4 * j + 2 * h + e] - oj);
-              if (v > bv[h]) {  // own columns in increasing order: the first maximum stays
-                bv[h] = v;
-                bi[h] = col;
-              }
-            }
-          }
-        }
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int off = 1; off <= 2; off <<= 1) {
-          const float ov = __shfl_xor_sync(0xffffffffu, bv[h], off);
-          const int oi = __shfl_xor_sync(0xffffffffu, bi[h], off);
-          if (better(ov, oi, bv[h], bi[h])) {
-            bv[h] = ov;
-            bi[h] = oi;
-          }
-        }
-        if (better(bv[h], bi[h], run_val[h], run_idx[h])) {
-          run_val[h] = bv[h];
-          run_idx[h] = bi[h];
-        }
-      }
+      fold_tile(acc, p, tile * kWgmmaCents, t, run_val, run_idx);
     }
   }
   wgmma_wait<0>();  // (already so after the last tile's epilogue; said here for ptxas)
@@ -225,40 +184,11 @@ __global__ void __launch_bounds__(kThreads, 1) assign_wgmma_kernel(const WgmmaAs
 #pragma unroll
     for (int off = 1; off < 8; off <<= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
     const int r = tid / 8 + kLoadRows * i;
-    if (tid % 8 == 0) {
-      float rs = 0.f;
-      if (row0 + r < p.n) {
-        if (p.row_scale != nullptr) {
-          rs = p.row_scale[row0 + r];
-        } else {
-          rs = sq > 0.f ? 1.f / sqrtf(sq) : 0.f;
-        }
-      }
-      row_scale_s[r] = rs;
-    }
+    if (tid % 8 == 0) row_scale_s[r] = wgmma_row_scale(p, row0, r, sq);
   }
   __syncthreads();
 
-  if (t == 0) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = wg * 64 + warp_in_wg * 16 + g + 8 * h;
-      const int64_t row = row0 + r;
-      if (row < p.n) {
-        const float rs = row_scale_s[r];
-        int label = 0;
-        float score = 0.f;
-        if (rs > 0.f) {  // rs == 0 (a zero row, or a zero row_scale): label 0, score 0
-          const int bi = run_idx[h];
-          label = bi >= 0 && bi < p.k ? bi : 0;  // stays 0 when every score was NaN
-          score = rs * run_val[h];
-        }
-        p.labels[row] = label;
-        p.scores[row] = score;
-        if (p.row_scale_out != nullptr) p.row_scale_out[row] = rs;
-      }
-    }
-  }
+  if (t == 0) write_rows(p, row0, wg * 64 + warp_in_wg * 16 + g, row_scale_s, run_val, run_idx);
 }
 
 }  // namespace

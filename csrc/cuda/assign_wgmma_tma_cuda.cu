@@ -26,6 +26,7 @@
 #include "assign_wgmma.cuh"
 #include "cp_async.cuh"
 #include "cuda_check.cuh"
+#include "assign_wgmma_epilogue.cuh"
 #include "wgmma.cuh"
 
 namespace edpairs {
@@ -95,10 +96,6 @@ __device__ __forceinline__ void tma_load_multicast(uint32_t dst, const CUtensorM
       " [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar), "h"(mask)
       : "memory");
-}
-
-__device__ __forceinline__ bool better(float v1, int i1, float v0, int i0) {
-  return v1 > v0 || (v1 == v0 && i1 < i0);
 }
 
 __global__ void __launch_bounds__(kThreads, 1)
@@ -198,82 +195,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (kt == k_steps - 1) {
         wgmma_wait<0>();
         fence_accumulators(acc);
-        const int j0 = tile * kWgmmaCents;
-        float bv[2] = {-INFINITY, -INFINITY};
-        int bi[2] = {INT_MAX, INT_MAX};
-#pragma unroll
-        for (int j = 0; j < kWgmmaCents / 8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = j0 + 8 * j + 2 * t + e;
-            if (col < p.k) {
-              const float sj = p.col_s[col];
-              const float oj = p.col_o[col];
-#pragma unroll
-              for (int h = 0; h < 2; ++h) {
-                const float v = sj * (acc[4 * j + 2 * h + e] - oj);
-                if (v > bv[h]) {
-                  bv[h] = v;
-                  bi[h] = col;
-                }
-              }
-            }
-          }
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-#pragma unroll
-          for (int off = 1; off <= 2; off <<= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, bv[h], off);
-            const int oi = __shfl_xor_sync(0xffffffffu, bi[h], off);
-            if (better(ov, oi, bv[h], bi[h])) {
-              bv[h] = ov;
-              bi[h] = oi;
-            }
-          }
-          if (better(bv[h], bi[h], run_val[h], run_idx[h])) {
-            run_val[h] = bv[h];
-            run_idx[h] = bi[h];
-          }
-        }
+        fold_tile(acc, p, tile * kWgmmaCents, t, run_val, run_idx);
       }
     }
     wgmma_wait<0>();
 
     row_sq += __shfl_xor_sync(0xffffffffu, row_sq, 1);  // the two halves of row tid / 2
-    if (tid % 2 == 0) {
-      const int r = tid / 2;
-      float rs = 0.f;
-      if (row0 + r < p.n) {
-        if (p.row_scale != nullptr) {
-          rs = p.row_scale[row0 + r];
-        } else {
-          rs = row_sq > 0.f ? 1.f / sqrtf(row_sq) : 0.f;
-        }
-      }
-      row_scale_s[r] = rs;
-    }
+    if (tid % 2 == 0) row_scale_s[tid / 2] = wgmma_row_scale(p, row0, tid / 2, row_sq);
     consumers_sync();
-    if (t == 0) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = wg * 64 + warp_in_wg * 16 + g + 8 * h;
-        const int64_t row = row0 + r;
-        if (row < p.n) {
-          const float rs = row_scale_s[r];
-          int label = 0;
-          float score = 0.f;
-          if (rs > 0.f) {
-            const int bi = run_idx[h];
-            label = bi >= 0 && bi < p.k ? bi : 0;
-            score = rs * run_val[h];
-          }
-          p.labels[row] = label;
-          p.scores[row] = score;
-          if (p.row_scale_out != nullptr) p.row_scale_out[row] = rs;
-        }
-      }
-    }
+    if (t == 0) write_rows(p, row0, wg * 64 + warp_in_wg * 16 + g, row_scale_s, run_val, run_idx);
   }
   cluster_sync();  // neither block leaves while its peer may still write into it or arrive on it
 }

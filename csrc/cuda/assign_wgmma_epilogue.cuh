@@ -1,0 +1,98 @@
+// The epilogue shared by the wgmma labelling kernels (assign_wgmma_cuda.cu,
+// assign_wgmma_tma_cuda.cu): a 64 x 256 accumulator tile (the layout of wgmma.cuh) folded into
+// each thread's running best of its two rows, and the rows' labels / scores / scales written.
+#pragma once
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include "assign_wgmma.cuh"
+#include "wgmma.cuh"
+
+namespace edpairs {
+namespace cuda_detail {
+
+// Is (v1, i1) better than (v0, i0)? Larger value, then smaller index (ops.h's tie rule).
+__device__ __forceinline__ bool wgmma_better(float v1, int i1, float v0, int i0) {
+  return v1 > v0 || (v1 == v0 && i1 < i0);
+}
+
+// Folds the tile of centroids j0 .. j0 + 255 into run_val / run_idx (rows g and g + 8 of the
+// thread's warp): s_j (dot - o_j) over the thread's own columns in increasing order (strict '>'
+// keeps the first maximum), then the 4 lanes of the quad with the tie rule. acc must be final
+// (wgmma_wait<0> and fence_accumulators before the call).
+__device__ __forceinline__ void fold_tile(const float (&acc)[kWgmmaAcc], const WgmmaAssignParams& p, int j0,
+                                          int t, float (&run_val)[2], int (&run_idx)[2]) {
+  float bv[2] = {-INFINITY, -INFINITY};
+  int bi[2] = {INT_MAX, INT_MAX};
+#pragma unroll
+  for (int j = 0; j < kWgmmaCents / 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int col = j0 + 8 * j + 2 * t + e;  // < k_pad
+      if (col < p.k) {
+        const float sj = p.col_s[col];
+        const float oj = p.col_o[col];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float v = sj * (acc[4 * j + 2 * h + e] - oj);
+          if (v > bv[h]) {
+            bv[h] = v;
+            bi[h] = col;
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int off = 1; off <= 2; off <<= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv[h], off);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi[h], off);
+      if (wgmma_better(ov, oi, bv[h], bi[h])) {
+        bv[h] = ov;
+        bi[h] = oi;
+      }
+    }
+    if (wgmma_better(bv[h], bi[h], run_val[h], run_idx[h])) {
+      run_val[h] = bv[h];
+      run_idx[h] = bi[h];
+    }
+  }
+}
+
+// The scale r of row `r` of the block from its summed squares (or row_scale); 0 past n.
+__device__ __forceinline__ float wgmma_row_scale(const WgmmaAssignParams& p, int64_t row0, int r, float sq) {
+  if (row0 + r >= p.n) return 0.f;
+  if (p.row_scale != nullptr) return p.row_scale[row0 + r];
+  return sq > 0.f ? 1.f / sqrtf(sq) : 0.f;
+}
+
+// Lane t == 0 of each quad writes its two rows (block rows first_row and first_row + 8).
+__device__ __forceinline__ void write_rows(const WgmmaAssignParams& p, int64_t row0, int first_row,
+                                           const float* row_scale_s, const float (&run_val)[2],
+                                           const int (&run_idx)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = first_row + 8 * h;
+    const int64_t row = row0 + r;
+    if (row < p.n) {
+      const float rs = row_scale_s[r];
+      int label = 0;
+      float score = 0.f;
+      if (rs > 0.f) {  // rs == 0 (a zero row, or a zero row_scale): label 0, score 0
+        const int bi = run_idx[h];
+        label = bi >= 0 && bi < p.k ? bi : 0;  // stays 0 when every score was NaN
+        score = rs * run_val[h];
+      }
+      p.labels[row] = label;
+      p.scores[row] = score;
+      if (p.row_scale_out != nullptr) p.row_scale_out[row] = rs;
+    }
+  }
+}
+
+}  // namespace cuda_detail
+}  // namespace edpairs
