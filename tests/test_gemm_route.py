@@ -297,7 +297,7 @@ def test_route_assign_strided_rows_without_sums(rng):
     np.testing.assert_allclose(res.scores.numpy(), want.scores, rtol=1e-5, atol=1e-6)
 
 
-def _argmax(scores, X, center=None, row_scale=None, first=0, rows=None, col_scale=None):
+def _argmax(scores, X, center=None, row_scale=None, first=0, rows=None, col_scale=None, centroids=None):
     from edpairs._arrays import Namespace
 
     c = Namespace("torch").capsule
@@ -307,7 +307,9 @@ def _argmax(scores, X, center=None, row_scale=None, first=0, rows=None, col_scal
     rscale = torch.full((N,), float("nan"), device=X.device)
     if col_scale is None:
         col_scale = torch.ones(scores.shape[1], device=X.device)
-    plan = lib().ArgmaxRows(c(scores), c(col_scale), c(X), c(center), c(row_scale), c(labels), c(best), c(rscale))
+    cnorm = None if centroids is None else torch.linalg.vector_norm(centroids, dim=1)
+    plan = lib().ArgmaxRows(c(scores), c(col_scale), c(X), c(center), c(row_scale), c(labels), c(best), c(rscale),
+                            c(centroids), c(cnorm))
     stream = 0 if X.device.type == "cpu" else int(torch.cuda.current_stream().cuda_stream)
     plan.run(first, scores.shape[0] if rows is None else rows, stream)
     return labels.cpu().numpy(), best.cpu().numpy(), rscale.cpu().numpy()
@@ -337,6 +339,61 @@ def test_argmax_rows_steps_write_only_their_rows(rng):
     np.testing.assert_array_equal(labels[5:9], scores.numpy().argmax(1))
     with pytest.raises(ValueError, match=r"rows \[8, 12\) outside \[0, 10\)"):
         _argmax(scores, X, first=8, rows=4)
+
+
+def _near_tie_case(rng, n=400, D=48, k=30, device="cpu"):
+    """Rows, centroids, a center and column scales; the exact scores s_j (x - center) . c_j in
+    float64; and float32 "TF32" scores with the best and runner-up swapped on every other row
+    (by less than the TF32 bound there) - what a rounded product can do to a near tie."""
+    base = rng.standard_normal((k // 2, D))
+    C = np.repeat(base, 2, axis=0)  # near-duplicate pairs: their scores tie within the bound
+    C[1::2] += 1e-4 * rng.standard_normal((k // 2, D))
+    C = C.astype(np.float32)
+    X = (rng.standard_normal((n, D)) + 0.9 * C[rng.integers(0, k, n)] + 0.3).astype(np.float32)
+    center = (0.2 * rng.standard_normal(D)).astype(np.float32)
+    s = np.repeat(0.5 + rng.random(k // 2), 2).astype(np.float32)
+    Xc = (X - center).astype(np.float32).astype(np.float64)
+    E = (Xc @ C.astype(np.float64).T) * s[None, :].astype(np.float64)
+    order = np.argsort(-E, axis=1, kind="stable")
+    b, r = order[:, 0], order[:, 1]
+    rows = np.arange(n)
+    bound = 2.0 ** -9 * np.linalg.norm(X.astype(np.float64), axis=1) * (s[b] * np.linalg.norm(C[b], axis=1) +
+                                                                       s[r] * np.linalg.norm(C[r], axis=1))
+    dots = (E / s[None, :]).astype(np.float32)  # the route's dots, before the column scale
+    swap = (rows % 2 == 0) & (E[rows, b] - E[rows, r] < 0.5 * bound)
+    hi = E[rows, b] / s[b]
+    dots[rows[swap], b[swap]] = (E[rows[swap], r[swap]] / s[b[swap]]).astype(np.float32)
+    dots[rows[swap], r[swap]] = (hi[swap] * s[b[swap]] / s[r[swap]]).astype(np.float32)
+    t_ = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    return t_(dots), t_(X), t_(C), t_(center), t_(s), E, b, swap
+
+
+def test_argmax_rows_rescore_fixes_near_ties(rng):
+    """With the centroids given, rows whose best and runner-up lie within the TF32 bound are
+    re-scored in float64: the planted swaps are undone and the score is the exact one; without
+    them the swapped label stands."""
+    dots, X, C, center, s, E, b, swap = _near_tie_case(rng)
+    assert swap.sum() >= 20  # the case plants enough near ties to mean something
+    plain = _argmax(dots, X, center=center, col_scale=s)
+    fixed = _argmax(dots, X, center=center, col_scale=s, centroids=C)
+    assert (plain[0][swap] != b[swap]).all()
+    np.testing.assert_array_equal(fixed[0], b)
+    rows = np.arange(len(b))
+    np.testing.assert_allclose(fixed[1][swap], (fixed[2] * E[rows, b])[swap], rtol=1e-6)
+    # Exact duplicates tie exactly after the re-score too: the lower index wins.
+    Cd = C.clone()
+    Cd[7] = Cd[3]
+    dd = torch.from_numpy((X - center).double().numpy() @ Cd.double().numpy().T).float()
+    dd[:, 7] = dd[:, 3] * (1 + 2.0 ** -20)  # the "TF32" dots put the higher index ahead
+    lab = _argmax(dd, X, center=center, centroids=Cd)[0]
+    assert not (lab == 7).any()
+    with pytest.raises(ValueError, match="centroids and cnorm together"):
+        from edpairs._arrays import Namespace
+
+        c = Namespace("torch").capsule
+        N = X.shape[0]
+        lib().ArgmaxRows(c(dots), c(s), c(X), None, None, c(torch.empty(N, dtype=torch.int64)), c(torch.empty(N)),
+                         c(torch.empty(N)), c(C), None)
 
 
 def test_cluster_sums_checks_labels_on_the_cpu(rng):
@@ -575,6 +632,19 @@ def test_centre_rows_cuda_equals_cpu(dtype, rows, D, layout, rng):
     else:
         np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_allclose(got[1], want[1], rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _GPU, reason="needs edpairs built with CUDA and a GPU")
+def test_argmax_rows_rescore_cuda(rng):
+    """The CUDA re-score undoes the planted near-tie swaps as the CPU's does (labels equal; the
+    scores to float32 rounding)."""
+    dots, X, C, center, s, E, b, swap = _near_tie_case(rng, n=5000, D=130, k=300, device="cuda")
+    got = _argmax(dots, X, center=center, col_scale=s, centroids=C)
+    want = _argmax(dots.cpu(), X.cpu(), center=center.cpu(), col_scale=s.cpu(), centroids=C.cpu())
+    np.testing.assert_array_equal(got[0], b)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=2e-6, atol=1e-7)
 
 
 @pytest.mark.cuda

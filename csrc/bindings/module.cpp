@@ -385,7 +385,7 @@ class SignalMasksPlan {
 class ArgmaxRowsPlan {
  public:
   ArgmaxRowsPlan(py::handle scores, py::handle col_scale, py::handle x, py::handle center, py::handle row_scale,
-                 py::handle labels, py::handle best, py::handle rscale)
+                 py::handle labels, py::handle best, py::handle rscale, py::handle centroids, py::handle cnorm)
       : scores_(ImportedArray::from_capsule(scores, "scores", false)),
         col_scale_(ImportedArray::from_capsule(col_scale, "col_scale", false)),
         x_(ImportedArray::from_capsule(x, "X", false)),
@@ -393,8 +393,12 @@ class ArgmaxRowsPlan {
         row_scale_(ImportedArray::from_capsule(row_scale, "row_scale", false)),
         labels_(ImportedArray::from_capsule(labels, "labels", true)),
         best_(ImportedArray::from_capsule(best, "best", true)),
-        rscale_(ImportedArray::from_capsule(rscale, "rscale", true)) {
+        rscale_(ImportedArray::from_capsule(rscale, "rscale", true)),
+        centroids_(ImportedArray::from_capsule(centroids, "centroids", false)),
+        cnorm_(ImportedArray::from_capsule(cnorm, "cnorm", false)) {
     a_.scores = scores_.view();
+    a_.centroids = centroids_.view();
+    a_.cnorm = cnorm_.view();
     a_.col_scale = col_scale_.view();
     a_.x = x_.view();
     a_.center = center_.view();
@@ -426,11 +430,19 @@ class ArgmaxRowsPlan {
     expect_dtype(a_.best, "best", DType::Float32);
     expect_shape(a_.rscale, "rscale", {N}, {"N"});
     expect_dtype(a_.rscale, "rscale", DType::Float32);
-    for (const TensorView* v : {&a_.col_scale, &a_.center, &a_.row_scale, &a_.labels, &a_.best, &a_.rscale})
+    if (a_.centroids.present != a_.cnorm.present) fail("argmax_rows: pass centroids and cnorm together, or neither");
+    if (a_.centroids.present) {
+      expect_shape(a_.centroids, "centroids", {a_.scores.shape[1], D}, {"k", "D"});
+      expect_dtype(a_.centroids, "centroids", DType::Float32);
+      expect_shape(a_.cnorm, "cnorm", {a_.scores.shape[1]}, {"k"});
+      expect_dtype(a_.cnorm, "cnorm", DType::Float32);
+    }
+    for (const TensorView* v : {&a_.col_scale, &a_.center, &a_.row_scale, &a_.labels, &a_.best, &a_.rscale,
+                                &a_.centroids, &a_.cnorm})
       if (v->present) expect_contiguous(*v, "an output or parameter array");
     expect_same_device({{&a_.scores, "scores"}, {&a_.col_scale, "col_scale"}, {&a_.x, "X"}, {&a_.center, "center"},
                         {&a_.row_scale, "row_scale"}, {&a_.labels, "labels"}, {&a_.best, "best"},
-                        {&a_.rscale, "rscale"}});
+                        {&a_.rscale, "rscale"}, {&a_.centroids, "centroids"}, {&a_.cnorm, "cnorm"}});
   }
   // Rows [first, first + rows) of X against the first `rows` rows of scores.
   void run(int64_t first, int64_t rows, uintptr_t stream) {
@@ -448,7 +460,7 @@ class ArgmaxRowsPlan {
   }
 
  private:
-  ImportedArray scores_, col_scale_, x_, center_, row_scale_, labels_, best_, rscale_;
+  ImportedArray scores_, col_scale_, x_, center_, row_scale_, labels_, best_, rscale_, centroids_, cnorm_;
   edpairs::ArgmaxRowsArgs a_;
 };
 
@@ -647,9 +659,11 @@ PYBIND11_MODULE(_C, m) {
            py::arg("count"), py::arg("sum_z"), py::arg("sum_zz"))
       .def("run", &SignalMasksPlan::run, py::arg("rows"), py::arg("stream"));
   py::class_<ArgmaxRowsPlan>(m, "ArgmaxRows")
-      .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle>(),
+      .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
+                    py::handle, py::handle>(),
            py::arg("scores"), py::arg("col_scale"), py::arg("x"), py::arg("center"), py::arg("row_scale"),
-           py::arg("labels"), py::arg("best"), py::arg("rscale"))
+           py::arg("labels"), py::arg("best"), py::arg("rscale"), py::arg("centroids") = py::none(),
+           py::arg("cnorm") = py::none())
       .def("run", &ArgmaxRowsPlan::run, py::arg("first"), py::arg("rows"), py::arg("stream"));
   py::class_<CentreRowsPlan>(m, "CentreRows")
       .def(py::init<py::handle, py::handle, py::handle, py::handle>(), py::arg("x"), py::arg("shift"), py::arg("out"),

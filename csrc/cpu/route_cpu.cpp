@@ -2,6 +2,7 @@
 // they run between cuBLAS products; here they serve CPU torch tensors that call the route's
 // code directly (its tests) and are the reference the CUDA versions are checked against.
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <string>
 #include <vector>
@@ -19,34 +20,63 @@ void argmax_rows_cpu(const ArgmaxRowsArgs& a, Stream) {
   const float* row_scale = optional_f32(a.row_scale);
   const float* scores = a.scores.ptr<const float>();
   const float* s = a.col_scale.ptr<const float>();
+  const float* C = optional_f32(a.centroids);
+  const float* cnorm = C != nullptr ? a.cnorm.ptr<const float>() : nullptr;
   int64_t* labels = a.labels.ptr<int64_t>();
   float* best = a.best.ptr<float>();
   float* rscale = a.rscale.ptr<float>();
   constexpr int64_t kBlock = 256;  // rows per task: one row buffer per task, not per row
+  const bool need_row = row_scale == nullptr || C != nullptr;
   parallel_for((R + kBlock - 1) / kBlock, [&](int64_t task, int) {
-    std::vector<float> row(row_scale != nullptr ? 0 : static_cast<size_t>(D));
+    std::vector<float> row(need_row ? static_cast<size_t>(D) : 0);  // x - center
+    std::vector<float> raw(C != nullptr ? static_cast<size_t>(D) : 0);  // x
     for (int64_t r = task * kBlock; r < std::min(R, (task + 1) * kBlock); ++r) {
+      if (need_row) load_row(X, center, r, 0, D, row.data());
       float rs;
       if (row_scale != nullptr) {
         rs = row_scale[r];
       } else {
-        load_row(X, center, r, 0, D, row.data());
         float ss = 0.f;
         for (float v : row) ss += v * v;
         rs = ss > 0.f ? 1.0f / std::sqrt(ss) : 0.f;
       }
+      // The first maximum and the runner-up (larger value, then smaller index).
       const float* sr = scores + r * k;
-      int64_t bi = 0;
-      float bv = sr[0] * s[0];
-      for (int64_t j = 1; j < k; ++j) {
+      constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+      float bv = -std::numeric_limits<float>::infinity(), sv = bv;
+      int64_t bi = kNone, si = kNone;
+      for (int64_t j = 0; j < k; ++j) {
         const float v = sr[j] * s[j];
         if (v > bv) {
-          bv = v;
-          bi = j;
+          sv = bv, si = bi;
+          bv = v, bi = j;
+        } else if (v > sv) {
+          sv = v, si = j;
         }
       }
-      labels[r] = rs > 0.f ? bi : 0;
-      best[r] = rs > 0.f ? rs * bv : 0.f;
+      if (C != nullptr && rs > 0.f && bi != kNone && si != kNone) {
+        load_row(X, nullptr, r, 0, D, raw.data());
+        double xx = 0.0;
+        for (float v : raw) xx += static_cast<double>(v) * v;
+        const double tol = std::ldexp(1.0, -9) * std::sqrt(xx) *
+                           (std::fabs(s[bi]) * cnorm[bi] + std::fabs(s[si]) * cnorm[si]);
+        if (static_cast<double>(bv) - static_cast<double>(sv) <= tol) {
+          double db = 0.0, ds = 0.0;
+          for (int64_t d = 0; d < D; ++d) {
+            db += static_cast<double>(row[static_cast<size_t>(d)]) * C[bi * D + d];
+            ds += static_cast<double>(row[static_cast<size_t>(d)]) * C[si * D + d];
+          }
+          const double vb = s[bi] * db, vs = s[si] * ds;
+          if (vs > vb || (vs == vb && si < bi)) {
+            bv = static_cast<float>(vs), bi = si;
+          } else {
+            bv = static_cast<float>(vb);
+          }
+        }
+      }
+      const bool scored = rs > 0.f && bi != kNone;
+      labels[r] = scored ? bi : 0;
+      best[r] = scored ? rs * bv : 0.f;
       rscale[r] = rs;
     }
   });

@@ -28,6 +28,11 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFull = 0xffffffffu;
 
+// (v1, i1) before (v0, i0): larger value, then smaller index.
+__device__ __forceinline__ bool ahead(float v1, int i1, float v0, int i0) {
+  return v1 > v0 || (v1 == v0 && i1 < i0);
+}
+
 template <class T>
 __global__ void __launch_bounds__(kThreads)
 argmax_rows_kernel(const float* __restrict__ scores, const float* __restrict__ col_scale,
@@ -35,42 +40,82 @@ argmax_rows_kernel(const float* __restrict__ scores, const float* __restrict__ c
                    const int64_t x_stride, const int d, const float* __restrict__ center,
                    const float* __restrict__ row_scale, const int64_t rows,
                    int64_t* __restrict__ labels, float* __restrict__ best,
-                   float* __restrict__ rscale) {
+                   float* __restrict__ rscale, const float* __restrict__ cents,
+                   const float* __restrict__ cnorm) {
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + warp; r < rows;
        r += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const T* xr = x + r * x_stride;
     float rs;
-    if (row_scale != nullptr) {
+    float raw_sq = 0.f;  // ||x_r||^2, for the re-score's bound
+    if (row_scale != nullptr && cents == nullptr) {
       rs = row_scale[r];
     } else {
-      const T* xr = x + r * x_stride;
       float ss = 0.f;
       for (int c = lane; c < d; c += 32) {
         const float v = minus_center(xr[c], center != nullptr ? center[c] : 0.f);
         ss = fmaf(v, v, ss);
+        const float w = cuda_detail::to_float(xr[c]);
+        raw_sq = fmaf(w, w, raw_sq);
       }
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(kFull, ss, off);
-      rs = ss > 0.f ? 1.0f / sqrtf(ss) : 0.f;
+      for (int off = 16; off > 0; off >>= 1) {
+        ss += __shfl_xor_sync(kFull, ss, off);
+        raw_sq += __shfl_xor_sync(kFull, raw_sq, off);
+      }
+      rs = row_scale != nullptr ? row_scale[r] : (ss > 0.f ? 1.0f / sqrtf(ss) : 0.f);
     }
+    // The first maximum and the runner-up: a lane's indices increase, so '>' keeps its first.
     const float* sr = scores + r * k;
-    float bv = -INFINITY;
-    int bi = INT_MAX;
-    for (int j = lane; j < k; j += 32) {  // a lane's indices increase: '>' keeps its first max
+    float bv = -INFINITY, sv = -INFINITY;
+    int bi = INT_MAX, si = INT_MAX;
+    for (int j = lane; j < k; j += 32) {
       const float v = sr[j] * col_scale[j];
       if (v > bv) {
-        bv = v;
-        bi = j;
+        sv = bv, si = bi;
+        bv = v, bi = j;
+      } else if (v > sv) {
+        sv = v, si = j;
       }
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
-      const float ov = __shfl_xor_sync(kFull, bv, off);
-      const int oi = __shfl_xor_sync(kFull, bi, off);
-      if (ov > bv || (ov == bv && oi < bi)) {
-        bv = ov;
-        bi = oi;
+      const float obv = __shfl_xor_sync(kFull, bv, off), osv = __shfl_xor_sync(kFull, sv, off);
+      const int obi = __shfl_xor_sync(kFull, bi, off), osi = __shfl_xor_sync(kFull, si, off);
+      if (ahead(obv, obi, bv, bi)) {  // the other lane's best leads; ours competes for second
+        if (ahead(bv, bi, osv, osi)) {
+          sv = bv, si = bi;
+        } else {
+          sv = osv, si = osi;
+        }
+        bv = obv, bi = obi;
+      } else if (ahead(obv, obi, sv, si)) {
+        sv = obv, si = obi;
+      }
+    }
+    if (cents != nullptr && rs > 0.f && bi != INT_MAX && si != INT_MAX) {  // warp-uniform
+      const double tol = ldexp(1.0, -9) * sqrt(static_cast<double>(raw_sq)) *
+                         (fabs(static_cast<double>(col_scale[bi])) * cnorm[bi] +
+                          fabs(static_cast<double>(col_scale[si])) * cnorm[si]);
+      if (static_cast<double>(bv) - static_cast<double>(sv) <= tol) {
+        double db = 0.0, ds = 0.0;
+        for (int c = lane; c < d; c += 32) {
+          const double v = minus_center(xr[c], center != nullptr ? center[c] : 0.f);
+          db += v * cents[static_cast<int64_t>(bi) * d + c];
+          ds += v * cents[static_cast<int64_t>(si) * d + c];
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+          db += __shfl_xor_sync(kFull, db, off);
+          ds += __shfl_xor_sync(kFull, ds, off);
+        }
+        const double vb = col_scale[bi] * db, vs = col_scale[si] * ds;
+        if (vs > vb || (vs == vb && si < bi)) {
+          bv = static_cast<float>(vs), bi = si;
+        } else {
+          bv = static_cast<float>(vb);
+        }
       }
     }
     if (lane == 0) {
@@ -207,7 +252,9 @@ void argmax_rows_cuda(const ArgmaxRowsArgs& a, Stream stream) {
         static_cast<const T*>(a.x.data),
         a.x.stride(0), static_cast<int>(d), a.center.present ? a.center.ptr<const float>() : nullptr,
         a.row_scale.present ? a.row_scale.ptr<const float>() : nullptr, rows,
-        a.labels.ptr<int64_t>(), a.best.ptr<float>(), a.rscale.ptr<float>());
+        a.labels.ptr<int64_t>(), a.best.ptr<float>(), a.rscale.ptr<float>(),
+        a.centroids.present ? a.centroids.ptr<const float>() : nullptr,
+        a.centroids.present ? a.cnorm.ptr<const float>() : nullptr);
     EDPAIRS_CUDA_CHECK(cudaGetLastError());
   });
 }

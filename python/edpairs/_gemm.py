@@ -325,9 +325,10 @@ def assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, *, 
     """ops.assign on the route: per step of ``rows`` rows, cuBLAS forms the (rows, k) dots
     ``x . c_j - center . c_j`` (the centre's term in float64, after the product, as the
     tensor-core kernel does), then ``ArgmaxRows`` scales them by s_j (after the product, as
-    the kernels do) and takes each row's first maximum and its norm; the cluster sums follow in
-    one sorted pass over X (``cluster_sums``). Fills labels, scores and, when given, sums and
-    counts in place."""
+    the kernels do) and takes each row's first maximum and its norm — with TF32 products it
+    re-scores a row's best and runner-up in float64 where they lie within the TF32 error bound
+    of each other (ops.h 3d); the cluster sums follow in one sorted pass over X
+    (``cluster_sums``). Fills labels, scores and, when given, sums and counts in place."""
     import torch
 
     from ._arrays import Namespace
@@ -345,7 +346,12 @@ def assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, *, 
     xp = Namespace("torch")
     c = xp.capsule
     stream = xp.stream(X)
-    argmax = lib.ArgmaxRows(c(block), c(col_scale), c(X), c(center), c(row_scale), c(labels), c(scores), c(rscale))
+    # TF32 products: near ties are re-scored exactly (the centroids and their norms go along).
+    rescore = precision != "float32"
+    cents = C.to(torch.float32).contiguous() if rescore else None
+    cnorm = torch.linalg.vector_norm(cents, dim=1) if rescore else None
+    argmax = lib.ArgmaxRows(c(block), c(col_scale), c(X), c(center), c(row_scale), c(labels), c(scores), c(rscale),
+                            c(cents), c(cnorm))
     CT = C.T
     with matmul_precision(torch, precision):
         for first, last in _steps(N, rows):
