@@ -9,12 +9,15 @@ step, and the steps' results are added in float64.
 
 * assign: the dots ``x . c_j - center . c_j`` of a step (the centre's term in float64, after
   the product, as the tensor-core kernel does), then ``ArgmaxRows`` (scale s_j after the
-  product, norms, first maximum), then one sorted pass over X for the cluster sums
+  product, norms, first maximum; with TF32 products the top two re-scored in float64 where
+  they lie within the TF32 bound), then one sorted pass over X for the cluster sums
   (``cluster_sums``). Taken for float32 X with exact products or k >= TF32_MIN_K.
-* moments: per step ``X~ = x - shift`` (shift: the float32 mean of the first step's rows), the
-  column sums of X~ (float32 per step, float64 across) and ``X~^T X~`` (batched over blocks of
-  BLOCK_ROWS rows); the mean and the scatter about it follow exactly: ``mean = shift + d`` and
-  ``sum (x - mean)(x - mean)^T = sum X~ X~^T - N d d^T`` with ``d = sum X~ / N``.
+* moments: per step ``X~ = x - shift`` (shift: the float32 mean of the first step's rows) with
+  the column sums of X~ in float64 (``CentreRows``, one pass) and ``X~^T X~`` (batched over
+  blocks of block_rows() rows); the mean and the scatter about it follow exactly:
+  ``mean = shift + d`` and ``sum (x - mean)(x - mean)^T = sum X~ X~^T - N d d^T`` with
+  ``d = sum X~ / N``. With EDPAIRS_GEMM_GRAM=wgmma (TF32, Hopper) one ``centred_gram`` pass over
+  X instead (gram_wgmma_applies).
 * signal moments: per step ``Z = X~ W - b'`` (``b' = b - center . W`` in float64, as the kernels
   form z), the detector epilogue (``SignalMasks``: ``[M, M * Z]`` with ``M = Z > 0``, counts and
   the z sums in float64) and ``[M, M * Z]^T X~``. Float32, float16 and bfloat16 X (moments too).
