@@ -53,6 +53,13 @@ void expect_dtype(const TensorView& v, const char* name, DType want) {
     fail(std::string(name) + " must be " + edpairs::dtype_name(want) + ", got " + edpairs::dtype_name(v.dtype));
 }
 
+// The shape, then the dtype.
+void expect_shape(const TensorView& v, const char* name, std::initializer_list<int64_t> shape,
+                  std::initializer_list<const char*> dims, DType want) {
+  expect_shape(v, name, shape, dims);
+  expect_dtype(v, name, want);
+}
+
 void expect_input_dtype(const TensorView& v, const char* name) {
   if (!edpairs::is_floating(v.dtype))
     fail(std::string(name) + " dtype not supported: expected float32, float64, float16 or bfloat16, got " +
@@ -164,27 +171,20 @@ void assign(py::handle x_, py::handle c_, py::handle center_, py::handle row_sca
   expect_dtype(a.centroids, "C", DType::Float32);
   expect_contiguous(a.centroids, "C");
   if (a.center.present) {
-    expect_shape(a.center, "center", {D}, {"D"});
-    expect_dtype(a.center, "center", DType::Float32);
+    expect_shape(a.center, "center", {D}, {"D"}, DType::Float32);
   }
   if (a.row_scale.present) {
-    expect_shape(a.row_scale, "row_scale", {N}, {"N"});
-    expect_dtype(a.row_scale, "row_scale", DType::Float32);
+    expect_shape(a.row_scale, "row_scale", {N}, {"N"}, DType::Float32);
   }
   if (a.col_scale.present) {
-    expect_shape(a.col_scale, "col_scale", {k}, {"k"});
-    expect_dtype(a.col_scale, "col_scale", DType::Float32);
+    expect_shape(a.col_scale, "col_scale", {k}, {"k"}, DType::Float32);
   }
-  expect_shape(a.labels, "labels", {N}, {"N"});
-  expect_dtype(a.labels, "labels", DType::Int64);
-  expect_shape(a.scores, "scores", {N}, {"N"});
-  expect_dtype(a.scores, "scores", DType::Float32);
+  expect_shape(a.labels, "labels", {N}, {"N"}, DType::Int64);
+  expect_shape(a.scores, "scores", {N}, {"N"}, DType::Float32);
   if (a.sums.present != a.counts.present) fail("sums and counts must be given together");
   if (a.sums.present) {
-    expect_shape(a.sums, "sums", {k, D}, {"k", "D"});
-    expect_dtype(a.sums, "sums", DType::Float64);
-    expect_shape(a.counts, "counts", {k}, {"k"});
-    expect_dtype(a.counts, "counts", DType::Int64);
+    expect_shape(a.sums, "sums", {k, D}, {"k", "D"}, DType::Float64);
+    expect_shape(a.counts, "counts", {k}, {"k"}, DType::Int64);
   }
   for (const TensorView* v : {&a.center, &a.row_scale, &a.col_scale, &a.labels, &a.scores, &a.sums, &a.counts})
     if (v->present) expect_contiguous(*v, "an output or parameter array");
@@ -208,12 +208,9 @@ void normalize_centroids(py::handle sums_, py::handle counts_, py::handle previo
   expect_rank(a.sums, "sums", 2, "(k, D)");
   const int64_t k = a.sums.shape[0], D = a.sums.shape[1];
   expect_dtype(a.sums, "sums", DType::Float64);
-  expect_shape(a.counts, "counts", {k}, {"k"});
-  expect_dtype(a.counts, "counts", DType::Int64);
-  expect_shape(a.previous, "previous", {k, D}, {"k", "D"});
-  expect_dtype(a.previous, "previous", DType::Float32);
-  expect_shape(a.out, "out", {k, D}, {"k", "D"});
-  expect_dtype(a.out, "out", DType::Float32);
+  expect_shape(a.counts, "counts", {k}, {"k"}, DType::Int64);
+  expect_shape(a.previous, "previous", {k, D}, {"k", "D"}, DType::Float32);
+  expect_shape(a.out, "out", {k, D}, {"k", "D"}, DType::Float32);
   expect_contiguous(a.sums, "sums");
   expect_contiguous(a.counts, "counts");
   expect_contiguous(a.previous, "previous");
@@ -237,10 +234,8 @@ void moments(py::handle x_, py::handle mean_, py::handle m2_, bool check_finite,
   expect_input_dtype(a.x, "X");
   const int64_t N = a.x.shape[0], D = a.x.shape[1];
   if (N < 1 || D < 1) fail("X must have at least one row and one column, got shape " + a.x.shape_str());
-  expect_shape(a.mean, "mean", {D}, {"D"});
-  expect_dtype(a.mean, "mean", DType::Float64);
-  expect_shape(a.m2, "m2", {D, D}, {"D", "D"});
-  expect_dtype(a.m2, "m2", DType::Float64);
+  expect_shape(a.mean, "mean", {D}, {"D"}, DType::Float64);
+  expect_shape(a.m2, "m2", {D, D}, {"D", "D"}, DType::Float64);
   expect_contiguous(a.mean, "mean");
   expect_contiguous(a.m2, "m2");
   expect_same_device({{&a.x, "X"}, {&a.mean, "mean"}, {&a.m2, "m2"}});
@@ -285,14 +280,11 @@ void signal_moments(py::handle x_, py::handle w_, py::handle b_, py::handle cent
     fail("W must be (D, I) with D = X.shape[1]: X is " + a.x.shape_str() + ", W is " + a.w.shape_str());
   expect_dtype(a.w, "W", DType::Float32);
   expect_contiguous(a.w, "W");
-  expect_shape(a.b, "b", {I}, {"I"});
-  expect_dtype(a.b, "b", DType::Float32);
+  expect_shape(a.b, "b", {I}, {"I"}, DType::Float32);
   if (a.center.present) {
-    expect_shape(a.center, "center", {D}, {"D"});
-    expect_dtype(a.center, "center", DType::Float32);
+    expect_shape(a.center, "center", {D}, {"D"}, DType::Float32);
   }
-  expect_shape(a.count, "count", {I}, {"I"});
-  expect_dtype(a.count, "count", DType::Int64);
+  expect_shape(a.count, "count", {I}, {"I"}, DType::Int64);
   expect_shape(a.sum_x, "sum_x", {I, D}, {"I", "D"});
   expect_shape(a.sum_xz, "sum_xz", {I, D}, {"I", "D"});
   expect_shape(a.sum_z, "sum_z", {I}, {"I"});
@@ -353,14 +345,10 @@ class SignalMasksPlan {
     expect_rank(a_.z, "z", 2, "(R, I)");
     expect_dtype(a_.z, "z", DType::Float32);
     const int64_t R = a_.z.shape[0], I = a_.z.shape[1];
-    expect_shape(a_.out, "out", {R, 2 * I}, {"R", "2*I"});
-    expect_dtype(a_.out, "out", DType::Float32);
-    expect_shape(a_.count, "count", {I}, {"I"});
-    expect_dtype(a_.count, "count", DType::Int64);
-    expect_shape(a_.sum_z, "sum_z", {I}, {"I"});
-    expect_dtype(a_.sum_z, "sum_z", DType::Float64);
-    expect_shape(a_.sum_zz, "sum_zz", {I}, {"I"});
-    expect_dtype(a_.sum_zz, "sum_zz", DType::Float64);
+    expect_shape(a_.out, "out", {R, 2 * I}, {"R", "2*I"}, DType::Float32);
+    expect_shape(a_.count, "count", {I}, {"I"}, DType::Int64);
+    expect_shape(a_.sum_z, "sum_z", {I}, {"I"}, DType::Float64);
+    expect_shape(a_.sum_zz, "sum_zz", {I}, {"I"}, DType::Float64);
     for (auto [v, name] : {std::pair<const TensorView*, const char*>{&a_.z, "z"}, {&a_.out, "out"},
                            {&a_.count, "count"}, {&a_.sum_z, "sum_z"}, {&a_.sum_zz, "sum_zz"}})
       expect_contiguous(*v, name);
@@ -414,28 +402,20 @@ class ArgmaxRowsPlan {
     expect_cuda_rows(a_.x, "X");
     const int64_t N = a_.x.shape[0], D = a_.x.shape[1];
     if (a_.scores.shape[1] < 1) fail("scores must have at least one column, got " + a_.scores.shape_str());
-    expect_shape(a_.col_scale, "col_scale", {a_.scores.shape[1]}, {"k"});
-    expect_dtype(a_.col_scale, "col_scale", DType::Float32);
+    expect_shape(a_.col_scale, "col_scale", {a_.scores.shape[1]}, {"k"}, DType::Float32);
     if (a_.center.present) {
-      expect_shape(a_.center, "center", {D}, {"D"});
-      expect_dtype(a_.center, "center", DType::Float32);
+      expect_shape(a_.center, "center", {D}, {"D"}, DType::Float32);
     }
     if (a_.row_scale.present) {
-      expect_shape(a_.row_scale, "row_scale", {N}, {"N"});
-      expect_dtype(a_.row_scale, "row_scale", DType::Float32);
+      expect_shape(a_.row_scale, "row_scale", {N}, {"N"}, DType::Float32);
     }
-    expect_shape(a_.labels, "labels", {N}, {"N"});
-    expect_dtype(a_.labels, "labels", DType::Int64);
-    expect_shape(a_.best, "best", {N}, {"N"});
-    expect_dtype(a_.best, "best", DType::Float32);
-    expect_shape(a_.rscale, "rscale", {N}, {"N"});
-    expect_dtype(a_.rscale, "rscale", DType::Float32);
+    expect_shape(a_.labels, "labels", {N}, {"N"}, DType::Int64);
+    expect_shape(a_.best, "best", {N}, {"N"}, DType::Float32);
+    expect_shape(a_.rscale, "rscale", {N}, {"N"}, DType::Float32);
     if (a_.centroids.present != a_.cnorm.present) fail("argmax_rows: pass centroids and cnorm together, or neither");
     if (a_.centroids.present) {
-      expect_shape(a_.centroids, "centroids", {a_.scores.shape[1], D}, {"k", "D"});
-      expect_dtype(a_.centroids, "centroids", DType::Float32);
-      expect_shape(a_.cnorm, "cnorm", {a_.scores.shape[1]}, {"k"});
-      expect_dtype(a_.cnorm, "cnorm", DType::Float32);
+      expect_shape(a_.centroids, "centroids", {a_.scores.shape[1], D}, {"k", "D"}, DType::Float32);
+      expect_shape(a_.cnorm, "cnorm", {a_.scores.shape[1]}, {"k"}, DType::Float32);
     }
     for (const TensorView* v : {&a_.col_scale, &a_.center, &a_.row_scale, &a_.labels, &a_.best, &a_.rscale,
                                 &a_.centroids, &a_.cnorm})
@@ -479,14 +459,11 @@ class CentreRowsPlan {
     expect_input_dtype(a_.x, "X");
     expect_cuda_rows(a_.x, "X");
     const int64_t D = a_.x.shape[1];
-    expect_shape(a_.shift, "shift", {D}, {"D"});
-    expect_dtype(a_.shift, "shift", DType::Float32);
+    expect_shape(a_.shift, "shift", {D}, {"D"}, DType::Float32);
     expect_rank(a_.out, "out", 2, "(R, D)");
-    expect_shape(a_.out, "out", {a_.out.shape[0], D}, {"R", "D"});
-    expect_dtype(a_.out, "out", DType::Float32);
+    expect_shape(a_.out, "out", {a_.out.shape[0], D}, {"R", "D"}, DType::Float32);
     if (a_.colsum.present) {
-      expect_shape(a_.colsum, "colsum", {D}, {"D"});
-      expect_dtype(a_.colsum, "colsum", DType::Float64);
+      expect_shape(a_.colsum, "colsum", {D}, {"D"}, DType::Float64);
     }
     for (auto [v, name] : {std::pair<const TensorView*, const char*>{&a_.shift, "shift"}, {&a_.out, "out"},
                            {&a_.colsum, "colsum"}})
@@ -523,12 +500,9 @@ void centred_gram(py::handle x_, py::handle shift_, py::handle m2_, py::handle c
   expect_dtype(a.x, "X", DType::Float32);
   expect_cuda_rows(a.x, "X");
   const int64_t D = a.x.shape[1];
-  expect_shape(a.shift, "shift", {D}, {"D"});
-  expect_dtype(a.shift, "shift", DType::Float32);
-  expect_shape(a.m2, "m2", {D, D}, {"D", "D"});
-  expect_dtype(a.m2, "m2", DType::Float64);
-  expect_shape(a.colsum, "colsum", {D}, {"D"});
-  expect_dtype(a.colsum, "colsum", DType::Float64);
+  expect_shape(a.shift, "shift", {D}, {"D"}, DType::Float32);
+  expect_shape(a.m2, "m2", {D, D}, {"D", "D"}, DType::Float64);
+  expect_shape(a.colsum, "colsum", {D}, {"D"}, DType::Float64);
   for (auto [v, name] : {std::pair<const TensorView*, const char*>{&a.shift, "shift"}, {&a.m2, "m2"},
                          {&a.colsum, "colsum"}})
     expect_contiguous(*v, name);
@@ -558,17 +532,12 @@ void cluster_sums(py::handle x_, py::handle labels_, py::handle rscale_, py::han
   const int64_t N = a.x.shape[0], D = a.x.shape[1];
   expect_rank(a.sums, "sums", 2, "(k, D)");
   const int64_t k = a.sums.shape[0];
-  expect_shape(a.sums, "sums", {k, D}, {"k", "D"});
-  expect_dtype(a.sums, "sums", DType::Float64);
-  expect_shape(a.counts, "counts", {k}, {"k"});
-  expect_dtype(a.counts, "counts", DType::Int64);
-  expect_shape(a.labels, "labels", {N}, {"N"});
-  expect_dtype(a.labels, "labels", DType::Int64);
-  expect_shape(a.rscale, "rscale", {N}, {"N"});
-  expect_dtype(a.rscale, "rscale", DType::Float32);
+  expect_shape(a.sums, "sums", {k, D}, {"k", "D"}, DType::Float64);
+  expect_shape(a.counts, "counts", {k}, {"k"}, DType::Int64);
+  expect_shape(a.labels, "labels", {N}, {"N"}, DType::Int64);
+  expect_shape(a.rscale, "rscale", {N}, {"N"}, DType::Float32);
   if (a.center.present) {
-    expect_shape(a.center, "center", {D}, {"D"});
-    expect_dtype(a.center, "center", DType::Float32);
+    expect_shape(a.center, "center", {D}, {"D"}, DType::Float32);
   }
   for (const TensorView* v : {&a.labels, &a.rscale, &a.center, &a.sums, &a.counts})
     if (v->present) expect_contiguous(*v, "an output or parameter array");
