@@ -124,19 +124,24 @@ def default_rows(floats_per_row: int) -> int:
     return int(min(DEFAULT_ROWS, max(1024, SCRATCH_BYTES // (4 * max(1, floats_per_row)))))
 
 
-def block_rows() -> int:
-    """Rows per block of the moments' batched product: EDPAIRS_GEMM_BLOCK_ROWS, default
-    BLOCK_ROWS; 0 = one product per step (a knob for the device measurements)."""
-    value = os.environ.get("EDPAIRS_GEMM_BLOCK_ROWS")
+def _env_rows(name: str, default: int, positive: bool) -> int:
+    """An integer row count from the environment variable `name` (default when unset), checked."""
+    value = os.environ.get(name)
     if value is None:
-        return BLOCK_ROWS
+        return default
     try:
         rows = int(value)
     except ValueError:
         rows = -1
-    if rows < 0:
-        raise ValueError(f"EDPAIRS_GEMM_BLOCK_ROWS must be a non-negative integer, got {value!r}")
+    if rows < (1 if positive else 0):
+        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} integer, got {value!r}")
     return rows
+
+
+def block_rows() -> int:
+    """Rows per block of the moments' batched product: EDPAIRS_GEMM_BLOCK_ROWS, default
+    BLOCK_ROWS; 0 = one product per step (a knob for the device measurements)."""
+    return _env_rows("EDPAIRS_GEMM_BLOCK_ROWS", BLOCK_ROWS, positive=False)
 
 
 class _BatchedProduct:
@@ -148,9 +153,7 @@ class _BatchedProduct:
         self.torch = torch
         self.block = block_rows()
         # Blocks per batched call: as many as the step has, within a quarter of SCRATCH_BYTES.
-        self.per_call = max(1, min(rows // max(1, self.block), SCRATCH_BYTES // (16 * P * Q)))
-        if not self.block:
-            self.per_call = 1
+        self.per_call = max(1, min(rows // self.block, SCRATCH_BYTES // (16 * P * Q))) if self.block else 1
         self.out = torch.empty((self.per_call, P, Q), dtype=torch.float32, device=device)
         self.acc = torch.zeros((P, Q), dtype=torch.float64, device=device)
 
@@ -301,14 +304,7 @@ TF32_MIN_K = 129
 def assign_rows() -> int:
     """Rows per step of the assignment on this route (EDPAIRS_GEMM_ASSIGN_ROWS, default 32768,
     the fastest of 8192 / 16384 / 32768 at k = 1024 on an H200)."""
-    value = os.environ.get("EDPAIRS_GEMM_ASSIGN_ROWS", "32768")
-    try:
-        rows = int(value)
-    except ValueError:
-        rows = 0
-    if rows < 1:
-        raise ValueError(f"EDPAIRS_GEMM_ASSIGN_ROWS must be a positive integer, got {value!r}")
-    return rows
+    return _env_rows("EDPAIRS_GEMM_ASSIGN_ROWS", 32768, positive=True)
 
 
 def assign_applies(X, xp, k: int, precision: str) -> bool:
