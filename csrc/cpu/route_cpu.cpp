@@ -107,13 +107,12 @@ void cluster_sums_cpu(const ClusterSumsArgs& a, Stream) {
   }
 }
 
-void centre_rows_cpu(const CentreRowsArgs& a, Stream) {
+namespace {
+
+// out[r] = x_r - shift (float32, rows of D), colsum += their column sums (float64) when given.
+void centre_rows_into(const cpu::Matrix& X, const float* shift, float* out, double* colsum) {
   using namespace cpu;
-  const Matrix X = matrix_of(a.x);
   const int64_t R = X.rows, D = X.cols;
-  const float* shift = a.shift.ptr<const float>();
-  float* out = a.out.ptr<float>();
-  double* colsum = a.colsum.present ? a.colsum.ptr<double>() : nullptr;
   constexpr int64_t kBlock = 256;  // rows per task; the tasks' column sums are added in order
   const int64_t tasks = (R + kBlock - 1) / kBlock;
   std::vector<double> part(colsum != nullptr ? static_cast<size_t>(tasks * D) : 0, 0.0);
@@ -133,15 +132,20 @@ void centre_rows_cpu(const CentreRowsArgs& a, Stream) {
   }
 }
 
+}  // namespace
+
+void centre_rows_cpu(const CentreRowsArgs& a, Stream) {
+  centre_rows_into(cpu::matrix_of(a.x), a.shift.ptr<const float>(), a.out.ptr<float>(),
+                   a.colsum.present ? a.colsum.ptr<double>() : nullptr);
+}
+
 void centred_gram_cpu(const CentredGramArgs& a, Stream) {
   using namespace cpu;
   const Matrix X = matrix_of(a.x);
   const int64_t N = X.rows, D = X.cols;
-  const float* shift = a.shift.ptr<const float>();
   double* m2 = a.m2.ptr<double>();
-  double* colsum = a.colsum.ptr<double>();
   std::vector<float> xc(static_cast<size_t>(N * D));  // the centred rows, float32 as on the GPU
-  parallel_for(N, [&](int64_t n, int) { load_row(X, shift, n, 0, D, xc.data() + n * D); });
+  centre_rows_into(X, a.shift.ptr<const float>(), xc.data(), a.colsum.ptr<double>());
   parallel_for(D, [&](int64_t d1, int) {  // task d1 owns row d1 of m2
     for (int64_t n = 0; n < N; ++n) {
       const float* r = xc.data() + n * D;
@@ -149,8 +153,6 @@ void centred_gram_cpu(const CentredGramArgs& a, Stream) {
       for (int64_t d2 = d1; d2 < D; ++d2) m2[d1 * D + d2] += v * static_cast<double>(r[d2]);
     }
   });
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t d = 0; d < D; ++d) colsum[d] += static_cast<double>(xc[static_cast<size_t>(n * D + d)]);
 }
 
 }  // namespace edpairs
