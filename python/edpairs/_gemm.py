@@ -275,15 +275,15 @@ def signal_moments(X, W, b, center, *, precision: str, rows: int, lib):
     c = xp.capsule
     stream = xp.stream(X)
     epilogue = lib.SignalMasks(c(z), c(masks), c(count), c(sum_z), c(sum_zz))
+    if copy:  # centred / converted rows: the moments' centring pass, without the column sums
+        shift = center if center is not None else torch.zeros((D,), dtype=torch.float32, device=dev)
+        centre = lib.CentreRows(c(X), c(shift), c(work), None)
     with matmul_precision(torch, precision):
         for first, last in _steps(N, rows):
             r = last - first
             if copy:
                 xt = work[:r]
-                if center is not None:
-                    torch.sub(X[first:last], center, out=xt)
-                else:
-                    xt.copy_(X[first:last])
+                centre.run(first, r, stream)
             else:
                 xt = X[first:last]
             zt, mt = z[:r], masks[:r]
