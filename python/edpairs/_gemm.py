@@ -335,8 +335,10 @@ def assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, *, 
     N = X.shape[0]
     k = C.shape[0]
     rows = max(1, min(rows, SCRATCH_BYTES // (4 * k)))  # the (rows, k) block of dots
+    # TF32 products: near ties are re-scored exactly (the centroids and their norms go along).
+    rescore = precision != "float32"
+    norms = torch.linalg.vector_norm(C.to(torch.float64), dim=1) if col_scale is None or rescore else None
     if col_scale is None:
-        norms = torch.linalg.vector_norm(C.to(torch.float64), dim=1)
         col_scale = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0).to(torch.float32)
     neg_o = None if center is None else (-(C.to(torch.float64) @ center.to(torch.float64))).to(torch.float32)
     step = min(rows, N)
@@ -345,10 +347,8 @@ def assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, *, 
     xp = Namespace("torch")
     c = xp.capsule
     stream = xp.stream(X)
-    # TF32 products: near ties are re-scored exactly (the centroids and their norms go along).
-    rescore = precision != "float32"
     cents = C.to(torch.float32).contiguous() if rescore else None
-    cnorm = torch.linalg.vector_norm(cents, dim=1) if rescore else None
+    cnorm = norms.to(torch.float32) if rescore else None
     argmax = lib.ArgmaxRows(c(block), c(col_scale), c(X), c(center), c(row_scale), c(labels), c(scores), c(rscale),
                             c(cents), c(cnorm))
     CT = C.T
