@@ -201,16 +201,11 @@ METHOD_ENV = {"edpairs-gemm": GEMM,
 
 def wgmma_unavailable(device: str) -> str | None:
     """Why edpairs-wgmma would silently be the mma kernel here (None where wgmma runs)."""
-    import edpairs
-
     if not device.startswith("cuda"):
         return "the wgmma kernel is CUDA only"
-    if not edpairs.build_info().get("wgmma"):
-        return "this build has no sm_90a code"
-    import torch
+    from edpairs import _gemm
 
-    cap = torch.cuda.get_device_capability()
-    return None if cap == (9, 0) else f"the wgmma kernel needs compute capability 9.0, this GPU is {cap}"
+    return _gemm.wgmma_unavailable()
 
 
 def cached_data(N: int, D: int, k: int, seed: int):

@@ -151,11 +151,9 @@ def _edpairs_methods(cuda: bool, workspace_rows, block_rows=()):
 
 
 def _wgmma_gram_available() -> bool:
-    import torch
+    from edpairs import _gemm
 
-    import edpairs
-
-    return bool(edpairs.build_info().get("wgmma")) and torch.cuda.get_device_capability() == (9, 0)
+    return _gemm.wgmma_unavailable() is None
 
 
 def _edp(edp, env, fn, *args, **kw):

@@ -111,13 +111,9 @@ def _kernel_route_by_default():
 
 def _wgmma_skip_reason():
     """Why the wgmma labelling kernel cannot run here (None where it can)."""
-    if not edpairs.build_info().get("wgmma"):
-        return "this build has no sm_90a code (90 not among its CUDA architectures)"
-    import torch
+    from edpairs import _gemm
 
-    if torch.cuda.get_device_capability() != (9, 0):
-        return f"the wgmma kernel runs on compute capability 9.0 only, this GPU is {torch.cuda.get_device_capability()}"
-    return None
+    return _gemm.wgmma_unavailable()
 
 
 @pytest.fixture(params=["mma", "wgmma", "wgmma-tma"])

@@ -698,13 +698,7 @@ def test_cuda_route_assign_tf32_within_the_tensor_core_bound(rng, monkeypatch):
 
 
 def _wgmma_gram_skip():
-    if not _GPU:
-        return "needs edpairs built with CUDA and a GPU"
-    if not edpairs.build_info().get("wgmma"):
-        return "this build has no sm_90a code"
-    if torch.cuda.get_device_capability() != (9, 0):
-        return "the wgmma kernels run on compute capability 9.0 only"
-    return None
+    return "needs edpairs built with CUDA and a GPU" if not _GPU else _gemm.wgmma_unavailable()
 
 
 @pytest.mark.cuda

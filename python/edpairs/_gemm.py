@@ -178,6 +178,22 @@ class _BatchedProduct:
             self.acc += out
 
 
+def wgmma_unavailable(device=None):
+    """Why edpairs' Hopper (wgmma, sm_90a) kernels cannot run on ``device`` (default: the
+    current CUDA device), or None where they can: a build with sm_90a code and a compute
+    capability 9.0 GPU."""
+    from . import build_info
+
+    if not build_info().get("wgmma"):
+        return "this build has no sm_90a code (90 was not among its CUDA architectures)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible to torch"
+    cap = torch.cuda.get_device_capability(device)
+    return None if cap == (9, 0) else f"the wgmma kernels run on compute capability 9.0 only, this GPU is {cap}"
+
+
 def gram_wgmma_applies(X, precision: str) -> bool:
     """Whether moments() forms the centred Gram with edpairs' wgmma kernel (centred_gram, ops.h
     3f: the centring on the way into shared memory, no centred copy, only the tiles on or above
@@ -191,11 +207,8 @@ def gram_wgmma_applies(X, precision: str) -> bool:
         return False
     import torch
 
-    from . import build_info
-
     return (X.dtype == torch.float32 and X.device.type == "cuda" and X.shape[1] % 4 == 0 and X.stride(1) == 1
-            and X.stride(0) % 4 == 0 and X.data_ptr() % 16 == 0 and bool(build_info().get("wgmma"))
-            and torch.cuda.get_device_capability(X.device) == (9, 0))
+            and X.stride(0) % 4 == 0 and X.data_ptr() % 16 == 0 and wgmma_unavailable(X.device) is None)
 
 
 def moments(X, *, precision: str, rows: int, lib):

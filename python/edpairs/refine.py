@@ -61,7 +61,6 @@ _EXP_FLOOR = -60.0
 _SMALL = 1e-30
 
 
-
 class PlateauHalving:
     """Halves an optimiser's learning rate when the epoch loss stalls: after more than
     ``patience`` epochs without a relative improvement of 1e-4 over the best (None: never).
@@ -82,6 +81,7 @@ class PlateauHalving:
                     group["lr"] = self.lr
                 self.bad = 0
         return self.lr
+
 
 def _torch():
     return require_torch("edpairs.refine")
