@@ -1024,11 +1024,7 @@ inline LabelKernel label_kernel() {
 }
 inline bool wgmma_device() {
 #ifdef EDPAIRS_HAVE_WGMMA
-  int device = 0, major = 0, minor = 0;
-  EDPAIRS_CUDA_CHECK(cudaGetDevice(&device));
-  EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  return major == 9 && minor == 0;
+  return compute_capability() == "9.0";
 #else
   return false;
 #endif

@@ -69,6 +69,16 @@ inline int multiprocessor_count() {
   return sms > 0 ? sms : 1;
 }
 
+// "major.minor" compute capability of the current device (where the sm_90a kernels may run:
+// "9.0" only).
+inline std::string compute_capability() {
+  int device = 0, major = 0, minor = 0;
+  EDPAIRS_CUDA_CHECK(cudaGetDevice(&device));
+  EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return std::to_string(major) + "." + std::to_string(minor);
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Largest D, k, I (and 2I) the kernels accept: they index columns with int and step past the

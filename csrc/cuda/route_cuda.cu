@@ -214,13 +214,8 @@ void centred_gram_cuda(const CentredGramArgs& a, Stream stream) {
   if (n < 1 || d < 1) return;
 #ifdef EDPAIRS_HAVE_WGMMA
   cuda_detail::DeviceGuard guard(a.x.device_id);
-  int major = 0, minor = 0;
-  EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, a.x.device_id));
-  EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, a.x.device_id));
-  if (major != 9 || minor != 0) {
-    fail("centred_gram runs on compute capability 9.0 (Hopper) only, this GPU is " + std::to_string(major) + "." +
-         std::to_string(minor));
-  }
+  const std::string cc = cuda_detail::compute_capability();
+  if (cc != "9.0") fail("centred_gram runs on compute capability 9.0 (Hopper) only, this GPU is " + cc);
   if (d % 4 != 0 || d > INT_MAX || reinterpret_cast<uintptr_t>(a.x.data) % 16 != 0 || a.x.stride(0) % 4 != 0 ||
       reinterpret_cast<uintptr_t>(a.shift.data) % 16 != 0) {
     fail("centred_gram needs D % 4 == 0 and 16-byte aligned rows of x and shift, got x " + a.x.shape_str() +
