@@ -263,6 +263,8 @@ def main() -> None:
     p.add_argument("--methods", default="edpairs,faiss,torch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="benchmarks/out/kmeans_{device}.json")
+    p.add_argument("--method-timeout", type=float, default=180,
+                   help="seconds one method's worker may take before it is stopped (a hung kernel)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS, type=lambda s: tuple(int(v) for v in s.split(",")))
     args = p.parse_args()
@@ -277,7 +279,12 @@ def main() -> None:
         for method in args.methods.split(","):
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--size", size, "--device",
                    args.device, "--dtype", args.dtype, "--repeat", str(args.repeat), "--seed", str(args.seed)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **METHOD_ENV.get(method, {})})
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.method_timeout,
+                                      env={**os.environ, **METHOD_ENV.get(method, {})})
+            except subprocess.TimeoutExpired:
+                per_method[method] = {"error": f"no result within {args.method_timeout:g} s (stopped)"}
+                continue
             if proc.returncode != 0:
                 per_method[method] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
             else:
