@@ -2,14 +2,17 @@
 """One spherical k-means iteration (assign + centroid update): edpairs against the tools a
 user would pick instead, in the same run on the same data.
 
-  edpairs      edpairs.ops.spherical_kmeans_step with TF32 products on CUDA. On the CPU the
-               fused kernel (assignment + per-cluster sums). On CUDA, torch float32 data takes
-               the library-product route for k >= 129 (edpairs._gemm: cuBLAS dots of 32768 rows
-               at a time, an edpairs argmax kernel, the sorted sums pass) and the fused
-               tensor-core kernel below; 16-bit data the tensor-core kernel in its own dtype
+  edpairs      edpairs.ops.spherical_kmeans_step with TF32 products on CUDA, as dispatched by
+               default. On the CPU the fused kernel (assignment + per-cluster sums). On CUDA,
+               torch float32 data with k >= 129 is labelled by the wgmma kernel on Hopper
+               (edpairs-wgmma) and takes the library-product route elsewhere (edpairs._gemm:
+               cuBLAS dots of 32768 rows at a time, an edpairs argmax kernel, the sorted sums
+               pass); below k = 129 the fused tensor-core kernel; 16-bit data the tensor-core
+               kernel in its own dtype
   edpairs-gemm  the route at every k (EDPAIRS_GEMM_ROUTE=gemm)
   edpairs-r8192, edpairs-r16384  the route with 8192 / 16384 rows per step
-  edpairs-kernel  the fused tensor-core kernel instead of the route (EDPAIRS_GEMM_ROUTE=kernel)
+  edpairs-kernel  the fused tensor-core kernel on mma.sync instead of the route
+               (EDPAIRS_GEMM_ROUTE=kernel, EDPAIRS_ASSIGN_KERNEL=mma; the variants below build on it)
   edpairs-f32  precision="float32" (exact float32 products: cuBLAS SGEMM on the route)
   edpairs-kernel-f32  precision="float32" on edpairs' SIMT kernel
   edpairs-blk  edpairs-kernel with the cluster sums as per-block atomics inside the assignment
@@ -180,7 +183,7 @@ def run_faiss(X, C0, device, dtype):
     return step, labels, {}
 
 
-KERNEL = {"EDPAIRS_GEMM_ROUTE": "kernel"}
+KERNEL = {"EDPAIRS_GEMM_ROUTE": "kernel", "EDPAIRS_ASSIGN_KERNEL": "mma"}
 METHODS = {"edpairs": run_edpairs, "edpairs-f32": run_edpairs_f32, "edpairs-gemm": run_edpairs,
            "edpairs-r8192": run_edpairs, "edpairs-r16384": run_edpairs, "edpairs-kernel": run_edpairs,
            "edpairs-kernel-f32": run_edpairs_f32,

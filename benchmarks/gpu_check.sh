@@ -25,18 +25,25 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 # SKIP="" runs everything). QUICK=1: a shorter call (about 5 minutes, so that a session can run
 # it twice): the main CUDA tests only for the paths changed since run4 (fused sums, moments, the
 # route, streaming), no bf16 k-means, no streaming benchmark, fewer k-means methods.
+# TESTS_K, KM_METHODS, KM_SIZES, BF16_METHODS, BF16_SIZES, STREAM_GIB override the choices below.
 ARCHS="${ARCHS:-90}"
 REPEAT="${REPEAT:-5}"
 QUICK="${QUICK:-0}"
+# "edpairs" is the default dispatch: on Hopper, TF32 float32 with k >= 129 labels on wgmma;
+# edpairs-gemm is the cuBLAS route that was the default there before run 5.
 if [ "$QUICK" = 1 ]; then
   SKIP="${SKIP-estimators route_parts stream bf16}"
-  TESTS_K="not wgmma and (fused or moment or route or centre or rescore or argmax or stream or gram)"
-  KM_METHODS="edpairs,edpairs-wgmma,edpairs-wgmma-tma,edpairs-fused,torch"
+  TESTS_K="${TESTS_K:-not wgmma and (fused or moment or route or centre or rescore or argmax or stream or gram)}"
+  KM_METHODS="${KM_METHODS:-edpairs,edpairs-gemm,edpairs-fused,torch}"
 else
   SKIP="${SKIP-estimators route_parts}"
-  TESTS_K="not wgmma"
-  KM_METHODS="edpairs,edpairs-kernel,edpairs-wgmma,edpairs-wgmma-tma,edpairs-fused,torch"
+  TESTS_K="${TESTS_K:-not wgmma}"
+  KM_METHODS="${KM_METHODS:-edpairs,edpairs-gemm,edpairs-kernel,edpairs-wgmma-tma,edpairs-fused,torch}"
 fi
+KM_SIZES="${KM_SIZES:-1000000,512,1024 1000000,512,64}"
+BF16_METHODS="${BF16_METHODS:-edpairs,edpairs-wgmma,edpairs-fused,torch}"
+BF16_SIZES="${BF16_SIZES:-$KM_SIZES}"
+STREAM_GIB="${STREAM_GIB:-4}"
 skipped() { case " $SKIP " in *" $1 "*) echo "(skipped: SKIP has $1)"; return 0;; esac; return 1; }
 MARK="cuda and not slow"
 [ "${SLOW:-0}" = 1 ] && MARK="cuda"
@@ -72,10 +79,10 @@ timeout 120 python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" || st
 # with KMEANS_EXTRA=edpairs-gemm,edpairs-f32,...
 step "spherical k-means iteration (float32 data: cuBLAS route / tensor-core kernels, TF32; torch TF32)"
 timeout 420 python3 benchmarks/bench_kmeans.py --device cuda --methods "$KM_METHODS${KMEANS_EXTRA:+,$KMEANS_EXTRA}" --repeat "$REPEAT" \
-  --sizes 1000000,512,1024 1000000,512,64 --json "$OUT/kmeans_cuda_f32.json" || status=1
+  --sizes $KM_SIZES --json "$OUT/kmeans_cuda_f32.json" || status=1
 step "spherical k-means iteration (bfloat16 data)"
-skipped bf16 || timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --methods edpairs,edpairs-wgmma,edpairs-fused,torch --repeat "$REPEAT" \
-  --sizes 1000000,512,1024 1000000,512,64 --json "$OUT/kmeans_cuda_bf16.json" || status=1
+skipped bf16 || timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --methods "$BF16_METHODS" --repeat "$REPEAT" \
+  --sizes $BF16_SIZES --json "$OUT/kmeans_cuda_bf16.json" || status=1
 
 step "moments and signal moments"
 timeout 240 python3 benchmarks/bench_moments.py --device cuda --sizes 1000000,512,256 --repeat "$REPEAT" \
@@ -85,7 +92,7 @@ step "where the route's time goes (each piece alone)"
 skipped route_parts || timeout 120 python3 benchmarks/bench_route_parts.py --json "$OUT/route_parts.json" || status=1
 
 step "host data streamed to the GPU (DeviceChunks vs .to per chunk vs the pinned copy rate)"
-skipped stream || timeout 240 python3 benchmarks/bench_stream.py --gib 4 --repeat 3 --json "$OUT/stream_cuda.json" || status=1
+skipped stream || timeout 240 python3 benchmarks/bench_stream.py --gib "$STREAM_GIB" --repeat 3 --json "$OUT/stream_cuda.json" || status=1
 
 step "summary against the goals of issue 6"
 python3 - "$OUT" <<'PY'
@@ -122,7 +129,7 @@ def t(table, size, method):
 big, small = (1000000, 512, 1024), (1000000, 512, 64)
 goals = []
 tt = t(f32, big, "torch")
-for method in ("edpairs", "edpairs-r16384", "edpairs-kernel", "edpairs-wgmma", "edpairs-wgmma-tma"):
+for method in ("edpairs", "edpairs-gemm", "edpairs-r16384", "edpairs-kernel", "edpairs-wgmma", "edpairs-wgmma-tma"):
     e = t(f32, big, method)
     if e and tt:
         goals.append((f"k=1024 f32 {method}: torch TF32 / edpairs TF32 time", tt / e, 2.0))

@@ -721,7 +721,10 @@ def test_tensor_core_assign_options(torch, assign_kernel, dtype, rng):
 @pytest.mark.parametrize("layout", ["padded_aligned", "row_stride_odd", "offset_start"])
 def test_tensor_core_assign_strided_rows(torch, assign_kernel, dtype, layout, rng):
     """Rows with a stride: 16-byte aligned rows with a ragged last chunk (cp.async with partial
-    zero fill), and unaligned rows (the element-wise loader)."""
+    zero fill), and unaligned rows (the element-wise loader). Bit-for-bit equal to a dense copy
+    that takes the same loader: for aligned rows that is x and the centroids padded with zero
+    columns to the aligned width (a dense (N, 45) copy has unaligned rows, which the wgmma
+    kernels leave to the mma kernel, whose sums run in another order)."""
     N, D, k = 400, 45, 70
     cols = 48 if layout == "padded_aligned" else 49
     C = make_centroids(rng, k, D)
@@ -731,7 +734,12 @@ def test_tensor_core_assign_strided_rows(torch, assign_kernel, dtype, layout, rn
     assert Xg.stride(1) == 1 and not Xg.is_contiguous()
     res = _poisoned_tc_assign(Xg, gpu(C))
     check_tc_assignment(res, f64(Xg), C, dtype)
-    dense = _poisoned_tc_assign(Xg.contiguous(), gpu(C))
+    if layout == "padded_aligned":
+        Xd = torch.zeros((N, cols), dtype=Xg.dtype, device=Xg.device)
+        Xd[:, :D] = Xg
+        dense = _poisoned_tc_assign(Xd, gpu(np.pad(C, ((0, 0), (0, cols - D)))))
+    else:
+        dense = _poisoned_tc_assign(Xg.contiguous(), gpu(C))
     np.testing.assert_array_equal(to_numpy(res.labels), to_numpy(dense.labels))
     np.testing.assert_array_equal(to_numpy(res.scores), to_numpy(dense.scores))
 
@@ -813,11 +821,46 @@ def test_wgmma_kernel_agrees_with_the_mma_kernel(torch, dtype, kernel, monkeypat
     assert int(to_numpy(runs[kernel].counts).sum()) == N
 
 
+def test_tf32_assign_defaults_to_the_wgmma_kernel_on_hopper(torch, monkeypatch, rng):
+    """With EDPAIRS_ASSIGN_KERNEL unset, a TF32 assignment of float32 rows with k >= 129 is
+    labelled by the wgmma kernel on Hopper instead of the route: bit-for-bit the results of
+    EDPAIRS_GEMM_ROUTE=kernel with EDPAIRS_ASSIGN_KERNEL=wgmma, not those of the mma kernel;
+    "mma" sends it back to the route, and so do rows off 16 bytes."""
+    from edpairs import _gemm
+    from edpairs._arrays import Namespace
+
+    if reason := _wgmma_skip_reason():
+        pytest.skip(reason)
+    for name in ("EDPAIRS_ASSIGN_KERNEL", "EDPAIRS_GEMM_ROUTE"):
+        monkeypatch.delenv(name, raising=False)
+    xp = Namespace("torch")
+    N, D, k = 20_000, 64, 300
+    C = make_centroids(rng, k, D)
+    Xg, Cg = gpu(make_rows(rng, N, D, C=C)), gpu(C)
+    assert not _gemm.assign_applies(Xg, xp, k, "tf32")
+    runs = {"default": ops.assign(Xg, Cg, precision="tf32")}
+    monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "kernel")
+    for name in ("wgmma", "mma"):
+        monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", name)
+        runs[name] = ops.assign(Xg, Cg, precision="tf32")
+    for key in ("labels", "scores", "counts"):
+        np.testing.assert_array_equal(to_numpy(getattr(runs["default"], key)), to_numpy(getattr(runs["wgmma"], key)))
+    assert not np.array_equal(to_numpy(runs["default"].scores), to_numpy(runs["mma"].scores))
+    monkeypatch.delenv("EDPAIRS_GEMM_ROUTE")
+    assert _gemm.assign_applies(Xg, xp, k, "tf32")  # EDPAIRS_ASSIGN_KERNEL=mma: the route
+    monkeypatch.delenv("EDPAIRS_ASSIGN_KERNEL")
+    odd = torch.zeros((N, D + 1), device=Xg.device)[:, 1:]
+    assert _gemm.assign_applies(odd, xp, k, "tf32") and not _gemm.assign_applies(Xg, xp, 128, "tf32")
+
+
 def test_assign_kernel_knob_is_validated(torch, monkeypatch, rng):
     monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", "hgmma")
     X, C = gpu(make_rows(rng, 300, 16)), gpu(make_centroids(rng, 5, 16))
-    with pytest.raises(Exception, match="EDPAIRS_ASSIGN_KERNEL must be 'mma', 'wgmma' or 'wgmma-tma', got 'hgmma'"):
+    with pytest.raises(Exception, match="EDPAIRS_ASSIGN_KERNEL must be 'auto', 'mma', 'wgmma' or 'wgmma-tma', got 'hgmma'"):
         ops.assign(X, C, precision="tf32")
+    Xw, Cw = gpu(make_rows(rng, 300, 16)), gpu(make_centroids(rng, 200, 16))  # k >= 129: the route's check
+    with pytest.raises(ValueError, match="EDPAIRS_ASSIGN_KERNEL must be 'auto', 'mma', 'wgmma' or 'wgmma-tma', got 'hgmma'"):
+        ops.assign(Xw, Cw, precision="tf32")
 
 
 def test_tensor_core_float64_input_takes_the_exact_path(torch, rng):

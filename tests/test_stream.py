@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import edpairs as edp  # noqa: E402
-from edpairs.stream import DeviceChunks  # noqa: E402
+from edpairs.stream import DeviceChunks, _clear_cuda_error  # noqa: E402
 from test_cuda import _BUILT, _NO_GPU  # noqa: E402
 
 
@@ -162,7 +162,8 @@ def test_page_spans_merge_views_and_keep_apart_what_is_apart():
 def test_cuda_registered_source_streams_the_same_and_unregisters(layer):
     """register=True: pieces straight from the page-locked host array equal the staged ones
     (also for a converting dtype and a non-contiguous piece, which is staged), and close()
-    unregisters (a second unregister then fails)."""
+    unregisters (registering the same spans again then succeeds; a second unregister would
+    fail, and leave torch's CUDA runtime a pending error that the next kernel launch reports)."""
     X = np.ascontiguousarray(layer.X)
     for dtype in (None, "float16"):
         staged = torch.cat([p.clone() for p in DeviceChunks(X, chunk_bytes=100 * X.shape[1] * 4, dtype=dtype).chunks()])
@@ -171,7 +172,12 @@ def test_cuda_registered_source_streams_the_same_and_unregisters(layer):
             again = torch.cat([p.clone() for p in src.chunks()])  # registered once, two passes
             spans = list(src._registered)
         assert torch.equal(direct, staged) and torch.equal(again, staged)
-    assert spans and all(int(torch.cuda.cudart().cudaHostUnregister(p)) != 0 for p, _ in spans)
+    cudart = torch.cuda.cudart()
+    assert spans and all(int(cudart.cudaHostRegister(p, n, 0)) == 0 for p, n in spans)
+    assert all(int(cudart.cudaHostUnregister(p)) == 0 for p, _ in spans)
+    assert int(cudart.cudaHostUnregister(spans[0][0])) != 0  # not registered: an error is pending
+    _clear_cuda_error()
+    assert float((torch.ones(4, device="cuda") * 2).sum()) == 8.0  # the next launch reports no stale error
     strided = X[:, ::2]
     with DeviceChunks(strided, register=True) as src:
         got = torch.cat([p.clone() for p in src.chunks()]).cpu().numpy()

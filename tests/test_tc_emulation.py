@@ -1090,7 +1090,10 @@ def test_centred_gram_stores_are_conflict_free_and_cover_the_tiles():
 def emulate_centred_gram(X, shift, splits=2):
     """(upper m2 (D, D) with NaN below the diagonal where nothing was written, colsum) as the
     kernel computes them: the loads, the transposed stores, the descriptors' reads, the D layout,
-    the epilogue's indices; products in float64 of the TF32-truncated centred values."""
+    the epilogue's indices; products in float64 of the centred values rounded to TF32 on their
+    way into shared memory (which the tensor cores' truncation then leaves as they are); column
+    sums of the unrounded values in each thread's float32 slots, a feature's 32 lanes added in
+    float64 at the end."""
     N, D = X.shape
     m2 = np.full((D, D), np.nan)
     m2[np.triu_indices(D)] = 0.0
@@ -1106,7 +1109,7 @@ def emulate_centred_gram(X, shift, splits=2):
             if s_end == s_begin:
                 continue
             acc = np.zeros((2, 64, 128))
-            col_acc = np.zeros(G2_TILE)
+            slots = np.zeros((4 * (G2_GROUPS_PER_WARP // 2), 256), np.float32)  # [slot][tid]
             for sl in range(s_begin, s_end):
                 smem = np.full(G2_STAGE // 4, np.nan)
                 row = sl * G2_SLICE + lane
@@ -1120,17 +1123,15 @@ def emulate_centred_gram(X, shift, splits=2):
                             ok = (row < N) & (f < D)
                             v = np.where(ok, X[np.minimum(row, N - 1), min(f + u, D - 1)] - shift[min(f + u, D - 1)], 0)
                             off = (0 if in_a else G2_A) + g2_element_offset(r0 + u, lane)
-                            smem[off // 4] = v.astype(np.float32)
+                            smem[off // 4] = round_tf32(v.astype(np.float32))
+                            if ti == 0 and not in_a:
+                                slots[(j - G2_GROUPS_PER_WARP // 2) * 4 + u, warp * 32 + lane] += v.astype(np.float32)
                 kk = np.arange(8)[None, :]
                 for s in range(4):
                     B = smem[sw128_address(G2_A + 32 * s, np.arange(G2_TILE)[:, None], kk * 4) // 4]
                     for wg in range(2):
                         A = smem[sw128_address(wg * (G2_A // 2) + 32 * s, np.arange(64)[:, None], kk * 4) // 4]
                         acc[wg] += round_tf32_truncate(A).astype(np.float64) @ round_tf32_truncate(B).astype(np.float64).T
-                if ti == 0:  # thread t < 128: B row t, 8 swizzled chunks
-                    for t in range(G2_TILE):
-                        vals = np.concatenate([smem[(G2_A + w_swizzled(t, c)) // 4:][:4] for c in range(8)])
-                        col_acc[t] += np.float32(vals.astype(np.float32).sum(dtype=np.float32))
             for wg in range(2):
                 regs = acc[wg][d_row, d_col]
                 v = np.arange(4)[:, None, None]
@@ -1141,7 +1142,12 @@ def emulate_centred_gram(X, shift, splits=2):
                 d1, d2 = np.broadcast_arrays(d1, d2)
                 keep = (d1 < D) & (d2 < D) & (d2 >= d1)
                 np.add.at(m2, (d1[keep], d2[keep]), regs[keep].astype(np.float32))
-            if ti == 0:
+            if ti == 0:  # thread t < 128: feature t of B, group q = 32 + t // 4 of warp q % 8
+                col_acc = np.zeros(G2_TILE)
+                for t in range(G2_TILE):
+                    q = G2_TILE // 4 + t // 4
+                    slot = (q // 8 - G2_GROUPS_PER_WARP // 2) * 4 + t % 4
+                    col_acc[t] = slots[slot, (q % 8) * 32:(q % 8) * 32 + 32].astype(np.float64).sum()
                 f = tj * G2_TILE + np.arange(G2_TILE)
                 colsum[f[f < D]] += col_acc[f < D]
     return m2, colsum
@@ -1154,7 +1160,7 @@ def test_emulated_centred_gram_matches_numpy(N, D, splits):
     shift = (X[: min(N, 40)].astype(np.float64).mean(0)).astype(np.float32)
     m2, colsum = emulate_centred_gram(X, shift, splits)
     Xc = (X - shift).astype(np.float32)
-    T = round_tf32_truncate(Xc).astype(np.float64)
+    T = round_tf32(Xc).astype(np.float64)
     iu = np.triu_indices(D)
     assert np.isnan(m2[np.tril_indices(D, -1)]).all()  # below the diagonal: untouched
     ref = T.T @ T

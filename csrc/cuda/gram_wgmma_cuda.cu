@@ -6,16 +6,18 @@
 // The product runs over rows, so its K dimension is n, while x stores a row's features
 // contiguously; TF32 wgmma reads only K-major operands. Each slice of 32 rows therefore goes
 // through registers: lane l of a warp loads row n0 + l, 4 features at a time (16 bytes), takes
-// the shift off, and stores the 4 values into 4 rows (features) of the K-major tile, at column l
-// of the 128-byte swizzle of wgmma.cuh. For a fixed feature the 32 lanes write the 32 words of
+// the shift off, rounds to TF32 (round_tf32: wgmma itself would truncate, a bias that run 5 on
+// an H100 measured as a 7.3e-4 relative error against cuBLAS's 3.6e-5), and stores the 4 values
+// into 4 rows (features) of the K-major tile, at column l of the 128-byte swizzle of wgmma.cuh. For a fixed feature the 32 lanes write the 32 words of
 // one 128-byte row: no bank conflicts.
 //
 // Output tiles: 128 x 128 features (two warpgroups x 64 rows), only those on or above the
 // diagonal (for D = 512: 10 of 16, 62.5% of the full product). Block = one tile and one
-// contiguous share of the row slices; blocks of tile row 0 also sum the columns (thread tid <
-// 128: feature 128 tj + tid of its B tile, per slice from shared memory, float64 across
-// slices). One block per multiprocessor: 64 accumulators, 8 staged float4 and the loop-invariant
-// store offsets take 252 registers (capped at 128 for two blocks, ptxas spilled 360 bytes);
+// contiguous share of the row slices; blocks of tile row 0 also sum the columns of the
+// unrounded centred values (each thread into its own float32 slots in shared memory as it stores
+// its B groups, the 32 lanes' slots of a feature added in float64 at the end; float64 slots
+// spilled). One block per multiprocessor: 64 accumulators, 8 staged float4 and the loop-invariant
+// store offsets take 249 registers (capped at 128 for two blocks, ptxas spilled 360 bytes);
 // 128 x 256 tiles (128 accumulators, 12 staged float4) spilled at 255. The loads of slice it + 1
 // are in flight while the tensor cores work on slice it.
 //
@@ -49,9 +51,12 @@ constexpr int kATileBytes = kTileD * 128;     // 128 features x 32 floats
 constexpr int kBTileBytes = kTileE * 128;
 constexpr int kStageBytes = kATileBytes + kBTileBytes;  // 32768
 constexpr int kStages = 3;
-constexpr int kSmemBytes = kStages * kStageBytes + 1024;
 constexpr int kGroups = (kTileD + kTileE) / 4;          // float4 feature groups per slice row
-constexpr int kGroupsPerWarp = kGroups / (kThreads / 32);  // 8
+constexpr int kGroupsPerWarp = kGroups / (kThreads / 32);  // 8: groups j < 4 in A, j >= 4 in B
+// Column sums (blocks of tile row 0): each thread adds the unrounded centred values it stores
+// into B to its own float32 slots, slot (j - 4) * 4 + u at [slot][tid] (conflict-free).
+constexpr int kColSlots = (kGroupsPerWarp / 2) * 4;     // 16
+constexpr int kSmemBytes = kStages * kStageBytes + kColSlots * kThreads * 4 + 1024;
 static_assert(kGroups % (kThreads / 32) == 0 && kTileD % 4 == 0, "loader groups");
 
 // Byte offset of element (row r, K column k) of a K-major swizzled float32 operand tile.
@@ -107,6 +112,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (row < p.n && f < p.d) staged[j] = *reinterpret_cast<const float4*>(p.x + row * p.ld + f);
     }
   };
+  float* col_slots = reinterpret_cast<float*>(ring_ptr + kStages * kStageBytes);
+  float* own_slots = col_slots + tid;  // slot i at own_slots[i * kThreads]
+  if (sums_columns) {
+#pragma unroll
+    for (int i = 0; i < kColSlots; ++i) own_slots[i * kThreads] = 0.f;
+  }
   auto store = [&](int64_t slice, int stage) {
     const int64_t row = slice * kSliceRows + lane;
     unsigned char* base = ring_ptr + stage * kStageBytes;
@@ -121,16 +132,19 @@ __global__ void __launch_bounds__(kThreads, 1)
         const float4 s = *reinterpret_cast<const float4*>(p.shift + f);
         v[0] -= s.x, v[1] -= s.y, v[2] -= s.z, v[3] -= s.w;
       }
+      if (!in_a && sums_columns) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) own_slots[((j - kGroupsPerWarp / 2) * 4 + u) * kThreads] += v[u];
+      }
       unsigned char* t = base + (in_a ? 0 : kATileBytes);
 #pragma unroll
-      for (int u = 0; u < 4; ++u) *reinterpret_cast<float*>(t + element_offset(r0 + u, lane)) = v[u];
+      for (int u = 0; u < 4; ++u) *reinterpret_cast<float*>(t + element_offset(r0 + u, lane)) = round_tf32(v[u]);
     }
   };
 
   float acc[kAcc];
 #pragma unroll
   for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
-  double col_acc = 0.0;  // column sum of feature 128 tj + tid (tile row 0, tid < 128)
 
   load(s_begin);
   store(s_begin, 0);
@@ -147,16 +161,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < 4; ++s) wgmma_tf32_n128(acc, make_desc(a + 32 * s), make_desc(b + 32 * s), (it == 0 && s == 0) ? 0 : 1);
     wgmma_commit();
     wgmma_wait<1>();
-    if (sums_columns && tid < kTileE) {  // feature 128 tj + tid: B row tid, 8 chunks of 4 floats
-      const unsigned char* rowp = ring_ptr + stage * kStageBytes + kATileBytes;
-      float sum = 0.f;
-#pragma unroll
-      for (int c = 0; c < 8; ++c) {
-        const float4 q = *reinterpret_cast<const float4*>(rowp + swizzled(tid, c));
-        sum += (q.x + q.y) + (q.z + q.w);
-      }
-      col_acc += static_cast<double>(sum);
-    }
     if (it + 1 < count) store(s_begin + it + 1, static_cast<int>((it + 1) % kStages));
     fence_proxy_async();
     __syncthreads();
@@ -172,8 +176,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int d2 = tile.tj * kTileE + 8 * (i / 4) + 2 * t4 + i % 2;
     if (d1 < p.d && d2 < p.d && d2 >= d1) atomicAdd(p.m2 + static_cast<int64_t>(d1) * p.d + d2, static_cast<double>(acc[i]));
   }
+  // Feature e = tid of the B tile: group q = 32 + e / 4 (warp q % 8, j = q / 8), component e % 4,
+  // summed over the warp's 32 lanes (rows); the loop's last barrier published every slot.
   if (sums_columns && tid < kTileE && tile.tj * kTileE + tid < p.d) {
-    atomicAdd(p.colsum + tile.tj * kTileE + tid, col_acc);
+    const int q = kTileD / 4 + tid / 4;
+    const float* slot = col_slots + ((q / 8 - kGroupsPerWarp / 2) * 4 + tid % 4) * kThreads + (q % 8) * 32;
+    double sum = 0.0;
+    for (int l = 0; l < 32; ++l) sum += static_cast<double>(slot[l]);
+    atomicAdd(p.colsum + tile.tj * kTileE + tid, sum);
   }
 }
 

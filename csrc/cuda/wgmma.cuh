@@ -35,6 +35,15 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t saddr) {
          (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
 }
 
+// v rounded to TF32 (nearest, ties away; low 13 bits zero). wgmma reads float32 operands by
+// dropping those bits, which truncates towards zero: a bias of about 2^-11 per product that does
+// not average out over a Gram's rows.
+__device__ __forceinline__ float round_tf32(float v) {
+  uint32_t out;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(out) : "f"(v));
+  return __uint_as_float(out);
+}
+
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }

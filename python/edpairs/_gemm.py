@@ -11,10 +11,11 @@ step, and the steps' results are added in float64.
   the product, as the tensor-core kernel does), then ``ArgmaxRows`` (scale s_j after the
   product, norms, first maximum; with TF32 products the top two re-scored in float64 where
   they lie within the TF32 bound), then one sorted pass over X for the cluster sums
-  (``cluster_sums``). Taken for float32 X with exact products or k >= TF32_MIN_K.
+  (``cluster_sums``). Taken for float32 X with exact products or k >= TF32_MIN_K, except TF32
+  assignments that edpairs' wgmma kernel labels (wgmma_labels_tf32: the default on Hopper).
 * moments: per step ``X~ = x - shift`` (shift: the float32 mean of the first step's rows) with
-  the column sums of X~ in float64 (``CentreRows``, one pass) and ``X~^T X~`` (batched over
-  blocks of block_rows() rows); the mean and the scatter about it follow exactly:
+  the column sums of X~ in float64 (``CentreRows``, one pass) and ``X~^T X~`` (one product, or
+  batched over blocks of block_rows() rows); the mean and the scatter about it follow exactly:
   ``mean = shift + d`` and ``sum (x - mean)(x - mean)^T = sum X~ X~^T - N d d^T`` with
   ``d = sum X~ / N``. With EDPAIRS_GEMM_GRAM=wgmma (TF32, Hopper) one ``centred_gram`` pass over
   X instead (gram_wgmma_applies).
@@ -98,12 +99,13 @@ def _steps(n: int, rows: int):
         yield first, min(n, first + rows)
 
 
-#: Rows per product of a batched step of the moments: a step's X~^T X~ is split into blocks of
-#: this many rows, one batched product, the blocks' float32 results added in float64 (float32
-#: over at most this many rows). Measured on an H200 together with dropping the float64 pre-pass
-#: for the mean: the TF32 moments went from 6.9 to 6.3 ms at 131072-row steps; the same
-#: batching made the signal moments' product slower, which therefore stays one product per step.
-BLOCK_ROWS = 2048
+#: Rows per block of the moments' batched product (0: one product per step, the default). A
+#: step's X~^T X~ may be split into blocks of this many rows, one batched product, the blocks'
+#: float32 results added in float64 (float32 sums over fewer rows). Measured on an H100 in one
+#: run (1M x 512, 131072-row steps, benchmarks/results/h100/NOTES.md, run 5): TF32 moments
+#: 4.7 ms unbatched, 5.0 ms with 8192-row and 5.9 ms with 2048-row blocks (exact float32: 12.4,
+#: 13.0, 13.8 ms); relative error 3.6e-5 vs 3.2e-5 (TF32), 2.6e-7 vs 1.5e-7 (float32).
+BLOCK_ROWS = 0
 
 #: Rows per step of the moments and signal moments on this route when the call does not say
 #: (workspace_rows=None): the fastest measured on an H200 (131072 vs 32768: TF32 moments 6.3 vs
@@ -140,7 +142,7 @@ def _env_rows(name: str, default: int, positive: bool) -> int:
 
 def block_rows() -> int:
     """Rows per block of the moments' batched product: EDPAIRS_GEMM_BLOCK_ROWS, default
-    BLOCK_ROWS; 0 = one product per step (a knob for the device measurements)."""
+    BLOCK_ROWS (0 = one product per step)."""
     return _env_rows("EDPAIRS_GEMM_BLOCK_ROWS", BLOCK_ROWS, positive=False)
 
 
@@ -323,14 +325,31 @@ def assign_rows() -> int:
 def assign_applies(X, xp, k: int, precision: str) -> bool:
     """Whether ops.assign takes this route: a torch CUDA float32 X with at least one row, exact
     float32 products or k >= TF32_MIN_K, unless EDPAIRS_GEMM_ROUTE is "kernel" ("gemm" forces
-    the route at every k). 16-bit X keeps the tensor-core kernel, which runs at the bf16
-    product's rate."""
+    the route at every k) or the TF32 labels go to the wgmma kernel (wgmma_labels_tf32). 16-bit
+    X keeps the tensor-core kernel, which runs at the bf16 product's rate."""
     if not (xp.name == "torch" and xp.is_cuda(X) and xp.dtype_name(X) == "float32" and X.shape[0] > 0):
         return False
     value = _knob()
     if value != "auto":
         return value == "gemm"
-    return precision == "float32" or k >= TF32_MIN_K
+    if precision == "float32":
+        return True
+    return k >= TF32_MIN_K and not wgmma_labels_tf32(X)
+
+
+def wgmma_labels_tf32(X) -> bool:
+    """Whether a TF32 assignment of the float32 torch CUDA tensor X with k >= TF32_MIN_K goes to
+    edpairs' wgmma labelling kernel rather than the route: EDPAIRS_ASSIGN_KERNEL "auto" (the
+    default), "wgmma" or "wgmma-tma", 16-byte aligned rows, and a build and GPU with wgmma
+    (wgmma_unavailable). On an H100 at k = 1024, 1M x 512: wgmma 6.4 ms, the route 7.8 ms,
+    torch 11.3 ms (benchmarks/results/h100/NOTES.md, run 5)."""
+    value = os.environ.get("EDPAIRS_ASSIGN_KERNEL", "auto")
+    if value not in ("", "auto", "mma", "wgmma", "wgmma-tma"):
+        raise ValueError(f"EDPAIRS_ASSIGN_KERNEL must be 'auto', 'mma', 'wgmma' or 'wgmma-tma', got {value!r}")
+    if value == "mma":
+        return False  # the route beats the mma kernel at these k
+    aligned = X.stride(1) == 1 and X.stride(0) % 4 == 0 and X.data_ptr() % 16 == 0
+    return aligned and wgmma_unavailable(X.device) is None
 
 
 def assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, *, precision: str, rows: int, lib):

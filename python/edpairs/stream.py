@@ -32,6 +32,7 @@ the same code path minus the streams, which is what the CPU tests check."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -110,6 +111,7 @@ class DeviceChunks:
 
         failed = [ptr for ptr, _ in spans if int(torch.cuda.cudart().cudaHostUnregister(ptr)) != 0]
         if failed:
+            _clear_cuda_error()
             raise RuntimeError(f"DeviceChunks.close: cudaHostUnregister failed for {len(failed)} of {len(spans)} spans")
 
     def __del__(self):
@@ -128,6 +130,7 @@ class DeviceChunks:
             for ptr, size, read_only in _page_spans(_host_arrays(self._data), os.sysconf("SC_PAGE_SIZE")):
                 err = int(cudart.cudaHostRegister(ptr, size, 8 if read_only else 0))  # 8: cudaHostRegisterReadOnly
                 if err != 0:
+                    _clear_cuda_error()
                     raise RuntimeError(f"DeviceChunks(register=True): cudaHostRegister of {size} bytes failed with "
                                        f"CUDA error {err}; use register=False (staged copies)")
                 done.append((ptr, size))
@@ -228,6 +231,19 @@ class DeviceChunks:
             current = upcoming
             k += 1
         torch.cuda.current_stream(device).wait_stream(copy)
+
+
+def _clear_cuda_error() -> None:
+    """Takes the pending error of a failed cudaHostRegister / cudaHostUnregister off torch's CUDA
+    runtime (torch's bindings do not), so that it does not surface as the error of an unrelated
+    later kernel launch: cudaGetLastError of the libcudart this process has loaded."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libcudart.so" in line}
+        for path in paths:
+            ctypes.CDLL(path).cudaGetLastError()
+    except (OSError, AttributeError):  # not Linux, or a static runtime: nothing to reach
+        pass
 
 
 def _host_arrays(data) -> list:
