@@ -780,7 +780,10 @@ def test_tensor_core_spherical_kmeans_step(torch, route, rng):
 @pytest.mark.parametrize("dtype", TC_DTYPES)
 def test_tensor_core_block_sums_equal_sorted_sums(torch, dtype, rng, monkeypatch):
     """The two ways of accumulating cluster sums (sorted segmented pass, the default; per-block
-    atomics in the assignment kernel) give the same labels, counts and sums."""
+    atomics in the assignment kernel) give the same labels, counts and sums. Both on the mma
+    kernel: at k >= 129 the default labels float32 rows on wgmma where it runs, which the block
+    sums do not (they live in the mma kernel), and near ties of two kernels may differ."""
+    monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", "mma")
     C = make_centroids(rng, 150, 40)
     X = make_rows(rng, 5000, 40, C=C, zero_rows=3)
     Xg = gpu(X, "torch", dtype)

@@ -286,6 +286,19 @@ def test_route_assign_options(rng):
         assert_results_agree(res, ops.assign(X, C, **kw), X, C, **kw)
 
 
+def test_route_assign_rows_near_the_centre(rng):
+    """Rows within 1e-3 of a centre of size ~2: their centred dots keep float32 accuracy. The
+    route once formed x . c - centre . c after the product, whose cancellation put a D = 1
+    score 1e-5 off on an H100 (a hypothesis case); it now centres the rows first."""
+    for D, k in ((1, 1), (8, 5)):
+        center = (rng.standard_normal(D) + 2).astype(np.float32)
+        X = (center + rng.standard_normal((400, D)) * 10.0 ** rng.uniform(-4, -2, (400, 1))).astype(np.float32)
+        C = make_centroids(rng, k, D)
+        res = _route_assign(t(X), t(C), center=t(center), rows=128)
+        check_assignment(res, X, C, center=center)
+        assert_results_agree(res, ops.assign(X, C, center=center), X, C, center=center)
+
+
 def test_route_assign_strided_rows_without_sums(rng):
     C = make_centroids(rng, 9, 10)
     X = make_rows(rng, 500, 10, C=C)

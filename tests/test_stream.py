@@ -161,9 +161,10 @@ def test_page_spans_merge_views_and_keep_apart_what_is_apart():
 @cuda
 def test_cuda_registered_source_streams_the_same_and_unregisters(layer):
     """register=True: pieces straight from the page-locked host array equal the staged ones
-    (also for a converting dtype and a non-contiguous piece, which is staged), and close()
-    unregisters (registering the same spans again then succeeds; a second unregister would
-    fail, and leave torch's CUDA runtime a pending error that the next kernel launch reports)."""
+    (also for a converting dtype), close() unregisters (registering the same spans again then
+    succeeds), a non-contiguous array is not registered and its pieces are staged; and a failed
+    unregister leaves no pending error in torch's CUDA runtime (_clear_cuda_error), which would
+    otherwise surface at the next kernel launch."""
     X = np.ascontiguousarray(layer.X)
     for dtype in (None, "float16"):
         staged = torch.cat([p.clone() for p in DeviceChunks(X, chunk_bytes=100 * X.shape[1] * 4, dtype=dtype).chunks()])
@@ -175,10 +176,11 @@ def test_cuda_registered_source_streams_the_same_and_unregisters(layer):
     cudart = torch.cuda.cudart()
     assert spans and all(int(cudart.cudaHostRegister(p, n, 0)) == 0 for p, n in spans)
     assert all(int(cudart.cudaHostUnregister(p)) == 0 for p, _ in spans)
-    assert int(cudart.cudaHostUnregister(spans[0][0])) != 0  # not registered: an error is pending
-    _clear_cuda_error()
-    assert float((torch.ones(4, device="cuda") * 2).sum()) == 8.0  # the next launch reports no stale error
     strided = X[:, ::2]
     with DeviceChunks(strided, register=True) as src:
         got = torch.cat([p.clone() for p in src.chunks()]).cpu().numpy()
+        assert src._registered == []
     np.testing.assert_array_equal(got, strided)
+    assert int(cudart.cudaHostUnregister(spans[0][0])) != 0  # not registered: an error is pending
+    _clear_cuda_error()
+    assert float((torch.ones(4, device="cuda") * 2).sum()) == 8.0  # the next launch reports no stale error

@@ -114,11 +114,13 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     about 1e-3 (TF32) or 1e-2 (bfloat16) of each other relative to the row's scale; scores
     carry a relative error of the same order. float64 X always takes the exact path.
 
-    torch CUDA float32 X takes the library-product route (edpairs._gemm;
-    ``EDPAIRS_GEMM_ROUTE=kernel`` keeps edpairs' fused kernels): cuBLAS forms the scores of
-    EDPAIRS_GEMM_ASSIGN_ROWS rows at a time (default 16384; a (rows, k) float32 block, never
-    the whole (N, k) matrix) in the precision asked for, an edpairs kernel takes each row's
-    argmax and norm, and the sums come from one sorted pass over X.
+    torch CUDA float32 X with exact products, or TF32 with k >= 129, takes the library-product
+    route (edpairs._gemm; ``EDPAIRS_GEMM_ROUTE=kernel`` keeps edpairs' fused kernels): cuBLAS
+    forms the scores of EDPAIRS_GEMM_ASSIGN_ROWS rows at a time (default 32768; a (rows, k)
+    float32 block, never the whole (N, k) matrix) in the precision asked for, an edpairs kernel
+    takes each row's argmax and norm, and the sums come from one sorted pass over X. On Hopper
+    (compute capability 9.0, a build with sm_90a) TF32 with k >= 129 is instead labelled by
+    edpairs' wgmma kernel (``EDPAIRS_ASSIGN_KERNEL=mma`` keeps the route).
     """
     X, xp = _data(X)
     precision = _precision(precision, X)

@@ -24,7 +24,9 @@ must copy it (``.clone()``). The estimators only keep results computed from each
 With ``register=True`` (an array or a list / tuple of arrays in memory) the host arrays are
 page-locked where they are (``cudaHostRegister``, once, on the first pass; released by
 ``close()``), and contiguous pieces go to the device straight from them: no staging copy,
-which otherwise bounds the stream at the host's memcpy rate. Registering costs time once (the
+which otherwise bounds the stream at the host's memcpy rate (H100, 2 GiB of float16 rows:
+49-51 GB/s registered against 18-19 GB/s staged, 0.94-0.99 of the pinned copy rate).
+Arrays that are not C-contiguous are not registered (their pieces are staged all the same). Registering costs time once (the
 kernel locks every page), so it pays over several passes (k-means iterations, a fit).
 
 On a non-CUDA device (``device="cpu"``) the pieces are plain torch tensors of the host data:
@@ -127,7 +129,8 @@ class DeviceChunks:
         cudart = torch.cuda.cudart()
         done = []
         try:
-            for ptr, size, read_only in _page_spans(_host_arrays(self._data), os.sysconf("SC_PAGE_SIZE")):
+            arrays = [a for a in _host_arrays(self._data) if a.flags.c_contiguous]  # the others are staged
+            for ptr, size, read_only in _page_spans(arrays, os.sysconf("SC_PAGE_SIZE")):
                 err = int(cudart.cudaHostRegister(ptr, size, 8 if read_only else 0))  # 8: cudaHostRegisterReadOnly
                 if err != 0:
                     _clear_cuda_error()
