@@ -121,3 +121,16 @@ def test_torch_and_numpy_give_identical_results(rng):
     t = _outputs("torch", torch.from_numpy(X), torch.from_numpy(C), torch.from_numpy(W), torch.from_numpy(b))
     for name in a:
         np.testing.assert_array_equal(to_numpy(t[name][0]), a[name][0], err_msg=name)
+
+
+def test_host_float64_copies_keep_float64_and_large_counts():
+    """to_numpy64 (how the estimators bring sums and counts home): torch float64 and int64 values
+    arrive exactly (it once went through float32: 1 + 2^-40 became 1, 2^25 + 1 became 2^25),
+    bfloat16 as its float value."""
+    from edpairs._arrays import to_numpy64
+
+    got = to_numpy64(torch.tensor([1 + 2.0**-40, -3.5], dtype=torch.float64))
+    assert got.dtype == np.float64 and got[0] == 1 + 2.0**-40 and got[1] == -3.5
+    assert to_numpy64(torch.tensor([2**25 + 1], dtype=torch.int64))[0] == 2**25 + 1
+    assert to_numpy64(torch.tensor([1.5, 256.0], dtype=torch.bfloat16)).tolist() == [1.5, 256.0]
+    assert to_numpy64(np.array([7], np.int32)).dtype == np.float64

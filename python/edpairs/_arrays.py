@@ -177,12 +177,9 @@ def to_host(a) -> np.ndarray:
 
 
 def to_numpy64(a) -> np.ndarray:
-    """Any array (numpy, torch on any device and dtype, cupy) as a float64 numpy array on the host."""
-    if hasattr(a, "detach"):
-        return a.detach().float().cpu().numpy().astype(np.float64)
-    if _module_root(a) == "cupy":
-        return a.get().astype(np.float64)
-    return np.asarray(a, dtype=np.float64)
+    """Any array (numpy, torch on any device and dtype, cupy) as a float64 numpy array on the
+    host: float64 values and integers up to 2^53 exactly (never through float32)."""
+    return np.asarray(to_host(a), dtype=np.float64)
 
 
 def on_device_of(a, like):

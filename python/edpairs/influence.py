@@ -59,13 +59,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from ._arrays import to_host
+from ._arrays import to_numpy64 as _host
 
 __all__ = ["InfluenceResult", "influence", "plot_influence", "noise_directions"]
-
-
-def _host(a) -> np.ndarray:
-    return np.asarray(to_host(a), dtype=np.float64)
 
 
 def _is_torch(x) -> bool:

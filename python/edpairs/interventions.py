@@ -59,7 +59,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ._arrays import to_host
+from ._arrays import to_numpy64 as _host
 from ._layout import LAYOUTS, channel_last, from_channel_last, infer_layout
 from .capture import find_module
 
@@ -69,10 +69,6 @@ _PINV_RCOND = 1e-6
 
 
 # ---- the pairs, converted once per device and dtype --------------------------------------
-def _host(a) -> np.ndarray:
-    return np.asarray(to_host(a), dtype=np.float64)
-
-
 class _Pairs:
     """Host float64 copies of the pairs' arrays, with per-(library, device, dtype) and per-set
     caches of what the edits need."""
