@@ -8,7 +8,7 @@ user would pick instead, in the same run on the same data.
                (edpairs-wgmma) and takes the library-product route elsewhere (edpairs._gemm:
                cuBLAS dots of 32768 rows at a time, an edpairs argmax kernel, the sorted sums
                pass); below k = 129 the fused tensor-core kernel; 16-bit data the tensor-core
-               kernel in its own dtype
+               kernel in its own dtype (the wgmma one on Hopper for k >= 129)
   edpairs-gemm  the route at every k (EDPAIRS_GEMM_ROUTE=gemm)
   edpairs-r8192, edpairs-r16384  the route with 8192 / 16384 rows per step
   edpairs-kernel  the fused tensor-core kernel on mma.sync instead of the route

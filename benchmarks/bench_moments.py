@@ -8,8 +8,11 @@ what a user would write instead, in the same run on the same data.
 On CUDA (torch tensors) the edpairs rows are: "edpairs" / "edpairs-tf32", the default route
 (edpairs._gemm: cuBLAS products of 131072 rows at a time, exact float32 / TF32 operands,
 float64 between steps; "-rN" rows for each --workspace-rows N, "-bN" for each --block-rows N:
-the moments' product in blocks of N rows, 0 = one product per step; "edpairs-tf32-wgmma": the
-centred Gram on Hopper's wgmma, EDPAIRS_GEMM_GRAM=wgmma, where the build and GPU have it) and
+the moments' product in blocks of N rows, 0 = one product per step; "-triB" for each
+--triangle-blocks B: only the Gram's blocks on or above the diagonal, B features per block,
+EDPAIRS_GEMM_GRAM=triangle; "edpairs-tf32-wgmma": the centred Gram on Hopper's wgmma,
+EDPAIRS_GEMM_GRAM=wgmma, where the build and GPU have it; these three kinds time the moments
+only, the signal moments do not use them) and
 "edpairs-kernel" /
 "edpairs-kernel-tf32", edpairs' own CUDA kernels (EDPAIRS_GEMM_ROUTE=kernel: SIMT exact, or the
 tensor-core scatter / masked product with TF32 operands).
@@ -55,6 +58,8 @@ def main() -> None:
     p.add_argument("--block-rows", type=int, nargs="*", default=[],
                    help="CUDA: rows per block of the moments' batched product to time next to the default "
                         "(EDPAIRS_GEMM_BLOCK_ROWS; 0 = one product per step; the signal moments ignore it)")
+    p.add_argument("--triangle-blocks", type=int, nargs="*", default=[],
+                   help="CUDA: features per block of the triangle Gram (EDPAIRS_GEMM_GRAM=triangle) to time")
     args = p.parse_args()
 
     import torch
@@ -85,14 +90,14 @@ def main() -> None:
         mom_flops = N * D * D  # symmetric rank-N update: D^2/2 entries, 2 flops each
         sig_flops = 2.0 * N * D * I * 3  # Z = XW, then X^T [M, M*Z]
         cuda = dev.startswith("cuda")
-        edp_methods = _edpairs_methods(cuda, args.workspace_rows, args.block_rows)
+        edp_methods = _edpairs_methods(cuda, args.workspace_rows, args.block_rows, args.triangle_blocks)
         # Kernels that have never run on a GPU go last: a fault there loses no other row.
         late = {name for name in edp_methods if name.endswith("-wgmma")}
         moments = {name: (lambda kw=kw, env=env: _edp(edp, env, edp.ops.moments, X, check_finite=False, **kw).cov)
                    for name, (kw, env) in edp_methods.items()}
         signal = {name: (lambda kw=kw, env=env: _edp(edp, env, edp.ops.signal_moments, X, Wt, bt, check_finite=False,
                                                      **kw).sum_xz)
-                  for name, (kw, env) in edp_methods.items()}
+                  for name, (kw, env) in edp_methods.items() if not any(part in name for part in MOMENTS_ONLY)}
         cases = {
             "moments": {
                 **{k: v for k, v in moments.items() if k not in late},
@@ -127,10 +132,15 @@ def main() -> None:
     print_table(rows, ["op", "N,D,I", "method", "ms", "GFLOP/s", "time vs edpairs", "rel err (sample)"])
 
 
-def _edpairs_methods(cuda: bool, workspace_rows, block_rows=()):
+#: Name parts of the rows that only the moments use (the signal moments skip them).
+MOMENTS_ONLY = ("-b", "-tri", "-wgmma")
+
+
+def _edpairs_methods(cuda: bool, workspace_rows, block_rows=(), triangle_blocks=()):
     """edpairs variants: name -> (keyword arguments, environment). On CUDA the default route
     (cuBLAS products, exact float32 / TF32; its default step, then "-rN" rows for each
-    --workspace-rows N and "-bN" for each --block-rows N) and the kernels."""
+    --workspace-rows N, "-bN" for each --block-rows N and "-triB" for each --triangle-blocks
+    B) and the kernels."""
     if not cuda:
         return {"edpairs": ({}, {})}
     gemm = {"EDPAIRS_GEMM_ROUTE": "gemm"}
@@ -142,6 +152,10 @@ def _edpairs_methods(cuda: bool, workspace_rows, block_rows=()):
         env = {**gemm, "EDPAIRS_GEMM_BLOCK_ROWS": str(rows)}
         out[f"edpairs-b{rows}"] = ({}, env)
         out[f"edpairs-tf32-b{rows}"] = ({"precision": "tf32"}, env)
+    for block in triangle_blocks:
+        env = {**gemm, "EDPAIRS_GEMM_GRAM": "triangle", "EDPAIRS_GEMM_TRIANGLE_BLOCK": str(block)}
+        out[f"edpairs-tri{block}"] = ({}, env)
+        out[f"edpairs-tf32-tri{block}"] = ({"precision": "tf32"}, env)
     if _wgmma_gram_available():  # the centred Gram on wgmma (TF32; the signal moments ignore it)
         out["edpairs-tf32-wgmma"] = ({"precision": "tf32"}, {**gemm, "EDPAIRS_GEMM_GRAM": "wgmma"})
     kernel = {"EDPAIRS_GEMM_ROUTE": "kernel"}

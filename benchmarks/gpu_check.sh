@@ -21,28 +21,29 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 # Knobs: ARCHS (CUDA architectures to build; the card's own by default, to build fast),
 # SLOW=1 (also the slow CUDA tests), REPEAT (timed repetitions per benchmark), SKIP (a list of
 # optional steps to leave out when device time is short: estimators, route_parts, stream, bf16; by
-# default the first two, measured in run4 and unchanged since, so that one call fits ~9 minutes;
-# SKIP="" runs everything). QUICK=1: a shorter call (about 5 minutes, so that a session can run
-# it twice): the main CUDA tests only for the paths changed since run4 (fused sums, moments, the
-# route, streaming), no bf16 k-means, no streaming benchmark, fewer k-means methods.
+# default the first three, measured in run4 / run5 and unchanged since, so that one call fits
+# ~8 minutes; SKIP="" runs everything). QUICK=1: a shorter call (about 5 minutes, so that a
+# session can run it twice): the main CUDA tests only for the route, moments and streaming, no
+# bf16 k-means, fewer k-means rows.
 # TESTS_K, KM_METHODS, KM_SIZES, BF16_METHODS, BF16_SIZES, STREAM_GIB override the choices below.
 ARCHS="${ARCHS:-90}"
 REPEAT="${REPEAT:-5}"
 QUICK="${QUICK:-0}"
-# "edpairs" is the default dispatch: on Hopper, TF32 float32 with k >= 129 labels on wgmma;
-# edpairs-gemm is the cuBLAS route that was the default there before run 5.
+# "edpairs" is the default dispatch: on Hopper, k >= 129 labels on wgmma (float32 and 16-bit);
+# edpairs-gemm is the cuBLAS route that was the float32 default there before run 5,
+# edpairs-kernel the mma.sync kernel.
 if [ "$QUICK" = 1 ]; then
   SKIP="${SKIP-estimators route_parts stream bf16}"
   TESTS_K="${TESTS_K:-not wgmma and (fused or moment or route or centre or rescore or argmax or stream or gram)}"
   KM_METHODS="${KM_METHODS:-edpairs,edpairs-gemm,edpairs-fused,torch}"
 else
-  SKIP="${SKIP-estimators route_parts}"
+  SKIP="${SKIP-estimators route_parts stream}"
   TESTS_K="${TESTS_K:-not wgmma}"
-  KM_METHODS="${KM_METHODS:-edpairs,edpairs-gemm,edpairs-kernel,edpairs-wgmma-tma,edpairs-fused,torch}"
+  KM_METHODS="${KM_METHODS:-edpairs,edpairs-gemm,edpairs-kernel,torch}"
 fi
-KM_SIZES="${KM_SIZES:-1000000,512,1024 1000000,512,64}"
-BF16_METHODS="${BF16_METHODS:-edpairs,edpairs-wgmma,edpairs-fused,torch}"
-BF16_SIZES="${BF16_SIZES:-$KM_SIZES}"
+KM_SIZES="${KM_SIZES:-1000000,512,1024 1000000,512,256 1000000,512,64}"
+BF16_METHODS="${BF16_METHODS:-edpairs,edpairs-kernel,torch}"
+BF16_SIZES="${BF16_SIZES:-1000000,512,1024 1000000,512,256}"
 STREAM_GIB="${STREAM_GIB:-4}"
 skipped() { case " $SKIP " in *" $1 "*) echo "(skipped: SKIP has $1)"; return 0;; esac; return 1; }
 MARK="cuda and not slow"
@@ -74,9 +75,9 @@ skipped estimators || EDPAIRS_PRECISION=tf32 timeout 120 python3 -m pytest -q -m
 step "ceilings"
 timeout 120 python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" || status=1
 
-# The route's step variants and the exact float32 paths (edpairs-gemm, -r16384, -f32,
-# -kernel-f32: run4, unchanged since) are left out to keep the call inside its time; add them
-# with KMEANS_EXTRA=edpairs-gemm,edpairs-f32,...
+# The route's step variants, the exact float32 paths and the opt-in kernels (-r16384, -f32,
+# -kernel-f32: run4; -wgmma-tma, -fused: run5) are left out to keep the call inside its time;
+# add them with KMEANS_EXTRA=edpairs-f32,edpairs-wgmma-tma,...
 step "spherical k-means iteration (float32 data: cuBLAS route / tensor-core kernels, TF32; torch TF32)"
 timeout 420 python3 benchmarks/bench_kmeans.py --device cuda --methods "$KM_METHODS${KMEANS_EXTRA:+,$KMEANS_EXTRA}" --repeat "$REPEAT" \
   --sizes $KM_SIZES --json "$OUT/kmeans_cuda_f32.json" || status=1
@@ -86,7 +87,7 @@ skipped bf16 || timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --d
 
 step "moments and signal moments"
 timeout 240 python3 benchmarks/bench_moments.py --device cuda --sizes 1000000,512,256 --repeat "$REPEAT" \
-  --workspace-rows 262144 --block-rows 0 8192 --json "$OUT/moments_cuda.json" || status=1
+  --triangle-blocks 128 256 --json "$OUT/moments_cuda.json" || status=1
 
 step "where the route's time goes (each piece alone)"
 skipped route_parts || timeout 120 python3 benchmarks/bench_route_parts.py --json "$OUT/route_parts.json" || status=1
@@ -135,7 +136,7 @@ for method in ("edpairs", "edpairs-gemm", "edpairs-r16384", "edpairs-kernel", "e
         goals.append((f"k=1024 f32 {method}: torch TF32 / edpairs TF32 time", tt / e, 2.0))
         goals.append((f"k=1024 f32 {method}: rate / TF32 GEMM rate", 2 * 1e6 * 512 * 1024 / e / 1e12 / tf32 if tf32 else 0, 0.6))
 tt = t(b16, big, "torch")
-for method in ("edpairs", "edpairs-wgmma"):
+for method in ("edpairs", "edpairs-kernel", "edpairs-wgmma"):
     e = t(b16, big, method)
     if e and tt:
         goals.append((f"k=1024 bf16 {method}: torch bf16 / edpairs time", tt / e, 1.5))

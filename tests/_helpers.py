@@ -23,6 +23,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from edpairs import reference as ref
+from edpairs.ops import CANCELLED
 
 
 def worker_env(**extra) -> dict:
@@ -364,7 +365,7 @@ def check_kmeans_step(result, X, C):
     norms = np.linalg.norm(Cv, axis=1)
     previous = np.where(norms[:, None] > 0, Cv / np.where(norms > 0, norms, 1)[:, None], 0.0)
     snorm = np.linalg.norm(sums, axis=1)
-    live = (exp_counts > 0) & (snorm > 0)
+    live = (exp_counts > 0) & (snorm > CANCELLED * exp_counts)  # members that cancel: previous
     want = previous.copy()
     want[live] = sums[live] / snorm[live, None]
     # float32 sums of unit vectors: relative error of a sum ~1e-6 of the sum of |terms|.

@@ -70,6 +70,20 @@ def test_normalize_centroids_accepts_float32_sums_and_int32_counts(xp, rng):
 # spherical_kmeans_step
 
 
+def test_members_that_cancel_keep_the_previous_centroid():
+    """Two rows of opposite sign (D = 1): their unit vectors cancel exactly, but in float32
+    x * (1 / |x|) can be 1 - 2^-24 and -1, and the normalised rounding noise pointed the other
+    way (a hypothesis case). A sum within CANCELLED x count of zero keeps the previous centroid;
+    a cluster with a clear sum still moves."""
+    X = np.array([[2.5744267], [-0.41306356]], np.float32)
+    C = np.array([[0.94526696]], np.float32)
+    cents, labels, counts = ops.spherical_kmeans_step(X, C)
+    assert cents.tolist() == [[1.0]] and counts.tolist() == [2]
+    X3 = np.array([[1.0, 0.0], [-1.0, 1e-3], [0.0, 1.0]], np.float32)
+    cents, _, _ = ops.spherical_kmeans_step(X3, np.array([[1.0, 1.0]], np.float32))
+    np.testing.assert_allclose(cents, [[0.0, 1.0]], atol=1e-3)
+
+
 @examples(30)
 @given(N=st.integers(1, 150), D=st.integers(1, 24), k=st.integers(1, 30), seed=st.integers(0, 2**32 - 1),
        dups=st.integers(0, 2), zero_rows=st.integers(0, 2))

@@ -509,11 +509,44 @@ def test_route_moments_through_the_centred_gram(rng, monkeypatch):
     assert torch.equal(m2, m2.T)
     monkeypatch.undo()
     monkeypatch.setenv("EDPAIRS_GEMM_GRAM", "cutlass")
-    with pytest.raises(ValueError, match="EDPAIRS_GEMM_GRAM must be 'cublas' or 'wgmma', got 'cutlass'"):
+    with pytest.raises(ValueError, match="EDPAIRS_GEMM_GRAM must be one of 'cublas', 'triangle', 'wgmma', got 'cutlass'"):
         _gemm.gram_wgmma_applies(t(X), "tf32")
     monkeypatch.setenv("EDPAIRS_GEMM_GRAM", "wgmma")
     assert not _gemm.gram_wgmma_applies(t(X), "tf32")  # a CPU tensor
     assert not _gemm.gram_wgmma_applies(t(X), "float32")  # exact products are cuBLAS's
+
+
+@pytest.mark.parametrize("D,block", [(1, 128), (16, 5), (130, 128), (300, 64)])
+def test_route_moments_triangle_gram(D, block, rng, monkeypatch):
+    """EDPAIRS_GEMM_GRAM=triangle: the products of the blocks on or above the diagonal only
+    (ragged last block; one block when D <= block), mirrored: the same moments as the full
+    product, to float32 rounding, symmetric bit for bit; the block knob is checked."""
+    X = (rng.standard_normal((1501, D)) @ rng.standard_normal((D, D)) + 20).astype(np.float32)
+    full_mean, full_m2 = _gemm.moments(t(X), precision="float32", rows=400, lib=lib())
+    monkeypatch.setenv("EDPAIRS_GEMM_GRAM", "triangle")
+    monkeypatch.setenv("EDPAIRS_GEMM_TRIANGLE_BLOCK", str(block))
+    mean, m2 = _gemm.moments(t(X), precision="float32", rows=400, lib=lib())
+    check_moments(ops.Moments(1501, mean, m2), X)
+    assert torch.equal(m2, m2.T) and torch.equal(mean, full_mean)
+    np.testing.assert_allclose(m2.numpy(), full_m2.numpy(), rtol=1e-6, atol=1e-6 * float(full_m2.abs().max()))
+    monkeypatch.setenv("EDPAIRS_GEMM_TRIANGLE_BLOCK", "0")
+    with pytest.raises(ValueError, match="EDPAIRS_GEMM_TRIANGLE_BLOCK must be a positive integer, got '0'"):
+        _gemm.moments(t(X), precision="float32", rows=400, lib=lib())
+
+
+def test_triangle_product_computes_only_the_upper_blocks(rng):
+    """The lower blocks are never formed: acc stays 0 below the diagonal blocks."""
+    A = torch.from_numpy(rng.standard_normal((50, 10)))
+    tri = _gemm._TriangleProduct(torch, 10, 4, "cpu")
+    tri.acc = tri.acc.to(torch.float64)
+    tri.outs = [o.double() for o in tri.outs]
+    tri.add(A, A)
+    want = (A.T @ A).numpy()
+    acc = tri.acc.numpy()
+    for i0, i1 in tri.bounds:
+        np.testing.assert_allclose(acc[i0:i1, i0:], want[i0:i1, i0:], rtol=1e-12)
+        assert (acc[i1:, i0:i1] == 0).all()
+    np.testing.assert_allclose(tri.full().numpy(), want, rtol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------

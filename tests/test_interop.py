@@ -126,7 +126,7 @@ def test_torch_and_numpy_give_identical_results(rng):
 def test_host_float64_copies_keep_float64_and_large_counts():
     """to_numpy64 (how the estimators bring sums and counts home): torch float64 and int64 values
     arrive exactly (it once went through float32: 1 + 2^-40 became 1, 2^25 + 1 became 2^25),
-    bfloat16 as its float value."""
+    bfloat16 as its float value, always as a copy."""
     from edpairs._arrays import to_numpy64
 
     got = to_numpy64(torch.tensor([1 + 2.0**-40, -3.5], dtype=torch.float64))
@@ -134,3 +134,7 @@ def test_host_float64_copies_keep_float64_and_large_counts():
     assert to_numpy64(torch.tensor([2**25 + 1], dtype=torch.int64))[0] == 2**25 + 1
     assert to_numpy64(torch.tensor([1.5, 256.0], dtype=torch.bfloat16)).tolist() == [1.5, 256.0]
     assert to_numpy64(np.array([7], np.int32)).dtype == np.float64
+    t = torch.zeros(3, dtype=torch.float64)
+    host = to_numpy64(t)
+    t += 1  # the host copy does not share the tensor's memory
+    assert host.tolist() == [0.0, 0.0, 0.0]

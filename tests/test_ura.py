@@ -149,13 +149,20 @@ def test_torch_images_and_determinism(small):
     b = edp.EDPairs(3, random_state=0).fit(small.images(), head=small.head, ura=FAST)
     for name in ("decoding_", "bias_", "encoding_"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
-    # Torch input: stages 1-4 agree to float32 rounding, but the entropy is nearly flat along
-    # the direction the head does not read, so those differences are not damped by URA:
-    # compare the recovery, not the arrays.
+    # Torch input: stages 1-4 agree with numpy input to float32 rounding ...
+    X = small.images().reshape(-1, small.images().shape[-1])
+    n4, t4 = edp.EDPairs(3, random_state=0).fit(X), edp.EDPairs(3, random_state=0).fit(torch.from_numpy(X))
+    for name in ("decoding_", "bias_", "encoding_"):
+        np.testing.assert_allclose(np.asarray(getattr(t4, name)), getattr(n4, name), rtol=1e-5, atol=1e-5, err_msg=name)
+    # ... but the entropy is nearly flat along the direction the head does not read, so URA does
+    # not damp those differences: compare the recovery, not the arrays. With this short schedule
+    # the encoding cosine is not a stable quantity (numpy input scaled by 1 + 1e-7 noise moved
+    # mean_cos_encoding between 0.68 and 0.89, mean_cos_decoding between 0.88 and 0.94, the IoU
+    # between 0.972 and 0.982), so only the IoU and the decoding cosine are compared.
     t = edp.EDPairs(3, random_state=0).fit(torch.from_numpy(small.images()), head=small.head, ura=FAST)
     ra, rt = score(small, a), score(small, t)
-    for key in ("mean_iou", "mean_cos_decoding", "mean_cos_encoding"):
-        assert abs(ra[key] - rt[key]) < 0.1, (key, ra[key], rt[key])
+    assert abs(ra["mean_iou"] - rt["mean_iou"]) < 0.05, (ra["mean_iou"], rt["mean_iou"])
+    assert abs(ra["mean_cos_decoding"] - rt["mean_cos_decoding"]) < 0.1, (ra["mean_cos_decoding"], rt["mean_cos_decoding"])
     flat = edp.EDPairs(3, random_state=0).fit(small.images().reshape(small.n_images, -1, 16), head=small.head,
                                               ura=FAST)
     assert abs(score(small, flat)["mean_iou"] - ra["mean_iou"]) < 0.05

@@ -1010,14 +1010,15 @@ inline int assign_smem_bytes() {
 }
 
 // Which kernel labels the rows of the tensor-core path (EDPAIRS_ASSIGN_KERNEL): "auto"
-// (default: "wgmma" for float32 x with k >= kWgmmaAutoMinK, else "mma"), "mma"
+// (default: "wgmma" for k >= kWgmmaAutoMinK, else "mma"), "mma"
 // (assign_tc_kernel above, mma.sync, every architecture of the build), "wgmma"
 // (assign_wgmma_cuda.cu, Hopper's warpgroup MMA: where the build has sm_90a, the device has
 // compute capability 9.0 and x's rows are 16-byte aligned; the mma kernel elsewhere) or
 // "wgmma-tma" (assign_wgmma_tma_cuda.cu for float32 x: TMA loads, the centroid tile multicast
 // to clusters of two blocks; "wgmma" for 16-bit x). Measured on an H100 (1M x 512, TF32):
 // k = 1024 wgmma 6.4 ms, wgmma-tma 9.3 ms, mma 8.7 ms, the cuBLAS route 7.8 ms; k = 64 wgmma
-// 3.3 ms, the small-k path 2.9 ms (benchmarks/results/h100/NOTES.md, run 5).
+// 3.3 ms, the small-k path 2.9 ms; bfloat16 at k = 1024: wgmma 4.2 ms, mma 4.8 ms
+// (benchmarks/results/h100/NOTES.md, run 5).
 enum class LabelKernel { Auto, Mma, Wgmma, WgmmaTma };
 constexpr int64_t kWgmmaAutoMinK = 129;  // as _gemm.TF32_MIN_K: below it one mma tile is faster
 inline LabelKernel label_kernel() {
@@ -1129,7 +1130,7 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
   // The wgmma kernel only labels: sums, where asked, come from the sorted pass.
   LabelKernel choice = label_kernel();
   if (choice == LabelKernel::Auto) {
-    choice = std::is_same<T, float>::value && k >= kWgmmaAutoMinK ? LabelKernel::Wgmma : LabelKernel::Mma;
+    choice = k >= kWgmmaAutoMinK ? LabelKernel::Wgmma : LabelKernel::Mma;
   }
   const bool wgmma = choice != LabelKernel::Mma && aligned && (p.sums == nullptr || sorted) && wgmma_device();
   const bool tma = wgmma && choice == LabelKernel::WgmmaTma && std::is_same<T, float>::value;

@@ -178,8 +178,12 @@ def to_host(a) -> np.ndarray:
 
 def to_numpy64(a) -> np.ndarray:
     """Any array (numpy, torch on any device and dtype, cupy) as a float64 numpy array on the
-    host: float64 values and integers up to 2^53 exactly (never through float32)."""
-    return np.asarray(to_host(a), dtype=np.float64)
+    host: float64 values and integers up to 2^53 exactly (never through float32). A torch or
+    cupy array is always copied (a float64 CPU tensor's numpy view would share its memory); a
+    numpy float64 array comes back as itself."""
+    if isinstance(a, np.ndarray):
+        return np.asarray(a, dtype=np.float64)
+    return np.array(to_host(a), dtype=np.float64)
 
 
 def on_device_of(a, like):

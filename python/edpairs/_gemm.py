@@ -16,8 +16,9 @@ step, and the steps' results are added in float64.
   the column sums of X~ in float64 (``CentreRows``, one pass) and ``X~^T X~`` (one product, or
   batched over blocks of block_rows() rows); the mean and the scatter about it follow exactly:
   ``mean = shift + d`` and ``sum (x - mean)(x - mean)^T = sum X~ X~^T - N d d^T`` with
-  ``d = sum X~ / N``. With EDPAIRS_GEMM_GRAM=wgmma (TF32, Hopper) one ``centred_gram`` pass over
-  X instead (gram_wgmma_applies).
+  ``d = sum X~ / N``. With EDPAIRS_GEMM_GRAM=triangle only the products of the blocks on or
+  above the diagonal (gram_mode); with EDPAIRS_GEMM_GRAM=wgmma (TF32, Hopper) one
+  ``centred_gram`` pass over X instead (gram_wgmma_applies).
 * signal moments: per step ``Z = X~ W - b'`` (``b' = b - center . W`` in float64, as the kernels
   form z), the detector epilogue (``SignalMasks``: ``[M, M * Z]`` with ``M = Z > 0``, counts and
   the z sums in float64) and ``[M, M * Z]^T X~``. Float32, float16 and bfloat16 X (moments too).
@@ -195,16 +196,59 @@ def wgmma_unavailable(device=None):
     return None if cap == (9, 0) else f"the wgmma kernels run on compute capability 9.0 only, this GPU is {cap}"
 
 
+GRAM_MODES = ("cublas", "triangle", "wgmma")
+
+
+def gram_mode() -> str:
+    """EDPAIRS_GEMM_GRAM, checked: how the moments' centred Gram is formed on the route.
+    "cublas" (default): one product X~^T X~ per step. "triangle": only the blocks on or above
+    the diagonal, one product per row block of TRIANGLE_BLOCK features (X~_i^T X~[:, i:]; at
+    D = 512 five eighths of the products' work). "wgmma": edpairs' one-pass kernel where it
+    applies (gram_wgmma_applies)."""
+    value = os.environ.get("EDPAIRS_GEMM_GRAM", "cublas")
+    if value not in GRAM_MODES:
+        raise ValueError(f"EDPAIRS_GEMM_GRAM must be one of {', '.join(map(repr, GRAM_MODES))}, got {value!r}")
+    return value
+
+
+#: Features per row block of the "triangle" Gram (EDPAIRS_GEMM_TRIANGLE_BLOCK overrides it).
+TRIANGLE_BLOCK = 128
+
+
+def triangle_block() -> int:
+    return _env_rows("EDPAIRS_GEMM_TRIANGLE_BLOCK", TRIANGLE_BLOCK, positive=True)
+
+
+class _TriangleProduct:
+    """acc (float64, (D, D)) += the blocks on or above the diagonal of A^T A, for A (r, D): per
+    row block i of ``block`` features one product A[:, i]^T A[:, i0:] (float32 results, added
+    in float64); the entries below the diagonal blocks stay 0 (``full()`` mirrors them)."""
+
+    def __init__(self, torch, D: int, block: int, device):
+        self.torch = torch
+        self.bounds = [(i0, min(D, i0 + block)) for i0 in range(0, D, block)]
+        self.outs = [torch.empty((i1 - i0, D - i0), dtype=torch.float32, device=device) for i0, i1 in self.bounds]
+        self.acc = torch.zeros((D, D), dtype=torch.float64, device=device)
+
+    def add(self, A, B):
+        assert B is A, "the triangle is of a Gram: A^T A"
+        for (i0, i1), out in zip(self.bounds, self.outs):
+            self.torch.mm(A[:, i0:i1].T, A[:, i0:], out=out)
+            self.acc[i0:i1, i0:] += out
+
+    def full(self):
+        """The symmetric (D, D) matrix from the upper triangle of acc."""
+        torch = self.torch
+        return torch.triu(self.acc) + torch.triu(self.acc, 1).T
+
+
 def gram_wgmma_applies(X, precision: str) -> bool:
     """Whether moments() forms the centred Gram with edpairs' wgmma kernel (centred_gram, ops.h
     3f: the centring on the way into shared memory, no centred copy, only the tiles on or above
     the diagonal) instead of cuBLAS: EDPAIRS_GEMM_GRAM=wgmma (opt-in: 8.5 ms against cuBLAS's
     4.7 ms on an H100 at 1M x 512, run 5; default "cublas"), TF32 products, a float32 X with 16-byte aligned rows and
     D % 4 == 0, a build with sm_90a and a compute capability 9.0 GPU."""
-    value = os.environ.get("EDPAIRS_GEMM_GRAM", "cublas")
-    if value not in ("cublas", "wgmma"):
-        raise ValueError(f"EDPAIRS_GEMM_GRAM must be 'cublas' or 'wgmma', got {value!r}")
-    if value != "wgmma" or precision != "tf32":
+    if gram_mode() != "wgmma" or precision != "tf32":
         return False
     import torch
 
@@ -230,7 +274,11 @@ def moments(X, *, precision: str, rows: int, lib):
     if gram_wgmma_applies(X, precision):
         return _centred_gram_moments(X, shift, colsum, lib, c, stream)
     work = torch.empty((step, D), dtype=torch.float32, device=X.device)
-    gram = _BatchedProduct(torch, D, D, step, X.device)
+    triangle = gram_mode() == "triangle"
+    if triangle:
+        gram = _TriangleProduct(torch, D, triangle_block(), X.device)
+    else:
+        gram = _BatchedProduct(torch, D, D, step, X.device)
     # One pass per step writes the centred rows and adds their float64 column sums (centre_rows).
     centre = lib.CentreRows(c(X), c(shift), c(work), c(colsum))
     with matmul_precision(torch, precision):
@@ -240,7 +288,7 @@ def moments(X, *, precision: str, rows: int, lib):
             gram.add(xt, xt)
     d = colsum / N  # mean - shift
     mean = shift.to(torch.float64) + d
-    m2 = gram.acc - N * torch.outer(d, d)
+    m2 = (gram.full() if triangle else gram.acc) - N * torch.outer(d, d)
     # Both triangles come from one product; make them bit-for-bit equal.
     m2 = (m2 + m2.T) * 0.5
     return mean, m2

@@ -119,8 +119,9 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     forms the scores of EDPAIRS_GEMM_ASSIGN_ROWS rows at a time (default 32768; a (rows, k)
     float32 block, never the whole (N, k) matrix) in the precision asked for, an edpairs kernel
     takes each row's argmax and norm, and the sums come from one sorted pass over X. On Hopper
-    (compute capability 9.0, a build with sm_90a) TF32 with k >= 129 is instead labelled by
-    edpairs' wgmma kernel (``EDPAIRS_ASSIGN_KERNEL=mma`` keeps the route).
+    (compute capability 9.0, a build with sm_90a) tensor-core assignments with k >= 129 are
+    labelled by edpairs' wgmma kernel, TF32 float32 ones too instead of the route
+    (``EDPAIRS_ASSIGN_KERNEL=mma`` keeps mma.sync and the route).
     """
     X, xp = _data(X)
     precision = _precision(precision, X)
@@ -188,18 +189,26 @@ def _unit_rows(xp: Namespace, C):
     return xp.as_float32_contiguous(C / safe[:, None])
 
 
+#: A cluster whose sum of member unit vectors is at most this times its count long keeps its
+#: previous centroid in spherical_kmeans_step (its direction would be rounding noise).
+CANCELLED = 2.0**-16
+
+
 def spherical_kmeans_step(X, C, *, check_finite: bool = True, precision: Optional[str] = None):
     """One spherical k-means iteration: assign every row of X to its most cosine-similar
     centroid and replace each centroid by the normalised sum of its members' unit vectors.
 
     Returns ``(centroids, labels, counts)``: float32 (k, D) unit rows, int64 (N,), int64 (k,).
-    An empty cluster (count 0) keeps its previous centroid, normalised; re-seeding is the
-    estimator's job (:class:`edpairs.SphericalKMeans`). ``precision`` as in :func:`assign`.
+    An empty cluster (count 0) keeps its previous centroid, normalised, and so does a cluster
+    whose members cancel: a sum of length at most CANCELLED (2^-16) times the count, where
+    float32 rounding of the unit vectors, not the data, would set the direction. Re-seeding is
+    the estimator's job (:class:`edpairs.SphericalKMeans`). ``precision`` as in :func:`assign`.
     """
     X, xp = _data(X)
     C = _param(C, xp, X, "C")
     res = assign(X, C, accumulate=True, check_finite=check_finite, precision=precision)
-    centroids = normalize_centroids(res.sums, res.counts, _unit_rows(xp, C))
+    sums = res.sums * ((res.sums * res.sums).sum(1) ** 0.5 > CANCELLED * res.counts)[:, None]
+    centroids = normalize_centroids(sums, res.counts, _unit_rows(xp, C))
     return centroids, res.labels, res.counts
 
 

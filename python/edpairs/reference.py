@@ -59,6 +59,9 @@ def spherical_kmeans_step(X, C):
     C = _f64(C)
     labels, _, sums, counts = assign(X, C)
     previous = C * _row_norm_inverse(C)[:, None]
+    from .ops import CANCELLED  # members that cancel keep the previous centroid, as in ops
+
+    sums = sums * (np.linalg.norm(sums, axis=1) > CANCELLED * counts)[:, None]
     return normalize_centroids(sums, counts, previous), labels, counts
 
 
