@@ -137,6 +137,20 @@ def test_register_needs_arrays_that_stay_in_memory(layer):
     src.close()  # nothing registered on the CPU path: a no-op
 
 
+def test_only_pieces_inside_registered_spans_are_copied_directly(layer):
+    """_in_registered: the direct (page-locked) copy is taken only for bytes inside a
+    registered span; nothing registered, or a piece of another array, stays staged."""
+    X, other = np.ascontiguousarray(layer.X), np.ones((10, 4), np.float32)
+    src = DeviceChunks(X, device="cpu", register=True)
+    assert not src._in_registered(X[:5])  # nothing registered yet
+    base = X.__array_interface__["data"][0]
+    src._registered = [(base, X.nbytes)]
+    assert src._in_registered(X[:5]) and src._in_registered(X[-3:]) and not src._in_registered(other)
+    src._registered = [(base, X[:5].nbytes)]
+    assert not src._in_registered(X[4:6])  # reaches past the span
+    src._registered = None
+
+
 def test_page_spans_merge_views_and_keep_apart_what_is_apart():
     from edpairs.stream import _page_spans
 

@@ -8,10 +8,11 @@ whatever the process-wide TF32 setting), everything else is an edpairs kernel or
 step, and the steps' results are added in float64.
 
 * assign: the dots ``(x - center) . c_j`` of a step's rows, centred first (``CentreRows``),
-  then ``ArgmaxRows`` (scale s_j after the product, norms, first maximum; with TF32 products the top two re-scored in float64 where
-  they lie within the TF32 bound), then one sorted pass over X for the cluster sums
-  (``cluster_sums``). Taken for float32 X with exact products or k >= TF32_MIN_K, except TF32
-  assignments that edpairs' wgmma kernel labels (wgmma_labels_tf32: the default on Hopper).
+  then ``ArgmaxRows`` (scale s_j after the product, norms, first maximum; with TF32 products
+  the top two re-scored in float64 where they lie within the TF32 bound), then one sorted
+  pass over X for the cluster sums (``cluster_sums``). Taken for float32 X with exact products
+  or k >= TF32_MIN_K, except TF32 assignments that edpairs' wgmma kernel labels
+  (wgmma_labels_tf32: the default on Hopper).
 * moments: per step ``X~ = x - shift`` (shift: the float32 mean of the first step's rows) with
   the column sums of X~ in float64 (``CentreRows``, one pass) and ``X~^T X~`` (one product, or
   batched over blocks of block_rows() rows); the mean and the scatter about it follow exactly:
