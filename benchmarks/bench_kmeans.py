@@ -9,6 +9,8 @@ user would pick instead, in the same run on the same data.
                cuBLAS dots of 32768 rows at a time, an edpairs argmax kernel, the sorted sums
                pass); below k = 129 the fused tensor-core kernel; 16-bit data the tensor-core
                kernel in its own dtype (the wgmma one on Hopper for k >= 129)
+  edpairs-labels  the default dispatch's labelling alone (ops.assign without the cluster sums):
+               the difference to edpairs is what the sums cost
   edpairs-gemm  the route at every k (EDPAIRS_GEMM_ROUTE=gemm)
   edpairs-r8192, edpairs-r16384  the route with 8192 / 16384 rows per step
   edpairs-kernel  the fused tensor-core kernel on mma.sync instead of the route
@@ -104,17 +106,7 @@ def sums_rel_err(sums, counts, labels, X) -> float:
 def run_edpairs(X, C0, device, dtype, precision="tf32"):
     import edpairs as edp
 
-    if device == "cpu":
-        Xd, Cd = X, C0
-        if dtype != "float32":
-            import torch
-
-            Xd = torch.from_numpy(X).to(getattr(torch, dtype))
-    else:
-        import torch
-
-        Xd = torch.from_numpy(X).to(device=device, dtype=getattr(torch, dtype))
-        Cd = torch.from_numpy(C0).to(device)
+    Xd, Cd = _on_device(X, C0, device, dtype)
     step = lambda: edp.ops.spherical_kmeans_step(Xd, Cd, check_finite=False, precision=precision)  # noqa: E731
     res = edp.ops.assign(Xd[:CHECK_ROWS], Cd, precision=precision)
     host = lambda a: a.cpu().numpy() if hasattr(a, "cpu") else np.asarray(a)  # noqa: E731
@@ -130,6 +122,25 @@ def _rounded(X, dtype):
     import torch
 
     return torch.from_numpy(X).to(getattr(torch, dtype)).float().numpy()
+
+
+def run_edpairs_labels(X, C0, device, dtype):
+    """The default dispatch's labelling alone (ops.assign without sums): next to `edpairs`, the
+    share of the cluster sums in the iteration."""
+    import edpairs as edp
+
+    step, labels, extra = run_edpairs(X, C0, device, dtype)
+    Xd, Cd = _on_device(X, C0, device, dtype)
+    return (lambda: edp.ops.assign(Xd, Cd, accumulate=False, check_finite=False, precision="tf32")), labels, extra
+
+
+def _on_device(X, C0, device, dtype):
+    if device == "cpu" and dtype == "float32":
+        return X, C0
+    import torch
+
+    return (torch.from_numpy(X).to(device=device, dtype=getattr(torch, dtype)),
+            torch.from_numpy(C0).to(device if device != "cpu" else "cpu"))
 
 
 def run_edpairs_f32(X, C0, device, dtype):
@@ -184,7 +195,7 @@ def run_faiss(X, C0, device, dtype):
 
 
 KERNEL = {"EDPAIRS_GEMM_ROUTE": "kernel", "EDPAIRS_ASSIGN_KERNEL": "mma"}
-METHODS = {"edpairs": run_edpairs, "edpairs-f32": run_edpairs_f32, "edpairs-gemm": run_edpairs,
+METHODS = {"edpairs": run_edpairs, "edpairs-labels": run_edpairs_labels, "edpairs-f32": run_edpairs_f32, "edpairs-gemm": run_edpairs,
            "edpairs-r8192": run_edpairs, "edpairs-r16384": run_edpairs, "edpairs-kernel": run_edpairs,
            "edpairs-kernel-f32": run_edpairs_f32,
            "edpairs-blk": run_edpairs, "edpairs-1sm": run_edpairs, "edpairs-fused": run_edpairs,

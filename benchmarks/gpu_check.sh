@@ -35,11 +35,11 @@ QUICK="${QUICK:-0}"
 if [ "$QUICK" = 1 ]; then
   SKIP="${SKIP-estimators route_parts stream bf16}"
   TESTS_K="${TESTS_K:-not wgmma and (fused or moment or route or centre or rescore or argmax or stream or gram)}"
-  KM_METHODS="${KM_METHODS:-edpairs,edpairs-gemm,edpairs-fused,torch}"
+  KM_METHODS="${KM_METHODS:-edpairs,edpairs-labels,edpairs-gemm,torch}"
 else
   SKIP="${SKIP-estimators route_parts stream}"
   TESTS_K="${TESTS_K:-not wgmma}"
-  KM_METHODS="${KM_METHODS:-edpairs,edpairs-gemm,edpairs-kernel,torch}"
+  KM_METHODS="${KM_METHODS:-edpairs,edpairs-labels,edpairs-gemm,edpairs-kernel,torch}"
 fi
 KM_SIZES="${KM_SIZES:-1000000,512,1024 1000000,512,256 1000000,512,64}"
 BF16_METHODS="${BF16_METHODS:-edpairs,edpairs-kernel,torch}"
@@ -127,6 +127,12 @@ for tag, table in (("f32", f32), ("bf16", b16)):
               f"{x.get('sums_rel_err', float('nan')):9.1e}")
 def t(table, size, method):
     return (table.get((size, method)) or {}).get("median_s")
+for tag, table in (("f32", f32), ("bf16", b16)):
+    for size in sorted({s for s, _ in table}):
+        whole, labels = t(table, size, "edpairs"), t(table, size, "edpairs-labels")
+        if whole and labels:
+            print(f"{tag} {size}: labelling {labels * 1e3:.2f} ms, cluster sums {(whole - labels) * 1e3:.2f} ms "
+                  f"(edpairs - edpairs-labels)")
 big, small = (1000000, 512, 1024), (1000000, 512, 64)
 goals = []
 tt = t(f32, big, "torch")
