@@ -623,6 +623,24 @@ def test_cuda_route_exact_and_tf32(before, rng, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not _GPU, reason="needs edpairs built with CUDA and a GPU")
+@pytest.mark.parametrize("precision", ["float32", "tf32"])
+def test_cuda_triangle_gram_equals_the_full_product(precision, rng, monkeypatch):
+    """EDPAIRS_GEMM_GRAM=triangle on the GPU: the moments of the full product, to float32
+    rounding of the products (TF32: to its bound), symmetric bit for bit."""
+    monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "gemm")
+    X = (rng.standard_normal((200_000, 300)) @ rng.standard_normal((300, 300)) * 0.1 + 3).astype(np.float32)
+    Xg = t(X).cuda()
+    full = ops.moments(Xg, precision=precision)
+    monkeypatch.setenv("EDPAIRS_GEMM_GRAM", "triangle")
+    tri = ops.moments(Xg, precision=precision)
+    check_moments(tri, X, rtol=1e-5 if precision == "float32" else 3e-3)
+    assert torch.equal(tri.m2, tri.m2.T) and torch.equal(tri.mean, full.mean)
+    rel = float((tri.m2 - full.m2).norm() / full.m2.norm())
+    assert rel < (5e-6 if precision == "float32" else 2e-3), rel
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _GPU, reason="needs edpairs built with CUDA and a GPU")
 def test_cuda_route_runs_on_the_callers_stream(rng, monkeypatch):
     """Queued behind work already on a side stream: the result sees that work."""
     monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "gemm")
