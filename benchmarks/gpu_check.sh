@@ -39,7 +39,7 @@ if [ "$QUICK" = 1 ]; then
 else
   SKIP="${SKIP-estimators route_parts stream}"
   TESTS_K="${TESTS_K:-not wgmma}"
-  KM_METHODS="${KM_METHODS:-edpairs,edpairs-labels,edpairs-gemm,edpairs-kernel,torch}"
+  KM_METHODS="${KM_METHODS:-edpairs,edpairs-labels,edpairs-gemm,torch}"
 fi
 KM_SIZES="${KM_SIZES:-1000000,512,1024 1000000,512,256 1000000,512,64}"
 BF16_METHODS="${BF16_METHODS:-edpairs,edpairs-kernel,torch}"
