@@ -834,9 +834,7 @@ __global__ void __launch_bounds__(kFThreads, 1) assign_tc_fused_kernel(const Fus
     // Each row's 8 partials (lanes 8 m .. 8 m + 7 of a warp) summed, into best_val_s.
 #pragma unroll
     for (int i = 0; i < kRows / kFLoadRows; ++i) {
-      float sq = row_part[i];
-#pragma unroll
-      for (int off = 1; off < 8; off <<= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+      const float sq = sum_over_chunk_lanes(row_part[i]);
       if (tid % 8 == 0) best_val_s[tid / 8 + kFLoadRows * i] = sq;
     }
     __syncthreads();  // phase 2's prologue overwrites the stages; the sums are visible

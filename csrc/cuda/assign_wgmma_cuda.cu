@@ -180,9 +180,7 @@ __global__ void __launch_bounds__(kThreads, 1) assign_wgmma_kernel(const WgmmaAs
   // Row scales: the 8 lanes that copied a row's chunks hold its partial sums.
 #pragma unroll
   for (int i = 0; i < kWgmmaRows / kLoadRows; ++i) {
-    float sq = row_sq[i];
-#pragma unroll
-    for (int off = 1; off < 8; off <<= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+    const float sq = sum_over_chunk_lanes(row_sq[i]);
     const int r = tid / 8 + kLoadRows * i;
     if (tid % 8 == 0) row_scale_s[r] = wgmma_row_scale(p, row0, r, sq);
   }
