@@ -70,6 +70,12 @@ void expect_contiguous(const TensorView& v, const char* name) {
   if (!v.is_contiguous()) fail(std::string(name) + " must be contiguous (row-major)");
 }
 
+// Each present array contiguous, named in the error.
+void expect_contiguous_each(std::initializer_list<std::pair<const TensorView*, const char*>> arrays) {
+  for (auto [v, name] : arrays)
+    if (v->present) expect_contiguous(*v, name);
+}
+
 std::string device_str(const TensorView& v) {
   return v.device == Device::CPU ? std::string("cpu") : "cuda:" + std::to_string(v.device_id);
 }
@@ -349,9 +355,8 @@ class SignalMasksPlan {
     expect_shape(a_.count, "count", {I}, {"I"}, DType::Int64);
     expect_shape(a_.sum_z, "sum_z", {I}, {"I"}, DType::Float64);
     expect_shape(a_.sum_zz, "sum_zz", {I}, {"I"}, DType::Float64);
-    for (auto [v, name] : {std::pair<const TensorView*, const char*>{&a_.z, "z"}, {&a_.out, "out"},
-                           {&a_.count, "count"}, {&a_.sum_z, "sum_z"}, {&a_.sum_zz, "sum_zz"}})
-      expect_contiguous(*v, name);
+    expect_contiguous_each(
+        {{&a_.z, "z"}, {&a_.out, "out"}, {&a_.count, "count"}, {&a_.sum_z, "sum_z"}, {&a_.sum_zz, "sum_zz"}});
     expect_same_device({{&a_.z, "z"}, {&a_.out, "out"}, {&a_.count, "count"}, {&a_.sum_z, "sum_z"},
                         {&a_.sum_zz, "sum_zz"}});
   }
@@ -465,9 +470,7 @@ class CentreRowsPlan {
     if (a_.colsum.present) {
       expect_shape(a_.colsum, "colsum", {D}, {"D"}, DType::Float64);
     }
-    for (auto [v, name] : {std::pair<const TensorView*, const char*>{&a_.shift, "shift"}, {&a_.out, "out"},
-                           {&a_.colsum, "colsum"}})
-      if (v->present) expect_contiguous(*v, name);
+    expect_contiguous_each({{&a_.shift, "shift"}, {&a_.out, "out"}, {&a_.colsum, "colsum"}});
     expect_same_device({{&a_.x, "X"}, {&a_.shift, "shift"}, {&a_.out, "out"}, {&a_.colsum, "colsum"}});
   }
   // Rows [first, first + rows) of X into the first `rows` rows of out.
@@ -503,9 +506,7 @@ void centred_gram(py::handle x_, py::handle shift_, py::handle m2_, py::handle c
   expect_shape(a.shift, "shift", {D}, {"D"}, DType::Float32);
   expect_shape(a.m2, "m2", {D, D}, {"D", "D"}, DType::Float64);
   expect_shape(a.colsum, "colsum", {D}, {"D"}, DType::Float64);
-  for (auto [v, name] : {std::pair<const TensorView*, const char*>{&a.shift, "shift"}, {&a.m2, "m2"},
-                         {&a.colsum, "colsum"}})
-    expect_contiguous(*v, name);
+  expect_contiguous_each({{&a.shift, "shift"}, {&a.m2, "m2"}, {&a.colsum, "colsum"}});
   expect_same_device({{&a.x, "X"}, {&a.shift, "shift"}, {&a.m2, "m2"}, {&a.colsum, "colsum"}});
   dispatch<edpairs::CentredGramArgs>(a, a.x.device, stream, &edpairs::centred_gram_cpu,
                                      EDPAIRS_CUDA_FN(centred_gram_cuda));
