@@ -103,11 +103,14 @@ def sums_rel_err(sums, counts, labels, X) -> float:
 # ---- methods (run inside a worker process) -----------------------------------------------
 
 
-def run_edpairs(X, C0, device, dtype, precision="tf32"):
+def run_edpairs(X, C0, device, dtype, precision="tf32", labels_only=False):
     import edpairs as edp
 
     Xd, Cd = _on_device(X, C0, device, dtype)
-    step = lambda: edp.ops.spherical_kmeans_step(Xd, Cd, check_finite=False, precision=precision)  # noqa: E731
+    if labels_only:  # the labelling alone (ops.assign without the sums)
+        step = lambda: edp.ops.assign(Xd, Cd, accumulate=False, check_finite=False, precision=precision)  # noqa: E731
+    else:
+        step = lambda: edp.ops.spherical_kmeans_step(Xd, Cd, check_finite=False, precision=precision)  # noqa: E731
     res = edp.ops.assign(Xd[:CHECK_ROWS], Cd, precision=precision)
     host = lambda a: a.cpu().numpy() if hasattr(a, "cpu") else np.asarray(a)  # noqa: E731
     labels = host(res.labels)
@@ -127,11 +130,7 @@ def _rounded(X, dtype):
 def run_edpairs_labels(X, C0, device, dtype):
     """The default dispatch's labelling alone (ops.assign without sums): next to `edpairs`, the
     share of the cluster sums in the iteration."""
-    import edpairs as edp
-
-    step, labels, extra = run_edpairs(X, C0, device, dtype)
-    Xd, Cd = _on_device(X, C0, device, dtype)
-    return (lambda: edp.ops.assign(Xd, Cd, accumulate=False, check_finite=False, precision="tf32")), labels, extra
+    return run_edpairs(X, C0, device, dtype, labels_only=True)
 
 
 def _on_device(X, C0, device, dtype):
