@@ -4,8 +4,10 @@
 # before timing); JSON and logs under $OUT, the goals of issue 6 as a short table last.
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
 # Files under $OUT (the device returns at most 8): log.txt, cuda_tests.xml, ceilings.json,
-# kmeans_cuda_f32.json, kmeans_cuda_bf16.json, moments_cuda.json, stream_cuda.json,
-# route_parts.json (build.log too when the build fails, in place of the later files).
+# kmeans_cuda_f32.json, kmeans_cuda_bf16.json, moments_cuda.json, kernel_profile.json,
+# stream_cuda.json, route_parts.json (build.log too when the build fails, in place of the later
+# files). With SKIP="" that is 9: route_parts.json is then the one left behind (its pieces are
+# also in kernel_profile.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out/gpu}"
@@ -19,6 +21,7 @@ step "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 
 # Knobs: ARCHS (CUDA architectures to build; the card's own by default, to build fast),
+# PROFILE_CASES (the steps whose kernels profile_kernels.py times one by one),
 # SLOW=1 (also the slow CUDA tests), REPEAT (timed repetitions per benchmark), SKIP (a list of
 # optional steps to leave out when device time is short: estimators, route_parts, stream, bf16; by
 # default the first three, measured in run4 / run5 and unchanged since, so that one call fits
@@ -45,6 +48,9 @@ KM_SIZES="${KM_SIZES:-1000000,512,1024 1000000,512,256 1000000,512,64}"
 BF16_METHODS="${BF16_METHODS:-edpairs,edpairs-kernel,torch}"
 BF16_SIZES="${BF16_SIZES:-1000000,512,1024 1000000,512,256}"
 STREAM_GIB="${STREAM_GIB:-4}"
+PROFILE_CASES="${PROFILE_CASES:-kmeans:1000000,512,1024 kmeans:1000000,512,256 kmeans:1000000,512,64 \
+kmeans:1000000,512,64:EDPAIRS_ASSIGN_SUMS=fused torch-kmeans:1000000,512,1024 moments:1000000,512 \
+moments-f32:1000000,512 moments-f32:1000000,512:EDPAIRS_GEMM_GRAM=triangle signal:1000000,512,256}"
 skipped() { case " $SKIP " in *" $1 "*) echo "(skipped: SKIP has $1)"; return 0;; esac; return 1; }
 MARK="cuda and not slow"
 [ "${SLOW:-0}" = 1 ] && MARK="cuda"
@@ -88,6 +94,9 @@ skipped bf16 || timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --d
 step "moments and signal moments"
 timeout 240 python3 benchmarks/bench_moments.py --device cuda --sizes 1000000,512,256 --repeat "$REPEAT" \
   --triangle-blocks 128 256 --json "$OUT/moments_cuda.json" || status=1
+
+step "where each step's device time goes (every kernel, torch.profiler)"
+timeout 150 python3 benchmarks/profile_kernels.py --cases $PROFILE_CASES --json "$OUT/kernel_profile.json" || status=1
 
 step "where the route's time goes (each piece alone)"
 skipped route_parts || timeout 120 python3 benchmarks/bench_route_parts.py --json "$OUT/route_parts.json" || status=1
