@@ -22,27 +22,31 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 
 # Knobs: ARCHS (CUDA architectures to build; the card's own by default, to build fast),
 # PROFILE_CASES (the steps whose kernels profile_kernels.py times one by one),
-# SLOW=1 (also the slow CUDA tests), REPEAT (timed repetitions per benchmark), SKIP (a list of
-# optional steps to leave out when device time is short: estimators, route_parts, stream, bf16; by
-# default the first three, measured in run4 / run5 and unchanged since, so that one call fits
-# ~8 minutes; SKIP="" runs everything). QUICK=1: a shorter call (about 5 minutes, so that a
-# session can run it twice): the main CUDA tests only for the route, moments and streaming, no
-# bf16 k-means, fewer k-means rows.
-# TESTS_K, KM_METHODS, KM_SIZES, BF16_METHODS, BF16_SIZES, STREAM_GIB override the choices below.
+# SLOW=1 (also the slow CUDA tests), REPEAT (timed repetitions per benchmark), SKIP (steps to
+# leave out: tests, estimators, ceilings, kmeans, bf16, moments, profile, ncu, route_parts,
+# stream; by default estimators, route_parts and stream, measured in run4 / run5 and unchanged
+# since, and ncu, so that one call fits ~9 minutes; SKIP="" runs everything). A second, short
+# call for the hardware counters of the k-means kernels:
+#   SKIP="tests estimators kmeans bf16 moments profile route_parts stream" bash benchmarks/gpu_check.sh
+# QUICK=1: a shorter call (about 5 minutes, so that a session can run it twice): the main CUDA
+# tests only for the route, moments and streaming, no bf16 k-means, fewer k-means rows.
+# TESTS_K, KM_METHODS, KM_SIZES, BF16_METHODS, BF16_SIZES, STREAM_GIB, NCU_CASES override the
+# choices below.
 ARCHS="${ARCHS:-90}"
 REPEAT="${REPEAT:-5}"
 QUICK="${QUICK:-0}"
 # "edpairs" is the default dispatch: on Hopper, k >= 129 labels on wgmma (float32 and 16-bit);
-# edpairs-gemm is the cuBLAS route that was the float32 default there before run 5,
-# edpairs-kernel the mma.sync kernel.
+# edpairs-labels its labelling alone; edpairs-kernel the mma.sync kernel. The cuBLAS route
+# (edpairs-gemm, the float32 default there before run 5; run5b: 7.64 ms at k = 1024) is left
+# out by default.
 if [ "$QUICK" = 1 ]; then
-  SKIP="${SKIP-estimators route_parts stream bf16}"
+  SKIP="${SKIP-estimators route_parts stream bf16 ncu}"
   TESTS_K="${TESTS_K:-not wgmma and (fused or moment or route or centre or rescore or argmax or stream or gram)}"
-  KM_METHODS="${KM_METHODS:-edpairs,edpairs-labels,edpairs-gemm,torch}"
+  KM_METHODS="${KM_METHODS:-edpairs,edpairs-labels,torch}"
 else
-  SKIP="${SKIP-estimators route_parts stream}"
+  SKIP="${SKIP-estimators route_parts stream ncu}"
   TESTS_K="${TESTS_K:-not wgmma}"
-  KM_METHODS="${KM_METHODS:-edpairs,edpairs-labels,edpairs-gemm,torch}"
+  KM_METHODS="${KM_METHODS:-edpairs,edpairs-labels,torch}"
 fi
 KM_SIZES="${KM_SIZES:-1000000,512,1024 1000000,512,256 1000000,512,64}"
 BF16_METHODS="${BF16_METHODS:-edpairs,edpairs-kernel,torch}"
@@ -51,6 +55,7 @@ STREAM_GIB="${STREAM_GIB:-4}"
 PROFILE_CASES="${PROFILE_CASES:-kmeans:1000000,512,1024 kmeans:1000000,512,256 kmeans:1000000,512,64 \
 kmeans:1000000,512,64:EDPAIRS_ASSIGN_SUMS=fused torch-kmeans:1000000,512,1024 moments:1000000,512 \
 moments-f32:1000000,512 moments-f32:1000000,512:EDPAIRS_GEMM_GRAM=triangle signal:1000000,512,256}"
+NCU_CASES="${NCU_CASES:-kmeans:1000000,512,64 kmeans:1000000,512,64:EDPAIRS_ASSIGN_SUMS=fused kmeans:1000000,512,1024}"
 skipped() { case " $SKIP " in *" $1 "*) echo "(skipped: SKIP has $1)"; return 0;; esac; return 1; }
 MARK="cuda and not slow"
 [ "${SLOW:-0}" = 1 ] && MARK="cuda"
@@ -64,6 +69,7 @@ fi
 python3 -c "import edpairs, json; i = edpairs.build_info(); print(json.dumps(i)); assert i['cuda'] and edpairs.cuda_device_count() > 0"
 
 step "CUDA tests"
+if ! skipped tests; then
 # Every test marked cuda (any file; those needing packages the device lacks skip), plus the
 # error and build tests.
 # The wgmma kernel's tests run in a process of their own first: a fault of a kernel that has never
@@ -74,29 +80,43 @@ timeout 300 python3 -m pytest -q -m "$MARK" tests/ -k "$TESTS_K" -p no:cacheprov
 [ "${PIPESTATUS[0]}" != 0 ] && status=1
 timeout 200 python3 -m pytest -q tests/test_errors.py tests/test_build.py -p no:cacheprovider 2>&1 | tail -5
 [ "${PIPESTATUS[0]}" != 0 ] && status=1
+fi
 # Information only: the estimators with TF32 as the float32 default (EDPAIRS_PRECISION=tf32).
 step "estimator tests with EDPAIRS_PRECISION=tf32 (information, not a gate)"
 skipped estimators || EDPAIRS_PRECISION=tf32 timeout 120 python3 -m pytest -q -m "$MARK" tests/test_cuda_estimators.py -p no:cacheprovider 2>&1 | tail -5
 
 step "ceilings"
-timeout 120 python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" || status=1
+skipped ceilings || timeout 120 python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" || status=1
 
 # The route's step variants, the exact float32 paths and the opt-in kernels (-r16384, -f32,
 # -kernel-f32: run4; -wgmma-tma, -fused: run5) are left out to keep the call inside its time;
 # add them with KMEANS_EXTRA=edpairs-f32,edpairs-wgmma-tma,...
 step "spherical k-means iteration (float32 data: cuBLAS route / tensor-core kernels, TF32; torch TF32)"
-timeout 420 python3 benchmarks/bench_kmeans.py --device cuda --methods "$KM_METHODS${KMEANS_EXTRA:+,$KMEANS_EXTRA}" --repeat "$REPEAT" \
+skipped kmeans || timeout 420 python3 benchmarks/bench_kmeans.py --device cuda --methods "$KM_METHODS${KMEANS_EXTRA:+,$KMEANS_EXTRA}" --repeat "$REPEAT" \
   --sizes $KM_SIZES --json "$OUT/kmeans_cuda_f32.json" || status=1
 step "spherical k-means iteration (bfloat16 data)"
 skipped bf16 || timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --methods "$BF16_METHODS" --repeat "$REPEAT" \
   --sizes $BF16_SIZES --json "$OUT/kmeans_cuda_bf16.json" || status=1
 
 step "moments and signal moments"
-timeout 240 python3 benchmarks/bench_moments.py --device cuda --sizes 1000000,512,256 --repeat "$REPEAT" \
+skipped moments || timeout 240 python3 benchmarks/bench_moments.py --device cuda --sizes 1000000,512,256 --repeat "$REPEAT" \
   --triangle-blocks 128 256 --json "$OUT/moments_cuda.json" || status=1
 
 step "where each step's device time goes (every kernel, torch.profiler)"
-timeout 150 python3 benchmarks/profile_kernels.py --cases $PROFILE_CASES --json "$OUT/kernel_profile.json" || status=1
+skipped profile || timeout 150 python3 benchmarks/profile_kernels.py --cases $PROFILE_CASES --json "$OUT/kernel_profile.json" || status=1
+
+step "hardware counters of the k-means step's kernels (ncu, clocks left alone; into this log)"
+if ! skipped ncu; then
+  if command -v ncu >/dev/null; then
+    timeout 240 ncu --clock-control none -k "regex:assign|segmented|scatter|histogram|reduce_fused" --launch-count 12 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+      --section WarpStateStats --section Occupancy \
+      python3 benchmarks/profile_kernels.py --run-only --cases $NCU_CASES 2>&1 | grep -v "^==PROF==" | cut -c1-140
+    [ "${PIPESTATUS[0]}" != 0 ] && status=1
+  else
+    echo "(no ncu on this machine)"
+  fi
+fi
 
 step "where the route's time goes (each piece alone)"
 skipped route_parts || timeout 120 python3 benchmarks/bench_route_parts.py --json "$OUT/route_parts.json" || status=1
@@ -178,6 +198,10 @@ for x in m.get("results", []):
             goals.append((f"{x['op']}: {x['method']} rate / TF32 GEMM rate", rate / tf32 if tf32 else 0, 0.5))
         else:
             goals.append((f"{x['op']}: {x['method']} rate / fp32 GEMM rate (exact)", rate / fp32 if fp32 else 0, 0.5))
+for x in (load("kernel_profile.json") or {}).get("results", []):
+    if "kernels" in x:
+        top = ", ".join(f"{k['name'][:40]} {k['seconds'] * 1e3:.2f}" for k in x["kernels"][:4])
+        print(f"profile {x['case'][:48]:48s} step {x['wall_s'] * 1e3:7.2f} ms, busy {x['device_busy_s'] * 1e3:7.2f}: {top}")
 for x in (load("route_parts.json") or {}).get("results", []):
     print(f"{x['group']:14s} {x['piece']:40s} {x['ms']:8.3f} ms  {x.get('note', '')}")
 st = {x["method"]: x for x in (load("stream_cuda.json") or {}).get("results", [])}

@@ -141,6 +141,9 @@ def main(argv=None) -> int:
                                                   "moments:1000000,512", "signal:1000000,512,256"])
     p.add_argument("--repeat", type=int, default=3, help="steps profiled (and timed) per case")
     p.add_argument("--json", default="benchmarks/out/kernel_profile_{device}.json")
+    p.add_argument("--run-only", action="store_true",
+                   help="run each case's step once, with no timing, profiler or JSON: for an outside profiler "
+                        "(ncu) to watch")
     args = p.parse_args(argv)
     try:
         cases = [parse_case(c) for c in args.cases]
@@ -157,6 +160,11 @@ def main(argv=None) -> int:
         os.environ.update(env)
         try:
             step = make_step(op, sizes, device)
+            if args.run_only:
+                step()
+                sync(device)
+                print(f"{text}: ran")
+                continue
             timing, kernels = profile_case(step, device, args.repeat)
         except Exception as exc:  # noqa: BLE001 - one failing case must not lose the others
             print(f"{text}: failed: {type(exc).__name__}: {exc}")
@@ -180,6 +188,8 @@ def main(argv=None) -> int:
               f"idle {(wall - busy) * 1e3:.3f} ms" if kernels else f"\n{text}: step {wall * 1e3:.3f} ms (no device activities)")
         for row in results[-1]["kernels"]:
             print(f"  {row['seconds'] * 1e6:10.1f} us  {100 * row['seconds'] / busy:5.1f}%  x{row['calls']:<5g} {row['name']}")
+    if args.run_only:
+        return 1 if results else 0
     path = args.json.format(device=device.replace(":", ""))
     write_json(path, {"benchmark": "kernel_profile", "device": device, "repeat": args.repeat,
                       "machine": machine_info(), "results": results})
