@@ -675,9 +675,12 @@ def check_tc_assignment(res, X, C, dtype, *, center=None, row_scale=None, col_sc
 
 TC_DTYPES = ["float32", "float16", "bfloat16"]
 
-# (N, D, k): ragged against the 128-row / 128-centroid tiles and the 128-byte slices.
+# (N, D, k): ragged against the 128-row / 128-centroid tiles and the 128-byte slices; the
+# 16-byte aligned widths (D a multiple of 8) also against the wgmma kernel's 64- and
+# 128-centroid tiles.
 TC_SHAPES = [(1, 1, 1), (3, 5, 2), (127, 31, 7), (129, 33, 129), (300, 64, 128), (513, 100, 300),
-             (1000, 257, 65), (260, 512, 1024), (2000, 7, 3)]
+             (1000, 257, 65), (260, 512, 1024), (2000, 7, 3), (700, 64, 20), (257, 96, 64),
+             (300, 136, 100), (129, 8, 1)]
 
 
 @pytest.mark.parametrize("dtype", TC_DTYPES)
@@ -797,17 +800,18 @@ def test_tensor_core_block_sums_equal_sorted_sums(torch, dtype, rng, monkeypatch
     np.testing.assert_allclose(to_numpy(a.sums), to_numpy(b.sums), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("kernel", ["wgmma", "wgmma-tma"])
+@pytest.mark.parametrize("kernel,k", [("wgmma", 1000), ("wgmma-tma", 1000), ("wgmma", 64), ("wgmma", 100)])
 @pytest.mark.parametrize("dtype", TC_DTYPES)
-def test_wgmma_kernel_agrees_with_the_mma_kernel(torch, dtype, kernel, monkeypatch):
-    """EDPAIRS_ASSIGN_KERNEL=wgmma against the mma.sync kernel on the benchmark's row width and
-    four centroid tiles with a ragged last one (k = 1000), with a centre and the sorted sums:
-    both within the tensor-core model, labels equal wherever the two kernels' scores leave
-    room, counts summing to N and the sums of equal labels equal."""
+def test_wgmma_kernel_agrees_with_the_mma_kernel(torch, dtype, kernel, k, monkeypatch):
+    """EDPAIRS_ASSIGN_KERNEL=wgmma against the mma.sync kernel on the benchmark's row width, on
+    four centroid tiles with a ragged last one (k = 1000) and on the 64- and 128-wide tiles
+    (k = 64, 100), with a centre and the sorted sums: both within the tensor-core model, labels
+    equal wherever the two kernels' scores leave room, counts summing to N and the sums of
+    equal labels equal."""
     if reason := _wgmma_skip_reason():
         pytest.skip(reason)
-    rng = np.random.default_rng(909)
-    N, D, k = 30_000, 512, 1000
+    rng = np.random.default_rng(909 + k)
+    N, D = 30_000, 512
     C = make_centroids(rng, k, D, duplicates=3)
     X = make_rows(rng, N, D, C=C, zero_rows=5) + 0.25
     center = np.full(D, 0.25, np.float32)
@@ -828,7 +832,8 @@ def test_tf32_assign_defaults_to_the_wgmma_kernel_on_hopper(torch, monkeypatch, 
     """With EDPAIRS_ASSIGN_KERNEL unset, a TF32 assignment of float32 rows with k >= 129 is
     labelled by the wgmma kernel on Hopper instead of the route: bit-for-bit the results of
     EDPAIRS_GEMM_ROUTE=kernel with EDPAIRS_ASSIGN_KERNEL=wgmma, not those of the mma kernel;
-    "mma" sends it back to the route, and so do rows off 16 bytes."""
+    "mma" sends it back to the route, and so do rows off 16 bytes. Smaller k labels on wgmma
+    by default too."""
     from edpairs import _gemm
     from edpairs._arrays import Namespace
 
@@ -849,6 +854,16 @@ def test_tf32_assign_defaults_to_the_wgmma_kernel_on_hopper(torch, monkeypatch, 
     for key in ("labels", "scores", "counts"):
         np.testing.assert_array_equal(to_numpy(getattr(runs["default"], key)), to_numpy(getattr(runs["wgmma"], key)))
     assert not np.array_equal(to_numpy(runs["default"].scores), to_numpy(runs["mma"].scores))
+    # Below k = 129 (no route) the default labels on wgmma too, in 64- and 128-wide tiles.
+    for small in (40, 128):
+        Cs = gpu(make_centroids(rng, small, D))
+        monkeypatch.delenv("EDPAIRS_ASSIGN_KERNEL")
+        default = ops.assign(Xg, Cs, precision="tf32")
+        for name in ("wgmma", "mma"):
+            monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", name)
+            runs[name] = ops.assign(Xg, Cs, precision="tf32")
+        np.testing.assert_array_equal(to_numpy(default.scores), to_numpy(runs["wgmma"].scores))
+        assert not np.array_equal(to_numpy(default.scores), to_numpy(runs["mma"].scores))
     monkeypatch.delenv("EDPAIRS_GEMM_ROUTE")
     assert _gemm.assign_applies(Xg, xp, k, "tf32")  # EDPAIRS_ASSIGN_KERNEL=mma: the route
     monkeypatch.delenv("EDPAIRS_ASSIGN_KERNEL")

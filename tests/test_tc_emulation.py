@@ -818,16 +818,27 @@ def test_emulated_signal_tf32_matches_numpy(n, d, concepts, stride_pad):
 
 
 # ---- the wgmma labelling kernel (assign_wgmma_cuda.cu, EDPAIRS_ASSIGN_KERNEL=wgmma) ----------
-# Two warpgroups of 64 rows share 256-centroid tiles; 128-byte slices of x and of the tile land
-# through a 4-stage cp.async ring two iterations ahead, in the 128-byte swizzle that the wgmma
-# operand descriptors read (K-major, 8-row groups 1024 bytes apart). The hardware's reading of a
-# descriptor is modelled by `sw128_address`; the accumulator layout by `wgmma_d_layout`.
-W_ROWS, W_CENTS, W_THREADS, W_STAGES, W_AHEAD = 128, 256, 256, 4, 2
+# Two warpgroups of 64 rows share centroid tiles of N = 64, 128 or 256 (wgmma_tile_cents: the
+# narrowest that holds k, else 256); 128-byte slices of x and of the tile land through a
+# cp.async ring (Ring<N>: 4 stages two iterations ahead for N = 64 and 256, 6 stages four ahead
+# for N = 128), in the 128-byte swizzle that the wgmma operand descriptors read (K-major, 8-row
+# groups 1024 bytes apart). The hardware's reading of a descriptor is modelled by
+# `sw128_address`; the accumulator layout by `wgmma_d_layout`.
+W_ROWS, W_CENTS, W_THREADS = 128, 256, 256
 W_X_TILE = W_ROWS * SLICE_BYTES
-W_C_TILE = W_CENTS * SLICE_BYTES
-W_STAGE = W_X_TILE + W_C_TILE
 W_LOAD_ROWS = W_THREADS // 8
-W_ACC = W_CENTS // 2
+W_WIDTHS = (64, 128, 256)
+
+
+def w_tile_cents(k):
+    """The kernel's wgmma_tile_cents."""
+    return 64 if k <= 64 else (128 if k <= 128 else W_CENTS)
+
+
+def w_ring(cents):
+    """(stage bytes, stages, iterations ahead) of the kernel's Ring<cents>."""
+    stages = 6 if cents == 128 else 4
+    return W_X_TILE + cents * SLICE_BYTES, stages, stages - 2
 
 
 def w_swizzled(r, c):
@@ -844,50 +855,59 @@ def sw128_address(start, m, kbyte):
     return logical ^ (((logical >> 7) & 7) << 4)
 
 
-def wgmma_d_layout():
-    """(row, column) of accumulator register i of lane l of warp v of a warpgroup, m64n256."""
+def wgmma_d_layout(cents=W_CENTS):
+    """(row, column) of accumulator register i of lane l of warp v of a warpgroup, m64n<cents>."""
     v = np.arange(4)[:, None, None]
     lane = np.arange(32)[None, :, None]
-    i = np.arange(W_ACC)[None, None, :]
+    i = np.arange(cents // 2)[None, None, :]
     return np.broadcast_arrays(16 * v + lane // 4 + 8 * ((i // 2) % 2), 8 * (i // 4) + 2 * (lane % 4) + i % 2)
 
 
-def _w_loader():
-    """(tid, pass) -> (row, chunk) of the kernel's load_iteration, for x (4 passes) and C (8)."""
+def _w_loader(cents=W_CENTS):
+    """(tid, pass) -> (row, chunk) of the kernel's load_iteration, for x (4 passes) and C
+    (cents / 32)."""
     tid = np.arange(W_THREADS)
     rows_x = tid[:, None] // 8 + W_LOAD_ROWS * np.arange(W_ROWS // W_LOAD_ROWS)[None, :]
-    rows_c = tid[:, None] // 8 + W_LOAD_ROWS * np.arange(W_CENTS // W_LOAD_ROWS)[None, :]
+    rows_c = tid[:, None] // 8 + W_LOAD_ROWS * np.arange(cents // W_LOAD_ROWS)[None, :]
     return rows_x, rows_c, tid % 8
 
 
-def test_wgmma_layouts_and_ring():
-    row, col = wgmma_d_layout()
-    assert len(set(zip(row.ravel(), col.ravel()))) == 64 * 256 and row.max() == 63 and col.max() == 255
-    rows_x, rows_c, chunk = _w_loader()
-    for rows, tile in ((rows_x, W_X_TILE), (rows_c, W_C_TILE)):
+@pytest.mark.parametrize("cents", W_WIDTHS)
+def test_wgmma_layouts_and_ring(cents):
+    row, col = wgmma_d_layout(cents)
+    assert len(set(zip(row.ravel(), col.ravel()))) == 64 * cents and row.max() == 63 and col.max() == cents - 1
+    stage_bytes, stages, ahead = w_ring(cents)
+    rows_x, rows_c, chunk = _w_loader(cents)
+    for rows, tile in ((rows_x, W_X_TILE), (rows_c, cents * SLICE_BYTES)):
         off = w_swizzled(rows, chunk[:, None])
         assert len(set(off.ravel())) == off.size and off.max() + 16 <= tile and (off % 16 == 0).all()
         # Each quarter warp (8 consecutive threads) copies 128 contiguous bytes of one row into 8
-        # distinct 16-byte bank groups.
+        # distinct 16-byte bank groups (and reads them back so for the row norms).
         q = off.reshape(W_THREADS // 8, 8, -1)
         assert (np.sort((q // 16) % 8, axis=1) == np.arange(8)[None, :, None]).all()
         assert (rows.reshape(W_THREADS // 8, 8, -1) == rows.reshape(W_THREADS // 8, 8, -1)[:, :1]).all()
-    assert W_STAGE % 1024 == 0 and W_X_TILE // 2 % 1024 == 0  # descriptor bases stay 1024-aligned
-    # The ring: iteration it reads stage it % S while the batch of it - 1 may still be in flight;
-    # the copies issued in it go to (it + AHEAD) % S, which must be neither.
+    assert stage_bytes % 1024 == 0 and W_X_TILE // 2 % 1024 == 0  # descriptor bases stay 1024-aligned
+    # The ring: iteration it reads stage it % S while the batch of it - 1 may still be in flight,
+    # and the copies of it + 1 .. it + ahead - 1 are in flight or landed; the copies issued in it
+    # go to (it + ahead) % S, which must be none of them.
     for it in range(64):
-        w = (it + W_AHEAD) % W_STAGES
-        assert w != it % W_STAGES and w != (it - 1) % W_STAGES
+        w = (it + ahead) % stages
+        assert all(w != (it + j) % stages for j in range(-1, ahead))
+    # Shared memory: the ring (+ 1 KB to align it) and the static arrays, blocks per SM.
+    blocks = 2 if cents == 64 else 1
+    assert blocks * (stages * stage_bytes + 1024 + 2048) <= 228 * 1024
 
 
-def test_wgmma_descriptors_read_what_the_loader_wrote():
+@pytest.mark.parametrize("cents", W_WIDTHS)
+def test_wgmma_descriptors_read_what_the_loader_wrote(cents):
     """Tag every 16-byte chunk the loader stores with its (row, chunk), then read each wgmma step's
     operands through the descriptor model: row m, K byte b of step s must be chunk 2 s + b // 16
     of the warpgroup's row (x) or of centroid m (C)."""
-    rows_x, rows_c, chunk = _w_loader()
-    for rows, ops_rows, starts in ((rows_x, 64, [0, W_X_TILE // 2]), (rows_c, 256, [0])):
-        tag_row = np.full(W_C_TILE // 16, -1)
-        tag_chunk = np.full(W_C_TILE // 16, -1)
+    rows_x, rows_c, chunk = _w_loader(cents)
+    size = max(W_X_TILE, cents * SLICE_BYTES) // 16
+    for rows, ops_rows, starts in ((rows_x, 64, [0, W_X_TILE // 2]), (rows_c, cents, [0])):
+        tag_row = np.full(size, -1)
+        tag_chunk = np.full(size, -1)
         off = w_swizzled(rows, chunk[:, None]) // 16
         tag_row[off] = rows
         tag_chunk[off] = np.broadcast_to(chunk[:, None], rows.shape)
@@ -909,18 +929,20 @@ def round_tf32_truncate(v):
 
 def emulate_wgmma(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, col_scale=None):
     """labels, scores, row scales as assign_wgmma_kernel computes them (prepare_centroids as in
-    `emulate`, with k padded to 256)."""
+    `emulate`, with k padded to the tile width w_tile_cents(k))."""
     item = ITEM[dtype]
     elems = SLICE_BYTES // item
     chunk_elems = 16 // item
     k = C.shape[0]
+    cents = w_tile_cents(k)
+    stage_bytes, n_stages, ahead = w_ring(cents)
     d_pad = -(-d // elems) * elems
-    k_pad = -(-k // W_CENTS) * W_CENTS
+    k_pad = -(-k // cents) * cents
     k_steps = d_pad // elems
-    total = (k_pad // W_CENTS) * k_steps
+    total = (k_pad // cents) * k_steps
     cw, s_col, o_col = prepare_centroids(C, dtype, k_pad, d_pad, center, col_scale)
-    rows_x, rows_c, chunk = _w_loader()
-    d_row, d_col = wgmma_d_layout()
+    rows_x, rows_c, chunk = _w_loader(cents)
+    d_row, d_col = wgmma_d_layout(cents)
     lane = np.arange(32)
     t = lane % 4
     labels = np.full(n, -1, np.int64)
@@ -929,35 +951,35 @@ def emulate_wgmma(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, 
 
     for block in range(-(-n // W_ROWS)):
         row0 = block * W_ROWS
-        smem = np.full(W_STAGES * W_STAGE // item, np.nan)  # in elements of x's dtype
+        smem = np.full(n_stages * stage_bytes // item, np.nan)  # in elements of x's dtype
 
         def load(stage, it):
             tile, kt = divmod(it, k_steps)
             col = kt * elems + chunk * chunk_elems  # (THREADS,)
             e = np.arange(chunk_elems)
             for rows, base, src in ((rows_x, 0, None), (rows_c, W_X_TILE, cw)):
-                dst = (stage * W_STAGE + base + w_swizzled(rows, chunk[:, None])) // item
+                dst = (stage * stage_bytes + base + w_swizzled(rows, chunk[:, None])) // item
                 cols = col[:, None, None] + e[None, None, :]
                 if src is None:  # x: zero-filled past row n and column d
                     grow = row0 + rows[:, :, None]
                     ok = (grow < n) & (cols < d)
                     vals = np.where(ok, x_buf[np.where(ok, grow * x_stride + cols, 0)], 0.0)
                 else:
-                    vals = src[tile * W_CENTS + rows[:, :, None], cols]
+                    vals = src[tile * cents + rows[:, :, None], cols]
                 smem[dst[:, :, None] + e[None, None, :]] = vals
 
         row_sq = np.zeros((W_THREADS, W_ROWS // W_LOAD_ROWS), np.float32)
         run_val = np.full((2, 4, 32, 2), -np.inf, np.float32)  # wg, warp, lane, h
         run_idx = np.zeros((2, 4, 32, 2), np.int64)
-        acc = np.zeros((2, 64, W_CENTS))  # per warpgroup, as a matrix (float64 products)
-        for it in range(min(W_AHEAD, total)):
-            load(it % W_STAGES, it)
+        acc = np.zeros((2, 64, cents))  # per warpgroup, as a matrix (float64 products)
+        for it in range(min(ahead, total)):
+            load(it % n_stages, it)
         for it in range(total):
-            stage = it % W_STAGES
+            stage = it % n_stages
             tile, kt = divmod(it, k_steps)
             if row_scale is None and tile == 0:  # own chunks, element order, float32 fma
                 for i in range(W_ROWS // W_LOAD_ROWS):
-                    base = (stage * W_STAGE + w_swizzled(rows_x[:, i], chunk)) // item
+                    base = (stage * stage_bytes + w_swizzled(rows_x[:, i], chunk)) // item
                     for u in range(chunk_elems):
                         col = kt * elems + chunk * chunk_elems + u
                         v = smem[base + u].astype(np.float32)
@@ -965,26 +987,26 @@ def emulate_wgmma(x_buf, n, d, x_stride, C, dtype, center=None, row_scale=None, 
                             v = (v - np.where(col < d, center[np.minimum(col, d - 1)], 0)).astype(np.float32)
                         upd = (np.float64(v) * v + row_sq[:, i]).astype(np.float32)
                         row_sq[:, i] = np.where(col < d, upd, row_sq[:, i])
-            if it + W_AHEAD < total:
-                load((it + W_AHEAD) % W_STAGES, it + W_AHEAD)
+            if it + ahead < total:
+                load((it + ahead) % n_stages, it + ahead)
             kk = np.arange(32 // item)
             for s in range(SLICE_BYTES // 32):
-                cstart = stage * W_STAGE + W_X_TILE + 32 * s
-                B = smem[sw128_address(cstart, np.arange(W_CENTS)[:, None], kk[None, :] * item) // item]
+                cstart = stage * stage_bytes + W_X_TILE + 32 * s
+                B = smem[sw128_address(cstart, np.arange(cents)[:, None], kk[None, :] * item) // item]
                 for wg in range(2):
-                    A = smem[sw128_address(stage * W_STAGE + wg * (W_X_TILE // 2) + 32 * s,
+                    A = smem[sw128_address(stage * stage_bytes + wg * (W_X_TILE // 2) + 32 * s,
                                            np.arange(64)[:, None], kk[None, :] * item) // item]
                     if dtype == "float32":
                         A = round_tf32_truncate(A).astype(np.float64)
                     prod = A @ B.T
                     acc[wg] = prod if (kt == 0 and s == 0) else acc[wg] + prod
             if kt == k_steps - 1:  # epilogue: registers per the D layout
-                j0 = tile * W_CENTS
+                j0 = tile * cents
                 for wg in range(2):
-                    regs = acc[wg][d_row, d_col].astype(np.float32)  # (4, 32, 128)
+                    regs = acc[wg][d_row, d_col].astype(np.float32)  # (4, 32, cents / 2)
                     bv = np.full((4, 32, 2), -np.inf, np.float32)
                     bi = np.full((4, 32, 2), np.iinfo(np.int32).max, np.int64)
-                    for j in range(W_CENTS // 8):
+                    for j in range(cents // 8):
                         for e in range(2):
                             col = j0 + 8 * j + 2 * t + e  # (32,)
                             live = col < k
@@ -1039,6 +1061,11 @@ W_SHAPES = [
     (70, 65, 40, "float16", 5, dict(zero_rows=2, center=True)),
     (200, 100, 520, "float32", 0, dict(scales=True, center=True)),
     (40, 300, 150, "float32", 1, dict(duplicates=5, zero_rows=1, center=True)),
+    # the 64- and 128-centroid tiles, full and ragged
+    (150, 64, 64, "float32", 0, dict(duplicates=4, zero_rows=2)),
+    (131, 96, 100, "bfloat16", 2, dict(zero_rows=1, center=True, scales=True)),
+    (60, 40, 128, "float32", 0, dict(duplicates=3, center=True)),
+    (129, 33, 9, "float16", 0, dict(scales=True)),
 ]
 
 

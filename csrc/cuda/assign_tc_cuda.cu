@@ -1008,17 +1008,19 @@ inline int assign_smem_bytes() {
 }
 
 // Which kernel labels the rows of the tensor-core path (EDPAIRS_ASSIGN_KERNEL): "auto"
-// (default: "wgmma" for k >= kWgmmaAutoMinK, else "mma"), "mma"
-// (assign_tc_kernel above, mma.sync, every architecture of the build), "wgmma"
-// (assign_wgmma_cuda.cu, Hopper's warpgroup MMA: where the build has sm_90a, the device has
-// compute capability 9.0 and x's rows are 16-byte aligned; the mma kernel elsewhere) or
-// "wgmma-tma" (assign_wgmma_tma_cuda.cu for float32 x: TMA loads, the centroid tile multicast
-// to clusters of two blocks; "wgmma" for 16-bit x). Measured on an H100 (1M x 512, TF32):
-// k = 1024 wgmma 6.4 ms, wgmma-tma 9.3 ms, mma 8.7 ms, the cuBLAS route 7.8 ms; k = 64 wgmma
-// 3.3 ms, the small-k path 2.9 ms; bfloat16 at k = 1024: wgmma 4.2 ms, mma 4.8 ms
-// (benchmarks/results/h100/NOTES.md, run 5).
+// (default: "wgmma" where it runs, else "mma"), "mma" (assign_tc_kernel above, mma.sync, every
+// architecture of the build), "wgmma" (assign_wgmma_cuda.cu, Hopper's warpgroup MMA: where the
+// build has sm_90a, the device has compute capability 9.0 and x's rows are 16-byte aligned; the
+// mma kernel elsewhere) or "wgmma-tma" (assign_wgmma_tma_cuda.cu for float32 x: TMA loads, the
+// centroid tile multicast to clusters of two blocks; "wgmma" for 16-bit x). Measured on an
+// H100 (1M x 512, TF32): k = 1024 wgmma 6.4 ms, wgmma-tma 9.3 ms, mma 8.7 ms, the cuBLAS route
+// 7.8 ms; bfloat16 at k = 1024: wgmma 4.2 ms, mma 4.8 ms (benchmarks/results/h100/NOTES.md,
+// run 5). At k = 64 run 5 had wgmma 3.3 ms (k padded to 256) against 2.9 for the mma path; the
+// wgmma kernel now takes tiles of 64 or 128 centroids for k <= 128 (no padding work), which
+// the shared-memory count of NOTES.md, version 7, puts ahead of the mma kernel: auto picks it
+// at every k, a prediction that the next GPU run checks (EDPAIRS_ASSIGN_KERNEL=mma restores
+// the mma kernel below k = 129).
 enum class LabelKernel { Auto, Mma, Wgmma, WgmmaTma };
-constexpr int64_t kWgmmaAutoMinK = 129;  // as _gemm.TF32_MIN_K: below it one mma tile is faster
 inline LabelKernel label_kernel() {
   const char* v = std::getenv("EDPAIRS_ASSIGN_KERNEL");
   if (v == nullptr || *v == '\0' || std::string(v) == "auto") return LabelKernel::Auto;
@@ -1126,13 +1128,10 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
                        (p.x_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
   const bool sorted = p.sums != nullptr && n <= INT_MAX && sums_mode() != SumsMode::Block;
   // The wgmma kernel only labels: sums, where asked, come from the sorted pass.
-  LabelKernel choice = label_kernel();
-  if (choice == LabelKernel::Auto) {
-    choice = k >= kWgmmaAutoMinK ? LabelKernel::Wgmma : LabelKernel::Mma;
-  }
+  const LabelKernel choice = label_kernel();  // auto: wgmma wherever it runs
   const bool wgmma = choice != LabelKernel::Mma && aligned && (p.sums == nullptr || sorted) && wgmma_device();
   const bool tma = wgmma && choice == LabelKernel::WgmmaTma && std::is_same<T, float>::value;
-  const int64_t cent_tile = wgmma ? kWgmmaCents : kCents;
+  const int64_t cent_tile = wgmma ? (tma ? kWgmmaCents : wgmma_tile_cents(k)) : kCents;
   const int64_t d_pad = ceil_div(d, kElems) * kElems;
   const int64_t k_pad = ceil_div(k, cent_tile) * cent_tile;
   const int64_t blocks = ceil_div(n, kRows);

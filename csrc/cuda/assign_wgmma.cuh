@@ -13,7 +13,12 @@ namespace edpairs {
 namespace cuda_detail {
 
 constexpr int kWgmmaRows = 128;   // rows of x per block (two warpgroups of 64)
-constexpr int kWgmmaCents = 256;  // centroids per tile: k is padded to a multiple of this
+constexpr int kWgmmaCents = 256;  // centroids per tile of the widest form (and of wgmma-tma)
+
+// Centroids per tile of assign_wgmma_kernel for k centroids: 64 (k <= 64) or 128 (k <= 128),
+// one tile without padding work; 256 beyond, k padded to a multiple of 256. The caller pads
+// the prepared centroids to a multiple of this and passes k_tiles accordingly.
+inline int wgmma_tile_cents(const int64_t k) { return k <= 64 ? 64 : (k <= 128 ? 128 : kWgmmaCents); }
 
 struct WgmmaAssignParams {
   const void* x;            // (n, d), row stride x_stride elements, 16-byte aligned rows
@@ -22,7 +27,7 @@ struct WgmmaAssignParams {
   int d;
   int k;
   int d_pad;                // multiple of the 128-byte slice, in elements
-  int k_tiles;              // k_pad / kWgmmaCents
+  int k_tiles;              // k_pad / the tile width (wgmma_tile_cents, or kWgmmaCents for wgmma-tma)
   const void* cw;           // (k_pad, d_pad) centroids rounded to the operand type
   const float* col_s;       // (k_pad,) s_j, 0 for padding
   const float* col_o;       // (k_pad,) o_j = center . c~_j

@@ -1,21 +1,26 @@
 // Tensor-core assignment on Hopper's warpgroup MMA (wgmma, sm_90a): the products x . c_j of a
-// 128-row block against 256-centroid tiles, the argmax folded into each tile's epilogue, never
-// an N x k matrix. The labelling kernel of the tensor-core path (assign_tc_cuda.cu) where
-// EDPAIRS_ASSIGN_KERNEL=wgmma selects it; prepare_centroids and the sorted sums stay there.
+// 128-row block against centroid tiles of N = 64, 128 or 256 (wgmma_tile_cents: the narrowest
+// that holds k, else 256), the argmax folded into each tile's epilogue, never an N x k matrix.
+// The labelling kernel of the tensor-core path (assign_tc_cuda.cu) on compute capability 9.0
+// (EDPAIRS_ASSIGN_KERNEL auto or wgmma); prepare_centroids and the sorted sums stay there.
 //
 // Block: 256 threads = two warpgroups; warpgroup w owns rows 64 w .. 64 w + 63 of the block and
 // both share each centroid tile. Per iteration one 128-byte slice of every row (32 float32 or
 // 64 16-bit elements) of x and of the tile's centroids lands in shared memory, and each
-// warpgroup issues four m64n256 wgmma (k8 TF32 / k16 16-bit, 32 bytes of K each) on it. The
+// warpgroup issues four m64nN wgmma (k8 TF32 / k16 16-bit, 32 bytes of K each) on it. The
 // iterations run over (centroid tile, slice) pairs in one sequence, so the pipeline does not
 // drain between tiles; x's slices are re-read for every tile (from L2: 132 blocks x 256 KB in
 // flight).
 //
-// Pipeline: 4 stages of 48 KB (x 16 KB + centroids 32 KB) filled by cp.async from all threads,
-// two iterations ahead; wgmma keeps one batch in flight (wait_group 1), so the stage a load
-// overwrites (that of iteration it - 2) is free once every thread has passed the barrier of
-// iteration it. cp.async writes through the generic proxy and wgmma reads through the async
-// proxy: each thread fences (fence.proxy.async) after its copies land, before the barrier.
+// Pipeline (Ring<N>): stages of x 16 KB + centroids N x 128 bytes filled by cp.async from all
+// threads, kAhead = kStages - 2 iterations ahead: N = 256 four stages of 48 KB, two ahead, one
+// block per multiprocessor; N = 128 six of 32 KB, four ahead, one block; N = 64 four of 24 KB,
+// two ahead, two blocks per multiprocessor (at small k the kernel streams x: 64 KB of it in
+// flight per multiprocessor either way). wgmma keeps one batch in flight (wait_group 1), so the
+// stage a load overwrites, that of iteration it - 2 (kAhead = kStages - 2), is free once every
+// thread has passed the barrier of iteration it. cp.async writes through the generic proxy and
+// wgmma reads through the async proxy: each thread fences (fence.proxy.async) after its copies
+// land, before the barrier.
 //
 // Shared layout: the 128-byte swizzle of wgmma.cuh. Thread tid copies chunk tid % 8 of rows
 // tid / 8 + 32 i, so the 8 threads of a quarter warp read 128 contiguous bytes of one row and
@@ -50,21 +55,27 @@ namespace cuda_detail {
 namespace {
 
 constexpr int kThreads = 256;             // two warpgroups
-constexpr int kStages = 4;
-constexpr int kAhead = 2;                 // iterations whose copies are in flight
 constexpr int kSliceBytes = 128;
 constexpr int kXTileBytes = kWgmmaRows * kSliceBytes;   // 16384
-constexpr int kCTileBytes = kWgmmaCents * kSliceBytes;  // 32768
-constexpr int kStageBytes = kXTileBytes + kCTileBytes;  // 49152: a multiple of 1024
-constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + slack to align the ring to 1024
 constexpr int kLoadRows = kThreads / 8;   // rows one loader pass covers
-constexpr int kAcc = kWgmmaAcc;
-static_assert(kAhead <= kStages - 2, "a load may only overwrite the stage of iteration it - 2");
-static_assert(kWgmmaRows % kLoadRows == 0 && kWgmmaCents % kLoadRows == 0, "loader passes");
+static_assert(kWgmmaRows % kLoadRows == 0, "loader passes");
+
+// The ring of the N-centroid form (see the top of the file).
+template <int N>
+struct Ring {
+  static constexpr int kCTileBytes = N * kSliceBytes;
+  static constexpr int kStageBytes = kXTileBytes + kCTileBytes;  // a multiple of 1024
+  static constexpr int kStages = N == 128 ? 6 : 4;
+  static constexpr int kAhead = kStages - 2;  // iterations whose copies are in flight
+  static constexpr int kBlocksPerSm = N == 64 ? 2 : 1;
+  static constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + slack to align the ring to 1024
+  static_assert(kStageBytes % 1024 == 0 && N % kLoadRows == 0, "descriptor alignment, loader passes");
+  static_assert(kBlocksPerSm * (kSmemBytes + 2048) <= 228 * 1024, "shared memory of a multiprocessor");
+};
 
 // Issues the copies of iteration `it` (centroid tile it / k_steps, slice it % k_steps) into
 // stage `stage` (shared address): chunk tid % 8 of x rows and centroid rows tid / 8 + 32 i.
-template <class T>
+template <class T, int N>
 __device__ __forceinline__ void load_iteration(const WgmmaAssignParams& p, uint32_t stage, int it,
                                                int k_steps, int64_t row0, int tid) {
   constexpr int kElems = kSliceBytes / static_cast<int>(sizeof(T));
@@ -84,20 +95,23 @@ __device__ __forceinline__ void load_iteration(const WgmmaAssignParams& p, uint3
     const T* src = valid > 0 ? x + grow * p.x_stride + col : x;
     cp_async_16(stage + swizzled(r, c), src, valid * static_cast<int>(sizeof(T)));
   }
-  const T* cbase = cw + static_cast<int64_t>(tile) * kWgmmaCents * p.d_pad + col;
+  const T* cbase = cw + static_cast<int64_t>(tile) * N * p.d_pad + col;
 #pragma unroll
-  for (int i = 0; i < kWgmmaCents / kLoadRows; ++i) {
+  for (int i = 0; i < N / kLoadRows; ++i) {
     const int r = tid / 8 + kLoadRows * i;
     cp_async_16(stage + kXTileBytes + swizzled(r, c), cbase + static_cast<int64_t>(r) * p.d_pad, 16);
   }
 }
 
-template <class T>
-__global__ void __launch_bounds__(kThreads, 1) assign_wgmma_kernel(const WgmmaAssignParams p) {
+template <class T, int N>
+__global__ void __launch_bounds__(kThreads, Ring<N>::kBlocksPerSm) assign_wgmma_kernel(const WgmmaAssignParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ float row_scale_s[kWgmmaRows];
   constexpr int kElems = kSliceBytes / static_cast<int>(sizeof(T));
   constexpr int kChunkElems = 16 / static_cast<int>(sizeof(T));
+  constexpr int kStages = Ring<N>::kStages;
+  constexpr int kAhead = Ring<N>::kAhead;
+  constexpr int kStageBytes = Ring<N>::kStageBytes;
   const uint32_t raw = smem_addr(smem_raw);
   const uint32_t ring = (raw + 1023u) & ~1023u;  // stages at ring + s * kStageBytes
   const unsigned char* ring_ptr = smem_raw + (ring - raw);
@@ -118,15 +132,15 @@ __global__ void __launch_bounds__(kThreads, 1) assign_wgmma_kernel(const WgmmaAs
 #pragma unroll
   for (int i = 0; i < kWgmmaRows / kLoadRows; ++i) row_sq[i] = 0.f;
 
-  float acc[kAcc];
+  float acc[N / 2];
 #pragma unroll
-  for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
+  for (int i = 0; i < N / 2; ++i) acc[i] = 0.f;
   float run_val[2] = {-INFINITY, -INFINITY};
   int run_idx[2] = {0, 0};
 
 #pragma unroll
   for (int s = 0; s < kAhead; ++s) {
-    if (s < total) load_iteration<T>(p, ring + s * kStageBytes, s, k_steps, row0, tid);
+    if (s < total) load_iteration<T, N>(p, ring + s * kStageBytes, s, k_steps, row0, tid);
     cp_async_commit();
   }
 
@@ -140,7 +154,9 @@ __global__ void __launch_bounds__(kThreads, 1) assign_wgmma_kernel(const WgmmaAs
 #pragma unroll
       for (int i = 0; i < kWgmmaRows / kLoadRows; ++i) {
         const int r = tid / 8 + kLoadRows * i;
-        const T* e = reinterpret_cast<const T*>(ring_ptr + stage * kStageBytes + swizzled(r, c));
+        // One 16-byte read per chunk: a quarter warp reads one row's 128 bytes, all 32 banks.
+        const uint4 raw = *reinterpret_cast<const uint4*>(ring_ptr + stage * kStageBytes + swizzled(r, c));
+        const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
         for (int u = 0; u < kChunkElems; ++u) {
           const int col = kt * kElems + c * kChunkElems + u;
@@ -154,7 +170,7 @@ __global__ void __launch_bounds__(kThreads, 1) assign_wgmma_kernel(const WgmmaAs
     fence_proxy_async();
     __syncthreads();  // iteration it visible to all; every wgmma of iteration it - 2 is done
     if (it + kAhead < total) {
-      load_iteration<T>(p, ring + ((it + kAhead) % kStages) * kStageBytes, it + kAhead, k_steps, row0, tid);
+      load_iteration<T, N>(p, ring + ((it + kAhead) % kStages) * kStageBytes, it + kAhead, k_steps, row0, tid);
     }
     cp_async_commit();
 
@@ -163,7 +179,7 @@ __global__ void __launch_bounds__(kThreads, 1) assign_wgmma_kernel(const WgmmaAs
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < kSliceBytes / 32; ++s) {
-      wgmma_step<T>(acc, make_desc(xs + 32 * s), make_desc(cs + 32 * s), (kt == 0 && s == 0) ? 0 : 1);
+      wgmma_mma<T, N>(acc, make_desc(xs + 32 * s), make_desc(cs + 32 * s), (kt == 0 && s == 0) ? 0 : 1);
     }
     wgmma_commit();
     wgmma_wait<1>();
@@ -171,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, 1) assign_wgmma_kernel(const WgmmaAs
     if (kt == k_steps - 1) {  // the tile is complete: fold it into the running best
       wgmma_wait<0>();
       fence_accumulators(acc);
-      fold_tile(acc, p, tile * kWgmmaCents, t, run_val, run_idx);
+      fold_tile<N>(acc, p, tile * N, t, run_val, run_idx);
     }
   }
   wgmma_wait<0>();  // (already so after the last tile's epilogue; said here for ptxas)
@@ -191,19 +207,41 @@ __global__ void __launch_bounds__(kThreads, 1) assign_wgmma_kernel(const WgmmaAs
 
 }  // namespace
 
-void launch_assign_wgmma(const WgmmaAssignParams& p, const DType dtype, const cudaStream_t stream) {
-  const int64_t blocks = ceil_div(p.n, kWgmmaRows);
-  if (blocks > INT_MAX) fail("assign (wgmma): too many rows for one launch: " + std::to_string(p.n));
+namespace {
+
+template <int N>
+void launch_width(const WgmmaAssignParams& p, const DType dtype, const int64_t blocks, const cudaStream_t stream) {
   const auto run = [&](auto kernel) {
-    EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-    kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, stream>>>(p);
+    EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Ring<N>::kSmemBytes));
+    if (Ring<N>::kBlocksPerSm > 1) {  // the carveout that lets two blocks' rings share a multiprocessor
+      EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                              cudaSharedmemCarveoutMaxShared));
+    }
+    kernel<<<static_cast<unsigned>(blocks), kThreads, Ring<N>::kSmemBytes, stream>>>(p);
     EDPAIRS_CUDA_CHECK(cudaGetLastError());
   };
   switch (dtype) {
-    case DType::Float32: run(assign_wgmma_kernel<float>); return;
-    case DType::Float16: run(assign_wgmma_kernel<__half>); return;
-    case DType::BFloat16: run(assign_wgmma_kernel<__nv_bfloat16>); return;
+    case DType::Float32: run(assign_wgmma_kernel<float, N>); return;
+    case DType::Float16: run(assign_wgmma_kernel<__half, N>); return;
+    case DType::BFloat16: run(assign_wgmma_kernel<__nv_bfloat16, N>); return;
     default: fail(std::string("assign (wgmma): x must be float32, float16 or bfloat16, got ") + dtype_name(dtype));
+  }
+}
+
+}  // namespace
+
+void launch_assign_wgmma(const WgmmaAssignParams& p, const DType dtype, const cudaStream_t stream) {
+  const int64_t blocks = ceil_div(p.n, kWgmmaRows);
+  if (blocks > INT_MAX) fail("assign (wgmma): too many rows for one launch: " + std::to_string(p.n));
+  const int width = wgmma_tile_cents(p.k);
+  if (static_cast<int64_t>(p.k_tiles) * width < p.k) {
+    fail("assign (wgmma): " + std::to_string(p.k_tiles) + " tiles of " + std::to_string(width) +
+         " centroids cannot hold k = " + std::to_string(p.k) + " (an internal error)");
+  }
+  switch (width) {
+    case 64: launch_width<64>(p, dtype, blocks, stream); return;
+    case 128: launch_width<128>(p, dtype, blocks, stream); return;
+    default: launch_width<kWgmmaCents>(p, dtype, blocks, stream); return;
   }
 }
 

@@ -1,5 +1,5 @@
 // The epilogue shared by the wgmma labelling kernels (assign_wgmma_cuda.cu,
-// assign_wgmma_tma_cuda.cu): a 64 x 256 accumulator tile (the layout of wgmma.cuh) folded into
+// assign_wgmma_tma_cuda.cu): a 64 x N accumulator tile (the layout of wgmma.cuh) folded into
 // each thread's running best of its two rows, and the rows' labels / scores / scales written.
 #pragma once
 
@@ -18,16 +18,17 @@ __device__ __forceinline__ bool wgmma_better(float v1, int i1, float v0, int i0)
   return v1 > v0 || (v1 == v0 && i1 < i0);
 }
 
-// Folds the tile of centroids j0 .. j0 + 255 into run_val / run_idx (rows g and g + 8 of the
+// Folds the tile of centroids j0 .. j0 + N - 1 into run_val / run_idx (rows g and g + 8 of the
 // thread's warp): s_j (dot - o_j) over the thread's own columns in increasing order (strict '>'
 // keeps the first maximum), then the 4 lanes of the quad with the tie rule. acc must be final
 // (wgmma_wait<0> and fence_accumulators before the call).
-__device__ __forceinline__ void fold_tile(const float (&acc)[kWgmmaAcc], const WgmmaAssignParams& p, int j0,
+template <int N>
+__device__ __forceinline__ void fold_tile(const float (&acc)[N / 2], const WgmmaAssignParams& p, int j0,
                                           int t, float (&run_val)[2], int (&run_idx)[2]) {
   float bv[2] = {-INFINITY, -INFINITY};
   int bi[2] = {INT_MAX, INT_MAX};
 #pragma unroll
-  for (int j = 0; j < kWgmmaCents / 8; ++j) {
+  for (int j = 0; j < N / 8; ++j) {
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const int col = j0 + 8 * j + 2 * t + e;  // < k_pad

@@ -149,9 +149,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int t = lane % 4;
     const bool sums_row_norm = p.row_scale == nullptr;
     float row_sq = 0.f;  // row tid / 2, half tid % 2 of each slice (tile 0)
-    float acc[kWgmmaAcc];
+    float acc[kWgmmaCents / 2];
 #pragma unroll
-    for (int i = 0; i < kWgmmaAcc; ++i) acc[i] = 0.f;
+    for (int i = 0; i < kWgmmaCents / 2; ++i) acc[i] = 0.f;
     float run_val[2] = {-INFINITY, -INFINITY};
     int run_idx[2] = {0, 0};
 
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_fence();
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        wgmma_step<float>(acc, make_desc(xs + 32 * k), make_desc(cs + 32 * k), (kt == 0 && k == 0) ? 0 : 1);
+        wgmma_mma<float, kWgmmaCents>(acc, make_desc(xs + 32 * k), make_desc(cs + 32 * k), (kt == 0 && k == 0) ? 0 : 1);
       }
       wgmma_commit();
       wgmma_wait<1>();
@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (kt == k_steps - 1) {
         wgmma_wait<0>();
         fence_accumulators(acc);
-        fold_tile(acc, p, tile * kWgmmaCents, t, run_val, run_idx);
+        fold_tile<kWgmmaCents>(acc, p, tile * kWgmmaCents, t, run_val, run_idx);
       }
     }
     wgmma_wait<0>();

@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint32_t b = ring + stage * kStageBytes + kATileBytes;
     wgmma_fence();
 #pragma unroll
-    for (int s = 0; s < 4; ++s) wgmma_tf32_n128(acc, make_desc(a + 32 * s), make_desc(b + 32 * s), (it == 0 && s == 0) ? 0 : 1);
+    for (int s = 0; s < 4; ++s) wgmma_mma<float, 128>(acc, make_desc(a + 32 * s), make_desc(b + 32 * s), (it == 0 && s == 0) ? 0 : 1);
     wgmma_commit();
     wgmma_wait<1>();
     if (it + 1 < count) store(s_begin + it + 1, static_cast<int>((it + 1) % kStages));

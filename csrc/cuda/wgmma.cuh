@@ -1,5 +1,5 @@
-// Hopper's warpgroup MMA (wgmma, sm_90a) as the edpairs kernels use it: 64 x 256 float32
-// accumulator tiles per warpgroup from K-major operand tiles in shared memory laid out in the
+// Hopper's warpgroup MMA (wgmma, sm_90a) as the edpairs kernels use it: 64 x N float32
+// accumulator tiles per warpgroup (N = 64, 128 or 256) from K-major operand tiles in shared memory laid out in the
 // 128-byte swizzle. Included by the files of the sm_90a library only (CMakeLists.txt).
 //
 // Shared layout: row r of an operand tile holds 128 bytes of K in 8 chunks of 16 bytes; chunk
@@ -21,8 +21,6 @@
 
 namespace edpairs {
 namespace cuda_detail {
-
-constexpr int kWgmmaAcc = 128;  // accumulators per thread of an m64n256 tile
 
 // Byte offset of chunk c of row r in a swizzled operand tile.
 __device__ __forceinline__ uint32_t swizzled(int r, int c) {
@@ -52,13 +50,16 @@ __device__ __forceinline__ void fence_proxy_async() {
 #define EDPAIRS_WGMMA_AVAILABLE 1
 #endif
 
-// The accumulator operands of the inline asm: %0..%63 (m64n128) and %0..%127 (m64n256).
-#define EDPAIRS_WGMMA_D64_REGS \
+// The accumulator operands of the inline asm: %0..%31 (m64n64), %0..%63 (m64n128) and
+// %0..%127 (m64n256).
+#define EDPAIRS_WGMMA_D32_REGS \
   "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15," \
-  "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31," \
+  "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"
+#define EDPAIRS_WGMMA_D64_REGS \
+  EDPAIRS_WGMMA_D32_REGS "," \
   "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47," \
   "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
-#define EDPAIRS_WGMMA_D_REGS \
+#define EDPAIRS_WGMMA_D128_REGS \
   EDPAIRS_WGMMA_D64_REGS "," \
   "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79," \
   "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95," \
@@ -67,52 +68,58 @@ __device__ __forceinline__ void fence_proxy_async() {
 #define EDPAIRS_WGMMA_OPS8(d, i) \
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), \
       "+f"(d[i + 7])
+#define EDPAIRS_WGMMA_D32_OPERANDS(d) \
+  EDPAIRS_WGMMA_OPS8(d, 0), EDPAIRS_WGMMA_OPS8(d, 8), EDPAIRS_WGMMA_OPS8(d, 16), EDPAIRS_WGMMA_OPS8(d, 24)
 #define EDPAIRS_WGMMA_D64_OPERANDS(d) \
-  EDPAIRS_WGMMA_OPS8(d, 0), EDPAIRS_WGMMA_OPS8(d, 8), EDPAIRS_WGMMA_OPS8(d, 16), EDPAIRS_WGMMA_OPS8(d, 24), \
-      EDPAIRS_WGMMA_OPS8(d, 32), EDPAIRS_WGMMA_OPS8(d, 40), EDPAIRS_WGMMA_OPS8(d, 48), EDPAIRS_WGMMA_OPS8(d, 56)
-#define EDPAIRS_WGMMA_D_OPERANDS(d) \
+  EDPAIRS_WGMMA_D32_OPERANDS(d), EDPAIRS_WGMMA_OPS8(d, 32), EDPAIRS_WGMMA_OPS8(d, 40), EDPAIRS_WGMMA_OPS8(d, 48), \
+      EDPAIRS_WGMMA_OPS8(d, 56)
+#define EDPAIRS_WGMMA_D128_OPERANDS(d) \
   EDPAIRS_WGMMA_D64_OPERANDS(d), EDPAIRS_WGMMA_OPS8(d, 64), EDPAIRS_WGMMA_OPS8(d, 72), EDPAIRS_WGMMA_OPS8(d, 80), \
       EDPAIRS_WGMMA_OPS8(d, 88), EDPAIRS_WGMMA_OPS8(d, 96), EDPAIRS_WGMMA_OPS8(d, 104), EDPAIRS_WGMMA_OPS8(d, 112), \
       EDPAIRS_WGMMA_OPS8(d, 120)
 
-// d (+)= A(desc) B(desc)^T for one 64 x 256 x (32 bytes of K) step; scale_d = 0 overwrites d.
-template <class T>
-__device__ __forceinline__ void wgmma_step(float (&d)[kWgmmaAcc], uint64_t a_desc, uint64_t b_desc, int scale_d) {
-#ifdef EDPAIRS_WGMMA_AVAILABLE
-  if constexpr (sizeof(T) == 4) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n256k8.f32.tf32.tf32 {" EDPAIRS_WGMMA_D_REGS
-                 "}, %128, %129, p, 1, 1;\n}\n"
-                 : EDPAIRS_WGMMA_D_OPERANDS(d)
-                 : "l"(a_desc), "l"(b_desc), "r"(scale_d));
-  } else if constexpr (std::is_same<T, __half>::value) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {" EDPAIRS_WGMMA_D_REGS
-                 "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
-                 : EDPAIRS_WGMMA_D_OPERANDS(d)
-                 : "l"(a_desc), "l"(b_desc), "r"(scale_d));
-  } else {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {" EDPAIRS_WGMMA_D_REGS
-                 "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
-                 : EDPAIRS_WGMMA_D_OPERANDS(d)
-                 : "l"(a_desc), "l"(b_desc), "r"(scale_d));
-  }
-#else
-  (void)d, (void)a_desc, (void)b_desc, (void)scale_d;
-  __trap();
-#endif
-}
+// One wgmma of shape SHAPE (e.g. "m64n64k8.f32.tf32.tf32") on NACC accumulators, the operand
+// descriptors and scale_d following them as operands NACC .. NACC + 2; TAIL closes the operand
+// list (the 16-bit forms also take the two transpose flags, 0: K-major).
+#define EDPAIRS_WGMMA_ASM(SHAPE, NACC, A, B, S, TAIL)                                                  \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #S ", 0;\n"                                        \
+               "wgmma.mma_async.sync.aligned." SHAPE " {" EDPAIRS_WGMMA_D##NACC##_REGS "}, %" #A ", %" #B \
+               ", p, 1, 1" TAIL ";\n}\n"                                                                 \
+               : EDPAIRS_WGMMA_D##NACC##_OPERANDS(d)                                                   \
+               : "l"(a_desc), "l"(b_desc), "r"(scale_d))
 
-// d (+)= A(desc) B(desc)^T for one 64 x 128 x 8 TF32 step (64 accumulators per thread, the
-// same layout with columns 0..127); scale_d = 0 overwrites d.
-__device__ __forceinline__ void wgmma_tf32_n128(float (&d)[64], uint64_t a_desc, uint64_t b_desc, int scale_d) {
+// d (+)= A(desc) B(desc)^T for one 64 x N x (32 bytes of K) step: k8 TF32 for float32 T, k16
+// for float16 / bfloat16; N / 2 accumulators per thread (the layout above, columns 0 .. N - 1);
+// scale_d = 0 overwrites d. N is 64, 128 or 256.
+template <class T, int N>
+__device__ __forceinline__ void wgmma_mma(float (&d)[N / 2], uint64_t a_desc, uint64_t b_desc, int scale_d) {
+  static_assert(N == 64 || N == 128 || N == 256, "wgmma tile width");
 #ifdef EDPAIRS_WGMMA_AVAILABLE
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32 {" EDPAIRS_WGMMA_D64_REGS
-               "}, %64, %65, p, 1, 1;\n}\n"
-               : EDPAIRS_WGMMA_D64_OPERANDS(d)
-               : "l"(a_desc), "l"(b_desc), "r"(scale_d));
+  if constexpr (N == 64) {
+    if constexpr (sizeof(T) == 4) {
+      EDPAIRS_WGMMA_ASM("m64n64k8.f32.tf32.tf32", 32, 32, 33, 34, "");
+    } else if constexpr (std::is_same<T, __half>::value) {
+      EDPAIRS_WGMMA_ASM("m64n64k16.f32.f16.f16", 32, 32, 33, 34, ", 0, 0");
+    } else {
+      EDPAIRS_WGMMA_ASM("m64n64k16.f32.bf16.bf16", 32, 32, 33, 34, ", 0, 0");
+    }
+  } else if constexpr (N == 128) {
+    if constexpr (sizeof(T) == 4) {
+      EDPAIRS_WGMMA_ASM("m64n128k8.f32.tf32.tf32", 64, 64, 65, 66, "");
+    } else if constexpr (std::is_same<T, __half>::value) {
+      EDPAIRS_WGMMA_ASM("m64n128k16.f32.f16.f16", 64, 64, 65, 66, ", 0, 0");
+    } else {
+      EDPAIRS_WGMMA_ASM("m64n128k16.f32.bf16.bf16", 64, 64, 65, 66, ", 0, 0");
+    }
+  } else {
+    if constexpr (sizeof(T) == 4) {
+      EDPAIRS_WGMMA_ASM("m64n256k8.f32.tf32.tf32", 128, 128, 129, 130, "");
+    } else if constexpr (std::is_same<T, __half>::value) {
+      EDPAIRS_WGMMA_ASM("m64n256k16.f32.f16.f16", 128, 128, 129, 130, ", 0, 0");
+    } else {
+      EDPAIRS_WGMMA_ASM("m64n256k16.f32.bf16.bf16", 128, 128, 129, 130, ", 0, 0");
+    }
+  }
 #else
   (void)d, (void)a_desc, (void)b_desc, (void)scale_d;
   __trap();

@@ -119,9 +119,9 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     forms the scores of EDPAIRS_GEMM_ASSIGN_ROWS rows at a time (default 32768; a (rows, k)
     float32 block, never the whole (N, k) matrix) in the precision asked for, an edpairs kernel
     takes each row's argmax and norm, and the sums come from one sorted pass over X. On Hopper
-    (compute capability 9.0, a build with sm_90a) tensor-core assignments with k >= 129 are
-    labelled by edpairs' wgmma kernel, TF32 float32 ones too instead of the route
-    (``EDPAIRS_ASSIGN_KERNEL=mma`` keeps mma.sync and the route).
+    (compute capability 9.0, a build with sm_90a) tensor-core assignments of 16-byte aligned rows
+    are labelled by edpairs' wgmma kernel, TF32 float32 ones with k >= 129 too instead of the
+    route (``EDPAIRS_ASSIGN_KERNEL=mma`` keeps mma.sync and the route).
     """
     X, xp = _data(X)
     precision = _precision(precision, X)
