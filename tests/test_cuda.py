@@ -985,7 +985,8 @@ def _fused_applies(torch, k, D):
 @pytest.mark.parametrize("N,D,k", [(3000, 37, 65), (3000, 4096, 64)])
 def test_tensor_core_fused_sums_falls_back(torch, N, D, k, rng, monkeypatch):
     """Where the fused kernel does not apply (k > 64; k x D sums larger than shared memory;
-    rows not 16-byte aligned), EDPAIRS_ASSIGN_SUMS=fused takes the sorted pass: same results."""
+    rows not 16-byte aligned), EDPAIRS_ASSIGN_SUMS=fused takes the pass of the default (owned
+    columns, or sorted where those do not fit): same results."""
     C = make_centroids(rng, k, D)
     X = make_rows(rng, N, D, C=C, zero_rows=2)
     monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", "fused")
@@ -995,6 +996,69 @@ def test_tensor_core_fused_sums_falls_back(torch, N, D, k, rng, monkeypatch):
     wide[:, :D] = gpu(X)
     res = _poisoned_tc_assign(wide[:, :D], gpu(C))  # unaligned rows
     check_tc_assignment(res, X, C, "float32")
+
+
+COLUMN_SHAPES = [(5000, 40, 150), (3000, 512, 64), (20_000, 33, 7), (700, 1000, 9), (1, 8, 1), (70_000, 96, 20)]
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES)
+@pytest.mark.parametrize("N,D,k", COLUMN_SHAPES)
+@pytest.mark.parametrize("variant", ["plain", "center", "strided"])
+def test_tensor_core_column_sums_equal_sorted_sums(torch, dtype, N, D, k, variant, rng, monkeypatch):
+    """EDPAIRS_ASSIGN_SUMS=columns (the default where k x D float32 sums fit in shared memory:
+    one ordered read of x, each sums column owned by one warp, float32 runs of at most 4096
+    rows, float64 across blocks) against the sorted pass on the same labels: counts exact, sums
+    within float32 accumulation, every output written; bit-for-bit the same run to run and
+    what the default gives."""
+    C = make_centroids(rng, k, D)
+    X = make_rows(rng, N, D, C=C, zero_rows=min(3, N - 1))
+    kw = {"center": (0.1 * rng.standard_normal(D)).astype(np.float32)} if variant == "center" else {}
+    if variant == "strided":
+        wide = torch.zeros((N, D + 3), dtype=getattr(torch, dtype), device=DEVICE)
+        wide[:, 1:D + 1] = gpu(X, "torch", dtype)
+        Xg = wide[:, 1:D + 1]  # rows off 16 bytes: the mma kernel labels, the sums read elements
+    else:
+        Xg = gpu(X, "torch", dtype)
+    gkw = {name: gpu(v) for name, v in kw.items()}
+    runs = {}
+    for mode in ("columns", "sorted", "auto"):
+        monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", mode)
+        runs[mode] = _poisoned_tc_assign(Xg, gpu(C), **gkw)
+    check_tc_assignment(runs["columns"], f64(Xg), C, dtype, **kw)
+    a, b = runs["columns"], runs["sorted"]
+    np.testing.assert_array_equal(to_numpy(a.labels), to_numpy(b.labels))
+    np.testing.assert_array_equal(to_numpy(a.counts), to_numpy(b.counts))
+    sa, sb = to_numpy(a.sums), to_numpy(b.sums)
+    assert np.abs(sa - sb).max() <= 1e-5 * (np.abs(sb).max() + 1e-30)
+    monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", "columns")
+    again = _poisoned_tc_assign(Xg, gpu(C), **gkw)
+    for key in ("labels", "counts", "sums"):
+        np.testing.assert_array_equal(to_numpy(getattr(again, key)), to_numpy(getattr(a, key)))
+        np.testing.assert_array_equal(to_numpy(getattr(runs["auto"], key)), to_numpy(getattr(a, key)))
+
+
+def test_tensor_core_column_sums_fall_back_to_sorted(torch, rng, monkeypatch):
+    """Where k x D float32 sums exceed the block's shared memory (k = 300, D = 512: 600 KB), the
+    default and "columns" take the sorted pass: the same sums bit for bit up to the order of its
+    float64 atomics."""
+    C = make_centroids(rng, 300, 512)
+    Xg = gpu(make_rows(rng, 4000, 512, C=C))
+    runs = {}
+    for mode in ("columns", "sorted", "auto"):
+        monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", mode)
+        runs[mode] = _poisoned_tc_assign(Xg, gpu(C))
+    check_tc_assignment(runs["auto"], f64(Xg), C, "float32")
+    for mode in ("columns", "auto"):
+        np.testing.assert_array_equal(to_numpy(runs[mode].counts), to_numpy(runs["sorted"].counts))
+        np.testing.assert_allclose(to_numpy(runs[mode].sums), to_numpy(runs["sorted"].sums), rtol=1e-12, atol=1e-12)
+
+
+def test_assign_sums_knob_is_validated(torch, rng, monkeypatch):
+    monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", "segmented")
+    X, C = gpu(make_rows(rng, 300, 16)), gpu(make_centroids(rng, 5, 16))
+    with pytest.raises(Exception, match="EDPAIRS_ASSIGN_SUMS must be 'auto', 'columns', 'sorted', 'block' or 'fused', "
+                                        "got 'segmented'"):
+        ops.assign(X, C, precision="tf32")
 
 
 def test_tensor_core_fused_kmeans_step(torch, rng, monkeypatch):

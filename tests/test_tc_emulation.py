@@ -428,6 +428,98 @@ def test_emulated_sorted_sums_match_numpy(n, d, k):
     np.testing.assert_allclose(sums, ref, rtol=1e-12, atol=1e-12)
 
 
+# ---- the owned-column cluster sums (column_sums_kernel + reduce_fused_partials) -------------
+COL_MAX_WARPS, COL_MAX_ROWS, COL_MIN_ROWS = 16, 4096, 256
+
+
+def column_blocks(n, resident):
+    """launch_cluster_sums' partition: (blocks, rows per block)."""
+    blocks = resident * -(-n // (resident * COL_MAX_ROWS))
+    blocks = min(blocks, -(-n // COL_MIN_ROWS))
+    rows = -(-n // blocks)
+    return -(-n // rows), rows
+
+
+def emulate_column_sums(x_buf, n, d, x_stride, labels, rscale, k, item, center=None, resident=132):
+    """sums (float64) and counts as the owned-column pass computes them: per block, warp w's
+    slices of 32 lanes x E columns (E = 4 / item bytes for 16-bit, else 1), rows in groups of
+    16 / E loaded two at a time, float32 fma per (label, column) in row order; then the blocks'
+    partials in block order in float64."""
+    e_cols = 4 // item if item < 4 else 1
+    group = 16 // e_cols
+    slices = -(-d // (32 * e_cols))
+    warps = min(slices, COL_MAX_WARPS)
+    blocks, per = column_blocks(n, resident)
+    sums = np.zeros((k, d))
+    counts = np.zeros(k, np.int64)
+    ctr = np.zeros(d, np.float32) if center is None else center.astype(np.float32)
+    for block in range(blocks):
+        part = np.zeros((k, d), np.float32)
+        pcount = np.zeros(k, np.int64)
+        begin, end = block * per, min(n, block * per + per)
+        for warp in range(warps):
+            for sl in range(warp, slices, warps):
+                cols = sl * 32 * e_cols + np.arange(32 * e_cols)  # lane l: columns l*E .. l*E + E - 1
+                on = cols < d
+                cols = cols[on]
+                seen = []
+
+                def load(row0):
+                    g = []
+                    for u in range(group):
+                        row = row0 + u
+                        if row < end:
+                            v = (x_buf[row * x_stride + cols].astype(np.float32) - ctr[cols]).astype(np.float32)
+                            g.append((int(labels[row]), np.float32(rscale[row]), v))
+                        else:
+                            g.append((-1, np.float32(0), None))
+                    return g
+
+                def add(g):
+                    for label, r, v in g:
+                        if label < 0:
+                            continue
+                        seen.append(label)
+                        if sl == 0:
+                            pcount[label] += 1
+                        if r > 0:  # fmaf: one rounding of r * v + acc
+                            part[label, cols] = (np.float64(r) * v + part[label, cols]).astype(np.float32)
+
+                a = load(begin)
+                for row in range(begin, end, 2 * group):
+                    b = load(row + group)
+                    add(a)
+                    a = load(row + 2 * group)
+                    add(b)
+                assert len(seen) == end - begin  # every row of the block, once per slice
+        sums += part
+        counts += pcount
+    return sums, counts, blocks, per
+
+
+@pytest.mark.parametrize("n,d,k,item", [(1, 1, 1, 4), (300, 5, 3, 4), (5000, 130, 40, 4), (257, 600, 7, 2),
+                                        (9000, 64, 64, 2), (70_000, 33, 2, 4)])
+def test_emulated_column_sums_match_numpy(n, d, k, item):
+    rng = np.random.default_rng(n + d + k + item)
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    labels = np.minimum(rng.geometric(0.3, n) - 1, k - 1)
+    rscale = (rng.random(n) * (rng.random(n) > 0.1)).astype(np.float32)
+    center = rng.standard_normal(d).astype(np.float32)
+    sums, counts, blocks, per = emulate_column_sums(X.ravel(), n, d, d, labels, rscale, k, item, center=center,
+                                                    resident=5)
+    assert per <= COL_MAX_ROWS and (blocks - 1) * per < n <= blocks * per
+    assert blocks <= -(-n // COL_MIN_ROWS)  # small inputs: few partials
+    ref = np.zeros((k, d))
+    absref = np.zeros((k, d))
+    live = rscale > 0
+    terms = rscale[live, None].astype(np.float64) * (X - center)[live].astype(np.float64)
+    np.add.at(ref, labels[live], terms)
+    np.add.at(absref, labels[live], np.abs(terms))
+    np.testing.assert_array_equal(counts, np.bincount(labels, minlength=k))
+    # float32 runs of at most `per` rows: within (run length) x 2^-24 of the sum of magnitudes
+    assert np.all(np.abs(sums - ref) <= per * 2.0**-24 * absref + 1e-30)
+
+
 # ---- the fused small-k kernel (assign_tc_fused_kernel + reduce_fused_partials) -------------
 # A persistent block loops over 128-row tiles: phase 1 (8 warps of 16 rows x 64 centroids, the
 # argmax), phase 2 (the rows streamed again through the ring, warp w adding rows w, w + 8, ..

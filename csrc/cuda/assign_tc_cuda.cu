@@ -984,17 +984,183 @@ __global__ void reduce_fused_partials(const float* __restrict__ part_sums,
   }
 }
 
-// Which way the tensor-core path accumulates cluster sums (EDPAIRS_ASSIGN_SUMS): "sorted"
-// (default; the segmented reduction above), "block" (per-block atomics in the assignment
-// kernel) or "fused" (the small-k kernel above where it applies, else "sorted"). The knob
+// ---- cluster sums with owned columns: one sequential read of x, no atomics ---------------
+// Where the k x D float32 sums fit in shared memory. Block b adds rows
+// b * rows_per_block .. (a contiguous range, at most kColMaxRows) into its shared sums; warp w
+// owns column slices w, w + warps, .. (32 lanes x kE columns each: 128 bytes of a row), so each
+// sums entry has one writer and takes its rows in row order: plain shared-memory adds, no
+// atomics, deterministic. Each lane keeps two groups of rows' loads in flight (the group it
+// adds and the next), the labels and scales read alongside (the same address across a warp).
+// The warp owning slice 0 counts the rows. Every block writes its partial sums and counts;
+// reduce_fused_partials adds them in block order in float64. Against the sorted pass: x read
+// once in order instead of gathered in label order, no histogram, scan or scatter, no float64
+// atomics; the float32 runs are at most kColMaxRows rows long.
+constexpr int kColMaxWarps = 16;
+constexpr int kColMaxRows = 4096;  // rows per block at most (the float32 runs)
+constexpr int kColMinRows = 256;   // at most n / kColMinRows blocks (small inputs: few partials)
+
+template <class T>
+constexpr int col_elems() { return sizeof(T) < 4 ? 4 / static_cast<int>(sizeof(T)) : 1; }  // columns per lane
+template <class T>
+constexpr int col_group() { return 16 / col_elems<T>(); }  // rows per group: 16 float32, 8 16-bit
+
+template <class T>
+struct ColGroup {
+  float v[col_group<T>()][col_elems<T>()];
+  int label[col_group<T>()];  // -1 past the block's rows
+  float r[col_group<T>()];
+};
+
+template <class T>
+__device__ __forceinline__ void col_load(ColGroup<T>& g, const T* __restrict__ x, const int64_t x_stride,
+                                         const int64_t row0, const int64_t end, const int c0, const int d,
+                                         const float (&ctr)[col_elems<T>()],
+                                         const int64_t* __restrict__ labels, const float* __restrict__ rscale) {
+#pragma unroll
+  for (int u = 0; u < col_group<T>(); ++u) {
+    const int64_t row = row0 + u;
+    const bool live = row < end;
+    g.label[u] = live ? static_cast<int>(labels[row]) : -1;
+    g.r[u] = live ? rscale[row] : 0.f;
+#pragma unroll
+    for (int e = 0; e < col_elems<T>(); ++e) {
+      g.v[u][e] = (live && c0 + e < d) ? minus_center(x[row * x_stride + c0 + e], ctr[e]) : 0.f;
+    }
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void col_add(const ColGroup<T>& g, float* sums_s, unsigned* counts_s, const int c0,
+                                        const int d, const bool count) {
+#pragma unroll
+  for (int u = 0; u < col_group<T>(); ++u) {
+    const int label = g.label[u];
+    if (label < 0) continue;
+    if (count) ++counts_s[label];
+    if (g.r[u] > 0.f) {  // zero rows add nothing
+      float* dst = sums_s + static_cast<int64_t>(label) * d + c0;
+#pragma unroll
+      for (int e = 0; e < col_elems<T>(); ++e) {
+        if (c0 + e < d) dst[e] = fmaf(g.r[u], g.v[u][e], dst[e]);
+      }
+    }
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(32 * kColMaxWarps)
+    column_sums_kernel(const T* __restrict__ x, const int64_t x_stride, const int64_t n, const int d, const int k,
+                       const float* __restrict__ center, const int64_t* __restrict__ labels,
+                       const float* __restrict__ rscale, const int64_t rows_per_block,
+                       float* __restrict__ part_sums, unsigned* __restrict__ part_counts) {
+  extern __shared__ float sums_s[];  // (k, d) float32, then k counts
+  unsigned* counts_s = reinterpret_cast<unsigned*>(sums_s + static_cast<int64_t>(k) * d);
+  constexpr int kE = col_elems<T>();
+  constexpr int kG = col_group<T>();
+  const int tid = static_cast<int>(threadIdx.x);
+  const int threads = static_cast<int>(blockDim.x);
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  const int warps = threads / 32;
+  const int kd = k * d;
+  for (int i = tid; i < kd; i += threads) sums_s[i] = 0.f;
+  for (int i = tid; i < k; i += threads) counts_s[i] = 0u;
+  __syncthreads();
+
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  const int64_t end = begin + rows_per_block < n ? begin + rows_per_block : n;
+  const int slices = (d + 32 * kE - 1) / (32 * kE);
+  for (int sl = warp; sl < slices; sl += warps) {
+    const int c0 = sl * 32 * kE + lane * kE;
+    float ctr[kE];
+#pragma unroll
+    for (int e = 0; e < kE; ++e) ctr[e] = (center != nullptr && c0 + e < d) ? center[c0 + e] : 0.f;
+    const bool count = sl == 0 && lane == 0;
+    ColGroup<T> a, b;
+    col_load<T>(a, x, x_stride, begin, end, c0, d, ctr, labels, rscale);
+    for (int64_t row = begin; row < end; row += 2 * kG) {
+      col_load<T>(b, x, x_stride, row + kG, end, c0, d, ctr, labels, rscale);
+      col_add<T>(a, sums_s, counts_s, c0, d, count);
+      col_load<T>(a, x, x_stride, row + 2 * kG, end, c0, d, ctr, labels, rscale);
+      col_add<T>(b, sums_s, counts_s, c0, d, count);
+    }
+  }
+  __syncthreads();
+  float* dst = part_sums + static_cast<int64_t>(blockIdx.x) * kd;
+  for (int i = tid; i < kd; i += threads) dst[i] = sums_s[i];
+  for (int i = tid; i < k; i += threads) part_counts[static_cast<int64_t>(blockIdx.x) * k + i] = counts_s[i];
+}
+
+// Which way the tensor-core path accumulates cluster sums (EDPAIRS_ASSIGN_SUMS): "auto"
+// (default: "columns" where the k x D float32 sums fit in shared memory, else "sorted"),
+// "columns" (the owned-column pass above; "sorted" where it does not fit), "sorted" (the
+// segmented reduction above), "block" (per-block atomics in the mma assignment kernel) or
+// "fused" (the small-k mma kernel above where it applies, else the auto choice). The knob
 // exists so that the benchmarks measure each and a failure on a device can be isolated. H100,
-// 1M x 512, k = 64, TF32 (run 5): fused 2.95 ms, sorted 2.92 ms, so sorted stays the default.
-enum class SumsMode { Sorted, Block, Fused };
+// 1M x 512, k = 64, TF32 (run 5): fused 2.95 ms, sorted 2.92 ms; "columns" is new and its
+// default a prediction (benchmarks/results/h100/NOTES.md, version 7) for the next GPU run.
+enum class SumsMode { Auto, Columns, Sorted, Block, Fused };
 inline SumsMode sums_mode() {
   const char* v = std::getenv("EDPAIRS_ASSIGN_SUMS");
-  if (v != nullptr && std::string(v) == "block") return SumsMode::Block;
-  if (v != nullptr && std::string(v) == "fused") return SumsMode::Fused;
-  return SumsMode::Sorted;
+  if (v == nullptr || *v == '\0' || std::string(v) == "auto") return SumsMode::Auto;
+  if (std::string(v) == "columns") return SumsMode::Columns;
+  if (std::string(v) == "sorted") return SumsMode::Sorted;
+  if (std::string(v) == "block") return SumsMode::Block;
+  if (std::string(v) == "fused") return SumsMode::Fused;
+  fail(std::string("EDPAIRS_ASSIGN_SUMS must be 'auto', 'columns', 'sorted', 'block' or 'fused', got '") + v + "'");
+}
+
+// The cluster sums of rows already labelled (labels, rscale: r_n of every row), into sums
+// (k x d float64) and counts (k), both zeroed by the caller: the owned-column pass where
+// `mode` allows it and its shared memory fits, else the sorted pass.
+template <class T>
+void launch_cluster_sums(const T* x, const int64_t x_stride, const int64_t n, const int d, const int k,
+                         const float* center, const int64_t* labels, const float* rscale,
+                         unsigned long long* counts, double* sums, const SumsMode mode, const cudaStream_t s) {
+  int device = 0;
+  int optin = 0;
+  int sms = 0;
+  const int64_t smem = (static_cast<int64_t>(k) * d + k) * 4;
+  if (mode != SumsMode::Sorted) {
+    EDPAIRS_CUDA_CHECK(cudaGetDevice(&device));
+    EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  }
+  // (float64 x keeps the float64 sorted pass: float32 runs would cost it its precision)
+  if constexpr (sizeof(T) <= 4) if (mode != SumsMode::Sorted && smem <= optin) {
+    auto kernel = column_sums_kernel<T>;
+    const int slices = static_cast<int>(ceil_div(d, 32 * col_elems<T>()));
+    const int threads = 32 * (slices < kColMaxWarps ? slices : kColMaxWarps);
+    EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                            cudaSharedmemCarveoutMaxShared));
+    int per_sm = 0;
+    EDPAIRS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, static_cast<size_t>(smem)));
+    const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+    // Whole waves of equal blocks of at most kColMaxRows rows; no more than n / kColMinRows.
+    int64_t blocks = resident * ceil_div(n, resident * kColMaxRows);
+    const int64_t most = ceil_div(n, kColMinRows);
+    if (blocks > most) blocks = most;
+    const int64_t rows_per_block = ceil_div(n, blocks);
+    blocks = ceil_div(n, rows_per_block);
+    StreamScratch workspace(static_cast<size_t>(blocks) * static_cast<size_t>(k) * (static_cast<size_t>(d) + 1) * 4, s);
+    float* part_sums = static_cast<float*>(workspace.get());
+    unsigned* part_counts = reinterpret_cast<unsigned*>(part_sums + blocks * k * d);
+    kernel<<<static_cast<unsigned>(blocks), threads, static_cast<size_t>(smem), s>>>(
+        x, x_stride, n, d, k, center, labels, rscale, rows_per_block, part_sums, part_counts);
+    EDPAIRS_CUDA_CHECK(cudaGetLastError());
+    const int kd = k * d;
+    const int items = kd > k ? kd : k;
+    reduce_fused_partials<<<static_cast<unsigned>(ceil_div(items, 256)), 256, 0, s>>>(
+        part_sums, part_counts, static_cast<int>(blocks), kd, k, sums, counts);
+    EDPAIRS_CUDA_CHECK(cudaGetLastError());
+    workspace.free();
+    return;
+  }
+  StreamScratch workspace(static_cast<size_t>(n + k) * sizeof(int), s);
+  int* perm = static_cast<int*>(workspace.get());
+  launch_sorted_sums<T>(x, x_stride, n, d, k, center, labels, rscale, perm, perm + n, counts, sums, s);
+  workspace.free();
 }
 
 // Shared memory the assignment kernel asks for. Two blocks per SM by default; with
@@ -1126,10 +1292,13 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
   // 16-byte cp.async of x needs 16-byte aligned rows.
   const bool aligned = reinterpret_cast<uintptr_t>(p.x) % 16 == 0 &&
                        (p.x_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
-  const bool sorted = p.sums != nullptr && n <= INT_MAX && sums_mode() != SumsMode::Block;
-  // The wgmma kernel only labels: sums, where asked, come from the sorted pass.
+  const SumsMode mode = sums_mode();
+  // Sums, where asked, in a pass of their own after the labels (launch_cluster_sums), except
+  // with "block" (in the mma kernel).
+  const bool separate = p.sums != nullptr && n <= INT_MAX && mode != SumsMode::Block;
+  // The wgmma kernel only labels.
   const LabelKernel choice = label_kernel();  // auto: wgmma wherever it runs
-  const bool wgmma = choice != LabelKernel::Mma && aligned && (p.sums == nullptr || sorted) && wgmma_device();
+  const bool wgmma = choice != LabelKernel::Mma && aligned && (p.sums == nullptr || separate) && wgmma_device();
   const bool tma = wgmma && choice == LabelKernel::WgmmaTma && std::is_same<T, float>::value;
   const int64_t cent_tile = wgmma ? (tma ? kWgmmaCents : wgmma_tile_cents(k)) : kCents;
   const int64_t d_pad = ceil_div(d, kElems) * kElems;
@@ -1140,19 +1309,17 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
          args.centroids.shape_str());
   }
 
-  // Workspace: centroids (k_pad, d_pad) of T, then s and o (k_pad floats each).
-  // With sorted sums also: row scales (N floats), perm (N ints), cursor (k_pad ints).
+  // Workspace: centroids (k_pad, d_pad) of T, then s and o (k_pad floats each); with the sums
+  // in a pass of their own also the row scales (N floats).
   const size_t cw_bytes = static_cast<size_t>(k_pad) * static_cast<size_t>(d_pad) * sizeof(T);
   size_t bytes = cw_bytes + 2 * static_cast<size_t>(k_pad) * sizeof(float);
-  if (sorted) bytes += 2 * static_cast<size_t>(n) * 4 + static_cast<size_t>(k_pad) * 4;
+  if (separate) bytes += static_cast<size_t>(n) * 4;
   StreamScratch workspace(bytes, s);
   void* ws = workspace.get();
   T* cw = static_cast<T*>(ws);
   float* col_s = reinterpret_cast<float*>(static_cast<char*>(ws) + cw_bytes);
   float* col_o = col_s + k_pad;
-  float* rscale = col_o + k_pad;                     // sorted only
-  int* perm = reinterpret_cast<int*>(rscale + n);    // sorted only
-  int* cursor = perm + n;                            // sorted only
+  float* rscale = col_o + k_pad;  // separate sums only
 
   prepare_centroids<T><<<static_cast<unsigned>(ceil_div(k_pad, 8)), 256, 0, s>>>(
       args.centroids.ptr<const float>(), static_cast<int>(k), static_cast<int>(d),
@@ -1168,7 +1335,7 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
 
   double* sums = p.sums;
   unsigned long long* counts = p.counts;
-  if (sorted) {  // the assignment kernel only labels; the passes below accumulate
+  if (separate) {  // the assignment kernel only labels; launch_cluster_sums accumulates
     p.sums = nullptr;
     p.counts = nullptr;
     p.row_scale_out = rscale;
@@ -1195,9 +1362,9 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
     EDPAIRS_CUDA_CHECK(cudaGetLastError());
   }
 
-  if (sorted) {
-    launch_sorted_sums<T>(static_cast<const T*>(p.x), p.x_stride, n, static_cast<int>(d), static_cast<int>(k),
-                          p.center, p.labels, rscale, perm, cursor, counts, sums, s);
+  if (separate) {
+    launch_cluster_sums<T>(static_cast<const T*>(p.x), p.x_stride, n, static_cast<int>(d), static_cast<int>(k),
+                           p.center, p.labels, rscale, counts, sums, mode, s);
   }
   workspace.free();
 }
@@ -1233,7 +1400,8 @@ void assign_tensor_core(const AssignArgs& args, cudaStream_t stream) {
 }  // namespace cuda_detail
 
 // The sorted cluster sums above on their own, for labels formed elsewhere (the assignment's
-// library-product route, ops.h 3d).
+// library-product route, ops.h 3d): float64 throughout, as the route's exact float32 products
+// deserve (the owned-column pass's float32 runs serve the tensor-core path).
 void cluster_sums_cuda(const ClusterSumsArgs& a, Stream stream) {
   using namespace cuda_detail;
   const int64_t n = a.x.size(0), d = a.x.size(1), k = a.sums.size(0);
@@ -1247,17 +1415,13 @@ void cluster_sums_cuda(const ClusterSumsArgs& a, Stream stream) {
   if (n > INT_MAX || k > INT_MAX || d > INT_MAX) {
     fail("cluster_sums: too large for one launch: x " + a.x.shape_str() + ", sums " + a.sums.shape_str());
   }
-  StreamScratch workspace(static_cast<size_t>(n + k) * sizeof(int), s);
-  int* perm = static_cast<int*>(workspace.get());
-  int* cursor = perm + n;
   const float* center = a.center.present ? a.center.ptr<const float>() : nullptr;
   dispatch_input_dtype(a.x, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch_sorted_sums<T>(static_cast<const T*>(a.x.data), a.x.stride(0), n, static_cast<int>(d),
-                          static_cast<int>(k), center, a.labels.ptr<const int64_t>(), a.rscale.ptr<const float>(),
-                          perm, cursor, counts, sums, s);
+    launch_cluster_sums<T>(static_cast<const T*>(a.x.data), a.x.stride(0), n, static_cast<int>(d), static_cast<int>(k),
+                           center, a.labels.ptr<const int64_t>(), a.rscale.ptr<const float>(), counts, sums,
+                           SumsMode::Sorted, s);
   });
-  workspace.free();
 }
 
 }  // namespace edpairs
