@@ -4,11 +4,13 @@ user would pick instead, in the same run on the same data.
 
   edpairs      edpairs.ops.spherical_kmeans_step with TF32 products on CUDA, as dispatched by
                default. On the CPU the fused kernel (assignment + per-cluster sums). On CUDA,
-               torch float32 data with k >= 129 is labelled by the wgmma kernel on Hopper
-               (edpairs-wgmma) and takes the library-product route elsewhere (edpairs._gemm:
-               cuBLAS dots of 32768 rows at a time, an edpairs argmax kernel, the sorted sums
-               pass); below k = 129 the fused tensor-core kernel; 16-bit data the tensor-core
-               kernel in its own dtype (the wgmma one on Hopper for k >= 129)
+               rows are labelled by the wgmma kernel on Hopper (edpairs-wgmma; 16-byte aligned
+               rows); elsewhere torch float32 data with k >= 129 takes the library-product route
+               (edpairs._gemm: cuBLAS dots of 32768 rows at a time, an edpairs argmax kernel,
+               the sorted sums pass) and smaller k the mma tensor-core kernel; 16-bit data the
+               tensor-core kernels in its own dtype. The sums of the tensor-core kernels: the
+               owned-column pass where k x D float32 sums fit in shared memory, else the sorted
+               pass
   edpairs-labels  the default dispatch's labelling alone (ops.assign without the cluster sums):
                the difference to edpairs is what the sums cost
   edpairs-gemm  the route at every k (EDPAIRS_GEMM_ROUTE=gemm)
@@ -19,6 +21,10 @@ user would pick instead, in the same run on the same data.
   edpairs-kernel-f32  precision="float32" on edpairs' SIMT kernel
   edpairs-blk  edpairs-kernel with the cluster sums as per-block atomics inside the assignment
                kernel instead of the sorted segmented pass (EDPAIRS_ASSIGN_SUMS=block; CUDA only differs)
+  edpairs-mma-sorted  edpairs-kernel with the sorted sums pass (EDPAIRS_ASSIGN_SUMS=sorted): run 5's
+               default below k = 129
+  edpairs-fused-wgmma  the default dispatch with EDPAIRS_ASSIGN_SUMS=fused: on Hopper, k <= 64, the
+               wgmma kernel with summing warps (one read of X from DRAM, the tile again from L2)
   edpairs-fused  edpairs-kernel with the cluster sums fused into a persistent small-k assignment kernel
                (k <= 64, k x D float32 sums in shared memory; one read of X from DRAM, a second
                of each tile from L2; EDPAIRS_ASSIGN_SUMS=fused; the sorted pass where it does
@@ -198,7 +204,8 @@ METHODS = {"edpairs": run_edpairs, "edpairs-labels": run_edpairs_labels, "edpair
            "edpairs-r8192": run_edpairs, "edpairs-r16384": run_edpairs, "edpairs-kernel": run_edpairs,
            "edpairs-kernel-f32": run_edpairs_f32,
            "edpairs-blk": run_edpairs, "edpairs-1sm": run_edpairs, "edpairs-fused": run_edpairs,
-           "edpairs-wgmma": run_edpairs, "edpairs-wgmma-tma": run_edpairs, "faiss": run_faiss,
+           "edpairs-wgmma": run_edpairs, "edpairs-wgmma-tma": run_edpairs, "edpairs-fused-wgmma": run_edpairs,
+           "edpairs-mma-sorted": run_edpairs, "faiss": run_faiss,
            "torch": run_torch}
 GEMM = {"EDPAIRS_GEMM_ROUTE": "gemm"}
 METHOD_ENV = {"edpairs-gemm": GEMM,
@@ -209,7 +216,9 @@ METHOD_ENV = {"edpairs-gemm": GEMM,
               "edpairs-fused": {**KERNEL, "EDPAIRS_ASSIGN_SUMS": "fused"},
               "edpairs-1sm": {**KERNEL, "EDPAIRS_ASSIGN_BLOCKS_PER_SM": "1"},
               "edpairs-wgmma": {**KERNEL, "EDPAIRS_ASSIGN_KERNEL": "wgmma"},
-              "edpairs-wgmma-tma": {**KERNEL, "EDPAIRS_ASSIGN_KERNEL": "wgmma-tma"}}
+              "edpairs-wgmma-tma": {**KERNEL, "EDPAIRS_ASSIGN_KERNEL": "wgmma-tma"},
+              "edpairs-fused-wgmma": {"EDPAIRS_ASSIGN_SUMS": "fused"},
+              "edpairs-mma-sorted": {**KERNEL, "EDPAIRS_ASSIGN_SUMS": "sorted"}}
 
 
 def wgmma_unavailable(device: str) -> str | None:

@@ -3,11 +3,15 @@
 # the card's ceilings, run the GPU benchmarks (each with a correctness check against float64
 # before timing); JSON and logs under $OUT, the goals of issue 6 as a short table last.
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
-# Files under $OUT (the device returns at most 8): log.txt, cuda_tests.xml, ceilings.json,
-# kmeans_cuda_f32.json, kmeans_cuda_bf16.json, moments_cuda.json, kernel_profile.json,
-# stream_cuda.json, route_parts.json (build.log too when the build fails, in place of the later
-# files). With SKIP="" that is 9: route_parts.json is then the one left behind (its pieces are
-# also in kernel_profile.json).
+# Files under $OUT (the device returns at most 8): log.txt, ceilings.json,
+# kmeans_cuda_f32.json, kmeans_cuda_k64.json, kmeans_cuda_bf16.json, moments_cuda.json,
+# kernel_profile.json, cuda_tests.xml, and with SKIP="" also stream_cuda.json and
+# route_parts.json, two too many (build.log too when the build fails, in place of the later
+# files). The benchmarks run before the tests, each in a process of its own, so that a call cut
+# short by its time limit keeps the measurements; the whole default takes about 10 minutes,
+# more than one device call, so a session runs it as two:
+#   SKIP="tests estimators route_parts stream ncu" bash benchmarks/gpu_check.sh     # ~6 min
+#   SKIP="estimators ceilings kmeans bf16 moments profile route_parts stream ncu" bash benchmarks/gpu_check.sh  # ~4.5 min
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out/gpu}"
@@ -25,8 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 # SLOW=1 (also the slow CUDA tests), REPEAT (timed repetitions per benchmark), SKIP (steps to
 # leave out: tests, estimators, ceilings, kmeans, bf16, moments, profile, ncu, route_parts,
 # stream; by default estimators, route_parts and stream, measured in run4 / run5 and unchanged
-# since, and ncu, so that one call fits ~9 minutes; SKIP="" runs everything). A second, short
-# call for the hardware counters of the k-means kernels:
+# since, and ncu; SKIP="" runs everything). The hardware counters of the k-means kernels:
 #   SKIP="tests estimators kmeans bf16 moments profile route_parts stream" bash benchmarks/gpu_check.sh
 # QUICK=1: a shorter call (about 5 minutes, so that a session can run it twice): the main CUDA
 # tests only for the route, moments and streaming, no bf16 k-means, fewer k-means rows.
@@ -52,12 +55,15 @@ KM_SIZES="${KM_SIZES:-1000000,512,1024 1000000,512,256 1000000,512,64}"
 BF16_METHODS="${BF16_METHODS:-edpairs,edpairs-kernel,torch}"
 BF16_SIZES="${BF16_SIZES:-1000000,512,1024}"
 STREAM_GIB="${STREAM_GIB:-4}"
-# The k = 64 rows set the new defaults against run 5's (mma labels, sorted sums) and the fused kernel.
+K64_METHODS="${K64_METHODS:-edpairs-fused-wgmma,edpairs-mma-sorted}"
+# The k = 64 rows set the new defaults (wgmma labels, owned-column sums) against run 5's (mma
+# labels, sorted sums) piece by piece; the fused kernel, never run before, goes last (a fault
+# there would poison the process's later cases).
 PROFILE_CASES="${PROFILE_CASES:-kmeans:1000000,512,1024 kmeans:1000000,512,256 kmeans:1000000,512,64 \
 kmeans:1000000,512,64:EDPAIRS_ASSIGN_SUMS=sorted kmeans:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=mma;EDPAIRS_ASSIGN_SUMS=sorted \
-kmeans:1000000,512,64:EDPAIRS_ASSIGN_SUMS=fused labels:1000000,512,64 labels:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=mma \
-labels:1000000,512,128 labels:1000000,512,128:EDPAIRS_ASSIGN_KERNEL=mma torch-kmeans:1000000,512,1024 moments:1000000,512 \
-moments-f32:1000000,512 moments-f32:1000000,512:EDPAIRS_GEMM_GRAM=triangle signal:1000000,512,256}"
+labels:1000000,512,64 labels:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=mma labels:1000000,512,128 moments:1000000,512 \
+moments-f32:1000000,512 moments-f32:1000000,512:EDPAIRS_GEMM_GRAM=triangle signal:1000000,512,256 \
+kmeans:1000000,512,64:EDPAIRS_ASSIGN_SUMS=fused}"
 NCU_CASES="${NCU_CASES:-kmeans:1000000,512,64 kmeans:1000000,512,64:EDPAIRS_ASSIGN_SUMS=fused kmeans:1000000,512,1024}"
 skipped() { case " $SKIP " in *" $1 "*) echo "(skipped: SKIP has $1)"; return 0;; esac; return 1; }
 MARK="cuda and not slow"
@@ -71,23 +77,6 @@ if ! EDPAIRS_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=16 timeout 420 python3 -m pip in
 fi
 python3 -c "import edpairs, json; i = edpairs.build_info(); print(json.dumps(i)); assert i['cuda'] and edpairs.cuda_device_count() > 0"
 
-step "CUDA tests"
-if ! skipped tests; then
-# Every test marked cuda (any file; those needing packages the device lacks skip), plus the
-# error and build tests.
-# The wgmma kernel's tests run in a process of their own first: a fault of a kernel that has never
-# run on a GPU would otherwise poison the CUDA context of every test after it.
-timeout 150 python3 -m pytest -q -m "$MARK" tests/ -k "wgmma" -p no:cacheprovider 2>&1 | tail -15
-[ "${PIPESTATUS[0]}" != 0 ] && status=1
-timeout 300 python3 -m pytest -q -m "$MARK" tests/ -k "$TESTS_K" -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -30
-[ "${PIPESTATUS[0]}" != 0 ] && status=1
-timeout 200 python3 -m pytest -q tests/test_errors.py tests/test_build.py -p no:cacheprovider 2>&1 | tail -5
-[ "${PIPESTATUS[0]}" != 0 ] && status=1
-fi
-# Information only: the estimators with TF32 as the float32 default (EDPAIRS_PRECISION=tf32).
-step "estimator tests with EDPAIRS_PRECISION=tf32 (information, not a gate)"
-skipped estimators || EDPAIRS_PRECISION=tf32 timeout 120 python3 -m pytest -q -m "$MARK" tests/test_cuda_estimators.py -p no:cacheprovider 2>&1 | tail -5
-
 step "ceilings"
 skipped ceilings || timeout 120 python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" || status=1
 
@@ -97,6 +86,9 @@ skipped ceilings || timeout 120 python3 benchmarks/gpu_ceilings.py --json "$OUT/
 step "spherical k-means iteration (float32 data: cuBLAS route / tensor-core kernels, TF32; torch TF32)"
 skipped kmeans || timeout 420 python3 benchmarks/bench_kmeans.py --device cuda --methods "$KM_METHODS${KMEANS_EXTRA:+,$KMEANS_EXTRA}" --repeat "$REPEAT" \
   --sizes $KM_SIZES --json "$OUT/kmeans_cuda_f32.json" || status=1
+step "k = 64: the fused pass, and run 5's default (mma labels, sorted sums)"
+skipped kmeans || timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --methods "$K64_METHODS" --repeat "$REPEAT" \
+  --sizes 1000000,512,64 --json "$OUT/kmeans_cuda_k64.json" || status=1
 step "spherical k-means iteration (bfloat16 data)"
 skipped bf16 || timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --methods "$BF16_METHODS" --repeat "$REPEAT" \
   --sizes $BF16_SIZES --json "$OUT/kmeans_cuda_bf16.json" || status=1
@@ -127,6 +119,23 @@ skipped route_parts || timeout 120 python3 benchmarks/bench_route_parts.py --jso
 step "host data streamed to the GPU (DeviceChunks vs .to per chunk vs the pinned copy rate)"
 skipped stream || timeout 240 python3 benchmarks/bench_stream.py --gib "$STREAM_GIB" --repeat 3 --json "$OUT/stream_cuda.json" || status=1
 
+step "CUDA tests"
+if ! skipped tests; then
+# Every test marked cuda (any file; those needing packages the device lacks skip), plus the
+# error and build tests.
+# The wgmma kernel's tests run in a process of their own first: a fault of a kernel that has never
+# run on a GPU would otherwise poison the CUDA context of every test after it.
+timeout 150 python3 -m pytest -q -m "$MARK" tests/ -k "wgmma" -p no:cacheprovider 2>&1 | tail -15
+[ "${PIPESTATUS[0]}" != 0 ] && status=1
+timeout 300 python3 -m pytest -q -m "$MARK" tests/ -k "$TESTS_K" -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -30
+[ "${PIPESTATUS[0]}" != 0 ] && status=1
+timeout 200 python3 -m pytest -q tests/test_errors.py tests/test_build.py -p no:cacheprovider 2>&1 | tail -5
+[ "${PIPESTATUS[0]}" != 0 ] && status=1
+fi
+# Information only: the estimators with TF32 as the float32 default (EDPAIRS_PRECISION=tf32).
+step "estimator tests with EDPAIRS_PRECISION=tf32 (information, not a gate)"
+skipped estimators || EDPAIRS_PRECISION=tf32 timeout 120 python3 -m pytest -q -m "$MARK" tests/test_cuda_estimators.py -p no:cacheprovider 2>&1 | tail -5
+
 step "summary against the goals of issue 6"
 python3 - "$OUT" <<'PY'
 import json, os, sys
@@ -146,6 +155,7 @@ def kmeans(name):
     r = load(name) or {}
     return {(tuple(x["size"]), x["method"]): x for x in r.get("results", [])}
 f32, b16 = kmeans("kmeans_cuda_f32.json"), kmeans("kmeans_cuda_bf16.json")
+f32.update(kmeans("kmeans_cuda_k64.json"))
 print(f"{'file':10s} {'N,D,k':18s} {'method':14s} {'ms':>8s} {'TFLOP/s':>8s} {'labels ok':>9s} {'ok@2e-3':>8s} {'sums err':>9s}")
 for tag, table in (("f32", f32), ("bf16", b16)):
     for (size, method), x in sorted(table.items()):
@@ -178,7 +188,8 @@ for method in ("edpairs", "edpairs-kernel", "edpairs-wgmma"):
     e = t(b16, big, method)
     if e and tt:
         goals.append((f"k=1024 bf16 {method}: torch bf16 / edpairs time", tt / e, 1.5))
-for method in ("edpairs", "edpairs-gemm", "edpairs-kernel", "edpairs-fused", "edpairs-wgmma"):
+for method in ("edpairs", "edpairs-fused-wgmma", "edpairs-mma-sorted", "edpairs-gemm", "edpairs-kernel",
+               "edpairs-fused", "edpairs-wgmma"):
     e = t(f32, small, method)
     if e:
         goals.append((f"k=64 f32 {method}: one read of X (GB/s) / copy GB/s", 1e6 * 512 * 4 / e / 1e9 / copy if copy else 0, 0.7))
@@ -213,6 +224,15 @@ for method in ("moments DeviceChunks", "k-means pass DeviceChunks", "moments Dev
     if method in st:
         goals.append((f"streamed {method.replace(' DeviceChunks', '')}: host GB/s / pinned H2D GB/s",
                       st[method]["ratio_to_ceiling"], 0.8))
+import xml.etree.ElementTree as ET
+try:
+    suite = ET.parse(os.path.join(out, "cuda_tests.xml")).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    n, bad = int(suite.get("tests", 0)), int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+    print(f"CUDA tests (main run): {n} run, {int(suite.get('skipped', 0))} skipped, {bad} failed or errors")
+    goals.append(("CUDA tests (main run): all pass (1 = yes)", float(bad == 0 and n > 0), 1.0))
+except (OSError, ET.ParseError, AttributeError):
+    print("CUDA tests: no cuda_tests.xml")
 print()
 print(f"{'goal (issue 6)':62s} {'measured':>9s} {'goal':>6s}  met")
 for name, value, goal in goals:

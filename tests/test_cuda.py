@@ -931,14 +931,17 @@ FUSED_SHAPES = [(1, 1, 1), (127, 31, 7), (300, 64, 1), (1000, 100, 64), (5000, 4
 
 @pytest.mark.parametrize("dtype", TC_DTYPES)
 @pytest.mark.parametrize("N,D,k", FUSED_SHAPES)
-@pytest.mark.parametrize("variant", ["plain", "center", "scales", "strided"])
+@pytest.mark.parametrize("variant", ["plain", "center", "scales", "strided", "mma"])
 def test_tensor_core_fused_sums(torch, dtype, N, D, k, variant, rng, monkeypatch):
-    """EDPAIRS_ASSIGN_SUMS=fused (cluster sums in the assignment kernel, one read of x): labels
-    and scores within the tensor-core error model, every output written, counts exact, sums
-    within float32 accumulation of float64 ones, and the same labels / counts as the sorted
-    pass."""
-    if variant != "plain" and N > 5000:
+    """EDPAIRS_ASSIGN_SUMS=fused (cluster sums in the assignment kernel, one read of x; on
+    Hopper the wgmma kernel with summing warps, elsewhere and with EDPAIRS_ASSIGN_KERNEL=mma
+    ("mma") the mma kernel): labels and scores within the tensor-core error model, every output
+    written, counts exact, sums within float32 accumulation of float64 ones, and the same
+    labels / counts as the sorted pass."""
+    if variant not in ("plain", "mma") and N > 5000:
         pytest.skip("the variants run on the small shapes")
+    if variant == "mma":
+        monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", "mma")
     C = make_centroids(rng, k, D)
     X = make_rows(rng, N, D, C=C, zero_rows=min(3, N - 1))
     kw = {}

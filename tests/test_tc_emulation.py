@@ -1331,3 +1331,54 @@ def test_wgmma_tma_barrier_protocol_never_deadlocks_or_overwrites():
                     for x in range(2):
                         empty_arrivals[x][it - 1] += 1
                 cons[b][w] += 1
+
+
+# ---- the fused wgmma kernel's hand-over (assign_wgmma_sums_kernel) ----------------------------
+@pytest.mark.parametrize("tiles", range(0, 8))
+def test_wgmma_sums_handover_never_deadlocks_or_overwrites(tiles):
+    """A step-by-step model of the two thread groups of assign_wgmma_sums_kernel and their named
+    barriers (each completes when both groups have arrived; `sync` waits for that, `arrive` does
+    not). Labellers, per tile j: wait at EMPTY_b if j >= 2, fill buffer b = j % 2, arrive at
+    FULL_b. Summers: wait at FULL_b, read buffer b, arrive at EMPTY_b if tile j + 2 exists.
+    Random interleavings must finish, read every tile's own labels, never refill a buffer the
+    summers still read, and leave no barrier half-arrived at the end."""
+    rng = np.random.default_rng(tiles)
+    for _ in range(300):
+        arrived = {}                                # barrier -> groups arrived in the open phase
+        waiting = {"L": None, "S": None}            # barrier a group waits on
+        program = {"L": [], "S": []}
+        for j in range(tiles):
+            b = j % 2
+            program["L"] += ([("sync", ("empty", b))] if j >= 2 else []) + [("fill", j), ("arrive", ("full", b))]
+            program["S"] += [("sync", ("full", b)), ("read", j)] + ([("arrive", ("empty", b))] if j + 2 < tiles else [])
+        pc = {"L": 0, "S": 0}
+        buf = [None, None]
+        reading = [False, False]
+        steps = 0
+        while pc["L"] < len(program["L"]) or pc["S"] < len(program["S"]) or any(waiting.values()):
+            steps += 1
+            assert steps < 10_000, "deadlock"
+            ready = [g for g in "LS" if waiting[g] is None and pc[g] < len(program[g])]
+            if not ready:
+                raise AssertionError(f"deadlock: both groups wait ({waiting})")
+            g = ready[rng.integers(len(ready))]
+            op, arg = program[g][pc[g]]
+            pc[g] += 1
+            if op in ("sync", "arrive"):
+                arrived[arg] = arrived.get(arg, 0) + 1
+                if op == "sync":
+                    waiting[g] = arg
+                if arrived[arg] == 2:               # the phase completes: its waiters go on
+                    arrived[arg] = 0
+                    for h in "LS":
+                        if waiting[h] == arg:
+                            waiting[h] = None
+            elif op == "fill":
+                assert not reading[arg % 2], f"tile {arg} refills a buffer still being read"
+                buf[arg % 2] = arg
+            else:  # read: the summers add tile `arg` from buffer arg % 2
+                assert buf[arg % 2] == arg, f"tile {arg} read {buf[arg % 2]}"
+                reading[arg % 2] = True             # until the summers arrive at EMPTY_b
+            if op == "arrive" and arg[0] == "empty":
+                reading[arg[1]] = False
+        assert all(v == 0 for v in arrived.values()), arrived

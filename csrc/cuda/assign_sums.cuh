@@ -1,7 +1,10 @@
-// The per-block accumulation of cluster sums and counts shared by the assignment kernels
-// (SIMT float32 and tensor-core): once a block knows the labels and row scales of its rows,
-// it groups the rows by label and adds each group's sum of r_n x~_n with one float64 atomic
-// per (label, column).
+// The accumulation of cluster sums and counts shared by the assignment kernels:
+//  * add_block_sums (SIMT float32 and mma kernels): once a block knows the labels and row
+//    scales of its rows, it groups the rows by label and adds each group's sum of r_n x~_n with
+//    one float64 atomic per (label, column);
+//  * col_sum_slice (the owned-column pass of assign_tc_cuda.cu and the fused wgmma kernel of
+//    assign_wgmma_cuda.cu): one warp adds a run of rows into its own columns of float32 sums in
+//    shared memory, with no atomics.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -68,6 +71,90 @@ __device__ __forceinline__ void add_block_sums(const T* __restrict__ x, int64_t 
         any = false;
       }
     }
+  }
+}
+
+// ---- owned columns -----------------------------------------------------------------------
+// A warp owns a slice of 32 lanes x col_elems columns (128 bytes of a float32 or 16-bit row);
+// it reads those columns of each row (coalesced) and adds r x~ into its label's float32 sums,
+// rows in order: each sums entry has one writer. Two groups of rows are in flight per lane
+// (the one being added and the next), labels and scales read with them.
+
+template <class T>
+constexpr int col_elems() { return sizeof(T) < 4 ? 4 / static_cast<int>(sizeof(T)) : 1; }  // columns per lane
+template <class T>
+constexpr int col_group() { return 16 / col_elems<T>(); }  // rows per group: 16 float32, 8 16-bit
+
+// Labels and scales of rows, read from global memory (labels int64, r_n float32).
+struct GlobalRows {
+  const int64_t* __restrict__ labels;
+  const float* __restrict__ rscale;
+  __device__ __forceinline__ int label(int64_t row) const { return static_cast<int>(labels[row]); }
+  __device__ __forceinline__ float scale(int64_t row) const { return rscale[row]; }
+};
+
+template <class T>
+struct ColGroup {
+  float v[col_group<T>()][col_elems<T>()];
+  int label[col_group<T>()];  // -1 past the run
+  float r[col_group<T>()];
+};
+
+template <class T, class Rows>
+__device__ __forceinline__ void col_load(ColGroup<T>& g, const T* __restrict__ x, const int64_t x_stride,
+                                         const int64_t row0, const int64_t end, const int c0, const int d,
+                                         const float (&ctr)[col_elems<T>()], const Rows& rows) {
+#pragma unroll
+  for (int u = 0; u < col_group<T>(); ++u) {
+    const int64_t row = row0 + u;
+    const bool live = row < end;
+    g.label[u] = live ? rows.label(row) : -1;
+    g.r[u] = live ? rows.scale(row) : 0.f;
+#pragma unroll
+    for (int e = 0; e < col_elems<T>(); ++e) {
+      g.v[u][e] = (live && c0 + e < d) ? minus_center(x[row * x_stride + c0 + e], ctr[e]) : 0.f;
+    }
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void col_add(const ColGroup<T>& g, float* sums_s, unsigned* counts_s, const int c0,
+                                        const int d, const bool count) {
+#pragma unroll
+  for (int u = 0; u < col_group<T>(); ++u) {
+    const int label = g.label[u];
+    if (label < 0) continue;
+    if (count) ++counts_s[label];
+    if (g.r[u] > 0.f) {  // zero rows add nothing
+      float* dst = sums_s + static_cast<int64_t>(label) * d + c0;
+#pragma unroll
+      for (int e = 0; e < col_elems<T>(); ++e) {
+        if (c0 + e < d) dst[e] = fmaf(g.r[u], g.v[u][e], dst[e]);
+      }
+    }
+  }
+}
+
+// Rows begin .. end - 1 into the float32 sums_s (k x d) at the calling lane's columns
+// c0 .. c0 + col_elems - 1 (its warp's slice); `count` (one lane of one warp per block) also
+// counts the rows into counts_s.
+template <class T, class Rows>
+__device__ __forceinline__ void col_sum_slice(const T* __restrict__ x, const int64_t x_stride, const int64_t begin,
+                                              const int64_t end, const int c0, const int d,
+                                              const float* __restrict__ center, const Rows& rows, float* sums_s,
+                                              unsigned* counts_s, const bool count) {
+  constexpr int kE = col_elems<T>();
+  constexpr int kG = col_group<T>();
+  float ctr[kE];
+#pragma unroll
+  for (int e = 0; e < kE; ++e) ctr[e] = (center != nullptr && c0 + e < d) ? center[c0 + e] : 0.f;
+  ColGroup<T> a, b;
+  col_load<T>(a, x, x_stride, begin, end, c0, d, ctr, rows);
+  for (int64_t row = begin; row < end; row += 2 * kG) {
+    col_load<T>(b, x, x_stride, row + kG, end, c0, d, ctr, rows);
+    col_add<T>(a, sums_s, counts_s, c0, d, count);
+    col_load<T>(a, x, x_stride, row + 2 * kG, end, c0, d, ctr, rows);
+    col_add<T>(b, sums_s, counts_s, c0, d, count);
   }
 }
 

@@ -1000,54 +1000,6 @@ constexpr int kColMaxRows = 4096;  // rows per block at most (the float32 runs)
 constexpr int kColMinRows = 256;   // at most n / kColMinRows blocks (small inputs: few partials)
 
 template <class T>
-constexpr int col_elems() { return sizeof(T) < 4 ? 4 / static_cast<int>(sizeof(T)) : 1; }  // columns per lane
-template <class T>
-constexpr int col_group() { return 16 / col_elems<T>(); }  // rows per group: 16 float32, 8 16-bit
-
-template <class T>
-struct ColGroup {
-  float v[col_group<T>()][col_elems<T>()];
-  int label[col_group<T>()];  // -1 past the block's rows
-  float r[col_group<T>()];
-};
-
-template <class T>
-__device__ __forceinline__ void col_load(ColGroup<T>& g, const T* __restrict__ x, const int64_t x_stride,
-                                         const int64_t row0, const int64_t end, const int c0, const int d,
-                                         const float (&ctr)[col_elems<T>()],
-                                         const int64_t* __restrict__ labels, const float* __restrict__ rscale) {
-#pragma unroll
-  for (int u = 0; u < col_group<T>(); ++u) {
-    const int64_t row = row0 + u;
-    const bool live = row < end;
-    g.label[u] = live ? static_cast<int>(labels[row]) : -1;
-    g.r[u] = live ? rscale[row] : 0.f;
-#pragma unroll
-    for (int e = 0; e < col_elems<T>(); ++e) {
-      g.v[u][e] = (live && c0 + e < d) ? minus_center(x[row * x_stride + c0 + e], ctr[e]) : 0.f;
-    }
-  }
-}
-
-template <class T>
-__device__ __forceinline__ void col_add(const ColGroup<T>& g, float* sums_s, unsigned* counts_s, const int c0,
-                                        const int d, const bool count) {
-#pragma unroll
-  for (int u = 0; u < col_group<T>(); ++u) {
-    const int label = g.label[u];
-    if (label < 0) continue;
-    if (count) ++counts_s[label];
-    if (g.r[u] > 0.f) {  // zero rows add nothing
-      float* dst = sums_s + static_cast<int64_t>(label) * d + c0;
-#pragma unroll
-      for (int e = 0; e < col_elems<T>(); ++e) {
-        if (c0 + e < d) dst[e] = fmaf(g.r[u], g.v[u][e], dst[e]);
-      }
-    }
-  }
-}
-
-template <class T>
 __global__ void __launch_bounds__(32 * kColMaxWarps)
     column_sums_kernel(const T* __restrict__ x, const int64_t x_stride, const int64_t n, const int d, const int k,
                        const float* __restrict__ center, const int64_t* __restrict__ labels,
@@ -1056,7 +1008,6 @@ __global__ void __launch_bounds__(32 * kColMaxWarps)
   extern __shared__ float sums_s[];  // (k, d) float32, then k counts
   unsigned* counts_s = reinterpret_cast<unsigned*>(sums_s + static_cast<int64_t>(k) * d);
   constexpr int kE = col_elems<T>();
-  constexpr int kG = col_group<T>();
   const int tid = static_cast<int>(threadIdx.x);
   const int threads = static_cast<int>(blockDim.x);
   const int lane = tid % 32;
@@ -1071,19 +1022,8 @@ __global__ void __launch_bounds__(32 * kColMaxWarps)
   const int64_t end = begin + rows_per_block < n ? begin + rows_per_block : n;
   const int slices = (d + 32 * kE - 1) / (32 * kE);
   for (int sl = warp; sl < slices; sl += warps) {
-    const int c0 = sl * 32 * kE + lane * kE;
-    float ctr[kE];
-#pragma unroll
-    for (int e = 0; e < kE; ++e) ctr[e] = (center != nullptr && c0 + e < d) ? center[c0 + e] : 0.f;
-    const bool count = sl == 0 && lane == 0;
-    ColGroup<T> a, b;
-    col_load<T>(a, x, x_stride, begin, end, c0, d, ctr, labels, rscale);
-    for (int64_t row = begin; row < end; row += 2 * kG) {
-      col_load<T>(b, x, x_stride, row + kG, end, c0, d, ctr, labels, rscale);
-      col_add<T>(a, sums_s, counts_s, c0, d, count);
-      col_load<T>(a, x, x_stride, row + 2 * kG, end, c0, d, ctr, labels, rscale);
-      col_add<T>(b, sums_s, counts_s, c0, d, count);
-    }
+    col_sum_slice<T>(x, x_stride, begin, end, sl * 32 * kE + lane * kE, d, center, GlobalRows{labels, rscale},
+                     sums_s, counts_s, sl == 0 && lane == 0);
   }
   __syncthreads();
   float* dst = part_sums + static_cast<int64_t>(blockIdx.x) * kd;
@@ -1207,9 +1147,36 @@ inline bool wgmma_device() {
 // arrays and the counts), kept out of the dynamic budget.
 constexpr int kFStaticBytes = 4 * kRows * 4 + kFCents * 4;
 
+// The mma fused kernel (assign_tc_fused_kernel) on prepared centroids, into the partials.
+template <class T>
+void launch_fused_mma(const TcParams& p, const T* cw, const float* col_s, const float* col_o, const int64_t d_pad,
+                      const int64_t n_tiles, const int64_t grid, float* part_sums, unsigned* part_counts,
+                      const int64_t smem_bytes, const cudaStream_t s) {
+  FusedParams fp{};
+  fp.p = p;
+  fp.p.d_pad = static_cast<int>(d_pad);
+  fp.p.k_tiles = 1;
+  fp.p.cw = cw;
+  fp.p.col_s = col_s;
+  fp.p.col_o = col_o;
+  fp.p.row_scale_out = nullptr;
+  fp.n_tiles = static_cast<int>(n_tiles);
+  fp.part_sums = part_sums;
+  fp.part_counts = part_counts;
+  auto kernel = assign_tc_fused_kernel<T>;
+  EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem_bytes)));
+  EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                          cudaSharedmemCarveoutMaxShared));
+  kernel<<<static_cast<unsigned>(grid), kFThreads, static_cast<size_t>(smem_bytes), s>>>(fp);
+  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+}
+
 // Runs the fused small-k path and returns true where it applies (EDPAIRS_ASSIGN_SUMS=fused,
 // sums requested, k <= 64, 16-byte aligned rows, the k x D sums fit in shared memory);
-// returns false, having launched nothing, otherwise.
+// returns false, having launched nothing, otherwise. The kernel: where the labels would be
+// wgmma's (EDPAIRS_ASSIGN_KERNEL), assign_wgmma_sums_kernel (assign_wgmma_cuda.cu: labelling
+// warpgroups and summing warps in one persistent block); else the mma kernel above.
 template <class T>
 bool launch_fused(const AssignArgs& args, TcParams p, cudaStream_t s) {
   if (p.sums == nullptr || sums_mode() != SumsMode::Fused) return false;
@@ -1226,8 +1193,16 @@ bool launch_fused(const AssignArgs& args, TcParams p, cudaStream_t s) {
   int sms = 0;
   EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t smem_bytes = kFPipeBytes + k * d * 4;
-  if (smem_bytes + kFStaticBytes > optin) return false;
+  const bool on_wgmma = label_kernel() != LabelKernel::Mma && wgmma_device();
+  int64_t smem_bytes = kFPipeBytes + k * d * 4;
+  if (on_wgmma) {
+#ifdef EDPAIRS_HAVE_WGMMA
+    smem_bytes = wgmma_sums_smem_bytes(k, d);
+#endif
+  } else if (smem_bytes + kFStaticBytes > optin) {
+    return false;
+  }
+  if (smem_bytes > optin) return false;
   const int64_t n_tiles = ceil_div(n, kRows);
   if (n_tiles > INT_MAX) return false;
   constexpr int kElems = slice_elems<T>();
@@ -1255,24 +1230,15 @@ bool launch_fused(const AssignArgs& args, TcParams p, cudaStream_t s) {
       args.col_scale.present ? args.col_scale.ptr<const float>() : nullptr, cw, col_s, col_o);
   EDPAIRS_CUDA_CHECK(cudaGetLastError());
 
-  FusedParams fp{};
-  fp.p = p;
-  fp.p.d_pad = static_cast<int>(d_pad);
-  fp.p.k_tiles = 1;
-  fp.p.cw = cw;
-  fp.p.col_s = col_s;
-  fp.p.col_o = col_o;
-  fp.p.row_scale_out = nullptr;
-  fp.n_tiles = static_cast<int>(n_tiles);
-  fp.part_sums = part_sums;
-  fp.part_counts = part_counts;
-  auto kernel = assign_tc_fused_kernel<T>;
-  EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem_bytes)));
-  EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                          cudaSharedmemCarveoutMaxShared));
-  kernel<<<static_cast<unsigned>(grid), kFThreads, static_cast<size_t>(smem_bytes), s>>>(fp);
-  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+  if (on_wgmma) {
+#ifdef EDPAIRS_HAVE_WGMMA
+    const WgmmaAssignParams w{p.x, p.x_stride, p.n, p.d, p.k, static_cast<int>(d_pad), 1, cw, col_s, col_o,
+                              p.center, p.row_scale, p.labels, p.scores, nullptr};
+    launch_assign_wgmma_sums(w, args.x.dtype, static_cast<int>(grid), part_sums, part_counts, s);
+#endif
+  } else {
+    launch_fused_mma<T>(p, cw, col_s, col_o, d_pad, n_tiles, grid, part_sums, part_counts, smem_bytes, s);
+  }
   const int kd = static_cast<int>(k * d);
   const int reduce_items = kd > k ? kd : static_cast<int>(k);
   reduce_fused_partials<<<static_cast<unsigned>(ceil_div(reduce_items, 256)), 256, 0, s>>>(

@@ -46,5 +46,16 @@ void launch_assign_wgmma(const WgmmaAssignParams& p, DType dtype, cudaStream_t s
 // to clusters of two blocks (assign_wgmma_tma_cuda.cu).
 void launch_assign_wgmma_tma(const WgmmaAssignParams& p, cudaStream_t stream);
 
+// k <= kWgmmaSumsMaxK with the cluster sums in the same pass (assign_wgmma_sums_kernel): `grid`
+// persistent blocks over the ceil(n / 128) row tiles; block b writes its float32 partial sums
+// (k x d) to part_sums + b k d and its counts to part_counts + b k, which the caller adds (with
+// p.k_tiles = 1: the centroids prepared with k_pad = 64, and p.row_scale_out unused).
+constexpr int kWgmmaSumsMaxK = 64;
+// Its dynamic shared memory for k x d sums (alignment slack included); the caller checks it
+// against the device's limit.
+int64_t wgmma_sums_smem_bytes(int64_t k, int64_t d);
+void launch_assign_wgmma_sums(const WgmmaAssignParams& p, DType dtype, int grid, float* part_sums,
+                              unsigned* part_counts, cudaStream_t stream);
+
 }  // namespace cuda_detail
 }  // namespace edpairs

@@ -43,6 +43,7 @@
 #include <string>
 #include <type_traits>
 
+#include "assign_sums.cuh"
 #include "assign_wgmma.cuh"
 #include "cp_async.cuh"
 #include "cuda_check.cuh"
@@ -205,6 +206,220 @@ __global__ void __launch_bounds__(kThreads, Ring<N>::kBlocksPerSm) assign_wgmma_
   if (t == 0) write_rows(p, row0, wg * 64 + warp_in_wg * 16 + g, row_scale_s, run_val, run_idx);
 }
 
+// ---- k <= 64 with the cluster sums in the same pass (EDPAIRS_ASSIGN_SUMS=fused) ----------
+// One persistent block per multiprocessor walks the row tiles blockIdx.x, + gridDim.x, ..:
+//  * threads 0-255 (two warpgroups) label them as assign_wgmma_kernel<T, 64> does, the ring
+//    running on across row tiles (the copies of the next tile are in flight during a tile's
+//    epilogue); their per-iteration barrier is named barrier 1 (256 threads);
+//  * threads 256-511 (8 warps) add each labelled tile into the block's float32 sums in shared
+//    memory with owned columns (col_sum_slice), reading its rows again from global memory:
+//    the tile was loaded by this block a tile ago, so from L2 (132 blocks x 256 KB = 34 MB
+//    in flight);
+//  * the hand-over: two buffers of a tile's labels and row scales (tile j uses buffer j % 2).
+//    The labellers fill buffer b and arrive at FULL_b (named barrier 2 + b, 512 threads); the
+//    summers wait there, add the tile, and arrive at EMPTY_b (4 + b) where the labellers wait
+//    before they fill buffer b again (tile j + 2; the summers arrive only where that tile
+//    exists, so that every arrival has its wait).
+// Shared memory (from the 1024-aligned ring): ring 4 x 24 KB | sums k x d float32 | counts k |
+// row scales 2 x 128 float32 | labels 2 x 128 bytes: 226.5 KB at k = 64, d = 512 (the limit is
+// 227 KB). x is read from DRAM once; the partials are added by the caller in block order.
+constexpr int kSumsThreads = 512;
+constexpr int kSumWarps = (kSumsThreads - kThreads) / 32;  // 8
+constexpr int kBarMma = 1;
+constexpr int kBarFull = 2;   // + buffer
+constexpr int kBarEmpty = 4;  // + buffer
+
+__device__ __forceinline__ void named_sync(const int id, const int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_arrive(const int id, const int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+// Byte offsets from the ring of the fused kernel's shared arrays.
+struct SumsLayout {
+  int64_t sums, counts, scales, labels, end;
+};
+__host__ __device__ inline SumsLayout sums_layout(const int64_t k, const int64_t d) {
+  SumsLayout l{};
+  l.sums = Ring<64>::kStages * Ring<64>::kStageBytes;
+  l.counts = l.sums + 4 * k * d;
+  l.scales = l.counts + 4 * k;
+  l.labels = l.scales + 2 * kWgmmaRows * 4;
+  l.end = l.labels + 2 * kWgmmaRows;
+  return l;
+}
+
+// The labels and row scales of one labelled tile, for col_sum_slice (rows are global indices).
+struct TileRows {
+  const unsigned char* labels;
+  const float* scales;
+  int64_t row0;
+  __device__ __forceinline__ int label(int64_t row) const { return labels[row - row0]; }
+  __device__ __forceinline__ float scale(int64_t row) const { return scales[row - row0]; }
+};
+
+__device__ __forceinline__ int64_t sums_tile_row0(const int j) {
+  return (static_cast<int64_t>(blockIdx.x) + static_cast<int64_t>(j) * gridDim.x) * kWgmmaRows;
+}
+
+template <class T>
+__device__ __forceinline__ void sums_labeller(const WgmmaAssignParams& p, const uint32_t ring,
+                                              const unsigned char* ring_ptr, const int tiles, float* scales_s,
+                                              unsigned char* labels_s, const int tid) {
+  constexpr int N = 64;
+  constexpr int kElems = kSliceBytes / static_cast<int>(sizeof(T));
+  constexpr int kChunkElems = 16 / static_cast<int>(sizeof(T));
+  constexpr int kStages = Ring<N>::kStages;
+  constexpr int kAhead = Ring<N>::kAhead;
+  constexpr int kStageBytes = Ring<N>::kStageBytes;
+  const int wg = tid / 128;
+  const int lane = tid % 32;
+  const int warp_in_wg = (tid % 128) / 32;
+  const int t = lane % 4;
+  const int k_steps = p.d_pad / kElems;
+  const int total = tiles * k_steps;
+  const bool sums_row_norm = p.row_scale == nullptr;
+  float row_sq[kWgmmaRows / kLoadRows];
+#pragma unroll
+  for (int i = 0; i < kWgmmaRows / kLoadRows; ++i) row_sq[i] = 0.f;
+  float acc[N / 2];
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) acc[i] = 0.f;
+  float run_val[2] = {-INFINITY, -INFINITY};
+  int run_idx[2] = {0, 0};
+
+  // Iteration it: row tile it / k_steps, slice it % k_steps (one centroid tile).
+#pragma unroll
+  for (int s = 0; s < kAhead; ++s) {
+    if (s < total) load_iteration<T, N>(p, ring + s * kStageBytes, s % k_steps, k_steps, sums_tile_row0(s / k_steps), tid);
+    cp_async_commit();
+  }
+  for (int it = 0; it < total; ++it) {
+    const int stage = it % kStages;
+    const int j = it / k_steps;
+    const int kt = it - j * k_steps;
+    const int64_t row0 = sums_tile_row0(j);
+    cp_async_wait<kAhead - 1>();
+    if (sums_row_norm) {
+      const int c = tid % 8;
+#pragma unroll
+      for (int i = 0; i < kWgmmaRows / kLoadRows; ++i) {
+        const int r = tid / 8 + kLoadRows * i;
+        const uint4 raw = *reinterpret_cast<const uint4*>(ring_ptr + stage * kStageBytes + swizzled(r, c));
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int u = 0; u < kChunkElems; ++u) {
+          const int col = kt * kElems + c * kChunkElems + u;
+          if (col < p.d) {
+            const float v = to_float(e[u]) - (p.center != nullptr ? p.center[col] : 0.f);
+            row_sq[i] = fmaf(v, v, row_sq[i]);
+          }
+        }
+      }
+    }
+    fence_proxy_async();
+    named_sync(kBarMma, kThreads);  // iteration it visible to the labellers; the batch of it - 2 done
+    {
+      const int next = it + kAhead;
+      if (next < total) {
+        load_iteration<T, N>(p, ring + (next % kStages) * kStageBytes, next % k_steps, k_steps,
+                             sums_tile_row0(next / k_steps), tid);
+      }
+      cp_async_commit();
+    }
+    const uint32_t xs = ring + stage * kStageBytes + wg * (kXTileBytes / 2);
+    const uint32_t cs = ring + stage * kStageBytes + kXTileBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < kSliceBytes / 32; ++s) {
+      wgmma_mma<T, N>(acc, make_desc(xs + 32 * s), make_desc(cs + 32 * s), (kt == 0 && s == 0) ? 0 : 1);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+
+    if (kt == k_steps - 1) {  // row tile j labelled: hand it to the summers
+      wgmma_wait<0>();
+      fence_accumulators(acc);
+      fold_tile<N>(acc, p, 0, t, run_val, run_idx);
+      const int b = j & 1;
+      if (j >= 2) named_sync(kBarEmpty + b, kSumsThreads);  // the summers are done with tile j - 2
+#pragma unroll
+      for (int i = 0; i < kWgmmaRows / kLoadRows; ++i) {
+        const float sq = sum_over_chunk_lanes(row_sq[i]);
+        const int r = tid / 8 + kLoadRows * i;
+        if (tid % 8 == 0) scales_s[b * kWgmmaRows + r] = wgmma_row_scale(p, row0, r, sq);
+        row_sq[i] = 0.f;
+      }
+      named_sync(kBarMma, kThreads);  // the row scales visible to the labellers
+      if (t == 0) {
+        write_rows(p, row0, wg * 64 + warp_in_wg * 16 + lane / 4, scales_s + b * kWgmmaRows, run_val, run_idx,
+                   labels_s + b * kWgmmaRows);
+      }
+      __threadfence_block();
+      named_arrive(kBarFull + b, kSumsThreads);
+      run_val[0] = run_val[1] = -INFINITY;
+      run_idx[0] = run_idx[1] = 0;
+    }
+  }
+  wgmma_wait<0>();
+  cp_async_wait<0>();
+}
+
+template <class T>
+__device__ __forceinline__ void sums_summer(const WgmmaAssignParams& p, const int tiles, float* sums_s,
+                                            unsigned* counts_s, const float* scales_s,
+                                            const unsigned char* labels_s, const int stid) {
+  constexpr int kE = col_elems<T>();
+  const int warp = stid / 32;
+  const int lane = stid % 32;
+  const int slices = (p.d + 32 * kE - 1) / (32 * kE);
+  const T* x = static_cast<const T*>(p.x);
+  for (int j = 0; j < tiles; ++j) {
+    const int b = j & 1;
+    const int64_t row0 = sums_tile_row0(j);
+    const int64_t end = row0 + kWgmmaRows < p.n ? row0 + kWgmmaRows : p.n;
+    named_sync(kBarFull + b, kSumsThreads);  // tile j labelled
+    const TileRows rows{labels_s + b * kWgmmaRows, scales_s + b * kWgmmaRows, row0};
+    for (int sl = warp; sl < slices; sl += kSumWarps) {
+      col_sum_slice<T>(x, p.x_stride, row0, end, sl * 32 * kE + lane * kE, p.d, p.center, rows, sums_s, counts_s,
+                       sl == 0 && lane == 0);
+    }
+    if (j + 2 < tiles) named_arrive(kBarEmpty + b, kSumsThreads);  // buffer b free for tile j + 2
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kSumsThreads, 1)
+    assign_wgmma_sums_kernel(const WgmmaAssignParams p, float* __restrict__ part_sums,
+                             unsigned* __restrict__ part_counts) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw);
+  const uint32_t ring = (raw + 1023u) & ~1023u;
+  unsigned char* base = smem_raw + (ring - raw);
+  const SumsLayout l = sums_layout(p.k, p.d);
+  float* sums_s = reinterpret_cast<float*>(base + l.sums);
+  unsigned* counts_s = reinterpret_cast<unsigned*>(base + l.counts);
+  float* scales_s = reinterpret_cast<float*>(base + l.scales);
+  unsigned char* labels_s = base + l.labels;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int kd = p.k * p.d;
+  for (int i = tid; i < kd; i += kSumsThreads) sums_s[i] = 0.f;
+  for (int i = tid; i < p.k; i += kSumsThreads) counts_s[i] = 0u;
+  __syncthreads();
+  const int64_t n_tiles = (p.n + kWgmmaRows - 1) / kWgmmaRows;
+  const int tiles = n_tiles > blockIdx.x ? static_cast<int>((n_tiles - 1 - blockIdx.x) / gridDim.x + 1) : 0;
+  if (tid < kThreads) {
+    sums_labeller<T>(p, ring, base, tiles, scales_s, labels_s, tid);
+  } else {
+    sums_summer<T>(p, tiles, sums_s, counts_s, scales_s, labels_s, tid - kThreads);
+  }
+  __syncthreads();
+  float* dst = part_sums + static_cast<int64_t>(blockIdx.x) * kd;
+  for (int i = tid; i < kd; i += kSumsThreads) dst[i] = sums_s[i];
+  for (int i = tid; i < p.k; i += kSumsThreads) part_counts[static_cast<int64_t>(blockIdx.x) * p.k + i] = counts_s[i];
+}
+
 }  // namespace
 
 namespace {
@@ -229,6 +444,28 @@ void launch_width(const WgmmaAssignParams& p, const DType dtype, const int64_t b
 }
 
 }  // namespace
+
+int64_t wgmma_sums_smem_bytes(const int64_t k, const int64_t d) { return sums_layout(k, d).end + 1023; }
+
+void launch_assign_wgmma_sums(const WgmmaAssignParams& p, const DType dtype, const int grid, float* part_sums,
+                              unsigned* part_counts, const cudaStream_t stream) {
+  if (p.k > kWgmmaSumsMaxK || p.k_tiles != 1 || grid < 1) {
+    fail("assign (wgmma, fused sums): k = " + std::to_string(p.k) + " with " + std::to_string(p.k_tiles) +
+         " centroid tiles on " + std::to_string(grid) + " blocks (an internal error)");
+  }
+  const int64_t smem = wgmma_sums_smem_bytes(p.k, p.d);
+  const auto run = [&](auto kernel) {
+    EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    kernel<<<static_cast<unsigned>(grid), kSumsThreads, static_cast<size_t>(smem), stream>>>(p, part_sums, part_counts);
+    EDPAIRS_CUDA_CHECK(cudaGetLastError());
+  };
+  switch (dtype) {
+    case DType::Float32: run(assign_wgmma_sums_kernel<float>); return;
+    case DType::Float16: run(assign_wgmma_sums_kernel<__half>); return;
+    case DType::BFloat16: run(assign_wgmma_sums_kernel<__nv_bfloat16>); return;
+    default: fail(std::string("assign (wgmma): x must be float32, float16 or bfloat16, got ") + dtype_name(dtype));
+  }
+}
 
 void launch_assign_wgmma(const WgmmaAssignParams& p, const DType dtype, const cudaStream_t stream) {
   const int64_t blocks = ceil_div(p.n, kWgmmaRows);

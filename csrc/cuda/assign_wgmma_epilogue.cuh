@@ -71,10 +71,11 @@ __device__ __forceinline__ float wgmma_row_scale(const WgmmaAssignParams& p, int
   return sq > 0.f ? 1.f / sqrtf(sq) : 0.f;
 }
 
-// Lane t == 0 of each quad writes its two rows (block rows first_row and first_row + 8).
+// Lane t == 0 of each quad writes its two rows (block rows first_row and first_row + 8); with
+// label_s also each row's label there (rows inside x; labels < 256).
 __device__ __forceinline__ void write_rows(const WgmmaAssignParams& p, int64_t row0, int first_row,
                                            const float* row_scale_s, const float (&run_val)[2],
-                                           const int (&run_idx)[2]) {
+                                           const int (&run_idx)[2], unsigned char* label_s = nullptr) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = first_row + 8 * h;
@@ -91,6 +92,7 @@ __device__ __forceinline__ void write_rows(const WgmmaAssignParams& p, int64_t r
       p.labels[row] = label;
       p.scores[row] = score;
       if (p.row_scale_out != nullptr) p.row_scale_out[row] = rs;
+      if (label_s != nullptr) label_s[r] = static_cast<unsigned char>(label);
     }
   }
 }
