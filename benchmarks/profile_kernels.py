@@ -154,7 +154,13 @@ def main(argv=None) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    path = args.json.format(device=device.replace(":", ""))
     results = []
+
+    def save():  # after every case: a later case that hangs or faults loses none of the earlier ones
+        write_json(path, {"benchmark": "kernel_profile", "device": device, "repeat": args.repeat,
+                          "machine": machine_info(), "results": results})
+
     for text, (op, sizes, env) in zip(args.cases, cases):
         before = {key: os.environ.get(key) for key in env}
         os.environ.update(env)
@@ -169,6 +175,8 @@ def main(argv=None) -> int:
         except Exception as exc:  # noqa: BLE001 - one failing case must not lose the others
             print(f"{text}: failed: {type(exc).__name__}: {exc}")
             results.append({"case": text, "error": f"{type(exc).__name__}: {exc}"})
+            if not args.run_only:
+                save()
             continue
         finally:
             for key, value in before.items():
@@ -188,11 +196,9 @@ def main(argv=None) -> int:
               f"idle {(wall - busy) * 1e3:.3f} ms" if kernels else f"\n{text}: step {wall * 1e3:.3f} ms (no device activities)")
         for row in results[-1]["kernels"]:
             print(f"  {row['seconds'] * 1e6:10.1f} us  {100 * row['seconds'] / busy:5.1f}%  x{row['calls']:<5g} {row['name']}")
+        save()
     if args.run_only:
         return 1 if results else 0
-    path = args.json.format(device=device.replace(":", ""))
-    write_json(path, {"benchmark": "kernel_profile", "device": device, "repeat": args.repeat,
-                      "machine": machine_info(), "results": results})
     print(f"\nwrote {path}")
     return 1 if any("error" in r for r in results) else 0
 
