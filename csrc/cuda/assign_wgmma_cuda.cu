@@ -104,51 +104,60 @@ __device__ __forceinline__ void load_iteration(const WgmmaAssignParams& p, uint3
   }
 }
 
-template <class T, int N>
-__global__ void __launch_bounds__(kThreads, Ring<N>::kBlocksPerSm) assign_wgmma_kernel(const WgmmaAssignParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ float row_scale_s[kWgmmaRows];
+constexpr int kBarMma = 1;  // the labellers' barrier (named: the fused kernel has other threads)
+
+__device__ __forceinline__ void named_sync(const int id, const int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_arrive(const int id, const int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+// The labelling loop of both kernels: threads 0..255 (two warpgroups, warpgroup w the rows
+// 64 w .. of each tile) label `row_tiles` tiles of 128 rows (tile j at row row0_of(j)) against
+// every centroid tile. Iteration it is (row tile, centroid tile, slice) in that nesting, one
+// cp.async ring running across all of them (the next row tile's copies are in flight during a
+// tile's epilogue). Row norms come from the thread's own copies during centroid tile 0 (rows
+// tid / 8 + 32 i, chunk tid % 8). After each row tile, done(j, row0, row_sq, run_val, run_idx)
+// gets the thread's partial squared norms and running bests (and must not touch the ring).
+template <class T, int N, class Row0, class Done>
+__device__ __forceinline__ void label_tiles(const WgmmaAssignParams& p, const uint32_t ring,
+                                            const unsigned char* ring_ptr, const int row_tiles, const Row0& row0_of,
+                                            const int tid, const Done& done) {
   constexpr int kElems = kSliceBytes / static_cast<int>(sizeof(T));
   constexpr int kChunkElems = 16 / static_cast<int>(sizeof(T));
   constexpr int kStages = Ring<N>::kStages;
   constexpr int kAhead = Ring<N>::kAhead;
   constexpr int kStageBytes = Ring<N>::kStageBytes;
-  const uint32_t raw = smem_addr(smem_raw);
-  const uint32_t ring = (raw + 1023u) & ~1023u;  // stages at ring + s * kStageBytes
-  const unsigned char* ring_ptr = smem_raw + (ring - raw);
-
-  const int tid = static_cast<int>(threadIdx.x);
-  const int wg = tid / 128;           // warpgroup: rows 64 wg ..
-  const int lane = tid % 32;
-  const int warp_in_wg = (tid % 128) / 32;
-  const int g = lane / 4;
-  const int t = lane % 4;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kWgmmaRows;
+  const int wg = tid / 128;
+  const int t = tid % 4;
   const int k_steps = p.d_pad / kElems;
-  const int total = p.k_tiles * k_steps;
-
-  // Row norms from the thread's own copies of tile 0: rows tid / 8 + 32 i, chunk tid % 8.
+  const int per_row_tile = p.k_tiles * k_steps;
+  const int total = row_tiles * per_row_tile;
   const bool sums_row_norm = p.row_scale == nullptr;
   float row_sq[kWgmmaRows / kLoadRows];
 #pragma unroll
   for (int i = 0; i < kWgmmaRows / kLoadRows; ++i) row_sq[i] = 0.f;
-
   float acc[N / 2];
 #pragma unroll
   for (int i = 0; i < N / 2; ++i) acc[i] = 0.f;
   float run_val[2] = {-INFINITY, -INFINITY};
   int run_idx[2] = {0, 0};
+  const auto issue = [&](const int it) {
+    const int j = it / per_row_tile;
+    load_iteration<T, N>(p, ring + (it % kStages) * kStageBytes, it - j * per_row_tile, k_steps, row0_of(j), tid);
+  };
 
 #pragma unroll
   for (int s = 0; s < kAhead; ++s) {
-    if (s < total) load_iteration<T, N>(p, ring + s * kStageBytes, s, k_steps, row0, tid);
+    if (s < total) issue(s);
     cp_async_commit();
   }
-
   for (int it = 0; it < total; ++it) {
     const int stage = it % kStages;
-    const int tile = it / k_steps;
-    const int kt = it - tile * k_steps;
+    const int j = it / per_row_tile;
+    const int tile = (it - j * per_row_tile) / k_steps;
+    const int kt = it - j * per_row_tile - tile * k_steps;
     cp_async_wait<kAhead - 1>();  // this thread's copies of iteration it have landed
     if (sums_row_norm && tile == 0) {
       const int c = tid % 8;
@@ -169,10 +178,8 @@ __global__ void __launch_bounds__(kThreads, Ring<N>::kBlocksPerSm) assign_wgmma_
       }
     }
     fence_proxy_async();
-    __syncthreads();  // iteration it visible to all; every wgmma of iteration it - 2 is done
-    if (it + kAhead < total) {
-      load_iteration<T, N>(p, ring + ((it + kAhead) % kStages) * kStageBytes, it + kAhead, k_steps, row0, tid);
-    }
+    named_sync(kBarMma, kThreads);  // iteration it visible to all labellers; every wgmma of it - 2 done
+    if (it + kAhead < total) issue(it + kAhead);
     cp_async_commit();
 
     const uint32_t xs = ring + stage * kStageBytes + wg * (kXTileBytes / 2);
@@ -185,25 +192,56 @@ __global__ void __launch_bounds__(kThreads, Ring<N>::kBlocksPerSm) assign_wgmma_
     wgmma_commit();
     wgmma_wait<1>();
 
-    if (kt == k_steps - 1) {  // the tile is complete: fold it into the running best
+    if (kt == k_steps - 1) {  // the centroid tile is complete: fold it into the running best
       wgmma_wait<0>();
       fence_accumulators(acc);
       fold_tile<N>(acc, p, tile * N, t, run_val, run_idx);
+      if (tile == p.k_tiles - 1) {  // and so is the row tile
+        done(j, row0_of(j), row_sq, run_val, run_idx);
+#pragma unroll
+        for (int i = 0; i < kWgmmaRows / kLoadRows; ++i) row_sq[i] = 0.f;
+        run_val[0] = run_val[1] = -INFINITY;
+        run_idx[0] = run_idx[1] = 0;
+      }
     }
   }
   wgmma_wait<0>();  // (already so after the last tile's epilogue; said here for ptxas)
   cp_async_wait<0>();
+}
 
-  // Row scales: the 8 lanes that copied a row's chunks hold its partial sums.
+// Row scales of the labellers' row tile at row0 into dst (128 floats): the 8 lanes that copied
+// a row's chunks hold its partial sums.
+__device__ __forceinline__ void store_row_scales(const WgmmaAssignParams& p, const int64_t row0,
+                                                 const float (&row_sq)[kWgmmaRows / kLoadRows], float* dst,
+                                                 const int tid) {
 #pragma unroll
   for (int i = 0; i < kWgmmaRows / kLoadRows; ++i) {
     const float sq = sum_over_chunk_lanes(row_sq[i]);
     const int r = tid / 8 + kLoadRows * i;
-    if (tid % 8 == 0) row_scale_s[r] = wgmma_row_scale(p, row0, r, sq);
+    if (tid % 8 == 0) dst[r] = wgmma_row_scale(p, row0, r, sq);
   }
-  __syncthreads();
+}
 
-  if (t == 0) write_rows(p, row0, wg * 64 + warp_in_wg * 16 + g, row_scale_s, run_val, run_idx);
+// The first of the two rows that lane t == 0 of thread tid's quad writes (write_rows).
+__device__ __forceinline__ int quad_row(const int tid) {
+  return (tid / 128) * 64 + ((tid % 128) / 32) * 16 + (tid % 32) / 4;
+}
+
+template <class T, int N>
+__global__ void __launch_bounds__(kThreads, Ring<N>::kBlocksPerSm) assign_wgmma_kernel(const WgmmaAssignParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float row_scale_s[kWgmmaRows];
+  const uint32_t raw = smem_addr(smem_raw);
+  const uint32_t ring = (raw + 1023u) & ~1023u;  // stages at ring + s * kStageBytes
+  const int tid = static_cast<int>(threadIdx.x);
+  label_tiles<T, N>(
+      p, ring, smem_raw + (ring - raw), 1, [](int) { return static_cast<int64_t>(blockIdx.x) * kWgmmaRows; }, tid,
+      [&](int, const int64_t row0, const float (&row_sq)[kWgmmaRows / kLoadRows], const float (&run_val)[2],
+          const int (&run_idx)[2]) {
+        store_row_scales(p, row0, row_sq, row_scale_s, tid);
+        named_sync(kBarMma, kThreads);  // the row scales visible to all
+        if (tid % 4 == 0) write_rows(p, row0, quad_row(tid), row_scale_s, run_val, run_idx);
+      });
 }
 
 // ---- k <= 64 with the cluster sums in the same pass (EDPAIRS_ASSIGN_SUMS=fused) ----------
@@ -225,16 +263,8 @@ __global__ void __launch_bounds__(kThreads, Ring<N>::kBlocksPerSm) assign_wgmma_
 // 227 KB). x is read from DRAM once; the partials are added by the caller in block order.
 constexpr int kSumsThreads = 512;
 constexpr int kSumWarps = (kSumsThreads - kThreads) / 32;  // 8
-constexpr int kBarMma = 1;
 constexpr int kBarFull = 2;   // + buffer
 constexpr int kBarEmpty = 4;  // + buffer
-
-__device__ __forceinline__ void named_sync(const int id, const int count) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-__device__ __forceinline__ void named_arrive(const int id, const int count) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
 
 // Byte offsets from the ring of the fused kernel's shared arrays.
 struct SumsLayout {
@@ -267,103 +297,20 @@ template <class T>
 __device__ __forceinline__ void sums_labeller(const WgmmaAssignParams& p, const uint32_t ring,
                                               const unsigned char* ring_ptr, const int tiles, float* scales_s,
                                               unsigned char* labels_s, const int tid) {
-  constexpr int N = 64;
-  constexpr int kElems = kSliceBytes / static_cast<int>(sizeof(T));
-  constexpr int kChunkElems = 16 / static_cast<int>(sizeof(T));
-  constexpr int kStages = Ring<N>::kStages;
-  constexpr int kAhead = Ring<N>::kAhead;
-  constexpr int kStageBytes = Ring<N>::kStageBytes;
-  const int wg = tid / 128;
-  const int lane = tid % 32;
-  const int warp_in_wg = (tid % 128) / 32;
-  const int t = lane % 4;
-  const int k_steps = p.d_pad / kElems;
-  const int total = tiles * k_steps;
-  const bool sums_row_norm = p.row_scale == nullptr;
-  float row_sq[kWgmmaRows / kLoadRows];
-#pragma unroll
-  for (int i = 0; i < kWgmmaRows / kLoadRows; ++i) row_sq[i] = 0.f;
-  float acc[N / 2];
-#pragma unroll
-  for (int i = 0; i < N / 2; ++i) acc[i] = 0.f;
-  float run_val[2] = {-INFINITY, -INFINITY};
-  int run_idx[2] = {0, 0};
-
-  // Iteration it: row tile it / k_steps, slice it % k_steps (one centroid tile).
-#pragma unroll
-  for (int s = 0; s < kAhead; ++s) {
-    if (s < total) load_iteration<T, N>(p, ring + s * kStageBytes, s % k_steps, k_steps, sums_tile_row0(s / k_steps), tid);
-    cp_async_commit();
-  }
-  for (int it = 0; it < total; ++it) {
-    const int stage = it % kStages;
-    const int j = it / k_steps;
-    const int kt = it - j * k_steps;
-    const int64_t row0 = sums_tile_row0(j);
-    cp_async_wait<kAhead - 1>();
-    if (sums_row_norm) {
-      const int c = tid % 8;
-#pragma unroll
-      for (int i = 0; i < kWgmmaRows / kLoadRows; ++i) {
-        const int r = tid / 8 + kLoadRows * i;
-        const uint4 raw = *reinterpret_cast<const uint4*>(ring_ptr + stage * kStageBytes + swizzled(r, c));
-        const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-        for (int u = 0; u < kChunkElems; ++u) {
-          const int col = kt * kElems + c * kChunkElems + u;
-          if (col < p.d) {
-            const float v = to_float(e[u]) - (p.center != nullptr ? p.center[col] : 0.f);
-            row_sq[i] = fmaf(v, v, row_sq[i]);
-          }
+  label_tiles<T, 64>(
+      p, ring, ring_ptr, tiles, [](const int j) { return sums_tile_row0(j); }, tid,
+      [&](const int j, const int64_t row0, const float (&row_sq)[kWgmmaRows / kLoadRows], const float (&run_val)[2],
+          const int (&run_idx)[2]) {
+        const int b = j & 1;
+        if (j >= 2) named_sync(kBarEmpty + b, kSumsThreads);  // the summers are done with tile j - 2
+        store_row_scales(p, row0, row_sq, scales_s + b * kWgmmaRows, tid);
+        named_sync(kBarMma, kThreads);  // the row scales visible to the labellers
+        if (tid % 4 == 0) {
+          write_rows(p, row0, quad_row(tid), scales_s + b * kWgmmaRows, run_val, run_idx, labels_s + b * kWgmmaRows);
         }
-      }
-    }
-    fence_proxy_async();
-    named_sync(kBarMma, kThreads);  // iteration it visible to the labellers; the batch of it - 2 done
-    {
-      const int next = it + kAhead;
-      if (next < total) {
-        load_iteration<T, N>(p, ring + (next % kStages) * kStageBytes, next % k_steps, k_steps,
-                             sums_tile_row0(next / k_steps), tid);
-      }
-      cp_async_commit();
-    }
-    const uint32_t xs = ring + stage * kStageBytes + wg * (kXTileBytes / 2);
-    const uint32_t cs = ring + stage * kStageBytes + kXTileBytes;
-    wgmma_fence();
-#pragma unroll
-    for (int s = 0; s < kSliceBytes / 32; ++s) {
-      wgmma_mma<T, N>(acc, make_desc(xs + 32 * s), make_desc(cs + 32 * s), (kt == 0 && s == 0) ? 0 : 1);
-    }
-    wgmma_commit();
-    wgmma_wait<1>();
-
-    if (kt == k_steps - 1) {  // row tile j labelled: hand it to the summers
-      wgmma_wait<0>();
-      fence_accumulators(acc);
-      fold_tile<N>(acc, p, 0, t, run_val, run_idx);
-      const int b = j & 1;
-      if (j >= 2) named_sync(kBarEmpty + b, kSumsThreads);  // the summers are done with tile j - 2
-#pragma unroll
-      for (int i = 0; i < kWgmmaRows / kLoadRows; ++i) {
-        const float sq = sum_over_chunk_lanes(row_sq[i]);
-        const int r = tid / 8 + kLoadRows * i;
-        if (tid % 8 == 0) scales_s[b * kWgmmaRows + r] = wgmma_row_scale(p, row0, r, sq);
-        row_sq[i] = 0.f;
-      }
-      named_sync(kBarMma, kThreads);  // the row scales visible to the labellers
-      if (t == 0) {
-        write_rows(p, row0, wg * 64 + warp_in_wg * 16 + lane / 4, scales_s + b * kWgmmaRows, run_val, run_idx,
-                   labels_s + b * kWgmmaRows);
-      }
-      __threadfence_block();
-      named_arrive(kBarFull + b, kSumsThreads);
-      run_val[0] = run_val[1] = -INFINITY;
-      run_idx[0] = run_idx[1] = 0;
-    }
-  }
-  wgmma_wait<0>();
-  cp_async_wait<0>();
+        __threadfence_block();
+        named_arrive(kBarFull + b, kSumsThreads);  // tile j handed over
+      });
 }
 
 template <class T>
