@@ -3,6 +3,7 @@ medians after warm-up), peak-memory measurement in a fresh process, JSON output 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -10,6 +11,22 @@ import statistics
 import sys
 import time
 from typing import Callable, Dict, List
+
+
+@contextlib.contextmanager
+def environment(env: Dict[str, str]):
+    """The environment variables of `env` set inside the block, the previous values (or their
+    absence) restored after it."""
+    before = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def sync(device: str) -> None:

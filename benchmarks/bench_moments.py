@@ -33,7 +33,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, print_table, time_fn, write_json  # noqa: E402
+from _common import environment, machine_info, print_table, time_fn, write_json  # noqa: E402
 
 
 def rel_err(a, b) -> float:
@@ -172,16 +172,8 @@ def _wgmma_gram_available() -> bool:
 
 def _edp(edp, env, fn, *args, **kw):
     """fn(*args, **kw) with the environment variables of `env` set for the call."""
-    before = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
+    with environment(env):
         return fn(*args, **kw)
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _torch_signal(X, W, b):

@@ -26,7 +26,7 @@ import sys
 from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, sync, time_fn, write_json  # noqa: E402
+from _common import environment, machine_info, sync, time_fn, write_json  # noqa: E402
 
 #: op -> number of size fields
 OPS = {"kmeans": 3, "kmeans-f32": 3, "labels": 3, "torch-kmeans": 3, "moments": 2, "moments-f32": 2,
@@ -162,16 +162,15 @@ def main(argv=None) -> int:
                           "machine": machine_info(), "results": results})
 
     for text, (op, sizes, env) in zip(args.cases, cases):
-        before = {key: os.environ.get(key) for key in env}
-        os.environ.update(env)
         try:
-            step = make_step(op, sizes, device)
-            if args.run_only:
-                step()
-                sync(device)
-                print(f"{text}: ran")
-                continue
-            timing, kernels = profile_case(step, device, args.repeat)
+            with environment(env):
+                step = make_step(op, sizes, device)
+                if args.run_only:
+                    step()
+                    sync(device)
+                    print(f"{text}: ran")
+                    continue
+                timing, kernels = profile_case(step, device, args.repeat)
         except Exception as exc:  # noqa: BLE001 - one failing case must not lose the others
             print(f"{text}: failed: {type(exc).__name__}: {exc}")
             results.append({"case": text, "error": f"{type(exc).__name__}: {exc}"})
@@ -179,11 +178,7 @@ def main(argv=None) -> int:
                 save()
             continue
         finally:
-            for key, value in before.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+            step = None
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
         busy = sum(s for _, s in kernels.values())
