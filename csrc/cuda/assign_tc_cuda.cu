@@ -479,6 +479,7 @@ __global__ void __launch_bounds__(kThreads, 2) assign_tc_kernel(const TcParams p
 constexpr int kSegRows = 256;     // sorted positions per block of the segmented sum
 constexpr int kSegThreads = 128;  // columns in flight per block (x kSegCols)
 constexpr int kSegCols = 4;
+constexpr int kSegAhead = 4;      // rows whose loads are issued together
 constexpr int kScanThreads = 1024;
 
 __global__ void histogram_kernel(const int64_t* __restrict__ labels, const int64_t n,
@@ -551,30 +552,44 @@ __global__ void __launch_bounds__(kSegThreads)
       acc[u] = 0.0;
     }
     bool any = false;
-    for (int q = 0; q < count; ++q) {
-      const float r = r_s[q];
-      if (r > 0.f) {  // zero rows add nothing
-        const T* xr = x + static_cast<int64_t>(row_s[q]) * x_stride;
+    for (int q0 = 0; q0 < count; q0 += kSegAhead) {
+      // The loads of kSegAhead rows first (more of x in flight), then their sums in order.
+      float v[kSegAhead][kSegCols];
+#pragma unroll
+      for (int g = 0; g < kSegAhead; ++g) {
+        const int q = q0 + g;
+        const bool live = q < count && r_s[q] > 0.f;  // zero rows add nothing
+        const T* xr = x + static_cast<int64_t>(live ? row_s[q] : 0) * x_stride;
 #pragma unroll
         for (int u = 0; u < kSegCols; ++u) {
           const int c = c0 + tid + kSegThreads * u;
-          if (c < d) {
-            acc[u] += static_cast<double>(r) * static_cast<double>(minus_center(xr[c], ctr[u]));
-          }
+          v[g][u] = (live && c < d) ? minus_center(xr[c], ctr[u]) : 0.f;
         }
-        any = true;
       }
-      const int label = label_s[q];
-      if (q + 1 == count || label_s[q + 1] != label) {
-        if (any) {
+#pragma unroll
+      for (int g = 0; g < kSegAhead; ++g) {
+        const int q = q0 + g;
+        if (q >= count) break;  // (the same for every thread of the block)
+        const float r = r_s[q];
+        if (r > 0.f) {
 #pragma unroll
           for (int u = 0; u < kSegCols; ++u) {
-            const int c = c0 + tid + kSegThreads * u;
-            if (c < d) atomicAdd(sums + static_cast<int64_t>(label) * d + c, acc[u]);
-            acc[u] = 0.0;
+            acc[u] += static_cast<double>(r) * static_cast<double>(v[g][u]);
           }
+          any = true;
         }
-        any = false;
+        const int label = label_s[q];
+        if (q + 1 == count || label_s[q + 1] != label) {
+          if (any) {
+#pragma unroll
+            for (int u = 0; u < kSegCols; ++u) {
+              const int c = c0 + tid + kSegThreads * u;
+              if (c < d) atomicAdd(sums + static_cast<int64_t>(label) * d + c, acc[u]);
+              acc[u] = 0.0;
+            }
+          }
+          any = false;
+        }
       }
     }
   }
