@@ -1209,15 +1209,14 @@ bool launch_fused(const AssignArgs& args, TcParams p, cudaStream_t s) {
   EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const bool on_wgmma = label_kernel() != LabelKernel::Mma && wgmma_device();
-  int64_t smem_bytes = kFPipeBytes + k * d * 4;
+  const int64_t smem_bytes = kFPipeBytes + k * d * 4;  // the mma kernel's
   if (on_wgmma) {
 #ifdef EDPAIRS_HAVE_WGMMA
-    smem_bytes = wgmma_sums_smem_bytes(k, d);
+    if (!wgmma_sums_fits(args.x.dtype, k, d)) return false;
 #endif
   } else if (smem_bytes + kFStaticBytes > optin) {
     return false;
   }
-  if (smem_bytes > optin) return false;
   const int64_t n_tiles = ceil_div(n, kRows);
   if (n_tiles > INT_MAX) return false;
   constexpr int kElems = slice_elems<T>();

@@ -51,9 +51,9 @@ void launch_assign_wgmma_tma(const WgmmaAssignParams& p, cudaStream_t stream);
 // (k x d) to part_sums + b k d and its counts to part_counts + b k, which the caller adds (with
 // p.k_tiles = 1: the centroids prepared with k_pad = 64, and p.row_scale_out unused).
 constexpr int kWgmmaSumsMaxK = 64;
-// Its dynamic shared memory for k x d sums (alignment slack included); the caller checks it
-// against the device's limit.
-int64_t wgmma_sums_smem_bytes(int64_t k, int64_t d);
+// Whether it runs for x of `dtype` with k x d sums on the current device: k <= 64 and its
+// shared memory (ring, sums, counts, two tiles' labels and scales, alignment slack) granted.
+bool wgmma_sums_fits(DType dtype, int64_t k, int64_t d);
 void launch_assign_wgmma_sums(const WgmmaAssignParams& p, DType dtype, int grid, float* part_sums,
                               unsigned* part_counts, cudaStream_t stream);
 

@@ -392,7 +392,34 @@ void launch_width(const WgmmaAssignParams& p, const DType dtype, const int64_t b
 
 }  // namespace
 
-int64_t wgmma_sums_smem_bytes(const int64_t k, const int64_t d) { return sums_layout(k, d).end + 1023; }
+namespace {
+
+// Calls f(assign_wgmma_sums_kernel<T>) for x's dtype; false for other dtypes.
+template <class F>
+bool with_sums_kernel(const DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float32: f(assign_wgmma_sums_kernel<float>); return true;
+    case DType::Float16: f(assign_wgmma_sums_kernel<__half>); return true;
+    case DType::BFloat16: f(assign_wgmma_sums_kernel<__nv_bfloat16>); return true;
+    default: return false;
+  }
+}
+
+int64_t sums_smem_bytes(const int64_t k, const int64_t d) { return sums_layout(k, d).end + 1023; }
+
+}  // namespace
+
+bool wgmma_sums_fits(const DType dtype, const int64_t k, const int64_t d) {
+  if (k > kWgmmaSumsMaxK) return false;
+  const int64_t smem = sums_smem_bytes(k, d);
+  if (smem > INT_MAX) return false;
+  cudaError_t status = cudaErrorInvalidValue;  // (for dtypes without the kernel)
+  with_sums_kernel(dtype, [&](auto kernel) {
+    status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  });
+  if (status != cudaSuccess) (void)cudaGetLastError();  // a refused size is an answer here, not an error
+  return status == cudaSuccess;
+}
 
 void launch_assign_wgmma_sums(const WgmmaAssignParams& p, const DType dtype, const int grid, float* part_sums,
                               unsigned* part_counts, const cudaStream_t stream) {
@@ -400,18 +427,13 @@ void launch_assign_wgmma_sums(const WgmmaAssignParams& p, const DType dtype, con
     fail("assign (wgmma, fused sums): k = " + std::to_string(p.k) + " with " + std::to_string(p.k_tiles) +
          " centroid tiles on " + std::to_string(grid) + " blocks (an internal error)");
   }
-  const int64_t smem = wgmma_sums_smem_bytes(p.k, p.d);
-  const auto run = [&](auto kernel) {
+  const int64_t smem = sums_smem_bytes(p.k, p.d);
+  const bool known = with_sums_kernel(dtype, [&](auto kernel) {
     EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     kernel<<<static_cast<unsigned>(grid), kSumsThreads, static_cast<size_t>(smem), stream>>>(p, part_sums, part_counts);
     EDPAIRS_CUDA_CHECK(cudaGetLastError());
-  };
-  switch (dtype) {
-    case DType::Float32: run(assign_wgmma_sums_kernel<float>); return;
-    case DType::Float16: run(assign_wgmma_sums_kernel<__half>); return;
-    case DType::BFloat16: run(assign_wgmma_sums_kernel<__nv_bfloat16>); return;
-    default: fail(std::string("assign (wgmma): x must be float32, float16 or bfloat16, got ") + dtype_name(dtype));
-  }
+  });
+  if (!known) fail(std::string("assign (wgmma): x must be float32, float16 or bfloat16, got ") + dtype_name(dtype));
 }
 
 void launch_assign_wgmma(const WgmmaAssignParams& p, const DType dtype, const cudaStream_t stream) {
