@@ -125,9 +125,9 @@ if ! skipped tests; then
 # error and build tests.
 # The wgmma kernel's tests run in a process of their own first: a fault of a kernel that has never
 # run on a GPU would otherwise poison the CUDA context of every test after it.
-timeout 150 python3 -m pytest -q -m "$MARK" tests/ -k "wgmma" -p no:cacheprovider 2>&1 | tail -15
+timeout 200 python3 -m pytest -q -m "$MARK" tests/ -k "wgmma" -p no:cacheprovider 2>&1 | tail -15
 [ "${PIPESTATUS[0]}" != 0 ] && status=1
-timeout 300 python3 -m pytest -q -m "$MARK" tests/ -k "$TESTS_K" -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -30
+timeout 420 python3 -m pytest -q -m "$MARK" tests/ -k "$TESTS_K" -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -30
 [ "${PIPESTATUS[0]}" != 0 ] && status=1
 timeout 200 python3 -m pytest -q tests/test_errors.py tests/test_build.py -p no:cacheprovider 2>&1 | tail -5
 [ "${PIPESTATUS[0]}" != 0 ] && status=1
