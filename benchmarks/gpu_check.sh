@@ -10,8 +10,8 @@
 # files). The benchmarks run before the tests, each in a process of its own, so that a call cut
 # short by its time limit keeps the measurements; the whole default takes about 10 minutes,
 # more than one device call, so a session runs it as two:
-#   SKIP="tests estimators route_parts stream ncu" bash benchmarks/gpu_check.sh     # ~6 min
-#   SKIP="estimators ceilings kmeans bf16 moments profile route_parts stream ncu" bash benchmarks/gpu_check.sh  # ~4.5 min
+#   SKIP="tests estimators route_parts stream ncu" bash benchmarks/gpu_check.sh     # ~5 min
+#   SKIP="estimators ceilings kmeans bf16 moments profile route_parts stream ncu" bash benchmarks/gpu_check.sh  # ~5 min
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out/gpu}"
