@@ -61,9 +61,10 @@ K64_METHODS="${K64_METHODS:-edpairs-fused-wgmma,edpairs-mma-sorted}"
 # there would poison the process's later cases).
 PROFILE_CASES="${PROFILE_CASES:-kmeans:1000000,512,1024 kmeans:1000000,512,256 kmeans:1000000,512,64 \
 kmeans:1000000,512,64:EDPAIRS_ASSIGN_SUMS=sorted kmeans:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=mma;EDPAIRS_ASSIGN_SUMS=sorted \
-labels:1000000,512,64 labels:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=mma labels:1000000,512,128 moments:1000000,512 \
+labels:1000000,512,64 labels:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=mma labels:1000000,512,64:EDPAIRS_WGMMA_PREFETCH=0 \
+labels:1000000,512,128 moments:1000000,512 \
 moments-f32:1000000,512 moments-f32:1000000,512:EDPAIRS_GEMM_GRAM=triangle signal:1000000,512,256 \
-kmeans:1000000,512,64:EDPAIRS_ASSIGN_SUMS=fused}"
+kmeans:1000000,512,64:EDPAIRS_ASSIGN_SUMS=fused kmeans:1000000,512,64:EDPAIRS_ASSIGN_SUMS=fused;EDPAIRS_WGMMA_PREFETCH=0}"
 NCU_CASES="${NCU_CASES:-kmeans:1000000,512,64 kmeans:1000000,512,64:EDPAIRS_ASSIGN_SUMS=fused kmeans:1000000,512,1024}"
 skipped() { case " $SKIP " in *" $1 "*) echo "(skipped: SKIP has $1)"; return 0;; esac; return 1; }
 MARK="cuda and not slow"

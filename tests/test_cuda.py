@@ -871,6 +871,29 @@ def test_tf32_assign_defaults_to_the_wgmma_kernel_on_hopper(torch, monkeypatch, 
     assert _gemm.assign_applies(odd, xp, k, "tf32") and not _gemm.assign_applies(Xg, xp, 128, "tf32")
 
 
+@pytest.mark.parametrize("k", [40, 100, 300])
+def test_wgmma_l2_prefetch_is_only_a_hint(torch, monkeypatch, rng, k):
+    """EDPAIRS_WGMMA_PREFETCH (how far beyond their ring the wgmma kernels prefetch x into L2)
+    changes no output bit, with the fused small-k pass too; a bad value is refused."""
+    if reason := _wgmma_skip_reason():
+        pytest.skip(reason)
+    C = make_centroids(rng, k, 96)
+    Xg, Cg = gpu(make_rows(rng, 9000, 96, C=C, zero_rows=2)), gpu(C)
+    for sums in ("auto", "fused"):
+        monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", sums)
+        runs = {}
+        for depth in ("0", "4", "16"):
+            monkeypatch.setenv("EDPAIRS_WGMMA_PREFETCH", depth)
+            runs[depth] = _poisoned_tc_assign(Xg, Cg)
+        for key in ("labels", "scores", "sums", "counts"):
+            for depth in ("4", "16"):
+                np.testing.assert_array_equal(to_numpy(getattr(runs[depth], key)), to_numpy(getattr(runs["0"], key)))
+    for bad in ("-1", "17", "four"):
+        monkeypatch.setenv("EDPAIRS_WGMMA_PREFETCH", bad)
+        with pytest.raises(Exception, match="EDPAIRS_WGMMA_PREFETCH must be an integer from 0 to 16"):
+            _poisoned_tc_assign(Xg, Cg)
+
+
 def test_assign_kernel_knob_is_validated(torch, monkeypatch, rng):
     monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", "hgmma")
     X, C = gpu(make_rows(rng, 300, 16)), gpu(make_centroids(rng, 5, 16))

@@ -1150,6 +1150,21 @@ inline LabelKernel label_kernel() {
   if (std::string(v) == "wgmma-tma") return LabelKernel::WgmmaTma;
   fail(std::string("EDPAIRS_ASSIGN_KERNEL must be 'auto', 'mma', 'wgmma' or 'wgmma-tma', got '") + v + "'");
 }
+// How many iterations beyond their cp.async ring the wgmma kernels prefetch x's slices into L2
+// (EDPAIRS_WGMMA_PREFETCH, 0..16, default 4): more of x in flight from DRAM than the ring's
+// shared memory holds (the fused small-k kernel, one block per SM, has 32 KB of x in its ring).
+// A prediction for the next GPU run (benchmarks/results/h100/NOTES.md, version 7); 0 turns it off.
+inline int wgmma_prefetch() {
+  const char* v = std::getenv("EDPAIRS_WGMMA_PREFETCH");
+  if (v == nullptr || *v == '\0') return 4;
+  char* end = nullptr;
+  const long value = std::strtol(v, &end, 10);
+  if (*end != '\0' || value < 0 || value > 16) {
+    fail(std::string("EDPAIRS_WGMMA_PREFETCH must be an integer from 0 to 16, got '") + v + "'");
+  }
+  return static_cast<int>(value);
+}
+
 inline bool wgmma_device() {
 #ifdef EDPAIRS_HAVE_WGMMA
   return compute_capability() == "9.0";
@@ -1247,7 +1262,7 @@ bool launch_fused(const AssignArgs& args, TcParams p, cudaStream_t s) {
   if (on_wgmma) {
 #ifdef EDPAIRS_HAVE_WGMMA
     const WgmmaAssignParams w{p.x, p.x_stride, p.n, p.d, p.k, static_cast<int>(d_pad), 1, cw, col_s, col_o,
-                              p.center, p.row_scale, p.labels, p.scores, nullptr};
+                              p.center, p.row_scale, p.labels, p.scores, nullptr, wgmma_prefetch()};
     launch_assign_wgmma_sums(w, args.x.dtype, static_cast<int>(grid), part_sums, part_counts, s);
 #endif
   } else {
@@ -1323,7 +1338,7 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
   if (wgmma) {
 #ifdef EDPAIRS_HAVE_WGMMA
     const WgmmaAssignParams w{p.x, p.x_stride, p.n, p.d, p.k, p.d_pad, p.k_tiles, p.cw, p.col_s, p.col_o,
-                              p.center, p.row_scale, p.labels, p.scores, p.row_scale_out};
+                              p.center, p.row_scale, p.labels, p.scores, p.row_scale_out, wgmma_prefetch()};
     if (tma) {
       launch_assign_wgmma_tma(w, s);
     } else {

@@ -36,6 +36,8 @@ struct WgmmaAssignParams {
   int64_t* labels;          // (n,)
   float* scores;            // (n,)
   float* row_scale_out;     // (n,) or null: r_n of every row, for the sorted sums pass
+  int prefetch = 0;         // iterations beyond the cp.async ring whose x slices are prefetched
+                            // into L2 (assign_wgmma_kernel, assign_wgmma_sums_kernel; 0: none)
 };
 
 // Labels, scores (and row_scale_out) of every row on `stream`; x of `dtype` (float32: TF32

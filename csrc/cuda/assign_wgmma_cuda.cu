@@ -113,6 +113,25 @@ __device__ __forceinline__ void named_arrive(const int id, const int count) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 
+// A hint to L2 for x's slice of iteration `it` (within its row tile: centroid tile it / k_steps)
+// of the row tile at row0: thread tid < 128 names the first and the last byte of row tid's
+// slice (two lines where the slice straddles them). Only for centroid tile 0: later tiles read
+// x again from L2 anyway.
+template <class T>
+__device__ __forceinline__ void prefetch_slice(const WgmmaAssignParams& p, const int it, const int k_steps,
+                                               const int64_t row0, const int tid) {
+  constexpr int kElems = kSliceBytes / static_cast<int>(sizeof(T));
+  const int64_t row = row0 + tid;
+  if (it >= k_steps || tid >= kWgmmaRows || row >= p.n) return;
+  const int first = it * kElems;
+  const int last = (first + kElems < p.d ? first + kElems : p.d) - 1;
+  const T* base = static_cast<const T*>(p.x) + row * p.x_stride;
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(base + first));
+  if ((reinterpret_cast<uintptr_t>(base + last) >> 7) != (reinterpret_cast<uintptr_t>(base + first) >> 7)) {
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(base + last));
+  }
+}
+
 // The labelling loop of both kernels: threads 0..255 (two warpgroups, warpgroup w the rows
 // 64 w .. of each tile) label `row_tiles` tiles of 128 rows (tile j at row row0_of(j)) against
 // every centroid tile. Iteration it is (row tile, centroid tile, slice) in that nesting, one
@@ -147,12 +166,18 @@ __device__ __forceinline__ void label_tiles(const WgmmaAssignParams& p, const ui
     const int j = it / per_row_tile;
     load_iteration<T, N>(p, ring + (it % kStages) * kStageBytes, it - j * per_row_tile, k_steps, row0_of(j), tid);
   };
+  const auto prefetch = [&](const int it) {
+    if (it >= total) return;
+    const int j = it / per_row_tile;
+    prefetch_slice<T>(p, it - j * per_row_tile, k_steps, row0_of(j), tid);
+  };
 
 #pragma unroll
   for (int s = 0; s < kAhead; ++s) {
     if (s < total) issue(s);
     cp_async_commit();
   }
+  for (int s = kAhead; s < kAhead + p.prefetch; ++s) prefetch(s);
   for (int it = 0; it < total; ++it) {
     const int stage = it % kStages;
     const int j = it / per_row_tile;
@@ -181,6 +206,7 @@ __device__ __forceinline__ void label_tiles(const WgmmaAssignParams& p, const ui
     named_sync(kBarMma, kThreads);  // iteration it visible to all labellers; every wgmma of it - 2 done
     if (it + kAhead < total) issue(it + kAhead);
     cp_async_commit();
+    if (p.prefetch > 0) prefetch(it + kAhead + p.prefetch);
 
     const uint32_t xs = ring + stage * kStageBytes + wg * (kXTileBytes / 2);
     const uint32_t cs = ring + stage * kStageBytes + kXTileBytes;
