@@ -2,7 +2,10 @@
 // 128-row block against centroid tiles of N = 64, 128 or 256 (wgmma_tile_cents: the narrowest
 // that holds k, else 256), the argmax folded into each tile's epilogue, never an N x k matrix.
 // The labelling kernel of the tensor-core path (assign_tc_cuda.cu) on compute capability 9.0
-// (EDPAIRS_ASSIGN_KERNEL auto or wgmma); prepare_centroids and the sorted sums stay there.
+// (EDPAIRS_ASSIGN_KERNEL auto or wgmma); prepare_centroids and the cluster-sum passes stay
+// there. Below, assign_wgmma_sums_kernel: the same labelling for k <= 64 with the cluster sums
+// in the same pass (EDPAIRS_ASSIGN_SUMS=fused). Both prefetch x's slices into L2 p.prefetch
+// iterations beyond their ring (EDPAIRS_WGMMA_PREFETCH).
 //
 // Block: 256 threads = two warpgroups; warpgroup w owns rows 64 w .. 64 w + 63 of the block and
 // both share each centroid tile. Per iteration one 128-byte slice of every row (32 float32 or
