@@ -1382,3 +1382,43 @@ def test_wgmma_sums_handover_never_deadlocks_or_overwrites(tiles):
             if op == "arrive" and arg[0] == "empty":
                 reading[arg[1]] = False
         assert all(v == 0 for v in arrived.values()), arrived
+
+
+@pytest.mark.parametrize("cents", W_WIDTHS)
+@pytest.mark.parametrize("row_tiles,k_tiles,k_steps,prefetch", [(1, 4, 16, 4), (5, 1, 16, 4), (3, 2, 3, 0),
+                                                                 (7, 1, 1, 16), (2, 3, 5, 2)])
+def test_wgmma_label_tiles_schedule(cents, row_tiles, k_tiles, k_steps, prefetch):
+    """label_tiles' schedule over (row tile, centroid tile, slice): each iteration's copies land
+    in the stage it is read from, issued before it and never overwritten before its wgmma batch
+    (which may run on through the next iteration) is done; every row tile's done() comes after
+    its last centroid tile, in order; the L2 prefetches name exactly the centroid-tile-0 slices
+    of the iterations kAhead .. kAhead + prefetch - 1 beyond the one being issued."""
+    _, stages, ahead = w_ring(cents)
+    per = k_tiles * k_steps
+    total = row_tiles * per
+
+    def split(it):
+        j = it // per
+        tile = (it - j * per) // k_steps
+        return j, tile, it - j * per - tile * k_steps
+
+    holds = {}                                       # stage -> iteration whose copies it holds
+    prefetched = []
+    for s in range(min(ahead, total)):
+        holds[s % stages] = s
+    prefetched += [s for s in range(ahead, ahead + prefetch) if s < total and split(s)[1] == 0]
+    dones = []
+    for it in range(total):
+        assert holds.get(it % stages) == it          # the copies of it are where it reads them
+        nxt = it + ahead
+        if nxt < total:                              # after the barrier: batches <= it - 2 are done
+            assert holds.get(nxt % stages, -1) <= it - 2
+            holds[nxt % stages] = nxt
+        if prefetch > 0 and it + ahead + prefetch < total and split(it + ahead + prefetch)[1] == 0:
+            prefetched.append(it + ahead + prefetch)
+        j, tile, kt = split(it)
+        if kt == k_steps - 1 and tile == k_tiles - 1:
+            dones.append(j)
+    assert dones == list(range(row_tiles))
+    want = [it for it in range(ahead, total) if split(it)[1] == 0] if prefetch > 0 else []
+    assert prefetched == want                        # each centroid-tile-0 slice once, in order
