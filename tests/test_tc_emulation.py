@@ -1412,7 +1412,7 @@ def test_wgmma_label_tiles_schedule(cents, row_tiles, k_tiles, k_steps, prefetch
         assert holds.get(it % stages) == it          # the copies of it are where it reads them
         nxt = it + ahead
         if nxt < total:                              # after the barrier: batches <= it - 2 are done
-            assert holds.get(nxt % stages, -1) <= it - 2
+            assert holds.get(nxt % stages, -total) <= it - 2  # (an empty stage is free)
             holds[nxt % stages] = nxt
         if prefetch > 0 and it + ahead + prefetch < total and split(it + ahead + prefetch)[1] == 0:
             prefetched.append(it + ahead + prefetch)
