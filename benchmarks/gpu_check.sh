@@ -44,7 +44,7 @@ QUICK="${QUICK:-0}"
 # out by default.
 # The tests of kernels that have not run on a GPU yet (or changed since): in a process of their
 # own before the others, so that a fault there cannot poison the CUDA context of the rest.
-NEW_K="${NEW_K:-wgmma or column or fused or tensor_core_assign_matches or prefetch}"
+NEW_K="${NEW_K:-wgmma or column or fused or tensor_core_assign_matches or prefetch or overlap}"
 if [ "$QUICK" = 1 ]; then
   SKIP="${SKIP-estimators route_parts stream bf16 ncu}"
   TESTS_K="${TESTS_K:-not ($NEW_K) and (moment or route or centre or rescore or argmax or stream or gram)}"
@@ -65,6 +65,8 @@ K64_METHODS="${K64_METHODS:-edpairs-fused-wgmma,edpairs-mma-sorted}"
 # poisons the process's later cases; the JSON keeps the earlier ones).
 PROFILE_CASES="${PROFILE_CASES:-moments:1000000,512 moments-f32:1000000,512 signal:1000000,512,256 \
 kmeans:1000000,512,1024 kmeans:1000000,512,256 \
+kmeans:1000000,512,1024:EDPAIRS_ASSIGN_OVERLAP=4 kmeans:1000000,512,1024:EDPAIRS_ASSIGN_OVERLAP=8 \
+kmeans:1000000,512,256:EDPAIRS_ASSIGN_OVERLAP=4 \
 kmeans:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=mma;EDPAIRS_ASSIGN_SUMS=sorted labels:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=mma \
 moments-f32:1000000,512:EDPAIRS_GEMM_GRAM=triangle \
 kmeans:1000000,512,64 labels:1000000,512,64 labels:1000000,512,64:EDPAIRS_WGMMA_PREFETCH=0 labels:1000000,512,128 \

@@ -1079,6 +1079,39 @@ def test_tensor_core_column_sums_fall_back_to_sorted(torch, rng, monkeypatch):
         np.testing.assert_allclose(to_numpy(runs[mode].sums), to_numpy(runs["sorted"].sums), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "mma"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_overlapped_sums_equal_the_plain_schedule(torch, kernel, dtype, rng, monkeypatch):
+    """EDPAIRS_ASSIGN_OVERLAP=c (the sorted sums of each of c chunks of rows on a side stream
+    while the next chunk is labelled): the same labels, scores and counts bit for bit, the sums
+    up to the order of their float64 atomics, on the caller's stream (a busy stream first) and
+    for every chunk count, small inputs included; bad values refused."""
+    monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", kernel)
+    C = make_centroids(rng, 300, 512)  # k x D too large for the owned columns: the sorted pass
+    X = make_rows(rng, 20_001, 512, C=C, zero_rows=3)
+    Xg, Cg = gpu(X, "torch", dtype), gpu(C)
+    monkeypatch.delenv("EDPAIRS_ASSIGN_OVERLAP", raising=False)
+    plain = _poisoned_tc_assign(Xg, Cg)
+    check_tc_assignment(plain, f64(Xg), C, dtype)
+    for chunks in ("2", "3", "7", "64"):
+        monkeypatch.setenv("EDPAIRS_ASSIGN_OVERLAP", chunks)
+        s = torch.cuda.Stream()
+        with torch.cuda.stream(s):
+            dep = _busy(torch, lib="torch")
+            Xs = Xg + (0 * dep).to(Xg.dtype)
+            got = _poisoned_tc_assign(Xs, Cg)
+        torch.cuda.synchronize()
+        for key in ("labels", "scores", "counts"):
+            np.testing.assert_array_equal(to_numpy(getattr(got, key)), to_numpy(getattr(plain, key)))
+        np.testing.assert_allclose(to_numpy(got.sums), to_numpy(plain.sums), rtol=1e-12, atol=1e-12)
+    small = _poisoned_tc_assign(Xg[:100], Cg)  # fewer rows than chunks x 128: no overlap
+    np.testing.assert_array_equal(to_numpy(small.labels), to_numpy(plain.labels)[:100])
+    for bad in ("-1", "65", "two"):
+        monkeypatch.setenv("EDPAIRS_ASSIGN_OVERLAP", bad)
+        with pytest.raises(Exception, match="EDPAIRS_ASSIGN_OVERLAP must be an integer from 0 to 64"):
+            _poisoned_tc_assign(Xg, Cg)
+
+
 def test_assign_sums_knob_is_validated(torch, rng, monkeypatch):
     monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", "segmented")
     X, C = gpu(make_rows(rng, 300, 16)), gpu(make_centroids(rng, 5, 16))

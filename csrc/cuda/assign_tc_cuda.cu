@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 #include <type_traits>
 
@@ -1068,21 +1069,29 @@ inline SumsMode sums_mode() {
 // The cluster sums of rows already labelled (labels, rscale: r_n of every row), into sums
 // (k x d float64) and counts (k), both zeroed by the caller: the owned-column pass where
 // `mode` allows it and its shared memory fits, else the sorted pass.
+// Whether launch_cluster_sums takes the owned-column pass: `mode` allows it, x is not float64
+// (float32 runs would cost it its precision) and the k x d float32 sums (and k counts) fit in
+// one block's shared memory.
+template <class T>
+bool columns_apply(const int64_t k, const int64_t d, const SumsMode mode) {
+  if (mode == SumsMode::Sorted || sizeof(T) > 4) return false;
+  int device = 0;
+  int optin = 0;
+  EDPAIRS_CUDA_CHECK(cudaGetDevice(&device));
+  EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return (k * d + k) * 4 <= optin;
+}
+
 template <class T>
 void launch_cluster_sums(const T* x, const int64_t x_stride, const int64_t n, const int d, const int k,
                          const float* center, const int64_t* labels, const float* rscale,
                          unsigned long long* counts, double* sums, const SumsMode mode, const cudaStream_t s) {
-  int device = 0;
-  int optin = 0;
-  int sms = 0;
-  const int64_t smem = (static_cast<int64_t>(k) * d + k) * 4;
-  if (mode != SumsMode::Sorted) {
+  if constexpr (sizeof(T) <= 4) if (columns_apply<T>(k, d, mode)) {
+    int device = 0;
+    int sms = 0;
     EDPAIRS_CUDA_CHECK(cudaGetDevice(&device));
-    EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  }
-  // (float64 x keeps the float64 sorted pass: float32 runs would cost it its precision)
-  if constexpr (sizeof(T) <= 4) if (mode != SumsMode::Sorted && smem <= optin) {
+    const int64_t smem = (static_cast<int64_t>(k) * d + k) * 4;
     auto kernel = column_sums_kernel<T>;
     const int slices = static_cast<int>(ceil_div(d, 32 * col_elems<T>()));
     const int threads = 32 * (slices < kColMaxWarps ? slices : kColMaxWarps);
@@ -1164,6 +1173,58 @@ inline int wgmma_prefetch() {
   }
   return static_cast<int>(value);
 }
+
+// Rows in how many chunks the labelling and the sorted sums pass overlap (EDPAIRS_ASSIGN_OVERLAP,
+// 0..64; 0 or 1, the default: no overlap): the sums of chunk c run on a second stream while
+// chunk c + 1 is labelled. The labelling at large k is bound by tensor cores and L2 and leaves
+// DRAM nearly idle, the sorted pass is DRAM-bound. Opt-in until a GPU run measures it.
+inline int overlap_chunks() {
+  const char* v = std::getenv("EDPAIRS_ASSIGN_OVERLAP");
+  if (v == nullptr || *v == '\0') return 0;
+  char* end = nullptr;
+  const long value = std::strtol(v, &end, 10);
+  if (*end != '\0' || value < 0 || value > 64) {
+    fail(std::string("EDPAIRS_ASSIGN_OVERLAP must be an integer from 0 to 64, got '") + v + "'");
+  }
+  return static_cast<int>(value);
+}
+
+// The current device's side stream for the overlapped sums: non-blocking, of the highest
+// priority (its blocks go first when the labelling's retire), created once per device.
+inline cudaStream_t side_stream() {
+  static std::mutex mutex;
+  static cudaStream_t streams[64] = {};
+  int device = 0;
+  EDPAIRS_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 0 || device >= 64) fail("assign: device index " + std::to_string(device) + " beyond 63");
+  std::lock_guard<std::mutex> lock(mutex);
+  if (streams[device] == nullptr) {
+    int least = 0;
+    int greatest = 0;
+    EDPAIRS_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    EDPAIRS_CUDA_CHECK(cudaStreamCreateWithPriority(&streams[device], cudaStreamNonBlocking, greatest));
+  }
+  return streams[device];
+}
+
+__global__ void add_counts(unsigned long long* __restrict__ counts, const unsigned long long* __restrict__ part,
+                           const int k) {
+  const int i = static_cast<int>(blockIdx.x) * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
+  if (i < k) counts[i] += part[i];
+}
+
+// An event that is destroyed with its owner (cudaEventDestroy of a pending event is safe).
+class ScopedEvent {
+ public:
+  ScopedEvent() { EDPAIRS_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming)); }
+  ~ScopedEvent() { (void)cudaEventDestroy(event_); }
+  ScopedEvent(const ScopedEvent&) = delete;
+  ScopedEvent& operator=(const ScopedEvent&) = delete;
+  cudaEvent_t get() const { return event_; }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
 
 inline bool wgmma_device() {
 #ifdef EDPAIRS_HAVE_WGMMA
@@ -1335,28 +1396,74 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
     p.counts = nullptr;
     p.row_scale_out = rscale;
   }
-  if (wgmma) {
+  // Labels (scores, row scales) of the rows r0 .. r0 + rows - 1 on the caller's stream.
+  const auto label = [&](const int64_t r0, const int64_t rows) {
+    TcParams q = p;
+    q.x = static_cast<const T*>(p.x) + r0 * p.x_stride;
+    q.n = rows;
+    q.labels = p.labels + r0;
+    q.scores = p.scores + r0;
+    if (p.row_scale != nullptr) q.row_scale = p.row_scale + r0;
+    if (p.row_scale_out != nullptr) q.row_scale_out = p.row_scale_out + r0;
+    if (wgmma) {
 #ifdef EDPAIRS_HAVE_WGMMA
-    const WgmmaAssignParams w{p.x, p.x_stride, p.n, p.d, p.k, p.d_pad, p.k_tiles, p.cw, p.col_s, p.col_o,
-                              p.center, p.row_scale, p.labels, p.scores, p.row_scale_out, wgmma_prefetch()};
-    if (tma) {
-      launch_assign_wgmma_tma(w, s);
-    } else {
-      launch_assign_wgmma(w, args.x.dtype, s);
-    }
+      const WgmmaAssignParams w{q.x, q.x_stride, q.n, q.d, q.k, q.d_pad, q.k_tiles, q.cw, q.col_s, q.col_o,
+                                q.center, q.row_scale, q.labels, q.scores, q.row_scale_out, wgmma_prefetch()};
+      if (tma) {
+        launch_assign_wgmma_tma(w, s);
+      } else {
+        launch_assign_wgmma(w, args.x.dtype, s);
+      }
 #endif
-  } else {
-    auto kernel = aligned ? assign_tc_kernel<T, true> : assign_tc_kernel<T, false>;
-    const int smem_bytes = assign_smem_bytes();
-    EDPAIRS_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-    // Two blocks per multiprocessor need (nearly) all of its memory as shared memory.
-    EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                            cudaSharedmemCarveoutMaxShared));
-    kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes, s>>>(p);
-    EDPAIRS_CUDA_CHECK(cudaGetLastError());
+    } else {
+      auto kernel = aligned ? assign_tc_kernel<T, true> : assign_tc_kernel<T, false>;
+      const int smem_bytes = assign_smem_bytes();
+      EDPAIRS_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+      // Two blocks per multiprocessor need (nearly) all of its memory as shared memory.
+      EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                              cudaSharedmemCarveoutMaxShared));
+      kernel<<<static_cast<unsigned>(ceil_div(rows, kRows)), kThreads, smem_bytes, s>>>(q);
+      EDPAIRS_CUDA_CHECK(cudaGetLastError());
+    }
+  };
+
+  const int chunks = separate ? overlap_chunks() : 0;
+  if (chunks > 1 && n >= static_cast<int64_t>(chunks) * kRows && !columns_apply<T>(k, d, mode)) {
+    // Overlapped: chunk c's sorted sums on the side stream while chunk c + 1 is labelled. Each
+    // chunk sorts its own rows (its counts, cursor, perm); the float64 sums add up across chunks.
+    const int64_t rc = ceil_div(ceil_div(n, chunks), kRows) * kRows;  // rows per chunk
+    const int64_t used = ceil_div(n, rc);
+    const cudaStream_t side = side_stream();
+    const size_t per_chunk = static_cast<size_t>(k) * 8 + static_cast<size_t>(k) * 4 + static_cast<size_t>(rc) * 4;
+    StreamScratch chunk_ws(static_cast<size_t>(used) * per_chunk, s);
+    ScopedEvent ready;
+    for (int64_t c = 0; c < used; ++c) {
+      const int64_t r0 = c * rc;
+      const int64_t rows = rc < n - r0 ? rc : n - r0;
+      label(r0, rows);
+      EDPAIRS_CUDA_CHECK(cudaEventRecord(ready.get(), s));  // (re-recorded: the wait takes the latest)
+      EDPAIRS_CUDA_CHECK(cudaStreamWaitEvent(side, ready.get(), 0));
+      char* base = static_cast<char*>(chunk_ws.get()) + static_cast<size_t>(c) * per_chunk;
+      auto* chunk_counts = reinterpret_cast<unsigned long long*>(base);
+      int* cursor = reinterpret_cast<int*>(base + static_cast<size_t>(k) * 8);
+      int* perm = cursor + k;
+      EDPAIRS_CUDA_CHECK(cudaMemsetAsync(chunk_counts, 0, static_cast<size_t>(k) * 8, side));
+      launch_sorted_sums<T>(static_cast<const T*>(p.x) + r0 * p.x_stride, p.x_stride, rows, static_cast<int>(d),
+                            static_cast<int>(k), p.center, p.labels + r0, rscale + r0, perm, cursor, chunk_counts,
+                            sums, side);
+      add_counts<<<static_cast<unsigned>(ceil_div(k, 256)), 256, 0, side>>>(counts, chunk_counts, static_cast<int>(k));
+      EDPAIRS_CUDA_CHECK(cudaGetLastError());
+    }
+    ScopedEvent done;
+    EDPAIRS_CUDA_CHECK(cudaEventRecord(done.get(), side));
+    EDPAIRS_CUDA_CHECK(cudaStreamWaitEvent(s, done.get(), 0));  // the caller's stream sees the sums
+    chunk_ws.free();
+    workspace.free();
+    return;
   }
 
+  label(0, n);
   if (separate) {
     launch_cluster_sums<T>(static_cast<const T*>(p.x), p.x_stride, n, static_cast<int>(d), static_cast<int>(k),
                            p.center, p.labels, rscale, counts, sums, mode, s);
