@@ -1226,6 +1226,24 @@ class ScopedEvent {
   cudaEvent_t event_ = nullptr;
 };
 
+// On scope exit (a throw included) the main stream waits for all work queued on the side stream
+// so far: memory freed later in the main stream's order is no longer in use there.
+class JoinSide {
+ public:
+  JoinSide(const cudaStream_t side, const cudaStream_t main) : side_(side), main_(main) {}
+  ~JoinSide() {
+    (void)cudaEventRecord(done_.get(), side_);
+    (void)cudaStreamWaitEvent(main_, done_.get(), 0);
+  }
+  JoinSide(const JoinSide&) = delete;
+  JoinSide& operator=(const JoinSide&) = delete;
+
+ private:
+  ScopedEvent done_;
+  cudaStream_t side_;
+  cudaStream_t main_;
+};
+
 inline bool wgmma_device() {
 #ifdef EDPAIRS_HAVE_WGMMA
   return compute_capability() == "9.0";
@@ -1437,6 +1455,7 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
     const cudaStream_t side = side_stream();
     const size_t per_chunk = static_cast<size_t>(k) * 8 + static_cast<size_t>(k) * 4 + static_cast<size_t>(rc) * 4;
     StreamScratch chunk_ws(static_cast<size_t>(used) * per_chunk, s);
+    const JoinSide join(side, s);  // (destroyed before chunk_ws: s waits for the side stream first)
     ScopedEvent ready;
     for (int64_t c = 0; c < used; ++c) {
       const int64_t r0 = c * rc;
@@ -1455,12 +1474,7 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
       add_counts<<<static_cast<unsigned>(ceil_div(k, 256)), 256, 0, side>>>(counts, chunk_counts, static_cast<int>(k));
       EDPAIRS_CUDA_CHECK(cudaGetLastError());
     }
-    ScopedEvent done;
-    EDPAIRS_CUDA_CHECK(cudaEventRecord(done.get(), side));
-    EDPAIRS_CUDA_CHECK(cudaStreamWaitEvent(s, done.get(), 0));  // the caller's stream sees the sums
-    chunk_ws.free();
-    workspace.free();
-    return;
+    return;  // join: the caller's stream waits for the sums; then chunk_ws and workspace are freed
   }
 
   label(0, n);
