@@ -102,8 +102,11 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     s_j = col_scale[j] (default 1/||c_j||), the score of row n for centroid j is
     r_n s_j x~_n . c_j (the cosine with the defaults). ``labels[n]`` is the lowest index of
     the highest score (0 for a row with r_n = 0, whose score is 0) and ``scores[n]`` that
-    score. With ``accumulate`` also returns per-cluster sums of r_n x~_n and counts, computed
-    in the same read of X; no (N, k) matrix is ever formed.
+    score. With ``accumulate`` also returns per-cluster sums of r_n x~_n (float64) and counts;
+    no (N, k) matrix is ever formed. The CPU kernels add the sums in the same read of X; on
+    CUDA the tensor-core path adds them in a pass of their own (``EDPAIRS_ASSIGN_SUMS``: by
+    default float32 runs of at most 4096 rows per cluster and column, added in float64, where
+    the k x D sums fit in shared memory, else a float64 pass over the rows sorted by label).
 
     ``precision`` matters on CUDA only (the CPU kernels are always exact float32):
     ``"tf32"`` computes the products on tensor cores with float32 accumulation, TF32 operands
