@@ -1453,7 +1453,8 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
     const int64_t rc = ceil_div(ceil_div(n, chunks), kRows) * kRows;  // rows per chunk
     const int64_t used = ceil_div(n, rc);
     const cudaStream_t side = side_stream();
-    const size_t per_chunk = static_cast<size_t>(k) * 8 + static_cast<size_t>(k) * 4 + static_cast<size_t>(rc) * 4;
+    // Per chunk: counts (k int64), cursor (k int), perm (rc int), rounded to 16 bytes.
+    const size_t per_chunk = (static_cast<size_t>(k) * 12 + static_cast<size_t>(rc) * 4 + 15) / 16 * 16;
     StreamScratch chunk_ws(static_cast<size_t>(used) * per_chunk, s);
     const JoinSide join(side, s);  // (destroyed before chunk_ws: s waits for the side stream first)
     ScopedEvent ready;
@@ -1471,8 +1472,10 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
       launch_sorted_sums<T>(static_cast<const T*>(p.x) + r0 * p.x_stride, p.x_stride, rows, static_cast<int>(d),
                             static_cast<int>(k), p.center, p.labels + r0, rscale + r0, perm, cursor, chunk_counts,
                             sums, side);
-      add_counts<<<static_cast<unsigned>(ceil_div(k, 256)), 256, 0, side>>>(counts, chunk_counts, static_cast<int>(k));
-      EDPAIRS_CUDA_CHECK(cudaGetLastError());
+      if (counts != nullptr) {
+        add_counts<<<static_cast<unsigned>(ceil_div(k, 256)), 256, 0, side>>>(counts, chunk_counts, static_cast<int>(k));
+        EDPAIRS_CUDA_CHECK(cudaGetLastError());
+      }
     }
     return;  // join: the caller's stream waits for the sums; then chunk_ws and workspace are freed
   }
