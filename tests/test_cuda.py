@@ -1087,7 +1087,7 @@ def test_overlapped_sums_equal_the_plain_schedule(torch, kernel, dtype, rng, mon
     up to the order of their float64 atomics, on the caller's stream (a busy stream first) and
     for every chunk count, small inputs included; bad values refused."""
     monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", kernel)
-    C = make_centroids(rng, 300, 512)  # k x D too large for the owned columns: the sorted pass
+    C = make_centroids(rng, 301, 512)  # k x D too large for the owned columns: the sorted pass; odd k
     X = make_rows(rng, 20_001, 512, C=C, zero_rows=3)
     Xg, Cg = gpu(X, "torch", dtype), gpu(C)
     monkeypatch.delenv("EDPAIRS_ASSIGN_OVERLAP", raising=False)
