@@ -80,6 +80,24 @@ __device__ __forceinline__ void add_block_sums(const T* __restrict__ x, int64_t 
 // rows in order: each sums entry has one writer. Two groups of rows are in flight per lane
 // (the one being added and the next), labels and scales read with them.
 
+constexpr int kColMaxWarps = 16;   // warps of a block of the owned-column pass
+constexpr int kColMaxRows = 4096;  // rows per block at most (the float32 runs)
+constexpr int kColMinRows = 256;   // at most n / kColMinRows blocks (small inputs: few partials)
+
+// The owned-column pass's blocks for n rows with `resident` blocks on the device at once: whole
+// waves of equal blocks of at most kColMaxRows rows, no more than n / kColMinRows of them.
+struct ColPartition {
+  int64_t blocks;
+  int64_t rows_per_block;
+};
+inline ColPartition column_partition(const int64_t n, const int64_t resident) {
+  int64_t blocks = resident * ((n + resident * kColMaxRows - 1) / (resident * kColMaxRows));
+  const int64_t most = (n + kColMinRows - 1) / kColMinRows;
+  if (blocks > most) blocks = most;
+  const int64_t rows = (n + blocks - 1) / blocks;
+  return {(n + rows - 1) / rows, rows};
+}
+
 template <class T>
 constexpr int col_elems() { return sizeof(T) < 4 ? 4 / static_cast<int>(sizeof(T)) : 1; }  // columns per lane
 template <class T>

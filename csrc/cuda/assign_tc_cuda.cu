@@ -1011,9 +1011,6 @@ __global__ void reduce_fused_partials(const float* __restrict__ part_sums,
 // reduce_fused_partials adds them in block order in float64. Against the sorted pass: x read
 // once in order instead of gathered in label order, no histogram, scan or scatter, no float64
 // atomics; the float32 runs are at most kColMaxRows rows long.
-constexpr int kColMaxWarps = 16;
-constexpr int kColMaxRows = 4096;  // rows per block at most (the float32 runs)
-constexpr int kColMinRows = 256;   // at most n / kColMinRows blocks (small inputs: few partials)
 
 template <class T>
 __global__ void __launch_bounds__(32 * kColMaxWarps)
@@ -1100,13 +1097,9 @@ void launch_cluster_sums(const T* x, const int64_t x_stride, const int64_t n, co
                                             cudaSharedmemCarveoutMaxShared));
     int per_sm = 0;
     EDPAIRS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, static_cast<size_t>(smem)));
-    const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
-    // Whole waves of equal blocks of at most kColMaxRows rows; no more than n / kColMinRows.
-    int64_t blocks = resident * ceil_div(n, resident * kColMaxRows);
-    const int64_t most = ceil_div(n, kColMinRows);
-    if (blocks > most) blocks = most;
-    const int64_t rows_per_block = ceil_div(n, blocks);
-    blocks = ceil_div(n, rows_per_block);
+    const ColPartition part = column_partition(n, static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1));
+    const int64_t blocks = part.blocks;
+    const int64_t rows_per_block = part.rows_per_block;
     StreamScratch workspace(static_cast<size_t>(blocks) * static_cast<size_t>(k) * (static_cast<size_t>(d) + 1) * 4, s);
     float* part_sums = static_cast<float*>(workspace.get());
     unsigned* part_counts = reinterpret_cast<unsigned*>(part_sums + blocks * k * d);
