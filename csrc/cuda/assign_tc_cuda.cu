@@ -983,7 +983,8 @@ __global__ void __launch_bounds__(kFThreads, 1) assign_tc_fused_kernel(const Fus
 }
 
 // sums[i] += sum over blocks b (in order) of part[b][i], in float64; the same for counts.
-__global__ void reduce_fused_partials(const float* __restrict__ part_sums,
+template <class P>
+__global__ void reduce_fused_partials(const P* __restrict__ part_sums,
                                       const unsigned* __restrict__ part_counts, const int blocks,
                                       const int kd, const int k, double* __restrict__ sums,
                                       unsigned long long* __restrict__ counts) {
@@ -1108,7 +1109,7 @@ void launch_cluster_sums(const T* x, const int64_t x_stride, const int64_t n, co
     EDPAIRS_CUDA_CHECK(cudaGetLastError());
     const int kd = k * d;
     const int items = kd > k ? kd : k;
-    reduce_fused_partials<<<static_cast<unsigned>(ceil_div(items, 256)), 256, 0, s>>>(
+    reduce_fused_partials<float><<<static_cast<unsigned>(ceil_div(items, 256)), 256, 0, s>>>(
         part_sums, part_counts, static_cast<int>(blocks), kd, k, sums, counts);
     EDPAIRS_CUDA_CHECK(cudaGetLastError());
     workspace.free();
@@ -1311,19 +1312,19 @@ bool launch_fused(const AssignArgs& args, TcParams p, cudaStream_t s) {
   const int64_t k_pad = kFCents;
   const int64_t grid = n_tiles < sms ? n_tiles : sms;  // persistent: one block per SM
 
-  // Workspace: centroids (k_pad, d_pad) of T, s and o (k_pad floats each), partial sums
-  // (grid, k, d) float32, partial counts (grid, k).
+  // Workspace: centroids (k_pad, d_pad) of T (16-byte aligned for cp.async: first), s and o
+  // (k_pad floats each), partial counts (grid, k), partial sums (grid, k, d): float32 (mma) or
+  // float64 (wgmma, zeroed; 8-byte aligned).
   const size_t cw_bytes = static_cast<size_t>(k_pad * d_pad) * sizeof(T);
-  const size_t part_elems = static_cast<size_t>(grid * k * d);
-  const size_t bytes = cw_bytes + 2 * static_cast<size_t>(k_pad) * 4 + part_elems * 4 +
-                       static_cast<size_t>(grid * k) * 4;
-  StreamScratch workspace(bytes, s);
-  void* ws = workspace.get();
-  T* cw = static_cast<T*>(ws);
-  float* col_s = reinterpret_cast<float*>(static_cast<char*>(ws) + cw_bytes);
+  const size_t counts_at = cw_bytes + 2 * static_cast<size_t>(k_pad) * 4;
+  const size_t sums_at = (counts_at + static_cast<size_t>(grid * k) * 4 + 7) / 8 * 8;
+  const size_t part_bytes = static_cast<size_t>(grid * k * d) * (on_wgmma ? 8 : 4);
+  StreamScratch workspace(sums_at + part_bytes, s);
+  char* ws = static_cast<char*>(workspace.get());
+  T* cw = reinterpret_cast<T*>(ws);
+  float* col_s = reinterpret_cast<float*>(ws + cw_bytes);
   float* col_o = col_s + k_pad;
-  float* part_sums = col_o + k_pad;
-  unsigned* part_counts = reinterpret_cast<unsigned*>(part_sums + part_elems);
+  unsigned* part_counts = reinterpret_cast<unsigned*>(ws + counts_at);
 
   prepare_centroids<T><<<static_cast<unsigned>(ceil_div(k_pad, 8)), 256, 0, s>>>(
       args.centroids.ptr<const float>(), static_cast<int>(k), static_cast<int>(d),
@@ -1331,19 +1332,24 @@ bool launch_fused(const AssignArgs& args, TcParams p, cudaStream_t s) {
       args.col_scale.present ? args.col_scale.ptr<const float>() : nullptr, cw, col_s, col_o);
   EDPAIRS_CUDA_CHECK(cudaGetLastError());
 
+  const int kd = static_cast<int>(k * d);
+  const unsigned reduce_blocks = static_cast<unsigned>(ceil_div(kd > k ? kd : static_cast<int>(k), 256));
   if (on_wgmma) {
 #ifdef EDPAIRS_HAVE_WGMMA
+    double* part_sums = reinterpret_cast<double*>(ws + sums_at);
+    EDPAIRS_CUDA_CHECK(cudaMemsetAsync(part_sums, 0, part_bytes, s));
     const WgmmaAssignParams w{p.x, p.x_stride, p.n, p.d, p.k, static_cast<int>(d_pad), 1, cw, col_s, col_o,
                               p.center, p.row_scale, p.labels, p.scores, nullptr, wgmma_prefetch()};
     launch_assign_wgmma_sums(w, args.x.dtype, static_cast<int>(grid), part_sums, part_counts, s);
+    reduce_fused_partials<double><<<reduce_blocks, 256, 0, s>>>(part_sums, part_counts, static_cast<int>(grid), kd,
+                                                                static_cast<int>(k), p.sums, p.counts);
 #endif
   } else {
+    float* part_sums = reinterpret_cast<float*>(ws + sums_at);
     launch_fused_mma<T>(p, cw, col_s, col_o, d_pad, n_tiles, grid, part_sums, part_counts, smem_bytes, s);
+    reduce_fused_partials<float><<<reduce_blocks, 256, 0, s>>>(part_sums, part_counts, static_cast<int>(grid), kd,
+                                                               static_cast<int>(k), p.sums, p.counts);
   }
-  const int kd = static_cast<int>(k * d);
-  const int reduce_items = kd > k ? kd : static_cast<int>(k);
-  reduce_fused_partials<<<static_cast<unsigned>(ceil_div(reduce_items, 256)), 256, 0, s>>>(
-      part_sums, part_counts, static_cast<int>(grid), kd, static_cast<int>(k), p.sums, p.counts);
   EDPAIRS_CUDA_CHECK(cudaGetLastError());
   workspace.free();
   return true;

@@ -49,14 +49,15 @@ void launch_assign_wgmma(const WgmmaAssignParams& p, DType dtype, cudaStream_t s
 void launch_assign_wgmma_tma(const WgmmaAssignParams& p, cudaStream_t stream);
 
 // k <= kWgmmaSumsMaxK with the cluster sums in the same pass (assign_wgmma_sums_kernel): `grid`
-// persistent blocks over the ceil(n / 128) row tiles; block b writes its float32 partial sums
-// (k x d) to part_sums + b k d and its counts to part_counts + b k, which the caller adds (with
-// p.k_tiles = 1: the centroids prepared with k_pad = 64, and p.row_scale_out unused).
+// persistent blocks over the ceil(n / 128) row tiles; block b adds its sums (k x d, float32 runs
+// of at most 32 tiles = 4096 rows, folded into float64) to part_sums + b k d (zeroed by the
+// caller) and writes its counts to part_counts + b k, which the caller adds (with p.k_tiles = 1:
+// the centroids prepared with k_pad = 64, and p.row_scale_out unused).
 constexpr int kWgmmaSumsMaxK = 64;
 // Whether it runs for x of `dtype` with k x d sums on the current device: k <= 64 and its
 // shared memory (ring, sums, counts, two tiles' labels and scales, alignment slack) granted.
 bool wgmma_sums_fits(DType dtype, int64_t k, int64_t d);
-void launch_assign_wgmma_sums(const WgmmaAssignParams& p, DType dtype, int grid, float* part_sums,
+void launch_assign_wgmma_sums(const WgmmaAssignParams& p, DType dtype, int grid, double* part_sums,
                               unsigned* part_counts, cudaStream_t stream);
 
 }  // namespace cuda_detail

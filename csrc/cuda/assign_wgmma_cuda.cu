@@ -281,7 +281,8 @@ __global__ void __launch_bounds__(kThreads, Ring<N>::kBlocksPerSm) assign_wgmma_
 //  * threads 256-511 (8 warps) add each labelled tile into the block's float32 sums in shared
 //    memory with owned columns (col_sum_slice), reading its rows again from global memory:
 //    the tile was loaded by this block a tile ago, so from L2 (132 blocks x 256 KB = 34 MB
-//    in flight);
+//    in flight); every 32 tiles (4096 rows, as the owned-column pass's blocks) and after the
+//    last, each warp folds its columns into the block's float64 partial in global memory;
 //  * the hand-over: two buffers of a tile's labels and row scales (tile j uses buffer j % 2).
 //    The labellers fill buffer b and arrive at FULL_b (named barrier 2 + b, 512 threads); the
 //    summers wait there, add the tile, and arrive at EMPTY_b (4 + b) where the labellers wait
@@ -342,10 +343,12 @@ __device__ __forceinline__ void sums_labeller(const WgmmaAssignParams& p, const 
       });
 }
 
+constexpr int kFoldTiles = kColMaxRows / kWgmmaRows;  // 32: the float32 runs' longest, in tiles
+
 template <class T>
 __device__ __forceinline__ void sums_summer(const WgmmaAssignParams& p, const int tiles, float* sums_s,
                                             unsigned* counts_s, const float* scales_s,
-                                            const unsigned char* labels_s, const int stid) {
+                                            const unsigned char* labels_s, double* part, const int stid) {
   constexpr int kE = col_elems<T>();
   const int warp = stid / 32;
   const int lane = stid % 32;
@@ -362,12 +365,26 @@ __device__ __forceinline__ void sums_summer(const WgmmaAssignParams& p, const in
                        sl == 0 && lane == 0);
     }
     if (j + 2 < tiles) named_arrive(kBarEmpty + b, kSumsThreads);  // buffer b free for tile j + 2
+    if ((j + 1) % kFoldTiles == 0 || j + 1 == tiles) {
+      // Fold the warp's own columns into the block's float64 partial and start a new float32 run.
+      for (int sl = warp; sl < slices; sl += kSumWarps) {
+        for (int e = 0; e < kE; ++e) {
+          const int c = sl * 32 * kE + lane * kE + e;
+          if (c >= p.d) continue;
+          for (int l = 0; l < p.k; ++l) {
+            float& v = sums_s[static_cast<int64_t>(l) * p.d + c];
+            part[static_cast<int64_t>(l) * p.d + c] += static_cast<double>(v);
+            v = 0.f;
+          }
+        }
+      }
+    }
   }
 }
 
 template <class T>
 __global__ void __launch_bounds__(kSumsThreads, 1)
-    assign_wgmma_sums_kernel(const WgmmaAssignParams p, float* __restrict__ part_sums,
+    assign_wgmma_sums_kernel(const WgmmaAssignParams p, double* __restrict__ part_sums,
                              unsigned* __restrict__ part_counts) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
@@ -388,11 +405,10 @@ __global__ void __launch_bounds__(kSumsThreads, 1)
   if (tid < kThreads) {
     sums_labeller<T>(p, ring, base, tiles, scales_s, labels_s, tid);
   } else {
-    sums_summer<T>(p, tiles, sums_s, counts_s, scales_s, labels_s, tid - kThreads);
+    sums_summer<T>(p, tiles, sums_s, counts_s, scales_s, labels_s, part_sums + static_cast<int64_t>(blockIdx.x) * kd,
+                   tid - kThreads);
   }
-  __syncthreads();
-  float* dst = part_sums + static_cast<int64_t>(blockIdx.x) * kd;
-  for (int i = tid; i < kd; i += kSumsThreads) dst[i] = sums_s[i];
+  __syncthreads();  // (the summers folded every sum into part_sums after their last tile)
   for (int i = tid; i < p.k; i += kSumsThreads) part_counts[static_cast<int64_t>(blockIdx.x) * p.k + i] = counts_s[i];
 }
 
@@ -450,7 +466,7 @@ bool wgmma_sums_fits(const DType dtype, const int64_t k, const int64_t d) {
   return status == cudaSuccess;
 }
 
-void launch_assign_wgmma_sums(const WgmmaAssignParams& p, const DType dtype, const int grid, float* part_sums,
+void launch_assign_wgmma_sums(const WgmmaAssignParams& p, const DType dtype, const int grid, double* part_sums,
                               unsigned* part_counts, const cudaStream_t stream) {
   if (p.k > kWgmmaSumsMaxK || p.k_tiles != 1 || grid < 1) {
     fail("assign (wgmma, fused sums): k = " + std::to_string(p.k) + " with " + std::to_string(p.k_tiles) +
