@@ -1153,35 +1153,29 @@ inline LabelKernel label_kernel() {
   if (std::string(v) == "wgmma-tma") return LabelKernel::WgmmaTma;
   fail(std::string("EDPAIRS_ASSIGN_KERNEL must be 'auto', 'mma', 'wgmma' or 'wgmma-tma', got '") + v + "'");
 }
+// The integer environment knob `name` (0 .. most; `fallback` when unset or empty).
+inline int int_knob(const char* name, const int fallback, const int most) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const long value = std::strtol(v, &end, 10);
+  if (*end != '\0' || value < 0 || value > most) {
+    fail(std::string(name) + " must be an integer from 0 to " + std::to_string(most) + ", got '" + v + "'");
+  }
+  return static_cast<int>(value);
+}
+
 // How many iterations beyond their cp.async ring the wgmma kernels prefetch x's slices into L2
 // (EDPAIRS_WGMMA_PREFETCH, 0..16, default 4): more of x in flight from DRAM than the ring's
 // shared memory holds (the fused small-k kernel, one block per SM, has 32 KB of x in its ring).
 // A prediction for the next GPU run (benchmarks/results/h100/NOTES.md, version 7); 0 turns it off.
-inline int wgmma_prefetch() {
-  const char* v = std::getenv("EDPAIRS_WGMMA_PREFETCH");
-  if (v == nullptr || *v == '\0') return 4;
-  char* end = nullptr;
-  const long value = std::strtol(v, &end, 10);
-  if (*end != '\0' || value < 0 || value > 16) {
-    fail(std::string("EDPAIRS_WGMMA_PREFETCH must be an integer from 0 to 16, got '") + v + "'");
-  }
-  return static_cast<int>(value);
-}
+inline int wgmma_prefetch() { return int_knob("EDPAIRS_WGMMA_PREFETCH", 4, 16); }
 
 // Rows in how many chunks the labelling and the sorted sums pass overlap (EDPAIRS_ASSIGN_OVERLAP,
 // 0..64; 0 or 1, the default: no overlap): the sums of chunk c run on a second stream while
 // chunk c + 1 is labelled. The labelling at large k is bound by tensor cores and L2 and leaves
 // DRAM nearly idle, the sorted pass is DRAM-bound. Opt-in until a GPU run measures it.
-inline int overlap_chunks() {
-  const char* v = std::getenv("EDPAIRS_ASSIGN_OVERLAP");
-  if (v == nullptr || *v == '\0') return 0;
-  char* end = nullptr;
-  const long value = std::strtol(v, &end, 10);
-  if (*end != '\0' || value < 0 || value > 64) {
-    fail(std::string("EDPAIRS_ASSIGN_OVERLAP must be an integer from 0 to 64, got '") + v + "'");
-  }
-  return static_cast<int>(value);
-}
+inline int overlap_chunks() { return int_knob("EDPAIRS_ASSIGN_OVERLAP", 0, 64); }
 
 // The current device's side stream for the overlapped sums: non-blocking, of the highest
 // priority (its blocks go first when the labelling's retire), created once per device.
