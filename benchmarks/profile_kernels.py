@@ -12,8 +12,9 @@ A case is OP:SIZE[:KEY=VALUE;KEY=VALUE...] (environment knobs set for that case 
   signal / signal-f32   ops.signal_moments, TF32 / exact (N,D,I)
 
 The table gives, per case, the wall time of a step (CUDA events), the sum of its device
-activities and the difference ("idle": launch gaps, host work, synchronisation), then each
-kernel's calls and microseconds per step and its share of the device time. On a CPU there are
+activities and the difference ("idle": launch gaps, host work, synchronisation; negative where
+two streams overlap, as with EDPAIRS_ASSIGN_OVERLAP), then each kernel's calls and microseconds
+per step and its share of the device time. On a CPU there are
 no device activities; the script then reports the wall time only (a smoke run of its plumbing).
 """
 
