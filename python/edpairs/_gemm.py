@@ -180,6 +180,10 @@ class _BatchedProduct:
             torch.mm(A.T, B, out=out)
             self.acc += out
 
+    def full(self):
+        """The (P, Q) sum of products so far."""
+        return self.acc
+
 
 def wgmma_unavailable(device=None):
     """Why edpairs' Hopper (wgmma, sm_90a) kernels cannot run on ``device`` (default: the
@@ -239,8 +243,12 @@ class _TriangleProduct:
 
     def full(self):
         """The symmetric (D, D) matrix from the upper triangle of acc."""
-        torch = self.torch
-        return torch.triu(self.acc) + torch.triu(self.acc, 1).T
+        return _mirror_upper(self.torch, self.acc)
+
+
+def _mirror_upper(torch, upper):
+    """The symmetric matrix whose upper triangle (diagonal included) is that of `upper`."""
+    return torch.triu(upper) + torch.triu(upper, 1).T
 
 
 def gram_wgmma_applies(X, precision: str) -> bool:
@@ -253,8 +261,14 @@ def gram_wgmma_applies(X, precision: str) -> bool:
         return False
     import torch
 
-    return (X.dtype == torch.float32 and X.device.type == "cuda" and X.shape[1] % 4 == 0 and X.stride(1) == 1
-            and X.stride(0) % 4 == 0 and X.data_ptr() % 16 == 0 and wgmma_unavailable(X.device) is None)
+    return (X.dtype == torch.float32 and X.device.type == "cuda" and X.shape[1] % 4 == 0 and _rows_16b(X)
+            and wgmma_unavailable(X.device) is None)
+
+
+def _rows_16b(X) -> bool:
+    """Whether the float32 tensor X's rows start on 16-byte boundaries (what the wgmma kernels'
+    16-byte copies need)."""
+    return X.stride(1) == 1 and X.stride(0) % 4 == 0 and X.data_ptr() % 16 == 0
 
 
 def moments(X, *, precision: str, rows: int, lib):
@@ -275,8 +289,7 @@ def moments(X, *, precision: str, rows: int, lib):
     if gram_wgmma_applies(X, precision):
         return _centred_gram_moments(X, shift, colsum, lib, c, stream)
     work = torch.empty((step, D), dtype=torch.float32, device=X.device)
-    triangle = gram_mode() == "triangle"
-    if triangle:
+    if gram_mode() == "triangle":
         gram = _TriangleProduct(torch, D, triangle_block(), X.device)
     else:
         gram = _BatchedProduct(torch, D, D, step, X.device)
@@ -289,7 +302,7 @@ def moments(X, *, precision: str, rows: int, lib):
             gram.add(xt, xt)
     d = colsum / N  # mean - shift
     mean = shift.to(torch.float64) + d
-    m2 = (gram.full() if triangle else gram.acc) - N * torch.outer(d, d)
+    m2 = gram.full() - N * torch.outer(d, d)
     # Both triangles come from one product; make them bit-for-bit equal.
     m2 = (m2 + m2.T) * 0.5
     return mean, m2
@@ -303,7 +316,7 @@ def _centred_gram_moments(X, shift, colsum, lib, c, stream):
     upper = torch.zeros((D, D), dtype=torch.float64, device=X.device)
     lib.centred_gram(c(X), c(shift), c(upper), c(colsum), stream)
     d = colsum / N  # mean - shift
-    m2 = torch.triu(upper) + torch.triu(upper, 1).T - N * torch.outer(d, d)
+    m2 = _mirror_upper(torch, upper) - N * torch.outer(d, d)
     return shift.to(torch.float64) + d, m2
 
 
@@ -396,8 +409,7 @@ def wgmma_labels_tf32(X) -> bool:
         raise ValueError(f"EDPAIRS_ASSIGN_KERNEL must be 'auto', 'mma', 'wgmma' or 'wgmma-tma', got {value!r}")
     if value == "mma":
         return False  # the route beats the mma kernel at these k
-    aligned = X.stride(1) == 1 and X.stride(0) % 4 == 0 and X.data_ptr() % 16 == 0
-    return aligned and wgmma_unavailable(X.device) is None
+    return _rows_16b(X) and wgmma_unavailable(X.device) is None
 
 
 def assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, *, precision: str, rows: int, lib):
