@@ -176,5 +176,26 @@ __device__ __forceinline__ void col_sum_slice(const T* __restrict__ x, const int
   }
 }
 
+// Column slices of d columns (one warp's 32 lanes x col_elems columns each).
+template <class T>
+__host__ __device__ inline int col_slices(const int d) {
+  return (d + 32 * col_elems<T>() - 1) / (32 * col_elems<T>());
+}
+
+// Rows begin .. end - 1 into sums_s / counts_s by the `warps` warps of a block: warp w owns the
+// slices w, w + warps, ..; lane 0 of the warp owning slice 0 counts.
+template <class T, class Rows>
+__device__ __forceinline__ void add_owned_columns(const T* __restrict__ x, const int64_t x_stride,
+                                                  const int64_t begin, const int64_t end, const int d,
+                                                  const float* __restrict__ center, const Rows& rows, float* sums_s,
+                                                  unsigned* counts_s, const int warp, const int warps,
+                                                  const int lane) {
+  constexpr int kE = col_elems<T>();
+  for (int sl = warp; sl < col_slices<T>(d); sl += warps) {
+    col_sum_slice<T>(x, x_stride, begin, end, sl * 32 * kE + lane * kE, d, center, rows, sums_s, counts_s,
+                     sl == 0 && lane == 0);
+  }
+}
+
 }  // namespace cuda_detail
 }  // namespace edpairs

@@ -1021,12 +1021,8 @@ __global__ void __launch_bounds__(32 * kColMaxWarps)
                        float* __restrict__ part_sums, unsigned* __restrict__ part_counts) {
   extern __shared__ float sums_s[];  // (k, d) float32, then k counts
   unsigned* counts_s = reinterpret_cast<unsigned*>(sums_s + static_cast<int64_t>(k) * d);
-  constexpr int kE = col_elems<T>();
   const int tid = static_cast<int>(threadIdx.x);
   const int threads = static_cast<int>(blockDim.x);
-  const int lane = tid % 32;
-  const int warp = tid / 32;
-  const int warps = threads / 32;
   const int kd = k * d;
   for (int i = tid; i < kd; i += threads) sums_s[i] = 0.f;
   for (int i = tid; i < k; i += threads) counts_s[i] = 0u;
@@ -1034,11 +1030,8 @@ __global__ void __launch_bounds__(32 * kColMaxWarps)
 
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   const int64_t end = begin + rows_per_block < n ? begin + rows_per_block : n;
-  const int slices = (d + 32 * kE - 1) / (32 * kE);
-  for (int sl = warp; sl < slices; sl += warps) {
-    col_sum_slice<T>(x, x_stride, begin, end, sl * 32 * kE + lane * kE, d, center, GlobalRows{labels, rscale},
-                     sums_s, counts_s, sl == 0 && lane == 0);
-  }
+  add_owned_columns<T>(x, x_stride, begin, end, d, center, GlobalRows{labels, rscale}, sums_s, counts_s, tid / 32,
+                       threads / 32, tid % 32);
   __syncthreads();
   float* dst = part_sums + static_cast<int64_t>(blockIdx.x) * kd;
   for (int i = tid; i < kd; i += threads) dst[i] = sums_s[i];
@@ -1091,7 +1084,7 @@ void launch_cluster_sums(const T* x, const int64_t x_stride, const int64_t n, co
     EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     const int64_t smem = (static_cast<int64_t>(k) * d + k) * 4;
     auto kernel = column_sums_kernel<T>;
-    const int slices = static_cast<int>(ceil_div(d, 32 * col_elems<T>()));
+    const int slices = col_slices<T>(d);
     const int threads = 32 * (slices < kColMaxWarps ? slices : kColMaxWarps);
     EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,

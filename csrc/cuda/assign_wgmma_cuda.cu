@@ -352,18 +352,16 @@ __device__ __forceinline__ void sums_summer(const WgmmaAssignParams& p, const in
   constexpr int kE = col_elems<T>();
   const int warp = stid / 32;
   const int lane = stid % 32;
-  const int slices = (p.d + 32 * kE - 1) / (32 * kE);
+  const int slices = col_slices<T>(p.d);
   const T* x = static_cast<const T*>(p.x);
   for (int j = 0; j < tiles; ++j) {
     const int b = j & 1;
     const int64_t row0 = sums_tile_row0(j);
     const int64_t end = row0 + kWgmmaRows < p.n ? row0 + kWgmmaRows : p.n;
     named_sync(kBarFull + b, kSumsThreads);  // tile j labelled
-    const TileRows rows{labels_s + b * kWgmmaRows, scales_s + b * kWgmmaRows, row0};
-    for (int sl = warp; sl < slices; sl += kSumWarps) {
-      col_sum_slice<T>(x, p.x_stride, row0, end, sl * 32 * kE + lane * kE, p.d, p.center, rows, sums_s, counts_s,
-                       sl == 0 && lane == 0);
-    }
+    add_owned_columns<T>(x, p.x_stride, row0, end, p.d, p.center,
+                         TileRows{labels_s + b * kWgmmaRows, scales_s + b * kWgmmaRows, row0}, sums_s, counts_s,
+                         warp, kSumWarps, lane);
     if (j + 2 < tiles) named_arrive(kBarEmpty + b, kSumsThreads);  // buffer b free for tile j + 2
     if ((j + 1) % kFoldTiles == 0 || j + 1 == tiles) {
       // Fold the warp's own columns into the block's float64 partial and start a new float32 run.

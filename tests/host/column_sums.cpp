@@ -69,8 +69,7 @@ int run(int64_t n, int d, int k, bool with_center, int pad, int64_t resident) {
   // The kernel: blocks of consecutive rows; warp w owns slices w, w + warps, ..; lane l the
   // columns l * E .. of its slice; lane 0 of the warp owning slice 0 counts.
   const ColPartition part = column_partition(n, resident);
-  const int kE = col_elems<T>();
-  const int slices = (d + 32 * kE - 1) / (32 * kE);
+  const int slices = col_slices<T>(d);
   const int warps = slices < kColMaxWarps ? slices : kColMaxWarps;
   std::vector<double> sums(static_cast<size_t>(k) * d, 0.0);
   std::vector<long long> counts(static_cast<size_t>(k), 0);
@@ -88,12 +87,9 @@ int run(int64_t n, int d, int k, bool with_center, int pad, int64_t resident) {
     const int64_t begin = b * part.rows_per_block;
     const int64_t end = begin + part.rows_per_block < n ? begin + part.rows_per_block : n;
     for (int w = 0; w < warps; ++w) {
-      for (int sl = w; sl < slices; sl += warps) {
-        for (int lane = 0; lane < 32; ++lane) {
-          col_sum_slice<T>(x.data(), stride, begin, end, sl * 32 * kE + lane * kE, d, ctr,
-                           GlobalRows{labels.data(), rscale.data()}, block_sums.data(), block_counts.data(),
-                           sl == 0 && lane == 0);
-        }
+      for (int lane = 0; lane < 32; ++lane) {
+        add_owned_columns<T>(x.data(), stride, begin, end, d, ctr, GlobalRows{labels.data(), rscale.data()},
+                             block_sums.data(), block_counts.data(), w, warps, lane);
       }
     }
     for (size_t i = 0; i < sums.size(); ++i) sums[i] += block_sums[i];  // reduce_fused_partials
