@@ -888,10 +888,16 @@ def test_wgmma_l2_prefetch_is_only_a_hint(torch, monkeypatch, rng, k):
         for key in ("labels", "scores", "sums", "counts"):
             for depth in ("4", "16"):
                 np.testing.assert_array_equal(to_numpy(getattr(runs[depth], key)), to_numpy(getattr(runs["0"], key)))
-    for bad in ("-1", "17", "four"):
-        monkeypatch.setenv("EDPAIRS_WGMMA_PREFETCH", bad)
-        with pytest.raises(Exception, match="EDPAIRS_WGMMA_PREFETCH must be an integer from 0 to 16"):
-            _poisoned_tc_assign(Xg, Cg)
+    _assert_refused(monkeypatch, "EDPAIRS_WGMMA_PREFETCH", ("-1", "17", "four"),
+                    "EDPAIRS_WGMMA_PREFETCH must be an integer from 0 to 16", lambda: _poisoned_tc_assign(Xg, Cg))
+
+
+def _assert_refused(monkeypatch, knob, values, match, call):
+    """call() raises an error matching `match` with each of `values` in the environment knob."""
+    for bad in values:
+        monkeypatch.setenv(knob, bad)
+        with pytest.raises(Exception, match=match):
+            call()
 
 
 def test_assign_kernel_knob_is_validated(torch, monkeypatch, rng):
@@ -1108,10 +1114,8 @@ def test_overlapped_sums_equal_the_plain_schedule(torch, kernel, dtype, rng, mon
         np.testing.assert_allclose(to_numpy(got.sums), to_numpy(plain.sums), rtol=1e-12, atol=1e-12)
     small = _poisoned_tc_assign(Xg[:100], Cg)  # fewer rows than chunks x 128: no overlap
     np.testing.assert_array_equal(to_numpy(small.labels), to_numpy(plain.labels)[:100])
-    for bad in ("-1", "65", "two"):
-        monkeypatch.setenv("EDPAIRS_ASSIGN_OVERLAP", bad)
-        with pytest.raises(Exception, match="EDPAIRS_ASSIGN_OVERLAP must be an integer from 0 to 64"):
-            _poisoned_tc_assign(Xg, Cg)
+    _assert_refused(monkeypatch, "EDPAIRS_ASSIGN_OVERLAP", ("-1", "65", "two"),
+                    "EDPAIRS_ASSIGN_OVERLAP must be an integer from 0 to 64", lambda: _poisoned_tc_assign(Xg, Cg))
 
 
 def test_assign_sums_knob_is_validated(torch, rng, monkeypatch):
