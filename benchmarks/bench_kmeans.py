@@ -27,12 +27,12 @@ user would pick instead, in the same run on the same data.
                wgmma kernel with summing warps (one read of X from DRAM, the tile again from L2)
   edpairs-fused  edpairs-kernel with the cluster sums fused into a persistent small-k assignment kernel
                (k <= 64, k x D float32 sums in shared memory; one read of X from DRAM, a second
-               of each tile from L2; EDPAIRS_ASSIGN_SUMS=fused; the sorted pass where it does
+               of each tile from L2; EDPAIRS_ASSIGN_SUMS=fused; the separate sums pass where it does
                not apply; CUDA only differs)
   edpairs-1sm  edpairs-kernel with one assignment block per SM instead of two (fewer rows of X in
                flight, so the re-reads per centroid tile stay in L2; EDPAIRS_ASSIGN_BLOCKS_PER_SM=1)
   edpairs-wgmma  edpairs-kernel labelling on Hopper's warpgroup MMA (assign_wgmma_cuda.cu, 128 rows x
-               256-centroid tiles, the argmax in the epilogue; EDPAIRS_ASSIGN_KERNEL=wgmma; skipped
+               64-, 128- or 256-centroid tiles, the argmax in the epilogue; EDPAIRS_ASSIGN_KERNEL=wgmma; skipped
                unless the build has sm_90a and the GPU is compute capability 9.0)
   edpairs-wgmma-tma  the same with TMA loads and each centroid tile multicast to a cluster of two
                blocks (half the L2 traffic for the centroids; float32; EDPAIRS_ASSIGN_KERNEL=wgmma-tma)
