@@ -4,13 +4,12 @@ user would pick instead, in the same run on the same data.
 
   edpairs      edpairs.ops.spherical_kmeans_step with TF32 products on CUDA, as dispatched by
                default. On the CPU the fused kernel (assignment + per-cluster sums). On CUDA,
-               rows are labelled by the wgmma kernel on Hopper (edpairs-wgmma; 16-byte aligned
-               rows); elsewhere torch float32 data with k >= 129 takes the library-product route
-               (edpairs._gemm: cuBLAS dots of 32768 rows at a time, an edpairs argmax kernel,
-               the sorted sums pass) and smaller k the mma tensor-core kernel; 16-bit data the
-               tensor-core kernels in its own dtype. The sums of the tensor-core kernels: the
-               owned-column pass where k x D float32 sums fit in shared memory, else the sorted
-               pass
+               rows with k >= 129 are labelled by the wgmma kernel on Hopper (edpairs-wgmma;
+               16-byte aligned rows); elsewhere torch float32 data with k >= 129 takes the
+               library-product route (edpairs._gemm: cuBLAS dots of 32768 rows at a time, an
+               edpairs argmax kernel, the sorted sums pass) and smaller k the mma tensor-core
+               kernel; 16-bit data the tensor-core kernels in its own dtype. The sums of the
+               tensor-core kernels: the sorted pass
   edpairs-labels  the default dispatch's labelling alone (ops.assign without the cluster sums):
                the difference to edpairs is what the sums cost
   edpairs-gemm  the route at every k (EDPAIRS_GEMM_ROUTE=gemm)
@@ -21,8 +20,12 @@ user would pick instead, in the same run on the same data.
   edpairs-kernel-f32  precision="float32" on edpairs' SIMT kernel
   edpairs-blk  edpairs-kernel with the cluster sums as per-block atomics inside the assignment
                kernel instead of the sorted segmented pass (EDPAIRS_ASSIGN_SUMS=block; CUDA only differs)
-  edpairs-mma-sorted  edpairs-kernel with the sorted sums pass (EDPAIRS_ASSIGN_SUMS=sorted): run 5's
-               default below k = 129
+  edpairs-mma-sorted  edpairs-kernel with the sorted sums pass (EDPAIRS_ASSIGN_SUMS=sorted): the
+               default below k = 129 (mma labels, sorted sums), also where the route would apply
+  edpairs-wgmma-columns  edpairs-wgmma with the owned-column sums (EDPAIRS_ASSIGN_SUMS=columns: one
+               ordered read of X, each column of the k x D float32 sums owned by one warp; the
+               sorted pass where they do not fit in shared memory): the candidate default for
+               k <= 128 on Hopper, opt-in until a GPU run has timed it
   edpairs-fused-wgmma  the default dispatch with EDPAIRS_ASSIGN_SUMS=fused: on Hopper, k <= 64, the
                wgmma kernel with summing warps (one read of X from DRAM, the tile again from L2)
   edpairs-fused  edpairs-kernel with the cluster sums fused into a persistent small-k assignment kernel
@@ -205,7 +208,7 @@ METHODS = {"edpairs": run_edpairs, "edpairs-labels": run_edpairs_labels, "edpair
            "edpairs-kernel-f32": run_edpairs_f32,
            "edpairs-blk": run_edpairs, "edpairs-1sm": run_edpairs, "edpairs-fused": run_edpairs,
            "edpairs-wgmma": run_edpairs, "edpairs-wgmma-tma": run_edpairs, "edpairs-fused-wgmma": run_edpairs,
-           "edpairs-mma-sorted": run_edpairs, "faiss": run_faiss,
+           "edpairs-mma-sorted": run_edpairs, "edpairs-wgmma-columns": run_edpairs, "faiss": run_faiss,
            "torch": run_torch}
 GEMM = {"EDPAIRS_GEMM_ROUTE": "gemm"}
 METHOD_ENV = {"edpairs-gemm": GEMM,
@@ -218,7 +221,8 @@ METHOD_ENV = {"edpairs-gemm": GEMM,
               "edpairs-wgmma": {**KERNEL, "EDPAIRS_ASSIGN_KERNEL": "wgmma"},
               "edpairs-wgmma-tma": {**KERNEL, "EDPAIRS_ASSIGN_KERNEL": "wgmma-tma"},
               "edpairs-fused-wgmma": {"EDPAIRS_ASSIGN_SUMS": "fused"},
-              "edpairs-mma-sorted": {**KERNEL, "EDPAIRS_ASSIGN_SUMS": "sorted"}}
+              "edpairs-mma-sorted": {**KERNEL, "EDPAIRS_ASSIGN_SUMS": "sorted"},
+              "edpairs-wgmma-columns": {**KERNEL, "EDPAIRS_ASSIGN_KERNEL": "wgmma", "EDPAIRS_ASSIGN_SUMS": "columns"}}
 
 
 def wgmma_unavailable(device: str) -> str | None:

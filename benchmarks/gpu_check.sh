@@ -58,21 +58,23 @@ KM_SIZES="${KM_SIZES:-1000000,512,1024 1000000,512,256 1000000,512,64}"
 BF16_METHODS="${BF16_METHODS:-edpairs,edpairs-kernel,torch}"
 BF16_SIZES="${BF16_SIZES:-1000000,512,1024}"
 STREAM_GIB="${STREAM_GIB:-4}"
-K64_METHODS="${K64_METHODS:-edpairs-fused-wgmma,edpairs-mma-sorted}"
-# The k = 64 rows set the new defaults (wgmma labels, owned-column sums) against run 5's (mma
-# labels, sorted sums) piece by piece. All cases share one process, so the paths run before go
-# first and the kernels that never ran on a GPU last, the fused one at the very end (a fault
-# poisons the process's later cases; the JSON keeps the earlier ones).
+K64_METHODS="${K64_METHODS:-edpairs-wgmma-columns,edpairs-fused-wgmma}"
+# The k = 64 rows time the candidate defaults (wgmma labels in 64-wide tiles, owned-column sums,
+# the fused kernel; opt-in until measured) against the default (mma labels, sorted sums: run 5's
+# path) piece by piece. All cases share one process, so the paths that ran on a GPU before go
+# first and the kernels that never did last, the fused one at the very end (a fault poisons
+# the process's later cases; the JSON keeps the earlier ones).
 PROFILE_CASES="${PROFILE_CASES:-moments:1000000,512 moments-f32:1000000,512 signal:1000000,512,256 \
-kmeans:1000000,512,1024 kmeans:1000000,512,256 \
+kmeans:1000000,512,1024 kmeans:1000000,512,256 kmeans:1000000,512,64 labels:1000000,512,64 \
 kmeans:1000000,512,1024:EDPAIRS_ASSIGN_OVERLAP=4 kmeans:1000000,512,1024:EDPAIRS_ASSIGN_OVERLAP=8 \
 kmeans:1000000,512,256:EDPAIRS_ASSIGN_OVERLAP=4 \
-kmeans:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=mma;EDPAIRS_ASSIGN_SUMS=sorted labels:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=mma \
 moments-f32:1000000,512:EDPAIRS_GEMM_GRAM=triangle \
-kmeans:1000000,512,64 labels:1000000,512,64 labels:1000000,512,64:EDPAIRS_WGMMA_PREFETCH=0 labels:1000000,512,128 \
-kmeans:1000000,512,64:EDPAIRS_ASSIGN_SUMS=sorted \
+labels:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=wgmma labels:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=wgmma;EDPAIRS_WGMMA_PREFETCH=0 \
+labels:1000000,512,128:EDPAIRS_ASSIGN_KERNEL=wgmma \
+kmeans:1000000,512,64:EDPAIRS_ASSIGN_SUMS=columns kmeans:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=wgmma;EDPAIRS_ASSIGN_SUMS=columns \
 kmeans:1000000,512,64:EDPAIRS_ASSIGN_SUMS=fused kmeans:1000000,512,64:EDPAIRS_ASSIGN_SUMS=fused;EDPAIRS_WGMMA_PREFETCH=0}"
-NCU_CASES="${NCU_CASES:-kmeans:1000000,512,64 kmeans:1000000,512,64:EDPAIRS_ASSIGN_SUMS=fused kmeans:1000000,512,1024}"
+NCU_CASES="${NCU_CASES:-kmeans:1000000,512,64 kmeans:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=wgmma;EDPAIRS_ASSIGN_SUMS=columns \
+kmeans:1000000,512,64:EDPAIRS_ASSIGN_SUMS=fused kmeans:1000000,512,1024}"
 skipped() { case " $SKIP " in *" $1 "*) echo "(skipped: SKIP has $1)"; return 0;; esac; return 1; }
 MARK="cuda and not slow"
 [ "${SLOW:-0}" = 1 ] && MARK="cuda"
@@ -196,8 +198,8 @@ for method in ("edpairs", "edpairs-kernel", "edpairs-wgmma"):
     e = t(b16, big, method)
     if e and tt:
         goals.append((f"k=1024 bf16 {method}: torch bf16 / edpairs time", tt / e, 1.5))
-for method in ("edpairs", "edpairs-fused-wgmma", "edpairs-mma-sorted", "edpairs-gemm", "edpairs-kernel",
-               "edpairs-fused", "edpairs-wgmma"):
+for method in ("edpairs", "edpairs-wgmma-columns", "edpairs-fused-wgmma", "edpairs-mma-sorted", "edpairs-gemm",
+               "edpairs-kernel", "edpairs-fused", "edpairs-wgmma"):
     e = t(f32, small, method)
     if e:
         goals.append((f"k=64 f32 {method}: one read of X (GB/s) / copy GB/s", 1e6 * 512 * 4 / e / 1e9 / copy if copy else 0, 0.7))

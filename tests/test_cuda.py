@@ -832,8 +832,9 @@ def test_tf32_assign_defaults_to_the_wgmma_kernel_on_hopper(torch, monkeypatch, 
     """With EDPAIRS_ASSIGN_KERNEL unset, a TF32 assignment of float32 rows with k >= 129 is
     labelled by the wgmma kernel on Hopper instead of the route: bit-for-bit the results of
     EDPAIRS_GEMM_ROUTE=kernel with EDPAIRS_ASSIGN_KERNEL=wgmma, not those of the mma kernel;
-    "mma" sends it back to the route, and so do rows off 16 bytes. Smaller k labels on wgmma
-    by default too."""
+    "mma" sends it back to the route, and so do rows off 16 bytes. Below k = 129 the default
+    keeps the mma kernel (the 64- and 128-wide wgmma tiles are opt-in until a GPU run times
+    them), and "wgmma" takes them."""
     from edpairs import _gemm
     from edpairs._arrays import Namespace
 
@@ -854,7 +855,7 @@ def test_tf32_assign_defaults_to_the_wgmma_kernel_on_hopper(torch, monkeypatch, 
     for key in ("labels", "scores", "counts"):
         np.testing.assert_array_equal(to_numpy(getattr(runs["default"], key)), to_numpy(getattr(runs["wgmma"], key)))
     assert not np.array_equal(to_numpy(runs["default"].scores), to_numpy(runs["mma"].scores))
-    # Below k = 129 (no route) the default labels on wgmma too, in 64- and 128-wide tiles.
+    # Below k = 129 (no route) the default labels on mma; "wgmma" in 64- and 128-wide tiles.
     for small in (40, 128):
         Cs = gpu(make_centroids(rng, small, D))
         monkeypatch.delenv("EDPAIRS_ASSIGN_KERNEL")
@@ -862,8 +863,8 @@ def test_tf32_assign_defaults_to_the_wgmma_kernel_on_hopper(torch, monkeypatch, 
         for name in ("wgmma", "mma"):
             monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", name)
             runs[name] = ops.assign(Xg, Cs, precision="tf32")
-        np.testing.assert_array_equal(to_numpy(default.scores), to_numpy(runs["wgmma"].scores))
-        assert not np.array_equal(to_numpy(default.scores), to_numpy(runs["mma"].scores))
+        np.testing.assert_array_equal(to_numpy(default.scores), to_numpy(runs["mma"].scores))
+        assert not np.array_equal(to_numpy(default.scores), to_numpy(runs["wgmma"].scores))
     monkeypatch.delenv("EDPAIRS_GEMM_ROUTE")
     assert _gemm.assign_applies(Xg, xp, k, "tf32")  # EDPAIRS_ASSIGN_KERNEL=mma: the route
     monkeypatch.delenv("EDPAIRS_ASSIGN_KERNEL")
@@ -877,6 +878,7 @@ def test_wgmma_l2_prefetch_is_only_a_hint(torch, monkeypatch, rng, k):
     changes no output bit, with the fused small-k pass too; a bad value is refused."""
     if reason := _wgmma_skip_reason():
         pytest.skip(reason)
+    monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", "wgmma")
     C = make_centroids(rng, k, 96)
     Xg, Cg = gpu(make_rows(rng, 9000, 96, C=C, zero_rows=2)), gpu(C)
     for sums in ("auto", "fused"):
@@ -1019,8 +1021,8 @@ def _fused_applies(torch, k, D):
 @pytest.mark.parametrize("N,D,k", [(3000, 37, 65), (3000, 4096, 64)])
 def test_tensor_core_fused_sums_falls_back(torch, N, D, k, rng, monkeypatch):
     """Where the fused kernel does not apply (k > 64; k x D sums larger than shared memory;
-    rows not 16-byte aligned), EDPAIRS_ASSIGN_SUMS=fused takes the pass of the default (owned
-    columns, or sorted where those do not fit): same results."""
+    rows not 16-byte aligned), EDPAIRS_ASSIGN_SUMS=fused takes the pass of the default (the
+    sorted pass): same results."""
     C = make_centroids(rng, k, D)
     X = make_rows(rng, N, D, C=C, zero_rows=2)
     monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", "fused")
@@ -1039,11 +1041,11 @@ COLUMN_SHAPES = [(5000, 40, 150), (3000, 512, 64), (20_000, 33, 7), (700, 1000, 
 @pytest.mark.parametrize("N,D,k", COLUMN_SHAPES)
 @pytest.mark.parametrize("variant", ["plain", "center", "strided"])
 def test_tensor_core_column_sums_equal_sorted_sums(torch, dtype, N, D, k, variant, rng, monkeypatch):
-    """EDPAIRS_ASSIGN_SUMS=columns (the default where k x D float32 sums fit in shared memory:
-    one ordered read of x, each sums column owned by one warp, float32 runs of at most 4096
-    rows, float64 across blocks) against the sorted pass on the same labels: counts exact, sums
-    within float32 accumulation, every output written; bit-for-bit the same run to run and
-    what the default gives."""
+    """EDPAIRS_ASSIGN_SUMS=columns (opt-in where k x D float32 sums fit in shared memory: one
+    ordered read of x, each sums column owned by one warp, float32 runs of at most 4096 rows,
+    float64 across blocks) against the sorted pass (the default) on the same labels: counts
+    exact, sums within float32 accumulation, every output written; bit-for-bit the same run to
+    run."""
     C = make_centroids(rng, k, D)
     X = make_rows(rng, N, D, C=C, zero_rows=min(3, N - 1))
     kw = {"center": (0.1 * rng.standard_normal(D)).astype(np.float32)} if variant == "center" else {}
@@ -1055,7 +1057,7 @@ def test_tensor_core_column_sums_equal_sorted_sums(torch, dtype, N, D, k, varian
         Xg = gpu(X, "torch", dtype)
     gkw = {name: gpu(v) for name, v in kw.items()}
     runs = {}
-    for mode in ("columns", "sorted", "auto"):
+    for mode in ("columns", "sorted"):
         monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", mode)
         runs[mode] = _poisoned_tc_assign(Xg, gpu(C), **gkw)
     check_tc_assignment(runs["columns"], f64(Xg), C, dtype, **kw)
@@ -1068,13 +1070,12 @@ def test_tensor_core_column_sums_equal_sorted_sums(torch, dtype, N, D, k, varian
     again = _poisoned_tc_assign(Xg, gpu(C), **gkw)
     for key in ("labels", "counts", "sums"):
         np.testing.assert_array_equal(to_numpy(getattr(again, key)), to_numpy(getattr(a, key)))
-        np.testing.assert_array_equal(to_numpy(getattr(runs["auto"], key)), to_numpy(getattr(a, key)))
 
 
 def test_tensor_core_column_sums_fall_back_to_sorted(torch, rng, monkeypatch):
-    """Where k x D float32 sums exceed the block's shared memory (k = 300, D = 512: 600 KB), the
-    default and "columns" take the sorted pass: the same sums bit for bit up to the order of its
-    float64 atomics."""
+    """Where k x D float32 sums exceed the block's shared memory (k = 300, D = 512: 600 KB),
+    "columns" takes the sorted pass (the default): the same sums bit for bit up to the order of
+    its float64 atomics."""
     C = make_centroids(rng, 300, 512)
     Xg = gpu(make_rows(rng, 4000, 512, C=C))
     runs = {}

@@ -1,8 +1,8 @@
 """CUDA kernel code run on the host, where a GPU is not needed to check it: the owned-column
-cluster sums of csrc/cuda/assign_sums.cuh (the tensor-core path's default cluster sums, and the
-summing warps of the fused wgmma kernel), built as plain C++ by tests/host/column_sums.cpp with
-the machine's C++ compiler and the CUDA toolkit's fp16 / bf16 headers. Skipped where either is
-missing."""
+cluster sums of csrc/cuda/assign_sums.cuh (the tensor-core path's EDPAIRS_ASSIGN_SUMS=columns,
+and the summing warps of the fused wgmma kernel), built as plain C++ by
+tests/host/column_sums.cpp with the machine's C++ compiler and the CUDA toolkit's fp16 / bf16
+headers. Skipped where either is missing."""
 
 from __future__ import annotations
 

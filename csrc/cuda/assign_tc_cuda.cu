@@ -1039,13 +1039,14 @@ __global__ void __launch_bounds__(32 * kColMaxWarps)
 }
 
 // Which way the tensor-core path accumulates cluster sums (EDPAIRS_ASSIGN_SUMS): "auto"
-// (default: "columns" where the k x D float32 sums fit in shared memory, else "sorted"),
-// "columns" (the owned-column pass above; "sorted" where it does not fit), "sorted" (the
-// segmented reduction above), "block" (per-block atomics in the mma assignment kernel) or
-// "fused" (the small-k mma kernel above where it applies, else the auto choice). The knob
-// exists so that the benchmarks measure each and a failure on a device can be isolated. H100,
-// 1M x 512, k = 64, TF32 (run 5): fused 2.95 ms, sorted 2.92 ms; "columns" is new and its
-// default a prediction (benchmarks/results/h100/NOTES.md, version 7) for the next GPU run.
+// (default: "sorted"), "columns" (the owned-column pass above where the k x D float32 sums fit
+// in shared memory, else "sorted"), "sorted" (the segmented reduction above), "block"
+// (per-block atomics in the mma assignment kernel) or "fused" (the small-k fused kernels where
+// they apply, else the auto choice). The knob exists so that the benchmarks measure each and a
+// failure on a device can be isolated. H100, 1M x 512, k = 64, TF32 (run 5): fused 2.95 ms,
+// sorted 2.92 ms. "columns" has not yet run on a GPU: it stays opt-in until a GPU run has
+// passed its tests and timed it (benchmarks/results/h100/NOTES.md, version 7 predicts it
+// faster than "sorted" at k = 64).
 enum class SumsMode { Auto, Columns, Sorted, Block, Fused };
 inline SumsMode sums_mode() {
   const char* v = std::getenv("EDPAIRS_ASSIGN_SUMS");
@@ -1059,13 +1060,13 @@ inline SumsMode sums_mode() {
 
 // The cluster sums of rows already labelled (labels, rscale: r_n of every row), into sums
 // (k x d float64) and counts (k), both zeroed by the caller: the owned-column pass where
-// `mode` allows it and its shared memory fits, else the sorted pass.
-// Whether launch_cluster_sums takes the owned-column pass: `mode` allows it, x is not float64
-// (float32 runs would cost it its precision) and the k x d float32 sums (and k counts) fit in
-// one block's shared memory.
+// `mode` asks for it and its shared memory fits, else the sorted pass.
+// Whether launch_cluster_sums takes the owned-column pass: `mode` asks for it, x is not
+// float64 (float32 runs would cost it its precision) and the k x d float32 sums (and k counts)
+// fit in one block's shared memory.
 template <class T>
 bool columns_apply(const int64_t k, const int64_t d, const SumsMode mode) {
-  if (mode == SumsMode::Sorted || sizeof(T) > 4) return false;
+  if (mode != SumsMode::Columns || sizeof(T) > 4) return false;
   int device = 0;
   int optin = 0;
   EDPAIRS_CUDA_CHECK(cudaGetDevice(&device));
@@ -1125,19 +1126,20 @@ inline int assign_smem_bytes() {
 }
 
 // Which kernel labels the rows of the tensor-core path (EDPAIRS_ASSIGN_KERNEL): "auto"
-// (default: "wgmma" where it runs, else "mma"), "mma" (assign_tc_kernel above, mma.sync, every
-// architecture of the build), "wgmma" (assign_wgmma_cuda.cu, Hopper's warpgroup MMA: where the
-// build has sm_90a, the device has compute capability 9.0 and x's rows are 16-byte aligned; the
-// mma kernel elsewhere) or "wgmma-tma" (assign_wgmma_tma_cuda.cu for float32 x: TMA loads, the
-// centroid tile multicast to clusters of two blocks; "wgmma" for 16-bit x). Measured on an
-// H100 (1M x 512, TF32): k = 1024 wgmma 6.4 ms, wgmma-tma 9.3 ms, mma 8.7 ms, the cuBLAS route
-// 7.8 ms; bfloat16 at k = 1024: wgmma 4.2 ms, mma 4.8 ms (benchmarks/results/h100/NOTES.md,
-// run 5). At k = 64 run 5 had wgmma 3.3 ms (k padded to 256) against 2.9 for the mma path; the
-// wgmma kernel now takes tiles of 64 or 128 centroids for k <= 128 (no padding work), which
-// the shared-memory count of NOTES.md, version 7, puts ahead of the mma kernel: auto picks it
-// at every k, a prediction that the next GPU run checks (EDPAIRS_ASSIGN_KERNEL=mma restores
-// the mma kernel below k = 129).
+// (default: "wgmma" for k >= kWgmmaAutoMinK where it runs, else "mma"), "mma" (assign_tc_kernel
+// above, mma.sync, every architecture of the build), "wgmma" (assign_wgmma_cuda.cu, Hopper's
+// warpgroup MMA: where the build has sm_90a, the device has compute capability 9.0 and x's
+// rows are 16-byte aligned; the mma kernel elsewhere) or "wgmma-tma"
+// (assign_wgmma_tma_cuda.cu for float32 x: TMA loads, the centroid tile multicast to clusters
+// of two blocks; "wgmma" for 16-bit x). Measured on an H100 (1M x 512, TF32): k = 1024 wgmma
+// 6.4 ms, wgmma-tma 9.3 ms, mma 8.7 ms, the cuBLAS route 7.8 ms; bfloat16 at k = 1024: wgmma
+// 4.2 ms, mma 4.8 ms (benchmarks/results/h100/NOTES.md, run 5). At k = 64 run 5 had wgmma
+// 3.3 ms (k padded to 256) against 2.9 for the mma path. The wgmma kernel now takes tiles of
+// 64 or 128 centroids for k <= 128, which the shared-memory count of NOTES.md, version 7, puts
+// ahead of the mma kernel; those tiles have not yet run on a GPU, so auto keeps the mma kernel
+// below kWgmmaAutoMinK until a GPU run has passed their tests and timed them.
 enum class LabelKernel { Auto, Mma, Wgmma, WgmmaTma };
+constexpr int64_t kWgmmaAutoMinK = 129;  // as _gemm.TF32_MIN_K
 inline LabelKernel label_kernel() {
   const char* v = std::getenv("EDPAIRS_ASSIGN_KERNEL");
   if (v == nullptr || *v == '\0' || std::string(v) == "auto") return LabelKernel::Auto;
@@ -1357,7 +1359,8 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
   // with "block" (in the mma kernel).
   const bool separate = p.sums != nullptr && n <= INT_MAX && mode != SumsMode::Block;
   // The wgmma kernel only labels.
-  const LabelKernel choice = label_kernel();  // auto: wgmma wherever it runs
+  LabelKernel choice = label_kernel();
+  if (choice == LabelKernel::Auto) choice = k >= kWgmmaAutoMinK ? LabelKernel::Wgmma : LabelKernel::Mma;
   const bool wgmma = choice != LabelKernel::Mma && aligned && (p.sums == nullptr || separate) && wgmma_device();
   const bool tma = wgmma && choice == LabelKernel::WgmmaTma && std::is_same<T, float>::value;
   const int64_t cent_tile = wgmma ? (tma ? kWgmmaCents : wgmma_tile_cents(k)) : kCents;

@@ -105,8 +105,9 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     score. With ``accumulate`` also returns per-cluster sums of r_n x~_n (float64) and counts;
     no (N, k) matrix is ever formed. The CPU kernels add the sums in the same read of X; on
     CUDA the tensor-core path adds them in a pass of their own (``EDPAIRS_ASSIGN_SUMS``: by
-    default float32 runs of at most 4096 rows per cluster and column, added in float64, where
-    the k x D sums fit in shared memory, else a float64 pass over the rows sorted by label).
+    default a float64 pass over the rows sorted by label; ``columns``, opt-in until timed on a
+    GPU, float32 runs of at most 4096 rows per cluster and column, added in float64, where the
+    k x D sums fit in shared memory).
 
     ``precision`` matters on CUDA only (the CPU kernels are always exact float32):
     ``"tf32"`` computes the products on tensor cores with float32 accumulation, TF32 operands
@@ -123,8 +124,9 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     float32 block, never the whole (N, k) matrix) in the precision asked for, an edpairs kernel
     takes each row's argmax and norm, and the sums come from one sorted pass over X. On Hopper
     (compute capability 9.0, a build with sm_90a) tensor-core assignments of 16-byte aligned rows
-    are labelled by edpairs' wgmma kernel, TF32 float32 ones with k >= 129 too instead of the
-    route (``EDPAIRS_ASSIGN_KERNEL=mma`` keeps mma.sync and the route).
+    with k >= 129 are labelled by edpairs' wgmma kernel, TF32 float32 ones too instead of the
+    route (``EDPAIRS_ASSIGN_KERNEL=mma`` keeps mma.sync and the route, ``wgmma`` takes the wgmma
+    kernel below k = 129 too).
     """
     X, xp = _data(X)
     precision = _precision(precision, X)
