@@ -76,6 +76,24 @@ def test_empty_cluster_is_reseeded_from_the_worst_fit_rows(rng):
     assert (km.counts_ > 0).all()
 
 
+def test_members_that_cancel_count_as_empty():
+    """Members whose unit vectors cancel leave a sum of float32 rounding noise: fit re-seeds
+    such a cluster from the worst-fit row instead of pointing it along the noise, partial_fit
+    keeps its centroid, as ops.spherical_kmeans_step does (ops.CANCELLED)."""
+    angles = 0.3 + 2 * np.pi / 3 * np.arange(3)  # three unit rows 120 degrees apart: sum ~1e-8
+    X = (np.stack([np.cos(angles), np.sin(angles)], 1) * [[1.0], [2.5], [0.7]]).astype(np.float32)
+    init = np.array([[1.0, 0.0]], np.float32)
+    km = edp.SphericalKMeans(1, init=init, max_iter=1).fit(X)
+    worst = X[np.argmin(X[:, 0] / np.linalg.norm(X, axis=1))]
+    np.testing.assert_allclose(np.asarray(km.cluster_centers_)[0], worst / np.linalg.norm(worst), atol=1e-6)
+    # D = 1: in float32 x * (1 / |x|) is 1 - 2^-24 for the first row and -1 for the second.
+    pair = np.array([[2.5744267], [-0.41306356]], np.float32)
+    km = edp.SphericalKMeans(1, init=np.array([[1.0]], np.float32)).partial_fit(pair)
+    assert np.asarray(km.cluster_centers_).tolist() == [[1.0]]
+    km.partial_fit(np.array([[-3.0]], np.float32))  # a clear sum moves it
+    assert np.asarray(km.cluster_centers_).tolist() == [[-1.0]] and km.counts_.tolist() == [3]
+
+
 def test_whitened_geometry_matches_explicit_whitening(rng):
     """Clustering in whitened coordinates without materialising them equals clustering the
     explicitly whitened data."""

@@ -25,6 +25,13 @@ def _unit_rows(M: np.ndarray) -> np.ndarray:
     return np.divide(M, n, out=np.zeros_like(M), where=n > 0)
 
 
+def _live(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Clusters whose sum of member unit vectors (clustering space) sets a direction: members, and
+    a sum longer than ops.CANCELLED times their count; shorter sums are float32 rounding noise
+    (as in ops.spherical_kmeans_step)."""
+    return (counts > 0) & (np.linalg.norm(sums, axis=1) > ops.CANCELLED * counts)
+
+
 def oas_shrinkage(n_samples: int, cov) -> float:
     """Oracle Approximating Shrinkage intensity (Chen, Wiesel, Eldar & Hero 2010) of a sample
     covariance S of ``n_samples`` rows toward ``tr(S) / D * I``, from (n, S) alone:
@@ -158,8 +165,11 @@ class _Geometry:
             self._row_scale[index] = xp.contiguous(parts[0] if len(parts) == 1 else _concat(parts))
         return self._row_scale[index]
 
-    def centroids_from_sums(self, sums: np.ndarray) -> np.ndarray:
-        return _unit_rows(sums if self.whitener is None else sums @ self.whitener.P.T)
+    def centroids_from_sums(self, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Unit clustering-space centroids from raw-space sums of members' unit vectors; a zero
+        row where a cluster is empty or its members cancel (:func:`_live`)."""
+        S = sums if self.whitener is None else sums @ self.whitener.P.T
+        return _unit_rows(S * _live(S, counts)[:, None])
 
     def embed(self, rows: np.ndarray) -> np.ndarray:
         """Unit vectors in clustering space for raw rows (float64)."""
@@ -242,8 +252,8 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
             counts = red.sum(counts)
             total, n = red.sum(np.array([total]))[0], int(red.sum(np.array([n], np.int64))[0])
         mean_cosine = total / max(n, 1)
-        new = geometry.centroids_from_sums(sums)
-        empty = (counts == 0) | (np.linalg.norm(new, axis=1) == 0)
+        new = geometry.centroids_from_sums(sums, counts)
+        empty = np.linalg.norm(new, axis=1) == 0  # no members, or members that cancel
         new[empty] = C[empty]
         if empty.any():
             # Re-seed empty clusters from the worst-fit rows (lowest cosine to their centre); the
@@ -380,6 +390,9 @@ class SphericalKMeans:
     ``fit`` takes an (N, D) array (numpy, torch, cupy) or a re-iterable of chunks (a list, or a
     callable returning a fresh iterator); with chunks it performs exactly the same Lloyd
     iterations as on their concatenation. ``partial_fit`` is the online (mini-batch) variant.
+    A cluster left without members, or whose members' unit vectors cancel to float32 rounding
+    noise (a sum at most ``ops.CANCELLED`` times their count long), is re-seeded by ``fit`` from
+    the worst-fit rows and keeps its centroid in ``partial_fit``.
 
     Fitted attributes: ``cluster_centers_`` (k, D) unit rows in the data's library and
     device, ``labels_`` (in-memory data only), ``counts_``, ``mean_cosine_``, ``inertia_``
@@ -476,9 +489,8 @@ class SphericalKMeans:
                          check_finite=self.check_finite)
         self._sums += to_numpy64(res.sums)
         self.counts_ += to_numpy64(res.counts).astype(np.int64)
-        new = _unit_rows(self._sums)
-        live = (self.counts_ > 0) & (np.linalg.norm(new, axis=1) > 0)
-        self._centers = np.where(live[:, None], new, self._centers)
+        live = _live(self._sums, self.counts_)
+        self._centers = np.where(live[:, None], _unit_rows(self._sums), self._centers)
         self.cluster_centers_ = on_device_of(self._centers.astype(np.float32), X)
         return self
 
