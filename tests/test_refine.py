@@ -327,6 +327,13 @@ def test_chunked_input_matches_array_input(toy):
     parts = [X[:400], X[400:401], X[401:1100], X[1100:]]
     listed = refine_detectors(parts, W0, b0, config=cfg)
     called = refine_detectors(lambda: iter(parts), W0, b0, config=cfg)
+
+    class Store:  # the chunk source protocol of edpairs.store.ActivationStore
+        def chunks(self):
+            return iter(parts)
+
+    stored = refine_detectors(Store(), W0, b0, config=cfg)
+    np.testing.assert_array_equal(stored.W, called.W)
     for res in (listed, called):
         np.testing.assert_allclose(res.center, whole.center, rtol=1e-5, atol=1e-6)
         agree = (fires(X, res.W, res.b) == fires(X, whole.W, whole.b)).mean()

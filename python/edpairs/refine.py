@@ -356,8 +356,9 @@ def _like(t, ref):
 
 
 class _Source:
-    """The data: one (N, D) array, a sequence of chunks, a re-iterable of chunks, or a
-    zero-argument callable returning an iterator of chunks. Chunks stay in their library
+    """The data: one (N, D) array, a sequence of chunks, a re-iterable of chunks, a
+    zero-argument callable returning an iterator of chunks, or an object whose ``chunks()``
+    returns one (the chunk source protocol of edpairs._source). Chunks stay in their library
     (numpy memory maps are read only where a batch needs rows)."""
 
     def __init__(self, X, D: int):
@@ -365,6 +366,8 @@ class _Source:
         if _is_array(X):
             self.kind, self.obj = "array", X
             self._check_chunk(X, 0)
+        elif callable(getattr(X, "chunks", None)):
+            self.kind, self.obj = "callable", X.chunks
         elif callable(X):
             self.kind, self.obj = "callable", X
         elif isinstance(X, (list, tuple)):
@@ -378,8 +381,8 @@ class _Source:
             self.kind, self.obj = "iterable", X
         else:
             raise TypeError(
-                f"X must be an (N, D) array, a list of (n, D) chunks or a callable returning an iterator of "
-                f"chunks, got {type(X).__name__}"
+                f"X must be an (N, D) array, a list of (n, D) chunks, a callable returning an iterator of "
+                f"chunks or an object with a chunks() method, got {type(X).__name__}"
             )
 
     def _check_chunk(self, c, k: int):
@@ -577,8 +580,9 @@ def refine_detectors(
 
     ``X``: an (N, D) array (numpy, torch, or a DLPack producer), shuffled into minibatches
     every epoch; or chunks of shape (n, D): a list/tuple (read in a random order every
-    epoch), a re-iterable, or a zero-argument callable returning an iterator (read in its
-    order); minibatches are drawn from each chunk in turn, shuffled within the chunk.
+    epoch), a re-iterable, a zero-argument callable returning an iterator, or an object with
+    a ``chunks()`` method returning one, such as :class:`edpairs.store.ActivationStore` (read
+    in their order); minibatches are drawn from each chunk in turn, shuffled within the chunk.
     ``W`` (D, I): one detector per column (``EDPairs.decoding_.T``); ``b`` (I,).
     ``center``/``scale``: scalars or (D,) arrays defining the standardised coordinates the
     optimisation works in; each one left out is the data's mean / std (one extra pass).
