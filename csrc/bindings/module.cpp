@@ -19,6 +19,19 @@ using edpairs::bindings::ImportedArray;
 
 namespace {
 
+// The arrays a binding (or a plan, for its lifetime) imports, alive as long as it: take()
+// imports one (None: an absent optional argument) and returns its view.
+class Imports {
+ public:
+  TensorView take(py::handle obj, const char* name, bool writable) {
+    held_.push_back(ImportedArray::from_capsule(obj, name, writable));
+    return held_.back().view();
+  }
+
+ private:
+  std::vector<ImportedArray> held_;
+};
+
 // ---- validation helpers -----------------------------------------------------------------
 
 std::string dims_str(std::initializer_list<const char*> names) {
@@ -143,26 +156,17 @@ edpairs::AssignPrecision parse_precision(const std::string& precision) {
 void assign(py::handle x_, py::handle c_, py::handle center_, py::handle row_scale_, py::handle col_scale_,
             py::handle labels_, py::handle scores_, py::handle sums_, py::handle counts_, bool check_finite,
             const std::string& precision, uintptr_t stream) {
-  auto x = ImportedArray::from_capsule(x_, "X", false);
-  auto c = ImportedArray::from_capsule(c_, "C", false);
-  auto center = ImportedArray::from_capsule(center_, "center", false);
-  auto row_scale = ImportedArray::from_capsule(row_scale_, "row_scale", false);
-  auto col_scale = ImportedArray::from_capsule(col_scale_, "col_scale", false);
-  auto labels = ImportedArray::from_capsule(labels_, "labels", true);
-  auto scores = ImportedArray::from_capsule(scores_, "scores", true);
-  auto sums = ImportedArray::from_capsule(sums_, "sums", true);
-  auto counts = ImportedArray::from_capsule(counts_, "counts", true);
-
+  Imports in;
   edpairs::AssignArgs a;
-  a.x = x.view();
-  a.centroids = c.view();
-  a.center = center.view();
-  a.row_scale = row_scale.view();
-  a.col_scale = col_scale.view();
-  a.labels = labels.view();
-  a.scores = scores.view();
-  a.sums = sums.view();
-  a.counts = counts.view();
+  a.x = in.take(x_, "X", false);
+  a.centroids = in.take(c_, "C", false);
+  a.center = in.take(center_, "center", false);
+  a.row_scale = in.take(row_scale_, "row_scale", false);
+  a.col_scale = in.take(col_scale_, "col_scale", false);
+  a.labels = in.take(labels_, "labels", true);
+  a.scores = in.take(scores_, "scores", true);
+  a.sums = in.take(sums_, "sums", true);
+  a.counts = in.take(counts_, "counts", true);
   a.check_finite = check_finite;
   a.precision = parse_precision(precision);
 
@@ -202,15 +206,12 @@ void assign(py::handle x_, py::handle c_, py::handle center_, py::handle row_sca
 }
 
 void normalize_centroids(py::handle sums_, py::handle counts_, py::handle previous_, py::handle out_, uintptr_t stream) {
-  auto sums = ImportedArray::from_capsule(sums_, "sums", false);
-  auto counts = ImportedArray::from_capsule(counts_, "counts", false);
-  auto previous = ImportedArray::from_capsule(previous_, "previous", false);
-  auto out = ImportedArray::from_capsule(out_, "out", true);
+  Imports in;
   edpairs::NormalizeArgs a;
-  a.sums = sums.view();
-  a.counts = counts.view();
-  a.previous = previous.view();
-  a.out = out.view();
+  a.sums = in.take(sums_, "sums", false);
+  a.counts = in.take(counts_, "counts", false);
+  a.previous = in.take(previous_, "previous", false);
+  a.out = in.take(out_, "out", true);
   expect_rank(a.sums, "sums", 2, "(k, D)");
   const int64_t k = a.sums.shape[0], D = a.sums.shape[1];
   expect_dtype(a.sums, "sums", DType::Float64);
@@ -227,13 +228,11 @@ void normalize_centroids(py::handle sums_, py::handle counts_, py::handle previo
 
 void moments(py::handle x_, py::handle mean_, py::handle m2_, bool check_finite, uintptr_t stream,
              const std::string& precision) {
-  auto x = ImportedArray::from_capsule(x_, "X", false);
-  auto mean = ImportedArray::from_capsule(mean_, "mean", true);
-  auto m2 = ImportedArray::from_capsule(m2_, "m2", true);
+  Imports in;
   edpairs::MomentsArgs a;
-  a.x = x.view();
-  a.mean = mean.view();
-  a.m2 = m2.view();
+  a.x = in.take(x_, "X", false);
+  a.mean = in.take(mean_, "mean", true);
+  a.m2 = in.take(m2_, "m2", true);
   a.check_finite = check_finite;
   a.precision = parse_precision(precision);
   expect_rank(a.x, "X", 2, "(N, D)");
@@ -253,27 +252,18 @@ void signal_moments(py::handle x_, py::handle w_, py::handle b_, py::handle cent
                     py::handle sum_x_, py::handle sum_z_, py::handle sum_zz_, py::handle sum_xz_,
                     py::handle workspace_, bool check_finite, uintptr_t stream,
                     const std::string& precision) {
-  auto x = ImportedArray::from_capsule(x_, "X", false);
-  auto w = ImportedArray::from_capsule(w_, "W", false);
-  auto b = ImportedArray::from_capsule(b_, "b", false);
-  auto center = ImportedArray::from_capsule(center_, "center", false);
-  auto count = ImportedArray::from_capsule(count_, "count", true);
-  auto sum_x = ImportedArray::from_capsule(sum_x_, "sum_x", true);
-  auto sum_z = ImportedArray::from_capsule(sum_z_, "sum_z", true);
-  auto sum_zz = ImportedArray::from_capsule(sum_zz_, "sum_zz", true);
-  auto sum_xz = ImportedArray::from_capsule(sum_xz_, "sum_xz", true);
-  auto workspace = ImportedArray::from_capsule(workspace_, "workspace", true);
+  Imports in;
   edpairs::SignalMomentsArgs a;
-  a.x = x.view();
-  a.w = w.view();
-  a.b = b.view();
-  a.center = center.view();
-  a.count = count.view();
-  a.sum_x = sum_x.view();
-  a.sum_z = sum_z.view();
-  a.sum_zz = sum_zz.view();
-  a.sum_xz = sum_xz.view();
-  a.workspace = workspace.view();
+  a.x = in.take(x_, "X", false);
+  a.w = in.take(w_, "W", false);
+  a.b = in.take(b_, "b", false);
+  a.center = in.take(center_, "center", false);
+  a.count = in.take(count_, "count", true);
+  a.sum_x = in.take(sum_x_, "sum_x", true);
+  a.sum_z = in.take(sum_z_, "sum_z", true);
+  a.sum_zz = in.take(sum_zz_, "sum_zz", true);
+  a.sum_xz = in.take(sum_xz_, "sum_xz", true);
+  a.workspace = in.take(workspace_, "workspace", true);
   a.check_finite = check_finite;
   a.precision = parse_precision(precision);
   expect_rank(a.x, "X", 2, "(N, D)");
@@ -337,17 +327,12 @@ void expect_step(int64_t first, int64_t rows, int64_t limit, const char* what) {
 
 class SignalMasksPlan {
  public:
-  SignalMasksPlan(py::handle z, py::handle out, py::handle count, py::handle sum_z, py::handle sum_zz)
-      : z_(ImportedArray::from_capsule(z, "z", false)),
-        out_(ImportedArray::from_capsule(out, "out", true)),
-        count_(ImportedArray::from_capsule(count, "count", true)),
-        sum_z_(ImportedArray::from_capsule(sum_z, "sum_z", true)),
-        sum_zz_(ImportedArray::from_capsule(sum_zz, "sum_zz", true)) {
-    a_.z = z_.view();
-    a_.out = out_.view();
-    a_.count = count_.view();
-    a_.sum_z = sum_z_.view();
-    a_.sum_zz = sum_zz_.view();
+  SignalMasksPlan(py::handle z, py::handle out, py::handle count, py::handle sum_z, py::handle sum_zz) {
+    a_.z = in_.take(z, "z", false);
+    a_.out = in_.take(out, "out", true);
+    a_.count = in_.take(count, "count", true);
+    a_.sum_z = in_.take(sum_z, "sum_z", true);
+    a_.sum_zz = in_.take(sum_zz, "sum_zz", true);
     expect_rank(a_.z, "z", 2, "(R, I)");
     expect_dtype(a_.z, "z", DType::Float32);
     const int64_t R = a_.z.shape[0], I = a_.z.shape[1];
@@ -371,34 +356,24 @@ class SignalMasksPlan {
   }
 
  private:
-  ImportedArray z_, out_, count_, sum_z_, sum_zz_;
+  Imports in_;
   edpairs::SignalMasksArgs a_;
 };
 
 class ArgmaxRowsPlan {
  public:
   ArgmaxRowsPlan(py::handle scores, py::handle col_scale, py::handle x, py::handle center, py::handle row_scale,
-                 py::handle labels, py::handle best, py::handle rscale, py::handle centroids, py::handle cnorm)
-      : scores_(ImportedArray::from_capsule(scores, "scores", false)),
-        col_scale_(ImportedArray::from_capsule(col_scale, "col_scale", false)),
-        x_(ImportedArray::from_capsule(x, "X", false)),
-        center_(ImportedArray::from_capsule(center, "center", false)),
-        row_scale_(ImportedArray::from_capsule(row_scale, "row_scale", false)),
-        labels_(ImportedArray::from_capsule(labels, "labels", true)),
-        best_(ImportedArray::from_capsule(best, "best", true)),
-        rscale_(ImportedArray::from_capsule(rscale, "rscale", true)),
-        centroids_(ImportedArray::from_capsule(centroids, "centroids", false)),
-        cnorm_(ImportedArray::from_capsule(cnorm, "cnorm", false)) {
-    a_.scores = scores_.view();
-    a_.centroids = centroids_.view();
-    a_.cnorm = cnorm_.view();
-    a_.col_scale = col_scale_.view();
-    a_.x = x_.view();
-    a_.center = center_.view();
-    a_.row_scale = row_scale_.view();
-    a_.labels = labels_.view();
-    a_.best = best_.view();
-    a_.rscale = rscale_.view();
+                 py::handle labels, py::handle best, py::handle rscale, py::handle centroids, py::handle cnorm) {
+    a_.scores = in_.take(scores, "scores", false);
+    a_.col_scale = in_.take(col_scale, "col_scale", false);
+    a_.x = in_.take(x, "X", false);
+    a_.center = in_.take(center, "center", false);
+    a_.row_scale = in_.take(row_scale, "row_scale", false);
+    a_.labels = in_.take(labels, "labels", true);
+    a_.best = in_.take(best, "best", true);
+    a_.rscale = in_.take(rscale, "rscale", true);
+    a_.centroids = in_.take(centroids, "centroids", false);
+    a_.cnorm = in_.take(cnorm, "cnorm", false);
     expect_rank(a_.scores, "scores", 2, "(R, k)");
     expect_dtype(a_.scores, "scores", DType::Float32);
     expect_contiguous(a_.scores, "scores");
@@ -445,21 +420,17 @@ class ArgmaxRowsPlan {
   }
 
  private:
-  ImportedArray scores_, col_scale_, x_, center_, row_scale_, labels_, best_, rscale_, centroids_, cnorm_;
+  Imports in_;
   edpairs::ArgmaxRowsArgs a_;
 };
 
 class CentreRowsPlan {
  public:
-  CentreRowsPlan(py::handle x, py::handle shift, py::handle out, py::handle colsum)
-      : x_(ImportedArray::from_capsule(x, "X", false)),
-        shift_(ImportedArray::from_capsule(shift, "shift", false)),
-        out_(ImportedArray::from_capsule(out, "out", true)),
-        colsum_(ImportedArray::from_capsule(colsum, "colsum", true)) {
-    a_.x = x_.view();
-    a_.shift = shift_.view();
-    a_.out = out_.view();
-    a_.colsum = colsum_.view();
+  CentreRowsPlan(py::handle x, py::handle shift, py::handle out, py::handle colsum) {
+    a_.x = in_.take(x, "X", false);
+    a_.shift = in_.take(shift, "shift", false);
+    a_.out = in_.take(out, "out", true);
+    a_.colsum = in_.take(colsum, "colsum", true);
     expect_rank(a_.x, "X", 2, "(N, D)");
     expect_input_dtype(a_.x, "X");
     expect_cuda_rows(a_.x, "X");
@@ -485,20 +456,17 @@ class CentreRowsPlan {
   }
 
  private:
-  ImportedArray x_, shift_, out_, colsum_;
+  Imports in_;
   edpairs::CentreRowsArgs a_;
 };
 
 void centred_gram(py::handle x_, py::handle shift_, py::handle m2_, py::handle colsum_, uintptr_t stream) {
-  auto x = ImportedArray::from_capsule(x_, "X", false);
-  auto shift = ImportedArray::from_capsule(shift_, "shift", false);
-  auto m2 = ImportedArray::from_capsule(m2_, "m2", true);
-  auto colsum = ImportedArray::from_capsule(colsum_, "colsum", true);
+  Imports in;
   edpairs::CentredGramArgs a;
-  a.x = x.view();
-  a.shift = shift.view();
-  a.m2 = m2.view();
-  a.colsum = colsum.view();
+  a.x = in.take(x_, "X", false);
+  a.shift = in.take(shift_, "shift", false);
+  a.m2 = in.take(m2_, "m2", true);
+  a.colsum = in.take(colsum_, "colsum", true);
   expect_rank(a.x, "X", 2, "(N, D)");
   expect_dtype(a.x, "X", DType::Float32);
   expect_cuda_rows(a.x, "X");
@@ -514,19 +482,14 @@ void centred_gram(py::handle x_, py::handle shift_, py::handle m2_, py::handle c
 
 void cluster_sums(py::handle x_, py::handle labels_, py::handle rscale_, py::handle center_, py::handle sums_,
                   py::handle counts_, uintptr_t stream) {
-  auto x = ImportedArray::from_capsule(x_, "X", false);
-  auto labels = ImportedArray::from_capsule(labels_, "labels", false);
-  auto rscale = ImportedArray::from_capsule(rscale_, "rscale", false);
-  auto center = ImportedArray::from_capsule(center_, "center", false);
-  auto sums = ImportedArray::from_capsule(sums_, "sums", true);
-  auto counts = ImportedArray::from_capsule(counts_, "counts", true);
+  Imports in;
   edpairs::ClusterSumsArgs a;
-  a.x = x.view();
-  a.labels = labels.view();
-  a.rscale = rscale.view();
-  a.center = center.view();
-  a.sums = sums.view();
-  a.counts = counts.view();
+  a.x = in.take(x_, "X", false);
+  a.labels = in.take(labels_, "labels", false);
+  a.rscale = in.take(rscale_, "rscale", false);
+  a.center = in.take(center_, "center", false);
+  a.sums = in.take(sums_, "sums", true);
+  a.counts = in.take(counts_, "counts", true);
   expect_rank(a.x, "X", 2, "(N, D)");
   expect_input_dtype(a.x, "X");
   expect_cuda_rows(a.x, "X");
