@@ -11,8 +11,10 @@ float64 between steps; "-rN" rows for each --workspace-rows N, "-bN" for each --
 the moments' product in blocks of N rows, 0 = one product per step; "-triB" for each
 --triangle-blocks B: only the Gram's blocks on or above the diagonal, B features per block,
 EDPAIRS_GEMM_GRAM=triangle; "edpairs-tf32-wgmma": the centred Gram on Hopper's wgmma,
-EDPAIRS_GEMM_GRAM=wgmma, where the build and GPU have it; these three kinds time the moments
-only, the signal moments do not use them) and
+EDPAIRS_GEMM_GRAM=wgmma, where the build and GPU have it; "-ov" after the default and each
+triangle row: the next step's rows centred on a second stream while this step's products run,
+EDPAIRS_GEMM_OVERLAP=1; these four kinds time the moments only, the signal moments here have
+no centring pass to overlap) and
 "edpairs-kernel" /
 "edpairs-kernel-tf32", edpairs' own CUDA kernels (EDPAIRS_GEMM_ROUTE=kernel: SIMT exact, or the
 tensor-core scatter / masked product with TF32 operands).
@@ -133,7 +135,7 @@ def main() -> None:
 
 
 #: Name parts of the rows that only the moments use (the signal moments skip them).
-MOMENTS_ONLY = ("-b", "-tri", "-wgmma")
+MOMENTS_ONLY = ("-b", "-tri", "-wgmma", "-ov")
 
 
 def _edpairs_methods(cuda: bool, workspace_rows, block_rows=(), triangle_blocks=()):
@@ -156,6 +158,11 @@ def _edpairs_methods(cuda: bool, workspace_rows, block_rows=(), triangle_blocks=
         env = {**gemm, "EDPAIRS_GEMM_GRAM": "triangle", "EDPAIRS_GEMM_TRIANGLE_BLOCK": str(block)}
         out[f"edpairs-tri{block}"] = ({}, env)
         out[f"edpairs-tf32-tri{block}"] = ({"precision": "tf32"}, env)
+    # "-ov": the next step centred on a second stream during this step's products
+    # (EDPAIRS_GEMM_OVERLAP=1), on the default product and on each triangle.
+    for name, (kw, env) in list(out.items()):
+        if "-r" not in name and "-b" not in name:
+            out[f"{name}-ov"] = (kw, {**env, "EDPAIRS_GEMM_OVERLAP": "1"})
     if _wgmma_gram_available():  # the centred Gram on wgmma (TF32; the signal moments ignore it)
         out["edpairs-tf32-wgmma"] = ({"precision": "tf32"}, {**gemm, "EDPAIRS_GEMM_GRAM": "wgmma"})
     kernel = {"EDPAIRS_GEMM_ROUTE": "kernel"}

@@ -128,6 +128,51 @@ def test_route_signal_moments_equal_the_cpu_kernel(rng):
             np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def _route_runs(X, Xs, W, b, c, C, rows):
+    """The three routes' outputs on the same data (moments; signal moments with a centre and on
+    bfloat16 rows, both of which centre or convert a copy; an assignment with a centre)."""
+    out = list(_gemm.moments(t(X), precision="float32", rows=rows, lib=lib()))
+    out += _gemm.signal_moments(t(Xs), t(W), t(b), t(c), precision="float32", rows=rows, lib=lib())
+    out += _gemm.signal_moments(t(Xs).to(torch.bfloat16), t(W), t(b), None, precision="float32", rows=rows, lib=lib())
+    res = _route_assign(t(Xs), t(C), center=t(c), rows=rows)
+    return out + [res.labels, res.scores, res.sums, res.counts]
+
+
+@pytest.mark.parametrize("rows", [1, 7, 333, 5000])
+def test_route_centring_overlap_changes_nothing(rows, rng, monkeypatch):
+    """EDPAIRS_GEMM_OVERLAP=1 centres each step into one of two buffers ahead of its products
+    (on CUDA on a second stream): every output of the three routes bit for bit what one buffer
+    gives, for one step, several and a ragged last one; bad values refused."""
+    X = (rng.standard_normal((1201, 23)) @ rng.standard_normal((23, 23)) + 50).astype(np.float32)
+    Xs, W, b, c = make_signal_data(rng, 1201, 23, 9, center=True, offset=3.0)
+    C = make_centroids(rng, 30, 23)
+    runs = {}
+    for knob in ("0", "1"):
+        monkeypatch.setenv("EDPAIRS_GEMM_OVERLAP", knob)
+        assert _gemm.centre_overlap() == (knob == "1")
+        runs[knob] = _route_runs(X, Xs, W, b, c, C, rows)
+    for a, b_ in zip(runs["0"], runs["1"]):
+        np.testing.assert_array_equal(a.numpy(), b_.numpy())
+    check_moments(ops.Moments(1201, *runs["1"][:2]), X)
+    monkeypatch.setenv("EDPAIRS_GEMM_OVERLAP", "yes")
+    with pytest.raises(ValueError, match="EDPAIRS_GEMM_OVERLAP must be '0' or '1', got 'yes'"):
+        _gemm.moments(t(X), precision="float32", rows=rows, lib=lib())
+
+
+def test_centred_steps_use_two_buffers_in_turn(rng, monkeypatch):
+    """With the overlap the step after next reuses a buffer, and the next step, centred ahead
+    of this step's products, leaves this step's rows as they are."""
+    X = torch.from_numpy(rng.standard_normal((10, 3)).astype(np.float32))
+    shift = torch.full((3,), 0.5)
+    monkeypatch.setenv("EDPAIRS_GEMM_OVERLAP", "1")
+    seen = []
+    for first, last, xt in _gemm.centred_steps(torch, lib(), X, shift, None, 4):
+        np.testing.assert_array_equal(xt.numpy(), (X[first:last] - shift).numpy())
+        seen.append((first, last, xt.data_ptr()))
+    assert [s[:2] for s in seen] == [(0, 4), (4, 8), (8, 10)]
+    assert seen[0][2] != seen[1][2] and seen[0][2] == seen[2][2]
+
+
 def test_route_rejects_an_empty_step(rng):
     with pytest.raises(ValueError, match="workspace_rows"):
         _gemm.moments(t(rng.standard_normal((5, 2)).astype(np.float32)), precision="float32", rows=0, lib=lib())
@@ -637,6 +682,43 @@ def test_cuda_triangle_gram_equals_the_full_product(precision, rng, monkeypatch)
     assert torch.equal(tri.m2, tri.m2.T) and torch.equal(tri.mean, full.mean)
     rel = float((tri.m2 - full.m2).norm() / full.m2.norm())
     assert rel < (5e-6 if precision == "float32" else 2e-3), rel
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _GPU, reason="needs edpairs built with CUDA and a GPU")
+@pytest.mark.parametrize("precision", ["float32", "tf32"])
+def test_cuda_centring_overlap_changes_nothing(precision, rng, monkeypatch):
+    """EDPAIRS_GEMM_OVERLAP=1 on the GPU (each step centred on a second stream while the
+    previous step's products run): the moments, the centred signal moments and a centred
+    assignment bit for bit those of one stream (the sums up to the order of their float64
+    atomics), with the data written on a busy stream of the caller's just before."""
+    monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "gemm")
+    N, D = 300_000, 256  # three steps of the default 131072 rows
+    X, W, b, c = make_signal_data(rng, N, D, 64, center=True, offset=3.0)
+    C = make_centroids(rng, 300, D)
+    runs = {}
+    for knob in ("0", "1"):
+        monkeypatch.setenv("EDPAIRS_GEMM_OVERLAP", knob)
+        s = torch.cuda.Stream()
+        with torch.cuda.stream(s):
+            Xg = torch.zeros((N, D), device="cuda")
+            for _ in range(20):  # keep the stream busy before the data lands
+                Xg.mul_(1.0)
+            Xg.copy_(t(X).cuda(non_blocking=False))
+            m = ops.moments(Xg, precision=precision, check_finite=False)
+            sm = ops.signal_moments(Xg, t(W).cuda(), t(b).cuda(), center=t(c).cuda(), precision=precision,
+                                    check_finite=False)
+            a = ops.assign(Xg, t(C).cuda(), center=t(c).cuda(), precision=precision, check_finite=False)
+            s.synchronize()
+        runs[knob] = (m, sm, a)
+    (m0, s0, a0), (m1, s1, a1) = runs["0"], runs["1"]
+    assert torch.equal(m0.mean, m1.mean) and torch.equal(m0.m2, m1.m2)
+    for name in ("count", "sum_x", "sum_z", "sum_zz", "sum_xz"):
+        assert torch.equal(getattr(s0, name), getattr(s1, name)), name
+    for name in ("labels", "scores", "counts"):
+        assert torch.equal(getattr(a0, name), getattr(a1, name)), name
+    torch.testing.assert_close(a0.sums, a1.sums, rtol=1e-12, atol=1e-12)
+    check_moments(m1, X, rtol=1e-5 if precision == "float32" else 3e-3)
 
 
 @pytest.mark.cuda

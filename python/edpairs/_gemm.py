@@ -19,7 +19,9 @@ step, and the steps' results are added in float64.
   ``mean = shift + d`` and ``sum (x - mean)(x - mean)^T = sum X~ X~^T - N d d^T`` with
   ``d = sum X~ / N``. With EDPAIRS_GEMM_GRAM=triangle only the products of the blocks on or
   above the diagonal (gram_mode); with EDPAIRS_GEMM_GRAM=wgmma (TF32, Hopper) one
-  ``centred_gram`` pass over X instead (gram_wgmma_applies).
+  ``centred_gram`` pass over X instead (gram_wgmma_applies). With EDPAIRS_GEMM_OVERLAP=1 the
+  next step is centred on a second stream while this step's products run (centred_steps, the
+  same for the assignment's and the signal moments' centred rows).
 * signal moments: per step ``Z = X~ W - b'`` (``b' = b - center . W`` in float64, as the kernels
   form z), the detector epilogue (``SignalMasks``: ``[M, M * Z]`` with ``M = Z > 0``, counts and
   the z sums in float64) and ``[M, M * Z]^T X~``. Float32, float16 and bfloat16 X (moments too).
@@ -145,6 +147,81 @@ def block_rows() -> int:
     """Rows per block of the moments' batched product: EDPAIRS_GEMM_BLOCK_ROWS, default
     BLOCK_ROWS (0 = one product per step)."""
     return _env_rows("EDPAIRS_GEMM_BLOCK_ROWS", BLOCK_ROWS, positive=False)
+
+
+def centre_overlap() -> bool:
+    """EDPAIRS_GEMM_OVERLAP: "1" centres each step's rows on a second CUDA stream, into two
+    buffers in turn, while the caller's stream runs the previous step's products (centred_steps);
+    "0" (the default) centres them on the caller's stream. Opt-in until a GPU run has timed it."""
+    value = os.environ.get("EDPAIRS_GEMM_OVERLAP", "0")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"EDPAIRS_GEMM_OVERLAP must be '0' or '1', got {value!r}")
+    return value == "1"
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def centred_steps(torch, lib, X, shift, colsum, rows: int):
+    """Yields ``(first, last, xt)`` per step of ``rows`` rows: xt (float32, last - first rows)
+    holds rows [first, last) of X less ``shift`` (CentreRows), with their float64 column sums
+    added to ``colsum`` (None: not added). xt is valid until the next step is asked for.
+
+    The centring pass reads and writes each row once and the products after it are
+    compute-bound, so with EDPAIRS_GEMM_OVERLAP=1 on CUDA the next step is centred on a second
+    stream, into the other of two buffers, while the caller's stream runs this step's products:
+    each product waits for its buffer's centring (an event), each centring for the products that
+    read its buffer before (an event), and the caller's stream for the side stream at the end.
+    Both streams issue the same kernels in the same order, so the results are identical."""
+    from ._arrays import Namespace
+
+    N, D = X.shape
+    step = min(rows, N)
+    c = Namespace("torch").capsule
+    two = centre_overlap() and N > step
+    bufs = [torch.empty((step, D), dtype=torch.float32, device=X.device) for _ in range(2 if two else 1)]
+    plans = [lib.CentreRows(c(X), c(shift), c(b), c(colsum)) for b in bufs]
+    steps = list(_steps(N, rows))
+    cuda = X.device.type == "cuda"
+    main = torch.cuda.current_stream(X.device) if cuda else None
+    if not two:
+        handle = int(main.cuda_stream) if cuda else 0
+        for first, last in steps:
+            plans[0].run(first, last - first, handle)
+            yield first, last, bufs[0][: last - first]
+        return
+    side = None
+    if cuda:
+        side = _SIDE_STREAMS.get(X.device)
+        if side is None:
+            side = _SIDE_STREAMS[X.device] = torch.cuda.Stream(device=X.device)
+        side.wait_stream(main)  # X, shift and colsum come from the caller's stream
+    ready: list = [None] * len(steps)
+    free: list = [None, None]  # per buffer: the products that last read it
+
+    def centre(i):
+        first, last = steps[i]
+        if side is not None and free[i % 2] is not None:
+            side.wait_event(free[i % 2])
+        plans[i % 2].run(first, last - first, int(side.cuda_stream) if side is not None else 0)
+        if side is not None:
+            ready[i] = torch.cuda.Event()
+            ready[i].record(side)
+
+    try:
+        centre(0)
+        for i, (first, last) in enumerate(steps):
+            if i + 1 < len(steps):
+                centre(i + 1)  # into the other buffer, while this step's products run
+            if side is not None:
+                main.wait_event(ready[i])
+            yield first, last, bufs[i % 2][: last - first]
+            if side is not None:
+                free[i % 2] = torch.cuda.Event()
+                free[i % 2].record(main)
+    finally:
+        if side is not None:
+            main.wait_stream(side)
 
 
 class _BatchedProduct:
@@ -288,17 +365,13 @@ def moments(X, *, precision: str, rows: int, lib):
     stream = xp.stream(X)
     if gram_wgmma_applies(X, precision):
         return _centred_gram_moments(X, shift, colsum, lib, c, stream)
-    work = torch.empty((step, D), dtype=torch.float32, device=X.device)
     if gram_mode() == "triangle":
         gram = _TriangleProduct(torch, D, triangle_block(), X.device)
     else:
         gram = _BatchedProduct(torch, D, D, step, X.device)
     # One pass per step writes the centred rows and adds their float64 column sums (centre_rows).
-    centre = lib.CentreRows(c(X), c(shift), c(work), c(colsum))
     with matmul_precision(torch, precision):
-        for first, last in _steps(N, rows):
-            xt = work[: last - first]
-            centre.run(first, last - first, stream)
+        for _, _, xt in centred_steps(torch, lib, X, shift, colsum, rows):
             gram.add(xt, xt)
     d = colsum / N  # mean - shift
     mean = shift.to(torch.float64) + d
@@ -339,7 +412,6 @@ def signal_moments(X, W, b, center, *, precision: str, rows: int, lib):
     # X~ needs its own rows where x is shifted or converted; float32 x without a center is used
     # in place.
     copy = center is not None or X.dtype != torch.float32
-    work = torch.empty((step, D), dtype=torch.float32, device=dev) if copy else None
     z = torch.empty((step, I), dtype=torch.float32, device=dev)
     masks = torch.empty((step, 2 * I), dtype=torch.float32, device=dev)
     prod = torch.empty((2 * I, D), dtype=torch.float32, device=dev)
@@ -353,15 +425,12 @@ def signal_moments(X, W, b, center, *, precision: str, rows: int, lib):
     epilogue = lib.SignalMasks(c(z), c(masks), c(count), c(sum_z), c(sum_zz))
     if copy:  # centred / converted rows: the moments' centring pass, without the column sums
         shift = center if center is not None else torch.zeros((D,), dtype=torch.float32, device=dev)
-        centre = lib.CentreRows(c(X), c(shift), c(work), None)
+        steps = centred_steps(torch, lib, X, shift, None, rows)
+    else:
+        steps = ((first, last, X[first:last]) for first, last in _steps(N, rows))
     with matmul_precision(torch, precision):
-        for first, last in _steps(N, rows):
+        for first, last, xt in steps:
             r = last - first
-            if copy:
-                xt = work[:r]
-                centre.run(first, r, stream)
-            else:
-                xt = X[first:last]
             zt, mt = z[:r], masks[:r]
             torch.addmm(neg_bias, xt, W, out=zt)
             epilogue.run(r, stream)
@@ -445,19 +514,16 @@ def assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, *, 
     cnorm = norms.to(torch.float32) if rescore else None
     argmax = lib.ArgmaxRows(c(block), c(col_scale), c(X), c(center), c(row_scale), c(labels), c(scores), c(rscale),
                             c(cents), c(cnorm))
-    if center is not None:
-        work = torch.empty((step, D), dtype=torch.float32, device=X.device)
-        centre = lib.CentreRows(c(X), c(center), c(work), c(None))
+    if center is None:
+        steps = ((first, last, X[first:last]) for first, last in _steps(N, rows))
+    else:
+        steps = centred_steps(torch, lib, X, center, None, rows)
     CT = C.T
     with matmul_precision(torch, precision):
-        for first, last in _steps(N, rows):
+        for first, last, xt in steps:
             r = last - first
             bt = block[:r]
-            if center is None:
-                torch.mm(X[first:last], CT, out=bt)
-            else:
-                centre.run(first, r, stream)
-                torch.mm(work[:r], CT, out=bt)
+            torch.mm(xt, CT, out=bt)
             argmax.run(first, r, stream)
     if sums is not None:
         lib.cluster_sums(c(X), c(labels), c(rscale), c(center), c(sums), c(counts), stream)
