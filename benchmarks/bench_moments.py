@@ -11,10 +11,10 @@ float64 between steps; "-rN" rows for each --workspace-rows N, "-bN" for each --
 the moments' product in blocks of N rows, 0 = one product per step; "-triB" for each
 --triangle-blocks B: only the Gram's blocks on or above the diagonal, B features per block,
 EDPAIRS_GEMM_GRAM=triangle; "edpairs-tf32-wgmma": the centred Gram on Hopper's wgmma,
-EDPAIRS_GEMM_GRAM=wgmma, where the build and GPU have it; "-ov" after the default and each
-triangle row: the next step's rows centred on a second stream while this step's products run,
-EDPAIRS_GEMM_OVERLAP=1; these four kinds time the moments only, the signal moments here have
-no centring pass to overlap) and
+EDPAIRS_GEMM_GRAM=wgmma, where the build and GPU have it; these three kinds time the moments
+only, the signal moments do not use them; "-ov" after the default and each triangle row:
+EDPAIRS_GEMM_OVERLAP=1, the moments' next step centred on a second stream while this step's
+products run, the signal moments' steps dealt to two streams in turn) and
 "edpairs-kernel" /
 "edpairs-kernel-tf32", edpairs' own CUDA kernels (EDPAIRS_GEMM_ROUTE=kernel: SIMT exact, or the
 tensor-core scatter / masked product with TF32 operands).
@@ -135,7 +135,7 @@ def main() -> None:
 
 
 #: Name parts of the rows that only the moments use (the signal moments skip them).
-MOMENTS_ONLY = ("-b", "-tri", "-wgmma", "-ov")
+MOMENTS_ONLY = ("-b", "-tri", "-wgmma")
 
 
 def _edpairs_methods(cuda: bool, workspace_rows, block_rows=(), triangle_blocks=()):

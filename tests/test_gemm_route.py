@@ -129,31 +129,40 @@ def test_route_signal_moments_equal_the_cpu_kernel(rng):
 
 
 def _route_runs(X, Xs, W, b, c, C, rows):
-    """The three routes' outputs on the same data (moments; signal moments with a centre and on
-    bfloat16 rows, both of which centre or convert a copy; an assignment with a centre)."""
+    """The three routes' outputs on the same data: the moments and an assignment with a centre
+    (exact: the overlap only moves the centring), then the signal moments with a centre and on
+    bfloat16 rows (both centre or convert a copy; their steps may be dealt to two lanes)."""
     out = list(_gemm.moments(t(X), precision="float32", rows=rows, lib=lib()))
-    out += _gemm.signal_moments(t(Xs), t(W), t(b), t(c), precision="float32", rows=rows, lib=lib())
-    out += _gemm.signal_moments(t(Xs).to(torch.bfloat16), t(W), t(b), None, precision="float32", rows=rows, lib=lib())
     res = _route_assign(t(Xs), t(C), center=t(c), rows=rows)
-    return out + [res.labels, res.scores, res.sums, res.counts]
+    out += [res.labels, res.scores, res.sums, res.counts]
+    signal = list(_gemm.signal_moments(t(Xs), t(W), t(b), t(c), precision="float32", rows=rows, lib=lib()))
+    signal += _gemm.signal_moments(t(Xs).to(torch.bfloat16), t(W), t(b), None, precision="float32", rows=rows,
+                                   lib=lib())
+    return out, signal
 
 
 @pytest.mark.parametrize("rows", [1, 7, 333, 5000])
-def test_route_centring_overlap_changes_nothing(rows, rng, monkeypatch):
-    """EDPAIRS_GEMM_OVERLAP=1 centres each step into one of two buffers ahead of its products
-    (on CUDA on a second stream): every output of the three routes bit for bit what one buffer
-    gives, for one step, several and a ragged last one; bad values refused."""
+def test_route_overlap_changes_nothing(rows, rng, monkeypatch):
+    """EDPAIRS_GEMM_OVERLAP=1 (on CUDA on a second stream): the moments and the assignment,
+    whose steps are centred into one of two buffers ahead of their products, bit for bit what
+    one buffer gives; the signal moments, whose steps alternate between two lanes, equal to
+    float64 rounding (counts exactly) and the same run to run; for one step, several and a
+    ragged last one; bad values refused."""
     X = (rng.standard_normal((1201, 23)) @ rng.standard_normal((23, 23)) + 50).astype(np.float32)
     Xs, W, b, c = make_signal_data(rng, 1201, 23, 9, center=True, offset=3.0)
     C = make_centroids(rng, 30, 23)
     runs = {}
-    for knob in ("0", "1"):
-        monkeypatch.setenv("EDPAIRS_GEMM_OVERLAP", knob)
-        assert _gemm.centre_overlap() == (knob == "1")
+    for knob in ("0", "1", "1 again"):
+        monkeypatch.setenv("EDPAIRS_GEMM_OVERLAP", knob[0])
+        assert _gemm.centre_overlap() == (knob[0] == "1")
         runs[knob] = _route_runs(X, Xs, W, b, c, C, rows)
-    for a, b_ in zip(runs["0"], runs["1"]):
+    for a, b_ in zip(runs["0"][0], runs["1"][0]):
         np.testing.assert_array_equal(a.numpy(), b_.numpy())
-    check_moments(ops.Moments(1201, *runs["1"][:2]), X)
+    for a, b_, again in zip(runs["0"][1], runs["1"][1], runs["1 again"][1]):
+        np.testing.assert_array_equal(b_.numpy(), again.numpy())
+        np.testing.assert_allclose(b_.numpy(), a.numpy(), rtol=1e-12, atol=1e-12 * float(np.abs(a.numpy()).max()))
+    check_moments(ops.Moments(1201, *runs["1"][0][:2]), X)
+    check_signal_moments(ops.SignalMoments(*runs["1"][1][:5], t(c)), Xs, W, b, center=c)
     monkeypatch.setenv("EDPAIRS_GEMM_OVERLAP", "yes")
     with pytest.raises(ValueError, match="EDPAIRS_GEMM_OVERLAP must be '0' or '1', got 'yes'"):
         _gemm.moments(t(X), precision="float32", rows=rows, lib=lib())
@@ -687,11 +696,12 @@ def test_cuda_triangle_gram_equals_the_full_product(precision, rng, monkeypatch)
 @pytest.mark.cuda
 @pytest.mark.skipif(not _GPU, reason="needs edpairs built with CUDA and a GPU")
 @pytest.mark.parametrize("precision", ["float32", "tf32"])
-def test_cuda_centring_overlap_changes_nothing(precision, rng, monkeypatch):
-    """EDPAIRS_GEMM_OVERLAP=1 on the GPU (each step centred on a second stream while the
-    previous step's products run): the moments, the centred signal moments and a centred
-    assignment bit for bit those of one stream (the sums up to the order of their float64
-    atomics), with the data written on a busy stream of the caller's just before."""
+def test_cuda_route_overlap_changes_nothing(precision, rng, monkeypatch):
+    """EDPAIRS_GEMM_OVERLAP=1 on the GPU, with the data written on a busy stream of the
+    caller's just before: the moments and a centred assignment (each step centred on a second
+    stream while the previous step's products run) bit for bit those of one stream (the cluster
+    sums up to the order of their float64 atomics); the centred signal moments (steps dealt to
+    two streams in turn) equal to float64 rounding, counts exactly."""
     monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "gemm")
     N, D = 300_000, 256  # three steps of the default 131072 rows
     X, W, b, c = make_signal_data(rng, N, D, 64, center=True, offset=3.0)
@@ -713,8 +723,9 @@ def test_cuda_centring_overlap_changes_nothing(precision, rng, monkeypatch):
         runs[knob] = (m, sm, a)
     (m0, s0, a0), (m1, s1, a1) = runs["0"], runs["1"]
     assert torch.equal(m0.mean, m1.mean) and torch.equal(m0.m2, m1.m2)
-    for name in ("count", "sum_x", "sum_z", "sum_zz", "sum_xz"):
-        assert torch.equal(getattr(s0, name), getattr(s1, name)), name
+    assert torch.equal(s0.count, s1.count)
+    for name in ("sum_x", "sum_z", "sum_zz", "sum_xz"):
+        torch.testing.assert_close(getattr(s1, name), getattr(s0, name), rtol=1e-12, atol=1e-9)
     for name in ("labels", "scores", "counts"):
         assert torch.equal(getattr(a0, name), getattr(a1, name)), name
     torch.testing.assert_close(a0.sums, a1.sums, rtol=1e-12, atol=1e-12)

@@ -21,10 +21,12 @@ step, and the steps' results are added in float64.
   above the diagonal (gram_mode); with EDPAIRS_GEMM_GRAM=wgmma (TF32, Hopper) one
   ``centred_gram`` pass over X instead (gram_wgmma_applies). With EDPAIRS_GEMM_OVERLAP=1 the
   next step is centred on a second stream while this step's products run (centred_steps, the
-  same for the assignment's and the signal moments' centred rows).
+  same for the assignment's centred rows).
 * signal moments: per step ``Z = X~ W - b'`` (``b' = b - center . W`` in float64, as the kernels
   form z), the detector epilogue (``SignalMasks``: ``[M, M * Z]`` with ``M = Z > 0``, counts and
-  the z sums in float64) and ``[M, M * Z]^T X~``. Float32, float16 and bfloat16 X (moments too).
+  the z sums in float64) and ``[M, M * Z]^T X~``; with EDPAIRS_GEMM_OVERLAP=1 the steps
+  alternate between two streams, each with its own buffers and sums (_SignalLane). Float32,
+  float16 and bfloat16 X (moments too).
 
 EDPAIRS_GEMM_ROUTE: "auto" (default) as above, "gemm" the route for every assignment too,
 "kernel" edpairs' own CUDA kernels for everything (cupy arrays and float64 data always take
@@ -150,9 +152,10 @@ def block_rows() -> int:
 
 
 def centre_overlap() -> bool:
-    """EDPAIRS_GEMM_OVERLAP: "1" centres each step's rows on a second CUDA stream, into two
-    buffers in turn, while the caller's stream runs the previous step's products (centred_steps);
-    "0" (the default) centres them on the caller's stream. Opt-in until a GPU run has timed it."""
+    """EDPAIRS_GEMM_OVERLAP: "1" runs the route's memory-bound passes beside its products on a
+    second CUDA stream (centred_steps for the moments and the assignment, two lanes for the
+    signal moments); "0" (the default) runs everything on the caller's stream. Opt-in until a
+    GPU run has timed it."""
     value = os.environ.get("EDPAIRS_GEMM_OVERLAP", "0")
     if value not in ("", "0", "1"):
         raise ValueError(f"EDPAIRS_GEMM_OVERLAP must be '0' or '1', got {value!r}")
@@ -160,6 +163,14 @@ def centre_overlap() -> bool:
 
 
 _SIDE_STREAMS: dict = {}
+
+
+def _side_stream(torch, device):
+    """The second CUDA stream of the overlapped route on `device`, created once."""
+    side = _SIDE_STREAMS.get(device)
+    if side is None:
+        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return side
 
 
 def centred_steps(torch, lib, X, shift, colsum, rows: int):
@@ -192,9 +203,7 @@ def centred_steps(torch, lib, X, shift, colsum, rows: int):
         return
     side = None
     if cuda:
-        side = _SIDE_STREAMS.get(X.device)
-        if side is None:
-            side = _SIDE_STREAMS[X.device] = torch.cuda.Stream(device=X.device)
+        side = _side_stream(torch, X.device)
         side.wait_stream(main)  # X, shift and colsum come from the caller's stream
     ready: list = [None] * len(steps)
     free: list = [None, None]  # per buffer: the products that last read it
@@ -393,50 +402,96 @@ def _centred_gram_moments(X, shift, colsum, lib, c, stream):
     return shift.to(torch.float64) + d, m2
 
 
+class _SignalLane:
+    """One lane of the signal moments' steps: its own step buffers, products and float64 sums
+    (count, z sums, [M, M * Z]^T X~), each step on the stream it is run with."""
+
+    def __init__(self, torch, lib, X, shift, W, neg_bias, step: int):
+        from ._arrays import Namespace
+
+        D, I, dev = X.shape[1], W.shape[1], X.device
+        c = Namespace("torch").capsule
+        self.torch, self.X, self.W, self.neg_bias = torch, X, W, neg_bias
+        self.z = torch.empty((step, I), dtype=torch.float32, device=dev)
+        self.masks = torch.empty((step, 2 * I), dtype=torch.float32, device=dev)
+        self.prod = torch.empty((2 * I, D), dtype=torch.float32, device=dev)
+        self.acc = torch.zeros((2 * I, D), dtype=torch.float64, device=dev)
+        self.count = torch.zeros((I,), dtype=torch.int64, device=dev)
+        self.sum_z = torch.zeros((I,), dtype=torch.float64, device=dev)
+        self.sum_zz = torch.zeros((I,), dtype=torch.float64, device=dev)
+        self.epilogue = lib.SignalMasks(c(self.z), c(self.masks), c(self.count), c(self.sum_z), c(self.sum_zz))
+        # X~ needs rows of its own where x is shifted or converted (the moments' centring pass,
+        # without the column sums); float32 x without a center is used in place.
+        self.work = self.centre = None
+        if shift is not None:
+            self.work = torch.empty((step, D), dtype=torch.float32, device=dev)
+            self.centre = lib.CentreRows(c(X), c(shift), c(self.work), None)
+
+    def run(self, first: int, last: int, stream: int) -> None:
+        torch = self.torch
+        r = last - first
+        if self.centre is not None:
+            self.centre.run(first, r, stream)
+            xt = self.work[:r]
+        else:
+            xt = self.X[first:last]
+        zt, mt = self.z[:r], self.masks[:r]
+        torch.addmm(self.neg_bias, xt, self.W, out=zt)
+        self.epilogue.run(r, stream)
+        torch.mm(mt.T, xt, out=self.prod)  # not batched: on an H200 batching was 0.3-1.1 ms slower here
+        self.acc += self.prod
+
+
 def signal_moments(X, W, b, center, *, precision: str, rows: int, lib):
     """(count, sum_x, sum_z, sum_zz, sum_xz) of ops.signal_moments for a torch X (N >= 1) on the
-    route above; W (D, I), b (I,), center (D,) or None are float32 on X's device."""
+    route above; W (D, I), b (I,), center (D,) or None are float32 on X's device.
+
+    With EDPAIRS_GEMM_OVERLAP=1 and more than one step, the steps are dealt in turn to two lanes
+    (_SignalLane) on the caller's stream and a second one, so that one lane's memory-bound
+    epilogue and centring run beside the other's products; the lanes' float64 sums are added
+    at the end (deterministic; equal to one lane's up to float64 rounding)."""
     import torch
 
-    from ._arrays import Namespace
-
     N, D = X.shape
-    I = W.shape[1]
     dev = X.device
     if center is not None:
         bias = (b.to(torch.float64) - center.to(torch.float64) @ W.to(torch.float64)).to(torch.float32)
     else:
         bias = b
-    neg_bias = -bias
     step = min(rows, N)
-    # X~ needs its own rows where x is shifted or converted; float32 x without a center is used
-    # in place.
-    copy = center is not None or X.dtype != torch.float32
-    z = torch.empty((step, I), dtype=torch.float32, device=dev)
-    masks = torch.empty((step, 2 * I), dtype=torch.float32, device=dev)
-    prod = torch.empty((2 * I, D), dtype=torch.float32, device=dev)
-    acc = torch.zeros((2 * I, D), dtype=torch.float64, device=dev)
-    count = torch.zeros((I,), dtype=torch.int64, device=dev)
-    sum_z = torch.zeros((I,), dtype=torch.float64, device=dev)
-    sum_zz = torch.zeros((I,), dtype=torch.float64, device=dev)
-    xp = Namespace("torch")
-    c = xp.capsule
-    stream = xp.stream(X)
-    epilogue = lib.SignalMasks(c(z), c(masks), c(count), c(sum_z), c(sum_zz))
-    if copy:  # centred / converted rows: the moments' centring pass, without the column sums
+    shift = None
+    if center is not None or X.dtype != torch.float32:
         shift = center if center is not None else torch.zeros((D,), dtype=torch.float32, device=dev)
-        steps = centred_steps(torch, lib, X, shift, None, rows)
-    else:
-        steps = ((first, last, X[first:last]) for first, last in _steps(N, rows))
-    with matmul_precision(torch, precision):
-        for first, last, xt in steps:
-            r = last - first
-            zt, mt = z[:r], masks[:r]
-            torch.addmm(neg_bias, xt, W, out=zt)
-            epilogue.run(r, stream)
-            torch.mm(mt.T, xt, out=prod)  # not batched: on an H200 batching was 0.3-1.1 ms slower here
-            acc += prod
-    return count, acc[:I].contiguous(), sum_z, sum_zz, acc[I:].contiguous()
+    steps = list(_steps(N, rows))
+    lanes = [_SignalLane(torch, lib, X, shift, W, -bias, step) for _ in range(2 if centre_overlap() and len(steps) > 1
+                                                                          else 1)]
+    cuda = dev.type == "cuda"
+    streams = [torch.cuda.current_stream(dev) if cuda else None]
+    if len(lanes) == 2:
+        streams.append(_side_stream(torch, dev) if cuda else None)
+        if cuda:
+            streams[1].wait_stream(streams[0])  # X, W, b and the zeroed sums come from the caller's stream
+    try:
+        with matmul_precision(torch, precision):
+            for i, (first, last) in enumerate(steps):
+                s = streams[i % len(lanes)]
+                if s is None:
+                    lanes[i % len(lanes)].run(first, last, 0)
+                else:
+                    with torch.cuda.stream(s):
+                        lanes[i % len(lanes)].run(first, last, int(s.cuda_stream))
+    finally:
+        if len(streams) == 2 and cuda:
+            streams[0].wait_stream(streams[1])
+    a = lanes[0]
+    if len(lanes) == 2:
+        o = lanes[1]
+        a.acc += o.acc
+        a.count += o.count
+        a.sum_z += o.sum_z
+        a.sum_zz += o.sum_zz
+    I = W.shape[1]
+    return a.count, a.acc[:I].contiguous(), a.sum_z, a.sum_zz, a.acc[I:].contiguous()
 
 
 #: Smallest k for which TF32 assignments take the route: below it the fused tensor-core kernel
