@@ -7,11 +7,12 @@
 # kmeans_cuda_f32.json, kmeans_cuda_k64.json, kmeans_cuda_bf16.json, moments_cuda.json,
 # kernel_profile.json, cuda_tests_new.xml, cuda_tests.xml, and with SKIP="" also
 # stream_cuda.json and route_parts.json: more than 8 unless split as below (build.log too when
-# the build fails, in place of the later files). The benchmarks run before the tests, each in a process of its own, so that a call cut
-# short by its time limit keeps the measurements; the whole default takes about 10 minutes,
-# more than one device call, so a session runs it as two:
-#   SKIP="tests estimators route_parts stream ncu" bash benchmarks/gpu_check.sh     # ~5 min
-#   SKIP="estimators ceilings kmeans bf16 moments profile route_parts stream ncu" bash benchmarks/gpu_check.sh  # ~5 min
+# the build fails, in place of the later files). The benchmarks run before the tests, each in a
+# process of its own, so that a call cut short by its time limit keeps the measurements. The
+# whole default takes about 10 minutes, more than one device call, so a session runs it as two
+# (PART, below), each about 5 minutes:
+#   OUT=$OUT PART=1 bash benchmarks/gpu_check.sh    # build, ceilings, the goals' benchmarks, kernel profile
+#   OUT=$OUT PART=2 bash benchmarks/gpu_check.sh    # the CUDA tests (the build kept on a warm machine)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out/gpu}"
@@ -38,6 +39,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 ARCHS="${ARCHS:-90}"
 REPEAT="${REPEAT:-5}"
 QUICK="${QUICK:-0}"
+# PART=1 / PART=2: the default split into two device calls of about 5 minutes, so that both and
+# the machine's start fit a session's 15 minutes of device time. 1: build, ceilings, k-means at
+# k = 1024 and 64 with the k = 64 candidates, bf16 at k = 1024 (edpairs and torch), moments, the
+# kernel profile. 2: build (kept from part 1 on a warm machine), the CUDA tests.
+case "${PART:-}" in
+  1) SKIP="${SKIP-tests estimators route_parts stream ncu}"
+     KM_SIZES="${KM_SIZES:-1000000,512,1024 1000000,512,64}"
+     BF16_METHODS="${BF16_METHODS:-edpairs,torch}" ;;
+  2) SKIP="${SKIP-estimators ceilings kmeans bf16 moments profile route_parts stream ncu}" ;;
+  "") ;;
+  *) echo "PART must be 1 or 2, got '$PART'"; exit 2 ;;
+esac
 # "edpairs" is the default dispatch: on Hopper, labels on wgmma for k >= 129 (float32 and
 # 16-bit), on mma below; edpairs-labels its labelling alone; edpairs-kernel the mma.sync kernel. The cuBLAS route
 # (edpairs-gemm, the float32 default there before run 5; run5b: 7.64 ms at k = 1024) is left

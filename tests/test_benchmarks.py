@@ -87,3 +87,28 @@ def test_gpu_check_summary_reads_a_device_run(tmp_path):
     assert goal("signal_moments: edpairs rate / fp32 GEMM rate (exact)") == pytest.approx(signal / 50e12, abs=0.01)
     assert goal("signal_moments: edpairs rate / same-shape fp32") == pytest.approx(signal / 105e12, abs=0.01)
     assert any(line.startswith("same-shape cuBLAS: kmeans_tf32 100") for line in lines)
+
+
+def test_gpu_check_parts_split_the_default():
+    """PART=1 measures (no tests), PART=2 tests (no benchmarks), together everything the
+    default runs; another PART is refused."""
+    with open(os.path.join(BENCH, "gpu_check.sh")) as f:
+        text = f.read()
+    knobs = text[text.index("ARCHS="):text.index("skipped() {")]
+    steps = {"tests", "ceilings", "kmeans", "bf16", "moments", "profile"}
+
+    def run(part):
+        script = knobs + '\necho "SKIP=$SKIP"\n'
+        env = {k: v for k, v in os.environ.items() if k not in ("SKIP", "KM_SIZES", "BF16_METHODS")}
+        return subprocess.run(["bash", "-c", script], env={**env, "PART": part}, capture_output=True, text=True,
+                              timeout=30)
+
+    skips = {}
+    for part in ("1", "2", ""):
+        res = run(part)
+        assert res.returncode == 0, res.stderr
+        skips[part] = set(res.stdout.strip().rpartition("SKIP=")[2].split())
+    ran = {part: steps - skips[part] for part in skips}
+    assert ran["1"] == steps - {"tests"} and ran["2"] == {"tests"} and ran[""] == steps
+    res = run("3")
+    assert res.returncode == 2 and "PART must be 1 or 2, got '3'" in res.stdout
