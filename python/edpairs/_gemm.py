@@ -463,28 +463,28 @@ def signal_moments(X, W, b, center, *, precision: str, rows: int, lib):
     if center is not None or X.dtype != torch.float32:
         shift = center if center is not None else torch.zeros((D,), dtype=torch.float32, device=dev)
     steps = list(_steps(N, rows))
-    lanes = [_SignalLane(torch, lib, X, shift, W, -bias, step) for _ in range(2 if centre_overlap() and len(steps) > 1
-                                                                          else 1)]
+    n_lanes = 2 if centre_overlap() and len(steps) > 1 else 1
+    lanes = [_SignalLane(torch, lib, X, shift, W, -bias, step) for _ in range(n_lanes)]
     cuda = dev.type == "cuda"
     streams = [torch.cuda.current_stream(dev) if cuda else None]
-    if len(lanes) == 2:
+    if n_lanes == 2:
         streams.append(_side_stream(torch, dev) if cuda else None)
         if cuda:
             streams[1].wait_stream(streams[0])  # X, W, b and the zeroed sums come from the caller's stream
     try:
         with matmul_precision(torch, precision):
             for i, (first, last) in enumerate(steps):
-                s = streams[i % len(lanes)]
+                lane, s = lanes[i % n_lanes], streams[i % n_lanes]
                 if s is None:
-                    lanes[i % len(lanes)].run(first, last, 0)
+                    lane.run(first, last, 0)
                 else:
                     with torch.cuda.stream(s):
-                        lanes[i % len(lanes)].run(first, last, int(s.cuda_stream))
+                        lane.run(first, last, int(s.cuda_stream))
     finally:
         if len(streams) == 2 and cuda:
             streams[0].wait_stream(streams[1])
     a = lanes[0]
-    if len(lanes) == 2:
+    if n_lanes == 2:
         o = lanes[1]
         a.acc += o.acc
         a.count += o.count
