@@ -150,6 +150,58 @@ def test_non_array_input_raises_type_error():
         ops.assign(object(), C)
 
 
+def test_missing_text_masked_and_complex_arrays_are_refused():
+    """None where an array is required, text, numpy masked arrays (whose masks the kernels would
+    ignore) and complex parameters (whose imaginary parts would be dropped): TypeErrors that
+    name the argument."""
+    cases = [
+        (lambda: ops.assign(X, None), r"\bC\b.*got None"),
+        (lambda: ops.spherical_kmeans_step(X, None), r"\bC\b.*got None"),
+        (lambda: ops.signal_moments(X, None, B), r"\bW\b.*got None"),
+        (lambda: ops.signal_moments(X, W, None), r"\bb\b.*got None"),
+        (lambda: ops.moments(None), r"\bX\b.*got None"),
+        (lambda: ops.assign(X, "abc"), r"\bC\b must be a numeric array.*<U3"),
+        (lambda: ops.assign(np.ma.masked_array(X, mask=X > 1), C), r"\bX\b is a numpy masked array"),
+        (lambda: ops.moments(np.ma.masked_array(X)), r"\bX\b is a numpy masked array"),
+        (lambda: ops.assign(X, C.astype(np.complex64)), r"\bC\b must be real, got complex64"),
+        (lambda: ops.normalize_centroids(np.ones((3, 4)), np.array([1, 1, 1]), None), r"\bprevious\b.*got None"),
+    ]
+    for call, pattern in cases:
+        _raises(TypeError, call, pattern)
+
+
+def test_big_endian_input_is_read_as_its_values():
+    swapped = X.astype(">f4")
+    got, want = ops.assign(swapped, C.astype(">f4")), ops.assign(X, C)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    np.testing.assert_array_equal(got.scores, want.scores)
+    np.testing.assert_array_equal(ops.moments(swapped).m2, ops.moments(X).m2)
+
+
+def test_normalize_centroids_checks_its_inputs():
+    prev = C.copy()
+    good = np.ones((3, 4))
+    _raises(ValueError, lambda: ops.normalize_centroids(_with(good, (1, 2), np.inf), np.array([1, 1, 1]), prev),
+            r"\bsums\b", "NaN or Inf")
+    _raises(ValueError, lambda: ops.normalize_centroids(good, np.array([1, 1, 1]), _with(prev, (0, 0), np.nan)),
+            r"\bprevious\b", "NaN or Inf")
+    _raises(TypeError, lambda: ops.normalize_centroids(good, np.array([0.5, 0.2, 1.7]), prev),
+            r"\bcounts\b must hold integers.*float64")
+    _raises(ValueError, lambda: ops.normalize_centroids(good, np.array([1, -1, 1]), prev), r"\bcounts\b must be >= 0")
+    out = ops.normalize_centroids(_with(good, (1, 2), np.inf), np.array([1, 1, 1]), prev, check_finite=False)
+    assert out.shape == (3, 4)  # no check: the result is unspecified
+
+
+def test_states_of_different_libraries_do_not_merge():
+    torch = pytest.importorskip("torch")
+    mine, theirs = ops.moments(X), ops.moments(torch.from_numpy(X))
+    _raises(TypeError, lambda: mine.merge(theirs), "cannot merge moments", "numpy arrays on cpu", "torch arrays on cpu")
+    _raises(TypeError, lambda: mine.update(torch.from_numpy(X)), "cannot merge moments")
+    s_np = ops.signal_moments(X, W, B)
+    s_t = ops.signal_moments(torch.from_numpy(X), torch.from_numpy(W), torch.from_numpy(B))
+    _raises(TypeError, lambda: s_np.merge(s_t), "cannot merge signal moments")
+
+
 # ---------------------------------------------------------------------------------------
 # Non-finite values
 
@@ -238,8 +290,9 @@ def test_moments_covariance_needs_enough_rows():
     _raises(ValueError, lambda: ops.moments(X[:2]).covariance(ddof=2), "ddof=2", "n=2")
 
 
-def test_set_num_threads_rejects_zero(restore_threads):
+def test_set_num_threads_rejects_zero_and_too_many(restore_threads):
     _raises(ValueError, lambda: edpairs.set_num_threads(0), "num_threads", "0")
+    _raises(ValueError, lambda: edpairs.set_num_threads(100_000), "num_threads must be from 1 to 1024, got 100000")
     assert edpairs.get_num_threads() == restore_threads
 
 

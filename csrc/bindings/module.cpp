@@ -610,7 +610,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", &cuda_device_count);
   m.def("num_threads", [] { return edpairs::cpu_num_threads(); });
   m.def("set_num_threads", [](int n) {
-    if (n < 1) fail("num_threads must be >= 1, got " + std::to_string(n));
+    if (n < 1 || n > edpairs::kMaxCpuThreads)
+      fail("num_threads must be from 1 to " + std::to_string(edpairs::kMaxCpuThreads) + ", got " + std::to_string(n));
     py::gil_scoped_release nogil;
     edpairs::cpu_set_num_threads(n);
   });

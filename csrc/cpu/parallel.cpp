@@ -1,5 +1,7 @@
 #include "parallel.h"
 
+#include "edpairs/ops.h"
+
 #include <pthread.h>
 #include <sched.h>
 
@@ -18,8 +20,8 @@ namespace {
 
 int default_threads() {
   if (const char* env = std::getenv("EDPAIRS_NUM_THREADS")) {
-    int n = std::atoi(env);
-    if (n >= 1) return n;
+    const long n = std::atol(env);
+    if (n >= 1) return static_cast<int>(std::min<long>(n, kMaxCpuThreads));
   }
   cpu_set_t set;
   if (sched_getaffinity(0, sizeof(set), &set) == 0) {

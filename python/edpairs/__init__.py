@@ -90,7 +90,7 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Sets the number of threads of the CPU kernels (n >= 1)."""
+    """Sets the number of threads of the CPU kernels (1 <= n <= 1024)."""
     from ._backend import lib
 
     lib().set_num_threads(int(n))

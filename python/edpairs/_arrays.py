@@ -214,13 +214,26 @@ def namespace_of(x) -> Namespace:
 
 
 def as_array(x, name: str):
-    """x itself if it is a numpy / torch / cupy array, else numpy's view of it."""
-    if _module_root(x) in ("numpy", "torch", "cupy") and hasattr(x, "shape"):
+    """x itself if it is a numpy / torch / cupy array, else numpy's view of it. Refused: None,
+    numpy masked arrays (their masks would be ignored) and what is not numeric; numpy arrays in
+    the non-native byte order are converted."""
+    if x is None:
+        raise TypeError(f"{name} must be an array (numpy, torch or cupy), got None")
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a numpy masked array, whose mask edpairs would ignore: pass {name}.filled(value) "
+                        f"or only the unmasked rows")
+    if _module_root(x) in ("torch", "cupy") and hasattr(x, "shape"):
         return x
-    try:
-        return np.asarray(x)
-    except Exception as exc:  # noqa: BLE001 - report what arrived
-        raise TypeError(f"{name} must be an array (numpy, torch or cupy), got {type(x).__name__}") from exc
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except Exception as exc:  # noqa: BLE001 - report what arrived
+            raise TypeError(f"{name} must be an array (numpy, torch or cupy), got {type(x).__name__}") from exc
+        if x.dtype.kind in "OSUVMm":
+            raise TypeError(f"{name} must be a numeric array (numpy, torch or cupy), got {x.dtype} values")
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    return x
 
 
 def require_torch(what: str):

@@ -49,11 +49,26 @@ def _data(X, name: str = "X"):
     return X, xp
 
 
-def _param(value, xp: Namespace, like, name: str):
-    """A small parameter array as contiguous float32 in X's library (None stays None)."""
+def _param(value, xp: Namespace, like, name: str, required: bool = False):
+    """A small parameter array as contiguous float32 in X's library (None stays None unless
+    `required`); complex values are refused rather than losing their imaginary parts."""
     if value is None:
+        if required:
+            raise TypeError(f"{name} must be an array (numpy, torch or cupy), got None")
         return None
-    return xp.as_float32_contiguous(xp.asarray(as_array(value, name), like))
+    value = as_array(value, name)
+    dtype = namespace_of(value).dtype_name(value)
+    if "complex" in dtype:
+        raise TypeError(f"{name} must be real, got {dtype} values")
+    return xp.as_float32_contiguous(xp.asarray(value, like))
+
+
+def _same_place(mine, theirs, what: str) -> None:
+    """Two states' arrays in one library on one device, else a TypeError saying where each is."""
+    a, b = namespace_of(mine), namespace_of(theirs)
+    if (a.name, a.device(mine)) != (b.name, b.device(theirs)):
+        raise TypeError(f"cannot {what}: this state holds {a.name} arrays on {a.device(mine)}, the other "
+                        f"{b.name} arrays on {b.device(theirs)}; move one to the other's library and device")
 
 
 def _check_finite_cuda(xp: Namespace, arrays) -> None:
@@ -131,7 +146,7 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     X, xp = _data(X)
     precision = _precision(precision, X)
     N, D = X.shape
-    C = _param(C, xp, X, "C")
+    C = _param(C, xp, X, "C", required=True)
     if C.ndim != 2:
         raise ValueError(f"C must be 2-D (k, D), got shape {tuple(C.shape)}")
     center = _param(center, xp, X, "center")
@@ -171,17 +186,28 @@ def cosine_assign(X, C, *, center=None, row_scale=None, col_scale=None, check_fi
     return out.labels, out.scores
 
 
-def normalize_centroids(sums, counts, previous):
+def normalize_centroids(sums, counts, previous, *, check_finite: bool = True):
     """Unit centroids from cluster sums: ``sums[j] / ||sums[j]||`` where ``counts[j] > 0`` and the
-    sum is non-zero, else ``previous[j]`` unchanged (the caller decides how to re-seed)."""
+    sum is non-zero, else ``previous[j]`` unchanged (the caller decides how to re-seed).
+    ``counts`` must hold non-negative integers."""
     sums = as_array(sums, "sums")
     xp = namespace_of(sums)
     sums = xp.detach(sums)
     if sums.ndim != 2:
         raise ValueError(f"sums must be 2-D (k, D), got shape {tuple(sums.shape)}")
+    if check_finite and not xp.all_finite(sums):
+        raise ValueError(_NONFINITE.format("sums"))
     sums = xp.contiguous(xp.astype(sums, "float64"))
-    counts = xp.contiguous(xp.astype(xp.asarray(as_array(counts, "counts"), sums), "int64"))
-    previous = _param(previous, xp, sums, "previous")
+    counts = as_array(counts, "counts")
+    kind = namespace_of(counts).dtype_name(counts)
+    if not kind.startswith(("int", "uint")):
+        raise TypeError(f"counts must hold integers (members per cluster), got {kind} values")
+    counts = xp.contiguous(xp.astype(xp.asarray(counts, sums), "int64"))
+    if not xp.all_nonnegative(counts):
+        raise ValueError("counts must be >= 0 (members per cluster)")
+    previous = _param(previous, xp, sums, "previous", required=True)
+    if check_finite and not xp.all_finite(previous):
+        raise ValueError(_NONFINITE.format("previous"))
     out = xp.empty(tuple(sums.shape), "float32", sums)
     c = xp.capsule
     lib().normalize_centroids(c(sums), c(counts), c(previous), c(out), xp.stream(sums))
@@ -210,10 +236,10 @@ def spherical_kmeans_step(X, C, *, check_finite: bool = True, precision: Optiona
     the estimator's job (:class:`edpairs.SphericalKMeans`). ``precision`` as in :func:`assign`.
     """
     X, xp = _data(X)
-    C = _param(C, xp, X, "C")
+    C = _param(C, xp, X, "C", required=True)
     res = assign(X, C, accumulate=True, check_finite=check_finite, precision=precision)
     sums = res.sums * ((res.sums * res.sums).sum(1) ** 0.5 > CANCELLED * res.counts)[:, None]
-    centroids = normalize_centroids(sums, res.counts, _unit_rows(xp, C))
+    centroids = normalize_centroids(sums, res.counts, _unit_rows(xp, C), check_finite=check_finite)
     return centroids, res.labels, res.counts
 
 
@@ -259,6 +285,7 @@ class Moments:
             return Moments(other.n, other.mean, other.m2)
         if tuple(self.mean.shape) != tuple(other.mean.shape):
             raise ValueError(f"cannot merge moments of {self.mean.shape[0]} and {other.mean.shape[0]} columns")
+        _same_place(self.mean, other.mean, "merge moments")
         n = self.n + other.n
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.n / n)
@@ -338,6 +365,7 @@ class SignalMoments:
             raise TypeError(f"can only merge SignalMoments with SignalMoments, got {type(other).__name__}")
         if tuple(self.sum_x.shape) != tuple(other.sum_x.shape):
             raise ValueError(f"cannot merge statistics of shapes {tuple(self.sum_x.shape)} and {tuple(other.sum_x.shape)}")
+        _same_place(self.sum_x, other.sum_x, "merge signal moments")
         if (self.center is None) != (other.center is None) or (
             self.center is not None and not bool((self.center == other.center).all())
         ):
@@ -378,11 +406,11 @@ def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace
     precision = _product_precision(precision)
     X, xp = _data(X)
     N, D = X.shape
-    W = _param(W, xp, X, "W")
+    W = _param(W, xp, X, "W", required=True)
     if W.ndim != 2:
         raise ValueError(f"W must be 2-D (D, I), got shape {tuple(W.shape)}")
     I = W.shape[1]
-    b = _param(b, xp, X, "b")
+    b = _param(b, xp, X, "b", required=True)
     center = _param(center, xp, X, "center")
     if check_finite:
         _check_finite_cuda(xp, [("X", X), ("W", W), ("b", b), ("center", center)])

@@ -215,7 +215,8 @@ void centred_gram_cuda(const CentredGramArgs& args, Stream stream);
 // ---------------------------------------------------------------------------------------
 // Runtime information.
 int cpu_num_threads();               // threads the CPU kernels use
-void cpu_set_num_threads(int n);     // n >= 1
+void cpu_set_num_threads(int n);     // 1 <= n <= kMaxCpuThreads
+constexpr int kMaxCpuThreads = 1024;  // beyond it thread creation fails on common systems
 std::string cpu_kernel_isa();        // "avx2+fma" or "generic", chosen at run time
 int cuda_device_count();             // 0 when CUDA was not built, or no driver / GPU
 std::string cuda_runtime_version();  // "" when CUDA was not built
