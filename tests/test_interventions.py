@@ -458,6 +458,44 @@ def test_errors(net):
     assert not net.features[1]._forward_hooks
 
 
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("target, error, match", [
+    (None, TypeError, "concept 0 must be a finite real number.*got None"),
+    (float("nan"), ValueError, "concept 0 must be a finite real number.*got nan"),
+    (float("inf"), ValueError, "concept 0 must be a finite.*got inf"),
+    (True, TypeError, "concept 0.*got True"),
+    ("1.0", TypeError, "concept 0.*got '1.0'"),
+    (1 + 2j, TypeError, "concept 0.*got \\(1\\+2j\\)"),
+    (np.array([0.0, np.nan, 1.0, 2.0]), ValueError, "concept 0.*contains NaN or Inf"),
+    (torch.tensor([0.0, 1.0, float("inf"), 2.0]), ValueError, "concept 0.*contains NaN or Inf"),
+    (torch.zeros(4, dtype=torch.bool), TypeError, "concept 0.*Tensor of dtype torch.bool"),
+])
+def test_set_targets_are_checked_up_front(net, lib, target, error, match):
+    pairs = _random_pairs(6, 3, seed=30)
+    X = np.random.default_rng(31).standard_normal((4, 6)).astype(np.float32)
+    x = torch.from_numpy(X) if lib == "torch" else X
+    with pytest.raises(error, match="set_value: the target of " + match):
+        set_value(x, pairs, {1: 0.5, 0: target})
+    # at construction, not first inside the forward pass
+    with pytest.raises(error, match="intervene: set: the target of " + match):
+        intervene(net, "features.2", pairs, set={0: target})
+    # integer maps and numpy scalars are real numbers
+    assert np.isfinite(np.asarray(set_value(x, pairs, {0: np.float32(1.0), 1: np.arange(4)}))).all()
+
+
+def test_concepts_of_a_wrong_type_give_a_clear_error(net):
+    pairs = _random_pairs(6, 3, seed=32)
+    X = torch.randn(4, 6)
+    for concepts in (True, np.bool_(False), 1.5, "0"):
+        with pytest.raises(TypeError, match=r"remove: concepts must be a concept index \(int\) or an iterable"):
+            remove(X, pairs, concepts)
+    with pytest.raises(TypeError, match="remove_joint: concepts must be"):
+        remove_joint(X, pairs, True)
+    with pytest.raises(TypeError, match="remove: concepts must be"):
+        intervene(net, "features.2", pairs, remove=True)
+    assert remove(X, pairs, np.array([0, 2])).shape == remove(X, pairs, range(0, 3, 2)).shape == X.shape
+
+
 # ---- CUDA (plain torch; needs a GPU, not edpairs' CUDA build) ----------------------------
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")

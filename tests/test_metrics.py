@@ -3,6 +3,8 @@ the recovery report, on hand-made cases and on the ground truth of a synthetic l
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -222,6 +224,59 @@ def test_recovery_checks_arguments(layer):
         metrics.recovery(layer, encoding=layer.S, match_by="decoding")
     with pytest.raises(ValueError, match="match_by"):
         metrics.recovery(layer, encoding=layer.S, match_by=([0, 1], [0, 5]))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_inputs_are_refused_not_scored_as_zero(layer, rng, bad):
+    x = rng.standard_normal((2, 4))
+    x[1, 2] = bad
+    with pytest.raises(ValueError, match=r"est must be finite, got 1 NaN or Inf"):
+        metrics.cosines(x, np.eye(4))
+    with pytest.raises(ValueError, match="true must be finite"):
+        metrics.cosines(np.eye(4), x)
+    with pytest.raises(ValueError, match="span must be finite"):  # not an SVD that does not converge
+        metrics.cosines(np.eye(4), np.eye(4), span=x)
+    with pytest.raises(ValueError, match="encoding must be finite"):
+        metrics.recovery(layer, encoding=np.full_like(layer.S, bad))
+    with pytest.raises(ValueError, match="decoding must be finite"):
+        metrics.recovery(layer, decoding=np.where(np.eye(*layer.W.shape, dtype=bool), bad, layer.W))
+    with pytest.raises(ValueError, match="latent must be finite"):
+        metrics.recovery(layer, encoding=layer.S, latent=np.full(layer.alpha.shape, bad))
+    with pytest.raises(ValueError, match="alpha_hat must be finite"):
+        metrics.latent_rmse(x, np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="alpha_true must be finite"):
+        metrics.latent_rmse(np.zeros((2, 4)), x)
+
+
+def test_latent_rmse_checks_rows_cols_and_dimensions(rng):
+    a = rng.standard_normal((50, 3))
+    for rows in ([-1], [3], [0, 5]):
+        with pytest.raises(ValueError, match=r"rows must lie in \[0, 3\) \(3 columns in alpha_hat\)"):
+            metrics.latent_rmse(a, a, rows=rows, cols=[0] * len(rows))
+    with pytest.raises(ValueError, match=r"cols must lie in \[0, 2\) \(2 columns in alpha_true\)"):
+        metrics.latent_rmse(a, a[:, :2], rows=[0], cols=[-1])
+    with pytest.raises(ValueError, match="rows must be integer indices, got dtype float64"):
+        metrics.latent_rmse(a, a, rows=[0.5], cols=[0])
+    with pytest.raises(ValueError, match=r"same length, got 2 and 1"):
+        metrics.latent_rmse(a, a, rows=[0, 1], cols=[0])
+    with pytest.raises(ValueError, match=r"alpha_hat must be \(N,\) or 2-D \(N, I\).*\(50, 3, 1\)"):
+        metrics.latent_rmse(a[:, :, None], a)
+    with pytest.raises(ValueError, match=r"alpha_true must be \(N,\) or 2-D"):
+        metrics.latent_rmse(a, a[:, :, None])
+    assert metrics.latent_rmse(a[:, 1], a, rows=[0], cols=[1]) == 0.0  # (N,) is one column
+
+
+def test_recovery_checks_the_given_matching_and_the_layer(layer):
+    with pytest.raises(ValueError, match=r"match_by: rows and cols must have the same length, got 3 and 2"):
+        metrics.recovery(layer, encoding=layer.S, match_by=([0, 1, 2], [0, 1]))
+    with pytest.raises(ValueError, match=r"match_by rows must lie in \[0, 3\) \(3 estimated concepts\)"):
+        metrics.recovery(layer, encoding=layer.S, match_by=([0, -1], [0, 1]))
+    with pytest.raises(ValueError, match=r"match_by cols must lie in \[0, 3\) \(3 true concepts in layer\)"):
+        metrics.recovery(layer, encoding=layer.S, match_by=([0, 1], [0, 3]))
+    with pytest.raises(TypeError, match="layer must be an edpairs.synthetic.SyntheticLayer .*got NoneType"):
+        metrics.recovery(None, encoding=layer.S)
+    with pytest.raises(TypeError, match="without membership"):
+        metrics.recovery(SimpleNamespace(X=layer.X, S=layer.S), detections=layer.membership)
 
 
 def test_recovery_accepts_torch(layer):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -232,6 +233,45 @@ def test_not_a_store(tmp_path):
     (tmp_path / "x.npy").write_bytes(b"")
     with pytest.raises(StoreKeyMismatch, match="no store.json"):
         extract(torch.nn.Conv2d(3, 4, 1), "", torch.randn(2, 3, 4, 4), tmp_path)
+
+
+def test_bad_sidecar_names_the_file(reference, tmp_path):
+    meta = json.loads((Path(reference) / "store.json").read_text())
+    sidecar = tmp_path / "store.json"
+    where = re.escape(str(sidecar))
+    for text, why in [("", "the file is empty"), ("{not json", r"not JSON \(Expecting"),
+                      ("[1, 2]", "expected a JSON object, got list")]:
+        sidecar.write_text(text)
+        with pytest.raises(ValueError, match=f"{where} is not a valid edpairs activation store sidecar: {why}"):
+            ActivationStore(tmp_path)
+    broken = json.loads(json.dumps(meta))
+    del broken["shards"]["2"]["rows"], broken["key"]["dtype"]
+    for drop, fields in [("rows", r"key\.dtype, shards\.2\.rows"), ("key", "key"),
+                         ("n_features", "n_features"), ("shards", "shards")]:
+        sidecar.write_text(json.dumps(broken if drop == "rows" else {k: v for k, v in meta.items() if k != drop}))
+        with pytest.raises(ValueError, match=f"{where} is not a valid .*: missing or malformed field\\(s\\) {fields}$"):
+            ActivationStore(tmp_path)
+    # extract into a folder with a broken sidecar: refused unless overwrite=True
+    model = torch.nn.Conv2d(3, 4, 1).eval()
+    sidecar.write_text("")
+    with pytest.raises(ValueError, match="the file is empty; use another folder, or .*overwrite=True"):
+        extract(model, "", torch.randn(2, 3, 4, 4), tmp_path)
+    assert extract(model, "", torch.randn(2, 3, 4, 4), tmp_path, overwrite=True).complete
+
+
+def test_shard_index_and_batch_images_are_checked(reference):
+    store = ActivationStore(reference)
+    assert store.shard(6).shape == store.shard(-1).shape == (64, 16)
+    for i in (7, -8):
+        with pytest.raises(IndexError, match=rf"shard index {i} is out of range: .* has 7 finished shards "
+                                             r"\(valid: 0\.\.6"):
+            store.shard(i)
+    with pytest.raises(TypeError, match="shard index must be an integer, got float 1.0"):
+        store.shard(1.0)
+    for bad in (-1, 0, 2.5, True):
+        with pytest.raises(ValueError, match=rf"batch_images must be a positive integer .*got {bad!r}"):
+            store.images(batch_images=bad)  # raised at the call, not when iterating
+    assert [a.shape[0] for a in store.images(batch_images=np.int64(5))] == [5, 1] * 6 + [4]
 
 
 def test_unknown_length_iterable_and_tokens(tmp_path):

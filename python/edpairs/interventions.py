@@ -267,12 +267,47 @@ class _NoAutocast:
 
 
 # ---- the edit ----------------------------------------------------------------------------
-def _as_concepts(concepts) -> list:
+def _as_concepts(concepts, what: str) -> list:
     if concepts is None:
         return []
-    if isinstance(concepts, numbers.Integral) and not isinstance(concepts, bool):
+    if isinstance(concepts, numbers.Integral) and not isinstance(concepts, (bool, np.bool_)):
         return [concepts]
-    return list(concepts)
+    if not isinstance(concepts, (bool, np.bool_, str, bytes)):
+        try:
+            return list(concepts)
+        except TypeError:
+            pass
+    raise TypeError(f"{what}: concepts must be a concept index (int) or an iterable of indices (list, tuple, "
+                    f"range, integer array), got {type(concepts).__name__} {concepts!r}")
+
+
+def _check_targets(targets, what: str) -> dict:
+    """The targets {concept: t} checked up front: t a finite real number or a per-position map of
+    them (a None or NaN target would turn every edited position into NaN)."""
+    if not isinstance(targets, dict):
+        raise TypeError(f"{what}: targets must be a dict {{concept: target}}, got {type(targets).__name__}")
+    expected = "a finite real number or a per-position map of them (numpy array or torch tensor)"
+    for c, t in targets.items():
+        if isinstance(t, numbers.Real) and not isinstance(t, (bool, np.bool_)):
+            if not np.isfinite(float(t)):
+                raise ValueError(f"{what}: the target of concept {c} must be {expected}, got {t!r}")
+            continue
+        if type(t).__module__.split(".", 1)[0] == "torch" and hasattr(t, "is_complex"):
+            real = not t.is_complex() and str(t.dtype) != "torch.bool"
+            finite = real and bool(t.isfinite().all())
+        else:
+            try:
+                a = np.asarray(t)
+            except (TypeError, ValueError):
+                a = np.asarray(None)
+            real = a.dtype.kind in "iuf"
+            finite = real and bool(np.isfinite(a).all())
+        if not real:
+            got = (f"{type(t).__name__} of dtype {t.dtype}" if getattr(t, "ndim", 0) else repr(t)[:80])
+            raise TypeError(f"{what}: the target of concept {c} must be {expected}, got {got}")
+        if not finite:
+            raise ValueError(f"{what}: the target of concept {c} must be {expected}; the map contains NaN or Inf")
+    return dict(targets)
 
 
 def _scales(scale, J: tuple):
@@ -302,7 +337,7 @@ def _edit(x, pairs, *, remove=(), gate=True, scale=None, joint=False, targets=No
     lib = _Lib(x)
     lib.check_float(x)
     P = _pairs_of(pairs)
-    J_remove = P.check_concepts(_as_concepts(remove), "remove")
+    J_remove = P.check_concepts(_as_concepts(remove, "remove"), "remove")
     targets = {} if targets is None else dict(targets)
     J_set = P.check_concepts(list(targets), "set")
     both = sorted(set(J_remove) & set(J_set))
@@ -397,7 +432,7 @@ def remove(x, pairs, concepts, *, gate=True, scale=None, relu=False, layout=None
     (the published toy used 450 with unnormalised vectors), or a dict {concept: number |
     "mean"}. relu: clamp at 0 afterwards (non-negative layers). Returns an array of x's kind,
     dtype, device and layout."""
-    return _edit(x, pairs, remove=_as_concepts(concepts), gate=gate, scale=scale, relu=relu, layout=layout)
+    return _edit(x, pairs, remove=_as_concepts(concepts, "remove"), gate=gate, scale=scale, relu=relu, layout=layout)
 
 
 def set_value(x, pairs, targets: dict, *, relu=False, layout=None):
@@ -406,9 +441,7 @@ def set_value(x, pairs, targets: dict, *, relu=False, layout=None):
     {concept: t}, t a number or a per-position map broadcastable to x's positions (x's shape
     without the channel axis, e.g. (N, H, W) for "nchw"). relu: clamp at 0 afterwards (which
     can undo part of the edit)."""
-    if not isinstance(targets, dict):
-        raise TypeError(f"set_value: targets must be a dict {{concept: target}}, got {type(targets).__name__}")
-    return _edit(x, pairs, targets=targets, relu=relu, layout=layout)
+    return _edit(x, pairs, targets=_check_targets(targets, "set_value"), relu=relu, layout=layout)
 
 
 def remove_joint(x, pairs, concepts, *, gate=False, relu=False, layout=None):
@@ -416,7 +449,8 @@ def remove_joint(x, pairs, concepts, *, gate=False, relu=False, layout=None):
     W_J, S_J: the concepts' filters and encoding directions; a pseudo-inverse when singular),
     which leaves ``W_J x' = W_J m``. gate=True multiplies each joint latent factor by its
     concept's gate ``sigmoid(w_i.x - b_i)``."""
-    return _edit(x, pairs, remove=_as_concepts(concepts), gate=gate, joint=True, relu=relu, layout=layout)
+    return _edit(x, pairs, remove=_as_concepts(concepts, "remove_joint"), gate=gate, joint=True, relu=relu,
+                 layout=layout)
 
 
 # ---- the model hook ----------------------------------------------------------------------
@@ -442,8 +476,8 @@ class Intervention:
         self.module = find_module(model, layer)
         self.layer = layer if isinstance(layer, str) else type(layer).__name__
         self._pairs = _Pairs(pairs)  # a snapshot: the edit uses the pairs as they were here
-        self.remove = self._pairs.check_concepts(_as_concepts(remove), "remove")
-        self.targets = {} if set is None else dict(set)
+        self.remove = self._pairs.check_concepts(_as_concepts(remove, "remove"), "remove")
+        self.targets = {} if set is None else _check_targets(set, "intervene: set")
         self._pairs.check_concepts(list(self.targets), "set")
         if not self.remove and not self.targets:
             raise ValueError("intervene: nothing to do; give remove=[...] and/or set={concept: target}")

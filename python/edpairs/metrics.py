@@ -30,6 +30,27 @@ def _numpy(x, name):
     return x
 
 
+def _finite(x, name):
+    """x, after checking it holds no NaN or Inf (they would score as 0, or break an SVD)."""
+    if x.dtype.kind in "fc" and not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} must be finite, got {int(np.sum(~np.isfinite(x)))} NaN or Inf values "
+                         f"in an array of shape {x.shape}")
+    return x
+
+
+def _indices(v, name, size, of):
+    """v as a 1-D int64 array of indices in [0, size) (no wrap-around of negatives)."""
+    a = np.asarray(v)
+    if a.size and a.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be integer indices, got dtype {a.dtype}")
+    a = a.astype(np.int64).reshape(-1) if a.ndim <= 1 else a
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+    if a.size and (a.min() < 0 or a.max() >= size):
+        raise ValueError(f"{name} must lie in [0, {size}) ({size} {of}), got values from {a.min()} to {a.max()}")
+    return a
+
+
 def _masks(x, name):
     x = _numpy(x, name)
     if x.ndim == 1:
@@ -50,7 +71,7 @@ def _directions(x, name):
         x = x[None, :]
     if x.ndim != 2:
         raise ValueError(f"{name} must be an (I, D) matrix of directions, got shape {x.shape}")
-    return x.astype(np.float64, copy=False)
+    return _finite(x.astype(np.float64, copy=False), name)
 
 
 def iou(pred, true) -> np.ndarray:
@@ -190,8 +211,11 @@ def latent_rmse(alpha_hat, alpha_true, rows=None, cols=None, *, center=True) -> 
     factor is absorbed by the offset mu and cannot be identified (edpairs reads latents
     centred). Scale is not normalised: express ``alpha_hat`` in units of the true, unit-norm
     encoding direction."""
-    a = _numpy(alpha_hat, "alpha_hat").astype(np.float64, copy=False)
-    t = _numpy(alpha_true, "alpha_true").astype(np.float64, copy=False)
+    a = _finite(_numpy(alpha_hat, "alpha_hat").astype(np.float64, copy=False), "alpha_hat")
+    t = _finite(_numpy(alpha_true, "alpha_true").astype(np.float64, copy=False), "alpha_true")
+    for name, x in (("alpha_hat", a), ("alpha_true", t)):
+        if x.ndim not in (1, 2):
+            raise ValueError(f"{name} must be (N,) or 2-D (N, I) latent factors, got shape {x.shape}")
     if a.ndim == 1:
         a = a[:, None]
     if t.ndim == 1:
@@ -204,9 +228,10 @@ def latent_rmse(alpha_hat, alpha_true, rows=None, cols=None, *, center=True) -> 
         rows = cols = np.arange(a.shape[1])
     elif rows is None or cols is None:
         raise ValueError("give both rows and cols, or neither")
-    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
-    if rows.shape != cols.shape or rows.ndim != 1:
-        raise ValueError("rows and cols must be 1-D of the same length")
+    rows = _indices(rows, "rows", a.shape[1], "columns in alpha_hat")
+    cols = _indices(cols, "cols", t.shape[1], "columns in alpha_true")
+    if rows.shape != cols.shape:
+        raise ValueError(f"rows and cols must be 1-D of the same length, got {rows.size} and {cols.size}")
     if rows.size == 0 or a.shape[0] == 0:
         return float("nan")
     a, t = a[:, rows], t[:, cols]
@@ -246,6 +271,12 @@ def recovery(layer, *, decoding=None, encoding=None, detections=None, latent=Non
     concepts with unmatched ones scoring 0 (IoU, cosines); the RMSE mean covers matched ones.
     Also ``rows``, ``cols`` (the matching, by true concept index), ``matched_by``,
     ``unmatched`` (true concepts without an estimate). A quantity not estimated is None."""
+    needed = ["X", "S"] + [a for a, v in (("W", decoding), ("membership", detections), ("alpha", latent))
+                           if v is not None]
+    missing = [a for a in needed if getattr(layer, a, None) is None]
+    if missing:
+        raise TypeError(f"layer must be an edpairs.synthetic.SyntheticLayer (or an object with "
+                        f"{', '.join(needed)}), got {type(layer).__name__} without {', '.join(missing)}")
     n, d = layer.X.shape
     n_true = layer.S.shape[0]
     est = {}
@@ -259,7 +290,7 @@ def recovery(layer, *, decoding=None, encoding=None, detections=None, latent=Non
             raise ValueError(f"detections must have {n} rows (one per row of layer.X), "
                              f"got {est['detections'].shape[0]}")
     if latent is not None:
-        lat = _numpy(latent, "latent").astype(np.float64, copy=False)
+        lat = _finite(_numpy(latent, "latent").astype(np.float64, copy=False), "latent")
         est["latent"] = lat[:, None] if lat.ndim == 1 else lat
         if est["latent"].ndim != 2 or est["latent"].shape[0] != n:
             raise ValueError(f"latent must be ({n}, I'), got shape {est['latent'].shape}")
@@ -286,15 +317,15 @@ def recovery(layer, *, decoding=None, encoding=None, detections=None, latent=Non
     iou_m = iou(est["detections"], layer.membership) if "detections" in est else None
 
     if isinstance(match_by, (tuple, list)) and len(match_by) == 2:
-        rows, cols = (np.asarray(v, dtype=np.int64).ravel() for v in match_by)
+        n_est = next(iter(counts.values()))
+        rows = _indices(match_by[0], "match_by rows", n_est, "estimated concepts")
+        cols = _indices(match_by[1], "match_by cols", n_true, "true concepts in layer")
+        if rows.shape != cols.shape:  # checked before the reordering below, which would drop the extra
+            raise ValueError(f"match_by: rows and cols must have the same length, got {rows.size} and {cols.size}")
+        if len(set(cols.tolist())) != cols.size or len(set(rows.tolist())) != rows.size:
+            raise ValueError("match_by: rows and cols must pair estimates and true concepts one to one")
         order = np.argsort(cols, kind="stable")
         rows, cols, used = rows[order], cols[order], "given"
-        n_est = next(iter(counts.values()))
-        if (rows.shape != cols.shape or len(set(cols.tolist())) != cols.size
-                or len(set(rows.tolist())) != rows.size):
-            raise ValueError("match_by: rows and cols must pair estimates and true concepts one to one")
-        if rows.size and (rows.min() < 0 or rows.max() >= n_est or cols.min() < 0 or cols.max() >= n_true):
-            raise ValueError(f"match_by: rows must lie in [0, {n_est}) and cols in [0, {n_true})")
     else:
         chain = {"iou": ("iou", "encoding", "decoding"), "encoding": ("encoding",),
                  "decoding": ("decoding",)}.get(match_by)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import numbers
 import os
 import zlib
 from typing import Callable, Iterator, Optional
@@ -108,6 +109,43 @@ def model_fingerprint(model, name: Optional[str] = None) -> dict:
     return {"name": name or f"{cls.__module__}.{cls.__qualname__}", "params": "sha256:" + h.hexdigest()}
 
 
+_SHARD_FIELDS = ("file", "rows", "images", "checksum", "bytes")
+
+
+def _read_sidecar(sidecar: str) -> dict:
+    """The sidecar's JSON object; a ValueError naming the file when it is empty or not JSON."""
+    with open(sidecar, "rb") as f:
+        text = f.read()
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        why = "the file is empty" if not text.strip() else f"not JSON ({exc})"
+        raise ValueError(f"{sidecar} is not a valid edpairs activation store sidecar: {why}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{sidecar} is not a valid edpairs activation store sidecar: expected a JSON object, "
+                         f"got {type(meta).__name__}")
+    return meta
+
+
+def _missing_fields(meta: dict) -> list:
+    """The fields a reader needs that the sidecar lacks (dotted names)."""
+    missing = [f for f in ("key", "n_features", "shards") if f not in meta]
+    if "key" in meta:
+        key = meta["key"]
+        if not isinstance(key, dict):
+            return missing + ["key (an object)"]
+        missing += [f"key.{f}" for f in ("model", "layer", "dtype") if f not in key]
+    shards = meta.get("shards", {})
+    if not isinstance(shards, dict):
+        return missing + ["shards (an object)"]
+    for k, entry in shards.items():
+        have = entry if isinstance(entry, dict) else {}
+        missing += [f"shards.{k}.{f}" for f in _SHARD_FIELDS if f not in have]
+    if shards and "n_features" in meta and not isinstance(meta["n_features"], int):
+        missing.append("n_features (an integer once the store has shards)")
+    return missing
+
+
 def _json_value(value, what: str):
     try:
         return json.loads(json.dumps(value, sort_keys=True))
@@ -139,10 +177,13 @@ class ActivationStore:
                 f"{self.path} is not an activation store (no {SIDECAR}); create one with "
                 "edpairs.store.extract(model, layer, data, path, ...)"
             )
-        with open(sidecar) as f:
-            meta = json.load(f)
+        meta = _read_sidecar(sidecar)
         if meta.get("format") != FORMAT:
             raise ValueError(f"{sidecar} is not an edpairs activation store sidecar")
+        missing = _missing_fields(meta)
+        if missing:
+            raise ValueError(f"{sidecar} is not a valid edpairs activation store sidecar: missing or malformed "
+                             f"field(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         if int(meta.get("version", 0)) > VERSION:
             raise ValueError(f"{sidecar} has format version {meta['version']}; this edpairs reads up to {VERSION}")
         self._meta = meta
@@ -256,6 +297,12 @@ class ActivationStore:
 
     def shard(self, i: int) -> np.ndarray:
         """The ``i``-th finished shard, memory-mapped, ``(rows, D)`` in the stored dtype."""
+        n = len(self._shards)
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"shard index must be an integer, got {type(i).__name__} {i!r}")
+        if not -n <= i < n:
+            raise IndexError(f"shard index {i} is out of range: the store {self.path} has {n} finished shards "
+                             f"(valid: 0..{n - 1}, or negative from the end)")
         k, entry = self._shards[i]
         return self._load(k, entry)
 
@@ -268,6 +315,10 @@ class ActivationStore:
     def images(self, batch_images: Optional[int] = None) -> Iterator[np.ndarray]:
         """A fresh iterator over channel-last ``(n, *grid, D)`` arrays: one per shard, or batches
         of ``batch_images`` images (never crossing a shard)."""
+        if batch_images is not None and (isinstance(batch_images, (bool, np.bool_))
+                                         or not isinstance(batch_images, numbers.Integral) or batch_images < 1):
+            raise ValueError(f"batch_images must be a positive integer (or None: one array per shard), "
+                             f"got {batch_images!r}")
         self._check_complete()
         grid, d, ppi = self.grid, self.n_features, self.patches_per_image
 
@@ -431,8 +482,12 @@ def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtyp
     sidecar = os.path.join(path, SIDECAR)
     meta = None
     if os.path.isfile(sidecar):
-        with open(sidecar) as f:
-            meta = json.load(f)
+        try:
+            meta = _read_sidecar(sidecar)
+        except ValueError as exc:
+            if not overwrite:
+                raise ValueError(f"{exc}; use another folder, or extract(..., overwrite=True) to replace it") from None
+            meta = {}
         if meta.get("key") != key:
             if not overwrite:
                 diff = "; ".join(_differences(meta.get("key", {}), key))
