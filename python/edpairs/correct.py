@@ -98,7 +98,7 @@ class CorrectedModel(_base()):
         super().__init__()
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        concepts = _as_concepts(remove)
+        concepts = _as_concepts(remove, "CorrectedModel: remove")
         if not concepts:
             raise ValueError("CorrectedModel: remove must name at least one concept index")
         if not isinstance(gate, bool) or not isinstance(relu, bool):
