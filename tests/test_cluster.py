@@ -185,3 +185,139 @@ def test_bad_data(rng):
     km = edp.SphericalKMeans(3, random_state=0).fit(X)
     with pytest.raises(ValueError, match="columns"):
         km.predict(X[:, :5])
+
+
+def _unit_sums(rows, labels, k):
+    """Per-cluster sums of the rows' unit vectors (float64 reference)."""
+    rows = np.asarray(rows, np.float64)
+    sums = np.zeros((k, rows.shape[1]))
+    np.add.at(sums, np.asarray(labels), rows / np.linalg.norm(rows, axis=1, keepdims=True))
+    return sums
+
+
+def test_partial_fit_after_fit_continues_from_the_fit(rng):
+    """scikit-learn semantics: partial_fit after fit adds the batch to the running sums of fit's
+    final assignment (not a fresh start), and counts_ keeps accumulating."""
+    X, _, _ = planted(rng, n=3000)
+    rows, batch = X[:2500], X[2500:]
+    km = edp.SphericalKMeans(6, random_state=0, n_init=2, max_iter=4).fit(rows)
+    fit_counts = km.counts_.copy()
+    batch_labels = np.asarray(km.predict(batch))
+    expected = _unit_sums(rows, km.labels_, 6) + _unit_sums(batch, batch_labels, 6)
+    km.partial_fit(batch)
+    assert km.counts_.sum() == len(rows) + len(batch)
+    np.testing.assert_array_equal(km.counts_, fit_counts + np.bincount(batch_labels, minlength=6))
+    np.testing.assert_allclose(np.asarray(km.cluster_centers_),
+                               expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-6)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("drop_sums", [False, True])  # True: a checkpoint written before they were saved
+def test_partial_fit_continues_a_resumed_fit(rng, tmp_path, drop_sums):
+    """A fit interrupted in a later restart (the best so far from the checkpoint) and resumed
+    leaves the same running sums for partial_fit as an uninterrupted fit."""
+    from edpairs.checkpoint import Checkpoint
+
+    X, _, _ = planted(rng, n=3000)
+    chunks, batch = [X[:1200], X[1200:2500]], X[2500:]
+    params = dict(n_init=2, random_state=4, max_iter=5, progress=False)
+
+    def stop(stage, meta):
+        if "best_mean_cosine" in meta:  # the first save of the second restart
+            raise _Interrupted
+
+    path = tmp_path / "km.ckpt"
+    with pytest.raises(_Interrupted):
+        edp.SphericalKMeans(6, **params).fit(chunks, checkpoint=Checkpoint(path, {}, on_save=stop))
+    if drop_sums:
+        with np.load(path) as f:
+            saved = {name: f[name] for name in f.files if name != "best_sums"}
+        np.savez(path.with_suffix(".npz"), **saved)
+        path.with_suffix(".npz").replace(path)
+    resumed = edp.SphericalKMeans(6, **params).fit(chunks, checkpoint=path).partial_fit(batch)
+    plain = edp.SphericalKMeans(6, **params).fit(chunks).partial_fit(batch)
+    np.testing.assert_array_equal(resumed.counts_, plain.counts_)
+    assert resumed.counts_.sum() == len(X)
+    np.testing.assert_allclose(np.asarray(resumed.cluster_centers_), np.asarray(plain.cluster_centers_), atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+@pytest.mark.parametrize(
+    "init, match",
+    [
+        (np.full((3, 24), np.nan), r"init centroids must be finite, got NaN or Inf in row\(s\) \[0, 1, 2\]"),
+        (np.vstack([np.eye(2, 24), np.full((1, 24), np.inf)]), r"must be finite.*row\(s\) \[2\]"),
+        (np.vstack([np.eye(2, 24), np.zeros((1, 24))]), "init centroid 2 is zero"),
+        (np.ones(24), r"init centroids must have shape \(3, 24\), got \(24,\)"),
+    ],
+)
+def test_bad_init_centroids(rng, method, init, match):
+    X, _, _ = planted(rng, n=200)
+    with pytest.raises(ValueError, match=match):
+        getattr(edp.SphericalKMeans(3, init=init), method)(X)
+
+
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nonfinite_data_gets_the_finite_check_message(rng, method, value):
+    """Inf as well as NaN: checked before k-means++ seeding (which failed with numpy's
+    "Probabilities contain NaN" on an Inf row)."""
+    X, _, _ = planted(rng, n=200)
+    X[7, 2] = value
+    with pytest.raises(ValueError, match="X contains NaN or Inf"):
+        getattr(edp.SphericalKMeans(3, random_state=0), method)(X)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n_init": "2"}, "n_init must be a positive integer, got '2'"),
+        ({"n_init": True}, "n_init must be a positive integer, got True"),
+        ({"max_iter": 2.5}, "max_iter must be a positive integer, got 2.5"),
+        ({"max_iter": 0}, "max_iter must be a positive integer, got 0"),
+        ({"init_size": -5}, "init_size must be None or a positive integer, got -5"),
+        ({"chunk_rows": -3}, "chunk_rows must be None or a positive integer, got -3"),
+        ({"chunk_rows": 10.0}, "chunk_rows must be None or a positive integer, got 10.0"),
+        ({"tol": "x"}, "tol must be a finite number >= 0, got 'x'"),
+        ({"tol": -1e-3}, "tol must be a finite number >= 0, got -0.001"),
+        ({"tol": float("nan")}, "tol must be a finite number >= 0, got nan"),
+        ({"random_state": "a"}, "random_state must be None, an integer >= 0 or a numpy Generator, got 'a'"),
+        ({"random_state": -1}, "random_state must be None, an integer >= 0 or a numpy Generator, got -1"),
+        ({"check_finite": "no"}, "check_finite must be True or False, got 'no'"),
+    ],
+)
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+def test_bad_hyperparameters_are_named(rng, kwargs, match, method):
+    X, _, _ = planted(rng, n=200)
+    with pytest.raises(ValueError, match=match):
+        getattr(edp.SphericalKMeans(3, **kwargs), method)(X)
+
+
+def test_numpy_scalars_are_accepted_as_hyperparameters(rng):
+    X, _, _ = planted(rng, n=300)
+    params = dict(n_init=2, max_iter=5, init_size=100, chunk_rows=70, random_state=1, tol=1e-4)
+    a = edp.SphericalKMeans(3, **params).fit(X)
+    b = edp.SphericalKMeans(np.int64(3), n_init=np.int32(2), max_iter=np.int64(5), init_size=np.int64(100),
+                            chunk_rows=np.int64(70), random_state=np.int64(1), tol=np.float32(1e-4)).fit(X)
+    np.testing.assert_array_equal(np.asarray(a.cluster_centers_), np.asarray(b.cluster_centers_))
+
+
+def test_score_names_the_column_mismatch_like_predict(rng):
+    X, _, _ = planted(rng, n=200)
+    km = edp.SphericalKMeans(3, random_state=0).fit(X)
+    for method in (km.predict, km.score):
+        with pytest.raises(ValueError, match="X has 5 columns but the model was fitted on 24"):
+            method(X[:, :5])
+
+
+def test_a_list_of_rows_is_refused_with_a_hint(rng):
+    """A list is a list of (n, D) chunks; a list of 1-D rows gets told to use np.asarray."""
+    X, _, _ = planted(rng, n=200)
+    with pytest.raises(ValueError, match=r"list of 200 1-D items.*list of \(n, D\) chunks.*np\.asarray\(X\)"):
+        edp.SphericalKMeans(3).fit(X.tolist())
+    km = edp.SphericalKMeans(3, random_state=0).fit([X[:100], X[100:]])  # chunks still work
+    assert km.counts_.sum() == len(X)
+    assert edp.SphericalKMeans(3, random_state=0).fit(np.asarray(X.tolist())).counts_.sum() == len(X)

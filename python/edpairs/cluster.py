@@ -176,6 +176,28 @@ class _Geometry:
         return _unit_rows(rows if self.whitener is None else self.whitener.transform(rows))
 
 
+def _initial_centroids(init, n_clusters: int, dim: int) -> np.ndarray:
+    """Unit rows (n_clusters, dim) of an ``init`` array of centroids; refuses a wrong shape,
+    NaN or Inf, and a zero row (a centroid without a direction)."""
+    C = to_numpy64(init)
+    if C.shape != (n_clusters, dim):
+        raise ValueError(f"init centroids must have shape ({n_clusters}, {dim}), got {C.shape}")
+    if not np.isfinite(C).all():
+        bad = np.flatnonzero(~np.isfinite(C).all(axis=1))
+        raise ValueError(f"init centroids must be finite, got NaN or Inf in row(s) {bad.tolist()}")
+    zero = np.flatnonzero(np.linalg.norm(C, axis=1) == 0)
+    if zero.size:
+        raise ValueError(f"init centroid {zero[0]} is zero: a centroid needs a direction")
+    return _unit_rows(C)
+
+
+def _check_finite_rows(rows: np.ndarray, name: str = "X") -> None:
+    """Before seeding: k-means++ on NaN or Inf would fail with numpy's own message (Inf rows
+    normalise to NaN), the assignment kernels' check only comes after."""
+    if not np.isfinite(rows).all():
+        raise ValueError(ops._NONFINITE.format(name))
+
+
 def _kmeanspp(E: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """Greedy k-means++ on unit vectors E (m, r): the spherical distance 1 - cos plays the role
     of the squared Euclidean distance (||a - b||^2 = 2(1 - cos) for unit vectors)."""
@@ -210,6 +232,7 @@ class _LloydResult:
     counts: np.ndarray
     n_iter: int
     labels: Optional[object] = None  # in-memory data only: labels of the final centres
+    sums: Optional[np.ndarray] = None  # (k, D) raw-space sums of the unit vectors assigned to the final centres
 
 
 def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter: int, tol: float,
@@ -284,13 +307,17 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
             lab = None
             if keep_labels:
                 lab = labels[0] if len(labels) == 1 else _concat(labels)
-            return _LloydResult(C, mean_cosine, counts, n_iter, lab)
+            return _LloydResult(C, mean_cosine, counts, n_iter, lab, sums)
         previous = mean_cosine
         C = new
         n_iter += 1
         if save is not None:
             save(C, previous, n_iter)
     raise AssertionError("unreachable")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _concat(parts):
@@ -301,11 +328,12 @@ def _concat(parts):
 
 
 def _seed_sample(source: ChunkSource, geometry: _Geometry, size: int, rng: np.random.Generator, *,
-                 red: Reducer, offset: int, N: int) -> np.ndarray:
+                 red: Reducer, offset: int, N: int, check_finite: bool) -> np.ndarray:
     rows = np.sort(rng.choice(N, size=min(N, size), replace=False))
-    if red.active:
-        return geometry.embed(red.rows(source, rows, offset, source.n_features))
-    return geometry.embed(source.gather(rows))
+    rows = red.rows(source, rows, offset, source.n_features) if red.active else source.gather(rows)
+    if check_finite:
+        _check_finite_rows(rows, source.name)
+    return geometry.embed(rows)
 
 
 def _count_rows(source: ChunkSource) -> None:
@@ -338,7 +366,7 @@ def cluster(source: ChunkSource, n_clusters: int, *, geometry: _Geometry, init="
         first, resume = int(meta["restart"]), (arrays["C"], meta["previous"], int(meta["n_iter"]))
         if "best_centers" in arrays:
             best = _LloydResult(arrays["best_centers"], float(meta["best_mean_cosine"]), arrays["best_counts"],
-                                int(meta["best_n_iter"]))
+                                int(meta["best_n_iter"]), sums=arrays.get("best_sums"))
 
     def saver(restart):
         def save(C, previous, n_iter):
@@ -347,6 +375,8 @@ def cluster(source: ChunkSource, n_clusters: int, *, geometry: _Geometry, init="
             if best is not None:
                 meta.update(best_mean_cosine=best.mean_cosine, best_n_iter=best.n_iter)
                 arrays.update(best_centers=best.centers, best_counts=best.counts)
+                if best.sums is not None:  # None only when resumed from a checkpoint that lacked them
+                    arrays["best_sums"] = best.sums
             checkpoint.save("cluster", meta, arrays)
         return None if checkpoint is None else save
 
@@ -357,7 +387,7 @@ def cluster(source: ChunkSource, n_clusters: int, *, geometry: _Geometry, init="
                 C0, previous, start = resume
             elif isinstance(init, str):
                 size = init_size or max(20 * n_clusters, 4096)
-                E = _seed_sample(source, geometry, size, rng, red=red, offset=offset, N=N)
+                E = _seed_sample(source, geometry, size, rng, red=red, offset=offset, N=N, check_finite=check_finite)
                 if init == "k-means++":
                     C0 = _kmeanspp(E, n_clusters, rng)
                 elif init == "random":
@@ -366,19 +396,19 @@ def cluster(source: ChunkSource, n_clusters: int, *, geometry: _Geometry, init="
                 else:
                     raise ValueError(f"init must be 'k-means++', 'random' or an array of centroids, got {init!r}")
             else:
-                C0 = _unit_rows(to_numpy64(init))
-                dim = geometry.dim or source.n_features
-                if C0.shape != (n_clusters, dim):
-                    raise ValueError(f"init centroids must have shape ({n_clusters}, {dim}), got {C0.shape}")
+                C0 = _initial_centroids(init, n_clusters, geometry.dim or source.n_features)
             bar.set_description(f"{desc} (restart {restart + 1})" if n_init > 1 else desc)
             res = _lloyd(source, geometry, C0, max_iter=max_iter, tol=tol, check_finite=check_finite,
                          progress=bar, keep_labels=keep_labels, red=red, offset=offset, start=start,
                          previous=previous, save=saver(restart))
             if best is None or res.mean_cosine > best.mean_cosine:
                 best = res
-        if keep_labels and best.labels is None:  # the best restart ran before a resume: label the rows again
-            best.labels = _lloyd(source, geometry, best.centers, max_iter=0, tol=tol, check_finite=False,
-                                 progress=bar, keep_labels=True, red=red, offset=offset).labels
+        if (keep_labels and best.labels is None) or best.sums is None:
+            # The best restart ran before a resume (and its sums were not in the checkpoint): one
+            # more assignment pass to its centres.
+            again = _lloyd(source, geometry, best.centers, max_iter=0, tol=tol, check_finite=False,
+                           progress=bar, keep_labels=keep_labels, red=red, offset=offset)
+            best.labels, best.sums = again.labels, again.sums
     return best
 
 
@@ -387,9 +417,10 @@ class SphericalKMeans:
     normalised sum of its members' unit vectors. Runs on edpairs' fused assignment kernel
     (CPU or CUDA), streams over chunks, never forms the N x k score matrix.
 
-    ``fit`` takes an (N, D) array (numpy, torch, cupy) or a re-iterable of chunks (a list, or a
-    callable returning a fresh iterator); with chunks it performs exactly the same Lloyd
-    iterations as on their concatenation. ``partial_fit`` is the online (mini-batch) variant.
+    ``fit`` takes an (N, D) array (numpy, torch, cupy) or a re-iterable of chunks (a list of
+    (n, D) arrays, or a callable returning a fresh iterator); with chunks it performs exactly the
+    same Lloyd iterations as on their concatenation. ``partial_fit`` is the online (mini-batch)
+    variant, and continues a model that ``fit`` returned.
     A cluster left without members, or whose members' unit vectors cancel to float32 rounding
     noise (a sum at most ``ops.CANCELLED`` times their count long), is re-seeded by ``fit`` from
     the worst-fit rows and keeps its centroid in ``partial_fit``.
@@ -418,12 +449,21 @@ class SphericalKMeans:
                 "init_size": self.init_size, "random_state": self.random_state, "chunk_rows": self.chunk_rows}
 
     def _validate(self) -> None:
-        if not isinstance(self.n_clusters, (int, np.integer)) or self.n_clusters < 1:
-            raise ValueError(f"n_clusters must be a positive integer, got {self.n_clusters!r}")
-        if self.n_init < 1 or self.max_iter < 1:
-            raise ValueError(f"n_init and max_iter must be >= 1, got {self.n_init} and {self.max_iter}")
-        if self.tol < 0:
-            raise ValueError(f"tol must be >= 0, got {self.tol}")
+        for name in ("n_clusters", "n_init", "max_iter", "init_size", "chunk_rows"):
+            value = getattr(self, name)
+            optional = name in ("init_size", "chunk_rows")
+            if not (optional and value is None) and (not _is_int(value) or value < 1):
+                raise ValueError(f"{name} must be {'None or ' if optional else ''}a positive integer, got {value!r}")
+        tol = self.tol
+        real = isinstance(tol, (int, float, np.integer, np.floating)) and not isinstance(tol, bool)
+        if not real or not 0 <= tol < math.inf:
+            raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+        seed = self.random_state
+        if not (seed is None or (_is_int(seed) and seed >= 0)
+                or isinstance(seed, (np.random.Generator, np.random.BitGenerator, np.random.SeedSequence))):
+            raise ValueError(f"random_state must be None, an integer >= 0 or a numpy Generator, got {seed!r}")
+        if not isinstance(self.check_finite, (bool, np.bool_)):
+            raise ValueError(f"check_finite must be True or False, got {self.check_finite!r}")
 
     def fit(self, X, y=None, *, process_group=None, checkpoint=None) -> "SphericalKMeans":
         """Fits on X. ``process_group`` (a ``torch.distributed`` group, or True for the default
@@ -434,6 +474,12 @@ class SphericalKMeans:
         With several processes give each rank its own path."""
         self._validate()
         red = reducer(process_group)
+        if isinstance(X, (list, tuple)) and len(X) and all(np.ndim(item) == 1 for item in X):
+            # (Better placed in ChunkSource, which every estimator shares.)
+            raise ValueError(
+                f"X is a list of {len(X)} 1-D items, but a list is read as a list of (n, D) chunks; "
+                "for a list of rows pass np.asarray(X)"
+            )
         source = ChunkSource(X, chunk_rows=self.chunk_rows)
         ckpt = None
         if checkpoint is not None:
@@ -456,23 +502,27 @@ class SphericalKMeans:
         self.inertia_ = float((1.0 - res.mean_cosine) * int(red.sum(np.array([source.n_samples], np.int64))[0]))
         self.n_iter_ = res.n_iter
         self.n_features_in_ = source.n_features
-        self._sums = None
+        # partial_fit continues from here: the sums behind the final assignment (counts_, labels_).
+        self._sums, self._centers = res.sums.copy(), res.centers
         return self
 
     def partial_fit(self, X, y=None) -> "SphericalKMeans":
         """One online step on a batch: assign it to the current centroids and move each centroid
-        to the normalised running sum of every unit vector assigned to it so far."""
+        to the normalised running sum of every unit vector assigned to it so far. After ``fit``
+        it continues from the fitted model: the running sums start as those of fit's final
+        assignment (the one behind ``counts_``) and ``counts_`` keeps accumulating."""
         self._validate()
         X, xp = ops._data(X)
         if not hasattr(self, "cluster_centers_") or getattr(self, "_sums", None) is None:
             if X.shape[0] < self.n_clusters:
                 raise ValueError(f"the first batch needs at least n_clusters={self.n_clusters} rows, got {X.shape[0]}")
             rng = np.random.default_rng(self.random_state)
-            E = _unit_rows(to_numpy64(X))
+            rows = to_numpy64(X)
+            if self.check_finite:
+                _check_finite_rows(rows)
+            E = _unit_rows(rows)
             if not isinstance(self.init, str):
-                C = _unit_rows(to_numpy64(self.init))
-                if C.shape != (self.n_clusters, X.shape[1]):
-                    raise ValueError(f"init centroids must have shape ({self.n_clusters}, {X.shape[1]}), got {C.shape}")
+                C = _initial_centroids(self.init, self.n_clusters, X.shape[1])
             elif self.init == "k-means++":
                 C = _kmeanspp(E, self.n_clusters, rng)
             elif self.init == "random":
@@ -483,8 +533,8 @@ class SphericalKMeans:
             self.counts_ = np.zeros(self.n_clusters, np.int64)
             self._centers = C
             self.n_features_in_ = X.shape[1]
-        elif X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} columns but the model was fitted on {self.n_features_in_}")
+        else:
+            self._check_columns(X)
         res = ops.assign(X, on_device_of(self._centers.astype(np.float32), X), accumulate=True,
                          check_finite=self.check_finite)
         self._sums += to_numpy64(res.sums)
@@ -498,12 +548,15 @@ class SphericalKMeans:
         if not hasattr(self, "cluster_centers_"):
             raise ValueError("this SphericalKMeans is not fitted yet: call fit or partial_fit first")
 
+    def _check_columns(self, X) -> None:
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} columns but the model was fitted on {self.n_features_in_}")
+
     def predict(self, X):
         """Index of the most cosine-similar centroid of each row (X's library and device)."""
         self._check_fitted()
         X, xp = ops._data(X)
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} columns but the model was fitted on {self.n_features_in_}")
+        self._check_columns(X)
         C = on_device_of(to_numpy64(self.cluster_centers_).astype(np.float32), X)
         return ops.cosine_assign(X, C, check_finite=self.check_finite)[0]
 
@@ -511,6 +564,7 @@ class SphericalKMeans:
         """Mean cosine of the rows of X to their nearest centroid (higher is better)."""
         self._check_fitted()
         X, xp = ops._data(X)
+        self._check_columns(X)
         C = on_device_of(to_numpy64(self.cluster_centers_).astype(np.float32), X)
         scores = ops.cosine_assign(X, C, check_finite=self.check_finite)[1]
         return float(to_numpy64(scores).mean()) if X.shape[0] else float("nan")
