@@ -203,3 +203,106 @@ def test_bad_inputs(rng, medium):
         model.latent_factors(X[0])
     with pytest.raises(ValueError, match="JSON"):
         edp.EDPairs(2, metadata={"f": object()}).fit(X)
+
+
+def test_use_refuses_float64_beyond_the_float32_range(published):
+    model = edp.EDPairs(3, random_state=0).fit(published.X[:3000])
+    Y = published.X[:2].astype(np.float64)
+    Y[0, 1] = 1e300  # finite in float64, inf once cast to float32
+    for use in (model.detect, model.latent_factors, model.decode):
+        with pytest.raises(ValueError, match=r"X has values beyond the float32 range \(about ±3.4e38\)"):
+            use(Y)
+    Y[0, 1] = np.inf
+    with pytest.raises(ValueError, match="X contains NaN or Inf"):
+        model.detect(Y)
+    Y[0, 1] = 3e38  # large but representable: no error, finite output
+    assert np.isfinite(np.asarray(model.decode(Y))).all()
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"n_init": 0}, "n_init must be a positive integer, got 0"),
+    ({"n_init": True}, "n_init must be a positive integer, got True"),
+    ({"n_init": 2.5}, "n_init must be a positive integer, got 2.5"),
+    ({"max_iter": -5}, "max_iter must be a positive integer, got -5"),
+    ({"refine_iter": "a"}, "refine_iter must be an integer >= 0, got 'a'"),
+    ({"refine_iter": -1}, "refine_iter must be an integer >= 0, got -1"),
+    ({"init_size": 0}, "init_size must be a positive integer or None, got 0"),
+    ({"chunk_rows": -1}, "chunk_rows must be a positive integer or None, got -1"),
+    ({"tol": "x"}, "tol must be a finite number >= 0, got 'x'"),
+    ({"tol": float("nan")}, "tol must be a finite number >= 0, got nan"),
+    ({"refine_tol": -1e-3}, "refine_tol must be a finite number >= 0, got -0.001"),
+    ({"whiten_rtol": 2}, r"whiten_rtol must be a number in \[0, 1\), got 2"),
+    ({"whiten_rtol": -1}, r"whiten_rtol must be a number in \[0, 1\), got -1"),
+    ({"whiten_rtol": "a"}, r"whiten_rtol must be a number in \[0, 1\), got 'a'"),
+    ({"whiten": "yes"}, "whiten must be True or False, got 'yes'"),
+    ({"check_finite": None}, "check_finite must be True or False, got None"),
+    ({"progress": 3}, "progress must be True, False or None, got 3"),
+    ({"gradient": "x"}, "gradient must be None, a bool, a RefineConfig or a dict of its fields, got 'x'"),
+    ({"random_state": -1}, "random_state must be None, a non-negative integer or a numpy Generator, got -1"),
+    ({"random_state": True}, "random_state must be None, a non-negative integer or a numpy Generator, got True"),
+    ({"n_concepts": True}, "n_concepts must be a positive integer, got True"),
+    ({"signal": ["whole"]}, "signal must be 'positives' or 'whole'"),
+])
+def test_bad_hyperparameters_are_named_before_fitting(medium, params, message):
+    params = {"n_concepts": 3, **params}
+    with pytest.raises(ValueError, match=message):
+        edp.EDPairs(**params).fit(medium.X[:2000])
+
+
+def test_numpy_integer_hyperparameters_are_accepted(medium):
+    X = medium.X[:2000]
+    ref = edp.EDPairs(3, n_init=2, max_iter=20, chunk_rows=700, random_state=0).fit(X)
+    model = edp.EDPairs(np.int64(3), n_init=np.int32(2), max_iter=np.int64(20), chunk_rows=np.uint16(700),
+                        tol=np.float32(1e-6), random_state=np.int64(0)).fit(X)
+    assert np.array_equal(model.decoding_, ref.decoding_)
+
+
+def _rewrite_meta(src, dst, edit):
+    data = dict(np.load(src))
+    meta = json.loads(bytes(data["meta"]).decode())
+    data["meta"] = np.frombuffer(json.dumps(edit(meta)).encode(), dtype=np.uint8)
+    np.savez(dst, **data)
+    return dst
+
+
+def test_load_names_bad_metadata_fields(tmp_path, published):
+    path = tmp_path / "pairs.npz"
+    edp.EDPairs(3, random_state=0).fit(published.X[:3000]).save(path)
+    cases = [
+        (lambda m: {k: v for k, v in m.items() if k != "n_concepts"},
+         r"field 'n_concepts' must be a positive integer; it is missing"),
+        (lambda m: {**m, "n_features": "16"}, r"field 'n_features' must be a positive integer; got '16'"),
+        (lambda m: {**m, "format_version": "1"}, r"field 'format_version' must be an integer; got '1'"),
+        (lambda m: {**m, "params": [1, 2]}, r"field 'params' must be a JSON object"),
+        (lambda m: {**m, "whitening_shrinkage": "oas"}, r"field 'whitening_shrinkage' must be a number; got 'oas'"),
+        (lambda m: list(m.items()), r"not an edpairs pairs file \(its metadata is a JSON list, expected an object\)"),
+    ]
+    for k, (edit, message) in enumerate(cases):
+        bad = _rewrite_meta(path, tmp_path / f"bad{k}.npz", edit)
+        with pytest.raises(ValueError, match=message) as info:
+            edp.EDPairs.load(bad)
+        assert f"bad{k}.npz" in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["str", "pathlib", "bytes"])
+def test_save_and_load_take_str_pathlike_and_bytes_paths(tmp_path, published, kind):
+    model = edp.EDPairs(3, random_state=0).fit(published.X[:3000])
+    path = {"str": str, "pathlib": lambda p: p, "bytes": lambda p: bytes(p)}[kind](tmp_path / "pairs.npz")
+    model.save(path)
+    assert np.array_equal(edp.EDPairs.load(path).decoding_, model.decoding_)
+    with pytest.raises(TypeError, match="path must be a str, bytes or os.PathLike, got int"):
+        model.save(3)
+
+
+def test_thresholds_are_scale_equivariant(published):
+    """The detectors of c X are those of X with c times the thresholds: no absolute epsilon
+    (an absolute floor on the variance of the scores changed the positives of X * 1e-18)."""
+    X = published.X[:3000]
+    ref = edp.EDPairs(3, random_state=0).fit(X)
+    for c in (1e-18, 1e-12, 1e12):
+        model = edp.EDPairs(3, random_state=0).fit(X * np.float32(c))
+        assert np.array_equal(model.n_positives_, ref.n_positives_), c
+        np.testing.assert_allclose(model.bias_ / c, ref.bias_, rtol=1e-4, atol=1e-4 * np.abs(ref.bias_).max())
+        # Unit filters and signal vectors s = Cov(x, z) / Var(z) do not change with the scale.
+        for name in ("decoding_", "encoding_"):
+            np.testing.assert_allclose(getattr(model, name), getattr(ref, name), atol=1e-4, err_msg=name)

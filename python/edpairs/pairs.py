@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from types import SimpleNamespace
 from typing import Optional
@@ -130,15 +131,39 @@ class EDPairs:
 
     # ---- fitting ------------------------------------------------------------------------
     def _validate(self) -> None:
-        if not isinstance(self.n_concepts, (int, np.integer)) or self.n_concepts < 1:
-            raise ValueError(f"n_concepts must be a positive integer, got {self.n_concepts!r}")
-        if self.method not in METHODS:
+        _check_int("n_concepts", self.n_concepts, 1)
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.signal not in ("positives", "whole"):
+        if not isinstance(self.signal, str) or self.signal not in ("positives", "whole"):
             raise ValueError(f"signal must be 'positives' or 'whole', got {self.signal!r}")
+        for name in ("whiten", "check_finite"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.progress is not None and not isinstance(self.progress, (bool, np.bool_)):
+            raise ValueError(f"progress must be True, False or None, got {self.progress!r}")
+        _check_int("n_init", self.n_init, 1)
+        _check_int("max_iter", self.max_iter, 1)
+        _check_int("refine_iter", self.refine_iter, 0)
+        _check_int("init_size", self.init_size, 1, optional=True)
+        _check_int("chunk_rows", self.chunk_rows, 1, optional=True)
+        _check_real("tol", self.tol, "a finite number >= 0", lambda v: v >= 0)
+        _check_real("refine_tol", self.refine_tol, "a finite number >= 0", lambda v: v >= 0)
+        _check_real("whiten_rtol", self.whiten_rtol, "a number in [0, 1)", lambda v: 0 <= v < 1)
         resolve_shrinkage(self.whiten_shrinkage, np.eye(2), 1)  # raises on a bad setting
-        if self.refine_iter < 0:
-            raise ValueError(f"refine_iter must be >= 0, got {self.refine_iter}")
+        if self.gradient is not None and not isinstance(self.gradient, (bool, dict)):
+            from .refine import RefineConfig
+
+            if not isinstance(self.gradient, RefineConfig):
+                raise ValueError(f"gradient must be None, a bool, a RefineConfig or a dict of its fields, "
+                                 f"got {self.gradient!r}")
+        if isinstance(self.random_state, (bool, np.bool_)):
+            raise ValueError(f"random_state must be None, a non-negative integer or a numpy Generator, "
+                             f"got {self.random_state!r}")
+        try:
+            np.random.default_rng(self.random_state)  # returns a Generator as is: its state is untouched
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"random_state must be None, a non-negative integer or a numpy Generator, "
+                             f"got {self.random_state!r} ({exc})") from exc
         if self.metadata is not None:
             try:
                 json.dumps(self.metadata)
@@ -314,7 +339,7 @@ class EDPairs:
 
         config = self.gradient
         if config is True:
-            config = RefineConfig(seed=self.random_state if isinstance(self.random_state, int) else None)
+            config = RefineConfig(seed=self.random_state if isinstance(self.random_state, (int, np.integer)) else None)
         elif isinstance(config, dict):
             config = RefineConfig(**config)
         data = source.array if source.in_memory else (lambda: iter(source))
@@ -373,9 +398,14 @@ class EDPairs:
                 f"{name} has {X.shape[1]} columns but the pairs were fitted on D={self.decoding_.shape[1]}: "
                 f"got shape {tuple(X.shape)}"
             )
-        if self.check_finite and not xp.all_finite(X):
+        with np.errstate(over="ignore"):  # float64 beyond the float32 range: reported below
+            Xf = xp.astype(X, "float32")
+        # Checked after the cast, so that finite float64 values beyond the float32 range are caught.
+        if self.check_finite and not xp.all_finite(Xf):
+            if xp.all_finite(X):
+                raise ValueError(f"{name} has values beyond the float32 range (about ±3.4e38), which the "
+                                 "pairs compute in; rescale the input or set check_finite=False")
             raise ValueError(f"{name} contains NaN or Inf; clean the input or set check_finite=False")
-        Xf = xp.astype(X, "float32")
         return Xf @ on_device_of(self.decoding_.T, X), xp, X
 
     def decode(self, X):
@@ -419,7 +449,7 @@ class EDPairs:
             "cluster_centers": self.cluster_centers_,
             "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
         }
-        path = os.fspath(path)
+        path = _path(path)
         if not path.endswith(".npz"):
             raise ValueError(f"the pairs file must end in .npz, got {path!r}")
         write_atomic(path, lambda f: np.savez(f, **arrays))
@@ -427,7 +457,7 @@ class EDPairs:
     @classmethod
     def load(cls, path) -> "EDPairs":
         """Reads pairs written by :meth:`save`, checking the format, version and shapes."""
-        path = os.fspath(path)
+        path = _path(path)
         try:
             data = np.load(path, allow_pickle=False)
         except FileNotFoundError:
@@ -441,20 +471,32 @@ class EDPairs:
                 meta = json.loads(bytes(data["meta"]).decode())
             except (ValueError, UnicodeDecodeError) as exc:
                 raise ValueError(f"{path!r} has a corrupted metadata record: {exc}") from exc
+            if not isinstance(meta, dict):
+                raise ValueError(f"{path!r} is not an edpairs pairs file (its metadata is a JSON "
+                                 f"{type(meta).__name__}, expected an object)")
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path!r} is not an edpairs pairs file (format {meta.get('format')!r})")
-            if int(meta.get("format_version", -1)) > FORMAT_VERSION:
+            if not _is_int(meta.get("format_version", -1)):  # files without one predate versioning
+                raise _invalid_field(path, meta, "format_version", "an integer")
+            if meta.get("format_version", -1) > FORMAT_VERSION:
                 raise ValueError(
                     f"{path!r} was written by edpairs {meta.get('edpairs_version')} in format version "
                     f"{meta.get('format_version')}; this edpairs reads up to version {FORMAT_VERSION}: upgrade edpairs"
                 )
+            for field in ("n_concepts", "n_features"):
+                if not _is_int(meta.get(field)) or meta[field] < 1:
+                    raise _invalid_field(path, meta, field, "a positive integer")
+            if not isinstance(meta.get("params") or {}, dict):
+                raise _invalid_field(path, meta, "params", "a JSON object of the constructor's parameters")
+            if not _is_real(meta.get("whitening_shrinkage", 0.0)):
+                raise _invalid_field(path, meta, "whitening_shrinkage", "a number")
             need = ("decoding", "bias", "encoding", "mean", "n_positives", "whitening", "whitening_eigenvalues",
                     "whitening_mean", "cluster_centers")
             missing = [k for k in need if k not in data.files]
             if missing:
                 raise ValueError(f"{path!r} is missing arrays {missing}")
             arr = {k: data[k] for k in need}
-        I, D = int(meta["n_concepts"]), int(meta["n_features"])
+        I, D = meta["n_concepts"], meta["n_features"]
         expected = {"decoding": (I, D), "bias": (I,), "encoding": (I, D), "mean": (D,), "n_positives": (I,),
                     "whitening_mean": (D,)}
         for k, shape in expected.items():
@@ -462,6 +504,10 @@ class EDPairs:
                 raise ValueError(f"{path!r}: {k} has shape {arr[k].shape}, expected {shape} for I={I}, D={D}")
         if arr["whitening"].ndim != 2 or arr["whitening"].shape[1] != D:
             raise ValueError(f"{path!r}: whitening has shape {arr['whitening'].shape}, expected (r, {D})")
+        r = arr["whitening"].shape[0]
+        if arr["whitening_eigenvalues"].shape != (r,):
+            raise ValueError(f"{path!r}: whitening_eigenvalues has shape {arr['whitening_eigenvalues'].shape}, "
+                             f"expected ({r},) for the whitening's rank")
         params = dict(meta.get("params") or {})
         params.pop("n_concepts", None)
         params.setdefault("whiten_shrinkage", None)  # files from before the option: no shrinkage
@@ -497,6 +543,41 @@ class EDPairs:
 
 
 # ---- helpers ------------------------------------------------------------------------------
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _invalid_field(path: str, meta: dict, field: str, expected: str) -> ValueError:
+    got = "it is missing" if field not in meta else f"got {meta[field]!r}"
+    return ValueError(f"{path!r} is not a valid edpairs pairs file: metadata field {field!r} must be {expected}; {got}")
+
+
+def _check_int(name: str, value, minimum: int, *, optional: bool = False) -> None:
+    """An integer hyperparameter (numpy integers too, bool refused) at least ``minimum``."""
+    if optional and value is None:
+        return
+    if not _is_int(value) or value < minimum:
+        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r}")
+
+
+def _check_real(name: str, value, expected: str, ok) -> None:
+    """A real hyperparameter (bool refused), finite and accepted by ``ok``."""
+    if not _is_real(value) or not np.isfinite(value) or not ok(float(value)):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _path(path) -> str:
+    """A file path argument as str (str, bytes or os.PathLike)."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"path must be a str, bytes or os.PathLike, got {type(path).__name__}")
+    return os.fsdecode(path)
 
 
 def _blocks(source):
@@ -544,7 +625,10 @@ def _thresholds(source, W: np.ndarray, members: _MemberLabels, mean: np.ndarray,
     between {w_i . x > b_i} and the cluster's members), from streamed histograms of w_i . x."""
     I = W.shape[0]
     center = W @ mean
-    sd = np.sqrt(np.maximum(np.einsum("id,de,ie->i", W, cov, W), 1e-30))
+    # The floor only keeps a detector along a direction without variance from a zero-width
+    # range; it is relative to the data's variance so that thresholds scale with the data.
+    floor = 1e-30 * max(np.trace(cov) / cov.shape[0], np.finfo(np.float64).tiny)
+    sd = np.sqrt(np.maximum(np.einsum("id,de,ie->i", W, cov, W), floor))
     lo, hi = center - 8 * sd, center + 8 * sd
     pos = np.zeros(I * bins, np.int64)  # members of cluster i, by bin of w_i . x
     every = np.zeros(I * bins, np.int64)  # all rows, by bin of w_i . x
