@@ -309,3 +309,10 @@ def test_cuda_tensor_without_cuda_build_raises_backend_unavailable():
         with pytest.raises(edpairs.BackendUnavailable, match="EDPAIRS_CUDA=ON"):
             call()
     assert issubclass(edpairs.BackendUnavailable, RuntimeError)
+
+
+def test_a_list_of_rows_is_refused_by_every_estimator():
+    """A list is read as a list of (n, D) chunks (ChunkSource); a list of 1-D rows gets a hint."""
+    rows = list(rng.standard_normal((50, 4)).astype(np.float32))
+    for fit in (lambda: edpairs.SphericalKMeans(2).fit(rows), lambda: edpairs.EDPairs(2).fit(rows)):
+        _raises(ValueError, fit, r"list of 50 1-D items", r"np\.asarray\(X\)")

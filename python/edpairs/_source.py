@@ -35,6 +35,9 @@ class ChunkSource:
         elif isinstance(data, (list, tuple)):
             if len(data) == 0:
                 raise ValueError(f"{name} is an empty list of chunks")
+            if all(np.ndim(item) == 1 for item in data):
+                raise ValueError(f"{name} is a list of {len(data)} 1-D items, but a list is read as a list of (n, D) "
+                                 f"chunks; for a list of rows pass np.asarray({name})")
             self._chunks = [self._check(as_array(c, name)) for c in data]
         elif hasattr(data, "__next__") or (hasattr(data, "__iter__") and not hasattr(data, "shape") and not isinstance(data, np.ndarray)):
             raise TypeError(

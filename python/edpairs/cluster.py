@@ -474,12 +474,6 @@ class SphericalKMeans:
         With several processes give each rank its own path."""
         self._validate()
         red = reducer(process_group)
-        if isinstance(X, (list, tuple)) and len(X) and all(np.ndim(item) == 1 for item in X):
-            # (Better placed in ChunkSource, which every estimator shares.)
-            raise ValueError(
-                f"X is a list of {len(X)} 1-D items, but a list is read as a list of (n, D) chunks; "
-                "for a list of rows pass np.asarray(X)"
-            )
         source = ChunkSource(X, chunk_rows=self.chunk_rows)
         ckpt = None
         if checkpoint is not None:
