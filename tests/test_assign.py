@@ -244,6 +244,25 @@ def test_zero_rows_label_0_score_0_counted_in_cluster_0_and_add_nothing(xp, rng)
     check_assignment(res, Xz, C)
 
 
+def test_rows_and_centroids_below_float32s_normal_range_count_as_zero(rng):
+    """A row or centroid of norm ~3e-40 (subnormal float32 values: 1 / norm is beyond float32)
+    behaves exactly as a zero one, as on CUDA where its squares underflow; it once gave an
+    infinite score and non-finite sums."""
+    C = make_centroids(rng, 4, 8)
+    X = make_rows(rng, 60, 8, C=C)
+    tiny, zero = X.copy(), X.copy()
+    tiny[[0, 7]] = np.float32(1e-40) * np.sign(X[[0, 7]])
+    zero[[0, 7]] = 0
+    got, want = ops.assign(tiny, C), ops.assign(zero, C)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    Ct, Cz = C.copy(), C.copy()
+    Ct[2], Cz[2] = np.float32(1e-40), 0
+    got, want = ops.assign(X, Ct), ops.assign(X, Cz)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    np.testing.assert_array_equal(got.scores, want.scores)
+
+
 def test_zero_centroid_scores_zero_and_wins_only_against_negative_scores(xp, rng):
     D = 5
     c = np.abs(rng.standard_normal(D)).astype(np.float32) + 0.1

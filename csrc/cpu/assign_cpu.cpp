@@ -38,6 +38,14 @@ PackedCentroids pack_centroids(const Matrix& C, int64_t D, bool check_finite) {
   return P;
 }
 
+// 1 / sqrt(sumsq) as float32, 0 for a zero vector and for one so short (norm below about
+// 2.9e-39) that its inverse is beyond float32: it counts as a zero vector, as on CUDA, where
+// its squares underflow.
+inline float inverse_norm(const double sumsq) {
+  const double inv = sumsq > 0 ? 1.0 / std::sqrt(sumsq) : 0.0;
+  return inv <= static_cast<double>(std::numeric_limits<float>::max()) ? static_cast<float>(inv) : 0.f;
+}
+
 std::vector<float> default_col_scale(const Matrix& C) {
   std::vector<float> scale(static_cast<size_t>(C.rows));
   std::vector<float> row(static_cast<size_t>(C.cols));
@@ -45,7 +53,7 @@ std::vector<float> default_col_scale(const Matrix& C) {
     load_row(C, nullptr, j, 0, C.cols, row.data());
     double sq = 0;
     for (float v : row) sq += static_cast<double>(v) * v;
-    scale[static_cast<size_t>(j)] = sq > 0 ? static_cast<float>(1.0 / std::sqrt(sq)) : 0.f;
+    scale[static_cast<size_t>(j)] = inverse_norm(sq);
   }
   return scale;
 }
@@ -139,7 +147,7 @@ void assign_cpu(const AssignArgs& a, Stream) {
 
     for (int64_t i = 0; i < mc; ++i) {
       const int64_t n = r0 + i;
-      const float r = row_scale ? row_scale[n] : (sumsq[i] > 0 ? static_cast<float>(1.0 / std::sqrt(sumsq[i])) : 0.f);
+      const float r = row_scale ? row_scale[n] : inverse_norm(sumsq[i]);
       int64_t label = 0;
       float score = 0.f;
       if (r > 0) {
