@@ -316,3 +316,17 @@ def test_a_list_of_rows_is_refused_by_every_estimator():
     rows = list(rng.standard_normal((50, 4)).astype(np.float32))
     for fit in (lambda: edpairs.SphericalKMeans(2).fit(rows), lambda: edpairs.EDPairs(2).fit(rows)):
         _raises(ValueError, fit, r"list of 50 1-D items", r"np\.asarray\(X\)")
+
+
+def test_finite_inputs_whose_products_overflow_are_refused(xp):
+    """Finite float32 values whose products pass the float32 range (a centroid of 3e38, rows of
+    2e19 in the moments) gave infinite scores and wrong labels, or infinite moments; with
+    check_finite they raise, without they run (the result is unspecified)."""
+    big_c = as_lib(_with(C, 0, np.float32(3e38)), xp)
+    big_x = as_lib(_with(X, 3, np.float32(2e19)), xp)
+    calls = [lambda cf: ops.assign(as_lib(np.full((5, 4), 10, np.float32), xp), big_c, check_finite=cf),
+             lambda cf: ops.moments(big_x, check_finite=cf),
+             lambda cf: ops.signal_moments(big_x, as_lib(W, xp), as_lib(B, xp), check_finite=cf)]
+    for call in calls:
+        _raises(ValueError, lambda: call(True), "too large for float32 arithmetic", "check_finite=False")
+        call(False)

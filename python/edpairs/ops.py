@@ -71,6 +71,14 @@ def _same_place(mine, theirs, what: str) -> None:
                         f"{b.name} arrays on {b.device(theirs)}; move one to the other's library and device")
 
 
+def _check_results(xp: Namespace, check_finite: bool, inputs: str, arrays) -> None:
+    """With check_finite, finite inputs that gave non-finite results: their products passed the
+    float32 range (about 3.4e38)."""
+    if check_finite and any(a is not None and not xp.all_finite(a) for a in arrays):
+        raise ValueError(f"{inputs} too large for float32 arithmetic: the products overflowed (beyond about "
+                         f"3.4e38); rescale the input or pass check_finite=False to skip this check")
+
+
 def _check_finite_cuda(xp: Namespace, arrays) -> None:
     # The CPU kernels check while packing; on CUDA the check is a library reduction.
     for name, a in arrays:
@@ -165,10 +173,11 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     if shapes_ok and _gemm.assign_applies(X, xp, k, precision):  # (the kernels' bindings word the shape errors)
         _gemm.assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, precision=precision,
                      rows=_gemm.assign_rows(), lib=lib())
-        return Assignment(labels, scores, sums, counts)
-    c = xp.capsule
-    lib().assign(c(X), c(C), c(center), c(row_scale), c(col_scale), c(labels), c(scores), c(sums), c(counts),
-                 bool(check_finite), precision, xp.stream(X))
+    else:
+        c = xp.capsule
+        lib().assign(c(X), c(C), c(center), c(row_scale), c(col_scale), c(labels), c(scores), c(sums), c(counts),
+                     bool(check_finite), precision, xp.stream(X))
+    _check_results(xp, check_finite, "X or C has values", [scores, sums])
     return Assignment(labels, scores, sums, counts)
 
 
@@ -332,11 +341,12 @@ def moments(X, *, check_finite: bool = True, precision: str = "float32",
         mean, m2 = _gemm.moments(X, precision=_gemm.knob_precision(precision, "EDPAIRS_MOMENTS"),
                                  rows=_gemm.default_rows(D) if workspace_rows is None else int(workspace_rows),
                                  lib=lib())
-        return Moments(int(N), mean, m2)
-    mean = xp.empty((D,), "float64", X)
-    m2 = xp.empty((D, D), "float64", X)
-    c = xp.capsule
-    lib().moments(c(X), c(mean), c(m2), bool(check_finite), xp.stream(X), precision=precision)
+    else:
+        mean = xp.empty((D,), "float64", X)
+        m2 = xp.empty((D, D), "float64", X)
+        c = xp.capsule
+        lib().moments(c(X), c(mean), c(m2), bool(check_finite), xp.stream(X), precision=precision)
+    _check_results(xp, check_finite, "X has values", [m2])
     return Moments(int(N), mean, m2)
 
 
@@ -423,14 +433,15 @@ def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace
         raise ValueError(f"workspace_rows must be >= 1, got {workspace_rows}")
     if _gemm.applies(X, xp):
         rows = _gemm.default_rows(D + 3 * I) if workspace_rows is None else int(workspace_rows)
-        fields = _gemm.signal_moments(X, W, b, center, rows=rows, lib=lib(),
-                                      precision=_gemm.knob_precision(precision, "EDPAIRS_SIGNAL_MOMENTS"))
-        return SignalMoments(*fields, center)
-    workspace = None
-    if xp.is_cuda(X):
-        rows = 32768 if workspace_rows is None else int(workspace_rows)
-        workspace = xp.empty((max(1, min(rows, max(N, 1))), 2 * I), "float32", X)
-    c = xp.capsule
-    lib().signal_moments(c(X), c(W), c(b), c(center), c(count), c(sum_x), c(sum_z), c(sum_zz), c(sum_xz),
-                         c(workspace), bool(check_finite), xp.stream(X), precision=precision)
+        count, sum_x, sum_z, sum_zz, sum_xz = _gemm.signal_moments(
+            X, W, b, center, rows=rows, lib=lib(), precision=_gemm.knob_precision(precision, "EDPAIRS_SIGNAL_MOMENTS"))
+    else:
+        workspace = None
+        if xp.is_cuda(X):
+            rows = 32768 if workspace_rows is None else int(workspace_rows)
+            workspace = xp.empty((max(1, min(rows, max(N, 1))), 2 * I), "float32", X)
+        c = xp.capsule
+        lib().signal_moments(c(X), c(W), c(b), c(center), c(count), c(sum_x), c(sum_z), c(sum_zz), c(sum_xz),
+                             c(workspace), bool(check_finite), xp.stream(X), precision=precision)
+    _check_results(xp, check_finite, "X or W has values", [sum_x, sum_zz, sum_xz])
     return SignalMoments(count, sum_x, sum_z, sum_zz, sum_xz, center)
