@@ -995,10 +995,8 @@ def test_tensor_core_fused_sums(torch, dtype, N, D, k, variant, rng, monkeypatch
     check_tc_assignment(fused, f64(Xg), C, dtype, **kw)
     monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", "sorted")
     sorted_ = _poisoned_tc_assign(Xg, gpu(C), **gkw)
-    np.testing.assert_array_equal(to_numpy(fused.labels), to_numpy(sorted_.labels))
-    np.testing.assert_array_equal(to_numpy(fused.counts), to_numpy(sorted_.counts))
-    a, b = to_numpy(fused.sums), to_numpy(sorted_.sums)
-    assert np.abs(a - b).max() <= 1e-5 * (np.abs(b).max() + 1e-30)
+    _assert_same_clusters(fused, sorted_)
+    a = to_numpy(fused.sums)
     # Run to run: labels and counts identical; the sums differ only by the order of the float32
     # shared-memory atomics inside a block (fused kernel) or of the float64 atomics (the sorted
     # pass, where the fused kernel does not fit this card's shared memory).
@@ -1008,6 +1006,14 @@ def test_tensor_core_fused_sums(torch, dtype, N, D, k, variant, rng, monkeypatch
     np.testing.assert_array_equal(to_numpy(again.counts), to_numpy(fused.counts))
     tol = 1e-5 if _fused_applies(torch, k, D) else 1e-12
     assert np.abs(to_numpy(again.sums) - a).max() <= tol * (np.abs(a).max() + 1e-30)
+
+
+def _assert_same_clusters(a, b):
+    """Two assignments with the same labels and counts, and sums equal to float32 accumulation."""
+    np.testing.assert_array_equal(to_numpy(a.labels), to_numpy(b.labels))
+    np.testing.assert_array_equal(to_numpy(a.counts), to_numpy(b.counts))
+    sa, sb = to_numpy(a.sums), to_numpy(b.sums)
+    assert np.abs(sa - sb).max() <= 1e-5 * (np.abs(sb).max() + 1e-30)
 
 
 def _fused_applies(torch, k, D):
@@ -1061,11 +1067,8 @@ def test_tensor_core_column_sums_equal_sorted_sums(torch, dtype, N, D, k, varian
         monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", mode)
         runs[mode] = _poisoned_tc_assign(Xg, gpu(C), **gkw)
     check_tc_assignment(runs["columns"], f64(Xg), C, dtype, **kw)
-    a, b = runs["columns"], runs["sorted"]
-    np.testing.assert_array_equal(to_numpy(a.labels), to_numpy(b.labels))
-    np.testing.assert_array_equal(to_numpy(a.counts), to_numpy(b.counts))
-    sa, sb = to_numpy(a.sums), to_numpy(b.sums)
-    assert np.abs(sa - sb).max() <= 1e-5 * (np.abs(sb).max() + 1e-30)
+    a = runs["columns"]
+    _assert_same_clusters(a, runs["sorted"])
     monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", "columns")
     again = _poisoned_tc_assign(Xg, gpu(C), **gkw)
     for key in ("labels", "counts", "sums"):

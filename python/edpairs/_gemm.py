@@ -481,7 +481,7 @@ def signal_moments(X, W, b, center, *, precision: str, rows: int, lib):
                     with torch.cuda.stream(s):
                         lane.run(first, last, int(s.cuda_stream))
     finally:
-        if len(streams) == 2 and cuda:
+        if n_lanes == 2 and cuda:
             streams[0].wait_stream(streams[1])
     a = lanes[0]
     if n_lanes == 2:

@@ -13,6 +13,8 @@ import numpy as np
 
 from . import ops
 from ._arrays import namespace_of, on_device_of, to_numpy64
+from ._checks import check_real
+from ._checks import is_int as _is_int
 from ._progress import Progress
 from ._source import ChunkSource, row_blocks
 from .distributed import Reducer, reducer
@@ -316,10 +318,6 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
     raise AssertionError("unreachable")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _concat(parts):
     xp = namespace_of(parts[0])
     if xp.name == "torch":
@@ -454,10 +452,7 @@ class SphericalKMeans:
             optional = name in ("init_size", "chunk_rows")
             if not (optional and value is None) and (not _is_int(value) or value < 1):
                 raise ValueError(f"{name} must be {'None or ' if optional else ''}a positive integer, got {value!r}")
-        tol = self.tol
-        real = isinstance(tol, (int, float, np.integer, np.floating)) and not isinstance(tol, bool)
-        if not real or not 0 <= tol < math.inf:
-            raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+        check_real("tol", self.tol, "a finite number >= 0", lambda v: v >= 0)
         seed = self.random_state
         if not (seed is None or (_is_int(seed) and seed >= 0)
                 or isinstance(seed, (np.random.Generator, np.random.BitGenerator, np.random.SeedSequence))):

@@ -59,6 +59,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from ._arrays import _module_root
 from ._arrays import to_numpy64 as _host
 from ._layout import LAYOUTS, channel_last, from_channel_last, infer_layout
 from .capture import find_module
@@ -163,7 +164,7 @@ class _Lib:
     """The few operations the edits need, for torch tensors or numpy arrays."""
 
     def __init__(self, x):
-        root = type(x).__module__.split(".", 1)[0]
+        root = _module_root(x)
         if root == "torch":
             import torch
 
@@ -292,7 +293,7 @@ def _check_targets(targets, what: str) -> dict:
             if not np.isfinite(float(t)):
                 raise ValueError(f"{what}: the target of concept {c} must be {expected}, got {t!r}")
             continue
-        if type(t).__module__.split(".", 1)[0] == "torch" and hasattr(t, "is_complex"):
+        if _module_root(t) == "torch" and hasattr(t, "is_complex"):
             real = not t.is_complex() and str(t.dtype) != "torch.bool"
             finite = real and bool(t.isfinite().all())
         else:

@@ -1,9 +1,11 @@
 """The kernels as plain functions on arrays: numpy, torch (CPU or CUDA) or cupy in, the same
 library and device out. CUDA work is queued on the caller's current stream.
 
-Every function checks its inputs for NaN/Inf unless ``check_finite=False``. On the CPU the
-check is free (the kernels do it while reading); on CUDA it costs one device-to-host
-synchronisation, so pass ``check_finite=False`` to keep a CUDA pipeline asynchronous."""
+Every function checks its inputs for NaN/Inf, and its results for float32 products that
+overflowed, unless ``check_finite=False``. On the CPU the checks are free (the kernels check
+the inputs while reading); on CUDA they cost two device-to-host synchronisations (the inputs
+before the kernels, the results after them), so pass ``check_finite=False`` to keep a CUDA
+pipeline asynchronous."""
 
 from __future__ import annotations
 
@@ -217,6 +219,12 @@ def normalize_centroids(sums, counts, previous, *, check_finite: bool = True):
     previous = _param(previous, xp, sums, "previous", required=True)
     if check_finite and not xp.all_finite(previous):
         raise ValueError(_NONFINITE.format("previous"))
+    return _normalize(xp, sums, counts, previous)
+
+
+def _normalize(xp: Namespace, sums, counts, previous):
+    """The normalize_centroids kernel on checked arrays: contiguous float64 sums, int64 counts,
+    float32 previous."""
     out = xp.empty(tuple(sums.shape), "float32", sums)
     c = xp.capsule
     lib().normalize_centroids(c(sums), c(counts), c(previous), c(out), xp.stream(sums))
@@ -248,7 +256,9 @@ def spherical_kmeans_step(X, C, *, check_finite: bool = True, precision: Optiona
     C = _param(C, xp, X, "C", required=True)
     res = assign(X, C, accumulate=True, check_finite=check_finite, precision=precision)
     sums = res.sums * ((res.sums * res.sums).sum(1) ** 0.5 > CANCELLED * res.counts)[:, None]
-    centroids = normalize_centroids(sums, res.counts, _unit_rows(xp, C), check_finite=check_finite)
+    # The kernel straight away: assign's outputs and C are checked already (the checks of
+    # normalize_centroids would cost a synchronisation each on CUDA, every iteration).
+    centroids = _normalize(xp, xp.contiguous(sums), res.counts, _unit_rows(xp, C))
     return centroids, res.labels, res.counts
 
 
@@ -443,5 +453,5 @@ def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace
         c = xp.capsule
         lib().signal_moments(c(X), c(W), c(b), c(center), c(count), c(sum_x), c(sum_z), c(sum_zz), c(sum_xz),
                              c(workspace), bool(check_finite), xp.stream(X), precision=precision)
-    _check_results(xp, check_finite, "X or W has values", [sum_x, sum_zz, sum_xz])
+    _check_results(xp, check_finite, "X or W has values", [sum_zz, sum_xz])  # sum_x: float64 sums of X
     return SignalMoments(count, sum_x, sum_z, sum_zz, sum_xz, center)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import os
 from types import SimpleNamespace
 from typing import Optional
@@ -18,6 +17,9 @@ import numpy as np
 
 from . import ops
 from ._arrays import namespace_of, on_device_of, to_numpy64
+from ._checks import check_real
+from ._checks import is_int as _is_int
+from ._checks import is_real as _is_real
 from ._io import write_atomic
 from ._progress import Progress
 from ._source import ChunkSource, row_blocks
@@ -146,9 +148,9 @@ class EDPairs:
         _check_int("refine_iter", self.refine_iter, 0)
         _check_int("init_size", self.init_size, 1, optional=True)
         _check_int("chunk_rows", self.chunk_rows, 1, optional=True)
-        _check_real("tol", self.tol, "a finite number >= 0", lambda v: v >= 0)
-        _check_real("refine_tol", self.refine_tol, "a finite number >= 0", lambda v: v >= 0)
-        _check_real("whiten_rtol", self.whiten_rtol, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        check_real("tol", self.tol, "a finite number >= 0", lambda v: v >= 0)
+        check_real("refine_tol", self.refine_tol, "a finite number >= 0", lambda v: v >= 0)
+        check_real("whiten_rtol", self.whiten_rtol, "a number in [0, 1)", lambda v: 0 <= v < 1)
         resolve_shrinkage(self.whiten_shrinkage, np.eye(2), 1)  # raises on a bad setting
         if self.gradient is not None and not isinstance(self.gradient, (bool, dict)):
             from .refine import RefineConfig
@@ -545,14 +547,6 @@ class EDPairs:
 # ---- helpers ------------------------------------------------------------------------------
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
 def _invalid_field(path: str, meta: dict, field: str, expected: str) -> ValueError:
     got = "it is missing" if field not in meta else f"got {meta[field]!r}"
     return ValueError(f"{path!r} is not a valid edpairs pairs file: metadata field {field!r} must be {expected}; {got}")
@@ -565,12 +559,6 @@ def _check_int(name: str, value, minimum: int, *, optional: bool = False) -> Non
     if not _is_int(value) or value < minimum:
         expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r}")
-
-
-def _check_real(name: str, value, expected: str, ok) -> None:
-    """A real hyperparameter (bool refused), finite and accepted by ``ok``."""
-    if not _is_real(value) or not np.isfinite(value) or not ok(float(value)):
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 def _path(path) -> str:

@@ -35,6 +35,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ._arrays import require_torch
+from ._checks import is_int as _is_int
+from ._checks import is_real as _is_real
 from ._progress import Progress
 
 __all__ = [
@@ -157,14 +159,6 @@ class RefineConfig:
             )
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"RefineConfig.seed must be an integer or None, got {self.seed!r}")
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 @dataclass
