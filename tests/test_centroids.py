@@ -58,6 +58,28 @@ def test_normalize_centroids_table(xp):
     np.testing.assert_allclose(out, want, rtol=1e-7, atol=0)
 
 
+@pytest.mark.parametrize("scale", [1e300, 1e200, 1e155, 1e-155, 1e-200, 1e-310])
+def test_normalize_centroids_at_extreme_magnitudes(xp, scale):
+    # s.s overflows past ~1e154 and underflows below ~1e-154: the rows must still come out
+    # unit (they came out zero, inexact, or as `previous`).
+    sums = np.array([[3.0, 4.0, 0.0], [0.0, -1.0, 0.0], [1.0, 2.0, 2.0], [0.0, 0.0, 0.0]]) * scale
+    counts = np.array([2, 1, 4, 3])
+    previous = np.full((4, 3), 7.0, np.float32)
+    out = to_numpy(ops.normalize_centroids(as_lib(sums, xp), as_lib(counts, xp), as_lib(previous, xp)))
+    want = np.array([[0.6, 0.8, 0], [0, -1, 0], [1 / 3, 2 / 3, 2 / 3], [7, 7, 7]], np.float32)
+    np.testing.assert_allclose(out, want, rtol=1e-7, atol=0)
+    np.testing.assert_allclose(ref.normalize_centroids(sums, counts, previous), want, rtol=1e-7, atol=0)
+
+
+def test_normalize_centroids_keeps_previous_for_non_finite_sums(xp):
+    sums = np.array([[np.inf, 1.0], [np.nan, 1.0], [1.0, 1.0]])
+    previous = np.array([[1, 0], [0, 1], [5, 5]], np.float32)
+    out = to_numpy(ops.normalize_centroids(as_lib(sums, xp), as_lib(np.array([1, 1, 1]), xp), as_lib(previous, xp),
+                                           check_finite=False))
+    np.testing.assert_array_equal(out[:2], previous[:2])
+    np.testing.assert_allclose(out[2], [2**-0.5, 2**-0.5], rtol=1e-7)
+
+
 def test_normalize_centroids_accepts_float32_sums_and_int32_counts(xp, rng):
     sums, counts, previous = _normalize_case(rng, 6, 5)
     out = ops.normalize_centroids(as_lib(sums.astype(np.float32), xp), as_lib(counts.astype(np.int32), xp),

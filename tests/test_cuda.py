@@ -263,6 +263,10 @@ def test_torch_cuda_spherical_kmeans_step_and_normalize(torch, route, dtype, rng
     out = ops.normalize_centroids(gpu(sums), gpu(counts), gpu(previous))
     assert out.device.type == "cuda" and out.dtype == torch.float32
     np.testing.assert_allclose(to_numpy(out), ref.normalize_centroids(sums, counts, previous), rtol=2e-7, atol=1e-7)
+    extreme = np.array([[3e200, 4e200], [3e-200, 4e-200], [np.inf, 1.0]])  # s.s overflows / underflows
+    out = ops.normalize_centroids(gpu(extreme), gpu(np.array([1, 1, 1])), gpu(np.full((3, 2), 7, np.float32)),
+                                  check_finite=False)
+    np.testing.assert_allclose(to_numpy(out), [[0.6, 0.8], [0.6, 0.8], [7, 7]], rtol=1e-7, atol=0)
 
 
 @pytest.mark.parametrize("dtype", CUPY_DTYPES)

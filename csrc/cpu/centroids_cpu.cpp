@@ -13,12 +13,21 @@ void normalize_centroids_cpu(const NormalizeArgs& a, Stream) {
   float* out = a.out.ptr<float>();
   cpu::parallel_for(k, [&](int64_t j, int) {
     const double* s = sums + j * D;
+    // The norm is taken of the row scaled by a power of two that brings its largest element
+    // into [1, 2): exact, the same result as unscaled where s.s neither overflows nor
+    // underflows, and right beyond that (sums of 1e200 or 1e-200).
+    double big = 0;
+    for (int64_t d = 0; d < D; ++d) big = std::fmax(big, std::fabs(s[d]));
+    const int e = big > 0 && std::isfinite(big) ? std::ilogb(big) : 0;
     double sq = 0;
-    for (int64_t d = 0; d < D; ++d) sq += s[d] * s[d];
+    for (int64_t d = 0; d < D; ++d) {
+      const double t = std::ldexp(s[d], -e);
+      sq += t * t;
+    }
     float* o = out + j * D;
-    if (counts[j] > 0 && sq > 0) {
+    if (counts[j] > 0 && big > 0 && std::isfinite(big) && sq > 0 && std::isfinite(sq)) {
       const double inv = 1.0 / std::sqrt(sq);
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<float>(s[d] * inv);
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<float>(std::ldexp(s[d], -e) * inv);
     } else {
       const float* p = previous + j * D;
       std::copy(p, p + D, o);

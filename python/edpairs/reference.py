@@ -48,10 +48,12 @@ def cosine_assign(X, C, center=None, row_scale=None, col_scale=None):
 def normalize_centroids(sums, counts, previous):
     sums, previous = _f64(sums), _f64(previous)
     counts = np.asarray(_f64(counts)).astype(np.int64)
-    norms = np.linalg.norm(sums, axis=1)
-    keep = (counts > 0) & (norms > 0)
+    # Scaled by each row's largest magnitude first: no overflow (1e200) or underflow (1e-200).
+    big = np.abs(sums).max(axis=1, initial=0.0)
+    keep = (counts > 0) & (big > 0) & np.isfinite(big)
+    scaled = sums[keep] / big[keep, None]
     out = previous.copy()
-    out[keep] = sums[keep] / norms[keep, None]
+    out[keep] = scaled / np.linalg.norm(scaled, axis=1)[:, None]
     return out
 
 

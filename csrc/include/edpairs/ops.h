@@ -70,7 +70,8 @@ void assign_cuda(const AssignArgs& args, Stream stream);
 // ---------------------------------------------------------------------------------------
 // 2. Spherical centroid update.
 // out[j] = sums[j] / ||sums[j]|| when counts[j] > 0 and ||sums[j]|| > 0; otherwise
-// out[j] = previous[j] unchanged (an empty or degenerate cluster; the caller re-seeds it).
+// out[j] = previous[j] unchanged (an empty or degenerate cluster; the caller re-seeds it), and
+// for non-finite sums. The norm does not overflow or underflow (sums of 1e200 or 1e-200).
 struct NormalizeArgs {
   TensorView sums;      // (k, D) float64
   TensorView counts;    // (k,) int64
