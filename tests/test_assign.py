@@ -385,3 +385,22 @@ def test_precision_is_ignored_on_the_cpu_and_validated(rng):
         ops.assign(X, C, precision="bf16")
     with pytest.raises(ValueError, match="precision"):
         ops.spherical_kmeans_step(X, C, precision="TF32")
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e9])
+def test_float64_rows_are_centred_before_the_float32_rounding(xp, rng, offset):
+    """float64 rows offset + (cluster direction + noise) about a float64 centre: centred in
+    float64 before the float32 kernels see them, so at 1e9 (a float32 ulp of 64) the labels,
+    scores and sums are those of the float64 reference on the centred rows."""
+    k, D, N = 5, 6, 900
+    C = rng.standard_normal((k, D))
+    truth = rng.integers(0, k, N)
+    X = offset + 3 * C[truth] + 0.1 * rng.standard_normal((N, D))
+    center = np.full(D, offset)
+    res = ops.assign(as_lib(X, xp), as_lib(C, xp), center=as_lib(center, xp))
+    check_assignment(res, X, C, center=center)
+    np.testing.assert_array_equal(to_numpy(res.labels), truth)
+    # Row scales slice with the blocks: against the reference with the same scales.
+    r = rng.random(N)
+    res = ops.assign(as_lib(X, xp), as_lib(C, xp), center=as_lib(center, xp), row_scale=as_lib(r, xp))
+    check_assignment(res, X, C, center=center, row_scale=r)

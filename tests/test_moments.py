@@ -3,6 +3,8 @@ large offset, chunked update / merge equal to one pass, and the small-N edge cas
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from _helpers import (
@@ -44,19 +46,27 @@ def test_moments_match_reference(xp, N, D, seed):
 
 
 @pytest.mark.parametrize("offset", [1e3, 1e4])
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_moments_keep_precision_with_a_large_offset(xp, rng, offset, dtype):
-    """Values offset + N(0, 1): a naive float32 E[x^2] - E[x]^2 would lose every digit of the
-    variance; the kernel centres first and must stay within 1e-5 of the reference."""
-    X = (offset + rng.standard_normal((4000, 7))).astype(dtype)
+def test_moments_keep_precision_with_a_large_offset(xp, rng, offset):
+    """float32 values offset + N(0, 1): a naive float32 E[x^2] - E[x]^2 would lose every digit
+    of the variance; the kernel centres first and must stay within 1e-5 of the reference."""
+    X = (offset + rng.standard_normal((4000, 7))).astype(np.float32)
     m = ops.moments(as_lib(X, xp))
-    # The kernels compute on float32 values: against the reference on those values, 1e-5.
-    check_moments(m, X.astype(np.float32), rtol=1e-5)
-    if dtype == "float64":
-        # Against the unrounded float64 values the input rounding adds ~ulp(offset)/sqrt(12)
-        # per element (2.8e-4 at 1e4): a relative error ~2 * 2.8e-4 / sqrt(N) ~ 1e-5 on m2.
-        check_moments(m, X, rtol=5e-5)
+    check_moments(m, X, rtol=1e-5)
     np.testing.assert_allclose(np.diag(to_numpy(m.m2)) / 3999, 1.0, rtol=0.1)  # unit variances
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e9])
+def test_float64_moments_are_centred_before_the_float32_rounding(xp, rng, offset):
+    """float64 offset + N(0, 1): rounding to float32 first would keep nothing of the spread at
+    1e9 (ulp 64); the rows are centred in float64 first, so the float32 products see values of
+    order 1 and the scatter is as exact as without the offset."""
+    noise = rng.standard_normal((3000, 6))
+    noise[:, 1] *= 1e-3  # a column whose spread is a thousandth of the others'
+    X = offset + noise
+    m = ops.moments(as_lib(X, xp))
+    check_moments(m, X, rtol=1e-6)
+    exact_mean = np.array([math.fsum(column) for column in X.T]) / len(X)
+    assert np.all(np.abs(to_numpy(m.mean) - exact_mean) <= 1e-6 * X.std(0) + 2 * np.spacing(offset))
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])

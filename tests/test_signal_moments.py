@@ -196,3 +196,41 @@ def test_merge_different_shapes_raises(xp, rng):
         a.merge(z)
     with pytest.raises(TypeError, match="SignalMoments"):
         a.merge(ops.moments(as_lib(X, xp)))
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e9])
+def test_float64_rows_about_a_centre_are_centred_before_the_float32_rounding(xp, rng, offset):
+    """float64 offset + N(0, 1) about a float64 centre: the rows and z = (x - c) W - (b - c W)
+    are formed in float64 before the float32 kernels see them, so at 1e9 (a float32 ulp of 64)
+    the masks and sums are those of the float64 reference; chunks continue about the same
+    float64 centre."""
+    N, D, I = 1500, 5, 4
+    X = offset + rng.standard_normal((N, D))
+    W = rng.standard_normal((D, I))
+    c = X.mean(0)
+    b = c @ W + 0.3 * rng.standard_normal(I)  # thresholds inside the cloud: about half positive
+    z = (X - c) @ W - (b - c @ W)
+    X = X[np.all(np.abs(z) > 1e-3, axis=1)]  # no row whose sign float32 could flip
+    args = (as_lib(W, xp), as_lib(b, xp))
+    sm = ops.signal_moments(as_lib(X, xp), *args, center=as_lib(c, xp))
+    want = ops_reference_signal(X, W, b, c)
+    np.testing.assert_array_equal(to_numpy(sm.count), want["count"])
+    assert 0.2 * len(X) < want["count"].min() and want["count"].max() < 0.8 * len(X)
+    for name in ("sum_x", "sum_z", "sum_zz", "sum_xz"):
+        np.testing.assert_allclose(to_numpy(getattr(sm, name)), want[name], rtol=1e-5,
+                                   atol=1e-5 * np.abs(want[name]).max())
+    state = ops.signal_moments(as_lib(X[:700], xp), *args, center=as_lib(c, xp))
+    state.update(as_lib(X[700:], xp), *args)
+    np.testing.assert_array_equal(to_numpy(state.count), want["count"])
+    np.testing.assert_allclose(to_numpy(state.sum_xz), want["sum_xz"], rtol=1e-5,
+                               atol=1e-5 * np.abs(want["sum_xz"]).max())
+
+
+def ops_reference_signal(X, W, b, c):
+    """The float64 reference with z taken about c (as exact as float64 allows at any offset)."""
+    Xc = X - c
+    Z = Xc @ W - (b - c @ W)
+    M = Z > 0
+    MZ = np.where(M, Z, 0.0)
+    return {"count": M.sum(0), "sum_x": M.T.astype(float) @ Xc, "sum_z": MZ.sum(0), "sum_zz": (MZ * MZ).sum(0),
+            "sum_xz": MZ.T @ Xc}

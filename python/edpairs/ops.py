@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
+import numpy as np
+
 from ._arrays import FLOAT_INPUTS, Namespace, as_array, namespace_of
 from . import _gemm
 from ._backend import lib
@@ -51,18 +53,43 @@ def _data(X, name: str = "X"):
     return X, xp
 
 
-def _param(value, xp: Namespace, like, name: str, required: bool = False):
-    """A small parameter array as contiguous float32 in X's library (None stays None unless
-    `required`); complex values are refused rather than losing their imaginary parts."""
+def _param(value, xp: Namespace, like, name: str, required: bool = False, dtype: str = "float32"):
+    """A small parameter array as contiguous float32 (or `dtype`) in X's library (None stays
+    None unless `required`); complex values are refused rather than losing their imaginary parts."""
     if value is None:
         if required:
             raise TypeError(f"{name} must be an array (numpy, torch or cupy), got None")
         return None
     value = as_array(value, name)
-    dtype = namespace_of(value).dtype_name(value)
-    if "complex" in dtype:
-        raise TypeError(f"{name} must be real, got {dtype} values")
-    return xp.as_float32_contiguous(xp.asarray(value, like))
+    kind = namespace_of(value).dtype_name(value)
+    if "complex" in kind:
+        raise TypeError(f"{name} must be real, got {kind} values")
+    if dtype == "float32":
+        return xp.as_float32_contiguous(xp.asarray(value, like))
+    return xp.contiguous(xp.astype(xp.asarray(value, like), dtype))
+
+
+# float64 X: the kernels compute in float32, so an offset that dwarfs the spread (1e9 +- 1) would
+# be lost in the rounding if the rows were rounded first. Rows are therefore centred in float64
+# (about the caller's centre, or each block's column means for the moments) and only then
+# rounded, a block of at most F64_BLOCK_ELEMENTS elements at a time (64 MB of float32 rows).
+F64_BLOCK_ELEMENTS = 1 << 24
+
+
+def _float64_blocks(X):
+    N, D = X.shape
+    rows = max(1, F64_BLOCK_ELEMENTS // max(int(D), 1))
+    return [(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)] or [(0, 0)]
+
+
+def _centred_float32(xp: Namespace, block, shift):
+    """(block - shift) in float64, then rounded to float32 (values beyond float32 become Inf,
+    which the kernels' finiteness check reports)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if xp.name == "numpy":  # one pass: the float64 difference rounded as it is stored
+            out = np.empty(block.shape, np.float32)
+            return np.subtract(block, shift[None, :], out=out, casting="unsafe")
+        return xp.as_float32_contiguous(block - shift[None, :])
 
 
 def _same_place(mine, theirs, what: str) -> None:
@@ -141,7 +168,9 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     cores for float16 / bfloat16 X, :data:`DEFAULT_PRECISION` (exact float32) for float32 X. With tensor
     cores a label can differ from the exact one only where two centroids' scores are within
     about 1e-3 (TF32) or 1e-2 (bfloat16) of each other relative to the row's scale; scores
-    carry a relative error of the same order. float64 X always takes the exact path.
+    carry a relative error of the same order. float64 X always takes the exact path, and with
+    a ``center`` its rows are centred in float64 before they are rounded to float32 (an offset
+    of 1e9 keeps a spread of 1).
 
     torch CUDA float32 X with exact products, or TF32 with k >= 129, takes the library-product
     route (edpairs._gemm; ``EDPAIRS_GEMM_ROUTE=kernel`` keeps edpairs' fused kernels): cuBLAS
@@ -159,13 +188,18 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     C = _param(C, xp, X, "C", required=True)
     if C.ndim != 2:
         raise ValueError(f"C must be 2-D (k, D), got shape {tuple(C.shape)}")
-    center = _param(center, xp, X, "center")
+    wide = xp.dtype_name(X) == "float64"
+    center = _param(center, xp, X, "center", dtype="float64" if wide else "float32")
     row_scale = _param(row_scale, xp, X, "row_scale")
     col_scale = _param(col_scale, xp, X, "col_scale")
     if check_finite:
         _check_finite_cuda(xp, [("X", X), ("C", C), ("center", center), ("row_scale", row_scale), ("col_scale", col_scale)])
         if row_scale is not None and not xp.all_nonnegative(row_scale):
             raise ValueError("row_scale must be >= 0 (it scales the norm of each row)")
+    if wide and center is not None:
+        if tuple(center.shape) == (D,) and (row_scale is None or tuple(row_scale.shape) == (N,)):
+            return _assign_float64(X, xp, C, center, row_scale, col_scale, accumulate, check_finite)
+        center = xp.as_float32_contiguous(center)  # a shape error, which the kernels word
     k = C.shape[0]
     labels = xp.empty((N,), "int64", X)
     scores = xp.empty((N,), "float32", X)
@@ -180,6 +214,26 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
         lib().assign(c(X), c(C), c(center), c(row_scale), c(col_scale), c(labels), c(scores), c(sums), c(counts),
                      bool(check_finite), precision, xp.stream(X))
     _check_results(xp, check_finite, "X or C has values", [scores, sums])
+    return Assignment(labels, scores, sums, counts)
+
+
+def _assign_float64(X, xp: Namespace, C, center, row_scale, col_scale, accumulate: bool,
+                    check_finite: bool) -> Assignment:
+    """assign of float64 X about a float64 centre: blocks of rows centred in float64 first."""
+    N, D = X.shape
+    k = C.shape[0]
+    labels = xp.empty((N,), "int64", X)
+    scores = xp.empty((N,), "float32", X)
+    sums = xp.zeros((k, D), "float64", X) if accumulate else None
+    counts = xp.zeros((k,), "int64", X) if accumulate else None
+    for r0, r1 in _float64_blocks(X):
+        part = assign(_centred_float32(xp, X[r0:r1], center), C,
+                      row_scale=None if row_scale is None else row_scale[r0:r1], col_scale=col_scale,
+                      accumulate=accumulate, check_finite=check_finite, precision="float32")
+        labels[r0:r1], scores[r0:r1] = part.labels, part.scores
+        if accumulate:
+            sums += part.sums
+            counts += part.counts
     return Assignment(labels, scores, sums, counts)
 
 
@@ -324,6 +378,8 @@ def moments(X, *, check_finite: bool = True, precision: str = "float32",
 
     Products are float32 on centred values, accumulated in float32 over at most 512 rows
     and in float64 beyond; the mean is float64. Merge chunk results with :meth:`Moments.merge`.
+    float64 X is centred in float64 (on each block's column means) before it is rounded to
+    float32, so an offset that dwarfs the spread (1e9 +- 1) keeps it.
     ``precision="tf32"`` (CUDA, float32 X with 16-byte aligned rows; exact elsewhere) takes the
     products of the centred rows on tensor cores with TF32 operands (relative error ~1e-4,
     float32 within a block of rows, float64 across blocks); the CPU is always exact.
@@ -347,6 +403,14 @@ def moments(X, *, check_finite: bool = True, precision: str = "float32",
         return Moments(0, None, None)
     if check_finite:
         _check_finite_cuda(xp, [("X", X)])
+    if xp.dtype_name(X) == "float64":  # each block centred on its own column means, then merged
+        total = Moments()
+        for r0, r1 in _float64_blocks(X):
+            shift = X[r0:r1].mean(0)
+            part = moments(_centred_float32(xp, X[r0:r1], shift), check_finite=check_finite,
+                           precision="float32", workspace_rows=workspace_rows)
+            total = total.merge(Moments(part.n, part.mean + shift, part.m2))
+        return total
     if _gemm.applies(X, xp):
         mean, m2 = _gemm.moments(X, precision=_gemm.knob_precision(precision, "EDPAIRS_MOMENTS"),
                                  rows=_gemm.default_rows(D) if workspace_rows is None else int(workspace_rows),
@@ -408,7 +472,10 @@ def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace
     product ``X~^T [M, M*Z]`` per block of rows, no (D, D) matrix.
 
     ``center`` (D,) shifts x before the sums (z always uses the raw x); pass the data mean to
-    keep the later covariance arithmetic well conditioned. ``workspace_rows`` bounds the
+    keep the later covariance arithmetic well conditioned; for float64 X the rows are centred
+    in float64 before they are rounded to float32, and z is formed as (x - c) W - (b - c W)
+    with the offset c W in float64 (the state's ``center`` stays float64, so ``update``
+    continues the same way). ``workspace_rows`` bounds the
     scratch memory on CUDA (rows x 2I float32; default 32768 rows on the kernels, 131072 on the
     library-product route below, fewer there when D + 3I > 2048: about 1 GB of scratch at
     most). ``precision="tf32"`` (CUDA, float32 X with 16-byte aligned rows; exact elsewhere)
@@ -426,14 +493,20 @@ def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace
     precision = _product_precision(precision)
     X, xp = _data(X)
     N, D = X.shape
+    Wraw = W
     W = _param(W, xp, X, "W", required=True)
     if W.ndim != 2:
         raise ValueError(f"W must be 2-D (D, I), got shape {tuple(W.shape)}")
     I = W.shape[1]
-    b = _param(b, xp, X, "b", required=True)
-    center = _param(center, xp, X, "center")
+    wide = xp.dtype_name(X) == "float64" and center is not None
+    b = _param(b, xp, X, "b", required=True, dtype="float64" if wide else "float32")
+    center = _param(center, xp, X, "center", dtype="float64" if wide else "float32")
     if check_finite:
         _check_finite_cuda(xp, [("X", X), ("W", W), ("b", b), ("center", center)])
+    if wide:
+        if tuple(W.shape) == (D, I) and tuple(b.shape) == (I,) and tuple(center.shape) == (D,):
+            return _signal_moments_float64(X, xp, Wraw, b, center, check_finite, workspace_rows)
+        b, center = xp.as_float32_contiguous(b), xp.as_float32_contiguous(center)  # shape errors: the kernels word them
     count = xp.empty((I,), "int64", X)
     sum_x = xp.empty((I, D), "float64", X)
     sum_z = xp.empty((I,), "float64", X)
@@ -455,3 +528,19 @@ def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace
                              c(workspace), bool(check_finite), xp.stream(X), precision=precision)
     _check_results(xp, check_finite, "X or W has values", [sum_zz, sum_xz])  # sum_x: float64 sums of X
     return SignalMoments(count, sum_x, sum_z, sum_zz, sum_xz, center)
+
+
+def _signal_moments_float64(X, xp: Namespace, W, b, center, check_finite: bool,
+                            workspace_rows: Optional[int]) -> SignalMoments:
+    """signal_moments of float64 X about a float64 centre: blocks of rows centred in float64
+    first, and z = (x - c) W - (b - c W) with the offset c W taken in float64."""
+    W64 = _param(W, xp, X, "W", dtype="float64")
+    shifted = _param((b - center @ W64), xp, X, "b")
+    W = xp.as_float32_contiguous(W64)
+    total = None
+    for r0, r1 in _float64_blocks(X):
+        part = signal_moments(_centred_float32(xp, X[r0:r1], center), W, shifted, check_finite=check_finite,
+                              workspace_rows=workspace_rows, precision="float32")
+        total = part if total is None else total.merge(part)
+    total.center = center  # float64: update() centres the next chunk the same way
+    return total
