@@ -481,6 +481,45 @@ def test_bad_inputs_raise_clear_errors(toy):
         call(X=42)
 
 
+def test_integer_detectors_are_real_values(toy):
+    """Integer W and b (numpy or torch) refine like the same values in float64."""
+    X = toy[0][:300]
+    W = np.round(4 * toy[2].T).astype(np.int64)
+    b = np.full(I_TOY, 2, np.int64)
+    cfg = RefineConfig(**dict(FAST, epochs=2))
+    ref = refine_detectors(X, W.astype(np.float64), b.astype(np.float64), config=cfg)
+    for Wi, bi in [(W, b), (torch.from_numpy(W), torch.from_numpy(b))]:
+        res = refine_detectors(X, Wi, bi, config=cfg)
+        np.testing.assert_allclose(np.asarray(res.W), ref.W, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(res.b), ref.b, rtol=1e-6, atol=1e-6)
+    assert evaluate_detectors(X, W, b, config=cfg) == evaluate_detectors(X, W * 1.0, b * 1.0, config=cfg)
+
+
+def test_divergence_reports_what_was_seen_and_the_likely_causes(toy):
+    X = toy[0][:300]
+    W = (4 * toy[2].T).astype(np.float32)
+    b = np.full(I_TOY, 2.0, np.float32)
+    cfg = RefineConfig(**dict(FAST, epochs=3))
+    # Detectors far off the data's scale overflow float32 before any update: not the learning rate.
+    overflow = r"first step, before any update.*terms: margin.*start: \d\.\d+e\+30"
+    with pytest.raises(FloatingPointError, match=overflow) as err:
+        refine_detectors(X, W * 1e30, b, config=cfg)
+    assert "learning rate" not in str(err.value)
+    with pytest.raises(FloatingPointError, match=r"non-finite terms: extra\).*NaN/Inf from extra_loss"):
+        refine_detectors(X, W, b, config=cfg, extra_loss=lambda W, b, x: W.sum() * float("nan"))
+    # Chunks are checked in the first epoch only: data turning NaN later is named, with the rate.
+    bad = X.copy()
+    bad[5, 0] = np.nan
+    reads = []
+
+    def chunks():
+        reads.append(None)
+        return iter([X if len(reads) <= 2 else bad])  # statistics pass, epoch 0, then NaN
+
+    with pytest.raises(FloatingPointError, match=r"in epoch 1 .*chunks read after the first epoch.*config.lr = 0.01"):
+        refine_detectors(chunks, W, b, config=cfg)
+
+
 # ---------------------------------------------------------------------------------------
 # CUDA
 

@@ -252,6 +252,42 @@ def test_head_returning_non_logits_is_refused(small):
         edp.EDPairs(3, random_state=0).fit(small.images(), head=lambda f: f.mean((1, 2, 3)), ura=FAST)
 
 
+def _no_grad_head(head):
+    def call(features):
+        with torch.no_grad():
+            return head(features)
+    return call
+
+
+@pytest.mark.parametrize("make, pattern", [
+    (lambda h: lambda f: torch.zeros(f.shape[0], 10), "must be differentiable.*Tensor with requires_grad=False"),
+    (lambda h: lambda f: h(f).detach(), "must be differentiable.*Tensor with requires_grad=False"),
+    (_no_grad_head, "must be differentiable.*Tensor with requires_grad=False"),
+    (lambda h: lambda f: h(f.detach().numpy()), "torch tensor of logits, differentiable.*got ndarray"),
+], ids=["constant", "detached", "no_grad", "numpy"])
+def test_head_without_gradient_is_refused(small, make, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        edp.EDPairs(3, random_state=0).fit(small.images(), head=make(small.head), ura=FAST)
+
+
+def test_head_gradient_is_needed_only_by_the_entropy_loss(small):
+    head = _no_grad_head(small.head)
+    # ura weight 0: the head is only evaluated (its entropy recorded); ura=False: never called.
+    model = edp.EDPairs(3, random_state=0).fit(small.images(), head=head, ura={**FAST, "ura": 0.0})
+    assert model.ura_["unconstrained"][-1]["entropy"] > 0
+    assert edp.EDPairs(3, random_state=0).fit(small.images(), head=head, ura=False).ura_ is None
+
+
+def test_divergence_names_what_was_seen(small):
+    # Infinite logits: caught at the first step, blamed on the head (it used to surface as a
+    # linear-algebra failure in the next step's shift, after NaN parameters).
+    with pytest.raises(FloatingPointError, match=r"step 1 .*non-finite.*the head returned non-finite logits"):
+        edp.EDPairs(3, random_state=0).fit(small.images(), head=lambda f: small.head(f) * float("inf"), ura=FAST)
+    # A learning rate that throws the parameters out: after a step, and the rate is named.
+    with pytest.raises(FloatingPointError, match=r"URA diverged .*learning rate \(lr = 1e\+30\)"):
+        edp.EDPairs(3, random_state=0).fit(small.images(), head=small.head, ura={**FAST, "lr_unconstrained": 1e30})
+
+
 def test_head_raising_names_the_shapes(small):
     def head(features):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")

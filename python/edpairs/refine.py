@@ -166,11 +166,12 @@ class RefineResult:
     """What :func:`refine_detectors` returns.
 
     ``W`` (D, I) and ``b`` (I,): refined detectors in raw coordinates, in the library, device
-    and dtype of the input ``W``. ``W_standardized``, ``b_standardized``: the same detectors
-    in the coordinates the optimisation used, ``(x − center) / scale`` (also returned, like
-    ``W``). ``history``: one dict per epoch with ``epoch``, ``lr``, ``total`` (the weighted
-    objective) and each unweighted term (``extra`` when an ``extra_loss`` was given), averaged
-    over the epoch's minibatches. ``config``: the configuration used, ``rho`` filled in."""
+    and dtype of the input ``W`` (an integer ``W`` gives float64 numpy or float32 torch).
+    ``W_standardized``, ``b_standardized``: the same detectors in the coordinates the
+    optimisation used, ``(x − center) / scale`` (also returned, like ``W``). ``history``: one
+    dict per epoch with ``epoch``, ``lr``, ``total`` (the weighted objective) and each
+    unweighted term (``extra`` when an ``extra_loss`` was given), averaged over the epoch's
+    minibatches. ``config``: the configuration used, ``rho`` filled in."""
 
     W: Any
     b: Any
@@ -524,6 +525,8 @@ def _validate_detectors(W, b):
     bt = _as_tensor(b, "b")
     _check_real(Wt, "W")
     _check_real(bt, "b")
+    # Integer detectors are real values (as ops._param treats parameters); norms need a float.
+    Wt, bt = (t if t.is_floating_point() else t.double() for t in (Wt, bt))
     if Wt.dim() != 2:
         raise ValueError(f"W must be 2-D (D, I): one column per detector, got shape {tuple(Wt.shape)}")
     D, I = Wt.shape
@@ -659,6 +662,8 @@ def refine_detectors(
                     u /= u.norm(dim=0).clamp_min(torch.finfo(torch.float32).tiny)
                 n = xb.shape[0]
                 row = torch.stack([total.detach()] + [terms[name].detach() for name in names])
+                if epoch == 0 and k == 0:  # the loss before any update, for the divergence message
+                    first = dict(zip(["total"] + names, row.tolist()))
                 sums += row.to(torch.float64) * n
                 count += n
                 if k == 0:
@@ -671,7 +676,8 @@ def refine_detectors(
             bar.note = f"lr {lr:.2e} loss {values[0]:.5g}"
             bar.set_description(f"refine: epoch {epoch + 1}/{cfg.epochs}")
             if not math.isfinite(values[0]):
-                raise FloatingPointError(f"refinement diverged in epoch {epoch} (loss {values[0]}); lower config.lr")
+                chunked = source.kind != "array"
+                raise FloatingPointError(_divergence(record, first, float(norms.max()), cfg.lr, chunked))
             lr = plateau.step(values[0])
     finally:
         bar.close()
@@ -690,6 +696,26 @@ def refine_detectors(
         W_standardized=_like(W_s, W),
         b_standardized=_like(b_s, W),
     )
+
+
+def _divergence(record: dict, first: dict, largest_norm: float, lr: float, chunked: bool) -> str:
+    """The FloatingPointError message for a non-finite epoch loss (``record``) given the loss
+    terms of the first step (``first``): what was observed and what can cause it (the learning
+    rate only when the loss was finite before the first update)."""
+    causes = [f"values beyond the float32 range in standardised coordinates: detectors, center or scale that do not "
+              f"fit this data (largest |w_i| there at the start: {largest_norm:.3g})"]
+    if "extra" in record:
+        causes.append("NaN/Inf from extra_loss")
+    if chunked:
+        causes.append("NaN/Inf in chunks read after the first epoch (only the first pass over X is checked)")
+    if math.isfinite(first["total"]):
+        when, seen = f"in epoch {record['epoch']} (epoch mean {record['total']}", record
+        causes.append(f"too large a learning rate (config.lr = {lr:g})")
+    else:
+        when, seen = f"at the first step, before any update (loss {first['total']}", first
+    bad = [k for k, v in seen.items() if k not in ("epoch", "lr", "total") and not math.isfinite(v)]
+    return (f"refinement diverged: the loss became non-finite {when}; non-finite terms: {', '.join(bad)}); "
+            f"likely causes: {'; '.join(causes)}")
 
 
 def evaluate_detectors(

@@ -356,8 +356,9 @@ def _head_device(head):
     return None
 
 
-def _logits(head, features):
-    """head(features) with the shapes checked and a failure reported with them."""
+def _logits(head, features, differentiable: bool):
+    """head(features) with the shapes checked and a failure reported with them; with
+    ``differentiable``, logits through which the gradient reaches ``features``."""
     torch = _torch()
     try:
         out = head(features)
@@ -369,7 +370,8 @@ def _logits(head, features):
             f"logits: {exc}"
         ) from exc
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the head must return a torch tensor of logits, got {type(out).__name__}")
+        need = ", differentiable with respect to the features" if differentiable else ""
+        raise TypeError(f"the head must return a torch tensor of logits{need}, got {type(out).__name__}")
     if out.dim() != 2 or out.shape[0] != features.shape[0]:
         raise ValueError(
             f"the head must return 2-D (n_images, n_classes) logits; for features of shape "
@@ -377,6 +379,13 @@ def _logits(head, features):
         )
     if out.shape[1] < 2:
         raise ValueError(f"the head must return logits for at least 2 classes, got shape {tuple(out.shape)}")
+    if differentiable and features.requires_grad and not out.requires_grad:
+        raise TypeError(
+            "the head must be differentiable (a torch function of its input whose output requires grad): URA's "
+            "entropy loss (URAConfig.ura > 0) trains the detectors through it; given features with "
+            f"requires_grad=True it returned a {type(out).__name__} with requires_grad=False (detached, computed "
+            "under torch.no_grad, or not computed from the features?)"
+        )
     return out
 
 
@@ -469,6 +478,19 @@ def align(images, head, W, b, S, *, whitener, signal: Optional[Callable] = None,
     return URAResult(W=Wr, b=br, S=S_now, history=history, config=cfg)
 
 
+def _ura_divergence(stage: str, epoch: int, step: int, seen: str, lr: float, finite_logits: bool = True) -> str:
+    """The FloatingPointError message when URA diverges: what was seen, then the causes that fit
+    it (the learning rate only after the stage has taken a step)."""
+    if not finite_logits:
+        cause = "the head returned non-finite logits"
+    elif step > 1:
+        cause = (f"too large a learning rate (lr = {lr:g}) sent the detectors or signal vectors to values the head "
+                 "or the loss cannot take")
+    else:
+        cause = "the data, detectors or signal vectors hold values beyond the float32 range before any update"
+    return f"URA diverged in the {stage} stage at step {step} (epoch {epoch}): {seen}; likely cause: {cause}"
+
+
 def _stage(source, head, C, t, G, P, Pinv, mean, cfg, stage_cfg, epochs, lr, gen, bar, name, start_C, start_t):
     """One URA stage: Adam on (C, t) (and G when constrained) over batches of whole images."""
     torch = _torch()
@@ -506,10 +528,15 @@ def _stage(source, head, C, t, G, P, Pinv, mean, cfg, stage_cfg, epochs, lr, gen
             Wr = C @ P32
             br = t + Wr @ mean32
             Sr = None if G is None else G @ Pinv32.T
-            dx = shift(flat, Wr, br, Sr)
+            try:
+                dx = shift(flat, Wr, br, Sr)
+            except RuntimeError as exc:  # torch's LinAlgError: a pseudo-inverse of non-finite products
+                seen = (f"the shifts could not be formed ({type(exc).__name__}; largest |w| "
+                        f"{float(Wr.detach().abs().max()):.3g})")
+                raise FloatingPointError(_ura_divergence(name, epoch, steps, seen, lr)) from exc
             kappa = k_lo + (k_hi - k_lo) * torch.rand(n, generator=gen)
             kappa = kappa.to(device).repeat_interleave(flat.shape[0] // n)[:, None]
-            logits = _logits(head, (flat - kappa * dx).reshape(shape))
+            logits = _logits(head, (flat - kappa * dx).reshape(shape), differentiable=cfg.ura > 0)
             H = entropy(logits).mean()
             terms = {"entropy": H}
             total = -cfg.ura * H
@@ -536,23 +563,25 @@ def _stage(source, head, C, t, G, P, Pinv, mean, cfg, stage_cfg, epochs, lr, gen
                 orth = filter_signal_orthogonality(Wr, Sr)
                 terms["orthogonality"] = orth
                 total = total + cfg.orthogonality * orth
+            terms["total"] = total
+            values = {key: float(v.detach()) for key, v in terms.items()}
+            if not math.isfinite(values["total"]):  # checked before the step: NaN parameters break shift()
+                bad = ", ".join(f"{k} {v}" for k, v in values.items() if not math.isfinite(v))
+                raise FloatingPointError(_ura_divergence(name, epoch, steps, f"the loss became non-finite ({bad})", lr,
+                                                         finite_logits=bool(torch.isfinite(logits.detach()).all())))
             # Gradients of URA's own parameters only: a head that is a plain callable (e.g. a
             # model split's tail) gets no .grad written onto the network's parameters.
             params = [p for group in opt.param_groups for p in group["params"]]
             for p, g in zip(params, torch.autograd.grad(total, params, allow_unused=True)):
                 p.grad = g
             opt.step()
-            terms["total"] = total
-            for key, v in terms.items():
-                sums[key] = sums.get(key, 0.0) + float(v.detach()) * n
+            for key, v in values.items():
+                sums[key] = sums.get(key, 0.0) + v * n
             count += n
             bar.update(1, note=f"{name} {epoch + 1}/{epochs} H {float(H.detach()):.4f}")
         record = {"epoch": epoch, "lr": lr}
         record.update({k: v / max(count, 1) for k, v in sums.items()})
         records.append(record)
-        if not math.isfinite(record["total"]):
-            raise FloatingPointError(f"URA diverged in the {name} stage, epoch {epoch} (loss {record['total']}); "
-                                     "lower the learning rate")
         lr = plateau.step(record["total"])
         epoch += 1
     out_G = None if G is None else G.detach().double()
