@@ -306,3 +306,17 @@ def test_thresholds_are_scale_equivariant(published):
         # Unit filters and signal vectors s = Cov(x, z) / Var(z) do not change with the scale.
         for name in ("decoding_", "encoding_"):
             np.testing.assert_allclose(getattr(model, name), getattr(ref, name), atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rows_far_from_the_origin_are_refused_with_the_remedy(published, dtype):
+    """The pairs compute in float32: an offset 1e5 times the spread left ~7 bits for it and
+    silently flipped detections (float64 rows with an offset of 1e9 gave [3000, 0, 3000]
+    positives). Below the bound the fit runs and matches the centred data's."""
+    X = published.X[:3000].astype(np.float64)
+    with pytest.raises(ValueError, match=r"1\.\d+e\+05 times their spread.*Centre the rows first"):
+        edp.EDPairs(3, random_state=0).fit((X + 1e5).astype(dtype))
+    ref = edp.EDPairs(3, random_state=0).fit(X.astype(dtype))
+    model = edp.EDPairs(3, random_state=0).fit((X + 1e3).astype(dtype))  # 1.4e3 times the spread
+    assert np.array_equal(model.n_positives_, ref.n_positives_)
+    np.testing.assert_allclose(model.decoding_, ref.decoding_, atol=1e-4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from types import SimpleNamespace
 from typing import Optional
@@ -31,6 +32,11 @@ __all__ = ["EDPairs", "positives_signal_vectors", "whole_data_signal_vectors"]
 FORMAT = "edpairs.pairs"
 FORMAT_VERSION = 1
 METHODS = ("centroid", "discriminant", "biorthogonal")
+#: fit refuses rows whose mean is more than this many times their spread (|mean| against
+#: sqrt(trace cov)): the pairs compute in float32 (24 bits), and beyond 2^13 the rounding of the
+#: offset costs the directions ~3e-4 and the signal vectors ~1e-3 (more, and detections flip, as
+#: it grows). Centring the rows first loses nothing.
+MAX_OFFSET_RATIO = 2.0**13
 
 
 def positives_signal_vectors(stats: ops.SignalMoments, *, min_count: int = 2):
@@ -243,6 +249,7 @@ class EDPairs:
                 ckpt.save("moments", {}, {})
         if I > n_rows:
             raise ValueError(f"n_concepts={I} is larger than the number of rows N={n_rows}")
+        _check_offset(mean, cov)
         # The regularised covariance: the whitening's, and the discriminant method's inverse.
         regularised = Whitener.from_covariance(mean, cov, rtol=self.whiten_rtol, shrinkage=self.whiten_shrinkage,
                                                n_samples=n_rows)
@@ -559,6 +566,17 @@ def _check_int(name: str, value, minimum: int, *, optional: bool = False) -> Non
     if not _is_int(value) or value < minimum:
         expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r}")
+
+
+def _check_offset(mean: np.ndarray, cov: np.ndarray) -> None:
+    spread = math.sqrt(max(float(np.trace(cov)), 0.0))
+    ratio = float(np.linalg.norm(mean)) / spread if spread > 0 else 0.0
+    if ratio > MAX_OFFSET_RATIO:
+        raise ValueError(
+            f"X's rows sit {ratio:.3g} times their spread from the origin (|mean| / sqrt(trace cov)); the pairs "
+            f"compute in float32, where that offset leaves about {max(0.0, 24 - math.log2(ratio)):.0f} of 24 bits for "
+            f"the spread (refused above {MAX_OFFSET_RATIO:g}). Centre the rows first (X - X.mean(0)) and give the "
+            "pairs centred rows later too")
 
 
 def _path(path) -> str:
