@@ -14,8 +14,9 @@ EDPAIRS_GEMM_GRAM=triangle; "edpairs-tf32-wgmma": the centred Gram on Hopper's w
 EDPAIRS_GEMM_GRAM=wgmma, where the build and GPU have it; these three kinds time the moments
 only, the signal moments do not use them; "-ov" after the default and each triangle row:
 EDPAIRS_GEMM_OVERLAP=1, the moments' next step centred on a second stream while this step's
-products run, the signal moments' steps dealt to two streams in turn) and
-"edpairs-kernel" /
+products run, the signal moments' steps dealt to two streams in turn; "-half" after each TF32
+row but the step variants: EDPAIRS_GEMM_HALF=1, the moments' products from float16 operands,
+moments only) and "edpairs-kernel" /
 "edpairs-kernel-tf32", edpairs' own CUDA kernels (EDPAIRS_GEMM_ROUTE=kernel: SIMT exact, or the
 tensor-core scatter / masked product with TF32 operands).
 
@@ -94,7 +95,7 @@ def main() -> None:
         cuda = dev.startswith("cuda")
         edp_methods = _edpairs_methods(cuda, args.workspace_rows, args.block_rows, args.triangle_blocks)
         # Kernels that have never run on a GPU go last: a fault there loses no other row.
-        late = {name for name in edp_methods if name.endswith("-wgmma")}
+        late = {name for name in edp_methods if name.endswith(("-wgmma", "-half"))}
         moments = {name: (lambda kw=kw, env=env: _edp(edp, env, edp.ops.moments, X, check_finite=False, **kw).cov)
                    for name, (kw, env) in edp_methods.items()}
         signal = {name: (lambda kw=kw, env=env: _edp(edp, env, edp.ops.signal_moments, X, Wt, bt, check_finite=False,
@@ -135,7 +136,7 @@ def main() -> None:
 
 
 #: Name parts of the rows that only the moments use (the signal moments skip them).
-MOMENTS_ONLY = ("-b", "-tri", "-wgmma")
+MOMENTS_ONLY = ("-b", "-tri", "-wgmma", "-half")
 
 
 def _edpairs_methods(cuda: bool, workspace_rows, block_rows=(), triangle_blocks=()):
@@ -163,6 +164,11 @@ def _edpairs_methods(cuda: bool, workspace_rows, block_rows=(), triangle_blocks=
     for name, (kw, env) in list(out.items()):
         if "-r" not in name and "-b" not in name:
             out[f"{name}-ov"] = (kw, {**env, "EDPAIRS_GEMM_OVERLAP": "1"})
+    # "-half": the TF32 moments' products from float16 operands scaled per column
+    # (EDPAIRS_GEMM_HALF=1), on every TF32 row above but the step variants.
+    for name, (kw, env) in list(out.items()):
+        if kw.get("precision") == "tf32" and "-r" not in name and "-b" not in name:
+            out[f"{name}-half"] = (kw, {**env, "EDPAIRS_GEMM_HALF": "1"})
     if _wgmma_gram_available():  # the centred Gram on wgmma (TF32; the signal moments ignore it)
         out["edpairs-tf32-wgmma"] = ({"precision": "tf32"}, {**gemm, "EDPAIRS_GEMM_GRAM": "wgmma"})
     kernel = {"EDPAIRS_GEMM_ROUTE": "kernel"}

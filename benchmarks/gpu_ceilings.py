@@ -7,8 +7,9 @@ shapes (issue 6 reads goal 2 against "the TF32 GEMM rate for the same shape"):
 
   kmeans   the scores X C^T of one k-means step, (N, D) x (D, k) into an (N, k) float32 /
            bf16 output: TF32 and bf16, rate 2 N D k / t
-  gram     the moments' product X^T X, (D, N) x (N, D): TF32 and exact float32, rate
-           2 N D^2 / t (cuBLAS forms both triangles; the moments benchmark counts N D^2)
+  gram     the moments' product X^T X, (D, N) x (N, D): TF32 and exact float32, and on CUDA
+           float16 operands with a float32 output (the moments' EDPAIRS_GEMM_HALF products),
+           rate 2 N D^2 / t (cuBLAS forms both triangles; the moments benchmark counts N D^2)
   signal   the signal moments' two products Z = X W, (N, D) x (D, I), and A^T X with
            A = [M, M o Z] (N, 2I): TF32 and exact float32, rate 6 N D I / (t_XW + t_AX)"""
 
@@ -52,6 +53,9 @@ def same_shape_rates(torch, dev: str, repeat: int, kmeans=(1_000_000, 512, 1024)
         out[f"signal_{tag}_TFLOPs"] = rate(6.0 * N * D * I, lambda: torch.mm(x, w, out=z),
                                            lambda: torch.mm(a.T, x, out=prod))
     torch.backends.cuda.matmul.allow_tf32 = False
+    if dev == "cuda":  # float16 products with float32 outputs exist on CUDA only
+        xh = x.half()
+        out["gram_fp16_TFLOPs"] = rate(2.0 * N * D * D, lambda: torch.mm(xh.T, xh, out_dtype=torch.float32, out=gram))
     return out
 
 

@@ -57,7 +57,7 @@ esac
 # out by default.
 # The tests of kernels that have not run on a GPU yet (or changed since): in a process of their
 # own before the others, so that a fault there cannot poison the CUDA context of the rest.
-NEW_K="${NEW_K:-wgmma or column or fused or tensor_core_assign_matches or prefetch or overlap}"
+NEW_K="${NEW_K:-wgmma or column or fused or tensor_core_assign_matches or prefetch or overlap or float16_operands}"
 if [ "$QUICK" = 1 ]; then
   SKIP="${SKIP-estimators route_parts stream bf16 ncu}"
   TESTS_K="${TESTS_K:-not ($NEW_K) and (moment or route or centre or rescore or argmax or stream or gram)}"
@@ -82,6 +82,7 @@ kmeans:1000000,512,1024 kmeans:1000000,512,256 kmeans:1000000,512,64 labels:1000
 kmeans:1000000,512,1024:EDPAIRS_ASSIGN_OVERLAP=4 kmeans:1000000,512,1024:EDPAIRS_ASSIGN_OVERLAP=8 \
 kmeans:1000000,512,256:EDPAIRS_ASSIGN_OVERLAP=4 \
 moments-f32:1000000,512:EDPAIRS_GEMM_GRAM=triangle moments:1000000,512:EDPAIRS_GEMM_OVERLAP=1 \
+moments:1000000,512:EDPAIRS_GEMM_HALF=1 moments:1000000,512:EDPAIRS_GEMM_HALF=1;EDPAIRS_GEMM_OVERLAP=1 \
 signal:1000000,512,256:EDPAIRS_GEMM_OVERLAP=1 \
 labels:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=wgmma labels:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=wgmma;EDPAIRS_WGMMA_PREFETCH=0 \
 labels:1000000,512,128:EDPAIRS_ASSIGN_KERNEL=wgmma \
@@ -253,6 +254,9 @@ for x in m.get("results", []):
         if "tf32" in x["method"]:
             goals.append((f"{x['op']}: {x['method']} rate / TF32 GEMM rate", ratio(rate, tf32), 0.5))
             goals.append((f"{x['op']}: {x['method']} rate / same-shape TF32", ratio(rate, same.get(f"{kind}_tf32_TFLOPs", 0)), 0.5))
+        if "-half" in x["method"]:  # float16 operands: also against the 16-bit rates
+            goals.append((f"{x['op']}: {x['method']} rate / bf16 GEMM rate", ratio(rate, bf16), 0.5))
+            goals.append((f"{x['op']}: {x['method']} rate / same-shape fp16", ratio(rate, same.get("gram_fp16_TFLOPs", 0)), 0.5))
         else:
             goals.append((f"{x['op']}: {x['method']} rate / fp32 GEMM rate (exact)", ratio(rate, fp32), 0.5))
             goals.append((f"{x['op']}: {x['method']} rate / same-shape fp32", ratio(rate, same.get(f"{kind}_fp32_TFLOPs", 0)), 0.5))

@@ -22,6 +22,7 @@ from _helpers import (
 
 import edpairs
 from edpairs import _gemm, ops
+from edpairs._arrays import Namespace
 from edpairs._backend import lib
 
 torch = pytest.importorskip("torch")
@@ -588,6 +589,75 @@ def test_route_moments_triangle_gram(D, block, rng, monkeypatch):
         _gemm.moments(t(X), precision="float32", rows=400, lib=lib())
 
 
+def test_centre_rows_writes_scaled_float16_rounded_to_nearest_even(rng):
+    """CentreRows with a float16 out: float16((x - shift) * scale) bit for bit as numpy rounds
+    (nearest even; subnormals; 65504 and past it Inf), the column sums of the unscaled values."""
+    X = (rng.standard_normal((300, 9)) * 3.0 ** rng.integers(-30, 30, (300, 9))).astype(np.float32)
+    X[0, :6] = [65504, 65519.99, 65520, -7e4, 2.0**-24 * 1.5, 2.0**-25]  # edges, with a scale of 1
+    X[1, :3] = [np.nan, np.inf, 2.0**-14 * (1 - 2.0**-11)]
+    shift = np.zeros(9, np.float32)
+    shift[6:] = rng.standard_normal(3).astype(np.float32)
+    scale = (2.0 ** np.array([0, 0, 0, 0, 0, 0, -3, 5, 12])).astype(np.float32)
+    out = np.empty((300, 9), np.float16)
+    colsum = np.zeros(9)
+    c = Namespace("torch").capsule
+    lib().CentreRows(c(t(X)), c(t(shift)), c(t(out)), c(t(colsum)), c(t(scale))).run(0, 300, 0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = ((X - shift) * scale).astype(np.float16)
+    np.testing.assert_array_equal(out.view(np.uint16), want.view(np.uint16))
+    finite = np.isfinite(X).all(0)
+    np.testing.assert_allclose(colsum[finite], (X - shift).astype(np.float64).sum(0)[finite], rtol=1e-12)
+    with pytest.raises(ValueError, match="out"):  # float16 out without a scale: refused
+        lib().CentreRows(c(t(X)), c(t(shift)), c(t(out)), c(t(colsum)))
+
+
+def test_half_scale_brings_each_column_under_the_top(rng):
+    X = rng.standard_normal((500, 5)).astype(np.float32) * np.array([1e-30, 1e-3, 1, 7e3, 0], np.float32)
+    X[:, 4] = 2.5  # no spread
+    shift = t(X[:100].mean(0))
+    s = _gemm.half_scale(torch, t(X), shift, 100)
+    assert s.dtype == torch.float32
+    big = (t(X[:100]) - shift).abs().amax(0)
+    scaled = (big * s)[:4]
+    assert bool(((scaled >= 2.0 ** (_gemm.HALF_TOP - 1)) & (scaled < 2.0**_gemm.HALF_TOP)).all()), scaled
+    assert np.all(np.log2(s.numpy()) == np.round(np.log2(s.numpy())))  # powers of two: exact scaling
+
+
+@pytest.mark.parametrize("gram", ["one product", "blocks", "triangle"])
+def test_route_moments_from_float16_operands(gram, rng, monkeypatch):
+    """EDPAIRS_GEMM_HALF=1, TF32 precision: float16 operands scaled per column (columns of very
+    different sizes), the scales undone exactly: the moments within float16's rounding (11
+    bits, unbiased: far inside TF32's bound), symmetric; exact-float32 calls do not use them."""
+    if gram == "blocks":
+        monkeypatch.setenv("EDPAIRS_GEMM_BLOCK_ROWS", "200")
+    if gram == "triangle":
+        monkeypatch.setenv("EDPAIRS_GEMM_GRAM", "triangle")
+        monkeypatch.setenv("EDPAIRS_GEMM_TRIANGLE_BLOCK", "5")
+    X = (rng.standard_normal((3001, 13)) @ rng.standard_normal((13, 13))).astype(np.float32)
+    X *= np.float32(10.0) ** np.arange(-6, 7, dtype=np.float32)
+    X += 5 * X.std(0)
+    monkeypatch.setenv("EDPAIRS_GEMM_HALF", "1")
+    mean, m2 = _gemm.moments(t(X), precision="tf32", rows=700, lib=lib())
+    check_moments(ops.Moments(3001, mean, m2), X, rtol=1e-4)  # measured 2.1e-5
+    assert torch.equal(m2, m2.T)
+    exact = _gemm.moments(t(X), precision="float32", rows=700, lib=lib())
+    np.testing.assert_array_equal(exact[1].numpy(), _gemm.moments(t(X), precision="float32", rows=700, lib=lib(),
+                                                                  half=False)[1].numpy())
+    monkeypatch.setenv("EDPAIRS_GEMM_HALF", "2")
+    with pytest.raises(ValueError, match="EDPAIRS_GEMM_HALF must be '0' or '1', got '2'"):
+        _gemm.moments(t(X), precision="tf32", rows=700, lib=lib())
+
+
+def test_route_moments_from_float16_operands_fall_back_past_the_range(rng):
+    """A later step 1000 times the first step's spread overflows float16 (headroom 256): the call
+    runs again with TF32 operands and returns finite, right moments."""
+    X = rng.standard_normal((2000, 6)).astype(np.float32)
+    X[1000:] *= 1000
+    mean, m2 = _gemm.moments(t(X), precision="tf32", rows=500, lib=lib(), half=True)
+    assert bool(torch.isfinite(m2).all())
+    check_moments(ops.Moments(2000, mean, m2), X, rtol=1e-5)  # the CPU's TF32 products are exact
+
+
 def test_triangle_product_computes_only_the_upper_blocks(rng):
     """The lower blocks are never formed: acc stays 0 below the diagonal blocks."""
     A = torch.from_numpy(rng.standard_normal((50, 10)))
@@ -910,3 +980,32 @@ def test_moments_with_the_wgmma_gram(rng, monkeypatch):
     assert not _gemm.gram_wgmma_applies(wide[:, 1:], "tf32")  # rows off 16 bytes
     other = ops.moments(wide[:, 1:], precision="tf32")
     assert np.linalg.norm(other.m2.cpu().numpy() - cov) <= 1e-3 * np.linalg.norm(cov)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _GPU, reason="needs edpairs built with CUDA and a GPU")
+def test_cuda_moments_from_float16_operands(rng, monkeypatch):
+    """EDPAIRS_GEMM_HALF=1 on the GPU: CentreRows' float16 operands bit for bit torch's
+    rounding of (x - shift) * scale; the TF32 moments from them (cuBLAS float16 products into
+    float32) within float16's rounding, symmetric, with and without the overlap; a later step
+    past float16's range runs again with TF32 operands and comes out finite and right."""
+    monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "gemm")
+    X = (rng.standard_normal((300_000, 256)) @ rng.standard_normal((256, 256)) * 0.1 + 3).astype(np.float32)
+    X[:, :8] *= 1e3  # columns of different sizes
+    Xg = t(X).cuda()
+    shift = Xg[:1000].mean(0)
+    scale = _gemm.half_scale(torch, Xg, shift, 1000)
+    out = torch.empty((1000, 256), dtype=torch.float16, device="cuda")
+    c = Namespace("torch").capsule
+    lib().CentreRows(c(Xg), c(shift), c(out), None, c(scale)).run(0, 1000, torch.cuda.current_stream().cuda_stream)
+    assert torch.equal(out, ((Xg[:1000] - shift) * scale).half())
+    monkeypatch.setenv("EDPAIRS_GEMM_HALF", "1")
+    for overlap in ("0", "1"):
+        monkeypatch.setenv("EDPAIRS_GEMM_OVERLAP", overlap)
+        m = ops.moments(Xg, precision="tf32")
+        check_moments(m, X, rtol=1e-4)
+        assert torch.equal(m.m2, m.m2.T)
+    X[200_000:] *= 1000
+    m = ops.moments(t(X).cuda(), precision="tf32")
+    assert bool(torch.isfinite(m.m2).all())
+    check_moments(m, X, rtol=3e-3)

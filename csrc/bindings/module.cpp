@@ -426,23 +426,30 @@ class ArgmaxRowsPlan {
 
 class CentreRowsPlan {
  public:
-  CentreRowsPlan(py::handle x, py::handle shift, py::handle out, py::handle colsum) {
+  // out float32, or float16 with scale (D,) float32 (the half-precision operands, ops.h 3e).
+  CentreRowsPlan(py::handle x, py::handle shift, py::handle out, py::handle colsum, py::handle scale) {
     a_.x = in_.take(x, "X", false);
     a_.shift = in_.take(shift, "shift", false);
     a_.out = in_.take(out, "out", true);
     a_.colsum = in_.take(colsum, "colsum", true);
+    a_.scale = in_.take(scale, "scale", true);
     expect_rank(a_.x, "X", 2, "(N, D)");
     expect_input_dtype(a_.x, "X");
     expect_cuda_rows(a_.x, "X");
     const int64_t D = a_.x.shape[1];
     expect_shape(a_.shift, "shift", {D}, {"D"}, DType::Float32);
     expect_rank(a_.out, "out", 2, "(R, D)");
-    expect_shape(a_.out, "out", {a_.out.shape[0], D}, {"R", "D"}, DType::Float32);
+    const DType out_dtype = a_.scale.present ? DType::Float16 : DType::Float32;
+    expect_shape(a_.out, "out", {a_.out.shape[0], D}, {"R", "D"}, out_dtype);
+    if (a_.scale.present) {
+      expect_shape(a_.scale, "scale", {D}, {"D"}, DType::Float32);
+    }
     if (a_.colsum.present) {
       expect_shape(a_.colsum, "colsum", {D}, {"D"}, DType::Float64);
     }
-    expect_contiguous_each({{&a_.shift, "shift"}, {&a_.out, "out"}, {&a_.colsum, "colsum"}});
-    expect_same_device({{&a_.x, "X"}, {&a_.shift, "shift"}, {&a_.out, "out"}, {&a_.colsum, "colsum"}});
+    expect_contiguous_each({{&a_.shift, "shift"}, {&a_.out, "out"}, {&a_.colsum, "colsum"}, {&a_.scale, "scale"}});
+    expect_same_device({{&a_.x, "X"}, {&a_.shift, "shift"}, {&a_.out, "out"}, {&a_.colsum, "colsum"},
+                        {&a_.scale, "scale"}});
   }
   // Rows [first, first + rows) of X into the first `rows` rows of out.
   void run(int64_t first, int64_t rows, uintptr_t stream) {
@@ -599,8 +606,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("cnorm") = py::none())
       .def("run", &ArgmaxRowsPlan::run, py::arg("first"), py::arg("rows"), py::arg("stream"));
   py::class_<CentreRowsPlan>(m, "CentreRows")
-      .def(py::init<py::handle, py::handle, py::handle, py::handle>(), py::arg("x"), py::arg("shift"), py::arg("out"),
-           py::arg("colsum"))
+      .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle>(), py::arg("x"), py::arg("shift"),
+           py::arg("out"), py::arg("colsum"), py::arg("scale") = py::none())
       .def("run", &CentreRowsPlan::run, py::arg("first"), py::arg("rows"), py::arg("stream"));
   m.def("centred_gram", &centred_gram, py::arg("x"), py::arg("shift"), py::arg("m2"), py::arg("colsum"),
         py::arg("stream"));

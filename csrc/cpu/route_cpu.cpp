@@ -113,17 +113,39 @@ void cluster_sums_cpu(const ClusterSumsArgs& a, Stream) {
 
 namespace {
 
-// out[r] = x_r - shift (float32, rows of D), colsum += their column sums (float64) when given.
-void centre_rows_into(const cpu::Matrix& X, const float* shift, float* out, double* colsum) {
+// float -> IEEE binary16 bits, rounded to nearest even; +-Inf from 65520 on, NaN stays NaN.
+uint16_t half_bits(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const auto sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  x &= 0x7fffffffu;
+  if (x > 0x7f800000u) return sign | 0x7e00u;   // NaN
+  if (x >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 (Inf included): beyond the largest half
+  if (x >= 0x38800000u) {                       // a normal half (>= 2^-14): rebias, round 23 -> 10 bits
+    const uint32_t m = x - (112u << 23);
+    return sign | static_cast<uint16_t>((m + 0xfffu + ((m >> 13) & 1u)) >> 13);
+  }
+  float a;  // a subnormal half or zero: units of 2^-24, exact to scale, rounded to nearest even
+  std::memcpy(&a, &x, sizeof a);
+  return sign | static_cast<uint16_t>(std::nearbyint(a * 16777216.0f));
+}
+
+// out[r] = x_r - shift (float32, rows of D), or float16((x_r - shift) * scale) into out16;
+// colsum += the float32 values' column sums (float64) when given.
+void centre_rows_into(const cpu::Matrix& X, const float* shift, float* out, double* colsum,
+                      uint16_t* out16 = nullptr, const float* scale = nullptr) {
   using namespace cpu;
   const int64_t R = X.rows, D = X.cols;
   constexpr int64_t kBlock = 256;  // rows per task; the tasks' column sums are added in order
   const int64_t tasks = (R + kBlock - 1) / kBlock;
   std::vector<double> part(colsum != nullptr ? static_cast<size_t>(tasks * D) : 0, 0.0);
   parallel_for(tasks, [&](int64_t task, int) {
+    std::vector<float> row(out16 != nullptr ? static_cast<size_t>(D) : 0);
     for (int64_t r = task * kBlock; r < std::min(R, (task + 1) * kBlock); ++r) {
-      float* o = out + r * D;
+      float* o = out16 != nullptr ? row.data() : out + r * D;
       load_row(X, shift, r, 0, D, o);
+      if (out16 != nullptr)
+        for (int64_t d = 0; d < D; ++d) out16[r * D + d] = half_bits(o[d] * scale[d]);
       if (colsum != nullptr) {
         double* p = part.data() + task * D;
         for (int64_t d = 0; d < D; ++d) p[d] += static_cast<double>(o[d]);
@@ -139,8 +161,10 @@ void centre_rows_into(const cpu::Matrix& X, const float* shift, float* out, doub
 }  // namespace
 
 void centre_rows_cpu(const CentreRowsArgs& a, Stream) {
-  centre_rows_into(cpu::matrix_of(a.x), a.shift.ptr<const float>(), a.out.ptr<float>(),
-                   a.colsum.present ? a.colsum.ptr<double>() : nullptr);
+  const bool half = a.out.dtype == DType::Float16;
+  centre_rows_into(cpu::matrix_of(a.x), a.shift.ptr<const float>(), half ? nullptr : a.out.ptr<float>(),
+                   a.colsum.present ? a.colsum.ptr<double>() : nullptr, half ? a.out.ptr<uint16_t>() : nullptr,
+                   half ? a.scale.ptr<const float>() : nullptr);
 }
 
 void centred_gram_cpu(const CentredGramArgs& a, Stream) {

@@ -4,6 +4,7 @@
 // route, run on each block of scores right after cuBLAS formed it (still in L2 when the block
 // is a few tens of MB). One warp per row: the row norm from x (unless row_scale is given),
 // then the first maximum of the row's k scores, lanes striding the row (coalesced).
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -129,27 +130,46 @@ argmax_rows_kernel(const float* __restrict__ scores, const float* __restrict__ c
 
 // centre_rows (ops.h 3e): a block owns kCentreRows rows and kCentreThreads groups of 4
 // columns; each thread walks its rows, reading its 4 elements (16 bytes for float32: coalesced
-// across the warp), writing the 4 centred floats (one 16-byte store where out's rows allow) and
-// summing them in float64, then adds its 4 sums to colsum (kCentreRows rows per atomic).
+// across the warp), writing the 4 centred floats (one 16-byte store where out's rows allow; with
+// a float16 out, the 4 values times their power-of-two scales, one 8-byte store) and summing the
+// float32 values in float64, then adds its 4 sums to colsum (kCentreRows rows per atomic).
 constexpr int kCentreThreads = 128;
 constexpr int kCentreRows = 128;
 
-template <class T, bool kVec>
+__device__ __forceinline__ void store4(float* o, const float (&v)[4], const float (&)[4]) {
+  *reinterpret_cast<float4*>(o) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void store4(__half* o, const float (&v)[4], const float (&k)[4]) {
+  const __half2 lo = __floats2half2_rn(v[0] * k[0], v[1] * k[1]);
+  const __half2 hi = __floats2half2_rn(v[2] * k[2], v[3] * k[3]);
+  uint2 q;
+  q.x = *reinterpret_cast<const unsigned*>(&lo);
+  q.y = *reinterpret_cast<const unsigned*>(&hi);
+  *reinterpret_cast<uint2*>(o) = q;
+}
+__device__ __forceinline__ void store1(float* o, float v, float) { *o = v; }
+__device__ __forceinline__ void store1(__half* o, float v, float k) { *o = __float2half_rn(v * k); }
+
+template <class T, class OutT, bool kVec>
 __global__ void __launch_bounds__(kCentreThreads)
 centre_rows_kernel(const T* __restrict__ x, const int64_t x_stride, const int64_t rows, const int d,
-                   const float* __restrict__ shift, float* __restrict__ out, double* __restrict__ colsum) {
+                   const float* __restrict__ shift, const float* __restrict__ scale, OutT* __restrict__ out,
+                   double* __restrict__ colsum) {
   const int c0 = (static_cast<int>(blockIdx.y) * kCentreThreads + static_cast<int>(threadIdx.x)) * 4;
   if (c0 >= d) return;  // no barriers in this kernel
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kCentreRows;
   const int64_t r1 = r0 + kCentreRows < rows ? r0 + kCentreRows : rows;
-  float s[4];
+  float s[4], k[4];
   double acc[4] = {0.0, 0.0, 0.0, 0.0};
 #pragma unroll
-  for (int u = 0; u < 4; ++u) s[u] = c0 + u < d ? shift[c0 + u] : 0.f;
+  for (int u = 0; u < 4; ++u) {
+    s[u] = c0 + u < d ? shift[c0 + u] : 0.f;
+    k[u] = scale != nullptr && c0 + u < d ? scale[c0 + u] : 1.f;
+  }
 #pragma unroll 4
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * x_stride + c0;
-    float* o = out + r * d + c0;
+    OutT* o = out + r * d + c0;
     float v[4];
     if constexpr (kVec) {  // d % 4 == 0, 16-byte aligned rows of x (float32) and of out
       if constexpr (std::is_same<T, float>::value) {
@@ -159,12 +179,12 @@ centre_rows_kernel(const T* __restrict__ x, const int64_t x_stride, const int64_
 #pragma unroll
         for (int u = 0; u < 4; ++u) v[u] = minus_center(xr[u], s[u]);
       }
-      *reinterpret_cast<float4*>(o) = make_float4(v[0], v[1], v[2], v[3]);
+      store4(o, v, k);
     } else {
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         v[u] = c0 + u < d ? minus_center(xr[u], s[u]) : 0.f;
-        if (c0 + u < d) o[u] = v[u];
+        if (c0 + u < d) store1(o + u, v[u], k[u]);
       }
     }
 #pragma unroll
@@ -175,6 +195,21 @@ centre_rows_kernel(const T* __restrict__ x, const int64_t x_stride, const int64_
     for (int u = 0; u < 4; ++u)
       if (c0 + u < d) atomicAdd(colsum + c0 + u, acc[u]);
   }
+}
+
+template <class T, class OutT>
+void launch_centre_rows(const CentreRowsArgs& a, const T* x, OutT* out, dim3 grid, cudaStream_t s) {
+  const int64_t d = a.x.size(1);
+  const int64_t align = std::is_same<T, float>::value ? 16 : static_cast<int64_t>(sizeof(T));
+  const bool vec = d % 4 == 0 && reinterpret_cast<uintptr_t>(x) % align == 0 &&
+                   (a.x.stride(0) * static_cast<int64_t>(sizeof(T))) % align == 0 &&
+                   reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  const float* scale = a.scale.present ? a.scale.ptr<const float>() : nullptr;
+  double* colsum = a.colsum.present ? a.colsum.ptr<double>() : nullptr;
+  const auto kernel = vec ? centre_rows_kernel<T, OutT, true> : centre_rows_kernel<T, OutT, false>;
+  kernel<<<grid, kCentreThreads, 0, s>>>(x, a.x.stride(0), a.x.size(0), static_cast<int>(d),
+                                         a.shift.ptr<const float>(), scale, out, colsum);
+  EDPAIRS_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
@@ -189,23 +224,14 @@ void centre_rows_cuda(const CentreRowsArgs& a, Stream stream) {
   const int64_t col_blocks = ceil_div(d, 4 * kCentreThreads);
   if (row_blocks > INT_MAX || col_blocks > 65535) fail("centre_rows: too large for one launch: x " + a.x.shape_str());
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(col_blocks));
-  float* out = a.out.ptr<float>();
-  double* colsum = a.colsum.present ? a.colsum.ptr<double>() : nullptr;
   cuda_detail::dispatch_input_dtype(a.x, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T* x = static_cast<const T*>(a.x.data);
-    const int64_t align = std::is_same<T, float>::value ? 16 : static_cast<int64_t>(sizeof(T));
-    const bool vec = d % 4 == 0 && reinterpret_cast<uintptr_t>(x) % align == 0 &&
-                     (a.x.stride(0) * static_cast<int64_t>(sizeof(T))) % align == 0 &&
-                     reinterpret_cast<uintptr_t>(out) % 16 == 0;
-    if (vec) {
-      centre_rows_kernel<T, true><<<grid, kCentreThreads, 0, s>>>(x, a.x.stride(0), rows, static_cast<int>(d),
-                                                                   a.shift.ptr<const float>(), out, colsum);
+    if (a.out.dtype == DType::Float16) {
+      launch_centre_rows(a, x, a.out.ptr<__half>(), grid, s);
     } else {
-      centre_rows_kernel<T, false><<<grid, kCentreThreads, 0, s>>>(x, a.x.stride(0), rows, static_cast<int>(d),
-                                                                    a.shift.ptr<const float>(), out, colsum);
+      launch_centre_rows(a, x, a.out.ptr<float>(), grid, s);
     }
-    EDPAIRS_CUDA_CHECK(cudaGetLastError());
   });
 }
 

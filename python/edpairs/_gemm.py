@@ -21,7 +21,9 @@ step, and the steps' results are added in float64.
   above the diagonal (gram_mode); with EDPAIRS_GEMM_GRAM=wgmma (TF32, Hopper) one
   ``centred_gram`` pass over X instead (gram_wgmma_applies). With EDPAIRS_GEMM_OVERLAP=1 the
   next step is centred on a second stream while this step's products run (centred_steps, the
-  same for the assignment's centred rows).
+  same for the assignment's centred rows). With EDPAIRS_GEMM_HALF=1 (TF32 precision, opt-in)
+  the centring pass writes float16 operands, each column scaled by a power of two
+  (half_products).
 * signal moments: per step ``Z = X~ W - b'`` (``b' = b - center . W`` in float64, as the kernels
   form z), the detector epilogue (``SignalMasks``: ``[M, M * Z]`` with ``M = Z > 0``, counts and
   the z sums in float64) and ``[M, M * Z]^T X~``; with EDPAIRS_GEMM_OVERLAP=1 the steps
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from typing import Optional
 
 ROUTES = ("gemm", "kernel")
 GEMM_DTYPES = ("float32", "float16", "bfloat16")
@@ -162,6 +165,59 @@ def centre_overlap() -> bool:
     return value == "1"
 
 
+def half_products() -> bool:
+    """EDPAIRS_GEMM_HALF: "1" forms the TF32 moments' Gram from float16 operands (opt-in until a
+    GPU run has timed it; "0", the default, from TF32 ones). The centring pass writes each
+    centred value times its column's power of two (exact) as a float16, rounded to nearest:
+    11 significant bits like TF32, unbiased where TF32's truncation is not, with float32
+    accumulation, at the tensor cores' 16-bit rate (about twice TF32's) and half the bytes.
+    The scales put each column's largest magnitude in the first step just under 2^HALF_TOP;
+    should a later step pass float16's range (65504, HALF_HEADROOM times that) the scatter
+    comes out non-finite and the call runs again with TF32 operands (one synchronisation at
+    the end of the call to look)."""
+    value = os.environ.get("EDPAIRS_GEMM_HALF", "0")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"EDPAIRS_GEMM_HALF must be '0' or '1', got {value!r}")
+    return value == "1"
+
+
+#: The float16 operands' scale brings each column's largest |x - shift| in the first step into
+#: [2^(HALF_TOP - 1), 2^HALF_TOP): later steps may reach 2^(16 - HALF_TOP) = 256 times that
+#: before float16 overflows, and values down to 2^-(14 + HALF_TOP) of it stay normal floats.
+HALF_TOP = 8
+
+
+def half_scale(torch, X, shift, step: int):
+    """(D,) float32 powers of two for the float16 operands, from the first ``step`` rows of X:
+    each column's largest |x - shift| times its scale lies in [2^(HALF_TOP - 1), 2^HALF_TOP)
+    (scale 2^HALF_TOP for a column without spread; exponents kept within float32's range)."""
+    lo, hi = torch.aminmax(X[:step], dim=0)
+    big = torch.maximum((hi.float() - shift).abs(), (lo.float() - shift).abs())
+    _, e = torch.frexp(big)  # big = m 2^e with m in [0.5, 1)
+    e = torch.where(big > 0, e, torch.zeros_like(e))
+    return torch.ldexp(torch.ones_like(big), (HALF_TOP - e).clamp(-126, 127)).contiguous()
+
+
+def _mm(torch, a, b, out):
+    """out (float32) = a @ b. float16 operands go to the products with float32 outputs on CUDA
+    (float32 accumulation); the CPU, which lacks those, forms the same products of the float16
+    values in float32."""
+    if a.dtype != torch.float16:
+        return torch.mm(a, b, out=out)
+    if a.device.type == "cuda":
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+def _bmm(torch, a, b, out):
+    """The batched :func:`_mm`."""
+    if a.dtype != torch.float16:
+        return torch.bmm(a, b, out=out)
+    if a.device.type == "cuda":
+        return torch.bmm(a, b, out_dtype=torch.float32, out=out)
+    return torch.bmm(a.float(), b.float(), out=out)
+
+
 _SIDE_STREAMS: dict = {}
 
 
@@ -173,10 +229,11 @@ def _side_stream(torch, device):
     return side
 
 
-def centred_steps(torch, lib, X, shift, colsum, rows: int):
+def centred_steps(torch, lib, X, shift, colsum, rows: int, scale=None):
     """Yields ``(first, last, xt)`` per step of ``rows`` rows: xt (float32, last - first rows)
     holds rows [first, last) of X less ``shift`` (CentreRows), with their float64 column sums
-    added to ``colsum`` (None: not added). xt is valid until the next step is asked for.
+    added to ``colsum`` (None: not added); with ``scale`` (D,) xt is float16, (x - shift) *
+    scale (half_products). xt is valid until the next step is asked for.
 
     The centring pass reads and writes each row once and the products after it are
     compute-bound, so with EDPAIRS_GEMM_OVERLAP=1 on CUDA the next step is centred on a second
@@ -190,8 +247,9 @@ def centred_steps(torch, lib, X, shift, colsum, rows: int):
     step = min(rows, N)
     c = Namespace("torch").capsule
     two = centre_overlap() and N > step
-    bufs = [torch.empty((step, D), dtype=torch.float32, device=X.device) for _ in range(2 if two else 1)]
-    plans = [lib.CentreRows(c(X), c(shift), c(b), c(colsum)) for b in bufs]
+    dtype = torch.float32 if scale is None else torch.float16
+    bufs = [torch.empty((step, D), dtype=dtype, device=X.device) for _ in range(2 if two else 1)]
+    plans = [lib.CentreRows(c(X), c(shift), c(b), c(colsum), c(scale)) for b in bufs]
     steps = list(_steps(N, rows))
     cuda = X.device.type == "cuda"
     main = torch.cuda.current_stream(X.device) if cuda else None
@@ -257,13 +315,13 @@ class _BatchedProduct:
             a = A[:cut].unflatten(0, (n, block))
             b = B[:cut].unflatten(0, (n, block))
             out = self.out[:n]
-            torch.bmm(a.transpose(1, 2), b, out=out)
+            _bmm(torch, a.transpose(1, 2), b, out)
             self.acc += out.sum(0, dtype=torch.float64)
             A, B = A[cut:], B[cut:]
             blocks -= n
         if A.shape[0]:
             out = self.out[0]
-            torch.mm(A.T, B, out=out)
+            _mm(torch, A.T, B, out)
             self.acc += out
 
     def full(self):
@@ -324,7 +382,7 @@ class _TriangleProduct:
     def add(self, A, B):
         assert B is A, "the triangle is of a Gram: A^T A"
         for (i0, i1), out in zip(self.bounds, self.outs):
-            self.torch.mm(A[:, i0:i1].T, A[:, i0:], out=out)
+            _mm(self.torch, A[:, i0:i1].T, A[:, i0:], out)
             self.acc[i0:i1, i0:] += out
 
     def full(self):
@@ -357,8 +415,9 @@ def _rows_16b(X) -> bool:
     return X.stride(1) == 1 and X.stride(0) % 4 == 0 and X.data_ptr() % 16 == 0
 
 
-def moments(X, *, precision: str, rows: int, lib):
-    """(mean (D,), m2 (D, D)) float64 of the rows of X (torch, N >= 1) on the route above."""
+def moments(X, *, precision: str, rows: int, lib, half: Optional[bool] = None):
+    """(mean (D,), m2 (D, D)) float64 of the rows of X (torch, N >= 1) on the route above
+    (``half``: float16 operands for TF32 products; default half_products())."""
     import torch
 
     from ._arrays import Namespace
@@ -374,17 +433,25 @@ def moments(X, *, precision: str, rows: int, lib):
     stream = xp.stream(X)
     if gram_wgmma_applies(X, precision):
         return _centred_gram_moments(X, shift, colsum, lib, c, stream)
+    half = precision == "tf32" and (half_products() if half is None else half)
+    scale = half_scale(torch, X, shift, step) if half else None
     if gram_mode() == "triangle":
         gram = _TriangleProduct(torch, D, triangle_block(), X.device)
     else:
         gram = _BatchedProduct(torch, D, D, step, X.device)
     # One pass per step writes the centred rows and adds their float64 column sums (centre_rows).
     with matmul_precision(torch, precision):
-        for _, _, xt in centred_steps(torch, lib, X, shift, colsum, rows):
+        for _, _, xt in centred_steps(torch, lib, X, shift, colsum, rows, scale):
             gram.add(xt, xt)
     d = colsum / N  # mean - shift
     mean = shift.to(torch.float64) + d
-    m2 = gram.full() - N * torch.outer(d, d)
+    full = gram.full()
+    if half:  # the scales are powers of two: undone exactly
+        s = scale.to(torch.float64)
+        full = full / torch.outer(s, s)
+        if not bool(torch.isfinite(full).all()):  # a later step passed float16's range: TF32 operands
+            return moments(X, precision=precision, rows=rows, lib=lib, half=False)
+    m2 = full - N * torch.outer(d, d)
     # Both triangles come from one product; make them bit-for-bit equal.
     m2 = (m2 + m2.T) * 0.5
     return mean, m2

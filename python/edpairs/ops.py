@@ -389,8 +389,8 @@ def moments(X, *, check_finite: bool = True, precision: str = "float32",
     are cuBLAS matrix products of ``workspace_rows`` centred rows at a time (default 131072,
     fewer for rows wider than 2048 columns: about 1 GB of scratch at most), batched over
     blocks of 2048 rows (float32 accumulation over a block, exact float32 operands by default,
-    TF32 with ``precision="tf32"``), added in float64; the scratch is ``workspace_rows x D``
-    float32.
+    TF32 with ``precision="tf32"``, float16 operands scaled per column with EDPAIRS_GEMM_HALF=1),
+    added in float64; the scratch is ``workspace_rows x D`` float32.
     """
     precision = _product_precision(precision)
     X, xp = _data(X)

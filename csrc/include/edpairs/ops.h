@@ -187,12 +187,16 @@ void cluster_sums_cuda(const ClusterSumsArgs& args, Stream stream);
 // input dtype (strided rows), shift (D,) float32,
 //   out[r] = x_r - shift  (float32, contiguous),  colsum[d] += sum_r out[r, d]  (float64,
 //   optional)
-// in one read of x, so that the library's Gram product and the mean come from one pass.
+// in one read of x, so that the library's Gram product and the mean come from one pass. With a
+// float16 out and scale (D,) float32 (powers of two, so the scaling is exact):
+//   out[r] = float16((x_r - shift) * scale), rounded to nearest even (+-Inf beyond 65504),
+// colsum still the sums of the unscaled float32 values: the half-precision products' operands.
 struct CentreRowsArgs {
   TensorView x;       // (R, D)
   TensorView shift;   // (D,) float32
-  TensorView out;     // out (R, D) float32, contiguous
+  TensorView out;     // out (R, D) float32, or float16 with scale; contiguous
   TensorView colsum;  // optional in/out (D,) float64
+  TensorView scale;   // (D,) float32 when out is float16, else absent
 };
 void centre_rows_cpu(const CentreRowsArgs& args, Stream stream);
 void centre_rows_cuda(const CentreRowsArgs& args, Stream stream);
