@@ -15,8 +15,8 @@ EDPAIRS_GEMM_GRAM=wgmma, where the build and GPU have it; these three kinds time
 only, the signal moments do not use them; "-ov" after the default and each triangle row:
 EDPAIRS_GEMM_OVERLAP=1, the moments' next step centred on a second stream while this step's
 products run, the signal moments' steps dealt to two streams in turn; "-half" after each TF32
-row but the step variants: EDPAIRS_GEMM_HALF=1, the moments' products from float16 operands,
-moments only) and "edpairs-kernel" /
+row but the step variants: EDPAIRS_GEMM_HALF=1, the products from float16 operands) and
+"edpairs-kernel" /
 "edpairs-kernel-tf32", edpairs' own CUDA kernels (EDPAIRS_GEMM_ROUTE=kernel: SIMT exact, or the
 tensor-core scatter / masked product with TF32 operands).
 
@@ -136,7 +136,7 @@ def main() -> None:
 
 
 #: Name parts of the rows that only the moments use (the signal moments skip them).
-MOMENTS_ONLY = ("-b", "-tri", "-wgmma", "-half")
+MOMENTS_ONLY = ("-b", "-tri", "-wgmma")
 
 
 def _edpairs_methods(cuda: bool, workspace_rows, block_rows=(), triangle_blocks=()):

@@ -1009,3 +1009,79 @@ def test_cuda_moments_from_float16_operands(rng, monkeypatch):
     m = ops.moments(t(X).cuda(), precision="tf32")
     assert bool(torch.isfinite(m.m2).all())
     check_moments(m, X, rtol=3e-3)
+
+
+def test_signal_masks_write_scaled_float16(rng):
+    """SignalMasks with a float16 out: [M, float16(M z scale)] bit for bit as numpy rounds,
+    the counts and z sums of the float32 z as with a float32 out."""
+    z = (rng.standard_normal((400, 7)) * 10.0 ** rng.integers(-3, 4, 7)).astype(np.float32)
+    scale = (2.0 ** rng.integers(-8, 9, 7)).astype(np.float32)
+    c = Namespace("torch").capsule
+    sums = []
+    for out in (np.empty((400, 14), np.float32), np.empty((400, 14), np.float16)):
+        count, sz, szz = np.zeros(7, np.int64), np.zeros(7), np.zeros(7)
+        args = [c(t(a)) for a in (z, out, count, sz, szz)]
+        lib().SignalMasks(*args, *([c(t(scale))] if out.dtype == np.float16 else [])).run(400, 0)
+        sums.append((count, sz, szz))
+    m = z > 0
+    np.testing.assert_array_equal(out[:, :7], m.astype(np.float16))
+    with np.errstate(over="ignore"):  # some pass 65504: Inf, as the kernel writes
+        want = np.where(m, z * scale, 0).astype(np.float16)
+    np.testing.assert_array_equal(out[:, 7:].view(np.uint16), want.view(np.uint16))
+    for a, b in zip(*sums):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_route_signal_moments_from_float16_operands(center, rng, monkeypatch):
+    """EDPAIRS_GEMM_HALF=1, TF32 precision: the signal moments from float16 x~, W and masked z
+    (columns of very different sizes), the scales undone exactly: within float16's rounding of
+    the reference; with the two lanes too."""
+    X, W, b, c = make_signal_data(rng, 3000, 12, 6, center=center, offset=2.0)
+    X = X * (10.0 ** np.arange(-3, 3, 0.5)).astype(np.float32)
+    W = W / (10.0 ** np.arange(-3, 3, 0.5)).astype(np.float32)[:, None]  # the same z
+    c = None if c is None else c * (10.0 ** np.arange(-3, 3, 0.5)).astype(np.float32)
+    monkeypatch.setenv("EDPAIRS_GEMM_HALF", "1")
+    for overlap in ("0", "1"):
+        monkeypatch.setenv("EDPAIRS_GEMM_OVERLAP", overlap)
+        out = _gemm.signal_moments(t(X), t(W), t(b), t(c), precision="tf32", rows=700, lib=lib())
+        sm = ops.SignalMoments(*(o.numpy() for o in out), center=c)
+        check_signal_moments(sm, X, W, b, center=c, rtol=2e-4)  # measured 4.9e-5
+
+
+def test_route_signal_moments_from_float16_operands_fall_back_past_the_range(rng):
+    X, W, b, _ = make_signal_data(rng, 2000, 6, 4, offset=1.0)
+    X[1000:] *= 1000
+    b = b * 0  # z scales with x: the later rows' z pass float16's range as well
+    out = _gemm.signal_moments(t(X), t(W), t(b), None, precision="tf32", rows=500, lib=lib(), half=True)
+    assert all(bool(torch.isfinite(o).all()) for o in out[1:])
+    check_signal_moments(ops.SignalMoments(*(o.numpy() for o in out)), X, W, b, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _GPU, reason="needs edpairs built with CUDA and a GPU")
+def test_cuda_signal_moments_from_float16_operands(rng, monkeypatch):
+    """EDPAIRS_GEMM_HALF=1 on the GPU: SignalMasks' float16 out bit for bit torch's rounding of
+    M z scale; the TF32 signal moments from float16 operands within float16's rounding of the
+    reference (rows whose z lies within 1% of sum |w x| of 0 left out: their masks may flip),
+    with one lane and two; a later step past float16's range reruns on TF32 operands."""
+    monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "gemm")
+    X, W, b, c = make_signal_data(rng, 300_000, 256, 64, center=True, offset=3.0)
+    zscale = np.abs(X - c) @ np.abs(W) + np.abs(b - c @ W)
+    X = X[np.all(np.abs((X - c) @ W - (b - c @ W)) > 1e-2 * zscale, axis=1)]
+    z = torch.randn((1000, 64), device="cuda")
+    scale = (2.0 ** torch.randint(-4, 5, (64,), device="cuda")).float()
+    out = torch.empty((1000, 128), dtype=torch.float16, device="cuda")
+    sums = [torch.zeros(64, dtype=dt, device="cuda") for dt in (torch.int64, torch.float64, torch.float64)]
+    cap = Namespace("torch").capsule
+    lib().SignalMasks(cap(z), cap(out), *map(cap, sums), cap(scale)).run(1000, torch.cuda.current_stream().cuda_stream)
+    m = z > 0
+    assert torch.equal(out, torch.cat([m.half(), torch.where(m, z * scale, 0).half()], 1))
+    monkeypatch.setenv("EDPAIRS_GEMM_HALF", "1")
+    for overlap in ("0", "1"):
+        monkeypatch.setenv("EDPAIRS_GEMM_OVERLAP", overlap)
+        sm = ops.signal_moments(t(X).cuda(), t(W).cuda(), t(b).cuda(), center=t(c).cuda(), precision="tf32")
+        check_signal_moments(sm, X, W, b, center=c, rtol=2e-4)
+    X[len(X) // 2:] *= 1000
+    sm = ops.signal_moments(t(X).cuda(), t(W).cuda(), t(b * 1000).cuda(), center=t(c).cuda(), precision="tf32")
+    assert all(bool(torch.isfinite(getattr(sm, f)).all()) for f in ("sum_x", "sum_z", "sum_zz", "sum_xz"))

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -26,6 +27,23 @@ inline void require_finite_vector(const TensorView& v, const char* name) {
   if (!v.present) return;
   const float* p = v.ptr<const float>();
   require_finite(nonfinite_flag(p, v.numel()), name);
+}
+
+// float -> IEEE binary16 bits, rounded to nearest even; +-Inf from 65520 on, NaN stays NaN.
+inline uint16_t half_bits(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const auto sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  x &= 0x7fffffffu;
+  if (x > 0x7f800000u) return sign | 0x7e00u;   // NaN
+  if (x >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 (Inf included): beyond the largest half
+  if (x >= 0x38800000u) {                       // a normal half (>= 2^-14): rebias, round 23 -> 10 bits
+    const uint32_t m = x - (112u << 23);
+    return sign | static_cast<uint16_t>((m + 0xfffu + ((m >> 13) & 1u)) >> 13);
+  }
+  float a;  // a subnormal half or zero: units of 2^-24, exact to scale, rounded to nearest even
+  std::memcpy(&a, &x, sizeof a);
+  return sign | static_cast<uint16_t>(std::nearbyint(a * 16777216.0f));
 }
 
 // Per-thread flags combined after a parallel pass.

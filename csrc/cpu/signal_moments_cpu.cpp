@@ -151,18 +151,28 @@ void signal_moments_cpu(const SignalMomentsArgs& a, Stream) {
 void signal_masks_cpu(const SignalMasksArgs& a, Stream) {
   const int64_t R = a.z.size(0), I = a.z.size(1);
   const float* z = a.z.ptr<const float>();
-  float* out = a.out.ptr<float>();
+  const bool half = a.out.dtype == DType::Float16;
+  float* out = half ? nullptr : a.out.ptr<float>();
+  uint16_t* out16 = half ? a.out.ptr<uint16_t>() : nullptr;
+  const float* scale = half ? a.scale.ptr<const float>() : nullptr;
   int64_t* count = a.count.ptr<int64_t>();
   double* sum_z = a.sum_z.ptr<double>();
   double* sum_zz = a.sum_zz.ptr<double>();
+  constexpr uint16_t kHalfOne = 0x3c00u;
   for (int64_t r = 0; r < R; ++r) {
     const float* zr = z + r * I;
-    float* mr = out + r * 2 * I;
     for (int64_t i = 0; i < I; ++i) {
       const float v = zr[i];
       const bool positive = v > 0.0f;
-      mr[i] = positive ? 1.0f : 0.0f;
-      mr[I + i] = positive ? v : 0.0f;
+      if (half) {
+        uint16_t* mr = out16 + r * 2 * I;
+        mr[i] = positive ? kHalfOne : 0;
+        mr[I + i] = positive ? cpu::half_bits(v * scale[i]) : 0;
+      } else {
+        float* mr = out + r * 2 * I;
+        mr[i] = positive ? 1.0f : 0.0f;
+        mr[I + i] = positive ? v : 0.0f;
+      }
       if (positive) {
         count[i] += 1;
         sum_z[i] += v;

@@ -7,6 +7,7 @@
 //     (last I rows); computing the transposed product makes these (I, D) writes coalesced.
 // The workspace is reused from step to step: stream order puts kernel B of a step before
 // kernel A of the next.
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -342,14 +343,27 @@ namespace {
 constexpr int kMaskThreads = 256;  // concepts per block (consecutive threads: coalesced rows)
 constexpr int kMaskRows = 64;      // rows per block: one float64 atomic per concept and block
 
+__device__ __forceinline__ void put_mask(float* o, bool positive, float, float) {
+  o[0] = positive ? 1.0f : 0.0f;
+}
+__device__ __forceinline__ void put_mask(__half* o, bool positive, float, float) {
+  o[0] = __float2half_rn(positive ? 1.0f : 0.0f);
+}
+__device__ __forceinline__ void put_value(float* o, bool positive, float v, float) { o[0] = positive ? v : 0.0f; }
+__device__ __forceinline__ void put_value(__half* o, bool positive, float v, float k) {
+  o[0] = __float2half_rn(positive ? v * k : 0.0f);
+}
+
 // Grid: x over blocks of kMaskThreads concepts, y over blocks of kMaskRows rows (looping when
-// there are more row blocks than gridDim.y).
+// there are more row blocks than gridDim.y). OutT float, or __half with scale (ops.h 3c).
+template <class OutT>
 __global__ void __launch_bounds__(kMaskThreads)
 signal_masks_kernel(const float* __restrict__ z, const int64_t rows, const int concepts,
-                    float* __restrict__ out, unsigned long long* __restrict__ count,
+                    OutT* __restrict__ out, const float* __restrict__ scale, unsigned long long* __restrict__ count,
                     double* __restrict__ sum_z, double* __restrict__ sum_zz) {
   const int i = blockIdx.x * kMaskThreads + threadIdx.x;
   if (i >= concepts) return;
+  const float k = scale != nullptr ? scale[i] : 1.0f;
   const int64_t width = 2 * static_cast<int64_t>(concepts);
   for (int64_t r0 = static_cast<int64_t>(blockIdx.y) * kMaskRows; r0 < rows;
        r0 += static_cast<int64_t>(gridDim.y) * kMaskRows) {
@@ -360,8 +374,8 @@ signal_masks_kernel(const float* __restrict__ z, const int64_t rows, const int c
     for (int64_t r = r0; r < r1; ++r) {
       const float v = z[r * concepts + i];
       const bool positive = v > 0.0f;
-      out[r * width + i] = positive ? 1.0f : 0.0f;
-      out[r * width + concepts + i] = positive ? v : 0.0f;
+      put_mask(out + r * width + i, positive, v, k);
+      put_value(out + r * width + concepts + i, positive, v, k);
       if (positive) {
         ++c;
         s += v;
@@ -388,10 +402,16 @@ void signal_masks_cuda(const SignalMasksArgs& a, Stream stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   const dim3 grid(static_cast<unsigned>(ceil_div(concepts, kMaskThreads)),
                   static_cast<unsigned>(std::min<int64_t>(ceil_div(rows, kMaskRows), 65535)));
-  signal_masks_kernel<<<grid, kMaskThreads, 0, s>>>(
-      a.z.ptr<const float>(), rows, static_cast<int>(concepts), a.out.ptr<float>(),
-      reinterpret_cast<unsigned long long*>(a.count.ptr<int64_t>()), a.sum_z.ptr<double>(),
-      a.sum_zz.ptr<double>());
+  auto* count = reinterpret_cast<unsigned long long*>(a.count.ptr<int64_t>());
+  if (a.out.dtype == DType::Float16) {
+    signal_masks_kernel<__half><<<grid, kMaskThreads, 0, s>>>(
+        a.z.ptr<const float>(), rows, static_cast<int>(concepts), a.out.ptr<__half>(), a.scale.ptr<const float>(),
+        count, a.sum_z.ptr<double>(), a.sum_zz.ptr<double>());
+  } else {
+    signal_masks_kernel<float><<<grid, kMaskThreads, 0, s>>>(
+        a.z.ptr<const float>(), rows, static_cast<int>(concepts), a.out.ptr<float>(), nullptr, count,
+        a.sum_z.ptr<double>(), a.sum_zz.ptr<double>());
+  }
   EDPAIRS_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -23,7 +23,7 @@ step, and the steps' results are added in float64.
   next step is centred on a second stream while this step's products run (centred_steps, the
   same for the assignment's centred rows). With EDPAIRS_GEMM_HALF=1 (TF32 precision, opt-in)
   the centring pass writes float16 operands, each column scaled by a power of two
-  (half_products).
+  (half_products); the signal moments' products too, from float16 x~, W and masked z (_SignalHalf).
 * signal moments: per step ``Z = X~ W - b'`` (``b' = b - center . W`` in float64, as the kernels
   form z), the detector epilogue (``SignalMasks``: ``[M, M * Z]`` with ``M = Z > 0``, counts and
   the z sums in float64) and ``[M, M * Z]^T X~``; with EDPAIRS_GEMM_OVERLAP=1 the steps
@@ -166,15 +166,16 @@ def centre_overlap() -> bool:
 
 
 def half_products() -> bool:
-    """EDPAIRS_GEMM_HALF: "1" forms the TF32 moments' Gram from float16 operands (opt-in until a
-    GPU run has timed it; "0", the default, from TF32 ones). The centring pass writes each
-    centred value times its column's power of two (exact) as a float16, rounded to nearest:
+    """EDPAIRS_GEMM_HALF: "1" takes the TF32 moments' and signal moments' products from float16
+    operands (opt-in until a GPU run has timed it; "0", the default, from TF32 ones). The
+    centring pass writes each centred value times its column's power of two (exact) as a
+    float16, rounded to nearest (the signal moments' W and masked z likewise, _SignalHalf):
     11 significant bits like TF32, unbiased where TF32's truncation is not, with float32
     accumulation, at the tensor cores' 16-bit rate (about twice TF32's) and half the bytes.
     The scales put each column's largest magnitude in the first step just under 2^HALF_TOP;
-    should a later step pass float16's range (65504, HALF_HEADROOM times that) the scatter
-    comes out non-finite and the call runs again with TF32 operands (one synchronisation at
-    the end of the call to look)."""
+    should a later step pass float16's range (65504, 256 times that) the sums come out
+    non-finite and the call runs again with TF32 operands (one synchronisation at the end of
+    the call to look)."""
     value = os.environ.get("EDPAIRS_GEMM_HALF", "0")
     if value not in ("", "0", "1"):
         raise ValueError(f"EDPAIRS_GEMM_HALF must be '0' or '1', got {value!r}")
@@ -187,15 +188,20 @@ def half_products() -> bool:
 HALF_TOP = 8
 
 
+def _pow2_scale(torch, big):
+    """float32 powers of two that bring each entry of ``big`` (>= 0) into [2^(HALF_TOP - 1),
+    2^HALF_TOP) (2^HALF_TOP for 0; exponents kept within float32's range)."""
+    _, e = torch.frexp(big.float())  # big = m 2^e with m in [0.5, 1)
+    e = torch.where(big > 0, e, torch.zeros_like(e))
+    return torch.ldexp(torch.ones_like(big, dtype=torch.float32), (HALF_TOP - e).clamp(-126, 127)).contiguous()
+
+
 def half_scale(torch, X, shift, step: int):
     """(D,) float32 powers of two for the float16 operands, from the first ``step`` rows of X:
     each column's largest |x - shift| times its scale lies in [2^(HALF_TOP - 1), 2^HALF_TOP)
-    (scale 2^HALF_TOP for a column without spread; exponents kept within float32's range)."""
+    (scale 2^HALF_TOP for a column without spread)."""
     lo, hi = torch.aminmax(X[:step], dim=0)
-    big = torch.maximum((hi.float() - shift).abs(), (lo.float() - shift).abs())
-    _, e = torch.frexp(big)  # big = m 2^e with m in [0.5, 1)
-    e = torch.where(big > 0, e, torch.zeros_like(e))
-    return torch.ldexp(torch.ones_like(big), (HALF_TOP - e).clamp(-126, 127)).contiguous()
+    return _pow2_scale(torch, torch.maximum((hi.float() - shift).abs(), (lo.float() - shift).abs()))
 
 
 def _mm(torch, a, b, out):
@@ -207,6 +213,15 @@ def _mm(torch, a, b, out):
     if a.device.type == "cuda":
         return torch.mm(a, b, out_dtype=torch.float32, out=out)
     return torch.mm(a.float(), b.float(), out=out)
+
+
+def _addmm(torch, bias, a, b, alpha: float, out):
+    """out (float32) = bias + alpha a @ b, float16 operands as in :func:`_mm`."""
+    if a.dtype != torch.float16:
+        return torch.addmm(bias, a, b, alpha=alpha, out=out)
+    if a.device.type == "cuda":
+        return torch.addmm(bias, a, b, out_dtype=torch.float32, alpha=alpha, out=out)
+    return torch.addmm(bias, a.float(), b.float(), alpha=alpha, out=out)
 
 
 def _bmm(torch, a, b, out):
@@ -473,26 +488,32 @@ class _SignalLane:
     """One lane of the signal moments' steps: its own step buffers, products and float64 sums
     (count, z sums, [M, M * Z]^T X~), each step on the stream it is run with."""
 
-    def __init__(self, torch, lib, X, shift, W, neg_bias, step: int):
+    def __init__(self, torch, lib, X, shift, W, neg_bias, step: int, half=None):
         from ._arrays import Namespace
 
         D, I, dev = X.shape[1], W.shape[1], X.device
         c = Namespace("torch").capsule
-        self.torch, self.X, self.W, self.neg_bias = torch, X, W, neg_bias
+        # half: (x scale (D,), W's float16 operand, 1 / its scale, z scale (I,)) (_SignalHalf)
+        self.torch, self.X, self.W, self.neg_bias, self.alpha = torch, X, W, neg_bias, 1.0
+        operands = torch.float32
+        if half is not None:
+            operands, self.W, self.alpha = torch.float16, half.W, half.alpha
         self.z = torch.empty((step, I), dtype=torch.float32, device=dev)
-        self.masks = torch.empty((step, 2 * I), dtype=torch.float32, device=dev)
+        self.masks = torch.empty((step, 2 * I), dtype=operands, device=dev)
         self.prod = torch.empty((2 * I, D), dtype=torch.float32, device=dev)
         self.acc = torch.zeros((2 * I, D), dtype=torch.float64, device=dev)
         self.count = torch.zeros((I,), dtype=torch.int64, device=dev)
         self.sum_z = torch.zeros((I,), dtype=torch.float64, device=dev)
         self.sum_zz = torch.zeros((I,), dtype=torch.float64, device=dev)
-        self.epilogue = lib.SignalMasks(c(self.z), c(self.masks), c(self.count), c(self.sum_z), c(self.sum_zz))
-        # X~ needs rows of its own where x is shifted or converted (the moments' centring pass,
-        # without the column sums); float32 x without a center is used in place.
+        self.epilogue = lib.SignalMasks(c(self.z), c(self.masks), c(self.count), c(self.sum_z), c(self.sum_zz),
+                                        None if half is None else c(half.z_scale))
+        # X~ needs rows of its own where x is shifted, converted or scaled into float16 (the
+        # moments' centring pass, without the column sums); float32 x without a center is used
+        # in place.
         self.work = self.centre = None
         if shift is not None:
-            self.work = torch.empty((step, D), dtype=torch.float32, device=dev)
-            self.centre = lib.CentreRows(c(X), c(shift), c(self.work), None)
+            self.work = torch.empty((step, D), dtype=operands, device=dev)
+            self.centre = lib.CentreRows(c(X), c(shift), c(self.work), None, None if half is None else c(half.x_scale))
 
     def run(self, first: int, last: int, stream: int) -> None:
         torch = self.torch
@@ -503,15 +524,39 @@ class _SignalLane:
         else:
             xt = self.X[first:last]
         zt, mt = self.z[:r], self.masks[:r]
-        torch.addmm(self.neg_bias, xt, self.W, out=zt)
+        _addmm(torch, self.neg_bias, xt, self.W, self.alpha, zt)
         self.epilogue.run(r, stream)
-        torch.mm(mt.T, xt, out=self.prod)  # not batched: on an H200 batching was 0.3-1.1 ms slower here
+        _mm(torch, mt.T, xt, self.prod)  # not batched: on an H200 batching was 0.3-1.1 ms slower here
         self.acc += self.prod
 
 
-def signal_moments(X, W, b, center, *, precision: str, rows: int, lib):
+class _SignalHalf:
+    """The signal moments' float16 operands (half_products): x~ times x_scale (D,) per column
+    (CentreRows); W's operand S^-1 W times one power of two (1 / alpha), so that
+    z = alpha (x~ S)(S^-1 W / alpha) - b' exactly as scaled; the masked z times z_scale (I,)
+    (SignalMasks). The z scales come from a bound of |z| over the first step's rows
+    (sum_d |W_di| max|x~_d| + |b'_i|), so nothing waits for the first step's z."""
+
+    def __init__(self, torch, X, shift, W, bias, step: int):
+        self.x_scale = half_scale(torch, X, shift, step)
+        s = self.x_scale.to(torch.float64)
+        Ws = W.to(torch.float64) / s[:, None]
+        w_scale = float(_pow2_scale(torch, Ws.abs().max().reshape(1))[0])
+        self.W, self.alpha = (Ws * w_scale).to(torch.float16), 1.0 / w_scale
+        bound = W.to(torch.float64).abs().T @ (2.0**HALF_TOP / s) + bias.to(torch.float64).abs()
+        self.z_scale = _pow2_scale(torch, bound)
+
+    def undo(self, torch, acc, I: int):
+        """acc (2I, D) of the scaled operands -> that of the unscaled ones (exact)."""
+        s = self.x_scale.to(torch.float64)
+        return torch.cat([acc[:I] / s, acc[I:] / torch.outer(self.z_scale.to(torch.float64), s)])
+
+
+def signal_moments(X, W, b, center, *, precision: str, rows: int, lib, half: Optional[bool] = None):
     """(count, sum_x, sum_z, sum_zz, sum_xz) of ops.signal_moments for a torch X (N >= 1) on the
-    route above; W (D, I), b (I,), center (D,) or None are float32 on X's device.
+    route above; W (D, I), b (I,), center (D,) or None are float32 on X's device. ``half``: the
+    products from float16 operands for TF32 precision (default half_products(); _SignalHalf),
+    TF32 ones again should a later step pass float16's range.
 
     With EDPAIRS_GEMM_OVERLAP=1 and more than one step, the steps are dealt in turn to two lanes
     (_SignalLane) on the caller's stream and a second one, so that one lane's memory-bound
@@ -526,12 +571,14 @@ def signal_moments(X, W, b, center, *, precision: str, rows: int, lib):
     else:
         bias = b
     step = min(rows, N)
+    half = precision == "tf32" and (half_products() if half is None else half)
     shift = None
-    if center is not None or X.dtype != torch.float32:
+    if center is not None or X.dtype != torch.float32 or half:
         shift = center if center is not None else torch.zeros((D,), dtype=torch.float32, device=dev)
+    scaled = _SignalHalf(torch, X, shift, W, bias, step) if half else None
     steps = list(_steps(N, rows))
     n_lanes = 2 if centre_overlap() and len(steps) > 1 else 1
-    lanes = [_SignalLane(torch, lib, X, shift, W, -bias, step) for _ in range(n_lanes)]
+    lanes = [_SignalLane(torch, lib, X, shift, W, -bias, step, scaled) for _ in range(n_lanes)]
     cuda = dev.type == "cuda"
     streams = [torch.cuda.current_stream(dev) if cuda else None]
     if n_lanes == 2:
@@ -558,7 +605,12 @@ def signal_moments(X, W, b, center, *, precision: str, rows: int, lib):
         a.sum_z += o.sum_z
         a.sum_zz += o.sum_zz
     I = W.shape[1]
-    return a.count, a.acc[:I].contiguous(), a.sum_z, a.sum_zz, a.acc[I:].contiguous()
+    acc = a.acc
+    if half:
+        acc = scaled.undo(torch, acc, I)
+        if not bool(torch.isfinite(acc).all()):  # a later step passed float16's range: TF32 operands
+            return signal_moments(X, W, b, center, precision=precision, rows=rows, lib=lib, half=False)
+    return a.count, acc[:I].contiguous(), a.sum_z, a.sum_zz, acc[I:].contiguous()
 
 
 #: Smallest k for which TF32 assignments take the route: below it the fused tensor-core kernel
