@@ -1012,16 +1012,20 @@ def test_cuda_moments_from_float16_operands(rng, monkeypatch):
 
 
 def test_signal_masks_write_scaled_float16(rng):
-    """SignalMasks with a float16 out: [M, float16(M z scale)] bit for bit as numpy rounds,
-    the counts and z sums of the float32 z as with a float32 out."""
-    z = (rng.standard_normal((400, 7)) * 10.0 ** rng.integers(-3, 4, 7)).astype(np.float32)
+    """SignalMasks with a float16 out, of z given as z_in * alpha + shift: [M, float16(M z scale)]
+    bit for bit as numpy rounds, the counts and z sums those of the float32 z with a float32 out."""
+    z_in = (rng.standard_normal((400, 7)) * 10.0 ** rng.integers(-3, 4, 7)).astype(np.float32)
+    shift = rng.standard_normal(7).astype(np.float32)
+    z = z_in * np.float32(0.25) + shift
     scale = (2.0 ** rng.integers(-8, 9, 7)).astype(np.float32)
     c = Namespace("torch").capsule
     sums = []
     for out in (np.empty((400, 14), np.float32), np.empty((400, 14), np.float16)):
         count, sz, szz = np.zeros(7, np.int64), np.zeros(7), np.zeros(7)
-        args = [c(t(a)) for a in (z, out, count, sz, szz)]
-        lib().SignalMasks(*args, *([c(t(scale))] if out.dtype == np.float16 else [])).run(400, 0)
+        if out.dtype == np.float32:
+            lib().SignalMasks(*[c(t(a)) for a in (z, out, count, sz, szz)]).run(400, 0)
+        else:
+            lib().SignalMasks(*[c(t(a)) for a in (z_in, out, count, sz, szz, scale, shift)], 0.25).run(400, 0)
         sums.append((count, sz, szz))
     m = z > 0
     np.testing.assert_array_equal(out[:, :7], m.astype(np.float16))
@@ -1061,8 +1065,8 @@ def test_route_signal_moments_from_float16_operands_fall_back_past_the_range(rng
 @pytest.mark.cuda
 @pytest.mark.skipif(not _GPU, reason="needs edpairs built with CUDA and a GPU")
 def test_cuda_signal_moments_from_float16_operands(rng, monkeypatch):
-    """EDPAIRS_GEMM_HALF=1 on the GPU: SignalMasks' float16 out bit for bit torch's rounding of
-    M z scale; the TF32 signal moments from float16 operands within float16's rounding of the
+    """EDPAIRS_GEMM_HALF=1 on the GPU: SignalMasks' float16 out (of z = z_in alpha + shift) bit
+    for bit torch's rounding of M z scale; the TF32 signal moments from float16 operands within float16's rounding of the
     reference (rows whose z lies within 1% of sum |w x| of 0 left out: their masks may flip),
     with one lane and two; a later step past float16's range reruns on TF32 operands."""
     monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "gemm")
@@ -1074,7 +1078,10 @@ def test_cuda_signal_moments_from_float16_operands(rng, monkeypatch):
     out = torch.empty((1000, 128), dtype=torch.float16, device="cuda")
     sums = [torch.zeros(64, dtype=dt, device="cuda") for dt in (torch.int64, torch.float64, torch.float64)]
     cap = Namespace("torch").capsule
-    lib().SignalMasks(cap(z), cap(out), *map(cap, sums), cap(scale)).run(1000, torch.cuda.current_stream().cuda_stream)
+    shift = torch.randn(64, device="cuda")
+    lib().SignalMasks(cap(z), cap(out), *map(cap, sums), cap(scale), cap(shift), 0.5).run(
+        1000, torch.cuda.current_stream().cuda_stream)
+    z = z * 0.5 + shift
     m = z > 0
     assert torch.equal(out, torch.cat([m.half(), torch.where(m, z * scale, 0).half()], 1))
     monkeypatch.setenv("EDPAIRS_GEMM_HALF", "1")

@@ -215,15 +215,6 @@ def _mm(torch, a, b, out):
     return torch.mm(a.float(), b.float(), out=out)
 
 
-def _addmm(torch, bias, a, b, alpha: float, out):
-    """out (float32) = bias + alpha a @ b, float16 operands as in :func:`_mm`."""
-    if a.dtype != torch.float16:
-        return torch.addmm(bias, a, b, alpha=alpha, out=out)
-    if a.device.type == "cuda":
-        return torch.addmm(bias, a, b, out_dtype=torch.float32, alpha=alpha, out=out)
-    return torch.addmm(bias, a.float(), b.float(), alpha=alpha, out=out)
-
-
 def _bmm(torch, a, b, out):
     """The batched :func:`_mm`."""
     if a.dtype != torch.float16:
@@ -494,10 +485,10 @@ class _SignalLane:
         D, I, dev = X.shape[1], W.shape[1], X.device
         c = Namespace("torch").capsule
         # half: (x scale (D,), W's float16 operand, 1 / its scale, z scale (I,)) (_SignalHalf)
-        self.torch, self.X, self.W, self.neg_bias, self.alpha = torch, X, W, neg_bias, 1.0
+        self.torch, self.X, self.W, self.neg_bias = torch, X, W, neg_bias
         operands = torch.float32
         if half is not None:
-            operands, self.W, self.alpha = torch.float16, half.W, half.alpha
+            operands, self.W = torch.float16, half.W
         self.z = torch.empty((step, I), dtype=torch.float32, device=dev)
         self.masks = torch.empty((step, 2 * I), dtype=operands, device=dev)
         self.prod = torch.empty((2 * I, D), dtype=torch.float32, device=dev)
@@ -505,8 +496,9 @@ class _SignalLane:
         self.count = torch.zeros((I,), dtype=torch.int64, device=dev)
         self.sum_z = torch.zeros((I,), dtype=torch.float64, device=dev)
         self.sum_zz = torch.zeros((I,), dtype=torch.float64, device=dev)
+        # With float16 operands the product is alpha z (no bias): the epilogue forms z itself.
         self.epilogue = lib.SignalMasks(c(self.z), c(self.masks), c(self.count), c(self.sum_z), c(self.sum_zz),
-                                        None if half is None else c(half.z_scale))
+                                        *(() if half is None else (c(half.z_scale), c(neg_bias), half.alpha)))
         # X~ needs rows of its own where x is shifted, converted or scaled into float16 (the
         # moments' centring pass, without the column sums); float32 x without a center is used
         # in place.
@@ -524,7 +516,10 @@ class _SignalLane:
         else:
             xt = self.X[first:last]
         zt, mt = self.z[:r], self.masks[:r]
-        _addmm(torch, self.neg_bias, xt, self.W, self.alpha, zt)
+        if xt.dtype == torch.float16:
+            _mm(torch, xt, self.W, zt)  # alpha z - b' is the epilogue's
+        else:
+            torch.addmm(self.neg_bias, xt, self.W, out=zt)
         self.epilogue.run(r, stream)
         _mm(torch, mt.T, xt, self.prod)  # not batched: on an H200 batching was 0.3-1.1 ms slower here
         self.acc += self.prod
@@ -533,8 +528,9 @@ class _SignalLane:
 class _SignalHalf:
     """The signal moments' float16 operands (half_products): x~ times x_scale (D,) per column
     (CentreRows); W's operand S^-1 W times one power of two (1 / alpha), so that
-    z = alpha (x~ S)(S^-1 W / alpha) - b' exactly as scaled; the masked z times z_scale (I,)
-    (SignalMasks). The z scales come from a bound of |z| over the first step's rows
+    z = alpha (x~ S)(S^-1 W / alpha) - b' exactly as scaled (alpha and b' applied by
+    SignalMasks, which torch's float16 products with float32 outputs leave no room for); the
+    masked z times z_scale (I,) (SignalMasks). The z scales come from a bound of |z| over the first step's rows
     (sum_d |W_di| max|x~_d| + |b'_i|), so nothing waits for the first step's z."""
 
     def __init__(self, torch, X, shift, W, bias, step: int):

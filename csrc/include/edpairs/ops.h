@@ -133,9 +133,11 @@ void signal_moments_cuda(const SignalMomentsArgs& args, Stream stream);
 // product): for z (R, I) float32,
 //   out[r] = [M_r, M_r * z_r] with M_ri = (z_ri > 0),  (R, 2I) float32
 //   count[i] += |{r : z_ri > 0}|, sum_z[i] += sum of those z_ri, sum_zz[i] += their squares
-// (float64; count int64). All arrays contiguous and on one device. With a float16 out and
-// scale (I,) float32 (powers of two): out[r] = [M_r, float16(M_r * z_r * scale)], rounded to
-// nearest even (the half-precision products' operands; the sums still of the float32 z).
+// (float64; count int64). All arrays contiguous and on one device. With shift (I,) float32,
+// z_r stands for z_in_r * alpha + shift (float32: the product of scaled operands and the bias,
+// applied here). With a float16 out and scale (I,) float32 (powers of two):
+// out[r] = [M_r, float16(M_r * z_r * scale)], rounded to nearest even (the half-precision
+// products' operands; the sums still of the float32 z).
 struct SignalMasksArgs {
   TensorView z;       // (R, I) float32
   TensorView out;     // out (R, 2I) float32, or float16 with scale
@@ -143,6 +145,8 @@ struct SignalMasksArgs {
   TensorView sum_z;   // in/out (I,) float64
   TensorView sum_zz;  // in/out (I,) float64
   TensorView scale;   // (I,) float32 when out is float16, else absent
+  TensorView shift;   // optional (I,) float32
+  float alpha = 1.0f;  // with shift
 };
 void signal_masks_cpu(const SignalMasksArgs& args, Stream stream);
 void signal_masks_cuda(const SignalMasksArgs& args, Stream stream);
