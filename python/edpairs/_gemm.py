@@ -484,7 +484,7 @@ class _SignalLane:
 
         D, I, dev = X.shape[1], W.shape[1], X.device
         c = Namespace("torch").capsule
-        # half: (x scale (D,), W's float16 operand, 1 / its scale, z scale (I,)) (_SignalHalf)
+        # half: the float16 operands' scales and W (_SignalHalf), or None for TF32 / float32 ones
         self.torch, self.X, self.W, self.neg_bias = torch, X, W, neg_bias
         operands = torch.float32
         if half is not None:
@@ -530,8 +530,8 @@ class _SignalHalf:
     (CentreRows); W's operand S^-1 W times one power of two (1 / alpha), so that
     z = alpha (x~ S)(S^-1 W / alpha) - b' exactly as scaled (alpha and b' applied by
     SignalMasks, which torch's float16 products with float32 outputs leave no room for); the
-    masked z times z_scale (I,) (SignalMasks). The z scales come from a bound of |z| over the first step's rows
-    (sum_d |W_di| max|x~_d| + |b'_i|), so nothing waits for the first step's z."""
+    masked z times z_scale (I,) (SignalMasks). The z scales come from a bound of |z| over the
+    first step's rows (sum_d |W_di| max|x~_d| + |b'_i|), so nothing waits for its z."""
 
     def __init__(self, torch, X, shift, W, bias, step: int):
         self.x_scale = half_scale(torch, X, shift, step)
