@@ -4,7 +4,7 @@
 # before timing); JSON and logs under $OUT, the goals of issue 6 as a short table last.
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
 # Files under $OUT (the device returns at most 8): log.txt, ceilings.json,
-# kmeans_cuda_f32.json, kmeans_cuda_k64.json, kmeans_cuda_bf16.json, moments_cuda.json,
+# kmeans_cuda_f32.json, kmeans_cuda_k64.json, kmeans_cuda_half.json, kmeans_cuda_bf16.json, moments_cuda.json,
 # kernel_profile.json, cuda_tests_new.xml, cuda_tests.xml, and with SKIP="" also
 # stream_cuda.json and route_parts.json: more than 8 unless split as below (build.log too when
 # the build fails, in place of the later files). The benchmarks run before the tests, each in a
@@ -57,7 +57,7 @@ esac
 # out by default.
 # The tests of kernels that have not run on a GPU yet (or changed since): in a process of their
 # own before the others, so that a fault there cannot poison the CUDA context of the rest.
-NEW_K="${NEW_K:-wgmma or column or fused or tensor_core_assign_matches or prefetch or overlap or float16_operands}"
+NEW_K="${NEW_K:-wgmma or column or fused or tensor_core_assign_matches or prefetch or overlap or float16_operands or float16_rows}"
 if [ "$QUICK" = 1 ]; then
   SKIP="${SKIP-estimators route_parts stream bf16 ncu}"
   TESTS_K="${TESTS_K:-not ($NEW_K) and (moment or route or centre or rescore or argmax or stream or gram)}"
@@ -80,6 +80,7 @@ K64_METHODS="${K64_METHODS:-edpairs-wgmma-columns,edpairs-fused-wgmma}"
 PROFILE_CASES="${PROFILE_CASES:-moments:1000000,512 moments-f32:1000000,512 signal:1000000,512,256 \
 kmeans:1000000,512,1024 kmeans:1000000,512,256 kmeans:1000000,512,64 labels:1000000,512,64 \
 kmeans:1000000,512,1024:EDPAIRS_ASSIGN_OVERLAP=4 kmeans:1000000,512,1024:EDPAIRS_ASSIGN_OVERLAP=8 \
+kmeans:1000000,512,1024:EDPAIRS_ASSIGN_HALF=1 \
 kmeans:1000000,512,256:EDPAIRS_ASSIGN_OVERLAP=4 \
 moments-f32:1000000,512:EDPAIRS_GEMM_GRAM=triangle moments:1000000,512:EDPAIRS_GEMM_OVERLAP=1 \
 moments:1000000,512:EDPAIRS_GEMM_HALF=1 moments:1000000,512:EDPAIRS_GEMM_HALF=1;EDPAIRS_GEMM_OVERLAP=1 \
@@ -115,6 +116,9 @@ skipped kmeans || timeout 420 python3 benchmarks/bench_kmeans.py --device cuda -
 step "k = 64: the candidate defaults (wgmma labels + owned-column sums; the fused pass)"
 skipped kmeans || timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --methods "$K64_METHODS" --repeat "$REPEAT" \
   --method-timeout 60 --sizes 1000000,512,64 --json "$OUT/kmeans_cuda_k64.json" || status=1
+step "k = 1024: the candidate float16 copies of the rows (EDPAIRS_ASSIGN_HALF=1)"
+skipped kmeans || timeout 120 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs-half --repeat "$REPEAT" \
+  --method-timeout 60 --sizes 1000000,512,1024 --json "$OUT/kmeans_cuda_half.json" || status=1
 step "spherical k-means iteration (bfloat16 data)"
 skipped bf16 || timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --methods "$BF16_METHODS" --repeat "$REPEAT" \
   --sizes $BF16_SIZES --json "$OUT/kmeans_cuda_bf16.json" || status=1
@@ -195,6 +199,7 @@ def kmeans(name):
     return {(tuple(x["size"]), x["method"]): x for x in r.get("results", [])}
 f32, b16 = kmeans("kmeans_cuda_f32.json"), kmeans("kmeans_cuda_bf16.json")
 f32.update(kmeans("kmeans_cuda_k64.json"))
+f32.update(kmeans("kmeans_cuda_half.json"))
 print(f"{'file':10s} {'N,D,k':18s} {'method':14s} {'ms':>8s} {'TFLOP/s':>8s} {'labels ok':>9s} {'ok@2e-3':>8s} {'sums err':>9s}")
 for tag, table in (("f32", f32), ("bf16", b16)):
     for (size, method), x in sorted(table.items()):
@@ -217,7 +222,8 @@ for tag, table in (("f32", f32), ("bf16", b16)):
 big, small = (1000000, 512, 1024), (1000000, 512, 64)
 goals = []
 tt = t(f32, big, "torch")
-for method in ("edpairs", "edpairs-gemm", "edpairs-r16384", "edpairs-kernel", "edpairs-wgmma", "edpairs-wgmma-tma"):
+for method in ("edpairs", "edpairs-half", "edpairs-gemm", "edpairs-r16384", "edpairs-kernel", "edpairs-wgmma",
+               "edpairs-wgmma-tma"):
     e = t(f32, big, method)
     if e and tt:
         goals.append((f"k=1024 f32 {method}: torch TF32 / edpairs TF32 time", tt / e, 2.0))

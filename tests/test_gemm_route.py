@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from _helpers import (
     TOL,
+    Tol,
     assert_results_agree,
     assert_scatter_close,
     check_assignment,
@@ -1092,3 +1093,77 @@ def test_cuda_signal_moments_from_float16_operands(rng, monkeypatch):
     X[len(X) // 2:] *= 1000
     sm = ops.signal_moments(t(X).cuda(), t(W).cuda(), t(b * 1000).cuda(), center=t(c).cuda(), precision="tf32")
     assert all(bool(torch.isfinite(getattr(sm, f)).all()) for f in ("sum_x", "sum_z", "sum_zz", "sum_xz"))
+
+
+def _half_rows_reference(X):
+    """float16(x * 2^(8 - e)) per row, max |x| = m 2^e (m in [0.5, 1)), and 1 / ||x||; zero rows
+    and rows whose 1 / ||x|| passes float32 as zeros."""
+    big = np.abs(X).max(1)
+    _, e = np.frexp(big)
+    k = np.ldexp(np.float32(1), np.clip(8 - e, -126, 127)).astype(np.float32)
+    norm = np.linalg.norm(X.astype(np.float64), axis=1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(norm > 0, 1 / norm, np.inf)
+    zero = ~(inv <= np.finfo(np.float32).max)
+    with np.errstate(over="ignore"):
+        out = (X * k[:, None]).astype(np.float16)
+    out[zero] = 0
+    return out, np.where(zero, 0, inv).astype(np.float32)
+
+
+def test_half_rows_scale_each_row_by_a_power_of_two(rng):
+    """half_rows: each row times its own power of two (its largest magnitude into [128, 256)) as
+    float16 bit for bit as numpy rounds, 1 / ||x|| to float32 rounding; zero rows and rows too
+    short for a float32 1 / ||x|| come out as zeros with rscale 0."""
+    X = (rng.standard_normal((200, 37)) * 10.0 ** rng.integers(-30, 30, (200, 1))).astype(np.float32)
+    X[0] = 0
+    X[1] = 1e-40  # norm ~6e-40: 1 / norm passes float32
+    X[2, :] = 0
+    X[2, 5] = 3e38
+    out, rscale = np.empty((200, 37), np.float16), np.empty(200, np.float32)
+    c = Namespace("torch").capsule
+    lib().half_rows(c(t(X)), c(t(out)), c(t(rscale)), 0)
+    want, want_r = _half_rows_reference(X)
+    np.testing.assert_array_equal(out.view(np.uint16), want.view(np.uint16))
+    np.testing.assert_allclose(rscale, want_r, rtol=2e-6)
+    assert rscale[0] == 0 and rscale[1] == 0 and not out[:2].any()
+    assert np.abs(out[3:].astype(np.float32)).max(1).min() >= 128
+
+
+HALF_TOL = Tol(score=2e-3, margin=4e-3, sums=1e-5)  # float16 operands (11 bits), float32 sums
+
+
+def test_half_assign_labels_from_float16_rows(rng):
+    """half_assign on CPU tensors (the same functions the CUDA route runs): labels and cosines
+    of the float16 copies within float16's rounding of the float64 reference, zero rows label
+    0 with score 0, the cluster sums those of the float32 rows for the labels given."""
+    C = make_centroids(rng, 150, 24) * np.float32(1e-20)  # centroids' own scale does not matter
+    X = make_rows(rng, 3000, 24, C=C * np.float32(1e20), zero_rows=3) * np.float32(1e5)
+    labels, scores = torch.empty(3000, dtype=torch.int64), torch.empty(3000)
+    sums, counts = torch.empty((150, 24), dtype=torch.float64), torch.empty(150, dtype=torch.int64)
+    _gemm.half_assign(t(X), t(C), labels, scores, sums, counts, lib=lib())
+    check_assignment(ops.Assignment(labels, scores, sums, counts), X, C, tol=HALF_TOL, check_ties=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _GPU, reason="needs edpairs built with CUDA and a GPU")
+def test_cuda_assign_from_float16_rows(rng, monkeypatch):
+    """EDPAIRS_ASSIGN_HALF=1 on the GPU (TF32, k >= 129): half_rows bit for bit the CPU's, and
+    the assignment (and a k-means step) within float16's rounding of the reference; below
+    k = 129, with a center or with exact products the knob changes nothing."""
+    X = make_rows(rng, 20_000, 96, C=make_centroids(rng, 300, 96), zero_rows=2) * np.float32(3.0)
+    C = make_centroids(rng, 300, 96)
+    out, rscale = torch.empty((20_000, 96), dtype=torch.float16), torch.empty(20_000)
+    c = Namespace("torch").capsule
+    lib().half_rows(c(t(X)), c(out), c(rscale), 0)
+    out_g, rscale_g = out.cuda(), rscale.cuda()
+    lib().half_rows(c(t(X).cuda()), c(out_g), c(rscale_g), torch.cuda.current_stream().cuda_stream)
+    assert torch.equal(out_g.cpu(), out) and torch.equal(rscale_g.cpu(), rscale)
+    monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", "1")
+    res = ops.assign(t(X).cuda(), t(C).cuda(), precision="tf32")
+    check_assignment(res, X, C, tol=HALF_TOL, check_ties=False)
+    centroids, labels, counts = ops.spherical_kmeans_step(t(X).cuda(), t(C).cuda(), precision="tf32")
+    assert bool(torch.isfinite(centroids).all()) and int(counts.sum()) == 20_000
+    exact = ops.assign(t(X).cuda(), t(C).cuda(), precision="float32")
+    monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", "0")
+    assert torch.equal(exact.labels, ops.assign(t(X).cuda(), t(C).cuda(), precision="float32").labels)

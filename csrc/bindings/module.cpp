@@ -479,6 +479,23 @@ class CentreRowsPlan {
   edpairs::CentreRowsArgs a_;
 };
 
+void half_rows(py::handle x_, py::handle out_, py::handle rscale_, uintptr_t stream) {
+  Imports in;
+  edpairs::HalfRowsArgs a;
+  a.x = in.take(x_, "X", false);
+  a.out = in.take(out_, "out", true);
+  a.rscale = in.take(rscale_, "rscale", true);
+  expect_rank(a.x, "X", 2, "(N, D)");
+  expect_dtype(a.x, "X", DType::Float32);
+  expect_cuda_rows(a.x, "X");
+  const int64_t N = a.x.shape[0], D = a.x.shape[1];
+  expect_shape(a.out, "out", {N, D}, {"N", "D"}, DType::Float16);
+  expect_shape(a.rscale, "rscale", {N}, {"N"}, DType::Float32);
+  expect_contiguous_each({{&a.out, "out"}, {&a.rscale, "rscale"}});
+  expect_same_device({{&a.x, "X"}, {&a.out, "out"}, {&a.rscale, "rscale"}});
+  dispatch<edpairs::HalfRowsArgs>(a, a.x.device, stream, &edpairs::half_rows_cpu, EDPAIRS_CUDA_FN(half_rows_cuda));
+}
+
 void centred_gram(py::handle x_, py::handle shift_, py::handle m2_, py::handle colsum_, uintptr_t stream) {
   Imports in;
   edpairs::CentredGramArgs a;
@@ -622,6 +639,7 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle>(), py::arg("x"), py::arg("shift"),
            py::arg("out"), py::arg("colsum"), py::arg("scale") = py::none())
       .def("run", &CentreRowsPlan::run, py::arg("first"), py::arg("rows"), py::arg("stream"));
+  m.def("half_rows", &half_rows, py::arg("x"), py::arg("out"), py::arg("rscale"), py::arg("stream"));
   m.def("centred_gram", &centred_gram, py::arg("x"), py::arg("shift"), py::arg("m2"), py::arg("colsum"),
         py::arg("stream"));
   m.def("cluster_sums", &cluster_sums, py::arg("x"), py::arg("labels"), py::arg("rscale"), py::arg("center"),

@@ -150,6 +150,28 @@ void centre_rows_cpu(const CentreRowsArgs& a, Stream) {
                    half ? a.scale.ptr<const float>() : nullptr);
 }
 
+void half_rows_cpu(const HalfRowsArgs& a, Stream) {
+  const cpu::Matrix X = cpu::matrix_of(a.x);
+  const int64_t R = X.rows, D = X.cols;
+  uint16_t* out = a.out.ptr<uint16_t>();
+  float* rscale = a.rscale.ptr<float>();
+  cpu::parallel_for(R, [&](int64_t r, int) {
+    std::vector<float> x(static_cast<size_t>(D));
+    cpu::load_row(X, nullptr, r, 0, D, x.data());
+    float big = 0.f;
+    for (int64_t d = 0; d < D; ++d) big = std::fmax(big, std::fabs(x[d]));
+    int e = 0;
+    std::frexp(big, &e);  // big = m 2^e, m in [0.5, 1)
+    const float k = std::ldexp(1.f, std::clamp(8 - e, -126, 127));
+    float ss = 0.f;  // of the scaled row: no overflow or underflow
+    for (int64_t d = 0; d < D; ++d) ss = std::fma(x[d] * k, x[d] * k, ss);
+    const double inv = ss > 0 ? static_cast<double>(k) / std::sqrt(static_cast<double>(ss)) : 0.0;
+    const bool zero = !(big > 0) || !(inv <= static_cast<double>(std::numeric_limits<float>::max()));
+    rscale[r] = zero ? 0.f : static_cast<float>(inv);
+    for (int64_t d = 0; d < D; ++d) out[r * D + d] = zero ? 0 : cpu::half_bits(x[d] * k);
+  });
+}
+
 void centred_gram_cpu(const CentredGramArgs& a, Stream) {
   using namespace cpu;
   const Matrix X = matrix_of(a.x);

@@ -212,7 +212,53 @@ void launch_centre_rows(const CentreRowsArgs& a, const T* x, OutT* out, dim3 gri
   EDPAIRS_CUDA_CHECK(cudaGetLastError());
 }
 
+// half_rows (ops.h 3e'): one warp per row, kHalfWarps rows per block. The row is read twice:
+// its largest magnitude first, then the scaled values (the second read from L1/L2: a row is a
+// few KB), so DRAM sees one read of x and one write of the float16 rows.
+constexpr int kHalfWarps = 8;
+
+__global__ void __launch_bounds__(kHalfWarps * 32)
+half_rows_kernel(const float* __restrict__ x, const int64_t x_stride, const int64_t rows, const int d,
+                 __half* __restrict__ out, float* __restrict__ rscale) {
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kHalfWarps + static_cast<int>(threadIdx.x) / 32;
+  if (r >= rows) return;  // whole warps leave together: no block barriers here
+  const float* xr = x + r * x_stride;
+  float big = 0.f;
+  for (int c = lane; c < d; c += 32) big = fmaxf(big, fabsf(xr[c]));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) big = fmaxf(big, __shfl_xor_sync(0xffffffffu, big, o));
+  int e = 0;
+  frexpf(big, &e);  // big = m 2^e, m in [0.5, 1)
+  const int ke = 8 - e < -126 ? -126 : (8 - e > 127 ? 127 : 8 - e);
+  const float k = ldexpf(1.f, ke);
+  float ss = 0.f;  // of the scaled row: no overflow or underflow
+  for (int c = lane; c < d; c += 32) {
+    const float v = __fmul_rn(xr[c], k);
+    ss = fmaf(v, v, ss);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  const double inv = ss > 0.f ? static_cast<double>(k) / sqrt(static_cast<double>(ss)) : 0.0;
+  const bool zero = !(big > 0.f) || !(inv <= 3.4028234663852886e38);
+  if (lane == 0) rscale[r] = zero ? 0.f : static_cast<float>(inv);
+  __half* o = out + r * d;
+  for (int c = lane; c < d; c += 32) o[c] = zero ? __float2half_rn(0.f) : __float2half_rn(__fmul_rn(xr[c], k));
+}
+
 }  // namespace
+
+void half_rows_cuda(const HalfRowsArgs& a, Stream stream) {
+  const int64_t rows = a.x.size(0), d = a.x.size(1);
+  if (rows < 1 || d < 1) return;
+  if (d > INT_MAX) fail("half_rows: D too large: x " + a.x.shape_str());
+  cuda_detail::DeviceGuard guard(a.x.device_id);
+  const int64_t blocks = ceil_div(rows, kHalfWarps);
+  if (blocks > INT_MAX) fail("half_rows: too many rows for one launch: x " + a.x.shape_str());
+  half_rows_kernel<<<static_cast<unsigned>(blocks), kHalfWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(
+      a.x.ptr<const float>(), a.x.stride(0), rows, static_cast<int>(d), a.out.ptr<__half>(), a.rscale.ptr<float>());
+  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+}
 
 void centre_rows_cuda(const CentreRowsArgs& a, Stream stream) {
   const int64_t rows = a.x.size(0), d = a.x.size(1);

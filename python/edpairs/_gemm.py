@@ -651,6 +651,52 @@ def wgmma_labels_tf32(X) -> bool:
     return _rows_16b(X) and wgmma_unavailable(X.device) is None
 
 
+def half_labels() -> bool:
+    """EDPAIRS_ASSIGN_HALF: "1" labels TF32 cosine assignments of float32 rows with k >=
+    TF32_MIN_K from float16 copies of the rows and centroids (half_assign; opt-in until a GPU
+    run has timed it), "0" (the default) from the float32 rows."""
+    value = os.environ.get("EDPAIRS_ASSIGN_HALF", "0")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"EDPAIRS_ASSIGN_HALF must be '0' or '1', got {value!r}")
+    return value == "1"
+
+
+def half_assign_applies(X, xp, k: int, precision: str, center, row_scale, col_scale) -> bool:
+    """Whether ops.assign takes half_assign: EDPAIRS_ASSIGN_HALF=1, a torch CUDA float32 X with
+    rows, TF32 products, k >= TF32_MIN_K (below it X's one read dominates, and the copy would
+    add to it) and the cosine's own scales (no center, row_scale or col_scale)."""
+    return (half_labels() and precision == "tf32" and k >= TF32_MIN_K and xp.name == "torch" and xp.is_cuda(X)
+            and xp.dtype_name(X) == "float32" and X.shape[0] > 0 and center is None and row_scale is None
+            and col_scale is None)
+
+
+def half_assign(X, C, labels, scores, sums, counts, *, lib):
+    """Cosine labels from float16 rows: ``half_rows`` writes each row of X and of C as float16
+    times a power of two of its own (exact; a cosine does not change with a row's positive
+    scale) and X's 1 / ||x||; edpairs' 16-bit kernel labels the copies (wgmma on Hopper), at
+    float16's 11 significant bits, as TF32 has, rounded to nearest; the cluster sums come from
+    the float32 rows and their own 1 / ||x|| (``cluster_sums``). Costs a float16 copy of X
+    (N x D x 2 bytes). Fills labels, scores and, when given, sums and counts in place."""
+    import torch
+
+    from ._arrays import Namespace
+
+    xp = Namespace("torch")
+    c = xp.capsule
+    stream = xp.stream(X)
+    parts = []
+    for rows in (X, C):
+        half = torch.empty(rows.shape, dtype=torch.float16, device=X.device)
+        rscale = torch.empty((rows.shape[0],), dtype=torch.float32, device=X.device)
+        lib.half_rows(c(rows), c(half), c(rscale), stream)
+        parts.append((half, rscale))
+    (Xh, rscale), (Ch, _) = parts
+    Cs = Ch.float()  # the kernel takes float32 centroids and rounds them to X's float16: exact here
+    lib.assign(c(Xh), c(Cs), None, None, None, c(labels), c(scores), None, None, False, "tf32", stream)
+    if sums is not None:
+        lib.cluster_sums(c(X), c(labels), c(rscale), None, c(sums), c(counts), stream)
+
+
 def assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, *, precision: str, rows: int, lib):
     """ops.assign on the route: per step of ``rows`` rows, cuBLAS forms the (rows, k) dots
     ``(x - center) . c_j`` of rows centred first (``CentreRows``, float32; forming

@@ -180,7 +180,9 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     (compute capability 9.0, a build with sm_90a) tensor-core assignments of 16-byte aligned rows
     with k >= 129 are labelled by edpairs' wgmma kernel, TF32 float32 ones too instead of the
     route (``EDPAIRS_ASSIGN_KERNEL=mma`` keeps mma.sync and the route, ``wgmma`` takes the wgmma
-    kernel below k = 129 too).
+    kernel below k = 129 too). With EDPAIRS_ASSIGN_HALF=1 (opt-in), TF32 cosine assignments of
+    such rows with k >= 129 are labelled from float16 copies of the rows and centroids, each
+    row scaled by a power of two of its own (edpairs._gemm.half_assign).
     """
     X, xp = _data(X)
     precision = _precision(precision, X)
@@ -206,7 +208,9 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     sums = xp.empty((k, D), "float64", X) if accumulate else None
     counts = xp.empty((k,), "int64", X) if accumulate else None
     shapes_ok = k >= 1 and D >= 1 and C.shape[1] == D and (col_scale is None or tuple(col_scale.shape) == (k,))
-    if shapes_ok and _gemm.assign_applies(X, xp, k, precision):  # (the kernels' bindings word the shape errors)
+    if shapes_ok and _gemm.half_assign_applies(X, xp, k, precision, center, row_scale, col_scale):
+        _gemm.half_assign(X, C, labels, scores, sums, counts, lib=lib())
+    elif shapes_ok and _gemm.assign_applies(X, xp, k, precision):  # (the kernels' bindings word the shape errors)
         _gemm.assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, precision=precision,
                      rows=_gemm.assign_rows(), lib=lib())
     else:

@@ -208,6 +208,22 @@ struct CentreRowsArgs {
 void centre_rows_cpu(const CentreRowsArgs& args, Stream stream);
 void centre_rows_cuda(const CentreRowsArgs& args, Stream stream);
 
+// 3e'. Rows in float16 for cosine labels (the route's EDPAIRS_ASSIGN_HALF): for x (R, D)
+// float32 (contiguous rows),
+//   out[r] = float16(x_r * 2^e_r)  with e_r bringing max_d |x_rd| into [2^7, 2^8) (exact
+//            scaling, rounded to nearest even),   rscale[r] = 1 / ||x_r|| (float32)
+// A cosine does not change with a row's positive scale, so labels and scores of the float16
+// rows are those of x at float16's 11 significant bits. A row whose 1 / ||x_r|| is not a
+// finite float32 (zero, or norm below about 2.9e-39) is written as zeros with rscale 0: a
+// zero row, as the kernels count it.
+struct HalfRowsArgs {
+  TensorView x;       // (R, D) float32
+  TensorView out;     // out (R, D) float16, contiguous
+  TensorView rscale;  // out (R,) float32
+};
+void half_rows_cpu(const HalfRowsArgs& args, Stream stream);
+void half_rows_cuda(const HalfRowsArgs& args, Stream stream);
+
 // 3f. The centred Gram of float32 rows in one pass (the TF32 moments on Hopper's wgmma): for x
 // (N, D) float32 with 16-byte aligned rows and D % 4 == 0, shift (D,) float32,
 //   m2[d1][d2] += sum_n (x_nd1 - shift_d1)(x_nd2 - shift_d2)  for d1 <= d2 (others untouched),
