@@ -1013,11 +1013,13 @@ def test_cuda_moments_from_float16_operands(rng, monkeypatch):
 
 
 def test_signal_masks_write_scaled_float16(rng):
-    """SignalMasks with a float16 out, of z given as z_in * alpha + shift: [M, float16(M z scale)]
+    """SignalMasks with a float16 out, of z given as z_in * alpha + shift (alpha and shift per
+    concept): [M, float16(M z scale)]
     bit for bit as numpy rounds, the counts and z sums those of the float32 z with a float32 out."""
     z_in = (rng.standard_normal((400, 7)) * 10.0 ** rng.integers(-3, 4, 7)).astype(np.float32)
     shift = rng.standard_normal(7).astype(np.float32)
-    z = z_in * np.float32(0.25) + shift
+    alpha = (2.0 ** rng.integers(-20, 20, 7)).astype(np.float32)  # per concept
+    z = z_in * alpha + shift
     scale = (2.0 ** rng.integers(-8, 9, 7)).astype(np.float32)
     c = Namespace("torch").capsule
     sums = []
@@ -1026,7 +1028,7 @@ def test_signal_masks_write_scaled_float16(rng):
         if out.dtype == np.float32:
             lib().SignalMasks(*[c(t(a)) for a in (z, out, count, sz, szz)]).run(400, 0)
         else:
-            lib().SignalMasks(*[c(t(a)) for a in (z_in, out, count, sz, szz, scale, shift)], 0.25).run(400, 0)
+            lib().SignalMasks(*[c(t(a)) for a in (z_in, out, count, sz, szz, scale, shift, alpha)]).run(400, 0)
         sums.append((count, sz, szz))
     m = z > 0
     np.testing.assert_array_equal(out[:, :7], m.astype(np.float16))
@@ -1052,6 +1054,26 @@ def test_route_signal_moments_from_float16_operands(center, rng, monkeypatch):
         out = _gemm.signal_moments(t(X), t(W), t(b), t(c), precision="tf32", rows=700, lib=lib())
         sm = ops.SignalMoments(*(o.numpy() for o in out), center=c)
         check_signal_moments(sm, X, W, b, center=c, rtol=2e-4)  # measured 4.9e-5
+
+
+def test_route_signal_moments_from_float16_operands_keep_small_concepts(rng):
+    """Each concept's W column has a float16 scale of its own: a concept a billionth of
+    another's size keeps float16's accuracy (one scale for all of W flushed it to zero: 17%
+    off, wrong counts)."""
+    X, W, b, _ = make_signal_data(rng, 2000, 16, 3, offset=1.0)
+    W[:, 0] *= np.float32(1e-9)
+    b[0] *= np.float32(1e-9)
+    out = _gemm.signal_moments(t(X), t(W), t(b), None, precision="tf32", rows=700, lib=lib(), half=True)
+    check_signal_moments(ops.SignalMoments(*(o.numpy() for o in out)), X, W, b, rtol=2e-4)
+
+
+def test_float16_operands_need_a_torch_that_has_them(rng, monkeypatch):
+    """Without torch's float16 products into float32 the knob warns and TF32 operands serve."""
+    monkeypatch.setattr(_gemm, "_half_unavailable", lambda torch: "torch 2.1 has none")
+    X = rng.standard_normal((300, 5)).astype(np.float32)
+    with pytest.warns(RuntimeWarning, match="EDPAIRS_GEMM_HALF=1 ignored: torch 2.1 has none"):
+        mean, m2 = _gemm.moments(t(X), precision="tf32", rows=100, lib=lib(), half=True)
+    check_moments(ops.Moments(300, mean, m2), X, rtol=1e-6)  # the CPU's TF32 products are exact
 
 
 def test_route_signal_moments_from_float16_operands_fall_back_past_the_range(rng):
@@ -1080,9 +1102,10 @@ def test_cuda_signal_moments_from_float16_operands(rng, monkeypatch):
     sums = [torch.zeros(64, dtype=dt, device="cuda") for dt in (torch.int64, torch.float64, torch.float64)]
     cap = Namespace("torch").capsule
     shift = torch.randn(64, device="cuda")
-    lib().SignalMasks(cap(z), cap(out), *map(cap, sums), cap(scale), cap(shift), 0.5).run(
+    alpha = (2.0 ** torch.randint(-20, 20, (64,), device="cuda")).float()
+    lib().SignalMasks(cap(z), cap(out), *map(cap, sums), cap(scale), cap(shift), cap(alpha)).run(
         1000, torch.cuda.current_stream().cuda_stream)
-    z = z * 0.5 + shift
+    z = z * alpha + shift
     m = z > 0
     assert torch.equal(out, torch.cat([m.half(), torch.where(m, z * scale, 0).half()], 1))
     monkeypatch.setenv("EDPAIRS_GEMM_HALF", "1")
@@ -1143,6 +1166,23 @@ def test_half_assign_labels_from_float16_rows(rng):
     sums, counts = torch.empty((150, 24), dtype=torch.float64), torch.empty(150, dtype=torch.int64)
     _gemm.half_assign(t(X), t(C), labels, scores, sums, counts, lib=lib())
     check_assignment(ops.Assignment(labels, scores, sums, counts), X, C, tol=HALF_TOL, check_ties=False)
+
+
+def test_half_assign_copies_the_rows_in_steps(rng, monkeypatch):
+    """The float16 copies are made SCRATCH_BYTES at a time: steps of 500 rows (and a ragged
+    last one) give the labels, scores and sums of one copy of all the rows."""
+    C = make_centroids(rng, 140, 24)
+    X = make_rows(rng, 1700, 24, C=C)
+    runs = []
+    for scratch in (None, 2 * 24 * 500):
+        if scratch:
+            monkeypatch.setattr(_gemm, "SCRATCH_BYTES", scratch)
+        out = (torch.empty(1700, dtype=torch.int64), torch.empty(1700), torch.empty((140, 24), dtype=torch.float64),
+               torch.empty(140, dtype=torch.int64))
+        _gemm.half_assign(t(X), t(C), *out, lib=lib())
+        runs.append(out)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.cuda

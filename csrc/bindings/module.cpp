@@ -328,17 +328,17 @@ void expect_step(int64_t first, int64_t rows, int64_t limit, const char* what) {
 class SignalMasksPlan {
  public:
   // out float32, or float16 with scale (I,) float32 (the half-precision operands); with shift
-  // (I,) float32, z stands for z * alpha + shift (ops.h 3c).
+  // and alpha (I,) float32, z stands for z * alpha + shift (ops.h 3c).
   SignalMasksPlan(py::handle z, py::handle out, py::handle count, py::handle sum_z, py::handle sum_zz,
-                  py::handle scale, py::handle shift, float alpha) {
+                  py::handle scale, py::handle shift, py::handle alpha) {
     a_.z = in_.take(z, "z", false);
     a_.out = in_.take(out, "out", true);
     a_.count = in_.take(count, "count", true);
     a_.sum_z = in_.take(sum_z, "sum_z", true);
     a_.sum_zz = in_.take(sum_zz, "sum_zz", true);
-    a_.scale = in_.take(scale, "scale", true);
-    a_.shift = in_.take(shift, "shift", true);
-    a_.alpha = alpha;
+    a_.scale = in_.take(scale, "scale", false);
+    a_.shift = in_.take(shift, "shift", false);
+    a_.alpha = in_.take(alpha, "alpha", false);
     expect_rank(a_.z, "z", 2, "(R, I)");
     expect_dtype(a_.z, "z", DType::Float32);
     const int64_t R = a_.z.shape[0], I = a_.z.shape[1];
@@ -346,16 +346,18 @@ class SignalMasksPlan {
     if (a_.scale.present) {
       expect_shape(a_.scale, "scale", {I}, {"I"}, DType::Float32);
     }
+    if (a_.shift.present != a_.alpha.present) fail("signal_masks: shift and alpha come together");
     if (a_.shift.present) {
       expect_shape(a_.shift, "shift", {I}, {"I"}, DType::Float32);
+      expect_shape(a_.alpha, "alpha", {I}, {"I"}, DType::Float32);
     }
     expect_shape(a_.count, "count", {I}, {"I"}, DType::Int64);
     expect_shape(a_.sum_z, "sum_z", {I}, {"I"}, DType::Float64);
     expect_shape(a_.sum_zz, "sum_zz", {I}, {"I"}, DType::Float64);
     expect_contiguous_each({{&a_.z, "z"}, {&a_.out, "out"}, {&a_.count, "count"}, {&a_.sum_z, "sum_z"},
-                            {&a_.sum_zz, "sum_zz"}, {&a_.scale, "scale"}, {&a_.shift, "shift"}});
+                            {&a_.sum_zz, "sum_zz"}, {&a_.scale, "scale"}, {&a_.shift, "shift"}, {&a_.alpha, "alpha"}});
     expect_same_device({{&a_.z, "z"}, {&a_.out, "out"}, {&a_.count, "count"}, {&a_.sum_z, "sum_z"},
-                        {&a_.sum_zz, "sum_zz"}, {&a_.scale, "scale"}, {&a_.shift, "shift"}});
+                        {&a_.sum_zz, "sum_zz"}, {&a_.scale, "scale"}, {&a_.shift, "shift"}, {&a_.alpha, "alpha"}});
   }
   // The first `rows` rows of z and out.
   void run(int64_t rows, uintptr_t stream) {
@@ -444,7 +446,7 @@ class CentreRowsPlan {
     a_.shift = in_.take(shift, "shift", false);
     a_.out = in_.take(out, "out", true);
     a_.colsum = in_.take(colsum, "colsum", true);
-    a_.scale = in_.take(scale, "scale", true);
+    a_.scale = in_.take(scale, "scale", false);
     expect_rank(a_.x, "X", 2, "(N, D)");
     expect_input_dtype(a_.x, "X");
     expect_cuda_rows(a_.x, "X");
@@ -624,9 +626,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("count"), py::arg("sum_x"), py::arg("sum_z"), py::arg("sum_zz"), py::arg("sum_xz"),
         py::arg("workspace"), py::arg("check_finite"), py::arg("stream"), py::arg("precision") = "float32");
   py::class_<SignalMasksPlan>(m, "SignalMasks")
-      .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, float>(),
+      .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,
+                    py::handle>(),
            py::arg("z"), py::arg("out"), py::arg("count"), py::arg("sum_z"), py::arg("sum_zz"),
-           py::arg("scale") = py::none(), py::arg("shift") = py::none(), py::arg("alpha") = 1.0f)
+           py::arg("scale") = py::none(), py::arg("shift") = py::none(), py::arg("alpha") = py::none())
       .def("run", &SignalMasksPlan::run, py::arg("rows"), py::arg("stream"));
   py::class_<ArgmaxRowsPlan>(m, "ArgmaxRows")
       .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, py::handle,

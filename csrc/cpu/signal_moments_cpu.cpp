@@ -159,11 +159,12 @@ void signal_masks_cpu(const SignalMasksArgs& a, Stream) {
   double* sum_z = a.sum_z.ptr<double>();
   double* sum_zz = a.sum_zz.ptr<double>();
   const float* shift = a.shift.present ? a.shift.ptr<const float>() : nullptr;
+  const float* alpha = a.alpha.present ? a.alpha.ptr<const float>() : nullptr;
   constexpr uint16_t kHalfOne = 0x3c00u;
   for (int64_t r = 0; r < R; ++r) {
     const float* zr = z + r * I;
     for (int64_t i = 0; i < I; ++i) {
-      const float v = shift != nullptr ? zr[i] * a.alpha + shift[i] : zr[i];
+      const float v = shift != nullptr ? zr[i] * alpha[i] + shift[i] : zr[i];
       const bool positive = v > 0.0f;
       if (half) {
         uint16_t* mr = out16 + r * 2 * I;

@@ -360,12 +360,13 @@ template <class OutT>
 __global__ void __launch_bounds__(kMaskThreads)
 signal_masks_kernel(const float* __restrict__ z, const int64_t rows, const int concepts,
                     OutT* __restrict__ out, const float* __restrict__ scale, const float* __restrict__ shift,
-                    const float alpha, unsigned long long* __restrict__ count, double* __restrict__ sum_z,
-                    double* __restrict__ sum_zz) {
+                    const float* __restrict__ alpha, unsigned long long* __restrict__ count,
+                    double* __restrict__ sum_z, double* __restrict__ sum_zz) {
   const int i = blockIdx.x * kMaskThreads + threadIdx.x;
   if (i >= concepts) return;
   const float k = scale != nullptr ? scale[i] : 1.0f;
   const float b = shift != nullptr ? shift[i] : 0.0f;
+  const float g = shift != nullptr ? alpha[i] : 1.0f;
   const int64_t width = 2 * static_cast<int64_t>(concepts);
   for (int64_t r0 = static_cast<int64_t>(blockIdx.y) * kMaskRows; r0 < rows;
        r0 += static_cast<int64_t>(gridDim.y) * kMaskRows) {
@@ -374,7 +375,7 @@ signal_masks_kernel(const float* __restrict__ z, const int64_t rows, const int c
     double s = 0.0, ss = 0.0;
 #pragma unroll 8
     for (int64_t r = r0; r < r1; ++r) {
-      const float v = shift != nullptr ? __fadd_rn(__fmul_rn(z[r * concepts + i], alpha), b) : z[r * concepts + i];
+      const float v = shift != nullptr ? __fadd_rn(__fmul_rn(z[r * concepts + i], g), b) : z[r * concepts + i];
       const bool positive = v > 0.0f;
       put_mask(out + r * width + i, positive, v, k);
       put_value(out + r * width + concepts + i, positive, v, k);
@@ -406,13 +407,14 @@ void signal_masks_cuda(const SignalMasksArgs& a, Stream stream) {
                   static_cast<unsigned>(std::min<int64_t>(ceil_div(rows, kMaskRows), 65535)));
   auto* count = reinterpret_cast<unsigned long long*>(a.count.ptr<int64_t>());
   const float* shift = a.shift.present ? a.shift.ptr<const float>() : nullptr;
+  const float* alpha = a.alpha.present ? a.alpha.ptr<const float>() : nullptr;
   if (a.out.dtype == DType::Float16) {
     signal_masks_kernel<__half><<<grid, kMaskThreads, 0, s>>>(
         a.z.ptr<const float>(), rows, static_cast<int>(concepts), a.out.ptr<__half>(), a.scale.ptr<const float>(),
-        shift, a.alpha, count, a.sum_z.ptr<double>(), a.sum_zz.ptr<double>());
+        shift, alpha, count, a.sum_z.ptr<double>(), a.sum_zz.ptr<double>());
   } else {
     signal_masks_kernel<float><<<grid, kMaskThreads, 0, s>>>(
-        a.z.ptr<const float>(), rows, static_cast<int>(concepts), a.out.ptr<float>(), nullptr, shift, a.alpha,
+        a.z.ptr<const float>(), rows, static_cast<int>(concepts), a.out.ptr<float>(), nullptr, shift, alpha,
         count, a.sum_z.ptr<double>(), a.sum_zz.ptr<double>());
   }
   EDPAIRS_CUDA_CHECK(cudaGetLastError());

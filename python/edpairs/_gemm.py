@@ -189,11 +189,49 @@ HALF_TOP = 8
 
 
 def _pow2_scale(torch, big):
-    """float32 powers of two that bring each entry of ``big`` (>= 0) into [2^(HALF_TOP - 1),
-    2^HALF_TOP) (2^HALF_TOP for 0; exponents kept within float32's range)."""
-    _, e = torch.frexp(big.float())  # big = m 2^e with m in [0.5, 1)
+    """float32 powers of two that bring each entry of ``big`` (>= 0, any float dtype) into
+    [2^(HALF_TOP - 1), 2^HALF_TOP) (2^HALF_TOP for 0; exponents kept within float32's normal
+    range), built from their exponent bits: exact on every device."""
+    _, e = torch.frexp(big.double())  # big = m 2^e with m in [0.5, 1)
     e = torch.where(big > 0, e, torch.zeros_like(e))
-    return torch.ldexp(torch.ones_like(big, dtype=torch.float32), (HALF_TOP - e).clamp(-126, 127)).contiguous()
+    bits = ((HALF_TOP - e).clamp(-126, 127) + 127).to(torch.int32) << 23
+    return bits.view(torch.float32).contiguous()
+
+
+def _half_unavailable(torch) -> Optional[str]:
+    """Why torch cannot form float16 products into float32 here (None where it can)."""
+    if not hasattr(torch.ops.aten.mm, "dtype_out"):
+        return f"torch {torch.__version__} has no float16 products with float32 outputs (torch >= 2.8 has)"
+    return None
+
+
+@contextmanager
+def _float32_accumulation(torch):
+    """float16 products accumulate in float32 inside the block, whatever torch's
+    allow_fp16_accumulation says (with it set, torch refuses float32 outputs); restored after."""
+    matmul = torch.backends.cuda.matmul
+    before = getattr(matmul, "allow_fp16_accumulation", False)
+    if before:
+        matmul.allow_fp16_accumulation = False
+    try:
+        yield
+    finally:
+        if before:
+            matmul.allow_fp16_accumulation = before
+
+
+def _half_wanted(torch, precision: str, half: Optional[bool]) -> bool:
+    """Whether a TF32 call takes float16 operands (``half``, default half_products()); a torch
+    without the products falls back to TF32 with a warning."""
+    if precision != "tf32" or not (half_products() if half is None else half):
+        return False
+    why = _half_unavailable(torch)
+    if why is not None:
+        import warnings
+
+        warnings.warn(f"EDPAIRS_GEMM_HALF=1 ignored: {why}; TF32 operands instead", RuntimeWarning, stacklevel=3)
+        return False
+    return True
 
 
 def half_scale(torch, X, shift, step: int):
@@ -439,14 +477,14 @@ def moments(X, *, precision: str, rows: int, lib, half: Optional[bool] = None):
     stream = xp.stream(X)
     if gram_wgmma_applies(X, precision):
         return _centred_gram_moments(X, shift, colsum, lib, c, stream)
-    half = precision == "tf32" and (half_products() if half is None else half)
+    half = _half_wanted(torch, precision, half)
     scale = half_scale(torch, X, shift, step) if half else None
     if gram_mode() == "triangle":
         gram = _TriangleProduct(torch, D, triangle_block(), X.device)
     else:
         gram = _BatchedProduct(torch, D, D, step, X.device)
     # One pass per step writes the centred rows and adds their float64 column sums (centre_rows).
-    with matmul_precision(torch, precision):
+    with matmul_precision(torch, precision), _float32_accumulation(torch):
         for _, _, xt in centred_steps(torch, lib, X, shift, colsum, rows, scale):
             gram.add(xt, xt)
     d = colsum / N  # mean - shift
@@ -498,7 +536,7 @@ class _SignalLane:
         self.sum_zz = torch.zeros((I,), dtype=torch.float64, device=dev)
         # With float16 operands the product is alpha z (no bias): the epilogue forms z itself.
         self.epilogue = lib.SignalMasks(c(self.z), c(self.masks), c(self.count), c(self.sum_z), c(self.sum_zz),
-                                        *(() if half is None else (c(half.z_scale), c(neg_bias), half.alpha)))
+                                        *(() if half is None else (c(half.z_scale), c(neg_bias), c(half.alpha))))
         # X~ needs rows of its own where x is shifted, converted or scaled into float16 (the
         # moments' centring pass, without the column sums); float32 x without a center is used
         # in place.
@@ -527,18 +565,20 @@ class _SignalLane:
 
 class _SignalHalf:
     """The signal moments' float16 operands (half_products): x~ times x_scale (D,) per column
-    (CentreRows); W's operand S^-1 W times one power of two (1 / alpha), so that
-    z = alpha (x~ S)(S^-1 W / alpha) - b' exactly as scaled (alpha and b' applied by
-    SignalMasks, which torch's float16 products with float32 outputs leave no room for); the
-    masked z times z_scale (I,) (SignalMasks). The z scales come from a bound of |z| over the
-    first step's rows (sum_d |W_di| max|x~_d| + |b'_i|), so nothing waits for its z."""
+    (CentreRows); W's operand S^-1 W with each concept's column times a power of two of its own
+    (1 / alpha_i), so that z_i = alpha_i (x~ S)(S^-1 W_i / alpha_i) - b'_i exactly as scaled
+    (alpha and b' applied by SignalMasks, which torch's float16 products with float32 outputs
+    leave no room for); the masked z times z_scale (I,) (SignalMasks). The z scales come from a
+    bound of |z| over the first step's rows (sum_d |W_di| max|x~_d| + |b'_i|), so nothing waits
+    for its z."""
 
     def __init__(self, torch, X, shift, W, bias, step: int):
         self.x_scale = half_scale(torch, X, shift, step)
         s = self.x_scale.to(torch.float64)
         Ws = W.to(torch.float64) / s[:, None]
-        w_scale = float(_pow2_scale(torch, Ws.abs().max().reshape(1))[0])
-        self.W, self.alpha = (Ws * w_scale).to(torch.float16), 1.0 / w_scale
+        w_scale = _pow2_scale(torch, Ws.abs().amax(0)).to(torch.float64)  # per concept
+        self.W = (Ws * w_scale).to(torch.float16)
+        self.alpha = (1.0 / w_scale).to(torch.float32)  # powers of two: exact
         bound = W.to(torch.float64).abs().T @ (2.0**HALF_TOP / s) + bias.to(torch.float64).abs()
         self.z_scale = _pow2_scale(torch, bound)
 
@@ -567,7 +607,7 @@ def signal_moments(X, W, b, center, *, precision: str, rows: int, lib, half: Opt
     else:
         bias = b
     step = min(rows, N)
-    half = precision == "tf32" and (half_products() if half is None else half)
+    half = _half_wanted(torch, precision, half)
     shift = None
     if center is not None or X.dtype != torch.float32 or half:
         shift = center if center is not None else torch.zeros((D,), dtype=torch.float32, device=dev)
@@ -582,7 +622,7 @@ def signal_moments(X, W, b, center, *, precision: str, rows: int, lib, half: Opt
         if cuda:
             streams[1].wait_stream(streams[0])  # X, W, b and the zeroed sums come from the caller's stream
     try:
-        with matmul_precision(torch, precision):
+        with matmul_precision(torch, precision), _float32_accumulation(torch):
             for i, (first, last) in enumerate(steps):
                 lane, s = lanes[i % n_lanes], streams[i % n_lanes]
                 if s is None:
@@ -667,32 +707,36 @@ def half_assign_applies(X, xp, k: int, precision: str, center, row_scale, col_sc
     add to it) and the cosine's own scales (no center, row_scale or col_scale)."""
     return (half_labels() and precision == "tf32" and k >= TF32_MIN_K and xp.name == "torch" and xp.is_cuda(X)
             and xp.dtype_name(X) == "float32" and X.shape[0] > 0 and center is None and row_scale is None
-            and col_scale is None)
+            and col_scale is None and _knob() != "kernel")
 
 
 def half_assign(X, C, labels, scores, sums, counts, *, lib):
     """Cosine labels from float16 rows: ``half_rows`` writes each row of X and of C as float16
     times a power of two of its own (exact; a cosine does not change with a row's positive
     scale) and X's 1 / ||x||; edpairs' 16-bit kernel labels the copies (wgmma on Hopper), at
-    float16's 11 significant bits, as TF32 has, rounded to nearest; the cluster sums come from
-    the float32 rows and their own 1 / ||x|| (``cluster_sums``). Costs a float16 copy of X
-    (N x D x 2 bytes). Fills labels, scores and, when given, sums and counts in place."""
+    float16's 11 significant bits, as TF32 has, rounded to nearest, without the float64
+    re-scoring of near ties that the TF32 route does; the cluster sums come from the float32
+    rows and their own 1 / ||x|| (``cluster_sums``). The copies are made SCRATCH_BYTES of
+    float16 rows at a time. Fills labels, scores and, when given, sums and counts in place."""
     import torch
 
     from ._arrays import Namespace
 
+    N, D = X.shape
     xp = Namespace("torch")
     c = xp.capsule
     stream = xp.stream(X)
-    parts = []
-    for rows in (X, C):
-        half = torch.empty(rows.shape, dtype=torch.float16, device=X.device)
-        rscale = torch.empty((rows.shape[0],), dtype=torch.float32, device=X.device)
-        lib.half_rows(c(rows), c(half), c(rscale), stream)
-        parts.append((half, rscale))
-    (Xh, rscale), (Ch, _) = parts
+    step = max(1, min(N, SCRATCH_BYTES // (2 * D)))
+    Ch = torch.empty(C.shape, dtype=torch.float16, device=X.device)
+    lib.half_rows(c(C), c(Ch), c(torch.empty((C.shape[0],), device=X.device)), stream)
     Cs = Ch.float()  # the kernel takes float32 centroids and rounds them to X's float16: exact here
-    lib.assign(c(Xh), c(Cs), None, None, None, c(labels), c(scores), None, None, False, "tf32", stream)
+    Xh = torch.empty((step, D), dtype=torch.float16, device=X.device)
+    rscale = torch.empty((N,), dtype=torch.float32, device=X.device)
+    for first, last in _steps(N, step):
+        xh = Xh[: last - first]
+        lib.half_rows(c(X[first:last]), c(xh), c(rscale[first:last]), stream)
+        lib.assign(c(xh), c(Cs), None, None, None, c(labels[first:last]), c(scores[first:last]), None, None, False,
+                   "tf32", stream)
     if sums is not None:
         lib.cluster_sums(c(X), c(labels), c(rscale), None, c(sums), c(counts), stream)
 

@@ -133,9 +133,9 @@ void signal_moments_cuda(const SignalMomentsArgs& args, Stream stream);
 // product): for z (R, I) float32,
 //   out[r] = [M_r, M_r * z_r] with M_ri = (z_ri > 0),  (R, 2I) float32
 //   count[i] += |{r : z_ri > 0}|, sum_z[i] += sum of those z_ri, sum_zz[i] += their squares
-// (float64; count int64). All arrays contiguous and on one device. With shift (I,) float32,
-// z_r stands for z_in_r * alpha + shift (float32: the product of scaled operands and the bias,
-// applied here). With a float16 out and scale (I,) float32 (powers of two):
+// (float64; count int64). All arrays contiguous and on one device. With shift and alpha (I,)
+// float32, z_r stands for z_in_r * alpha + shift (float32: the product of operands scaled per
+// concept and the bias, applied here). With a float16 out and scale (I,) float32 (powers of two):
 // out[r] = [M_r, float16(M_r * z_r * scale)], rounded to nearest even (the half-precision
 // products' operands; the sums still of the float32 z).
 struct SignalMasksArgs {
@@ -146,7 +146,7 @@ struct SignalMasksArgs {
   TensorView sum_zz;  // in/out (I,) float64
   TensorView scale;   // (I,) float32 when out is float16, else absent
   TensorView shift;   // optional (I,) float32
-  float alpha = 1.0f;  // with shift
+  TensorView alpha;   // (I,) float32 with shift, else absent
 };
 void signal_masks_cpu(const SignalMasksArgs& args, Stream stream);
 void signal_masks_cuda(const SignalMasksArgs& args, Stream stream);
@@ -215,7 +215,8 @@ void centre_rows_cuda(const CentreRowsArgs& args, Stream stream);
 // A cosine does not change with a row's positive scale, so labels and scores of the float16
 // rows are those of x at float16's 11 significant bits. A row whose 1 / ||x_r|| is not a
 // finite float32 (zero, or norm below about 2.9e-39) is written as zeros with rscale 0: a
-// zero row, as the kernels count it.
+// zero row, as the CPU kernels count it (edpairs' CUDA kernels, which sum float32 squares,
+// also count rows with norms below about 2.6e-23 as zero).
 struct HalfRowsArgs {
   TensorView x;       // (R, D) float32
   TensorView out;     // out (R, D) float16, contiguous
