@@ -404,3 +404,29 @@ def test_float64_rows_are_centred_before_the_float32_rounding(xp, rng, offset):
     r = rng.random(N)
     res = ops.assign(as_lib(X, xp), as_lib(C, xp), center=as_lib(center, xp), row_scale=as_lib(r, xp))
     check_assignment(res, X, C, center=center, row_scale=r)
+
+
+def test_row_norms_beyond_the_float32_squares_are_detected(xp):
+    """edpairs' CUDA kernels take norms from float32 squares: rows with norms past ~1.8e19 would
+    count as zero rows there (label 0, score 0, silently), so ops.assign refuses them on CUDA
+    with check_finite; the check itself, on each library: the largest magnitude settles the
+    common case, the rows' float64 norms the rest (a centre included)."""
+    from edpairs.ops import _largest_magnitude, _norms_fit_float32
+    from edpairs._arrays import namespace_of
+
+    X = np.ones((5, 4))
+    X[3] = 1.5e19  # norm 3e19: past
+    M = as_lib(X, xp)
+    ns = namespace_of(M)
+    assert _largest_magnitude(ns, M) == 1.5e19
+    assert not _norms_fit_float32(ns, M, 1.5e19)
+    X[3] = [1.7e19, 0, 0, 0]  # one big element, norm 1.7e19: fits though max * sqrt(D) does not
+    M = as_lib(X, xp)
+    assert _norms_fit_float32(ns, M, 1.7e19)
+    assert not _norms_fit_float32(ns, M, 1.7e19, center=as_lib(np.array([-2e18, 0, 0, 0]), xp))
+    X[3, 1] = np.nan
+    assert np.isnan(_largest_magnitude(ns, as_lib(X, xp)))
+    # On the CPU the squares are float64: such rows are assigned, not refused.
+    X = np.array([[3e19, 4e19], [1.0, 0.0]])
+    labels, scores = ops.cosine_assign(as_lib(X, xp), as_lib(np.array([[1.0, 0.0], [0.6, 0.8]]), xp))
+    np.testing.assert_array_equal(to_numpy(labels), [1, 0])

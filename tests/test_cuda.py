@@ -1247,3 +1247,17 @@ def test_moments_precision_argument(torch, rng, monkeypatch):
         ops.moments(gpu(X), precision="fp8")
     with pytest.raises(ValueError, match="precision"):
         ops.signal_moments(gpu(X), gpu(W), gpu(b), precision="bf16")
+
+
+def test_cuda_assign_refuses_rows_whose_float32_squares_overflow(torch, rng):
+    """A row with norm 3e19 would count as a zero row in the CUDA kernels (float32 squares):
+    refused with check_finite (centroids too); 1e19 is assigned as on the CPU."""
+    C = np.array([[1.0, 0.0], [0.6, 0.8]], np.float32)
+    X = np.array([[3e19, 4e19], [1.0, 0.0]], np.float32)
+    with pytest.raises(ValueError, match="X has rows with norms beyond about 1.8e\\+19"):
+        ops.assign(gpu(X), gpu(C))
+    with pytest.raises(ValueError, match="C has rows with norms beyond"):
+        ops.assign(gpu(X[1:]), gpu(C * np.float32(1e20)))
+    labels, scores = ops.cosine_assign(gpu(X / np.float32(5)), gpu(C))  # norm 1e19
+    np.testing.assert_array_equal(to_numpy(labels), [1, 0])
+    np.testing.assert_allclose(to_numpy(scores), [1, 1], rtol=1e-5)

@@ -115,6 +115,40 @@ def _check_finite_cuda(xp: Namespace, arrays) -> None:
             raise ValueError(_NONFINITE.format(name))
 
 
+#: The largest row norm whose float32 sum of squares is finite: edpairs' CUDA kernels take the
+#: assignment's row and centroid norms from float32 squares, and a row beyond it would count as
+#: a zero row there (label 0, score 0; the CPU sums squares in float64).
+FLOAT32_NORM_MAX = 1.8e19
+
+
+def _largest_magnitude(xp: Namespace, M) -> float:
+    """max |M| as a float (NaN if M holds one), without an |M| temporary."""
+    if (M.numel() if xp.name == "torch" else M.size) == 0:
+        return 0.0
+    lo, hi = xp.mod.aminmax(M) if xp.name == "torch" else (M.min(), M.max())
+    lo, hi = float(lo), float(hi)
+    return float("nan") if lo != lo or hi != hi else max(abs(lo), abs(hi))
+
+
+def _norms_fit_float32(xp: Namespace, M, big: float, center=None) -> bool:
+    """Whether every row of M (less center) has a norm below FLOAT32_NORM_MAX, given big =
+    max |M|: settled by big where it can be (the common case), else by the rows' norms in
+    float64 (in blocks)."""
+    if M.shape[0] == 0 or M.shape[1] == 0:
+        return True
+    big += _largest_magnitude(xp, center) if center is not None else 0.0
+    if big * M.shape[1] ** 0.5 < FLOAT32_NORM_MAX:
+        return True
+    rows = max(1, (1 << 24) // M.shape[1])
+    for r0 in range(0, M.shape[0], rows):
+        block = xp.astype(M[r0:r0 + rows], "float64")
+        if center is not None:
+            block = block - xp.astype(center, "float64")
+        if float(((block * block).sum(1) ** 0.5).max()) >= FLOAT32_NORM_MAX:
+            return False
+    return True
+
+
 class Assignment(NamedTuple):
     """Result of :func:`assign`: labels (N,) int64, scores (N,) float32, and when accumulated
     sums (k, D) float64 (sum of r_n (x_n - center) per cluster) and counts (k,) int64."""
@@ -195,9 +229,22 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     row_scale = _param(row_scale, xp, X, "row_scale")
     col_scale = _param(col_scale, xp, X, "col_scale")
     if check_finite:
-        _check_finite_cuda(xp, [("X", X), ("C", C), ("center", center), ("row_scale", row_scale), ("col_scale", col_scale)])
+        # X's largest magnitude serves both its finiteness and its norms' check (one read of X).
+        big = _largest_magnitude(xp, X) if xp.is_cuda(X) else 0.0
+        if big != big or big == float("inf"):
+            raise ValueError(_NONFINITE.format("X"))
+        _check_finite_cuda(xp, [("C", C), ("center", center), ("row_scale", row_scale), ("col_scale", col_scale)])
         if row_scale is not None and not xp.all_nonnegative(row_scale):
             raise ValueError("row_scale must be >= 0 (it scales the norm of each row)")
+        if xp.is_cuda(X):
+            for name, M, top, scaled, c in (("X", X, big, row_scale, center), ("C", C, None, col_scale, None)):
+                if scaled is not None or M.ndim != 2:
+                    continue
+                if not _norms_fit_float32(xp, M, _largest_magnitude(xp, M) if top is None else top, c):
+                    raise ValueError(
+                        f"{name} has rows with norms beyond about {FLOAT32_NORM_MAX:.1e}, whose float32 squares overflow: "
+                        "edpairs' CUDA kernels would count them as zero rows; rescale the input (cosines do not "
+                        "change) or pass check_finite=False")
     if wide and center is not None:
         if tuple(center.shape) == (D,) and (row_scale is None or tuple(row_scale.shape) == (N,)):
             return _assign_float64(X, xp, C, center, row_scale, col_scale, accumulate, check_finite)
