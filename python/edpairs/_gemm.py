@@ -242,24 +242,16 @@ def half_scale(torch, X, shift, step: int):
     return _pow2_scale(torch, torch.maximum((hi.float() - shift).abs(), (lo.float() - shift).abs()))
 
 
-def _mm(torch, a, b, out):
-    """out (float32) = a @ b. float16 operands go to the products with float32 outputs on CUDA
-    (float32 accumulation); the CPU, which lacks those, forms the same products of the float16
-    values in float32."""
+def _mm(torch, a, b, out, op=None):
+    """out (float32) = a @ b (``op``: torch.mm, or torch.bmm for batches). float16 operands go
+    to the products with float32 outputs on CUDA (float32 accumulation); the CPU, which lacks
+    those, forms the same products of the float16 values in float32."""
+    op = op or torch.mm
     if a.dtype != torch.float16:
-        return torch.mm(a, b, out=out)
+        return op(a, b, out=out)
     if a.device.type == "cuda":
-        return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    return torch.mm(a.float(), b.float(), out=out)
-
-
-def _bmm(torch, a, b, out):
-    """The batched :func:`_mm`."""
-    if a.dtype != torch.float16:
-        return torch.bmm(a, b, out=out)
-    if a.device.type == "cuda":
-        return torch.bmm(a, b, out_dtype=torch.float32, out=out)
-    return torch.bmm(a.float(), b.float(), out=out)
+        return op(a, b, out_dtype=torch.float32, out=out)
+    return op(a.float(), b.float(), out=out)
 
 
 _SIDE_STREAMS: dict = {}
@@ -359,7 +351,7 @@ class _BatchedProduct:
             a = A[:cut].unflatten(0, (n, block))
             b = B[:cut].unflatten(0, (n, block))
             out = self.out[:n]
-            _bmm(torch, a.transpose(1, 2), b, out)
+            _mm(torch, a.transpose(1, 2), b, out, torch.bmm)
             self.acc += out.sum(0, dtype=torch.float64)
             A, B = A[cut:], B[cut:]
             blocks -= n

@@ -139,9 +139,8 @@ def _norms_fit_float32(xp: Namespace, M, big: float, center=None) -> bool:
     big += _largest_magnitude(xp, center) if center is not None else 0.0
     if big * M.shape[1] ** 0.5 < FLOAT32_NORM_MAX:
         return True
-    rows = max(1, (1 << 24) // M.shape[1])
-    for r0 in range(0, M.shape[0], rows):
-        block = xp.astype(M[r0:r0 + rows], "float64")
+    for r0, r1 in _float64_blocks(M):
+        block = xp.astype(M[r0:r1], "float64")
         if center is not None:
             block = block - xp.astype(center, "float64")
         if float(((block * block).sum(1) ** 0.5).max()) >= FLOAT32_NORM_MAX:
@@ -452,9 +451,7 @@ def moments(X, *, check_finite: bool = True, precision: str = "float32",
         raise ValueError(f"workspace_rows must be >= 1, got {workspace_rows}")
     if N == 0:
         return Moments(0, None, None)
-    if check_finite:
-        _check_finite_cuda(xp, [("X", X)])
-    if xp.dtype_name(X) == "float64":  # each block centred on its own column means, then merged
+    if xp.dtype_name(X) == "float64":  # each block centred on its own column means, then merged (and checked)
         total = Moments()
         for r0, r1 in _float64_blocks(X):
             shift = X[r0:r1].mean(0)
@@ -462,6 +459,8 @@ def moments(X, *, check_finite: bool = True, precision: str = "float32",
                            precision="float32", workspace_rows=workspace_rows)
             total = total.merge(Moments(part.n, part.mean + shift, part.m2))
         return total
+    if check_finite:
+        _check_finite_cuda(xp, [("X", X)])
     if _gemm.applies(X, xp):
         mean, m2 = _gemm.moments(X, precision=_gemm.knob_precision(precision, "EDPAIRS_MOMENTS"),
                                  rows=_gemm.default_rows(D) if workspace_rows is None else int(workspace_rows),
