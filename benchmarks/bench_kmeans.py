@@ -40,8 +40,12 @@ user would pick instead, in the same run on the same data.
   edpairs-wgmma-tma  the same with TMA loads and each centroid tile multicast to a cluster of two
                blocks (half the L2 traffic for the centroids; float32; EDPAIRS_ASSIGN_KERNEL=wgmma-tma)
   edpairs-half  the default dispatch with EDPAIRS_ASSIGN_HALF=1: for k >= 129 the rows and
-               centroids copied to float16, each row times a power of two of its own (a cosine
-               does not change), labelled by the 16-bit kernel; the sums from the float32 rows
+               centroids as float16, each row times a power of two of its own (a cosine does
+               not change); on Hopper with D <= 512 one kernel makes each 128-row tile float16
+               in shared memory and labels it there (assign_wgmma_resident_cuda.cu), elsewhere
+               as edpairs-half-copies; the sums from the float32 rows
+  edpairs-half-copies  EDPAIRS_ASSIGN_HALF=copies: float16 copies of the rows (half_rows, one
+               more pass over X) labelled by the 16-bit kernel
   faiss    faiss.Kmeans(d, k, spherical=True, niter=1).train (faiss-cpu, or faiss GPU with --device cuda)
   torch    normalise, matmul, max, index_add, bincount, normalise (the plain torch loop)
 
@@ -212,7 +216,7 @@ METHODS = {"edpairs": run_edpairs, "edpairs-labels": run_edpairs_labels, "edpair
            "edpairs-blk": run_edpairs, "edpairs-1sm": run_edpairs, "edpairs-fused": run_edpairs,
            "edpairs-wgmma": run_edpairs, "edpairs-wgmma-tma": run_edpairs, "edpairs-fused-wgmma": run_edpairs,
            "edpairs-mma-sorted": run_edpairs, "edpairs-wgmma-columns": run_edpairs, "edpairs-half": run_edpairs,
-           "faiss": run_faiss,
+           "edpairs-half-copies": run_edpairs, "faiss": run_faiss,
            "torch": run_torch}
 GEMM = {"EDPAIRS_GEMM_ROUTE": "gemm"}
 METHOD_ENV = {"edpairs-gemm": GEMM,
@@ -227,7 +231,8 @@ METHOD_ENV = {"edpairs-gemm": GEMM,
               "edpairs-fused-wgmma": {"EDPAIRS_ASSIGN_SUMS": "fused"},
               "edpairs-mma-sorted": {**KERNEL, "EDPAIRS_ASSIGN_SUMS": "sorted"},
               "edpairs-wgmma-columns": {**KERNEL, "EDPAIRS_ASSIGN_KERNEL": "wgmma", "EDPAIRS_ASSIGN_SUMS": "columns"},
-              "edpairs-half": {"EDPAIRS_ASSIGN_HALF": "1"}}
+              "edpairs-half": {"EDPAIRS_ASSIGN_HALF": "1"},
+              "edpairs-half-copies": {"EDPAIRS_ASSIGN_HALF": "copies"}}
 
 
 def wgmma_unavailable(device: str) -> str | None:

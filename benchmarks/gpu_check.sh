@@ -80,7 +80,7 @@ K64_METHODS="${K64_METHODS:-edpairs-wgmma-columns,edpairs-fused-wgmma}"
 PROFILE_CASES="${PROFILE_CASES:-moments:1000000,512 moments-f32:1000000,512 signal:1000000,512,256 \
 kmeans:1000000,512,1024 kmeans:1000000,512,256 kmeans:1000000,512,64 labels:1000000,512,64 \
 kmeans:1000000,512,1024:EDPAIRS_ASSIGN_OVERLAP=4 kmeans:1000000,512,1024:EDPAIRS_ASSIGN_OVERLAP=8 \
-kmeans:1000000,512,1024:EDPAIRS_ASSIGN_HALF=1 \
+kmeans:1000000,512,1024:EDPAIRS_ASSIGN_HALF=1 kmeans:1000000,512,1024:EDPAIRS_ASSIGN_HALF=copies \
 kmeans:1000000,512,256:EDPAIRS_ASSIGN_OVERLAP=4 \
 moments-f32:1000000,512:EDPAIRS_GEMM_GRAM=triangle moments:1000000,512:EDPAIRS_GEMM_OVERLAP=1 \
 moments:1000000,512:EDPAIRS_GEMM_HALF=1 moments:1000000,512:EDPAIRS_GEMM_HALF=1;EDPAIRS_GEMM_OVERLAP=1 \
@@ -116,8 +116,8 @@ skipped kmeans || timeout 420 python3 benchmarks/bench_kmeans.py --device cuda -
 step "k = 64: the candidate defaults (wgmma labels + owned-column sums; the fused pass)"
 skipped kmeans || timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --methods "$K64_METHODS" --repeat "$REPEAT" \
   --method-timeout 60 --sizes 1000000,512,64 --json "$OUT/kmeans_cuda_k64.json" || status=1
-step "k = 1024: the candidate float16 copies of the rows (EDPAIRS_ASSIGN_HALF=1)"
-skipped kmeans || timeout 120 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs-half --repeat "$REPEAT" \
+step "k = 1024: the candidate float16 rows (EDPAIRS_ASSIGN_HALF=1: made in shared memory; =copies: half_rows copies)"
+skipped kmeans || timeout 150 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs-half,edpairs-half-copies --repeat "$REPEAT" \
   --method-timeout 60 --sizes 1000000,512,1024 --json "$OUT/kmeans_cuda_half.json" || status=1
 step "spherical k-means iteration (bfloat16 data)"
 skipped bf16 || timeout 200 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --methods "$BF16_METHODS" --repeat "$REPEAT" \
@@ -200,15 +200,15 @@ def kmeans(name):
 f32, b16 = kmeans("kmeans_cuda_f32.json"), kmeans("kmeans_cuda_bf16.json")
 f32.update(kmeans("kmeans_cuda_k64.json"))
 f32.update(kmeans("kmeans_cuda_half.json"))
-print(f"{'file':10s} {'N,D,k':18s} {'method':14s} {'ms':>8s} {'TFLOP/s':>8s} {'labels ok':>9s} {'ok@2e-3':>8s} {'sums err':>9s}")
+print(f"{'file':10s} {'N,D,k':18s} {'method':20s} {'ms':>8s} {'TFLOP/s':>8s} {'labels ok':>9s} {'ok@2e-3':>8s} {'sums err':>9s}")
 for tag, table in (("f32", f32), ("bf16", b16)):
     for (size, method), x in sorted(table.items()):
         if "median_s" not in x:
-            print(f"{tag:10s} {str(size):18s} {method:14s} {str(x.get('skipped') or x.get('error'))[:60]}")
+            print(f"{tag:10s} {str(size):18s} {method:20s} {str(x.get('skipped') or x.get('error'))[:60]}")
             continue
         n, d, k = size
         tfl = 2 * n * d * k / x["median_s"] / 1e12
-        print(f"{tag:10s} {','.join(map(str, size)):18s} {method:14s} {x['median_s'] * 1e3:8.2f} {tfl:8.1f} "
+        print(f"{tag:10s} {','.join(map(str, size)):18s} {method:20s} {x['median_s'] * 1e3:8.2f} {tfl:8.1f} "
               f"{x.get('label_agreement', float('nan')):9.4f} {x.get('label_agreement_2e-3', float('nan')):8.4f} "
               f"{x.get('sums_rel_err', float('nan')):9.1e}")
 def t(table, size, method):
@@ -222,7 +222,7 @@ for tag, table in (("f32", f32), ("bf16", b16)):
 big, small = (1000000, 512, 1024), (1000000, 512, 64)
 goals = []
 tt = t(f32, big, "torch")
-for method in ("edpairs", "edpairs-half", "edpairs-gemm", "edpairs-r16384", "edpairs-kernel", "edpairs-wgmma",
+for method in ("edpairs", "edpairs-half", "edpairs-half-copies", "edpairs-gemm", "edpairs-r16384", "edpairs-kernel", "edpairs-wgmma",
                "edpairs-wgmma-tma"):
     e = t(f32, big, method)
     if e and tt:

@@ -55,8 +55,9 @@ def _write(folder, name, data):
 
 
 def test_gpu_check_summary_reads_a_device_run(tmp_path):
-    """Ceilings with same-shape rates, k-means and moments rows: the summary prints both
-    readings of goal 2 and 4 with the ratios the numbers give."""
+    """Ceilings with same-shape rates, k-means (with the float16-row candidates' file) and
+    moments rows: the summary prints both readings of goal 2 and 4 with the ratios the numbers
+    give."""
     same = {"kmeans_shape": [1000000, 512, 1024], "moments_shape": [1000000, 512, 256]}
     same.update({f"{key}_TFLOPs": 100.0 + i for i, key in enumerate(RATE_KEYS)})
     _write(tmp_path, "ceilings.json", {"copy_GBps": 3000.0, "gemm_tf32_TFLOPs": 400.0, "gemm_bf16_TFLOPs": 800.0,
@@ -64,6 +65,9 @@ def test_gpu_check_summary_reads_a_device_run(tmp_path):
     rows = [{"size": [1000000, 512, 1024], "method": m, "median_s": s} for m, s in (("edpairs", 0.005), ("torch", 0.01))]
     rows.append({"size": [1000000, 512, 64], "method": "edpairs", "median_s": 0.002})
     _write(tmp_path, "kmeans_cuda_f32.json", {"results": rows})
+    _write(tmp_path, "kmeans_cuda_half.json", {"results": [
+        {"size": [1000000, 512, 1024], "method": m, "median_s": s} for m, s in (("edpairs-half", 0.004),
+                                                                             ("edpairs-half-copies", 0.0045))]})
     _write(tmp_path, "moments_cuda.json", {"results": [
         {"op": "moments", "size": [1000000, 512, 256], "method": "edpairs-tf32", "median_s": 0.004},
         {"op": "signal_moments", "size": [1000000, 512, 256], "method": "edpairs", "median_s": 0.02}]})
@@ -81,6 +85,8 @@ def test_gpu_check_summary_reads_a_device_run(tmp_path):
     assert goal("k=1024 f32 edpairs: torch TF32 / edpairs TF32 time") == pytest.approx(2.0, abs=0.01)
     assert goal("k=1024 f32 edpairs: rate / TF32 GEMM rate") == pytest.approx(flops / 0.005 / 400e12, abs=0.01)
     assert goal("k=1024 f32 edpairs: rate / same-shape TF32 GEMM rate") == pytest.approx(flops / 0.005 / 100e12, abs=0.01)
+    assert goal("k=1024 f32 edpairs-half: torch TF32 / edpairs TF32 time") == pytest.approx(2.5, abs=0.01)
+    assert goal("k=1024 f32 edpairs-half-copies: torch TF32 / edpairs TF32 time") == pytest.approx(2.22, abs=0.01)
     assert goal("k=64 f32 edpairs: one read of X (GB/s) / copy GB/s") == pytest.approx(2.048e9 / 0.002 / 3000e9, abs=0.01)
     assert goal("moments: edpairs-tf32 rate / same-shape TF32") == pytest.approx(1e6 * 512**2 / 0.004 / 102e12, abs=0.01)
     signal = 6e6 * 512 * 256 / 0.02

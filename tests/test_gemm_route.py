@@ -1185,12 +1185,44 @@ def test_half_assign_copies_the_rows_in_steps(rng, monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_half_assign_knob(monkeypatch):
+    """EDPAIRS_ASSIGN_HALF: "0" / unset off, "1" on (in one kernel where it runs), "copies" on
+    (always the copies); anything else refused with the values it takes. CPU tensors never take
+    the one-kernel path, nor do rows wider than HALF_RESIDENT_MAX_D or unaligned ones."""
+    X = torch.zeros((4, 8))
+    for value, on in (("", False), ("0", False), ("1", True), ("copies", True)):
+        monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", value)
+        assert _gemm.half_labels() is on
+        assert not _gemm.half_resident_applies(X)  # a CPU tensor
+    monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", "yes")
+    with pytest.raises(ValueError, match="EDPAIRS_ASSIGN_HALF must be '0', '1' or 'copies', got 'yes'"):
+        _gemm.half_labels()
+
+
+def test_assign_binding_takes_tf32_half_on_the_cpu_as_exact(rng):
+    """The binding's "tf32-half" (the one-kernel float16 rows, CUDA only) is, like "tf32", a
+    choice of CUDA arithmetic: the CPU, exact float32 always, gives what "float32" gives; an
+    unknown precision is refused."""
+    X, C = make_rows(rng, 300, 20), make_centroids(rng, 140, 20)
+    c = Namespace("torch").capsule
+    runs = []
+    for precision in ("float32", "tf32-half"):
+        out = [torch.empty(300, dtype=torch.int64), torch.empty(300)]
+        lib().assign(c(t(X)), c(t(C)), None, None, None, c(out[0]), c(out[1]), None, None, True, precision, 0)
+        runs.append(out)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    with pytest.raises(ValueError, match="precision must be 'tf32' or 'float32', got 'half'"):
+        lib().assign(c(t(X)), c(t(C)), None, None, None, c(runs[0][0]), c(runs[0][1]), None, None, True, "half", 0)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not _GPU, reason="needs edpairs built with CUDA and a GPU")
-def test_cuda_assign_from_float16_rows(rng, monkeypatch):
-    """EDPAIRS_ASSIGN_HALF=1 on the GPU (TF32, k >= 129): half_rows' copies bit for bit the CPU's, and
-    the assignment (and a k-means step) within float16's rounding of the reference; below
-    k = 129, with a center or with exact products the knob changes nothing."""
+@pytest.mark.parametrize("mode", ["copies", "1"])
+def test_cuda_assign_from_float16_rows(mode, rng, monkeypatch):
+    """EDPAIRS_ASSIGN_HALF on the GPU (TF32, k >= 129), from float16 copies ("copies") or, on
+    Hopper, rows made float16 in the labelling kernel ("1"): half_rows' copies bit for bit the
+    CPU's, and the assignment (and a k-means step) within float16's rounding of the reference;
+    below k = 129, with a center or with exact products the knob changes nothing."""
     X = make_rows(rng, 20_000, 96, C=make_centroids(rng, 300, 96), zero_rows=2) * np.float32(3.0)
     C = make_centroids(rng, 300, 96)
     out, rscale = torch.empty((20_000, 96), dtype=torch.float16), torch.empty(20_000)
@@ -1200,7 +1232,7 @@ def test_cuda_assign_from_float16_rows(rng, monkeypatch):
     lib().half_rows(c(t(X).cuda()), c(out_g), c(rscale_g), torch.cuda.current_stream().cuda_stream)
     assert torch.equal(out_g.cpu(), out)  # elementwise: the same bits
     np.testing.assert_allclose(rscale_g.cpu().numpy(), rscale.numpy(), rtol=1e-6)  # sums in another order
-    monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", "1")
+    monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", mode)
     res = ops.assign(t(X).cuda(), t(C).cuda(), precision="tf32")
     check_assignment(res, X, C, tol=HALF_TOL, check_ties=False)
     centroids, labels, counts = ops.spherical_kmeans_step(t(X).cuda(), t(C).cuda(), precision="tf32")
@@ -1208,3 +1240,91 @@ def test_cuda_assign_from_float16_rows(rng, monkeypatch):
     exact = ops.assign(t(X).cuda(), t(C).cuda(), precision="float32")
     monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", "0")
     assert torch.equal(exact.labels, ops.assign(t(X).cuda(), t(C).cuda(), precision="float32").labels)
+
+
+def _resident_skip():
+    return "needs edpairs built with CUDA and a GPU" if not _GPU else _gemm.wgmma_unavailable()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_resident_skip() is not None, reason=str(_resident_skip()))
+@pytest.mark.parametrize("N,D,k,layout", [(1, 1, 129, "dense"), (127, 3, 130, "padded"), (129, 64, 256, "dense"),
+                                          (1000, 45, 300, "padded"), (5000, 100, 1024, "dense"),
+                                          (20_000, 512, 200, "dense"), (3000, 500, 129, "padded")])
+def test_cuda_float16_rows_in_shared_memory_match_reference(N, D, k, layout, rng, monkeypatch):
+    """The one-kernel float16 rows (EDPAIRS_ASSIGN_HALF=1, Hopper, D <= 512): labels, scores, sums
+    and counts within float16's rounding of the float64 reference for ragged N (row tiles of
+    128 spread over persistent blocks), D not a multiple of the 64-column slice (zero padding
+    inside the tile), k padded to tiles of 128, rows padded to 16-byte strides; zero rows label
+    0 with score 0; the same labels as the float16 copies on unambiguous rows."""
+    monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", "1")
+    C = make_centroids(rng, k, D)
+    X = make_rows(rng, N, D, C=C, zero_rows=min(2, N - 1))
+    cols = D + (-D) % 4 + (4 if layout == "padded" else 0)
+    buf = torch.zeros((N, cols), device="cuda")
+    buf[:, :D] = t(X).cuda()
+    Xg = buf[:, :D]
+    assert _gemm.half_resident_applies(Xg)
+    res = ops.assign(Xg, t(C).cuda(), precision="tf32")
+    check_assignment(res, X, C, tol=HALF_TOL, check_ties=False)
+    monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", "copies")
+    copies = ops.assign(Xg, t(C).cuda(), precision="tf32")
+    assert_results_agree(res, copies, X, C, tol=HALF_TOL)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_resident_skip() is not None, reason=str(_resident_skip()))
+def test_cuda_float16_rows_in_shared_memory_any_magnitude_streams_and_fallbacks(rng, monkeypatch):
+    """Rows times 2^-100 and 2^100 (norms no float32 square holds; check_finite=False, since the
+    check refuses them for the other kernels) label and score bit for bit as at unit scale (the
+    float16 values and the scaled norms are the same); a side stream
+    gives the same results; rows wider than 512 or not 16-byte aligned take the copies; the
+    binding refuses "tf32-half" where the kernel cannot run, with what arrived."""
+    monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", "1")
+    C = make_centroids(rng, 300, 96)
+    X = make_rows(rng, 4000, 96, C=C)
+    unit = ops.assign(t(X).cuda(), t(C).cuda(), precision="tf32")
+    for scale in (2.0**-100, 2.0**100):
+        res = ops.assign(t(X).cuda() * scale, t(C).cuda(), precision="tf32", check_finite=False)
+        assert torch.equal(res.labels, unit.labels) and torch.equal(res.scores, unit.scores)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        res = ops.assign(t(X).cuda(), t(C).cuda(), precision="tf32")
+    side.synchronize()
+    assert torch.equal(res.labels, unit.labels) and torch.equal(res.scores, unit.scores)
+    wide = make_rows(rng, 600, 520, C=make_centroids(rng, 150, 520))
+    Cw = make_centroids(rng, 150, 520)
+    assert not _gemm.half_resident_applies(t(wide).cuda())
+    check_assignment(ops.assign(t(wide).cuda(), t(Cw).cuda(), precision="tf32"), wide, Cw, tol=HALF_TOL,
+                     check_ties=False)
+    odd = torch.zeros((600 * 97 + 1,), device="cuda")[1:].view(600, 97)[:, :96]  # rows off 16-byte boundaries
+    odd.copy_(t(X[:600]).cuda())
+    assert not _gemm.half_resident_applies(odd)
+    check_assignment(ops.assign(odd, t(C).cuda(), precision="tf32"), X[:600], C, tol=HALF_TOL, check_ties=False)
+    c = Namespace("torch").capsule
+    labels, scores = torch.empty(600, dtype=torch.int64, device="cuda"), torch.empty(600, device="cuda")
+    for bad, why in ((t(wide).cuda(), r"X \(600, 520\)"), (odd, "unaligned rows"), (t(X[:600]).cuda().half(), "float16 X")):
+        with pytest.raises(ValueError, match=f"precision 'tf32-half' needs float32 X.*{why}"):
+            lib().assign(c(bad), c(t(C if bad.shape[1] == 96 else Cw).cuda()), None, None, None, c(labels), c(scores),
+                         None, None, False, "tf32-half", torch.cuda.current_stream().cuda_stream)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_resident_skip() is not None, reason=str(_resident_skip()))
+@pytest.mark.parametrize("prefetch", ["0", "4"])
+def test_cuda_float16_rows_in_shared_memory_kmeans_step(prefetch, rng, monkeypatch):
+    """A spherical k-means step on the one-kernel float16 rows, with and without the next row
+    tile named to L2 (EDPAIRS_WGMMA_PREFETCH): the labels those of ops.assign, the centroids
+    the normalised sums of its rows."""
+    monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", "1")
+    monkeypatch.setenv("EDPAIRS_WGMMA_PREFETCH", prefetch)
+    C = make_centroids(rng, 256, 128)
+    X = make_rows(rng, 50_000, 128, C=C)
+    centroids, labels, counts = ops.spherical_kmeans_step(t(X).cuda(), t(C).cuda(), precision="tf32")
+    assert int(counts.sum()) == 50_000
+    res = ops.assign(t(X).cuda(), t(C).cuda(), precision="tf32")
+    assert torch.equal(res.labels, labels)
+    check_assignment(res, X, C, tol=HALF_TOL, check_ties=False)
+    want = res.sums / res.sums.norm(dim=1, keepdim=True)
+    live = res.counts > 0
+    torch.testing.assert_close(centroids[live].double(), want[live], rtol=0, atol=1e-6)

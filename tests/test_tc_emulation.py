@@ -1422,3 +1422,146 @@ def test_wgmma_label_tiles_schedule(cents, row_tiles, k_tiles, k_steps, prefetch
     assert dones == list(range(row_tiles))
     want = [it for it in range(ahead, total) if split(it)[1] == 0] if prefetch > 0 else []
     assert prefetched == want                        # each centroid-tile-0 slice once, in order
+
+
+# ---- float16 rows made in shared memory (assign_wgmma_resident_cuda.cu, EDPAIRS_ASSIGN_HALF=1) --
+# A persistent block converts each 128-row tile of float32 rows once into float16 (times a power
+# of two per row, half_rows.cuh) and keeps it in shared memory as d_pad / 64 slices of 16 KB in
+# the 128-byte swizzle; centroid tiles of 128 float16 rows stream past it through a cp.async
+# ring of 6 stages of 16 KB, 4 iterations ahead, one sequence of (centroid tile, slice)
+# iterations across the block's row tiles.
+R_SLICE = W_ROWS * SLICE_BYTES
+R_CENTS, R_STAGES, R_AHEAD, R_MAX_D, R_GROUPS = 128, 6, 4, 512, 4
+
+
+def r_smem_bytes(d_pad):
+    """The kernel's resident_smem_bytes (dynamic), without its 512 static bytes of row factors."""
+    return d_pad // 64 * R_SLICE + R_STAGES * R_CENTS * SLICE_BYTES + 1024
+
+
+def half_row_scale(big):
+    """half_rows.cuh's half_row_scale: 2^e bringing big into [2^7, 2^8), e clamped."""
+    e = np.frexp(np.float32(big))[1]
+    return np.float32(np.ldexp(1.0, int(np.clip(8 - e, -126, 127))))
+
+
+def emulate_resident_convert(X, d_pad):
+    """convert_tile's stores of a tile of 128 rows (X: (rows <= 128, d) float32; rows past it
+    are zeros): the byte image of the resident tile, how often each byte was written, the score
+    factors 1 / ||x_s|| and (warp, row, m) -> the 32 lanes' byte offsets of each store."""
+    slices = d_pad // 64
+    n, d = X.shape
+    image = np.zeros(slices * R_SLICE, np.uint8)
+    writes = np.zeros(slices * R_SLICE, np.int64)
+    fac = np.zeros(W_ROWS, np.float32)
+    stores = {}
+    lane = np.arange(32)
+    for warp in range(W_THREADS // 32):
+        for g in range(0, 16, 4):
+            for i in range(4):
+                r = warp * 16 + g + i
+                row = np.zeros(R_GROUPS * 128, np.float32)
+                if r < n:
+                    row[:d] = X[r]
+                k = half_row_scale(np.abs(row).max())
+                scaled = row * k
+                ss = np.float32(np.sum(scaled.astype(np.float64) ** 2))
+                fac[r] = 1 / np.sqrt(ss) if r < n and ss > 0 else 0
+                for m in range(R_GROUPS):
+                    vals = scaled[128 * m + 4 * lane[:, None] + np.arange(4)[None, :]].astype(np.float16)
+                    sl = 2 * m + lane // 16
+                    off = sl * R_SLICE + w_swizzled(r, (lane % 16) // 2) + 8 * (lane % 2)
+                    keep = sl < slices
+                    stores[warp, r, m] = off[keep]
+                    for o, v in zip(off[keep], vals[keep]):
+                        image[o:o + 8] = np.frombuffer(v.tobytes(), np.uint8)
+                        writes[o:o + 8] += 1
+    return image, writes, fac, stores
+
+
+@pytest.mark.parametrize("n,d", [(128, 512), (5, 45), (128, 64), (100, 130), (128, 1)])
+def test_resident_tile_stores_are_what_the_descriptors_read(n, d, rng):
+    """Every byte of the resident tile written once (padding columns and rows as zeros); each
+    store instruction fills one row's 128-byte slice line per half warp (two wavefronts for 256
+    bytes, the minimum); the wgmma descriptors of slice kt, warpgroup wg, step s read row
+    64 wg + m, columns 64 kt + 16 s .. + 15 of float16(x * 2^e_row); the factors 1 / ||x_s||
+    make the scores cosines."""
+    X = (rng.standard_normal((n, d)) * np.exp(rng.uniform(-20, 20, (n, 1)))).astype(np.float32)
+    d_pad = -(-d // 64) * 64
+    image, writes, fac, stores = emulate_resident_convert(X, d_pad)
+    assert (writes == 1).all()
+    for off in stores.values():
+        for half in (off[:16], off[16:]):
+            if len(half):
+                banks = (half[:, None] + np.arange(0, 8, 4)[None, :]) // 4 % 32
+                assert sorted(banks.ravel()) == list(range(32))
+    want = np.zeros((W_ROWS, d_pad), np.float16)
+    for r in range(n):
+        want[r, :d] = (X[r] * half_row_scale(np.abs(X[r]).max())).astype(np.float16)
+    got = np.zeros((W_ROWS, d_pad), np.float16)
+    halves = image.view(np.float16)
+    m = np.arange(64)[:, None]
+    b = np.arange(0, 32, 2)[None, :]
+    for kt in range(d_pad // 64):
+        for wg in range(2):
+            for s in range(SLICE_BYTES // 32):
+                addr = sw128_address(kt * R_SLICE + wg * R_SLICE // 2 + 32 * s, m, b)
+                got[wg * 64 + m, 64 * kt + 16 * s + b // 2] = halves[addr // 2]
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    scales = np.array([half_row_scale(np.abs(x).max()) for x in X], np.float32)
+    np.testing.assert_allclose(fac[:n], 1 / np.linalg.norm((X * scales[:, None]).astype(np.float64), axis=1), rtol=1e-6)
+    x0 = X[0].astype(np.float64)
+    cos = want[0, :d].astype(np.float64) @ x0 * fac[0] / np.linalg.norm(x0)
+    assert abs(cos - 1) < 2e-3  # a row against itself, through its float16 values
+
+
+def test_resident_kernel_constants():
+    """The resident tile at D = 512 and the ring fit a block's 227 KB with the static row
+    factors; tiles and stages stay 1024-aligned for the descriptors; the ring is the 128-wide
+    one of assign_wgmma_kernel (4 ahead of 6: the stage a copy overwrites is two behind)."""
+    assert r_smem_bytes(R_MAX_D) + 4 * W_ROWS <= 227 * 1024
+    assert R_SLICE % 1024 == 0 and (R_CENTS * SLICE_BYTES) % 1024 == 0
+    assert (R_STAGES, R_AHEAD) == w_ring(R_CENTS)[1:]
+
+
+@pytest.mark.parametrize("tiles,k_tiles,slices", [(1, 8, 8), (3, 2, 1), (4, 3, 5), (2, 2, 2), (5, 1, 3)])
+def test_resident_schedule_across_row_tiles(tiles, k_tiles, slices):
+    """The kernel's loop: the prologue's and each iteration's copies name centroid slice
+    (it + ahead) % per_tile of the next row tiles too, so iteration it finds the slice
+    (tile, kt) it multiplies in stage it % 6, never overwritten before its batch is done; the
+    conversion of a row tile comes after every batch of the one before (wait<0> at its last
+    iteration); each row tile's rows are written after its last centroid tile."""
+    per = k_tiles * slices
+    total = tiles * per
+    holds = {}                                       # stage -> (iteration, slice index q)
+    for s in range(min(R_AHEAD, total)):
+        holds[s % R_STAGES] = (s, s % per)
+    it, written, pending = 0, [], []
+    for j in range(tiles):
+        assert pending == [] or pending[-1] < it     # every batch of tile j - 1 waited for
+        for q in range(per):
+            tile, kt = divmod(q, slices)
+            assert holds[it % R_STAGES] == (it, tile * slices + kt)
+            if it + R_AHEAD < total:
+                w = (it + R_AHEAD) % R_STAGES
+                assert w not in holds or holds[w][0] <= it - 2
+                holds[w] = (it + R_AHEAD, (it + R_AHEAD) % per)
+            pending.append(it)
+            if kt == slices - 1 and tile == k_tiles - 1:
+                written.append(j)
+            it += 1
+    assert written == list(range(tiles))
+
+
+@pytest.mark.parametrize("d", [1, 31, 32, 33, 64, 100, 127, 128, 129, 500, 512])
+def test_resident_prefetch_names_every_line_of_a_row(d):
+    """prefetch_rows: lines q, q + per_tile, .. < ceil(d / 32) + 1 at min(32 line, d - 1) floats
+    name every 128-byte line that a row of d float32 starting on any 16-byte boundary touches."""
+    lines = -(-d // 32) + 1
+    for per in (1, 2, 3, 64):
+        named = [line for q in range(per) for line in range(q, lines, per)]
+        assert sorted(named) == list(range(lines))  # each once
+        for start in range(0, 128, 16):
+            touched = set(range(start // 128, (start + 4 * d - 1) // 128 + 1))
+            hit = {(start + 4 * min(32 * line, d - 1)) // 128 for line in named}
+            assert hit == touched

@@ -168,7 +168,8 @@ void assign(py::handle x_, py::handle c_, py::handle center_, py::handle row_sca
   a.sums = in.take(sums_, "sums", true);
   a.counts = in.take(counts_, "counts", true);
   a.check_finite = check_finite;
-  a.precision = parse_precision(precision);
+  // "tf32-half" (assign only): the float16 rows of AssignPrecision::TensorCoreHalf.
+  a.precision = precision == "tf32-half" ? edpairs::AssignPrecision::TensorCoreHalf : parse_precision(precision);
 
   expect_rank(a.x, "X", 2, "(N, D)");
   expect_input_dtype(a.x, "X");

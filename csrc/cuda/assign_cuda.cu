@@ -264,6 +264,10 @@ void assign_cuda(const AssignArgs& args, Stream stream) {
   }
   if (n == 0) return;
 
+  if (args.precision == AssignPrecision::TensorCoreHalf) {
+    cuda_detail::assign_tensor_core_half(args, s);
+    return;
+  }
   if (args.precision == AssignPrecision::TensorCore && x.dtype != DType::Float64) {
     cuda_detail::assign_tensor_core(args, s);
     return;

@@ -1505,6 +1505,53 @@ void assign_tensor_core(const AssignArgs& args, cudaStream_t stream) {
   }
 }
 
+void assign_tensor_core_half(const AssignArgs& args, cudaStream_t s) {
+  const int64_t n = args.x.size(0);
+  const int64_t d = args.x.size(1);
+  const int64_t k = args.centroids.size(0);
+  const bool aligned = reinterpret_cast<uintptr_t>(args.x.data) % 16 == 0 && args.x.stride(0) % 4 == 0;
+  if (args.x.dtype != DType::Float32 || !aligned || d > kWgmmaResidentMaxD || args.center.present ||
+      args.row_scale.present || !wgmma_device()) {
+    fail("assign with precision 'tf32-half' needs float32 X with 16-byte aligned rows, D <= " +
+         std::to_string(kWgmmaResidentMaxD) +
+         ", no center or row_scale, and a compute capability 9.0 GPU with edpairs' sm_90a kernels; got " +
+         std::string(dtype_name(args.x.dtype)) + " X " + args.x.shape_str() + (aligned ? "" : " (unaligned rows)") +
+         (args.center.present ? " with a center" : "") + (args.row_scale.present ? " with row_scale" : "") +
+         " on compute capability " + compute_capability());
+  }
+  if (n < 1) return;
+#ifdef EDPAIRS_HAVE_WGMMA
+  const int64_t d_pad = ceil_div(d, 64) * 64;
+  const int64_t k_pad = ceil_div(k, kWgmmaResidentCents) * kWgmmaResidentCents;
+  if (k_pad > INT_MAX) fail("assign: too many centroids for one launch: C " + args.centroids.shape_str());
+  // Workspace: float16 centroids (k_pad, d_pad), s and o (k_pad floats each), 1 / ||x|| (n floats).
+  const size_t cw_bytes = static_cast<size_t>(k_pad * d_pad) * sizeof(__half);
+  StreamScratch workspace(cw_bytes + static_cast<size_t>(2 * k_pad + n) * 4, s);
+  __half* cw = static_cast<__half*>(workspace.get());
+  float* col_s = reinterpret_cast<float*>(static_cast<char*>(workspace.get()) + cw_bytes);
+  float* col_o = col_s + k_pad;
+  float* rscale = col_o + k_pad;
+  prepare_centroids<__half><<<static_cast<unsigned>(ceil_div(k_pad, 8)), 256, 0, s>>>(
+      args.centroids.ptr<const float>(), static_cast<int>(k), static_cast<int>(d), static_cast<int>(k_pad),
+      static_cast<int>(d_pad), nullptr, args.col_scale.present ? args.col_scale.ptr<const float>() : nullptr, cw,
+      col_s, col_o);
+  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+  const WgmmaAssignParams w{args.x.data, args.x.stride(0), n, static_cast<int>(d), static_cast<int>(k),
+                            static_cast<int>(d_pad), static_cast<int>(k_pad / kWgmmaResidentCents), cw, col_s, col_o,
+                            nullptr, nullptr, args.labels.ptr<int64_t>(), args.scores.ptr<float>(), rscale,
+                            wgmma_prefetch()};
+  launch_assign_wgmma_resident(w, s);
+  if (args.sums.present) {
+    if (n > INT_MAX) fail("assign: too many rows for one pass of the cluster sums: X " + args.x.shape_str());
+    launch_cluster_sums<float>(args.x.ptr<const float>(), args.x.stride(0), n, static_cast<int>(d),
+                               static_cast<int>(k), nullptr, args.labels.ptr<const int64_t>(), rscale,
+                               reinterpret_cast<unsigned long long*>(args.counts.ptr<int64_t>()),
+                               args.sums.ptr<double>(), sums_mode(), s);
+  }
+  workspace.free();
+#endif
+}
+
 }  // namespace cuda_detail
 
 // The sorted cluster sums above on their own, for labels formed elsewhere (the assignment's

@@ -48,6 +48,15 @@ void launch_assign_wgmma(const WgmmaAssignParams& p, DType dtype, cudaStream_t s
 // to clusters of two blocks (assign_wgmma_tma_cuda.cu).
 void launch_assign_wgmma_tma(const WgmmaAssignParams& p, cudaStream_t stream);
 
+// Float32 x labelled from float16 values made in shared memory (assign_wgmma_resident_cuda.cu,
+// AssignPrecision::TensorCoreHalf): centroid tiles of kWgmmaResidentCents float16 centroids
+// (p.cw prepared as __half, k padded to a multiple of 128), d_pad = d rounded up to 64 and at
+// most kWgmmaResidentMaxD (a 128-row tile of float16 rows stays in shared memory), no center or
+// row_scale; p.row_scale_out gets 1 / ||x|| of every row (for the cluster sums).
+constexpr int kWgmmaResidentCents = 128;
+constexpr int kWgmmaResidentMaxD = 512;
+void launch_assign_wgmma_resident(const WgmmaAssignParams& p, cudaStream_t stream);
+
 // k <= kWgmmaSumsMaxK with the cluster sums in the same pass (assign_wgmma_sums_kernel): `grid`
 // persistent blocks over the ceil(n / 128) row tiles; block b adds its sums (k x d, float32 runs
 // of at most 32 tiles = 4096 rows, folded into float64) to part_sums + b k d (zeroed by the

@@ -109,9 +109,6 @@ __device__ __forceinline__ void load_iteration(const WgmmaAssignParams& p, uint3
 
 constexpr int kBarMma = 1;  // the labellers' barrier (named: the fused kernel has other threads)
 
-__device__ __forceinline__ void named_sync(const int id, const int count) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
 __device__ __forceinline__ void named_arrive(const int id, const int count) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
@@ -249,11 +246,6 @@ __device__ __forceinline__ void store_row_scales(const WgmmaAssignParams& p, con
     const int r = tid / 8 + kLoadRows * i;
     if (tid % 8 == 0) dst[r] = wgmma_row_scale(p, row0, r, sq);
   }
-}
-
-// The first of the two rows that lane t == 0 of thread tid's quad writes (write_rows).
-__device__ __forceinline__ int quad_row(const int tid) {
-  return (tid / 128) * 64 + ((tid % 128) / 32) * 16 + (tid % 32) / 4;
 }
 
 template <class T, int N>

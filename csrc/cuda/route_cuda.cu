@@ -17,12 +17,15 @@
 #include "cuda_check.cuh"
 #include "dtype_load.cuh"
 #include "gram_wgmma.cuh"
+#include "half_rows.cuh"
 #include "edpairs/ops.h"
 
 namespace edpairs {
 namespace {
 
 using cuda_detail::ceil_div;
+using cuda_detail::half_row_rscale;
+using cuda_detail::half_row_scale;
 using cuda_detail::minus_center;
 
 constexpr int kThreads = 256;
@@ -228,10 +231,7 @@ half_rows_kernel(const float* __restrict__ x, const int64_t x_stride, const int6
   for (int c = lane; c < d; c += 32) big = fmaxf(big, fabsf(xr[c]));
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) big = fmaxf(big, __shfl_xor_sync(0xffffffffu, big, o));
-  int e = 0;
-  frexpf(big, &e);  // big = m 2^e, m in [0.5, 1)
-  const int ke = 8 - e < -126 ? -126 : (8 - e > 127 ? 127 : 8 - e);
-  const float k = ldexpf(1.f, ke);
+  const float k = half_row_scale(big);
   float ss = 0.f;  // of the scaled row: no overflow or underflow
   for (int c = lane; c < d; c += 32) {
     const float v = __fmul_rn(xr[c], k);
@@ -239,9 +239,9 @@ half_rows_kernel(const float* __restrict__ x, const int64_t x_stride, const int6
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  const double inv = ss > 0.f ? static_cast<double>(k) / sqrt(static_cast<double>(ss)) : 0.0;
-  const bool zero = !(big > 0.f) || !(inv <= 3.4028234663852886e38);
-  if (lane == 0) rscale[r] = zero ? 0.f : static_cast<float>(inv);
+  const float inv = half_row_rscale(big, ss, k);
+  const bool zero = inv == 0.f;
+  if (lane == 0) rscale[r] = inv;
   __half* o = out + r * d;
   for (int c = lane; c < d; c += 32) o[c] = zero ? __float2half_rn(0.f) : __float2half_rn(__fmul_rn(xr[c], k));
 }

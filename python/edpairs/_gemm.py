@@ -647,6 +647,10 @@ def signal_moments(X, W, b, center, *, precision: str, rows: int, lib, half: Opt
 #: 4.7 ms vs 4.9 ms, k = 1024: 25 ms vs 48 ms). benchmarks/results/h200/README.md.
 TF32_MIN_K = 129
 
+#: Widest rows half_assign labels in one kernel (a 128-row tile of float16 rows, 128 KB, stays
+#: in shared memory): kWgmmaResidentMaxD in assign_wgmma.cuh.
+HALF_RESIDENT_MAX_D = 512
+
 
 def assign_rows() -> int:
     """Rows per step of the assignment on this route (EDPAIRS_GEMM_ASSIGN_ROWS, default 32768,
@@ -685,12 +689,26 @@ def wgmma_labels_tf32(X) -> bool:
 
 def half_labels() -> bool:
     """EDPAIRS_ASSIGN_HALF: "1" labels TF32 cosine assignments of float32 rows with k >=
-    TF32_MIN_K from float16 copies of the rows and centroids (half_assign; opt-in until a GPU
-    run has timed it), "0" (the default) from the float32 rows."""
+    TF32_MIN_K from float16 values of the rows and centroids (half_assign; opt-in until a GPU
+    run has timed it), "copies" the same always from float16 copies of the rows (half_rows, for
+    the benchmarks' comparison), "0" (the default) from the float32 rows."""
+    return _half_knob() != "0"
+
+
+def _half_knob() -> str:
     value = os.environ.get("EDPAIRS_ASSIGN_HALF", "0")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"EDPAIRS_ASSIGN_HALF must be '0' or '1', got {value!r}")
-    return value == "1"
+    if value not in ("", "0", "1", "copies"):
+        raise ValueError(f"EDPAIRS_ASSIGN_HALF must be '0', '1' or 'copies', got {value!r}")
+    return value or "0"
+
+
+def half_resident_applies(X) -> bool:
+    """Whether half_assign labels X (torch CUDA float32) in one kernel that makes the float16
+    rows in shared memory (ops.h AssignPrecision::TensorCoreHalf): EDPAIRS_ASSIGN_HALF=1, rows
+    of at most HALF_RESIDENT_MAX_D columns starting on 16-byte boundaries, and edpairs' Hopper
+    kernels on X's device."""
+    return (_half_knob() == "1" and X.shape[1] <= HALF_RESIDENT_MAX_D and _rows_16b(X)
+            and wgmma_unavailable(X.device) is None)
 
 
 def half_assign_applies(X, xp, k: int, precision: str, center, row_scale, col_scale) -> bool:
@@ -703,13 +721,15 @@ def half_assign_applies(X, xp, k: int, precision: str, center, row_scale, col_sc
 
 
 def half_assign(X, C, labels, scores, sums, counts, *, lib):
-    """Cosine labels from float16 rows: ``half_rows`` writes each row of X and of C as float16
-    times a power of two of its own (exact; a cosine does not change with a row's positive
-    scale) and X's 1 / ||x||; edpairs' 16-bit kernel labels the copies (wgmma on Hopper), at
+    """Cosine labels from float16 rows: each row of X and of C as float16 times a power of two
+    of its own (exact; a cosine does not change with a row's positive scale), labelled at
     float16's 11 significant bits, as TF32 has, rounded to nearest, without the float64
     re-scoring of near ties that the TF32 route does; the cluster sums come from the float32
-    rows and their own 1 / ||x|| (``cluster_sums``). The copies are made SCRATCH_BYTES of
-    float16 rows at a time. Fills labels, scores and, when given, sums and counts in place."""
+    rows and their own 1 / ||x|| (``cluster_sums``). Where half_resident_applies, one kernel
+    makes each tile of float16 rows in shared memory and labels it there (precision
+    "tf32-half"); elsewhere ``half_rows`` writes float16 copies, SCRATCH_BYTES of them at a
+    time, and edpairs' 16-bit kernel labels them (wgmma on Hopper). Fills labels, scores and,
+    when given, sums and counts in place."""
     import torch
 
     from ._arrays import Namespace
@@ -718,6 +738,9 @@ def half_assign(X, C, labels, scores, sums, counts, *, lib):
     xp = Namespace("torch")
     c = xp.capsule
     stream = xp.stream(X)
+    if xp.is_cuda(X) and half_resident_applies(X):
+        lib.assign(c(X), c(C), None, None, None, c(labels), c(scores), c(sums), c(counts), False, "tf32-half", stream)
+        return
     step = max(1, min(N, SCRATCH_BYTES // (2 * D)))
     Ch = torch.empty(C.shape, dtype=torch.float16, device=X.device)
     lib.half_rows(c(C), c(Ch), c(torch.empty((C.shape[0],), device=X.device)), stream)
