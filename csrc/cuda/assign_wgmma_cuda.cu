@@ -210,13 +210,7 @@ __device__ __forceinline__ void label_tiles(const WgmmaAssignParams& p, const ui
 
     const uint32_t xs = ring + stage * kStageBytes + wg * (kXTileBytes / 2);
     const uint32_t cs = ring + stage * kStageBytes + kXTileBytes;
-    wgmma_fence();
-#pragma unroll
-    for (int s = 0; s < kSliceBytes / 32; ++s) {
-      wgmma_mma<T, N>(acc, make_desc(xs + 32 * s), make_desc(cs + 32 * s), (kt == 0 && s == 0) ? 0 : 1);
-    }
-    wgmma_commit();
-    wgmma_wait<1>();
+    mma_slice<T, N>(acc, xs, cs, kt == 0);
 
     if (kt == k_steps - 1) {  // the centroid tile is complete: fold it into the running best
       wgmma_wait<0>();

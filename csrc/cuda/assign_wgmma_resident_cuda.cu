@@ -235,13 +235,7 @@ __global__ void __launch_bounds__(kThreads, 1) assign_wgmma_resident_kernel(cons
 
       const uint32_t xs = xres + static_cast<uint32_t>(kt * kXSliceBytes + wg * (kXSliceBytes / 2));
       const uint32_t cs = ring + static_cast<uint32_t>(stage * kCStageBytes);
-      wgmma_fence();
-#pragma unroll
-      for (int s = 0; s < kSliceBytes / 32; ++s) {
-        wgmma_mma<__half, kN>(acc, make_desc(xs + 32 * s), make_desc(cs + 32 * s), (kt == 0 && s == 0) ? 0 : 1);
-      }
-      wgmma_commit();
-      wgmma_wait<1>();
+      mma_slice<__half, kN>(acc, xs, cs, kt == 0);
       if (kt == slices - 1) {  // the centroid tile is complete: fold it into the running best
         wgmma_wait<0>();
         fence_accumulators(acc);

@@ -150,5 +150,20 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[kN]) {
   for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// One iteration of the labelling kernels: the four 32-byte K steps of a 128-byte slice, the
+// warpgroup's x rows at xs against the centroid slice at cs (first: the tile's first slice,
+// scale_d = 0 overwrites the accumulators), committed as one batch; the batch before it is
+// waited for (one stays in flight).
+template <class T, int N>
+__device__ __forceinline__ void mma_slice(float (&acc)[N / 2], const uint32_t xs, const uint32_t cs, const bool first) {
+  wgmma_fence();
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    wgmma_mma<T, N>(acc, make_desc(xs + 32 * s), make_desc(cs + 32 * s), (first && s == 0) ? 0 : 1);
+  }
+  wgmma_commit();
+  wgmma_wait<1>();
+}
+
 }  // namespace cuda_detail
 }  // namespace edpairs
