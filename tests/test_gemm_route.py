@@ -1275,9 +1275,10 @@ def test_cuda_float16_rows_in_shared_memory_match_reference(N, D, k, layout, rng
 @pytest.mark.cuda
 @pytest.mark.skipif(_resident_skip() is not None, reason=str(_resident_skip()))
 def test_cuda_float16_rows_in_shared_memory_any_magnitude_streams_and_fallbacks(rng, monkeypatch):
-    """Rows times 2^-100 and 2^100 (norms no float32 square holds; check_finite=False, since the
-    check refuses them for the other kernels) label and score bit for bit as at unit scale (the
-    float16 values and the scaled norms are the same); a side stream
+    """Rows or centroids times 2^-100 and 2^100 (norms no float32 square holds, values float16
+    cannot hold; check_finite=False, since the check refuses such rows for the other kernels)
+    label and score bit for bit as at unit scale (the float16 values and the scaled norms are
+    the same); a side stream
     gives the same results; rows wider than 512 or not 16-byte aligned take the copies; the
     binding refuses "tf32-half" where the kernel cannot run, with what arrived."""
     monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", "1")
@@ -1286,6 +1287,9 @@ def test_cuda_float16_rows_in_shared_memory_any_magnitude_streams_and_fallbacks(
     unit = ops.assign(t(X).cuda(), t(C).cuda(), precision="tf32")
     for scale in (2.0**-100, 2.0**100):
         res = ops.assign(t(X).cuda() * scale, t(C).cuda(), precision="tf32", check_finite=False)
+        assert torch.equal(res.labels, unit.labels) and torch.equal(res.scores, unit.scores)
+        # The centroids too: each is made float16 times a power of two of its own.
+        res = ops.assign(t(X).cuda(), t(C).cuda() * scale, precision="tf32", check_finite=False)
         assert torch.equal(res.labels, unit.labels) and torch.equal(res.scores, unit.scores)
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):

@@ -39,6 +39,7 @@
 #include "assign_sums.cuh"
 #include "assign_tc.cuh"
 #include "assign_wgmma.cuh"
+#include "half_rows.cuh"
 #include "cp_async.cuh"
 #include "cuda_check.cuh"
 #include "dtype_load.cuh"
@@ -149,8 +150,12 @@ __device__ __forceinline__ void store_operand(__nv_bfloat16* dst, float v, float
   *dst = h;
 }
 
-// One warp per (padded) centroid row j: cw[j] = c~_j zero-padded to d_pad, s[j], o[j].
-template <class T>
+// One warp per (padded) centroid row j: cw[j] = c~_j zero-padded to d_pad, s[j], o[j]. With
+// kScaled (the float16 rows of AssignPrecision::TensorCoreHalf; no center) c~_j is c_j times
+// the power of two 2^e_j of half_rows (half_rows.cuh: its largest magnitude into [2^7, 2^8),
+// exact), so that float16 holds centroids of any magnitude, and s[j] = 1 / ||c~_j|| (or
+// col_scale[j] 2^-e_j): s_j (x . c~_j) stays the cosine (or col_scale_j x . c_j).
+template <class T, bool kScaled = false>
 __global__ void __launch_bounds__(256)
     prepare_centroids(const float* __restrict__ c, const int k, const int d, const int k_pad,
                       const int d_pad, const float* __restrict__ center,
@@ -161,10 +166,18 @@ __global__ void __launch_bounds__(256)
   const int j = static_cast<int>(blockIdx.x) * 8 + warp;
   if (j >= k_pad) return;  // no barriers in this kernel
   T* row = cw + static_cast<int64_t>(j) * d_pad;
+  float scale = 1.f;
+  if (kScaled) {
+    float big = 0.f;
+    for (int col = lane; j < k && col < d; col += 32) big = fmaxf(big, fabsf(c[static_cast<int64_t>(j) * d + col]));
+#pragma unroll
+    for (int step = 16; step > 0; step >>= 1) big = fmaxf(big, __shfl_xor_sync(0xffffffffu, big, step));
+    scale = half_row_scale(big);
+  }
   double sq = 0.0;
   double off = 0.0;
   for (int col = lane; col < d_pad; col += 32) {
-    const float v = (j < k && col < d) ? c[static_cast<int64_t>(j) * d + col] : 0.f;
+    const float v = (j < k && col < d) ? __fmul_rn(c[static_cast<int64_t>(j) * d + col], scale) : 0.f;
     float rounded;
     store_operand(row + col, v, rounded);
     sq += static_cast<double>(v) * static_cast<double>(v);
@@ -181,7 +194,7 @@ __global__ void __launch_bounds__(256)
     float sj = 0.f;
     if (j < k) {
       if (col_scale != nullptr) {
-        sj = col_scale[j];
+        sj = col_scale[j] / scale;
       } else {
         sj = sq > 0.0 ? static_cast<float>(1.0 / sqrt(sq)) : 0.f;
       }
@@ -1520,6 +1533,9 @@ void assign_tensor_core_half(const AssignArgs& args, cudaStream_t s) {
          " on compute capability " + compute_capability());
   }
   if (n < 1) return;
+  if (args.sums.present && n > INT_MAX) {
+    fail("assign: too many rows for one pass of the cluster sums: X " + args.x.shape_str());
+  }
 #ifdef EDPAIRS_HAVE_WGMMA
   const int64_t d_pad = ceil_div(d, 64) * 64;
   const int64_t k_pad = ceil_div(k, kWgmmaResidentCents) * kWgmmaResidentCents;
@@ -1531,7 +1547,7 @@ void assign_tensor_core_half(const AssignArgs& args, cudaStream_t s) {
   float* col_s = reinterpret_cast<float*>(static_cast<char*>(workspace.get()) + cw_bytes);
   float* col_o = col_s + k_pad;
   float* rscale = col_o + k_pad;
-  prepare_centroids<__half><<<static_cast<unsigned>(ceil_div(k_pad, 8)), 256, 0, s>>>(
+  prepare_centroids<__half, true><<<static_cast<unsigned>(ceil_div(k_pad, 8)), 256, 0, s>>>(
       args.centroids.ptr<const float>(), static_cast<int>(k), static_cast<int>(d), static_cast<int>(k_pad),
       static_cast<int>(d_pad), nullptr, args.col_scale.present ? args.col_scale.ptr<const float>() : nullptr, cw,
       col_s, col_o);
@@ -1542,7 +1558,6 @@ void assign_tensor_core_half(const AssignArgs& args, cudaStream_t s) {
                             wgmma_prefetch()};
   launch_assign_wgmma_resident(w, s);
   if (args.sums.present) {
-    if (n > INT_MAX) fail("assign: too many rows for one pass of the cluster sums: X " + args.x.shape_str());
     launch_cluster_sums<float>(args.x.ptr<const float>(), args.x.stride(0), n, static_cast<int>(d),
                                static_cast<int>(k), nullptr, args.labels.ptr<const int64_t>(), rscale,
                                reinterpret_cast<unsigned long long*>(args.counts.ptr<int64_t>()),

@@ -14,10 +14,11 @@
 // of two of its own that brings its largest magnitude into [2^7, 2^8), rounded to nearest.
 // A cosine does not change with a row's positive scale, so the labels are those of x at
 // float16's 11 significant bits (TF32's, rounded where the tensor cores truncate float32
-// operands); the centroids are prepared as float16 by prepare_centroids (s_j from the float32
-// centroids). Scores are s_j (x_s . c~_j) / ||x_s|| with ||x_s|| from the scaled float32 values,
-// so rows of any finite magnitude score right (no float32 squares of the raw values); 1 / ||x||
-// goes to row_scale_out for the cluster sums of the float32 rows.
+// operands); prepare_centroids<__half, true> writes each centroid times a power of two of its
+// own too (centroids of any magnitude; s_j = 1 / ||c~_j||). Scores are s_j (x_s . c~_j) / ||x_s||
+// with ||x_s|| from the scaled float32 values, so rows of any finite magnitude score right (no
+// float32 squares of the raw values); 1 / ||x|| goes to row_scale_out for the cluster sums of
+// the float32 rows.
 //
 // Block: 256 threads, two warpgroups (rows 64 w .. 64 w + 63 of the tile each), persistent
 // over the row tiles blockIdx.x, + gridDim.x, ... Per row tile:
@@ -48,6 +49,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "assign_wgmma.cuh"
@@ -163,9 +165,11 @@ __device__ __forceinline__ void convert_tile(const WgmmaAssignParams& p, unsigne
         ss = fmaf(a3, a3, ss);
         const int slice = 2 * m + lane / 16;
         if (slice < slices) {
-          __half2 h[2] = {__floats2half2_rn(a0, a1), __floats2half2_rn(a2, a3)};
-          *reinterpret_cast<uint2*>(xres + slice * kXSliceBytes + swizzled(r, (lane % 16) / 2) + 8 * (lane % 2)) =
-              *reinterpret_cast<const uint2*>(h);
+          const __half2 lo = __floats2half2_rn(a0, a1), hi = __floats2half2_rn(a2, a3);
+          uint2 u;
+          memcpy(&u.x, &lo, 4);
+          memcpy(&u.y, &hi, 4);
+          *reinterpret_cast<uint2*>(xres + slice * kXSliceBytes + swizzled(r, (lane % 16) / 2) + 8 * (lane % 2)) = u;
         }
       }
 #pragma unroll
@@ -231,11 +235,11 @@ __global__ void __launch_bounds__(kThreads, 1) assign_wgmma_resident_kernel(cons
                    static_cast<int>((it + kAhead) % per_tile), slices, tid);
       }
       cp_async_commit();
-      if (p.prefetch > 0 && j + 1 < tiles) prefetch_rows(p, next_row0, q, per_tile, tid);
 
       const uint32_t xs = xres + static_cast<uint32_t>(kt * kXSliceBytes + wg * (kXSliceBytes / 2));
       const uint32_t cs = ring + static_cast<uint32_t>(stage * kCStageBytes);
       mma_slice<__half, kN>(acc, xs, cs, kt == 0);
+      if (p.prefetch > 0 && j + 1 < tiles) prefetch_rows(p, next_row0, q, per_tile, tid);  // beside the batch
       if (kt == slices - 1) {  // the centroid tile is complete: fold it into the running best
         wgmma_wait<0>();
         fence_accumulators(acc);

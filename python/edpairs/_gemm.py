@@ -707,7 +707,7 @@ def half_resident_applies(X) -> bool:
     rows in shared memory (ops.h AssignPrecision::TensorCoreHalf): EDPAIRS_ASSIGN_HALF=1, rows
     of at most HALF_RESIDENT_MAX_D columns starting on 16-byte boundaries, and edpairs' Hopper
     kernels on X's device."""
-    return (_half_knob() == "1" and X.shape[1] <= HALF_RESIDENT_MAX_D and _rows_16b(X)
+    return (_half_knob() == "1" and X.is_cuda and X.shape[1] <= HALF_RESIDENT_MAX_D and _rows_16b(X)
             and wgmma_unavailable(X.device) is None)
 
 
@@ -738,7 +738,7 @@ def half_assign(X, C, labels, scores, sums, counts, *, lib):
     xp = Namespace("torch")
     c = xp.capsule
     stream = xp.stream(X)
-    if xp.is_cuda(X) and half_resident_applies(X):
+    if half_resident_applies(X):
         lib.assign(c(X), c(C), None, None, None, c(labels), c(scores), c(sums), c(counts), False, "tf32-half", stream)
         return
     step = max(1, min(N, SCRATCH_BYTES // (2 * D)))

@@ -51,8 +51,9 @@ using Stream = void*;
 //    takes the Float32 path.
 //  * TensorCoreHalf (assign only; Python's EDPAIRS_ASSIGN_HALF=1): float32 x labelled from
 //    float16 values of each row times a power of two of its own (those of 3e' half_rows, made
-//    in shared memory by the kernel) against float16 centroids, float32 accumulation: TF32's
-//    11 significant bits, rounded to nearest; scores from the norms of the scaled float32 rows.
+//    in shared memory by the kernel) against float16 centroids scaled the same way, float32
+//    accumulation: TF32's 11 significant bits, rounded to nearest; scores from the norms of
+//    the scaled float32 rows.
 //    CUDA on compute capability 9.0 (a build with sm_90a) only, for float32 x with 16-byte
 //    aligned rows, D <= 512, no center and no row_scale; anything else is refused.
 enum class AssignPrecision : uint8_t { Float32, TensorCore, TensorCoreHalf };
