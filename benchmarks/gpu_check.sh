@@ -46,7 +46,15 @@ QUICK="${QUICK:-0}"
 case "${PART:-}" in
   1) SKIP="${SKIP-tests estimators route_parts stream ncu}"
      KM_SIZES="${KM_SIZES:-1000000,512,1024 1000000,512,64}"
-     BF16_METHODS="${BF16_METHODS:-edpairs,torch}" ;;
+     BF16_METHODS="${BF16_METHODS:-edpairs,torch}"
+     # The profile cases that decide the next defaults, in one process: the paths that ran on a
+     # GPU before first, then the candidates by the goal they serve (2, 4, 3), the fused kernel
+     # last (a fault there poisons the process's later cases; each case is saved as it ends).
+     PROFILE_CASES="${PROFILE_CASES:-kmeans:1000000,512,1024 kmeans:1000000,512,64 moments:1000000,512 \
+signal:1000000,512,256 kmeans:1000000,512,1024:EDPAIRS_ASSIGN_HALF=1 kmeans:1000000,512,1024:EDPAIRS_ASSIGN_HALF=copies \
+moments:1000000,512:EDPAIRS_GEMM_HALF=1;EDPAIRS_GEMM_OVERLAP=1 signal:1000000,512,256:EDPAIRS_GEMM_HALF=1;EDPAIRS_GEMM_OVERLAP=1 \
+kmeans:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=wgmma;EDPAIRS_ASSIGN_SUMS=columns kmeans:1000000,512,64:EDPAIRS_ASSIGN_SUMS=fused}"
+     PROFILE_TIMEOUT="${PROFILE_TIMEOUT:-100}" ;;
   2) SKIP="${SKIP-estimators ceilings kmeans bf16 moments profile route_parts stream ncu}" ;;
   "") ;;
   *) echo "PART must be 1 or 2, got '$PART'"; exit 2 ;;
@@ -128,7 +136,7 @@ skipped moments || timeout 240 python3 benchmarks/bench_moments.py --device cuda
   --triangle-blocks 128 256 --json "$OUT/moments_cuda.json" || status=1
 
 step "where each step's device time goes (every kernel, torch.profiler)"
-skipped profile || timeout 150 python3 benchmarks/profile_kernels.py --cases $PROFILE_CASES --json "$OUT/kernel_profile.json" || status=1
+skipped profile || timeout "${PROFILE_TIMEOUT:-150}" python3 benchmarks/profile_kernels.py --cases $PROFILE_CASES --json "$OUT/kernel_profile.json" || status=1
 
 step "hardware counters of the k-means step's kernels (ncu, clocks left alone; into this log)"
 if ! skipped ncu; then
