@@ -1565,3 +1565,47 @@ def test_resident_prefetch_names_every_line_of_a_row(d):
             touched = set(range(start // 128, (start + 4 * d - 1) // 128 + 1))
             hit = {(start + 4 * min(32 * line, d - 1)) // 128 for line in named}
             assert hit == touched
+
+
+def prepare_half_centroids(C, d_pad):
+    """prepare_centroids<__half, true>: each centroid times half_row_scale of its largest
+    magnitude, rounded to float16 (zero-padded to d_pad), and s_j = 1 / ||c~_j|| (0 for a zero
+    centroid)."""
+    k, d = C.shape
+    cw = np.zeros((k, d_pad), np.float16)
+    s = np.zeros(k, np.float32)
+    for j in range(k):
+        v = C[j] * half_row_scale(np.abs(C[j]).max())
+        cw[j, :d] = v.astype(np.float16)
+        sq = np.sum(v.astype(np.float64) ** 2)
+        s[j] = 1 / np.sqrt(sq) if sq > 0 else 0
+    return cw, s
+
+
+@pytest.mark.parametrize("x_scale,c_scale", [(1.0, 1.0), (2.0**-100, 1e-20), (1e30, 2.0**100), (1e-5, 1e5)])
+def test_resident_scores_are_cosines_at_any_scale(x_scale, c_scale, rng):
+    """The resident kernel's arithmetic, replayed: rows through convert_tile, centroids through
+    prepare_centroids<__half, true>, float32-accumulated products (float64 here), the score
+    s_j (x_h . c~_j) / ||x_s||: cosines within float16's rounding of the float64 reference and
+    the reference's label wherever the best two differ by more than that, for rows and
+    centroids of magnitudes float16 cannot hold."""
+    n, d, k = 128, 100, 150
+    C = rng.standard_normal((k, d))
+    X = 3 * C[rng.integers(0, k, n)] + rng.standard_normal((n, d))
+    Xf, Cf = (X * x_scale).astype(np.float32), (C * c_scale).astype(np.float32)
+    d_pad = 128
+    image, _, fac, _ = emulate_resident_convert(Xf, d_pad)
+    xh = np.zeros((W_ROWS, d_pad))
+    halves = image.view(np.float16)
+    for r in range(W_ROWS):
+        for col in range(d_pad):
+            xh[r, col] = halves[(col // 64 * R_SLICE + w_swizzled(r, col % 64 // 8) + 2 * (col % 8)) // 2]
+    cw, s = prepare_half_centroids(Cf, d_pad)
+    assert np.isfinite(cw.astype(np.float64)).all() and (np.abs(cw.astype(np.float64)).max(axis=1) >= 128).all()
+    scores = s[None, :] * (xh[:n] @ cw.astype(np.float64).T) * fac[:n, None]
+    Xd, Cd = Xf.astype(np.float64), Cf.astype(np.float64)
+    cos = (Xd / np.linalg.norm(Xd, axis=1, keepdims=True)) @ (Cd / np.linalg.norm(Cd, axis=1, keepdims=True)).T
+    assert np.abs(scores - cos).max() < 2e-3
+    top2 = np.sort(cos, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 4e-3
+    assert clear.mean() > 0.9 and (scores.argmax(axis=1)[clear] == cos.argmax(axis=1)[clear]).all()
