@@ -26,8 +26,8 @@ user would pick instead, in the same run on the same data.
                ordered read of X, each column of the k x D float32 sums owned by one warp; the
                sorted pass where they do not fit in shared memory): the candidate default for
                k <= 128 on Hopper, opt-in until a GPU run has timed it
-  edpairs-fused-wgmma  the default dispatch with EDPAIRS_ASSIGN_SUMS=fused: on Hopper, k <= 64, the
-               wgmma kernel with summing warps (one read of X from DRAM, the tile again from L2)
+  edpairs-fused-wgmma  EDPAIRS_ASSIGN_KERNEL=wgmma with EDPAIRS_ASSIGN_SUMS=fused: on Hopper, k <= 64,
+               the wgmma kernel with summing warps (one read of X from DRAM, the tile again from L2)
   edpairs-fused  edpairs-kernel with the cluster sums fused into a persistent small-k assignment kernel
                (k <= 64, k x D float32 sums in shared memory; one read of X from DRAM, a second
                of each tile from L2; EDPAIRS_ASSIGN_SUMS=fused; the separate sums pass where it does
@@ -228,7 +228,7 @@ METHOD_ENV = {"edpairs-gemm": GEMM,
               "edpairs-1sm": {**KERNEL, "EDPAIRS_ASSIGN_BLOCKS_PER_SM": "1"},
               "edpairs-wgmma": {**KERNEL, "EDPAIRS_ASSIGN_KERNEL": "wgmma"},
               "edpairs-wgmma-tma": {**KERNEL, "EDPAIRS_ASSIGN_KERNEL": "wgmma-tma"},
-              "edpairs-fused-wgmma": {"EDPAIRS_ASSIGN_SUMS": "fused"},
+              "edpairs-fused-wgmma": {"EDPAIRS_ASSIGN_KERNEL": "wgmma", "EDPAIRS_ASSIGN_SUMS": "fused"},
               "edpairs-mma-sorted": {**KERNEL, "EDPAIRS_ASSIGN_SUMS": "sorted"},
               "edpairs-wgmma-columns": {**KERNEL, "EDPAIRS_ASSIGN_KERNEL": "wgmma", "EDPAIRS_ASSIGN_SUMS": "columns"},
               "edpairs-half": {"EDPAIRS_ASSIGN_HALF": "1"},

@@ -879,7 +879,9 @@ def test_tf32_assign_defaults_to_the_wgmma_kernel_on_hopper(torch, monkeypatch, 
 @pytest.mark.parametrize("k", [40, 100, 300])
 def test_wgmma_l2_prefetch_is_only_a_hint(torch, monkeypatch, rng, k):
     """EDPAIRS_WGMMA_PREFETCH (how far beyond their ring the wgmma kernels prefetch x into L2)
-    changes no output bit, with the fused small-k pass too; a bad value is refused."""
+    changes no label, score or count, and with the fused small-k pass (deterministic) no bit
+    of the sums; the sorted pass's float64 sums vary in their last bits run to run anyway (the
+    scatter's atomics order the rows within a label); a bad value is refused."""
     if reason := _wgmma_skip_reason():
         pytest.skip(reason)
     monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", "wgmma")
@@ -891,9 +893,14 @@ def test_wgmma_l2_prefetch_is_only_a_hint(torch, monkeypatch, rng, k):
         for depth in ("0", "4", "16"):
             monkeypatch.setenv("EDPAIRS_WGMMA_PREFETCH", depth)
             runs[depth] = _poisoned_tc_assign(Xg, Cg)
-        for key in ("labels", "scores", "sums", "counts"):
-            for depth in ("4", "16"):
+        for depth in ("4", "16"):
+            for key in ("labels", "scores", "counts"):
                 np.testing.assert_array_equal(to_numpy(getattr(runs[depth], key)), to_numpy(getattr(runs["0"], key)))
+            a, b = to_numpy(runs[depth].sums), to_numpy(runs["0"].sums)
+            if sums == "fused" and k <= 64:
+                np.testing.assert_array_equal(a, b)
+            else:
+                assert np.abs(a - b).max() <= 1e-12 * np.abs(b).max()
     _assert_refused(monkeypatch, "EDPAIRS_WGMMA_PREFETCH", ("-1", "17", "four"),
                     "EDPAIRS_WGMMA_PREFETCH must be an integer from 0 to 16", lambda: _poisoned_tc_assign(Xg, Cg))
 
@@ -968,17 +975,20 @@ FUSED_SHAPES = [(1, 1, 1), (127, 31, 7), (300, 64, 1), (1000, 100, 64), (5000, 4
 
 @pytest.mark.parametrize("dtype", TC_DTYPES)
 @pytest.mark.parametrize("N,D,k", FUSED_SHAPES)
-@pytest.mark.parametrize("variant", ["plain", "center", "scales", "strided", "mma"])
+@pytest.mark.parametrize("variant", ["plain", "center", "scales", "strided", "wgmma"])
 def test_tensor_core_fused_sums(torch, dtype, N, D, k, variant, rng, monkeypatch):
-    """EDPAIRS_ASSIGN_SUMS=fused (cluster sums in the assignment kernel, one read of x; on
-    Hopper the wgmma kernel with summing warps, elsewhere and with EDPAIRS_ASSIGN_KERNEL=mma
-    ("mma") the mma kernel): labels and scores within the tensor-core error model, every output
-    written, counts exact, sums within float32 accumulation of float64 ones, and the same
-    labels / counts as the sorted pass."""
-    if variant not in ("plain", "mma") and N > 5000:
+    """EDPAIRS_ASSIGN_SUMS=fused (cluster sums in the assignment kernel, one read of x): the
+    mma kernel by default (the labeller "auto" picks below k = 129), with EDPAIRS_ASSIGN_KERNEL=
+    wgmma ("wgmma", Hopper) the wgmma kernel with summing warps: labels and scores within the
+    tensor-core error model, every output written, counts exact, sums within float32
+    accumulation of float64 ones, and the same labels / counts as the sorted pass after the
+    same labeller (the sums knob never changes the labels)."""
+    if variant not in ("plain", "wgmma") and N > 5000:
         pytest.skip("the variants run on the small shapes")
-    if variant == "mma":
-        monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", "mma")
+    if variant == "wgmma":
+        if reason := _wgmma_skip_reason():
+            pytest.skip(reason)
+        monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", "wgmma")
     C = make_centroids(rng, k, D)
     X = make_rows(rng, N, D, C=C, zero_rows=min(3, N - 1))
     kw = {}
@@ -1002,13 +1012,16 @@ def test_tensor_core_fused_sums(torch, dtype, N, D, k, variant, rng, monkeypatch
     _assert_same_clusters(fused, sorted_)
     a = to_numpy(fused.sums)
     # Run to run: labels and counts identical; the sums differ only by the order of the float32
-    # shared-memory atomics inside a block (fused kernel) or of the float64 atomics (the sorted
-    # pass, where the fused kernel does not fit this card's shared memory).
+    # shared-memory atomics inside a block (the mma fused kernel) or of the float64 atomics (the
+    # sorted pass, where the fused kernel does not fit this card's shared memory); the wgmma
+    # fused kernel is deterministic (owned columns, float64 partials added in block order).
     monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", "fused")
     again = _poisoned_tc_assign(Xg, gpu(C), **gkw)
     np.testing.assert_array_equal(to_numpy(again.labels), to_numpy(fused.labels))
     np.testing.assert_array_equal(to_numpy(again.counts), to_numpy(fused.counts))
-    tol = 1e-5 if _fused_applies(torch, k, D) else 1e-12
+    if variant == "wgmma" and _fused_applies(torch, k, D, wgmma=True):
+        np.testing.assert_array_equal(to_numpy(again.sums), a)
+    tol = 1e-5 if _fused_applies(torch, k, D, wgmma=variant == "wgmma") else 1e-12
     assert np.abs(to_numpy(again.sums) - a).max() <= tol * (np.abs(a).max() + 1e-30)
 
 
@@ -1020,12 +1033,15 @@ def _assert_same_clusters(a, b):
     assert np.abs(sa - sb).max() <= 1e-5 * (np.abs(sb).max() + 1e-30)
 
 
-def _fused_applies(torch, k, D):
-    """Whether assign_tc_cuda.cu's fused small-k kernel fits (k <= 64; pipeline, k x D float32
-    sums and static arrays in the block's shared memory) on the current card."""
+def _fused_applies(torch, k, D, wgmma=False):
+    """Whether the fused small-k kernel fits (k <= 64; pipeline, k x D float32 sums and the
+    rest in the block's shared memory) on the current card: the mma kernel of
+    assign_tc_cuda.cu, or with ``wgmma`` assign_wgmma_sums_kernel (ring 96 KB, sums, counts,
+    two tiles' scales and labels, 1 KB of alignment slack: sums_smem_bytes)."""
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     optin = getattr(props, "shared_memory_per_block_optin", 0) or (232448 if props.major >= 9 else 166912)
-    return k <= 64 and 82944 + 4 * k * D + 2304 <= optin
+    need = 98304 + 4 * k * D + 4 * k + 2 * 128 * 4 + 2 * 128 + 1023 if wgmma else 82944 + 4 * k * D + 2304
+    return k <= 64 and need <= optin
 
 
 @pytest.mark.parametrize("N,D,k", [(3000, 37, 65), (3000, 4096, 64)])
@@ -1134,8 +1150,13 @@ def test_assign_sums_knob_is_validated(torch, rng, monkeypatch):
         ops.assign(X, C, precision="tf32")
 
 
-def test_tensor_core_fused_kmeans_step(torch, rng, monkeypatch):
-    """spherical_kmeans_step with the fused sums equals the step with the sorted sums."""
+@pytest.mark.parametrize("labeller", ["auto", "wgmma"])
+def test_tensor_core_fused_kmeans_step(torch, labeller, rng, monkeypatch):
+    """spherical_kmeans_step with the fused sums equals the step with the sorted sums, for the
+    default labeller (mma below k = 129) and for wgmma (Hopper)."""
+    if labeller == "wgmma" and (reason := _wgmma_skip_reason()):
+        pytest.skip(reason)
+    monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", labeller)
     C = make_centroids(rng, 50, 96) * 3
     X = make_rows(rng, 20_000, 96, C=C, zero_rows=2)
     monkeypatch.setenv("EDPAIRS_ASSIGN_SUMS", "fused")

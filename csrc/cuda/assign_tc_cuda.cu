@@ -1279,9 +1279,11 @@ void launch_fused_mma(const TcParams& p, const T* cw, const float* col_s, const 
 
 // Runs the fused small-k path and returns true where it applies (EDPAIRS_ASSIGN_SUMS=fused,
 // sums requested, k <= 64, 16-byte aligned rows, the k x D sums fit in shared memory);
-// returns false, having launched nothing, otherwise. The kernel: where the labels would be
-// wgmma's (EDPAIRS_ASSIGN_KERNEL), assign_wgmma_sums_kernel (assign_wgmma_cuda.cu: labelling
-// warpgroups and summing warps in one persistent block); else the mma kernel above.
+// returns false, having launched nothing, otherwise. The kernel labels as the separate passes
+// would (EDPAIRS_ASSIGN_KERNEL; "auto" is mma below kWgmmaAutoMinK): on wgmma (a "wgmma" or
+// "wgmma-tma" choice on Hopper), assign_wgmma_sums_kernel (assign_wgmma_cuda.cu: labelling
+// warpgroups and summing warps in one persistent block, the labels of the 64-wide wgmma
+// kernel bit for bit); else the mma kernel above. The sums knob never changes the labels.
 template <class T>
 bool launch_fused(const AssignArgs& args, TcParams p, cudaStream_t s) {
   if (p.sums == nullptr || sums_mode() != SumsMode::Fused) return false;
@@ -1298,7 +1300,9 @@ bool launch_fused(const AssignArgs& args, TcParams p, cudaStream_t s) {
   int sms = 0;
   EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const bool on_wgmma = label_kernel() != LabelKernel::Mma && wgmma_device();
+  const LabelKernel choice = label_kernel();
+  const bool on_wgmma = choice != LabelKernel::Mma && !(choice == LabelKernel::Auto && k < kWgmmaAutoMinK) &&
+                        wgmma_device();
   const int64_t smem_bytes = kFPipeBytes + k * d * 4;  // the mma kernel's
   if (on_wgmma) {
 #ifdef EDPAIRS_HAVE_WGMMA
