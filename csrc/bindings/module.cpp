@@ -442,12 +442,14 @@ class ArgmaxRowsPlan {
 class CentreRowsPlan {
  public:
   // out float32, or float16 with scale (D,) float32 (the half-precision operands, ops.h 3e).
-  CentreRowsPlan(py::handle x, py::handle shift, py::handle out, py::handle colsum, py::handle scale) {
+  CentreRowsPlan(py::handle x, py::handle shift, py::handle out, py::handle colsum, py::handle scale,
+                 py::handle colmax) {
     a_.x = in_.take(x, "X", false);
     a_.shift = in_.take(shift, "shift", false);
     a_.out = in_.take(out, "out", true);
     a_.colsum = in_.take(colsum, "colsum", true);
     a_.scale = in_.take(scale, "scale", false);
+    a_.colmax = in_.take(colmax, "colmax", true);
     expect_rank(a_.x, "X", 2, "(N, D)");
     expect_input_dtype(a_.x, "X");
     expect_cuda_rows(a_.x, "X");
@@ -462,9 +464,14 @@ class CentreRowsPlan {
     if (a_.colsum.present) {
       expect_shape(a_.colsum, "colsum", {D}, {"D"}, DType::Float64);
     }
-    expect_contiguous_each({{&a_.shift, "shift"}, {&a_.out, "out"}, {&a_.colsum, "colsum"}, {&a_.scale, "scale"}});
+    if (a_.colmax.present) {
+      if (!a_.scale.present) fail("centre_rows: colmax (the largest scaled values) needs scale");
+      expect_shape(a_.colmax, "colmax", {D}, {"D"}, DType::Float32);
+    }
+    expect_contiguous_each({{&a_.shift, "shift"}, {&a_.out, "out"}, {&a_.colsum, "colsum"}, {&a_.scale, "scale"},
+                            {&a_.colmax, "colmax"}});
     expect_same_device({{&a_.x, "X"}, {&a_.shift, "shift"}, {&a_.out, "out"}, {&a_.colsum, "colsum"},
-                        {&a_.scale, "scale"}});
+                        {&a_.scale, "scale"}, {&a_.colmax, "colmax"}});
   }
   // Rows [first, first + rows) of X into the first `rows` rows of out.
   void run(int64_t first, int64_t rows, uintptr_t stream) {
@@ -640,8 +647,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("cnorm") = py::none())
       .def("run", &ArgmaxRowsPlan::run, py::arg("first"), py::arg("rows"), py::arg("stream"));
   py::class_<CentreRowsPlan>(m, "CentreRows")
-      .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle>(), py::arg("x"), py::arg("shift"),
-           py::arg("out"), py::arg("colsum"), py::arg("scale") = py::none())
+      .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle, py::handle>(), py::arg("x"),
+           py::arg("shift"), py::arg("out"), py::arg("colsum"), py::arg("scale") = py::none(),
+           py::arg("colmax") = py::none())
       .def("run", &CentreRowsPlan::run, py::arg("first"), py::arg("rows"), py::arg("stream"));
   m.def("half_rows", &half_rows, py::arg("x"), py::arg("out"), py::arg("rscale"), py::arg("stream"));
   m.def("centred_gram", &centred_gram, py::arg("x"), py::arg("shift"), py::arg("m2"), py::arg("colsum"),

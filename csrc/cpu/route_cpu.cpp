@@ -114,14 +114,16 @@ void cluster_sums_cpu(const ClusterSumsArgs& a, Stream) {
 namespace {
 
 // out[r] = x_r - shift (float32, rows of D), or float16((x_r - shift) * scale) into out16;
-// colsum += the float32 values' column sums (float64) when given.
+// colsum += the float32 values' column sums (float64) when given; colmax (with out16) the
+// largest |scaled value| of each column (NaN passed over).
 void centre_rows_into(const cpu::Matrix& X, const float* shift, float* out, double* colsum,
-                      uint16_t* out16 = nullptr, const float* scale = nullptr) {
+                      uint16_t* out16 = nullptr, const float* scale = nullptr, float* colmax = nullptr) {
   using namespace cpu;
   const int64_t R = X.rows, D = X.cols;
   constexpr int64_t kBlock = 256;  // rows per task; the tasks' column sums are added in order
   const int64_t tasks = (R + kBlock - 1) / kBlock;
   std::vector<double> part(colsum != nullptr ? static_cast<size_t>(tasks * D) : 0, 0.0);
+  std::vector<float> top(colmax != nullptr ? static_cast<size_t>(tasks * D) : 0, 0.f);
   parallel_for(tasks, [&](int64_t task, int) {
     std::vector<float> row(out16 != nullptr ? static_cast<size_t>(D) : 0);
     for (int64_t r = task * kBlock; r < std::min(R, (task + 1) * kBlock); ++r) {
@@ -129,6 +131,10 @@ void centre_rows_into(const cpu::Matrix& X, const float* shift, float* out, doub
       load_row(X, shift, r, 0, D, o);
       if (out16 != nullptr)
         for (int64_t d = 0; d < D; ++d) out16[r * D + d] = half_bits(o[d] * scale[d]);
+      if (colmax != nullptr) {
+        float* t = top.data() + task * D;
+        for (int64_t d = 0; d < D; ++d) t[d] = std::fmax(t[d], std::fabs(o[d] * scale[d]));
+      }
       if (colsum != nullptr) {
         double* p = part.data() + task * D;
         for (int64_t d = 0; d < D; ++d) p[d] += static_cast<double>(o[d]);
@@ -139,6 +145,10 @@ void centre_rows_into(const cpu::Matrix& X, const float* shift, float* out, doub
     for (int64_t t = 0; t < tasks; ++t)
       for (int64_t d = 0; d < D; ++d) colsum[d] += part[static_cast<size_t>(t * D + d)];
   }
+  if (colmax != nullptr) {
+    for (int64_t t = 0; t < tasks; ++t)
+      for (int64_t d = 0; d < D; ++d) colmax[d] = std::fmax(colmax[d], top[static_cast<size_t>(t * D + d)]);
+  }
 }
 
 }  // namespace
@@ -147,7 +157,7 @@ void centre_rows_cpu(const CentreRowsArgs& a, Stream) {
   const bool half = a.out.dtype == DType::Float16;
   centre_rows_into(cpu::matrix_of(a.x), a.shift.ptr<const float>(), half ? nullptr : a.out.ptr<float>(),
                    a.colsum.present ? a.colsum.ptr<double>() : nullptr, half ? a.out.ptr<uint16_t>() : nullptr,
-                   half ? a.scale.ptr<const float>() : nullptr);
+                   half ? a.scale.ptr<const float>() : nullptr, a.colmax.present ? a.colmax.ptr<float>() : nullptr);
 }
 
 void half_rows_cpu(const HalfRowsArgs& a, Stream) {

@@ -11,6 +11,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -146,8 +147,8 @@ __device__ __forceinline__ void store4(__half* o, const float (&v)[4], const flo
   const __half2 lo = __floats2half2_rn(v[0] * k[0], v[1] * k[1]);
   const __half2 hi = __floats2half2_rn(v[2] * k[2], v[3] * k[3]);
   uint2 q;
-  q.x = *reinterpret_cast<const unsigned*>(&lo);
-  q.y = *reinterpret_cast<const unsigned*>(&hi);
+  memcpy(&q.x, &lo, 4);
+  memcpy(&q.y, &hi, 4);
   *reinterpret_cast<uint2*>(o) = q;
 }
 __device__ __forceinline__ void store1(float* o, float v, float) { *o = v; }
@@ -157,12 +158,13 @@ template <class T, class OutT, bool kVec>
 __global__ void __launch_bounds__(kCentreThreads)
 centre_rows_kernel(const T* __restrict__ x, const int64_t x_stride, const int64_t rows, const int d,
                    const float* __restrict__ shift, const float* __restrict__ scale, OutT* __restrict__ out,
-                   double* __restrict__ colsum) {
+                   double* __restrict__ colsum, float* __restrict__ colmax) {
   const int c0 = (static_cast<int>(blockIdx.y) * kCentreThreads + static_cast<int>(threadIdx.x)) * 4;
   if (c0 >= d) return;  // no barriers in this kernel
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kCentreRows;
   const int64_t r1 = r0 + kCentreRows < rows ? r0 + kCentreRows : rows;
   float s[4], k[4];
+  float top[4] = {0.f, 0.f, 0.f, 0.f};  // largest |scaled value| (colmax)
   double acc[4] = {0.0, 0.0, 0.0, 0.0};
 #pragma unroll
   for (int u = 0; u < 4; ++u) {
@@ -191,12 +193,20 @@ centre_rows_kernel(const T* __restrict__ x, const int64_t x_stride, const int64_
       }
     }
 #pragma unroll
-    for (int u = 0; u < 4; ++u) acc[u] += static_cast<double>(v[u]);
+    for (int u = 0; u < 4; ++u) {
+      acc[u] += static_cast<double>(v[u]);
+      top[u] = fmaxf(top[u], fabsf(v[u] * k[u]));
+    }
   }
   if (colsum != nullptr) {
 #pragma unroll
     for (int u = 0; u < 4; ++u)
       if (c0 + u < d) atomicAdd(colsum + c0 + u, acc[u]);
+  }
+  if (colmax != nullptr) {  // non-negative floats order as their bits do
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (c0 + u < d) atomicMax(reinterpret_cast<unsigned*>(colmax) + c0 + u, __float_as_uint(top[u]));
   }
 }
 
@@ -209,9 +219,10 @@ void launch_centre_rows(const CentreRowsArgs& a, const T* x, OutT* out, dim3 gri
                    reinterpret_cast<uintptr_t>(out) % 16 == 0;
   const float* scale = a.scale.present ? a.scale.ptr<const float>() : nullptr;
   double* colsum = a.colsum.present ? a.colsum.ptr<double>() : nullptr;
+  float* colmax = a.colmax.present ? a.colmax.ptr<float>() : nullptr;
   const auto kernel = vec ? centre_rows_kernel<T, OutT, true> : centre_rows_kernel<T, OutT, false>;
   kernel<<<grid, kCentreThreads, 0, s>>>(x, a.x.stride(0), a.x.size(0), static_cast<int>(d),
-                                         a.shift.ptr<const float>(), scale, out, colsum);
+                                         a.shift.ptr<const float>(), scale, out, colsum, colmax);
   EDPAIRS_CUDA_CHECK(cudaGetLastError());
 }
 

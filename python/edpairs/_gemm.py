@@ -173,9 +173,11 @@ def half_products() -> bool:
     11 significant bits like TF32, unbiased where TF32's truncation is not, with float32
     accumulation, at the tensor cores' 16-bit rate (about twice TF32's) and half the bytes.
     The scales put each column's largest magnitude in the first step just under 2^HALF_TOP;
-    should a later step pass float16's range (65504, 256 times that) the sums come out
-    non-finite and the call runs again with TF32 operands (one synchronisation at the end of
-    the call to look)."""
+    the centring pass records each column's largest scaled value over all steps, and where a
+    later step passed float16's range (65504, 256 times that) or a column never came near it
+    (one without spread in the first step, whose later values would sink into float16's
+    subnormals), the call runs again with the scales of the largest values seen (one
+    synchronisation at the end of the call to look); with non-finite data, TF32 operands."""
     value = os.environ.get("EDPAIRS_GEMM_HALF", "0")
     if value not in ("", "0", "1"):
         raise ValueError(f"EDPAIRS_GEMM_HALF must be '0' or '1', got {value!r}")
@@ -234,12 +236,40 @@ def _half_wanted(torch, precision: str, half: Optional[bool]) -> bool:
     return True
 
 
+def half_top(torch, X, shift, step: int):
+    """(D,) float32: each column's largest |x - shift| over the first ``step`` rows of X."""
+    lo, hi = torch.aminmax(X[:step], dim=0)
+    return torch.maximum((hi.float() - shift).abs(), (lo.float() - shift).abs())
+
+
 def half_scale(torch, X, shift, step: int):
     """(D,) float32 powers of two for the float16 operands, from the first ``step`` rows of X:
     each column's largest |x - shift| times its scale lies in [2^(HALF_TOP - 1), 2^HALF_TOP)
     (scale 2^HALF_TOP for a column without spread)."""
-    lo, hi = torch.aminmax(X[:step], dim=0)
-    return _pow2_scale(torch, torch.maximum((hi.float() - shift).abs(), (lo.float() - shift).abs()))
+    return _pow2_scale(torch, half_top(torch, X, shift, step))
+
+
+#: A column whose largest scaled value is below this keeps fewer than float16's 11 bits above
+#: its subnormals (2^-14) at the top of its range.
+HALF_LOW = 2.0**-3
+
+
+def _half_verdict(torch, result, colmax, scale, dead=None) -> tuple:
+    """After a pass with float16 operands: ("ok", None) where ``result`` (float64) is finite
+    and every column's largest scaled value (``colmax``) is 0 or within [HALF_LOW, 65504] (and
+    the ``dead`` columns, given no weight, stayed 0); ("rescale", top) where only the scales
+    missed (top: each column's largest |x - shift| seen, for scales that fit every step);
+    ("tf32", None) where the data itself is not finite. One synchronisation."""
+    fits = (colmax == 0) | ((colmax >= HALF_LOW) & (colmax <= 65504.0))
+    if dead is not None:
+        fits &= ~dead | (colmax == 0)
+    finite_top = torch.isfinite(colmax).all()
+    ok, fit, sane = torch.stack([torch.isfinite(result).all() & fits.all(), fits.all(), finite_top]).tolist()
+    if ok:
+        return "ok", None
+    if fit or not sane:  # the scales fitted, or a value was infinite: the data is not finite
+        return "tf32", None
+    return "rescale", colmax / scale  # exact: the scales are powers of two
 
 
 def _mm(torch, a, b, out, op=None):
@@ -265,11 +295,12 @@ def _side_stream(torch, device):
     return side
 
 
-def centred_steps(torch, lib, X, shift, colsum, rows: int, scale=None):
+def centred_steps(torch, lib, X, shift, colsum, rows: int, scale=None, colmax=None):
     """Yields ``(first, last, xt)`` per step of ``rows`` rows: xt (float32, last - first rows)
     holds rows [first, last) of X less ``shift`` (CentreRows), with their float64 column sums
     added to ``colsum`` (None: not added); with ``scale`` (D,) xt is float16, (x - shift) *
-    scale (half_products). xt is valid until the next step is asked for.
+    scale (half_products), and ``colmax`` (D,) float32, when given, gets each column's largest
+    |scaled value|. xt is valid until the next step is asked for.
 
     The centring pass reads and writes each row once and the products after it are
     compute-bound, so with EDPAIRS_GEMM_OVERLAP=1 on CUDA the next step is centred on a second
@@ -285,7 +316,7 @@ def centred_steps(torch, lib, X, shift, colsum, rows: int, scale=None):
     two = centre_overlap() and N > step
     dtype = torch.float32 if scale is None else torch.float16
     bufs = [torch.empty((step, D), dtype=dtype, device=X.device) for _ in range(2 if two else 1)]
-    plans = [lib.CentreRows(c(X), c(shift), c(b), c(colsum), c(scale)) for b in bufs]
+    plans = [lib.CentreRows(c(X), c(shift), c(b), c(colsum), c(scale), c(colmax)) for b in bufs]
     steps = list(_steps(N, rows))
     cuda = X.device.type == "cuda"
     main = torch.cuda.current_stream(X.device) if cuda else None
@@ -453,7 +484,9 @@ def _rows_16b(X) -> bool:
 
 def moments(X, *, precision: str, rows: int, lib, half: Optional[bool] = None):
     """(mean (D,), m2 (D, D)) float64 of the rows of X (torch, N >= 1) on the route above
-    (``half``: float16 operands for TF32 products; default half_products())."""
+    (``half``: float16 operands for TF32 products; default half_products(): scales from the
+    first step, again from the largest values seen where those did not fit, TF32 operands for
+    data that is not finite)."""
     import torch
 
     from ._arrays import Namespace
@@ -463,34 +496,53 @@ def moments(X, *, precision: str, rows: int, lib, half: Optional[bool] = None):
     # The shift: the float32 mean of the first step's rows, so that the centred values are
     # small; the exact mean follows from the float64 sums of the centred values.
     shift = (X[:step].sum(0, dtype=torch.float64) / step).to(torch.float32)
-    colsum = torch.zeros((D,), dtype=torch.float64, device=X.device)
-    xp = Namespace("torch")
-    c = xp.capsule
-    stream = xp.stream(X)
     if gram_wgmma_applies(X, precision):
-        return _centred_gram_moments(X, shift, colsum, lib, c, stream)
-    half = _half_wanted(torch, precision, half)
-    scale = half_scale(torch, X, shift, step) if half else None
+        xp = Namespace("torch")
+        colsum = torch.zeros((D,), dtype=torch.float64, device=X.device)
+        return _centred_gram_moments(X, shift, colsum, lib, xp.capsule, xp.stream(X))
+    if not _half_wanted(torch, precision, half):
+        return _moments_pass(torch, X, shift, precision, rows, lib, None)[1]
+    top = half_top(torch, X, shift, step)
+    for _ in range(2):  # the first step's scales, then (where they missed) those of every step
+        verdict, out = _moments_pass(torch, X, shift, precision, rows, lib, _pow2_scale(torch, top))
+        if verdict != "rescale":
+            break
+        top = out
+    if verdict != "ok":
+        return _moments_pass(torch, X, shift, precision, rows, lib, None)[1]
+    return out
+
+
+def _moments_pass(torch, X, shift, precision: str, rows: int, lib, scale):
+    """One pass of moments(): (verdict, (mean, m2)) with float16 operands times ``scale``
+    (_half_verdict: ("rescale", top) / ("tf32", None) where they did not serve), ("ok", (mean,
+    m2)) with TF32 or float32 ones (scale None)."""
+    N, D = X.shape
+    half = scale is not None
+    colsum = torch.zeros((D,), dtype=torch.float64, device=X.device)
+    colmax = torch.zeros((D,), dtype=torch.float32, device=X.device) if half else None
     if gram_mode() == "triangle":
         gram = _TriangleProduct(torch, D, triangle_block(), X.device)
     else:
-        gram = _BatchedProduct(torch, D, D, step, X.device)
+        gram = _BatchedProduct(torch, D, D, min(rows, N), X.device)
     # One pass per step writes the centred rows and adds their float64 column sums (centre_rows).
     with matmul_precision(torch, precision), _float32_accumulation(torch):
-        for _, _, xt in centred_steps(torch, lib, X, shift, colsum, rows, scale):
+        for _, _, xt in centred_steps(torch, lib, X, shift, colsum, rows, scale, colmax):
             gram.add(xt, xt)
     d = colsum / N  # mean - shift
     mean = shift.to(torch.float64) + d
     full = gram.full()
+    del gram
     if half:  # the scales are powers of two: undone exactly
         s = scale.to(torch.float64)
         full = full / torch.outer(s, s)
-        if not bool(torch.isfinite(full).all()):  # a later step passed float16's range: TF32 operands
-            return moments(X, precision=precision, rows=rows, lib=lib, half=False)
+        verdict, top = _half_verdict(torch, full, colmax, scale)
+        if verdict != "ok":
+            return verdict, top
     m2 = full - N * torch.outer(d, d)
     # Both triangles come from one product; make them bit-for-bit equal.
     m2 = (m2 + m2.T) * 0.5
-    return mean, m2
+    return "ok", (mean, m2)
 
 
 def _centred_gram_moments(X, shift, colsum, lib, c, stream):
@@ -535,7 +587,8 @@ class _SignalLane:
         self.work = self.centre = None
         if shift is not None:
             self.work = torch.empty((step, D), dtype=operands, device=dev)
-            self.centre = lib.CentreRows(c(X), c(shift), c(self.work), None, None if half is None else c(half.x_scale))
+            self.centre = lib.CentreRows(c(X), c(shift), c(self.work), None, *(
+                () if half is None else (c(half.x_scale), c(half.colmax))))
 
     def run(self, first: int, last: int, stream: int) -> None:
         torch = self.torch
@@ -556,23 +609,30 @@ class _SignalLane:
 
 
 class _SignalHalf:
-    """The signal moments' float16 operands (half_products): x~ times x_scale (D,) per column
-    (CentreRows); W's operand S^-1 W with each concept's column times a power of two of its own
-    (1 / alpha_i), so that z_i = alpha_i (x~ S)(S^-1 W_i / alpha_i) - b'_i exactly as scaled
-    (alpha and b' applied by SignalMasks, which torch's float16 products with float32 outputs
-    leave no room for); the masked z times z_scale (I,) (SignalMasks). The z scales come from a
-    bound of |z| over the first step's rows (sum_d |W_di| max|x~_d| + |b'_i|), so nothing waits
-    for its z."""
+    """The signal moments' float16 operands (half_products) for columns whose largest |x~| is
+    ``top`` (D,) (the first step's, or every step's on a second pass): x~ times x_scale (D,)
+    per column (CentreRows, which records each column's largest scaled value in ``colmax``);
+    W's operand S^-1 W with each concept's column times a power of two of its own (1 / alpha_i),
+    so that z_i = alpha_i (x~ S)(S^-1 W_i / alpha_i) - b'_i exactly as scaled (alpha and b'
+    applied by SignalMasks, which torch's float16 products with float32 outputs leave no room
+    for); the masked z times z_scale (I,) (SignalMasks). The z scales come from a bound of |z|
+    (sum_d |W_di| top_d + |b'_i|, top_d rounded up to its power of two), so nothing waits for
+    its z. Columns with top 0 (``dead``: no spread in the first step) get no weight, so that a
+    weight far larger than the others' cannot push theirs out of float16's range; should such
+    a column move later, its colmax says so and the call runs again."""
 
-    def __init__(self, torch, X, shift, W, bias, step: int):
-        self.x_scale = half_scale(torch, X, shift, step)
+    def __init__(self, torch, top, W, bias):
+        self.x_scale = _pow2_scale(torch, top)
+        self.dead = top == 0
+        self.colmax = torch.zeros_like(self.x_scale)
         s = self.x_scale.to(torch.float64)
-        Ws = W.to(torch.float64) / s[:, None]
+        W64 = W.to(torch.float64)
+        Ws = torch.where(self.dead[:, None], 0.0, W64 / s[:, None])
         w_scale = _pow2_scale(torch, Ws.abs().amax(0)).to(torch.float64)  # per concept
         self.W = (Ws * w_scale).to(torch.float16)
         self.alpha = (1.0 / w_scale).to(torch.float32)  # powers of two: exact
-        bound = W.to(torch.float64).abs().T @ (2.0**HALF_TOP / s) + bias.to(torch.float64).abs()
-        self.z_scale = _pow2_scale(torch, bound)
+        reach = torch.where(self.dead, 0.0, 2.0**HALF_TOP / s)
+        self.z_scale = _pow2_scale(torch, W64.abs().T @ reach + bias.to(torch.float64).abs())
 
     def undo(self, torch, acc, I: int):
         """acc (2I, D) of the scaled operands -> that of the unscaled ones (exact)."""
@@ -583,8 +643,9 @@ class _SignalHalf:
 def signal_moments(X, W, b, center, *, precision: str, rows: int, lib, half: Optional[bool] = None):
     """(count, sum_x, sum_z, sum_zz, sum_xz) of ops.signal_moments for a torch X (N >= 1) on the
     route above; W (D, I), b (I,), center (D,) or None are float32 on X's device. ``half``: the
-    products from float16 operands for TF32 precision (default half_products(); _SignalHalf),
-    TF32 ones again should a later step pass float16's range.
+    products from float16 operands for TF32 precision (default half_products(); _SignalHalf):
+    scales from the first step, again from the largest values seen where those did not fit,
+    TF32 operands for data that is not finite.
 
     With EDPAIRS_GEMM_OVERLAP=1 and more than one step, the steps are dealt in turn to two lanes
     (_SignalLane) on the caller's stream and a second one, so that one lane's memory-bound
@@ -603,7 +664,25 @@ def signal_moments(X, W, b, center, *, precision: str, rows: int, lib, half: Opt
     shift = None
     if center is not None or X.dtype != torch.float32 or half:
         shift = center if center is not None else torch.zeros((D,), dtype=torch.float32, device=dev)
-    scaled = _SignalHalf(torch, X, shift, W, bias, step) if half else None
+    if not half:
+        return _signal_pass(torch, X, W, bias, shift, precision, rows, lib, None)[1]
+    top = half_top(torch, X, shift, step)
+    for _ in range(2):  # the first step's scales, then (where they missed) those of every step
+        verdict, out = _signal_pass(torch, X, W, bias, shift, precision, rows, lib, _SignalHalf(torch, top, W, bias))
+        if verdict != "rescale":
+            break
+        top = out
+    if verdict != "ok":
+        return _signal_pass(torch, X, W, bias, shift, precision, rows, lib, None)[1]
+    return out
+
+
+def _signal_pass(torch, X, W, bias, shift, precision: str, rows: int, lib, scaled):
+    """One pass of signal_moments(): (verdict, sums) as _moments_pass, with the float16 operands
+    of ``scaled`` (_SignalHalf) or TF32 / float32 ones (None)."""
+    N, D = X.shape
+    dev = X.device
+    step = min(rows, N)
     steps = list(_steps(N, rows))
     n_lanes = 2 if centre_overlap() and len(steps) > 1 else 1
     lanes = [_SignalLane(torch, lib, X, shift, W, -bias, step, scaled) for _ in range(n_lanes)]
@@ -634,11 +713,12 @@ def signal_moments(X, W, b, center, *, precision: str, rows: int, lib, half: Opt
         a.sum_zz += o.sum_zz
     I = W.shape[1]
     acc = a.acc
-    if half:
+    if scaled is not None:
         acc = scaled.undo(torch, acc, I)
-        if not bool(torch.isfinite(acc).all()):  # a later step passed float16's range: TF32 operands
-            return signal_moments(X, W, b, center, precision=precision, rows=rows, lib=lib, half=False)
-    return a.count, acc[:I].contiguous(), a.sum_z, a.sum_zz, acc[I:].contiguous()
+        verdict, top = _half_verdict(torch, acc, scaled.colmax, scaled.x_scale, scaled.dead)
+        if verdict != "ok":
+            return verdict, top
+    return "ok", (a.count, acc[:I].contiguous(), a.sum_z, a.sum_zz, acc[I:].contiguous())
 
 
 #: Smallest k for which TF32 assignments take the route: below it the fused tensor-core kernel

@@ -203,14 +203,19 @@ void cluster_sums_cuda(const ClusterSumsArgs& args, Stream stream);
 //   optional)
 // in one read of x, so that the library's Gram product and the mean come from one pass. With a
 // float16 out and scale (D,) float32 (powers of two, so the scaling is exact):
-//   out[r] = float16((x_r - shift) * scale), rounded to nearest even (+-Inf beyond 65504),
-// colsum still the sums of the unscaled float32 values: the half-precision products' operands.
+//   out[r] = float16((x_r - shift) * scale), rounded to nearest even (+-Inf from 65520 on,
+//            65504 in between),
+// colsum still the sums of the unscaled float32 values: the half-precision products' operands;
+// and, when given, colmax[d] = max(colmax[d], max_r |(x_rd - shift_d) * scale_d|) (float32, the
+// values before the rounding; NaN values are passed over), from which the caller learns whether
+// the scales suited every step (no overflow, no column left in float16's subnormals).
 struct CentreRowsArgs {
   TensorView x;       // (R, D)
   TensorView shift;   // (D,) float32
   TensorView out;     // out (R, D) float32, or float16 with scale; contiguous
   TensorView colsum;  // optional in/out (D,) float64
   TensorView scale;   // (D,) float32 when out is float16, else absent
+  TensorView colmax;  // optional in/out (D,) float32 >= 0, with scale only
 };
 void centre_rows_cpu(const CentreRowsArgs& args, Stream stream);
 void centre_rows_cuda(const CentreRowsArgs& args, Stream stream);
