@@ -602,14 +602,19 @@ def test_centre_rows_writes_scaled_float16_rounded_to_nearest_even(rng):
     out = np.empty((300, 9), np.float16)
     colsum = np.zeros(9)
     c = Namespace("torch").capsule
-    lib().CentreRows(c(t(X)), c(t(shift)), c(t(out)), c(t(colsum)), c(t(scale))).run(0, 300, 0)
+    colmax = np.full(9, 0.5, np.float32)  # a maximum carried over from earlier steps
+    lib().CentreRows(c(t(X)), c(t(shift)), c(t(out)), c(t(colsum)), c(t(scale)), c(t(colmax))).run(0, 300, 0)
     with np.errstate(over="ignore", invalid="ignore"):
         want = ((X - shift) * scale).astype(np.float16)
+        top = np.fmax(0.5, np.nanmax(np.abs((X - shift) * scale), axis=0))  # NaN passed over
     np.testing.assert_array_equal(out.view(np.uint16), want.view(np.uint16))
+    np.testing.assert_array_equal(colmax, top)
     finite = np.isfinite(X).all(0)
     np.testing.assert_allclose(colsum[finite], (X - shift).astype(np.float64).sum(0)[finite], rtol=1e-12)
     with pytest.raises(ValueError, match="out"):  # float16 out without a scale: refused
         lib().CentreRows(c(t(X)), c(t(shift)), c(t(out)), c(t(colsum)))
+    with pytest.raises(ValueError, match="colmax .* needs scale"):
+        lib().CentreRows(c(t(X)), c(t(shift)), c(t(np.empty((300, 9), np.float32))), None, None, c(t(colmax)))
 
 
 def test_half_scale_brings_each_column_under_the_top(rng):
@@ -1037,8 +1042,9 @@ def test_moments_with_the_wgmma_gram(rng, monkeypatch):
 def test_cuda_moments_from_float16_operands(rng, monkeypatch):
     """EDPAIRS_GEMM_HALF=1 on the GPU: CentreRows' float16 operands bit for bit torch's
     rounding of (x - shift) * scale; the TF32 moments from them (cuBLAS float16 products into
-    float32) within float16's rounding, symmetric, with and without the overlap; a later step
-    past float16's range runs again with TF32 operands and comes out finite and right."""
+    float32) within float16's rounding, symmetric, with and without the overlap; CentreRows'
+    colmax the largest scaled values; a later step past float16's range runs again with the
+    scales of the largest values seen and comes out finite and right."""
     monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "gemm")
     X = (rng.standard_normal((300_000, 256)) @ rng.standard_normal((256, 256)) * 0.1 + 3).astype(np.float32)
     X[:, :8] *= 1e3  # columns of different sizes
@@ -1047,8 +1053,11 @@ def test_cuda_moments_from_float16_operands(rng, monkeypatch):
     scale = _gemm.half_scale(torch, Xg, shift, 1000)
     out = torch.empty((1000, 256), dtype=torch.float16, device="cuda")
     c = Namespace("torch").capsule
-    lib().CentreRows(c(Xg), c(shift), c(out), None, c(scale)).run(0, 1000, torch.cuda.current_stream().cuda_stream)
+    colmax = torch.zeros(256, device="cuda")
+    lib().CentreRows(c(Xg), c(shift), c(out), None, c(scale), c(colmax)).run(
+        0, 1000, torch.cuda.current_stream().cuda_stream)
     assert torch.equal(out, ((Xg[:1000] - shift) * scale).half())
+    assert torch.equal(colmax, ((Xg[:1000] - shift) * scale).abs().amax(0))  # a maximum: any order, the same bits
     monkeypatch.setenv("EDPAIRS_GEMM_HALF", "1")
     for overlap in ("0", "1"):
         monkeypatch.setenv("EDPAIRS_GEMM_OVERLAP", overlap)
@@ -1058,7 +1067,7 @@ def test_cuda_moments_from_float16_operands(rng, monkeypatch):
     X[200_000:] *= 1000
     m = ops.moments(t(X).cuda(), precision="tf32")
     assert bool(torch.isfinite(m.m2).all())
-    check_moments(m, X, rtol=3e-3)
+    check_moments(m, X, rtol=1e-4)
 
 
 def test_signal_masks_write_scaled_float16(rng):
@@ -1166,7 +1175,8 @@ def test_cuda_signal_moments_from_float16_operands(rng, monkeypatch):
     """EDPAIRS_GEMM_HALF=1 on the GPU: SignalMasks' float16 out (of z = z_in alpha + shift) bit
     for bit torch's rounding of M z scale; the TF32 signal moments from float16 operands within float16's rounding of the
     reference (rows whose z lies within 1% of sum |w x| of 0 left out: their masks may flip),
-    with one lane and two; a later step past float16's range reruns on TF32 operands."""
+    with one lane and two; a later step past float16's range runs again, scaled for the
+    largest values seen, and comes out finite."""
     monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "gemm")
     X, W, b, c = make_signal_data(rng, 300_000, 256, 64, center=True, offset=3.0)
     zscale = np.abs(X - c) @ np.abs(W) + np.abs(b - c @ W)
