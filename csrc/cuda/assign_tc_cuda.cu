@@ -1186,7 +1186,9 @@ inline int wgmma_prefetch() { return int_knob("EDPAIRS_WGMMA_PREFETCH", 4, 16); 
 inline int overlap_chunks() { return int_knob("EDPAIRS_ASSIGN_OVERLAP", 0, 64); }
 
 // The current device's side stream for the overlapped sums: non-blocking, of the highest
-// priority (its blocks go first when the labelling's retire), created once per device.
+// priority (its blocks go first when the labelling's retire), created once per device and
+// shared by every caller in the process (concurrent overlapped assignments queue their sums
+// one after another on it; each caller's stream waits for all queued so far).
 inline cudaStream_t side_stream() {
   static std::mutex mutex;
   static cudaStream_t streams[64] = {};
@@ -1222,14 +1224,23 @@ class ScopedEvent {
   cudaEvent_t event_ = nullptr;
 };
 
-// On scope exit (a throw included) the main stream waits for all work queued on the side stream
-// so far: memory freed later in the main stream's order is no longer in use there.
+// The main stream waits for all work queued on the side stream so far, so that memory freed
+// later in the main stream's order is no longer in use there: finish() on the way out (errors
+// reported), else on scope exit (a throw); should the event not be recorded or waited for
+// there, the side stream is synchronised instead (an event never recorded is no wait at all).
 class JoinSide {
  public:
   JoinSide(const cudaStream_t side, const cudaStream_t main) : side_(side), main_(main) {}
+  void finish() {
+    joined_ = true;
+    EDPAIRS_CUDA_CHECK(cudaEventRecord(done_.get(), side_));
+    EDPAIRS_CUDA_CHECK(cudaStreamWaitEvent(main_, done_.get(), 0));
+  }
   ~JoinSide() {
-    (void)cudaEventRecord(done_.get(), side_);
-    (void)cudaStreamWaitEvent(main_, done_.get(), 0);
+    if (joined_) return;
+    if (cudaEventRecord(done_.get(), side_) != cudaSuccess || cudaStreamWaitEvent(main_, done_.get(), 0) != cudaSuccess) {
+      (void)cudaStreamSynchronize(side_);
+    }
   }
   JoinSide(const JoinSide&) = delete;
   JoinSide& operator=(const JoinSide&) = delete;
@@ -1238,6 +1249,7 @@ class JoinSide {
   ScopedEvent done_;
   cudaStream_t side_;
   cudaStream_t main_;
+  bool joined_ = false;
 };
 
 inline bool wgmma_device() {
@@ -1363,6 +1375,7 @@ bool launch_fused(const AssignArgs& args, TcParams p, cudaStream_t s) {
 
 template <class T>
 void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
+  const int knob_chunks = overlap_chunks();  // (read first, so validated wherever it is set)
   if (launch_fused<T>(args, p, s)) return;
   const int64_t n = args.x.size(0);
   const int64_t d = args.x.size(1);
@@ -1452,17 +1465,17 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
     }
   };
 
-  const int chunks = separate ? overlap_chunks() : 0;
+  const int chunks = separate ? knob_chunks : 0;
   if (chunks > 1 && n >= static_cast<int64_t>(chunks) * kRows && !columns_apply<T>(k, d, mode)) {
     // Overlapped: chunk c's sorted sums on the side stream while chunk c + 1 is labelled. Each
-    // chunk sorts its own rows (its counts, cursor, perm); the float64 sums add up across chunks.
+    // chunk sorts its own rows; the float64 sums add up across chunks. The chunks' passes run
+    // one after another on the side stream, so they share one set of counts, cursor and perm.
     const int64_t rc = ceil_div(ceil_div(n, chunks), kRows) * kRows;  // rows per chunk
     const int64_t used = ceil_div(n, rc);
     const cudaStream_t side = side_stream();
-    // Per chunk: counts (k int64), cursor (k int), perm (rc int), rounded to 16 bytes.
-    const size_t per_chunk = (static_cast<size_t>(k) * 12 + static_cast<size_t>(rc) * 4 + 15) / 16 * 16;
-    StreamScratch chunk_ws(static_cast<size_t>(used) * per_chunk, s);
-    const JoinSide join(side, s);  // (destroyed before chunk_ws: s waits for the side stream first)
+    // counts (k int64), cursor (k int), perm (rc int).
+    StreamScratch chunk_ws(static_cast<size_t>(k) * 12 + static_cast<size_t>(rc) * 4, s);
+    JoinSide join(side, s);  // (destroyed before chunk_ws: s waits for the side stream first)
     ScopedEvent ready;
     for (int64_t c = 0; c < used; ++c) {
       const int64_t r0 = c * rc;
@@ -1470,7 +1483,7 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
       label(r0, rows);
       EDPAIRS_CUDA_CHECK(cudaEventRecord(ready.get(), s));  // (re-recorded: the wait takes the latest)
       EDPAIRS_CUDA_CHECK(cudaStreamWaitEvent(side, ready.get(), 0));
-      char* base = static_cast<char*>(chunk_ws.get()) + static_cast<size_t>(c) * per_chunk;
+      char* base = static_cast<char*>(chunk_ws.get());
       auto* chunk_counts = reinterpret_cast<unsigned long long*>(base);
       int* cursor = reinterpret_cast<int*>(base + static_cast<size_t>(k) * 8);
       int* perm = cursor + k;
@@ -1483,7 +1496,10 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
         EDPAIRS_CUDA_CHECK(cudaGetLastError());
       }
     }
-    return;  // join: the caller's stream waits for the sums; then chunk_ws and workspace are freed
+    join.finish();  // the caller's stream waits for the sums; then chunk_ws and workspace are freed
+    chunk_ws.free();
+    workspace.free();
+    return;
   }
 
   label(0, n);
@@ -1523,6 +1539,7 @@ void assign_tensor_core(const AssignArgs& args, cudaStream_t stream) {
 }
 
 void assign_tensor_core_half(const AssignArgs& args, cudaStream_t s) {
+  (void)overlap_chunks();  // validated, though this path labels in one kernel and does not overlap
   const int64_t n = args.x.size(0);
   const int64_t d = args.x.size(1);
   const int64_t k = args.centroids.size(0);
