@@ -48,12 +48,14 @@ case "${PART:-}" in
      KM_SIZES="${KM_SIZES:-1000000,512,1024 1000000,512,64}"
      BF16_METHODS="${BF16_METHODS:-edpairs,torch}"
      # The profile cases that decide the next defaults, in one process: the paths that ran on a
-     # GPU before first, then the candidates by the goal they serve (2, 4, 3), the fused kernel
-     # last (a fault there poisons the process's later cases; each case is saved as it ends).
+     # GPU before first, then the candidates by the goal they serve (2, 4, 3), the two new
+     # wgmma kernels (the resident float16 rows, the fused small-k kernel) last: a fault in
+     # one poisons the process's later cases (each case is saved as it ends).
      PROFILE_CASES="${PROFILE_CASES:-kmeans:1000000,512,1024 kmeans:1000000,512,64 moments:1000000,512 \
-signal:1000000,512,256 kmeans:1000000,512,1024:EDPAIRS_ASSIGN_HALF=1 kmeans:1000000,512,1024:EDPAIRS_ASSIGN_HALF=copies \
+signal:1000000,512,256 kmeans:1000000,512,1024:EDPAIRS_ASSIGN_HALF=copies \
 moments:1000000,512:EDPAIRS_GEMM_HALF=1;EDPAIRS_GEMM_OVERLAP=1 signal:1000000,512,256:EDPAIRS_GEMM_HALF=1;EDPAIRS_GEMM_OVERLAP=1 \
-kmeans:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=wgmma;EDPAIRS_ASSIGN_SUMS=columns kmeans:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=wgmma;EDPAIRS_ASSIGN_SUMS=fused}"
+kmeans:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=wgmma;EDPAIRS_ASSIGN_SUMS=columns kmeans:1000000,512,1024:EDPAIRS_ASSIGN_HALF=1 \
+kmeans:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=wgmma;EDPAIRS_ASSIGN_SUMS=fused}"
      PROFILE_TIMEOUT="${PROFILE_TIMEOUT:-100}" ;;
   2) SKIP="${SKIP-estimators ceilings kmeans bf16 moments profile route_parts stream ncu}" ;;
   "") ;;
@@ -279,7 +281,7 @@ for x in m.get("results", []):
 for x in (load("kernel_profile.json") or {}).get("results", []):
     if "kernels" in x:
         top = ", ".join(f"{k['name'][:40]} {k['seconds'] * 1e3:.2f}" for k in x["kernels"][:4])
-        print(f"profile {x['case'][:48]:48s} step {x['wall_s'] * 1e3:7.2f} ms, busy {x['device_busy_s'] * 1e3:7.2f}: {top}")
+        print(f"profile {x['case']:80s} step {x['wall_s'] * 1e3:7.2f} ms, busy {x['device_busy_s'] * 1e3:7.2f}: {top}")
 for x in (load("route_parts.json") or {}).get("results", []):
     print(f"{x['group']:14s} {x['piece']:40s} {x['ms']:8.3f} ms  {x.get('note', '')}")
 st = {x["method"]: x for x in (load("stream_cuda.json") or {}).get("results", [])}

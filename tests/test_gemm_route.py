@@ -621,7 +621,7 @@ def test_half_scale_brings_each_column_under_the_top(rng):
     X = rng.standard_normal((500, 5)).astype(np.float32) * np.array([1e-30, 1e-3, 1, 7e3, 0], np.float32)
     X[:, 4] = 2.5  # no spread
     shift = t(X[:100].mean(0))
-    s = _gemm.half_scale(torch, t(X), shift, 100)
+    s = _gemm._pow2_scale(torch, _gemm.half_top(torch, t(X), shift, 100))
     assert s.dtype == torch.float32
     big = (t(X[:100]) - shift).abs().amax(0)
     scaled = (big * s)[:4]
@@ -1050,7 +1050,7 @@ def test_cuda_moments_from_float16_operands(rng, monkeypatch):
     X[:, :8] *= 1e3  # columns of different sizes
     Xg = t(X).cuda()
     shift = Xg[:1000].mean(0)
-    scale = _gemm.half_scale(torch, Xg, shift, 1000)
+    scale = _gemm._pow2_scale(torch, _gemm.half_top(torch, Xg, shift, 1000))
     out = torch.empty((1000, 256), dtype=torch.float16, device="cuda")
     c = Namespace("torch").capsule
     colmax = torch.zeros(256, device="cuda")
@@ -1273,7 +1273,7 @@ def test_half_assign_copies_the_rows_in_steps(rng, monkeypatch):
 def test_half_assign_knob(monkeypatch):
     """EDPAIRS_ASSIGN_HALF: "0" / unset off, "1" on (in one kernel where it runs), "copies" on
     (always the copies); anything else refused with the values it takes. CPU tensors never take
-    the one-kernel path, nor do rows wider than HALF_RESIDENT_MAX_D or unaligned ones."""
+    the one-kernel path (wide and unaligned rows: the CUDA tests)."""
     X = torch.zeros((4, 8))
     for value, on in (("", False), ("0", False), ("1", True), ("copies", True)):
         monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", value)
@@ -1392,6 +1392,12 @@ def test_cuda_float16_rows_in_shared_memory_any_magnitude_streams_and_fallbacks(
     check_assignment(ops.assign(odd, t(C).cuda(), precision="tf32"), X[:600], C, tol=HALF_TOL, check_ties=False)
     c = Namespace("torch").capsule
     labels, scores = torch.empty(600, dtype=torch.int64, device="cuda"), torch.empty(600, device="cuda")
+    # col_scale through the binding (ops.assign keeps such calls off this path): s_j = col_scale_j 2^-e_j.
+    cs = (1 + rng.random(300)).astype(np.float32)
+    lib().assign(c(t(X[:600]).cuda()), c(t(C).cuda()), None, None, c(t(cs).cuda()), c(labels), c(scores), None, None,
+                 False, "tf32-half", torch.cuda.current_stream().cuda_stream)
+    want = ops.assign(X[:600], C, col_scale=cs)
+    assert_results_agree(ops.Assignment(labels, scores, None, None), want, X[:600], C, tol=HALF_TOL, col_scale=cs)
     for bad, why in ((t(wide).cuda(), r"X \(600, 520\)"), (odd, "unaligned rows"), (t(X[:600]).cuda().half(), "float16 X")):
         with pytest.raises(ValueError, match=f"precision 'tf32-half' needs float32 X.*{why}"):
             lib().assign(c(bad), c(t(C if bad.shape[1] == 96 else Cw).cuda()), None, None, None, c(labels), c(scores),

@@ -1528,17 +1528,15 @@ def test_resident_kernel_constants():
 def test_resident_schedule_across_row_tiles(tiles, k_tiles, slices):
     """The kernel's loop: the prologue's and each iteration's copies name centroid slice
     (it + ahead) % per_tile of the next row tiles too, so iteration it finds the slice
-    (tile, kt) it multiplies in stage it % 6, never overwritten before its batch is done; the
-    conversion of a row tile comes after every batch of the one before (wait<0> at its last
-    iteration); each row tile's rows are written after its last centroid tile."""
+    (tile, kt) it multiplies in stage it % 6, never overwritten before its batch is done; each
+    row tile's rows are written after its last centroid tile."""
     per = k_tiles * slices
     total = tiles * per
     holds = {}                                       # stage -> (iteration, slice index q)
     for s in range(min(R_AHEAD, total)):
         holds[s % R_STAGES] = (s, s % per)
-    it, written, pending = 0, [], []
+    it, written = 0, []
     for j in range(tiles):
-        assert pending == [] or pending[-1] < it     # every batch of tile j - 1 waited for
         for q in range(per):
             tile, kt = divmod(q, slices)
             assert holds[it % R_STAGES] == (it, tile * slices + kt)
@@ -1546,7 +1544,6 @@ def test_resident_schedule_across_row_tiles(tiles, k_tiles, slices):
                 w = (it + R_AHEAD) % R_STAGES
                 assert w not in holds or holds[w][0] <= it - 2
                 holds[w] = (it + R_AHEAD, (it + R_AHEAD) % per)
-            pending.append(it)
             if kt == slices - 1 and tile == k_tiles - 1:
                 written.append(j)
             it += 1

@@ -1162,6 +1162,13 @@ inline LabelKernel label_kernel() {
   fail(std::string("EDPAIRS_ASSIGN_KERNEL must be 'auto', 'mma', 'wgmma' or 'wgmma-tma', got '") + v + "'");
 }
 // The integer environment knob `name` (0 .. most; `fallback` when unset or empty).
+// label_kernel() with "auto" resolved for k centroids (mma, wgmma or wgmma-tma).
+inline LabelKernel resolved_label_kernel(const int64_t k) {
+  const LabelKernel choice = label_kernel();
+  if (choice != LabelKernel::Auto) return choice;
+  return k >= kWgmmaAutoMinK ? LabelKernel::Wgmma : LabelKernel::Mma;
+}
+
 inline int int_knob(const char* name, const int fallback, const int most) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return fallback;
@@ -1177,6 +1184,7 @@ inline int int_knob(const char* name, const int fallback, const int most) {
 // (EDPAIRS_WGMMA_PREFETCH, 0..16, default 4): more of x in flight from DRAM than the ring's
 // shared memory holds (the fused small-k kernel, one block per SM, has 32 KB of x in its ring).
 // A prediction for the next GPU run (benchmarks/results/h100/NOTES.md, version 7); 0 turns it off.
+// The resident float16-row kernel takes any value above 0 as "on" (it names the next row tile).
 inline int wgmma_prefetch() { return int_knob("EDPAIRS_WGMMA_PREFETCH", 4, 16); }
 
 // Rows in how many chunks the labelling and the sorted sums pass overlap (EDPAIRS_ASSIGN_OVERLAP,
@@ -1232,9 +1240,9 @@ class JoinSide {
  public:
   JoinSide(const cudaStream_t side, const cudaStream_t main) : side_(side), main_(main) {}
   void finish() {
-    joined_ = true;
     EDPAIRS_CUDA_CHECK(cudaEventRecord(done_.get(), side_));
     EDPAIRS_CUDA_CHECK(cudaStreamWaitEvent(main_, done_.get(), 0));
+    joined_ = true;  // (only now: a throw above leaves the join to the destructor)
   }
   ~JoinSide() {
     if (joined_) return;
@@ -1295,7 +1303,8 @@ void launch_fused_mma(const TcParams& p, const T* cw, const float* col_s, const 
 // would (EDPAIRS_ASSIGN_KERNEL; "auto" is mma below kWgmmaAutoMinK): on wgmma (a "wgmma" or
 // "wgmma-tma" choice on Hopper), assign_wgmma_sums_kernel (assign_wgmma_cuda.cu: labelling
 // warpgroups and summing warps in one persistent block, the labels of the 64-wide wgmma
-// kernel bit for bit); else the mma kernel above. The sums knob never changes the labels.
+// kernel bit for bit); else the mma kernel above. Of the sums modes only "block" (the mma
+// kernel's own atomics) changes the labeller: it puts every assignment on mma.
 template <class T>
 bool launch_fused(const AssignArgs& args, TcParams p, cudaStream_t s) {
   if (p.sums == nullptr || sums_mode() != SumsMode::Fused) return false;
@@ -1312,9 +1321,8 @@ bool launch_fused(const AssignArgs& args, TcParams p, cudaStream_t s) {
   int sms = 0;
   EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const LabelKernel choice = label_kernel();
-  const bool on_wgmma = choice != LabelKernel::Mma && !(choice == LabelKernel::Auto && k < kWgmmaAutoMinK) &&
-                        wgmma_device();
+  const LabelKernel choice = resolved_label_kernel(k);
+  const bool on_wgmma = choice != LabelKernel::Mma && wgmma_device();  // (wgmma-tma too: the 64-wide kernel)
   const int64_t smem_bytes = kFPipeBytes + k * d * 4;  // the mma kernel's
   if (on_wgmma) {
 #ifdef EDPAIRS_HAVE_WGMMA
@@ -1389,8 +1397,7 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
   // with "block" (in the mma kernel).
   const bool separate = p.sums != nullptr && n <= INT_MAX && mode != SumsMode::Block;
   // The wgmma kernel only labels.
-  LabelKernel choice = label_kernel();
-  if (choice == LabelKernel::Auto) choice = k >= kWgmmaAutoMinK ? LabelKernel::Wgmma : LabelKernel::Mma;
+  const LabelKernel choice = resolved_label_kernel(k);
   const bool wgmma = choice != LabelKernel::Mma && aligned && (p.sums == nullptr || separate) && wgmma_device();
   const bool tma = wgmma && choice == LabelKernel::WgmmaTma && std::is_same<T, float>::value;
   const int64_t cent_tile = wgmma ? (tma ? kWgmmaCents : wgmma_tile_cents(k)) : kCents;
@@ -1561,13 +1568,14 @@ void assign_tensor_core_half(const AssignArgs& args, cudaStream_t s) {
   const int64_t d_pad = ceil_div(d, 64) * 64;
   const int64_t k_pad = ceil_div(k, kWgmmaResidentCents) * kWgmmaResidentCents;
   if (k_pad > INT_MAX) fail("assign: too many centroids for one launch: C " + args.centroids.shape_str());
-  // Workspace: float16 centroids (k_pad, d_pad), s and o (k_pad floats each), 1 / ||x|| (n floats).
+  // Workspace: float16 centroids (k_pad, d_pad), s and o (k_pad floats each), with the sums
+  // 1 / ||x|| (n floats).
   const size_t cw_bytes = static_cast<size_t>(k_pad * d_pad) * sizeof(__half);
-  StreamScratch workspace(cw_bytes + static_cast<size_t>(2 * k_pad + n) * 4, s);
+  StreamScratch workspace(cw_bytes + static_cast<size_t>(2 * k_pad + (args.sums.present ? n : 0)) * 4, s);
   __half* cw = static_cast<__half*>(workspace.get());
   float* col_s = reinterpret_cast<float*>(static_cast<char*>(workspace.get()) + cw_bytes);
   float* col_o = col_s + k_pad;
-  float* rscale = col_o + k_pad;
+  float* rscale = args.sums.present ? col_o + k_pad : nullptr;
   prepare_centroids<__half, true><<<static_cast<unsigned>(ceil_div(k_pad, 8)), 256, 0, s>>>(
       args.centroids.ptr<const float>(), static_cast<int>(k), static_cast<int>(d), static_cast<int>(k_pad),
       static_cast<int>(d_pad), nullptr, args.col_scale.present ? args.col_scale.ptr<const float>() : nullptr, cw,

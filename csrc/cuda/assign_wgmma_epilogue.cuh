@@ -1,6 +1,7 @@
 // The epilogue shared by the wgmma labelling kernels (assign_wgmma_cuda.cu,
-// assign_wgmma_tma_cuda.cu): a 64 x N accumulator tile (the layout of wgmma.cuh) folded into
-// each thread's running best of its two rows, and the rows' labels / scores / scales written.
+// assign_wgmma_tma_cuda.cu, assign_wgmma_resident_cuda.cu): a 64 x N accumulator tile (the
+// layout of wgmma.cuh) folded into each thread's running best of its two rows, and the rows'
+// labels / scores / scales written; with the named barrier the kernels share.
 #pragma once
 
 #include <climits>

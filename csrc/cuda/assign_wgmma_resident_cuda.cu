@@ -1,5 +1,7 @@
 // Cosine labels of float32 rows from float16 values made in shared memory (ops.h:
-// AssignPrecision::TensorCoreHalf; Python's EDPAIRS_ASSIGN_HALF=1 on Hopper with D <= 512).
+// AssignPrecision::TensorCoreHalf; Python's EDPAIRS_ASSIGN_HALF=1 for TF32 cosine assignments
+// with k >= 129 of float32 rows on Hopper with D <= 512, 16-byte aligned rows, no center or
+// row scales).
 //
 // Why: at large k the TF32 labelling kernel (assign_wgmma_cuda.cu) is bound by L2, not by the
 // tensor cores. Each 128-row block reads every centroid once per row tile and its own rows once
@@ -35,7 +37,8 @@
 //     warpgroup issues four m64n128k16 wgmma from its half of the resident slice and the ring
 //     stage; after each centroid tile the epilogue of the other wgmma kernels (fold_tile,
 //     write_rows) keeps each row's running best.
-// With p.prefetch > 0, threads 0..127 name the next row tile's rows to L2
+// With p.prefetch > 0 (EDPAIRS_WGMMA_PREFETCH: here on or off, not a depth), threads 0..127
+// name the next row tile's rows to L2
 // (prefetch.global.L2) during the first iterations of the current one, so that its conversion
 // reads L2 rather than DRAM.
 //
@@ -176,7 +179,8 @@ __device__ __forceinline__ void convert_tile(const WgmmaAssignParams& p, unsigne
       for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
       if (lane == 0) {
         const int64_t row = row0 + r;
-        const float inv = row < p.n ? half_row_rscale(big, ss, k) : 0.f;
+        bool zero = false;
+        const float inv = row < p.n ? half_row_rscale(big, ss, k, zero) : 0.f;  // (0 also for NaN / Inf rows)
         fac_s[r] = inv > 0.f ? 1.f / sqrtf(ss) : 0.f;
         if (row < p.n && p.row_scale_out != nullptr) p.row_scale_out[row] = inv;
       }

@@ -20,10 +20,12 @@ __device__ __forceinline__ float half_row_scale(const float big) {
 
 // 1 / ||x|| of a row from ss, the sum of its scaled values' squares (no overflow or underflow
 // after the scaling), and the scale k; 0 for a zero row and for one whose 1 / ||x|| is not a
-// finite float32 (norm below about 2.9e-39).
-__device__ __forceinline__ float half_row_rscale(const float big, const float ss, const float k) {
+// finite float32 (norm below about 2.9e-39), which `zero` says (half_rows writes such rows as
+// zeros; a row with NaN or Inf gets 0 too, but is not `zero`: its values are written as they
+// scale, as the CPU's half_rows does).
+__device__ __forceinline__ float half_row_rscale(const float big, const float ss, const float k, bool& zero) {
   const double inv = ss > 0.f ? static_cast<double>(k) / sqrt(static_cast<double>(ss)) : 0.0;
-  const bool zero = !(big > 0.f) || !(inv <= 3.4028234663852886e38);
+  zero = !(big > 0.f) || !(inv <= 3.4028234663852886e38);
   return zero ? 0.f : static_cast<float>(inv);
 }
 

@@ -136,7 +136,8 @@ argmax_rows_kernel(const float* __restrict__ scores, const float* __restrict__ c
 // columns; each thread walks its rows, reading its 4 elements (16 bytes for float32: coalesced
 // across the warp), writing the 4 centred floats (one 16-byte store where out's rows allow; with
 // a float16 out, the 4 values times their power-of-two scales, one 8-byte store) and summing the
-// float32 values in float64, then adds its 4 sums to colsum (kCentreRows rows per atomic).
+// float32 values in float64, then adds its 4 sums to colsum (kCentreRows rows per atomic) and,
+// with colmax, its 4 largest |scaled values| (an atomicMax on their bits each).
 constexpr int kCentreThreads = 128;
 constexpr int kCentreRows = 128;
 
@@ -250,8 +251,8 @@ half_rows_kernel(const float* __restrict__ x, const int64_t x_stride, const int6
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  const float inv = half_row_rscale(big, ss, k);
-  const bool zero = inv == 0.f;
+  bool zero = false;
+  const float inv = half_row_rscale(big, ss, k, zero);
   if (lane == 0) rscale[r] = inv;
   __half* o = out + r * d;
   for (int c = lane; c < d; c += 32) o[c] = zero ? __float2half_rn(0.f) : __float2half_rn(__fmul_rn(xr[c], k));

@@ -242,13 +242,6 @@ def half_top(torch, X, shift, step: int):
     return torch.maximum((hi.float() - shift).abs(), (lo.float() - shift).abs())
 
 
-def half_scale(torch, X, shift, step: int):
-    """(D,) float32 powers of two for the float16 operands, from the first ``step`` rows of X:
-    each column's largest |x - shift| times its scale lies in [2^(HALF_TOP - 1), 2^HALF_TOP)
-    (scale 2^HALF_TOP for a column without spread)."""
-    return _pow2_scale(torch, half_top(torch, X, shift, step))
-
-
 #: A column whose largest scaled value is below this keeps fewer than float16's 11 bits above
 #: its subnormals (2^-14) at the top of its range.
 HALF_LOW = 2.0**-3
@@ -270,6 +263,21 @@ def _half_verdict(torch, result, colmax, scale, dead=None) -> tuple:
     if fit or not sane:  # the scales fitted, or a value was infinite: the data is not finite
         return "tf32", None
     return "rescale", colmax / scale  # exact: the scales are powers of two
+
+
+def _half_passes(torch, top, half_pass, plain_pass):
+    """The float16-operand passes of moments() / signal_moments(): ``half_pass(top)`` with the
+    scales for ``top`` (each column's largest |x - shift|: the first step's), again with the
+    top seen over every step where those scales missed, and ``plain_pass()`` (TF32 operands)
+    where the data is not finite or the scales cannot change (float32's exponent range)."""
+    for _ in range(2):
+        verdict, out = half_pass(top)
+        if verdict == "ok":
+            return out
+        if verdict != "rescale" or torch.equal(_pow2_scale(torch, out), _pow2_scale(torch, top)):
+            break
+        top = out
+    return plain_pass()
 
 
 def _mm(torch, a, b, out, op=None):
@@ -484,9 +492,7 @@ def _rows_16b(X) -> bool:
 
 def moments(X, *, precision: str, rows: int, lib, half: Optional[bool] = None):
     """(mean (D,), m2 (D, D)) float64 of the rows of X (torch, N >= 1) on the route above
-    (``half``: float16 operands for TF32 products; default half_products(): scales from the
-    first step, again from the largest values seen where those did not fit, TF32 operands for
-    data that is not finite)."""
+    (``half``: float16 operands for TF32 products; default half_products(); _half_passes)."""
     import torch
 
     from ._arrays import Namespace
@@ -500,17 +506,14 @@ def moments(X, *, precision: str, rows: int, lib, half: Optional[bool] = None):
         xp = Namespace("torch")
         colsum = torch.zeros((D,), dtype=torch.float64, device=X.device)
         return _centred_gram_moments(X, shift, colsum, lib, xp.capsule, xp.stream(X))
+    def plain():
+        return _moments_pass(torch, X, shift, precision, rows, lib, None)[1]
+
     if not _half_wanted(torch, precision, half):
-        return _moments_pass(torch, X, shift, precision, rows, lib, None)[1]
-    top = half_top(torch, X, shift, step)
-    for _ in range(2):  # the first step's scales, then (where they missed) those of every step
-        verdict, out = _moments_pass(torch, X, shift, precision, rows, lib, _pow2_scale(torch, top))
-        if verdict != "rescale":
-            break
-        top = out
-    if verdict != "ok":
-        return _moments_pass(torch, X, shift, precision, rows, lib, None)[1]
-    return out
+        return plain()
+    return _half_passes(torch, half_top(torch, X, shift, step),
+                        lambda top: _moments_pass(torch, X, shift, precision, rows, lib, _pow2_scale(torch, top)),
+                        plain)
 
 
 def _moments_pass(torch, X, shift, precision: str, rows: int, lib, scale):
@@ -643,9 +646,8 @@ class _SignalHalf:
 def signal_moments(X, W, b, center, *, precision: str, rows: int, lib, half: Optional[bool] = None):
     """(count, sum_x, sum_z, sum_zz, sum_xz) of ops.signal_moments for a torch X (N >= 1) on the
     route above; W (D, I), b (I,), center (D,) or None are float32 on X's device. ``half``: the
-    products from float16 operands for TF32 precision (default half_products(); _SignalHalf):
-    scales from the first step, again from the largest values seen where those did not fit,
-    TF32 operands for data that is not finite.
+    products from float16 operands for TF32 precision (default half_products(); _SignalHalf,
+    _half_passes).
 
     With EDPAIRS_GEMM_OVERLAP=1 and more than one step, the steps are dealt in turn to two lanes
     (_SignalLane) on the caller's stream and a second one, so that one lane's memory-bound
@@ -664,17 +666,15 @@ def signal_moments(X, W, b, center, *, precision: str, rows: int, lib, half: Opt
     shift = None
     if center is not None or X.dtype != torch.float32 or half:
         shift = center if center is not None else torch.zeros((D,), dtype=torch.float32, device=dev)
+    def plain():
+        return _signal_pass(torch, X, W, bias, shift, precision, rows, lib, None)[1]
+
     if not half:
-        return _signal_pass(torch, X, W, bias, shift, precision, rows, lib, None)[1]
-    top = half_top(torch, X, shift, step)
-    for _ in range(2):  # the first step's scales, then (where they missed) those of every step
-        verdict, out = _signal_pass(torch, X, W, bias, shift, precision, rows, lib, _SignalHalf(torch, top, W, bias))
-        if verdict != "rescale":
-            break
-        top = out
-    if verdict != "ok":
-        return _signal_pass(torch, X, W, bias, shift, precision, rows, lib, None)[1]
-    return out
+        return plain()
+    return _half_passes(torch, half_top(torch, X, shift, step),
+                        lambda top: _signal_pass(torch, X, W, bias, shift, precision, rows, lib,
+                                                 _SignalHalf(torch, top, W, bias)),
+                        plain)
 
 
 def _signal_pass(torch, X, W, bias, shift, precision: str, rows: int, lib, scaled):
@@ -792,7 +792,7 @@ def half_resident_applies(X) -> bool:
 
 
 def half_assign_applies(X, xp, k: int, precision: str, center, row_scale, col_scale) -> bool:
-    """Whether ops.assign takes half_assign: EDPAIRS_ASSIGN_HALF=1, a torch CUDA float32 X with
+    """Whether ops.assign takes half_assign: EDPAIRS_ASSIGN_HALF=1 or copies, a torch CUDA float32 X with
     rows, TF32 products, k >= TF32_MIN_K (below it X's one read dominates, and the copy would
     add to it) and the cosine's own scales (no center, row_scale or col_scale)."""
     return (half_labels() and precision == "tf32" and k >= TF32_MIN_K and xp.name == "torch" and xp.is_cuda(X)

@@ -55,7 +55,9 @@ using Stream = void*;
 //    accumulation: TF32's 11 significant bits, rounded to nearest; scores from the norms of
 //    the scaled float32 rows.
 //    CUDA on compute capability 9.0 (a build with sm_90a) only, for float32 x with 16-byte
-//    aligned rows, D <= 512, no center and no row_scale; anything else is refused.
+//    aligned rows, D <= 512, no center and no row_scale (col_scale is taken: s_j = col_scale_j
+//    2^-e_j for centroid j's power of two); any other CUDA input with N >= 1 is refused. The
+//    CPU, exact always, takes it as Float32.
 enum class AssignPrecision : uint8_t { Float32, TensorCore, TensorCoreHalf };
 
 struct AssignArgs {
