@@ -170,9 +170,7 @@ __global__ void __launch_bounds__(256)
   if (kScaled) {
     float big = 0.f;
     for (int col = lane; j < k && col < d; col += 32) big = fmaxf(big, fabsf(c[static_cast<int64_t>(j) * d + col]));
-#pragma unroll
-    for (int step = 16; step > 0; step >>= 1) big = fmaxf(big, __shfl_xor_sync(0xffffffffu, big, step));
-    scale = half_row_scale(big);
+    scale = warp_half_row_scale(big);
   }
   double sq = 0.0;
   double off = 0.0;

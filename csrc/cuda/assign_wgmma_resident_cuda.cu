@@ -154,9 +154,7 @@ __device__ __forceinline__ void convert_tile(const WgmmaAssignParams& p, unsigne
       for (int m = 0; m < kGroups; ++m) {
         big = fmaxf(big, fmaxf(fmaxf(fabsf(v[i][m].x), fabsf(v[i][m].y)), fmaxf(fabsf(v[i][m].z), fabsf(v[i][m].w))));
       }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) big = fmaxf(big, __shfl_xor_sync(0xffffffffu, big, o));
-      const float k = half_row_scale(big);
+      const float k = warp_half_row_scale(big);
       float ss = 0.f;
 #pragma unroll
       for (int m = 0; m < kGroups; ++m) {

@@ -18,6 +18,14 @@ __device__ __forceinline__ float half_row_scale(const float big) {
   return ldexpf(1.f, ke);
 }
 
+// half_row_scale of the largest of `big` over the 32 lanes of a warp (each lane's part of a
+// row), which `big` becomes in every lane.
+__device__ __forceinline__ float warp_half_row_scale(float& big) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) big = fmaxf(big, __shfl_xor_sync(0xffffffffu, big, o));
+  return half_row_scale(big);
+}
+
 // 1 / ||x|| of a row from ss, the sum of its scaled values' squares (no overflow or underflow
 // after the scaling), and the scale k; 0 for a zero row and for one whose 1 / ||x|| is not a
 // finite float32 (norm below about 2.9e-39), which `zero` says (half_rows writes such rows as

@@ -26,7 +26,7 @@ namespace {
 
 using cuda_detail::ceil_div;
 using cuda_detail::half_row_rscale;
-using cuda_detail::half_row_scale;
+using cuda_detail::warp_half_row_scale;
 using cuda_detail::minus_center;
 
 constexpr int kThreads = 256;
@@ -241,9 +241,7 @@ half_rows_kernel(const float* __restrict__ x, const int64_t x_stride, const int6
   const float* xr = x + r * x_stride;
   float big = 0.f;
   for (int c = lane; c < d; c += 32) big = fmaxf(big, fabsf(xr[c]));
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) big = fmaxf(big, __shfl_xor_sync(0xffffffffu, big, o));
-  const float k = half_row_scale(big);
+  const float k = warp_half_row_scale(big);
   float ss = 0.f;  // of the scaled row: no overflow or underflow
   for (int c = lane; c < d; c += 32) {
     const float v = __fmul_rn(xr[c], k);
