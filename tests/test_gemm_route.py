@@ -329,6 +329,20 @@ def test_route_assign_matches_reference_and_cpu(rows, rng):
     assert_results_agree(res, ops.assign(X, C), X, C)
 
 
+@pytest.mark.parametrize("precision", ["float32", "tf32"])
+def test_route_assign_tiny_centroid_counts_as_zero(precision, rng):
+    """A centroid whose 1 / ||c|| is no float32 (norm ~1e-39) scores 0 for every row, as the CPU
+    kernel has it (1 / ||c|| was +Inf in float32 here: scores Inf or NaN)."""
+    C = make_centroids(rng, 40, 19)
+    C[5] *= np.float32(1e-40)
+    X = make_rows(rng, 2000, 19, C=C)
+    res = _route_assign(t(X), t(C), rows=500, precision=precision)
+    cpu = ops.assign(X, C)
+    assert bool(torch.isfinite(res.scores).all())
+    np.testing.assert_array_equal(res.labels.numpy(), to_numpy(cpu.labels))
+    np.testing.assert_allclose(res.scores.numpy(), to_numpy(cpu.scores), rtol=1e-5, atol=1e-6)
+
+
 def test_route_assign_options(rng):
     C = make_centroids(rng, 40, 19, duplicates=2)
     X = make_rows(rng, 2000, 19, C=C, zero_rows=2)
@@ -1204,19 +1218,21 @@ def test_cuda_signal_moments_from_float16_operands(rng, monkeypatch):
 
 
 def _half_rows_reference(X):
-    """float16(x * 2^(8 - e)) per row, max |x| = m 2^e (m in [0.5, 1)), and 1 / ||x||; zero rows
-    and rows whose 1 / ||x|| passes float32 as zeros."""
-    big = np.abs(X).max(1)
-    _, e = np.frexp(big)
+    """float16(x * 2^(8 - e)) per row, max |x| = m 2^e (m in [0.5, 1); NaN passed over, Inf
+    taking e = 0), and 1 / ||x||; zero rows and rows whose 1 / ||x|| passes float32 as zeros;
+    rows with NaN or Inf among non-zero values as they scale, with rscale 0 (ops.h 3e')."""
+    big = np.fmax.reduce(np.abs(X), axis=1)
+    _, e = np.frexp(np.where(np.isfinite(big), big, 0))
     k = np.ldexp(np.float32(1), np.clip(8 - e, -126, 127)).astype(np.float32)
     norm = np.linalg.norm(X.astype(np.float64), axis=1)
-    with np.errstate(divide="ignore"):
+    finite = np.isfinite(norm)
+    with np.errstate(divide="ignore", invalid="ignore"):
         inv = np.where(norm > 0, 1 / norm, np.inf)
-    zero = ~(inv <= np.finfo(np.float32).max)
-    with np.errstate(over="ignore"):
+    zero = ~(big > 0) | (finite & ~(inv <= np.finfo(np.float32).max))
+    with np.errstate(over="ignore", invalid="ignore"):
         out = (X * k[:, None]).astype(np.float16)
     out[zero] = 0
-    return out, np.where(zero, 0, inv).astype(np.float32)
+    return out, np.where(zero | ~finite, 0, inv).astype(np.float32)
 
 
 def test_half_rows_scale_each_row_by_a_power_of_two(rng):
@@ -1228,6 +1244,10 @@ def test_half_rows_scale_each_row_by_a_power_of_two(rng):
     X[1] = 1e-40  # norm ~6e-40: 1 / norm passes float32
     X[2, :] = 0
     X[2, 5] = 3e38
+    X[3, 4] = np.nan  # NaN beside other values: written as it scales, rscale 0
+    X[4, :] = 0
+    X[4, 7] = np.nan  # NaN and zeros only: a zero row
+    X[5, 6] = np.inf  # Inf: the scale 2^8, rscale 0
     out, rscale = np.empty((200, 37), np.float16), np.empty(200, np.float32)
     c = Namespace("torch").capsule
     lib().half_rows(c(t(X)), c(t(out)), c(t(rscale)), 0)
@@ -1235,7 +1255,8 @@ def test_half_rows_scale_each_row_by_a_power_of_two(rng):
     np.testing.assert_array_equal(out.view(np.uint16), want.view(np.uint16))
     np.testing.assert_allclose(rscale, want_r, rtol=2e-6)
     assert rscale[0] == 0 and rscale[1] == 0 and not out[:2].any()
-    assert np.abs(out[3:].astype(np.float32)).max(1).min() >= 128
+    assert (rscale[3:6] == 0).all() and np.isnan(out[3, 4]) and not out[4].any() and np.isinf(out[5, 6])
+    assert np.abs(out[6:].astype(np.float32)).max(1).min() >= 128
 
 
 HALF_TOL = Tol(score=2e-3, margin=4e-3, sums=1e-5)  # float16 operands (11 bits), float32 sums
@@ -1310,12 +1331,15 @@ def test_cuda_assign_from_float16_rows(mode, rng, monkeypatch):
     below k = 129, with a center or with exact products the knob changes nothing."""
     X = make_rows(rng, 20_000, 96, C=make_centroids(rng, 300, 96), zero_rows=2) * np.float32(3.0)
     C = make_centroids(rng, 300, 96)
+    Xbad = X.copy()  # and rows that are not finite (ops.h 3e')
+    Xbad[5, 3], Xbad[6, :], Xbad[7, 9] = np.nan, 0, np.inf
+    Xbad[6, 2] = np.nan
     out, rscale = torch.empty((20_000, 96), dtype=torch.float16), torch.empty(20_000)
     c = Namespace("torch").capsule
-    lib().half_rows(c(t(X)), c(out), c(rscale), 0)
+    lib().half_rows(c(t(Xbad)), c(out), c(rscale), 0)
     out_g, rscale_g = out.cuda(), rscale.cuda()
-    lib().half_rows(c(t(X).cuda()), c(out_g), c(rscale_g), torch.cuda.current_stream().cuda_stream)
-    assert torch.equal(out_g.cpu(), out)  # elementwise: the same bits
+    lib().half_rows(c(t(Xbad).cuda()), c(out_g), c(rscale_g), torch.cuda.current_stream().cuda_stream)
+    assert torch.equal(out_g.cpu().view(torch.int16), out.view(torch.int16))  # elementwise: the same bits
     np.testing.assert_allclose(rscale_g.cpu().numpy(), rscale.numpy(), rtol=1e-6)  # sums in another order
     monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", mode)
     res = ops.assign(t(X).cuda(), t(C).cuda(), precision="tf32")
@@ -1376,6 +1400,16 @@ def test_cuda_float16_rows_in_shared_memory_any_magnitude_streams_and_fallbacks(
         # The centroids too: each is made float16 times a power of two of its own.
         res = ops.assign(t(X).cuda(), t(C).cuda() * scale, precision="tf32", check_finite=False)
         assert torch.equal(res.labels, unit.labels) and torch.equal(res.scores, unit.scores)
+    # A centroid of norm ~1e-39 (its 1 / ||c|| no float32) counts as a zero centroid, as on the
+    # CPU: score 0, so it wins no row here (every row has a positive best); its s_j was +Inf in
+    # the TF32 kernels and its true cosine's scale here before.
+    tiny = C.copy()
+    tiny[7] = (C[7] * np.float32(1e-40)).astype(np.float32)
+    for knob in ("1", "0"):
+        monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", knob)
+        res = ops.assign(t(X).cuda(), t(tiny).cuda(), precision="tf32", check_finite=False)
+        assert not bool((res.labels == 7).any()) and bool(torch.isfinite(res.scores).all())
+    monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", "1")
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         res = ops.assign(t(X).cuda(), t(C).cuda(), precision="tf32")

@@ -194,7 +194,10 @@ __global__ void __launch_bounds__(256)
       if (col_scale != nullptr) {
         sj = col_scale[j] / scale;
       } else {
-        sj = sq > 0.0 ? static_cast<float>(1.0 / sqrt(sq)) : 0.f;
+        // 1 / ||c~_j||; a centroid whose own 1 / ||c_j|| (2^e_j times that) is no finite float32
+        // (norm below about 2.9e-39) counts as a zero centroid, as on the CPU (it was +Inf here).
+        const double inv = sq > 0.0 ? 1.0 / sqrt(sq) : 0.0;
+        sj = inv * static_cast<double>(scale) <= 3.4028234663852886e38 ? static_cast<float>(inv) : 0.f;
       }
     }
     s_out[j] = sj;

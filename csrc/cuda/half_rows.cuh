@@ -1,7 +1,9 @@
 // Rows as float16 for cosine labels (ops.h 3e'): the per-row power of two and 1 / ||x||, shared
-// by half_rows_kernel (route_cuda.cu: float16 copies of the rows) and the resident labelling
-// kernel (assign_wgmma_resident_cuda.cu: float16 rows made in shared memory), so that both
-// write the same float16 values.
+// by half_rows_kernel (route_cuda.cu: float16 copies of the rows), the resident labelling
+// kernel (assign_wgmma_resident_cuda.cu: float16 rows made in shared memory) and
+// prepare_centroids<__half, true>, so that they write the same float16 values (but for rows
+// that count as zero: half_rows writes zeros, the resident kernel keeps their scaled values
+// and gives them the score factor 0, the same labels and scores).
 #pragma once
 
 #include <cmath>
@@ -29,8 +31,9 @@ __device__ __forceinline__ float warp_half_row_scale(float& big) {
 // 1 / ||x|| of a row from ss, the sum of its scaled values' squares (no overflow or underflow
 // after the scaling), and the scale k; 0 for a zero row and for one whose 1 / ||x|| is not a
 // finite float32 (norm below about 2.9e-39), which `zero` says (half_rows writes such rows as
-// zeros; a row with NaN or Inf gets 0 too, but is not `zero`: its values are written as they
-// scale, as the CPU's half_rows does).
+// zeros). A row with NaN beside other non-zero values, or with Inf, gets 0 too but is not
+// `zero`: its values are written as they scale, as the CPU's half_rows does (a row of NaN
+// and zeros only has big = 0, fmaxf passing NaN over, and is `zero`).
 __device__ __forceinline__ float half_row_rscale(const float big, const float ss, const float k, bool& zero) {
   const double inv = ss > 0.f ? static_cast<double>(k) / sqrt(static_cast<double>(ss)) : 0.0;
   zero = !(big > 0.f) || !(inv <= 3.4028234663852886e38);

@@ -721,6 +721,8 @@ def _signal_pass(torch, X, W, bias, shift, precision: str, rows: int, lib, scale
     return "ok", (a.count, acc[:I].contiguous(), a.sum_z, a.sum_zz, acc[I:].contiguous())
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
 #: Smallest k for which TF32 assignments take the route: below it the fused tensor-core kernel
 #: (one centroid tile, X read once) was faster on an H200 (k = 64: 2.6 ms vs 3.4 ms), above it
 #: the route (k = 1024: 6.5 ms vs 8.3 ms); exact float32 takes the route at every k (k = 64:
@@ -857,8 +859,9 @@ def assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, *, 
     # TF32 products: near ties are re-scored exactly (the centroids and their norms go along).
     rescore = precision != "float32"
     norms = torch.linalg.vector_norm(C.to(torch.float64), dim=1) if col_scale is None or rescore else None
-    if col_scale is None:
-        col_scale = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0).to(torch.float32)
+    if col_scale is None:  # 1 / ||c_j||; 0 for a zero centroid and where that is no float32 (as the kernels have it)
+        inv = 1.0 / torch.where(norms > 0, norms, 1.0)
+        col_scale = torch.where((norms > 0) & (inv <= FLOAT32_MAX), inv, 0.0).to(torch.float32)
     step = min(rows, N)
     block = torch.empty((step, k), dtype=torch.float32, device=X.device)
     rscale = torch.empty((N,), dtype=torch.float32, device=X.device)
