@@ -1457,8 +1457,8 @@ def emulate_resident_convert(X, d_pad):
     stores = {}
     lane = np.arange(32)
     for warp in range(W_THREADS // 32):
-        for g in range(0, 16, 4):
-            for i in range(4):
+        for g in range(0, 16, 8):
+            for i in range(8):
                 r = warp * 16 + g + i
                 row = np.zeros(R_GROUPS * 128, np.float32)
                 if r < n:

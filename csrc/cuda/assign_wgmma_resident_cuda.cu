@@ -24,8 +24,8 @@
 //
 // Block: 256 threads, two warpgroups (rows 64 w .. 64 w + 63 of the tile each), persistent
 // over the row tiles blockIdx.x, + gridDim.x, ... Per row tile:
-//  1. convert: warp v takes rows 16 v .. 16 v + 15 in groups of four (16 float4 loads in flight
-//     per lane); lane l holds columns 128 m + 4 l .. + 3 (m = 0..3: float4 loads of 512
+//  1. convert: warp v takes rows 16 v .. 16 v + 15 in groups of eight (32 float4 loads in flight
+//     per lane: 128 KB of the tile per multiprocessor, two round trips; 244 registers, no spills); lane l holds columns 128 m + 4 l .. + 3 (m = 0..3: float4 loads of 512
 //     contiguous bytes per warp), the row's largest magnitude and scaled squares reduced over
 //     the warp, and stores its four float16 (8 bytes) at slice 2 m + l / 16, chunk (l % 16) / 2,
 //     byte 8 (l % 2) of the swizzled row: 16 lanes fill one row's 128-byte slice line, all 32
@@ -77,7 +77,7 @@ constexpr int kAhead = kStages - 2;  // the stage a copy overwrites (it - 2) is 
 constexpr int kLoadRows = kThreads / 8;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerWarp = kWgmmaRows / kWarps;  // 16
-constexpr int kRowGroup = 4;                       // rows a warp converts at once
+constexpr int kRowGroup = 8;                       // rows a warp converts at once
 constexpr int kGroups = kWgmmaResidentMaxD / 128;  // 128-column groups of a lane (4)
 constexpr int kBar = 1;
 static_assert(kN % kLoadRows == 0 && kRowsPerWarp % kRowGroup == 0, "loader passes, row groups");
