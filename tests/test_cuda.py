@@ -536,6 +536,42 @@ def test_mismatched_devices_raise_naming_both(torch, rng, param_kind):
         ops.assign(X, gpu(Cnp), center=torch.zeros(4) if param_kind == "torch_cpu" else np.zeros(4))
 
 
+@pytest.mark.parametrize("route", ["gemm", "kernel"])
+def test_mismatched_devices_raise_before_any_arithmetic(torch, rng, route, monkeypatch):
+    """On either route (the cuBLAS route mixed a CPU C or W into torch arithmetic and raised
+    torch's RuntimeError, or named col_scale, an array the caller never passed), a parameter
+    on another device is refused by name with both devices."""
+    monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", route)
+    X = gpu(make_rows(rng, 20, 4))
+    for call, name in ((lambda: ops.assign(X, make_centroids(rng, 3, 4)), "C"),
+                       (lambda: ops.assign(X, gpu(make_centroids(rng, 3, 4)), col_scale=np.ones(3, np.float32)),
+                        "col_scale"),
+                       (lambda: ops.signal_moments(X, np.ones((4, 2), np.float32), gpu(np.zeros(2))), "W"),
+                       (lambda: ops.signal_moments(X, gpu(np.ones((4, 2))), gpu(np.zeros(2)), center=torch.zeros(4)),
+                        "center")):
+        with pytest.raises(ValueError, match=f"^{name} is on cpu but X is on cuda:0"):
+            call()
+
+
+def test_float64_values_beyond_float32_are_refused_on_cuda(torch, rng):
+    """float64 X whose values float32 cannot hold (the kernels round them to Inf): refused as
+    on the CPU, where signal_moments without a center silently dropped such rows from the
+    positives; with a center the float64 centring takes them (here: finite once centred)."""
+    X = make_rows(rng, 50, 4).astype(np.float64)
+    X[7, 2] = 1e39
+    W, b, C = np.ones((4, 2), np.float32), np.zeros(2, np.float32), make_centroids(rng, 3, 4)
+    for on in (lambda a: gpu(a, "torch", a.dtype.name), lambda a: a):  # CUDA, then the CPU (the same message)
+        for call in (lambda: ops.signal_moments(on(X), on(W), on(b)), lambda: ops.assign(on(X), on(C))):
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                call()
+    # About a centre the float64 centring takes such rows (an offset of 1e39, a spread of 1e30
+    # that float64 keeps; row_scale skips the float32-squares norms check).
+    Xc = 1e39 + 1e30 * make_rows(rng, 50, 4).astype(np.float64)
+    res = ops.assign(gpu(Xc, "torch", "float64"), gpu(C), center=gpu(np.full(4, 1e39), "torch", "float64"),
+                     row_scale=gpu(np.ones(50, np.float32)))
+    assert bool(torch.isfinite(res.scores).all())
+
+
 def test_cupy_with_numpy_parameters(cupy, rng):
     """A numpy C next to a cupy X: either a clear ValueError naming the device or a correct result."""
     X = make_rows(rng, 20, 4)

@@ -3,9 +3,9 @@ library and device out. CUDA work is queued on the caller's current stream.
 
 Every function checks its inputs for NaN/Inf, and its results for float32 products that
 overflowed, unless ``check_finite=False``. On the CPU the checks are free (the kernels check
-the inputs while reading); on CUDA they cost two device-to-host synchronisations (the inputs
-before the kernels, the results after them), so pass ``check_finite=False`` to keep a CUDA
-pipeline asynchronous."""
+the inputs while reading); on CUDA they cost a device-to-host synchronisation per array
+checked (each input's largest magnitude before the kernels, the results after them), so pass
+``check_finite=False`` to keep a CUDA pipeline asynchronous."""
 
 from __future__ import annotations
 
@@ -64,9 +64,13 @@ def _param(value, xp: Namespace, like, name: str, required: bool = False, dtype:
     kind = namespace_of(value).dtype_name(value)
     if "complex" in kind:
         raise TypeError(f"{name} must be real, got {kind} values")
+    value = xp.asarray(value, like)
+    if xp.device(value) != xp.device(like):  # (before any arithmetic mixes them: every route, one message)
+        raise ValueError(f"{name} is on {xp.device(value)} but X is on {xp.device(like)}; put all arrays on the same "
+                         "device")
     if dtype == "float32":
-        return xp.as_float32_contiguous(xp.asarray(value, like))
-    return xp.contiguous(xp.astype(xp.asarray(value, like), dtype))
+        return xp.as_float32_contiguous(value)
+    return xp.contiguous(xp.astype(value, dtype))
 
 
 # float64 X: the kernels compute in float32, so an offset that dwarfs the spread (1e9 +- 1) would
@@ -108,11 +112,22 @@ def _check_results(xp: Namespace, check_finite: bool, inputs: str, arrays) -> No
                          f"3.4e38); rescale the input or pass check_finite=False to skip this check")
 
 
-def _check_finite_cuda(xp: Namespace, arrays) -> None:
-    # The CPU kernels check while packing; on CUDA the check is a library reduction.
+def _check_finite_cuda(xp: Namespace, arrays, wide=()) -> None:
+    """The CPU kernels check while packing; on CUDA the check is a library reduction of each
+    array's largest magnitude (no N x D temporary), which must lie within float32's range (the
+    kernels round float64 arrays to float32), except for the arrays named in ``wide``, which
+    stay float64 (a float64 centre and what is centred on it) and need only be finite."""
     for name, a in arrays:
-        if a is not None and xp.is_cuda(a) and not xp.all_finite(a):
-            raise ValueError(_NONFINITE.format(name))
+        if a is not None and xp.is_cuda(a):
+            big = _largest_magnitude(xp, a)
+            if not (big < float("inf") if name in wide else _fits_float32(big)):
+                raise ValueError(_NONFINITE.format(name))
+
+
+def _fits_float32(big: float) -> bool:
+    """Whether an array whose largest magnitude is ``big`` is finite and within float32's range
+    (which float64 arrays must be too: the kernels round them to float32)."""
+    return big <= _gemm.FLOAT32_MAX
 
 
 #: The largest row norm whose float32 sum of squares is finite: edpairs' CUDA kernels take the
@@ -122,11 +137,14 @@ FLOAT32_NORM_MAX = 1.8e19
 
 
 def _largest_magnitude(xp: Namespace, M) -> float:
-    """max |M| as a float (NaN if M holds one), without an |M| temporary."""
+    """max |M| as a float (NaN if M holds one), without an |M| temporary (torch: one read of M
+    and one synchronisation)."""
     if (M.numel() if xp.name == "torch" else M.size) == 0:
         return 0.0
-    lo, hi = xp.mod.aminmax(M) if xp.name == "torch" else (M.min(), M.max())
-    lo, hi = float(lo), float(hi)
+    if xp.name == "torch":
+        lo, hi = xp.mod.stack(list(xp.mod.aminmax(M))).double().tolist()
+    else:
+        lo, hi = float(M.min()), float(M.max())
     return float("nan") if lo != lo or hi != hi else max(abs(lo), abs(hi))
 
 
@@ -232,13 +250,17 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     if check_finite:
         # X's largest magnitude serves both its finiteness and its norms' check (one read of X).
         big = _largest_magnitude(xp, X) if xp.is_cuda(X) else 0.0
-        if big != big or big == float("inf"):
+        # float64 X is rounded to float32 by the kernels, unless the float64 centring path takes it.
+        if not (_fits_float32(big) or (wide and center is not None and big < float("inf"))):
             raise ValueError(_NONFINITE.format("X"))
-        _check_finite_cuda(xp, [("C", C), ("center", center), ("row_scale", row_scale), ("col_scale", col_scale)])
+        _check_finite_cuda(xp, [("C", C), ("center", center), ("row_scale", row_scale), ("col_scale", col_scale)],
+                           wide=("center",) if wide else ())
         if row_scale is not None and not xp.all_nonnegative(row_scale):
             raise ValueError("row_scale must be >= 0 (it scales the norm of each row)")
         if xp.is_cuda(X):
-            for name, M, top, scaled, c in (("X", X, big, row_scale, center), ("C", C, None, col_scale, None)):
+            c_ok = center is not None and tuple(center.shape) == (D,)  # (a wrong shape: the kernels word it)
+            for name, M, top, scaled, c in (("X", X, big, row_scale, center if c_ok else None),
+                                            ("C", C, None, col_scale, None)):
                 if scaled is not None or M.ndim != 2:
                     continue
                 if not _norms_fit_float32(xp, M, _largest_magnitude(xp, M) if top is None else top, c):
@@ -554,7 +576,8 @@ def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace
     b = _param(b, xp, X, "b", required=True, dtype="float64" if wide else "float32")
     center = _param(center, xp, X, "center", dtype="float64" if wide else "float32")
     if check_finite:
-        _check_finite_cuda(xp, [("X", X), ("W", W), ("b", b), ("center", center)])
+        _check_finite_cuda(xp, [("X", X), ("W", W), ("b", b), ("center", center)],
+                           wide=("X", "b", "center") if wide else ())
     if wide:
         if tuple(W.shape) == (D, I) and tuple(b.shape) == (I,) and tuple(center.shape) == (D,):
             return _signal_moments_float64(X, xp, Wraw, b, center, check_finite, workspace_rows)
