@@ -97,6 +97,27 @@ def test_mixing_numpy_and_torch_parameters_on_cpu(rng, x_lib, param_lib):
     assert library_of(out) == x_lib
 
 
+def test_numpy_rows_take_torch_bfloat16_parameters(rng):
+    """numpy has no bfloat16: a torch bfloat16 C next to numpy X comes in as float32 (it raised
+    a TypeError from .numpy())."""
+    X, C, _, _ = _inputs("numpy", rng)
+    Cb = torch.from_numpy(C).bfloat16()
+    res = ops.assign(X, Cb)
+    np.testing.assert_array_equal(res.labels, ops.assign(X, Cb.float().numpy()).labels)
+
+
+def test_nan_row_scale_is_named_as_nan(rng):
+    """A NaN in row_scale gets the NaN / Inf message, not "must be >= 0" (NaN is not below 0)."""
+    X, C, _, _ = _inputs("numpy", rng)
+    r = np.ones(len(X), np.float32)
+    r[3] = np.nan
+    with pytest.raises(ValueError, match="row_scale contains NaN"):
+        ops.assign(X, C, row_scale=r)
+    r[3] = -1
+    with pytest.raises(ValueError, match="row_scale must be >= 0"):
+        ops.assign(X, C, row_scale=r)
+
+
 def test_python_sequences_are_accepted_as_numpy(rng):
     X, C, _, _ = _inputs("numpy", rng)
     labels, scores = ops.cosine_assign(X.tolist(), C.tolist())

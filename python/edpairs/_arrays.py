@@ -81,7 +81,8 @@ class Namespace:
             if _module_root(x) == "torch":
                 if x.device.type != "cpu":
                     raise ValueError(f"got an array on {x.device} next to numpy arrays; put all arrays on the same device")
-                return x.detach().numpy()
+                x = x.detach()
+                return (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()  # numpy has no bfloat16
             if _module_root(x) == "cupy":
                 raise ValueError("got a cupy (CUDA) array next to numpy arrays; put all arrays on the same device")
             return np.asarray(x)
@@ -91,7 +92,7 @@ class Namespace:
             else:
                 try:
                     out = self.mod.from_dlpack(x)
-                except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+                except (BufferError, RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
                     raise ValueError(
                         f"could not bring a {_module_root(x)} array next to {self.name} arrays on "
                         f"{self.device(like)} ({exc}); put all arrays on the same device"
@@ -144,7 +145,8 @@ class Namespace:
         return bool(self.mod.isfinite(x).all())
 
     def all_nonnegative(self, x) -> bool:
-        return bool((x >= 0).all())
+        """No entry below 0 (NaN passes: the finiteness check words it)."""
+        return not bool((x < 0).any())
 
     # ---- DLPack ---------------------------------------------------------------------
     def capsule(self, x):
