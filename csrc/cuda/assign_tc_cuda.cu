@@ -205,6 +205,12 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// Whether rows of elem-byte elements at x, stride elements apart, start on 16-byte boundaries
+// (what the kernels' 16-byte copies need).
+inline bool rows_16b(const void* x, const int64_t stride, const size_t elem) {
+  return reinterpret_cast<uintptr_t>(x) % 16 == 0 && (stride * static_cast<int64_t>(elem)) % 16 == 0;
+}
+
 struct TcParams {
   const void* x;  // (N, D), row stride x_stride, unit column stride
   int64_t x_stride;
@@ -1313,8 +1319,7 @@ bool launch_fused(const AssignArgs& args, TcParams p, cudaStream_t s) {
   const int64_t d = args.x.size(1);
   const int64_t k = args.centroids.size(0);
   if (k > kFCents) return false;
-  const bool aligned = reinterpret_cast<uintptr_t>(p.x) % 16 == 0 &&
-                       (p.x_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  const bool aligned = rows_16b(p.x, p.x_stride, sizeof(T));
   if (!aligned) return false;
   int device = 0;
   EDPAIRS_CUDA_CHECK(cudaGetDevice(&device));
@@ -1391,8 +1396,7 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
   const int64_t k = args.centroids.size(0);
   constexpr int kElems = slice_elems<T>();
   // 16-byte cp.async of x needs 16-byte aligned rows.
-  const bool aligned = reinterpret_cast<uintptr_t>(p.x) % 16 == 0 &&
-                       (p.x_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  const bool aligned = rows_16b(p.x, p.x_stride, sizeof(T));
   const SumsMode mode = sums_mode();
   // Sums, where asked, in a pass of their own after the labels (launch_cluster_sums), except
   // with "block" (in the mma kernel).
@@ -1551,7 +1555,7 @@ void assign_tensor_core_half(const AssignArgs& args, cudaStream_t s) {
   const int64_t n = args.x.size(0);
   const int64_t d = args.x.size(1);
   const int64_t k = args.centroids.size(0);
-  const bool aligned = reinterpret_cast<uintptr_t>(args.x.data) % 16 == 0 && args.x.stride(0) % 4 == 0;
+  const bool aligned = rows_16b(args.x.data, args.x.stride(0), sizeof(float));
   if (args.x.dtype != DType::Float32 || !aligned || d > kWgmmaResidentMaxD || args.center.present ||
       args.row_scale.present || !wgmma_device()) {
     fail("assign with precision 'tf32-half' needs float32 X with 16-byte aligned rows, D <= " +

@@ -213,8 +213,6 @@ __device__ __forceinline__ void label_tiles(const WgmmaAssignParams& p, const ui
     mma_slice<T, N>(acc, xs, cs, kt == 0);
 
     if (kt == k_steps - 1) {  // the centroid tile is complete: fold it into the running best
-      wgmma_wait<0>();
-      fence_accumulators(acc);
       fold_tile<N>(acc, p, tile * N, t, run_val, run_idx);
       if (tile == p.k_tiles - 1) {  // and so is the row tile
         done(j, row0_of(j), row_sq, run_val, run_idx);

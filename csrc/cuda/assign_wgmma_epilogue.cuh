@@ -21,11 +21,13 @@ __device__ __forceinline__ bool wgmma_better(float v1, int i1, float v0, int i0)
 
 // Folds the tile of centroids j0 .. j0 + N - 1 into run_val / run_idx (rows g and g + 8 of the
 // thread's warp): s_j (dot - o_j) over the thread's own columns in increasing order (strict '>'
-// keeps the first maximum), then the 4 lanes of the quad with the tie rule. acc must be final
-// (wgmma_wait<0> and fence_accumulators before the call).
+// keeps the first maximum), then the 4 lanes of the quad with the tie rule. Waits for the
+// warpgroup's wgmma batches first (wgmma_wait<0>, fence_accumulators): acc is final then.
 template <int N>
-__device__ __forceinline__ void fold_tile(const float (&acc)[N / 2], const WgmmaAssignParams& p, int j0,
+__device__ __forceinline__ void fold_tile(float (&acc)[N / 2], const WgmmaAssignParams& p, int j0,
                                           int t, float (&run_val)[2], int (&run_idx)[2]) {
+  wgmma_wait<0>();
+  fence_accumulators(acc);
   float bv[2] = {-INFINITY, -INFINITY};
   int bi[2] = {INT_MAX, INT_MAX};
 #pragma unroll

@@ -243,8 +243,6 @@ __global__ void __launch_bounds__(kThreads, 1) assign_wgmma_resident_kernel(cons
       mma_slice<__half, kN>(acc, xs, cs, kt == 0);
       if (p.prefetch > 0 && j + 1 < tiles) prefetch_rows(p, next_row0, q, per_tile, tid);  // beside the batch
       if (kt == slices - 1) {  // the centroid tile is complete: fold it into the running best
-        wgmma_wait<0>();
-        fence_accumulators(acc);
         fold_tile<kN>(acc, p, tile * kN, t, run_val, run_idx);
         if (tile == p.k_tiles - 1) {  // and so is the row tile
           if (tid % 4 == 0) write_rows(out, row0, quad_row(tid), fac_s, run_val, run_idx);

@@ -193,8 +193,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_arrive_cluster(empty, 1);
       }
       if (kt == k_steps - 1) {
-        wgmma_wait<0>();
-        fence_accumulators(acc);
         fold_tile<kWgmmaCents>(acc, p, tile * kWgmmaCents, t, run_val, run_idx);
       }
     }

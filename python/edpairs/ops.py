@@ -112,16 +112,19 @@ def _check_results(xp: Namespace, check_finite: bool, inputs: str, arrays) -> No
                          f"3.4e38); rescale the input or pass check_finite=False to skip this check")
 
 
-def _check_finite_cuda(xp: Namespace, arrays, wide=()) -> None:
+def _check_finite_cuda(xp: Namespace, arrays, wide=()) -> dict:
     """The CPU kernels check while packing; on CUDA the check is a library reduction of each
     array's largest magnitude (no N x D temporary), which must lie within float32's range (the
     kernels round float64 arrays to float32), except for the arrays named in ``wide``, which
-    stay float64 (a float64 centre and what is centred on it) and need only be finite."""
+    stay float64 (a float64 centre and what is centred on it) and need only be finite. Returns
+    the magnitudes read, by name (for the norms check, which needs them again)."""
+    seen = {}
     for name, a in arrays:
         if a is not None and xp.is_cuda(a):
-            big = _largest_magnitude(xp, a)
+            big = seen[name] = _largest_magnitude(xp, a)
             if not (big < float("inf") if name in wide else _fits_float32(big)):
                 raise ValueError(_NONFINITE.format(name))
+    return seen
 
 
 def _fits_float32(big: float) -> bool:
@@ -148,13 +151,14 @@ def _largest_magnitude(xp: Namespace, M) -> float:
     return float("nan") if lo != lo or hi != hi else max(abs(lo), abs(hi))
 
 
-def _norms_fit_float32(xp: Namespace, M, big: float, center=None) -> bool:
+def _norms_fit_float32(xp: Namespace, M, big: float, center=None, center_big=None) -> bool:
     """Whether every row of M (less center) has a norm below FLOAT32_NORM_MAX, given big =
-    max |M|: settled by big where it can be (the common case), else by the rows' norms in
-    float64 (in blocks)."""
+    max |M| (and center_big = max |center|, read here when not given): settled by big where it
+    can be (the common case), else by the rows' norms in float64 (in blocks)."""
     if M.shape[0] == 0 or M.shape[1] == 0:
         return True
-    big += _largest_magnitude(xp, center) if center is not None else 0.0
+    if center is not None:
+        big += _largest_magnitude(xp, center) if center_big is None else center_big
     if big * M.shape[1] ** 0.5 < FLOAT32_NORM_MAX:
         return True
     for r0, r1 in _float64_blocks(M):
@@ -253,17 +257,18 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
         # float64 X is rounded to float32 by the kernels, unless the float64 centring path takes it.
         if not (_fits_float32(big) or (wide and center is not None and big < float("inf"))):
             raise ValueError(_NONFINITE.format("X"))
-        _check_finite_cuda(xp, [("C", C), ("center", center), ("row_scale", row_scale), ("col_scale", col_scale)],
-                           wide=("center",) if wide else ())
+        seen = _check_finite_cuda(xp, [("C", C), ("center", center), ("row_scale", row_scale),
+                                       ("col_scale", col_scale)], wide=("center",) if wide else ())
         if row_scale is not None and not xp.all_nonnegative(row_scale):
             raise ValueError("row_scale must be >= 0 (it scales the norm of each row)")
         if xp.is_cuda(X):
             c_ok = center is not None and tuple(center.shape) == (D,)  # (a wrong shape: the kernels word it)
             for name, M, top, scaled, c in (("X", X, big, row_scale, center if c_ok else None),
-                                            ("C", C, None, col_scale, None)):
+                                            ("C", C, seen.get("C"), col_scale, None)):
                 if scaled is not None or M.ndim != 2:
                     continue
-                if not _norms_fit_float32(xp, M, _largest_magnitude(xp, M) if top is None else top, c):
+                if not _norms_fit_float32(xp, M, _largest_magnitude(xp, M) if top is None else top, c,
+                                          seen.get("center")):
                     raise ValueError(
                         f"{name} has rows with norms beyond about {FLOAT32_NORM_MAX:.1e}, whose float32 squares overflow: "
                         "edpairs' CUDA kernels would count them as zero rows; rescale the input (cosines do not "
