@@ -35,6 +35,16 @@ def test_build_info_keys_and_types():
     assert info["wgmma"] is (info["cuda"] and "90" in info["archs"]), info
 
 
+def test_python_dispatch_agrees_with_the_kernels_limits():
+    """Python's dispatch (edpairs._gemm) decides which rows reach a kernel by limits that the
+    kernels check again (ops.h); build_info()["limits"] hands the C++ values over, and the
+    Python constants must equal them in every build (CPU-only ones too)."""
+    from edpairs import _gemm
+
+    limits = edpairs.build_info()["limits"]
+    assert limits == {"wgmma_auto_min_k": _gemm.TF32_MIN_K, "half_resident_max_d": _gemm.HALF_RESIDENT_MAX_D}
+
+
 def test_cuda_mode_on_means_cuda_was_compiled_for_80_and_90():
     """How CI proves the CUDA kernels were compiled: a build asked for EDPAIRS_CUDA=ON. The
     default architectures are 80 and 90; a build that chose its own (EDPAIRS_CUDA_ARCHITECTURES

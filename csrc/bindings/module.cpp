@@ -592,6 +592,10 @@ py::dict build_info() {
   info["cpu_kernel"] = edpairs::cpu_kernel_isa();
   info["num_threads"] = edpairs::cpu_num_threads();
   info["compiler"] = EDPAIRS_CXX_COMPILER;
+  py::dict limits;  // what Python's dispatch must agree with (ops.h)
+  limits["wgmma_auto_min_k"] = edpairs::kWgmmaAutoMinK;
+  limits["half_resident_max_d"] = edpairs::kWgmmaResidentMaxD;
+  info["limits"] = limits;
   return info;
 }
 

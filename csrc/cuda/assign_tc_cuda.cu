@@ -1158,8 +1158,7 @@ inline int assign_smem_bytes() {
 // 64 or 128 centroids for k <= 128, which the shared-memory count of NOTES.md, version 7, puts
 // ahead of the mma kernel; those tiles have not yet run on a GPU, so auto keeps the mma kernel
 // below kWgmmaAutoMinK until a GPU run has passed their tests and timed them.
-enum class LabelKernel { Auto, Mma, Wgmma, WgmmaTma };
-constexpr int64_t kWgmmaAutoMinK = 129;  // as _gemm.TF32_MIN_K
+enum class LabelKernel { Auto, Mma, Wgmma, WgmmaTma };  // kWgmmaAutoMinK: ops.h
 inline LabelKernel label_kernel() {
   const char* v = std::getenv("EDPAIRS_ASSIGN_KERNEL");
   if (v == nullptr || *v == '\0' || std::string(v) == "auto") return LabelKernel::Auto;
@@ -1168,7 +1167,6 @@ inline LabelKernel label_kernel() {
   if (std::string(v) == "wgmma-tma") return LabelKernel::WgmmaTma;
   fail(std::string("EDPAIRS_ASSIGN_KERNEL must be 'auto', 'mma', 'wgmma' or 'wgmma-tma', got '") + v + "'");
 }
-// The integer environment knob `name` (0 .. most; `fallback` when unset or empty).
 // label_kernel() with "auto" resolved for k centroids (mma, wgmma or wgmma-tma).
 inline LabelKernel resolved_label_kernel(const int64_t k) {
   const LabelKernel choice = label_kernel();
@@ -1176,6 +1174,7 @@ inline LabelKernel resolved_label_kernel(const int64_t k) {
   return k >= kWgmmaAutoMinK ? LabelKernel::Wgmma : LabelKernel::Mma;
 }
 
+// The integer environment knob `name` (0 .. most; `fallback` when unset or empty).
 inline int int_knob(const char* name, const int fallback, const int most) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return fallback;

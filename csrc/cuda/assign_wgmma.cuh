@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "edpairs/ops.h"
 #include "edpairs/tensor_view.h"
 
 namespace edpairs {
@@ -53,8 +54,8 @@ void launch_assign_wgmma_tma(const WgmmaAssignParams& p, cudaStream_t stream);
 // (p.cw prepared as __half, k padded to a multiple of 128), d_pad = d rounded up to 64 and at
 // most kWgmmaResidentMaxD (a 128-row tile of float16 rows stays in shared memory), no center or
 // row_scale; p.row_scale_out gets 1 / ||x|| of every row (for the cluster sums).
+// (kWgmmaResidentMaxD: ops.h.)
 constexpr int kWgmmaResidentCents = 128;
-constexpr int kWgmmaResidentMaxD = 512;
 void launch_assign_wgmma_resident(const WgmmaAssignParams& p, cudaStream_t stream);
 
 // k <= kWgmmaSumsMaxK with the cluster sums in the same pass (assign_wgmma_sums_kernel): `grid`

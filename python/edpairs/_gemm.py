@@ -726,11 +726,13 @@ FLOAT32_MAX = 3.4028234663852886e38
 #: Smallest k for which TF32 assignments take the route: below it the fused tensor-core kernel
 #: (one centroid tile, X read once) was faster on an H200 (k = 64: 2.6 ms vs 3.4 ms), above it
 #: the route (k = 1024: 6.5 ms vs 8.3 ms); exact float32 takes the route at every k (k = 64:
-#: 4.7 ms vs 4.9 ms, k = 1024: 25 ms vs 48 ms). benchmarks/results/h200/README.md.
+#: 4.7 ms vs 4.9 ms, k = 1024: 25 ms vs 48 ms). benchmarks/results/h200/README.md. The kernels'
+#: own choice of mma or wgmma labels turns at the same k (kWgmmaAutoMinK, ops.h; the two are
+#: compared by tests/test_build.py through build_info()["limits"]).
 TF32_MIN_K = 129
 
 #: Widest rows half_assign labels in one kernel (a 128-row tile of float16 rows, 128 KB, stays
-#: in shared memory): kWgmmaResidentMaxD in assign_wgmma.cuh.
+#: in shared memory): kWgmmaResidentMaxD in ops.h.
 HALF_RESIDENT_MAX_D = 512
 
 

@@ -60,6 +60,15 @@ using Stream = void*;
 //    CPU, exact always, takes it as Float32.
 enum class AssignPrecision : uint8_t { Float32, TensorCore, TensorCoreHalf };
 
+// Limits that Python's dispatch (edpairs._gemm) must agree with; build_info()["limits"] hands
+// them over, so the two languages cannot drift apart.
+// The smallest k whose tensor-core labels go to the wgmma kernel on Hopper when
+// EDPAIRS_ASSIGN_KERNEL is "auto" (below it the mma kernel; _gemm.TF32_MIN_K).
+constexpr int64_t kWgmmaAutoMinK = 129;
+// The widest rows TensorCoreHalf labels in one kernel: a 128-row tile of float16 rows stays in
+// shared memory (_gemm.HALF_RESIDENT_MAX_D).
+constexpr int kWgmmaResidentMaxD = 512;
+
 struct AssignArgs {
   TensorView x;          // (N, D)
   TensorView centroids;  // (k, D) float32, k >= 1
