@@ -966,6 +966,26 @@ def test_tensor_core_float64_input_takes_the_exact_path(torch, rng):
     check_assignment(res, X, C)
 
 
+@pytest.mark.parametrize("precision,k,half", [("float32", 5, "0"), ("tf32", 5, "0"), ("tf32", 200, "0"),
+                                              ("tf32", 200, "1"), ("tf32", 200, "copies")])
+def test_rows_whose_every_score_is_nan_score_nan_as_on_the_cpu(torch, route, assign_kernel, precision, k, half,
+                                                              monkeypatch, rng):
+    """Unchecked centroids that all hold a NaN: each nonzero row gets label 0 and score NaN on
+    every CUDA path (exact, mma, wgmma, the route, float16 rows), as on the CPU; a zero row
+    label 0 and score 0. (The kernels wrote -inf and the route 0 before.)"""
+    monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", half)
+    X = make_rows(rng, 300, 32)
+    X[7] = 0
+    C = make_centroids(rng, k, 32)
+    C[:, 3] = np.nan
+    want = ops.assign(X, C, check_finite=False)
+    got = ops.assign(gpu(X), gpu(C), check_finite=False, precision=precision)
+    nonzero = np.arange(300) != 7
+    assert np.isnan(want.scores[nonzero]).all() and want.scores[7] == 0 and not want.labels.any()
+    np.testing.assert_array_equal(to_numpy(got.labels), want.labels)
+    np.testing.assert_array_equal(to_numpy(got.scores), want.scores)  # NaN where NaN
+
+
 def test_tensor_core_runs_on_the_current_stream(torch, route, assign_kernel, rng):
     X, C, _, _, _, _ = _stream_inputs(rng)
     src, Cg = gpu(X), gpu(C)

@@ -412,6 +412,12 @@ def test_argmax_rows_first_maximum_and_zero_rows():
     labels, best, _ = _argmax(scores, X, col_scale=torch.tensor([1.0, 0.5, 0.0, 2.0]))
     np.testing.assert_array_equal(labels, [3, 3, 2, 0])  # row 3 is zero: label 0
     np.testing.assert_allclose(best, [4.0 / 5, 10.0, 0.0, 0.0])
+    # A row whose every score is NaN (unchecked non-finite centroids): label 0 and, as in
+    # ops.assign, score NaN; a zero row label 0 and score 0.
+    nan = torch.full((2, 4), float("nan"))
+    labels, best, _ = _argmax(nan, torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
+    np.testing.assert_array_equal(labels, [0, 0])
+    np.testing.assert_array_equal(best, [np.nan, 0.0])
 
 
 def test_argmax_rows_steps_write_only_their_rows(rng):
@@ -896,6 +902,7 @@ def test_argmax_rows_cuda_equals_cpu(dtype, rows, k, D, rng):
     """Integer scores (many exact ties: the lowest index must win), zero rows, a center and a
     row scale with zeros; every output written (poisoned first)."""
     scores = t(rng.integers(-3, 4, (rows, k)).astype(np.float32))
+    scores[1::7] = float("nan")  # every score NaN: label 0, score NaN (0 for the zero rows among them)
     X = t(rng.standard_normal((rows, D)).astype(np.float32)).to(getattr(torch, dtype))
     X[::5] = 0
     center = t(rng.standard_normal(D).astype(np.float32) * 0.1)

@@ -78,9 +78,11 @@ void argmax_rows_cpu(const ArgmaxRowsArgs& a, Stream) {
           }
         }
       }
+      // bi stays kNone only when every score was NaN (unchecked non-finite input): label 0 and,
+      // as in assign, score NaN.
       const bool scored = rs > 0.f && bi != kNone;
       labels[r] = scored ? bi : 0;
-      best[r] = scored ? rs * bv : 0.f;
+      best[r] = scored ? rs * bv : (rs > 0.f ? std::numeric_limits<float>::quiet_NaN() : 0.f);
       rscale[r] = rs;
     }
   });

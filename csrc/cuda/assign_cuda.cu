@@ -209,7 +209,8 @@ __global__ void __launch_bounds__(kThreads) assign_kernel(const AssignParams p) 
     float score = 0.f;
     if (r > 0.f) {  // r == 0 (a zero row, or a zero row_scale): label 0, score 0
       label = label_s[tid];
-      score = r * best_s[tid];
+      // -inf only when every score was NaN (unchecked non-finite input): NaN, as on the CPU.
+      score = best_s[tid] == -INFINITY ? NAN : r * best_s[tid];
     }
     p.labels[row0 + tid] = label;
     p.scores[row0 + tid] = score;

@@ -477,7 +477,7 @@ __global__ void __launch_bounds__(kThreads, 2) assign_tc_kernel(const TcParams p
     float score = 0.f;
     if (r > 0.f) {  // r == 0 (a zero row, or a zero row_scale): label 0, score 0
       label = bi >= 0 && bi < p.k ? bi : 0;  // bi stays 0 when every score was NaN
-      score = r * bv;
+      score = bv == -INFINITY ? NAN : r * bv;  // (then NaN, as on the CPU)
     }
     p.labels[row0 + tid] = label;
     p.scores[row0 + tid] = score;
@@ -939,7 +939,7 @@ __global__ void __launch_bounds__(kFThreads, 1) assign_tc_fused_kernel(const Fus
       float score = 0.f;
       if (r > 0.f) {
         label = bi >= 0 && bi < p.k ? bi : 0;
-        score = r * bv;
+        score = bv == -INFINITY ? NAN : r * bv;  // (every score NaN: NaN, as on the CPU)
       }
       p.labels[row0 + tid] = label;
       p.scores[row0 + tid] = score;
@@ -1107,20 +1107,22 @@ void launch_cluster_sums(const T* x, const int64_t x_stride, const int64_t n, co
     auto kernel = column_sums_kernel<T>;
     const int slices = col_slices<T>(d);
     const int threads = 32 * (slices < kColMaxWarps ? slices : kColMaxWarps);
-    EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                            cudaSharedmemCarveoutMaxShared));
     int per_sm = 0;
-    EDPAIRS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, static_cast<size_t>(smem)));
+    {
+      const std::lock_guard<std::mutex> lock(smem_attribute_mutex());  // set again at the launch
+      EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                              cudaSharedmemCarveoutMaxShared));
+      EDPAIRS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, static_cast<size_t>(smem)));
+    }
     const ColPartition part = column_partition(n, static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1));
     const int64_t blocks = part.blocks;
     const int64_t rows_per_block = part.rows_per_block;
     StreamScratch workspace(static_cast<size_t>(blocks) * static_cast<size_t>(k) * (static_cast<size_t>(d) + 1) * 4, s);
     float* part_sums = static_cast<float*>(workspace.get());
     unsigned* part_counts = reinterpret_cast<unsigned*>(part_sums + blocks * k * d);
-    kernel<<<static_cast<unsigned>(blocks), threads, static_cast<size_t>(smem), s>>>(
-        x, x_stride, n, d, k, center, labels, rscale, rows_per_block, part_sums, part_counts);
-    EDPAIRS_CUDA_CHECK(cudaGetLastError());
+    launch_with_smem(kernel, dim3(static_cast<unsigned>(blocks)), dim3(threads), smem, s, x, x_stride, n, d, k, center,
+                     labels, rscale, rows_per_block, part_sums, part_counts);
     const int kd = k * d;
     const int items = kd > k ? kd : k;
     reduce_fused_partials<float><<<static_cast<unsigned>(ceil_div(items, 256)), 256, 0, s>>>(
@@ -1295,12 +1297,9 @@ void launch_fused_mma(const TcParams& p, const T* cw, const float* col_s, const 
   fp.part_sums = part_sums;
   fp.part_counts = part_counts;
   auto kernel = assign_tc_fused_kernel<T>;
-  EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem_bytes)));
   EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                           cudaSharedmemCarveoutMaxShared));
-  kernel<<<static_cast<unsigned>(grid), kFThreads, static_cast<size_t>(smem_bytes), s>>>(fp);
-  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+  launch_with_smem(kernel, dim3(static_cast<unsigned>(grid)), dim3(kFThreads), smem_bytes, s, fp);
 }
 
 // Runs the fused small-k path and returns true where it applies (EDPAIRS_ASSIGN_SUMS=fused,

@@ -442,6 +442,7 @@ bool wgmma_sums_fits(const DType dtype, const int64_t k, const int64_t d) {
   if (smem > INT_MAX) return false;
   cudaError_t status = cudaErrorInvalidValue;  // (for dtypes without the kernel)
   with_sums_kernel(dtype, [&](auto kernel) {
+    const std::lock_guard<std::mutex> lock(smem_attribute_mutex());  // (set again at the launch)
     status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   });
   if (status != cudaSuccess) (void)cudaGetLastError();  // a refused size is an answer here, not an error
@@ -456,9 +457,8 @@ void launch_assign_wgmma_sums(const WgmmaAssignParams& p, const DType dtype, con
   }
   const int64_t smem = sums_smem_bytes(p.k, p.d);
   const bool known = with_sums_kernel(dtype, [&](auto kernel) {
-    EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    kernel<<<static_cast<unsigned>(grid), kSumsThreads, static_cast<size_t>(smem), stream>>>(p, part_sums, part_counts);
-    EDPAIRS_CUDA_CHECK(cudaGetLastError());
+    launch_with_smem(kernel, dim3(static_cast<unsigned>(grid)), dim3(kSumsThreads), smem, stream, p, part_sums,
+                     part_counts);
   });
   if (!known) fail(std::string("assign (wgmma): x must be float32, float16 or bfloat16, got ") + dtype_name(dtype));
 }

@@ -90,7 +90,7 @@ __device__ __forceinline__ void write_rows(const WgmmaAssignParams& p, int64_t r
       if (rs > 0.f) {  // rs == 0 (a zero row, or a zero row_scale): label 0, score 0
         const int bi = run_idx[h];
         label = bi >= 0 && bi < p.k ? bi : 0;  // stays 0 when every score was NaN
-        score = rs * run_val[h];
+        score = run_val[h] == -INFINITY ? NAN : rs * run_val[h];  // (then NaN, as on the CPU)
       }
       p.labels[row] = label;
       p.scores[row] = score;

@@ -277,10 +277,7 @@ void launch_assign_wgmma_resident(const WgmmaAssignParams& p, const cudaStream_t
   const int64_t grid = n_tiles < sms ? n_tiles : sms;  // persistent: one block per multiprocessor
   if (grid < 1) return;
   const int64_t smem = resident_smem_bytes(p.d_pad);
-  EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(assign_wgmma_resident_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
-  assign_wgmma_resident_kernel<<<static_cast<unsigned>(grid), kThreads, static_cast<size_t>(smem), stream>>>(p);
-  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+  launch_with_smem(assign_wgmma_resident_kernel, dim3(static_cast<unsigned>(grid)), dim3(kThreads), smem, stream, p);
 }
 
 }  // namespace cuda_detail

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
 #include <string>
 
 #include "edpairs/errors.h"
@@ -80,6 +81,26 @@ inline std::string compute_capability() {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// cudaFuncAttributeMaxDynamicSharedMemorySize is one value per kernel for the whole process.
+// A kernel whose shared memory follows the call's shape sets it before each launch, and
+// another host thread's smaller setting landing between the two would fail the launch
+// (invalid argument): such settings and launches hold this lock (launch_with_smem).
+inline std::mutex& smem_attribute_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+// Sets `kernel`'s dynamic shared memory to `smem` bytes and launches it with them, under
+// smem_attribute_mutex().
+template <typename... Params, typename... Args>
+void launch_with_smem(void (*kernel)(Params...), const dim3 grid, const dim3 block, const int64_t smem,
+                      const cudaStream_t stream, Args&&... args) {
+  const std::lock_guard<std::mutex> lock(smem_attribute_mutex());
+  EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<grid, block, static_cast<size_t>(smem), stream>>>(static_cast<Args&&>(args)...);
+  EDPAIRS_CUDA_CHECK(cudaGetLastError());
+}
 
 // Largest D, k, I (and 2I) the kernels accept: they index columns with int and step past the
 // end by at most one tile, which must not overflow.

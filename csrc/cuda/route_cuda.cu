@@ -124,9 +124,11 @@ argmax_rows_kernel(const float* __restrict__ scores, const float* __restrict__ c
       }
     }
     if (lane == 0) {
+      // bi stays INT_MAX only when every score was NaN (unchecked non-finite input): label 0 and,
+      // as on the CPU, score NaN.
       const bool scored = rs > 0.f && bi != INT_MAX;
       labels[r] = scored ? bi : 0;
-      best[r] = scored ? rs * bv : 0.f;
+      best[r] = scored ? rs * bv : (rs > 0.f ? NAN : 0.f);
       rscale[r] = rs;
     }
   }
