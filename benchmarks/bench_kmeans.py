@@ -309,6 +309,7 @@ def main() -> None:
         return
 
     rows, results = [], []
+    machine = machine_info()
     for size in args.sizes:
         N, D, k = (int(v) for v in size.split(","))
         per_method = {}
@@ -343,9 +344,10 @@ def main() -> None:
                 row["ms/iter"] = r.get("skipped") or r.get("error")
             rows.append(row)
             results.append({"size": [N, D, k], "method": method, **r})
-    payload = {"benchmark": "spherical k-means iteration", "device": args.device, "dtype": args.dtype,
-               "repeat": args.repeat, "machine": machine_info(), "results": results}
-    write_json(args.json.format(device=args.device.replace(":", "")), payload)
+        # After each size: a call stopped later (a time limit) keeps the sizes already measured.
+        write_json(args.json.format(device=args.device.replace(":", "")),
+                   {"benchmark": "spherical k-means iteration", "device": args.device, "dtype": args.dtype,
+                    "repeat": args.repeat, "machine": machine, "results": results})
     print_table(rows, ["N,D,k", "method", "ms/iter", "GFLOP/s", "time vs edpairs", "extra peak MiB", "labels ok",
                        "ok@2e-3", "sums err"])
     for size in args.sizes:

@@ -74,6 +74,7 @@ def main() -> None:
     if dev.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
     rows, results = [], []
+    path, machine = args.json.format(device=dev.replace(":", "")), machine_info()
     for size in args.sizes:
         N, D, I = (int(v) for v in size.split(","))
         rng = np.random.default_rng(0)
@@ -111,6 +112,7 @@ def main() -> None:
             "signal_moments": {
                 **{k: v for k, v in signal.items() if k not in late},
                 "torch": lambda: _torch_signal(X.float(), Wt, bt)[1],
+                **{k: v for k, v in signal.items() if k in late},
             },
         }
         checks = {
@@ -123,15 +125,26 @@ def main() -> None:
             base = None
             flops = mom_flops if op == "moments" else sig_flops
             for name, fn in methods.items():
-                err = checks[op](name)
-                t = time_fn(fn, dev, repeat=args.repeat, warmup=1)
+                try:
+                    err = checks[op](name)
+                    t = time_fn(fn, dev, repeat=args.repeat, warmup=1)
+                except Exception as exc:  # noqa: BLE001 - a row that fails is recorded, the others still run
+                    message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                    print(f"{op} {size} {name}: {message}", file=sys.stderr)
+                    rows.append({"op": op, "N,D,I": size, "method": name, "ms": message[:60]})
+                    results.append({"op": op, "size": [N, D, I], "method": name, "error": message})
+                    continue
                 base = base or t["median_s"]
                 rows.append({"op": op, "N,D,I": size, "method": name, "ms": f"{t['median_s'] * 1e3:.1f}",
                              "GFLOP/s": f"{flops / t['median_s'] / 1e9:.1f}",
                              "time vs edpairs": f"{t['median_s'] / base:.2f}x", "rel err (sample)": f"{err:.1e}"})
                 results.append({"op": op, "size": [N, D, I], "method": name, "rel_err_sample": err, **t})
-    write_json(args.json.format(device=dev.replace(":", "")),
-               {"benchmark": "moments", "device": dev, "dtype": args.dtype, "machine": machine_info(), "results": results})
+                # After each row: a call stopped later (a time limit, a hung kernel) keeps the rows
+                # already measured.
+                write_json(path, {"benchmark": "moments", "device": dev, "dtype": args.dtype, "machine": machine,
+                                  "results": results})
+    write_json(path, {"benchmark": "moments", "device": dev, "dtype": args.dtype, "machine": machine,
+                      "results": results})
     print_table(rows, ["op", "N,D,I", "method", "ms", "GFLOP/s", "time vs edpairs", "rel err (sample)"])
 
 

@@ -1,6 +1,7 @@
 """The GPU benchmark scripts' pieces that run without a GPU: the same-shape cuBLAS rates of
-gpu_ceilings.py on CPU torch, and gpu_check.sh's summary read against result files of the
-layout a device run writes (a broken summary would waste a device session's minutes)."""
+gpu_ceilings.py on CPU torch, gpu_check.sh's summary read against result files of the layout a
+device run writes, and its plan (order of steps, time budget, packed results) run with fake
+python3 / nvidia-smi: a broken script would waste a device session's minutes."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def test_same_shape_rates_on_the_cpu():
 def _summary_script() -> str:
     with open(os.path.join(BENCH, "gpu_check.sh")) as f:
         text = f.read()
-    match = re.search(r"python3 - \"\$OUT\" <<'PY'\n(.*?)\nPY\n", text, re.S)
+    match = re.search(r"python3 - \"\$RES\" <<'PY' \| tee \"\$OUT/summary.txt\"\n(.*?)\nPY\n", text, re.S)
     assert match, "gpu_check.sh has no summary block"
     return match.group(1)
 
@@ -95,26 +96,79 @@ def test_gpu_check_summary_reads_a_device_run(tmp_path):
     assert any(line.startswith("same-shape cuBLAS: kmeans_tf32 100") for line in lines)
 
 
-def test_gpu_check_parts_split_the_default():
-    """PART=1 measures (no tests), PART=2 tests (no benchmarks), together everything the
-    default runs; another PART is refused."""
-    with open(os.path.join(BENCH, "gpu_check.sh")) as f:
-        text = f.read()
-    knobs = text[text.index("ARCHS="):text.index("skipped() {")]
-    steps = {"tests", "ceilings", "kmeans", "bf16", "moments", "profile"}
+_FAKE_PYTHON = """#!/bin/sh
+# python3 for gpu_check.sh without a GPU: the summary, the build check and the package probes
+# run for real; every other command is logged and touches the result file it names (and the one
+# matching SLOW_MATCH sleeps FAKE_SLEEP seconds).
+case "$1" in
+  -) exec "$REAL_PY" "$@" ;;
+  -c) case "$2" in *cuda_device_count*) exit 0 ;; esac; exec "$REAL_PY" "$@" ;;
+esac
+echo "$*" >> "$CALLS"
+for a in "$@"; do
+  case "$a" in --junitxml=*) : > "${a#--junitxml=}" ;; esac
+done
+prev=""
+for a in "$@"; do
+  [ "$prev" = "--json" ] && echo '{"results": []}' > "$a"
+  prev="$a"
+done
+case "$*" in *"${SLOW_MATCH:-@none@}"*) sleep "$FAKE_SLEEP" ;; esac
+"""
 
-    def run(part):
-        script = knobs + '\necho "SKIP=$SKIP"\n'
-        env = {k: v for k, v in os.environ.items() if k not in ("SKIP", "KM_SIZES", "BF16_METHODS")}
-        return subprocess.run(["bash", "-c", script], env={**env, "PART": part}, capture_output=True, text=True,
-                              timeout=30)
 
-    skips = {}
-    for part in ("1", "2", ""):
-        res = run(part)
-        assert res.returncode == 0, res.stderr
-        skips[part] = set(res.stdout.strip().rpartition("SKIP=")[2].split())
-    ran = {part: steps - skips[part] for part in skips}
-    assert ran["1"] == steps - {"tests"} and ran["2"] == {"tests"} and ran[""] == steps
-    res = run("3")
-    assert res.returncode == 2 and "PART must be 1 or 2, got '3'" in res.stdout
+def _fake_gpu_check(tmp_path, **env):
+    """gpu_check.sh with fake python3 / nvidia-smi first on PATH: (return code, output, the
+    logged commands, the names packed into results.tar.gz)."""
+    import tarfile
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(_FAKE_PYTHON)
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho fake card\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    out, calls = tmp_path / "out", tmp_path / "calls.txt"
+    calls.write_text("")
+    run_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "REAL_PY": sys.executable, "CALLS": str(calls),
+               "OUT": str(out), "RES": str(tmp_path / "res"), **env}
+    res = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh")], env=run_env, capture_output=True, text=True,
+                         timeout=120)
+    with tarfile.open(out / "results.tar.gz") as tar:
+        packed = {os.path.basename(n) for n in tar.getnames()}
+    return res.returncode, res.stdout, calls.read_text().splitlines(), packed
+
+
+def test_gpu_check_runs_every_step_in_one_call(tmp_path):
+    """The default plan (one call): build, ceilings, the k-means, float16-row, k = 64 and bf16
+    rows, the moments, the three test groups, the profile, in that order; every result packed
+    into results.tar.gz (the device returns at most 8 files); the summary written."""
+    code, stdout, calls, packed = _fake_gpu_check(tmp_path)
+    assert code == 0, stdout
+    order = ["pip install", "gpu_ceilings.py", "bench_kmeans.py --device cuda --methods edpairs,edpairs-labels,torch",
+             "--methods edpairs-half,edpairs-half-copies", "--methods edpairs-wgmma-columns,edpairs-fused-wgmma",
+             "--dtype bfloat16", "bench_moments.py", "-m pytest", "-m pytest", "tests/test_errors.py",
+             "profile_kernels.py"]
+    assert len(calls) == len(order), calls
+    for call, part in zip(calls, order):
+        assert part in call, (part, call)
+    assert "-k wgmma or column" in calls[7].replace("(", "") and "-k not (wgmma or column" in calls[8]
+    assert {"ceilings.json", "kmeans_cuda_f32.json", "kmeans_cuda_half.json", "kmeans_cuda_k64.json",
+            "kmeans_cuda_bf16.json", "moments_cuda.json", "cuda_tests_new.xml", "cuda_tests.xml", "tests_new.txt",
+            "kernel_profile.json", "build.log"} <= packed
+    assert sorted(os.listdir(tmp_path / "out")) == ["log.txt", "results.tar.gz", "summary.txt"]
+    assert "goal (issue 6)" in (tmp_path / "out" / "summary.txt").read_text()
+
+
+def test_gpu_check_keeps_inside_its_budget(tmp_path):
+    """Steps that would outlast the call's budget are skipped with a message (and the call fails),
+    and what finished is still packed and summarised."""
+    code, stdout, calls, packed = _fake_gpu_check(tmp_path, BUDGET="61", RESERVE="0", SLOW_MATCH="bench_moments",
+                                                  FAKE_SLEEP="3")
+    assert code == 1, stdout
+    # The two CUDA test groups need 60 s, of which at most 58 are left after the moments.
+    assert [c for c in calls if "-m pytest" in c] == [next(c for c in calls if "tests/test_errors.py" in c)], calls
+    assert stdout.count("s left of the call's budget of 61 s, this step needs at least 60)") == 2, stdout
+    assert any("profile_kernels.py" in c for c in calls), calls
+    assert {"ceilings.json", "moments_cuda.json", "kernel_profile.json"} <= packed
+    assert "goal (issue 6)" in (tmp_path / "out" / "summary.txt").read_text()
