@@ -157,8 +157,10 @@ if ! skipped tests; then
 # ends its process (xdist starts another), instead of the group's time running out.
 PER_TEST=""
 python3 -c "import pytest_timeout" 2>/dev/null && PER_TEST="--timeout 90 --timeout-method thread"
+# (pytest-benchmark, on the device too, warns under xdist, which the suite's filterwarnings =
+# error turns into an INTERNALERROR: its plugin stays off.)
 PAR=""
-python3 -c "import xdist" 2>/dev/null && PAR="-n ${TEST_WORKERS:-8}"
+python3 -c "import xdist" 2>/dev/null && PAR="-n ${TEST_WORKERS:-8} -p no:benchmark"
 within 150 60 python3 -m pytest -q -m "$MARK" tests/ -k "$NEW_K" -p no:cacheprovider $PER_TEST $PAR \
   --junitxml="$RES/cuda_tests_new.xml" >"$RES/tests_new.txt" 2>&1
 [ $? != 0 ] && status=1
