@@ -1078,9 +1078,6 @@ inline SumsMode sums_mode() {
   fail(std::string("EDPAIRS_ASSIGN_SUMS must be 'auto', 'columns', 'sorted', 'block' or 'fused', got '") + v + "'");
 }
 
-// The cluster sums of rows already labelled (labels, rscale: r_n of every row), into sums
-// (k x d float64) and counts (k), both zeroed by the caller: the owned-column pass where
-// `mode` asks for it and its shared memory fits, else the sorted pass.
 // Whether launch_cluster_sums takes the owned-column pass: `mode` asks for it, x is not
 // float64 (float32 runs would cost it its precision) and the k x d float32 sums (and k counts)
 // fit in one block's shared memory.
@@ -1094,6 +1091,9 @@ bool columns_apply(const int64_t k, const int64_t d, const SumsMode mode) {
   return (k * d + k) * 4 <= optin;
 }
 
+// The cluster sums of rows already labelled (labels, rscale: r_n of every row), into sums
+// (k x d float64) and counts (k), both zeroed by the caller: the owned-column pass where
+// `mode` asks for it and its shared memory fits, else the sorted pass.
 template <class T>
 void launch_cluster_sums(const T* x, const int64_t x_stride, const int64_t n, const int d, const int k,
                          const float* center, const int64_t* labels, const float* rscale,
