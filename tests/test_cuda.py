@@ -966,6 +966,44 @@ def test_tensor_core_float64_input_takes_the_exact_path(torch, rng):
     check_assignment(res, X, C)
 
 
+@pytest.mark.parametrize("path", ["columns", "fused-mma", "fused-wgmma", "half"])
+def test_shape_dependent_shared_memory_under_concurrent_callers(torch, path, monkeypatch):
+    """Kernels whose dynamic shared memory follows the call's shape (owned-column sums, both
+    fused kernels, the float16-row kernel) called from four host threads at once with different
+    D: each result equals the one-thread result (the attribute and the launch share a lock;
+    without it one thread's smaller setting could fail another's launch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if path in ("fused-wgmma", "half") and (reason := _wgmma_skip_reason()):
+        pytest.skip(reason)
+    knobs = {"columns": {"EDPAIRS_ASSIGN_SUMS": "columns"},
+             "fused-mma": {"EDPAIRS_ASSIGN_SUMS": "fused", "EDPAIRS_ASSIGN_KERNEL": "mma"},
+             "fused-wgmma": {"EDPAIRS_ASSIGN_SUMS": "fused", "EDPAIRS_ASSIGN_KERNEL": "wgmma"},
+             "half": {"EDPAIRS_ASSIGN_HALF": "1"}}[path]
+    for name, value in knobs.items():
+        monkeypatch.setenv(name, value)
+    k = 200 if path == "half" else 40
+    rng = np.random.default_rng(5)
+    inputs = []
+    for d in (32, 96, 256, 512):
+        C = make_centroids(rng, k, d)
+        inputs.append((gpu(make_rows(rng, 3000, d, C=C)), gpu(C)))
+
+    def run(i):
+        X, C = inputs[i % len(inputs)]
+        res = ops.assign(X, C, precision="tf32")
+        return to_numpy(res.labels), to_numpy(res.sums), to_numpy(res.counts)
+
+    want = [run(i) for i in range(len(inputs))]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(run, range(40)))
+    for i, (labels, sums, counts) in enumerate(got):
+        w = want[i % len(inputs)]
+        np.testing.assert_array_equal(labels, w[0])
+        np.testing.assert_array_equal(counts, w[2])
+        np.testing.assert_allclose(sums, w[1], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("precision,k,half", [("float32", 5, "0"), ("tf32", 5, "0"), ("tf32", 200, "0"),
                                               ("tf32", 200, "1"), ("tf32", 200, "copies")])
 def test_rows_whose_every_score_is_nan_score_nan_as_on_the_cpu(torch, route, assign_kernel, precision, k, half,
