@@ -310,6 +310,12 @@ def main() -> None:
 
     rows, results = [], []
     machine = machine_info()
+
+    def save():  # after every method: a call stopped later (a time limit) keeps what was measured
+        write_json(args.json.format(device=args.device.replace(":", "")),
+                   {"benchmark": "spherical k-means iteration", "device": args.device, "dtype": args.dtype,
+                    "repeat": args.repeat, "machine": machine, "results": results})
+
     for size in args.sizes:
         N, D, k = (int(v) for v in size.split(","))
         per_method = {}
@@ -321,11 +327,13 @@ def main() -> None:
                                       env={**os.environ, **METHOD_ENV.get(method, {})})
             except subprocess.TimeoutExpired:
                 per_method[method] = {"error": f"no result within {args.method_timeout:g} s (stopped)"}
-                continue
-            if proc.returncode != 0:
-                per_method[method] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
             else:
-                per_method[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+                if proc.returncode != 0:
+                    per_method[method] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+                else:
+                    per_method[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+            results.append({"size": [N, D, k], "method": method, **per_method[method]})
+            save()
         base = per_method.get("edpairs", {}).get("median_s")
         flops = 2.0 * N * D * k
         for method, r in per_method.items():
@@ -343,11 +351,7 @@ def main() -> None:
             else:
                 row["ms/iter"] = r.get("skipped") or r.get("error")
             rows.append(row)
-            results.append({"size": [N, D, k], "method": method, **r})
-        # After each size: a call stopped later (a time limit) keeps the sizes already measured.
-        write_json(args.json.format(device=args.device.replace(":", "")),
-                   {"benchmark": "spherical k-means iteration", "device": args.device, "dtype": args.dtype,
-                    "repeat": args.repeat, "machine": machine, "results": results})
+    save()
     print_table(rows, ["N,D,k", "method", "ms/iter", "GFLOP/s", "time vs edpairs", "extra peak MiB", "labels ok",
                        "ok@2e-3", "sums err"])
     for size in args.sizes:

@@ -133,12 +133,12 @@ def main() -> None:
                     print(f"{op} {size} {name}: {message}", file=sys.stderr)
                     rows.append({"op": op, "N,D,I": size, "method": name, "ms": message[:60]})
                     results.append({"op": op, "size": [N, D, I], "method": name, "error": message})
-                    continue
-                base = base or t["median_s"]
-                rows.append({"op": op, "N,D,I": size, "method": name, "ms": f"{t['median_s'] * 1e3:.1f}",
-                             "GFLOP/s": f"{flops / t['median_s'] / 1e9:.1f}",
-                             "time vs edpairs": f"{t['median_s'] / base:.2f}x", "rel err (sample)": f"{err:.1e}"})
-                results.append({"op": op, "size": [N, D, I], "method": name, "rel_err_sample": err, **t})
+                else:
+                    base = base or t["median_s"]
+                    rows.append({"op": op, "N,D,I": size, "method": name, "ms": f"{t['median_s'] * 1e3:.1f}",
+                                 "GFLOP/s": f"{flops / t['median_s'] / 1e9:.1f}",
+                                 "time vs edpairs": f"{t['median_s'] / base:.2f}x", "rel err (sample)": f"{err:.1e}"})
+                    results.append({"op": op, "size": [N, D, I], "method": name, "rel_err_sample": err, **t})
                 # After each row: a call stopped later (a time limit, a hung kernel) keeps the rows
                 # already measured.
                 write_json(path, {"benchmark": "moments", "device": dev, "dtype": args.dtype, "machine": machine,

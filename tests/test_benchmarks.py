@@ -72,6 +72,12 @@ def test_gpu_check_summary_reads_a_device_run(tmp_path):
     _write(tmp_path, "moments_cuda.json", {"results": [
         {"op": "moments", "size": [1000000, 512, 256], "method": "edpairs-tf32", "median_s": 0.004},
         {"op": "signal_moments", "size": [1000000, 512, 256], "method": "edpairs", "median_s": 0.02}]})
+    # Two test groups without failures in their junit files; the second was stopped by its time
+    # limit (pytest's exit status 2), so it does not count as passing.
+    for name, rc in (("cuda_tests_new", "0"), ("cuda_tests", "2")):
+        (tmp_path / f"{name}.xml").write_text('<testsuites><testsuite tests="5" failures="0" errors="0" skipped="1">'
+                                              '</testsuite></testsuites>')
+        (tmp_path / f"{name}.rc").write_text(rc + "\n")
     res = subprocess.run([sys.executable, "-c", _summary_script(), str(tmp_path)], capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 0, res.stderr
@@ -94,6 +100,10 @@ def test_gpu_check_summary_reads_a_device_run(tmp_path):
     assert goal("signal_moments: edpairs rate / fp32 GEMM rate (exact)") == pytest.approx(signal / 50e12, abs=0.01)
     assert goal("signal_moments: edpairs rate / same-shape fp32") == pytest.approx(signal / 105e12, abs=0.01)
     assert any(line.startswith("same-shape cuBLAS: kmeans_tf32 100") for line in lines)
+    assert goal("CUDA tests (new kernels): all pass (1 = yes)") == 1.0
+    assert goal("CUDA tests (the rest): all pass (1 = yes)") == 0.0
+    # The TF32 moments row is read against the TF32 rates only, not the exact float32 one.
+    assert not any(line.startswith("moments: edpairs-tf32 rate / fp32") for line in lines)
 
 
 _FAKE_PYTHON = """#!/bin/sh
@@ -163,8 +173,8 @@ def test_gpu_check_runs_every_step_in_one_call(tmp_path):
 def test_gpu_check_keeps_inside_its_budget(tmp_path):
     """Steps that would outlast the call's budget are skipped with a message (and the call fails),
     and what finished is still packed and summarised."""
-    code, stdout, calls, packed = _fake_gpu_check(tmp_path, BUDGET="61", RESERVE="0", SLOW_MATCH="bench_moments",
-                                                  FAKE_SLEEP="3")
+    code, stdout, calls, packed = _fake_gpu_check(tmp_path, BUDGET="61", RESERVE="0", TEST_HOLD="0",
+                                                  SLOW_MATCH="bench_moments", FAKE_SLEEP="3")
     assert code == 1, stdout
     # The two CUDA test groups need 60 s, of which at most 58 are left after the moments.
     assert [c for c in calls if "-m pytest" in c] == [next(c for c in calls if "tests/test_errors.py" in c)], calls
@@ -172,3 +182,15 @@ def test_gpu_check_keeps_inside_its_budget(tmp_path):
     assert any("profile_kernels.py" in c for c in calls), calls
     assert {"ceilings.json", "moments_cuda.json", "kernel_profile.json"} <= packed
     assert "goal (issue 6)" in (tmp_path / "out" / "summary.txt").read_text()
+
+
+def test_gpu_check_benchmarks_leave_the_tests_their_time(tmp_path):
+    """While the benchmarks run, TEST_HOLD seconds stay kept for the CUDA tests: benchmark steps
+    that would eat into them are skipped, and the tests still run."""
+    code, stdout, calls, packed = _fake_gpu_check(tmp_path, BUDGET="100", RESERVE="0", TEST_HOLD="75")
+    assert code == 1, stdout
+    assert not any("bench_kmeans.py --device cuda --methods edpairs," in c for c in calls), calls
+    assert not any("bench_moments.py" in c for c in calls), calls
+    assert any("gpu_ceilings.py" in c for c in calls) and any("--dtype bfloat16" in c for c in calls), calls
+    assert len([c for c in calls if "-m pytest" in c]) == 3, calls
+    assert {"cuda_tests_new.xml", "cuda_tests.xml", "cuda_tests_new.rc", "cuda_tests.rc"} <= packed
