@@ -43,6 +43,7 @@
 #include "cp_async.cuh"
 #include "cuda_check.cuh"
 #include "dtype_load.cuh"
+#include "ptx.cuh"
 
 namespace edpairs {
 namespace cuda_detail {
@@ -73,52 +74,13 @@ constexpr int slice_elems() { return kSliceBytes / static_cast<int>(sizeof(T)); 
 template <class T>
 using Bits = typename std::conditional<sizeof(T) == 4, uint32_t, uint16_t>::type;
 
-__device__ __forceinline__ uint32_t to_tf32(float v) {
-  uint32_t out;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(out) : "f"(v));
-  return out;
-}
-
-// d += a * b on one 16 x 8 tile.
+// d += a * b on one 16 x 8 tile (ptx.cuh's mma_16x8): m16n8k8 TF32, m16n8k16 for 16-bit T.
 template <class T>
-struct Mma;
-
-template <>
-struct Mma<float> {  // m16n8k8, TF32
+struct Mma {
   static constexpr int kWordsPerStep = 8;
   __device__ static __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4],
                                              const uint32_t (&b)[2]) {
-    asm(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-};
-
-template <>
-struct Mma<__half> {  // m16n8k16, float16
-  static constexpr int kWordsPerStep = 8;
-  __device__ static __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4],
-                                             const uint32_t (&b)[2]) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-};
-
-template <>
-struct Mma<__nv_bfloat16> {  // m16n8k16, bfloat16
-  static constexpr int kWordsPerStep = 8;
-  __device__ static __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4],
-                                             const uint32_t (&b)[2]) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    mma_16x8<T>(d, a, b);
   }
 };
 
@@ -130,12 +92,12 @@ __device__ __forceinline__ uint32_t a_word(const uint32_t* w) {
 }
 template <>
 __device__ __forceinline__ uint32_t a_word<float>(const uint32_t* w) {
-  return to_tf32(__uint_as_float(*w));
+  return tf32_bits(__uint_as_float(*w));
 }
 
 // Centroid element rounded to the operand type, as raw bits in the workspace.
 __device__ __forceinline__ void store_operand(float* dst, float v, float& rounded) {
-  const uint32_t bits = to_tf32(v);
+  const uint32_t bits = tf32_bits(v);
   rounded = __uint_as_float(bits);
   *dst = rounded;
 }

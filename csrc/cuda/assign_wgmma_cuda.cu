@@ -51,6 +51,7 @@
 #include "cp_async.cuh"
 #include "cuda_check.cuh"
 #include "dtype_load.cuh"
+#include "ptx.cuh"
 #include "assign_wgmma_epilogue.cuh"
 #include "wgmma.cuh"
 
@@ -109,10 +110,6 @@ __device__ __forceinline__ void load_iteration(const WgmmaAssignParams& p, uint3
 
 constexpr int kBarMma = 1;  // the labellers' barrier (named: the fused kernel has other threads)
 
-__device__ __forceinline__ void named_arrive(const int id, const int count) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-
 // A hint to L2 for x's slice of iteration `it` (within its row tile: centroid tile it / k_steps)
 // of the row tile at row0: thread tid < 128 names the first and the last byte of row tid's
 // slice (two lines where the slice straddles them). Only for centroid tile 0: later tiles read
@@ -126,9 +123,9 @@ __device__ __forceinline__ void prefetch_slice(const WgmmaAssignParams& p, const
   const int first = it * kElems;
   const int last = (first + kElems < p.d ? first + kElems : p.d) - 1;
   const T* base = static_cast<const T*>(p.x) + row * p.x_stride;
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(base + first));
+  prefetch_l2(base + first);
   if ((reinterpret_cast<uintptr_t>(base + last) >> 7) != (reinterpret_cast<uintptr_t>(base + first) >> 7)) {
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(base + last));
+    prefetch_l2(base + last);
   }
 }
 

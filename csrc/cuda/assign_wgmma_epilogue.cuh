@@ -105,10 +105,5 @@ __device__ __forceinline__ int quad_row(const int tid) {
   return (tid / 128) * 64 + ((tid % 128) / 32) * 16 + (tid % 32) / 4;
 }
 
-// Named barrier `id` of `count` threads (the labellers' own where a kernel has other threads).
-__device__ __forceinline__ void named_sync(const int id, const int count) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-
 }  // namespace cuda_detail
 }  // namespace edpairs

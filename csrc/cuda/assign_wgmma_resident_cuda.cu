@@ -60,6 +60,7 @@
 #include "cp_async.cuh"
 #include "cuda_check.cuh"
 #include "half_rows.cuh"
+#include "ptx.cuh"
 #include "wgmma.cuh"
 
 namespace edpairs {
@@ -111,7 +112,7 @@ __device__ __forceinline__ void prefetch_rows(const WgmmaAssignParams& p, const 
   const int lines = (p.d + 31) / 32 + 1;
   for (int line = q; line < lines; line += per_tile) {
     const int col = 32 * line < p.d ? 32 * line : p.d - 1;
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(base + col));
+    prefetch_l2(base + col);
   }
 }
 

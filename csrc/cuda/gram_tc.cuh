@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "cp_async.cuh"
+#include "ptx.cuh"
 
 namespace edpairs {
 namespace cuda_detail {
@@ -40,12 +41,6 @@ struct TcgOperand {
   const double* off64;
   const float* off32;
 };
-
-__device__ __forceinline__ uint32_t tcg_tf32(float v) {
-  uint32_t out;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(out) : "f"(v));
-  return out;
-}
 
 // Grid: x = tile_p * tiles_q + tile_q, y = row range (rows_per_split rows, a multiple of 32).
 template <class Store>
@@ -131,7 +126,7 @@ __global__ void __launch_bounds__(kTcgThreads, 2)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const float v = e < valid_cols[o] ? (__uint_as_float(w[e]) - off_hi[o][e]) - off_lo[o][e] : 0.f;
-            w[e] = tcg_tf32(v);
+            w[e] = tf32_bits(v);
           }
         }
       }
@@ -188,10 +183,7 @@ __global__ void __launch_bounds__(kTcgThreads, 2)
       for (int mi = 0; mi < 4; ++mi) {
 #pragma unroll
         for (int nj = 0; nj < 8; ++nj) {
-          asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-              "{%8,%9}, {%0,%1,%2,%3};\n"
-              : "+f"(acc[mi][nj][0]), "+f"(acc[mi][nj][1]), "+f"(acc[mi][nj][2]), "+f"(acc[mi][nj][3])
-              : "r"(a[mi][0]), "r"(a[mi][1]), "r"(a[mi][2]), "r"(a[mi][3]), "r"(b[nj][0]), "r"(b[nj][1]));
+          mma_16x8<float>(acc[mi][nj], a[mi], b[nj]);
         }
       }
     }
