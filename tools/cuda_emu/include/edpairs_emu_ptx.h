@@ -6,7 +6,8 @@
 //   low 13 bits (the hardware ignores them), products are exact, sums float32.
 // * wgmma_mma: each thread's accumulators (wgmma.cuh's layout) from the operand tiles in shared
 //   memory as the descriptors name them, in the 128-byte swizzle (the only one the kernels use;
-//   any other aborts). Batches are done when a thread waits for them (wgmma_wait), so a kernel
+//   any other aborts). Built for ThreadSanitizer, every thread also reads its warpgroup's whole
+//   A tile, as the hardware may. Batches are done when a thread waits for them (wgmma_wait), so a kernel
 //   that writes a tile still being read by a batch in flight reads the new data, as it might
 //   on the GPU.
 // * cp_async_16: done at cp_async_wait, for the same reason.
@@ -75,7 +76,7 @@ template <class T>
 inline void mma_16x8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   ::emu::WarpSlots& w = ::emu::warp();
   const int l = ::emu::lane();
-  ++::emu::stats().mma_sync;
+  ::emu::count(::emu::stats().mma_sync);
   std::memcpy(w.a[l], a, sizeof(a));
   std::memcpy(w.b[l], b, sizeof(b));
   w.bar.sync(32, "mma.sync");
@@ -105,12 +106,12 @@ inline void mma_16x8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[
 
 inline void named_sync(const int id, const int count) {
   if (id < 0 || id >= 16 || count % 32 != 0) ::emu::die("bar.sync: id 0..15 and a multiple of 32 threads");
-  ++::emu::stats().named_barriers;
+  ::emu::count(::emu::stats().named_barriers);
   ::emu::self.block->named[id].sync(count, "bar.sync");
 }
 inline void named_arrive(const int id, const int count) {
   if (id < 0 || id >= 16 || count % 32 != 0) ::emu::die("bar.arrive: id 0..15 and a multiple of 32 threads");
-  ++::emu::stats().named_barriers;
+  ::emu::count(::emu::stats().named_barriers);
   ::emu::self.block->named[id].arrive(count, "bar.arrive");
 }
 inline void prefetch_l2(const void*) {}
@@ -120,7 +121,7 @@ inline void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
   if (src_bytes < 0 || src_bytes > 16) ::emu::die("cp.async of other than 0..16 bytes");
   if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0)
     ::emu::die("cp.async from a global address that is not 16-byte aligned");
-  ++::emu::stats().cp_async;
+  ::emu::count(::emu::stats().cp_async);
   ::emu::self.copies_open.push_back(
       ::emu::Copy{::emu::shared_at(dst, 16), static_cast<const unsigned char*>(src), src_bytes});
 }
@@ -140,9 +141,17 @@ inline void wgmma_mma(float (&d)[N / 2], uint64_t a_desc, uint64_t b_desc, int s
   static_assert(N == 64 || N == 128 || N == 256, "wgmma tile width");
   const int warp = (::emu::self.tid % 128) / 32, l = ::emu::lane();
   float* acc = d;
-  ++::emu::stats().wgmma;
+  ::emu::count(::emu::stats().wgmma);
   ::emu::self.mma_open.push_back([=] {
     constexpr int kK = 32 / static_cast<int>(sizeof(T));
+#if defined(__SANITIZE_THREAD__)
+    // The hardware reads the warpgroup's whole 64-row A tile for every warp's part, at any time
+    // before the wait: so does each thread here, for ThreadSanitizer to see (its own outputs
+    // need only its warp's 16 rows).
+    volatile float sink = 0.0f;
+    for (int row = 0; row < 64; ++row)
+      for (int k = 0; k < kK; ++k) sink = sink + emu_ptx::wgmma_operand<T>(a_desc, row, k);
+#endif
     for (int i = 0; i < N / 2; ++i) {
       const int row = 16 * warp + l / 4 + 8 * ((i / 2) % 2);
       const int col = 8 * (i / 4) + 2 * (l % 4) + i % 2;

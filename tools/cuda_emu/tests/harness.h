@@ -1,7 +1,7 @@
 // The emulator's test harness: each TEST runs edpairs' CUDA ops (emulated, tools/cuda_emu) and
 // compares them with the CPU ops or float64 references. `emu_tests [substring ...]` runs the
-// tests whose names contain one of the substrings (all without arguments); the exit status is
-// the number of failed tests (at most 100).
+// tests whose names contain one of the substrings (all without arguments; "=name" names one
+// test exactly); the exit status is the number of failed tests (at most 100).
 #pragma once
 
 #include <cuda_bf16.h>

@@ -1,14 +1,19 @@
-// Runs the emulator's tests (harness.h).
+// Runs the emulator's tests (harness.h); --list names them.
 #include <chrono>
 #include <exception>
 
 #include "harness.h"
 
 int main(int argc, char** argv) {
+  if (argc == 2 && std::strcmp(argv[1], "--list") == 0) {
+    for (const auto& t : emu_test::registry()) std::printf("%s\n", t.name);
+    return 0;
+  }
   int failed = 0, ran = 0;
   for (const auto& t : emu_test::registry()) {
     bool wanted = argc < 2;
-    for (int i = 1; i < argc; ++i) wanted = wanted || std::strstr(t.name, argv[i]) != nullptr;
+    for (int i = 1; i < argc; ++i)  // "=name": that test only
+      wanted = wanted || (argv[i][0] == '=' ? std::strcmp(t.name, argv[i] + 1) == 0 : std::strstr(t.name, argv[i]) != nullptr);
     if (!wanted) continue;
     ++ran;
     emu_test::failures() = 0;
