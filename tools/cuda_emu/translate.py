@@ -1,14 +1,18 @@
 """Rewrite a CUDA source into C++ for the CPU emulator (tools/cuda_emu).
 
-Two rewrites, nothing else:
+Three rewrites, nothing else:
   kernel<<<grid, block[, smem[, stream]]>>>(args);
       -> ::emu::launch(::emu::key(kernel), dim3(grid), dim3(block), smem, [=]() mutable { kernel(args); });
   extern __shared__ [__align__(n)] T name[];
       -> T* name = reinterpret_cast<T*>(::emu::dyn_smem());
+  __shared__ [__align__(n)] T name[dims];
+      -> auto& name = ::emu::block_static<T[dims], n>(a key of the declaration);
+         (fresh memory of each block, filled with 0xFF like the dynamic shared memory)
 """
 import re
 import sys
 
+STATIC_SHARED = re.compile(r"(?<!extern )__shared__\s+(?:__align__\((\d+)\)\s+)?((?:(?:typename|unsigned|long)\s+)*[\w:]+)\s+(\w+)\s*((?:\[[^\]]+\])+)\s*;")
 EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?((?:unsigned\s+)?[\w:]+)\s+(\w+)\s*\[\s*\]\s*;")
 
 
@@ -79,7 +83,12 @@ def translate(src):
         launches += 1
     text = "".join(out)
     text, shared = EXTERN_SHARED.subn(r"\1* \2 = reinterpret_cast<\1*>(::emu::dyn_smem());", text)
-    return text, launches, shared
+    text, statics = STATIC_SHARED.subn(
+        lambda m: f"auto& {m.group(3)} = ::emu::block_static<{m.group(2)}{m.group(4)}, {m.group(1) or 0}>("
+                  "[] { static const char key = 0; return &key; }());", text)
+    if re.search(r"^[^/\n]*(?<!extern )__shared__", text, re.M):
+        raise ValueError("a __shared__ declaration that translate.py cannot read")
+    return text, launches, shared + statics
 
 
 if __name__ == "__main__":

@@ -3,11 +3,11 @@
 // tested on a machine without a GPU).
 //
 // Model: a launch runs its blocks one after another (launches themselves one at a time, under
-// one lock); a block runs each of its threads as a std::thread. Shared memory: `__shared__`
-// variables are function statics (one block at a time), dynamic shared memory is a fresh
+// one lock); a block runs each of its threads as a std::thread. Shared memory: each block's
+// `__shared__` arrays are fresh allocations (translate.py), dynamic shared memory is a fresh
 // buffer per block placed `EMU_SMEM_PAD` bytes (default 528) into a window whose start is
 // shared address 0, so that kernels that align their tiles themselves do it for real. Memory
-// returned by cudaMallocAsync and dynamic shared memory start filled with 0xFF bytes (NaN as
+// returned by cudaMallocAsync and shared memory start filled with 0xFF bytes (NaN as
 // float), so that reads of unwritten memory show. Streams and events are ordering no-ops:
 // every launch is complete when it returns.
 //
@@ -45,7 +45,6 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __grid_constant__
-#define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 #define __restrict__ __restrict
 
@@ -137,7 +136,14 @@ struct WarpSlots {
   uint32_t b[32][2];
 };
 
+struct AlignedDelete {
+  size_t align;
+  void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(align)); }
+};
+
 struct Block {
+  std::mutex statics_mutex;  // the block's static __shared__ arrays, by declaration
+  std::map<const void*, std::unique_ptr<unsigned char[], AlignedDelete>> statics;
   int threads = 0;
   unsigned char* window = nullptr;  // shared address 0
   size_t window_bytes = 0;
@@ -278,6 +284,22 @@ inline void launch(const void* kernel, dim3 g, dim3 b, size_t smem, const std::f
 }
 
 inline unsigned char* dyn_smem() { return self.block->dynamic; }
+
+// A static __shared__ array of type A (translate.py): one per block and declaration, allocated
+// on its first use in the block and filled with 0xFF bytes.
+template <class A, size_t kAlign>
+A& block_static(const void* key) {
+  Block* b = self.block;
+  const std::lock_guard<std::mutex> lock(b->statics_mutex);
+  auto& slot = b->statics[key];
+  if (!slot) {
+    constexpr size_t align = std::max<size_t>({kAlign, alignof(A), 16});
+    slot = std::unique_ptr<unsigned char[], AlignedDelete>(new (std::align_val_t(align)) unsigned char[sizeof(A)],
+                                                           AlignedDelete{align});
+    std::memset(slot.get(), 0xFF, sizeof(A));
+  }
+  return *reinterpret_cast<A*>(slot.get());
+}
 
 inline std::mutex& alloc_mutex() {
   static std::mutex m;
