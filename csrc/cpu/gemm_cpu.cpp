@@ -268,7 +268,7 @@ float pack_b_cols(const Matrix& m, const float* center, int64_t r0, int64_t c0, 
 float pack_column_panels(const Matrix& m, const float* center, int64_t r0, int64_t rows, int64_t p0,
                          int64_t ld, float* Ap, float* Bp, float* row) {
   const int64_t D = m.cols, a_panels = ceil_div(D, MR), b_panels = ceil_div(D, NR);
-  std::fill(row + D, row + round_up(D, NR), 0.f);  // the zero columns of the last panels
+  std::fill(row + D, row + column_panels_row(D), 0.f);  // the zero columns of the last panels
   float check = 0.f;
   for (int64_t r = 0; r < rows; ++r) {
     load_row(m, center, r0 + r, 0, D, row);

@@ -86,7 +86,9 @@ ArgmaxFold argmax_fold();
 // Rows [r0, r0 + rows) of m, centred, into column panels, reading each row once: the A panel
 // of columns [q*MR, q*MR + MR) sits at Ap + q*MR*ld with element (row r0+p, column q*MR+i) at
 // (p0 + p)*MR + i; B panels likewise with NR (either pointer may be null). Columns beyond
-// m.cols are zero. `row` is scratch of round_up(m.cols, NR) floats. Returns the finite flag.
+// m.cols are zero. `row` is scratch of column_panels_row(m.cols) floats (the last A panel and
+// the last B panel read up to their own widths past m.cols). Returns the finite flag.
+inline int64_t column_panels_row(int64_t cols) { return std::max(round_up(cols, MR), round_up(cols, NR)); }
 float pack_column_panels(const Matrix& m, const float* center, int64_t r0, int64_t rows, int64_t p0,
                          int64_t ld, float* Ap, float* Bp, float* row);
 

@@ -65,7 +65,7 @@ void moments_cpu(const MomentsArgs& a, Stream) {
 
   const int pack_threads = parallel_width(R / kPackRows);
   std::vector<Buffer<float>> row_scratch;
-  for (int t = 0; t < pack_threads; ++t) row_scratch.push_back(aligned_buffer<float>(round_up(D, NR)));
+  for (int t = 0; t < pack_threads; ++t) row_scratch.push_back(aligned_buffer<float>(column_panels_row(D)));
 
   for (int64_t r0 = 0; r0 < N; r0 += R) {
     const int64_t rows = std::min(R, N - r0);

@@ -66,7 +66,7 @@ void signal_moments_cpu(const SignalMomentsArgs& a, Stream) {
   for (auto& s : st) {
     s.Ap = aligned_buffer<float>(MC * D);
     s.Ct = aligned_buffer<float>(MC * Ipad);
-    s.row = aligned_buffer<float>(std::max(round_up(D, NR), round_up(I2, NR)));
+    s.row = aligned_buffer<float>(std::max(column_panels_row(D), round_up(I2, NR)));
     s.count.assign(static_cast<size_t>(I), 0);
     s.sz.assign(static_cast<size_t>(I), 0.0);
     s.szz.assign(static_cast<size_t>(I), 0.0);

@@ -253,7 +253,8 @@ inline void launch(const void* kernel, dim3 g, dim3 b, size_t smem, const std::f
         Block blk;
         blk.threads = static_cast<int>(threads);
         blk.window_bytes = pad + smem;
-        std::unique_ptr<unsigned char[]> window(new (std::align_val_t(1024)) unsigned char[blk.window_bytes + 1]);
+        std::unique_ptr<unsigned char[], AlignedDelete> window(
+            new (std::align_val_t(1024)) unsigned char[blk.window_bytes + 1], AlignedDelete{1024});
         std::memset(window.get(), 0xFF, blk.window_bytes + 1);
         blk.window = window.get();
         blk.dynamic = window.get() + pad;
