@@ -129,11 +129,14 @@ class Barrier {
   uint64_t gen_ = 0;
 };
 
+// A warp's exchange slots, two sets used in turn: a lane that has passed collective p's barrier
+// writes collective p + 1's set, and can write p's set again only after every lane has reached
+// p + 1's barrier, that is, has read p's. One barrier per collective.
 struct WarpSlots {
   Barrier bar;
-  uint64_t value[32];
-  uint32_t a[32][4];
-  uint32_t b[32][2];
+  uint64_t value[2][32];
+  uint32_t a[2][32][4];
+  uint32_t b[2][32][2];
 };
 
 struct AlignedDelete {
@@ -162,6 +165,7 @@ struct Copy {
 struct Thread {
   Block* block = nullptr;
   int tid = 0;
+  unsigned collectives = 0;  // warp-wide exchanges so far (the same count in every lane)
   std::vector<Copy> copies_open;
   std::deque<std::vector<Copy>> copies;
   std::vector<std::function<void()>> mma_open;
@@ -322,11 +326,11 @@ template <class V>
 inline V emu_exchange(V v, int src_lane) {
   static_assert(sizeof(V) <= 8, "shuffle of at most 8 bytes");
   emu::WarpSlots& w = emu::warp();
-  std::memcpy(&w.value[emu::lane()], &v, sizeof(V));
+  const unsigned set = emu::self.collectives++ % 2;
+  std::memcpy(&w.value[set][emu::lane()], &v, sizeof(V));
   w.bar.sync(32, "a shuffle");
   V out;
-  std::memcpy(&out, &w.value[src_lane], sizeof(V));
-  w.bar.sync(32, "a shuffle");
+  std::memcpy(&out, &w.value[set][src_lane], sizeof(V));
   return out;
 }
 template <class V>

@@ -77,31 +77,29 @@ inline void mma_16x8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[
   ::emu::WarpSlots& w = ::emu::warp();
   const int l = ::emu::lane();
   ::emu::count(::emu::stats().mma_sync);
-  std::memcpy(w.a[l], a, sizeof(a));
-  std::memcpy(w.b[l], b, sizeof(b));
+  const unsigned set = ::emu::self.collectives++ % 2;
+  std::memcpy(w.a[set][l], a, sizeof(a));
+  std::memcpy(w.b[set][l], b, sizeof(b));
   w.bar.sync(32, "mma.sync");
   const int g = l / 4, t = l % 4;
-  float out[4];
   for (int i = 0; i < 4; ++i) {
     const int r = g + 8 * (i / 2), c = 2 * t + i % 2;
     float s = 0.0f;
     if constexpr (std::is_same<T, float>::value) {
       for (int k = 0; k < 8; ++k) {
-        const float av = emu_ptx::tf32_operand(w.a[(r % 8) * 4 + k % 4][r / 8 + 2 * (k / 4)]);
-        const float bv = emu_ptx::tf32_operand(w.b[c * 4 + k % 4][k / 4]);
+        const float av = emu_ptx::tf32_operand(w.a[set][(r % 8) * 4 + k % 4][r / 8 + 2 * (k / 4)]);
+        const float bv = emu_ptx::tf32_operand(w.b[set][c * 4 + k % 4][k / 4]);
         s += av * bv;
       }
     } else {
       for (int k = 0; k < 16; ++k) {
-        const float av = emu_ptx::half_operand<T>(w.a[(r % 8) * 4 + (k % 8) / 2][r / 8 + 2 * (k / 8)], k % 2);
-        const float bv = emu_ptx::half_operand<T>(w.b[c * 4 + (k % 8) / 2][k / 8], k % 2);
+        const float av = emu_ptx::half_operand<T>(w.a[set][(r % 8) * 4 + (k % 8) / 2][r / 8 + 2 * (k / 8)], k % 2);
+        const float bv = emu_ptx::half_operand<T>(w.b[set][c * 4 + (k % 8) / 2][k / 8], k % 2);
         s += av * bv;
       }
     }
-    out[i] = s;
+    d[i] += s;
   }
-  w.bar.sync(32, "mma.sync");
-  for (int i = 0; i < 4; ++i) d[i] += out[i];
 }
 
 inline void named_sync(const int id, const int count) {
