@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kThreads) assign_kernel(const AssignParams p) 
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
     }
-    float col_sq = 0.f;
+    double col_sq = 0.0;  // float64, as the CPU and the tensor-core path: float32 squares underflow
 
     for (int k0 = 0; k0 < p.d; k0 += kStep) {
       const int kcol = k0 + ld_k;
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) assign_kernel(const AssignParams p) 
       if (sums_col_norm) {
         const int c = tid - kRows;
 #pragma unroll
-        for (int kk = 0; kk < kStep; ++kk) col_sq = fmaf(cs[kk][c], cs[kk][c], col_sq);
+        for (int kk = 0; kk < kStep; ++kk) col_sq = fma(static_cast<double>(cs[kk][c]), static_cast<double>(cs[kk][c]), col_sq);
       }
       __syncthreads();  // xs / cs are overwritten by the next slice
     }
@@ -141,7 +141,9 @@ __global__ void __launch_bounds__(kThreads) assign_kernel(const AssignParams p) 
         if (p.col_scale != nullptr) {
           sj = p.col_scale[j];
         } else {
-          sj = col_sq > 0.f ? 1.f / sqrtf(col_sq) : 0.f;
+          // 1 / ||c_j||; no finite float32 (norm below about 2.9e-39): a zero centroid, as on the CPU.
+          const double inv = col_sq > 0.0 ? 1.0 / sqrt(col_sq) : 0.0;
+          sj = inv <= 3.4028234663852886e38 ? static_cast<float>(inv) : 0.f;
         }
       }
       col_scale_s[c] = sj;

@@ -33,8 +33,10 @@ using Stream = void*;
 //         1 / ||c_j||                 otherwise (0 for a zero centroid),
 //   dot_nj = x~_n . c_j,  score_nj = r_n * s_j * dot_nj.
 // labels[n] = the smallest j maximising s_j * dot_nj when r_n > 0, and 0 when r_n == 0;
-// scores[n] = score_{n, labels[n]} (so a zero row gets label 0 and score 0, never NaN). Unchecked
-// non-finite input can leave a nonzero row without any score that is not NaN: label 0, score NaN.
+// scores[n] = score_{n, labels[n]} (so a zero row gets label 0 and score 0, never NaN). An
+// unchecked row holding NaN or Inf has no finite norm and computed r_n = 0: label 0, score 0, as
+// a zero row. Unchecked non-finite centroids can leave a nonzero row without any score that is
+// not NaN: label 0, score NaN.
 // With the default scales score_nj is the cosine similarity of x~_n and c_j.
 // When `sums` is present: sums[j] = sum over {n : labels[n] = j} of r_n * x~_n (float64) and
 // counts[j] = #{n : labels[n] = j}; a zero row counts towards cluster 0 and adds nothing.

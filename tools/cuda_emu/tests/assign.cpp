@@ -1315,6 +1315,26 @@ EMU_TEST(assign_knob_validation) {
 
 // Rows of norm ~1e15 against centroids of ~1e-15 and the reverse (the scales of a cosine must
 // not over- or underflow in float32 squares, TF32 or the float16 rows' powers of two).
+// Centroids with norms around 1e-21 and 1e-24: their squares underflow float32, which the
+// Float32 kernel summed in until this test (every row labelled 0 at 1e-24, scales off by 1e-4
+// at 1e-21); float64 squares, as on the CPU and the tensor-core path.
+EMU_TEST(assign_tiny_centroids) {
+  for (const double scale : {1e-21, 1e-24}) {
+    Case c = make("tiny_cents_simt", 128, 8, 20);
+    c.c_scale = scale;
+    c.prec = AssignPrecision::Float32;
+    c.path = Path::Simt;
+    c.pass = SumsPass::InKernel;
+    c.vs_cpu = true;
+    run(c);
+  }
+  Case c = make("tiny_cents_mma", 128, 8, 20);
+  c.c_scale = 1e-24;
+  c.knobs = {{"EDPAIRS_ASSIGN_KERNEL", "mma"}};
+  c.path = Path::Mma;
+  run(c);
+}
+
 EMU_TEST(assign_magnitudes) {
   {
     Case c = make("huge_rows_simt", 128, 8, 20);
