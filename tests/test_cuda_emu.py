@@ -15,11 +15,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EMU = ROOT / "tools" / "cuda_emu"
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("g++") is None or shutil.which("ninja") is None,
-                       reason="the CUDA emulator needs g++ and ninja"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA emulator needs g++")]
+MISSING_TOOLS = 3  # build.py's exit status without g++ or ninja
 
 
 def _names():
@@ -32,6 +29,8 @@ def emu_tests():
     out = ROOT / "build" / "cuda_emu_pytest"
     r = subprocess.run([sys.executable, str(EMU / "build.py"), "--out", str(out)], capture_output=True, text=True,
                        timeout=1800)
+    if r.returncode == MISSING_TOOLS:
+        pytest.skip(r.stderr.strip())
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
     exe = pathlib.Path(r.stdout.strip().splitlines()[-1])
     listed = subprocess.run([str(exe), "--list"], capture_output=True, text=True, check=True).stdout.split()

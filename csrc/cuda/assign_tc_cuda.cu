@@ -716,7 +716,7 @@ __device__ __forceinline__ void shared_add_batch(float* const (&dst)[kN], const 
   int seen[kN];
   int got[kN];
 #pragma unroll
-  for (int u = 0; u < kN; ++u) seen[u] = on[u] ? *reinterpret_cast<volatile int*>(dst[u]) : 0;
+  for (int u = 0; u < kN; ++u) seen[u] = on[u] ? load_relaxed(reinterpret_cast<const int*>(dst[u])) : 0;
 #pragma unroll
   for (int u = 0; u < kN; ++u) {
     got[u] = seen[u];

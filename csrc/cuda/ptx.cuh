@@ -60,6 +60,10 @@ __device__ __forceinline__ void named_arrive(const int id, const int count) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 
+// *p read while other threads may update it atomically (a volatile load: one read, no caching
+// in registers; a relaxed load in the memory model).
+__device__ __forceinline__ int load_relaxed(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
+
 // A hint to bring the 128-byte line holding p into L2.
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 

@@ -23,15 +23,33 @@ import translate  # noqa: E402
 SKIP = {"assign_wgmma_tma_cuda.cu"}  # TMA and clusters are not emulated (tma_stub.cpp)
 
 
+MISSING_TOOLS = 3  # exit status when g++ or ninja is missing
+
+
+def find_ninja():
+    """ninja on PATH, beside the running Python (a virtual environment that is not activated),
+    or the ninja package's own copy; None when there is none."""
+    for candidate in (shutil.which("ninja"), pathlib.Path(sys.executable).parent / "ninja"):
+        if candidate and pathlib.Path(candidate).is_file():
+            return str(candidate)
+    try:
+        import ninja
+    except ImportError:
+        return None
+    found = pathlib.Path(ninja.BIN_DIR) / "ninja"
+    return str(found) if found.is_file() else None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "build" / "cuda_emu"))
     ap.add_argument("--sanitize", choices=["thread", "address"], default=None)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     args = ap.parse_args()
-    for tool in ("g++", "ninja"):
-        if shutil.which(tool) is None:
-            sys.exit(f"cuda_emu: needs {tool} on PATH")
+    ninja = find_ninja()
+    if shutil.which("g++") is None or ninja is None:
+        print("cuda_emu: needs g++ and ninja (on PATH, beside this Python, or the ninja package)", file=sys.stderr)
+        sys.exit(MISSING_TOOLS)
     out = pathlib.Path(args.out).resolve()
     src = out / "src"
     src.mkdir(parents=True, exist_ok=True)
@@ -66,7 +84,7 @@ def main():
     exe = out / "emu_tests"
     lines.append(f"build {q([exe])}: link {q(objs)}")
     (out / "build.ninja").write_text("\n".join(lines) + "\n")
-    r = subprocess.run(["ninja", "-C", str(out), f"-j{args.jobs}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    r = subprocess.run([ninja, "-C", str(out), f"-j{args.jobs}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        text=True)
     if r.returncode:
         sys.exit(r.stdout[-20000:] + "\ncuda_emu: build failed")

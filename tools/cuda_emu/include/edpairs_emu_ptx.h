@@ -113,6 +113,9 @@ inline void named_arrive(const int id, const int count) {
   ::emu::self.block->named[id].arrive(count, "bar.arrive");
 }
 inline void prefetch_l2(const void*) {}
+inline int load_relaxed(const int* p) {
+  return std::atomic_ref<int>(*const_cast<int*>(p)).load(std::memory_order_relaxed);
+}
 
 inline void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
   if (dst % 16 != 0) ::emu::die("cp.async to a shared address that is not 16-byte aligned");
