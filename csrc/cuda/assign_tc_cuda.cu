@@ -74,15 +74,8 @@ constexpr int slice_elems() { return kSliceBytes / static_cast<int>(sizeof(T)); 
 template <class T>
 using Bits = typename std::conditional<sizeof(T) == 4, uint32_t, uint16_t>::type;
 
-// d += a * b on one 16 x 8 tile (ptx.cuh's mma_16x8): m16n8k8 TF32, m16n8k16 for 16-bit T.
-template <class T>
-struct Mma {
-  static constexpr int kWordsPerStep = 8;
-  __device__ static __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4],
-                                             const uint32_t (&b)[2]) {
-    mma_16x8<T>(d, a, b);
-  }
-};
+// 32-bit words of K per mma_16x8 step (ptx.cuh): k8 TF32, or k16 of 16-bit values.
+constexpr int kMmaWordsPerStep = 8;
 
 // A fragment word: TF32 operands are rounded here (x arrives as float32 bits); 16-bit pairs
 // are used as stored.
@@ -308,8 +301,8 @@ __global__ void __launch_bounds__(kThreads, 2) assign_tc_kernel(const TcParams p
       const uint32_t* cs = xs + kRows * kPitchWords;
 
 #pragma unroll
-      for (int ks = 0; ks < kSliceBytes / 4 / Mma<T>::kWordsPerStep; ++ks) {
-        const int w = ks * Mma<T>::kWordsPerStep + t;  // word column of reg 0
+      for (int ks = 0; ks < kSliceBytes / 4 / kMmaWordsPerStep; ++ks) {
+        const int w = ks * kMmaWordsPerStep + t;  // word column of reg 0
         uint32_t a[kMi][4];
         uint32_t b[kNj][2];
 #pragma unroll
@@ -329,7 +322,7 @@ __global__ void __launch_bounds__(kThreads, 2) assign_tc_kernel(const TcParams p
 #pragma unroll
         for (int mi = 0; mi < kMi; ++mi) {
 #pragma unroll
-          for (int nj = 0; nj < kNj; ++nj) Mma<T>::run(acc[mi][nj], a[mi], b[nj]);
+          for (int nj = 0; nj < kNj; ++nj) mma_16x8<T>(acc[mi][nj], a[mi], b[nj]);
         }
       }
 
@@ -789,8 +782,8 @@ __global__ void __launch_bounds__(kFThreads, 1) assign_tc_fused_kernel(const Fus
       const uint32_t* xs = smem + (kt % kStages) * kFTileWords;
       const uint32_t* cs = xs + kRows * kPitchWords;
 #pragma unroll
-      for (int ks = 0; ks < kSliceBytes / 4 / Mma<T>::kWordsPerStep; ++ks) {
-        const int w = ks * Mma<T>::kWordsPerStep + t;
+      for (int ks = 0; ks < kSliceBytes / 4 / kMmaWordsPerStep; ++ks) {
+        const int w = ks * kMmaWordsPerStep + t;
         uint32_t a[4];
         {
           const uint32_t* base = xs + (warp * kFWarpRows + g) * kPitchWords + w;
@@ -803,7 +796,7 @@ __global__ void __launch_bounds__(kFThreads, 1) assign_tc_fused_kernel(const Fus
         for (int nj = 0; nj < kFNj; ++nj) {
           const uint32_t* base = cs + (nj * 8 + g) * kPitchWords + w;
           const uint32_t b[2] = {base[0], base[4]};
-          Mma<T>::run(acc[nj], a, b);
+          mma_16x8<T>(acc[nj], a, b);
         }
       }
       if (sums_row_norm) {

@@ -306,11 +306,6 @@ A& block_static(const void* key) {
   return *reinterpret_cast<A*>(slot.get());
 }
 
-inline std::mutex& alloc_mutex() {
-  static std::mutex m;
-  return m;
-}
-
 }  // namespace emu
 
 // ---------------------------------------------------------------- device intrinsics
@@ -356,13 +351,6 @@ inline unsigned atomicMax(unsigned* p, unsigned v) {
   }
   return old;
 }
-inline int atomicMax(int* p, int v) {
-  std::atomic_ref<int> a(*p);
-  int old = a.load();
-  while (old < v && !a.compare_exchange_weak(old, v)) {
-  }
-  return old;
-}
 inline int atomicCAS(int* p, int compare, int v) {
   std::atomic_ref<int> a(*p);
   a.compare_exchange_strong(compare, v);
@@ -395,7 +383,6 @@ inline cudaError_t cudaGetLastError() {
   emu::last_error() = cudaSuccess;
   return e;
 }
-inline cudaError_t cudaPeekAtLastError() { return emu::last_error(); }
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidValue; }
 inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }

@@ -153,12 +153,14 @@ inline void wgmma_mma(float (&d)[N / 2], uint64_t a_desc, uint64_t b_desc, int s
     for (int row = 0; row < 64; ++row)
       for (int k = 0; k < kK; ++k) sink = sink + emu_ptx::wgmma_operand<T>(a_desc, row, k);
 #endif
+    float a_rows[2][kK];  // the thread's two rows of A, read once for all its columns
+    for (int h = 0; h < 2; ++h)
+      for (int k = 0; k < kK; ++k) a_rows[h][k] = emu_ptx::wgmma_operand<T>(a_desc, 16 * warp + l / 4 + 8 * h, k);
     for (int i = 0; i < N / 2; ++i) {
-      const int row = 16 * warp + l / 4 + 8 * ((i / 2) % 2);
+      const float* a_row = a_rows[(i / 2) % 2];
       const int col = 8 * (i / 4) + 2 * (l % 4) + i % 2;
       float s = 0.0f;
-      for (int k = 0; k < kK; ++k)
-        s += emu_ptx::wgmma_operand<T>(a_desc, row, k) * emu_ptx::wgmma_operand<T>(b_desc, col, k);
+      for (int k = 0; k < kK; ++k) s += a_row[k] * emu_ptx::wgmma_operand<T>(b_desc, col, k);
       acc[i] = scale_d ? acc[i] + s : s;
     }
   });

@@ -14,7 +14,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -106,29 +105,6 @@ edpairs::TensorView view(std::vector<T>& v, std::vector<int64_t> shape, edpairs:
     s *= shape[i];
   }
   return t;
-}
-
-// Data that both devices read: "device" memory is host memory under the emulator, so one
-// buffer serves both; outputs get one buffer per device.
-inline std::mt19937& rng() {
-  static std::mt19937 r(12345);
-  return r;
-}
-inline std::vector<float> normal(size_t n, double scale = 1.0, double offset = 0.0) {
-  std::normal_distribution<double> nd;
-  std::vector<float> v(n);
-  for (auto& x : v) x = static_cast<float>(offset + scale * nd(rng()));
-  return v;
-}
-template <class T>
-std::vector<T> cast(const std::vector<float>& v) {
-  std::vector<T> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = from_double<T>(v[i]);
-  return out;
-}
-
-inline bool close(double got, double want, double rtol, double atol) {
-  return std::fabs(got - want) <= atol + rtol * std::fabs(want) || (std::isnan(got) && std::isnan(want));
 }
 
 }  // namespace emu_test
