@@ -295,6 +295,40 @@ def test_cupy_ops_match_reference_and_cpu(cupy, dtype, rng):
     check_kmeans_step(result, Xr, C)
 
 
+@pytest.mark.parametrize("lib", ["torch", "cupy"])
+def test_arrays_on_a_device_that_is_not_current(lib, rng, request):
+    """Data on GPU 1 while GPU 0 is current (tests/test_device_scope.py checks the same with a
+    stand-in for cupy on machines with fewer GPUs): results on GPU 1, equal to GPU 0's, and GPU 0
+    still current afterwards."""
+    mod = request.getfixturevalue(lib)
+    count = mod.cuda.device_count() if lib == "torch" else mod.cuda.runtime.getDeviceCount()
+    if count < 2:
+        pytest.skip(f"needs two GPUs, this machine has {count}")
+    C = make_centroids(rng, 20, 24)
+    X = make_rows(rng, 1500, 24, C=C)
+
+    def on(device, a):
+        if lib == "torch":
+            return mod.as_tensor(np.ascontiguousarray(a), device=f"cuda:{device}")
+        with mod.cuda.Device(device):
+            return mod.asarray(a)
+
+    def device_of(a):
+        return a.device.index if lib == "torch" else a.device.id
+
+    def current():
+        return mod.cuda.current_device() if lib == "torch" else mod.cuda.runtime.getDevice()
+
+    res0 = ops.assign(on(0, X), on(0, C), precision="float32")
+    res1 = ops.assign(on(1, X), on(1, C), precision="float32")
+    assert current() == 0 and all(device_of(a) == 1 for a in res1)
+    np.testing.assert_array_equal(to_numpy(res1.labels), to_numpy(res0.labels))
+    m1, m0 = ops.moments(on(1, X)), ops.moments(on(0, X))
+    assert current() == 0 and device_of(m1.m2) == 1
+    np.testing.assert_allclose(to_numpy(m1.merge(m1).cov), to_numpy(m0.merge(m0).cov), rtol=1e-12)
+    assert current() == 0
+
+
 # ---------------------------------------------------------------------------------------
 # Layouts and edge cases
 

@@ -6,6 +6,10 @@ library, so they come back as the same kind of array on the same device."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+
 import numpy as np
 
 FLOAT_INPUTS = ("float32", "float64", "float16", "bfloat16")
@@ -206,6 +210,41 @@ def on_device_of(a, like):
         with like.device:
             return cupy.asarray(a)
     return a
+
+
+def device_scope(x):
+    """A context in which array-library calls act on x's device. CuPy runs every operation on
+    its *current* device, wherever the operands live (an error without peer access, a
+    cross-device read with it), and allocates there; so work on a cupy array from another
+    device than the current one runs with that device current, and the caller's current
+    device comes back at the end. torch CUDA tensors get torch's device guard likewise (torch's
+    own ops follow their operands; streams made without a device take the current one).
+    Anything else (numpy, CPU tensors, None): no context."""
+    root = _module_root(x)
+    if root == "cupy" and hasattr(x, "device"):
+        return x.device
+    if root == "torch" and getattr(x, "is_cuda", False):
+        import torch
+
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
+def on_data_device(name: str):
+    """Decorator: the function (or method) runs in :func:`device_scope` of its argument
+    ``name``, passed by position or keyword."""
+
+    def wrap(f):
+        index = list(inspect.signature(f).parameters).index(name)
+
+        @functools.wraps(f)
+        def run(*args, **kwargs):
+            with device_scope(args[index] if len(args) > index else kwargs.get(name)):
+                return f(*args, **kwargs)
+
+        return run
+
+    return wrap
 
 
 def namespace_of(x) -> Namespace:

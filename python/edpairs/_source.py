@@ -9,7 +9,7 @@ from typing import Callable, Iterator, List, Optional
 
 import numpy as np
 
-from ._arrays import FLOAT_INPUTS, as_array, namespace_of, on_device_of, to_numpy64
+from ._arrays import FLOAT_INPUTS, as_array, device_scope, namespace_of, on_device_of, to_numpy64
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
@@ -83,6 +83,15 @@ class ChunkSource:
         return X
 
     def __iter__(self) -> Iterator:
+        """The chunks, each handed out with its device current (:func:`device_scope`: cupy
+        computes on the current device, so the caller's work on a chunk from another GPU runs
+        there; the caller's device is current again between chunks and after the loop, or as
+        soon as a loop that stops early drops the iterator)."""
+        for chunk in self._chunks_unscoped():
+            with device_scope(chunk):
+                yield chunk
+
+    def _chunks_unscoped(self) -> Iterator:
         if self._array is not None:
             N = self._array.shape[0]
             step = self.chunk_rows
@@ -118,7 +127,8 @@ class ChunkSource:
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((rows.size, self.n_features), dtype=np.float64)
         if self._array is not None:
-            return to_numpy64(self._array[on_device_of(rows, self._array)])
+            with device_scope(self._array):
+                return to_numpy64(self._array[on_device_of(rows, self._array)])
         offset, k = 0, 0
         for chunk in self:
             n = chunk.shape[0]

@@ -1,5 +1,7 @@
 """The kernels as plain functions on arrays: numpy, torch (CPU or CUDA) or cupy in, the same
-library and device out. CUDA work is queued on the caller's current stream.
+library and device out. CUDA work is queued on the caller's current stream, on the device where
+X lives (made current for the call, as cupy computes on the current device; the caller's
+current device is restored at the end).
 
 Every function checks its inputs for NaN/Inf, and its results for float32 products that
 overflowed, unless ``check_finite=False``. On the CPU the checks are free (the kernels check
@@ -15,7 +17,7 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from ._arrays import FLOAT_INPUTS, Namespace, as_array, namespace_of
+from ._arrays import FLOAT_INPUTS, Namespace, as_array, device_scope, namespace_of, on_data_device
 from . import _gemm
 from ._backend import lib
 
@@ -201,6 +203,7 @@ def _precision(precision: Optional[str], X=None) -> str:
     return precision
 
 
+@on_data_device("X")
 def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: bool = True,
            check_finite: bool = True, precision: Optional[str] = None) -> Assignment:
     """Fused cosine assignment of the rows of X (N, D) to the centroids C (k, D).
@@ -316,6 +319,7 @@ def _assign_float64(X, xp: Namespace, C, center, row_scale, col_scale, accumulat
     return Assignment(labels, scores, sums, counts)
 
 
+@on_data_device("X")
 def cosine_assign(X, C, *, center=None, row_scale=None, col_scale=None, check_finite: bool = True,
                   precision: Optional[str] = None):
     """Index of the most cosine-similar centroid for each row of X, and that cosine.
@@ -330,6 +334,7 @@ def cosine_assign(X, C, *, center=None, row_scale=None, col_scale=None, check_fi
     return out.labels, out.scores
 
 
+@on_data_device("sums")
 def normalize_centroids(sums, counts, previous, *, check_finite: bool = True):
     """Unit centroids from cluster sums: ``sums[j] / ||sums[j]||`` where ``counts[j] > 0`` and the
     sum is non-zero, else ``previous[j]`` unchanged (the caller decides how to re-seed).
@@ -375,6 +380,7 @@ def _unit_rows(xp: Namespace, C):
 CANCELLED = 2.0**-16
 
 
+@on_data_device("X")
 def spherical_kmeans_step(X, C, *, check_finite: bool = True, precision: Optional[str] = None):
     """One spherical k-means iteration: assign every row of X to its most cosine-similar
     centroid and replace each centroid by the normalised sum of its members' unit vectors.
@@ -419,7 +425,8 @@ class Moments:
     def covariance(self, ddof: int = 1):
         if self.n - ddof < 1:
             raise ValueError(f"the covariance with ddof={ddof} needs more than {ddof} rows, got n={self.n}")
-        return self.m2 / (self.n - ddof)
+        with device_scope(self.m2):
+            return self.m2 / (self.n - ddof)
 
     def update(self, X, *, check_finite: bool = True) -> "Moments":
         """Adds the rows of X in place; returns self."""
@@ -439,9 +446,10 @@ class Moments:
             raise ValueError(f"cannot merge moments of {self.mean.shape[0]} and {other.mean.shape[0]} columns")
         _same_place(self.mean, other.mean, "merge moments")
         n = self.n + other.n
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.n / n)
-        m2 = self.m2 + other.m2 + (delta[:, None] * delta[None, :]) * (self.n * other.n / n)
+        with device_scope(self.mean):
+            delta = other.mean - self.mean
+            mean = self.mean + delta * (other.n / n)
+            m2 = self.m2 + other.m2 + (delta[:, None] * delta[None, :]) * (self.n * other.n / n)
         return Moments(n, mean, m2)
 
 
@@ -451,6 +459,7 @@ def _product_precision(precision: str) -> str:
     return precision
 
 
+@on_data_device("X")
 def moments(X, *, check_finite: bool = True, precision: str = "float32",
             workspace_rows: Optional[int] = None) -> Moments:
     """Count, mean and centred scatter of the rows of X (N, D), one pass of the kernels.
@@ -529,12 +538,13 @@ class SignalMoments:
         if tuple(self.sum_x.shape) != tuple(other.sum_x.shape):
             raise ValueError(f"cannot merge statistics of shapes {tuple(self.sum_x.shape)} and {tuple(other.sum_x.shape)}")
         _same_place(self.sum_x, other.sum_x, "merge signal moments")
-        if (self.center is None) != (other.center is None) or (
-            self.center is not None and not bool((self.center == other.center).all())
-        ):
-            raise ValueError("cannot merge signal moments taken about different centers")
-        return SignalMoments(self.count + other.count, self.sum_x + other.sum_x, self.sum_z + other.sum_z,
-                             self.sum_zz + other.sum_zz, self.sum_xz + other.sum_xz, self.center)
+        with device_scope(self.sum_x):
+            if (self.center is None) != (other.center is None) or (
+                self.center is not None and not bool((self.center == other.center).all())
+            ):
+                raise ValueError("cannot merge signal moments taken about different centers")
+            return SignalMoments(self.count + other.count, self.sum_x + other.sum_x, self.sum_z + other.sum_z,
+                                 self.sum_zz + other.sum_zz, self.sum_xz + other.sum_xz, self.center)
 
     def update(self, X, W, b, *, check_finite: bool = True) -> "SignalMoments":
         """Adds the rows of X (same W, b and center) in place; returns self."""
@@ -544,6 +554,7 @@ class SignalMoments:
         return self
 
 
+@on_data_device("X")
 def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace_rows: Optional[int] = None,
                    precision: str = "float32") -> SignalMoments:
     """Masked per-concept statistics of the rows of X (N, D) for detectors ``z = X @ W - b``

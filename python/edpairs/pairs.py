@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 from . import ops
-from ._arrays import namespace_of, on_device_of, to_numpy64
+from ._arrays import namespace_of, on_data_device, on_device_of, to_numpy64
 from ._checks import check_real
 from ._checks import is_int as _is_int
 from ._checks import is_real as _is_real
@@ -417,10 +417,12 @@ class EDPairs:
             raise ValueError(f"{name} contains NaN or Inf; clean the input or set check_finite=False")
         return Xf @ on_device_of(self.decoding_.T, X), xp, X
 
+    @on_data_device("X")
     def decode(self, X):
         """Decoded values z = W x (N, I), before the threshold."""
         return self._project(X)[0]
 
+    @on_data_device("X")
     def detect(self, X, *, hard: bool = False):
         """Memberships y = sigmoid(W x - b) (N, I); with ``hard=True`` the booleans W x > b."""
         z, xp, X = self._project(X)
@@ -429,6 +431,7 @@ class EDPairs:
             return z > 0
         return 1.0 / (1.0 + (-z).exp()) if xp.name == "torch" else 1.0 / (1.0 + xp.mod.exp(-z))
 
+    @on_data_device("X")
     def latent_factors(self, X):
         """Centred latent factors alpha_i = (w_i . x - w_i . mean) / (w_i . s_i), (N, I)."""
         z, xp, X = self._project(X)

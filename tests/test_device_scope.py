@@ -1,0 +1,124 @@
+"""cupy arrays on a GPU other than the current one: every edpairs call computes where the data
+lives and gives the caller's current device back. CuPy runs each operation on the current
+device, so without edpairs' device scope the Python-side arithmetic of a call (checks, casts,
+small products) would fail without peer access, or read across devices and leave results on
+the wrong GPU. No machine here has two GPUs, so tests/_fake_cupy.py stands in for cupy: host
+memory tagged with a fake device, raising where cupy would (DLPack hands host memory to the
+CPU kernels, so the results are compared with numpy's bit for bit)."""
+
+import numpy as np
+import pytest
+
+import _fake_cupy as fc
+from edpairs import ops
+from edpairs._source import ChunkSource
+from edpairs.cluster import SphericalKMeans
+from edpairs.pairs import EDPairs
+
+
+@pytest.fixture
+def cupy(monkeypatch):
+    mod = fc.install(monkeypatch)
+    yield mod
+    assert fc._current[0] == 0, "the caller's current device was not given back"
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(7)
+    X = np.abs(rng.standard_normal((500, 12))).astype(np.float32)
+    C = rng.standard_normal((5, 12)).astype(np.float32)
+    W = rng.standard_normal((12, 3)).astype(np.float32)
+    b = rng.standard_normal(3).astype(np.float32)
+    return X, C, W, b
+
+
+def on1(a):
+    return fc.on_device(a, 1)
+
+
+def same(got, want):
+    assert isinstance(got, fc.ndarray) and got._device == 1, f"result on device {getattr(got, '_device', None)}"
+    np.testing.assert_array_equal(got.get(), want)
+
+
+def test_the_stand_in_refuses_work_off_the_current_device(cupy, data):
+    X = on1(data[0])
+    with pytest.raises(fc.DeviceMismatch):
+        X + 1
+    with pytest.raises(fc.DeviceMismatch):
+        cupy.isfinite(X)
+    with pytest.raises(fc.DeviceMismatch):
+        X.astype(np.float64)
+    X[1:3].reshape(-1)  # views need no device
+    with fc.Device(1):
+        assert (X + 1)._device == 1
+
+
+def test_ops_compute_on_the_arrays_device(cupy, data):
+    X, C, W, b = data
+    Xg, Cg = on1(X), on1(C)
+    got, want = ops.assign(Xg, Cg), ops.assign(X, C)
+    for g, w in zip(got, want):
+        same(g, w)
+    got = ops.assign(X=on1(X.astype(np.float64)), C=Cg, center=on1(np.full(12, 0.5)))  # keywords, float64 route
+    same(got.labels, ops.assign(X.astype(np.float64), C, center=np.full(12, 0.5)).labels)
+    same(ops.cosine_assign(Xg, Cg)[1], ops.cosine_assign(X, C)[1])
+    for g, w in zip(ops.spherical_kmeans_step(Xg, Cg), ops.spherical_kmeans_step(X, C)):
+        same(g, w)
+    m, mw = ops.moments(Xg), ops.moments(X)
+    same(m.m2, mw.m2)
+    same(m.merge(ops.moments(Xg)).cov, mw.merge(ops.moments(X)).cov)
+    s, sw = ops.signal_moments(Xg, on1(W), on1(b)), ops.signal_moments(X, W, b)
+    same(s.merge(s).sum_xz, sw.merge(sw).sum_xz)
+    res = ops.assign(X, C)
+    same(ops.normalize_centroids(on1(res.sums), on1(res.counts), Cg), ops.normalize_centroids(res.sums, res.counts, C))
+
+
+def test_a_failing_call_gives_the_device_back(cupy, data):
+    X = data[0].copy()
+    X[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        ops.moments(on1(X))
+    assert fc._current[0] == 0
+
+
+def test_estimators_fit_and_predict_on_the_datas_device(cupy, data):
+    X = data[0]
+    want = SphericalKMeans(4, random_state=0, progress=False).fit(X)
+    for source in (on1(X), [on1(X[:200]), on1(X[200:])]):
+        got = SphericalKMeans(4, random_state=0, progress=False).fit(source)
+        same(got.cluster_centers_, want.cluster_centers_)
+    same(got.predict(on1(X)), want.predict(X))
+    assert got.score(on1(X)) == want.score(X)
+    online = SphericalKMeans(4, random_state=0, progress=False).partial_fit(on1(X))
+    same(online.cluster_centers_, SphericalKMeans(4, random_state=0, progress=False).partial_fit(X).cluster_centers_)
+
+    pw = EDPairs(3, random_state=0, progress=False).fit([X[:250], X[250:]])
+    pg = EDPairs(3, random_state=0, progress=False).fit([on1(X[:250]), on1(X[250:])])
+    np.testing.assert_array_equal(pg.decoding_, pw.decoding_)
+    np.testing.assert_array_equal(pg.encoding_, pw.encoding_)
+    for method in ("decode", "detect", "latent_factors"):
+        same(getattr(pg, method)(on1(X)), getattr(pw, method)(X))
+        same(getattr(pg, method)(X=on1(X)), getattr(pw, method)(X))
+
+
+def test_chunks_on_several_devices(cupy, data):
+    """Each chunk is worked on where it lives: k-means (host-side sums between chunks) fits
+    chunks spread over two GPUs as their concatenation; the pairs' device-side moments cannot
+    merge across devices and say so."""
+    X = data[0]
+    spread = [on1(X[:250]), fc.on_device(X[250:], 2)]
+    got = SphericalKMeans(4, random_state=0, progress=False).fit(spread)
+    np.testing.assert_array_equal(got.cluster_centers_.get(),
+                                  SphericalKMeans(4, random_state=0, progress=False).fit(X).cluster_centers_)
+    with pytest.raises(TypeError, match="cuda:1, the other cupy arrays on cuda:2"):
+        EDPairs(3, random_state=0, progress=False).fit(spread)
+
+
+def test_a_loop_that_stops_early_gives_the_device_back(cupy, data):
+    source = ChunkSource([on1(data[0][:100]), on1(data[0][100:])])
+    for chunk in source:
+        assert fc._current[0] == 1 and (chunk * 2)._device == 1
+        break
+    assert fc._current[0] == 0
