@@ -214,7 +214,9 @@ skipped stream || within 240 60 python3 benchmarks/bench_stream.py --gib "$STREA
 pack
 
 step "summary against the goals of issue 6"
-python3 - "$RES" <<'PY' | tee "$OUT/summary.txt"
+# First which candidates the run says to make defaults (benchmarks/decide.py), then the goals.
+python3 benchmarks/decide.py "$RES" --json "$RES/decisions.json" | tee "$OUT/summary.txt"
+python3 - "$RES" <<'PY' | tee -a "$OUT/summary.txt"
 import json, os, sys
 out = sys.argv[1]
 def load(name):

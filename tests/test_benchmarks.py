@@ -45,7 +45,7 @@ def test_same_shape_rates_on_the_cpu():
 def _summary_script() -> str:
     with open(os.path.join(BENCH, "gpu_check.sh")) as f:
         text = f.read()
-    match = re.search(r"python3 - \"\$RES\" <<'PY' \| tee \"\$OUT/summary.txt\"\n(.*?)\nPY\n", text, re.S)
+    match = re.search(r"python3 - \"\$RES\" <<'PY' \| tee -a \"\$OUT/summary.txt\"\n(.*?)\nPY\n", text, re.S)
     assert match, "gpu_check.sh has no summary block"
     return match.group(1)
 
@@ -107,12 +107,13 @@ def test_gpu_check_summary_reads_a_device_run(tmp_path):
 
 
 _FAKE_PYTHON = """#!/bin/sh
-# python3 for gpu_check.sh without a GPU: the summary, the build check and the package probes
-# run for real; every other command is logged and touches the result file it names (and the one
+# python3 for gpu_check.sh without a GPU: the summary, decide.py, the build check and the
+# package probes run for real; every other command is logged and touches the result file it names (and the one
 # matching SLOW_MATCH sleeps FAKE_SLEEP seconds).
 case "$1" in
   -) exec "$REAL_PY" "$@" ;;
   -c) case "$2" in *cuda_device_count*) exit 0 ;; esac; exec "$REAL_PY" "$@" ;;
+  benchmarks/decide.py) exec "$REAL_PY" "$@" ;;
 esac
 echo "$*" >> "$CALLS"
 for a in "$@"; do
@@ -167,7 +168,9 @@ def test_gpu_check_runs_every_step_in_one_call(tmp_path):
             "kmeans_cuda_bf16.json", "moments_cuda.json", "cuda_tests_new.xml", "cuda_tests.xml", "tests_new.txt",
             "kernel_profile.json", "build.log"} <= packed
     assert sorted(os.listdir(tmp_path / "out")) == ["log.txt", "results.tar.gz", "summary.txt"]
-    assert "goal (issue 6)" in (tmp_path / "out" / "summary.txt").read_text()
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert summary.index("candidates against the defaults") < summary.index("goal (issue 6)")
+    assert "decisions.json" in packed
 
 
 def test_gpu_check_keeps_inside_its_budget(tmp_path):
@@ -194,3 +197,70 @@ def test_gpu_check_benchmarks_leave_the_tests_their_time(tmp_path):
     assert any("gpu_ceilings.py" in c for c in calls) and any("--dtype bfloat16" in c for c in calls), calls
     assert len([c for c in calls if "-m pytest" in c]) == 3, calls
     assert {"cuda_tests_new.xml", "cuda_tests.xml", "cuda_tests_new.rc", "cuda_tests.rc"} <= packed
+
+
+def _decide_run(folder, tests_rc="0", failures=0):
+    """Result files of a device run in which the float16 rows win, the k = 64 wgmma row is
+    faster but labels worse, the fused row is missing, the float16 moments win and the float16
+    signal moments lose, and the triangle wins for the exact products only."""
+    size, small = [1000000, 512, 1024], [1000000, 512, 64]
+
+    def km(size, method, s, agree=0.9990):
+        return {"size": size, "method": method, "median_s": s, "label_agreement_2e-3": agree}
+
+    _write(folder, "kmeans_cuda_f32.json", {"results": [km(size, "edpairs", 0.0063), km(size, "torch", 0.0114),
+                                                        km(small, "edpairs", 0.00266)]})
+    _write(folder, "kmeans_cuda_half.json", {"results": [km(size, "edpairs-half", 0.0040, 0.9991),
+                                                         km(size, "edpairs-half-copies", 0.0062)]})
+    _write(folder, "kmeans_cuda_k64.json", {"results": [km(small, "edpairs-wgmma-columns", 0.0015, 0.9900),
+                                                        {"size": small, "method": "edpairs-fused-wgmma",
+                                                         "error": "RuntimeError: ..."}]})
+
+    def mo(op, method, s, err=3e-5):
+        return {"op": op, "size": [1000000, 512, 256], "method": method, "median_s": s, "rel_err_sample": err}
+
+    _write(folder, "moments_cuda.json", {"results": [
+        mo("moments", "edpairs", 0.0124, 2e-7), mo("moments", "edpairs-tf32", 0.0047),
+        mo("moments", "edpairs-tf32-half", 0.0030, 1e-5), mo("moments", "edpairs-tri128", 0.0090, 2e-7),
+        mo("moments", "edpairs-tf32-tri128", 0.0047), mo("signal_moments", "edpairs-tf32", 0.0052),
+        mo("signal_moments", "edpairs-tf32-half", 0.0055, 1e-5)]})
+    (folder / "cuda_tests_new.xml").write_text(f'<testsuites><testsuite tests="40" failures="{failures}" errors="0">'
+                                               '</testsuite></testsuites>')
+    (folder / "cuda_tests_new.rc").write_text(tests_rc + "\n")
+
+
+def _verdicts(folder):
+    sys.path.insert(0, BENCH)
+    try:
+        import decide
+    finally:
+        sys.path.remove(BENCH)
+    return {d.knob.split(" (")[0]: d for d in decide.decisions(str(folder))}
+
+
+def test_decide_flips_only_faster_accurate_tested_candidates(tmp_path):
+    _decide_run(tmp_path)
+    v = _verdicts(tmp_path)
+    assert v["EDPAIRS_ASSIGN_HALF=1"].verdict == "FLIP"
+    assert v["EDPAIRS_ASSIGN_HALF=copies"].verdict == "keep" and "not 3% faster" in v["EDPAIRS_ASSIGN_HALF=copies"].detail
+    columns = v["wgmma labels below k = 129 + owned-column sums"]
+    assert columns.verdict == "keep" and "less accurate" in columns.detail and "not 3% faster" not in columns.detail
+    assert v["EDPAIRS_ASSIGN_SUMS=fused on wgmma"].verdict == "not measured"
+    half = v["EDPAIRS_GEMM_HALF=1"]
+    assert half.verdict == "keep" and "not 3% faster everywhere" in half.detail  # the signal row lost
+    assert v["EDPAIRS_GEMM_OVERLAP=1"].verdict == "not measured"
+    assert v["EDPAIRS_GEMM_GRAM=triangle, block 128"].verdict == "keep"  # the TF32 triangle did not win
+    out = tmp_path / "decisions.json"
+    res = subprocess.run([sys.executable, os.path.join(BENCH, "decide.py"), str(tmp_path), "--json", str(out)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "fastest moments tf32 row: edpairs-tf32-half 3.00 ms" in res.stdout
+    assert "default lives in: python/edpairs/_gemm.py _half_knob()" in res.stdout
+    assert [d["verdict"] for d in json.loads(out.read_text())["decisions"]].count("FLIP") == 1
+
+
+@pytest.mark.parametrize("rc,failures", [("0", 1), ("2", 0)])
+def test_decide_flips_nothing_when_the_new_kernel_tests_did_not_pass(tmp_path, rc, failures):
+    _decide_run(tmp_path, tests_rc=rc, failures=failures)
+    half = _verdicts(tmp_path)["EDPAIRS_ASSIGN_HALF=1"]
+    assert half.verdict == "keep" and f"{failures} failed, exit status {rc}" in half.detail
