@@ -2,8 +2,9 @@
 // tools/cuda_emu (the CUDA sources compiled as C++ and run on the CPU, so that kernels can be
 // tested on a machine without a GPU).
 //
-// Model: a launch runs its blocks one after another (launches themselves one at a time, under
-// one lock); a block runs each of its threads as a std::thread. Shared memory: each block's
+// Model: a launch runs its blocks one after another, or EMU_BLOCKS_AT_ONCE of them at a time
+// (launches themselves one at a time, under one lock); a block runs each of its threads as a
+// std::thread. Shared memory: each block's
 // `__shared__` arrays are fresh allocations (translate.py), dynamic shared memory is a fresh
 // buffer per block placed `EMU_SMEM_PAD` bytes (default 528) into a window whose start is
 // shared address 0, so that kernels that align their tiles themselves do it for real. Memory
@@ -92,6 +93,9 @@ inline int env_int(const char* name, int fallback) {
 }
 inline int sms() { return env_int("EMU_SMS", 3); }
 inline int smem_pad() { return env_int("EMU_SMEM_PAD", 528); }
+// Blocks of a launch that run at the same time (default 1: one after another); more let
+// ThreadSanitizer see accesses of different blocks to the same global memory.
+inline int blocks_at_once() { return env_int("EMU_BLOCKS_AT_ONCE", 1); }
 constexpr int kSmemOptin = 232448;   // sm_90: 227 KB per block
 constexpr int kSmemPerSm = 233472;   // 228 KB per SM
 constexpr int kSmemDefault = 49152;  // without the attribute
@@ -251,41 +255,49 @@ inline void launch(const void* kernel, dim3 g, dim3 b, size_t smem, const std::f
     return;
   }
   const size_t pad = static_cast<size_t>(smem_pad());
-  for (unsigned bz = 0; bz < g.z; ++bz)
-    for (unsigned by = 0; by < g.y; ++by)
-      for (unsigned bx = 0; bx < g.x; ++bx) {
-        Block blk;
-        blk.threads = static_cast<int>(threads);
-        blk.window_bytes = pad + smem;
-        const size_t alloc = std::max<size_t>(blk.window_bytes, 1);  // exact: AddressSanitizer sees overruns
-        std::unique_ptr<unsigned char[], AlignedDelete> window(new (std::align_val_t(1024)) unsigned char[alloc],
-                                                               AlignedDelete{1024});
-        std::memset(window.get(), 0xFF, alloc);
-        blk.window = window.get();
-        blk.dynamic = window.get() + pad;
-        for (int w = 0; w < threads / 32; ++w) blk.warps.emplace_back(new WarpSlots());
-        std::vector<std::thread> ts;
-        ts.reserve(static_cast<size_t>(threads));
-        for (int t = 0; t < threads; ++t) {
-          ts.emplace_back([&, t] {
-            threadIdx = dim3(t % b.x, (t / b.x) % b.y, t / (b.x * b.y));
-            blockIdx = dim3(bx, by, bz);
-            blockDim = b;
-            gridDim = g;
-            self = Thread();
-            self.block = &blk;
-            self.tid = t;
-            body();
-            // Whatever is still in flight lands before the block's memory goes.
-            if (!self.copies_open.empty()) self.copies.push_back(std::move(self.copies_open));
-            finish_copies(0);
-            if (!self.mma_open.empty()) die("a wgmma batch was never committed");
-            finish_mmas(0);
-            self = Thread();
-          });
-        }
-        for (auto& th : ts) th.join();
+  const long total = long(g.x) * g.y * g.z;
+  const long at_once = std::max(1, blocks_at_once());
+  for (long first = 0; first < total; first += at_once) {
+    const long count_here = std::min(at_once, total - first);
+    std::vector<std::unique_ptr<Block>> blocks;
+    std::vector<std::unique_ptr<unsigned char[], AlignedDelete>> windows;
+    std::vector<std::thread> ts;
+    ts.reserve(static_cast<size_t>(threads * count_here));
+    for (long i = 0; i < count_here; ++i) {
+      const long linear = first + i;
+      const dim3 bid(static_cast<unsigned>(linear % g.x), static_cast<unsigned>((linear / g.x) % g.y),
+                     static_cast<unsigned>(linear / (long(g.x) * g.y)));
+      blocks.emplace_back(new Block());
+      Block& blk = *blocks.back();
+      blk.threads = static_cast<int>(threads);
+      blk.window_bytes = pad + smem;
+      const size_t alloc = std::max<size_t>(blk.window_bytes, 1);  // exact: AddressSanitizer sees overruns
+      windows.emplace_back(new (std::align_val_t(1024)) unsigned char[alloc], AlignedDelete{1024});
+      std::memset(windows.back().get(), 0xFF, alloc);
+      blk.window = windows.back().get();
+      blk.dynamic = blk.window + pad;
+      for (int w = 0; w < threads / 32; ++w) blk.warps.emplace_back(new WarpSlots());
+      for (int t = 0; t < threads; ++t) {
+        ts.emplace_back([&, t, bid, blkp = &blk] {
+          threadIdx = dim3(t % b.x, (t / b.x) % b.y, t / (b.x * b.y));
+          blockIdx = bid;
+          blockDim = b;
+          gridDim = g;
+          self = Thread();
+          self.block = blkp;
+          self.tid = t;
+          body();
+          // Whatever is still in flight lands before the block's memory goes.
+          if (!self.copies_open.empty()) self.copies.push_back(std::move(self.copies_open));
+          finish_copies(0);
+          if (!self.mma_open.empty()) die("a wgmma batch was never committed");
+          finish_mmas(0);
+          self = Thread();
+        });
       }
+    }
+    for (auto& th : ts) th.join();
+  }
 }
 
 inline unsigned char* dyn_smem() { return self.block->dynamic; }
