@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ._arrays import require_torch
+from ._arrays import device_scope, require_torch
 from ._checks import is_int as _is_int
 from ._checks import is_real as _is_real
 from ._progress import Progress
@@ -345,8 +345,9 @@ def _like(t, ref):
     if hasattr(ref, "__dlpack__") and root not in ("numpy", "builtins"):
         # e.g. cupy: hand the tensor back through DLPack, on the device it was computed on.
         mod = importlib.import_module(root)
-        out = mod.from_dlpack(t.to(torch.float32).contiguous())
-        return out.astype(ref.dtype) if hasattr(out, "astype") else out
+        with device_scope(ref):  # (cupy's astype runs on the current device)
+            out = mod.from_dlpack(t.to(torch.float32).contiguous())
+            return out.astype(ref.dtype) if hasattr(out, "astype") else out
     return t.detach().cpu().numpy().astype(np.float64, copy=False)
 
 
