@@ -321,3 +321,23 @@ def test_a_list_of_rows_is_refused_with_a_hint(rng):
     km = edp.SphericalKMeans(3, random_state=0).fit([X[:100], X[100:]])  # chunks still work
     assert km.counts_.sum() == len(X)
     assert edp.SphericalKMeans(3, random_state=0).fit(np.asarray(X.tolist())).counts_.sum() == len(X)
+
+
+def test_pass_totals_kept_on_a_torch_device(rng, monkeypatch):
+    """The Lloyd passes' device-side totals (torch: topk, float64 sums, stack, cat), run here
+    on CPU tensors as if they were on a GPU: the same fit as the host's, re-seeding included
+    (two equal initial centroids leave one cluster empty)."""
+    torch = pytest.importorskip("torch")
+    import edpairs.cluster as cl
+
+    X, _, _ = planted(rng)
+    C0 = np.stack([X[0], X[0], X[1], X[2], X[3], X[4]]).astype(np.float32)
+    parts = np.array_split(X, 4)
+    want = edp.SphericalKMeans(6, init=C0, max_iter=4, tol=0, progress=False).fit(parts)
+    seen = []
+    monkeypatch.setattr(cl, "_kept_on_device", lambda xp, s: seen.append(xp.name) or xp.name == "torch")
+    got = edp.SphericalKMeans(6, init=C0, max_iter=4, tol=0, progress=False).fit([torch.from_numpy(p) for p in parts])
+    assert seen and set(seen) == {"torch"}
+    np.testing.assert_array_equal(got.cluster_centers_.numpy(), want.cluster_centers_)
+    np.testing.assert_array_equal(got.counts_, want.counts_)
+    assert got.inertia_ == pytest.approx(want.inertia_, rel=1e-12) and np.all(want.counts_ > 0)

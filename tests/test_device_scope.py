@@ -122,3 +122,36 @@ def test_a_loop_that_stops_early_gives_the_device_back(cupy, data):
         assert fc._current[0] == 1 and (chunk * 2)._device == 1
         break
     assert fc._current[0] == 0
+
+
+def test_kmeans_passes_copy_to_the_host_once_per_pass(cupy, data):
+    """On a GPU the Lloyd passes keep each chunk's sums, counts, score total and lowest scores
+    on the device: the copies to the host per pass do not grow with the number of chunks (they
+    were three per chunk: sums, counts and every row's score), and the fit is the host's."""
+    X = data[0]
+    C0 = X[:5].copy()
+    copies = {}
+    for chunks in (1, 6):
+        parts = np.array_split(X, chunks)
+        for passes in (2, 4):
+            fc.copies_to_host[0] = 0
+            got = SphericalKMeans(5, init=C0, max_iter=passes - 1, tol=0, progress=False).fit([on1(p) for p in parts])
+            copies[chunks, passes] = fc.copies_to_host[0]
+            want = SphericalKMeans(5, init=C0, max_iter=passes - 1, tol=0, progress=False).fit(parts)
+            same(got.cluster_centers_, want.cluster_centers_)
+            assert got.inertia_ == want.inertia_ and got.n_iter_ == want.n_iter_ == passes - 1
+    per_pass = (copies[1, 4] - copies[1, 2]) / 2
+    assert per_pass == (copies[6, 4] - copies[6, 2]) / 2 and per_pass <= 5, copies
+
+
+def test_kmeans_reseeds_from_the_devices_lowest_scores(cupy, data):
+    """Two equal initial centroids leave one cluster empty: it is re-seeded from the rows with
+    the lowest scores, which the device picks per chunk (global row numbers kept), as the host
+    does."""
+    X = data[0]
+    C0 = np.stack([X[0], X[0], X[1], X[2]])
+    parts = np.array_split(X, 3)
+    want = SphericalKMeans(4, init=C0, max_iter=3, tol=0, progress=False).fit(parts)
+    got = SphericalKMeans(4, init=C0, max_iter=3, tol=0, progress=False).fit([on1(p) for p in parts])
+    same(got.cluster_centers_, want.cluster_centers_)
+    assert np.all(want.counts_ > 0)

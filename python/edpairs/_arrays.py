@@ -142,6 +142,23 @@ class Namespace:
                 x = x.resolve_neg()
         return x
 
+    # ---- reductions -----------------------------------------------------------------
+    def k_lowest(self, x, m: int):
+        """Positions of the m lowest entries of the 1-D x, in no particular order (ties broken
+        as the library's selection does), in x's library and device."""
+        n = int(x.shape[0])
+        if m >= n:
+            return self.mod.arange(n, device=x.device) if self.name == "torch" else self.mod.arange(n)
+        if self.name == "torch":
+            return self.mod.topk(x, m, largest=False, sorted=False).indices
+        return self.mod.argpartition(x, m - 1)[:m]
+
+    def sum_float64(self, x):
+        """The float64 sum of x, as a 0-d array of x's library and device (no synchronisation)."""
+        if self.name == "torch":
+            return x.sum(dtype=self.mod.float64)
+        return x.sum(dtype=np.float64)
+
     # ---- checks ---------------------------------------------------------------------
     def all_finite(self, x) -> bool:
         if self.name == "torch":
@@ -187,7 +204,7 @@ def to_numpy64(a) -> np.ndarray:
     host: float64 values and integers up to 2^53 exactly (never through float32). A torch or
     cupy array is always copied (a float64 CPU tensor's numpy view would share its memory); a
     numpy float64 array comes back as itself."""
-    if isinstance(a, np.ndarray):
+    if isinstance(a, np.ndarray) and _module_root(a) == "numpy":  # (not another library's subclass)
         return np.asarray(a, dtype=np.float64)
     return np.array(to_host(a), dtype=np.float64)
 

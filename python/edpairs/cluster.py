@@ -12,7 +12,7 @@ from typing import List, Optional
 import numpy as np
 
 from . import ops
-from ._arrays import namespace_of, on_device_of, to_numpy64
+from ._arrays import device_scope, namespace_of, on_device_of, to_numpy64
 from ._checks import check_real
 from ._checks import is_int as _is_int
 from ._progress import Progress
@@ -237,6 +237,94 @@ class _LloydResult:
     sums: Optional[np.ndarray] = None  # (k, D) raw-space sums of the unit vectors assigned to the final centres
 
 
+class _Placed:
+    """A pass's centroid filters, centre and column scales (numpy), sent to each device the
+    chunks live on once per pass rather than once per chunk."""
+
+    def __init__(self, *arrays):
+        self.arrays = arrays
+        self._at: dict = {}
+
+    def on(self, chunk):
+        xp = namespace_of(chunk)
+        key = (xp.name, xp.device(chunk))
+        if key not in self._at:
+            self._at[key] = tuple(on_device_of(a, chunk) for a in self.arrays)
+        return self._at[key]
+
+
+def _kept_on_device(xp, scores) -> bool:
+    """Whether a pass keeps a chunk's totals where its scores are: on a GPU (in host memory
+    there is nothing to gain by deferring)."""
+    return xp.is_cuda(scores)
+
+
+class _PassTotals:
+    """What one Lloyd pass needs of each chunk's assignment: float64 cluster sums and counts,
+    the total and number of the scores, and the k lowest scores with their global rows (the
+    candidates for re-seeding empty clusters). On a GPU these stay on the chunks' device
+    (sums and counts added there, the k lowest scores picked there) and come to the host once
+    per run of chunks on one device, instead of every row's score and every chunk's sums
+    being copied (and the device waited for) chunk by chunk. The float64 sums and the scores'
+    totals are added in chunk order either way, as on the host; within a chunk, the total of
+    its scores is the library's float64 sum."""
+
+    def __init__(self, k: int, D: int, offset: int):
+        self.k, self.offset = k, offset
+        self.sums, self.counts = np.zeros((k, D)), np.zeros(k, np.int64)
+        self.total, self.n = 0.0, 0
+        self.worst_scores: list = []
+        self.worst_index: list = []
+        self._key = None
+        self._run: Optional[list] = None  # [sums, counts, chunk totals, (low scores, low rows)...]
+
+    def add(self, res) -> None:
+        scores = res.scores
+        xp = namespace_of(scores)
+        size = int(scores.shape[0])
+        m = min(self.k, size)
+        if not _kept_on_device(xp, scores):
+            s = to_numpy64(scores)
+            self.sums += to_numpy64(res.sums)
+            self.counts += to_numpy64(res.counts).astype(np.int64)
+            low = np.argpartition(s, m - 1)[:m] if m < size else np.arange(size)
+            self.worst_scores.append(s[low])
+            self.worst_index.append(self.offset + self.n + low)
+            self.total += float(s.sum())
+            self.n += size
+            return
+        key = (xp.name, xp.device(scores))
+        if key != self._key:
+            self.flush()
+            self._key, self._run = key, [res.sums, res.counts, [], []]
+        else:
+            self._run[0] = self._run[0] + res.sums
+            self._run[1] = self._run[1] + res.counts
+        low = xp.k_lowest(scores, m)
+        self._run[2].append(xp.sum_float64(scores))
+        self._run[3].append((scores[low], low + (self.offset + self.n)))
+        self.n += size
+
+    def flush(self) -> None:
+        """The device run's totals added into the host ones: five copies to the host, however
+        many chunks the run had (the first waits for the device)."""
+        if self._run is None:
+            return
+        sums, counts, chunk_totals, lows = self._run
+        self._run = self._key = None
+        with device_scope(sums):
+            self.sums += to_numpy64(sums)
+            self.counts += to_numpy64(counts).astype(np.int64)
+            for t in to_numpy64(_stack(chunk_totals)):
+                self.total += float(t)
+            self.worst_scores.append(to_numpy64(_concat([v for v, _ in lows])))
+            self.worst_index.append(to_numpy64(_concat([r for _, r in lows])).astype(np.int64))
+
+    def result(self):
+        self.flush()
+        return self.sums, self.counts, self.total, self.n, self.worst_scores, self.worst_index
+
+
 def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter: int, tol: float,
            check_finite: bool, progress: Progress, keep_labels: bool, red: Reducer, offset: int = 0,
            start: int = 0, previous: Optional[float] = None, save=None) -> _LloydResult:
@@ -252,26 +340,17 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
         final = it == max_iter
         F = geometry.filters(C).astype(np.float32)
         col_scale = geometry.col_scale(k)
-        sums = np.zeros((k, source.n_features))
-        counts = np.zeros(k, np.int64)
-        total, n = 0.0, 0
-        worst_scores, worst_index = [], []  # per chunk, its k lowest scores and their global rows
+        params = _Placed(F, geometry.center(), col_scale)
+        totals = _PassTotals(k, source.n_features, offset)
         labels = [] if keep_labels else None
         for index, chunk in enumerate(source):
-            res = ops.assign(chunk, on_device_of(F, chunk), center=on_device_of(geometry.center(), chunk),
-                             row_scale=geometry.row_scale(index, chunk), col_scale=on_device_of(col_scale, chunk),
-                             accumulate=True, check_finite=check_finite and it == 0)
-            sums += to_numpy64(res.sums)
-            counts += to_numpy64(res.counts).astype(np.int64)
-            scores = to_numpy64(res.scores)
+            F_here, center_here, col_here = params.on(chunk)
+            res = ops.assign(chunk, F_here, center=center_here, row_scale=geometry.row_scale(index, chunk),
+                             col_scale=col_here, accumulate=True, check_finite=check_finite and it == 0)
+            totals.add(res)
             if keep_labels:
                 labels.append(res.labels)
-            m = min(k, scores.size)
-            low = np.argpartition(scores, m - 1)[:m] if m < scores.size else np.arange(scores.size)
-            worst_scores.append(scores[low])
-            worst_index.append(offset + n + low)
-            total += float(scores.sum())
-            n += scores.size
+        sums, counts, total, n, worst_scores, worst_index = totals.result()
         if red.active:
             sums = red.sum(sums)
             counts = red.sum(counts)
@@ -319,10 +398,17 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
 
 
 def _concat(parts):
+    if len(parts) == 1:
+        return parts[0]
     xp = namespace_of(parts[0])
     if xp.name == "torch":
         return xp.mod.cat(parts)
     return xp.mod.concatenate(parts)
+
+
+def _stack(parts):
+    """0-d arrays of one library and device as one 1-D array there."""
+    return namespace_of(parts[0]).mod.stack(parts)
 
 
 def _seed_sample(source: ChunkSource, geometry: _Geometry, size: int, rng: np.random.Generator, *,
