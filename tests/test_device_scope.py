@@ -98,6 +98,7 @@ def test_estimators_fit_and_predict_on_the_datas_device(cupy, data):
     pg = EDPairs(3, random_state=0, progress=False).fit([on1(X[:250]), on1(X[250:])])
     np.testing.assert_array_equal(pg.decoding_, pw.decoding_)
     np.testing.assert_array_equal(pg.encoding_, pw.encoding_)
+    np.testing.assert_array_equal(pg.bias_, pw.bias_)  # (the thresholds' histograms made on the device)
     for method in ("decode", "detect", "latent_factors"):
         same(getattr(pg, method)(on1(X)), getattr(pw, method)(X))
         same(getattr(pg, method)(X=on1(X)), getattr(pw, method)(X))

@@ -320,3 +320,26 @@ def test_rows_far_from_the_origin_are_refused_with_the_remedy(published, dtype):
     model = edp.EDPairs(3, random_state=0).fit((X + 1e3).astype(dtype))  # 1.4e3 times the spread
     assert np.array_equal(model.n_positives_, ref.n_positives_)
     np.testing.assert_allclose(model.decoding_, ref.decoding_, atol=1e-4)
+
+
+def test_threshold_histograms_are_the_same_in_every_library(rng):
+    """The thresholds' histograms are made where the rows are (torch here on the CPU, a GPU's
+    bincount on CUDA): with exact products (small integers) the thresholds equal numpy's."""
+    torch = pytest.importorskip("torch")
+    from edpairs._source import ChunkSource
+    from edpairs.pairs import _thresholds
+
+    X = rng.integers(-8, 9, size=(3000, 6)).astype(np.float32)
+    W = rng.integers(-3, 4, size=(4, 6)).astype(np.float64)
+    truth = rng.integers(0, 4, size=3000)
+    parts = np.array_split(np.arange(3000), 3)
+
+    class Members:
+        def labels(self, index, block):
+            return truth[parts[index]]
+
+    args = (W, Members(), X.mean(0).astype(np.float64), np.cov(X.T))
+    want = _thresholds(ChunkSource([X[p] for p in parts]), *args, bins=64)
+    got = _thresholds(ChunkSource([torch.from_numpy(X[p]) for p in parts]), *args, bins=64)
+    np.testing.assert_array_equal(got, want)
+    assert np.unique(want).size == 4

@@ -143,12 +143,25 @@ class Namespace:
         return x
 
     # ---- reductions -----------------------------------------------------------------
+    def arange(self, n: int, like):
+        """0, 1, ..., n - 1 (int64) on like's device."""
+        if self.name == "torch":
+            return self.mod.arange(n, device=like.device)
+        return self.mod.arange(n, dtype=np.int64)
+
+    def clip(self, x, lo, hi):
+        return self.mod.clamp(x, lo, hi) if self.name == "torch" else self.mod.clip(x, lo, hi)
+
+    def bincount(self, x, minlength: int):
+        """Occurrences of each value of the 1-D non-negative integer x, at least minlength long."""
+        return self.mod.bincount(x, minlength=minlength)
+
     def k_lowest(self, x, m: int):
         """Positions of the m lowest entries of the 1-D x, in no particular order (ties broken
         as the library's selection does), in x's library and device."""
         n = int(x.shape[0])
         if m >= n:
-            return self.mod.arange(n, device=x.device) if self.name == "torch" else self.mod.arange(n)
+            return self.arange(n, x)
         if self.name == "torch":
             return self.mod.topk(x, m, largest=False, sorted=False).indices
         return self.mod.argpartition(x, m - 1)[:m]

@@ -24,7 +24,7 @@ from ._checks import is_real as _is_real
 from ._io import write_atomic
 from ._progress import Progress
 from ._source import ChunkSource, row_blocks
-from .cluster import Whitener, _count_rows, _Geometry, _unit_rows, cluster, resolve_shrinkage
+from .cluster import _Placed, Whitener, _count_rows, _Geometry, _unit_rows, cluster, resolve_shrinkage
 from .distributed import merge_moments, reducer
 
 __all__ = ["EDPairs", "positives_signal_vectors", "whole_data_signal_vectors"]
@@ -639,17 +639,25 @@ def _thresholds(source, W: np.ndarray, members: _MemberLabels, mean: np.ndarray,
     floor = 1e-30 * max(np.trace(cov) / cov.shape[0], np.finfo(np.float64).tiny)
     sd = np.sqrt(np.maximum(np.einsum("id,de,ie->i", W, cov, W), floor))
     lo, hi = center - 8 * sd, center + 8 * sd
-    pos = np.zeros(I * bins, np.int64)  # members of cluster i, by bin of w_i . x
-    every = np.zeros(I * bins, np.int64)  # all rows, by bin of w_i . x
+    # The histograms are made where the rows are (a GPU's bincount; the float64 bin arithmetic is
+    # the same there), one pair per device, added on the host at the end: no (n, I) z to the host.
     W32 = W.astype(np.float32)
-    offsets = np.arange(I) * bins
+    params = _Placed(W32.T, lo, hi - lo, np.arange(I) * bins)
+    hist: dict = {}  # (library, device) -> [members of cluster i by bin of w_i . x, all rows by bin]
     for index, block in enumerate(_blocks(source)):
         xp = namespace_of(block)
-        z = to_numpy64(xp.astype(block, "float32") @ on_device_of(W32.T, block))  # (n, I)
-        labels = members.labels(index, block)
-        idx = np.clip(((z - lo) / (hi - lo) * bins).astype(np.int64), 0, bins - 1)
-        every += np.bincount((idx + offsets).ravel(), minlength=I * bins)
-        pos += np.bincount(labels * bins + idx[np.arange(len(labels)), labels], minlength=I * bins)
+        Wt, lo_, span, offsets = params.on(block)
+        z = xp.astype(xp.astype(block, "float32") @ Wt, "float64")  # (n, I)
+        labels = on_device_of(members.labels(index, block), block)
+        # (clipped before the cast too: a value beyond int64 would cast to anything)
+        idx = xp.clip(xp.astype(xp.clip((z - lo_) / span * bins, 0, bins - 1), "int64"), 0, bins - 1)
+        counts = hist.setdefault((xp.name, xp.device(block)), [0, 0])
+        counts[0] = counts[0] + xp.bincount(labels * bins + idx[xp.arange(len(labels), block), labels], I * bins)
+        counts[1] = counts[1] + xp.bincount((idx + offsets).ravel(), I * bins)
+    pos, every = np.zeros(I * bins, np.int64), np.zeros(I * bins, np.int64)
+    for members_by_bin, all_by_bin in hist.values():
+        pos += to_numpy64(members_by_bin).astype(np.int64)
+        every += to_numpy64(all_by_bin).astype(np.int64)
     if red is not None and red.active:
         pos, every = red.sum(pos), red.sum(every)
     pos, neg = pos.reshape(I, bins), (every - pos).reshape(I, bins)
