@@ -57,7 +57,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 # Knobs: ARCHS (CUDA architectures to build; the card's own by default, to build fast),
 # PROFILE_CASES (the steps whose kernels profile_kernels.py times one by one),
 # SLOW=1 (also the slow CUDA tests), REPEAT (timed repetitions per benchmark), SKIP (steps to
-# leave out: ceilings, kmeans, half, k64, bf16, moments, tests, profile, estimators, ncu,
+# leave out: ceilings, kmeans, half, k64, bf16, moments, tests, profile, fit, estimators, ncu,
 # route_parts, stream; by default estimators, ncu, route_parts and stream, measured in run4 /
 # run5 and unchanged since; SKIP="" runs everything the budget allows). The hardware counters
 # of the k-means kernels:
@@ -191,6 +191,14 @@ step "where each step's device time goes (every kernel, torch.profiler)"
 skipped profile || within 100 30 python3 benchmarks/profile_kernels.py --cases $PROFILE_CASES --json "$RES/kernel_profile.json" || status=1
 pack
 
+# Information: the estimators' whole fits on GPU rows (bench_fit.py: EDPairs(32) and
+# SphericalKMeans(32) on 1M x 256; the data made on the CPU first, about 5-10 s), last of the
+# default steps, so it runs only where the budget has room.
+step "whole fits on the GPU (information)"
+skipped fit || within 120 60 python3 benchmarks/bench_fit.py --device cuda --methods edpairs,spherical_kmeans \
+  --json "$RES/fit_cuda.json" || status=1
+pack
+
 # Information only: the estimators with TF32 as the float32 default (EDPAIRS_PRECISION=tf32).
 step "estimator tests with EDPAIRS_PRECISION=tf32 (information, not a gate)"
 skipped estimators || EDPAIRS_PRECISION=tf32 within 120 30 python3 -m pytest -q -m "$MARK" tests/test_cuda_estimators.py -p no:cacheprovider 2>&1 | tail -5
@@ -317,6 +325,9 @@ for x in (load("kernel_profile.json") or {}).get("results", []):
     if "kernels" in x:
         top = ", ".join(f"{k['name'][:40]} {k['seconds'] * 1e3:.2f}" for k in x["kernels"][:4])
         print(f"profile {x['case']:80s} step {x['wall_s'] * 1e3:7.2f} ms, busy {x['device_busy_s'] * 1e3:7.2f}: {top}")
+for method, x in ((load("fit_cuda.json") or {}).get("results") or {}).items():
+    print(f"whole fit on the GPU, {method}: " + (f"{x['wall_s']:.2f} s, {x.get('n_iter')} iterations, IoU {x.get('mean_iou', 0):.3f}"
+                                                if "wall_s" in x else str(x.get("error"))))
 for x in (load("route_parts.json") or {}).get("results", []):
     print(f"{x['group']:14s} {x['piece']:40s} {x['ms']:8.3f} ms  {x.get('note', '')}")
 st = {x["method"]: x for x in (load("stream_cuda.json") or {}).get("results", [])}

@@ -72,6 +72,8 @@ def test_gpu_check_summary_reads_a_device_run(tmp_path):
     _write(tmp_path, "moments_cuda.json", {"results": [
         {"op": "moments", "size": [1000000, 512, 256], "method": "edpairs-tf32", "median_s": 0.004},
         {"op": "signal_moments", "size": [1000000, 512, 256], "method": "edpairs", "median_s": 0.02}]})
+    _write(tmp_path, "fit_cuda.json", {"results": {"edpairs": {"wall_s": 1.5, "n_iter": 40, "mean_iou": 0.9},
+                                                   "spherical_kmeans": {"error": "RuntimeError: boom"}}})
     # Two test groups without failures in their junit files; the second was stopped by its time
     # limit (pytest's exit status 2), so it does not count as passing.
     for name, rc in (("cuda_tests_new", "0"), ("cuda_tests", "2")):
@@ -100,6 +102,8 @@ def test_gpu_check_summary_reads_a_device_run(tmp_path):
     assert goal("signal_moments: edpairs rate / fp32 GEMM rate (exact)") == pytest.approx(signal / 50e12, abs=0.01)
     assert goal("signal_moments: edpairs rate / same-shape fp32") == pytest.approx(signal / 105e12, abs=0.01)
     assert any(line.startswith("same-shape cuBLAS: kmeans_tf32 100") for line in lines)
+    assert "whole fit on the GPU, edpairs: 1.50 s, 40 iterations, IoU 0.900" in lines
+    assert "whole fit on the GPU, spherical_kmeans: RuntimeError: boom" in lines
     assert goal("CUDA tests (new kernels): all pass (1 = yes)") == 1.0
     assert goal("CUDA tests (the rest): all pass (1 = yes)") == 0.0
     # The TF32 moments row is read against the TF32 rates only, not the exact float32 one.
@@ -159,7 +163,7 @@ def test_gpu_check_runs_every_step_in_one_call(tmp_path):
     order = ["pip install", "gpu_ceilings.py", "bench_kmeans.py --device cuda --methods edpairs,edpairs-labels,edpairs-fit,torch",
              "--methods edpairs-half,edpairs-half-copies", "--methods edpairs-wgmma-columns,edpairs-fused-wgmma",
              "--dtype bfloat16", "bench_moments.py", "-m pytest", "-m pytest", "tests/test_errors.py",
-             "profile_kernels.py"]
+             "profile_kernels.py", "bench_fit.py --device cuda"]
     assert len(calls) == len(order), calls
     for call, part in zip(calls, order):
         assert part in call, (part, call)
@@ -179,9 +183,11 @@ def test_gpu_check_keeps_inside_its_budget(tmp_path):
     code, stdout, calls, packed = _fake_gpu_check(tmp_path, BUDGET="61", RESERVE="0", TEST_HOLD="0",
                                                   SLOW_MATCH="bench_moments", FAKE_SLEEP="3")
     assert code == 1, stdout
-    # The two CUDA test groups need 60 s, of which at most 58 are left after the moments.
+    # The two CUDA test groups (and the whole fits, last) need 60 s, of which at most 58 are
+    # left after the moments.
     assert [c for c in calls if "-m pytest" in c] == [next(c for c in calls if "tests/test_errors.py" in c)], calls
-    assert stdout.count("s left of the call's budget of 61 s, this step needs at least 60)") == 2, stdout
+    assert stdout.count("s left of the call's budget of 61 s, this step needs at least 60)") == 3, stdout
+    assert not any("bench_fit.py" in c for c in calls), calls
     assert any("profile_kernels.py" in c for c in calls), calls
     assert {"ceilings.json", "moments_cuda.json", "kernel_profile.json"} <= packed
     assert "goal (issue 6)" in (tmp_path / "out" / "summary.txt").read_text()
