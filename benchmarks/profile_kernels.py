@@ -8,6 +8,7 @@ A case is OP:SIZE[:KEY=VALUE;KEY=VALUE...] (environment knobs set for that case 
   kmeans / kmeans-f32   ops.spherical_kmeans_step, TF32 / exact float32 products (SIZE N,D,k)
   labels                ops.assign without the sums, TF32 (N,D,k)
   torch-kmeans          the torch loop of bench_kmeans (normalise, matmul, argmax, index_add), TF32
+  kmeans-fit            SphericalKMeans(k, init=C, max_iter=1).fit(X), TF32: two passes (N,D,k)
   moments / moments-f32 ops.moments, TF32 / exact (N,D)
   signal / signal-f32   ops.signal_moments, TF32 / exact (N,D,I)
 
@@ -30,8 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, machine_info, sync, time_fn, write_json  # noqa: E402
 
 #: op -> number of size fields
-OPS = {"kmeans": 3, "kmeans-f32": 3, "labels": 3, "torch-kmeans": 3, "moments": 2, "moments-f32": 2,
+OPS = {"kmeans": 3, "kmeans-f32": 3, "labels": 3, "torch-kmeans": 3, "kmeans-fit": 3, "moments": 2, "moments-f32": 2,
        "signal": 3, "signal-f32": 3}
+KMEANS_OPS = ("kmeans", "kmeans-f32", "labels", "torch-kmeans", "kmeans-fit")
 
 
 def parse_case(text: str):
@@ -45,7 +47,7 @@ def parse_case(text: str):
     except ValueError:
         sizes = ()
     if len(sizes) != OPS[op] or min(sizes) < 1:
-        names = "N,D,k" if op in ("kmeans", "kmeans-f32", "labels", "torch-kmeans") else ("N,D" if OPS[op] == 2 else "N,D,I")
+        names = "N,D,k" if op in KMEANS_OPS else ("N,D" if OPS[op] == 2 else "N,D,I")
         raise ValueError(f"case {text!r}: {op} takes SIZE {names} (positive integers), got {parts[1]!r}")
     env: Dict[str, str] = {}
     for item in (parts[2].split(";") if len(parts) == 3 and parts[2] else []):
@@ -69,8 +71,10 @@ def make_step(op: str, sizes, device: str):
     X = randn(N, D)
     tf32 = not op.endswith("-f32")
     precision = "tf32" if tf32 else "float32"
-    if op in ("kmeans", "kmeans-f32", "labels", "torch-kmeans"):
+    if op in KMEANS_OPS:
         C = randn(sizes[2], D)
+        if op == "kmeans-fit":
+            return _fit_step(edp, X, C.cpu().numpy())
         if op == "labels":
             return lambda: edp.ops.assign(X, C, accumulate=False, check_finite=False, precision=precision)
         if op == "torch-kmeans":
@@ -89,6 +93,22 @@ def make_step(op: str, sizes, device: str):
     W = randn(D, sizes[2]) / D**0.5
     b = torch.zeros(sizes[2], device=device)
     return lambda: edp.ops.signal_moments(X, W, b, check_finite=False, precision=precision)
+
+
+def _fit_step(edp, X, C0):
+    """The estimator's step: SphericalKMeans(k, init=C0, max_iter=1).fit(X), two passes over X
+    (one Lloyd iteration and the final labelling) with TF32 products, as bench_kmeans.py's
+    edpairs-fit (the default precision set for the call only)."""
+
+    def step():
+        before = edp.ops.DEFAULT_PRECISION
+        edp.ops.DEFAULT_PRECISION = "tf32"
+        try:
+            return edp.SphericalKMeans(C0.shape[0], init=C0, max_iter=1, tol=0, progress=False).fit(X)
+        finally:
+            edp.ops.DEFAULT_PRECISION = before
+
+    return step
 
 
 def short_name(name: str) -> str:
