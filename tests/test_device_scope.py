@@ -156,3 +156,16 @@ def test_kmeans_reseeds_from_the_devices_lowest_scores(cupy, data):
     got = SphericalKMeans(4, init=C0, max_iter=3, tol=0, progress=False).fit([on1(p) for p in parts])
     same(got.cluster_centers_, want.cluster_centers_)
     assert np.all(want.counts_ > 0)
+
+
+def test_strided_rows_on_another_device(cupy, data):
+    """Rows that are not contiguous are copied where they live (the copy is an operation of the
+    current device in cupy): predict, score and partial_fit on every other row of device-1 data."""
+    X = data[0]
+    km = SphericalKMeans(4, random_state=0, progress=False).fit(X)
+    strided = on1(np.repeat(X, 2, axis=1))[:, ::2]
+    assert not strided.flags.c_contiguous
+    same(km.predict(strided), km.predict(X))
+    assert km.score(strided) == km.score(X)
+    online = SphericalKMeans(4, init=X[:4], progress=False).partial_fit(strided)
+    same(online.cluster_centers_, SphericalKMeans(4, init=X[:4], progress=False).partial_fit(X).cluster_centers_)

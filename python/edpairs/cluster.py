@@ -12,7 +12,7 @@ from typing import List, Optional
 import numpy as np
 
 from . import ops
-from ._arrays import device_scope, namespace_of, on_device_of, to_numpy64
+from ._arrays import device_scope, namespace_of, on_data_device, on_device_of, to_numpy64
 from ._checks import check_real
 from ._checks import is_int as _is_int
 from ._progress import Progress
@@ -581,6 +581,7 @@ class SphericalKMeans:
         self._sums, self._centers = res.sums.copy(), res.centers
         return self
 
+    @on_data_device("X")
     def partial_fit(self, X, y=None) -> "SphericalKMeans":
         """One online step on a batch: assign it to the current centroids and move each centroid
         to the normalised running sum of every unit vector assigned to it so far. After ``fit``
@@ -627,6 +628,7 @@ class SphericalKMeans:
         if X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} columns but the model was fitted on {self.n_features_in_}")
 
+    @on_data_device("X")
     def predict(self, X):
         """Index of the most cosine-similar centroid of each row (X's library and device)."""
         self._check_fitted()
@@ -635,6 +637,7 @@ class SphericalKMeans:
         C = on_device_of(to_numpy64(self.cluster_centers_).astype(np.float32), X)
         return ops.cosine_assign(X, C, check_finite=self.check_finite)[0]
 
+    @on_data_device("X")
     def score(self, X) -> float:
         """Mean cosine of the rows of X to their nearest centroid (higher is better)."""
         self._check_fitted()
