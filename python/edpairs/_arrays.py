@@ -142,7 +142,7 @@ class Namespace:
                 x = x.resolve_neg()
         return x
 
-    # ---- reductions -----------------------------------------------------------------
+    # ---- arithmetic and reductions (for the estimators' device-side passes) -------------
     def arange(self, n: int, like):
         """0, 1, ..., n - 1 (int64) on like's device."""
         if self.name == "torch":
