@@ -169,3 +169,14 @@ def test_strided_rows_on_another_device(cupy, data):
     assert km.score(strided) == km.score(X)
     online = SphericalKMeans(4, init=X[:4], progress=False).partial_fit(strided)
     same(online.cluster_centers_, SphericalKMeans(4, init=X[:4], progress=False).partial_fit(X).cluster_centers_)
+
+
+def test_a_fit_that_fails_mid_pass_gives_the_device_back(cupy, data):
+    """NaN in the second chunk stops the fit inside the chunk loop, where the chunk's device is
+    current: the caller's device is current again once the error arrives."""
+    X = data[0]
+    bad = X[250:].copy()
+    bad[5, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        SphericalKMeans(4, init=X[:4], progress=False).fit([on1(X[:250]), on1(bad)])
+    assert fc._current[0] == 0
