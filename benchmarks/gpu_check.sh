@@ -36,13 +36,13 @@ limit() {
 # within N MIN cmd...: cmd under `limit N` seconds (SIGINT first, so that pytest and the
 # benchmarks write what they have; killed KILL_AFTER seconds later, 10 by default: pytest under
 # xdist writes its junit file only once its workers are down), or skipped when less than MIN
-# is left.
+# is left (which fails the call, unless INFO=1: a step for information only).
 within() {
   local t
   t=$(limit "$1")
   if ((t < $2)); then
     echo "(skipped: ${t} s left of the call's budget of ${BUDGET} s, this step needs at least $2)"
-    status=1
+    [ "${INFO:-0}" = 1 ] || status=1
     return 1
   fi
   shift 2
@@ -194,10 +194,11 @@ pack
 
 # Information: the estimators' whole fits on GPU rows (bench_fit.py: EDPairs(32) and
 # SphericalKMeans(32) on 1M x 256; the data made on the CPU first, about 5-10 s), last of the
-# default steps, so it runs only where the budget has room.
+# default steps, so it runs only where the budget has room; neither a skip nor a failure fails
+# the call (a failing fit prints its error in the summary; the CUDA tests gate the estimators).
 step "whole fits on the GPU (information)"
-skipped fit || within 120 60 python3 benchmarks/bench_fit.py --device cuda --methods edpairs,spherical_kmeans \
-  --json "$RES/fit_cuda.json" || status=1
+skipped fit || INFO=1 within 120 60 python3 benchmarks/bench_fit.py --device cuda --methods edpairs,spherical_kmeans \
+  --json "$RES/fit_cuda.json" || echo "(whole fits: not run or failed; information only)"
 pack
 
 # Information only: the estimators with TF32 as the float32 default (EDPAIRS_PRECISION=tf32).

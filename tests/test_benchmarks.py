@@ -183,13 +183,25 @@ def test_gpu_check_keeps_inside_its_budget(tmp_path):
     code, stdout, calls, packed = _fake_gpu_check(tmp_path, BUDGET="61", RESERVE="0", TEST_HOLD="0",
                                                   SLOW_MATCH="bench_moments", FAKE_SLEEP="3")
     assert code == 1, stdout
-    # The two CUDA test groups (and the whole fits, last) need 60 s, of which at most 58 are
-    # left after the moments.
+    # The two CUDA test groups (and the whole fits, last, for information: no failure of its
+    # own) need 60 s, of which at most 58 are left after the moments.
     assert [c for c in calls if "-m pytest" in c] == [next(c for c in calls if "tests/test_errors.py" in c)], calls
     assert stdout.count("s left of the call's budget of 61 s, this step needs at least 60)") == 3, stdout
     assert not any("bench_fit.py" in c for c in calls), calls
     assert any("profile_kernels.py" in c for c in calls), calls
     assert {"ceilings.json", "moments_cuda.json", "kernel_profile.json"} <= packed
+    assert "goal (issue 6)" in (tmp_path / "out" / "summary.txt").read_text()
+
+
+def test_gpu_check_information_steps_do_not_fail_the_call(tmp_path):
+    """The whole fits (information only) skipped for want of time leave the call's status alone:
+    with every other step done in time (a slow profile leaves under the fits' 60 s), it passes."""
+    code, stdout, calls, packed = _fake_gpu_check(tmp_path, BUDGET="70", RESERVE="0", TEST_HOLD="0",
+                                                  SLOW_MATCH="profile_kernels", FAKE_SLEEP="12")
+    assert code == 0, stdout
+    assert len([c for c in calls if "-m pytest" in c]) == 3 and any("profile_kernels.py" in c for c in calls), calls
+    assert not any("bench_fit.py" in c for c in calls), calls
+    assert stdout.count("this step needs at least 60)") == 1, stdout
     assert "goal (issue 6)" in (tmp_path / "out" / "summary.txt").read_text()
 
 
