@@ -187,11 +187,18 @@ def _module():
     return mod
 
 
+def _scatter_add(a, indices, value):
+    """cupyx.scatter_add: a[indices] += value, repeated indices adding up, in place."""
+    _check_current([a, indices, value], "scatter_add")
+    np.add.at(a.view(np.ndarray), _plain(indices), _plain(value))
+
+
 def install(monkeypatch):
-    """The stand-in as ``cupy`` for the rest of the test; device 0 current."""
+    """The stand-in as ``cupy`` (and ``cupyx``) for the rest of the test; device 0 current."""
     _current[0] = 0
     mod = _module()
     monkeypatch.setitem(sys.modules, "cupy", mod)
+    monkeypatch.setitem(sys.modules, "cupyx", types.SimpleNamespace(scatter_add=_scatter_add))
     return mod
 
 

@@ -117,10 +117,12 @@ def test_chunks_on_several_devices(cupy, data):
         EDPairs(3, random_state=0, progress=False).fit(spread)
 
 
-def test_a_loop_that_stops_early_gives_the_device_back(cupy, data):
+def test_iterating_chunks_leaves_the_current_device_alone(cupy, data):
+    """The chunk loops scope their own bodies; the iterator itself never switches devices, so a
+    loop that stops early or fails leaves nothing switched behind it."""
     source = ChunkSource([on1(data[0][:100]), on1(data[0][100:])])
     for chunk in source:
-        assert fc._current[0] == 1 and (chunk * 2)._device == 1
+        assert fc._current[0] == 0
         break
     assert fc._current[0] == 0
 
@@ -180,3 +182,32 @@ def test_a_fit_that_fails_mid_pass_gives_the_device_back(cupy, data):
     with pytest.raises(ValueError, match="NaN"):
         SphericalKMeans(4, init=X[:4], progress=False).fit([on1(X[:250]), on1(bad)])
     assert fc._current[0] == 0
+
+
+def test_labels_of_a_chunked_array_stay_on_its_device(cupy, data):
+    """An in-memory array read in several chunks: the labels of the final pass are concatenated
+    on the array's device."""
+    X = data[0]
+    got = SphericalKMeans(4, init=X[:4], progress=False, chunk_rows=100).fit(on1(X))
+    want = SphericalKMeans(4, init=X[:4], progress=False, chunk_rows=100).fit(X)
+    same(got.labels_, want.labels_)
+    same(got.cluster_centers_, want.cluster_centers_)
+
+
+def test_ordered_sums_add_in_the_hosts_order_across_devices(cupy):
+    """Float64 sums of arrays on two GPUs and the host, in runs: each addition is the host's, in
+    the same order (magnitudes chosen so that another order rounds differently)."""
+    from edpairs.cluster import _OrderedSum
+
+    rng = np.random.default_rng(3)
+    parts = [rng.standard_normal(64) * 10.0 ** rng.integers(-8, 16, 64) for _ in range(7)]
+    where = [1, 1, None, 2, 2, 2, 1]
+    acc, want = _OrderedSum(np.zeros(64)), np.zeros(64)
+    for p, d in zip(parts, where):
+        acc.add(p if d is None else fc.on_device(p, d))
+        want += p
+    np.testing.assert_array_equal(acc.result(), want)
+    runs = np.zeros(64)
+    for group in ([0, 1], [2], [3, 4, 5], [6]):  # what adding up each run first would give
+        runs += np.sum([parts[i] for i in group], axis=0) if len(group) > 1 else parts[group[0]]
+    assert not np.array_equal(runs, want)  # (so the check above can fail)

@@ -326,6 +326,7 @@ def test_threshold_histograms_are_the_same_in_every_library(rng):
     """The thresholds' histograms are made where the rows are (torch here on the CPU, a GPU's
     bincount on CUDA): with exact products (small integers) the thresholds equal numpy's."""
     torch = pytest.importorskip("torch")
+    from edpairs._arrays import on_device_of
     from edpairs._source import ChunkSource
     from edpairs.pairs import _thresholds
 
@@ -334,9 +335,9 @@ def test_threshold_histograms_are_the_same_in_every_library(rng):
     truth = rng.integers(0, 4, size=3000)
     parts = np.array_split(np.arange(3000), 3)
 
-    class Members:
+    class Members:  # as _MemberLabels: the labels in the block's library
         def labels(self, index, block):
-            return truth[parts[index]]
+            return on_device_of(truth[parts[index]], block)
 
     args = (W, Members(), X.mean(0).astype(np.float64), np.cov(X.T))
     want = _thresholds(ChunkSource([X[p] for p in parts]), *args, bins=64)

@@ -147,14 +147,27 @@ class Namespace:
         """0, 1, ..., n - 1 (int64) on like's device."""
         if self.name == "torch":
             return self.mod.arange(n, device=like.device)
-        return self.mod.arange(n, dtype=np.int64)
+        if self.name == "cupy":
+            with like.device:
+                return self.mod.arange(n, dtype=np.int64)
+        return np.arange(n, dtype=np.int64)
 
     def clip(self, x, lo, hi):
         return self.mod.clamp(x, lo, hi) if self.name == "torch" else self.mod.clip(x, lo, hi)
 
-    def bincount(self, x, minlength: int):
-        """Occurrences of each value of the 1-D non-negative integer x, at least minlength long."""
-        return self.mod.bincount(x, minlength=minlength)
+    def add_counts(self, counts, idx) -> None:
+        """counts[v] += the occurrences of v in the 1-D int64 idx (values in range), in place and,
+        on a GPU, without waiting for the device (bincount reads its input's largest value back
+        to size its result): torch's scatter_add_ (deterministic for 1-D CUDA tensors),
+        cupyx.scatter_add; numpy's bincount."""
+        if self.name == "torch":
+            counts.scatter_add_(0, idx, self.mod.ones_like(idx))
+        elif self.name == "cupy":
+            import cupyx
+
+            cupyx.scatter_add(counts, idx, 1)
+        else:
+            counts += np.bincount(idx, minlength=counts.shape[0])
 
     def k_lowest(self, x, m: int):
         """Positions of the m lowest entries of the 1-D x, in no particular order (ties broken

@@ -83,15 +83,11 @@ class ChunkSource:
         return X
 
     def __iter__(self) -> Iterator:
-        """The chunks, each handed out with its device current (:func:`device_scope`: cupy
-        computes on the current device, so the caller's work on a chunk from another GPU runs
-        there; the caller's device is current again between chunks and after the loop, or as
-        soon as a loop that stops early drops the iterator)."""
-        for chunk in self._chunks_unscoped():
-            with device_scope(chunk):
-                yield chunk
-
-    def _chunks_unscoped(self) -> Iterator:
+        """The chunks. They may live on a GPU other than the current one: a loop that computes
+        on a chunk does so inside ``with device_scope(chunk)`` (cupy computes on the current
+        device). The scope is the loop body's, not this generator's: a generator suspended inside
+        a context would keep the chunk's device current for as long as it lives, after an
+        error too."""
         if self._array is not None:
             N = self._array.shape[0]
             step = self.chunk_rows
@@ -134,7 +130,8 @@ class ChunkSource:
             n = chunk.shape[0]
             j = np.searchsorted(rows, offset + n, side="left")
             if j > k:
-                out[k:j] = to_numpy64(chunk[on_device_of(rows[k:j] - offset, chunk)])
+                with device_scope(chunk):
+                    out[k:j] = to_numpy64(chunk[on_device_of(rows[k:j] - offset, chunk)])
                 k = j
             offset += n
             if k == rows.size:

@@ -253,40 +253,76 @@ class _Placed:
         return self._at[key]
 
 
-def _kept_on_device(xp, scores) -> bool:
-    """Whether a pass keeps a chunk's totals where its scores are: on a GPU (in host memory
+def _kept_on_device(xp, a) -> bool:
+    """Whether a pass keeps what it sums of a chunk where the chunk is: on a GPU (in host memory
     there is nothing to gain by deferring)."""
-    return xp.is_cuda(scores)
+    return xp.is_cuda(a)
+
+
+class _OrderedSum:
+    """A host total (numpy) of arrays added one after another, each where it lives. For a run of
+    arrays on one GPU the total moves there (one copy), takes their additions there, and comes
+    back (one copy, waiting for the device) when the device changes or at the end: the same
+    float64 additions in the same order as on the host, without a wait per array."""
+
+    def __init__(self, total: np.ndarray):
+        self.total = total
+        self._key = None
+        self._run = None
+
+    def add(self, x) -> None:
+        xp = namespace_of(x)
+        if not _kept_on_device(xp, x):
+            self.flush()
+            self.total += to_numpy64(x).astype(self.total.dtype, copy=False)
+            return
+        key = (xp.name, xp.device(x))
+        if key != self._key:
+            self.flush()
+            self._key, self._run = key, on_device_of(self.total, x)
+        with device_scope(x):
+            self._run = self._run + x
+
+    def flush(self) -> None:
+        if self._run is not None:
+            self.total = to_numpy64(self._run).astype(self.total.dtype)
+            self._key = self._run = None
+
+    def result(self) -> np.ndarray:
+        self.flush()
+        return self.total
 
 
 class _PassTotals:
     """What one Lloyd pass needs of each chunk's assignment: float64 cluster sums and counts,
     the total and number of the scores, and the k lowest scores with their global rows (the
-    candidates for re-seeding empty clusters). On a GPU these stay on the chunks' device
-    (sums and counts added there, the k lowest scores picked there) and come to the host once
-    per run of chunks on one device, instead of every row's score and every chunk's sums
-    being copied (and the device waited for) chunk by chunk. The float64 sums and the scores'
-    totals are added in chunk order either way, as on the host; within a chunk, the total of
-    its scores is the library's float64 sum."""
+    candidates for re-seeding empty clusters). On a GPU these stay on the chunks' device (sums
+    and counts added there, :class:`_OrderedSum`; the k lowest scores picked there) and come to
+    the host once per run of chunks on one device, instead of every row's score and every
+    chunk's sums being copied (and the device waited for) chunk by chunk: five copies a pass
+    on one GPU. The sums and the chunks' score totals are added in chunk order, as on the host;
+    within a chunk, the total of its scores is the library's float64 sum (rounding may differ
+    from numpy's), and ties among the lowest scores are broken by the library's selection."""
 
     def __init__(self, k: int, D: int, offset: int):
         self.k, self.offset = k, offset
-        self.sums, self.counts = np.zeros((k, D)), np.zeros(k, np.int64)
+        self.sums, self.counts = _OrderedSum(np.zeros((k, D))), _OrderedSum(np.zeros(k, np.int64))
         self.total, self.n = 0.0, 0
         self.worst_scores: list = []
         self.worst_index: list = []
         self._key = None
-        self._run: Optional[list] = None  # [sums, counts, chunk totals, (low scores, low rows)...]
+        self._run: Optional[tuple] = None  # (chunk score totals, (lowest scores, their rows) per chunk)
 
     def add(self, res) -> None:
+        self.sums.add(res.sums)
+        self.counts.add(res.counts)
         scores = res.scores
         xp = namespace_of(scores)
         size = int(scores.shape[0])
         m = min(self.k, size)
         if not _kept_on_device(xp, scores):
+            self.flush()
             s = to_numpy64(scores)
-            self.sums += to_numpy64(res.sums)
-            self.counts += to_numpy64(res.counts).astype(np.int64)
             low = np.argpartition(s, m - 1)[:m] if m < size else np.arange(size)
             self.worst_scores.append(s[low])
             self.worst_index.append(self.offset + self.n + low)
@@ -296,33 +332,28 @@ class _PassTotals:
         key = (xp.name, xp.device(scores))
         if key != self._key:
             self.flush()
-            self._key, self._run = key, [res.sums, res.counts, [], []]
-        else:
-            self._run[0] = self._run[0] + res.sums
-            self._run[1] = self._run[1] + res.counts
+            self._key, self._run = key, ([], [])
         low = xp.k_lowest(scores, m)
-        self._run[2].append(xp.sum_float64(scores))
-        self._run[3].append((scores[low], low + (self.offset + self.n)))
+        self._run[0].append(xp.sum_float64(scores))
+        self._run[1].append((scores[low], low + (self.offset + self.n)))
         self.n += size
 
     def flush(self) -> None:
-        """The device run's totals added into the host ones: five copies to the host, however
-        many chunks the run had (the first waits for the device)."""
+        """The device run's score totals and lowest scores to the host (three copies, however
+        many chunks the run had)."""
         if self._run is None:
             return
-        sums, counts, chunk_totals, lows = self._run
+        chunk_totals, lows = self._run
         self._run = self._key = None
-        with device_scope(sums):
-            self.sums += to_numpy64(sums)
-            self.counts += to_numpy64(counts).astype(np.int64)
-            for t in to_numpy64(_stack(chunk_totals)):
-                self.total += float(t)
-            self.worst_scores.append(to_numpy64(_concat([v for v, _ in lows])))
-            self.worst_index.append(to_numpy64(_concat([r for _, r in lows])).astype(np.int64))
+        for t in to_numpy64(_stack(chunk_totals)):
+            self.total += float(t)
+        self.worst_scores.append(to_numpy64(_concat([v for v, _ in lows])))
+        self.worst_index.append(to_numpy64(_concat([r for _, r in lows])).astype(np.int64))
 
     def result(self):
         self.flush()
-        return self.sums, self.counts, self.total, self.n, self.worst_scores, self.worst_index
+        return (self.sums.result(), self.counts.result(), self.total, self.n, self.worst_scores,
+                self.worst_index)
 
 
 def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter: int, tol: float,
@@ -344,10 +375,11 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
         totals = _PassTotals(k, source.n_features, offset)
         labels = [] if keep_labels else None
         for index, chunk in enumerate(source):
-            F_here, center_here, col_here = params.on(chunk)
-            res = ops.assign(chunk, F_here, center=center_here, row_scale=geometry.row_scale(index, chunk),
-                             col_scale=col_here, accumulate=True, check_finite=check_finite and it == 0)
-            totals.add(res)
+            with device_scope(chunk):
+                F_here, center_here, col_here = params.on(chunk)
+                res = ops.assign(chunk, F_here, center=center_here, row_scale=geometry.row_scale(index, chunk),
+                                 col_scale=col_here, accumulate=True, check_finite=check_finite and it == 0)
+                totals.add(res)
             if keep_labels:
                 labels.append(res.labels)
         sums, counts, total, n, worst_scores, worst_index = totals.result()
@@ -398,17 +430,18 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
 
 
 def _concat(parts):
+    """Arrays of one library and device, concatenated there."""
     if len(parts) == 1:
         return parts[0]
     xp = namespace_of(parts[0])
-    if xp.name == "torch":
-        return xp.mod.cat(parts)
-    return xp.mod.concatenate(parts)
+    with device_scope(parts[0]):
+        return xp.mod.cat(parts) if xp.name == "torch" else xp.mod.concatenate(parts)
 
 
 def _stack(parts):
     """0-d arrays of one library and device as one 1-D array there."""
-    return namespace_of(parts[0]).mod.stack(parts)
+    with device_scope(parts[0]):
+        return namespace_of(parts[0]).mod.stack(parts)
 
 
 def _seed_sample(source: ChunkSource, geometry: _Geometry, size: int, rng: np.random.Generator, *,

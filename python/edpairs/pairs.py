@@ -17,14 +17,14 @@ from typing import Optional
 import numpy as np
 
 from . import ops
-from ._arrays import namespace_of, on_data_device, on_device_of, to_numpy64
+from ._arrays import device_scope, namespace_of, on_data_device, on_device_of, to_numpy64
 from ._checks import check_real
 from ._checks import is_int as _is_int
 from ._checks import is_real as _is_real
 from ._io import write_atomic
 from ._progress import Progress
 from ._source import ChunkSource, row_blocks
-from .cluster import _Placed, Whitener, _count_rows, _Geometry, _unit_rows, cluster, resolve_shrinkage
+from .cluster import _OrderedSum, _Placed, Whitener, _count_rows, _Geometry, _unit_rows, cluster, resolve_shrinkage
 from .distributed import merge_moments, reducer
 
 __all__ = ["EDPairs", "positives_signal_vectors", "whole_data_signal_vectors"]
@@ -597,7 +597,7 @@ def _blocks(source):
 class _MemberLabels:
     """Cluster membership of each row under the final centroids, from the assignment kernel
     (labels do not depend on positive row scales, so unit ones serve); computed once per block
-    and kept on the host (8 bytes a row) for the later passes."""
+    and kept where the rows are (8 bytes a row) for the later passes."""
 
     def __init__(self, geometry: _Geometry, F: np.ndarray):
         self.geometry, self.F = geometry, F
@@ -605,27 +605,29 @@ class _MemberLabels:
 
     def _assign(self, block, accumulate: bool):
         xp = namespace_of(block)
-        ones = xp.zeros((block.shape[0],), "float32", block) + 1
-        return ops.assign(block, on_device_of(self.F, block), center=on_device_of(self.geometry.center(), block),
-                          row_scale=ones, col_scale=on_device_of(self.geometry.col_scale(self.F.shape[0]), block),
-                          accumulate=accumulate, check_finite=False)
+        with device_scope(block):
+            ones = xp.zeros((block.shape[0],), "float32", block) + 1
+            return ops.assign(block, on_device_of(self.F, block), center=on_device_of(self.geometry.center(), block),
+                              row_scale=ones, col_scale=on_device_of(self.geometry.col_scale(self.F.shape[0]), block),
+                              accumulate=accumulate, check_finite=False)
 
-    def labels(self, index: int, block) -> np.ndarray:
+    def labels(self, index: int, block):
         if index == len(self._labels):
-            self._labels.append(to_numpy64(self._assign(block, False).labels).astype(np.int64))
+            self._labels.append(self._assign(block, False).labels)
         return self._labels[index]
 
     def member_sums(self, source):
-        """Per-cluster sums of x - mean and counts (unweighted)."""
+        """Per-cluster sums of x - mean and counts (unweighted), added where the rows are
+        (:class:`edpairs.cluster._OrderedSum`: no wait per block on a GPU)."""
         k, D = self.F.shape
-        sums, counts = np.zeros((k, D)), np.zeros(k, np.int64)
+        sums, counts = _OrderedSum(np.zeros((k, D))), _OrderedSum(np.zeros(k, np.int64))
         for index, block in enumerate(_blocks(source)):
             res = self._assign(block, True)
-            sums += to_numpy64(res.sums)
-            counts += to_numpy64(res.counts).astype(np.int64)
+            sums.add(res.sums)
+            counts.add(res.counts)
             if index == len(self._labels):
-                self._labels.append(to_numpy64(res.labels).astype(np.int64))
-        return sums, counts
+                self._labels.append(res.labels)
+        return sums.result(), counts.result()
 
 
 def _thresholds(source, W: np.ndarray, members: _MemberLabels, mean: np.ndarray, cov: np.ndarray,
@@ -639,21 +641,30 @@ def _thresholds(source, W: np.ndarray, members: _MemberLabels, mean: np.ndarray,
     floor = 1e-30 * max(np.trace(cov) / cov.shape[0], np.finfo(np.float64).tiny)
     sd = np.sqrt(np.maximum(np.einsum("id,de,ie->i", W, cov, W), floor))
     lo, hi = center - 8 * sd, center + 8 * sd
-    # The histograms are made where the rows are (a GPU's bincount; the float64 bin arithmetic is
-    # the same there), one pair per device, added on the host at the end: no (n, I) z to the host.
+    # The histograms are made where the rows are (the float64 bin arithmetic is the same there;
+    # counts added without a wait, Namespace.add_counts), one pair per device, added on the host
+    # at the end: no (n, I) z to the host. Rows go in slices of at most 2^22 / I, which bounds
+    # the (rows, I) temporaries (32 MB each).
     W32 = W.astype(np.float32)
     params = _Placed(W32.T, lo, hi - lo, np.arange(I) * bins)
-    hist: dict = {}  # (library, device) -> [members of cluster i by bin of w_i . x, all rows by bin]
+    hist: dict = {}  # (library, device) -> (members of cluster i by bin of w_i . x, all rows by bin)
+    step = max(1, (1 << 22) // max(I, 1))
     for index, block in enumerate(_blocks(source)):
         xp = namespace_of(block)
-        Wt, lo_, span, offsets = params.on(block)
-        z = xp.astype(xp.astype(block, "float32") @ Wt, "float64")  # (n, I)
-        labels = on_device_of(members.labels(index, block), block)
-        # (clipped before the cast too: a value beyond int64 would cast to anything)
-        idx = xp.clip(xp.astype(xp.clip((z - lo_) / span * bins, 0, bins - 1), "int64"), 0, bins - 1)
-        counts = hist.setdefault((xp.name, xp.device(block)), [0, 0])
-        counts[0] = counts[0] + xp.bincount(labels * bins + idx[xp.arange(len(labels), block), labels], I * bins)
-        counts[1] = counts[1] + xp.bincount((idx + offsets).ravel(), I * bins)
+        labels = members.labels(index, block)
+        with device_scope(block):
+            Wt, lo_, span, offsets = params.on(block)
+            key = (xp.name, xp.device(block))
+            if key not in hist:
+                hist[key] = (xp.zeros((I * bins,), "int64", block), xp.zeros((I * bins,), "int64", block))
+            pos_here, every_here = hist[key]
+            for r0 in range(0, block.shape[0], step):
+                z = xp.astype(xp.astype(block[r0:r0 + step], "float32") @ Wt, "float64")  # (rows, I)
+                lab = labels[r0:r0 + step]
+                # (clipped before the cast too: a value beyond int64 would cast to anything)
+                idx = xp.clip(xp.astype(xp.clip((z - lo_) / span * bins, 0, bins - 1), "int64"), 0, bins - 1)
+                xp.add_counts(pos_here, lab * bins + idx[xp.arange(z.shape[0], block), lab])
+                xp.add_counts(every_here, (idx + offsets).ravel())
     pos, every = np.zeros(I * bins, np.int64), np.zeros(I * bins, np.int64)
     for members_by_bin, all_by_bin in hist.values():
         pos += to_numpy64(members_by_bin).astype(np.int64)
