@@ -47,7 +47,7 @@ user would pick instead, in the same run on the same data.
   edpairs-half-copies  EDPAIRS_ASSIGN_HALF=copies: float16 copies of the rows (half_rows, one
                more pass over X) labelled by the 16-bit kernel
   edpairs-fit  the estimator, SphericalKMeans(k, init=C0, max_iter=1).fit(X) with TF32 products
-               (EDPAIRS_PRECISION=tf32): two passes over X, reported per pass (median_s; the
+               (the default precision set for the call): two passes over X, reported per pass (median_s; the
                whole call in call_median_s); next to edpairs, what the estimator's host-side
                work costs
   faiss    faiss.Kmeans(d, k, spherical=True, niter=1).train (faiss-cpu, or faiss GPU with --device cuda)
@@ -73,7 +73,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, peak_rss_kib, print_table, reset_peak_rss, time_fn, write_json  # noqa: E402
+from _common import kmeans_fit_step, machine_info, peak_rss_kib, print_table, reset_peak_rss, time_fn, write_json  # noqa: E402
 
 CHECK_ROWS = 4000
 
@@ -148,18 +148,15 @@ def _rounded(X, dtype):
 
 
 def run_edpairs_fit(X, C0, device, dtype):
-    """The estimator: SphericalKMeans(k, init=C0, max_iter=1).fit(X), two passes over X (one
-    Lloyd iteration and the final labelling, each with its centroid update), with what a user
-    gets by default (chunks of 256 MB, the first pass's finiteness check) and TF32 products
-    (EDPAIRS_PRECISION=tf32, METHOD_ENV). The worker reports the time per pass
-    (passes_per_call); the labels checked are ops.assign's of the same dispatch."""
+    """The estimator (_common.kmeans_fit_step: SphericalKMeans(k, init=C0, max_iter=1).fit(X),
+    two passes over X, TF32). The worker reports the time per pass (passes_per_call); the
+    labels checked are ops.assign's of the same dispatch."""
     import edpairs as edp
 
     Xd, Cd = _on_device(X, C0, device, dtype)
-    step = lambda: edp.SphericalKMeans(C0.shape[0], init=C0, max_iter=1, tol=0, progress=False).fit(Xd)  # noqa: E731
-    res = edp.ops.assign(Xd[:CHECK_ROWS], Cd)
+    res = edp.ops.assign(Xd[:CHECK_ROWS], Cd, precision="tf32")
     labels = res.labels.cpu().numpy() if hasattr(res.labels, "cpu") else np.asarray(res.labels)
-    return step, labels, {"passes_per_call": 2}
+    return kmeans_fit_step(edp, Xd, C0), labels, {"passes_per_call": 2}
 
 
 def run_edpairs_labels(X, C0, device, dtype):
@@ -251,8 +248,7 @@ METHOD_ENV = {"edpairs-gemm": GEMM,
               "edpairs-mma-sorted": {**KERNEL, "EDPAIRS_ASSIGN_SUMS": "sorted"},
               "edpairs-wgmma-columns": {**KERNEL, "EDPAIRS_ASSIGN_KERNEL": "wgmma", "EDPAIRS_ASSIGN_SUMS": "columns"},
               "edpairs-half": {"EDPAIRS_ASSIGN_HALF": "1"},
-              "edpairs-half-copies": {"EDPAIRS_ASSIGN_HALF": "copies"},
-              "edpairs-fit": {"EDPAIRS_PRECISION": "tf32"}}
+              "edpairs-half-copies": {"EDPAIRS_ASSIGN_HALF": "copies"}}
 
 
 def wgmma_unavailable(device: str) -> str | None:

@@ -28,7 +28,7 @@ import sys
 from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import environment, machine_info, sync, time_fn, write_json  # noqa: E402
+from _common import environment, kmeans_fit_step, machine_info, sync, time_fn, write_json  # noqa: E402
 
 #: op -> number of size fields
 OPS = {"kmeans": 3, "kmeans-f32": 3, "labels": 3, "torch-kmeans": 3, "kmeans-fit": 3, "moments": 2, "moments-f32": 2,
@@ -74,7 +74,7 @@ def make_step(op: str, sizes, device: str):
     if op in KMEANS_OPS:
         C = randn(sizes[2], D)
         if op == "kmeans-fit":
-            return _fit_step(edp, X, C.cpu().numpy())
+            return kmeans_fit_step(edp, X, C.cpu().numpy())
         if op == "labels":
             return lambda: edp.ops.assign(X, C, accumulate=False, check_finite=False, precision=precision)
         if op == "torch-kmeans":
@@ -93,22 +93,6 @@ def make_step(op: str, sizes, device: str):
     W = randn(D, sizes[2]) / D**0.5
     b = torch.zeros(sizes[2], device=device)
     return lambda: edp.ops.signal_moments(X, W, b, check_finite=False, precision=precision)
-
-
-def _fit_step(edp, X, C0):
-    """The estimator's step: SphericalKMeans(k, init=C0, max_iter=1).fit(X), two passes over X
-    (one Lloyd iteration and the final labelling) with TF32 products, as bench_kmeans.py's
-    edpairs-fit (the default precision set for the call only)."""
-
-    def step():
-        before = edp.ops.DEFAULT_PRECISION
-        edp.ops.DEFAULT_PRECISION = "tf32"
-        try:
-            return edp.SphericalKMeans(C0.shape[0], init=C0, max_iter=1, tol=0, progress=False).fit(X)
-        finally:
-            edp.ops.DEFAULT_PRECISION = before
-
-    return step
 
 
 def short_name(name: str) -> str:

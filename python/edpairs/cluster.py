@@ -237,6 +237,12 @@ class _LloydResult:
     sums: Optional[np.ndarray] = None  # (k, D) raw-space sums of the unit vectors assigned to the final centres
 
 
+def _where(x) -> tuple:
+    """(library, device) of an array: what the device-side passes key their per-device state by."""
+    xp = namespace_of(x)
+    return xp.name, xp.device(x)
+
+
 class _Placed:
     """A pass's centroid filters, centre and column scales (numpy), sent to each device the
     chunks live on once per pass rather than once per chunk."""
@@ -246,8 +252,7 @@ class _Placed:
         self._at: dict = {}
 
     def on(self, chunk):
-        xp = namespace_of(chunk)
-        key = (xp.name, xp.device(chunk))
+        key = _where(chunk)
         if key not in self._at:
             self._at[key] = tuple(on_device_of(a, chunk) for a in self.arrays)
         return self._at[key]
@@ -276,7 +281,7 @@ class _OrderedSum:
             self.flush()
             self.total += to_numpy64(x).astype(self.total.dtype, copy=False)
             return
-        key = (xp.name, xp.device(x))
+        key = _where(x)
         if key != self._key:
             self.flush()
             self._key, self._run = key, on_device_of(self.total, x)
@@ -329,7 +334,7 @@ class _PassTotals:
             self.total += float(s.sum())
             self.n += size
             return
-        key = (xp.name, xp.device(scores))
+        key = _where(scores)
         if key != self._key:
             self.flush()
             self._key, self._run = key, ([], [])

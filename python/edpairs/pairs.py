@@ -24,7 +24,7 @@ from ._checks import is_real as _is_real
 from ._io import write_atomic
 from ._progress import Progress
 from ._source import ChunkSource, row_blocks
-from .cluster import _OrderedSum, _Placed, Whitener, _count_rows, _Geometry, _unit_rows, cluster, resolve_shrinkage
+from .cluster import _OrderedSum, _Placed, _where, Whitener, _count_rows, _Geometry, _unit_rows, cluster, resolve_shrinkage
 from .distributed import merge_moments, reducer
 
 __all__ = ["EDPairs", "positives_signal_vectors", "whole_data_signal_vectors"]
@@ -601,15 +601,16 @@ class _MemberLabels:
 
     def __init__(self, geometry: _Geometry, F: np.ndarray):
         self.geometry, self.F = geometry, F
+        self._params = _Placed(F, geometry.center(), geometry.col_scale(F.shape[0]))  # sent once per device
         self._labels: list = []
 
     def _assign(self, block, accumulate: bool):
         xp = namespace_of(block)
         with device_scope(block):
+            F, center, col_scale = self._params.on(block)
             ones = xp.zeros((block.shape[0],), "float32", block) + 1
-            return ops.assign(block, on_device_of(self.F, block), center=on_device_of(self.geometry.center(), block),
-                              row_scale=ones, col_scale=on_device_of(self.geometry.col_scale(self.F.shape[0]), block),
-                              accumulate=accumulate, check_finite=False)
+            return ops.assign(block, F, center=center, row_scale=ones, col_scale=col_scale, accumulate=accumulate,
+                              check_finite=False)
 
     def labels(self, index: int, block):
         if index == len(self._labels):
@@ -654,7 +655,7 @@ def _thresholds(source, W: np.ndarray, members: _MemberLabels, mean: np.ndarray,
         labels = members.labels(index, block)
         with device_scope(block):
             Wt, lo_, span, offsets = params.on(block)
-            key = (xp.name, xp.device(block))
+            key = _where(block)
             if key not in hist:
                 hist[key] = (xp.zeros((I * bins,), "int64", block), xp.zeros((I * bins,), "int64", block))
             pos_here, every_here = hist[key]

@@ -121,6 +121,16 @@ Case make(const char* name, int64_t n, int64_t d, int64_t k) {
   return c;
 }
 
+// A Float32 case on the SIMT kernel with its in-kernel sums, compared with assign_cpu.
+Case simt_vs_cpu(const char* name, int64_t n, int64_t d, int64_t k) {
+  Case c = make(name, n, d, k);
+  c.prec = AssignPrecision::Float32;
+  c.path = Path::Simt;
+  c.pass = SumsPass::InKernel;
+  c.vs_cpu = true;
+  return c;
+}
+
 uint32_t seed_of(const std::string& s) {
   uint32_t h = 2166136261u;
   for (char ch : s) h = (h ^ static_cast<unsigned char>(ch)) * 16777619u;
@@ -659,51 +669,31 @@ void expect_same(const Out& a, const Out& b, double rtol, const char* what) {
 // D not a multiple of the 16-column slice, strided rows with an unaligned start, all scales.
 EMU_TEST(assign_float32_vs_cpu) {
   {
-    Case c = make("f32_k65_d45", 129, 45, 65);
-    c.prec = AssignPrecision::Float32;
+    Case c = simt_vs_cpu("f32_k65_d45", 129, 45, 65);
     c.zero_cents = 1;
-    c.path = Path::Simt;
-    c.pass = SumsPass::InKernel;
-    c.vs_cpu = true;
     run(c);
   }
   {
-    Case c = make("f32_f16_k40_d8", 127, 8, 40);
+    Case c = simt_vs_cpu("f32_f16_k40_d8", 127, 8, 40);
     c.xt = XT::F16;
-    c.prec = AssignPrecision::Float32;
-    c.path = Path::Simt;
-    c.pass = SumsPass::InKernel;
-    c.vs_cpu = true;
     run(c);
   }
   {
-    Case c = make("f32_bf16_k1_d64", 127, 64, 1);
+    Case c = simt_vs_cpu("f32_bf16_k1_d64", 127, 64, 1);
     c.xt = XT::BF16;
-    c.prec = AssignPrecision::Float32;
-    c.path = Path::Simt;
-    c.pass = SumsPass::InKernel;
-    c.vs_cpu = true;
     run(c);
   }
   {
-    Case c = make("f32_strided_scales", 129, 45, 129);
-    c.prec = AssignPrecision::Float32;
+    Case c = simt_vs_cpu("f32_strided_scales", 129, 45, 129);
     c.stride = 50;
     c.offset = 1;
     c.center = c.row_scale = c.col_scale = true;
     c.x_shift = 0.5;
-    c.path = Path::Simt;
-    c.pass = SumsPass::InKernel;
-    c.vs_cpu = true;
     run(c);
   }
   {
-    Case c = make("f32_n700_k200", 700, 64, 200);  // many rows: the near-tie statistics
-    c.prec = AssignPrecision::Float32;
+    Case c = simt_vs_cpu("f32_n700_k200", 700, 64, 200);  // many rows: the near-tie statistics
     c.dup_cents = 4;
-    c.path = Path::Simt;
-    c.pass = SumsPass::InKernel;
-    c.vs_cpu = true;
     run(c);
   }
   {
@@ -724,12 +714,8 @@ EMU_TEST(assign_float32_vs_cpu) {
 // near ties everywhere, within the bounds).
 EMU_TEST(assign_float32_tiny) {
   for (int64_t k : {1, 3}) {
-    Case c = make(k == 1 ? "tiny_n1_d1_k1" : "tiny_n1_d1_k3", 1, 1, k);
-    c.prec = AssignPrecision::Float32;
+    Case c = simt_vs_cpu(k == 1 ? "tiny_n1_d1_k1" : "tiny_n1_d1_k3", 1, 1, k);
     c.zero_rows = c.dup_rows = 0;
-    c.path = Path::Simt;
-    c.pass = SumsPass::InKernel;
-    c.vs_cpu = true;
     run(c);
   }
   Case c = make("tiny_n5_d1_k3_tc", 5, 1, 3);  // the mma kernel on one column (one padded slice)
@@ -740,13 +726,9 @@ EMU_TEST(assign_float32_tiny) {
 
 // float64 x: TensorCore takes the Float32 path (ops.h), bit for bit.
 EMU_TEST(assign_float64_input) {
-  Case c = make("f64_k64_d100", 128, 100, 64);
+  Case c = simt_vs_cpu("f64_k64_d100", 128, 100, 64);
   c.xt = XT::F64;
-  c.prec = AssignPrecision::Float32;
   c.center = true;
-  c.path = Path::Simt;
-  c.pass = SumsPass::InKernel;
-  c.vs_cpu = true;
   const Out exact = run(c);
   c.prec = AssignPrecision::TensorCore;
   c.name = "f64_k64_d100_tc";
@@ -1321,12 +1303,8 @@ EMU_TEST(assign_knob_validation) {
 // at 1e-21); float64 squares, as on the CPU and the tensor-core path.
 EMU_TEST(assign_tiny_centroids) {
   for (const double scale : {1e-21, 1e-24}) {
-    Case c = make("tiny_cents_simt", 128, 8, 20);
+    Case c = simt_vs_cpu("tiny_cents_simt", 128, 8, 20);
     c.c_scale = scale;
-    c.prec = AssignPrecision::Float32;
-    c.path = Path::Simt;
-    c.pass = SumsPass::InKernel;
-    c.vs_cpu = true;
     run(c);
   }
   Case c = make("tiny_cents_mma", 128, 8, 20);
@@ -1338,13 +1316,9 @@ EMU_TEST(assign_tiny_centroids) {
 
 EMU_TEST(assign_magnitudes) {
   {
-    Case c = make("huge_rows_simt", 128, 8, 20);
+    Case c = simt_vs_cpu("huge_rows_simt", 128, 8, 20);
     c.x_scale = 1e15;
     c.c_scale = 1e-15;
-    c.prec = AssignPrecision::Float32;
-    c.path = Path::Simt;
-    c.pass = SumsPass::InKernel;
-    c.vs_cpu = true;
     run(c);
   }
   {
@@ -1371,14 +1345,10 @@ EMU_TEST(assign_magnitudes) {
 EMU_TEST(assign_degenerate) {
   for (int v = 0; v < 3; ++v) {
     const char* names[] = {"all_rows_zero", "all_cents_same", "all_cents_zero"};
-    Case c = make(names[v], 129, 32, 7);
+    Case c = simt_vs_cpu(names[v], 129, 32, 7);
     c.all_rows_zero = v == 0;
     c.all_cents_same = v == 1;
     c.all_cents_zero = v == 2;
-    c.prec = AssignPrecision::Float32;
-    c.path = Path::Simt;
-    c.pass = SumsPass::InKernel;
-    c.vs_cpu = true;
     run(c);
     c.name += "_fused_wgmma";
     c.prec = AssignPrecision::TensorCore;
