@@ -19,6 +19,7 @@
 #include "assign_tc.cuh"
 #include "edpairs/ops.h"
 #include "gram.cuh"
+#include "label_rule.cuh"
 
 namespace edpairs {
 namespace {
@@ -47,11 +48,6 @@ struct AssignParams {
   double* sums;              // (k, D) or null (zeroed before the launch)
   unsigned long long* counts;  // (k,) or null (zeroed before the launch)
 };
-
-// Is (v1, i1) better than (v0, i0)? Larger value, then smaller index: the tie rule of ops.h.
-__device__ __forceinline__ bool better(float v1, int i1, float v0, int i0) {
-  return v1 > v0 || (v1 == v0 && i1 < i0);
-}
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) assign_kernel(const AssignParams p) {
@@ -149,15 +145,7 @@ __global__ void __launch_bounds__(kThreads) assign_kernel(const AssignParams p) 
       col_scale_s[c] = sj;
     }
     if (j0 == 0 && tid < kRows) {
-      float r = 0.f;
-      if (tid < rows) {
-        if (p.row_scale != nullptr) {
-          r = p.row_scale[row0 + tid];
-        } else {
-          r = row_sq > 0.f ? 1.f / sqrtf(row_sq) : 0.f;
-        }
-      }
-      row_scale_s[tid] = r;
+      row_scale_s[tid] = tid < rows ? cuda_detail::row_scale_of(p.row_scale, row0 + tid, row_sq) : 0.f;
     }
     __syncthreads();
 
@@ -184,7 +172,7 @@ __global__ void __launch_bounds__(kThreads) assign_kernel(const AssignParams p) 
       for (int offset = 8; offset > 0; offset >>= 1) {
         const float ov = __shfl_xor_sync(0xffffffffu, bv, offset);
         const int oi = __shfl_xor_sync(0xffffffffu, bi, offset);
-        if (better(ov, oi, bv, bi)) {
+        if (cuda_detail::better(ov, oi, bv, bi)) {
           bv = ov;
           bi = oi;
         }

@@ -40,6 +40,7 @@
 #include "assign_tc.cuh"
 #include "assign_wgmma.cuh"
 #include "half_rows.cuh"
+#include "label_rule.cuh"
 #include "cp_async.cuh"
 #include "cuda_check.cuh"
 #include "dtype_load.cuh"
@@ -185,11 +186,6 @@ struct TcParams {
   unsigned long long* counts; // (k,) or null (zeroed before the launch)
   float* row_scale_out;       // (N,) or null: r_n of every row, for the sorted sums pass
 };
-
-// Is (v1, i1) better than (v0, i0)? Larger value, then smaller index: the tie rule of ops.h.
-__device__ __forceinline__ bool better(float v1, int i1, float v0, int i0) {
-  return v1 > v0 || (v1 == v0 && i1 < i0);
-}
 
 // Issues the loads of slice kt (columns kt * BK ..) of the block's rows and of centroid tile j0
 // into `stage`. Thread tid moves 16-byte chunk tid % 8 of rows tid / 8 + kLoadRows i of both
@@ -406,13 +402,7 @@ __global__ void __launch_bounds__(kThreads, 2) assign_tc_kernel(const TcParams p
   }
   {
     float r = 0.f;
-    if (tid < rows) {
-      if (p.row_scale != nullptr) {
-        r = p.row_scale[row0 + tid];
-      } else {
-        r = row_sq > 0.f ? 1.f / sqrtf(row_sq) : 0.f;
-      }
-    }
+    if (tid < rows) r = row_scale_of(p.row_scale, row0 + tid, row_sq);
     row_scale_s[tid] = r;
   }
   __syncthreads();
@@ -874,17 +864,7 @@ __global__ void __launch_bounds__(kFThreads, 1) assign_tc_fused_kernel(const Fus
         best_idx_s[r] = bi;
       }
     }
-    if (tid < kRows) {
-      float r = 0.f;
-      if (tid < rows) {
-        if (p.row_scale != nullptr) {
-          r = p.row_scale[row0 + tid];
-        } else {
-          r = row_sq > 0.f ? 1.f / sqrtf(row_sq) : 0.f;
-        }
-      }
-      row_scale_s[tid] = r;
-    }
+    if (tid < kRows) row_scale_s[tid] = tid < rows ? row_scale_of(p.row_scale, row0 + tid, row_sq) : 0.f;
     __syncthreads();
     if (tid < rows) {
       const float bv = best_val_s[tid];

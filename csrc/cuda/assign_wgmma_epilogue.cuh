@@ -9,15 +9,11 @@
 #include <cstdint>
 
 #include "assign_wgmma.cuh"
+#include "label_rule.cuh"
 #include "wgmma.cuh"
 
 namespace edpairs {
 namespace cuda_detail {
-
-// Is (v1, i1) better than (v0, i0)? Larger value, then smaller index (ops.h's tie rule).
-__device__ __forceinline__ bool wgmma_better(float v1, int i1, float v0, int i0) {
-  return v1 > v0 || (v1 == v0 && i1 < i0);
-}
 
 // Folds the tile of centroids j0 .. j0 + N - 1 into run_val / run_idx (rows g and g + 8 of the
 // thread's warp): s_j (dot - o_j) over the thread's own columns in increasing order (strict '>'
@@ -55,12 +51,12 @@ __device__ __forceinline__ void fold_tile(float (&acc)[N / 2], const WgmmaAssign
     for (int off = 1; off <= 2; off <<= 1) {
       const float ov = __shfl_xor_sync(0xffffffffu, bv[h], off);
       const int oi = __shfl_xor_sync(0xffffffffu, bi[h], off);
-      if (wgmma_better(ov, oi, bv[h], bi[h])) {
+      if (better(ov, oi, bv[h], bi[h])) {
         bv[h] = ov;
         bi[h] = oi;
       }
     }
-    if (wgmma_better(bv[h], bi[h], run_val[h], run_idx[h])) {
+    if (better(bv[h], bi[h], run_val[h], run_idx[h])) {
       run_val[h] = bv[h];
       run_idx[h] = bi[h];
     }
@@ -70,8 +66,7 @@ __device__ __forceinline__ void fold_tile(float (&acc)[N / 2], const WgmmaAssign
 // The scale r of row `r` of the block from its summed squares (or row_scale); 0 past n.
 __device__ __forceinline__ float wgmma_row_scale(const WgmmaAssignParams& p, int64_t row0, int r, float sq) {
   if (row0 + r >= p.n) return 0.f;
-  if (p.row_scale != nullptr) return p.row_scale[row0 + r];
-  return sq > 0.f ? 1.f / sqrtf(sq) : 0.f;
+  return row_scale_of(p.row_scale, row0 + r, sq);
 }
 
 // Lane t == 0 of each quad writes its two rows (block rows first_row and first_row + 8); with

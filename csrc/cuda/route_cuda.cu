@@ -19,6 +19,7 @@
 #include "dtype_load.cuh"
 #include "gram_wgmma.cuh"
 #include "half_rows.cuh"
+#include "label_rule.cuh"
 #include "edpairs/ops.h"
 
 namespace edpairs {
@@ -69,7 +70,7 @@ argmax_rows_kernel(const float* __restrict__ scores, const float* __restrict__ c
         ss += __shfl_xor_sync(kFull, ss, off);
         raw_sq += __shfl_xor_sync(kFull, raw_sq, off);
       }
-      rs = row_scale != nullptr ? row_scale[r] : (ss > 0.f ? 1.0f / sqrtf(ss) : 0.f);
+      rs = cuda_detail::row_scale_of(row_scale, r, ss);
     }
     // The first maximum and the runner-up: a lane's indices increase, so '>' keeps its first.
     const float* sr = scores + r * k;
