@@ -85,6 +85,10 @@ def _judge(knob: str, where: str, pairs, tests: tuple[bool, str], accurate) -> D
         fast &= gain >= 1 + MARGIN
         exact &= ok
     why = [] if fast else [f"not {MARGIN:.0%} faster everywhere"]
+    if not fast and len(pairs) > 1:  # which pairings would win alone (a knob one could split)
+        alone = [label for label, cand, base in pairs if base["median_s"] / cand["median_s"] >= 1 + MARGIN
+                 and accurate(cand, base)[0]]
+        why[-1] += f" (faster alone: {', '.join(alone) or 'none'})"
     why += [] if exact else ["less accurate"]
     why += [] if tests[0] else [tests[1]]
     verdict = "FLIP" if not why else "keep"
@@ -139,12 +143,14 @@ def decisions(res: str) -> list[Decision]:
                 ("signal tf32", mo.get(("signal_moments", "edpairs-tf32-ov")), mo.get(("signal_moments", "edpairs-tf32")))],
                tests, _error_ok),
     ]
+    # The triangle's default is per precision (GRAM_DEFAULT): each precision is judged alone.
     for block in (128, 256):
-        out.append(_judge(f"EDPAIRS_GEMM_GRAM=triangle, block {block}",
-                          "python/edpairs/_gemm.py gram_mode() default and TRIANGLE_BLOCK",
-                          [("exact", mo.get(("moments", f"edpairs-tri{block}")), mo.get(("moments", "edpairs"))),
-                           ("tf32", mo.get(("moments", f"edpairs-tf32-tri{block}")), mo.get(("moments", "edpairs-tf32")))],
-                          tests, _error_ok))
+        for precision, tag in (("float32", ""), ("tf32", "-tf32")):
+            out.append(_judge(f"EDPAIRS_GEMM_GRAM=triangle, {precision} products, block {block}",
+                              f"python/edpairs/_gemm.py GRAM_DEFAULT['{precision}'] and TRIANGLE_BLOCK",
+                              [(precision, mo.get(("moments", f"edpairs{tag}-tri{block}")),
+                                mo.get(("moments", f"edpairs{tag}")))],
+                              tests, _error_ok))
     return out
 
 

@@ -265,16 +265,20 @@ def test_decide_flips_only_faster_accurate_tested_candidates(tmp_path):
     assert columns.verdict == "keep" and "less accurate" in columns.detail and "not 3% faster" not in columns.detail
     assert v["EDPAIRS_ASSIGN_SUMS=fused on wgmma"].verdict == "not measured"
     half = v["EDPAIRS_GEMM_HALF=1"]
-    assert half.verdict == "keep" and "not 3% faster everywhere" in half.detail  # the signal row lost
+    assert half.verdict == "keep" and "not 3% faster everywhere (faster alone: moments)" in half.detail  # signal lost
     assert v["EDPAIRS_GEMM_OVERLAP=1"].verdict == "not measured"
-    assert v["EDPAIRS_GEMM_GRAM=triangle, block 128"].verdict == "keep"  # the TF32 triangle did not win
+    # The triangle is judged per precision of the products (GRAM_DEFAULT): exact won, TF32 did not.
+    assert v["EDPAIRS_GEMM_GRAM=triangle, float32 products, block 128"].verdict == "FLIP"
+    assert v["EDPAIRS_GEMM_GRAM=triangle, tf32 products, block 128"].verdict == "keep"
+    assert v["EDPAIRS_GEMM_GRAM=triangle, float32 products, block 256"].verdict == "not measured"
     out = tmp_path / "decisions.json"
     res = subprocess.run([sys.executable, os.path.join(BENCH, "decide.py"), str(tmp_path), "--json", str(out)],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "fastest moments tf32 row: edpairs-tf32-half 3.00 ms" in res.stdout
     assert "default lives in: python/edpairs/_gemm.py _half_knob()" in res.stdout
-    assert [d["verdict"] for d in json.loads(out.read_text())["decisions"]].count("FLIP") == 1
+    assert "default lives in: python/edpairs/_gemm.py GRAM_DEFAULT['float32']" in res.stdout
+    assert [d["verdict"] for d in json.loads(out.read_text())["decisions"]].count("FLIP") == 2
 
 
 @pytest.mark.parametrize("rc,failures", [("0", 1), ("2", 0)])

@@ -610,6 +610,34 @@ def test_route_moments_triangle_gram(D, block, rng, monkeypatch):
         _gemm.moments(t(X), precision="float32", rows=400, lib=lib())
 
 
+def test_route_gram_default_is_per_precision(rng, monkeypatch):
+    """Unset (or empty), EDPAIRS_GEMM_GRAM takes GRAM_DEFAULT of the products' precision: a
+    triangle default for exact float32 products alone forms the triangle for them and the full
+    product for TF32 ones; the variable, when set, rules both."""
+    X = (rng.standard_normal((900, 20)) + 5).astype(np.float32)
+    made = []
+
+    class Spy(_gemm._TriangleProduct):
+        def __init__(self, *args):
+            made.append(True)
+            super().__init__(*args)
+
+    monkeypatch.setattr(_gemm, "_TriangleProduct", Spy)
+    monkeypatch.setitem(_gemm.GRAM_DEFAULT, "float32", "triangle")
+    monkeypatch.delenv("EDPAIRS_GEMM_GRAM", raising=False)
+    for precision, want in (("float32", [True]), ("tf32", [])):
+        made.clear()
+        mean, m2 = _gemm.moments(t(X), precision=precision, rows=300, lib=lib())
+        check_moments(ops.Moments(900, mean, m2), X)
+        assert made == want, precision
+    monkeypatch.setenv("EDPAIRS_GEMM_GRAM", "")
+    assert _gemm.gram_mode("float32") == "triangle" and _gemm.gram_mode("tf32") == "cublas"
+    monkeypatch.setenv("EDPAIRS_GEMM_GRAM", "cublas")
+    made.clear()
+    _gemm.moments(t(X), precision="float32", rows=300, lib=lib())
+    assert made == []
+
+
 def test_centre_rows_writes_scaled_float16_rounded_to_nearest_even(rng):
     """CentreRows with a float16 out: float16((x - shift) * scale) bit for bit as numpy rounds
     (nearest even; subnormals; 65504 and past it Inf), the column sums of the unscaled values."""

@@ -422,14 +422,23 @@ def wgmma_unavailable(device=None):
 
 GRAM_MODES = ("cublas", "triangle", "wgmma")
 
+#: The Gram's form where EDPAIRS_GEMM_GRAM is unset, for each precision of the products:
+#: "cublas" for both until a GPU run times the triangle faster for that precision (the exact
+#: float32 and the TF32 products differ in cuBLAS's speed at the triangle's block shapes;
+#: benchmarks/decide.py judges the two apart, bench_moments' -tri rows against the default's).
+GRAM_DEFAULT = {"float32": "cublas", "tf32": "cublas"}
 
-def gram_mode() -> str:
-    """EDPAIRS_GEMM_GRAM, checked: how the moments' centred Gram is formed on the route.
-    "cublas" (default): one product X~^T X~ per step. "triangle": only the blocks on or above
-    the diagonal, one product per row block of TRIANGLE_BLOCK features (X~_i^T X~[:, i:]; at
+
+def gram_mode(precision: str) -> str:
+    """EDPAIRS_GEMM_GRAM, checked: how the moments' centred Gram is formed on the route for
+    products of ``precision`` ("float32" or "tf32"). Unset or empty: GRAM_DEFAULT[precision].
+    "cublas": one product X~^T X~ per step. "triangle": only the blocks on or above the
+    diagonal, one product per row block of TRIANGLE_BLOCK features (X~_i^T X~[:, i:]; at
     D = 512 five eighths of the products' work). "wgmma": edpairs' one-pass kernel where it
-    applies (gram_wgmma_applies)."""
-    value = os.environ.get("EDPAIRS_GEMM_GRAM", "cublas")
+    applies (gram_wgmma_applies; TF32 only, "cublas" otherwise)."""
+    value = os.environ.get("EDPAIRS_GEMM_GRAM", "")
+    if value == "":
+        return GRAM_DEFAULT[precision]
     if value not in GRAM_MODES:
         raise ValueError(f"EDPAIRS_GEMM_GRAM must be one of {', '.join(map(repr, GRAM_MODES))}, got {value!r}")
     return value
@@ -476,7 +485,7 @@ def gram_wgmma_applies(X, precision: str) -> bool:
     the diagonal) instead of cuBLAS: EDPAIRS_GEMM_GRAM=wgmma (opt-in: 8.5 ms against cuBLAS's
     4.7 ms on an H100 at 1M x 512, run 5; default "cublas"), TF32 products, a float32 X with 16-byte aligned rows and
     D % 4 == 0, a build with sm_90a and a compute capability 9.0 GPU."""
-    if gram_mode() != "wgmma" or precision != "tf32":
+    if gram_mode(precision) != "wgmma" or precision != "tf32":
         return False
     import torch
 
@@ -524,7 +533,7 @@ def _moments_pass(torch, X, shift, precision: str, rows: int, lib, scale):
     half = scale is not None
     colsum = torch.zeros((D,), dtype=torch.float64, device=X.device)
     colmax = torch.zeros((D,), dtype=torch.float32, device=X.device) if half else None
-    if gram_mode() == "triangle":
+    if gram_mode(precision) == "triangle":
         gram = _TriangleProduct(torch, D, triangle_block(), X.device)
     else:
         gram = _BatchedProduct(torch, D, D, min(rows, N), X.device)
