@@ -53,6 +53,8 @@ pack() { tar -czf "$OUT/results.tmp" -C "$RES" . && mv -f "$OUT/results.tmp" "$O
 
 step "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+# Which source this run measures: tools/tree_hash.sh on a checkout gives the same digits.
+echo "source: tree hash $(bash tools/tree_hash.sh 2>/dev/null || echo unknown), git $(git rev-parse --short HEAD 2>/dev/null || echo 'not here'); nvcc $(nvcc --version 2>/dev/null | sed -n 's/.*, V\([0-9.]*\)$/\1/p')"
 
 # Knobs: ARCHS (CUDA architectures to build; the card's own by default, to build fast),
 # PROFILE_CASES (the steps whose kernels profile_kernels.py times one by one),
