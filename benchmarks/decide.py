@@ -77,17 +77,17 @@ def _judge(knob: str, where: str, pairs, tests: tuple[bool, str], accurate) -> D
     missing = [label for label, cand, base in pairs if cand is None or base is None]
     if missing:
         return Decision(knob, "not measured", "rows missing: " + ", ".join(missing), where)
-    parts, fast, exact = [], True, True
+    parts, fast, exact, alone = [], True, True, []
     for label, cand, base in pairs:
         gain = base["median_s"] / cand["median_s"]
         ok, text = accurate(cand, base)
         parts.append(f"{label}: {cand['median_s'] * 1e3:.2f} vs {base['median_s'] * 1e3:.2f} ms ({gain:.2f}x; {text})")
         fast &= gain >= 1 + MARGIN
         exact &= ok
+        if gain >= 1 + MARGIN and ok:
+            alone.append(label)
     why = [] if fast else [f"not {MARGIN:.0%} faster everywhere"]
     if not fast and len(pairs) > 1:  # which pairings would win alone (a knob one could split)
-        alone = [label for label, cand, base in pairs if base["median_s"] / cand["median_s"] >= 1 + MARGIN
-                 and accurate(cand, base)[0]]
         why[-1] += f" (faster alone: {', '.join(alone) or 'none'})"
     why += [] if exact else ["less accurate"]
     why += [] if tests[0] else [tests[1]]

@@ -164,7 +164,7 @@ class _Geometry:
             for block in row_blocks(chunk):
                 norms = (((xp.astype(block, "float32") - mu) @ P.T) ** 2).sum(1) ** 0.5
                 parts.append(xp.astype(1.0 / (norms + (norms == 0)) * (norms > 0), "float32"))
-            self._row_scale[index] = xp.contiguous(parts[0] if len(parts) == 1 else _concat(parts))
+            self._row_scale[index] = xp.contiguous(_concat(parts))
         return self._row_scale[index]
 
     def centroids_from_sums(self, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -312,11 +312,12 @@ class _PassTotals:
     def __init__(self, k: int, D: int, offset: int):
         self.k, self.offset = k, offset
         self.sums, self.counts = _OrderedSum(np.zeros((k, D))), _OrderedSum(np.zeros(k, np.int64))
-        self.total, self.n = 0.0, 0
+        self.total = _OrderedSum(np.zeros(1))  # of the chunks' float64 score totals, in chunk order
+        self.n = 0
         self.worst_scores: list = []
         self.worst_index: list = []
         self._key = None
-        self._run: Optional[tuple] = None  # (chunk score totals, (lowest scores, their rows) per chunk)
+        self._lows: Optional[list] = None  # the device run's (lowest scores, their rows) per chunk
 
     def add(self, res) -> None:
         self.sums.add(res.sums)
@@ -331,33 +332,30 @@ class _PassTotals:
             low = np.argpartition(s, m - 1)[:m] if m < size else np.arange(size)
             self.worst_scores.append(s[low])
             self.worst_index.append(self.offset + self.n + low)
-            self.total += float(s.sum())
+            self.total.add(np.asarray(s.sum()))
             self.n += size
             return
         key = _where(scores)
         if key != self._key:
             self.flush()
-            self._key, self._run = key, ([], [])
+            self._key, self._lows = key, []
         low = xp.k_lowest(scores, m)
-        self._run[0].append(xp.sum_float64(scores))
-        self._run[1].append((scores[low], low + (self.offset + self.n)))
+        self.total.add(xp.sum_float64(scores))
+        self._lows.append((scores[low], low + (self.offset + self.n)))
         self.n += size
 
     def flush(self) -> None:
-        """The device run's score totals and lowest scores to the host (three copies, however
-        many chunks the run had)."""
-        if self._run is None:
+        """The device run's lowest scores to the host (two copies, however many chunks the run
+        had)."""
+        if self._lows is None:
             return
-        chunk_totals, lows = self._run
-        self._run = self._key = None
-        for t in to_numpy64(_stack(chunk_totals)):
-            self.total += float(t)
+        lows, self._lows, self._key = self._lows, None, None
         self.worst_scores.append(to_numpy64(_concat([v for v, _ in lows])))
         self.worst_index.append(to_numpy64(_concat([r for _, r in lows])).astype(np.int64))
 
     def result(self):
         self.flush()
-        return (self.sums.result(), self.counts.result(), self.total, self.n, self.worst_scores,
+        return (self.sums.result(), self.counts.result(), float(self.total.result()[0]), self.n, self.worst_scores,
                 self.worst_index)
 
 
@@ -424,7 +422,7 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
             # This pass assigned rows to C (not to `new`): C and these labels belong together.
             lab = None
             if keep_labels:
-                lab = labels[0] if len(labels) == 1 else _concat(labels)
+                lab = _concat(labels)
             return _LloydResult(C, mean_cosine, counts, n_iter, lab, sums)
         previous = mean_cosine
         C = new
@@ -441,12 +439,6 @@ def _concat(parts):
     xp = namespace_of(parts[0])
     with device_scope(parts[0]):
         return xp.mod.cat(parts) if xp.name == "torch" else xp.mod.concatenate(parts)
-
-
-def _stack(parts):
-    """0-d arrays of one library and device as one 1-D array there."""
-    with device_scope(parts[0]):
-        return namespace_of(parts[0]).mod.stack(parts)
 
 
 def _seed_sample(source: ChunkSource, geometry: _Geometry, size: int, rng: np.random.Generator, *,
