@@ -59,13 +59,13 @@ echo "source: tree hash $(bash tools/tree_hash.sh 2>/dev/null || echo unknown), 
 # Knobs: ARCHS (CUDA architectures to build; the card's own by default, to build fast),
 # PROFILE_CASES (the steps whose kernels profile_kernels.py times one by one),
 # SLOW=1 (also the slow CUDA tests), REPEAT (timed repetitions per benchmark), SKIP (steps to
-# leave out: ceilings, kmeans, half, k64, bf16, moments, tests, profile, fit, estimators, ncu,
+# leave out: ceilings, kmeans, half, k64, bf16, faiss, moments, tests, profile, fit, estimators, ncu,
 # route_parts, stream; by default estimators, ncu, route_parts and stream, measured in run4 /
 # run5 and unchanged since; SKIP="" runs everything the budget allows). The hardware counters
 # of the k-means kernels:
 #   SKIP="tests estimators kmeans half k64 bf16 moments profile route_parts stream" bash benchmarks/gpu_check.sh
 # TESTS_K, NEW_K, KM_METHODS, KM_SIZES, K64_METHODS, BF16_METHODS, BF16_SIZES, STREAM_GIB,
-# NCU_CASES, TEST_WORKERS override the choices below.
+# NCU_CASES, TEST_WORKERS, FAISS_LIB override the choices below.
 ARCHS="${ARCHS:-90}"
 REPEAT="${REPEAT:-5}"
 SKIP="${SKIP-estimators ncu route_parts stream}"
@@ -148,6 +148,22 @@ pack
 step "spherical k-means iteration (bfloat16 data)"
 skipped bf16 || within 60 20 python3 benchmarks/bench_kmeans.py --device cuda --dtype bfloat16 --methods "$BF16_METHODS" --repeat "$REPEAT" \
   --method-timeout 40 --sizes $BF16_SIZES --json "$RES/kmeans_cuda_bf16.json" || status=1
+pack
+
+# Goal 5: faiss's GPU k-means (rows on the host, as faiss.Kmeans(gpu=True) keeps them) and its
+# GPU flat search on resident rows, beside edpairs in the same call on the same data: the
+# default (TF32) and edpairs-f32 (exact float32 products, as faiss's SGEMM). The library is made
+# by benchmarks/faiss/build.sh on the CPU machine and carried (carry ["build/faiss"], ~50 MiB).
+step "faiss's GPU k-means and flat search against edpairs (goal 5; information where build/faiss is absent)"
+FAISS_LIB="${FAISS_LIB:-build/faiss/lib/libedpairs_faiss.so}"
+if ! skipped faiss; then
+  if [ -e "$FAISS_LIB" ]; then
+    EDPAIRS_FAISS_LIB="$FAISS_LIB" INFO=1 within 90 40 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs,edpairs-f32,faiss,faiss-search --repeat "$REPEAT" \
+      --method-timeout 40 --sizes 1000000,512,1024 --json "$RES/kmeans_cuda_faiss.json" || echo "(faiss rows: failed, see above)"
+  else
+    echo "(no $FAISS_LIB: make it with benchmarks/faiss/build.sh and carry build/faiss)"
+  fi
+fi
 pack
 
 step "moments and signal moments"
@@ -297,6 +313,17 @@ for method in ("edpairs", "edpairs-fit", "edpairs-wgmma-columns", "edpairs-fused
     e = t(f32, small, method)
     if e:
         goals.append((f"k=64 f32 {method}: one read of X (GB/s) / copy GB/s", 1e6 * 512 * 4 / e / 1e9 / copy if copy else 0, 0.7))
+fa = kmeans("kmeans_cuda_faiss.json")
+for (size, method), x in sorted(fa.items()):
+    note = f"{x['median_s'] * 1e3:8.2f} ms, labels ok {x.get('label_agreement', float('nan')):.4f}" if "median_s" in x \
+        else str(x.get("skipped") or x.get("error"))[:80]
+    print(f"faiss step {','.join(map(str, size)):18s} {method:14s} {note}"
+          + (f" (faiss {x['faiss_version']}; one call of one iteration {x['one_call_s'] * 1e3:.0f} ms)" if "one_call_s" in x else ""))
+for method in ("faiss", "faiss-search"):
+    for ours in ("edpairs", "edpairs-f32"):  # TF32 (the default); exact float32 like faiss's SGEMM
+        e, f = t(fa, big, ours), t(fa, big, method)
+        if e and f:
+            goals.append((f"k=1024 f32 {method} / {ours} time, same call (goal 5)", f / e, 3.0))
 e = t(b16, small, "edpairs")
 if e:
     goals.append(("k=64 bf16 edpairs: one read of X / copy (information)", 1e6 * 512 * 2 / e / 1e9 / copy if copy else 0, 0.7))

@@ -72,6 +72,11 @@ def test_gpu_check_summary_reads_a_device_run(tmp_path):
     _write(tmp_path, "moments_cuda.json", {"results": [
         {"op": "moments", "size": [1000000, 512, 256], "method": "edpairs-tf32", "median_s": 0.004},
         {"op": "signal_moments", "size": [1000000, 512, 256], "method": "edpairs", "median_s": 0.02}]})
+    _write(tmp_path, "kmeans_cuda_faiss.json", {"results": [
+        {"size": [1000000, 512, 1024], "method": "edpairs", "median_s": 0.006},
+        {"size": [1000000, 512, 1024], "method": "edpairs-f32", "median_s": 0.012},
+        {"size": [1000000, 512, 1024], "method": "faiss", "median_s": 0.3, "one_call_s": 0.9, "faiss_version": "1.7.3"},
+        {"size": [1000000, 512, 1024], "method": "faiss-search", "median_s": 0.015}]})
     _write(tmp_path, "fit_cuda.json", {"results": {"edpairs": {"wall_s": 1.5, "n_iter": 40, "mean_iou": 0.9},
                                                    "spherical_kmeans": {"error": "RuntimeError: boom"}}})
     # Two test groups without failures in their junit files; the second was stopped by its time
@@ -97,6 +102,10 @@ def test_gpu_check_summary_reads_a_device_run(tmp_path):
     assert goal("k=1024 f32 edpairs-half: torch TF32 / edpairs TF32 time") == pytest.approx(2.5, abs=0.01)
     assert goal("k=1024 f32 edpairs-half-copies: torch TF32 / edpairs TF32 time") == pytest.approx(2.22, abs=0.01)
     assert goal("k=64 f32 edpairs: one read of X (GB/s) / copy GB/s") == pytest.approx(2.048e9 / 0.002 / 3000e9, abs=0.01)
+    assert goal("k=1024 f32 faiss / edpairs time, same call (goal 5)") == pytest.approx(50.0, abs=0.01)
+    assert goal("k=1024 f32 faiss-search / edpairs time, same call (goal 5)") == pytest.approx(2.5, abs=0.01)
+    assert goal("k=1024 f32 faiss-search / edpairs-f32 time, same call (goal 5)") == pytest.approx(1.25, abs=0.01)
+    assert any("faiss 1.7.3; one call of one iteration 900 ms" in line for line in lines)
     assert goal("moments: edpairs-tf32 rate / same-shape TF32") == pytest.approx(1e6 * 512**2 / 0.004 / 102e12, abs=0.01)
     signal = 6e6 * 512 * 256 / 0.02
     assert goal("signal_moments: edpairs rate / fp32 GEMM rate (exact)") == pytest.approx(signal / 50e12, abs=0.01)
@@ -146,7 +155,7 @@ def _fake_gpu_check(tmp_path, **env):
     out, calls = tmp_path / "out", tmp_path / "calls.txt"
     calls.write_text("")
     run_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "REAL_PY": sys.executable, "CALLS": str(calls),
-               "OUT": str(out), "RES": str(tmp_path / "res"), **env}
+               "OUT": str(out), "RES": str(tmp_path / "res"), "FAISS_LIB": str(tmp_path / "no_faiss.so"), **env}
     res = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh")], env=run_env, capture_output=True, text=True,
                          timeout=120)
     with tarfile.open(out / "results.tar.gz") as tar:
@@ -175,6 +184,19 @@ def test_gpu_check_runs_every_step_in_one_call(tmp_path):
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert summary.index("candidates against the defaults") < summary.index("goal (issue 6)")
     assert "decisions.json" in packed
+    assert f"(no {tmp_path / 'no_faiss.so'}: make it with benchmarks/faiss/build.sh" in stdout
+
+
+def test_gpu_check_runs_the_faiss_rows_where_the_library_is_carried(tmp_path):
+    """With faiss's GPU library present (build/faiss, carried), goal 5's rows run after the bf16
+    ones, edpairs beside faiss in the same call, with the library named to the benchmark."""
+    lib = tmp_path / "libedpairs_faiss.so"
+    lib.write_text("")
+    code, stdout, calls, packed = _fake_gpu_check(tmp_path, FAISS_LIB=str(lib))
+    assert code == 0, stdout
+    faiss = [i for i, c in enumerate(calls) if "--methods edpairs,edpairs-f32,faiss,faiss-search" in c]
+    assert len(faiss) == 1 and "--dtype bfloat16" in calls[faiss[0] - 1] and "bench_moments.py" in calls[faiss[0] + 1]
+    assert "kmeans_cuda_faiss.json" in packed
 
 
 def test_gpu_check_keeps_inside_its_budget(tmp_path):
