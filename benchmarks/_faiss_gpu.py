@@ -82,15 +82,18 @@ def _call(fn, *args) -> None:
         raise RuntimeError(f"faiss: {buf.value.decode(errors='replace')}")
 
 
-def _ptr(a) -> int:
-    """The data address of a C-contiguous float32 / int64 numpy array or torch tensor."""
-    if hasattr(a, "data_ptr"):
-        if not a.is_contiguous():
-            raise ValueError("faiss needs contiguous rows")
-        return a.data_ptr()
-    if not a.flags["C_CONTIGUOUS"]:
-        raise ValueError("faiss needs contiguous rows")
-    return a.ctypes.data
+def _ptr(a, dtype: str = "float32", width: int | None = None) -> int:
+    """The data address of a C-contiguous numpy array or torch tensor of `dtype` (and, given
+    `width`, of rows that long); ValueError naming what arrived otherwise (faiss would read the
+    bytes as they are)."""
+    got = str(a.dtype).replace("torch.", "")
+    contiguous = a.is_contiguous() if hasattr(a, "data_ptr") else a.flags["C_CONTIGUOUS"]
+    if got != dtype or not contiguous:
+        raise ValueError(f"faiss needs contiguous {dtype} arrays, got {'a contiguous' if contiguous else 'a strided'} "
+                         f"{got} array")
+    if width is not None and (a.ndim != 2 or a.shape[1] != width):
+        raise ValueError(f"faiss needs rows of {width} values, got shape {tuple(a.shape)}")
+    return a.data_ptr() if hasattr(a, "data_ptr") else a.ctypes.data
 
 
 class FaissGpu:
@@ -120,10 +123,10 @@ class FaissGpu:
         import numpy as np
 
         N, D = X.shape
-        cent = np.ascontiguousarray(C, dtype=np.float32).copy()
+        cent = np.array(C, dtype=np.float32, order="C")  # a copy: faiss writes the result into it
         times = (ctypes.c_double * niter)()
         _call(self.lib.edf_kmeans, self.res, self.device, N, D, cent.shape[0], ctypes.c_void_p(_ptr(X)),
-              ctypes.c_void_p(_ptr(cent)), niter, times)
+              ctypes.c_void_p(_ptr(cent, width=D)), niter, times)
         return cent, [t / 1e3 for t in times]  # faiss counts milliseconds
 
     def flat_ip(self, d: int) -> "FlatIP":
@@ -136,16 +139,20 @@ class FlatIP:
     the CPU index)."""
 
     def __init__(self, gpu: FaissGpu, d: int):
-        self.gpu, handle = gpu, ctypes.c_void_p()
+        self.gpu, self.d, handle = gpu, d, ctypes.c_void_p()
         _call(gpu.lib.edf_flat_ip_new, gpu.res, gpu.device, d, ctypes.byref(handle))
         self.index = handle
 
     def set(self, C) -> None:
-        _call(self.gpu.lib.edf_flat_ip_set, self.index, C.shape[0], ctypes.c_void_p(_ptr(C)))
+        _call(self.gpu.lib.edf_flat_ip_set, self.index, C.shape[0], ctypes.c_void_p(_ptr(C, width=self.d)))
 
     def search(self, X, scores, labels) -> None:
-        _call(self.gpu.lib.edf_flat_ip_search, self.index, X.shape[0], ctypes.c_void_p(_ptr(X)),
-              ctypes.c_void_p(_ptr(scores)), ctypes.c_void_p(_ptr(labels)))
+        n = X.shape[0]
+        if scores.shape != (n,) or labels.shape != (n,):
+            raise ValueError(f"search of {n} rows needs ({n},) scores and labels, got {tuple(scores.shape)} and "
+                             f"{tuple(labels.shape)}")
+        _call(self.gpu.lib.edf_flat_ip_search, self.index, n, ctypes.c_void_p(_ptr(X, width=self.d)),
+              ctypes.c_void_p(_ptr(scores)), ctypes.c_void_p(_ptr(labels, "int64")))
 
     def close(self) -> None:
         if self.index:

@@ -121,14 +121,15 @@ def test_gpu_check_summary_reads_a_device_run(tmp_path):
 
 _FAKE_PYTHON = """#!/bin/sh
 # python3 for gpu_check.sh without a GPU: the summary, decide.py, the build check and the
-# package probes run for real; every other command is logged and touches the result file it names (and the one
-# matching SLOW_MATCH sleeps FAKE_SLEEP seconds).
+# package probes run for real; every other command is logged (with the faiss library it was
+# given, if any) and touches the result file it names (and the one matching SLOW_MATCH sleeps
+# FAKE_SLEEP seconds).
 case "$1" in
   -) exec "$REAL_PY" "$@" ;;
   -c) case "$2" in *cuda_device_count*) exit 0 ;; esac; exec "$REAL_PY" "$@" ;;
   benchmarks/decide.py) exec "$REAL_PY" "$@" ;;
 esac
-echo "$*" >> "$CALLS"
+echo "$*${EDPAIRS_FAISS_LIB:+ [EDPAIRS_FAISS_LIB=$EDPAIRS_FAISS_LIB]}" >> "$CALLS"
 for a in "$@"; do
   case "$a" in --junitxml=*) : > "${a#--junitxml=}" ;; esac
 done
@@ -196,6 +197,7 @@ def test_gpu_check_runs_the_faiss_rows_where_the_library_is_carried(tmp_path):
     assert code == 0, stdout
     faiss = [i for i, c in enumerate(calls) if "--methods edpairs,edpairs-f32,faiss,faiss-search" in c]
     assert len(faiss) == 1 and "--dtype bfloat16" in calls[faiss[0] - 1] and "bench_moments.py" in calls[faiss[0] + 1]
+    assert calls[faiss[0]].endswith(f"[EDPAIRS_FAISS_LIB={lib}]")
     assert "kmeans_cuda_faiss.json" in packed
 
 

@@ -100,8 +100,21 @@ def test_faiss_errors_come_back_as_python_errors(rng):
     try:
         with pytest.raises(RuntimeError, match="faiss: .*(Number of training points|at least as large)"):
             gpu.kmeans(X[:3], C, 1)  # fewer rows than clusters: faiss refuses, nothing crashes
-        with pytest.raises(ValueError, match="contiguous"):
-            gpu.flat_ip(X.shape[1]).set(np.asfortranarray(C))
+        index = gpu.flat_ip(X.shape[1])
+        with pytest.raises(ValueError, match="contiguous float32 arrays, got a strided float32"):
+            index.set(np.asfortranarray(C))
+        with pytest.raises(ValueError, match="got a contiguous float64"):
+            index.set(C.astype(np.float64))
+        with pytest.raises(ValueError, match="rows of 24 values, got shape \\(7, 23\\)"):
+            index.set(np.ascontiguousarray(C[:, :23]))
+        index.set(C)
+        with pytest.raises(ValueError, match="contiguous int64 arrays, got a contiguous int32"):
+            index.search(X, np.empty(len(X), np.float32), np.empty(len(X), np.int32))
+        with pytest.raises(ValueError, match="needs \\(3000,\\) scores and labels"):
+            index.search(X, np.empty(5, np.float32), np.empty(len(X), np.int64))
+        with pytest.raises(ValueError, match="got a contiguous float64"):
+            gpu.kmeans(X.astype(np.float64), C, 1)
+        index.close()
     finally:
         gpu.close()
 
