@@ -2,8 +2,8 @@
 module with GPU support cannot be installed (the device machines: no network, and PyPI's faiss
 GPU wheels are larger than what a call can carry and built for CUDA 12).
 
-The library is ``build/faiss/lib/libedpairs_faiss.so`` (made by ``benchmarks/faiss/build.sh``:
-faiss's own C++ library and the small C interface of ``benchmarks/faiss/edpairs_faiss.cpp``),
+The library is ``build/faiss/lib/libedpairs_faiss.so`` (made by ``benchmarks/faiss_build/build.sh``:
+faiss's own C++ library and the small C interface of ``benchmarks/faiss_build/edpairs_faiss.cpp``),
 or the file named by ``EDPAIRS_FAISS_LIB``. It links cuBLAS and the CUDA runtime by their
 sonames: import torch and initialise CUDA first, so that torch's copies are the ones loaded.
 """
@@ -45,7 +45,7 @@ def load(cuda: bool = True):
     cuda=False: without a GPU (faiss's CPU index, device -1)."""
     path = library_path()
     if not os.path.exists(path):
-        raise RuntimeError(f"no faiss GPU library at {path} (make it with benchmarks/faiss/build.sh, "
+        raise RuntimeError(f"no faiss GPU library at {path} (make it with benchmarks/faiss_build/build.sh, "
                            "or name one with EDPAIRS_FAISS_LIB)")
     try:
         _cuda_libraries(cuda, path)

@@ -53,7 +53,7 @@ user would pick instead, in the same run on the same data.
   faiss    faiss.Kmeans(d, k, spherical=True, niter=1).train on faiss-cpu. With --device cuda
            faiss's GPU k-means through benchmarks/_faiss_gpu.py (faiss::Clustering with a
            GpuIndexFlatIP, rows on the host as faiss.Kmeans(gpu=True) keeps them; the library made by
-           benchmarks/faiss/build.sh): the median of faiss's own per-iteration times over one
+           benchmarks/faiss_build/build.sh): the median of faiss's own per-iteration times over one
            call of 1 + repeat iterations, the first left out
   faiss-search  CUDA: faiss's GpuIndexFlatIP searched with the rows already on the GPU, then the
            torch loop's centroid update (faiss's fastest assignment, no copies)

@@ -153,7 +153,7 @@ pack
 # Goal 5: faiss's GPU k-means (rows on the host, as faiss.Kmeans(gpu=True) keeps them) and its
 # GPU flat search on resident rows, beside edpairs in the same call on the same data: the
 # default (TF32) and edpairs-f32 (exact float32 products, as faiss's SGEMM). The library is made
-# by benchmarks/faiss/build.sh on the CPU machine and carried (carry ["build/faiss"], ~50 MiB).
+# by benchmarks/faiss_build/build.sh on the CPU machine and carried (carry ["build/faiss"], ~50 MiB).
 step "faiss's GPU k-means and flat search against edpairs (goal 5; information where build/faiss is absent)"
 FAISS_LIB="${FAISS_LIB:-build/faiss/lib/libedpairs_faiss.so}"
 if ! skipped faiss; then
@@ -161,7 +161,7 @@ if ! skipped faiss; then
     EDPAIRS_FAISS_LIB="$FAISS_LIB" INFO=1 within 90 40 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs,edpairs-f32,faiss,faiss-search --repeat "$REPEAT" \
       --method-timeout 40 --sizes 1000000,512,1024 --json "$RES/kmeans_cuda_faiss.json" || echo "(faiss rows: failed, see above)"
   else
-    echo "(no $FAISS_LIB: make it with benchmarks/faiss/build.sh and carry build/faiss)"
+    echo "(no $FAISS_LIB: make it with benchmarks/faiss_build/build.sh and carry build/faiss)"
   fi
 fi
 pack

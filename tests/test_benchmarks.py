@@ -185,7 +185,7 @@ def test_gpu_check_runs_every_step_in_one_call(tmp_path):
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert summary.index("candidates against the defaults") < summary.index("goal (issue 6)")
     assert "decisions.json" in packed
-    assert f"(no {tmp_path / 'no_faiss.so'}: make it with benchmarks/faiss/build.sh" in stdout
+    assert f"(no {tmp_path / 'no_faiss.so'}: make it with benchmarks/faiss_build/build.sh" in stdout
 
 
 def test_gpu_check_runs_the_faiss_rows_where_the_library_is_carried(tmp_path):
@@ -310,3 +310,11 @@ def test_decide_flips_nothing_when_the_new_kernel_tests_did_not_pass(tmp_path, r
     _decide_run(tmp_path, tests_rc=rc, failures=failures)
     half = _verdicts(tmp_path)["EDPAIRS_ASSIGN_HALF=1"]
     assert half.verdict == "keep" and f"{failures} failed, exit status {rc}" in half.detail
+
+
+def test_benchmarks_folder_shadows_no_package():
+    """The benchmark scripts put their own folder first on sys.path: an entry there named like a
+    package they import (a benchmarks/faiss folder did) would be imported instead of it."""
+    for name in ("faiss", "torch", "numpy", "edpairs", "sklearn", "cupy"):
+        for entry in (name, name + ".py"):
+            assert not os.path.exists(os.path.join(BENCH, entry)), entry

@@ -1,6 +1,6 @@
-"""benchmarks/_faiss_gpu.py and the C interface of benchmarks/faiss/edpairs_faiss.cpp: the
+"""benchmarks/_faiss_gpu.py and the C interface of benchmarks/faiss_build/edpairs_faiss.cpp: the
 library goal 5 of issue 6 measures faiss with on the device. It exists only where
-benchmarks/faiss/build.sh ran (about 15 minutes on 2 cores; not in CI), so these tests skip
+benchmarks/faiss_build/build.sh ran (about 15 minutes on 2 cores; not in CI), so these tests skip
 without it: on the CPU through faiss's CPU index (device -1: the same C entry points, the
 ctypes signatures, the error path), on a GPU beside edpairs' labels."""
 
@@ -20,7 +20,7 @@ finally:
     sys.path.remove(os.path.join(ROOT, "benchmarks"))
 
 pytestmark = pytest.mark.skipif(not os.path.exists(_faiss_gpu.library_path()),
-                                reason=f"no faiss library at {_faiss_gpu.library_path()} (benchmarks/faiss/build.sh)")
+                                reason=f"no faiss library at {_faiss_gpu.library_path()} (benchmarks/faiss_build/build.sh)")
 
 
 def _data(rng, n=3000, d=24, k=7):

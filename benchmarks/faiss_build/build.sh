@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds faiss's GPU library for Hopper (sm_90) and the small C interface that bench_kmeans.py
 # loads with ctypes (edpairs_faiss.cpp), into build/faiss/lib, for carrying to a device machine:
-#   bash benchmarks/faiss/build.sh   # about 15 min on 2 cores, and ~480 MB of CUDA wheels fetched once
+#   bash benchmarks/faiss_build/build.sh   # about 15 min on 2 cores, and ~480 MB of CUDA wheels fetched once
 # then a device call with carry ["build/faiss"] runs bench_kmeans.py's faiss and faiss-search
 # methods (gpu_check.sh does where build/faiss/lib/libedpairs_faiss.so exists).
 #
@@ -94,7 +94,7 @@ cp -L "$SRC/build/faiss/libfaiss.so" "$OUTDIR.tmp/lib/"
 CUDA_ROOT=$(readlink -f "$(nvcc --dryrun -x cu /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)")
 CUDART_DIR=$CUDA_ROOT/lib64
 [ -e "$CUDART_DIR/libcudart.so.13" ] || { echo "build.sh: no libcudart.so.13 under $CUDART_DIR" >&2; exit 1; }
-g++ -O2 -std=c++17 -shared -fPIC -o "$OUTDIR.tmp/lib/libedpairs_faiss.so" benchmarks/faiss/edpairs_faiss.cpp \
+g++ -O2 -std=c++17 -shared -fPIC -o "$OUTDIR.tmp/lib/libedpairs_faiss.so" benchmarks/faiss_build/edpairs_faiss.cpp \
   -I"$SRC" -I"$CU/include" -I"$CUDA_ROOT/include" \
   -L"$OUTDIR.tmp/lib" -lfaiss -L"$CUDART_DIR" -lcudart -Wl,-rpath,'$ORIGIN'
 for lib in libblas.so.3 liblapack.so.3 libgfortran.so.5 libquadmath.so.0 libgomp.so.1; do

@@ -1,7 +1,7 @@
 // A C interface to the parts of faiss's GPU library that benchmarks/bench_kmeans.py compares
 // edpairs against, for machines where faiss's Python module with GPU support cannot be
 // installed (the device: no network, 64 MiB of carry; PyPI's faiss GPU wheels are larger and
-// built for CUDA 12). benchmarks/faiss/build.sh compiles faiss's own C++ library and this file
+// built for CUDA 12). benchmarks/faiss_build/build.sh compiles faiss's own C++ library and this file
 // into build/faiss/; bench_kmeans.py loads it with ctypes (benchmarks/_faiss_gpu.py).
 //
 // Two things are offered, the two ways a faiss user clusters on a GPU:
