@@ -9,13 +9,13 @@
 # 64 MiB; PyPI's faiss GPU wheels are built for CUDA 12 (the devices have CUDA 13) and larger
 # than that with their CUDA libraries. The source is faiss 1.7.3 as Debian 12 ships it (the
 # newest faiss source this machine's registries serve), checked against its SHA-256 below;
-# nothing of it is kept in this repository. Two changes to it, both to its CMake files:
-# C++17 (CUDA 13's Thrust and CUB refuse older dialects) and cuBLAS found where the pip wheel
-# keeps it. cuBLAS's headers and link library and cuRAND's headers come from PyPI's CUDA 13
-# wheels (only for the build: on the device the library uses torch's cuBLAS and CUDA runtime,
-# loaded by soname). BLAS/LAPACK (faiss links them; k-means on a GPU index does not call them): Debian's
-# reference libblas/liblapack, copied beside the library with libgfortran and libgomp, so that
-# the device needs nothing installed.
+# nothing of it is kept in this repository. One change to its files: C++17 in its top
+# CMakeLists.txt (CUDA 13's Thrust and CUB refuse older dialects); cuBLAS is pointed to by
+# CMake variables. cuBLAS's headers and link library and cuRAND's headers come from PyPI's
+# CUDA 13 wheels (only for the build: on the device the library uses torch's cuBLAS and CUDA
+# runtime, loaded by soname). BLAS/LAPACK (faiss links them; k-means on a GPU index does not
+# call them): Debian's reference libblas/liblapack, copied beside the library with libgfortran,
+# libquadmath and libgomp, so that the device needs nothing installed.
 #
 # Needs: nvcc (CUDA 13), cmake, ninja, g++, and the Debian packages libblas-dev liblapack-dev
 # gfortran (`apt-get install -y libblas-dev liblapack-dev gfortran`). JOBS (default: all cores).
