@@ -51,8 +51,15 @@ def load(cuda: bool = True):
         _cuda_libraries(cuda, path)
         # BLAS, LAPACK and their runtimes beside the library (build.sh copies them there): loaded
         # first by path, since Debian's liblapack finds libgfortran only in the system folders.
+        # OpenMP's runtime only where the process and the system have none (one thread pool).
         for companion in _COMPANIONS:
             beside = os.path.join(os.path.dirname(path), companion)
+            if companion == "libgomp.so.1":
+                try:
+                    ctypes.CDLL(companion, mode=ctypes.RTLD_GLOBAL)
+                    continue
+                except OSError:
+                    pass
             if os.path.exists(beside):
                 ctypes.CDLL(beside, mode=ctypes.RTLD_GLOBAL)
         lib = ctypes.CDLL(path)
