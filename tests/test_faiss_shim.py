@@ -119,6 +119,25 @@ def test_faiss_errors_come_back_as_python_errors(rng):
         gpu.close()
 
 
+def test_no_gpu_is_an_error_not_an_abort():
+    """faiss aborts the process on a failing CUDA call; the interface checks the device first."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    import ctypes
+
+    lib = _faiss_gpu.load(cuda=False)
+    handle = ctypes.c_void_p()
+    with pytest.raises(RuntimeError, match="faiss: no usable CUDA device: "):
+        _faiss_gpu._call(lib.edf_resources_new, 0, None, ctypes.byref(handle))
+    gpu = _faiss_gpu.FaissGpu(-1)  # CPU resources, then a GPU index asked of them
+    try:
+        with pytest.raises(RuntimeError, match="faiss: no usable CUDA device: "):
+            _faiss_gpu._call(lib.edf_flat_ip_new, gpu.res, 0, 16, ctypes.byref(handle))
+    finally:
+        gpu.close()
+
+
 def test_missing_library_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("EDPAIRS_FAISS_LIB", str(tmp_path / "nothing.so"))
     with pytest.raises(RuntimeError, match="no faiss GPU library at .*nothing.so .*build.sh"):

@@ -20,18 +20,34 @@
 #include <faiss/gpu/GpuIndexFlat.h>
 #include <faiss/gpu/StandardGpuResources.h>
 
+#include <cuda_runtime.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <stdexcept>
 #include <string>
 
 namespace {
 
+// faiss aborts the process on a failing CUDA call (FAISS_ASSERT), so the device is checked
+// here first, as an exception with the reason.
+void check_device(int device) {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) throw std::runtime_error(std::string("no usable CUDA device: ") + cudaGetErrorString(e));
+  if (device >= n) {
+    throw std::runtime_error("CUDA device " + std::to_string(device) + " asked for; " + std::to_string(n) +
+                             " visible");
+  }
+}
+
 // An inner-product flat index: on the GPU `device`, or faiss's CPU index for device < 0.
 faiss::Index* flat_ip(void* res, int device, int d) {
   if (device < 0) return new faiss::IndexFlatIP(d);
+  check_device(device);
   faiss::gpu::GpuIndexFlatConfig config;
   config.device = device;
   return new faiss::gpu::GpuIndexFlatIP(static_cast<faiss::gpu::StandardGpuResources*>(res), d, config);
@@ -71,6 +87,7 @@ const char* edf_faiss_version() {
 // GPU resources (cuBLAS handle, temporary memory) for one device; stream 0 keeps faiss's own.
 int edf_resources_new(int device, void* stream, void** out, char* err, int errlen) {
   return guarded(err, errlen, [&] {
+    if (device >= 0) check_device(device);
     auto* res = new faiss::gpu::StandardGpuResources();
     if (stream != nullptr) res->setDefaultStream(device, static_cast<cudaStream_t>(stream));
     *out = res;
