@@ -11,7 +11,7 @@
 //   * edf_flat_ip_*: a GpuIndexFlatIP searched with rows already on the GPU (faiss's fastest
 //     assignment: no copies), on the caller's CUDA stream.
 // A device below 0 takes faiss's CPU IndexFlatIP instead, so that the interface can be checked
-// on a machine without a GPU (tests/test_faiss_gpu_shim.py).
+// on a machine without a GPU (tests/test_faiss_shim.py).
 // Every function returns 0 on success or -1 with faiss's message in err (no exception crosses
 // the C boundary).
 
