@@ -185,6 +185,17 @@ def run_edpairs_f32(X, C0, device, dtype):
     return run_edpairs(X, C0, device, dtype, precision="float32")
 
 
+def torch_centroid_update(Xn, labels, Cn, k: int):
+    """The torch loop's centroid update from unit rows Xn and their labels: float32 sums by
+    index_add, counts by bincount, the normalised sums (a cluster left empty keeps Cn's row)."""
+    import torch
+    import torch.nn.functional as F
+
+    sums = torch.zeros(k, Xn.shape[1], device=Xn.device, dtype=torch.float32).index_add_(0, labels, Xn.float())
+    counts = torch.bincount(labels, minlength=k)
+    return torch.where((counts > 0)[:, None], F.normalize(sums, dim=1), Cn.float()), labels, counts
+
+
 def run_torch(X, C0, device, dtype):
     import torch
     import torch.nn.functional as F
@@ -198,11 +209,7 @@ def run_torch(X, C0, device, dtype):
     def step():
         Xn = F.normalize(Xd, dim=1)
         Cn = F.normalize(Cd, dim=1)
-        labels = (Xn @ Cn.T).argmax(1)
-        sums = torch.zeros(k, Xd.shape[1], device=device, dtype=torch.float32).index_add_(0, labels, Xn.float())
-        counts = torch.bincount(labels, minlength=k)
-        new = F.normalize(sums, dim=1)
-        return torch.where((counts > 0)[:, None], new, Cn.float()), labels, counts
+        return torch_centroid_update(Xn, (Xn @ Cn.T).argmax(1), Cn, k)
 
     with torch.no_grad():
         labels = (F.normalize(Xd[:CHECK_ROWS], dim=1) @ F.normalize(Cd, dim=1).T).argmax(1).cpu().numpy()
@@ -294,10 +301,7 @@ def run_faiss_search(X, C0, device, dtype):
     def step():
         index.set(Cd)
         index.search(Xd, scores, labels)
-        Xn = F.normalize(Xd, dim=1)
-        sums = torch.zeros(k, Xd.shape[1], device=device).index_add_(0, labels, Xn)
-        counts = torch.bincount(labels, minlength=k)
-        return torch.where((counts > 0)[:, None], F.normalize(sums, dim=1), Cd), labels, counts
+        return torch_centroid_update(F.normalize(Xd, dim=1), labels, Cd, k)
 
     step()
     return step, labels[:CHECK_ROWS].cpu().numpy(), {"faiss_version": gpu.version}

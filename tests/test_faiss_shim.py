@@ -12,12 +12,21 @@ import sys
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-try:
-    import _faiss_gpu
-finally:
-    sys.path.remove(os.path.join(ROOT, "benchmarks"))
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def _from_benchmarks(name: str):
+    """A module of benchmarks/ (the scripts' own folder is not a package)."""
+    import importlib
+
+    sys.path.insert(0, BENCH)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(BENCH)
+
+
+_faiss_gpu = _from_benchmarks("_faiss_gpu")
 
 pytestmark = pytest.mark.skipif(not os.path.exists(_faiss_gpu.library_path()),
                                 reason=f"no faiss library at {_faiss_gpu.library_path()} (benchmarks/faiss_build/build.sh)")
@@ -79,11 +88,7 @@ def test_cpu_flat_search_through_the_shim(rng):
 def test_bench_kmeans_times_faiss_per_iteration(rng):
     """bench_kmeans.py's faiss row: faiss's own time of each later iteration (goal 5 compares
     per iteration), the first iteration and a one-iteration call apart."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import bench_kmeans
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    bench_kmeans = _from_benchmarks("bench_kmeans")
     X, C = _data(rng)
     gpu = _faiss_gpu.FaissGpu(-1)
     try:

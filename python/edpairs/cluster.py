@@ -329,7 +329,7 @@ class _PassTotals:
         if not _kept_on_device(xp, scores):
             self.flush()
             s = to_numpy64(scores)
-            low = np.argpartition(s, m - 1)[:m] if m < size else np.arange(size)
+            low = namespace_of(s).k_lowest(s, m)
             self.worst_scores.append(s[low])
             self.worst_index.append(self.offset + self.n + low)
             self.total.add(np.asarray(s.sum()))
