@@ -281,7 +281,7 @@ constexpr int kBarEmpty = 4;  // + buffer
 struct SumsLayout {
   int64_t sums, counts, scales, labels, end;
 };
-__host__ __device__ inline SumsLayout sums_layout(const int64_t k, const int64_t d) {
+__host__ __device__ constexpr SumsLayout sums_layout(const int64_t k, const int64_t d) {
   SumsLayout l{};
   l.sums = Ring<64>::kStages * Ring<64>::kStageBytes;
   l.counts = l.sums + 4 * k * d;
@@ -290,6 +290,11 @@ __host__ __device__ inline SumsLayout sums_layout(const int64_t k, const int64_t
   l.end = l.labels + 2 * kWgmmaRows;
   return l;
 }
+// The benchmark's shape (k = 64, D = 512) fits Hopper's 232,448 bytes of opt-in shared memory
+// per block with 513 bytes to spare (+ 1023 of alignment slack; the kernel has no static shared
+// memory). wgmma_sums_fits refuses a shape that does not fit and the step takes the separate
+// passes without a word, so a change that grows this layout must fail here instead.
+static_assert(sums_layout(kWgmmaSumsMaxK, 512).end + 1023 <= 232448, "fused k = 64, D = 512 no longer fits Hopper");
 
 // The labels and row scales of one labelled tile, for col_sum_slice (rows are global indices).
 struct TileRows {
