@@ -6,7 +6,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
 
+#include "edpairs/errors.h"
 #include "edpairs/ops.h"
 #include "edpairs/tensor_view.h"
 
@@ -40,6 +42,20 @@ struct WgmmaAssignParams {
   int prefetch = 0;         // iterations beyond the cp.async ring whose x slices are prefetched
                             // into L2 (assign_wgmma_kernel, assign_wgmma_sums_kernel; 0: none)
 };
+
+// What every wgmma launcher needs of its parameters, checked on the host before the launch: x's
+// rows (x_elem bytes a value) and the prepared centroids start on 16-byte boundaries (the
+// kernels' 16-byte copies, the TMA's maps), at least one feature and one centroid. The callers
+// choose a wgmma kernel only for such operands; a slip there fails here with a message instead
+// of a misaligned-address fault, which would end the process's CUDA context.
+inline void require_wgmma_operands(const WgmmaAssignParams& p, const int x_elem, const char* what) {
+  const bool x_rows = reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && (p.x_stride * x_elem) % 16 == 0;
+  if (!x_rows || reinterpret_cast<uintptr_t>(p.cw) % 16 != 0 || p.n < 0 || p.d < 1 || p.k < 1 || p.k_tiles < 1) {
+    fail(std::string(what) + ": rows of x and the centroids must be 16-byte aligned, with n >= 0, d >= 1, k >= 1 "
+         "(x stride " + std::to_string(p.x_stride) + " of " + std::to_string(x_elem) + "-byte values, n = " +
+         std::to_string(p.n) + ", d = " + std::to_string(p.d) + ", k = " + std::to_string(p.k) + "; an internal error)");
+  }
+}
 
 // Labels, scores (and row_scale_out) of every row on `stream`; x of `dtype` (float32: TF32
 // products; float16 / bfloat16: 16-bit products), float32 accumulation.

@@ -453,6 +453,7 @@ bool wgmma_sums_fits(const DType dtype, const int64_t k, const int64_t d) {
 
 void launch_assign_wgmma_sums(const WgmmaAssignParams& p, const DType dtype, const int grid, double* part_sums,
                               unsigned* part_counts, const cudaStream_t stream) {
+  require_wgmma_operands(p, element_size(dtype), "assign (wgmma, fused sums)");
   if (p.k > kWgmmaSumsMaxK || p.k_tiles != 1 || grid < 1) {
     fail("assign (wgmma, fused sums): k = " + std::to_string(p.k) + " with " + std::to_string(p.k_tiles) +
          " centroid tiles on " + std::to_string(grid) + " blocks (an internal error)");
@@ -466,6 +467,7 @@ void launch_assign_wgmma_sums(const WgmmaAssignParams& p, const DType dtype, con
 }
 
 void launch_assign_wgmma(const WgmmaAssignParams& p, const DType dtype, const cudaStream_t stream) {
+  require_wgmma_operands(p, element_size(dtype), "assign (wgmma)");
   const int64_t blocks = ceil_div(p.n, kWgmmaRows);
   if (blocks > INT_MAX) fail("assign (wgmma): too many rows for one launch: " + std::to_string(p.n));
   const int width = wgmma_tile_cents(p.k);

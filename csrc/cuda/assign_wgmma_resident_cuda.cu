@@ -264,6 +264,7 @@ int64_t resident_smem_bytes(const int d_pad) {
 }  // namespace
 
 void launch_assign_wgmma_resident(const WgmmaAssignParams& p, const cudaStream_t stream) {
+  require_wgmma_operands(p, sizeof(float), "assign (wgmma, float16 rows)");
   if (p.d_pad % kSliceElems != 0 || p.d_pad > kWgmmaResidentMaxD || p.d_pad < p.d ||
       static_cast<int64_t>(p.k_tiles) * kN < p.k || p.row_scale != nullptr || p.center != nullptr) {
     fail("assign (wgmma, float16 rows): d = " + std::to_string(p.d) + " padded to " + std::to_string(p.d_pad) +

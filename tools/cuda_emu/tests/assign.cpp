@@ -28,6 +28,7 @@
 // Rows with a NaN count as zero rows (label 0, score 0), as on the CPU.
 #include <chrono>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <new>
 #include <random>
@@ -36,6 +37,7 @@
 #include <utility>
 #include <vector>
 
+#include "../../../csrc/cuda/assign_wgmma.cuh"
 #include "harness.h"
 
 using namespace edpairs;
@@ -1357,4 +1359,62 @@ EMU_TEST(assign_degenerate) {
     c.vs_cpu = false;
     run(c);
   }
+}
+
+// The wgmma launchers refuse operands their kernels' 16-byte copies cannot take (rows of x or
+// the centroids off 16-byte boundaries, no features or centroids) with an error that names
+// them, before any launch: on a GPU such a launch would end the process's CUDA context.
+EMU_TEST(assign_wgmma_launchers_check_operands) {
+  alignas(16) static float x[64 * 8] = {};
+  alignas(16) static float cw[256 * 64] = {};
+  static int64_t labels[64];
+  static float scores[64], col[256];
+  cuda_detail::WgmmaAssignParams good{};
+  good.x = x;
+  good.x_stride = 8;
+  good.n = 64;
+  good.d = 8;
+  good.k = 3;
+  good.d_pad = 32;
+  good.k_tiles = 1;
+  good.cw = cw;
+  good.col_s = good.col_o = col;
+  good.labels = labels;
+  good.scores = scores;
+  struct Bad {
+    const char* what;
+    cuda_detail::WgmmaAssignParams p;
+  };
+  std::vector<Bad> bad;
+  bad.push_back({"x off 16 bytes", good});
+  bad.back().p.x = x + 1;
+  bad.push_back({"row stride of 20 bytes", good});
+  bad.back().p.x_stride = 5;
+  bad.push_back({"centroids off 16 bytes", good});
+  bad.back().p.cw = cw + 2;
+  bad.push_back({"no features", good});
+  bad.back().p.d = 0;
+  bad.push_back({"no centroids", good});
+  bad.back().p.k = 0;
+  const long before = ::emu::stats().launches.load();
+  for (const Bad& b : bad) {
+    const std::pair<const char*, std::function<void()>> launchers[] = {
+        {"launch_assign_wgmma", [&] { cuda_detail::launch_assign_wgmma(b.p, DType::Float32, nullptr); }},
+        {"launch_assign_wgmma_resident", [&] { cuda_detail::launch_assign_wgmma_resident(b.p, nullptr); }},
+        {"launch_assign_wgmma_sums", [&] {
+           cuda_detail::launch_assign_wgmma_sums(b.p, DType::Float32, 1, nullptr, nullptr, nullptr);
+         }},
+    };
+    for (const auto& [name, launch] : launchers) {
+      std::string message;
+      try {
+        launch();
+      } catch (const std::invalid_argument& e) {
+        message = e.what();
+      }
+      CHECK(message.find("must be 16-byte aligned") != std::string::npos, "%s with %s: %s", name, b.what,
+            message.empty() ? "no error" : message.c_str());
+    }
+  }
+  CHECK(::emu::stats().launches.load() == before, "a launcher launched with bad operands");
 }
