@@ -234,11 +234,15 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     route (edpairs._gemm; ``EDPAIRS_GEMM_ROUTE=kernel`` keeps edpairs' fused kernels): cuBLAS
     forms the scores of EDPAIRS_GEMM_ASSIGN_ROWS rows at a time (default 32768; a (rows, k)
     float32 block, never the whole (N, k) matrix) in the precision asked for, an edpairs kernel
-    takes each row's argmax and norm, and the sums come from one sorted pass over X. On Hopper
-    (compute capability 9.0, a build with sm_90a) tensor-core assignments of 16-byte aligned rows
-    with k >= 129 are labelled by edpairs' wgmma kernel, TF32 float32 ones too instead of the
-    route (``EDPAIRS_ASSIGN_KERNEL=mma`` keeps mma.sync and the route, ``wgmma`` takes the wgmma
-    kernel below k = 129 too). With EDPAIRS_ASSIGN_HALF=1 (opt-in), TF32 cosine assignments of
+    takes each row's argmax and norm (with TF32 products it re-scores a row's best and runner-up
+    in float64 where they lie within the TF32 error bound of each other, so near ties get the
+    float64 label; the fused kernels do not), and the sums come from one sorted pass over X.
+    For that near-tie safety at every k and on Hopper too, ``EDPAIRS_GEMM_ROUTE=gemm`` sends
+    TF32 assignments of torch float32 rows to the route (run 5, H100, k = 1024: 7.6 ms against
+    the wgmma kernel's 6.3 ms). On Hopper (compute capability 9.0, a build with sm_90a)
+    tensor-core assignments of 16-byte aligned rows with k >= 129 are labelled by edpairs'
+    wgmma kernel, TF32 float32 ones too instead of the route (``EDPAIRS_ASSIGN_KERNEL=mma``
+    keeps mma.sync and the route, ``wgmma`` takes the wgmma kernel below k = 129 too). With EDPAIRS_ASSIGN_HALF=1 (opt-in), TF32 cosine assignments of
     float32 rows with k >= 129 are labelled from float16 values of the rows and centroids, each
     row scaled by a power of two of its own: on Hopper with D <= 512 made in shared memory by
     the labelling kernel, elsewhere (and with EDPAIRS_ASSIGN_HALF=copies) as float16 copies
