@@ -222,6 +222,9 @@ __global__ void __launch_bounds__(kThreads, 1) assign_wgmma_resident_kernel(cons
     const int64_t next_row0 = row0 + static_cast<int64_t>(gridDim.x) * kWgmmaRows;
     // Every thread arrives after its warpgroup's last wgmma of the previous tile completed
     // (wgmma_wait<0> in its epilogue) and its rows were written: the tile and fac_s are free.
+    // The fence orders those tensor-core reads before the generic stores that overwrite the
+    // tile, as the ring's fence does before each refill (once per row tile: no cost to speak of).
+    fence_proxy_async();
     named_sync(kBar, kThreads);
     convert_tile(p, xres_ptr, fac_s, row0, slices, tid);
     fence_proxy_async();         // the generic-proxy stores, visible to the tensor cores
