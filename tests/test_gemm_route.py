@@ -106,6 +106,13 @@ def test_route_scratch_bounds(rng, monkeypatch):
     assert _gemm.default_rows(512 + 3 * 256) == _gemm.DEFAULT_ROWS
     assert _gemm.default_rows(4096 + 3 * 4096) == 2**30 // (4 * 16384)
     assert _gemm.default_rows(10**9) == 1024
+    # EDPAIRS_GEMM_OVERLAP=1 holds two steps' scratch: half each (the moments at D = 512 keep
+    # their rows; the signal moments' two lanes at D = 512, I = 256 get 104857 each).
+    monkeypatch.setenv("EDPAIRS_GEMM_OVERLAP", "1")
+    assert _gemm.default_rows(512) == _gemm.DEFAULT_ROWS
+    assert _gemm.default_rows(512 + 3 * 256) == 2**29 // (4 * 1280) == 104857
+    assert _gemm.default_rows(4096 + 3 * 4096) == 2**30 // (4 * 16384) // 2
+    monkeypatch.delenv("EDPAIRS_GEMM_OVERLAP")
     X = (rng.standard_normal((9001, 19)) + 7).astype(np.float32)
     monkeypatch.setattr(_gemm, "BLOCK_ROWS", 500)
     monkeypatch.setattr(_gemm, "SCRATCH_BYTES", 16 * 19 * 19 * 2)  # two blocks per batched call
@@ -116,6 +123,17 @@ def test_route_scratch_bounds(rng, monkeypatch):
     monkeypatch.setattr(_gemm, "SCRATCH_BYTES", 4 * 40 * 100)  # steps of 100 rows
     res = _route_assign(t(Xa), t(C), rows=5000)
     check_assignment(res, Xa, C)
+    # With a centre the scratch holds the centred rows too, two buffers of them with the overlap.
+    steps = []
+    centred = _gemm.centred_steps
+    monkeypatch.setattr(_gemm, "centred_steps", lambda *a, **kw: (steps.append(a[5]), centred(*a, **kw))[1])
+    center = Xa.mean(0).astype(np.float32)
+    monkeypatch.setattr(_gemm, "SCRATCH_BYTES", 4 * (40 + 2 * 19) * 100)
+    for knob, rows in (("0", 4 * (40 + 2 * 19) * 100 // (4 * (40 + 19))), ("1", 100)):
+        monkeypatch.setenv("EDPAIRS_GEMM_OVERLAP", knob)
+        res = _route_assign(t(Xa), t(C), center=t(center), rows=5000)
+        assert steps[-1] == rows
+        check_assignment(res, Xa, C, center=center)
 
 
 def test_route_signal_moments_equal_the_cpu_kernel(rng):
@@ -1214,6 +1232,23 @@ def test_route_signal_moments_from_float16_operands_with_a_dead_feature(moves, r
     assert len(passes) == (2 if moves else 1) and all(p is not None for p in passes)
     got = ops.SignalMoments(*(o.numpy() for o in out))
     want = reference.signal_moments(X.astype(np.float64), W, b, c)
+    assert np.abs(got.count - want["count"]).max() <= 3  # rows with z within float16's rounding of 0 may flip
+    np.testing.assert_allclose(got.sum_z, want["sum_z"], rtol=2e-3)
+
+
+def test_route_signal_moments_dead_feature_moving_within_its_old_scale(rng, monkeypatch):
+    """A feature without spread in the first step that later reaches values in [0.5, 1): the
+    scale of those values is the one a zero gets (2^8), so the scales alone do not change, but
+    the feature is no longer dead (it gets its weight back): the second pass still takes
+    float16 operands instead of giving up to TF32 ones (a reviewer's case)."""
+    X, W, b, _ = make_signal_data(rng, 400, 6, 3, offset=0.0)
+    X[:100, 2] = 0
+    X[100:, 2] = (rng.uniform(0.5, 1.0, 300) * np.sign(rng.standard_normal(300))).astype(np.float32)
+    passes = _spy_passes(monkeypatch, "_signal_pass")
+    out = _gemm.signal_moments(t(X), t(W), t(b), None, precision="tf32", rows=100, lib=lib(), half=True)
+    assert len(passes) == 2 and all(p is not None for p in passes)
+    got = ops.SignalMoments(*(o.numpy() for o in out))
+    want = reference.signal_moments(X.astype(np.float64), W, b, None)
     assert np.abs(got.count - want["count"]).max() <= 3  # rows with z within float16's rounding of 0 may flip
     np.testing.assert_allclose(got.sum_z, want["sum_z"], rtol=2e-3)
 

@@ -130,8 +130,12 @@ SCRATCH_BYTES = 2**30
 
 def default_rows(floats_per_row: int) -> int:
     """Rows per step when the call leaves it open: DEFAULT_ROWS, fewer where a step's float32
-    scratch (floats_per_row per row) would pass SCRATCH_BYTES, never under 1024."""
-    return int(min(DEFAULT_ROWS, max(1024, SCRATCH_BYTES // (4 * max(1, floats_per_row)))))
+    scratch (floats_per_row per row) would pass SCRATCH_BYTES, never under 1024. With
+    EDPAIRS_GEMM_OVERLAP=1 a call holds two steps' scratch (two buffers, or two lanes), so each
+    gets half (the moments keep 131072 rows at D = 512; the signal moments' lanes at D = 512,
+    I = 256 get 104857)."""
+    budget = SCRATCH_BYTES // (2 if centre_overlap() else 1)
+    return int(min(DEFAULT_ROWS, max(1024, budget // (4 * max(1, floats_per_row)))))
 
 
 def _env_rows(name: str, default: int, positive: bool) -> int:
@@ -269,12 +273,15 @@ def _half_passes(torch, top, half_pass, plain_pass):
     """The float16-operand passes of moments() / signal_moments(): ``half_pass(top)`` with the
     scales for ``top`` (each column's largest |x - shift|: the first step's), again with the
     top seen over every step where those scales missed, and ``plain_pass()`` (TF32 operands)
-    where the data is not finite or the scales cannot change (float32's exponent range)."""
+    where the data is not finite or a second pass would run as the first: the same scales
+    (float32's exponent range) and the same columns without spread (the signal moments give
+    those no weight; one that moved within the scale a zero gets, [0.5, 1), changes only that)."""
     for _ in range(2):
         verdict, out = half_pass(top)
         if verdict == "ok":
             return out
-        if verdict != "rescale" or torch.equal(_pow2_scale(torch, out), _pow2_scale(torch, top)):
+        if verdict != "rescale" or (torch.equal(_pow2_scale(torch, out), _pow2_scale(torch, top))
+                                    and torch.equal(out == 0, top == 0)):
             break
         top = out
     return plain_pass()
@@ -315,7 +322,9 @@ def centred_steps(torch, lib, X, shift, colsum, rows: int, scale=None, colmax=No
     stream, into the other of two buffers, while the caller's stream runs this step's products:
     each product waits for its buffer's centring (an event), each centring for the products that
     read its buffer before (an event), and the caller's stream for the side stream at the end.
-    Both streams issue the same kernels in the same order, so the results are identical."""
+    Both streams issue the same kernels in the same order, so the results are those of one
+    stream, up to the order of the column sums' float64 atomic additions, which varies from run
+    to run with one stream too (bit for bit where those sums are exact, as in the GPU test)."""
     from ._arrays import Namespace
 
     N, D = X.shape
@@ -865,7 +874,8 @@ def assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, *, 
     N = X.shape[0]
     k = C.shape[0]
     D = X.shape[1]
-    width = k + (D if center is not None else 0)  # the (rows, k) block of dots and centred rows
+    # The (rows, k) block of dots and the centred rows (two buffers of them with the overlap).
+    width = k + (D * (2 if centre_overlap() else 1) if center is not None else 0)
     rows = max(1, min(rows, SCRATCH_BYTES // (4 * width)))
     # TF32 products: near ties are re-scored exactly (the centroids and their norms go along).
     rescore = precision != "float32"
