@@ -256,7 +256,9 @@ def _half_verdict(torch, result, colmax, scale, dead=None) -> tuple:
     and every column's largest scaled value (``colmax``) is 0 or within [HALF_LOW, 65504] (and
     the ``dead`` columns, given no weight, stayed 0); ("rescale", top) where only the scales
     missed (top: each column's largest |x - shift| seen, for scales that fit every step);
-    ("tf32", None) where the data itself is not finite. One synchronisation."""
+    ("tf32", None) where the data itself is not finite (or a finite value lies some 2^120 times
+    beyond the first step's spread, so that its scaled value overflows float32: the TF32 pass,
+    right all the same). One synchronisation."""
     fits = (colmax == 0) | ((colmax >= HALF_LOW) & (colmax <= 65504.0))
     if dead is not None:
         fits &= ~dead | (colmax == 0)
