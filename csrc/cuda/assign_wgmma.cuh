@@ -52,8 +52,9 @@ inline void require_wgmma_operands(const WgmmaAssignParams& p, const int x_elem,
   const bool x_rows = reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && (p.x_stride * x_elem) % 16 == 0;
   if (!x_rows || reinterpret_cast<uintptr_t>(p.cw) % 16 != 0 || p.n < 0 || p.d < 1 || p.k < 1 || p.k_tiles < 1) {
     fail(std::string(what) + ": rows of x and the centroids must be 16-byte aligned, with n >= 0, d >= 1, k >= 1 "
-         "(x stride " + std::to_string(p.x_stride) + " of " + std::to_string(x_elem) + "-byte values, n = " +
-         std::to_string(p.n) + ", d = " + std::to_string(p.d) + ", k = " + std::to_string(p.k) + "; an internal error)");
+         "in at least one tile (x stride " + std::to_string(p.x_stride) + " of " + std::to_string(x_elem) +
+         "-byte values, n = " + std::to_string(p.n) + ", d = " + std::to_string(p.d) + ", k = " + std::to_string(p.k) +
+         " in " + std::to_string(p.k_tiles) + " tiles; an internal error)");
   }
 }
 

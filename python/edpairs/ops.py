@@ -242,10 +242,11 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     the wgmma kernel's 6.3 ms). On Hopper (compute capability 9.0, a build with sm_90a)
     tensor-core assignments of 16-byte aligned rows with k >= 129 are labelled by edpairs'
     wgmma kernel, TF32 float32 ones too instead of the route (``EDPAIRS_ASSIGN_KERNEL=mma``
-    keeps mma.sync and the route, ``wgmma`` takes the wgmma kernel below k = 129 too). With EDPAIRS_ASSIGN_HALF=1 (opt-in), TF32 cosine assignments of
-    float32 rows with k >= 129 are labelled from float16 values of the rows and centroids, each
-    row scaled by a power of two of its own: on Hopper with D <= 512 made in shared memory by
-    the labelling kernel, elsewhere (and with EDPAIRS_ASSIGN_HALF=copies) as float16 copies
+    keeps mma.sync and the route, ``wgmma`` takes the wgmma kernel below k = 129 too). With
+    EDPAIRS_ASSIGN_HALF=1 (opt-in), TF32 cosine assignments of float32 rows with k >= 129 are
+    labelled from float16 values of the rows and centroids, each row scaled by a power of two
+    of its own: on Hopper with D <= 512 made in shared memory by the labelling kernel,
+    elsewhere (and with EDPAIRS_ASSIGN_HALF=copies) as float16 copies
     (edpairs._gemm.half_assign).
     """
     X, xp = _data(X)
