@@ -448,26 +448,31 @@ def test_argmax_rows_steps_write_only_their_rows(rng):
         _argmax(scores, X, first=8, rows=4)
 
 
-def _near_tie_case(rng, n=400, D=48, k=30, device="cpu"):
-    """Rows, centroids, a center and column scales; the exact scores s_j (x - center) . c_j in
-    float64; and float32 "TF32" scores with the best and runner-up swapped on every other row
-    (by less than the TF32 bound there) - what a rounded product can do to a near tie."""
+def _near_tie_case(rng, n=400, D=48, k=30, device="cpu", center_scale=0.2, pair_spread=1e-4):
+    """Rows, centroids (near-duplicate pairs pair_spread apart), a center (entries ~
+    center_scale) and column scales; the exact scores
+    s_j (x - center) . c_j in float64; and float32 "TF32" scores with the best and runner-up
+    swapped on every other row (by less than the TF32 bound there: the route multiplies the
+    centred rows, so the bound goes with ||x - center||) - what a rounded product can do to a
+    near tie."""
     base = rng.standard_normal((k // 2, D))
     C = np.repeat(base, 2, axis=0)  # near-duplicate pairs: their scores tie within the bound
-    C[1::2] += 1e-4 * rng.standard_normal((k // 2, D))
+    C[1::2] += pair_spread * rng.standard_normal((k // 2, D))
     C = C.astype(np.float32)
     X = (rng.standard_normal((n, D)) + 0.9 * C[rng.integers(0, k, n)] + 0.3).astype(np.float32)
-    center = (0.2 * rng.standard_normal(D)).astype(np.float32)
+    center = (center_scale * rng.standard_normal(D)).astype(np.float32)
     s = np.repeat(0.5 + rng.random(k // 2), 2).astype(np.float32)
     Xc = (X - center).astype(np.float32).astype(np.float64)
     E = (Xc @ C.astype(np.float64).T) * s[None, :].astype(np.float64)
     order = np.argsort(-E, axis=1, kind="stable")
     b, r = order[:, 0], order[:, 1]
     rows = np.arange(n)
-    bound = 2.0 ** -9 * np.linalg.norm(X.astype(np.float64), axis=1) * (s[b] * np.linalg.norm(C[b], axis=1) +
-                                                                       s[r] * np.linalg.norm(C[r], axis=1))
+    bound = 2.0 ** -9 * np.linalg.norm(Xc, axis=1) * (s[b] * np.linalg.norm(C[b], axis=1) +
+                                                     s[r] * np.linalg.norm(C[r], axis=1))
     dots = (E / s[None, :]).astype(np.float32)  # the route's dots, before the column scale
-    swap = (rows % 2 == 0) & (E[rows, b] - E[rows, r] < 0.5 * bound)
+    gap = E[rows, b] - E[rows, r]
+    # (a gap float32 scores cannot show would leave an exact tie, not a swap)
+    swap = (rows % 2 == 0) & (gap < 0.5 * bound) & (gap > 1e-5 * np.abs(E[rows, b]))
     hi = E[rows, b] / s[b]
     dots[rows[swap], b[swap]] = (E[rows[swap], r[swap]] / s[b[swap]]).astype(np.float32)
     dots[rows[swap], r[swap]] = (hi[swap] * s[b[swap]] / s[r[swap]]).astype(np.float32)
@@ -475,12 +480,22 @@ def _near_tie_case(rng, n=400, D=48, k=30, device="cpu"):
     return t_(dots), t_(X), t_(C), t_(center), t_(s), E, b, swap
 
 
-def test_argmax_rows_rescore_fixes_near_ties(rng):
+@pytest.mark.parametrize("center_scale,pair_spread", [(0.2, 1e-4), (8.0, 0.05)])
+def test_argmax_rows_rescore_fixes_near_ties(rng, center_scale, pair_spread):
     """With the centroids given, rows whose best and runner-up lie within the TF32 bound are
     re-scored in float64: the planted swaps are undone and the score is the exact one; without
-    them the swapped label stands."""
-    dots, X, C, center, s, E, b, swap = _near_tie_case(rng)
+    them the swapped label stands. With a far centre ||x - center|| is several times ||x||:
+    the bound of the centred rows' products goes with the former, and the swaps planted
+    between the two bounds stood while the kernels took ||x|| (a reviewer's finding)."""
+    dots, X, C, center, s, E, b, swap = _near_tie_case(rng, center_scale=center_scale, pair_spread=pair_spread)
     assert swap.sum() >= 20  # the case plants enough near ties to mean something
+    if center_scale > 1:
+        Xn, Cn, sn = (a.numpy().astype(np.float64) for a in (X, C, s))
+        rows = np.arange(len(b))
+        r = np.argsort(-E, axis=1, kind="stable")[:, 1]
+        raw_bound = 2.0**-9 * np.linalg.norm(Xn, axis=1) * (sn[b] * np.linalg.norm(Cn[b], axis=1) +
+                                                          sn[r] * np.linalg.norm(Cn[r], axis=1))
+        assert (swap & (E[rows, b] - E[rows, r] > raw_bound)).sum() >= 10
     plain = _argmax(dots, X, center=center, col_scale=s)
     fixed = _argmax(dots, X, center=center, col_scale=s, centroids=C)
     assert (plain[0][swap] != b[swap]).all()

@@ -29,7 +29,6 @@ void argmax_rows_cpu(const ArgmaxRowsArgs& a, Stream) {
   const bool need_row = row_scale == nullptr || C != nullptr;
   parallel_for((R + kBlock - 1) / kBlock, [&](int64_t task, int) {
     std::vector<float> row(need_row ? static_cast<size_t>(D) : 0);  // x - center
-    std::vector<float> raw(C != nullptr && center != nullptr ? static_cast<size_t>(D) : 0);  // x, where row is not
     for (int64_t r = task * kBlock; r < std::min(R, (task + 1) * kBlock); ++r) {
       if (need_row) load_row(X, center, r, 0, D, row.data());
       float rs;
@@ -55,15 +54,12 @@ void argmax_rows_cpu(const ArgmaxRowsArgs& a, Stream) {
         }
       }
       if (C != nullptr && rs > 0.f && bi != kNone && si != kNone) {
-        const float* xs = row.data();  // x itself for the bound: row when there is no centre
-        if (center != nullptr) {
-          load_row(X, nullptr, r, 0, D, raw.data());
-          xs = raw.data();
-        }
+        // The bound of the TF32 product of the centred row (the route centres before it).
         double xx = 0.0;
-        for (int64_t d = 0; d < D; ++d) xx += static_cast<double>(xs[d]) * xs[d];
+        for (float v : row) xx += static_cast<double>(v) * v;
         const double tol = std::ldexp(1.0, -9) * std::sqrt(xx) *
-                           (std::fabs(s[bi]) * cnorm[bi] + std::fabs(s[si]) * cnorm[si]);
+                           (std::fabs(static_cast<double>(s[bi])) * cnorm[bi] +
+                            std::fabs(static_cast<double>(s[si])) * cnorm[si]);
         if (static_cast<double>(bv) - static_cast<double>(sv) <= tol) {
           double db = 0.0, ds = 0.0;
           for (int64_t d = 0; d < D; ++d) {

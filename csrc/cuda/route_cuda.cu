@@ -54,22 +54,17 @@ argmax_rows_kernel(const float* __restrict__ scores, const float* __restrict__ c
        r += static_cast<int64_t>(gridDim.x) * kWarps) {
     const T* xr = x + r * x_stride;
     float rs;
-    float raw_sq = 0.f;  // ||x_r||^2, for the re-score's bound
+    float ss = 0.f;  // ||x_r - center||^2: the row norm, and the re-score's bound (the route
+                     // multiplies the centred rows)
     if (row_scale != nullptr && cents == nullptr) {
       rs = row_scale[r];
     } else {
-      float ss = 0.f;
       for (int c = lane; c < d; c += 32) {
         const float v = minus_center(xr[c], center != nullptr ? center[c] : 0.f);
         ss = fmaf(v, v, ss);
-        const float w = cuda_detail::to_float(xr[c]);
-        raw_sq = fmaf(w, w, raw_sq);
       }
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
-        ss += __shfl_xor_sync(kFull, ss, off);
-        raw_sq += __shfl_xor_sync(kFull, raw_sq, off);
-      }
+      for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(kFull, ss, off);
       rs = cuda_detail::row_scale_of(row_scale, r, ss);
     }
     // The first maximum and the runner-up: a lane's indices increase, so '>' keeps its first.
@@ -101,7 +96,7 @@ argmax_rows_kernel(const float* __restrict__ scores, const float* __restrict__ c
       }
     }
     if (cents != nullptr && rs > 0.f && bi != INT_MAX && si != INT_MAX) {  // warp-uniform
-      const double tol = ldexp(1.0, -9) * sqrt(static_cast<double>(raw_sq)) *
+      const double tol = ldexp(1.0, -9) * sqrt(static_cast<double>(ss)) *
                          (fabs(static_cast<double>(col_scale[bi])) * cnorm[bi] +
                           fabs(static_cast<double>(col_scale[si])) * cnorm[si]);
       if (static_cast<double>(bv) - static_cast<double>(sv) <= tol) {
@@ -264,7 +259,7 @@ half_rows_kernel(const float* __restrict__ x, const int64_t x_stride, const int6
 void half_rows_cuda(const HalfRowsArgs& a, Stream stream) {
   const int64_t rows = a.x.size(0), d = a.x.size(1);
   if (rows < 1 || d < 1) return;
-  if (d > INT_MAX) fail("half_rows: D too large: x " + a.x.shape_str());
+  if (d > INT_MAX - 32) fail("half_rows: D too large: x " + a.x.shape_str());  // (int lane loops)
   cuda_detail::DeviceGuard guard(a.x.device_id);
   const int64_t blocks = ceil_div(rows, kHalfWarps);
   if (blocks > INT_MAX) fail("half_rows: too many rows for one launch: x " + a.x.shape_str());
@@ -318,8 +313,8 @@ void centred_gram_cuda(const CentredGramArgs& a, Stream stream) {
 void argmax_rows_cuda(const ArgmaxRowsArgs& a, Stream stream) {
   const int64_t rows = a.scores.size(0), k = a.scores.size(1), d = a.x.size(1);
   if (rows < 1) return;
-  if (k < 1 || k > INT_MAX || d < 1 || d > INT_MAX) {
-    fail("argmax_rows: need 1 <= k, D < 2^31, got scores " + a.scores.shape_str() + " and x " +
+  if (k < 1 || k > INT_MAX - 32 || d < 1 || d > INT_MAX - 32) {  // (int lane loops step by 32)
+    fail("argmax_rows: need 1 <= k, D < 2^31 - 32, got scores " + a.scores.shape_str() + " and x " +
          a.x.shape_str());
   }
   cuda_detail::DeviceGuard guard(a.x.device_id);

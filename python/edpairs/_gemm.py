@@ -672,7 +672,8 @@ def signal_moments(X, W, b, center, *, precision: str, rows: int, lib, half: Opt
     With EDPAIRS_GEMM_OVERLAP=1 and more than one step, the steps are dealt in turn to two lanes
     (_SignalLane) on the caller's stream and a second one, so that one lane's memory-bound
     epilogue and centring run beside the other's products; the lanes' float64 sums are added
-    at the end (deterministic; equal to one lane's up to float64 rounding)."""
+    at the end (equal to one lane's up to float64 rounding; the masks' float64 sums are atomic
+    additions, whose order varies run to run with one lane too)."""
     import torch
 
     N, D = X.shape

@@ -173,16 +173,16 @@ void signal_masks_cpu(const SignalMasksArgs& args, Stream stream);
 void signal_masks_cuda(const SignalMasksArgs& args, Stream stream);
 
 // 3d. The assignment's pieces on the library-product route (edpairs/_gemm.py), where the
-// library forms dots[n, j] = x_n . c_j - center . c_j for a block of rows:
+// library forms dots[n, j] = (x_n - center) . c_j for a block of rows (the rows centred first):
 //  argmax_rows: with the score s_j dots[n, j] (s = col_scale, applied after the product as the
 //    kernels do) and r_n = row_scale[n] when given, else 1 / ||x_n - center|| (0 for a zero
 //    row): labels[n] = the lowest j maximising the score, best[n] = r_n times that score
 //    (label 0 and best 0 where r_n == 0), rscale[n] = r_n. Rows of x may be strided.
 //    With centroids (k, D) and cnorm (k,) = ||c_j|| given (the TF32 route), near ties are
-//    re-scored: where the best and the runner-up score lie within 2^-9 ||x_n|| (|s_b| ||c_b|| +
-//    |s_r| ||c_r||) of each other (x_n raw: the bound of TF32 products, both operands rounded or
-//    truncated), the two are recomputed as s_j (x_n - center) . c_j in float64 and the better
-//    (tie rule) is taken, its score the recomputed one.
+//    re-scored: where the best and the runner-up score lie within 2^-9 ||x_n - center||
+//    (|s_b| ||c_b|| + |s_r| ||c_r||) of each other (the bound of TF32 products of the centred
+//    rows, both operands rounded or truncated), the two are recomputed as s_j (x_n - center) .
+//    c_j in float64 and the better (tie rule) is taken, its score the recomputed one.
 //  cluster_sums: sums[j] = sum of rscale[n] (x_n - center) over the rows labelled j (float64),
 //    counts[j] = those rows (a row with rscale 0 counts and adds nothing); labels in [0, k).
 struct ArgmaxRowsArgs {

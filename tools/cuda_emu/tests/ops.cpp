@@ -738,12 +738,11 @@ void argmax_case(uint32_t seed, int64_t rows, int64_t k, int64_t d, int64_t ld, 
   Cmp b_ref("argmax best: GPU vs float64"), b_cpu("argmax best: GPU vs CPU");
   long rescored = 0;
   for (int64_t r = 0; r < rows; ++r) {
-    double ss = 0, raw = 0;
+    double ss = 0;
     bool nan_row = false;
     for (int64_t c2 = 0; c2 < d; ++c2) {
       const double v = x.val(r, c2) - (o.center ? center[static_cast<size_t>(c2)] : 0.0);
       ss += v * v;
-      raw += x.val(r, c2) * x.val(r, c2);
       nan_row = nan_row || std::isnan(v);
     }
     // r_n: given, or 1/||x~|| from float32 squares summed in float32 (a lane's D/32 terms, a
@@ -765,7 +764,7 @@ void argmax_case(uint32_t seed, int64_t rows, int64_t k, int64_t d, int64_t ld, 
     double bval = bv;
     bool re = false;
     if (o.rescore && rs_want > 0 && bi >= 0 && si >= 0) {
-      const double tol = 0x1p-9 * std::sqrt(raw) *
+      const double tol = 0x1p-9 * std::sqrt(ss) *  // the centred rows' product (ops.h 3d)
                          (std::fabs(col_scale[static_cast<size_t>(bi)]) * cnorm[static_cast<size_t>(bi)] +
                           std::fabs(col_scale[static_cast<size_t>(si)]) * cnorm[static_cast<size_t>(si)]);
       if (static_cast<double>(bv) - sv <= tol) {
