@@ -5,6 +5,8 @@ the kernel route and the CPU epilogue; the TF32 flag restored after every call."
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from _helpers import (
@@ -1374,6 +1376,16 @@ def test_half_assign_copies_the_rows_in_steps(rng, monkeypatch):
         runs.append(out)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+    # torch's default dtype does not reach the scratch (its 1 / ||c|| were float64 there)
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = (torch.empty(1700, dtype=torch.int64), torch.empty(1700, dtype=torch.float32),
+               torch.empty((140, 24), dtype=torch.float64), torch.empty(140, dtype=torch.int64))
+        _gemm.half_assign(t(X), t(C), *out, lib=lib())
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for a, b in zip(runs[0], out):
+        assert torch.equal(a, b)
 
 
 def test_half_assign_knob(monkeypatch):
@@ -1388,6 +1400,17 @@ def test_half_assign_knob(monkeypatch):
     monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", "yes")
     with pytest.raises(ValueError, match="EDPAIRS_ASSIGN_HALF must be '0', '1' or 'copies', got 'yes'"):
         _gemm.half_labels()
+    # Which knob wins: the float16 rows only where EDPAIRS_GEMM_ROUTE leaves the choice ("gemm"
+    # asks for the route and its near-tie re-score, "kernel" for the float32 kernels).
+    monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", "copies")
+    cuda_torch = SimpleNamespace(name="torch", is_cuda=lambda a: True, dtype_name=lambda a: "float32")
+    for route, on in ((None, True), ("auto", True), ("gemm", False), ("kernel", False)):
+        if route is None:
+            monkeypatch.delenv("EDPAIRS_GEMM_ROUTE", raising=False)
+        else:
+            monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", route)
+        assert _gemm.half_assign_applies(X, cuda_torch, 200, "tf32", None, None, None) is on, route
+    assert not _gemm.half_assign_applies(X, cuda_torch, 200, "float32", None, None, None)
 
 
 def test_assign_binding_takes_tf32_half_on_the_cpu_as_exact(rng):
@@ -1459,6 +1482,9 @@ def test_cuda_float16_rows_in_shared_memory_match_reference(N, D, k, layout, rng
     buf[:, :D] = t(X).cuda()
     Xg = buf[:, :D]
     assert _gemm.half_resident_applies(Xg)
+    monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", "mma")  # keeps mma.sync: the copies, not the wgmma kernel
+    assert not _gemm.half_resident_applies(Xg)
+    monkeypatch.delenv("EDPAIRS_ASSIGN_KERNEL")
     res = ops.assign(Xg, t(C).cuda(), precision="tf32")
     check_assignment(res, X, C, tol=HALF_TOL, check_ties=False)
     monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", "copies")

@@ -811,18 +811,20 @@ def half_resident_applies(X) -> bool:
     """Whether half_assign labels X (torch CUDA float32) in one kernel that makes the float16
     rows in shared memory (ops.h AssignPrecision::TensorCoreHalf): EDPAIRS_ASSIGN_HALF=1, rows
     of at most HALF_RESIDENT_MAX_D columns starting on 16-byte boundaries, and edpairs' Hopper
-    kernels on X's device."""
+    kernels on X's device, unless EDPAIRS_ASSIGN_KERNEL=mma keeps mma.sync (the copies then)."""
     return (_half_knob() == "1" and X.is_cuda and X.shape[1] <= HALF_RESIDENT_MAX_D and _rows_16b(X)
-            and wgmma_unavailable(X.device) is None)
+            and os.environ.get("EDPAIRS_ASSIGN_KERNEL", "auto") != "mma" and wgmma_unavailable(X.device) is None)
 
 
 def half_assign_applies(X, xp, k: int, precision: str, center, row_scale, col_scale) -> bool:
     """Whether ops.assign takes half_assign: EDPAIRS_ASSIGN_HALF=1 or copies, a torch CUDA float32 X with
     rows, TF32 products, k >= TF32_MIN_K (below it X's one read dominates, and the copy would
-    add to it) and the cosine's own scales (no center, row_scale or col_scale)."""
+    add to it) and the cosine's own scales (no center, row_scale or col_scale), with
+    EDPAIRS_GEMM_ROUTE unset or "auto" ("gemm" asks for the route and its near-tie re-score,
+    "kernel" for edpairs' float32 kernels)."""
     return (half_labels() and precision == "tf32" and k >= TF32_MIN_K and xp.name == "torch" and xp.is_cuda(X)
             and xp.dtype_name(X) == "float32" and X.shape[0] > 0 and center is None and row_scale is None
-            and col_scale is None and _knob() != "kernel")
+            and col_scale is None and _knob() == "auto")
 
 
 def half_assign(X, C, labels, scores, sums, counts, *, lib):
@@ -848,7 +850,7 @@ def half_assign(X, C, labels, scores, sums, counts, *, lib):
         return
     step = max(1, min(N, SCRATCH_BYTES // (2 * D)))
     Ch = torch.empty(C.shape, dtype=torch.float16, device=X.device)
-    lib.half_rows(c(C), c(Ch), c(torch.empty((C.shape[0],), device=X.device)), stream)
+    lib.half_rows(c(C), c(Ch), c(torch.empty((C.shape[0],), dtype=torch.float32, device=X.device)), stream)
     Cs = Ch.float()  # the kernel takes float32 centroids and rounds them to X's float16: exact here
     Xh = torch.empty((step, D), dtype=torch.float16, device=X.device)
     rscale = torch.empty((N,), dtype=torch.float32, device=X.device)
