@@ -993,6 +993,26 @@ def test_assign_kernel_knob_is_validated(torch, monkeypatch, rng):
         ops.assign(Xw, Cw, precision="tf32")
 
 
+def test_tf32_assignment_about_a_far_centre_keeps_the_centred_accuracy(torch, rng, monkeypatch):
+    """TF32 about a centre on torch float32 rows takes the route, which centres the rows before
+    the product: rows at an offset of 1000 with a spread of 1 get the float64 labels except
+    near ties of the centred rows' TF32 bound (the kernels, which round the raw rows and take
+    center . c off after the product, had an error a thousand times that: in a numpy model of
+    their rounding 16% of such labels differ from float64)."""
+    monkeypatch.delenv("EDPAIRS_GEMM_ROUTE", raising=False)
+    D, k = 64, 200
+    C = make_centroids(rng, k, D)
+    offset = np.float32(1000.0) * np.ones(D, np.float32)
+    X = (make_rows(rng, 20_000, D, C=C) + offset).astype(np.float32)
+    res = ops.assign(gpu(X), gpu(C), center=gpu(offset), precision="tf32")
+    want_labels = ref.assign(X.astype(np.float64), C, center=offset)[0]
+    S = (X.astype(np.float64) - offset) @ C.T.astype(np.float64) / np.linalg.norm(C.astype(np.float64), axis=1)
+    top2 = np.sort(S, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2.0**-9 * 2 * np.linalg.norm(X.astype(np.float64) - offset, axis=1)
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(to_numpy(res.labels)[clear], want_labels[clear])
+
+
 def test_tensor_core_float64_input_takes_the_exact_path(torch, rng):
     C = make_centroids(rng, 9, 21)
     X = make_rows(rng, 500, 21, C=C)

@@ -236,6 +236,14 @@ def test_which_assignments_take_the_route(monkeypatch):
     assert _gemm.assign_applies(X, xp, 64, "float32")  # exact: always the route
     assert not _gemm.assign_applies(X, xp, 64, "tf32")  # small k, TF32: the fused kernel
     assert _gemm.assign_applies(X, xp, _gemm.TF32_MIN_K, "tf32")
+    # TF32 about a centre: the route (it centres the rows before the product; the kernels'
+    # error would go with ||x||), at every k, wgmma or not
+    assert _gemm.assign_applies(X, xp, 64, "tf32", centred=True)
+    monkeypatch.setattr(_gemm, "wgmma_labels_tf32", lambda X: True)
+    assert not _gemm.assign_applies(X, xp, 1024, "tf32")
+    assert _gemm.assign_applies(X, xp, 1024, "tf32", centred=True)
+    monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "kernel")
+    assert not _gemm.assign_applies(X, xp, 64, "tf32", centred=True)  # asked for: the kernels
     monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "gemm")
     assert _gemm.assign_applies(X, xp, 64, "tf32")
     monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "kernel")

@@ -763,17 +763,21 @@ def assign_rows() -> int:
     return _env_rows("EDPAIRS_GEMM_ASSIGN_ROWS", 32768, positive=True)
 
 
-def assign_applies(X, xp, k: int, precision: str) -> bool:
+def assign_applies(X, xp, k: int, precision: str, centred: bool = False) -> bool:
     """Whether ops.assign takes this route: a torch CUDA float32 X with at least one row, exact
-    float32 products or k >= TF32_MIN_K, unless EDPAIRS_GEMM_ROUTE is "kernel" ("gemm" forces
-    the route at every k) or the TF32 labels go to the wgmma kernel (wgmma_labels_tf32). 16-bit
-    X keeps the tensor-core kernel, which runs at the bf16 product's rate."""
+    float32 products, TF32 ones about a centre (``centred``), or k >= TF32_MIN_K, unless
+    EDPAIRS_GEMM_ROUTE is "kernel" ("gemm" forces the route at every k) or the TF32 labels go to
+    the wgmma kernel (wgmma_labels_tf32). About a centre the route multiplies the centred rows,
+    so its TF32 error goes with ||x - center||; the tensor-core kernels round the raw rows and
+    subtract center . c after the product, an error that goes with ||x|| (labels off where the
+    rows share an offset large against their spread). 16-bit X keeps the tensor-core kernel,
+    which runs at the bf16 product's rate."""
     if not (xp.name == "torch" and xp.is_cuda(X) and xp.dtype_name(X) == "float32" and X.shape[0] > 0):
         return False
     value = _knob()
     if value != "auto":
         return value == "gemm"
-    if precision == "float32":
+    if precision == "float32" or centred:
         return True
     return k >= TF32_MIN_K and not wgmma_labels_tf32(X)
 

@@ -219,34 +219,38 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     GPU, float32 runs of at most 4096 rows per cluster and column, added in float64, where the
     k x D sums fit in shared memory).
 
-    ``precision`` matters on CUDA only (the CPU kernels are always exact float32):
-    ``"tf32"`` computes the products on tensor cores with float32 accumulation, TF32 operands
-    for float32 X and the input's own precision for float16 / bfloat16 X (the centroids are
-    rounded to it); ``"float32"`` uses exact float32 arithmetic. The default (None): tensor
-    cores for float16 / bfloat16 X, :data:`DEFAULT_PRECISION` (exact float32) for float32 X. With tensor
-    cores a label can differ from the exact one only where two centroids' scores are within
-    about 1e-3 (TF32) or 1e-2 (bfloat16) of each other relative to the row's scale; scores
-    carry a relative error of the same order. float64 X always takes the exact path, and with
-    a ``center`` its rows are centred in float64 before they are rounded to float32 (an offset
-    of 1e9 keeps a spread of 1).
+    ``precision`` matters on CUDA only (the CPU kernels are always exact float32): ``"tf32"``
+    computes the products on tensor cores with float32 accumulation, TF32 operands for float32 X
+    and the input's own precision for float16 / bfloat16 X (the centroids are rounded to it);
+    ``"float32"`` uses exact float32 arithmetic. The default (None): tensor cores for float16 /
+    bfloat16 X, :data:`DEFAULT_PRECISION` (exact float32) for float32 X. With tensor cores a
+    label can differ from the exact one only where two centroids' scores are within about 1e-3
+    (TF32) or 1e-2 (bfloat16) of each other relative to the row's scale; scores carry a relative
+    error of the same order. With a ``center`` that scale is ||x - center|| where the rows are
+    centred before the product: torch float32 X with TF32 takes the route for that (below);
+    edpairs' tensor-core kernels on float32 X (cupy X, ``EDPAIRS_GEMM_ROUTE=kernel``) round the
+    raw rows to TF32 and take center . c off after the product, so their scale is ||x||, and
+    rows far from the origin against their spread lose labels (pass ``precision="float32"``
+    there). float64 X always takes the exact path, and with a ``center`` its rows are centred in
+    float64 before they are rounded to float32 (an offset of 1e9 keeps a spread of 1).
 
-    torch CUDA float32 X with exact products, or TF32 with k >= 129, takes the library-product
-    route (edpairs._gemm; ``EDPAIRS_GEMM_ROUTE=kernel`` keeps edpairs' fused kernels): cuBLAS
-    forms the scores of EDPAIRS_GEMM_ASSIGN_ROWS rows at a time (default 32768; a (rows, k)
-    float32 block, never the whole (N, k) matrix) in the precision asked for, an edpairs kernel
-    takes each row's argmax and norm (with TF32 products it re-scores a row's best and runner-up
-    in float64 where they lie within the TF32 error bound of each other, so near ties get the
-    float64 label; the fused kernels do not), and the sums come from one sorted pass over X.
-    For that near-tie safety at every k and on Hopper too, ``EDPAIRS_GEMM_ROUTE=gemm`` sends
-    TF32 assignments of torch float32 rows to the route (run 5, H100, k = 1024: 7.6 ms against
-    the wgmma kernel's 6.3 ms). On Hopper (compute capability 9.0, a build with sm_90a)
-    tensor-core assignments of 16-byte aligned rows with k >= 129 are labelled by edpairs'
-    wgmma kernel, TF32 float32 ones too instead of the route (``EDPAIRS_ASSIGN_KERNEL=mma``
-    keeps mma.sync and the route, ``wgmma`` takes the wgmma kernel below k = 129 too). With
-    EDPAIRS_ASSIGN_HALF=1 (opt-in), TF32 cosine assignments of float32 rows with k >= 129 are
-    labelled from float16 values of the rows and centroids, each row scaled by a power of two
-    of its own: on Hopper with D <= 512 made in shared memory by the labelling kernel,
-    elsewhere (and with EDPAIRS_ASSIGN_HALF=copies) as float16 copies
+    torch CUDA float32 X with exact products, or TF32 about a ``center`` or with k >= 129, takes
+    the library-product route (edpairs._gemm; ``EDPAIRS_GEMM_ROUTE=kernel`` keeps edpairs' fused
+    kernels): cuBLAS forms the scores of EDPAIRS_GEMM_ASSIGN_ROWS rows at a time (default 32768;
+    a (rows, k) float32 block, never the whole (N, k) matrix) in the precision asked for, an
+    edpairs kernel takes each row's argmax and norm (with TF32 products it re-scores a row's
+    best and runner-up in float64 where they lie within the TF32 error bound of each other, so
+    near ties get the float64 label; the fused kernels do not), and the sums come from one
+    sorted pass over X. For that near-tie safety at every k and on Hopper too,
+    ``EDPAIRS_GEMM_ROUTE=gemm`` sends TF32 assignments of torch float32 rows to the route (run
+    5, H100, k = 1024: 7.6 ms against the wgmma kernel's 6.3 ms). On Hopper (compute capability
+    9.0, a build with sm_90a) tensor-core assignments of 16-byte aligned rows with k >= 129 are
+    labelled by edpairs' wgmma kernel, TF32 float32 ones without a centre too instead of the
+    route (``EDPAIRS_ASSIGN_KERNEL=mma`` keeps mma.sync and the route, ``wgmma`` takes the wgmma
+    kernel below k = 129 too). With EDPAIRS_ASSIGN_HALF=1 (opt-in), TF32 cosine assignments of
+    float32 rows with k >= 129 are labelled from float16 values of the rows and centroids, each
+    row scaled by a power of two of its own: on Hopper with D <= 512 made in shared memory by
+    the labelling kernel, elsewhere (and with EDPAIRS_ASSIGN_HALF=copies) as float16 copies
     (edpairs._gemm.half_assign).
     """
     X, xp = _data(X)
@@ -293,7 +297,8 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     shapes_ok = k >= 1 and D >= 1 and C.shape[1] == D and (col_scale is None or tuple(col_scale.shape) == (k,))
     if shapes_ok and _gemm.half_assign_applies(X, xp, k, precision, center, row_scale, col_scale):
         _gemm.half_assign(X, C, labels, scores, sums, counts, lib=lib())
-    elif shapes_ok and _gemm.assign_applies(X, xp, k, precision):  # (the kernels' bindings word the shape errors)
+    elif shapes_ok and _gemm.assign_applies(X, xp, k, precision, centred=center is not None):
+        # (the kernels' bindings word the shape errors)
         _gemm.assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, precision=precision,
                      rows=_gemm.assign_rows(), lib=lib())
     else:
