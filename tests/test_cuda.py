@@ -998,7 +998,7 @@ def test_tf32_assignment_about_a_far_centre_keeps_the_centred_accuracy(torch, rn
     the product: rows at an offset of 1000 with a spread of 1 get the float64 labels except
     near ties of the centred rows' TF32 bound (the kernels, which round the raw rows and take
     center . c off after the product, had an error a thousand times that: in a numpy model of
-    their rounding 16% of such labels differ from float64)."""
+    their rounding a third of these clear rows' labels differ from float64)."""
     monkeypatch.delenv("EDPAIRS_GEMM_ROUTE", raising=False)
     D, k = 64, 200
     C = make_centroids(rng, k, D)
