@@ -166,7 +166,7 @@ def _module():
     mod = types.ModuleType("cupy")
     mod.ndarray = ndarray
     mod.DeviceMismatch = DeviceMismatch
-    for dtype in ("float16", "float32", "float64", "int32", "int64", "uint8", "bool_"):
+    for dtype in ("float16", "float32", "float64", "int32", "int64", "uint32", "uint64", "uint8", "bool_"):
         setattr(mod, dtype, getattr(np, dtype))
 
     def __getattr__(name):
@@ -188,8 +188,11 @@ def _module():
 
 
 def _scatter_add(a, indices, value):
-    """cupyx.scatter_add: a[indices] += value, repeated indices adding up, in place."""
+    """cupyx.scatter_add: a[indices] += value, repeated indices adding up, in place; as cupy,
+    only into int32, float16, float32, float64, uint32 or uint64 arrays (its atomicAdd types)."""
     _check_current([a, indices, value], "scatter_add")
+    if a.dtype not in (np.int32, np.float16, np.float32, np.float64, np.uint32, np.uint64):
+        raise TypeError("scatter_add only supports int32, float16, float32, float64, uint32, uint64, as data type")
     np.add.at(a.view(np.ndarray), _plain(indices), _plain(value))
 
 

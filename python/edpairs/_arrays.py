@@ -159,13 +159,15 @@ class Namespace:
         """counts[v] += the occurrences of v in the 1-D int64 idx (values in range), in place and,
         on a GPU, without waiting for the device (bincount reads its input's largest value back
         to size its result): torch's scatter_add_ (deterministic for 1-D CUDA tensors),
-        cupyx.scatter_add; numpy's bincount."""
+        cupyx.scatter_add (which takes no int64 target: the counts, never negative, are added
+        through a uint64 view of the same memory); numpy's bincount."""
         if self.name == "torch":
             counts.scatter_add_(0, idx, self.mod.ones_like(idx))
         elif self.name == "cupy":
             import cupyx
 
-            cupyx.scatter_add(counts, idx, 1)
+            target = counts.view(self.mod.uint64) if counts.dtype == self.mod.int64 else counts
+            cupyx.scatter_add(target, idx, 1)
         else:
             counts += np.bincount(idx, minlength=counts.shape[0])
 
