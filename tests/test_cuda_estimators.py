@@ -43,6 +43,22 @@ def test_edpairs_on_torch_cuda_matches_the_cpu_fit(layer, dtype):
     assert g["mean_cos_decoding"] >= c["mean_cos_decoding"] - 0.01
 
 
+def test_edpairs_on_cupy_matches_the_cpu_fit(layer):
+    """cupy rows: the fit's every pass on cupy (its thresholds' histograms went through a
+    cupyx.scatter_add that takes no int64 target), results in cupy, the CPU fit's recovery."""
+    cupy = pytest.importorskip("cupy")
+    X = cupy.asarray(layer.X)
+    gpu = edp.EDPairs(8, random_state=0).fit(X)
+    cpu = edp.EDPairs(8, random_state=0).fit(layer.X)
+    out = gpu.latent_factors(X[:100])
+    assert isinstance(out, cupy.ndarray) and out.shape == (100, 8)
+    det = cupy.asnumpy(gpu.detect(X, hard=True))
+    g = edp.metrics.recovery(layer, decoding=gpu.decoding_, encoding=gpu.encoding_, detections=det)
+    c = _scores(layer, cpu, layer.X)
+    assert g["mean_iou"] >= c["mean_iou"] - 0.01
+    assert g["mean_cos_encoding"] >= c["mean_cos_encoding"] - 0.01
+
+
 def test_spherical_kmeans_on_torch_cuda(layer):
     import torch
 
