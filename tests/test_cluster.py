@@ -76,6 +76,24 @@ def test_empty_cluster_is_reseeded_from_the_worst_fit_rows(rng):
     assert (km.counts_ > 0).all()
 
 
+def test_zero_rows_do_not_crowd_out_the_reseeding_candidates(rng):
+    """Zero rows score 0, below every clustered row, but cannot seed a cluster: with at least k
+    of them among the data the empty cluster still gets a worst-fit row (before, the k lowest
+    were all zero rows, the cluster stayed empty and the fit ran to max_iter; a reviewer's
+    case). With zero rows only beside too few usable ones, nothing breaks."""
+    centres = np.eye(8, dtype=np.float32)[:3] * 5
+    X = np.concatenate([c + 0.3 * rng.standard_normal((300, 8)) for c in centres]).astype(np.float32)
+    init = np.concatenate([centres, -np.ones((1, 8), np.float32)])
+    plain = edp.SphericalKMeans(4, init=init, max_iter=30).fit(X)
+    zeros = edp.SphericalKMeans(4, init=init, max_iter=30).fit(np.concatenate([X, np.zeros((20, 8), np.float32)]))
+    assert (plain.counts_ > 0).all() and (zeros.counts_[1:] > 0).all() and zeros.counts_[0] > plain.counts_[0] - 1
+    assert zeros.n_iter_ == plain.n_iter_ < 30
+    np.testing.assert_array_equal(np.asarray(zeros.cluster_centers_), np.asarray(plain.cluster_centers_))
+    few = np.concatenate([np.zeros((10, 8), np.float32), centres[:1]])  # one usable row for two clusters
+    km = edp.SphericalKMeans(2, init=np.eye(8, dtype=np.float32)[[0, 7]] * -1, max_iter=3).fit(few)
+    assert np.isfinite(np.asarray(km.cluster_centers_)).all()
+
+
 def test_members_that_cancel_count_as_empty():
     """Members whose unit vectors cancel leave a sum of float32 rounding noise: fit re-seeds
     such a cluster from the worst-fit row instead of pointing it along the noise, partial_fit

@@ -171,6 +171,15 @@ class Namespace:
         else:
             counts += np.bincount(idx, minlength=counts.shape[0])
 
+    def zeros_as_inf(self, x):
+        """A copy of x with its exact zeros as +inf, in x's library and device (zero rows score
+        0: this keeps them out of the lowest scores)."""
+        if self.name == "torch":
+            return x.masked_fill(x == 0, float("inf"))
+        out = x.copy()
+        out[x == 0] = float("inf")
+        return out
+
     def k_lowest(self, x, m: int):
         """Positions of the m lowest entries of the 1-D x, in no particular order (ties broken
         as the library's selection does), in x's library and device."""

@@ -326,11 +326,14 @@ class _PassTotals:
         xp = namespace_of(scores)
         size = int(scores.shape[0])
         m = min(self.k, size)
+        # Zero rows score 0 and cannot seed a cluster: they rank as +inf, so that k or more of
+        # them cannot push every usable candidate out of the k lowest.
         if not _kept_on_device(xp, scores):
             self.flush()
             s = to_numpy64(scores)
-            low = namespace_of(s).k_lowest(s, m)
-            self.worst_scores.append(s[low])
+            ranked = namespace_of(s).zeros_as_inf(s)
+            low = namespace_of(s).k_lowest(ranked, m)
+            self.worst_scores.append(ranked[low])
             self.worst_index.append(self.offset + self.n + low)
             self.total.add(np.asarray(s.sum()))
             self.n += size
@@ -339,9 +342,10 @@ class _PassTotals:
         if key != self._key:
             self.flush()
             self._key, self._lows = key, []
-        low = xp.k_lowest(scores, m)
+        ranked = xp.zeros_as_inf(scores)
+        low = xp.k_lowest(ranked, m)
         self.total.add(xp.sum_float64(scores))
-        self._lows.append((scores[low], low + (self.offset + self.n)))
+        self._lows.append((ranked[low], low + (self.offset + self.n)))
         self.n += size
 
     def flush(self) -> None:
@@ -409,6 +413,7 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
                 order = np.lexsort((index_all, scores_all))
             else:
                 order = np.argsort(scores_all, kind="stable")
+                order = order[np.isfinite(scores_all[order])]  # (zero rows: +inf)
             worst = index_all[order[:k]]
             rows = (red.rows(source, np.sort(worst), offset, source.n_features) if red.active
                     else source.gather(np.sort(worst)))
