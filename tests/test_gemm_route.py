@@ -269,6 +269,40 @@ def test_matmul_precision_restores_the_flag(before, precision):
         matmul.allow_tf32 = old
 
 
+@pytest.mark.parametrize("precision", ["float32", "tf32"])
+@pytest.mark.parametrize("mode", ["highest", "high", "medium"])
+def test_matmul_precision_leaves_the_callers_setting_readable(mode, precision):
+    """After a caller's torch.set_float32_matmul_precision, the block leaves the setting as it
+    was and readable (writing the old allow_tf32 flag after "medium" made torch refuse to read
+    it; a reviewer's finding)."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(mode)
+        with _gemm.matmul_precision(torch, precision):
+            assert _gemm._tf32_flag(torch) == (precision == "tf32")
+        assert torch.get_float32_matmul_precision() == mode
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("precision", ["float32", "tf32"])
+@pytest.mark.parametrize("setting", ["ieee", "tf32"])
+def test_matmul_precision_speaks_the_newer_api_where_the_caller_did(setting, precision):
+    """A caller that set torch.backends.cuda.matmul.fp32_precision (torch >= 2.9) gets that
+    setting back, still readable through it (the legacy flag would refuse to read a mix)."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip(f"torch {torch.__version__} has no fp32_precision setting")
+    before = torch.get_float32_matmul_precision()
+    try:
+        matmul.fp32_precision = setting
+        with _gemm.matmul_precision(torch, precision):
+            assert _gemm._tf32_flag(torch) == (precision == "tf32")
+        assert matmul.fp32_precision == setting
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_knob_precision(monkeypatch):
     monkeypatch.delenv("EDPAIRS_MOMENTS", raising=False)
     assert _gemm.knob_precision("float32", "EDPAIRS_MOMENTS") == "float32"

@@ -77,27 +77,57 @@ def knob_precision(precision: str, knob: str) -> str:
     return "tf32" if precision == "tf32" or os.environ.get(knob) == "tf32" else "float32"
 
 
-def _tf32_flag(torch) -> bool:
+def _tf32_setting(torch) -> tuple:
+    """(TF32 on, the API the setting speaks): the legacy allow_tf32 flag where torch reads it;
+    the fp32_precision setting where reading the flag refuses (after a caller's
+    torch.set_float32_matmul_precision("medium"), say: torch refuses a mix of the two)."""
     matmul = torch.backends.cuda.matmul
     try:
-        return bool(matmul.allow_tf32)
-    except RuntimeError:  # set through the newer fp32_precision API; reading the old flag refuses
-        return getattr(matmul, "fp32_precision", "ieee") == "tf32"
+        return bool(matmul.allow_tf32), "legacy"
+    except RuntimeError:
+        return getattr(matmul, "fp32_precision", "ieee") == "tf32", "fp32_precision"
+
+
+def _tf32_flag(torch) -> bool:
+    return _tf32_setting(torch)[0]
 
 
 @contextmanager
 def matmul_precision(torch, precision: str):
     """torch's float32 matrix products in TF32 ("tf32") or exact float32 ("float32") inside
-    the block; the previous setting afterwards."""
-    before = _tf32_flag(torch)
+    the block; the previous setting afterwards, written through the API it was read with and
+    readable by torch afterwards (torch refuses to read settings made through both APIs; a
+    reviewer found set_float32_matmul_precision("medium") left unreadable after a block)."""
     want = precision == "tf32"
-    if want != before:
-        torch.backends.cuda.matmul.allow_tf32 = want
+    before, api = _tf32_setting(torch)
+    if want == before:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    if api == "legacy":
+        try:
+            overall = torch.get_float32_matmul_precision()
+        except RuntimeError:
+            overall = None
+        matmul.allow_tf32 = want
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = before
+            # After set_float32_matmul_precision("medium") the flag's write leaves torch unable
+            # to read the overall precision: set it again as it was (only then).
+            if overall is not None:
+                try:
+                    torch.get_float32_matmul_precision()
+                except RuntimeError:
+                    torch.set_float32_matmul_precision(overall)
+        return
+    old = matmul.fp32_precision
+    matmul.fp32_precision = "tf32" if want else "ieee"
     try:
         yield
     finally:
-        if want != before:
-            torch.backends.cuda.matmul.allow_tf32 = before
+        matmul.fp32_precision = old
 
 
 def _steps(n: int, rows: int):
