@@ -303,6 +303,33 @@ def test_matmul_precision_speaks_the_newer_api_where_the_caller_did(setting, pre
         torch.set_float32_matmul_precision(before)
 
 
+def test_estimators_products_are_exact_whatever_torchs_tf32_setting(rng, monkeypatch):
+    """Namespace.matmul, which the estimators' own products take (the whitened row scales, the
+    thresholds' histograms, decode / detect), runs torch CUDA products in exact float32 even
+    where the caller allowed TF32 for training (a reviewer's finding: they followed the flag);
+    on CUDA the flag is what changes cuBLAS, here it is what the spy sees inside the product."""
+    from edpairs._arrays import Namespace
+
+    xp = Namespace("torch")
+    seen = []
+
+    class Spy(torch.Tensor):  # records the TF32 setting at the moment of the product
+        def __matmul__(self, other):
+            seen.append(_gemm._tf32_flag(torch))
+            return torch.Tensor.__matmul__(self, other)
+
+    monkeypatch.setattr(Namespace, "is_cuda", lambda self, x: True)
+    a = torch.ones((2, 3)).as_subclass(Spy)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        out = xp.matmul(a, torch.ones((3, 4)))
+        assert seen == [False] and _gemm._tf32_flag(torch)  # exact inside, the caller's flag after
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert torch.equal(out.as_subclass(torch.Tensor), torch.full((2, 4), 3.0))
+
+
 def test_knob_precision(monkeypatch):
     monkeypatch.delenv("EDPAIRS_MOMENTS", raising=False)
     assert _gemm.knob_precision("float32", "EDPAIRS_MOMENTS") == "float32"

@@ -171,6 +171,17 @@ class Namespace:
         else:
             counts += np.bincount(idx, minlength=counts.shape[0])
 
+    def matmul(self, a, b):
+        """a @ b; for torch CUDA tensors in exact float32 whatever torch's TF32 setting (as
+        edpairs' own products, which say their precision): the estimators' passes and the
+        fitted pairs' decoding must not change with a flag set for training elsewhere."""
+        if self.name == "torch" and self.is_cuda(a):
+            from ._gemm import matmul_precision
+
+            with matmul_precision(self.mod, "float32"):
+                return a @ b
+        return a @ b
+
     def zeros_as_inf(self, x):
         """A copy of x with its exact zeros as +inf, in x's library and device (zero rows score
         0: this keeps them out of the lowest scores)."""

@@ -162,7 +162,7 @@ class _Geometry:
             mu = on_device_of(self.whitener.mean.astype(np.float32), chunk)
             parts = []
             for block in row_blocks(chunk):
-                norms = (((xp.astype(block, "float32") - mu) @ P.T) ** 2).sum(1) ** 0.5
+                norms = (xp.matmul(xp.astype(block, "float32") - mu, P.T) ** 2).sum(1) ** 0.5
                 parts.append(xp.astype(1.0 / (norms + (norms == 0)) * (norms > 0), "float32"))
             self._row_scale[index] = xp.contiguous(_concat(parts))
         return self._row_scale[index]

@@ -415,7 +415,7 @@ class EDPairs:
                 raise ValueError(f"{name} has values beyond the float32 range (about ±3.4e38), which the "
                                  "pairs compute in; rescale the input or set check_finite=False")
             raise ValueError(f"{name} contains NaN or Inf; clean the input or set check_finite=False")
-        return Xf @ on_device_of(self.decoding_.T, X), xp, X
+        return xp.matmul(Xf, on_device_of(self.decoding_.T, X)), xp, X
 
     @on_data_device("X")
     def decode(self, X):
@@ -660,7 +660,7 @@ def _thresholds(source, W: np.ndarray, members: _MemberLabels, mean: np.ndarray,
                 hist[key] = (xp.zeros((I * bins,), "int64", block), xp.zeros((I * bins,), "int64", block))
             pos_here, every_here = hist[key]
             for r0 in range(0, block.shape[0], step):
-                z = xp.astype(xp.astype(block[r0:r0 + step], "float32") @ Wt, "float64")  # (rows, I)
+                z = xp.astype(xp.matmul(xp.astype(block[r0:r0 + step], "float32"), Wt), "float64")  # (rows, I)
                 lab = labels[r0:r0 + step]
                 # (clipped before the cast too: a value beyond int64 would cast to anything)
                 idx = xp.clip(xp.astype(xp.clip((z - lo_) / span * bins, 0, bins - 1), "int64"), 0, bins - 1)
