@@ -163,6 +163,25 @@ def _route_runs(X, Xs, W, b, c, C, rows):
     return out, signal
 
 
+def test_route_signal_moments_refuse_what_the_bindings_refuse(rng, monkeypatch):
+    """ops.signal_moments on the route (CPU torch tensors sent there) refuses the shapes the
+    kernels' bindings refuse, in their words: torch's products would have broadcast a b of shape
+    (1,) over every concept and answered for D = 0 (a reviewer's finding)."""
+    X, W, b, c = make_signal_data(rng, 200, 6, 3, center=True)
+    monkeypatch.setattr(_gemm, "applies", lambda X, xp: True)
+    cases = [((t(X), t(W), t(b[:1])), {}, r"b must have shape \(I\) = \(3,\), got \(1,\)"),
+             ((t(X), t(W), t(b[None])), {}, r"b must have shape \(I\) = \(3,\), got \(1, 3\)"),
+             ((t(X), t(W), t(b)), {"center": t(c[:5])}, r"center must have shape \(D\) = \(6,\), got \(5,\)"),
+             ((t(X), t(W[:5]), t(b)), {}, r"W must be \(D, I\) with D = X.shape\[1\]"),
+             ((t(X[:, :0]), t(W[:0]), t(b)), {}, r"X must have at least one column, got shape \(200, 0\)")]
+    for args, kw, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ops.signal_moments(*args, **kw)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="b must have shape"):  # the kernels' binding says the same
+        ops.signal_moments(t(X), t(W), t(b[:1]))
+
+
 @pytest.mark.parametrize("rows", [1, 7, 333, 5000])
 def test_route_overlap_changes_nothing(rows, rng, monkeypatch):
     """EDPAIRS_GEMM_OVERLAP=1 (on CUDA on a second stream): the moments and the assignment,

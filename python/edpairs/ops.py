@@ -485,10 +485,11 @@ def moments(X, *, check_finite: bool = True, precision: str = "float32",
     torch CUDA tensors of float32, float16 or bfloat16 take the library-product route
     (edpairs._gemm; ``EDPAIRS_GEMM_ROUTE=kernel`` keeps edpairs' own kernels): the products
     are cuBLAS matrix products of ``workspace_rows`` centred rows at a time (default 131072,
-    fewer for rows wider than 2048 columns: about 1 GB of scratch at most), batched over
-    blocks of 2048 rows (float32 accumulation over a block, exact float32 operands by default,
-    TF32 with ``precision="tf32"``, float16 operands scaled per column with EDPAIRS_GEMM_HALF=1),
-    added in float64; the scratch is ``workspace_rows x D`` float32.
+    fewer for rows wider than 2048 columns: about 1 GB of scratch at most), one product per
+    step by default (float32 accumulation over the step inside cuBLAS; EDPAIRS_GEMM_BLOCK_ROWS
+    batches a step over blocks of that many rows instead), exact float32 operands by default,
+    TF32 with ``precision="tf32"``, float16 operands scaled per column with EDPAIRS_GEMM_HALF=1,
+    the steps added in float64; the scratch is ``workspace_rows x D`` float32.
     """
     precision = _product_precision(precision)
     X, xp = _data(X)
@@ -616,6 +617,7 @@ def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace
     if workspace_rows is not None and workspace_rows < 1:
         raise ValueError(f"workspace_rows must be >= 1, got {workspace_rows}")
     if _gemm.applies(X, xp):
+        _route_signal_shapes(X, W, b, center)  # torch would broadcast what the bindings refuse
         rows = _gemm.default_rows(D + 3 * I) if workspace_rows is None else int(workspace_rows)
         count, sum_x, sum_z, sum_zz, sum_xz = _gemm.signal_moments(
             X, W, b, center, rows=rows, lib=lib(), precision=_gemm.knob_precision(precision, "EDPAIRS_SIGNAL_MOMENTS"))
@@ -629,6 +631,21 @@ def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace
                              c(workspace), bool(check_finite), xp.stream(X), precision=precision)
     _check_results(xp, check_finite, "X or W has values", [sum_zz, sum_xz])  # sum_x: float64 sums of X
     return SignalMoments(count, sum_x, sum_z, sum_zz, sum_xz, center)
+
+
+def _route_signal_shapes(X, W, b, center) -> None:
+    """The shapes signal_moments' bindings check, in their words, for the library-product route,
+    whose torch products would broadcast a b of shape (1,) over every concept instead."""
+    D, I = X.shape[1], W.shape[1]
+    if D < 1:
+        raise ValueError(f"X must have at least one column, got shape {tuple(X.shape)}")
+    if I < 1:
+        raise ValueError(f"W must hold at least one concept (column), got shape {tuple(W.shape)}")
+    if W.shape[0] != D:
+        raise ValueError(f"W must be (D, I) with D = X.shape[1]: X is {tuple(X.shape)}, W is {tuple(W.shape)}")
+    for name, v, n, dim in (("b", b, I, "I"), ("center", center, D, "D")):
+        if v is not None and tuple(v.shape) != (n,):
+            raise ValueError(f"{name} must have shape ({dim}) = ({n},), got {tuple(v.shape)}")
 
 
 def _signal_moments_float64(X, xp: Namespace, W, b, center, check_finite: bool,
