@@ -188,6 +188,30 @@ def test_merge_different_centers_raises(xp, rng):
         ops.signal_moments(*args).merge(a)
 
 
+def test_merge_about_one_centre_object_compares_nothing(rng, monkeypatch):
+    """Statistics taken about the same centre object (EDPairs' signal pass hands every chunk the
+    one copy of the mean on its device) merge without comparing the centres: on a GPU that
+    comparison waited for the device once per chunk. A torch centre comes through the op as
+    itself; a centre that only equals it is still compared, a different one refused."""
+    torch = pytest.importorskip("torch")
+    X, W, b, c = make_signal_data(rng, 60, 4, 3, center=True)
+    centre = torch.from_numpy(c)
+    a = ops.signal_moments(torch.from_numpy(X[:30]), torch.from_numpy(W), torch.from_numpy(b), center=centre)
+    z = ops.signal_moments(torch.from_numpy(X[30:]), torch.from_numpy(W), torch.from_numpy(b), center=centre)
+    assert a.center is centre and z.center is centre
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "__eq__", lambda self, other: pytest.fail("the centres were compared"))
+        merged = a.merge(z)
+    whole = ops.signal_moments(X, W, b, center=c)
+    np.testing.assert_allclose(np.asarray(merged.sum_xz), whole.sum_xz, rtol=1e-5, atol=1e-5)
+    plain = [ops.signal_moments(torch.from_numpy(x), torch.from_numpy(W), torch.from_numpy(b),
+                                center=torch.from_numpy(c.copy())) for x in (X[:30], X[30:])]
+    plain[0].merge(plain[1])  # equal centres, two objects: compared, accepted
+    with pytest.raises(ValueError, match="different centers"):
+        plain[0].merge(ops.signal_moments(torch.from_numpy(X[30:]), torch.from_numpy(W), torch.from_numpy(b),
+                                          center=torch.from_numpy(c + 1)))
+
+
 def test_merge_different_shapes_raises(xp, rng):
     X, W, b, _ = make_signal_data(rng, 50, 4, 3)
     a = ops.signal_moments(as_lib(X, xp), as_lib(W, xp), as_lib(b, xp))

@@ -119,6 +119,8 @@ class Namespace:
 
     def as_float32_contiguous(self, x):
         if self.name == "torch":
+            if x.dtype == self.mod.float32 and x.is_contiguous() and not x.requires_grad:
+                return x  # itself, as numpy and cupy give it (SignalMoments.merge tells one centre by identity)
             return x.detach().to(self.mod.float32).contiguous()
         if self.name == "cupy":
             return self.mod.ascontiguousarray(x, dtype=self.mod.float32)

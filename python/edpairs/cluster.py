@@ -136,6 +136,7 @@ class _Geometry:
     def __init__(self, whitener: Optional[Whitener] = None):
         self.whitener = whitener
         self._row_scale: List = []
+        self._placed = None  # P^T and the mean on each device the chunks live on (_Placed)
 
     @property
     def dim(self) -> Optional[int]:
@@ -158,11 +159,13 @@ class _Geometry:
             self._row_scale.append(None)
         if self._row_scale[index] is None:
             xp = namespace_of(chunk)
-            P = on_device_of(self.whitener.P.astype(np.float32), chunk)
-            mu = on_device_of(self.whitener.mean.astype(np.float32), chunk)
+            if self._placed is None:  # sent to a device once, not once per chunk (each copy waits)
+                self._placed = _Placed(np.ascontiguousarray(self.whitener.P.T, np.float32),
+                                       self.whitener.mean.astype(np.float32))
+            Pt, mu = self._placed.on(chunk)
             parts = []
             for block in row_blocks(chunk):
-                norms = (xp.matmul(xp.astype(block, "float32") - mu, P.T) ** 2).sum(1) ** 0.5
+                norms = (xp.matmul(xp.astype(block, "float32") - mu, Pt) ** 2).sum(1) ** 0.5
                 parts.append(xp.astype(1.0 / (norms + (norms == 0)) * (norms > 0), "float32"))
             self._row_scale[index] = xp.contiguous(_concat(parts))
         return self._row_scale[index]

@@ -551,7 +551,8 @@ class SignalMoments:
         _same_place(self.sum_x, other.sum_x, "merge signal moments")
         with device_scope(self.sum_x):
             if (self.center is None) != (other.center is None) or (
-                self.center is not None and not bool((self.center == other.center).all())
+                self.center is not None and self.center is not other.center  # (one centre: no wait)
+                and not bool((self.center == other.center).all())
             ):
                 raise ValueError("cannot merge signal moments taken about different centers")
             return SignalMoments(self.count + other.count, self.sum_x + other.sum_x, self.sum_z + other.sum_z,

@@ -377,10 +377,13 @@ class EDPairs:
 
     def _signal(self, source, W, b, mean, cov, red=None):
         stats = None
+        # W, b and the mean go to each device once (a copy from host memory waits for the
+        # device), and every chunk's statistics share that centre, so merging them compares
+        # nothing on the device (SignalMoments.merge).
+        params = _Placed(np.ascontiguousarray(W.T, np.float32), b.astype(np.float32), mean.astype(np.float32))
         for chunk in source:
-            s = ops.signal_moments(chunk, on_device_of(W.T.astype(np.float32), chunk),
-                                   on_device_of(b.astype(np.float32), chunk),
-                                   center=on_device_of(mean.astype(np.float32), chunk), check_finite=False)
+            Wt, bb, mu = params.on(chunk)
+            s = ops.signal_moments(chunk, Wt, bb, center=mu, check_finite=False)
             stats = s if stats is None else stats.merge(s)
         if red is not None and red.active:  # sums around the same (global) centre: all-reduce them
             stats = SimpleNamespace(**{f: red.sum(to_numpy64(getattr(stats, f)))
