@@ -153,6 +153,15 @@ def test_partial_fit_learns_the_clusters_online(rng):
     assert km.counts_.sum() == len(X)
 
 
+def test_partial_fit_random_start_skips_zero_rows(rng):
+    """init="random" draws partial_fit's first centroids from the nonzero rows, as fit does: a
+    zero row would be a zero centroid, which no row can join (a reviewer's case)."""
+    X = np.concatenate([np.zeros((40, 6), np.float32), rng.standard_normal((3, 6)).astype(np.float32)])
+    for seed in range(5):
+        km = edp.SphericalKMeans(3, init="random", random_state=seed).partial_fit(X)
+        assert (np.linalg.norm(np.asarray(km.cluster_centers_), axis=1) > 0.99).all()
+
+
 def test_partial_fit_accepts_initial_centroids(rng):
     X, labels, centers = planted(rng, n=3000)
     km = edp.SphericalKMeans(6, init=centers.astype(np.float32)).partial_fit(X[:1000])

@@ -639,8 +639,9 @@ class SphericalKMeans:
                 C = _initial_centroids(self.init, self.n_clusters, X.shape[1])
             elif self.init == "k-means++":
                 C = _kmeanspp(E, self.n_clusters, rng)
-            elif self.init == "random":
-                C = E[rng.choice(E.shape[0], self.n_clusters, replace=False)]
+            elif self.init == "random":  # from the nonzero rows, as fit's seeding (a zero row seeds nothing)
+                live = np.flatnonzero(np.linalg.norm(E, axis=1) > 0)
+                C = E[rng.choice(live, self.n_clusters, replace=live.size < self.n_clusters)]
             else:
                 raise ValueError(f"init must be 'k-means++', 'random' or an array of centroids, got {self.init!r}")
             self._sums = np.zeros((self.n_clusters, X.shape[1]))
