@@ -153,6 +153,32 @@ def test_partial_fit_learns_the_clusters_online(rng):
     assert km.counts_.sum() == len(X)
 
 
+def test_a_source_that_declares_its_rows_is_not_counted_first(rng):
+    """An object with chunks() that declares n_samples and n_features (ActivationStore,
+    DeviceChunks) spares the fit the pass that would count its rows (on a GPU source, every
+    piece streamed just to count; a reviewer's finding): one call of chunks() fewer, the same
+    fit. A wrong declaration is named at the first pass."""
+    X, _, _ = planted(rng, k=4, n=900)
+
+    class Source:
+        def __init__(self, declare):
+            self.calls = 0
+            if declare is not None:
+                self.n_samples, self.n_features = declare
+
+        def chunks(self):
+            self.calls += 1
+            return iter([X[:400], X[400:]])
+
+    plain, declared = Source(None), Source((900, X.shape[1]))
+    a = edp.SphericalKMeans(4, random_state=0, max_iter=5).fit(plain)
+    b = edp.SphericalKMeans(4, random_state=0, max_iter=5).fit(declared)
+    assert declared.calls == plain.calls - 1
+    np.testing.assert_array_equal(np.asarray(a.cluster_centers_), np.asarray(b.cluster_centers_))
+    with pytest.raises(ValueError, match="declares 901 rows \\(n_samples\\) but its chunks\\(\\) gave 900"):
+        edp.SphericalKMeans(4, random_state=0, max_iter=5).fit(Source((901, X.shape[1])))
+
+
 def test_partial_fit_random_start_skips_zero_rows(rng):
     """init="random" draws partial_fit's first centroids from the nonzero rows, as fit does: a
     zero row would be a zero centroid, which no row can join (a reviewer's case)."""

@@ -20,8 +20,10 @@ class ChunkSource:
     ``data`` may be a 2-D array (numpy, torch, cupy), a list/tuple of 2-D arrays, a
     zero-argument callable returning an iterator of 2-D arrays, or any object with a
     ``chunks()`` method returning a fresh iterator of 2-D arrays on every call (the chunk
-    source protocol; :class:`edpairs.store.ActivationStore` implements it). A one-shot
-    iterator or generator is refused: fitting reads the data several times."""
+    source protocol; :class:`edpairs.store.ActivationStore` implements it). Such an object may
+    declare its rows as an integer ``n_samples``, which saves the pass that would count them
+    (checked against every pass). A one-shot iterator or generator is refused: fitting reads
+    the data several times."""
 
     def __init__(self, data, *, chunk_rows: Optional[int] = None, name: str = "X"):
         self.name = name
@@ -58,8 +60,27 @@ class ChunkSource:
             self.n_samples = int(sum(c.shape[0] for c in self._chunks))
             self.chunk_rows = chunk_rows
         else:
-            self.n_samples = None
+            declared = self._declared_shape(data)
+            self.n_samples = None if declared is None else declared[0]
+            if declared is not None:
+                self.n_features = declared[1]
             self.chunk_rows = chunk_rows
+        self._declared = self.n_samples is not None and self._factory is not None
+
+    @staticmethod
+    def _declared_shape(data) -> Optional[tuple]:
+        """(rows, columns) that an object with chunks() declares as integers ``n_samples`` >= 0
+        and ``n_features`` >= 1, else None (then the first pass finds them)."""
+        if not callable(getattr(data, "chunks", None)):
+            return None
+        try:
+            rows, cols = getattr(data, "n_samples", None), getattr(data, "n_features", None)
+        except (KeyError, ValueError, TypeError):  # (a store without shards has no columns yet)
+            return None
+        whole = [isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (rows, cols)]
+        if all(whole) and rows >= 0 and cols >= 1:
+            return int(rows), int(cols)
+        return None
 
     @property
     def in_memory(self) -> bool:
@@ -112,6 +133,8 @@ class ChunkSource:
                 yield chunk
         if self.n_samples is None:
             self.n_samples = total
+        elif total != self.n_samples and self._declared:
+            raise ValueError(f"{self.name} declares {self.n_samples} rows (n_samples) but its chunks() gave {total}")
         elif total != self.n_samples:
             raise ValueError(
                 f"{self.name} changed between passes: {self.n_samples} rows before, {total} now; "

@@ -238,6 +238,12 @@ class ActivationStore:
         return int(self._row_start[-1])
 
     @property
+    def n_samples(self) -> int:
+        """The rows that chunks() yields (the patches of the finished shards): a fit knows them
+        without a counting pass."""
+        return self.n_patches
+
+    @property
     def shard_files(self) -> list:
         return [os.path.join(self.path, v["file"]) for _, v in self._shards]
 

@@ -92,6 +92,7 @@ class DeviceChunks:
         self.dtype = dtype
         self.chunk_bytes, self.buffers = int(chunk_bytes), int(buffers)
         self.n_features = self.source.n_features
+        self.n_samples = self.source.n_samples  # (None where the wrapped source does not know them)
         self.bytes_copied = 0
 
     def __repr__(self) -> str:
