@@ -186,6 +186,9 @@ def test_partial_fit_random_start_skips_zero_rows(rng):
     for seed in range(5):
         km = edp.SphericalKMeans(3, init="random", random_state=seed).partial_fit(X)
         assert (np.linalg.norm(np.asarray(km.cluster_centers_), axis=1) > 0.99).all()
+    for how in ("fit", "partial_fit"):  # only zero rows: the error k-means++ gives, not numpy's
+        with pytest.raises(ValueError, match="every row is zero"):
+            getattr(edp.SphericalKMeans(3, init="random"), how)(np.zeros((20, 6), np.float32))
 
 
 def test_partial_fit_accepts_initial_centroids(rng):

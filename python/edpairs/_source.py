@@ -21,8 +21,8 @@ class ChunkSource:
     zero-argument callable returning an iterator of 2-D arrays, or any object with a
     ``chunks()`` method returning a fresh iterator of 2-D arrays on every call (the chunk
     source protocol; :class:`edpairs.store.ActivationStore` implements it). Such an object may
-    declare its rows as an integer ``n_samples``, which saves the pass that would count them
-    (checked against every pass). A one-shot iterator or generator is refused: fitting reads
+    declare its rows and columns as integers ``n_samples`` and ``n_features``, which saves the
+    pass that would count the rows (checked against every pass). A one-shot iterator or generator is refused: fitting reads
     the data several times."""
 
     def __init__(self, data, *, chunk_rows: Optional[int] = None, name: str = "X"):

@@ -203,13 +203,26 @@ def _check_finite_rows(rows: np.ndarray, name: str = "X") -> None:
         raise ValueError(ops._NONFINITE.format(name))
 
 
+def _live_rows(E: np.ndarray) -> np.ndarray:
+    """Positions of E's nonzero rows, the only ones that can seed a centroid; an error where
+    there are none."""
+    valid = np.flatnonzero(np.linalg.norm(E, axis=1) > 0)
+    if valid.size == 0:
+        raise ValueError("every row is zero (after centring): cosines are undefined")
+    return valid
+
+
+def _random_start(E: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """init="random": k nonzero rows of E (with repeats only where fewer exist)."""
+    live = _live_rows(E)
+    return E[rng.choice(live, size=k, replace=live.size < k)]
+
+
 def _kmeanspp(E: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """Greedy k-means++ on unit vectors E (m, r): the spherical distance 1 - cos plays the role
     of the squared Euclidean distance (||a - b||^2 = 2(1 - cos) for unit vectors)."""
     m = E.shape[0]
-    valid = np.flatnonzero(np.linalg.norm(E, axis=1) > 0)
-    if valid.size == 0:
-        raise ValueError("every row is zero (after centring): cosines are undefined")
+    valid = _live_rows(E)
     trials = 2 + int(math.log(k))
     centers = np.empty((k, E.shape[1]))
     first = rng.choice(valid)
@@ -513,8 +526,7 @@ def cluster(source: ChunkSource, n_clusters: int, *, geometry: _Geometry, init="
                 if init == "k-means++":
                     C0 = _kmeanspp(E, n_clusters, rng)
                 elif init == "random":
-                    live = np.flatnonzero(np.linalg.norm(E, axis=1) > 0)
-                    C0 = E[rng.choice(live, size=n_clusters, replace=live.size < n_clusters)]
+                    C0 = _random_start(E, n_clusters, rng)
                 else:
                     raise ValueError(f"init must be 'k-means++', 'random' or an array of centroids, got {init!r}")
             else:
@@ -640,8 +652,7 @@ class SphericalKMeans:
             elif self.init == "k-means++":
                 C = _kmeanspp(E, self.n_clusters, rng)
             elif self.init == "random":  # from the nonzero rows, as fit's seeding (a zero row seeds nothing)
-                live = np.flatnonzero(np.linalg.norm(E, axis=1) > 0)
-                C = E[rng.choice(live, self.n_clusters, replace=live.size < self.n_clusters)]
+                C = _random_start(E, self.n_clusters, rng)
             else:
                 raise ValueError(f"init must be 'k-means++', 'random' or an array of centroids, got {self.init!r}")
             self._sums = np.zeros((self.n_clusters, X.shape[1]))
