@@ -61,3 +61,55 @@ def test_bad_arguments(setup):
         activation_maximisation(model, LAYER, pairs, 7, steps=1, shape=(1, 3, 16, 16))
     with pytest.raises(ValueError, match="objective"):
         activation_maximisation(model, LAYER, pairs, 0, steps=1, shape=(1, 3, 16, 16), objective="sum")
+
+
+def test_a_bfloat16_model_runs_in_its_own_dtype(setup):
+    """A model cast to bfloat16: the split's head takes float32 (or numpy, or float64) features
+    in the model's dtype, and explain and activation maximisation run (they forced float32 into
+    it: 'mat1 and mat2 must have the same dtype'; a reviewer's finding)."""
+    import copy
+
+    from edpairs.explain import explain
+    from edpairs.ura import _head_device
+
+    model, pairs = setup
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    split = edp.capture.split_model(half, LAYER)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    feats = split.features(x, channel_last=True).detach()
+    assert feats.dtype == torch.bfloat16
+    for f in (feats, feats.float(), feats.double(), feats.float().numpy()):
+        logits = split.head(f)
+        assert logits.dtype == torch.bfloat16 and logits.shape[0] == 2
+    assert _head_device(split.head) == torch.device("cpu")  # looked up through the split's model
+    res = activation_maximisation(half, LAYER, pairs, 1, steps=3, lr=0.1, shape=(1, 3, 16, 16), seed=0)
+    assert np.all(np.isfinite(res.delta)) and len(res.history) == 3
+    ex = explain(split, LAYER, x[0], pairs)
+    assert np.all(np.isfinite(ex.logits))
+
+
+@pytest.mark.cuda
+def test_a_cuda_model_takes_cpu_inputs(setup):
+    """A model on the GPU: the split moves CPU images and numpy features to it, URA's device is
+    the model's, activation maximisation starts from the CPU's seeded noise and runs there, and
+    explain takes a CPU image."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU visible to torch")
+    import copy
+
+    from edpairs.explain import explain
+    from edpairs.ura import _head_device
+
+    model, pairs = setup
+    gpu = copy.deepcopy(model).cuda()
+    split = edp.capture.split_model(gpu, LAYER)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    feats = split.features(x, channel_last=True).detach()
+    assert feats.device.type == "cuda"
+    assert split.head(feats.cpu().numpy()).device.type == "cuda"
+    assert _head_device(split.head).type == "cuda"
+    on_gpu = activation_maximisation(gpu, LAYER, pairs, 1, steps=3, lr=0.1, shape=(1, 3, 16, 16), seed=0)
+    on_cpu = activation_maximisation(model, LAYER, pairs, 1, steps=3, lr=0.1, shape=(1, 3, 16, 16), seed=0)
+    np.testing.assert_allclose(on_gpu.delta, on_cpu.delta, rtol=1e-3, atol=1e-4)
+    ex = explain(split, LAYER, x[0], pairs)
+    assert np.all(np.isfinite(ex.logits))

@@ -41,14 +41,19 @@ class ActMaxResult:
 
 
 def _features_fn(split_or_model, layer):
+    """(images -> channel-last features, the device the model computes on)."""
+    import torch
+
+    from .capture import _model_device, split_model
+
     if hasattr(split_or_model, "features") and hasattr(split_or_model, "head"):
         split = split_or_model
     else:
-        from .capture import split_model
-
         # Only the features half is used: a trivial head avoids tracing the model's tail.
         split = split_model(split_or_model, layer, head=lambda f: f)
-    return lambda x: split.features(x, channel_last=True)
+    model = getattr(split, "model", None)
+    device = _model_device(model) if isinstance(model, torch.nn.Module) else torch.device("cpu")
+    return (lambda x: split.features(x, channel_last=True)), device
 
 
 def _gaussian_blur(x, sigma: float):
@@ -91,16 +96,17 @@ def activation_maximisation(split_or_model, layer, pairs, concept: int, *, steps
     if not 0 <= int(concept) < W.shape[0]:
         raise IndexError(f"concept {concept} out of range for {W.shape[0]} concepts")
     i = int(concept)
-    features = _features_fn(split_or_model, layer)
+    features, device = _features_fn(split_or_model, layer)
     gen = torch.Generator().manual_seed(int(seed))
     rng = np.random.default_rng(seed)
-    if start is None:
+    if start is None:  # drawn on the CPU, so that a GPU model starts from the same noise
         x = torch.randn(tuple(shape), generator=gen) * init_std
     else:
         x = torch.as_tensor(start).detach().clone().float()
         if x.ndim == 3:
             x = x[None]
-    w = torch.as_tensor(W[i], dtype=torch.float32)
+    x = x.to(device)  # the steps run where the model is
+    w = torch.as_tensor(W[i], dtype=torch.float32, device=device)
 
     def value(f):  # f: (1, h, w, D) -> scalar objective
         z = (f.reshape(-1, f.shape[-1]) @ w.to(f.dtype))
@@ -131,7 +137,7 @@ def activation_maximisation(split_or_model, layer, pairs, concept: int, *, steps
         f_end = features(x).reshape(-1, W.shape[1]).double()
     z_end = f_end.float().matmul(w)
     obj_end = float(z_end.mean() if objective == "mean" else z_end.max())
-    delta = (f_end - f_start).mean(0).numpy()
+    delta = (f_end - f_start).mean(0).cpu().numpy()
     return ActMaxResult(concept=i, cos_encoding=_cos(delta, S[i]), cos_decoding=_cos(delta, W[i]),
                         objective_start=obj_start, objective_final=obj_end, delta=delta, image=x.detach(),
                         history=history)

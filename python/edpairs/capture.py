@@ -120,6 +120,26 @@ def _model_device(model):
     return torch.device("cpu")
 
 
+def _model_float_dtype(model):
+    """The dtype of the model's first floating parameter (float32 for a model without one)."""
+    torch = _torch()
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _to_model(model, x):
+    """x (a tensor, or an array-like) on the model's device, floating values in its dtype: a
+    CPU batch or numpy features reach a CUDA / float16 / bfloat16 model as it computes
+    (autograd flows back through the move)."""
+    torch = _torch()
+    if not torch.is_tensor(x):
+        x = torch.as_tensor(np.asarray(x))
+    dtype = _model_float_dtype(model) if x.is_floating_point() else x.dtype
+    return x.to(device=_model_device(model), dtype=dtype)
+
+
 class _LayerTap:
     """A forward hook on one module that records its output (and optionally stops the pass)."""
 
@@ -369,10 +389,12 @@ class SplitError(ValueError):
 class ModelSplit:
     """``features(images)``: input -> the layer's output, in the module's native layout (the
     forward pass stops after the layer; gradients flow when enabled by the caller).
-    ``head(features)``: a float32 torch tensor, channel-last ``(n, h, w, C)`` for maps or
+    ``head(features)``: a torch tensor (or array), channel-last ``(n, h, w, C)`` for maps or
     ``(n, L, C)`` for tokens (``(n, C)`` for vectors), -> ``(n, n_classes)`` logits,
-    differentiable with respect to the features. Both run the model in eval mode (its modes
-    are restored afterwards) and never change its parameters. ``how`` says how the head was
+    differentiable with respect to the features. Both take their input to the model's device
+    and floating dtype (a CPU batch, numpy or float64 features reach a CUDA or bfloat16 model),
+    run the model in eval mode (its modes are restored afterwards) and never change its
+    parameters. ``how`` says how the head was
     built: "sequential", "fx" or "user"."""
 
     def __init__(self, model, layer: str, head_fn: Callable, *, layout: Optional[str], how: str):
@@ -385,6 +407,8 @@ class ModelSplit:
 
     def features(self, images, *, channel_last: bool = False):
         tap = _LayerTap(self._module, self.layer, stop_after=True)
+        if _torch().is_tensor(images):
+            images = _to_model(self.model, images)
         try:
             with _eval_mode(self.model):
                 out = tap.run(self.model, images)
@@ -393,11 +417,7 @@ class ModelSplit:
         return _layout.channel_last(out, self.native_layout(out)) if channel_last else out
 
     def head(self, features):
-        torch = _torch()
-        if not torch.is_tensor(features):
-            features = torch.as_tensor(np.asarray(features))
-        if features.dtype != torch.float32:
-            features = features.float()
+        features = _to_model(self.model, features)  # (the model's device and dtype)
         by_rank = {4: "nhwc", 3: "nlc", 2: "nc"}
         if features.ndim not in by_rank:
             raise ValueError(f"head expects channel-last features (n, h, w, C), (n, L, C) or (n, C), "

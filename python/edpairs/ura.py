@@ -350,6 +350,9 @@ def frozen(head):
 
 def _head_device(head):
     torch = _torch()
+    owner = getattr(head, "__self__", None)  # a ModelSplit's head: its model's device
+    if owner is not None and isinstance(getattr(owner, "model", None), torch.nn.Module):
+        head = owner.model
     if isinstance(head, torch.nn.Module):
         for t in list(head.parameters()) + list(head.buffers()):
             return t.device
