@@ -159,3 +159,31 @@ def test_host_float64_copies_keep_float64_and_large_counts():
     host = to_numpy64(t)
     t += 1  # the host copy does not share the tensor's memory
     assert host.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_numpy_arrays_dlpack_cannot_carry_are_copied(rng, monkeypatch):
+    """A field of a structured array (row strides not a multiple of the item size), and a
+    read-only array under a numpy that cannot export one (before 2.1, e.g. a store's memory
+    map), give the results of a plain copy instead of a BufferError (a reviewer's finding)."""
+    rec = np.zeros(300, dtype=[("a", np.float32, (5,)), ("b", np.int8)])
+    rec["a"] = rng.standard_normal((300, 5))
+    X = rec["a"]
+    assert X.strides[0] % X.itemsize != 0
+    want = ops.moments(np.ascontiguousarray(X))
+    np.testing.assert_array_equal(ops.moments(X).m2, want.m2)
+    C = rng.standard_normal((4, 5)).astype(np.float32)
+    np.testing.assert_array_equal(ops.assign(X, C).labels, ops.assign(np.ascontiguousarray(X), C).labels)
+
+    import edpairs._arrays as arrays
+
+    real = arrays._numpy_capsule
+
+    def old_numpy(x):  # numpy < 2.1 refuses to export a read-only array
+        if not x.flags.writeable:
+            raise BufferError("Cannot export readonly array since signalling readonly is unsupported by DLPack")
+        return real(x)
+
+    monkeypatch.setattr(arrays, "_numpy_capsule", old_numpy)
+    ro = np.ascontiguousarray(X)
+    ro.setflags(write=False)
+    np.testing.assert_array_equal(ops.moments(ro).m2, want.m2)

@@ -238,6 +238,10 @@ CUtensorMap tensor_map(const void* base, uint64_t inner, uint64_t outer, uint64_
 
 void launch_assign_wgmma_tma(const WgmmaAssignParams& p, const cudaStream_t stream) {
   require_wgmma_operands(p, sizeof(float), "assign (wgmma-tma)");
+  if (p.x_stride <= 0) {  // a tensor map's pitch is unsigned: reversed or broadcast rows cannot be mapped
+    fail("assign (wgmma-tma, EDPAIRS_ASSIGN_KERNEL=wgmma-tma) needs rows in increasing memory order (a positive "
+         "row stride), got a row stride of " + std::to_string(p.x_stride) + "; unset the knob or pass a copy");
+  }
   const int64_t blocks = 2 * ceil_div(ceil_div(p.n, kWgmmaRows), 2);  // whole clusters of two
   if (blocks > INT_MAX) fail("assign (wgmma-tma): too many rows for one launch: " + std::to_string(p.n));
   const CUtensorMap tx = tensor_map(p.x, static_cast<uint64_t>(p.d), static_cast<uint64_t>(p.n),

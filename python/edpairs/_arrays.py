@@ -224,15 +224,26 @@ class Namespace:
             return None
         if self.name == "numpy":
             try:
-                return x.__dlpack__(max_version=(1, 0))
-            except TypeError:  # numpy < 2.1
-                return x.__dlpack__()
+                return _numpy_capsule(x)
+            except BufferError:
+                # DLPack cannot carry it: strides that are not a multiple of the item size (a field
+                # of a structured array), or, before numpy 2.1, a read-only array (a store's
+                # memory map). A copy, which the capsule keeps alive; only inputs are ever such
+                # arrays (outputs are edpairs' own contiguous arrays).
+                return _numpy_capsule(np.array(x, copy=True))
         # We launch on the producer's current stream, so no cross-stream sync is needed.
         stream = -1 if self.is_cuda(x) else None
         try:
             return x.__dlpack__(stream=stream, max_version=(1, 0))
         except TypeError:
             return x.__dlpack__(stream=stream)
+
+
+def _numpy_capsule(x):
+    try:
+        return x.__dlpack__(max_version=(1, 0))
+    except TypeError:  # numpy < 2.1
+        return x.__dlpack__()
 
 
 def to_host(a) -> np.ndarray:
