@@ -239,6 +239,20 @@ def _params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def test_a_compiled_model_is_refused_by_name(net):
+    """torch.compile's graph does not call forward hooks once it has run, so an edit of a
+    compiled model would silently change nothing (a reviewer saw edited == unedited, calls 0):
+    refused, pointing at the original module, which still takes the edit."""
+    compiled = torch.compile(net, backend="eager")
+    pairs = _random_pairs(6, 3, seed=15)
+    with pytest.raises(ValueError, match="torch.compile'd model.*model._orig_mod"):
+        intervene(compiled, "_orig_mod.features.2", pairs, remove=[1])
+    with intervene(compiled._orig_mod, "features.2", pairs, remove=[1]) as iv:
+        with torch.no_grad():
+            net(torch.randn(2, 3, 8, 8))
+    assert iv.calls == 1
+
+
 def test_intervene_edits_the_layer_output(net):
     pairs = _random_pairs(6, 3, seed=15)
     x = torch.randn(3, 3, 8, 8)

@@ -474,6 +474,11 @@ class Intervention:
                  relu=False, layout=None):
         if gate is None:  # the defaults of remove (gated) and remove_joint (not gated)
             gate = not joint
+        if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+            raise ValueError(
+                "intervene on a torch.compile'd model: its compiled graph does not call forward hooks, so the edit "
+                "would silently do nothing; intervene on the original module (model._orig_mod), and compile the "
+                "edited model (a CorrectedModel) instead")
         self.module = find_module(model, layer)
         self.layer = layer if isinstance(layer, str) else type(layer).__name__
         self._pairs = _Pairs(pairs)  # a snapshot: the edit uses the pairs as they were here
