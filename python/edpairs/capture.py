@@ -136,6 +136,8 @@ def _to_model(model, x):
     torch = _torch()
     if not torch.is_tensor(x):
         x = torch.as_tensor(np.asarray(x))
+    if next(iter(model.parameters()), None) is None and next(iter(model.buffers()), None) is None:
+        return x.float() if x.is_floating_point() else x  # nothing says where or how it computes
     dtype = _model_float_dtype(model) if x.is_floating_point() else x.dtype
     return x.to(device=_model_device(model), dtype=dtype)
 
