@@ -812,16 +812,21 @@ def assign_applies(X, xp, k: int, precision: str, centred: bool = False) -> bool
     return k >= TF32_MIN_K and not wgmma_labels_tf32(X)
 
 
+def _assign_kernel_knob() -> str:
+    """EDPAIRS_ASSIGN_KERNEL, checked: "auto" (unset or empty), "mma", "wgmma" or "wgmma-tma"."""
+    value = os.environ.get("EDPAIRS_ASSIGN_KERNEL", "auto")
+    if value not in ("", "auto", "mma", "wgmma", "wgmma-tma"):
+        raise ValueError(f"EDPAIRS_ASSIGN_KERNEL must be 'auto', 'mma', 'wgmma' or 'wgmma-tma', got {value!r}")
+    return value or "auto"
+
+
 def wgmma_labels_tf32(X) -> bool:
     """Whether a TF32 assignment of the float32 torch CUDA tensor X with k >= TF32_MIN_K goes to
     edpairs' wgmma labelling kernel rather than the route: EDPAIRS_ASSIGN_KERNEL "auto" (the
     default), "wgmma" or "wgmma-tma", 16-byte aligned rows, and a build and GPU with wgmma
     (wgmma_unavailable). On an H100 at k = 1024, 1M x 512: wgmma 6.4 ms, the route 7.8 ms,
     torch 11.3 ms (benchmarks/results/h100/NOTES.md, run 5)."""
-    value = os.environ.get("EDPAIRS_ASSIGN_KERNEL", "auto")
-    if value not in ("", "auto", "mma", "wgmma", "wgmma-tma"):
-        raise ValueError(f"EDPAIRS_ASSIGN_KERNEL must be 'auto', 'mma', 'wgmma' or 'wgmma-tma', got {value!r}")
-    if value == "mma":
+    if _assign_kernel_knob() == "mma":
         return False  # the route beats the mma kernel at these k
     return _rows_16b(X) and wgmma_unavailable(X.device) is None
 
@@ -847,7 +852,7 @@ def half_resident_applies(X) -> bool:
     of at most HALF_RESIDENT_MAX_D columns starting on 16-byte boundaries, and edpairs' Hopper
     kernels on X's device, unless EDPAIRS_ASSIGN_KERNEL=mma keeps mma.sync (the copies then)."""
     return (_half_knob() == "1" and X.is_cuda and X.shape[1] <= HALF_RESIDENT_MAX_D and _rows_16b(X)
-            and os.environ.get("EDPAIRS_ASSIGN_KERNEL", "auto") != "mma" and wgmma_unavailable(X.device) is None)
+            and _assign_kernel_knob() != "mma" and wgmma_unavailable(X.device) is None)
 
 
 def half_assign_applies(X, xp, k: int, precision: str, center, row_scale, col_scale) -> bool:

@@ -347,8 +347,9 @@ class _PassTotals:
         if not _kept_on_device(xp, scores):
             self.flush()
             s = to_numpy64(scores)
-            ranked = namespace_of(s).zeros_as_inf(s)
-            low = namespace_of(s).k_lowest(ranked, m)
+            host = namespace_of(s)
+            ranked = host.zeros_as_inf(s)
+            low = host.k_lowest(ranked, m)
             self.worst_scores.append(ranked[low])
             self.worst_index.append(self.offset + self.n + low)
             self.total.add(np.asarray(s.sum()))

@@ -278,11 +278,7 @@ def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 10
     if n_noise > 0:
         flat = features.reshape(-1, D) if _is_torch(features) else np.asarray(features).reshape(-1, D)
         take = np.sort(rng.choice(flat.shape[0], min(max_rows, flat.shape[0]), replace=False))
-        # Only the sampled rows come to the host (not the whole feature tensor, in float64).
-        if _is_torch(flat):
-            rows = _host(flat[sys.modules["torch"].as_tensor(take, device=flat.device)])
-        else:
-            rows = np.asarray(flat[take], dtype=np.float64)
+        rows = _host(flat[take])  # only the sampled rows come to the host, in float64
         memb = (rows @ W.T - b) > 0                               # hard memberships (rows, I)
 
     Iq = len(idx)
