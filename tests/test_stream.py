@@ -165,12 +165,20 @@ def test_page_spans_merge_views_and_keep_apart_what_is_apart():
     # to the last page (row 0's bytes may lie on a page of their own: that depends on the address).
     (p2, s2, _), = _page_spans([X[::-2]], page)
     assert p2 == (base + 37 * 4) // page * page and p2 + s2 == ptr + size
-    # Separate allocations far apart stay separate spans; a read-only one is flagged.
-    A, B = np.ones(10 * page, np.uint8), np.ones(10 * page, np.uint8)
+    # Pieces far apart stay separate spans; a read-only one is flagged. Both are cut from one
+    # buffer, 40 pages apart: two separate allocations may lie next to each other (malloc puts
+    # them wherever it likes), and spans that touch are merged, as they must be.
+    buf = np.ones(100 * page, np.uint8)
+    A, B = buf[:10 * page], buf[50 * page:60 * page]
     B.flags.writeable = False
-    spans = _page_spans([A, B, np.zeros(0)], page)
-    assert len(spans) == 2 and sorted(ro for _, _, ro in spans) == [False, True]
+    spans = _page_spans([B, A, np.zeros(0)], page)
+    assert len(spans) == 2 and [ro for _, _, ro in spans] == [False, True]
     assert all(p % page == 0 and s % page == 0 for p, s, _ in spans)
+    # Touching spans merge, and the merged span is read-only if any part of it is.
+    (p3, s3, ro3), = _page_spans([buf[10 * page:20 * page][::-1], buf[:10 * page]], page)
+    assert not ro3 and 20 * page <= s3 <= 21 * page
+    (p4, s4, ro4), = _page_spans([buf[:50 * page], B], page)
+    assert ro4 and p4 <= buf.__array_interface__["data"][0] and p4 + s4 >= B.__array_interface__["data"][0] + B.nbytes
 
 
 @cuda
