@@ -387,6 +387,31 @@ def test_precision_is_ignored_on_the_cpu_and_validated(rng):
         ops.spherical_kmeans_step(X, C, precision="TF32")
 
 
+def test_default_precision_reads_the_environment_at_each_call(rng, monkeypatch):
+    """Without precision=, float32 calls take EDPAIRS_PRECISION as it is at the call (it was
+    read once at import, so a program setting it later had no effect); ops.DEFAULT_PRECISION,
+    when set, wins; a bad value of either names itself; 16-bit data keeps TF32."""
+    monkeypatch.setattr(ops, "DEFAULT_PRECISION", None)
+    monkeypatch.delenv("EDPAIRS_PRECISION", raising=False)
+    assert ops.default_precision() == "float32"
+    monkeypatch.setenv("EDPAIRS_PRECISION", "tf32")
+    assert ops.default_precision() == "tf32" and ops._precision(None) == "tf32"
+    monkeypatch.setenv("EDPAIRS_PRECISION", "")
+    assert ops.default_precision() == "float32"
+    monkeypatch.setenv("EDPAIRS_PRECISION", "TF32")
+    C = make_centroids(rng, 3, 4)
+    X = make_rows(rng, 10, 4, C=C)
+    with pytest.raises(ValueError, match="EDPAIRS_PRECISION must be one of .* got 'TF32'"):
+        ops.assign(X, C)
+    ops.assign(X, C, precision="float32")  # a call that names its precision does not read it
+    monkeypatch.setattr(ops, "DEFAULT_PRECISION", "float32")
+    assert ops.default_precision() == "float32"
+    monkeypatch.setattr(ops, "DEFAULT_PRECISION", "fp32")
+    with pytest.raises(ValueError, match="DEFAULT_PRECISION must be one of .* got 'fp32'"):
+        ops.default_precision()
+    assert ops._precision(None, np.zeros(2, np.float16)) == "tf32"
+
+
 @pytest.mark.parametrize("offset", [1e4, 1e9])
 def test_float64_rows_are_centred_before_the_float32_rounding(xp, rng, offset):
     """float64 rows offset + (cluster direction + noise) about a float64 centre: centred in

@@ -185,19 +185,35 @@ class Assignment(NamedTuple):
 PRECISIONS = ("tf32", "float32")
 
 #: Precision of the assignment's products on CUDA for float32 data when a call does not name
-#: one: exact "float32" (as torch leaves TF32 off for float32 matmuls by default) unless the
-#: environment variable EDPAIRS_PRECISION says "tf32". float16 / bfloat16 data always runs on
-#: tensor cores in its own precision unless "float32" is asked for by the call. Why float32
-#: stays the default: rows that share a large offset bunch all cosines together (in our
-#: synthetic ReLU-like layer 95% of the rows are within 1e-3 of their runner-up), where TF32
-#: changes labels (6.5% there) that exact float32 keeps.
-DEFAULT_PRECISION = os.environ.get("EDPAIRS_PRECISION", "float32")
+#: one. None (the default): the environment variable EDPAIRS_PRECISION, read at each call, and
+#: exact "float32" (as torch leaves TF32 off for float32 matmuls by default) where it is unset;
+#: a program may set this attribute to "tf32" or "float32" instead, which wins over the
+#: variable. float16 / bfloat16 data always runs on tensor cores in its own precision unless
+#: "float32" is asked for by the call. Why float32 stays the default: rows that share a large
+#: offset bunch all cosines together (in our synthetic ReLU-like layer 95% of the rows are
+#: within 1e-3 of their runner-up), where TF32 changes labels (6.5% there) that exact float32
+#: keeps.
+DEFAULT_PRECISION: Optional[str] = None
+
+
+def default_precision() -> str:
+    """The precision a float32 call without ``precision=`` gets: :data:`DEFAULT_PRECISION` if
+    set, else EDPAIRS_PRECISION (read now), else "float32"."""
+    if DEFAULT_PRECISION is not None:
+        if DEFAULT_PRECISION not in PRECISIONS:
+            raise ValueError(f"edpairs.ops.DEFAULT_PRECISION must be one of {PRECISIONS} or None, "
+                             f"got {DEFAULT_PRECISION!r}")
+        return DEFAULT_PRECISION
+    value = os.environ.get("EDPAIRS_PRECISION", "") or "float32"
+    if value not in PRECISIONS:
+        raise ValueError(f"EDPAIRS_PRECISION must be one of {PRECISIONS} (or unset), got {value!r}")
+    return value
 
 
 def _precision(precision: Optional[str], X=None) -> str:
     if precision is None:
         sixteen = X is not None and namespace_of(X).dtype_name(X) in ("float16", "bfloat16")
-        precision = "tf32" if sixteen else DEFAULT_PRECISION
+        return "tf32" if sixteen else default_precision()
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return precision
@@ -223,7 +239,8 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     computes the products on tensor cores with float32 accumulation, TF32 operands for float32 X
     and the input's own precision for float16 / bfloat16 X (the centroids are rounded to it);
     ``"float32"`` uses exact float32 arithmetic. The default (None): tensor cores for float16 /
-    bfloat16 X, :data:`DEFAULT_PRECISION` (exact float32) for float32 X. With tensor cores a
+    bfloat16 X, :func:`default_precision` (exact float32 unless EDPAIRS_PRECISION or
+    :data:`DEFAULT_PRECISION` says "tf32") for float32 X. With tensor cores a
     label can differ from the exact one only where two centroids' scores are within about 1e-3
     (TF32) or 1e-2 (bfloat16) of each other relative to the row's scale; scores carry a relative
     error of the same order. With a ``center`` that scale is ||x - center|| where the rows are
