@@ -283,6 +283,37 @@ def test_intervene_edits_the_layer_output(net):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_intervene_uploads_its_constants_once(net, monkeypatch):
+    """Removal scales, fixed targets and host target maps reach the activations' device once: a
+    second forward makes no host-to-device copy (counted as calls of _Lib.constant and
+    torch.as_tensor on host data), and edits exactly as the first. A numpy map is copied when
+    the intervention is made (changing the caller's array afterwards does not change the edit)."""
+    from edpairs import interventions
+
+    pairs = _random_pairs(6, 4, seed=17)
+    x = torch.randn(2, 3, 8, 8)
+    target_map = np.linspace(-1, 1, 2 * 8 * 8).reshape(2, 8, 8)
+    uploads = []
+    constant, as_tensor = interventions._Lib.constant, torch.as_tensor
+    monkeypatch.setattr(interventions._Lib, "constant", lambda self, a, like: uploads.append("c") or constant(self, a, like))
+    monkeypatch.setattr(torch, "as_tensor", lambda a, *args, **kw: (uploads.append("t") if not isinstance(a, torch.Tensor)
+                                                                     else None) or as_tensor(a, *args, **kw))
+    with torch.no_grad():
+        feats = net.features(x)
+        expected = net.head(set_value(remove(feats, pairs, [0, 1], gate=False, scale={0: 2.0, 1: "mean"}, layout="nchw"),
+                                      pairs, {2: 0.5, 3: target_map}, layout="nchw"))
+        with intervene(net, "features.2", pairs, remove=[0, 1], gate=False, scale={0: 2.0, 1: "mean"},
+                       set={2: 0.5, 3: target_map}) as iv:
+            target_map += 100.0  # after the snapshot: not seen by the hook
+            uploads.clear()
+            first = net(x)
+            assert uploads, "the first forward uploads the constants"
+            uploads.clear()
+            second = net(x)
+            assert uploads == [] and iv.calls == 2
+    assert torch.allclose(first, expected, atol=1e-6, rtol=0) and torch.equal(first, second)
+
+
 def test_intervene_diagnostics_nesting_and_exceptions(net):
     pairs = _random_pairs(6, 3, seed=16)
     x = torch.randn(2, 3, 5, 5)

@@ -67,6 +67,7 @@ from .capture import find_module
 __all__ = ["Intervention", "intervene", "remove", "remove_joint", "set_value"]
 
 _PINV_RCOND = 1e-6
+_VALUES_CACHED = 64  # uploaded scale / target vectors kept per converted pairs
 
 
 # ---- the pairs, converted once per device and dtype --------------------------------------
@@ -95,6 +96,7 @@ class _Pairs:
         self.gain = np.einsum("id,id->i", W, S)      # (I,) w_i . s_i (1 for EDPairs)
         self._sets = {}
         self._devices = {}
+        self._values = OrderedDict()
 
     def check_concepts(self, concepts, what: str) -> tuple:
         out = []
@@ -134,6 +136,21 @@ class _Pairs:
         if got is None:
             got = {k: (None if v is None else lib.constant(v, like)) for k, v in self.host_set(J).items()}
             self._devices[key] = got
+        return got
+
+    def device_values(self, values, lib: "_Lib", like):
+        """The numbers ``values`` (a per-concept vector: removal scales, fixed targets) as an
+        array of like's kind, uploaded once per device and dtype: a hook runs every forward,
+        and a fresh host-to-device copy each time costs a transfer per edit."""
+        values = np.asarray(values, dtype=np.float64)
+        key = (values.tobytes(), values.shape, lib.key(like))
+        got = self._values.get(key)
+        if got is None:
+            got = self._values[key] = lib.constant(values, like)
+            while len(self._values) > _VALUES_CACHED:
+                self._values.popitem(last=False)
+        else:
+            self._values.move_to_end(key)
         return got
 
 
@@ -210,12 +227,21 @@ class _Lib:
     def relu(self, x):
         return x.clamp(min=0) if self.name == "torch" else np.maximum(x, 0)
 
-    def target(self, t, like, positions_shape, concept: int):
-        """A target (number or per-position map) as a (P,) vector of like's kind."""
+    def target(self, t, like, positions_shape, concept: int, uploaded=None):
+        """A target (number or per-position map) as a (P,) vector of like's kind. ``uploaded``
+        (an Intervention's own dict) keeps the device copy of a host map, which the
+        Intervention snapshotted, for the next forward."""
         if isinstance(t, numbers.Real) and not isinstance(t, bool):
             return None, float(t)
         if self.name == "torch":
-            t = self.torch.as_tensor(t).to(dtype=like.dtype, device=like.device)
+            key = (concept, self.key(like))
+            cached = uploaded is not None and not isinstance(t, self.torch.Tensor)
+            if cached and key in uploaded:
+                t = uploaded[key]
+            else:
+                t = self.torch.as_tensor(t).to(dtype=like.dtype, device=like.device)
+                if cached:
+                    uploaded[key] = t
             if t.ndim == 0:
                 return None, float(t)
             broadcast = self.torch.broadcast_to
@@ -332,9 +358,10 @@ def _scales(scale, J: tuple):
 
 
 def _edit(x, pairs, *, remove=(), gate=True, scale=None, joint=False, targets=None, relu=False,
-          layout=None, infer_layout_from_shape=False, stats=None):
+          layout=None, infer_layout_from_shape=False, stats=None, uploaded=None):
     """Applies removal (then set) to x. ``layout=None`` reads the last axis as channels unless
-    ``infer_layout_from_shape`` (the hook: 4-D -> nchw, 3-D -> nlc, 2-D -> nc)."""
+    ``infer_layout_from_shape`` (the hook: 4-D -> nchw, 3-D -> nlc, 2-D -> nc). ``uploaded``: an
+    Intervention's cache of its host target maps on the device (see _Lib.target)."""
     lib = _Lib(x)
     lib.check_float(x)
     P = _pairs_of(pairs)
@@ -379,8 +406,8 @@ def _edit(x, pairs, *, remove=(), gate=True, scale=None, joint=False, targets=No
                 amount = (z - T["offset"]) / T["gain"]           # latent factors
                 to_mean, k = _scales(scale, J_remove)
                 if not to_mean.all():
-                    keep = lib.constant(to_mean.astype(np.float64), rows)
-                    amount = amount * keep + lib.constant(k, rows)
+                    keep = P.device_values(to_mean, lib, rows)
+                    amount = amount * keep + P.device_values(k, lib, rows)
             g = lib.sigmoid(z - T["bias"]) if gate else None
             if g is not None:
                 amount = amount * g
@@ -394,11 +421,11 @@ def _edit(x, pairs, *, remove=(), gate=True, scale=None, joint=False, targets=No
             z = rows @ T["W"].T
             cols, fixed = [], []
             for c in J_set:
-                vec, num = lib.target(targets[c], rows, positions_shape, c)
+                vec, num = lib.target(targets[c], rows, positions_shape, c, uploaded)
                 cols.append(vec)
                 fixed.append(num)
             if all(v is None for v in cols):
-                t = lib.constant(np.array(fixed), rows)                # (|J|,) broadcast over positions
+                t = P.device_values(fixed, lib, rows)                  # (|J|,) broadcast over positions
             else:
                 full = [v if v is not None else z[:, k] * 0 + f for k, (v, f) in enumerate(zip(cols, fixed))]
                 t = lib.torch.stack(full, 1) if lib.name == "torch" else np.stack(full, 1)  # (P, |J|)
@@ -484,6 +511,10 @@ class Intervention:
         self._pairs = _Pairs(pairs)  # a snapshot: the edit uses the pairs as they were here
         self.remove = self._pairs.check_concepts(_as_concepts(remove, "remove"), "remove")
         self.targets = {} if set is None else _check_targets(set, "intervene: set")
+        # Host maps are copied here, like the pairs: the hook uploads each once per device.
+        self.targets = {c: t if isinstance(t, numbers.Real) or _module_root(t) == "torch" else np.array(t)
+                        for c, t in self.targets.items()}
+        self._uploaded = {}
         self._pairs.check_concepts(list(self.targets), "set")
         if not self.remove and not self.targets:
             raise ValueError("intervene: nothing to do; give remove=[...] and/or set={concept: target}")
@@ -542,7 +573,7 @@ class Intervention:
         try:
             edited = _edit(first, self._pairs, remove=self.remove, gate=self.gate, scale=self.scale,
                            joint=self.joint, targets=self.targets, relu=self.relu, layout=self.layout,
-                           infer_layout_from_shape=True, stats=stats)
+                           infer_layout_from_shape=True, stats=stats, uploaded=self._uploaded)
         except ValueError as exc:
             raise ValueError(f"intervene at layer {self.layer!r}: {exc}") from None
         self.calls += 1
@@ -582,7 +613,8 @@ def intervene(model, layer, pairs, remove=(), set=None, gate=None, scale=None, j
     """A context manager that edits the output of ``layer`` (a dotted module name, e.g.
     ``"layer4"`` or ``"_blocks.15"``, or the module) in every forward pass of ``model`` while
     active: removes the concepts ``remove`` (independently, or jointly with ``joint=True``),
-    then sets the decoded values ``set={concept: target}`` (numbers or per-position maps).
+    then sets the decoded values ``set={concept: target}`` (numbers or per-position maps; a
+    numpy map is copied here and sent to the device once, a torch map is read at each forward).
     ``gate`` (default: True for independent removal, False for joint removal, as in
     :func:`remove` and :func:`remove_joint`), ``scale`` and ``relu`` as in :func:`remove`;
     ``layout`` of the layer output (default from its rank: 4-D "nchw", 3-D "nlc",
