@@ -184,6 +184,27 @@ def test_table_plot_and_torch_features(layer, tmp_path):
     assert isinstance(df, pd.DataFrame) and "class" in df.columns and len(df) == 9
 
 
+def test_torch_features_bring_one_vector_per_direction_to_the_host(layer, monkeypatch):
+    """With torch features the log-probabilities, signs and their sums stay with the features:
+    one (K,) vector per scored direction comes to the host (plus the null's sampled rows), not
+    every batch's logits; the scores are those of numpy features."""
+    torch = pytest.importorskip("torch")
+    feats, pairs = layer.images()[:300], gt_pairs(layer)
+    expected = influence(layer.head, feats, pairs, n_noise=2, batch_size=37, labels=layer.y[:300])
+    host, came_down = inf_mod._host, []
+    monkeypatch.setattr(inf_mod, "_host", lambda a: (came_down.append(tuple(a.shape)) if isinstance(a, torch.Tensor)
+                                                     else None) or host(a))
+    got = influence(layer.head, torch.from_numpy(np.ascontiguousarray(feats)), pairs, n_noise=2, batch_size=37,
+                    labels=layer.y[:300])
+    n_concepts, K = expected.scores.shape
+    assert sorted(came_down) == sorted([(min(10000, feats[..., 0].size), feats.shape[-1])]
+                                       + [(K,)] * (n_concepts * 3))
+    np.testing.assert_array_equal(got.scores, expected.scores)
+    np.testing.assert_array_equal(got.null_scores, expected.null_scores)
+    with pytest.raises(ValueError, match="at least one image"):
+        influence(layer.head, feats[:0], pairs)
+
+
 def test_bad_arguments(layer):
     with pytest.raises(ValueError, match="channels"):
         influence(layer.head, layer.images()[:10, :, :, :8], gt_pairs(layer))

@@ -152,59 +152,83 @@ def noise_directions(X, memberships, n_noise: int, *, rng, rcond: float = 1e-6) 
 
 
 # ---- scoring -----------------------------------------------------------------------------
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    top = logits.max(axis=1, keepdims=True)
-    return logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
-
-
 class _Scorer:
     """Evaluates the head on the features shifted by one vector, in batches of images, and
-    returns the per-image sign of the change of every class's log-probability."""
+    scores each direction: per scored class, the sum over images (weighted by ``masks``) of the
+    sign of the change of the class's log-probability. With torch features the work stays on
+    their device: the step goes up once per direction, log-probabilities (float64) and signs are
+    formed there, and one (K,) vector of sums comes down per direction (signs are -1, 0 or 1,
+    so their float64 sums are exact and the same on every device)."""
 
     def __init__(self, head, features, batch_size: int):
         self.head, self.features, self.batch_size = head, features, batch_size
-        self.torch = _is_torch(features)
-        self.base = self._log_probs(None)
+        self.torch = sys.modules["torch"] if _is_torch(features) else None
+        self.base = None
+        self.base = self._log_probs(None)  # (n, K_all) float64, on the features' device
+        self.cols = self.masks = None      # the scored classes (all when None); (n, K) weights
 
-    def _call(self, f):
-        if self.torch:
-            import torch
+    def base_host(self) -> np.ndarray:
+        return _host(self.base)
 
-            with torch.no_grad():
-                return _host(self.head(f))
-        return _host(self.head(f))
+    def score_on(self, cols, masks: Optional[np.ndarray]) -> None:
+        self.cols, self.masks = cols, masks
+        if self.torch is not None:
+            device = self.base.device
+            self.cols = self.torch.as_tensor(cols, device=device)
+            self.masks = None if masks is None else self.torch.as_tensor(masks, device=device)
 
-    def _log_probs(self, delta) -> np.ndarray:
-        out = []
+    def _log_softmax(self, logits):
+        if self.torch is not None:
+            logits = logits.to(self.torch.float64)
+            top = logits.max(dim=1, keepdim=True).values
+            return logits - top - (logits - top).exp().sum(dim=1, keepdim=True).log()
+        top = logits.max(axis=1, keepdims=True)
+        return logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+
+    def _logits(self, f):
+        if self.torch is None:
+            return _host(self.head(f))
+        with self.torch.no_grad():
+            out = self.head(f)
+        if not isinstance(out, self.torch.Tensor):
+            out = self.torch.as_tensor(np.asarray(out), device=f.device)
+        return out.to(self.torch.float64)
+
+    def _batches(self, delta):
+        """(start, log-probabilities) of each batch of images shifted by delta."""
         n = int(self.features.shape[0])
+        if delta is not None:
+            delta = (self.torch.as_tensor(delta, dtype=self.features.dtype, device=self.features.device)
+                     if self.torch is not None else delta.astype(self.features.dtype, copy=False))
         for start in range(0, n, self.batch_size):
             f = self.features[start:start + self.batch_size]
             if delta is not None:
-                if self.torch:
-                    import torch
-
-                    f = f + torch.as_tensor(delta, dtype=f.dtype, device=f.device)
-                else:
-                    f = f + delta.astype(f.dtype, copy=False)
-            logits = self._call(f)
+                f = f + delta
+            logits = self._logits(f)
             if logits.ndim != 2 or logits.shape[0] != f.shape[0]:
-                raise ValueError(f"head must return (n_images, n_classes) logits, got shape {logits.shape} "
+                raise ValueError(f"head must return (n_images, n_classes) logits, got shape {tuple(logits.shape)} "
                                  f"for {f.shape[0]} images")
-            out.append(_log_softmax(logits))
-        return np.concatenate(out)
+            if self.base is not None and logits.shape[1] != self.base.shape[1]:
+                raise ValueError(f"head returned {logits.shape[1]} classes for shifted features and "
+                                 f"{self.base.shape[1]} for the unshifted ones")
+            yield start, self._log_softmax(logits)
 
-    cols = None  # the scored classes (all when None)
+    def _log_probs(self, delta):
+        parts = [lp for _, lp in self._batches(delta)]
+        return self.torch.cat(parts) if self.torch is not None else np.concatenate(parts)
 
-    def signs(self, delta) -> np.ndarray:
-        d = self._log_probs(delta) - self.base
-        return np.sign(d if self.cols is None else d[:, self.cols])  # (n, K scored)
-
-
-def _scores(signs: np.ndarray, masks: Optional[np.ndarray]) -> np.ndarray:
-    if masks is None:
-        return signs.mean(0)
-    # masks (n, K): image scored for class k
-    return (signs * masks).sum(0) / np.maximum(masks.sum(0), 1)
+    def sign_sums(self, delta) -> np.ndarray:
+        """(K,) float64: per scored class, the (mask-weighted) sum of the signs over images."""
+        total = 0
+        for start, lp in self._batches(delta):
+            d = lp - self.base[start:start + lp.shape[0]]
+            if self.cols is not None:
+                d = d[:, self.cols]
+            signs = d.sign() if self.torch is not None else np.sign(d)
+            if self.masks is not None:
+                signs = signs * self.masks[start:start + lp.shape[0]]
+            total = total + signs.sum(0)
+        return _host(total)
 
 
 def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 100, alpha: float = 0.05,
@@ -241,21 +265,22 @@ def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 10
     if not _is_torch(features):
         features = np.asarray(features)
     n = int(features.shape[0])
+    if n < 1:
+        raise ValueError(f"features must hold at least one image, got shape {tuple(features.shape)}")
     idx = list(range(I)) if concepts is None else [int(c) for c in concepts]
     if any(not 0 <= c < I for c in idx):
         raise IndexError(f"concepts must lie in [0, {I}), got {idx}")
 
     scorer = _Scorer(head, features, int(batch_size))
-    K_all = scorer.base.shape[1]
+    K_all = int(scorer.base.shape[1])
     if isinstance(classes, str):
         if classes != "predicted":
             raise ValueError(f"classes must be class indices or 'predicted', got {classes!r}")
-        cols = np.unique(scorer.base.argmax(1))
+        cols = np.unique(scorer.base_host().argmax(1))
     else:
         cols = np.arange(K_all) if classes is None else np.asarray(classes, dtype=np.int64).ravel()
     if cols.size == 0 or cols.min() < 0 or cols.max() >= K_all or len(np.unique(cols)) != cols.size:
         raise ValueError(f"classes must be distinct class indices in [0, {K_all}), got {list(cols)[:10]}")
-    scorer.cols = cols
     K = int(cols.size)
     if class_names is not None and len(class_names) != K_all:
         raise ValueError(f"class_names has {len(class_names)} names for {K_all} classes")
@@ -266,6 +291,8 @@ def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 10
             raise ValueError(f"labels must hold one class in [0, {K_all}) per image ({n} images)")
         masks = (labels[:, None] == cols[None, :]).astype(np.float64)
     n_scored = np.full(K, n) if masks is None else masks.sum(0).astype(np.int64)
+    scorer.score_on(cols, masks)
+    per_class = np.full(K, float(n)) if masks is None else np.maximum(masks.sum(0), 1)
     min_scored = max(int(n_scored.min()), 1)
 
     gain = np.einsum("id,id->i", W, S)
@@ -285,11 +312,11 @@ def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 10
     scores = np.zeros((Iq, K))
     null = np.full((Iq, n_noise, K), np.nan)
     for r, i in enumerate(idx):
-        scores[r] = _scores(scorer.signs(steps[i]), masks)
+        scores[r] = scorer.sign_sums(steps[i]) / per_class
         if n_noise:
             length = float(np.linalg.norm(steps[i]))
             for j, v in enumerate(noise_directions(rows, memb[:, i], n_noise, rng=rng)):
-                null[r, j] = _scores(scorer.signs(length * v), masks)
+                null[r, j] = scorer.sign_sums(length * v) / per_class
 
     if n_noise:
         mean = null.mean(1)
