@@ -508,3 +508,39 @@ def check_duplicate_rows_agree(X, labels, scores):
         m = first.setdefault(X[n].tobytes(), n)
         assert labels[n] == labels[m], f"rows {m} and {n} are identical but got labels {labels[m]} and {labels[n]}"
         assert scores[n] == scores[m], f"rows {m} and {n} are identical but got scores {scores[m]} and {scores[n]}"
+
+
+def two_replicas(module):
+    """``module`` wrapped in an nn.DataParallel that does, on the CPU, what DataParallel does on
+    two GPUs: the batch is cut in two, each half runs on a replica of the module (new module
+    objects that share its hooks) in a thread of its own, and the outputs are concatenated."""
+    import threading
+
+    import torch
+
+    def replica(m):
+        r = m._replicate_for_data_parallel()
+        r._parameters = dict(m._parameters)
+        r._modules = {name: replica(child) for name, child in m._modules.items()}
+        return r
+
+    class TwoReplicas(torch.nn.DataParallel):
+        def forward(self, x):
+            halves, outs, errors = x.chunk(2), [None, None], []
+
+            def run(i):
+                try:
+                    outs[i] = replica(self.module)(halves[i])
+                except BaseException as exc:  # noqa: BLE001 (re-raised below, as parallel_apply does)
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
+            return torch.cat(outs)
+
+    return TwoReplicas(module)

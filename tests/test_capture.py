@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
+from _helpers import two_replicas  # noqa: E402
 from edpairs.capture import (  # noqa: E402
     LayerNotFound,
     SplitError,
@@ -229,6 +230,24 @@ def test_shared_module_refused():
     model = nn.Sequential(nn.Linear(3, 3), relu, nn.Linear(3, 3), relu)
     with pytest.raises(RuntimeError, match="more than once"):
         capture(model, "1", torch.randn(2, 3), stop_after=False)
+
+
+def test_a_data_parallel_model_is_captured_and_split_whole():
+    """Under DataParallel every replica calls the capture hook with its share of the batch
+    (the hook then refused a second call or kept one share); edpairs runs the wrapped module
+    on the whole batch, and takes the layer's name with or without the wrapper's "module."."""
+    model = seq_model(3).eval()
+    x = torch.randn(6, 3, 8, 8)
+    wrapped = two_replicas(model)
+    with torch.no_grad():
+        assert torch.allclose(wrapped(x), model(x), atol=1e-6)  # the emulation computes the model
+    expected = capture(model, "2.1", x, batch_size=4)
+    for name in ("module.2.1", "2.1"):
+        np.testing.assert_array_equal(capture(wrapped, name, x, batch_size=4), expected)
+    split = split_model(wrapped, "module.2")
+    with torch.no_grad():
+        torch.testing.assert_close(split(x), model(x), rtol=1e-5, atol=1e-5)
+    assert split.model is model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -314,6 +314,22 @@ def test_intervene_uploads_its_constants_once(net, monkeypatch):
     assert torch.allclose(first, expected, atol=1e-6, rtol=0) and torch.equal(first, second)
 
 
+def test_intervene_under_data_parallel_edits_every_share(net):
+    """Under DataParallel each replica's hook edits its share of the batch: the output is the
+    one-device edit, calls counts both replicas' edits, positions one share's."""
+    from _helpers import two_replicas
+
+    pairs = _random_pairs(6, 3, seed=18)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        with intervene(net, "features.2", pairs, remove=[0], set={2: 0.25}, scale=2.0, gate=False) as one:
+            expected = net(x)
+        with intervene(net, "features.2", pairs, remove=[0], set={2: 0.25}, scale=2.0, gate=False) as iv:
+            got = two_replicas(net)(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert one.calls == 1 and iv.calls == 2 and iv.positions == one.positions // 2
+
+
 def test_intervene_diagnostics_nesting_and_exceptions(net):
     pairs = _random_pairs(6, 3, seed=16)
     x = torch.randn(2, 3, 5, 5)

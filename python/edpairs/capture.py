@@ -57,6 +57,21 @@ def find_module(model, layer):
     )
 
 
+def _one_device(model, layer):
+    """(model, layer) with an ``nn.DataParallel`` wrapper taken off: DataParallel runs a replica
+    of the model per GPU on its share of the batch, and each replica calls the capture hook,
+    which would then see (and keep) only one share. The wrapped module runs the whole batch on
+    its own device instead (the wrapper's parameters are that module's, on device_ids[0]).
+    ``layer`` may name the module either way ("module.layer4" or "layer4")."""
+    torch = _torch()
+    if not isinstance(model, torch.nn.DataParallel):
+        return model, layer
+    inner = model.module
+    if isinstance(layer, str) and layer.startswith("module.") and layer not in dict(inner.named_modules()):
+        layer = layer[len("module."):]
+    return inner, layer
+
+
 def layer_names(model, example=None, *, leaves: bool = False) -> list:
     """Dotted names of the modules of ``model`` that can be captured, in definition order.
 
@@ -330,8 +345,10 @@ def iter_activations(model, layer: str, batches, *, layout: Optional[str] = None
     Yields :class:`Activations` with channel-last values ``(n, *grid, C)`` of ``dtype``
     (default float32), contiguous, on the CPU unless ``keep_on_device``. ``layout`` names the
     layer's output layout ("nchw", "nhwc", "nlc", "nc"; default from its rank). Nothing is
-    accumulated across batches."""
+    accumulated across batches. An ``nn.DataParallel`` model runs as the module it wraps, on its
+    device (its replicas would each show the hook only their share of a batch)."""
     torch = _torch()
+    model, layer = _one_device(model, layer)
     module = find_module(model, layer)
     device = torch.device(device) if device is not None else _model_device(model)
     out_dtype = torch.float32 if dtype is None else (getattr(torch, dtype) if isinstance(dtype, str) else dtype)
@@ -444,7 +461,9 @@ def split_model(model, layer: str, *, head: Optional[Callable] = None, layout: O
     ``nn.Sequential`` containers, the modules after the layer; else by ``torch.fx`` tracing with
     the layer kept as one node, the graph after it. Raises :class:`SplitError` naming the
     reason (tracing fails, the layer runs twice, or the tail reads a value computed before the
-    layer other than through its output, e.g. a skip connection across the split)."""
+    layer other than through its output, e.g. a skip connection across the split). An
+    ``nn.DataParallel`` model is split as the module it wraps, which runs on its own device."""
+    model, layer = _one_device(model, layer)
     find_module(model, layer)
     if head is not None:
         if not callable(head):

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import builtins
 import numbers
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -97,6 +98,7 @@ class _Pairs:
         self._sets = {}
         self._devices = {}
         self._values = OrderedDict()
+        self._values_lock = threading.Lock()  # hooks of DataParallel replicas run in threads
 
     def check_concepts(self, concepts, what: str) -> tuple:
         out = []
@@ -144,13 +146,14 @@ class _Pairs:
         and a fresh host-to-device copy each time costs a transfer per edit."""
         values = np.asarray(values, dtype=np.float64)
         key = (values.tobytes(), values.shape, lib.key(like))
-        got = self._values.get(key)
-        if got is None:
-            got = self._values[key] = lib.constant(values, like)
-            while len(self._values) > _VALUES_CACHED:
-                self._values.popitem(last=False)
-        else:
-            self._values.move_to_end(key)
+        with self._values_lock:
+            got = self._values.get(key)
+            if got is None:
+                got = self._values[key] = lib.constant(values, like)
+                while len(self._values) > _VALUES_CACHED:
+                    self._values.popitem(last=False)
+            else:
+                self._values.move_to_end(key)
         return got
 
 
@@ -495,7 +498,9 @@ class Intervention:
     forward it holds diagnostics of the last edit: ``calls`` (forwards edited),
     ``positions`` (feature vectors edited), ``gate_mean`` {concept: mean gate} and
     ``gated_positions`` {concept: positions with gate > 0.5} (gated removal only),
-    ``mean_shift`` (mean L2 norm of the edit per position)."""
+    ``mean_shift`` (mean L2 norm of the edit per position). Under ``nn.DataParallel`` each
+    replica edits its own share of the batch (the same edit as on one device); ``calls`` then
+    counts the replicas' edits and the other diagnostics describe the share edited last."""
 
     def __init__(self, model, layer, pairs, *, remove=(), set=None, gate=None, scale=None, joint=False,
                  relu=False, layout=None):
@@ -537,6 +542,7 @@ class Intervention:
         self._handle = None
         self.calls = 0
         self._stats = {}
+        self._lock = threading.Lock()  # DataParallel's replicas run the hook in threads
 
     # diagnostics, converted on access (no device synchronisation inside the forward)
     @property
@@ -576,8 +582,9 @@ class Intervention:
                            infer_layout_from_shape=True, stats=stats, uploaded=self._uploaded)
         except ValueError as exc:
             raise ValueError(f"intervene at layer {self.layer!r}: {exc}") from None
-        self.calls += 1
-        self._stats = stats
+        with self._lock:
+            self.calls += 1
+            self._stats = stats
         if first is output:
             return edited
         return type(output)([edited, *output[1:]]) if isinstance(output, list) else (edited, *output[1:])
