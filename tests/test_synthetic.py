@@ -3,7 +3,6 @@ truth they claim (ideal filters, memberships, classes, a working head), reproduc
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -214,9 +213,7 @@ def test_reproducible():
 
 
 def test_large_preset():
-    t0 = time.perf_counter()
     g = synthetic.large(seed=0)
-    elapsed = time.perf_counter() - t0
     assert g.X.shape == (200_000, 256) and g.X.dtype == np.float32
     assert g.S.shape == (32, 256) and g.distractors.shape == (64, 256) and g.grid == (4, 4)
     assert g.n_images == 12_500 and g.classes == [(i,) for i in range(32)]
@@ -228,7 +225,6 @@ def test_large_preset():
     ref = g.alpha[rows] @ g.S + g.beta[rows] @ g.distractors + g.offset
     np.testing.assert_allclose(g.X[rows], ref, rtol=1e-7, atol=0)
     assert g.head.accuracy_ >= 0.99
-    assert elapsed < 15.0, f"large() took {elapsed:.1f} s"  # ~3 s on an idle 2-core machine
 
 
 @pytest.mark.parametrize(
