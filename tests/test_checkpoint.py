@@ -99,3 +99,20 @@ def test_edpairs_killed_and_resumed_equals_uninterrupted(tmp_path):
         for name in ("W", "b", "S"):
             np.testing.assert_array_equal(a[name], b[name], err_msg=f"killed after save {kill_at}: {name}")
         assert not ckpt.exists()
+
+
+def test_checkpoint_path_is_checked_before_the_fit(tmp_path):
+    """A checkpoint in a missing folder failed only after the first pass over the data, naming
+    write_atomic's temporary file; a checkpoint that is not a path got os.fspath's message."""
+    X = np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32)
+    passes = [0]
+
+    def chunks():
+        passes[0] += 1
+        return iter([X])
+
+    with pytest.raises(FileNotFoundError, match=r"checkpoint .*nowhere/k\.ckpt: its folder .*nowhere does not exist"):
+        edp.SphericalKMeans(3, random_state=0).fit(chunks, checkpoint=tmp_path / "nowhere" / "k.ckpt")
+    assert passes[0] <= 1  # (the fingerprint reads one chunk; no Lloyd pass ran)
+    with pytest.raises(TypeError, match="checkpoint must be a file path .* got int"):
+        edp.EDPairs(2, random_state=0).fit(X, checkpoint=5)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import importlib
+import os
 
 import edpairs as edp
 from edpairs.influence import influence, plot_influence
@@ -170,9 +171,15 @@ def test_table_plot_and_torch_features(layer, tmp_path):
                     concept_names=["x", "y", "z"])
     recs = res.to_records()
     assert len(recs) == 9 and recs[0]["concept"] == "x" and recs[0]["class_"] == "a"
-    path = tmp_path / "influence.png"
-    fig = plot_influence(res, path=path)
+    path = tmp_path / "figures" / "influence.png"  # the folder is made
+    old = os.umask(0o022)
+    try:
+        fig = plot_influence(res, path=path)
+    finally:
+        os.umask(old)
     assert fig.axes and path.exists() and path.stat().st_size > 1000
+    assert path.stat().st_mode & 0o777 == 0o644  # the umask's, not a private temporary file's 0o600
+    assert sorted(os.listdir(path.parent)) == ["influence.png"]
     # torch features: the same scores, and the same null (only the sampled rows come to the host)
     torch = pytest.importorskip("torch")
     res_t = influence(layer.head, torch.from_numpy(np.ascontiguousarray(feats)).double(), gt_pairs(layer),

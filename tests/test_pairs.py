@@ -344,3 +344,44 @@ def test_threshold_histograms_are_the_same_in_every_library(rng):
     got = _thresholds(ChunkSource([torch.from_numpy(X[p]) for p in parts]), *args, bins=64)
     np.testing.assert_array_equal(got, want)
     assert np.unique(want).size == 4
+
+
+def test_load_refuses_a_npy_file_and_arrays_that_are_not_numbers(tmp_path):
+    """A .npy file (np.load gives an array, not an archive) got "'numpy.ndarray' object does
+    not support the context manager protocol"; a pairs file whose arrays hold strings loaded
+    and failed at detect with a ufunc error."""
+    X = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
+    path = tmp_path / "pairs.npz"
+    edp.EDPairs(2, random_state=0).fit(X).save(path)
+    np.save(tmp_path / "rows.npy", X)
+    with pytest.raises(ValueError, match=r"is not an edpairs pairs file: it holds one ndarray \(a \.npy file\)"):
+        edp.EDPairs.load(tmp_path / "rows.npy")
+    data = dict(np.load(path))
+    data["bias"] = np.array(["a", "b"])
+    np.savez(tmp_path / "strings.npz", **data)
+    with pytest.raises(ValueError, match="bias holds <U1 values, expected real numbers"):
+        edp.EDPairs.load(tmp_path / "strings.npz")
+
+
+def test_save_names_a_missing_folder_or_a_folder_in_the_way_and_keeps_permissions(tmp_path):
+    """The errors named write_atomic's temporary file ('.pairs.npz.x8s2.tmp'), not the path
+    asked for; and the file came out private (0o600, mkstemp's mode) instead of following the
+    umask, or keeping the mode of the file it replaces."""
+    import os
+
+    model = edp.EDPairs(2, random_state=0).fit(np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32))
+    with pytest.raises(FileNotFoundError, match=r"cannot write .*nowhere/p\.npz: its folder .*nowhere does not exist"):
+        model.save(tmp_path / "nowhere" / "p.npz")
+    (tmp_path / "d.npz").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"cannot write .*d\.npz: it is a folder"):
+        model.save(tmp_path / "d.npz")
+    assert os.listdir(tmp_path) == ["d.npz"]  # no temporary file left behind
+    old = os.umask(0o027)
+    try:
+        model.save(tmp_path / "p.npz")
+        assert os.stat(tmp_path / "p.npz").st_mode & 0o777 == 0o640
+        os.chmod(tmp_path / "p.npz", 0o604)
+        model.save(tmp_path / "p.npz")  # a replaced file keeps its mode
+        assert os.stat(tmp_path / "p.npz").st_mode & 0o777 == 0o604
+    finally:
+        os.umask(old)

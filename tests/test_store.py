@@ -324,3 +324,48 @@ def test_values_beyond_float16_or_not_finite_are_refused(tmp_path):
     x[1, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"NaN or Inf values for images 0\.\.2"):
         extract(model, "0", x, tmp_path / "c", images_per_shard=2)
+
+
+def test_sidecar_fields_of_the_wrong_type_are_named(reference, tmp_path):
+    """A hand-edited or foreign sidecar whose fields have the wrong type is refused naming the
+    field (before: int('abc'), "'int' object is not subscriptable" from deep inside), and a
+    shard file that points outside the store's folder is refused rather than read."""
+    meta = json.loads((Path(reference) / "store.json").read_text())
+    cases = [(lambda m: m["shards"].update(abc=m["shards"]["0"]), r"shards\.abc \(keyed by the shard's number\)"),
+             (lambda m: m["shards"]["0"].update(rows="x"), r"shards\.0\.rows \(an integer >= 0\)"),
+             (lambda m: m["shards"]["0"].update(bytes=-1), r"shards\.0\.bytes \(an integer >= 0\)"),
+             (lambda m: m["shards"]["0"].update(images=5), r"shards\.0\.images \(a \[first, end\] pair"),
+             (lambda m: m["shards"]["0"].update(file="../../x.npy"), r"shards\.0\.file \(a file name in the store"),
+             (lambda m: m.update(version="x"), r"version \(an integer\)"),
+             (lambda m: m.update(grid="ab"), r"grid \(a list of integers\)"),
+             (lambda m: m["key"].update(dtype="int8"), r"key\.dtype \(one of float16, float32\)"),
+             (lambda m: m["key"].update(model="x"), r"key\.model \(an object with a name\)")]
+    for edit, field in cases:
+        broken = json.loads(json.dumps(meta))
+        edit(broken)
+        (tmp_path / "store.json").write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=f"missing or malformed field\\(s\\) {field}"):
+            ActivationStore(tmp_path)
+
+
+def test_extract_checks_its_sizes_and_path_and_writes_readable_files(setup, tmp_path):
+    """images_per_shard / batch_size must be positive integers (2.5 was cut to 2 and "4" was
+    taken as 4 silently, True as 1); a path that is a file is named as such; and the shards
+    and sidecar get ordinary permissions (umask), not mkstemp's private 0o600."""
+    model, images = setup["model"], setup["images"][:4]
+    for kwargs, name in [(dict(images_per_shard=2.5), "images_per_shard"), (dict(images_per_shard="4"),
+                         "images_per_shard"), (dict(images_per_shard=True), "images_per_shard"),
+                         (dict(batch_size=0), "batch_size"), (dict(batch_size=2.5), "batch_size")]:
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+            extract(model, LAYER, images, tmp_path / "s", **kwargs)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file; an activation store is a folder"):
+        extract(model, LAYER, images, tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "x"
+    old = os.umask(0o022)
+    try:
+        store = extract(model, LAYER, images, tmp_path / "s", images_per_shard=2)
+    finally:
+        os.umask(old)
+    for f in store.shard_files + [os.path.join(store.path, "store.json")]:
+        assert os.stat(f).st_mode & 0o777 == 0o644, f

@@ -23,13 +23,42 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _file_mode(path: str) -> int:
+    """The permissions ``path`` gets: those of the file it replaces, else what ``open`` would
+    give a new file (0o666 less the umask), not mkstemp's private 0o600."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        pass
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux: read it, rather than set it (os.umask is process-wide, racing other threads)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)  # pragma: no cover - elsewhere: the only portable way to read it
+    os.umask(umask)  # pragma: no cover
+    return umask  # pragma: no cover
+
+
 def write_atomic(path, write: Callable, *, mode: str = "wb"):
     """Calls ``write(file)`` on a temporary file next to ``path``, then renames it to ``path``.
-    Returns what ``write`` returned. The temporary file is removed if anything fails."""
+    Returns what ``write`` returned. The temporary file is removed if anything fails. The file
+    keeps the permissions of the one it replaces (a new one gets the umask's, as ``open``)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {path}: its folder {folder} does not exist (create it first)")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {path}: it is a folder; name a file")
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        os.chmod(tmp, _file_mode(path))
         with os.fdopen(fd, mode) as f:
             result = write(f)
             f.flush()

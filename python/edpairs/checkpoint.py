@@ -50,7 +50,13 @@ class Checkpoint:
     for tests that interrupt a fit."""
 
     def __init__(self, path, key: dict, *, on_save: Optional[Callable[[str, dict], None]] = None):
-        self.path = os.fspath(path)
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            raise TypeError(f"checkpoint must be a file path (str or os.PathLike) or a Checkpoint, "
+                            f"got {type(path).__name__}")
+        self.path = os.fsdecode(path)
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):  # refused now, not after the fit's first pass over the data
+            raise FileNotFoundError(f"checkpoint {self.path}: its folder {folder} does not exist (create it first)")
         self.key = _jsonable(key)
         self.on_save = on_save
         self._carried_meta, self._carried_arrays = {}, {}

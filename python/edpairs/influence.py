@@ -53,13 +53,13 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import numpy as np
 
 from ._arrays import to_numpy64 as _host
+from ._io import write_atomic
 
 __all__ = ["InfluenceResult", "influence", "plot_influence", "noise_directions"]
 
@@ -348,19 +348,11 @@ def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 10
 
 # ---- plots -------------------------------------------------------------------------------
 def save_figure(fig, path) -> None:
-    """Saves a figure as PNG atomically (a temporary file in the same folder, then renamed)."""
+    """Saves a figure as PNG atomically (a temporary file in the same folder, then renamed; the
+    folder is made if missing)."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=fig.dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=fig.dpi, bbox_inches="tight"))
 
 
 def _figure(**kwargs):

@@ -479,6 +479,9 @@ class EDPairs:
             raise
         except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
             raise ValueError(f"{path!r} is not an edpairs pairs file (not a readable .npz: {exc})") from exc
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a .npy file: np.load gives its one array
+            raise ValueError(f"{path!r} is not an edpairs pairs file: it holds one {type(data).__name__} "
+                             f"(a .npy file), expected the .npz archive that EDPairs.save writes")
         with data:
             if "meta" not in data.files:
                 raise ValueError(f"{path!r} is not an edpairs pairs file (no metadata record)")
@@ -512,6 +515,9 @@ class EDPairs:
                 raise ValueError(f"{path!r} is missing arrays {missing}")
             arr = {k: data[k] for k in need}
         I, D = meta["n_concepts"], meta["n_features"]
+        for k, a in arr.items():
+            if a.dtype.kind not in "fiu":
+                raise ValueError(f"{path!r}: {k} holds {a.dtype} values, expected real numbers")
         expected = {"decoding": (I, D), "bias": (I,), "encoding": (I, D), "mean": (D,), "n_positives": (I,),
                     "whitening_mean": (D,)}
         for k, shape in expected.items():

@@ -296,7 +296,6 @@ def _write_png(path: str, rgb: np.ndarray) -> None:
 def _write_figure(plot, path: str, *args, **kwargs) -> None:
     fig = plot(*args, path, **kwargs)
     fig.clear()  # no pyplot: dropping the reference frees it
-    os.chmod(path, 0o644)  # save_figure's temporary file is private; the report is meant to be shared
 
 
 # ---- JSON ----------------------------------------------------------------------------------

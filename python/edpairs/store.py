@@ -141,9 +141,36 @@ def _missing_fields(meta: dict) -> list:
     for k, entry in shards.items():
         have = entry if isinstance(entry, dict) else {}
         missing += [f"shards.{k}.{f}" for f in _SHARD_FIELDS if f not in have]
-    if shards and "n_features" in meta and not isinstance(meta["n_features"], int):
+        if not (k.isascii() and k.isdigit()):
+            missing.append(f"shards.{k} (keyed by the shard's number)")
+        for f in ("rows", "bytes"):
+            if f in have and not _count(have[f]):
+                missing.append(f"shards.{k}.{f} (an integer >= 0)")
+        if "images" in have and not (isinstance(have["images"], list) and len(have["images"]) == 2
+                                     and all(_count(v) for v in have["images"])):
+            missing.append(f"shards.{k}.images (a [first, end] pair of integers)")
+        if "file" in have and not (isinstance(have["file"], str) and have["file"]
+                                   and os.path.basename(have["file"]) == have["file"]):
+            missing.append(f"shards.{k}.file (a file name in the store's folder)")
+    if shards and "n_features" in meta and not _count(meta["n_features"]):
         missing.append("n_features (an integer once the store has shards)")
+    if "version" in meta and not _count(meta["version"]):
+        missing.append("version (an integer)")
+    grid = meta.get("grid")
+    if grid is not None and not (isinstance(grid, list) and all(_count(g) for g in grid)):
+        missing.append("grid (a list of integers)")
+    if isinstance(meta.get("key"), dict):
+        key = meta["key"]
+        if "dtype" in key and key["dtype"] not in _DTYPES:
+            missing.append(f"key.dtype (one of {', '.join(_DTYPES)})")
+        if "model" in key and not (isinstance(key["model"], dict) and "name" in key["model"]):
+            missing.append("key.model (an object with a name)")
     return missing
+
+
+def _count(value) -> bool:
+    """An integer >= 0 as JSON gives it (bool refused)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _json_value(value, what: str):
@@ -447,6 +474,13 @@ def extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtype
     shard buffer (``images_per_shard * prod(grid) * D`` values, two while a batch straddles a
     shard boundary) plus one batch."""
     path = os.fspath(path)
+    for name, value in (("images_per_shard", images_per_shard), ("batch_size", batch_size)):
+        if not (value is None and name == "batch_size") and (
+                isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"{name} must be a positive integer{' or None' if name == 'batch_size' else ''}, "
+                             f"got {value!r}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{path} is a file; an activation store is a folder: name a folder (new or a store)")
     os.makedirs(path, exist_ok=True)
     with _exclusive(path):
         return _extract(model, layer, data, path, images_per_shard=images_per_shard, dtype=dtype,
