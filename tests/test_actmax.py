@@ -113,3 +113,30 @@ def test_a_cuda_model_takes_cpu_inputs(setup):
     np.testing.assert_allclose(on_gpu.delta, on_cpu.delta, rtol=1e-3, atol=1e-4)
     ex = explain(split, LAYER, x[0], pairs)
     assert np.all(np.isfinite(ex.logits))
+
+
+def test_bad_settings_and_pairs_of_another_layer_are_named(setup):
+    """Settings that numpy / torch failed on deep inside (a negative jitter, a one-number clamp,
+    pairs of another width, a blur wider than the image) or that gave NaN or truncated
+    silently (blur_sigma=0, lr=nan, steps=2.5, concept=1.7) are refused by name."""
+    model, pairs = setup
+    kw = dict(steps=1, shape=(1, 3, 16, 16))
+    narrow = edp.EDPairs(2, random_state=0, progress=False).fit(
+        np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32))
+    with pytest.raises(ValueError, match=r"the pairs have D=4 channels but layer '3' gives 6"):
+        activation_maximisation(model, LAYER, narrow, 0, **kw)
+    cases = [(dict(jitter=-3), ValueError, "jitter must be >= 0"),
+             (dict(clamp=(1.0,)), ValueError, "clamp must be None or a"),
+             (dict(clamp=(1.0, -1.0)), ValueError, "low < high"),
+             (dict(blur_sigma=0, blur_every=1), ValueError, "blur_sigma must be a positive"),
+             (dict(blur_sigma=10, blur_every=1), ValueError, "too small for"),
+             (dict(lr=float("nan")), ValueError, "lr must be a positive number"),
+             (dict(steps=2.5), TypeError, "steps must be an integer"),
+             (dict(blur_every=-1), ValueError, "blur_every must be >= 0")]
+    for extra, error, message in cases:
+        with pytest.raises(error, match=message):
+            activation_maximisation(model, LAYER, pairs, 0, **{**kw, **extra})
+    with pytest.raises(TypeError, match="concept must be an integer"):
+        activation_maximisation(model, LAYER, pairs, 1.7, **kw)
+    one = activation_maximisation(model, LAYER, pairs, 0, steps=1, shape=(3, 16, 16))  # one (C, H, W) image
+    assert one.image.shape == (1, 3, 16, 16)

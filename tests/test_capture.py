@@ -225,6 +225,12 @@ def test_layer_names_with_shapes():
     assert "2" not in layer_names(model, leaves=True)
 
 
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True, None])
+def test_a_batch_size_that_is_not_a_positive_integer_is_named(batch_size):
+    with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {batch_size!r}"):
+        capture(seq_model(), "0", torch.randn(3, 3, 8, 8), batch_size=batch_size)
+
+
 def test_shared_module_refused():
     relu = nn.ReLU()
     model = nn.Sequential(nn.Linear(3, 3), relu, nn.Linear(3, 3), relu)

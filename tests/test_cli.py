@@ -213,3 +213,30 @@ def test_bench_checks_then_times(capsys):
     assert all(float(line.split()[-1][:-1]) > 0 for line in table if line.endswith("x"))
     rc, _, err = _run(capsys, "bench", "--size", "3000,32")
     assert rc == 2 and "--size must be N,D,k" in err
+
+
+def test_bad_numbers_are_one_line_errors(tiny, capsys, monkeypatch):
+    """bench with fewer than 2000 rows died with an IndexError (its check sampled 2000 rows),
+    --repeat 0 timed nothing; layers --shapes --size 0 and fit --batch-size 0 gave raw torch /
+    range() errors; a model that cannot run the zero image gave a traceback."""
+    rc, out, err = _run(capsys, "bench", "--size", "500,8,4", "--repeat", "1")
+    assert rc == 0 and "labels at the float64 best: 1.0000" in out, err
+    for size, repeat in (("0,8,4", "1"), ("100,8,400", "1"), ("100,8,4", "0")):
+        rc, _, err = _run(capsys, "bench", "--size", size, "--repeat", repeat)
+        assert rc == 2 and ("--size N,D,k needs" in err or "--repeat must be >= 1" in err), err
+    rc, _, err = _run(capsys, "layers", "--model", "tinynet:build", "--shapes", "--size", "0")
+    assert rc == 2 and "--size must be >= 1" in err
+
+    def refuse(model, example=None):
+        raise RuntimeError("Kernel size can't be greater than actual input size")
+
+    monkeypatch.setattr(edp.capture, "layer_names", refuse)
+    rc, _, err = _run(capsys, "layers", "--model", "tinynet:build", "--shapes", "--size", "2")
+    assert rc == 2 and "could not run one zero image of 2 x 2 pixels" in err and "Traceback" not in err
+    for flag in ("--batch-size", "--concepts"):
+        rc, _, err = _run(capsys, "fit", "--model", "tinynet:build", "--layer", "2", "--no-ura", flag, "0",
+                          "--out", str(tiny / "p.npz"), "--quiet")
+        assert rc == 2 and f"{flag} must be >= 1, got 0" in err
+    for flag in ("--probe", "--noise"):
+        rc, _, err = _run(capsys, "report", "--pairs", str(tiny / "p.npz"), flag, "-1", "--quiet")
+        assert rc == 2 and f"{flag} must be >= 0, got -1" in err

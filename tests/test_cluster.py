@@ -397,3 +397,19 @@ def test_pass_totals_kept_on_a_torch_device(rng, monkeypatch):
     np.testing.assert_array_equal(got.cluster_centers_.numpy(), want.cluster_centers_)
     np.testing.assert_array_equal(got.counts_, want.counts_)
     assert got.inertia_ == pytest.approx(want.inertia_, rel=1e-12) and np.all(want.counts_ > 0)
+
+
+def test_a_chunk_callable_that_returns_no_iterator_is_named(rng):
+    """A callable source that returns something not iterable (a forgotten ``yield``, an array
+    count) gave Python's bare "'int' object is not iterable"."""
+    X, _, _ = planted(rng, n=200)
+    with pytest.raises(TypeError, match="X: the callable returned a int, expected an iterator of \\(n, D\\) chunks"):
+        edp.SphericalKMeans(3).fit(lambda: 5)
+
+    class Source:
+        def chunks(self):
+            return None
+
+    with pytest.raises(TypeError, match="its chunks\\(\\) returned a NoneType"):
+        edp.EDPairs(2).fit(Source())
+    assert edp.SphericalKMeans(3, random_state=0).fit(lambda: iter([X])).counts_.sum() == 200

@@ -124,3 +124,41 @@ def test_errors():
         ds.dissect(maps[:3], masks)
     with pytest.raises(ValueError, match="both halves"):
         ds.dissect(maps, masks, fit=np.ones(4, bool))
+
+
+def test_bad_arguments_are_named_not_numpy_errors():
+    """Mismatched or malformed arguments get an error naming them, not numpy's broadcast /
+    index / bincount errors, and out-of-range or float fit indices and NaN maps are refused
+    rather than silently dropped or scored as 0."""
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(6, 2, 2, 3)).astype(np.float32)
+    masks = rng.random((6, 2, 8, 8)) < 0.5
+    with pytest.raises(ValueError, match=r"one per detector \(3\), got shape \(2,\)"):
+        ds.dissect(maps, masks, rule="given", thresholds=[0.1, 0.2])
+    with pytest.raises(ValueError, match=r"one per detector \(3\)"):
+        ds.iou_matrix(maps, masks, [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"fit must index the 6 images \(0..5\), got values in \[0, 99\]"):
+        ds.dissect(maps, masks, fit=[0, 99])
+    with pytest.raises(ValueError, match="fit must be integer indices"):
+        ds.dissect(maps, masks, fit=[0.5, 2.0])
+    with pytest.raises(ValueError, match="images must index the 6 images"):
+        ds.iou_matrix(maps, masks, [0.0] * 3, images=[10])
+    for name, value in (("bins", 0), ("bins", 2.5), ("batch_size", 0)):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+            ds.dissect(maps, masks, **{name: value})
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ds.dissect(np.full_like(maps, np.nan), masks)
+    with pytest.raises(ValueError, match="at least one detector, concept and pixel"):
+        ds.dissect(maps[..., :0], masks)
+    with pytest.raises(ValueError, match="at least one detector, concept and pixel"):
+        ds.dissect(maps, masks[:, :0])
+    with pytest.raises(TypeError, match="one string"):
+        ds.dissect(maps, masks, concepts="ab")
+    with pytest.raises(ValueError, match=r"concept indices in \[0, 2\)"):
+        ds.s_scores([0.5], [3], 2)
+    with pytest.raises(ValueError, match="concept indices"):
+        ds.s_scores([0.5], [-1])
+    for size in (0, (2, 3, 4)):
+        with pytest.raises(ValueError, match="size must be a positive integer"):
+            ds.upsample(maps, size)
+    assert ds.dissect(maps, masks, fit=[0, 2, 4]).summary["n_fit"] == 3  # indices still work

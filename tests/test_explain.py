@@ -88,3 +88,21 @@ def test_bad_image_shape(setup):
     model, images, pairs = setup
     with pytest.raises(ValueError, match="one preprocessed"):
         explain(model, LAYER, images[:2], pairs)
+
+
+def test_bad_class_index_threshold_and_unfitted_pairs(setup):
+    """A class index outside the head's logits (or a negative one, which numpy would wrap to the
+    last class) and a float index are refused by name, as are a NaN threshold (no concept would
+    ever be present) and pairs that were never fitted (an AttributeError before)."""
+    model, images, pairs = setup
+    with pytest.raises(ValueError, match=r"class_index 4 is out of range: the head gives 4 class logits"):
+        explain(model, LAYER, images[0], pairs, class_index=4)
+    with pytest.raises(ValueError, match="class_index -1 is out of range"):
+        explain(model, LAYER, images[0], pairs, class_index=-1)
+    with pytest.raises(TypeError, match="class_index must be an integer"):
+        explain(model, LAYER, images[0], pairs, class_index=1.5)
+    with pytest.raises(ValueError, match="threshold must be"):
+        explain(model, LAYER, images[0], pairs, threshold=float("nan"))
+    with pytest.raises(ValueError, match="fitted pairs.*no decoding_"):
+        explain(model, LAYER, images[0], edp.EDPairs(3))
+    assert explain(model, LAYER, images[0], pairs, class_index=np.int64(3)).predicted == 3

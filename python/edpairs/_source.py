@@ -115,7 +115,7 @@ class ChunkSource:
             for s in range(0, N, step):
                 yield self._array[s:s + step]
             return
-        it = iter(self._chunks) if self._chunks is not None else iter(self._factory())
+        it = iter(self._chunks) if self._chunks is not None else self._fresh_iterator()
         total = 0
         for chunk in it:
             chunk = self._check(as_array(chunk, self.name))
@@ -140,6 +140,15 @@ class ChunkSource:
                 f"{self.name} changed between passes: {self.n_samples} rows before, {total} now; "
                 "a callable source must return the same chunks every time"
             )
+
+    def _fresh_iterator(self) -> Iterator:
+        made = self._factory()
+        try:
+            return iter(made)
+        except TypeError:
+            what = "its chunks()" if getattr(self._factory, "__name__", "") == "chunks" else "the callable"
+            raise TypeError(f"{self.name}: {what} returned a {type(made).__name__}, expected an iterator of "
+                            "(n, D) chunks (e.g. a generator)") from None
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """Rows at the given sorted global indices, as float64 numpy (for seeding on a sample)."""

@@ -21,6 +21,8 @@ from typing import Optional
 
 import numpy as np
 
+from ._checks import check_real, is_real
+
 __all__ = ["ActMaxResult", "activation_maximisation"]
 
 
@@ -89,8 +91,25 @@ def activation_maximisation(split_or_model, layer, pairs, concept: int, *, steps
 
     if objective not in ("mean", "max"):
         raise ValueError(f"objective must be 'mean' or 'max', got {objective!r}")
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+    for name, value in (("steps", steps), ("jitter", jitter), ("blur_every", blur_every), ("concept", concept)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+        if value < 0 and name != "concept":
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    check_real("lr", lr, "a positive number", lambda v: v > 0)
+    check_real("init_std", init_std, "a number >= 0", lambda v: v >= 0)
+    if blur_every:
+        check_real("blur_sigma", blur_sigma, "a positive number of pixels (or blur_every=0: no blur)", lambda v: v > 0)
+    if clamp is not None:
+        if (not isinstance(clamp, (tuple, list)) or len(clamp) != 2 or not all(is_real(v) for v in clamp)
+                or not float(clamp[0]) < float(clamp[1])):
+            raise ValueError(f"clamp must be None or a (low, high) pair of numbers with low < high, got {clamp!r}")
+    if target is not None:
+        check_real("target", target, "a finite number or None", lambda v: True)
+    missing = [a for a in ("decoding_", "encoding_") if not hasattr(pairs, a)]
+    if missing:
+        raise ValueError(f"pairs must be fitted pairs (edpairs.EDPairs after fit or EDPairs.load); this "
+                         f"{type(pairs).__name__} has no {', '.join(missing)}")
     W = np.asarray(pairs.decoding_, dtype=np.float64)
     S = np.asarray(pairs.encoding_, dtype=np.float64)
     if not 0 <= int(concept) < W.shape[0]:
@@ -103,8 +122,15 @@ def activation_maximisation(split_or_model, layer, pairs, concept: int, *, steps
         x = torch.randn(tuple(shape), generator=gen) * init_std
     else:
         x = torch.as_tensor(start).detach().clone().float()
-        if x.ndim == 3:
-            x = x[None]
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        what = "start" if start is not None else "shape"
+        raise ValueError(f"{what} must give images (n, C, H, W) (or one (C, H, W)), got shape {tuple(x.shape)}")
+    radius = max(1, int(round(3 * blur_sigma))) if blur_every and steps >= blur_every else 0
+    if radius >= min(x.shape[-2:]):
+        raise ValueError(f"blur_sigma={blur_sigma} needs a blur radius of {radius} pixels, which the "
+                         f"{tuple(x.shape[-2:])} input is too small for: lower blur_sigma or set blur_every=0")
     x = x.to(device)  # the steps run where the model is
     w = torch.as_tensor(W[i], dtype=torch.float32, device=device)
 
@@ -113,7 +139,11 @@ def activation_maximisation(split_or_model, layer, pairs, concept: int, *, steps
         return z.mean() if objective == "mean" else z.max()
 
     with torch.no_grad():
-        f_start = features(x).reshape(-1, W.shape[1]).double()
+        f_start = features(x)
+        if f_start.shape[-1] != W.shape[1]:
+            raise ValueError(f"the pairs have D={W.shape[1]} channels but layer {layer!r} gives "
+                             f"{f_start.shape[-1]} (features of shape {tuple(f_start.shape)})")
+        f_start = f_start.reshape(-1, W.shape[1]).double()
     obj_start = float(f_start.float().matmul(w).mean() if objective == "mean" else f_start.float().matmul(w).max())
     history = []
     x = x.clone()

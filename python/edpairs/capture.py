@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import numbers
 import operator
 from typing import Callable, Iterator, NamedTuple, Optional
 
@@ -348,6 +349,8 @@ def iter_activations(model, layer: str, batches, *, layout: Optional[str] = None
     accumulated across batches. An ``nn.DataParallel`` model runs as the module it wraps, on its
     device (its replicas would each show the hook only their share of a batch)."""
     torch = _torch()
+    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     model, layer = _one_device(model, layer)
     module = find_module(model, layer)
     device = torch.device(device) if device is not None else _model_device(model)

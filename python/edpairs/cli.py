@@ -179,6 +179,9 @@ def cmd_fit(args) -> int:
     _check_output(args.out, args.overwrite, "the pairs file")
     if not args.out.endswith(".npz"):
         raise UserError(f"--out must name a .npz file, got {args.out!r}")
+    for flag, value in (("--concepts", args.concepts), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
     log = pipeline.Log(enabled=not args.quiet)
     store_exists = args.store and os.path.isfile(os.path.join(args.store, "store.json"))
     need_model = not store_exists or args.ura
@@ -236,6 +239,9 @@ def cmd_report(args) -> int:
     from .probe import make_probe_set
 
     log = pipeline.Log(enabled=not args.quiet)
+    for flag, value in (("--probe", args.probe), ("--noise", args.noise)):
+        if value < 0:
+            raise UserError(f"{flag} must be >= 0, got {value}")
     if not os.path.isfile(args.pairs):
         raise UserError(f"no pairs file {args.pairs!r} (make one with: edpairs fit ... --out {args.pairs})")
     pairs = EDPairs.load(args.pairs)
@@ -285,8 +291,17 @@ def cmd_layers(args) -> int:
     if args.shapes:
         import torch
 
+        if args.size < 1:
+            raise UserError(f"--size must be >= 1 (pixels), got {args.size}")
         example = torch.zeros(1, 3, args.size, args.size)
-    rows = layer_names(model, example)
+    try:
+        rows = layer_names(model, example)
+    except RuntimeError as exc:  # the model refuses the zero image (too small, other channels ...)
+        if example is None:
+            raise
+        raise UserError(f"{name} could not run one zero image of {args.size} x {args.size} pixels to find the "
+                        f"output shapes ({type(exc).__name__}: {str(exc).splitlines()[0]}); try another --size, "
+                        "or leave out --shapes") from None
     for r in rows:
         if isinstance(r, tuple):
             print(f"{r[0]:40s} {'x'.join(map(str, r[1])) if r[1] else '-'}")
@@ -322,6 +337,11 @@ def cmd_bench(args) -> int:
         N, D, k = (int(v) for v in args.size.split(","))
     except ValueError:
         raise UserError(f"--size must be N,D,k (e.g. 200000,256,256), got {args.size!r}") from None
+    if min(N, D, k) < 1 or k > N:
+        raise UserError(f"--size N,D,k needs N, D, k >= 1 and k <= N (k centroids drawn from the N rows), "
+                        f"got {args.size!r}")
+    if args.repeat < 1:
+        raise UserError(f"--repeat must be >= 1, got {args.repeat}")
     torch = None
     try:
         import torch
@@ -341,7 +361,7 @@ def cmd_bench(args) -> int:
         Xd, Cd = X, C
     rows = []
     # Correctness first: the chosen centroid's exact cosine is the float64 best on a sample.
-    sample = 2000
+    sample = min(2000, N)
     lab = edp.ops.cosine_assign(Xd[:sample], Cd)[0]
     lab = lab.cpu().numpy() if hasattr(lab, "cpu") else np.asarray(lab)
     Xn = X[:sample].astype(np.float64)

@@ -70,6 +70,9 @@ def s_scores(best_iou, best_concept, n_concepts: Optional[int] = None) -> Dict[s
     if u.shape != c.shape:
         raise ValueError(f"best_iou and best_concept must have the same length, got {u.shape} and {c.shape}")
     n = int(c.max()) + 1 if n_concepts is None and c.size else int(n_concepts or 0)
+    if c.size and (c.min() < 0 or c.max() >= max(n, 1)):
+        raise ValueError(f"best_concept must hold concept indices in [0, {max(n, 1)}), got values in "
+                         f"[{c.min()}, {c.max()}]")
     per_concept = np.zeros(max(n, 1))
     np.maximum.at(per_concept, c, u)
     return {"S1": float(u.sum()), "S2": float(per_concept.sum())}
@@ -84,7 +87,13 @@ def _as_maps(maps) -> np.ndarray:
         a = a.reshape(a.shape[0], side, side, a.shape[2])
     if a.ndim != 4:
         raise ValueError(f"maps must be (n, h, w, K) channel-last scores, got shape {a.shape}")
-    return a.astype(np.float32, copy=False)
+    if a.dtype.kind not in "fiub":
+        raise TypeError(f"maps must hold real scores, got dtype {a.dtype}")
+    a = a.astype(np.float32, copy=False)
+    if not np.isfinite(a).all():
+        raise ValueError("maps contain NaN or Inf (or values beyond the float32 range): a detector's score must "
+                         "be a finite number at every position")
+    return a
 
 
 def upsample(maps, size) -> np.ndarray:
@@ -95,7 +104,10 @@ def upsample(maps, size) -> np.ndarray:
     import torch.nn.functional as F
 
     a = _as_maps(maps)
-    H, W = (size, size) if np.isscalar(size) else tuple(size)
+    dims = (size, size) if np.isscalar(size) else tuple(size)
+    H, W = dims if len(dims) == 2 else (None, None)
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in (H, W)):
+        raise ValueError(f"size must be a positive integer or an (H, W) pair of them, got {size!r}")
     x = torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
     if x.shape[2:] == (H, W):
         return x.numpy()
@@ -126,18 +138,52 @@ def iou_matrix(maps, masks, thresholds, images=None, *, batch_size: int = 16) ->
     both are empty."""
     maps = _as_maps(maps)
     masks = np.asarray(masks, dtype=bool)
-    _check(maps, masks)
-    images = np.arange(len(maps)) if images is None else np.asarray(images)
-    inter, det, area = _counts(maps, masks, thresholds, images, batch_size)
+    _check(maps, masks, batch_size)
+    images = np.arange(len(maps)) if images is None else _image_indices(images, len(maps))
+    inter, det, area = _counts(maps, masks, _thresholds(thresholds, maps.shape[3]), images, batch_size)
     union = det[:, None] + area[None, :] - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def _check(maps, masks):
+def _check(maps, masks, batch_size):
     if masks.ndim != 4:
         raise ValueError(f"masks must be (n, n_concepts, H, W) bool, got shape {masks.shape}")
     if maps.shape[0] != masks.shape[0]:
         raise ValueError(f"maps and masks must have the same number of images, got {maps.shape[0]} and {masks.shape[0]}")
+    if maps.shape[3] == 0 or masks.shape[1] == 0 or 0 in masks.shape[2:] or 0 in maps.shape[1:3]:
+        raise ValueError(f"maps (n, h, w, K) and masks (n, C, H, W) need at least one detector, concept and pixel, "
+                         f"got maps {maps.shape} and masks {masks.shape}")
+    _positive_int("batch_size", batch_size)
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _thresholds(thresholds, K: int) -> np.ndarray:
+    """(K,) float32 detection thresholds from one number or K of them."""
+    t = np.asarray(thresholds, dtype=np.float32)
+    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, K)):
+        raise ValueError(f"thresholds must be one number or one per detector ({K}), got shape {t.shape}")
+    if np.isnan(t).any():
+        raise ValueError("thresholds must be numbers, got NaN")
+    return np.broadcast_to(t, (K,)).copy()
+
+
+def _image_indices(images, n: int, name: str = "images") -> np.ndarray:
+    """Integer indices of images in [0, n) (a boolean mask of the n images too)."""
+    a = np.asarray(images)
+    if a.dtype == bool:
+        if a.shape != (n,):
+            raise ValueError(f"{name} must be a boolean mask of the {n} images or indices, got shape {a.shape}")
+        return np.flatnonzero(a)
+    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+        raise ValueError(f"{name} must be integer indices of the {n} images (or a boolean mask), got "
+                         f"{a.dtype} of shape {a.shape}")
+    if a.size and (a.min() < 0 or a.max() >= n):
+        raise ValueError(f"{name} must index the {n} images (0..{n - 1}), got values in [{a.min()}, {a.max()}]")
+    return a.astype(np.int64)
 
 
 def _histograms(maps, masks, lo, hi, bins, images, batch_size):
@@ -173,25 +219,25 @@ def dissect(maps, masks, concepts: Optional[Sequence[str]] = None, *, rule: str 
     images); the others are scored. See the module docstring for why."""
     maps = _as_maps(maps)
     masks = np.asarray(masks, dtype=bool)
-    _check(maps, masks)
+    _check(maps, masks, batch_size)
+    _positive_int("bins", bins)
     n, K, C = maps.shape[0], maps.shape[3], masks.shape[1]
+    if isinstance(concepts, str):
+        raise TypeError(f"concepts must be a sequence of {C} names, got one string {concepts!r}")
     concepts = tuple(concepts) if concepts is not None else tuple(f"concept{c}" for c in range(C))
     if len(concepts) != C:
         raise ValueError(f"{len(concepts)} concept names for masks with {C} concepts")
     if fit is None:
         fit_mask = np.arange(n) % 2 == 0
     else:
-        fit = np.asarray(fit)
-        fit_mask = fit.astype(bool) if fit.dtype == bool else np.isin(np.arange(n), fit)
-        if fit_mask.shape != (n,):
-            raise ValueError(f"fit must be a boolean mask of the {n} images or indices, got shape {fit.shape}")
+        fit_mask = np.isin(np.arange(n), _image_indices(fit, n, "fit"))
     fit_idx, score_idx = np.flatnonzero(fit_mask), np.flatnonzero(~fit_mask)
     if len(fit_idx) == 0 or len(score_idx) == 0:
         raise ValueError(f"both halves need images: {len(fit_idx)} fit, {len(score_idx)} score")
     if rule == "given":
         if thresholds is None:
             raise ValueError('rule="given" needs thresholds (K,)')
-        t = np.broadcast_to(np.asarray(thresholds, np.float32), (K,)).copy()
+        t = _thresholds(thresholds, K)
     elif rule in ("quantile", "best"):
         # Bilinear interpolation is a convex combination: the grid's range is the upsampled range.
         fm = maps[fit_idx].reshape(-1, K)

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from ._checks import check_real
 from .influence import _figure, save_figure
 
 __all__ = ["Explanation", "explain", "plot_explanation"]
@@ -72,6 +73,14 @@ def explain(model_or_split, layer, image, pairs, *, class_index: Optional[int] =
 
     from .interventions import remove
 
+    missing = [a for a in ("decoding_", "bias_", "encoding_", "mean_") if not hasattr(pairs, a)]
+    if missing:
+        raise ValueError(f"pairs must be fitted pairs (edpairs.EDPairs after fit or EDPairs.load); this "
+                         f"{type(pairs).__name__} has no {', '.join(missing)}")
+    check_real("threshold", threshold, "a membership level in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+    if class_index is not None and (isinstance(class_index, (bool, np.bool_))
+                                    or not isinstance(class_index, (int, np.integer))):
+        raise TypeError(f"class_index must be an integer class index or None, got {class_index!r}")
     split = _as_split(model_or_split, layer)
     x = _as_batch(image)
     with torch.no_grad():
@@ -79,7 +88,13 @@ def explain(model_or_split, layer, image, pairs, *, class_index: Optional[int] =
         if feats.ndim != 4:
             raise ValueError(f"explain needs a spatial layer (n, h, w, D) output, got {tuple(feats.shape)}")
         logits = split.head(feats)[0].double().cpu().numpy()
+        if logits.ndim != 1:
+            raise ValueError(f"the head must give one row of class logits per image, got shape "
+                             f"{(1,) + logits.shape} for one image")
         k = int(np.argmax(logits)) if class_index is None else int(class_index)
+        if not 0 <= k < logits.shape[0]:
+            raise ValueError(f"class_index {class_index} is out of range: the head gives {logits.shape[0]} "
+                             f"class logits (valid: 0..{logits.shape[0] - 1})")
         h, w, D = (int(s) for s in feats.shape[1:])
         # Memberships sigmoid(W x - b) from the arrays, so any object with the pairs' attributes works.
         W = torch.as_tensor(np.asarray(pairs.decoding_, dtype=np.float32), device=feats.device)
