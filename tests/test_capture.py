@@ -231,6 +231,22 @@ def test_a_batch_size_that_is_not_a_positive_integer_is_named(batch_size):
         capture(seq_model(), "0", torch.randn(3, 3, 8, 8), batch_size=batch_size)
 
 
+def test_a_torchscript_model_or_layer_is_refused_by_name():
+    """TorchScript modules take no forward hooks: capture gave torch's bare "register_forward_hook
+    is not supported on ScriptModules" from inside the hook set-up."""
+    from edpairs.interventions import intervene
+
+    scripted = torch.jit.script(seq_model())
+    mixed = nn.Sequential(torch.jit.script(nn.Conv2d(3, 4, 3)), nn.ReLU())
+    x = torch.randn(2, 3, 8, 8)
+    for call in (lambda: capture(scripted, "0", x), lambda: split_model(scripted, "2"),
+                 lambda: capture(mixed, "0", x), lambda: capture(mixed, mixed[0], x),
+                 lambda: intervene(scripted, "0", None)):
+        with pytest.raises(TypeError, match="is a TorchScript module, whose layers take no forward hooks"):
+            call()
+    assert capture(mixed, "1", x).shape == (2, 6, 6, 4)  # a plain layer of a partly scripted model
+
+
 def test_shared_module_refused():
     relu = nn.ReLU()
     model = nn.Sequential(nn.Linear(3, 3), relu, nn.Linear(3, 3), relu)

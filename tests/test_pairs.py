@@ -385,3 +385,24 @@ def test_save_names_a_missing_folder_or_a_folder_in_the_way_and_keeps_permission
         assert os.stat(tmp_path / "p.npz").st_mode & 0o777 == 0o604
     finally:
         os.umask(old)
+
+
+def test_detect_far_below_a_threshold_is_zero_without_an_overflow_warning():
+    """sigmoid(z) for z below about -88 (float32): exp(-z) overflows to inf and the membership is
+    0, which numpy announced with a RuntimeWarning on every report of a real network."""
+    import warnings
+
+    X = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
+    model = edp.EDPairs(2, random_state=0).fit(X)
+    far = (X * 1e4).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = model.detect(far)
+    z = model.decode(far).astype(np.float64) - model.bias_
+    assert np.all(y[z < -200] == 0) and np.all(y[z > 200] == 1) and (z < -200).any()
+
+
+def test_fit_on_maps_without_a_head_says_to_pass_patch_rows():
+    maps = np.random.default_rng(0).normal(size=(6, 3, 3, 5)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"got shape \(6, 3, 3, 5\) \(for a layer's .* X\.reshape\(-1, D\)"):
+        edp.EDPairs(2, random_state=0).fit(maps)

@@ -94,7 +94,9 @@ class ChunkSource:
     def _check(self, X):
         xp = namespace_of(X)
         if X.ndim != 2:
-            raise ValueError(f"{self.name} chunks must be 2-D (n, D), got shape {tuple(X.shape)}")
+            hint = (" (for a layer's (n, ..., D) activations pass the patch rows X.reshape(-1, D), or fit "
+                    "with head= for URA, which takes the maps)" if X.ndim > 2 else "")
+            raise ValueError(f"{self.name} chunks must be 2-D (n, D), got shape {tuple(X.shape)}{hint}")
         if xp.dtype_name(X) not in FLOAT_INPUTS:
             raise ValueError(
                 f"{self.name} dtype not supported: expected float32, float64, float16 or bfloat16, got {xp.dtype_name(X)}"

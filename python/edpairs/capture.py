@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import numbers
+import sys
 import operator
 from typing import Callable, Iterator, NamedTuple, Optional
 
@@ -27,18 +28,30 @@ def _torch():
 # Modules by dotted name
 
 
+def _refuse_script(module) -> None:
+    jit = getattr(sys.modules.get("torch"), "jit", None)
+    if jit is not None and isinstance(module, jit.ScriptModule):
+        raise TypeError(f"{type(module).__name__} is a TorchScript module, whose layers take no forward hooks "
+                        "(capture, split and interventions hook the layer): load the model as a Python "
+                        "nn.Module instead (a package.module:factory, or a module saved with torch.save)")
+
+
 def find_module(model, layer):
     """The submodule of ``model`` at the dotted path ``layer`` (``"_blocks.15"``, ``"layer4"``,
     ``"blocks.8.mlp"``), or ``layer`` itself when it is a module of ``model``; a wrong name
-    raises :class:`LayerNotFound` (a KeyError) listing the closest valid names."""
+    raises :class:`LayerNotFound` (a KeyError) listing the closest valid names. A TorchScript
+    model is refused: its modules take no forward hooks, which capture and edits rely on."""
+    _refuse_script(model)
     if not isinstance(layer, str):
         if hasattr(layer, "register_forward_hook"):
             if not any(m is layer for m in model.modules()):
                 raise ValueError(f"the module {type(layer).__name__} given as layer is not part of the model")
+            _refuse_script(layer)
             return layer
         raise TypeError(f"layer must be a dotted module name (str) or a module, got {type(layer).__name__}")
     modules = dict(model.named_modules())
     if layer in modules:
+        _refuse_script(modules[layer])
         return modules[layer]
     names = [n for n in modules if n]
     close = difflib.get_close_matches(layer, names, n=6, cutoff=0.5)

@@ -432,7 +432,10 @@ class EDPairs:
         z = z - on_device_of(self.bias_, X)
         if hard:
             return z > 0
-        return 1.0 / (1.0 + (-z).exp()) if xp.name == "torch" else 1.0 / (1.0 + xp.mod.exp(-z))
+        if xp.name == "torch":
+            return 1.0 / (1.0 + (-z).exp())
+        with np.errstate(over="ignore"):  # exp(-z) = inf far below the threshold: the membership is 0
+            return 1.0 / (1.0 + xp.mod.exp(-z))
 
     @on_data_device("X")
     def latent_factors(self, X):

@@ -103,7 +103,9 @@ def load_model(spec: str):
         try:
             obj = importlib.import_module(mod_name)
         except ImportError as exc:
-            raise ImportError(f"cannot import {mod_name!r} for the model {spec!r}: {exc}") from exc
+            raise ImportError(f"cannot import {mod_name!r} for the model {spec!r}: {exc} (the package must be "
+                              "installed, or its folder on PYTHONPATH: the edpairs command does not search "
+                              "the current folder)") from exc
         for part in attr.split("."):
             if not hasattr(obj, part):
                 raise ValueError(f"{mod_name!r} has no attribute {attr!r} (model spec {spec!r})")
