@@ -116,3 +116,32 @@ def test_checkpoint_path_is_checked_before_the_fit(tmp_path):
     assert passes[0] <= 1  # (the fingerprint reads one chunk; no Lloyd pass ran)
     with pytest.raises(TypeError, match="checkpoint must be a file path .* got int"):
         edp.EDPairs(2, random_state=0).fit(X, checkpoint=5)
+
+
+def test_data_that_differs_only_after_its_first_rows_is_not_resumed(tmp_path):
+    """The data's fingerprint covered its shape and first 256 rows only: a fit resumed on data of
+    the same shape and first rows took the other data's saved statistics without a word. Data
+    in memory (an array, a list of chunks) is now also fingerprinted on rows spread over all of
+    it."""
+    from edpairs._source import ChunkSource
+    from edpairs.checkpoint import data_fingerprint
+
+    X = _rows()
+    Y = X.copy()
+    Y[-1] += 1.0
+    for make in (lambda a: a, lambda a: [a[:1000], a[1000:]]):
+        assert data_fingerprint(ChunkSource(make(X))) == data_fingerprint(ChunkSource(make(X.copy())))
+        assert data_fingerprint(ChunkSource(make(X))) != data_fingerprint(ChunkSource(make(Y)))
+
+    class Stop(Exception):
+        pass
+
+    def stop(stage, meta):
+        raise Stop
+
+    path = tmp_path / "p.ckpt"
+    with pytest.raises(Stop):
+        edp.EDPairs(5, random_state=0, progress=False).fit(X, checkpoint=Checkpoint(path, {}, on_save=stop))
+    assert path.exists()
+    with pytest.raises(CheckpointMismatch, match="another fit"):
+        edp.EDPairs(5, random_state=0, progress=False).fit(Y, checkpoint=path)

@@ -369,3 +369,22 @@ def test_extract_checks_its_sizes_and_path_and_writes_readable_files(setup, tmp_
         os.umask(old)
     for f in store.shard_files + [os.path.join(store.path, "store.json")]:
         assert os.stat(f).st_mode & 0o777 == 0o644, f
+
+
+def test_a_stores_fingerprint_follows_its_shards(reference, tmp_path):
+    """A checkpointed fit from a store compares the store's shard checksums (no shard read):
+    the same store gives the same fingerprint, a store whose shard changed another."""
+    import shutil
+
+    from edpairs._source import ChunkSource
+    from edpairs.checkpoint import data_fingerprint
+
+    store = ActivationStore(reference)
+    fp = data_fingerprint(ChunkSource(store))
+    assert fp["source"] == store.fingerprint() == ActivationStore(reference).fingerprint()
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    meta = json.loads((copy / "store.json").read_text())
+    meta["shards"]["6"]["checksum"] = "sha256:" + "0" * 64  # as if the last shard were written again
+    (copy / "store.json").write_text(json.dumps(meta))
+    assert ActivationStore(copy, verify=False).fingerprint() != store.fingerprint()

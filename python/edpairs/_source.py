@@ -30,6 +30,7 @@ class ChunkSource:
         self._array = None
         self._chunks: Optional[List] = None
         self._factory: Optional[Callable[[], Iterator]] = None
+        self.origin = data  # what the caller passed (a store's own fingerprint is read from it)
         if not hasattr(data, "shape") and callable(getattr(data, "chunks", None)):
             self._factory = data.chunks
         elif callable(data) and not hasattr(data, "shape"):

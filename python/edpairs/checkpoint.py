@@ -5,8 +5,9 @@ uninterrupted fit.
 ``SphericalKMeans.fit(X, checkpoint="km.ckpt")`` and ``EDPairs.fit(X, checkpoint=...)`` save
 after every pass (one file, replaced atomically) and, when the file exists, resume from it.
 The file records what the fit depends on (its parameters and the data's shape and a
-fingerprint of its first rows); a checkpoint of another fit is refused with a clear error
-rather than silently mixed in. It is removed when the fit completes."""
+fingerprint of its rows, see :func:`data_fingerprint`); a checkpoint of another fit is
+refused with a clear error rather than silently mixed in. It is removed when the fit
+completes."""
 
 from __future__ import annotations
 
@@ -113,7 +114,11 @@ class Checkpoint:
 
 
 def data_fingerprint(source) -> dict:
-    """Rows, columns and a checksum of the first rows of a chunk source (cheap: one chunk)."""
+    """Rows, columns and a checksum of the first rows of a chunk source (cheap: one chunk); for
+    data held in memory (an array or a list of chunks) also of 256 rows spread over all of it,
+    and for an activation store its shards' checksums, so that data which only differs after
+    its first rows is not taken for the same. A callable source is checked on its first rows
+    only (anything more would cost a pass over the data)."""
     import zlib
 
     from ._arrays import to_numpy64
@@ -122,4 +127,11 @@ def data_fingerprint(source) -> dict:
     if first is None:  # e.g. a rank that holds no rows
         return {"rows": 0, "columns": source.n_features, "head_crc32": 0}
     head = np.ascontiguousarray(to_numpy64(first[: min(256, first.shape[0])]))
-    return {"rows": source.n_samples, "columns": source.n_features, "head_crc32": zlib.crc32(head.tobytes())}
+    out = {"rows": source.n_samples, "columns": source.n_features, "head_crc32": zlib.crc32(head.tobytes())}
+    if source.in_memory or isinstance(source.origin, (list, tuple)):
+        rows = np.unique(np.linspace(0, source.n_samples - 1, num=min(256, source.n_samples)).astype(np.int64))
+        out["spread_crc32"] = zlib.crc32(np.ascontiguousarray(source.gather(rows)).tobytes())
+    own = getattr(source.origin, "fingerprint", None)
+    if callable(own):
+        out["source"] = own()
+    return out
