@@ -175,7 +175,7 @@ def best_rows(res: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("res", help="folder of a gpu_check.sh run's result files")
     parser.add_argument("--json", help="write the decisions here too")
     args = parser.parse_args(argv)

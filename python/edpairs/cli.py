@@ -430,7 +430,8 @@ def _parser():
         flags(p)
 
     def flags(p):
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0,
+                       help="seed of the random crops, the fit and the noise directions (default 0)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output")
         p.add_argument("--quiet", action="store_true", help="no step lines or progress bars")
 
@@ -457,7 +458,7 @@ def _parser():
                                    "(an interrupted capture resumes)")
     p.add_argument("--concepts", type=int, default=16, help="number of concepts (default 16)")
     p.add_argument("--no-ura", dest="ura", action="store_false", help="skip URA (no model head needed)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass of the capture (default 16)")
 
     p = sub.add_parser("report", help="write an HTML report of fitted pairs (atlas, dissection, influence, edits)",
                        description="Analyses fitted pairs on images and a generated probe set and writes a folder "
@@ -468,12 +469,12 @@ def _parser():
     p.add_argument("--probe", type=int, default=64, help="probe images with concept masks for dissection "
                                                          "(default 64; 0 skips the dissection)")
     p.add_argument("--noise", type=int, default=50, help="noise directions per concept for influence p-values")
-    p.add_argument("--title")
+    p.add_argument("--title", help="the report's title (default: edpairs report: MODEL LAYER)")
 
     p = sub.add_parser("layers", help="list the layer names of a model (with output shapes: --shapes)")
     p.add_argument("--model", required=True, help="efficientnet-lite0, package.module:factory or a .pt file")
     p.add_argument("--shapes", action="store_true", help="run one zero image to show each output shape")
-    p.add_argument("--size", type=int, default=224, help="image size for --shapes")
+    p.add_argument("--size", type=int, default=224, help="image side in pixels for --shapes (default 224)")
 
     p = sub.add_parser("bench", help="time edpairs' kernels against torch / numpy on this machine",
                        description="One spherical k-means iteration and the streaming moments, edpairs against "
@@ -482,10 +483,10 @@ def _parser():
                                    "in the repository's benchmarks/ folder.")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--size", default="200000,256,256", help="N,D,k (default 200000,256,256)")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=3, help="timed repetitions; the median is shown (default 3)")
 
     p = sub.add_parser("selfcheck", help="check every kernel against the float64 reference (CPU, and GPU if present)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the test data (default 0)")
     sub.add_parser("info", help="print what this build contains (JSON)")
     return parser
 
