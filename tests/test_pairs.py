@@ -406,3 +406,19 @@ def test_fit_on_maps_without_a_head_says_to_pass_patch_rows():
     maps = np.random.default_rng(0).normal(size=(6, 3, 3, 5)).astype(np.float32)
     with pytest.raises(ValueError, match=r"got shape \(6, 3, 3, 5\) \(for a layer's .* X\.reshape\(-1, D\)"):
         edp.EDPairs(2, random_state=0).fit(maps)
+
+
+def test_load_refuses_saved_parameters_a_refit_could_not_use(tmp_path):
+    """A file whose parameters were edited (method="bogus") loaded, and only a refit failed."""
+    import json
+
+    path = tmp_path / "pairs.npz"
+    edp.EDPairs(2, random_state=0).fit(np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)).save(path)
+    data = dict(np.load(path))
+    meta = json.loads(bytes(data["meta"]).decode())
+    meta["params"]["method"] = "bogus"
+    data["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(tmp_path / "edited.npz", **data)
+    with pytest.raises(ValueError, match=r"edited\.npz' holds a parameter this edpairs cannot use: method must be one of"):
+        edp.EDPairs.load(tmp_path / "edited.npz")
+    assert edp.EDPairs.load(path).method != "bogus"

@@ -536,6 +536,10 @@ class EDPairs:
         params.pop("n_concepts", None)
         params.setdefault("whiten_shrinkage", None)  # files from before the option: no shrinkage
         self = cls(I, **{k: v for k, v in params.items() if k in cls._param_names()})
+        try:  # a refit of the loaded pairs would meet a bad saved parameter only then
+            self._validate()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path!r} holds a parameter this edpairs cannot use: {exc}") from None
         self.metadata = meta.get("metadata")
         self.decoding_, self.bias_, self.encoding_ = arr["decoding"], arr["bias"], arr["encoding"]
         self.mean_, self.n_positives_ = arr["mean"], arr["n_positives"]
