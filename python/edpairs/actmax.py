@@ -58,10 +58,14 @@ def _features_fn(split_or_model, layer):
     return (lambda x: split.features(x, channel_last=True)), device
 
 
+def _blur_radius(sigma: float) -> int:
+    return max(1, int(round(3 * sigma)))
+
+
 def _gaussian_blur(x, sigma: float):
     import torch
 
-    radius = max(1, int(round(3 * sigma)))
+    radius = _blur_radius(sigma)
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
@@ -127,7 +131,7 @@ def activation_maximisation(split_or_model, layer, pairs, concept: int, *, steps
     if x.ndim != 4:
         what = "start" if start is not None else "shape"
         raise ValueError(f"{what} must give images (n, C, H, W) (or one (C, H, W)), got shape {tuple(x.shape)}")
-    radius = max(1, int(round(3 * blur_sigma))) if blur_every and steps >= blur_every else 0
+    radius = _blur_radius(blur_sigma) if blur_every and steps >= blur_every else 0
     if radius >= min(x.shape[-2:]):
         raise ValueError(f"blur_sigma={blur_sigma} needs a blur radius of {radius} pixels, which the "
                          f"{tuple(x.shape[-2:])} input is too small for: lower blur_sigma or set blur_every=0")
