@@ -202,6 +202,24 @@ def test_existing_folder_needs_overwrite(setup, tmp_path):
     assert rp.check_report(empty) == []
 
 
+def test_a_file_where_a_parent_folder_should_be_is_named(setup, tmp_path):
+    """makedirs' bare "[Errno 17] File exists" / "[Errno 20] Not a directory" named some path;
+    the report, a store and a figure now name the file in the way (FileExistsError, which the
+    CLI turns into one line)."""
+    torch = pytest.importorskip("torch")
+    from edpairs.influence import save_figure
+    from edpairs.store import extract
+
+    _, pairs, acts, _, images = setup
+    (tmp_path / "plain").write_text("x")
+    for call in (lambda: rp.write_report(tmp_path / "plain" / "sub" / "report", pairs, images[:4], acts[:4]),
+                 lambda: extract(torch.nn.Identity(), "", images[:2], tmp_path / "plain" / "store"),
+                 lambda: save_figure(None, tmp_path / "plain" / "fig.png")):
+        with pytest.raises(FileExistsError, match=r"plain is a file, not a folder"):
+            call()
+    assert (tmp_path / "plain").read_text() == "x"
+
+
 def test_failure_mid_write_leaves_no_temp_and_keeps_the_old_report(setup, tmp_path, monkeypatch):
     _, pairs, acts, _, images = setup
     out = tmp_path / "report"

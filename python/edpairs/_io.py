@@ -23,6 +23,19 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def make_folder(folder, what: str) -> None:
+    """os.makedirs(folder, exist_ok=True), with an error that names the file in the way (where
+    makedirs says "File exists" or "Not a directory" about some part of the path)."""
+    folder = os.fspath(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        part = os.path.abspath(folder)
+        while part != os.path.dirname(part) and not os.path.exists(part):
+            part = os.path.dirname(part)
+        raise FileExistsError(f"cannot make the folder for {what} ({folder}): {part} is a file, not a folder") from None
+
+
 def _file_mode(path: str) -> int:
     """The permissions ``path`` gets: those of the file it replaces, else what ``open`` would
     give a new file (0o666 less the umask), not mkstemp's private 0o600."""

@@ -59,7 +59,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from ._arrays import to_numpy64 as _host
-from ._io import write_atomic
+from ._io import make_folder, write_atomic
 
 __all__ = ["InfluenceResult", "influence", "plot_influence", "noise_directions"]
 
@@ -351,7 +351,7 @@ def save_figure(fig, path) -> None:
     """Saves a figure as PNG atomically (a temporary file in the same folder, then renamed; the
     folder is made if missing)."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_folder(os.path.dirname(os.path.abspath(path)), f"the figure {path}")
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=fig.dpi, bbox_inches="tight"))
 
 

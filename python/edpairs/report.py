@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from ._io import fsync_dir
+from ._io import fsync_dir, make_folder
 from ._progress import Progress
 from .explain import plot_explanation
 from .influence import plot_influence
@@ -469,7 +469,7 @@ def write_report(out_dir, pairs, images, activations, *, title: str = "edpairs r
             raise FileExistsError(f"{out_dir} exists and is not empty: pass overwrite=True (CLI --overwrite) "
                                   f"to replace it")
     parent, base = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
+    make_folder(parent, f"the report {out_dir}")
 
     steps = 1 + I + (influence is not None) + len(explanations) + len(interventions) + 1
     bar = Progress(total=steps, desc="report", enabled=progress, unit=" steps")

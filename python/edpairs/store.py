@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from . import _layout
-from ._io import write_atomic
+from ._io import make_folder, write_atomic
 
 __all__ = ["ActivationStore", "StoreCorrupted", "StoreIncomplete", "StoreKeyMismatch", "extract", "model_fingerprint"]
 
@@ -489,7 +489,7 @@ def extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtype
                              f"got {value!r}")
     if os.path.exists(path) and not os.path.isdir(path):
         raise FileExistsError(f"{path} is a file; an activation store is a folder: name a folder (new or a store)")
-    os.makedirs(path, exist_ok=True)
+    make_folder(path, "the activation store")
     with _exclusive(path):
         return _extract(model, layer, data, path, images_per_shard=images_per_shard, dtype=dtype,
                         preprocessing=preprocessing, batch_size=batch_size, layout=layout, autocast=autocast,
@@ -526,7 +526,7 @@ def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtyp
         "images_per_shard": ips,
         "n_images_expected": n_expected,
     }
-    os.makedirs(path, exist_ok=True)
+    make_folder(path, "the activation store")
     sidecar = os.path.join(path, SIDECAR)
     meta = None
     if os.path.isfile(sidecar):
