@@ -142,6 +142,19 @@ def _model_and_layer(args, pairs_meta=None):
     return model, name, layer
 
 
+def _check_pairs_fit_layer(model, layer: str, pairs, meta: dict) -> None:
+    """Pairs of D channels at a layer that declares another width (out_channels, out_features,
+    num_features) are refused before any image is read, naming the layer they were fitted at."""
+    from .capture import find_module
+    from .interventions import _declared_channels
+
+    attr, declared = _declared_channels(find_module(model, layer))
+    D = int(pairs.decoding_.shape[1])
+    if declared is not None and declared != D:
+        fitted = f" (they were fitted at {meta['layer']!r}: leave out --layer)" if meta.get("layer") else ""
+        raise UserError(f"the pairs have D={D} channels but layer {layer!r} has {attr}={declared}{fitted}")
+
+
 def _normalisation(args, model_name: str) -> str:
     if args.normalisation:
         return args.normalisation
@@ -249,6 +262,7 @@ def cmd_report(args) -> int:
     _check_report_folder(args.out, args.overwrite)
     with log.step("loading the model"):
         model, name, layer = _model_and_layer(args, meta)
+        _check_pairs_fit_layer(model, layer, pairs, meta)
     torch.manual_seed(args.seed)
     with log.step("reading the images"):
         data = pipeline.image_dataset(args.images, crops_per_photo=_crops(args), seed=args.seed)
