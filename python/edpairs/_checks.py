@@ -15,6 +15,16 @@ def is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
+def check_int(name: str, value, minimum: int = 1, *, optional: bool = False) -> None:
+    """An integer (numpy integers too, bool refused) at least ``minimum`` (None too when
+    ``optional``), else a ValueError naming it."""
+    if optional and value is None:
+        return
+    if not is_int(value) or value < minimum:
+        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r}")
+
+
 def check_real(name: str, value, expected: str, ok) -> None:
     """A real hyperparameter, finite and accepted by ``ok``, else a ValueError naming it."""
     if not is_real(value) or not math.isfinite(value) or not ok(float(value)):

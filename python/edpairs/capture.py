@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import numbers
 import sys
 import operator
 from typing import Callable, Iterator, NamedTuple, Optional
@@ -15,6 +14,7 @@ import numpy as np
 
 from . import _layout
 from ._arrays import require_torch
+from ._checks import check_int
 from ._progress import Progress
 
 __all__ = ["Activations", "LayerNotFound", "ModelSplit", "SplitError", "capture", "find_module", "iter_activations", "layer_names", "split_model"]
@@ -362,8 +362,7 @@ def iter_activations(model, layer: str, batches, *, layout: Optional[str] = None
     accumulated across batches. An ``nn.DataParallel`` model runs as the module it wraps, on its
     device (its replicas would each show the hook only their share of a batch)."""
     torch = _torch()
-    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size)
     model, layer = _one_device(model, layer)
     module = find_module(model, layer)
     device = torch.device(device) if device is not None else _model_device(model)

@@ -29,6 +29,8 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from ._checks import check_int
+
 __all__ = ["Dissection", "dissect", "iou_matrix", "s_scores", "upsample"]
 
 
@@ -153,12 +155,7 @@ def _check(maps, masks, batch_size):
     if maps.shape[3] == 0 or masks.shape[1] == 0 or 0 in masks.shape[2:] or 0 in maps.shape[1:3]:
         raise ValueError(f"maps (n, h, w, K) and masks (n, C, H, W) need at least one detector, concept and pixel, "
                          f"got maps {maps.shape} and masks {masks.shape}")
-    _positive_int("batch_size", batch_size)
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_int("batch_size", batch_size)
 
 
 def _thresholds(thresholds, K: int) -> np.ndarray:
@@ -220,7 +217,7 @@ def dissect(maps, masks, concepts: Optional[Sequence[str]] = None, *, rule: str 
     maps = _as_maps(maps)
     masks = np.asarray(masks, dtype=bool)
     _check(maps, masks, batch_size)
-    _positive_int("bins", bins)
+    check_int("bins", bins)
     n, K, C = maps.shape[0], maps.shape[3], masks.shape[1]
     if isinstance(concepts, str):
         raise TypeError(f"concepts must be a sequence of {C} names, got one string {concepts!r}")

@@ -19,6 +19,7 @@ import numpy as np
 from . import ops
 from ._arrays import device_scope, namespace_of, on_data_device, on_device_of, to_numpy64
 from ._checks import check_real
+from ._checks import check_int as _check_int
 from ._checks import is_int as _is_int
 from ._checks import is_real as _is_real
 from ._io import write_atomic
@@ -576,15 +577,6 @@ class EDPairs:
 def _invalid_field(path: str, meta: dict, field: str, expected: str) -> ValueError:
     got = "it is missing" if field not in meta else f"got {meta[field]!r}"
     return ValueError(f"{path!r} is not a valid edpairs pairs file: metadata field {field!r} must be {expected}; {got}")
-
-
-def _check_int(name: str, value, minimum: int, *, optional: bool = False) -> None:
-    """An integer hyperparameter (numpy integers too, bool refused) at least ``minimum``."""
-    if optional and value is None:
-        return
-    if not _is_int(value) or value < minimum:
-        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r}")
 
 
 def _check_offset(mean: np.ndarray, cov: np.ndarray) -> None:

@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from . import _layout
+from ._checks import check_int
 from ._io import make_folder, write_atomic
 
 __all__ = ["ActivationStore", "StoreCorrupted", "StoreIncomplete", "StoreKeyMismatch", "extract", "model_fingerprint"]
@@ -482,11 +483,8 @@ def extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtype
     shard buffer (``images_per_shard * prod(grid) * D`` values, two while a batch straddles a
     shard boundary) plus one batch."""
     path = os.fspath(path)
-    for name, value in (("images_per_shard", images_per_shard), ("batch_size", batch_size)):
-        if not (value is None and name == "batch_size") and (
-                isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1):
-            raise ValueError(f"{name} must be a positive integer{' or None' if name == 'batch_size' else ''}, "
-                             f"got {value!r}")
+    check_int("images_per_shard", images_per_shard)
+    check_int("batch_size", batch_size, optional=True)
     if os.path.exists(path) and not os.path.isdir(path):
         raise FileExistsError(f"{path} is a file; an activation store is a folder: name a folder (new or a store)")
     make_folder(path, "the activation store")
