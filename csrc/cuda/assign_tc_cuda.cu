@@ -161,12 +161,6 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// Whether rows of elem-byte elements at x, stride elements apart, start on 16-byte boundaries
-// (what the kernels' 16-byte copies need).
-inline bool rows_16b(const void* x, const int64_t stride, const size_t elem) {
-  return reinterpret_cast<uintptr_t>(x) % 16 == 0 && (stride * static_cast<int64_t>(elem)) % 16 == 0;
-}
-
 struct TcParams {
   const void* x;  // (N, D), row stride x_stride, unit column stride
   int64_t x_stride;

@@ -43,13 +43,20 @@ struct WgmmaAssignParams {
                             // into L2 (assign_wgmma_kernel, assign_wgmma_sums_kernel; 0: none)
 };
 
+// Whether rows of elem-byte elements at x, stride elements apart, start on 16-byte boundaries
+// (what the kernels' 16-byte copies need; the rule that chooses a wgmma kernel and the one that
+// guards its launch).
+inline bool rows_16b(const void* x, const int64_t stride, const size_t elem) {
+  return reinterpret_cast<uintptr_t>(x) % 16 == 0 && (stride * static_cast<int64_t>(elem)) % 16 == 0;
+}
+
 // What every wgmma launcher needs of its parameters, checked on the host before the launch: x's
 // rows (x_elem bytes a value) and the prepared centroids start on 16-byte boundaries (the
 // kernels' 16-byte copies, the TMA's maps), at least one feature and one centroid. The callers
 // choose a wgmma kernel only for such operands; a slip there fails here with a message instead
 // of a misaligned-address fault, which would end the process's CUDA context.
 inline void require_wgmma_operands(const WgmmaAssignParams& p, const int x_elem, const char* what) {
-  const bool x_rows = reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && (p.x_stride * x_elem) % 16 == 0;
+  const bool x_rows = rows_16b(p.x, p.x_stride, static_cast<size_t>(x_elem));
   if (!x_rows || reinterpret_cast<uintptr_t>(p.cw) % 16 != 0 || p.n < 0 || p.d < 1 || p.k < 1 || p.k_tiles < 1) {
     fail(std::string(what) + ": rows of x and the centroids must be 16-byte aligned, with n >= 0, d >= 1, k >= 1 "
          "in at least one tile (x stride " + std::to_string(p.x_stride) + " of " + std::to_string(x_elem) +

@@ -25,6 +25,14 @@ def check_int(name: str, value, minimum: int = 1, *, optional: bool = False) -> 
         raise ValueError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r}")
 
 
+def check_fitted(pairs, attrs) -> None:
+    """``pairs`` has the fitted attributes ``attrs``, else a ValueError naming the missing ones."""
+    missing = [a for a in attrs if not hasattr(pairs, a)]
+    if missing:
+        raise ValueError(f"pairs must be fitted pairs (edpairs.EDPairs after fit or EDPairs.load); this "
+                         f"{type(pairs).__name__} has no {', '.join(missing)}")
+
+
 def check_real(name: str, value, expected: str, ok) -> None:
     """A real hyperparameter, finite and accepted by ``ok``, else a ValueError naming it."""
     if not is_real(value) or not math.isfinite(value) or not ok(float(value)):

@@ -59,14 +59,21 @@ def _umask() -> int:
     return umask  # pragma: no cover
 
 
+def existing_folder(path: str, what: str) -> str:
+    """The folder of file ``path``, which must exist, else a FileNotFoundError: "{what}: its
+    folder ... does not exist"."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{what}: its folder {folder} does not exist (create it first)")
+    return folder
+
+
 def write_atomic(path, write: Callable, *, mode: str = "wb"):
     """Calls ``write(file)`` on a temporary file next to ``path``, then renames it to ``path``.
     Returns what ``write`` returned. The temporary file is removed if anything fails. The file
     keeps the permissions of the one it replaces (a new one gets the umask's, as ``open``)."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"cannot write {path}: its folder {folder} does not exist (create it first)")
+    folder = existing_folder(path, f"cannot write {path}")
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot write {path}: it is a folder; name a file")
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)

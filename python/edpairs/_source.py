@@ -89,6 +89,12 @@ class ChunkSource:
         return self._array is not None
 
     @property
+    def held(self) -> bool:
+        """True for data held as an array or a list of chunks (rows can be gathered without a
+        pass over a callable source)."""
+        return self._array is not None or self._chunks is not None
+
+    @property
     def array(self):
         return self._array
 

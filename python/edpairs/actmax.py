@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from ._checks import check_real, is_real
+from ._checks import check_fitted, check_real, is_int, is_real
 
 __all__ = ["ActMaxResult", "activation_maximisation"]
 
@@ -96,7 +96,7 @@ def activation_maximisation(split_or_model, layer, pairs, concept: int, *, steps
     if objective not in ("mean", "max"):
         raise ValueError(f"objective must be 'mean' or 'max', got {objective!r}")
     for name, value in (("steps", steps), ("jitter", jitter), ("blur_every", blur_every), ("concept", concept)):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        if not is_int(value):
             raise TypeError(f"{name} must be an integer, got {value!r}")
         if value < 0 and name != "concept":
             raise ValueError(f"{name} must be >= 0, got {value}")
@@ -110,10 +110,7 @@ def activation_maximisation(split_or_model, layer, pairs, concept: int, *, steps
             raise ValueError(f"clamp must be None or a (low, high) pair of numbers with low < high, got {clamp!r}")
     if target is not None:
         check_real("target", target, "a finite number or None", lambda v: True)
-    missing = [a for a in ("decoding_", "encoding_") if not hasattr(pairs, a)]
-    if missing:
-        raise ValueError(f"pairs must be fitted pairs (edpairs.EDPairs after fit or EDPairs.load); this "
-                         f"{type(pairs).__name__} has no {', '.join(missing)}")
+    check_fitted(pairs, ("decoding_", "encoding_"))
     W = np.asarray(pairs.decoding_, dtype=np.float64)
     S = np.asarray(pairs.encoding_, dtype=np.float64)
     if not 0 <= int(concept) < W.shape[0]:
@@ -156,8 +153,9 @@ def activation_maximisation(split_or_model, layer, pairs, concept: int, *, steps
         xin = x.detach().requires_grad_(True)
         shifted = torch.roll(xin, shifts=(dy, dx), dims=(-2, -1)) if (dy or dx) else xin
         val = value(features(shifted))
-        if target is not None and float(val.detach()) >= target:
-            history.append(float(val.detach()))
+        reached = None if target is None else float(val.detach())  # (one read of the device per step)
+        if reached is not None and reached >= target:
+            history.append(reached)
             break
         (g,) = torch.autograd.grad(val, xin)
         with torch.no_grad():
@@ -166,7 +164,7 @@ def activation_maximisation(split_or_model, layer, pairs, concept: int, *, steps
                 x = _gaussian_blur(x, blur_sigma)
             if clamp is not None:
                 x = x.clamp(float(clamp[0]), float(clamp[1]))
-        history.append(float(val.detach()))
+        history.append(float(val.detach()) if reached is None else reached)
     with torch.no_grad():
         f_end = features(x).reshape(-1, W.shape[1]).double()
     z_end = f_end.float().matmul(w)

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ._io import write_atomic
+from ._io import existing_folder, write_atomic
 
 __all__ = ["Checkpoint", "CheckpointMismatch"]
 
@@ -55,9 +55,7 @@ class Checkpoint:
             raise TypeError(f"checkpoint must be a file path (str or os.PathLike) or a Checkpoint, "
                             f"got {type(path).__name__}")
         self.path = os.fsdecode(path)
-        folder = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(folder):  # refused now, not after the fit's first pass over the data
-            raise FileNotFoundError(f"checkpoint {self.path}: its folder {folder} does not exist (create it first)")
+        existing_folder(self.path, f"checkpoint {self.path}")  # refused now, not after the fit's first pass
         self.key = _jsonable(key)
         self.on_save = on_save
         self._carried_meta, self._carried_arrays = {}, {}
@@ -128,7 +126,7 @@ def data_fingerprint(source) -> dict:
         return {"rows": 0, "columns": source.n_features, "head_crc32": 0}
     head = np.ascontiguousarray(to_numpy64(first[: min(256, first.shape[0])]))
     out = {"rows": source.n_samples, "columns": source.n_features, "head_crc32": zlib.crc32(head.tobytes())}
-    if source.in_memory or isinstance(source.origin, (list, tuple)):
+    if source.held:
         rows = np.unique(np.linspace(0, source.n_samples - 1, num=min(256, source.n_samples)).astype(np.int64))
         out["spread_crc32"] = zlib.crc32(np.ascontiguousarray(source.gather(rows)).tobytes())
     own = getattr(source.origin, "fingerprint", None)

@@ -151,7 +151,8 @@ def _check_pairs_fit_layer(model, layer: str, pairs, meta: dict) -> None:
     attr, declared = _declared_channels(find_module(model, layer))
     D = int(pairs.decoding_.shape[1])
     if declared is not None and declared != D:
-        fitted = f" (they were fitted at {meta['layer']!r}: leave out --layer)" if meta.get("layer") else ""
+        fitted = (f" (they were fitted at {meta['layer']!r}: leave out --layer)"
+                  if meta.get("layer") and meta["layer"] != layer else "")
         raise UserError(f"the pairs have D={D} channels but layer {layer!r} has {attr}={declared}{fitted}")
 
 

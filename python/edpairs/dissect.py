@@ -29,7 +29,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from ._checks import check_int
+from ._checks import check_int, is_int
 
 __all__ = ["Dissection", "dissect", "iou_matrix", "s_scores", "upsample"]
 
@@ -102,14 +102,19 @@ def upsample(maps, size) -> np.ndarray:
     """Bilinear upsampling (``align_corners=False``) of channel-last score maps (n, h, w, K) to
     (n, K, H, W) float32 — torch's ``F.interpolate``, the convention of Network Dissection's
     upsampled activations."""
-    import torch
-    import torch.nn.functional as F
-
     a = _as_maps(maps)
     dims = (size, size) if np.isscalar(size) else tuple(size)
     H, W = dims if len(dims) == 2 else (None, None)
-    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in (H, W)):
+    if not all(is_int(v) and v >= 1 for v in (H, W)):
         raise ValueError(f"size must be a positive integer or an (H, W) pair of them, got {size!r}")
+    return _upsample(a, H, W)
+
+
+def _upsample(a: np.ndarray, H: int, W: int) -> np.ndarray:
+    """upsample of checked float32 maps (n, h, w, K) to (H, W)."""
+    import torch
+    import torch.nn.functional as F
+
     x = torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
     if x.shape[2:] == (H, W):
         return x.numpy()
@@ -125,7 +130,7 @@ def _counts(maps, masks, thresholds, images, batch_size):
     t = np.asarray(thresholds, np.float32)[None, :, None, None]
     for s in range(0, len(images), batch_size):
         idx = images[s:s + batch_size]
-        up = upsample(maps[idx], masks.shape[2:])  # (b, K, H, W)
+        up = _upsample(maps[idx], *masks.shape[2:])  # (b, K, H, W)
         d = (up > t).transpose(1, 0, 2, 3).reshape(K, -1).astype(np.float32)
         m = masks[idx].transpose(1, 0, 2, 3).reshape(C, -1).astype(np.float32)
         inter += d @ m.T
@@ -193,7 +198,7 @@ def _histograms(maps, masks, lo, hi, bins, images, batch_size):
     kb = (np.arange(K) * bins)[:, None]
     for s in range(0, len(images), batch_size):
         idx = images[s:s + batch_size]
-        up = upsample(maps[idx], masks.shape[2:]).transpose(1, 0, 2, 3).reshape(K, -1)
+        up = _upsample(maps[idx], *masks.shape[2:]).transpose(1, 0, 2, 3).reshape(K, -1)
         b = np.clip(((up - lo[:, None].astype(np.float32)) * scale).astype(np.int64), 0, bins - 1)
         every += np.bincount((b + kb).ravel(), minlength=K * bins)
         m = masks[idx].transpose(1, 0, 2, 3).reshape(C, -1)
@@ -227,7 +232,8 @@ def dissect(maps, masks, concepts: Optional[Sequence[str]] = None, *, rule: str 
     if fit is None:
         fit_mask = np.arange(n) % 2 == 0
     else:
-        fit_mask = np.isin(np.arange(n), _image_indices(fit, n, "fit"))
+        fit_mask = np.zeros(n, bool)
+        fit_mask[_image_indices(fit, n, "fit")] = True
     fit_idx, score_idx = np.flatnonzero(fit_mask), np.flatnonzero(~fit_mask)
     if len(fit_idx) == 0 or len(score_idx) == 0:
         raise ValueError(f"both halves need images: {len(fit_idx)} fit, {len(score_idx)} score")

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from ._checks import check_real
+from ._checks import check_fitted, check_real, is_int
 from .influence import _figure, save_figure
 
 __all__ = ["Explanation", "explain", "plot_explanation"]
@@ -73,13 +73,9 @@ def explain(model_or_split, layer, image, pairs, *, class_index: Optional[int] =
 
     from .interventions import remove
 
-    missing = [a for a in ("decoding_", "bias_", "encoding_", "mean_") if not hasattr(pairs, a)]
-    if missing:
-        raise ValueError(f"pairs must be fitted pairs (edpairs.EDPairs after fit or EDPairs.load); this "
-                         f"{type(pairs).__name__} has no {', '.join(missing)}")
+    check_fitted(pairs, ("decoding_", "bias_", "encoding_", "mean_"))
     check_real("threshold", threshold, "a membership level in [0, 1]", lambda v: 0.0 <= v <= 1.0)
-    if class_index is not None and (isinstance(class_index, (bool, np.bool_))
-                                    or not isinstance(class_index, (int, np.integer))):
+    if class_index is not None and not is_int(class_index):
         raise TypeError(f"class_index must be an integer class index or None, got {class_index!r}")
     split = _as_split(model_or_split, layer)
     x = _as_batch(image)

@@ -178,8 +178,7 @@ class _Scorer:
             self.masks = None if masks is None else self.torch.as_tensor(masks, device=device)
 
     def _log_softmax(self, logits):
-        if self.torch is not None:
-            logits = logits.to(self.torch.float64)
+        if self.torch is not None:  # (float64 from _logits)
             top = logits.max(dim=1, keepdim=True).values
             return logits - top - (logits - top).exp().sum(dim=1, keepdim=True).log()
         top = logits.max(axis=1, keepdims=True)
@@ -292,7 +291,7 @@ def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 10
         masks = (labels[:, None] == cols[None, :]).astype(np.float64)
     n_scored = np.full(K, n) if masks is None else masks.sum(0).astype(np.int64)
     scorer.score_on(cols, masks)
-    per_class = np.full(K, float(n)) if masks is None else np.maximum(masks.sum(0), 1)
+    per_class = np.maximum(n_scored, 1)
     min_scored = max(int(n_scored.min()), 1)
 
     gain = np.einsum("id,id->i", W, S)
@@ -303,7 +302,7 @@ def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 10
     rng = np.random.default_rng(seed)
     rows = memb = None
     if n_noise > 0:
-        flat = features.reshape(-1, D) if _is_torch(features) else np.asarray(features).reshape(-1, D)
+        flat = features.reshape(-1, D)
         take = np.sort(rng.choice(flat.shape[0], min(max_rows, flat.shape[0]), replace=False))
         rows = _host(flat[take])  # only the sampled rows come to the host, in float64
         memb = (rows @ W.T - b) > 0                               # hard memberships (rows, I)

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from . import _layout
-from ._checks import check_int
+from ._checks import check_int, is_int
 from ._io import make_folder, write_atomic
 
 __all__ = ["ActivationStore", "StoreCorrupted", "StoreIncomplete", "StoreKeyMismatch", "extract", "model_fingerprint"]
@@ -136,6 +136,10 @@ def _missing_fields(meta: dict) -> list:
         if not isinstance(key, dict):
             return missing + ["key (an object)"]
         missing += [f"key.{f}" for f in ("model", "layer", "dtype") if f not in key]
+        if "dtype" in key and key["dtype"] not in _DTYPES:
+            missing.append(f"key.dtype (one of {', '.join(_DTYPES)})")
+        if "model" in key and not (isinstance(key["model"], dict) and "name" in key["model"]):
+            missing.append("key.model (an object with a name)")
     shards = meta.get("shards", {})
     if not isinstance(shards, dict):
         return missing + ["shards (an object)"]
@@ -160,18 +164,12 @@ def _missing_fields(meta: dict) -> list:
     grid = meta.get("grid")
     if grid is not None and not (isinstance(grid, list) and all(_count(g) for g in grid)):
         missing.append("grid (a list of integers)")
-    if isinstance(meta.get("key"), dict):
-        key = meta["key"]
-        if "dtype" in key and key["dtype"] not in _DTYPES:
-            missing.append(f"key.dtype (one of {', '.join(_DTYPES)})")
-        if "model" in key and not (isinstance(key["model"], dict) and "name" in key["model"]):
-            missing.append("key.model (an object with a name)")
     return missing
 
 
 def _count(value) -> bool:
     """An integer >= 0 as JSON gives it (bool refused)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_int(value) and value >= 0
 
 
 def _json_value(value, what: str):
@@ -524,7 +522,6 @@ def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtyp
         "images_per_shard": ips,
         "n_images_expected": n_expected,
     }
-    make_folder(path, "the activation store")
     sidecar = os.path.join(path, SIDECAR)
     meta = None
     if os.path.isfile(sidecar):
