@@ -1025,7 +1025,8 @@ def test_shape_dependent_shared_memory_under_concurrent_callers(torch, path, mon
     """Kernels whose dynamic shared memory follows the call's shape (owned-column sums, both
     fused kernels, the float16-row kernel) called from four host threads at once with different
     D: each result equals the one-thread result (the attribute and the launch share a lock;
-    without it one thread's smaller setting could fail another's launch)."""
+    without it one thread's smaller setting could fail another's launch); the mma fused
+    kernel's sums to float32 rounding (the order of its atomics changes them)."""
     from concurrent.futures import ThreadPoolExecutor
 
     if path in ("fused-wgmma", "half") and (reason := _wgmma_skip_reason()):
@@ -1055,7 +1056,12 @@ def test_shape_dependent_shared_memory_under_concurrent_callers(torch, path, mon
         w = want[i % len(inputs)]
         np.testing.assert_array_equal(labels, w[0])
         np.testing.assert_array_equal(counts, w[2])
-        np.testing.assert_allclose(sums, w[1], rtol=1e-12, atol=1e-12)
+        if path == "fused-mma":  # float32 block sums in the order of shared-memory atomics
+            # (assign_tc_cuda.cu gives up bit-identical runs; the first H200 run differed by 1e-6
+            # relative): float32 rounding of the sums' scale
+            np.testing.assert_allclose(sums, w[1], rtol=0, atol=1e-5 * np.abs(w[1]).max())
+        else:
+            np.testing.assert_allclose(sums, w[1], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("precision,k,half", [("float32", 5, "0"), ("tf32", 5, "0"), ("tf32", 200, "0"),

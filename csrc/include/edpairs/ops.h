@@ -244,7 +244,8 @@ void centre_rows_cuda(const CentreRowsArgs& args, Stream stream);
 // zero row, as the CPU kernels count it (edpairs' CUDA kernels, which sum float32 squares,
 // also count rows with norms below about 2.6e-23 as zero). Not finite rows (for callers that
 // skip the finiteness check): max_d |x_rd| passes NaN over (a row of NaN and zeros is a zero
-// row); a row with NaN beside non-zero values is written scaled with its NaN, rscale 0; a row
+// row); a row with NaN beside non-zero values is written scaled with its NaN (the CPU's keeps
+// the sign, 0x7e00 | sign; CUDA's conversion writes 0x7fff), rscale 0; a row
 // with Inf takes the scale 2^8, so Inf and values of 256 or more become +-Inf, rscale 0.
 struct HalfRowsArgs {
   TensorView x;       // (R, D) float32
