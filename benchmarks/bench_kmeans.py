@@ -45,7 +45,10 @@ user would pick instead, in the same run on the same data.
                in shared memory and labels it there (assign_wgmma_resident_cuda.cu), elsewhere
                as edpairs-half-copies; the sums from the float32 rows
   edpairs-half-copies  EDPAIRS_ASSIGN_HALF=copies: float16 copies of the rows (half_rows, one
-               more pass over X) labelled by the 16-bit kernel
+               more pass over X) labelled by the 16-bit kernel (the default for k >= 129 on
+               Hopper since H200 run 6)
+  edpairs-tf32-rows  EDPAIRS_ASSIGN_HALF=0: TF32 labels from the float32 rows (the default
+               before run 6)
   edpairs-fit  the estimator, SphericalKMeans(k, init=C0, max_iter=1).fit(X) with TF32 products
                (the default precision set for the call): two passes over X, reported per pass (median_s; the
                whole call in call_median_s); next to edpairs, what the estimator's host-side
@@ -314,7 +317,7 @@ METHODS = {"edpairs": run_edpairs, "edpairs-labels": run_edpairs_labels, "edpair
            "edpairs-blk": run_edpairs, "edpairs-1sm": run_edpairs, "edpairs-fused": run_edpairs,
            "edpairs-wgmma": run_edpairs, "edpairs-wgmma-tma": run_edpairs, "edpairs-fused-wgmma": run_edpairs,
            "edpairs-mma-sorted": run_edpairs, "edpairs-wgmma-columns": run_edpairs, "edpairs-half": run_edpairs,
-           "edpairs-half-copies": run_edpairs, "edpairs-fit": run_edpairs_fit, "faiss": run_faiss,
+           "edpairs-half-copies": run_edpairs, "edpairs-tf32-rows": run_edpairs, "edpairs-fit": run_edpairs_fit, "faiss": run_faiss,
            "faiss-search": run_faiss_search, "torch": run_torch}
 GEMM = {"EDPAIRS_GEMM_ROUTE": "gemm"}
 METHOD_ENV = {"edpairs-gemm": GEMM,
@@ -330,7 +333,8 @@ METHOD_ENV = {"edpairs-gemm": GEMM,
               "edpairs-mma-sorted": {**KERNEL, "EDPAIRS_ASSIGN_SUMS": "sorted"},
               "edpairs-wgmma-columns": {**KERNEL, "EDPAIRS_ASSIGN_KERNEL": "wgmma", "EDPAIRS_ASSIGN_SUMS": "columns"},
               "edpairs-half": {"EDPAIRS_ASSIGN_HALF": "1"},
-              "edpairs-half-copies": {"EDPAIRS_ASSIGN_HALF": "copies"}}
+              "edpairs-half-copies": {"EDPAIRS_ASSIGN_HALF": "copies"},
+              "edpairs-tf32-rows": {"EDPAIRS_ASSIGN_HALF": "0"}}
 
 
 def wgmma_unavailable(device: str) -> str | None:

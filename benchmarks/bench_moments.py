@@ -10,9 +10,11 @@ On CUDA (torch tensors) the edpairs rows are: "edpairs" / "edpairs-tf32", the de
 float64 between steps; "-rN" rows for each --workspace-rows N, "-bN" for each --block-rows N:
 the moments' product in blocks of N rows, 0 = one product per step; "-triB" for each
 --triangle-blocks B: only the Gram's blocks on or above the diagonal, B features per block,
-EDPAIRS_GEMM_GRAM=triangle; "edpairs-tf32-wgmma": the centred Gram on Hopper's wgmma,
-EDPAIRS_GEMM_GRAM=wgmma, where the build and GPU have it; these three kinds time the moments
-only, the signal moments do not use them; "-ov" after the default and each triangle row:
+EDPAIRS_GEMM_GRAM=triangle (the exact float32 default since H200 run 6, in blocks of 128);
+"edpairs-full": exact float32 with the whole product per step, EDPAIRS_GEMM_GRAM=cublas;
+"edpairs-tf32-wgmma": the centred Gram on Hopper's wgmma, EDPAIRS_GEMM_GRAM=wgmma, where the
+build and GPU have it; these four kinds time the moments only, the signal moments do not use
+them; "-ov" after the default and each triangle row:
 EDPAIRS_GEMM_OVERLAP=1, the moments' next step centred on a second stream while this step's
 products run, the signal moments' steps dealt to two streams in turn; "-half" after each TF32
 row but the step variants: EDPAIRS_GEMM_HALF=1, the products from float16 operands) and
@@ -149,7 +151,7 @@ def main() -> None:
 
 
 #: Name parts of the rows that only the moments use (the signal moments skip them).
-MOMENTS_ONLY = ("-b", "-tri", "-wgmma")
+MOMENTS_ONLY = ("-b", "-tri", "-wgmma", "-full")
 
 
 def _edpairs_methods(cuda: bool, workspace_rows, block_rows=(), triangle_blocks=()):
@@ -161,6 +163,9 @@ def _edpairs_methods(cuda: bool, workspace_rows, block_rows=(), triangle_blocks=
         return {"edpairs": ({}, {})}
     gemm = {"EDPAIRS_GEMM_ROUTE": "gemm"}
     out = {"edpairs": ({}, gemm), "edpairs-tf32": ({"precision": "tf32"}, gemm)}
+    # "-full": the whole product X~^T X~ per step for exact float32 (EDPAIRS_GEMM_GRAM=cublas; the
+    # triangle is their default since H200 run 6, GRAM_DEFAULT).
+    out["edpairs-full"] = ({}, {**gemm, "EDPAIRS_GEMM_GRAM": "cublas"})
     for rows in workspace_rows:
         out[f"edpairs-r{rows}"] = ({"workspace_rows": rows}, gemm)
         out[f"edpairs-tf32-r{rows}"] = ({"workspace_rows": rows, "precision": "tf32"}, gemm)

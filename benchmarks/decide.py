@@ -117,12 +117,14 @@ def decisions(res: str) -> list[Decision]:
         return km.get((size, method))
 
     out = [
+        # The default labels TF32 float32 rows at k >= 129 on Hopper from float16 copies since
+        # H200 run 6 (half_labels' "auto"); each alternative is judged against it.
         _judge("EDPAIRS_ASSIGN_HALF=1 (float16 rows in shared memory, k = 1024)",
-               "python/edpairs/_gemm.py _half_knob() default; README; the tests that pin the default",
+               "python/edpairs/_gemm.py half_labels()' auto; README; the tests that pin the default",
                [("k=1024", k(BIG, "edpairs-half"), k(BIG, "edpairs"))], tests, _labels_ok),
-        _judge("EDPAIRS_ASSIGN_HALF=copies (half_rows copies, k = 1024)",
-               "python/edpairs/_gemm.py _half_knob() default (only if it also beats edpairs-half)",
-               [("k=1024", k(BIG, "edpairs-half-copies"), k(BIG, "edpairs"))], tests, _labels_ok),
+        _judge("EDPAIRS_ASSIGN_HALF=0 (labels from the float32 rows, the default before run 6, k = 1024)",
+               "python/edpairs/_gemm.py half_labels()' auto; README; the tests that pin the default",
+               [("k=1024", k(BIG, "edpairs-tf32-rows"), k(BIG, "edpairs"))], tests, _labels_ok),
         _judge("wgmma labels below k = 129 + owned-column sums (k = 64)",
                "kWgmmaAutoMinK (csrc/include/edpairs/ops.h) and columns_apply's auto (csrc/cuda/assign_tc_cuda.cu)",
                [("k=64", k(SMALL, "edpairs-wgmma-columns"), k(SMALL, "edpairs"))], tests, _labels_ok),
@@ -143,14 +145,21 @@ def decisions(res: str) -> list[Decision]:
                 ("signal tf32", mo.get(("signal_moments", "edpairs-tf32-ov")), mo.get(("signal_moments", "edpairs-tf32")))],
                tests, _error_ok),
     ]
-    # The triangle's default is per precision (GRAM_DEFAULT): each precision is judged alone.
+    # The Gram's default form is per precision (GRAM_DEFAULT): each precision is judged alone.
+    # Exact float32 products form the triangle in blocks of 128 since H200 run 6: the full
+    # product and the blocks of 256 are judged against it; TF32 ones the full product: the
+    # triangle's blocks against it.
+    where = "python/edpairs/_gemm.py GRAM_DEFAULT['{}'] and TRIANGLE_BLOCK"
+    out.append(_judge("EDPAIRS_GEMM_GRAM=cublas (the full product), float32 products", where.format("float32"),
+                      [("float32", mo.get(("moments", "edpairs-full")), mo.get(("moments", "edpairs")))],
+                      tests, _error_ok))
+    out.append(_judge("EDPAIRS_GEMM_TRIANGLE_BLOCK=256, float32 products", where.format("float32"),
+                      [("float32", mo.get(("moments", "edpairs-tri256")), mo.get(("moments", "edpairs")))],
+                      tests, _error_ok))
     for block in (128, 256):
-        for precision, tag in (("float32", ""), ("tf32", "-tf32")):
-            out.append(_judge(f"EDPAIRS_GEMM_GRAM=triangle, {precision} products, block {block}",
-                              f"python/edpairs/_gemm.py GRAM_DEFAULT['{precision}'] and TRIANGLE_BLOCK",
-                              [(precision, mo.get(("moments", f"edpairs{tag}-tri{block}")),
-                                mo.get(("moments", f"edpairs{tag}")))],
-                              tests, _error_ok))
+        out.append(_judge(f"EDPAIRS_GEMM_GRAM=triangle, tf32 products, block {block}", where.format("tf32"),
+                          [("tf32", mo.get(("moments", f"edpairs-tf32-tri{block}")), mo.get(("moments", "edpairs-tf32")))],
+                          tests, _error_ok))
     return out
 
 

@@ -69,8 +69,8 @@ echo "source: tree hash $(bash tools/tree_hash.sh 2>/dev/null || echo unknown), 
 ARCHS="${ARCHS:-90}"
 REPEAT="${REPEAT:-5}"
 SKIP="${SKIP-estimators ncu route_parts stream}"
-# "edpairs" is the default dispatch: on Hopper, labels on wgmma for k >= 129 (float32 and
-# 16-bit), on mma below; edpairs-labels its labelling alone; edpairs-fit the estimator
+# "edpairs" is the default dispatch: on Hopper, labels on wgmma for k >= 129 (TF32 float32 rows
+# from float16 copies since H200 run 6; 16-bit rows), on mma below; edpairs-labels its labelling alone; edpairs-fit the estimator
 # (SphericalKMeans.fit, per pass over X). The cuBLAS route (edpairs-gemm;
 # run5b: 7.64 ms at k = 1024) and k = 256 (run5b: 2.92 ms) are left out by default.
 KM_METHODS="${KM_METHODS:-edpairs,edpairs-labels,edpairs-fit,torch}"
@@ -137,8 +137,8 @@ step "spherical k-means iteration (float32 data: tensor-core kernels, TF32; torc
 skipped kmeans || within 150 40 python3 benchmarks/bench_kmeans.py --device cuda --methods "$KM_METHODS${KMEANS_EXTRA:+,$KMEANS_EXTRA}" \
   --repeat "$REPEAT" --method-timeout 60 --sizes $KM_SIZES --json "$RES/kmeans_cuda_f32.json" || status=1
 pack
-step "k = 1024: the candidate float16 rows (EDPAIRS_ASSIGN_HALF=1: made in shared memory; =copies: half_rows copies)"
-skipped half || within 90 30 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs-half,edpairs-half-copies --repeat "$REPEAT" \
+step "k = 1024: the float16 rows made in shared memory (EDPAIRS_ASSIGN_HALF=1) and the float32 rows (=0) against the default copies"
+skipped half || within 90 30 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs-half,edpairs-tf32-rows --repeat "$REPEAT" \
   --method-timeout 30 --sizes 1000000,512,1024 --json "$RES/kmeans_cuda_half.json" || status=1
 pack
 step "k = 64: the candidate defaults (wgmma labels + owned-column sums; the fused pass)"
@@ -295,7 +295,7 @@ for tag, table in (("f32", f32), ("bf16", b16)):
 big, small = (1000000, 512, 1024), (1000000, 512, 64)
 goals = []
 tt = t(f32, big, "torch")
-for method in ("edpairs", "edpairs-fit", "edpairs-half", "edpairs-half-copies", "edpairs-gemm", "edpairs-r16384", "edpairs-kernel",
+for method in ("edpairs", "edpairs-fit", "edpairs-half", "edpairs-half-copies", "edpairs-tf32-rows", "edpairs-gemm", "edpairs-r16384", "edpairs-kernel",
                "edpairs-wgmma", "edpairs-wgmma-tma"):
     e = t(f32, big, method)
     if e and tt:

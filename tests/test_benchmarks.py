@@ -171,7 +171,7 @@ def test_gpu_check_runs_every_step_in_one_call(tmp_path):
     code, stdout, calls, packed = _fake_gpu_check(tmp_path)
     assert code == 0, stdout
     order = ["pip install", "gpu_ceilings.py", "bench_kmeans.py --device cuda --methods edpairs,edpairs-labels,edpairs-fit,torch",
-             "--methods edpairs-half,edpairs-half-copies", "--methods edpairs-wgmma-columns,edpairs-fused-wgmma",
+             "--methods edpairs-half,edpairs-tf32-rows", "--methods edpairs-wgmma-columns,edpairs-fused-wgmma",
              "--dtype bfloat16", "bench_moments.py", "-m pytest", "-m pytest", "tests/test_errors.py",
              "profile_kernels.py", "bench_fit.py --device cuda"]
     assert len(calls) == len(order), calls
@@ -248,9 +248,10 @@ def test_gpu_check_benchmarks_leave_the_tests_their_time(tmp_path):
 
 
 def _decide_run(folder, tests_rc="0", failures=0):
-    """Result files of a device run in which the float16 rows win, the k = 64 wgmma row is
-    faster but labels worse, the fused row is missing, the float16 moments win and the float16
-    signal moments lose, and the triangle wins for the exact products only."""
+    """Result files of a device run in which the float16 rows in shared memory beat the default
+    (the copies), the float32 rows do not, the k = 64 wgmma row is faster but labels worse, the
+    fused row is missing, the float16 moments win and the float16 signal moments lose, the full
+    exact product beats the default triangle, the triangle loses for TF32 products."""
     size, small = [1000000, 512, 1024], [1000000, 512, 64]
 
     def km(size, method, s, agree=0.9990):
@@ -259,7 +260,7 @@ def _decide_run(folder, tests_rc="0", failures=0):
     _write(folder, "kmeans_cuda_f32.json", {"results": [km(size, "edpairs", 0.0063), km(size, "torch", 0.0114),
                                                         km(small, "edpairs", 0.00266)]})
     _write(folder, "kmeans_cuda_half.json", {"results": [km(size, "edpairs-half", 0.0040, 0.9991),
-                                                         km(size, "edpairs-half-copies", 0.0062)]})
+                                                         km(size, "edpairs-tf32-rows", 0.0062)]})
     _write(folder, "kmeans_cuda_k64.json", {"results": [km(small, "edpairs-wgmma-columns", 0.0015, 0.9900),
                                                         {"size": small, "method": "edpairs-fused-wgmma",
                                                          "error": "RuntimeError: ..."}]})
@@ -269,7 +270,7 @@ def _decide_run(folder, tests_rc="0", failures=0):
 
     _write(folder, "moments_cuda.json", {"results": [
         mo("moments", "edpairs", 0.0124, 2e-7), mo("moments", "edpairs-tf32", 0.0047),
-        mo("moments", "edpairs-tf32-half", 0.0030, 1e-5), mo("moments", "edpairs-tri128", 0.0090, 2e-7),
+        mo("moments", "edpairs-tf32-half", 0.0030, 1e-5), mo("moments", "edpairs-full", 0.0090, 2e-7),
         mo("moments", "edpairs-tf32-tri128", 0.0047), mo("signal_moments", "edpairs-tf32", 0.0052),
         mo("signal_moments", "edpairs-tf32-half", 0.0055, 1e-5)]})
     (folder / "cuda_tests_new.xml").write_text(f'<testsuites><testsuite tests="40" failures="{failures}" errors="0">'
@@ -290,23 +291,25 @@ def test_decide_flips_only_faster_accurate_tested_candidates(tmp_path):
     _decide_run(tmp_path)
     v = _verdicts(tmp_path)
     assert v["EDPAIRS_ASSIGN_HALF=1"].verdict == "FLIP"
-    assert v["EDPAIRS_ASSIGN_HALF=copies"].verdict == "keep" and "not 3% faster" in v["EDPAIRS_ASSIGN_HALF=copies"].detail
+    assert v["EDPAIRS_ASSIGN_HALF=0"].verdict == "keep" and "not 3% faster" in v["EDPAIRS_ASSIGN_HALF=0"].detail
     columns = v["wgmma labels below k = 129 + owned-column sums"]
     assert columns.verdict == "keep" and "less accurate" in columns.detail and "not 3% faster" not in columns.detail
     assert v["EDPAIRS_ASSIGN_SUMS=fused on wgmma"].verdict == "not measured"
     half = v["EDPAIRS_GEMM_HALF=1"]
     assert half.verdict == "keep" and "not 3% faster everywhere (faster alone: moments)" in half.detail  # signal lost
     assert v["EDPAIRS_GEMM_OVERLAP=1"].verdict == "not measured"
-    # The triangle is judged per precision of the products (GRAM_DEFAULT): exact won, TF32 did not.
-    assert v["EDPAIRS_GEMM_GRAM=triangle, float32 products, block 128"].verdict == "FLIP"
+    # The Gram's form is judged per precision of the products (GRAM_DEFAULT): for exact ones the
+    # full product against the default triangle (it won here), for TF32 ones the triangle.
+    assert v["EDPAIRS_GEMM_GRAM=cublas"].verdict == "FLIP"
     assert v["EDPAIRS_GEMM_GRAM=triangle, tf32 products, block 128"].verdict == "keep"
-    assert v["EDPAIRS_GEMM_GRAM=triangle, float32 products, block 256"].verdict == "not measured"
+    assert v["EDPAIRS_GEMM_TRIANGLE_BLOCK=256, float32 products"].verdict == "not measured"
+    assert v["EDPAIRS_GEMM_GRAM=triangle, tf32 products, block 256"].verdict == "not measured"
     out = tmp_path / "decisions.json"
     res = subprocess.run([sys.executable, os.path.join(BENCH, "decide.py"), str(tmp_path), "--json", str(out)],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "fastest moments tf32 row: edpairs-tf32-half 3.00 ms" in res.stdout
-    assert "default lives in: python/edpairs/_gemm.py _half_knob()" in res.stdout
+    assert "default lives in: python/edpairs/_gemm.py half_labels()' auto" in res.stdout
     assert "default lives in: python/edpairs/_gemm.py GRAM_DEFAULT['float32']" in res.stdout
     assert [d["verdict"] for d in json.loads(out.read_text())["decisions"]].count("FLIP") == 2
 

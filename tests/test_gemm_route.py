@@ -89,7 +89,9 @@ def test_route_batched_blocks(rows, rng, monkeypatch):
 @pytest.mark.parametrize("knob", ["0", "700", "100000"])
 def test_route_block_rows_knob(knob, rng, monkeypatch):
     """EDPAIRS_GEMM_BLOCK_ROWS: 0 = one product per step, else blocks of that many rows (more
-    than a step: one product); the moments are the same."""
+    than a step: one product); the moments are the same. (It serves the full product, which
+    exact float32 products take with EDPAIRS_GEMM_GRAM=cublas.)"""
+    monkeypatch.setenv("EDPAIRS_GEMM_GRAM", "cublas")
     monkeypatch.setenv("EDPAIRS_GEMM_BLOCK_ROWS", knob)
     assert _gemm.block_rows() == int(knob)
     X = (rng.standard_normal((5003, 11)) + 9).astype(np.float32)
@@ -746,7 +748,7 @@ def test_route_gram_default_is_per_precision(rng, monkeypatch):
             super().__init__(*args)
 
     monkeypatch.setattr(_gemm, "_TriangleProduct", Spy)
-    monkeypatch.setitem(_gemm.GRAM_DEFAULT, "float32", "triangle")
+    assert _gemm.GRAM_DEFAULT == {"float32": "triangle", "tf32": "cublas"}  # H200 run 6
     monkeypatch.delenv("EDPAIRS_GEMM_GRAM", raising=False)
     for precision, want in (("float32", [True]), ("tf32", [])):
         made.clear()
@@ -1478,21 +1480,35 @@ def test_half_assign_copies_the_rows_in_steps(rng, monkeypatch):
 
 
 def test_half_assign_knob(monkeypatch):
-    """EDPAIRS_ASSIGN_HALF: "0" / unset off, "1" on (in one kernel where it runs), "copies" on
+    """EDPAIRS_ASSIGN_HALF: "auto" / unset (the default since H200 run 6) on where the wgmma
+    kernel would label the rows and the float16 copies' rows start on 16-byte boundaries (D a
+    multiple of 8), off elsewhere; "0" off, "1" on (in one kernel where it runs), "copies" on
     (always the copies); anything else refused with the values it takes. CPU tensors never take
     the one-kernel path (wide and unaligned rows: the CUDA tests)."""
-    X = torch.zeros((4, 8))
-    for value, on in (("", False), ("0", False), ("1", True), ("copies", True)):
+    X, X12 = torch.zeros((4, 8)), torch.zeros((4, 12))
+    for value, on in (("0", False), ("1", True), ("copies", True)):
         monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", value)
-        assert _gemm.half_labels() is on
+        assert _gemm.half_labels(X) is on and _gemm.half_labels(X12) is on
         assert not _gemm.half_resident_applies(X)  # a CPU tensor
+    for value in ("", "auto", None):
+        if value is None:
+            monkeypatch.delenv("EDPAIRS_ASSIGN_HALF", raising=False)
+        else:
+            monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", value)
+        assert not _gemm.half_labels(X)  # no wgmma here (a CPU tensor, a build without sm_90a)
+        with monkeypatch.context() as m:
+            m.setattr(_gemm, "wgmma_labels_tf32", lambda rows: True)
+            assert _gemm.half_labels(X) and not _gemm.half_labels(X12)
+            assert not _gemm.half_resident_applies(X)  # the copies, not the one kernel
     monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", "yes")
-    with pytest.raises(ValueError, match="EDPAIRS_ASSIGN_HALF must be '0', '1' or 'copies', got 'yes'"):
-        _gemm.half_labels()
+    with pytest.raises(ValueError, match="EDPAIRS_ASSIGN_HALF must be 'auto', '0', '1' or 'copies', got 'yes'"):
+        _gemm.half_labels(X)
+    cuda_torch = SimpleNamespace(name="torch", is_cuda=lambda a: True, dtype_name=lambda a: "float32")
+    with pytest.raises(ValueError, match="EDPAIRS_ASSIGN_HALF must be"):  # checked before anything else
+        _gemm.half_assign_applies(X, cuda_torch, 2, "float32", None, None, None)
     # Which knob wins: the float16 rows only where EDPAIRS_GEMM_ROUTE leaves the choice ("gemm"
     # asks for the route and its near-tie re-score, "kernel" for the float32 kernels).
     monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", "copies")
-    cuda_torch = SimpleNamespace(name="torch", is_cuda=lambda a: True, dtype_name=lambda a: "float32")
     for route, on in ((None, True), ("auto", True), ("gemm", False), ("kernel", False)):
         if route is None:
             monkeypatch.delenv("EDPAIRS_GEMM_ROUTE", raising=False)

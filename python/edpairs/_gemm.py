@@ -17,8 +17,9 @@ step, and the steps' results are added in float64.
   the column sums of X~ in float64 (``CentreRows``, one pass) and ``X~^T X~`` (one product, or
   batched over blocks of block_rows() rows); the mean and the scatter about it follow exactly:
   ``mean = shift + d`` and ``sum (x - mean)(x - mean)^T = sum X~ X~^T - N d d^T`` with
-  ``d = sum X~ / N``. With EDPAIRS_GEMM_GRAM=triangle only the products of the blocks on or
-  above the diagonal (gram_mode); with EDPAIRS_GEMM_GRAM=wgmma (TF32, Hopper) one
+  ``d = sum X~ / N``. For exact float32 products (GRAM_DEFAULT, since H200 run 6) or with
+  EDPAIRS_GEMM_GRAM=triangle only the products of the blocks on or above the diagonal
+  (gram_mode; block_rows() serves the full product alone); with EDPAIRS_GEMM_GRAM=wgmma (TF32, Hopper) one
   ``centred_gram`` pass over X instead (gram_wgmma_applies). With EDPAIRS_GEMM_OVERLAP=1 the
   next step is centred on a second stream while this step's products run (centred_steps, the
   same for the assignment's centred rows). With EDPAIRS_GEMM_HALF=1 (TF32 precision, opt-in)
@@ -463,11 +464,13 @@ def wgmma_unavailable(device=None):
 
 GRAM_MODES = ("cublas", "triangle", "wgmma")
 
-#: The Gram's form where EDPAIRS_GEMM_GRAM is unset, for each precision of the products:
-#: "cublas" for both until a GPU run times the triangle faster for that precision (the exact
-#: float32 and the TF32 products differ in cuBLAS's speed at the triangle's block shapes;
-#: benchmarks/decide.py judges the two apart, bench_moments' -tri rows against the default's).
-GRAM_DEFAULT = {"float32": "cublas", "tf32": "cublas"}
+#: The Gram's form where EDPAIRS_GEMM_GRAM is unset, for each precision of the products (the
+#: exact float32 and the TF32 products differ in cuBLAS's speed at the triangle's block shapes;
+#: benchmarks/decide.py judges the two apart, bench_moments' rows against the default's). On an
+#: H200 at 1M x 512 (benchmarks/results/h200/run6a): exact float32, the triangle in blocks of 128
+#: 8.79 ms against the full product's 12.03 ms (blocks of 256: 9.50 ms); TF32, 4.30 ms against
+#: 4.27 ms, so the full product stays.
+GRAM_DEFAULT = {"float32": "triangle", "tf32": "cublas"}
 
 
 def gram_mode(precision: str) -> str:
@@ -831,19 +834,27 @@ def wgmma_labels_tf32(X) -> bool:
     return _rows_16b(X) and wgmma_unavailable(X.device) is None
 
 
-def half_labels() -> bool:
-    """EDPAIRS_ASSIGN_HALF: "1" labels TF32 cosine assignments of float32 rows with k >=
-    TF32_MIN_K from float16 values of the rows and centroids (half_assign; opt-in until a GPU
-    run has timed it), "copies" the same always from float16 copies of the rows (half_rows, for
-    the benchmarks' comparison), "0" (the default) from the float32 rows."""
-    return _half_knob() != "0"
+def half_labels(X) -> bool:
+    """EDPAIRS_ASSIGN_HALF: whether TF32 cosine assignments of the float32 torch CUDA rows X with
+    k >= TF32_MIN_K are labelled from float16 values of the rows and centroids (half_assign).
+    "auto" (unset or empty, the default): from float16 copies of the rows (half_rows) where
+    edpairs' wgmma kernel would label them, float32 or float16 (wgmma_labels_tf32 and D a
+    multiple of 8: the copies' rows on 16-byte boundaries): on an H200 at k = 1024, 1M x 512,
+    5.31 ms against the float32 rows' 6.60 ms, labels as accurate (benchmarks/results/h200/
+    run6a); elsewhere (other GPUs, other rows: not timed) from the float32 rows. "1": always, in
+    one kernel that makes the float16 rows in shared memory where it runs (half_resident_applies;
+    7.21 ms in the same run); "copies": always from copies; "0": never."""
+    knob = _half_knob()
+    if knob == "auto":
+        return X.shape[1] % 8 == 0 and wgmma_labels_tf32(X)
+    return knob != "0"
 
 
 def _half_knob() -> str:
-    value = os.environ.get("EDPAIRS_ASSIGN_HALF", "0")
-    if value not in ("", "0", "1", "copies"):
-        raise ValueError(f"EDPAIRS_ASSIGN_HALF must be '0', '1' or 'copies', got {value!r}")
-    return value or "0"
+    value = os.environ.get("EDPAIRS_ASSIGN_HALF", "auto")
+    if value not in ("", "auto", "0", "1", "copies"):
+        raise ValueError(f"EDPAIRS_ASSIGN_HALF must be 'auto', '0', '1' or 'copies', got {value!r}")
+    return value or "auto"
 
 
 def half_resident_applies(X) -> bool:
@@ -856,14 +867,14 @@ def half_resident_applies(X) -> bool:
 
 
 def half_assign_applies(X, xp, k: int, precision: str, center, row_scale, col_scale) -> bool:
-    """Whether ops.assign takes half_assign: EDPAIRS_ASSIGN_HALF=1 or copies, a torch CUDA float32 X with
-    rows, TF32 products, k >= TF32_MIN_K (below it X's one read dominates, and the copy would
-    add to it) and the cosine's own scales (no center, row_scale or col_scale), with
-    EDPAIRS_GEMM_ROUTE unset or "auto" ("gemm" asks for the route and its near-tie re-score,
-    "kernel" for edpairs' float32 kernels)."""
-    return (half_labels() and precision == "tf32" and k >= TF32_MIN_K and xp.name == "torch" and xp.is_cuda(X)
+    """Whether ops.assign takes half_assign: a torch CUDA float32 X with rows, TF32 products, k >=
+    TF32_MIN_K (below it X's one read dominates, and the copy would add to it) and the cosine's
+    own scales (no center, row_scale or col_scale), with EDPAIRS_GEMM_ROUTE unset or "auto"
+    ("gemm" asks for the route and its near-tie re-score, "kernel" for edpairs' float32
+    kernels), where half_labels(X) says so (EDPAIRS_ASSIGN_HALF)."""
+    return (_half_knob() != "0" and precision == "tf32" and k >= TF32_MIN_K and xp.name == "torch" and xp.is_cuda(X)
             and xp.dtype_name(X) == "float32" and X.shape[0] > 0 and center is None and row_scale is None
-            and col_scale is None and _knob() == "auto")
+            and col_scale is None and _knob() == "auto" and half_labels(X))
 
 
 def half_assign(X, C, labels, scores, sums, counts, *, lib):
