@@ -356,6 +356,9 @@ for x in (load("kernel_profile.json") or {}).get("results", []):
     if "kernels" in x:
         top = ", ".join(f"{k['name'][:40]} {k['seconds'] * 1e3:.2f}" for k in x["kernels"][:4])
         print(f"profile {x['case']:80s} step {x['wall_s'] * 1e3:7.2f} ms, busy {x['device_busy_s'] * 1e3:7.2f}: {top}")
+        host = ", ".join(f"{h['name'][:50]} x{h['calls']} {h['self_s'] * 1e3:.2f}" for h in x.get("host", [])[:4])
+        if host:
+            print(f"        host (cProfile, ms of self time; a wait for the device counts in the call that waits): {host}")
 for method, x in ((load("fit_cuda.json") or {}).get("results") or {}).items():
     print(f"whole fit on the GPU, {method}: " + (f"{x['wall_s']:.2f} s, {x.get('n_iter')} iterations, IoU {x.get('mean_iou', 0):.3f}"
                                                 if "wall_s" in x else str(x.get("error"))))

@@ -15,8 +15,10 @@ A case is OP:SIZE[:KEY=VALUE;KEY=VALUE...] (environment knobs set for that case 
 The table gives, per case, the wall time of a step (CUDA events), the sum of its device
 activities and the difference ("idle": launch gaps, host work, synchronisation; negative where
 two streams overlap, as with EDPAIRS_ASSIGN_OVERLAP), then each kernel's calls and microseconds
-per step and its share of the device time. On a CPU there are
-no device activities; the script then reports the wall time only (a smoke run of its plumbing).
+per step and its share of the device time, and the host functions of one more step by their
+own time (cProfile; on a GPU the call that waits for the device holds the wait: HOST_TOP of
+them, "host" in the JSON). On a CPU there are no device activities; the script then reports the
+wall time and the host functions only (a smoke run of its plumbing).
 """
 
 from __future__ import annotations
@@ -117,6 +119,32 @@ def short_name(name: str) -> str:
     return (base + sep + args).strip()[:120]
 
 
+#: Host functions kept per case by host_profile (most time spent in the function itself).
+HOST_TOP = 15
+
+
+def host_profile(step, device: str, top: int = HOST_TOP) -> List[dict]:
+    """The Python functions (and built-ins) of one step by the time spent in them, not in what
+    they call (cProfile, the device waited for at the end): where a step's host time goes, and,
+    on a GPU, which calls wait for the device (a copy to the host or a .tolist() holds the time
+    the queued kernels still needed). Each: name (file:line(function) or the built-in), calls,
+    self and cumulative seconds."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        step()
+        sync(device)
+    finally:
+        prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, function) -> (calls, primitive calls, self s, cum s, callers)
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [{"name": f"{os.path.basename(f)}:{line}({fn})" if f != "~" else fn, "calls": int(nc),
+             "self_s": float(tt), "cum_s": float(ct)} for (f, line, fn), (_, nc, tt, ct, _) in rows]
+
+
 def profile_case(step, device: str, repeat: int):
     """Wall seconds per step (median of `repeat`) and {kernel: [calls, seconds]} per step."""
     from torch.autograd import DeviceType
@@ -176,6 +204,7 @@ def main(argv=None) -> int:
                     print(f"{text}: ran")
                     continue
                 timing, kernels = profile_case(step, device, args.repeat)
+                host = host_profile(step, device)
         except Exception as exc:  # noqa: BLE001 - one failing case must not lose the others
             print(f"{text}: failed: {type(exc).__name__}: {exc}")
             results.append({"case": text, "error": f"{type(exc).__name__}: {exc}"})
@@ -191,11 +220,15 @@ def main(argv=None) -> int:
         results.append({"case": text, "op": op, "size": list(sizes), "env": env, "wall_s": wall,
                         "device_busy_s": busy,
                         "kernels": [{"name": n, "calls": c, "seconds": s}
-                                    for n, (c, s) in sorted(kernels.items(), key=lambda kv: -kv[1][1])]})
+                                    for n, (c, s) in sorted(kernels.items(), key=lambda kv: -kv[1][1])],
+                        "host": host})
         print(f"\n{text}: step {wall * 1e3:.3f} ms (CUDA events), device busy {busy * 1e3:.3f} ms, "
               f"idle {(wall - busy) * 1e3:.3f} ms" if kernels else f"\n{text}: step {wall * 1e3:.3f} ms (no device activities)")
         for row in results[-1]["kernels"]:
             print(f"  {row['seconds'] * 1e6:10.1f} us  {100 * row['seconds'] / busy:5.1f}%  x{row['calls']:<5g} {row['name']}")
+        print("  host, one step (cProfile; self time, the device waited for inside the call that waits):")
+        for row in host:
+            print(f"  {row['self_s'] * 1e6:10.1f} us self {row['cum_s'] * 1e6:10.1f} us cum  x{row['calls']:<5d} {row['name']}")
         save()
     if args.run_only:
         return 1 if results else 0

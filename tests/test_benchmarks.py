@@ -327,3 +327,20 @@ def test_benchmarks_folder_shadows_no_package():
     for name in ("faiss", "torch", "numpy", "edpairs", "sklearn", "cupy"):
         for entry in (name, name + ".py"):
             assert not os.path.exists(os.path.join(BENCH, entry)), entry
+
+
+def test_profile_kernels_lists_the_host_functions_of_a_step(tmp_path):
+    """profile_kernels.py keeps, per case, the host functions of one step by their own time
+    (cProfile): the kmeans-fit case on the CPU names the assignment binding it spends its time in."""
+    out = tmp_path / "kp.json"
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "python") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run([sys.executable, os.path.join(BENCH, "profile_kernels.py"), "--device", "cpu", "--cases",
+                          "kmeans-fit:3000,16,8", "--repeat", "1", "--json", str(out)],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (case,) = json.loads(out.read_text())["results"]
+    host = case["host"]
+    assert 0 < len(host) <= 15 and all(h["calls"] >= 1 and 0 <= h["self_s"] <= h["cum_s"] + 1e-9 for h in host), host
+    assert [h["self_s"] for h in host] == sorted((h["self_s"] for h in host), reverse=True)
+    assert any("edpairs._C.assign" in h["name"] for h in host), [h["name"] for h in host]
+    assert "host, one step (cProfile" in res.stdout

@@ -904,31 +904,37 @@ def test_wgmma_kernel_agrees_with_the_mma_kernel(torch, dtype, kernel, k, monkey
 
 def test_tf32_assign_defaults_to_the_wgmma_kernel_on_hopper(torch, monkeypatch, rng):
     """With EDPAIRS_ASSIGN_KERNEL unset, a TF32 assignment of float32 rows with k >= 129 is
-    labelled by the wgmma kernel on Hopper instead of the route: bit-for-bit the results of
-    EDPAIRS_GEMM_ROUTE=kernel with EDPAIRS_ASSIGN_KERNEL=wgmma, not those of the mma kernel;
-    "mma" sends it back to the route, and so do rows off 16 bytes. Below k = 129 the default
-    keeps the mma kernel (the 64- and 128-wide wgmma tiles are opt-in until a GPU run times
-    them), and "wgmma" takes them."""
+    labelled by the wgmma kernel on Hopper instead of the route: by default (since H200 run 6)
+    from float16 copies of the rows, bit for bit EDPAIRS_ASSIGN_HALF=copies; with
+    EDPAIRS_ASSIGN_HALF=0 from the float32 rows, bit for bit EDPAIRS_GEMM_ROUTE=kernel with
+    EDPAIRS_ASSIGN_KERNEL=wgmma, not the mma kernel; "mma" sends it back to the route, and so
+    do rows off 16 bytes. Below k = 129 the default keeps the mma kernel (the 64- and 128-wide
+    wgmma tiles are opt-in: slower at k = 64 in H200 run 6), and "wgmma" takes them."""
     from edpairs import _gemm
     from edpairs._arrays import Namespace
 
     if reason := _wgmma_skip_reason():
         pytest.skip(reason)
-    for name in ("EDPAIRS_ASSIGN_KERNEL", "EDPAIRS_GEMM_ROUTE"):
+    for name in ("EDPAIRS_ASSIGN_KERNEL", "EDPAIRS_GEMM_ROUTE", "EDPAIRS_ASSIGN_HALF"):
         monkeypatch.delenv(name, raising=False)
     xp = Namespace("torch")
     N, D, k = 20_000, 64, 300
     C = make_centroids(rng, k, D)
     Xg, Cg = gpu(make_rows(rng, N, D, C=C)), gpu(C)
-    assert not _gemm.assign_applies(Xg, xp, k, "tf32")
+    assert not _gemm.assign_applies(Xg, xp, k, "tf32") and _gemm.half_labels(Xg)
     runs = {"default": ops.assign(Xg, Cg, precision="tf32")}
+    for name, knob in (("copies", "copies"), ("rows", "0")):
+        monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", knob)
+        runs[name] = ops.assign(Xg, Cg, precision="tf32")
     monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "kernel")
     for name in ("wgmma", "mma"):
         monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", name)
         runs[name] = ops.assign(Xg, Cg, precision="tf32")
     for key in ("labels", "scores", "counts"):
-        np.testing.assert_array_equal(to_numpy(getattr(runs["default"], key)), to_numpy(getattr(runs["wgmma"], key)))
-    assert not np.array_equal(to_numpy(runs["default"].scores), to_numpy(runs["mma"].scores))
+        np.testing.assert_array_equal(to_numpy(getattr(runs["default"], key)), to_numpy(getattr(runs["copies"], key)))
+        np.testing.assert_array_equal(to_numpy(getattr(runs["rows"], key)), to_numpy(getattr(runs["wgmma"], key)))
+    assert not np.array_equal(to_numpy(runs["rows"].scores), to_numpy(runs["mma"].scores))
+    assert not np.array_equal(to_numpy(runs["default"].scores), to_numpy(runs["rows"].scores))
     # Below k = 129 (no route) the default labels on mma; "wgmma" in 64- and 128-wide tiles.
     for small in (40, 128):
         Cs = gpu(make_centroids(rng, small, D))
