@@ -333,10 +333,9 @@ def test_profile_kernels_lists_the_host_functions_of_a_step(tmp_path):
     """profile_kernels.py keeps, per case, the host functions of one step by their own time
     (cProfile): the kmeans-fit case on the CPU names the assignment binding it spends its time in."""
     out = tmp_path / "kp.json"
-    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "python") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     res = subprocess.run([sys.executable, os.path.join(BENCH, "profile_kernels.py"), "--device", "cpu", "--cases",
                           "kmeans-fit:3000,16,8", "--repeat", "1", "--json", str(out)],
-                         capture_output=True, text=True, timeout=120, env=env)
+                         capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     (case,) = json.loads(out.read_text())["results"]
     host = case["host"]
