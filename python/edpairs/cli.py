@@ -164,9 +164,14 @@ def _normalisation(args, model_name: str) -> str:
 
 def _crops(args) -> int:
     crops = args.crops if args.crops is not None else (1 if args.images else 6)
-    if crops < 1:
-        raise UserError(f"--crops must be >= 1, got {crops}")
+    _at_least("--crops", crops, 1)
     return crops
+
+
+def _at_least(flag: str, value, minimum: int, unit: str = "") -> None:
+    """A command-line number at least ``minimum``, else a UserError naming the flag."""
+    if value < minimum:
+        raise UserError(f"{flag} must be >= {minimum}{unit}, got {value}")
 
 
 def _check_output(path: str, overwrite: bool, what: str) -> None:
@@ -194,8 +199,7 @@ def cmd_fit(args) -> int:
     if not args.out.endswith(".npz"):
         raise UserError(f"--out must name a .npz file, got {args.out!r}")
     for flag, value in (("--concepts", args.concepts), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise UserError(f"{flag} must be >= 1, got {value}")
+        _at_least(flag, value, 1)
     log = pipeline.Log(enabled=not args.quiet)
     store_exists = args.store and os.path.isfile(os.path.join(args.store, "store.json"))
     need_model = not store_exists or args.ura
@@ -254,8 +258,7 @@ def cmd_report(args) -> int:
 
     log = pipeline.Log(enabled=not args.quiet)
     for flag, value in (("--probe", args.probe), ("--noise", args.noise)):
-        if value < 0:
-            raise UserError(f"{flag} must be >= 0, got {value}")
+        _at_least(flag, value, 0)
     if not os.path.isfile(args.pairs):
         raise UserError(f"no pairs file {args.pairs!r} (make one with: edpairs fit ... --out {args.pairs})")
     pairs = EDPairs.load(args.pairs)
@@ -306,8 +309,7 @@ def cmd_layers(args) -> int:
     if args.shapes:
         import torch
 
-        if args.size < 1:
-            raise UserError(f"--size must be >= 1 (pixels), got {args.size}")
+        _at_least("--size", args.size, 1, " (pixels)")
         example = torch.zeros(1, 3, args.size, args.size)
     try:
         rows = layer_names(model, example)
@@ -355,8 +357,7 @@ def cmd_bench(args) -> int:
     if min(N, D, k) < 1 or k > N:
         raise UserError(f"--size N,D,k needs N, D, k >= 1 and k <= N (k centroids drawn from the N rows), "
                         f"got {args.size!r}")
-    if args.repeat < 1:
-        raise UserError(f"--repeat must be >= 1, got {args.repeat}")
+    _at_least("--repeat", args.repeat, 1)
     torch = None
     try:
         import torch

@@ -147,7 +147,12 @@ def iou_matrix(maps, masks, thresholds, images=None, *, batch_size: int = 16) ->
     masks = np.asarray(masks, dtype=bool)
     _check(maps, masks, batch_size)
     images = np.arange(len(maps)) if images is None else _image_indices(images, len(maps))
-    inter, det, area = _counts(maps, masks, _thresholds(thresholds, maps.shape[3]), images, batch_size)
+    return _iou(maps, masks, _thresholds(thresholds, maps.shape[3]), images, batch_size)
+
+
+def _iou(maps, masks, t, images, batch_size) -> np.ndarray:
+    """iou_matrix of checked inputs: maps (n, h, w, K) float32, masks bool, t (K,) float32."""
+    inter, det, area = _counts(maps, masks, t, images, batch_size)
     union = det[:, None] + area[None, :] - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
@@ -263,8 +268,8 @@ def dissect(maps, masks, concepts: Optional[Sequence[str]] = None, *, rule: str 
         t = np.nextafter(edges[np.arange(K), j].astype(np.float32), np.float32(-np.inf))
     else:
         raise ValueError(f'rule must be "given", "quantile" or "best", got {rule!r}')
-    iou_fit = iou_matrix(maps, masks, t, fit_idx, batch_size=batch_size)
-    iou = iou_matrix(maps, masks, t, score_idx, batch_size=batch_size)
+    iou_fit = _iou(maps, masks, t, fit_idx, batch_size)
+    iou = _iou(maps, masks, t, score_idx, batch_size)
     best_concept = np.argmax(iou_fit, axis=1)
     best_iou = iou[np.arange(K), best_concept]
     summary = s_scores(best_iou, best_concept, C)

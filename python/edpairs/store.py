@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import numbers
 import os
 import zlib
 from typing import Callable, Iterator, Optional
@@ -330,7 +329,7 @@ class ActivationStore:
     def shard(self, i: int) -> np.ndarray:
         """The ``i``-th finished shard, memory-mapped, ``(rows, D)`` in the stored dtype."""
         n = len(self._shards)
-        if isinstance(i, (bool, np.bool_)) or not isinstance(i, numbers.Integral):
+        if not is_int(i):
             raise TypeError(f"shard index must be an integer, got {type(i).__name__} {i!r}")
         if not -n <= i < n:
             raise IndexError(f"shard index {i} is out of range: the store {self.path} has {n} finished shards "
@@ -355,10 +354,7 @@ class ActivationStore:
     def images(self, batch_images: Optional[int] = None) -> Iterator[np.ndarray]:
         """A fresh iterator over channel-last ``(n, *grid, D)`` arrays: one per shard, or batches
         of ``batch_images`` images (never crossing a shard)."""
-        if batch_images is not None and (isinstance(batch_images, (bool, np.bool_))
-                                         or not isinstance(batch_images, numbers.Integral) or batch_images < 1):
-            raise ValueError(f"batch_images must be a positive integer (or None: one array per shard), "
-                             f"got {batch_images!r}")
+        check_int("batch_images", batch_images, optional=True)
         self._check_complete()
         grid, d, ppi = self.grid, self.n_features, self.patches_per_image
 
