@@ -1452,6 +1452,34 @@ def test_half_assign_labels_from_float16_rows(rng):
     check_assignment(ops.Assignment(labels, scores, sums, counts), X, C, tol=HALF_TOL, check_ties=False)
 
 
+def test_half_assign_without_memory_labels_the_float32_rows(rng, monkeypatch):
+    """Under the default ("auto"), a device without memory for the float16 copies gets the
+    float32 rows' labels with a warning naming what did not fit, nothing written by the half
+    path; with EDPAIRS_ASSIGN_HALF=copies the out-of-memory error stands. (CPU tensors with
+    half_assign_applies forced on, and float16 allocations failing as a full GPU's do.)"""
+    C = make_centroids(rng, 140, 24)
+    X = make_rows(rng, 1700, 24, C=C)
+    want = ops.assign(t(X), t(C), precision="tf32")
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        if kwargs.get("dtype") == torch.float16:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a test)")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(_gemm, "half_assign_applies", lambda *args: True)
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.delenv("EDPAIRS_ASSIGN_HALF", raising=False)
+    with pytest.warns(RuntimeWarning, match=r"EDPAIRS_ASSIGN_HALF: no device memory for the float16 copies of the "
+                                            r"rows \(0.1 MiB\): labelling the float32 rows instead \(CUDA out of memory"):
+        got = ops.assign(t(X), t(C), precision="tf32")
+    for name in ("labels", "scores", "sums", "counts"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", "copies")
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="a test"):
+        ops.assign(t(X), t(C), precision="tf32")
+
+
 def test_half_assign_copies_the_rows_in_steps(rng, monkeypatch):
     """The float16 copies are made SCRATCH_BYTES at a time: steps of 500 rows (and a ragged
     last one) give the labels, scores and sums of one copy of all the rows."""

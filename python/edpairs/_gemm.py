@@ -886,7 +886,10 @@ def half_assign(X, C, labels, scores, sums, counts, *, lib):
     makes each tile of float16 rows in shared memory and labels it there (precision
     "tf32-half"); elsewhere ``half_rows`` writes float16 copies, SCRATCH_BYTES of them at a
     time, and edpairs' 16-bit kernel labels them (wgmma on Hopper). Fills labels, scores and,
-    when given, sums and counts in place."""
+    when given, sums and counts in place, and returns True; returns False, having written
+    nothing, where EDPAIRS_ASSIGN_HALF is "auto" and the device has no memory for the copies
+    (up to SCRATCH_BYTES, and 4 bytes a row): the caller labels the float32 rows instead, with
+    a warning (set to "copies", the error stands)."""
     import torch
 
     from ._arrays import Namespace
@@ -897,13 +900,24 @@ def half_assign(X, C, labels, scores, sums, counts, *, lib):
     stream = xp.stream(X)
     if half_resident_applies(X):
         lib.assign(c(X), c(C), None, None, None, c(labels), c(scores), c(sums), c(counts), False, "tf32-half", stream)
-        return
+        return True
     step = max(1, min(N, SCRATCH_BYTES // (2 * D)))
-    Ch = torch.empty(C.shape, dtype=torch.float16, device=X.device)
-    lib.half_rows(c(C), c(Ch), c(torch.empty((C.shape[0],), dtype=torch.float32, device=X.device)), stream)
+    try:
+        Ch = torch.empty(C.shape, dtype=torch.float16, device=X.device)
+        Ch_scale = torch.empty((C.shape[0],), dtype=torch.float32, device=X.device)
+        Xh = torch.empty((step, D), dtype=torch.float16, device=X.device)
+        rscale = torch.empty((N,), dtype=torch.float32, device=X.device)
+    except torch.cuda.OutOfMemoryError as exc:
+        if _half_knob() != "auto":
+            raise
+        import warnings
+
+        warnings.warn(f"EDPAIRS_ASSIGN_HALF: no device memory for the float16 copies of the rows "
+                      f"({(step * D * 2 + N * 4) / 2**20:.1f} MiB): labelling the float32 rows instead ({exc})",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    lib.half_rows(c(C), c(Ch), c(Ch_scale), stream)
     Cs = Ch.float()  # the kernel takes float32 centroids and rounds them to X's float16: exact here
-    Xh = torch.empty((step, D), dtype=torch.float16, device=X.device)
-    rscale = torch.empty((N,), dtype=torch.float32, device=X.device)
     for first, last in _steps(N, step):
         xh = Xh[: last - first]
         lib.half_rows(c(X[first:last]), c(xh), c(rscale[first:last]), stream)
@@ -911,6 +925,7 @@ def half_assign(X, C, labels, scores, sums, counts, *, lib):
                    "tf32", stream)
     if sums is not None:
         lib.cluster_sums(c(X), c(labels), c(rscale), None, c(sums), c(counts), stream)
+    return True
 
 
 def assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, *, precision: str, rows: int, lib):
