@@ -295,6 +295,7 @@ def test_decide_flips_only_faster_accurate_tested_candidates(tmp_path):
     columns = v["wgmma labels below k = 129 + owned-column sums"]
     assert columns.verdict == "keep" and "less accurate" in columns.detail and "not 3% faster" not in columns.detail
     assert v["EDPAIRS_ASSIGN_SUMS=fused on wgmma"].verdict == "not measured"
+    assert v["EDPAIRS_GEMM_HALF=moments"].verdict == "FLIP"  # the moments row won alone
     half = v["EDPAIRS_GEMM_HALF=1"]
     assert half.verdict == "keep" and "not 3% faster everywhere (faster alone: moments)" in half.detail  # signal lost
     assert v["EDPAIRS_GEMM_OVERLAP=1"].verdict == "not measured"
@@ -311,7 +312,7 @@ def test_decide_flips_only_faster_accurate_tested_candidates(tmp_path):
     assert "fastest moments tf32 row: edpairs-tf32-half 3.00 ms" in res.stdout
     assert "default lives in: python/edpairs/_gemm.py half_labels()' auto" in res.stdout
     assert "default lives in: python/edpairs/_gemm.py GRAM_DEFAULT['float32']" in res.stdout
-    assert [d["verdict"] for d in json.loads(out.read_text())["decisions"]].count("FLIP") == 2
+    assert [d["verdict"] for d in json.loads(out.read_text())["decisions"]].count("FLIP") == 3
 
 
 @pytest.mark.parametrize("rc,failures", [("0", 1), ("2", 0)])

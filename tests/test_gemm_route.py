@@ -823,8 +823,23 @@ def test_route_moments_from_float16_operands(gram, rng, monkeypatch):
     np.testing.assert_array_equal(exact[1].numpy(), _gemm.moments(t(X), precision="float32", rows=700, lib=lib(),
                                                                   half=False)[1].numpy())
     monkeypatch.setenv("EDPAIRS_GEMM_HALF", "2")
-    with pytest.raises(ValueError, match="EDPAIRS_GEMM_HALF must be '0' or '1', got '2'"):
+    with pytest.raises(ValueError, match="EDPAIRS_GEMM_HALF must be '0', '1', 'moments' or 'signal', got '2'"):
         _gemm.moments(t(X), precision="tf32", rows=700, lib=lib())
+
+
+def test_half_products_knob_per_operation(monkeypatch):
+    """EDPAIRS_GEMM_HALF: "1" both operations, "moments" / "signal" that one only, "0" neither;
+    unset or empty, HALF_DEFAULT of the operation (both off so far, as decide.py left them)."""
+    assert _gemm.HALF_DEFAULT == {"moments": False, "signal": False}
+    for value, moments, signal in (("1", True, True), ("moments", True, False), ("signal", False, True),
+                                   ("0", False, False), ("", False, False)):
+        monkeypatch.setenv("EDPAIRS_GEMM_HALF", value)
+        assert (_gemm.half_products("moments"), _gemm.half_products("signal")) == (moments, signal), value
+    monkeypatch.delenv("EDPAIRS_GEMM_HALF")
+    monkeypatch.setitem(_gemm.HALF_DEFAULT, "moments", True)
+    assert _gemm.half_products("moments") and not _gemm.half_products("signal")
+    monkeypatch.setenv("EDPAIRS_GEMM_HALF", "0")
+    assert not _gemm.half_products("moments")
 
 
 def _spy_passes(monkeypatch, name):
@@ -1304,7 +1319,8 @@ def test_float16_operands_need_a_torch_that_has_them(rng, monkeypatch):
     """Without torch's float16 products into float32 the knob warns and TF32 operands serve."""
     monkeypatch.setattr(_gemm, "_half_unavailable", lambda torch: "torch 2.1 has none")
     X = rng.standard_normal((300, 5)).astype(np.float32)
-    with pytest.warns(RuntimeWarning, match="EDPAIRS_GEMM_HALF=1 ignored: torch 2.1 has none"):
+    with pytest.warns(RuntimeWarning, match=r"float16 operands \(EDPAIRS_GEMM_HALF\) ignored for the moments: "
+                                            "torch 2.1 has none"):
         mean, m2 = _gemm.moments(t(X), precision="tf32", rows=100, lib=lib(), half=True)
     check_moments(ops.Moments(300, mean, m2), X, rtol=1e-6)  # the CPU's TF32 products are exact
 

@@ -22,7 +22,8 @@ step, and the steps' results are added in float64.
   (gram_mode; block_rows() serves the full product alone); with EDPAIRS_GEMM_GRAM=wgmma (TF32, Hopper) one
   ``centred_gram`` pass over X instead (gram_wgmma_applies). With EDPAIRS_GEMM_OVERLAP=1 the
   next step is centred on a second stream while this step's products run (centred_steps, the
-  same for the assignment's centred rows). With EDPAIRS_GEMM_HALF=1 (TF32 precision, opt-in)
+  same for the assignment's centred rows). With EDPAIRS_GEMM_HALF=1 (TF32 precision, opt-in;
+  "moments" or "signal" for one of them)
   the centring pass writes float16 operands, each column scaled by a power of two
   (half_products); the signal moments' products too, from float16 x~, W and masked z (_SignalHalf).
 * signal moments: per step ``Z = X~ W - b'`` (``b' = b - center . W`` in float64, as the kernels
@@ -200,9 +201,17 @@ def centre_overlap() -> bool:
     return value == "1"
 
 
-def half_products() -> bool:
-    """EDPAIRS_GEMM_HALF: "1" takes the TF32 moments' and signal moments' products from float16
-    operands (opt-in until a GPU run has timed it; "0", the default, from TF32 ones). The
+#: Which operations take float16 operands for TF32 products where EDPAIRS_GEMM_HALF is unset:
+#: none yet. On an H200 (runs 6a, 6b) the moments took 3.09 / 2.97 ms against TF32's 4.27 /
+#: 4.24 ms, the signal moments 4.90 / 5.57 ms against 4.75 / 4.74 ms; benchmarks/decide.py
+#: judges "moments" alone and both together.
+HALF_DEFAULT = {"moments": False, "signal": False}
+
+
+def half_products(op: str) -> bool:
+    """EDPAIRS_GEMM_HALF for ``op`` ("moments" or "signal"): "1" takes the TF32 moments' and
+    signal moments' products from float16 operands, "moments" or "signal" only that
+    operation's, "0" neither; unset or empty, HALF_DEFAULT[op] (opt-in for both so far). The
     centring pass writes each centred value times its column's power of two (exact) as a
     float16, rounded to nearest (the signal moments' W and masked z likewise, _SignalHalf):
     11 significant bits like TF32, unbiased where TF32's truncation is not, with float32
@@ -213,10 +222,10 @@ def half_products() -> bool:
     (one without spread in the first step, whose later values would sink into float16's
     subnormals), the call runs again with the scales of the largest values seen (one
     synchronisation at the end of the call to look); with non-finite data, TF32 operands."""
-    value = os.environ.get("EDPAIRS_GEMM_HALF", "0")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"EDPAIRS_GEMM_HALF must be '0' or '1', got {value!r}")
-    return value == "1"
+    value = os.environ.get("EDPAIRS_GEMM_HALF", "")
+    if value not in ("", "0", "1", "moments", "signal"):
+        raise ValueError(f"EDPAIRS_GEMM_HALF must be '0', '1', 'moments' or 'signal', got {value!r}")
+    return HALF_DEFAULT[op] if value == "" else value in ("1", op)
 
 
 #: The float16 operands' scale brings each column's largest |x - shift| in the first step into
@@ -257,16 +266,17 @@ def _float32_accumulation(torch):
             matmul.allow_fp16_accumulation = before
 
 
-def _half_wanted(torch, precision: str, half: Optional[bool]) -> bool:
-    """Whether a TF32 call takes float16 operands (``half``, default half_products()); a torch
-    without the products falls back to TF32 with a warning."""
-    if precision != "tf32" or not (half_products() if half is None else half):
+def _half_wanted(torch, precision: str, half: Optional[bool], op: str) -> bool:
+    """Whether a TF32 call of ``op`` takes float16 operands (``half``, default
+    half_products(op)); a torch without the products falls back to TF32 with a warning."""
+    if precision != "tf32" or not (half_products(op) if half is None else half):
         return False
     why = _half_unavailable(torch)
     if why is not None:
         import warnings
 
-        warnings.warn(f"EDPAIRS_GEMM_HALF=1 ignored: {why}; TF32 operands instead", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"float16 operands (EDPAIRS_GEMM_HALF) ignored for the {op}: {why}; TF32 operands instead",
+                      RuntimeWarning, stacklevel=3)
         return False
     return True
 
@@ -545,7 +555,7 @@ def _rows_16b(X) -> bool:
 
 def moments(X, *, precision: str, rows: int, lib, half: Optional[bool] = None):
     """(mean (D,), m2 (D, D)) float64 of the rows of X (torch, N >= 1) on the route above
-    (``half``: float16 operands for TF32 products; default half_products(); _half_passes)."""
+    (``half``: float16 operands for TF32 products; default half_products("moments"); _half_passes)."""
     import torch
 
     from ._arrays import Namespace
@@ -562,7 +572,7 @@ def moments(X, *, precision: str, rows: int, lib, half: Optional[bool] = None):
     def plain():
         return _moments_pass(torch, X, shift, precision, rows, lib, None)[1]
 
-    if not _half_wanted(torch, precision, half):
+    if not _half_wanted(torch, precision, half, "moments"):
         return plain()
     return _half_passes(torch, half_top(torch, X, shift, step),
                         lambda top: _moments_pass(torch, X, shift, precision, rows, lib, _pow2_scale(torch, top)),
@@ -699,7 +709,7 @@ class _SignalHalf:
 def signal_moments(X, W, b, center, *, precision: str, rows: int, lib, half: Optional[bool] = None):
     """(count, sum_x, sum_z, sum_zz, sum_xz) of ops.signal_moments for a torch X (N >= 1) on the
     route above; W (D, I), b (I,), center (D,) or None are float32 on X's device. ``half``: the
-    products from float16 operands for TF32 precision (default half_products(); _SignalHalf,
+    products from float16 operands for TF32 precision (default half_products("signal"); _SignalHalf,
     _half_passes).
 
     With EDPAIRS_GEMM_OVERLAP=1 and more than one step, the steps are dealt in turn to two lanes
@@ -716,7 +726,7 @@ def signal_moments(X, W, b, center, *, precision: str, rows: int, lib, half: Opt
     else:
         bias = b
     step = min(rows, N)
-    half = _half_wanted(torch, precision, half)
+    half = _half_wanted(torch, precision, half, "signal")
     shift = None
     if center is not None or X.dtype != torch.float32 or half:
         shift = center if center is not None else torch.zeros((D,), dtype=torch.float32, device=dev)

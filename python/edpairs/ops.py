@@ -507,7 +507,7 @@ def moments(X, *, check_finite: bool = True, precision: str = "float32",
     fewer for rows wider than 2048 columns: about 1 GB of scratch at most), one product per
     step by default (float32 accumulation over the step inside cuBLAS; EDPAIRS_GEMM_BLOCK_ROWS
     batches a step over blocks of that many rows instead), exact float32 operands by default,
-    TF32 with ``precision="tf32"``, float16 operands scaled per column with EDPAIRS_GEMM_HALF=1,
+    TF32 with ``precision="tf32"``, float16 operands scaled per column with EDPAIRS_GEMM_HALF=1 or moments,
     the steps added in float64; the scratch is ``workspace_rows x D`` float32.
     """
     precision = _product_precision(precision)
