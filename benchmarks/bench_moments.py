@@ -170,7 +170,7 @@ def _edpairs_methods(cuda: bool, workspace_rows, block_rows=(), triangle_blocks=
         out[f"edpairs-r{rows}"] = ({"workspace_rows": rows}, gemm)
         out[f"edpairs-tf32-r{rows}"] = ({"workspace_rows": rows, "precision": "tf32"}, gemm)
     for rows in block_rows:
-        env = {**gemm, "EDPAIRS_GEMM_BLOCK_ROWS": str(rows)}
+        env = {**gemm, "EDPAIRS_GEMM_GRAM": "cublas", "EDPAIRS_GEMM_BLOCK_ROWS": str(rows)}  # (the full product's)
         out[f"edpairs-b{rows}"] = ({}, env)
         out[f"edpairs-tf32-b{rows}"] = ({"precision": "tf32"}, env)
     for block in triangle_blocks:

@@ -187,21 +187,35 @@ def _module():
     return mod
 
 
-def _scatter_add(a, indices, value):
-    """cupyx.scatter_add: a[indices] += value, repeated indices adding up, in place; as cupy,
-    only into int32, float16, float32, float64, uint32 or uint64 arrays (its atomicAdd types)."""
-    _check_current([a, indices, value], "scatter_add")
-    if a.dtype not in (np.int32, np.float16, np.float32, np.float64, np.uint32, np.uint64):
-        raise TypeError("scatter_add only supports int32, float16, float32, float64, uint32, uint64, as data type")
-    np.add.at(a.view(np.ndarray), _plain(indices), _plain(value))
+scatter_calls: list = []  # which of cupy.add.at / cupyx.scatter_add each in-place count used
 
 
-def install(monkeypatch):
-    """The stand-in as ``cupy`` (and ``cupyx``) for the rest of the test; device 0 current."""
+def _scatter(name):
+    def scatter(a, indices, value):
+        """a[indices] += value, repeated indices adding up, in place; as cupy (cupyx.scatter_add,
+        and cupy.add.at, which runs it), only into int32, float16, float32, float64, uint32 or
+        uint64 arrays (its atomicAdd types)."""
+        _check_current([a, indices, value], name)
+        if a.dtype not in (np.int32, np.float16, np.float32, np.float64, np.uint32, np.uint64):
+            raise TypeError(f"{name} only supports int32, float16, float32, float64, uint32, uint64, as data type")
+        scatter_calls.append(name)
+        np.add.at(a.view(np.ndarray), _plain(indices), _plain(value))
+
+    return scatter
+
+
+def install(monkeypatch, add_at: bool = True):
+    """The stand-in as ``cupy`` (and ``cupyx``) for the rest of the test; device 0 current.
+    ``add_at``: cupy.add has ``at`` (CuPy >= 13), else only cupyx.scatter_add counts in place."""
     _current[0] = 0
+    scatter_calls.clear()
     mod = _module()
+    add = _function("add")
+    if add_at:
+        add.at = _scatter("add.at")
+    mod.add = add
     monkeypatch.setitem(sys.modules, "cupy", mod)
-    monkeypatch.setitem(sys.modules, "cupyx", types.SimpleNamespace(scatter_add=_scatter_add))
+    monkeypatch.setitem(sys.modules, "cupyx", types.SimpleNamespace(scatter_add=_scatter("scatter_add")))
     return mod
 
 

@@ -1043,12 +1043,20 @@ def test_shape_dependent_shared_memory_under_concurrent_callers(torch, path, mon
              "half": {"EDPAIRS_ASSIGN_HALF": "1"}}[path]
     for name, value in knobs.items():
         monkeypatch.setenv(name, value)
+    if path == "half":  # (the module's EDPAIRS_GEMM_ROUTE=kernel keeps the float32 rows' kernels)
+        monkeypatch.delenv("EDPAIRS_GEMM_ROUTE", raising=False)
     k = 200 if path == "half" else 40
     rng = np.random.default_rng(5)
     inputs = []
     for d in (32, 96, 256, 512):
         C = make_centroids(rng, k, d)
         inputs.append((gpu(make_rows(rng, 3000, d, C=C)), gpu(C)))
+    if path == "half":
+        from edpairs import _gemm
+        from edpairs._arrays import Namespace
+
+        assert all(_gemm.half_assign_applies(X, Namespace("torch"), k, "tf32", None, None, None)
+                   and _gemm.half_resident_applies(X) for X, _ in inputs)
 
     def run(i):
         X, C = inputs[i % len(inputs)]

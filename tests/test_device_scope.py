@@ -211,3 +211,16 @@ def test_ordered_sums_add_in_the_hosts_order_across_devices(cupy):
     for group in ([0, 1], [2], [3, 4, 5], [6]):  # what adding up each run first would give
         runs += np.sum([parts[i] for i in group], axis=0) if len(group) > 1 else parts[group[0]]
     assert not np.array_equal(runs, want)  # (so the check above can fail)
+
+
+@pytest.mark.parametrize("add_at", [True, False])
+def test_histograms_count_through_add_at_or_the_older_scatter_add(monkeypatch, data, add_at):
+    """The thresholds' histograms count on the device through cupy.add.at (CuPy >= 13; cupy 14
+    deprecates cupyx.scatter_add, which the suite's warnings would make an error) or, in a
+    cupy without it, cupyx.scatter_add: the same thresholds either way."""
+    fc.install(monkeypatch, add_at=add_at)
+    X = data[0]
+    want = EDPairs(3, random_state=0, progress=False).fit([X[:250], X[250:]])
+    got = EDPairs(3, random_state=0, progress=False).fit([on1(X[:250]), on1(X[250:])])
+    np.testing.assert_array_equal(got.bias_, want.bias_)
+    assert fc.scatter_calls and set(fc.scatter_calls) == {"add.at" if add_at else "scatter_add"}, fc.scatter_calls

@@ -76,7 +76,9 @@ def test_route_signal_moments_match_reference(rows, center, dtype, rng):
 
 @pytest.mark.parametrize("rows", [4096, 4100, 20_000])
 def test_route_batched_blocks(rows, rng, monkeypatch):
-    """Steps of >= 2 BLOCK_ROWS rows run one batched product over blocks plus the remainder."""
+    """Steps of >= 2 BLOCK_ROWS rows run one batched product over blocks plus the remainder (the
+    full product's, EDPAIRS_GEMM_GRAM=cublas: exact products form the triangle by default)."""
+    monkeypatch.setenv("EDPAIRS_GEMM_GRAM", "cublas")
     monkeypatch.setattr(_gemm, "BLOCK_ROWS", 1000)
     X = (rng.standard_normal((9001, 19)) + 7).astype(np.float32)
     mean, m2 = _gemm.moments(t(X), precision="float32", rows=rows, lib=lib())
@@ -98,8 +100,10 @@ def test_route_block_rows_knob(knob, rng, monkeypatch):
     mean, m2 = _gemm.moments(t(X), precision="float32", rows=3000, lib=lib())
     check_moments(ops.Moments(5003, mean, m2), X)
     monkeypatch.setenv("EDPAIRS_GEMM_BLOCK_ROWS", "-2")
-    with pytest.raises(ValueError, match="EDPAIRS_GEMM_BLOCK_ROWS must be a non-negative integer, got '-2'"):
-        _gemm.moments(t(X), precision="float32", rows=3000, lib=lib())
+    for gram in ("cublas", "triangle"):  # checked where the triangle leaves it unused too
+        monkeypatch.setenv("EDPAIRS_GEMM_GRAM", gram)
+        with pytest.raises(ValueError, match="EDPAIRS_GEMM_BLOCK_ROWS must be a non-negative integer, got '-2'"):
+            _gemm.moments(t(X), precision="float32", rows=3000, lib=lib())
 
 
 def test_route_scratch_bounds(rng, monkeypatch):
@@ -120,8 +124,10 @@ def test_route_scratch_bounds(rng, monkeypatch):
     X = (rng.standard_normal((9001, 19)) + 7).astype(np.float32)
     monkeypatch.setattr(_gemm, "BLOCK_ROWS", 500)
     monkeypatch.setattr(_gemm, "SCRATCH_BYTES", 16 * 19 * 19 * 2)  # two blocks per batched call
+    monkeypatch.setenv("EDPAIRS_GEMM_GRAM", "cublas")  # the batched full product
     mean, m2 = _gemm.moments(t(X), precision="float32", rows=9001, lib=lib())
     check_moments(ops.Moments(9001, mean, m2), X)
+    monkeypatch.delenv("EDPAIRS_GEMM_GRAM")
     C = make_centroids(rng, 40, 19)
     Xa = make_rows(rng, 3000, 19, C=C)
     monkeypatch.setattr(_gemm, "SCRATCH_BYTES", 4 * 40 * 100)  # steps of 100 rows
@@ -723,6 +729,7 @@ def test_route_moments_triangle_gram(D, block, rng, monkeypatch):
     (ragged last block; one block when D <= block), mirrored: the same moments as the full
     product, to float32 rounding, symmetric bit for bit; the block knob is checked."""
     X = (rng.standard_normal((1501, D)) @ rng.standard_normal((D, D)) + 20).astype(np.float32)
+    monkeypatch.setenv("EDPAIRS_GEMM_GRAM", "cublas")  # the full product (the triangle is the default)
     full_mean, full_m2 = _gemm.moments(t(X), precision="float32", rows=400, lib=lib())
     monkeypatch.setenv("EDPAIRS_GEMM_GRAM", "triangle")
     monkeypatch.setenv("EDPAIRS_GEMM_TRIANGLE_BLOCK", str(block))
@@ -997,6 +1004,7 @@ def test_cuda_triangle_gram_equals_the_full_product(precision, rng, monkeypatch)
     monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "gemm")
     X = (rng.standard_normal((200_000, 300)) @ rng.standard_normal((300, 300)) * 0.1 + 3).astype(np.float32)
     Xg = t(X).cuda()
+    monkeypatch.setenv("EDPAIRS_GEMM_GRAM", "cublas")  # the full product (exact products' default is the triangle)
     full = ops.moments(Xg, precision=precision)
     monkeypatch.setenv("EDPAIRS_GEMM_GRAM", "triangle")
     tri = ops.moments(Xg, precision=precision)
@@ -1544,6 +1552,17 @@ def test_half_assign_knob(monkeypatch):
             m.setattr(_gemm, "wgmma_labels_tf32", lambda rows: True)
             assert _gemm.half_labels(X) and not _gemm.half_labels(X12)
             assert not _gemm.half_resident_applies(X)  # the copies, not the one kernel
+            # Knobs that only the float32 rows' kernels honour keep them.
+            for name, asked in (("EDPAIRS_ASSIGN_KERNEL", "wgmma-tma"), ("EDPAIRS_ASSIGN_SUMS", "columns"),
+                                ("EDPAIRS_ASSIGN_SUMS", "block"), ("EDPAIRS_ASSIGN_OVERLAP", "4")):
+                m.setenv(name, asked)
+                assert not _gemm.half_labels(X), (name, asked)
+                m.delenv(name)
+            for name, same in (("EDPAIRS_ASSIGN_KERNEL", "wgmma"), ("EDPAIRS_ASSIGN_SUMS", "sorted"),
+                               ("EDPAIRS_ASSIGN_OVERLAP", "1")):
+                m.setenv(name, same)
+                assert _gemm.half_labels(X), (name, same)
+                m.delenv(name)
     monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", "yes")
     with pytest.raises(ValueError, match="EDPAIRS_ASSIGN_HALF must be 'auto', '0', '1' or 'copies', got 'yes'"):
         _gemm.half_labels(X)

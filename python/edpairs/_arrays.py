@@ -161,15 +161,15 @@ class Namespace:
         """counts[v] += the occurrences of v in the 1-D int64 idx (values in range), in place and,
         on a GPU, without waiting for the device (bincount reads its input's largest value back
         to size its result): torch's scatter_add_ (deterministic for 1-D CUDA tensors),
-        cupy's add.at (cupyx.scatter_add before CuPy 13; cupy 14 warns that it is deprecated;
-        neither takes an int64 target: the counts, never negative, are added through a uint64
-        view of the same memory); numpy's bincount."""
+        cupy's add.at (cupyx.scatter_add in a cupy whose add has no ``at``; cupy 14 warns that
+        scatter_add is deprecated; neither takes an int64 target: the counts, never negative,
+        are added through a uint64 view of the same memory); numpy's bincount."""
         if self.name == "torch":
             counts.scatter_add_(0, idx, self.mod.ones_like(idx))
         elif self.name == "cupy":
             target = counts.view(self.mod.uint64) if counts.dtype == self.mod.int64 else counts
             at = getattr(self.mod.add, "at", None)
-            if at is None:  # CuPy before 13
+            if at is None:  # an older cupy
                 import cupyx
 
                 at = cupyx.scatter_add

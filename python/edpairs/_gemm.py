@@ -588,6 +588,7 @@ def _moments_pass(torch, X, shift, precision: str, rows: int, lib, scale):
     colsum = torch.zeros((D,), dtype=torch.float64, device=X.device)
     colmax = torch.zeros((D,), dtype=torch.float32, device=X.device) if half else None
     if gram_mode(precision) == "triangle":
+        block_rows()  # checked here too, though only the full product uses it
         gram = _TriangleProduct(torch, D, triangle_block(), X.device)
     else:
         gram = _BatchedProduct(torch, D, D, min(rows, N), X.device)
@@ -853,11 +854,21 @@ def half_labels(X) -> bool:
     5.31 ms against the float32 rows' 6.60 ms, labels as accurate (benchmarks/results/h200/
     run6a); elsewhere (other GPUs, other rows: not timed) from the float32 rows. "1": always, in
     one kernel that makes the float16 rows in shared memory where it runs (half_resident_applies;
-    7.21 ms in the same run); "copies": always from copies; "0": never."""
+    7.21 ms in the same run); "copies": always from copies; "0": never. "auto" also stands aside
+    where a knob asks for what only the kernels on the float32 rows do (_float32_row_knobs)."""
     knob = _half_knob()
     if knob == "auto":
-        return X.shape[1] % 8 == 0 and wgmma_labels_tf32(X)
+        return X.shape[1] % 8 == 0 and not _float32_row_knobs() and wgmma_labels_tf32(X)
     return knob != "0"
+
+
+def _float32_row_knobs() -> bool:
+    """Whether a knob asks for what only edpairs' kernels on the float32 rows do (the float16
+    copies' path labels them and adds the sorted sums after): EDPAIRS_ASSIGN_KERNEL=wgmma-tma,
+    EDPAIRS_ASSIGN_SUMS other than auto or sorted, EDPAIRS_ASSIGN_OVERLAP above 1."""
+    return (_assign_kernel_knob() == "wgmma-tma"
+            or os.environ.get("EDPAIRS_ASSIGN_SUMS", "") not in ("", "auto", "sorted")
+            or os.environ.get("EDPAIRS_ASSIGN_OVERLAP", "") not in ("", "0", "1"))
 
 
 def _half_knob() -> str:
@@ -912,9 +923,11 @@ def half_assign(X, C, labels, scores, sums, counts, *, lib):
         lib.assign(c(X), c(C), None, None, None, c(labels), c(scores), c(sums), c(counts), False, "tf32-half", stream)
         return True
     step = max(1, min(N, SCRATCH_BYTES // (2 * D)))
+    k = C.shape[0]
     try:
         Ch = torch.empty(C.shape, dtype=torch.float16, device=X.device)
-        Ch_scale = torch.empty((C.shape[0],), dtype=torch.float32, device=X.device)
+        Ch_scale = torch.empty((k,), dtype=torch.float32, device=X.device)
+        Cs = torch.empty(C.shape, dtype=torch.float32, device=X.device)
         Xh = torch.empty((step, D), dtype=torch.float16, device=X.device)
         rscale = torch.empty((N,), dtype=torch.float32, device=X.device)
     except torch.cuda.OutOfMemoryError as exc:
@@ -922,12 +935,12 @@ def half_assign(X, C, labels, scores, sums, counts, *, lib):
             raise
         import warnings
 
-        warnings.warn(f"EDPAIRS_ASSIGN_HALF: no device memory for the float16 copies of the rows "
-                      f"({(step * D * 2 + N * 4) / 2**20:.1f} MiB): labelling the float32 rows instead ({exc})",
-                      RuntimeWarning, stacklevel=3)
+        size = (k * D * 6 + k * 4 + step * D * 2 + N * 4) / 2**20
+        warnings.warn(f"EDPAIRS_ASSIGN_HALF: no device memory for the float16 copies of the rows ({size:.1f} MiB): "
+                      f"labelling the float32 rows instead ({exc})", RuntimeWarning, stacklevel=3)
         return False
     lib.half_rows(c(C), c(Ch), c(Ch_scale), stream)
-    Cs = Ch.float()  # the kernel takes float32 centroids and rounds them to X's float16: exact here
+    Cs.copy_(Ch)  # the kernel takes float32 centroids and rounds them to X's float16: exact here
     for first, last in _steps(N, step):
         xh = Xh[: last - first]
         lib.half_rows(c(X[first:last]), c(xh), c(rscale[first:last]), stream)

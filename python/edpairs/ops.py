@@ -265,11 +265,14 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     labelled by edpairs' wgmma kernel, TF32 float32 ones without a centre too instead of the
     route (``EDPAIRS_ASSIGN_KERNEL=mma`` keeps mma.sync and the route, ``wgmma`` takes the wgmma
     kernel below k = 129 too). There, by default (since H200 run 6), the TF32 cosine labels of
-    float32 rows come from float16 copies of the rows and centroids, each row scaled by a power
-    of two of its own (edpairs._gemm.half_labels, half_assign: at k = 1024, 1M x 512, 5.3 ms
-    against the float32 rows' 6.7 ms); EDPAIRS_ASSIGN_HALF=0 keeps the float32 rows, =copies
-    takes the copies on every GPU, =1 makes the float16 rows in shared memory on Hopper with
-    D <= 512 (slower so far).
+    float32 rows with D a multiple of 8, without center, row_scale or col_scale, come from
+    float16 copies of the rows and centroids, each row scaled by a power of two of its own
+    (edpairs._gemm.half_labels, half_assign: at k = 1024, 1M x 512, 5.3 ms against the float32
+    rows' 6.6-6.7 ms); EDPAIRS_ASSIGN_HALF=0 keeps the float32 rows, =copies takes the copies on
+    every GPU, =1 makes the float16 rows in shared memory on Hopper with D <= 512 (slower so
+    far); a set EDPAIRS_GEMM_ROUTE, and knobs that only the float32 rows' kernels honour
+    (EDPAIRS_ASSIGN_KERNEL=wgmma-tma, EDPAIRS_ASSIGN_SUMS other than sorted,
+    EDPAIRS_ASSIGN_OVERLAP above 1), keep the float32 rows.
     """
     X, xp = _data(X)
     precision = _precision(precision, X)
@@ -504,9 +507,11 @@ def moments(X, *, check_finite: bool = True, precision: str = "float32",
     torch CUDA tensors of float32, float16 or bfloat16 take the library-product route
     (edpairs._gemm; ``EDPAIRS_GEMM_ROUTE=kernel`` keeps edpairs' own kernels): the products
     are cuBLAS matrix products of ``workspace_rows`` centred rows at a time (default 131072,
-    fewer for rows wider than 2048 columns: about 1 GB of scratch at most), one product per
-    step by default (float32 accumulation over the step inside cuBLAS; EDPAIRS_GEMM_BLOCK_ROWS
-    batches a step over blocks of that many rows instead), exact float32 operands by default,
+    fewer for rows wider than 2048 columns: about 1 GB of scratch at most), float32
+    accumulation over the step inside cuBLAS; for exact products only the Gram's blocks on or
+    above the diagonal by default (128 features per block), for TF32 ones the full product, one
+    per step (EDPAIRS_GEMM_GRAM chooses; EDPAIRS_GEMM_BLOCK_ROWS batches the full product's step
+    over blocks of that many rows), exact float32 operands by default,
     TF32 with ``precision="tf32"``, float16 operands scaled per column with EDPAIRS_GEMM_HALF=1 or moments,
     the steps added in float64; the scratch is ``workspace_rows x D`` float32.
     """
