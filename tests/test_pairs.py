@@ -422,3 +422,29 @@ def test_load_refuses_saved_parameters_a_refit_could_not_use(tmp_path):
     with pytest.raises(ValueError, match=r"edited\.npz' holds a parameter this edpairs cannot use: method must be one of"):
         edp.EDPairs.load(tmp_path / "edited.npz")
     assert edp.EDPairs.load(path).method != "bogus"
+
+
+def test_float64_chunks_share_one_signal_centre(published, monkeypatch):
+    """The signal pass over float64 chunks (torch here; on a GPU each merge that compares two
+    centres waits for the device) gives every chunk's statistics the same centre object, so
+    merging compares nothing; the fit agrees with the whole array's up to the chunks' order of
+    summation (bit for bit the fit before the change, checked when it was made)."""
+    torch = pytest.importorskip("torch")
+    from edpairs import ops as edp_ops
+
+    X = published.X[:3000].astype(np.float64)
+    chunks = [torch.from_numpy(X[i:i + 700]) for i in range(0, 3000, 700)]
+    merges = []
+    real = edp_ops.SignalMoments.merge
+
+    def merge(self, other):
+        merges.append(self.center is other.center)
+        return real(self, other)
+
+    monkeypatch.setattr(edp_ops.SignalMoments, "merge", merge)
+    model = edp.EDPairs(3, random_state=0).fit(chunks)
+    assert merges and all(merges), merges
+    monkeypatch.undo()
+    ref = edp.EDPairs(3, random_state=0).fit(X)
+    for name in ("decoding_", "encoding_", "bias_"):
+        np.testing.assert_allclose(getattr(model, name), getattr(ref, name), rtol=1e-5, atol=1e-6, err_msg=name)

@@ -380,10 +380,16 @@ class EDPairs:
         stats = None
         # W, b and the mean go to each device once (a copy from host memory waits for the
         # device), and every chunk's statistics share that centre, so merging them compares
-        # nothing on the device (SignalMoments.merge).
-        params = _Placed(np.ascontiguousarray(W.T, np.float32), b.astype(np.float32), mean.astype(np.float32))
+        # nothing on the device (SignalMoments.merge). float64 chunks keep a float64 centre (the
+        # same float32 values): given the float32 one, signal_moments cast it anew per chunk,
+        # and each merge compared the two casts on the device, a wait per chunk.
+        mean32 = mean.astype(np.float32)
+        params = _Placed(np.ascontiguousarray(W.T, np.float32), b.astype(np.float32), mean32)
+        wide = _Placed(mean32.astype(np.float64))
         for chunk in source:
             Wt, bb, mu = params.on(chunk)
+            if namespace_of(chunk).dtype_name(chunk) == "float64":
+                (mu,) = wide.on(chunk)
             s = ops.signal_moments(chunk, Wt, bb, center=mu, check_finite=False)
             stats = s if stats is None else stats.merge(s)
         if red is not None and red.active:  # sums around the same (global) centre: all-reduce them
