@@ -188,6 +188,12 @@ class Namespace:
                 return a @ b
         return a @ b
 
+    def logistic(self, z):
+        """1 / (1 + exp(-z)) of a numpy or cupy array, without numpy's overflow warning far
+        below 0 (exp(-z) = inf there, the value 0). (torch callers keep their own form.)"""
+        with np.errstate(over="ignore"):
+            return 1.0 / (1.0 + self.mod.exp(-z))
+
     def zeros_as_inf(self, x):
         """A copy of x with its exact zeros as +inf, in x's library and device (zero rows score
         0: this keeps them out of the lowest scores)."""

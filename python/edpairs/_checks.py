@@ -37,3 +37,11 @@ def check_real(name: str, value, expected: str, ok) -> None:
     """A real hyperparameter, finite and accepted by ``ok``, else a ValueError naming it."""
     if not is_real(value) or not math.isfinite(value) or not ok(float(value)):
         raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_layer_width(pairs_D: int, layer, shape) -> None:
+    """Features of ``shape`` (channel-last) from ``layer`` match pairs of ``pairs_D`` channels,
+    else a ValueError naming both."""
+    if shape[-1] != pairs_D:
+        raise ValueError(f"the pairs have D={pairs_D} channels but layer {layer!r} gives {shape[-1]} "
+                         f"(features of shape {tuple(shape)})")

@@ -44,6 +44,7 @@ it: not thread-safe against another thread that changes or relies on that flag m
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
 from typing import Optional
@@ -184,6 +185,18 @@ def _env_rows(name: str, default: int, positive: bool) -> int:
     return rows
 
 
+def _env_choice(name: str, allowed: tuple, default: str) -> str:
+    """The environment variable ``name``, one of ``allowed`` (unset or empty: ``default``), else a
+    ValueError listing them."""
+    value = os.environ.get(name, "")
+    if value == "":
+        return default
+    if value not in allowed:
+        listed = ", ".join(repr(a) for a in allowed[:-1]) + f" or {allowed[-1]!r}"
+        raise ValueError(f"{name} must be {listed}, got {value!r}")
+    return value
+
+
 def block_rows() -> int:
     """Rows per block of the moments' batched product: EDPAIRS_GEMM_BLOCK_ROWS, default
     BLOCK_ROWS (0 = one product per step)."""
@@ -195,10 +208,7 @@ def centre_overlap() -> bool:
     second CUDA stream (centred_steps for the moments and the assignment, two lanes for the
     signal moments); "0" (the default) runs everything on the caller's stream. Opt-in until a
     GPU run has timed it."""
-    value = os.environ.get("EDPAIRS_GEMM_OVERLAP", "0")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"EDPAIRS_GEMM_OVERLAP must be '0' or '1', got {value!r}")
-    return value == "1"
+    return _env_choice("EDPAIRS_GEMM_OVERLAP", ("0", "1"), "0") == "1"
 
 
 #: Which operations take float16 operands for TF32 products where EDPAIRS_GEMM_HALF is unset:
@@ -222,9 +232,7 @@ def half_products(op: str) -> bool:
     (one without spread in the first step, whose later values would sink into float16's
     subnormals), the call runs again with the scales of the largest values seen (one
     synchronisation at the end of the call to look); with non-finite data, TF32 operands."""
-    value = os.environ.get("EDPAIRS_GEMM_HALF", "")
-    if value not in ("", "0", "1", "moments", "signal"):
-        raise ValueError(f"EDPAIRS_GEMM_HALF must be '0', '1', 'moments' or 'signal', got {value!r}")
+    value = _env_choice("EDPAIRS_GEMM_HALF", ("0", "1", "moments", "signal"), "")
     return HALF_DEFAULT[op] if value == "" else value in ("1", op)
 
 
@@ -420,12 +428,12 @@ def centred_steps(torch, lib, X, shift, colsum, rows: int, scale=None, colmax=No
 
 class _BatchedProduct:
     """acc (float64, (P, Q)) += A^T B for A (r, P), B (r, Q) of up to ``rows`` rows, as one
-    batched product over blocks of block_rows() rows plus a plain product for the remainder
-    (block_rows() == 0: one plain product)."""
+    batched product over blocks of ``block`` rows (block_rows()) plus a plain product for the
+    remainder (0: one plain product)."""
 
-    def __init__(self, torch, P: int, Q: int, rows: int, device):
+    def __init__(self, torch, P: int, Q: int, rows: int, device, block: int):
         self.torch = torch
-        self.block = block_rows()
+        self.block = block
         # Blocks per batched call: as many as the step has, within a quarter of SCRATCH_BYTES.
         self.per_call = max(1, min(rows // self.block, SCRATCH_BYTES // (16 * P * Q))) if self.block else 1
         self.out = torch.empty((self.per_call, P, Q), dtype=torch.float32, device=device)
@@ -587,11 +595,11 @@ def _moments_pass(torch, X, shift, precision: str, rows: int, lib, scale):
     half = scale is not None
     colsum = torch.zeros((D,), dtype=torch.float64, device=X.device)
     colmax = torch.zeros((D,), dtype=torch.float32, device=X.device) if half else None
+    block = block_rows()  # (checked where the triangle leaves it unused too)
     if gram_mode(precision) == "triangle":
-        block_rows()  # checked here too, though only the full product uses it
         gram = _TriangleProduct(torch, D, triangle_block(), X.device)
     else:
-        gram = _BatchedProduct(torch, D, D, min(rows, N), X.device)
+        gram = _BatchedProduct(torch, D, D, min(rows, N), X.device, block)
     # One pass per step writes the centred rows and adds their float64 column sums (centre_rows).
     with matmul_precision(torch, precision), _float32_accumulation(torch):
         for _, _, xt in centred_steps(torch, lib, X, shift, colsum, rows, scale, colmax):
@@ -828,10 +836,7 @@ def assign_applies(X, xp, k: int, precision: str, centred: bool = False) -> bool
 
 def _assign_kernel_knob() -> str:
     """EDPAIRS_ASSIGN_KERNEL, checked: "auto" (unset or empty), "mma", "wgmma" or "wgmma-tma"."""
-    value = os.environ.get("EDPAIRS_ASSIGN_KERNEL", "auto")
-    if value not in ("", "auto", "mma", "wgmma", "wgmma-tma"):
-        raise ValueError(f"EDPAIRS_ASSIGN_KERNEL must be 'auto', 'mma', 'wgmma' or 'wgmma-tma', got {value!r}")
-    return value or "auto"
+    return _env_choice("EDPAIRS_ASSIGN_KERNEL", ("auto", "mma", "wgmma", "wgmma-tma"), "auto")
 
 
 def wgmma_labels_tf32(X) -> bool:
@@ -872,10 +877,7 @@ def _float32_row_knobs() -> bool:
 
 
 def _half_knob() -> str:
-    value = os.environ.get("EDPAIRS_ASSIGN_HALF", "auto")
-    if value not in ("", "auto", "0", "1", "copies"):
-        raise ValueError(f"EDPAIRS_ASSIGN_HALF must be 'auto', '0', '1' or 'copies', got {value!r}")
-    return value or "auto"
+    return _env_choice("EDPAIRS_ASSIGN_HALF", ("auto", "0", "1", "copies"), "auto")
 
 
 def half_resident_applies(X) -> bool:
@@ -893,9 +895,10 @@ def half_assign_applies(X, xp, k: int, precision: str, center, row_scale, col_sc
     own scales (no center, row_scale or col_scale), with EDPAIRS_GEMM_ROUTE unset or "auto"
     ("gemm" asks for the route and its near-tie re-score, "kernel" for edpairs' float32
     kernels), where half_labels(X) says so (EDPAIRS_ASSIGN_HALF)."""
-    return (_half_knob() != "0" and precision == "tf32" and k >= TF32_MIN_K and xp.name == "torch" and xp.is_cuda(X)
+    knob = _half_knob()
+    return (knob != "0" and precision == "tf32" and k >= TF32_MIN_K and xp.name == "torch" and xp.is_cuda(X)
             and xp.dtype_name(X) == "float32" and X.shape[0] > 0 and center is None and row_scale is None
-            and col_scale is None and _knob() == "auto" and half_labels(X))
+            and col_scale is None and _knob() == "auto" and (knob != "auto" or half_labels(X)))
 
 
 def half_assign(X, C, labels, scores, sums, counts, *, lib):
@@ -923,19 +926,17 @@ def half_assign(X, C, labels, scores, sums, counts, *, lib):
         lib.assign(c(X), c(C), None, None, None, c(labels), c(scores), c(sums), c(counts), False, "tf32-half", stream)
         return True
     step = max(1, min(N, SCRATCH_BYTES // (2 * D)))
-    k = C.shape[0]
+    # The centroids as float16 (and their scales, and float32 again), the rows' copies, 1 / ||x||.
+    need = [(tuple(C.shape), torch.float16), ((C.shape[0],), torch.float32), (tuple(C.shape), torch.float32),
+            ((step, D), torch.float16), ((N,), torch.float32)]
     try:
-        Ch = torch.empty(C.shape, dtype=torch.float16, device=X.device)
-        Ch_scale = torch.empty((k,), dtype=torch.float32, device=X.device)
-        Cs = torch.empty(C.shape, dtype=torch.float32, device=X.device)
-        Xh = torch.empty((step, D), dtype=torch.float16, device=X.device)
-        rscale = torch.empty((N,), dtype=torch.float32, device=X.device)
+        Ch, Ch_scale, Cs, Xh, rscale = (torch.empty(shape, dtype=dtype, device=X.device) for shape, dtype in need)
     except torch.cuda.OutOfMemoryError as exc:
         if _half_knob() != "auto":
             raise
         import warnings
 
-        size = (k * D * 6 + k * 4 + step * D * 2 + N * 4) / 2**20
+        size = sum(math.prod(shape) * dtype.itemsize for shape, dtype in need) / 2**20
         warnings.warn(f"EDPAIRS_ASSIGN_HALF: no device memory for the float16 copies of the rows ({size:.1f} MiB): "
                       f"labelling the float32 rows instead ({exc})", RuntimeWarning, stacklevel=3)
         return False

@@ -5,6 +5,7 @@ the old file or the new one, never a torn one."""
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from typing import Callable
 
@@ -36,14 +37,11 @@ def make_folder(folder, what: str) -> None:
         raise FileExistsError(f"cannot make the folder for {what} ({folder}): {part} is a file, not a folder") from None
 
 
-def _file_mode(path: str) -> int:
-    """The permissions ``path`` gets: those of the file it replaces, else what ``open`` would
-    give a new file (0o666 less the umask), not mkstemp's private 0o600."""
-    try:
-        return os.stat(path).st_mode & 0o7777
-    except OSError:
-        pass
-    return 0o666 & ~_umask()
+def _file_mode(st) -> int:
+    """The permissions a written file gets: those of the file it replaces (``st``, its
+    ``os.stat``), else what ``open`` would give a new file (0o666 less the umask), not mkstemp's
+    private 0o600."""
+    return st.st_mode & 0o7777 if st is not None else 0o666 & ~_umask()
 
 
 def _umask() -> int:
@@ -74,12 +72,16 @@ def write_atomic(path, write: Callable, *, mode: str = "wb"):
     keeps the permissions of the one it replaces (a new one gets the umask's, as ``open``)."""
     path = os.fspath(path)
     folder = existing_folder(path, f"cannot write {path}")
-    if os.path.isdir(path):
+    try:
+        st = os.stat(path)  # (the file replaced: its permissions carry over)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(f"cannot write {path}: it is a folder; name a file")
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
-        os.chmod(tmp, _file_mode(path))
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode) as f:  # (closes fd whatever fails below)
+            os.fchmod(f.fileno(), _file_mode(st))
             result = write(f)
             f.flush()
             os.fsync(f.fileno())

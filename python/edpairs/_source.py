@@ -92,7 +92,7 @@ class ChunkSource:
     def held(self) -> bool:
         """True for data held as an array or a list of chunks (rows can be gathered without a
         pass over a callable source)."""
-        return self._array is not None or self._chunks is not None
+        return self._factory is None
 
     @property
     def array(self):

@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from ._checks import check_fitted, check_real, is_int, is_real
+from ._checks import check_fitted, check_layer_width, check_real, is_int, is_real
 
 __all__ = ["ActMaxResult", "activation_maximisation"]
 
@@ -95,11 +95,13 @@ def activation_maximisation(split_or_model, layer, pairs, concept: int, *, steps
 
     if objective not in ("mean", "max"):
         raise ValueError(f"objective must be 'mean' or 'max', got {objective!r}")
-    for name, value in (("steps", steps), ("jitter", jitter), ("blur_every", blur_every), ("concept", concept)):
+    for name, value in (("steps", steps), ("jitter", jitter), ("blur_every", blur_every)):
         if not is_int(value):
             raise TypeError(f"{name} must be an integer, got {value!r}")
-        if value < 0 and name != "concept":
+        if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    if not is_int(concept):
+        raise TypeError(f"concept must be an integer, got {concept!r}")
     check_real("lr", lr, "a positive number", lambda v: v > 0)
     check_real("init_std", init_std, "a number >= 0", lambda v: v >= 0)
     if blur_every:
@@ -141,9 +143,7 @@ def activation_maximisation(split_or_model, layer, pairs, concept: int, *, steps
 
     with torch.no_grad():
         f_start = features(x)
-        if f_start.shape[-1] != W.shape[1]:
-            raise ValueError(f"the pairs have D={W.shape[1]} channels but layer {layer!r} gives "
-                             f"{f_start.shape[-1]} (features of shape {tuple(f_start.shape)})")
+        check_layer_width(W.shape[1], layer, f_start.shape)
         f_start = f_start.reshape(-1, W.shape[1]).double()
     obj_start = float(f_start.float().matmul(w).mean() if objective == "mean" else f_start.float().matmul(w).max())
     history = []

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from ._checks import check_fitted, check_real, is_int
+from ._checks import check_fitted, check_layer_width, check_real, is_int
 from .influence import _figure, save_figure
 
 __all__ = ["Explanation", "explain", "plot_explanation"]
@@ -95,9 +95,7 @@ def explain(model_or_split, layer, image, pairs, *, class_index: Optional[int] =
         # Memberships sigmoid(W x - b) from the arrays, so any object with the pairs' attributes works.
         W = torch.as_tensor(np.asarray(pairs.decoding_, dtype=np.float32), device=feats.device)
         b = torch.as_tensor(np.asarray(pairs.bias_, dtype=np.float32), device=feats.device)
-        if W.shape[1] != D:
-            raise ValueError(f"the pairs have D={W.shape[1]} channels but layer {layer!r} gives {D} "
-                             f"(features of shape {tuple(feats.shape)})")
+        check_layer_width(W.shape[1], layer, feats.shape)
         y = torch.sigmoid(feats.reshape(-1, D).float() @ W.T - b)
         y = y.reshape(h, w, -1).permute(2, 0, 1)                  # (I, h, w)
         up = torch.nn.functional.interpolate(y[None], size=tuple(x.shape[-2:]), mode="bilinear",

@@ -171,11 +171,16 @@ class _Scorer:
         return _host(self.base)
 
     def score_on(self, cols, masks: Optional[np.ndarray]) -> None:
+        """Scores the classes ``cols`` (all, in order: no column selection per batch) with the
+        (n, K) weights ``masks`` (None: all 1)."""
+        if cols is not None and np.array_equal(cols, np.arange(self.base.shape[1])):
+            cols = None
         self.cols, self.masks = cols, masks
         if self.torch is not None:
             device = self.base.device
-            self.cols = self.torch.as_tensor(cols, device=device)
+            self.cols = None if cols is None else self.torch.as_tensor(cols, device=device)
             self.masks = None if masks is None else self.torch.as_tensor(masks, device=device)
+        self.base_scored = self.base if self.cols is None else self.base[:, self.cols]
 
     def _log_softmax(self, logits):
         if self.torch is not None:  # (float64 from _logits)
@@ -220,9 +225,9 @@ class _Scorer:
         """(K,) float64: per scored class, the (mask-weighted) sum of the signs over images."""
         total = 0
         for start, lp in self._batches(delta):
-            d = lp - self.base[start:start + lp.shape[0]]
             if self.cols is not None:
-                d = d[:, self.cols]
+                lp = lp[:, self.cols]
+            d = lp - self.base_scored[start:start + lp.shape[0]]
             signs = d.sign() if self.torch is not None else np.sign(d)
             if self.masks is not None:
                 signs = signs * self.masks[start:start + lp.shape[0]]

@@ -60,7 +60,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ._arrays import _module_root
+from ._arrays import _module_root, namespace_of
 from ._arrays import to_numpy64 as _host
 from ._layout import LAYOUTS, channel_last, from_channel_last, infer_layout
 from .capture import find_module
@@ -224,8 +224,7 @@ class _Lib:
     def sigmoid(self, z):
         if self.name == "torch":
             return self.torch.sigmoid(z)
-        with np.errstate(over="ignore"):
-            return 1.0 / (1.0 + np.exp(-z))
+        return namespace_of(z).logistic(z)
 
     def relu(self, x):
         return x.clamp(min=0) if self.name == "torch" else np.maximum(x, 0)

@@ -384,12 +384,10 @@ class EDPairs:
         # same float32 values): given the float32 one, signal_moments cast it anew per chunk,
         # and each merge compared the two casts on the device, a wait per chunk.
         mean32 = mean.astype(np.float32)
-        params = _Placed(np.ascontiguousarray(W.T, np.float32), b.astype(np.float32), mean32)
-        wide = _Placed(mean32.astype(np.float64))
+        params = _Placed(np.ascontiguousarray(W.T, np.float32), b.astype(np.float32), mean32, mean32.astype(np.float64))
         for chunk in source:
-            Wt, bb, mu = params.on(chunk)
-            if namespace_of(chunk).dtype_name(chunk) == "float64":
-                (mu,) = wide.on(chunk)
+            Wt, bb, mu32, mu64 = params.on(chunk)
+            mu = mu64 if namespace_of(chunk).dtype_name(chunk) == "float64" else mu32
             s = ops.signal_moments(chunk, Wt, bb, center=mu, check_finite=False)
             stats = s if stats is None else stats.merge(s)
         if red is not None and red.active:  # sums around the same (global) centre: all-reduce them
@@ -439,10 +437,7 @@ class EDPairs:
         z = z - on_device_of(self.bias_, X)
         if hard:
             return z > 0
-        if xp.name == "torch":
-            return 1.0 / (1.0 + (-z).exp())
-        with np.errstate(over="ignore"):  # exp(-z) = inf far below the threshold: the membership is 0
-            return 1.0 / (1.0 + xp.mod.exp(-z))
+        return 1.0 / (1.0 + (-z).exp()) if xp.name == "torch" else xp.logistic(z)
 
     @on_data_device("X")
     def latent_factors(self, X):

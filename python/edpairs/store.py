@@ -209,7 +209,7 @@ class ActivationStore:
         if missing:
             raise ValueError(f"{sidecar} is not a valid edpairs activation store sidecar: missing or malformed "
                              f"field(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if int(meta.get("version", 0)) > VERSION:
+        if meta.get("version", 0) > VERSION:  # (an integer: _missing_fields checked it)
             raise ValueError(f"{sidecar} has format version {meta['version']}; this edpairs reads up to {VERSION}")
         self._meta = meta
         self._verified: set = set()
