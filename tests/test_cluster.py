@@ -413,3 +413,21 @@ def test_a_chunk_callable_that_returns_no_iterator_is_named(rng):
     with pytest.raises(TypeError, match="its chunks\\(\\) returned a NoneType"):
         edp.EDPairs(2).fit(Source())
     assert edp.SphericalKMeans(3, random_state=0).fit(lambda: iter([X])).counts_.sum() == 200
+
+
+def test_an_array_on_a_gpu_is_read_in_larger_chunks(monkeypatch):
+    """In-memory rows are read 256 MB at a time; an array on a GPU (a torch CPU tensor taken
+    for one here) in chunks of up to 2 GiB of float32 rows and at most 2^24 rows, where a chunk
+    is a view and costs a pass its launches; chunk_rows still wins."""
+    torch = pytest.importorskip("torch")
+    from edpairs import _source
+    from edpairs._arrays import Namespace
+
+    host = np.zeros((3, 512), np.float32)
+    assert _source.ChunkSource(host).chunk_rows == 2**28 // (512 * 4)
+    monkeypatch.setattr(Namespace, "is_cuda", lambda self, x: self.name == "torch")
+    assert _source.ChunkSource(host).chunk_rows == 2**28 // (512 * 4)
+    assert _source.ChunkSource(torch.zeros(3, 512)).chunk_rows == 2**31 // (512 * 4)  # 1M x 512: one chunk
+    assert _source.ChunkSource(torch.zeros(3, 512, dtype=torch.bfloat16)).chunk_rows == 2**31 // (512 * 4)
+    assert _source.ChunkSource(torch.zeros(3, 8)).chunk_rows == 2**24
+    assert _source.ChunkSource(torch.zeros(3, 512), chunk_rows=7).chunk_rows == 7
