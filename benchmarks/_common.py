@@ -125,18 +125,19 @@ def print_table(rows: List[Dict[str, object]], columns: List[str]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
-def kmeans_fit_step(edp, X, C0):
-    """The estimator's k-means step, as bench_kmeans.py's edpairs-fit and profile_kernels.py's
-    kmeans-fit time it: SphericalKMeans(k, init=C0, max_iter=1).fit(X), two passes over X (one
-    Lloyd iteration and the final labelling, each with its centroid update), with what a user
-    gets by default (chunks of 256 MB, the first pass's finiteness check) and TF32 products (the
-    default precision set for the call only)."""
+def kmeans_fit_step(edp, X, C0, max_iter: int = 1):
+    """The estimator's k-means step, as bench_kmeans.py's edpairs-fit (edpairs-fit5: max_iter=4)
+    and profile_kernels.py's kmeans-fit time it: SphericalKMeans(k, init=C0, max_iter).fit(X),
+    max_iter + 1 passes over X (max_iter Lloyd iterations and the final labelling, each with
+    its centroid update), with what a user gets by default (the chunks ChunkSource picks, the
+    first pass's finiteness check) and TF32 products (the default precision set for the call
+    only)."""
 
     def step():
         before = edp.ops.DEFAULT_PRECISION
         edp.ops.DEFAULT_PRECISION = "tf32"
         try:
-            return edp.SphericalKMeans(C0.shape[0], init=C0, max_iter=1, tol=0, progress=False).fit(X)
+            return edp.SphericalKMeans(C0.shape[0], init=C0, max_iter=max_iter, tol=0, progress=False).fit(X)
         finally:
             edp.ops.DEFAULT_PRECISION = before
 

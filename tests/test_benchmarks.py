@@ -170,7 +170,7 @@ def test_gpu_check_runs_every_step_in_one_call(tmp_path):
     into results.tar.gz (the device returns at most 8 files); the summary written."""
     code, stdout, calls, packed = _fake_gpu_check(tmp_path)
     assert code == 0, stdout
-    order = ["pip install", "gpu_ceilings.py", "bench_kmeans.py --device cuda --methods edpairs,edpairs-labels,edpairs-fit,torch",
+    order = ["pip install", "gpu_ceilings.py", "bench_kmeans.py --device cuda --methods edpairs,edpairs-labels,edpairs-fit,edpairs-fit5,torch",
              "--methods edpairs-half,edpairs-tf32-rows", "--methods edpairs-wgmma-columns,edpairs-fused-wgmma",
              "--dtype bfloat16", "bench_moments.py", "-m pytest", "-m pytest", "tests/test_errors.py",
              "profile_kernels.py", "bench_fit.py --device cuda"]

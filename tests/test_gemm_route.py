@@ -5,6 +5,7 @@ the kernel route and the CPU epilogue; the TF32 flag restored after every call."
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -1529,6 +1530,92 @@ def test_half_assign_copies_the_rows_in_steps(rng, monkeypatch):
         torch.set_default_dtype(torch.float32)
     for a, b in zip(runs[0], out):
         assert torch.equal(a, b)
+
+
+class _CountingLib:
+    """The compiled module, counting half_rows calls by the shape of the rows they copy."""
+
+    def __init__(self):
+        self.real, self.copied = lib(), []
+
+    def half_rows(self, x, *args):
+        x = torch.from_dlpack(x)  # (takes the capsule: a new one goes on)
+        self.copied.append(tuple(x.shape))
+        return self.real.half_rows(Namespace("torch").capsule(x), *args)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_a_fit_copies_its_rows_to_float16_once(rng, monkeypatch):
+    """SphericalKMeans.fit keeps the float16 copies of held rows for all its passes
+    (keep_half_rows): four passes over X copy X once (the centroids every pass), where
+    without the keeping every pass copied it; the fit is the same bit for bit. (CPU tensors,
+    half_assign_applies forced on: the functions the CUDA route runs.)"""
+    C0 = make_centroids(rng, 140, 24)
+    X = t(make_rows(rng, 2000, 24, C=C0))
+    monkeypatch.setattr(_gemm, "half_assign_applies", lambda *args: True)
+    monkeypatch.setattr(ops, "DEFAULT_PRECISION", "tf32")
+    fits = {}
+    for keep in (True, False):
+        if not keep:
+            monkeypatch.setattr(_gemm, "keep_half_rows", lambda arrays: contextlib.nullcontext())
+        counting = _CountingLib()
+        monkeypatch.setattr(ops, "lib", lambda: counting)
+        fits[keep] = edpairs.SphericalKMeans(140, init=C0, max_iter=3, tol=0, progress=False).fit(X)
+        copies = [shape for shape in counting.copied if shape == (2000, 24)]
+        assert len(copies) == (1 if keep else 4) and counting.copied.count((140, 24)) == 4, counting.copied
+    assert fits[True].n_iter_ == 3
+    for name in ("cluster_centers_", "labels_"):
+        assert torch.equal(getattr(fits[True], name), getattr(fits[False], name)), name
+    np.testing.assert_array_equal(fits[True].counts_, fits[False].counts_)
+    assert fits[True].inertia_ == fits[False].inertia_
+
+
+def test_kept_float16_rows(rng, monkeypatch):
+    """keep_half_rows: rows of a held array are copied once and labelled from the copies again;
+    rows written in place since are copied again, into the same memory; rows outside the held
+    arrays, and chunks whose copies would pass the budget, are copied every call; the labels
+    are always those of a call outside the context."""
+    C = t(make_centroids(rng, 140, 24))
+    X = t(make_rows(rng, 1700, 24, C=C.numpy()))
+    other = X.clone()
+
+    def run(rows):
+        out = (torch.empty(rows.shape[0], dtype=torch.int64), torch.empty(rows.shape[0]),
+               torch.empty((140, 24), dtype=torch.float64), torch.empty(140, dtype=torch.int64))
+        _gemm.half_assign(rows, C, *out, lib=counting)
+        return out
+
+    def same(a, b):
+        return all(torch.equal(u, v) for u, v in zip(a, b))
+
+    counting = _CountingLib()
+    want = run(X)
+    with _gemm.keep_half_rows([X, np.zeros(3)]):
+        counting.copied.clear()
+        assert same(run(X), want) and same(run(X[:]), want) and counting.copied == [(140, 24), (1700, 24), (140, 24)]
+        kept = _gemm._KEPT.get().copies[next(iter(_gemm._KEPT.get().copies))][1]
+        part = run(X[100:600])  # another view: its own copies
+        assert same(part[:2], tuple(a[100:600] for a in want[:2]))
+        X[:50] *= -1  # written in place
+        counting.copied.clear()
+        flipped = run(X)
+        assert counting.copied == [(140, 24), (1700, 24)]
+        assert _gemm._KEPT.get().copies[next(iter(_gemm._KEPT.get().copies))][1] is kept
+        counting.copied.clear()
+        run(other)
+        run(other)
+        assert counting.copied == [(140, 24), (1700, 24)] * 2  # not held: copied every call
+    assert _gemm._KEPT.get() is None
+    assert same(flipped, run(X)) and not same(flipped, want)  # the written rows' labels, as outside
+    counting.copied.clear()
+    with _gemm.keep_half_rows([X], budget=2 * 1700 * 24 + 4 * 1700 - 1):
+        run(X)
+        run(X)
+    assert counting.copied == [(140, 24), (1700, 24)] * 2  # over the budget: copied every call
+    with _gemm.keep_half_rows([np.zeros(3)]):
+        assert _gemm._KEPT.get() is None  # nothing of torch's held: no state
 
 
 def test_half_assign_knob(monkeypatch):

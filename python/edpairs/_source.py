@@ -111,6 +111,14 @@ class ChunkSource:
     def array(self):
         return self._array
 
+    @property
+    def arrays(self) -> list:
+        """The arrays a held source reads pass after pass (its array, or its list's chunks);
+        none for a callable source, whose chunks may be new each pass."""
+        if self._array is not None:
+            return [self._array]
+        return list(self._chunks or [])
+
     def _check(self, X):
         xp = namespace_of(X)
         if X.ndim != 2:

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from . import ops
+from . import _gemm, ops
 from ._arrays import device_scope, namespace_of, on_data_device, on_device_of, to_numpy64
 from ._checks import check_real
 from ._checks import is_int as _is_int
@@ -525,7 +525,10 @@ def cluster(source: ChunkSource, n_clusters: int, *, geometry: _Geometry, init="
             checkpoint.save("cluster", meta, arrays)
         return None if checkpoint is None else save
 
-    with Progress(total=None, desc=desc, enabled=progress, unit=" iterations") as bar:
+    # The float16 copies that TF32 labels of float32 rows take on a GPU (ops.assign's default on
+    # Hopper) are made once for the fit where the rows are held, not once per pass.
+    with Progress(total=None, desc=desc, enabled=progress, unit=" iterations") as bar, \
+            _gemm.keep_half_rows(source.arrays):
         for restart in range(first, n_init if isinstance(init, str) else 1):
             start, previous = 0, None
             if resume is not None and restart == first:
