@@ -113,3 +113,32 @@ def test_cuda_fit_makes_float16_rows_once(monkeypatch):
     assert torch.equal(fits[True].labels_, fits[False].labels_)
     np.testing.assert_array_equal(fits[True].counts_, fits[False].counts_)
     torch.testing.assert_close(fits[True].cluster_centers_, fits[False].cluster_centers_, rtol=0, atol=1e-6)
+
+
+def test_cuda_copies_through_pinned_memory():
+    """to_numpy64 / to_host / on_device_of stage torch GPU copies of 1 MiB or more in pinned
+    host memory: the same values as torch's own copies (float64, int64, bfloat16, strided), a
+    host result that owns its memory, and device copies that later writes to the numpy source
+    (or the next staged copy) do not reach."""
+    import torch
+
+    from edpairs._arrays import PINNED_MIN_BYTES, on_device_of, to_host, to_numpy64
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    big = torch.randn(1024, 512, device="cuda", dtype=torch.float64, generator=g)  # 4 MiB
+    assert big.numel() * 8 >= PINNED_MIN_BYTES
+    np.testing.assert_array_equal(to_numpy64(big), big.cpu().numpy())
+    np.testing.assert_array_equal(to_numpy64(big.T), big.T.cpu().numpy())
+    labels = torch.randint(0, 2**40, (300000,), device="cuda", generator=g)
+    np.testing.assert_array_equal(to_numpy64(labels), labels.cpu().numpy().astype(np.float64))
+    half = big.to(torch.bfloat16)
+    host = to_host(half)
+    assert host.dtype == np.float32 and host.base is None and host.flags.writeable
+    np.testing.assert_array_equal(host, half.float().cpu().numpy())
+    src = np.arange(2**19, dtype=np.float32)  # 2 MiB
+    on = [on_device_of(src, big)]
+    src[:] = -1
+    on.append(on_device_of(src, big))
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(on[0].cpu().numpy(), np.arange(2**19, dtype=np.float32))
+    assert (on[1] == -1).all() and on[0].device == big.device

@@ -256,14 +256,43 @@ def _numpy_capsule(x):
         return x.__dlpack__()
 
 
+#: Copies between a torch GPU and the host of at least this many bytes go through page-locked
+#: (pinned) host memory, from torch's caching host allocator: a pageable copy is staged by the
+#: driver at a fraction of the bus's rate, and a k-means fit brings its k x D float64 sums home
+#: and sends its centroids out every pass (H200 run 6b: 3.3 ms of device-to-host copies in a
+#: two-pass fit at k = 1024, D = 512).
+PINNED_MIN_BYTES = 2**20
+
+
+def _pinned(t) -> bool:
+    return t.device.type == "cuda" and t.numel() * t.element_size() >= PINNED_MIN_BYTES
+
+
+def _torch_host(a):
+    """A torch tensor's values as a CPU tensor (bfloat16 as float32), and whether that tensor
+    is a pinned staging block (which the caller copies out of, not keeps)."""
+    a = a.detach()
+    staged = _pinned(a)
+    if staged:
+        import torch
+
+        host = torch.empty(a.shape, dtype=a.dtype, pin_memory=True)
+        host.copy_(a, non_blocking=True)  # on a's device's current stream, which is then waited for
+        torch.cuda.current_stream(a.device).synchronize()
+        a = host
+    else:
+        a = a.cpu()
+    if str(a.dtype) == "torch.bfloat16":
+        a = a.float()
+    return a, staged
+
+
 def to_host(a) -> np.ndarray:
     """Any array (numpy, torch on any device, cupy) as a numpy array on the host, its dtype kept
     (torch bfloat16, which numpy lacks, becomes float32)."""
     if hasattr(a, "detach"):
-        a = a.detach().cpu()
-        if str(a.dtype) == "torch.bfloat16":
-            a = a.float()
-        return a.numpy()
+        host, staged = _torch_host(a)
+        return host.numpy().copy() if staged else host.numpy()
     if _module_root(a) == "cupy":
         return a.get()
     return np.asarray(a)
@@ -276,6 +305,8 @@ def to_numpy64(a) -> np.ndarray:
     numpy float64 array comes back as itself."""
     if isinstance(a, np.ndarray) and _module_root(a) == "numpy":  # (not another library's subclass)
         return np.asarray(a, dtype=np.float64)
+    if hasattr(a, "detach"):  # (one copy out of a pinned staging block, into float64)
+        return np.array(_torch_host(a)[0].numpy(), dtype=np.float64)
     return np.array(to_host(a), dtype=np.float64)
 
 
@@ -290,7 +321,12 @@ def on_device_of(a, like):
     if root == "torch":
         import torch
 
-        return torch.as_tensor(np.ascontiguousarray(a), device=like.device)
+        host = torch.as_tensor(np.ascontiguousarray(a))
+        if like.device.type != "cuda" or host.numel() * host.element_size() < PINNED_MIN_BYTES:
+            return host.to(like.device)
+        staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host)
+        # (torch's host allocator keeps the staged block from reuse until the copy is done)
+        return staged.to(like.device, non_blocking=True)
     if root == "cupy":
         import cupy
 
