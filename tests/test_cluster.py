@@ -431,3 +431,36 @@ def test_an_array_on_a_gpu_is_read_in_larger_chunks(monkeypatch):
     assert _source.ChunkSource(torch.zeros(3, 512, dtype=torch.bfloat16)).chunk_rows == 2**31 // (512 * 4)
     assert _source.ChunkSource(torch.zeros(3, 8)).chunk_rows == 2**24
     assert _source.ChunkSource(torch.zeros(3, 512), chunk_rows=7).chunk_rows == 7
+
+
+def test_ordered_sum_starts_a_device_run_from_zero_there(monkeypatch):
+    """_OrderedSum on "device" arrays (torch CPU tensors taken for GPU ones): the first run
+    starts from x + 0, no zeros copied over, with the bits of zeros + x (-0.0 becomes +0.0);
+    later runs, after host additions, start from the host total; the result is the host's
+    float64 additions in order."""
+    torch = pytest.importorskip("torch")
+    import edpairs.cluster as cl
+
+    monkeypatch.setattr(cl, "_kept_on_device", lambda xp, a: xp.name == "torch")
+    uploads = []
+    real = cl.on_device_of
+    monkeypatch.setattr(cl, "on_device_of", lambda a, like: uploads.append(a.shape) or real(a, like))
+    parts = [np.array([-0.0, 1e16, 3.0]), np.array([2.0, 1.0, -0.0]), np.array([0.5, -1e16, 1.0])]
+    total = cl._OrderedSum(3)
+    total.add(torch.tensor(parts[0]))
+    total.add(torch.tensor(parts[1]))
+    assert uploads == []
+    total.add(parts[2])  # a host array ends the run (one copy home) and is added on the host
+    total.add(torch.tensor(parts[0]))  # a new run starts from the host total: one upload
+    assert uploads == [(3,)]
+    want = np.zeros(3)
+    for p in parts + parts[:1]:
+        want = want + p
+    got = total.result()
+    np.testing.assert_array_equal(got, want)
+    assert not np.signbit(got[0]) and got.dtype == np.float64
+    counts = cl._OrderedSum(2, np.int64)
+    counts.add(torch.tensor([3, 4], dtype=torch.int32))
+    assert counts.result().dtype == np.int64 and counts.result().tolist() == [3, 4]
+    empty = cl._OrderedSum((2, 2))
+    assert empty.result().tolist() == [[0.0, 0.0], [0.0, 0.0]]

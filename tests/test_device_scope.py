@@ -202,7 +202,7 @@ def test_ordered_sums_add_in_the_hosts_order_across_devices(cupy):
     rng = np.random.default_rng(3)
     parts = [rng.standard_normal(64) * 10.0 ** rng.integers(-8, 16, 64) for _ in range(7)]
     where = [1, 1, None, 2, 2, 2, 1]
-    acc, want = _OrderedSum(np.zeros(64)), np.zeros(64)
+    acc, want = _OrderedSum(64), np.zeros(64)
     for p, d in zip(parts, where):
         acc.add(p if d is None else fc.on_device(p, d))
         want += p

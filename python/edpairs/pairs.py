@@ -630,7 +630,7 @@ class _MemberLabels:
         """Per-cluster sums of x - mean and counts (unweighted), added where the rows are
         (:class:`edpairs.cluster._OrderedSum`: no wait per block on a GPU)."""
         k, D = self.F.shape
-        sums, counts = _OrderedSum(np.zeros((k, D))), _OrderedSum(np.zeros(k, np.int64))
+        sums, counts = _OrderedSum((k, D)), _OrderedSum(k, np.int64)
         for index, block in enumerate(_blocks(source)):
             res = self._assign(block, True)
             sums.add(res.sums)
