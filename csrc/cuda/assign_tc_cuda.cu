@@ -483,6 +483,69 @@ __global__ void scatter_kernel(const int64_t* __restrict__ labels, const int64_t
   if (i < n) perm[atomicAdd(cursor + labels[i], 1)] = static_cast<int>(i);
 }
 
+// The same histogram and scatter with the counting done in shared memory, for k up to
+// kBlockLabels: each block counts its kBlockRows rows' labels there and adds one global atomic
+// per label it holds, where the kernels above add one per row. Those serialise on a few
+// addresses when k is small (H200 run 6b, k = 64, 1M rows: histogram 0.22 ms and scatter
+// 0.30 ms of a 2.75 ms step; k = 1024: 0.05 and 0.10 ms). The scatter reserves each label's
+// range of perm with one atomic, then writes its rows at the reserved base plus their rank
+// among the block's rows of that label (the order of the shared-memory atomics: rows within a
+// label stay in no set order, as before).
+constexpr int kBlockThreads = 256;
+constexpr int kBlockRowsPerThread = 16;
+constexpr int kBlockRows = kBlockThreads * kBlockRowsPerThread;
+constexpr int kBlockLabels = 12288;  // 48 KB of shared counters: no opt-in needed
+
+__global__ void __launch_bounds__(kBlockThreads)
+    block_histogram_kernel(const int64_t* __restrict__ labels, const int64_t n, const int k,
+                           unsigned long long* __restrict__ counts) {
+  extern __shared__ unsigned count_s[];  // k
+  const int tid = static_cast<int>(threadIdx.x);
+  for (int l = tid; l < k; l += kBlockThreads) count_s[l] = 0u;
+  __syncthreads();
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBlockRows + tid;
+#pragma unroll
+  for (int i = 0; i < kBlockRowsPerThread; ++i) {
+    const int64_t r = r0 + static_cast<int64_t>(i) * kBlockThreads;
+    if (r < n) atomicAdd(count_s + labels[r], 1u);
+  }
+  __syncthreads();
+  for (int l = tid; l < k; l += kBlockThreads) {
+    const unsigned c = count_s[l];
+    if (c != 0u) atomicAdd(counts + l, static_cast<unsigned long long>(c));
+  }
+}
+
+__global__ void __launch_bounds__(kBlockThreads)
+    block_scatter_kernel(const int64_t* __restrict__ labels, const int64_t n, const int k,
+                         int* __restrict__ cursor, int* __restrict__ perm) {
+  extern __shared__ unsigned count_s[];  // k: counts, then each label's base in perm
+  const int tid = static_cast<int>(threadIdx.x);
+  for (int l = tid; l < k; l += kBlockThreads) count_s[l] = 0u;
+  __syncthreads();
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBlockRows + tid;
+  int label[kBlockRowsPerThread];
+  unsigned rank[kBlockRowsPerThread];
+#pragma unroll
+  for (int i = 0; i < kBlockRowsPerThread; ++i) {
+    const int64_t r = r0 + static_cast<int64_t>(i) * kBlockThreads;
+    label[i] = r < n ? static_cast<int>(labels[r]) : -1;
+    rank[i] = label[i] >= 0 ? atomicAdd(count_s + label[i], 1u) : 0u;
+  }
+  __syncthreads();
+  for (int l = tid; l < k; l += kBlockThreads) {
+    const unsigned c = count_s[l];
+    if (c != 0u) count_s[l] = static_cast<unsigned>(atomicAdd(cursor + l, static_cast<int>(c)));
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kBlockRowsPerThread; ++i) {
+    if (label[i] >= 0) {
+      perm[count_s[label[i]] + rank[i]] = static_cast<int>(r0 + static_cast<int64_t>(i) * kBlockThreads);
+    }
+  }
+}
+
 template <class T>
 __global__ void __launch_bounds__(kSegThreads)
     segmented_sums_kernel(const T* __restrict__ x, const int64_t x_stride, const int64_t n,
@@ -562,12 +625,22 @@ template <class T>
 void launch_sorted_sums(const T* x, const int64_t x_stride, const int64_t n, const int d, const int k,
                         const float* center, const int64_t* labels, const float* rscale, int* perm,
                         int* cursor, unsigned long long* counts, double* sums, const cudaStream_t s) {
-  const unsigned row_blocks = static_cast<unsigned>(ceil_div(n, 256));
-  histogram_kernel<<<row_blocks, 256, 0, s>>>(labels, n, counts);
+  const bool in_block = k <= kBlockLabels;  // the counting in shared memory
+  const unsigned row_blocks = static_cast<unsigned>(ceil_div(n, in_block ? kBlockRows : 256));
+  const size_t count_bytes = static_cast<size_t>(k) * sizeof(unsigned);
+  if (in_block) {
+    block_histogram_kernel<<<row_blocks, kBlockThreads, count_bytes, s>>>(labels, n, k, counts);
+  } else {
+    histogram_kernel<<<row_blocks, 256, 0, s>>>(labels, n, counts);
+  }
   EDPAIRS_CUDA_CHECK(cudaGetLastError());
   scan_kernel<<<1, kScanThreads, 0, s>>>(counts, k, cursor);
   EDPAIRS_CUDA_CHECK(cudaGetLastError());
-  scatter_kernel<<<row_blocks, 256, 0, s>>>(labels, n, cursor, perm);
+  if (in_block) {
+    block_scatter_kernel<<<row_blocks, kBlockThreads, count_bytes, s>>>(labels, n, k, cursor, perm);
+  } else {
+    scatter_kernel<<<row_blocks, 256, 0, s>>>(labels, n, cursor, perm);
+  }
   EDPAIRS_CUDA_CHECK(cudaGetLastError());
   segmented_sums_kernel<T><<<static_cast<unsigned>(ceil_div(n, kSegRows)), kSegThreads, 0, s>>>(
       x, x_stride, n, d, center, labels, rscale, perm, sums);

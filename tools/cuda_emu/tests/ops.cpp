@@ -1269,6 +1269,11 @@ EMU_TEST(ops_cluster_sums) {
   cluster_case<__nv_bfloat16>(115, 200, 40, 6, 44, false);
   cluster_case<double>(116, 200, 40, 6, 41, true);
   cluster_case<float>(117, 1, 1, 3, 1, true);
+  // Counting in shared memory up to k = 12288 (kBlockLabels), per row in global memory above;
+  // rows past one block's 4096 (the counts and the perm ranges of several blocks).
+  cluster_case<float>(118, 9000, 3, 12288, 5, false);
+  cluster_case<float>(119, 9000, 3, 12289, 3, true);
+  cluster_case<float>(120, 20000, 2, 3, 2, false);
 }
 
 EMU_TEST(ops_centre_rows_f32_out) {
