@@ -103,7 +103,8 @@ def test_edpairs_killed_and_resumed_equals_uninterrupted(tmp_path):
 
 def test_checkpoint_path_is_checked_before_the_fit(tmp_path):
     """A checkpoint in a missing folder failed only after the first pass over the data, naming
-    write_atomic's temporary file; a checkpoint that is not a path got os.fspath's message."""
+    write_atomic's temporary file (later: after the key's fingerprint had read a chunk); a
+    checkpoint that is not a path got os.fspath's message. Now nothing is read first."""
     X = np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32)
     passes = [0]
 
@@ -113,7 +114,9 @@ def test_checkpoint_path_is_checked_before_the_fit(tmp_path):
 
     with pytest.raises(FileNotFoundError, match=r"checkpoint .*nowhere/k\.ckpt: its folder .*nowhere does not exist"):
         edp.SphericalKMeans(3, random_state=0).fit(chunks, checkpoint=tmp_path / "nowhere" / "k.ckpt")
-    assert passes[0] <= 1  # (the fingerprint reads one chunk; no Lloyd pass ran)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint .*nowhere/p\.ckpt: its folder .*nowhere does not exist"):
+        edp.EDPairs(2, random_state=0).fit(chunks, checkpoint=tmp_path / "nowhere" / "p.ckpt")
+    assert passes[0] == 0
     with pytest.raises(TypeError, match="checkpoint must be a file path .* got int"):
         edp.EDPairs(2, random_state=0).fit(X, checkpoint=5)
 

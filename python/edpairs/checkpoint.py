@@ -66,14 +66,15 @@ class Checkpoint:
         self._carried_meta, self._carried_arrays = _jsonable(meta), dict(arrays)
 
     @classmethod
-    def of(cls, checkpoint, key: dict) -> Optional["Checkpoint"]:
-        """``checkpoint`` as given to a fit: None, a path, or a Checkpoint (its key is set)."""
+    def of(cls, checkpoint, key) -> Optional["Checkpoint"]:
+        """``checkpoint`` as given to a fit: None, a path, or a Checkpoint (its key is set).
+        ``key``: a dict, or a function that returns it, called only once a path has been
+        accepted (a fit's key reads the data: a bad path is refused before that)."""
         if checkpoint is None:
             return None
-        if isinstance(checkpoint, Checkpoint):
-            checkpoint.key = _jsonable(key)
-            return checkpoint
-        return cls(checkpoint, key)
+        made = checkpoint if isinstance(checkpoint, Checkpoint) else cls(checkpoint, {})
+        made.key = _jsonable(key() if callable(key) else key)
+        return made
 
     def load(self):
         if not os.path.exists(self.path):

@@ -634,9 +634,8 @@ class SphericalKMeans:
             from .checkpoint import Checkpoint, data_fingerprint
 
             init = self.init if isinstance(self.init, str) else zlib.crc32(np.ascontiguousarray(to_numpy64(self.init)).tobytes())
-            key = {"fit": "SphericalKMeans", "data": data_fingerprint(source), "rank": red.rank,
-                   **self._params(), "init": init}
-            ckpt = Checkpoint.of(checkpoint, key)
+            ckpt = Checkpoint.of(checkpoint, lambda: {"fit": "SphericalKMeans", "data": data_fingerprint(source),
+                                                      "rank": red.rank, **self._params(), "init": init})
         res = cluster(source, int(self.n_clusters), geometry=_Geometry(), init=self.init, n_init=self.n_init,
                       max_iter=self.max_iter, tol=self.tol, init_size=self.init_size, random_state=self.random_state,
                       check_finite=self.check_finite, progress=self.progress if red.rank == 0 else False,

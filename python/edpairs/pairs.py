@@ -336,9 +336,8 @@ class EDPairs:
         from .checkpoint import Checkpoint, data_fingerprint
 
         params = {k: v for k, v in self.get_params().items() if k not in ("progress", "metadata")}
-        key = {"fit": "EDPairs", "data": data_fingerprint(source), "rank": red.rank, "world": red.world_size,
-               "head": with_head, **params}
-        ckpt = Checkpoint.of(checkpoint, key)
+        ckpt = Checkpoint.of(checkpoint, lambda: {"fit": "EDPairs", "data": data_fingerprint(source), "rank": red.rank,
+                                                  "world": red.world_size, "head": with_head, **params})
         saved = ckpt.load()
         if saved is not None:
             ckpt.carry({"n": saved[1]["carried"]["n"]}, {"mean": saved[2]["mean"], "cov": saved[2]["cov"]})
