@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _gemm, ops
 from ._arrays import device_scope, namespace_of, on_data_device, on_device_of, to_numpy64
-from ._checks import check_real
+from ._checks import check_int, check_real
 from ._checks import is_int as _is_int
 from ._progress import Progress
 from ._source import ChunkSource, row_blocks
@@ -607,10 +607,7 @@ class SphericalKMeans:
 
     def _validate(self) -> None:
         for name in ("n_clusters", "n_init", "max_iter", "init_size", "chunk_rows"):
-            value = getattr(self, name)
-            optional = name in ("init_size", "chunk_rows")
-            if not (optional and value is None) and (not _is_int(value) or value < 1):
-                raise ValueError(f"{name} must be {'None or ' if optional else ''}a positive integer, got {value!r}")
+            check_int(name, getattr(self, name), 1, optional=name in ("init_size", "chunk_rows"))
         check_real("tol", self.tol, "a finite number >= 0", lambda v: v >= 0)
         seed = self.random_state
         if not (seed is None or (_is_int(seed) and seed >= 0)
