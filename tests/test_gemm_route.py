@@ -1641,12 +1641,15 @@ def test_half_assign_knob(monkeypatch):
             assert not _gemm.half_resident_applies(X)  # the copies, not the one kernel
             # Knobs that only the float32 rows' kernels honour keep them.
             for name, asked in (("EDPAIRS_ASSIGN_KERNEL", "wgmma-tma"), ("EDPAIRS_ASSIGN_SUMS", "columns"),
-                                ("EDPAIRS_ASSIGN_SUMS", "block"), ("EDPAIRS_ASSIGN_OVERLAP", "4")):
+                                ("EDPAIRS_ASSIGN_SUMS", "block"), ("EDPAIRS_ASSIGN_OVERLAP", "4"),
+                                ("EDPAIRS_ASSIGN_OVERLAP", " +02"), ("EDPAIRS_ASSIGN_OVERLAP", "2 "),
+                                ("EDPAIRS_ASSIGN_OVERLAP", "x")):  # (as strtol reads them; "2 ", "x": refused there)
                 m.setenv(name, asked)
                 assert not _gemm.half_labels(X), (name, asked)
                 m.delenv(name)
             for name, same in (("EDPAIRS_ASSIGN_KERNEL", "wgmma"), ("EDPAIRS_ASSIGN_SUMS", "sorted"),
-                               ("EDPAIRS_ASSIGN_OVERLAP", "1")):
+                               ("EDPAIRS_ASSIGN_OVERLAP", "1"), ("EDPAIRS_ASSIGN_OVERLAP", "01"),
+                               ("EDPAIRS_ASSIGN_OVERLAP", " 0"), ("EDPAIRS_ASSIGN_OVERLAP", "")):
                 m.setenv(name, same)
                 assert _gemm.half_labels(X), (name, same)
                 m.delenv(name)

@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextvars
 import math
 import os
+import re
 from contextlib import contextmanager
 from typing import Optional
 
@@ -872,9 +873,12 @@ def _float32_row_knobs() -> bool:
     """Whether a knob asks for what only edpairs' kernels on the float32 rows do (the float16
     copies' path labels them and adds the sorted sums after): EDPAIRS_ASSIGN_KERNEL=wgmma-tma,
     EDPAIRS_ASSIGN_SUMS other than auto or sorted, EDPAIRS_ASSIGN_OVERLAP above 1."""
+    overlap = re.fullmatch(r"[ \t\n\v\f\r]*([+-]?[0-9]+)", os.environ.get("EDPAIRS_ASSIGN_OVERLAP", "") or "0")
     return (_assign_kernel_knob() == "wgmma-tma"
             or os.environ.get("EDPAIRS_ASSIGN_SUMS", "") not in ("", "auto", "sorted")
-            or os.environ.get("EDPAIRS_ASSIGN_OVERLAP", "") not in ("", "0", "1"))
+            # (read as the CUDA library's strtol reads it; a value it refuses stands aside too, and
+            # the kernels on the float32 rows name it)
+            or overlap is None or int(overlap.group(1)) > 1)
 
 
 def _half_knob() -> str:
