@@ -129,6 +129,24 @@ def test_set_value_reaches_the_target_along_the_encoding_direction():
     assert (delta - along[:, None] * s).abs().max().item() <= 1e-5
 
 
+def test_a_zero_d_target_is_a_number(monkeypatch):
+    """A target given as a 0-d array is read as the number it holds, as a Python number is: the
+    same edit (float16 activations included: it was rounded to their precision first), and no
+    copy of it sent to the activations' device and read back at every forward."""
+    pairs = _random_pairs(12, 4, seed=3)
+    X = torch.from_numpy(np.random.default_rng(4).standard_normal((50, 12)).astype(np.float32))
+    for x in (X, X.half(), X.numpy()):
+        want = set_value(x, pairs, {2: 0.3})
+        for zero_d in (np.array(0.3), np.float64(0.3), np.array([[0.3]])[0, 0]):
+            got = set_value(x, pairs, {2: zero_d})
+            assert (got == want).all()
+    sent = []
+    real = torch.as_tensor
+    monkeypatch.setattr(torch, "as_tensor", lambda *a, **k: sent.append(a[0]) or real(*a, **k))
+    set_value(X, pairs, {2: np.array(0.3), 1: np.full(50, 0.5)})
+    assert not [a for a in sent if np.ndim(a) == 0] and (50,) in [np.shape(a) for a in sent]  # the map only
+
+
 def test_set_value_with_a_per_position_map_and_several_concepts():
     pairs = _random_pairs(8, 3, seed=5)
     rng = np.random.default_rng(6)
