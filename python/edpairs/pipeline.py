@@ -77,7 +77,9 @@ def load_model(spec: str):
     """``(model, name)`` from a model spec: ``"efficientnet-lite0"`` (the ImageNet model that
     ships in packages, :func:`edpairs.zoo.efficientnet_lite0`), ``"package.module:factory"``
     (a callable returning a torch module, called without arguments, or a module object), or a
-    TorchScript / whole-module file (``.pt`` / ``.pth``). The model is put in eval mode."""
+    whole-module or TorchScript file (``.pt`` / ``.pth``). The model is put in eval mode. A
+    TorchScript model serves ``edpairs layers`` only: capture and the edits hook its layers,
+    which TorchScript modules do not allow (:func:`edpairs.capture.find_module` says so)."""
     from ._arrays import require_torch
 
     torch = require_torch("loading a model")
