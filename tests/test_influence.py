@@ -219,6 +219,9 @@ def test_bad_arguments(layer):
         influence(layer.head, layer.images()[:10], gt_pairs(layer), labels=np.zeros(3), n_noise=0)
     with pytest.raises(ValueError, match="pvalue"):
         influence(layer.head, layer.images()[:10], gt_pairs(layer), pvalue="exact")
+    # unfitted pairs: the shared wording, where getattr's AttributeError came
+    with pytest.raises(ValueError, match="pairs must be fitted pairs .* this EDPairs has no decoding_, encoding_, bias_"):
+        influence(layer.head, layer.images()[:10], edp.EDPairs(3))
 
 
 def test_a_subset_of_classes_is_the_same_columns_with_a_smaller_family(layer):

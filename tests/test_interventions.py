@@ -129,6 +129,18 @@ def test_set_value_reaches_the_target_along_the_encoding_direction():
     assert (delta - along[:, None] * s).abs().max().item() <= 1e-5
 
 
+def test_unfitted_pairs_are_named():
+    """The edits' check of fitted pairs is the other functions' (one wording)."""
+    import edpairs as edp
+
+    X = np.zeros((4, 6), np.float32)
+    with pytest.raises(ValueError, match="pairs must be fitted pairs .* this EDPairs has no decoding_, encoding_, mean_"):
+        remove(X, edp.EDPairs(2), 0)
+    partial = SimpleNamespace(decoding_=np.eye(2, 6), encoding_=None, mean_=np.zeros(6))
+    with pytest.raises(ValueError, match="this SimpleNamespace has no encoding_"):
+        set_value(X, partial, {0: 1.0})
+
+
 def test_a_zero_d_target_is_a_number(monkeypatch):
     """A target given as a 0-d array is read as the number it holds, as a Python number is: the
     same edit (float16 activations included: it was rounded to their precision first), and no
@@ -511,7 +523,7 @@ def test_errors(net):
         set_value(torch.randn(2, 6, 3, 3), pairs, {0: torch.zeros(4, 4)}, layout="nchw")
     with pytest.raises(ValueError, match="scale"):
         remove(X, pairs, [0], scale="max")
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(ValueError, match="has no encoding_, mean_"):
         remove(X, SimpleNamespace(decoding_=pairs.decoding_), [0])
     no_bias = SimpleNamespace(decoding_=pairs.decoding_, encoding_=pairs.encoding_, mean_=pairs.mean_)
     with pytest.raises(ValueError, match="bias_"):

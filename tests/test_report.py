@@ -276,7 +276,7 @@ def _bad(setup, **change):
     (lambda s: dict(activations=s[2][:4].reshape(4, 16, 8)), ValueError, r"\(n, h, w, D\).*\(4, 16, 8\)"),
     (lambda s: dict(activations=s[2][:3]), ValueError, "same number|4 images"),
     (lambda s: dict(activations=s[2][:4, :, :, :5]), ValueError, "D=8"),
-    (lambda s: dict(pairs=object()), TypeError, "fitted pairs"),
+    (lambda s: dict(pairs=object()), ValueError, "pairs must be fitted pairs .*object has no decoding_, bias_, encoding_, detect"),
     (lambda s: dict(concept_names=["a", "b"]), ValueError, "3 names, got 2"),
     (lambda s: dict(top_k=0), ValueError, "top_k"),
     (lambda s: dict(patch_scale=-1.0), ValueError, "patch_scale"),

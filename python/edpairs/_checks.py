@@ -26,8 +26,9 @@ def check_int(name: str, value, minimum: int = 1, *, optional: bool = False) -> 
 
 
 def check_fitted(pairs, attrs) -> None:
-    """``pairs`` has the fitted attributes ``attrs``, else a ValueError naming the missing ones."""
-    missing = [a for a in attrs if not hasattr(pairs, a)]
+    """``pairs`` has the fitted attributes ``attrs`` (not None), else a ValueError naming the
+    missing ones: one check and one wording for every function that takes fitted pairs."""
+    missing = [a for a in attrs if getattr(pairs, a, None) is None]
     if missing:
         raise ValueError(f"pairs must be fitted pairs (edpairs.EDPairs after fit or EDPairs.load); this "
                          f"{type(pairs).__name__} has no {', '.join(missing)}")

@@ -59,6 +59,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from ._arrays import to_numpy64 as _host
+from ._checks import check_fitted
 from ._io import make_folder, write_atomic
 
 __all__ = ["InfluenceResult", "influence", "plot_influence", "noise_directions"]
@@ -261,6 +262,7 @@ def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 10
         raise ValueError(f"n_noise must be >= 0 and batch_size >= 1, got {n_noise} and {batch_size}")
     if not hasattr(features, "shape") or len(features.shape) < 2:
         raise ValueError("features must be an (n_images, h, w, D) or (n_images, L, D) channel-last array")
+    check_fitted(pairs, ("decoding_", "encoding_", "bias_"))
     W, S, b = (_host(getattr(pairs, a)) for a in ("decoding_", "encoding_", "bias_"))
     I, D = W.shape
     if int(features.shape[-1]) != D:

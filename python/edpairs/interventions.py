@@ -62,6 +62,7 @@ import numpy as np
 
 from ._arrays import _module_root, namespace_of
 from ._arrays import to_numpy64 as _host
+from ._checks import check_fitted
 from ._layout import LAYOUTS, channel_last, from_channel_last, infer_layout
 from .capture import find_module
 
@@ -77,10 +78,7 @@ class _Pairs:
     caches of what the edits need."""
 
     def __init__(self, pairs):
-        missing = [a for a in ("decoding_", "encoding_", "mean_") if getattr(pairs, a, None) is None]
-        if missing:
-            raise ValueError(f"pairs must have fitted attributes decoding_ (I, D), encoding_ (I, D), mean_ (D,) "
-                             f"and bias_ (I,) (an edpairs.EDPairs after fit); missing {missing}")
+        check_fitted(pairs, ("decoding_", "encoding_", "mean_"))
         W, S, mean = (_host(getattr(pairs, a)) for a in ("decoding_", "encoding_", "mean_"))
         bias = getattr(pairs, "bias_", None)
         if W.ndim != 2 or S.shape != W.shape or mean.shape != (W.shape[1],):

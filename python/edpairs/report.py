@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
+from ._checks import check_fitted
 from ._io import fsync_dir, make_folder
 from ._progress import Progress
 from .explain import plot_explanation
@@ -63,10 +64,7 @@ def _check_image(image, what: str, size=None) -> np.ndarray:
 
 
 def _check_inputs(pairs, images, activations):
-    for name in ("decoding_", "bias_", "encoding_", "detect"):
-        if not hasattr(pairs, name):
-            raise TypeError(f"pairs must be fitted pairs with decoding_, bias_, encoding_ and detect(X); "
-                            f"{type(pairs).__name__} has no {name}")
+    check_fitted(pairs, ("decoding_", "bias_", "encoding_", "detect"))
     W = np.asarray(_numpy(pairs.decoding_))
     if W.ndim != 2:
         raise ValueError(f"pairs.decoding_ must be (I, D), got shape {W.shape}")
