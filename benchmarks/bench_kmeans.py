@@ -49,6 +49,8 @@ user would pick instead, in the same run on the same data.
                Hopper since H200 run 6)
   edpairs-tf32-rows  EDPAIRS_ASSIGN_HALF=0: TF32 labels from the float32 rows (the default
                before run 6)
+  edpairs-seg128, edpairs-seg64  EDPAIRS_ASSIGN_SEG_ROWS=128 / 64: the sorted pass's segmented
+               sums in blocks of 128 / 64 sorted rows instead of 256 (a shorter last wave)
   edpairs-fit  the estimator, SphericalKMeans(k, init=C0, max_iter=1).fit(X) with TF32 products
                (the default precision set for the call): two passes over X, reported per pass (median_s; the
                whole call in call_median_s); next to edpairs, what the estimator's host-side
@@ -326,7 +328,8 @@ METHODS = {"edpairs": run_edpairs, "edpairs-labels": run_edpairs_labels, "edpair
            "edpairs-blk": run_edpairs, "edpairs-1sm": run_edpairs, "edpairs-fused": run_edpairs,
            "edpairs-wgmma": run_edpairs, "edpairs-wgmma-tma": run_edpairs, "edpairs-fused-wgmma": run_edpairs,
            "edpairs-mma-sorted": run_edpairs, "edpairs-wgmma-columns": run_edpairs, "edpairs-half": run_edpairs,
-           "edpairs-half-copies": run_edpairs, "edpairs-tf32-rows": run_edpairs, "edpairs-fit": run_edpairs_fit, "edpairs-fit5": run_edpairs_fit5, "faiss": run_faiss,
+           "edpairs-half-copies": run_edpairs, "edpairs-tf32-rows": run_edpairs, "edpairs-fit": run_edpairs_fit, "edpairs-fit5": run_edpairs_fit5,
+           "edpairs-seg128": run_edpairs, "edpairs-seg64": run_edpairs, "faiss": run_faiss,
            "faiss-search": run_faiss_search, "torch": run_torch}
 GEMM = {"EDPAIRS_GEMM_ROUTE": "gemm"}
 METHOD_ENV = {"edpairs-gemm": GEMM,
@@ -343,7 +346,9 @@ METHOD_ENV = {"edpairs-gemm": GEMM,
               "edpairs-wgmma-columns": {**KERNEL, "EDPAIRS_ASSIGN_KERNEL": "wgmma", "EDPAIRS_ASSIGN_SUMS": "columns"},
               "edpairs-half": {"EDPAIRS_ASSIGN_HALF": "1"},
               "edpairs-half-copies": {"EDPAIRS_ASSIGN_HALF": "copies"},
-              "edpairs-tf32-rows": {"EDPAIRS_ASSIGN_HALF": "0"}}
+              "edpairs-tf32-rows": {"EDPAIRS_ASSIGN_HALF": "0"},
+              "edpairs-seg128": {"EDPAIRS_ASSIGN_SEG_ROWS": "128"},
+              "edpairs-seg64": {"EDPAIRS_ASSIGN_SEG_ROWS": "64"}}
 
 
 def wgmma_unavailable(device: str) -> str | None:

@@ -75,9 +75,10 @@ SKIP="${SKIP-estimators ncu route_parts stream}"
 # run5b: 7.64 ms at k = 1024) and k = 256 (run5b: 2.92 ms) are left out by default.
 KM_METHODS="${KM_METHODS:-edpairs,edpairs-labels,edpairs-fit,edpairs-fit5,torch}"
 KM_SIZES="${KM_SIZES:-1000000,512,1024 1000000,512,64}"
-# The k = 64 candidates (wgmma labels in 64-wide tiles + owned-column sums; the fused pass),
-# opt-in until measured, against the default rows of the k-means step above.
-K64_METHODS="${K64_METHODS:-edpairs-wgmma-columns,edpairs-fused-wgmma}"
+# The k = 64 candidates (wgmma labels in 64-wide tiles + owned-column sums; the fused pass; the
+# segmented sums in blocks of 128 and 64 rows), opt-in until measured, against the default rows
+# of the k-means step above.
+K64_METHODS="${K64_METHODS:-edpairs-wgmma-columns,edpairs-fused-wgmma,edpairs-seg128,edpairs-seg64}"
 BF16_METHODS="${BF16_METHODS:-edpairs,torch}"
 BF16_SIZES="${BF16_SIZES:-1000000,512,1024}"
 STREAM_GIB="${STREAM_GIB:-4}"
@@ -94,7 +95,7 @@ PROFILE_CASES="${PROFILE_CASES:-kmeans:1000000,512,1024 kmeans:1000000,512,64 mo
 signal:1000000,512,256 kmeans-fit:1000000,512,1024 kmeans:1000000,512,1024:EDPAIRS_ASSIGN_HALF=copies \
 moments:1000000,512:EDPAIRS_GEMM_HALF=1;EDPAIRS_GEMM_OVERLAP=1 signal:1000000,512,256:EDPAIRS_GEMM_HALF=1;EDPAIRS_GEMM_OVERLAP=1 \
 kmeans:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=wgmma;EDPAIRS_ASSIGN_SUMS=columns kmeans:1000000,512,1024:EDPAIRS_ASSIGN_HALF=1 \
-kmeans:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=wgmma;EDPAIRS_ASSIGN_SUMS=fused}"
+kmeans:1000000,512,64:EDPAIRS_ASSIGN_KERNEL=wgmma;EDPAIRS_ASSIGN_SUMS=fused kmeans:1000000,512,1024:EDPAIRS_ASSIGN_SEG_ROWS=128}"
 PROFILE_ALL="moments:1000000,512 moments-f32:1000000,512 signal:1000000,512,256 \
 kmeans:1000000,512,1024 kmeans:1000000,512,256 kmeans:1000000,512,64 labels:1000000,512,64 \
 kmeans-fit:1000000,512,1024 kmeans-fit:1000000,512,64 \
@@ -137,8 +138,8 @@ step "spherical k-means iteration (float32 data: tensor-core kernels, TF32; torc
 skipped kmeans || within 150 40 python3 benchmarks/bench_kmeans.py --device cuda --methods "$KM_METHODS${KMEANS_EXTRA:+,$KMEANS_EXTRA}" \
   --repeat "$REPEAT" --method-timeout 60 --sizes $KM_SIZES --json "$RES/kmeans_cuda_f32.json" || status=1
 pack
-step "k = 1024: the float16 rows made in shared memory (EDPAIRS_ASSIGN_HALF=1) and the float32 rows (=0) against the default copies"
-skipped half || within 90 30 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs-half,edpairs-tf32-rows --repeat "$REPEAT" \
+step "k = 1024: the float16 rows made in shared memory (EDPAIRS_ASSIGN_HALF=1), the float32 rows (=0), the segmented sums in blocks of 128 / 64 against the default"
+skipped half || within 110 30 python3 benchmarks/bench_kmeans.py --device cuda --methods edpairs-half,edpairs-tf32-rows,edpairs-seg128,edpairs-seg64 --repeat "$REPEAT" \
   --method-timeout 30 --sizes 1000000,512,1024 --json "$RES/kmeans_cuda_half.json" || status=1
 pack
 step "k = 64: the candidate defaults (wgmma labels + owned-column sums; the fused pass)"

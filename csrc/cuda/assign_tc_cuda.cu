@@ -436,7 +436,7 @@ __global__ void __launch_bounds__(kThreads, 2) assign_tc_kernel(const TcParams p
 // float64 and flushes one atomic per (label, column) at each label change: about
 // (N / kSegRows + k) * D atomics instead of one per (block, label, column).
 
-constexpr int kSegRows = 256;     // sorted positions per block of the segmented sum
+constexpr int kSegRows = 256;     // sorted positions per block of the segmented sum (the default)
 constexpr int kSegThreads = 128;  // columns in flight per block (x kSegCols)
 constexpr int kSegCols = 4;
 constexpr int kSegAhead = 4;      // rows whose loads are issued together
@@ -546,18 +546,18 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-template <class T>
+template <class T, int kRowsPerBlock = kSegRows>
 __global__ void __launch_bounds__(kSegThreads)
     segmented_sums_kernel(const T* __restrict__ x, const int64_t x_stride, const int64_t n,
                           const int d, const float* __restrict__ center,
                           const int64_t* __restrict__ labels, const float* __restrict__ rscale,
                           const int* __restrict__ perm, double* __restrict__ sums) {
-  __shared__ int row_s[kSegRows];
-  __shared__ int label_s[kSegRows];
-  __shared__ float r_s[kSegRows];
+  __shared__ int row_s[kRowsPerBlock];
+  __shared__ int label_s[kRowsPerBlock];
+  __shared__ float r_s[kRowsPerBlock];
   const int tid = static_cast<int>(threadIdx.x);
-  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kSegRows;
-  const int count = static_cast<int>(n - q0 < kSegRows ? n - q0 : kSegRows);  // 1..kSegRows
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  const int count = static_cast<int>(n - q0 < kRowsPerBlock ? n - q0 : kRowsPerBlock);  // 1..kRowsPerBlock
   for (int q = tid; q < count; q += kSegThreads) {
     const int row = perm[q0 + q];
     row_s[q] = row;
@@ -618,6 +618,30 @@ __global__ void __launch_bounds__(kSegThreads)
   }
 }
 
+// Sorted positions per block of the segmented sums (EDPAIRS_ASSIGN_SEG_ROWS: 64, 128 or 256,
+// the default). 1M rows make 3907 blocks of 256, 3.3 waves of the 1188 that an H200 holds at
+// once (9 a multiprocessor): the last wave runs a third full, with a third of the loads in
+// flight. Smaller blocks shorten that tail for a few more atomics at label changes (a block
+// flushes at least once). Opt-in until a GPU run times it (benchmarks/results/h100/NOTES.md,
+// version 19).
+inline int seg_rows() {
+  const char* v = std::getenv("EDPAIRS_ASSIGN_SEG_ROWS");
+  if (v == nullptr || *v == '\0') return kSegRows;
+  const std::string s(v);
+  if (s == "64") return 64;
+  if (s == "128") return 128;
+  if (s == "256") return 256;
+  fail("EDPAIRS_ASSIGN_SEG_ROWS must be 64, 128 or 256, got '" + s + "'");
+}
+
+template <class T, int kRowsPerBlock>
+void launch_segmented_sums(const T* x, const int64_t x_stride, const int64_t n, const int d, const float* center,
+                           const int64_t* labels, const float* rscale, const int* perm, double* sums,
+                           const cudaStream_t s) {
+  segmented_sums_kernel<T, kRowsPerBlock><<<static_cast<unsigned>(ceil_div(n, kRowsPerBlock)), kSegThreads, 0, s>>>(
+      x, x_stride, n, d, center, labels, rscale, perm, sums);
+}
+
 // The sorted sums of rows already labelled: counts (k, zeroed by the caller) by histogram,
 // cursor (k ints) by scan, perm (n ints) by scatter, then the segmented float64 sums into
 // sums (k x d, zeroed by the caller).
@@ -625,6 +649,7 @@ template <class T>
 void launch_sorted_sums(const T* x, const int64_t x_stride, const int64_t n, const int d, const int k,
                         const float* center, const int64_t* labels, const float* rscale, int* perm,
                         int* cursor, unsigned long long* counts, double* sums, const cudaStream_t s) {
+  const int seg = seg_rows();  // (a bad value refused before anything runs)
   const bool in_block = k <= kBlockLabels;  // the counting in shared memory
   const unsigned row_blocks = static_cast<unsigned>(ceil_div(n, in_block ? kBlockRows : 256));
   const size_t count_bytes = static_cast<size_t>(k) * sizeof(unsigned);
@@ -642,8 +667,11 @@ void launch_sorted_sums(const T* x, const int64_t x_stride, const int64_t n, con
     scatter_kernel<<<row_blocks, 256, 0, s>>>(labels, n, cursor, perm);
   }
   EDPAIRS_CUDA_CHECK(cudaGetLastError());
-  segmented_sums_kernel<T><<<static_cast<unsigned>(ceil_div(n, kSegRows)), kSegThreads, 0, s>>>(
-      x, x_stride, n, d, center, labels, rscale, perm, sums);
+  switch (seg) {
+    case 64: launch_segmented_sums<T, 64>(x, x_stride, n, d, center, labels, rscale, perm, sums, s); break;
+    case 128: launch_segmented_sums<T, 128>(x, x_stride, n, d, center, labels, rscale, perm, sums, s); break;
+    default: launch_segmented_sums<T, kSegRows>(x, x_stride, n, d, center, labels, rscale, perm, sums, s);
+  }
   EDPAIRS_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1390,6 +1418,7 @@ bool launch_fused(const AssignArgs& args, TcParams p, cudaStream_t s) {
 template <class T>
 void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
   const int knob_chunks = overlap_chunks();  // (read first, so validated wherever it is set)
+  (void)seg_rows();                          // (the same)
   if (launch_fused<T>(args, p, s)) return;
   const int64_t n = args.x.size(0);
   const int64_t d = args.x.size(1);
@@ -1552,6 +1581,7 @@ void assign_tensor_core(const AssignArgs& args, cudaStream_t stream) {
 
 void assign_tensor_core_half(const AssignArgs& args, cudaStream_t s) {
   (void)overlap_chunks();  // validated, though this path labels in one kernel and does not overlap
+  (void)seg_rows();        // validated before the labels, as on the other paths
   const int64_t n = args.x.size(0);
   const int64_t d = args.x.size(1);
   const int64_t k = args.centroids.size(0);
@@ -1613,6 +1643,7 @@ void cluster_sums_cuda(const ClusterSumsArgs& a, Stream stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   auto* counts = reinterpret_cast<unsigned long long*>(a.counts.ptr<int64_t>());
   double* sums = a.sums.ptr<double>();
+  (void)seg_rows();  // (a bad EDPAIRS_ASSIGN_SEG_ROWS refused before anything is written)
   EDPAIRS_CUDA_CHECK(cudaMemsetAsync(sums, 0, static_cast<size_t>(k * d) * sizeof(double), s));
   EDPAIRS_CUDA_CHECK(cudaMemsetAsync(counts, 0, static_cast<size_t>(k) * sizeof(int64_t), s));
   if (n == 0) return;

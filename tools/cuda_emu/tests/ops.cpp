@@ -1276,6 +1276,38 @@ EMU_TEST(ops_cluster_sums) {
   cluster_case<float>(120, 20000, 2, 3, 2, false);
 }
 
+EMU_TEST(ops_cluster_sums_seg_rows) {
+  // EDPAIRS_ASSIGN_SEG_ROWS: the segmented sums in blocks of 64 and 128 sorted positions (a
+  // label's run across several blocks, a ragged last block); a value it does not take is
+  // refused before anything is written.
+  for (const char* rows : {"64", "128"}) {
+    Knob seg("EDPAIRS_ASSIGN_SEG_ROWS", rows);
+    std::printf("  EDPAIRS_ASSIGN_SEG_ROWS=%s\n", rows);
+    cluster_case<float>(121, 1000, 70, 9, 75, true);
+    cluster_case<__half>(122, 333, 40, 300, 40, false);
+  }
+  Knob seg("EDPAIRS_ASSIGN_SEG_ROWS", "100");
+  std::vector<float> x(64, 1.0f), rscale(16, 1.0f);
+  std::vector<int64_t> labels(16, 0), counts(2, -7);
+  std::vector<double> sums(8, 5.0);
+  ClusterSumsArgs a;
+  a.x = view(x, {16, 4}, Device::CUDA);
+  a.labels = vec_view(labels, Device::CUDA);
+  a.rscale = vec_view(rscale, Device::CUDA);
+  a.sums = view(sums, {2, 4}, Device::CUDA);
+  a.counts = vec_view(counts, Device::CUDA);
+  bool threw = false;
+  try {
+    cluster_sums_cuda(a, nullptr);
+  } catch (const std::invalid_argument& e) {
+    threw = std::string(e.what()) == "EDPAIRS_ASSIGN_SEG_ROWS must be 64, 128 or 256, got '100'";
+    std::printf("  refused: %s\n", e.what());
+  }
+  CHECK(threw, "EDPAIRS_ASSIGN_SEG_ROWS=100 was not refused with its message");
+  CHECK(std::all_of(sums.begin(), sums.end(), [](double v) { return v == 5.0; }) && counts[0] == -7,
+        "outputs written");
+}
+
 EMU_TEST(ops_centre_rows_f32_out) {
   centre_case<float>(121, 300, 64, 64, 0, {});                       // vector path
   centre_case<float>(122, 300, 64, 68, 0, {true, false, false, true});
