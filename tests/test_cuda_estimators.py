@@ -90,26 +90,15 @@ def test_cuda_fit_makes_float16_rows_once(monkeypatch):
     rows are copied once for four passes, against once a pass without keep_half_rows, and the
     fit is the same one: labels equal (the copies are the same bits), centres to float64
     rounding (the sorted sums' float64 atomics add in a varying order)."""
-    import contextlib
-
     import torch
 
-    from edpairs import _gemm, ops
-    from test_gemm_route import _CountingLib
+    from test_gemm_route import fits_with_and_without_kept_rows
 
     rng = np.random.default_rng(0)
     C0 = rng.standard_normal((200, 64)).astype(np.float32)
     X = torch.from_numpy(C0[rng.integers(0, 200, 30000)] + rng.standard_normal((30000, 64)).astype(np.float32)).cuda()
     monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", "copies")
-    monkeypatch.setattr(ops, "DEFAULT_PRECISION", "tf32")
-    fits = {}
-    for keep in (True, False):
-        if not keep:
-            monkeypatch.setattr(_gemm, "keep_half_rows", lambda arrays: contextlib.nullcontext())
-        counting = _CountingLib()
-        monkeypatch.setattr(ops, "lib", lambda: counting)
-        fits[keep] = edp.SphericalKMeans(200, init=C0, max_iter=3, tol=0, progress=False).fit(X)
-        assert counting.copied.count((30000, 64)) == (1 if keep else 4), counting.copied
+    fits = fits_with_and_without_kept_rows(X, C0, monkeypatch)
     assert torch.equal(fits[True].labels_, fits[False].labels_)
     np.testing.assert_array_equal(fits[True].counts_, fits[False].counts_)
     torch.testing.assert_close(fits[True].cluster_centers_, fits[False].cluster_centers_, rtol=0, atol=1e-6)

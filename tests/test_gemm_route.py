@@ -1547,25 +1547,34 @@ class _CountingLib:
         return getattr(self.real, name)
 
 
+def fits_with_and_without_kept_rows(X, C0, monkeypatch) -> dict:
+    """SphericalKMeans(k, init=C0, max_iter=3) fitted on X with TF32 products, with the float16
+    copies kept (True) and without (keep_half_rows a no-op: False), each fit's copies counted:
+    four passes copy X once, where without the keeping every pass copied it, and copy the
+    centroids every pass."""
+    monkeypatch.setattr(ops, "DEFAULT_PRECISION", "tf32")
+    fits = {}
+    with monkeypatch.context() as m:
+        for keep in (True, False):
+            if not keep:
+                m.setattr(_gemm, "keep_half_rows", lambda arrays: contextlib.nullcontext())
+            counting = _CountingLib()
+            m.setattr(ops, "lib", lambda: counting)
+            fits[keep] = edpairs.SphericalKMeans(C0.shape[0], init=C0, max_iter=3, tol=0, progress=False).fit(X)
+            assert counting.copied.count(tuple(X.shape)) == (1 if keep else 4), counting.copied
+            assert counting.copied.count(C0.shape) == 4, counting.copied
+            assert fits[keep].n_iter_ == 3
+    return fits
+
+
 def test_a_fit_copies_its_rows_to_float16_once(rng, monkeypatch):
     """SphericalKMeans.fit keeps the float16 copies of held rows for all its passes
-    (keep_half_rows): four passes over X copy X once (the centroids every pass), where
-    without the keeping every pass copied it; the fit is the same bit for bit. (CPU tensors,
-    half_assign_applies forced on: the functions the CUDA route runs.)"""
+    (keep_half_rows, fits_with_and_without_kept_rows); the fit is the same bit for bit. (CPU
+    tensors, half_assign_applies forced on: the functions the CUDA route runs.)"""
     C0 = make_centroids(rng, 140, 24)
     X = t(make_rows(rng, 2000, 24, C=C0))
     monkeypatch.setattr(_gemm, "half_assign_applies", lambda *args: True)
-    monkeypatch.setattr(ops, "DEFAULT_PRECISION", "tf32")
-    fits = {}
-    for keep in (True, False):
-        if not keep:
-            monkeypatch.setattr(_gemm, "keep_half_rows", lambda arrays: contextlib.nullcontext())
-        counting = _CountingLib()
-        monkeypatch.setattr(ops, "lib", lambda: counting)
-        fits[keep] = edpairs.SphericalKMeans(140, init=C0, max_iter=3, tol=0, progress=False).fit(X)
-        copies = [shape for shape in counting.copied if shape == (2000, 24)]
-        assert len(copies) == (1 if keep else 4) and counting.copied.count((140, 24)) == 4, counting.copied
-    assert fits[True].n_iter_ == 3
+    fits = fits_with_and_without_kept_rows(X, C0, monkeypatch)
     for name in ("cluster_centers_", "labels_"):
         assert torch.equal(getattr(fits[True], name), getattr(fits[False], name)), name
     np.testing.assert_array_equal(fits[True].counts_, fits[False].counts_)
