@@ -50,6 +50,25 @@ def test_route_moments_match_reference(rows, dtype, rng):
     check_moments(ops.Moments(1201, mean, m2), Xt.double().numpy())
 
 
+def test_route_moments_shift_from_a_sample_of_the_first_step(rng, monkeypatch):
+    """The moments' shift is the mean of SHIFT_ROWS rows spread over the first step (not of the
+    whole step, a float64 copy of it): the moments stay exact where the first rows are ordered
+    (the first quarter 40 away from the rest), and with a shift of as few as 3 rows."""
+    X = (rng.standard_normal((12000, 9)) + 1000).astype(np.float32)
+    X[:3000] += 40
+    sums = []
+    real = torch.Tensor.sum
+    monkeypatch.setattr(torch.Tensor, "sum", lambda self, *a, **k: sums.append(tuple(self.shape)) or real(self, *a, **k))
+    mean, m2 = _gemm.moments(t(X), precision="float32", rows=10000, lib=lib())
+    assert sums[0] == (_gemm.SHIFT_ROWS, 9) == (4096, 9)
+    check_moments(ops.Moments(12000, mean, m2), X)
+    monkeypatch.setattr(_gemm, "SHIFT_ROWS", 3)
+    sums.clear()
+    mean, m2 = _gemm.moments(t(X), precision="float32", rows=10000, lib=lib())
+    assert sums[0] == (3, 9)
+    check_moments(ops.Moments(12000, mean, m2), X)
+
+
 def test_route_moments_strided_rows(rng):
     X = (rng.standard_normal((300, 12)) + 3).astype(np.float32)
     wide = torch.zeros((300, 16))
