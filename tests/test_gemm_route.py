@@ -1623,14 +1623,14 @@ def test_kept_float16_rows(rng, monkeypatch):
     with _gemm.keep_half_rows([X, np.zeros(3)]):
         counting.copied.clear()
         assert same(run(X), want) and same(run(X[:]), want) and counting.copied == [(140, 24), (1700, 24), (140, 24)]
-        kept = _gemm._KEPT.get().copies[next(iter(_gemm._KEPT.get().copies))][1]
+        kept = next(iter(_gemm._KEPT.get().copies.values())).Xh
         part = run(X[100:600])  # another view: its own copies
         assert same(part[:2], tuple(a[100:600] for a in want[:2]))
         X[:50] *= -1  # written in place
         counting.copied.clear()
         flipped = run(X)
         assert counting.copied == [(140, 24), (1700, 24)]
-        assert _gemm._KEPT.get().copies[next(iter(_gemm._KEPT.get().copies))][1] is kept
+        assert next(iter(_gemm._KEPT.get().copies.values())).Xh is kept
         counting.copied.clear()
         run(other)
         run(other)
@@ -1644,6 +1644,25 @@ def test_kept_float16_rows(rng, monkeypatch):
     assert counting.copied == [(140, 24), (1700, 24)] * 2  # over the budget: copied every call
     with _gemm.keep_half_rows([np.zeros(3)]):
         assert _gemm._KEPT.get() is None  # nothing of torch's held: no state
+    # Copies kept for rows whose call then found no memory for the centroids' float16 values
+    # (the call labels nothing): the next call makes them, rather than reading unmade ones.
+    real_empty = torch.empty
+
+    def no_room(shape, *args, **kwargs):
+        if tuple(shape) == (140,):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a test)")
+        return real_empty(shape, *args, **kwargs)
+
+    counting.copied.clear()
+    monkeypatch.delenv("EDPAIRS_ASSIGN_HALF", raising=False)  # ("auto": no memory is a warning)
+    out = (torch.empty(1700, dtype=torch.int64), torch.empty(1700), None, None)
+    with _gemm.keep_half_rows([X]):
+        with monkeypatch.context() as m:
+            m.setattr(torch, "empty", no_room)
+            with pytest.warns(RuntimeWarning, match="no device memory"):
+                assert _gemm.half_assign(X, C, *out, lib=counting) is False
+        assert counting.copied == []
+        assert same(run(X), flipped) and counting.copied == [(140, 24), (1700, 24)]
 
 
 def test_half_assign_knob(monkeypatch):

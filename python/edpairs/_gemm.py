@@ -917,43 +917,54 @@ def half_assign_applies(X, xp, k: int, precision: str, center, row_scale, col_sc
             and col_scale is None and _knob() == "auto" and (knob != "auto" or half_labels(X)))
 
 
+class _KeptCopies:
+    """The kept float16 copies of one chunk of rows and their 1 / ||x||, with the version of the
+    rows they were made from (torch's counter of in-place writes; None: not made yet)."""
+
+    def __init__(self, Xh, rscale):
+        self.Xh, self.rscale, self.version = Xh, rscale, None
+
+    def stale(self, X) -> bool:
+        return self.version != X._version
+
+    def made(self, X) -> None:
+        """The copies of X's rows have been issued (on the stream they are kept for)."""
+        self.version = X._version
+
+
 class _KeptRows:
-    """keep_half_rows' state: the float16 copies and 1 / ||x|| of rows that lie in the held
-    arrays, by where the rows are (device, address, shape, strides) and the stream, with the version of the
-    rows they were made from (torch's counter of in-place writes), within a budget of bytes."""
+    """keep_half_rows' state: the float16 copies of rows that lie in the held arrays, by where
+    the rows are (device, address, shape, strides) and the stream, within a budget of bytes."""
 
     def __init__(self, held, budget: int):
         self.storages = {(str(a.device), a.untyped_storage().data_ptr()) for a in held}
         self.left = budget
         self.copies: dict = {}
 
-    def copies_of(self, X, stream):
-        """(float16 rows, 1 / ||x||, whether they must be made) for X, or None where X does not
-        lie in a held array, or its copies would pass the budget or find no device memory.
-        Copies are kept per stream (``stream``: where the caller's kernels run), so that no
-        call reads copies that another stream's kernels may still be writing."""
+    def copies_of(self, X, stream) -> Optional[_KeptCopies]:
+        """X's kept copies (made or to be made: _KeptCopies.stale), or None where X does not lie
+        in a held array, or its copies would pass the budget or find no device memory. Copies
+        are kept per stream (``stream``: where the caller's kernels run), so that no call reads
+        copies that another stream's kernels may still be writing."""
         import torch
 
         if (str(X.device), X.untyped_storage().data_ptr()) not in self.storages:
             return None
         key = (str(X.device), X.data_ptr(), tuple(X.shape), tuple(X.stride()), stream)
-        entry = self.copies.get(key)
-        if entry is not None:
-            stale = entry[0] != X._version  # written in place since: made again, in the same memory
-            entry[0] = X._version
-            return entry[1], entry[2], stale
+        if key in self.copies:
+            return self.copies[key]
         N, D = X.shape
         size = 2 * N * D + 4 * N
         if size > self.left:
             return None
         try:
-            Xh = torch.empty((N, D), dtype=torch.float16, device=X.device)
-            rscale = torch.empty((N,), dtype=torch.float32, device=X.device)
+            kept = _KeptCopies(torch.empty((N, D), dtype=torch.float16, device=X.device),
+                               torch.empty((N,), dtype=torch.float32, device=X.device))
         except torch.cuda.OutOfMemoryError:
             return None
         self.left -= size
-        self.copies[key] = [X._version, Xh, rscale]
-        return Xh, rscale, True
+        self.copies[key] = kept
+        return kept
 
 
 _KEPT: contextvars.ContextVar = contextvars.ContextVar("edpairs_kept_half_rows", default=None)
@@ -1024,7 +1035,8 @@ def half_assign(X, C, labels, scores, sums, counts, *, lib):
                       f"labelling the float32 rows instead ({exc})", RuntimeWarning, stacklevel=3)
         return False
     Ch, Ch_scale, Cs = made[:3]
-    Xh, rscale, copy = (made[3], made[4], True) if whole is None else whole
+    Xh, rscale = (made[3], made[4]) if whole is None else (whole.Xh, whole.rscale)
+    copy = whole is None or whole.stale(X)  # (kept copies: made in an earlier call, X unchanged since)
     lib.half_rows(c(C), c(Ch), c(Ch_scale), stream)
     Cs.copy_(Ch)  # the kernel takes float32 centroids and rounds them to X's float16: exact here
     for first, last in _steps(N, step):
@@ -1033,6 +1045,8 @@ def half_assign(X, C, labels, scores, sums, counts, *, lib):
             lib.half_rows(c(X[first:last]), c(xh), c(rscale[first:last]), stream)
         lib.assign(c(xh), c(Cs), None, None, None, c(labels[first:last]), c(scores[first:last]), None, None, False,
                    "tf32", stream)
+    if whole is not None and copy:
+        whole.made(X)
     if sums is not None:
         lib.cluster_sums(c(X), c(labels), c(rscale), None, c(sums), c(counts), stream)
     return True
