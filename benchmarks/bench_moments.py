@@ -17,7 +17,9 @@ build and GPU have it; these four kinds time the moments only, the signal moment
 them; "-ov" after the default and each triangle row:
 EDPAIRS_GEMM_OVERLAP=1, the moments' next step centred on a second stream while this step's
 products run, the signal moments' steps dealt to two streams in turn; "-half" after each TF32
-row but the step variants: EDPAIRS_GEMM_HALF=1, the products from float16 operands) and
+row but the step variants: EDPAIRS_GEMM_HALF=1, the products from float16 operands, the
+moments' default since version 19; "edpairs-tf32-nohalf": EDPAIRS_GEMM_HALF=0, TF32 operands
+for both) and
 "edpairs-kernel" /
 "edpairs-kernel-tf32", edpairs' own CUDA kernels (EDPAIRS_GEMM_ROUTE=kernel: SIMT exact, or the
 tensor-core scatter / masked product with TF32 operands).
@@ -187,6 +189,9 @@ def _edpairs_methods(cuda: bool, workspace_rows, block_rows=(), triangle_blocks=
     for name, (kw, env) in list(out.items()):
         if kw.get("precision") == "tf32" and "-r" not in name and "-b" not in name:
             out[f"{name}-half"] = (kw, {**env, "EDPAIRS_GEMM_HALF": "1"})
+    # "-nohalf": TF32 operands for both (EDPAIRS_GEMM_HALF=0; the moments take float16 ones by
+    # default since version 19).
+    out["edpairs-tf32-nohalf"] = ({"precision": "tf32"}, {**gemm, "EDPAIRS_GEMM_HALF": "0"})
     if _wgmma_gram_available():  # the centred Gram on wgmma (TF32; the signal moments ignore it)
         out["edpairs-tf32-wgmma"] = ({"precision": "tf32"}, {**gemm, "EDPAIRS_GEMM_GRAM": "wgmma"})
     kernel = {"EDPAIRS_GEMM_ROUTE": "kernel"}

@@ -777,6 +777,9 @@ def test_route_gram_default_is_per_precision(rng, monkeypatch):
     monkeypatch.setattr(_gemm, "_TriangleProduct", Spy)
     assert _gemm.GRAM_DEFAULT == {"float32": "triangle", "tf32": "cublas"}  # H200 run 6
     monkeypatch.delenv("EDPAIRS_GEMM_GRAM", raising=False)
+    # TF32 operands (exact on the CPU), as the form's default was judged for them; the float16
+    # operands (the moments' default since version 19) go through the same form.
+    monkeypatch.setenv("EDPAIRS_GEMM_HALF", "0")
     for precision, want in (("float32", [True]), ("tf32", [])):
         made.clear()
         mean, m2 = _gemm.moments(t(X), precision=precision, rows=300, lib=lib())
@@ -856,17 +859,19 @@ def test_route_moments_from_float16_operands(gram, rng, monkeypatch):
 
 def test_half_products_knob_per_operation(monkeypatch):
     """EDPAIRS_GEMM_HALF: "1" both operations, "moments" / "signal" that one only, "0" neither;
-    unset or empty, HALF_DEFAULT of the operation (both off so far, as decide.py left them)."""
-    assert _gemm.HALF_DEFAULT == {"moments": False, "signal": False}
+    unset or empty, HALF_DEFAULT of the operation (the moments on since version 19, from H200
+    runs 6a / 6b; the signal moments off)."""
+    assert _gemm.HALF_DEFAULT == {"moments": True, "signal": False}
     for value, moments, signal in (("1", True, True), ("moments", True, False), ("signal", False, True),
-                                   ("0", False, False), ("", False, False)):
+                                   ("0", False, False), ("", True, False)):
         monkeypatch.setenv("EDPAIRS_GEMM_HALF", value)
         assert (_gemm.half_products("moments"), _gemm.half_products("signal")) == (moments, signal), value
     monkeypatch.delenv("EDPAIRS_GEMM_HALF")
-    monkeypatch.setitem(_gemm.HALF_DEFAULT, "moments", True)
     assert _gemm.half_products("moments") and not _gemm.half_products("signal")
-    monkeypatch.setenv("EDPAIRS_GEMM_HALF", "0")
+    monkeypatch.setitem(_gemm.HALF_DEFAULT, "moments", False)
     assert not _gemm.half_products("moments")
+    monkeypatch.setenv("EDPAIRS_GEMM_HALF", "moments")
+    assert _gemm.half_products("moments")
 
 
 def _spy_passes(monkeypatch, name):
@@ -1234,6 +1239,7 @@ def test_moments_with_the_wgmma_gram(rng, monkeypatch):
     misaligned rows stay on cuBLAS."""
     monkeypatch.setenv("EDPAIRS_GEMM_ROUTE", "gemm")
     monkeypatch.setenv("EDPAIRS_GEMM_GRAM", "wgmma")
+    monkeypatch.setenv("EDPAIRS_GEMM_HALF", "0")  # cuBLAS's row below with TF32 operands, as judged
     X = (rng.standard_normal((100_000, 64)) @ rng.standard_normal((64, 64)) + 30).astype(np.float32)
     Xg = t(X).cuda()
     assert _gemm.gram_wgmma_applies(Xg, "tf32")
@@ -1344,13 +1350,28 @@ def test_route_signal_moments_from_float16_operands_keep_small_concepts(rng):
 
 
 def test_float16_operands_need_a_torch_that_has_them(rng, monkeypatch):
-    """Without torch's float16 products into float32 the knob warns and TF32 operands serve."""
+    """Without torch's float16 products into float32 TF32 operands serve: with a warning where
+    the call or the knob asked for float16 ones, silently where only the default
+    (HALF_DEFAULT['moments']) chose them."""
+    import warnings
+
     monkeypatch.setattr(_gemm, "_half_unavailable", lambda torch: "torch 2.1 has none")
     X = rng.standard_normal((300, 5)).astype(np.float32)
     with pytest.warns(RuntimeWarning, match=r"float16 operands \(EDPAIRS_GEMM_HALF\) ignored for the moments: "
                                             "torch 2.1 has none"):
         mean, m2 = _gemm.moments(t(X), precision="tf32", rows=100, lib=lib(), half=True)
     check_moments(ops.Moments(300, mean, m2), X, rtol=1e-6)  # the CPU's TF32 products are exact
+    monkeypatch.setenv("EDPAIRS_GEMM_HALF", "moments")
+    with pytest.warns(RuntimeWarning, match="ignored for the moments"):
+        _gemm.moments(t(X), precision="tf32", rows=100, lib=lib())
+    monkeypatch.delenv("EDPAIRS_GEMM_HALF")
+    assert _gemm.HALF_DEFAULT["moments"]
+    passes = _spy_passes(monkeypatch, "_moments_pass")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mean, m2 = _gemm.moments(t(X), precision="tf32", rows=100, lib=lib())
+    assert passes == [None]  # TF32 operands
+    check_moments(ops.Moments(300, mean, m2), X, rtol=1e-6)
 
 
 def test_route_signal_moments_from_float16_operands_rescale_past_the_range(rng, monkeypatch):

@@ -515,7 +515,9 @@ def moments(X, *, check_finite: bool = True, precision: str = "float32",
     above the diagonal by default (128 features per block), for TF32 ones the full product, one
     per step (EDPAIRS_GEMM_GRAM chooses; EDPAIRS_GEMM_BLOCK_ROWS batches the full product's step
     over blocks of that many rows), exact float32 operands by default,
-    TF32 with ``precision="tf32"``, float16 operands scaled per column with EDPAIRS_GEMM_HALF=1 or moments,
+    TF32-class products with ``precision="tf32"``: from float16 operands scaled per column by
+    default (11 significant bits like TF32, half the bytes; EDPAIRS_GEMM_HALF=0 or signal keeps
+    TF32 operands),
     the steps added in float64; the scratch is ``workspace_rows x D`` float32.
     """
     precision = _product_precision(precision)
