@@ -464,3 +464,33 @@ def test_ordered_sum_starts_a_device_run_from_zero_there(monkeypatch):
     assert counts.result().dtype == np.int64 and counts.result().tolist() == [3, 4]
     empty = cl._OrderedSum((2, 2))
     assert empty.result().tolist() == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_the_centroid_update_stays_on_the_device(rng, monkeypatch, tmp_path):
+    """Chunks all on one "GPU" (torch CPU tensors taken for GPU ones): each pass's centroid
+    update runs there (no host update, centroids_from_sums, unless a cluster empties: the
+    host re-seeds it), with the host's results: the same centres, counts, iterations and
+    inertia as a fit on numpy chunks; a checkpointed fit saves host arrays and ends the same."""
+    torch = pytest.importorskip("torch")
+    import edpairs.cluster as cl
+
+    X, _, _ = planted(rng)
+    parts = np.array_split(X, 3)
+    monkeypatch.setattr(cl, "_kept_on_device", lambda xp, s: xp.name == "torch")
+    host_updates = []
+    real = cl._Geometry.centroids_from_sums
+    monkeypatch.setattr(cl._Geometry, "centroids_from_sums", lambda self, *a: host_updates.append(1) or real(self, *a))
+
+    def fit(data, C0, **kw):
+        return edp.SphericalKMeans(6, init=C0, max_iter=8, tol=0, progress=False).fit(data, **kw)
+
+    for C0, host_passes in ((X[:6], 0), (np.stack([X[0], X[0], X[1], X[2], X[3], X[4]]), 1)):  # (one empties)
+        want = fit(parts, C0)
+        host_updates.clear()
+        got = fit([torch.from_numpy(p) for p in parts], C0)
+        assert len(host_updates) == host_passes, C0
+        np.testing.assert_array_equal(got.cluster_centers_.numpy(), want.cluster_centers_)
+        np.testing.assert_array_equal(got.counts_, want.counts_)
+        assert got.n_iter_ == want.n_iter_ >= 3 and got.inertia_ == pytest.approx(want.inertia_, rel=1e-12)
+    saved = fit([torch.from_numpy(p) for p in parts], X[:6], checkpoint=tmp_path / "k.ckpt")
+    np.testing.assert_array_equal(saved.cluster_centers_.numpy(), fit(parts, X[:6]).cluster_centers_)

@@ -301,6 +301,7 @@ class _OrderedSum:
     def __init__(self, shape, dtype=np.float64):
         self.total = np.zeros(shape, dtype)
         self._zero = True  # nothing added yet
+        self._host = False  # something added on the host, or a run brought home
         self._key = None
         self._run = None
 
@@ -309,7 +310,7 @@ class _OrderedSum:
         if not _kept_on_device(xp, x):
             self.flush()
             self.total += to_numpy64(x).astype(self.total.dtype, copy=False)
-            self._zero = False
+            self._zero, self._host = False, True
             return
         key = _where(x)
         with device_scope(x):
@@ -327,6 +328,12 @@ class _OrderedSum:
         if self._run is not None:
             self.total = to_numpy64(self._run).astype(self.total.dtype)
             self._key = self._run = None
+            self._host = True
+
+    def alone(self):
+        """The total where every array added was one device's (on that device, not copied home),
+        else None."""
+        return None if self._host else self._run
 
     def result(self) -> np.ndarray:
         self.flush()
@@ -393,10 +400,32 @@ class _PassTotals:
         self.worst_scores.append(to_numpy64(_concat([v for v, _ in lows])))
         self.worst_index.append(to_numpy64(_concat([r for _, r in lows])).astype(np.int64))
 
+    def alone_on_device(self):
+        """(sums, counts, total) on the device where every chunk of the pass was, else None."""
+        runs = (self.sums.alone(), self.counts.alone(), self.total.alone())
+        return None if any(r is None for r in runs) else runs
+
     def result(self):
         self.flush()
         return (self.sums.result(), self.counts.result(), float(self.total.result()[0]), self.n, self.worst_scores,
                 self.worst_index)
+
+
+def _device_centroids(sums, counts, total, C):
+    """The host update of a pass (centroids_from_sums, empty clusters keeping their centroid) on
+    the device of float64 ``sums`` (k, D), ``counts`` and the one-element score ``total``, for
+    float64 centroids C (k, D) there: plain cosines only. Returns (new centroids there, total,
+    number of empty clusters) with one synchronisation. The norms are the library's float64
+    sums (rounding may differ from numpy's in the last bit)."""
+    xp = namespace_of(sums)
+    mod = xp.mod
+    with device_scope(sums):
+        norms = mod.sqrt((sums * sums).sum(1))
+        live = (counts > 0) & (norms > ops.CANCELLED * counts)
+        new = mod.where(live[:, None], sums / mod.where(live, norms, 1.0)[:, None], C)
+        seen = mod.stack([xp.astype(total.reshape(-1)[0], "float64"), xp.astype((~live).sum(), "float64")])
+        total, empty = seen.tolist()
+    return new, total, int(empty)
 
 
 def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter: int, tol: float,
@@ -410,21 +439,54 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
     the state after every pass that does not end the fit."""
     k = C.shape[0]
     n_iter = start
+    # Plain cosines in one process: where a pass's chunks were all on one GPU, the centroid
+    # update stays there (_device_centroids; one wait for the mean cosine and the empty count),
+    # and the next pass's filters with it: no sums home, no centroids out, no host arithmetic
+    # between passes. ``dev``: (centroids float64, filters float32) there, else None (C on the host).
+    plain = geometry.whitener is None and not red.active
+    dev = None
     for it in range(start, max_iter + 1):
         final = it == max_iter
-        F = geometry.filters(C).astype(np.float32)
-        col_scale = geometry.col_scale(k)
-        params = _Placed(F, geometry.center(), col_scale)
+        params = None
         totals = _PassTotals(k, source.n_features, offset)
         labels = [] if keep_labels else None
         for index, chunk in enumerate(source):
             with device_scope(chunk):
-                F_here, center_here, col_here = params.on(chunk)
+                if dev is not None and _where(chunk) == _where(dev[1]):
+                    F_here, center_here, col_here = dev[1], None, None
+                else:
+                    if params is None:
+                        if dev is not None:
+                            C = to_numpy64(dev[0])
+                        params = _Placed(geometry.filters(C).astype(np.float32), geometry.center(), geometry.col_scale(k))
+                    F_here, center_here, col_here = params.on(chunk)
                 res = ops.assign(chunk, F_here, center=center_here, row_scale=geometry.row_scale(index, chunk),
                                  col_scale=col_here, accumulate=True, check_finite=check_finite and it == 0)
                 totals.add(res)
             if keep_labels:
                 labels.append(res.labels)
+        alone = totals.alone_on_device() if plain else None
+        if alone is not None:
+            sums_d, counts_d, total_d = alone
+            C_d = dev[0] if dev is not None and _where(dev[0]) == _where(sums_d) else \
+                on_device_of(to_numpy64(dev[0]) if dev is not None else C, sums_d)
+            new_d, total, empty = _device_centroids(sums_d, counts_d, total_d, C_d)
+            if empty == 0:  # (empty clusters: the host's update below re-seeds them)
+                mean_cosine = total / max(totals.n, 1)
+                progress.update(1, note=f"mean cos {mean_cosine:.5f}")
+                converged = previous is not None and abs(mean_cosine - previous) <= tol * max(abs(previous), 1e-12)
+                if final or converged:
+                    return _LloydResult(to_numpy64(C_d), mean_cosine, to_numpy64(counts_d).astype(np.int64), n_iter,
+                                        _concat(labels) if keep_labels else None, to_numpy64(sums_d))
+                previous = mean_cosine
+                with device_scope(new_d):
+                    dev = (new_d, namespace_of(new_d).as_float32_contiguous(new_d))
+                n_iter += 1
+                if save is not None:
+                    save(to_numpy64(new_d), previous, n_iter)
+                continue
+        if dev is not None:  # the host's update from here: the centroids this pass labelled to
+            C, dev = to_numpy64(dev[0]), None
         sums, counts, total, n, worst_scores, worst_index = totals.result()
         if red.active:
             sums = red.sum(sums)
