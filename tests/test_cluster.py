@@ -464,6 +464,20 @@ def test_ordered_sum_starts_a_device_run_from_zero_there(monkeypatch):
     assert counts.result().dtype == np.int64 and counts.result().tolist() == [3, 4]
     empty = cl._OrderedSum((2, 2))
     assert empty.result().tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    uploads.clear()
+    score = cl._OrderedSum(())  # a pass's score total: 0-d sums start on the device too
+    score.add(torch.tensor(2.5, dtype=torch.float64))
+    score.add(torch.tensor(1.0, dtype=torch.float64))
+    assert uploads == [] and float(score.result()) == 3.5
+    # A first run that had to start from the uploaded zeros (a shape to broadcast) counts as
+    # started: the next device's run starts from the host total, not from zero again.
+    monkeypatch.setattr(cl, "_where", lambda x: ("torch", getattr(x, "gpu", 0)))
+    wide = cl._OrderedSum(2)
+    wide.add(torch.tensor(1.0, dtype=torch.float64))  # broadcast: zeros (2,) + 1.0
+    other = torch.tensor([10.0, 20.0], dtype=torch.float64)
+    other.gpu = 1  # "another GPU": the first run comes home, the second starts from it
+    wide.add(other)
+    assert wide.result().tolist() == [11.0, 21.0]
 
 
 def test_the_centroid_update_stays_on_the_device(rng, monkeypatch, tmp_path):

@@ -91,12 +91,13 @@ def test_cuda_fit_makes_float16_rows_once(monkeypatch):
     fit is the same one: labels equal (the copies are the same bits), centres to float64
     rounding (the sorted sums' float64 atomics add in a varying order)."""
     import torch
+    from _helpers import make_centroids, make_rows
 
     from test_gemm_route import fits_with_and_without_kept_rows
 
     rng = np.random.default_rng(0)
-    C0 = rng.standard_normal((200, 64)).astype(np.float32)
-    X = torch.from_numpy(C0[rng.integers(0, 200, 30000)] + rng.standard_normal((30000, 64)).astype(np.float32)).cuda()
+    C0 = make_centroids(rng, 200, 64)
+    X = torch.from_numpy(make_rows(rng, 30000, 64, C=C0)).cuda()  # (half the rows near no centroid: several passes)
     monkeypatch.setenv("EDPAIRS_ASSIGN_HALF", "copies")
     fits = fits_with_and_without_kept_rows(X, C0, monkeypatch)
     assert torch.equal(fits[True].labels_, fits[False].labels_)
@@ -105,10 +106,10 @@ def test_cuda_fit_makes_float16_rows_once(monkeypatch):
 
 
 def test_cuda_copies_through_pinned_memory():
-    """to_numpy64 / to_host / on_device_of stage torch GPU copies of 1 MiB or more in pinned
-    host memory: the same values as torch's own copies (float64, int64, bfloat16, strided), a
-    host result that owns its memory, and device copies that later writes to the numpy source
-    (or the next staged copy) do not reach."""
+    """to_numpy64 / to_host / on_device_of stage torch GPU copies of 1 to 64 MiB in pinned host
+    memory: the same values as torch's own copies (float64, int64, bfloat16, strided; and a
+    larger one, pageable), a host result that owns its memory, and device copies that later
+    writes to the numpy source (or the next staged copy) do not reach."""
     import torch
 
     from edpairs._arrays import PINNED_MIN_BYTES, on_device_of, to_host, to_numpy64
@@ -131,3 +132,5 @@ def test_cuda_copies_through_pinned_memory():
     torch.cuda.synchronize()
     np.testing.assert_array_equal(on[0].cpu().numpy(), np.arange(2**19, dtype=np.float32))
     assert (on[1] == -1).all() and on[0].device == big.device
+    huge = torch.randn(2**25, device="cuda", generator=g)  # 128 MiB: past PINNED_MAX_BYTES, a pageable copy
+    np.testing.assert_array_equal(to_numpy64(huge), huge.cpu().numpy())

@@ -187,3 +187,25 @@ def test_numpy_arrays_dlpack_cannot_carry_are_copied(rng, monkeypatch):
     ro = np.ascontiguousarray(X)
     ro.setflags(write=False)
     np.testing.assert_array_equal(ops.moments(ro).m2, want.m2)
+
+
+def test_pinned_staging_sizes(monkeypatch):
+    """GPU copies are staged in pinned memory from PINNED_MIN_BYTES to PINNED_MAX_BYTES (torch's
+    allocator keeps its pinned blocks for the process's life); where pinned memory cannot be
+    had, the pageable copy (None here)."""
+    torch = pytest.importorskip("torch")
+    from edpairs import _arrays
+
+    asked = []
+    real = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: asked.append(k.get("pin_memory")) or real(*a))
+    for numel, staged in ((2**18 - 1, False), (2**18, True), (2**24, True), (2**24 + 1, False)):  # float32
+        block = _arrays._pinned_block(torch.zeros(numel))
+        assert (block is not None) == staged and (block is None or tuple(block.shape) == (numel,)), numel
+    assert asked == [True, True]
+
+    def no_pinned(*a, **k):
+        raise RuntimeError("pinned memory: out of memory (a test)")
+
+    monkeypatch.setattr(torch, "empty", no_pinned)
+    assert _arrays._pinned_block(torch.zeros(2**20)) is None

@@ -256,27 +256,39 @@ def _numpy_capsule(x):
         return x.__dlpack__()
 
 
-#: Copies between a torch GPU and the host of at least this many bytes go through page-locked
-#: (pinned) host memory, from torch's caching host allocator: a pageable copy is staged by the
-#: driver at a fraction of the bus's rate, and a k-means fit brings its k x D float64 sums home
-#: and sends its centroids out every pass (H200 run 6b: 3.3 ms of device-to-host copies in a
-#: two-pass fit at k = 1024, D = 512).
+#: Copies between a torch GPU and the host of PINNED_MIN_BYTES to PINNED_MAX_BYTES go through
+#: page-locked (pinned) host memory, from torch's caching host allocator: a pageable copy is
+#: staged by the driver at a fraction of the bus's rate, and a k-means fit brings its k x D
+#: float64 sums home and sends its centroids out (H200 run 6b: 3.3 ms of device-to-host copies
+#: in a two-pass fit at k = 1024, D = 512). Larger copies stay pageable: the allocator keeps
+#: its blocks (rounded up to powers of two) for the life of the process.
 PINNED_MIN_BYTES = 2**20
+PINNED_MAX_BYTES = 2**26
 
 
-def _pinned(t) -> bool:
-    return t.device.type == "cuda" and t.numel() * t.element_size() >= PINNED_MIN_BYTES
+def _pinned_block(t):
+    """An empty pinned CPU tensor like the torch tensor t (its shape and dtype) where a copy of
+    t's size to or from a GPU should be staged, else None (also where no pinned memory is left:
+    the pageable copy then)."""
+    if not PINNED_MIN_BYTES <= t.numel() * t.element_size() <= PINNED_MAX_BYTES:
+        return None
+    import torch
+
+    try:
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    except RuntimeError:
+        return None
 
 
 def _torch_host(a):
     """A torch tensor's values as a CPU tensor (bfloat16 as float32), and whether that tensor
     is a pinned staging block (which the caller copies out of, not keeps)."""
     a = a.detach()
-    staged = _pinned(a)
+    host = _pinned_block(a) if a.device.type == "cuda" else None
+    staged = host is not None
     if staged:
         import torch
 
-        host = torch.empty(a.shape, dtype=a.dtype, pin_memory=True)
         host.copy_(a, non_blocking=True)  # on a's device's current stream, which is then waited for
         torch.cuda.current_stream(a.device).synchronize()
         a = host
@@ -322,11 +334,11 @@ def on_device_of(a, like):
         import torch
 
         host = torch.as_tensor(np.ascontiguousarray(a))
-        if like.device.type != "cuda" or host.numel() * host.element_size() < PINNED_MIN_BYTES:
+        staged = _pinned_block(host) if like.device.type == "cuda" else None
+        if staged is None:
             return host.to(like.device)
-        staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host)
         # (torch's host allocator keeps the staged block from reuse until the copy is done)
-        return staged.to(like.device, non_blocking=True)
+        return staged.copy_(host).to(like.device, non_blocking=True)
     if root == "cupy":
         import cupy
 

@@ -924,6 +924,15 @@ def half_assign_applies(X, xp, k: int, precision: str, center, row_scale, col_sc
             and col_scale is None and _knob() == "auto" and (knob != "auto" or half_labels(X)))
 
 
+def _version(X) -> int:
+    """torch's counter of in-place writes to X; 0 for a tensor that keeps none (made under
+    inference_mode: within a fit nothing writes the rows anyway)."""
+    try:
+        return X._version
+    except RuntimeError:
+        return 0
+
+
 class _KeptCopies:
     """The kept float16 copies of one chunk of rows and their 1 / ||x||, with the version of the
     rows they were made from (torch's counter of in-place writes; None: not made yet)."""
@@ -932,11 +941,11 @@ class _KeptCopies:
         self.Xh, self.rscale, self.version = Xh, rscale, None
 
     def stale(self, X) -> bool:
-        return self.version != X._version
+        return self.version != _version(X)
 
     def made(self, X) -> None:
         """The copies of X's rows have been issued (on the stream they are kept for)."""
-        self.version = X._version
+        self.version = _version(X)
 
 
 class _KeptRows:
@@ -961,13 +970,14 @@ class _KeptRows:
         if key in self.copies:
             return self.copies[key]
         N, D = X.shape
-        size = 2 * N * D + 4 * N
+        size = 2 * N * D  # (the float16 copies; 1 / ||x|| adds 4 bytes a row beside them)
         if size > self.left:
             return None
         try:
             kept = _KeptCopies(torch.empty((N, D), dtype=torch.float16, device=X.device),
                                torch.empty((N,), dtype=torch.float32, device=X.device))
         except torch.cuda.OutOfMemoryError:
+            self.left = 0  # (not tried again: each failed try makes torch free its cache)
             return None
         self.left -= size
         self.copies[key] = kept
@@ -983,10 +993,12 @@ def keep_half_rows(arrays, budget: Optional[int] = None):
     in ``arrays`` (torch tensors; others are passed over) and labels the same rows from them
     again, instead of copying the rows every call: a spherical k-means fit reads the same rows
     pass after pass (H200 run 6b: the copies cost 0.86 ms of a 5.35 ms step at 1M x 512). Rows
-    written in place since (torch's version counter) are copied again. Copies are kept up to
-    ``budget`` bytes in all (SCRATCH_BYTES, the most one call's copies take: a whole 1M x 512
-    chunk), each chunk's whole or not at all, and only where the device has the memory;
-    other rows are copied per call, as outside. The copies are freed when the context ends."""
+    written in place since (torch's version counter; tensors made under inference_mode keep
+    none, and within a fit nothing writes the rows) are copied again. Float16 copies are kept
+    up to ``budget`` bytes in all (SCRATCH_BYTES, the most one call's copies take: a whole
+    chunk of a GPU array at D >= 64, 2^20 rows at D = 512), each chunk's whole or not at all,
+    and only where the device has the memory (after a refusal, no more are tried); other rows
+    are copied per call, as outside. The copies are freed when the context ends."""
     held = [a for a in arrays if type(a).__module__.split(".")[0] == "torch"]
     if not held:
         yield

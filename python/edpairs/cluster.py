@@ -317,9 +317,10 @@ class _OrderedSum:
             if key != self._key:
                 self.flush()
                 self._key = key
-                if self._zero and tuple(x.shape) == self.total.shape:  # (else broadcast as zeros + x would)
+                start_at_zero = self._zero and tuple(x.shape) == self.total.shape  # (else broadcast as zeros + x would)
+                self._zero = False
+                if start_at_zero:
                     self._run = xp.astype(x, self.total.dtype.name) + 0
-                    self._zero = False
                     return
                 self._run = on_device_of(self.total, x)
             self._run = self._run + x
@@ -354,7 +355,7 @@ class _PassTotals:
     def __init__(self, k: int, D: int, offset: int):
         self.k, self.offset = k, offset
         self.sums, self.counts = _OrderedSum((k, D)), _OrderedSum(k, np.int64)
-        self.total = _OrderedSum(1)  # of the chunks' float64 score totals, in chunk order
+        self.total = _OrderedSum(())  # of the chunks' float64 score totals (0-d), in chunk order
         self.n = 0
         self.worst_scores: list = []
         self.worst_index: list = []
@@ -407,13 +408,13 @@ class _PassTotals:
 
     def result(self):
         self.flush()
-        return (self.sums.result(), self.counts.result(), float(self.total.result()[0]), self.n, self.worst_scores,
+        return (self.sums.result(), self.counts.result(), float(self.total.result()), self.n, self.worst_scores,
                 self.worst_index)
 
 
 def _device_centroids(sums, counts, total, C):
     """The host update of a pass (centroids_from_sums, empty clusters keeping their centroid) on
-    the device of float64 ``sums`` (k, D), ``counts`` and the one-element score ``total``, for
+    the device of float64 ``sums`` (k, D), ``counts`` and the 0-d score ``total``, for
     float64 centroids C (k, D) there: plain cosines only. Returns (new centroids there, total,
     number of empty clusters) with one synchronisation. The norms are the library's float64
     sums (rounding may differ from numpy's in the last bit)."""
@@ -421,7 +422,7 @@ def _device_centroids(sums, counts, total, C):
     mod = xp.mod
     with device_scope(sums):
         norms = mod.sqrt((sums * sums).sum(1))
-        live = (counts > 0) & (norms > ops.CANCELLED * counts)
+        live = (counts > 0) & (norms > ops.CANCELLED * xp.astype(counts, "float64"))
         new = mod.where(live[:, None], sums / mod.where(live, norms, 1.0)[:, None], C)
         seen = mod.stack([xp.astype(total.reshape(-1)[0], "float64"), xp.astype((~live).sum(), "float64")])
         total, empty = seen.tolist()

@@ -236,7 +236,7 @@ class _Lib:
         if not (self.name == "torch" and isinstance(t, self.torch.Tensor)) and np.ndim(t) == 0:
             # A host number (a 0-d array): read now, as a Python number is; on a GPU it went to
             # the device and was read back there, a wait at every forward.
-            return None, float(np.asarray(t))
+            return None, float(t)
         if self.name == "torch":
             key = (concept, self.key(like))
             cached = uploaded is not None and not isinstance(t, self.torch.Tensor)
