@@ -495,6 +495,9 @@ constexpr int kBlockThreads = 256;
 constexpr int kBlockRowsPerThread = 16;
 constexpr int kBlockRows = kBlockThreads * kBlockRowsPerThread;
 constexpr int kBlockLabels = 12288;  // 48 KB of shared counters: no opt-in needed
+// The kernels below have no static shared memory: their k counters alone must stay within the
+// 48 KB a launch may ask for without opting in.
+static_assert(kBlockLabels * sizeof(unsigned) <= 48 * 1024, "shared counters past 48 KB");
 
 __global__ void __launch_bounds__(kBlockThreads)
     block_histogram_kernel(const int64_t* __restrict__ labels, const int64_t n, const int k,
@@ -504,10 +507,15 @@ __global__ void __launch_bounds__(kBlockThreads)
   for (int l = tid; l < k; l += kBlockThreads) count_s[l] = 0u;
   __syncthreads();
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBlockRows + tid;
+  int64_t label[kBlockRowsPerThread];  // (all loads issued before the first atomic)
 #pragma unroll
   for (int i = 0; i < kBlockRowsPerThread; ++i) {
     const int64_t r = r0 + static_cast<int64_t>(i) * kBlockThreads;
-    if (r < n) atomicAdd(count_s + labels[r], 1u);
+    label[i] = r < n ? labels[r] : -1;
+  }
+#pragma unroll
+  for (int i = 0; i < kBlockRowsPerThread; ++i) {
+    if (label[i] >= 0) atomicAdd(count_s + label[i], 1u);
   }
   __syncthreads();
   for (int l = tid; l < k; l += kBlockThreads) {
@@ -524,12 +532,15 @@ __global__ void __launch_bounds__(kBlockThreads)
   for (int l = tid; l < k; l += kBlockThreads) count_s[l] = 0u;
   __syncthreads();
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBlockRows + tid;
-  int label[kBlockRowsPerThread];
+  int label[kBlockRowsPerThread];  // (all loads issued before the first atomic)
   unsigned rank[kBlockRowsPerThread];
 #pragma unroll
   for (int i = 0; i < kBlockRowsPerThread; ++i) {
     const int64_t r = r0 + static_cast<int64_t>(i) * kBlockThreads;
     label[i] = r < n ? static_cast<int>(labels[r]) : -1;
+  }
+#pragma unroll
+  for (int i = 0; i < kBlockRowsPerThread; ++i) {
     rank[i] = label[i] >= 0 ? atomicAdd(count_s + label[i], 1u) : 0u;
   }
   __syncthreads();
@@ -634,6 +645,24 @@ inline int seg_rows() {
   fail("EDPAIRS_ASSIGN_SEG_ROWS must be 64, 128 or 256, got '" + s + "'");
 }
 
+// How the sorted pass counts the labels (EDPAIRS_ASSIGN_COUNTING): "auto" (default) in shared
+// memory for k <= kBlockLabels, "global" one global atomic per row (the kernels before version
+// 19, kept to isolate a failure of the shared-memory ones on a GPU).
+inline bool shared_counting_knob() {
+  const char* v = std::getenv("EDPAIRS_ASSIGN_COUNTING");
+  if (v == nullptr || *v == '\0' || std::string(v) == "auto") return true;
+  if (std::string(v) == "global") return false;
+  fail(std::string("EDPAIRS_ASSIGN_COUNTING must be 'auto' or 'global', got '") + v + "'");
+}
+
+// The sorted pass's knobs, read once at an op's entry (a bad value refused before anything runs)
+// and handed down, so that every chunk of a call runs with the same.
+struct SortedKnobs {
+  int seg_rows = kSegRows;
+  bool shared_counting = true;
+};
+inline SortedKnobs sorted_knobs() { return SortedKnobs{seg_rows(), shared_counting_knob()}; }
+
 template <class T, int kRowsPerBlock>
 void launch_segmented_sums(const T* x, const int64_t x_stride, const int64_t n, const int d, const float* center,
                            const int64_t* labels, const float* rscale, const int* perm, double* sums,
@@ -648,9 +677,9 @@ void launch_segmented_sums(const T* x, const int64_t x_stride, const int64_t n, 
 template <class T>
 void launch_sorted_sums(const T* x, const int64_t x_stride, const int64_t n, const int d, const int k,
                         const float* center, const int64_t* labels, const float* rscale, int* perm,
-                        int* cursor, unsigned long long* counts, double* sums, const cudaStream_t s) {
-  const int seg = seg_rows();  // (a bad value refused before anything runs)
-  const bool in_block = k <= kBlockLabels;  // the counting in shared memory
+                        int* cursor, unsigned long long* counts, double* sums, const SortedKnobs knobs,
+                        const cudaStream_t s) {
+  const bool in_block = knobs.shared_counting && k <= kBlockLabels;  // the counting in shared memory
   const unsigned row_blocks = static_cast<unsigned>(ceil_div(n, in_block ? kBlockRows : 256));
   const size_t count_bytes = static_cast<size_t>(k) * sizeof(unsigned);
   if (in_block) {
@@ -667,7 +696,7 @@ void launch_sorted_sums(const T* x, const int64_t x_stride, const int64_t n, con
     scatter_kernel<<<row_blocks, 256, 0, s>>>(labels, n, cursor, perm);
   }
   EDPAIRS_CUDA_CHECK(cudaGetLastError());
-  switch (seg) {
+  switch (knobs.seg_rows) {
     case 64: launch_segmented_sums<T, 64>(x, x_stride, n, d, center, labels, rscale, perm, sums, s); break;
     case 128: launch_segmented_sums<T, 128>(x, x_stride, n, d, center, labels, rscale, perm, sums, s); break;
     default: launch_segmented_sums<T, kSegRows>(x, x_stride, n, d, center, labels, rscale, perm, sums, s);
@@ -1127,7 +1156,8 @@ bool columns_apply(const int64_t k, const int64_t d, const SumsMode mode) {
 template <class T>
 void launch_cluster_sums(const T* x, const int64_t x_stride, const int64_t n, const int d, const int k,
                          const float* center, const int64_t* labels, const float* rscale,
-                         unsigned long long* counts, double* sums, const SumsMode mode, const cudaStream_t s) {
+                         unsigned long long* counts, double* sums, const SumsMode mode, const SortedKnobs knobs,
+                         const cudaStream_t s) {
   if constexpr (sizeof(T) <= 4) if (columns_apply<T>(k, d, mode)) {
     int device = 0;
     int sms = 0;
@@ -1163,7 +1193,7 @@ void launch_cluster_sums(const T* x, const int64_t x_stride, const int64_t n, co
   }
   StreamScratch workspace(static_cast<size_t>(n + k) * sizeof(int), s);
   int* perm = static_cast<int*>(workspace.get());
-  launch_sorted_sums<T>(x, x_stride, n, d, k, center, labels, rscale, perm, perm + n, counts, sums, s);
+  launch_sorted_sums<T>(x, x_stride, n, d, k, center, labels, rscale, perm, perm + n, counts, sums, knobs, s);
   workspace.free();
 }
 
@@ -1418,7 +1448,7 @@ bool launch_fused(const AssignArgs& args, TcParams p, cudaStream_t s) {
 template <class T>
 void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
   const int knob_chunks = overlap_chunks();  // (read first, so validated wherever it is set)
-  (void)seg_rows();                          // (the same)
+  const SortedKnobs sorted = sorted_knobs();  // (the same)
   if (launch_fused<T>(args, p, s)) return;
   const int64_t n = args.x.size(0);
   const int64_t d = args.x.size(1);
@@ -1531,7 +1561,7 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
       EDPAIRS_CUDA_CHECK(cudaMemsetAsync(chunk_counts, 0, static_cast<size_t>(k) * 8, side));
       launch_sorted_sums<T>(static_cast<const T*>(p.x) + r0 * p.x_stride, p.x_stride, rows, static_cast<int>(d),
                             static_cast<int>(k), p.center, p.labels + r0, rscale + r0, perm, cursor, chunk_counts,
-                            sums, side);
+                            sums, sorted, side);
       if (counts != nullptr) {
         add_counts<<<static_cast<unsigned>(ceil_div(k, 256)), 256, 0, side>>>(counts, chunk_counts, static_cast<int>(k));
         EDPAIRS_CUDA_CHECK(cudaGetLastError());
@@ -1546,7 +1576,7 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
   label(0, n);
   if (separate) {
     launch_cluster_sums<T>(static_cast<const T*>(p.x), p.x_stride, n, static_cast<int>(d), static_cast<int>(k),
-                           p.center, p.labels, rscale, counts, sums, mode, s);
+                           p.center, p.labels, rscale, counts, sums, mode, sorted, s);
   }
   workspace.free();
 }
@@ -1581,7 +1611,7 @@ void assign_tensor_core(const AssignArgs& args, cudaStream_t stream) {
 
 void assign_tensor_core_half(const AssignArgs& args, cudaStream_t s) {
   (void)overlap_chunks();  // validated, though this path labels in one kernel and does not overlap
-  (void)seg_rows();        // validated before the labels, as on the other paths
+  const SortedKnobs sorted = sorted_knobs();  // validated before the labels, as on the other paths
   const int64_t n = args.x.size(0);
   const int64_t d = args.x.size(1);
   const int64_t k = args.centroids.size(0);
@@ -1625,7 +1655,7 @@ void assign_tensor_core_half(const AssignArgs& args, cudaStream_t s) {
     launch_cluster_sums<float>(args.x.ptr<const float>(), args.x.stride(0), n, static_cast<int>(d),
                                static_cast<int>(k), nullptr, args.labels.ptr<const int64_t>(), rscale,
                                reinterpret_cast<unsigned long long*>(args.counts.ptr<int64_t>()),
-                               args.sums.ptr<double>(), sums_mode(), s);
+                               args.sums.ptr<double>(), sums_mode(), sorted, s);
   }
   workspace.free();
 #endif
@@ -1643,7 +1673,7 @@ void cluster_sums_cuda(const ClusterSumsArgs& a, Stream stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   auto* counts = reinterpret_cast<unsigned long long*>(a.counts.ptr<int64_t>());
   double* sums = a.sums.ptr<double>();
-  (void)seg_rows();  // (a bad EDPAIRS_ASSIGN_SEG_ROWS refused before anything is written)
+  const SortedKnobs sorted = sorted_knobs();  // (a bad value refused before anything is written)
   EDPAIRS_CUDA_CHECK(cudaMemsetAsync(sums, 0, static_cast<size_t>(k * d) * sizeof(double), s));
   EDPAIRS_CUDA_CHECK(cudaMemsetAsync(counts, 0, static_cast<size_t>(k) * sizeof(int64_t), s));
   if (n == 0) return;
@@ -1655,7 +1685,7 @@ void cluster_sums_cuda(const ClusterSumsArgs& a, Stream stream) {
     using T = typename decltype(tag)::type;
     launch_cluster_sums<T>(static_cast<const T*>(a.x.data), a.x.stride(0), n, static_cast<int>(d), static_cast<int>(k),
                            center, a.labels.ptr<const int64_t>(), a.rscale.ptr<const float>(), counts, sums,
-                           SumsMode::Sorted, s);
+                           SumsMode::Sorted, sorted, s);
   });
 }
 

@@ -86,8 +86,8 @@ enum class Path { Simt, Mma, MmaFused, Wgmma, WgmmaFused, Resident };
 enum class SumsPass { None, InKernel, Sorted, Columns };
 
 constexpr const char* kKnobs[] = {"EDPAIRS_ASSIGN_KERNEL", "EDPAIRS_ASSIGN_SUMS", "EDPAIRS_ASSIGN_OVERLAP",
-                                  "EDPAIRS_WGMMA_PREFETCH", "EDPAIRS_ASSIGN_BLOCKS_PER_SM", "EMU_SMS",
-                                  "EMU_CC_MAJOR", "EMU_SMEM_PAD"};
+                                  "EDPAIRS_WGMMA_PREFETCH", "EDPAIRS_ASSIGN_BLOCKS_PER_SM", "EDPAIRS_ASSIGN_SEG_ROWS",
+                                  "EDPAIRS_ASSIGN_COUNTING", "EMU_SMS", "EMU_CC_MAJOR", "EMU_SMEM_PAD"};
 
 struct Case {
   std::string name;
@@ -1271,6 +1271,8 @@ EMU_TEST(assign_knob_validation) {
       {"EDPAIRS_ASSIGN_SUMS", "segmented"},
       {"EDPAIRS_ASSIGN_OVERLAP", "65"},
       {"EDPAIRS_WGMMA_PREFETCH", "17"},
+      {"EDPAIRS_ASSIGN_SEG_ROWS", "512"},
+      {"EDPAIRS_ASSIGN_COUNTING", "atomic"},
   };
   for (const auto& kv : bad) {
     for (AssignPrecision p : {AssignPrecision::TensorCore, AssignPrecision::TensorCoreHalf}) {

@@ -803,8 +803,10 @@ void argmax_case(uint32_t seed, int64_t rows, int64_t k, int64_t d, int64_t ld, 
 
 // ================================================================ 3d. cluster_sums
 
+// `empty`: how many of the last clusters get no rows (with 0, the last label is given to the
+// last row, so that the counting touches label k - 1).
 template <class T>
-void cluster_case(uint32_t seed, int64_t n, int64_t d, int64_t k, int64_t ld, bool centred) {
+void cluster_case(uint32_t seed, int64_t n, int64_t d, int64_t k, int64_t ld, bool centred, int64_t empty = 2) {
   std::printf("  cluster_sums %s N=%ld D=%ld k=%ld ld=%ld%s\n", dtype_tag<T>(), (long)n, (long)d, (long)k, (long)ld,
               centred ? " center" : "");
   std::mt19937 g(seed);
@@ -812,13 +814,14 @@ void cluster_case(uint32_t seed, int64_t n, int64_t d, int64_t k, int64_t ld, bo
   std::vector<float> center = centred ? randn(g, static_cast<size_t>(d), 0.3) : std::vector<float>();
   std::vector<int64_t> labels(static_cast<size_t>(n));
   std::vector<float> rscale(static_cast<size_t>(n));
-  const int64_t used = std::max<int64_t>(1, k - 2);  // the last two clusters stay empty
+  const int64_t used = std::max<int64_t>(1, k - empty);  // the last `empty` clusters stay empty
   std::uniform_int_distribution<int64_t> pick(0, used - 1);
   std::uniform_real_distribution<float> scale(0.1f, 2.0f);
   for (int64_t r = 0; r < n; ++r) {
     labels[static_cast<size_t>(r)] = r < n / 3 ? 0 : pick(g);  // a long run of one label too
     rscale[static_cast<size_t>(r)] = r % 11 == 4 ? 0.0f : scale(g);
   }
+  if (empty == 0 && n > 1) labels[static_cast<size_t>(n - 1)] = k - 1;
   if (n > 7) x.at(7, 0) = from_double<T>(kNaN), rscale[7] = 0.0f;  // rscale 0: counts, adds nothing (not its NaN)
   std::vector<double> sums(static_cast<size_t>(k * d), kNaN), sums_cpu = sums;
   std::vector<int64_t> counts(static_cast<size_t>(k), -7), counts_cpu = counts;
@@ -1271,9 +1274,14 @@ EMU_TEST(ops_cluster_sums) {
   cluster_case<float>(117, 1, 1, 3, 1, true);
   // Counting in shared memory up to k = 12288 (kBlockLabels), per row in global memory above;
   // rows past one block's 4096 (the counts and the perm ranges of several blocks).
-  cluster_case<float>(118, 9000, 3, 12288, 5, false);
-  cluster_case<float>(119, 9000, 3, 12289, 3, true);
+  cluster_case<float>(118, 9000, 3, 12288, 5, false, 0);
+  cluster_case<float>(119, 9000, 3, 12289, 3, true, 0);
   cluster_case<float>(120, 20000, 2, 3, 2, false);
+  {
+    Knob counting("EDPAIRS_ASSIGN_COUNTING", "global");  // the per-row atomics, kept as a fallback
+    std::printf("  EDPAIRS_ASSIGN_COUNTING=global\n");
+    cluster_case<float>(124, 9000, 3, 300, 5, true, 0);
+  }
 }
 
 EMU_TEST(ops_cluster_sums_seg_rows) {
@@ -1286,26 +1294,31 @@ EMU_TEST(ops_cluster_sums_seg_rows) {
     cluster_case<float>(121, 1000, 70, 9, 75, true);
     cluster_case<__half>(122, 333, 40, 300, 40, false);
   }
-  Knob seg("EDPAIRS_ASSIGN_SEG_ROWS", "100");
-  std::vector<float> x(64, 1.0f), rscale(16, 1.0f);
-  std::vector<int64_t> labels(16, 0), counts(2, -7);
-  std::vector<double> sums(8, 5.0);
-  ClusterSumsArgs a;
-  a.x = view(x, {16, 4}, Device::CUDA);
-  a.labels = vec_view(labels, Device::CUDA);
-  a.rscale = vec_view(rscale, Device::CUDA);
-  a.sums = view(sums, {2, 4}, Device::CUDA);
-  a.counts = vec_view(counts, Device::CUDA);
-  bool threw = false;
-  try {
-    cluster_sums_cuda(a, nullptr);
-  } catch (const std::invalid_argument& e) {
-    threw = std::string(e.what()) == "EDPAIRS_ASSIGN_SEG_ROWS must be 64, 128 or 256, got '100'";
-    std::printf("  refused: %s\n", e.what());
+  for (const auto& bad : {std::make_pair("EDPAIRS_ASSIGN_SEG_ROWS", "100"),
+                          std::make_pair("EDPAIRS_ASSIGN_COUNTING", "x")}) {
+    Knob seg(bad.first, bad.second);
+    std::vector<float> x(64, 1.0f), rscale(16, 1.0f);
+    std::vector<int64_t> labels(16, 0), counts(2, -7);
+    std::vector<double> sums(8, 5.0);
+    ClusterSumsArgs a;
+    a.x = view(x, {16, 4}, Device::CUDA);
+    a.labels = vec_view(labels, Device::CUDA);
+    a.rscale = vec_view(rscale, Device::CUDA);
+    a.sums = view(sums, {2, 4}, Device::CUDA);
+    a.counts = vec_view(counts, Device::CUDA);
+    bool threw = false;
+    try {
+      cluster_sums_cuda(a, nullptr);
+    } catch (const std::invalid_argument& e) {
+      const std::string what = e.what();
+      threw = what == "EDPAIRS_ASSIGN_SEG_ROWS must be 64, 128 or 256, got '100'" ||
+              what == "EDPAIRS_ASSIGN_COUNTING must be 'auto' or 'global', got 'x'";
+      std::printf("  refused: %s\n", e.what());
+    }
+    CHECK(threw, "%s=%s was not refused with its message", bad.first, bad.second);
+    CHECK(std::all_of(sums.begin(), sums.end(), [](double v) { return v == 5.0; }) && counts[0] == -7,
+          "outputs written");
   }
-  CHECK(threw, "EDPAIRS_ASSIGN_SEG_ROWS=100 was not refused with its message");
-  CHECK(std::all_of(sums.begin(), sums.end(), [](double v) { return v == 5.0; }) && counts[0] == -7,
-        "outputs written");
 }
 
 EMU_TEST(ops_centre_rows_f32_out) {
