@@ -498,6 +498,7 @@ def test_the_centroid_update_stays_on_the_device(rng, monkeypatch, tmp_path):
     def fit(data, C0, **kw):
         return edp.SphericalKMeans(6, init=C0, max_iter=8, tol=0, progress=False).fit(data, **kw)
 
+    want_first = fit(parts, X[:6])
     for C0, host_passes in ((X[:6], 0), (np.stack([X[0], X[0], X[1], X[2], X[3], X[4]]), 1)):  # (one empties)
         want = fit(parts, C0)
         host_updates.clear()
@@ -508,3 +509,24 @@ def test_the_centroid_update_stays_on_the_device(rng, monkeypatch, tmp_path):
         assert got.n_iter_ == want.n_iter_ >= 3 and got.inertia_ == pytest.approx(want.inertia_, rel=1e-12)
     saved = fit([torch.from_numpy(p) for p in parts], X[:6], checkpoint=tmp_path / "k.ckpt")
     np.testing.assert_array_equal(saved.cluster_centers_.numpy(), fit(parts, X[:6]).cluster_centers_)
+    # Stopped after its second save (the state of a device pass) and fitted again: it resumes
+    # there (start, previous) and ends as the uninterrupted fit.
+    from edpairs.checkpoint import Checkpoint
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def stop_at_two(stage, meta):
+        seen.append(meta["n_iter"])
+        if len(seen) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit([torch.from_numpy(p) for p in parts], X[:6], checkpoint=Checkpoint(tmp_path / "s.ckpt", {}, on_save=stop_at_two))
+    updates = len(host_updates)
+    resumed = fit([torch.from_numpy(p) for p in parts], X[:6], checkpoint=tmp_path / "s.ckpt")
+    assert len(host_updates) == updates and not (tmp_path / "s.ckpt").exists()
+    np.testing.assert_array_equal(resumed.cluster_centers_.numpy(), want_first.cluster_centers_)
+    assert resumed.n_iter_ == want_first.n_iter_ and resumed.inertia_ == pytest.approx(want_first.inertia_, rel=1e-12)
