@@ -84,7 +84,7 @@ BF16_SIZES="${BF16_SIZES:-1000000,512,1024}"
 STREAM_GIB="${STREAM_GIB:-4}"
 # The tests of kernels that have not run on a GPU yet (or changed since): in a process of their
 # own before the others, so that a fault there cannot poison the CUDA context of the rest.
-NEW_K="${NEW_K:-wgmma or column or fused or tensor_core_assign_matches or prefetch or overlap or float16_operands or float16_rows or triangle or centre_rows or signal_masks or every_score_is_nan or concurrent_callers}"
+NEW_K="${NEW_K:-wgmma or column or fused or tensor_core_assign_matches or prefetch or overlap or float16_operands or float16_rows or triangle or centre_rows or signal_masks or every_score_is_nan or concurrent_callers or pinned or cluster_sums}"
 TESTS_K="${TESTS_K:-not ($NEW_K)}"
 # The profile cases that decide the next defaults, in one process: the paths that ran on a GPU
 # before first, then the candidates by the goal they serve (2, 4, 3), the two new wgmma kernels
