@@ -465,6 +465,23 @@ def test_route_assign_matches_reference_and_cpu(rows, rng):
     assert_results_agree(res, ops.assign(X, C), X, C)
 
 
+@pytest.mark.parametrize("knob,value", [("EDPAIRS_ASSIGN_SEG_ROWS", "100"), ("EDPAIRS_ASSIGN_COUNTING", "x")])
+def test_the_sorted_pass_knobs_are_refused_before_the_labels(knob, value, rng, monkeypatch):
+    """A bad knob of the sorted sums pass is refused before the route or the float16 copies
+    label anything (the CUDA library refuses it too, but only once its sums start): outputs
+    untouched, nothing launched. Without sums nothing reads them."""
+    C = make_centroids(rng, 140, 24)
+    X = t(make_rows(rng, 500, 24, C=C))
+    monkeypatch.setenv(knob, value)
+    out = (torch.empty(500, dtype=torch.int64), torch.empty(500), torch.empty((140, 24), dtype=torch.float64),
+           torch.empty(140, dtype=torch.int64))
+    for run in (lambda: _gemm.assign(X, t(C), None, None, None, *out, precision="float32", rows=100, lib=None),
+                lambda: _gemm.half_assign(X, t(C), *out, lib=None)):
+        with pytest.raises(ValueError, match=f"{knob} must be"):
+            run()  # (lib=None: a launch would have failed otherwise)
+    assert (_route_assign(X, t(C), accumulate=False).labels >= 0).all()
+
+
 @pytest.mark.parametrize("precision", ["float32", "tf32"])
 def test_route_assign_tiny_centroid_counts_as_zero(precision, rng):
     """A centroid whose 1 / ||c|| is no float32 (norm ~1e-39) scores 0 for every row, as the CPU

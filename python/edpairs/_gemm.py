@@ -899,6 +899,14 @@ def _float32_row_knobs() -> bool:
             or overlap is None or int(overlap.group(1)) > 1)
 
 
+def sorted_pass_knobs() -> None:
+    """The sorted sums pass's knobs (EDPAIRS_ASSIGN_SEG_ROWS, EDPAIRS_ASSIGN_COUNTING), checked as
+    the CUDA library checks them, before a route call's labelling runs: a bad value then costs
+    no pass over the rows before cluster_sums refuses it."""
+    _env_choice("EDPAIRS_ASSIGN_SEG_ROWS", ("64", "128", "256"), "256")
+    _env_choice("EDPAIRS_ASSIGN_COUNTING", ("auto", "global"), "auto")
+
+
 def _half_knob() -> str:
     return _env_choice("EDPAIRS_ASSIGN_HALF", ("auto", "0", "1", "copies"), "auto")
 
@@ -1032,6 +1040,8 @@ def half_assign(X, C, labels, scores, sums, counts, *, lib):
     xp = Namespace("torch")
     c = xp.capsule
     stream = xp.stream(X)
+    if sums is not None:
+        sorted_pass_knobs()
     if half_resident_applies(X):
         lib.assign(c(X), c(C), None, None, None, c(labels), c(scores), c(sums), c(counts), False, "tf32-half", stream)
         return True
@@ -1087,6 +1097,8 @@ def assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, *, 
     N = X.shape[0]
     k = C.shape[0]
     D = X.shape[1]
+    if sums is not None:
+        sorted_pass_knobs()
     # The (rows, k) block of dots and the centred rows (two buffers of them with the overlap).
     width = k + (D * (2 if centre_overlap() else 1) if center is not None else 0)
     rows = max(1, min(rows, SCRATCH_BYTES // (4 * width)))
