@@ -499,26 +499,36 @@ constexpr int kBlockLabels = 12288;  // 48 KB of shared counters: no opt-in need
 // 48 KB a launch may ask for without opting in.
 static_assert(kBlockLabels * sizeof(unsigned) <= 48 * 1024, "shared counters past 48 KB");
 
-__global__ void __launch_bounds__(kBlockThreads)
-    block_histogram_kernel(const int64_t* __restrict__ labels, const int64_t n, const int k,
-                           unsigned long long* __restrict__ counts) {
-  extern __shared__ unsigned count_s[];  // k
+// Both kernels' first half: count_s (k, shared) zeroed, then the block's labels counted there;
+// each thread's labels (-1 past n) and their ranks among the block's rows of their label (the
+// order of the shared atomics). Ends after a barrier: count_s holds the block's counts.
+__device__ __forceinline__ void count_block_labels(const int64_t* __restrict__ labels, const int64_t n, const int k,
+                                                   unsigned* count_s, int (&label)[kBlockRowsPerThread],
+                                                   unsigned (&rank)[kBlockRowsPerThread]) {
   const int tid = static_cast<int>(threadIdx.x);
   for (int l = tid; l < k; l += kBlockThreads) count_s[l] = 0u;
   __syncthreads();
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBlockRows + tid;
-  int64_t label[kBlockRowsPerThread];  // (all loads issued before the first atomic)
 #pragma unroll
-  for (int i = 0; i < kBlockRowsPerThread; ++i) {
+  for (int i = 0; i < kBlockRowsPerThread; ++i) {  // (all loads issued before the first atomic)
     const int64_t r = r0 + static_cast<int64_t>(i) * kBlockThreads;
-    label[i] = r < n ? labels[r] : -1;
+    label[i] = r < n ? static_cast<int>(labels[r]) : -1;
   }
 #pragma unroll
   for (int i = 0; i < kBlockRowsPerThread; ++i) {
-    if (label[i] >= 0) atomicAdd(count_s + label[i], 1u);
+    rank[i] = label[i] >= 0 ? atomicAdd(count_s + label[i], 1u) : 0u;
   }
   __syncthreads();
-  for (int l = tid; l < k; l += kBlockThreads) {
+}
+
+__global__ void __launch_bounds__(kBlockThreads)
+    block_histogram_kernel(const int64_t* __restrict__ labels, const int64_t n, const int k,
+                           unsigned long long* __restrict__ counts) {
+  extern __shared__ unsigned count_s[];  // k
+  int label[kBlockRowsPerThread];
+  unsigned rank[kBlockRowsPerThread];
+  count_block_labels(labels, n, k, count_s, label, rank);
+  for (int l = static_cast<int>(threadIdx.x); l < k; l += kBlockThreads) {
     const unsigned c = count_s[l];
     if (c != 0u) atomicAdd(counts + l, static_cast<unsigned long long>(c));
   }
@@ -528,27 +538,15 @@ __global__ void __launch_bounds__(kBlockThreads)
     block_scatter_kernel(const int64_t* __restrict__ labels, const int64_t n, const int k,
                          int* __restrict__ cursor, int* __restrict__ perm) {
   extern __shared__ unsigned count_s[];  // k: counts, then each label's base in perm
-  const int tid = static_cast<int>(threadIdx.x);
-  for (int l = tid; l < k; l += kBlockThreads) count_s[l] = 0u;
-  __syncthreads();
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBlockRows + tid;
-  int label[kBlockRowsPerThread];  // (all loads issued before the first atomic)
+  int label[kBlockRowsPerThread];
   unsigned rank[kBlockRowsPerThread];
-#pragma unroll
-  for (int i = 0; i < kBlockRowsPerThread; ++i) {
-    const int64_t r = r0 + static_cast<int64_t>(i) * kBlockThreads;
-    label[i] = r < n ? static_cast<int>(labels[r]) : -1;
-  }
-#pragma unroll
-  for (int i = 0; i < kBlockRowsPerThread; ++i) {
-    rank[i] = label[i] >= 0 ? atomicAdd(count_s + label[i], 1u) : 0u;
-  }
-  __syncthreads();
-  for (int l = tid; l < k; l += kBlockThreads) {
+  count_block_labels(labels, n, k, count_s, label, rank);
+  for (int l = static_cast<int>(threadIdx.x); l < k; l += kBlockThreads) {
     const unsigned c = count_s[l];
     if (c != 0u) count_s[l] = static_cast<unsigned>(atomicAdd(cursor + l, static_cast<int>(c)));
   }
   __syncthreads();
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBlockRows + static_cast<int>(threadIdx.x);
 #pragma unroll
   for (int i = 0; i < kBlockRowsPerThread; ++i) {
     if (label[i] >= 0) {

@@ -189,8 +189,8 @@ class Namespace:
         return a @ b
 
     def logistic(self, z):
-        """1 / (1 + exp(-z)) of a numpy or cupy array, without numpy's overflow warning far
-        below 0 (exp(-z) = inf there, the value 0). (torch callers keep their own form.)"""
+        """1 / (1 + exp(-z)) of an array of this library, without numpy's overflow warning far
+        below 0 (exp(-z) = inf there, the value 0)."""
         with np.errstate(over="ignore"):
             return 1.0 / (1.0 + self.mod.exp(-z))
 

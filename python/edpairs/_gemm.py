@@ -882,9 +882,12 @@ def half_labels(X) -> bool:
     7.21 ms in the same run); "copies": always from copies; "0": never. "auto" also stands aside
     where a knob asks for what only the kernels on the float32 rows do (_float32_row_knobs)."""
     knob = _half_knob()
-    if knob == "auto":
-        return X.shape[1] % 8 == 0 and not _float32_row_knobs() and wgmma_labels_tf32(X)
-    return knob != "0"
+    return _half_auto(X) if knob == "auto" else knob != "0"
+
+
+def _half_auto(X) -> bool:
+    """EDPAIRS_ASSIGN_HALF "auto"'s rule (half_labels)."""
+    return X.shape[1] % 8 == 0 and not _float32_row_knobs() and wgmma_labels_tf32(X)
 
 
 def _float32_row_knobs() -> bool:
@@ -929,7 +932,7 @@ def half_assign_applies(X, xp, k: int, precision: str, center, row_scale, col_sc
     knob = _half_knob()
     return (knob != "0" and precision == "tf32" and k >= TF32_MIN_K and xp.name == "torch" and xp.is_cuda(X)
             and xp.dtype_name(X) == "float32" and X.shape[0] > 0 and center is None and row_scale is None
-            and col_scale is None and _knob() == "auto" and (knob != "auto" or half_labels(X)))
+            and col_scale is None and _knob() == "auto" and (knob != "auto" or _half_auto(X)))
 
 
 def _version(X) -> int:
@@ -1007,7 +1010,9 @@ def keep_half_rows(arrays, budget: Optional[int] = None):
     chunk of a GPU array at D >= 64, 2^20 rows at D = 512), each chunk's whole or not at all,
     and only where the device has the memory (after a refusal, no more are tried); other rows
     are copied per call, as outside. The copies are freed when the context ends."""
-    held = [a for a in arrays if type(a).__module__.split(".")[0] == "torch"]
+    from ._arrays import _module_root
+
+    held = [a for a in arrays if _module_root(a) == "torch"]
     if not held:
         yield
         return
@@ -1040,11 +1045,11 @@ def half_assign(X, C, labels, scores, sums, counts, *, lib):
     xp = Namespace("torch")
     c = xp.capsule
     stream = xp.stream(X)
-    if sums is not None:
-        sorted_pass_knobs()
-    if half_resident_applies(X):
+    if half_resident_applies(X):  # (the library checks the sorted pass's knobs before labelling)
         lib.assign(c(X), c(C), None, None, None, c(labels), c(scores), c(sums), c(counts), False, "tf32-half", stream)
         return True
+    if sums is not None:
+        sorted_pass_knobs()
     kept = _KEPT.get()
     whole = None if kept is None else kept.copies_of(X, stream)
     step = N if whole is not None else max(1, min(N, SCRATCH_BYTES // (2 * D)))

@@ -29,18 +29,22 @@ def _row_norms(M: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", M, M))
 
 
-def _unit_rows(M: np.ndarray, keep: Optional[np.ndarray] = None) -> np.ndarray:
-    """M's rows divided by their norms; zero rows, and rows where ``keep`` is False, are zeros."""
+def _unit_rows(M: np.ndarray) -> np.ndarray:
+    """M's rows divided by their norms; zero rows stay zeros."""
     n = _row_norms(M)[:, None]
-    where = n > 0 if keep is None else (n > 0) & keep[:, None]
-    return np.divide(M, n, out=np.zeros_like(M), where=where)
+    return np.divide(M, n, out=np.zeros_like(M), where=n > 0)
 
 
-def _live(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def _live(sums: np.ndarray, counts: np.ndarray, norms: Optional[np.ndarray] = None) -> np.ndarray:
     """Clusters whose sum of member unit vectors (clustering space) sets a direction: members, and
     a sum longer than ops.CANCELLED times their count; shorter sums are float32 rounding noise
-    (as in ops.spherical_kmeans_step)."""
-    return (counts > 0) & (_row_norms(sums) > ops.CANCELLED * counts)
+    (as in ops.spherical_kmeans_step). ``norms``: the sums' row norms, where known."""
+    return (counts > 0) & ((_row_norms(sums) if norms is None else norms) > ops.CANCELLED * counts)
+
+
+def _converged(mean_cosine: float, previous: Optional[float], tol: float) -> bool:
+    """Whether the mean cosine moved by at most ``tol`` (relative) since the previous pass."""
+    return previous is not None and abs(mean_cosine - previous) <= tol * max(abs(previous), 1e-12)
 
 
 def oas_shrinkage(n_samples: int, cov) -> float:
@@ -179,11 +183,13 @@ class _Geometry:
             self._row_scale[index] = xp.contiguous(_concat(parts))
         return self._row_scale[index]
 
-    def centroids_from_sums(self, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """Unit clustering-space centroids from raw-space sums of members' unit vectors; a zero
-        row where a cluster is empty or its members cancel (:func:`_live`)."""
+    def centroids_from_sums(self, sums: np.ndarray, counts: np.ndarray):
+        """Unit clustering-space centroids from raw-space sums of members' unit vectors, and the
+        clusters left empty or whose members cancel (not :func:`_live`; a zero row there)."""
         S = sums if self.whitener is None else sums @ self.whitener.P.T
-        return _unit_rows(S, _live(S, counts))
+        norms = _row_norms(S)
+        live = _live(S, counts, norms)
+        return np.divide(S, norms[:, None], out=np.zeros_like(S), where=live[:, None]), ~live
 
     def embed(self, rows: np.ndarray) -> np.ndarray:
         """Unit vectors in clustering space for raw rows (float64)."""
@@ -300,8 +306,7 @@ class _OrderedSum:
 
     def __init__(self, shape, dtype=np.float64):
         self.total = np.zeros(shape, dtype)
-        self._zero = True  # nothing added yet
-        self._host = False  # something added on the host, or a run brought home
+        self._host = False  # something added on the host, or a run brought home (else the total is 0)
         self._key = None
         self._run = None
 
@@ -310,16 +315,14 @@ class _OrderedSum:
         if not _kept_on_device(xp, x):
             self.flush()
             self.total += to_numpy64(x).astype(self.total.dtype, copy=False)
-            self._zero, self._host = False, True
+            self._host = True
             return
         key = _where(x)
         with device_scope(x):
             if key != self._key:
                 self.flush()
                 self._key = key
-                start_at_zero = self._zero and tuple(x.shape) == self.total.shape  # (else broadcast as zeros + x would)
-                self._zero = False
-                if start_at_zero:
+                if not self._host and tuple(x.shape) == self.total.shape:  # (else broadcast as zeros + x would)
                     self._run = xp.astype(x, self.total.dtype.name) + 0
                     return
                 self._run = on_device_of(self.total, x)
@@ -424,7 +427,7 @@ def _device_centroids(sums, counts, total, C):
         norms = mod.sqrt((sums * sums).sum(1))
         live = (counts > 0) & (norms > ops.CANCELLED * xp.astype(counts, "float64"))
         new = mod.where(live[:, None], sums / mod.where(live, norms, 1.0)[:, None], C)
-        seen = mod.stack([xp.astype(total.reshape(-1)[0], "float64"), xp.astype((~live).sum(), "float64")])
+        seen = mod.stack([total, xp.astype((~live).sum(), "float64")])
         total, empty = seen.tolist()
     return new, total, int(empty)
 
@@ -443,22 +446,27 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
     # Plain cosines in one process: where a pass's chunks were all on one GPU, the centroid
     # update stays there (_device_centroids; one wait for the mean cosine and the empty count),
     # and the next pass's filters with it: no sums home, no centroids out, no host arithmetic
-    # between passes. ``dev``: (centroids float64, filters float32) there, else None (C on the host).
+    # between passes. ``C_dev``: those centroids (float64) on that GPU, else None; C is stale
+    # while it is set.
     plain = geometry.whitener is None and not red.active
-    dev = None
+    C_dev = None
     for it in range(start, max_iter + 1):
         final = it == max_iter
+        F_dev = None
+        if C_dev is not None:
+            with device_scope(C_dev):
+                F_dev = namespace_of(C_dev).as_float32_contiguous(C_dev)
         params = None
         totals = _PassTotals(k, source.n_features, offset)
         labels = [] if keep_labels else None
         for index, chunk in enumerate(source):
             with device_scope(chunk):
-                if dev is not None and _where(chunk) == _where(dev[1]):
-                    F_here, center_here, col_here = dev[1], None, None
+                if F_dev is not None and _where(chunk) == _where(F_dev):
+                    F_here, center_here, col_here = F_dev, None, None
                 else:
                     if params is None:
-                        if dev is not None:
-                            C = to_numpy64(dev[0])
+                        if C_dev is not None:  # a chunk elsewhere: the host's centroids from here on
+                            C, C_dev, F_dev = to_numpy64(C_dev), None, None
                         params = _Placed(geometry.filters(C).astype(np.float32), geometry.center(), geometry.col_scale(k))
                     F_here, center_here, col_here = params.on(chunk)
                 res = ops.assign(chunk, F_here, center=center_here, row_scale=geometry.row_scale(index, chunk),
@@ -467,35 +475,31 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
             if keep_labels:
                 labels.append(res.labels)
         alone = totals.alone_on_device() if plain else None
-        if alone is not None:
+        if alone is not None:  # (C_dev, where set, is on the device every chunk was on)
             sums_d, counts_d, total_d = alone
-            C_d = dev[0] if dev is not None and _where(dev[0]) == _where(sums_d) else \
-                on_device_of(to_numpy64(dev[0]) if dev is not None else C, sums_d)
-            new_d, total, empty = _device_centroids(sums_d, counts_d, total_d, C_d)
+            new_d, total, empty = _device_centroids(sums_d, counts_d, total_d,
+                                                    C_dev if C_dev is not None else on_device_of(C, sums_d))
             if empty == 0:  # (empty clusters: the host's update below re-seeds them)
                 mean_cosine = total / max(totals.n, 1)
                 progress.update(1, note=f"mean cos {mean_cosine:.5f}")
-                converged = previous is not None and abs(mean_cosine - previous) <= tol * max(abs(previous), 1e-12)
-                if final or converged:
-                    return _LloydResult(to_numpy64(C_d), mean_cosine, to_numpy64(counts_d).astype(np.int64), n_iter,
+                if final or _converged(mean_cosine, previous, tol):
+                    return _LloydResult(C if C_dev is None else to_numpy64(C_dev), mean_cosine,
+                                        to_numpy64(counts_d).astype(np.int64), n_iter,
                                         _concat(labels) if keep_labels else None, to_numpy64(sums_d))
-                previous = mean_cosine
-                with device_scope(new_d):
-                    dev = (new_d, namespace_of(new_d).as_float32_contiguous(new_d))
+                previous, C_dev = mean_cosine, new_d
                 n_iter += 1
                 if save is not None:
                     save(to_numpy64(new_d), previous, n_iter)
                 continue
-        if dev is not None:  # the host's update from here: the centroids this pass labelled to
-            C, dev = to_numpy64(dev[0]), None
+        if C_dev is not None:  # the host's update from here: the centroids this pass labelled to
+            C, C_dev = to_numpy64(C_dev), None
         sums, counts, total, n, worst_scores, worst_index = totals.result()
         if red.active:
             sums = red.sum(sums)
             counts = red.sum(counts)
             total, n = red.sum(np.array([total]))[0], int(red.sum(np.array([n], np.int64))[0])
         mean_cosine = total / max(n, 1)
-        new = geometry.centroids_from_sums(sums, counts)
-        empty = _row_norms(new) == 0  # no members, or members that cancel
+        new, empty = geometry.centroids_from_sums(sums, counts)  # (empty: no members, or they cancel)
         new[empty] = C[empty]
         if empty.any():
             # Re-seed empty clusters from the worst-fit rows (lowest cosine to their centre); the
@@ -521,8 +525,7 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
             for j, e in zip(np.flatnonzero(empty), E):
                 new[j] = e
         progress.update(1, note=f"mean cos {mean_cosine:.5f}")
-        converged = previous is not None and abs(mean_cosine - previous) <= tol * max(abs(previous), 1e-12) and not empty.any()
-        if final or converged:
+        if final or (_converged(mean_cosine, previous, tol) and not empty.any()):
             # This pass assigned rows to C (not to `new`): C and these labels belong together.
             lab = None
             if keep_labels:

@@ -233,10 +233,6 @@ class _Lib:
         Intervention snapshotted, for the next forward."""
         if isinstance(t, numbers.Real) and not isinstance(t, bool):
             return None, float(t)
-        if not (self.name == "torch" and isinstance(t, self.torch.Tensor)) and np.ndim(t) == 0:
-            # A host number (a 0-d array): read now, as a Python number is; on a GPU it went to
-            # the device and was read back there, a wait at every forward.
-            return None, float(t)
         if self.name == "torch":
             key = (concept, self.key(like))
             cached = uploaded is not None and not isinstance(t, self.torch.Tensor)
@@ -314,10 +310,13 @@ def _as_concepts(concepts, what: str) -> list:
 
 def _check_targets(targets, what: str) -> dict:
     """The targets {concept: t} checked up front: t a finite real number or a per-position map of
-    them (a None or NaN target would turn every edited position into NaN)."""
+    them (a None or NaN target would turn every edited position into NaN). A host number given
+    as a 0-d array comes back as the Python number it holds (read once here, not sent to the
+    activations' device and read back at every forward)."""
     if not isinstance(targets, dict):
         raise TypeError(f"{what}: targets must be a dict {{concept: target}}, got {type(targets).__name__}")
     expected = "a finite real number or a per-position map of them (numpy array or torch tensor)"
+    checked = dict(targets)
     for c, t in targets.items():
         if isinstance(t, numbers.Real) and not isinstance(t, (bool, np.bool_)):
             if not np.isfinite(float(t)):
@@ -338,7 +337,9 @@ def _check_targets(targets, what: str) -> dict:
             raise TypeError(f"{what}: the target of concept {c} must be {expected}, got {got}")
         if not finite:
             raise ValueError(f"{what}: the target of concept {c} must be {expected}; the map contains NaN or Inf")
-    return dict(targets)
+        if _module_root(t) != "torch" and a.ndim == 0:
+            checked[c] = float(a)
+    return checked
 
 
 def _scales(scale, J: tuple):

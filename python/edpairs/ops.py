@@ -316,12 +316,10 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     sums = xp.empty((k, D), "float64", X) if accumulate else None
     counts = xp.empty((k,), "int64", X) if accumulate else None
     shapes_ok = k >= 1 and D >= 1 and C.shape[1] == D and (col_scale is None or tuple(col_scale.shape) == (k,))
-    # (half_assign gives False where the default finds no memory for the float16 copies: the
-    # float32 rows then)
-    done = (shapes_ok and _gemm.half_assign_applies(X, xp, k, precision, center, row_scale, col_scale)
-            and _gemm.half_assign(X, C, labels, scores, sums, counts, lib=lib()))
-    if done:
-        pass
+    if (shapes_ok and _gemm.half_assign_applies(X, xp, k, precision, center, row_scale, col_scale)
+            and _gemm.half_assign(X, C, labels, scores, sums, counts, lib=lib())):
+        pass  # labelled from float16 copies (half_assign gives False where the default finds no
+        # memory for them: the float32 rows below then)
     elif shapes_ok and _gemm.assign_applies(X, xp, k, precision, centred=center is not None):
         # (the kernels' bindings word the shape errors)
         _gemm.assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, precision=precision,

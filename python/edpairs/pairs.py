@@ -436,7 +436,7 @@ class EDPairs:
         z = z - on_device_of(self.bias_, X)
         if hard:
             return z > 0
-        return 1.0 / (1.0 + (-z).exp()) if xp.name == "torch" else xp.logistic(z)
+        return xp.logistic(z)
 
     @on_data_device("X")
     def latent_factors(self, X):

@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from ._checks import check_fitted
+from ._checks import check_fitted, check_int
 from ._io import fsync_dir, make_folder
 from ._progress import Progress
 from .explain import plot_explanation
@@ -433,8 +433,7 @@ def write_report(out_dir, pairs, images, activations, *, title: str = "edpairs r
     images, activations, I = _check_inputs(pairs, images, activations)
     n, H, W = images.shape[:3]
     h, w, D = activations.shape[1:]
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    check_int("top_k", top_k)
     if not (isinstance(patch_scale, (int, float, np.number)) and math.isfinite(patch_scale) and patch_scale > 0):
         raise ValueError(f"patch_scale must be a positive number of cells, got {patch_scale!r}")
     if meta is not None and not isinstance(meta, dict):
