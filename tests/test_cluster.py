@@ -399,6 +399,37 @@ def test_pass_totals_kept_on_a_torch_device(rng, monkeypatch):
     assert got.inertia_ == pytest.approx(want.inertia_, rel=1e-12) and np.all(want.counts_ > 0)
 
 
+def test_the_lowest_scores_are_picked_only_when_a_cluster_empties(rng, monkeypatch):
+    """A pass picks each chunk's k lowest scores (the re-seeding candidates) only where a
+    cluster empties: none in a fit where none does. Kept scores past PENDING_SCORE_BYTES are
+    reduced as the pass goes, with the same fit (host chunks and "device" ones alike)."""
+    torch = pytest.importorskip("torch")
+    import edpairs.cluster as cl
+    from edpairs._arrays import Namespace
+
+    X, _, _ = planted(rng)
+    parts = np.array_split(X, 4)
+    picks = []
+    real = Namespace.k_lowest
+    monkeypatch.setattr(Namespace, "k_lowest", lambda self, x, m: picks.append(int(x.shape[0])) or real(self, x, m))
+
+    def fit(C0, data):
+        return edp.SphericalKMeans(6, init=C0, max_iter=4, tol=0, progress=False).fit(data)
+
+    assert np.all(fit(X[:6], parts).counts_ > 0) and picks == []
+    C0 = np.stack([X[0], X[0], X[1], X[2], X[3], X[4]])  # (one cluster empties in the first pass)
+    want = fit(C0, parts)
+    assert sorted(picks) == sorted(len(p) for p in parts)  # one pass re-seeded, each chunk once
+    monkeypatch.setattr(cl, "PENDING_SCORE_BYTES", 4 * len(parts[0]))  # reduced after every chunk
+    monkeypatch.setattr(cl, "_kept_on_device", lambda xp, s: xp.name == "torch")
+    for data in (parts, [torch.from_numpy(p) for p in parts]):
+        picks.clear()
+        got = fit(C0, data)
+        assert len(picks) == 4 * got.n_iter_ + 4  # every pass, as it goes (the last pass too)
+        np.testing.assert_array_equal(np.asarray(got.cluster_centers_), want.cluster_centers_)
+        np.testing.assert_array_equal(got.counts_, want.counts_)
+
+
 def test_a_chunk_callable_that_returns_no_iterator_is_named(rng):
     """A callable source that returns something not iterable (a forgotten ``yield``, an array
     count) gave Python's bare "'int' object is not iterable"."""

@@ -27,8 +27,12 @@ WORKER = textwrap.dedent("""
     X = np.load(sys.argv[6])
     mine = np.array_split(X, world)[rank]
     chunks = [mine[: len(mine) // 3], mine[len(mine) // 3:]]  # ranks stream chunks too
-    if what == "kmeans":
-        km = edp.SphericalKMeans(6, random_state=0, n_init=2, progress=False).fit(chunks, process_group=True)
+    if what in ("kmeans", "kmeans-empty"):
+        # kmeans-empty: two equal initial centroids leave a cluster empty, re-seeded from every
+        # rank's worst-fit rows
+        init = np.stack([X[0], X[0], X[1], X[2], X[3], X[4]]) if what == "kmeans-empty" else "k-means++"
+        km = edp.SphericalKMeans(6, init=init, random_state=0, n_init=2 if what == "kmeans" else 1,
+                                 progress=False).fit(chunks, process_group=True)
         np.savez(out, C=km.cluster_centers_, n_iter=km.n_iter_, counts=km.counts_)
     else:
         p = edp.EDPairs(4, method=what, random_state=0, progress=False).fit(chunks, process_group=True)
@@ -74,6 +78,17 @@ def test_spherical_kmeans_two_processes_equal_one(tmp_path):
     X = _layer_rows()
     one = edp.SphericalKMeans(6, random_state=0, n_init=2, progress=False).fit(X)
     for r, res in enumerate(_run_ranks(tmp_path, "kmeans", X)):
+        np.testing.assert_allclose(res["C"], one.cluster_centers_, atol=1e-5, err_msg=f"rank {r}")
+        assert int(res["n_iter"]) == one.n_iter_
+        np.testing.assert_array_equal(res["counts"], one.counts_)
+
+
+def test_two_processes_reseed_an_empty_cluster_as_one(tmp_path):
+    X = _layer_rows()
+    C0 = np.stack([X[0], X[0], X[1], X[2], X[3], X[4]])
+    one = edp.SphericalKMeans(6, init=C0, progress=False).fit(X)
+    assert one.counts_[1] > 0  # (the duplicate's cluster, empty in the first pass, was re-seeded)
+    for r, res in enumerate(_run_ranks(tmp_path, "kmeans-empty", X)):
         np.testing.assert_allclose(res["C"], one.cluster_centers_, atol=1e-5, err_msg=f"rank {r}")
         assert int(res["n_iter"]) == one.n_iter_
         np.testing.assert_array_equal(res["counts"], one.counts_)

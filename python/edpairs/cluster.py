@@ -344,65 +344,65 @@ class _OrderedSum:
         return self.total
 
 
+# The scores a pass keeps (4 bytes a row) to pick its k lowest only where a cluster empties;
+# past this many bytes the kept chunks are reduced to their k lowest at once.
+PENDING_SCORE_BYTES = 64 << 20
+
+
 class _PassTotals:
     """What one Lloyd pass needs of each chunk's assignment: float64 cluster sums and counts,
-    the total and number of the scores, and the k lowest scores with their global rows (the
-    candidates for re-seeding empty clusters). On a GPU these stay on the chunks' device (sums
-    and counts added there, :class:`_OrderedSum`; the k lowest scores picked there) and come to
-    the host once per run of chunks on one device, instead of every row's score and every
-    chunk's sums being copied (and the device waited for) chunk by chunk: five copies a pass
-    on one GPU. The sums and the chunks' score totals are added in chunk order, as on the host;
-    within a chunk, the total of its scores is the library's float64 sum (rounding may differ
-    from numpy's), and ties among the lowest scores are broken by the library's selection."""
+    the total and number of the scores, and (only where a cluster empties) the k lowest scores
+    with their global rows, the candidates for re-seeding it. On a GPU the sums, counts and
+    score totals stay on the chunks' device (:class:`_OrderedSum`) and come to the host once
+    per run of chunks on one device, not chunk by chunk; the sums and the chunks' score totals
+    are added in chunk order, as on the host (within a chunk, the total of its scores is the
+    library's float64 sum: rounding may differ from numpy's). Each chunk's scores are kept
+    where they are (up to PENDING_SCORE_BYTES) and reduced to their k lowest, there, only when
+    :meth:`worst` asks: a pass with no empty cluster never selects them. Ties among the lowest
+    scores are broken by the library's selection."""
 
     def __init__(self, k: int, D: int, offset: int):
         self.k, self.offset = k, offset
         self.sums, self.counts = _OrderedSum((k, D)), _OrderedSum(k, np.int64)
         self.total = _OrderedSum(())  # of the chunks' float64 score totals (0-d), in chunk order
         self.n = 0
-        self.worst_scores: list = []
-        self.worst_index: list = []
-        self._key = None
-        self._lows: Optional[list] = None  # the device run's (lowest scores, their rows) per chunk
+        self._pending: list = []  # (scores, global row of the first), in chunk order
+        self._pending_bytes = 0
+        self._lows: list = []  # (k lowest scores, their global rows) per chunk, where the chunk was
 
     def add(self, res) -> None:
         self.sums.add(res.sums)
         self.counts.add(res.counts)
         scores = res.scores
         xp = namespace_of(scores)
+        if _kept_on_device(xp, scores):
+            self.total.add(xp.sum_float64(scores))
+        else:
+            self.total.add(np.asarray(to_numpy64(scores).sum()))
         size = int(scores.shape[0])
-        m = min(self.k, size)
-        # Zero rows score 0 and cannot seed a cluster: they rank as +inf, so that k or more of
-        # them cannot push every usable candidate out of the k lowest.
-        if not _kept_on_device(xp, scores):
-            self.flush()
-            s = to_numpy64(scores)
-            host = namespace_of(s)
-            ranked = host.zeros_as_inf(s)
-            low = host.k_lowest(ranked, m)
-            self.worst_scores.append(ranked[low])
-            self.worst_index.append(self.offset + self.n + low)
-            self.total.add(np.asarray(s.sum()))
-            self.n += size
-            return
-        key = _where(scores)
-        if key != self._key:
-            self.flush()
-            self._key, self._lows = key, []
-        ranked = xp.zeros_as_inf(scores)
-        low = xp.k_lowest(ranked, m)
-        self.total.add(xp.sum_float64(scores))
-        self._lows.append((ranked[low], low + (self.offset + self.n)))
+        self._pending.append((scores, self.offset + self.n))
+        self._pending_bytes += 4 * size
         self.n += size
+        if self._pending_bytes > PENDING_SCORE_BYTES:
+            self._settle()
 
-    def flush(self) -> None:
-        """The device run's lowest scores to the host (two copies, however many chunks the run
-        had)."""
-        if self._lows is None:
-            return
-        lows, self._lows, self._key = self._lows, None, None
-        self.worst_scores.append(to_numpy64(_concat([v for v, _ in lows])))
-        self.worst_index.append(to_numpy64(_concat([r for _, r in lows])).astype(np.int64))
+    def _settle(self) -> None:
+        """The kept chunks' scores reduced to their k lowest, each where it is. Zero rows score 0
+        and cannot seed a cluster: they rank as +inf, so that k or more of them cannot push
+        every usable candidate out of the k lowest."""
+        for scores, first in self._pending:
+            xp = namespace_of(scores)
+            with device_scope(scores):
+                ranked = xp.zeros_as_inf(scores)
+                low = xp.k_lowest(ranked, min(self.k, int(scores.shape[0])))
+                self._lows.append((ranked[low], low + first))
+        self._pending, self._pending_bytes = [], 0
+
+    def worst(self):
+        """(scores, global rows) of each chunk's k lowest scores, float64 and int64 on the host."""
+        self._settle()
+        return ([to_numpy64(v) for v, _ in self._lows],
+                [to_numpy64(r).astype(np.int64) for _, r in self._lows])
 
     def alone_on_device(self):
         """(sums, counts, total) on the device where every chunk of the pass was, else None."""
@@ -410,9 +410,7 @@ class _PassTotals:
         return None if any(r is None for r in runs) else runs
 
     def result(self):
-        self.flush()
-        return (self.sums.result(), self.counts.result(), float(self.total.result()), self.n, self.worst_scores,
-                self.worst_index)
+        return self.sums.result(), self.counts.result(), float(self.total.result()), self.n
 
 
 def _device_centroids(sums, counts, total, C):
@@ -493,7 +491,7 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
                 continue
         if C_dev is not None:  # the host's update from here: the centroids this pass labelled to
             C, C_dev = to_numpy64(C_dev), None
-        sums, counts, total, n, worst_scores, worst_index = totals.result()
+        sums, counts, total, n = totals.result()
         if red.active:
             sums = red.sum(sums)
             counts = red.sum(counts)
@@ -504,6 +502,7 @@ def _lloyd(source: ChunkSource, geometry: _Geometry, C: np.ndarray, *, max_iter:
         if empty.any():
             # Re-seed empty clusters from the worst-fit rows (lowest cosine to their centre); the
             # rows are read only now, which is rare.
+            worst_scores, worst_index = totals.worst()
             scores_all, index_all = np.concatenate(worst_scores), np.concatenate(worst_index)
             if red.active:  # every rank's k worst (padded to k), then the same choice everywhere
                 pad = k - scores_all.size if scores_all.size < k else 0
