@@ -95,7 +95,7 @@ def test_fit_then_report(tiny, capsys, one_torch_thread):
     assert rc == 2 and "is a file, not a folder" in err
     # --layer naming a layer of another width: refused before any image is read, naming the pairs' layer.
     rc, _, err = _run(capsys, "report", "--pairs", pairs_file, "--layer", "0", "--out", str(tiny / "r0"), "--quiet")
-    assert rc == 2 and "the pairs have D=12 channels but layer '0' has out_channels=8 (they were fitted at '2'" in err
+    assert rc == 2 and "the pairs have D=12 channels but layer '0' (Conv2d) has out_channels=8 (they were fitted at '2'" in err
 
 
 def test_fit_with_ura_and_through_a_store(tiny, capsys, one_torch_thread):

@@ -135,25 +135,23 @@ def _model_and_layer(args, pairs_meta=None):
         raise UserError(f"which layer? pass --layer; the layers of {name}: "
                         f"{', '.join(_top_layer_names(model))} (all of them: edpairs layers --model {spec})")
     try:
-        find_module(model, layer)
+        module = find_module(model, layer)
     except KeyError as exc:  # LayerNotFound
         raise UserError(f"{exc}\nvalid layers of {name} (to depth 2): {', '.join(_top_layer_names(model))}\n"
                         f"every name with its output shape: edpairs layers --model {spec}") from None
-    return model, name, layer
+    return model, name, layer, module
 
 
-def _check_pairs_fit_layer(model, layer: str, pairs, meta: dict) -> None:
+def _check_pairs_fit_layer(module, layer: str, pairs, meta: dict) -> None:
     """Pairs of D channels at a layer that declares another width (out_channels, out_features,
     num_features) are refused before any image is read, naming the layer they were fitted at."""
-    from .capture import find_module
-    from .interventions import _declared_channels
+    from .interventions import width_mismatch
 
-    attr, declared = _declared_channels(find_module(model, layer))
-    D = int(pairs.decoding_.shape[1])
-    if declared is not None and declared != D:
+    wrong = width_mismatch(module, int(pairs.decoding_.shape[1]), layer)
+    if wrong:
         fitted = (f" (they were fitted at {meta['layer']!r}: leave out --layer)"
                   if meta.get("layer") and meta["layer"] != layer else "")
-        raise UserError(f"the pairs have D={D} channels but layer {layer!r} has {attr}={declared}{fitted}")
+        raise UserError(wrong + fitted)
 
 
 def _normalisation(args, model_name: str) -> str:
@@ -207,7 +205,7 @@ def cmd_fit(args) -> int:
     layer = args.layer
     if need_model:
         with log.step("loading the model"):
-            model, name, layer = _model_and_layer(args)
+            model, name, layer, _ = _model_and_layer(args)
     elif not layer:
         raise UserError("pass --layer (the layer the store holds, recorded in the pairs file)")
     torch.manual_seed(args.seed)
@@ -265,8 +263,8 @@ def cmd_report(args) -> int:
     meta = pairs.metadata or {}
     _check_report_folder(args.out, args.overwrite)
     with log.step("loading the model"):
-        model, name, layer = _model_and_layer(args, meta)
-        _check_pairs_fit_layer(model, layer, pairs, meta)
+        model, name, layer, module = _model_and_layer(args, meta)
+        _check_pairs_fit_layer(module, layer, pairs, meta)
     torch.manual_seed(args.seed)
     with log.step("reading the images"):
         data = pipeline.image_dataset(args.images, crops_per_photo=_crops(args), seed=args.seed)

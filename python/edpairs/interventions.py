@@ -57,6 +57,7 @@ import builtins
 import numbers
 import threading
 from collections import OrderedDict
+from typing import Optional
 
 import numpy as np
 
@@ -487,12 +488,15 @@ def remove_joint(x, pairs, concepts, *, gate=False, relu=False, layout=None):
 
 
 # ---- the model hook ----------------------------------------------------------------------
-def _declared_channels(module):
+def width_mismatch(module, D: int, layer: str) -> Optional[str]:
+    """Why pairs of D channels cannot edit ``module`` (the layer named ``layer``), where it
+    declares another width (out_channels, out_features or num_features), else None."""
     for attr in ("out_channels", "out_features", "num_features"):
         v = getattr(module, attr, None)
         if isinstance(v, int):
-            return attr, v
-    return None, None
+            return (None if v == D else
+                    f"the pairs have D={D} channels but layer {layer!r} ({type(module).__name__}) has {attr}={v}")
+    return None
 
 
 class Intervention:
@@ -535,10 +539,9 @@ class Intervention:
             raise ValueError("gated removal needs the pairs' thresholds bias_; pass gate=False or pairs with bias_")
         if layout is not None and layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        attr, declared = _declared_channels(self.module)
-        if declared is not None and declared != self._pairs.n_features:
-            raise ValueError(f"the pairs have D={self._pairs.n_features} channels but layer {self.layer!r} "
-                             f"({type(self.module).__name__}) has {attr}={declared}")
+        wrong = width_mismatch(self.module, self._pairs.n_features, self.layer)
+        if wrong:
+            raise ValueError(wrong)
         _scales(scale, self.remove)  # validates
         self.gate, self.scale, self.joint, self.relu, self.layout = gate, scale, joint, relu, layout
         self._handle = None
