@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ._arrays import device_scope, require_torch
+from ._checks import check_int, check_real
 from ._checks import is_int as _is_int
 from ._checks import is_real as _is_real
 from ._progress import Progress
@@ -136,27 +137,17 @@ class RefineConfig:
     def validate(self) -> None:
         """Raises ValueError for settings outside their domain."""
         for name in LOSS_TERMS:
-            v = getattr(self, name)
-            if not _is_real(v) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"RefineConfig.{name} (a loss weight) must be a finite number >= 0, got {v!r}")
-        if not _is_real(self.tau) or not 0 < self.tau <= 1:
-            raise ValueError(f"RefineConfig.tau must lie in (0, 1], got {self.tau!r}")
-        if self.rho is not None and (not _is_real(self.rho) or not 0 < self.rho <= 1):
-            raise ValueError(f"RefineConfig.rho must lie in (0, 1] (or be None for 12*tau/I), got {self.rho!r}")
-        if not _is_real(self.gamma) or not math.isfinite(self.gamma) or self.gamma <= 0:
-            raise ValueError(f"RefineConfig.gamma must be a finite number > 0, got {self.gamma!r}")
-        if not _is_real(self.nu) or not math.isfinite(self.nu) or self.nu < 0:
-            raise ValueError(f"RefineConfig.nu must be a finite number >= 0, got {self.nu!r}")
-        if not _is_real(self.lr) or not math.isfinite(self.lr) or self.lr <= 0:
-            raise ValueError(f"RefineConfig.lr must be a finite number > 0, got {self.lr!r}")
+            check_real(f"RefineConfig.{name} (a loss weight)", getattr(self, name), "a finite number >= 0",
+                       lambda v: v >= 0)
+        check_real("RefineConfig.tau", self.tau, "in (0, 1]", lambda v: 0 < v <= 1)
+        if self.rho is not None:
+            check_real("RefineConfig.rho", self.rho, "in (0, 1] (or None for 12*tau/I)", lambda v: 0 < v <= 1)
+        for name in ("gamma", "lr"):
+            check_real(f"RefineConfig.{name}", getattr(self, name), "a finite number > 0", lambda v: v > 0)
+        check_real("RefineConfig.nu", self.nu, "a finite number >= 0", lambda v: v >= 0)
         for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if not _is_int(v) or v <= 0:
-                raise ValueError(f"RefineConfig.{name} must be a positive integer, got {v!r}")
-        if self.plateau_patience is not None and (not _is_int(self.plateau_patience) or self.plateau_patience < 0):
-            raise ValueError(
-                f"RefineConfig.plateau_patience must be an integer >= 0 or None, got {self.plateau_patience!r}"
-            )
+            check_int(f"RefineConfig.{name}", getattr(self, name))
+        check_int("RefineConfig.plateau_patience", self.plateau_patience, 0, optional=True)
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"RefineConfig.seed must be an integer or None, got {self.seed!r}")
 
@@ -742,8 +733,7 @@ def evaluate_detectors(
     torch = _torch()
     cfg = config or RefineConfig()
     cfg.validate()
-    if not _is_int(batch_size) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size)
     Wt, bt = _validate_detectors(W, b)
     D, I = Wt.shape
     source = _Source(X, D)

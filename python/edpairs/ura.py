@@ -72,7 +72,8 @@ import numpy as np
 
 from ._arrays import require_torch
 from ._progress import Progress
-from .refine import PlateauHalving, _is_int, _is_real
+from ._checks import check_int, check_real, is_int
+from .refine import PlateauHalving
 
 __all__ = ["ImageSource", "URAConfig", "URAResult", "align", "entropy", "filter_signal_orthogonality",
            "shift"]
@@ -161,19 +162,13 @@ class URAConfig:
 
     def validate(self) -> None:
         for name in ("unconstrained_epochs", "constrained_epochs", "min_steps"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 0:
-                raise ValueError(f"URAConfig.{name} must be an integer >= 0, got {v!r}")
-        if not _is_int(self.batch_images) or self.batch_images < 1:
-            raise ValueError(f"URAConfig.batch_images must be a positive integer, got {self.batch_images!r}")
+            check_int(f"URAConfig.{name}", getattr(self, name), 0)
+        check_int("URAConfig.batch_images", self.batch_images)
         for name in ("lr_unconstrained", "lr_constrained", "fidelity_scale", "sharpness"):
-            v = getattr(self, name)
-            if not _is_real(v) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"URAConfig.{name} must be a finite number > 0, got {v!r}")
+            check_real(f"URAConfig.{name}", getattr(self, name), "a finite number > 0", lambda v: v > 0)
         for name in ("ura", "orthogonality", "fidelity", "exclusivity"):
-            v = getattr(self, name)
-            if not _is_real(v) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"URAConfig.{name} (a loss weight) must be a finite number >= 0, got {v!r}")
+            check_real(f"URAConfig.{name} (a loss weight)", getattr(self, name), "a finite number >= 0",
+                       lambda v: v >= 0)
         try:
             lo, hi = (float(k) for k in self.kappa)
         except (TypeError, ValueError):
@@ -184,10 +179,8 @@ class URAConfig:
             raise ValueError(f"URAConfig.thresholds must be 'clusters' or 'ura', got {self.thresholds!r}")
         if self.regularizer not in REGULARIZERS:
             raise ValueError(f"URAConfig.regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}")
-        if self.plateau_patience is not None and (not _is_int(self.plateau_patience) or self.plateau_patience < 0):
-            raise ValueError(
-                f"URAConfig.plateau_patience must be an integer >= 0 or None, got {self.plateau_patience!r}")
-        if self.seed is not None and not _is_int(self.seed):
+        check_int("URAConfig.plateau_patience", self.plateau_patience, 0, optional=True)
+        if self.seed is not None and not is_int(self.seed):
             raise ValueError(f"URAConfig.seed must be an integer or None, got {self.seed!r}")
         for cfg in self.stage_configs():
             cfg.validate()
