@@ -1,5 +1,5 @@
 """The GPU benchmark scripts' pieces that run without a GPU: the same-shape cuBLAS rates of
-gpu_ceilings.py on CPU torch, gpu_check.sh's summary read against result files of the layout a
+gpu_ceilings.py on CPU torch, goals.py (gpu_check.sh's summary, and the runs' history) read against result files of the layout a
 device run writes, and its plan (order of steps, time budget, packed results) run with fake
 python3 / nvidia-smi: a broken script would waste a device session's minutes."""
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 
@@ -40,14 +39,6 @@ def test_same_shape_rates_on_the_cpu():
     for bad in ("10,4", "10,0,3", "a,b,c"):
         with pytest.raises(Exception):
             g._shape(bad)
-
-
-def _summary_script() -> str:
-    with open(os.path.join(BENCH, "gpu_check.sh")) as f:
-        text = f.read()
-    match = re.search(r"python3 - \"\$RES\" <<'PY' \| tee -a \"\$OUT/summary.txt\"\n(.*?)\nPY\n", text, re.S)
-    assert match, "gpu_check.sh has no summary block"
-    return match.group(1)
 
 
 def _write(folder, name, data):
@@ -85,8 +76,8 @@ def test_gpu_check_summary_reads_a_device_run(tmp_path):
         (tmp_path / f"{name}.xml").write_text('<testsuites><testsuite tests="5" failures="0" errors="0" skipped="1">'
                                               '</testsuite></testsuites>')
         (tmp_path / f"{name}.rc").write_text(rc + "\n")
-    res = subprocess.run([sys.executable, "-c", _summary_script(), str(tmp_path)], capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run([sys.executable, os.path.join(BENCH, "goals.py"), str(tmp_path)], capture_output=True,
+                         text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
 
@@ -119,6 +110,88 @@ def test_gpu_check_summary_reads_a_device_run(tmp_path):
     assert not any(line.startswith("moments: edpairs-tf32 rate / fp32") for line in lines)
 
 
+def _goals():
+    sys.path.insert(0, BENCH)
+    try:
+        import goals
+    finally:
+        sys.path.remove(BENCH)
+    return goals
+
+
+def _run_files(folder, torch_s, edpairs_s, same=True, tests=None):
+    os.makedirs(folder, exist_ok=True)
+    ceilings = {"copy_GBps": 4000.0, "gemm_tf32_TFLOPs": 400.0, "gemm_bf16_TFLOPs": 800.0, "gemm_fp32_TFLOPs": 50.0}
+    if same:
+        ceilings["same_shape"] = {"kmeans_tf32_TFLOPs": 300.0}
+    _write(folder, "ceilings.json", ceilings)
+    _write(folder, "kmeans_cuda_f32.json", {"results": [
+        {"size": [1000000, 512, 1024], "method": "torch", "median_s": torch_s},
+        {"size": [1000000, 512, 1024], "method": "edpairs", "median_s": edpairs_s},
+        {"size": [1000000, 512, 64], "method": "edpairs", "median_s": 0.001}]})
+    for name, rc in (tests or {}).items():
+        with open(os.path.join(folder, f"{name}.xml"), "w") as f:
+            f.write('<testsuite tests="3" failures="0" errors="0" skipped="0"></testsuite>')
+        with open(os.path.join(folder, f"{name}.rc"), "w") as f:
+            f.write(rc)
+
+
+def test_goal_readings_need_their_ceiling(tmp_path):
+    """A run whose ceilings lack the same-shape rates (older runs) gives no same-shape reading,
+    not a 0.00 that reads as "not met"."""
+    g = _goals()
+    _run_files(str(tmp_path), 0.01, 0.005, same=False)
+    names = [name for name, _, _ in g.goal_rows(g.read_run(str(tmp_path)))]
+    assert "k=1024 f32 edpairs: rate / TF32 GEMM rate" in names
+    assert not any("same-shape" in name for name in names)
+
+
+def test_goals_history_table_and_plot(tmp_path, monkeypatch, capsys):
+    """--history: one column per run folder in run order (a card's folder is its run 1; folders
+    without ceilings.json or not named runN are not runs), "-" where a run lacks a reading, "x"
+    with the reason for a reading known to be misread; --plot writes a PNG (atomically: no
+    temporary left) that is not blank."""
+    g = _goals()
+    results = tmp_path / "results"
+    _run_files(str(results / "h9"), 0.02, 0.01)
+    _run_files(str(results / "h9" / "run10"), 0.02, 0.004, tests={"cuda_tests": "0", "cuda_tests_new": "2"})
+    _run_files(str(results / "h9" / "run2b"), 0.02, 0.008)
+    _run_files(str(results / "a1" / "run2"), 0.02, 0.005)
+    (results / "h9" / "notes").mkdir()
+    _run_files(str(results / "h9" / "old"), 0.02, 0.001)  # (not a run's name)
+    labels, table = g.history(str(results))
+    assert labels == ["h9", "a1/run2", "h9/run2b", "h9/run10"]
+    assert table["2 k=1024 f32 step: torch / edpairs"] == (2.0, [2.0, 4.0, 2.5, 5.0])
+    assert table["3 k=64 f32: one read of X / copy"][1] == [pytest.approx(2.048e9 / 0.001 / 4000e9)] * 4
+    assert table["1 CUDA tests pass (the rest)"] == (1.0, [None, None, None, 1.0])
+    assert table["1 CUDA tests pass (new kernels)"] == (1.0, [None, None, None, 0.0])
+    assert table["4 moments TF32: / same-shape TF32"] == (None, [None] * 4)
+    monkeypatch.setitem(g.MISREAD, ("h9/run2b", "2 k=1024 f32 step: torch / edpairs"), "a test's reason")
+    plot = tmp_path / "goals.png"
+    assert g.main(["--history", "--results", str(results), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    row = next(line for line in out if line.startswith("2 k=1024 f32 step: torch / edpairs"))
+    assert row.split()[-5:] == ["2.00", "2.00", "4.00", "x", "5.00"]
+    assert "x: h9/run2b, 2 k=1024 f32 step: torch / edpairs: a test's reason" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sorted(os.listdir(tmp_path)) == ["goals.png", "results"]
+    from PIL import Image
+
+    with Image.open(plot) as im:
+        assert len(im.convert("RGB").getcolors(1 << 20)) > 3
+
+
+def test_goals_cli_refuses_what_it_cannot_read(tmp_path, capsys):
+    g = _goals()
+    for argv, message in (([], "give one run's folder or --history"),
+                          ([str(tmp_path), "--history"], "give one run's folder or --history"),
+                          ([str(tmp_path), "--plot", "x.png"], "--plot goes with --history"),
+                          ([str(tmp_path / "missing")], "no folder"),
+                          (["--history", "--results", str(tmp_path)], "no run (a folder with ceilings.json)")):
+        with pytest.raises(SystemExit) as exc:
+            g.main(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err, argv
+
+
 _FAKE_PYTHON = """#!/bin/sh
 # python3 for gpu_check.sh without a GPU: the summary, decide.py, the build check and the
 # package probes run for real; every other command is logged (with the faiss library it was
@@ -127,7 +200,7 @@ _FAKE_PYTHON = """#!/bin/sh
 case "$1" in
   -) exec "$REAL_PY" "$@" ;;
   -c) case "$2" in *cuda_device_count*) exit 0 ;; esac; exec "$REAL_PY" "$@" ;;
-  benchmarks/decide.py) exec "$REAL_PY" "$@" ;;
+  benchmarks/decide.py|benchmarks/goals.py) exec "$REAL_PY" "$@" ;;
 esac
 echo "$*${EDPAIRS_FAISS_LIB:+ [EDPAIRS_FAISS_LIB=$EDPAIRS_FAISS_LIB]}" >> "$CALLS"
 for a in "$@"; do
