@@ -6,6 +6,7 @@ the kernel route and the CPU epilogue; the TF32 flag restored after every call."
 from __future__ import annotations
 
 import contextlib
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -454,6 +455,29 @@ def _route_assign(X, C, center=None, row_scale=None, col_scale=None, rows=333, a
     _gemm.assign(X, C, center, row_scale, col_scale, labels, scores, sums, counts, precision=precision, rows=rows,
                  lib=lib())
     return ops.Assignment(labels, scores, sums, counts)
+
+
+def test_assign_knobs_are_the_librarys_reading(monkeypatch):
+    """_gemm.assign_knobs() is the compiled library's own reading of the assignment's knobs (one
+    rule for Python and the CUDA kernels, in every build): defaults, set values (integers as
+    strtol reads them) and the library's refusals."""
+    for name in ("EDPAIRS_ASSIGN_KERNEL", "EDPAIRS_ASSIGN_SUMS", "EDPAIRS_ASSIGN_OVERLAP", "EDPAIRS_WGMMA_PREFETCH",
+                 "EDPAIRS_ASSIGN_SEG_ROWS", "EDPAIRS_ASSIGN_COUNTING"):
+        monkeypatch.delenv(name, raising=False)
+    assert _gemm.assign_knobs() == {"kernel": "auto", "sums": "auto", "overlap": 0, "prefetch": 4, "seg_rows": 256,
+                                    "counting": "auto"}
+    for name, value in (("EDPAIRS_ASSIGN_KERNEL", "wgmma-tma"), ("EDPAIRS_ASSIGN_SUMS", "fused"),
+                        ("EDPAIRS_ASSIGN_OVERLAP", " +07"), ("EDPAIRS_WGMMA_PREFETCH", "0"),
+                        ("EDPAIRS_ASSIGN_SEG_ROWS", "64"), ("EDPAIRS_ASSIGN_COUNTING", "global")):
+        monkeypatch.setenv(name, value)
+    assert _gemm.assign_knobs() == {"kernel": "wgmma-tma", "sums": "fused", "overlap": 7, "prefetch": 0,
+                                    "seg_rows": 64, "counting": "global"}
+    for name, bad in (("EDPAIRS_WGMMA_PREFETCH", "17"), ("EDPAIRS_ASSIGN_SEG_ROWS", "512"),
+                      ("EDPAIRS_ASSIGN_COUNTING", "shared")):
+        with monkeypatch.context() as m:
+            m.setenv(name, bad)
+            with pytest.raises(ValueError, match=f"{name} must be .*got '{bad}'"):
+                _gemm.assign_knobs()
 
 
 @pytest.mark.parametrize("rows", [1, 64, 333, 10_000])
@@ -1749,10 +1773,18 @@ def test_half_assign_knob(monkeypatch):
             # Knobs that only the float32 rows' kernels honour keep them.
             for name, asked in (("EDPAIRS_ASSIGN_KERNEL", "wgmma-tma"), ("EDPAIRS_ASSIGN_SUMS", "columns"),
                                 ("EDPAIRS_ASSIGN_SUMS", "block"), ("EDPAIRS_ASSIGN_OVERLAP", "4"),
-                                ("EDPAIRS_ASSIGN_OVERLAP", " +02"), ("EDPAIRS_ASSIGN_OVERLAP", "2 "),
-                                ("EDPAIRS_ASSIGN_OVERLAP", "x")):  # (as strtol reads them; "2 ", "x": refused there)
+                                ("EDPAIRS_ASSIGN_OVERLAP", " +02")):  # (the library's strtol reads it)
                 m.setenv(name, asked)
                 assert not _gemm.half_labels(X), (name, asked)
+                m.delenv(name)
+            # Values the library refuses are refused here, in its words, before any choice.
+            for name, bad, words in (("EDPAIRS_ASSIGN_OVERLAP", "2 ", "an integer from 0 to 64"),
+                                     ("EDPAIRS_ASSIGN_OVERLAP", "x", "an integer from 0 to 64"),
+                                     ("EDPAIRS_ASSIGN_SUMS", "rows", "'auto', 'columns', 'sorted', 'block' or 'fused'"),
+                                     ("EDPAIRS_ASSIGN_KERNEL", "tma", "'auto', 'mma', 'wgmma' or 'wgmma-tma'")):
+                m.setenv(name, bad)
+                with pytest.raises(ValueError, match=f"{name} must be {re.escape(words)}, got '{bad}'"):
+                    _gemm.half_labels(X)
                 m.delenv(name)
             for name, same in (("EDPAIRS_ASSIGN_KERNEL", "wgmma"), ("EDPAIRS_ASSIGN_SUMS", "sorted"),
                                ("EDPAIRS_ASSIGN_OVERLAP", "1"), ("EDPAIRS_ASSIGN_OVERLAP", "01"),

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "dlpack_view.h"
+#include "edpairs/assign_knobs.h"
 #include "edpairs/errors.h"
 #include "edpairs/ops.h"
 
@@ -599,6 +600,21 @@ py::dict build_info() {
   return info;
 }
 
+// The CUDA assignment's knobs as the library reads them (edpairs/assign_knobs.h; ValueError for a
+// bad value): what edpairs._gemm decides by, so that Python and the kernels follow one rule.
+py::dict assign_knobs() {
+  namespace kn = edpairs::knobs;
+  const kn::SortedKnobs sorted = kn::sorted_knobs();
+  py::dict d;
+  d["kernel"] = kn::name(kn::label_kernel());
+  d["sums"] = kn::name(kn::sums_mode());
+  d["overlap"] = kn::overlap_chunks();
+  d["prefetch"] = kn::wgmma_prefetch();
+  d["seg_rows"] = sorted.seg_rows;
+  d["counting"] = sorted.shared_counting ? "auto" : "global";
+  return d;
+}
+
 int cuda_device_count() {
 #ifdef EDPAIRS_WITH_CUDA
   py::gil_scoped_release nogil;
@@ -627,6 +643,7 @@ PYBIND11_MODULE(_C, m) {
     }
   });
 
+  m.def("assign_knobs", &assign_knobs);
   m.def("assign", &assign, py::arg("x"), py::arg("c"), py::arg("center"), py::arg("row_scale"), py::arg("col_scale"),
         py::arg("labels"), py::arg("scores"), py::arg("sums"), py::arg("counts"), py::arg("check_finite"),
         py::arg("precision"), py::arg("stream"));

@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextvars
 import math
 import os
-import re
 from contextlib import contextmanager
 from typing import Optional
 
@@ -854,9 +853,20 @@ def assign_applies(X, xp, k: int, precision: str, centred: bool = False) -> bool
     return k >= TF32_MIN_K and not wgmma_labels_tf32(X)
 
 
+def assign_knobs() -> dict:
+    """The CUDA assignment's knobs as its library reads them (csrc/include/edpairs/assign_knobs.h,
+    one rule for both sides): ``kernel`` (EDPAIRS_ASSIGN_KERNEL: "auto", "mma", "wgmma" or
+    "wgmma-tma"), ``sums`` (EDPAIRS_ASSIGN_SUMS), ``overlap`` (EDPAIRS_ASSIGN_OVERLAP),
+    ``prefetch`` (EDPAIRS_WGMMA_PREFETCH), ``seg_rows`` (EDPAIRS_ASSIGN_SEG_ROWS) and
+    ``counting`` (EDPAIRS_ASSIGN_COUNTING); a ValueError names a bad value."""
+    from ._backend import lib
+
+    return lib().assign_knobs()
+
+
 def _assign_kernel_knob() -> str:
     """EDPAIRS_ASSIGN_KERNEL, checked: "auto" (unset or empty), "mma", "wgmma" or "wgmma-tma"."""
-    return _env_choice("EDPAIRS_ASSIGN_KERNEL", ("auto", "mma", "wgmma", "wgmma-tma"), "auto")
+    return assign_knobs()["kernel"]
 
 
 def wgmma_labels_tf32(X) -> bool:
@@ -894,20 +904,15 @@ def _float32_row_knobs() -> bool:
     """Whether a knob asks for what only edpairs' kernels on the float32 rows do (the float16
     copies' path labels them and adds the sorted sums after): EDPAIRS_ASSIGN_KERNEL=wgmma-tma,
     EDPAIRS_ASSIGN_SUMS other than auto or sorted, EDPAIRS_ASSIGN_OVERLAP above 1."""
-    overlap = re.fullmatch(r"[ \t\n\v\f\r]*([+-]?[0-9]+)", os.environ.get("EDPAIRS_ASSIGN_OVERLAP", "") or "0")
-    return (_assign_kernel_knob() == "wgmma-tma"
-            or os.environ.get("EDPAIRS_ASSIGN_SUMS", "") not in ("", "auto", "sorted")
-            # (read as the CUDA library's strtol reads it; a value it refuses stands aside too, and
-            # the kernels on the float32 rows name it)
-            or overlap is None or int(overlap.group(1)) > 1)
+    knobs = assign_knobs()
+    return knobs["kernel"] == "wgmma-tma" or knobs["sums"] not in ("auto", "sorted") or knobs["overlap"] > 1
 
 
 def sorted_pass_knobs() -> None:
-    """The sorted sums pass's knobs (EDPAIRS_ASSIGN_SEG_ROWS, EDPAIRS_ASSIGN_COUNTING), checked as
-    the CUDA library checks them, before a route call's labelling runs: a bad value then costs
-    no pass over the rows before cluster_sums refuses it."""
-    _env_choice("EDPAIRS_ASSIGN_SEG_ROWS", ("64", "128", "256"), "256")
-    _env_choice("EDPAIRS_ASSIGN_COUNTING", ("auto", "global"), "auto")
+    """The assignment's knobs (the sorted sums pass's EDPAIRS_ASSIGN_SEG_ROWS and
+    EDPAIRS_ASSIGN_COUNTING among them) checked before a route call's labelling runs: a bad
+    value then costs no pass over the rows before cluster_sums refuses it."""
+    assign_knobs()
 
 
 def _half_knob() -> str:
