@@ -358,6 +358,14 @@ def test_intervene_under_data_parallel_edits_every_share(net):
             got = two_replicas(net)(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert one.calls == 1 and iv.calls == 2 and iv.positions == one.positions // 2
+    # The wrapper itself, its layer named with or without "module." (as capture takes it).
+    wrapped = two_replicas(net)
+    for name in ("features.2", "module.features.2"):
+        with torch.no_grad(), intervene(wrapped, name, pairs, remove=[0], set={2: 0.25}, scale=2.0, gate=False) as w:
+            torch.testing.assert_close(wrapped(x), expected, rtol=1e-5, atol=1e-6)
+        assert w.module is net.features[2] and w.calls == 2
+    with pytest.raises(KeyError, match="no module named 'features.9'"):
+        intervene(wrapped, "features.9", pairs, remove=[0])
 
 
 def test_intervene_diagnostics_nesting_and_exceptions(net):

@@ -39,7 +39,9 @@ def _refuse_script(module) -> None:
 def find_module(model, layer):
     """The submodule of ``model`` at the dotted path ``layer`` (``"_blocks.15"``, ``"layer4"``,
     ``"blocks.8.mlp"``), or ``layer`` itself when it is a module of ``model``; a wrong name
-    raises :class:`LayerNotFound` (a KeyError) listing the closest valid names. A TorchScript
+    raises :class:`LayerNotFound` (a KeyError) listing the closest valid names. Of an
+    ``nn.DataParallel`` or ``DistributedDataParallel`` model, a name without the wrapper's
+    ``"module."`` prefix names the wrapped module's layer too (as capture takes it). A TorchScript
     model is refused: its modules take no forward hooks, which capture and edits rely on."""
     _refuse_script(model)
     if not isinstance(layer, str):
@@ -50,6 +52,8 @@ def find_module(model, layer):
             return layer
         raise TypeError(f"layer must be a dotted module name (str) or a module, got {type(layer).__name__}")
     modules = dict(model.named_modules())
+    if layer not in modules and _parallel_wrapper(model) and f"module.{layer}" in modules:
+        layer = f"module.{layer}"  # (a DataParallel / DistributedDataParallel model: the wrapped module's name)
     if layer in modules:
         _refuse_script(modules[layer])
         return modules[layer]
@@ -69,6 +73,15 @@ def find_module(model, layer):
         f"{type(model).__name__} has no module named {layer!r}{hint}. "
         f"List every name with edpairs.capture.layer_names(model) (or dict(model.named_modules()))"
     )
+
+
+def _parallel_wrapper(model) -> bool:
+    """Whether model is an nn.DataParallel or DistributedDataParallel wrapper (its modules are
+    named "module.<name>")."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    return isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel))
 
 
 def _one_device(model, layer):
