@@ -117,6 +117,38 @@ def write_json(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def load_result(folder: str, name: str):
+    """A device run's JSON file ``name`` under ``folder``, or None where it is missing or
+    unreadable (a step that was skipped or cut short)."""
+    try:
+        with open(os.path.join(folder, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def test_group(folder: str, name: str):
+    """(tests run, skipped, failed or errors, pytest's exit status as written, "?" if absent) of
+    the CUDA test group ``name`` (its junit ``name``.xml and ``name``.rc under ``folder``), or
+    None without a readable junit file. A group stopped by its time limit lists only what
+    finished, so only exit status "0" means that it all passed."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        suite = ET.parse(os.path.join(folder, name + ".xml")).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        n, bad = int(suite.get("tests", 0)), int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+        skipped = int(suite.get("skipped", 0))
+    except (OSError, ET.ParseError, AttributeError):
+        return None
+    try:
+        with open(os.path.join(folder, name + ".rc")) as f:
+            rc = f.read().strip()
+    except OSError:
+        rc = "?"
+    return n, skipped, bad, rc
+
+
 def print_table(rows: List[Dict[str, object]], columns: List[str]) -> None:
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]

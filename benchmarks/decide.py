@@ -18,8 +18,10 @@ import argparse
 import json
 import os
 import sys
-import xml.etree.ElementTree as ET
 from typing import NamedTuple, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import load_result, test_group  # noqa: E402
 
 MARGIN = 0.03
 BIG, SMALL = (1000000, 512, 1024), (1000000, 512, 64)
@@ -32,28 +34,12 @@ class Decision(NamedTuple):
     where: str
 
 
-def _load(res: str, name: str):
-    try:
-        with open(os.path.join(res, name)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def new_kernel_tests_pass(res: str) -> tuple[bool, str]:
     """Whether the new kernels' test group ran clean, and what was seen."""
-    try:
-        root = ET.parse(os.path.join(res, "cuda_tests_new.xml")).getroot()
-        suite = root if root.tag == "testsuite" else root.find("testsuite")
-        n = int(suite.get("tests", 0))
-        bad = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
-    except (OSError, ET.ParseError, AttributeError):
+    group = test_group(res, "cuda_tests_new")
+    if group is None:
         return False, "no cuda_tests_new.xml"
-    try:
-        with open(os.path.join(res, "cuda_tests_new.rc")) as f:
-            rc = f.read().strip()
-    except OSError:
-        rc = "?"
+    n, _, bad, rc = group
     ok = n > 0 and bad == 0 and rc == "0"
     return ok, f"new-kernel tests: {n} run, {bad} failed, exit status {rc}"
 
@@ -61,14 +47,14 @@ def new_kernel_tests_pass(res: str) -> tuple[bool, str]:
 def _kmeans_rows(res: str) -> dict:
     rows = {}
     for name in ("kmeans_cuda_f32.json", "kmeans_cuda_k64.json", "kmeans_cuda_half.json"):
-        for x in (_load(res, name) or {}).get("results", []):
+        for x in (load_result(res, name) or {}).get("results", []):
             if "median_s" in x:
                 rows[(tuple(x["size"]), x["method"])] = x
     return rows
 
 
 def _moments_rows(res: str) -> dict:
-    return {(x["op"], x["method"]): x for x in (_load(res, "moments_cuda.json") or {}).get("results", [])
+    return {(x["op"], x["method"]): x for x in (load_result(res, "moments_cuda.json") or {}).get("results", [])
             if "median_s" in x}
 
 

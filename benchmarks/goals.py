@@ -15,24 +15,18 @@ readings only ("-" where a run has no such file or row). Nothing here needs a GP
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
-import xml.etree.ElementTree as ET
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import load_result as _load  # noqa: E402
+from _common import test_group  # noqa: E402
 
 BIG, SMALL = (1000000, 512, 1024), (1000000, 512, 64)
 KMEANS_FLOPS = 2 * 1e6 * 512 * 1024
 X_BYTES = 1e6 * 512 * 4  # one read of the float32 rows at N = 1M, D = 512
 TEST_GROUPS = (("cuda_tests_new", "new kernels"), ("cuda_tests", "the rest"))
-
-
-def _load(folder: str, name: str):
-    try:
-        with open(os.path.join(folder, name)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def _kmeans(folder: str, name: str) -> dict:
@@ -55,24 +49,11 @@ def read_run(folder: str) -> dict:
     f32 = _kmeans(folder, "kmeans_cuda_f32.json")
     f32.update(_kmeans(folder, "kmeans_cuda_k64.json"))
     f32.update(_kmeans(folder, "kmeans_cuda_half.json"))
-    tests = {}
-    for name, _ in TEST_GROUPS:
-        try:
-            suite = ET.parse(os.path.join(folder, name + ".xml")).getroot()
-            suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-            n, bad = int(suite.get("tests", 0)), int(suite.get("failures", 0)) + int(suite.get("errors", 0))
-            skipped = int(suite.get("skipped", 0))
-        except (OSError, ET.ParseError, AttributeError):
-            continue
-        try:  # pytest's exit status: a group stopped by its time limit lists only what finished
-            with open(os.path.join(folder, name + ".rc")) as f:
-                rc = f.read().strip()
-        except OSError:
-            rc = "?"
-        tests[name] = (n, skipped, bad, rc)
+    tests = {name: test_group(folder, name) for name, _ in TEST_GROUPS}
     return {"folder": folder, "ceilings": c, "same": c.get("same_shape") or {}, "f32": f32,
             "b16": _kmeans(folder, "kmeans_cuda_bf16.json"), "faiss": _kmeans(folder, "kmeans_cuda_faiss.json"),
-            "moments": _load(folder, "moments_cuda.json") or {}, "tests": tests,
+            "moments": _load(folder, "moments_cuda.json") or {},
+            "tests": {name: group for name, group in tests.items() if group is not None},
             "stream": {x["method"]: x for x in (_load(folder, "stream_cuda.json") or {}).get("results", [])}}
 
 

@@ -18,13 +18,19 @@ BENCH = os.path.join(ROOT, "benchmarks")
 RATE_KEYS = ("kmeans_tf32", "kmeans_bf16", "gram_tf32", "gram_fp32", "signal_tf32", "signal_fp32")
 
 
-def _ceilings():
+def _script(name: str):
+    """The benchmark script ``name`` (benchmarks/<name>.py) imported as a module."""
+    import importlib
+
     sys.path.insert(0, BENCH)
     try:
-        import gpu_ceilings
+        return importlib.import_module(name)
     finally:
         sys.path.remove(BENCH)
-    return gpu_ceilings
+
+
+def _ceilings():
+    return _script("gpu_ceilings")
 
 
 def test_same_shape_rates_on_the_cpu():
@@ -111,12 +117,7 @@ def test_gpu_check_summary_reads_a_device_run(tmp_path):
 
 
 def _goals():
-    sys.path.insert(0, BENCH)
-    try:
-        import goals
-    finally:
-        sys.path.remove(BENCH)
-    return goals
+    return _script("goals")
 
 
 def _run_files(folder, torch_s, edpairs_s, same=True, tests=None):
@@ -361,12 +362,7 @@ def _decide_run(folder, tests_rc="0", failures=0):
 
 
 def _verdicts(folder):
-    sys.path.insert(0, BENCH)
-    try:
-        import decide
-    finally:
-        sys.path.remove(BENCH)
-    return {d.knob.split(" (")[0]: d for d in decide.decisions(str(folder))}
+    return {d.knob.split(" (")[0]: d for d in _script("decide").decisions(str(folder))}
 
 
 def test_decide_flips_only_faster_accurate_tested_candidates(tmp_path):
