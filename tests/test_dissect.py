@@ -137,11 +137,11 @@ def test_bad_arguments_are_named_not_numpy_errors():
         ds.dissect(maps, masks, rule="given", thresholds=[0.1, 0.2])
     with pytest.raises(ValueError, match=r"one per detector \(3\)"):
         ds.iou_matrix(maps, masks, [0.1, 0.2])
-    with pytest.raises(ValueError, match=r"fit must index the 6 images \(0..5\), got values in \[0, 99\]"):
+    with pytest.raises(ValueError, match=r"fit must lie in \[0, 6\) \(6 images\), got values from 0 to 99"):
         ds.dissect(maps, masks, fit=[0, 99])
     with pytest.raises(ValueError, match="fit must be integer indices"):
         ds.dissect(maps, masks, fit=[0.5, 2.0])
-    with pytest.raises(ValueError, match="images must index the 6 images"):
+    with pytest.raises(ValueError, match=r"images must lie in \[0, 6\) \(6 images\)"):
         ds.iou_matrix(maps, masks, [0.0] * 3, images=[10])
     for name, value in (("bins", 0), ("bins", 2.5), ("batch_size", 0)):
         with pytest.raises(ValueError, match=f"{name} must be a positive integer"):

@@ -25,6 +25,26 @@ def check_int(name: str, value, minimum: int = 1, *, optional: bool = False) -> 
         raise ValueError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r}")
 
 
+def check_indices(v, name: str, size: int, of: str, *, mask: bool = False) -> np.ndarray:
+    """``v`` as 1-D int64 indices in [0, size) of ``size`` ``of`` (no wrap-around of negatives),
+    else a ValueError naming it; with ``mask``, a boolean mask of the ``size`` items stands for
+    the indices it holds."""
+    a = np.asarray(v)
+    if mask and a.dtype == bool:
+        if a.shape != (size,):
+            raise ValueError(f"{name} must be a boolean mask of the {size} {of} or indices, got shape {a.shape}")
+        return np.flatnonzero(a).astype(np.int64)
+    if a.size and a.dtype.kind not in "iu":
+        either = " (or a boolean mask)" if mask else ""
+        raise ValueError(f"{name} must be integer indices{either}, got dtype {a.dtype}")
+    a = a.astype(np.int64).reshape(-1) if a.ndim <= 1 else a
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+    if a.size and (a.min() < 0 or a.max() >= size):
+        raise ValueError(f"{name} must lie in [0, {size}) ({size} {of}), got values from {a.min()} to {a.max()}")
+    return a
+
+
 def check_fitted(pairs, attrs) -> None:
     """``pairs`` has the fitted attributes ``attrs`` (not None), else a ValueError naming the
     missing ones: one check and one wording for every function that takes fitted pairs."""

@@ -29,7 +29,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from ._checks import check_int, is_int
+from ._checks import check_indices, check_int, is_int
 
 __all__ = ["Dissection", "dissect", "iou_matrix", "s_scores", "upsample"]
 
@@ -146,7 +146,7 @@ def iou_matrix(maps, masks, thresholds, images=None, *, batch_size: int = 16) ->
     maps = _as_maps(maps)
     masks = np.asarray(masks, dtype=bool)
     _check(maps, masks, batch_size)
-    images = np.arange(len(maps)) if images is None else _image_indices(images, len(maps))
+    images = np.arange(len(maps)) if images is None else check_indices(images, "images", len(maps), "images", mask=True)
     return _iou(maps, masks, _thresholds(thresholds, maps.shape[3]), images, batch_size)
 
 
@@ -176,21 +176,6 @@ def _thresholds(thresholds, K: int) -> np.ndarray:
     if np.isnan(t).any():
         raise ValueError("thresholds must be numbers, got NaN")
     return np.broadcast_to(t, (K,)).copy()
-
-
-def _image_indices(images, n: int, name: str = "images") -> np.ndarray:
-    """Integer indices of images in [0, n) (a boolean mask of the n images too)."""
-    a = np.asarray(images)
-    if a.dtype == bool:
-        if a.shape != (n,):
-            raise ValueError(f"{name} must be a boolean mask of the {n} images or indices, got shape {a.shape}")
-        return np.flatnonzero(a)
-    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
-        raise ValueError(f"{name} must be integer indices of the {n} images (or a boolean mask), got "
-                         f"{a.dtype} of shape {a.shape}")
-    if a.size and (a.min() < 0 or a.max() >= n):
-        raise ValueError(f"{name} must index the {n} images (0..{n - 1}), got values in [{a.min()}, {a.max()}]")
-    return a.astype(np.int64)
 
 
 def _histograms(maps, masks, lo, hi, bins, images, batch_size):
@@ -238,7 +223,7 @@ def dissect(maps, masks, concepts: Optional[Sequence[str]] = None, *, rule: str 
         fit_mask = np.arange(n) % 2 == 0
     else:
         fit_mask = np.zeros(n, bool)
-        fit_mask[_image_indices(fit, n, "fit")] = True
+        fit_mask[check_indices(fit, "fit", n, "images", mask=True)] = True
     fit_idx, score_idx = np.flatnonzero(fit_mask), np.flatnonzero(~fit_mask)
     if len(fit_idx) == 0 or len(score_idx) == 0:
         raise ValueError(f"both halves need images: {len(fit_idx)} fit, {len(score_idx)} score")

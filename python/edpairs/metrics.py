@@ -10,6 +10,8 @@ import weakref
 
 import numpy as np
 
+from ._checks import check_indices
+
 __all__ = ["cosines", "data_span", "iou", "latent_rmse", "match", "match_detectors", "recovery"]
 
 # Spans of SyntheticLayer.X already computed (one covariance pass over X each), per layer.
@@ -36,19 +38,6 @@ def _finite(x, name):
         raise ValueError(f"{name} must be finite, got {int(np.sum(~np.isfinite(x)))} NaN or Inf values "
                          f"in an array of shape {x.shape}")
     return x
-
-
-def _indices(v, name, size, of):
-    """v as a 1-D int64 array of indices in [0, size) (no wrap-around of negatives)."""
-    a = np.asarray(v)
-    if a.size and a.dtype.kind not in "iu":
-        raise ValueError(f"{name} must be integer indices, got dtype {a.dtype}")
-    a = a.astype(np.int64).reshape(-1) if a.ndim <= 1 else a
-    if a.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
-    if a.size and (a.min() < 0 or a.max() >= size):
-        raise ValueError(f"{name} must lie in [0, {size}) ({size} {of}), got values from {a.min()} to {a.max()}")
-    return a
 
 
 def _masks(x, name):
@@ -228,8 +217,8 @@ def latent_rmse(alpha_hat, alpha_true, rows=None, cols=None, *, center=True) -> 
         rows = cols = np.arange(a.shape[1])
     elif rows is None or cols is None:
         raise ValueError("give both rows and cols, or neither")
-    rows = _indices(rows, "rows", a.shape[1], "columns in alpha_hat")
-    cols = _indices(cols, "cols", t.shape[1], "columns in alpha_true")
+    rows = check_indices(rows, "rows", a.shape[1], "columns in alpha_hat")
+    cols = check_indices(cols, "cols", t.shape[1], "columns in alpha_true")
     if rows.shape != cols.shape:
         raise ValueError(f"rows and cols must be 1-D of the same length, got {rows.size} and {cols.size}")
     if rows.size == 0 or a.shape[0] == 0:
@@ -318,8 +307,8 @@ def recovery(layer, *, decoding=None, encoding=None, detections=None, latent=Non
 
     if isinstance(match_by, (tuple, list)) and len(match_by) == 2:
         n_est = next(iter(counts.values()))
-        rows = _indices(match_by[0], "match_by rows", n_est, "estimated concepts")
-        cols = _indices(match_by[1], "match_by cols", n_true, "true concepts in layer")
+        rows = check_indices(match_by[0], "match_by rows", n_est, "estimated concepts")
+        cols = check_indices(match_by[1], "match_by cols", n_true, "true concepts in layer")
         if rows.shape != cols.shape:  # checked before the reordering below, which would drop the extra
             raise ValueError(f"match_by: rows and cols must have the same length, got {rows.size} and {cols.size}")
         if len(set(cols.tolist())) != cols.size or len(set(rows.tolist())) != rows.size:
