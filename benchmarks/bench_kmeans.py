@@ -58,6 +58,9 @@ user would pick instead, in the same run on the same data.
   edpairs-fit5  the same with max_iter=4: five passes, reported per pass, so that what a fit
                makes once (the first pass's checks, the float16 copies of the rows) is spread
                as over a longer fit
+  edpairs-fit5-half  edpairs-fit5 with EDPAIRS_ASSIGN_HALF_SMALL_K=1 and EDPAIRS_ASSIGN_KERNEL=wgmma:
+               below k = 129 too, the fit labels every pass from float16 copies of its rows made
+               once (half the bytes read a pass), on the wgmma kernel (skipped where it does not run)
   faiss    faiss.Kmeans(d, k, spherical=True, niter=1).train on faiss-cpu. With --device cuda
            faiss's GPU k-means through benchmarks/_faiss_gpu.py (faiss::Clustering with a
            GpuIndexFlatIP, rows on the host as faiss.Kmeans(gpu=True) keeps them; the library made by
@@ -168,8 +171,11 @@ def run_edpairs_fit(X, C0, device, dtype, max_iter=1):
     the labels checked are ops.assign's of the same dispatch."""
     import edpairs as edp
 
+    from edpairs import _gemm
+
     Xd, Cd = _on_device(X, C0, device, dtype)
-    res = edp.ops.assign(Xd[:CHECK_ROWS], Cd, precision="tf32")
+    with _gemm.keep_half_rows([Xd]):  # (as within the fit: rows whose float16 copies it would keep)
+        res = edp.ops.assign(Xd[:CHECK_ROWS], Cd, precision="tf32")
     labels = res.labels.cpu().numpy() if hasattr(res.labels, "cpu") else np.asarray(res.labels)
     return kmeans_fit_step(edp, Xd, C0, max_iter), labels, {"passes_per_call": max_iter + 1}
 
@@ -329,6 +335,7 @@ METHODS = {"edpairs": run_edpairs, "edpairs-labels": run_edpairs_labels, "edpair
            "edpairs-wgmma": run_edpairs, "edpairs-wgmma-tma": run_edpairs, "edpairs-fused-wgmma": run_edpairs,
            "edpairs-mma-sorted": run_edpairs, "edpairs-wgmma-columns": run_edpairs, "edpairs-half": run_edpairs,
            "edpairs-half-copies": run_edpairs, "edpairs-tf32-rows": run_edpairs, "edpairs-fit": run_edpairs_fit, "edpairs-fit5": run_edpairs_fit5,
+           "edpairs-fit5-half": run_edpairs_fit5,
            "edpairs-seg128": run_edpairs, "edpairs-seg64": run_edpairs, "faiss": run_faiss,
            "faiss-search": run_faiss_search, "torch": run_torch}
 GEMM = {"EDPAIRS_GEMM_ROUTE": "gemm"}
@@ -348,7 +355,8 @@ METHOD_ENV = {"edpairs-gemm": GEMM,
               "edpairs-half-copies": {"EDPAIRS_ASSIGN_HALF": "copies"},
               "edpairs-tf32-rows": {"EDPAIRS_ASSIGN_HALF": "0"},
               "edpairs-seg128": {"EDPAIRS_ASSIGN_SEG_ROWS": "128"},
-              "edpairs-seg64": {"EDPAIRS_ASSIGN_SEG_ROWS": "64"}}
+              "edpairs-seg64": {"EDPAIRS_ASSIGN_SEG_ROWS": "64"},
+              "edpairs-fit5-half": {"EDPAIRS_ASSIGN_HALF_SMALL_K": "1", "EDPAIRS_ASSIGN_KERNEL": "wgmma"}}
 
 
 def wgmma_unavailable(device: str) -> str | None:
@@ -383,7 +391,8 @@ def cached_data(N: int, D: int, k: int, seed: int):
 
 def worker(args) -> None:
     N, D, k = args.size
-    if args.worker.startswith("edpairs-wgmma") and (why := wgmma_unavailable(args.device)):
+    wgmma = args.worker.startswith("edpairs-wgmma") or METHOD_ENV.get(args.worker, {}).get("EDPAIRS_ASSIGN_KERNEL") == "wgmma"
+    if wgmma and (why := wgmma_unavailable(args.device)):
         print(json.dumps({"skipped": why}))
         return
     X, C0 = cached_data(N, D, k, seed=args.seed)

@@ -121,6 +121,10 @@ def decisions(res: str) -> list[Decision]:
         _judge("wgmma labels below k = 129 + owned-column sums (k = 64)",
                "kWgmmaAutoMinK (csrc/include/edpairs/ops.h) and columns_apply's auto (csrc/cuda/assign_tc_cuda.cu)",
                [("k=64", k(SMALL, "edpairs-wgmma-columns"), k(SMALL, "edpairs"))], tests, _labels_ok),
+        _judge("EDPAIRS_ASSIGN_HALF_SMALL_K=1 on wgmma (a fit below k = 129 labelled from float16 copies made once, k = 64)",
+               "python/edpairs/_gemm.py _small_k_knob()'s default, and the kernel 16-bit rows take below "
+               "kWgmmaAutoMinK (csrc/include/edpairs/ops.h)",
+               [("k=64 fit", k(SMALL, "edpairs-fit5-half"), k(SMALL, "edpairs-fit5"))], tests, _labels_ok),
         _judge("EDPAIRS_ASSIGN_SUMS=fused on wgmma (k = 64)",
                "sums_mode()'s auto for k <= 64 (csrc/cuda/assign_tc_cuda.cu)",
                [("k=64 vs default", k(SMALL, "edpairs-fused-wgmma"), k(SMALL, "edpairs")),

@@ -85,7 +85,7 @@ def goal_rows(run: dict) -> list:
         e = _t(b16, BIG, method)
         if e and tt:
             add(f"k=1024 bf16 {method}: torch bf16 / edpairs time", tt / e, 1.5)
-    for method in ("edpairs", "edpairs-fit", "edpairs-fit5", "edpairs-wgmma-columns", "edpairs-fused-wgmma",
+    for method in ("edpairs", "edpairs-fit", "edpairs-fit5", "edpairs-fit5-half", "edpairs-wgmma-columns", "edpairs-fused-wgmma",
                    "edpairs-mma-sorted", "edpairs-gemm", "edpairs-kernel", "edpairs-fused", "edpairs-wgmma"):
         e = _t(f32, SMALL, method)
         if e:

@@ -326,8 +326,8 @@ def _decide_run(folder, tests_rc="0", failures=0):
     """Result files of a device run in which the float16 rows in shared memory beat the default
     (the copies), the float32 rows do not, the segmented sums in blocks of 128 win at both k
     and those of 64 at k = 1024 only, the k = 64 wgmma labels win with the sorted sums and
-    are faster but label worse with the owned columns, the
-    fused row is missing, the moments' TF32 operands beat their float16 default and the float16
+    are faster but label worse with the owned columns, the small-k fit from kept float16 copies
+    wins, the fused row is missing, the moments' TF32 operands beat their float16 default and the float16
     signal moments lose, the full
     exact product beats the default triangle, the triangle loses for TF32 products."""
     size, small = [1000000, 512, 1024], [1000000, 512, 64]
@@ -336,7 +336,8 @@ def _decide_run(folder, tests_rc="0", failures=0):
         return {"size": size, "method": method, "median_s": s, "label_agreement_2e-3": agree}
 
     _write(folder, "kmeans_cuda_f32.json", {"results": [km(size, "edpairs", 0.0063), km(size, "torch", 0.0114),
-                                                        km(small, "edpairs", 0.00266)]})
+                                                        km(small, "edpairs", 0.00266),
+                                                        km(small, "edpairs-fit5", 0.0024)]})
     _write(folder, "kmeans_cuda_half.json", {"results": [km(size, "edpairs-half", 0.0040, 0.9991),
                                                          km(size, "edpairs-tf32-rows", 0.0062),
                                                          km(size, "edpairs-seg128", 0.0060),
@@ -345,6 +346,7 @@ def _decide_run(folder, tests_rc="0", failures=0):
                                                         km(small, "edpairs-wgmma-columns", 0.0015, 0.9900),
                                                         km(small, "edpairs-seg128", 0.00250),
                                                         km(small, "edpairs-seg64", 0.00264),
+                                                        km(small, "edpairs-fit5-half", 0.0016, 0.9992),
                                                         {"size": small, "method": "edpairs-fused-wgmma",
                                                          "error": "RuntimeError: ..."}]})
 
@@ -377,6 +379,8 @@ def test_decide_flips_only_faster_accurate_tested_candidates(tmp_path):
     columns = v["wgmma labels below k = 129 + owned-column sums"]
     assert columns.verdict == "keep" and "less accurate" in columns.detail and "not 3% faster" not in columns.detail
     assert v["EDPAIRS_ASSIGN_SUMS=fused on wgmma"].verdict == "not measured"
+    small_k = v["EDPAIRS_ASSIGN_HALF_SMALL_K=1 on wgmma"]
+    assert small_k.verdict == "FLIP" and "k=64 fit: 1.60 vs 2.40 ms" in small_k.detail
     assert v["EDPAIRS_GEMM_HALF=0 for the moments"].verdict == "FLIP"  # TF32 operands won back
     signal = v["EDPAIRS_GEMM_HALF=signal"]
     assert signal.verdict == "keep" and "not 3% faster" in signal.detail
@@ -394,7 +398,7 @@ def test_decide_flips_only_faster_accurate_tested_candidates(tmp_path):
     assert "fastest moments tf32 row: edpairs-tf32-nohalf 3.10 ms" in res.stdout
     assert "default lives in: python/edpairs/_gemm.py half_labels()' auto" in res.stdout
     assert "default lives in: python/edpairs/_gemm.py GRAM_DEFAULT['float32']" in res.stdout
-    assert [d["verdict"] for d in json.loads(out.read_text())["decisions"]].count("FLIP") == 5
+    assert [d["verdict"] for d in json.loads(out.read_text())["decisions"]].count("FLIP") == 6
 
 
 @pytest.mark.parametrize("rc,failures", [("0", 1), ("2", 0)])

@@ -105,6 +105,37 @@ def test_cuda_fit_makes_float16_rows_once(monkeypatch):
     torch.testing.assert_close(fits[True].cluster_centers_, fits[False].cluster_centers_, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "wgmma"])
+def test_cuda_small_k_fit_labels_float16_rows_kept(kernel, monkeypatch):
+    """EDPAIRS_ASSIGN_HALF_SMALL_K=1: a TF32 fit at k = 64 copies its rows to float16 once and
+    labels every pass from the copies (the 16-bit mma kernel, or wgmma where asked and on
+    Hopper), with the fit of the float32 rows up to near ties."""
+    import torch
+    from _helpers import make_centroids, make_rows
+
+    from edpairs import _gemm, ops
+    from test_gemm_route import _CountingLib
+
+    rng = np.random.default_rng(1)
+    C0 = make_centroids(rng, 64, 64)
+    X = torch.from_numpy(make_rows(rng, 30000, 64, C=C0)).cuda()
+    monkeypatch.setattr(ops, "DEFAULT_PRECISION", "tf32")
+    monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", kernel)
+    monkeypatch.delenv("EDPAIRS_ASSIGN_HALF", raising=False)
+    if _gemm.wgmma_unavailable(X.device) is not None:
+        pytest.skip("the float16 copies' default ('auto') labels only where the wgmma kernels run")
+    fits = {}
+    for knob in ("0", "1"):
+        monkeypatch.setenv("EDPAIRS_ASSIGN_HALF_SMALL_K", knob)
+        with monkeypatch.context() as m:
+            counting = _CountingLib()
+            m.setattr(ops, "lib", lambda: counting)
+            fits[knob] = edp.SphericalKMeans(64, init=C0, max_iter=3, tol=0, progress=False).fit(X)
+        assert counting.copied.count(tuple(X.shape)) == (1 if knob == "1" else 0), counting.copied
+    assert (fits["1"].labels_ == fits["0"].labels_).float().mean().item() > 0.99
+    torch.testing.assert_close(fits["1"].cluster_centers_, fits["0"].cluster_centers_, rtol=0, atol=1e-2)
+
+
 def test_cuda_copies_through_pinned_memory():
     """to_numpy64 / to_host / on_device_of stage torch GPU copies of 1 to 64 MiB in pinned host
     memory: the same values as torch's own copies (float64, int64, bfloat16, strided; and a

@@ -1810,6 +1810,62 @@ def test_half_assign_knob(monkeypatch):
     assert not _gemm.half_assign_applies(X, cuda_torch, 200, "float32", None, None, None)
 
 
+def test_small_k_takes_the_kept_copies_only_when_asked(monkeypatch):
+    """Below TF32_MIN_K the float16 copies apply only with EDPAIRS_ASSIGN_HALF_SMALL_K=1 and only
+    to rows whose copies a fit keeps (keep_half_rows; their copies are then made, once): never a
+    copy per call; k >= TF32_MIN_K as before; a bad value refused, naming the values."""
+    X, other = torch.zeros((40, 8)), torch.zeros((40, 8))
+    cuda_torch = SimpleNamespace(name="torch", is_cuda=lambda a: True, dtype_name=lambda a: "float32")
+    monkeypatch.delenv("EDPAIRS_ASSIGN_HALF", raising=False)
+    monkeypatch.delenv("EDPAIRS_GEMM_ROUTE", raising=False)
+    monkeypatch.setattr(_gemm, "wgmma_labels_tf32", lambda rows: True)
+
+    def applies(rows, k):
+        return _gemm.half_assign_applies(rows, cuda_torch, k, "tf32", None, None, None)
+
+    for knob in (None, "0", "1"):
+        if knob is None:
+            monkeypatch.delenv("EDPAIRS_ASSIGN_HALF_SMALL_K", raising=False)
+        else:
+            monkeypatch.setenv("EDPAIRS_ASSIGN_HALF_SMALL_K", knob)
+        assert applies(X, _gemm.TF32_MIN_K) and not applies(X, 64)
+        with _gemm.keep_half_rows([X]):
+            assert applies(X, 64) is (knob == "1") and not applies(other, 64)
+            kept = _gemm._KEPT.get().copies
+            assert len(kept) == (1 if knob == "1" else 0)  # (made for the rows asked about: kept for the fit)
+        assert not applies(X, 64)
+    with _gemm.keep_half_rows([X], budget=2 * 40 * 8 - 1):  # no room to keep them: the float32 rows
+        assert not applies(X, 64)
+    monkeypatch.setenv("EDPAIRS_ASSIGN_HALF_SMALL_K", "yes")
+    with pytest.raises(ValueError, match="EDPAIRS_ASSIGN_HALF_SMALL_K must be '0' or '1', got 'yes'"):
+        applies(X, 64)
+    assert applies(X, _gemm.TF32_MIN_K)  # (read only below TF32_MIN_K)
+
+
+def test_a_small_k_fit_labels_from_kept_copies(rng, monkeypatch):
+    """With EDPAIRS_ASSIGN_HALF_SMALL_K=1 a fit at k = 64 copies its rows to float16 once and
+    labels every pass from the copies (CPU tensors taken for CUDA ones; the CPU labels float16
+    values exactly), with the fit of the float32 rows' labels where no row lies near a tie."""
+    monkeypatch.setattr(ops, "DEFAULT_PRECISION", "tf32")
+    monkeypatch.setattr(_gemm, "wgmma_labels_tf32", lambda rows: True)
+    monkeypatch.delenv("EDPAIRS_ASSIGN_HALF", raising=False)
+    monkeypatch.delenv("EDPAIRS_GEMM_ROUTE", raising=False)
+    C0 = make_centroids(rng, 64, 24)
+    X = t(make_rows(rng, 3000, 24, C=C0))
+    fits = {}
+    for knob in ("0", "1"):
+        monkeypatch.setenv("EDPAIRS_ASSIGN_HALF_SMALL_K", knob)
+        with monkeypatch.context() as m:
+            counting = _CountingLib()
+            m.setattr(ops, "lib", lambda: counting)
+            m.setattr(Namespace, "is_cuda", lambda self, a: self.name == "torch")
+            fits[knob] = edpairs.SphericalKMeans(64, init=C0, max_iter=3, tol=0, progress=False).fit(X)
+        passes = fits[knob].n_iter_ + 1
+        assert counting.copied.count(tuple(X.shape)) == (1 if knob == "1" else 0), counting.copied
+        assert counting.copied.count(tuple(C0.shape)) == (passes if knob == "1" else 0), counting.copied
+    assert (fits["1"].labels_ == fits["0"].labels_).float().mean() > 0.99
+
+
 def test_assign_binding_takes_tf32_half_on_the_cpu_as_exact(rng):
     """The binding's "tf32-half" (the one-kernel float16 rows, CUDA only) is, like "tf32", a
     choice of CUDA arithmetic: the CPU, exact float32 always, gives what "float32" gives; an

@@ -930,14 +930,38 @@ def half_resident_applies(X) -> bool:
 
 def half_assign_applies(X, xp, k: int, precision: str, center, row_scale, col_scale) -> bool:
     """Whether ops.assign takes half_assign: a torch CUDA float32 X with rows, TF32 products, k >=
-    TF32_MIN_K (below it X's one read dominates, and the copy would add to it) and the cosine's
-    own scales (no center, row_scale or col_scale), with EDPAIRS_GEMM_ROUTE unset or "auto"
-    ("gemm" asks for the route and its near-tie re-score, "kernel" for edpairs' float32
+    TF32_MIN_K (below it X's one read dominates, and the copy would add to it; with
+    EDPAIRS_ASSIGN_HALF_SMALL_K=1 rows whose copies a fit keeps too, _small_k_kept) and the
+    cosine's own scales (no center, row_scale or col_scale), with EDPAIRS_GEMM_ROUTE unset or
+    "auto" ("gemm" asks for the route and its near-tie re-score, "kernel" for edpairs' float32
     kernels), where half_labels(X) says so (EDPAIRS_ASSIGN_HALF)."""
     knob = _half_knob()
-    return (knob != "0" and precision == "tf32" and k >= TF32_MIN_K and xp.name == "torch" and xp.is_cuda(X)
-            and xp.dtype_name(X) == "float32" and X.shape[0] > 0 and center is None and row_scale is None
-            and col_scale is None and _knob() == "auto" and (knob != "auto" or _half_auto(X)))
+    small = k < TF32_MIN_K
+    return (knob != "0" and precision == "tf32" and (not small or _small_k_knob()) and xp.name == "torch"
+            and xp.is_cuda(X) and xp.dtype_name(X) == "float32" and X.shape[0] > 0 and center is None
+            and row_scale is None and col_scale is None and _knob() == "auto"
+            and (knob != "auto" or _half_auto(X)) and (not small or _small_k_kept(X)))
+
+
+def _small_k_knob() -> bool:
+    """EDPAIRS_ASSIGN_HALF_SMALL_K: "1" (opt-in) labels a fit's rows below TF32_MIN_K from their
+    kept float16 copies too (_small_k_kept); "0" (the default) or unset, not."""
+    return _env_choice("EDPAIRS_ASSIGN_HALF_SMALL_K", ("0", "1"), "0") == "1"
+
+
+def _small_k_kept(X) -> bool:
+    """Whether the float16 copies of X are kept (keep_half_rows: a fit's rows, made once per
+    fit), which EDPAIRS_ASSIGN_HALF_SMALL_K=1 asks to label from below TF32_MIN_K too: half the
+    bytes of X read a pass, where at small k the labelling is bound by that read (H200 run 6b,
+    k = 64, 1M x 512: the float32 rows' labels 1.08 ms of a 2.75 ms step). Only kept copies:
+    a copy per call would cost more than it saves. Opt-in until a GPU run times it
+    (benchmarks/results/h100/NOTES.md, version 20)."""
+    kept = _KEPT.get()
+    if kept is None:
+        return False
+    from ._arrays import Namespace
+
+    return kept.copies_of(X, Namespace("torch").stream(X)) is not None
 
 
 def _version(X) -> int:
