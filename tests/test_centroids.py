@@ -134,6 +134,20 @@ def test_empty_cluster_keeps_previous_centroid_normalised(xp, rng):
     check_kmeans_step((centroids, labels, counts), X, C)
 
 
+@pytest.mark.parametrize("scale", [1e20, 1e-20])
+def test_an_empty_clusters_centroid_keeps_its_direction_at_any_magnitude(xp, rng, scale):
+    """Centroids whose float32 squares overflow (1e20) or underflow (1e-20): an empty cluster's
+    centroid comes back as its unit direction, as the reference has it (its squares overflowed
+    and it came back as zeros)."""
+    X = rng.standard_normal((2, 8)).astype(np.float32)
+    C = (rng.standard_normal((4, 8)) * scale).astype(np.float32)
+    centroids, labels, counts = (to_numpy(a) for a in ops.spherical_kmeans_step(as_lib(X, xp), as_lib(C, xp)))
+    want, _, want_counts = ref.spherical_kmeans_step(X, C)
+    np.testing.assert_array_equal(counts, want_counts)
+    assert (counts == 0).any()
+    np.testing.assert_allclose(centroids, want, rtol=1e-6, atol=1e-6)
+
+
 def test_zero_centroid_stays_zero_when_empty(xp, rng):
     X = (np.abs(rng.standard_normal((50, 4))) + 0.1).astype(np.float32)
     C = np.stack([np.ones(4), np.zeros(4), -np.ones(4)]).astype(np.float32)

@@ -430,6 +430,21 @@ def test_the_lowest_scores_are_picked_only_when_a_cluster_empties(rng, monkeypat
         np.testing.assert_array_equal(got.counts_, want.counts_)
 
 
+@pytest.mark.parametrize("scale", [1e300, 1e-200])
+def test_init_centroids_of_any_magnitude_are_their_directions(rng, scale):
+    """Init centroids are directions: rows of 1e300 (float64 squares overflow) or 1e-200 (they
+    underflow, and the row was refused as zero) fit as the unit rows do, and partial_fit too."""
+    X, _, _ = planted(rng)
+    C0 = X[:3].astype(np.float64)
+    want = edp.SphericalKMeans(3, init=C0, progress=False).fit(X)
+    got = edp.SphericalKMeans(3, init=C0 * scale, progress=False).fit(X)
+    np.testing.assert_array_equal(got.counts_, want.counts_)
+    np.testing.assert_allclose(got.cluster_centers_, want.cluster_centers_, atol=1e-12)
+    part = edp.SphericalKMeans(3, init=C0 * scale, progress=False).partial_fit(X)
+    np.testing.assert_array_equal(part.counts_, edp.SphericalKMeans(3, init=C0, progress=False).partial_fit(X).counts_)
+    np.testing.assert_allclose(np.linalg.norm(part.cluster_centers_, axis=1), 1, rtol=1e-6)
+
+
 def test_a_chunk_callable_that_returns_no_iterator_is_named(rng):
     """A callable source that returns something not iterable (a forgotten ``yield``, an array
     count) gave Python's bare "'int' object is not iterable"."""

@@ -418,6 +418,31 @@ def test_load_refuses_saved_parameters_a_refit_could_not_use(tmp_path):
     assert edp.EDPairs.load(path).method != "bogus"
 
 
+@pytest.mark.parametrize("kw", [{"random_state": np.int64(0)}, {"n_init": np.int64(1)}, {"chunk_rows": np.int64(100)},
+                                {"tol": np.float32(1e-6)}, {"whiten": np.bool_(True)},
+                                {"random_state": np.random.default_rng(0)}, {"random_state": np.random.SeedSequence(0)}])
+def test_saved_parameters_load_back(tmp_path, kw):
+    """Parameters that fit takes (numpy scalars, a Generator or SeedSequence seed) are saved as
+    load takes them back (the numbers they hold; a generator's seed as None: its state is not
+    kept), not as their repr, which load refused: the file was written and could not be read."""
+    X = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    pairs = edp.EDPairs(3, progress=False, **kw).fit(X)
+    pairs.save(tmp_path / "p.npz")
+    (name, value), = kw.items()
+    loaded = edp.EDPairs.load(tmp_path / "p.npz").get_params()[name]
+    assert loaded is None if isinstance(value, (np.random.Generator, np.random.SeedSequence)) else loaded == value
+    assert type(loaded) in (type(None), bool, int, float)
+
+
+def test_save_refuses_metadata_set_after_fit_that_json_cannot_hold(tmp_path):
+    pairs = edp.EDPairs(2, random_state=0, progress=False).fit(
+        np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32))
+    pairs.metadata = {"x": object()}
+    with pytest.raises(ValueError, match="cannot save these pairs: .*metadata must be JSON-serialisable"):
+        pairs.save(tmp_path / "p.npz")
+    assert not (tmp_path / "p.npz").exists()
+
+
 def test_float64_chunks_share_one_signal_centre(published, monkeypatch):
     """The signal pass over float64 chunks (torch here; on a GPU each merge that compares two
     centres waits for the device) gives every chunk's statistics the same centre object, so

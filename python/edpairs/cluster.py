@@ -30,9 +30,13 @@ def _row_norms(M: np.ndarray) -> np.ndarray:
 
 
 def _unit_rows(M: np.ndarray) -> np.ndarray:
-    """M's rows divided by their norms; zero rows stay zeros."""
-    n = _row_norms(M)[:, None]
-    return np.divide(M, n, out=np.zeros_like(M), where=n > 0)
+    """M's rows divided by their norms; zero rows stay zeros. Each row is scaled by its largest
+    magnitude first, so that its squares neither overflow (rows beyond about 1e154 in float64,
+    1e19 in float32) nor underflow to a zero norm (below about 1e-154)."""
+    big = np.abs(M).max(axis=1, initial=0.0)[:, None] if M.shape[1] else np.zeros((M.shape[0], 1), M.dtype)
+    S = np.divide(M, big, out=np.zeros_like(M), where=big > 0)
+    n = _row_norms(S)[:, None]
+    return np.divide(S, n, out=np.zeros_like(S), where=n > 0)
 
 
 def _live(sums: np.ndarray, counts: np.ndarray, norms: Optional[np.ndarray] = None) -> np.ndarray:
@@ -205,7 +209,7 @@ def _initial_centroids(init, n_clusters: int, dim: int) -> np.ndarray:
     if not np.isfinite(C).all():
         bad = np.flatnonzero(~np.isfinite(C).all(axis=1))
         raise ValueError(f"init centroids must be finite, got NaN or Inf in row(s) {bad.tolist()}")
-    zero = np.flatnonzero(np.linalg.norm(C, axis=1) == 0)
+    zero = np.flatnonzero(~np.any(C != 0, axis=1))
     if zero.size:
         raise ValueError(f"init centroid {zero[0]} is zero: a centroid needs a direction")
     return _unit_rows(C)

@@ -403,9 +403,13 @@ def _normalize(xp: Namespace, sums, counts, previous):
 
 
 def _unit_rows(xp: Namespace, C):
-    norms = (C * C).sum(1) ** 0.5
-    safe = norms + (norms == 0)  # zero rows stay zero
-    return xp.as_float32_contiguous(C / safe[:, None])
+    """C's rows divided by their norms (zero rows stay zero), each scaled by its largest
+    magnitude first: float32 squares of rows beyond about 1e19 overflow (the centroid of an
+    empty cluster came back as zeros), those below about 1e-19 underflow."""
+    big = xp.mod.amax(abs(C), 1)
+    S = C / (big + (big == 0))[:, None]
+    norms = (S * S).sum(1) ** 0.5
+    return xp.as_float32_contiguous(S / (norms + (norms == 0))[:, None])
 
 
 #: A cluster whose sum of member unit vectors is at most this times its count long keeps its

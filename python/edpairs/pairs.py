@@ -453,20 +453,31 @@ class EDPairs:
         self._check_fitted()
         from . import __version__
 
+        params = self.get_params()
+        if not isinstance(self.random_state, (type(None), int, np.integer)):
+            params["random_state"] = None  # (a Generator's state is not kept: a refit of the loaded pairs draws afresh)
+        try:  # what load will check of the parameters, checked before anything is written
+            type(self)(self.n_concepts, **{k: v for k, v in params.items() if k != "n_concepts"})._validate()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"cannot save these pairs: a parameter would not load back ({exc})") from None
         meta = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "edpairs_version": __version__,
             "n_concepts": int(self.decoding_.shape[0]), "n_features": int(self.decoding_.shape[1]),
-            "n_samples": self.n_samples_, "params": self.get_params(), "metadata": self.metadata,
+            "n_samples": self.n_samples_, "params": params, "metadata": self.metadata,
             "whitening_shrinkage": float(getattr(self.whitener_, "shrinkage", 0.0)),
         }
         if getattr(self, "ura_", None):
             meta["ura"] = self.ura_  # per-stage loss history (plain floats); older readers ignore it
+        try:
+            meta_json = json.dumps(meta)
+        except TypeError as exc:  # (metadata set after fit)
+            raise ValueError(f"cannot save these pairs: metadata must be JSON-serialisable ({exc})") from None
         arrays = {
             "decoding": self.decoding_, "bias": self.bias_, "encoding": self.encoding_, "mean": self.mean_,
             "n_positives": np.asarray(self.n_positives_, np.int64), "whitening": self.whitener_.P,
             "whitening_eigenvalues": self.whitener_.eigenvalues, "whitening_mean": self.whitener_.mean,
             "cluster_centers": self.cluster_centers_,
-            "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            "meta": np.frombuffer(meta_json.encode(), dtype=np.uint8),
         }
         path = _path(path)
         if not path.endswith(".npz"):
@@ -564,6 +575,8 @@ class EDPairs:
             v = getattr(self, k)
             if dataclasses.is_dataclass(v) and not isinstance(v, type):
                 v = dataclasses.asdict(v)
+            if isinstance(v, np.generic):  # (numpy scalars as the Python numbers they hold)
+                v = v.item()
             params[k] = v if isinstance(v, (type(None), bool, int, float, str, dict, list)) else repr(v)
         return params
 
