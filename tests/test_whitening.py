@@ -80,6 +80,33 @@ def test_bad_shrinkage_settings(bad, rng):
         edp.EDPairs(2, whiten_shrinkage=bad).fit(rng.standard_normal((50, 4)).astype(np.float32))
 
 
+def test_from_covariance_refuses_what_is_no_covariance(rng):
+    """Shapes that do not go together, NaN or Inf, a rank cut outside [0, 1) and a negative
+    n_samples are refused by name (they built a rank-0 whitener, or failed in numpy or
+    LAPACK); a negative-definite matrix is not called constant data; torch tensors that
+    require grad are taken."""
+    torch = pytest.importorskip("torch")
+    X = rng.standard_normal((500, 6))
+    mean, cov = X.mean(0), np.cov(X.T)
+    inf = cov.copy()
+    inf[0, 0] = np.inf
+    for args, kw, match in (((mean, cov[:5, :5]), {}, r"mean \(D,\) and cov \(D, D\).*\(6,\) and \(5, 5\)"),
+                            ((mean, cov[0]), {}, r"\(6,\) and \(6,\)"),
+                            ((mean, inf), {}, "must be finite"),
+                            ((mean, np.full((6, 6), np.nan)), {}, "must be finite"),
+                            ((mean, cov), {"rtol": 2}, r"rtol must be a number in \[0, 1\), got 2"),
+                            ((mean, cov), {"rtol": float("nan")}, "rtol must be"),
+                            ((mean, cov), {"shrinkage": "oas", "n_samples": -5}, "n_samples must be a positive integer"),
+                            ((mean, -cov), {}, "no positive eigenvalue .* not a covariance matrix")):
+        with pytest.raises(ValueError, match=match):
+            Whitener.from_covariance(*args, **kw)
+    w = Whitener.from_covariance(torch.tensor(mean, requires_grad=True), torch.tensor(cov, requires_grad=True))
+    np.testing.assert_allclose(w.transform(torch.tensor(X[:3], requires_grad=True)),
+                               Whitener.from_covariance(mean, cov).transform(X[:3]))
+    with pytest.raises(ValueError, match=r"Whitener.transform needs rows \(n, 6\) .* got shape \(3, 5\)"):
+        w.transform(X[:3, :5])
+
+
 @pytest.fixture(scope="module")
 def layer():
     return edp.synthetic.make_layer(n_images=3000, n_features=32, n_concepts=4, n_distractors=4, grid=(1, 2),

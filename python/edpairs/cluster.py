@@ -112,14 +112,27 @@ class Whitener:
     @classmethod
     def from_covariance(cls, mean, cov, *, rtol: float = 1e-5, shrinkage=0.0,
                         n_samples: Optional[int] = None) -> "Whitener":
-        mean = np.asarray(mean, dtype=np.float64)
-        cov = np.asarray(cov, dtype=np.float64)
+        """The whitening of data with this ``mean`` (D,) and covariance ``cov`` (D, D, symmetric
+        positive semi-definite; its symmetric part is taken); ``rtol`` in [0, 1), the rank cut;
+        ``shrinkage`` and ``n_samples`` (at least 1) as :func:`resolve_shrinkage` takes them."""
+        mean, cov = to_numpy64(mean), to_numpy64(cov)
+        if mean.ndim != 1 or cov.shape != (mean.shape[0], mean.shape[0]) or not mean.size:
+            raise ValueError(f"Whitener.from_covariance needs mean (D,) and cov (D, D) for D >= 1, got shapes "
+                             f"{mean.shape} and {cov.shape}")
+        if not (np.isfinite(mean).all() and np.isfinite(cov).all()):
+            raise ValueError("Whitener.from_covariance: mean and cov must be finite, got NaN or Inf")
+        check_real("rtol", rtol, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        if n_samples is not None:
+            check_int("n_samples", n_samples)
         cov = 0.5 * (cov + cov.T)
         alpha = resolve_shrinkage(shrinkage, cov, n_samples)
         vals, vecs = np.linalg.eigh(cov)
         order = np.argsort(vals)[::-1]
         vals, vecs = vals[order], vecs[:, order]
         if not vals.size or vals[0] <= 0:
+            if np.any(cov):
+                raise ValueError(f"cov has no positive eigenvalue (the largest is {vals[0]:.3g}): it is not a "
+                                 f"covariance matrix")
             raise ValueError("the data is constant (zero covariance): there are no directions to find")
         # The rank cut is on the sample spectrum: a direction with no variance holds no data to
         # whiten, whatever the shrinkage (the regularised eigenvalue would only scale rounding).
@@ -142,7 +155,12 @@ class Whitener:
         return int(self.P.shape[0])
 
     def transform(self, X: np.ndarray) -> np.ndarray:
-        return (np.asarray(X, dtype=np.float64) - self.mean) @ self.P.T
+        """z = P (x - mean) of the rows of X (n, D), or of one row (D,), float64 on the host."""
+        X = to_numpy64(X)
+        if X.ndim not in (1, 2) or X.shape[-1] != self.mean.shape[0]:
+            raise ValueError(f"Whitener.transform needs rows (n, {self.mean.shape[0]}) or one row "
+                             f"({self.mean.shape[0]},), got shape {X.shape}")
+        return (X - self.mean) @ self.P.T
 
 
 class _Geometry:
