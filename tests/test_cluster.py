@@ -445,6 +445,46 @@ def test_init_centroids_of_any_magnitude_are_their_directions(rng, scale):
     np.testing.assert_allclose(np.linalg.norm(part.cluster_centers_, axis=1), 1, rtol=1e-6)
 
 
+def test_a_callable_source_must_yield_the_same_chunks_every_pass(rng):
+    """A callable source whose chunks come in another order (a shuffling DataLoader), other
+    sizes or another number in a later pass is refused, naming the chunk: EDPairs keeps per-chunk
+    state between passes, and a reordered pass gave it another chunk's row scales (a different
+    fit, no error) or a row_scale shape error."""
+    X, _, _ = planted(rng, n=600)
+    parts = np.array_split(X, 4)
+    passes = []
+
+    def shuffled():
+        passes.append(1)
+        order = [0, 1, 2, 3] if len(passes) == 1 else [1, 0, 2, 3]
+        return iter([parts[i] for i in order])
+
+    with pytest.raises(ValueError, match=r"X changed between passes \(chunk 0 holds other rows than before\).*"
+                                         r"same order every pass \(a torch DataLoader with shuffle=True does not"):
+        edp.EDPairs(2, random_state=0, progress=False).fit(shuffled)
+    sizes = [np.array_split(X, 4), np.array_split(X, 3)]
+    calls = []
+
+    def resized():
+        calls.append(1)
+        return iter(sizes[min(len(calls) - 1, 1)])
+
+    with pytest.raises(ValueError, match=r"chunk 0 had 150 rows, now 200"):
+        edp.SphericalKMeans(3, random_state=0, progress=False).fit(resized)
+    more = [parts, parts + [X[:10]]]
+    calls.clear()
+
+    def longer():
+        calls.append(1)
+        return iter(more[min(len(calls) - 1, 1)])
+
+    with pytest.raises(ValueError, match=r"changed between passes \(4 chunks before, more now\)"):
+        edp.SphericalKMeans(3, random_state=0, progress=False).fit(longer)
+    same = edp.SphericalKMeans(3, random_state=0, progress=False).fit(lambda: iter(parts))
+    np.testing.assert_array_equal(same.cluster_centers_, edp.SphericalKMeans(3, random_state=0, progress=False)
+                                  .fit(parts).cluster_centers_)
+
+
 def test_a_chunk_callable_that_returns_no_iterator_is_named(rng):
     """A callable source that returns something not iterable (a forgotten ``yield``, an array
     count) gave Python's bare "'int' object is not iterable"."""

@@ -39,6 +39,7 @@ class ChunkSource:
         self._array = None
         self._chunks: Optional[List] = None
         self._factory: Optional[Callable[[], Iterator]] = None
+        self._layout: Optional[List] = None  # a callable source's chunks in its first whole pass (_signature)
         self.origin = data  # what the caller passed (a store's own fingerprint is read from it)
         if not hasattr(data, "shape") and callable(getattr(data, "chunks", None)):
             self._factory = data.chunks
@@ -147,6 +148,7 @@ class ChunkSource:
             return
         it = iter(self._chunks) if self._chunks is not None else self._fresh_iterator()
         total = 0
+        seen = [] if self._factory is not None else None
         for chunk in it:
             chunk = self._check(as_array(chunk, self.name))
             if self.n_features is None:
@@ -155,12 +157,18 @@ class ChunkSource:
                 self.like = chunk
             if chunk.shape[0] == 0:
                 continue
+            if seen is not None:
+                self._same_chunk(len(seen), chunk, seen)
             total += int(chunk.shape[0])
             if self.chunk_rows and chunk.shape[0] > self.chunk_rows:
                 for s in range(0, chunk.shape[0], self.chunk_rows):
                     yield chunk[s:s + self.chunk_rows]
             else:
                 yield chunk
+        if seen is not None:
+            if self._layout is not None and len(seen) != len(self._layout):
+                raise ValueError(self._changed(f"{len(self._layout)} chunks before, {len(seen)} now"))
+            self._layout = seen
         if self.n_samples is None:
             self.n_samples = total
         elif total != self.n_samples and self._declared:
@@ -170,6 +178,38 @@ class ChunkSource:
                 f"{self.name} changed between passes: {self.n_samples} rows before, {total} now; "
                 "a callable source must return the same chunks every time"
             )
+
+    @staticmethod
+    def _signature(chunk) -> tuple:
+        """What a later pass must find again of a callable source's chunk: its rows and, for a
+        chunk in host memory, the first values of its first and last rows (a GPU chunk's values
+        would cost a wait for the device per chunk: its rows only)."""
+        rows = int(chunk.shape[0])
+        xp = namespace_of(chunk)
+        if xp.is_cuda(chunk):
+            return (rows,)
+        from ._arrays import to_host
+
+        return rows, to_host(chunk[0, :8]).tobytes(), to_host(chunk[rows - 1, :8]).tobytes()
+
+    def _changed(self, what: str) -> str:
+        return (f"{self.name} changed between passes ({what}): a callable source must yield the same chunks in the "
+                "same order every pass (a torch DataLoader with shuffle=True does not; shuffle once, or pass a list "
+                "of chunks)")
+
+    def _same_chunk(self, index: int, chunk, seen: list) -> None:
+        """Records chunk ``index`` of this pass, and checks it against the first pass's."""
+        sig = self._signature(chunk)
+        seen.append(sig)
+        if self._layout is None:
+            return
+        if index >= len(self._layout):
+            raise ValueError(self._changed(f"{len(self._layout)} chunks before, more now"))
+        before = self._layout[index]
+        if sig[0] != before[0]:
+            raise ValueError(self._changed(f"chunk {index} had {before[0]} rows, now {sig[0]}"))
+        if len(sig) == len(before) and sig != before:
+            raise ValueError(self._changed(f"chunk {index} holds other rows than before"))
 
     def _fresh_iterator(self) -> Iterator:
         made = self._factory()
