@@ -485,6 +485,36 @@ def test_a_callable_source_must_yield_the_same_chunks_every_pass(rng):
                                   .fit(parts).cluster_centers_)
 
 
+def test_what_is_not_data_is_named(rng):
+    """A path, a dict, a callable that returns one array, a source with no rows, rows without
+    columns, an init that is None, not numbers or complex, and n_clusters changed after fitting
+    each get their own message (they got "a one-shot iterator", "chunks must be 2-D", numpy's
+    shape errors, "every row is zero", or nothing)."""
+    X, _, _ = planted(rng, n=200)
+    km = edp.SphericalKMeans(3, progress=False)
+    for data, kind, match in (("data.npy", TypeError, r"X is a path \('data.npy'\), not data: load the array first"),
+                              ({"a": X}, TypeError, "X is a dict: pass an array"),
+                              (lambda: X, TypeError, r"the callable returned an array of shape \(200, 24\)"),
+                              (lambda: iter([]), ValueError, "X has no rows"),
+                              (np.zeros((10, 0), np.float32), ValueError, r"at least one column, got shape \(10, 0\)")):
+        with pytest.raises(kind, match=match):
+            km.fit(data)
+    with pytest.raises(ValueError, match="at least one column"):
+        edp.SphericalKMeans(2).partial_fit(np.zeros((10, 0), np.float32))
+    with pytest.raises(ValueError, match="X has no rows"):
+        edp.EDPairs(2, progress=False).fit(lambda: iter([]))
+    for init, match in ((None, r"init must be 'k-means\+\+', 'random' or an array of centroids, got None"),
+                        (np.array([["a"] * 24] * 3, object), "init centroids must be an array of real numbers"),
+                        (X[:3] + 1j, r"init centroids must be real, got complex values \(complex64\)")):
+        with pytest.raises(ValueError, match=match):
+            edp.SphericalKMeans(3, init=init, progress=False).fit(X)
+    for fitted in (edp.SphericalKMeans(3, random_state=0, progress=False).fit(X),
+                   edp.SphericalKMeans(3, random_state=0).partial_fit(X)):
+        fitted.n_clusters = 5
+        with pytest.raises(ValueError, match="n_clusters was changed to 5 after fitting 3 clusters"):
+            fitted.partial_fit(X)
+
+
 def test_a_chunk_callable_that_returns_no_iterator_is_named(rng):
     """A callable source that returns something not iterable (a forgotten ``yield``, an array
     count) gave Python's bare "'int' object is not iterable"."""

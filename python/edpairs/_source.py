@@ -5,6 +5,7 @@ streams through chunks, so data larger than memory fits the same way."""
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterator, List, Optional
 
 import numpy as np
@@ -52,6 +53,12 @@ class ChunkSource:
                 raise ValueError(f"{name} is a list of {len(data)} 1-D items, but a list is read as a list of (n, D) "
                                  f"chunks; for a list of rows pass np.asarray({name})")
             self._chunks = [self._check(as_array(c, name)) for c in data]
+        elif isinstance(data, (str, bytes, os.PathLike)):
+            raise TypeError(f"{name} is a path ({data!r}), not data: load the array first (np.load), or open an "
+                            "edpairs.store.ActivationStore, which is a chunk source")
+        elif isinstance(data, (dict, set, frozenset)):
+            raise TypeError(f"{name} is a {type(data).__name__}: pass an array, a list of (n, D) chunks, or a callable "
+                            "that returns a fresh iterator of chunks")
         elif hasattr(data, "__next__") or (hasattr(data, "__iter__") and not hasattr(data, "shape") and not isinstance(data, np.ndarray)):
             raise TypeError(
                 f"{name} is a one-shot iterator; fitting reads the data several times: pass an array, "
@@ -130,6 +137,8 @@ class ChunkSource:
             raise ValueError(
                 f"{self.name} dtype not supported: expected float32, float64, float16 or bfloat16, got {xp.dtype_name(X)}"
             )
+        if X.shape[1] == 0:
+            raise ValueError(f"{self.name} must have at least one column, got shape {tuple(X.shape)}")
         if getattr(self, "n_features", None) is not None and X.shape[1] != self.n_features:
             raise ValueError(f"{self.name} chunks must all have {self.n_features} columns, got shape {tuple(X.shape)}")
         return X
@@ -165,6 +174,8 @@ class ChunkSource:
                     yield chunk[s:s + self.chunk_rows]
             else:
                 yield chunk
+        if total == 0:
+            raise ValueError(f"{self.name} has no rows: its chunks were empty or there were none")
         if seen is not None:
             if self._layout is not None and len(seen) != len(self._layout):
                 raise ValueError(self._changed(f"{len(self._layout)} chunks before, {len(seen)} now"))
@@ -213,6 +224,9 @@ class ChunkSource:
 
     def _fresh_iterator(self) -> Iterator:
         made = self._factory()
+        if hasattr(made, "shape"):
+            raise TypeError(f"{self.name}: the callable returned an array of shape {tuple(made.shape)}, expected an "
+                            "iterator of (n, D) chunks (return iter([X]), or pass the array itself)")
         try:
             return iter(made)
         except TypeError:

@@ -221,7 +221,13 @@ class _Geometry:
 def _initial_centroids(init, n_clusters: int, dim: int) -> np.ndarray:
     """Unit rows (n_clusters, dim) of an ``init`` array of centroids; refuses a wrong shape,
     NaN or Inf, and a zero row (a centroid without a direction)."""
-    C = to_numpy64(init)
+    dtype = getattr(init, "dtype", None)
+    if "complex" in str(dtype) or (dtype is None and np.iscomplexobj(init)):
+        raise ValueError(f"init centroids must be real, got complex values ({dtype or 'complex'})")
+    try:
+        C = to_numpy64(init)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"init centroids must be an array of real numbers, got {type(init).__name__} ({exc})") from None
     if C.shape != (n_clusters, dim):
         raise ValueError(f"init centroids must have shape ({n_clusters}, {dim}), got {C.shape}")
     if not np.isfinite(C).all():
@@ -702,6 +708,8 @@ class SphericalKMeans:
             raise ValueError(f"random_state must be None, an integer >= 0 or a numpy Generator, got {seed!r}")
         if not isinstance(self.check_finite, (bool, np.bool_)):
             raise ValueError(f"check_finite must be True or False, got {self.check_finite!r}")
+        if self.init is None or (isinstance(self.init, str) and self.init not in ("k-means++", "random")):
+            raise ValueError(f"init must be 'k-means++', 'random' or an array of centroids, got {self.init!r}")
 
     def fit(self, X, y=None, *, process_group=None, checkpoint=None) -> "SphericalKMeans":
         """Fits on X. ``process_group`` (a ``torch.distributed`` group, or True for the default
@@ -745,6 +753,11 @@ class SphericalKMeans:
         assignment (the one behind ``counts_``) and ``counts_`` keeps accumulating."""
         self._validate()
         X, xp = ops._data(X)
+        if X.shape[1] == 0:
+            raise ValueError(f"X must have at least one column, got shape {tuple(X.shape)}")
+        if getattr(self, "_centers", None) is not None and self._centers.shape[0] != self.n_clusters:
+            raise ValueError(f"n_clusters was changed to {self.n_clusters} after fitting {self._centers.shape[0]} "
+                             "clusters: make a new SphericalKMeans for another number of clusters")
         if not hasattr(self, "cluster_centers_") or getattr(self, "_sums", None) is None:
             if X.shape[0] < self.n_clusters:
                 raise ValueError(f"the first batch needs at least n_clusters={self.n_clusters} rows, got {X.shape[0]}")
