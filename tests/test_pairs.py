@@ -265,6 +265,41 @@ def _rewrite_meta(src, dst, edit):
     return dst
 
 
+def test_load_names_damaged_arrays(tmp_path):
+    """A member whose bytes were damaged (zip's CRC check), pickled objects, NaN in the
+    directions and cluster centres of no coordinates of the pairs are refused with the file and
+    the array named (zipfile's BadZipFile and numpy's pickle error came out raw; NaN loaded, and
+    detect gave NaN)."""
+    import zipfile
+
+    path = tmp_path / "pairs.npz"
+    edp.EDPairs(2, random_state=0, progress=False).fit(
+        np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)).save(path)
+    damaged = tmp_path / "crc.npz"
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("decoding.npy")
+    raw = bytearray(path.read_bytes())
+    body = info.header_offset + 30 + len(info.filename) + len(info.extra)  # (stored, not compressed)
+    raw[body + info.file_size - 1] ^= 0xFF
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"crc\.npz' is damaged: its array 'decoding' cannot be read \(BadZipFile"):
+        edp.EDPairs.load(damaged)
+
+    def rewrite(name, edit):
+        data = dict(np.load(path))
+        data.update(edit(data))
+        np.savez(tmp_path / name, **data)
+        return tmp_path / name
+
+    with pytest.raises(ValueError, match=r"objects\.npz' is damaged: its array 'bias' cannot be read"):
+        edp.EDPairs.load(rewrite("objects.npz", lambda d: {"bias": np.array([object(), object()])}))
+    nan = rewrite("nan.npz", lambda d: {"decoding": np.full_like(d["decoding"], np.nan)})
+    with pytest.raises(ValueError, match=r"nan\.npz' is damaged: decoding holds NaN or Inf"):
+        edp.EDPairs.load(nan)
+    with pytest.raises(ValueError, match=r"cluster_centers has shape \(3,\), expected \(k, 5\)"):
+        edp.EDPairs.load(rewrite("centres.npz", lambda d: {"cluster_centers": np.zeros(3)}))
+
+
 def test_load_names_bad_metadata_fields(tmp_path, published):
     path = tmp_path / "pairs.npz"
     edp.EDPairs(3, random_state=0).fit(published.X[:3000]).save(path)

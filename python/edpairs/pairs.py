@@ -528,11 +528,19 @@ class EDPairs:
             missing = [k for k in need if k not in data.files]
             if missing:
                 raise ValueError(f"{path!r} is missing arrays {missing}")
-            arr = {k: data[k] for k in need}
+            arr = {}
+            for k in need:
+                try:
+                    arr[k] = data[k]
+                except Exception as exc:  # noqa: BLE001 - a damaged member (bad CRC, truncated, pickled objects)
+                    raise ValueError(f"{path!r} is damaged: its array {k!r} cannot be read ({type(exc).__name__}: "
+                                     f"{exc})") from None
         I, D = meta["n_concepts"], meta["n_features"]
         for k, a in arr.items():
             if a.dtype.kind not in "fiu":
                 raise ValueError(f"{path!r}: {k} holds {a.dtype} values, expected real numbers")
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise ValueError(f"{path!r} is damaged: {k} holds NaN or Inf")
         expected = {"decoding": (I, D), "bias": (I,), "encoding": (I, D), "mean": (D,), "n_positives": (I,),
                     "whitening_mean": (D,)}
         for k, shape in expected.items():
@@ -544,6 +552,10 @@ class EDPairs:
         if arr["whitening_eigenvalues"].shape != (r,):
             raise ValueError(f"{path!r}: whitening_eigenvalues has shape {arr['whitening_eigenvalues'].shape}, "
                              f"expected ({r},) for the whitening's rank")
+        centers = arr["cluster_centers"]
+        if centers.ndim != 2 or centers.shape[1] not in (D, r):
+            raise ValueError(f"{path!r}: cluster_centers has shape {centers.shape}, expected (k, {D}) or (k, {r}) "
+                             f"(raw or whitened coordinates)")
         params = dict(meta.get("params") or {})
         params.pop("n_concepts", None)
         params.setdefault("whiten_shrinkage", None)  # files from before the option: no shrinkage
