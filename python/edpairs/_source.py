@@ -174,8 +174,6 @@ class ChunkSource:
                     yield chunk[s:s + self.chunk_rows]
             else:
                 yield chunk
-        if total == 0:
-            raise ValueError(f"{self.name} has no rows: its chunks were empty or there were none")
         if seen is not None:
             if self._layout is not None and len(seen) != len(self._layout):
                 raise ValueError(self._changed(f"{len(self._layout)} chunks before, {len(seen)} now"))

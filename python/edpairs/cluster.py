@@ -602,6 +602,8 @@ def cluster(source: ChunkSource, n_clusters: int, *, geometry: _Geometry, init="
     offset, N = red.offset(source.n_samples) if red.active else (0, source.n_samples)
     if n_clusters < 1:
         raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
+    if N == 0:
+        raise ValueError(f"{source.name} has no rows: the source gave no chunks, or only empty ones")
     if n_clusters > N:
         raise ValueError(f"n_clusters={n_clusters} is larger than the number of rows N={N}")
     rng = np.random.default_rng(random_state)

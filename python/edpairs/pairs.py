@@ -240,6 +240,8 @@ class EDPairs:
                 for chunk in source:
                     mom.update(chunk, check_finite=self.check_finite)
                     bar.update(1)
+            if source.n_features is None:  # (not one chunk: not even the width is known)
+                raise ValueError("X has no rows: the source gave no chunks")
             n_rows, mean, m2 = merge_moments(red, mom.n, to_numpy64(mom.mean) if mom.n else np.zeros(source.n_features),
                                              to_numpy64(mom.m2) if mom.n else np.zeros((source.n_features,) * 2))
             if n_rows == 0:
