@@ -116,6 +116,8 @@ def test_checkpoint_path_is_checked_before_the_fit(tmp_path):
         edp.SphericalKMeans(3, random_state=0).fit(chunks, checkpoint=tmp_path / "nowhere" / "k.ckpt")
     with pytest.raises(FileNotFoundError, match=r"checkpoint .*nowhere/p\.ckpt: its folder .*nowhere does not exist"):
         edp.EDPairs(2, random_state=0).fit(chunks, checkpoint=tmp_path / "nowhere" / "p.ckpt")
+    with pytest.raises(ValueError, match=r"checkpoint .* is a folder; name a file in it"):  # (it said: delete it)
+        edp.SphericalKMeans(3, random_state=0).fit(chunks, checkpoint=tmp_path)
     assert passes[0] == 0
     with pytest.raises(TypeError, match="checkpoint must be a file path .* got int"):
         edp.EDPairs(2, random_state=0).fit(X, checkpoint=5)

@@ -56,6 +56,8 @@ class Checkpoint:
                             f"got {type(path).__name__}")
         self.path = os.fsdecode(path)
         existing_folder(self.path, f"checkpoint {self.path}")  # refused now, not after the fit's first pass
+        if os.path.isdir(self.path):
+            raise ValueError(f"checkpoint {self.path} is a folder; name a file in it for the checkpoint")
         self.key = _jsonable(key)
         self.on_save = on_save
         self._carried_meta, self._carried_arrays = {}, {}
