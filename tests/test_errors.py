@@ -296,6 +296,22 @@ def test_set_num_threads_rejects_zero_and_too_many(restore_threads):
     assert edpairs.get_num_threads() == restore_threads
 
 
+def test_settings_of_the_wrong_type_are_named(restore_threads):
+    """A string where a number or a flag belongs got Python's operator errors, or (a flag) was
+    truthy and switched the option on; a float thread count was cut to an integer."""
+    for call, words in ((lambda: ops.moments(X, workspace_rows="a"), "workspace_rows must be a positive integer"),
+                        (lambda: ops.moments(X).covariance(ddof="a"), "ddof must be an integer >= 0, got 'a'"),
+                        (lambda: ops.moments(X).covariance(ddof=-5), "ddof must be an integer >= 0, got -5"),
+                        (lambda: edpairs.set_num_threads(2.7), "n must be a positive integer, got 2.7"),
+                        (lambda: edpairs.set_num_threads(True), "n must be a positive integer, got True"),
+                        (lambda: ops.assign(X, C, accumulate="no"), "accumulate must be True or False, got 'no'"),
+                        (lambda: ops.assign(X, C, check_finite="no"), "check_finite must be True or False")):
+        _raises(ValueError, call, re.escape(words))
+    assert edpairs.get_num_threads() == restore_threads
+    pairs = edpairs.EDPairs(2, random_state=0, progress=False).fit(rng.standard_normal((200, 4)).astype(np.float32))
+    _raises(ValueError, lambda: pairs.detect(X, hard="no"), "hard must be True or False, got 'no'")
+
+
 def test_cuda_tensor_without_cuda_build_raises_backend_unavailable():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():

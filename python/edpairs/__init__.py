@@ -92,7 +92,9 @@ def get_num_threads() -> int:
 def set_num_threads(n: int) -> None:
     """Sets the number of threads of the CPU kernels (1 <= n <= 1024)."""
     from ._backend import lib
+    from ._checks import check_int
 
+    check_int("set_num_threads: n", n)
     lib().set_num_threads(int(n))
 
 

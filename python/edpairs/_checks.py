@@ -15,6 +15,13 @@ def is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
+def check_bool(name: str, value) -> None:
+    """True or False (numpy's bool too), else a ValueError naming it: a string such as "no" is
+    truthy, and would switch the option on."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def check_int(name: str, value, minimum: int = 1, *, optional: bool = False) -> None:
     """An integer (numpy integers too, bool refused) at least ``minimum`` (None too when
     ``optional``), else a ValueError naming it."""

@@ -20,6 +20,7 @@ import numpy as np
 from ._arrays import FLOAT_INPUTS, Namespace, as_array, device_scope, namespace_of, on_data_device
 from . import _gemm
 from ._backend import lib
+from ._checks import check_bool, check_int
 
 __all__ = [
     "Assignment",
@@ -274,6 +275,8 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
     (EDPAIRS_ASSIGN_KERNEL=wgmma-tma, EDPAIRS_ASSIGN_SUMS other than sorted,
     EDPAIRS_ASSIGN_OVERLAP above 1), keep the float32 rows.
     """
+    check_bool("accumulate", accumulate)
+    check_bool("check_finite", check_finite)
     X, xp = _data(X)
     precision = _precision(precision, X)
     N, D = X.shape
@@ -460,6 +463,7 @@ class Moments:
         return self.covariance(ddof=1)
 
     def covariance(self, ddof: int = 1):
+        check_int("ddof", ddof, 0)
         if self.n - ddof < 1:
             raise ValueError(f"the covariance with ddof={ddof} needs more than {ddof} rows, got n={self.n}")
         with device_scope(self.m2):
@@ -527,8 +531,7 @@ def moments(X, *, check_finite: bool = True, precision: str = "float32",
     N, D = X.shape
     if D < 1:
         raise ValueError(f"X must have at least one column, got shape {tuple(X.shape)}")
-    if workspace_rows is not None and workspace_rows < 1:
-        raise ValueError(f"workspace_rows must be >= 1, got {workspace_rows}")
+    check_int("workspace_rows", workspace_rows, optional=True)
     if N == 0:
         return Moments(0, None, None)
     if xp.dtype_name(X) == "float64":  # each block centred on its own column means, then merged (and checked)
@@ -646,8 +649,7 @@ def signal_moments(X, W, b, *, center=None, check_finite: bool = True, workspace
     sum_z = xp.empty((I,), "float64", X)
     sum_zz = xp.empty((I,), "float64", X)
     sum_xz = xp.empty((I, D), "float64", X)
-    if workspace_rows is not None and workspace_rows < 1:
-        raise ValueError(f"workspace_rows must be >= 1, got {workspace_rows}")
+    check_int("workspace_rows", workspace_rows, optional=True)
     if _gemm.applies(X, xp):
         _route_signal_shapes(X, W, b, center)  # torch would broadcast what the bindings refuse
         rows = _gemm.default_rows(D + 3 * I) if workspace_rows is None else int(workspace_rows)

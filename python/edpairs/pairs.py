@@ -18,7 +18,7 @@ import numpy as np
 
 from . import ops
 from ._arrays import device_scope, namespace_of, on_data_device, on_device_of, to_numpy64
-from ._checks import check_real
+from ._checks import check_bool, check_real
 from ._checks import check_int as _check_int
 from ._checks import is_int as _is_int
 from ._checks import is_real as _is_real
@@ -434,6 +434,7 @@ class EDPairs:
     @on_data_device("X")
     def detect(self, X, *, hard: bool = False):
         """Memberships y = sigmoid(W x - b) (N, I); with ``hard=True`` the booleans W x > b."""
+        check_bool("hard", hard)
         z, xp, X = self._project(X)
         z = z - on_device_of(self.bias_, X)
         if hard:
