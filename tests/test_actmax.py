@@ -140,3 +140,24 @@ def test_bad_settings_and_pairs_of_another_layer_are_named(setup):
         activation_maximisation(model, LAYER, pairs, 1.7, **kw)
     one = activation_maximisation(model, LAYER, pairs, 0, steps=1, shape=(3, 16, 16))  # one (C, H, W) image
     assert one.image.shape == (1, 3, 16, 16)
+
+
+def test_runs_inside_no_grad_and_names_inference_mode(setup):
+    """Inside torch.no_grad() the steps failed with "element 0 of tensors does not require grad":
+    gradients are switched on for them (the same result as outside; the caller's mode is kept).
+    torch.inference_mode() cannot be switched off from inside: a RuntimeError says to call it
+    outside."""
+    model, pairs = setup
+    kw = dict(steps=4, lr=0.1, jitter=2, blur_every=2, shape=(1, 3, 16, 16), seed=0)
+    outside = activation_maximisation(model, LAYER, pairs, 1, **kw)
+    with torch.no_grad():
+        inside = activation_maximisation(model, LAYER, pairs, 1, **kw)
+        assert not torch.is_grad_enabled()
+    assert torch.equal(inside.image, outside.image) and inside.history == outside.history
+    assert inside.objective_final > inside.objective_start
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="call it outside the inference_mode block"):
+            activation_maximisation(model, LAYER, pairs, 1, **kw)
+    for bad in (1.5, -1, "0", None):
+        with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+            activation_maximisation(model, LAYER, pairs, 1, **{**kw, "seed": bad})

@@ -162,3 +162,30 @@ def test_bad_arguments_are_named_not_numpy_errors():
         with pytest.raises(ValueError, match="size must be a positive integer"):
             ds.upsample(maps, size)
     assert ds.dissect(maps, masks, fit=[0, 2, 4]).summary["n_fit"] == 3  # indices still work
+
+
+def test_masks_must_be_boolean_or_exactly_0_1():
+    """Probabilities as masks were read as "nonzero = in" (every pixel in) and NaN as True: both
+    are refused, naming masks; 0/1 numbers (numpy or torch) score as their boolean masks."""
+    rng = np.random.default_rng(0)
+    maps = rng.standard_normal((6, 4, 4, 3)).astype(np.float32)
+    probabilities = rng.random((6, 2, 16, 16))
+    with_nan = (probabilities > 0.5).astype(np.float64)
+    with_nan[0, 0, 0, 0] = np.nan
+    for bad in (probabilities, with_nan, np.full((6, 2, 16, 16), 2, np.int64)):
+        with pytest.raises(ValueError, match=r"masks must be boolean \(or 0/1\) pixel masks, got \w+ values other "
+                                             r"than 0 and 1 .*threshold"):
+            ds.dissect(maps, bad)
+        with pytest.raises(ValueError, match=r"masks must be boolean \(or 0/1\)"):
+            ds.iou_matrix(maps, bad, 0.0)
+    with pytest.raises(TypeError, match="masks must be boolean .* got dtype <U1"):
+        ds.dissect(maps, np.full((6, 2, 16, 16), "1"))
+    masks = probabilities > 0.5
+    expected = ds.dissect(maps, masks)
+    for as_numbers in (masks.astype(np.float32), masks.astype(np.uint8)):
+        np.testing.assert_array_equal(ds.dissect(maps, as_numbers).iou, expected.iou)
+    np.testing.assert_array_equal(ds.iou_matrix(maps, masks.astype(np.int64), 0.0), ds.iou_matrix(maps, masks, 0.0))
+    torch = pytest.importorskip("torch")
+    np.testing.assert_array_equal(ds.dissect(maps, torch.from_numpy(masks.astype(np.float32))).iou, expected.iou)
+    with pytest.raises(ValueError, match=r"quantile must be in \(0, 1\), got '0.1'"):
+        ds.dissect(maps, masks, rule="quantile", quantile="0.1")

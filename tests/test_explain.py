@@ -106,3 +106,54 @@ def test_bad_class_index_threshold_and_unfitted_pairs(setup):
     with pytest.raises(ValueError, match="fitted pairs.*no decoding_"):
         explain(model, LAYER, images[0], edp.EDPairs(3))
     assert explain(model, LAYER, images[0], pairs, class_index=np.int64(3)).predicted == 3
+
+
+def test_scale_gate_and_image_are_checked(setup):
+    """scale=NaN gave NaN contributions and gate="no" ran as gated: refused by name. A NaN image
+    found no concept present (a silent empty answer): refused. A dict of scales applies each
+    concept's own entry (remove() refused it before, naming the other concepts as not removed)."""
+    model, images, pairs = setup
+    for bad in (float("nan"), float("inf"), "half", True):
+        with pytest.raises(ValueError, match=r"scale must be a finite number, 'mean' or None"):
+            explain(model, LAYER, images[0], pairs, scale=bad)
+    with pytest.raises(ValueError, match=r"scale\[1\] must be a finite number"):
+        explain(model, LAYER, images[0], pairs, scale={0: 1.0, 1: float("nan")})
+    with pytest.raises(ValueError, match=r"scale's keys must be concept indices in \[0, 3\), got 3"):
+        explain(model, LAYER, images[0], pairs, scale={3: 1.0})
+    for name in ("gate", "relu"):
+        with pytest.raises(TypeError, match=f"{name} must be True or False, got 'no'"):
+            explain(model, LAYER, images[0], pairs, **{name: "no"})
+    bad_image = images[0].clone()
+    bad_image[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="image contains NaN or Inf"):
+        explain(model, LAYER, bad_image, pairs)
+    res = explain(model, LAYER, images[0], pairs)
+    assert len(res.present) >= 2
+    i, j = res.present[:2]
+    mixed = explain(model, LAYER, images[0], pairs, scale={i: 0.5, j: "mean"})
+    own_i = explain(model, LAYER, images[0], pairs, scale=0.5)
+    assert mixed.contributions[i] == pytest.approx(own_i.contributions[i])
+    assert mixed.contributions[j] == pytest.approx(res.contributions[j])
+    assert np.isfinite(list(own_i.contributions.values())).all()
+
+
+def test_plot_explanation_checks_names_and_image(setup):
+    """Too few concept names raised IndexError mid-drawing (and too few class names drew a wrong
+    or missing name): each count is checked against the explanation."""
+    model, images, pairs = setup
+    res = explain(model, LAYER, images[0], pairs)
+    with pytest.raises(ValueError, match="concept_names has 1 names for the explanation's 3 concepts"):
+        plot_explanation(res, images[0], concept_names=["a"])
+    with pytest.raises(ValueError, match="class_names has 2 names for the explanation's 4 classes"):
+        plot_explanation(res, images[0], class_names=["a", "b"])
+    with pytest.raises(TypeError, match="concept_names must be a sequence of 3 names, got one string"):
+        plot_explanation(res, images[0], concept_names="abc")
+    with pytest.raises(ValueError, match="max_concepts must be an integer >= 0, got -1"):
+        plot_explanation(res, images[0], max_concepts=-1)
+    with pytest.raises(TypeError, match="image must be a numeric"):
+        plot_explanation(res, "img")
+    with pytest.raises(ValueError, match="image contains NaN or Inf"):
+        plot_explanation(res, torch.full((3, 16, 16), float("nan")))
+    fig = plot_explanation(res, images[0], concept_names=["x", "y", "z"], class_names=list("abcd"))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0].startswith("abcd"[res.predicted]) and titles[1].startswith("xyz"[res.present[0]])

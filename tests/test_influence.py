@@ -167,7 +167,7 @@ def test_noise_directions_are_label_permuted_encoding_directions(layer):
 
 def test_table_plot_and_torch_features(layer, tmp_path):
     feats = layer.images()[:300]
-    res = influence(layer.head, feats, gt_pairs(layer), n_noise=5, class_names=["a", "b", "c"],
+    res = influence(layer.head, feats, gt_pairs(layer), n_noise=10, class_names=["a", "b", "c"],
                     concept_names=["x", "y", "z"])
     recs = res.to_records()
     assert len(recs) == 9 and recs[0]["concept"] == "x" and recs[0]["class_"] == "a"
@@ -183,7 +183,7 @@ def test_table_plot_and_torch_features(layer, tmp_path):
     # torch features: the same scores, and the same null (only the sampled rows come to the host)
     torch = pytest.importorskip("torch")
     res_t = influence(layer.head, torch.from_numpy(np.ascontiguousarray(feats)).double(), gt_pairs(layer),
-                      n_noise=5)
+                      n_noise=10)
     np.testing.assert_allclose(res_t.scores, res.scores)
     np.testing.assert_allclose(res_t.null_scores, res.null_scores)
     pd = pytest.importorskip("pandas")
@@ -197,15 +197,16 @@ def test_torch_features_bring_one_vector_per_direction_to_the_host(layer, monkey
     every batch's logits; the scores are those of numpy features."""
     torch = pytest.importorskip("torch")
     feats, pairs = layer.images()[:300], gt_pairs(layer)
-    expected = influence(layer.head, feats, pairs, n_noise=2, batch_size=37, labels=layer.y[:300])
+    n_noise = 10  # (the fewest the normal p-value takes)
+    expected = influence(layer.head, feats, pairs, n_noise=n_noise, batch_size=37, labels=layer.y[:300])
     host, came_down = inf_mod._host, []
     monkeypatch.setattr(inf_mod, "_host", lambda a: (came_down.append(tuple(a.shape)) if isinstance(a, torch.Tensor)
                                                      else None) or host(a))
-    got = influence(layer.head, torch.from_numpy(np.ascontiguousarray(feats)), pairs, n_noise=2, batch_size=37,
+    got = influence(layer.head, torch.from_numpy(np.ascontiguousarray(feats)), pairs, n_noise=n_noise, batch_size=37,
                     labels=layer.y[:300])
     n_concepts, K = expected.scores.shape
     assert sorted(came_down) == sorted([(min(10000, feats[..., 0].size), feats.shape[-1])]
-                                       + [(K,)] * (n_concepts * 3))
+                                       + [(K,)] * (n_concepts * (1 + n_noise)))
     np.testing.assert_array_equal(got.scores, expected.scores)
     np.testing.assert_array_equal(got.null_scores, expected.null_scores)
     with pytest.raises(ValueError, match="at least one image"):
@@ -236,7 +237,7 @@ def test_a_subset_of_classes_is_the_same_columns_with_a_smaller_family(layer):
     np.testing.assert_allclose(sub.pvalues_adjusted, np.minimum(1.0, full.pvalues[:, [2, 0]] * 3 * 2))
     assert K > 2 and sub.class_indices == [2, 0] and sub.classes == ["class 2", "class 0"]
     assert [r["class_index"] for r in sub.to_records()[:2]] == [2, 0]
-    by_class = influence(layer.head, images, pairs, n_noise=5, seed=3, classes=[1], labels=labels)
+    by_class = influence(layer.head, images, pairs, n_noise=10, seed=3, classes=[1], labels=labels)
     assert by_class.n_scored.tolist() == [int((labels == 1).sum())] and by_class.n_scored[0] > 0
     with pytest.raises(ValueError, match="classes must be distinct"):
         influence(layer.head, images[:10], pairs, n_noise=0, classes=[0, 0])
@@ -251,10 +252,168 @@ def test_the_predicted_classes_come_from_the_scoring_pass(layer):
     been listed (analyse uses it instead of a head pass of its own)."""
     images, pairs = layer.images()[:200], gt_pairs(layer)
     predicted = np.unique(np.asarray(layer.head(images)).argmax(1))
-    auto = influence(layer.head, images, pairs, n_noise=5, seed=1, classes="predicted")
-    listed = influence(layer.head, images, pairs, n_noise=5, seed=1, classes=predicted)
+    auto = influence(layer.head, images, pairs, n_noise=10, seed=1, classes="predicted")
+    listed = influence(layer.head, images, pairs, n_noise=10, seed=1, classes=predicted)
     assert auto.class_indices == predicted.tolist()
     np.testing.assert_array_equal(auto.scores, listed.scores)
     np.testing.assert_array_equal(auto.pvalues_adjusted, listed.pvalues_adjusted)
     with pytest.raises(ValueError, match="classes must be class indices or 'predicted', got 'all'"):
         influence(layer.head, images[:10], pairs, n_noise=0, classes="all")
+
+
+def test_nan_or_inf_strength_features_or_pairs_are_refused(layer):
+    """A NaN strength or a NaN activation made every score NaN (and, with noise directions,
+    'Eigenvalues did not converge'): both refused by name, as are pairs holding NaN."""
+    feats, pairs = layer.images()[:20], gt_pairs(layer)
+    for bad in (float("nan"), float("inf"), 0.0, "5", None):
+        with pytest.raises(ValueError, match=r"strength must be a finite nonzero number .*, got"):
+            influence(layer.head, feats, pairs, n_noise=0, strength=bad)
+    nan_feats = feats.copy()
+    nan_feats[3, 0, 1, 2] = np.nan
+    for n_noise in (0, 10):
+        with pytest.raises(ValueError, match=r"features contain NaN or Inf \(first in image 3\)"):
+            influence(layer.head, nan_feats, pairs, n_noise=n_noise)
+    inf_feats = feats.copy()
+    inf_feats[7, 0, 0, 0] = -np.inf
+    with pytest.raises(ValueError, match=r"features contain NaN or Inf \(first in image 7\)"):
+        influence(layer.head, inf_feats, pairs, n_noise=0)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=r"features contain NaN or Inf \(first in image 3\)"):
+        influence(layer.head, torch.from_numpy(nan_feats), pairs, n_noise=0)
+    nan_pairs = gt_pairs(layer)
+    nan_pairs.encoding_ = layer.S.copy()
+    nan_pairs.encoding_[0, 0] = np.nan
+    with pytest.raises(ValueError, match="the pairs contain NaN or Inf"):
+        influence(layer.head, feats, nan_pairs, n_noise=0)
+    # A negative strength stays meaningful (the concept lowered): where the linear head's relation
+    # is unambiguous every image moves the other way.
+    unamb, _ = truth(layer.head, layer.S)
+    cells = unamb != 0
+    up = influence(layer.head, feats, pairs, n_noise=0, strength=2.0)
+    down = influence(layer.head, feats, pairs, n_noise=0, strength=-2.0)
+    np.testing.assert_array_equal(up.scores[cells], unamb[cells])
+    np.testing.assert_array_equal(down.scores[cells], -unamb[cells])
+
+
+def test_indices_are_integers_in_range_and_distinct(layer):
+    """concepts=[1.7] was scored as concept 1, [True] as concept 1, classes=[True, False] (a mask)
+    as classes [1, 0], labels of 1.7 counted as class 1 and concepts [1, 1] scored twice: each is
+    refused, saying what was expected. One integer is read as a list of one."""
+    feats, pairs = layer.images()[:20], gt_pairs(layer)
+    I, K = 3, 3
+
+    def run(**kw):
+        return influence(layer.head, feats, pairs, n_noise=0, **kw)
+
+    for bad in ([1.7], [True], np.array([1.0]), np.array([True, False, True]), [np.float64(2.0)]):
+        with pytest.raises(TypeError, match="concepts must (hold|be) integer concept indices"):
+            run(concepts=bad)
+    for bad in ([1.9], [True, False], np.array([True, False, True]), [0, 1.0]):
+        with pytest.raises(TypeError, match="classes must (hold|be) integer class indices"):
+            run(classes=bad)
+    with pytest.raises(TypeError, match=r"concepts must be a concept index \(int\) or a sequence"):
+        run(concepts="1")
+    with pytest.raises(TypeError, match=r"concepts must be a concept index \(int\) or a sequence"):
+        run(concepts=True)
+    with pytest.raises(ValueError, match=r"concepts must be distinct concept indices in \[0, 3\), got \[1, 1\]"):
+        run(concepts=[1, 1])
+    with pytest.raises(IndexError, match=r"concepts must be distinct concept indices in \[0, 3\), got \[-1\]"):
+        run(concepts=[-1])
+    with pytest.raises(IndexError, match=r"in \[0, 3\), got \[3\]"):
+        run(concepts=np.array([3]))
+    with pytest.raises(ValueError, match=r"concepts must name at least one concept \(of 3\)"):
+        run(concepts=[])
+    with pytest.raises(ValueError, match=r"classes must be distinct class indices in \[0, 3\), got \[-1\]"):
+        run(classes=[-1])
+    for bad in (np.full(20, 1.7), np.ones(20, dtype=bool), np.full(20, np.nan)):
+        with pytest.raises(TypeError, match=r"labels must be integer class indices in \[0, 3\), one per image, "
+                                            r"got dtype"):
+            run(labels=bad)
+    with pytest.raises(ValueError, match=r"labels must hold one class in \[0, 3\) per image \(20 images\), "
+                                         r"got values from 0 to 3"):
+        run(labels=np.arange(20) % 4)
+    # One integer, numpy integers and torch integer tensors are indices.
+    full = run()
+    one = run(concepts=np.int64(2), classes=1)
+    assert one.settings["concepts"] == [2] and one.class_indices == [1]
+    np.testing.assert_array_equal(one.scores, full.scores[2:3, 1:2])
+    torch = pytest.importorskip("torch")
+    labelled = run(labels=torch.as_tensor(layer.y[:20]), concepts=torch.tensor([2, 0]))
+    np.testing.assert_array_equal(labelled.scores, run(labels=layer.y[:20]).scores[[2, 0]])
+    assert I == K == full.scores.shape[0] == full.scores.shape[1]
+
+
+def test_the_normal_pvalue_needs_enough_noise_directions(layer):
+    """With one noise direction the null's spread is 0, floored at 1/n, and p came out near 1e-57
+    (made-up significance). The normal p-value now needs MIN_NOISE_NORMAL directions; the
+    empirical one (at least 1 / (n_noise + 1), never spuriously small) takes any number, and
+    n_noise=0 still means no test."""
+    feats, pairs = layer.images()[:40], gt_pairs(layer)
+    assert inf_mod.MIN_NOISE_NORMAL == 10
+    for n_noise in (1, 2, 9):
+        with pytest.raises(ValueError, match=rf"n_noise={n_noise} noise directions are too few for the normal "
+                                             r"p-value.*n_noise >= 10.*pvalue='empirical'.*n_noise=0"):
+            influence(layer.head, feats, pairs, n_noise=n_noise)
+    ok = influence(layer.head, feats, pairs, n_noise=10)
+    assert np.isfinite(ok.pvalues).all() and ok.null_scores.shape == (3, 10, 3)
+    emp = influence(layer.head, feats, pairs, n_noise=1, pvalue="empirical")
+    assert emp.pvalues.min() >= 0.5 and not emp.significant.any()
+    none = influence(layer.head, feats, pairs, n_noise=0)
+    assert np.isnan(none.pvalues).all() and not none.significant.any()
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(alpha="0.05"), ValueError, r"alpha must be a significance level in \(0, 1\), got '0.05'"),
+    (dict(alpha=float("nan")), ValueError, r"alpha must be a significance level in \(0, 1\), got nan"),
+    (dict(alpha=1.0), ValueError, r"alpha must be a significance level in \(0, 1\), got 1.0"),
+    (dict(n_noise=2.5), ValueError, r"n_noise must be an integer >= 0, got 2.5"),
+    (dict(n_noise=-1), ValueError, r"n_noise must be an integer >= 0, got -1"),
+    (dict(batch_size=2.5), ValueError, r"batch_size must be a positive integer, got 2.5"),
+    (dict(batch_size=0), ValueError, r"batch_size must be a positive integer, got 0"),
+    (dict(max_rows=0), ValueError, r"max_rows must be an integer >= 4, got 0"),
+    (dict(max_rows=-5), ValueError, r"max_rows must be an integer >= 4, got -5"),
+    (dict(max_rows=1), ValueError, r"max_rows must be an integer >= 4, got 1"),
+    (dict(max_rows=100.0), ValueError, r"max_rows must be an integer >= 4, got 100.0"),
+    (dict(seed="x"), ValueError, r"seed must be a non-negative integer or None, got 'x'"),
+    (dict(concept_names=["a"]), ValueError, r"concept_names has 1 names for 3 concepts"),
+    (dict(concept_names="abc"), TypeError, r"concept_names must be a sequence of 3 names .*one string"),
+    (dict(class_names="abc"), TypeError, r"class_names must be a sequence of 3 names .*one string"),
+])
+def test_other_arguments_are_refused_by_name(layer, kwargs, error, message):
+    """'int' object is not iterable, IndexError, UFuncTypeError, "'<' not supported" and numpy's
+    sampling errors came before; a float batch_size was cut to an integer."""
+    with pytest.raises(error, match=message):
+        influence(layer.head, layer.images()[:20], gt_pairs(layer), **{"n_noise": 10, **kwargs})
+
+
+def test_features_are_checked_against_the_pairs_and_the_head():
+    """Features of a map layer passed as (n, D) reached the head and failed inside it ("mat1 and
+    mat2 shapes cannot be multiplied"): the failure now names the features' shape and the forms
+    expected. (n, D) features of a vector layer, whose head takes them, are scored; integer
+    features (a step would be rounded to whole numbers) and a too-small null sample are refused."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(16, 5)).eval()
+    images = torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    acts = edp.capture.capture(model, "3", images, progress=False)                 # (12, 8, 8, 16)
+    pairs = edp.EDPairs(4, random_state=0, progress=False).fit(acts.reshape(-1, 16))
+    head = edp.split_model(model, "3").head
+    assert influence(head, acts, pairs, n_noise=0).scores.shape == (4, 5)
+    with pytest.raises(ValueError, match=r"the head failed on the first batch of features, of shape \(12, 16\) "
+                                         r"\(\w+Error: .*\(n, h, w, D\) for a map"):
+        influence(head, acts[:, 0, 0, :], pairs, n_noise=0)
+    with pytest.raises(ValueError, match=r"the pairs have D=4 channels but features have shape \(12, 8, 8, 16\)"):
+        influence(head, acts, SimpleNamespace(decoding_=np.eye(4), encoding_=np.eye(4), bias_=np.zeros(4)))
+    with pytest.raises(ValueError, match=r"features must be .*\(n_images, D\).*got shape \(12,\)"):
+        influence(head, acts[:, 0, 0, 0], pairs, n_noise=0)
+    with pytest.raises(TypeError, match="features must be floating-point activations, got dtype int64"):
+        influence(head, acts.astype(np.int64), pairs, n_noise=0)
+    with pytest.raises(ValueError, match=r"the noise directions need at least 4 rows .* got 3"):
+        influence(lambda f: np.asarray(f) @ np.ones((16, 5)), acts[:3, 0, 0, :], pairs, n_noise=10)
+    # A vector layer: (n, D) features and a head that takes them.
+    vectors = edp.capture.capture(model, "5", images, progress=False)              # (12, 16)
+    vpairs = edp.EDPairs(2, random_state=0, progress=False).fit(vectors)
+    res = influence(edp.split_model(model, "5").head, vectors, vpairs, n_noise=10)
+    assert res.scores.shape == (2, 5) and np.isfinite(res.pvalues).all()

@@ -94,3 +94,44 @@ def test_rejects_bad_arguments():
         pr.make_probe_set(0, photos=_photos())
     with pytest.raises(ValueError):
         pr.make_probe_set(2, photos=[])
+
+
+def test_photos_are_checked_and_grey_or_rgba_taken_as_rgb():
+    """A list of bare arrays ("too many values to unpack"), a grey (H, W) photo ("too many indices"),
+    float photos in [0, 1] (cast to uint8: black) and reversed ranges ("low >= high") each get an
+    error naming the argument; grey and RGBA photos are read as RGB."""
+    rgb = _photos()[0][1]
+    with pytest.raises(TypeError, match=r"photos must be a list of \(name, image\) pairs, got photos\[0\] = an "
+                                        r"array of shape \(80, 120, 3\)"):
+        pr.make_probe_set(1, size=32, photos=[rgb])
+    with pytest.raises(TypeError, match=r"photos must be a list of \(name, image\) pairs, got str"):
+        pr.make_probe_set(1, size=32, photos="abc")
+    with pytest.raises(TypeError, match=r"photos\[0\] \('f'\) must be uint8 \(pixels 0..255\), got float64: for "
+                                        r"floats in \[0, 1\] pass \(image \* 255\)"):
+        pr.make_probe_set(1, size=32, photos=[("f", rgb / 255.0)])
+    with pytest.raises(ValueError, match=r"photos\[0\] \('w'\) must hold pixels 0..255, got values from 0 to 300"):
+        pr.make_probe_set(1, size=32, photos=[("w", np.arange(300 * 4).reshape(20, 20, 3) % 301)])
+    with pytest.raises(ValueError, match=r"photos\[0\] \('v'\) must be an \(H, W, 3\) RGB image .*"
+                                         r"got shape \(4, 4, 2\)"):
+        pr.make_probe_set(1, size=32, photos=[("v", np.zeros((4, 4, 2), np.uint8))])
+    with pytest.raises(ValueError, match=r"photos\[0\] \('e'\) must be at least 2 x 2 pixels"):
+        pr.make_probe_set(1, size=32, photos=[("e", np.zeros((0, 0, 3), np.uint8))])
+    for name in ("n_shapes", "n_textures", "n_colour_regions"):
+        for bad in ((3, 1), (-1, 0), (1.0, 2), 2):
+            with pytest.raises(ValueError, match=rf"{name} must be an inclusive \(min, max\) pair of integers"):
+                pr.make_probe_set(1, size=32, photos=_photos(), **{name: bad})
+    for kwargs, message in ((dict(n_images=2.5), "n_images must be a positive integer"),
+                            (dict(size=31), "size must be an integer >= 32"),
+                            (dict(seed=-1), "seed must be an integer >= 0")):
+        with pytest.raises(ValueError, match=message):
+            pr.make_probe_set(**{"n_images": 1, "size": 32, "photos": _photos(), **kwargs})
+    grey = rgb[:, :, 0]
+    as_rgb = pr.make_probe_set(2, size=32, seed=1, photos=[("g", np.repeat(grey[:, :, None], 3, axis=2))])
+    rgba = np.concatenate([np.repeat(grey[:, :, None], 3, 2), np.zeros_like(grey)[:, :, None]], 2)
+    for photo in (grey, grey[:, :, None], rgba, grey.astype(np.int64)):
+        got = pr.make_probe_set(2, size=32, seed=1, photos=[("g", photo)])
+        np.testing.assert_array_equal(got.images, as_rgb.images)
+        np.testing.assert_array_equal(got.masks, as_rgb.masks)
+    ds = as_rgb.dataset()
+    with pytest.raises(TypeError, match="index must be an integer, got 1.0"):
+        ds[1.0]

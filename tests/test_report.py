@@ -71,7 +71,7 @@ def full(setup, tmp_path_factory):
     """A report with every section, written once."""
     layer, pairs, acts, member, images = setup
     dissection = _dissection(pairs, acts)
-    result = run_influence(layer.head, acts, pairs, n_noise=8, seed=0, alpha=0.5)
+    result = run_influence(layer.head, acts, pairs, n_noise=10, seed=0, alpha=0.5)
     classes = ["cat", "dog", "car"]
     interventions = [dict(name="img 3", image=images[3], concept=1,
                           map=np.kron(member[3, :, :, 1], np.ones((SIDE // GRID[0], SIDE // GRID[1]))),
@@ -286,8 +286,17 @@ def _bad(setup, **change):
     (lambda s: dict(interventions=[dict(name="x", image=s[4][0], concept=0, map=np.ones((5, 5)), before=[],
                                         after=[])]), ValueError, r"\(H, W\)"),
     (lambda s: dict(explanations=[dict(name="x", image=s[4][0])]), TypeError, "explanation"),
+    # write_report has no X or check_finite: the NaN is named as its own argument (detect's words before).
+    (lambda s: dict(activations=np.where(np.arange(4)[:, None, None, None] == 2, np.nan, s[2][:4])), ValueError,
+     r"^activations contain NaN or Inf \(first in image 2\)"),
+    (lambda s: dict(activations=np.where(np.arange(4)[:, None, None, None] == 0, -np.inf, s[2][:4])), ValueError,
+     r"^activations contain NaN or Inf \(first in image 0\)"),
+    (lambda s: dict(class_names=["a", "b", "c", "d"],
+                    explanations=[dict(name="x", image=s[4][0], explanation=_explanation(s[3], 0))]),
+     ValueError, r"explanations\[0\] has 3 class logits but class_names has 4 names"),
 ], ids=["dtype", "images-3d", "acts-3d", "n-mismatch", "D-mismatch", "pairs", "names", "top_k",
-        "patch_scale", "meta", "intervention-concept", "intervention-map", "explanation-keys"])
+        "patch_scale", "meta", "intervention-concept", "intervention-map", "explanation-keys", "acts-nan",
+        "acts-inf", "explanation-class-names"])
 def test_wrong_inputs_raise_clear_errors(setup, tmp_path, change, error, message):
     args = _bad(setup, **change(setup))
     pairs, images, acts = args.pop("pairs"), args.pop("images"), args.pop("activations")

@@ -90,9 +90,16 @@ def activation_maximisation(split_or_model, layer, pairs, concept: int, *, steps
     ``target``: stop as soon as the objective (measured on the jittered input) reaches it, e.g.
     the largest value natural images give, to keep the representation near the data. Returns an
     :class:`ActMaxResult` with ``cos_encoding = cos(delta, s_i)``, ``cos_decoding =
-    cos(delta, w_i)``, the objective before and after, ``delta`` (D,) and the final image."""
+    cos(delta, w_i)``, the objective before and after, ``delta`` (D,) and the final image. Runs
+    inside ``torch.no_grad()`` too (gradients are switched on for the steps); inside
+    ``torch.inference_mode()``, which cannot be switched off, it raises a RuntimeError."""
     import torch
 
+    if torch.is_inference_mode_enabled():
+        # (inference mode, unlike no_grad, cannot be switched off inside: its tensors never track gradients)
+        raise RuntimeError("activation_maximisation needs gradients with respect to the input, which "
+                           "torch.inference_mode() disables: call it outside the inference_mode block "
+                           "(inside torch.no_grad() is fine)")
     if objective not in ("mean", "max"):
         raise ValueError(f"objective must be 'mean' or 'max', got {objective!r}")
     for name, value in (("steps", steps), ("jitter", jitter), ("blur_every", blur_every)):
@@ -112,6 +119,8 @@ def activation_maximisation(split_or_model, layer, pairs, concept: int, *, steps
             raise ValueError(f"clamp must be None or a (low, high) pair of numbers with low < high, got {clamp!r}")
     if target is not None:
         check_real("target", target, "a finite number or None", lambda v: True)
+    if not (is_int(seed) and seed >= 0):
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     check_fitted(pairs, ("decoding_", "encoding_"))
     W = np.asarray(pairs.decoding_, dtype=np.float64)
     S = np.asarray(pairs.encoding_, dtype=np.float64)
@@ -150,14 +159,15 @@ def activation_maximisation(split_or_model, layer, pairs, concept: int, *, steps
     x = x.clone()
     for t in range(int(steps)):
         dy, dx = (int(v) for v in rng.integers(-jitter, jitter + 1, size=2)) if jitter else (0, 0)
-        xin = x.detach().requires_grad_(True)
-        shifted = torch.roll(xin, shifts=(dy, dx), dims=(-2, -1)) if (dy or dx) else xin
-        val = value(features(shifted))
-        reached = None if target is None else float(val.detach())  # (one read of the device per step)
-        if reached is not None and reached >= target:
-            history.append(reached)
-            break
-        (g,) = torch.autograd.grad(val, xin)
+        with torch.enable_grad():  # (the caller may be inside torch.no_grad())
+            xin = x.detach().requires_grad_(True)
+            shifted = torch.roll(xin, shifts=(dy, dx), dims=(-2, -1)) if (dy or dx) else xin
+            val = value(features(shifted))
+            reached = None if target is None else float(val.detach())  # (one read of the device per step)
+            if reached is not None and reached >= target:
+                history.append(reached)
+                break
+            (g,) = torch.autograd.grad(val, xin)
         with torch.no_grad():
             x = x + lr * g / g.abs().mean().clamp_min(1e-12)
             if blur_every and (t + 1) % blur_every == 0:

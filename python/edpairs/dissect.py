@@ -29,7 +29,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from ._checks import check_indices, check_int, is_int
+from ._checks import check_indices, check_int, check_real, is_int
 
 __all__ = ["Dissection", "dissect", "iou_matrix", "s_scores", "upsample"]
 
@@ -98,6 +98,22 @@ def _as_maps(maps) -> np.ndarray:
     return a
 
 
+def _as_masks(masks) -> np.ndarray:
+    """Boolean masks from a bool array or one holding exactly 0 and 1 (numpy or torch): scores or
+    probabilities would otherwise turn into "nonzero = in" (NaN too), so they are refused."""
+    a = masks.detach().cpu().numpy() if hasattr(masks, "detach") else np.asarray(masks)
+    if a.dtype == bool:
+        return a
+    if a.dtype.kind not in "iuf":
+        raise TypeError(f"masks must be boolean (or 0/1) pixel masks (n, n_concepts, H, W), got dtype {a.dtype}")
+    is_01 = (a == 0) | (a == 1)
+    if not is_01.all():
+        bad = a[~is_01].ravel()[0]
+        raise ValueError(f"masks must be boolean (or 0/1) pixel masks, got {a.dtype} values other than 0 and 1 "
+                         f"(e.g. {bad.item()!r}): threshold scores or probabilities into a decision first")
+    return a.astype(bool)
+
+
 def upsample(maps, size) -> np.ndarray:
     """Bilinear upsampling (``align_corners=False``) of channel-last score maps (n, h, w, K) to
     (n, K, H, W) float32 — torch's ``F.interpolate``, the convention of Network Dissection's
@@ -141,10 +157,10 @@ def _counts(maps, masks, thresholds, images, batch_size):
 
 def iou_matrix(maps, masks, thresholds, images=None, *, batch_size: int = 16) -> np.ndarray:
     """(K, C) IoU of each detector (``upsample(maps) > thresholds``) with each concept mask
-    (n, C, H, W), pooled over the images (all, or the given indices): |A & B| / |A | B|, 0 where
-    both are empty."""
+    (n, C, H, W) (bool, or exactly 0 / 1), pooled over the images (all, or the given indices):
+    |A & B| / |A | B|, 0 where both are empty."""
     maps = _as_maps(maps)
-    masks = np.asarray(masks, dtype=bool)
+    masks = _as_masks(masks)
     _check(maps, masks, batch_size)
     images = np.arange(len(maps)) if images is None else check_indices(images, "images", len(maps), "images", mask=True)
     return _iou(maps, masks, _thresholds(thresholds, maps.shape[3]), images, batch_size)
@@ -204,13 +220,14 @@ def dissect(maps, masks, concepts: Optional[Sequence[str]] = None, *, rule: str 
 
     ``maps``: per-image detector scores at the layer's grid, channel-last (n, h, w, K) (or
     (n, h*w, K) for a square grid), e.g. ``pairs.decode(X)`` reshaped. ``masks``: (n, C, H, W)
-    bool (a :class:`edpairs.probe.ProbeSet`'s). ``rule``: ``"given"`` (``thresholds`` (K,):
+    bool (a :class:`edpairs.probe.ProbeSet`'s), or numbers exactly 0 / 1 (anything else, NaN
+    included, is refused: threshold scores first). ``rule``: ``"given"`` (``thresholds`` (K,):
     detection is ``score > threshold``), ``"quantile"`` (top ``quantile`` of each detector's
     upsampled fit-half scores) or ``"best"`` (the threshold maximising the detector's best
     fit-half IoU). ``fit``: the fit half, a boolean (n,) mask or indices (default: even
     images); the others are scored. See the module docstring for why."""
     maps = _as_maps(maps)
-    masks = np.asarray(masks, dtype=bool)
+    masks = _as_masks(masks)
     _check(maps, masks, batch_size)
     check_int("bins", bins)
     n, K, C = maps.shape[0], maps.shape[3], masks.shape[1]
@@ -239,8 +256,7 @@ def dissect(maps, masks, concepts: Optional[Sequence[str]] = None, *, rule: str 
         edges = lo[:, None] + (hi - lo)[:, None] * np.arange(bins)[None, :] / bins  # lower edge of each bin
         above = np.cumsum(every[:, ::-1], axis=1)[:, ::-1]  # (K, bins): scores in bins >= j
         if rule == "quantile":
-            if not 0 < quantile < 1:
-                raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+            check_real("quantile", quantile, "in (0, 1)", lambda v: 0 < v < 1)
             under = above <= quantile * every.sum(1, keepdims=True)
             j = np.where(under.any(1), np.argmax(under, axis=1), bins - 1)  # first bin edge with <= q above
         else:

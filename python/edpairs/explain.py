@@ -5,12 +5,13 @@ class — the logit minus the logit with the concept removed at the layer (gated
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional
 
 import numpy as np
 
-from ._checks import check_fitted, check_layer_width, check_real, is_int
+from ._checks import check_fitted, check_int, check_layer_width, check_real, is_int, is_real
 from .influence import _figure, save_figure
 
 __all__ = ["Explanation", "explain", "plot_explanation"]
@@ -54,7 +55,33 @@ def _as_batch(image):
         x = x[None]
     if x.ndim != 4 or x.shape[0] != 1:
         raise ValueError(f"image must be one preprocessed (C, H, W) or (1, C, H, W) tensor, got {tuple(x.shape)}")
-    return x.float()
+    x = x.float()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("image contains NaN or Inf: every pixel must be a finite number (no concept would be "
+                         "found present)")
+    return x
+
+
+def _scale_of(scale, I: int):
+    """``scale`` checked (None / "mean", a finite number, or a dict {concept: one of those}), as a
+    function concept -> the scale to pass to :func:`edpairs.interventions.remove` for that one concept."""
+    def check(v, what):
+        if v is None or (isinstance(v, str) and v == "mean"):
+            return v
+        if not is_real(v) or not math.isfinite(v):
+            raise ValueError(f"{what} must be a finite number, 'mean' or None (to the mean's latent factor), "
+                             f"got {v!r}")
+        return v
+
+    if not isinstance(scale, dict):
+        one = check(scale, "scale")
+        return lambda i: one
+    for c, v in scale.items():
+        if not is_int(c) or not 0 <= c < I:
+            raise ValueError(f"scale's keys must be concept indices in [0, {I}), got {c!r}")
+        check(v, f"scale[{c}]")
+    # Each present concept is removed on its own: it takes its own entry (the default when absent).
+    return lambda i: {i: scale[i]} if i in scale else None
 
 
 def explain(model_or_split, layer, image, pairs, *, class_index: Optional[int] = None, threshold: float = 0.5,
@@ -68,7 +95,9 @@ def explain(model_or_split, layer, image, pairs, *, class_index: Optional[int] =
     its membership exceeds ``threshold`` at some position; its contribution is
     ``logit - logit'`` where ``logit'`` is the class logit after removing the concept from every
     position of the layer (``remove(..., gate=gate, scale=scale, relu=relu)``; gated by default,
-    so positions where the detector is off are left nearly unchanged)."""
+    so positions where the detector is off are left nearly unchanged). scale: None / ``"mean"``
+    (to the mean's latent factor), a finite number, or a dict {concept: either}, where each
+    concept takes its own entry (the default when it has none). image: finite values."""
     import torch
 
     from .interventions import remove
@@ -77,6 +106,10 @@ def explain(model_or_split, layer, image, pairs, *, class_index: Optional[int] =
     check_real("threshold", threshold, "a membership level in [0, 1]", lambda v: 0.0 <= v <= 1.0)
     if class_index is not None and not is_int(class_index):
         raise TypeError(f"class_index must be an integer class index or None, got {class_index!r}")
+    for name, flag in (("gate", gate), ("relu", relu)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    scale_of = _scale_of(scale, int(np.shape(pairs.decoding_)[0]))
     split = _as_split(model_or_split, layer)
     x = _as_batch(image)
     with torch.no_grad():
@@ -104,7 +137,7 @@ def explain(model_or_split, layer, image, pairs, *, class_index: Optional[int] =
         present = [int(i) for i in np.flatnonzero((grid > threshold).any(axis=(1, 2)))]
         contributions, removed = {}, {}
         for i in present:
-            edited = remove(feats, pairs, [i], gate=gate, scale=scale, relu=relu)
+            edited = remove(feats, pairs, [i], gate=bool(gate), scale=scale_of(i), relu=bool(relu))
             out = split.head(edited)[0].double().cpu().numpy()
             removed[i] = out
             contributions[i] = float(logits[k] - out[k])
@@ -117,13 +150,21 @@ def _display_image(image) -> np.ndarray:
     """(H, W, 3) float in [0, 1] from a (C, H, W) / (1, C, H, W) tensor or an (H, W, 3) array,
     min-max scaled when outside [0, 1] (preprocessed inputs)."""
     a = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    shape = np.shape(a)
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"image must be a numeric (C, H, W) / (1, C, H, W) tensor or (H, W, 3) array, "
+                        f"got dtype {a.dtype}")
     a = np.asarray(a, dtype=np.float64)
-    if a.ndim == 4:
+    if a.ndim == 4 and a.shape[0] == 1:
         a = a[0]
     if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
         a = a.transpose(1, 2, 0)
     if a.ndim == 2:
         a = a[:, :, None]
+    if a.ndim != 3 or a.shape[-1] not in (1, 3) or 0 in a.shape:
+        raise ValueError(f"image must be one (C, H, W) / (1, C, H, W) tensor or (H, W, 3) array, got shape {shape}")
+    if not np.isfinite(a).all():
+        raise ValueError("image contains NaN or Inf: every pixel must be a finite number")
     if a.shape[-1] == 1:
         a = np.repeat(a, 3, axis=-1)
     if a.max() > 1.0 or a.min() < 0.0:
@@ -138,7 +179,18 @@ def plot_explanation(result: Explanation, image, path=None, *, max_concepts: int
                      concept_names=None):
     """The image, then each present concept's map overlaid on it (by decreasing contribution),
     the contribution to the explained class's logit in each title. Returns a matplotlib Figure;
-    saved atomically as PNG when ``path`` is given."""
+    saved atomically as PNG when ``path`` is given. class_names: one per class of the head (as
+    many as ``result.logits``); concept_names: one per concept of the pairs (``result.maps``)."""
+    check_int("max_concepts", max_concepts, 0)
+    K, I = int(np.shape(result.logits)[0]), int(np.shape(result.maps)[0])
+    for what, names, count, of in (("class_names", class_names, K, "classes of the head"),
+                                   ("concept_names", concept_names, I, "concepts of the pairs")):
+        if names is None:
+            continue
+        if isinstance(names, (str, bytes)):
+            raise TypeError(f"{what} must be a sequence of {count} names, got one string {names!r:.40}")
+        if len(names) != count:
+            raise ValueError(f"{what} has {len(names)} names for the explanation's {count} {of}")
     shown = result.present[:max_concepts]
     n = 1 + len(shown)
     cols = min(n, 5)

@@ -31,7 +31,13 @@ Definitions (what :func:`influence` computes):
   ``pvalue="empirical"``: ``(1 + #{noise with |score - mean| >= |observed - mean|}) / (n_noise + 1)``.
   Bonferroni: ``p_adj = min(1, p * I * K)``; significant when ``p_adj < alpha``. The normal fit
   rests on the noise directions' spread: use tens of them (100 by default); with a handful the
-  spread is underestimated and far too many cells come out significant.
+  spread is underestimated and far too many cells come out significant. So the normal fit needs
+  at least ``MIN_NOISE_NORMAL`` (10) of them and fewer are refused: for normal noise scores the
+  sample sd of ``m`` of them falls below half the true one with probability
+  ``P(chi2_{m-1} < (m-1)/4)``, 38 % at m = 2, 9 % at m = 5, 1.3 % at m = 10; a halved sd doubles
+  every z, which moves a cell at z = 1.7 past the Bonferroni threshold of a 20-cell family
+  (z = 3.0). (With one direction the sd is 0, floored at ``1 / n``: p-values near 1e-57 were
+  reported.) The empirical p-value is valid with any number (at least 1 / (n_noise + 1)).
 
 When the test has power (measured on synthetic layers with known heads, bench_influence.py).
 The sign test counts every image that moves, however little, so a noise direction is quiet only
@@ -58,11 +64,15 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from ._arrays import to_host
 from ._arrays import to_numpy64 as _host
-from ._checks import check_fitted
+from ._checks import check_fitted, check_int, check_real, is_int
 from ._io import make_folder, write_atomic
 
 __all__ = ["InfluenceResult", "influence", "plot_influence", "noise_directions"]
+
+MIN_NOISE_NORMAL = 10  # noise directions the normal p-value needs (module docstring)
+MIN_NOISE_ROWS = 4     # rows a label-permuted detector needs: at least 2 positives and 2 negatives
 
 
 def _is_torch(x) -> bool:
@@ -152,6 +162,107 @@ def noise_directions(X, memberships, n_noise: int, *, rng, rcond: float = 1e-6) 
     return S / np.maximum(norms, 1e-300)
 
 
+# ---- argument checks ---------------------------------------------------------------------
+def _index_list(v, name: str, size: int, of: str, *, out_of_range=ValueError) -> np.ndarray:
+    """``v`` as distinct int64 indices in [0, size) of ``size`` ``of``: one integer (read as
+    ``[v]``), or a sequence or integer array (numpy, torch) of them. Floats are refused, not
+    truncated; bools, not read as indices 0 / 1 nor as a mask; negatives, not wrapped."""
+    if is_int(v):
+        a = np.array([int(v)], dtype=np.int64)
+    elif hasattr(v, "shape") and hasattr(v, "dtype"):  # numpy, torch (any device), cupy
+        a = to_host(v)
+        if a.size and a.dtype.kind not in "iu":
+            raise TypeError(f"{name} must be integer {of} indices, got an array of dtype {a.dtype}")
+        if a.ndim > 1:
+            raise ValueError(f"{name} must be a 1-D list of {of} indices, got shape {a.shape}")
+        a = a.astype(np.int64).reshape(-1)
+    else:
+        items = None
+        if not isinstance(v, (str, bytes)):
+            try:
+                items = list(v)
+            except TypeError:
+                pass
+        if items is None:
+            raise TypeError(f"{name} must be a {of} index (int) or a sequence of them, got "
+                            f"{type(v).__name__} {v!r:.60}")
+        bad = [x for x in items if not is_int(x)]
+        if bad:
+            raise TypeError(f"{name} must hold integer {of} indices, got {bad[0]!r} ({type(bad[0]).__name__})")
+        a = np.array([int(x) for x in items], dtype=np.int64)
+    shown = a.tolist()[:10]
+    if a.size == 0:
+        raise ValueError(f"{name} must name at least one {of} (of {size}), got none")
+    if a.min() < 0 or a.max() >= size:
+        raise out_of_range(f"{name} must be distinct {of} indices in [0, {size}), got {shown}")
+    if len(np.unique(a)) != a.size:
+        raise ValueError(f"{name} must be distinct {of} indices in [0, {size}), got {shown} (repeated)")
+    return a
+
+
+def _labels(labels, n: int, K: int) -> np.ndarray:
+    """(n,) int64 classes in [0, K), one per image, from integer labels (numpy, torch, list)."""
+    a = to_host(labels) if hasattr(labels, "shape") and hasattr(labels, "dtype") else np.asarray(labels)
+    if a.size != n or a.ndim > 2 or (a.ndim == 2 and 1 not in a.shape):
+        raise ValueError(f"labels must hold one class in [0, {K}) per image ({n} images), got shape {a.shape}")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"labels must be integer class indices in [0, {K}), one per image, got dtype {a.dtype}")
+    a = a.astype(np.int64).reshape(-1)
+    if a.min() < 0 or a.max() >= K:
+        raise ValueError(f"labels must hold one class in [0, {K}) per image ({n} images), got values from "
+                         f"{a.min()} to {a.max()}")
+    return a
+
+
+def _names(names, count: int, what: str, of: str):
+    """``names`` (one per item, ``count`` of ``of``) as a list, else an error naming ``what``."""
+    if names is None:
+        return None
+    if isinstance(names, (str, bytes)):
+        raise TypeError(f"{what} must be a sequence of {count} names (one each of the {of}), got one string "
+                        f"{names!r:.40}")
+    names = list(names)
+    if len(names) != count:
+        raise ValueError(f"{what} has {len(names)} names for {count} {of}")
+    return names
+
+
+def _check_features(features, D: int):
+    """features as a numpy array (or the torch tensor itself), checked: channel-last, floating,
+    at least one image, ``D`` channels, finite."""
+    torch_features = _is_torch(features)
+    expected = ("the images' channel-last layer activations (n_images, h, w, D), (n_images, L, D) or "
+                f"(n_images, D), numpy or torch, with the pairs' D={D} channels last")
+    if not torch_features:
+        if not hasattr(features, "shape"):
+            raise ValueError(f"features must be {expected}; got {type(features).__name__}")
+        features = np.asarray(features)
+    shape = tuple(features.shape)
+    if len(shape) < 2:
+        raise ValueError(f"features must be {expected}; got shape {shape}")
+    if int(shape[-1]) != D:
+        raise ValueError(f"the pairs have D={D} channels but features have shape {shape} (channel-last expected)")
+    floating = features.is_floating_point() if torch_features else features.dtype.kind == "f"
+    if not floating:
+        # An integer array would round every step (strength * s_i) to whole numbers.
+        raise TypeError(f"features must be floating-point activations, got dtype {features.dtype}")
+    n = int(shape[0])
+    if n < 1:
+        raise ValueError(f"features must hold at least one image, got shape {shape}")
+    per_image = max(1, int(np.prod(shape[1:])))
+    step = max(1, (1 << 24) // per_image)  # bounded temporaries: the check reads the features once
+    for start in range(0, n, step):
+        part = features[start:start + step]
+        if torch_features:
+            ok = sys.modules["torch"].isfinite(part).reshape(part.shape[0], -1).all(1).cpu().numpy()
+        else:
+            ok = np.isfinite(part).reshape(part.shape[0], -1).all(1)
+        if not ok.all():
+            raise ValueError(f"features contain NaN or Inf (first in image {start + int(np.argmin(ok))}): every "
+                             f"activation must be a finite number (the scores would all be NaN)")
+    return features
+
+
 # ---- scoring -----------------------------------------------------------------------------
 class _Scorer:
     """Evaluates the head on the features shifted by one vector, in batches of images, and
@@ -209,7 +320,18 @@ class _Scorer:
             f = self.features[start:start + self.batch_size]
             if delta is not None:
                 f = f + delta
-            logits = self._logits(f)
+            try:
+                logits = self._logits(f)
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                if self.base is not None or "out of memory" in str(exc).lower():
+                    raise
+                # The first call: most often features of another rank or layout than the head takes.
+                raise ValueError(
+                    f"the head failed on the first batch of features, of shape {tuple(f.shape)} "
+                    f"({type(exc).__name__}: {exc}). head must map the layer's channel-last features to "
+                    f"(n_images, n_classes) logits (e.g. split_model(model, layer).head), and features "
+                    f"must be that layer's activations in the rank the head takes: (n, h, w, D) for a map, "
+                    f"(n, L, D) for tokens, (n, D) for vectors") from exc
             if logits.ndim != 2 or logits.shape[0] != f.shape[0]:
                 raise ValueError(f"head must return (n_images, n_classes) logits, got shape {tuple(logits.shape)} "
                                  f"for {f.shape[0]} images")
@@ -245,56 +367,67 @@ def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 10
 
     head: features -> (n, K) logits (numpy or torch, e.g. a
     :class:`edpairs.synthetic.LinearHead` or ``split_model(model, layer).head``). features:
-    the images' channel-last layer activations ``(n, h, w, D)`` (or ``(n, L, D)``), numpy or
-    torch; the head is called on slices of it, shifted. pairs: fitted pairs (``decoding_``,
-    ``bias_``, ``encoding_``). labels: optional (n,) class of each image: class ``k`` is then
-    scored on its own images. concepts: the concepts to score (default all). classes: the class
-    indices to score (default all; probabilities still come from every logit), or
+    the images' channel-last layer activations ``(n, h, w, D)`` (or ``(n, L, D)``, or ``(n, D)``
+    for a vector layer), floating-point and finite, numpy or torch, in the rank the head takes;
+    the head is called on slices of it, shifted. pairs: fitted pairs (``decoding_``,
+    ``bias_``, ``encoding_``). labels: optional (n,) integer class of each image: class ``k`` is
+    then scored on its own images. concepts: the concepts to score (default all): distinct
+    integer indices, or one integer (read as ``[concept]``). classes: the class indices to score
+    (default all; distinct integers, or one; probabilities still come from every logit), or
     ``"predicted"``: the classes the head predicts for some image, read off the same pass that
     scores the unshifted features — the result's columns, and the Bonferroni family is
-    concepts x these classes. ``n_noise=0``
-    skips the null (p-values NaN, nothing significant). Deterministic for a given ``seed``."""
+    concepts x these classes. Floats and bools are refused as indices (never truncated or read
+    as a mask). concept_names / class_names: one name per concept of the pairs / class of the
+    head. strength: finite, nonzero. ``n_noise=0`` skips the null (p-values NaN, nothing
+    significant); the normal p-value needs ``n_noise >= MIN_NOISE_NORMAL`` (10, module
+    docstring), the empirical one any number. max_rows: at most this many patches (>= 4) are
+    sampled for the noise detectors. Deterministic for a given ``seed`` (an integer >= 0)."""
     if pvalue not in ("normal", "empirical"):
         raise ValueError(f"pvalue must be 'normal' or 'empirical', got {pvalue!r}")
-    if not (0 < alpha < 1):
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-    if n_noise < 0 or batch_size < 1:
-        raise ValueError(f"n_noise must be >= 0 and batch_size >= 1, got {n_noise} and {batch_size}")
-    if not hasattr(features, "shape") or len(features.shape) < 2:
-        raise ValueError("features must be an (n_images, h, w, D) or (n_images, L, D) channel-last array")
+    check_real("strength", strength, "a finite nonzero number (the step, in units of the concept's latent factor)",
+               lambda v: v != 0)
+    check_real("alpha", alpha, "a significance level in (0, 1)", lambda v: 0 < v < 1)
+    check_int("n_noise", n_noise, 0)
+    if pvalue == "normal" and 0 < n_noise < MIN_NOISE_NORMAL:
+        raise ValueError(f"n_noise={n_noise} noise directions are too few for the normal p-value: their spread "
+                         f"would be underestimated and cells reported significant by chance; use n_noise >= "
+                         f"{MIN_NOISE_NORMAL} (tens: 100 by default), pvalue='empirical', or n_noise=0 for no "
+                         f"significance test")
+    check_int("batch_size", batch_size)
+    check_int("max_rows", max_rows, MIN_NOISE_ROWS)
+    if seed is not None and not (is_int(seed) and seed >= 0):
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
     check_fitted(pairs, ("decoding_", "encoding_", "bias_"))
     W, S, b = (_host(getattr(pairs, a)) for a in ("decoding_", "encoding_", "bias_"))
+    if W.ndim != 2 or S.shape != W.shape or b.shape != W.shape[:1]:
+        raise ValueError(f"pairs must have decoding_ and encoding_ (I, D) and bias_ (I,), got shapes {W.shape}, "
+                         f"{S.shape} and {b.shape}")
+    if not (np.isfinite(W).all() and np.isfinite(S).all() and np.isfinite(b).all()):
+        raise ValueError("the pairs contain NaN or Inf (decoding_, encoding_ or bias_)")
     I, D = W.shape
-    if int(features.shape[-1]) != D:
-        raise ValueError(f"the pairs have D={D} channels but features have shape {tuple(features.shape)} "
-                         f"(channel-last expected)")
-    if not _is_torch(features):
-        features = np.asarray(features)
+    features = _check_features(features, D)
     n = int(features.shape[0])
-    if n < 1:
-        raise ValueError(f"features must hold at least one image, got shape {tuple(features.shape)}")
-    idx = list(range(I)) if concepts is None else [int(c) for c in concepts]
-    if any(not 0 <= c < I for c in idx):
-        raise IndexError(f"concepts must lie in [0, {I}), got {idx}")
+    idx = list(range(I)) if concepts is None else _index_list(concepts, "concepts", I, "concept",
+                                                               out_of_range=IndexError).tolist()
+    concept_names = _names(concept_names, I, "concept_names", "concepts")
+    if n_noise > 0 and min(max_rows, n * int(np.prod(features.shape[1:-1]))) < MIN_NOISE_ROWS:
+        raise ValueError(f"the noise directions need at least {MIN_NOISE_ROWS} rows (images x positions) of "
+                         f"features, got {n * int(np.prod(features.shape[1:-1]))} (features of shape "
+                         f"{tuple(features.shape)}); pass more images or n_noise=0")
 
-    scorer = _Scorer(head, features, int(batch_size))
+    scorer = _Scorer(head, features, batch_size)
     K_all = int(scorer.base.shape[1])
     if isinstance(classes, str):
         if classes != "predicted":
             raise ValueError(f"classes must be class indices or 'predicted', got {classes!r}")
         cols = np.unique(scorer.base_host().argmax(1))
     else:
-        cols = np.arange(K_all) if classes is None else np.asarray(classes, dtype=np.int64).ravel()
-    if cols.size == 0 or cols.min() < 0 or cols.max() >= K_all or len(np.unique(cols)) != cols.size:
-        raise ValueError(f"classes must be distinct class indices in [0, {K_all}), got {list(cols)[:10]}")
+        cols = np.arange(K_all) if classes is None else _index_list(classes, "classes", K_all, "class")
     K = int(cols.size)
-    if class_names is not None and len(class_names) != K_all:
-        raise ValueError(f"class_names has {len(class_names)} names for {K_all} classes")
+    class_names = _names(class_names, K_all, "class_names", "classes")
     masks = None
     if labels is not None:
-        labels = _host(labels).astype(np.int64).ravel()
-        if labels.shape != (n,) or labels.min() < 0 or labels.max() >= K_all:
-            raise ValueError(f"labels must hold one class in [0, {K_all}) per image ({n} images)")
+        labels = _labels(labels, n, K_all)
         masks = (labels[:, None] == cols[None, :]).astype(np.float64)
     n_scored = np.full(K, n) if masks is None else masks.sum(0).astype(np.int64)
     scorer.score_on(cols, masks)
@@ -341,7 +474,7 @@ def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 10
         mean = sd = p = p_adj = np.full((Iq, K), np.nan)
         significant = np.zeros((Iq, K), dtype=bool)
 
-    names_c = [str(concept_names[i]) for i in idx] if concept_names is not None else [f"concept {i}" for i in idx]
+    names_c = [str(concept_names[i]) if concept_names is not None else f"concept {i}" for i in idx]
     names_k = [str(class_names[k]) if class_names is not None else f"class {k}" for k in cols]
     return InfluenceResult(scores=scores, pvalues=p, pvalues_adjusted=p_adj, significant=significant,
                            null_mean=mean, null_std=sd, null_scores=null, n_scored=n_scored,

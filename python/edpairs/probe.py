@@ -10,6 +10,7 @@ from typing import List, Tuple
 
 import numpy as np
 
+from ._checks import check_int, is_int
 from .zoo import _dataset_base
 
 __all__ = ["COLOURS", "CONCEPTS", "SHAPES", "TEXTURES", "ProbeDataset", "ProbeSet", "make_probe_set"]
@@ -84,6 +85,8 @@ class ProbeDataset(_dataset_base()):
 
         from .zoo import MEAN_RGB, STDDEV_RGB
 
+        if not is_int(i):
+            raise TypeError(f"index must be an integer, got {i!r}")
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} items")
         i = i % len(self)
@@ -190,29 +193,77 @@ def _paint(masks, region, labels):
         masks[c, region] = True
 
 
+def _check_photos(photos) -> List[Tuple[str, np.ndarray]]:
+    """``[(name, (H, W, 3) uint8)]`` from a sequence of (name, image) pairs: grey (H, W) or
+    (H, W, 1) images become RGB, RGBA loses its alpha; integer images must lie in 0..255 and
+    floating-point ones are refused (their scale, 0..1 or 0..255, would be a guess)."""
+    if isinstance(photos, (str, bytes, np.ndarray)) or not hasattr(photos, "__iter__"):
+        raise TypeError(f"photos must be a list of (name, image) pairs, got {type(photos).__name__}")
+    out = []
+    for j, item in enumerate(photos):
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            got = (f"an array of shape {np.shape(item)}" if hasattr(item, "shape")
+                   else f"{type(item).__name__} {item!r:.40}")
+            raise TypeError(f"photos must be a list of (name, image) pairs, got photos[{j}] = {got}")
+        name, a = item
+        a = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+        what = f"photos[{j}] ({name!r})"
+        if a.ndim == 2:
+            a = a[:, :, None]
+        if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+            raise ValueError(f"{what} must be an (H, W, 3) RGB image (or (H, W) grey, (H, W, 4) RGBA), "
+                             f"got shape {a.shape}")
+        if a.shape[0] < 2 or a.shape[1] < 2:
+            raise ValueError(f"{what} must be at least 2 x 2 pixels, got shape {a.shape}")
+        if a.dtype.kind == "f":
+            raise TypeError(f"{what} must be uint8 (pixels 0..255), got {a.dtype}: for floats in [0, 1] pass "
+                            f"(image * 255).round().astype(np.uint8)")
+        if a.dtype.kind not in "iu":
+            raise TypeError(f"{what} must be uint8 (pixels 0..255), got {a.dtype}")
+        if a.dtype != np.uint8 and a.size and (a.min() < 0 or a.max() > 255):
+            raise ValueError(f"{what} must hold pixels 0..255, got values from {a.min()} to {a.max()}")
+        a = a[:, :, :3] if a.shape[2] != 1 else np.repeat(a, 3, axis=2)
+        out.append((str(name), np.ascontiguousarray(a.astype(np.uint8, copy=False))))
+    if not out:
+        raise ValueError("photos is empty: give at least one (name, image) pair")
+    return out
+
+
+def _check_range(name: str, value) -> Tuple[int, int]:
+    if (not isinstance(value, (tuple, list)) or len(value) != 2 or not all(is_int(v) for v in value)
+            or not 0 <= value[0] <= value[1]):
+        raise ValueError(f"{name} must be an inclusive (min, max) pair of integers with 0 <= min <= max, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
 def make_probe_set(n_images: int = 64, size: int = 224, seed: int = 0, *, photos=None,
                    n_colour_regions: Tuple[int, int] = (1, 2), n_textures: Tuple[int, int] = (1, 2),
                    n_shapes: Tuple[int, int] = (1, 3)) -> ProbeSet:
     """A seeded probe set of ``n_images`` (size x size) images with exact multi-label masks.
 
     Each image: a random crop of a photo (``photos``: ``[(name, (H, W, 3) uint8)]``, default
-    :func:`edpairs.zoo.photos`), then, in this order (later content occludes earlier):
+    :func:`edpairs.zoo.photos`; grey (H, W) and RGBA photos are taken as RGB, integer pixels
+    must lie in 0..255, floating-point photos are refused rather than guessed at), then, in
+    this order (later content occludes earlier):
     ``n_colour_regions`` irregular regions of the photo recoloured in a named colour (the
     photo's luminance kept as shading, so the region keeps its texture: label = the colour);
     ``n_textures`` rectangular achromatic texture patches (stripes, checker, dots, noise: label
     = the texture over the whole patch); ``n_shapes`` filled circles, triangles and squares in
-    a named colour (labels = the shape and the colour). Ranges are inclusive (min, max). Image
+    a named colour (labels = the shape and the colour). Ranges are inclusive (min, max),
+    integers with 0 <= min <= max. Image
     i depends only on (seed, i), so a larger set starts with the smaller one. No antialiasing:
     a pixel is labelled exactly where content was drawn."""
-    if n_images < 1 or size < 32:
-        raise ValueError(f"need n_images >= 1 and size >= 32, got n_images={n_images}, size={size}")
+    check_int("n_images", n_images)
+    check_int("size", size, 32)
+    check_int("seed", seed, 0)
+    n_colour_regions = _check_range("n_colour_regions", n_colour_regions)
+    n_textures = _check_range("n_textures", n_textures)
+    n_shapes = _check_range("n_shapes", n_shapes)
     if photos is None:
         from .zoo import photos as zoo_photos
 
         photos = zoo_photos()
-    photos = [(n, np.asarray(a)[:, :, :3].astype(np.uint8, copy=False)) for n, a in photos]
-    if not photos:
-        raise ValueError("photos is empty")
+    photos = _check_photos(photos)
     colour_names = list(COLOURS)
     index = {c: i for i, c in enumerate(CONCEPTS)}
     images = np.empty((n_images, size, size, 3), np.uint8)

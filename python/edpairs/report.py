@@ -87,6 +87,14 @@ def _check_inputs(pairs, images, activations):
                          f"(channel-last (n, h, w, D) expected)")
     if images.shape[0] == 0 or min(activations.shape[1:3]) == 0:
         raise ValueError(f"the report needs at least one image and one grid cell, got activations {activations.shape}")
+    if activations.dtype.kind == "f":
+        per_image = max(1, int(np.prod(activations.shape[1:])))
+        step = max(1, (1 << 24) // per_image)  # bounded temporaries
+        for start in range(0, activations.shape[0], step):
+            ok = np.isfinite(activations[start:start + step]).reshape(-1, per_image).all(1)
+            if not ok.all():
+                raise ValueError(f"activations contain NaN or Inf (first in image {start + int(np.argmin(ok))}): "
+                                 f"every activation must be a finite number")
     return images, activations, I
 
 
@@ -155,6 +163,10 @@ def _check_explanations(explanations, I: int, class_names) -> list:
         if class_names is not None and not 0 <= int(expl.predicted) < len(class_names):
             raise ValueError(f"explanations[{j}] explains class {expl.predicted} but class_names has "
                              f"{len(class_names)} names")
+        K = int(np.asarray(expl.logits).reshape(-1).shape[0]) if hasattr(expl, "logits") else None
+        if class_names is not None and K is not None and len(class_names) != K:
+            # (plot_explanation names the classes of the explanation's head: one name each)
+            raise ValueError(f"explanations[{j}] has {K} class logits but class_names has {len(class_names)} names")
         out.append(dict(rec, image=_check_image(rec["image"], f"explanations[{j}]['image']")))
     return out
 
