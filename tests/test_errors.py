@@ -223,6 +223,13 @@ NONFINITE = {
     "signal W NaN": ("signal", dict(W=_with(W, (1, 1), np.nan)), r"\bW\b"),
     "signal b Inf": ("signal", dict(b=_with(B, 0, np.inf)), r"\bb\b"),
     "signal center NaN": ("signal", dict(center=_with(np.zeros(4, np.float32), 3, np.nan)), r"\bcenter\b"),
+    # float64 X about a float64 centre (its own path): each NaN named where it is, not in X or b
+    "f64 assign center NaN": ("assign", dict(X=X.astype(np.float64), center=_with(np.zeros(4), 2, np.nan)),
+                              r"^center\b"),
+    "f64 signal W NaN": ("signal", dict(X=X.astype(np.float64), W=_with(W.astype(np.float64), (1, 1), np.nan),
+                                        center=np.zeros(4)), r"^W\b"),
+    "f64 signal center NaN": ("signal", dict(X=X.astype(np.float64), center=_with(np.zeros(4), 3, np.nan)),
+                              r"^center\b"),
 }
 
 
