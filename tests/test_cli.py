@@ -23,12 +23,41 @@ from edpairs import cli  # noqa: E402
 TINY = textwrap.dedent('''
     import torch
 
-    def build():
-        torch.manual_seed(0)
+    def build(seed=0, width=12, channels=3):
+        torch.manual_seed(seed)
         return torch.nn.Sequential(
-            torch.nn.Conv2d(3, 8, 5, stride=4, padding=2), torch.nn.ReLU(),
-            torch.nn.Conv2d(8, 12, 3, stride=2, padding=1), torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(12, 5))
+            torch.nn.Conv2d(channels, 8, 5, stride=4, padding=2), torch.nn.ReLU(),
+            torch.nn.Conv2d(8, width, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(width, 5))
+
+    def build_other():  # the same layers, other weights
+        return build(seed=1)
+
+    def build_wide():  # layer "2" gives 16 channels, not 12
+        return build(width=16)
+
+    def gray():  # takes 1 input channel
+        return build(channels=1)
+
+    def broken():
+        raise RuntimeError("factory exploded\\nsecond line")
+
+    class Blocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Conv2d(3, 8, 5, stride=4, padding=2),
+                                               torch.nn.Conv2d(8, 12, 3, stride=2, padding=1)])
+            self.unused = torch.nn.Conv2d(12, 12, 1)
+            self.fc = torch.nn.Linear(12, 5)
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = torch.relu(block(x))
+            return self.fc(x.mean((2, 3)))
+
+    def blocks():  # a ModuleList (never runs itself) and a module the forward never calls
+        torch.manual_seed(0)
+        return Blocks()
 ''')
 
 
@@ -75,7 +104,7 @@ def test_fit_then_report(tiny, capsys, one_torch_thread):
     # The report reads model and layer from the pairs file.
     out = str(tiny / "report")
     rc, stdout, err = _run(capsys, "report", "--pairs", pairs_file, "--images", str(tiny / "images"),
-                           "--probe", "8", "--noise", "3", "--out", out, "--quiet")
+                           "--probe", "8", "--noise", "10", "--out", out, "--quiet")
     assert rc == 0, err
     assert stdout.strip() == os.path.join(os.path.abspath(out), "index.html")
     from edpairs.report import check_report
@@ -91,6 +120,14 @@ def test_fit_then_report(tiny, capsys, one_torch_thread):
     assert rc == 2 and "--overwrite" in err and _read(pairs_file) == before
     rc, _, err = _run(capsys, "report", "--pairs", pairs_file, "--out", out, "--quiet")
     assert rc == 2 and "--overwrite" in err and check_report(out) == []
+    # An earlier report is what --overwrite may replace: every entry it wrote is one the check knows.
+    from edpairs.pipeline import REPORT_ENTRIES
+
+    assert set(os.listdir(out)) <= set(REPORT_ENTRIES) and "report.json" in os.listdir(out)
+    rc, _, err = _run(capsys, "report", "--pairs", pairs_file, "--images", str(tiny / "images"), "--probe", "0",
+                      "--noise", "0", "--out", out, "--overwrite", "--quiet")
+    assert rc == 0, err
+    assert check_report(out) == [] and b"Dissection" not in _read(os.path.join(out, "index.html"))
     rc, _, err = _run(capsys, "report", "--pairs", pairs_file, "--out", pairs_file, "--quiet")
     assert rc == 2 and "is a file, not a folder" in err
     # --layer naming a layer of another width: refused before any image is read, naming the pairs' layer.
@@ -160,7 +197,7 @@ def test_help_names_the_demo_first(capsys):
 
 @pytest.mark.slow
 def test_demo_writes_a_report_that_renders(tmp_path, one_torch_thread):
-    """The demo's whole path at reduced size (1 view per photo, 16 probe images, no URA, 3
+    """The demo's whole path at reduced size (1 view per photo, 16 probe images, no URA, 10
     noise directions): every section present, no broken link; rendered by headless Chromium
     when one is installed."""
     pytest.importorskip("efficientnet_lite_pytorch")
@@ -170,7 +207,7 @@ def test_demo_writes_a_report_that_renders(tmp_path, one_torch_thread):
     from edpairs.report import check_report
 
     out = str(tmp_path / "demo")
-    index = pipeline.demo(out, n_concepts=6, crops_per_photo=1, n_probe=16, ura=False, n_noise=3, log=False)
+    index = pipeline.demo(out, n_concepts=6, crops_per_photo=1, n_probe=16, ura=False, n_noise=10, log=False)
     assert index == os.path.join(os.path.abspath(out), "index.html")
     assert check_report(out) == []
     with open(index) as f:
@@ -243,3 +280,242 @@ def test_bad_numbers_are_one_line_errors(tiny, capsys, monkeypatch):
     for flag in ("--probe", "--noise"):
         rc, _, err = _run(capsys, "report", "--pairs", str(tiny / "p.npz"), flag, "-1", "--quiet")
         assert rc == 2 and f"{flag} must be >= 0, got -1" in err
+
+
+def _fit(capsys, tiny, out, *extra):
+    """A quick fit of the tiny model's layer "2" (3 concepts, no URA unless asked)."""
+    return _run(capsys, "fit", "--model", "tinynet:build", "--layer", "2", "--images", str(tiny / "images"),
+                "--concepts", "3", "--out", str(out), "--quiet", *extra)
+
+
+def _tree(folder) -> dict:
+    """Every file under ``folder`` with its bytes."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            out[os.path.relpath(os.path.join(root, f), folder)] = _read(os.path.join(root, f))
+    return out
+
+
+def test_overwrite_replaces_only_an_empty_folder_or_an_earlier_output(tiny, capsys, monkeypatch, one_torch_thread):
+    """report --overwrite deleted whatever folder --out named: the current folder, the images'
+    folder, any folder of files. Now those are refused before any work and left as they were;
+    demo --out and fit --store follow the same rule."""
+    pairs_file = tiny / "pairs.npz"
+    rc, _, err = _fit(capsys, tiny, pairs_file, "--no-ura")
+    assert rc == 0, err
+    images = tiny / "images"
+    notes = tiny / "notes"
+    notes.mkdir()
+    (tiny / "work").mkdir()  # an empty current folder
+    (notes / "notes.txt").write_text("mine")
+    (notes / "atlas").mkdir()
+    keep = _tree(tiny)
+    monkeypatch.chdir(images)
+    report = ("report", "--pairs", str(pairs_file), "--images", str(images), "--probe", "0", "--noise", "0",
+              "--overwrite", "--quiet", "--out")
+    for out, why in [(".", "is the current folder"), (str(tiny), "holds the current folder"),
+                     (str(notes), "is not an earlier edpairs report (found: notes.txt)")]:
+        rc, _, err = _run(capsys, *report, out)
+        assert rc == 2 and why in err and "Traceback" not in err, (out, err)
+    monkeypatch.chdir(tiny / "work")
+    rc, _, err = _run(capsys, *report, str(images))
+    assert rc == 2 and "is the images' folder" in err, err
+    rc, _, err = _run(capsys, "report", "--pairs", str(pairs_file), "--images", str(images / "img0.png"),
+                      "--overwrite", "--quiet", "--out", str(images))
+    assert rc == 2 and "is the images' folder" in err, err
+    # notes/atlas holds a file that is not a report's PNG: not an earlier report either.
+    (notes / "notes.txt").unlink()
+    (notes / "report.json").write_text("{}")
+    (notes / "atlas" / "mine.txt").write_text("mine")
+    rc, _, err = _run(capsys, *report, str(notes))
+    assert rc == 2 and "atlas/ (holds more than the report's PNGs)" in err, err
+
+    # demo: checked before the model is loaded.
+    def no_model():
+        raise AssertionError("the demo loaded its model before checking --out")
+
+    monkeypatch.setattr(edp.zoo, "efficientnet_lite0", no_model)
+    rc, _, err = _run(capsys, "demo", "--out", ".", "--overwrite", "--quiet")
+    assert rc == 2 and "is the current folder" in err, err
+    with pytest.raises(FileExistsError, match="is the current folder"):
+        edp.pipeline.demo(".", overwrite=True, log=False)
+
+    # fit --store --overwrite: a folder of other files, the images' folder, the current folder.
+    for store, why in [(str(notes), "is not an activation store (found: atlas, report.json)"),
+                       (str(images), "is the images' folder"), (".", "is the current folder")]:
+        rc, _, err = _fit(capsys, tiny, tiny / "q.npz", "--no-ura", "--store", store, "--overwrite")
+        assert rc == 2 and why in err, (store, err)
+    (notes / "atlas" / "mine.txt").unlink()
+    (notes / "report.json").unlink()
+    (notes / "atlas").rmdir()
+    (notes / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tiny)
+    assert _tree(tiny) == keep
+    assert not os.path.exists(tiny / "q.npz")
+
+
+def test_fit_refuses_a_store_of_another_model(tiny, capsys, one_torch_thread):
+    """fit --store never checked which model the store came from: URA ran another model's head
+    on its activations and the pairs recorded the wrong model. With a store and --no-ura, the
+    given model was not even loaded when images came too (AttributeError on None)."""
+    store = str(tiny / "store")
+    rc, _, err = _fit(capsys, tiny, tiny / "a.npz", "--no-ura", "--store", store)
+    assert rc == 0, err
+    before = _tree(store)
+    out = str(tiny / "b.npz")
+    for model, ura, why in [("tinynet:build_other", "--no-ura", "the name and parameters differ"),
+                            ("tinynet:build_other", "--ura-default", "the name and parameters differ"),
+                            ("tinynet:build_wide", "--no-ura", "holds 12 channels at layer '2'")]:
+        argv = ["fit", "--model", model, "--layer", "2", "--store", store, "--concepts", "3", "--out", out, "--quiet"]
+        rc, _, err = _run(capsys, *(argv + ([ura] if ura == "--no-ura" else [])))
+        assert rc == 2 and why in err and "Traceback" not in err, err
+        assert "'tinynet:build'" in err and f"'{model}'" in err
+    rc, _, err = _run(capsys, "fit", "--model", "tinynet:build_wide", "--layer", "2", "--store", store, "--out", out)
+    assert rc == 2 and "gives 16" in err
+    # With the images too (a resumed extraction): the same refusal, naming --overwrite.
+    rc, _, err = _run(capsys, "fit", "--model", "tinynet:build_other", "--layer", "2", "--images",
+                      str(tiny / "images"), "--store", store, "--no-ura", "--out", out, "--quiet")
+    assert rc == 2 and "the name and parameters differ" in err and "--overwrite" in err, err
+    assert not os.path.exists(out) and _tree(store) == before
+
+    # The store's own model: read (--no-ura, with images: the model is loaded), and recorded in the pairs.
+    rc, _, err = _fit(capsys, tiny, out, "--no-ura", "--store", store)
+    assert rc == 0, err
+    assert edp.EDPairs.load(out).metadata["model"] == "tinynet:build"
+    rc, _, err = _run(capsys, "fit", "--layer", "2", "--store", store, "--no-ura", "--concepts", "3",
+                      "--out", str(tiny / "c.npz"), "--quiet")
+    assert rc == 0, err
+    assert edp.EDPairs.load(str(tiny / "c.npz")).metadata["model"] == "tinynet:build"  # (was None)
+
+    # An interrupted extraction: resumed by passing the images again (the CLI's words, not extract's).
+    import shutil
+
+    partial = tiny / "partial"
+    shutil.copytree(store, partial)
+    meta = json.loads((partial / "store.json").read_text())
+    meta["complete"] = False
+    (partial / "store.json").write_text(json.dumps(meta))
+    rc, _, err = _run(capsys, "fit", "--store", str(partial), "--no-ura", "--out", str(tiny / "e.npz"))
+    assert rc == 2 and "is incomplete" in err and "pass --images with the same images and flags" in err, err
+
+    # Other settings: the CLI's remedy (--overwrite), not the Python API's.
+    argv = ("--no-ura", "--store", store, "--crops", "2")
+    rc, _, err = _fit(capsys, tiny, tiny / "d.npz", *argv)
+    assert rc == 2 and "crops_per_photo: stored 1, requested 2" in err
+    assert "pass --overwrite" in err and "extract(" not in err
+    assert _tree(store) == before
+    rc, _, err = _fit(capsys, tiny, tiny / "d.npz", *argv, "--overwrite")
+    assert rc == 0, err
+    assert edp.ActivationStore(store).n_images == 8
+
+
+def test_a_model_that_cannot_run_the_images_is_one_line_before_any_work(tiny, capsys):
+    """A ModuleList layer ("did not run"), a layer the forward never calls, a 1-channel model,
+    a factory that raises, a file holding a list, a folder as --out: one error line each,
+    before the images are read (--images names no folder here)."""
+    nowhere = str(tiny / "nowhere")
+    cases = [("tinynet:blocks", "blocks", "is a ModuleList, a container that never runs itself"),
+             ("tinynet:blocks", "unused", "layer 'unused' did not run when tinynet:blocks ran one 224 x 224 image"),
+             ("tinynet:gray", "2", "tinynet:gray expects 1 input channels, but the images have 3 (RGB)"),
+             ("tinynet:broken", "2", "the model factory 'tinynet:broken' raised RuntimeError: factory exploded ("),
+             ("tinynet:build", "5", "URA needs a spatial layer; 5 gives (12,) per image; pass --no-ura")]
+    for model, layer, why in cases:
+        rc, _, err = _run(capsys, "fit", "--model", model, "--layer", layer, "--images", nowhere,
+                          "--out", str(tiny / "p.npz"), "--quiet")
+        assert rc == 2 and why in err and "Traceback" not in err and "no such image" not in err, (model, layer, err)
+        assert len(err.strip().splitlines()) == 1, err
+    rc, _, err = _run(capsys, "fit", "--model", "tinynet:blocks", "--layer", "blocks", "--out", str(tiny / "p.npz"))
+    assert "blocks.0, blocks.1" in err
+    rc, _, err = _run(capsys, "layers", "--model", "tinynet:gray", "--shapes", "--size", "32")
+    assert rc == 2 and "expects 1 input channels" in err
+
+    torch.save([1, 2], str(tiny / "list.pt"))
+    rc, _, err = _run(capsys, "layers", "--model", str(tiny / "list.pt"))
+    assert rc == 2 and "holds a list, not a torch.nn.Module" in err
+
+    (tiny / "dir.npz").mkdir()
+    rc, _, err = _run(capsys, "fit", "--model", "tinynet:build", "--layer", "2", "--images", nowhere,
+                      "--out", str(tiny / "dir.npz"), "--overwrite", "--quiet")
+    assert rc == 2 and "'" + str(tiny / "dir.npz") + "' is a folder, not a file" in err
+    assert os.path.isdir(tiny / "dir.npz")
+
+
+def test_layers_shapes_of_a_torchscript_model_says_why_not(tiny, capsys):
+    sys.path.insert(0, str(tiny))
+    try:
+        import tinynet
+    finally:
+        sys.path.remove(str(tiny))
+    path = str(tiny / "script.pt")
+    torch.jit.script(tinynet.build()).save(path)
+    rc, _, err = _run(capsys, "layers", "--model", path, "--shapes")
+    assert rc == 2 and "TorchScript module, whose layers take no forward hooks" in err
+    assert "leave out --shapes" in err and "--size" not in err
+    rc, out, _ = _run(capsys, "layers", "--model", path)
+    assert rc == 0 and out.split() == ["0", "1", "2", "3", "4", "5", "6"]
+
+
+def test_flags_are_named_and_checked_before_any_work(tiny, capsys, monkeypatch):
+    """--seed -1 reached numpy ("random_state must be ...") or crashed selfcheck; --probe 1 said
+    "both halves need images"; demo --concepts 0 failed after the whole capture; demo --layer
+    nope did not list the valid layers."""
+    rc, _, err = _run(capsys, "selfcheck", "--seed", "-1")
+    assert rc == 2 and "--seed must be an integer in [0, 2**32), got -1" in err
+    rc, _, err = _run(capsys, "fit", "--model", "tinynet:build", "--layer", "2", "--seed", "-1",
+                      "--out", str(tiny / "p.npz"))
+    assert rc == 2 and "--seed must be" in err and "random_state" not in err
+    rc, _, err = _run(capsys, "report", "--pairs", str(tiny / "p.npz"), "--probe", "1")
+    assert rc == 2 and "--probe must be 0 (no dissection) or >= 2" in err
+    fewest = getattr(edp.influence, "MIN_NOISE_NORMAL", 1)
+    if fewest > 1:
+        rc, _, err = _run(capsys, "report", "--pairs", str(tiny / "p.npz"), "--noise", str(fewest - 1))
+        assert rc == 2 and f"--noise must be 0 (no significance test) or >= {fewest}" in err
+
+    loads = []
+
+    def tiny_model():
+        loads.append(1)
+        import tinynet
+
+        return tinynet.build()
+
+    monkeypatch.setattr(edp.zoo, "efficientnet_lite0", tiny_model)
+    rc, _, err = _run(capsys, "demo", "--concepts", "0", "--out", str(tiny / "demo"))
+    assert rc == 2 and "--concepts must be >= 1, got 0" in err and not loads
+    with pytest.raises(ValueError, match="n_concepts must be a positive integer"):
+        edp.pipeline.demo(str(tiny / "demo"), n_concepts=0, log=False)
+    assert not loads
+    rc, _, err = _run(capsys, "demo", "--layer", "nope", "--out", str(tiny / "demo"))
+    assert rc == 2 and "no module named 'nope'" in err
+    assert "valid layers of efficientnet-lite0 (to depth 2): 0, 1, 2, 3, 4, 5, 6" in err
+    assert not os.path.exists(tiny / "demo")
+
+
+def test_16_bit_and_float_images(tiny, capsys):
+    """A 16-bit PNG (PIL mode "I;16") was read saturated (nearly every value 255): it is scaled
+    by its range now. 32-bit integer and float pixels have no fixed range: refused, by mode."""
+    from PIL import Image
+
+    from edpairs.pipeline import load_images
+
+    tmp_path = tiny / "deep"
+    tmp_path.mkdir()
+    grey = (np.arange(48 * 40).reshape(48, 40) * 34).astype(np.uint16)  # 0 .. 65246
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode.startswith("I")  # (what Pillow gives 16-bit PNGs)
+    [(name, rgb)] = load_images([str(tmp_path / "deep.png")])
+    assert name == "deep.png" and rgb.dtype == np.uint8 and rgb.shape == (48, 40, 3)
+    expected = np.rint(grey / 65535.0 * 255.0)
+    assert np.abs(rgb[:, :, 0].astype(np.int64) - expected).max() == 0
+    assert (rgb[:, :, 0] == rgb[:, :, 2]).all() and (rgb == 255).mean() < 0.01
+    for mode, array, kind in [("I", grey.astype(np.int32), "32-bit integer"),
+                              ("F", grey.astype(np.float32) / 65535, "floating-point")]:
+        path = tmp_path / f"{mode}.tif"
+        Image.fromarray(array).save(path)
+        with pytest.raises(ValueError, match=rf"{kind} \(PIL mode '{mode}'\).*8-bit or 16-bit"):
+            load_images([str(path)])
+    rc, _, err = _run(capsys, "fit", "--model", "tinynet:build", "--layer", "2", "--images", str(tmp_path / "F.tif"),
+                      "--out", str(tmp_path / "p.npz"), "--quiet")
+    assert rc == 2 and "F.tif" in err and "PIL mode 'F'" in err and len(err.strip().splitlines()) == 1

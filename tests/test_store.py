@@ -388,3 +388,28 @@ def test_a_stores_fingerprint_follows_its_shards(reference, tmp_path):
     meta["shards"]["6"]["checksum"] = "sha256:" + "0" * 64  # as if the last shard were written again
     (copy / "store.json").write_text(json.dumps(meta))
     assert ActivationStore(copy, verify=False).fingerprint() != store.fingerprint()
+
+
+def test_key_mismatch_carries_reason_and_remedy_apart(setup, reference, tmp_path):
+    """A command line words the remedy in its own flags (--overwrite), not extract's: the
+    mismatch keeps what differs and what to do apart (and survives pickling, as from a worker).
+    foreign_entries lists what in a store's folder is not the store's."""
+    import pickle
+    import shutil
+
+    path = tmp_path / "store"
+    shutil.copytree(reference, path)
+    with pytest.raises(StoreKeyMismatch) as info:
+        extract(setup["model"], "1", setup["images"], path, **setup["ARGS"])
+    exc = info.value
+    assert "layer: stored '3', requested '1'" in exc.reason and "overwrite" not in exc.reason
+    assert "overwrite=True" in exc.remedy and str(exc) == f"{exc.reason}; {exc.remedy}"
+    back = pickle.loads(pickle.dumps(exc))
+    assert (back.reason, back.remedy, str(back)) == (exc.reason, exc.remedy, str(exc))
+    assert edp.store.foreign_entries(path) == []
+    (path / "notes.txt").write_text("mine")
+    (path / "sub").mkdir()
+    assert edp.store.foreign_entries(path) == ["notes.txt", "sub"]
+    # overwrite=True replaces the store and leaves the rest as it was.
+    store = extract(setup["model"], "1", setup["images"], path, overwrite=True, **setup["ARGS"])
+    assert store.key["layer"] == "1" and (path / "notes.txt").read_text() == "mine"

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from ._arrays import to_host
+from ._checks import is_int
 
 
 def _max_rel(a, b) -> float:
@@ -102,6 +103,10 @@ def selfcheck(seed: int = 0) -> int:
     return 1 if failed else 0
 
 
+def cmd_selfcheck(args) -> int:
+    return selfcheck(args.seed)
+
+
 # ---------------------------------------------------------------------------------------------
 # fit / report / demo / layers
 
@@ -124,9 +129,8 @@ def _top_layer_names(model, depth: int = 2) -> list:
 
 def _model_and_layer(args, pairs_meta=None):
     from . import pipeline
-    from .capture import find_module
 
-    spec = args.model or (pairs_meta or {}).get("model")
+    spec = getattr(args, "model", None) or (pairs_meta or {}).get("model")
     if not spec:
         raise UserError("which model? pass --model (e.g. --model efficientnet-lite0)")
     model, name = pipeline.load_model(spec)
@@ -134,12 +138,95 @@ def _model_and_layer(args, pairs_meta=None):
     if not layer:
         raise UserError(f"which layer? pass --layer; the layers of {name}: "
                         f"{', '.join(_top_layer_names(model))} (all of them: edpairs layers --model {spec})")
+    return model, name, layer, _find_layer(model, name, spec, layer)
+
+
+def _find_layer(model, name: str, spec: str, layer: str):
+    """The module at ``layer``, else a UserError listing the valid names; a container that never
+    runs itself (ModuleList, ModuleDict: no forward of its own) is refused naming its children."""
+    import torch
+
+    from .capture import find_module
+
     try:
         module = find_module(model, layer)
     except KeyError as exc:  # LayerNotFound
         raise UserError(f"{exc}\nvalid layers of {name} (to depth 2): {', '.join(_top_layer_names(model))}\n"
                         f"every name with its output shape: edpairs layers --model {spec}") from None
-    return model, name, layer, module
+    if type(module).forward is torch.nn.Module.forward:
+        children = [f"{layer}.{c}" for c, _ in module.named_children()]
+        some = children if len(children) <= 6 else children[:3] + ["..."] + children[-3:]
+        raise UserError(f"layer {layer!r} of {name} is a {type(module).__name__}, a container that never runs "
+                        f"itself (it has no forward; the model runs its children): name one of its children"
+                        f"{': ' + ', '.join(some) if some else ''}")
+    return module
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _channels_mismatch(exc, name: str):
+    """What to say when the model's first convolution refused the RGB input for its channels
+    (torch: "expected input[...] to have 1 channels, but got 3 channels instead"), else None."""
+    import re
+
+    found = re.search(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels", str(exc))
+    if found is None:
+        return None
+    return (f"{name} expects {found.group(1)} input channels, but the images have {found.group(2)} (RGB): "
+            "edpairs feeds RGB images; use a model that takes 3 channels")
+
+
+def _model_failure(exc, name: str, layer: str, what: str) -> "UserError":
+    """A UserError saying why the model could not run ``what`` (one image, the images) up to
+    ``layer``: other input channels than RGB's 3, a layer the forward pass never calls, or
+    the exception's first line."""
+    text = str(exc)
+    channels = _channels_mismatch(exc, name)
+    if channels:
+        return UserError(channels)
+    if "did not run in the model's forward pass" in text:
+        return UserError(f"layer {layer!r} did not run when {name} ran {what} (its forward pass never calls it): "
+                         f"name a layer that runs (edpairs layers --model ... --shapes marks those that do not "
+                         f"with '-')")
+    return UserError(f"{name} failed on {what} at or before layer {layer!r} ({type(exc).__name__}: "
+                     f"{_first_line(exc)})")
+
+
+def _preflight(model, name: str, layer: str, size: int) -> tuple:
+    """The channel-last shape of ``layer``'s output for one zero image of ``size`` pixels: a
+    forward pass that finds a model that cannot run the images (other input channels, a layer
+    that never runs) before any long work."""
+    import torch
+
+    from .capture import capture
+
+    try:
+        out = capture(model, layer, torch.zeros(1, 3, size, size), batch_size=1, progress=False)
+    except (RuntimeError, TypeError) as exc:  # (TypeError: the layer returns no tensor)
+        raise _model_failure(exc, name, layer, f"one {size} x {size} image") from None
+    return tuple(out.shape)
+
+
+class _ModelRuns:
+    """Inside: a RuntimeError of the model's forward pass becomes a UserError (store errors,
+    which are RuntimeErrors too, pass through)."""
+
+    def __init__(self, name: str, layer: str, what: str = "the images"):
+        self.name, self.layer, self.what = name, layer, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        from .store import StoreCorrupted, StoreIncomplete
+
+        if exc_type is not None and issubclass(exc_type, RuntimeError) and not isinstance(
+                exc, (StoreCorrupted, StoreIncomplete)):
+            raise _model_failure(exc, self.name, self.layer, self.what) from None
+        return False
 
 
 def _check_pairs_fit_layer(module, layer: str, pairs, meta: dict) -> None:
@@ -172,7 +259,14 @@ def _at_least(flag: str, value, minimum: int, unit: str = "") -> None:
         raise UserError(f"{flag} must be >= {minimum}{unit}, got {value}")
 
 
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**32:
+        raise UserError(f"--seed must be an integer in [0, 2**32), got {seed}")
+
+
 def _check_output(path: str, overwrite: bool, what: str) -> None:
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path!r} is a folder, not a file: name a file (--out)")
     if os.path.exists(path) and not overwrite:
         raise UserError(f"{what} {path!r} exists; pass --overwrite to replace it")
     parent = os.path.dirname(os.path.abspath(path))
@@ -180,68 +274,154 @@ def _check_output(path: str, overwrite: bool, what: str) -> None:
         raise UserError(f"the folder of {what} {path!r} does not exist ({parent})")
 
 
-def _check_report_folder(path: str, overwrite: bool) -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--out {path!r} is a file, not a folder: name a folder for the report")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise UserError(f"the report folder {path!r} exists; pass --overwrite to replace it (or --out another)")
+def _check_report_folder(path: str, overwrite: bool, images=None) -> None:
+    """The report folder --out may be written: not a file, not the current folder or the
+    images' (or a folder holding them), and when it exists and is not empty, --overwrite and
+    an earlier report there (the whole folder is replaced)."""
+    from .pipeline import check_replaceable_folder
+
+    try:
+        check_replaceable_folder(path, overwrite=overwrite, what="--out", protect=images or (),
+                                 overwrite_flag="--overwrite")
+    except FileExistsError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _check_store_folder(path: str, images) -> None:
+    """With --overwrite, the store folder is replaced when its store was extracted otherwise:
+    it must hold nothing but a store's files, and be neither the current folder nor the
+    images' (nor a folder holding them)."""
+    from .pipeline import check_replaceable_folder
+    from .store import foreign_entries
+
+    try:
+        check_replaceable_folder(path, overwrite=True, what="--store", protect=images or (),
+                                 entries_of=foreign_entries, kind="an activation store",
+                                 overwrite_flag="--overwrite")
+    except FileExistsError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _store_mismatch(exc) -> "UserError":
+    return UserError(f"{exc.reason}; pass --overwrite to replace the store (the images are captured again), "
+                     f"or --store another folder")
+
+
+def _store_model_check(model, name: str, layer: str, key: dict, path: str, width: int, n_features,
+                       remedy: str) -> None:
+    """The store at ``path`` (its ``key``) was extracted from this model at this layer, else a
+    UserError naming both: its activations fed to another model's head (URA), or recorded in
+    the pairs under another model's name, would be silently wrong."""
+    from .store import model_fingerprint
+
+    stored = key.get("model") or {}
+    if key.get("layer") != layer:
+        raise UserError(f"the store {path!r} holds layer {key.get('layer')!r}, not {layer!r}; {remedy}")
+    if n_features is not None and int(n_features) != width:
+        raise UserError(f"the store {path!r} holds {n_features} channels at layer {layer!r} (extracted from "
+                        f"{stored.get('name')!r}) but layer {layer!r} of --model {name!r} gives {width}; {remedy}")
+    mine = model_fingerprint(model, name)
+    if stored.get("name") != mine["name"] or stored.get("params") != mine["params"]:
+        what = "name" if stored.get("params") == mine["params"] else (
+            "parameters" if stored.get("name") == mine["name"] else "name and parameters")
+        raise UserError(f"the store {path!r} was extracted from the model {stored.get('name')!r} (parameters "
+                        f"{str(stored.get('params'))[:19]}...), not from --model {mine['name']!r} (parameters "
+                        f"{mine['params'][:19]}...: the {what} differ); {remedy}")
 
 
 def cmd_fit(args) -> int:
     import torch
 
     from . import pipeline
-    from .store import ActivationStore, extract
+    from .store import ActivationStore, StoreKeyMismatch, extract
+    from .zoo import IMAGE_SIZE
 
     _check_output(args.out, args.overwrite, "the pairs file")
     if not args.out.endswith(".npz"):
         raise UserError(f"--out must name a .npz file, got {args.out!r}")
     for flag, value in (("--concepts", args.concepts), ("--batch-size", args.batch_size)):
         _at_least(flag, value, 1)
+    crops = _crops(args)
     log = pipeline.Log(enabled=not args.quiet)
-    store_exists = args.store and os.path.isfile(os.path.join(args.store, "store.json"))
-    need_model = not store_exists or args.ura
+    store_exists = bool(args.store) and os.path.isfile(os.path.join(args.store, "store.json"))
+    # The store is read as it is without --images; with them it is filled (or resumed, or with
+    # --overwrite replaced when it was extracted otherwise).
+    read_store = store_exists and not args.images
+    if args.store and args.overwrite and not read_store and os.path.isdir(args.store):
+        _check_store_folder(args.store, args.images)
+    key = n_features = None
+    if store_exists:
+        try:
+            opened = ActivationStore(args.store, verify=False, allow_partial=True)
+            key, n_features = opened.key, opened.n_features if len(opened) else None  # (known from a shard)
+        except ValueError as exc:  # a broken sidecar
+            if read_store or not args.overwrite:
+                raise UserError(f"{exc}; pass --images with --overwrite to extract the store again, or --store "
+                                "another folder") from None
+        else:
+            if read_store and not opened.complete:
+                expected = key.get("n_images_expected")
+                raise UserError(f"the store {args.store!r} is incomplete: its extraction stopped after "
+                                f"{opened.n_images}{f' of {expected}' if expected else ''} images; pass --images "
+                                "with the same images and flags to resume it")
+    need_model = not read_store or args.ura or bool(args.model)
     model = name = None
-    layer = args.layer
+    layer = (args.layer or (key or {}).get("layer")) if read_store else args.layer
     if need_model:
+        if not args.model and key:
+            why = "URA runs the model's head" if read_store else "the images go through the model"
+            raise UserError(f"which model? {why}: pass --model (the store {args.store!r} was extracted from "
+                            f"{(key.get('model') or {}).get('name')!r})")
         with log.step("loading the model"):
-            model, name, layer, _ = _model_and_layer(args)
+            model, name, layer, _ = _model_and_layer(args, dict(layer=layer) if layer else None)
+            prep = (key or {}).get("preprocessing")
+            size = prep.get("size") if isinstance(prep, dict) else None
+            shape = _preflight(model, name, layer, size if is_int(size) and size > 0 else IMAGE_SIZE)
+            if args.ura and len(shape) != 4:
+                raise UserError(f"URA needs a spatial layer; {layer} gives {shape[1:]} per image; pass --no-ura")
+            if key is not None and not (args.images and args.overwrite):
+                remedy = ("pass the store's model and layer, or --store another folder" if read_store else
+                          "pass --overwrite to extract the store again from these images, or --store another folder")
+                _store_model_check(model, name, layer, key, args.store, shape[-1], n_features, remedy)
     elif not layer:
         raise UserError("pass --layer (the layer the store holds, recorded in the pairs file)")
     torch.manual_seed(args.seed)
-    if store_exists and not args.images:
+    if read_store:
         with log.step(f"opening the activation store {args.store}"):
             source = ActivationStore(args.store)
             key = source.key
             if key.get("layer") != layer:
                 raise UserError(f"the store {args.store!r} holds layer {key.get('layer')!r}, not {layer!r}")
             preprocessing = key.get("preprocessing")
+            name = name or (key.get("model") or {}).get("name")
             log.say(f"{source.n_images} images, grid {source.grid}, {source.n_features} channels")
     else:
         with log.step("reading the images"):
-            data = pipeline.image_dataset(args.images, crops_per_photo=_crops(args), seed=args.seed)
+            data = pipeline.image_dataset(args.images, crops_per_photo=crops, seed=args.seed)
             norm = _normalisation(args, name)
             preprocessing = dict(data.preprocessing, normalisation=norm)
             log.say(f"{len(data)} views of {len(data.names)} images" +
                     ("" if args.images else " (the photos shipped in packages)"))
         inputs = pipeline.model_input(pipeline.images_of(data), norm)
         if args.store:
-            with log.step(f"capturing {layer} into the store {args.store} (resumable)"):
-                source = extract(model, layer, inputs, args.store, preprocessing=preprocessing, model_name=name,
-                                 batch_size=args.batch_size, progress=False if args.quiet else None)
+            with log.step(f"capturing {layer} into the store {args.store} (resumable)"), _ModelRuns(name, layer):
+                try:
+                    source = extract(model, layer, inputs, args.store, preprocessing=preprocessing, model_name=name,
+                                     batch_size=args.batch_size, overwrite=args.overwrite,
+                                     progress=False if args.quiet else None)
+                except StoreKeyMismatch as exc:
+                    raise _store_mismatch(exc) from None
         else:
             from .capture import capture
 
-            with log.step(f"capturing {layer} on {len(inputs)} images"):
+            with log.step(f"capturing {layer} on {len(inputs)} images"), _ModelRuns(name, layer):
                 source = capture(model, layer, inputs, batch_size=args.batch_size,
                                  progress=False if args.quiet else None)
                 log.say(f"activations {tuple(source.shape[1:])} per image")
-    if getattr(source, "ndim", 4) != 4 and args.ura:
-        raise UserError(f"URA needs a spatial layer; {layer} gives {tuple(source.shape)}; pass --no-ura")
     with log.step(f"fitting {args.concepts} pairs" + (" with URA through the model's head" if args.ura else "")):
-        pairs = pipeline.fit_pairs(model, layer, source, args.concepts, ura=args.ura,
-                                   model_name=name or (args.model or None), preprocessing=preprocessing,
-                                   seed=args.seed, progress=False if args.quiet else None)
+        pairs = pipeline.fit_pairs(model, layer, source, args.concepts, ura=args.ura, model_name=name,
+                                   preprocessing=preprocessing, seed=args.seed,
+                                   progress=False if args.quiet else None)
     pairs.save(args.out)
     log.say(f"pairs written to {args.out}: decoding/encoding directions of shape {pairs.decoding_.shape}")
     return 0
@@ -250,24 +430,39 @@ def cmd_fit(args) -> int:
 def cmd_report(args) -> int:
     import torch
 
-    from . import pipeline
+    from . import influence, pipeline
     from .pairs import EDPairs
     from .probe import make_probe_set
+    from .zoo import IMAGE_SIZE
 
     log = pipeline.Log(enabled=not args.quiet)
     for flag, value in (("--probe", args.probe), ("--noise", args.noise)):
         _at_least(flag, value, 0)
+    fewest = influence.MIN_NOISE_NORMAL  # (the normal p-value's fit needs that many)
+    if 0 < args.noise < fewest:
+        raise UserError(f"--noise must be 0 (no significance test) or >= {fewest} (the p-values rest on the noise "
+                        f"directions' spread), got {args.noise}")
+    if args.probe == 1:
+        raise UserError("--probe must be 0 (no dissection) or >= 2 (half the probe images set the detectors' "
+                        "thresholds, the other half score them), got 1")
+    crops = _crops(args)
     if not os.path.isfile(args.pairs):
         raise UserError(f"no pairs file {args.pairs!r} (make one with: edpairs fit ... --out {args.pairs})")
     pairs = EDPairs.load(args.pairs)
     meta = pairs.metadata or {}
-    _check_report_folder(args.out, args.overwrite)
+    _check_report_folder(args.out, args.overwrite, args.images)
     with log.step("loading the model"):
         model, name, layer, module = _model_and_layer(args, meta)
         _check_pairs_fit_layer(module, layer, pairs, meta)
+        shape = _preflight(model, name, layer, IMAGE_SIZE)
+        D = int(pairs.decoding_.shape[1])
+        if shape[-1] != D:
+            fitted = (f" (they were fitted at {meta['layer']!r}: leave out --layer)"
+                      if meta.get("layer") and meta["layer"] != layer else "")
+            raise UserError(f"the pairs have D={D} channels but layer {layer!r} of {name} gives {shape[-1]}{fitted}")
     torch.manual_seed(args.seed)
     with log.step("reading the images"):
-        data = pipeline.image_dataset(args.images, crops_per_photo=_crops(args), seed=args.seed)
+        data = pipeline.image_dataset(args.images, crops_per_photo=crops, seed=args.seed)
         images = pipeline.images_of(data)
         probe = make_probe_set(args.probe, seed=args.seed) if args.probe else None
     class_names = None
@@ -275,9 +470,10 @@ def cmd_report(args) -> int:
         from .zoo import imagenet_class_names
 
         class_names = imagenet_class_names()
-    inputs = pipeline.analyse(model, layer, pairs, images, probe=probe, class_names=class_names,
-                              explain_images=pipeline.first_views(data), n_noise=args.noise,
-                              normalisation=_normalisation(args, name), log=log, seed=args.seed)
+    with _ModelRuns(name, layer):
+        inputs = pipeline.analyse(model, layer, pairs, images, probe=probe, class_names=class_names,
+                                  explain_images=pipeline.first_views(data), n_noise=args.noise,
+                                  normalisation=_normalisation(args, name), log=log, seed=args.seed)
     inputs.meta.update(model=name, layer=layer, pairs=os.path.abspath(args.pairs), images=len(images))
     index = pipeline.write(args.out, pairs, inputs, title=args.title or f"edpairs report: {name} {layer}",
                            overwrite=args.overwrite, log=log)
@@ -287,10 +483,16 @@ def cmd_report(args) -> int:
 
 def cmd_demo(args) -> int:
     from . import pipeline
+    from .zoo import IMAGE_SIZE
 
+    _at_least("--concepts", args.concepts, 1)
     _check_report_folder(args.out, args.overwrite)
+    # The layer is checked on the loaded model (which the demo then uses) before any other work.
+    model, name = pipeline.load_model(pipeline.DEMO_MODEL)
+    _find_layer(model, name, pipeline.DEMO_MODEL, args.layer)
+    _preflight(model, name, args.layer, IMAGE_SIZE)
     kwargs = dict(layer=args.layer, n_concepts=args.concepts, ura=args.ura, seed=args.seed, overwrite=args.overwrite,
-                  log=not args.quiet)
+                  log=not args.quiet, model=model)
     if args.quick:
         kwargs.update(crops_per_photo=2, n_probe=32, n_noise=10)
     index = pipeline.demo(args.out, **kwargs)
@@ -302,20 +504,28 @@ def cmd_layers(args) -> int:
     from . import pipeline
     from .capture import layer_names
 
+    if args.shapes:
+        _at_least("--size", args.size, 1, " (pixels)")
     model, name = pipeline.load_model(args.model)
     example = None
     if args.shapes:
         import torch
 
-        _at_least("--size", args.size, 1, " (pixels)")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise UserError(f"{name} is a TorchScript module, whose layers take no forward hooks, so --shapes cannot "
+                            "show their output shapes: leave out --shapes for the names, or load the model as a "
+                            "Python nn.Module (package.module:factory, or a module saved with torch.save)")
         example = torch.zeros(1, 3, args.size, args.size)
     try:
         rows = layer_names(model, example)
     except RuntimeError as exc:  # the model refuses the zero image (too small, other channels ...)
         if example is None:
             raise
+        channels = _channels_mismatch(exc, name)
+        if channels:
+            raise UserError(f"{channels}; leave out --shapes for the names only") from None
         raise UserError(f"{name} could not run one zero image of {args.size} x {args.size} pixels to find the "
-                        f"output shapes ({type(exc).__name__}: {str(exc).splitlines()[0]}); try another --size, "
+                        f"output shapes ({type(exc).__name__}: {_first_line(exc)}); try another --size, "
                         "or leave out --shapes") from None
     for r in rows:
         if isinstance(r, tuple):
@@ -505,14 +715,13 @@ def _parser():
     return parser
 
 
-COMMANDS = {"fit": cmd_fit, "report": cmd_report, "demo": cmd_demo, "layers": cmd_layers, "bench": cmd_bench}
+COMMANDS = {"fit": cmd_fit, "report": cmd_report, "demo": cmd_demo, "layers": cmd_layers, "bench": cmd_bench,
+            "selfcheck": cmd_selfcheck}
 
 
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "selfcheck":
-        return selfcheck(args.seed)
     if args.command == "info":
         import edpairs as edp
 
@@ -522,6 +731,8 @@ def main(argv=None) -> int:
         from .store import StoreCorrupted, StoreIncomplete
 
         try:
+            if hasattr(args, "seed"):
+                _check_seed(args.seed)
             return COMMANDS[args.command](args)
         except (UserError, FileNotFoundError, FileExistsError, ImportError, ValueError, TypeError,
                 StoreCorrupted, StoreIncomplete) as exc:

