@@ -121,7 +121,7 @@ def test_fit_then_report(tiny, capsys, one_torch_thread):
     rc, _, err = _run(capsys, "report", "--pairs", pairs_file, "--out", out, "--quiet")
     assert rc == 2 and "--overwrite" in err and check_report(out) == []
     # An earlier report is what --overwrite may replace: every entry it wrote is one the check knows.
-    from edpairs.pipeline import REPORT_ENTRIES
+    from edpairs.report import REPORT_ENTRIES
 
     assert set(os.listdir(out)) <= set(REPORT_ENTRIES) and "report.json" in os.listdir(out)
     rc, _, err = _run(capsys, "report", "--pairs", pairs_file, "--images", str(tiny / "images"), "--probe", "0",

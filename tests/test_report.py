@@ -193,9 +193,23 @@ def test_existing_folder_needs_overwrite(setup, tmp_path):
     with pytest.raises(FileExistsError, match=r"overwrite=True.*--overwrite"):
         rp.write_report(out, pairs, images[:4], acts[:4], top_k=2)
     assert (out / "keep.txt").read_text() == "old" and _no_temp_left(tmp_path) == []
-    rp.write_report(out, pairs, images[:4], acts[:4], top_k=2, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "index.html").exists()
-    assert _no_temp_left(tmp_path) == []
+    # overwrite replaces only an earlier report: a folder of other files is refused (it was
+    # deleted), so is the current folder
+    with pytest.raises(FileExistsError, match=r"is not an earlier edpairs report \(found: keep.txt"):
+        rp.write_report(out, pairs, images[:4], acts[:4], top_k=2, overwrite=True)
+    assert (out / "keep.txt").read_text() == "old" and _no_temp_left(tmp_path) == []
+    (out / "keep.txt").unlink()
+    rp.write_report(out, pairs, images[:4], acts[:4], top_k=2)
+    rp.write_report(out, pairs, images[:4], acts[:4], top_k=2, overwrite=True)  # an earlier report: replaced
+    assert rp.check_report(out) == [] and _no_temp_left(tmp_path) == []
+    here = os.getcwd()
+    try:
+        os.chdir(out)
+        with pytest.raises(FileExistsError, match="is the current folder"):
+            rp.write_report(".", pairs, images[:4], acts[:4], top_k=2, overwrite=True)
+    finally:
+        os.chdir(here)
+    assert rp.check_report(out) == []
     empty = tmp_path / "empty"
     empty.mkdir()                                       # an empty folder is not "existing work"
     rp.write_report(empty, pairs, images[:4], acts[:4], top_k=2)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
-from typing import Callable
+from typing import Callable, Sequence
 
 
 def fsync_dir(path: str) -> None:
@@ -92,3 +92,46 @@ def write_atomic(path, write: Callable, *, mode: str = "wb"):
         raise
     fsync_dir(folder)
     return result
+
+
+def _real(path) -> str:
+    return os.path.realpath(os.path.abspath(os.fspath(path)))
+
+
+def _holds(folder, path) -> bool:
+    """Whether ``path`` is the folder ``folder`` or lies inside it (both resolved)."""
+    folder, path = _real(folder), _real(path)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_replaceable_folder(path, *, overwrite: bool, entries_of: Callable[[str], list], kind: str,
+                             what: str = "out_dir", protect: Sequence = (),
+                             overwrite_flag: str = "overwrite=True (CLI --overwrite)") -> None:
+    """Refuses, before any work, an output folder whose replacement would lose files: the
+    current working folder or a folder holding it, a folder that is or holds one of
+    ``protect`` (the input images' folders), and — when it exists and is not empty — a folder
+    without ``overwrite`` or, with it, one that holds more than ``kind`` (``entries_of(folder)``
+    lists the entries that do not belong). Raises FileExistsError."""
+    path = os.fspath(path)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{what} {path!r} is a file, not a folder: name a folder")
+    if _holds(path, os.getcwd()):
+        here = "is the current folder" if _real(path) == _real(os.getcwd()) else "holds the current folder"
+        raise FileExistsError(f"{what} {path!r} {here} ({os.getcwd()}): an output folder may be replaced, so it "
+                              "cannot be the current folder or hold it; name a new folder (e.g. a subfolder)")
+    for p in protect:
+        folder = p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))
+        if _holds(path, folder):
+            raise FileExistsError(f"{what} {path!r} {'is' if _real(path) == _real(folder) else 'holds'} the images' "
+                                  f"folder {folder!r}: an output folder may be replaced, so it cannot be the images' "
+                                  "folder or hold it; name another folder")
+    if not os.path.isdir(path) or not os.listdir(path):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{what} {path!r} exists and is not empty: pass {overwrite_flag} to replace it "
+                              "(or name another folder)")
+    foreign = entries_of(path)
+    if foreign:
+        shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+        raise FileExistsError(f"{what} {path!r} is not {kind} (found: {shown}); overwrite replaces only an empty "
+                              f"folder or {kind}: name another folder")

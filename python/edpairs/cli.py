@@ -278,11 +278,10 @@ def _check_report_folder(path: str, overwrite: bool, images=None) -> None:
     """The report folder --out may be written: not a file, not the current folder or the
     images' (or a folder holding them), and when it exists and is not empty, --overwrite and
     an earlier report there (the whole folder is replaced)."""
-    from .pipeline import check_replaceable_folder
+    from .report import check_report_folder
 
     try:
-        check_replaceable_folder(path, overwrite=overwrite, what="--out", protect=images or (),
-                                 overwrite_flag="--overwrite")
+        check_report_folder(path, overwrite=overwrite, what="--out", protect=images or (), overwrite_flag="--overwrite")
     except FileExistsError as exc:
         raise UserError(str(exc)) from None
 
@@ -291,7 +290,7 @@ def _check_store_folder(path: str, images) -> None:
     """With --overwrite, the store folder is replaced when its store was extracted otherwise:
     it must hold nothing but a store's files, and be neither the current folder nor the
     images' (nor a folder holding them)."""
-    from .pipeline import check_replaceable_folder
+    from ._io import check_replaceable_folder
     from .store import foreign_entries
 
     try:

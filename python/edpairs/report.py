@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 
 from ._checks import check_fitted, check_int
-from ._io import fsync_dir, make_folder
+from ._io import check_replaceable_folder, fsync_dir, make_folder
 from ._progress import Progress
 from .explain import plot_explanation
 from .influence import plot_influence
@@ -421,6 +421,42 @@ def _publish(tmp: str, out_dir: str) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+# What write_report puts in a report folder: an existing folder holding only these (report.json
+# among them; the subfolders only PNGs) is an earlier report, which overwrite may replace.
+# Anything else there is someone's files.
+REPORT_ENTRIES = ("index.html", "report.json", "influence.png", "atlas", "explanations", "interventions")
+_REPORT_SUBFOLDERS = ("atlas", "explanations", "interventions")
+
+
+def _foreign_report_entries(folder: str) -> list:
+    """The entries of ``folder`` that an edpairs report does not write (a report folder without
+    report.json counts report.json as missing)."""
+    names = sorted(os.listdir(folder))
+    foreign = [n for n in names if n not in REPORT_ENTRIES]
+    for sub in _REPORT_SUBFOLDERS:
+        p = os.path.join(folder, sub)
+        if sub in names and (not os.path.isdir(p) or os.path.islink(p)
+                             or any(not e.endswith(".png") for e in os.listdir(p))):
+            foreign.append(f"{sub}/ (holds more than the report's PNGs)")
+    for f in ("index.html", "report.json", "influence.png"):
+        if f in names and not os.path.isfile(os.path.join(folder, f)):
+            foreign.append(f"{f} (not a file)")
+    if not foreign and "report.json" not in names:
+        foreign.append("no report.json")
+    return foreign
+
+
+def check_report_folder(out_dir, *, overwrite: bool, what: str = "out_dir", protect=(),
+                        overwrite_flag: str = "overwrite=True (CLI --overwrite)") -> None:
+    """Whether a report may be written at ``out_dir`` (FileExistsError if not): not a file, not
+    the current folder, one of ``protect`` (the images' folders) or a folder holding them, and
+    where it exists and is not empty, ``overwrite`` and an earlier report there (the whole
+    folder is replaced; :func:`edpairs._io.check_replaceable_folder`)."""
+    check_replaceable_folder(out_dir, overwrite=overwrite, entries_of=_foreign_report_entries,
+                             kind="an earlier edpairs report", what=what, protect=protect,
+                             overwrite_flag=overwrite_flag)
+
+
 def write_report(out_dir, pairs, images, activations, *, title: str = "edpairs report", concept_names=None,
                  class_names=None, dissection=None, influence=None, explanations=(), interventions=(),
                  meta: Optional[dict] = None, top_k: int = 8, patch_scale: float = 2.0, overwrite: bool = False,
@@ -470,13 +506,8 @@ def write_report(out_dir, pairs, images, activations, *, title: str = "edpairs r
                           else f"concept {i}" for i in range(I)]
                          if dissection is not None else [f"concept {i}" for i in range(I)])
 
+    check_report_folder(out_dir, overwrite=overwrite)
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.lexists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise FileExistsError(f"{out_dir} exists and is not a folder; choose another path")
-        if os.listdir(out_dir) and not overwrite:
-            raise FileExistsError(f"{out_dir} exists and is not empty: pass overwrite=True (CLI --overwrite) "
-                                  f"to replace it")
     parent, base = os.path.split(out_dir)
     make_folder(parent, f"the report {out_dir}")
 
