@@ -5,6 +5,8 @@ model(x), and a skip connection across the split is refused with a clear error."
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ nn = torch.nn
 from _helpers import two_replicas  # noqa: E402
 from edpairs.capture import (  # noqa: E402
     LayerNotFound,
+    SharedModuleError,
     SplitError,
     capture,
     find_module,
@@ -254,6 +257,106 @@ def test_shared_module_refused():
         capture(model, "1", torch.randn(2, 3), stop_after=False)
 
 
+class Counter(nn.Module):
+    """Counts its forwards: how often the forward pass went past the captured layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+class Twice(nn.Module):
+    """Runs its ``a`` twice per forward (a shared module, as EfficientNet's ``_swish``)."""
+
+    def __init__(self, after=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 3, 3, padding=1)
+        self.b = nn.Conv2d(3, 3, 3, padding=1)
+        self.after = after if after is not None else nn.Identity()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(self.after(self.a(self.b(self.a(x)))).mean((2, 3)))
+
+
+def test_a_module_run_twice_is_refused_also_when_the_forward_stops_after_it():
+    """stop_after ended the forward at the shared module's first use, which capture kept silently
+    (only stop_after=False saw the second use). One image of the first batch now runs the whole
+    forward; later batches still stop at the layer, and a plain nn.Sequential path needs no check."""
+    x = torch.randn(5, 3, 6, 6)
+    with pytest.raises(SharedModuleError, match="module 'a' ran more than once in one forward pass"):
+        capture(Twice().eval(), "a", x)
+    relu = nn.ReLU()
+    shared_seq = nn.Sequential(nn.Linear(3, 3), relu, nn.Linear(3, 3), relu)  # registered twice
+    with pytest.raises(RuntimeError, match="module '1' ran more than once"):
+        capture(shared_seq, "1", torch.randn(2, 3))
+    counter = Counter()
+    model = Twice(after=counter).eval()
+    got = capture(model, "b", x, batch_size=2)  # three batches
+    assert counter.calls == 1  # the check's one pass, on one image; the batches stopped at the layer
+    np.testing.assert_allclose(got, hooked(model, "b", x).permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-6)
+    # A failure after the layer leaves reuse unknown but does not fail a capture that never goes there.
+    assert capture(Twice(after=Boom()).eval(), "b", x).shape == (5, 6, 6, 3)
+
+
+def test_a_single_unbatched_image_is_refused():
+    """torch runs a (C, H, W) image as an unbatched input, and the layer's (C', H, W) output was
+    read as C' images."""
+    model = seq_model().eval()
+    x = torch.randn(4, 3, 8, 8)
+    expected = r"expected a batch of n images \(n, C, H, W\).*leading size n = 3.*x\[None\]"
+    with pytest.raises(ValueError, match=r"layer '1' gave an output of shape \(8, 8, 8\) for a batch of shape "
+                                         r"\(3, 8, 8\): " + expected):
+        capture(model, "1", x[0])
+    with pytest.raises(ValueError, match=expected):
+        capture(model, "1", [x[0], x[1]])  # a list of images read as batches of 3
+    with pytest.raises(ValueError, match=expected):
+        split_model(model, "1").features(x[0])
+    np.testing.assert_allclose(capture(model, "1", x[0][None]), capture(model, "1", x)[:1], rtol=1e-5, atol=1e-6)
+
+
+def test_inputs_are_converted_to_the_model_or_named():
+    """A float64 batch (numpy or torch) met float32 weights as torch's 'Input type (double) and bias
+    type (float) should be the same'; integer images, a batch of plain numbers, gave torch's or
+    Python's words."""
+    model = seq_model().eval()
+    x = torch.randn(4, 3, 8, 8)
+    expected = capture(model, "2", x)
+    np.testing.assert_allclose(capture(model, "2", x.double().numpy()), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(capture(model, "2", [x.double()]), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match=r"could not take a batch of dtype torch.uint8 \(shape \(4, 3, 8, 8\)\).*"
+                                        r"floating images.*torch said"):
+        capture(model, "2", (x * 50).clamp(0, 255).to(torch.uint8))
+    with pytest.raises(TypeError, match="batch 0: the images must be a torch tensor or a numpy array.*got int 1"):
+        capture(model, "2", [[1, 2, 3]])
+    split = split_model(model, "2")
+    with torch.no_grad():
+        torch.testing.assert_close(split.features(x.double().numpy()), split.features(x))
+    shapes = dict(layer_names(model, x[:2].double().numpy()))
+    assert shapes["2.1"] == (2, 12, 4, 4)
+
+
+def test_a_compiled_model_is_captured_as_its_original_module():
+    """find_module on a compile'd model said only "OptimizedModule has no module named '2'"; capture
+    and split run the original module (its compiled graph need not call the hooks)."""
+    model = seq_model().eval()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(3, 3, 8, 8)
+    expected = capture(model, "2", x)
+    for name in ("2", "_orig_mod.2"):
+        np.testing.assert_array_equal(capture(compiled, name, x), expected)
+    split = split_model(compiled, "2")
+    assert split.model is model
+    with pytest.raises(LayerNotFound, match=r"torch.compile'd model: its layer '2' is named '_orig_mod.2'.*applies "
+                                            r"only to forwards of the original module.*model._orig_mod"):
+        find_module(compiled, "2")
+
+
 def test_a_data_parallel_model_is_captured_and_split_whole():
     """Under DataParallel every replica calls the capture hook with its share of the batch
     (the hook then refused a second call or kept one share); edpairs runs the wrapped module
@@ -327,6 +430,65 @@ def test_split_untraceable_model_needs_a_head():
         torch.testing.assert_close(split(x), model(x))
 
 
+def test_head_checks_the_features_against_the_layer():
+    """head took features of another width or layout into the tail: torch's "mat1 and mat2 shapes
+    cannot be multiplied". It checks them against the layer's last output (or its declared width)."""
+    model = seq_model().eval()
+    x = torch.randn(2, 3, 8, 8)
+    split = split_model(model, "2.2")  # a ReLU: no declared width
+    with pytest.raises(ValueError, match=r"the model after layer '2\.2' could not take features of shape "
+                                         r"\(2, 4, 4, 7\).*D=7 channels.*features\(x, channel_last=True\).*torch said"):
+        split.head(torch.randn(2, 4, 4, 7))
+    feats = split.features(x, channel_last=True)  # (2, 4, 4, 12) recorded
+    with pytest.raises(ValueError, match=r"head expects the 4-D channel-last output of layer '2\.2' with D=12 channels "
+                                         r"on the last axis \(its output, channel-last, was \(2, 4, 4, 12\).*got shape "
+                                         r"\(2, 4, 4, 7\)"):
+        split.head(torch.randn(2, 4, 4, 7))
+    with pytest.raises(ValueError, match=r"D=12.*got shape \(2, 12, 4, 4\); that looks like the native \(n, C, h, w\)"):
+        split.head(feats.permute(0, 3, 1, 2))
+    with pytest.raises(TypeError, match="head expects the layer's channel-last features as a torch tensor or numpy "
+                                        "array, got NoneType"):
+        split.head(None)
+    with pytest.raises(ValueError, match=r"layer '2\.0' with D=12 channels.*Conv2d with out_channels=12.*got shape "
+                                         r"\(2, 4, 4, 8\)"):
+        split_model(model, "2.0").head(torch.randn(2, 4, 4, 8))  # declared width, before any features()
+    with torch.no_grad():
+        torch.testing.assert_close(split.head(feats), model(x), rtol=1e-5, atol=1e-5)
+
+
+class TupleBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y, y.mean()
+
+
+class WithTupleBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = TupleBlock()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y, _ = self.block(x)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_split_refuses_a_layer_that_returns_a_tuple():
+    """The split was made, and its head failed obscurely on the features; capture refuses the layer."""
+    model = WithTupleBlock().eval()
+    with pytest.raises(SplitError, match=r"cannot split WithTupleBlock at 'block': the model reads item 0 of its "
+                                         r"output, so the layer returns a tuple or list, not a tensor"):
+        split_model(model, "block")
+    with pytest.raises(TypeError, match="returned a tuple, not a tensor"):
+        capture(model, "block", torch.randn(2, 3, 5, 5))
+    assert split_model(model, "block.conv").how == "fx"
+
+
 def test_split_tokens_head_contract():
     model = Tokens().eval()
     x = torch.randn(2, 5, 6)
@@ -350,6 +512,22 @@ def lite0():
     from edpairs import zoo
 
     return zoo.efficientnet_lite0()
+
+
+def test_efficientnet_lite0_shared_swish_is_refused(lite0):
+    """Its _swish module runs after the stem and after the head convolution: capture kept the
+    first use silently (stop_after), and intervene edited both."""
+    from edpairs.interventions import intervene
+
+    x = torch.rand(1, 3, 224, 224) * 2 - 1
+    with pytest.raises(SharedModuleError, match="module '_swish' ran more than once"):
+        capture(lite0, "_swish", x)
+    pairs = SimpleNamespace(decoding_=np.eye(2, 32, dtype=np.float32), encoding_=np.eye(2, 32, dtype=np.float32),
+                            mean_=np.zeros(32, np.float32), bias_=np.zeros(2, np.float32))
+    with torch.no_grad(), intervene(lite0, "_swish", pairs, remove=[0]):
+        with pytest.raises(SharedModuleError, match="layer '_swish' ran more than once.*every_use=True"):
+            lite0(x)
+    assert not lite0._swish._forward_hooks and not lite0._forward_pre_hooks and not lite0._forward_hooks
 
 
 @pytest.mark.parametrize("layer", ["_blocks.15", "_conv_head", "_bn1"])

@@ -141,6 +141,102 @@ def test_errors(fitted, tmp_path):
         CorrectedModel.load(tmp_path / "fixed.npz", _cnn(channels=6))(x)
 
 
+def test_deep_copy_and_torch_save_give_an_equal_independent_model(fitted, tmp_path):
+    """copy.deepcopy and torch.save failed: "cannot pickle '_thread.lock' object"."""
+    import copy
+
+    model, x, pairs = fitted
+    fixed = CorrectedModel(copy.deepcopy(model), "relu2", pairs, remove=[1, 2], scale={1: 2.0, 2: "mean"})
+    with torch.no_grad():
+        expected = fixed(x)
+        twin = copy.deepcopy(fixed)
+        torch.save(fixed, tmp_path / "fixed.pt")
+        loaded = torch.load(tmp_path / "fixed.pt", weights_only=False)
+        for other in (twin, loaded):
+            assert other.model is not fixed.model and other.last.module is other.model.relu2
+            assert (other.layer, other.concepts, other.scale) == (fixed.layer, fixed.concepts, fixed.scale)
+            torch.testing.assert_close(other(x), expected, rtol=0, atol=0)
+            assert not other.model.relu2._forward_hooks and not other.model._forward_pre_hooks
+        twin.model.conv2.weight.mul_(-1)                             # independent: the original is untouched
+        assert not torch.equal(twin(x), expected)
+        torch.testing.assert_close(fixed(x), expected, rtol=0, atol=0)
+
+
+def test_concurrent_forwards_equal_sequential_ones(fitted):
+    """Two threads calling the model at once raised "this Intervention is already active"."""
+    import threading
+
+    model, x, pairs = fitted
+    meet = threading.Barrier(2, timeout=20)
+
+    class Meet(torch.nn.Module):
+        """Holds each forward until the other thread's forward runs too: the forwards overlap."""
+
+        def forward(self, t):
+            meet.wait()
+            return t
+
+    inputs = [_images(8, seed=s) for s in range(6)]
+    with torch.no_grad():
+        expected = [CorrectedModel(model, "relu2", pairs, remove=[0, 3])(b) for b in inputs]
+    fixed = CorrectedModel(torch.nn.Sequential(model, Meet()), "0.relu2", pairs, remove=[0, 3])
+    got, errors = [None] * len(inputs), []
+
+    def work(k):
+        try:
+            for i in range(k, len(inputs), 2):
+                with torch.no_grad():
+                    got[i] = fixed(inputs[i])
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+            meet.abort()
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert fixed.last.calls == len(inputs)
+    assert not model.relu2._forward_hooks and not fixed.model._forward_pre_hooks  # the last forward removed them
+    # Under DataParallel the replicas share the correction and run their forwards in threads at once.
+    from _helpers import two_replicas
+
+    with torch.no_grad():
+        both = two_replicas(fixed)(torch.cat(inputs[:2]))
+    torch.testing.assert_close(both, torch.cat(expected[:2]), rtol=1e-6, atol=1e-6)
+    assert fixed.last.calls == len(inputs) + 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _cnn()(x), rtol=0, atol=0)
+
+
+def test_numpy_settings_are_saved_as_plain_numbers(fitted, tmp_path):
+    """scale=np.float32(2) failed in save: "Object of type float32 is not JSON serializable"."""
+    model, x, pairs = fitted
+    path = tmp_path / "fixed.npz"
+    for scale, plain in ((np.float32(2), 2.0), ({np.int64(1): np.float64(-1.5), 2: "mean"}, {1: -1.5, 2: "mean"})):
+        fixed = CorrectedModel(model, "relu2", pairs, remove=np.array([1, 2]), scale=scale, gate=np.bool_(False))
+        assert fixed.scale == plain and fixed.gate is False
+        fixed.save(path)
+        again = CorrectedModel.load(path, model)
+        assert again.scale == plain and again.concepts == (1, 2) and again.gate is False
+        with torch.no_grad():
+            torch.testing.assert_close(again(x), fixed(x), rtol=0, atol=0)
+
+
+def test_non_finite_scales_and_flags_that_are_not_bools_are_refused(fitted):
+    model, x, pairs = fitted
+    for scale in (float("inf"), float("nan"), np.float32("nan"), {0: float("inf")}):
+        with pytest.raises(ValueError, match="scale of concept 0 must be a finite number"):
+            CorrectedModel(model, "relu2", pairs, remove=[0], scale=scale)
+    with pytest.raises(TypeError, match="CorrectedModel: gate must be True or False, got str 'no'"):
+        CorrectedModel(model, "relu2", pairs, remove=[0], gate="no")
+    with pytest.raises(TypeError, match="CorrectedModel: relu must be True or False, got int 1"):
+        CorrectedModel(model, "relu2", pairs, remove=[0], relu=1)
+
+
 def test_no_grad_and_device(fitted):
     model, x, pairs = fitted
     fixed = CorrectedModel(model, "relu2", pairs, remove=[2])

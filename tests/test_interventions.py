@@ -281,6 +281,10 @@ def test_a_compiled_model_is_refused_by_name(net):
         with torch.no_grad():
             net(torch.randn(2, 3, 8, 8))
     assert iv.calls == 1
+    # The message says where the edit applies: forwards of the original module, not the compiled one.
+    with pytest.raises(ValueError, match=r"applies only to forwards of the original module: intervene on "
+                                         r"model._orig_mod and call model._orig_mod.*or compile a CorrectedModel"):
+        intervene(compiled, "_orig_mod.features.2", pairs, remove=[1])
 
 
 def test_intervene_edits_the_layer_output(net):
@@ -593,6 +597,160 @@ def test_concepts_of_a_wrong_type_give_a_clear_error(net):
     with pytest.raises(TypeError, match="remove: concepts must be"):
         intervene(net, "features.2", pairs, remove=True)
     assert remove(X, pairs, np.array([0, 2])).shape == remove(X, pairs, range(0, 3, 2)).shape == X.shape
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_non_finite_scales_and_targets_beyond_float32_are_refused(net, lib):
+    """A NaN / Inf scale, or a target beyond float32 (where the edit computes), gave all-NaN or Inf
+    activations without a word."""
+    pairs = _random_pairs(6, 3, seed=33)
+    X = np.random.default_rng(34).standard_normal((4, 6)).astype(np.float32)
+    x = torch.from_numpy(X) if lib == "torch" else X
+    for scale in (float("nan"), float("inf"), -float("inf"), 1e39, {1: float("nan")}):
+        with pytest.raises(ValueError, match=r"remove: scale of concept [01] must be a finite number within the "
+                                             r"float32 range .* or 'mean', got"):
+            remove(x, pairs, [0, 1], scale=scale)
+        with pytest.raises(ValueError, match="scale of concept"):
+            intervene(net, "features.2", pairs, remove=[0, 1], scale=scale)
+    for target, got in ((1e40, r"1e\+40"), (-1e39, r"-1e\+39"), (np.full(4, 1e39), r"a map holding 1e\+39")):
+        with pytest.raises(ValueError, match=r"set_value: the target of concept 0 must lie within the float32 range "
+                                             r"\(\|t\| <= 3.403e\+38\).*got " + got + r" \(the edited activations "
+                                             r"would overflow to Inf\)"):
+            set_value(x, pairs, {0: target})
+        with pytest.raises(ValueError, match="intervene: set: the target of concept 0 must lie within the float32"):
+            intervene(net, "features.2", pairs, set={0: target})
+    with pytest.raises(ValueError, match=r"float32 range.*a map holding 1e\+39"):
+        set_value(x, pairs, {0: torch.full((4,), 1e39, dtype=torch.float64)})
+    assert np.isfinite(np.asarray(set_value(x, pairs, {0: 3e38 / 4, 1: np.float64(-2.0)}))).all()
+    assert np.isfinite(np.asarray(remove(x, pairs, [0], scale=np.float32(2.5)))).all()
+
+
+def test_number_targets_beyond_a_half_precision_range_are_refused():
+    pairs = _random_pairs(6, 3, seed=35)
+    x = torch.randn(4, 6, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"set: the target 100000.0 of concept 0 is beyond the range of the "
+                                         r"activations' dtype torch.float16 \(\|t\| <= 65504\)"):
+        set_value(x, pairs, {0: 1e5})
+    assert torch.isfinite(set_value(x, pairs, {0: 100.0})).all()
+    assert torch.isfinite(set_value(x.to(torch.bfloat16), pairs, {0: 1e5})).all()
+
+
+@pytest.mark.parametrize("flag", ["gate", "relu"])
+def test_switches_must_be_true_or_false(net, flag):
+    """gate="no" and relu="no" are truthy: the edit ran with both switched on."""
+    pairs = _random_pairs(6, 3, seed=36)
+    X = torch.randn(4, 6)
+    for bad in ("no", 1, None, np.array([True])):
+        with pytest.raises(TypeError, match=f"remove: {flag} must be True or False, got"):
+            remove(X, pairs, [0], **{flag: bad})
+        with pytest.raises(TypeError, match=f"remove_joint: {flag} must be True or False"):
+            remove_joint(X, pairs, [0], **{flag: bad})
+        if bad is None and flag == "gate":
+            continue  # intervene's gate=None: the default of the removal (gated unless joint)
+        with pytest.raises(TypeError, match=f"intervene: {flag} must be True or False"):
+            intervene(net, "features.2", pairs, remove=[0], **{flag: bad})
+    with pytest.raises(TypeError, match="set_value: relu must be True or False, got str 'no'"):
+        set_value(X, pairs, {0: 1.0}, relu="no")
+    with pytest.raises(TypeError, match="intervene: joint must be True or False, got str 'yes'"):
+        intervene(net, "features.2", pairs, remove=[0], joint="yes")
+    torch.testing.assert_close(remove(X, pairs, [0], **{flag: np.bool_(False)}), remove(X, pairs, [0], **{flag: False}))
+
+
+def test_concept_indices_given_as_tensors_or_arrays():
+    """torch.tensor([1]) gave "concept indices must be integers, got tensor(1)"."""
+    pairs = _random_pairs(6, 3, seed=37)
+    X = torch.randn(4, 6)
+    expected = remove(X, pairs, [0, 2])
+    for concepts in (torch.tensor([0, 2]), np.array([0, 2], np.int32), [torch.tensor(0), np.int64(2)]):
+        torch.testing.assert_close(remove(X, pairs, concepts), expected, rtol=0, atol=0)
+    torch.testing.assert_close(remove(X, pairs, torch.tensor(2)), remove(X, pairs, 2), rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"remove: concepts must be a concept index \(int\) or a 1-D integer array of "
+                                        r"indices, got a torch tensor of dtype torch.float32 and shape \(1,\)"):
+        remove(X, pairs, torch.tensor([1.0]))
+    with pytest.raises(TypeError, match=r"got a numpy array of dtype int64 and shape \(1, 1\)"):
+        remove(X, pairs, np.array([[1]]))
+    with pytest.raises(TypeError, match="got a torch tensor of dtype torch.bool"):
+        remove(X, pairs, torch.tensor([True]))
+
+
+class _DictOut(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+
+    def forward(self, x):
+        return {"feat": self.conv(x)}
+
+
+def test_a_layer_returning_a_dict_is_named():
+    """The edit said "activations must be a torch tensor or a numpy array, got dict"."""
+    torch.manual_seed(2)
+    block = _DictOut()
+    model = torch.nn.Module()
+    model.block = block
+    model.forward = lambda x: block(x)["feat"].mean((2, 3))
+    pairs = _random_pairs(6, 3, seed=38)
+    with intervene(model, "block", pairs, remove=[0]):
+        with pytest.raises(TypeError, match=r"layer 'block' returns a dict \(keys \['feat'\]\), which an edit cannot "
+                                            r"take: intervene edits a tensor output.*submodules"):
+            model(torch.randn(1, 3, 4, 4))
+    assert not block._forward_hooks
+
+
+class _Shared(torch.nn.Module):
+    """Runs its ``act`` twice per forward (a shared module)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv1 = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(6, 6, 3, padding=1)
+        self.act = torch.nn.Tanh()
+        self.fc = torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv2(self.act(self.conv1(x)))).mean((2, 3)))
+
+
+def test_a_layer_run_twice_per_forward_is_refused_unless_every_use():
+    """The edit applied at every use of a shared module, silently (capture refuses such a layer)."""
+    model = _Shared().eval()
+    pairs = _random_pairs(6, 3, seed=39)
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        with intervene(model, "act", pairs, remove=[0], gate=False) as iv:
+            with pytest.raises(RuntimeError, match=r"intervene: layer 'act' ran more than once in one forward pass "
+                                                   r"of the model \(a shared module.*every_use=True"):
+                model(x)
+            model.act(model.conv1(x))  # a submodule called on its own: one use, edited
+            model.act(model.conv1(x))
+            assert iv.calls == 3
+        with intervene(model, "act", pairs, remove=[0], gate=False, every_use=True) as every:
+            got = model(x)
+        edit = lambda h: remove(h, pairs, [0], gate=False, layout="nchw")  # noqa: E731
+        manual = model.fc(edit(model.act(model.conv2(edit(model.act(model.conv1(x)))))).mean((2, 3)))
+    torch.testing.assert_close(got, manual, rtol=1e-5, atol=1e-6)
+    assert every.calls == 2
+    assert not model._forward_pre_hooks and not model._forward_hooks and not model.act._forward_hooks
+    with pytest.raises(TypeError, match="intervene: every_use must be True or False"):
+        intervene(model, "act", pairs, remove=[0], every_use="yes")
+
+
+def test_an_intervention_pickles_and_deep_copies():
+    """Its lock did not pickle ("cannot pickle '_thread.lock' object")."""
+    import copy
+    import pickle
+
+    net = _Net().eval()
+    pairs = _random_pairs(6, 3, seed=40)
+    x = torch.randn(2, 3, 4, 4)
+    iv = intervene(net, "features.2", pairs, remove=[1], set={0: np.full((2, 4, 4), 0.5)})
+    with torch.no_grad(), iv:
+        expected = net(x)
+    for copied in (copy.deepcopy(iv), pickle.loads(pickle.dumps(iv))):
+        assert not copied.active and copied.module is not iv.module
+        with torch.no_grad(), copied:
+            torch.testing.assert_close(copied._root(x), expected, rtol=0, atol=0)
 
 
 # ---- CUDA (plain torch; needs a GPU, not edpairs' CUDA build) ----------------------------

@@ -17,7 +17,8 @@ from ._arrays import require_torch
 from ._checks import check_int
 from ._progress import Progress
 
-__all__ = ["Activations", "LayerNotFound", "ModelSplit", "SplitError", "capture", "find_module", "iter_activations", "layer_names", "split_model"]
+__all__ = ["Activations", "LayerNotFound", "ModelSplit", "SharedModuleError", "SplitError", "capture", "find_module",
+           "iter_activations", "layer_names", "split_model"]
 
 
 def _torch():
@@ -57,6 +58,12 @@ def find_module(model, layer):
     if layer in modules:
         _refuse_script(modules[layer])
         return modules[layer]
+    if _compiled(model) and f"_orig_mod.{layer}" in modules:
+        raise LayerNotFound(
+            f"{type(model).__name__} is a torch.compile'd model: its layer {layer!r} is named "
+            f"'_orig_mod.{layer}' there, and its compiled graph does not call forward hooks, so a capture or "
+            f"an edit of that layer applies only to forwards of the original module: pass model._orig_mod "
+            f"(and call model._orig_mod for edited forwards, or compile a CorrectedModel)")
     names = [n for n in modules if n]
     close = difflib.get_close_matches(layer, names, n=6, cutoff=0.5)
     # Also offer the children of the deepest prefix that exists ("_blocks.99" -> "_blocks.0..15").
@@ -75,6 +82,11 @@ def find_module(model, layer):
     )
 
 
+def _compiled(model) -> bool:
+    """Whether model is a torch.compile'd module (an OptimizedModule around ``model._orig_mod``)."""
+    return hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule"
+
+
 def _parallel_wrapper(model) -> bool:
     """Whether model is an nn.DataParallel or DistributedDataParallel wrapper (its modules are
     named "module.<name>")."""
@@ -89,14 +101,20 @@ def _one_device(model, layer):
     of the model per GPU on its share of the batch, and each replica calls the capture hook,
     which would then see (and keep) only one share. The wrapped module runs the whole batch on
     its own device instead (the wrapper's parameters are that module's, on device_ids[0]).
-    ``layer`` may name the module either way ("module.layer4" or "layer4")."""
+    ``layer`` may name the module either way ("module.layer4" or "layer4"). A torch.compile'd
+    model runs as its original module too (``_orig_mod``: the same values; the compiled graph
+    need not call the hooks capture relies on), its layer named "_orig_mod.layer4" or "layer4"."""
     torch = _torch()
-    if not isinstance(model, torch.nn.DataParallel):
-        return model, layer
-    inner = model.module
-    if isinstance(layer, str) and layer.startswith("module.") and layer not in dict(inner.named_modules()):
-        layer = layer[len("module."):]
-    return inner, layer
+    while True:
+        if isinstance(model, torch.nn.DataParallel):
+            inner, prefix = model.module, "module."
+        elif _compiled(model):
+            inner, prefix = model._orig_mod, "_orig_mod."
+        else:
+            return model, layer
+        if isinstance(layer, str) and layer.startswith(prefix) and layer not in dict(inner.named_modules()):
+            layer = layer[len(prefix):]
+        model = inner
 
 
 def layer_names(model, example=None, *, leaves: bool = False) -> list:
@@ -121,6 +139,8 @@ def layer_names(model, example=None, *, leaves: bool = False) -> list:
 
     for n in names:
         handles.append(modules[n].register_forward_hook(hook_for(n)))
+    if torch.is_tensor(example) or isinstance(example, np.ndarray):
+        example = _to_model(model, _as_images(example, "layer_names: example"))
     try:
         with torch.no_grad(), _eval_mode(model):
             model(example)
@@ -184,6 +204,18 @@ def _to_model(model, x):
     return x.to(device=_model_device(model), dtype=dtype)
 
 
+class SharedModuleError(RuntimeError):
+    """The hooked module ran more than once in one forward pass (a module used at several places),
+    where one output, or one edit per forward, was asked for."""
+
+
+def _ran_twice(layer) -> RuntimeError:
+    return SharedModuleError(
+        f"module {layer!r} ran more than once in one forward pass (a shared module); "
+        "capture a module that runs once, e.g. a wrapper around one of its uses"
+    )
+
+
 class _LayerTap:
     """A forward hook on one module that records its output (and optionally stops the pass)."""
 
@@ -197,10 +229,7 @@ class _LayerTap:
         torch = _torch()
         self.calls += 1
         if self.calls > 1:
-            raise RuntimeError(
-                f"module {self.layer!r} ran more than once in one forward pass (a shared module); "
-                "capture a module that runs once, e.g. a wrapper around one of its uses"
-            )
+            raise _ran_twice(self.layer)
         if not torch.is_tensor(output):
             kind = type(output).__name__
             raise TypeError(
@@ -225,6 +254,85 @@ class _LayerTap:
 
     def remove(self):
         self._handle.remove()
+
+
+def _runs_once_by_structure(model, module) -> bool:
+    """Whether ``module`` runs once per forward of ``model`` by construction: every container on
+    its path is a plain ``nn.Sequential`` (which calls each child once) and the module is
+    registered under one name only. Otherwise only a forward pass can tell."""
+    torch = _torch()
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
+    if len(names) != 1:
+        return False
+    node = model
+    for part in names[0].split(".") if names[0] else []:
+        if not isinstance(node, torch.nn.Sequential) or type(node).forward is not torch.nn.Sequential.forward:
+            return False
+        node = getattr(node, part)
+    return True
+
+
+def _check_runs_once(model, module, layer, x) -> None:
+    """Raises when ``module`` runs more than once in a forward pass of ``model`` on ``x`` (one
+    image suffices): with ``stop_after`` a capture ends at its first use and would silently keep
+    that one. The pass goes past the layer; a failure there leaves the question open (a capture
+    never runs that part) and is not raised."""
+    tap = _LayerTap(module, layer, stop_after=False)
+    try:
+        model(x)
+    except Exception:  # noqa: BLE001 - other than the tap's own refusal: the part after the layer failed
+        if tap.calls > 1:
+            raise _ran_twice(layer) from None
+    finally:
+        tap.remove()
+
+
+def _as_images(images, where: str):
+    """A batch's images as a tensor: numpy arrays are taken as they are; anything else is named."""
+    torch = _torch()
+    if isinstance(images, np.ndarray):
+        if images.dtype == object or images.dtype.kind not in "biuf":
+            raise TypeError(f"{where}: the images must be a numeric array (n, C, H, W), got a numpy array of dtype "
+                            f"{images.dtype}")
+        return torch.from_numpy(images)
+    if torch.is_tensor(images):
+        return images
+    raise TypeError(f"{where}: the images must be a torch tensor or a numpy array of n images (n, C, H, W), got "
+                    f"{type(images).__name__} {_short(images)}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_batch_kept(layer, images, out) -> None:
+    """The layer's output must keep the batch's leading size: a single image (C, H, W) run as
+    an unbatched input, or a layer that puts another axis first, would be read as other images."""
+    n = int(images.shape[0]) if getattr(images, "ndim", 0) else None
+    if n is None or (out.ndim >= 1 and int(out.shape[0]) == n):
+        return
+    raise ValueError(
+        f"layer {layer!r} gave an output of shape {tuple(out.shape)} for a batch of shape {tuple(images.shape)}: "
+        f"expected a batch of n images (n, C, H, W) whose output keeps the leading size n = {n}. A single image "
+        f"(C, H, W) needs a batch axis (x[None]); a list of images, torch.stack(images); a layer whose output "
+        f"puts another axis first (e.g. (L, n, C)) cannot be captured as it is"
+    )
+
+
+def _run_batch(tap, model, images, layer):
+    """tap.run, with an integer batch the model could not take named as such (uint8 images reach a
+    float model as torch's 'Input type (unsigned char) and bias type (float)')."""
+    try:
+        return tap.run(model, images)
+    except RuntimeError as exc:
+        if tap.calls or not _torch().is_tensor(images) or images.is_floating_point() or images.is_complex():
+            raise
+        raise TypeError(
+            f"the model could not take a batch of dtype {images.dtype} (shape {tuple(images.shape)}) at or before "
+            f"layer {layer!r}: an image model expects floating images, e.g. x.float() / 255 followed by the "
+            f"model's normalisation (torch said: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +391,14 @@ def n_images_of(data) -> Optional[int]:
     return None
 
 
+def _collated(dataset, start: int, stop: int):
+    """(images, labels) of items start..stop-1 of a map-style dataset."""
+    from torch.utils.data import default_collate
+
+    images, labels = _split_item(default_collate([dataset[i] for i in range(start, stop)]))
+    return _as_images(images, f"items {start}..{stop - 1} of the dataset"), labels
+
+
 class _Batch(NamedTuple):
     start: int            # index of the batch's first image in the data's order
     n: int                # images in the batch
@@ -313,7 +429,7 @@ def _iter_batches(data, batch_size: int, wanted: Optional[Callable[[int, int], b
             else:
                 from torch.utils.data import default_collate
 
-                yield _Batch(s, e - s, (lambda s=s, e=e: _split_item(default_collate([data[i] for i in range(s, e)]))))
+                yield _Batch(s, e - s, (lambda s=s, e=e: _collated(data, s, e)))
         return
     if not hasattr(data, "__iter__"):
         raise TypeError(
@@ -321,8 +437,11 @@ def _iter_batches(data, batch_size: int, wanted: Optional[Callable[[int, int], b
             f"got {type(data).__name__}"
         )
     s = 0
-    for item in data:
+    for k, item in enumerate(data):
         images, labels = _split_item(item)
+        images = _as_images(images, f"batch {k}")
+        if images.ndim == 0:
+            raise ValueError(f"batch {k}: expected a batch of n images (n, C, H, W), got a 0-d tensor")
         n = int(images.shape[0])
         if wanted is None or wanted(s, s + n):
             yield _Batch(s, n, (lambda images=images, labels=labels: (images, labels)))
@@ -366,8 +485,13 @@ def iter_activations(model, layer: str, batches, *, layout: Optional[str] = None
     map-style torch Dataset, or one tensor / array of images (cut into ``batch_size`` batches).
     Each batch is run under ``torch.no_grad()`` with the model in eval mode (every module's
     mode is restored afterwards), optionally under ``torch.autocast`` (``autocast=torch.float16``
-    / ``torch.bfloat16`` / True), on ``device`` (default: the model's). With ``stop_after`` the
-    forward pass ends right after the layer (the layers behind it are not computed).
+    / ``torch.bfloat16`` / True), on ``device`` (default: the model's), floating images in the
+    model's floating dtype (a float64 or numpy batch meets float32 weights). With ``stop_after``
+    the forward pass ends right after the layer (the layers behind it are not computed); unless
+    the layer sits in plain ``nn.Sequential`` containers, one image of the first batch runs the
+    whole forward pass once, to refuse a module that runs more than once per forward (a shared
+    module, :class:`SharedModuleError`) rather than keep its first use. A layer output whose
+    leading size is not the batch's number of images (one unbatched image (C, H, W)) is refused.
 
     Yields :class:`Activations` with channel-last values ``(n, *grid, C)`` of ``dtype``
     (default float32), contiguous, on the CPU unless ``keep_on_device``. ``layout`` names the
@@ -380,21 +504,31 @@ def iter_activations(model, layer: str, batches, *, layout: Optional[str] = None
     module = find_module(model, layer)
     device = torch.device(device) if device is not None else _model_device(model)
     out_dtype = torch.float32 if dtype is None else (getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    float_dtype = _model_float_dtype(model)
+    # With stop_after a shared module would be captured at its first use, silently: unless the
+    # model's structure says it runs once, one image of the first batch runs the whole forward.
+    check_reuse = stop_after and not _runs_once_by_structure(model, module)
     total = n_images_of(batches)
     bar = Progress(total=total, desc=f"capture {layer}", enabled=progress, unit=" images")
     try:
         for batch in _iter_batches(batches, batch_size, _wanted, _seen):
             images, labels = batch.load()
-            if isinstance(images, np.ndarray):
-                images = torch.from_numpy(images)
+            images = _as_images(images, f"the batch of images {batch.start}..{batch.start + batch.n - 1}")
             # Hook, no_grad and eval mode only around the forward pass: while the caller holds a
             # batch, its own code runs with its grad mode and model modes, and without the hook.
             tap = _LayerTap(module, layer, stop_after)
             try:
                 with torch.no_grad(), _eval_mode(model):
-                    images = images.to(device, non_blocking=True)
+                    # floating images in the model's dtype (a float64 or numpy batch meets float32 weights)
+                    images = images.to(device, dtype=float_dtype if images.is_floating_point() else None,
+                                       non_blocking=True)
                     with _autocast_context(device, autocast):
-                        out = tap.run(model, images)
+                        out = _run_batch(tap, model, images, layer)
+                        _check_batch_kept(layer, images, out)
+                        if check_reuse:
+                            tap.remove()
+                            _check_runs_once(model, module, layer, images[:1])
+                            check_reuse = False
                     lay = _layout.infer_layout(out.shape, layout)
                     values = _layout.channel_last(out, lay).to(dtype=out_dtype)
                     if not keep_on_device:
@@ -448,31 +582,81 @@ class ModelSplit:
         self.model, self.layer, self.layout, self.how = model, layer, layout, how
         self._module = find_module(model, layer)
         self._head_fn = head_fn
+        # The layer's output as features() last saw it, channel-last (None before): what head takes.
+        self._seen_shape = None
 
     def native_layout(self, x) -> str:
         return _layout.infer_layout(x.shape, self.layout)
 
     def features(self, images, *, channel_last: bool = False):
-        tap = _LayerTap(self._module, self.layer, stop_after=True)
-        if _torch().is_tensor(images):
+        torch = _torch()
+        if isinstance(images, np.ndarray):
+            images = _as_images(images, "features")
+        if torch.is_tensor(images):
             images = _to_model(self.model, images)
+        tap = _LayerTap(self._module, self.layer, stop_after=True)
         try:
             with _eval_mode(self.model):
-                out = tap.run(self.model, images)
+                out = _run_batch(tap, self.model, images, self.layer)
         finally:
             tap.remove()
-        return _layout.channel_last(out, self.native_layout(out)) if channel_last else out
+        if torch.is_tensor(images):
+            _check_batch_kept(self.layer, images, out)
+        try:
+            lay = self.native_layout(out)
+        except ValueError:
+            if channel_last:
+                raise
+            return out  # (a native output no layout reads: returned as it is)
+        cl = _layout.channel_last(out, lay)
+        self._seen_shape = tuple(cl.shape)
+        return cl if channel_last else out
+
+    def _width(self):
+        """The layer's channel count D when known: from its last output, else its declared width."""
+        if self._seen_shape is not None:
+            return self._seen_shape[-1], f"its output, channel-last, was {self._seen_shape}"
+        for attr in ("out_channels", "out_features", "num_features"):
+            v = getattr(self._module, attr, None)
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v, f"{type(self._module).__name__} with {attr}={v}"
+        return None, None
 
     def head(self, features):
+        torch = _torch()
+        if not (torch.is_tensor(features) or isinstance(features, (np.ndarray, list, tuple))):
+            raise TypeError(f"head expects the layer's channel-last features as a torch tensor or numpy array, "
+                            f"got {type(features).__name__}")
         features = _to_model(self.model, features)  # (the model's device and dtype)
         by_rank = {4: "nhwc", 3: "nlc", 2: "nc"}
+        shape = tuple(features.shape)
         if features.ndim not in by_rank:
             raise ValueError(f"head expects channel-last features (n, h, w, C), (n, L, C) or (n, C), "
-                             f"got shape {tuple(features.shape)}")
+                             f"got shape {shape}")
         native = self.layout or {4: "nchw", 3: "nlc", 2: "nc"}[features.ndim]
-        _layout.infer_layout(tuple(features.shape), native)  # checks the rank against the layout
+        _layout.infer_layout(shape, native)  # checks the rank against the layout
+        D, why = self._width()
+        seen = self._seen_shape
+        if D is not None and (shape[-1] != D or (seen is not None and len(seen) != len(shape))):
+            hint = ""
+            if features.ndim == 4 and shape[1] == D:
+                hint = ("; that looks like the native (n, C, h, w) layout: move the channels last "
+                        "(x.permute(0, 2, 3, 1))")
+            expected = f"{len(seen)}-D " if seen is not None else ""
+            raise ValueError(
+                f"head expects the {expected}channel-last output of layer {self.layer!r} with D={D} channels on the "
+                f"last axis ({why}; features(x, channel_last=True) gives it), got shape {shape}{hint}")
         with _eval_mode(self.model):
-            return self._head_fn(_layout.from_channel_last(features, native))
+            try:
+                return self._head_fn(_layout.from_channel_last(features, native))
+            except RuntimeError as exc:
+                if D is not None:
+                    raise
+                raise ValueError(
+                    f"the model after layer {self.layer!r} could not take features of shape {shape} (read "
+                    f"channel-last: D={shape[-1]} channels on the last axis; expected the layer's output, "
+                    f"channel-last, as features(x, channel_last=True) gives it). torch said: "
+                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
 
     def __call__(self, images):
         """The whole model through the split: ``head(features(images))`` (channel-last between)."""
@@ -555,6 +739,14 @@ def _fx_tail(model, layer: str):
             f"{len(calls)} times; pass head=callable"
         )
     split_node = calls[0]
+    items = [u for u in split_node.users if u.op == "call_function" and u.target is operator.getitem
+             and isinstance(u.args[1], int) and not isinstance(u.args[1], bool)]
+    if items:
+        raise SplitError(
+            f"cannot split {type(model).__name__} at {layer!r}: the model reads item {items[0].args[1]} of its output, "
+            f"so the layer returns a tuple or list, not a tensor (capture and the split take a tensor); split at "
+            f"one of its submodules that returns a tensor (see edpairs.capture.layer_names(model))"
+        )
     nodes = list(graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
 

@@ -15,10 +15,11 @@ Example::
 
 The wrapped model is registered as the submodule ``model`` (so ``.to``, ``.eval``,
 ``.parameters`` act on it and ``fixed.state_dict()`` holds its entries under ``model.``); its
-parameters and buffers are never changed. The edit is installed as a forward hook only for the
-duration of :meth:`CorrectedModel.forward`, so calling the plain model outside the wrapper
-gives its original outputs (a call of the plain model from another thread *while* the wrapper
-runs would be edited too).
+parameters and buffers are never changed. The edit is installed as a forward hook only while a
+:meth:`CorrectedModel.forward` runs (from the first of concurrent calls to the last), so
+calling the plain model outside the wrapper gives its original outputs (a call of the plain
+model from another thread *while* the wrapper runs would be edited too). A CorrectedModel
+deep-copies, pickles (``torch.save``) and runs forwards from several threads at once.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ import json
 import numbers
 import os
 
+import numpy as np
+
 from ._arrays import require_torch
-from .interventions import Intervention, _as_concepts
+from .interventions import Intervention, _as_concepts, _check_flag
 
 __all__ = ["CorrectedModel"]
 
@@ -67,6 +70,21 @@ def _scale_from_json(record, path):
     return {int(c): v for c, v in record["by_concept"]}
 
 
+def _plain_scale(scale):
+    """The scale with numpy numbers as Python ones (the settings are stored as JSON)."""
+    def plain(v):
+        if isinstance(v, np.generic):
+            return v.item()
+        if isinstance(v, np.ndarray) and v.ndim == 0:
+            return v.item()
+        return v
+
+    if isinstance(scale, dict):
+        return {(int(c) if isinstance(c, numbers.Integral) and not isinstance(c, (bool, np.bool_)) else c): plain(v)
+                for c, v in scale.items()}
+    return plain(scale)
+
+
 def _base():
     return _torch().nn.Module
 
@@ -85,8 +103,10 @@ class CorrectedModel(_base()):
     layer is a ReLU output). ``layout`` of the layer output (default from its rank).
 
     Errors (at construction): a layer name the model lacks (with close names), a concept index
-    outside ``0..I-1``, pairs whose D differs from the layer's declared channels; a layer with no
-    declared channel count is checked at the first forward.
+    outside ``0..I-1``, pairs whose D differs from the layer's declared channels, a scale that is
+    not finite, gate / relu that are not True or False; a layer with no declared channel count
+    is checked at the first forward, and so is a layer that runs more than once per forward of
+    the model (a shared module: refused, :class:`edpairs.capture.SharedModuleError`).
 
     After each forward, :attr:`last` holds the edit's diagnostics (``gate_mean``,
     ``gated_positions``, ``positions``, ``mean_shift``; see :class:`edpairs.interventions.Intervention`).
@@ -101,8 +121,9 @@ class CorrectedModel(_base()):
         concepts = _as_concepts(remove, "CorrectedModel: remove")
         if not concepts:
             raise ValueError("CorrectedModel: remove must name at least one concept index")
-        if not isinstance(gate, bool) or not isinstance(relu, bool):
-            raise TypeError(f"gate and relu must be bools, got gate={gate!r}, relu={relu!r}")
+        gate = _check_flag(gate, "gate", "CorrectedModel")
+        relu = _check_flag(relu, "relu", "CorrectedModel")
+        scale = _plain_scale(scale)
         self.model = model
         try:
             pairs = copy.deepcopy(pairs)
@@ -122,8 +143,13 @@ class CorrectedModel(_base()):
         return self._intervention
 
     def forward(self, *args, **kwargs):
-        with self._intervention:
+        # The first of concurrent forwards (threads, DataParallel replicas) installs the hook, the
+        # last one removes it.
+        self._intervention._acquire()
+        try:
             return self.model(*args, **kwargs)
+        finally:
+            self._intervention._release()
 
     # ---- persistence --------------------------------------------------------------------
     def settings(self) -> dict:

@@ -65,12 +65,13 @@ from ._arrays import _module_root, namespace_of
 from ._arrays import to_numpy64 as _host
 from ._checks import check_fitted
 from ._layout import LAYOUTS, channel_last, from_channel_last, infer_layout
-from .capture import find_module
+from .capture import SharedModuleError, find_module
 
 __all__ = ["Intervention", "intervene", "remove", "remove_joint", "set_value"]
 
 _PINV_RCOND = 1e-6
 _VALUES_CACHED = 64  # uploaded scale / target vectors kept per converted pairs
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # edits compute in float32: beyond it, Inf
 
 
 # ---- the pairs, converted once per device and dtype --------------------------------------
@@ -99,9 +100,21 @@ class _Pairs:
         self._values = OrderedDict()
         self._values_lock = threading.Lock()  # hooks of DataParallel replicas run in threads
 
+    def __getstate__(self) -> dict:
+        # (a lock does not pickle; the device caches are rebuilt where the copy runs)
+        state = self.__dict__.copy()
+        del state["_values_lock"]
+        state["_devices"], state["_values"] = {}, OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._values_lock = threading.Lock()
+
     def check_concepts(self, concepts, what: str) -> tuple:
         out = []
         for c in concepts:
+            c = _scalar_index(c)
             if isinstance(c, (bool, np.bool_)) or not isinstance(c, numbers.Integral):
                 raise TypeError(f"{what}: concept indices must be integers, got {c!r}")
             c = int(c)
@@ -295,11 +308,34 @@ class _NoAutocast:
 
 
 # ---- the edit ----------------------------------------------------------------------------
+def _integer_array(a) -> Optional[bool]:
+    """Whether ``a`` (a torch tensor or numpy array) holds integers; None for other objects."""
+    if isinstance(a, np.ndarray):
+        return a.dtype.kind in "iu"
+    if _module_root(a) == "torch" and hasattr(a, "is_floating_point"):
+        return not (a.is_floating_point() or a.is_complex() or str(a.dtype) == "torch.bool")
+    return None
+
+
+def _scalar_index(c):
+    """A 0-d integer tensor or array as the int it holds (other values as they are)."""
+    if getattr(c, "ndim", None) == 0 and _integer_array(c):
+        return int(c.item())
+    return c
+
+
 def _as_concepts(concepts, what: str) -> list:
     if concepts is None:
         return []
     if isinstance(concepts, numbers.Integral) and not isinstance(concepts, (bool, np.bool_)):
         return [concepts]
+    integer = _integer_array(concepts)
+    if integer is not None:  # a torch tensor or numpy array of indices
+        if not integer or concepts.ndim > 1:
+            kind = "numpy array" if isinstance(concepts, np.ndarray) else "torch tensor"
+            raise TypeError(f"{what}: concepts must be a concept index (int) or a 1-D integer array of indices, got "
+                            f"a {kind} of dtype {concepts.dtype} and shape {tuple(concepts.shape)}")
+        return [int(c) for c in concepts.reshape(-1).tolist()]
     if not isinstance(concepts, (bool, np.bool_, str, bytes)):
         try:
             return list(concepts)
@@ -307,6 +343,14 @@ def _as_concepts(concepts, what: str) -> list:
             pass
     raise TypeError(f"{what}: concepts must be a concept index (int) or an iterable of indices (list, tuple, "
                     f"range, integer array), got {type(concepts).__name__} {concepts!r}")
+
+
+def _check_flag(value, name: str, what: str) -> bool:
+    """A switch given as True or False (a numpy bool too): a string such as "no" is truthy, and
+    would switch the option on."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{what}: {name} must be True or False, got {type(value).__name__} {value!r}")
 
 
 def _check_targets(targets, what: str) -> dict:
@@ -319,13 +363,18 @@ def _check_targets(targets, what: str) -> dict:
     expected = "a finite real number or a per-position map of them (numpy array or torch tensor)"
     checked = dict(targets)
     for c, t in targets.items():
+        beyond = (f"{what}: the target of concept {c} must lie within the float32 range (|t| <= "
+                  f"{_FLOAT32_MAX:.4g}), where the edits compute; got")
         if isinstance(t, numbers.Real) and not isinstance(t, (bool, np.bool_)):
             if not np.isfinite(float(t)):
                 raise ValueError(f"{what}: the target of concept {c} must be {expected}, got {t!r}")
+            if abs(float(t)) > _FLOAT32_MAX:
+                raise ValueError(f"{beyond} {t!r} (the edited activations would overflow to Inf)")
             continue
         if _module_root(t) == "torch" and hasattr(t, "is_complex"):
             real = not t.is_complex() and str(t.dtype) != "torch.bool"
             finite = real and bool(t.isfinite().all())
+            largest = float(t.abs().max()) if finite and t.numel() and t.is_floating_point() else 0.0
         else:
             try:
                 a = np.asarray(t)
@@ -333,11 +382,14 @@ def _check_targets(targets, what: str) -> dict:
                 a = np.asarray(None)
             real = a.dtype.kind in "iuf"
             finite = real and bool(np.isfinite(a).all())
+            largest = float(np.abs(a).max()) if finite and a.size and a.dtype.kind == "f" else 0.0
         if not real:
             got = (f"{type(t).__name__} of dtype {t.dtype}" if getattr(t, "ndim", 0) else repr(t)[:80])
             raise TypeError(f"{what}: the target of concept {c} must be {expected}, got {got}")
         if not finite:
             raise ValueError(f"{what}: the target of concept {c} must be {expected}; the map contains NaN or Inf")
+        if largest > _FLOAT32_MAX:
+            raise ValueError(f"{beyond} a map holding {largest:.4g} (the edited activations would overflow to Inf)")
         if _module_root(t) != "torch" and a.ndim == 0:
             checked[c] = float(a)
     return checked
@@ -348,7 +400,10 @@ def _scales(scale, J: tuple):
     def one(v, c):
         if v is None or (isinstance(v, str) and v == "mean"):
             return True, 0.0
-        if isinstance(v, numbers.Real) and not isinstance(v, bool):
+        if isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)):
+            if not (np.isfinite(float(v)) and abs(float(v)) <= _FLOAT32_MAX):
+                raise ValueError(f"remove: scale of concept {c} must be a finite number within the float32 range "
+                                 f"(|k| <= {_FLOAT32_MAX:.4g}) or 'mean', got {v!r} (the edit would give NaN or Inf)")
             return False, float(v)
         raise ValueError(f"remove: scale of concept {c} must be a number or 'mean' (the default: to the "
                          f"mean's latent factor), got {v!r}")
@@ -430,6 +485,7 @@ def _edit(x, pairs, *, remove=(), gate=True, scale=None, joint=False, targets=No
                 vec, num = lib.target(targets[c], rows, positions_shape, c, uploaded)
                 cols.append(vec)
                 fixed.append(num)
+            _check_fits(fixed, J_set, x)
             if all(v is None for v in cols):
                 t = P.device_values(fixed, lib, rows)                  # (|J|,) broadcast over positions
             else:
@@ -446,6 +502,18 @@ def _edit(x, pairs, *, remove=(), gate=True, scale=None, joint=False, targets=No
     if layout is not None:
         out = from_channel_last(out, layout)
     return lib.restore_memory_format(out, x)
+
+
+def _check_fits(fixed, concepts, x) -> None:
+    """Number targets must fit the activations' dtype (float16 tops at 65504): the edit is cast
+    back to it and would hold Inf."""
+    if str(x.dtype) not in ("torch.float16", "torch.bfloat16", "float16"):
+        return
+    largest = float(np.finfo(np.float16).max) if str(x.dtype) != "torch.bfloat16" else 3.3895e38
+    for c, f in zip(concepts, fixed):
+        if f is not None and abs(f) > largest:
+            raise ValueError(f"set: the target {f!r} of concept {c} is beyond the range of the activations' dtype "
+                             f"{x.dtype} (|t| <= {largest:.5g}): the edited activations would hold Inf")
 
 
 def _detached(a):
@@ -466,7 +534,8 @@ def remove(x, pairs, concepts, *, gate=True, scale=None, relu=False, layout=None
     (the published toy used 450 with unnormalised vectors), or a dict {concept: number |
     "mean"}. relu: clamp at 0 afterwards (non-negative layers). Returns an array of x's kind,
     dtype, device and layout."""
-    return _edit(x, pairs, remove=_as_concepts(concepts, "remove"), gate=gate, scale=scale, relu=relu, layout=layout)
+    return _edit(x, pairs, remove=_as_concepts(concepts, "remove"), gate=_check_flag(gate, "gate", "remove"),
+                 scale=scale, relu=_check_flag(relu, "relu", "remove"), layout=layout)
 
 
 def set_value(x, pairs, targets: dict, *, relu=False, layout=None):
@@ -475,7 +544,8 @@ def set_value(x, pairs, targets: dict, *, relu=False, layout=None):
     {concept: t}, t a number or a per-position map broadcastable to x's positions (x's shape
     without the channel axis, e.g. (N, H, W) for "nchw"). relu: clamp at 0 afterwards (which
     can undo part of the edit)."""
-    return _edit(x, pairs, targets=_check_targets(targets, "set_value"), relu=relu, layout=layout)
+    return _edit(x, pairs, targets=_check_targets(targets, "set_value"), relu=_check_flag(relu, "relu", "set_value"),
+                 layout=layout)
 
 
 def remove_joint(x, pairs, concepts, *, gate=False, relu=False, layout=None):
@@ -483,8 +553,9 @@ def remove_joint(x, pairs, concepts, *, gate=False, relu=False, layout=None):
     W_J, S_J: the concepts' filters and encoding directions; a pseudo-inverse when singular),
     which leaves ``W_J x' = W_J m``. gate=True multiplies each joint latent factor by its
     concept's gate ``sigmoid(w_i.x - b_i)``."""
-    return _edit(x, pairs, remove=_as_concepts(concepts, "remove_joint"), gate=gate, joint=True, relu=relu,
-                 layout=layout)
+    return _edit(x, pairs, remove=_as_concepts(concepts, "remove_joint"),
+                 gate=_check_flag(gate, "gate", "remove_joint"), joint=True,
+                 relu=_check_flag(relu, "relu", "remove_joint"), layout=layout)
 
 
 # ---- the model hook ----------------------------------------------------------------------
@@ -506,18 +577,30 @@ class Intervention:
     ``gated_positions`` {concept: positions with gate > 0.5} (gated removal only),
     ``mean_shift`` (mean L2 norm of the edit per position). Under ``nn.DataParallel`` each
     replica edits its own share of the batch (the same edit as on one device); ``calls`` then
-    counts the replicas' edits and the other diagnostics describe the share edited last."""
+    counts the replicas' edits and the other diagnostics describe the share edited last.
+
+    A layer that runs more than once in one forward pass of ``model`` (a shared module, used at
+    several places) is refused at its second use with :class:`edpairs.capture.SharedModuleError`,
+    as capture refuses it: the edit would apply at every use. ``every_use=True`` edits every use
+    (the diagnostics then describe the last one). Forwards of ``model``'s submodules called on
+    their own, outside a forward of ``model``, are edited and not counted."""
 
     def __init__(self, model, layer, pairs, *, remove=(), set=None, gate=None, scale=None, joint=False,
-                 relu=False, layout=None):
+                 relu=False, layout=None, every_use=False):
+        joint = _check_flag(joint, "joint", "intervene")
         if gate is None:  # the defaults of remove (gated) and remove_joint (not gated)
             gate = not joint
+        gate = _check_flag(gate, "gate", "intervene")
+        relu = _check_flag(relu, "relu", "intervene")
+        self.every_use = _check_flag(every_use, "every_use", "intervene")
         if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
             raise ValueError(
                 "intervene on a torch.compile'd model: its compiled graph does not call forward hooks, so the edit "
-                "would silently do nothing; intervene on the original module (model._orig_mod), and compile the "
-                "edited model (a CorrectedModel) instead")
+                "would silently do nothing. An edit applies only to forwards of the original module: intervene on "
+                "model._orig_mod and call model._orig_mod (calls of the compiled model stay unedited), or compile "
+                "a CorrectedModel of the original module")
         self.module = find_module(model, layer)
+        self._root = model
         self.layer = layer if isinstance(layer, str) else type(layer).__name__
         self._pairs = _Pairs(pairs)  # a snapshot: the edit uses the pairs as they were here
         self.remove = self._pairs.check_concepts(_as_concepts(remove, "remove"), "remove")
@@ -545,9 +628,41 @@ class Intervention:
         _scales(scale, self.remove)  # validates
         self.gate, self.scale, self.joint, self.relu, self.layout = gate, scale, joint, relu, layout
         self._handle = None
+        self._root_handles = []
         self.calls = 0
         self._stats = {}
         self._lock = threading.Lock()  # DataParallel's replicas run the hook in threads
+        self._forward = threading.local()  # per thread: depth in forwards of model, uses of the layer
+        self._users = 0  # forwards running now that hold the hook (_acquire / _release)
+        self._users_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        # (locks and thread-local state do not pickle; a copy starts inactive, its uploads rebuilt)
+        state = self.__dict__.copy()
+        for name in ("_lock", "_forward", "_users_lock"):
+            del state[name]
+        state.update(_handle=None, _root_handles=[], _uploaded={}, _users=0)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._users_lock = threading.Lock()
+        self._forward = threading.local()
+
+    def _acquire(self) -> None:
+        """Activates the edit for one forward; concurrent forwards (threads, DataParallel replicas
+        sharing this object) share the hook, which the first installs and the last removes."""
+        with self._users_lock:
+            if self._users == 0:
+                self.__enter__()
+            self._users += 1
+
+    def _release(self) -> None:
+        with self._users_lock:
+            self._users -= 1
+            if self._users == 0:
+                self.close()
 
     # diagnostics, converted on access (no device synchronisation inside the forward)
     @property
@@ -573,13 +688,44 @@ class Intervention:
     def active(self) -> bool:
         return self._handle is not None
 
+    def _root_enter(self, module, inputs):
+        state = self._forward
+        depth = getattr(state, "depth", 0)
+        if depth == 0:
+            state.uses = 0
+        state.depth = depth + 1
+
+    def _root_leave(self, module, inputs, output):
+        state = self._forward
+        state.depth = max(0, getattr(state, "depth", 0) - 1)
+
+    def _count_use(self) -> None:
+        state = self._forward
+        if getattr(state, "depth", 0):
+            state.uses += 1
+            if state.uses > 1:
+                raise SharedModuleError(
+                    f"intervene: layer {self.layer!r} ran more than once in one forward pass of the model (a shared "
+                    f"module, used at several places), so the edit would apply at every use; intervene on a module "
+                    f"that runs once (e.g. a wrapper around one of its uses), or edit every use on purpose with "
+                    f"intervene(..., every_use=True)")
+
     def _hook(self, module, inputs, output):
+        if not self.every_use:
+            self._count_use()
         first = output
         if isinstance(output, (tuple, list)):
             if not output or not hasattr(output[0], "dtype"):
                 raise TypeError(f"layer {self.layer!r} returns a {type(output).__name__} without a tensor first; "
                                 f"intervene edits a tensor output (or the first element of a tuple)")
             first = output[0]
+        elif _module_root(output) != "torch" and not isinstance(output, np.ndarray):
+            kind = type(output).__name__
+            if isinstance(output, dict):
+                kind += f" (keys {list(output)[:6]})"
+            raise TypeError(f"layer {self.layer!r} returns a {kind}, which an edit cannot take: intervene edits a "
+                            f"tensor output (or the first element of a tuple); intervene on one of its submodules "
+                            f"that returns a tensor (see edpairs.capture.layer_names(model))")
         stats = {}
         try:
             edited = _edit(first, self._pairs, remove=self.remove, gate=self.gate, scale=self.scale,
@@ -597,6 +743,10 @@ class Intervention:
     def __enter__(self) -> "Intervention":
         if self._handle is not None:
             raise RuntimeError("this Intervention is already active")
+        if not self.every_use and self._root is not self.module:
+            # Forwards of the model delimit "one forward pass" for the shared-module check.
+            self._root_handles = [self._root.register_forward_pre_hook(self._root_enter),
+                                  self._root.register_forward_hook(self._root_leave, always_call=True)]
         self._handle = self.module.register_forward_hook(self._hook)
         return self
 
@@ -605,6 +755,9 @@ class Intervention:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        for h in self._root_handles:
+            h.remove()
+        self._root_handles = []
 
     def __exit__(self, *exc) -> bool:
         self.close()
@@ -621,7 +774,7 @@ class Intervention:
 
 
 def intervene(model, layer, pairs, remove=(), set=None, gate=None, scale=None, joint=False, relu=False,
-              layout=None) -> Intervention:
+              layout=None, every_use=False) -> Intervention:
     """A context manager that edits the output of ``layer`` (a dotted module name, e.g.
     ``"layer4"`` or ``"_blocks.15"``, or the module) in every forward pass of ``model`` while
     active: removes the concepts ``remove`` (independently, or jointly with ``joint=True``),
@@ -633,6 +786,10 @@ def intervene(model, layer, pairs, remove=(), set=None, gate=None, scale=None, j
     2-D "nc"). The hook is removed on exit, also on an exception; contexts nest (inner edits
     apply after outer ones on the same layer). Returns the :class:`Intervention`, whose
     attributes describe the last forward's edit. Model parameters are never touched; the edit
-    is differentiable."""
+    is differentiable. A layer that runs more than once per forward of ``model`` (a shared
+    module) is refused at its second use (:class:`edpairs.capture.SharedModuleError`) unless
+    ``every_use=True``, which edits every use. A torch.compile'd model is refused: its compiled
+    graph calls no hooks; intervene on ``model._orig_mod`` and call that, or compile a
+    :class:`edpairs.correct.CorrectedModel`."""
     return Intervention(model, layer, pairs, remove=remove, set=set, gate=gate, scale=scale, joint=joint,
-                        relu=relu, layout=layout)
+                        relu=relu, layout=layout, every_use=every_use)
