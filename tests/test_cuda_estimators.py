@@ -113,25 +113,16 @@ def test_cuda_small_k_fit_labels_float16_rows_kept(kernel, monkeypatch):
     import torch
     from _helpers import make_centroids, make_rows
 
-    from edpairs import _gemm, ops
-    from test_gemm_route import _CountingLib
+    from edpairs import _gemm
+    from test_gemm_route import small_k_fits
 
     rng = np.random.default_rng(1)
     C0 = make_centroids(rng, 64, 64)
     X = torch.from_numpy(make_rows(rng, 30000, 64, C=C0)).cuda()
-    monkeypatch.setattr(ops, "DEFAULT_PRECISION", "tf32")
     monkeypatch.setenv("EDPAIRS_ASSIGN_KERNEL", kernel)
-    monkeypatch.delenv("EDPAIRS_ASSIGN_HALF", raising=False)
     if _gemm.wgmma_unavailable(X.device) is not None:
         pytest.skip("the float16 copies' default ('auto') labels only where the wgmma kernels run")
-    fits = {}
-    for knob in ("0", "1"):
-        monkeypatch.setenv("EDPAIRS_ASSIGN_HALF_SMALL_K", knob)
-        with monkeypatch.context() as m:
-            counting = _CountingLib()
-            m.setattr(ops, "lib", lambda: counting)
-            fits[knob] = edp.SphericalKMeans(64, init=C0, max_iter=3, tol=0, progress=False).fit(X)
-        assert counting.copied.count(tuple(X.shape)) == (1 if knob == "1" else 0), counting.copied
+    fits = small_k_fits(X, C0, monkeypatch)
     assert (fits["1"].labels_ == fits["0"].labels_).float().mean().item() > 0.99
     torch.testing.assert_close(fits["1"].cluster_centers_, fits["0"].cluster_centers_, rtol=0, atol=1e-2)
 

@@ -1842,27 +1842,36 @@ def test_small_k_takes_the_kept_copies_only_when_asked(monkeypatch):
     assert applies(X, _gemm.TF32_MIN_K)  # (read only below TF32_MIN_K)
 
 
-def test_a_small_k_fit_labels_from_kept_copies(rng, monkeypatch):
-    """With EDPAIRS_ASSIGN_HALF_SMALL_K=1 a fit at k = 64 copies its rows to float16 once and
-    labels every pass from the copies (CPU tensors taken for CUDA ones; the CPU labels float16
-    values exactly), with the fit of the float32 rows' labels where no row lies near a tie."""
+def small_k_fits(X, C0, monkeypatch, fake_cuda: bool = False) -> dict:
+    """SphericalKMeans(64, init=C0, max_iter=3) fitted on X with TF32 products and
+    EDPAIRS_ASSIGN_HALF_SMALL_K "0" and "1", by knob: with "1" the rows are copied to float16
+    once (the centroids every pass), with "0" never. ``fake_cuda``: torch CPU tensors taken for
+    CUDA ones."""
     monkeypatch.setattr(ops, "DEFAULT_PRECISION", "tf32")
-    monkeypatch.setattr(_gemm, "wgmma_labels_tf32", lambda rows: True)
     monkeypatch.delenv("EDPAIRS_ASSIGN_HALF", raising=False)
     monkeypatch.delenv("EDPAIRS_GEMM_ROUTE", raising=False)
-    C0 = make_centroids(rng, 64, 24)
-    X = t(make_rows(rng, 3000, 24, C=C0))
     fits = {}
     for knob in ("0", "1"):
         monkeypatch.setenv("EDPAIRS_ASSIGN_HALF_SMALL_K", knob)
         with monkeypatch.context() as m:
             counting = _CountingLib()
             m.setattr(ops, "lib", lambda: counting)
-            m.setattr(Namespace, "is_cuda", lambda self, a: self.name == "torch")
+            if fake_cuda:
+                m.setattr(Namespace, "is_cuda", lambda self, a: self.name == "torch")
             fits[knob] = edpairs.SphericalKMeans(64, init=C0, max_iter=3, tol=0, progress=False).fit(X)
         passes = fits[knob].n_iter_ + 1
         assert counting.copied.count(tuple(X.shape)) == (1 if knob == "1" else 0), counting.copied
         assert counting.copied.count(tuple(C0.shape)) == (passes if knob == "1" else 0), counting.copied
+    return fits
+
+
+def test_a_small_k_fit_labels_from_kept_copies(rng, monkeypatch):
+    """With EDPAIRS_ASSIGN_HALF_SMALL_K=1 a fit at k = 64 copies its rows to float16 once and
+    labels every pass from the copies (CPU tensors taken for CUDA ones; the CPU labels float16
+    values exactly), with the fit of the float32 rows' labels where no row lies near a tie."""
+    monkeypatch.setattr(_gemm, "wgmma_labels_tf32", lambda rows: True)
+    C0 = make_centroids(rng, 64, 24)
+    fits = small_k_fits(t(make_rows(rng, 3000, 24, C=C0)), C0, monkeypatch, fake_cuda=True)
     assert (fits["1"].labels_ == fits["0"].labels_).float().mean() > 0.99
 
 
