@@ -326,6 +326,20 @@ def test_values_beyond_float16_or_not_finite_are_refused(tmp_path):
         extract(model, "0", x, tmp_path / "c", images_per_shard=2)
 
 
+def test_images_of_another_size_are_refused_before_they_are_stored(tmp_path):
+    """Images whose layer grid differs from the first images' (a dataset of mixed sizes) were cut
+    to the first grid in row-major order and the store marked complete (or, smaller, spilled
+    into the next image's rows before numpy's broadcast error): refused, naming the images."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1))
+    g = torch.Generator().manual_seed(0)
+    for second, grid in ((10, r"\(10, 10\)"), (6, r"\(6, 6\)")):
+        data = [torch.randn(3, 3, 8, 8, generator=g), torch.randn(3, 3, second, second, generator=g)]
+        with pytest.raises(ValueError, match=rf"images 3\.\.5 give layer '0' a grid of {grid} x 4, the store's "
+                                             r"first images \(8, 8\) x 4"):
+            extract(model, "0", data, tmp_path / f"s{second}", images_per_shard=2)
+        assert not ActivationStore(tmp_path / f"s{second}", allow_partial=True).complete
+
+
 def test_sidecar_fields_of_the_wrong_type_are_named(reference, tmp_path):
     """A hand-edited or foreign sidecar whose fields have the wrong type is refused naming the
     field (before: int('abc'), "'int' object is not subscriptable" from deep inside), and a

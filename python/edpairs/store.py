@@ -633,8 +633,12 @@ def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtyp
                     f"{meta['n_features']}", "use overwrite=True"
                 )
             ppi = _layout.patches_per_image(grid)
-        rows = values.numpy().reshape(-1, d)
         s, e = int(act.index[0]), int(act.index[-1]) + 1
+        if grid != tuple(meta["grid"]) or d != meta["n_features"]:  # (images of another size in the data)
+            raise ValueError(f"images {s}..{e - 1} give layer {layer!r} a grid of {grid} x {d}, the store's first "
+                             f"images {tuple(meta['grid'])} x {meta['n_features']}: a store holds images of one size "
+                             "(resize or crop them alike); nothing of them was stored")
+        rows = values.numpy().reshape(-1, d)
         # Stored numbers must be the activations: no NaN/Inf, no float16 overflow to inf.
         peak = float(np.abs(rows).max(initial=0.0))
         if not np.isfinite(peak):
