@@ -285,3 +285,21 @@ def test_recovery_accepts_torch(layer):
                            detections=torch.from_numpy(layer.membership))
     np.testing.assert_allclose(out["cos_encoding"], 1.0, atol=1e-6)
     np.testing.assert_allclose(out["iou"], 1.0)
+
+
+def test_directions_of_any_magnitude_and_not_real_numbers(layer):
+    """A direction scored against itself has cosine 1 at any magnitude (rows of 1e300 or
+    1e-170 gave 0: their squares overflowed or underflowed), with a span too; complex or text
+    inputs are refused by name (complex lost its imaginary part with a warning); a match_by
+    list of three is named, not an unhashable-type error."""
+    S = layer.S
+    span = metrics.data_span(layer.X)
+    for scale in (1e300, 1e-170):
+        np.testing.assert_allclose(metrics.cosines(S * scale, S).diagonal(), 1, rtol=1e-12)
+        np.testing.assert_allclose(metrics.cosines(S * scale, S, span=span).diagonal(), 1, rtol=1e-9)
+    with pytest.raises(ValueError, match="est must be a real array, got dtype complex128"):
+        metrics.cosines(S.astype(complex) * 1j, S)
+    with pytest.raises(ValueError, match="alpha_hat must be a numeric array, got dtype <U1"):
+        metrics.latent_rmse("x", np.zeros(3))
+    with pytest.raises(ValueError, match=r"match_by must be 'iou', 'encoding', 'decoding' or \(rows, cols\), got \[0, 1, 2\]"):
+        metrics.recovery(layer, encoding=S, match_by=[0, 1, 2])

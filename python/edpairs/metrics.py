@@ -26,9 +26,13 @@ def _numpy(x, name):
         if x.dtype == torch.bfloat16:
             x = x.float()
         x = x.numpy()
-    x = np.asarray(x)
-    if x.dtype == object:
-        raise ValueError(f"{name} must be a numeric array")
+    try:
+        x = np.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a numeric array ({exc})") from None
+    if x.dtype == object or x.dtype.kind not in "biuf":
+        what = "real" if x.dtype.kind == "c" else "numeric"
+        raise ValueError(f"{name} must be a {what} array, got dtype {x.dtype}")
     return x
 
 
@@ -120,13 +124,26 @@ def _orthonormal_rows(B, name="span"):
     return vt[s > tol]
 
 
+def _scaled(A):
+    """(A's rows divided by their largest magnitudes, those magnitudes (n, 1)): norms of the
+    scaled rows neither overflow (rows of 1e300) nor underflow (1e-170)."""
+    big = np.abs(A).max(axis=1, keepdims=True, initial=0.0)
+    return np.divide(A, big, out=np.zeros_like(A, dtype=np.float64), where=big > 0), big
+
+
+def _row_norms(A):
+    S, big = _scaled(A)
+    return np.linalg.norm(S, axis=1, keepdims=True) * big
+
+
 def _unit_rows(A, scale=None):
     """Rows of A normalised; rows of norm <= 1e-10 * scale (their norm before a projection:
     what is left is rounding, pointing anywhere) become 0."""
-    norm = np.linalg.norm(A, axis=1, keepdims=True)
+    S, big = _scaled(A)
+    unit = np.linalg.norm(S, axis=1, keepdims=True)
     floor = 0.0 if scale is None else 1e-10 * scale
-    out = np.zeros_like(A)
-    np.divide(A, norm, out=out, where=norm > floor)
+    out = np.zeros_like(S)
+    np.divide(S, unit, out=out, where=unit * big > floor)
     return out
 
 
@@ -144,8 +161,7 @@ def cosines(est, true, *, span=None, absolute=True) -> np.ndarray:
         Q = _orthonormal_rows(span)
         if Q.shape[1] != est.shape[1]:
             raise ValueError(f"span must have {est.shape[1]} columns, got {Q.shape[1]}")
-        scale_e = np.linalg.norm(est, axis=1, keepdims=True)
-        scale_t = np.linalg.norm(true, axis=1, keepdims=True)
+        scale_e, scale_t = _row_norms(est), _row_norms(true)
         est, true = est @ Q.T, true @ Q.T
     c = _unit_rows(est, scale_e) @ _unit_rows(true, scale_t).T
     return np.abs(c) if absolute else c
@@ -317,7 +333,7 @@ def recovery(layer, *, decoding=None, encoding=None, detections=None, latent=Non
         rows, cols, used = rows[order], cols[order], "given"
     else:
         chain = {"iou": ("iou", "encoding", "decoding"), "encoding": ("encoding",),
-                 "decoding": ("decoding",)}.get(match_by)
+                 "decoding": ("decoding",)}.get(match_by) if isinstance(match_by, str) else None
         if chain is None:
             raise ValueError(f"match_by must be 'iou', 'encoding', 'decoding' or (rows, cols), got {match_by!r}")
         scores = {"iou": iou_m, "encoding": None if cos_enc is None else np.abs(cos_enc),
