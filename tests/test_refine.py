@@ -294,6 +294,15 @@ def test_extra_loss_is_added_to_the_objective(toy):
 
     with pytest.raises(TypeError, match="scalar"):
         refine_detectors(X, W0, b0, config=cfg, extra_loss=lambda W, b, x: b)
+    # evaluate_detectors refuses a NaN extra loss as refine_detectors does (its total was NaN),
+    # and a config that is no RefineConfig by name
+    torch = pytest.importorskip("torch")
+    with pytest.raises(FloatingPointError, match="extra_loss gave nan .* must return a finite number"):
+        evaluate_detectors(X, W0, b0, config=cfg, extra_loss=lambda W, b, x: torch.tensor(float("nan")))
+    with pytest.raises(TypeError, match="config must be a RefineConfig or None, got str"):
+        evaluate_detectors(X, W0, b0, config="x")
+    with pytest.raises(ValueError, match=r"RefineConfig.seed must be an integer in \[0, 2\*\*63\) or None"):
+        evaluate_detectors(X, W0, b0, config=RefineConfig(seed=2**70))
 
 
 # ---------------------------------------------------------------------------------------

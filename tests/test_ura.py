@@ -323,3 +323,12 @@ def test_published_preset_full_size():
     layer = edp.synthetic.published(seed=0)
     r = score(layer, edp.EDPairs(3, random_state=0).fit(layer.images(), head=layer.head))
     assert np.all(r["iou"] >= 0.95) and r["mean_cos_encoding"] >= 0.98 and r["mean_latent_rmse"] <= 0.26
+
+
+def test_config_flags_and_seeds_are_checked():
+    """resignal="no" was truthy (the signal vectors re-estimated); a seed past 2**63 failed in
+    torch with "Overflow when unpacking long long"."""
+    with pytest.raises(ValueError, match="URAConfig.resignal must be True or False, got 'no'"):
+        URAConfig(resignal="no").validate()
+    with pytest.raises(ValueError, match=r"URAConfig.seed must be an integer in \[0, 2\*\*63\) or None"):
+        URAConfig(seed=2**70).validate()

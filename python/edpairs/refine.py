@@ -148,8 +148,8 @@ class RefineConfig:
         for name in ("epochs", "batch_size"):
             check_int(f"RefineConfig.{name}", getattr(self, name))
         check_int("RefineConfig.plateau_patience", self.plateau_patience, 0, optional=True)
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"RefineConfig.seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**63):
+            raise ValueError(f"RefineConfig.seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
 
 
 @dataclass
@@ -731,6 +731,8 @@ def evaluate_detectors(
     running maximum). Returns floats: each term, ``total`` (weighted), and ``extra``
     (batch-size-weighted mean) when ``extra_loss`` is given."""
     torch = _torch()
+    if config is not None and not isinstance(config, RefineConfig):
+        raise TypeError(f"config must be a RefineConfig or None, got {type(config).__name__}")
     cfg = config or RefineConfig()
     cfg.validate()
     check_int("batch_size", batch_size)
@@ -773,7 +775,11 @@ def evaluate_detectors(
                     s_hi += float((p * r).sum())
                     s_lo += float(p.sum())
             if extra_loss is not None:
-                sum_extra += float(extra_loss(W32, b32, xb)) * xb.shape[0]
+                value = float(extra_loss(W32, b32, xb))
+                if not math.isfinite(value):  # (refine_detectors refuses the same: the total would be NaN)
+                    raise FloatingPointError(f"extra_loss gave {value} on a batch of {xb.shape[0]} rows: it must "
+                                             "return a finite number")
+                sum_extra += value * xb.shape[0]
             n += xb.shape[0]
     rate /= n
     terms = {

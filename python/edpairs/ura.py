@@ -72,7 +72,7 @@ import numpy as np
 
 from ._arrays import require_torch
 from ._progress import Progress
-from ._checks import check_int, check_real, is_int
+from ._checks import check_bool, check_int, check_real, is_int
 from .refine import PlateauHalving
 
 __all__ = ["ImageSource", "URAConfig", "URAResult", "align", "entropy", "filter_signal_orthogonality",
@@ -180,8 +180,9 @@ class URAConfig:
         if self.regularizer not in REGULARIZERS:
             raise ValueError(f"URAConfig.regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}")
         check_int("URAConfig.plateau_patience", self.plateau_patience, 0, optional=True)
-        if self.seed is not None and not is_int(self.seed):
-            raise ValueError(f"URAConfig.seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed < 2**63):
+            raise ValueError(f"URAConfig.seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
+        check_bool("URAConfig.resignal", self.resignal)
         for cfg in self.stage_configs():
             cfg.validate()
 
