@@ -332,3 +332,21 @@ def test_config_flags_and_seeds_are_checked():
         URAConfig(resignal="no").validate()
     with pytest.raises(ValueError, match=r"URAConfig.seed must be an integer in \[0, 2\*\*63\) or None"):
         URAConfig(seed=2**70).validate()
+
+
+def test_align_checks_its_detectors_and_whitener(small):
+    """align's own checks: transposed or short W, b or S, NaN, a zero detector and a missing
+    whitener are named (torch's shape errors, 'NoneType' has no attribute 'P', or a
+    FloatingPointError blaming the learning rate came out)."""
+    base = edp.EDPairs(3, random_state=0, progress=False).fit(small.X)
+    W, b, S, w = base.decoding_, base.bias_, base.encoding_, base.whitener_
+    images = small.images()[:8]
+    for args, kw, kind, match in (((W.T, b, S), {"whitener": w}, ValueError, r"align needs W \(I, 16\), b \(I,\)"),
+                                  ((W, b[:2], S), {"whitener": w}, ValueError, r"got shapes \(3, 16\), \(2,\)"),
+                                  ((W, b, S[:2]), {"whitener": w}, ValueError, r"and \(2, 16\)"),
+                                  ((W, b, None), {"whitener": w}, ValueError, "needs the signal vectors S"),
+                                  ((W * np.nan, b, S), {"whitener": w}, ValueError, "W contains NaN or Inf"),
+                                  ((W * 0, b, S), {"whitener": w}, ValueError, r"W has zero rows \[0, 1, 2\]"),
+                                  ((W, b, S), {"whitener": None}, TypeError, "whitener must be the stage-1")):
+        with pytest.raises(kind, match=match):
+            align(images, small.head, *args, config=URAConfig(seed=0, **FAST), **kw)

@@ -70,7 +70,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ._arrays import require_torch
+from ._arrays import require_torch, to_numpy64
 from ._progress import Progress
 from ._checks import check_bool, check_int, check_real, is_int
 from .refine import PlateauHalving
@@ -412,6 +412,24 @@ def align(images, head, W, b, S, *, whitener, signal: Optional[Callable] = None,
     cfg.validate()
     if not callable(head):
         raise TypeError(f"head must be callable (features -> logits), got {type(head).__name__}")
+    from .cluster import Whitener
+
+    if not isinstance(whitener, Whitener):
+        raise TypeError(f"whitener must be the stage-1 edpairs.cluster.Whitener, got {type(whitener).__name__}")
+    W0, b0 = to_numpy64(W), to_numpy64(b)
+    D = int(whitener.mean.shape[0])
+    S0 = None if S is None else to_numpy64(S)
+    if W0.ndim != 2 or W0.shape[1] != D or b0.shape != W0.shape[:1] or (S0 is not None and S0.shape != W0.shape):
+        raise ValueError(f"align needs W (I, {D}), b (I,) and S (I, {D}) for the whitener's D = {D}, got shapes "
+                         f"{W0.shape}, {b0.shape} and {None if S0 is None else S0.shape}")
+    if S0 is None and signal is None:
+        raise ValueError("align needs the signal vectors S (I, D), or signal(W, b) to estimate them")
+    for name, a in (("W", W0), ("b", b0), ("S", S0)):
+        if a is not None and not np.isfinite(a).all():
+            raise ValueError(f"align: {name} contains NaN or Inf")
+    if not np.any(W0, axis=1).all():
+        raise ValueError(f"align: W has zero rows {np.flatnonzero(~np.any(W0, axis=1)).tolist()}: a detector needs a "
+                         "direction")
     source = images if isinstance(images, ImageSource) else ImageSource(images)
     if device is None:
         device = _head_device(head)
@@ -422,8 +440,6 @@ def align(images, head, W, b, S, *, whitener, signal: Optional[Callable] = None,
     P = torch.as_tensor(np.asarray(whitener.P, np.float64), **f64)  # (r, D)
     mean = torch.as_tensor(np.asarray(whitener.mean, np.float64), **f64)
     Pinv = torch.linalg.pinv(P)  # (D, r): x - mean = Pinv z on the data span
-    W0 = np.asarray(W, np.float64)
-    b0 = np.asarray(b, np.float64)
     # Whitened detectors: c = W Pinv (W restricted to the span), t = b - W mean.
     C = torch.as_tensor(W0, **f64) @ Pinv
     t = torch.as_tensor(b0, **f64) - torch.as_tensor(W0, **f64) @ mean
@@ -455,7 +471,7 @@ def align(images, head, W, b, S, *, whitener, signal: Optional[Callable] = None,
                     source, head, C, t, None, P, Pinv, mean, cfg, first, cfg.unconstrained_epochs,
                     cfg.lr_unconstrained, gen, bar, "unconstrained", start_C, start_t)
             Wr, br = raw(C, t)
-            S_now = np.asarray(S, np.float64)
+            S_now = S0
             if signal is not None and cfg.constrained_epochs:
                 S_now = np.asarray(signal(Wr.cpu().numpy(), br.cpu().numpy()), np.float64)
             if cfg.constrained_epochs:
