@@ -251,6 +251,27 @@ def test_large_preset():
         (dict(classes=[]), "classes"),
         (dict(offset=np.ones(3)), "offset"),
         (dict(dtype=np.int32), "dtype"),
+        # Strings, floats and out-of-range values are refused, not converted or truncated.
+        (dict(grid="12"), "grid"),
+        (dict(grid=(1.9, 2.9)), "grid"),
+        (dict(grid=(1, 2, 3)), "grid"),
+        (dict(max_cosine="a"), "max_cosine"),
+        (dict(max_cosine=np.nan), "max_cosine"),
+        (dict(p_present="a"), "p_present"),
+        (dict(noise="a"), "noise"),
+        (dict(noise=np.inf), "noise"),
+        (dict(offset="a"), "offset"),
+        (dict(offset=1e300), r"offset.*float32"),
+        (dict(offset=1e6, dtype=np.float16), r"offset.*float16"),
+        (dict(seed=-1), "seed"),
+        (dict(seed="a"), "seed"),
+        (dict(seed=1.5), "seed"),
+        (dict(classes="ab"), "classes"),
+        (dict(classes=[0, 1]), "classes"),
+        (dict(classes=[(0.5, 1)]), "classes"),
+        # Features beyond the dtype's range (here |x| >= 7e4 > 65504) are refused, not stored as inf.
+        (dict(n_features=1, n_concepts=1, n_distractors=0, present=(7e4, 8e4), absent=(7e4, 8e4),
+              dtype=np.float16), r"overflow.*float16"),
     ],
 )
 def test_bad_arguments(kwargs, name):
@@ -258,6 +279,52 @@ def test_bad_arguments(kwargs, name):
     args.update(kwargs)
     with pytest.raises(ValueError, match=name):
         synthetic.make_layer(**args)
+
+
+def test_integer_arguments_of_numpy_types_are_accepted():
+    layer = synthetic.make_layer(4, grid=np.array([2, 3]), classes=np.array([[0, 1], [1, 2]]),
+                                 seed=np.int64(5), train_head=False)
+    assert layer.grid == (2, 3) and layer.classes == [(0, 1), (1, 2)]
+    assert all(type(g) is int for g in layer.grid)
+    np.testing.assert_array_equal(layer.X, synthetic.make_layer(4, grid=(2, 3), classes=[(0, 1), (1, 2)], seed=5,
+                                                                train_head=False).X)
+
+
+def test_fit_head_bad_arguments():
+    rng = np.random.default_rng(0)
+    pooled, y = rng.random((12, 3)), np.arange(12) % 2
+    assert synthetic.fit_head(pooled, y.astype(np.uint8), 2).accuracy_ == synthetic.fit_head(pooled, y, 2).accuracy_
+    for kwargs, name in [(dict(y=y + 0.5), "y must hold integer"), (dict(y=y.astype(float)), "y must hold integer"),
+                         (dict(y=y[:5]), "y"), (dict(y=y + 1), "y"),
+                         (dict(n_classes=0), "n_classes"), (dict(n_classes=2.0), "n_classes"),
+                         (dict(l2=-1.0), "l2"), (dict(l2=np.nan), "l2"), (dict(l2="0.1"), "l2"),
+                         (dict(maxiter=0), "maxiter"), (dict(maxiter=10.5), "maxiter")]:
+        args = dict(pooled=pooled, y=y, n_classes=2)
+        args.update(kwargs)
+        with pytest.raises(ValueError, match=name):
+            synthetic.fit_head(args.pop("pooled"), args.pop("y"), args.pop("n_classes"), **args)
+
+
+def test_linear_head_bad_arguments():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="weight must be finite"):
+        LinearHead(np.full((2, 3), np.nan), np.zeros(2))
+    with pytest.raises(ValueError, match="bias must be finite"):
+        LinearHead(np.ones((2, 3)), np.array([0.0, np.inf]))
+    head = LinearHead(np.arange(6.0).reshape(2, 3), np.zeros(2))
+    x = np.ones((4, 2, 2, 3))
+    with pytest.raises(ValueError, match="at least one patch"):
+        head(x[:, :0])
+    with pytest.raises(ValueError, match="at least one patch"):
+        head(torch.from_numpy(x[:, :, :0]))
+    with pytest.raises(TypeError, match="numpy array or a torch tensor"):
+        head(x.tolist())
+    with pytest.raises(ValueError, match="floating torch tensor"):
+        head(torch.ones((4, 2, 2, 3), dtype=torch.int32))
+    with pytest.raises(ValueError, match="real numbers"):
+        head(x.astype(complex))
+    assert head(x[:0]).shape == (0, 2) and head(torch.from_numpy(x[:0])).shape == (0, 2)
+    np.testing.assert_allclose(head(x.astype(np.int64)), head(x))  # numpy integers are read in float64
 
 
 # ---- PresenceHead ------------------------------------------------------------------------
@@ -342,3 +409,27 @@ def test_presence_head_bad_arguments(pub64):
         synthetic.PresenceHead(W, b, np.ones((3, 3)), detector="step")
     with pytest.raises(ValueError, match="features"):
         synthetic.PresenceHead(W, b, np.ones((3, 3)))(pub64.X[:10])
+    bad = np.ones((3, 3))
+    bad[1, 2] = np.nan
+    for kwargs, name in [(dict(weight=bad), "weight"), (dict(filters=W * np.inf), "filters"),
+                         (dict(thresholds=b * np.nan), "thresholds"), (dict(bias=np.array([0.0, np.nan, 0.0])), "bias")]:
+        args = dict(filters=W, thresholds=b, weight=np.ones((3, 3)))
+        args.update(kwargs)
+        with pytest.raises(ValueError, match=f"{name} must be finite"):
+            synthetic.PresenceHead(**args)
+    with pytest.raises(ValueError, match="width"):
+        synthetic.PresenceHead(W, b, np.ones((3, 3)), width="1")
+    with pytest.raises(ValueError, match="scale"):
+        synthetic.PresenceHead.from_layer(pub64, scale=np.nan)
+    with pytest.raises(ValueError, match="scale"):
+        synthetic.PresenceHead.from_layer(pub64, scale="4")
+    with pytest.raises(ValueError, match="weight must be finite"):
+        synthetic.PresenceHead.from_layer(pub64, weight=bad)
+    head = synthetic.PresenceHead(W, b, np.ones((3, 3)))
+    with pytest.raises(ValueError, match="at least one patch"):
+        head(pub64.images()[:5, :, :0])
+    with pytest.raises(TypeError, match="numpy array or a torch tensor"):
+        head.presence(pub64.images()[:2].tolist())
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="floating torch tensor"):  # would have read int-truncated filters
+        head(torch.ones((2, 1, 2, 16), dtype=torch.int64))

@@ -13,6 +13,8 @@ from typing import Optional
 
 import numpy as np
 
+from ._checks import check_int, check_real, is_int
+
 __all__ = ["LinearHead", "PresenceHead", "SyntheticLayer", "fit_head", "large", "make_layer", "published"]
 
 # Rows generated per block: keeps the float64 temporaries in cache (measured ~1.7x faster
@@ -43,6 +45,17 @@ def _check_features(shape, D: int) -> None:
     if len(shape) not in (3, 4) or shape[-1] != D:
         raise ValueError(f"features must be (n_images, h, w, {D}) or (n_images, h*w, {D}), got {tuple(shape)}; "
                          f"flat (N, D) patch rows can be viewed per image with layer.images()")
+    if _n_patches(shape) == 0:
+        raise ValueError(f"features must hold at least one patch per image, got shape {tuple(shape)}")
+
+
+def _n_patches(shape) -> int:
+    return int(np.prod(shape[1:-1]))
+
+
+def _finite(name: str, a: np.ndarray) -> None:
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} must be finite, got NaN or infinite entries")
 
 
 class _Head:
@@ -56,8 +69,21 @@ class _Head:
     def n_classes(self) -> int:
         return self.weight.shape[0]
 
-    def _check(self, shape) -> None:
-        _check_features(shape, self._n_features)
+    def _check(self, features):
+        """``features`` checked (a numpy array of numbers or a floating torch tensor, of a valid
+        shape), as an array or the tensor."""
+        if _is_torch(features):
+            if not features.is_floating_point():
+                raise ValueError(f"features must be a floating torch tensor (the logits are computed in its "
+                                 f"dtype), got {features.dtype}")
+            _check_features(tuple(features.shape), self._n_features)
+            return features
+        if not isinstance(features, np.ndarray):
+            raise TypeError(f"features must be a numpy array or a torch tensor, got {type(features).__name__}")
+        if features.dtype.kind not in "iuf":
+            raise ValueError(f"features must hold real numbers, got dtype {features.dtype}")
+        _check_features(features.shape, self._n_features)
+        return features
 
     def _logits(self, x):
         if _is_torch(x):
@@ -90,6 +116,8 @@ class LinearHead(_Head):
         if self.weight.ndim != 2 or self.bias.shape != (self.weight.shape[0],):
             raise ValueError(f"weight must be (n_classes, D) and bias (n_classes,), got "
                              f"{self.weight.shape} and {self.bias.shape}")
+        _finite("weight", self.weight)
+        _finite("bias", self.bias)
         self.accuracy_ = float(accuracy)
 
     @property
@@ -97,11 +125,11 @@ class LinearHead(_Head):
         return self.weight.shape[1]
 
     def __call__(self, features):
-        self._check(tuple(features.shape))
+        features = self._check(features)
         if _is_torch(features):
             return self._logits(features.flatten(1, -2).mean(dim=1))
-        x = np.asarray(features)
-        return self._logits(x.reshape(x.shape[0], -1, x.shape[-1]).mean(axis=1, dtype=np.float64))
+        x = features
+        return self._logits(x.reshape(x.shape[0], _n_patches(x.shape), x.shape[-1]).mean(axis=1, dtype=np.float64))
 
     def __repr__(self) -> str:
         return (f"LinearHead(n_classes={self.weight.shape[0]}, n_features={self.weight.shape[1]}, "
@@ -158,8 +186,9 @@ class PresenceHead(_Head):
         self.bias = np.zeros(self.weight.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
         if self.bias.shape != (self.weight.shape[0],):
             raise ValueError(f"bias must be ({self.weight.shape[0]},), got {self.bias.shape}")
-        if not (float(width) > 0 and np.isfinite(width)):
-            raise ValueError(f"width must be a finite number > 0, got {width!r}")
+        for name in ("filters", "thresholds", "weight", "bias"):
+            _finite(name, getattr(self, name))
+        check_real("width", width, "a finite number > 0", lambda v: v > 0)
         if detector not in ("ramp", "sigmoid"):
             raise ValueError(f"detector must be 'ramp' or 'sigmoid', got {detector!r}")
         self.width = float(width)
@@ -174,6 +203,7 @@ class PresenceHead(_Head):
         to ``scale * (2 A - 1)``, ``A[k, i] = 1`` when class ``k`` holds concept ``i``;
         ``accuracy_`` is measured on the layer's images when there is one weight row per class."""
         if weight is None:
+            check_real("scale", scale, "a finite number", lambda v: True)
             A = np.zeros((len(layer.classes), layer.n_concepts))
             for k, c in enumerate(layer.classes):
                 A[k, list(c)] = 1.0
@@ -189,7 +219,7 @@ class PresenceHead(_Head):
 
     def presence(self, features):
         """``(n_images, n_concepts)`` pooled presence ``g`` of each concept, in [0, 1]."""
-        self._check(tuple(features.shape))
+        features = self._check(features)
         if _is_torch(features):
             import torch
 
@@ -198,8 +228,8 @@ class PresenceHead(_Head):
             u = (features.flatten(1, -2) @ w.T - t) / self.width
             d = torch.clamp(u + 0.5, 0.0, 1.0) if self.detector == "ramp" else torch.sigmoid(4.0 * u)
             return d.mean(dim=1)
-        x = np.asarray(features)
-        u = x.reshape(x.shape[0], -1, x.shape[-1]).astype(np.float64, copy=False) @ self.filters.T
+        x = features
+        u = x.reshape(x.shape[0], _n_patches(x.shape), x.shape[-1]).astype(np.float64, copy=False) @ self.filters.T
         u -= self.thresholds
         u /= self.width
         if self.detector == "ramp":
@@ -234,13 +264,20 @@ def fit_head(pooled, y, n_classes: int, *, l2: float = 1e-3, maxiter: int = 500)
 
     Minimises mean cross-entropy + ``l2/2 * ||V||^2`` over standardised features with
     L-BFGS-B, then folds the standardisation into ``weight`` / ``bias`` so the head applies to
-    raw features. Deterministic (zero initialisation)."""
+    raw features. Deterministic (zero initialisation). ``y`` holds integer labels in
+    ``[0, n_classes)``; ``l2`` is a finite number >= 0."""
+    check_int("n_classes", n_classes)
+    check_real("l2", l2, "a finite number >= 0", lambda v: v >= 0)
+    check_int("maxiter", maxiter)
     pooled = np.asarray(pooled, dtype=np.float64)
-    y = np.asarray(y, dtype=np.int64)
+    y = np.asarray(y)
     if pooled.ndim != 2 or pooled.shape[0] == 0:
         raise ValueError(f"pooled must be (n_images, D) with n_images >= 1, got shape {pooled.shape}")
+    if y.dtype.kind not in "iu":
+        raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
     if y.shape != (pooled.shape[0],) or y.min() < 0 or y.max() >= n_classes:
-        raise ValueError(f"y must hold one label in [0, {n_classes}) per image")
+        raise ValueError(f"y must hold one label in [0, {n_classes}) per image, got shape {y.shape}")
+    y = y.astype(np.int64)
     if not np.all(np.isfinite(pooled)):
         raise ValueError("pooled must be finite")
     with _few_blas_threads():
@@ -368,10 +405,17 @@ def _classes(classes, n_concepts, membership):
         if n_concepts <= 4 and n_concepts >= 2:
             return [tuple(c) for c in combinations(range(n_concepts), 2)]
         return [(i,) for i in range(n_concepts)]
-    try:
-        out = [tuple(int(i) for i in c) for c in classes]
-    except TypeError:
-        raise ValueError(f"classes must be a list of tuples of concept indices, got {classes!r}") from None
+    expected = f"classes must be a list of tuples of integer concept indices, got {classes!r}"
+    if isinstance(classes, (str, bytes)) or not hasattr(classes, "__iter__"):
+        raise ValueError(expected)
+    out = []
+    for c in classes:
+        if isinstance(c, (str, bytes)) or not hasattr(c, "__iter__"):
+            raise ValueError(expected)
+        c = tuple(c)
+        if not all(is_int(i) for i in c):
+            raise ValueError(expected)
+        out.append(tuple(int(i) for i in c))
     if not out:
         raise ValueError("classes must hold at least one class")
     for c in out:
@@ -442,31 +486,35 @@ def make_layer(n_images=20000, n_features=16, n_concepts=3, n_distractors=2, *, 
     d = _count("n_features", n_features, 1)
     n_concepts = _count("n_concepts", n_concepts, 1)
     n_distractors = _count("n_distractors", n_distractors, 0)
-    try:
-        h, w = (int(g) for g in grid)
-    except (TypeError, ValueError):
-        raise ValueError(f"grid must be an (h, w) pair of integers, got {grid!r}") from None
-    if h < 1 or w < 1:
-        raise ValueError(f"grid must have h >= 1 and w >= 1, got {grid!r}")
+    if (isinstance(grid, (str, bytes)) or not hasattr(grid, "__len__") or len(grid) != 2
+            or not all(is_int(g) and g >= 1 for g in grid)):
+        raise ValueError(f"grid must be an (h, w) pair of positive integers, got {grid!r}")
+    h, w = int(grid[0]), int(grid[1])
     present = _range("present", present)
     absent = _range("absent", absent)
     distractor_range = _range("distractor_range", distractor_range)
-    if not (0.0 <= float(max_cosine) < 1.0):
-        raise ValueError(f"max_cosine must be in [0, 1), got {max_cosine!r}")
+    check_real("max_cosine", max_cosine, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
     if membership not in ("exclusive", "sparse"):
         raise ValueError(f"membership must be 'exclusive' or 'sparse', got {membership!r}")
-    if not (0.0 <= float(p_present) <= 1.0):
-        raise ValueError(f"p_present must be in [0, 1], got {p_present!r}")
-    if not (float(noise) >= 0.0 and np.isfinite(noise)):
-        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    check_real("p_present", p_present, "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+    check_real("noise", noise, "a finite number >= 0", lambda v: v >= 0.0)
+    if not (seed is None or isinstance(seed, (np.random.SeedSequence, np.random.Generator))):
+        check_int("seed", seed, 0, optional=True)
     dtype = np.dtype(dtype)
     if dtype.kind != "f":
         raise ValueError(f"dtype must be a floating type, got {dtype}")
-    mu = np.asarray(offset, dtype=np.float64)
+    try:
+        mu = np.asarray(offset, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"offset must be a finite number or a ({d},) vector of numbers, got {offset!r}") from None
     if mu.ndim == 0:
         mu = np.full(d, float(mu))
     if mu.shape != (d,) or not np.all(np.isfinite(mu)):
         raise ValueError(f"offset must be a finite scalar or a ({d},) vector, got shape {mu.shape}")
+    top = float(np.finfo(dtype).max)
+    if np.abs(mu).max() > top:
+        raise ValueError(f"offset must lie within the range of dtype {dtype} (|offset| <= {top:.4g}), got "
+                         f"values up to {np.abs(mu).max():.4g}")
     classes = _classes(classes, n_concepts, membership)
     with _few_blas_threads():
         return _make_layer(n_images, d, n_concepts, n_distractors, h, w, mu, float(max_cosine),
@@ -516,6 +564,7 @@ def _make_layer(n_images, d, n_concepts, n_distractors, h, w, mu, max_cosine, pr
     beta = rng.uniform(distractor_range[0], distractor_range[1], size=(n, n_distractors))
 
     X = np.empty((n, d), dtype=dtype)
+    top = float(np.finfo(dtype).max)
     for start in range(0, n, _CHUNK):
         sl = slice(start, min(start + _CHUNK, n))
         block = alpha[sl] @ S
@@ -523,6 +572,9 @@ def _make_layer(n_images, d, n_concepts, n_distractors, h, w, mu, max_cosine, pr
         block += mu
         if noise > 0:
             block += float(noise) * rng.standard_normal(block.shape)
+        if not (-top <= block.min() and block.max() <= top):
+            raise ValueError(f"the features overflow dtype {dtype} (|x| <= {top:.4g}): reduce offset, present, "
+                             f"absent, distractor_range or noise, or pass a wider dtype")
         X[sl] = block
 
     image = np.repeat(np.arange(n_images, dtype=np.int64), n_patches)

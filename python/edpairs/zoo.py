@@ -8,10 +8,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import operator
 import os
+import sys
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from ._checks import check_int, is_real
 
 __all__ = ["IMAGE_SIZE", "PREPROCESSING", "PhotoDataset", "efficientnet_lite0", "imagenet_class_names", "photos",
            "preprocess"]
@@ -45,24 +49,75 @@ def efficientnet_lite0(device=None):
     return model
 
 
+def _image_array(image) -> np.ndarray:
+    """A numpy array of one image: a PIL image (converted to RGB), a torch tensor (detached, on
+    the CPU) or an array."""
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
+        return np.asarray(image.convert("RGB"))
+    if _is_torch(image):
+        import torch
+
+        t = image.detach().cpu()
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+    if isinstance(image, (str, bytes)):
+        raise ValueError(f"an image must be an array, a torch tensor or a PIL image, got the string {image!r}")
+    return np.asarray(image)
+
+
+def _is_torch(x) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _check_image(image) -> np.ndarray:
+    """The (H, W, 3) array of one image ((H, W, 1) for grayscale; see :func:`_as_hwc_float`), in
+    its own dtype, once its shape, dtype and values are checked; else a ValueError saying what
+    was expected."""
+    a = _image_array(image)
+    if a.ndim == 3 and a.shape[2] not in (3, 4) and a.shape[0] in (1, 3, 4):
+        raise ValueError(f"an image must be channel-last (H, W, 3) (HWC), got shape {a.shape}, which looks "
+                         f"channel-first (C, H, W): transpose it, e.g. a.transpose(1, 2, 0)")
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise ValueError(f"an image must be (H, W), (H, W, 3) or (H, W, 4) (channel-last), got shape {a.shape}")
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"an image must have H >= 1 and W >= 1 pixels, got shape {a.shape}")
+    if a.ndim == 2:
+        a = a[:, :, None]
+    a = a[:, :, :3] if a.shape[2] == 4 else a
+    kind = a.dtype.kind
+    if a.dtype == np.uint8 or kind == "b":
+        return a
+    if kind == "f":
+        lo, hi = float(a.min()), float(a.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError(f"a float image must be finite, got NaN or infinite values ({a.dtype})")
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"a float image must lie in [0, 1], got values from {lo:g} to {hi:g}; divide an "
+                             f"image in 0..255 by 255 (or pass it as uint8)")
+        return a
+    if a.dtype == np.uint16:
+        raise ValueError("uint16 images are refused (16-bit 0..65535 or 8-bit values widened? the scale is "
+                         "ambiguous): pass (a // 257).astype(np.uint8) for a 16-bit image, "
+                         "a.astype(np.uint8) for 8-bit values, or floats in [0, 1]")
+    if kind in "iu":
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"an integer image must lie in 0..255, got values from {lo} to {hi} ({a.dtype})")
+        return a
+    raise ValueError(f"an image must hold uint8 values in 0..255 or floats in [0, 1], got dtype {a.dtype}")
+
+
 def _as_hwc_float(image) -> np.ndarray:
     """An (H, W, 3) float32 array in [0, 255] from a PIL image or an (H, W), (H, W, 3) or
-    (H, W, 4) array (uint8 in [0, 255], or float in [0, 1])."""
-    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
-        image = np.asarray(image.convert("RGB"))
-    a = np.asarray(image)
-    if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] not in (3, 4):
-        raise ValueError(f"an image must be (H, W), (H, W, 3) or (H, W, 4), got shape {a.shape}")
-    a = a[:, :, :3]
-    if a.dtype == np.uint8:
-        return a.astype(np.float32)
-    if a.dtype == bool:
+    (H, W, 4) array or torch tensor: uint8 (or another integer type) in 0..255, bool, or float
+    in [0, 1]. uint16 is refused (its scale, 0..65535 or 0..255, is ambiguous), as are NaN,
+    infinite or out-of-range values and channel-first (3, H, W) arrays."""
+    a = _check_image(image)
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    if a.dtype.kind in "bf":
         return a.astype(np.float32) * 255.0
-    if np.issubdtype(a.dtype, np.floating):
-        return a.astype(np.float32) * 255.0
-    return np.clip(a, 0, 255).astype(np.float32)
+    return a.astype(np.float32)
 
 
 def _resize(x, size: Tuple[int, int]):
@@ -96,12 +151,29 @@ def preprocess(images, size: int = IMAGE_SIZE):
     """EfficientNet-Lite input: ``(n, 3, size, size)`` float32 tensor in [-1, 1] from one image
     or a sequence of images (uint8 ``(H, W, 3)`` arrays, float arrays in [0, 1], grayscale,
     RGBA or PIL images, or an ``(n, H, W, 3)`` array): shorter side resized to size / 0.875
-    (bilinear, antialiased), central crop, ``(rgb - 127) / 128``. No torchvision."""
+    (bilinear, antialiased), central crop, ``(rgb - 127) / 128``. No torchvision.
+
+    Arrays may be numpy arrays or torch tensors, channel-last (HWC) only: a channel-first
+    ``(3, H, W)`` image is refused. Integer images must lie in 0..255 and float images in
+    [0, 1] (finite); uint16 images are refused, their scale being ambiguous."""
     import torch
 
-    if hasattr(images, "convert") or (isinstance(images, np.ndarray) and images.ndim in (2, 3)
-                                      and not (images.ndim == 3 and images.shape[2] not in (3, 4))):
-        images = [images]
+    check_int("size", size)
+    if _is_torch(images):
+        images = _image_array(images)
+    if isinstance(images, (str, bytes)):
+        raise ValueError(f"images must be an image or a sequence of images, got the string {images!r}")
+    if hasattr(images, "convert") or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+        images = [images]  # one image (a 3-D array that is no (H, W, 3) image is refused by _check_image)
+    elif isinstance(images, np.ndarray) and images.ndim != 4:
+        raise ValueError(f"images must be one (H, W), (H, W, 3) or (H, W, 4) image or an (n, H, W, 3) array, "
+                         f"got shape {images.shape}")
+    try:
+        images = list(images)
+    except TypeError:
+        raise ValueError(f"images must be an image or a sequence of images, got {type(images).__name__}") from None
+    if not images:
+        raise ValueError("images must hold at least one image, got none")
     return torch.stack([_prepare_one(im, size=size) for im in images])
 
 
@@ -200,6 +272,39 @@ def _dataset_base():
     return Dataset
 
 
+def _check_scale(scale) -> Tuple[float, float]:
+    """``scale`` as a (low, high) pair of fractions of the area, 0 < low <= high <= 1, else a
+    ValueError naming it."""
+    ok = (not isinstance(scale, (str, bytes)) and hasattr(scale, "__len__") and len(scale) == 2
+          and all(is_real(v) and np.isfinite(v) for v in scale))
+    if not ok:
+        raise ValueError(f"scale must be a (low, high) pair of fractions of the area, got {scale!r}")
+    low, high = float(scale[0]), float(scale[1])
+    if not 0.0 < low <= high <= 1.0:
+        raise ValueError(f"scale must be a (low, high) pair with 0 < low <= high <= 1, got {scale!r}")
+    return low, high
+
+
+def _named_images(images) -> List[Tuple[str, np.ndarray]]:
+    """``images`` as ``[(name, array)]``, each a ``(name, image)`` pair with a str name and an
+    image :func:`preprocess` takes, else a ValueError naming the item."""
+    if isinstance(images, (str, bytes)) or not hasattr(images, "__iter__"):
+        raise ValueError(f"images must be a sequence of (name, image) pairs, got {type(images).__name__}")
+    out = []
+    for k, item in enumerate(images):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            what = f"shape {item.shape}" if hasattr(item, "shape") else repr(item)[:80]
+            raise ValueError(f"images must be a sequence of (name, image) pairs with a str name; item {k} is "
+                             f"{type(item).__name__} ({what})")
+        name, image = item
+        try:
+            _check_image(image)
+        except ValueError as exc:
+            raise ValueError(f"images: item {k} ({name!r}): {exc}") from None
+        out.append((name, _image_array(image)))
+    return out
+
+
 class PhotoDataset(_dataset_base()):
     """A map-style torch Dataset of ``crops_per_photo`` views of each photo of :func:`photos`
     (or of the given ``images``): view 0 is the evaluation crop of :func:`preprocess`, the
@@ -210,12 +315,14 @@ class PhotoDataset(_dataset_base()):
 
     def __init__(self, crops_per_photo: int = 8, *, seed: int = 0, size: int = IMAGE_SIZE,
                  scale: Tuple[float, float] = (0.25, 1.0), images: Optional[Sequence] = None):
-        if crops_per_photo < 1:
-            raise ValueError(f"crops_per_photo must be >= 1, got {crops_per_photo}")
-        items = list(_all_photos()) if images is None else [(n, np.asarray(a)) for n, a in images]
+        check_int("crops_per_photo", crops_per_photo)
+        check_int("seed", seed, 0)
+        check_int("size", size)
+        self.scale = _check_scale(scale)
+        items = list(_all_photos()) if images is None else _named_images(images)
         self.names = [n for n, _ in items]
         self._images = [a for _, a in items]
-        self.crops_per_photo, self.seed, self.size, self.scale = int(crops_per_photo), int(seed), int(size), scale
+        self.crops_per_photo, self.seed, self.size = int(crops_per_photo), int(seed), int(size)
 
     @property
     def preprocessing(self) -> dict:
@@ -226,9 +333,22 @@ class PhotoDataset(_dataset_base()):
     def __len__(self) -> int:
         return len(self._images) * self.crops_per_photo
 
+    def _index(self, i) -> int:
+        """Item ``i`` (an integer, negative from the end) as an index in [0, len), else a
+        TypeError (not an integer) or IndexError (out of range)."""
+        if isinstance(i, (bool, np.bool_)) or not hasattr(i, "__index__"):
+            raise TypeError(f"a PhotoDataset index must be an integer, got {i!r}")
+        try:
+            i = operator.index(i)
+        except TypeError:  # a tensor of several elements, a float tensor
+            raise TypeError(f"a PhotoDataset index must be an integer, got {i!r}") from None
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} items")
+        return i % len(self)
+
     def box(self, i: int) -> Optional[Tuple[int, int, int, int]]:
         """The crop ``(top, left, height, width)`` and flip of item ``i`` (None for view 0)."""
-        j, v = divmod(int(i), self.crops_per_photo)
+        j, v = divmod(self._index(i), self.crops_per_photo)
         if v == 0:
             return None
         H, W = self._images[j].shape[:2]
@@ -242,13 +362,11 @@ class PhotoDataset(_dataset_base()):
         return t, l, h, w
 
     def _flip(self, i: int) -> bool:
-        j, v = divmod(int(i), self.crops_per_photo)
+        j, v = divmod(self._index(i), self.crops_per_photo)
         return v > 0 and bool(np.random.default_rng([self.seed, j, v, 1]).random() < 0.5)
 
     def __getitem__(self, i: int):
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} items")
-        i = i % len(self)
+        i = self._index(i)
         x = _prepare_one(self._images[i // self.crops_per_photo], box=self.box(i), size=self.size)
         if self._flip(i):
             x = x.flip(-1).contiguous()
