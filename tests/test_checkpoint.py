@@ -3,6 +3,7 @@ checkpoint and ends with the same result as an uninterrupted fit."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -150,3 +151,74 @@ def test_data_that_differs_only_after_its_first_rows_is_not_resumed(tmp_path):
     assert path.exists()
     with pytest.raises(CheckpointMismatch, match="another fit"):
         edp.EDPairs(5, random_state=0, progress=False).fit(Y, checkpoint=path)
+
+
+def test_resume_on_data_changed_only_in_unsampled_rows_is_refused(tmp_path):
+    """The fingerprint of data in memory covered its first rows and 256 rows spread over it: a
+    fit stopped after its moments resumed on data changed in two other rows and used the old
+    moments without a word. Host data is now checksummed whole (an array, a list of chunks, a
+    CPU torch tensor: the same bytes give the same fingerprint however they are chunked)."""
+    import torch
+
+    from edpairs._source import ChunkSource
+    from edpairs.checkpoint import data_fingerprint
+
+    X = np.random.default_rng(0).standard_normal((3000, 8)).astype(np.float32)
+    sampled = np.unique(np.linspace(0, 2999, 256).astype(np.int64))
+    assert not np.isin([1001, 1002], sampled).any()
+    Y = X.copy()
+    Y[1001:1003] += 100.0
+    same = data_fingerprint(ChunkSource(X))
+    for other in ([X[:1000], X[1000:]], torch.from_numpy(X.copy()), np.asfortranarray(X)):
+        assert data_fingerprint(ChunkSource(other)) == same
+    for changed in (Y, [Y[:1000], Y[1000:]], torch.from_numpy(Y)):
+        assert data_fingerprint(ChunkSource(changed)) != same
+
+    class Stop(Exception):
+        pass
+
+    def stop(stage, meta):
+        raise Stop(stage)
+
+    path = tmp_path / "p.ckpt"
+    with pytest.raises(Stop, match="moments"):
+        edp.EDPairs(3, random_state=0, progress=False).fit(X, checkpoint=Checkpoint(path, {}, on_save=stop))
+    with pytest.raises(CheckpointMismatch, match=r"another fit \(differs in: data\)"):
+        edp.EDPairs(3, random_state=0, progress=False).fit(Y, checkpoint=path)
+    resumed = edp.EDPairs(3, random_state=0, progress=False).fit([X[:1000], X[1000:]], checkpoint=path)
+    np.testing.assert_array_equal(resumed.mean_, edp.EDPairs(3, random_state=0, progress=False).fit(X).mean_)
+
+
+def test_malformed_checkpoints_are_refused_naming_the_problem(tmp_path):
+    """A header without "key" raised KeyError, "version": "x" int()'s ValueError, a header that is
+    a JSON list or a "key" that is a string AttributeError; a file that is no archive gave
+    numpy's advice to load it with allow_pickle. All are a CheckpointMismatch naming the file."""
+    import json
+
+    X = np.random.default_rng(0).standard_normal((200, 4)).astype(np.float32)
+    path = tmp_path / "c.ckpt"
+
+    def craft(header, **arrays):
+        if header is not None:
+            arrays["__meta__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    good = {"format": "edpairs-checkpoint", "version": 1, "key": {}, "stage": "s", "meta": {}}
+    for header, why in [({k: v for k, v in good.items() if k != "key"}, r"its header lacks the field\(s\) key"),
+                        (dict(good, version="x"), "its header has version 'x', expected an integer"),
+                        ([1, 2], "its header is a JSON list, expected an object"),
+                        (dict(good, key="s"), "its header has key of type str, expected an object"),
+                        (dict(good, meta=[1]), "its header has meta of type list, expected an object"),
+                        (None, r"it is an \.npz archive without the edpairs header __meta__")]:
+        craft(header, a=np.zeros(2))
+        with pytest.raises(CheckpointMismatch, match=f"{re.escape(str(path))} is not a readable edpairs checkpoint "
+                                                     f"\\({why}\\); delete it"):
+            edp.SphericalKMeans(3, random_state=0).fit(X, checkpoint=path)
+    craft(dict(good, version=2))
+    with pytest.raises(CheckpointMismatch, match="checkpoint of version 2; this edpairs reads version 1"):
+        edp.SphericalKMeans(3, random_state=0).fit(X, checkpoint=path)
+    path.write_bytes(b"garbage, not an archive")
+    with pytest.raises(CheckpointMismatch, match=r"its header is unreadable: not a NumPy \.npz archive") as info:
+        edp.SphericalKMeans(3, random_state=0).fit(X, checkpoint=path)
+    assert "pickle" not in str(info.value)

@@ -427,3 +427,111 @@ def test_key_mismatch_carries_reason_and_remedy_apart(setup, reference, tmp_path
     # overwrite=True replaces the store and leaves the rest as it was.
     store = extract(setup["model"], "1", setup["images"], path, overwrite=True, **setup["ARGS"])
     assert store.key["layer"] == "1" and (path / "notes.txt").read_text() == "mine"
+
+
+def test_a_failed_first_extraction_does_not_block_the_corrected_call(setup, tmp_path):
+    """A first extract with a bad layout, a wrong layer name or no images left a store.json keyed
+    to those arguments, and the corrected call then met StoreKeyMismatch ("layout: stored
+    'bogus', requested None ... overwrite=True"). The arguments and the layer are checked before
+    the folder is written to, and a store without a finished shard gives way to other settings."""
+    model, images = setup["model"], setup["images"][:8]
+    for n, (kwargs, error, expect) in enumerate([
+            (dict(layout="bogus"), ValueError, r"layout must be one of \('nchw', 'nhwc', 'nlc', 'nc'\) or None.*"
+                                               "got 'bogus'"),
+            (dict(layer="9"), KeyError, "has no module named '9'"),
+            (dict(data=images[:0]), ValueError, "data held no images"),
+            (dict(data=[]), ValueError, "data held no images"),  # (an iterable: found out after the sidecar)
+            (dict(layout="nlc"), ValueError, "layout 'nlc' expects a 3-D output")]):  # (at the first batch)
+        path = tmp_path / f"s{n}"
+        args = dict(dict(layer=LAYER, data=images), **kwargs)
+        with pytest.raises(error, match=expect):
+            extract(model, args.pop("layer"), args.pop("data"), path, images_per_shard=4, **args)
+        assert not [f for f in os.listdir(path) if f.endswith(".npy")]
+        store = extract(model, LAYER, images, path, images_per_shard=4)
+        assert store.complete and store.n_images == 8 and store.key["layout"] is None
+    # A store with finished shards is still kept from other settings.
+    with pytest.raises(StoreKeyMismatch, match=r"layer: stored '3', requested '1'"):
+        extract(model, "1", images, tmp_path / "s0", images_per_shard=4)
+
+
+def test_locate_refuses_rows_that_are_not_integer_indices(reference):
+    """locate([1.7]) answered for row 1."""
+    store = ActivationStore(reference)
+    for bad, dtype in (([1.7], "float64"), ([True], "bool"), (np.array([2.0]), "float64")):
+        with pytest.raises(TypeError, match=f"rows must be integer row indices, got dtype {dtype}"):
+            store.locate(bad)
+    for bad in ([-1], [640], [[0, 700]]):
+        with pytest.raises(IndexError, match=r"rows must be in \[0, 640\)"):
+            store.locate(bad)
+    image, pos = store.locate(np.array([[17, 639]], dtype=np.uint32))
+    np.testing.assert_array_equal(image, [[1, 39]])
+    np.testing.assert_array_equal(pos, [[1, 15]])
+    assert [a.shape for a in store.locate([])] == [(0,), (0,)]
+
+
+def test_a_shard_whose_header_is_garbage_is_corrupted_not_a_pickle(reference, tmp_path):
+    """With verify=False a shard overwritten with garbage of the same size gave numpy's "This file
+    contains pickled (object) data ... allow_pickle=" (advice to load it unsafely)."""
+    import shutil
+
+    path = tmp_path / "store"
+    shutil.copytree(reference, path)
+    victim = path / "shard-00002.npy"
+    victim.write_bytes(np.random.default_rng(0).bytes(victim.stat().st_size))
+    for verify in (False, True):
+        with pytest.raises(StoreCorrupted, match=r"shard-00002\.npy of activation store .* is not a readable \.npy "
+                                                 r"file \(its header is unreadable.*repair") as info:
+            list(ActivationStore(path, verify=verify).chunks())
+        assert "pickle" not in str(info.value)
+    assert len(ActivationStore(path).verify(raise_on_error=False)) == 1
+
+
+def test_verify_checks_each_shards_header_against_the_sidecar(setup, reference, tmp_path):
+    """A hand-edited n_features (or dtype) made every read raise StoreCorrupted whose advice,
+    repair, did not help, while verify() said []: verify reads each shard's .npy header too, and
+    repair rebuilds the shards that contradict the sidecar."""
+    import shutil
+
+    path = tmp_path / "store"
+    shutil.copytree(reference, path)
+    meta = json.loads((path / "store.json").read_text())
+    meta["n_features"] = 7
+    (path / "store.json").write_text(json.dumps(meta))
+    store = ActivationStore(path)
+    problems = store.verify(raise_on_error=False)
+    assert len(problems) == 7 and re.search(r"shard-00000\.npy .* holds float16 \(96, 16\), its sidecar says "
+                                            r"float16 \(96, 7\); rebuild it with store\.repair", problems[0])
+    with pytest.raises(StoreCorrupted, match=r"holds float16 \(96, 16\), its sidecar says float16 \(96, 7\)"):
+        store.verify()
+    store.repair(setup["model"], setup["images"], **{k: v for k, v in setup["ARGS"].items()
+                                                     if k not in ("images_per_shard", "preprocessing")})
+    assert store.n_features == 16 and store.verify() == []
+    assert shard_bytes(path) == shard_bytes(reference)
+
+
+def test_sidecar_entries_that_contradict_the_layout_are_named(reference, tmp_path):
+    """rows that are not images x prod(grid), images not [k * ips, ...] (overlapping or swapped),
+    a shard number past the data's, a zero in the grid, "complete" not a bool, a shard keyed
+    "007": each was read (or failed later, vaguely); refused naming the field."""
+    meta = json.loads((Path(reference) / "store.json").read_text())
+    cases = [(lambda m: m["shards"]["1"].update(rows=10),
+              r"shards\.1\.rows \(96: 6 images x 16 grid positions, got 10\)"),
+             (lambda m: m["shards"]["1"].update(images=[0, 6]),
+              r"shards\.1\.images \(\[6, 12\] for shard 1, got \[0, 6\]\)"),
+             (lambda m: m["shards"]["6"].update(images=[36, 42]), r"shards\.6\.images \(\[36, 40\] for shard 6"),
+             (lambda m: m["shards"].update({"7": m["shards"]["6"]}), r"shards\.7 \(a shard number below 7: 40 images"),
+             (lambda m: m["shards"].update({"006": m["shards"].pop("6")}),
+              r"shards\.006 \(keyed by the shard's number"),
+             (lambda m: m.update(grid=[0, 4]), r"grid \(sizes >= 1, got \[0, 4\]\)"),
+             (lambda m: m.update(grid=None), r"grid \(a list of integers once the store has shards\)"),
+             (lambda m: m.update(n_features=0), r"n_features \(an integer >= 1 once the store has shards\)"),
+             (lambda m: m.update(complete="no"), r"complete \(true or false\)"),
+             (lambda m: m.update(layout=5), r"layout \(one of nchw"),
+             (lambda m: m.update(batch_size=-3), r"batch_size \(an integer >= 1, or null\)"),
+             (lambda m: m["key"].update(images_per_shard="6"), r"key\.images_per_shard \(an integer >= 1\)")]
+    for edit, field in cases:
+        broken = json.loads(json.dumps(meta))
+        edit(broken)
+        (tmp_path / "store.json").write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=f"missing or malformed field\\(s\\) {field}"):
+            ActivationStore(tmp_path)

@@ -207,3 +207,30 @@ def test_cuda_registered_source_streams_the_same_and_unregisters(layer):
     assert int(cudart.cudaHostUnregister(spans[0][0])) != 0  # not registered: an error is pending
     _clear_cuda_error()
     assert float((torch.ones(4, device="cuda") * 2).sum()) == 8.0  # the next launch reports no stale error
+
+
+def test_arguments_are_checked_in_the_constructor(layer):
+    """dtype=np.float16 or "device" was taken and the first chunk raised torch's TypeError,
+    buffers="2" / chunk_bytes=None gave "'<' not supported", buffers=2.5 was cut to 2, and
+    device="meta" failed deep inside the fit: each is named at construction now."""
+    X = layer.X
+    for kwargs, expect in [(dict(dtype="device"), "dtype must be None .* or one of float32.*got 'device'"),
+                           (dict(dtype="int8"), "dtype must be .*got 'int8'"),
+                           (dict(dtype=torch.complex64), "dtype must be .*got torch.complex64"),
+                           (dict(dtype=object()), "dtype must be .*got <object"),
+                           (dict(buffers="2"), "buffers must be >= 2, an integer .*got '2'"),
+                           (dict(buffers=2.5), "buffers must be >= 2, an integer .*got 2.5"),
+                           (dict(chunk_bytes=None), "chunk_bytes must be a positive integer, got None"),
+                           (dict(chunk_bytes=1e3), "chunk_bytes must be a positive integer, got 1000.0"),
+                           (dict(copy_threads=0), "copy_threads must be >= 1, an integer .*got 0"),
+                           (dict(copy_threads="4"), "copy_threads must be >= 1, an integer .*got '4'"),
+                           (dict(register="no"), "register must be True or False, got 'no'")]:
+        with pytest.raises(ValueError, match=expect):
+            DeviceChunks(X, device="cpu", **kwargs)
+    for device, expect in [("meta", "device must be a CUDA device or 'cpu' .*got 'meta'"),
+                           ("gpu0", "device must be a CUDA device .*got 'gpu0'")]:
+        with pytest.raises(ValueError, match=expect):
+            DeviceChunks(X, device=device)
+    # A numpy float dtype stands for torch's of the same name.
+    assert {p.dtype for p in DeviceChunks(X[:10], device="cpu", dtype=np.float16).chunks()} == {torch.float16}
+    assert DeviceChunks(X, device="cpu", dtype="bfloat16", buffers=np.int64(3)).buffers == 3

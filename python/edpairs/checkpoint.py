@@ -5,9 +5,11 @@ uninterrupted fit.
 ``SphericalKMeans.fit(X, checkpoint="km.ckpt")`` and ``EDPairs.fit(X, checkpoint=...)`` save
 after every pass (one file, replaced atomically) and, when the file exists, resume from it.
 The file records what the fit depends on (its parameters and the data's shape and a
-fingerprint of its rows, see :func:`data_fingerprint`); a checkpoint of another fit is
-refused with a clear error rather than silently mixed in. It is removed when the fit
-completes."""
+fingerprint of its rows, see :func:`data_fingerprint`: a checksum of all the rows of data in
+host memory, of sampled rows of data on a GPU); a checkpoint of another fit, or of the same
+fit on other data, is refused with a clear error (:class:`CheckpointMismatch`) rather than
+silently mixed in, and so is a file that is not a well-formed checkpoint. It is removed when
+the fit completes."""
 
 from __future__ import annotations
 
@@ -39,6 +41,26 @@ def _jsonable(value):
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return repr(value)
+
+
+def _unreadable(exc: Exception) -> str:
+    """Why np.load could not open a checkpoint, in words (numpy's own text for a file that is
+    not an .npy / .npz archive advises loading it with allow_pickle=True: never)."""
+    if isinstance(exc, ValueError) and "pickle" in str(exc):
+        return "its header is unreadable: not a NumPy .npz archive"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _header_problem(header) -> str:
+    """What is malformed in a decoded checkpoint header of this format and version, or ""."""
+    missing = [f for f in ("key", "stage", "meta") if f not in header]
+    if missing:
+        return f"lacks the field(s) {', '.join(missing)}"
+    for field, kind, name in (("key", dict, "an object"), ("meta", dict, "an object"),
+                              ("carried", dict, "an object"), ("stage", str, "a string")):
+        if field in header and not isinstance(header[field], kind):
+            return f"has {field} of type {type(header[field]).__name__}, expected {name}"
+    return ""
 
 
 class Checkpoint:
@@ -78,20 +100,37 @@ class Checkpoint:
         made.key = _jsonable(key() if callable(key) else key)
         return made
 
+    def _refuse(self, why: str) -> CheckpointMismatch:
+        return CheckpointMismatch(f"{self.path} is not a readable edpairs checkpoint ({why}); "
+                                  "delete it to start the fit afresh")
+
     def load(self):
         if not os.path.exists(self.path):
             return None
         try:
             with np.load(self.path, allow_pickle=False) as f:
                 arrays = {k: f[k] for k in f.files}
-            header = json.loads(arrays.pop("__meta__").tobytes().decode())
         except Exception as exc:
-            raise CheckpointMismatch(
-                f"{self.path} is not a readable edpairs checkpoint ({type(exc).__name__}: {exc}); "
-                "delete it to start the fit afresh"
-            ) from exc
-        if header.get("format") != FORMAT or int(header.get("version", 0)) != VERSION:
+            raise self._refuse(_unreadable(exc)) from exc
+        if "__meta__" not in arrays:
+            raise self._refuse("it is an .npz archive without the edpairs header __meta__")
+        try:
+            header = json.loads(arrays.pop("__meta__").tobytes().decode())
+        except Exception as exc:  # (not UTF-8, not JSON)
+            raise self._refuse(f"its header is not JSON: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(header, dict):
+            raise self._refuse(f"its header is a JSON {type(header).__name__}, expected an object")
+        version = header.get("version")
+        if header.get("format") != FORMAT:
             raise CheckpointMismatch(f"{self.path} is not an edpairs checkpoint of version {VERSION}")
+        if not (isinstance(version, int) and not isinstance(version, bool)):
+            raise self._refuse(f"its header has version {version!r}, expected an integer")
+        if version != VERSION:
+            raise CheckpointMismatch(f"{self.path} is an edpairs checkpoint of version {version}; this edpairs "
+                                     f"reads version {VERSION}: delete it to start the fit afresh")
+        problem = _header_problem(header)
+        if problem:
+            raise self._refuse(f"its header {problem}")
         if header["key"] != self.key:
             diff = sorted(k for k in set(header["key"]) | set(self.key) if header["key"].get(k) != self.key.get(k))
             raise CheckpointMismatch(
@@ -115,14 +154,22 @@ class Checkpoint:
 
 
 def data_fingerprint(source) -> dict:
-    """Rows, columns and a checksum of the first rows of a chunk source (cheap: one chunk); for
-    data held in memory (an array or a list of chunks) also of 256 rows spread over all of it,
-    and for an activation store its shards' checksums, so that data which only differs after
-    its first rows is not taken for the same. A callable source is checked on its first rows
-    only (anything more would cost a pass over the data)."""
+    """Rows, columns and a checksum of the first rows of a chunk source (cheap: one chunk), and:
+
+    * data held in host memory (a numpy array, a CPU torch tensor, a list of them): a CRC-32 of
+      all of it (``crc32``: its bytes, chunk by chunk, in data order; one pass at memory speed,
+      cheap next to a fit), so that data changed anywhere is not taken for the same;
+    * data held on a GPU (a CUDA tensor, a cupy array, a list holding one): a checksum of 256
+      rows spread over all of it only (``spread_crc32``) — reading all of it would copy it to
+      the host; a change in other rows goes unnoticed there;
+    * an activation store: its shards' checksums (read from its sidecar);
+    * a callable source: its first rows only (anything more would cost a pass over the data).
+
+    The dtype of host data is part of its checksum (float32 and float64 copies of the same
+    values differ)."""
     import zlib
 
-    from ._arrays import to_numpy64
+    from ._arrays import namespace_of, to_numpy64
 
     first = next(iter(source), None)
     if first is None:  # e.g. a rank that holds no rows
@@ -130,9 +177,37 @@ def data_fingerprint(source) -> dict:
     head = np.ascontiguousarray(to_numpy64(first[: min(256, first.shape[0])]))
     out = {"rows": source.n_samples, "columns": source.n_features, "head_crc32": zlib.crc32(head.tobytes())}
     if source.held:
-        rows = np.unique(np.linspace(0, source.n_samples - 1, num=min(256, source.n_samples)).astype(np.int64))
-        out["spread_crc32"] = zlib.crc32(np.ascontiguousarray(source.gather(rows)).tobytes())
+        arrays = source.arrays
+        if all(not namespace_of(a).is_cuda(a) for a in arrays):
+            crc = 0
+            for a in arrays:
+                crc = _crc32_rows(a, crc)
+            out["crc32"] = crc
+        else:
+            rows = np.unique(np.linspace(0, source.n_samples - 1, num=min(256, source.n_samples)).astype(np.int64))
+            out["spread_crc32"] = zlib.crc32(np.ascontiguousarray(source.gather(rows)).tobytes())
     own = getattr(source.origin, "fingerprint", None)
     if callable(own):
         out["source"] = own()
     return out
+
+
+def _crc32_rows(a, crc: int, block_bytes: int = 16 * 2**20) -> int:
+    """``crc`` continued over the bytes of the 2-D host array ``a`` (numpy, or a CPU torch tensor
+    of any dtype) in row-major order, a block of rows at a time (a non-contiguous array is
+    copied one block at a time, never whole)."""
+    import zlib
+
+    is_torch = hasattr(a, "detach")
+    itemsize = a.element_size() if is_torch else a.itemsize
+    step = max(1, block_bytes // max(1, int(a.shape[1]) * itemsize))
+    for s in range(0, int(a.shape[0]), step):
+        block = a[s:s + step]
+        if is_torch:  # (bfloat16 too, which numpy lacks: its bytes, as uint8)
+            import torch
+
+            block = block.detach().contiguous().view(-1).view(torch.uint8).numpy()
+        else:
+            block = np.ascontiguousarray(block)
+        crc = zlib.crc32(memoryview(block).cast("B"), crc)
+    return crc

@@ -75,6 +75,28 @@ def _crc32_file(path: str, block: int = 16 * 2**20) -> str:
     return f"crc32:{crc:08x}"
 
 
+def _shard_header(path: str, store: str, shape: tuple, dtype: np.dtype, hint: str) -> None:
+    """Reads the ``.npy`` header of the shard at ``path`` (not its data); a StoreCorrupted naming
+    the shard when it is unreadable or holds another shape, order or dtype than the sidecar's."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                found = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                found = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+    except (ValueError, EOFError) as exc:  # (not OSError: an unreadable file says so itself)
+        raise StoreCorrupted(f"shard {path} of activation store {store} is not a readable .npy file (its header "
+                             f"is unreadable: {exc}); {hint}") from None
+    got_shape, fortran, got_dtype = found
+    if tuple(got_shape) != tuple(shape) or got_dtype != dtype or (fortran and len(got_shape) > 1):
+        order = " (Fortran order)" if fortran else ""
+        raise StoreCorrupted(f"shard {path} of activation store {store} holds {got_dtype} {tuple(got_shape)}{order}, "
+                             f"its sidecar says {dtype} {tuple(shape)}; {hint}")
+
+
 def _write_json_atomic(path: str, obj) -> None:
     def write(f):
         json.dump(obj, f, indent=1, sort_keys=True)
@@ -167,14 +189,56 @@ def _missing_fields(meta: dict) -> list:
         if "file" in have and not (isinstance(have["file"], str) and have["file"]
                                    and os.path.basename(have["file"]) == have["file"]):
             missing.append(f"shards.{k}.file (a file name in the store's folder)")
-    if shards and "n_features" in meta and not _count(meta["n_features"]):
-        missing.append("n_features (an integer once the store has shards)")
+    if shards and "n_features" in meta and not (_count(meta["n_features"]) and meta["n_features"] >= 1):
+        missing.append("n_features (an integer >= 1 once the store has shards)")
     if "version" in meta and not _count(meta["version"]):
         missing.append("version (an integer)")
     grid = meta.get("grid")
     if grid is not None and not (isinstance(grid, list) and all(_count(g) for g in grid)):
         missing.append("grid (a list of integers)")
-    return missing
+    elif grid is not None and 0 in grid:
+        missing.append(f"grid (sizes >= 1, got {grid})")
+    elif grid is None and shards:
+        missing.append("grid (a list of integers once the store has shards)")
+    if "complete" in meta and not isinstance(meta["complete"], bool):
+        missing.append("complete (true or false)")
+    if meta.get("layout") is not None and meta["layout"] not in _layout.LAYOUTS:
+        missing.append(f"layout (one of {', '.join(_layout.LAYOUTS)}, or null)")
+    if meta.get("batch_size") is not None and not (_count(meta["batch_size"]) and meta["batch_size"] >= 1):
+        missing.append("batch_size (an integer >= 1, or null)")
+    if missing:
+        return missing
+    return _inconsistent_shards(meta)
+
+
+def _inconsistent_shards(meta: dict) -> list:
+    """The shard entries of a well-typed sidecar that contradict the store's layout: shard ``k``
+    holds images ``[k * ips, min((k + 1) * ips, n))``, ``(images) * prod(grid)`` rows, and
+    ``k`` is below the number of shards (where the number of images is known)."""
+    key, shards = meta["key"], meta.get("shards", {})
+    ips = key.get("images_per_shard")
+    if not (_count(ips) and ips >= 1):
+        return ["key.images_per_shard (an integer >= 1)"] if shards else []
+    n = key.get("n_images_expected")
+    n = n if _count(n) else meta.get("n_images") if _count(meta.get("n_images")) else None
+    ppi = int(np.prod(meta["grid"], dtype=np.int64)) if meta.get("grid") is not None else None
+    out = []
+    for name, entry in shards.items():
+        k = int(name)
+        if name != str(k):
+            out.append(f"shards.{name} (keyed by the shard's number, without leading zeros)")
+            continue
+        if n is not None and k >= -(-n // ips):
+            out.append(f"shards.{name} (a shard number below {-(-n // ips)}: {n} images, {ips} a shard)")
+            continue
+        first, end = entry["images"]
+        want_end = (k + 1) * ips if n is None else min((k + 1) * ips, n)
+        if first != k * ips or not (first < end <= want_end) or (n is not None and end != want_end):
+            out.append(f"shards.{name}.images ([{k * ips}, {want_end}] for shard {k}, got {entry['images']})")
+        elif ppi is not None and entry["rows"] != (end - first) * ppi:
+            out.append(f"shards.{name}.rows ({(end - first) * ppi}: {end - first} images x {ppi} grid positions, "
+                       f"got {entry['rows']})")
+    return out
 
 
 def _count(value) -> bool:
@@ -198,8 +262,9 @@ class ActivationStore:
     """An existing activation store (see the module docstring for the folder layout).
 
     ``verify=True`` checks each shard's checksum the first time it is read by this object
-    (:meth:`verify` checks all at once); sizes are always checked. A store whose extraction did
-    not finish raises :class:`StoreIncomplete` when read unless ``allow_partial=True``.
+    (:meth:`verify` checks all at once); sizes and ``.npy`` headers are always checked. A store
+    whose extraction did not finish raises :class:`StoreIncomplete` when read unless
+    ``allow_partial=True``.
 
     Also a fit source: ``edp.EDPairs(8).fit(store)`` streams :meth:`chunks`."""
 
@@ -317,6 +382,7 @@ class ActivationStore:
                 f"shard {path} of activation store {self.path} is truncated or altered: expected {entry['bytes']} "
                 f"bytes, found {size}; {self._fix_hint()}"
             )
+        _shard_header(path, self.path, (entry["rows"], self.n_features), self.dtype, self._fix_hint())
         if checksum and k not in self._verified:
             found = _crc32_file(path)
             if found != entry["checksum"]:
@@ -329,7 +395,11 @@ class ActivationStore:
     def _load(self, k: int, entry: dict) -> np.ndarray:
         self._check_shard(k, entry, self.verify_checksums)
         path = os.path.join(self.path, entry["file"])
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as exc:  # (numpy's text for a file that is no .npy advises unpickling it: never)
+            raise StoreCorrupted(f"shard {path} of activation store {self.path} is not a readable .npy file (its "
+                                 f"header is unreadable); {self._fix_hint()}") from exc
         if arr.shape != (entry["rows"], self.n_features) or arr.dtype != self.dtype:
             raise StoreCorrupted(
                 f"shard {path} of activation store {self.path} holds {arr.dtype} {arr.shape}, expected "
@@ -382,17 +452,22 @@ class ActivationStore:
     def locate(self, rows):
         """``(image, position)`` int64 arrays for global row indices (rows counted over the
         finished shards in order): the image's index in the data and the flat grid position."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.n_patches):
-            raise IndexError(f"rows must be in [0, {self.n_patches}), got [{rows.min()}, {rows.max()}]")
+        given = np.asarray(rows)
+        if given.size and given.dtype.kind not in "iu":
+            raise TypeError(f"rows must be integer row indices, got dtype {given.dtype}"
+                            f"{' (not cut to integers)' if given.dtype.kind == 'f' else ''}")
+        if given.size and (given.min() < 0 or given.max() >= self.n_patches):
+            raise IndexError(f"rows must be in [0, {self.n_patches}), got [{given.min()}, {given.max()}]")
+        rows = given.astype(np.int64)
         i = np.searchsorted(self._row_start, rows, side="right") - 1
         local = rows - self._row_start[i]
         ppi = self.patches_per_image
         return self._image_start[i] + local // ppi, local % ppi
 
     def verify(self, *, raise_on_error: bool = True) -> list:
-        """Checks every finished shard's size and checksum now. Returns the messages of the
-        shards that fail (raises :class:`StoreCorrupted` on the first one by default)."""
+        """Checks every finished shard's size, ``.npy`` header (shape and dtype against the
+        sidecar) and checksum now. Returns the messages of the shards that fail (raises
+        :class:`StoreCorrupted` on the first one by default)."""
         problems = []
         for k, entry in self._shards:
             self._verified.discard(k)
@@ -428,6 +503,11 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list:
         elif a != b:
             out.append(f"{prefix}{k}: stored {a!r}, requested {b!r}")
     return out
+
+
+def _holds_nothing(meta: dict) -> bool:
+    """A store's sidecar that lists no finished shard."""
+    return meta.get("format") == FORMAT and meta.get("shards") == {}
 
 
 def _is_temporary(name: str) -> bool:
@@ -524,6 +604,8 @@ def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtyp
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    if layout is not None and layout not in _layout.LAYOUTS:
+        raise ValueError(f"layout must be one of {_layout.LAYOUTS} or None (from the output's rank), got {layout!r}")
     if int(images_per_shard) < 1 or (batch_size is not None and int(batch_size) < 1):
         raise ValueError(f"images_per_shard and batch_size must be >= 1, got {images_per_shard}, {batch_size}")
     ips = int(images_per_shard)
@@ -533,7 +615,12 @@ def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtyp
     if isinstance(data, DataLoader) and isinstance(data.sampler, RandomSampler):
         raise ValueError("extract needs the images in the same order on every run (shards are cut by image index); "
                          "pass a DataLoader with shuffle=False, or the Dataset itself")
+    from .capture import _one_device, find_module
+
+    find_module(*_one_device(model, layer))  # a wrong name is refused before the folder is written to
     n_expected = n_images_of(data)
+    if n_expected == 0:
+        raise ValueError("data held no images")
     key = {
         "model": model_fingerprint(model, model_name),
         "layer": layer,
@@ -553,7 +640,9 @@ def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtyp
                 raise ValueError(f"{exc}; use another folder, or extract(..., overwrite=True) to replace it") from None
             meta = {}
         if meta.get("key") != key:
-            if not overwrite:
+            # A store with no shard written (its first extraction failed before one was done)
+            # holds nothing to lose: a call with other settings takes its place.
+            if not overwrite and not _holds_nothing(meta):
                 diff = "; ".join(_differences(meta.get("key", {}), key))
                 raise StoreKeyMismatch(f"{path} holds an activation store extracted with other settings ({diff})")
             meta = None
@@ -592,6 +681,8 @@ def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtyp
     if len(finished) != len(meta["shards"]):
         meta["shards"] = {str(k): v for k, v in finished.items()}
         meta["complete"] = False
+        if not finished:  # what the layer gives is learnt again (a hand-edited width is not kept)
+            meta["grid"] = meta["layout"] = meta["n_features"] = None
         _write_json_atomic(sidecar, meta)
     if meta["complete"] and n_shards is not None and all(k in finished for k in range(n_shards)):
         return ActivationStore(path, verify=verify)

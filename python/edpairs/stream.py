@@ -43,7 +43,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ._arrays import require_torch, to_host
+from ._arrays import FLOAT_INPUTS, require_torch, to_host
+from ._checks import check_bool, check_int, is_int
 from ._source import ChunkSource
 
 __all__ = ["DeviceChunks"]
@@ -52,12 +53,15 @@ __all__ = ["DeviceChunks"]
 class DeviceChunks:
     """A fit source that streams host ``data`` to ``device`` (default: the current CUDA device).
 
-    ``dtype``: the dtype on the device (a torch dtype or its name; default: the host dtype,
-    float16 stores stay float16 — the kernels read it natively). ``chunk_bytes``: the size of
-    one transfer (host chunks are cut into pieces of at most this many bytes, at least one
-    row). ``buffers``: pinned / device buffer pairs in rotation (2 = double buffering).
-    ``copy_threads``: threads that copy a piece into pinned memory together (default: up to 8,
-    one per CPU core). ``register``: page-lock ``data`` in place instead of staging copies
+    ``device``: a CUDA device, or ``"cpu"`` (the devices the fits compute on).
+    ``dtype``: the dtype on the device, float32, float64, float16 or bfloat16 (a torch dtype,
+    its name, or a numpy float dtype; default: the host dtype, float16 stores stay float16 —
+    the kernels read it natively). ``chunk_bytes``: the size of one transfer, a positive
+    integer (host chunks are cut into pieces of at most this many bytes, at least one row).
+    ``buffers``: pinned / device buffer pairs in rotation, an integer >= 2 (2 = double
+    buffering). ``copy_threads``: threads that copy a piece into pinned memory together, a
+    positive integer (default: up to 8, one per CPU core). All are checked here, not at the
+    first chunk. ``register``: page-lock ``data`` in place instead of staging copies
     (see the module docstring); then ``close()`` (or a ``with`` block) unregisters it.
     Implements the chunk-source protocol (``chunks()``), and passes ``images()`` through when
     the wrapped source has it (URA reads whole images, on the host)."""
@@ -66,30 +70,24 @@ class DeviceChunks:
                  copy_threads: int = None, register: bool = False):
         self._registered = None  # the registered (pointer, bytes) spans, after the first pass
         torch = require_torch("DeviceChunks")
+        check_bool("register", register)
         if register and not _host_arrays(data):
             raise TypeError("DeviceChunks(register=True) needs data that stays in memory: a numpy array or a list / "
                             f"tuple of numpy arrays, got {type(data).__name__}")
         self.register = bool(register)
-        if buffers < 2:
-            raise ValueError(f"buffers must be >= 2 (one in use, one being filled), got {buffers}")
-        if chunk_bytes < 1:
-            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        if not is_int(buffers) or buffers < 2:
+            raise ValueError(f"buffers must be >= 2, an integer (one buffer in use, one being filled), got {buffers!r}")
+        check_int("chunk_bytes", chunk_bytes)
+        if copy_threads is not None and (not is_int(copy_threads) or copy_threads < 1):
+            raise ValueError(f"copy_threads must be >= 1, an integer (or None: one per CPU core, up to 8), "
+                             f"got {copy_threads!r}")
         if copy_threads is None:
             copy_threads = max(1, min(8, os.cpu_count() or 1))
-        if copy_threads < 1:
-            raise ValueError(f"copy_threads must be >= 1, got {copy_threads}")
         self.copy_threads = int(copy_threads)
+        self.device = _device(torch, device)
+        self.dtype = _dtype(torch, dtype)
         self.source = ChunkSource(data)
         self._data = data
-        self.device = torch.device(device) if device is not None else torch.device("cuda")
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("DeviceChunks: no CUDA device is available to torch; pass device='cpu' to read "
-                               "the data as CPU tensors")
-        if isinstance(dtype, str):
-            if not hasattr(torch, dtype):
-                raise ValueError(f"unknown dtype {dtype!r}")
-            dtype = getattr(torch, dtype)
-        self.dtype = dtype
         self.chunk_bytes, self.buffers = int(chunk_bytes), int(buffers)
         self.n_features = self.source.n_features
         self.n_samples = self.source.n_samples  # (None where the wrapped source does not know them)
@@ -242,6 +240,44 @@ class DeviceChunks:
             current = upcoming
             k += 1
         torch.cuda.current_stream(device).wait_stream(copy)
+
+
+def _device(torch, device):
+    """``device`` as a torch.device of the kinds the fits compute on: a CUDA device (default: the
+    current one; one must be available) or the CPU; else an error naming it."""
+    if device is None:
+        device = "cuda"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"device must be a CUDA device ('cuda', 'cuda:1', an index, a torch.device) or 'cpu', got "
+                         f"{device!r} ({exc})") from None
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"device must be a CUDA device or 'cpu' (the fits' kernels run on those), got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DeviceChunks: no CUDA device is available to torch; pass device='cpu' to read "
+                           "the data as CPU tensors")
+    return dev
+
+
+def _dtype(torch, dtype):
+    """``dtype`` (None, a torch dtype, its name, or a numpy float dtype) as None or a torch
+    floating dtype the fits read; else a ValueError naming it."""
+    if dtype is None:
+        return None
+    expected = f"None (the host dtype) or one of {', '.join(FLOAT_INPUTS)} (a torch or numpy dtype, or its name)"
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).replace("torch.", "")
+    elif isinstance(dtype, str):
+        name = dtype
+    else:
+        try:
+            name = np.dtype(dtype).name  # np.float16, np.dtype("float32")
+        except TypeError:
+            raise ValueError(f"dtype must be {expected}, got {dtype!r}") from None
+    if name not in FLOAT_INPUTS:
+        raise ValueError(f"dtype must be {expected}, got {dtype!r}")
+    return getattr(torch, name)
 
 
 def _clear_cuda_error() -> None:
