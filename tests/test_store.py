@@ -340,6 +340,17 @@ def test_images_of_another_size_are_refused_before_they_are_stored(tmp_path):
         assert not ActivationStore(tmp_path / f"s{second}", allow_partial=True).complete
 
 
+def _each_edit_is_named(meta: dict, cases, folder) -> None:
+    """Each (edit, field) of ``cases`` applied to a copy of the sidecar ``meta``, written to
+    ``folder``: opening the store names the field."""
+    for edit, field in cases:
+        broken = json.loads(json.dumps(meta))
+        edit(broken)
+        (folder / "store.json").write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=f"missing or malformed field\\(s\\) {field}"):
+            ActivationStore(folder)
+
+
 def test_sidecar_fields_of_the_wrong_type_are_named(reference, tmp_path):
     """A hand-edited or foreign sidecar whose fields have the wrong type is refused naming the
     field (before: int('abc'), "'int' object is not subscriptable" from deep inside), and a
@@ -354,12 +365,7 @@ def test_sidecar_fields_of_the_wrong_type_are_named(reference, tmp_path):
              (lambda m: m.update(grid="ab"), r"grid \(a list of integers\)"),
              (lambda m: m["key"].update(dtype="int8"), r"key\.dtype \(one of float16, float32\)"),
              (lambda m: m["key"].update(model="x"), r"key\.model \(an object with a name\)")]
-    for edit, field in cases:
-        broken = json.loads(json.dumps(meta))
-        edit(broken)
-        (tmp_path / "store.json").write_text(json.dumps(broken))
-        with pytest.raises(ValueError, match=f"missing or malformed field\\(s\\) {field}"):
-            ActivationStore(tmp_path)
+    _each_edit_is_named(meta, cases, tmp_path)
 
 
 def test_extract_checks_its_sizes_and_path_and_writes_readable_files(setup, tmp_path):
@@ -529,9 +535,4 @@ def test_sidecar_entries_that_contradict_the_layout_are_named(reference, tmp_pat
              (lambda m: m.update(layout=5), r"layout \(one of nchw"),
              (lambda m: m.update(batch_size=-3), r"batch_size \(an integer >= 1, or null\)"),
              (lambda m: m["key"].update(images_per_shard="6"), r"key\.images_per_shard \(an integer >= 1\)")]
-    for edit, field in cases:
-        broken = json.loads(json.dumps(meta))
-        edit(broken)
-        (tmp_path / "store.json").write_text(json.dumps(broken))
-        with pytest.raises(ValueError, match=f"missing or malformed field\\(s\\) {field}"):
-            ActivationStore(tmp_path)
+    _each_edit_is_named(meta, cases, tmp_path)
