@@ -305,6 +305,16 @@ def test_extra_loss_is_added_to_the_objective(toy):
         evaluate_detectors(X, W0, b0, config=RefineConfig(seed=2**70))
 
 
+def test_filters_driven_to_zero_are_refused(toy):
+    """A learning rate far too large drove every filter to norm ~1e-13 with a finite loss: the
+    detectors came back collapsed, without an error."""
+    X, _, S = toy
+    W0 = (4 * S.T).astype(np.float32)
+    b0 = np.array([2.0, 2.0, 2.0], np.float32)
+    with pytest.raises(FloatingPointError, match=r"collapsed detector\(s\) \[0, 1, 2\] to zero filters .*config.lr = 10"):
+        refine_detectors(X, W0, b0, config=RefineConfig(**{**FAST, "lr": 10.0, "epochs": 5}))
+
+
 # ---------------------------------------------------------------------------------------
 # Determinism, input forms, schedule
 

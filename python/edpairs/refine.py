@@ -678,6 +678,12 @@ def refine_detectors(
         Wc, bc = current()
         W_s, b_s = Wc.double(), bc.double()
         W_r, b_r = to_raw(W_s, b_s, c64, s64)
+        # A filter driven to (numerically) zero reads nothing: the steps overshot, with no
+        # non-finite loss to say so (a learning rate far too large sends every filter there).
+        collapsed = (W_s.norm(dim=0) <= 1e-8 * norms.double()).nonzero().flatten().tolist()
+    if collapsed:
+        raise FloatingPointError(f"refinement collapsed detector(s) {collapsed} to zero filters (norm below 1e-8 of "
+                                 f"their starting norm): likely too large a learning rate (config.lr = {cfg.lr:g})")
     return RefineResult(
         W=_like(W_r, W),
         b=_like(b_r, W),
