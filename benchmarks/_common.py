@@ -117,6 +117,13 @@ def write_json(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+#: The issue's two k-means shapes (N, D, k) and the result files of a device run's float32
+#: k-means rows (the step's, the k = 64 candidates', the float16-row candidates'), which the
+#: readers of a run (decide.py, goals.py) merge.
+BIG, SMALL = (1000000, 512, 1024), (1000000, 512, 64)
+KMEANS_F32_FILES = ("kmeans_cuda_f32.json", "kmeans_cuda_k64.json", "kmeans_cuda_half.json")
+
+
 def load_result(folder: str, name: str):
     """A device run's JSON file ``name`` under ``folder``, or None where it is missing or
     unreadable (a step that was skipped or cut short)."""

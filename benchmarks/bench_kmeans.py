@@ -391,8 +391,8 @@ def cached_data(N: int, D: int, k: int, seed: int):
 
 def worker(args) -> None:
     N, D, k = args.size
-    wgmma = args.worker.startswith("edpairs-wgmma") or METHOD_ENV.get(args.worker, {}).get("EDPAIRS_ASSIGN_KERNEL") == "wgmma"
-    if wgmma and (why := wgmma_unavailable(args.device)):
+    if (METHOD_ENV.get(args.worker, {}).get("EDPAIRS_ASSIGN_KERNEL", "").startswith("wgmma")
+            and (why := wgmma_unavailable(args.device))):
         print(json.dumps({"skipped": why}))
         return
     X, C0 = cached_data(N, D, k, seed=args.seed)

@@ -21,10 +21,9 @@ import sys
 from typing import NamedTuple, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import load_result, test_group  # noqa: E402
+from _common import BIG, KMEANS_F32_FILES, SMALL, load_result, test_group  # noqa: E402
 
 MARGIN = 0.03
-BIG, SMALL = (1000000, 512, 1024), (1000000, 512, 64)
 
 
 class Decision(NamedTuple):
@@ -46,7 +45,7 @@ def new_kernel_tests_pass(res: str) -> tuple[bool, str]:
 
 def _kmeans_rows(res: str) -> dict:
     rows = {}
-    for name in ("kmeans_cuda_f32.json", "kmeans_cuda_k64.json", "kmeans_cuda_half.json"):
+    for name in KMEANS_F32_FILES:
         for x in (load_result(res, name) or {}).get("results", []):
             if "median_s" in x:
                 rows[(tuple(x["size"]), x["method"])] = x
@@ -112,7 +111,7 @@ def decisions(res: str) -> list[Decision]:
                "python/edpairs/_gemm.py half_labels()' auto; README; the tests that pin the default",
                [("k=1024", k(BIG, "edpairs-tf32-rows"), k(BIG, "edpairs"))], tests, _labels_ok),
         *(_judge(f"EDPAIRS_ASSIGN_SEG_ROWS={rows} (segmented sums in blocks of {rows} sorted rows)",
-                 "kSegRows (csrc/cuda/assign_tc_cuda.cu)",
+                 "kSegRows (csrc/include/edpairs/assign_knobs.h)",
                  [(f"k={size[2]}", k(size, f"edpairs-seg{rows}"), k(size, "edpairs")) for size in (BIG, SMALL)],
                  tests, _labels_ok) for rows in (128, 64)),
         _judge("wgmma labels below k = 129 with the sorted sums (k = 64)",
@@ -126,7 +125,8 @@ def decisions(res: str) -> list[Decision]:
                "kWgmmaAutoMinK (csrc/include/edpairs/ops.h)",
                [("k=64 fit", k(SMALL, "edpairs-fit5-half"), k(SMALL, "edpairs-fit5"))], tests, _labels_ok),
         _judge("EDPAIRS_ASSIGN_SUMS=fused on wgmma (k = 64)",
-               "sums_mode()'s auto for k <= 64 (csrc/cuda/assign_tc_cuda.cu)",
+               "sums_mode()'s auto for k <= 64 (read in csrc/include/edpairs/assign_knobs.h, decided in "
+               "launch_fused, csrc/cuda/assign_tc_cuda.cu)",
                [("k=64 vs default", k(SMALL, "edpairs-fused-wgmma"), k(SMALL, "edpairs")),
                 ("k=64 vs wgmma-columns", k(SMALL, "edpairs-fused-wgmma"), k(SMALL, "edpairs-wgmma-columns"))],
                tests, _labels_ok),

@@ -20,12 +20,12 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import BIG, KMEANS_F32_FILES, SMALL  # noqa: E402
 from _common import load_result as _load  # noqa: E402
 from _common import test_group  # noqa: E402
 
-BIG, SMALL = (1000000, 512, 1024), (1000000, 512, 64)
-KMEANS_FLOPS = 2 * 1e6 * 512 * 1024
-X_BYTES = 1e6 * 512 * 4  # one read of the float32 rows at N = 1M, D = 512
+KMEANS_FLOPS = 2.0 * BIG[0] * BIG[1] * BIG[2]
+X_BYTES = 4.0 * SMALL[0] * SMALL[1]  # one read of the float32 rows at N = 1M, D = 512
 TEST_GROUPS = (("cuda_tests_new", "new kernels"), ("cuda_tests", "the rest"))
 
 
@@ -46,9 +46,9 @@ def _t(table, size, method):
 def read_run(folder: str) -> dict:
     """A run's result files, read once: what summary() and goal_rows() take."""
     c = _load(folder, "ceilings.json") or {}
-    f32 = _kmeans(folder, "kmeans_cuda_f32.json")
-    f32.update(_kmeans(folder, "kmeans_cuda_k64.json"))
-    f32.update(_kmeans(folder, "kmeans_cuda_half.json"))
+    f32 = {}
+    for name in KMEANS_F32_FILES:
+        f32.update(_kmeans(folder, name))
     tests = {name: test_group(folder, name) for name, _ in TEST_GROUPS}
     return {"folder": folder, "ceilings": c, "same": c.get("same_shape") or {}, "f32": f32,
             "b16": _kmeans(folder, "kmeans_cuda_bf16.json"), "faiss": _kmeans(folder, "kmeans_cuda_faiss.json"),

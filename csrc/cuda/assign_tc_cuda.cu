@@ -559,7 +559,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-template <class T, int kRowsPerBlock = kSegRows>
+template <class T, int kRowsPerBlock>
 __global__ void __launch_bounds__(kSegThreads)
     segmented_sums_kernel(const T* __restrict__ x, const int64_t x_stride, const int64_t n,
                           const int d, const float* __restrict__ center,
@@ -1406,6 +1406,17 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
     p.counts = nullptr;
     p.row_scale_out = rscale;
   }
+  // What every chunk's labelling launches with, read and set once per call (a bad
+  // EDPAIRS_WGMMA_PREFETCH is refused here, before the first labels).
+  [[maybe_unused]] const int prefetch = wgmma ? wgmma_prefetch() : 0;
+  const auto tc_kernel = aligned ? assign_tc_kernel<T, true> : assign_tc_kernel<T, false>;
+  const int smem_bytes = wgmma ? 0 : assign_smem_bytes();
+  if (!wgmma) {
+    EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+    // Two blocks per multiprocessor need (nearly) all of its memory as shared memory.
+    EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(tc_kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                            cudaSharedmemCarveoutMaxShared));
+  }
   // Labels (scores, row scales) of the rows r0 .. r0 + rows - 1 on the caller's stream.
   const auto label = [&](const int64_t r0, const int64_t rows) {
     TcParams q = p;
@@ -1418,7 +1429,7 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
     if (wgmma) {
 #ifdef EDPAIRS_HAVE_WGMMA
       const WgmmaAssignParams w{q.x, q.x_stride, q.n, q.d, q.k, q.d_pad, q.k_tiles, q.cw, q.col_s, q.col_o,
-                                q.center, q.row_scale, q.labels, q.scores, q.row_scale_out, wgmma_prefetch()};
+                                q.center, q.row_scale, q.labels, q.scores, q.row_scale_out, prefetch};
       if (tma) {
         launch_assign_wgmma_tma(w, s);
       } else {
@@ -1426,14 +1437,7 @@ void launch(const AssignArgs& args, TcParams p, cudaStream_t s) {
       }
 #endif
     } else {
-      auto kernel = aligned ? assign_tc_kernel<T, true> : assign_tc_kernel<T, false>;
-      const int smem_bytes = assign_smem_bytes();
-      EDPAIRS_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-      // Two blocks per multiprocessor need (nearly) all of its memory as shared memory.
-      EDPAIRS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                              cudaSharedmemCarveoutMaxShared));
-      kernel<<<static_cast<unsigned>(ceil_div(rows, kRows)), kThreads, smem_bytes, s>>>(q);
+      tc_kernel<<<static_cast<unsigned>(ceil_div(rows, kRows)), kThreads, smem_bytes, s>>>(q);
       EDPAIRS_CUDA_CHECK(cudaGetLastError());
     }
   };

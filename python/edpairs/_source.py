@@ -10,7 +10,7 @@ from typing import Callable, Iterator, List, Optional
 
 import numpy as np
 
-from ._arrays import FLOAT_INPUTS, as_array, device_scope, namespace_of, on_device_of, to_numpy64
+from ._arrays import FLOAT_INPUTS, as_array, device_scope, namespace_of, on_device_of, to_host, to_numpy64
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 #: An array already on a GPU is read in larger chunks: a chunk there is a view, not a copy,
@@ -167,7 +167,7 @@ class ChunkSource:
             if chunk.shape[0] == 0:
                 continue
             if seen is not None:
-                self._same_chunk(len(seen), chunk, seen)
+                self._same_chunk(chunk, seen)
             total += int(chunk.shape[0])
             if self.chunk_rows and chunk.shape[0] > self.chunk_rows:
                 for s in range(0, chunk.shape[0], self.chunk_rows):
@@ -197,8 +197,6 @@ class ChunkSource:
         xp = namespace_of(chunk)
         if xp.is_cuda(chunk):
             return (rows,)
-        from ._arrays import to_host
-
         return rows, to_host(chunk[0, :8]).tobytes(), to_host(chunk[rows - 1, :8]).tobytes()
 
     def _changed(self, what: str) -> str:
@@ -206,8 +204,9 @@ class ChunkSource:
                 "same order every pass (a torch DataLoader with shuffle=True does not; shuffle once, or pass a list "
                 "of chunks)")
 
-    def _same_chunk(self, index: int, chunk, seen: list) -> None:
-        """Records chunk ``index`` of this pass, and checks it against the first pass's."""
+    def _same_chunk(self, chunk, seen: list) -> None:
+        """Records the next chunk of this pass in ``seen``, and checks it against the first pass's."""
+        index = len(seen)
         sig = self._signature(chunk)
         seen.append(sig)
         if self._layout is None:

@@ -82,6 +82,16 @@ def find_module(model, layer):
     )
 
 
+def declared_width(module):
+    """(attribute, value) of the channel count a module declares (out_channels, out_features or
+    num_features), else (None, None)."""
+    for attr in ("out_channels", "out_features", "num_features"):
+        v = getattr(module, attr, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return attr, v
+    return None, None
+
+
 def _compiled(model) -> bool:
     """Whether model is a torch.compile'd module (an OptimizedModule around ``model._orig_mod``)."""
     return hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule"
@@ -512,8 +522,7 @@ def iter_activations(model, layer: str, batches, *, layout: Optional[str] = None
     bar = Progress(total=total, desc=f"capture {layer}", enabled=progress, unit=" images")
     try:
         for batch in _iter_batches(batches, batch_size, _wanted, _seen):
-            images, labels = batch.load()
-            images = _as_images(images, f"the batch of images {batch.start}..{batch.start + batch.n - 1}")
+            images, labels = batch.load()  # (a tensor: _iter_batches took every form through _as_images)
             # Hook, no_grad and eval mode only around the forward pass: while the caller holds a
             # batch, its own code runs with its grad mode and model modes, and without the hook.
             tap = _LayerTap(module, layer, stop_after)
@@ -616,11 +625,8 @@ class ModelSplit:
         """The layer's channel count D when known: from its last output, else its declared width."""
         if self._seen_shape is not None:
             return self._seen_shape[-1], f"its output, channel-last, was {self._seen_shape}"
-        for attr in ("out_channels", "out_features", "num_features"):
-            v = getattr(self._module, attr, None)
-            if isinstance(v, int) and not isinstance(v, bool):
-                return v, f"{type(self._module).__name__} with {attr}={v}"
-        return None, None
+        attr, v = declared_width(self._module)
+        return (None, None) if v is None else (v, f"{type(self._module).__name__} with {attr}={v}")
 
     def head(self, features):
         torch = _torch()

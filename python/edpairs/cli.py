@@ -229,6 +229,12 @@ class _ModelRuns:
         return False
 
 
+def _fitted_hint(meta: dict, layer: str) -> str:
+    """Where the pairs were fitted, when --layer names another layer (else "")."""
+    return (f" (they were fitted at {meta['layer']!r}: leave out --layer)"
+            if meta.get("layer") and meta["layer"] != layer else "")
+
+
 def _check_pairs_fit_layer(module, layer: str, pairs, meta: dict) -> None:
     """Pairs of D channels at a layer that declares another width (out_channels, out_features,
     num_features) are refused before any image is read, naming the layer they were fitted at."""
@@ -236,9 +242,7 @@ def _check_pairs_fit_layer(module, layer: str, pairs, meta: dict) -> None:
 
     wrong = width_mismatch(module, int(pairs.decoding_.shape[1]), layer)
     if wrong:
-        fitted = (f" (they were fitted at {meta['layer']!r}: leave out --layer)"
-                  if meta.get("layer") and meta["layer"] != layer else "")
-        raise UserError(wrong + fitted)
+        raise UserError(wrong + _fitted_hint(meta, layer))
 
 
 def _normalisation(args, model_name: str) -> str:
@@ -456,9 +460,8 @@ def cmd_report(args) -> int:
         shape = _preflight(model, name, layer, IMAGE_SIZE)
         D = int(pairs.decoding_.shape[1])
         if shape[-1] != D:
-            fitted = (f" (they were fitted at {meta['layer']!r}: leave out --layer)"
-                      if meta.get("layer") and meta["layer"] != layer else "")
-            raise UserError(f"the pairs have D={D} channels but layer {layer!r} of {name} gives {shape[-1]}{fitted}")
+            raise UserError(f"the pairs have D={D} channels but layer {layer!r} of {name} gives {shape[-1]}"
+                            f"{_fitted_hint(meta, layer)}")
     torch.manual_seed(args.seed)
     with log.step("reading the images"):
         data = pipeline.image_dataset(args.images, crops_per_photo=crops, seed=args.seed)

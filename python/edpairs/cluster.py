@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _gemm, ops
 from ._arrays import device_scope, namespace_of, on_data_device, on_device_of, to_numpy64
-from ._checks import check_int, check_real
+from ._checks import check_bool, check_int, check_real
 from ._checks import is_int as _is_int
 from ._progress import Progress
 from ._source import ChunkSource, row_blocks
@@ -33,7 +33,7 @@ def _unit_rows(M: np.ndarray) -> np.ndarray:
     """M's rows divided by their norms; zero rows stay zeros. Each row is scaled by its largest
     magnitude first, so that its squares neither overflow (rows beyond about 1e154 in float64,
     1e19 in float32) nor underflow to a zero norm (below about 1e-154)."""
-    big = np.abs(M).max(axis=1, initial=0.0)[:, None] if M.shape[1] else np.zeros((M.shape[0], 1), M.dtype)
+    big = np.abs(M).max(axis=1, initial=0.0, keepdims=True)
     S = np.divide(M, big, out=np.zeros_like(M), where=big > 0)
     n = _row_norms(S)[:, None]
     return np.divide(S, n, out=np.zeros_like(S), where=n > 0)
@@ -708,8 +708,7 @@ class SphericalKMeans:
         if not (seed is None or (_is_int(seed) and seed >= 0)
                 or isinstance(seed, (np.random.Generator, np.random.BitGenerator, np.random.SeedSequence))):
             raise ValueError(f"random_state must be None, an integer >= 0 or a numpy Generator, got {seed!r}")
-        if not isinstance(self.check_finite, (bool, np.bool_)):
-            raise ValueError(f"check_finite must be True or False, got {self.check_finite!r}")
+        check_bool("check_finite", self.check_finite)
         if self.init is None or (isinstance(self.init, str) and self.init not in ("k-means++", "random")):
             raise ValueError(f"init must be 'k-means++', 'random' or an array of centroids, got {self.init!r}")
 
@@ -772,10 +771,8 @@ class SphericalKMeans:
                 C = _initial_centroids(self.init, self.n_clusters, X.shape[1])
             elif self.init == "k-means++":
                 C = _kmeanspp(E, self.n_clusters, rng)
-            elif self.init == "random":  # from the nonzero rows, as fit's seeding (a zero row seeds nothing)
+            else:  # "random" (_validate refused the rest): from the nonzero rows, as fit's seeding
                 C = _random_start(E, self.n_clusters, rng)
-            else:
-                raise ValueError(f"init must be 'k-means++', 'random' or an array of centroids, got {self.init!r}")
             self._sums = np.zeros((self.n_clusters, X.shape[1]))
             self.counts_ = np.zeros(self.n_clusters, np.int64)
             self._centers = C

@@ -65,7 +65,7 @@ from ._arrays import _module_root, namespace_of
 from ._arrays import to_numpy64 as _host
 from ._checks import check_fitted
 from ._layout import LAYOUTS, channel_last, from_channel_last, infer_layout
-from .capture import SharedModuleError, find_module
+from .capture import SharedModuleError, _compiled, declared_width, find_module
 
 __all__ = ["Intervention", "intervene", "remove", "remove_joint", "set_value"]
 
@@ -562,12 +562,10 @@ def remove_joint(x, pairs, concepts, *, gate=False, relu=False, layout=None):
 def width_mismatch(module, D: int, layer: str) -> Optional[str]:
     """Why pairs of D channels cannot edit ``module`` (the layer named ``layer``), where it
     declares another width (out_channels, out_features or num_features), else None."""
-    for attr in ("out_channels", "out_features", "num_features"):
-        v = getattr(module, attr, None)
-        if isinstance(v, int):
-            return (None if v == D else
-                    f"the pairs have D={D} channels but layer {layer!r} ({type(module).__name__}) has {attr}={v}")
-    return None
+    attr, v = declared_width(module)
+    if v is None or v == D:
+        return None
+    return f"the pairs have D={D} channels but layer {layer!r} ({type(module).__name__}) has {attr}={v}"
 
 
 class Intervention:
@@ -593,7 +591,7 @@ class Intervention:
         gate = _check_flag(gate, "gate", "intervene")
         relu = _check_flag(relu, "relu", "intervene")
         self.every_use = _check_flag(every_use, "every_use", "intervene")
-        if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        if _compiled(model):
             raise ValueError(
                 "intervene on a torch.compile'd model: its compiled graph does not call forward hooks, so the edit "
                 "would silently do nothing. An edit applies only to forwards of the original module: intervene on "

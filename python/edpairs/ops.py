@@ -338,7 +338,8 @@ def assign(X, C, *, center=None, row_scale=None, col_scale=None, accumulate: boo
 def _assign_float64(X, xp: Namespace, C, center, row_scale, col_scale, accumulate: bool,
                     check_finite: bool) -> Assignment:
     """assign of float64 X about a float64 centre: blocks of rows centred in float64 first."""
-    if check_finite and not xp.all_finite(center):  # (else the centred rows' NaN would be blamed on X)
+    # (else the centred rows' NaN would be blamed on X; on a GPU assign's _check_finite_cuda did this)
+    if check_finite and not xp.is_cuda(X) and not xp.all_finite(center):
         raise ValueError(_NONFINITE.format("center"))
     N, D = X.shape
     k = C.shape[0]
@@ -689,7 +690,9 @@ def _signal_moments_float64(X, xp: Namespace, W, b, center, check_finite: bool,
     """signal_moments of float64 X about a float64 centre: blocks of rows centred in float64
     first, and z = (x - c) W - (b - c W) with the offset c W taken in float64."""
     W64 = _param(W, xp, X, "W", dtype="float64")
-    if check_finite:  # (else a NaN of W or center would be blamed on b, whose offset they make)
+    # (else a NaN of W or center would be blamed on b, whose offset they make; on a GPU
+    # signal_moments' _check_finite_cuda did this)
+    if check_finite and not xp.is_cuda(X):
         for name, v in (("W", W64), ("center", center), ("b", b)):
             if not xp.all_finite(v):
                 raise ValueError(_NONFINITE.format(name))

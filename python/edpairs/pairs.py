@@ -146,8 +146,7 @@ class EDPairs:
         if not isinstance(self.signal, str) or self.signal not in ("positives", "whole"):
             raise ValueError(f"signal must be 'positives' or 'whole', got {self.signal!r}")
         for name in ("whiten", "check_finite"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         if self.progress is not None and not isinstance(self.progress, (bool, np.bool_)):
             raise ValueError(f"progress must be True, False or None, got {self.progress!r}")
         _check_int("n_init", self.n_init, 1)
@@ -460,7 +459,7 @@ class EDPairs:
         if not isinstance(self.random_state, (type(None), int, np.integer)):
             params["random_state"] = None  # (a Generator's state is not kept: a refit of the loaded pairs draws afresh)
         try:  # what load will check of the parameters, checked before anything is written
-            type(self)(self.n_concepts, **{k: v for k, v in params.items() if k != "n_concepts"})._validate()
+            self._rebuilt(self.n_concepts, params)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"cannot save these pairs: a parameter would not load back ({exc})") from None
         meta = {
@@ -562,9 +561,8 @@ class EDPairs:
         params = dict(meta.get("params") or {})
         params.pop("n_concepts", None)
         params.setdefault("whiten_shrinkage", None)  # files from before the option: no shrinkage
-        self = cls(I, **{k: v for k, v in params.items() if k in cls._param_names()})
         try:  # a refit of the loaded pairs would meet a bad saved parameter only then
-            self._validate()
+            self = cls._rebuilt(I, params)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path!r} holds a parameter this edpairs cannot use: {exc}") from None
         self.metadata = meta.get("metadata")
@@ -577,6 +575,14 @@ class EDPairs:
         self.n_features_in_ = D
         self.ura_ = meta.get("ura")
         return self
+
+    @classmethod
+    def _rebuilt(cls, n_concepts: int, params: dict) -> "EDPairs":
+        """An unfitted instance of these parameters (get_params' names), validated: what load
+        makes of a file's parameters, and what save checks before writing them."""
+        made = cls(n_concepts, **{k: v for k, v in params.items() if k in cls._param_names()})
+        made._validate()
+        return made
 
     @staticmethod
     def _param_names():

@@ -37,7 +37,6 @@ import numpy as np
 from ._arrays import device_scope, require_torch
 from ._checks import check_int, check_real
 from ._checks import is_int as _is_int
-from ._checks import is_real as _is_real
 from ._progress import Progress
 
 __all__ = [
@@ -190,8 +189,7 @@ def self_weighted_reduce(L, nu: float = 4.0, dim: int = -1):
         L = L.to(torch.get_default_dtype())
     if L.numel() == 0:
         raise ValueError("self_weighted_reduce needs at least one value")
-    if not _is_real(nu) or not math.isfinite(nu) or nu < 0:
-        raise ValueError(f"nu must be a finite number >= 0, got {nu!r}")
+    check_real("nu", nu, "a finite number >= 0", lambda v: v >= 0)
     if bool((L.detach() < 0).any()):
         raise ValueError("self_weighted_reduce is defined for non-negative values")
     return _reduce(L, float(nu), dim)

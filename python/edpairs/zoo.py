@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._arrays import to_host
 from ._checks import check_int, is_real
 
 __all__ = ["IMAGE_SIZE", "PREPROCESSING", "PhotoDataset", "efficientnet_lite0", "imagenet_class_names", "photos",
@@ -55,10 +56,7 @@ def _image_array(image) -> np.ndarray:
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
         return np.asarray(image.convert("RGB"))
     if _is_torch(image):
-        import torch
-
-        t = image.detach().cpu()
-        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+        return to_host(image)
     if isinstance(image, (str, bytes)):
         raise ValueError(f"an image must be an array, a torch tensor or a PIL image, got the string {image!r}")
     return np.asarray(image)
@@ -298,10 +296,11 @@ def _named_images(images) -> List[Tuple[str, np.ndarray]]:
                              f"{type(item).__name__} ({what})")
         name, image = item
         try:
-            _check_image(image)
+            a = _image_array(image)
+            _check_image(a)
         except ValueError as exc:
             raise ValueError(f"images: item {k} ({name!r}): {exc}") from None
-        out.append((name, _image_array(image)))
+        out.append((name, a))
     return out
 
 
