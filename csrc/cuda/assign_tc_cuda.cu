@@ -589,17 +589,20 @@ __global__ void __launch_bounds__(kSegThreads)
     }
     bool any = false;
     for (int q0 = 0; q0 < count; q0 += kSegAhead) {
-      // The loads of kSegAhead rows first (more of x in flight), then their sums in order.
-      float v[kSegAhead][kSegCols];
+      // The loads of kSegAhead rows first (more of x in flight), then their sums in order. The
+      // loads only load (see col_load in assign_sums.cuh): arithmetic on a value next to its
+      // load made each row's loads wait for the previous row's (run 6b's machine code).
+      T v[kSegAhead][kSegCols];
 #pragma unroll
       for (int g = 0; g < kSegAhead; ++g) {
         const int q = q0 + g;
-        const bool live = q < count && r_s[q] > 0.f;  // zero rows add nothing
-        const T* xr = x + static_cast<int64_t>(live ? row_s[q] : 0) * x_stride;
+        const int qc = q < count ? q : count - 1;  // (no shared-memory read behind a branch)
+        const bool live = q < count && r_s[qc] > 0.f;  // zero rows add nothing
+        const T* xr = x + static_cast<int64_t>(live ? row_s[qc] : 0) * x_stride;
 #pragma unroll
         for (int u = 0; u < kSegCols; ++u) {
           const int c = c0 + tid + kSegThreads * u;
-          v[g][u] = (live && c < d) ? minus_center(xr[c], ctr[u]) : 0.f;
+          v[g][u] = (live && c < d) ? xr[c] : T{};
         }
       }
 #pragma unroll
@@ -610,7 +613,7 @@ __global__ void __launch_bounds__(kSegThreads)
         if (r > 0.f) {
 #pragma unroll
           for (int u = 0; u < kSegCols; ++u) {
-            acc[u] += static_cast<double>(r) * static_cast<double>(v[g][u]);
+            acc[u] += static_cast<double>(r) * static_cast<double>(minus_center(v[g][u], ctr[u]));
           }
           any = true;
         }
