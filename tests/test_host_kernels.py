@@ -51,7 +51,8 @@ def column_sums(tmp_path_factory):
 
 
 # N, D, K, dtype, center, stride padding, resident blocks: ragged against the 32-lane slices
-# (16-bit: 64 columns), the 16-row groups (16-bit: 8) and the block partition.
+# (16-bit: 64 columns), the 16-row groups (16-bit: 8), the block partition and the runs of
+# 1024 staged rows (the last two cases: blocks of 3750 and 3000 rows).
 CASES = [
     (1, 1, 1, "f32", 0, 0, 132),
     (300, 5, 3, "f32", 1, 3, 5),
@@ -62,6 +63,8 @@ CASES = [
     (100_000, 96, 20, "bf16", 0, 5, 264),
     (4097, 1100, 3, "f32", 0, 2, 7),
     (257, 64, 64, "f16", 1, 0, 1),
+    (30_000, 40, 5, "f32", 1, 1, 8),
+    (9000, 70, 9, "f16", 0, 0, 3),
 ]
 
 

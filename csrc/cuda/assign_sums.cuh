@@ -78,16 +78,20 @@ __device__ __forceinline__ void add_block_sums(const T* __restrict__ x, int64_t 
 // A warp owns a slice of 32 lanes x col_elems columns (128 bytes of a float32 or 16-bit row);
 // it reads those columns of each row (coalesced) and adds r x~ into its label's float32 sums,
 // rows in order: each sums entry has one writer. Two groups of rows are in flight per lane
-// (the one being added and the next), labels and scales read with them.
-// A group's loads only load: the elements stay as they came (T) until col_add converts and
-// centres them. Arithmetic on a load's value in the loading code sits right behind the load
-// (the compiler puts each row's load and its use in one branch), and the warp then waits out
-// each row's memory latency before it issues the next row's load: one row in flight instead
-// of a group (run 6b's owned-column pass, 2.46 ms at k = 64, had that machine code).
+// (the one being added and the next).
+// The loop is kept lean, as every lane runs it for every row (run 6b: 2.46 ms at k = 64):
+//  * a group's loads only load: the elements stay as they came (T) until col_add converts and
+//    centres them. Arithmetic on a load's value in the loading code sits right behind the load
+//    (the compiler puts each row's load and its use in one branch), and the warp then waits out
+//    each row's memory latency before it issues the next row's load (run 6b's machine code);
+//  * a row's label and scale come from shared memory as one ColRow (its sums row's offset and
+//    r_n), staged once per block and run of rows, not loaded by every lane from global memory;
+//  * the rows are counted where they are staged, not in the adding loop.
 
-constexpr int kColMaxWarps = 16;   // warps of a block of the owned-column pass
-constexpr int kColMaxRows = 4096;  // rows per block at most (the float32 runs)
-constexpr int kColMinRows = 256;   // at most n / kColMinRows blocks (small inputs: few partials)
+constexpr int kColMaxWarps = 16;     // warps of a block of the owned-column pass
+constexpr int kColMaxRows = 4096;    // rows per block at most (the float32 runs)
+constexpr int kColMinRows = 256;     // at most n / kColMinRows blocks (small inputs: few partials)
+constexpr int kColStageRows = 1024;  // rows whose ColRows the owned-column pass stages at a time
 
 // The owned-column pass's blocks for n rows with `resident` blocks on the device at once: whole
 // waves of equal blocks of at most kColMaxRows rows, no more than n / kColMinRows of them.
@@ -108,76 +112,88 @@ constexpr int col_elems() { return sizeof(T) < 4 ? 4 / static_cast<int>(sizeof(T
 template <class T>
 constexpr int col_group() { return 16 / col_elems<T>(); }  // rows per group: 16 float32, 8 16-bit
 
-// Labels and scales of rows, read from global memory (labels int64, r_n float32).
-struct GlobalRows {
-  const int64_t* __restrict__ labels;
-  const float* __restrict__ rscale;
-  __device__ __forceinline__ int label(int64_t row) const { return static_cast<int>(labels[row]); }
-  __device__ __forceinline__ float scale(int64_t row) const { return rscale[row]; }
+// A row as the adding lanes see it: the offset of its label's sums row (label x d) and r_n.
+struct ColRow {
+  int off;
+  float r;
+};
+
+// Rows begin .. end - 1 (labels int64, r_n float32 in global memory) into table[0 ..] and
+// counted into counts_s, by the `threads` threads of a block (shared-memory atomics: integer
+// counts, exact in any order).
+__device__ __forceinline__ void col_stage(const int64_t* __restrict__ labels, const float* __restrict__ rscale,
+                                          const int64_t begin, const int64_t end, const int d, ColRow* table,
+                                          unsigned* counts_s, const int tid, const int threads) {
+  for (int64_t i = tid; i < end - begin; i += threads) {
+    const int label = static_cast<int>(labels[begin + i]);
+    table[i] = ColRow{label * d, rscale[begin + i]};
+    atomicAdd(counts_s + label, 1u);
+  }
+}
+
+// A run's rows from a staged table (the owned-column pass).
+struct TableRows {
+  const ColRow* table;
+  __device__ __forceinline__ ColRow row(const int i) const { return table[i]; }
 };
 
 template <class T>
 struct ColGroup {
   T v[col_group<T>()][col_elems<T>()];  // as loaded (zero past the run or the columns)
-  int label[col_group<T>()];            // -1 past the run
-  float r[col_group<T>()];
 };
 
-template <class T, class Rows>
-__device__ __forceinline__ void col_load(ColGroup<T>& g, const T* __restrict__ x, const int64_t x_stride,
-                                         const int64_t row0, const int64_t end, const int c0, const int d,
-                                         const Rows& rows) {
+// The group of rows at p (row stride x_stride), `left` of them still in the run.
+template <class T>
+__device__ __forceinline__ void col_load(ColGroup<T>& g, const T* p, const int64_t x_stride, const int left,
+                                         const int c0, const int d) {
 #pragma unroll
   for (int u = 0; u < col_group<T>(); ++u) {
-    const int64_t row = row0 + u;
-    const bool live = row < end;
-    g.label[u] = live ? rows.label(row) : -1;
-    g.r[u] = live ? rows.scale(row) : 0.f;
 #pragma unroll
-    for (int e = 0; e < col_elems<T>(); ++e) {
-      g.v[u][e] = (live && c0 + e < d) ? x[row * x_stride + c0 + e] : T{};
-    }
+    for (int e = 0; e < col_elems<T>(); ++e) g.v[u][e] = (u < left && c0 + e < d) ? p[e] : T{};
+    p += x_stride;
   }
 }
 
-template <class T>
-__device__ __forceinline__ void col_add(const ColGroup<T>& g, const float (&ctr)[col_elems<T>()], float* sums_s,
-                                        unsigned* counts_s, const int c0, const int d, const bool count) {
+// Rows i0 .. of a group into the lane's columns of sums_s, `left` of them still in the run.
+template <class T, class Rows>
+__device__ __forceinline__ void col_add(const ColGroup<T>& g, const Rows& rows, const int i0, const int left,
+                                        const float (&ctr)[col_elems<T>()], float* sums_s, const int c0,
+                                        const int d) {
 #pragma unroll
   for (int u = 0; u < col_group<T>(); ++u) {
-    const int label = g.label[u];
-    if (label < 0) continue;
-    if (count) ++counts_s[label];
-    if (g.r[u] > 0.f) {  // zero rows add nothing
-      float* dst = sums_s + static_cast<int64_t>(label) * d + c0;
+    if (u >= left) break;
+    const ColRow row = rows.row(i0 + u);
+    if (row.r > 0.f) {  // zero rows add nothing
+      float* dst = sums_s + row.off + c0;
 #pragma unroll
       for (int e = 0; e < col_elems<T>(); ++e) {
-        if (c0 + e < d) dst[e] = fmaf(g.r[u], minus_center(g.v[u][e], ctr[e]), dst[e]);
+        if (c0 + e < d) dst[e] = fmaf(row.r, minus_center(g.v[u][e], ctr[e]), dst[e]);
       }
     }
   }
 }
 
-// Rows begin .. end - 1 into the float32 sums_s (k x d) at the calling lane's columns
-// c0 .. c0 + col_elems - 1 (its warp's slice); `count` (one lane of one warp per block) also
-// counts the rows into counts_s.
+// The `count` rows from begin (rows.row(0) is row begin's) into the float32 sums_s (k x d) at
+// the calling lane's columns c0 .. c0 + col_elems - 1 (its warp's slice).
 template <class T, class Rows>
 __device__ __forceinline__ void col_sum_slice(const T* __restrict__ x, const int64_t x_stride, const int64_t begin,
-                                              const int64_t end, const int c0, const int d,
-                                              const float* __restrict__ center, const Rows& rows, float* sums_s,
-                                              unsigned* counts_s, const bool count) {
+                                              const int count, const int c0, const int d,
+                                              const float* __restrict__ center, const Rows& rows, float* sums_s) {
   constexpr int kE = col_elems<T>();
   constexpr int kG = col_group<T>();
   float ctr[kE];
 #pragma unroll
   for (int e = 0; e < kE; ++e) ctr[e] = (center != nullptr && c0 + e < d) ? center[c0 + e] : 0.f;
+  const T* p = x + begin * x_stride + c0;
+  const int64_t step = kG * x_stride;
   ColGroup<T> a, b;
-  col_load<T>(a, x, x_stride, begin, end, c0, d, rows);
-  for (int64_t row = begin; row < end; row += 2 * kG) {
-    col_load<T>(b, x, x_stride, row + kG, end, c0, d, rows);
-    col_add<T>(a, ctr, sums_s, counts_s, c0, d, count);
-    col_load<T>(a, x, x_stride, row + 2 * kG, end, c0, d, rows);
-    col_add<T>(b, ctr, sums_s, counts_s, c0, d, count);
+  col_load<T>(a, p, x_stride, count, c0, d);
+  for (int i = 0; i < count; i += 2 * kG) {
+    col_load<T>(b, p + step, x_stride, count - i - kG, c0, d);
+    col_add<T>(a, rows, i, count - i, ctr, sums_s, c0, d);
+    p += 2 * step;
+    col_load<T>(a, p, x_stride, count - i - 2 * kG, c0, d);
+    col_add<T>(b, rows, i + kG, count - i - kG, ctr, sums_s, c0, d);
   }
 }
 
@@ -187,18 +203,16 @@ __host__ __device__ inline int col_slices(const int d) {
   return (d + 32 * col_elems<T>() - 1) / (32 * col_elems<T>());
 }
 
-// Rows begin .. end - 1 into sums_s / counts_s by the `warps` warps of a block: warp w owns the
-// slices w, w + warps, ..; lane 0 of the warp owning slice 0 counts.
+// The `count` rows from begin into sums_s by the `warps` warps of a block: warp w owns the
+// slices w, w + warps, ...
 template <class T, class Rows>
 __device__ __forceinline__ void add_owned_columns(const T* __restrict__ x, const int64_t x_stride,
-                                                  const int64_t begin, const int64_t end, const int d,
+                                                  const int64_t begin, const int count, const int d,
                                                   const float* __restrict__ center, const Rows& rows, float* sums_s,
-                                                  unsigned* counts_s, const int warp, const int warps,
-                                                  const int lane) {
+                                                  const int warp, const int warps, const int lane) {
   constexpr int kE = col_elems<T>();
   for (int sl = warp; sl < col_slices<T>(d); sl += warps) {
-    col_sum_slice<T>(x, x_stride, begin, end, sl * 32 * kE + lane * kE, d, center, rows, sums_s, counts_s,
-                     sl == 0 && lane == 0);
+    col_sum_slice<T>(x, x_stride, begin, count, sl * 32 * kE + lane * kE, d, center, rows, sums_s);
   }
 }
 

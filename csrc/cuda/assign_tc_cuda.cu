@@ -1056,12 +1056,17 @@ __global__ void reduce_fused_partials(const P* __restrict__ part_sums,
 // b * rows_per_block .. (a contiguous range, at most kColMaxRows) into its shared sums; warp w
 // owns column slices w, w + warps, .. (32 lanes x kE columns each: 128 bytes of a row), so each
 // sums entry has one writer and takes its rows in row order: plain shared-memory adds, no
-// atomics, deterministic. Each lane keeps two groups of rows' loads in flight (the group it
-// adds and the next), the labels and scales read alongside (the same address across a warp).
-// The warp owning slice 0 counts the rows. Every block writes its partial sums and counts;
+// atomics, deterministic. The block stages its rows' labels and scales kColStageRows at a time
+// (col_stage, which also counts them); each lane keeps two groups of rows' loads in flight (the
+// group it adds and the next). Every block writes its partial sums and counts;
 // reduce_fused_partials adds them in block order in float64. Against the sorted pass: x read
 // once in order instead of gathered in label order, no histogram, scan or scatter, no float64
 // atomics; the float32 runs are at most kColMaxRows rows long.
+
+// Shared memory of the owned-column pass: k x d float32 sums, k counts, the staged rows.
+inline int64_t column_sums_smem(const int64_t k, const int64_t d) {
+  return (k * d + k) * 4 + kColStageRows * static_cast<int64_t>(sizeof(ColRow));
+}
 
 template <class T>
 __global__ void __launch_bounds__(32 * kColMaxWarps)
@@ -1069,19 +1074,25 @@ __global__ void __launch_bounds__(32 * kColMaxWarps)
                        const float* __restrict__ center, const int64_t* __restrict__ labels,
                        const float* __restrict__ rscale, const int64_t rows_per_block,
                        float* __restrict__ part_sums, unsigned* __restrict__ part_counts) {
-  extern __shared__ float sums_s[];  // (k, d) float32, then k counts
+  extern __shared__ float sums_s[];  // (k, d) float32, then k counts, then the staged rows
   unsigned* counts_s = reinterpret_cast<unsigned*>(sums_s + static_cast<int64_t>(k) * d);
+  ColRow* table_s = reinterpret_cast<ColRow*>(counts_s + k);
   const int tid = static_cast<int>(threadIdx.x);
   const int threads = static_cast<int>(blockDim.x);
   const int kd = k * d;
   for (int i = tid; i < kd; i += threads) sums_s[i] = 0.f;
   for (int i = tid; i < k; i += threads) counts_s[i] = 0u;
-  __syncthreads();
 
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   const int64_t end = begin + rows_per_block < n ? begin + rows_per_block : n;
-  add_owned_columns<T>(x, x_stride, begin, end, d, center, GlobalRows{labels, rscale}, sums_s, counts_s, tid / 32,
-                       threads / 32, tid % 32);
+  for (int64_t run = begin; run < end; run += kColStageRows) {
+    const int64_t run_end = run + kColStageRows < end ? run + kColStageRows : end;
+    __syncthreads();  // the sums zeroed, or the previous run's table read by every warp
+    col_stage(labels, rscale, run, run_end, d, table_s, counts_s, tid, threads);
+    __syncthreads();
+    add_owned_columns<T>(x, x_stride, run, static_cast<int>(run_end - run), d, center, TableRows{table_s}, sums_s,
+                         tid / 32, threads / 32, tid % 32);
+  }
   __syncthreads();
   float* dst = part_sums + static_cast<int64_t>(blockIdx.x) * kd;
   for (int i = tid; i < kd; i += threads) dst[i] = sums_s[i];
@@ -1089,8 +1100,8 @@ __global__ void __launch_bounds__(32 * kColMaxWarps)
 }
 
 // Whether launch_cluster_sums takes the owned-column pass: `mode` asks for it, x is not
-// float64 (float32 runs would cost it its precision) and the k x d float32 sums (and k counts)
-// fit in one block's shared memory.
+// float64 (float32 runs would cost it its precision) and the k x d float32 sums (with k counts
+// and the staged rows) fit in one block's shared memory.
 template <class T>
 bool columns_apply(const int64_t k, const int64_t d, const SumsMode mode) {
   if (mode != SumsMode::Columns || sizeof(T) > 4) return false;
@@ -1098,7 +1109,7 @@ bool columns_apply(const int64_t k, const int64_t d, const SumsMode mode) {
   int optin = 0;
   EDPAIRS_CUDA_CHECK(cudaGetDevice(&device));
   EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return (k * d + k) * 4 <= optin;
+  return column_sums_smem(k, d) <= optin;
 }
 
 // The cluster sums of rows already labelled (labels, rscale: r_n of every row), into sums
@@ -1114,7 +1125,7 @@ void launch_cluster_sums(const T* x, const int64_t x_stride, const int64_t n, co
     int sms = 0;
     EDPAIRS_CUDA_CHECK(cudaGetDevice(&device));
     EDPAIRS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    const int64_t smem = (static_cast<int64_t>(k) * d + k) * 4;
+    const int64_t smem = column_sums_smem(k, d);
     auto kernel = column_sums_kernel<T>;
     const int slices = col_slices<T>(d);
     const int threads = 32 * (slices < kColMaxWarps ? slices : kColMaxWarps);

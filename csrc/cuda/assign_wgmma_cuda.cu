@@ -296,13 +296,12 @@ __host__ __device__ constexpr SumsLayout sums_layout(const int64_t k, const int6
 // passes without a word, so a change that grows this layout must fail here instead.
 static_assert(sums_layout(kWgmmaSumsMaxK, 512).end + 1023 <= 232448, "fused k = 64, D = 512 no longer fits Hopper");
 
-// The labels and row scales of one labelled tile, for col_sum_slice (rows are global indices).
+// The labels and row scales of one labelled tile, for col_sum_slice (i: the tile's i-th row).
 struct TileRows {
   const unsigned char* labels;
   const float* scales;
-  int64_t row0;
-  __device__ __forceinline__ int label(int64_t row) const { return labels[row - row0]; }
-  __device__ __forceinline__ float scale(int64_t row) const { return scales[row - row0]; }
+  int d;
+  __device__ __forceinline__ ColRow row(const int i) const { return ColRow{labels[i] * d, scales[i]}; }
 };
 
 __device__ __forceinline__ int64_t sums_tile_row0(const int j) {
@@ -345,9 +344,13 @@ __device__ __forceinline__ void sums_summer(const WgmmaAssignParams& p, const in
     const int64_t row0 = sums_tile_row0(j);
     const int64_t end = row0 + kWgmmaRows < p.n ? row0 + kWgmmaRows : p.n;
     named_sync(kBarFull + b, kSumsThreads);  // tile j labelled
-    add_owned_columns<T>(x, p.x_stride, row0, end, p.d, p.center,
-                         TileRows{labels_s + b * kWgmmaRows, scales_s + b * kWgmmaRows, row0}, sums_s, counts_s,
-                         warp, kSumWarps, lane);
+    const int rows = static_cast<int>(end - row0);
+    if (warp == 0) {  // the counts (shared-memory atomics: exact in any order)
+      for (int i = lane; i < rows; i += 32) atomicAdd(counts_s + labels_s[b * kWgmmaRows + i], 1u);
+    }
+    add_owned_columns<T>(x, p.x_stride, row0, rows, p.d, p.center,
+                         TileRows{labels_s + b * kWgmmaRows, scales_s + b * kWgmmaRows, p.d}, sums_s, warp, kSumWarps,
+                         lane);
     if (j + 2 < tiles) named_arrive(kBarEmpty + b, kSumsThreads);  // buffer b free for tile j + 2
     if ((j + 1) % kFoldTiles == 0 || j + 1 == tiles) {
       // Fold the warp's own columns into the block's float64 partial and start a new float32 run.

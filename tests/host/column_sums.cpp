@@ -66,8 +66,9 @@ int run(int64_t n, int d, int k, bool with_center, int pad, int64_t resident) {
   for (auto& c : center) c = static_cast<float>(uniform() - 0.5);
   const float* ctr = with_center ? center.data() : nullptr;
 
-  // The kernel: blocks of consecutive rows; warp w owns slices w, w + warps, ..; lane l the
-  // columns l * E .. of its slice; lane 0 of the warp owning slice 0 counts.
+  // The kernel: blocks of consecutive rows, staged kColStageRows at a time (by every thread,
+  // which also count them); warp w owns slices w, w + warps, ..; lane l the columns l * E .. of
+  // its slice.
   const ColPartition part = column_partition(n, resident);
   const int slices = col_slices<T>(d);
   const int warps = slices < kColMaxWarps ? slices : kColMaxWarps;
@@ -75,6 +76,7 @@ int run(int64_t n, int d, int k, bool with_center, int pad, int64_t resident) {
   std::vector<long long> counts(static_cast<size_t>(k), 0);
   std::vector<float> block_sums(static_cast<size_t>(k) * d);
   std::vector<unsigned> block_counts(static_cast<size_t>(k));
+  std::vector<ColRow> table(static_cast<size_t>(kColStageRows));
   if (part.rows_per_block > kColMaxRows || part.blocks * part.rows_per_block < n ||
       (part.blocks - 1) * part.rows_per_block >= n) {
     std::printf("bad partition: %lld blocks of %lld rows for %lld\n", static_cast<long long>(part.blocks),
@@ -86,10 +88,16 @@ int run(int64_t n, int d, int k, bool with_center, int pad, int64_t resident) {
     std::fill(block_counts.begin(), block_counts.end(), 0u);
     const int64_t begin = b * part.rows_per_block;
     const int64_t end = begin + part.rows_per_block < n ? begin + part.rows_per_block : n;
-    for (int w = 0; w < warps; ++w) {
-      for (int lane = 0; lane < 32; ++lane) {
-        add_owned_columns<T>(x.data(), stride, begin, end, d, ctr, GlobalRows{labels.data(), rscale.data()},
-                             block_sums.data(), block_counts.data(), w, warps, lane);
+    for (int64_t run = begin; run < end; run += kColStageRows) {
+      const int64_t run_end = run + kColStageRows < end ? run + kColStageRows : end;
+      for (int tid = 0; tid < 32 * warps; ++tid) {
+        col_stage(labels.data(), rscale.data(), run, run_end, d, table.data(), block_counts.data(), tid, 32 * warps);
+      }
+      for (int w = 0; w < warps; ++w) {
+        for (int lane = 0; lane < 32; ++lane) {
+          add_owned_columns<T>(x.data(), stride, run, static_cast<int>(run_end - run), d, ctr,
+                               TableRows{table.data()}, block_sums.data(), w, warps, lane);
+        }
       }
     }
     for (size_t i = 0; i < sums.size(); ++i) sums[i] += block_sums[i];  // reduce_fused_partials
