@@ -3,6 +3,8 @@ published synthetic preset with its head, the shifts, the frozen head, inputs an
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -237,6 +239,120 @@ def test_head_on_cuda(small):
     model = edp.EDPairs(3, random_state=0).fit(images, head=head, ura=FAST) if edp.build_info()["cuda"] else None
     if model is not None:
         assert np.isfinite(model.decoding_).all()
+
+
+# ---- a callable head over a torch module --------------------------------------------------
+
+TINY = URAConfig(seed=0, unconstrained_epochs=1, constrained_epochs=1, batch_images=32, min_steps=0)
+
+
+@pytest.fixture(scope="module")
+def base(small):
+    """Stage 1-4 pairs of ``small``, for calling align directly."""
+    return edp.EDPairs(3, random_state=0, progress=False).fit(small.X)
+
+
+def _align(small, base, head):
+    return align(small.images()[:64], head, base.decoding_, base.bias_, base.encoding_, whitener=base.whitener_,
+                 config=TINY, progress=False)
+
+
+def _mixed_head(small):
+    """A TorchHead in train mode (its batch norm updates its statistics in a train-mode forward)
+    with a classifier in eval mode and a frozen bias: flags that must come back as they were."""
+    head = TorchHead(small.head).train()
+    head.fc.eval()
+    head.fc.bias.requires_grad_(False)
+    return head
+
+
+def _flags(module):
+    return [m.training for m in module.modules()], [p.requires_grad for p in module.parameters()]
+
+
+class _Split:
+    """A ModelSplit-like owner: its head reaches the network through ``.model``."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def head(self, features):
+        return self.model(features)
+
+
+def _tail(part, model, features):
+    """Names a submodule before its model: both are found, each handled once."""
+    return model(features)
+
+
+_GLOBAL_HEAD = None  # the module _global_head reaches through its globals
+
+
+def _global_head(features):
+    return _GLOBAL_HEAD(features)
+
+
+def _through_global(module, monkeypatch):
+    monkeypatch.setitem(_global_head.__globals__, "_GLOBAL_HEAD", module)
+    return _global_head
+
+
+CALLABLE_HEADS = {
+    "lambda": lambda m, mp: lambda f: m(f),
+    "bound_method": lambda m, mp: m.forward,
+    "partial": lambda m, mp: functools.partial(_tail, m.fc, m),
+    "model_split": lambda m, mp: _Split(m).head,
+    "global": _through_global,
+}
+
+
+@pytest.mark.parametrize("kind", list(CALLABLE_HEADS))
+def test_callable_head_leaves_its_module_unchanged_and_modes_restored(small, base, monkeypatch, kind):
+    """A train-mode module reached by a callable head ran in train mode: its batch norm's
+    running statistics were updated by align."""
+    module = _mixed_head(small)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    flags = _flags(module)
+    _align(small, base, CALLABLE_HEADS[kind](module, monkeypatch))
+    after = module.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k  # running_mean, running_var, num_batches_tracked, weights
+    assert _flags(module) == flags
+
+
+def test_callable_head_module_frozen_during_align_no_grad(small, base):
+    """Inside align the module is in eval mode with requires_grad off; afterwards the flags are
+    the previous ones and no .grad was written."""
+    module = _mixed_head(small)
+    flags = _flags(module)
+    seen = []
+
+    def head(features):
+        seen.append(_flags(module))
+        return module(features)
+
+    _align(small, base, head)
+    n_modules, n_params = len(flags[0]), len(flags[1])
+    assert seen and all(s == ([False] * n_modules, [False] * n_params) for s in seen)
+    assert _flags(module) == flags
+    assert all(p.grad is None for p in module.parameters())
+
+
+def test_callable_head_flags_restored_when_align_raises(small, base):
+    module = _mixed_head(small)
+    flags = _flags(module)
+    seen = []
+
+    def head(features):
+        seen.append(module.training)
+        if len(seen) == 2:
+            raise RuntimeError("out of memory")
+        return module(features)
+
+    with pytest.raises(RuntimeError, match="the head raised RuntimeError.*out of memory"):
+        _align(small, base, head)
+    assert seen == [False, False]
+    assert _flags(module) == flags
 
 
 # ---- errors -------------------------------------------------------------------------------

@@ -51,9 +51,17 @@ preset (I=32) the full schedule also lifts IoU from 0.91 to 0.97.
 
 The head contract: ``head(features)`` takes a float32 torch tensor shaped like the image
 batches (``(n, h, w, D)`` or ``(n, P, D)``, channel-last) on the device of the computation and
-returns ``(n, n_classes)`` logits, differentiable with respect to the features. A head that
-is a ``torch.nn.Module`` is put in eval mode with ``requires_grad`` off for the duration and
-restored afterwards; its parameters and buffers are never written.
+returns ``(n, n_classes)`` logits, differentiable with respect to the features. Every torch
+module the head reaches is put in eval mode with ``requires_grad`` off for the duration (each
+once), and its training and ``requires_grad`` flags are restored afterwards, also when
+:func:`align` raises; its parameters and buffers are never written. Reached are: the head
+itself when it is a ``torch.nn.Module``; a bound method's owner and the owner's ``.model`` (a
+:class:`edpairs.capture.ModelSplit`'s head); a ``functools.partial``'s function, arguments and
+keywords; a function's closure cells and the module-level globals its code names (a notebook's
+``def head(f): return model.fc(f)``); and, the same way, the functions, partials and bound
+methods found there. Modules held only inside containers or in other attributes of objects are
+not found: such a head runs them in the mode they are in (pass the module, or a bound method
+of it, as the head).
 
     res = align(images, head, W, b, S, whitener=pairs.whitener_, signal=estimate,
                 config=URAConfig(seed=0))
@@ -64,7 +72,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import itertools
 import math
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -321,34 +332,72 @@ def _as_tensor(a, device, dtype):
 # The head
 
 
+def _head_modules(head) -> list:
+    """The torch modules ``head`` reaches (the head contract, module docstring), each once, in the
+    order found."""
+    torch = _torch()
+    modules, seen = [], set()
+    pending = [head]  # a stack, not recursion: the functions a head names may form long chains
+    while pending:
+        obj = pending.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        found = []
+        if isinstance(obj, torch.nn.Module):
+            modules.append(obj)
+        elif isinstance(obj, functools.partial):
+            found = [obj.func, *obj.args, *obj.keywords.values()]
+        elif isinstance(obj, types.MethodType):
+            # The owner, a ModelSplit's model (the owner's .model) and the function's own reach.
+            found = [obj.__self__, getattr(obj.__self__, "model", None), obj.__func__]
+        elif isinstance(obj, types.FunctionType):
+            for cell in obj.__closure__ or ():
+                try:
+                    found.append(cell.cell_contents)
+                except ValueError:  # an empty cell: a name not bound yet
+                    pass
+            found += [obj.__globals__.get(name) for name in _code_names(obj.__code__)]
+        pending += reversed(found)  # visited in the order found
+    return modules
+
+
+def _code_names(code) -> dict:
+    """The names a code object and the code nested in it (comprehensions, lambdas) look up,
+    in order: globals among them (attribute names too, which match a global only by chance)."""
+    names = dict.fromkeys(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.update(_code_names(const))
+    return names
+
+
 @contextlib.contextmanager
 def frozen(head):
-    """A torch.nn.Module head in eval mode with requires_grad off; both restored on exit."""
-    torch = _torch()
-    if not isinstance(head, torch.nn.Module):
-        yield head
-        return
-    flags = [(p, p.requires_grad) for p in head.parameters()]
-    modes = [(m, m.training) for m in head.modules()]
+    """Every torch module the head reaches in eval mode with requires_grad off; the training and
+    requires_grad flags restored on exit, also on an error."""
+    roots = _head_modules(head)
+    modes = {id(m): (m, m.training) for root in roots for m in root.modules()}
+    flags = {id(p): (p, p.requires_grad) for root in roots for p in root.parameters()}
     try:
-        for p, _ in flags:
+        for p, _ in flags.values():
             p.requires_grad_(False)
-        head.eval()
+        for root in roots:
+            root.eval()
         yield head
     finally:
-        for p, flag in flags:
+        for p, flag in flags.values():
             p.requires_grad_(flag)
-        for m, mode in modes:
-            m.train(mode)
+        # Flag by flag, not by train() (which recurses): the roots may share submodules, or one
+        # may sit inside another, and a later train() would overwrite an earlier restored mode.
+        for m, mode in modes.values():
+            m.training = mode
 
 
 def _head_device(head):
-    torch = _torch()
-    owner = getattr(head, "__self__", None)  # a ModelSplit's head: its model's device
-    if owner is not None and isinstance(getattr(owner, "model", None), torch.nn.Module):
-        head = owner.model
-    if isinstance(head, torch.nn.Module):
-        for t in list(head.parameters()) + list(head.buffers()):
+    """The device of the first parameter or buffer of the modules the head reaches (None: none)."""
+    for module in _head_modules(head):
+        for t in itertools.chain(module.parameters(), module.buffers()):
             return t.device
     return None
 
