@@ -1,7 +1,8 @@
 """The activation store: round trip against a direct capture, a fit source for the estimators,
 an extraction killed with SIGKILL and resumed writes the same bytes as an uninterrupted one
-(and runs only the missing images through the model), corrupted / truncated / missing shards
-and key mismatches give clear errors, and repair rebuilds what fails."""
+(and runs only the missing images through the model), corrupted / truncated / missing shards,
+key mismatches and a resume with other images give clear errors, and repair rebuilds what
+fails."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from edpairs.capture import capture  # noqa: E402
 from edpairs.store import (  # noqa: E402
     ActivationStore,
     StoreCorrupted,
+    StoreImagesMismatch,
     StoreIncomplete,
     StoreKeyMismatch,
     extract,
@@ -364,7 +366,9 @@ def test_sidecar_fields_of_the_wrong_type_are_named(reference, tmp_path):
              (lambda m: m.update(version="x"), r"version \(an integer\)"),
              (lambda m: m.update(grid="ab"), r"grid \(a list of integers\)"),
              (lambda m: m["key"].update(dtype="int8"), r"key\.dtype \(one of float16, float32\)"),
-             (lambda m: m["key"].update(model="x"), r"key\.model \(an object with a name\)")]
+             (lambda m: m["key"].update(model="x"), r"key\.model \(an object with a name\)"),
+             (lambda m: m["shards"]["0"].update(inputs="crc32:0"), r"shards\.0\.inputs \(an object with the digests"),
+             (lambda m: m["shards"]["0"]["inputs"].pop("all"), r"shards\.0\.inputs \(an object with the digests")]
     _each_edit_is_named(meta, cases, tmp_path)
 
 
@@ -536,3 +540,148 @@ def test_sidecar_entries_that_contradict_the_layout_are_named(reference, tmp_pat
              (lambda m: m.update(batch_size=-3), r"batch_size \(an integer >= 1, or null\)"),
              (lambda m: m["key"].update(images_per_shard="6"), r"key\.images_per_shard \(an integer >= 1\)")]
     _each_edit_is_named(meta, cases, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# A resume with other images
+
+
+def folder_bytes(path) -> dict:
+    """Every file of a store's folder (the sidecar and the lock too) with its bytes."""
+    return {n: (Path(path) / n).read_bytes() for n in sorted(os.listdir(path))}
+
+
+def as_source(kind: str, images):
+    """``images`` as extract takes them: the tensor, a map-style dataset, a DataLoader (read in
+    full, as an iterable, but of known length) or a list of batches."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    if kind == "tensor":
+        return images
+    if kind == "dataset":
+        return TensorDataset(images)
+    if kind == "loader":
+        return DataLoader(TensorDataset(images), batch_size=5)
+    return [(images[s:s + 4], torch.zeros(len(images[s:s + 4]))) for s in range(0, len(images), 4)]
+
+
+def interrupt(setup, data, path, after: int = 2) -> None:
+    """An extraction of ``data`` into ``path`` stopped once shard ``after`` was written."""
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(k, file):
+        if k == after:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        extract(setup["model"], LAYER, data, path, on_shard=stop, **setup["ARGS"])
+
+
+def changed(images, *which):
+    other = images.clone()
+    other[list(which)] = -other[list(which)]
+    return other
+
+
+@pytest.mark.parametrize("kind, change, where", [
+    ("tensor", "all", r"image 0 \(the first of shard 0, images 0\.\.5\)"),
+    ("dataset", "all", r"image 0 \(the first of shard 0, images 0\.\.5\)"),
+    ("batches", "all", r"image 0 \(the first of shard 0, images 0\.\.5\)"),
+    ("tensor", 8, r"shard 1, images 6\.\.11 \(not its first image, 6\)"),
+    ("batches", 8, r"shard 1, images 6\.\.11 \(not its first image, 6\)"),
+    ("dataset", 12, r"image 12 \(the first of shard 2, images 12\.\.17\)")],  # (a dataset: first images only)
+    ids=["tensor", "dataset", "batches", "tensor-one-image", "batches-one-image", "dataset-first-image"])
+def test_a_resume_with_other_images_of_the_same_count_is_refused_and_changes_nothing(setup, reference, tmp_path,
+                                                                                      kind, change, where):
+    """The resume checked the number of images, not which: other images of the same count were
+    captured into the missing shards beside the finished ones, silently mixing two image sets."""
+    images = setup["images"]
+    interrupt(setup, as_source(kind, images), tmp_path)  # shards 0..2 hold images 0..17
+    before = folder_bytes(tmp_path)
+    other = torch.randn(images.shape, generator=torch.Generator().manual_seed(2)) if change == "all" else \
+        changed(images, change)
+    counter = Counter(setup["model"])
+    try:
+        with pytest.raises(StoreImagesMismatch, match=rf"the images differ from those the activation store "
+                                                      rf".* holds the activations of, first at {where}; pass the "
+                                                      r"images it was extracted from.*overwrite=True") as info:
+            extract(setup["model"], LAYER, as_source(kind, other), tmp_path, **setup["ARGS"])
+    finally:
+        counter.close()
+    assert isinstance(info.value, StoreKeyMismatch) and "overwrite" not in info.value.reason
+    assert counter.n == 0 and folder_bytes(tmp_path) == before  # refused before any work or write
+    # The store still resumes with its own images, to the bytes of an uninterrupted extraction.
+    store = extract(setup["model"], LAYER, as_source(kind, images), tmp_path, **setup["ARGS"])
+    assert store.complete and shard_bytes(tmp_path) == shard_bytes(reference)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "dataset", "loader", "batches"])
+def test_a_resume_with_the_same_images_records_the_same_fingerprints(setup, reference, tmp_path, kind):
+    """Each shard records its images' fingerprint, the same whichever form fed them and whether
+    the extraction was interrupted: the resumed sidecar's shard entries equal the reference's."""
+    interrupt(setup, as_source(kind, setup["images"]), tmp_path)
+    store = extract(setup["model"], LAYER, as_source(kind, setup["images"]), tmp_path, **setup["ARGS"])
+    assert store.complete and shard_bytes(tmp_path) == shard_bytes(reference)
+    shards = json.loads((tmp_path / "store.json").read_text())["shards"]
+    assert shards == json.loads((Path(reference) / "store.json").read_text())["shards"]
+    assert all(re.fullmatch(r"crc32:[0-9a-f]{8}", e["inputs"]["first"])
+               and re.fullmatch(r"blake2b:[0-9a-f]{32}", e["inputs"]["all"]) for e in shards.values())
+    assert len({e["inputs"]["all"] for e in shards.values()}) == 7
+
+
+def test_a_store_without_image_fingerprints_still_resumes(setup, reference, tmp_path):
+    """A store written before shards recorded their images' fingerprint resumes as before (its
+    shards are not compared); the shards it gets then are, and guard it from then on."""
+    images = setup["images"]
+    interrupt(setup, images, tmp_path)
+    meta = json.loads((tmp_path / "store.json").read_text())
+    for entry in meta["shards"].values():
+        del entry["inputs"]
+    (tmp_path / "store.json").write_text(json.dumps(meta))
+    store = extract(setup["model"], LAYER, images, tmp_path, **setup["ARGS"])
+    assert store.complete and shard_bytes(tmp_path) == shard_bytes(reference)
+    shards = json.loads((tmp_path / "store.json").read_text())["shards"]
+    assert [k for k, e in sorted(shards.items()) if "inputs" in e] == ["3", "4", "5", "6"]
+    before = folder_bytes(tmp_path)
+    with pytest.raises(StoreImagesMismatch, match=r"first at image 18 \(the first of shard 3, images 18\.\.23\)"):
+        extract(setup["model"], LAYER, changed(images, 0, 18), tmp_path, **setup["ARGS"])
+    assert folder_bytes(tmp_path) == before
+
+
+def test_other_images_and_overwrite(setup, reference, tmp_path):
+    """overwrite=True replaces a store of other images (the CLI's --overwrite): from a tensor or
+    dataset, compared before the store is kept; an iterable is compared as it is read, too late,
+    and the error says to delete the store instead."""
+    images, other = setup["images"], changed(setup["images"], 0)
+    for kind in ("tensor", "loader"):
+        path = tmp_path / kind
+        interrupt(setup, images, path)
+        if kind == "tensor":
+            store = extract(setup["model"], LAYER, other, path, overwrite=True, **setup["ARGS"])
+            np.testing.assert_array_equal(np.concatenate(list(store.chunks())),
+                                          capture(setup["model"], LAYER, other, patches=True).astype(np.float16))
+            assert store.complete and shard_bytes(path) != shard_bytes(reference)
+        else:
+            before = folder_bytes(path)
+            with pytest.raises(StoreImagesMismatch, match=r"first at image 0 .*delete the store's files in .* to "
+                                                          r"start again"):
+                extract(setup["model"], LAYER, as_source(kind, other), path, overwrite=True, **setup["ARGS"])
+            assert folder_bytes(path) == before
+
+
+def test_an_iterable_resume_writes_no_shard_before_the_finished_ones_are_compared(setup, reference, tmp_path):
+    """An iterable's finished shards are compared as their batches go past: a shard rebuilt before
+    them (here shard 1, deleted) waits to be written until they all passed."""
+    import shutil
+
+    path = tmp_path / "store"
+    shutil.copytree(reference, path)
+    (path / "shard-00001.npy").unlink()
+    before = {n: b for n, b in folder_bytes(path).items() if n != "store.json"}
+    with pytest.raises(StoreImagesMismatch, match=r"first at image 30 \(the first of shard 5, images 30\.\.35\)"):
+        extract(setup["model"], LAYER, as_source("loader", changed(setup["images"], 30)), path, **setup["ARGS"])
+    assert {n: b for n, b in folder_bytes(path).items() if n != "store.json"} == before
+    store = extract(setup["model"], LAYER, as_source("loader", setup["images"]), path, **setup["ARGS"])
+    assert store.complete and shard_bytes(path) == shard_bytes(reference)

@@ -7,6 +7,9 @@ Folder layout::
     store.json            the sidecar (key, grid, D, one entry per finished shard)
     shard-00000.npy       rows = images_in_shard * prod(grid), D columns, float16 or float32
 
+A shard's entry records a fingerprint of the images it was extracted from (``inputs``), so
+that a resume fed other images of the same count is refused rather than mixed in.
+
 Shards hold whole images in data order: shard ``k`` covers images
 ``[k * images_per_shard, min((k + 1) * images_per_shard, n_images))``. Rows are image-major,
 so in a complete store row ``r`` is image ``r // prod(grid)`` at grid position
@@ -28,8 +31,8 @@ from . import _layout
 from ._checks import check_int, is_int
 from ._io import make_folder, write_atomic
 
-__all__ = ["ActivationStore", "StoreCorrupted", "StoreIncomplete", "StoreKeyMismatch", "extract", "foreign_entries",
-           "model_fingerprint"]
+__all__ = ["ActivationStore", "StoreCorrupted", "StoreImagesMismatch", "StoreIncomplete", "StoreKeyMismatch", "extract",
+           "foreign_entries", "model_fingerprint"]
 
 SIDECAR = "store.json"
 LOCKFILE = ".lock"
@@ -58,6 +61,18 @@ class StoreKeyMismatch(ValueError):
 
     def __str__(self) -> str:
         return f"{self.reason}; {self.remedy}"
+
+
+class StoreImagesMismatch(StoreKeyMismatch):
+    """The images given to resume a store are not those its finished shards were extracted from
+    (same settings, same count, other pixels or another order). ``reason`` names the first shard
+    found to differ; nothing in the store was changed."""
+
+    def __init__(self, reason: str,
+                 remedy: str = ("pass the images it was extracted from, in the same order (a resume adds the "
+                                "missing ones); or use another folder, or extract(..., overwrite=True) to start "
+                                "again from these images")):
+        super().__init__(reason, remedy)
 
 
 def _shard_name(k: int) -> str:
@@ -189,6 +204,8 @@ def _missing_fields(meta: dict) -> list:
         if "file" in have and not (isinstance(have["file"], str) and have["file"]
                                    and os.path.basename(have["file"]) == have["file"]):
             missing.append(f"shards.{k}.file (a file name in the store's folder)")
+        if "inputs" in have and not _valid_inputs(have["inputs"]):
+            missing.append(f"shards.{k}.inputs (an object with the digests 'first' and 'all' of its images)")
     if shards and "n_features" in meta and not (_count(meta["n_features"]) and meta["n_features"] >= 1):
         missing.append("n_features (an integer >= 1 once the store has shards)")
     if "version" in meta and not _count(meta["version"]):
@@ -239,6 +256,12 @@ def _inconsistent_shards(meta: dict) -> list:
             out.append(f"shards.{name}.rows ({(end - first) * ppi}: {end - first} images x {ppi} grid positions, "
                        f"got {entry['rows']})")
     return out
+
+
+def _valid_inputs(value) -> bool:
+    """A shard's ``inputs`` entry as :func:`_inputs_entry` writes it."""
+    return (isinstance(value, dict) and set(value) == {"first", "all"}
+            and all(isinstance(v, str) and ":" in v for v in value.values()))
 
 
 def _count(value) -> bool:
@@ -483,6 +506,184 @@ class ActivationStore:
 # Writing
 
 
+# Fingerprints of the images. Each image fed to the model gets a CRC-32 of its dtype, shape and
+# bytes, and a shard records the first image's tag and a BLAKE2b of all its tags (``inputs``).
+# It is taken from the batches as they are fed (no image is read for it), and zlib's CRC-32 runs
+# at several GB/s, four times BLAKE2b, so it keeps pace with a GPU's extraction; it is a check
+# against other images given by mistake, not against tampering. On resume the finished shards
+# are compared where that costs no second read of the images: a tensor or array is in memory (all
+# their images are compared), an iterable is read in full anyway (its finished batches are
+# compared on their way past), a map-style dataset loads one image per finished shard (its first).
+# File names, sizes and mtimes would serve only image files, and a tensor has none.
+
+
+def _image_tags(images) -> Optional[list]:
+    """One CRC-32 per image of the batch ``images`` (a tensor or numpy array ``(n, ...)``), over its
+    dtype, its shape and its bytes as the model is fed them; None when they cannot be read as
+    numbers (capture refuses such a batch itself)."""
+    import torch
+
+    try:
+        if torch.is_tensor(images):
+            t = images.detach().to("cpu").contiguous()
+            name, shape = str(t.dtype).replace("torch.", ""), tuple(t.shape)
+            raw = t.reshape(shape[0], -1).view(torch.uint8).numpy()
+        elif isinstance(images, np.ndarray) and images.dtype.kind in "biufc":
+            a = np.ascontiguousarray(images)
+            name, shape = a.dtype.name, a.shape
+            raw = a.reshape(shape[0], -1).view(np.uint8)
+        else:
+            return None
+    except (RuntimeError, TypeError, ValueError, IndexError):  # a 0-d batch, a dtype without bytes
+        return None
+    seed = zlib.crc32(f"{name}|{shape[1:]}|".encode())
+    return [zlib.crc32(row, seed) for row in raw]
+
+
+def _inputs_entry(tags) -> Optional[dict]:
+    """A shard's ``inputs`` from the tags of its images in order (None when one is unknown)."""
+    if tags is None or not len(tags) or any(t is None for t in tags):
+        return None
+    everything = hashlib.blake2b(np.asarray(tags, dtype="<u4").tobytes(), digest_size=16)
+    return {"first": f"crc32:{tags[0]:08x}", "all": "blake2b:" + everything.hexdigest()}
+
+
+def _image_of_item(item):
+    """The image of one item of a map-style dataset (as capture's batches read it)."""
+    from .capture import _split_item
+
+    return item if isinstance(item, np.ndarray) else _split_item(item)[0]
+
+
+def _compare_inputs(path: str, k: int, entry: dict, found: Optional[dict], first_only: bool = False,
+                    remedy: Optional[str] = None) -> None:
+    """A :class:`StoreImagesMismatch` when the images found for finished shard ``k`` are not those
+    its ``entry`` was extracted from (nothing to compare when either side is unknown)."""
+    stored = entry.get("inputs")
+    if stored is None or found is None:
+        return
+    first, end = entry["images"]
+    if found["first"] != stored["first"]:
+        where = f"image {first} (the first of shard {k}, images {first}..{end - 1})"
+    elif not first_only and found["all"] != stored["all"]:
+        where = f"shard {k}, images {first}..{end - 1} (not its first image, {first})"
+    else:
+        return
+    reason = f"the images differ from those the activation store {path} holds the activations of, first at {where}"
+    raise StoreImagesMismatch(reason) if remedy is None else StoreImagesMismatch(reason, remedy)
+
+
+def _check_finished_images(store: "ActivationStore", data, in_memory: bool, is_map: bool) -> None:
+    """Compares the images of ``store``'s finished shards with ``data``'s: all of them when ``data``
+    is in memory, the first of each shard for a map-style dataset (an iterable: as it is read)."""
+    for k, entry in store._shards:
+        if "inputs" not in entry:  # (a shard of an older edpairs: not fingerprinted)
+            continue
+        first, end = entry["images"]
+        if in_memory:
+            _compare_inputs(store.path, k, entry, _inputs_entry(_image_tags(data[first:end])))
+        elif is_map:
+            try:
+                found = _inputs_entry(_image_tags(_image_of_item(data[first])[None]))
+            except Exception:  # (an item capture cannot read: it names the problem itself)
+                found = None
+            _compare_inputs(store.path, k, entry, found, first_only=True)
+
+
+class _InputTags:
+    """The tags of the images an extraction feeds the model, gathered per shard for the shards it
+    writes (``done``: shard -> ``inputs``), and compared on the way past with the finished shards
+    in ``check`` (shard -> its sidecar entry) once all their images went by."""
+
+    def __init__(self, path: str, ips: int, n_known: Optional[int], needed: Callable[[int], bool], check: dict,
+                 remedy: Optional[str] = None):
+        self.path, self.ips, self.n_known, self.needed, self.remedy = path, ips, n_known, needed, remedy
+        self.check = dict(check)
+        self.tags: dict = {}  # shard -> {image: tag or None}
+        self.done: dict = {}
+
+    def _size(self, k: int) -> int:
+        if k in self.check:
+            first, end = self.check[k]["images"]
+            return end - first
+        return self.ips if self.n_known is None else min(self.ips, self.n_known - k * self.ips)
+
+    def add(self, start: int, n: int, tags: Optional[list]) -> None:
+        """Images ``start .. start + n - 1`` were fed, with these tags (None: unknown)."""
+        for i in range(n):
+            k = (start + i) // self.ips
+            if k in self.check or self.needed(k):
+                seen = self.tags.setdefault(k, {})
+                seen[start + i] = None if tags is None else tags[i]
+                if len(seen) == self._size(k):
+                    self._close(k)
+
+    def end(self, n_seen: int) -> None:
+        """The data ended after ``n_seen`` images: the last shard of data of unknown length is whole."""
+        k = (n_seen - 1) // self.ips
+        if n_seen and k in self.tags and k not in self.check and len(self.tags[k]) == n_seen - k * self.ips:
+            self._close(k)
+
+    def _close(self, k: int) -> None:
+        seen = self.tags.pop(k)
+        found = _inputs_entry([seen[i] for i in sorted(seen)])
+        if k in self.check:
+            _compare_inputs(self.path, k, self.check.pop(k), found, remedy=self.remedy)
+        elif found is not None:
+            self.done[k] = found
+
+
+def _tagged_dataset(dataset, tags: _InputTags):
+    """``dataset`` (map-style) with the image of each item it gives tagged on the way."""
+    from torch.utils.data import Dataset
+
+    class Tagged(Dataset):
+        def __len__(self):
+            return len(dataset)
+
+        def __getitem__(self, i):
+            item = dataset[i]
+            if tags.needed(i // tags.ips):
+                try:
+                    image = _image_of_item(item)
+                    found = _image_tags(image[None])
+                except Exception:  # (an item capture cannot read: it names the problem itself)
+                    found = None
+                tags.add(i, 1, found)
+            return item
+
+    return Tagged()
+
+
+def _tagged_batches(batches, tags: _InputTags):
+    """The iterable of batches ``batches`` with each batch's images tagged on the way (finished
+    shards are compared as their batches go past, before any shard is written)."""
+    from .capture import _split_item
+
+    s = 0
+    for item in batches:
+        try:
+            images = item if isinstance(item, np.ndarray) else _split_item(item)[0]
+            n = int(images.shape[0])
+        except Exception:  # (capture refuses the batch and says why)
+            yield item
+            return
+        tags.add(s, n, _image_tags(images))
+        s += n
+        yield item
+    tags.end(s)
+
+
+def _counted(acts, bar):
+    """The activations of ``acts``, counted on ``bar`` (closed when they end or are left)."""
+    try:
+        for act in acts:
+            bar.update(len(act.index))
+            yield act
+    finally:
+        bar.close()
+
+
 def _differences(old: dict, new: dict, prefix: str = "") -> list:
     out = []
     for k in sorted(set(old) | set(new)):
@@ -563,6 +764,13 @@ def extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtype
     other iterables are read but their other batches skipped before the model
     (``batch_size`` defaults to the first run's, else 32). A different key raises
     :class:`StoreKeyMismatch` naming what differs (``overwrite=True`` replaces the store).
+    Other images with the same key raise :class:`StoreImagesMismatch` (``overwrite=True``
+    replaces the store) naming the first finished shard whose images differ, before anything
+    is written: each shard records a fingerprint of its images, taken as they are fed, and a
+    tensor's images are all compared, a map-style dataset's first image of each finished
+    shard, an iterable's finished batches as they go past (too late for ``overwrite=True`` to
+    replace the store; a complete store is returned without reading an iterable). Shards
+    written by an edpairs without fingerprints are not compared.
     Shard boundaries depend only on image indices, and batches are cut at multiples of
     ``batch_size``, so an interrupted and resumed extraction writes the same bytes as an
     uninterrupted one with the same ``batch_size``. Every shard is written to a temporary
@@ -589,7 +797,8 @@ def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtyp
             verify: bool = True, on_shard: Optional[Callable[[int, str], None]] = None) -> ActivationStore:
     import torch
 
-    from .capture import iter_activations, n_images_of
+    from ._progress import Progress
+    from .capture import _is_map_dataset, iter_activations, n_images_of
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
@@ -641,6 +850,17 @@ def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtyp
             raise StoreKeyMismatch(f"{path} holds .npy files but no {SIDECAR}",
                                    "use an empty folder or overwrite=True")
         _clear(path)
+    # The finished shards' images, where that needs no second read of them (see _image_tags), before
+    # anything in the folder is touched: a refused resume leaves the store as it was.
+    in_memory, is_map = torch.is_tensor(data) or isinstance(data, np.ndarray), _is_map_dataset(data)
+    if meta is not None:
+        try:
+            _check_finished_images(ActivationStore(path, verify=verify, allow_partial=True), data, in_memory, is_map)
+        except StoreImagesMismatch:
+            if not overwrite:
+                raise
+            meta = None  # (a store of other images is replaced, as one of other settings)
+            _clear(path)
     if batch_size is None:  # a resumed extraction cuts the same batches as the first run
         batch_size = int(meta.get("batch_size") or 32) if meta is not None else 32
     batch_size = int(batch_size)
@@ -682,6 +902,16 @@ def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtyp
     def wanted(s: int, e: int) -> bool:
         return any(needed(k) for k in range(s // ips, (e - 1) // ips + 1))
 
+    # The images' tags: a tensor's are taken from it when a shard is written; a dataset's and an
+    # iterable's as they are fed (an iterable's finished shards compared on the way past).
+    # An iterable's images are compared after the store was kept: overwrite=True cannot replace it then.
+    late = (f"pass the images it was extracted from, in the same order; or use another folder, or delete the store's "
+            f"files in {path} to start again from these images (an iterable's images are compared as they are "
+            "read, after the store was kept)") if overwrite else None
+    tags = _InputTags(path, ips, n_known, needed, {} if in_memory or is_map else
+                      {k: e for k, e in finished.items() if "inputs" in e}, late)
+    feed = data if in_memory else _tagged_dataset(data, tags) if is_map else _tagged_batches(data, tags)
+
     f16_max = float(np.finfo(np.float16).max)
     buffers: dict = {}  # shard -> [rows array, images filled]
     seen = [0]
@@ -689,17 +919,32 @@ def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtyp
     def flush(k: int, n_images_in_shard: int) -> None:
         arr = buffers.pop(k)[0][:n_images_in_shard * ppi]
         name = _shard_name(k)
+        first, end = k * ips, k * ips + n_images_in_shard
+        inputs = _inputs_entry(_image_tags(data[first:end])) if in_memory else tags.done.pop(k, None)
         checksum, nbytes = _write_shard_atomic(os.path.join(path, name), arr)
-        meta["shards"][str(k)] = {"file": name, "rows": int(arr.shape[0]),
-                                  "images": [k * ips, k * ips + n_images_in_shard], "checksum": checksum,
-                                  "bytes": int(nbytes)}
+        entry = {"file": name, "rows": int(arr.shape[0]), "images": [first, end], "checksum": checksum,
+                 "bytes": int(nbytes)}
+        if inputs is not None:
+            entry["inputs"] = inputs
+        meta["shards"][str(k)] = entry
         _write_json_atomic(sidecar, meta)
         if on_shard is not None:
             on_shard(k, os.path.join(path, name))
 
+    # Whole shards wait to be written while finished shards after them are still to be compared
+    # (an iterable resumed over a rebuilt shard): a refused resume writes nothing.
+    whole: list = []
+
+    def flush_whole() -> None:
+        while whole and not tags.check:
+            flush(*whole.pop(0))
+
     ppi = None
-    for act in iter_activations(model, layer, data, layout=layout, batch_size=batch_size, autocast=autocast,
-                                device=device, dtype=torch.float32, progress=progress, _wanted=wanted, _seen=seen):
+    # (the bar is drawn here: the tagged iterable no longer tells iter_activations its length)
+    bar = Progress(total=n_expected, desc=f"capture {layer}", enabled=progress, unit=" images")
+    acts = iter_activations(model, layer, feed, layout=layout, batch_size=batch_size, autocast=autocast, device=device,
+                            dtype=torch.float32, progress=False, _wanted=wanted, _seen=seen)
+    for act in _counted(acts, bar):
         values = act.values
         grid = tuple(int(g) for g in values.shape[1:-1])
         d = int(values.shape[-1])
@@ -737,12 +982,17 @@ def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtyp
             buf[1] += hi - lo
             full = ips if n_known is None else min(ips, n_known - k * ips)
             if buf[1] == full:
-                flush(k, full)
+                whole.append((k, full))
+        flush_whole()
     n_seen = seen[0]
     if n_seen == 0:
         raise ValueError("data held no images")
     if n_known is not None and n_seen != n_known:
         raise ValueError(f"data yielded {n_seen} images, expected {n_known}; it must yield the same images on every run")
+    if tags.check:
+        raise ValueError(f"data ended after {n_seen} images, before the images of the finished shards "
+                         f"{sorted(tags.check)}; it must yield the same images on every run")
+    flush_whole()
     n_shards = -(-n_seen // ips)
     for k in sorted(buffers):  # the last, partial shard of an iterable of unknown length
         filled = buffers[k][1]
