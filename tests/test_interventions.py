@@ -635,6 +635,106 @@ def test_number_targets_beyond_a_half_precision_range_are_refused():
     assert torch.isfinite(set_value(x.to(torch.bfloat16), pairs, {0: 1e5})).all()
 
 
+def _overflowing_edits():
+    """Edits of 16-bit activations whose targets and scales fit the dtype but whose results do
+    not: (case, activations, edit). Concept 0 of the near-max case reads its direction with gain
+    1/2, so target 33000 (< 65504) moves channel 0 from 65000 to 66000."""
+    rng = np.random.default_rng(36)
+    random_pairs = _random_pairs(6, 3, seed=35)
+    X = rng.standard_normal((5, 6)).astype(np.float32)
+    near_max = X.copy()
+    near_max[[1, 3], 0] = 65000.0
+    half_gain = _pairs(np.eye(6)[:2] / 2, np.eye(6)[:2], np.zeros(6))
+    one_hot = _pairs(np.eye(6)[:2], np.eye(6)[:2], np.zeros(6))
+    return {
+        "float16 large scale": (torch.from_numpy(X).half(),
+                                lambda a: remove(a, random_pairs, [0], gate=False, scale=-2e5)),
+        "numpy float16 large scale": (X.astype(np.float16),
+                                      lambda a: remove(a, random_pairs, [0], gate=False, scale=-2e5)),
+        "float16 near the maximum": (torch.from_numpy(near_max).half(),
+                                     lambda a: set_value(a, half_gain, {0: 33000.0})),
+        "bfloat16 large scale": (torch.from_numpy(X).bfloat16(),
+                                 lambda a: remove(a, one_hot, [0], gate=False, scale=3.4e38)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_overflowing_edits()))
+def test_half_precision_edits_beyond_the_dtype_range_are_refused(case):
+    """An edit whose target fits float16 but whose result does not (a large removal scale, a
+    shift of a value already near 65504) was cast back to +-Inf without a word, and the layers
+    after it turned it into NaN logits. The same edit of float32 / float64 activations holds."""
+    x, edit = _overflowing_edits()[case]
+    full = edit(x.astype(np.float32) if isinstance(x, np.ndarray) else x.float())  # the float32 edit
+    full = torch.as_tensor(full)
+    beyond = torch.isinf(full.to(torch.bfloat16 if "bfloat16" in case else torch.float16))
+    count, positions = int(beyond.sum()), int(beyond.any(1).sum())
+    largest = f"{full.abs().max().item():.4g}".replace("+", r"\+")
+    dtype = {"numpy float16 large scale": "float16", "bfloat16 large scale": "torch.bfloat16"}.get(case,
+                                                                                                  "torch.float16")
+    limit = r"3.3895e\+38" if "bfloat16" in case else "65504"
+    assert count > 0
+    with pytest.raises(ValueError, match=rf"the edited activations must fit their dtype {dtype} \(\|v\| <= {limit}\), "
+                                         rf"but {count} edited value\(s\), at {positions} of 5 positions, lie beyond "
+                                         rf"it \(largest magnitude {largest}\).*Run the model \(or at least this "
+                                         rf"layer\) in float32, or use a smaller edit"):
+        edit(x)
+    for dt in (np.float32, np.float64) if isinstance(x, np.ndarray) else (torch.float32, torch.float64):
+        wide = x.astype(dt) if isinstance(x, np.ndarray) else x.to(dt)
+        out = edit(wide)
+        assert out.dtype == wide.dtype
+        assert np.isfinite(np.asarray(out, dtype=np.float64)).all()
+        assert np.abs(np.asarray(out, dtype=np.float64)).max() > 65504
+
+
+def test_half_precision_edits_in_range_and_non_finite_inputs_are_left_alone():
+    """The check changes nothing for an edit that fits (bit-identical to the float32 edit cast
+    back), and positions whose input already held Inf / NaN are not blamed on the edit: they
+    come out non-finite as they would in float32, and only positions the edit pushed beyond the
+    range are counted."""
+    pairs = _random_pairs(6, 3, seed=37)
+    X = torch.from_numpy(np.random.default_rng(38).standard_normal((6, 6)).astype(np.float32)).half()
+    X[2, 4], X[4, 1] = float("inf"), float("nan")
+    for edit in (lambda a: remove(a, pairs, [0, 2]), lambda a: remove(a, pairs, [1], gate=False, scale=40.0),
+                 lambda a: set_value(a, pairs, {1: 300.0, 2: -2.0}), lambda a: remove_joint(a, pairs, [0, 1])):
+        for x in (X, X.numpy()):
+            with np.errstate(invalid="ignore", over="ignore"):  # numpy warns about the Inf / NaN inputs
+                out = edit(x)
+                expected = edit(x.astype(np.float32) if isinstance(x, np.ndarray) else x.float())
+            expected = expected.astype(np.float16) if isinstance(x, np.ndarray) else expected.half()
+            assert out.dtype == x.dtype
+            assert torch.equal(torch.as_tensor(out).view(torch.int16), torch.as_tensor(expected).view(torch.int16))
+            assert not torch.isfinite(torch.as_tensor(out)[[2, 4]]).any()  # the edit mixes a position's channels
+    # An overflow at positions 0 and 5 (3 channels each) is counted there; positions 2 and 4, which
+    # held Inf / NaN already and come out NaN, are not.
+    X[0, :] = X[5, :] = 60000.0
+    for x in (X, X.numpy()):
+        with np.errstate(invalid="ignore"), pytest.raises(
+                ValueError, match=r"but 6 edited value\(s\), at 2 of 6 positions, lie beyond it \(largest magnitude "
+                                  r"6.914e\+04\)"):
+            remove(x, pairs, [0], gate=False, scale=-2e4)
+
+
+def test_intervene_in_half_precision_refuses_an_edit_beyond_the_range(net):
+    """The hook path: a float16 model edited beyond 65504 gave NaN logits without an error."""
+    pairs = _random_pairs(6, 3, seed=15)
+    x = torch.randn(2, 3, 8, 8)
+    half = net.half()
+    with torch.no_grad():
+        clean = half(x.half())
+        with pytest.raises(ValueError, match=r"intervene at layer 'features.2': the edited activations must fit "
+                                             r"their dtype torch.float16 \(\|v\| <= 65504\), but \d+ edited "
+                                             r"value\(s\), at \d+ of 128 positions, lie beyond it"):
+            with intervene(half, "features.2", pairs, remove=[1], gate=False, scale=1e5):
+                half(x.half())
+        assert not half.features[2]._forward_hooks
+        with intervene(half, "features.2", pairs, remove=[1], gate=False, scale=10.0) as iv:  # in range: edited
+            edited = half(x.half())
+        assert iv.calls == 1 and torch.isfinite(edited).all() and not torch.equal(edited, clean)
+        wide = net.float()
+        with intervene(wide, "features.2", pairs, remove=[1], gate=False, scale=1e5):
+            assert torch.isfinite(wide(x)).all()  # the same edit in float32
+
+
 @pytest.mark.parametrize("flag", ["gate", "relu"])
 def test_switches_must_be_true_or_false(net, flag):
     """gate="no" and relu="no" are truthy: the edit ran with both switched on."""

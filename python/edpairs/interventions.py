@@ -30,9 +30,11 @@ removed once, and a joint ``set`` reaches the targets in the least-squares sense
 
 Edits compute in float32 (float64 for float64 input) on the array's device, also inside an
 autocast region; float16 / bfloat16 inputs are upcast internally and the result cast back;
-torch edits are differentiable. The functions read the last axis as channels unless ``layout``
-is given; the hook infers the layout from the output's rank (4-D "nchw", 3-D "nlc", 2-D "nc")
-and edits the first element of a tuple output.
+an edit whose values would not fit that dtype (float16 ends at 65504) is refused with a
+ValueError rather than returned as Inf (positions whose input was already NaN / Inf are not
+checked); torch edits are differentiable. The functions read the last axis as channels unless
+``layout`` is given; the hook infers the layout from the output's rank (4-D "nchw", 3-D "nlc",
+2-D "nc") and edits the first element of a tuple output.
 
 Example::
 
@@ -72,6 +74,8 @@ __all__ = ["Intervention", "intervene", "remove", "remove_joint", "set_value"]
 _PINV_RCOND = 1e-6
 _VALUES_CACHED = 64  # uploaded scale / target vectors kept per converted pairs
 _FLOAT32_MAX = float(np.finfo(np.float32).max)  # edits compute in float32: beyond it, Inf
+# The largest finite values of the 16-bit dtypes an edit is cast back to (by str(dtype)).
+_HALF_MAX = {"torch.float16": 65504.0, "float16": 65504.0, "torch.bfloat16": (2 - 2 ** -7) * 2.0 ** 127}
 
 
 # ---- the pairs, converted once per device and dtype --------------------------------------
@@ -231,7 +235,8 @@ class _Lib:
     def cast(self, x, dtype):
         if self.name == "torch":
             return x.to(dtype)
-        return x.astype(dtype, copy=False)
+        with np.errstate(over="ignore"):  # an overflow to float16 is refused by _check_cast_back
+            return x.astype(dtype, copy=False)
 
     def sigmoid(self, z):
         if self.name == "torch":
@@ -498,18 +503,60 @@ def _edit(x, pairs, *, remove=(), gate=True, scale=None, joint=False, targets=No
             stats["positions"] = int(rows.shape[0])
             shift = rows - rows_in
             stats["mean_shift"] = _detached(((shift * shift).sum(1) ** 0.5).mean())
-        out = lib.cast(rows, x.dtype).reshape(tuple(cl.shape))
+        out = lib.cast(rows, x.dtype)
+        _check_cast_back(out, rows, rows_in, lib)
+        out = out.reshape(tuple(cl.shape))
     if layout is not None:
         out = from_channel_last(out, layout)
     return lib.restore_memory_format(out, x)
 
 
+def _check_cast_back(out, rows, rows_in, lib) -> None:
+    """Refuses an edit whose values lie beyond the finite range of the 16-bit dtype it was cast
+    back to (``out``: (P, D) in float16 / bfloat16; ``rows``: the same edit in the compute dtype;
+    ``rows_in``: the input there): the cast gives +-Inf, which the layers after the edit would
+    turn into NaN logits without an error. A target that fits the dtype can still get there, e.g.
+    a large removal scale, or a shift added to a value already near 65504.
+
+    Positions (rows) whose input already held NaN or Inf are not checked: the edit mixes a
+    position's channels, so such a row comes out NaN / Inf whatever the dtype (as in float32,
+    where nothing is checked); only values the edit made non-finite are refused.
+
+    Cost: one reduction over ``out`` and a wait for its result (on a GPU, a synchronisation),
+    for 16-bit dtypes only; the details are computed only when it finds a non-finite value.
+    Skipped while a CUDA graph is being captured, where no result can be waited for."""
+    limit = _HALF_MAX.get(str(out.dtype))
+    if limit is None:
+        return
+    xp = lib.torch if lib.name == "torch" else np
+    if lib.name == "torch" and out.is_cuda and xp.cuda.is_current_stream_capturing():
+        return
+    if bool(xp.isfinite(out).all()):
+        return
+    rows, rows_in = _detached(rows), _detached(rows_in)
+    made = ~xp.isfinite(out) & xp.isfinite(rows_in).all(1)[:, None]  # (P, D) non-finite because of the edit
+    count = int(made.sum())
+    if count == 0:
+        return
+    positions = int(made.any(1).sum())
+    magnitudes = xp.abs(rows[made])
+    magnitudes = magnitudes[~xp.isnan(magnitudes)]
+    largest = f"{float(magnitudes.max()):.4g}" if len(magnitudes) else "NaN"
+    if largest in ("inf", "NaN"):
+        largest += f" (the edit overflowed the {rows.dtype} computation itself)"
+    raise ValueError(
+        f"the edited activations must fit their dtype {out.dtype} (|v| <= {limit:.5g}), but {count} edited "
+        f"value(s), at {positions} of {int(out.shape[0])} positions, lie beyond it (largest magnitude {largest}); "
+        f"cast back to {out.dtype} they would be Inf and turn the layers after the edit into NaN. Run the model "
+        f"(or at least this layer) in float32, or use a smaller edit (removal scale or target)")
+
+
 def _check_fits(fixed, concepts, x) -> None:
     """Number targets must fit the activations' dtype (float16 tops at 65504): the edit is cast
     back to it and would hold Inf."""
-    if str(x.dtype) not in ("torch.float16", "torch.bfloat16", "float16"):
+    largest = _HALF_MAX.get(str(x.dtype))
+    if largest is None:
         return
-    largest = float(np.finfo(np.float16).max) if str(x.dtype) != "torch.bfloat16" else 3.3895e38
     for c, f in zip(concepts, fixed):
         if f is not None and abs(f) > largest:
             raise ValueError(f"set: the target {f!r} of concept {c} is beyond the range of the activations' dtype "
