@@ -353,15 +353,28 @@ __device__ __forceinline__ void sums_summer(const WgmmaAssignParams& p, const in
                          lane);
     if (j + 2 < tiles) named_arrive(kBarEmpty + b, kSumsThreads);  // buffer b free for tile j + 2
     if ((j + 1) % kFoldTiles == 0 || j + 1 == tiles) {
-      // Fold the warp's own columns into the block's float64 partial and start a new float32 run.
+      // Fold the warp's own columns into the block's float64 partial and start a new float32 run;
+      // kFoldLoads partial entries are read before any is added to (one read-modify-write in
+      // flight at a time kept the labellers waiting on a latency per entry).
+      constexpr int kFoldLoads = 8;
       for (int sl = warp; sl < slices; sl += kSumWarps) {
         for (int e = 0; e < kE; ++e) {
           const int c = sl * 32 * kE + lane * kE + e;
           if (c >= p.d) continue;
-          for (int l = 0; l < p.k; ++l) {
-            float& v = sums_s[static_cast<int64_t>(l) * p.d + c];
-            part[static_cast<int64_t>(l) * p.d + c] += static_cast<double>(v);
-            v = 0.f;
+          for (int l0 = 0; l0 < p.k; l0 += kFoldLoads) {
+            double old[kFoldLoads];
+#pragma unroll
+            for (int u = 0; u < kFoldLoads; ++u) {
+              old[u] = l0 + u < p.k ? part[static_cast<int64_t>(l0 + u) * p.d + c] : 0.0;
+            }
+#pragma unroll
+            for (int u = 0; u < kFoldLoads; ++u) {
+              if (l0 + u < p.k) {
+                float& v = sums_s[static_cast<int64_t>(l0 + u) * p.d + c];
+                part[static_cast<int64_t>(l0 + u) * p.d + c] = old[u] + static_cast<double>(v);
+                v = 0.f;
+              }
+            }
           }
         }
       }

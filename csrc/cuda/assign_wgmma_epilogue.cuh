@@ -19,28 +19,41 @@ namespace cuda_detail {
 // thread's warp): s_j (dot - o_j) over the thread's own columns in increasing order (strict '>'
 // keeps the first maximum), then the 4 lanes of the quad with the tie rule. Waits for the
 // warpgroup's wgmma batches first (wgmma_wait<0>, fence_accumulators): acc is final then.
+// s_j and o_j of kFoldCols of the thread's columns are loaded together (col_s and col_o hold
+// k_pad entries: no bounds test), and the columns past k are left out by a select, not a
+// branch: with the loads behind the test, each column's pair waited for the previous one's
+// (one latency per column and tile; nvdisasm, tools/load_use.py).
 template <int N>
 __device__ __forceinline__ void fold_tile(float (&acc)[N / 2], const WgmmaAssignParams& p, int j0,
                                           int t, float (&run_val)[2], int (&run_idx)[2]) {
+  constexpr int kFoldJ = N / 8 < 4 ? N / 8 : 4;  // groups of 8 columns per batch of loads: 8 columns a thread
   wgmma_wait<0>();
   fence_accumulators(acc);
   float bv[2] = {-INFINITY, -INFINITY};
   int bi[2] = {INT_MAX, INT_MAX};
 #pragma unroll
-  for (int j = 0; j < N / 8; ++j) {
+  for (int jb = 0; jb < N / 8; jb += kFoldJ) {
+    float sj[kFoldJ][2], oj[kFoldJ][2];
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int col = j0 + 8 * j + 2 * t + e;  // < k_pad
-      if (col < p.k) {
-        const float sj = p.col_s[col];
-        const float oj = p.col_o[col];
+    for (int j = 0; j < kFoldJ; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = j0 + 8 * (jb + j) + 2 * t + e;  // < k_pad
+        sj[j][e] = p.col_s[col];
+        oj[j][e] = p.col_o[col];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kFoldJ; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = j0 + 8 * (jb + j) + 2 * t + e;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float v = sj * (acc[4 * j + 2 * h + e] - oj);
-          if (v > bv[h]) {
-            bv[h] = v;
-            bi[h] = col;
-          }
+          const float v = sj[j][e] * (acc[4 * (jb + j) + 2 * h + e] - oj[j][e]);
+          const bool take = col < p.k && v > bv[h];
+          bv[h] = take ? v : bv[h];
+          bi[h] = take ? col : bi[h];
         }
       }
     }
