@@ -134,7 +134,8 @@ argmax_rows_kernel(const float* __restrict__ scores, const float* __restrict__ c
 // columns; each thread walks its rows, reading its 4 elements (16 bytes for float32: coalesced
 // across the warp), writing the 4 centred floats (one 16-byte store where out's rows allow; with
 // a float16 out, the 4 values times their power-of-two scales, one 8-byte store) and summing the
-// float32 values in float64, then adds its 4 sums to colsum (kCentreRows rows per atomic) and,
+// float32 values in float64 (the loads of kCentreAhead rows issued first), then adds its 4 sums
+// to colsum (kCentreRows rows per atomic) and,
 // with colmax, its 4 largest |scaled values| (an atomicMax on their bits each).
 constexpr int kCentreThreads = 128;
 constexpr int kCentreRows = 128;
@@ -153,6 +154,28 @@ __device__ __forceinline__ void store4(__half* o, const float (&v)[4], const flo
 __device__ __forceinline__ void store1(float* o, float v, float) { *o = v; }
 __device__ __forceinline__ void store1(__half* o, float v, float k) { *o = __float2half_rn(v * k); }
 
+// A thread's 4 elements of a row as loaded (one 16-byte load for float32 in the aligned case).
+template <class T>
+struct Four {
+  T v[4];
+};
+template <class T>
+__device__ __forceinline__ Four<T> load4(const T* xr) {
+  Four<T> q;
+  if constexpr (std::is_same<T, float>::value) {
+    const float4 f = *reinterpret_cast<const float4*>(xr);
+    q.v[0] = f.x, q.v[1] = f.y, q.v[2] = f.z, q.v[3] = f.w;
+  } else {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) q.v[u] = xr[u];
+  }
+  return q;
+}
+
+// Rows whose loads a thread of the aligned kernel issues before it uses any (a load's value used
+// right behind it made each row wait for the previous one's: tools/load_use.py).
+constexpr int kCentreAhead = 4;
+
 template <class T, class OutT, bool kVec>
 __global__ void __launch_bounds__(kCentreThreads)
 centre_rows_kernel(const T* __restrict__ x, const int64_t x_stride, const int64_t rows, const int d,
@@ -170,32 +193,41 @@ centre_rows_kernel(const T* __restrict__ x, const int64_t x_stride, const int64_
     s[u] = c0 + u < d ? shift[c0 + u] : 0.f;
     k[u] = scale != nullptr && c0 + u < d ? scale[c0 + u] : 1.f;
   }
-#pragma unroll 4
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* xr = x + r * x_stride + c0;
-    OutT* o = out + r * d + c0;
-    float v[4];
-    if constexpr (kVec) {  // d % 4 == 0, 16-byte aligned rows of x (float32) and of out
-      if constexpr (std::is_same<T, float>::value) {
-        const float4 q = *reinterpret_cast<const float4*>(xr);
-        v[0] = q.x - s[0], v[1] = q.y - s[1], v[2] = q.z - s[2], v[3] = q.w - s[3];
-      } else {
-#pragma unroll
-        for (int u = 0; u < 4; ++u) v[u] = minus_center(xr[u], s[u]);
-      }
-      store4(o, v, k);
-    } else {
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        v[u] = c0 + u < d ? minus_center(xr[u], s[u]) : 0.f;
-        if (c0 + u < d) store1(o + u, v[u], k[u]);
-      }
-    }
+  const auto add = [&](const float (&v)[4]) {
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       acc[u] += static_cast<double>(v[u]);
       top[u] = fmaxf(top[u], fabsf(v[u] * k[u]));
     }
+  };
+  int64_t r = r0;
+  if constexpr (kVec) {  // d % 4 == 0, 16-byte aligned rows of x (float32) and of out
+    // Whole batches only: a test between a load and its use lets the compiler sink the load
+    // behind it (nvdisasm); the last rows go one by one below.
+    for (; r + kCentreAhead <= r1; r += kCentreAhead) {
+      Four<T> q[kCentreAhead];
+#pragma unroll
+      for (int a = 0; a < kCentreAhead; ++a) q[a] = load4(x + (r + a) * x_stride + c0);
+#pragma unroll
+      for (int a = 0; a < kCentreAhead; ++a) {
+        float v[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) v[u] = minus_center(q[a].v[u], s[u]);
+        store4(out + (r + a) * d + c0, v, k);
+        add(v);
+      }
+    }
+  }
+  for (; r < r1; ++r) {  // (store1 rounds as store4 does)
+    const T* xr = x + r * x_stride + c0;
+    OutT* o = out + r * d + c0;
+    float v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      v[u] = c0 + u < d ? minus_center(xr[u], s[u]) : 0.f;
+      if (c0 + u < d) store1(o + u, v[u], k[u]);
+    }
+    add(v);
   }
   if (colsum != nullptr) {
 #pragma unroll

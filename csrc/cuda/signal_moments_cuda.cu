@@ -342,6 +342,7 @@ namespace {
 
 constexpr int kMaskThreads = 256;  // concepts per block (consecutive threads: coalesced rows)
 constexpr int kMaskRows = 64;      // rows per block: one float64 atomic per concept and block
+constexpr int kMaskAhead = 8;      // rows whose loads a thread issues before it uses any
 
 __device__ __forceinline__ void put_mask(float* o, bool positive, float, float) {
   o[0] = positive ? 1.0f : 0.0f;
@@ -373,9 +374,8 @@ signal_masks_kernel(const float* __restrict__ z, const int64_t rows, const int c
     const int64_t r1 = r0 + kMaskRows < rows ? r0 + kMaskRows : rows;
     unsigned long long c = 0;
     double s = 0.0, ss = 0.0;
-#pragma unroll 8
-    for (int64_t r = r0; r < r1; ++r) {
-      const float v = shift != nullptr ? __fadd_rn(__fmul_rn(z[r * concepts + i], g), b) : z[r * concepts + i];
+    const auto add = [&](const int64_t r, const float zr) {
+      const float v = shift != nullptr ? __fadd_rn(__fmul_rn(zr, g), b) : zr;
       const bool positive = v > 0.0f;
       put_mask(out + r * width + i, positive, v, k);
       put_value(out + r * width + concepts + i, positive, v, k);
@@ -384,7 +384,18 @@ signal_masks_kernel(const float* __restrict__ z, const int64_t rows, const int c
         s += v;
         ss += static_cast<double>(v) * v;
       }
+    };
+    // Whole batches of kMaskAhead rows: their loads first, then their values (the shift's
+    // arithmetic right behind each load made every row wait for the previous one: nvdisasm).
+    int64_t r = r0;
+    for (; r + kMaskAhead <= r1; r += kMaskAhead) {
+      float zr[kMaskAhead];
+#pragma unroll
+      for (int a = 0; a < kMaskAhead; ++a) zr[a] = z[(r + a) * concepts + i];
+#pragma unroll
+      for (int a = 0; a < kMaskAhead; ++a) add(r + a, zr[a]);
     }
+    for (; r < r1; ++r) add(r, z[r * concepts + i]);
     if (c != 0) {
       atomicAdd(count + i, c);
       atomicAdd(sum_z + i, s);
