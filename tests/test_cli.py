@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -58,6 +59,31 @@ TINY = textwrap.dedent('''
     def blocks():  # a ModuleList (never runs itself) and a module the forward never calls
         torch.manual_seed(0)
         return Blocks()
+
+    class Res(torch.nn.Module):  # a skip connection around "b": no automatic head after "a"
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 8, 5, stride=4, padding=2)
+            self.a = torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.b = torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.act = torch.nn.ReLU()  # shared: runs three times per forward pass
+            self.fc = torch.nn.Linear(8, 5)
+
+        def forward(self, x):
+            s = self.act(self.stem(x))
+            h = self.b(self.act(self.a(s))) + s
+            return self.fc(self.act(h).mean((2, 3)))
+
+    def res():
+        torch.manual_seed(0)
+        return Res()
+
+    def deep():  # 20 blocks named body.0 .. body.19
+        torch.manual_seed(0)
+        body = [torch.nn.Conv2d(3, 4, 5, stride=4, padding=2)] + [torch.nn.Conv2d(4, 4, 3, padding=1)
+                                                                   for _ in range(19)]
+        return torch.nn.Sequential(torch.nn.Sequential(*body), torch.nn.AdaptiveAvgPool2d(1),
+                                   torch.nn.Flatten(), torch.nn.Linear(4, 5))
 ''')
 
 
@@ -441,7 +467,9 @@ def test_a_model_that_cannot_run_the_images_is_one_line_before_any_work(tiny, ca
     assert os.path.isdir(tiny / "dir.npz")
 
 
-def test_layers_shapes_of_a_torchscript_model_says_why_not(tiny, capsys):
+def test_layers_of_a_torchscript_model_says_why_not(tiny, capsys):
+    """layers --model model_ts.pt listed names that fit and report then refused (TorchScript
+    layers take no hooks), and --help offered "a TorchScript/.pt file"."""
     sys.path.insert(0, str(tiny))
     try:
         import tinynet
@@ -449,11 +477,14 @@ def test_layers_shapes_of_a_torchscript_model_says_why_not(tiny, capsys):
         sys.path.remove(str(tiny))
     path = str(tiny / "script.pt")
     torch.jit.script(tinynet.build()).save(path)
-    rc, _, err = _run(capsys, "layers", "--model", path, "--shapes")
-    assert rc == 2 and "TorchScript module, whose layers take no forward hooks" in err
-    assert "leave out --shapes" in err and "--size" not in err
-    rc, out, _ = _run(capsys, "layers", "--model", path)
-    assert rc == 0 and out.split() == ["0", "1", "2", "3", "4", "5", "6"]
+    for extra in ((), ("--shapes",)):
+        rc, out, err = _run(capsys, "layers", "--model", path, *extra)
+        assert rc == 2 and out == "" and "TorchScript module, whose layers take no forward hooks" in err
+        assert "torch.save" in err and "--size" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "TorchScript/.pt" not in help_text and "not TorchScript" in help_text
 
 
 def test_flags_are_named_and_checked_before_any_work(tiny, capsys, monkeypatch):
@@ -519,3 +550,285 @@ def test_16_bit_and_float_images(tiny, capsys):
     rc, _, err = _run(capsys, "fit", "--model", "tinynet:build", "--layer", "2", "--images", str(tmp_path / "F.tif"),
                       "--out", str(tmp_path / "p.npz"), "--quiet")
     assert rc == 2 and "F.tif" in err and "PIL mode 'F'" in err and len(err.strip().splitlines()) == 1
+
+
+def _unwritable_folders(tmp_path) -> list:
+    """Folders where this process cannot create a file: a 0o555 folder (not as root, whom
+    permissions do not bind), and on Linux /proc and /sys, which refuse new files to root too."""
+    folders = []
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        ro = tmp_path / "readonly"
+        ro.mkdir()
+        ro.chmod(0o555)
+        folders.append(str(ro))
+    for special in ("/proc", "/sys"):
+        if not (sys.platform.startswith("linux") and os.path.isdir(special)):
+            continue
+        try:  # (for root os.access says yes; the file system still refuses)
+            open(os.path.join(special, ".edpairs-test"), "x").close()
+        except OSError:
+            folders.append(special)
+        else:  # pragma: no cover - a file system that took it
+            os.unlink(os.path.join(special, ".edpairs-test"))
+    return folders
+
+
+def _small_pairs(path, model="tinynet:build", layer="2", D=12):
+    """A pairs file as fit writes it, fitted on random rows in well under a second."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((400, D)).astype(np.float32)
+    edp.EDPairs(2, random_state=0, metadata=dict(model=model, layer=layer)).fit(X).save(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model says so (rc 2, "the model was loaded"): a check that must come before
+    any model work shows it did by never saying it."""
+    def load_model(spec):
+        raise ValueError("the model was loaded")
+
+    monkeypatch.setattr(edp.pipeline, "load_model", load_model)
+
+
+def _one_line_error(rc, err, *phrases):
+    assert rc == 2 and "the model was loaded" not in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for phrase in phrases:
+        assert phrase in err, (phrase, err)
+
+
+def test_unwritable_and_missing_output_locations_are_refused_before_any_work(tiny, capsys, no_model):
+    """An unwritable --out / --store ran the whole fit (or report, or demo) and then gave a
+    traceback (PermissionError on the temporary file); --out /proc/p.npz a message after the
+    fit; --out notes.txt/p.npz said its folder "does not exist"; report --out nodir/sub/rep
+    made nodir/sub while fit --out nodir/sub/p.npz was refused. Now every output location is
+    checked before the model is loaded: one line each."""
+    pairs_file = _small_pairs(tiny / "pairs.npz")
+    images = str(tiny / "images")
+
+    def commands(where):
+        return [("fit", "--model", "tinynet:build", "--layer", "2", "--images", images, "--out",
+                 os.path.join(where, "p.npz")),
+                ("fit", "--model", "tinynet:build", "--layer", "2", "--images", images, "--store",
+                 os.path.join(where, "acts"), "--out", str(tiny / "p.npz")),
+                ("report", "--pairs", pairs_file, "--out", os.path.join(where, "rep")),
+                ("demo", "--quick", "--out", os.path.join(where, "demo"))]
+
+    for folder in _unwritable_folders(tiny):
+        for argv in commands(folder):
+            rc, _, err = _run(capsys, *argv, "--quiet")
+            _one_line_error(rc, err, "cannot write", f"no file can be created in the folder {folder}")
+    # An existing store folder that takes no files (an immutable one, for root: simulated).
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        acts = tiny / "ro_acts"
+        acts.mkdir()
+        acts.chmod(0o555)
+        rc, _, err = _run(capsys, "fit", "--model", "tinynet:build", "--layer", "2", "--images", images,
+                          "--store", str(acts), "--out", str(tiny / "p.npz"))
+        _one_line_error(rc, err, f"no file can be created in the folder {acts}")
+
+    notes = tiny / "notes.txt"
+    notes.write_text("mine")
+    for argv in commands(str(notes)):
+        rc, _, err = _run(capsys, *argv, "--quiet")
+        _one_line_error(rc, err, f"{notes} is a file, not a folder")
+        assert "does not exist" not in err
+    for argv in commands(str(tiny / "nodir" / "sub")):
+        rc, _, err = _run(capsys, *argv, "--quiet")
+        _one_line_error(rc, err, f"its folder {tiny / 'nodir' / 'sub'} does not exist")
+    assert not os.path.exists(tiny / "nodir") and not os.path.exists(tiny / "p.npz")
+    assert notes.read_text() == "mine"
+    # The checks leave nothing behind in a folder that takes files.
+    assert set(os.listdir(tiny)) - {"__pycache__"} == {"images", "tinynet.py", "pairs.npz", "notes.txt"}
+
+
+def test_an_error_while_writing_is_one_line(tiny, capsys, monkeypatch, one_torch_thread):
+    """The folder made unwritable during the fit (or the disk full): the PermissionError of the
+    final write was a traceback; now one line naming the file, status 1."""
+    import edpairs.pairs
+
+    def refuse(path, write, **kwargs):
+        raise PermissionError(13, "Permission denied", os.path.join(os.path.dirname(path), ".p.npz.x1y2.tmp"))
+
+    monkeypatch.setattr(edpairs.pairs, "write_atomic", refuse)
+    rc, _, err = _fit(capsys, tiny, tiny / "p.npz", "--no-ura")
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert "edpairs fit: error: Permission denied: '" in err and ".p.npz.x1y2.tmp' (PermissionError)" in err
+
+
+def test_overwrite_replaces_only_a_pairs_file(tiny, capsys, no_model):
+    """fit --overwrite replaced any file: a user's np.savez arrays were lost. Now only an
+    earlier pairs file is replaced; anything else is refused before the model is loaded."""
+    userdata = tiny / "userdata.npz"
+    np.savez(userdata, x=np.arange(3), y=np.ones(2))
+    text = tiny / "text.npz"
+    text.write_text("not an archive")
+    pickled = tiny / "pickled.npz"
+    np.save(str(pickled).replace(".npz", ".npy"), np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    os.rename(str(pickled).replace(".npz", ".npy"), pickled)
+    for path, why in [(userdata, "(it holds the arrays x, y)"), (text, "(it is not a .npz archive)"),
+                      (pickled, "(it is not a .npz archive)")]:
+        before = _read(path)
+        rc, _, err = _run(capsys, "fit", "--model", "tinynet:build", "--layer", "2", "--out", str(path),
+                          "--overwrite", "--quiet")
+        _one_line_error(rc, err, "exists and is not an edpairs pairs file " + why,
+                        "--overwrite replaces only an earlier pairs file")
+        assert _read(path) == before
+    # An earlier pairs file passes the check (and the command goes on to load the model).
+    pairs_file = _small_pairs(tiny / "pairs.npz")
+    rc, _, err = _run(capsys, "fit", "--model", "tinynet:build", "--layer", "2", "--out", pairs_file,
+                      "--overwrite", "--quiet")
+    assert rc == 2 and "the model was loaded" in err
+
+    # report --pairs: the same test, in the same words (numpy's pickle advice was shown).
+    notes = tiny / "notes.txt"
+    notes.write_text("my notes")
+    for path, why in [(notes, "it is not a .npz archive"), (userdata, "it holds the arrays x, y")]:
+        rc, _, err = _run(capsys, "report", "--pairs", str(path), "--out", str(tiny / "rep"))
+        _one_line_error(rc, err, f"--pairs '{path}' is not an edpairs pairs file (the .npz that edpairs fit "
+                                 f"writes): {why}")
+        assert "pickle" not in err
+
+
+def test_a_store_goes_only_into_a_new_or_empty_folder_or_a_store(tiny, capsys, monkeypatch, no_model):
+    """fit --store wrote store.json, shards and .lock into any existing folder without
+    --overwrite: the images' folder, the current folder, a folder of someone's files. Now
+    those are refused before any work (an existing store still resumes: see
+    test_fit_refuses_a_store_of_another_model); an empty folder is fine."""
+    images = tiny / "images"
+    precious = tiny / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("mine")
+    (tiny / "empty").mkdir()
+    keep = _tree(tiny)
+    monkeypatch.chdir(tiny / "empty")
+    for store, why in [(str(precious), "--store '%s' is not an activation store (found: thesis.tex)" % precious),
+                       (str(images), "is the images' folder"), (".", "is the current folder"),
+                       (str(tiny), "holds the current folder")]:
+        rc, _, err = _run(capsys, "fit", "--model", "tinynet:build", "--layer", "2", "--images", str(images),
+                          "--store", store, "--out", str(tiny / "p.npz"), "--quiet")
+        _one_line_error(rc, err, why)
+    monkeypatch.chdir(tiny)
+    assert _tree(tiny) == keep and os.listdir(tiny / "empty") == []
+    rc, _, err = _run(capsys, "fit", "--model", "tinynet:build", "--layer", "2", "--images", str(images),
+                      "--store", str(tiny / "empty"), "--out", str(tiny / "p.npz"), "--quiet")
+    assert rc == 2 and "the model was loaded" in err  # (past every check of the folder)
+
+
+def test_a_store_in_use_is_named_as_such(tiny, capsys, monkeypatch):
+    """A second concurrent fit into one store said "tinynet:build failed on the images at or
+    before layer ... (RuntimeError: another process is extracting into ...)", a model failure.
+    Now: the store is in use by another process; up front where its lock is already held, and
+    when the lock is taken between the check and the extraction."""
+    fcntl = pytest.importorskip("fcntl")
+    store = tiny / "store"
+    store.mkdir()
+    lock = store / ".lock"
+    lock.write_bytes(b"")
+    fd = os.open(lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # (held as by another process: flock locks per open file)
+    try:
+        argv = ("fit", "--model", "tinynet:build", "--layer", "2", "--images", str(tiny / "images"),
+                "--store", str(store), "--no-ura", "--out", str(tiny / "p.npz"), "--quiet")
+        loads = []
+        real_load = edp.pipeline.load_model
+        monkeypatch.setattr(edp.pipeline, "load_model", lambda spec: loads.append(spec) or real_load(spec))
+        rc, _, err = _run(capsys, *argv)
+        _one_line_error(rc, err, f"the store '{store}' is in use by another process", "--store another folder")
+        assert not loads and "failed on the images" not in err
+        monkeypatch.setattr(cli, "_lock_held", lambda path: False)  # (the lock taken after the check)
+        rc, _, err = _run(capsys, *argv)
+        _one_line_error(rc, err, f"the store '{store}' is in use by another process")
+        assert loads and "failed on the images" not in err and "RuntimeError" not in err
+    finally:
+        os.close(fd)
+    assert not os.path.exists(tiny / "p.npz") and sorted(os.listdir(store)) == [".lock"]
+
+
+def test_messages_name_the_command_lines_remedies(tiny, capsys, one_torch_thread):
+    """Messages offered Python-only fixes: "pass head=callable" for a residual model split at a
+    layer, "List every name with edpairs.capture.layer_names(model)" for a wrong layer (with the
+    depth-2 list: 3 lines), 12 "close names"; a shared module was a model failure suggesting a
+    wrapper module. Each is one line now, naming --no-ura or edpairs layers."""
+    nowhere = str(tiny / "nowhere")  # (every refusal comes before the images are read)
+    rc, _, err = _run(capsys, "fit", "--model", "tinynet:res", "--layer", "a", "--images", nowhere,
+                      "--out", str(tiny / "p.npz"), "--quiet")
+    _one_line_error(rc, err, "a skip connection across the split", "fit at a layer at a block boundary",
+                    "or pass --no-ura")
+    assert "head=callable" not in err and "no such image" not in err
+    rc, _, err = _run(capsys, "report", "--pairs", _small_pairs(tiny / "res.npz", "tinynet:res", "a", 8),
+                      "--images", nowhere, "--out", str(tiny / "rep"), "--quiet")
+    _one_line_error(rc, err, "a skip connection across the split", "the report runs the model's head after the layer")
+    assert "head=callable" not in err and "--no-ura" not in err
+
+    for model, layer, phrases in [
+            ("tinynet:deep", "0.99", ["has no module named '0.99'; 0 holds 0.0 to 0.19 (20 layers)"]),
+            ("tinynet:deep", "x0.1", ["has no module named 'x0.1'; close names: 0.1, "]),
+            ("tinynet:blocks", "blocks.7", ["blocks holds blocks.0 to blocks.1 (2 layers)"])]:
+        rc, _, err = _run(capsys, "fit", "--model", model, "--layer", layer, "--out", str(tiny / "p.npz"), "--quiet")
+        _one_line_error(rc, err, *phrases, f"(every name: edpairs layers --model {model} --shapes)")
+        assert "edpairs.capture" not in err and "named_modules" not in err
+        if "close names" in err:
+            assert len(err.split("close names: ")[1].split(" (")[0].split(", ")) <= 4, err
+
+    rc, _, err = _run(capsys, "fit", "--model", "tinynet:res", "--layer", "act", "--images", nowhere, "--no-ura",
+                      "--out", str(tiny / "p.npz"), "--quiet")
+    _one_line_error(rc, err, "layer 'act' of tinynet:res runs more than once in one forward pass",
+                    "edpairs layers --model tinynet:res --shapes marks the shared ones")
+    assert "wrapper" not in err and "failed on" not in err
+
+
+def test_layers_marks_shared_modules(tiny, capsys):
+    """layers --shapes gave a shared module (EfficientNet's _swish) a shape like any other,
+    though fit refuses it."""
+    rc, out, err = _run(capsys, "layers", "--model", "tinynet:res", "--shapes", "--size", "32")
+    assert rc == 0, err
+    rows = {line.split()[0]: line for line in out.splitlines()}
+    assert rows["act"].endswith("shared: runs 3 times, cannot be captured")
+    assert "shared" not in rows["a"] and rows["a"].split()[1] == "1x8x8x8"
+    assert "1 shared module(s)" in err
+
+
+def test_selfcheck_prints_its_time_apart_from_the_checks(capsys):
+    """The time was a row of the error table: "(all ops on cpu: 0.18 s)  0.00e+00  1e+00  ok"."""
+    rc, out, _ = _run(capsys, "selfcheck")
+    assert rc == 0 and "selfcheck passed" in out
+    lines = out.splitlines()
+    table = lines[lines.index(next(line for line in lines if line.startswith("check "))) + 1:]
+    rows = [line for line in table if line.endswith(("  ok", "  FAIL"))]
+    assert len(rows) == 8 and not any("all ops" in row or " s)" in row for row in rows)
+    assert any(line.startswith("time: all ops on cpu") and line.endswith(" s") for line in table)
+
+
+def test_bare_command_version_and_descriptions(capsys):
+    """A bare `edpairs` printed the help and exited 0; there was no --version; layers,
+    selfcheck and info had no description in their --help."""
+    rc, out, err = _run(capsys)
+    assert rc == 2 and out == "" and err.startswith("usage: edpairs") and "error: name a command: demo, fit" in err
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"edpairs {edp.__version__}"
+    for command, words in [("layers", "Lists the dotted names"), ("selfcheck", "float64 reference"),
+                           ("info", "Prints edpairs.build_info() as JSON")]:
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        assert words in " ".join(capsys.readouterr().out.split()), command
+
+
+def test_edpairs_warnings_are_one_line_each(tiny, capsys, one_torch_thread):
+    """A fit on too little data (one flat grey image: concepts with a few positive patches)
+    warns; the CLI prints each of edpairs' warnings as one "edpairs fit: warning: ..." line, not
+    Python's file:line form."""
+    from PIL import Image
+
+    Image.fromarray(np.full((96, 128, 3), 128, np.uint8)).save(tiny / "grey.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # (pytest turns warnings into errors)
+        rc, _, err = _run(capsys, "fit", "--model", "tinynet:build", "--layer", "2", "--images",
+                          str(tiny / "grey.png"), "--concepts", "8", "--no-ura", "--out", str(tiny / "one.npz"),
+                          "--quiet")
+    assert rc == 0, err
+    lines = [line for line in err.splitlines() if "warning" in line.lower()]
+    assert lines and all(line.startswith("edpairs fit: warning: ") for line in lines), err
+    assert "PipelineWarning" not in err and "cli.py" not in err, err

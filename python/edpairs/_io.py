@@ -57,13 +57,69 @@ def _umask() -> int:
     return umask  # pragma: no cover
 
 
+def _file_in_the_way(folder: str):
+    """The deepest existing part of the path ``folder`` when it is not a folder (a file where a
+    folder is needed), else None."""
+    part = folder
+    while part != os.path.dirname(part) and not os.path.lexists(part):
+        part = os.path.dirname(part)
+    return part if os.path.lexists(part) and not os.path.isdir(part) else None
+
+
 def existing_folder(path: str, what: str) -> str:
     """The folder of file ``path``, which must exist, else a FileNotFoundError: "{what}: its
-    folder ... does not exist"."""
+    folder ... does not exist", or a NotADirectoryError where a file stands in its place ("...
+    is a file, not a folder")."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
+        in_the_way = _file_in_the_way(folder)
+        if in_the_way is not None:
+            raise NotADirectoryError(f"{what}: its folder {folder} cannot exist: {in_the_way} is a file, not a folder")
         raise FileNotFoundError(f"{what}: its folder {folder} does not exist (create it first)")
     return folder
+
+
+def check_can_create_in(folder: str, what: str) -> None:
+    """Creates and removes a temporary file in the existing ``folder``: a PermissionError with a
+    one-line message (naming ``what``, the folder and the system's reason) where that fails —
+    no write permission, a read-only or immutable folder, a file system that takes no files
+    (/proc, /sys) — so an output is refused before the work that would produce it."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".edpairs-write-test-", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise PermissionError(f"cannot write {what}: no file can be created in the folder "
+                              f"{os.path.abspath(folder)} ({reason})") from None
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+    except OSError:  # pragma: no cover - created but not removable: the output may still be written
+        pass
+
+
+def check_output_file(path, what: str) -> str:
+    """Refuses, before any work, a file output ``path`` that could not be written: its folder
+    missing (FileNotFoundError naming it), a file in the folder's place (NotADirectoryError), a
+    folder where no file can be created (PermissionError, :func:`check_can_create_in`).
+    Returns the folder."""
+    path = os.fspath(path)
+    folder = existing_folder(path, f"{what} {path!r}")
+    check_can_create_in(folder, f"{what} {path!r}")
+    return folder
+
+
+def check_output_folder(path, what: str, *, written_inside: bool) -> None:
+    """Refuses, before any work, an output folder ``path`` that could not be written: a file in
+    its place or in its parent's, its parent folder missing (the folder is created in an
+    existing one, never with its parents), or no file creatable where the output goes: inside
+    the folder where it exists and ``written_inside`` (a store filled in place), else in its
+    parent (a new folder, or one built beside it and renamed into place, as reports are)."""
+    path = os.fspath(path)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{what} {path!r} is a file, not a folder: name a folder")
+    parent = existing_folder(os.path.abspath(path), f"{what} {path!r}")
+    where = path if written_inside and os.path.isdir(path) else parent
+    check_can_create_in(where, f"{what} {path!r}")
 
 
 def write_atomic(path, write: Callable, *, mode: str = "wb"):

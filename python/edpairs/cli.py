@@ -4,16 +4,23 @@ needed), ``fit`` (model + layer + images or an activation store -> a pairs file)
 kernels against torch / numpy on this machine), ``selfcheck`` (every kernel against the float64
 reference, on the CPU and, where present, the GPU) and ``info``.
 
-Expected failures (a wrong layer name, an unreadable image, a missing package, an existing
-output) print one ``edpairs <command>: error: ...`` line and exit with status 2."""
+Expected failures (a wrong layer name, an unreadable image, a missing package, an existing or
+unwritable output) print one ``edpairs <command>: error: ...`` line and exit with status 2, and
+every output location is checked before any model or fit work. An operating-system error
+during the work (a folder made unwritable meanwhile, a full disk) prints one line too and
+exits with status 1; a bare ``edpairs`` prints the usage and exits with status 2."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import json
 import os
+import re
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -47,7 +54,6 @@ def _checks(device: str, seed: int):
         Xd = torch.from_numpy(X).to(device)
         C, W, b = (torch.from_numpy(v).to(device) for v in (C, W, b))
 
-    t0 = time.perf_counter()
     res = edp.ops.assign(Xd, C)
     labels = to_host(res.labels)
     ref_labels, ref_scores, _, _ = reference.assign(X, to_host(C))
@@ -72,7 +78,6 @@ def _checks(device: str, seed: int):
     ref = reference.signal_moments(X, to_host(W), to_host(b), center=X.mean(0))
     yield "signal_moments (count)", _max_rel(to_host(s.count), ref["count"]), 1e-3
     yield "signal_moments (sum_xz)", _max_rel(to_host(s.sum_xz), ref["sum_xz"]), 1e-4
-    yield f"(all ops on {device}: {time.perf_counter() - t0:.2f} s)", 0.0, 1.0
 
 
 def selfcheck(seed: int = 0) -> int:
@@ -94,11 +99,16 @@ def selfcheck(seed: int = 0) -> int:
         print("CUDA kernels are built but no GPU is visible: checking the CPU only")
     failed = 0
     print(f"{'check':44s} {'error':>10s} {'tolerance':>10s}  result")
+    seconds = {}
     for device in devices:
+        t0 = time.perf_counter()
         for name, err, tol in _checks(device, seed):
             ok = err <= tol
             failed += not ok
             print(f"{name:44s} {err:10.2e} {tol:10.0e}  {'ok' if ok else 'FAIL'}")
+        seconds[device] = time.perf_counter() - t0
+    # The time is no check: a line of its own under the table.
+    print("time: " + ", ".join(f"all ops on {d} (with the float64 references) {t:.2f} s" for d, t in seconds.items()))
     print("selfcheck passed" if not failed else f"selfcheck FAILED: {failed} check(s)")
     return 1 if failed else 0
 
@@ -127,6 +137,49 @@ def _top_layer_names(model, depth: int = 2) -> list:
     return [n for n, _ in model.named_modules() if n and n.count(".") < depth]
 
 
+def _some(names, most: int = 12) -> str:
+    """``names`` joined by commas, at most ``most`` of them (the first and the last ones)."""
+    names = list(names)
+    if len(names) <= most:
+        return ", ".join(names)
+    return ", ".join(names[:most - 3] + ["..."] + names[-3:]) + f" ({len(names)} in all)"
+
+
+def _layers_command(spec) -> str:
+    return f"edpairs layers --model {spec} --shapes"
+
+
+def _cli_words(text: str, spec) -> str:
+    """A library message with its Python-only pointers put in the command line's terms."""
+    return text.replace("edpairs.capture.layer_names(model)", _layers_command(spec))
+
+
+def _no_such_layer(model, name: str, spec, layer: str) -> str:
+    """One line for a layer name ``model`` lacks: the children of the deepest prefix that
+    exists ("_blocks.99": "_blocks holds _blocks.0 to _blocks.15"), a few close names, or the
+    layers to depth 2 when neither says anything; then the command that lists them all."""
+    modules = dict(model.named_modules())
+    names = [n for n in modules if n]
+    parts = layer.split(".")
+    span = prefix = ""
+    for k in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:k]) in modules:
+            prefix = ".".join(parts[:k])
+            children = [f"{prefix}.{c}" for c, _ in modules[prefix].named_children()]
+            if children:
+                span = (f"{prefix} holds {children[0]}" if len(children) == 1 else
+                        f"{prefix} holds {children[0]} to {children[-1]} ({len(children)} layers)")
+            break
+    # Close names other than the prefix's children (which the span covers), four at most.
+    close = [c for c in difflib.get_close_matches(layer, names, n=10, cutoff=0.6)
+             if not (span and c.startswith(prefix + ".") and c.count(".") == prefix.count(".") + 1)][:4]
+    hints = ([span] if span else []) + ([f"close names: {', '.join(close)}"] if close else [])
+    if not hints:
+        hints = [f"valid layers of {name} (to depth 2): {_some(_top_layer_names(model))}"]
+    return (f"{name} has no module named {layer!r}; {'; '.join(hints)} "
+            f"(every name: {_layers_command(spec)})")
+
+
 def _model_and_layer(args, pairs_meta=None):
     from . import pipeline
 
@@ -136,8 +189,8 @@ def _model_and_layer(args, pairs_meta=None):
     model, name = pipeline.load_model(spec)
     layer = args.layer or (pairs_meta or {}).get("layer")
     if not layer:
-        raise UserError(f"which layer? pass --layer; the layers of {name}: "
-                        f"{', '.join(_top_layer_names(model))} (all of them: edpairs layers --model {spec})")
+        raise UserError(f"which layer? pass --layer; the layers of {name} (to depth 2): "
+                        f"{_some(_top_layer_names(model))} (all of them: edpairs layers --model {spec})")
     return model, name, layer, _find_layer(model, name, spec, layer)
 
 
@@ -151,8 +204,9 @@ def _find_layer(model, name: str, spec: str, layer: str):
     try:
         module = find_module(model, layer)
     except KeyError as exc:  # LayerNotFound
-        raise UserError(f"{exc}\nvalid layers of {name} (to depth 2): {', '.join(_top_layer_names(model))}\n"
-                        f"every name with its output shape: edpairs layers --model {spec}") from None
+        if "has no module named" in str(exc):
+            raise UserError(_no_such_layer(model, name, spec, layer)) from None
+        raise UserError(_cli_words(_first_line(exc), spec)) from None
     if type(module).forward is torch.nn.Module.forward:
         children = [f"{layer}.{c}" for c, _ in module.named_children()]
         some = children if len(children) <= 6 else children[:3] + ["..."] + children[-3:]
@@ -179,26 +233,61 @@ def _channels_mismatch(exc, name: str):
             "edpairs feeds RGB images; use a model that takes 3 channels")
 
 
-def _model_failure(exc, name: str, layer: str, what: str) -> "UserError":
+def _store_in_use(exc) -> bool:
+    """Whether ``exc`` is the activation store's refusal of a second writer (its folder's lock
+    is held by another extraction)."""
+    return isinstance(exc, RuntimeError) and isinstance(exc.__cause__, OSError) and "another process" in str(exc)
+
+
+def _in_use_error(path) -> "UserError":
+    return UserError(f"the store {path!r} is in use by another process (an extraction into it is running): wait "
+                     "for it to finish, then run this again (it reads or resumes the store), or --store another "
+                     "folder")
+
+
+def _model_failure(exc, name: str, layer: str, what: str, spec=None) -> "UserError":
     """A UserError saying why the model could not run ``what`` (one image, the images) up to
-    ``layer``: other input channels than RGB's 3, a layer the forward pass never calls, or
-    the exception's first line."""
+    ``layer``: other input channels than RGB's 3, a layer the forward pass never calls, a
+    layer that runs more than once (a shared module), or the exception's first line."""
+    from .capture import SharedModuleError
+
+    spec = spec or name
     text = str(exc)
     channels = _channels_mismatch(exc, name)
     if channels:
         return UserError(channels)
+    if isinstance(exc, SharedModuleError):
+        return UserError(f"layer {layer!r} of {name} runs more than once in one forward pass (a module shared by "
+                         f"several places in the model), so it has no one output to capture: name a layer that runs "
+                         f"once ({_layers_command(spec)} marks the shared ones)")
     if "did not run in the model's forward pass" in text:
         return UserError(f"layer {layer!r} did not run when {name} ran {what} (its forward pass never calls it): "
-                         f"name a layer that runs (edpairs layers --model ... --shapes marks those that do not "
-                         f"with '-')")
+                         f"name a layer that runs ({_layers_command(spec)} marks those that do not with '-')")
     return UserError(f"{name} failed on {what} at or before layer {layer!r} ({type(exc).__name__}: "
-                     f"{_first_line(exc)})")
+                     f"{_cli_words(_first_line(exc), spec)})")
 
 
-def _preflight(model, name: str, layer: str, size: int) -> tuple:
+def _split_failure(exc, name: str, layer: str, spec, command: str) -> "UserError":
+    """The library's SplitError (no automatic head after ``layer``) in the command line's
+    terms: ``head=callable`` is Python's remedy; the command line's is another layer, or for
+    fit ``--no-ura`` (only URA needs the head)."""
+    text = _cli_words(_first_line(exc), spec)
+    text = re.sub(r"[;,]?\s*(choose a layer at a block boundary or )?pass head=callable.*$", "", text)
+    layer_hint = ("a layer at a block boundary (one whose output is all that the rest of the model reads)"
+                  if "skip connection" in text else "another layer")
+    if command == "fit":
+        return UserError(f"{text}; URA needs the model's head after the layer: fit at {layer_hint}, "
+                         f"or pass --no-ura")
+    if command == "demo":
+        return UserError(f"{text}; the demo runs the model's head after the layer: choose {layer_hint} (--layer)")
+    return UserError(f"{text}; the report runs the model's head after the layer (influence, explanations): "
+                     f"use pairs fitted at {layer_hint}")
+
+
+def _preflight(model, name: str, layer: str, size: int, spec=None) -> tuple:
     """The channel-last shape of ``layer``'s output for one zero image of ``size`` pixels: a
     forward pass that finds a model that cannot run the images (other input channels, a layer
-    that never runs) before any long work."""
+    that never runs, a shared one) before any long work."""
     import torch
 
     from .capture import capture
@@ -206,16 +295,28 @@ def _preflight(model, name: str, layer: str, size: int) -> tuple:
     try:
         out = capture(model, layer, torch.zeros(1, 3, size, size), batch_size=1, progress=False)
     except (RuntimeError, TypeError) as exc:  # (TypeError: the layer returns no tensor)
-        raise _model_failure(exc, name, layer, f"one {size} x {size} image") from None
+        raise _model_failure(exc, name, layer, f"one {size} x {size} image", spec) from None
     return tuple(out.shape)
 
 
-class _ModelRuns:
-    """Inside: a RuntimeError of the model's forward pass becomes a UserError (store errors,
-    which are RuntimeErrors too, pass through)."""
+def _check_head(model, name: str, layer: str, spec, command: str) -> None:
+    """The model splits at ``layer`` into features and head (URA and the report's analyses run
+    the head), else a UserError in the command line's terms, before any long work."""
+    from .capture import SplitError, split_model
 
-    def __init__(self, name: str, layer: str, what: str = "the images"):
-        self.name, self.layer, self.what = name, layer, what
+    try:
+        split_model(model, layer)
+    except SplitError as exc:
+        raise _split_failure(exc, name, layer, spec, command) from None
+
+
+class _ModelRuns:
+    """Inside: a RuntimeError of the model's forward pass becomes a UserError, as does the
+    store's lock held by another process (``store``: its path); the store's other errors,
+    which are RuntimeErrors too, pass through."""
+
+    def __init__(self, name: str, layer: str, what: str = "the images", spec=None, store=None):
+        self.name, self.layer, self.what, self.spec, self.store = name, layer, what, spec, store
 
     def __enter__(self):
         return self
@@ -223,9 +324,11 @@ class _ModelRuns:
     def __exit__(self, exc_type, exc, tb):
         from .store import StoreCorrupted, StoreIncomplete
 
+        if exc_type is not None and _store_in_use(exc):
+            raise _in_use_error(self.store) from None
         if exc_type is not None and issubclass(exc_type, RuntimeError) and not isinstance(
                 exc, (StoreCorrupted, StoreIncomplete)):
-            raise _model_failure(exc, self.name, self.layer, self.what) from None
+            raise _model_failure(exc, self.name, self.layer, self.what, self.spec) from None
         return False
 
 
@@ -268,41 +371,113 @@ def _check_seed(seed: int) -> None:
         raise UserError(f"--seed must be an integer in [0, 2**32), got {seed}")
 
 
+def _pairs_file_problem(path) -> "str | None":
+    """Why the file ``path`` is not a pairs file written by ``EDPairs.save`` (None when it is
+    one), read without unpickling anything: a .npz (zip) archive holding the arrays save
+    writes and a JSON metadata record of the pairs format."""
+    import zipfile
+
+    from .pairs import FORMAT
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return "it is not a .npz archive"
+        with np.load(path, allow_pickle=False) as data:
+            arrays = list(data.files)
+            if not {"meta", "decoding", "bias", "encoding"} <= set(arrays):
+                return f"it holds the arrays {_some(arrays, 6)}" if arrays else "it holds no arrays"
+            meta = json.loads(bytes(data["meta"]).decode())
+    except (OSError, ValueError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
+        return f"it cannot be read ({type(exc).__name__}: {_first_line(exc)})"
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return "its metadata record is not an edpairs pairs file's"
+    return None
+
+
+def _location(check, *args, **kwargs) -> None:
+    """``check`` (one of edpairs._io's output checks) with its OSError as a UserError."""
+    try:
+        check(*args, **kwargs)
+    except OSError as exc:  # (FileNotFoundError, NotADirectoryError, PermissionError: one line each)
+        raise UserError(str(exc)) from None
+
+
 def _check_output(path: str, overwrite: bool, what: str) -> None:
+    """The pairs file --out may be written, before any work: not a folder; when it exists,
+    --overwrite and an earlier pairs file there (never someone's other .npz); its folder
+    exists (not a file) and takes new files."""
+    from ._io import check_output_file
+
     if os.path.isdir(path):
         raise UserError(f"{what} {path!r} is a folder, not a file: name a file (--out)")
-    if os.path.exists(path) and not overwrite:
-        raise UserError(f"{what} {path!r} exists; pass --overwrite to replace it")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UserError(f"the folder of {what} {path!r} does not exist ({parent})")
+    if os.path.lexists(path):
+        if not overwrite:
+            raise UserError(f"{what} {path!r} exists; pass --overwrite to replace it")
+        problem = _pairs_file_problem(path) if os.path.isfile(path) else "it is not a regular file"
+        if problem:
+            raise UserError(f"{what} {path!r} exists and is not an edpairs pairs file ({problem}): --overwrite "
+                            "replaces only an earlier pairs file; name another --out")
+    _location(check_output_file, path, what)
 
 
 def _check_report_folder(path: str, overwrite: bool, images=None) -> None:
     """The report folder --out may be written: not a file, not the current folder or the
     images' (or a folder holding them), and when it exists and is not empty, --overwrite and
-    an earlier report there (the whole folder is replaced)."""
+    an earlier report there (the whole folder is replaced); its parent folder exists (it is not
+    created) and takes new files (the report is built beside the folder and renamed into place)."""
+    from ._io import check_output_folder
     from .report import check_report_folder
 
     try:
         check_report_folder(path, overwrite=overwrite, what="--out", protect=images or (), overwrite_flag="--overwrite")
     except FileExistsError as exc:
         raise UserError(str(exc)) from None
+    _location(check_output_folder, path, "--out", written_inside=False)
 
 
 def _check_store_folder(path: str, images) -> None:
-    """With --overwrite, the store folder is replaced when its store was extracted otherwise:
-    it must hold nothing but a store's files, and be neither the current folder nor the
-    images' (nor a folder holding them)."""
-    from ._io import check_replaceable_folder
-    from .store import foreign_entries
+    """The folder --store may be written into (an extraction, new or resumed, or with
+    --overwrite a replaced store): not a file, neither the current folder nor the images' (nor
+    a folder holding them), nothing in it but a store's files (an empty folder, or an earlier
+    store: resumed, or replaced with --overwrite), its parent existing, files creatable where
+    the shards go, and no other process extracting into it."""
+    from ._io import check_output_folder, check_replaceable_folder
+    from .store import LOCKFILE, foreign_entries
 
-    try:
+    try:  # the file, current folder and images' folder checks (what the folder holds: below)
         check_replaceable_folder(path, overwrite=True, what="--store", protect=images or (),
-                                 entries_of=foreign_entries, kind="an activation store",
-                                 overwrite_flag="--overwrite")
+                                 entries_of=lambda _: [], kind="an activation store", overwrite_flag="--overwrite")
     except FileExistsError as exc:
         raise UserError(str(exc)) from None
+    if os.path.isdir(path):
+        foreign = foreign_entries(path)
+        if foreign:
+            raise UserError(f"--store {path!r} is not an activation store (found: {_some(foreign, 6)}): a store is "
+                            "written only into a new or empty folder or an earlier store's (which it resumes, or "
+                            "with --overwrite replaces); name another folder")
+    _location(check_output_folder, path, "--store", written_inside=True)
+    if os.path.isfile(os.path.join(path, LOCKFILE)) and _lock_held(os.path.join(path, LOCKFILE)):
+        raise _in_use_error(path)
+
+
+def _lock_held(lockfile: str) -> bool:
+    """Whether another process holds the store's lock (store.extract takes it for the whole
+    extraction); an unreadable lock or a platform without flock says no."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        return False
+    try:
+        fd = os.open(lockfile, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # (closing releases the lock taken)
+    return False
 
 
 def _store_mismatch(exc) -> "UserError":
@@ -350,7 +525,7 @@ def cmd_fit(args) -> int:
     # The store is read as it is without --images; with them it is filled (or resumed, or with
     # --overwrite replaced when it was extracted otherwise).
     read_store = store_exists and not args.images
-    if args.store and args.overwrite and not read_store and os.path.isdir(args.store):
+    if args.store and not read_store:  # (a store only read is written nowhere)
         _check_store_folder(args.store, args.images)
     key = n_features = None
     if store_exists:
@@ -379,9 +554,12 @@ def cmd_fit(args) -> int:
             model, name, layer, _ = _model_and_layer(args, dict(layer=layer) if layer else None)
             prep = (key or {}).get("preprocessing")
             size = prep.get("size") if isinstance(prep, dict) else None
-            shape = _preflight(model, name, layer, size if is_int(size) and size > 0 else IMAGE_SIZE)
+            spec = args.model or name
+            shape = _preflight(model, name, layer, size if is_int(size) and size > 0 else IMAGE_SIZE, spec)
             if args.ura and len(shape) != 4:
                 raise UserError(f"URA needs a spatial layer; {layer} gives {shape[1:]} per image; pass --no-ura")
+            if args.ura:
+                _check_head(model, name, layer, spec, "fit")
             if key is not None and not (args.images and args.overwrite):
                 remedy = ("pass the store's model and layer, or --store another folder" if read_store else
                           "pass --overwrite to extract the store again from these images, or --store another folder")
@@ -407,7 +585,8 @@ def cmd_fit(args) -> int:
                     ("" if args.images else " (the photos shipped in packages)"))
         inputs = pipeline.model_input(pipeline.images_of(data), norm)
         if args.store:
-            with log.step(f"capturing {layer} into the store {args.store} (resumable)"), _ModelRuns(name, layer):
+            with log.step(f"capturing {layer} into the store {args.store} (resumable)"), \
+                    _ModelRuns(name, layer, spec=args.model, store=args.store):
                 try:
                     source = extract(model, layer, inputs, args.store, preprocessing=preprocessing, model_name=name,
                                      batch_size=args.batch_size, overwrite=args.overwrite,
@@ -417,13 +596,15 @@ def cmd_fit(args) -> int:
         else:
             from .capture import capture
 
-            with log.step(f"capturing {layer} on {len(inputs)} images"), _ModelRuns(name, layer):
+            with log.step(f"capturing {layer} on {len(inputs)} images"), _ModelRuns(name, layer, spec=args.model):
                 source = capture(model, layer, inputs, batch_size=args.batch_size,
                                  progress=False if args.quiet else None)
                 log.say(f"activations {tuple(source.shape[1:])} per image")
     with log.step(f"fitting {args.concepts} pairs" + (" with URA through the model's head" if args.ura else "")):
+        # With a store, its key holds this model's fingerprint by now (checked or just extracted).
+        fingerprint = ((source.key.get("model") or {}).get("params")) if args.store and model is not None else None
         pairs = pipeline.fit_pairs(model, layer, source, args.concepts, ura=args.ura, model_name=name,
-                                   preprocessing=preprocessing, seed=args.seed,
+                                   preprocessing=preprocessing, seed=args.seed, fingerprint=fingerprint,
                                    progress=False if args.quiet else None)
     pairs.save(args.out)
     log.say(f"pairs written to {args.out}: decoding/encoding directions of shape {pairs.decoding_.shape}")
@@ -451,17 +632,26 @@ def cmd_report(args) -> int:
     crops = _crops(args)
     if not os.path.isfile(args.pairs):
         raise UserError(f"no pairs file {args.pairs!r} (make one with: edpairs fit ... --out {args.pairs})")
+    problem = _pairs_file_problem(args.pairs)
+    if problem:
+        raise UserError(f"--pairs {args.pairs!r} is not an edpairs pairs file (the .npz that edpairs fit writes): "
+                        f"{problem}")
     pairs = EDPairs.load(args.pairs)
     meta = pairs.metadata or {}
     _check_report_folder(args.out, args.overwrite, args.images)
     with log.step("loading the model"):
         model, name, layer, module = _model_and_layer(args, meta)
+        spec = args.model or meta.get("model") or name
         _check_pairs_fit_layer(module, layer, pairs, meta)
-        shape = _preflight(model, name, layer, IMAGE_SIZE)
+        shape = _preflight(model, name, layer, IMAGE_SIZE, spec)
         D = int(pairs.decoding_.shape[1])
         if shape[-1] != D:
             raise UserError(f"the pairs have D={D} channels but layer {layer!r} of {name} gives {shape[-1]}"
                             f"{_fitted_hint(meta, layer)}")
+        _check_head(model, name, layer, spec, "report")
+        fingerprint = pipeline.check_weights(model, pairs)  # (before the images are read; hashed once)
+    fit_prep = meta.get("preprocessing") if isinstance(meta.get("preprocessing"), dict) else {}
+    normalisation = args.normalisation or fit_prep.get("normalisation") or _normalisation(args, name)
     torch.manual_seed(args.seed)
     with log.step("reading the images"):
         data = pipeline.image_dataset(args.images, crops_per_photo=crops, seed=args.seed)
@@ -472,10 +662,11 @@ def cmd_report(args) -> int:
         from .zoo import imagenet_class_names
 
         class_names = imagenet_class_names()
-    with _ModelRuns(name, layer):
+    with _ModelRuns(name, layer, spec=spec):
         inputs = pipeline.analyse(model, layer, pairs, images, probe=probe, class_names=class_names,
                                   explain_images=pipeline.first_views(data), n_noise=args.noise,
-                                  normalisation=_normalisation(args, name), log=log, seed=args.seed)
+                                  normalisation=normalisation, preprocessing=data.preprocessing,
+                                  fingerprint=fingerprint, log=log, seed=args.seed)
     inputs.meta.update(model=name, layer=layer, pairs=os.path.abspath(args.pairs), images=len(images))
     index = pipeline.write(args.out, pairs, inputs, title=args.title or f"edpairs report: {name} {layer}",
                            overwrite=args.overwrite, log=log)
@@ -492,7 +683,8 @@ def cmd_demo(args) -> int:
     # The layer is checked on the loaded model (which the demo then uses) before any other work.
     model, name = pipeline.load_model(pipeline.DEMO_MODEL)
     _find_layer(model, name, pipeline.DEMO_MODEL, args.layer)
-    _preflight(model, name, args.layer, IMAGE_SIZE)
+    _preflight(model, name, args.layer, IMAGE_SIZE, pipeline.DEMO_MODEL)
+    _check_head(model, name, args.layer, pipeline.DEMO_MODEL, "demo")  # (URA and the analyses run the head)
     kwargs = dict(layer=args.layer, n_concepts=args.concepts, ura=args.ura, seed=args.seed, overwrite=args.overwrite,
                   log=not args.quiet, model=model)
     if args.quick:
@@ -509,15 +701,22 @@ def cmd_layers(args) -> int:
     if args.shapes:
         _at_least("--size", args.size, 1, " (pixels)")
     model, name = pipeline.load_model(args.model)
-    example = None
-    if args.shapes:
-        import torch
+    import torch
 
-        if isinstance(model, torch.jit.ScriptModule):
-            raise UserError(f"{name} is a TorchScript module, whose layers take no forward hooks, so --shapes cannot "
-                            "show their output shapes: leave out --shapes for the names, or load the model as a "
-                            "Python nn.Module (package.module:factory, or a module saved with torch.save)")
-        example = torch.zeros(1, 3, args.size, args.size)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UserError(f"{name} is a TorchScript module, whose layers take no forward hooks: fit and report cannot "
+                        "capture any of them, so it has no layers to list; load the model as a Python nn.Module "
+                        "(package.module:factory, or a module saved with torch.save(model, path))")
+    example = torch.zeros(1, 3, args.size, args.size) if args.shapes else None
+    # How often each module runs in the forward pass that finds the shapes: one that runs more
+    # than once (a shared module) has no one output, and fit / report refuse it.
+    runs: dict = {}
+    handles = []
+    if example is not None:
+        for n, m in model.named_modules():
+            if n:
+                handles.append(m.register_forward_hook(
+                    lambda _m, _i, _o, n=n: runs.__setitem__(n, runs.get(n, 0) + 1)))
     try:
         rows = layer_names(model, example)
     except RuntimeError as exc:  # the model refuses the zero image (too small, other channels ...)
@@ -529,11 +728,22 @@ def cmd_layers(args) -> int:
         raise UserError(f"{name} could not run one zero image of {args.size} x {args.size} pixels to find the "
                         f"output shapes ({type(exc).__name__}: {_first_line(exc)}); try another --size, "
                         "or leave out --shapes") from None
+    finally:
+        for h in handles:
+            h.remove()
+    shared = 0
     for r in rows:
         if isinstance(r, tuple):
-            print(f"{r[0]:40s} {'x'.join(map(str, r[1])) if r[1] else '-'}")
+            line = f"{r[0]:40s} {'x'.join(map(str, r[1])) if r[1] else '-'}"
+            if runs.get(r[0], 0) > 1:
+                shared += 1
+                line += f"  shared: runs {runs[r[0]]} times, cannot be captured"
+            print(line.rstrip())
         else:
             print(r)
+    if shared:
+        print(f"({shared} shared module(s): each runs at several places in one forward pass, so it has no one output "
+              "to capture; fit and report refuse them)", file=sys.stderr)
     return 0
 
 
@@ -639,11 +849,15 @@ def _parser():
                     "fit them, see what they detect and how they sway the predictions, edit them away. "
                     "New here? Run `edpairs demo` and open the report it writes.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"edpairs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def common(p, model_required):
         p.add_argument("--model", required=model_required,
-                       help="efficientnet-lite0 (ships in packages), package.module:factory, or a TorchScript/.pt file")
+                       help="efficientnet-lite0 (ships in packages), package.module:factory, or a .pt file of a "
+                            "whole module saved with torch.save (not TorchScript, whose layers take no hooks)")
         p.add_argument("--layer", help="dotted module name, e.g. _blocks.15 (list them: edpairs layers --model M)")
         p.add_argument("--images", nargs="+", metavar="PATH",
                        help="image files and/or folders (default: the 8 photos shipped in scikit-image, "
@@ -697,8 +911,13 @@ def _parser():
     p.add_argument("--noise", type=int, default=50, help="noise directions per concept for influence p-values")
     p.add_argument("--title", help="the report's title (default: edpairs report: MODEL LAYER)")
 
-    p = sub.add_parser("layers", help="list the layer names of a model (with output shapes: --shapes)")
-    p.add_argument("--model", required=True, help="efficientnet-lite0, package.module:factory or a .pt file")
+    p = sub.add_parser("layers", help="list the layer names of a model (with output shapes: --shapes)",
+                       description="Lists the dotted names of a model's modules, what fit --layer takes; with "
+                                   "--shapes one zero image runs through the model to show each output shape, "
+                                   "'-' marking modules that did not run and 'shared' those that run more than "
+                                   "once (neither can be captured).")
+    p.add_argument("--model", required=True, help="efficientnet-lite0, package.module:factory, or a .pt file of a "
+                                                  "whole module saved with torch.save (not TorchScript)")
     p.add_argument("--shapes", action="store_true", help="run one zero image to show each output shape")
     p.add_argument("--size", type=int, default=224, help="image side in pixels for --shapes (default 224)")
 
@@ -711,9 +930,16 @@ def _parser():
     p.add_argument("--size", default="200000,256,256", help="N,D,k (default 200000,256,256)")
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions; the median is shown (default 3)")
 
-    p = sub.add_parser("selfcheck", help="check every kernel against the float64 reference (CPU, and GPU if present)")
+    p = sub.add_parser("selfcheck", help="check every kernel against the float64 reference (CPU, and GPU if present)",
+                       description="Runs every kernel (assignment, k-means step, moments, signal moments) on seeded "
+                                   "data and compares it with the float64 reference, on the CPU and, where CUDA was "
+                                   "built and a GPU is visible, on the GPU; prints each error against its tolerance. "
+                                   "Exit status 1 when a check fails.")
     p.add_argument("--seed", type=int, default=0, help="seed of the test data (default 0)")
-    sub.add_parser("info", help="print what this build contains (JSON)")
+    sub.add_parser("info", help="print what this build contains (JSON)",
+                   description="Prints edpairs.build_info() as JSON: the version, the CPU kernel and threads, "
+                               "whether the CUDA kernels were built (and for which architectures), their limits, "
+                               "and how many GPUs are visible.")
     return parser
 
 
@@ -735,16 +961,51 @@ def main(argv=None) -> int:
         try:
             if hasattr(args, "seed"):
                 _check_seed(args.seed)
-            return COMMANDS[args.command](args)
+            with _warnings_as_lines(args.command):
+                return COMMANDS[args.command](args)
         except (UserError, FileNotFoundError, FileExistsError, ImportError, ValueError, TypeError,
                 StoreCorrupted, StoreIncomplete) as exc:
             print(f"edpairs {args.command}: error: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:  # while writing or reading (permissions changed, a full disk ...): one line
+            print(f"edpairs {args.command}: error: {_os_error_line(exc)}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             print(f"edpairs {args.command}: interrupted", file=sys.stderr)
             return 130
-    parser.print_help()
-    return 0
+    # No command: argparse's convention for a missing argument (usage, an error line, status 2).
+    parser.print_usage(sys.stderr)
+    commands = ", ".join(["demo", "fit", "report", "layers", "bench", "selfcheck", "info"])
+    print(f"edpairs: error: name a command: {commands} (edpairs --help describes them; edpairs COMMAND --help "
+          "lists its options)", file=sys.stderr)
+    return 2
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(command: str):
+    """edpairs' own warnings (a fit on too little data, a report with another normalisation than
+    the fit's) printed as one line each, ``edpairs COMMAND: warning: ...``, instead of Python's
+    file:line form with a source line; other warnings as Python prints them."""
+    from .pipeline import PipelineWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PipelineWarning):
+            print(f"edpairs {command}: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for an operating-system error: its reason and the file(s) it names."""
+    files = " -> ".join(repr(os.fspath(f)) for f in (exc.filename, exc.filename2) if f is not None)
+    reason = exc.strerror or _first_line(exc)
+    return f"{reason}{': ' + files if files else ''} ({type(exc).__name__})"
 
 
 if __name__ == "__main__":

@@ -105,7 +105,9 @@ class EDPairs:
         on the synthetic ground truth it lowered IoU and cosines (benchmarks/README.md).
     random_state : seed; the same seed gives the same pairs, for an array or its chunks.
     progress : progress display on stderr (default: only when stderr is a terminal).
-    metadata : JSON-serialisable description (model, layer, preprocessing) kept with the pairs.
+    metadata : JSON-serialisable description (model, layer, preprocessing) kept with the pairs;
+        :func:`edpairs.pipeline.fit_pairs` adds ``model_params``, the fingerprint of the model's
+        weights (checked before an analysis), and ``fit_warnings`` when the data was too little.
 
     Fitted attributes (numpy float32): ``decoding_`` (I, D), ``bias_`` (I,), ``encoding_`` (I, D),
     ``mean_`` (D,), ``n_positives_`` (I,), ``whitener_``, ``cluster_centers_`` (whitened),

@@ -13,13 +13,15 @@ import importlib
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["DEMO_LAYER", "NORMALISATIONS", "Log", "ReportInputs", "analyse", "demo", "display_images", "first_views",
-           "fit_pairs", "image_dataset", "images_of", "load_images", "load_model", "model_input"]
+__all__ = ["DEMO_LAYER", "NORMALISATIONS", "Log", "PipelineWarning", "ReportInputs", "WeightsMismatch", "analyse",
+           "check_weights", "demo", "display_images", "first_views", "fit_pairs", "image_dataset", "images_of",
+           "load_images", "load_model", "model_input", "model_params"]
 
 DEMO_MODEL = "efficientnet-lite0"
 # _blocks.12 (7 x 7 x 192): where edpairs' detectors matched the probe set's concepts best
@@ -29,6 +31,20 @@ DEMO_LAYER = "_blocks.12"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 # URA on a few hundred images: a short schedule (the steps, not the epochs, bound its time).
 DEMO_URA = dict(unconstrained_epochs=4, constrained_epochs=4, min_steps=30, batch_images=32)
+#: fit_pairs warns below these: patch rows per concept (each concept's cluster, threshold and
+#: signal vector come from its share of the rows) and positive patches of a fitted concept (its
+#: encoding direction is estimated from them; below 2 it falls back to the whole data's).
+MIN_ROWS_PER_CONCEPT = 20
+MIN_POSITIVES = 10
+
+
+class PipelineWarning(UserWarning):
+    """A fit or an analysis ran but its result is doubtful: too little data for the concepts
+    asked, concepts with a handful of positives, a report on differently normalised inputs."""
+
+
+class WeightsMismatch(ValueError):
+    """The model's parameters differ from those the pairs were fitted with."""
 
 
 class Log:
@@ -154,7 +170,8 @@ def _image_files(paths: Sequence[str]) -> List[str]:
 
 def load_images(paths: Sequence[str]) -> List[Tuple[str, np.ndarray]]:
     """``[(name, (H, W, 3) uint8)]`` from image files and folders (a folder contributes its
-    image files in name order). An unreadable file raises ValueError naming it."""
+    image files in name order), upright as viewers show them (an EXIF orientation, as cameras
+    write it, is applied). An unreadable file raises ValueError naming it."""
     try:
         from PIL import Image
     except ImportError as exc:  # pragma: no cover - Pillow comes with scikit-image
@@ -163,7 +180,7 @@ def load_images(paths: Sequence[str]) -> List[Tuple[str, np.ndarray]]:
     for f in _image_files(paths):
         try:
             with Image.open(f) as im:
-                rgb = _rgb8(im, f)
+                rgb = _rgb8(_upright(im), f, _raw_mode(im))
         except UnsupportedImage:
             raise
         except Exception as exc:  # noqa: BLE001 - PIL raises several types for bad files
@@ -179,15 +196,37 @@ class UnsupportedImage(ValueError):
 _MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def _rgb8(im, f: str) -> np.ndarray:
+_EXIF_ORIENTATION = 0x0112
+
+
+def _raw_mode(im) -> str:
+    """The raw mode of an open PIL image's decoder: what the file holds (the tile is gone once
+    the pixels are loaded or the image is transposed, so it is read first)."""
+    raw = im.tile[0][3] if im.tile else ""
+    return str(raw[0] if isinstance(raw, tuple) and raw else raw)
+
+
+def _upright(im):
+    """The image as viewers show it: ``ImageOps.exif_transpose`` when its EXIF orientation is
+    other than 1 (a phone's portrait JPEG is stored landscape with orientation 6), else the
+    image itself (no copy)."""
+    from PIL import ImageOps
+
+    try:
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: the pixels as stored
+        return im
+    return ImageOps.exif_transpose(im) if orientation not in (None, 1) else im
+
+
+def _rgb8(im, f: str, raw: Optional[str] = None) -> np.ndarray:
     """(H, W, 3) uint8 of an open PIL image. 16-bit grey (PIL mode "I;16", or "I" read from
     16-bit data, as older Pillow gives 16-bit PNGs) is scaled by its range, 0..65535 -> 0..255:
     PIL's own convert("RGB") clips it, turning nearly every pixel white. 32-bit integer ("I")
-    and float ("F") pixels have no fixed range, so they are refused, naming the mode."""
+    and float ("F") pixels have no fixed range, so they are refused, naming the mode. ``raw``:
+    the decoder's raw mode (:func:`_raw_mode`, read from ``im`` when None)."""
     mode = im.mode
-    # The raw mode of the decoder says what the file holds (the tile is gone once loaded).
-    raw = im.tile[0][3] if im.tile else ""
-    raw = str(raw[0] if isinstance(raw, tuple) and raw else raw)
+    raw = _raw_mode(im) if raw is None else raw
     if mode in _MODES_16BIT or (mode == "I" and raw.startswith("I;16")):
         a = np.asarray(im).astype(np.float64)
         grey = np.clip(np.rint(a * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
@@ -257,25 +296,133 @@ def images_of(dataset):
 # Fit
 
 
+def model_params(model) -> str:
+    """``"sha256:..."``: the fingerprint of the model's parameters and buffers (names, dtypes,
+    shapes and bytes of its state_dict), as an activation store records it
+    (:func:`edpairs.store.model_fingerprint`). It reads every byte once: about 15 ms for
+    EfficientNet-Lite0 (19 MB) on one CPU core, ~1 GB/s, plus the copy from the GPU of a model
+    there."""
+    from .store import model_fingerprint
+
+    return model_fingerprint(model)["params"]
+
+
+def check_weights(model, pairs, fingerprint: Optional[str] = None) -> Optional[str]:
+    """The fingerprint of ``model`` (:func:`model_params`; ``fingerprint`` when the caller
+    already has it, so a command hashes the model once) when ``pairs.metadata`` records the
+    one they were fitted with (``"model_params"``), else None without hashing (pairs fitted
+    by an older edpairs, or through the Python API without :func:`fit_pairs`). A different
+    fingerprint raises :class:`WeightsMismatch`: the same architecture with other weights runs,
+    and every number computed from it would be silently wrong."""
+    meta = getattr(pairs, "metadata", None)
+    recorded = meta.get("model_params") if isinstance(meta, dict) else None
+    if not recorded:
+        return None
+    mine = fingerprint or model_params(model)
+    if mine != recorded:
+        fitted = f" ({meta['model']!r})" if meta.get("model") else ""
+        raise WeightsMismatch(
+            f"the model's weights differ from those the pairs were fitted with{fitted}: parameters {mine[:19]}... "
+            f"now, {str(recorded)[:19]}... at the fit; pass the model they were fitted with")
+    return mine
+
+
+def _rows_of(features) -> Optional[Tuple[int, int, str]]:
+    """``(N patch rows, D, "n images x h x w")`` of what :func:`fit_pairs` takes, None when the
+    rows are not known without reading them."""
+    if hasattr(features, "n_samples") and hasattr(features, "n_features"):  # an ActivationStore
+        grid = " x ".join(map(str, features.grid))
+        n = features.n_images
+        return (int(features.n_samples), int(features.n_features),
+                f"{n} image{'s' if n != 1 else ''}{' x ' + grid if grid else ''}")
+    shape = tuple(features.shape) if hasattr(features, "shape") else None
+    if not shape or len(shape) < 2:
+        return None
+    N = int(np.prod(shape[:-1]))
+    if len(shape) == 2:
+        return N, int(shape[-1]), f"{N} rows"
+    return N, int(shape[-1]), f"{shape[0]} image{'s' if shape[0] != 1 else ''} x {' x '.join(map(str, shape[1:-1]))}"
+
+
+def _too_little_data(rows, n_concepts: int) -> Optional[str]:
+    """Why ``rows`` (:func:`_rows_of`) are too few for ``n_concepts`` concepts, else None; a
+    ValueError where the fit cannot work: fewer rows than concepts (a cluster each)."""
+    N, D, what = rows
+    if N < n_concepts:
+        raise ValueError(f"{N} patch rows ({what}) are fewer than the {n_concepts} concepts asked (each concept is "
+                         f"a cluster of rows): fit on more images (or more crops of each), or fewer concepts")
+    why = []
+    if N < D:
+        why.append(f"fewer patch rows than channels ({N} < D = {D}: the covariance has rank at most {N - 1}, so the "
+                   f"whitening keeps at most {N - 1} of {D} directions)")
+    if N < MIN_ROWS_PER_CONCEPT * n_concepts:
+        why.append(f"{N / n_concepts:.1f} rows per concept (under {MIN_ROWS_PER_CONCEPT})")
+    if not why:
+        return None
+    return (f"{N} patch rows ({what}) for {n_concepts} concepts at D = {D}: {'; '.join(why)}; the pairs will "
+            f"follow these few patches, not the concepts: fit on more images (or more crops of each), or fewer "
+            f"concepts")
+
+
+def _few_positives(pairs) -> Optional[str]:
+    """Which fitted concepts have fewer than :data:`MIN_POSITIVES` positive patches, else None."""
+    n_pos = np.asarray(pairs.n_positives_).ravel()
+    few = np.flatnonzero(n_pos < MIN_POSITIVES)
+    if not few.size:
+        return None
+    listed = ", ".join(f"{int(k)}: {int(n_pos[k])}" for k in few[:8]) + (", ..." if few.size > 8 else "")
+    return (f"{few.size} of {n_pos.size} concepts have fewer than {MIN_POSITIVES} positive patches of "
+            f"{int(pairs.n_samples_)} (concept: positives {listed}): their encoding directions and thresholds rest "
+            f"on those few patches; fit on more images (or more crops of each), or fewer concepts")
+
+
 def fit_pairs(model, layer: str, features, n_concepts: int, *, ura=True, model_name=None, preprocessing=None,
-              seed: int = 0, progress=None, **kwargs):
+              seed: int = 0, progress=None, fingerprint: Optional[str] = None, **kwargs):
     """EDPairs fitted on ``features``: the channel-last activations of ``layer`` for whole
     images (n, h, w, D), or an :class:`edpairs.store.ActivationStore`. With ``ura`` (True, a
     dict or a :class:`edpairs.ura.URAConfig`) the detectors are aligned through the head of
-    ``model`` split at the layer. The pairs' metadata records the model, layer and
-    preprocessing."""
+    ``model`` split at the layer.
+
+    The pairs' metadata records the model, layer and preprocessing, and ``model_params``, the
+    fingerprint of the model's parameters and buffers (:func:`model_params`, hashed here once
+    unless ``fingerprint`` gives it; without a model, a store's own record of the model it was
+    extracted from), which :func:`analyse` compares with the model it is given.
+
+    Fewer patch rows than concepts is refused (ValueError); fewer rows than channels, under
+    :data:`MIN_ROWS_PER_CONCEPT` rows per concept, or concepts ending with under
+    :data:`MIN_POSITIVES` positive patches give a :class:`PipelineWarning`, whose text the
+    metadata keeps (``fit_warnings``, shown in a report's header)."""
     from .capture import split_model
     from .pairs import EDPairs
 
+    n_concepts = int(n_concepts)
+    rows = _rows_of(features)
+    doubts = [why for why in [rows and _too_little_data(rows, n_concepts)] if why]
+    for why in doubts:
+        warnings.warn(why, PipelineWarning, stacklevel=2)
+    if model is not None:
+        params = fingerprint or model_params(model)
+    else:  # a store records the parameters of the model it was extracted from
+        params = ((getattr(features, "key", None) or {}).get("model") or {}).get("params")
     meta = dict(model=model_name, layer=layer, preprocessing=preprocessing)
-    pairs = EDPairs(int(n_concepts), random_state=seed, progress=progress, metadata=meta, **kwargs)
+    if params:
+        meta["model_params"] = params
+    pairs = EDPairs(n_concepts, random_state=seed, progress=progress, metadata=meta, **kwargs)
     if ura:
         if model is None:
             raise ValueError("URA needs the model (its head after the layer)")
-        return pairs.fit(features, head=split_model(model, layer).head, ura=DEMO_URA if ura is True else ura)
-    if hasattr(features, "chunks"):
-        return pairs.fit(features)
-    return pairs.fit(np.asarray(features).reshape(-1, np.shape(features)[-1]))
+        pairs.fit(features, head=split_model(model, layer).head, ura=DEMO_URA if ura is True else ura)
+    elif hasattr(features, "chunks"):
+        pairs.fit(features)
+    else:
+        pairs.fit(np.asarray(features).reshape(-1, np.shape(features)[-1]))
+    few = _few_positives(pairs)
+    if few:
+        warnings.warn(few, PipelineWarning, stacklevel=2)
+        doubts.append(few)
+    if doubts:
+        pairs.metadata = dict(pairs.metadata, fit_warnings=doubts)
+    return pairs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,20 +451,41 @@ def _top5(logits: np.ndarray, class_names) -> list:
     return [(class_names[k] if class_names else f"class {k}", float(p[k])) for k in order]
 
 
+def _fitted_normalisation(pairs) -> Optional[str]:
+    """The normalisation the pairs' metadata records for their fit (None when it does not)."""
+    meta = getattr(pairs, "metadata", None)
+    prep = meta.get("preprocessing") if isinstance(meta, dict) else None
+    norm = prep.get("normalisation") if isinstance(prep, dict) else None
+    return norm if isinstance(norm, str) else None
+
+
 def analyse(model, layer: str, pairs, images, *, activations=None, probe=None, probe_activations=None,
             class_names=None, explain_images: Optional[Sequence] = None, n_noise: int = 50,
-            normalisation: str = "efficientnet-lite", log: Optional[Log] = None, seed: int = 0) -> ReportInputs:
+            normalisation: Optional[str] = None, preprocessing: Optional[dict] = None, log: Optional[Log] = None,
+            seed: int = 0, fingerprint: Optional[str] = None) -> ReportInputs:
     """Runs the analyses the report shows.
 
     ``images``: EfficientNet-Lite inputs (n, 3, H, W) in [-1, 1] (shown in the report; the
-    model gets :func:`model_input` of them with ``normalisation``); ``activations``: their
+    model gets :func:`model_input` of them with ``normalisation``: default, the one the pairs'
+    metadata records for their fit, else ``"efficientnet-lite"``; another than the fit's gives a
+    :class:`PipelineWarning`, since the concepts were fitted on differently normalised inputs);
+    ``preprocessing``: a description of ``images`` for the report (e.g.
+    :attr:`edpairs.zoo.PhotoDataset.preprocessing`); ``activations``: their
     channel-last layer activations (captured when None). ``probe``: an :class:`edpairs.probe.ProbeSet`
     (dissection: thresholds and labels from its even images, IoU on the odd ones), with its
     activations ``probe_activations`` (captured when None). Influence: every image, the head of
     the model split at the layer, ``n_noise`` noise directions, on the classes predicted for
     the images. Explanations and a gated removal of each explained image's strongest concept:
     ``explain_images``, a list of image indices or ``(index, name)`` pairs (default: the first
-    four images)."""
+    four images).
+
+    First, when the pairs' metadata records the fingerprint of the model they were fitted with,
+    ``model``'s is compared (:func:`check_weights`; ``fingerprint``: the model's, when the
+    caller has it) and a mismatch raises :class:`WeightsMismatch` before any work.
+
+    The result's ``meta`` records what this analysis used: ``preprocessing`` (``preprocessing``
+    or the images' count and size, with ``normalisation``), the fit's own as
+    ``fit_preprocessing``, and ``warnings``."""
     import torch
 
     from .capture import capture, split_model
@@ -327,13 +495,33 @@ def analyse(model, layer: str, pairs, images, *, activations=None, probe=None, p
     from .interventions import intervene
 
     log = log or Log(enabled=False)
+    check_weights(model, pairs, fingerprint)
+    fitted = _fitted_normalisation(pairs)
+    normalisation = normalisation or fitted or "efficientnet-lite"
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+    notes = []
+    if fitted and fitted != normalisation:
+        notes.append(f"the images are normalised as {normalisation!r} but the pairs were fitted on {fitted!r} "
+                     f"inputs: the layer's activations differ from those the concepts were fitted on, so their "
+                     f"detections, influence and removals may be off; normalise as {fitted!r}, or refit")
+        warnings.warn(notes[-1], PipelineWarning, stacklevel=2)
     split = split_model(model, layer)
     shown = display_images(images)
+    described = dict(preprocessing) if preprocessing else dict(images=len(shown), size=list(shown.shape[1:3]))
     images = model_input(images, normalisation)
     if activations is None:
         with log.step(f"capturing {layer} on {len(images)} images"):
             activations = capture(model, layer, images, batch_size=16, progress=False)
     out = ReportInputs(images=shown, activations=np.asarray(activations), class_names=class_names)
+    # The report's header shows the pairs' metadata overlaid by this: the inputs of this
+    # analysis, not those of the fit (kept apart).
+    out.meta["preprocessing"] = dict(described, normalisation=normalisation)
+    fit_meta = getattr(pairs, "metadata", None)
+    if isinstance(fit_meta, dict) and fit_meta.get("preprocessing") is not None:
+        out.meta["fit_preprocessing"] = fit_meta["preprocessing"]
+    if notes:
+        out.meta["warnings"] = notes
     I = pairs.decoding_.shape[0]
     if probe is not None:
         with log.step(f"dissection on the probe set ({len(probe)} images, {len(probe.concepts)} concepts)"):
@@ -436,13 +624,17 @@ def demo(out_dir: str = "edpairs-demo", *, layer: str = DEMO_LAYER, n_concepts: 
         probe_acts = capture(model, layer, probe.tensors(), batch_size=16, progress=False)
         lg.say(f"activations {acts.shape[1:]} per image")
     fit_acts = np.concatenate([acts, probe_acts[0::2]])  # the probe set's odd images score the dissection
+    params = model_params(model)  # (once: the fit records it, the analysis compares it)
     with lg.step(f"fitting {n_concepts} pairs on {len(fit_acts)} images"
                  + (" with URA through the network's head" if ura else "")):
         pairs = fit_pairs(model, layer, fit_acts, n_concepts, ura=ura, model_name=DEMO_MODEL,
-                          preprocessing=data.preprocessing, seed=seed, progress=False)
+                          preprocessing=dict(data.preprocessing, normalisation="efficientnet-lite"), seed=seed,
+                          progress=False, fingerprint=params)
     class_names = zoo.imagenet_class_names()
     inputs = analyse(model, layer, pairs, images, activations=acts, probe=probe, probe_activations=probe_acts,
-                     class_names=class_names, explain_images=first_views(data), n_noise=n_noise, log=lg, seed=seed)
+                     class_names=class_names, explain_images=first_views(data), n_noise=n_noise,
+                     normalisation="efficientnet-lite", preprocessing=data.preprocessing, log=lg, seed=seed,
+                     fingerprint=params)
     inputs.meta.update(model=DEMO_MODEL, layer=layer, photos=", ".join(data.names), crops_per_photo=crops_per_photo,
                        probe_images=len(probe), fit_images=int(len(fit_acts)), ura=bool(ura), seed=seed)
     index = write(out_dir, pairs, inputs, title=f"edpairs demo: EfficientNet-Lite0 {layer}", overwrite=overwrite,
