@@ -130,11 +130,22 @@ def test_significant_influences_have_the_presence_heads_signs(margin_layer, whic
         pairs, match = gt_pairs(layer), np.arange(3)
     truth = head.relations()[match]                                  # (I, K), here every cell +-1
     assert np.all(truth != 0)
-    res = influence(head, layer.images(), pairs, n_noise=20, seed=0)
+    # 180 noise directions: the fewest with which even a cell on the empirical p-value (a null the
+    # normal fit does not describe) can pass Bonferroni over the 9 cells (1/181 * 9 < 0.05).
+    assert inf_mod._noise_needed(9, 0.05) == 180
+    res = influence(head, layer.images()[:1000], pairs, n_noise=180, seed=0)
     assert np.median(res.null_std) < 0.1                             # the noise leaves images untouched
     sig = res.significant
-    assert sig.sum() >= 7, res.pvalues_adjusted
+    assert sig.sum() >= 7, (res.pvalues_adjusted, res.test_note)
     np.testing.assert_array_equal(np.sign(res.scores[sig]), truth[sig])
+    # Where the normal checks pass, the p-value is the normal fit's, as before them.
+    from scipy.stats import norm
+
+    normal = res.tests == "normal"
+    assert normal.sum() >= 6
+    sd = np.maximum(res.null_std, 1.0 / res.n_scored[None, :])
+    np.testing.assert_allclose(res.pvalues[normal], (2 * norm.sf(np.abs(res.scores - res.null_mean) / sd))[normal],
+                               rtol=1e-12)
     # Empirical p-values cannot go below 1 / (n_noise + 1): Bonferroni over 9 tests then finds nothing.
     emp = influence(head, layer.images()[:500], pairs, n_noise=10, pvalue="empirical", seed=0)
     assert emp.pvalues.min() == pytest.approx(1 / 11) and not emp.significant.any()
@@ -360,6 +371,98 @@ def test_the_normal_pvalue_needs_enough_noise_directions(layer):
     assert emp.pvalues.min() >= 0.5 and not emp.significant.any()
     none = influence(layer.head, feats, pairs, n_noise=0)
     assert np.isnan(none.pvalues).all() and not none.significant.any()
+
+
+def _pinned(n_images, sigma=0.5, seed=0):
+    """A trial-like null: (n, 8) vector features 4 units from a class-0 prototype along concept 0,
+    a head whose class-0 logit is minus the squared distance to it. Concept 0's step of 5 brings
+    every image closer (score 1); a noise direction of the same length takes nearly every image
+    away (scores piled at -1, a few values above)."""
+    rng = np.random.default_rng(seed)
+    D = 8
+    X = -4.0 * np.eye(D)[0] + sigma * rng.standard_normal((n_images, D))
+
+    def head(f):
+        f = np.asarray(f)
+        return np.stack([-np.sum(f * f, axis=1), np.zeros(len(f))], axis=1)
+
+    pairs = SimpleNamespace(decoding_=np.eye(D)[:2], encoding_=np.eye(D)[:2], bias_=np.array([-4.0, 0.0]))
+    return head, X, pairs
+
+
+def test_a_few_images_null_crowding_the_bound_gets_the_empirical_test():
+    """User trial (14 images, 50 noise directions): a cell's noise scores were all in
+    {-1, -6/7, -5/7, -4/7} (sd 0.097), the observed score 1, z = 19, p_adj = 4.6e-77, and 23 of 176
+    cells 'significant' where the empirical test found none. Here the same shape: the normal fit
+    is refused for such a null (too few images of spread, crowding -1), the cell gets the
+    empirical p-value, and the result says so."""
+    head, X, pairs = _pinned(14)
+    res = influence(head, X, pairs, n_noise=50, seed=0, classes=[0], alpha=0.01)
+    null = res.null_scores[0, :, 0]
+    assert res.scores[0, 0] == 1.0 and null.mean() < -0.85 and len(np.unique(null)) <= 8
+    # (before: z = 9.6 on the normal fit, p_adj ~ 1e-21, significant)
+    assert res.pvalues[0, 0] == pytest.approx(1 / 51)                 # beyond every noise score
+    assert res.pvalues.min() >= 1 / 51 and not res.significant.any()
+    assert res.tests[0, 0] == "empirical"
+    assert "spread over" in res.test_reasons[0, 0] and "bound" in res.test_reasons[0, 0]
+    note = res.test_note
+    assert "normal null in 0 of 2 cells" in note and "empirical p-values" in note and "bound" in note
+    assert "Bonferroni over 2 cells at alpha = 0.01" in note
+    assert "cannot be significant with fewer than 200 noise directions" in note
+    rec = res.to_records()[0]
+    assert rec["test"] == "empirical" and rec["test_reason"] == res.test_reasons[0, 0]
+    # The same shape on 200 images: ample spread, but still crowding -1 (|mean| + 3 sd > 1).
+    head, X, pairs = _pinned(200)
+    big = influence(head, X, pairs, n_noise=50, seed=0, classes=[0], alpha=0.01)
+    assert big.null_std[0, 0] * 200 > 3 and big.tests[0, 0] == "empirical"
+    assert "spread" not in big.test_reasons[0, 0] and "bound" in big.test_reasons[0, 0]
+    assert "spread over fewer" not in big.test_note and "in 2 they crowd the score's bound" in big.test_note
+    assert not big.significant.any()
+
+
+def test_a_null_that_moves_no_image_gets_the_empirical_test(margin_layer):
+    """On the margin layer most of 20 noise directions move no image: a cell's noise scores all 0,
+    sd 0, which the old floor (sd >= 1/n) turned into z = n and p_adj = 0. Such a cell now gets
+    the empirical p-value; cells whose noise does spread keep the normal fit."""
+    layer = margin_layer
+    head = edp.synthetic.PresenceHead.from_layer(layer, width=0.5)
+    res = influence(head, layer.images()[:1000], gt_pairs(layer), n_noise=20, seed=0)
+    one_value = np.array([[len(np.unique(res.null_scores[i, :, k])) == 1 for k in range(3)] for i in range(3)])
+    assert one_value.any()
+    assert np.all(res.pvalues[one_value] >= 1 / 21) and not res.significant[one_value].any()
+    assert np.all(res.tests[one_value] == "empirical")
+    assert all(r.startswith("noise scores spread over 0.00 images") for r in res.test_reasons[one_value])
+    assert np.all(res.tests[~one_value & (res.null_std * 1000 >= 3)] == "normal")
+
+
+@pytest.mark.parametrize("null, n, normal, why", [
+    # (noise scores, images scored): the normal fit's two checks (module docstring)
+    (np.linspace(-0.3, 0.3, 20), 100, True, ""),
+    (np.zeros(20), 2000, False, "spread"),                            # no noise direction moved an image
+    (np.r_[np.zeros(19), 2 / 2000], 2000, False, "spread"),          # one moved two images
+    (np.r_[-np.ones(15), np.full(5, -6 / 7)], 14, False, "spread+bound"),
+    (np.linspace(0.2, 1.0, 20), 100, False, "bound"),                # crowds +1: sd 0.24, mean 0.6
+    (np.linspace(-1.0, 1.0, 20), 2000, False, "bound"),              # wide (sd 0.62): |z| < 3 (1 + |mean|)
+    (np.linspace(-0.03, 0.03, 20), 100, False, "spread"),           # sd x n = 1.9
+    (np.linspace(-0.03, 0.03, 20), 200, True, ""),                   # sd x n = 3.8
+])
+def test_the_normal_fit_checks(null, n, normal, why):
+    mean, sd = null.mean()[None, None], null.std(ddof=1)[None, None]
+    few, crowded = inf_mod._normal_fit_fails(mean, sd, np.array([n]))
+    assert (not (few | crowded)[0, 0]) == normal
+    assert bool(few[0, 0]) == ("spread" in why) and bool(crowded[0, 0]) == ("bound" in why)
+
+
+def test_no_noise_directions_is_no_test(layer):
+    """n_noise=0: no test was run, and the result says so (the report used to announce a
+    Bonferroni test under a normal null and 'no significant cell')."""
+    res = influence(layer.head, layer.images()[:20], gt_pairs(layer), n_noise=0)
+    assert np.all(res.tests == "none") and np.isnan(res.pvalues).all() and not res.significant.any()
+    assert res.test_note.startswith("no significance test was run") and "n_noise=0" in res.test_note
+    assert res.to_records()[0]["test"] == "none"
+    emp = influence(layer.head, layer.images()[:20], gt_pairs(layer), n_noise=3, pvalue="empirical")
+    assert np.all(emp.tests == "empirical") and "as requested" in emp.test_note
+    assert np.all(emp.test_reasons == "pvalue='empirical' requested")
 
 
 @pytest.mark.parametrize("kwargs, error, message", [

@@ -1,5 +1,5 @@
 """The HTML report (edpairs.report): a folder that opens offline, with the atlas patches being the
-highest-membership cells of distinct images, report.json equal to the inputs, escaped user
+highest-membership member cells of distinct images, report.json equal to the inputs, escaped user
 strings, atomic writes (no temporary folder left, an existing report replaced only on request)
 and clear errors; and, where a chromium binary exists, the page rendered in a headless browser
 with every image loaded."""
@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import time
+from html import escape as html_escape
 
 import numpy as np
 import pytest
@@ -143,7 +144,7 @@ def test_top_patches_are_the_highest_cells_of_distinct_images(setup, full):
         i = c["index"]
         # Independently: each image's best cell, images by decreasing best membership.
         best = [(float(member[j, :, :, i].max()), j) for j in range(N)]
-        expected = sorted(best, key=lambda t: (-t[0], t[1]))[:5]
+        expected = [t for t in sorted(best, key=lambda t: (-t[0], t[1]))[:5] if t[0] > 0.5]  # members only
         got = [(p["membership"], p["image"]) for p in c["patches"]]
         assert [j for _, j in got] == [j for _, j in expected]
         np.testing.assert_allclose([y for y, _ in got], [y for y, _ in expected], rtol=1e-6)
@@ -152,6 +153,84 @@ def test_top_patches_are_the_highest_cells_of_distinct_images(setup, full):
             assert member[p["image"], p["row"], p["col"], i] == pytest.approx(member[p["image"], :, :, i].max())
         # The example map is on the image the concept covers most.
         assert c["map"]["image"] == int(np.argmax(member[:, :, :, i].mean(axis=(1, 2))))
+
+
+def test_atlas_shows_members_only(setup, tmp_path):
+    """The demo atlas showed non-members as "top patches" (concept 0: "#46 · 0.00"; ten such patches
+    over the atlas): a concept now shows only cells of membership > 0.5, fewer than top_k when
+    fewer images hold one (saying so), none when no image does."""
+    import copy
+
+    _, pairs, acts, _, images = setup
+    few = copy.deepcopy(pairs)
+    z = np.asarray(few.decode(acts.reshape(-1, 8))).reshape(N, -1, 3).max(axis=1)   # (n, I) best cell per image
+    top = np.sort(z[:, 1])[::-1]
+    b = np.array(few.bias_, dtype=np.float64)
+    b[1] = (top[1] + top[2]) / 2      # concept 1: members in exactly two images
+    b[2] = z[:, 2].max() + 50.0       # concept 2: in none
+    few.bias_ = b.astype(np.float32)
+    rp.write_report(tmp_path / "r", few, images, acts, top_k=5)
+    data = json.loads((tmp_path / "r" / "report.json").read_text(encoding="utf-8"))
+    shown = [len(c["patches"]) for c in data["concepts"]]
+    assert shown[1:] == [2, 0] and data["concepts"][1]["member_images"] == 2
+    assert all(p["membership"] > 0.5 for c in data["concepts"] for p in c["patches"])
+    html = (tmp_path / "r" / "index.html").read_text(encoding="utf-8")
+    assert "2 of 5: only 2 of the 12 images hold a member cell (membership &gt; 0.5)" in html
+    assert "no member cell (membership &gt; 0.5) in these 12 images" in html
+    assert len(re.findall(r'<img [^>]*class="patch"', html)) == sum(shown)
+    assert sorted(os.listdir(tmp_path / "r" / "atlas")) == sorted(
+        [f"concept{i:03d}_top{j:02d}.png" for i in range(3) for j in range(shown[i])]
+        + [f"concept{i:03d}_map.png" for i in range(3)])
+    assert rp.check_report(tmp_path / "r") == []
+
+
+def test_header_and_dissection_say_what_their_numbers_count(full, setup):
+    """The demo header said "images 48" while the pairs were fitted on 96 images; S1 / S2 were
+    never explained. The header now names the images shown, the patches (and images) the pairs
+    were fitted on and the images influence scored; the dissection explains S1, S2 and its
+    probe halves."""
+    _, pairs, _, _, _ = setup
+    html, data = full["html"], full["data"]
+    head = html[:html.index("<nav>")]
+    assert "images shown</td><td>12 (the atlas and concept maps are drawn from these)" in head
+    assert pairs.n_samples_ == N * 16 and data["fit_patches"] == N * 16
+    assert f"pairs fitted on</td><td>{N * 16} patches = {N} images of 4 × 4 cells" in head
+    assert "influence scored on</td><td>12 images, 10 noise directions per concept" in head
+    assert "sum over detectors of their IoU with their label" in html
+    assert "sum over probe concepts of the best IoU of a detector labelled with it" in html
+    assert "probe images (labels / IoU)" in html
+
+
+def test_influence_section_says_which_test_was_used(full):
+    """The Influence section and report.json state which test gave the p-values and why (the
+    result's test_note and per-cell tests), and each significant cell's test."""
+    res, inf, html = full["influence"], full["data"]["influence"], full["html"]
+    assert inf["tested"] is True and inf["test_note"] == res.test_note and res.test_note
+    assert np.array_equal(np.array(inf["tests"]), res.tests)
+    assert inf["n_noise"] == 10 and inf["n_images"] == N
+    section = html[html.index('<section id="influence">'):]
+    section = section[:section.index("</section>")]
+    assert f"Test (normal requested): {html_escape(res.test_note)}." in section
+    assert "Bonferroni over 9 cells at alpha = 0.5" in section
+    for c in inf["significant_cells"]:
+        assert c["test"] == res.tests[c["concept"], c["class_index"]]
+
+
+def test_no_noise_directions_says_no_test_was_run(setup, tmp_path):
+    """--noise 0: the section said "significant after Bonferroni ... (normal null)" and "No
+    significant (concept, class) cell at alpha = 0.05" although no test was run."""
+    layer, pairs, acts, _, images = setup
+    result = run_influence(layer.head, acts, pairs, n_noise=0)
+    rp.write_report(tmp_path / "r", pairs, images, acts, influence=result, top_k=2)
+    html = (tmp_path / "r" / "index.html").read_text(encoding="utf-8")
+    section = html[html.index('<section id="influence">'):]
+    section = section[:section.index("</section>")]
+    assert "<b>No significance test was run</b>: no noise directions (n_noise=0; CLI --noise 0)" in section
+    for claim in ("Bonferroni", "normal null", "Significant cells", "No significant"):
+        assert claim not in section, claim
+    data = json.loads((tmp_path / "r" / "report.json").read_text(encoding="utf-8"))
+    assert data["influence"]["tested"] is False and data["influence"]["significant_cells"] == []
+    assert rp.check_report(tmp_path / "r") == []
 
 
 def test_patch_crop_outlines_the_cell():

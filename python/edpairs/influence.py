@@ -24,20 +24,50 @@ Definitions (what :func:`influence` computes):
   covariance); its encoding direction is the stage-4 positives-only estimator
   ``Cov_P(x, z) / Var_P(z)``, ``z = w . x``, over P. Each is scaled to the Euclidean length of the
   concept's own step and scored like it.
-* p-values. ``pvalue="normal"`` (default): two-sided, from a normal fit to the noise scores,
-  ``z = (score - mean) / sd`` with ``sd`` floored at ``1 / n`` (the score's resolution). With
-  100 noise directions an exact permutation p-value cannot go below 1/101, which Bonferroni over
-  more than five tests can never call significant: hence the parametric fit by default.
-  ``pvalue="empirical"``: ``(1 + #{noise with |score - mean| >= |observed - mean|}) / (n_noise + 1)``.
-  Bonferroni: ``p_adj = min(1, p * I * K)``; significant when ``p_adj < alpha``. The normal fit
-  rests on the noise directions' spread: use tens of them (100 by default); with a handful the
-  spread is underestimated and far too many cells come out significant. So the normal fit needs
-  at least ``MIN_NOISE_NORMAL`` (10) of them and fewer are refused: for normal noise scores the
-  sample sd of ``m`` of them falls below half the true one with probability
-  ``P(chi2_{m-1} < (m-1)/4)``, 38 % at m = 2, 9 % at m = 5, 1.3 % at m = 10; a halved sd doubles
-  every z, which moves a cell at z = 1.7 past the Bonferroni threshold of a 20-cell family
-  (z = 3.0). (With one direction the sd is 0, floored at ``1 / n``: p-values near 1e-57 were
-  reported.) The empirical p-value is valid with any number (at least 1 / (n_noise + 1)).
+* p-values. ``pvalue="normal"`` (default): two-sided, from a normal fit to the cell's noise
+  scores, ``z = (score - mean) / sd`` (``sd`` the sample sd), in the cells where that fit is
+  justified (the rule below). In the other cells, and in every cell with ``pvalue="empirical"``:
+  ``(1 + #{noise with |score - mean| >= |observed - mean|}) / (n_noise + 1)``, valid for any null
+  but never below ``1 / (n_noise + 1)``: with 100 noise directions Bonferroni over more than five
+  tests can never call it significant, hence the parametric fit where it holds. Bonferroni:
+  ``p_adj = min(1, p * I * K)`` over the whole family, whichever test each cell used; significant
+  when ``p_adj < alpha``. The result says per cell which test was used and why (``tests``,
+  ``test_reasons``) and sums it up in one sentence (``test_note``).
+* When the normal fit is justified. A score is a net count of images, ``(n_up - n_down) / n``: a
+  lattice of step ``1 / n`` bounded by [-1, 1] (``n`` the images scored for the class). Its noise
+  scores are described by a normal only under the conditions a binomial count's normal
+  approximation needs, checked per cell:
+
+  1. spread: ``sd * n >= MIN_NULL_SPREAD`` (3): the noise scores' sd spans at least three
+     images of net count (variance >= 9 in counts, the textbook ``n p (1 - p) >= 9``). Below
+     that the null is a handful of lattice values, or one when no noise direction moves any
+     image (as on a layer with a margin); a normal fitted to it says nothing about its tail (an
+     earlier floor ``sd >= 1 / n`` turned such a null into ``|z|`` up to ``2 n``: p = 0 at 2,000
+     images).
+  2. room: ``|mean| + NULL_ROOM_SD * sd <= 1`` (3 sd): the fitted normal lies inside the
+     scores' range (the textbook ``n p +- 3 sqrt(n p (1 - p))`` inside ``[0, n]``). Noise scores
+     crowded against -1 or 1 are censored there and skewed, their long tail pointing away from
+     the bound, where an observed score of the other sign lies: there the normal tail is far too
+     thin. A null wider than sd 1/3 fails too, at little cost: its ``|z|`` is below
+     ``3 (1 + |mean|)`` anyway.
+
+  Together they rule out fewer than 9 images (``3 / n <= sd <= 1 / 3``). A user trial on 14
+  images (EfficientNet-Lite0, 50 noise directions) had a cell whose noise scores all lay in
+  {-1, -6/7, -5/7, -4/7} (sd 0.097: 1.4 images), observed score 1, z = 19, p_adj = 4.6e-77, and
+  23 of 176 cells "significant", none with the empirical p-value; rule 2 flags all 23, rule 1
+  20 of them. Cells that fail use the empirical p-value, which needs ``n_noise >= I * K /
+  alpha`` directions to reach significance (``test_note`` gives the number). The rules are
+  necessary, not sufficient: a normal tail read far beyond every noise score is an
+  extrapolation, so a p-value far below ``alpha / (I K)`` says "beyond every noise direction",
+  not its digits.
+* How many noise directions. The normal fit rests on their spread: use tens of them (100 by
+  default); with a handful the spread is underestimated and far too many cells come out
+  significant. So the normal fit needs at least ``MIN_NOISE_NORMAL`` (10) of them and fewer are
+  refused: for normal noise scores the sample sd of ``m`` of them falls below half the true one
+  with probability ``P(chi2_{m-1} < (m-1)/4)``, 38 % at m = 2, 9 % at m = 5, 1.3 % at m = 10; a
+  halved sd doubles every z, which moves a cell at z = 1.7 past the Bonferroni threshold of a
+  20-cell family (z = 3.0). (With one direction the sd is 0: p-values near 1e-57 were reported.)
+  The empirical p-value is valid with any number.
 
 When the test has power (measured on synthetic layers with known heads, bench_influence.py).
 The sign test counts every image that moves, however little, so a noise direction is quiet only
@@ -52,7 +82,10 @@ the margin between the patches and the thresholds: on a layer with such a margin
 small share of the variance every cell was significant with the head's sign (null sd ~0.04); on
 the published and large presets (no margin; on the published one the label-permuted directions
 are concept mixtures of the step's own size) nothing was, though the scores' signs matched the
-head wherever the pairs' steps move mainly their own concept.
+head wherever the pairs' steps move mainly their own concept. On the margin layer a concept's
+noise can also move no image at all (every noise score 0, most often with 20 directions, now
+and then with 100): such a cell gets the empirical p-value, and its 9-cell family then needs
+180 noise directions (tests/test_influence.py).
 """
 
 from __future__ import annotations
@@ -72,6 +105,8 @@ from ._io import make_folder, write_atomic
 __all__ = ["InfluenceResult", "influence", "plot_influence", "noise_directions"]
 
 MIN_NOISE_NORMAL = 10  # noise directions the normal p-value needs (module docstring)
+MIN_NULL_SPREAD = 3.0  # images of net count the noise scores' sd must span for the normal fit
+NULL_ROOM_SD = 3.0     # the fitted normal's mean +- this many sd must lie inside [-1, 1]
 MIN_NOISE_ROWS = 4     # rows a label-permuted detector needs: at least 2 positives and 2 negatives
 
 
@@ -88,7 +123,9 @@ class InfluenceResult:
     (Bonferroni over I x K) and ``significant`` (I, K); ``null_mean`` / ``null_std`` (I, K) and
     ``null_scores`` (I, n_noise, K) of the noise directions; ``n_scored`` (K,) images scored per
     class; ``concepts`` / ``classes`` names and ``class_indices`` (the head's index of each
-    column); the settings used."""
+    column); the settings used. Which test gave each p-value: ``tests`` (I, K) ``"normal"``,
+    ``"empirical"`` or ``"none"`` (no noise directions), ``test_reasons`` (I, K) why (empty for
+    the normal fit), and ``test_note``, one sentence for the whole family (module docstring)."""
 
     scores: np.ndarray
     pvalues: np.ndarray
@@ -105,10 +142,13 @@ class InfluenceResult:
     pvalue: str
     settings: dict = field(default_factory=dict)
     class_indices: List[int] = field(default_factory=list)
+    tests: Optional[np.ndarray] = None
+    test_reasons: Optional[np.ndarray] = None
+    test_note: str = ""
 
     def to_records(self) -> List[dict]:
         """One dict per (concept, class): concept, class, score, p, p_adjusted, significant,
-        null_mean, null_std, n_images — a tidy table."""
+        test (and test_reason), null_mean, null_std, n_images — a tidy table."""
         rows = []
         for i, c in enumerate(self.concepts):
             for k, name in enumerate(self.classes):
@@ -117,6 +157,8 @@ class InfluenceResult:
                                  score=float(self.scores[i, k]), p=float(self.pvalues[i, k]),
                                  p_adjusted=float(self.pvalues_adjusted[i, k]),
                                  significant=bool(self.significant[i, k]),
+                                 test=None if self.tests is None else str(self.tests[i, k]),
+                                 test_reason=None if self.test_reasons is None else str(self.test_reasons[i, k]),
                                  null_mean=float(self.null_mean[i, k]), null_std=float(self.null_std[i, k]),
                                  n_images=int(self.n_scored[k])))
         return rows
@@ -358,6 +400,79 @@ class _Scorer:
         return _host(total)
 
 
+# ---- which test --------------------------------------------------------------------------
+def _normal_fit_fails(mean, sd, n_scored):
+    """The two checks of the normal fit (module docstring), per cell: ``few`` (I, K) where the
+    noise scores spread over fewer than MIN_NULL_SPREAD images of net count, ``crowded`` where
+    the fitted normal leaves [-1, 1] (|mean| + NULL_ROOM_SD sd > 1)."""
+    spread = sd * np.asarray(n_scored, dtype=np.float64)[None, :]
+    few = ~(spread >= MIN_NULL_SPREAD - 1e-9)
+    crowded = ~(np.abs(mean) + NULL_ROOM_SD * sd <= 1.0 + 1e-9)
+    return few, crowded
+
+
+def _test_reasons(normal, few, crowded, mean, sd, n_scored, pvalue: str) -> np.ndarray:
+    """(I, K) why each cell got its test: "" for the normal fit."""
+    reasons = np.full(normal.shape, "", dtype=object)
+    for i, k in zip(*np.nonzero(~normal)):
+        if pvalue == "empirical":
+            reasons[i, k] = "pvalue='empirical' requested"
+            continue
+        parts = []
+        if few[i, k]:
+            parts.append(f"noise scores spread over {sd[i, k] * n_scored[k]:.2f} images "
+                         f"(sd x n < {MIN_NULL_SPREAD:g}: too discrete for a normal fit)")
+        if crowded[i, k]:
+            parts.append(f"noise scores crowd the score's bound (|mean| + {NULL_ROOM_SD:g} sd = "
+                         f"{abs(mean[i, k]) + NULL_ROOM_SD * sd[i, k]:.2f} > 1: censored and skewed)")
+        reasons[i, k] = "; ".join(parts)
+    return reasons.astype(str)
+
+
+def _noise_needed(n_cells: int, alpha: float) -> int:
+    """The fewest noise directions with which an empirical p-value (at least
+    ``1 / (n_noise + 1)``) can pass Bonferroni over ``n_cells`` tests at ``alpha``."""
+    m = max(1, int(np.floor(n_cells / alpha)) - 1)
+    while n_cells / (m + 1.0) >= alpha:
+        m += 1
+    return m
+
+
+def _test_note(tests, few, crowded, *, n_noise: int, alpha: float, pvalue: str) -> str:
+    """One sentence: which test gave the family's p-values and why (InfluenceResult.test_note)."""
+    cells = int(tests.size)
+    if n_noise == 0:
+        return ("no significance test was run: no noise directions (n_noise=0), so the p-values are NaN and "
+                "no cell is marked significant; the scores stand alone")
+    n_normal = int((tests == "normal").sum())
+    n_empirical = cells - n_normal
+    if pvalue == "empirical":
+        text = f"empirical p-values (rank among {n_noise} noise directions) in all {cells} cells, as requested"
+    elif n_empirical == 0:
+        text = (f"normal null (a normal fit to each cell's {n_noise} noise scores) in all {cells} cells: every "
+                f"cell's noise scores spread over at least {MIN_NULL_SPREAD:g} images and lie within |mean| + "
+                f"{NULL_ROOM_SD:g} sd <= 1")
+    else:
+        why = []
+        if few.any():
+            why.append(f"in {int(few.sum())} they spread over fewer than {MIN_NULL_SPREAD:g} images (sd x n < "
+                       f"{MIN_NULL_SPREAD:g}: too few images, or noise that moves almost none)")
+        if crowded.any():
+            why.append(f"in {int(crowded.sum())} they crowd the score's bound -1 or 1 (|mean| + {NULL_ROOM_SD:g} "
+                       f"sd > 1)")
+        both = int((few & crowded).sum())
+        text = (f"normal null in {n_normal} of {cells} cells; empirical p-values (rank among {n_noise} noise "
+                f"directions) in {n_empirical}, where a normal fit to the noise scores is not justified: "
+                + ", ".join(why) + (f" ({both} fail both)" if both else ""))
+    text += f"; Bonferroni over {cells} cells at alpha = {alpha:g}"
+    if n_empirical:
+        needed = _noise_needed(cells, alpha)
+        text += (f". An empirical p-value cannot go below 1 / (n_noise + 1) = {1.0 / (n_noise + 1):.2g}"
+                 + (f", so those cells cannot be significant with fewer than {needed} noise directions"
+                    if needed > n_noise else ""))
+    return text
+
+
 def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 100, alpha: float = 0.05,
               labels=None, batch_size: int = 64, concepts: Optional[Sequence[int]] = None,
               classes: Optional[Sequence[int]] = None, concept_names: Optional[Sequence[str]] = None,
@@ -379,9 +494,13 @@ def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 10
     concepts x these classes. Floats and bools are refused as indices (never truncated or read
     as a mask). concept_names / class_names: one name per concept of the pairs / class of the
     head. strength: finite, nonzero. ``n_noise=0`` skips the null (p-values NaN, nothing
-    significant); the normal p-value needs ``n_noise >= MIN_NOISE_NORMAL`` (10, module
-    docstring), the empirical one any number. max_rows: at most this many patches (>= 4) are
-    sampled for the noise detectors. Deterministic for a given ``seed`` (an integer >= 0)."""
+    significant, ``tests`` "none"); the normal p-value needs ``n_noise >= MIN_NOISE_NORMAL`` (10,
+    module docstring), the empirical one any number. With ``pvalue="normal"`` a cell whose noise
+    scores fail the normal fit's checks (spread over fewer than ``MIN_NULL_SPREAD`` images, or
+    crowding the bound -1 or 1: ``|mean| + 3 sd > 1``) gets the empirical p-value instead; the
+    result's ``tests``, ``test_reasons`` and ``test_note`` say which and why. max_rows: at most
+    this many patches (>= 4) are sampled for the noise detectors. Deterministic for a given
+    ``seed`` (an integer >= 0)."""
     if pvalue not in ("normal", "empirical"):
         raise ValueError(f"pvalue must be 'normal' or 'empirical', got {pvalue!r}")
     check_real("strength", strength, "a finite nonzero number (the step, in units of the concept's latent factor)",
@@ -432,7 +551,6 @@ def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 10
     n_scored = np.full(K, n) if masks is None else masks.sum(0).astype(np.int64)
     scorer.score_on(cols, masks)
     per_class = np.maximum(n_scored, 1)
-    min_scored = max(int(n_scored.min()), 1)
 
     gain = np.einsum("id,id->i", W, S)
     if np.any(np.abs(gain) < 1e-12):
@@ -460,19 +578,30 @@ def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 10
     if n_noise:
         mean = null.mean(1)
         sd = null.std(1, ddof=1) if n_noise > 1 else np.zeros_like(mean)
-        sd = np.maximum(sd, 1.0 / min_scored)
+        extreme = np.abs(null - mean[:, None, :]) >= np.abs(scores - mean)[:, None, :] - 1e-12
+        p = (1.0 + extreme.sum(1)) / (n_noise + 1.0)             # empirical
+        few, crowded = _normal_fit_fails(mean, sd, n_scored)
         if pvalue == "normal":
-            from scipy.stats import norm
+            normal = ~(few | crowded)
+            if normal.any():
+                from scipy.stats import norm
 
-            p = 2.0 * norm.sf(np.abs(scores - mean) / sd)
+                # (sd >= MIN_NULL_SPREAD / n > 0 wherever the normal fit is used)
+                z = np.abs(scores - mean)[normal] / sd[normal]
+                p[normal] = 2.0 * norm.sf(z)
         else:
-            extreme = np.abs(null - mean[:, None, :]) >= np.abs(scores - mean)[:, None, :] - 1e-12
-            p = (1.0 + extreme.sum(1)) / (n_noise + 1.0)
+            normal = np.zeros((Iq, K), dtype=bool)
         p_adj = np.minimum(1.0, p * Iq * K)
         significant = p_adj < alpha
+        tests = np.where(normal, "normal", "empirical")
+        reasons = _test_reasons(normal, few, crowded, mean, sd, n_scored, pvalue)
     else:
         mean = sd = p = p_adj = np.full((Iq, K), np.nan)
         significant = np.zeros((Iq, K), dtype=bool)
+        few = crowded = np.zeros((Iq, K), dtype=bool)
+        tests = np.full((Iq, K), "none")
+        reasons = np.full((Iq, K), "no noise directions (n_noise=0)")
+    note = _test_note(tests, few, crowded, n_noise=int(n_noise), alpha=float(alpha), pvalue=pvalue)
 
     names_c = [str(concept_names[i]) if concept_names is not None else f"concept {i}" for i in idx]
     names_k = [str(class_names[k]) if class_names is not None else f"class {k}" for k in cols]
@@ -482,7 +611,8 @@ def influence(head, features, pairs, *, strength: float = 5.0, n_noise: int = 10
                            pvalue=pvalue, settings=dict(n_noise=int(n_noise), n_images=n, concepts=idx,
                                                         labels=labels is not None, max_rows=int(max_rows),
                                                         seed=seed),
-                           class_indices=[int(k) for k in cols])
+                           class_indices=[int(k) for k in cols], tests=tests, test_reasons=reasons,
+                           test_note=note)
 
 
 # ---- plots -------------------------------------------------------------------------------
@@ -502,9 +632,9 @@ def _figure(**kwargs):
 
 def plot_influence(result: InfluenceResult, path=None, *, max_classes: int = 40):
     """Heatmap of the scores (concepts x classes, diverging colours in [-1, 1]); significant
-    cells marked with a star. With more than ``max_classes`` classes only the classes with a
-    significant cell (else the largest |score|) are shown. Returns a matplotlib Figure; saved
-    atomically as PNG when ``path`` is given."""
+    cells marked with a star (the title says when no test was run). With more than
+    ``max_classes`` classes only the classes with a significant cell (else the largest |score|)
+    are shown. Returns a matplotlib Figure; saved atomically as PNG when ``path`` is given."""
     scores = result.scores
     cols = np.arange(scores.shape[1])
     if len(cols) > max_classes:
@@ -523,7 +653,10 @@ def plot_influence(result: InfluenceResult, path=None, *, max_classes: int = 40)
     ax.set_xticklabels([result.classes[k] for k in cols], rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(I))
     ax.set_yticklabels(result.concepts, fontsize=8)
-    ax.set_title(f"influence (RCAV score, strength {result.strength:g}); * p_Bonf < {result.alpha:g}", fontsize=9)
+    untested = (np.all(np.asarray(result.tests) == "none") if result.tests is not None
+                else bool(np.isnan(np.asarray(result.pvalues, dtype=np.float64)).all()))
+    marks = "no significance test (no noise directions)" if untested else f"* p_Bonf < {result.alpha:g}"
+    ax.set_title(f"influence (RCAV score, strength {result.strength:g}); {marks}", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     if path is not None:
         save_figure(fig, path)

@@ -34,6 +34,7 @@ MAP_SIDE = 256        # concept-map overlays at most this many pixels on the lon
 MAP_MIN = 192         # and at least this many (small images are upsampled)
 OUTLINE = (255, 221, 0)
 TOP_CLASSES = 5       # influenced classes listed on each atlas card
+MEMBER = 0.5          # a cell is a member of a concept when its membership exceeds this (w.x > b)
 _ROWS = 1 << 16       # membership rows per detect() call
 
 
@@ -216,16 +217,19 @@ def memberships(pairs, activations, *, batch_rows: int = _ROWS) -> np.ndarray:
     return out.reshape(n, h, w, -1)
 
 
-def top_patches(member: np.ndarray, top_k: int) -> List[List[tuple]]:
+def top_patches(member: np.ndarray, top_k: int, *, min_membership: float = MEMBER) -> List[List[tuple]]:
     """Per concept, up to ``top_k`` ``(image, row, col, membership)`` by decreasing membership,
-    at most one per image (its highest cell; ties go to the lower image and cell index)."""
+    at most one per image (its highest cell; ties go to the lower image and cell index), members
+    only: cells of membership above ``min_membership`` (0.5, the detector's threshold
+    ``w . x > b``). A concept with members in fewer than ``top_k`` images gets fewer, possibly
+    none."""
     n, h, w, I = member.shape
     per_image = member.reshape(n, h * w, I)
     cell = np.argmax(per_image, axis=1)                                  # (n, I)
     best = np.take_along_axis(per_image, cell[:, None, :], axis=1)[:, 0]  # (n, I)
     out = []
     for i in range(I):
-        order = np.argsort(-best[:, i], kind="stable")[:top_k]
+        order = [j for j in np.argsort(-best[:, i], kind="stable")[:top_k] if best[j, i] > min_membership]
         out.append([(int(j), int(cell[j, i] // w), int(cell[j, i] % w), float(best[j, i])) for j in order])
     return out
 
@@ -470,12 +474,13 @@ def write_report(out_dir, pairs, images, activations, *, title: str = "edpairs r
     :class:`edpairs.influence.InfluenceResult`, explanations (dicts ``name``, ``image``,
     ``explanation``), interventions (dicts ``name``, ``image``, ``concept``, ``map``,
     ``before``, ``after``, ``note``) and a ``meta`` dict shown in the header. Each atlas card
-    shows the ``top_k`` cells of highest membership, at most one per image, cropped
-    ``patch_scale`` cells wide. The folder is built next to ``out_dir`` and renamed into place;
-    an existing non-empty ``out_dir`` needs ``overwrite=True``. With a dissection, a concept is
-    named after its best probe concept only when that IoU reaches ``label_min_iou`` (a detector
-    firing everywhere already scores the largest concept's coverage, ~0.06 on the probe set);
-    the label and IoU are shown either way. Returns the path of index.html."""
+    shows up to ``top_k`` member cells (membership > 0.5) of highest membership, at most one per
+    image (fewer when fewer images hold a member cell), cropped ``patch_scale`` cells wide. The
+    folder is built next to ``out_dir`` and renamed into place; an existing non-empty ``out_dir``
+    needs ``overwrite=True``. With a dissection, a concept is named after its best probe concept
+    only when that IoU reaches ``label_min_iou`` (a detector firing everywhere already scores the
+    largest concept's coverage, ~0.06 on the probe set); the label and IoU are shown either way.
+    Returns the path of index.html."""
     t_start = time.perf_counter()
     _require_matplotlib()
     images, activations, I = _check_inputs(pairs, images, activations)
@@ -525,6 +530,9 @@ def write_report(out_dir, pairs, images, activations, *, title: str = "edpairs r
         data = dict(title=title, generated=time.strftime("%Y-%m-%d %H:%M:%S %z"),
                     n_images=n, image_size=[H, W], grid=[h, w], n_features=D, n_concepts=I,
                     top_k=int(top_k), patch_scale=float(patch_scale), concept_names=concept_names)
+        fitted = getattr(pairs, "n_samples_", None)
+        if isinstance(fitted, (int, np.integer)) and not isinstance(fitted, bool) and fitted > 0:
+            data["fit_patches"] = int(fitted)  # rows the pairs were fitted on (images x cells)
 
         t0 = time.perf_counter()
         os.mkdir(os.path.join(tmp, "atlas"))
@@ -554,6 +562,7 @@ def write_report(out_dir, pairs, images, activations, *, title: str = "edpairs r
             rel = f"atlas/concept{i:03d}_map.png"
             _write_png(os.path.join(tmp, rel), _overlay(images[best_img], member[best_img, :, :, i], upsample=True))
             rec = dict(index=i, name=concept_names[i], patches=patches,
+                       member_images=int((member[:, :, :, i] > MEMBER).any(axis=(1, 2)).sum()),
                        map=dict(image=best_img, coverage=float(coverage[best_img, i]),
                                 max_membership=float(member[best_img, :, :, i].max()), file=rel))
             if dissection is not None:
@@ -564,7 +573,7 @@ def write_report(out_dir, pairs, images, activations, *, title: str = "edpairs r
             bar.update(1, f"concept {i + 1}/{I}")
         data["concepts"] = concepts
         timing["atlas_s"] = time.perf_counter() - t0
-        page.atlas(concepts, (H, W))
+        page.atlas(concepts, (H, W), n, int(top_k))
 
         if influence is not None:
             shown = influence
@@ -649,19 +658,36 @@ def _fit(size, width: int):
     return max(1, round(H * k)), max(1, round(W * k))
 
 
+def _influence_tests(result, shape):
+    """(tests (I, K) str array, test_note) of an influence result; results without them (made
+    before they were recorded) are read from their p-values: all NaN is no test."""
+    tests = getattr(result, "tests", None)
+    note = str(getattr(result, "test_note", "") or "")
+    if tests is None or np.shape(tests) != tuple(shape):
+        untested = bool(np.isnan(np.asarray(result.pvalues, dtype=np.float64)).all())
+        tests = np.full(shape, "none" if untested else str(result.pvalue))
+        if not note:
+            note = ("no significance test was run: no noise directions, so no cell is marked significant"
+                    if untested else f"{result.pvalue} null (the result does not record per-cell tests)")
+    return np.asarray(tests).astype(str), note
+
+
 def _influence_data(result, rows_of, concept_names, classes) -> dict:
     scores = np.asarray(result.scores, dtype=np.float64)
     sig = np.asarray(result.significant, dtype=bool)
     padj = np.asarray(result.pvalues_adjusted, dtype=np.float64)
+    tests, note = _influence_tests(result, scores.shape)
+    settings = dict(getattr(result, "settings", None) or {})
     columns = _influence_columns(result)
     cells = [dict(concept=rows_of[r], concept_name=concept_names[rows_of[r]], class_index=columns[k],
-                  class_name=classes[k], score=scores[r, k], p_adjusted=padj[r, k])
+                  class_name=classes[k], score=scores[r, k], p_adjusted=padj[r, k], test=tests[r, k])
              for r, k in zip(*np.nonzero(sig))]
     cells.sort(key=lambda c: (c["p_adjusted"], -abs(c["score"])))
     return dict(file="influence.png", concepts=rows_of, classes=list(classes), class_indices=columns, scores=scores,
                 pvalues=np.asarray(result.pvalues, dtype=np.float64), pvalues_adjusted=padj, significant=sig,
                 strength=float(result.strength), alpha=float(result.alpha), pvalue=str(result.pvalue),
-                significant_cells=cells)
+                tested=bool(np.any(tests != "none")), tests=tests, test_note=note,
+                n_noise=settings.get("n_noise"), n_images=settings.get("n_images"), significant_cells=cells)
 
 
 def _dissection_data(d, concept_names) -> dict:
@@ -691,9 +717,20 @@ class _Page:
         self.sections.append((ident, heading, body))
 
     def header(self, data: dict) -> None:
-        rows = [("concepts", str(data["n_concepts"])), ("images", str(data["n_images"])),
+        h, w = data["grid"]
+        rows = [("concepts", str(data["n_concepts"])),
+                ("images shown", f'{data["n_images"]} (the atlas and concept maps are drawn from these)')]
+        fitted = data.get("fit_patches")
+        if fitted:
+            per_image = f" = {fitted // (h * w)} images of {h} × {w} cells" if fitted % (h * w) == 0 else ""
+            rows.append(("pairs fitted on", f"{fitted} patches{per_image}"))
+        if data.get("influence") and data["influence"].get("n_images"):
+            inf = data["influence"]
+            rows.append(("influence scored on", f'{inf["n_images"]} images, {inf["n_noise"]} noise directions '
+                                                f'per concept'))
+        rows += [
                 ("image size", f'{data["image_size"][0]} × {data["image_size"][1]}'),
-                ("layer grid", f'{data["grid"][0]} × {data["grid"][1]}, D = {data["n_features"]}'),
+                ("layer grid", f'{h} × {w}, D = {data["n_features"]}'),
                 ("generated", data["generated"]),
                 ("report written in", f'{data["timing"]["total_s"]:.2f} s')]
         for key, value in data["meta"].items():
@@ -701,11 +738,19 @@ class _Page:
             rows.append((str(key), text))
         self.head = _table(["", ""], [(_e(k), _e(v)) for k, v in rows], "meta")
 
-    def atlas(self, concepts: list, size) -> None:
+    def atlas(self, concepts: list, size, n_images: int, top_k: int) -> None:
         cards = []
         mh, mw = _fit(_display_size(*size), 180)
         for c in concepts:
-            figs = []
+            figs, note = [], ""
+            shown = len(c["patches"])
+            if shown == 0:
+                note = (f'<p class="muted">no member cell (membership &gt; {MEMBER:g}) in these {n_images} '
+                        f'images</p>')
+            elif shown < top_k:
+                holds = "holds" if c["member_images"] == 1 else "hold"
+                note = (f'<p class="muted">{shown} of {top_k}: only {c["member_images"]} of the {n_images} '
+                        f'images {holds} a member cell (membership &gt; {MEMBER:g})</p>')
             for j, p in enumerate(c["patches"]):
                 cap = f'#{p["image"]} · {p["membership"]:.2f}'
                 alt = f'{c["name"]}: top patch {j + 1}, image {p["image"]}, cell ({p["row"]}, {p["col"]}), ' \
@@ -730,36 +775,55 @@ class _Page:
                 info.append("<div>influences: " + ", ".join(items) + "</div>")
             cards.append(
                 f'<div class="card" id="concept-{c["index"]}"><h3>{_e(c["name"])}</h3>'
-                f'<div class="patches">{"".join(figs)}</div>'
+                f'{note}<div class="patches">{"".join(figs)}</div>'
                 f'<div class="row"><figure>{_img(m["file"], alt, mh, mw, "map", alt)}'
                 f'<figcaption>image {m["image"]}, mean membership {m["coverage"]:.2f}</figcaption></figure>'
                 f'<div>{"".join(info)}</div></div></div>')
         self.add("atlas", "Concept atlas",
-                 '<p class="muted">Per concept: the image cells of highest membership (at most one per image; '
-                 'the outlined square is the cell, caption: image · membership), and its membership map on '
-                 'the image it covers most.</p>'
+                 f'<p class="muted">Per concept: up to {top_k} member cells (membership &gt; {MEMBER:g}) of highest '
+                 'membership, at most one per image, fewer when fewer images hold one (the outlined square is the '
+                 'cell, caption: image · membership), and its membership map on the image it covers most.</p>'
                  f'<div class="cards">{"".join(cards)}</div>')
 
     def influence(self, d: dict, size) -> None:
         ph, pw = _fit(size, 1400)
+        heatmap = _img(d["file"], "influence heatmap of concepts on classes", ph, pw)
+        scored = f" on {d['n_images']} images" if d.get("n_images") else ""
+        intro = (f'RCAV sign-test scores{scored} for a step of {d["strength"]:g} along each encoding direction: '
+                 f'(images whose class probability rises − images where it falls) / images, in [−1, 1].')
+        note = _e(d["test_note"].rstrip("."))
+        if not d["tested"]:
+            self.add("influence", "Influence",
+                     f'<p class="muted">{intro}</p><p><b>No significance test was run</b>: no noise directions '
+                     f'(n_noise=0; CLI --noise 0), so there are no p-values and no cell is marked; the heatmap '
+                     f'shows the scores alone.</p>{heatmap}')
+            return
+        cells = len(d["concepts"]) * len(d["classes"])
         rows = [(_e(c["concept_name"]), _e(c["class_name"]), f'<span class="{"pos" if c["score"] > 0 else "neg"}">'
-                 f'{c["score"]:+.3f}</span>', _num(c["p_adjusted"])) for c in d["significant_cells"]]
-        table = (_table(["concept", "class", "score", "adjusted p"], rows) if rows else
+                 f'{c["score"]:+.3f}</span>', _num(c["p_adjusted"]), _e(c["test"])) for c in d["significant_cells"]]
+        table = (_table(["concept", "class", "score", "adjusted p", "test"], rows) if rows else
                  f'<p class="muted">No significant (concept, class) cell at alpha = {d["alpha"]:g}.</p>')
         self.add("influence", "Influence",
-                 f'<p class="muted">RCAV sign-test scores for a step of {d["strength"]:g} along each encoding '
-                 f'direction; * significant after Bonferroni at alpha = {d["alpha"]:g} ({_e(d["pvalue"])} null).</p>'
-                 f'{_img(d["file"], "influence heatmap of concepts on classes", ph, pw)}'
+                 f'<p class="muted">{intro} * marks a cell significant after Bonferroni over the {cells} '
+                 f'cells.</p><p>Test ({_e(d["pvalue"])} requested): {note}.</p>{heatmap}'
                  f"<h3>Significant cells ({len(rows)})</h3>{table}")
 
     def dissection(self, d: dict) -> None:
         s = d["summary"]
         covered = s.get("concepts_covered", [])
         summary = _table(["", ""], [
-            ("S1", _num(s.get("S1", float("nan")))), ("S2", _num(s.get("S2", float("nan")))),
+            ("S1", f'{_num(s.get("S1", float("nan")))} <span class="muted">= the sum over detectors of their IoU '
+                   f'with their label (∫ #{{detectors with IoU ≥ ξ}} dξ over ξ in [0, 1]; at most '
+                   f'{len(d["per_concept"])}, one per detector)</span>'),
+            ("S2", f'{_num(s.get("S2", float("nan")))} <span class="muted">= the sum over probe concepts of the '
+                   f'best IoU of a detector labelled with it (∫ #{{concepts covered at IoU ≥ ξ}} dξ; at most '
+                   f'{len(d["labels"])}, one per probe concept)</span>'),
             ("concepts covered", f"{len(covered)}: " + _e(", ".join(str(c) for c in covered))),
-            ("rule", _e(s.get("rule", ""))),
-            ("images (fit / score)", f'{_e(s.get("n_fit", "?"))} / {_e(s.get("n_score", "?"))}')], "meta")
+            ("threshold rule", _e(s.get("rule", ""))),
+            ("probe images (labels / IoU)", f'{_e(s.get("n_fit", "?"))} / {_e(s.get("n_score", "?"))} '
+                                            '<span class="muted">(each detector is labelled and thresholded on one '
+                                            'half of the probe images; its IoU is measured on the other)</span>')],
+                         "meta")
         ordered = sorted(d["per_concept"], key=lambda r: (-r["iou"], r["concept"]))
         rows = [(_e(r["name"]), _e(r["label"]), _num(r["iou"]),
                  "–" if r["iou_fit"] is None else _num(r["iou_fit"])) for r in ordered]
