@@ -108,8 +108,14 @@ def real_network(edp, influence, args) -> dict:
                 n_noise=n_noise, cells=int(res.significant.size), significant=int(res.significant.sum()),
                 significant_per_concept=[int(v) for v in res.significant.sum(1)],
                 null_sd_median=float(np.median(res.null_std)), min_p_adjusted=float(res.pvalues_adjusted.min()),
-                mean_abs_score=float(np.abs(res.scores).mean()),
+                normal_cells=_normal_cells(res), mean_abs_score=float(np.abs(res.scores).mean()),
                 mean_abs_null_score=float(np.abs(res.null_scores).mean()), seconds=time.perf_counter() - t)
+
+
+def _normal_cells(res) -> int:
+    """Cells whose p-value came from the normal fit (the rest: the empirical test, where the
+    noise scores do not justify a normal; edpairs.influence's module docstring)."""
+    return int((np.asarray(res.tests) == "normal").sum())
 
 
 def main() -> None:
@@ -143,7 +149,8 @@ def main() -> None:
             table.append({"preset": preset, "seed": 0, "head": "network", "pairs": "fitted (no URA)",
                           "labels": "all", "cos(s)": "-", "sig": f"{row['significant']}/{row['cells']}",
                           "sig agree": "-", "unamb agree": "-", "null sd": f"{row['null_sd_median']:.2f}",
-                          "|w.v| max": "-", "min p_Bonf": f"{row['min_p_adjusted']:.3g}", "s": f"{row['seconds']:.1f}"})
+                          "|w.v| max": "-", "min p_Bonf": f"{row['min_p_adjusted']:.3g}",
+                          "normal": f"{row['normal_cells']}/{row['cells']}", "s": f"{row['seconds']:.1f}"})
             print(table[-1], flush=True)
             continue
         n_images = args.images or (500 if preset == "large" else 2000)
@@ -194,7 +201,7 @@ def main() -> None:
                                    unambiguous=int(has.sum()), unambiguous_agree=int((has & agree).sum()),
                                    null_sd_median=float(np.median(res.null_std)),
                                    min_p_adjusted=float(res.pvalues_adjusted.min()), min_p=float(res.pvalues.min()),
-                                   noise_projection_max=projection, margin=margin,
+                                   normal_cells=_normal_cells(res), noise_projection_max=projection, margin=margin,
                                    purity=purity,
                                    mean_cos_s=float(np.mean(np.abs(np.einsum("id,id->i", pairs.encoding_, S_true)))),
                                    seconds=secs, fit_s=fit_s if vname != "true pairs" else 0.0,
@@ -208,7 +215,8 @@ def main() -> None:
                                       "unamb agree": f"{row['unambiguous_agree']}/{row['unambiguous']}",
                                       "null sd": f"{row['null_sd_median']:.2f}",
                                       "|w.v| max": f"{projection:.2f} (m {margin:g})",
-                                      "min p_Bonf": f"{row['min_p_adjusted']:.3g}", "s": f"{secs:.1f}"})
+                                      "min p_Bonf": f"{row['min_p_adjusted']:.3g}",
+                                      "normal": f"{row['normal_cells']}/{row['cells']}", "s": f"{secs:.1f}"})
                         print(table[-1], flush=True)
     write_json(args.out, {"benchmark": "influence", "machine": machine_info(),
                           "settings": {"strength": 5.0, "n_noise": args.n_noise, "alpha": 0.05, "pvalue": "normal",
@@ -216,7 +224,7 @@ def main() -> None:
                           "runs": runs})
     print()
     print_table(table, ["preset", "seed", "head", "pairs", "labels", "cos(s)", "purity", "sig", "sig agree",
-                        "unamb agree", "null sd", "|w.v| max", "min p_Bonf", "s"])
+                        "unamb agree", "null sd", "|w.v| max", "min p_Bonf", "normal", "s"])
     print(f"\nwrote {args.out}")
 
 
