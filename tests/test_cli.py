@@ -154,6 +154,16 @@ def test_fit_then_report(tiny, capsys, one_torch_thread):
                       "--noise", "0", "--out", out, "--overwrite", "--quiet")
     assert rc == 0, err
     assert check_report(out) == [] and b"Dissection" not in _read(os.path.join(out, "index.html"))
+    # --pvalue empirical: every cell's p-value from the noise scores' ranks (any number of them).
+    rc, _, err = _run(capsys, "report", "--pairs", pairs_file, "--images", str(tiny / "images"), "--probe", "0",
+                      "--noise", "3", "--pvalue", "empirical", "--out", out, "--overwrite", "--quiet")
+    assert rc == 0, err
+    with open(os.path.join(out, "report.json")) as f:
+        shown = json.load(f)["influence"]
+    assert shown["pvalue"] == "empirical" and set(np.ravel(shown["tests"])) == {"empirical"}
+    assert min(np.ravel(shown["pvalues"])) >= 1 / 4  # (1 + rank) / (n_noise + 1)
+    rc, _, err = _run(capsys, "report", "--pairs", pairs_file, "--noise", "3", "--out", str(tiny / "r3"), "--quiet")
+    assert rc == 2 and "--pvalue empirical takes any number" in err
     rc, _, err = _run(capsys, "report", "--pairs", pairs_file, "--out", pairs_file, "--quiet")
     assert rc == 2 and "is a file, not a folder" in err
     # --layer naming a layer of another width: refused before any image is read, naming the pairs' layer.

@@ -623,9 +623,9 @@ def cmd_report(args) -> int:
     for flag, value in (("--probe", args.probe), ("--noise", args.noise)):
         _at_least(flag, value, 0)
     fewest = influence.MIN_NOISE_NORMAL  # (the normal p-value's fit needs that many)
-    if 0 < args.noise < fewest:
-        raise UserError(f"--noise must be 0 (no significance test) or >= {fewest} (the p-values rest on the noise "
-                        f"directions' spread), got {args.noise}")
+    if args.pvalue == "normal" and 0 < args.noise < fewest:
+        raise UserError(f"--noise must be 0 (no significance test) or >= {fewest} (the normal p-values rest on the "
+                        f"noise directions' spread; --pvalue empirical takes any number), got {args.noise}")
     if args.probe == 1:
         raise UserError("--probe must be 0 (no dissection) or >= 2 (half the probe images set the detectors' "
                         "thresholds, the other half score them), got 1")
@@ -664,7 +664,7 @@ def cmd_report(args) -> int:
         class_names = imagenet_class_names()
     with _ModelRuns(name, layer, spec=spec):
         inputs = pipeline.analyse(model, layer, pairs, images, probe=probe, class_names=class_names,
-                                  explain_images=pipeline.first_views(data), n_noise=args.noise,
+                                  explain_images=pipeline.first_views(data), n_noise=args.noise, pvalue=args.pvalue,
                                   normalisation=normalisation, preprocessing=data.preprocessing,
                                   fingerprint=fingerprint, log=log, seed=args.seed)
     inputs.meta.update(model=name, layer=layer, pairs=os.path.abspath(args.pairs), images=len(images))
@@ -909,6 +909,10 @@ def _parser():
     p.add_argument("--probe", type=int, default=64, help="probe images with concept masks for dissection "
                                                          "(default 64; 0 skips the dissection)")
     p.add_argument("--noise", type=int, default=50, help="noise directions per concept for influence p-values")
+    p.add_argument("--pvalue", choices=["normal", "empirical"], default="normal",
+                   help="influence p-values: a normal fit to the noise scores where they justify one, else the "
+                        "empirical p-value (normal, the default); or the empirical p-value in every cell, which "
+                        "needs about concepts x classes / 0.05 noise directions to reach significance")
     p.add_argument("--title", help="the report's title (default: edpairs report: MODEL LAYER)")
 
     p = sub.add_parser("layers", help="list the layer names of a model (with output shapes: --shapes)",

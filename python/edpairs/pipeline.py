@@ -460,7 +460,7 @@ def _fitted_normalisation(pairs) -> Optional[str]:
 
 
 def analyse(model, layer: str, pairs, images, *, activations=None, probe=None, probe_activations=None,
-            class_names=None, explain_images: Optional[Sequence] = None, n_noise: int = 50,
+            class_names=None, explain_images: Optional[Sequence] = None, n_noise: int = 50, pvalue: str = "normal",
             normalisation: Optional[str] = None, preprocessing: Optional[dict] = None, log: Optional[Log] = None,
             seed: int = 0, fingerprint: Optional[str] = None) -> ReportInputs:
     """Runs the analyses the report shows.
@@ -475,7 +475,7 @@ def analyse(model, layer: str, pairs, images, *, activations=None, probe=None, p
     (dissection: thresholds and labels from its even images, IoU on the odd ones), with its
     activations ``probe_activations`` (captured when None). Influence: every image, the head of
     the model split at the layer, ``n_noise`` noise directions, on the classes predicted for
-    the images. Explanations and a gated removal of each explained image's strongest concept:
+    the images, p-values as :func:`edpairs.influence.influence`'s ``pvalue``. Explanations and a gated removal of each explained image's strongest concept:
     ``explain_images``, a list of image indices or ``(index, name)`` pairs (default: the first
     four images).
 
@@ -536,7 +536,7 @@ def analyse(model, layer: str, pairs, images, *, activations=None, probe=None, p
     # Influence on the classes the network predicts for these images (every image scored for
     # each): the Bonferroni family is concepts x those classes, not x every class of the head.
     with log.step(f"influence of {I} concepts on the predicted classes ({n_noise} noise directions)"):
-        out.influence = influence(split.head, out.activations, pairs, n_noise=n_noise, seed=seed,
+        out.influence = influence(split.head, out.activations, pairs, n_noise=n_noise, seed=seed, pvalue=pvalue,
                                   classes="predicted", class_names=class_names, batch_size=32)
         log.say(f"{len(out.influence.class_indices)} predicted classes; {int(out.influence.significant.sum())} of "
                 f"{out.influence.significant.size} (concept, class) cells significant")
