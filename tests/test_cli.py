@@ -842,3 +842,24 @@ def test_edpairs_warnings_are_one_line_each(tiny, capsys, one_torch_thread):
     lines = [line for line in err.splitlines() if "warning" in line.lower()]
     assert lines and all(line.startswith("edpairs fit: warning: ") for line in lines), err
     assert "PipelineWarning" not in err and "cli.py" not in err, err
+
+
+def test_report_finds_the_fits_model_file_from_another_folder(tiny, capsys, monkeypatch, one_torch_thread):
+    """A model saved with torch.save and fitted from its folder: the pairs record its absolute
+    path (model_file), so a report run elsewhere without --model loads it."""
+    import torch
+
+    import tinynet
+
+    (tiny / "models").mkdir()
+    torch.save(tinynet.build(), tiny / "models" / "net.pt")
+    monkeypatch.chdir(tiny / "models")
+    pairs_file = str(tiny / "pairs.npz")
+    rc, _, err = _run(capsys, "fit", "--model", "net.pt", "--layer", "2", "--images", str(tiny / "images"),
+                      "--concepts", "3", "--no-ura", "--out", pairs_file, "--quiet")
+    assert rc == 0, err
+    assert edp.EDPairs.load(pairs_file).metadata["model_file"] == str(tiny / "models" / "net.pt")
+    monkeypatch.chdir(tiny)
+    rc, _, err = _run(capsys, "report", "--pairs", pairs_file, "--images", str(tiny / "images"), "--probe", "0",
+                      "--noise", "0", "--out", str(tiny / "rep"), "--quiet")
+    assert rc == 0, err

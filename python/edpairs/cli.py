@@ -183,7 +183,11 @@ def _no_such_layer(model, name: str, spec, layer: str) -> str:
 def _model_and_layer(args, pairs_meta=None):
     from . import pipeline
 
-    spec = getattr(args, "model", None) or (pairs_meta or {}).get("model")
+    meta = pairs_meta or {}
+    # A model file is found where the fit read it (model_file: its absolute path), else by the name
+    # recorded (its file name, in the current folder).
+    recorded = meta.get("model_file") if isinstance(meta.get("model_file"), str) else None
+    spec = getattr(args, "model", None) or (recorded if recorded and os.path.isfile(recorded) else meta.get("model"))
     if not spec:
         raise UserError("which model? pass --model (e.g. --model efficientnet-lite0)")
     model, name = pipeline.load_model(spec)
@@ -606,6 +610,8 @@ def cmd_fit(args) -> int:
         pairs = pipeline.fit_pairs(model, layer, source, args.concepts, ura=args.ura, model_name=name,
                                    preprocessing=preprocessing, seed=args.seed, fingerprint=fingerprint,
                                    progress=False if args.quiet else None)
+    if args.model and os.path.isfile(args.model):  # (report finds it there without --model)
+        pairs.metadata["model_file"] = os.path.abspath(args.model)
     pairs.save(args.out)
     log.say(f"pairs written to {args.out}: decoding/encoding directions of shape {pairs.decoding_.shape}")
     return 0
