@@ -300,3 +300,21 @@ def test_enough_data_fits_without_warning(fitted):
         again = pipeline.fit_pairs(None, LAYER, acts, 3, ura=False, progress=False)
     assert "fit_warnings" not in pairs.metadata and "fit_warnings" not in again.metadata
     assert int(np.min(pairs.n_positives_)) >= pipeline.MIN_POSITIVES
+
+
+def test_cli_fit_through_a_store_hashes_the_model_once(tmp_path, capsys, monkeypatch, one_torch_thread):
+    """fit --store: extracting hashes the model once (the store's key), and the pairs take the
+    fingerprint from there; run again on the finished store, the check of its key against the
+    model is the one hash (the resumed extraction takes the checked fingerprint)."""
+    images = _png_folder(tmp_path / "images")
+    counted = _Counted(monkeypatch)
+    torch.save(_net(), tmp_path / "model.pt")
+    command = ["fit", "--model", str(tmp_path / "model.pt"), "--layer", LAYER, "--images", images, "--concepts", "3",
+               "--no-ura", "--store", str(tmp_path / "store"), "--quiet"]
+    for run, out in enumerate(("first.npz", "again.npz")):
+        counted.calls = 0
+        rc = cli.main(command + ["--out", str(tmp_path / out)])
+        assert rc == 0, capsys.readouterr().err
+        assert counted.calls == 1, f"run {run}: {counted.calls} hashes"
+    assert (edp.EDPairs.load(str(tmp_path / "again.npz")).metadata["model_params"]
+            == model_fingerprint(_net())["params"])

@@ -490,10 +490,11 @@ def _store_mismatch(exc) -> "UserError":
 
 
 def _store_model_check(model, name: str, layer: str, key: dict, path: str, width: int, n_features,
-                       remedy: str) -> None:
+                       remedy: str) -> dict:
     """The store at ``path`` (its ``key``) was extracted from this model at this layer, else a
     UserError naming both: its activations fed to another model's head (URA), or recorded in
-    the pairs under another model's name, would be silently wrong."""
+    the pairs under another model's name, would be silently wrong. Returns the model's
+    fingerprint (for the extraction that resumes the store: hashed once)."""
     from .store import model_fingerprint
 
     stored = key.get("model") or {}
@@ -509,6 +510,7 @@ def _store_model_check(model, name: str, layer: str, key: dict, path: str, width
         raise UserError(f"the store {path!r} was extracted from the model {stored.get('name')!r} (parameters "
                         f"{str(stored.get('params'))[:19]}...), not from --model {mine['name']!r} (parameters "
                         f"{mine['params'][:19]}...: the {what} differ); {remedy}")
+    return mine
 
 
 def cmd_fit(args) -> int:
@@ -547,6 +549,7 @@ def cmd_fit(args) -> int:
                                 f"{opened.n_images}{f' of {expected}' if expected else ''} images; pass --images "
                                 "with the same images and flags to resume it")
     need_model = not read_store or args.ura or bool(args.model)
+    checked = None  # the model's fingerprint where the store's key was checked against it
     model = name = None
     layer = (args.layer or (key or {}).get("layer")) if read_store else args.layer
     if need_model:
@@ -567,7 +570,7 @@ def cmd_fit(args) -> int:
             if key is not None and not (args.images and args.overwrite):
                 remedy = ("pass the store's model and layer, or --store another folder" if read_store else
                           "pass --overwrite to extract the store again from these images, or --store another folder")
-                _store_model_check(model, name, layer, key, args.store, shape[-1], n_features, remedy)
+                checked = _store_model_check(model, name, layer, key, args.store, shape[-1], n_features, remedy)
     elif not layer:
         raise UserError("pass --layer (the layer the store holds, recorded in the pairs file)")
     torch.manual_seed(args.seed)
@@ -593,7 +596,7 @@ def cmd_fit(args) -> int:
                     _ModelRuns(name, layer, spec=args.model, store=args.store):
                 try:
                     source = extract(model, layer, inputs, args.store, preprocessing=preprocessing, model_name=name,
-                                     batch_size=args.batch_size, overwrite=args.overwrite,
+                                     batch_size=args.batch_size, overwrite=args.overwrite, fingerprint=checked,
                                      progress=False if args.quiet else None)
                 except StoreKeyMismatch as exc:
                     raise _store_mismatch(exc) from None

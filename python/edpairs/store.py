@@ -749,9 +749,12 @@ def _exclusive(path: str):
 def extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtype: str = "float16",
             preprocessing=None, batch_size: Optional[int] = None, layout: Optional[str] = None, autocast=None,
             device=None, model_name: Optional[str] = None, progress: Optional[bool] = None, overwrite: bool = False,
-            verify: bool = True, on_shard: Optional[Callable[[int, str], None]] = None) -> ActivationStore:
+            verify: bool = True, on_shard: Optional[Callable[[int, str], None]] = None,
+            fingerprint: Optional[dict] = None) -> ActivationStore:
     """Captures ``layer`` of ``model`` over ``data`` into the store at ``path``, creating it or
-    resuming it, and returns the :class:`ActivationStore`.
+    resuming it, and returns the :class:`ActivationStore`. ``fingerprint``: the caller's
+    :func:`model_fingerprint` ``(model, model_name)`` when it has it already (a model is hashed
+    once per command; it is taken as given), else computed here.
 
     ``data``: a tensor of images, a map-style torch Dataset, a DataLoader or any iterable of
     batches (as for :func:`edpairs.capture.iter_activations`); it must yield the same images
@@ -788,13 +791,14 @@ def extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtype
         return _extract(model, layer, data, path, images_per_shard=images_per_shard, dtype=dtype,
                         preprocessing=preprocessing, batch_size=batch_size, layout=layout, autocast=autocast,
                         device=device, model_name=model_name, progress=progress, overwrite=overwrite, verify=verify,
-                        on_shard=on_shard)
+                        on_shard=on_shard, fingerprint=fingerprint)
 
 
 def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtype: str = "float16",
             preprocessing=None, batch_size: Optional[int] = None, layout: Optional[str] = None, autocast=None, device=None,
             model_name: Optional[str] = None, progress: Optional[bool] = None, overwrite: bool = False,
-            verify: bool = True, on_shard: Optional[Callable[[int, str], None]] = None) -> ActivationStore:
+            verify: bool = True, on_shard: Optional[Callable[[int, str], None]] = None,
+            fingerprint: Optional[dict] = None) -> ActivationStore:
     import torch
 
     from ._progress import Progress
@@ -820,7 +824,7 @@ def _extract(model, layer: str, data, path, *, images_per_shard: int = 256, dtyp
     if n_expected == 0:
         raise ValueError("data held no images")
     key = {
-        "model": model_fingerprint(model, model_name),
+        "model": dict(fingerprint) if fingerprint is not None else model_fingerprint(model, model_name),
         "layer": layer,
         "preprocessing": _json_value(preprocessing, "preprocessing"),
         "dtype": dtype,
