@@ -5,6 +5,7 @@
 // build has. A bad value throws std::invalid_argument (ValueError in Python). Host code only.
 #pragma once
 
+#include <cstddef>
 #include <cstdlib>
 #include <string>
 
@@ -14,6 +15,36 @@ namespace edpairs {
 namespace knobs {
 
 constexpr int kSegRows = 256;  // sorted positions per block of the segmented sum (the default)
+
+// A value of a word-valued knob and the word that names it.
+template <class T>
+struct Choice {
+  const char* word;
+  T value;
+};
+
+// The knob `env` as one of `choices` (the first when unset or empty, and the fallback the list
+// starts with); any other word throws "ENV must be 'a', 'b' or 'c', got '...'".
+template <class T, std::size_t N>
+inline T choice_knob(const char* env, const Choice<T> (&choices)[N]) {
+  const char* v = std::getenv(env);
+  if (v == nullptr || *v == '\0') return choices[0].value;
+  std::string words;
+  for (std::size_t i = 0; i < N; ++i) {
+    if (std::string(v) == choices[i].word) return choices[i].value;
+    words += std::string(i == 0 ? "" : (i + 1 == N ? " or " : ", ")) + "'" + choices[i].word + "'";
+  }
+  fail(std::string(env) + " must be " + words + ", got '" + v + "'");
+}
+
+// The word of `value` among `choices` (the first's when none has it).
+template <class T, std::size_t N>
+inline const char* choice_word(const T value, const Choice<T> (&choices)[N]) {
+  for (const Choice<T>& c : choices) {
+    if (c.value == value) return c.word;
+  }
+  return choices[0].word;
+}
 
 // Sorted positions per block of the segmented sums (EDPAIRS_ASSIGN_SEG_ROWS: 64, 128 or 256,
 // the default). 1M rows make 3907 blocks of 256, 3.3 waves of the 1188 that an H200 holds at
@@ -35,10 +66,8 @@ inline int seg_rows() {
 // memory for k <= kBlockLabels (assign_tc_cuda.cu), "global" one global atomic per row (the kernels before version
 // 19, kept to isolate a failure of the shared-memory ones on a GPU).
 inline bool shared_counting_knob() {
-  const char* v = std::getenv("EDPAIRS_ASSIGN_COUNTING");
-  if (v == nullptr || *v == '\0' || std::string(v) == "auto") return true;
-  if (std::string(v) == "global") return false;
-  fail(std::string("EDPAIRS_ASSIGN_COUNTING must be 'auto' or 'global', got '") + v + "'");
+  static constexpr Choice<bool> kChoices[] = {{"auto", true}, {"global", false}};
+  return choice_knob("EDPAIRS_ASSIGN_COUNTING", kChoices);
 }
 
 // The sorted pass's knobs, read once at an op's entry (a bad value refused before anything runs)
@@ -59,15 +88,10 @@ inline SortedKnobs sorted_knobs() { return SortedKnobs{seg_rows(), shared_counti
 // passed its tests and timed it (benchmarks/results/h100/NOTES.md, version 7 predicts it
 // faster than "sorted" at k = 64).
 enum class SumsMode { Auto, Columns, Sorted, Block, Fused };
-inline SumsMode sums_mode() {
-  const char* v = std::getenv("EDPAIRS_ASSIGN_SUMS");
-  if (v == nullptr || *v == '\0' || std::string(v) == "auto") return SumsMode::Auto;
-  if (std::string(v) == "columns") return SumsMode::Columns;
-  if (std::string(v) == "sorted") return SumsMode::Sorted;
-  if (std::string(v) == "block") return SumsMode::Block;
-  if (std::string(v) == "fused") return SumsMode::Fused;
-  fail(std::string("EDPAIRS_ASSIGN_SUMS must be 'auto', 'columns', 'sorted', 'block' or 'fused', got '") + v + "'");
-}
+constexpr Choice<SumsMode> kSumsModes[] = {{"auto", SumsMode::Auto},     {"columns", SumsMode::Columns},
+                                           {"sorted", SumsMode::Sorted}, {"block", SumsMode::Block},
+                                           {"fused", SumsMode::Fused}};
+inline SumsMode sums_mode() { return choice_knob("EDPAIRS_ASSIGN_SUMS", kSumsModes); }
 
 // Which kernel labels the rows of the tensor-core path (EDPAIRS_ASSIGN_KERNEL): "auto"
 // (default: "wgmma" for k >= kWgmmaAutoMinK where it runs, else "mma"), "mma" (assign_tc_kernel
@@ -83,33 +107,14 @@ inline SumsMode sums_mode() {
 // ahead of the mma kernel; those tiles have not yet run on a GPU, so auto keeps the mma kernel
 // below kWgmmaAutoMinK until a GPU run has passed their tests and timed them.
 enum class LabelKernel { Auto, Mma, Wgmma, WgmmaTma };  // kWgmmaAutoMinK: ops.h
-inline LabelKernel label_kernel() {
-  const char* v = std::getenv("EDPAIRS_ASSIGN_KERNEL");
-  if (v == nullptr || *v == '\0' || std::string(v) == "auto") return LabelKernel::Auto;
-  if (std::string(v) == "mma") return LabelKernel::Mma;
-  if (std::string(v) == "wgmma") return LabelKernel::Wgmma;
-  if (std::string(v) == "wgmma-tma") return LabelKernel::WgmmaTma;
-  fail(std::string("EDPAIRS_ASSIGN_KERNEL must be 'auto', 'mma', 'wgmma' or 'wgmma-tma', got '") + v + "'");
-}
+constexpr Choice<LabelKernel> kLabelKernels[] = {{"auto", LabelKernel::Auto},
+                                                 {"mma", LabelKernel::Mma},
+                                                 {"wgmma", LabelKernel::Wgmma},
+                                                 {"wgmma-tma", LabelKernel::WgmmaTma}};
+inline LabelKernel label_kernel() { return choice_knob("EDPAIRS_ASSIGN_KERNEL", kLabelKernels); }
 
-inline const char* name(const SumsMode m) {
-  switch (m) {
-    case SumsMode::Columns: return "columns";
-    case SumsMode::Sorted: return "sorted";
-    case SumsMode::Block: return "block";
-    case SumsMode::Fused: return "fused";
-    default: return "auto";
-  }
-}
-
-inline const char* name(const LabelKernel k) {
-  switch (k) {
-    case LabelKernel::Mma: return "mma";
-    case LabelKernel::Wgmma: return "wgmma";
-    case LabelKernel::WgmmaTma: return "wgmma-tma";
-    default: return "auto";
-  }
-}
+inline const char* name(const SumsMode m) { return choice_word(m, kSumsModes); }
+inline const char* name(const LabelKernel k) { return choice_word(k, kLabelKernels); }
 
 // The integer environment knob `name` (0 .. most; `fallback` when unset or empty).
 inline int int_knob(const char* name, const int fallback, const int most) {
