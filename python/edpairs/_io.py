@@ -31,9 +31,7 @@ def make_folder(folder, what: str) -> None:
     try:
         os.makedirs(folder, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        part = os.path.abspath(folder)
-        while part != os.path.dirname(part) and not os.path.exists(part):
-            part = os.path.dirname(part)
+        part = _file_in_the_way(os.path.abspath(folder))
         raise FileExistsError(f"cannot make the folder for {what} ({folder}): {part} is a file, not a folder") from None
 
 

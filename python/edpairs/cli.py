@@ -181,6 +181,7 @@ def _no_such_layer(model, name: str, spec, layer: str) -> str:
 
 
 def _model_and_layer(args, pairs_meta=None):
+    """(model, name, layer, module, spec): spec is what the model was loaded from."""
     from . import pipeline
 
     meta = pairs_meta or {}
@@ -191,11 +192,11 @@ def _model_and_layer(args, pairs_meta=None):
     if not spec:
         raise UserError("which model? pass --model (e.g. --model efficientnet-lite0)")
     model, name = pipeline.load_model(spec)
-    layer = args.layer or (pairs_meta or {}).get("layer")
+    layer = args.layer or meta.get("layer")
     if not layer:
         raise UserError(f"which layer? pass --layer; the layers of {name} (to depth 2): "
                         f"{_some(_top_layer_names(model))} (all of them: edpairs layers --model {spec})")
-    return model, name, layer, _find_layer(model, name, spec, layer)
+    return model, name, layer, _find_layer(model, name, spec, layer), spec
 
 
 def _find_layer(model, name: str, spec: str, layer: str):
@@ -228,8 +229,6 @@ def _first_line(exc) -> str:
 def _channels_mismatch(exc, name: str):
     """What to say when the model's first convolution refused the RGB input for its channels
     (torch: "expected input[...] to have 1 channels, but got 3 channels instead"), else None."""
-    import re
-
     found = re.search(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels", str(exc))
     if found is None:
         return None
@@ -558,10 +557,9 @@ def cmd_fit(args) -> int:
             raise UserError(f"which model? {why}: pass --model (the store {args.store!r} was extracted from "
                             f"{(key.get('model') or {}).get('name')!r})")
         with log.step("loading the model"):
-            model, name, layer, _ = _model_and_layer(args, dict(layer=layer) if layer else None)
+            model, name, layer, _, spec = _model_and_layer(args, dict(layer=layer) if layer else None)
             prep = (key or {}).get("preprocessing")
             size = prep.get("size") if isinstance(prep, dict) else None
-            spec = args.model or name
             shape = _preflight(model, name, layer, size if is_int(size) and size > 0 else IMAGE_SIZE, spec)
             if args.ura and len(shape) != 4:
                 raise UserError(f"URA needs a spatial layer; {layer} gives {shape[1:]} per image; pass --no-ura")
@@ -649,8 +647,7 @@ def cmd_report(args) -> int:
     meta = pairs.metadata or {}
     _check_report_folder(args.out, args.overwrite, args.images)
     with log.step("loading the model"):
-        model, name, layer, module = _model_and_layer(args, meta)
-        spec = args.model or meta.get("model") or name
+        model, name, layer, module, spec = _model_and_layer(args, meta)
         _check_pairs_fit_layer(module, layer, pairs, meta)
         shape = _preflight(model, name, layer, IMAGE_SIZE, spec)
         D = int(pairs.decoding_.shape[1])
@@ -659,8 +656,7 @@ def cmd_report(args) -> int:
                             f"{_fitted_hint(meta, layer)}")
         _check_head(model, name, layer, spec, "report")
         fingerprint = pipeline.check_weights(model, pairs)  # (before the images are read; hashed once)
-    fit_prep = meta.get("preprocessing") if isinstance(meta.get("preprocessing"), dict) else {}
-    normalisation = args.normalisation or fit_prep.get("normalisation") or _normalisation(args, name)
+    normalisation = args.normalisation or pipeline._fitted_normalisation(pairs) or _normalisation(args, name)
     torch.manual_seed(args.seed)
     with log.step("reading the images"):
         data = pipeline.image_dataset(args.images, crops_per_photo=crops, seed=args.seed)

@@ -397,9 +397,11 @@ def fit_pairs(model, layer: str, features, n_concepts: int, *, ura=True, model_n
 
     n_concepts = int(n_concepts)
     rows = _rows_of(features)
-    doubts = [why for why in [rows and _too_little_data(rows, n_concepts)] if why]
-    for why in doubts:
+    doubts = []
+    why = rows and _too_little_data(rows, n_concepts)
+    if why:
         warnings.warn(why, PipelineWarning, stacklevel=2)
+        doubts.append(why)
     if model is not None:
         params = fingerprint or model_params(model)
     else:  # a store records the parameters of the model it was extracted from

@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from ._checks import check_fitted, check_int
+from ._checks import check_fitted, check_int, is_int
 from ._io import check_replaceable_folder, fsync_dir, make_folder
 from ._progress import Progress
 from .explain import plot_explanation
@@ -531,7 +531,7 @@ def write_report(out_dir, pairs, images, activations, *, title: str = "edpairs r
                     n_images=n, image_size=[H, W], grid=[h, w], n_features=D, n_concepts=I,
                     top_k=int(top_k), patch_scale=float(patch_scale), concept_names=concept_names)
         fitted = getattr(pairs, "n_samples_", None)
-        if isinstance(fitted, (int, np.integer)) and not isinstance(fitted, bool) and fitted > 0:
+        if is_int(fitted) and fitted > 0:
             data["fit_patches"] = int(fitted)  # rows the pairs were fitted on (images x cells)
 
         t0 = time.perf_counter()
@@ -551,6 +551,7 @@ def write_report(out_dir, pairs, images, activations, *, title: str = "edpairs r
                                            for k in order[:TOP_CLASSES]]
         tops = top_patches(member, int(top_k))
         coverage = member.mean(axis=(1, 2))                                # (n, I)
+        member_images = (member.max(axis=(1, 2)) > MEMBER).sum(axis=0)      # (I,) images holding a member cell
         concepts = []
         for i in range(I):
             patches = []
@@ -562,7 +563,7 @@ def write_report(out_dir, pairs, images, activations, *, title: str = "edpairs r
             rel = f"atlas/concept{i:03d}_map.png"
             _write_png(os.path.join(tmp, rel), _overlay(images[best_img], member[best_img, :, :, i], upsample=True))
             rec = dict(index=i, name=concept_names[i], patches=patches,
-                       member_images=int((member[:, :, :, i] > MEMBER).any(axis=(1, 2)).sum()),
+                       member_images=int(member_images[i]),
                        map=dict(image=best_img, coverage=float(coverage[best_img, i]),
                                 max_membership=float(member[best_img, :, :, i].max()), file=rel))
             if dissection is not None:

@@ -658,12 +658,10 @@ def _tagged_dataset(dataset, tags: _InputTags):
 def _tagged_batches(batches, tags: _InputTags):
     """The iterable of batches ``batches`` with each batch's images tagged on the way (finished
     shards are compared as their batches go past, before any shard is written)."""
-    from .capture import _split_item
-
     s = 0
     for item in batches:
         try:
-            images = item if isinstance(item, np.ndarray) else _split_item(item)[0]
+            images = _image_of_item(item)
             n = int(images.shape[0])
         except Exception:  # (capture refuses the batch and says why)
             yield item
