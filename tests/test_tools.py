@@ -11,7 +11,9 @@ TOOL = os.path.join(ROOT, "tools", "load_use.py")
 
 # Kernel "serial": each load used right behind it (one in flight); kernel "batched": three loads
 # before their uses, one a predicated 64-bit load used through its high register, one
-# overwritten unused. (The names' digits are the mangled length prefixes, which short_name drops.)
+# overwritten unused (by an atomic's result: written, not read); a cp.async (LDGSTS: global to
+# shared memory) is no load into registers: R5 has 3 loads in flight, not 4.
+# (The names' digits are the mangled length prefixes, which short_name drops.)
 LISTING = """\
 .text._ZN7edpairs11cuda_detail50_GLOBAL__N__899a53f0_17_assign_tc_cuda_cu_14791a1a6serialEv:
         /*0000*/                   LDG.E.CONSTANT R5, desc[UR8][R4.64] ;
@@ -21,8 +23,10 @@ LISTING = """\
         /*0040*/                   EXIT ;
 .text._ZN7edpairs11cuda_detail50_GLOBAL__N__899a53f0_17_assign_tc_cuda_cu_14791a1a7batchedEv:
         /*0000*/                   LDG.E.CONSTANT R5, desc[UR8][R4.64] ;
+        /*0008*/                   LDGSTS.E.BYPASS.128 [R20+0x100], desc[UR8][R6.64] ;
         /*0010*/              @!P1 LDG.E.64.CONSTANT R10, desc[UR8][R2.64+0x8] ;
         /*0020*/                   LDG.E.CONSTANT R8, desc[UR8][R2.64] ;
+        /*0028*/                   ATOMG.E.ADD.F32.FTZ.RN.STRONG.GPU PT, R8, desc[UR8][R12.64], R9 ;
         /*0030*/                   STS [R20], R5 ;
         /*0040*/                   DFMA R12, R11, R12, R14 ;
         /*0050*/                   MOV R8, RZ ;

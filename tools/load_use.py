@@ -30,12 +30,27 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSTRUCTION = re.compile(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)\s*(.*?)\s*;")
-# Opcodes whose first operand is read, not written.
-READS_FIRST = ("ST", "RED", "ATOM", "BRA")
+# Opcodes whose operands are all read (stores, reductions, branches, cp.async's global-to-shared
+# copies).
+READS_ALL = ("ST", "RED", "BRA", "LDGSTS")
+# A global load into registers: LDG and its forms, not LDGSTS (cp.async: global to shared memory)
+# or LDGDEPBAR.
+GLOBAL_LOAD = re.compile(r"LDG(\.|$)")
 
 
 def _registers(operand: str) -> list:
     return [int(r) for r in re.findall(r"\bR(\d+)\b", operand)]
+
+
+def _reads_writes(opcode: str, parts: list) -> tuple:
+    """(operands read, registers written) of an instruction: an atomic (ATOM, ATOMG, ATOMS)
+    writes its result before the bracketed address and reads from there on."""
+    if opcode.startswith(READS_ALL):
+        return parts, []
+    if opcode.startswith("ATOM"):
+        at = next((j for j, q in enumerate(parts) if "[" in q), len(parts))
+        return parts[at:], [r for q in parts[:at] for r in _registers(q)]
+    return parts[1:], (_registers(parts[0]) if parts else [])
 
 
 def _width(opcode: str) -> int:
@@ -62,7 +77,7 @@ def in_flight(code: list) -> list:
     that first read."""
     counts = []
     for i, (opcode, operands) in enumerate(code):
-        if not opcode.startswith("LDG"):
+        if not GLOBAL_LOAD.match(opcode):
             continue
         first = _registers(operands.split(",")[0])
         if not first:
@@ -70,14 +85,12 @@ def in_flight(code: list) -> list:
         dest = set(range(first[0], first[0] + _width(opcode)))
         n = 1
         for op2, operands2 in code[i + 1:]:
-            parts = [p.strip() for p in operands2.split(",")]
-            sources = parts if op2.startswith(READS_FIRST) else parts[1:]
+            sources, written = _reads_writes(op2, [p.strip() for p in operands2.split(",")])
             if any(r in dest for s in sources for r in _registers(s)):
                 counts.append(n)
                 break
-            if op2.startswith("LDG"):
+            if GLOBAL_LOAD.match(op2):
                 n += 1
-            written = _registers(parts[0]) if parts and not op2.startswith(READS_FIRST) else []
             if written and written[0] in dest:  # overwritten unused (in text order): not counted
                 break
     return counts

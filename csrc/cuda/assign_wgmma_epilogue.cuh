@@ -19,7 +19,7 @@ namespace cuda_detail {
 // thread's warp): s_j (dot - o_j) over the thread's own columns in increasing order (strict '>'
 // keeps the first maximum), then the 4 lanes of the quad with the tie rule. Waits for the
 // warpgroup's wgmma batches first (wgmma_wait<0>, fence_accumulators): acc is final then.
-// s_j and o_j of kFoldCols of the thread's columns are loaded together (col_s and col_o hold
+// s_j and o_j of kFoldJ groups of the thread's columns (8 columns) are loaded together (col_s and col_o hold
 // k_pad entries: no bounds test), and the columns past k are left out by a select, not a
 // branch: with the loads behind the test, each column's pair waited for the previous one's
 // (one latency per column and tile; nvdisasm, tools/load_use.py).

@@ -1,8 +1,8 @@
 // The owned-column cluster sums of csrc/cuda/assign_sums.cuh run on the host: the device
 // helpers compiled as plain C++ (the CUDA qualifiers defined away below), the kernel's block
 // partition (column_partition) and its threads walked one after another. Within a block the
-// threads own disjoint columns (and one lane counts), so running them in sequence computes the
-// same float32 sums as the kernel does in parallel. Checks the sums against float64 and the
+// threads own disjoint columns (and count the rows they stage with integer atomics), so running
+// them in sequence computes the same float32 sums and counts as the kernel does in parallel. Checks the sums against float64 and the
 // counts exactly; tests/test_host_kernels.py builds and runs it.
 //
 //   column_sums N D K DTYPE(f32|f16|bf16) CENTER(0|1) STRIDE_PAD RESIDENT SEED
@@ -20,7 +20,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-// What the helpers' headers name of the device runtime (add_block_sums, not run here).
+// What the helpers' headers name of the device runtime (col_stage's counts; add_block_sums, not run here).
 inline float __double2float_rn(double v) { return static_cast<float>(v); }
 template <class A, class B>
 A atomicAdd(A* a, B b) {

@@ -29,9 +29,11 @@ template <class T, std::size_t N>
 inline T choice_knob(const char* env, const Choice<T> (&choices)[N]) {
   const char* v = std::getenv(env);
   if (v == nullptr || *v == '\0') return choices[0].value;
+  for (const Choice<T>& c : choices) {
+    if (std::string(v) == c.word) return c.value;
+  }
   std::string words;
   for (std::size_t i = 0; i < N; ++i) {
-    if (std::string(v) == choices[i].word) return choices[i].value;
     words += std::string(i == 0 ? "" : (i + 1 == N ? " or " : ", ")) + "'" + choices[i].word + "'";
   }
   fail(std::string(env) + " must be " + words + ", got '" + v + "'");
